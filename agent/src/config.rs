@@ -1,0 +1,176 @@
+//! Agent configuration: TOML file, then `CAPWATCH_*` environment, then
+//! flags (the last wins). Every setting has a default; the checked-in
+//! `deploy/examples/agent.toml` lists them all and a test parses it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use capwatch_common::LogFormat;
+
+use crate::source::mock::{Model, Profile};
+
+/// Which backend reads the GPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    /// Real GPUs through NVML.
+    Nvml,
+    /// A simulated node, for hosts without GPUs.
+    Mock,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Node identity reported to the collector. Empty: the hostname.
+    pub node_id: String,
+    /// Collector gRPC endpoint, `http://host:port`.
+    pub collector: String,
+    /// Sampling interval.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+    /// GPU backend.
+    pub source: SourceKind,
+    /// Unacknowledged samples kept for re-sending (oldest dropped first).
+    pub spool_capacity: usize,
+    /// Most samples in one message to the collector.
+    pub batch_max: usize,
+    /// On shutdown, how long to keep trying to deliver the spool.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// First delay before reconnecting; doubles up to `reconnect_max`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_initial: Duration,
+    /// Longest delay between reconnect attempts.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// Log format: `plain` or `json`.
+    pub log_format: LogFormat,
+    pub nvml: NvmlConfig,
+    pub mock: MockSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NvmlConfig {
+    /// Path of libnvidia-ml. Unset: `libnvidia-ml.so.1` from the system's
+    /// library path.
+    pub library: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockSettings {
+    /// Number of simulated GPUs.
+    pub gpus: u32,
+    /// Workload: training, inference, idle or mixed.
+    pub profile: Profile,
+    /// GPU model: h100 or h200.
+    pub model: Model,
+    /// Seed; the same seed and node id give the same readings.
+    pub seed: u64,
+    /// Whether the simulated GPUs have an energy counter.
+    pub energy_counter: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node_id: String::new(),
+            collector: "http://127.0.0.1:7070".into(),
+            interval: Duration::from_secs(1),
+            source: SourceKind::Nvml,
+            spool_capacity: 3600,
+            batch_max: 64,
+            drain_timeout: Duration::from_secs(5),
+            reconnect_initial: Duration::from_millis(250),
+            reconnect_max: Duration::from_secs(30),
+            log_format: LogFormat::Plain,
+            nvml: NvmlConfig::default(),
+            mock: MockSettings::default(),
+        }
+    }
+}
+
+impl Default for MockSettings {
+    fn default() -> Self {
+        Self {
+            gpus: 8,
+            profile: Profile::Mixed,
+            model: Model::H100,
+            seed: 0,
+            energy_counter: true,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting, reason: &str| {
+            Err(ConfigError::Invalid {
+                setting,
+                reason: reason.to_string(),
+            })
+        };
+        if self.interval < Duration::from_millis(10) || self.interval > Duration::from_secs(3600) {
+            return bad("interval", "must be between 10ms and 1h");
+        }
+        if self.spool_capacity == 0 {
+            return bad("spool_capacity", "must be at least 1");
+        }
+        if !(1..=10_000).contains(&self.batch_max) {
+            return bad("batch_max", "must be between 1 and 10000");
+        }
+        if self.reconnect_initial.is_zero() || self.reconnect_max < self.reconnect_initial {
+            return bad(
+                "reconnect_initial",
+                "must be above zero and not above reconnect_max",
+            );
+        }
+        if !(self.collector.starts_with("http://") || self.collector.starts_with("https://")) {
+            return bad("collector", "must be an http:// or https:// URL");
+        }
+        if self.mock.gpus == 0 || self.mock.gpus > 1024 {
+            return bad("mock.gpus", "must be between 1 and 1024");
+        }
+        if self.node_id.len() > 253 || self.node_id.chars().any(char::is_control) {
+            return bad("node_id", "must be at most 253 printable characters");
+        }
+        Ok(())
+    }
+}

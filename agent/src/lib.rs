@@ -1,0 +1,192 @@
+//! capwatch agent: reads every GPU of a node on a fixed interval and
+//! streams the samples to the collector.
+//!
+//! The sampler ([`run`]) owns the [`GpuSource`] and pushes one
+//! [`NodeSample`](capwatch_proto::v1::NodeSample) per tick into the spool;
+//! the stream task ([`stream::run`]) delivers the spool and forgets what the
+//! collector acks.
+
+pub mod config;
+mod convert;
+pub mod host;
+pub mod source;
+pub mod spool;
+pub mod stream;
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, watch};
+use tokio::time::MissedTickBehavior;
+use tracing::{info, warn};
+
+use capwatch_proto::v1 as pb;
+
+use config::{Config, SourceKind};
+use source::mock::{MockConfig, MockSource};
+use source::nvml::NvmlSource;
+use source::{GpuSource, SourceError};
+use spool::Spool;
+use stream::{Shared, StreamConfig};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("no node id configured and the hostname is unknown; set node_id")]
+    NoNodeId,
+}
+
+/// What a run did, for the exit log and for tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Summary {
+    pub sampled: u64,
+    pub acked: u64,
+    pub dropped: u64,
+    pub undelivered: u64,
+    pub connects: u64,
+}
+
+/// Opens the configured GPU source.
+pub fn open_source(cfg: &Config, node_id: &str) -> Result<Box<dyn GpuSource>, SourceError> {
+    Ok(match cfg.source {
+        SourceKind::Nvml => Box::new(NvmlSource::open(cfg.nvml.library.as_deref())?),
+        SourceKind::Mock => Box::new(MockSource::new(MockConfig {
+            node_id: node_id.to_string(),
+            gpus: cfg.mock.gpus,
+            profile: cfg.mock.profile,
+            model: cfg.mock.model,
+            seed: cfg.mock.seed,
+            energy_counter: cfg.mock.energy_counter,
+        })),
+    })
+}
+
+/// The node id: configured, or the hostname.
+pub fn node_id(cfg: &Config) -> Result<String, AgentError> {
+    if !cfg.node_id.is_empty() {
+        return Ok(cfg.node_id.clone());
+    }
+    host::Host::hostname().ok_or(AgentError::NoNodeId)
+}
+
+fn unix_nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Samples until `shutdown` flips (or `max_samples` are taken), then
+/// delivers what is left within the drain timeout.
+pub async fn run(
+    cfg: Config,
+    max_samples: Option<u64>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<Summary, AgentError> {
+    cfg.validate()?;
+    let node_id = node_id(&cfg)?;
+    let mut source = open_source(&cfg, &node_id)?;
+    let mut host = host::Host::new();
+
+    let start_wall = SystemTime::now();
+    let start = tokio::time::Instant::now();
+    // The epoch tells this run's sequence numbers apart from an earlier
+    // run's: a restarted agent starts again at seq 1 under a new epoch.
+    let epoch = unix_nanos(start_wall) as u64;
+    let hello = pb::Hello {
+        node_id: node_id.clone(),
+        agent_version: VERSION.to_string(),
+        stream_epoch: epoch,
+        interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
+        gpus: source.inventory().iter().map(convert::gpu_info).collect(),
+        host: Some(host.info()),
+    };
+    info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collector = %cfg.collector, "agent starting");
+
+    let shared = Arc::new(Shared {
+        spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity)),
+        new_sample: Notify::new(),
+        stats: stream::Stats::default(),
+    });
+    let (done_tx, done_rx) = watch::channel(false);
+    let stream_task = tokio::spawn(stream::run(
+        StreamConfig {
+            collector: cfg.collector.clone(),
+            hello,
+            batch_max: cfg.batch_max,
+            reconnect_initial: cfg.reconnect_initial,
+            reconnect_max: cfg.reconnect_max,
+            drain_timeout: cfg.drain_timeout,
+        },
+        shared.clone(),
+        done_rx,
+    ));
+
+    let mut ticker = tokio::time::interval(cfg.interval);
+    // A simulated node never skips a tick, so its readings are a pure
+    // function of the tick number; real hardware is read now or not at all.
+    ticker.set_missed_tick_behavior(match cfg.source {
+        SourceKind::Mock => MissedTickBehavior::Burst,
+        SourceKind::Nvml => MissedTickBehavior::Skip,
+    });
+    let mut seq = 0u64;
+    loop {
+        let tick = tokio::select! {
+            t = ticker.tick() => t,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        seq += 1;
+        // Stamp with the scheduled tick, so timestamps are evenly spaced.
+        let at = unix_nanos(start_wall + (tick - start));
+        let gpus = source.sample(at);
+        let sample = pb::NodeSample {
+            seq,
+            timestamp_unix_nanos: at,
+            gpus: gpus.into_iter().map(convert::gpu_sample).collect(),
+            host: Some(host.sample()),
+        };
+        let dropped = shared.spool().push(sample);
+        shared.stats.sampled.fetch_add(1, Ordering::Relaxed);
+        if dropped > 0 {
+            let total = shared.stats.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+            // Log the first drop and then every 100th, not every tick.
+            if total == dropped || total % 100 < dropped {
+                warn!(
+                    dropped_total = total,
+                    capacity = cfg.spool_capacity,
+                    "spool full: oldest unacknowledged samples dropped (energy is kept by the next counter delta)"
+                );
+            }
+        }
+        shared.new_sample.notify_one();
+        if max_samples.is_some_and(|m| seq >= m) {
+            break;
+        }
+    }
+    info!(samples = seq, "sampling stopped; delivering the spool");
+    let _ = done_tx.send(true);
+    if let Err(e) = stream_task.await {
+        warn!(error = %e, "stream task ended abnormally");
+    }
+    let summary = Summary {
+        sampled: shared.stats.sampled.load(Ordering::Relaxed),
+        acked: shared.stats.acked.load(Ordering::Relaxed),
+        dropped: shared.stats.dropped.load(Ordering::Relaxed),
+        undelivered: shared.spool().len() as u64,
+        connects: shared.stats.connects.load(Ordering::Relaxed),
+    };
+    info!(
+        sampled = summary.sampled,
+        acked = summary.acked,
+        dropped = summary.dropped,
+        undelivered = summary.undelivered,
+        connects = summary.connects,
+        "agent stopped"
+    );
+    Ok(summary)
+}

@@ -1,0 +1,370 @@
+//! A simulated node for hosts without GPUs.
+//!
+//! Every reading is a pure function of (seed, node id, GPU index, tick
+//! number), so a run can be reproduced exactly. The energy counter is the
+//! exact integral of the power the mock reports: over each interval between
+//! two samples the board is taken to draw the power reported at the end of
+//! it (NVML's power reading is an average over the last second, so this is
+//! what a real counter shows too). The integral is kept in milliwatt
+//! nanoseconds and the counter is its floor in millijoules, so no rounding
+//! error accumulates.
+
+use serde::Deserialize;
+
+use super::{GpuInfo, GpuReading, GpuSource};
+
+/// A workload shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Long training jobs near the power limit, with short checkpoint dips.
+    Training,
+    /// Serving: load that swings between half and most of the limit.
+    Inference,
+    /// An unused GPU drawing idle power.
+    Idle,
+    /// Each GPU of the node gets one of the other profiles in turn.
+    Mixed,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::Training => "training",
+            Profile::Inference => "inference",
+            Profile::Idle => "idle",
+            Profile::Mixed => "mixed",
+        }
+    }
+}
+
+/// A simulated GPU model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Model {
+    H100,
+    H200,
+}
+
+impl Model {
+    fn name(self) -> &'static str {
+        match self {
+            Model::H100 => "NVIDIA H100 80GB HBM3",
+            Model::H200 => "NVIDIA H200",
+        }
+    }
+    fn memory_total_bytes(self) -> u64 {
+        match self {
+            Model::H100 => 80 * GIB,
+            Model::H200 => 141 * GIB,
+        }
+    }
+}
+
+const GIB: u64 = 1 << 30;
+/// Board power limit (TDP) of both SXM models.
+pub const POWER_LIMIT_MILLIWATTS: u64 = 700_000;
+const IDLE_MILLIWATTS: u64 = 70_000;
+const NANOS_PER_SECOND: u128 = 1_000_000_000;
+
+/// Settings of the mock fleet of one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MockConfig {
+    pub node_id: String,
+    pub gpus: u32,
+    pub profile: Profile,
+    pub model: Model,
+    pub seed: u64,
+    /// Whether the GPUs expose the cumulative energy counter. Without it the
+    /// collector integrates power, as for GPUs older than Volta.
+    pub energy_counter: bool,
+}
+
+struct MockGpu {
+    profile: Profile,
+    /// Per-GPU random stream key.
+    key: u64,
+    /// Counter value at the first sample, as if the driver had been loaded
+    /// for a while.
+    counter_base_millijoules: u64,
+    /// Exact integral of reported power, in milliwatt-nanoseconds.
+    integral_milliwatt_nanos: u128,
+}
+
+/// The simulated node.
+pub struct MockSource {
+    cfg: MockConfig,
+    inventory: Vec<GpuInfo>,
+    gpus: Vec<MockGpu>,
+    tick: u64,
+    last_at_unix_nanos: Option<i64>,
+}
+
+impl MockSource {
+    pub fn new(cfg: MockConfig) -> Self {
+        let node_key = fnv1a(cfg.node_id.as_bytes()) ^ cfg.seed.rotate_left(17);
+        let mut inventory = Vec::with_capacity(cfg.gpus as usize);
+        let mut gpus = Vec::with_capacity(cfg.gpus as usize);
+        for index in 0..cfg.gpus {
+            let key = splitmix64(node_key ^ u64::from(index).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let profile = match cfg.profile {
+                Profile::Mixed => match index % 4 {
+                    0 | 1 => Profile::Training,
+                    2 => Profile::Inference,
+                    _ => Profile::Idle,
+                },
+                p => p,
+            };
+            inventory.push(GpuInfo {
+                index,
+                uuid: uuid_from(key),
+                model: cfg.model.name().to_string(),
+                power_limit_milliwatts: Some(POWER_LIMIT_MILLIWATTS),
+                memory_total_bytes: Some(cfg.model.memory_total_bytes()),
+                energy_counter_supported: cfg.energy_counter,
+            });
+            gpus.push(MockGpu {
+                profile,
+                key,
+                // Up to ~11 days at full power since the driver loaded.
+                counter_base_millijoules: splitmix64(key ^ 0xC0FFEE) % 700_000_000_000,
+                integral_milliwatt_nanos: 0,
+            });
+        }
+        Self {
+            cfg,
+            inventory,
+            gpus,
+            tick: 0,
+            last_at_unix_nanos: None,
+        }
+    }
+
+    /// The counter value a GPU reports now, in millijoules.
+    fn counter(gpu: &MockGpu) -> u64 {
+        let integral = gpu.integral_milliwatt_nanos / NANOS_PER_SECOND;
+        gpu.counter_base_millijoules + u64::try_from(integral).unwrap_or(u64::MAX / 2)
+    }
+}
+
+impl GpuSource for MockSource {
+    fn inventory(&self) -> &[GpuInfo] {
+        &self.inventory
+    }
+
+    fn name(&self) -> &'static str {
+        "mock"
+    }
+
+    fn sample(&mut self, at_unix_nanos: i64) -> Vec<GpuReading> {
+        self.tick += 1;
+        let tick = self.tick;
+        // A clock that stands still or steps back adds no energy.
+        let dt_nanos = match self.last_at_unix_nanos {
+            Some(prev) if at_unix_nanos > prev => (at_unix_nanos - prev) as u128,
+            _ => 0,
+        };
+        self.last_at_unix_nanos = Some(
+            self.last_at_unix_nanos
+                .unwrap_or(at_unix_nanos)
+                .max(at_unix_nanos),
+        );
+        let memory_total = self.cfg.model.memory_total_bytes();
+        let energy_counter = self.cfg.energy_counter;
+        self.gpus
+            .iter_mut()
+            .enumerate()
+            .map(|(index, gpu)| {
+                let load = load_at(gpu.profile, gpu.key, tick);
+                gpu.integral_milliwatt_nanos += u128::from(load.power_milliwatts) * dt_nanos;
+                GpuReading {
+                    index: index as u32,
+                    power_milliwatts: Some(load.power_milliwatts),
+                    energy_millijoules: energy_counter.then(|| Self::counter(gpu)),
+                    utilization_percent: Some(load.utilization_percent),
+                    memory_utilization_percent: Some(load.utilization_percent * 3 / 5),
+                    memory_used_bytes: Some(memory_total / 100 * u64::from(load.memory_percent)),
+                    temperature_celsius: Some(
+                        30 + (load.power_milliwatts * 50 / POWER_LIMIT_MILLIWATTS) as i32,
+                    ),
+                    sm_clock_mhz: Some(if load.utilization_percent > 5 {
+                        1980
+                    } else {
+                        345
+                    }),
+                    power_limit_milliwatts: Some(POWER_LIMIT_MILLIWATTS),
+                    lost: false,
+                }
+            })
+            .collect()
+    }
+}
+
+struct Load {
+    power_milliwatts: u64,
+    utilization_percent: u32,
+    memory_percent: u32,
+}
+
+/// The load of one GPU on tick `tick`; a pure function of its arguments.
+fn load_at(profile: Profile, key: u64, tick: u64) -> Load {
+    let noise = splitmix64(key ^ tick.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    // Uniform in [-1, 1).
+    let jitter = (noise >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
+    let (watts, utilization, memory) = match profile {
+        Profile::Idle => (70.0 + 3.0 * jitter, 0.0, 1.0),
+        Profile::Training => {
+            // A checkpoint every 120 ticks, lasting 6, phase-shifted per GPU.
+            let phase = (tick + key % 120) % 120;
+            if phase < 6 {
+                (190.0 + 20.0 * jitter, 12.0, 85.0)
+            } else {
+                (655.0 + 40.0 * jitter, 97.0 + 2.0 * jitter.abs(), 85.0)
+            }
+        }
+        Profile::Inference => {
+            // Request load swinging over a 300-tick "day".
+            let angle = (tick + key % 300) as f64 / 300.0 * std::f64::consts::TAU;
+            let base = 400.0 + 150.0 * angle.sin();
+            let w = base + 35.0 * jitter;
+            (w, ((w - 70.0) / 6.3).clamp(0.0, 100.0), 55.0)
+        }
+        Profile::Mixed => unreachable!("mixed is resolved per GPU in MockSource::new"),
+    };
+    let milliwatts = (watts * 1000.0).round() as u64;
+    Load {
+        power_milliwatts: milliwatts.clamp(IDLE_MILLIWATTS - 5_000, POWER_LIMIT_MILLIWATTS),
+        utilization_percent: utilization.round().clamp(0.0, 100.0) as u32,
+        memory_percent: memory as u32,
+    }
+}
+
+/// splitmix64: a small, well-studied mixing function; stable across
+/// releases, unlike a general-purpose RNG crate's streams.
+fn splitmix64(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    x ^ (x >> 31)
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+fn uuid_from(key: u64) -> String {
+    let a = splitmix64(key);
+    let b = splitmix64(a);
+    format!(
+        "GPU-{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(profile: Profile) -> MockConfig {
+        MockConfig {
+            node_id: "node-1".into(),
+            gpus: 8,
+            profile,
+            model: Model::H100,
+            seed: 7,
+            energy_counter: true,
+        }
+    }
+
+    #[test]
+    fn same_seed_same_readings() {
+        let mut a = MockSource::new(cfg(Profile::Mixed));
+        let mut b = MockSource::new(cfg(Profile::Mixed));
+        assert_eq!(a.inventory(), b.inventory());
+        for k in 0..50 {
+            let at = 1_000_000_000 * k;
+            assert_eq!(a.sample(at), b.sample(at));
+        }
+    }
+
+    #[test]
+    fn counter_is_the_exact_integral_of_reported_power() {
+        let mut m = MockSource::new(cfg(Profile::Mixed));
+        let interval = 333_333_337i64; // deliberately not a whole millisecond
+        let first = m.sample(0);
+        let mut integral = vec![0u128; first.len()];
+        let mut last = first.clone();
+        for k in 1..2000 {
+            let r = m.sample(interval * k);
+            for (i, g) in r.iter().enumerate() {
+                integral[i] += u128::from(g.power_milliwatts.unwrap()) * interval as u128;
+            }
+            last = r;
+        }
+        for (i, g) in last.iter().enumerate() {
+            let delta = g.energy_millijoules.unwrap() - first[i].energy_millijoules.unwrap();
+            assert_eq!(u128::from(delta), integral[i] / 1_000_000_000, "gpu {i}");
+        }
+    }
+
+    #[test]
+    fn power_stays_within_the_board_range() {
+        for profile in [
+            Profile::Training,
+            Profile::Inference,
+            Profile::Idle,
+            Profile::Mixed,
+        ] {
+            let mut m = MockSource::new(cfg(profile));
+            for k in 0..600 {
+                for g in m.sample(k * 1_000_000_000) {
+                    let p = g.power_milliwatts.unwrap();
+                    assert!((65_000..=700_000).contains(&p), "{profile:?}: {p} mW");
+                    assert!(g.utilization_percent.unwrap() <= 100);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn training_has_checkpoint_dips() {
+        let mut m = MockSource::new(cfg(Profile::Training));
+        let powers: Vec<u64> = (0..240)
+            .map(|k| m.sample(k * 1_000_000_000)[0].power_milliwatts.unwrap())
+            .collect();
+        assert!(powers.iter().any(|p| *p < 250_000));
+        assert!(powers.iter().filter(|p| **p > 600_000).count() > 200);
+    }
+
+    #[test]
+    fn without_counter_energy_is_absent_not_zero() {
+        let mut c = cfg(Profile::Idle);
+        c.energy_counter = false;
+        let mut m = MockSource::new(c);
+        assert!(!m.inventory()[0].energy_counter_supported);
+        assert_eq!(m.sample(0)[0].energy_millijoules, None);
+    }
+
+    #[test]
+    fn uuids_are_distinct_per_node_and_gpu() {
+        let a = MockSource::new(cfg(Profile::Idle));
+        let mut other = cfg(Profile::Idle);
+        other.node_id = "node-2".into();
+        let b = MockSource::new(other);
+        let mut all: Vec<&str> = a
+            .inventory()
+            .iter()
+            .chain(b.inventory())
+            .map(|g| g.uuid.as_str())
+            .collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 16);
+    }
+}

@@ -1,0 +1,273 @@
+//! The agent's side of the ingest stream: connect, say hello, send what the
+//! spool holds, forget what the collector acks, and on any failure
+//! reconnect with exponential backoff and jitter and re-send everything
+//! not yet acked.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{debug, info, warn};
+
+use capwatch_proto::v1 as pb;
+use capwatch_proto::v1::ingest_client::IngestClient;
+
+use crate::spool::Spool;
+
+/// What the stream task shares with the sampler.
+pub struct Shared {
+    pub spool: Mutex<Spool>,
+    /// Woken whenever the sampler adds a sample.
+    pub new_sample: Notify,
+    pub stats: Stats,
+}
+
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sampled: AtomicU64,
+    pub acked: AtomicU64,
+    pub dropped: AtomicU64,
+    pub connects: AtomicU64,
+}
+
+impl Shared {
+    pub fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
+        // A poisoned lock means a panic elsewhere already; the spool's
+        // contents are still consistent (every method leaves them so).
+        self.spool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct StreamConfig {
+    pub collector: String,
+    pub hello: pb::Hello,
+    pub batch_max: usize,
+    pub reconnect_initial: Duration,
+    pub reconnect_max: Duration,
+    pub drain_timeout: Duration,
+}
+
+enum Ended {
+    /// Everything was delivered after the sampler stopped.
+    Drained,
+    /// The connection failed; reconnect.
+    Failed(String),
+    /// Gave up delivering at the drain deadline.
+    DeadlinePassed,
+}
+
+/// Runs until the sampler has stopped (`sampling_done` reads true) and the
+/// spool is delivered, or the drain deadline passes.
+pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watch::Receiver<bool>) {
+    let mut backoff = Backoff::new(cfg.reconnect_initial, cfg.reconnect_max);
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if deadline.is_none() && *sampling_done.borrow() {
+            deadline = Some(Instant::now() + cfg.drain_timeout);
+        }
+        if deadline.is_some() && shared.spool().is_empty() {
+            return;
+        }
+        match connect_and_stream(
+            &cfg,
+            &shared,
+            &mut sampling_done,
+            &mut deadline,
+            &mut backoff,
+        )
+        .await
+        {
+            Ended::Drained => return,
+            Ended::DeadlinePassed => {
+                warn!(
+                    undelivered = shared.spool().len(),
+                    "drain deadline passed; samples not delivered"
+                );
+                return;
+            }
+            Ended::Failed(error) => {
+                let delay = backoff.next_delay();
+                warn!(collector = %cfg.collector, %error, retry_in_ms = delay.as_millis() as u64, "stream to collector failed");
+                let wake = Instant::now() + delay;
+                let wake = deadline.map_or(wake, |d| wake.min(d));
+                tokio::select! {
+                    _ = tokio::time::sleep_until(wake) => {}
+                    _ = sampling_done.changed(), if deadline.is_none() => {}
+                }
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    warn!(
+                        undelivered = shared.spool().len(),
+                        "drain deadline passed; samples not delivered"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn connect_and_stream(
+    cfg: &StreamConfig,
+    shared: &Shared,
+    sampling_done: &mut watch::Receiver<bool>,
+    deadline: &mut Option<Instant>,
+    backoff: &mut Backoff,
+) -> Ended {
+    let endpoint = match Endpoint::from_shared(cfg.collector.clone()) {
+        Ok(e) => e
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true),
+        Err(e) => return Ended::Failed(format!("bad collector URL: {e}")),
+    };
+    let channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return Ended::Failed(format!("connect: {e}")),
+    };
+    let mut client = IngestClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
+    let hello = pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(cfg.hello.clone())),
+    };
+    if tx.send(hello).await.is_err() {
+        return Ended::Failed("stream closed before hello".into());
+    }
+    let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return Ended::Failed(format!("collector refused the stream: {status}")),
+    };
+    // The collector's first answer is a Welcome with what it already holds.
+    match inbound.message().await {
+        Ok(Some(pb::CollectorMessage {
+            body: Some(pb::collector_message::Body::Welcome(w)),
+        })) => {
+            let forgotten = shared.spool().ack(w.acked_seq);
+            shared
+                .stats
+                .acked
+                .fetch_add(forgotten as u64, Ordering::Relaxed);
+            shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+            info!(collector = %cfg.collector, collector_version = %w.collector_version, acked_seq = w.acked_seq, "connected");
+        }
+        Ok(_) => return Ended::Failed("collector did not answer the hello with a welcome".into()),
+        Err(status) => return Ended::Failed(format!("collector refused the hello: {status}")),
+    }
+    backoff.reset();
+
+    // Everything above `sent` is re-sent on each new connection.
+    let mut sent = 0u64;
+    loop {
+        let batch = shared.spool().after(sent, cfg.batch_max);
+        if let Some(last) = batch.last() {
+            sent = last.seq;
+            let msg = pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+                    samples: batch,
+                })),
+            };
+            if tx.send(msg).await.is_err() {
+                return Ended::Failed("stream closed while sending".into());
+            }
+            continue;
+        }
+        if deadline.is_none() && *sampling_done.borrow() {
+            *deadline = Some(Instant::now() + cfg.drain_timeout);
+        }
+        if deadline.is_some() && shared.spool().is_empty() {
+            return Ended::Drained;
+        }
+        let drain_at = *deadline;
+        tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(pb::CollectorMessage { body: Some(pb::collector_message::Body::Ack(ack)) })) => {
+                    if ack.stream_epoch == cfg.hello.stream_epoch {
+                        let n = shared.spool().ack(ack.acked_seq);
+                        shared.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
+                        debug!(acked_seq = ack.acked_seq, forgotten = n, "ack");
+                    }
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => return Ended::Failed("collector closed the stream".into()),
+                Err(status) => return Ended::Failed(format!("stream error: {status}")),
+            },
+            _ = shared.new_sample.notified() => {}
+            _ = sampling_done.changed(), if drain_at.is_none() => {}
+            _ = sleep_until_opt(drain_at) => return Ended::DeadlinePassed,
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff with "equal jitter": each delay is uniform in
+/// [d/2, d], where d doubles from `initial` up to `max`. Jitter spreads a
+/// fleet's reconnects after a collector restart.
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    current: Duration,
+    rng: u64,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0)
+            ^ u64::from(std::process::id()).rotate_left(32);
+        Self {
+            initial,
+            max,
+            current: initial,
+            rng: seed | 1,
+        }
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.initial;
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        // xorshift64: jitter needs spread, not cryptographic quality.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        let d = self.current;
+        self.current = (self.current * 2).min(self.max);
+        let half = d / 2;
+        half + half.mul_f64((self.rng >> 11) as f64 / (1u64 << 53) as f64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
+        let bounds = [100, 200, 400, 800, 1000, 1000];
+        for upper in bounds {
+            let d = b.next_delay().as_millis() as u64;
+            assert!(
+                d >= upper / 2 && d <= upper,
+                "{d} not in [{}, {upper}]",
+                upper / 2
+            );
+        }
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

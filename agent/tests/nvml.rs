@@ -1,0 +1,356 @@
+//! The real NVML backend ([`NvmlSource`], through nvml-wrapper) against a
+//! stand-in `libnvidia-ml.so` built from `tests/fake_nvml/fake_nvml.c`.
+//!
+//! Every test compiles its own copy of the fake, with its behaviour chosen
+//! by `-D` switches, into its own temporary directory, so tests run in
+//! parallel without sharing state and nothing is written into the source
+//! tree. The fake's values are documented at the top of the C file and
+//! mirrored in [`FAKE_GPUS`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use capwatch_agent::source::nvml::NvmlSource;
+use capwatch_agent::source::{GpuInfo, GpuReading, GpuSource, SourceError};
+use nvml_wrapper::error::NvmlError;
+use tempfile::TempDir;
+
+/// What one fake GPU reports, in NVML units (which are the agent's units).
+struct FakeGpu {
+    uuid: &'static str,
+    model: &'static str,
+    power_mw: u64,
+    energy_start_mj: u64,
+    energy_step_mj: u64,
+    util_gpu: u32,
+    util_memory: u32,
+    memory_total: u64,
+    memory_used: u64,
+    temperature_c: i32,
+    sm_clock_mhz: u32,
+    power_limit_mw: u64,
+}
+
+/// The fake node, as `fake_nvml.c` describes it.
+const FAKE_GPUS: [FakeGpu; 2] = [
+    FakeGpu {
+        uuid: "GPU-00000000-1111-2222-3333-444444444444",
+        model: "NVIDIA H100 80GB HBM3",
+        power_mw: 312_345,
+        energy_start_mj: 987_654_321,
+        energy_step_mj: 1000,
+        util_gpu: 87,
+        util_memory: 45,
+        memory_total: 85_899_345_920,
+        memory_used: 12_884_901_888,
+        temperature_c: 61,
+        sm_clock_mhz: 1980,
+        power_limit_mw: 700_000,
+    },
+    FakeGpu {
+        uuid: "GPU-55555555-6666-7777-8888-999999999999",
+        model: "NVIDIA A100-SXM4-40GB",
+        power_mw: 98_765,
+        energy_start_mj: 123_456_789,
+        energy_step_mj: 250,
+        util_gpu: 12,
+        util_memory: 3,
+        memory_total: 42_949_672_960,
+        memory_used: 1_073_741_824,
+        temperature_c: 47,
+        sm_clock_mhz: 1410,
+        power_limit_mw: 400_000,
+    },
+];
+
+/// A compiled copy of the fake; the directory lives as long as this does.
+struct FakeNvml {
+    _dir: TempDir,
+    lib: PathBuf,
+}
+
+/// Compiles `fake_nvml.c` with `defines` into a fresh temporary directory
+/// as `libnvidia-ml.so.1`.
+fn build_fake(defines: &[&str]) -> FakeNvml {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fake_nvml/fake_nvml.c");
+    let dir = tempfile::Builder::new()
+        .prefix("capwatch-fake-nvml-")
+        .tempdir()
+        .expect("creating a temporary directory for the fake libnvidia-ml.so");
+    let lib = dir.path().join("libnvidia-ml.so.1");
+    let compiler = std::env::var_os("CC").unwrap_or_else(|| OsString::from("cc"));
+    let output = Command::new(&compiler)
+        .args(["-shared", "-fPIC", "-O1", "-Wall", "-o"])
+        .arg(&lib)
+        .args(defines)
+        .arg(&source)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "the NVML tests build a stand-in libnvidia-ml.so from {} and need a C compiler: \
+                 running `{}` failed ({e}); install one (e.g. gcc) or point CC at it",
+                source.display(),
+                compiler.to_string_lossy(),
+            )
+        });
+    assert!(
+        output.status.success(),
+        "compiling {} with {defines:?} failed ({}):\n{}",
+        source.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stderr),
+    );
+    FakeNvml { _dir: dir, lib }
+}
+
+/// Opens the NVML source on `fake`, failing the test with the error's text.
+fn open(fake: &FakeNvml) -> NvmlSource {
+    match NvmlSource::open(Some(&fake.lib)) {
+        Ok(source) => source,
+        Err(e) => panic!("opening NVML from {}: {e}", fake.lib.display()),
+    }
+}
+
+/// Opens the NVML source on `library`, expecting it to fail.
+fn open_err(library: &Path) -> SourceError {
+    match NvmlSource::open(Some(library)) {
+        Ok(_) => panic!(
+            "opening NVML from {} unexpectedly succeeded",
+            library.display()
+        ),
+        Err(e) => e,
+    }
+}
+
+fn expected_info(index: u32, energy_counter_supported: bool) -> GpuInfo {
+    let gpu = &FAKE_GPUS[index as usize];
+    GpuInfo {
+        index,
+        uuid: gpu.uuid.into(),
+        model: gpu.model.into(),
+        power_limit_milliwatts: Some(gpu.power_limit_mw),
+        memory_total_bytes: Some(gpu.memory_total),
+        energy_counter_supported,
+    }
+}
+
+/// The full reading of GPU `index` on the `sample`-th call to `sample()`
+/// (1-based). `NvmlSource::open` reads the energy counter once to probe for
+/// it, so the `sample`-th reading is `sample` steps past the start.
+fn expected_reading(index: u32, sample: u64) -> GpuReading {
+    let gpu = &FAKE_GPUS[index as usize];
+    GpuReading {
+        index,
+        power_milliwatts: Some(gpu.power_mw),
+        energy_millijoules: Some(gpu.energy_start_mj + sample * gpu.energy_step_mj),
+        utilization_percent: Some(gpu.util_gpu),
+        memory_utilization_percent: Some(gpu.util_memory),
+        memory_used_bytes: Some(gpu.memory_used),
+        temperature_celsius: Some(gpu.temperature_c),
+        sm_clock_mhz: Some(gpu.sm_clock_mhz),
+        power_limit_milliwatts: Some(gpu.power_limit_mw),
+        lost: false,
+    }
+}
+
+#[test]
+fn inventory_lists_both_gpus_in_nvml_units() {
+    let fake = build_fake(&[]);
+    let source = open(&fake);
+    assert_eq!(source.name(), "nvml");
+    assert_eq!(
+        source.inventory(),
+        [expected_info(0, true), expected_info(1, true)]
+    );
+}
+
+#[test]
+fn readings_carry_every_field_in_nvml_units() {
+    let fake = build_fake(&[]);
+    let mut source = open(&fake);
+    let first = source.sample(1_000_000_000);
+    assert_eq!(first, [expected_reading(0, 1), expected_reading(1, 1)]);
+    let second = source.sample(2_000_000_000);
+    assert_eq!(second, [expected_reading(0, 2), expected_reading(1, 2)]);
+    for (index, gpu) in FAKE_GPUS.iter().enumerate() {
+        let before = first[index]
+            .energy_millijoules
+            .expect("energy in the first sample");
+        let after = second[index]
+            .energy_millijoules
+            .expect("energy in the second sample");
+        assert_eq!(
+            after - before,
+            gpu.energy_step_mj,
+            "energy step of GPU {index}"
+        );
+    }
+}
+
+#[test]
+fn unsupported_fields_are_absent_not_zero() {
+    struct Case {
+        defines: &'static [&'static str],
+        no_energy: bool,
+        no_temperature: bool,
+    }
+    let cases = [
+        Case {
+            defines: &["-DFAKE_GPU1_NO_ENERGY"],
+            no_energy: true,
+            no_temperature: false,
+        },
+        Case {
+            defines: &["-DFAKE_GPU1_NO_TEMPERATURE"],
+            no_energy: false,
+            no_temperature: true,
+        },
+        Case {
+            defines: &["-DFAKE_GPU1_NO_ENERGY", "-DFAKE_GPU1_NO_TEMPERATURE"],
+            no_energy: true,
+            no_temperature: true,
+        },
+    ];
+    for case in cases {
+        let fake = build_fake(case.defines);
+        let mut source = open(&fake);
+        assert_eq!(
+            source.inventory(),
+            [expected_info(0, true), expected_info(1, !case.no_energy)],
+            "inventory with {:?}",
+            case.defines,
+        );
+        // Twice: a field reported absent once stays absent (and is only
+        // logged once), and the GPU is not taken for lost.
+        for sample in 1..=2 {
+            let mut gpu1 = expected_reading(1, sample);
+            if case.no_energy {
+                gpu1.energy_millijoules = None;
+            }
+            if case.no_temperature {
+                gpu1.temperature_celsius = None;
+            }
+            assert_eq!(
+                source.sample(0),
+                [expected_reading(0, sample), gpu1],
+                "sample {sample} with {:?}",
+                case.defines,
+            );
+        }
+    }
+}
+
+#[test]
+fn lost_gpu_is_reported_lost_and_the_others_keep_reporting() {
+    // GPU 1 answers `lost_after` power reads, then falls off the bus: first
+    // in the middle of a read (the power read fails after utilization and
+    // memory were read), then already at the handle lookup.
+    for lost_after in [0u64, 2] {
+        let fake = build_fake(&[&format!("-DFAKE_GPU1_LOST_AFTER={lost_after}")]);
+        let mut source = open(&fake);
+        assert_eq!(
+            source.inventory(),
+            [expected_info(0, true), expected_info(1, true)]
+        );
+        for sample in 1..=lost_after + 3 {
+            let readings = source.sample(0);
+            let gpu1 = if sample <= lost_after {
+                expected_reading(1, sample)
+            } else {
+                GpuReading {
+                    index: 1,
+                    power_milliwatts: None,
+                    energy_millijoules: None,
+                    utilization_percent: None,
+                    memory_utilization_percent: None,
+                    memory_used_bytes: None,
+                    temperature_celsius: None,
+                    sm_clock_mhz: None,
+                    power_limit_milliwatts: None,
+                    lost: true,
+                }
+            };
+            assert_eq!(
+                readings,
+                [expected_reading(0, sample), gpu1],
+                "sample {sample} with GPU 1 lost after {lost_after} power reads",
+            );
+        }
+        // The inventory is fixed for the life of the source.
+        assert_eq!(
+            source.inventory(),
+            [expected_info(0, true), expected_info(1, true)]
+        );
+    }
+}
+
+#[test]
+fn missing_library_is_an_init_error_naming_the_path() {
+    let dir = tempfile::tempdir().expect("creating a temporary directory");
+    let path = dir.path().join("no-such-dir/libnvidia-ml.so.1");
+    let path_text = path.to_string_lossy().into_owned();
+    let err = open_err(&path);
+    let message = err.to_string();
+    match err {
+        SourceError::NvmlInit {
+            library,
+            source: NvmlError::LibloadingError(_),
+        } => assert_eq!(library, path_text),
+        other => panic!("expected NvmlInit with a libloading error, got {other:?}"),
+    }
+    assert!(
+        message.contains(&path_text),
+        "message names the path: {message}"
+    );
+}
+
+#[test]
+fn driver_not_loaded_is_an_init_error() {
+    let fake = build_fake(&["-DFAKE_INIT_FAILS"]);
+    let path_text = fake.lib.to_string_lossy().into_owned();
+    let err = open_err(&fake.lib);
+    let message = err.to_string();
+    match err {
+        SourceError::NvmlInit {
+            library,
+            source: NvmlError::DriverNotLoaded,
+        } => assert_eq!(library, path_text),
+        other => panic!("expected NvmlInit with DriverNotLoaded, got {other:?}"),
+    }
+    assert!(
+        message.contains(&path_text),
+        "message names the path: {message}"
+    );
+    assert!(
+        message.contains("NVIDIA driver is not loaded"),
+        "message says the driver is not loaded: {message}",
+    );
+}
+
+#[test]
+fn copies_loaded_side_by_side_keep_separate_state() {
+    // The premise of running these tests in parallel: two copies of the
+    // fake, loaded from different paths, do not share their counters.
+    let fake_a = build_fake(&[]);
+    let fake_b = build_fake(&[]);
+    let mut a = open(&fake_a);
+    let mut b = open(&fake_b);
+    assert_eq!(
+        a.sample(0),
+        [expected_reading(0, 1), expected_reading(1, 1)]
+    );
+    assert_eq!(
+        a.sample(0),
+        [expected_reading(0, 2), expected_reading(1, 2)]
+    );
+    assert_eq!(
+        b.sample(0),
+        [expected_reading(0, 1), expected_reading(1, 1)]
+    );
+    drop(a);
+    assert_eq!(
+        b.sample(0),
+        [expected_reading(0, 2), expected_reading(1, 2)]
+    );
+}

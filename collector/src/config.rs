@@ -1,0 +1,129 @@
+//! Collector configuration: TOML file, then `CAPWATCH_*` environment, then
+//! flags (the last wins). Every setting has a default; the checked-in
+//! `deploy/examples/collector.toml` lists them all and a test parses it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use capwatch_common::LogFormat;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the gRPC ingest server agents stream to.
+    pub grpc_listen: SocketAddr,
+    /// Address of the HTTP server (`/metrics`, `/healthz`).
+    pub http_listen: SocketAddr,
+    /// Tenant file (contracts and leases). Reloaded on SIGHUP without a
+    /// restart. Unset: no tenants, every GPU is `unassigned`.
+    pub tenants_file: Option<PathBuf>,
+    /// A GPU with no sample for this long is stale. Unset: three times the
+    /// interval its agent announced.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Option<Duration>,
+    /// How often tenants' power is compared with their contracts (the
+    /// resolution of `capwatch_tenant_over_contract_seconds_total`).
+    #[serde(with = "humantime_serde")]
+    pub evaluate_interval: Duration,
+    /// Export per-GPU series. Switch off for very large fleets; tenant and
+    /// node series stay.
+    pub per_gpu_metrics: bool,
+    /// Largest GPU inventory one node may announce.
+    pub max_gpus_per_node: u32,
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+    /// How long a new stream may take to send its Hello.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// On shutdown, how long open streams get to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Log format: `plain` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 9470)),
+            tenants_file: None,
+            stale_after: None,
+            evaluate_interval: Duration::from_secs(1),
+            per_gpu_metrics: true,
+            max_gpus_per_node: 64,
+            max_message_bytes: 4 << 20,
+            hello_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(5),
+            log_format: LogFormat::Plain,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
+
+/// Reads and parses a TOML file into `T`.
+pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+impl Config {
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        read_toml(path)
+    }
+
+    /// Checks what serde cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |setting, reason: &str| {
+            Err(ConfigError::Invalid {
+                setting,
+                reason: reason.to_string(),
+            })
+        };
+        if self
+            .stale_after
+            .is_some_and(|d| d < Duration::from_millis(10))
+        {
+            return bad("stale_after", "must be at least 10ms");
+        }
+        if self.evaluate_interval < Duration::from_millis(10) {
+            return bad("evaluate_interval", "must be at least 10ms");
+        }
+        if !(1..=100_000).contains(&self.max_gpus_per_node) {
+            return bad("max_gpus_per_node", "must be between 1 and 100000");
+        }
+        if self.max_message_bytes < 1024 {
+            return bad("max_message_bytes", "must be at least 1024");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,217 @@
+//! capwatch collector: accepts agent streams over gRPC, attributes every
+//! GPU to a tenant, aggregates per tenant against its contract and exports
+//! Prometheus metrics.
+//!
+//! [`run`] starts three long-running tasks that stop on the shutdown
+//! signal: the gRPC ingest server ([`ingest`]), the HTTP server ([`http`])
+//! and the contract evaluator; a fourth reloads the tenant file on SIGHUP.
+
+pub mod config;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod model;
+pub mod state;
+pub mod tenants;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+
+use capwatch_proto::v1::ingest_server::IngestServer;
+
+use config::Config;
+use state::{State, StateConfig};
+use tenants::Tenants;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+#[derive(Debug, thiserror::Error)]
+pub enum CollectorError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} server: {source}")]
+    Serve {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Loads the tenant file named by `cfg`, or no tenants.
+pub fn load_tenants(cfg: &Config) -> Result<Tenants, config::ConfigError> {
+    match &cfg.tenants_file {
+        Some(path) => Tenants::from_file(path),
+        None => Ok(Tenants::empty()),
+    }
+}
+
+/// Runs the collector until `shutdown` flips, then gives open streams
+/// `shutdown_grace` to finish.
+pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), CollectorError> {
+    cfg.validate()?;
+    let tenants = load_tenants(&cfg)?;
+    let state = Arc::new(State::new(
+        StateConfig {
+            stale_after: cfg.stale_after,
+            max_gpus_per_node: cfg.max_gpus_per_node,
+        },
+        tenants,
+    ));
+    let registry = Arc::new(metrics::registry(state.clone(), cfg.per_gpu_metrics));
+
+    let grpc = TcpListener::bind(cfg.grpc_listen)
+        .await
+        .map_err(|source| CollectorError::Bind {
+            what: "gRPC",
+            addr: cfg.grpc_listen,
+            source,
+        })?;
+    let http = TcpListener::bind(cfg.http_listen)
+        .await
+        .map_err(|source| CollectorError::Bind {
+            what: "HTTP",
+            addr: cfg.http_listen,
+            source,
+        })?;
+    let grpc_addr = grpc.local_addr().map_err(|source| CollectorError::Bind {
+        what: "gRPC",
+        addr: cfg.grpc_listen,
+        source,
+    })?;
+    let http_addr = http.local_addr().map_err(|source| CollectorError::Bind {
+        what: "HTTP",
+        addr: cfg.http_listen,
+        source,
+    })?;
+    info!(grpc = %grpc_addr, http = %http_addr, tenants = state.tenants().all().len() - 1, version = VERSION, "collector listening");
+
+    let service = ingest::IngestService {
+        state: state.clone(),
+        shutdown: shutdown.clone(),
+        hello_timeout: cfg.hello_timeout,
+    };
+    let grpc_server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+        .add_service(
+            IngestServer::new(service)
+                .max_decoding_message_size(cfg.max_message_bytes)
+                .max_encoding_message_size(cfg.max_message_bytes),
+        )
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc),
+            capwatch_common::wait_for_shutdown(shutdown.clone()),
+        );
+    let http_server = axum::serve(http, http::router(http::HttpState { registry }))
+        .with_graceful_shutdown(capwatch_common::wait_for_shutdown(shutdown.clone()));
+
+    let evaluator = tokio::spawn(evaluate_contracts(
+        state.clone(),
+        cfg.evaluate_interval,
+        shutdown.clone(),
+    ));
+    let reloader = tokio::spawn(reload_on_sighup(
+        state.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
+
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(http_server.into_future());
+    capwatch_common::wait_for_shutdown(shutdown).await;
+    info!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "draining");
+    let drained = tokio::time::timeout(cfg.shutdown_grace, async {
+        let g = grpc_task.await;
+        let h = http_task.await;
+        (g, h)
+    })
+    .await;
+    evaluator.abort();
+    reloader.abort();
+    match drained {
+        Ok((Ok(Ok(())), Ok(Ok(())))) => {
+            info!("collector stopped");
+            Ok(())
+        }
+        Ok((Ok(Err(e)), _)) => Err(CollectorError::Serve {
+            what: "gRPC",
+            source: e.into(),
+        }),
+        Ok((_, Ok(Err(e)))) => Err(CollectorError::Serve {
+            what: "HTTP",
+            source: e.into(),
+        }),
+        Ok((Err(e), _)) | Ok((_, Err(e))) => Err(CollectorError::Serve {
+            what: "server task",
+            source: e.into(),
+        }),
+        Err(_) => {
+            warn!("shutdown grace passed with streams still open; stopping anyway");
+            Ok(())
+        }
+    }
+}
+
+/// Accrues over-contract time on a fixed tick. Named task: `evaluator`.
+async fn evaluate_contracts(
+    state: Arc<State>,
+    every: std::time::Duration,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = tokio::time::Instant::now();
+    let stop = capwatch_common::wait_for_shutdown(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            t = tick.tick() => {
+                let elapsed = t.saturating_duration_since(last);
+                last = t;
+                state.evaluate(elapsed, t.into_std());
+            }
+            _ = &mut stop => return,
+        }
+    }
+}
+
+/// Reloads the tenant file on SIGHUP; a bad file keeps the old one. Named
+/// task: `reloader`.
+async fn reload_on_sighup(state: Arc<State>, cfg: Config, shutdown: watch::Receiver<bool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(task = "reloader", error = %e, "cannot listen for SIGHUP; tenant reload disabled");
+            return;
+        }
+    };
+    let stop = capwatch_common::wait_for_shutdown(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => match load_tenants(&cfg) {
+                Ok(t) => state.reload_tenants(t),
+                Err(e) => {
+                    state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                    error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");
+                }
+            },
+            _ = &mut stop => return,
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! `capwatch-collector`: parse flags, set up logging, run.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+
+use capwatch_collector::config::Config;
+use capwatch_common::LogFormat;
+
+/// capwatch collector: receives GPU samples from capwatch agents over gRPC,
+/// attributes every GPU to a tenant, tracks each tenant's power against its
+/// contract and exports Prometheus metrics on /metrics.
+///
+/// Settings come from the config file, then CAPWATCH_* environment
+/// variables, then flags; the last wins. SIGHUP reloads the tenant file.
+#[derive(Debug, Parser)]
+#[command(name = "capwatch-collector", version)]
+struct Args {
+    /// TOML config file (every setting is optional).
+    #[arg(short, long, env = "CAPWATCH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Tenant file: contracts and what each tenant leases.
+    #[arg(short, long, env = "CAPWATCH_TENANTS")]
+    tenants: Option<PathBuf>,
+    /// gRPC ingest address agents connect to.
+    #[arg(long, env = "CAPWATCH_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
+    /// HTTP address for /metrics and /healthz.
+    #[arg(long, env = "CAPWATCH_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
+    /// No sample for this long makes a GPU stale [default: 3 agent intervals].
+    #[arg(long, env = "CAPWATCH_STALE_AFTER", value_parser = humantime::parse_duration)]
+    stale_after: Option<Duration>,
+    /// Export per-GPU series (true/false).
+    #[arg(long, env = "CAPWATCH_PER_GPU_METRICS")]
+    per_gpu_metrics: Option<bool>,
+    /// Log format.
+    #[arg(long, env = "CAPWATCH_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+    /// Check the config and tenant file, print a summary and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+impl Args {
+    fn config(&self) -> anyhow::Result<Config> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_file(path)?,
+            None => Config::default(),
+        };
+        if self.tenants.is_some() {
+            cfg.tenants_file = self.tenants.clone();
+        }
+        if self.stale_after.is_some() {
+            cfg.stale_after = self.stale_after;
+        }
+        if let Some(v) = self.grpc_listen {
+            cfg.grpc_listen = v;
+        }
+        if let Some(v) = self.http_listen {
+            cfg.http_listen = v;
+        }
+        if let Some(v) = self.per_gpu_metrics {
+            cfg.per_gpu_metrics = v;
+        }
+        if let Some(v) = self.log_format {
+            cfg.log_format = v;
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cfg = args.config().context("configuration")?;
+    let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
+    if args.check {
+        println!("configuration ok: {} tenants", tenants.all().len() - 1);
+        for t in tenants.all() {
+            println!(
+                "  {:<24} {:>12.3} kW  {}",
+                t.id,
+                t.contracted_milliwatts as f64 / 1e6,
+                t.name
+            );
+        }
+        return Ok(());
+    }
+    capwatch_common::init_logging(cfg.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("capwatch-collector")
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async {
+        let shutdown =
+            capwatch_common::shutdown_on_signals().context("installing signal handlers")?;
+        capwatch_collector::run(cfg, shutdown).await?;
+        anyhow::Ok(())
+    })
+}

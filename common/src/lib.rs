@@ -1,0 +1,54 @@
+//! What both capwatch binaries share: log set-up and the shutdown signal.
+
+use tokio::sync::watch;
+
+/// How logs are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Plain,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Installs the global tracing subscriber. The filter comes from `RUST_LOG`
+/// when set, `info` otherwise. Logs go to stderr so stdout stays free for
+/// command output.
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    // A second initialisation (as in tests) keeps the first subscriber.
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+}
+
+/// A shutdown flag that flips to `true` on SIGTERM or SIGINT (Ctrl-C).
+///
+/// Long-running tasks hold a clone of the receiver and stop when it changes.
+pub fn shutdown_on_signals() -> std::io::Result<watch::Receiver<bool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        let which = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(signal = which, "shutdown requested");
+        let _ = tx.send(true);
+    });
+    Ok(rx)
+}
+
+/// Resolves once `rx` reads `true` (or its sender is gone).
+pub async fn wait_for_shutdown(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
