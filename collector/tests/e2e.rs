@@ -1,0 +1,227 @@
+//! End to end with real processes: the collector binary and mock agent
+//! binaries on loopback ports, checked against what the mock GPUs reported.
+
+mod support;
+
+use std::time::Duration;
+
+use support::*;
+
+const SAMPLES: u64 = 20;
+
+/// Tenants for nodes a-1 and b-1: lab-a leases a-* and one GPU of b-1 by
+/// UUID, lab-b leases three GPUs of b-1, the rest of b-1 is unassigned.
+fn tenants(b: &Truth) -> String {
+    format!(
+        r#"
+[[tenant]]
+id = "lab-a"
+contracted_kw = 3
+nodes = ["a-*"]
+gpus = ["{}"]
+
+[[tenant]]
+id = "lab-b"
+contracted_kw = 50
+gpus = ["{}", "{}", "{}"]
+"#,
+        b.uuids[3], b.uuids[0], b.uuids[1], b.uuids[2]
+    )
+}
+
+fn expected_tenant(node: &str, gpu: usize) -> &'static str {
+    match (node, gpu) {
+        ("a-1", _) | ("b-1", 3) => "lab-a",
+        ("b-1", 0..=2) => "lab-b",
+        _ => "unassigned",
+    }
+}
+
+/// Invariant: each GPU's energy on /metrics equals its mock counter delta
+/// over the samples the collector saw, exactly to the millijoule; each
+/// tenant's power is the sum of its GPUs' power and its energy the sum of
+/// its GPUs' energy.
+#[test]
+fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
+    let dir = tempfile::tempdir().unwrap();
+    let truth = [
+        ("a-1", Truth::of("a-1", SAMPLES)),
+        ("b-1", Truth::of("b-1", SAMPLES)),
+    ];
+    // A long staleness window keeps the GPUs fresh after the agents exit.
+    let collector = Collector::start(
+        dir.path(),
+        &tenants(&truth[1].1),
+        0,
+        &["--stale-after", "5m"],
+    );
+    let agents: Vec<Agent> = truth
+        .iter()
+        .map(|(node, _)| Agent::start(dir.path(), &collector.endpoint(), node, SAMPLES, ""))
+        .collect();
+    for a in agents {
+        let log = a.finish(Duration::from_secs(30));
+        log.wait_for("\"undelivered\":0", Duration::from_secs(1));
+    }
+
+    let m = collector.metrics();
+    assert_eq!(
+        m.one(
+            "capwatch_collector_samples_total",
+            &[("outcome", "accepted")]
+        ),
+        (2 * SAMPLES) as f64
+    );
+    assert_eq!(
+        m.one(
+            "capwatch_collector_samples_total",
+            &[("outcome", "duplicate")]
+        ),
+        0.0
+    );
+    for (labels, n) in m.select(
+        "capwatch_collector_samples_total",
+        &[("outcome", "rejected")],
+    ) {
+        assert_eq!(n, 0.0, "rejections: {labels:?}");
+    }
+    let mut tenant_power = std::collections::BTreeMap::<&str, u64>::new();
+    let mut tenant_energy = std::collections::BTreeMap::<&str, u64>::new();
+    for (node, t) in &truth {
+        assert_eq!(
+            m.one("capwatch_node_samples_total", &[("node", node)]),
+            SAMPLES as f64
+        );
+        assert_eq!(m.one("capwatch_node_up", &[("node", node)]), 1.0);
+        for (gpu, uuid) in t.uuids.iter().enumerate() {
+            let tenant = expected_tenant(node, gpu);
+            let labels = [
+                ("node", *node),
+                ("uuid", uuid.as_str()),
+                ("tenant", tenant),
+                ("gpu", &gpu.to_string()),
+            ];
+            let power = milli(m.one("capwatch_gpu_power_watts", &labels));
+            let energy = milli(m.one("capwatch_gpu_energy_joules_total", &labels));
+            assert_eq!(power, t.power(gpu, SAMPLES), "{node} gpu {gpu} power");
+            assert_eq!(energy, t.energy(gpu, 1, SAMPLES), "{node} gpu {gpu} energy");
+            assert!(energy > 0);
+            *tenant_power.entry(tenant).or_default() += power;
+            *tenant_energy.entry(tenant).or_default() += energy;
+        }
+    }
+    assert_eq!(tenant_power.len(), 3);
+    for (tenant, power) in &tenant_power {
+        assert_eq!(
+            milli(m.one("capwatch_tenant_power_watts", &[("tenant", tenant)])),
+            *power,
+            "{tenant} power"
+        );
+        assert_eq!(
+            milli(m.one("capwatch_tenant_energy_joules_total", &[("tenant", tenant)])),
+            tenant_energy[tenant],
+            "{tenant} energy"
+        );
+        assert_eq!(
+            m.one(
+                "capwatch_tenant_gpus",
+                &[("tenant", tenant), ("state", "stale")]
+            ),
+            0.0
+        );
+    }
+    assert_eq!(
+        m.one(
+            "capwatch_tenant_gpus",
+            &[("tenant", "lab-a"), ("state", "reporting")]
+        ),
+        9.0
+    );
+    assert_eq!(
+        m.one(
+            "capwatch_tenant_contracted_power_watts",
+            &[("tenant", "lab-a")]
+        ),
+        3000.0
+    );
+    let ratio = m.one(
+        "capwatch_tenant_capacity_utilization_ratio",
+        &[("tenant", "lab-a")],
+    );
+    assert!((ratio - tenant_power["lab-a"] as f64 / 3_000_000.0).abs() < 1e-9);
+    // No contract, no contract series for GPUs nobody leases.
+    assert!(
+        m.select(
+            "capwatch_tenant_contracted_power_watts",
+            &[("tenant", "unassigned")]
+        )
+        .is_empty()
+    );
+    collector.stop();
+}
+
+/// Invariant: after the collector is stopped and started again while the
+/// agents run, the agents reconnect by themselves, nothing is lost, and
+/// the new collector counts every sample it received once: its energy for
+/// each GPU is the mock counter delta from the first sample it accepted to
+/// the last.
+#[test]
+fn agents_reconnect_after_collector_restart_and_nothing_is_counted_twice() {
+    const N: u64 = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let nodes = ["a-1", "b-1"];
+    let truth: Vec<Truth> = nodes.iter().map(|n| Truth::of(n, N)).collect();
+    let tenants = tenants(&truth[1]);
+    let first = Collector::start(dir.path(), &tenants, 0, &["--stale-after", "5m"]);
+    let port = first.grpc.port();
+    let endpoint = first.endpoint();
+    let fast_reconnect =
+        "reconnect_initial = \"50ms\"\nreconnect_max = \"300ms\"\ndrain_timeout = \"20s\"\n";
+    let agents: Vec<Agent> = nodes
+        .iter()
+        .map(|n| Agent::start(dir.path(), &endpoint, n, N, fast_reconnect))
+        .collect();
+    // Let some samples reach the first collector, then restart it.
+    eventually(
+        Duration::from_secs(10),
+        "samples at the first collector",
+        || {
+            first.metrics().one(
+                "capwatch_collector_samples_total",
+                &[("outcome", "accepted")],
+            ) >= 10.0
+        },
+    );
+    first.stop();
+    std::thread::sleep(Duration::from_millis(700));
+    let second = Collector::start(dir.path(), &tenants, port, &["--stale-after", "5m"]);
+    for a in agents {
+        let log = a.finish(Duration::from_secs(40));
+        log.wait_for("\"undelivered\":0", Duration::from_secs(1));
+        // One connection to each collector at least.
+        let connects = log
+            .lines()
+            .iter()
+            .filter(|l| l.contains("\"connected\"") || l.contains("connected\","))
+            .count();
+        assert!(connects >= 2, "agent reconnected {connects} times");
+    }
+
+    let m = second.metrics();
+    for (node, t) in nodes.iter().zip(&truth) {
+        let accepted = m.one("capwatch_node_samples_total", &[("node", node)]) as u64;
+        assert!(
+            accepted > 0 && accepted < N,
+            "{node}: second collector accepted {accepted} of {N}"
+        );
+        let first_seen = N - accepted + 1;
+        for gpu in 0..8 {
+            let energy = milli(m.one(
+                "capwatch_gpu_energy_joules_total",
+                &[("node", node), ("gpu", &gpu.to_string())],
+            ));
+            assert_eq!(energy, t.energy(gpu, first_seen, N), "{node} gpu {gpu}");
+        }
+    }
+    second.stop();
+}

@@ -1,0 +1,388 @@
+//! Helpers for tests that run the real binaries: start a collector and
+//! agents as processes on loopback, scrape `/metrics`, recompute what the
+//! mock agents reported.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use capwatch_agent::source::GpuSource;
+use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
+
+/// Path of a workspace binary. The agent is another package, so it is
+/// found next to this test's own target directory; `cargo test --workspace`
+/// builds it.
+pub fn bin(name: &str) -> PathBuf {
+    if name == "capwatch-collector" {
+        return PathBuf::from(env!("CARGO_BIN_EXE_capwatch-collector"));
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built; run the suite with `cargo test --workspace`",
+        p.display()
+    );
+    p
+}
+
+/// Sends SIGTERM, as systemd and Kubernetes do.
+pub fn terminate(child: &Child) {
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("run kill")
+        .success();
+    assert!(ok, "kill -TERM {}", child.id());
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
+    let until = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            return status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            panic!("process {} still running after {limit:?}", child.id());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lines a child wrote to stderr, kept for assertions and failure output.
+#[derive(Clone, Default)]
+pub struct Log(Arc<Mutex<Vec<String>>>);
+
+impl Log {
+    fn capture(&self, stream: impl Read + Send + 'static, prefix: String) {
+        let lines = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                eprintln!("[{prefix}] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
+    /// Waits for a line containing `needle` and returns it.
+    pub fn wait_for(&self, needle: &str, limit: Duration) -> String {
+        let until = Instant::now() + limit;
+        loop {
+            if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
+                return l;
+            }
+            assert!(
+                Instant::now() < until,
+                "no log line with {needle:?} within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// A string field of a JSON log line (values without escapes).
+pub fn json_field(line: &str, key: &str) -> Option<String> {
+    let pat = format!("\"{key}\":\"");
+    let start = line.find(&pat)? + pat.len();
+    let end = line[start..].find('"')? + start;
+    Some(line[start..end].to_string())
+}
+
+pub struct Collector {
+    pub child: Child,
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub log: Log,
+}
+
+impl Collector {
+    /// Starts the collector binary with `tenants` (TOML text) on loopback;
+    /// `grpc_port` 0 picks a free port.
+    pub fn start(dir: &Path, tenants: &str, grpc_port: u16, extra: &[&str]) -> Self {
+        let tenants_file = dir.join("tenants.toml");
+        std::fs::write(&tenants_file, tenants).unwrap();
+        let mut child = Command::new(bin("capwatch-collector"))
+            .args(["--log-format", "json", "--http-listen", "127.0.0.1:0"])
+            .arg("--grpc-listen")
+            .arg(format!("127.0.0.1:{grpc_port}"))
+            .arg("--tenants")
+            .arg(&tenants_file)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start collector");
+        let log = Log::default();
+        log.capture(child.stderr.take().unwrap(), "collector".into());
+        let line = log.wait_for("collector listening", Duration::from_secs(20));
+        let grpc = json_field(&line, "grpc").unwrap().parse().unwrap();
+        let http = json_field(&line, "http").unwrap().parse().unwrap();
+        Self {
+            child,
+            grpc,
+            http,
+            log,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        Metrics::parse(&http_get(self.http, "/metrics"))
+    }
+
+    /// SIGTERM, and a clean exit within the shutdown grace.
+    pub fn stop(mut self) {
+        terminate(&self.child);
+        let status = wait_timeout(&mut self.child, Duration::from_secs(15));
+        assert!(status.success(), "collector exit: {status}");
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The mock settings every test agent uses unless told otherwise.
+pub const SEED: u64 = 42;
+pub const INTERVAL_MS: u64 = 100;
+
+pub struct Agent {
+    pub child: Child,
+    pub node: String,
+    pub log: Log,
+}
+
+impl Agent {
+    /// Starts a mock agent for `node` that stops after `samples` samples.
+    /// `config` is extra TOML for its config file.
+    pub fn start(dir: &Path, endpoint: &str, node: &str, samples: u64, config: &str) -> Self {
+        let cfg = dir.join(format!("agent-{node}.toml"));
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(bin("capwatch-agent"))
+            .arg("--config")
+            .arg(&cfg)
+            .args(["--source", "mock", "--log-format", "json"])
+            .args(["--collector", endpoint, "--node-id", node])
+            .args(["--interval", &format!("{INTERVAL_MS}ms")])
+            .args(["--mock-seed", &SEED.to_string(), "--mock-profile", "mixed"])
+            .args(["--max-samples", &samples.to_string()])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start agent");
+        let log = Log::default();
+        log.capture(child.stderr.take().unwrap(), format!("agent {node}"));
+        Self {
+            child,
+            node: node.to_string(),
+            log,
+        }
+    }
+
+    /// Waits for the agent to deliver everything and exit 0.
+    pub fn finish(mut self, limit: Duration) -> Log {
+        let status = wait_timeout(&mut self.child, limit);
+        assert!(status.success(), "agent {} exit: {status}", self.node);
+        self.log.clone()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a mock agent with the test settings reported for `node`: per tick
+/// (1-based), per GPU, (power mW, energy counter mJ). Ticks are evenly
+/// spaced, as the agent stamps them.
+pub struct Truth {
+    pub uuids: Vec<String>,
+    pub ticks: Vec<Vec<(u64, u64)>>,
+}
+
+impl Truth {
+    pub fn of(node: &str, samples: u64) -> Self {
+        let mut m = MockSource::new(MockConfig {
+            node_id: node.to_string(),
+            gpus: 8,
+            profile: Profile::Mixed,
+            model: Model::H100,
+            seed: SEED,
+            energy_counter: true,
+        });
+        let uuids = m.inventory().iter().map(|g| g.uuid.clone()).collect();
+        let step = (INTERVAL_MS * 1_000_000) as i64;
+        let ticks = (1..=samples as i64)
+            .map(|k| {
+                m.sample(1_700_000_000_000_000_000 + k * step)
+                    .into_iter()
+                    .map(|r| (r.power_milliwatts.unwrap(), r.energy_millijoules.unwrap()))
+                    .collect()
+            })
+            .collect();
+        Self { uuids, ticks }
+    }
+
+    /// Counter delta of GPU `gpu` from tick `from` to tick `to` (1-based).
+    pub fn energy(&self, gpu: usize, from: u64, to: u64) -> u64 {
+        self.ticks[to as usize - 1][gpu].1 - self.ticks[from as usize - 1][gpu].1
+    }
+
+    pub fn power(&self, gpu: usize, tick: u64) -> u64 {
+        self.ticks[tick as usize - 1][gpu].0
+    }
+}
+
+/// One scrape, as (name, labels) → value.
+pub struct Metrics(pub BTreeMap<(String, BTreeMap<String, String>), f64>);
+
+impl Metrics {
+    pub fn parse(text: &str) -> Self {
+        let mut out = BTreeMap::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').expect("series and value");
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            let labels = labels
+                .split("\",")
+                .filter(|kv| !kv.is_empty())
+                .map(|kv| {
+                    let (k, v) = kv.split_once("=\"").expect("label=\"value\"");
+                    (k.to_string(), v.trim_end_matches('"').to_string())
+                })
+                .collect();
+            out.insert(
+                (name.to_string(), labels),
+                value.parse().expect("sample value"),
+            );
+        }
+        Self(out)
+    }
+
+    /// Every series of `name` whose labels include all of `want`.
+    pub fn select(
+        &self,
+        name: &str,
+        want: &[(&str, &str)],
+    ) -> Vec<(&BTreeMap<String, String>, f64)> {
+        self.0
+            .iter()
+            .filter(|((n, l), _)| {
+                n == name && want.iter().all(|(k, v)| l.get(*k).is_some_and(|x| x == v))
+            })
+            .map(|((_, l), v)| (l, *v))
+            .collect()
+    }
+
+    /// The single series of `name` matching `want`.
+    pub fn one(&self, name: &str, want: &[(&str, &str)]) -> f64 {
+        let found = self.select(name, want);
+        assert_eq!(found.len(), 1, "{name}{want:?}: {found:?}");
+        found[0].1
+    }
+}
+
+/// Milli-units of a value exported in base units (W → mW, J → mJ).
+pub fn milli(v: f64) -> u64 {
+    (v * 1000.0).round() as u64
+}
+
+/// A plain HTTP/1.0 GET on loopback.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).expect("read response");
+    let (head, body) = buf.split_once("\r\n\r\n").expect("HTTP response");
+    assert!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
+    body.to_string()
+}
+
+/// Polls `f` until it returns true.
+pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let until = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A TCP proxy on loopback whose connections can be cut, to stand in for a
+/// network failure between an agent and the collector.
+pub struct Proxy {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<TcpStream>>>,
+}
+
+impl Proxy {
+    pub fn start(upstream: SocketAddr) -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+        let held = conns.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let pipe = |mut from: TcpStream, mut to: TcpStream| {
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let mut h = held.lock().unwrap();
+                h.push(client.try_clone().unwrap());
+                h.push(server.try_clone().unwrap());
+                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
+                pipe(server, client);
+            }
+        });
+        Self { addr, conns }
+    }
+
+    /// Cuts every open connection, both ways.
+    pub fn cut(&self) -> usize {
+        let mut conns = self.conns.lock().unwrap();
+        for c in conns.iter() {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+        let n = conns.len() / 2;
+        conns.clear();
+        n
+    }
+}
