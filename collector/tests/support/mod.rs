@@ -1,7 +1,7 @@
 //! Helpers for tests that run the real binaries: start a collector and
 //! agents as processes on loopback, scrape `/metrics`, recompute what the
 //! mock agents reported.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
