@@ -1,6 +1,8 @@
 //! End to end with real processes: the collector binary and mock agent
 //! binaries on loopback ports, checked against what the mock GPUs reported.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::time::Duration;

@@ -2,6 +2,8 @@
 //! between agent and collector, batches sent twice, reconnects that resume
 //! an epoch, and streams that break the protocol.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
 mod support;
 
 use std::time::Duration;
