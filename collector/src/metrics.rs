@@ -70,7 +70,7 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ),
     (
         "capwatch_gpu_energy_counter_resets_total",
-        "Times the GPU's energy counter went backwards (driver reloads).",
+        "Times the GPU's energy counter went backwards (driver reload) or jumped implausibly far; those intervals are counted from power.",
         MetricType::COUNTER,
     ),
     (

@@ -115,24 +115,43 @@ impl Gpu {
             self.last_timestamp = Some(timestamp);
         }
         let first = self.last.is_none();
+        // The most a GPU can plausibly use over `dt`: three times its power
+        // limit (3 kW when unknown), plus a joule of slack for counter and
+        // timestamp granularity.
+        let limit = r
+            .power_limit_milliwatts
+            .or(self.power_limit_milliwatts)
+            .unwrap_or(1_000_000);
+        let plausible = u128::from(limit) * 3 * dt_nanos / NANOS_PER_SECOND + 1_000;
         let delta = match (r.energy_millijoules, self.last_counter) {
-            (Some(now_mj), Some(prev)) if now_mj >= prev => now_mj - prev,
+            (Some(now_mj), Some(prev))
+                if now_mj >= prev && u128::from(now_mj - prev) <= plausible =>
+            {
+                now_mj - prev
+            }
             (Some(_), Some(_)) => {
-                // Counter went backwards: the driver was reloaded. Count
-                // this interval from power and start again from the new
-                // value.
+                // The counter went backwards (the driver was reloaded) or
+                // jumped further than the GPU could draw: count this
+                // interval from power and start again from the new value.
                 self.counter_resets += 1;
                 self.integrate(r.power_milliwatts, dt_nanos)
             }
             // First counter reading: a baseline, unless earlier readings
             // (without counter) leave an interval to cover.
             (Some(_), None) if first => 0,
+            (None, Some(_)) => {
+                // The counter could not be read this time. Count the
+                // interval from power and forget the old reading, so the
+                // next counter delta does not cover this interval again.
+                self.last_counter = None;
+                self.integrate(r.power_milliwatts, dt_nanos)
+            }
             _ => self.integrate(r.power_milliwatts, dt_nanos),
         };
         if r.energy_millijoules.is_some() {
             self.last_counter = r.energy_millijoules;
         }
-        self.energy_millijoules += delta;
+        self.energy_millijoules = self.energy_millijoules.saturating_add(delta);
         self.last = Some(r);
         delta
     }
@@ -457,7 +476,7 @@ impl State {
                     let added = gpu.apply(r, s.timestamp_unix_nanos, now);
                     if added > 0 {
                         match energy.iter_mut().find(|(t, _)| *t == gpu.tenant) {
-                            Some((_, e)) => *e += added,
+                            Some((_, e)) => *e = e.saturating_add(added),
                             None => energy.push((gpu.tenant.clone(), added)),
                         }
                     }
@@ -474,7 +493,8 @@ impl State {
         if !energy.is_empty() {
             let mut totals = lock(&self.totals);
             for (tenant, mj) in energy {
-                totals.entry(tenant).or_default().energy_millijoules += mj;
+                let t = totals.entry(tenant).or_default();
+                t.energy_millijoules = t.energy_millijoules.saturating_add(mj);
             }
         }
         let c = &self.counters;
@@ -573,4 +593,1275 @@ fn check_against_node(n: &Node, s: &NodeSample) -> Result<(), Reject> {
         return Err(Reject::Timestamp);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{GpuReading, NodeSample, Reject};
+    use proptest::prelude::*;
+    use proptest::sample::Index;
+    use proptest::test_runner::Config as ProptestConfig;
+
+    const T0: i64 = 1_700_000_000_000_000_000;
+    const SEC: i64 = 1_000_000_000;
+    const LIMIT_MW: u64 = 700_000;
+
+    /// lab-a leases `a-*` whole (contract 1 kW); lab-b leases two GPUs by
+    /// UUID (contract 0.5 kW).
+    const TENANTS: &str = r#"
+        [[tenant]]
+        id = "lab-a"
+        contracted_kw = 1
+        nodes = ["a-*"]
+
+        [[tenant]]
+        id = "lab-b"
+        contracted_kw = 0.5
+        gpus = ["a-2-gpu1", "z-1-gpu0"]
+    "#;
+
+    fn new_state(tenants: &str, stale_after: Option<Duration>) -> State {
+        State::new(
+            StateConfig {
+                stale_after,
+                max_gpus_per_node: 8,
+            },
+            Tenants::from_toml(tenants).unwrap(),
+        )
+    }
+
+    /// A Hello for `node` at `epoch` with `n` GPUs named `{node}-gpu{i}`,
+    /// each with a 700 W limit and an energy counter, reporting every 1 s.
+    fn hello(node: &str, epoch: u64, n: usize) -> Hello {
+        Hello {
+            node_id: node.to_string(),
+            agent_version: "test".to_string(),
+            epoch,
+            interval: Duration::from_secs(1),
+            gpus: (0..n)
+                .map(|i| GpuInfo {
+                    uuid: format!("{node}-gpu{i}"),
+                    model: "H200".to_string(),
+                    power_limit_milliwatts: Some(LIMIT_MW),
+                    memory_total_bytes: Some(1 << 30),
+                    energy_counter_supported: true,
+                })
+                .collect(),
+        }
+    }
+
+    fn connect(state: &State, node: &str, epoch: u64, n: usize) -> StreamHandle {
+        state.hello(hello(node, epoch, n)).unwrap().0
+    }
+
+    fn reading(index: u32, power: u64, energy: Option<u64>) -> GpuReading {
+        GpuReading {
+            index,
+            power_milliwatts: Some(power),
+            energy_millijoules: energy,
+            ..GpuReading::default()
+        }
+    }
+
+    fn lost(index: u32) -> GpuReading {
+        GpuReading {
+            index,
+            lost: true,
+            ..GpuReading::default()
+        }
+    }
+
+    /// A sample whose i-th reading is GPU i with (power mW, counter mJ).
+    fn sample(seq: u64, ts: i64, gpus: &[(u64, Option<u64>)]) -> NodeSample {
+        NodeSample {
+            seq,
+            timestamp_unix_nanos: ts,
+            gpus: gpus
+                .iter()
+                .enumerate()
+                .map(|(i, &(p, e))| reading(i as u32, p, e))
+                .collect(),
+            host: None,
+        }
+    }
+
+    fn ingest(state: &State, h: &StreamHandle, samples: Vec<NodeSample>) -> BatchOutcome {
+        state.ingest(h, samples, Vec::new()).unwrap()
+    }
+
+    fn gpu_energy(h: &StreamHandle) -> Vec<u64> {
+        lock(&h.node)
+            .gpus
+            .iter()
+            .map(|g| g.energy_millijoules)
+            .collect()
+    }
+
+    fn tenant_energy(state: &State, tenant: &str) -> u64 {
+        state
+            .totals()
+            .get(tenant)
+            .map_or(0, |t| t.energy_millijoules)
+    }
+
+    fn over_contract(state: &State, tenant: &str) -> u128 {
+        state
+            .totals()
+            .get(tenant)
+            .map_or(0, |t| t.over_contract_nanos)
+    }
+
+    fn rejected(state: &State, reason: Reject) -> u64 {
+        state.counters.rejected[reason as usize].load(Ordering::Relaxed)
+    }
+
+    fn live(state: &State, now: Instant) -> HashMap<String, TenantLive> {
+        let tenants = state.tenants();
+        let live = state.tenant_power(&tenants, now);
+        tenants
+            .all()
+            .iter()
+            .zip(live)
+            .map(|(t, l)| (t.id.to_string(), l))
+            .collect()
+    }
+
+    /// Every tenant's total equals the sum of the energy of the GPUs
+    /// currently attributed to it (true while no reload moved a GPU).
+    fn assert_totals_match_gpus(state: &State) {
+        let mut by_tenant: HashMap<Arc<str>, u64> = HashMap::new();
+        for node in state.nodes() {
+            for g in &lock(&node).gpus {
+                *by_tenant.entry(g.tenant.clone()).or_default() += g.energy_millijoules;
+            }
+        }
+        let totals = state.totals();
+        for (t, e) in &by_tenant {
+            let got = totals.get(t).map_or(0, |x| x.energy_millijoules);
+            assert_eq!(got, *e, "tenant {t}: total vs sum over its GPUs");
+        }
+        for (t, tot) in &totals {
+            let sum = by_tenant.get(t).copied().unwrap_or(0);
+            assert_eq!(
+                tot.energy_millijoules, sum,
+                "tenant {t} has energy but no GPUs"
+            );
+        }
+    }
+
+    // ---- 1. Energy from counter deltas --------------------------------
+
+    #[test]
+    fn energy_is_last_counter_minus_first() {
+        // Invariant: with a counter, a GPU's energy is exactly last − first
+        // counter (mJ) whatever the batching, and each tenant's total is the
+        // sum over its GPUs.
+        // (node, counters per sample for GPU 0 and GPU 1, batch size)
+        type Case = (&'static str, &'static [(u64, u64)], usize);
+        let cases: [Case; 6] = [
+            ("a-1", &[(1_000, 5_000)], 1),
+            ("a-1", &[(1_000, 5_000), (1_000, 5_000)], 1),
+            ("a-1", &[(1_000, 5_000), (2_500, 5_001), (9_999, 7_000)], 1),
+            ("a-1", &[(1_000, 5_000), (2_500, 5_001), (9_999, 7_000)], 3),
+            (
+                "a-2", // GPU 0 to lab-a by glob, GPU 1 to lab-b by UUID
+                &[(7, 0), (700_007, 350_000), (1_400_007, 700_123)],
+                2,
+            ),
+            (
+                "z-9", // unassigned, huge counters, near the 3x-limit bound
+                &[
+                    (u64::MAX / 2, 1 << 40),
+                    (u64::MAX / 2 + 1_999_999, (1 << 40) + 1),
+                ],
+                1,
+            ),
+        ];
+        for (node, counters, batch) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, node, 1, 2);
+            let samples: Vec<NodeSample> = counters
+                .iter()
+                .enumerate()
+                .map(|(i, &(c0, c1))| {
+                    let i = i as u64;
+                    sample(
+                        i + 1,
+                        T0 + i as i64 * SEC,
+                        &[(300_000, Some(c0)), (300_000, Some(c1))],
+                    )
+                })
+                .collect();
+            for chunk in samples.chunks(batch) {
+                ingest(&state, &h, chunk.to_vec());
+            }
+            let (first, last) = (counters[0], counters[counters.len() - 1]);
+            let want = vec![last.0 - first.0, last.1 - first.1];
+            assert_eq!(gpu_energy(&h), want, "{node} {counters:?}");
+            let tenant_sum: u64 = ["lab-a", "lab-b", UNASSIGNED]
+                .iter()
+                .map(|t| tenant_energy(&state, t))
+                .sum();
+            assert_eq!(tenant_sum, want.iter().sum::<u64>(), "{node}");
+            assert_totals_match_gpus(&state);
+            assert_eq!(lock(&h.node).gpus[0].counter_resets, 0);
+        }
+    }
+
+    // ---- 2. Dedup -----------------------------------------------------
+
+    /// Sample `seq` of a 2-GPU node whose counters read `1000 * seq`.
+    fn counted(seq: u64) -> NodeSample {
+        let c = 1_000 * seq;
+        sample(
+            seq,
+            T0 + seq as i64 * SEC,
+            &[(100_000, Some(c)), (100_000, Some(c))],
+        )
+    }
+
+    #[test]
+    fn duplicates_add_nothing_and_are_counted() {
+        // Invariant: a sample at or below the node's last seq is a
+        // duplicate: it adds no energy and no accepted sample, and only the
+        // new samples of an overlapping batch count.
+        // (name, batches as seq ranges, (accepted, duplicate) per batch)
+        type Case = (&'static str, &'static [(u64, u64)], &'static [(u64, u64)]);
+        let cases: [Case; 6] = [
+            ("resend", &[(1, 3), (1, 3)], &[(3, 0), (0, 3)]),
+            ("overlap", &[(1, 3), (2, 5)], &[(3, 0), (2, 2)]),
+            ("subset", &[(1, 5), (2, 3)], &[(5, 0), (0, 2)]),
+            (
+                "resend all later",
+                &[(1, 2), (3, 4), (1, 4)],
+                &[(2, 0), (2, 0), (0, 4)],
+            ),
+            (
+                "late fill after gap", // energy is kept by the next delta
+                &[(1, 2), (5, 6), (3, 4)],
+                &[(2, 0), (2, 0), (0, 2)],
+            ),
+            (
+                "triple resend",
+                &[(1, 1), (1, 1), (1, 1), (2, 2)],
+                &[(1, 0), (0, 1), (0, 1), (1, 0)],
+            ),
+        ];
+        for (name, batches, want) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", 1, 2);
+            let mut max_seq = 0;
+            for (&(lo, hi), &(acc, dup)) in batches.iter().zip(want) {
+                let out = ingest(&state, &h, (lo..=hi).map(counted).collect());
+                max_seq = max_seq.max(hi);
+                assert_eq!((out.accepted, out.duplicate), (acc, dup), "{name}");
+                assert_eq!(out.acked_seq, max_seq, "{name}");
+                assert!(out.rejected.is_empty(), "{name}");
+            }
+            let accepted: u64 = want.iter().map(|w| w.0).sum();
+            let duplicate: u64 = want.iter().map(|w| w.1).sum();
+            let first = batches[0].0;
+            let per_gpu = 1_000 * (max_seq - first);
+            assert_eq!(gpu_energy(&h), vec![per_gpu; 2], "{name}");
+            assert_eq!(tenant_energy(&state, "lab-a"), 2 * per_gpu, "{name}");
+            assert_eq!(lock(&h.node).samples_accepted, accepted, "{name}");
+            assert_eq!(lock(&h.node).last_seq, max_seq, "{name}");
+            let c = &state.counters;
+            assert_eq!(c.accepted.load(Ordering::Relaxed), accepted, "{name}");
+            assert_eq!(c.duplicate.load(Ordering::Relaxed), duplicate, "{name}");
+        }
+    }
+
+    // ---- 3. Counter reset -----------------------------------------------
+
+    #[test]
+    fn counter_reset_counts_the_interval_from_power() {
+        // Invariant: a counter that goes backwards adds power × dt for that
+        // interval (never a negative or wrapped delta), counts a reset, and
+        // later deltas run from the new counter value.
+        // (samples as (dt since previous ns, power mW, counter mJ),
+        //  energy, resets, last counter)
+        type Case = (&'static [(i64, u64, u64)], u64, u64, u64);
+        let cases: [Case; 5] = [
+            (
+                &[
+                    (0, 100_000, 1_000),
+                    (SEC, 100_000, 5_000),
+                    (SEC, 100_000, 200), // reset: 100 W × 1 s
+                    (SEC, 100_000, 700),
+                ],
+                4_000 + 100_000 + 500,
+                1,
+                700,
+            ),
+            (
+                &[
+                    (0, 250_000, 9_000_000_000),
+                    (2 * SEC, 250_000, 9_000_500_000),
+                    (2 * SEC, 250_000, 3), // reset: 250 W × 2 s
+                    (2 * SEC, 250_000, 500_003),
+                ],
+                1_500_000,
+                1,
+                500_003,
+            ),
+            (
+                &[
+                    (0, 10_000, 5_000),
+                    (SEC, 10_000, 100), // reset: 10 J
+                    (SEC, 20_000, 50),  // reset again: 20 J
+                    (SEC, 20_000, 90),
+                ],
+                10_000 + 20_000 + 40,
+                2,
+                90,
+            ),
+            (
+                &[
+                    (0, 1, 5_000),
+                    (SEC / 2, 1, 10), // 0.5 mJ: carried
+                    (SEC / 2, 1, 5),  // 0.5 mJ more: 1 mJ
+                    (SEC, 1, 6),
+                ],
+                1 + 1,
+                2,
+                6,
+            ),
+            (
+                &[
+                    (0, 100_000, u64::MAX - 10),
+                    (SEC, 100_000, 0), // wrap-around is a reset, not a huge delta
+                    (SEC, 100_000, 42),
+                ],
+                100_000 + 42,
+                1,
+                42,
+            ),
+        ];
+        for (samples, energy, resets, last_counter) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", 1, 1);
+            let mut ts = T0;
+            for (i, &(dt, p, c)) in samples.iter().enumerate() {
+                ts += dt;
+                ingest(&state, &h, vec![sample(i as u64 + 1, ts, &[(p, Some(c))])]);
+            }
+            let n = lock(&h.node);
+            let g = &n.gpus[0];
+            assert_eq!(g.energy_millijoules, energy, "{samples:?}");
+            assert_eq!(g.counter_resets, resets, "{samples:?}");
+            assert_eq!(g.last_counter, Some(last_counter), "{samples:?}");
+            drop(n);
+            assert_eq!(tenant_energy(&state, "lab-a"), energy);
+            assert_totals_match_gpus(&state);
+        }
+    }
+
+    #[test]
+    fn counter_appearing_late_covers_earlier_interval_from_power() {
+        // Invariant: readings before the first counter value are integrated
+        // from power; the first counter value is then only a baseline.
+        // (counter per sample at 100 W, 1 s apart; expected energy)
+        let cases: [(&[Option<u64>], u64); 4] = [
+            (&[Some(1_000), Some(1_500)], 500),
+            (&[None, Some(1_000), Some(1_500)], 100_000 + 500),
+            (&[None, None, Some(50)], 200_000),
+            (&[None, None, Some(50), Some(60)], 200_000 + 10),
+        ];
+        for (counters, want) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", 1, 1);
+            let samples = counters
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| sample(i as u64 + 1, T0 + i as i64 * SEC, &[(100_000, c)]))
+                .collect();
+            ingest(&state, &h, samples);
+            assert_eq!(gpu_energy(&h), vec![want], "{counters:?}");
+            assert_eq!(lock(&h.node).gpus[0].counter_resets, 0);
+            assert_totals_match_gpus(&state);
+        }
+    }
+
+    // ---- 4. No counter: exact integration --------------------------------
+
+    /// Feeds a baseline at T0 then one sample per (power, dt) to a fresh
+    /// single-GPU node without counter, in batches of the given sizes
+    /// (cycled); returns (energy mJ, remainder mW·ns).
+    fn integrate_in_batches(steps: &[(u64, i64)], sizes: &[usize]) -> (u64, u128) {
+        let state = new_state(TENANTS, None);
+        let mut hl = hello("a-1", 1, 1);
+        hl.gpus[0].energy_counter_supported = false;
+        let h = state.hello(hl).unwrap().0;
+        let mut ts = T0;
+        let mut samples = vec![sample(1, ts, &[(0, None)])];
+        for (i, &(p, dt)) in steps.iter().enumerate() {
+            ts += dt;
+            samples.push(sample(i as u64 + 2, ts, &[(p, None)]));
+        }
+        let mut rest = samples.as_slice();
+        let mut size = sizes.iter().copied().cycle();
+        while !rest.is_empty() {
+            let k = size.next().unwrap_or(1).clamp(1, rest.len());
+            let out = ingest(&state, &h, rest[..k].to_vec());
+            assert_eq!(out.accepted, k as u64);
+            rest = &rest[k..];
+        }
+        let n = lock(&h.node);
+        let e = n.gpus[0].energy_millijoules;
+        assert_eq!(tenant_energy(&state, "lab-a"), e);
+        (e, n.gpus[0].remainder_milliwatt_nanos)
+    }
+
+    fn exact_millijoules(steps: &[(u64, i64)]) -> (u64, u128) {
+        let total: u128 = steps
+            .iter()
+            .map(|&(p, dt)| u128::from(p) * dt as u128)
+            .sum();
+        (
+            u64::try_from(total / NANOS_PER_SECOND).unwrap(),
+            total % NANOS_PER_SECOND,
+        )
+    }
+
+    #[test]
+    fn without_counter_energy_is_the_exact_power_integral() {
+        // Invariant: without a counter, energy is floor(Σ p·dt / 1 s) mJ
+        // exactly, the sub-mJ remainder carried between samples.
+        // (power mW, dt ns, repeats, expected mJ)
+        let cases: [(u64, i64, usize, u64); 8] = [
+            (1, 400_000_000, 10, 4),
+            (1, 400_000_000, 7, 2), // 2.8 mJ
+            (1, 400_000_000, 3, 1), // 1.2 mJ
+            (333, 1_000_000, 3, 0), // 0.999 mJ
+            (333, 1_000_000, 4, 1), // 1.332 mJ
+            (700_000, SEC, 3, 2_100_000),
+            (0, 5 * SEC, 5, 0),
+            (1, 1, 1_000, 0), // 1e-9 mJ steps never round up
+        ];
+        for (p, dt, repeats, want) in cases {
+            let steps = vec![(p, dt); repeats];
+            let (e, rem) = integrate_in_batches(&steps, &[1]);
+            assert_eq!(e, want, "{p} mW × {dt} ns × {repeats}");
+            assert_eq!((e, rem), exact_millijoules(&steps));
+        }
+    }
+
+    fn steps_strategy() -> impl Strategy<Value = Vec<(u64, i64)>> {
+        prop::collection::vec((0u64..=2_000_000, 1i64..=5_000_000_000), 1..64)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn integration_is_exact_and_batching_independent(
+            steps in steps_strategy(),
+            sizes in prop::collection::vec(1usize..10, 1..16),
+        ) {
+            // Invariant: energy is floor(Σ p·dt / 1e9) mJ exactly, however
+            // the samples are split into batches.
+            let want = exact_millijoules(&steps);
+            prop_assert_eq!(integrate_in_batches(&steps, &[1]), want);
+            prop_assert_eq!(integrate_in_batches(&steps, &sizes), want);
+            prop_assert_eq!(integrate_in_batches(&steps, &[usize::MAX]), want);
+        }
+    }
+
+    // ---- 5. Dedup idempotence (property) ---------------------------------
+
+    /// Per-sample draw: (power mW, dt ns, counter increment, reset roll,
+    /// lost roll).
+    type Draw = (u64, i64, u64, u8, u8);
+
+    /// Samples of node `a-2` (GPU 0 with counter, to lab-a; GPU 1 without,
+    /// to lab-b), with occasional counter resets and lost readings.
+    fn scenario_samples(draws: &[Draw]) -> Vec<NodeSample> {
+        let mut ts = T0;
+        let mut counter = 1_000_000u64;
+        draws
+            .iter()
+            .enumerate()
+            .map(|(i, &(p, dt, inc, reset, lost_roll))| {
+                ts += dt;
+                counter = if reset == 0 {
+                    inc % 1_000
+                } else {
+                    counter + inc
+                };
+                let mut s = sample(i as u64 + 1, ts, &[(p, Some(counter)), (p / 2, None)]);
+                if lost_roll == 0 {
+                    s.gpus[0] = lost(0);
+                }
+                s
+            })
+            .collect()
+    }
+
+    /// Per GPU (energy, remainder, resets); node samples accepted; accepted
+    /// counter; lab-a and lab-b totals.
+    type Snapshot = (Vec<(u64, u128, u64)>, u64, u64, u64, u64);
+
+    /// What a state looks like for accounting purposes.
+    fn snapshot(state: &State, h: &StreamHandle) -> Snapshot {
+        let n = lock(&h.node);
+        let gpus = n
+            .gpus
+            .iter()
+            .map(|g| {
+                (
+                    g.energy_millijoules,
+                    g.remainder_milliwatt_nanos,
+                    g.counter_resets,
+                )
+            })
+            .collect();
+        (
+            gpus,
+            n.samples_accepted,
+            state.counters.accepted.load(Ordering::Relaxed),
+            tenant_energy(state, "lab-a"),
+            tenant_energy(state, "lab-b"),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn resending_batches_is_idempotent(
+            draws in prop::collection::vec(
+                (0u64..=1_400_000, 1i64..=5_000_000_000, 0u64..2_000_000, 0u8..10, 0u8..8),
+                1..40,
+            ),
+            sizes in prop::collection::vec(1usize..6, 40),
+            between in prop::collection::vec(prop::collection::vec(any::<Index>(), 0..3), 40),
+            after in prop::collection::vec(any::<Index>(), 0..12),
+        ) {
+            // Invariant: re-sending any already-sent batches, at any point
+            // and in any order, changes no energy, remainder, reset count
+            // or accepted count; every re-sent sample counts as duplicate.
+            let samples = scenario_samples(&draws);
+            let mut batches: Vec<Vec<NodeSample>> = Vec::new();
+            let mut rest = samples.as_slice();
+            for &k in &sizes {
+                if rest.is_empty() {
+                    break;
+                }
+                let k = k.min(rest.len());
+                batches.push(rest[..k].to_vec());
+                rest = &rest[k..];
+            }
+            if !rest.is_empty() {
+                batches.push(rest.to_vec());
+            }
+
+            let once = new_state(TENANTS, None);
+            let h1 = connect(&once, "a-2", 1, 2);
+            for b in &batches {
+                ingest(&once, &h1, b.clone());
+            }
+
+            let again = new_state(TENANTS, None);
+            let h2 = connect(&again, "a-2", 1, 2);
+            let mut resent = 0u64;
+            for (i, b) in batches.iter().enumerate() {
+                let out = ingest(&again, &h2, b.clone());
+                prop_assert_eq!(out.duplicate, 0);
+                for ix in between.get(i).into_iter().flatten() {
+                    let old = &batches[ix.index(i + 1)];
+                    let out = ingest(&again, &h2, old.clone());
+                    prop_assert_eq!((out.accepted, out.duplicate), (0, old.len() as u64));
+                    resent += old.len() as u64;
+                }
+            }
+            for ix in &after {
+                let old = &batches[ix.index(batches.len())];
+                ingest(&again, &h2, old.clone());
+                resent += old.len() as u64;
+            }
+
+            prop_assert_eq!(snapshot(&once, &h1), snapshot(&again, &h2));
+            prop_assert_eq!(again.counters.duplicate.load(Ordering::Relaxed), resent);
+            prop_assert_eq!(once.counters.duplicate.load(Ordering::Relaxed), 0);
+            assert_totals_match_gpus(&again);
+        }
+    }
+
+    // ---- 6. Epochs and stream takeover ------------------------------------
+
+    #[test]
+    fn new_epoch_restarts_sequence_and_continues_counter() {
+        // Invariant: after an agent restart (higher epoch) seq 1 is accepted
+        // again and the counter delta across the gap is counted once.
+        let state = new_state(TENANTS, None);
+        let (old, acked) = state.hello(hello("a-1", 1, 1)).unwrap();
+        assert_eq!(acked, 0);
+        for seq in 1..=3 {
+            ingest(
+                &state,
+                &old,
+                vec![sample(
+                    seq,
+                    T0 + seq as i64 * SEC,
+                    &[(100_000, Some(seq * 1_000))],
+                )],
+            );
+        }
+        let (new, acked) = state.hello(hello("a-1", 2, 1)).unwrap();
+        assert_eq!(acked, 0, "a new epoch starts its sequence again");
+        // The agent was away for 60 s; the counter ran on.
+        let out = ingest(
+            &state,
+            &new,
+            vec![
+                sample(1, T0 + 63 * SEC, &[(100_000, Some(10_000))]),
+                sample(2, T0 + 64 * SEC, &[(100_000, Some(10_500))]),
+            ],
+        );
+        assert_eq!((out.accepted, out.duplicate, out.acked_seq), (2, 0, 2));
+        assert_eq!(gpu_energy(&new), vec![10_500 - 1_000]);
+        assert_eq!(tenant_energy(&state, "lab-a"), 9_500);
+        // The old stream cannot add anything any more.
+        let err = state
+            .ingest(
+                &old,
+                vec![sample(4, T0 + 4 * SEC, &[(1, Some(99_999))])],
+                Vec::new(),
+            )
+            .unwrap_err();
+        assert_eq!(&*err.0, "a-1");
+        // Re-sending the new epoch's samples is still deduplicated.
+        let out = ingest(
+            &state,
+            &new,
+            vec![sample(1, T0 + 63 * SEC, &[(100_000, Some(10_000))])],
+        );
+        assert_eq!((out.accepted, out.duplicate), (0, 1));
+        let n = lock(&new.node);
+        assert_eq!((n.epoch, n.last_seq, n.samples_accepted), (2, 2, 5));
+        assert_eq!(n.gpus[0].counter_resets, 0);
+    }
+
+    #[test]
+    fn older_epoch_is_refused() {
+        // Invariant: a Hello with an epoch below the node's current one is
+        // refused and does not disturb the current stream.
+        // (current epoch, refused epochs)
+        let cases: [(u64, &[u64]); 3] = [(5, &[4, 0]), (1, &[0]), (u64::MAX, &[u64::MAX - 1, 1])];
+        for (current, older) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", current, 1);
+            ingest(&state, &h, vec![sample(1, T0, &[(1, Some(1))])]);
+            for &got in older {
+                match state.hello(hello("a-1", got, 1)) {
+                    Err(HelloError::StaleEpoch { got: g, current: c }) => {
+                        assert_eq!((g, c), (got, current));
+                    }
+                    other => panic!("epoch {got} after {current}: {other:?}"),
+                }
+            }
+            let out = ingest(&state, &h, vec![sample(2, T0 + SEC, &[(1, Some(5))])]);
+            assert_eq!(out.accepted, 1, "the current stream still owns the node");
+            assert_eq!(gpu_energy(&h), vec![4]);
+        }
+    }
+
+    #[test]
+    fn same_epoch_hello_supersedes_and_acks_last_seq() {
+        // Invariant: a second Hello at the same epoch takes the node over,
+        // its Welcome acks the last accepted (or refused) seq, and the old
+        // handle gets Superseded.
+        // (accepted seqs before the takeover, a refused seq, expected ack)
+        let cases: [(u64, Option<u64>, u64); 4] =
+            [(0, None, 0), (4, None, 4), (4, Some(5), 5), (1, Some(7), 7)];
+        for (upto, refused, want_ack) in cases {
+            let state = new_state(TENANTS, None);
+            let h1 = connect(&state, "a-1", 3, 1);
+            let mut batch: Vec<NodeSample> = (1..=upto)
+                .map(|s| sample(s, T0 + s as i64 * SEC, &[(1_000, Some(s * 10))]))
+                .collect();
+            if let Some(seq) = refused {
+                batch.push(sample(
+                    seq,
+                    T0 + seq as i64 * SEC,
+                    &[(LIMIT_MW * 3 + 1, None)],
+                ));
+            }
+            if !batch.is_empty() {
+                ingest(&state, &h1, batch.clone());
+            }
+            let (h2, ack) = state.hello(hello("a-1", 3, 1)).unwrap();
+            assert_eq!(ack, want_ack, "{upto} {refused:?}");
+            assert!(matches!(
+                state.ingest(&h1, batch.clone(), Vec::new()),
+                Err(Superseded(_))
+            ));
+            // The old stream's disconnect does not mark the node offline.
+            state.disconnect(&h1);
+            assert!(lock(&h2.node).connected);
+            if !batch.is_empty() {
+                let out = ingest(&state, &h2, batch.clone());
+                assert_eq!(out.accepted, 0, "replay after takeover is a duplicate");
+                assert_eq!(out.duplicate, batch.len() as u64);
+            }
+            let next = want_ack + 1;
+            let out = ingest(
+                &state,
+                &h2,
+                vec![sample(
+                    next,
+                    T0 + next as i64 * SEC,
+                    &[(1_000, Some(next * 10))],
+                )],
+            );
+            assert_eq!((out.accepted, out.acked_seq), (1, next));
+            state.disconnect(&h2);
+            assert!(!lock(&h2.node).connected);
+        }
+    }
+
+    // ---- 7. Validation -----------------------------------------------------
+
+    #[test]
+    fn invalid_samples_are_rejected_alone() {
+        // Invariant: a sample failing a node check is rejected with its
+        // reason, adds no energy, and its neighbours in the batch are
+        // accepted.
+        // (name, GPU power limit, sample 2's readings, sample 2's ts,
+        //  expected reason or None when accepted)
+        type Case = (
+            &'static str,
+            Option<u64>,
+            Vec<GpuReading>,
+            i64,
+            Option<Reject>,
+        );
+        let good = |p| vec![reading(0, p, Some(50_000)), reading(1, p, Some(50_000))];
+        let cases: Vec<Case> = vec![
+            (
+                "index outside inventory",
+                Some(LIMIT_MW),
+                vec![reading(0, 1, Some(50_000)), reading(2, 1, Some(50_000))],
+                T0 + SEC,
+                Some(Reject::GpuIndex),
+            ),
+            (
+                "index far outside inventory",
+                Some(LIMIT_MW),
+                vec![reading(u32::MAX, 1, Some(50_000))],
+                T0 + SEC,
+                Some(Reject::GpuIndex),
+            ),
+            (
+                "duplicate index",
+                Some(LIMIT_MW),
+                vec![reading(0, 1, Some(50_000)), reading(0, 1, Some(50_000))],
+                T0 + SEC,
+                Some(Reject::GpuIndex),
+            ),
+            (
+                "duplicate lost index",
+                Some(LIMIT_MW),
+                vec![lost(1), reading(1, 1, Some(50_000))],
+                T0 + SEC,
+                Some(Reject::GpuIndex),
+            ),
+            (
+                "power above 3x limit",
+                Some(LIMIT_MW),
+                good(3 * LIMIT_MW + 1),
+                T0 + SEC,
+                Some(Reject::Power),
+            ),
+            (
+                "power at 3x limit",
+                Some(LIMIT_MW),
+                good(3 * LIMIT_MW),
+                T0 + SEC,
+                None,
+            ),
+            (
+                "unknown limit: above 3 kW",
+                None,
+                good(3_000_001),
+                T0 + SEC,
+                Some(Reject::Power),
+            ),
+            ("unknown limit: 3 kW", None, good(3_000_000), T0 + SEC, None),
+            (
+                "timestamp at the epoch",
+                Some(LIMIT_MW),
+                good(1),
+                0,
+                Some(Reject::Timestamp),
+            ),
+            (
+                "timestamp before the epoch",
+                Some(LIMIT_MW),
+                good(1),
+                -5,
+                Some(Reject::Timestamp),
+            ),
+        ];
+        for (name, limit, readings, ts, want) in cases {
+            let state = new_state(TENANTS, None);
+            let mut hl = hello("a-1", 1, 2);
+            for g in &mut hl.gpus {
+                g.power_limit_milliwatts = limit;
+            }
+            let h = state.hello(hl).unwrap().0;
+            // Samples 1 and 3 bracket the bad one; had sample 2's counter
+            // (50 000) been applied, 3's (3 000) would count as a reset.
+            let bad = NodeSample {
+                seq: 2,
+                timestamp_unix_nanos: ts,
+                gpus: readings,
+                host: None,
+            };
+            let batch = vec![
+                sample(1, T0, &[(1_000, Some(1_000)), (1_000, Some(1_000))]),
+                bad,
+                sample(
+                    3,
+                    T0 + 2 * SEC,
+                    &[(1_000, Some(3_000)), (1_000, Some(3_000))],
+                ),
+            ];
+            let out = ingest(&state, &h, batch.clone());
+            assert_eq!(out.acked_seq, 3, "{name}");
+            match want {
+                Some(reason) => {
+                    assert_eq!(out.accepted, 2, "{name}");
+                    assert_eq!(out.rejected, vec![(2, reason)], "{name}");
+                    for r in REJECT_REASONS {
+                        let n = u64::from(r == reason);
+                        assert_eq!(rejected(&state, r), n, "{name}: {r:?}");
+                    }
+                    assert_eq!(gpu_energy(&h), vec![2_000, 2_000], "{name}");
+                    assert_eq!(lock(&h.node).gpus[0].counter_resets, 0, "{name}");
+                    assert_eq!(lock(&h.node).samples_accepted, 2, "{name}");
+                }
+                None => {
+                    assert_eq!(out.accepted, 3, "{name}");
+                    assert!(out.rejected.is_empty(), "{name}");
+                    assert_eq!(lock(&h.node).gpus[0].counter_resets, 1, "{name}");
+                }
+            }
+            assert_totals_match_gpus(&state);
+            // A refused sample is final: its re-send is a duplicate.
+            let out = ingest(&state, &h, batch);
+            assert_eq!((out.accepted, out.duplicate), (0, 3), "{name}");
+            assert!(out.rejected.is_empty(), "{name}");
+        }
+    }
+
+    #[test]
+    fn edge_rejections_are_counted_and_acked() {
+        // Invariant: rejections decided at the edge are counted under their
+        // reason and move the ack past them, adding nothing.
+        // (edge rejections, expected ack)
+        let cases: [(&[(u64, Reject)], u64); 3] = [
+            (&[(3, Reject::Utilization)], 3),
+            (&[(2, Reject::Malformed), (9, Reject::Sequence)], 9),
+            (&[(0, Reject::Sequence)], 1),
+        ];
+        for (edge, ack) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", 1, 1);
+            let out = state
+                .ingest(&h, vec![sample(1, T0, &[(1, Some(1))])], edge.to_vec())
+                .unwrap();
+            assert_eq!(out.acked_seq, ack);
+            assert_eq!(out.accepted, 1);
+            assert_eq!(out.rejected, edge.to_vec());
+            for &(_, r) in edge {
+                let n = edge.iter().filter(|(_, x)| *x == r).count() as u64;
+                assert_eq!(rejected(&state, r), n, "{r:?}");
+            }
+            assert_eq!(gpu_energy(&h), vec![0]);
+        }
+    }
+
+    #[test]
+    fn hello_validation() {
+        // Invariant: a malformed Hello is refused with the matching error
+        // and creates no node.
+        type Case = (&'static str, Hello, fn(&HelloError) -> bool);
+        let with = |f: fn(&mut Hello)| {
+            let mut h = hello("a-1", 1, 2);
+            f(&mut h);
+            h
+        };
+        let cases: Vec<Case> = vec![
+            ("empty node id", hello("", 1, 1), |e| {
+                matches!(e, HelloError::NodeId)
+            }),
+            ("node id too long", hello(&"n".repeat(254), 1, 1), |e| {
+                matches!(e, HelloError::NodeId)
+            }),
+            ("control char in node id", hello("a-\n1", 1, 1), |e| {
+                matches!(e, HelloError::NodeId)
+            }),
+            ("too many GPUs", hello("a-1", 1, 9), |e| {
+                matches!(e, HelloError::TooManyGpus { got: 9, max: 8 })
+            }),
+            (
+                "duplicate UUID",
+                with(|h| h.gpus[1].uuid = h.gpus[0].uuid.clone()),
+                |e| matches!(e, HelloError::Gpu { index: 1, .. }),
+            ),
+            ("empty UUID", with(|h| h.gpus[0].uuid.clear()), |e| {
+                matches!(e, HelloError::Gpu { index: 0, .. })
+            }),
+            (
+                "UUID too long",
+                with(|h| h.gpus[1].uuid = "u".repeat(129)),
+                |e| matches!(e, HelloError::Gpu { index: 1, .. }),
+            ),
+        ];
+        for (name, h, ok) in cases {
+            let state = new_state(TENANTS, None);
+            match state.hello(h) {
+                Err(e) => assert!(ok(&e), "{name}: wrong error {e:?}"),
+                Ok(_) => panic!("{name}: accepted"),
+            }
+            assert!(state.nodes().is_empty(), "{name}");
+        }
+        // The limits themselves are allowed.
+        let state = new_state(TENANTS, None);
+        let mut longest = hello(&"n".repeat(253), 1, 8);
+        for (i, g) in longest.gpus.iter_mut().enumerate() {
+            g.uuid = format!("{i}{}", "u".repeat(127));
+        }
+        for h in [longest, hello("a-1", 1, 0)] {
+            state.hello(h).unwrap();
+        }
+        assert_eq!(state.nodes().len(), 2);
+    }
+
+    // ---- 8. Attribution and live figures -----------------------------------
+
+    #[test]
+    fn attribution_by_glob_and_uuid() {
+        // Invariant: a GPU goes to the tenant claiming its UUID, else to
+        // the one leasing its node, and its energy lands there.
+        // (node, GPUs, tenant per GPU, node tenant)
+        type Case = (&'static str, usize, &'static [&'static str], &'static str);
+        let cases: [Case; 4] = [
+            ("a-1", 2, &["lab-a", "lab-a"], "lab-a"),
+            ("a-2", 2, &["lab-a", "lab-b"], "lab-a"),
+            ("z-1", 2, &["lab-b", UNASSIGNED], UNASSIGNED),
+            ("b-1", 1, &[UNASSIGNED], UNASSIGNED),
+        ];
+        let state = new_state(TENANTS, None);
+        let mut want: HashMap<&str, u64> = HashMap::new();
+        for (k, (node, n, tenants, node_tenant)) in cases.into_iter().enumerate() {
+            let h = connect(&state, node, 1, n);
+            let step = 1_000 * (k as u64 + 1);
+            let counters0: Vec<(u64, Option<u64>)> = (0..n).map(|_| (1, Some(0))).collect();
+            let counters1: Vec<(u64, Option<u64>)> =
+                (0..n).map(|i| (1, Some(step * (i as u64 + 1)))).collect();
+            ingest(
+                &state,
+                &h,
+                vec![sample(1, T0, &counters0), sample(2, T0 + SEC, &counters1)],
+            );
+            let g = lock(&h.node);
+            let got: Vec<&str> = g.gpus.iter().map(|g| &*g.tenant).collect();
+            assert_eq!(got, tenants, "{node}");
+            assert_eq!(&*g.tenant, node_tenant, "{node}");
+            for (i, t) in tenants.iter().enumerate() {
+                *want.entry(t).or_default() += step * (i as u64 + 1);
+            }
+        }
+        for (t, e) in want {
+            assert_eq!(tenant_energy(&state, t), e, "{t}");
+        }
+        assert_totals_match_gpus(&state);
+    }
+
+    #[test]
+    fn tenant_power_sums_only_fresh_gpus() {
+        // Invariant: live power counts a GPU only while its last reading is
+        // within the stale window and not lost; the others count as stale.
+        // (configured stale_after, offset of `now`, expected lab-a
+        //  (power, reporting, stale), lab-b (power, reporting, stale))
+        type Live = (u64, u64, u64);
+        let s = Duration::from_secs;
+        let cases: [(Option<Duration>, Duration, Live, Live); 6] = [
+            (Some(s(5)), s(0), (350_000, 3, 1), (70_000, 1, 0)),
+            (Some(s(5)), s(4), (350_000, 3, 1), (70_000, 1, 0)),
+            (Some(s(5)), s(6), (0, 0, 4), (0, 0, 1)),
+            // Unset: three report intervals (1 s each).
+            (None, s(2), (350_000, 3, 1), (70_000, 1, 0)),
+            (None, s(4), (0, 0, 4), (0, 0, 1)),
+            (Some(s(3600)), s(60), (350_000, 3, 1), (70_000, 1, 0)),
+        ];
+        for (stale_after, offset, want_a, want_b) in cases {
+            let state = new_state(TENANTS, stale_after);
+            let a1 = connect(&state, "a-1", 1, 2);
+            let a2 = connect(&state, "a-2", 1, 3);
+            ingest(
+                &state,
+                &a1,
+                vec![sample(1, T0, &[(100_000, None), (200_000, None)])],
+            );
+            // a-2's GPU 2 (lab-a) never reports: always stale.
+            ingest(
+                &state,
+                &a2,
+                vec![sample(1, T0, &[(50_000, None), (70_000, None)])],
+            );
+            let now = Instant::now() + offset;
+            let live = live(&state, now);
+            let got = |t: &str| {
+                let l = &live[t];
+                (l.power_milliwatts, l.reporting, l.stale)
+            };
+            assert_eq!(got("lab-a"), want_a, "{stale_after:?} +{offset:?}");
+            assert_eq!(got("lab-b"), want_b, "{stale_after:?} +{offset:?}");
+            assert_eq!(got(UNASSIGNED), (0, 0, 0));
+            let n = lock(&a2.node);
+            let window = n.stale_window(stale_after);
+            let fresh: Vec<bool> = n.gpus.iter().map(|g| g.fresh(now, window)).collect();
+            let reporting = want_b.1 == 1;
+            assert_eq!(fresh, vec![reporting, reporting, false]);
+        }
+    }
+
+    #[test]
+    fn evaluate_accrues_only_while_over_contract() {
+        // Invariant: over-contract time grows by `elapsed` exactly when the
+        // tenant's live power is strictly above its contract.
+        // (lab-a's two GPUs in mW, whether `now` is past the stale window,
+        //  whether lab-a accrues)
+        let cases: [((u64, u64), bool, bool); 6] = [
+            ((400_000, 400_000), false, false),
+            ((600_000, 500_000), false, true),
+            ((500_000, 500_000), false, false), // at the contract: not over
+            ((500_000, 500_001), false, true),
+            ((700_000, 700_000), true, false), // stale: no live power
+            ((0, 0), false, false),
+        ];
+        let state = new_state(TENANTS, Some(Duration::from_secs(5)));
+        let a1 = connect(&state, "a-1", 1, 2);
+        // An unassigned node far above anything: never accrues.
+        let z = connect(&state, "z-2", 1, 1);
+        let elapsed = Duration::from_millis(1_500);
+        let mut want = 0u128;
+        for (k, ((p0, p1), stale, accrues)) in cases.into_iter().enumerate() {
+            let seq = k as u64 + 1;
+            let ts = T0 + seq as i64 * SEC;
+            ingest(
+                &state,
+                &a1,
+                vec![sample(seq, ts, &[(p0, None), (p1, None)])],
+            );
+            ingest(&state, &z, vec![sample(seq, ts, &[(2_000_000, None)])]);
+            let now = Instant::now() + Duration::from_secs(if stale { 10 } else { 0 });
+            state.evaluate(elapsed, now);
+            if accrues {
+                want += elapsed.as_nanos();
+            }
+            assert_eq!(over_contract(&state, "lab-a"), want, "step {k}");
+            assert_eq!(over_contract(&state, UNASSIGNED), 0, "step {k}");
+            assert_eq!(over_contract(&state, "lab-b"), 0, "step {k}");
+        }
+    }
+
+    #[test]
+    fn reload_reattributes_without_losing_energy() {
+        // Invariant: a reload moves GPUs to their new tenant for future
+        // energy and live power; energy already counted stays where it was.
+        const MOVED: &str = r#"
+            [[tenant]]
+            id = "lab-b"
+            contracted_kw = 0.5
+            nodes = ["a-1"]
+
+            [[tenant]]
+            id = "lab-c"
+            contracted_kw = 2
+            gpus = ["a-2-gpu0"]
+        "#;
+        let state = new_state(TENANTS, None);
+        let a1 = connect(&state, "a-1", 1, 2);
+        let a2 = connect(&state, "a-2", 1, 2);
+        let batch =
+            |seq: u64, c: u64| vec![sample(seq, T0 + seq as i64 * SEC, &[(100_000, Some(c)); 2])];
+        ingest(&state, &a1, batch(1, 0));
+        ingest(&state, &a2, batch(1, 0));
+        ingest(&state, &a1, batch(2, 1_000));
+        ingest(&state, &a2, batch(2, 1_000));
+        // Before: lab-a has a-1 ×2 and a-2 GPU 0; lab-b has a-2 GPU 1.
+        assert_eq!(tenant_energy(&state, "lab-a"), 3_000);
+        assert_eq!(tenant_energy(&state, "lab-b"), 1_000);
+
+        state.reload_tenants(Tenants::from_toml(MOVED).unwrap());
+        assert_eq!(state.counters.reloads_ok.load(Ordering::Relaxed), 1);
+        // (handle, tenant per GPU, node tenant) after the reload
+        let after: [(&StreamHandle, [&str; 2], &str); 2] = [
+            (&a1, ["lab-b", "lab-b"], "lab-b"),
+            (&a2, ["lab-c", UNASSIGNED], UNASSIGNED),
+        ];
+        for (h, gpus, node) in after {
+            let n = lock(&h.node);
+            let got: Vec<&str> = n.gpus.iter().map(|g| &*g.tenant).collect();
+            assert_eq!(got, gpus);
+            assert_eq!(&*n.tenant, node);
+        }
+        // Nothing counted so far moved.
+        assert_eq!(tenant_energy(&state, "lab-a"), 3_000);
+        assert_eq!(tenant_energy(&state, "lab-b"), 1_000);
+
+        ingest(&state, &a1, batch(3, 1_500));
+        ingest(&state, &a2, batch(3, 1_700));
+        assert_eq!(tenant_energy(&state, "lab-a"), 3_000);
+        assert_eq!(tenant_energy(&state, "lab-b"), 1_000 + 2 * 500);
+        assert_eq!(tenant_energy(&state, "lab-c"), 700);
+        assert_eq!(tenant_energy(&state, UNASSIGNED), 700);
+        // No energy lost or doubled across the reload.
+        let all: u64 = state.totals().values().map(|t| t.energy_millijoules).sum();
+        let gpus: u64 = gpu_energy(&a1).iter().chain(&gpu_energy(&a2)).sum();
+        assert_eq!(all, gpus);
+        assert_eq!(gpus, 2 * 1_500 + 2 * 1_700);
+        // Live power follows the new file.
+        let live = live(&state, Instant::now());
+        assert_eq!(live["lab-b"].power_milliwatts, 200_000);
+        assert_eq!(live["lab-c"].power_milliwatts, 100_000);
+        assert_eq!(live[UNASSIGNED].power_milliwatts, 100_000);
+        assert!(!live.contains_key("lab-a"));
+    }
+
+    // ---- 9. Lost readings --------------------------------------------------
+
+    #[test]
+    fn lost_reading_adds_nothing_and_next_delta_covers_the_gap() {
+        // Invariant: a lost reading adds no energy and keeps the last
+        // counter; the first delta after the GPU answers covers the gap.
+        // (counter per sample, None = lost; expected energy after each)
+        type Case = (&'static [Option<u64>], &'static [u64]);
+        let cases: [Case; 4] = [
+            (&[Some(1_000), None, None, Some(9_000)], &[0, 0, 0, 8_000]),
+            (
+                &[
+                    Some(1_000),
+                    Some(2_000),
+                    None,
+                    Some(2_500),
+                    None,
+                    Some(4_000),
+                ],
+                &[0, 1_000, 1_000, 1_500, 1_500, 3_000],
+            ),
+            // Lost from the start: the first counter is a baseline.
+            (&[None, Some(500), Some(800)], &[0, 0, 300]),
+            // Came back after a driver reload: a reset over the whole gap
+            // (10 W × 3 s).
+            (&[Some(5_000), None, None, Some(100)], &[0, 0, 0, 30_000]),
+        ];
+        for (counters, want) in cases {
+            let state = new_state(TENANTS, Some(Duration::from_secs(60)));
+            let h = connect(&state, "a-1", 1, 1);
+            let mut last_counter = None;
+            for (i, (&c, &e)) in counters.iter().zip(want).enumerate() {
+                let seq = i as u64 + 1;
+                let mut s = sample(seq, T0 + i as i64 * SEC, &[(10_000, c)]);
+                if c.is_none() {
+                    s.gpus[0] = lost(0);
+                }
+                let out = ingest(&state, &h, vec![s]);
+                assert_eq!(out.accepted, 1);
+                let n = lock(&h.node);
+                let g = &n.gpus[0];
+                assert_eq!(g.energy_millijoules, e, "{counters:?} step {i}");
+                if c.is_some() {
+                    last_counter = c;
+                }
+                assert_eq!(g.last_counter, last_counter, "{counters:?} step {i}");
+                assert_eq!(
+                    g.fresh(Instant::now(), Duration::from_secs(60)),
+                    c.is_some()
+                );
+            }
+            let live = live(&state, Instant::now());
+            let lost_last = counters.last().unwrap().is_none();
+            assert_eq!(live["lab-a"].stale, u64::from(lost_last));
+            assert_totals_match_gpus(&state);
+        }
+    }
+
+    #[test]
+    fn lost_reading_without_counter_integrates_the_gap_on_return() {
+        // Invariant: without a counter, a lost reading adds nothing and the
+        // next reading's power covers the time since the last good one.
+        let state = new_state(TENANTS, None);
+        let mut hl = hello("a-1", 1, 1);
+        hl.gpus[0].energy_counter_supported = false;
+        let h = state.hello(hl).unwrap().0;
+        let mut gone = sample(2, T0 + SEC, &[(0, None)]);
+        gone.gpus[0] = lost(0);
+        // (sample, energy after it)
+        let steps = [
+            (sample(1, T0, &[(100_000, None)]), 0),
+            (gone, 0),
+            (sample(3, T0 + 3 * SEC, &[(100_000, None)]), 300_000),
+            (sample(4, T0 + 4 * SEC, &[(100_000, None)]), 400_000),
+        ];
+        for (s, want) in steps {
+            ingest(&state, &h, vec![s]);
+            assert_eq!(gpu_energy(&h), vec![want]);
+        }
+        assert_eq!(tenant_energy(&state, "lab-a"), 400_000);
+    }
+
+    // ---- Regressions -----------------------------------------------------
+
+    #[test]
+    fn missing_counter_reading_is_not_counted_twice() {
+        // Invariant: a GPU whose counter read fails once (energy absent,
+        // power present, not lost: NVML's "reported absent") is still
+        // billed last − first counter, never the gap twice.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 1);
+        let steps = [
+            sample(1, T0, &[(100_000, Some(1_000))]),
+            sample(2, T0 + SEC, &[(100_000, None)]),
+            sample(3, T0 + 2 * SEC, &[(100_000, Some(201_000))]),
+        ];
+        ingest(&state, &h, steps.to_vec());
+        // 100 W for 2 s: 200 000 mJ, as the counter says. Today: 300 000.
+        assert_eq!(gpu_energy(&h), vec![200_000]);
+        assert_eq!(tenant_energy(&state, "lab-a"), 200_000);
+    }
+
+    #[test]
+    fn implausible_counter_jump_cannot_overflow_energy() {
+        // Invariant: an untrusted agent cannot make ingest panic or wrap a
+        // GPU's energy past what 3× its power limit allows over the time
+        // elapsed.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 1);
+        let steps = vec![
+            sample(1, T0, &[(1_000, Some(0))]),
+            sample(2, T0 + SEC, &[(1_000, Some(u64::MAX))]),
+            sample(3, T0 + 2 * SEC, &[(1_000, Some(0))]), // reset: +1 J
+        ];
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            state.ingest(&h, steps, Vec::new()).map(|o| o.accepted)
+        }));
+        assert!(result.is_ok(), "ingest panicked");
+        let bound = 3 * LIMIT_MW * 2; // mW × 2 s = mJ
+        assert!(gpu_energy(&h)[0] <= bound, "{:?}", gpu_energy(&h));
+    }
 }
