@@ -71,13 +71,19 @@ impl Tenants {
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let file: TenantsFile = read_toml(path)?;
-        Self::build(file.tenants)
+        Self::build(file.tenants).map_err(|e| match e {
+            ConfigError::Invalid { setting, reason } => ConfigError::Invalid {
+                setting,
+                reason: format!("{}: {reason}", path.display()),
+            },
+            other => other,
+        })
     }
 
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let file: TenantsFile = toml::from_str(text).map_err(|source| ConfigError::Parse {
+        let file: TenantsFile = toml::from_str(text).map_err(|error| ConfigError::Parse {
             path: "<tenants>".into(),
-            source,
+            error,
         })?;
         Self::build(file.tenants)
     }
