@@ -1,0 +1,552 @@
+//! The `capwatch-collector` command line, run as a real process: `--help`
+//! and `--version`, the checked-in configs and tenant files, clear errors
+//! for bad ones, and the layering of file, `CAPWATCH_*` environment and
+//! flags. Also keeps the Prometheus rules in `deploy/` on the metric names
+//! the collector exports.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use capwatch_collector::config::Config;
+use capwatch_collector::tenants::{Tenants, UNASSIGNED};
+
+const BIN: &str = env!("CARGO_BIN_EXE_capwatch-collector");
+const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
+
+/// Every long flag of the collector, and the environment variable that sets
+/// it where there is one.
+const FLAGS: &[(&str, Option<&str>)] = &[
+    ("--config", Some("CAPWATCH_CONFIG")),
+    ("--tenants", Some("CAPWATCH_TENANTS")),
+    ("--grpc-listen", Some("CAPWATCH_GRPC_LISTEN")),
+    ("--http-listen", Some("CAPWATCH_HTTP_LISTEN")),
+    ("--stale-after", Some("CAPWATCH_STALE_AFTER")),
+    ("--per-gpu-metrics", Some("CAPWATCH_PER_GPU_METRICS")),
+    ("--log-format", Some("CAPWATCH_LOG_FORMAT")),
+    ("--check", None),
+    ("--help", None),
+    ("--version", None),
+];
+
+const LAYERING: &str = "Settings come from the config file, then CAPWATCH_* environment \
+                        variables, then flags; the last wins.";
+
+/// Where the example collector.toml points tenants_file: where the systemd
+/// unit's install steps put the tenant file.
+const EXAMPLE_TENANTS_FILE: &str = "/etc/capwatch/tenants.toml";
+
+/// A file under `deploy/`.
+fn deploy(path: &str) -> String {
+    format!("{DEPLOY}/{path}")
+}
+
+/// Runs the collector with `args` and `env` only: no `CAPWATCH_*` variable
+/// of the test's own environment leaks in.
+fn collector(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CAPWATCH_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.args(args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("the collector binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// The `--check` summary, which must succeed.
+fn check(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = collector(&[args, &["--check"]].concat(), env);
+    assert!(
+        out.status.success(),
+        "{args:?} {env:?}: {}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Asserts that a `--check` summary lists exactly `tenants` (id, kW) and
+/// `unassigned`.
+fn assert_tenants(summary: &str, tenants: &[(&str, &str)]) {
+    let mut lines = summary.lines();
+    assert_eq!(
+        lines.next(),
+        Some(format!("configuration ok: {} tenants", tenants.len()).as_str()),
+        "{summary}"
+    );
+    let listed: Vec<(&str, &str)> = lines
+        .map(|l| {
+            let mut words = l.split_whitespace();
+            let id = words.next().expect("a tenant line starts with its id");
+            let kw = words.next().expect("then its contracted kW");
+            (id, kw)
+        })
+        .collect();
+    let mut want = tenants.to_vec();
+    want.push((UNASSIGNED, "0.000"));
+    assert_eq!(listed, want, "{summary}");
+}
+
+/// Dotted names of every setting, read from the pretty `Debug` of a
+/// config: a field whose value opens a struct (`mock: MockSettings {`) is a
+/// TOML table.
+fn setting_names(debug: &str) -> BTreeSet<String> {
+    let mut table = None;
+    let mut names = BTreeSet::new();
+    for line in debug.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let Some((name, value)) = line.trim().split_once(": ") else {
+            continue;
+        };
+        match indent {
+            4 if value.ends_with(" {") => table = Some(name.to_string()),
+            4 => {
+                table = None;
+                names.insert(name.to_string());
+            }
+            8 => {
+                if let Some(t) = &table {
+                    names.insert(format!("{t}.{name}"));
+                }
+            }
+            _ => {}
+        }
+    }
+    names
+}
+
+/// A setting's line, `key = value` or commented out as `# key = value`:
+/// (whether commented out, key, value).
+fn setting_line(line: &str) -> Option<(bool, &str, &str)> {
+    let line = line.trim();
+    let (commented, body) = match line.strip_prefix('#') {
+        Some(body) => (true, body.trim()),
+        None => (false, line),
+    };
+    let (key, value) = body.split_once(" = ")?;
+    key.bytes()
+        .all(|b| b.is_ascii_lowercase() || b == b'_')
+        .then_some((commented, key, value))
+}
+
+/// Dotted names of the settings a TOML file sets or shows commented out,
+/// checking that the comments above each one state its default:
+/// `Default: VALUE` with the value it is set to, `Default: unset` for one
+/// shown commented out, or what `other_defaults` gives for a setting the
+/// file sets to something else on purpose.
+fn documented_settings(text: &str, other_defaults: &[(&str, &str)]) -> BTreeSet<String> {
+    let mut table = None;
+    let mut comments = String::new();
+    let mut names = BTreeSet::new();
+    for line in text.lines().map(str::trim) {
+        if let Some((commented, key, value)) = setting_line(line) {
+            let name = match &table {
+                Some(t) => format!("{t}.{key}"),
+                None => key.to_string(),
+            };
+            let default = match other_defaults.iter().find(|(n, _)| *n == name) {
+                Some((_, default)) => default,
+                None if commented => "unset",
+                None => value,
+            };
+            assert!(
+                comments.contains(&format!("Default: {default}")),
+                "the comments above `{name}` do not say `Default: {default}`: {comments:?}"
+            );
+            names.insert(name);
+            comments.clear();
+        } else if let Some(t) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            table = Some(t.to_string());
+            comments.clear();
+        } else if let Some(comment) = line.strip_prefix('#') {
+            comments.push_str(comment);
+        }
+    }
+    names
+}
+
+/// `text` with the settings shown commented out put in force.
+fn uncommented(text: &str) -> String {
+    text.lines()
+        .map(|line| match setting_line(line) {
+            Some((true, key, value)) => format!("{key} = {value}\n"),
+            _ => format!("{line}\n"),
+        })
+        .collect()
+}
+
+#[test]
+fn help_lists_every_flag_and_the_layering() {
+    let out = collector(&["--help"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let help = stdout(&out);
+    let shown: BTreeSet<&str> = help
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .collect();
+    let flags: BTreeSet<&str> = FLAGS.iter().map(|(flag, _)| *flag).collect();
+    assert_eq!(shown, flags, "flags in --help vs FLAGS here:\n{help}");
+    for (flag, env) in FLAGS {
+        if let Some(env) = env {
+            assert!(
+                help.contains(&format!("[env: {env}=]")),
+                "{flag}: no {env} in --help:\n{help}"
+            );
+        }
+    }
+    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains(LAYERING), "{help}");
+    assert!(flat.contains("SIGHUP reloads the tenant file"), "{help}");
+}
+
+#[test]
+fn version_prints_the_crate_version() {
+    let out = collector(&["--version"], &[]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out),
+        format!("capwatch-collector {}\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// The example sets every setting to its default except tenants_file, so it
+/// documents the defaults truthfully.
+#[test]
+fn example_config_lists_every_setting_at_its_default() {
+    let example = deploy("examples/collector.toml");
+    let mut cfg = Config::from_file(Path::new(&example)).unwrap();
+    cfg.validate().unwrap();
+    // The one deliberate difference: where the tenant file is installed.
+    assert_eq!(cfg.tenants_file, Some(PathBuf::from(EXAMPLE_TENANTS_FILE)));
+    cfg.tenants_file = None;
+    assert_eq!(cfg, Config::default());
+
+    let text = std::fs::read_to_string(&example).unwrap();
+    assert_eq!(
+        documented_settings(&text, &[("tenants_file", "unset")]),
+        setting_names(&format!("{:#?}", Config::default())),
+        "settings in {example} vs the Config struct"
+    );
+
+    // The settings shown commented out parse and are valid too.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("collector.toml");
+    std::fs::write(&path, uncommented(&text)).unwrap();
+    let cfg = Config::from_file(&path).unwrap();
+    cfg.validate().unwrap();
+    assert!(
+        cfg.stale_after.is_some(),
+        "stale_after is shown in {example}"
+    );
+}
+
+#[test]
+fn example_configs_pass_check() {
+    let summary = check(
+        &[
+            "--config",
+            &deploy("examples/collector.toml"),
+            "--tenants",
+            &deploy("examples/tenants.toml"),
+        ],
+        &[],
+    );
+    assert_tenants(
+        &summary,
+        &[
+            ("frontier-lab", "160.000"),
+            ("vision-team", "10.000"),
+            ("inference-startup", "2.400"),
+        ],
+    );
+    let summary = check(&["--tenants", &deploy("examples/demo-tenants.toml")], &[]);
+    assert_tenants(&summary, &[("lab-a", "10.000"), ("lab-b", "6.000")]);
+}
+
+/// The example tenant files attribute GPUs as their comments say.
+#[test]
+fn example_tenants_attribute_as_documented() {
+    // (node, GPU UUID, tenant)
+    let attributes = |file: &str, cases: &[(&str, &str, &str)]| {
+        let tenants = Tenants::from_file(Path::new(&deploy(file))).unwrap();
+        for (node, uuid, want) in cases {
+            let got = &tenants.all()[tenants.attribute(node, uuid)].id;
+            assert_eq!(&**got, *want, "{file}: {node} {uuid}");
+        }
+    };
+    attributes(
+        "examples/demo-tenants.toml",
+        &[
+            ("lab-a-node-1", "GPU-x", "lab-a"),
+            ("lab-a-node-2", "GPU-x", "lab-a"),
+            ("lab-b-node-1", "GPU-x", "lab-b"),
+            ("spare-node-1", "GPU-x", UNASSIGNED),
+        ],
+    );
+    let leased = "GPU-3f2a1c4e-8b7d-4e21-9a6f-0c5d2e8b1a47";
+    attributes(
+        "examples/tenants.toml",
+        &[
+            ("rack-a1-node-01", "GPU-x", "frontier-lab"),
+            ("rack-a4-node-16", "GPU-x", "frontier-lab"),
+            ("rack-a5-node-01", "GPU-x", UNASSIGNED),
+            ("gpu-node-017", "GPU-x", "vision-team"),
+            ("gpu-node-018", "GPU-x", "vision-team"),
+            ("gpu-node-019", "GPU-x", UNASSIGNED),
+            ("shared-node-1", leased, "inference-startup"),
+            ("shared-node-1", "GPU-x", UNASSIGNED),
+        ],
+    );
+    attributes(
+        "kubernetes/config/tenants.toml",
+        &[("gpu-pool-a-7", "GPU-x", "example-lab")],
+    );
+}
+
+/// The Kubernetes config is valid, and its tenant file is where the
+/// Deployment mounts the tenant ConfigMap.
+#[test]
+fn kubernetes_config_passes_check() {
+    let config = deploy("kubernetes/config/collector.toml");
+    let cfg = Config::from_file(Path::new(&config)).unwrap();
+    cfg.validate().unwrap();
+    let tenants_dir = cfg
+        .tenants_file
+        .as_deref()
+        .and_then(Path::parent)
+        .and_then(Path::to_str)
+        .expect("the Kubernetes config names a tenant file")
+        .to_string();
+    let deployment =
+        std::fs::read_to_string(deploy("kubernetes/collector-deployment.yaml")).unwrap();
+    assert!(
+        deployment.contains(&format!("mountPath: {tenants_dir}\n")),
+        "collector-deployment.yaml does not mount the tenants at {tenants_dir}"
+    );
+    let summary = check(
+        &[
+            "--config",
+            &config,
+            "--tenants",
+            &deploy("kubernetes/config/tenants.toml"),
+        ],
+        &[],
+    );
+    assert_tenants(&summary, &[("example-lab", "50.000")]);
+}
+
+/// Bad configs and tenant files fail with a non-zero exit and a message
+/// naming the problem.
+#[test]
+fn config_errors_name_the_problem() {
+    const TWO_CLAIM_ONE_GPU: &str = "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 10\n\
+        gpus = [\"GPU-1234\"]\n\n[[tenant]]\nid = \"lab-b\"\ncontracted_kw = 5\n\
+        gpus = [\"GPU-5678\", \"GPU-1234\"]\n";
+    const TWO_CLAIM_ONE_NODE: &str = "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 10\n\
+        nodes = [\"node-1\"]\n\n[[tenant]]\nid = \"lab-b\"\ncontracted_kw = 5\n\
+        nodes = [\"node-1\"]\n";
+    // (flag the file is passed with, its contents or None for a file that
+    // does not exist, text the error must contain with {path} standing for
+    // the file's path)
+    let cases: &[(&str, Option<&str>, &[&str])] = &[
+        (
+            "--config",
+            Some("grpc_port = 7070\n"),
+            &["{path}", "unknown field `grpc_port`"],
+        ),
+        (
+            "--config",
+            Some("grpc_listen = \"localhost:7070\"\n"),
+            &["{path}", "grpc_listen", "invalid socket address"],
+        ),
+        (
+            "--config",
+            Some("stale_after = \"1ms\"\n"),
+            &["`stale_after`", "at least 10ms"],
+        ),
+        (
+            "--config",
+            Some("max_message_bytes = 10\n"),
+            &["`max_message_bytes`", "at least 1024"],
+        ),
+        ("--config", None, &["{path}", "No such file"]),
+        (
+            "--tenants",
+            Some("[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 10\ncolour = \"red\"\n"),
+            &["{path}", "unknown field `colour`"],
+        ),
+        (
+            "--tenants",
+            Some("[[tenant]]\nid = \"lab-a\"\nnodes = [\"n-1\"]\n"),
+            &["{path}", "missing field `contracted_kw`"],
+        ),
+        (
+            "--tenants",
+            Some(TWO_CLAIM_ONE_GPU),
+            &["GPU-1234", "\"lab-a\"", "\"lab-b\""],
+        ),
+        (
+            "--tenants",
+            Some(TWO_CLAIM_ONE_NODE),
+            &["\"node-1\"", "\"lab-a\"", "\"lab-b\""],
+        ),
+        (
+            "--tenants",
+            Some("[[tenant]]\nid = \"lab-a\"\ncontracted_kw = -5\n"),
+            &["\"lab-a\"", "contracted_kw", "-5"],
+        ),
+        (
+            "--tenants",
+            Some("[[tenant]]\nid = \"Lab A\"\ncontracted_kw = 5\n"),
+            &["\"Lab A\"", "a-z"],
+        ),
+        ("--tenants", None, &["{path}", "No such file"]),
+    ];
+    for (flag, contents, want) in cases {
+        check_error(flag, *contents, want);
+    }
+}
+
+fn check_error(flag: &str, contents: Option<&str>, want: &[&str]) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("file.toml");
+    if let Some(text) = contents {
+        std::fs::write(&path, text).expect("writing the test file");
+    }
+    let path = path.to_str().expect("temp paths are UTF-8");
+    let out = collector(&[flag, path, "--check"], &[]);
+    let err = stderr(&out);
+    assert!(
+        !out.status.success(),
+        "{flag} {contents:?} was accepted:\n{err}"
+    );
+    assert_eq!(out.stdout, b"", "{flag} {contents:?}");
+    for w in want {
+        let w = w.replace("{path}", path);
+        assert!(
+            err.contains(&w),
+            "{flag} {contents:?}: error lacks {w:?}:\n{err}"
+        );
+    }
+}
+
+/// Command-line arguments, environment, and what the result must show.
+type Layers<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn environment_overrides_the_file_and_flags_override_both() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let tenants = |id: &str| format!("[[tenant]]\nid = \"{id}\"\ncontracted_kw = 1\n");
+    let from_file = file("file.toml", &tenants("from-file"));
+    let from_env = file("env.toml", &tenants("from-env"));
+    let from_flag = file("flag.toml", &tenants("from-flag"));
+    let config = file(
+        "collector.toml",
+        &format!("tenants_file = {from_file:?}\nstale_after = \"1ms\"\n"),
+    );
+    // (args, environment, the tenant listed). The file's stale_after is
+    // invalid, so each case must also override it.
+    let cases: &[Layers] = &[
+        (
+            &["--config", &config, "--stale-after", "1s"],
+            &[],
+            "from-file",
+        ),
+        (
+            &["--config", &config],
+            &[("CAPWATCH_STALE_AFTER", "1s")],
+            "from-file",
+        ),
+        (
+            &[],
+            &[("CAPWATCH_CONFIG", &config), ("CAPWATCH_STALE_AFTER", "1s")],
+            "from-file",
+        ),
+        (
+            &["--config", &config],
+            &[
+                ("CAPWATCH_TENANTS", &from_env),
+                ("CAPWATCH_STALE_AFTER", "1s"),
+            ],
+            "from-env",
+        ),
+        (
+            &["--config", &config, "--tenants", &from_flag],
+            &[
+                ("CAPWATCH_TENANTS", &from_env),
+                ("CAPWATCH_STALE_AFTER", "1s"),
+            ],
+            "from-flag",
+        ),
+        (
+            &["--config", &config, "--stale-after", "1s"],
+            &[("CAPWATCH_STALE_AFTER", "1ms")],
+            "from-file",
+        ),
+    ];
+    for (args, env, want) in cases {
+        assert_tenants(&check(args, env), &[(want, "1.000")]);
+    }
+
+    // Environment values are checked like the file's.
+    let out = collector(
+        &["--config", &config, "--check"],
+        &[("CAPWATCH_STALE_AFTER", "5ms")],
+    );
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("`stale_after`"), "{}", stderr(&out));
+}
+
+/// The Prometheus rules (and their unit tests) query only metric names the
+/// collector exports, and find the collector by the scrape job's name.
+#[test]
+fn prometheus_rules_use_exported_metric_names() {
+    let source =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs")).unwrap();
+    let exported: BTreeSet<&str> = source
+        .split('"')
+        .filter(|s| s.starts_with("capwatch_") && !s.contains(char::is_whitespace))
+        .collect();
+    assert!(
+        exported.contains("capwatch_tenant_power_watts"),
+        "{exported:?}"
+    );
+
+    for file in [
+        "prometheus/rules/capwatch.rules.yml",
+        "prometheus/tests/capwatch.rules.test.yml",
+    ] {
+        let text = std::fs::read_to_string(deploy(file)).unwrap();
+        let used: BTreeSet<&str> = text
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|w| w.starts_with("capwatch_"))
+            .collect();
+        assert!(!used.is_empty(), "{file}");
+        let unknown: Vec<_> = used.difference(&exported).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics the collector does not export: {unknown:?}"
+        );
+    }
+
+    let scrape = std::fs::read_to_string(deploy("prometheus/prometheus.yml")).unwrap();
+    let rules = std::fs::read_to_string(deploy("prometheus/rules/capwatch.rules.yml")).unwrap();
+    assert!(scrape.contains("job_name: capwatch-collector\n"));
+    assert!(rules.contains("up{job=\"capwatch-collector\"}"));
+}
