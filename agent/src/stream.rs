@@ -153,7 +153,7 @@ async fn connect_and_stream(
                 .acked
                 .fetch_add(forgotten as u64, Ordering::Relaxed);
             shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-            info!(collector = %cfg.collector, collector_version = %w.collector_version, acked_seq = w.acked_seq, "connected");
+            info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, acked_seq = w.acked_seq, "connected");
         }
         Ok(_) => return Ended::Failed("collector did not answer the hello with a welcome".into()),
         Err(status) => return Ended::Failed(format!("collector refused the hello: {status}")),
