@@ -166,6 +166,20 @@ fn inventory_lists_both_gpus_in_nvml_units() {
 }
 
 #[test]
+fn unidentifiable_gpu_is_left_out_and_the_others_are_renumbered() {
+    // Invariant: a GPU whose UUID cannot be read at start-up does not stop
+    // the agent; the others are reported under contiguous indices.
+    let fake = build_fake(&["-DFAKE_NO_UUID_GPU=0"]);
+    let mut source = open(&fake);
+    let mut info = expected_info(1, true);
+    info.index = 0;
+    assert_eq!(source.inventory(), [info]);
+    let mut reading = expected_reading(1, 1);
+    reading.index = 0;
+    assert_eq!(source.sample(0), [reading]);
+}
+
+#[test]
 fn readings_carry_every_field_in_nvml_units() {
     let fake = build_fake(&[]);
     let mut source = open(&fake);

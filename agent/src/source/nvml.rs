@@ -12,7 +12,7 @@ use std::path::Path;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::error::NvmlError;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::{GpuInfo, GpuReading, GpuSource, SourceError};
 
@@ -25,6 +25,9 @@ pub struct NvmlSource {
     /// (GPU index, field) pairs already reported as unreadable.
     reported: HashSet<(u32, &'static str)>,
     lost: Vec<bool>,
+    /// NVML's index of each inventory entry (they differ when a GPU could
+    /// not be identified at start-up and was left out).
+    nvml_index: Vec<u32>,
 }
 
 impl NvmlSource {
@@ -45,17 +48,21 @@ impl NvmlSource {
             source,
         })?;
         let mut inventory = Vec::with_capacity(count as usize);
+        let mut nvml_index = Vec::with_capacity(count as usize);
         for index in 0..count {
-            let device = nvml
+            // A GPU that cannot be identified is left out (and logged), so
+            // one broken board does not stop the node's other GPUs from
+            // being metered.
+            let identified = nvml
                 .device_by_index(index)
-                .map_err(|source| SourceError::Nvml {
-                    what: format!("GPU {index}"),
-                    source,
-                })?;
-            let uuid = device.uuid().map_err(|source| SourceError::Nvml {
-                what: format!("the UUID of GPU {index}"),
-                source,
-            })?;
+                .and_then(|device| Ok((device.uuid()?, device)));
+            let (uuid, device) = match identified {
+                Ok(found) => found,
+                Err(e) => {
+                    error!(gpu = index, error = %e, "GPU cannot be identified; left out of the inventory until the agent restarts");
+                    continue;
+                }
+            };
             let model = device.name().unwrap_or_else(|_| "unknown".into());
             // Only a definite NotSupported means "no counter"; a passing error
             // at start-up must not switch energy accounting to integration.
@@ -64,12 +71,19 @@ impl NvmlSource {
                 Err(NvmlError::NotSupported)
             );
             inventory.push(GpuInfo {
-                index,
+                index: inventory.len() as u32,
                 uuid,
                 model,
                 power_limit_milliwatts: device.enforced_power_limit().ok().map(u64::from),
                 memory_total_bytes: device.memory_info().ok().map(|m| m.total),
                 energy_counter_supported,
+            });
+            nvml_index.push(index);
+        }
+        if count > 0 && inventory.is_empty() {
+            return Err(SourceError::Nvml {
+                what: format!("any of the {count} GPUs"),
+                source: NvmlError::Unknown,
             });
         }
         info!(gpus = count, library = %lib.to_string_lossy(), "NVML initialised");
@@ -78,6 +92,7 @@ impl NvmlSource {
             lost: vec![false; inventory.len()],
             inventory,
             reported: HashSet::new(),
+            nvml_index,
         })
     }
 
@@ -164,8 +179,9 @@ impl GpuSource for NvmlSource {
 
     fn sample(&mut self, _at_unix_nanos: i64) -> Vec<GpuReading> {
         (0..self.inventory.len() as u32)
-            .map(|index| match self.read(index) {
-                Ok(reading) => {
+            .map(|index| match self.read(self.nvml_index[index as usize]) {
+                Ok(mut reading) => {
+                    reading.index = index;
                     if std::mem::take(&mut self.lost[index as usize]) {
                         info!(gpu = index, "GPU answers again");
                     }

@@ -44,6 +44,8 @@
  *   FAKE_GPU1_NO_TEMPERATURE
  *                           nvmlDeviceGetTemperature returns
  *                           NVML_ERROR_NOT_SUPPORTED for GPU 1.
+ *   FAKE_NO_UUID_GPU=N      nvmlDeviceGetUUID returns NVML_ERROR_UNKNOWN for
+ *                           GPU N, so it cannot be identified.
  *   FAKE_GPU1_LOST_AFTER=N  the first N power reads of GPU 1 succeed; the
  *                           next one returns NVML_ERROR_GPU_IS_LOST and from
  *                           then on every call about GPU 1, handle lookup by
@@ -284,6 +286,10 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int len
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
+#ifdef FAKE_NO_UUID_GPU
+    if (device == &gpus[FAKE_NO_UUID_GPU])
+        return NVML_ERROR_UNKNOWN;
+#endif
     return copy_string(device->uuid, uuid, length);
 }
 
