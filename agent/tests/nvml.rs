@@ -309,7 +309,7 @@ fn missing_library_is_an_init_error_naming_the_path() {
     match err {
         SourceError::NvmlInit {
             library,
-            source: NvmlError::LibloadingError(_),
+            error: NvmlError::LibloadingError(_),
         } => assert_eq!(library, path_text),
         other => panic!("expected NvmlInit with a libloading error, got {other:?}"),
     }
@@ -328,7 +328,7 @@ fn driver_not_loaded_is_an_init_error() {
     match err {
         SourceError::NvmlInit {
             library,
-            source: NvmlError::DriverNotLoaded,
+            error: NvmlError::DriverNotLoaded,
         } => assert_eq!(library, path_text),
         other => panic!("expected NvmlInit with DriverNotLoaded, got {other:?}"),
     }

@@ -35,18 +35,18 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum CollectorError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error("binding {what} on {addr}: {source}")]
+    #[error("binding {what} on {addr}: {error}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{what} server: {source}")]
+    #[error("listening for SIGHUP: {error}")]
+    Signal { error: std::io::Error },
+    #[error("{what} server: {error}")]
     Serve {
         what: &'static str,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
@@ -74,28 +74,32 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
 
     let grpc = TcpListener::bind(cfg.grpc_listen)
         .await
-        .map_err(|source| CollectorError::Bind {
+        .map_err(|error| CollectorError::Bind {
             what: "gRPC",
             addr: cfg.grpc_listen,
-            source,
+            error,
         })?;
     let http = TcpListener::bind(cfg.http_listen)
         .await
-        .map_err(|source| CollectorError::Bind {
+        .map_err(|error| CollectorError::Bind {
             what: "HTTP",
             addr: cfg.http_listen,
-            source,
+            error,
         })?;
-    let grpc_addr = grpc.local_addr().map_err(|source| CollectorError::Bind {
+    let grpc_addr = grpc.local_addr().map_err(|error| CollectorError::Bind {
         what: "gRPC",
         addr: cfg.grpc_listen,
-        source,
+        error,
     })?;
-    let http_addr = http.local_addr().map_err(|source| CollectorError::Bind {
+    let http_addr = http.local_addr().map_err(|error| CollectorError::Bind {
         what: "HTTP",
         addr: cfg.http_listen,
-        source,
+        error,
     })?;
+    // Take over SIGHUP before saying we are up: its default action would
+    // end the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|error| CollectorError::Signal { error })?;
     info!(grpc = %grpc_addr, http = %http_addr, tenants = state.tenants().all().len() - 1, version = VERSION, "collector listening");
 
     let service = ingest::IngestService {
@@ -127,6 +131,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     let reloader = tokio::spawn(reload_on_sighup(
         state.clone(),
         cfg.clone(),
+        hup,
         shutdown.clone(),
     ));
 
@@ -149,15 +154,15 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         }
         Ok((Ok(Err(e)), _)) => Err(CollectorError::Serve {
             what: "gRPC",
-            source: e.into(),
+            error: e.into(),
         }),
         Ok((_, Ok(Err(e)))) => Err(CollectorError::Serve {
             what: "HTTP",
-            source: e.into(),
+            error: e.into(),
         }),
         Ok((Err(e), _)) | Ok((_, Err(e))) => Err(CollectorError::Serve {
             what: "server task",
-            source: e.into(),
+            error: e.into(),
         }),
         Err(_) => {
             warn!("shutdown grace passed with streams still open; stopping anyway");
@@ -191,15 +196,12 @@ async fn evaluate_contracts(
 
 /// Reloads the tenant file on SIGHUP; a bad file keeps the old one. Named
 /// task: `reloader`.
-async fn reload_on_sighup(state: Arc<State>, cfg: Config, shutdown: watch::Receiver<bool>) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(task = "reloader", error = %e, "cannot listen for SIGHUP; tenant reload disabled");
-            return;
-        }
-    };
+async fn reload_on_sighup(
+    state: Arc<State>,
+    cfg: Config,
+    mut hup: tokio::signal::unix::Signal,
+    shutdown: watch::Receiver<bool>,
+) {
     let stop = capwatch_common::wait_for_shutdown(shutdown);
     tokio::pin!(stop);
     loop {

@@ -227,3 +227,91 @@ fn agents_reconnect_after_collector_restart_and_nothing_is_counted_twice() {
     }
     second.stop();
 }
+
+/// Invariant: SIGHUP reloads the tenant file without a restart: GPUs move
+/// to their new tenant, energy already counted stays with the tenant it was
+/// counted for, and a bad file is refused while the old tenants stay.
+#[test]
+fn sighup_reloads_tenants_without_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = "[[tenant]]\nid = \"old\"\ncontracted_kw = 5\nnodes = [\"h-1\"]\n";
+    let collector = Collector::start(dir.path(), first, 0, &["--stale-after", "5m"]);
+    Agent::start(dir.path(), &collector.endpoint(), "h-1", 10, "").finish(Duration::from_secs(30));
+    let before = collector.metrics();
+    let old_energy = before.one("capwatch_tenant_energy_joules_total", &[("tenant", "old")]);
+    assert!(old_energy > 0.0);
+    assert_eq!(
+        before
+            .select("capwatch_gpu_power_watts", &[("tenant", "old")])
+            .len(),
+        8
+    );
+
+    let hup = |c: &Collector| {
+        let ok = std::process::Command::new("kill")
+            .args(["-HUP", &c.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    };
+    // The reload reads the same path the collector was started with.
+    let path = dir.path().join("tenants.toml");
+    std::fs::write(
+        &path,
+        "[[tenant]]\nid = \"new\"\ncontracted_kw = 7\nnodes = [\"h-*\"]\n",
+    )
+    .unwrap();
+    hup(&collector);
+    eventually(Duration::from_secs(10), "the reload", || {
+        collector.metrics().one(
+            "capwatch_collector_tenant_reloads_total",
+            &[("result", "success")],
+        ) == 1.0
+    });
+    let after = collector.metrics();
+    assert_eq!(
+        after
+            .select("capwatch_gpu_power_watts", &[("tenant", "new")])
+            .len(),
+        8
+    );
+    assert_eq!(
+        after.one(
+            "capwatch_tenant_contracted_power_watts",
+            &[("tenant", "new")]
+        ),
+        7000.0
+    );
+    assert_eq!(
+        after.one("capwatch_tenant_energy_joules_total", &[("tenant", "new")]),
+        0.0
+    );
+    assert!(
+        after
+            .select("capwatch_tenant_power_watts", &[("tenant", "old")])
+            .is_empty()
+    );
+
+    // A broken file is refused; "new" stays in force.
+    std::fs::write(&path, "[[tenant]]\nid = \"bad\"\ncontracted_kw = -1\n").unwrap();
+    hup(&collector);
+    eventually(Duration::from_secs(10), "the refused reload", || {
+        collector.metrics().one(
+            "capwatch_collector_tenant_reloads_total",
+            &[("result", "failure")],
+        ) == 1.0
+    });
+    let m = collector.metrics();
+    assert_eq!(
+        m.one(
+            "capwatch_tenant_contracted_power_watts",
+            &[("tenant", "new")]
+        ),
+        7000.0
+    );
+    collector
+        .log
+        .wait_for("contracted_kw must be a positive", Duration::from_secs(1));
+    collector.stop();
+}

@@ -64,17 +64,15 @@ pub trait GpuSource: Send {
 /// Errors opening a source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("NVML could not be initialised from {library}: {source}")]
+    #[error("NVML could not be initialised from {library}: {error}")]
     NvmlInit {
         library: String,
-        #[source]
-        source: ::nvml_wrapper::error::NvmlError,
+        error: ::nvml_wrapper::error::NvmlError,
     },
-    #[error("NVML: reading {what}: {source}")]
+    #[error("NVML: reading {what}: {error}")]
     Nvml {
         what: String,
-        #[source]
-        source: ::nvml_wrapper::error::NvmlError,
+        error: ::nvml_wrapper::error::NvmlError,
     },
     #[error("mock source: {0}")]
     Mock(String),

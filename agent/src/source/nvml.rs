@@ -35,17 +35,16 @@ impl NvmlSource {
     /// resolves) and takes the inventory of every GPU it lists.
     pub fn open(library: Option<&Path>) -> Result<Self, SourceError> {
         let lib = library.map_or_else(|| OsStr::new(DEFAULT_LIBRARY), Path::as_os_str);
-        let nvml =
-            Nvml::builder()
-                .lib_path(lib)
-                .init()
-                .map_err(|source| SourceError::NvmlInit {
-                    library: lib.to_string_lossy().into_owned(),
-                    source,
-                })?;
-        let count = nvml.device_count().map_err(|source| SourceError::Nvml {
+        let nvml = Nvml::builder()
+            .lib_path(lib)
+            .init()
+            .map_err(|error| SourceError::NvmlInit {
+                library: lib.to_string_lossy().into_owned(),
+                error,
+            })?;
+        let count = nvml.device_count().map_err(|error| SourceError::Nvml {
             what: "the device count".into(),
-            source,
+            error,
         })?;
         let mut inventory = Vec::with_capacity(count as usize);
         let mut nvml_index = Vec::with_capacity(count as usize);
@@ -83,7 +82,7 @@ impl NvmlSource {
         if count > 0 && inventory.is_empty() {
             return Err(SourceError::Nvml {
                 what: format!("any of the {count} GPUs"),
-                source: NvmlError::Unknown,
+                error: NvmlError::Unknown,
             });
         }
         info!(gpus = count, library = %lib.to_string_lossy(), "NVML initialised");
