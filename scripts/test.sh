@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, then every test of the workspace
+# (unit, property, the NVML stand-in, and end-to-end tests with real
+# processes on loopback). Installs what it needs on a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The NVML tests build a stand-in libnvidia-ml.so from C.
+if ! command -v cc >/dev/null 2>&1; then
+    echo "== installing a C compiler (gcc) for the NVML stand-in library"
+    apt-get update -qq && apt-get install -y -qq gcc >/dev/null
+fi
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
