@@ -64,7 +64,9 @@ pub trait GpuSource: Send {
 /// Errors opening a source.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("NVML could not be initialised from {library}: {error} (on a host without NVIDIA GPUs, use `--source mock`)")]
+    #[error(
+        "NVML could not be initialised from {library}: {error} (on a host without NVIDIA GPUs, use `--source mock`)"
+    )]
     NvmlInit {
         library: String,
         error: ::nvml_wrapper::error::NvmlError,
