@@ -33,6 +33,11 @@ pub struct Config {
     pub per_gpu_metrics: bool,
     /// Largest GPU inventory one node may announce.
     pub max_gpus_per_node: u32,
+    /// How far ahead of the collector's clock a sample may be stamped;
+    /// later ones are rejected (`reason="timestamp"`). Older samples are
+    /// fine: agents re-send their spool after an outage.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
     /// How long a new stream may take to send its Hello.
@@ -55,6 +60,7 @@ impl Default for Config {
             evaluate_interval: Duration::from_secs(1),
             per_gpu_metrics: true,
             max_gpus_per_node: 64,
+            max_clock_skew: Duration::from_secs(600),
             max_message_bytes: 4 << 20,
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
@@ -123,6 +129,19 @@ impl Config {
         }
         if self.max_message_bytes < 1024 {
             return bad("max_message_bytes", "must be at least 1024");
+        }
+        if self.max_clock_skew < Duration::from_secs(1)
+            || self.max_clock_skew > Duration::from_secs(86_400)
+        {
+            return bad("max_clock_skew", "must be between 1s and 24h");
+        }
+        if self.hello_timeout < Duration::from_millis(100)
+            || self.hello_timeout > Duration::from_secs(600)
+        {
+            return bad("hello_timeout", "must be between 100ms and 10m");
+        }
+        if self.shutdown_grace > Duration::from_secs(600) {
+            return bad("shutdown_grace", "must be at most 10m");
         }
         Ok(())
     }

@@ -67,6 +67,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         StateConfig {
             stale_after: cfg.stale_after,
             max_gpus_per_node: cfg.max_gpus_per_node,
+            max_clock_skew: cfg.max_clock_skew,
         },
         tenants,
     ));

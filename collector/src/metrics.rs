@@ -310,7 +310,8 @@ impl Collector for FleetCollector {
             for g in &n.gpus {
                 let fresh = g.fresh(now, window);
                 let reading = g.last.as_ref().filter(|_| fresh);
-                node_power += reading.and_then(|r| r.power_milliwatts).unwrap_or(0);
+                node_power = node_power
+                    .saturating_add(reading.and_then(|r| r.power_milliwatts).unwrap_or(0));
                 if !self.per_gpu {
                     continue;
                 }

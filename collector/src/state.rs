@@ -28,6 +28,15 @@ use crate::tenants::{Tenants, UNASSIGNED};
 
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
 
+/// Largest power limit accepted from an agent: 10 kW, above any GPU board.
+pub const MAX_POWER_LIMIT_MILLIWATTS: u64 = 10_000_000;
+
+/// A string that ends up in a label: at most 128 bytes, no control
+/// characters, at least `min` bytes.
+fn label_ok(s: &str, min: usize) -> bool {
+    (min..=128).contains(&s.len()) && !s.chars().any(char::is_control)
+}
+
 /// Locks a mutex, recovering from poisoning: every critical section here
 /// leaves the data consistent before anything that could panic.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -38,6 +47,8 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 pub struct StateConfig {
     pub stale_after: Option<Duration>,
     pub max_gpus_per_node: u32,
+    /// How far ahead of the collector's clock a sample may be stamped.
+    pub max_clock_skew: Duration,
 }
 
 /// Static facts about a GPU, from the Hello.
@@ -76,6 +87,9 @@ pub struct Gpu {
     remainder_milliwatt_nanos: u128,
     pub last_receipt: Option<Instant>,
     pub counter_resets: u64,
+    /// Take the next timestamp as the reference even if it is older (set
+    /// when a new agent epoch starts).
+    reanchor: bool,
 }
 
 impl Gpu {
@@ -95,34 +109,36 @@ impl Gpu {
             remainder_milliwatt_nanos: 0,
             last_receipt: None,
             counter_resets: 0,
+            reanchor: false,
         }
     }
 
     /// Folds one accepted reading in; returns the energy it adds (mJ).
     fn apply(&mut self, r: GpuReading, timestamp: i64, now: Instant) -> u64 {
-        self.last_receipt = Some(now);
+        let prev_receipt = self.last_receipt.replace(now);
         if r.lost {
-            // Keep the last counter: when the GPU answers again, its next
-            // delta carries the energy of the gap.
+            // Keep the last counter and timestamp: when the GPU answers
+            // again, its next delta carries the energy of the gap.
             self.last = Some(r);
             return 0;
+        }
+        if let Some(limit) = r.power_limit_milliwatts {
+            self.power_limit_milliwatts = Some(limit);
         }
         let dt_nanos = match self.last_timestamp {
             Some(prev) if timestamp > prev => (timestamp - prev) as u128,
             _ => 0,
         };
-        if self.last_timestamp.is_none_or(|prev| timestamp > prev) {
-            self.last_timestamp = Some(timestamp);
-        }
+        // The most a GPU can plausibly use since the previous reading: three
+        // times its power limit (3 kW when unknown) over the longer of the
+        // agent's and the collector's measure of the interval (so an agent
+        // clock that stands still does not void real energy), plus a joule
+        // of slack for counter and clock granularity.
+        let since_receipt = prev_receipt.map_or(0, |p| now.saturating_duration_since(p).as_nanos());
+        let limit = self.power_limit_milliwatts.unwrap_or(1_000_000);
+        let plausible =
+            u128::from(limit) * 3 * dt_nanos.max(since_receipt) / NANOS_PER_SECOND + 1_000;
         let first = self.last.is_none();
-        // The most a GPU can plausibly use over `dt`: three times its power
-        // limit (3 kW when unknown), plus a joule of slack for counter and
-        // timestamp granularity.
-        let limit = r
-            .power_limit_milliwatts
-            .or(self.power_limit_milliwatts)
-            .unwrap_or(1_000_000);
-        let plausible = u128::from(limit) * 3 * dt_nanos / NANOS_PER_SECOND + 1_000;
         let delta = match (r.energy_millijoules, self.last_counter) {
             (Some(now_mj), Some(prev))
                 if now_mj >= prev && u128::from(now_mj - prev) <= plausible =>
@@ -140,14 +156,19 @@ impl Gpu {
             // (without counter) leave an interval to cover.
             (Some(_), None) if first => 0,
             (None, Some(_)) => {
-                // The counter could not be read this time. Count the
-                // interval from power and forget the old reading, so the
-                // next counter delta does not cover this interval again.
-                self.last_counter = None;
-                self.integrate(r.power_milliwatts, dt_nanos)
+                // The counter could not be read this time. Keep the last
+                // reading and its timestamp: the next counter delta covers
+                // this interval exactly, once.
+                self.last = Some(r);
+                return 0;
             }
             _ => self.integrate(r.power_milliwatts, dt_nanos),
         };
+        if std::mem::take(&mut self.reanchor)
+            || self.last_timestamp.is_none_or(|prev| timestamp > prev)
+        {
+            self.last_timestamp = Some(timestamp);
+        }
         if r.energy_millijoules.is_some() {
             self.last_counter = r.energy_millijoules;
         }
@@ -190,6 +211,9 @@ pub struct Node {
     pub last_timestamp: i64,
     pub host: Option<HostReading>,
     pub gpus: Vec<Gpu>,
+    /// GPUs the node announced before but not in its latest inventory;
+    /// kept so their counters resume if they come back.
+    departed: Vec<Gpu>,
 }
 
 impl Node {
@@ -256,7 +280,9 @@ pub enum HelloError {
     TooManyGpus { got: usize, max: u32 },
     #[error("GPU {index}: {reason}")]
     Gpu { index: usize, reason: &'static str },
-    #[error("stream epoch {got} is older than epoch {current} already reporting for this node")]
+    #[error("agent version must be at most 128 printable characters")]
+    AgentVersion,
+    #[error("stream epoch {got} is older than epoch {current}, whose stream is still connected")]
     StaleEpoch { got: u64, current: u64 },
 }
 
@@ -341,11 +367,28 @@ impl State {
                 max: self.cfg.max_gpus_per_node,
             });
         }
+        if !label_ok(&hello.agent_version, 0) {
+            return Err(HelloError::AgentVersion);
+        }
         for (index, g) in hello.gpus.iter().enumerate() {
-            if g.uuid.is_empty() || g.uuid.len() > 128 {
+            if !label_ok(&g.uuid, 1) {
                 return Err(HelloError::Gpu {
                     index,
-                    reason: "UUID must be 1-128 characters",
+                    reason: "UUID must be 1-128 printable characters",
+                });
+            }
+            if !label_ok(&g.model, 0) {
+                return Err(HelloError::Gpu {
+                    index,
+                    reason: "model must be at most 128 printable characters",
+                });
+            }
+            if g.power_limit_milliwatts
+                .is_some_and(|l| l == 0 || l > MAX_POWER_LIMIT_MILLIWATTS)
+            {
+                return Err(HelloError::Gpu {
+                    index,
+                    reason: "power limit must be between 1 mW and 10 kW",
                 });
             }
             if hello.gpus[..index].iter().any(|o| o.uuid == g.uuid) {
@@ -375,6 +418,7 @@ impl State {
                         last_timestamp: 0,
                         host: None,
                         gpus: Vec::new(),
+                        departed: Vec::new(),
                     }))
                 })
                 .clone()
@@ -382,21 +426,31 @@ impl State {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let acked = {
             let mut n = lock(&node);
-            if hello.epoch < n.epoch {
+            // An older epoch is a stale agent instance while the current
+            // one is connected; once it is gone, it is a restarted agent
+            // whose clock was stepped back, and it takes over.
+            if hello.epoch < n.epoch && n.connected {
                 return Err(HelloError::StaleEpoch {
                     got: hello.epoch,
                     current: n.epoch,
                 });
             }
-            if hello.epoch > n.epoch {
+            let new_epoch = hello.epoch != n.epoch;
+            if new_epoch {
                 // A restarted agent: its sequence numbers start again.
                 n.epoch = hello.epoch;
                 n.last_seq = 0;
             }
-            // Keep what we know of GPUs that are still there, so the next
-            // counter delta covers the time the agent was away.
-            let mut old: HashMap<Arc<str>, Gpu> =
-                n.gpus.drain(..).map(|g| (g.uuid.clone(), g)).collect();
+            // Keep what we know of GPUs that are still there, and of GPUs
+            // that left (for a while), so the next counter delta covers the
+            // time the agent or the GPU was away.
+            let departed = std::mem::take(&mut n.departed);
+            let mut old: HashMap<Arc<str>, Gpu> = n
+                .gpus
+                .drain(..)
+                .chain(departed)
+                .map(|g| (g.uuid.clone(), g))
+                .collect();
             n.gpus = hello
                 .gpus
                 .into_iter()
@@ -408,11 +462,18 @@ impl State {
                         g.power_limit_milliwatts = info.power_limit_milliwatts;
                         g.memory_total_bytes = info.memory_total_bytes;
                         g.energy_counter_supported = info.energy_counter_supported;
+                        // The new run's clock may have been stepped: its
+                        // first timestamp becomes the reference even if it
+                        // is behind the old run's.
+                        g.reanchor |= new_epoch;
                         g
                     }
                     None => Gpu::new(i, info, Arc::from(UNASSIGNED)),
                 })
                 .collect();
+            // Bounded: at most one inventory's worth of departed GPUs.
+            let cap = self.cfg.max_gpus_per_node as usize;
+            n.departed = old.into_values().take(cap).collect();
             n.attribute(&tenants);
             n.agent_version = hello.agent_version;
             n.interval = hello.interval;
@@ -455,12 +516,21 @@ impl State {
             if n.generation != h.generation || n.epoch != h.epoch {
                 return Err(Superseded(h.node_id.clone()));
             }
+            // A refused sample sent again (its ack was lost) is a
+            // duplicate, not a second rejection.
+            let before = n.last_seq;
+            let is_resent = |seq: u64| seq != 0 && seq <= before;
+            let resent = rejected.iter().filter(|(seq, _)| is_resent(*seq)).count();
+            rejected.retain(|(seq, _)| !is_resent(*seq));
+            out.duplicate += resent as u64;
+            let skew = i64::try_from(self.cfg.max_clock_skew.as_nanos()).unwrap_or(i64::MAX);
+            let latest = unix_nanos_now().saturating_add(skew);
             for s in samples {
                 if s.seq <= n.last_seq {
                     out.duplicate += 1;
                     continue;
                 }
-                if let Err(reason) = check_against_node(&n, &s) {
+                if let Err(reason) = check_against_node(&n, &s, latest) {
                     rejected.push((s.seq, reason));
                     continue;
                 }
@@ -535,7 +605,9 @@ impl State {
                 if g.fresh(now, window) {
                     let r = g.last.as_ref().expect("fresh implies a reading");
                     live[t].reporting += 1;
-                    live[t].power_milliwatts += r.power_milliwatts.unwrap_or(0);
+                    live[t].power_milliwatts = live[t]
+                        .power_milliwatts
+                        .saturating_add(r.power_milliwatts.unwrap_or(0));
                     if let Some(u) = r.utilization_percent {
                         live[t].utilization_sum += u64::from(u);
                         live[t].utilization_n += 1;
@@ -572,27 +644,36 @@ pub struct TenantLive {
 }
 
 /// Checks a sample against the node's inventory and history.
-fn check_against_node(n: &Node, s: &NodeSample) -> Result<(), Reject> {
+fn check_against_node(n: &Node, s: &NodeSample, latest_timestamp: i64) -> Result<(), Reject> {
+    if s.timestamp_unix_nanos <= 0 || s.timestamp_unix_nanos > latest_timestamp {
+        return Err(Reject::Timestamp);
+    }
     let mut seen = vec![false; n.gpus.len()];
     for r in &s.gpus {
         let i = r.index as usize;
         if i >= n.gpus.len() || std::mem::replace(&mut seen[i], true) {
             return Err(Reject::GpuIndex);
         }
+        let limit = match (r.power_limit_milliwatts, n.gpus[i].power_limit_milliwatts) {
+            (Some(l), _) if l == 0 || l > MAX_POWER_LIMIT_MILLIWATTS => return Err(Reject::Power),
+            (a, b) => a.max(b),
+        };
         if let Some(p) = r.power_milliwatts {
-            // Three times the board limit, or 3 kW when the limit is unknown.
-            let bound = n.gpus[i]
-                .power_limit_milliwatts
-                .map_or(3_000_000, |l| l.saturating_mul(3).max(1));
-            if p > bound {
+            // Three times the board limit (the larger of the announced and
+            // the current one: limits change at run time), or 3 kW when
+            // the limit is unknown.
+            if p > limit.map_or(3_000_000, |l| l * 3) {
                 return Err(Reject::Power);
             }
         }
     }
-    if s.timestamp_unix_nanos <= 0 {
-        return Err(Reject::Timestamp);
-    }
     Ok(())
+}
+
+fn unix_nanos_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
 }
 
 #[cfg(test)]
@@ -626,6 +707,7 @@ mod tests {
             StateConfig {
                 stale_after,
                 max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
             },
             Tenants::from_toml(tenants).unwrap(),
         )
@@ -1836,11 +1918,13 @@ mod tests {
         let h = connect(&state, "a-1", 1, 1);
         let steps = [
             sample(1, T0, &[(100_000, Some(1_000))]),
-            sample(2, T0 + SEC, &[(100_000, None)]),
+            // Power alone would bill this interval differently.
+            sample(2, T0 + SEC, &[(650_000, None)]),
             sample(3, T0 + 2 * SEC, &[(100_000, Some(201_000))]),
         ];
         ingest(&state, &h, steps.to_vec());
-        // 100 W for 2 s: 200 000 mJ, as the counter says. Today: 300 000.
+        // 200 000 mJ, as the counter says: the failed read adds nothing and
+        // the next delta covers both intervals.
         assert_eq!(gpu_energy(&h), vec![200_000]);
         assert_eq!(tenant_energy(&state, "lab-a"), 200_000);
     }
@@ -1861,7 +1945,160 @@ mod tests {
             state.ingest(&h, steps, Vec::new()).map(|o| o.accepted)
         }));
         assert!(result.is_ok(), "ingest panicked");
-        let bound = 3 * LIMIT_MW * 2; // mW × 2 s = mJ
-        assert!(gpu_energy(&h)[0] <= bound, "{:?}", gpu_energy(&h));
+        // Both implausible steps are counted from power: 1 W for 1 s each.
+        assert_eq!(gpu_energy(&h), vec![2_000]);
+        assert_eq!(h.node.lock().unwrap().gpus[0].counter_resets, 2);
+    }
+    // ---- Clocks, limits and inventories that change ----------------------
+
+    #[test]
+    fn older_epoch_takes_over_once_the_current_stream_is_gone() {
+        // Invariant: an agent restarted after its clock was stepped back
+        // (lower epoch) is admitted once the old stream has disconnected,
+        // and its counter delta across the gap is counted once.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 100, 1);
+        ingest(&state, &h, vec![sample(1, T0, &[(1, Some(1_000))])]);
+        state.disconnect(&h);
+        std::thread::sleep(Duration::from_millis(20));
+        let (back, acked) = state.hello(hello("a-1", 50, 1)).unwrap();
+        assert_eq!(acked, 0);
+        // Its clock is an hour behind: the first timestamp re-anchors.
+        let out = ingest(
+            &state,
+            &back,
+            vec![
+                sample(1, T0 - 3600 * SEC, &[(1, Some(1_010))]),
+                sample(2, T0 - 3599 * SEC, &[(1, Some(1_020))]),
+            ],
+        );
+        assert_eq!(out.accepted, 2);
+        assert_eq!(gpu_energy(&back), vec![20]);
+    }
+
+    #[test]
+    fn a_clock_that_stands_still_does_not_void_counter_energy() {
+        // Invariant: when the agent's timestamps stop advancing, counter
+        // deltas are bounded by the collector's own clock instead of being
+        // discarded.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 1);
+        ingest(&state, &h, vec![sample(1, T0, &[(700_000, Some(0))])]);
+        std::thread::sleep(Duration::from_millis(50));
+        // 30 J in 50 ms is under 3 x 700 W; same timestamp as before.
+        ingest(&state, &h, vec![sample(2, T0, &[(700_000, Some(30_000))])]);
+        assert_eq!(gpu_energy(&h), vec![30_000]);
+        assert_eq!(lock(&h.node).gpus[0].counter_resets, 0);
+    }
+
+    #[test]
+    fn future_timestamps_are_rejected_alone() {
+        // Invariant: a sample stamped beyond the allowed clock skew is
+        // rejected and cannot pin the GPU's clock; later samples count.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 1);
+        let now = unix_nanos_now();
+        let out = ingest(
+            &state,
+            &h,
+            vec![
+                sample(1, now - 2 * SEC, &[(1, Some(100))]),
+                sample(2, now + 3600 * SEC, &[(1, Some(200))]),
+                sample(3, now - SEC, &[(1, Some(300))]),
+            ],
+        );
+        assert_eq!((out.accepted, out.acked_seq), (2, 3));
+        assert_eq!(out.rejected, vec![(2, Reject::Timestamp)]);
+        assert_eq!(gpu_energy(&h), vec![200]);
+    }
+
+    #[test]
+    fn a_raised_power_limit_is_honoured() {
+        // Invariant: the power bound follows the GPU's current limit, not
+        // only the one announced at the Hello.
+        let state = new_state(TENANTS, None);
+        let mut hl = hello("a-1", 1, 1);
+        hl.gpus[0].power_limit_milliwatts = Some(200_000);
+        let (h, _) = state.hello(hl).unwrap();
+        let mut s = sample(1, T0, &[(650_000, Some(0))]);
+        s.gpus[0].power_limit_milliwatts = Some(700_000);
+        let out = ingest(
+            &state,
+            &h,
+            vec![s, sample(2, T0 + SEC, &[(650_000, Some(650_000))])],
+        );
+        assert_eq!(out.accepted, 2);
+        assert_eq!(gpu_energy(&h), vec![650_000]);
+    }
+
+    #[test]
+    fn hostile_limits_and_labels_are_refused() {
+        // Invariant: limits and label strings from an agent are bounded.
+        let state = new_state(TENANTS, None);
+        for limit in [0, MAX_POWER_LIMIT_MILLIWATTS + 1, u64::MAX] {
+            let mut hl = hello("a-1", 1, 1);
+            hl.gpus[0].power_limit_milliwatts = Some(limit);
+            assert!(
+                matches!(state.hello(hl), Err(HelloError::Gpu { .. })),
+                "{limit}"
+            );
+        }
+        let mut hl = hello("a-1", 1, 1);
+        hl.gpus[0].model = "x".repeat(129);
+        assert!(matches!(state.hello(hl), Err(HelloError::Gpu { .. })));
+        let mut hl = hello("a-1", 1, 1);
+        hl.agent_version = "v\n1".into();
+        assert!(matches!(state.hello(hl), Err(HelloError::AgentVersion)));
+        let h = connect(&state, "a-1", 1, 1);
+        let mut s = sample(1, T0, &[(1, Some(0))]);
+        s.gpus[0].power_limit_milliwatts = Some(u64::MAX);
+        let out = ingest(&state, &h, vec![s]);
+        assert_eq!(out.rejected, vec![(1, Reject::Power)]);
+    }
+
+    #[test]
+    fn a_gpu_that_leaves_the_inventory_and_returns_resumes_its_counter() {
+        // Invariant: a GPU missing from one Hello keeps its counter, so its
+        // next delta after it returns covers the absence.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 2);
+        ingest(
+            &state,
+            &h,
+            vec![sample(1, T0, &[(1, Some(100)), (1, Some(1_000))])],
+        );
+        // Restart without GPU 1 (say it could not be identified).
+        let mut one = hello("a-1", 2, 2);
+        one.gpus.remove(1);
+        let (h1, _) = state.hello(one).unwrap();
+        ingest(&state, &h1, vec![sample(1, T0 + SEC, &[(1, Some(200))])]);
+        // It is back.
+        let (h2, _) = state.hello(hello("a-1", 3, 2)).unwrap();
+        ingest(
+            &state,
+            &h2,
+            vec![sample(1, T0 + 2 * SEC, &[(1, Some(300)), (1, Some(1_500))])],
+        );
+        assert_eq!(gpu_energy(&h2), vec![200, 500]);
+    }
+
+    #[test]
+    fn a_counter_and_power_read_failing_together_lose_nothing() {
+        // Invariant: a tick where both the counter and power are absent
+        // adds nothing; the next counter delta covers it exactly.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 1);
+        let mut blank = sample(2, T0 + SEC, &[(0, None)]);
+        blank.gpus[0].power_milliwatts = None;
+        ingest(
+            &state,
+            &h,
+            vec![
+                sample(1, T0, &[(100_000, Some(0))]),
+                blank,
+                sample(3, T0 + 2 * SEC, &[(100_000, Some(200_000))]),
+            ],
+        );
+        assert_eq!(gpu_energy(&h), vec![200_000]);
     }
 }

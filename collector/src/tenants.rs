@@ -124,12 +124,19 @@ impl Tenants {
                     spec.contracted_kw
                 )));
             }
+            let twice = |what: &str, name: &str, other: usize| {
+                invalid(if other == i {
+                    format!("tenant {id:?} lists {what} {name:?} twice")
+                } else {
+                    format!(
+                        "{what} {name} is claimed by both tenant {:?} and tenant {id:?}",
+                        specs[other].id
+                    )
+                })
+            };
             for uuid in &spec.gpus {
                 if let Some(other) = by_uuid.insert(uuid.clone(), i) {
-                    return Err(invalid(format!(
-                        "GPU {uuid} is claimed by both tenant {:?} and tenant {id:?}",
-                        specs[other].id
-                    )));
+                    return Err(twice("GPU", uuid, other));
                 }
             }
             for node in &spec.nodes {
@@ -137,17 +144,12 @@ impl Tenants {
                     let glob = Glob::new(node).map_err(|e| {
                         invalid(format!("tenant {id:?}: node pattern {node:?}: {e}"))
                     })?;
-                    if globs.iter().any(|(j, p, _)| *j != i && p == node) {
-                        return Err(invalid(format!(
-                            "node pattern {node:?} is claimed by more than one tenant (one is {id:?})"
-                        )));
+                    if let Some((j, _, _)) = globs.iter().find(|(_, p, _)| p == node) {
+                        return Err(twice("node pattern", &format!("{node:?}"), *j));
                     }
                     globs.push((i, node.clone(), glob.compile_matcher()));
                 } else if let Some(other) = by_node.insert(node.clone(), i) {
-                    return Err(invalid(format!(
-                        "node {node:?} is claimed by both tenant {:?} and tenant {id:?}",
-                        specs[other].id
-                    )));
+                    return Err(twice("node", &format!("{node:?}"), other));
                 }
             }
             tenants.push(Tenant {

@@ -78,7 +78,7 @@ fn hello(node: &str, epoch: u64) -> pb::AgentMessage {
     }
 }
 
-const T0: i64 = 1_800_000_000_000_000_000;
+const T0: i64 = 1_700_000_000_000_000_000;
 
 /// Sample `seq`: GPU 0 has a counter rising 500 mJ per tick; GPU 1 has
 /// none and draws 333 W, integrated by the collector over 1 s ticks.
