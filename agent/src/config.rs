@@ -162,8 +162,21 @@ impl Config {
                 "must be above zero and not above reconnect_max",
             );
         }
-        if !(self.collector.starts_with("http://") || self.collector.starts_with("https://")) {
-            return bad("collector", "must be an http:// or https:// URL");
+        // TLS is not built in yet; an https:// URL would silently talk
+        // plaintext or fail, so it is refused.
+        if !self.collector.starts_with("http://") {
+            return bad(
+                "collector",
+                "must be an http:// URL (TLS is not supported yet)",
+            );
+        }
+        if self.drain_timeout > Duration::from_secs(3600)
+            || self.reconnect_max > Duration::from_secs(3600)
+        {
+            return bad(
+                "drain_timeout",
+                "drain_timeout and reconnect_max must be at most 1h",
+            );
         }
         if self.mock.gpus == 0 || self.mock.gpus > 1024 {
             return bad("mock.gpus", "must be between 1 and 1024");
@@ -172,5 +185,34 @@ impl Config {
             return bad("node_id", "must be at most 253 printable characters");
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_settings_name_the_setting() {
+        type Change = fn(&mut Config);
+        // (change to the defaults, setting the error must name)
+        let cases: [(Change, &str); 6] = [
+            (|c| c.collector = "https://c:7070".into(), "collector"),
+            (|c| c.collector = "c:7070".into(), "collector"),
+            (|c| c.interval = Duration::ZERO, "interval"),
+            (
+                |c| c.drain_timeout = Duration::from_secs(86_400),
+                "drain_timeout",
+            ),
+            (|c| c.spool_capacity = 0, "spool_capacity"),
+            (|c| c.mock.gpus = 0, "mock.gpus"),
+        ];
+        for (change, setting) in cases {
+            let mut cfg = Config::default();
+            change(&mut cfg);
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("`{setting}`")), "{err}");
+        }
+        Config::default().validate().unwrap();
     }
 }

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 
 use capwatch_proto::v1::NodeSample;
+use prost::Message;
 
 #[derive(Debug)]
 pub struct Spool {
@@ -47,10 +48,20 @@ impl Spool {
         before - self.samples.len()
     }
 
-    /// Up to `max` samples with a sequence number above `after`, oldest first.
-    pub fn after(&self, after: u64, max: usize) -> Vec<NodeSample> {
+    /// Up to `max` samples with a sequence number above `after`, oldest
+    /// first, and no more than `max_bytes` encoded (but at least one).
+    pub fn after(&self, after: u64, max: usize, max_bytes: usize) -> Vec<NodeSample> {
         let start = self.samples.partition_point(|s| s.seq <= after);
-        self.samples.range(start..).take(max).cloned().collect()
+        let mut bytes = 0;
+        self.samples
+            .range(start..)
+            .take(max)
+            .take_while(|s| {
+                bytes += s.encoded_len();
+                bytes <= max_bytes || bytes == s.encoded_len()
+            })
+            .cloned()
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -89,7 +100,7 @@ mod tests {
             sp.push(s(q));
         }
         assert_eq!(sp.dropped(), 2);
-        assert_eq!(seqs(&sp.after(0, 10)), vec![3, 4, 5]);
+        assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![3, 4, 5]);
     }
 
     #[test]
@@ -100,10 +111,21 @@ mod tests {
         }
         assert_eq!(sp.ack(3), 3);
         assert_eq!(sp.ack(3), 0);
-        assert_eq!(seqs(&sp.after(0, 10)), vec![4, 5]);
-        assert_eq!(seqs(&sp.after(4, 10)), vec![5]);
-        assert_eq!(seqs(&sp.after(0, 1)), vec![4]);
+        assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![4, 5]);
+        assert_eq!(seqs(&sp.after(4, 10, usize::MAX)), vec![5]);
+        assert_eq!(seqs(&sp.after(0, 1, usize::MAX)), vec![4]);
         sp.ack(99);
         assert!(sp.is_empty());
+    }
+
+    #[test]
+    fn batches_are_capped_by_encoded_size_but_never_empty() {
+        let mut sp = Spool::new(10);
+        for q in 1..=5 {
+            sp.push(s(q));
+        }
+        let one = s(1).encoded_len();
+        assert_eq!(seqs(&sp.after(0, 10, 2 * one)), vec![1, 2]);
+        assert_eq!(seqs(&sp.after(0, 10, 1)), vec![1]);
     }
 }

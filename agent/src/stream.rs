@@ -18,6 +18,13 @@ use capwatch_proto::v1::ingest_client::IngestClient;
 
 use crate::spool::Spool;
 
+/// Longest time from starting a connection to the collector's Welcome.
+const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest batch sent, in encoded bytes: well under the collector's
+/// default 4 MiB message limit, whatever the GPU count.
+const MAX_BATCH_BYTES: usize = 1 << 20;
+
 /// What the stream task shares with the sampler.
 pub struct Shared {
     pub spool: Mutex<Spool>,
@@ -56,6 +63,9 @@ enum Ended {
     Drained,
     /// The connection failed; reconnect.
     Failed(String),
+    /// The collector refused this agent (bad Hello, stale epoch): retrying
+    /// soon would change nothing, so the longest backoff applies.
+    Refused(String),
     /// Gave up delivering at the drain deadline.
     DeadlinePassed,
 }
@@ -72,15 +82,33 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
         if deadline.is_some() && shared.spool().is_empty() {
             return;
         }
-        match connect_and_stream(
+        // Past the drain deadline nothing may hold the agent up, not even a
+        // collector that accepts TCP and never answers.
+        let known_deadline = deadline;
+        let mut done = sampling_done.clone();
+        let drain_timeout = cfg.drain_timeout;
+        let drain_over = async move {
+            let at = match known_deadline {
+                Some(at) => at,
+                None => {
+                    let _ = done.wait_for(|d| *d).await;
+                    Instant::now() + drain_timeout
+                }
+            };
+            tokio::time::sleep_until(at).await;
+        };
+        let attempt = connect_and_stream(
             &cfg,
             &shared,
             &mut sampling_done,
             &mut deadline,
             &mut backoff,
-        )
-        .await
-        {
+        );
+        let ended = tokio::select! {
+            ended = attempt => ended,
+            () = drain_over => Ended::DeadlinePassed,
+        };
+        let error = match ended {
             Ended::Drained => return,
             Ended::DeadlinePassed => {
                 warn!(
@@ -89,23 +117,26 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
                 );
                 return;
             }
-            Ended::Failed(error) => {
-                let delay = backoff.next_delay();
-                warn!(collector = %cfg.collector, %error, retry_in_ms = delay.as_millis() as u64, "stream to collector failed");
-                let wake = Instant::now() + delay;
-                let wake = deadline.map_or(wake, |d| wake.min(d));
-                tokio::select! {
-                    _ = tokio::time::sleep_until(wake) => {}
-                    _ = sampling_done.changed(), if deadline.is_none() => {}
-                }
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    warn!(
-                        undelivered = shared.spool().len(),
-                        "drain deadline passed; samples not delivered"
-                    );
-                    return;
-                }
+            Ended::Refused(e) => {
+                backoff.saturate();
+                e
             }
+            Ended::Failed(e) => e,
+        };
+        let delay = backoff.next_delay();
+        warn!(collector = %cfg.collector, %error, retry_in_ms = delay.as_millis() as u64, "stream to collector failed");
+        let wake = Instant::now() + delay;
+        let wake = deadline.map_or(wake, |d| wake.min(d));
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = sampling_done.changed(), if deadline.is_none() => {}
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            warn!(
+                undelivered = shared.spool().len(),
+                "drain deadline passed; samples not delivered"
+            );
+            return;
         }
     }
 }
@@ -126,44 +157,58 @@ async fn connect_and_stream(
             .keep_alive_while_idle(true),
         Err(e) => return Ended::Failed(format!("bad collector URL: {e}")),
     };
-    let channel = match endpoint.connect().await {
-        Ok(c) => c,
-        Err(e) => return Ended::Failed(format!("connect: {e}")),
-    };
-    let mut client = IngestClient::new(channel);
-    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
-    let hello = pb::AgentMessage {
-        body: Some(pb::agent_message::Body::Hello(cfg.hello.clone())),
-    };
-    if tx.send(hello).await.is_err() {
-        return Ended::Failed("stream closed before hello".into());
-    }
-    let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
-        Ok(r) => r.into_inner(),
-        Err(status) => return Ended::Failed(format!("collector refused the stream: {status}")),
-    };
-    // The collector's first answer is a Welcome with what it already holds.
-    match inbound.message().await {
-        Ok(Some(pb::CollectorMessage {
-            body: Some(pb::collector_message::Body::Welcome(w)),
-        })) => {
-            let forgotten = shared.spool().ack(w.acked_seq);
-            shared
-                .stats
-                .acked
-                .fetch_add(forgotten as u64, Ordering::Relaxed);
-            shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-            info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, acked_seq = w.acked_seq, "connected");
+    // Connecting, opening the stream and the Welcome must all happen within
+    // this; a collector that stalls there is treated as down.
+    let preamble = tokio::time::timeout(PREAMBLE_TIMEOUT, async {
+        let channel = match endpoint.connect().await {
+            Ok(c) => c,
+            Err(e) => return Err(Ended::Failed(format!("connect: {e}"))),
+        };
+        let mut client = IngestClient::new(channel);
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
+        let hello = pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(cfg.hello.clone())),
+        };
+        if tx.send(hello).await.is_err() {
+            return Err(Ended::Failed("stream closed before hello".into()));
         }
-        Ok(_) => return Ended::Failed("collector did not answer the hello with a welcome".into()),
-        Err(status) => return Ended::Failed(format!("collector refused the hello: {status}")),
-    }
+        let mut inbound = match client.stream(ReceiverStream::new(rx)).await {
+            Ok(r) => r.into_inner(),
+            Err(status) => return Err(refused(status)),
+        };
+        // The collector's first answer is a Welcome with what it already holds.
+        match inbound.message().await {
+            Ok(Some(pb::CollectorMessage {
+                body: Some(pb::collector_message::Body::Welcome(w)),
+            })) => {
+                let forgotten = shared.spool().ack(w.acked_seq);
+                shared
+                    .stats
+                    .acked
+                    .fetch_add(forgotten as u64, Ordering::Relaxed);
+                shared.stats.connects.fetch_add(1, Ordering::Relaxed);
+                info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, acked_seq = w.acked_seq, "connected");
+            }
+            Ok(_) => {
+                return Err(Ended::Failed(
+                    "collector did not answer the hello with a welcome".into(),
+                ));
+            }
+            Err(status) => return Err(refused(status)),
+        }
+        Ok((tx, inbound))
+    });
+    let (tx, mut inbound) = match preamble.await {
+        Ok(Ok(open)) => open,
+        Ok(Err(ended)) => return ended,
+        Err(_) => return Ended::Failed("no welcome from the collector within 10s".into()),
+    };
     backoff.reset();
 
     // Everything above `sent` is re-sent on each new connection.
     let mut sent = 0u64;
     loop {
-        let batch = shared.spool().after(sent, cfg.batch_max);
+        let batch = shared.spool().after(sent, cfg.batch_max, MAX_BATCH_BYTES);
         if let Some(last) = batch.last() {
             sent = last.seq;
             let msg = pb::AgentMessage {
@@ -203,6 +248,20 @@ async fn connect_and_stream(
     }
 }
 
+/// A refusal at the Hello: permanent for the codes that say the request
+/// itself is wrong, passing otherwise.
+fn refused(status: tonic::Status) -> Ended {
+    use tonic::Code;
+    let msg = format!("collector refused the stream: {status}");
+    match status.code() {
+        Code::InvalidArgument
+        | Code::FailedPrecondition
+        | Code::PermissionDenied
+        | Code::Unauthenticated => Ended::Refused(msg),
+        _ => Ended::Failed(msg),
+    }
+}
+
 async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
@@ -237,6 +296,11 @@ impl Backoff {
 
     pub fn reset(&mut self) {
         self.current = self.initial;
+    }
+
+    /// Jumps to the longest delay.
+    pub fn saturate(&mut self) {
+        self.current = self.max;
     }
 
     pub fn next_delay(&mut self) -> Duration {

@@ -263,3 +263,29 @@ async fn replays_are_counted_once_and_bad_input_is_refused_alone() {
     drop(s);
     collector.stop();
 }
+
+/// Invariant: a collector that accepts TCP and never answers cannot hold
+/// an agent past its drain deadline; the agent reports what it could not
+/// deliver and exits non-zero (a bounded run promised delivery).
+#[test]
+fn a_silent_collector_cannot_hold_the_agent_past_its_drain_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", silent.local_addr().unwrap());
+    let mut agent = Agent::start(dir.path(), &endpoint, "s-1", 3, "drain_timeout = \"1s\"\n");
+    let started = std::time::Instant::now();
+    let status = wait_timeout(&mut agent.child, Duration::from_secs(20));
+    assert!(
+        !status.success(),
+        "undelivered samples must fail a bounded run"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    agent
+        .log
+        .wait_for("drain deadline passed", Duration::from_secs(2));
+    drop(silent);
+}

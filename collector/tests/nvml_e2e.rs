@@ -99,7 +99,9 @@ fn nvml_readings_reach_metrics_in_base_units() {
         &[("node", "gpu-node-1"), ("gpu", "1")],
     ));
     let ticks = (e1 as f64 / 9876.5).round() as u64;
-    assert!(ticks >= 4, "{e1} mJ");
+    // Five samples make four intervals; the agent may skip a late tick
+    // (it reads real hardware on time or not at all), which lengthens one.
+    assert!((4..=6).contains(&ticks), "{e1} mJ is {ticks} ticks");
     assert_eq!(e1, 98_765 * ticks / 10, "{ticks} ticks");
     assert_eq!(
         milli(m.one("capwatch_tenant_power_watts", &[("tenant", "lab")])),

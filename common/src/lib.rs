@@ -29,7 +29,8 @@ pub fn init_logging(format: LogFormat) {
     };
 }
 
-/// A shutdown flag that flips to `true` on SIGTERM or SIGINT (Ctrl-C).
+/// A shutdown flag that flips to `true` on SIGTERM or SIGINT (Ctrl-C); a
+/// second signal ends the process at once (exit status 130).
 ///
 /// Long-running tasks hold a clone of the receiver and stop when it changes.
 pub fn shutdown_on_signals() -> std::io::Result<watch::Receiver<bool>> {
@@ -42,8 +43,17 @@ pub fn shutdown_on_signals() -> std::io::Result<watch::Receiver<bool>> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
-        tracing::info!(signal = which, "shutdown requested");
+        tracing::info!(
+            signal = which,
+            "shutdown requested; a second signal stops at once"
+        );
         let _ = tx.send(true);
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        tracing::warn!("second signal: stopping without draining");
+        std::process::exit(130);
     });
     Ok(rx)
 }
