@@ -20,6 +20,12 @@ pub struct Config {
     /// Tenant file (contracts and leases). Reloaded on SIGHUP without a
     /// restart. Unset: no tenants, every GPU is `unassigned`.
     pub tenants_file: Option<PathBuf>,
+    /// The billing ledger (SQLite, created on first start).
+    pub ledger_path: PathBuf,
+    /// How often accepted samples are committed to the ledger; agents get
+    /// their acks after the commit.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
     /// A GPU with no sample for this long is stale. Unset: three times the
     /// interval its agent announced.
     #[serde(with = "humantime_serde")]
@@ -56,6 +62,8 @@ impl Default for Config {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9470)),
             tenants_file: None,
+            ledger_path: PathBuf::from("capwatch-ledger.db"),
+            commit_interval: Duration::from_secs(1),
             stale_after: None,
             evaluate_interval: Duration::from_secs(1),
             per_gpu_metrics: true,
@@ -120,6 +128,11 @@ impl Config {
             .is_some_and(|d| d < Duration::from_millis(10))
         {
             return bad("stale_after", "must be at least 10ms");
+        }
+        if self.commit_interval < Duration::from_millis(10)
+            || self.commit_interval > Duration::from_secs(60)
+        {
+            return bad("commit_interval", "must be between 10ms and 1m");
         }
         if self.evaluate_interval < Duration::from_millis(10) {
             return bad("evaluate_interval", "must be at least 10ms");

@@ -24,6 +24,8 @@ pub struct IngestService {
     pub state: Arc<State>,
     pub shutdown: watch::Receiver<bool>,
     pub hello_timeout: Duration,
+    /// The number of the last ledger commit that succeeded.
+    pub committed: watch::Receiver<u64>,
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -84,14 +86,20 @@ impl Ingest for IngestService {
                 acked_seq,
             })),
         };
-        // The channel is new and has room; a send can only fail if the
-        // client already left, which the task below notices.
-        let _ = tx.try_send(Ok(welcome));
+        // `acked_seq` may include samples applied but not yet committed:
+        // the Welcome waits for the commit that holds them.
+        let welcome_after = self.state.pending_id();
         let state = self.state.clone();
         let shutdown = self.shutdown.clone();
+        let mut committed = self.committed.clone();
         tokio::spawn(async move {
             let node = handle.node_id.clone();
-            let end = serve_stream(&state, &handle, inbound, &tx, shutdown).await;
+            let durable = committed.wait_for(|c| *c >= welcome_after).await.is_ok();
+            if !durable || tx.send(Ok(welcome)).await.is_err() {
+                state.disconnect(&handle);
+                return;
+            }
+            let end = serve_stream(&state, &handle, inbound, &tx, shutdown, committed).await;
             state.disconnect(&handle);
             match end {
                 Ok(()) => info!(node = %node, "agent disconnected"),
@@ -116,18 +124,46 @@ impl IngestService {
 }
 
 /// Reads batches until the agent leaves, the stream fails or the collector
-/// shuts down; acks each batch after it is applied.
+/// shuts down; acks each batch once the ledger commit holding it is
+/// durable.
 async fn serve_stream(
     state: &State,
     handle: &StreamHandle,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    mut committed: watch::Receiver<u64>,
 ) -> Result<(), Status> {
+    // (commit id, ack) of batches applied but not yet durable, in order.
+    let mut waiting: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    let stop = capwatch_common::wait_for_shutdown(shutdown);
+    tokio::pin!(stop);
     loop {
         let msg = tokio::select! {
             m = inbound.message() => m?,
-            _ = shutdown.wait_for(|s| *s) => {
+            changed = committed.changed() => {
+                if changed.is_err() {
+                    return Err(Status::unavailable("collector shutting down"));
+                }
+                let done = *committed.borrow_and_update();
+                let mut ack = None;
+                while waiting.front().is_some_and(|(id, _)| *id <= done) {
+                    ack = waiting.pop_front().map(|(_, seq)| seq);
+                }
+                if let Some(acked_seq) = ack {
+                    let ack = pb::CollectorMessage {
+                        body: Some(pb::collector_message::Body::Ack(pb::Ack {
+                            stream_epoch: handle.epoch,
+                            acked_seq,
+                        })),
+                    };
+                    if tx.send(Ok(ack)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                continue;
+            }
+            _ = &mut stop => {
                 return Err(Status::unavailable("collector shutting down"));
             }
         };
@@ -151,15 +187,7 @@ async fn serve_stream(
             }
         }
         let out = state.ingest(handle, samples, rejected)?;
-        debug!(node = %handle.node_id, accepted = out.accepted, duplicate = out.duplicate, acked_seq = out.acked_seq, "batch");
-        let ack = pb::CollectorMessage {
-            body: Some(pb::collector_message::Body::Ack(pb::Ack {
-                stream_epoch: handle.epoch,
-                acked_seq: out.acked_seq,
-            })),
-        };
-        if tx.send(Ok(ack)).await.is_err() {
-            return Ok(());
-        }
+        debug!(node = %handle.node_id, accepted = out.accepted, duplicate = out.duplicate, acked_seq = out.acked_seq, commit = out.commit_id, "batch");
+        waiting.push_back((out.commit_id, out.acked_seq));
     }
 }

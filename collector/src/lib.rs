@@ -9,6 +9,7 @@
 pub mod config;
 pub mod http;
 pub mod ingest;
+pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod state;
@@ -35,6 +36,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub enum CollectorError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Ledger(#[from] ledger::LedgerError),
     #[error("binding {what} on {addr}: {error}")]
     Bind {
         what: &'static str,
@@ -71,6 +74,10 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         },
         tenants,
     ));
+    let ledger = ledger::Ledger::open(&cfg.ledger_path)?;
+    let snapshot = ledger.load()?;
+    info!(ledger = %cfg.ledger_path.display(), nodes = snapshot.nodes.len(), gpus = snapshot.gpus.len(), "ledger opened");
+    state.restore(snapshot);
     let registry = Arc::new(metrics::registry(state.clone(), cfg.per_gpu_metrics));
 
     let grpc = TcpListener::bind(cfg.grpc_listen)
@@ -103,10 +110,12 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         .map_err(|error| CollectorError::Signal { error })?;
     info!(grpc = %grpc_addr, http = %http_addr, tenants = state.tenants().all().len() - 1, version = VERSION, "collector listening");
 
+    let (committed_tx, committed) = watch::channel(0u64);
     let service = ingest::IngestService {
         state: state.clone(),
         shutdown: shutdown.clone(),
         hello_timeout: cfg.hello_timeout,
+        committed,
     };
     let grpc_server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -124,6 +133,14 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     let http_server = axum::serve(http, http::router(http::HttpState { registry }))
         .with_graceful_shutdown(capwatch_common::wait_for_shutdown(shutdown.clone()));
 
+    let ledger = std::sync::Arc::new(std::sync::Mutex::new(ledger));
+    let committer = tokio::spawn(commit_loop(
+        state.clone(),
+        ledger.clone(),
+        cfg.commit_interval,
+        committed_tx.clone(),
+        shutdown.clone(),
+    ));
     let evaluator = tokio::spawn(evaluate_contracts(
         state.clone(),
         cfg.evaluate_interval,
@@ -148,6 +165,14 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     .await;
     evaluator.abort();
     reloader.abort();
+    // Streams are closed: one last commit makes everything applied durable.
+    let failed = committer.await.unwrap_or(None);
+    if commit_once(&state, &ledger, failed, &committed_tx)
+        .await
+        .is_some()
+    {
+        error!("final ledger commit failed; unacked samples will be re-sent by the agents");
+    }
     match drained {
         Ok((Ok(Ok(())), Ok(Ok(())))) => {
             info!("collector stopped");
@@ -168,6 +193,82 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         Err(_) => {
             warn!("shutdown grace passed with streams still open; stopping anyway");
             Ok(())
+        }
+    }
+}
+
+/// Commits what streams applied, every `every`, and tells the streams
+/// which commit is durable so they can ack. A failed commit is retried
+/// with what arrives next; nothing is acked meanwhile. Named task:
+/// `committer`. Returns a commit that could not be written at shutdown.
+async fn commit_loop(
+    state: Arc<State>,
+    ledger: Arc<std::sync::Mutex<ledger::Ledger>>,
+    every: std::time::Duration,
+    committed: watch::Sender<u64>,
+    shutdown: watch::Receiver<bool>,
+) -> Option<(u64, ledger::Commit)> {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = capwatch_common::wait_for_shutdown(shutdown);
+    tokio::pin!(stop);
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => failed = commit_once(&state, &ledger, failed, &committed).await,
+            _ = &mut stop => return failed,
+        }
+    }
+}
+
+/// Writes the pending commit (with a previously failed one, if any).
+/// Returns it back if the write failed.
+async fn commit_once(
+    state: &State,
+    ledger: &Arc<std::sync::Mutex<ledger::Ledger>>,
+    failed: Option<(u64, ledger::Commit)>,
+    committed: &watch::Sender<u64>,
+) -> Option<(u64, ledger::Commit)> {
+    let (id, mut commit) = state.take_pending();
+    if let Some((_, mut earlier)) = failed {
+        earlier.absorb(commit);
+        commit = earlier;
+    }
+    if commit.is_empty() {
+        committed.send_replace(id);
+        return None;
+    }
+    let ledger = ledger.clone();
+    let started = std::time::Instant::now();
+    let result = tokio::task::spawn_blocking(move || {
+        let r = state::lock(&ledger).commit(&commit);
+        (r, commit)
+    })
+    .await;
+    match result {
+        Ok((Ok(()), _)) => {
+            state.counters.commits_ok.fetch_add(1, Ordering::Relaxed);
+            state
+                .counters
+                .commit_micros
+                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+            committed.send_replace(id);
+            None
+        }
+        Ok((Err(e), commit)) => {
+            state
+                .counters
+                .commits_failed
+                .fetch_add(1, Ordering::Relaxed);
+            error!(task = "committer", error = %e, "ledger commit failed; retrying with the next one, acks held");
+            Some((id, commit))
+        }
+        Err(e) => {
+            // The commit is gone with the task. Acking anything after it
+            // would ack samples that are not in the ledger: stop, and let
+            // the restart resume from the ledger while agents re-send.
+            error!(task = "committer", error = %e, "ledger commit task died; exiting so the ledger stays exact");
+            std::process::exit(70);
         }
     }
 }

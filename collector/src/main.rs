@@ -25,6 +25,9 @@ struct Args {
     /// Tenant file: contracts and what each tenant leases.
     #[arg(short, long, env = "CAPWATCH_TENANTS")]
     tenants: Option<PathBuf>,
+    /// The billing ledger file (SQLite).
+    #[arg(long, env = "CAPWATCH_LEDGER")]
+    ledger: Option<PathBuf>,
     /// gRPC ingest address agents connect to.
     #[arg(long, env = "CAPWATCH_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
@@ -56,6 +59,9 @@ impl Args {
         }
         if self.stale_after.is_some() {
             cfg.stale_after = self.stale_after;
+        }
+        if let Some(v) = &self.ledger {
+            cfg.ledger_path = v.clone();
         }
         if let Some(v) = self.grpc_listen {
             cfg.grpc_listen = v;

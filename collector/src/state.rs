@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::ledger::{BucketDelta, Commit, GpuCursor, Snapshot, split_by_minute};
 use crate::model::{GpuReading, HostReading, NodeSample, Reject};
 use crate::tenants::{Tenants, UNASSIGNED};
 
@@ -113,14 +114,20 @@ impl Gpu {
         }
     }
 
-    /// Folds one accepted reading in; returns the energy it adds (mJ).
-    fn apply(&mut self, r: GpuReading, timestamp: i64, now: Instant) -> u64 {
+    /// Folds one accepted reading in; returns the energy it adds (mJ) and
+    /// the interval it covers.
+    fn apply(&mut self, r: GpuReading, timestamp: i64, now: Instant) -> Applied {
         let prev_receipt = self.last_receipt.replace(now);
+        let nothing = Applied {
+            energy_mj: 0,
+            from_ns: None,
+            utilization_percent: None,
+        };
         if r.lost {
             // Keep the last counter and timestamp: when the GPU answers
             // again, its next delta carries the energy of the gap.
             self.last = Some(r);
-            return 0;
+            return nothing;
         }
         if let Some(limit) = r.power_limit_milliwatts {
             self.power_limit_milliwatts = Some(limit);
@@ -160,23 +167,121 @@ impl Gpu {
                 // reading and its timestamp: the next counter delta covers
                 // this interval exactly, once.
                 self.last = Some(r);
-                return 0;
+                return nothing;
             }
             _ => self.integrate(r.power_milliwatts, dt_nanos),
         };
-        if std::mem::take(&mut self.reanchor)
-            || self.last_timestamp.is_none_or(|prev| timestamp > prev)
-        {
+        let reanchored = std::mem::take(&mut self.reanchor);
+        let from_ns = self
+            .last_timestamp
+            .filter(|prev| *prev < timestamp && !reanchored);
+        if reanchored || self.last_timestamp.is_none_or(|prev| timestamp > prev) {
             self.last_timestamp = Some(timestamp);
         }
         if r.energy_millijoules.is_some() {
             self.last_counter = r.energy_millijoules;
         }
         self.energy_millijoules = self.energy_millijoules.saturating_add(delta);
+        let utilization_percent = r.utilization_percent;
         self.last = Some(r);
-        delta
+        Applied {
+            energy_mj: delta,
+            from_ns,
+            utilization_percent,
+        }
     }
 
+    /// The counting state the ledger keeps for this GPU.
+    fn cursor(&self, node: &Arc<str>) -> GpuCursor {
+        GpuCursor {
+            node: node.clone(),
+            last_counter_mj: self.last_counter,
+            last_timestamp_ns: self.last_timestamp,
+            // Below one second's worth of nanoseconds by construction.
+            remainder_mw_ns: self.remainder_milliwatt_nanos as u64,
+            energy_mj: self.energy_millijoules,
+        }
+    }
+
+    /// A GPU known only from the ledger, until its node says Hello.
+    fn resumed(uuid: &str, c: &GpuCursor) -> Self {
+        let mut g = Gpu::new(
+            0,
+            GpuInfo {
+                uuid: uuid.to_string(),
+                model: String::new(),
+                power_limit_milliwatts: None,
+                memory_total_bytes: None,
+                energy_counter_supported: c.last_counter_mj.is_some(),
+            },
+            Arc::from(UNASSIGNED),
+        );
+        g.last_counter = c.last_counter_mj;
+        g.last_timestamp = c.last_timestamp_ns;
+        g.remainder_milliwatt_nanos = u128::from(c.remainder_mw_ns);
+        g.energy_millijoules = c.energy_mj;
+        g
+    }
+}
+
+/// What one reading added.
+#[derive(Debug, Clone, Copy)]
+struct Applied {
+    energy_mj: u64,
+    /// Start of the interval the reading covers (it ends at the sample's
+    /// timestamp); `None` when it covers no interval.
+    from_ns: Option<i64>,
+    utilization_percent: Option<u32>,
+}
+
+impl Applied {
+    /// Adds this reading's energy and GPU time to the minute buckets of
+    /// (tenant, node). GPU time counts only intervals within the staleness
+    /// window: a longer gap carries energy but is not coverage.
+    fn book(
+        &self,
+        c: &mut Commit,
+        tenant: &Arc<str>,
+        node: &Arc<str>,
+        to_ns: i64,
+        window: Duration,
+    ) {
+        let from = self.from_ns.unwrap_or(to_ns);
+        let span = u64::try_from(to_ns - from).unwrap_or(0);
+        let covered = if u128::from(span) <= window.as_nanos() {
+            span
+        } else {
+            0
+        };
+        let util = u64::from(self.utilization_percent.unwrap_or(0).min(100));
+        let busy = covered / 100 * util + covered % 100 * util / 100;
+        let mut add = |amount: u64, field: fn(&mut BucketDelta) -> &mut u64| {
+            if amount == 0 {
+                return;
+            }
+            for (minute, part) in split_by_minute(amount, from, to_ns) {
+                let b = c
+                    .buckets
+                    .entry((tenant.clone(), node.clone(), minute))
+                    .or_default();
+                *field(b) += part;
+            }
+        };
+        add(self.energy_mj, |b| &mut b.energy_mj);
+        add(covered, |b| &mut b.gpu_ns);
+        add(busy, |b| &mut b.busy_gpu_ns);
+        let minute = to_ns.div_euclid(60_000_000_000) * 60;
+        c.buckets
+            .entry((tenant.clone(), node.clone(), minute))
+            .or_default()
+            .samples += 1;
+        if self.energy_mj > 0 {
+            *c.tenant_energy.entry(tenant.clone()).or_default() += self.energy_mj;
+        }
+    }
+}
+
+impl Gpu {
     /// Exact integral of `power` over `dt`, carrying the sub-millijoule
     /// remainder to the next call.
     fn integrate(&mut self, power_milliwatts: Option<u64>, dt_nanos: u128) -> u64 {
@@ -261,6 +366,9 @@ pub struct Counters {
     pub streams_refused: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    pub commits_ok: AtomicU64,
+    pub commits_failed: AtomicU64,
+    pub commit_micros: AtomicU64,
 }
 
 /// A stream's claim on its node.
@@ -294,6 +402,8 @@ pub struct Superseded(pub Arc<str>);
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct BatchOutcome {
     pub acked_seq: u64,
+    /// The ledger commit that will hold this batch; ack after it.
+    pub commit_id: u64,
     pub accepted: u64,
     pub duplicate: u64,
     pub rejected: Vec<(u64, Reject)>,
@@ -305,7 +415,16 @@ pub struct State {
     nodes: Mutex<HashMap<Arc<str>, Arc<Mutex<Node>>>>,
     totals: Mutex<HashMap<Arc<str>, TenantTotals>>,
     next_generation: AtomicU64,
+    /// What the next ledger commit will write.
+    pending: Mutex<Pending>,
     pub counters: Counters,
+}
+
+/// The ledger commit being gathered, and its number.
+#[derive(Debug, Default)]
+struct Pending {
+    id: u64,
+    commit: Commit,
 }
 
 impl State {
@@ -316,7 +435,68 @@ impl State {
             nodes: Mutex::new(HashMap::new()),
             totals: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
+            pending: Mutex::new(Pending {
+                id: 1,
+                commit: Commit::default(),
+            }),
             counters: Counters::default(),
+        }
+    }
+
+    /// Takes what the next commit must write, with its number; batches
+    /// applied from now on go to the commit after it.
+    pub fn take_pending(&self) -> (u64, Commit) {
+        let mut p = lock(&self.pending);
+        let id = p.id;
+        p.id += 1;
+        (id, std::mem::take(&mut p.commit))
+    }
+
+    /// The number of the commit now being gathered: everything applied so
+    /// far is durable once this commit is.
+    pub fn pending_id(&self) -> u64 {
+        lock(&self.pending).id
+    }
+
+    /// Resumes from what the ledger holds: each node's (epoch, seq) for
+    /// dedup, each GPU's counter for the next delta, tenant totals.
+    pub fn restore(&self, snap: Snapshot) {
+        let mut nodes = lock(&self.nodes);
+        for (id, epoch, last_seq) in snap.nodes {
+            let id: Arc<str> = Arc::from(id);
+            nodes.insert(
+                id.clone(),
+                Arc::new(Mutex::new(Node {
+                    id: id.clone(),
+                    tenant: Arc::from(UNASSIGNED),
+                    agent_version: String::new(),
+                    interval: Duration::from_secs(1),
+                    epoch,
+                    last_seq,
+                    generation: 0,
+                    connected: false,
+                    samples_accepted: 0,
+                    last_receipt: None,
+                    last_timestamp: 0,
+                    host: None,
+                    gpus: Vec::new(),
+                    departed: Vec::new(),
+                })),
+            );
+        }
+        for (uuid, cursor) in &snap.gpus {
+            if let Some(node) = nodes.get(&cursor.node) {
+                // Resumed GPUs wait among the departed until the Hello.
+                lock(node).departed.push(Gpu::resumed(uuid, cursor));
+            }
+        }
+        drop(nodes);
+        let mut totals = lock(&self.totals);
+        for (tenant, energy) in snap.tenant_energy {
+            totals
+                .entry(Arc::from(tenant))
+                .or_default()
+                .energy_millijoules = energy;
         }
     }
 
@@ -511,8 +691,12 @@ impl State {
         let now = Instant::now();
         let mut out = BatchOutcome::default();
         let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut booked = Commit::default();
+        let mut touched = vec![];
         {
             let mut n = lock(&h.node);
+            let window = n.stale_window(self.cfg.stale_after);
+            let node_id = n.id.clone();
             if n.generation != h.generation || n.epoch != h.epoch {
                 return Err(Superseded(h.node_id.clone()));
             }
@@ -542,14 +726,24 @@ impl State {
                     n.host = s.host;
                 }
                 for r in s.gpus {
-                    let gpu = &mut n.gpus[r.index as usize];
-                    let added = gpu.apply(r, s.timestamp_unix_nanos, now);
+                    let i = r.index as usize;
+                    let gpu = &mut n.gpus[i];
+                    let applied = gpu.apply(r, s.timestamp_unix_nanos, now);
+                    applied.book(
+                        &mut booked,
+                        &gpu.tenant,
+                        &node_id,
+                        s.timestamp_unix_nanos,
+                        window,
+                    );
+                    let added = applied.energy_mj;
                     if added > 0 {
                         match energy.iter_mut().find(|(t, _)| *t == gpu.tenant) {
                             Some((_, e)) => *e = e.saturating_add(added),
                             None => energy.push((gpu.tenant.clone(), added)),
                         }
                     }
+                    touched.push(i);
                 }
                 out.accepted += 1;
             }
@@ -559,6 +753,18 @@ impl State {
                 n.last_seq = n.last_seq.max(max);
             }
             out.acked_seq = n.last_seq;
+            // Into the next ledger commit, under the node's lock so that
+            // cursors and deltas of this node are written in order.
+            touched.sort_unstable();
+            touched.dedup();
+            booked.nodes.insert(node_id.clone(), (n.epoch, n.last_seq));
+            for i in touched {
+                let g = &n.gpus[i];
+                booked.gpus.insert(g.uuid.clone(), g.cursor(&node_id));
+            }
+            let mut pending = lock(&self.pending);
+            pending.commit.absorb(booked);
+            out.commit_id = pending.id;
         }
         if !energy.is_empty() {
             let mut totals = lock(&self.totals);

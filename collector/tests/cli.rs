@@ -19,6 +19,7 @@ const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const FLAGS: &[(&str, Option<&str>)] = &[
     ("--config", Some("CAPWATCH_CONFIG")),
     ("--tenants", Some("CAPWATCH_TENANTS")),
+    ("--ledger", Some("CAPWATCH_LEDGER")),
     ("--grpc-listen", Some("CAPWATCH_GRPC_LISTEN")),
     ("--http-listen", Some("CAPWATCH_HTTP_LISTEN")),
     ("--stale-after", Some("CAPWATCH_STALE_AFTER")),

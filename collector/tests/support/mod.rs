@@ -121,6 +121,9 @@ impl Collector {
             .arg(format!("127.0.0.1:{grpc_port}"))
             .arg("--tenants")
             .arg(&tenants_file)
+            // The same directory keeps the same ledger across restarts.
+            .arg("--ledger")
+            .arg(dir.join("ledger.db"))
             .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())

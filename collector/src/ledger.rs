@@ -1,0 +1,518 @@
+//! The billing ledger: one SQLite file (WAL) holding, per tenant, node and
+//! minute, the energy and GPU time counted, plus the cursors that make
+//! counting exactly-once across crashes.
+//!
+//! *Invariant:* one transaction writes the bucket deltas of a set of
+//! samples, every node's highest accepted (epoch, seq) and every GPU's last
+//! counter reading. The collector acks a sample only after the transaction
+//! holding it has committed, so after a crash at any moment the ledger and
+//! the cursors agree: samples not committed were not acked and are re-sent;
+//! samples committed are duplicates when re-sent.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::{Connection, params};
+
+/// Schema migrations, applied in order; the index is the version reached.
+const MIGRATIONS: &[&str] = &[
+    // 1: cursors, minute buckets and tenant totals.
+    "CREATE TABLE node_cursor (
+        node TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE gpu_cursor (
+        uuid TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        last_counter_mj INTEGER,
+        last_timestamp_ns INTEGER,
+        remainder_mw_ns INTEGER NOT NULL,
+        energy_mj INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE usage_minute (
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        minute_start INTEGER NOT NULL,
+        energy_mj INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        busy_gpu_ns INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        PRIMARY KEY (tenant, node, minute_start)
+     ) WITHOUT ROWID;
+     CREATE TABLE tenant_total (
+        tenant TEXT PRIMARY KEY,
+        energy_mj INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger {path}: {error}")]
+    Sqlite {
+        path: PathBuf,
+        error: rusqlite::Error,
+    },
+    #[error("ledger {path}: schema version {found} is newer than this collector knows ({known})")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("ledger {path}: value out of range in {what}")]
+    Range { path: PathBuf, what: &'static str },
+}
+
+/// A GPU's counting state, as committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuCursor {
+    pub node: Arc<str>,
+    pub last_counter_mj: Option<u64>,
+    pub last_timestamp_ns: Option<i64>,
+    pub remainder_mw_ns: u64,
+    pub energy_mj: u64,
+}
+
+/// Additions to one (tenant, node, minute) bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BucketDelta {
+    pub energy_mj: u64,
+    pub gpu_ns: u64,
+    pub busy_gpu_ns: u64,
+    pub samples: u64,
+}
+
+/// Bucket key: (tenant, node, minute start in Unix seconds).
+pub type BucketKey = (Arc<str>, Arc<str>, i64);
+
+/// Everything one transaction writes.
+#[derive(Debug, Default)]
+pub struct Commit {
+    pub nodes: HashMap<Arc<str>, (u64, u64)>,
+    pub gpus: HashMap<Arc<str>, GpuCursor>,
+    pub buckets: HashMap<BucketKey, BucketDelta>,
+    pub tenant_energy: HashMap<Arc<str>, u64>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.gpus.is_empty() && self.buckets.is_empty()
+    }
+
+    /// Folds a later commit into this one (used when a commit failed and
+    /// is retried together with what arrived since).
+    pub fn absorb(&mut self, later: Commit) {
+        self.nodes.extend(later.nodes);
+        self.gpus.extend(later.gpus);
+        for (k, d) in later.buckets {
+            let b = self.buckets.entry(k).or_default();
+            b.energy_mj += d.energy_mj;
+            b.gpu_ns += d.gpu_ns;
+            b.busy_gpu_ns += d.busy_gpu_ns;
+            b.samples += d.samples;
+        }
+        for (t, e) in later.tenant_energy {
+            *self.tenant_energy.entry(t).or_default() += e;
+        }
+    }
+}
+
+/// What the ledger holds at start-up.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<(String, u64, u64)>,
+    pub gpus: Vec<(String, GpuCursor)>,
+    pub tenant_energy: Vec<(String, u64)>,
+}
+
+pub struct Ledger {
+    conn: Connection,
+    path: PathBuf,
+}
+
+fn i64_of(v: u64, path: &Path, what: &'static str) -> Result<i64, LedgerError> {
+    i64::try_from(v).map_err(|_| LedgerError::Range {
+        path: path.to_owned(),
+        what,
+    })
+}
+
+fn u64_of(v: i64, path: &Path, what: &'static str) -> Result<u64, LedgerError> {
+    u64::try_from(v).map_err(|_| LedgerError::Range {
+        path: path.to_owned(),
+        what,
+    })
+}
+
+impl Ledger {
+    /// Opens (creating if needed) the ledger at `path` and migrates it.
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let err = |error| LedgerError::Sqlite {
+            path: path.to_owned(),
+            error,
+        };
+        let mut conn = Connection::open(path).map_err(err)?;
+        // WAL: readers never block the committer. FULL: a committed
+        // transaction survives power loss, not only a killed process.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(err)?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(err)?;
+        if version as usize > MIGRATIONS.len() {
+            return Err(LedgerError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                known: MIGRATIONS.len(),
+            });
+        }
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+            let tx = conn.transaction().map_err(err)?;
+            tx.execute_batch(sql).map_err(err)?;
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .map_err(err)?;
+            tx.commit().map_err(err)?;
+        }
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Reads the cursors and totals to resume from.
+    pub fn load(&self) -> Result<Snapshot, LedgerError> {
+        let p = &self.path;
+        let err = |error| LedgerError::Sqlite {
+            path: p.clone(),
+            error,
+        };
+        let mut snap = Snapshot::default();
+        let mut q = self
+            .conn
+            .prepare("SELECT node, epoch, last_seq FROM node_cursor")
+            .map_err(err)?;
+        let rows = q
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .map_err(err)?;
+        for row in rows {
+            let (node, epoch, seq) = row.map_err(err)?;
+            snap.nodes.push((
+                node,
+                u64_of(epoch, p, "epoch")?,
+                u64_of(seq, p, "last_seq")?,
+            ));
+        }
+        let mut q = self
+            .conn
+            .prepare(
+                "SELECT uuid, node, last_counter_mj, last_timestamp_ns, remainder_mw_ns, energy_mj FROM gpu_cursor",
+            )
+            .map_err(err)?;
+        let rows = q
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            })
+            .map_err(err)?;
+        for row in rows {
+            let (uuid, node, counter, ts, rem, energy) = row.map_err(err)?;
+            snap.gpus.push((
+                uuid,
+                GpuCursor {
+                    node: Arc::from(node),
+                    last_counter_mj: counter
+                        .map(|c| u64_of(c, p, "last_counter_mj"))
+                        .transpose()?,
+                    last_timestamp_ns: ts,
+                    remainder_mw_ns: u64_of(rem, p, "remainder_mw_ns")?,
+                    energy_mj: u64_of(energy, p, "energy_mj")?,
+                },
+            ));
+        }
+        let mut q = self
+            .conn
+            .prepare("SELECT tenant, energy_mj FROM tenant_total")
+            .map_err(err)?;
+        let rows = q
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(err)?;
+        for row in rows {
+            let (t, e) = row.map_err(err)?;
+            snap.tenant_energy.push((t, u64_of(e, p, "tenant energy")?));
+        }
+        Ok(snap)
+    }
+
+    /// Writes `c` in one transaction.
+    pub fn commit(&mut self, c: &Commit) -> Result<(), LedgerError> {
+        let p = self.path.clone();
+        let err = |error| LedgerError::Sqlite {
+            path: p.clone(),
+            error,
+        };
+        let tx = self.conn.transaction().map_err(err)?;
+        {
+            let mut node = tx
+                .prepare_cached(
+                    "INSERT INTO node_cursor (node, epoch, last_seq) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (node) DO UPDATE SET epoch = ?2, last_seq = ?3",
+                )
+                .map_err(err)?;
+            for (id, (epoch, seq)) in &c.nodes {
+                node.execute(params![
+                    &**id,
+                    i64_of(*epoch, &p, "epoch")?,
+                    i64_of(*seq, &p, "last_seq")?
+                ])
+                .map_err(err)?;
+            }
+            let mut gpu = tx
+                .prepare_cached(
+                    "INSERT INTO gpu_cursor (uuid, node, last_counter_mj, last_timestamp_ns, remainder_mw_ns, energy_mj)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (uuid) DO UPDATE SET node = ?2, last_counter_mj = ?3,
+                        last_timestamp_ns = ?4, remainder_mw_ns = ?5, energy_mj = ?6",
+                )
+                .map_err(err)?;
+            for (uuid, g) in &c.gpus {
+                let counter = g
+                    .last_counter_mj
+                    .map(|v| i64_of(v, &p, "counter"))
+                    .transpose()?;
+                gpu.execute(params![
+                    &**uuid,
+                    &*g.node,
+                    counter,
+                    g.last_timestamp_ns,
+                    i64_of(g.remainder_mw_ns, &p, "remainder")?,
+                    i64_of(g.energy_mj, &p, "energy")?
+                ])
+                .map_err(err)?;
+            }
+            let mut bucket = tx
+                .prepare_cached(
+                    "INSERT INTO usage_minute (tenant, node, minute_start, energy_mj, gpu_ns, busy_gpu_ns, samples)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                     ON CONFLICT (tenant, node, minute_start) DO UPDATE SET
+                        energy_mj = energy_mj + ?4, gpu_ns = gpu_ns + ?5,
+                        busy_gpu_ns = busy_gpu_ns + ?6, samples = samples + ?7",
+                )
+                .map_err(err)?;
+            for ((tenant, node, minute), d) in &c.buckets {
+                bucket
+                    .execute(params![
+                        &**tenant,
+                        &**node,
+                        minute,
+                        i64_of(d.energy_mj, &p, "energy")?,
+                        i64_of(d.gpu_ns, &p, "gpu_ns")?,
+                        i64_of(d.busy_gpu_ns, &p, "busy_gpu_ns")?,
+                        i64_of(d.samples, &p, "samples")?
+                    ])
+                    .map_err(err)?;
+            }
+            let mut total = tx
+                .prepare_cached(
+                    "INSERT INTO tenant_total (tenant, energy_mj) VALUES (?1, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET energy_mj = energy_mj + ?2",
+                )
+                .map_err(err)?;
+            for (tenant, e) in &c.tenant_energy {
+                total
+                    .execute(params![&**tenant, i64_of(*e, &p, "energy")?])
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)
+    }
+
+    /// Sums of the minute buckets of `tenant` over all nodes and all time:
+    /// a cross-check of `tenant_total` and of exactly-once sample counts.
+    pub fn bucket_totals(&self, tenant: &str) -> Result<BucketDelta, LedgerError> {
+        let p = &self.path;
+        let (e, g, b, s): (i64, i64, i64, i64) = self
+            .conn
+            .query_row(
+                "SELECT COALESCE(SUM(energy_mj), 0), COALESCE(SUM(gpu_ns), 0),
+                        COALESCE(SUM(busy_gpu_ns), 0), COALESCE(SUM(samples), 0)
+                 FROM usage_minute WHERE tenant = ?1",
+                [tenant],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .map_err(|error| LedgerError::Sqlite {
+                path: p.clone(),
+                error,
+            })?;
+        Ok(BucketDelta {
+            energy_mj: u64_of(e, p, "energy")?,
+            gpu_ns: u64_of(g, p, "gpu_ns")?,
+            busy_gpu_ns: u64_of(b, p, "busy_gpu_ns")?,
+            samples: u64_of(s, p, "samples")?,
+        })
+    }
+}
+
+/// Splits `amount` spread evenly over the interval `(from_ns, to_ns]`
+/// across the minutes it overlaps, exactly: the parts are floors of the
+/// time-proportional shares, and what the floors leave goes to the
+/// minutes with the largest remainders. Returns (minute start in Unix
+/// seconds, part) pairs in time order.
+pub fn split_by_minute(amount: u64, from_ns: i64, to_ns: i64) -> Vec<(i64, u64)> {
+    const MINUTE_NS: i64 = 60_000_000_000;
+    if to_ns <= from_ns {
+        // No interval: all of it lands in the minute of `to_ns`.
+        return vec![(to_ns.div_euclid(MINUTE_NS) * 60, amount)];
+    }
+    let total = (to_ns - from_ns) as u128;
+    let mut parts = Vec::new();
+    let mut start = from_ns;
+    while start < to_ns {
+        let minute = start.div_euclid(MINUTE_NS);
+        let end = ((minute + 1) * MINUTE_NS).min(to_ns);
+        let share = u128::from(amount) * (end - start) as u128;
+        parts.push((minute * 60, (share / total) as u64, share % total));
+        start = end;
+    }
+    let assigned: u64 = parts.iter().map(|p| p.1).sum();
+    let mut left = amount - assigned;
+    // Largest remainder first; ties to the later minute, deterministic.
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| parts[b].2.cmp(&parts[a].2).then(b.cmp(&a)));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        parts[i].1 += 1;
+        left -= 1;
+    }
+    parts.into_iter().map(|(m, v, _)| (m, v)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn split_examples() {
+        const M: i64 = 60_000_000_000;
+        // (amount, from, to, expected parts)
+        type Case = (u64, i64, i64, Vec<(i64, u64)>);
+        // (amount, from, to, expected (minute, part))
+        let cases: [Case; 4] = [
+            (100, 10 * M, 10 * M + 1_000, vec![(600, 100)]),
+            (
+                100,
+                10 * M - M / 2,
+                10 * M + M / 2,
+                vec![(540, 50), (600, 50)],
+            ),
+            (
+                10,
+                10 * M - M / 3,
+                10 * M + 2 * M / 3,
+                vec![(540, 3), (600, 7)],
+            ),
+            (7, 5 * M, 5 * M, vec![(300, 7)]),
+        ];
+        for (amount, from, to, want) in cases {
+            assert_eq!(
+                split_by_minute(amount, from, to),
+                want,
+                "{amount} over ({from}, {to}]"
+            );
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Conservation: the parts add up to the amount exactly, one per
+        /// minute overlapped, each within one of its exact share.
+        #[test]
+        fn split_conserves_energy(amount in 0u64..=u64::MAX / 4, from in 0i64..10_000_000_000_000, len in 0i64..600_000_000_000) {
+            let parts = split_by_minute(amount, from, from + len);
+            prop_assert_eq!(parts.iter().map(|p| p.1).sum::<u64>(), amount);
+            for w in parts.windows(2) {
+                prop_assert_eq!(w[1].0, w[0].0 + 60);
+            }
+            if len > 0 {
+                let first = from.div_euclid(60_000_000_000) * 60;
+                let last = (from + len - 1).div_euclid(60_000_000_000) * 60;
+                prop_assert_eq!(parts[0].0, first);
+                prop_assert_eq!(parts[parts.len() - 1].0, last);
+            }
+        }
+    }
+
+    #[test]
+    fn commit_then_load_round_trips_and_buckets_accumulate() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        let mut c = Commit::default();
+        c.nodes.insert(Arc::from("n1"), (7, 42));
+        c.gpus.insert(
+            Arc::from("GPU-1"),
+            GpuCursor {
+                node: Arc::from("n1"),
+                last_counter_mj: Some(u64::MAX / 4),
+                last_timestamp_ns: Some(-5),
+                remainder_mw_ns: 999_999_999,
+                energy_mj: 123,
+            },
+        );
+        let key: BucketKey = (Arc::from("t"), Arc::from("n1"), 600);
+        c.buckets.insert(
+            key.clone(),
+            BucketDelta {
+                energy_mj: 100,
+                gpu_ns: 5,
+                busy_gpu_ns: 4,
+                samples: 1,
+            },
+        );
+        c.tenant_energy.insert(Arc::from("t"), 100);
+        l.commit(&c).unwrap();
+        l.commit(&c).unwrap();
+        drop(l);
+        let l = Ledger::open(&path).unwrap();
+        let snap = l.load().unwrap();
+        assert_eq!(snap.nodes, vec![("n1".to_string(), 7, 42)]);
+        assert_eq!(snap.gpus[0].1, c.gpus[&*Arc::<str>::from("GPU-1")]);
+        assert_eq!(snap.tenant_energy, vec![("t".to_string(), 200)]);
+        let sums = l.bucket_totals("t").unwrap();
+        assert_eq!(
+            (sums.energy_mj, sums.gpu_ns, sums.busy_gpu_ns, sums.samples),
+            (200, 10, 8, 2)
+        );
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 99)
+            .unwrap();
+        let err = Ledger::open(&path).err().unwrap().to_string();
+        assert!(err.contains("schema version 99"), "{err}");
+    }
+}
