@@ -26,6 +26,10 @@ pub struct Config {
     /// their acks after the commit.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
+    /// How long after a minute closes late samples may still change it: the
+    /// usage API's `finalized_through` trails the clock by this much.
+    #[serde(with = "humantime_serde")]
+    pub finalize_grace: Duration,
     /// A GPU with no sample for this long is stale. Unset: three times the
     /// interval its agent announced.
     #[serde(with = "humantime_serde")]
@@ -64,6 +68,7 @@ impl Default for Config {
             tenants_file: None,
             ledger_path: PathBuf::from("capwatch-ledger.db"),
             commit_interval: Duration::from_secs(1),
+            finalize_grace: Duration::from_secs(600),
             stale_after: None,
             evaluate_interval: Duration::from_secs(1),
             per_gpu_metrics: true,

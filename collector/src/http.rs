@@ -1,24 +1,42 @@
-//! The HTTP side: `/metrics` and `/healthz`.
+//! The HTTP side: `/metrics`, `/healthz` and the usage API for billing
+//! jobs (`/v1/tenants`, `/v1/tenants/{id}/usage`, `/v1/usage`).
+//!
+//! *Boundary:* query strings are untrusted; errors map to an HTTP status
+//! with a JSON body naming the problem, here and nowhere else.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::State as Extract;
+use axum::extract::{Path, Query, State as Extract};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::Registry;
+use serde::{Deserialize, Serialize};
 use tracing::error;
+
+use crate::ledger::{LedgerError, Reader};
+use crate::state::{State, lock};
+use crate::tenants::UNASSIGNED;
+use crate::usage::{self, Format, UsageError};
 
 #[derive(Clone)]
 pub struct HttpState {
     pub registry: Arc<Registry>,
+    pub state: Arc<State>,
+    pub ledger: Arc<Mutex<Reader>>,
+    /// How long after a minute closes late samples may still change it.
+    pub finalize_grace: Duration,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/v1/tenants", get(tenants))
+        .route("/v1/tenants/{id}/usage", get(tenant_usage))
+        .route("/v1/usage", get(all_usage))
         .with_state(state)
 }
 
@@ -43,5 +61,190 @@ async fn metrics(Extract(s): Extract<HttpState>) -> Response {
             )
                 .into_response()
         }
+    }
+}
+
+/// An API error: the status and a JSON body `{"error": "..."}`.
+struct ApiError(StatusCode, String);
+
+impl From<UsageError> for ApiError {
+    fn from(e: UsageError) -> Self {
+        let status = match e {
+            UsageError::UnknownTenant(_) => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+impl From<LedgerError> for ApiError {
+    fn from(e: LedgerError) -> Self {
+        error!(error = %e, "reading the ledger failed");
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "reading the ledger failed".into(),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.1 }).to_string();
+        (self.0, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct TenantView {
+    id: String,
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    contracted_power_watts: Option<f64>,
+    power_watts: f64,
+    energy_joules_total: f64,
+    gpus_reporting: u64,
+    gpus_stale: u64,
+}
+
+async fn tenants(Extract(s): Extract<HttpState>) -> Response {
+    let tenants = s.state.tenants();
+    let live = s.state.tenant_power(&tenants, Instant::now());
+    let totals = s.state.totals();
+    let view: Vec<TenantView> = tenants
+        .all()
+        .iter()
+        .zip(&live)
+        .map(|(t, l)| TenantView {
+            id: t.id.to_string(),
+            name: t.name.clone(),
+            contracted_power_watts: (t.contracted_milliwatts > 0)
+                .then(|| t.contracted_milliwatts as f64 / 1000.0),
+            power_watts: l.power_milliwatts as f64 / 1000.0,
+            energy_joules_total: totals.get(&t.id).map_or(0, |x| x.energy_millijoules) as f64
+                / 1000.0,
+            gpus_reporting: l.reporting,
+            gpus_stale: l.stale,
+        })
+        .collect();
+    json(&serde_json::json!({ "tenants": view }))
+}
+
+#[derive(Debug, Deserialize)]
+struct UsageParams {
+    from: Option<String>,
+    to: Option<String>,
+    step: Option<String>,
+    tz: Option<String>,
+    format: Option<String>,
+}
+
+async fn tenant_usage(
+    Extract(s): Extract<HttpState>,
+    Path(id): Path<String>,
+    Query(p): Query<UsageParams>,
+) -> Result<Response, ApiError> {
+    usage_response(s, Some(id), p).await
+}
+
+async fn all_usage(
+    Extract(s): Extract<HttpState>,
+    Query(p): Query<UsageParams>,
+) -> Result<Response, ApiError> {
+    usage_response(s, None, p).await
+}
+
+async fn usage_response(
+    s: HttpState,
+    tenant: Option<String>,
+    p: UsageParams,
+) -> Result<Response, ApiError> {
+    let format = Format::parse(p.format.as_deref().unwrap_or("json"))?;
+    if format == Format::Table {
+        return Err(UsageError::Format("table".into()).into());
+    }
+    let contracts = contracts(&s.state);
+    let ledger = s.ledger.clone();
+    let grace = s.finalize_grace;
+    let report = tokio::task::spawn_blocking(move || -> Result<usage::Report, ApiError> {
+        let reader = lock(&ledger);
+        let known = known_tenants(&reader, contracts)?;
+        let selected: Vec<(String, Option<u64>)> = match tenant {
+            Some(id) => match known.iter().find(|(t, _)| *t == id) {
+                Some(t) => vec![t.clone()],
+                None => return Err(UsageError::UnknownTenant(id).into()),
+            },
+            None => known,
+        };
+        let q = usage::Query::parse(
+            p.from.as_deref(),
+            p.to.as_deref(),
+            p.step.as_deref(),
+            p.tz.as_deref(),
+            selected.len(),
+        )?;
+        let (from, to) = q.read_range();
+        let only = (selected.len() == 1).then(|| selected[0].0.as_str());
+        let minutes = reader.minutes(only, from, to)?;
+        Ok(usage::report(
+            &q,
+            &selected,
+            &minutes,
+            usage::now_unix(),
+            grace,
+        ))
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("usage query failed: {e}"),
+        )
+    })??;
+    Ok(match format {
+        Format::Csv => (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            usage::csv(&report),
+        )
+            .into_response(),
+        _ => json(&report),
+    })
+}
+
+/// Configured tenants with their contracts, then `unassigned`.
+fn contracts(state: &State) -> Vec<(String, Option<u64>)> {
+    state
+        .tenants()
+        .all()
+        .iter()
+        .map(|t| {
+            (
+                t.id.to_string(),
+                (t.contracted_milliwatts > 0).then_some(t.contracted_milliwatts),
+            )
+        })
+        .collect()
+}
+
+/// The configured tenants plus any the ledger knows from earlier tenant
+/// files (without a contract now).
+pub fn known_tenants(
+    reader: &Reader,
+    mut known: Vec<(String, Option<u64>)>,
+) -> Result<Vec<(String, Option<u64>)>, LedgerError> {
+    if !known.iter().any(|(t, _)| t == UNASSIGNED) {
+        known.push((UNASSIGNED.to_string(), None));
+    }
+    for t in reader.tenants()? {
+        if !known.iter().any(|(k, _)| *k == t) {
+            known.push((t, None));
+        }
+    }
+    Ok(known)
+}
+
+fn json<T: Serialize>(v: &T) -> Response {
+    match serde_json::to_string(v) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }

@@ -369,6 +369,104 @@ impl Ledger {
     }
 }
 
+/// A read-only view of the ledger, for the usage API and the `usage`
+/// command. WAL lets it read while the collector commits.
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|error| LedgerError::Sqlite {
+            path: path.to_owned(),
+            error,
+        })?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(|error| LedgerError::Sqlite {
+                path: path.to_owned(),
+                error,
+            })?;
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Minute buckets in `[from, to)` (Unix seconds, minute-aligned),
+    /// summed over nodes: (tenant, minute start, sums), ordered by tenant
+    /// then time. `tenant` `None` reads every tenant.
+    pub fn minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
+        let p = &self.path;
+        let err = |error| LedgerError::Sqlite {
+            path: p.clone(),
+            error,
+        };
+        let mut q = self
+            .conn
+            .prepare_cached(
+                "SELECT tenant, minute_start, SUM(energy_mj), SUM(gpu_ns), SUM(busy_gpu_ns), SUM(samples)
+                 FROM usage_minute
+                 WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
+                 GROUP BY tenant, minute_start ORDER BY tenant, minute_start",
+            )
+            .map_err(err)?;
+        let rows = q
+            .query_map(params![tenant, from, to], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    [
+                        r.get::<_, i64>(2)?,
+                        r.get::<_, i64>(3)?,
+                        r.get::<_, i64>(4)?,
+                        r.get::<_, i64>(5)?,
+                    ],
+                ))
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (t, m, [e, g, b, s]) = row.map_err(err)?;
+            out.push((
+                t,
+                m,
+                BucketDelta {
+                    energy_mj: u64_of(e, p, "energy")?,
+                    gpu_ns: u64_of(g, p, "gpu_ns")?,
+                    busy_gpu_ns: u64_of(b, p, "busy_gpu_ns")?,
+                    samples: u64_of(s, p, "samples")?,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Every tenant that has buckets.
+    pub fn tenants(&self) -> Result<Vec<String>, LedgerError> {
+        let p = &self.path;
+        let err = |error| LedgerError::Sqlite {
+            path: p.clone(),
+            error,
+        };
+        let mut q = self
+            .conn
+            .prepare_cached("SELECT tenant FROM tenant_total ORDER BY tenant")
+            .map_err(err)?;
+        let rows = q.query_map([], |r| r.get::<_, String>(0)).map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+}
+
 /// Splits `amount` spread evenly over the interval `(from_ns, to_ns]`
 /// across the minutes it overlaps, exactly: the parts are floors of the
 /// time-proportional shares, and what the floors leave goes to the

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod model;
 pub mod state;
 pub mod tenants;
+pub mod usage;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -130,8 +131,19 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             TcpListenerStream::new(grpc),
             capwatch_common::wait_for_shutdown(shutdown.clone()),
         );
-    let http_server = axum::serve(http, http::router(http::HttpState { registry }))
-        .with_graceful_shutdown(capwatch_common::wait_for_shutdown(shutdown.clone()));
+    let reader = Arc::new(std::sync::Mutex::new(ledger::Reader::open(
+        &cfg.ledger_path,
+    )?));
+    let http_server = axum::serve(
+        http,
+        http::router(http::HttpState {
+            registry,
+            state: state.clone(),
+            ledger: reader,
+            finalize_grace: cfg.finalize_grace,
+        }),
+    )
+    .with_graceful_shutdown(capwatch_common::wait_for_shutdown(shutdown.clone()));
 
     let ledger = std::sync::Arc::new(std::sync::Mutex::new(ledger));
     let committer = tokio::spawn(commit_loop(

@@ -46,6 +46,87 @@ struct Args {
     /// Check the config and tenant file, print a summary and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print per-tenant usage from the ledger file (for billing jobs; safe
+    /// while the collector runs). Uses --ledger and --tenants (contracts).
+    Usage {
+        /// Only this tenant [default: every tenant].
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Start, inclusive, RFC 3339 UTC (2026-11-01T00:00:00Z).
+        #[arg(long)]
+        from: String,
+        /// End, exclusive, RFC 3339 UTC.
+        #[arg(long)]
+        to: String,
+        /// Row length: 1m, 15m, 1h or 1d.
+        #[arg(long, default_value = "1h")]
+        step: String,
+        /// Output: table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+}
+
+/// `capwatch-collector usage`: reads the ledger file directly.
+fn usage_command(
+    cfg: &Config,
+    tenants: &capwatch_collector::tenants::Tenants,
+    cmd: &Command,
+) -> anyhow::Result<()> {
+    use capwatch_collector::usage::{self, Format};
+    let Command::Usage {
+        tenant,
+        from,
+        to,
+        step,
+        format,
+    } = cmd;
+    let format = Format::parse(format)?;
+    let reader = capwatch_collector::ledger::Reader::open(&cfg.ledger_path)?;
+    let contracts = tenants
+        .all()
+        .iter()
+        .map(|t| {
+            (
+                t.id.to_string(),
+                (t.contracted_milliwatts > 0).then_some(t.contracted_milliwatts),
+            )
+        })
+        .collect();
+    let known = capwatch_collector::http::known_tenants(&reader, contracts)?;
+    let selected: Vec<_> = match tenant {
+        Some(id) => vec![
+            known
+                .iter()
+                .find(|(t, _)| t == id)
+                .cloned()
+                .ok_or_else(|| usage::UsageError::UnknownTenant(id.clone()))?,
+        ],
+        None => known,
+    };
+    let q = usage::Query::parse(Some(from), Some(to), Some(step), None, selected.len())?;
+    let (lo, hi) = q.read_range();
+    let only = (selected.len() == 1).then(|| selected[0].0.as_str());
+    let minutes = reader.minutes(only, lo, hi)?;
+    let report = usage::report(
+        &q,
+        &selected,
+        &minutes,
+        usage::now_unix(),
+        cfg.finalize_grace,
+    );
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Csv => print!("{}", usage::csv(&report)),
+        Format::Table => print!("{}", usage::table(&report)),
+    }
+    Ok(())
 }
 
 impl Args {
@@ -84,6 +165,9 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.config().context("configuration")?;
     let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
+    if let Some(cmd) = &args.command {
+        return usage_command(&cfg, &tenants, cmd);
+    }
     if args.check {
         println!("configuration ok: {} tenants", tenants.all().len() - 1);
         for t in tenants.all() {

@@ -151,6 +151,97 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         &[("tenant", "lab-a")],
     );
     assert!((ratio - tenant_power["lab-a"] as f64 / 3_000_000.0).abs() < 1e-9);
+    // The usage API agrees with the live totals, to the millijoule, once
+    // everything is acked (and so committed).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (from, to) = (now / 60 * 60 - 600, now / 60 * 60 + 600);
+    let period = format!(
+        "from={}&to={}&step=1m",
+        capwatch_collector::usage::rfc3339(from as i64),
+        capwatch_collector::usage::rfc3339(to as i64)
+    );
+    for tenant in ["lab-a", "lab-b", "unassigned"] {
+        let body = http_get(
+            collector.http,
+            &format!("/v1/tenants/{tenant}/usage?{period}"),
+        );
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let rows = v["rows"].as_array().unwrap();
+        assert_eq!(rows.len(), 20);
+        let sum: u64 = rows
+            .iter()
+            .map(|r| r["energy_millijoules"].as_u64().unwrap())
+            .sum();
+        assert_eq!(sum, tenant_energy[tenant], "{tenant} usage vs metrics");
+        let readings: u64 = rows.iter().map(|r| r["readings"].as_u64().unwrap()).sum();
+        assert_eq!(
+            readings,
+            SAMPLES
+                * [9, 3, 4][["lab-a", "lab-b", "unassigned"]
+                    .iter()
+                    .position(|t| *t == tenant)
+                    .unwrap()]
+        );
+        assert!(
+            rows.iter().any(|r| r["partial"] == true),
+            "the open minute is partial"
+        );
+        let csv = http_get(
+            collector.http,
+            &format!("/v1/tenants/{tenant}/usage?{period}&format=csv"),
+        );
+        assert_eq!(csv.lines().count(), 21, "{csv}");
+    }
+    let all: serde_json::Value =
+        serde_json::from_str(&http_get(collector.http, &format!("/v1/usage?{period}"))).unwrap();
+    assert_eq!(all["rows"].as_array().unwrap().len(), 60);
+    let listed: serde_json::Value =
+        serde_json::from_str(&http_get(collector.http, "/v1/tenants")).unwrap();
+    let lab_a = listed["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == "lab-a")
+        .unwrap()
+        .clone();
+    assert_eq!(lab_a["contracted_power_watts"], 3000.0);
+    assert_eq!(lab_a["gpus_reporting"], 9);
+    // (path, status, text the error must name)
+    let errors = [
+        (
+            format!("/v1/tenants/nobody/usage?{period}"),
+            404,
+            "unknown tenant",
+        ),
+        (
+            "/v1/tenants/lab-a/usage?from=yesterday&to=2027-01-01T00:00:00Z".to_string(),
+            400,
+            "`from`",
+        ),
+        (
+            "/v1/usage?from=2027-01-01T00:30:00Z&to=2027-01-01T02:00:00Z&step=1h".to_string(),
+            400,
+            "aligned",
+        ),
+        (
+            "/v1/usage?from=2027-01-01T00:00:00Z&to=2027-02-01T00:00:00Z&step=1m".to_string(),
+            400,
+            "at most",
+        ),
+        (format!("/v1/usage?{period}&format=xml"), 400, "`format`"),
+    ];
+    for (path, status, text) in errors {
+        let (got, body) = http_get_status(collector.http, &path);
+        assert_eq!(got, status, "{path}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(
+            v["error"].as_str().unwrap().contains(text),
+            "{path}: {body}"
+        );
+    }
     // No contract, no contract series for GPUs nobody leases.
     assert!(
         m.select(
@@ -160,6 +251,33 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         .is_empty()
     );
     collector.stop();
+
+    // The billing command reads the same ledger file directly.
+    let out = std::process::Command::new(bin("capwatch-collector"))
+        .arg("--ledger")
+        .arg(dir.path().join("ledger.db"))
+        .arg("--tenants")
+        .arg(dir.path().join("tenants.toml"))
+        .args([
+            "usage", "--tenant", "lab-a", "--step", "1m", "--format", "json",
+        ])
+        .args(["--from", &capwatch_collector::usage::rfc3339(from as i64)])
+        .args(["--to", &capwatch_collector::usage::rfc3339(to as i64)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    let sum: u64 = rows
+        .iter()
+        .map(|r| r["energy_millijoules"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, tenant_energy["lab-a"]);
+    assert_eq!(rows[0]["contracted_power_watts"], 3000.0);
 }
 
 /// Invariant: after the collector is stopped and started again while the
