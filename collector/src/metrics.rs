@@ -174,6 +174,16 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
         MetricType::COUNTER,
     ),
     (
+        "capwatch_collector_ledger_commits_total",
+        "Ledger commits, by result; acks wait for a successful one.",
+        MetricType::COUNTER,
+    ),
+    (
+        "capwatch_collector_ledger_commit_seconds_total",
+        "Time spent writing successful ledger commits.",
+        MetricType::COUNTER,
+    ),
+    (
         "capwatch_collector_build_info",
         "Always 1; labels carry the version.",
         MetricType::GAUGE,
@@ -463,6 +473,21 @@ impl Collector for FleetCollector {
             "capwatch_collector_tenant_reloads_total",
             &[("result", "failure")],
             c.reloads_failed.load(Ordering::Relaxed) as f64,
+        );
+        f.push(
+            "capwatch_collector_ledger_commits_total",
+            &[("result", "success")],
+            c.commits_ok.load(Ordering::Relaxed) as f64,
+        );
+        f.push(
+            "capwatch_collector_ledger_commits_total",
+            &[("result", "failure")],
+            c.commits_failed.load(Ordering::Relaxed) as f64,
+        );
+        f.push(
+            "capwatch_collector_ledger_commit_seconds_total",
+            &[],
+            c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
         );
         f.push(
             "capwatch_collector_build_info",
