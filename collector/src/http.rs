@@ -18,8 +18,7 @@ use tracing::error;
 
 use crate::ledger::{LedgerError, Reader};
 use crate::state::{State, lock};
-use crate::tenants::UNASSIGNED;
-use crate::usage::{self, Format, UsageError};
+use crate::usage::{self, Format, QueryError, UsageError};
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -162,36 +161,20 @@ async fn usage_response(
     if format == Format::Table {
         return Err(UsageError::Format("table".into()).into());
     }
-    let contracts = contracts(&s.state);
+    let tenants = s.state.tenants();
     let ledger = s.ledger.clone();
     let grace = s.finalize_grace;
-    let report = tokio::task::spawn_blocking(move || -> Result<usage::Report, ApiError> {
-        let reader = lock(&ledger);
-        let known = known_tenants(&reader, contracts)?;
-        let selected: Vec<(String, Option<u64>)> = match tenant {
-            Some(id) => match known.iter().find(|(t, _)| *t == id) {
-                Some(t) => vec![t.clone()],
-                None => return Err(UsageError::UnknownTenant(id).into()),
-            },
-            None => known,
-        };
-        let q = usage::Query::parse(
+    let report = tokio::task::spawn_blocking(move || {
+        usage::run(
+            &lock(&ledger),
+            &tenants,
+            tenant.as_deref(),
             p.from.as_deref(),
             p.to.as_deref(),
             p.step.as_deref(),
             p.tz.as_deref(),
-            selected.len(),
-        )?;
-        let (from, to) = q.read_range();
-        let only = (selected.len() == 1).then(|| selected[0].0.as_str());
-        let minutes = reader.minutes(only, from, to)?;
-        Ok(usage::report(
-            &q,
-            &selected,
-            &minutes,
-            usage::now_unix(),
             grace,
-        ))
+        )
     })
     .await
     .map_err(|e| {
@@ -199,7 +182,11 @@ async fn usage_response(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("usage query failed: {e}"),
         )
-    })??;
+    })?
+    .map_err(|e| match e {
+        QueryError::Usage(e) => ApiError::from(e),
+        QueryError::Ledger(e) => ApiError::from(e),
+    })?;
     Ok(match format {
         Format::Csv => (
             [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
@@ -208,38 +195,6 @@ async fn usage_response(
             .into_response(),
         _ => json(&report),
     })
-}
-
-/// Configured tenants with their contracts, then `unassigned`.
-fn contracts(state: &State) -> Vec<(String, Option<u64>)> {
-    state
-        .tenants()
-        .all()
-        .iter()
-        .map(|t| {
-            (
-                t.id.to_string(),
-                (t.contracted_milliwatts > 0).then_some(t.contracted_milliwatts),
-            )
-        })
-        .collect()
-}
-
-/// The configured tenants plus any the ledger knows from earlier tenant
-/// files (without a contract now).
-pub fn known_tenants(
-    reader: &Reader,
-    mut known: Vec<(String, Option<u64>)>,
-) -> Result<Vec<(String, Option<u64>)>, LedgerError> {
-    if !known.iter().any(|(t, _)| t == UNASSIGNED) {
-        known.push((UNASSIGNED.to_string(), None));
-    }
-    for t in reader.tenants()? {
-        if !known.iter().any(|(k, _)| *k == t) {
-            known.push((t, None));
-        }
-    }
-    Ok(known)
 }
 
 fn json<T: Serialize>(v: &T) -> Response {

@@ -45,7 +45,33 @@ const MIGRATIONS: &[&str] = &[
         tenant TEXT PRIMARY KEY,
         energy_mj INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    // 2: coverage, estimated energy and contract overage.
+    "ALTER TABLE usage_minute ADD COLUMN expected_gpu_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN estimated_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN overage_mj INTEGER NOT NULL DEFAULT 0;",
 ];
+
+/// The summable columns of `usage_minute`, in `BucketDelta::values` order.
+const BUCKET_COLUMNS: [&str; 8] = [
+    "energy_mj",
+    "gpu_ns",
+    "busy_gpu_ns",
+    "samples",
+    "expected_gpu_ns",
+    "estimated_mj",
+    "over_contract_ns",
+    "overage_mj",
+];
+
+/// `SUM(col)` for every bucket column, comma-separated.
+fn bucket_sums() -> String {
+    BUCKET_COLUMNS
+        .iter()
+        .map(|c| format!("COALESCE(SUM({c}), 0)"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum LedgerError {
@@ -78,9 +104,85 @@ pub struct GpuCursor {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BucketDelta {
     pub energy_mj: u64,
+    /// GPU time backed by samples (intervals within the staleness window).
     pub gpu_ns: u64,
+    /// GPU time weighted by utilization.
     pub busy_gpu_ns: u64,
+    /// GPU readings.
     pub samples: u64,
+    /// GPU time between readings, gaps included: what coverage is measured
+    /// against.
+    pub expected_gpu_ns: u64,
+    /// Energy integrated from power instead of read from a counter.
+    pub estimated_mj: u64,
+    /// Time the tenant's power was above its contract.
+    pub over_contract_ns: u64,
+    /// Integral of max(0, power - contract).
+    pub overage_mj: u64,
+}
+
+impl BucketDelta {
+    /// The fields in `BUCKET_COLUMNS` order.
+    fn values(&self) -> [u64; 8] {
+        [
+            self.energy_mj,
+            self.gpu_ns,
+            self.busy_gpu_ns,
+            self.samples,
+            self.expected_gpu_ns,
+            self.estimated_mj,
+            self.over_contract_ns,
+            self.overage_mj,
+        ]
+    }
+
+    fn from_values(v: [u64; 8]) -> Self {
+        let [
+            energy_mj,
+            gpu_ns,
+            busy_gpu_ns,
+            samples,
+            expected_gpu_ns,
+            estimated_mj,
+            over_contract_ns,
+            overage_mj,
+        ] = v;
+        Self {
+            energy_mj,
+            gpu_ns,
+            busy_gpu_ns,
+            samples,
+            expected_gpu_ns,
+            estimated_mj,
+            over_contract_ns,
+            overage_mj,
+        }
+    }
+
+    /// Adds `other` field by field.
+    pub fn add(&mut self, other: &BucketDelta) {
+        let mut v = self.values();
+        for (a, b) in v.iter_mut().zip(other.values()) {
+            *a = a.saturating_add(b);
+        }
+        *self = Self::from_values(v);
+    }
+
+    /// Reads the eight summed columns starting at column `first`.
+    fn from_row(
+        r: &rusqlite::Row<'_>,
+        first: usize,
+        path: &Path,
+    ) -> rusqlite::Result<Result<Self, LedgerError>> {
+        let mut v = [0u64; 8];
+        for (i, slot) in v.iter_mut().enumerate() {
+            match u64_of(r.get::<_, i64>(first + i)?, path, BUCKET_COLUMNS[i]) {
+                Ok(x) => *slot = x,
+                Err(e) => return Ok(Err(e)),
+            }
+        }
+        Ok(Ok(Self::from_values(v)))
+    }
 }
 
 /// Bucket key: (tenant, node, minute start in Unix seconds).
@@ -106,11 +208,7 @@ impl Commit {
         self.nodes.extend(later.nodes);
         self.gpus.extend(later.gpus);
         for (k, d) in later.buckets {
-            let b = self.buckets.entry(k).or_default();
-            b.energy_mj += d.energy_mj;
-            b.gpu_ns += d.gpu_ns;
-            b.busy_gpu_ns += d.busy_gpu_ns;
-            b.samples += d.samples;
+            self.buckets.entry(k).or_default().add(&d);
         }
         for (t, e) in later.tenant_energy {
             *self.tenant_energy.entry(t).or_default() += e;
@@ -306,26 +404,33 @@ impl Ledger {
                 ])
                 .map_err(err)?;
             }
+            let cols = BUCKET_COLUMNS.join(", ");
+            let params_list = (4..4 + BUCKET_COLUMNS.len())
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let updates = BUCKET_COLUMNS
+                .iter()
+                .map(|c| format!("{c} = {c} + excluded.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
             let mut bucket = tx
-                .prepare_cached(
-                    "INSERT INTO usage_minute (tenant, node, minute_start, energy_mj, gpu_ns, busy_gpu_ns, samples)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                     ON CONFLICT (tenant, node, minute_start) DO UPDATE SET
-                        energy_mj = energy_mj + ?4, gpu_ns = gpu_ns + ?5,
-                        busy_gpu_ns = busy_gpu_ns + ?6, samples = samples + ?7",
-                )
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_minute (tenant, node, minute_start, {cols}) VALUES (?1, ?2, ?3, {params_list})
+                     ON CONFLICT (tenant, node, minute_start) DO UPDATE SET {updates}"
+                ))
                 .map_err(err)?;
             for ((tenant, node, minute), d) in &c.buckets {
+                let mut values: Vec<rusqlite::types::Value> = vec![
+                    tenant.to_string().into(),
+                    node.to_string().into(),
+                    (*minute).into(),
+                ];
+                for (v, name) in d.values().into_iter().zip(BUCKET_COLUMNS) {
+                    values.push(i64_of(v, &p, name)?.into());
+                }
                 bucket
-                    .execute(params![
-                        &**tenant,
-                        &**node,
-                        minute,
-                        i64_of(d.energy_mj, &p, "energy")?,
-                        i64_of(d.gpu_ns, &p, "gpu_ns")?,
-                        i64_of(d.busy_gpu_ns, &p, "busy_gpu_ns")?,
-                        i64_of(d.samples, &p, "samples")?
-                    ])
+                    .execute(rusqlite::params_from_iter(values))
                     .map_err(err)?;
             }
             let mut total = tx
@@ -347,25 +452,19 @@ impl Ledger {
     /// a cross-check of `tenant_total` and of exactly-once sample counts.
     pub fn bucket_totals(&self, tenant: &str) -> Result<BucketDelta, LedgerError> {
         let p = &self.path;
-        let (e, g, b, s): (i64, i64, i64, i64) = self
-            .conn
+        self.conn
             .query_row(
-                "SELECT COALESCE(SUM(energy_mj), 0), COALESCE(SUM(gpu_ns), 0),
-                        COALESCE(SUM(busy_gpu_ns), 0), COALESCE(SUM(samples), 0)
-                 FROM usage_minute WHERE tenant = ?1",
+                &format!(
+                    "SELECT {} FROM usage_minute WHERE tenant = ?1",
+                    bucket_sums()
+                ),
                 [tenant],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| BucketDelta::from_row(r, 0, p),
             )
             .map_err(|error| LedgerError::Sqlite {
                 path: p.clone(),
                 error,
-            })?;
-        Ok(BucketDelta {
-            energy_mj: u64_of(e, p, "energy")?,
-            gpu_ns: u64_of(g, p, "gpu_ns")?,
-            busy_gpu_ns: u64_of(b, p, "busy_gpu_ns")?,
-            samples: u64_of(s, p, "samples")?,
-        })
+            })?
     }
 }
 
@@ -413,40 +512,27 @@ impl Reader {
         };
         let mut q = self
             .conn
-            .prepare_cached(
-                "SELECT tenant, minute_start, SUM(energy_mj), SUM(gpu_ns), SUM(busy_gpu_ns), SUM(samples)
+            .prepare_cached(&format!(
+                "SELECT tenant, minute_start, {}
                  FROM usage_minute
                  WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
                  GROUP BY tenant, minute_start ORDER BY tenant, minute_start",
-            )
+                bucket_sums()
+            ))
             .map_err(err)?;
         let rows = q
             .query_map(params![tenant, from, to], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
-                    [
-                        r.get::<_, i64>(2)?,
-                        r.get::<_, i64>(3)?,
-                        r.get::<_, i64>(4)?,
-                        r.get::<_, i64>(5)?,
-                    ],
+                    BucketDelta::from_row(r, 2, p)?,
                 ))
             })
             .map_err(err)?;
         let mut out = Vec::new();
         for row in rows {
-            let (t, m, [e, g, b, s]) = row.map_err(err)?;
-            out.push((
-                t,
-                m,
-                BucketDelta {
-                    energy_mj: u64_of(e, p, "energy")?,
-                    gpu_ns: u64_of(g, p, "gpu_ns")?,
-                    busy_gpu_ns: u64_of(b, p, "busy_gpu_ns")?,
-                    samples: u64_of(s, p, "samples")?,
-                },
-            ));
+            let (t, m, d) = row.map_err(err)?;
+            out.push((t, m, d?));
         }
         Ok(out)
     }
@@ -584,6 +670,10 @@ mod tests {
                 gpu_ns: 5,
                 busy_gpu_ns: 4,
                 samples: 1,
+                expected_gpu_ns: 6,
+                estimated_mj: 7,
+                over_contract_ns: 8,
+                overage_mj: 9,
             },
         );
         c.tenant_energy.insert(Arc::from("t"), 100);
@@ -596,6 +686,7 @@ mod tests {
         assert_eq!(snap.gpus[0].1, c.gpus[&*Arc::<str>::from("GPU-1")]);
         assert_eq!(snap.tenant_energy, vec![("t".to_string(), 200)]);
         let sums = l.bucket_totals("t").unwrap();
+        assert_eq!(sums.values(), [200, 10, 8, 2, 12, 14, 16, 18]);
         assert_eq!(
             (sums.energy_mj, sums.gpu_ns, sums.busy_gpu_ns, sums.samples),
             (200, 10, 8, 2)

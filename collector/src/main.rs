@@ -89,38 +89,16 @@ fn usage_command(
     } = cmd;
     let format = Format::parse(format)?;
     let reader = capwatch_collector::ledger::Reader::open(&cfg.ledger_path)?;
-    let contracts = tenants
-        .all()
-        .iter()
-        .map(|t| {
-            (
-                t.id.to_string(),
-                (t.contracted_milliwatts > 0).then_some(t.contracted_milliwatts),
-            )
-        })
-        .collect();
-    let known = capwatch_collector::http::known_tenants(&reader, contracts)?;
-    let selected: Vec<_> = match tenant {
-        Some(id) => vec![
-            known
-                .iter()
-                .find(|(t, _)| t == id)
-                .cloned()
-                .ok_or_else(|| usage::UsageError::UnknownTenant(id.clone()))?,
-        ],
-        None => known,
-    };
-    let q = usage::Query::parse(Some(from), Some(to), Some(step), None, selected.len())?;
-    let (lo, hi) = q.read_range();
-    let only = (selected.len() == 1).then(|| selected[0].0.as_str());
-    let minutes = reader.minutes(only, lo, hi)?;
-    let report = usage::report(
-        &q,
-        &selected,
-        &minutes,
-        usage::now_unix(),
+    let report = usage::run(
+        &reader,
+        tenants,
+        tenant.as_deref(),
+        Some(from),
+        Some(to),
+        Some(step),
+        None,
         cfg.finalize_grace,
-    );
+    )?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
         Format::Csv => print!("{}", usage::csv(&report)),

@@ -120,6 +120,7 @@ impl Gpu {
         let prev_receipt = self.last_receipt.replace(now);
         let nothing = Applied {
             energy_mj: 0,
+            estimated: false,
             from_ns: None,
             utilization_percent: None,
         };
@@ -146,22 +147,23 @@ impl Gpu {
         let plausible =
             u128::from(limit) * 3 * dt_nanos.max(since_receipt) / NANOS_PER_SECOND + 1_000;
         let first = self.last.is_none();
-        let delta = match (r.energy_millijoules, self.last_counter) {
+        // (energy, whether it was integrated from power)
+        let (delta, estimated) = match (r.energy_millijoules, self.last_counter) {
             (Some(now_mj), Some(prev))
                 if now_mj >= prev && u128::from(now_mj - prev) <= plausible =>
             {
-                now_mj - prev
+                (now_mj - prev, false)
             }
             (Some(_), Some(_)) => {
                 // The counter went backwards (the driver was reloaded) or
                 // jumped further than the GPU could draw: count this
                 // interval from power and start again from the new value.
                 self.counter_resets += 1;
-                self.integrate(r.power_milliwatts, dt_nanos)
+                (self.integrate(r.power_milliwatts, dt_nanos), true)
             }
             // First counter reading: a baseline, unless earlier readings
             // (without counter) leave an interval to cover.
-            (Some(_), None) if first => 0,
+            (Some(_), None) if first => (0, false),
             (None, Some(_)) => {
                 // The counter could not be read this time. Keep the last
                 // reading and its timestamp: the next counter delta covers
@@ -169,7 +171,7 @@ impl Gpu {
                 self.last = Some(r);
                 return nothing;
             }
-            _ => self.integrate(r.power_milliwatts, dt_nanos),
+            _ => (self.integrate(r.power_milliwatts, dt_nanos), true),
         };
         let reanchored = std::mem::take(&mut self.reanchor);
         let from_ns = self
@@ -186,6 +188,7 @@ impl Gpu {
         self.last = Some(r);
         Applied {
             energy_mj: delta,
+            estimated,
             from_ns,
             utilization_percent,
         }
@@ -228,6 +231,8 @@ impl Gpu {
 #[derive(Debug, Clone, Copy)]
 struct Applied {
     energy_mj: u64,
+    /// The energy was integrated from power, not read from a counter.
+    estimated: bool,
     /// Start of the interval the reading covers (it ends at the sample's
     /// timestamp); `None` when it covers no interval.
     from_ns: Option<i64>,
@@ -268,8 +273,12 @@ impl Applied {
             }
         };
         add(self.energy_mj, |b| &mut b.energy_mj);
+        if self.estimated {
+            add(self.energy_mj, |b| &mut b.estimated_mj);
+        }
         add(covered, |b| &mut b.gpu_ns);
         add(busy, |b| &mut b.busy_gpu_ns);
+        add(span, |b| &mut b.expected_gpu_ns);
         let minute = to_ns.div_euclid(60_000_000_000) * 60;
         c.buckets
             .entry((tenant.clone(), node.clone(), minute))
@@ -828,14 +837,40 @@ impl State {
 
     /// Adds `elapsed` to the over-contract time of every tenant whose live
     /// power is above its contract now.
+    /// Over-contract time and energy go into the ledger too, in the
+    /// tenant's bucket for the current minute (node ""), measured from live
+    /// power at this tick's resolution.
     pub fn evaluate(&self, elapsed: Duration, now: Instant) {
         let tenants = self.tenants();
         let live = self.tenant_power(&tenants, now);
-        let mut totals = lock(&self.totals);
-        for (t, l) in tenants.all().iter().zip(&live) {
-            if t.contracted_milliwatts > 0 && l.power_milliwatts > t.contracted_milliwatts {
-                totals.entry(t.id.clone()).or_default().over_contract_nanos += elapsed.as_nanos();
+        let minute = unix_nanos_now().div_euclid(60_000_000_000) * 60;
+        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
+        let mut over = Vec::new();
+        {
+            let mut totals = lock(&self.totals);
+            for (t, l) in tenants.all().iter().zip(&live) {
+                if t.contracted_milliwatts > 0 && l.power_milliwatts > t.contracted_milliwatts {
+                    totals.entry(t.id.clone()).or_default().over_contract_nanos +=
+                        elapsed.as_nanos();
+                    let excess = u128::from(l.power_milliwatts - t.contracted_milliwatts);
+                    let overage_mj = u64::try_from(excess * u128::from(nanos) / NANOS_PER_SECOND)
+                        .unwrap_or(u64::MAX);
+                    over.push((t.id.clone(), overage_mj));
+                }
             }
+        }
+        if over.is_empty() {
+            return;
+        }
+        let mut pending = lock(&self.pending);
+        for (tenant, overage_mj) in over {
+            let b = pending
+                .commit
+                .buckets
+                .entry((tenant, Arc::from(""), minute))
+                .or_default();
+            b.over_contract_ns = b.over_contract_ns.saturating_add(nanos);
+            b.overage_mj = b.overage_mj.saturating_add(overage_mj);
         }
     }
 }
@@ -2306,5 +2341,78 @@ mod tests {
             ],
         );
         assert_eq!(gpu_energy(&h), vec![200_000]);
+    }
+    // ---- What goes into the ledger ----------------------------------------
+
+    fn booked(c: &Commit, tenant: &str, node: &str) -> BucketDelta {
+        c.buckets
+            .iter()
+            .filter(|((t, n, _), _)| &**t == tenant && &**n == node)
+            .fold(BucketDelta::default(), |mut acc, (_, d)| {
+                acc.add(d);
+                acc
+            })
+    }
+
+    #[test]
+    fn over_contract_time_and_overage_are_booked() {
+        // Invariant: while a tenant draws more than its contract, each
+        // evaluation books the elapsed time and the energy above the
+        // contract; a tenant within its contract books nothing.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-2", 1, 2);
+        let now = unix_nanos_now();
+        // GPU 0 (lab-a, 1 kW contract) at 100 W; GPU 1 (lab-b, 0.5 kW) at 700 W.
+        ingest(
+            &state,
+            &h,
+            vec![sample(1, now, &[(100_000, Some(0)), (700_000, Some(0))])],
+        );
+        state.take_pending();
+        state.evaluate(Duration::from_secs(2), Instant::now());
+        let (_, c) = state.take_pending();
+        let b = booked(&c, "lab-b", "");
+        assert_eq!((b.over_contract_ns, b.overage_mj), (2_000_000_000, 400_000));
+        assert_eq!(booked(&c, "lab-a", ""), BucketDelta::default());
+    }
+
+    #[test]
+    fn gaps_count_as_expected_time_and_integrated_energy_as_estimated() {
+        // Invariant: GPU time between readings is expected time; only
+        // intervals within the staleness window are covered; energy from
+        // power integration is marked estimated, counter energy is not.
+        let state = new_state(TENANTS, None);
+        let mut hl = hello("a-1", 1, 1);
+        hl.gpus[0].energy_counter_supported = false;
+        let (h, _) = state.hello(hl).unwrap();
+        ingest(
+            &state,
+            &h,
+            vec![
+                sample(1, T0, &[(100_000, None)]),
+                sample(2, T0 + SEC, &[(100_000, None)]),
+                sample(3, T0 + 61 * SEC, &[(100_000, None)]),
+            ],
+        );
+        let (_, c) = state.take_pending();
+        let b = booked(&c, "lab-a", "a-1");
+        assert_eq!(b.expected_gpu_ns, 61 * SEC as u64);
+        assert_eq!(b.gpu_ns, SEC as u64);
+        assert_eq!(b.energy_mj, 6_100_000);
+        assert_eq!(b.estimated_mj, 6_100_000);
+        assert_eq!(b.samples, 3);
+        // A counter GPU books nothing as estimated.
+        let h2 = connect(&state, "a-3", 1, 1);
+        ingest(
+            &state,
+            &h2,
+            vec![
+                sample(1, T0, &[(1, Some(0))]),
+                sample(2, T0 + SEC, &[(1, Some(500))]),
+            ],
+        );
+        let (_, c) = state.take_pending();
+        let b = booked(&c, "lab-a", "a-3");
+        assert_eq!((b.energy_mj, b.estimated_mj), (500, 0));
     }
 }

@@ -44,6 +44,10 @@ struct TenantSpec {
     /// GPU UUIDs this tenant leases one by one.
     #[serde(default)]
     gpus: Vec<String>,
+    /// Power usage effectiveness of the tenant's site (1.0-3.0), for the
+    /// estimated facility energy in usage rows.
+    #[serde(default)]
+    pue: Option<f64>,
 }
 
 #[derive(Debug)]
@@ -51,6 +55,7 @@ pub struct Tenant {
     pub id: Arc<str>,
     pub name: String,
     pub contracted_milliwatts: u64,
+    pub pue: Option<f64>,
 }
 
 /// A validated tenant file.
@@ -134,6 +139,11 @@ impl Tenants {
                     )
                 })
             };
+            if spec.pue.is_some_and(|p| !(1.0..=3.0).contains(&p)) {
+                return Err(invalid(format!(
+                    "tenant {id:?}: pue must be between 1.0 and 3.0"
+                )));
+            }
             for uuid in &spec.gpus {
                 if let Some(other) = by_uuid.insert(uuid.clone(), i) {
                     return Err(twice("GPU", uuid, other));
@@ -157,12 +167,14 @@ impl Tenants {
                 name: spec.name.clone().unwrap_or_else(|| id.to_string()),
                 // kW to mW; bounded above, so the cast cannot overflow.
                 contracted_milliwatts: (spec.contracted_kw * 1e6).round() as u64,
+                pue: spec.pue,
             });
         }
         tenants.push(Tenant {
             id: Arc::from(UNASSIGNED),
             name: "GPUs no tenant leases".into(),
             contracted_milliwatts: 0,
+            pue: None,
         });
         Ok(Self {
             tenants,
@@ -283,6 +295,18 @@ mod tests {
             (
                 "[[tenant]]\nid='a'\ncontracted_kw=1\nnodes=['n[']",
                 "node pattern",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\npue=0.9",
+                "pue must be between",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=['G','G']",
+                "tenant \"a\" lists GPU \"G\" twice",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\nnodes=['r-*']\n[[tenant]]\nid='b'\ncontracted_kw=1\nnodes=['r-*']",
+                "node pattern \"r-*\" is claimed by both tenant \"a\" and tenant \"b\"",
             ),
         ];
         for (text, want) in cases {

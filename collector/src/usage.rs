@@ -15,7 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
-use crate::ledger::BucketDelta;
+use crate::ledger::{BucketDelta, LedgerError, Reader};
+use crate::tenants::{Tenants, UNASSIGNED};
 
 /// Most rows one request may return (rows × tenants).
 pub const MAX_ROWS: i64 = 10_000;
@@ -100,6 +101,82 @@ pub enum UsageError {
     TimeZone,
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
+}
+
+/// What a tenant's rows are computed against.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Terms {
+    pub tenant: String,
+    pub contracted_milliwatts: Option<u64>,
+    /// Power usage effectiveness of the tenant's site, if configured.
+    pub pue: Option<f64>,
+}
+
+impl Terms {
+    pub fn new(tenant: &str, contracted_milliwatts: Option<u64>, pue: Option<f64>) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            contracted_milliwatts,
+            pue,
+        }
+    }
+}
+
+/// Errors of a usage request: the request's own, or the ledger's.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error(transparent)]
+    Usage(#[from] UsageError),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+/// Answers one usage request from the ledger: the tenants of `tenants`
+/// (plus `unassigned` and any the ledger knows from earlier tenant files),
+/// or only `tenant`.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    reader: &Reader,
+    tenants: &Tenants,
+    tenant: Option<&str>,
+    from: Option<&str>,
+    to: Option<&str>,
+    step: Option<&str>,
+    tz: Option<&str>,
+    grace: Duration,
+) -> Result<Report, QueryError> {
+    let mut known: Vec<Terms> = tenants
+        .all()
+        .iter()
+        .map(|t| {
+            Terms::new(
+                &t.id,
+                (t.contracted_milliwatts > 0).then_some(t.contracted_milliwatts),
+                t.pue,
+            )
+        })
+        .collect();
+    if !known.iter().any(|t| t.tenant == UNASSIGNED) {
+        known.push(Terms::new(UNASSIGNED, None, None));
+    }
+    for t in reader.tenants()? {
+        if !known.iter().any(|k| k.tenant == t) {
+            known.push(Terms::new(&t, None, None));
+        }
+    }
+    let selected = match tenant {
+        Some(id) => vec![
+            known
+                .into_iter()
+                .find(|t| t.tenant == id)
+                .ok_or_else(|| UsageError::UnknownTenant(id.to_string()))?,
+        ],
+        None => known,
+    };
+    let q = Query::parse(from, to, step, tz, selected.len())?;
+    let (lo, hi) = q.read_range();
+    let minutes = reader.minutes(tenant, lo, hi)?;
+    Ok(report(&q, &selected, &minutes, now_unix(), grace))
 }
 
 /// A validated request.
@@ -187,6 +264,23 @@ pub struct Row {
     pub contracted_power_watts: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity_utilization: Option<f64>,
+    /// 95th percentile of the 5-minute average power within the row (rows
+    /// of 15 minutes or more).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p95_power_watts: Option<f64>,
+    pub seconds_over_contract: f64,
+    /// Integral of max(0, power - contract): what committed-plus-overage
+    /// contracts bill.
+    pub overage_kwh: f64,
+    /// Share of the GPU time between readings that readings back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<f64>,
+    /// Some energy was integrated from power instead of read from the
+    /// GPUs' energy counters.
+    pub estimated: bool,
+    /// Energy times the site's PUE: an estimate of facility energy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub facility_energy_kwh_estimated: Option<f64>,
     pub readings: u64,
     /// The row includes time not closed yet: it will still change.
     pub partial: bool,
@@ -219,7 +313,7 @@ pub fn now_unix() -> i64 {
 /// are partial; `grace` is how long late samples may still arrive.
 pub fn report(
     q: &Query,
-    tenants: &[(String, Option<u64>)],
+    tenants: &[Terms],
     minutes: &[(String, i64, BucketDelta)],
     now: i64,
     grace: Duration,
@@ -233,15 +327,13 @@ pub fn report(
     let step = q.step.seconds();
     let empty = BTreeMap::new();
     let mut rows = Vec::new();
-    for (tenant, contracted_mw) in tenants {
+    for terms in tenants {
+        let tenant = &terms.tenant;
         let mins = by_tenant.get(tenant.as_str()).unwrap_or(&empty);
         let sum = |from: i64, to: i64| {
             mins.range(from..to)
                 .fold(BucketDelta::default(), |mut acc, (_, d)| {
-                    acc.energy_mj += d.energy_mj;
-                    acc.gpu_ns += d.gpu_ns;
-                    acc.busy_gpu_ns += d.busy_gpu_ns;
-                    acc.samples += d.samples;
+                    acc.add(d);
                     acc
                 })
         };
@@ -257,20 +349,38 @@ pub fn report(
                 quarter += QUARTER;
             }
             let average_w = d.energy_mj as f64 / 1000.0 / step as f64;
-            let contracted_w = contracted_mw.map(|c| c as f64 / 1000.0);
+            let contracted_w = terms.contracted_milliwatts.map(|c| c as f64 / 1000.0);
+            let p95 = (step >= QUARTER).then(|| {
+                let mut fives: Vec<u64> = (0..step / 300)
+                    .map(|i| sum(start + i * 300, start + (i + 1) * 300).energy_mj)
+                    .collect();
+                fives.sort_unstable();
+                // Nearest rank: the smallest value with at least 95 % at or
+                // below it.
+                let rank = (fives.len() * 95).div_ceil(100).max(1);
+                fives[rank - 1] as f64 / 1000.0 / 300.0
+            });
+            let energy_kwh = d.energy_mj as f64 / 3.6e9;
             rows.push(Row {
                 tenant: tenant.clone(),
                 start: rfc3339(start),
                 end: rfc3339(end),
                 energy_millijoules: d.energy_mj,
                 energy_joules: d.energy_mj as f64 / 1000.0,
-                energy_kwh: d.energy_mj as f64 / 3.6e9,
+                energy_kwh,
                 gpu_hours: d.gpu_ns as f64 / 3.6e12,
                 busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
                 average_power_watts: average_w,
                 peak_demand_watts: peak_mj as f64 / 1000.0 / QUARTER as f64,
                 contracted_power_watts: contracted_w,
                 capacity_utilization: contracted_w.filter(|c| *c > 0.0).map(|c| average_w / c),
+                p95_power_watts: p95,
+                seconds_over_contract: d.over_contract_ns as f64 / 1e9,
+                overage_kwh: d.overage_mj as f64 / 3.6e9,
+                coverage: (d.expected_gpu_ns > 0)
+                    .then(|| d.gpu_ns as f64 / d.expected_gpu_ns as f64),
+                estimated: d.estimated_mj > 0,
+                facility_energy_kwh_estimated: terms.pue.map(|pue| energy_kwh * pue),
                 readings: d.samples,
                 partial: end > open_minute,
             });
@@ -286,7 +396,7 @@ pub fn report(
     }
 }
 
-const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,contracted_power_watts,capacity_utilization,readings,partial";
+const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial";
 
 fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
@@ -299,7 +409,7 @@ pub fn csv(r: &Report) -> String {
     for row in &r.rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
             row.tenant,
             row.start,
             row.end,
@@ -309,8 +419,14 @@ pub fn csv(r: &Report) -> String {
             row.busy_gpu_hours,
             row.average_power_watts,
             row.peak_demand_watts,
+            opt(row.p95_power_watts),
             opt(row.contracted_power_watts),
             opt(row.capacity_utilization),
+            row.seconds_over_contract,
+            row.overage_kwh,
+            opt(row.coverage),
+            row.estimated,
+            opt(row.facility_energy_kwh_estimated),
             row.readings,
             row.partial
         );
@@ -353,6 +469,8 @@ mod tests {
             gpu_ns: gpu_s * 1_000_000_000,
             busy_gpu_ns: busy_s * 1_000_000_000,
             samples,
+            expected_gpu_ns: gpu_s * 1_000_000_000,
+            ..BucketDelta::default()
         }
     }
 
@@ -446,6 +564,13 @@ mod tests {
             ));
         }
         m.push(("b".to_string(), T + 20 * 60, d(90_000_000, 60, 60, 1)));
+        // a: over its 1 kW contract? No; but booked overage in minute 2 (as
+        // the evaluator would) and estimated energy in minute 16, with a
+        // gap: 30 s of its 60 s not backed by readings.
+        m[2].2.over_contract_ns = 30_000_000_000;
+        m[2].2.overage_mj = 7_200_000;
+        m[16].2.estimated_mj = 1_000;
+        m[16].2.gpu_ns = 30_000_000_000;
         m
     }
 
@@ -459,7 +584,10 @@ mod tests {
             2,
         )
         .unwrap();
-        let tenants = [("a".to_string(), Some(1_000_000)), ("b".to_string(), None)];
+        let tenants = [
+            Terms::new("a", Some(1_000_000), None),
+            Terms::new("b", None, None),
+        ];
         let r = report(
             &q,
             &tenants,
@@ -476,6 +604,9 @@ mod tests {
         // b: 90 kJ in one minute is 1500 W for that minute but only 100 W
         // over its quarter-hour, which is what demand is billed on.
         assert_eq!(r.rows[1].peak_demand_watts, 100.0);
+        // p95 of the twelve 5-minute averages: a has three at 600 W.
+        assert_eq!(a.p95_power_watts, Some(600.0));
+        assert_eq!(r.rows[1].p95_power_watts, Some(300.0));
         assert_eq!(r.rows[1].contracted_power_watts, None);
     }
 
@@ -489,7 +620,7 @@ mod tests {
             1,
         )
         .unwrap();
-        let tenants = [("a".to_string(), Some(1_000_000))];
+        let tenants = [Terms::new("a", Some(1_000_000), Some(1.2))];
         // "now" inside the second quarter: it is partial.
         let r = report(
             &q,
@@ -518,6 +649,12 @@ mod tests {
       "peak_demand_watts": 600.0,
       "contracted_power_watts": 1000.0,
       "capacity_utilization": 0.6,
+      "p95_power_watts": 600.0,
+      "seconds_over_contract": 30.0,
+      "overage_kwh": 0.002,
+      "coverage": 1.0,
+      "estimated": false,
+      "facility_energy_kwh_estimated": 0.18,
       "readings": 900,
       "partial": false
     },
@@ -528,21 +665,27 @@ mod tests {
       "energy_millijoules": 54000000,
       "energy_joules": 54000.0,
       "energy_kwh": 0.015,
-      "gpu_hours": 0.25,
+      "gpu_hours": 0.24166666666666667,
       "busy_gpu_hours": 0.025,
       "average_power_watts": 60.0,
       "peak_demand_watts": 60.0,
       "contracted_power_watts": 1000.0,
       "capacity_utilization": 0.06,
+      "p95_power_watts": 60.0,
+      "seconds_over_contract": 0.0,
+      "overage_kwh": 0.0,
+      "coverage": 0.9666666666666667,
+      "estimated": true,
+      "facility_energy_kwh_estimated": 0.018,
       "readings": 900,
       "partial": true
     }
   ]
 }"#;
         assert_eq!(json, want_json);
-        let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,contracted_power_watts,capacity_utilization,readings,partial
-a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,1000,0.6,900,false
-a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.25,0.025,60,60,1000,0.06,900,true
+        let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial
+a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,30,0.002,1,false,0.18,900,false
+a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true
 ";
         assert_eq!(csv(&r), want_csv);
     }
@@ -551,7 +694,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.25,0.025,60,60,1000
     fn rows_sum_to_the_period_whatever_the_step() {
         // Conservation across steps: the 1m, 15m and 1h rows of the same
         // hour add up to the same energy.
-        let tenants = [("a".to_string(), None)];
+        let tenants = [Terms::new("a", None, None)];
         let total = |step| {
             let q = Query::parse(
                 Some("2027-01-01T00:00:00Z"),
