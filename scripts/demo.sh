@@ -15,6 +15,8 @@ cargo build --release --locked --bins
 bin=target/release
 export CAPWATCH_GRPC_LISTEN="${CAPWATCH_GRPC_LISTEN:-127.0.0.1:7070}"
 export CAPWATCH_HTTP_LISTEN="${CAPWATCH_HTTP_LISTEN:-127.0.0.1:9470}"
+# The ledger persists across demo runs (energy totals carry on).
+export CAPWATCH_LEDGER="${CAPWATCH_LEDGER:-target/demo-ledger.db}"
 
 pids=()
 cleanup() {
@@ -50,6 +52,9 @@ cat <<MSG
 capwatch demo running: 4 mock agents (32 GPUs) streaming to one collector.
   metrics:  http://$CAPWATCH_HTTP_LISTEN/metrics
   health:   http://$CAPWATCH_HTTP_LISTEN/healthz
+  tenants:  http://$CAPWATCH_HTTP_LISTEN/v1/tenants
+  usage:    http://$CAPWATCH_HTTP_LISTEN/v1/usage?from=$(date -u +%Y-%m-%dT%H:00:00Z)&to=$(date -u -d '+1 hour' +%Y-%m-%dT%H:00:00Z)&step=15m
+  ledger:   $CAPWATCH_LEDGER
   try:      curl -s http://$CAPWATCH_HTTP_LISTEN/metrics | grep '^capwatch_tenant'
 Ctrl-C stops it.
 

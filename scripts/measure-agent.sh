@@ -11,6 +11,7 @@ bin=target/release
 tck=$(getconf CLK_TCK)
 for run in $(seq "$runs"); do
     "$bin/capwatch-collector" --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
+        --ledger "${TMPDIR:-/tmp}/capwatch-measure-ledger-$$.db" \
         --log-format json 2>"${TMPDIR:-/tmp}/capwatch-measure-collector.log" &
     c=$!
     grpc=""
@@ -31,4 +32,5 @@ for run in $(seq "$runs"); do
         'BEGIN { printf "run %d: cpu %.3f%% of one core (%d ticks of 1/%d s in %d s), rss %.1f MiB, peak rss %.1f MiB\n", r, d / hz / s * 100, d, hz, s, rss / 1024, hwm / 1024 }'
     kill -TERM "$a"; wait "$a" || true
     kill -TERM "$c"; wait "$c" || true
+    rm -f "${TMPDIR:-/tmp}/capwatch-measure-ledger-$$.db"*
 done
