@@ -73,6 +73,9 @@ pub struct MockSettings {
     pub seed: u64,
     /// Whether the simulated GPUs have an energy counter.
     pub energy_counter: bool,
+    /// File keeping the simulated counters across agent restarts, as a
+    /// loaded driver keeps real ones. Unset: counters start afresh.
+    pub counter_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -102,6 +105,7 @@ impl Default for MockSettings {
             model: Model::H100,
             seed: 0,
             energy_counter: true,
+            counter_file: None,
         }
     }
 }

@@ -78,6 +78,10 @@ pub struct MockConfig {
     /// Whether the GPUs expose the cumulative energy counter. Without it the
     /// collector integrates power, as for GPUs older than Volta.
     pub energy_counter: bool,
+    /// Where the counters are kept between runs (one `UUID counter_mJ`
+    /// line per GPU), so a restarted agent sees them carry on as a real
+    /// driver's do. Read at start, written when the source is dropped.
+    pub counter_file: Option<std::path::PathBuf>,
 }
 
 struct MockGpu {
@@ -131,6 +135,13 @@ impl MockSource {
                 integral_milliwatt_nanos: 0,
             });
         }
+        if let Some(saved) = cfg.counter_file.as_deref().and_then(read_counters) {
+            for (info, gpu) in inventory.iter().zip(&mut gpus) {
+                if let Some(c) = saved.get(&info.uuid) {
+                    gpu.counter_base_millijoules = *c;
+                }
+            }
+        }
         Self {
             cfg,
             inventory,
@@ -138,6 +149,15 @@ impl MockSource {
             tick: 0,
             last_at_unix_nanos: None,
         }
+    }
+
+    /// The counters now, one `UUID counter_mJ` line per GPU.
+    pub fn counters_text(&self) -> String {
+        self.inventory
+            .iter()
+            .zip(&self.gpus)
+            .map(|(info, gpu)| format!("{} {}\n", info.uuid, Self::counter(gpu)))
+            .collect()
     }
 
     /// The counter value a GPU reports now, in millijoules.
@@ -239,6 +259,29 @@ fn load_at(profile: Profile, key: u64, tick: u64) -> Load {
     }
 }
 
+/// Reads a counter file; a missing or unreadable one means "start fresh".
+fn read_counters(path: &std::path::Path) -> Option<std::collections::HashMap<String, u64>> {
+    let text = std::fs::read_to_string(path).ok()?;
+    Some(
+        text.lines()
+            .filter_map(|l| {
+                let (uuid, c) = l.split_once(' ')?;
+                Some((uuid.to_string(), c.trim().parse().ok()?))
+            })
+            .collect(),
+    )
+}
+
+impl Drop for MockSource {
+    fn drop(&mut self) {
+        if let Some(path) = &self.cfg.counter_file {
+            if let Err(e) = std::fs::write(path, self.counters_text()) {
+                tracing::warn!(path = %path.display(), error = %e, "could not save the mock counters");
+            }
+        }
+    }
+}
+
 /// splitmix64: a small, well-studied mixing function; stable across
 /// releases, unlike a general-purpose RNG crate's streams.
 fn splitmix64(mut x: u64) -> u64 {
@@ -279,6 +322,7 @@ mod tests {
             model: Model::H100,
             seed: 7,
             energy_counter: true,
+            counter_file: None,
         }
     }
 

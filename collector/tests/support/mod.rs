@@ -236,6 +236,7 @@ impl Truth {
             model: Model::H100,
             seed: SEED,
             energy_counter: true,
+            counter_file: None,
         });
         let uuids = m.inventory().iter().map(|g| g.uuid.clone()).collect();
         let step = (INTERVAL_MS * 1_000_000) as i64;
