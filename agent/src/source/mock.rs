@@ -274,10 +274,10 @@ fn read_counters(path: &std::path::Path) -> Option<std::collections::HashMap<Str
 
 impl Drop for MockSource {
     fn drop(&mut self) {
-        if let Some(path) = &self.cfg.counter_file {
-            if let Err(e) = std::fs::write(path, self.counters_text()) {
-                tracing::warn!(path = %path.display(), error = %e, "could not save the mock counters");
-            }
+        if let Some(path) = &self.cfg.counter_file
+            && let Err(e) = std::fs::write(path, self.counters_text())
+        {
+            tracing::warn!(path = %path.display(), error = %e, "could not save the mock counters");
         }
     }
 }
