@@ -322,6 +322,8 @@ fn run_once(opts: &Options) -> Report {
             stale_after: None,
             max_gpus_per_node: 64,
             max_clock_skew: Duration::from_secs(600),
+            // Simulated seconds lie in the past, up to the run's length.
+            max_sample_age: Duration::from_secs(366 * 86_400),
         },
         tenants,
     );

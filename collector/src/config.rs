@@ -48,6 +48,11 @@ pub struct Config {
     /// fine: agents re-send their spool after an outage.
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// How far behind the collector's clock a sample may be stamped; older
+    /// ones are rejected (`reason="timestamp"`). Longer than any agent's
+    /// spool covers.
+    #[serde(with = "humantime_serde")]
+    pub max_sample_age: Duration,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
     /// How long a new stream may take to send its Hello.
@@ -74,6 +79,7 @@ impl Default for Config {
             per_gpu_metrics: true,
             max_gpus_per_node: 64,
             max_clock_skew: Duration::from_secs(600),
+            max_sample_age: Duration::from_secs(7 * 86_400),
             max_message_bytes: 4 << 20,
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
@@ -134,10 +140,11 @@ impl Config {
         {
             return bad("stale_after", "must be at least 10ms");
         }
+        // Agents wait 10 s for their Welcome, which may wait for a commit.
         if self.commit_interval < Duration::from_millis(10)
-            || self.commit_interval > Duration::from_secs(60)
+            || self.commit_interval > Duration::from_secs(5)
         {
-            return bad("commit_interval", "must be between 10ms and 1m");
+            return bad("commit_interval", "must be between 10ms and 5s");
         }
         if self.evaluate_interval < Duration::from_millis(10) {
             return bad("evaluate_interval", "must be at least 10ms");
@@ -152,6 +159,11 @@ impl Config {
             || self.max_clock_skew > Duration::from_secs(86_400)
         {
             return bad("max_clock_skew", "must be between 1s and 24h");
+        }
+        if self.max_sample_age < Duration::from_secs(60)
+            || self.max_sample_age > Duration::from_secs(366 * 86_400)
+        {
+            return bad("max_sample_age", "must be between 1m and 366d");
         }
         if self.hello_timeout < Duration::from_millis(100)
             || self.hello_timeout > Duration::from_secs(600)

@@ -87,14 +87,19 @@ impl Ingest for IngestService {
             })),
         };
         // `acked_seq` may include samples applied but not yet committed:
-        // the Welcome waits for the commit that holds them.
-        let welcome_after = self.state.pending_id();
+        // the Welcome waits for the commit that holds them (at once when
+        // there are none), or gives up with the collector.
+        let welcome_after = handle.welcome_after;
         let state = self.state.clone();
         let shutdown = self.shutdown.clone();
         let mut committed = self.committed.clone();
         tokio::spawn(async move {
             let node = handle.node_id.clone();
-            let durable = committed.wait_for(|c| *c >= welcome_after).await.is_ok();
+            let mut stopping = shutdown.clone();
+            let durable = tokio::select! {
+                c = committed.wait_for(|c| *c >= welcome_after) => c.is_ok(),
+                _ = stopping.wait_for(|s| *s) => false,
+            };
             if !durable || tx.send(Ok(welcome)).await.is_err() {
                 state.disconnect(&handle);
                 return;

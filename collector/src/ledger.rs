@@ -50,6 +50,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE usage_minute ADD COLUMN estimated_mj INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage_minute ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage_minute ADD COLUMN overage_mj INTEGER NOT NULL DEFAULT 0;",
+    // 3: usage queries read by time.
+    "CREATE INDEX usage_minute_by_time ON usage_minute (minute_start, tenant);",
 ];
 
 /// The summable columns of `usage_minute`, in `BucketDelta::values` order.
@@ -85,6 +87,13 @@ pub enum LedgerError {
         path: PathBuf,
         found: i64,
         known: usize,
+    },
+    #[error("ledger {path} is in use by another collector (lock file {lock})")]
+    InUse { path: PathBuf, lock: PathBuf },
+    #[error("ledger {path}: lock file: {error}")]
+    Lock {
+        path: PathBuf,
+        error: std::io::Error,
     },
     #[error("ledger {path}: value out of range in {what}")]
     Range { path: PathBuf, what: &'static str },
@@ -227,6 +236,8 @@ pub struct Snapshot {
 pub struct Ledger {
     conn: Connection,
     path: PathBuf,
+    /// Held for the life of the ledger: one writer per file.
+    _lock: std::fs::File,
 }
 
 fn i64_of(v: u64, path: &Path, what: &'static str) -> Result<i64, LedgerError> {
@@ -250,6 +261,35 @@ impl Ledger {
             path: path.to_owned(),
             error,
         };
+        // Two collectors writing one ledger would each resume the same
+        // cursors and count the same energy twice.
+        let mut lock_path = path.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|error| LedgerError::Lock {
+                path: path.to_owned(),
+                error,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(LedgerError::InUse {
+                    path: path.to_owned(),
+                    lock: lock_path,
+                });
+            }
+            Err(std::fs::TryLockError::Error(error)) => {
+                return Err(LedgerError::Lock {
+                    path: path.to_owned(),
+                    error,
+                });
+            }
+        }
         let mut conn = Connection::open(path).map_err(err)?;
         // WAL: readers never block the committer. FULL: a committed
         // transaction survives power loss, not only a killed process.
@@ -279,6 +319,7 @@ impl Ledger {
         Ok(Self {
             conn,
             path: path.to_owned(),
+            _lock: lock,
         })
     }
 
@@ -691,6 +732,19 @@ mod tests {
             (sums.energy_mj, sums.gpu_ns, sums.busy_gpu_ns, sums.samples),
             (200, 10, 8, 2)
         );
+    }
+
+    #[test]
+    fn one_writer_per_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let first = Ledger::open(&path).unwrap();
+        let err = Ledger::open(&path).err().unwrap().to_string();
+        assert!(err.contains("in use by another collector"), "{err}");
+        // Readers are not writers.
+        Reader::open(&path).unwrap();
+        drop(first);
+        Ledger::open(&path).unwrap();
     }
 
     #[test]

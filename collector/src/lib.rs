@@ -72,6 +72,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             stale_after: cfg.stale_after,
             max_gpus_per_node: cfg.max_gpus_per_node,
             max_clock_skew: cfg.max_clock_skew,
+            max_sample_age: cfg.max_sample_age,
         },
         tenants,
     ));

@@ -71,6 +71,9 @@ pub struct NodeSample {
     pub host: Option<HostReading>,
 }
 
+/// Largest integer the ledger stores (SQLite INTEGER is an i64).
+pub const MAX_STORED: u64 = i64::MAX as u64;
+
 pub fn hello(h: pb::Hello) -> Hello {
     Hello {
         node_id: h.node_id,
@@ -95,11 +98,16 @@ pub fn hello(h: pb::Hello) -> Hello {
 /// inventory happen in [`crate::state`].
 pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
     let seq = s.seq;
-    if seq == 0 {
-        return Err((seq, Reject::Sequence));
+    // The ledger stores integers as SQLite's i64: larger values are
+    // refused here rather than failing a commit for the whole fleet.
+    if seq == 0 || seq > MAX_STORED {
+        return Err((seq.min(MAX_STORED), Reject::Sequence));
     }
     let mut gpus = Vec::with_capacity(s.gpus.len());
     for g in s.gpus {
+        if g.energy_millijoules.is_some_and(|e| e > MAX_STORED) {
+            return Err((seq, Reject::Malformed));
+        }
         let pct_ok = |v: Option<u32>| v.is_none_or(|v| v <= 100);
         if !pct_ok(g.utilization_percent) || !pct_ok(g.memory_utilization_percent) {
             return Err((seq, Reject::Utilization));
@@ -148,4 +156,52 @@ pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
         gpus,
         host,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn integers_beyond_the_ledger_are_refused_at_the_edge() {
+        // (sample, expected rejection)
+        let gpu = |energy| pb::GpuSample {
+            energy_millijoules: Some(energy),
+            ..Default::default()
+        };
+        let cases = [
+            (
+                pb::NodeSample {
+                    seq: 0,
+                    ..Default::default()
+                },
+                (0, Reject::Sequence),
+            ),
+            (
+                pb::NodeSample {
+                    seq: u64::MAX,
+                    ..Default::default()
+                },
+                (MAX_STORED, Reject::Sequence),
+            ),
+            (
+                pb::NodeSample {
+                    seq: 7,
+                    gpus: vec![gpu(MAX_STORED + 1)],
+                    ..Default::default()
+                },
+                (7, Reject::Malformed),
+            ),
+        ];
+        for (s, want) in cases {
+            assert_eq!(sample(s).err(), Some(want));
+        }
+        let ok = pb::NodeSample {
+            seq: 7,
+            timestamp_unix_nanos: 1,
+            gpus: vec![gpu(MAX_STORED)],
+            host: None,
+        };
+        assert!(sample(ok).is_ok());
+    }
 }

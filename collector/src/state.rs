@@ -29,6 +29,14 @@ use crate::tenants::{Tenants, UNASSIGNED};
 
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
 
+/// Largest step between sequence numbers: more than any spool holds.
+pub const MAX_SEQ_JUMP: u64 = 10_000_000;
+
+/// Longest interval whose energy is spread over minute buckets; a longer
+/// one (a GPU back after weeks) is spread over its last seven days, so one
+/// reading cannot create an unbounded number of buckets.
+const MAX_SPREAD_NANOS: i64 = 7 * 86_400 * 1_000_000_000;
+
 /// Largest power limit accepted from an agent: 10 kW, above any GPU board.
 pub const MAX_POWER_LIMIT_MILLIWATTS: u64 = 10_000_000;
 
@@ -50,6 +58,8 @@ pub struct StateConfig {
     pub max_gpus_per_node: u32,
     /// How far ahead of the collector's clock a sample may be stamped.
     pub max_clock_skew: Duration,
+    /// How far behind the collector's clock a sample may be stamped.
+    pub max_sample_age: Duration,
 }
 
 /// Static facts about a GPU, from the Hello.
@@ -154,9 +164,16 @@ impl Gpu {
             {
                 (now_mj - prev, false)
             }
+            (Some(now_mj), Some(prev)) if now_mj < prev && u128::from(now_mj) <= plausible => {
+                // The counter went backwards: the driver was reloaded (a
+                // reboot) within the interval, and the counter holds what
+                // the GPU used since. Count that and go on from there.
+                self.counter_resets += 1;
+                (now_mj, false)
+            }
             (Some(_), Some(_)) => {
-                // The counter went backwards (the driver was reloaded) or
-                // jumped further than the GPU could draw: count this
+                // The counter jumped further than the GPU could draw, or
+                // reset to more than the interval allows: count this
                 // interval from power and start again from the new value.
                 self.counter_resets += 1;
                 (self.integrate(r.power_milliwatts, dt_nanos), true)
@@ -174,9 +191,9 @@ impl Gpu {
             _ => (self.integrate(r.power_milliwatts, dt_nanos), true),
         };
         let reanchored = std::mem::take(&mut self.reanchor);
-        let from_ns = self
-            .last_timestamp
-            .filter(|prev| *prev < timestamp && !reanchored);
+        // The interval this reading closes; after an agent restart too, as
+        // long as the new run's clock is not behind the old one's.
+        let from_ns = self.last_timestamp.filter(|prev| *prev < timestamp);
         if reanchored || self.last_timestamp.is_none_or(|prev| timestamp > prev) {
             self.last_timestamp = Some(timestamp);
         }
@@ -251,7 +268,7 @@ impl Applied {
         to_ns: i64,
         window: Duration,
     ) {
-        let from = self.from_ns.unwrap_or(to_ns);
+        let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
         let span = u64::try_from(to_ns - from).unwrap_or(0);
         let covered = if u128::from(span) <= window.as_nanos() {
             span
@@ -328,6 +345,9 @@ pub struct Node {
     /// GPUs the node announced before but not in its latest inventory;
     /// kept so their counters resume if they come back.
     departed: Vec<Gpu>,
+    /// The ledger commit holding the node's latest batch: what a Welcome
+    /// must wait for.
+    last_commit_id: u64,
 }
 
 impl Node {
@@ -387,6 +407,9 @@ pub struct StreamHandle {
     pub node_id: Arc<str>,
     pub epoch: u64,
     generation: u64,
+    /// The commit that must be durable before the Welcome goes out (it
+    /// holds the node's latest batch, whose seq the Welcome reports).
+    pub welcome_after: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -399,6 +422,8 @@ pub enum HelloError {
     Gpu { index: usize, reason: &'static str },
     #[error("agent version must be at most 128 printable characters")]
     AgentVersion,
+    #[error("stream epoch must be below 2^63")]
+    Epoch,
     #[error("stream epoch {got} is older than epoch {current}, whose stream is still connected")]
     StaleEpoch { got: u64, current: u64 },
 }
@@ -461,12 +486,6 @@ impl State {
         (id, std::mem::take(&mut p.commit))
     }
 
-    /// The number of the commit now being gathered: everything applied so
-    /// far is durable once this commit is.
-    pub fn pending_id(&self) -> u64 {
-        lock(&self.pending).id
-    }
-
     /// Resumes from what the ledger holds: each node's (epoch, seq) for
     /// dedup, each GPU's counter for the next delta, tenant totals.
     pub fn restore(&self, snap: Snapshot) {
@@ -490,6 +509,7 @@ impl State {
                     host: None,
                     gpus: Vec::new(),
                     departed: Vec::new(),
+                    last_commit_id: 0,
                 })),
             );
         }
@@ -559,6 +579,9 @@ impl State {
         if !label_ok(&hello.agent_version, 0) {
             return Err(HelloError::AgentVersion);
         }
+        if hello.epoch > crate::model::MAX_STORED {
+            return Err(HelloError::Epoch);
+        }
         for (index, g) in hello.gpus.iter().enumerate() {
             if !label_ok(&g.uuid, 1) {
                 return Err(HelloError::Gpu {
@@ -608,6 +631,7 @@ impl State {
                         host: None,
                         gpus: Vec::new(),
                         departed: Vec::new(),
+                        last_commit_id: 0,
                     }))
                 })
                 .clone()
@@ -670,12 +694,14 @@ impl State {
             n.connected = true;
             n.last_seq
         };
+        let welcome_after = lock(&node).last_commit_id;
         Ok((
             StreamHandle {
                 node,
                 node_id: Arc::from(id),
                 epoch: hello.epoch,
                 generation,
+                welcome_after,
             },
             acked,
         ))
@@ -717,13 +743,22 @@ impl State {
             rejected.retain(|(seq, _)| !is_resent(*seq));
             out.duplicate += resent as u64;
             let skew = i64::try_from(self.cfg.max_clock_skew.as_nanos()).unwrap_or(i64::MAX);
-            let latest = unix_nanos_now().saturating_add(skew);
+            let now_ns = unix_nanos_now();
+            let latest = now_ns.saturating_add(skew);
+            let age = i64::try_from(self.cfg.max_sample_age.as_nanos()).unwrap_or(i64::MAX);
+            let oldest = now_ns.saturating_sub(age);
             for s in samples {
                 if s.seq <= n.last_seq {
                     out.duplicate += 1;
                     continue;
                 }
-                if let Err(reason) = check_against_node(&n, &s, latest) {
+                // A sequence far ahead of the last one would make every
+                // later sample of this epoch a duplicate.
+                if s.seq > n.last_seq.saturating_add(MAX_SEQ_JUMP) {
+                    rejected.push((s.seq, Reject::Sequence));
+                    continue;
+                }
+                if let Err(reason) = check_against_node(&n, &s, latest, oldest) {
                     rejected.push((s.seq, reason));
                     continue;
                 }
@@ -758,7 +793,12 @@ impl State {
             }
             // A refused sample is final: refusing it again on a re-send
             // would change nothing, so the ack moves past it too.
-            if let Some(max) = rejected.iter().map(|(seq, _)| *seq).max() {
+            if let Some(max) = rejected
+                .iter()
+                .map(|(seq, _)| *seq)
+                .filter(|seq| *seq <= n.last_seq.saturating_add(MAX_SEQ_JUMP))
+                .max()
+            {
                 n.last_seq = n.last_seq.max(max);
             }
             out.acked_seq = n.last_seq;
@@ -774,6 +814,7 @@ impl State {
             let mut pending = lock(&self.pending);
             pending.commit.absorb(booked);
             out.commit_id = pending.id;
+            n.last_commit_id = pending.id;
         }
         if !energy.is_empty() {
             let mut totals = lock(&self.totals);
@@ -885,8 +926,15 @@ pub struct TenantLive {
 }
 
 /// Checks a sample against the node's inventory and history.
-fn check_against_node(n: &Node, s: &NodeSample, latest_timestamp: i64) -> Result<(), Reject> {
-    if s.timestamp_unix_nanos <= 0 || s.timestamp_unix_nanos > latest_timestamp {
+fn check_against_node(
+    n: &Node,
+    s: &NodeSample,
+    latest_timestamp: i64,
+    oldest_timestamp: i64,
+) -> Result<(), Reject> {
+    if s.timestamp_unix_nanos <= oldest_timestamp.max(0)
+        || s.timestamp_unix_nanos > latest_timestamp
+    {
         return Err(Reject::Timestamp);
     }
     let mut seen = vec![false; n.gpus.len()];
@@ -949,6 +997,8 @@ mod tests {
                 stale_after,
                 max_gpus_per_node: 8,
                 max_clock_skew: Duration::from_secs(600),
+                // The tests' clock starts in 2023.
+                max_sample_age: Duration::from_secs(100 * 365 * 86_400),
             },
             Tenants::from_toml(tenants).unwrap(),
         )
@@ -1199,22 +1249,24 @@ mod tests {
     // ---- 3. Counter reset -----------------------------------------------
 
     #[test]
-    fn counter_reset_counts_the_interval_from_power() {
-        // Invariant: a counter that goes backwards adds power × dt for that
-        // interval (never a negative or wrapped delta), counts a reset, and
-        // later deltas run from the new counter value.
+    fn counter_reset_counts_the_energy_since_the_reload() {
+        // Invariant: a counter that goes backwards (driver reload) adds the
+        // new counter value, the energy since the reload, when the interval
+        // allows it, and power × dt when it does not; never a negative or
+        // wrapped delta. It counts a reset, and later deltas run from the
+        // new value.
         // (samples as (dt since previous ns, power mW, counter mJ),
         //  energy, resets, last counter)
         type Case = (&'static [(i64, u64, u64)], u64, u64, u64);
-        let cases: [Case; 5] = [
+        let cases: [Case; 6] = [
             (
                 &[
                     (0, 100_000, 1_000),
                     (SEC, 100_000, 5_000),
-                    (SEC, 100_000, 200), // reset: 100 W × 1 s
+                    (SEC, 100_000, 200), // reload: 200 mJ since
                     (SEC, 100_000, 700),
                 ],
-                4_000 + 100_000 + 500,
+                4_000 + 200 + 500,
                 1,
                 700,
             ),
@@ -1222,44 +1274,56 @@ mod tests {
                 &[
                     (0, 250_000, 9_000_000_000),
                     (2 * SEC, 250_000, 9_000_500_000),
-                    (2 * SEC, 250_000, 3), // reset: 250 W × 2 s
+                    (2 * SEC, 250_000, 3), // reload: 3 mJ since
                     (2 * SEC, 250_000, 500_003),
                 ],
-                1_500_000,
+                500_000 + 3 + 500_000,
                 1,
                 500_003,
             ),
             (
                 &[
                     (0, 10_000, 5_000),
-                    (SEC, 10_000, 100), // reset: 10 J
-                    (SEC, 20_000, 50),  // reset again: 20 J
+                    (SEC, 10_000, 100), // reload
+                    (SEC, 20_000, 50),  // reload again
                     (SEC, 20_000, 90),
                 ],
-                10_000 + 20_000 + 40,
+                100 + 50 + 40,
                 2,
                 90,
             ),
             (
                 &[
                     (0, 1, 5_000),
-                    (SEC / 2, 1, 10), // 0.5 mJ: carried
-                    (SEC / 2, 1, 5),  // 0.5 mJ more: 1 mJ
+                    (SEC / 2, 1, 10),
+                    (SEC / 2, 1, 5),
                     (SEC, 1, 6),
                 ],
-                1 + 1,
+                10 + 5 + 1,
                 2,
                 6,
             ),
             (
                 &[
                     (0, 100_000, u64::MAX - 10),
-                    (SEC, 100_000, 0), // wrap-around is a reset, not a huge delta
+                    (SEC, 100_000, 0), // wrap-around is a reload, not a huge delta
                     (SEC, 100_000, 42),
                 ],
-                100_000 + 42,
+                42,
                 1,
                 42,
+            ),
+            (
+                &[
+                    (0, 100_000, 9_000_000_000),
+                    // Back to more than 3 x 700 W could use in 1 s: not a
+                    // believable reload, so the interval comes from power.
+                    (SEC, 100_000, 5_000_000_000),
+                    (SEC, 100_000, 5_000_000_100),
+                ],
+                100_000 + 100,
+                1,
+                5_000_000_100,
             ),
         ];
         for (samples, energy, resets, last_counter) in cases {
@@ -1580,7 +1644,8 @@ mod tests {
         // Invariant: a Hello with an epoch below the node's current one is
         // refused and does not disturb the current stream.
         // (current epoch, refused epochs)
-        let cases: [(u64, &[u64]); 3] = [(5, &[4, 0]), (1, &[0]), (u64::MAX, &[u64::MAX - 1, 1])];
+        const TOP: u64 = crate::model::MAX_STORED;
+        let cases: [(u64, &[u64]); 3] = [(5, &[4, 0]), (1, &[0]), (TOP, &[TOP - 1, 1])];
         for (current, older) in cases {
             let state = new_state(TENANTS, None);
             let h = connect(&state, "a-1", current, 1);
@@ -2089,9 +2154,9 @@ mod tests {
             ),
             // Lost from the start: the first counter is a baseline.
             (&[None, Some(500), Some(800)], &[0, 0, 300]),
-            // Came back after a driver reload: a reset over the whole gap
-            // (10 W × 3 s).
-            (&[Some(5_000), None, None, Some(100)], &[0, 0, 0, 30_000]),
+            // Came back after a driver reload: the counter since the reload
+            // (100 mJ), not power over the whole gap.
+            (&[Some(5_000), None, None, Some(100)], &[0, 0, 0, 100]),
         ];
         for (counters, want) in cases {
             let state = new_state(TENANTS, Some(Duration::from_secs(60)));
@@ -2186,8 +2251,9 @@ mod tests {
             state.ingest(&h, steps, Vec::new()).map(|o| o.accepted)
         }));
         assert!(result.is_ok(), "ingest panicked");
-        // Both implausible steps are counted from power: 1 W for 1 s each.
-        assert_eq!(gpu_energy(&h), vec![2_000]);
+        // The jump is counted from power (1 W for 1 s); the fall back to 0
+        // is a reload with nothing used since.
+        assert_eq!(gpu_energy(&h), vec![1_000]);
         assert_eq!(h.node.lock().unwrap().gpus[0].counter_resets, 2);
     }
     // ---- Clocks, limits and inventories that change ----------------------
@@ -2414,5 +2480,38 @@ mod tests {
         let (_, c) = state.take_pending();
         let b = booked(&c, "lab-a", "a-3");
         assert_eq!((b.energy_mj, b.estimated_mj), (500, 0));
+    }
+    #[test]
+    fn values_the_ledger_cannot_hold_or_trust_are_refused() {
+        // Invariant: a sequence far ahead, a timestamp older than the
+        // allowed age, or an epoch of 2^63 and above is refused alone and
+        // cannot move the node's cursor out of reach.
+        let mut state = new_state(TENANTS, None);
+        state.cfg.max_sample_age = Duration::from_secs(3600);
+        let h = connect(&state, "a-1", 1, 1);
+        let now = unix_nanos_now();
+        let out = ingest(
+            &state,
+            &h,
+            vec![
+                sample(1, now - SEC, &[(1, Some(0))]),
+                sample(MAX_SEQ_JUMP + 5, now, &[(1, Some(1))]),
+            ],
+        );
+        assert_eq!(out.rejected, vec![(MAX_SEQ_JUMP + 5, Reject::Sequence)]);
+        assert_eq!(out.acked_seq, 1, "the cursor stays reachable");
+        let out = ingest(
+            &state,
+            &h,
+            vec![sample(2, now - 2 * 3600 * SEC, &[(1, Some(2))])],
+        );
+        assert_eq!(out.rejected, vec![(2, Reject::Timestamp)]);
+        let out = ingest(&state, &h, vec![sample(3, now, &[(1, Some(9))])]);
+        assert_eq!(out.accepted, 1);
+        assert_eq!(gpu_energy(&h), vec![9]);
+        assert!(matches!(
+            state.hello(hello("a-9", crate::model::MAX_STORED + 1, 1)),
+            Err(HelloError::Epoch)
+        ));
     }
 }

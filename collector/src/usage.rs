@@ -282,7 +282,7 @@ pub struct Row {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub facility_energy_kwh_estimated: Option<f64>,
     pub readings: u64,
-    /// The row includes time not closed yet: it will still change.
+    /// The row ends after `finalized_through`: it may still change.
     pub partial: bool,
 }
 
@@ -382,7 +382,7 @@ pub fn report(
                 estimated: d.estimated_mj > 0,
                 facility_energy_kwh_estimated: terms.pue.map(|pue| energy_kwh * pue),
                 readings: d.samples,
-                partial: end > open_minute,
+                partial: end > finalized,
             });
             start = end;
         }
@@ -626,7 +626,7 @@ mod tests {
             &q,
             &tenants,
             &minutes(),
-            T + 20 * 60 + 5,
+            T + 26 * 60 + 5,
             Duration::from_secs(600),
         );
         let json = serde_json::to_string_pretty(&r).unwrap();
@@ -634,7 +634,7 @@ mod tests {
   "from": "2027-01-01T00:00:00Z",
   "to": "2027-01-01T00:30:00Z",
   "step": "15m",
-  "finalized_through": "2027-01-01T00:10:00Z",
+  "finalized_through": "2027-01-01T00:16:00Z",
   "rows": [
     {
       "tenant": "a",

@@ -78,14 +78,25 @@ fn hello(node: &str, epoch: u64) -> pb::AgentMessage {
     }
 }
 
-const T0: i64 = 1_700_000_000_000_000_000;
+/// An hour ago, in whole seconds: recent enough for the collector's
+/// sample-age check, fixed for the whole test.
+fn t0() -> i64 {
+    static T0: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *T0.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        (now - 3600) * 1_000_000_000
+    })
+}
 
 /// Sample `seq`: GPU 0 has a counter rising 500 mJ per tick; GPU 1 has
 /// none and draws 333 W, integrated by the collector over 1 s ticks.
 fn sample(seq: u64) -> pb::NodeSample {
     pb::NodeSample {
         seq,
-        timestamp_unix_nanos: T0 + seq as i64 * 1_000_000_000,
+        timestamp_unix_nanos: t0() + seq as i64 * 1_000_000_000,
         gpus: vec![
             pb::GpuSample {
                 index: 0,
