@@ -351,6 +351,27 @@ pub struct Node {
 }
 
 impl Node {
+    /// A node with no stream yet, resuming at (epoch, last_seq).
+    fn new(id: Arc<str>, epoch: u64, last_seq: u64, interval: Duration) -> Self {
+        Self {
+            id,
+            tenant: Arc::from(UNASSIGNED),
+            agent_version: String::new(),
+            interval,
+            epoch,
+            last_seq,
+            generation: 0,
+            connected: false,
+            samples_accepted: 0,
+            last_receipt: None,
+            last_timestamp: 0,
+            host: None,
+            gpus: Vec::new(),
+            departed: Vec::new(),
+            last_commit_id: 0,
+        }
+    }
+
     /// How long without a sample before this node's GPUs are stale.
     pub fn stale_window(&self, configured: Option<Duration>) -> Duration {
         configured.unwrap_or(self.interval * 3)
@@ -494,23 +515,12 @@ impl State {
             let id: Arc<str> = Arc::from(id);
             nodes.insert(
                 id.clone(),
-                Arc::new(Mutex::new(Node {
-                    id: id.clone(),
-                    tenant: Arc::from(UNASSIGNED),
-                    agent_version: String::new(),
-                    interval: Duration::from_secs(1),
+                Arc::new(Mutex::new(Node::new(
+                    id.clone(),
                     epoch,
                     last_seq,
-                    generation: 0,
-                    connected: false,
-                    samples_accepted: 0,
-                    last_receipt: None,
-                    last_timestamp: 0,
-                    host: None,
-                    gpus: Vec::new(),
-                    departed: Vec::new(),
-                    last_commit_id: 0,
-                })),
+                    Duration::from_secs(1),
+                ))),
             );
         }
         for (uuid, cursor) in &snap.gpus {
@@ -616,23 +626,12 @@ impl State {
             nodes
                 .entry(Arc::from(id))
                 .or_insert_with(|| {
-                    Arc::new(Mutex::new(Node {
-                        id: Arc::from(id),
-                        tenant: Arc::from(UNASSIGNED),
-                        agent_version: String::new(),
-                        interval: hello.interval,
-                        epoch: hello.epoch,
-                        last_seq: 0,
-                        generation: 0,
-                        connected: false,
-                        samples_accepted: 0,
-                        last_receipt: None,
-                        last_timestamp: 0,
-                        host: None,
-                        gpus: Vec::new(),
-                        departed: Vec::new(),
-                        last_commit_id: 0,
-                    }))
+                    Arc::new(Mutex::new(Node::new(
+                        Arc::from(id),
+                        hello.epoch,
+                        0,
+                        hello.interval,
+                    )))
                 })
                 .clone()
         };
