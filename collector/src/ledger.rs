@@ -52,6 +52,8 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE usage_minute ADD COLUMN overage_mj INTEGER NOT NULL DEFAULT 0;",
     // 3: usage queries read by time.
     "CREATE INDEX usage_minute_by_time ON usage_minute (minute_start, tenant);",
+    // 4: over-contract time per tenant, so the counter survives restarts.
+    "ALTER TABLE tenant_total ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The summable columns of `usage_minute`, in `BucketDelta::values` order.
@@ -204,6 +206,7 @@ pub struct Commit {
     pub gpus: HashMap<Arc<str>, GpuCursor>,
     pub buckets: HashMap<BucketKey, BucketDelta>,
     pub tenant_energy: HashMap<Arc<str>, u64>,
+    pub tenant_over_contract_ns: HashMap<Arc<str>, u64>,
 }
 
 impl Commit {
@@ -222,6 +225,9 @@ impl Commit {
         for (t, e) in later.tenant_energy {
             *self.tenant_energy.entry(t).or_default() += e;
         }
+        for (t, ns) in later.tenant_over_contract_ns {
+            *self.tenant_over_contract_ns.entry(t).or_default() += ns;
+        }
     }
 }
 
@@ -231,6 +237,7 @@ pub struct Snapshot {
     pub nodes: Vec<(String, u64, u64)>,
     pub gpus: Vec<(String, GpuCursor)>,
     pub tenant_energy: Vec<(String, u64)>,
+    pub tenant_over_contract_ns: Vec<(String, u64)>,
 }
 
 pub struct Ledger {
@@ -387,14 +394,23 @@ impl Ledger {
         }
         let mut q = self
             .conn
-            .prepare("SELECT tenant, energy_mj FROM tenant_total")
+            .prepare("SELECT tenant, energy_mj, over_contract_ns FROM tenant_total")
             .map_err(err)?;
         let rows = q
-            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
             .map_err(err)?;
         for row in rows {
-            let (t, e) = row.map_err(err)?;
-            snap.tenant_energy.push((t, u64_of(e, p, "tenant energy")?));
+            let (t, e, over) = row.map_err(err)?;
+            snap.tenant_energy
+                .push((t.clone(), u64_of(e, p, "tenant energy")?));
+            snap.tenant_over_contract_ns
+                .push((t, u64_of(over, p, "over-contract time")?));
         }
         Ok(snap)
     }
@@ -483,6 +499,16 @@ impl Ledger {
             for (tenant, e) in &c.tenant_energy {
                 total
                     .execute(params![&**tenant, i64_of(*e, &p, "energy")?])
+                    .map_err(err)?;
+            }
+            let mut over = tx
+                .prepare_cached(
+                    "INSERT INTO tenant_total (tenant, energy_mj, over_contract_ns) VALUES (?1, 0, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET over_contract_ns = over_contract_ns + ?2",
+                )
+                .map_err(err)?;
+            for (tenant, ns) in &c.tenant_over_contract_ns {
+                over.execute(params![&**tenant, i64_of(*ns, &p, "over-contract time")?])
                     .map_err(err)?;
             }
         }
@@ -718,6 +744,7 @@ mod tests {
             },
         );
         c.tenant_energy.insert(Arc::from("t"), 100);
+        c.tenant_over_contract_ns.insert(Arc::from("t"), 5);
         l.commit(&c).unwrap();
         l.commit(&c).unwrap();
         drop(l);
@@ -726,6 +753,7 @@ mod tests {
         assert_eq!(snap.nodes, vec![("n1".to_string(), 7, 42)]);
         assert_eq!(snap.gpus[0].1, c.gpus[&*Arc::<str>::from("GPU-1")]);
         assert_eq!(snap.tenant_energy, vec![("t".to_string(), 200)]);
+        assert_eq!(snap.tenant_over_contract_ns, vec![("t".to_string(), 10)]);
         let sums = l.bucket_totals("t").unwrap();
         assert_eq!(sums.values(), [200, 10, 8, 2, 12, 14, 16, 18]);
         assert_eq!(

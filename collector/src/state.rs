@@ -537,6 +537,12 @@ impl State {
                 .or_default()
                 .energy_millijoules = energy;
         }
+        for (tenant, nanos) in snap.tenant_over_contract_ns {
+            totals
+                .entry(Arc::from(tenant))
+                .or_default()
+                .over_contract_nanos = u128::from(nanos);
+        }
     }
 
     pub fn config(&self) -> &StateConfig {
@@ -904,6 +910,11 @@ impl State {
         }
         let mut pending = lock(&self.pending);
         for (tenant, overage_mj) in over {
+            *pending
+                .commit
+                .tenant_over_contract_ns
+                .entry(tenant.clone())
+                .or_default() += nanos;
             let b = pending
                 .commit
                 .buckets
@@ -2439,6 +2450,9 @@ mod tests {
         let b = booked(&c, "lab-b", "");
         assert_eq!((b.over_contract_ns, b.overage_mj), (2_000_000_000, 400_000));
         assert_eq!(booked(&c, "lab-a", ""), BucketDelta::default());
+        // The tenant's running total goes into the same commit.
+        assert_eq!(c.tenant_over_contract_ns.get("lab-b"), Some(&2_000_000_000));
+        assert_eq!(c.tenant_over_contract_ns.get("lab-a"), None);
     }
 
     #[test]
