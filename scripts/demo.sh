@@ -37,8 +37,13 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
+# Each simulated node keeps its energy counters across demo runs, as a
+# loaded driver does, so a restart is not taken for a driver reload.
+mkdir -p target/demo
 agent() {
-    "$bin/capwatch-agent" --source mock --collector "http://$CAPWATCH_GRPC_LISTEN" \
+    printf '[mock]\ncounter_file = "target/demo/%s.counters"\n' "$1" > "target/demo/$1.toml"
+    "$bin/capwatch-agent" --config "target/demo/$1.toml" --source mock \
+        --collector "http://$CAPWATCH_GRPC_LISTEN" \
         --node-id "$1" --mock-profile "$2" --mock-seed "$3" &
     pids+=($!)
 }
