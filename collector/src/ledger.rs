@@ -247,6 +247,14 @@ pub struct Ledger {
     _lock: std::fs::File,
 }
 
+/// Maps a SQLite error to a `LedgerError` naming the ledger file.
+fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + Copy + '_ {
+    move |error| LedgerError::Sqlite {
+        path: path.to_owned(),
+        error,
+    }
+}
+
 fn i64_of(v: u64, path: &Path, what: &'static str) -> Result<i64, LedgerError> {
     i64::try_from(v).map_err(|_| LedgerError::Range {
         path: path.to_owned(),
@@ -264,10 +272,7 @@ fn u64_of(v: i64, path: &Path, what: &'static str) -> Result<u64, LedgerError> {
 impl Ledger {
     /// Opens (creating if needed) the ledger at `path` and migrates it.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
-        let err = |error| LedgerError::Sqlite {
-            path: path.to_owned(),
-            error,
-        };
+        let err = sqlite_err(path);
         // Two collectors writing one ledger would each resume the same
         // cursors and count the same energy twice.
         let mut lock_path = path.as_os_str().to_owned();
@@ -330,29 +335,23 @@ impl Ledger {
         })
     }
 
+    /// Rows of (text, integer, integer) from `sql`.
+    fn name_and_two_counts(&self, sql: &str) -> Result<Vec<(String, i64, i64)>, LedgerError> {
+        let err = sqlite_err(&self.path);
+        let mut q = self.conn.prepare(sql).map_err(err)?;
+        let rows = q
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
     /// Reads the cursors and totals to resume from.
     pub fn load(&self) -> Result<Snapshot, LedgerError> {
         let p = &self.path;
-        let err = |error| LedgerError::Sqlite {
-            path: p.clone(),
-            error,
-        };
+        let err = sqlite_err(p);
         let mut snap = Snapshot::default();
-        let mut q = self
-            .conn
-            .prepare("SELECT node, epoch, last_seq FROM node_cursor")
-            .map_err(err)?;
-        let rows = q
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .map_err(err)?;
-        for row in rows {
-            let (node, epoch, seq) = row.map_err(err)?;
+        let rows = self.name_and_two_counts("SELECT node, epoch, last_seq FROM node_cursor")?;
+        for (node, epoch, seq) in rows {
             snap.nodes.push((
                 node,
                 u64_of(epoch, p, "epoch")?,
@@ -392,21 +391,9 @@ impl Ledger {
                 },
             ));
         }
-        let mut q = self
-            .conn
-            .prepare("SELECT tenant, energy_mj, over_contract_ns FROM tenant_total")
-            .map_err(err)?;
-        let rows = q
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .map_err(err)?;
-        for row in rows {
-            let (t, e, over) = row.map_err(err)?;
+        let rows = self
+            .name_and_two_counts("SELECT tenant, energy_mj, over_contract_ns FROM tenant_total")?;
+        for (t, e, over) in rows {
             snap.tenant_energy
                 .push((t.clone(), u64_of(e, p, "tenant energy")?));
             snap.tenant_over_contract_ns
@@ -418,10 +405,7 @@ impl Ledger {
     /// Writes `c` in one transaction.
     pub fn commit(&mut self, c: &Commit) -> Result<(), LedgerError> {
         let p = self.path.clone();
-        let err = |error| LedgerError::Sqlite {
-            path: p.clone(),
-            error,
-        };
+        let err = sqlite_err(&p);
         let tx = self.conn.transaction().map_err(err)?;
         {
             let mut node = tx
@@ -528,10 +512,7 @@ impl Ledger {
                 [tenant],
                 |r| BucketDelta::from_row(r, 0, p),
             )
-            .map_err(|error| LedgerError::Sqlite {
-                path: p.clone(),
-                error,
-            })?
+            .map_err(sqlite_err(p))?
     }
 }
 
@@ -548,15 +529,9 @@ impl Reader {
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )
-        .map_err(|error| LedgerError::Sqlite {
-            path: path.to_owned(),
-            error,
-        })?;
+        .map_err(sqlite_err(path))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
-            .map_err(|error| LedgerError::Sqlite {
-                path: path.to_owned(),
-                error,
-            })?;
+            .map_err(sqlite_err(path))?;
         Ok(Self {
             conn,
             path: path.to_owned(),
@@ -573,10 +548,7 @@ impl Reader {
         to: i64,
     ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
         let p = &self.path;
-        let err = |error| LedgerError::Sqlite {
-            path: p.clone(),
-            error,
-        };
+        let err = sqlite_err(p);
         let mut q = self
             .conn
             .prepare_cached(&format!(
@@ -607,10 +579,7 @@ impl Reader {
     /// Every tenant that has buckets.
     pub fn tenants(&self) -> Result<Vec<String>, LedgerError> {
         let p = &self.path;
-        let err = |error| LedgerError::Sqlite {
-            path: p.clone(),
-            error,
-        };
+        let err = sqlite_err(p);
         let mut q = self
             .conn
             .prepare_cached("SELECT tenant FROM tenant_total ORDER BY tenant")
