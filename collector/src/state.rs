@@ -644,10 +644,16 @@ impl State {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         let acked = {
             let mut n = lock(&node);
-            // An older epoch is a stale agent instance while the current
-            // one is connected; once it is gone, it is a restarted agent
-            // whose clock was stepped back, and it takes over.
-            if hello.epoch < n.epoch && n.connected {
+            // An older epoch is a stale agent instance: its samples may
+            // have been committed under that epoch before the current one
+            // took over, and the dedup cursor of that epoch is gone, so it
+            // is refused. Only when the current epoch lies in the future
+            // (beyond the allowed skew) was it stamped by a wrong clock;
+            // once that stream is gone, the corrected agent takes over.
+            let skew = i64::try_from(self.cfg.max_clock_skew.as_nanos()).unwrap_or(i64::MAX);
+            let current_from_wrong_clock =
+                i64::try_from(n.epoch).is_ok_and(|e| e > unix_nanos_now().saturating_add(skew));
+            if hello.epoch < n.epoch && (n.connected || !current_from_wrong_clock) {
                 return Err(HelloError::StaleEpoch {
                     got: hello.epoch,
                     current: n.epoch,
@@ -2269,18 +2275,42 @@ mod tests {
     // ---- Clocks, limits and inventories that change ----------------------
 
     #[test]
-    fn older_epoch_takes_over_once_the_current_stream_is_gone() {
-        // Invariant: an agent restarted after its clock was stepped back
-        // (lower epoch) is admitted once the old stream has disconnected,
-        // and its counter delta across the gap is counted once.
+    fn older_epoch_is_refused_even_after_the_current_stream_is_gone() {
+        // Invariant: a stale agent instance cannot take a node over once
+        // the newer one has disconnected (or after a collector restart):
+        // the dedup cursor of its epoch is gone, so its re-sent samples
+        // would count twice.
         let state = new_state(TENANTS, None);
         let h = connect(&state, "a-1", 100, 1);
         ingest(&state, &h, vec![sample(1, T0, &[(1, Some(1_000))])]);
         state.disconnect(&h);
+        assert!(matches!(
+            state.hello(hello("a-1", 50, 1)),
+            Err(HelloError::StaleEpoch {
+                got: 50,
+                current: 100
+            })
+        ));
+    }
+
+    #[test]
+    fn older_epoch_takes_over_from_an_epoch_stamped_in_the_future() {
+        // Invariant: an agent whose clock was far ahead (epoch beyond the
+        // allowed skew) and was then corrected is admitted with its lower
+        // epoch once the old stream has disconnected, and its counter delta
+        // across the gap is counted once.
+        let state = new_state(TENANTS, None);
+        let future = u64::try_from(unix_nanos_now()).unwrap() + 86_400 * SEC as u64;
+        let h = connect(&state, "a-1", future, 1);
+        assert!(matches!(
+            state.hello(hello("a-1", 50, 1)),
+            Err(HelloError::StaleEpoch { got: 50, .. })
+        ));
+        state.disconnect(&h);
         std::thread::sleep(Duration::from_millis(20));
         let (back, acked) = state.hello(hello("a-1", 50, 1)).unwrap();
         assert_eq!(acked, 0);
-        // Its clock is an hour behind: the first timestamp re-anchors.
+        // Its first reading is the new reference; the delta after it counts.
         let out = ingest(
             &state,
             &back,
@@ -2290,7 +2320,7 @@ mod tests {
             ],
         );
         assert_eq!(out.accepted, 2);
-        assert_eq!(gpu_energy(&back), vec![20]);
+        assert_eq!(gpu_energy(&back), vec![10]);
     }
 
     #[test]
