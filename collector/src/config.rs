@@ -30,6 +30,20 @@ pub struct Config {
     /// usage API's `finalized_through` trails the clock by this much.
     #[serde(with = "humantime_serde")]
     pub finalize_grace: Duration,
+    /// How long minute buckets are kept. Usage rows in this window have
+    /// every figure; before it, rows come from hourly rollups (whole
+    /// hours only, no `p95_power_watts`). At least `max_sample_age` plus
+    /// 7 days (the longest counter gap spread back) plus 1 hour.
+    #[serde(with = "humantime_serde")]
+    pub minute_retention: Duration,
+    /// How long hourly rollups (per tenant and node, with each tenant's
+    /// peak quarter-hour) are kept; at least `minute_retention`.
+    #[serde(with = "humantime_serde")]
+    pub hour_retention: Duration,
+    /// How long daily rollups (UTC days) are kept; at least
+    /// `hour_retention`. Unset: forever.
+    #[serde(with = "humantime_serde")]
+    pub day_retention: Option<Duration>,
     /// A GPU with no sample for this long is stale. Unset: three times the
     /// interval its agent announced.
     #[serde(with = "humantime_serde")]
@@ -74,6 +88,9 @@ impl Default for Config {
             ledger_path: PathBuf::from("capwatch-ledger.db"),
             commit_interval: Duration::from_secs(1),
             finalize_grace: Duration::from_secs(600),
+            minute_retention: Duration::from_secs(35 * 86_400),
+            hour_retention: Duration::from_secs(400 * 86_400),
+            day_retention: None,
             stale_after: None,
             evaluate_interval: Duration::from_secs(1),
             per_gpu_metrics: true,
@@ -164,6 +181,25 @@ impl Config {
             || self.max_sample_age > Duration::from_secs(366 * 86_400)
         {
             return bad("max_sample_age", "must be between 1m and 366d");
+        }
+        // A late sample, or the energy of a counter gap spread back over
+        // it, must land in minutes that are still kept.
+        let latest_write =
+            self.max_sample_age + crate::state::MAX_SPREAD + Duration::from_secs(3600);
+        if self.minute_retention < latest_write {
+            return Err(ConfigError::Invalid {
+                setting: "minute_retention",
+                reason: format!(
+                    "must be at least max_sample_age + 7d + 1h ({})",
+                    humantime::format_duration(latest_write)
+                ),
+            });
+        }
+        if self.hour_retention < self.minute_retention {
+            return bad("hour_retention", "must be at least minute_retention");
+        }
+        if self.day_retention.is_some_and(|d| d < self.hour_retention) {
+            return bad("day_retention", "must be at least hour_retention");
         }
         if self.hello_timeout < Duration::from_millis(100)
             || self.hello_timeout > Duration::from_secs(600)

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State as Extract};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -129,6 +130,7 @@ async fn tenants(Extract(s): Extract<HttpState>) -> Response {
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct UsageParams {
     from: Option<String>,
     to: Option<String>,
@@ -137,19 +139,26 @@ struct UsageParams {
     format: Option<String>,
 }
 
+/// A query string that does not parse (a repeated or unknown parameter)
+/// gets the same JSON error body as any other bad request.
+fn params(p: Result<Query<UsageParams>, QueryRejection>) -> Result<UsageParams, ApiError> {
+    p.map(|Query(p)| p)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))
+}
+
 async fn tenant_usage(
     Extract(s): Extract<HttpState>,
     Path(id): Path<String>,
-    Query(p): Query<UsageParams>,
+    p: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    usage_response(s, Some(id), p).await
+    usage_response(s, Some(id), params(p)?).await
 }
 
 async fn all_usage(
     Extract(s): Extract<HttpState>,
-    Query(p): Query<UsageParams>,
+    p: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    usage_response(s, None, p).await
+    usage_response(s, None, params(p)?).await
 }
 
 async fn usage_response(

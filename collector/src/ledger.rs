@@ -54,7 +54,44 @@ const MIGRATIONS: &[&str] = &[
     "CREATE INDEX usage_minute_by_time ON usage_minute (minute_start, tenant);",
     // 4: over-contract time per tenant, so the counter survives restarts.
     "ALTER TABLE tenant_total ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;",
+    // 5: hourly and daily rollups (per tenant and node, plus each tenant's
+    // peak quarter-hour), the hours whose minutes changed since they were
+    // rolled up, and how far back each granularity is kept.
+    "CREATE TABLE usage_rollup (
+        period INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        energy_mj INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        busy_gpu_ns INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        expected_gpu_ns INTEGER NOT NULL,
+        estimated_mj INTEGER NOT NULL,
+        over_contract_ns INTEGER NOT NULL,
+        overage_mj INTEGER NOT NULL,
+        PRIMARY KEY (period, start, tenant, node)
+     ) WITHOUT ROWID;
+     CREATE TABLE demand_rollup (
+        period INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        peak_quarter_mj INTEGER NOT NULL,
+        PRIMARY KEY (period, start, tenant)
+     ) WITHOUT ROWID;
+     CREATE TABLE rollup_pending (hour_start INTEGER PRIMARY KEY) WITHOUT ROWID;
+     CREATE TABLE retention (
+        period INTEGER PRIMARY KEY,
+        kept_from INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     INSERT OR IGNORE INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;",
 ];
+
+/// Rollup periods, in seconds.
+pub const HOUR: i64 = 3600;
+pub const DAY: i64 = 86_400;
+const MINUTE: i64 = 60;
 
 /// The summable columns of `usage_minute`, in `BucketDelta::values` order.
 const BUCKET_COLUMNS: [&str; 8] = [
@@ -90,6 +127,16 @@ pub enum LedgerError {
         found: i64,
         known: usize,
     },
+    #[error(
+        "ledger {path}: schema version {found} is older than this collector's ({known}); start the collector once to migrate it"
+    )]
+    TooOld {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("ledger {path} does not exist")]
+    Missing { path: PathBuf },
     #[error("ledger {path} is in use by another collector (lock file {lock})")]
     InUse { path: PathBuf, lock: PathBuf },
     #[error("ledger {path}: lock file: {error}")]
@@ -461,6 +508,19 @@ impl Ledger {
                      ON CONFLICT (tenant, node, minute_start) DO UPDATE SET {updates}"
                 ))
                 .map_err(err)?;
+            let mut pending = tx
+                .prepare_cached("INSERT OR IGNORE INTO rollup_pending (hour_start) VALUES (?1)")
+                .map_err(err)?;
+            let mut hours: Vec<i64> = c
+                .buckets
+                .keys()
+                .map(|(_, _, m)| m.div_euclid(HOUR) * HOUR)
+                .collect();
+            hours.sort_unstable();
+            hours.dedup();
+            for h in hours {
+                pending.execute([h]).map_err(err)?;
+            }
             for ((tenant, node, minute), d) in &c.buckets {
                 let mut values: Vec<rusqlite::types::Value> = vec![
                     tenant.to_string().into(),
@@ -499,6 +559,198 @@ impl Ledger {
         tx.commit().map_err(err)
     }
 
+    /// Rolls closed hours up and drops what `policy` no longer keeps, in
+    /// one transaction.
+    ///
+    /// *Invariant:* an hour's rollup is rebuilt from its minutes whenever
+    /// a commit touched them (late samples, gap energy), and a day's from
+    /// its hours, so every rollup equals the sum of what it covers; minutes
+    /// are dropped only after their hour has been rolled up.
+    pub fn compact(&mut self, policy: &Compaction) -> Result<Compacted, LedgerError> {
+        let p = self.path.clone();
+        let err = sqlite_err(&p);
+        let tx = self.conn.transaction().map_err(err)?;
+        let mut done = Compacted::default();
+        {
+            let hours: Vec<i64> = {
+                let mut q = tx
+                    .prepare_cached(
+                        "SELECT hour_start FROM rollup_pending WHERE hour_start + 3600 <= ?1 ORDER BY hour_start",
+                    )
+                    .map_err(err)?;
+                q.query_map([policy.closed_before], |r| r.get(0))
+                    .map_err(err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(err)?
+            };
+            let cols = BUCKET_COLUMNS.join(", ");
+            let sums = BUCKET_COLUMNS
+                .iter()
+                .map(|c| format!("SUM({c})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut clear = tx
+                .prepare_cached("DELETE FROM usage_rollup WHERE period = ?1 AND start = ?2")
+                .map_err(err)?;
+            let mut clear_peak = tx
+                .prepare_cached("DELETE FROM demand_rollup WHERE period = ?1 AND start = ?2")
+                .map_err(err)?;
+            let mut hour = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_rollup (period, start, tenant, node, {cols})
+                     SELECT 3600, ?1, tenant, node, {sums} FROM usage_minute
+                     WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                     GROUP BY tenant, node"
+                ))
+                .map_err(err)?;
+            let mut hour_peak = tx
+                .prepare_cached(
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
+                     SELECT 3600, ?1, tenant, MAX(e) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                        FROM usage_minute
+                        WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                        GROUP BY tenant, quarter)
+                     GROUP BY tenant",
+                )
+                .map_err(err)?;
+            let mut day = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_rollup (period, start, tenant, node, {cols})
+                     SELECT 86400, ?1, tenant, node, {sums} FROM usage_rollup
+                     WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
+                     GROUP BY tenant, node"
+                ))
+                .map_err(err)?;
+            let mut day_peak = tx
+                .prepare_cached(
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
+                     SELECT 86400, ?1, tenant, MAX(peak_quarter_mj) FROM demand_rollup
+                     WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
+                     GROUP BY tenant",
+                )
+                .map_err(err)?;
+            // Minutes that arrived for an hour whose minutes were already
+            // dropped (only possible with a retention shorter than the
+            // oldest write the collector accepts) are added to the rollups
+            // that still exist, never replacing them.
+            let mut add = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_rollup (period, start, tenant, node, {cols})
+                     SELECT ?2, ?3, tenant, node, {sums} FROM usage_minute
+                     WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                     GROUP BY tenant, node
+                     ON CONFLICT (period, start, tenant, node) DO UPDATE SET {}",
+                    BUCKET_COLUMNS
+                        .iter()
+                        .map(|c| format!("{c} = {c} + excluded.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .map_err(err)?;
+            let mut add_peak = tx
+                .prepare_cached(
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
+                     SELECT ?2, ?3, tenant, MAX(e) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                        FROM usage_minute
+                        WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                        GROUP BY tenant, quarter)
+                     GROUP BY tenant
+                     ON CONFLICT (period, start, tenant) DO UPDATE
+                        SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj)",
+                )
+                .map_err(err)?;
+            let kept = |period: i64| -> Result<i64, LedgerError> {
+                tx.query_row(
+                    "SELECT COALESCE(MAX(kept_from), 0) FROM retention WHERE period = ?1",
+                    [period],
+                    |r| r.get(0),
+                )
+                .map_err(err)
+            };
+            let (old_minutes_from, old_hours_from) = (kept(MINUTE)?, kept(HOUR)?);
+            let mut days = Vec::new();
+            for &h in &hours {
+                let d = h.div_euclid(DAY) * DAY;
+                if h >= old_minutes_from {
+                    clear.execute([HOUR, h]).map_err(err)?;
+                    clear_peak.execute([HOUR, h]).map_err(err)?;
+                    hour.execute([h]).map_err(err)?;
+                    hour_peak.execute([h]).map_err(err)?;
+                } else if h >= old_hours_from {
+                    add.execute([h, HOUR, h]).map_err(err)?;
+                    add_peak.execute([h, HOUR, h]).map_err(err)?;
+                }
+                if d >= old_hours_from {
+                    days.push(d);
+                } else {
+                    add.execute([h, DAY, d]).map_err(err)?;
+                    add_peak.execute([h, DAY, d]).map_err(err)?;
+                }
+            }
+            days.dedup();
+            for &d in &days {
+                clear.execute([DAY, d]).map_err(err)?;
+                clear_peak.execute([DAY, d]).map_err(err)?;
+                day.execute([d]).map_err(err)?;
+                day_peak.execute([d]).map_err(err)?;
+            }
+            tx.execute(
+                "DELETE FROM rollup_pending WHERE hour_start + 3600 <= ?1",
+                [policy.closed_before],
+            )
+            .map_err(err)?;
+            done.hours_rolled_up = hours.len();
+            done.days_rolled_up = days.len();
+            // Minutes go only where their hours are rolled up: closed, and
+            // no longer pending.
+            let minutes_from = policy
+                .minutes_from
+                .min(policy.closed_before)
+                .div_euclid(HOUR)
+                * HOUR;
+            done.minute_rows_dropped = tx
+                .execute(
+                    "DELETE FROM usage_minute WHERE minute_start < ?1",
+                    [minutes_from],
+                )
+                .map_err(err)?;
+            let mut keep = tx
+                .prepare_cached(
+                    "INSERT INTO retention (period, kept_from) VALUES (?1, ?2)
+                     ON CONFLICT (period) DO UPDATE SET kept_from = MAX(kept_from, ?2)",
+                )
+                .map_err(err)?;
+            keep.execute([MINUTE, minutes_from]).map_err(err)?;
+            let mut drop = |period: i64, from: i64| -> Result<usize, LedgerError> {
+                let n = tx
+                    .execute(
+                        "DELETE FROM usage_rollup WHERE period = ?1 AND start < ?2",
+                        [period, from],
+                    )
+                    .map_err(err)?;
+                tx.execute(
+                    "DELETE FROM demand_rollup WHERE period = ?1 AND start < ?2",
+                    [period, from],
+                )
+                .map_err(err)?;
+                keep.execute([period, from]).map_err(err)?;
+                Ok(n)
+            };
+            // Hours go only where their days are rolled up, which closed
+            // hours are.
+            let hours_from = policy.hours_from.min(minutes_from).div_euclid(DAY) * DAY;
+            done.hour_rows_dropped = drop(HOUR, hours_from)?;
+            if let Some(days_from) = policy.days_from {
+                let days_from = days_from.min(hours_from).div_euclid(DAY) * DAY;
+                done.day_rows_dropped = drop(DAY, days_from)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(done)
+    }
+
     /// Sums of the minute buckets of `tenant` over all nodes and all time:
     /// a cross-check of `tenant_total` and of exactly-once sample counts.
     pub fn bucket_totals(&self, tenant: &str) -> Result<BucketDelta, LedgerError> {
@@ -516,6 +768,53 @@ impl Ledger {
     }
 }
 
+/// What one compaction keeps, in Unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// Hours ending at or before this are closed and get rolled up.
+    pub closed_before: i64,
+    /// Minute buckets before this are dropped (rounded down to the hour).
+    pub minutes_from: i64,
+    /// Hourly rollups before this are dropped (rounded down to the day).
+    pub hours_from: i64,
+    /// Daily rollups before this are dropped; `None` keeps them forever.
+    pub days_from: Option<i64>,
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    pub hours_rolled_up: usize,
+    pub days_rolled_up: usize,
+    pub minute_rows_dropped: usize,
+    pub hour_rows_dropped: usize,
+    pub day_rows_dropped: usize,
+}
+
+/// A stretch of one tenant's usage, summed over its nodes: a minute bucket
+/// or an hourly or daily rollup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: i64,
+    pub seconds: i64,
+    pub delta: BucketDelta,
+    /// Highest quarter-hour energy inside a rollup; `None` for a minute,
+    /// whose quarter-hours are summed from the minutes themselves.
+    pub peak_quarter_mj: Option<u64>,
+}
+
+/// Usage read for a period: the spans, finest first available, and from
+/// when each granularity is kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// (tenant, span), ordered by tenant, then time.
+    pub spans: Vec<(String, Span)>,
+    /// Minute buckets exist from here on; before, hourly rollups.
+    pub minutes_from: i64,
+    /// Hourly rollups exist from here on; before, daily rollups.
+    pub hours_from: i64,
+}
+
 /// A read-only view of the ledger, for the usage API and the `usage`
 /// command. WAL lets it read while the collector commits.
 pub struct Reader {
@@ -525,6 +824,11 @@ pub struct Reader {
 
 impl Reader {
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        if !path.exists() {
+            return Err(LedgerError::Missing {
+                path: path.to_owned(),
+            });
+        }
         let conn = Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -532,6 +836,24 @@ impl Reader {
         .map_err(sqlite_err(path))?;
         conn.busy_timeout(std::time::Duration::from_secs(5))
             .map_err(sqlite_err(path))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sqlite_err(path))?;
+        let known = MIGRATIONS.len();
+        if version as usize > known {
+            return Err(LedgerError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                known,
+            });
+        }
+        if (version as usize) < known {
+            return Err(LedgerError::TooOld {
+                path: path.to_owned(),
+                found: version,
+                known,
+            });
+        }
         Ok(Self {
             conn,
             path: path.to_owned(),
@@ -574,6 +896,88 @@ impl Reader {
             out.push((t, m, d?));
         }
         Ok(out)
+    }
+
+    /// The usage of `tenant` (`None`: every tenant) in `[from, to)`,
+    /// read in one snapshot: minute buckets where they are kept, hourly
+    /// and then daily rollups before.
+    pub fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
+        let p = &self.path;
+        let err = sqlite_err(p);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let kept_from = |period: i64| -> Result<i64, LedgerError> {
+            tx.query_row(
+                "SELECT COALESCE(MAX(kept_from), 0) FROM retention WHERE period = ?1",
+                [period],
+                |r| r.get(0),
+            )
+            .map_err(err)
+        };
+        let minutes_from = kept_from(MINUTE)?;
+        let hours_from = kept_from(HOUR)?.min(minutes_from);
+        let mut spans: Vec<(String, Span)> = Vec::new();
+        for (t, start, delta) in self.minutes(tenant, from.max(minutes_from), to)? {
+            spans.push((
+                t,
+                Span {
+                    start,
+                    seconds: MINUTE,
+                    delta,
+                    peak_quarter_mj: None,
+                },
+            ));
+        }
+        let mut q = tx
+            .prepare_cached(&format!(
+                "SELECT r.tenant, r.start, {}, MAX(COALESCE(d.peak_quarter_mj, 0))
+                 FROM usage_rollup r LEFT JOIN demand_rollup d
+                    ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
+                 WHERE r.period = ?1 AND (?2 IS NULL OR r.tenant = ?2)
+                    AND r.start >= ?3 AND r.start < ?4
+                 GROUP BY r.tenant, r.start",
+                BUCKET_COLUMNS
+                    .iter()
+                    .map(|c| format!("SUM(r.{c})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .map_err(err)?;
+        for (period, lo, hi) in [
+            (HOUR, from.max(hours_from), to.min(minutes_from)),
+            (DAY, from, to.min(hours_from)),
+        ] {
+            if lo >= hi {
+                continue;
+            }
+            let rows = q
+                .query_map(params![period, tenant, lo, hi], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        BucketDelta::from_row(r, 2, p)?,
+                        r.get::<_, i64>(2 + BUCKET_COLUMNS.len())?,
+                    ))
+                })
+                .map_err(err)?;
+            for row in rows {
+                let (t, start, delta, peak) = row.map_err(err)?;
+                spans.push((
+                    t,
+                    Span {
+                        start,
+                        seconds: period,
+                        delta: delta?,
+                        peak_quarter_mj: Some(u64_of(peak, p, "peak_quarter_mj")?),
+                    },
+                ));
+            }
+        }
+        spans.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
+        Ok(Usage {
+            spans,
+            minutes_from,
+            hours_from,
+        })
     }
 
     /// Every tenant that has buckets.
@@ -629,6 +1033,7 @@ pub fn split_by_minute(amount: u64, from_ns: i64, to_ns: i64) -> Vec<(i64, u64)>
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn split_examples() {
@@ -754,5 +1159,216 @@ mod tests {
             .unwrap();
         let err = Ledger::open(&path).err().unwrap().to_string();
         assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn a_reader_refuses_an_older_schema_and_a_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let err = Reader::open(&path).err().unwrap().to_string();
+        assert!(err.ends_with("ledger.db does not exist"), "{err}");
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", 2)
+            .unwrap();
+        let err = Reader::open(&path).err().unwrap().to_string();
+        assert!(
+            err.contains("schema version 2 is older") && err.contains("migrate"),
+            "{err}"
+        );
+    }
+
+    const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z, a UTC midnight
+
+    /// One minute of `energy_mj` for (tenant, node) at `minute`.
+    fn minute_commit(entries: &[(&str, &str, i64, u64)]) -> Commit {
+        let mut c = Commit::default();
+        for &(t, n, m, e) in entries {
+            c.buckets
+                .entry((Arc::from(t), Arc::from(n), m))
+                .or_default()
+                .add(&BucketDelta {
+                    energy_mj: e,
+                    gpu_ns: 60_000_000_000,
+                    samples: 60,
+                    expected_gpu_ns: 60_000_000_000,
+                    ..BucketDelta::default()
+                });
+        }
+        c
+    }
+
+    fn policy(closed_before: i64, minutes_from: i64) -> Compaction {
+        Compaction {
+            closed_before,
+            minutes_from,
+            hours_from: 0,
+            days_from: None,
+        }
+    }
+
+    fn energy_by_tenant(u: &Usage) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (t, s) in &u.spans {
+            *out.entry(t.clone()).or_default() += s.delta.energy_mj;
+        }
+        out
+    }
+
+    #[test]
+    fn rollups_keep_sums_and_peaks_and_follow_late_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        // Hour 0: tenant a on two nodes, 1 J a minute each, except a burst
+        // of 90 J in minute 20 on n1. Hour 1: 2 J a minute on n1.
+        let mut entries = Vec::new();
+        for m in 0..60 {
+            entries.push(("a", "n1", T0 + m * 60, if m == 20 { 90_000 } else { 1_000 }));
+            entries.push(("a", "n2", T0 + m * 60, 1_000));
+            entries.push(("a", "n1", T0 + HOUR + m * 60, 2_000));
+        }
+        l.commit(&minute_commit(&entries)).unwrap();
+        // Hour 1 is not closed yet: only hour 0 rolls up.
+        let done = l.compact(&policy(T0 + HOUR + 1800, 0)).unwrap();
+        assert_eq!((done.hours_rolled_up, done.days_rolled_up), (1, 1));
+        assert_eq!(done.minute_rows_dropped, 0);
+        let done = l.compact(&policy(T0 + 2 * HOUR, 0)).unwrap();
+        assert_eq!(done.hours_rolled_up, 1);
+        // Nothing pending: a second run does nothing.
+        let again = l.compact(&policy(T0 + 2 * HOUR, 0)).unwrap();
+        assert_eq!(again, Compacted::default());
+
+        let reader = Reader::open(&path).unwrap();
+        let before = reader.usage(None, T0, T0 + DAY).unwrap();
+        assert_eq!(before.minutes_from, 0);
+        assert!(before.spans.iter().all(|(_, s)| s.seconds == MINUTE));
+
+        // A late minute lands in hour 0 before its minutes are dropped.
+        l.commit(&minute_commit(&[("a", "n2", T0 + 59 * 60, 500)]))
+            .unwrap();
+        let done = l.compact(&policy(T0 + 3 * HOUR, T0 + 2 * HOUR)).unwrap();
+        assert_eq!(done.hours_rolled_up, 1, "the late minute re-rolls hour 0");
+        assert_eq!(done.minute_rows_dropped, 180);
+
+        let after = reader.usage(None, T0, T0 + DAY).unwrap();
+        assert_eq!(after.minutes_from, T0 + 2 * HOUR);
+        assert_eq!(
+            energy_by_tenant(&after),
+            energy_by_tenant(&before)
+                .into_iter()
+                .map(|(t, e)| (t, e + 500))
+                .collect()
+        );
+        let hours: Vec<(i64, i64, u64, Option<u64>)> = after
+            .spans
+            .iter()
+            .map(|(_, s)| (s.start, s.seconds, s.delta.energy_mj, s.peak_quarter_mj))
+            .collect();
+        // Hour 0's peak quarter holds the burst: 14 J + 90 J on n1, 15 J
+        // on n2.
+        assert_eq!(
+            hours,
+            vec![
+                (
+                    T0,
+                    HOUR,
+                    59 * 1_000 + 90_000 + 60 * 1_000 + 500,
+                    Some(14_000 + 90_000 + 15_000)
+                ),
+                (T0 + HOUR, HOUR, 120_000, Some(30_000)),
+            ]
+        );
+        assert_eq!(after.spans[0].1.delta.samples, 121 * 60);
+
+        // Hours dropped: the daily rollup (a UTC day) remains, with the
+        // day's peak quarter.
+        let policy = Compaction {
+            closed_before: T0 + 3 * DAY,
+            minutes_from: T0 + 2 * DAY,
+            hours_from: T0 + DAY,
+            days_from: None,
+        };
+        let done = l.compact(&policy).unwrap();
+        assert_eq!(done.hour_rows_dropped, 3);
+        let days = reader.usage(Some("a"), T0, T0 + 2 * DAY).unwrap();
+        assert_eq!(days.hours_from, T0 + DAY);
+        assert_eq!(days.spans.len(), 1);
+        let (_, day) = days.spans[0];
+        assert_eq!((day.start, day.seconds), (T0, DAY));
+        assert_eq!(
+            day.delta.energy_mj,
+            59 * 1_000 + 90_000 + 60 * 1_000 + 500 + 120_000
+        );
+        assert_eq!(day.peak_quarter_mj, Some(14_000 + 90_000 + 15_000));
+        // And with a daily retention, days go too.
+        l.compact(&Compaction {
+            days_from: Some(T0 + 2 * DAY),
+            ..policy
+        })
+        .unwrap();
+        assert!(
+            reader
+                .usage(None, 0, T0 + 10 * DAY)
+                .unwrap()
+                .spans
+                .is_empty()
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Conservation: whatever is committed and whenever compaction
+        /// runs, each tenant's usage over all time is what was committed,
+        /// and each UTC day's is the same read from minutes or rollups.
+        #[test]
+        fn compaction_conserves_usage(
+            entries in proptest::collection::vec((0usize..2, 0usize..2, 0i64..3 * 24 * 60, 0u64..1_000_000), 1..200),
+            cuts in proptest::collection::vec(0i64..4 * 24, 1..4),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ledger.db");
+            let mut l = Ledger::open(&path).unwrap();
+            let reader = Reader::open(&path).unwrap();
+            let tenants = ["a", "b"];
+            let nodes = ["n1", "n2"];
+            let mut want: BTreeMap<String, u64> = BTreeMap::new();
+            let mut per_day: BTreeMap<(String, i64), u64> = BTreeMap::new();
+            let mut cuts = cuts;
+            cuts.sort_unstable();
+            let chunk = entries.len().div_ceil(cuts.len());
+            for (batch, cut_hour) in entries.chunks(chunk).zip(cuts) {
+                let list: Vec<(&str, &str, i64, u64)> = batch
+                    .iter()
+                    .map(|&(t, n, m, e)| (tenants[t], nodes[n], T0 + m * 60, e))
+                    .collect();
+                for &(t, _, m, e) in &list {
+                    *want.entry(t.to_string()).or_default() += e;
+                    *per_day.entry((t.to_string(), (m - T0).div_euclid(DAY))).or_default() += e;
+                }
+                l.commit(&minute_commit(&list)).unwrap();
+                // Closed up to the cut; minutes kept from a day before it.
+                // Later batches write minutes already dropped: they must
+                // land in the rollups all the same.
+                let closed = T0 + cut_hour * HOUR;
+                l.compact(&Compaction {
+                    closed_before: closed,
+                    minutes_from: T0.max(closed - DAY),
+                    hours_from: 0,
+                    days_from: None,
+                })
+                .unwrap();
+            }
+            let u = reader.usage(None, 0, T0 + 10 * DAY).unwrap();
+            prop_assert_eq!(energy_by_tenant(&u), want);
+            let mut got_day: BTreeMap<(String, i64), u64> = BTreeMap::new();
+            for (t, s) in &u.spans {
+                prop_assert!(s.start % s.seconds == 0);
+                *got_day.entry((t.clone(), (s.start - T0).div_euclid(DAY))).or_default() += s.delta.energy_mj;
+            }
+            got_day.retain(|_, e| *e > 0);
+            per_day.retain(|_, e| *e > 0);
+            prop_assert_eq!(got_day, per_day);
+        }
     }
 }

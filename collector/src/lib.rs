@@ -154,6 +154,12 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         committed_tx.clone(),
         shutdown.clone(),
     ));
+    let compactor = tokio::spawn(compact_loop(
+        state.clone(),
+        ledger.clone(),
+        cfg.clone(),
+        shutdown.clone(),
+    ));
     let evaluator = tokio::spawn(evaluate_contracts(
         state.clone(),
         cfg.evaluate_interval,
@@ -178,6 +184,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     .await;
     evaluator.abort();
     reloader.abort();
+    compactor.abort();
     // Streams are closed: one last commit makes everything applied durable.
     let failed = committer.await.unwrap_or(None);
     if commit_once(&state, &ledger, failed, &committed_tx)
@@ -282,6 +289,76 @@ async fn commit_once(
             // the restart resume from the ledger while agents re-send.
             error!(task = "committer", error = %e, "ledger commit task died; exiting so the ledger stays exact");
             std::process::exit(70);
+        }
+    }
+}
+
+/// What a compaction at `now` (Unix seconds) keeps under `cfg`.
+pub fn compaction_policy(cfg: &config::Config, now: i64) -> ledger::Compaction {
+    let ago =
+        |d: std::time::Duration| now.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    ledger::Compaction {
+        closed_before: ago(cfg.finalize_grace),
+        minutes_from: ago(cfg.minute_retention),
+        hours_from: ago(cfg.hour_retention),
+        days_from: cfg.day_retention.map(ago),
+    }
+}
+
+/// Once a minute, rolls closed hours up and applies retention. Named
+/// task: `compactor`. A failure is logged and counted; the next round
+/// retries (rollups are rebuilt from what they cover, so nothing is lost).
+async fn compact_loop(
+    state: Arc<State>,
+    ledger: Arc<std::sync::Mutex<ledger::Ledger>>,
+    cfg: config::Config,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = capwatch_common::wait_for_shutdown(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        let policy = compaction_policy(&cfg, usage::now_unix());
+        let ledger = ledger.clone();
+        let result =
+            tokio::task::spawn_blocking(move || state::lock(&ledger).compact(&policy)).await;
+        match result {
+            Ok(Ok(done)) => {
+                state
+                    .counters
+                    .compactions_ok
+                    .fetch_add(1, Ordering::Relaxed);
+                if done != ledger::Compacted::default() {
+                    info!(
+                        task = "compactor",
+                        hours = done.hours_rolled_up,
+                        days = done.days_rolled_up,
+                        minute_rows_dropped = done.minute_rows_dropped,
+                        hour_rows_dropped = done.hour_rows_dropped,
+                        day_rows_dropped = done.day_rows_dropped,
+                        "ledger compacted"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                state
+                    .counters
+                    .compactions_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(task = "compactor", error = %e, "ledger compaction failed; retrying next minute");
+            }
+            Err(e) => {
+                state
+                    .counters
+                    .compactions_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(task = "compactor", error = %e, "ledger compaction task failed");
+            }
         }
     }
 }

@@ -58,15 +58,20 @@ enum Command {
         /// Only this tenant [default: every tenant].
         #[arg(long)]
         tenant: Option<String>,
-        /// Start, inclusive, RFC 3339 UTC (2026-11-01T00:00:00Z).
+        /// Start, inclusive, RFC 3339 (2026-11-01T00:00:00Z or
+        /// 2026-11-01T00:00:00+01:00), on a row boundary.
         #[arg(long)]
         from: String,
-        /// End, exclusive, RFC 3339 UTC.
+        /// End, exclusive, RFC 3339, on a row boundary.
         #[arg(long)]
         to: String,
-        /// Row length: 1m, 15m, 1h or 1d.
+        /// Row length: 1m, 15m, 1h, 1d or month.
         #[arg(long, default_value = "1h")]
         step: String,
+        /// IANA time zone rows are cut in (days and months start at local
+        /// midnight).
+        #[arg(long, default_value = "UTC")]
+        tz: String,
         /// Output: table, csv or json.
         #[arg(long, default_value = "table")]
         format: String,
@@ -85,6 +90,7 @@ fn usage_command(
         from,
         to,
         step,
+        tz,
         format,
     } = cmd;
     let format = Format::parse(format)?;
@@ -96,7 +102,7 @@ fn usage_command(
         Some(from),
         Some(to),
         Some(step),
-        None,
+        Some(tz),
         cfg.finalize_grace,
     )?;
     match format {

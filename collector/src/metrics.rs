@@ -184,6 +184,11 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
         MetricType::COUNTER,
     ),
     (
+        "capwatch_collector_ledger_compactions_total",
+        "Ledger compactions (rollups and retention), by result.",
+        MetricType::COUNTER,
+    ),
+    (
         "capwatch_collector_build_info",
         "Always 1; labels carry the version.",
         MetricType::GAUGE,
@@ -488,6 +493,16 @@ impl Collector for FleetCollector {
             "capwatch_collector_ledger_commit_seconds_total",
             &[],
             c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+        );
+        f.push(
+            "capwatch_collector_ledger_compactions_total",
+            &[("result", "success")],
+            c.compactions_ok.load(Ordering::Relaxed) as f64,
+        );
+        f.push(
+            "capwatch_collector_ledger_compactions_total",
+            &[("result", "failure")],
+            c.compactions_failed.load(Ordering::Relaxed) as f64,
         );
         f.push(
             "capwatch_collector_build_info",

@@ -35,7 +35,8 @@ pub const MAX_SEQ_JUMP: u64 = 10_000_000;
 /// Longest interval whose energy is spread over minute buckets; a longer
 /// one (a GPU back after weeks) is spread over its last seven days, so one
 /// reading cannot create an unbounded number of buckets.
-const MAX_SPREAD_NANOS: i64 = 7 * 86_400 * 1_000_000_000;
+pub(crate) const MAX_SPREAD: Duration = Duration::from_secs(7 * 86_400);
+const MAX_SPREAD_NANOS: i64 = MAX_SPREAD.as_nanos() as i64;
 
 /// Largest power limit accepted from an agent: 10 kW, above any GPU board.
 pub const MAX_POWER_LIMIT_MILLIWATTS: u64 = 10_000_000;
@@ -419,6 +420,8 @@ pub struct Counters {
     pub commits_ok: AtomicU64,
     pub commits_failed: AtomicU64,
     pub commit_micros: AtomicU64,
+    pub compactions_ok: AtomicU64,
+    pub compactions_failed: AtomicU64,
 }
 
 /// A stream's claim on its node.

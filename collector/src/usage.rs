@@ -1,26 +1,34 @@
 //! Usage for billing jobs: per-tenant rows over any period and step, read
-//! from the ledger's minute buckets, as JSON, CSV or a table.
+//! from the ledger's minute buckets (and, before the minutes kept, its
+//! hourly and daily rollups), as JSON, CSV or a table.
 //!
 //! *Boundary:* query parameters come from HTTP clients and the command
 //! line; every error names the parameter and maps to a 4xx in `http.rs`.
 //!
-//! Times are UTC (RFC 3339 with `Z`); `from` is inclusive and `to`
-//! exclusive, both aligned to the step. Peak demand follows utility
-//! practice: the highest average power over an aligned quarter-hour that
-//! overlaps the row.
+//! Times are RFC 3339; `from` is inclusive and `to` exclusive, both on a
+//! row boundary. Rows of 1m, 15m and 1h are fixed lengths aligned in the
+//! requested time zone's local time; rows of 1d and month run from local
+//! midnight to local midnight, so they are 23 or 25 hours long across a
+//! daylight-saving change. Peak demand follows utility practice: the
+//! highest average power over an aligned quarter-hour that overlaps the
+//! row.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use jiff::civil::Date;
+use jiff::tz::TimeZone;
+use jiff::{Timestamp, ToSpan};
 use serde::Serialize;
 
-use crate::ledger::{BucketDelta, LedgerError, Reader};
+use crate::ledger::{BucketDelta, DAY, HOUR, LedgerError, Reader, Span, Usage};
 use crate::tenants::{Tenants, UNASSIGNED};
 
 /// Most rows one request may return (rows × tenants).
 pub const MAX_ROWS: i64 = 10_000;
 const QUARTER: i64 = 900;
+const FIVE_MINUTES: i64 = 300;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Step {
@@ -28,6 +36,7 @@ pub enum Step {
     Quarter,
     Hour,
     Day,
+    Month,
 }
 
 impl Step {
@@ -37,16 +46,18 @@ impl Step {
             "15m" => Step::Quarter,
             "1h" => Step::Hour,
             "1d" => Step::Day,
+            "month" => Step::Month,
             other => return Err(UsageError::Step(other.to_string())),
         })
     }
 
-    pub fn seconds(self) -> i64 {
+    /// The length of a row, for steps of fixed length.
+    pub fn fixed_seconds(self) -> Option<i64> {
         match self {
-            Step::Minute => 60,
-            Step::Quarter => QUARTER,
-            Step::Hour => 3600,
-            Step::Day => 86_400,
+            Step::Minute => Some(60),
+            Step::Quarter => Some(QUARTER),
+            Step::Hour => Some(HOUR),
+            Step::Day | Step::Month => None,
         }
     }
 
@@ -56,6 +67,7 @@ impl Step {
             Step::Quarter => "15m",
             Step::Hour => "1h",
             Step::Day => "1d",
+            Step::Month => "month",
         }
     }
 }
@@ -82,23 +94,36 @@ impl Format {
 pub enum UsageError {
     #[error("`{param}` is required")]
     Missing { param: &'static str },
-    #[error("`{param}`: {value:?} is not an RFC 3339 UTC time such as 2026-11-01T00:00:00Z")]
+    #[error(
+        "`{param}`: {value:?} is not an RFC 3339 time in whole seconds between 1970 and 9999, such as 2026-11-01T00:00:00Z"
+    )]
     Time { param: &'static str, value: String },
-    #[error("`{param}` must be aligned to the step {step}")]
+    #[error("`{param}` must be at the start of a {step} row in time zone {tz}")]
     Misaligned {
         param: &'static str,
         step: &'static str,
+        tz: String,
     },
+    #[error("step {step} does not divide the period from `from` to `to` in time zone {tz}")]
+    Indivisible { step: &'static str, tz: String },
     #[error("`from` must be before `to`")]
     Empty,
     #[error("the period holds {rows} rows; at most {max} per request")]
     TooManyRows { rows: i64, max: i64 },
-    #[error("`step`: {0:?} is not one of 1m, 15m, 1h, 1d")]
+    #[error("`step`: {0:?} is not one of 1m, 15m, 1h, 1d, month")]
     Step(String),
     #[error("`format`: {0:?} is not one of json, csv")]
     Format(String),
-    #[error("`tz`: only UTC is supported so far")]
-    TimeZone,
+    #[error("`tz`: {0:?} is not an IANA time zone such as UTC or Europe/Paris")]
+    TimeZone(String),
+    #[error(
+        "usage before {before} is kept only in {granularity} rollups: rows there must start and end on whole {unit}"
+    )]
+    Compacted {
+        before: String,
+        granularity: &'static str,
+        unit: &'static str,
+    },
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
 }
@@ -175,16 +200,81 @@ pub fn run(
     };
     let q = Query::parse(from, to, step, tz, selected.len())?;
     let (lo, hi) = q.read_range();
-    let minutes = reader.minutes(tenant, lo, hi)?;
-    Ok(report(&q, &selected, &minutes, now_unix(), grace))
+    let usage = reader.usage(tenant, lo, hi)?;
+    q.check_detail(usage.minutes_from, usage.hours_from)?;
+    Ok(report(&q, &selected, &usage, now_unix(), grace))
+}
+
+/// The time zone rows are cut in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Zone {
+    pub name: String,
+    tz: TimeZone,
+}
+
+impl Zone {
+    pub fn utc() -> Self {
+        Self {
+            name: "UTC".into(),
+            tz: TimeZone::UTC,
+        }
+    }
+
+    pub fn parse(name: Option<&str>) -> Result<Self, UsageError> {
+        match name {
+            None | Some("UTC" | "Etc/UTC" | "Z") => Ok(Self::utc()),
+            Some(n) => TimeZone::get(n)
+                .map(|tz| Self {
+                    name: n.to_string(),
+                    tz,
+                })
+                .map_err(|_| UsageError::TimeZone(n.to_string())),
+        }
+    }
+
+    fn is_utc(&self) -> bool {
+        self.name == "UTC"
+    }
+
+    /// The UTC offset at `unix`, in seconds.
+    fn offset(&self, unix: i64) -> i64 {
+        Timestamp::from_second(unix).map_or(0, |t| i64::from(self.tz.to_offset(t).seconds()))
+    }
+
+    /// The local date at `unix`.
+    fn date(&self, unix: i64) -> Option<Date> {
+        Timestamp::from_second(unix)
+            .ok()
+            .map(|t| t.to_zoned_datetime(self.tz.clone()).date())
+    }
+
+    /// When local `date` starts (midnight, or the first instant after a
+    /// skipped midnight).
+    fn start_of(&self, date: Date) -> Option<i64> {
+        date.to_zoned_datetime(self.tz.clone())
+            .ok()
+            .map(|z| z.timestamp().as_second())
+    }
+
+    /// `unix` as RFC 3339: `Z` in UTC, else the zone's offset at that time.
+    pub fn format(&self, unix: i64) -> String {
+        match Timestamp::from_second(unix) {
+            Ok(t) if self.is_utc() => t.to_string(),
+            Ok(t) => t.display_with_offset(self.tz.to_offset(t)).to_string(),
+            Err(_) => unix.to_string(),
+        }
+    }
 }
 
 /// A validated request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Query {
     pub from: i64,
     pub to: i64,
     pub step: Step,
+    pub zone: Zone,
+    /// Row boundaries: row `i` is `[bounds[i], bounds[i + 1])`.
+    pub bounds: Vec<i64>,
 }
 
 fn parse_time(param: &'static str, value: Option<&str>) -> Result<i64, UsageError> {
@@ -193,12 +283,11 @@ fn parse_time(param: &'static str, value: Option<&str>) -> Result<i64, UsageErro
         param,
         value: value.to_string(),
     };
-    let t = humantime::parse_rfc3339(value).map_err(|_| bad())?;
-    let secs = t.duration_since(UNIX_EPOCH).map_err(|_| bad())?;
-    if secs.subsec_nanos() != 0 {
+    let t: Timestamp = value.parse().map_err(|_| bad())?;
+    if t.subsec_nanosecond() != 0 || t.as_second() < 0 {
         return Err(bad());
     }
-    i64::try_from(secs.as_secs()).map_err(|_| bad())
+    Ok(t.as_second())
 }
 
 impl Query {
@@ -210,40 +299,124 @@ impl Query {
         tz: Option<&str>,
         tenants: usize,
     ) -> Result<Self, UsageError> {
-        if tz.is_some_and(|z| !matches!(z, "UTC" | "Etc/UTC" | "Z")) {
-            return Err(UsageError::TimeZone);
-        }
+        let zone = Zone::parse(tz)?;
         let step = Step::parse(step.unwrap_or("1h"))?;
         let from = parse_time("from", from)?;
         let to = parse_time("to", to)?;
-        for (param, t) in [("from", from), ("to", to)] {
-            if t % step.seconds() != 0 {
-                return Err(UsageError::Misaligned {
-                    param,
-                    step: step.label(),
-                });
+        let misaligned = |param| UsageError::Misaligned {
+            param,
+            step: step.label(),
+            tz: zone.name.clone(),
+        };
+        let max_rows = MAX_ROWS / tenants.max(1) as i64;
+        let too_many = |rows: i64| UsageError::TooManyRows {
+            rows: rows.saturating_mul(tenants.max(1) as i64),
+            max: MAX_ROWS,
+        };
+        let bounds = match step.fixed_seconds() {
+            Some(len) => {
+                for (param, t) in [("from", from), ("to", to)] {
+                    if (t + zone.offset(t)).rem_euclid(len) != 0 {
+                        return Err(misaligned(param));
+                    }
+                }
+                if from >= to {
+                    return Err(UsageError::Empty);
+                }
+                if (to - from) % len != 0 {
+                    return Err(UsageError::Indivisible {
+                        step: step.label(),
+                        tz: zone.name.clone(),
+                    });
+                }
+                let rows = (to - from) / len;
+                if rows > max_rows {
+                    return Err(too_many(rows));
+                }
+                (0..=rows).map(|i| from + i * len).collect()
             }
-        }
-        if from >= to {
-            return Err(UsageError::Empty);
-        }
-        let rows = (to - from) / step.seconds() * tenants.max(1) as i64;
-        if rows > MAX_ROWS {
-            return Err(UsageError::TooManyRows {
-                rows,
-                max: MAX_ROWS,
-            });
-        }
-        Ok(Self { from, to, step })
+            None => {
+                // Calendar rows: local midnights (on the 1st for months).
+                let first_day = |param, t: i64| {
+                    zone.date(t)
+                        .filter(|d| zone.start_of(*d) == Some(t))
+                        .filter(|d| step == Step::Day || d.day() == 1)
+                        .ok_or_else(|| misaligned(param))
+                };
+                let start = first_day("from", from)?;
+                let end = first_day("to", to)?;
+                if from >= to {
+                    return Err(UsageError::Empty);
+                }
+                let rows = match step {
+                    Step::Month => {
+                        i64::from(end.year() - start.year()) * 12
+                            + i64::from(end.month() - start.month())
+                    }
+                    _ => start
+                        .until(end)
+                        .map_or(i64::MAX, |s| i64::from(s.get_days())),
+                };
+                if rows > max_rows {
+                    return Err(too_many(rows));
+                }
+                let mut bounds = Vec::with_capacity(rows as usize + 1);
+                for i in 0..=rows {
+                    let date = match step {
+                        Step::Month => start.checked_add((i as i32).months()),
+                        _ => start.checked_add((i as i32).days()),
+                    };
+                    let t = date
+                        .ok()
+                        .and_then(|d| zone.start_of(d))
+                        .ok_or_else(|| misaligned("to"))?;
+                    bounds.push(t);
+                }
+                if bounds.last() != Some(&to) {
+                    return Err(misaligned("to"));
+                }
+                bounds
+            }
+        };
+        Ok(Self {
+            from,
+            to,
+            step,
+            zone,
+            bounds,
+        })
     }
 
-    /// The minutes to read: the period widened to whole quarter-hours, for
+    /// The usage to read: the period widened to whole quarter-hours, for
     /// peak demand.
     pub fn read_range(&self) -> (i64, i64) {
         (
             self.from.div_euclid(QUARTER) * QUARTER,
             (self.to + QUARTER - 1).div_euclid(QUARTER) * QUARTER,
         )
+    }
+
+    /// Rows before the minutes kept must fall on the rollups' boundaries:
+    /// whole hours before `minutes_from`, whole UTC days before
+    /// `hours_from`.
+    pub fn check_detail(&self, minutes_from: i64, hours_from: i64) -> Result<(), UsageError> {
+        for &b in &self.bounds {
+            if b < hours_from && b.rem_euclid(DAY) != 0 {
+                return Err(UsageError::Compacted {
+                    before: rfc3339(hours_from),
+                    granularity: "daily",
+                    unit: "UTC days",
+                });
+            }
+            if b < minutes_from && b.rem_euclid(HOUR) != 0 {
+                return Err(UsageError::Compacted {
+                    before: rfc3339(minutes_from),
+                    granularity: "hourly",
+                    unit: "hours",
+                });
+            }
+        }
+        Ok(())
     }
 }
 
@@ -265,7 +438,7 @@ pub struct Row {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capacity_utilization: Option<f64>,
     /// 95th percentile of the 5-minute average power within the row (rows
-    /// of 15 minutes or more).
+    /// of 15 minutes or more whose minutes are still kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p95_power_watts: Option<f64>,
     pub seconds_over_contract: f64,
@@ -291,6 +464,7 @@ pub struct Report {
     pub from: String,
     pub to: String,
     pub step: &'static str,
+    pub time_zone: String,
     /// Rows ending at or before this will not change any more.
     pub finalized_through: String,
     pub rows: Vec<Row>,
@@ -307,64 +481,81 @@ pub fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Builds the report for `tenants` (id, contracted mW) from the minute
-/// buckets read over `q.read_range()`. Every tenant gets a row for every
-/// step, with zeros where nothing was recorded. `now` decides which rows
-/// are partial; `grace` is how long late samples may still arrive.
-pub fn report(
-    q: &Query,
-    tenants: &[Terms],
-    minutes: &[(String, i64, BucketDelta)],
-    now: i64,
-    grace: Duration,
-) -> Report {
-    let mut by_tenant: BTreeMap<&str, BTreeMap<i64, BucketDelta>> = BTreeMap::new();
-    for (t, m, d) in minutes {
-        by_tenant.entry(t.as_str()).or_default().insert(*m, *d);
+/// Builds the report for `tenants` from the usage read over
+/// `q.read_range()`. Every tenant gets a row for every step, with zeros
+/// where nothing was recorded. `now` decides which rows are partial;
+/// `grace` is how long late samples may still arrive. Rows must fit the
+/// usage's rollups (`Query::check_detail`).
+pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Duration) -> Report {
+    let mut by_tenant: BTreeMap<&str, BTreeMap<i64, Span>> = BTreeMap::new();
+    for (t, span) in &usage.spans {
+        by_tenant
+            .entry(t.as_str())
+            .or_default()
+            .insert(span.start, *span);
     }
     let open_minute = now.div_euclid(60) * 60;
     let finalized = open_minute - i64::try_from(grace.as_secs()).unwrap_or(0);
-    let step = q.step.seconds();
     let empty = BTreeMap::new();
     let mut rows = Vec::new();
     for terms in tenants {
         let tenant = &terms.tenant;
-        let mins = by_tenant.get(tenant.as_str()).unwrap_or(&empty);
+        let spans = by_tenant.get(tenant.as_str()).unwrap_or(&empty);
         let sum = |from: i64, to: i64| {
-            mins.range(from..to)
-                .fold(BucketDelta::default(), |mut acc, (_, d)| {
-                    acc.add(d);
+            spans
+                .range(from..to)
+                .fold(BucketDelta::default(), |mut acc, (_, s)| {
+                    acc.add(&s.delta);
                     acc
                 })
         };
-        let mut start = q.from;
-        while start < q.to {
-            let end = start + step;
+        // Energy of the minute buckets in [from, to).
+        let minute_energy = |from: i64, to: i64| -> u64 {
+            spans
+                .range(from..to)
+                .filter(|(_, s)| s.peak_quarter_mj.is_none())
+                .map(|(_, s)| s.delta.energy_mj)
+                .fold(0u64, u64::saturating_add)
+        };
+        for w in q.bounds.windows(2) {
+            let (start, end) = (w[0], w[1]);
+            let seconds = end - start;
             let d = sum(start, end);
-            // Highest quarter-hour average among those overlapping the row.
-            let mut peak_mj = 0u64;
+            // Highest quarter-hour average: from the minutes' quarter-hours
+            // overlapping the row, and from the peaks stored in rollups.
+            let rolled_up_peak = spans
+                .range(start..end)
+                .filter_map(|(_, s)| s.peak_quarter_mj)
+                .max();
+            let mut peak_mj = rolled_up_peak.unwrap_or(0);
             let mut quarter = start.div_euclid(QUARTER) * QUARTER;
             while quarter < end {
-                peak_mj = peak_mj.max(sum(quarter, quarter + QUARTER).energy_mj);
+                peak_mj = peak_mj.max(minute_energy(quarter, quarter + QUARTER));
                 quarter += QUARTER;
             }
-            let average_w = d.energy_mj as f64 / 1000.0 / step as f64;
+            let average_w = d.energy_mj as f64 / 1000.0 / seconds as f64;
             let contracted_w = terms.contracted_milliwatts.map(|c| c as f64 / 1000.0);
-            let p95 = (step >= QUARTER).then(|| {
-                let mut fives: Vec<u64> = (0..step / 300)
-                    .map(|i| sum(start + i * 300, start + (i + 1) * 300).energy_mj)
-                    .collect();
-                fives.sort_unstable();
-                // Nearest rank: the smallest value with at least 95 % at or
-                // below it.
-                let rank = (fives.len() * 95).div_ceil(100).max(1);
-                fives[rank - 1] as f64 / 1000.0 / 300.0
-            });
+            let p95 = (seconds >= QUARTER
+                && rolled_up_peak.is_none()
+                && start >= usage.minutes_from)
+                .then(|| {
+                    let mut fives: Vec<u64> = (0..seconds / FIVE_MINUTES)
+                        .map(|i| {
+                            let s = start + i * FIVE_MINUTES;
+                            minute_energy(s, s + FIVE_MINUTES)
+                        })
+                        .collect();
+                    fives.sort_unstable();
+                    // Nearest rank: the smallest value with at least 95 % at
+                    // or below it.
+                    let rank = (fives.len() * 95).div_ceil(100).max(1);
+                    fives.get(rank - 1).copied().unwrap_or(0) as f64 / 1000.0 / FIVE_MINUTES as f64
+                });
             let energy_kwh = d.energy_mj as f64 / 3.6e9;
             rows.push(Row {
                 tenant: tenant.clone(),
-                start: rfc3339(start),
-                end: rfc3339(end),
+                start: q.zone.format(start),
+                end: q.zone.format(end),
                 energy_millijoules: d.energy_mj,
                 energy_joules: d.energy_mj as f64 / 1000.0,
                 energy_kwh,
@@ -384,14 +575,14 @@ pub fn report(
                 readings: d.samples,
                 partial: end > finalized,
             });
-            start = end;
         }
     }
     Report {
-        from: rfc3339(q.from),
-        to: rfc3339(q.to),
+        from: q.zone.format(q.from),
+        to: q.zone.format(q.to),
         step: q.step.label(),
-        finalized_through: rfc3339(finalized),
+        time_zone: q.zone.name.clone(),
+        finalized_through: q.zone.format(finalized),
         rows,
     }
 }
@@ -485,7 +676,7 @@ mod tests {
             UsageError,
         );
         // (from, to, step, tz, expected error)
-        let cases: [Case; 8] = [
+        let cases: [Case; 9] = [
             (None, ok, None, None, UsageError::Missing { param: "from" }),
             (
                 Some("yesterday"),
@@ -505,6 +696,18 @@ mod tests {
                 UsageError::Misaligned {
                     param: "from",
                     step: "1h",
+                    tz: "UTC".into(),
+                },
+            ),
+            (
+                ok,
+                Some("2027-01-01T01:30:00Z"),
+                Some("1h"),
+                Some("Australia/Adelaide"),
+                UsageError::Misaligned {
+                    param: "from",
+                    step: "1h",
+                    tz: "Australia/Adelaide".into(),
                 },
             ),
             (ok, ok, None, None, UsageError::Empty),
@@ -536,8 +739,8 @@ mod tests {
                 ok,
                 Some("2027-01-02T00:00:00Z"),
                 None,
-                Some("Europe/Paris"),
-                UsageError::TimeZone,
+                Some("Mars/Olympus_Mons"),
+                UsageError::TimeZone("Mars/Olympus_Mons".into()),
             ),
         ];
         for (from, to, step, tz, want) in cases {
@@ -549,11 +752,38 @@ mod tests {
         }
         let q = Query::parse(ok, Some("2027-01-01T02:00:00Z"), Some("1h"), Some("UTC"), 1).unwrap();
         assert_eq!((q.from, q.to, q.step), (T, T + 7200, Step::Hour));
+        assert_eq!(q.bounds, vec![T, T + 3600, T + 7200]);
+    }
+
+    /// Minute buckets as the ledger reads them, all minutes kept.
+    fn usage_of(minutes: Vec<(String, i64, BucketDelta)>) -> Usage {
+        Usage {
+            spans: minutes
+                .into_iter()
+                .map(|(t, start, delta)| {
+                    (
+                        t,
+                        Span {
+                            start,
+                            seconds: 60,
+                            delta,
+                            peak_quarter_mj: None,
+                        },
+                    )
+                })
+                .collect(),
+            minutes_from: 0,
+            hours_from: 0,
+        }
+    }
+
+    fn minutes() -> Usage {
+        usage_of(crafted())
     }
 
     /// A crafted load: tenant a draws 36 kJ/min (600 W) for the first
     /// quarter-hour, then 3.6 kJ/min (60 W); tenant b one burst minute.
-    fn minutes() -> Vec<(String, i64, BucketDelta)> {
+    fn crafted() -> Vec<(String, i64, BucketDelta)> {
         let mut m = Vec::new();
         for i in 0..30 {
             let e = if i < 15 { 36_000_000 } else { 3_600_000 };
@@ -634,6 +864,7 @@ mod tests {
   "from": "2027-01-01T00:00:00Z",
   "to": "2027-01-01T00:30:00Z",
   "step": "15m",
+  "time_zone": "UTC",
   "finalized_through": "2027-01-01T00:16:00Z",
   "rows": [
     {
@@ -713,5 +944,248 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         assert_eq!(total("1m"), 594_000_000);
         assert_eq!(total("15m"), 594_000_000);
         assert_eq!(total("1h"), 594_000_000);
+    }
+
+    /// Row (start, end) pairs as formatted in the report.
+    fn spans_of(r: &Report) -> Vec<(String, String)> {
+        r.rows
+            .iter()
+            .map(|r| (r.start.clone(), r.end.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn days_and_months_follow_the_time_zone() {
+        // Europe/Paris moves to summer time on 2027-03-28: that day is 23
+        // hours long, and rows carry the local offset.
+        let days = Query::parse(
+            Some("2027-03-27T00:00:00+01:00"),
+            Some("2027-03-29T22:00:00Z"),
+            Some("1d"),
+            Some("Europe/Paris"),
+            1,
+        )
+        .unwrap();
+        let lengths: Vec<i64> = days.bounds.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(lengths, vec![86_400, 82_800, 86_400]);
+        let r = report(
+            &days,
+            &[Terms::new("a", None, None)],
+            &Usage::default(),
+            T + 400 * 86_400,
+            Duration::ZERO,
+        );
+        assert_eq!(
+            spans_of(&r)[1],
+            (
+                "2027-03-28T00:00:00+01:00".to_string(),
+                "2027-03-29T00:00:00+02:00".to_string()
+            )
+        );
+        assert_eq!(r.time_zone, "Europe/Paris");
+
+        let months = Query::parse(
+            Some("2027-01-01T00:00:00+01:00"),
+            Some("2027-04-01T00:00:00+02:00"),
+            Some("month"),
+            Some("Europe/Paris"),
+            1,
+        )
+        .unwrap();
+        let lengths: Vec<i64> = months.bounds.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(lengths, vec![31 * 86_400, 28 * 86_400, 31 * 86_400 - 3600]);
+
+        // Midnight UTC is not midnight in Paris; the 2nd is not a month
+        // start; a day does not divide into months.
+        let bad: [(&str, &str, &str, &str); 4] = [
+            (
+                "2027-01-01T00:00:00Z",
+                "2027-01-03T00:00:00+01:00",
+                "1d",
+                "from",
+            ),
+            (
+                "2027-01-01T00:00:00+01:00",
+                "2027-02-02T00:00:00+01:00",
+                "month",
+                "to",
+            ),
+            (
+                "2027-01-02T00:00:00+01:00",
+                "2027-02-01T00:00:00+01:00",
+                "month",
+                "from",
+            ),
+            (
+                "2027-01-01T00:00:00+01:00",
+                "2027-01-02T12:00:00+01:00",
+                "1d",
+                "to",
+            ),
+        ];
+        for (from, to, step, param) in bad {
+            let err = Query::parse(Some(from), Some(to), Some(step), Some("Europe/Paris"), 1);
+            assert!(
+                matches!(&err, Err(UsageError::Misaligned { param: p, .. }) if *p == param),
+                "{from} {to} {step}: {err:?}"
+            );
+        }
+        // Kathmandu is UTC+05:45: its hours start at a quarter past in UTC.
+        let q = Query::parse(
+            Some("2027-01-01T00:15:00Z"),
+            Some("2027-01-01T02:15:00Z"),
+            Some("1h"),
+            Some("Asia/Kathmandu"),
+            1,
+        )
+        .unwrap();
+        assert_eq!(q.bounds.len(), 3);
+        // Too many months for many tenants.
+        assert_eq!(
+            Query::parse(
+                Some("2000-01-01T00:00:00Z"),
+                Some("2100-01-01T00:00:00Z"),
+                Some("month"),
+                None,
+                10
+            ),
+            Err(UsageError::TooManyRows {
+                rows: 12_000,
+                max: MAX_ROWS
+            })
+        );
+    }
+
+    #[test]
+    fn local_days_conserve_energy() {
+        // The crafted load sits in the first hour of 2027 UTC, i.e. in
+        // 2026-12-31 in New York: daily rows there hold all of it.
+        let q = Query::parse(
+            Some("2026-12-31T00:00:00-05:00"),
+            Some("2027-01-02T00:00:00-05:00"),
+            Some("1d"),
+            Some("America/New_York"),
+            1,
+        )
+        .unwrap();
+        let r = report(
+            &q,
+            &[Terms::new("a", None, None)],
+            &minutes(),
+            T + 86_400 * 30,
+            Duration::ZERO,
+        );
+        let energy: Vec<u64> = r.rows.iter().map(|r| r.energy_millijoules).collect();
+        assert_eq!(energy, vec![594_000_000, 0]);
+        assert_eq!(r.rows[0].peak_demand_watts, 600.0);
+        assert_eq!(r.rows[0].start, "2026-12-31T00:00:00-05:00");
+    }
+
+    #[test]
+    fn rows_before_the_kept_minutes_come_from_rollups() {
+        // Minutes are kept from T + 1 h on; before, one hourly rollup of
+        // tenant a with a stored peak quarter of 900 kJ (1000 W).
+        let mut usage = usage_of(
+            crafted()
+                .into_iter()
+                .map(|(t, m, d)| (t, m + 3600, d))
+                .collect(),
+        );
+        usage.minutes_from = T + 3600;
+        usage.spans.insert(
+            0,
+            (
+                "a".to_string(),
+                Span {
+                    start: T,
+                    seconds: 3600,
+                    delta: d(1_800_000_000, 3600, 1800, 3600),
+                    peak_quarter_mj: Some(900_000_000),
+                },
+            ),
+        );
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T02:00:00Z"),
+            Some("1h"),
+            None,
+            1,
+        )
+        .unwrap();
+        q.check_detail(usage.minutes_from, usage.hours_from)
+            .unwrap();
+        let r = report(
+            &q,
+            &[Terms::new("a", None, None)],
+            &usage,
+            T + 86_400,
+            Duration::ZERO,
+        );
+        let a: Vec<(u64, f64, Option<f64>)> = r
+            .rows
+            .iter()
+            .map(|r| (r.energy_millijoules, r.peak_demand_watts, r.p95_power_watts))
+            .collect();
+        assert_eq!(
+            a,
+            vec![
+                (1_800_000_000, 1000.0, None),
+                (594_000_000, 600.0, Some(600.0))
+            ]
+        );
+        // A day row over both: sums, and the higher of the two peaks.
+        let day = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-02T00:00:00Z"),
+            Some("1d"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(
+            &day,
+            &[Terms::new("a", None, None)],
+            &usage,
+            T + 86_400,
+            Duration::ZERO,
+        );
+        assert_eq!(r.rows[0].energy_millijoules, 2_394_000_000);
+        assert_eq!(r.rows[0].peak_demand_watts, 1000.0);
+        assert_eq!(r.rows[0].p95_power_watts, None);
+        // Quarter-hour rows cannot be cut from an hourly rollup.
+        let quarters = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T02:00:00Z"),
+            Some("15m"),
+            None,
+            1,
+        )
+        .unwrap();
+        assert_eq!(
+            quarters.check_detail(usage.minutes_from, 0),
+            Err(UsageError::Compacted {
+                before: "2027-01-01T01:00:00Z".into(),
+                granularity: "hourly",
+                unit: "hours"
+            })
+        );
+        assert!(quarters.check_detail(T, 0).is_ok());
+        // Nor Paris days from UTC daily rollups.
+        let paris = Query::parse(
+            Some("2027-01-01T00:00:00+01:00"),
+            Some("2027-01-02T00:00:00+01:00"),
+            Some("1d"),
+            Some("Europe/Paris"),
+            1,
+        )
+        .unwrap();
+        assert!(matches!(
+            paris.check_detail(T + 86_400 * 2, T + 86_400 * 2),
+            Err(UsageError::Compacted {
+                granularity: "daily",
+                ..
+            })
+        ));
+        assert!(paris.check_detail(T + 86_400 * 2, 0).is_ok());
     }
 }

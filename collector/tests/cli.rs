@@ -383,6 +383,20 @@ fn config_errors_name_the_problem() {
         ),
         ("--config", None, &["{path}", "No such file"]),
         (
+            "--config",
+            Some("minute_retention = \"7d\"\n"),
+            &[
+                "`minute_retention`",
+                "max_sample_age + 7d + 1h",
+                "14days 1h",
+            ],
+        ),
+        (
+            "--config",
+            Some("hour_retention = \"30d\"\n"),
+            &["`hour_retention`", "at least minute_retention"],
+        ),
+        (
             "--tenants",
             Some("[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 10\ncolour = \"red\"\n"),
             &["{path}", "unknown field `colour`"],
@@ -417,6 +431,41 @@ fn config_errors_name_the_problem() {
     for (flag, contents, want) in cases {
         check_error(flag, *contents, want);
     }
+}
+
+#[test]
+fn usage_command_names_a_missing_or_unmigrated_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let ledger = path.to_str().unwrap();
+    let usage = [
+        "--ledger",
+        ledger,
+        "usage",
+        "--from",
+        "2027-01-01T00:00:00Z",
+        "--to",
+        "2027-01-02T00:00:00Z",
+    ];
+    let out = collector(&usage, &[]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("ledger {ledger} does not exist")),
+        "{}",
+        stderr(&out)
+    );
+    // A ledger written by an older collector (schema version 1).
+    rusqlite::Connection::open(&path)
+        .unwrap()
+        .pragma_update(None, "user_version", 1)
+        .unwrap();
+    let out = collector(&usage, &[]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("schema version 1 is older") && err.contains("start the collector once"),
+        "{err}"
+    );
 }
 
 fn check_error(flag: &str, contents: Option<&str>, want: &[&str]) {

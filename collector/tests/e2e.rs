@@ -195,6 +195,38 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         );
         assert_eq!(csv.lines().count(), 21, "{csv}");
     }
+    // Local days: yesterday and today in Paris hold the whole run.
+    let today = jiff::Timestamp::now()
+        .to_zoned_datetime(jiff::tz::TimeZone::get("Europe/Paris").unwrap())
+        .date();
+    let paris_midnight = |d: jiff::civil::Date| {
+        let z = d
+            .to_zoned_datetime(jiff::tz::TimeZone::get("Europe/Paris").unwrap())
+            .unwrap();
+        z.timestamp().display_with_offset(z.offset()).to_string()
+    };
+    let days = format!(
+        "from={}&to={}&step=1d&tz=Europe/Paris",
+        paris_midnight(today.yesterday().unwrap()),
+        paris_midnight(today.tomorrow().unwrap())
+    )
+    .replace('+', "%2B");
+    let v: serde_json::Value = serde_json::from_str(&http_get(
+        collector.http,
+        &format!("/v1/tenants/lab-a/usage?{days}"),
+    ))
+    .unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{v}");
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["energy_millijoules"].as_u64().unwrap())
+            .sum::<u64>(),
+        tenant_energy["lab-a"]
+    );
+    assert_eq!(v["time_zone"], "Europe/Paris");
+    assert!(rows[1]["start"].as_str().unwrap().ends_with(":00"), "{v}");
+    assert!(!rows[1]["start"].as_str().unwrap().ends_with('Z'), "{v}");
     let all: serde_json::Value =
         serde_json::from_str(&http_get(collector.http, &format!("/v1/usage?{period}"))).unwrap();
     assert_eq!(all["rows"].as_array().unwrap().len(), 60);
@@ -224,7 +256,22 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         (
             "/v1/usage?from=2027-01-01T00:30:00Z&to=2027-01-01T02:00:00Z&step=1h".to_string(),
             400,
-            "aligned",
+            "must be at the start of a 1h row",
+        ),
+        (
+            format!("/v1/usage?{period}&from=2027-01-01T00:00:00Z"),
+            400,
+            "duplicate field `from`",
+        ),
+        (
+            format!("/v1/usage?{period}&timezone=UTC"),
+            400,
+            "unknown field `timezone`",
+        ),
+        (
+            format!("/v1/usage?{period}&tz=Mars/Olympus_Mons"),
+            400,
+            "`tz`",
         ),
         (
             "/v1/usage?from=2027-01-01T00:00:00Z&to=2027-02-01T00:00:00Z&step=1m".to_string(),
