@@ -53,8 +53,13 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Print per-tenant usage from the ledger file (for billing jobs; safe
-    /// while the collector runs). Uses --ledger and --tenants (contracts).
+    /// while the collector runs; uses --ledger and --tenants), or from a
+    /// running collector's usage API with --url.
     Usage {
+        /// Ask the collector at this base URL (http://host:9470) instead of
+        /// reading the ledger file.
+        #[arg(long)]
+        url: Option<String>,
         /// Only this tenant [default: every tenant].
         #[arg(long)]
         tenant: Option<String>,
@@ -86,6 +91,7 @@ fn usage_command(
 ) -> anyhow::Result<()> {
     use capwatch_collector::usage::{self, Format};
     let Command::Usage {
+        url,
         tenant,
         from,
         to,
@@ -94,6 +100,30 @@ fn usage_command(
         format,
     } = cmd;
     let format = Format::parse(format)?;
+    if let Some(url) = url {
+        let path = match tenant {
+            Some(t) => format!("/v1/tenants/{t}/usage"),
+            None => "/v1/usage".to_string(),
+        };
+        let wire = if format == Format::Csv { "csv" } else { "json" };
+        let body = usage::fetch(
+            url,
+            &path,
+            &[
+                ("from", from),
+                ("to", to),
+                ("step", step),
+                ("tz", tz),
+                ("format", wire),
+            ],
+        )?;
+        match format {
+            Format::Table => print!("{}", usage::table(&serde_json::from_str(&body)?)),
+            Format::Json => println!("{body}"),
+            Format::Csv => print!("{body}"),
+        }
+        return Ok(());
+    }
     let reader = capwatch_collector::ledger::Reader::open(&cfg.ledger_path)?;
     let report = usage::run(
         &reader,

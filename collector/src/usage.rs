@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::ledger::{BucketDelta, DAY, HOUR, LedgerError, Reader, Span, Usage};
 use crate::tenants::{Tenants, UNASSIGNED};
@@ -421,7 +421,7 @@ impl Query {
 }
 
 /// One row of usage.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub tenant: String,
     pub start: String,
@@ -459,11 +459,11 @@ pub struct Row {
     pub partial: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Report {
     pub from: String,
     pub to: String,
-    pub step: &'static str,
+    pub step: String,
     pub time_zone: String,
     /// Rows ending at or before this will not change any more.
     pub finalized_through: String,
@@ -580,11 +580,61 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Dura
     Report {
         from: q.zone.format(q.from),
         to: q.zone.format(q.to),
-        step: q.step.label(),
+        step: q.step.label().to_string(),
         time_zone: q.zone.name.clone(),
         finalized_through: q.zone.format(finalized),
         rows,
     }
+}
+
+/// Errors of asking a running collector for usage.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("asking {url}: {error}")]
+    Transport {
+        url: String,
+        error: Box<ureq::Error>,
+    },
+    #[error("{url} answered {status}: {message}")]
+    Refused {
+        url: String,
+        status: u16,
+        message: String,
+    },
+}
+
+/// GETs `path` with `query` from the collector at `base` and returns the
+/// body; an error status becomes an error carrying the API's message.
+pub fn fetch(base: &str, path: &str, query: &[(&str, &str)]) -> Result<String, FetchError> {
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let transport = |error| FetchError::Transport {
+        url: url.clone(),
+        error: Box::new(error),
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(60)))
+        .build()
+        .into();
+    let mut request = agent.get(&url);
+    for (k, v) in query {
+        request = request.query(*k, *v);
+    }
+    let mut response = request.call().map_err(transport)?;
+    let status = response.status().as_u16();
+    let body = response.body_mut().read_to_string().map_err(transport)?;
+    if status >= 400 {
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .unwrap_or(body);
+        return Err(FetchError::Refused {
+            url,
+            status,
+            message,
+        });
+    }
+    Ok(body)
 }
 
 const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial";

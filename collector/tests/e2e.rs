@@ -297,6 +297,44 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         )
         .is_empty()
     );
+    // The billing command asks the running collector.
+    let ask = |tenant: &str, format: &str| {
+        std::process::Command::new(bin("capwatch-collector"))
+            .args(["usage", "--url", &format!("http://{}", collector.http)])
+            .args(["--tenant", tenant, "--step", "1m", "--format", format])
+            .args(["--from", &capwatch_collector::usage::rfc3339(from as i64)])
+            .args(["--to", &capwatch_collector::usage::rfc3339(to as i64)])
+            .output()
+            .unwrap()
+    };
+    let out = ask("lab-b", "json");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let sum: u64 = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["energy_millijoules"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sum, tenant_energy["lab-b"]);
+    let out = ask("lab-b", "table");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 22);
+    let out = ask("nobody", "csv");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("answered 404: unknown tenant \"nobody\""),
+        "{err}"
+    );
     collector.stop();
 
     // The billing command reads the same ledger file directly.
