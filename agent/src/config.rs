@@ -46,6 +46,20 @@ pub struct Config {
     /// Longest delay between reconnect attempts.
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// File holding the token the collector asks agents for (the
+    /// `CAPWATCH_TOKEN` environment variable may carry it instead).
+    pub token_file: Option<PathBuf>,
+    /// PEM CA bundle the collector's certificate must chain to; needed for
+    /// an `https://` collector.
+    pub tls_ca: Option<PathBuf>,
+    /// PEM client certificate for mutual TLS (names this node); with
+    /// `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// Name the collector's certificate must carry. Unset: the host of
+    /// `collector`.
+    pub tls_domain: Option<String>,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,
     pub nvml: NvmlConfig,
@@ -90,6 +104,11 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(5),
             reconnect_initial: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
+            token_file: None,
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_domain: None,
             log_format: LogFormat::Plain,
             nvml: NvmlConfig::default(),
             mock: MockSettings::default(),
@@ -166,13 +185,22 @@ impl Config {
                 "must be above zero and not above reconnect_max",
             );
         }
-        // TLS is not built in yet; an https:// URL would silently talk
-        // plaintext or fail, so it is refused.
-        if !self.collector.starts_with("http://") {
+        let https = self.collector.starts_with("https://");
+        if !https && !self.collector.starts_with("http://") {
+            return bad("collector", "must be an http:// or https:// URL");
+        }
+        if https && self.tls_ca.is_none() {
             return bad(
-                "collector",
-                "must be an http:// URL (TLS is not supported yet)",
+                "tls_ca",
+                "an https:// collector needs tls_ca, the CA that signed its certificate",
             );
+        }
+        if !https && (self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some())
+        {
+            return bad("collector", "TLS settings need an https:// collector URL");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert", "tls_cert and tls_key go together");
         }
         if self.drain_timeout > Duration::from_secs(3600)
             || self.reconnect_max > Duration::from_secs(3600)
@@ -200,8 +228,9 @@ mod tests {
     fn invalid_settings_name_the_setting() {
         type Change = fn(&mut Config);
         // (change to the defaults, setting the error must name)
-        let cases: [(Change, &str); 6] = [
-            (|c| c.collector = "https://c:7070".into(), "collector"),
+        let cases: [(Change, &str); 7] = [
+            (|c| c.collector = "https://c:7070".into(), "tls_ca"),
+            (|c| c.tls_ca = Some("ca.pem".into()), "collector"),
             (|c| c.collector = "c:7070".into(), "collector"),
             (|c| c.interval = Duration::ZERO, "interval"),
             (

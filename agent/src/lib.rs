@@ -19,6 +19,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Notify, watch};
 use tokio::time::MissedTickBehavior;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tracing::{info, warn};
 
 use capwatch_proto::v1 as pb;
@@ -40,6 +42,62 @@ pub enum AgentError {
     Source(#[from] SourceError),
     #[error("no node id configured and the hostname is unknown; set node_id")]
     NoNodeId,
+    #[error("agent token: {0}")]
+    Token(String),
+    #[error("TLS: {0}")]
+    Tls(String),
+}
+
+/// The token to present: from `token_file`, else `CAPWATCH_TOKEN`.
+fn load_token(cfg: &Config) -> Result<Option<MetadataValue<Ascii>>, AgentError> {
+    let token = match &cfg.token_file {
+        Some(path) => {
+            warn_if_readable_by_others(path);
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| AgentError::Token(format!("reading {}: {e}", path.display())))?;
+            Some(text.trim().to_string())
+        }
+        None => std::env::var("CAPWATCH_TOKEN").ok(),
+    };
+    let Some(token) = token else { return Ok(None) };
+    if token.is_empty() {
+        return Err(AgentError::Token("the token is empty".into()));
+    }
+    let mut value = MetadataValue::try_from(format!("Bearer {token}"))
+        .map_err(|_| AgentError::Token("the token must be printable ASCII".into()))?;
+    value.set_sensitive(true);
+    if cfg.collector.starts_with("http://") {
+        warn!(collector = %cfg.collector, "the agent token travels in plaintext; use an https:// collector");
+    }
+    Ok(Some(value))
+}
+
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o077 != 0
+    {
+        warn!(file = %path.display(), "file holding secrets is accessible to group or others; chmod 600 it");
+    }
+}
+
+/// The client's TLS settings for an `https://` collector.
+fn client_tls(cfg: &Config) -> Result<Option<ClientTlsConfig>, AgentError> {
+    let Some(ca) = &cfg.tls_ca else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).map_err(|e| AgentError::Tls(format!("reading {}: {e}", path.display())))
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        warn_if_readable_by_others(key);
+        tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+    }
+    if let Some(domain) = &cfg.tls_domain {
+        tls = tls.domain_name(domain.clone());
+    }
+    Ok(Some(tls))
 }
 
 /// What a run did, for the exit log and for tests.
@@ -118,6 +176,8 @@ pub async fn run(
     let stream_task = tokio::spawn(stream::run(
         StreamConfig {
             collector: cfg.collector.clone(),
+            token: load_token(&cfg)?,
+            tls: client_tls(&cfg)?,
             hello,
             batch_max: cfg.batch_max,
             reconnect_initial: cfg.reconnect_initial,

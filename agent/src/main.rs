@@ -58,6 +58,9 @@ struct Args {
     /// Log format.
     #[arg(long, env = "CAPWATCH_LOG_FORMAT")]
     log_format: Option<LogFormat>,
+    /// File holding the collector's agent token.
+    #[arg(long, env = "CAPWATCH_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     print_config: bool,
@@ -86,6 +89,9 @@ impl Args {
         set!(cfg.mock.profile, self.mock_profile);
         set!(cfg.mock.model, self.mock_model);
         set!(cfg.mock.seed, self.mock_seed);
+        if self.token_file.is_some() {
+            cfg.token_file = self.token_file.clone();
+        }
         if self.nvml_library.is_some() {
             cfg.nvml.library = self.nvml_library.clone();
         }

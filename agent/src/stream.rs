@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
 use capwatch_proto::v1 as pb;
@@ -51,6 +52,10 @@ impl Shared {
 
 pub struct StreamConfig {
     pub collector: String,
+    /// `Bearer <token>` for the collector, if it asks for one.
+    pub token: Option<MetadataValue<Ascii>>,
+    /// TLS for an `https://` collector.
+    pub tls: Option<ClientTlsConfig>,
     pub hello: pb::Hello,
     pub batch_max: usize,
     pub reconnect_initial: Duration,
@@ -157,6 +162,13 @@ async fn connect_and_stream(
             .keep_alive_while_idle(true),
         Err(e) => return Ended::Failed(format!("bad collector URL: {e}")),
     };
+    let endpoint = match &cfg.tls {
+        Some(tls) => match endpoint.tls_config(tls.clone()) {
+            Ok(e) => e,
+            Err(e) => return Ended::Refused(format!("TLS settings: {e}")),
+        },
+        None => endpoint,
+    };
     // Connecting, opening the stream and the Welcome must all happen within
     // this; a collector that stalls there is treated as down.
     let preamble = tokio::time::timeout(PREAMBLE_TIMEOUT, async {
@@ -164,7 +176,14 @@ async fn connect_and_stream(
             Ok(c) => c,
             Err(e) => return Err(Ended::Failed(format!("connect: {e}"))),
         };
-        let mut client = IngestClient::new(channel);
+        let token = cfg.token.clone();
+        let mut client =
+            IngestClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+                if let Some(t) = &token {
+                    req.metadata_mut().insert("authorization", t.clone());
+                }
+                Ok(req)
+            });
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
         let hello = pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(cfg.hello.clone())),

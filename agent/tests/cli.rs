@@ -29,6 +29,7 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--mock-model", Some("CAPWATCH_MOCK_MODEL")),
     ("--mock-seed", Some("CAPWATCH_MOCK_SEED")),
     ("--spool-capacity", Some("CAPWATCH_SPOOL_CAPACITY")),
+    ("--token-file", Some("CAPWATCH_TOKEN_FILE")),
     ("--max-samples", None),
     ("--log-format", Some("CAPWATCH_LOG_FORMAT")),
     ("--print-config", None),
@@ -210,12 +211,15 @@ fn example_config_lists_every_setting_at_its_default() {
         "settings in {EXAMPLE} vs the Config struct"
     );
 
-    // The settings shown commented out parse and are valid too.
+    // The settings shown commented out parse and are valid too (the TLS
+    // ones with an https:// collector).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
-    std::fs::write(&path, uncommented(&text)).unwrap();
+    let tls = uncommented(&text).replace("collector = \"http://", "collector = \"https://");
+    std::fs::write(&path, tls).unwrap();
     let cfg = Config::from_file(&path).unwrap();
     cfg.validate().unwrap();
+    assert!(cfg.tls_ca.is_some() && cfg.token_file.is_some());
     assert!(
         cfg.nvml.library.is_some(),
         "nvml.library is shown in {EXAMPLE}"

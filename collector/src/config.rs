@@ -75,6 +75,30 @@ pub struct Config {
     /// On shutdown, how long open streams get to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Tokens agents and usage API clients must present (see
+    /// `deploy/examples/auth.toml`). Reloaded on SIGHUP. Unset: none asked.
+    pub auth_file: Option<PathBuf>,
+    /// `/metrics` and the status page need an admin API token too.
+    pub metrics_auth: bool,
+    /// PEM certificate chain the gRPC server presents (TLS). With
+    /// `tls_key`.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA bundle client certificates must chain to (mutual TLS); a
+    /// node's certificate must then name the node (DNS SAN).
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow plaintext gRPC on an address other than loopback.
+    pub insecure_plaintext: bool,
+    /// Most agent streams open at once.
+    pub max_streams: usize,
+    /// Most node samples per second one stream may deliver; faster
+    /// senders are slowed down (not refused), so a spool re-sent after an
+    /// outage still arrives whole.
+    pub max_node_sample_rate: u32,
+    /// Longest an HTTP request may take.
+    #[serde(with = "humantime_serde")]
+    pub http_request_timeout: Duration,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,
 }
@@ -100,6 +124,15 @@ impl Default for Config {
             max_message_bytes: 4 << 20,
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            auth_file: None,
+            metrics_auth: false,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            insecure_plaintext: false,
+            max_streams: 50_000,
+            max_node_sample_rate: 1_000,
+            http_request_timeout: Duration::from_secs(30),
             log_format: LogFormat::Plain,
         }
     }
@@ -200,6 +233,33 @@ impl Config {
         }
         if self.day_retention.is_some_and(|d| d < self.hour_retention) {
             return bad("day_retention", "must be at least hour_retention");
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert", "tls_cert and tls_key go together");
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return bad("tls_client_ca", "mutual TLS needs tls_cert and tls_key");
+        }
+        if self.tls_cert.is_none()
+            && !self.grpc_listen.ip().is_loopback()
+            && !self.insecure_plaintext
+        {
+            return Err(ConfigError::Invalid {
+                setting: "grpc_listen",
+                reason: format!(
+                    "{} is not loopback and TLS is off: set tls_cert and tls_key, or insecure_plaintext = true",
+                    self.grpc_listen
+                ),
+            });
+        }
+        if self.max_streams == 0 {
+            return bad("max_streams", "must be at least 1");
+        }
+        if self.max_node_sample_rate == 0 {
+            return bad("max_node_sample_rate", "must be at least 1");
+        }
+        if self.http_request_timeout < Duration::from_millis(100) {
+            return bad("http_request_timeout", "must be at least 100ms");
         }
         if self.hello_timeout < Duration::from_millis(100)
             || self.hello_timeout > Duration::from_secs(600)

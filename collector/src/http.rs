@@ -10,15 +10,17 @@ use std::time::{Duration, Instant};
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State as Extract};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use prometheus::Registry;
 use serde::{Deserialize, Serialize};
+use tower_http::timeout::TimeoutLayer;
 use tracing::error;
 
+use crate::auth::{self, Scope};
 use crate::ledger::{LedgerError, Reader};
-use crate::state::{State, lock};
+use crate::state::{AUTH_FORBIDDEN, AUTH_UNAUTHENTICATED, SURFACE_HTTP, State, lock};
 use crate::usage::{self, Format, QueryError, UsageError};
 
 #[derive(Clone)]
@@ -28,40 +30,86 @@ pub struct HttpState {
     pub ledger: Arc<Mutex<Reader>>,
     /// How long after a minute closes late samples may still change it.
     pub finalize_grace: Duration,
+    /// `/metrics` needs an admin token (when API tokens are configured).
+    pub metrics_auth: bool,
+    /// Longest a request may take (408 after).
+    pub request_timeout: Duration,
 }
 
 pub fn router(state: HttpState) -> Router {
+    let timeout = state.request_timeout;
     Router::new()
         .route("/metrics", get(metrics))
+        // Always open: it says "ok" and nothing else, for probes.
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/v1/tenants", get(tenants))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
         .route("/v1/usage", get(all_usage))
         .with_state(state)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
 }
 
-async fn metrics(Extract(s): Extract<HttpState>) -> Response {
+/// What the request's bearer token may read. With no API tokens
+/// configured, everyone is admin.
+fn scope(s: &HttpState, headers: &HeaderMap) -> Result<Scope, ApiError> {
+    let auth = s.state.auth();
+    if !auth.api_required() {
+        return Ok(Scope::Admin);
+    }
+    let token = auth::bearer(
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok()),
+    );
+    auth.api(token).map(|g| g.scope.clone()).map_err(|e| {
+        s.state
+            .counters
+            .auth_refused(SURFACE_HTTP, AUTH_UNAUTHENTICATED);
+        ApiError(StatusCode::UNAUTHORIZED, format!("API token: {e}"))
+    })
+}
+
+/// Refuses a tenant token where `what` needs an admin one.
+fn forbidden(s: &HttpState, what: &str) -> ApiError {
+    s.state.counters.auth_refused(SURFACE_HTTP, AUTH_FORBIDDEN);
+    ApiError(
+        StatusCode::FORBIDDEN,
+        format!("{what} needs an admin token"),
+    )
+}
+
+async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    if s.metrics_auth && scope(&s, &headers)? != Scope::Admin {
+        return Err(forbidden(&s, "/metrics"));
+    }
     // Rendering walks every node; keep it off the async workers.
     let registry = s.registry.clone();
-    match tokio::task::spawn_blocking(move || crate::metrics::render(&registry)).await {
-        Ok(Ok(body)) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response(),
-        Ok(Err(e)) => {
-            error!(error = %e, "rendering /metrics failed");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("rendering metrics failed: {e}\n"),
-            )
-                .into_response()
-        }
-        Err(e) => {
-            error!(error = %e, "rendering /metrics panicked");
-            (
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "rendering metrics failed\n",
-            )
-                .into_response()
-        }
-    }
+    Ok(
+        match tokio::task::spawn_blocking(move || crate::metrics::render(&registry)).await {
+            Ok(Ok(body)) => {
+                ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
+            }
+            Ok(Err(e)) => {
+                error!(error = %e, "rendering /metrics failed");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("rendering metrics failed: {e}\n"),
+                )
+                    .into_response()
+            }
+            Err(e) => {
+                error!(error = %e, "rendering /metrics panicked");
+                (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "rendering metrics failed\n",
+                )
+                    .into_response()
+            }
+        },
+    )
 }
 
 /// An API error: the status and a JSON body `{"error": "..."}`.
@@ -90,7 +138,14 @@ impl From<LedgerError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "error": self.1 }).to_string();
-        (self.0, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+        let mut r = (self.0, [(header::CONTENT_TYPE, "application/json")], body).into_response();
+        if self.0 == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer"),
+            );
+        }
+        r
     }
 }
 
@@ -106,7 +161,8 @@ struct TenantView {
     gpus_stale: u64,
 }
 
-async fn tenants(Extract(s): Extract<HttpState>) -> Response {
+async fn tenants(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let scope = scope(&s, &headers)?;
     let tenants = s.state.tenants();
     let live = s.state.tenant_power(&tenants, Instant::now());
     let totals = s.state.totals();
@@ -114,6 +170,10 @@ async fn tenants(Extract(s): Extract<HttpState>) -> Response {
         .all()
         .iter()
         .zip(&live)
+        .filter(|(t, _)| match &scope {
+            Scope::Admin => true,
+            Scope::Tenant(id) => *t.id == **id,
+        })
         .map(|(t, l)| TenantView {
             id: t.id.to_string(),
             name: t.name.clone(),
@@ -126,7 +186,7 @@ async fn tenants(Extract(s): Extract<HttpState>) -> Response {
             gpus_stale: l.stale,
         })
         .collect();
-    json(&serde_json::json!({ "tenants": view }))
+    Ok(json(&serde_json::json!({ "tenants": view })))
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,16 +209,28 @@ fn params(p: Result<Query<UsageParams>, QueryRejection>) -> Result<UsageParams, 
 async fn tenant_usage(
     Extract(s): Extract<HttpState>,
     Path(id): Path<String>,
+    headers: HeaderMap,
     p: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    if let Scope::Tenant(own) = scope(&s, &headers)?
+        && own != id
+    {
+        return Err(forbidden(&s, &format!("tenant {id:?}")));
+    }
     usage_response(s, Some(id), params(p)?).await
 }
 
+/// Every tenant's rows; a tenant token gets its own only.
 async fn all_usage(
     Extract(s): Extract<HttpState>,
+    headers: HeaderMap,
     p: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    usage_response(s, None, params(p)?).await
+    let tenant = match scope(&s, &headers)? {
+        Scope::Admin => None,
+        Scope::Tenant(own) => Some(own),
+    };
+    usage_response(s, tenant, params(p)?).await
 }
 
 async fn usage_response(

@@ -3,22 +3,28 @@
 //! *Boundary:* every message on these streams is untrusted; errors map to a
 //! `tonic::Status` here and nowhere else.
 
+use std::collections::HashSet;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::CertificateDer;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_server::Ingest;
 
+use crate::auth;
 use crate::model;
-use crate::state::{HelloError, State, StreamHandle, Superseded};
+use crate::state::{
+    AUTH_CERTIFICATE, AUTH_NODE_NOT_ALLOWED, AUTH_REASONS, AUTH_UNAUTHENTICATED, HelloError,
+    SURFACE_GRPC, State, StreamHandle, Superseded, lock,
+};
 
 pub struct IngestService {
     pub state: Arc<State>,
@@ -26,6 +32,32 @@ pub struct IngestService {
     pub hello_timeout: Duration,
     /// The number of the last ledger commit that succeeded.
     pub committed: watch::Receiver<u64>,
+    /// Streams must come with a client certificate naming their node.
+    pub client_certs: bool,
+    pub limits: Limits,
+    /// Streams open now.
+    pub open: Arc<AtomicUsize>,
+    /// Nodes already logged as refused for who they are (logged once).
+    pub refused_logged: Arc<Mutex<HashSet<String>>>,
+}
+
+/// What one stream, and all of them, may use.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_streams: usize,
+    pub max_node_sample_rate: u32,
+}
+
+/// Most distinct refused nodes remembered for logging once.
+const REFUSED_LOGGED_MAX: usize = 10_000;
+
+/// Counts a stream as open until dropped.
+struct OpenStream(Arc<AtomicUsize>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
@@ -54,6 +86,22 @@ impl Ingest for IngestService {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let peer = request.remote_addr();
+        let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
+        let open_guard = OpenStream(self.open.clone());
+        if open > self.limits.max_streams {
+            return Err(self.refuse(Status::resource_exhausted(format!(
+                "the collector has its maximum of {} streams open",
+                self.limits.max_streams
+            ))));
+        }
+        let token = auth::bearer(
+            request
+                .metadata()
+                .get("authorization")
+                .and_then(|v| v.to_str().ok()),
+        )
+        .map(str::to_owned);
+        let peer_certs = request.peer_certs();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.hello_timeout, inbound.message()).await;
         let hello = match first {
@@ -73,6 +121,11 @@ impl Ingest for IngestService {
             }
         };
         let node_id = hello.node_id.clone();
+        self.authorize(
+            &node_id,
+            token.as_deref(),
+            peer_certs.as_deref().map(Vec::as_slice),
+        )?;
         let (handle, acked_seq) = self.state.hello(model::hello(hello)).map_err(|e| {
             warn!(node = %node_id, ?peer, error = %e, "stream refused");
             self.refuse(e.into())
@@ -93,7 +146,9 @@ impl Ingest for IngestService {
         let state = self.state.clone();
         let shutdown = self.shutdown.clone();
         let mut committed = self.committed.clone();
+        let rate = self.limits.max_node_sample_rate;
         tokio::spawn(async move {
+            let _open = open_guard;
             let node = handle.node_id.clone();
             let mut stopping = shutdown.clone();
             let durable = tokio::select! {
@@ -104,7 +159,7 @@ impl Ingest for IngestService {
                 state.disconnect(&handle);
                 return;
             }
-            let end = serve_stream(&state, &handle, inbound, &tx, shutdown, committed).await;
+            let end = serve_stream(&state, &handle, inbound, &tx, shutdown, committed, rate).await;
             state.disconnect(&handle);
             match end {
                 Ok(()) => info!(node = %node, "agent disconnected"),
@@ -119,6 +174,64 @@ impl Ingest for IngestService {
 }
 
 impl IngestService {
+    /// Checks that whoever opened the stream may report for `node`: its
+    /// token (when agents need one) and its client certificate (with
+    /// mutual TLS). Refusals are counted, and logged once per node.
+    fn authorize(
+        &self,
+        node: &str,
+        token: Option<&str>,
+        certs: Option<&[CertificateDer<'static>]>,
+    ) -> Result<(), Status> {
+        let auth = self.state.auth();
+        let refused = |reason: usize, status: Status| {
+            self.state.counters.auth_refused(SURFACE_GRPC, reason);
+            let mut logged = lock(&self.refused_logged);
+            if logged.len() < REFUSED_LOGGED_MAX && logged.insert(node.to_string()) {
+                warn!(
+                    node,
+                    reason = AUTH_REASONS[reason],
+                    message = status.message(),
+                    "agent refused (logged once per node)"
+                );
+            }
+            self.refuse(status)
+        };
+        if auth.agents_required() {
+            match auth.agent(token) {
+                Err(e) => {
+                    return Err(refused(
+                        AUTH_UNAUTHENTICATED,
+                        Status::unauthenticated(format!("agent token: {e}")),
+                    ));
+                }
+                Ok(grant) if !grant.allows(node) => {
+                    return Err(refused(
+                        AUTH_NODE_NOT_ALLOWED,
+                        Status::permission_denied(format!(
+                            "token {:?} may not report for node {node:?}",
+                            grant.name
+                        )),
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+        if self.client_certs
+            && !certs
+                .and_then(|c| c.first())
+                .is_some_and(|c| auth::certificate_names(c, node))
+        {
+            return Err(refused(
+                AUTH_CERTIFICATE,
+                Status::permission_denied(format!(
+                    "the client certificate does not name node {node:?}"
+                )),
+            ));
+        }
+        Ok(())
+    }
+
     fn refuse(&self, status: Status) -> Status {
         self.state
             .counters
@@ -138,14 +251,25 @@ async fn serve_stream(
     tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
     shutdown: watch::Receiver<bool>,
     mut committed: watch::Receiver<u64>,
+    rate: u32,
 ) -> Result<(), Status> {
     // (commit id, ack) of batches applied but not yet durable, in order.
     let mut waiting: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
     let stop = capwatch_common::wait_for_shutdown(shutdown);
     tokio::pin!(stop);
+    // Token bucket of node samples, one second deep: a stream that sends
+    // faster is not read until it has earned its last batch.
+    let rate = f64::from(rate);
+    let mut budget = rate;
+    let mut refilled = tokio::time::Instant::now();
+    let mut paused_until: Option<tokio::time::Instant> = None;
     loop {
         let msg = tokio::select! {
-            m = inbound.message() => m?,
+            _ = tokio::time::sleep_until(paused_until.unwrap_or_else(tokio::time::Instant::now)), if paused_until.is_some() => {
+                paused_until = None;
+                continue;
+            }
+            m = inbound.message(), if paused_until.is_none() => m?,
             changed = committed.changed() => {
                 if changed.is_err() {
                     return Err(Status::unavailable("collector shutting down"));
@@ -190,6 +314,13 @@ async fn serve_stream(
                 Ok(s) => samples.push(s),
                 Err(r) => rejected.push(r),
             }
+        }
+        let now = tokio::time::Instant::now();
+        budget = (budget + now.duration_since(refilled).as_secs_f64() * rate).min(rate);
+        refilled = now;
+        budget -= (samples.len() + rejected.len()) as f64;
+        if budget < 0.0 {
+            paused_until = Some(now + Duration::from_secs_f64(-budget / rate));
         }
         let out = state.ingest(handle, samples, rejected)?;
         debug!(node = %handle.node_id, accepted = out.accepted, duplicate = out.duplicate, acked_seq = out.acked_seq, commit = out.commit_id, "batch");

@@ -6,6 +6,7 @@
 //! signal: the gRPC ingest server ([`ingest`]), the HTTP server ([`http`])
 //! and the contract evaluator; a fourth reloads the tenant file on SIGHUP.
 
+pub mod auth;
 pub mod config;
 pub mod http;
 pub mod ingest;
@@ -45,6 +46,8 @@ pub enum CollectorError {
         addr: SocketAddr,
         error: std::io::Error,
     },
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("listening for SIGHUP: {error}")]
     Signal { error: std::io::Error },
     #[error("{what} server: {error}")]
@@ -62,6 +65,33 @@ pub fn load_tenants(cfg: &Config) -> Result<Tenants, config::ConfigError> {
     }
 }
 
+/// Reads the auth file, if any.
+pub fn load_auth(cfg: &Config) -> Result<auth::Auth, config::ConfigError> {
+    match &cfg.auth_file {
+        Some(path) => auth::Auth::from_file(path),
+        None => Ok(auth::Auth::default()),
+    }
+}
+
+/// The gRPC server's TLS settings, if TLS is on.
+fn server_tls(cfg: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>, CollectorError> {
+    let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path)
+            .map_err(|e| CollectorError::Tls(format!("reading {}: {e}", path.display())))
+    };
+    auth::warn_if_readable_by_others(key, "tls_key");
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(
+        tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
+    );
+    if let Some(ca) = &cfg.tls_client_ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
 /// Runs the collector until `shutdown` flips, then gives open streams
 /// `shutdown_grace` to finish.
 pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), CollectorError> {
@@ -76,6 +106,13 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         },
         tenants,
     ));
+    state.set_auth(load_auth(&cfg)?);
+    if cfg.tls_cert.is_none() && !cfg.grpc_listen.ip().is_loopback() {
+        warn!(grpc = %cfg.grpc_listen, "gRPC ingest is plaintext on a non-loopback address (insecure_plaintext = true): samples and agent tokens travel unencrypted");
+    }
+    if !cfg.http_listen.ip().is_loopback() && state.auth().api_required() {
+        warn!(http = %cfg.http_listen, "the usage API takes bearer tokens over plain HTTP; terminate TLS in front of it");
+    }
     let ledger = ledger::Ledger::open(&cfg.ledger_path)?;
     let snapshot = ledger.load()?;
     info!(ledger = %cfg.ledger_path.display(), nodes = snapshot.nodes.len(), gpus = snapshot.gpus.len(), "ledger opened");
@@ -118,8 +155,21 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         shutdown: shutdown.clone(),
         hello_timeout: cfg.hello_timeout,
         committed,
+        client_certs: cfg.tls_client_ca.is_some(),
+        limits: ingest::Limits {
+            max_streams: cfg.max_streams,
+            max_node_sample_rate: cfg.max_node_sample_rate,
+        },
+        open: Default::default(),
+        refused_logged: Default::default(),
     };
-    let grpc_server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = server_tls(&cfg)? {
+        builder = builder
+            .tls_config(tls)
+            .map_err(|e| CollectorError::Tls(e.to_string()))?;
+    }
+    let grpc_server = builder
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
@@ -142,6 +192,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             state: state.clone(),
             ledger: reader,
             finalize_grace: cfg.finalize_grace,
+            metrics_auth: cfg.metrics_auth,
+            request_timeout: cfg.http_request_timeout,
         }),
     )
     .with_graceful_shutdown(capwatch_common::wait_for_shutdown(shutdown.clone()));
@@ -398,13 +450,27 @@ async fn reload_on_sighup(
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            _ = hup.recv() => match load_tenants(&cfg) {
-                Ok(t) => state.reload_tenants(t),
-                Err(e) => {
-                    state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                    error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");
+            _ = hup.recv() => {
+                match load_tenants(&cfg) {
+                    Ok(t) => state.reload_tenants(t),
+                    Err(e) => {
+                        state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");
+                    }
                 }
-            },
+                // Token rotation: the auth file is re-read with the tenants.
+                match load_auth(&cfg) {
+                    Ok(_) if cfg.auth_file.is_none() => {}
+                    Ok(a) => {
+                        state.set_auth(a);
+                        info!(task = "reloader", "auth file reloaded");
+                    }
+                    Err(e) => {
+                        state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        error!(task = "reloader", error = %e, "auth file reload failed; keeping the previous tokens");
+                    }
+                }
+            }
             _ = &mut stop => return,
         }
     }

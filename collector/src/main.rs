@@ -15,7 +15,8 @@ use capwatch_common::LogFormat;
 /// contract and exports Prometheus metrics on /metrics.
 ///
 /// Settings come from the config file, then CAPWATCH_* environment
-/// variables, then flags; the last wins. SIGHUP reloads the tenant file.
+/// variables, then flags; the last wins. SIGHUP reloads the tenant file
+/// and the auth file.
 #[derive(Debug, Parser)]
 #[command(name = "capwatch-collector", version)]
 struct Args {
@@ -28,6 +29,9 @@ struct Args {
     /// The billing ledger file (SQLite).
     #[arg(long, env = "CAPWATCH_LEDGER")]
     ledger: Option<PathBuf>,
+    /// Tokens agents and usage API clients must present (TOML).
+    #[arg(long, env = "CAPWATCH_AUTH_FILE")]
+    auth_file: Option<PathBuf>,
     /// gRPC ingest address agents connect to.
     #[arg(long, env = "CAPWATCH_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
@@ -53,8 +57,8 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Print per-tenant usage from the ledger file (for billing jobs; safe
-    /// while the collector runs; uses --ledger and --tenants), or from a
-    /// running collector's usage API with --url.
+    /// while the collector runs; uses --ledger and --tenants), or ask a
+    /// running collector's usage API.
     Usage {
         /// Ask the collector at this base URL (http://host:9470) instead of
         /// reading the ledger file.
@@ -155,6 +159,9 @@ impl Args {
         if self.stale_after.is_some() {
             cfg.stale_after = self.stale_after;
         }
+        if self.auth_file.is_some() {
+            cfg.auth_file = self.auth_file.clone();
+        }
         if let Some(v) = &self.ledger {
             cfg.ledger_path = v.clone();
         }
@@ -179,6 +186,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.config().context("configuration")?;
     let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
+    let auth = capwatch_collector::load_auth(&cfg).context("auth file")?;
     if let Some(cmd) = &args.command {
         return usage_command(&cfg, &tenants, cmd);
     }
@@ -190,6 +198,13 @@ fn main() -> anyhow::Result<()> {
                 t.id,
                 t.contracted_milliwatts as f64 / 1e6,
                 t.name
+            );
+        }
+        if cfg.auth_file.is_some() {
+            println!(
+                "auth: agents need a token: {}; the usage API needs a token: {}",
+                auth.agents_required(),
+                auth.api_required()
             );
         }
         return Ok(());

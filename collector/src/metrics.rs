@@ -14,7 +14,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use crate::state::{REJECT_REASONS, State, lock};
+use crate::state::{AUTH_REASONS, AUTH_SURFACES, REJECT_REASONS, State, lock};
 
 /// Every family this collector exports: (name, help, type).
 const FAMILIES: &[(&str, &str, MetricType)] = &[
@@ -181,6 +181,11 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     (
         "capwatch_collector_ledger_commit_seconds_total",
         "Time spent writing successful ledger commits.",
+        MetricType::COUNTER,
+    ),
+    (
+        "capwatch_collector_auth_refused_total",
+        "Requests refused for who sent them, by surface (grpc, http) and reason.",
         MetricType::COUNTER,
     ),
     (
@@ -494,6 +499,15 @@ impl Collector for FleetCollector {
             &[],
             c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
         );
+        for (surface, counts) in AUTH_SURFACES.iter().zip(&c.auth_refused) {
+            for (reason, n) in AUTH_REASONS.iter().zip(counts) {
+                f.push(
+                    "capwatch_collector_auth_refused_total",
+                    &[("surface", surface), ("reason", reason)],
+                    n.load(Ordering::Relaxed) as f64,
+                );
+            }
+        }
         f.push(
             "capwatch_collector_ledger_compactions_total",
             &[("result", "success")],

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{info, warn};
 
+use crate::auth::Auth;
 use crate::ledger::{BucketDelta, Commit, GpuCursor, Snapshot, split_by_minute};
 use crate::model::{GpuReading, HostReading, NodeSample, Reject};
 use crate::tenants::{Tenants, UNASSIGNED};
@@ -422,6 +423,36 @@ pub struct Counters {
     pub commit_micros: AtomicU64,
     pub compactions_ok: AtomicU64,
     pub compactions_failed: AtomicU64,
+    /// Requests refused for who sent them, by `AUTH_SURFACES` then
+    /// `AUTH_REASONS`.
+    pub auth_refused: [[AtomicU64; AUTH_REASONS.len()]; AUTH_SURFACES.len()],
+}
+
+/// Where a request was refused for who sent it.
+pub const AUTH_SURFACES: [&str; 2] = ["grpc", "http"];
+pub const SURFACE_GRPC: usize = 0;
+pub const SURFACE_HTTP: usize = 1;
+
+/// Why a request was refused for who sent it.
+pub const AUTH_REASONS: [&str; 4] = [
+    // No token, or one the collector does not know.
+    "unauthenticated",
+    // An agent token reporting for a node its globs do not match.
+    "node_not_allowed",
+    // A client certificate that does not name the node.
+    "certificate",
+    // A tenant token asking for another tenant, or for admin pages.
+    "forbidden",
+];
+pub const AUTH_UNAUTHENTICATED: usize = 0;
+pub const AUTH_NODE_NOT_ALLOWED: usize = 1;
+pub const AUTH_CERTIFICATE: usize = 2;
+pub const AUTH_FORBIDDEN: usize = 3;
+
+impl Counters {
+    pub fn auth_refused(&self, surface: usize, reason: usize) {
+        self.auth_refused[surface][reason].fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// A stream's claim on its node.
@@ -470,6 +501,7 @@ pub struct BatchOutcome {
 pub struct State {
     cfg: StateConfig,
     tenants: RwLock<Arc<Tenants>>,
+    auth: RwLock<Arc<Auth>>,
     nodes: Mutex<HashMap<Arc<str>, Arc<Mutex<Node>>>>,
     totals: Mutex<HashMap<Arc<str>, TenantTotals>>,
     next_generation: AtomicU64,
@@ -490,6 +522,7 @@ impl State {
         Self {
             cfg,
             tenants: RwLock::new(Arc::new(tenants)),
+            auth: RwLock::new(Arc::new(Auth::default())),
             nodes: Mutex::new(HashMap::new()),
             totals: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
@@ -550,6 +583,15 @@ impl State {
 
     pub fn config(&self) -> &StateConfig {
         &self.cfg
+    }
+
+    /// The tokens in force.
+    pub fn auth(&self) -> Arc<Auth> {
+        self.auth.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn set_auth(&self, auth: Auth) {
+        *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
     }
 
     pub fn tenants(&self) -> Arc<Tenants> {

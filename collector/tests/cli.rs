@@ -19,6 +19,7 @@ const DEPLOY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy");
 const FLAGS: &[(&str, Option<&str>)] = &[
     ("--config", Some("CAPWATCH_CONFIG")),
     ("--tenants", Some("CAPWATCH_TENANTS")),
+    ("--auth-file", Some("CAPWATCH_AUTH_FILE")),
     ("--ledger", Some("CAPWATCH_LEDGER")),
     ("--grpc-listen", Some("CAPWATCH_GRPC_LISTEN")),
     ("--http-listen", Some("CAPWATCH_HTTP_LISTEN")),
@@ -87,6 +88,7 @@ fn assert_tenants(summary: &str, tenants: &[(&str, &str)]) {
         "{summary}"
     );
     let listed: Vec<(&str, &str)> = lines
+        .filter(|l| l.starts_with("  "))
         .map(|l| {
             let mut words = l.split_whitespace();
             let id = words.next().expect("a tenant line starts with its id");
@@ -208,7 +210,10 @@ fn help_lists_every_flag_and_the_layering() {
     }
     let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(flat.contains(LAYERING), "{help}");
-    assert!(flat.contains("SIGHUP reloads the tenant file"), "{help}");
+    assert!(
+        flat.contains("SIGHUP reloads the tenant file and the auth file"),
+        "{help}"
+    );
 }
 
 #[test]
@@ -341,10 +346,16 @@ fn kubernetes_config_passes_check() {
             &config,
             "--tenants",
             &deploy("kubernetes/config/tenants.toml"),
+            "--auth-file",
+            &deploy("examples/auth.toml"),
         ],
         &[],
     );
     assert_tenants(&summary, &[("example-lab", "50.000")]);
+    assert!(
+        summary.contains("agents need a token: true; the usage API needs a token: true"),
+        "{summary}"
+    );
 }
 
 /// Bad configs and tenant files fail with a non-zero exit and a message
