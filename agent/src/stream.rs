@@ -174,7 +174,7 @@ async fn connect_and_stream(
     let preamble = tokio::time::timeout(PREAMBLE_TIMEOUT, async {
         let channel = match endpoint.connect().await {
             Ok(c) => c,
-            Err(e) => return Err(Ended::Failed(format!("connect: {e}"))),
+            Err(e) => return Err(Ended::Failed(format!("connect: {}", chain(&e)))),
         };
         let token = cfg.token.clone();
         let mut client =
@@ -269,6 +269,22 @@ async fn connect_and_stream(
 
 /// A refusal at the Hello: permanent for the codes that say the request
 /// itself is wrong, passing otherwise.
+/// An error with its causes, so a TLS failure names its reason (an
+/// unknown issuer, an expired certificate) instead of "transport error".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        cause = c.source();
+    }
+    out
+}
+
 fn refused(status: tonic::Status) -> Ended {
     use tonic::Code;
     let msg = format!("collector refused the stream: {status}");

@@ -320,11 +320,16 @@ pub fn milli(v: f64) -> u64 {
     (v * 1000.0).round() as u64
 }
 
-/// A plain HTTP/1.0 GET on loopback: (status, body).
-pub fn http_get_status(addr: SocketAddr, path: &str) -> (u16, String) {
+/// A plain HTTP/1.0 GET on loopback with extra header lines: (status,
+/// head, body).
+pub fn http_request(addr: SocketAddr, path: &str, headers: &[String]) -> (u16, String, String) {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n").unwrap();
+    for h in headers {
+        write!(s, "{h}\r\n").unwrap();
+    }
+    write!(s, "\r\n").unwrap();
     let mut buf = String::new();
     s.read_to_string(&mut buf).expect("read response");
     let (head, body) = buf.split_once("\r\n\r\n").expect("HTTP response");
@@ -333,7 +338,24 @@ pub fn http_get_status(addr: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .expect("status code");
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
+}
+
+/// A plain HTTP/1.0 GET on loopback: (status, body).
+pub fn http_get_status(addr: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_request(addr, path, &[]);
+    (status, body)
+}
+
+/// A GET with `Authorization: Bearer <token>` (none without a token):
+/// (status, body).
+pub fn http_get_token(addr: SocketAddr, path: &str, token: Option<&str>) -> (u16, String) {
+    let headers: Vec<String> = token
+        .map(|t| format!("Authorization: Bearer {t}"))
+        .into_iter()
+        .collect();
+    let (status, _, body) = http_request(addr, path, &headers);
+    (status, body)
 }
 
 /// A plain HTTP/1.0 GET on loopback that must answer 200.

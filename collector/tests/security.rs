@@ -1,0 +1,447 @@
+//! Trust boundaries with real processes on loopback: agent tokens scoped to
+//! nodes, API tokens scoped to tenants, TLS and mutual TLS with
+//! certificates made here (a wrong CA and expired certificates included).
+
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    date_time_ymd,
+};
+
+use support::*;
+
+const SAMPLES: u64 = 10;
+
+const TENANTS: &str = r#"
+[[tenant]]
+id = "lab-a"
+contracted_kw = 10
+nodes = ["a-*"]
+
+[[tenant]]
+id = "lab-b"
+contracted_kw = 10
+nodes = ["b-*"]
+"#;
+
+const AGENT_A: &str = "agent-token-for-a-nodes-0001";
+const ADMIN: &str = "admin-api-token-000000000001";
+const LAB_A: &str = "lab-a-api-token-00000000001";
+
+fn write_secret(dir: &Path, name: &str, text: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+/// The energy mock agent `node` reported over `SAMPLES` samples, all GPUs.
+fn node_energy(node: &str) -> u64 {
+    let t = Truth::of(node, SAMPLES);
+    (0..t.uuids.len()).map(|g| t.energy(g, 1, SAMPLES)).sum()
+}
+
+/// Invariant: an agent token reports only for the nodes it was given, an
+/// agent without a token is refused, and nothing refused reaches the
+/// ledger; an API token reads only its tenant, and `/metrics` needs an
+/// admin token when so configured. Every refusal is counted.
+#[test]
+fn tokens_decide_who_may_report_and_who_may_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let auth = write_secret(
+        dir.path(),
+        "auth.toml",
+        &format!(
+            "[[agent]]\nname = \"a-racks\"\ntoken = \"{AGENT_A}\"\nnodes = [\"a-*\"]\n\n\
+             [[api]]\nname = \"billing\"\ntoken = \"{ADMIN}\"\n\n\
+             [[api]]\nname = \"lab-a\"\ntoken = \"{LAB_A}\"\ntenant = \"lab-a\"\n"
+        ),
+    );
+    let config = dir.path().join("collector.toml");
+    std::fs::write(&config, "metrics_auth = true\n").unwrap();
+    let collector = Collector::start(
+        dir.path(),
+        TENANTS,
+        0,
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--auth-file",
+            &auth,
+            "--stale-after",
+            "5m",
+        ],
+    );
+    let token_file = write_secret(dir.path(), "agent.token", &format!("{AGENT_A}\n"));
+    let with_token = format!("token_file = \"{token_file}\"\ndrain_timeout = \"2s\"\n");
+    // a-1 is allowed; b-1 uses a-1's token to report for another tenant's
+    // node; c-1 has no token.
+    let good = Agent::start(
+        dir.path(),
+        &collector.endpoint(),
+        "a-1",
+        SAMPLES,
+        &with_token,
+    );
+    let spoof = Agent::start(
+        dir.path(),
+        &collector.endpoint(),
+        "b-1",
+        SAMPLES,
+        &with_token,
+    );
+    let anonymous = Agent::start(
+        dir.path(),
+        &collector.endpoint(),
+        "c-1",
+        SAMPLES,
+        "drain_timeout = \"2s\"\n",
+    );
+    good.finish(Duration::from_secs(30))
+        .wait_for("\"undelivered\":0", Duration::from_secs(1));
+    for (mut agent, why) in [
+        (spoof, "may not report for node"),
+        (anonymous, "agent token: no bearer token"),
+    ] {
+        let status = wait_timeout(&mut agent.child, Duration::from_secs(30));
+        assert!(
+            !status.success(),
+            "{} delivered without being allowed",
+            agent.node
+        );
+        agent.log.wait_for(why, Duration::from_secs(1));
+    }
+
+    // /metrics: admin only.
+    let (status, _) = http_get_token(collector.http, "/metrics", None);
+    assert_eq!(status, 401);
+    let (status, _) = http_get_token(collector.http, "/metrics", Some(LAB_A));
+    assert_eq!(status, 403);
+    let (status, body) = http_get_token(collector.http, "/metrics", Some(ADMIN));
+    assert_eq!(status, 200);
+    let m = Metrics::parse(&body);
+    let refused = |surface: &str, reason: &str| {
+        m.one(
+            "capwatch_collector_auth_refused_total",
+            &[("surface", surface), ("reason", reason)],
+        )
+    };
+    assert!(refused("grpc", "node_not_allowed") >= 1.0);
+    assert!(refused("grpc", "unauthenticated") >= 1.0);
+    assert_eq!(refused("http", "unauthenticated"), 1.0);
+    assert_eq!(refused("http", "forbidden"), 1.0);
+    assert!(
+        m.select("capwatch_node_samples_total", &[("node", "b-1")])
+            .is_empty()
+    );
+    assert!(
+        m.select("capwatch_node_samples_total", &[("node", "c-1")])
+            .is_empty()
+    );
+    assert_eq!(
+        milli(m.one(
+            "capwatch_tenant_energy_joules_total",
+            &[("tenant", "lab-a")]
+        )),
+        node_energy("a-1")
+    );
+    assert_eq!(
+        m.one(
+            "capwatch_tenant_energy_joules_total",
+            &[("tenant", "lab-b")]
+        ),
+        0.0
+    );
+    // The refused agents were logged once each, and no token was logged.
+    let log = collector.log.lines().join("\n");
+    assert_eq!(log.matches("agent refused").count(), 2, "{log}");
+    assert!(!log.contains(AGENT_A) && !log.contains(ADMIN), "{log}");
+
+    // The usage API: a tenant token reads its tenant only.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let period = format!(
+        "from={}&to={}&step=1h",
+        capwatch_collector::usage::rfc3339(now / 3600 * 3600),
+        capwatch_collector::usage::rfc3339(now / 3600 * 3600 + 3600)
+    );
+    let cases: [(&str, Option<&str>, u16); 7] = [
+        ("/v1/tenants/lab-a/usage", None, 401),
+        (
+            "/v1/tenants/lab-a/usage",
+            Some("not-a-token-at-all-000"),
+            401,
+        ),
+        ("/v1/tenants/lab-b/usage", Some(LAB_A), 403),
+        ("/v1/tenants/lab-a/usage", Some(LAB_A), 200),
+        ("/v1/tenants/lab-b/usage", Some(ADMIN), 200),
+        ("/v1/usage", Some(LAB_A), 200),
+        ("/v1/tenants", Some(LAB_A), 200),
+    ];
+    for (path, token, want) in cases {
+        let (status, body) = http_get_token(collector.http, &format!("{path}?{period}"), token);
+        assert_eq!(status, want, "{path} with {token:?}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if want != 200 {
+            assert!(v["error"].is_string(), "{body}");
+        }
+    }
+    let (_, head, _) = http_request(collector.http, "/v1/usage", &[]);
+    assert!(head.contains("www-authenticate: Bearer"), "{head}");
+    // What a tenant token sees of everything is its own tenant.
+    let (_, body) = http_get_token(collector.http, &format!("/v1/usage?{period}"), Some(LAB_A));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r["tenant"] == "lab-a"),
+        "{body}"
+    );
+    assert_eq!(
+        rows.iter()
+            .map(|r| r["energy_millijoules"].as_u64().unwrap())
+            .sum::<u64>(),
+        node_energy("a-1")
+    );
+    let (_, body) = http_get_token(collector.http, "/v1/tenants", Some(LAB_A));
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = v["tenants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["lab-a"]);
+    // /healthz stays open for probes.
+    assert_eq!(http_get_token(collector.http, "/healthz", None).0, 200);
+    collector.stop();
+}
+
+/// A certificate for `names` (the first is also its common name), valid
+/// from 2020 to 2100; a CA's names are its common name only.
+fn params(names: &[&str], ca: bool) -> CertificateParams {
+    let sans = if ca { &[][..] } else { names };
+    let mut p =
+        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, names[0]);
+    p.not_before = date_time_ymd(2020, 1, 1);
+    p.not_after = date_time_ymd(2100, 1, 1);
+    if ca {
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    }
+    p
+}
+
+struct Ca {
+    pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new(name: &str) -> Self {
+        let key = KeyPair::generate().unwrap();
+        let p = params(&[name], true);
+        let pem = p.self_signed(&key).unwrap().pem();
+        Self {
+            pem,
+            issuer: Issuer::new(p, key),
+        }
+    }
+
+    /// (certificate PEM, key PEM) for `names`; `expired` ends it in 2021.
+    fn issue(&self, names: &[&str], expired: bool) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = params(names, false);
+        if expired {
+            p.not_after = date_time_ymd(2021, 1, 1);
+        }
+        let cert = p.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// (node, CA the agent trusts, its client certificate and key, what its
+/// log must say).
+type Refusal<'a> = (&'a str, &'a str, Option<(String, String)>, &'a str);
+
+/// Writes a certificate and key; returns their paths.
+fn write_pair(dir: &Path, name: &str, pair: &(String, String)) -> (String, String) {
+    let cert = dir.join(format!("{name}.pem"));
+    std::fs::write(&cert, &pair.0).unwrap();
+    (
+        cert.to_str().unwrap().to_string(),
+        write_secret(dir, &format!("{name}.key"), &pair.1),
+    )
+}
+
+/// Invariant: over TLS with client certificates, an agent whose
+/// certificate is from the agents' CA and names its node delivers every
+/// sample; one with a certificate naming another node, from a wrong CA, or
+/// expired is refused; an agent that does not trust the collector's CA, or
+/// meets an expired server certificate, does not connect.
+#[test]
+fn tls_and_mutual_tls_with_generated_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server_ca = Ca::new("capwatch test server CA");
+    let agents_ca = Ca::new("capwatch test agents CA");
+    let rogue_ca = Ca::new("somebody else's CA");
+    let write = |name: &str, text: &str| {
+        let p = d.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let server_ca_pem = write("server-ca.pem", &server_ca.pem);
+    let agents_ca_pem = write("agents-ca.pem", &agents_ca.pem);
+    let rogue_ca_pem = write("rogue-ca.pem", &rogue_ca.pem);
+    let (cert, key) = write_pair(d, "collector", &server_ca.issue(&["localhost"], false));
+    let config = d.join("collector.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "tls_cert = \"{cert}\"\ntls_key = \"{key}\"\ntls_client_ca = \"{agents_ca_pem}\"\n"
+        ),
+    )
+    .unwrap();
+    let collector = Collector::start(
+        d,
+        TENANTS,
+        0,
+        &["--config", config.to_str().unwrap(), "--stale-after", "5m"],
+    );
+    // By address, so nothing depends on how this host resolves localhost.
+    let url = format!("https://{}", collector.grpc);
+    let agent_config = |node: &str, ca: &str, pair: Option<(String, String)>| {
+        let mut c =
+            format!("tls_ca = \"{ca}\"\ntls_domain = \"localhost\"\ndrain_timeout = \"2s\"\n");
+        if let Some(pair) = pair {
+            let (cert, key) = write_pair(d, &format!("client-{node}"), &pair);
+            c.push_str(&format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"));
+        }
+        c
+    };
+    let good = Agent::start(
+        d,
+        &url,
+        "a-1",
+        SAMPLES,
+        &agent_config(
+            "a-1",
+            &server_ca_pem,
+            Some(agents_ca.issue(&["a-1"], false)),
+        ),
+    );
+    good.finish(Duration::from_secs(30))
+        .wait_for("\"undelivered\":0", Duration::from_secs(1));
+
+    // (node, CA the agent trusts, client certificate, what its log says)
+    let refused: [Refusal; 5] = [
+        // A certificate from the agents' CA, for another node.
+        (
+            "a-2",
+            &server_ca_pem,
+            Some(agents_ca.issue(&["a-1"], false)),
+            "does not name node",
+        ),
+        // A client certificate from a CA the collector does not trust, an
+        // expired one, none: the collector ends the TLS handshake. (With TLS
+        // 1.3 the client may see the alert or only a closed connection.)
+        (
+            "a-3",
+            &server_ca_pem,
+            Some(rogue_ca.issue(&["a-3"], false)),
+            "stream to collector failed",
+        ),
+        (
+            "a-4",
+            &server_ca_pem,
+            Some(agents_ca.issue(&["a-4"], true)),
+            "stream to collector failed",
+        ),
+        ("a-5", &server_ca_pem, None, "stream to collector failed"),
+        // The agent does not trust the collector's CA.
+        (
+            "a-6",
+            &rogue_ca_pem,
+            Some(agents_ca.issue(&["a-6"], false)),
+            "UnknownIssuer",
+        ),
+    ];
+    let started: Vec<(Agent, &str)> = refused
+        .into_iter()
+        .map(|(node, ca, pair, why)| {
+            (
+                Agent::start(d, &url, node, SAMPLES, &agent_config(node, ca, pair)),
+                why,
+            )
+        })
+        .collect();
+    for (mut agent, why) in started {
+        let status = wait_timeout(&mut agent.child, Duration::from_secs(30));
+        assert!(
+            !status.success(),
+            "{} delivered without being allowed",
+            agent.node
+        );
+        agent.log.wait_for(why, Duration::from_secs(1));
+    }
+    let m = collector.metrics();
+    assert!(
+        m.one(
+            "capwatch_collector_auth_refused_total",
+            &[("surface", "grpc"), ("reason", "certificate")]
+        ) >= 1.0
+    );
+    let nodes: Vec<String> = m
+        .select("capwatch_node_samples_total", &[])
+        .into_iter()
+        .map(|(labels, _)| labels["node"].clone())
+        .collect();
+    assert_eq!(nodes, ["a-1"]);
+    assert_eq!(
+        milli(m.one(
+            "capwatch_tenant_energy_joules_total",
+            &[("tenant", "lab-a")]
+        )),
+        node_energy("a-1")
+    );
+    collector.stop();
+
+    // An expired server certificate: the agent does not talk to it.
+    let (cert, key) = write_pair(d, "expired", &server_ca.issue(&["localhost"], true));
+    std::fs::write(
+        &config,
+        format!("tls_cert = \"{cert}\"\ntls_key = \"{key}\"\n"),
+    )
+    .unwrap();
+    let collector = Collector::start(d, TENANTS, 0, &["--config", config.to_str().unwrap()]);
+    let url = format!("https://{}", collector.grpc);
+    let mut agent = Agent::start(
+        d,
+        &url,
+        "a-7",
+        SAMPLES,
+        &agent_config("a-7", &server_ca_pem, None),
+    );
+    let status = wait_timeout(&mut agent.child, Duration::from_secs(30));
+    assert!(!status.success());
+    agent
+        .log
+        .wait_for("certificate expired", Duration::from_secs(1));
+    assert!(
+        collector
+            .metrics()
+            .select("capwatch_node_samples_total", &[("node", "a-7")])
+            .is_empty()
+    );
+    collector.stop();
+}
