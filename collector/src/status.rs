@@ -157,7 +157,7 @@ fn kw(watts: f64) -> String {
 const STYLE: &str = "body{font-family:sans-serif;margin:2em;color:#222;background:#fafafa}\
 table{border-collapse:collapse;margin-bottom:1.5em}\
 th,td{padding:.4em .8em;text-align:left;border-bottom:1px solid #ddd}\
-td.num{text-align:right;font-variant-numeric:tabular-nums}\
+td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}\
 .bar{width:16em;height:1em;background:#e4e4e4;border:1px solid #bbb}\
 .fill{height:100%}.ok{background:#3a8f3a}.near{background:#d99a00}.over{background:#c62828}\
 .muted{color:#777}";
