@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, then every test of the workspace
-# (unit, property, the NVML stand-in, and end-to-end tests with real
-# processes on loopback). Installs what it needs on a fresh machine.
+# (unit, property, the NVML stand-in, end-to-end tests with real
+# processes on loopback, and deploy/ checked by the real tools: promtool,
+# Prometheus, systemd-analyze, the Kubernetes schemas, headless Chromium).
+# Installs what it needs on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +12,13 @@ if ! command -v cc >/dev/null 2>&1; then
     echo "== installing a C compiler (gcc) for the NVML stand-in library"
     apt-get update -qq && apt-get install -y -qq gcc >/dev/null
 fi
+
+# promtool, prometheus, chromium, systemd-analyze (apt) and
+# kubernetes-validate (PyPI, into target/deploy-venv) for
+# collector/tests/deploy.rs and collector/tests/status_page.rs, which fail
+# rather than skip when a tool is missing while this is set.
+bash scripts/install-test-tools.sh
+export CAPWATCH_REQUIRE_TOOLS=1
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

@@ -39,6 +39,7 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     let timeout = state.request_timeout;
     Router::new()
+        .route("/", get(crate::status::page))
         .route("/metrics", get(metrics))
         // Always open: it says "ok" and nothing else, for probes.
         .route("/healthz", get(|| async { "ok\n" }))

@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod model;
 pub mod state;
+pub mod status;
 pub mod tenants;
 pub mod usage;
 

@@ -64,7 +64,7 @@ pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
 pub struct Log(Arc<Mutex<Vec<String>>>);
 
 impl Log {
-    fn capture(&self, stream: impl Read + Send + 'static, prefix: String) {
+    pub fn capture(&self, stream: impl Read + Send + 'static, prefix: String) {
         let lines = self.0.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stream).lines().map_while(Result::ok) {

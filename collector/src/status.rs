@@ -1,0 +1,329 @@
+//! The status page at `/`: one HTML page, no JavaScript, that an operator
+//! opens in a browser. Each tenant's live power against its contract as a
+//! bar, the headroom, the energy of today (UTC) from the ledger, GPUs and
+//! nodes gone stale, and links to `/metrics` and the usage API. It reloads
+//! itself every few seconds.
+//!
+//! *Boundary:* tenant names and ids, node ids and ledger errors are
+//! written into HTML; every such string goes through [`escape`].
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::Instant;
+
+use axum::extract::State as Extract;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use tracing::error;
+
+use crate::http::HttpState;
+use crate::state::lock;
+
+/// How often the page reloads itself, seconds.
+const REFRESH_SECONDS: u32 = 5;
+const DAY_SECONDS: i64 = 86_400;
+
+/// One tenant's row.
+struct Row {
+    id: String,
+    name: String,
+    contracted_watts: Option<f64>,
+    power_watts: f64,
+    reporting: u64,
+    stale: u64,
+    energy_today_mj: Option<u64>,
+}
+
+/// A node with no fresh sample.
+struct StaleNode {
+    id: String,
+    tenant: String,
+    silent_seconds: Option<u64>,
+}
+
+pub async fn page(Extract(s): Extract<HttpState>) -> Response {
+    let now = Instant::now();
+    let tenants = s.state.tenants();
+    let live = s.state.tenant_power(&tenants, now);
+    let mut stale_nodes: Vec<StaleNode> = s
+        .state
+        .nodes()
+        .iter()
+        .filter_map(|node| {
+            let n = lock(node);
+            let window = n.stale_window(s.state.config().stale_after);
+            let silent = n.last_receipt.map(|t| now.saturating_duration_since(t));
+            // The same rule as capwatch_node_up.
+            let up = silent.is_some_and(|d| d <= window);
+            (!up).then(|| StaleNode {
+                id: n.id.to_string(),
+                tenant: n.tenant.to_string(),
+                silent_seconds: silent.map(|d| d.as_secs()),
+            })
+        })
+        .collect();
+    stale_nodes.sort_by(|a, b| a.id.cmp(&b.id));
+
+    let today = unix_seconds_now().div_euclid(DAY_SECONDS) * DAY_SECONDS;
+    let (energy_today, ledger_error) = energy_between(&s, today, today + DAY_SECONDS).await;
+
+    let rows: Vec<Row> = tenants
+        .all()
+        .iter()
+        .zip(&live)
+        .map(|(t, l)| Row {
+            id: t.id.to_string(),
+            name: t.name.clone(),
+            contracted_watts: (t.contracted_milliwatts > 0)
+                .then(|| t.contracted_milliwatts as f64 / 1000.0),
+            power_watts: l.power_milliwatts as f64 / 1000.0,
+            reporting: l.reporting,
+            stale: l.stale,
+            energy_today_mj: energy_today
+                .as_ref()
+                .map(|e| e.get(&*t.id).copied().unwrap_or(0)),
+        })
+        .collect();
+    let body = render(&rows, &stale_nodes, today, ledger_error.as_deref());
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Energy per tenant committed to the ledger in `[from, to)` (Unix
+/// seconds), or the reason it could not be read.
+async fn energy_between(
+    s: &HttpState,
+    from: i64,
+    to: i64,
+) -> (Option<HashMap<String, u64>>, Option<String>) {
+    let ledger = s.ledger.clone();
+    let read = tokio::task::spawn_blocking(move || lock(&ledger).usage(None, from, to)).await;
+    match read {
+        Ok(Ok(usage)) => {
+            let mut by_tenant: HashMap<String, u64> = HashMap::new();
+            for (tenant, span) in usage.spans {
+                let e = by_tenant.entry(tenant).or_default();
+                *e = e.saturating_add(span.delta.energy_mj);
+            }
+            (Some(by_tenant), None)
+        }
+        Ok(Err(e)) => {
+            error!(error = %e, "status page: reading the ledger failed");
+            (None, Some(e.to_string()))
+        }
+        Err(e) => {
+            error!(error = %e, "status page: reading the ledger panicked");
+            (None, Some("reading the ledger failed".into()))
+        }
+    }
+}
+
+fn unix_seconds_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn rfc3339(unix_seconds: i64) -> String {
+    jiff::Timestamp::from_second(unix_seconds).map_or_else(|_| String::new(), |t| t.to_string())
+}
+
+fn kw(watts: f64) -> String {
+    format!("{:.2} kW", watts / 1000.0)
+}
+
+const STYLE: &str = "body{font-family:sans-serif;margin:2em;color:#222;background:#fafafa}\
+table{border-collapse:collapse;margin-bottom:1.5em}\
+th,td{padding:.4em .8em;text-align:left;border-bottom:1px solid #ddd}\
+td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}\
+.bar{width:16em;height:1em;background:#e4e4e4;border:1px solid #bbb}\
+.fill{height:100%}.ok{background:#3a8f3a}.near{background:#d99a00}.over{background:#c62828}\
+.muted{color:#777}";
+
+/// The page. Only `escape`d strings and numbers are interpolated.
+fn render(
+    rows: &[Row],
+    stale_nodes: &[StaleNode],
+    today: i64,
+    ledger_error: Option<&str>,
+) -> String {
+    let mut h = String::new();
+    let day = escape(&rfc3339(today));
+    let usage_link = format!(
+        "/v1/usage?from={}&amp;to={}&amp;step=1h",
+        escape(&rfc3339(today)),
+        escape(&rfc3339(today + DAY_SECONDS))
+    );
+    // Writing to a String cannot fail.
+    let _ = write!(
+        h,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
+         <title>capwatch status</title><style>{STYLE}</style></head><body>\
+         <h1>capwatch status</h1>\
+         <p class=\"muted\">Live power of fresh GPUs; energy since {day} (UTC, committed to the \
+         ledger). Reloads every {REFRESH_SECONDS} s.</p>\
+         <table><thead><tr><th>tenant</th><th>power / contract</th><th></th>\
+         <th>power</th><th>contract</th><th>headroom</th><th>energy today</th>\
+         <th>GPUs reporting</th><th>GPUs stale</th></tr></thead><tbody>"
+    );
+    for r in rows {
+        let (bar, ratio, contract, headroom) = match r.contracted_watts {
+            Some(c) => {
+                let ratio = r.power_watts / c;
+                let class = if ratio > 1.0 {
+                    "over"
+                } else if ratio > 0.95 {
+                    "near"
+                } else {
+                    "ok"
+                };
+                let width = (ratio.clamp(0.0, 1.0) * 100.0).round();
+                (
+                    format!(
+                        "<div class=\"bar\" title=\"{:.1} % of contract\">\
+                         <div class=\"fill {class}\" style=\"width:{width}%\"></div></div>",
+                        ratio * 100.0
+                    ),
+                    format!("{:.1} %", ratio * 100.0),
+                    kw(c),
+                    kw(c - r.power_watts),
+                )
+            }
+            None => (
+                "<span class=\"muted\">no contract</span>".to_string(),
+                String::new(),
+                "—".to_string(),
+                "—".to_string(),
+            ),
+        };
+        let energy = r.energy_today_mj.map_or_else(
+            || "—".to_string(),
+            |mj| format!("{:.3} kWh", mj as f64 / 3.6e9),
+        );
+        let _ = write!(
+            h,
+            "<tr id=\"tenant-{id}\"><td><strong>{name}</strong><br>\
+             <span class=\"muted\">{id}</span></td>\
+             <td>{bar}</td><td class=\"num\">{ratio}</td>\
+             <td class=\"num\">{power}</td><td class=\"num\">{contract}</td>\
+             <td class=\"num\">{headroom}</td><td class=\"num\">{energy}</td>\
+             <td class=\"num\">{reporting}</td><td class=\"num\">{stale}</td></tr>",
+            id = escape(&r.id),
+            name = escape(&r.name),
+            power = kw(r.power_watts),
+            reporting = r.reporting,
+            stale = r.stale,
+        );
+    }
+    h.push_str("</tbody></table>");
+    if let Some(e) = ledger_error {
+        let _ = write!(
+            h,
+            "<p class=\"over\">Energy today unavailable: {}</p>",
+            escape(e)
+        );
+    }
+    h.push_str("<h2>Stale nodes</h2>");
+    if stale_nodes.is_empty() {
+        h.push_str("<p>None: every known node is reporting.</p>");
+    } else {
+        h.push_str(
+            "<table><thead><tr><th>node</th><th>tenant</th><th>last sample</th></tr></thead><tbody>",
+        );
+        for n in stale_nodes {
+            let silent = n
+                .silent_seconds
+                .map_or_else(|| "never".to_string(), |s| format!("{s} s ago"));
+            let _ = write!(
+                h,
+                "<tr><td>{}</td><td>{}</td><td class=\"num\">{silent}</td></tr>",
+                escape(&n.id),
+                escape(&n.tenant)
+            );
+        }
+        h.push_str("</tbody></table>");
+    }
+    let _ = writeln!(
+        h,
+        "<p><a href=\"/metrics\">/metrics</a> · <a href=\"/v1/tenants\">/v1/tenants</a> · \
+         <a href=\"{usage_link}\">usage today, hourly (JSON)</a> · \
+         <a href=\"{usage_link}&amp;format=csv\">(CSV)</a></p></body></html>"
+    );
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escapes_markup_and_quotes() {
+        assert_eq!(
+            escape(r#"<b a="x">Tom & Jerry's</b>"#),
+            "&lt;b a=&quot;x&quot;&gt;Tom &amp; Jerry&#39;s&lt;/b&gt;"
+        );
+    }
+
+    #[test]
+    fn page_escapes_names_and_draws_bars() {
+        let rows = [
+            Row {
+                id: "lab-a".into(),
+                name: "<script>alert(1)</script>".into(),
+                contracted_watts: Some(1000.0),
+                power_watts: 1500.0,
+                reporting: 8,
+                stale: 0,
+                energy_today_mj: Some(3_600_000_000),
+            },
+            Row {
+                id: "unassigned".into(),
+                name: "unassigned".into(),
+                contracted_watts: None,
+                power_watts: 10.0,
+                reporting: 1,
+                stale: 2,
+                energy_today_mj: None,
+            },
+        ];
+        let stale = [StaleNode {
+            id: "n<1>".into(),
+            tenant: "unassigned".into(),
+            silent_seconds: Some(12),
+        }];
+        let html = render(&rows, &stale, 0, None);
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains("n&lt;1&gt;"));
+        assert!(html.contains("fill over\" style=\"width:100%"));
+        assert!(html.contains("150.0 %"));
+        assert!(html.contains("-0.50 kW"));
+        assert!(html.contains("1.000 kWh"));
+        assert!(html.contains("<meta http-equiv=\"refresh\""));
+        assert!(html.contains("/v1/usage?from=1970-01-01T00:00:00Z&amp;to=1970-01-02T00:00:00Z"));
+        assert!(!html.contains("<script"), "no JavaScript");
+    }
+}

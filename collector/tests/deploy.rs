@@ -1,0 +1,662 @@
+//! deploy/ proven against the real tools: promtool, Prometheus,
+//! systemd-analyze, the Kubernetes schemas (kubernetes-validate) and the
+//! Grafana dashboard's queries, against a running collector and agents.
+//!
+//! `scripts/install-test-tools.sh` installs the tools and `scripts/test.sh`
+//! sets `CAPWATCH_REQUIRE_TOOLS=1`, so in the suite a missing tool fails
+//! the test. Run alone without the tools, a test says loudly that it
+//! skipped and passes.
+#![allow(clippy::unwrap_used)] // test code: a panic is a failed test
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use capwatch_proto::v1 as pb;
+use capwatch_proto::v1::ingest_client::IngestClient;
+use serde_json::Value;
+use support::*;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn required() -> bool {
+    std::env::var("CAPWATCH_REQUIRE_TOOLS").is_ok_and(|v| v == "1")
+}
+
+fn skip(what: &str) {
+    assert!(
+        !required(),
+        "{what} is missing and CAPWATCH_REQUIRE_TOOLS=1: run scripts/install-test-tools.sh"
+    );
+    eprintln!("\n!!!!! SKIPPED: {what} is missing; run scripts/install-test-tools.sh !!!!!\n");
+}
+
+/// A tool on PATH, or `None` after a loud skip.
+fn tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        skip(name);
+    }
+    found
+}
+
+/// The Python of the virtual environment with kubernetes-validate.
+fn deploy_python() -> Option<PathBuf> {
+    let p = std::env::var_os("CAPWATCH_DEPLOY_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/deploy-venv/bin/python"));
+    if p.is_file() {
+        Some(p)
+    } else {
+        skip(&format!("{} (kubernetes-validate)", p.display()));
+        None
+    }
+}
+
+/// Runs a command and asserts it succeeded; returns its output.
+fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    eprintln!("$ {cmd:?}\n{text}");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}\n{text}",
+        out.status
+    );
+    out
+}
+
+fn output_text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn promtool_checks_the_config_and_rules_and_runs_the_rule_unit_tests() {
+    let Some(promtool) = tool("promtool") else {
+        return;
+    };
+    let d = repo().join("deploy/prometheus");
+    run_ok(
+        Command::new(&promtool)
+            .arg("check")
+            .arg("config")
+            .arg(d.join("prometheus.yml")),
+    );
+    let out = run_ok(
+        Command::new(&promtool)
+            .args(["check", "rules"])
+            .arg(d.join("rules/capwatch.rules.yml")),
+    );
+    assert!(output_text(&out).contains("14 rules found"));
+    run_ok(
+        Command::new(&promtool)
+            .args(["test", "rules"])
+            .arg(d.join("tests/capwatch.rules.test.yml")),
+    );
+
+    // Every alert has a unit test that expects it to fire.
+    let rules = std::fs::read_to_string(d.join("rules/capwatch.rules.yml")).unwrap();
+    let tests = std::fs::read_to_string(d.join("tests/capwatch.rules.test.yml")).unwrap();
+    for (alert, _) in rule_exprs(&rules, "- alert: ") {
+        let fired = tests.split("- alertname: ").skip(1).any(|t| {
+            t.starts_with(&format!("{alert}\n")) && t.contains("exp_alerts:\n          - ")
+        });
+        assert!(fired, "no promtool test expects {alert} to fire");
+    }
+
+    // The compose demo's Prometheus config, with its rule path pointed at
+    // the rules it mounts.
+    let dir = tempfile::tempdir().unwrap();
+    let compose = std::fs::read_to_string(repo().join("deploy/docker/prometheus.yml")).unwrap();
+    let compose = replace_once(
+        &compose,
+        "/etc/prometheus/rules/",
+        &format!("{}/", d.join("rules").display()),
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), compose).unwrap();
+    run_ok(
+        Command::new(&promtool)
+            .args(["check", "config"])
+            .arg(dir.path().join("prometheus.yml")),
+    );
+}
+
+/// The Prometheus Operator's PrometheusRule is generated from the rule
+/// file; its embedded groups are the same rules and pass promtool.
+#[test]
+fn the_prometheusrule_carries_the_same_rules() {
+    run_ok(
+        Command::new("bash")
+            .arg(repo().join("scripts/gen-prometheusrule.sh"))
+            .arg("--check"),
+    );
+    let (Some(python), Some(promtool)) = (deploy_python(), tool("promtool")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let groups = dir.path().join("groups.yml");
+    run_ok(
+        Command::new(python)
+            .arg(repo().join("scripts/check-deploy.py"))
+            .arg("prometheusrule")
+            .arg(&groups),
+    );
+    let out = run_ok(Command::new(promtool).args(["check", "rules"]).arg(&groups));
+    assert!(output_text(&out).contains("14 rules found"));
+}
+
+#[test]
+fn kubernetes_manifests_are_valid_against_the_schemas() {
+    let Some(python) = deploy_python() else {
+        return;
+    };
+    run_ok(
+        Command::new(python)
+            .arg(repo().join("scripts/check-deploy.py"))
+            .arg("kubernetes"),
+    );
+}
+
+/// Docker is not available in the suite: the images are not built. This
+/// checks that the compose file and Dockerfiles refer to what exists.
+#[test]
+fn compose_file_and_dockerfiles_refer_to_real_files() {
+    let Some(python) = deploy_python() else {
+        return;
+    };
+    run_ok(
+        Command::new(python)
+            .arg(repo().join("scripts/check-deploy.py"))
+            .arg("docker"),
+    );
+}
+
+/// `systemd-analyze verify` wants the ExecStart binaries to exist, so the
+/// units are verified as copies whose ExecStart names the binaries this
+/// build made; everything else is the shipped unit. Any warning fails, and
+/// `systemd-analyze security` must rate the exposure at most 3.0 ("OK";
+/// `--threshold` counts tenths).
+#[test]
+fn systemd_units_verify_and_are_hardened() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let units = repo().join("deploy/systemd");
+    let mut copies = Vec::new();
+    for (unit, bin_name) in [
+        ("capwatch-agent.service", "capwatch-agent"),
+        ("capwatch-collector.service", "capwatch-collector"),
+    ] {
+        let text = std::fs::read_to_string(units.join(unit)).unwrap();
+        let text = replace_once(
+            &text,
+            &format!("ExecStart=/usr/local/bin/{bin_name}\n"),
+            &format!("ExecStart={}\n", bin(bin_name).display()),
+        );
+        for want in [
+            "User=capwatch",
+            "NoNewPrivileges=yes",
+            "ProtectSystem=strict",
+            "Restart=on-failure",
+            "EnvironmentFile=-/etc/capwatch/",
+        ] {
+            assert!(text.contains(want), "{unit} lacks {want}");
+        }
+        let copy = dir.path().join(unit);
+        std::fs::write(&copy, text).unwrap();
+        copies.push(copy);
+    }
+    let verify = |units: &[PathBuf]| {
+        Command::new(&analyze)
+            .arg("verify")
+            .args(units)
+            .env("SYSTEMD_LOG_COLOR", "0")
+            .output()
+            .unwrap()
+    };
+    let out = verify(&copies);
+    let text = output_text(&out);
+    eprintln!("systemd-analyze verify: {}\n{text}", out.status);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+
+    // The check can fail: a misspelt setting is reported.
+    let bad = dir.path().join("capwatch-bad.service");
+    let unit = std::fs::read_to_string(&copies[0]).unwrap();
+    std::fs::write(
+        &bad,
+        unit.replace("ProtectSystem=strict", "ProtectSytem=strict"),
+    )
+    .unwrap();
+    assert!(output_text(&verify(&[bad])).contains("ProtectSytem"));
+
+    for copy in &copies {
+        run_ok(
+            Command::new(&analyze)
+                .args(["security", "--offline=true", "--threshold=30", "--no-pager"])
+                .arg(copy),
+        );
+    }
+
+    let sysusers = std::fs::read_to_string(units.join("capwatch.sysusers.conf")).unwrap();
+    assert!(sysusers.lines().any(|l| l.starts_with("u capwatch ")));
+}
+
+/// Replaces `from`, which must occur exactly once.
+fn replace_once(text: &str, from: &str, to: &str) -> String {
+    assert_eq!(text.matches(from).count(), 1, "{from:?} in {text}");
+    text.replace(from, to)
+}
+
+/// (name, expr) of every rule whose line starts with `marker` (`- record: `
+/// or `- alert: `); the rules file keeps each expr on one line.
+fn rule_exprs(rules: &str, marker: &str) -> Vec<(String, String)> {
+    let lines: Vec<&str> = rules.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        let Some(name) = l.trim_start().strip_prefix(marker) else {
+            continue;
+        };
+        let expr = lines[i + 1..]
+            .iter()
+            .find_map(|l| l.trim_start().strip_prefix("expr: "))
+            .expect("an expr after the rule name");
+        assert!(!expr.starts_with(['|', '>']), "{name}: multi-line expr");
+        out.push((name.to_string(), expr.to_string()));
+    }
+    assert!(!out.is_empty(), "no {marker:?} in the rules");
+    out
+}
+
+/// Every panel query of the Grafana dashboard, with its template variables
+/// set as "All tenants" and a 1-minute rate window.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo().join("deploy/grafana/capwatch-dashboard.json"))
+        .expect("the dashboard");
+    let dash: Value = serde_json::from_str(&text).unwrap();
+    assert!(dash["uid"].as_str().is_some_and(|u| !u.is_empty()));
+    let vars: Vec<&str> = dash["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(vars, ["datasource", "tenant"]);
+    let mut ids = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().unwrap() {
+        assert!(ids.insert(p["id"].as_u64().unwrap()), "duplicate panel id");
+        let g = &p["gridPos"];
+        assert!(g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24);
+        if p["type"] == "row" {
+            continue;
+        }
+        let title = p["title"].as_str().unwrap();
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{title}");
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title}: no query");
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            assert!(!expr.is_empty(), "{title}: empty query");
+            let expr = expr
+                .replace("$tenant", ".*")
+                .replace("$__rate_interval", "1m");
+            assert!(!expr.contains('$'), "{title}: unknown variable in {expr}");
+            out.push((title.to_string(), expr));
+        }
+    }
+    out
+}
+
+#[test]
+fn grafana_dashboard_covers_what_an_sre_needs() {
+    let titles: Vec<String> = dashboard_queries().into_iter().map(|(t, _)| t).collect();
+    for want in [
+        "Tenant power vs contract",
+        "Capacity utilization",
+        "Energy per tenant per day",
+        "Stale GPUs",
+        "Nodes not reporting",
+        "Power per node",
+        "Collector up",
+    ] {
+        assert!(titles.iter().any(|t| t == want), "no panel {want:?}");
+    }
+}
+
+/// A Prometheus server on loopback, killed on drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    log: Log,
+}
+
+impl Prometheus {
+    fn start(prometheus: &Path, dir: &Path) -> Self {
+        for _ in 0..3 {
+            // A free port: bound, released, then given to Prometheus; if
+            // another process takes it meanwhile, try again.
+            let addr = std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let mut child = Command::new(prometheus)
+                .arg(format!(
+                    "--config.file={}",
+                    dir.join("prometheus.yml").display()
+                ))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .arg("--log.level=warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start prometheus");
+            let log = Log::default();
+            log.capture(child.stderr.take().unwrap(), "prometheus".into());
+            let mut p = Self { child, addr, log };
+            let until = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < until {
+                if let Ok(Some(_)) = p.child.try_wait() {
+                    break;
+                }
+                if std::net::TcpStream::connect(addr).is_ok()
+                    && http_get_status(addr, "/-/ready").0 == 200
+                {
+                    return p;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = p.child.kill();
+            eprintln!("prometheus did not come up on {addr}: {:?}", p.log.lines());
+        }
+        panic!("prometheus did not start");
+    }
+
+    /// An instant query's result vector.
+    fn query(&self, promql: &str) -> Vec<Value> {
+        let (status, body) = http_get_status(
+            self.addr,
+            &format!("/api/v1/query?query={}", percent_encode(promql)),
+        );
+        assert_eq!(status, 200, "{promql}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["status"], "success", "{promql}: {body}");
+        v["data"]["result"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls until `promql` returns at least one series.
+    fn has_data(&self, what: &str, promql: &str) -> Vec<Value> {
+        let mut last = Vec::new();
+        eventually(
+            Duration::from_secs(60),
+            &format!("{what}: {promql}"),
+            || {
+                last = self.query(promql);
+                !last.is_empty()
+            },
+        );
+        eprintln!("ok  {what}: {promql} -> {} series", last.len());
+        last
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Sends one sample with a GPU index outside the inventory: rejected, as
+/// a misbehaving agent's would be.
+fn send_rejected_sample(endpoint: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client = IngestClient::connect(endpoint.to_string()).await.unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_id: "e2e-bad-1".into(),
+                agent_version: "test".into(),
+                stream_epoch: 1,
+                interval_millis: 1000,
+                gpus: vec![pb::GpuInfo {
+                    index: 0,
+                    uuid: "GPU-e2e-bad-0".into(),
+                    model: "test".into(),
+                    power_limit_milliwatts: Some(700_000),
+                    memory_total_bytes: None,
+                    energy_counter_supported: true,
+                }],
+                host: None,
+            })),
+        })
+        .await
+        .unwrap();
+        let mut rx = client
+            .stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        rx.message().await.unwrap().expect("welcome");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        tx.send(pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+                samples: vec![pb::NodeSample {
+                    seq: 1,
+                    timestamp_unix_nanos: now,
+                    gpus: vec![pb::GpuSample {
+                        index: 7,
+                        power_milliwatts: Some(100_000),
+                        ..Default::default()
+                    }],
+                    host: None,
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+        rx.message().await.unwrap().expect("ack");
+    });
+}
+
+/// lab-a leases 1 W, so its 8 GPUs are far over contract; lab-b has room.
+const TENANTS: &str = r#"
+[[tenant]]
+id = "lab-a"
+name = "Lab A"
+contracted_kw = 0.001
+nodes = ["e2e-a-*"]
+
+[[tenant]]
+id = "lab-b"
+name = "Lab B"
+contracted_kw = 1000
+nodes = ["e2e-b-*", "e2e-gone-*"]
+"#;
+
+/// End to end: a collector and mock agents, a real Prometheus scraping
+/// them every second with the deploy/ config and rules. Every recording
+/// rule, every alert expression that can be driven here, and every Grafana
+/// panel query returns data; the /metrics body passes `promtool check
+/// metrics`.
+#[test]
+fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
+    let (Some(prometheus), Some(promtool)) = (tool("prometheus"), tool("promtool")) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), TENANTS, 0, &[]);
+    let ep = collector.endpoint();
+    // Long-running agents (killed on drop), and one that stops after two
+    // seconds: its node goes down and its GPUs stale.
+    let _a = Agent::start(dir.path(), &ep, "e2e-a-1", 100_000, "");
+    let _b = Agent::start(dir.path(), &ep, "e2e-b-1", 100_000, "");
+    let _spare = Agent::start(dir.path(), &ep, "e2e-spare-1", 100_000, "");
+    let gone = Agent::start(dir.path(), &ep, "e2e-gone-1", 20, "");
+
+    // The deploy config, pointed at this collector, scraping and
+    // evaluating every second.
+    let pdir = dir.path().join("prometheus");
+    std::fs::create_dir_all(pdir.join("rules")).unwrap();
+    let deploy = repo().join("deploy/prometheus");
+    let mut config = std::fs::read_to_string(deploy.join("prometheus.yml")).unwrap();
+    config = replace_once(&config, "scrape_interval: 15s", "scrape_interval: 1s");
+    config = replace_once(
+        &config,
+        "evaluation_interval: 15s",
+        "evaluation_interval: 1s",
+    );
+    config = replace_once(
+        &config,
+        "\"127.0.0.1:9470\"",
+        &format!("\"{}\"", collector.http),
+    );
+    std::fs::write(pdir.join("prometheus.yml"), config).unwrap();
+    let rules = std::fs::read_to_string(deploy.join("rules/capwatch.rules.yml")).unwrap();
+    std::fs::write(pdir.join("rules/capwatch.rules.yml"), &rules).unwrap();
+    let prom = Prometheus::start(&prometheus, &pdir);
+
+    // A real /metrics body passes promtool's lint.
+    eventually(Duration::from_secs(30), "tenant power", || {
+        collector
+            .metrics()
+            .select("capwatch_tenant_power_watts", &[("tenant", "lab-a")])
+            .first()
+            .is_some_and(|(_, w)| *w > 0.0)
+    });
+    let body = http_get(collector.http, "/metrics");
+    let mut check = Command::new(&promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), body.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}",
+        output_text(&out)
+    );
+
+    // Prometheus scrapes the collector and loaded every rule, healthy.
+    prom.has_data("target up", "up{job=\"capwatch-collector\"} == 1");
+    let (_, body) = http_get_status(prom.addr, "/api/v1/rules");
+    let loaded: Value = serde_json::from_str(&body).unwrap();
+    let loaded: Vec<&Value> = loaded["data"]["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|g| g["rules"].as_array().unwrap())
+        .collect();
+    assert_eq!(loaded.len(), 14, "rules loaded");
+
+    // Drive the failure alerts: a rejected sample once Prometheus holds
+    // the counter at 0, and a broken tenant file on SIGHUP.
+    prom.has_data(
+        "rejected counter scraped",
+        "capwatch_collector_samples_total{outcome=\"rejected\"}",
+    );
+    send_rejected_sample(&ep);
+    std::fs::write(dir.path().join("tenants.toml"), "[[tenant]]\nid = 'x'\n").unwrap();
+    let hup = Command::new("kill")
+        .args(["-HUP", &collector.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    gone.finish(Duration::from_secs(30));
+
+    for (name, _) in rule_exprs(&rules, "- record: ") {
+        prom.has_data("recording rule", &name);
+    }
+    // The alert expressions (their `for:` is minutes; the expressions are
+    // what the alerts hold to).
+    let alerts = rule_exprs(&rules, "- alert: ");
+    let not_driven = ["CapwatchLedgerCommitsFailing", "CapwatchCollectorDown"];
+    for (name, expr) in &alerts {
+        if not_driven.contains(&name.as_str()) {
+            continue;
+        }
+        let got = prom.has_data(name, expr);
+        if name == "CapwatchTenantOverContract" {
+            assert!(
+                got.iter().all(|s| s["metric"]["tenant"] == "lab-a"),
+                "{got:?}"
+            );
+        }
+    }
+    // An alert whose expression holds is pending while its `for:` runs.
+    prom.has_data(
+        "alert pending",
+        "ALERTS{alertname=\"CapwatchTenantOverContract\", alertstate=\"pending\", tenant=\"lab-a\"}",
+    );
+    // Ledger commits cannot be made to fail here: its series is scraped
+    // (at 0) and the rule evaluates healthily.
+    prom.has_data(
+        "ledger commit failures scraped",
+        "capwatch_collector_ledger_commits_total{result=\"failure\"} == 0",
+    );
+
+    for (title, expr) in dashboard_queries() {
+        prom.has_data(&format!("panel {title:?}"), &expr);
+    }
+
+    let (_, body) = http_get_status(prom.addr, "/api/v1/rules");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    for g in v["data"]["groups"].as_array().unwrap() {
+        for r in g["rules"].as_array().unwrap() {
+            assert_eq!(r["health"], "ok", "{r}");
+        }
+    }
+
+    // The collector stops: CollectorDown's expression holds.
+    collector.stop();
+    let (_, down) = alerts
+        .iter()
+        .find(|(n, _)| n == "CapwatchCollectorDown")
+        .unwrap();
+    prom.has_data("CapwatchCollectorDown", down);
+}

@@ -1,0 +1,260 @@
+#!/usr/bin/env python3
+"""Checks of deploy/ that need a YAML parser or the Kubernetes schemas.
+
+Run with the virtual environment that scripts/install-test-tools.sh makes
+(target/deploy-venv/bin/python); collector/tests/deploy.rs calls it.
+
+  check-deploy.py kubernetes             render both kustomizations, validate
+                                         every object against the Kubernetes
+                                         schemas (strict), cross-check names
+  check-deploy.py prometheusrule OUT     the PrometheusRule's groups equal the
+                                         rule file's; writes them to OUT for
+                                         promtool check rules
+  check-deploy.py docker                 compose file and Dockerfiles refer to
+                                         files that exist; images are non-root
+
+Exits non-zero with a message naming the problem.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+K8S = os.path.join(ROOT, "deploy", "kubernetes")
+K8S_VERSION = "1.30.0"
+CRD_GROUPS = ("monitoring.coreos.com/",)
+
+failures = []
+
+
+def fail(msg):
+    failures.append(msg)
+    print("FAIL:", msg)
+
+
+def load_all(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d is not None]
+
+
+def render(directory):
+    """The objects `kubectl apply -k directory` would apply."""
+    kubectl = shutil.which("kubectl")
+    if kubectl:
+        out = subprocess.run(
+            [kubectl, "kustomize", directory], check=True, capture_output=True, text=True
+        ).stdout
+        print(f"rendered {os.path.relpath(directory, ROOT)} with kubectl kustomize")
+        return [d for d in yaml.safe_load_all(out) if d is not None]
+    print(
+        f"NOTE: kubectl not found; rendering {os.path.relpath(directory, ROOT)} with the "
+        "built-in subset of kustomize (resources, namespace, labels, configMapGenerator, images)"
+    )
+    return render_subset(directory)
+
+
+def render_subset(directory):
+    with open(os.path.join(directory, "kustomization.yaml")) as f:
+        k = yaml.safe_load(f)
+    known = {"apiVersion", "kind", "namespace", "labels", "resources", "configMapGenerator", "images"}
+    unknown = set(k) - known
+    if unknown:
+        raise SystemExit(f"{directory}: the built-in renderer does not know {sorted(unknown)}")
+    objs = []
+    for r in k.get("resources", []):
+        objs += load_all(os.path.join(directory, r))
+    for g in k.get("configMapGenerator", []):
+        data = {}
+        for f in g.get("files", []):
+            with open(os.path.join(directory, f)) as fh:
+                data[os.path.basename(f)] = fh.read()
+        objs.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": g["name"]}, "data": data})
+    pairs = {}
+    for l in k.get("labels", []):
+        pairs.update(l.get("pairs", {}))
+    images = {i["name"]: i for i in k.get("images", [])}
+    for o in objs:
+        md = o.setdefault("metadata", {})
+        if "namespace" in k and o["kind"] != "Namespace":
+            md["namespace"] = k["namespace"]
+        md.setdefault("labels", {}).update(pairs)
+        spec = o.get("spec", {}).get("template", {}).get("spec", {})
+        for c in spec.get("containers", []):
+            i = images.get(c["image"])
+            if i:
+                c["image"] = f'{i.get("newName", c["image"])}:{i["newTag"]}'
+    return objs
+
+
+def check_kubernetes():
+    import kubernetes_validate
+    from kubernetes_validate.utils import ValidationError
+
+    base = render(K8S)
+    operator = render(os.path.join(K8S, "prometheus-operator"))
+    validated = 0
+    for o in base + operator:
+        name = f'{o["kind"]}/{o["metadata"]["name"]}'
+        if o["apiVersion"].startswith(CRD_GROUPS):
+            print(f"skip schema of {name}: a Prometheus Operator CRD (checked below and by promtool)")
+            continue
+        try:
+            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+            validated += 1
+            print(f"valid {name} (Kubernetes {K8S_VERSION}, strict)")
+        except ValidationError as e:
+            fail(f"{name}: {e.message} at {'.'.join(str(p) for p in e.path)}")
+    if any(o["apiVersion"].startswith(CRD_GROUPS) for o in base):
+        fail("deploy/kubernetes holds Prometheus Operator objects: it would not apply without the CRDs")
+
+    by_kind = {}
+    for o in base + operator:
+        by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
+    for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PersistentVolumeClaim",
+                 "ServiceMonitor", "PrometheusRule"):
+        if kind not in by_kind:
+            fail(f"no {kind} rendered")
+    for o in base + operator:
+        if o["kind"] != "Namespace" and o["metadata"].get("namespace") != "capwatch":
+            fail(f'{o["kind"]}/{o["metadata"]["name"]} is not in namespace capwatch')
+
+    # Workloads: volumes name objects that exist; the agent runs on GPU
+    # nodes only, with the NVIDIA runtime and small requests.
+    for kind in ("DaemonSet", "Deployment"):
+        for name, o in by_kind.get(kind, {}).items():
+            spec = o["spec"]["template"]["spec"]
+            for v in spec.get("volumes", []):
+                if "configMap" in v and v["configMap"]["name"] not in by_kind.get("ConfigMap", {}):
+                    fail(f'{kind}/{name}: no ConfigMap {v["configMap"]["name"]}')
+                if "persistentVolumeClaim" in v:
+                    claim = v["persistentVolumeClaim"]["claimName"]
+                    if claim not in by_kind.get("PersistentVolumeClaim", {}):
+                        fail(f"{kind}/{name}: no PersistentVolumeClaim {claim}")
+            for c in spec["containers"]:
+                if not c.get("resources", {}).get("requests"):
+                    fail(f"{kind}/{name}: container {c['name']} has no resource requests")
+                if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
+                    fail(f"{kind}/{name}: container {c['name']} may escalate privileges")
+            if not spec.get("securityContext", {}).get("runAsNonRoot"):
+                fail(f"{kind}/{name}: not runAsNonRoot")
+    agent = by_kind.get("DaemonSet", {}).get("capwatch-agent")
+    if agent:
+        spec = agent["spec"]["template"]["spec"]
+        if spec.get("runtimeClassName") != "nvidia":
+            fail("agent DaemonSet: runtimeClassName is not nvidia")
+        if spec.get("nodeSelector", {}).get("nvidia.com/gpu.present") != "true":
+            fail("agent DaemonSet: not restricted to GPU nodes (nodeSelector nvidia.com/gpu.present)")
+
+    # Services select pods that exist; the ServiceMonitor selects the
+    # Service and names one of its ports.
+    pods = [o["spec"]["template"]["metadata"]["labels"] for k in ("DaemonSet", "Deployment")
+            for o in by_kind.get(k, {}).values()]
+    for name, svc in by_kind.get("Service", {}).items():
+        sel = svc["spec"]["selector"]
+        if not any(all(p.get(k) == v for k, v in sel.items()) for p in pods):
+            fail(f"Service/{name} selects no pod template")
+    for name, sm in by_kind.get("ServiceMonitor", {}).items():
+        want = sm["spec"]["selector"]["matchLabels"]
+        svcs = [s for s in by_kind.get("Service", {}).values()
+                if all(s["metadata"].get("labels", {}).get(k) == v for k, v in want.items())]
+        if not svcs:
+            fail(f"ServiceMonitor/{name} selects no Service")
+        for ep in sm["spec"]["endpoints"]:
+            if not any(ep["port"] in [p["name"] for p in s["spec"]["ports"]] for s in svcs):
+                fail(f'ServiceMonitor/{name}: no Service port named {ep["port"]}')
+    print(f"{validated} objects valid against the Kubernetes schemas")
+    if validated < 8:
+        fail(f"only {validated} objects validated")
+
+
+def check_prometheusrule(out):
+    with open(os.path.join(ROOT, "deploy/prometheus/rules/capwatch.rules.yml")) as f:
+        rules = yaml.safe_load(f)
+    (pr,) = load_all(os.path.join(K8S, "prometheus-operator/prometheusrule.yaml"))
+    if pr["kind"] != "PrometheusRule":
+        fail(f'prometheusrule.yaml holds a {pr["kind"]}')
+    groups = pr["spec"]["groups"]
+    if groups != rules["groups"]:
+        fail("the PrometheusRule's groups differ from deploy/prometheus/rules/capwatch.rules.yml")
+    with open(out, "w") as f:
+        yaml.safe_dump({"groups": groups}, f, sort_keys=False)
+    n = sum(len(g["rules"]) for g in groups)
+    print(f"PrometheusRule: {len(groups)} groups, {n} rules, equal to the rule file; written to {out}")
+
+
+def check_docker():
+    docker = os.path.join(ROOT, "deploy", "docker")
+    with open(os.path.join(docker, "compose.yaml")) as f:
+        compose = yaml.safe_load(f)
+    services = compose["services"]
+    for want in ("collector", "prometheus", "grafana"):
+        if want not in services:
+            fail(f"compose: no {want} service")
+    agents = [n for n, s in services.items() if "agent" in str(s.get("image", ""))]
+    if len(agents) < 2:
+        fail(f"compose: {len(agents)} agents")
+    for name, s in services.items():
+        if "build" in s:
+            ctx = os.path.normpath(os.path.join(docker, s["build"]["context"]))
+            dockerfile = os.path.join(ctx, s["build"]["dockerfile"])
+            if not os.path.isfile(dockerfile):
+                fail(f"compose {name}: no {dockerfile}")
+        for v in s.get("volumes", []):
+            src = v.split(":")[0]
+            if src.startswith("."):
+                if not os.path.exists(os.path.normpath(os.path.join(docker, src))):
+                    fail(f"compose {name}: bind mount {src} does not exist")
+            elif src not in compose.get("volumes", {}):
+                fail(f"compose {name}: volume {src} is not declared")
+        for d in s.get("depends_on", []):
+            if d not in services:
+                fail(f"compose {name}: depends on unknown {d}")
+        if name.startswith("agent") and "--source=mock" not in s.get("command", []):
+            fail(f"compose {name}: not a mock agent")
+        for p in s.get("ports", []):
+            if not str(p).startswith("127.0.0.1:"):
+                fail(f"compose {name}: port {p} is not on loopback")
+    for f in ("agent.Dockerfile", "collector.Dockerfile"):
+        lines = [l.strip() for l in open(os.path.join(docker, f)) if l.strip() and not l.startswith("#")]
+        froms = [l for l in lines if l.startswith("FROM ")]
+        if len(froms) < 2:
+            fail(f"{f}: not multi-stage")
+        final = lines[[i for i, l in enumerate(lines) if l.startswith("FROM ")][-1]:]
+        users = [l.split()[1] for l in final if l.startswith("USER ")]
+        if not users or users[-1].split(":")[0] in ("0", "root"):
+            fail(f"{f}: the runtime stage does not switch to a non-root user")
+        if not any(l.startswith("ENTRYPOINT") for l in final):
+            fail(f"{f}: no ENTRYPOINT")
+    for p in ("grafana/provisioning/datasources/prometheus.yml",
+              "grafana/provisioning/dashboards/capwatch.yml"):
+        with open(os.path.join(docker, p)) as f:
+            yaml.safe_load(f)
+    with open(os.path.join(ROOT, "deploy/grafana/capwatch-dashboard.json")) as f:
+        json.load(f)
+    print(f"compose: {len(services)} services ({len(agents)} mock agents); Dockerfiles multi-stage and non-root")
+
+
+def main():
+    if len(sys.argv) < 2:
+        raise SystemExit(__doc__)
+    cmd = sys.argv[1]
+    if cmd == "kubernetes":
+        check_kubernetes()
+    elif cmd == "prometheusrule":
+        check_prometheusrule(sys.argv[2])
+    elif cmd == "docker":
+        check_docker()
+    else:
+        raise SystemExit(__doc__)
+    if failures:
+        print(f"{len(failures)} problems", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
