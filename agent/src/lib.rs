@@ -75,9 +75,9 @@ fn load_token(cfg: &Config) -> Result<Option<MetadataValue<Ascii>>, AgentError> 
 fn warn_if_readable_by_others(path: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o077 != 0
+        && meta.permissions().mode() & 0o027 != 0
     {
-        warn!(file = %path.display(), "file holding secrets is accessible to group or others; chmod 600 it");
+        warn!(file = %path.display(), "file holding secrets is readable by others or writable by its group; chmod 600 (or 640 for a dedicated group) it");
     }
 }
 

@@ -282,17 +282,18 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
     Some(out)
 }
 
-/// Logs a warning when a file holding secrets is readable or writable by
-/// group or others.
+/// Logs a warning when a file holding secrets is accessible to others or
+/// writable by its group (read access for a dedicated group, as Kubernetes
+/// gives Secret volumes with `fsGroup`, is fine).
 pub fn warn_if_readable_by_others(path: &Path, setting: &str) {
     if let Ok(meta) = std::fs::metadata(path) {
         let mode = meta.permissions().mode();
-        if mode & 0o077 != 0 {
+        if mode & 0o027 != 0 {
             warn!(
                 file = %path.display(),
                 setting,
                 mode = format!("{:o}", mode & 0o777),
-                "file holding secrets is accessible to group or others; chmod 600 it"
+                "file holding secrets is readable by others or writable by its group; chmod 600 (or 640 for a dedicated group) it"
             );
         }
     }

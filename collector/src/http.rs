@@ -39,7 +39,7 @@ pub struct HttpState {
 pub fn router(state: HttpState) -> Router {
     let timeout = state.request_timeout;
     Router::new()
-        .route("/", get(crate::status::page))
+        .route("/", get(status_page))
         .route("/metrics", get(metrics))
         // Always open: it says "ok" and nothing else, for probes.
         .route("/healthz", get(|| async { "ok\n" }))
@@ -80,6 +80,18 @@ fn forbidden(s: &HttpState, what: &str) -> ApiError {
         StatusCode::FORBIDDEN,
         format!("{what} needs an admin token"),
     )
+}
+
+/// The status page shows every tenant: with API tokens configured, it
+/// needs an admin token.
+async fn status_page(
+    Extract(s): Extract<HttpState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if scope(&s, &headers)? != Scope::Admin {
+        return Err(forbidden(&s, "the status page"));
+    }
+    Ok(crate::status::page(Extract(s)).await)
 }
 
 async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<Response, ApiError> {

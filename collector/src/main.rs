@@ -44,6 +44,9 @@ struct Args {
     /// Export per-GPU series (true/false).
     #[arg(long, env = "CAPWATCH_PER_GPU_METRICS")]
     per_gpu_metrics: Option<bool>,
+    /// Allow plaintext gRPC on a non-loopback address (true/false).
+    #[arg(long, env = "CAPWATCH_INSECURE_PLAINTEXT")]
+    insecure_plaintext: Option<bool>,
     /// Log format.
     #[arg(long, env = "CAPWATCH_LOG_FORMAT")]
     log_format: Option<LogFormat>,
@@ -173,6 +176,9 @@ impl Args {
         }
         if let Some(v) = self.per_gpu_metrics {
             cfg.per_gpu_metrics = v;
+        }
+        if let Some(v) = self.insecure_plaintext {
+            cfg.insecure_plaintext = v;
         }
         if let Some(v) = self.log_format {
             cfg.log_format = v;

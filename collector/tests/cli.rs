@@ -25,6 +25,7 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--http-listen", Some("CAPWATCH_HTTP_LISTEN")),
     ("--stale-after", Some("CAPWATCH_STALE_AFTER")),
     ("--per-gpu-metrics", Some("CAPWATCH_PER_GPU_METRICS")),
+    ("--insecure-plaintext", Some("CAPWATCH_INSECURE_PLAINTEXT")),
     ("--log-format", Some("CAPWATCH_LOG_FORMAT")),
     ("--check", None),
     ("--help", None),

@@ -220,6 +220,12 @@ fn tokens_decide_who_may_report_and_who_may_read() {
         .map(|t| t["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["lab-a"]);
+    // The status page shows every tenant: admin only.
+    assert_eq!(http_get_token(collector.http, "/", None).0, 401);
+    assert_eq!(http_get_token(collector.http, "/", Some(LAB_A)).0, 403);
+    let (status, page) = http_get_token(collector.http, "/", Some(ADMIN));
+    assert_eq!(status, 200);
+    assert!(page.contains("lab-b"), "{page}");
     // /healthz stays open for probes.
     assert_eq!(http_get_token(collector.http, "/healthz", None).0, 200);
     collector.stop();
