@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_client::IngestClient;
+use prost::Message as _;
 use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -427,4 +428,124 @@ fn agent_restart_carries_energy_through_the_counter() {
             .is_empty()
     );
     collector.stop();
+}
+
+/// Invariant: hostile input on other connections (garbage bytes, a
+/// truncated HTTP/2 frame, an oversized message, a 10,000-GPU inventory,
+/// non-finite and out-of-range readings, a clock a day ahead) is refused
+/// with a clear status or a counted rejection, while a real agent streams
+/// alongside: its data keeps flowing and its ledger energy is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_input_leaves_other_agents_and_the_ledger_untouched() {
+    use tokio::io::AsyncWriteExt;
+    const N: u64 = 30;
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), NO_TENANTS, 0, &["--stale-after", "5m"]);
+    let ep = collector.endpoint();
+    let agent = Agent::start(dir.path(), &ep, "h-1", N, "");
+
+    // Bytes that are not gRPC, and an HTTP/2 frame cut short.
+    for bytes in [
+        &b"\x00\x01garbage that is not HTTP/2\r\n\r\n"[..],
+        &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x40\x00\x00\x00\x00\x00\x00\x01short"[..],
+    ] {
+        let mut raw = tokio::net::TcpStream::connect(collector.grpc)
+            .await
+            .unwrap();
+        raw.write_all(bytes).await.unwrap();
+    }
+
+    // A message over the size limit (4 MiB) ends its own stream only.
+    let mut s = Stream::open(&ep, hello("x-1", 1)).await.unwrap();
+    s.welcome().await;
+    let mut huge = batch(1..=1);
+    if let Some(pb::agent_message::Body::Batch(b)) = &mut huge.body {
+        b.samples = (1..=200_000).map(sample).collect();
+    }
+    assert!(huge.encoded_len() > 4 << 20);
+    s.tx.send(huge).await.unwrap();
+    let err = s.next().await.expect_err("oversized message refused");
+    assert!(err.message().contains("too large"), "{err}");
+
+    // An inventory of 10,000 GPUs.
+    let mut big = hello("x-2", 1);
+    if let Some(pb::agent_message::Body::Hello(h)) = &mut big.body {
+        h.gpus = (0..10_000)
+            .map(|i| pb::GpuInfo {
+                index: i,
+                uuid: format!("GPU-x-2-{i}"),
+                ..Default::default()
+            })
+            .collect();
+    }
+    let err = Stream::open(&ep, big)
+        .await
+        .err()
+        .expect("inventory refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("10000"), "{err}");
+
+    // Readings no GPU gives, among good ones: each rejected alone.
+    let mut s = Stream::open(&ep, hello("x-3", 1)).await.unwrap();
+    s.welcome().await;
+    let mut bad = batch(1..=7);
+    if let Some(pb::agent_message::Body::Batch(b)) = &mut bad.body {
+        for (i, cpu) in [(1, f32::NAN), (2, f32::INFINITY), (3, -1.0)] {
+            b.samples[i].host = Some(pb::HostSample {
+                cpu_utilization_percent: Some(cpu),
+                ..Default::default()
+            });
+        }
+        b.samples[4].gpus[0].utilization_percent = Some(150);
+        b.samples[5].gpus[0].power_milliwatts = Some(10_000_000);
+        b.samples[6].timestamp_unix_nanos = now_nanos() + 86_400 * 1_000_000_000;
+    }
+    assert_eq!(s.send(bad).await, 7);
+    drop(s);
+
+    let log = tokio::task::spawn_blocking(move || agent.finish(Duration::from_secs(30)))
+        .await
+        .unwrap();
+    log.wait_for("\"undelivered\":0", Duration::from_secs(1));
+    let m = tokio::task::spawn_blocking({
+        let http = collector.http;
+        move || Metrics::parse(&http_get(http, "/metrics"))
+    })
+    .await
+    .unwrap();
+    let truth = Truth::of("h-1", N);
+    for gpu in 0..8 {
+        let e = milli(m.one(
+            "capwatch_gpu_energy_joules_total",
+            &[("node", "h-1"), ("gpu", &gpu.to_string())],
+        ));
+        assert_eq!(e, truth.energy(gpu, 1, N), "gpu {gpu}");
+    }
+    let rejected = |reason: &str| {
+        m.one(
+            "capwatch_collector_samples_total",
+            &[("outcome", "rejected"), ("reason", reason)],
+        )
+    };
+    assert_eq!(rejected("malformed"), 3.0);
+    assert_eq!(rejected("utilization"), 1.0);
+    assert_eq!(rejected("power"), 1.0);
+    assert_eq!(rejected("timestamp"), 1.0);
+    // x-3 kept its good sample; x-1's oversized batch counted nothing.
+    assert_eq!(
+        m.one("capwatch_node_samples_total", &[("node", "x-3")]),
+        1.0
+    );
+    assert_eq!(
+        m.one("capwatch_node_samples_total", &[("node", "x-1")]),
+        0.0
+    );
+    collector.stop();
+}
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
 }
