@@ -267,8 +267,6 @@ async fn connect_and_stream(
     }
 }
 
-/// A refusal at the Hello: permanent for the codes that say the request
-/// itself is wrong, passing otherwise.
 /// An error with its causes, so a TLS failure names its reason (an
 /// unknown issuer, an expired certificate) instead of "transport error".
 fn chain(e: &dyn std::error::Error) -> String {
@@ -285,6 +283,8 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// A refusal at the Hello: permanent for the codes that say the request
+/// itself is wrong, passing otherwise.
 fn refused(status: tonic::Status) -> Ended {
     use tonic::Code;
     let msg = format!("collector refused the stream: {status}");

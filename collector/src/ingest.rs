@@ -101,6 +101,18 @@ impl Ingest for IngestService {
                 .and_then(|v| v.to_str().ok()),
         )
         .map(str::to_owned);
+        // A stream without a valid token is refused before it may hold a
+        // slot waiting for its Hello.
+        let auth = self.state.auth();
+        if auth.agents_required()
+            && let Err(e) = auth.agent(token.as_deref())
+        {
+            self.state
+                .counters
+                .auth_refused(SURFACE_GRPC, AUTH_UNAUTHENTICATED);
+            debug!(?peer, error = %e, "agent stream refused: no valid token");
+            return Err(self.refuse(Status::unauthenticated(format!("agent token: {e}"))));
+        }
         let peer_certs = request.peer_certs();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(self.hello_timeout, inbound.message()).await;
@@ -121,6 +133,12 @@ impl Ingest for IngestService {
             }
         };
         let node_id = hello.node_id.clone();
+        // Checked before anything stores or logs it.
+        if !crate::state::node_id_ok(&node_id) {
+            return Err(self.refuse(Status::invalid_argument(
+                "node id must be 1-253 bytes without control characters",
+            )));
+        }
         self.authorize(
             &node_id,
             token.as_deref(),
@@ -147,6 +165,7 @@ impl Ingest for IngestService {
         let shutdown = self.shutdown.clone();
         let mut committed = self.committed.clone();
         let rate = self.limits.max_node_sample_rate;
+        let admitted = Admitted { auth, token, rate };
         tokio::spawn(async move {
             let _open = open_guard;
             let node = handle.node_id.clone();
@@ -159,7 +178,8 @@ impl Ingest for IngestService {
                 state.disconnect(&handle);
                 return;
             }
-            let end = serve_stream(&state, &handle, inbound, &tx, shutdown, committed, rate).await;
+            let end =
+                serve_stream(&state, &handle, inbound, &tx, shutdown, committed, admitted).await;
             state.disconnect(&handle);
             match end {
                 Ok(()) => info!(node = %node, "agent disconnected"),
@@ -189,7 +209,7 @@ impl IngestService {
             let mut logged = lock(&self.refused_logged);
             if logged.len() < REFUSED_LOGGED_MAX && logged.insert(node.to_string()) {
                 warn!(
-                    node,
+                    node = ?node,
                     reason = AUTH_REASONS[reason],
                     message = status.message(),
                     "agent refused (logged once per node)"
@@ -241,6 +261,46 @@ impl IngestService {
     }
 }
 
+/// What a stream was admitted with: the tokens in force and its own, to
+/// check again when the auth file is reloaded (a revoked token ends the
+/// streams that use it), and the sample rate it may send at.
+struct Admitted {
+    auth: Arc<auth::Auth>,
+    token: Option<String>,
+    rate: u32,
+}
+
+impl Admitted {
+    /// Whether the stream may go on under the tokens in force now.
+    fn check(&mut self, state: &State, node: &str) -> Result<(), Status> {
+        let now = state.auth();
+        if Arc::ptr_eq(&now, &self.auth) {
+            return Ok(());
+        }
+        self.auth = now;
+        if !self.auth.agents_required() {
+            return Ok(());
+        }
+        match self.auth.agent(self.token.as_deref()) {
+            Ok(g) if g.allows(node) => Ok(()),
+            Ok(_) => {
+                state
+                    .counters
+                    .auth_refused(SURFACE_GRPC, AUTH_NODE_NOT_ALLOWED);
+                Err(Status::permission_denied(format!(
+                    "the token no longer allows node {node:?}"
+                )))
+            }
+            Err(_) => {
+                state
+                    .counters
+                    .auth_refused(SURFACE_GRPC, AUTH_UNAUTHENTICATED);
+                Err(Status::unauthenticated("the agent token was revoked"))
+            }
+        }
+    }
+}
+
 /// Reads batches until the agent leaves, the stream fails or the collector
 /// shuts down; acks each batch once the ledger commit holding it is
 /// durable.
@@ -251,7 +311,7 @@ async fn serve_stream(
     tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
     shutdown: watch::Receiver<bool>,
     mut committed: watch::Receiver<u64>,
-    rate: u32,
+    mut admitted: Admitted,
 ) -> Result<(), Status> {
     // (commit id, ack) of batches applied but not yet durable, in order.
     let mut waiting: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
@@ -259,7 +319,7 @@ async fn serve_stream(
     tokio::pin!(stop);
     // Token bucket of node samples, one second deep: a stream that sends
     // faster is not read until it has earned its last batch.
-    let rate = f64::from(rate);
+    let rate = f64::from(admitted.rate);
     let mut budget = rate;
     let mut refilled = tokio::time::Instant::now();
     let mut paused_until: Option<tokio::time::Instant> = None;
@@ -315,10 +375,13 @@ async fn serve_stream(
                 Err(r) => rejected.push(r),
             }
         }
+        admitted.check(state, &handle.node_id)?;
         let now = tokio::time::Instant::now();
         budget = (budget + now.duration_since(refilled).as_secs_f64() * rate).min(rate);
         refilled = now;
-        budget -= (samples.len() + rejected.len()) as f64;
+        // An empty batch costs as much as one sample: it still takes a
+        // state update and an ack.
+        budget -= (samples.len() + rejected.len()).max(1) as f64;
         if budget < 0.0 {
             paused_until = Some(now + Duration::from_secs_f64(-budget / rate));
         }

@@ -88,6 +88,11 @@ const MIGRATIONS: &[&str] = &[
         SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;",
 ];
 
+/// Most hours one compaction rolls up, so that a long backlog (the first
+/// round on a ledger from before rollups) does not hold the ledger, and
+/// with it every commit and ack, for long.
+const HOURS_PER_ROUND: i64 = 48;
+
 /// Rollup periods, in seconds.
 pub const HOUR: i64 = 3600;
 pub const DAY: i64 = 86_400;
@@ -575,10 +580,11 @@ impl Ledger {
             let hours: Vec<i64> = {
                 let mut q = tx
                     .prepare_cached(
-                        "SELECT hour_start FROM rollup_pending WHERE hour_start + 3600 <= ?1 ORDER BY hour_start",
+                        "SELECT hour_start FROM rollup_pending WHERE hour_start + 3600 <= ?1
+                         ORDER BY hour_start LIMIT ?2",
                     )
                     .map_err(err)?;
-                q.query_map([policy.closed_before], |r| r.get(0))
+                q.query_map([policy.closed_before, HOURS_PER_ROUND], |r| r.get(0))
                     .map_err(err)?
                     .collect::<Result<_, _>>()
                     .map_err(err)?
@@ -688,6 +694,15 @@ impl Ledger {
                     add.execute([h, DAY, d]).map_err(err)?;
                     add_peak.execute([h, DAY, d]).map_err(err)?;
                 }
+                if h < old_minutes_from {
+                    // Added once; gone before the next round could add
+                    // them again.
+                    tx.execute(
+                        "DELETE FROM usage_minute WHERE minute_start >= ?1 AND minute_start < ?1 + 3600",
+                        [h],
+                    )
+                    .map_err(err)?;
+                }
             }
             days.dedup();
             for &d in &days {
@@ -696,18 +711,25 @@ impl Ledger {
                 day.execute([d]).map_err(err)?;
                 day_peak.execute([d]).map_err(err)?;
             }
-            tx.execute(
-                "DELETE FROM rollup_pending WHERE hour_start + 3600 <= ?1",
-                [policy.closed_before],
-            )
-            .map_err(err)?;
+            let mut unpend = tx
+                .prepare_cached("DELETE FROM rollup_pending WHERE hour_start = ?1")
+                .map_err(err)?;
+            for &h in &hours {
+                unpend.execute([h]).map_err(err)?;
+            }
             done.hours_rolled_up = hours.len();
             done.days_rolled_up = days.len();
             // Minutes go only where their hours are rolled up: closed, and
-            // no longer pending.
+            // no longer pending (a long backlog takes several rounds).
+            let oldest_pending: Option<i64> = tx
+                .query_row("SELECT MIN(hour_start) FROM rollup_pending", [], |r| {
+                    r.get(0)
+                })
+                .map_err(err)?;
             let minutes_from = policy
                 .minutes_from
                 .min(policy.closed_before)
+                .min(oldest_pending.unwrap_or(i64::MAX))
                 .div_euclid(HOUR)
                 * HOUR;
             done.minute_rows_dropped = tx
@@ -813,6 +835,8 @@ pub struct Usage {
     pub minutes_from: i64,
     /// Hourly rollups exist from here on; before, daily rollups.
     pub hours_from: i64,
+    /// Daily rollups exist from here on; before, nothing is kept.
+    pub days_from: i64,
 }
 
 /// A read-only view of the ledger, for the usage API and the `usage`
@@ -915,6 +939,7 @@ impl Reader {
         };
         let minutes_from = kept_from(MINUTE)?;
         let hours_from = kept_from(HOUR)?.min(minutes_from);
+        let days_from = kept_from(DAY)?.min(hours_from);
         let mut spans: Vec<(String, Span)> = Vec::new();
         for (t, start, delta) in self.minutes(tenant, from.max(minutes_from), to)? {
             spans.push((
@@ -977,6 +1002,7 @@ impl Reader {
             spans,
             minutes_from,
             hours_from,
+            days_from,
         })
     }
 
@@ -1314,6 +1340,36 @@ mod tests {
                 .spans
                 .is_empty()
         );
+    }
+
+    #[test]
+    fn a_long_backlog_rolls_up_over_several_rounds_without_losing_minutes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        // 100 hours of one minute each, all closed and all past retention.
+        let entries: Vec<(&str, &str, i64, u64)> = (0..100)
+            .map(|h| ("a", "n1", T0 + h * HOUR, 1_000))
+            .collect();
+        l.commit(&minute_commit(&entries)).unwrap();
+        let end = T0 + 200 * HOUR;
+        let mut rounds = 0;
+        loop {
+            let done = l.compact(&policy(end, end)).unwrap();
+            rounds += 1;
+            // Nothing is dropped ahead of its rollup.
+            let u = Reader::open(&path).unwrap().usage(None, 0, end).unwrap();
+            assert_eq!(
+                u.spans.iter().map(|(_, s)| s.delta.energy_mj).sum::<u64>(),
+                100_000,
+                "round {rounds}"
+            );
+            if done.hours_rolled_up == 0 {
+                break;
+            }
+            assert!(done.hours_rolled_up as i64 <= HOURS_PER_ROUND);
+        }
+        assert_eq!(rounds, 4, "48 + 48 + 4 hours, then nothing");
     }
 
     proptest! {

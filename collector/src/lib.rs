@@ -108,6 +108,14 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         tenants,
     ));
     state.set_auth(load_auth(&cfg)?);
+    if cfg.metrics_auth && !state.auth().api_required() {
+        return Err(config::ConfigError::Invalid {
+            setting: "metrics_auth",
+            reason: "needs [[api]] tokens in auth_file; without them /metrics would stay open"
+                .into(),
+        }
+        .into());
+    }
     if cfg.tls_cert.is_none() && !cfg.grpc_listen.ip().is_loopback() {
         warn!(grpc = %cfg.grpc_listen, "gRPC ingest is plaintext on a non-loopback address (insecure_plaintext = true): samples and agent tokens travel unencrypted");
     }

@@ -67,6 +67,9 @@ enum Command {
         /// reading the ledger file.
         #[arg(long)]
         url: Option<String>,
+        /// With --url: file holding an API token (or set CAPWATCH_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         /// Only this tenant [default: every tenant].
         #[arg(long)]
         tenant: Option<String>,
@@ -99,6 +102,7 @@ fn usage_command(
     use capwatch_collector::usage::{self, Format};
     let Command::Usage {
         url,
+        token_file,
         tenant,
         from,
         to,
@@ -113,9 +117,19 @@ fn usage_command(
             None => "/v1/usage".to_string(),
         };
         let wire = if format == Format::Csv { "csv" } else { "json" };
+        let token = match token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("CAPWATCH_TOKEN").ok(),
+        };
         let body = usage::fetch(
             url,
             &path,
+            token.as_deref(),
             &[
                 ("from", from),
                 ("to", to),

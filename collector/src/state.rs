@@ -428,6 +428,11 @@ pub struct Counters {
     pub auth_refused: [[AtomicU64; AUTH_REASONS.len()]; AUTH_SURFACES.len()],
 }
 
+/// Whether `id` may name a node: 1-253 bytes, no control characters.
+pub fn node_id_ok(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 253 && !id.chars().any(char::is_control)
+}
+
 /// Where a request was refused for who sent it.
 pub const AUTH_SURFACES: [&str; 2] = ["grpc", "http"];
 pub const SURFACE_GRPC: usize = 0;
@@ -628,7 +633,7 @@ impl State {
     /// accepted for this (node, epoch).
     pub fn hello(&self, hello: Hello) -> Result<(StreamHandle, u64), HelloError> {
         let id = hello.node_id.as_str();
-        if id.is_empty() || id.len() > 253 || id.chars().any(char::is_control) {
+        if !node_id_ok(id) {
             return Err(HelloError::NodeId);
         }
         if hello.gpus.len() > self.cfg.max_gpus_per_node as usize {
@@ -703,6 +708,9 @@ impl State {
                     got: hello.epoch,
                     current: n.epoch,
                 });
+            }
+            if hello.epoch < n.epoch {
+                tracing::warn!(node = ?id, got = hello.epoch, current = n.epoch, "an older agent epoch takes the node over: the current one lies in the future of this collector's clock (an agent clock that was wrong, or this clock is behind)");
             }
             let new_epoch = hello.epoch != n.epoch;
             if new_epoch {

@@ -124,6 +124,8 @@ pub enum UsageError {
         granularity: &'static str,
         unit: &'static str,
     },
+    #[error("usage before {before} is no longer kept (day_retention)")]
+    Expired { before: String },
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
 }
@@ -201,7 +203,7 @@ pub fn run(
     let q = Query::parse(from, to, step, tz, selected.len())?;
     let (lo, hi) = q.read_range();
     let usage = reader.usage(tenant, lo, hi)?;
-    q.check_detail(usage.minutes_from, usage.hours_from)?;
+    q.check_detail(&usage)?;
     Ok(report(&q, &selected, &usage, now_unix(), grace))
 }
 
@@ -222,7 +224,14 @@ impl Zone {
 
     pub fn parse(name: Option<&str>) -> Result<Self, UsageError> {
         match name {
-            None | Some("UTC" | "Etc/UTC" | "Z") => Ok(Self::utc()),
+            None => Ok(Self::utc()),
+            Some(n)
+                if ["UTC", "Etc/UTC", "Z", "Etc/Zulu", "Zulu"]
+                    .iter()
+                    .any(|u| u.eq_ignore_ascii_case(n)) =>
+            {
+                Ok(Self::utc())
+            }
             Some(n) => TimeZone::get(n)
                 .map(|tz| Self {
                     name: n.to_string(),
@@ -398,8 +407,15 @@ impl Query {
 
     /// Rows before the minutes kept must fall on the rollups' boundaries:
     /// whole hours before `minutes_from`, whole UTC days before
-    /// `hours_from`.
-    pub fn check_detail(&self, minutes_from: i64, hours_from: i64) -> Result<(), UsageError> {
+    /// `hours_from`; nothing may start before `days_from`, where nothing
+    /// is kept (a row there would read as zero usage).
+    pub fn check_detail(&self, usage: &Usage) -> Result<(), UsageError> {
+        let (minutes_from, hours_from) = (usage.minutes_from, usage.hours_from);
+        if self.from < usage.days_from {
+            return Err(UsageError::Expired {
+                before: rfc3339(usage.days_from),
+            });
+        }
         for &b in &self.bounds {
             if b < hours_from && b.rem_euclid(DAY) != 0 {
                 return Err(UsageError::Compacted {
@@ -528,8 +544,23 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Dura
                 .filter_map(|(_, s)| s.peak_quarter_mj)
                 .max();
             let mut peak_mj = rolled_up_peak.unwrap_or(0);
-            let mut quarter = start.div_euclid(QUARTER) * QUARTER;
-            while quarter < end {
+            // Quarter-hours and 5-minute windows are walked only between
+            // the row's first and last minute bucket, so a long row with
+            // little detail (a month, mostly rolled up) stays cheap.
+            let minutes_in_row = spans
+                .range(start..end)
+                .filter(|(_, s)| s.peak_quarter_mj.is_none())
+                .map(|(t, _)| *t);
+            let (first_minute, last_minute) = minutes_in_row
+                .fold(None, |acc: Option<(i64, i64)>, t| {
+                    Some(acc.map_or((t, t), |(a, _)| (a, t)))
+                })
+                .unwrap_or((end, start));
+            let mut quarter = start
+                .max(first_minute.div_euclid(QUARTER) * QUARTER)
+                .div_euclid(QUARTER)
+                * QUARTER;
+            while quarter < end && quarter <= last_minute {
                 peak_mj = peak_mj.max(minute_energy(quarter, quarter + QUARTER));
                 quarter += QUARTER;
             }
@@ -539,12 +570,18 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Dura
                 && rolled_up_peak.is_none()
                 && start >= usage.minutes_from)
                 .then(|| {
-                    let mut fives: Vec<u64> = (0..seconds / FIVE_MINUTES)
-                        .map(|i| {
-                            let s = start + i * FIVE_MINUTES;
-                            minute_energy(s, s + FIVE_MINUTES)
-                        })
-                        .collect();
+                    // Windows without minutes are zeros; only those with
+                    // some are summed.
+                    let windows = (seconds / FIVE_MINUTES) as usize;
+                    let mut fives: Vec<u64> = vec![0; windows];
+                    if first_minute <= last_minute {
+                        let lo = ((first_minute - start) / FIVE_MINUTES) as usize;
+                        let hi = (((last_minute - start) / FIVE_MINUTES) as usize).min(windows - 1);
+                        for (i, slot) in fives.iter_mut().enumerate().take(hi + 1).skip(lo) {
+                            let s = start + i as i64 * FIVE_MINUTES;
+                            *slot = minute_energy(s, s + FIVE_MINUTES);
+                        }
+                    }
                     fives.sort_unstable();
                     // Nearest rank: the smallest value with at least 95 % at
                     // or below it.
@@ -605,7 +642,12 @@ pub enum FetchError {
 
 /// GETs `path` with `query` from the collector at `base` and returns the
 /// body; an error status becomes an error carrying the API's message.
-pub fn fetch(base: &str, path: &str, query: &[(&str, &str)]) -> Result<String, FetchError> {
+pub fn fetch(
+    base: &str,
+    path: &str,
+    token: Option<&str>,
+    query: &[(&str, &str)],
+) -> Result<String, FetchError> {
     let url = format!("{}{path}", base.trim_end_matches('/'));
     let transport = |error| FetchError::Transport {
         url: url.clone(),
@@ -617,6 +659,9 @@ pub fn fetch(base: &str, path: &str, query: &[(&str, &str)]) -> Result<String, F
         .build()
         .into();
     let mut request = agent.get(&url);
+    if let Some(t) = token {
+        request = request.header("Authorization", format!("Bearer {t}"));
+    }
     for (k, v) in query {
         request = request.query(*k, *v);
     }
@@ -824,6 +869,7 @@ mod tests {
                 .collect(),
             minutes_from: 0,
             hours_from: 0,
+            days_from: 0,
         }
     }
 
@@ -1162,8 +1208,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             1,
         )
         .unwrap();
-        q.check_detail(usage.minutes_from, usage.hours_from)
-            .unwrap();
+        q.check_detail(&usage).unwrap();
         let r = report(
             &q,
             &[Terms::new("a", None, None)],
@@ -1212,14 +1257,21 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         )
         .unwrap();
         assert_eq!(
-            quarters.check_detail(usage.minutes_from, 0),
+            quarters.check_detail(&usage),
             Err(UsageError::Compacted {
                 before: "2027-01-01T01:00:00Z".into(),
                 granularity: "hourly",
                 unit: "hours"
             })
         );
-        assert!(quarters.check_detail(T, 0).is_ok());
+        assert!(
+            quarters
+                .check_detail(&Usage {
+                    minutes_from: T,
+                    ..Usage::default()
+                })
+                .is_ok()
+        );
         // Nor Paris days from UTC daily rollups.
         let paris = Query::parse(
             Some("2027-01-01T00:00:00+01:00"),
@@ -1230,12 +1282,33 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         )
         .unwrap();
         assert!(matches!(
-            paris.check_detail(T + 86_400 * 2, T + 86_400 * 2),
+            paris.check_detail(&Usage {
+                minutes_from: T + 86_400 * 2,
+                hours_from: T + 86_400 * 2,
+                ..Usage::default()
+            }),
             Err(UsageError::Compacted {
                 granularity: "daily",
                 ..
             })
         ));
-        assert!(paris.check_detail(T + 86_400 * 2, 0).is_ok());
+        assert!(
+            paris
+                .check_detail(&Usage {
+                    minutes_from: T + 86_400 * 2,
+                    ..Usage::default()
+                })
+                .is_ok()
+        );
+        // Before the daily rollups kept, nothing is: refused, not zero.
+        assert_eq!(
+            paris.check_detail(&Usage {
+                days_from: T + 86_400 * 2,
+                ..Usage::default()
+            }),
+            Err(UsageError::Expired {
+                before: "2027-01-03T00:00:00Z".into()
+            })
+        );
     }
 }

@@ -159,9 +159,11 @@ fn tokens_decide_who_may_report_and_who_may_read() {
         ),
         0.0
     );
-    // The refused agents were logged once each, and no token was logged.
+    // The spoofing agent was logged once (an agent without a token is
+    // refused before it names a node: counted, not logged), and no token
+    // was logged.
     let log = collector.log.lines().join("\n");
-    assert_eq!(log.matches("agent refused").count(), 2, "{log}");
+    assert_eq!(log.matches("agent refused").count(), 1, "{log}");
     assert!(!log.contains(AGENT_A) && !log.contains(ADMIN), "{log}");
 
     // The usage API: a tenant token reads its tenant only.
@@ -226,8 +228,84 @@ fn tokens_decide_who_may_report_and_who_may_read() {
     let (status, page) = http_get_token(collector.http, "/", Some(ADMIN));
     assert_eq!(status, 200);
     assert!(page.contains("lab-b"), "{page}");
+    // The billing command asks the API with a token file, or is refused.
+    let ask = |token: Option<&str>| {
+        let mut cmd = std::process::Command::new(bin("capwatch-collector"));
+        cmd.args(["usage", "--url", &format!("http://{}", collector.http)])
+            .args(["--tenant", "lab-a", "--step", "1h", "--format", "csv"])
+            .args([
+                "--from",
+                &capwatch_collector::usage::rfc3339(now / 3600 * 3600),
+                "--to",
+                &capwatch_collector::usage::rfc3339(now / 3600 * 3600 + 3600),
+            ])
+            .env_remove("CAPWATCH_TOKEN");
+        if let Some(t) = token {
+            cmd.args(["--token-file", &write_secret(dir.path(), "api.token", t)]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = ask(Some(LAB_A));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let out = ask(None);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("answered 401"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // /healthz stays open for probes.
     assert_eq!(http_get_token(collector.http, "/healthz", None).0, 200);
+    collector.stop();
+}
+
+/// Invariant: a token removed from the auth file ends the streams that use
+/// it at the next batch after SIGHUP; the agent cannot reconnect with it.
+#[test]
+fn a_revoked_token_ends_the_streams_that_use_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let entry =
+        format!("[[agent]]\nname = \"a-racks\"\ntoken = \"{AGENT_A}\"\nnodes = [\"a-*\"]\n");
+    let auth = write_secret(dir.path(), "auth.toml", &entry);
+    let collector = Collector::start(dir.path(), TENANTS, 0, &["--auth-file", &auth]);
+    let token_file = write_secret(dir.path(), "agent.token", AGENT_A);
+    let agent = Agent::start(
+        dir.path(),
+        &collector.endpoint(),
+        "a-1",
+        10_000,
+        &format!("token_file = \"{token_file}\"\n"),
+    );
+    agent.log.wait_for("\"connected\"", Duration::from_secs(10));
+    // Rotated out: another token only.
+    write_secret(
+        dir.path(),
+        "auth.toml",
+        "[[agent]]\nname = \"next\"\ntoken = \"the-next-agent-token-0002\"\nnodes = [\"a-*\"]\n",
+    );
+    std::process::Command::new("kill")
+        .args(["-HUP", &collector.child.id().to_string()])
+        .status()
+        .unwrap();
+    agent
+        .log
+        .wait_for("the agent token was revoked", Duration::from_secs(10));
+    agent
+        .log
+        .wait_for("agent token: unknown token", Duration::from_secs(10));
+    let m = collector.metrics();
+    assert!(
+        m.one(
+            "capwatch_collector_auth_refused_total",
+            &[("surface", "grpc"), ("reason", "unauthenticated")]
+        ) >= 2.0
+    );
+    drop(agent);
     collector.stop();
 }
 
