@@ -8,6 +8,7 @@
 
 pub mod config;
 mod convert;
+pub mod fleet;
 pub mod host;
 pub mod source;
 pub mod spool;

@@ -55,6 +55,10 @@ pub struct Config {
     /// Export per-GPU series. Switch off for very large fleets; tenant and
     /// node series stay.
     pub per_gpu_metrics: bool,
+    /// Export per-node series (`capwatch_node_*`). Off with
+    /// `per_gpu_metrics` too, `/metrics` carries tenants and the collector
+    /// only: the cheapest scrape for a site of 100,000 GPUs and more.
+    pub per_node_metrics: bool,
     /// Largest GPU inventory one node may announce.
     pub max_gpus_per_node: u32,
     /// How far ahead of the collector's clock a sample may be stamped;
@@ -118,6 +122,7 @@ impl Default for Config {
             stale_after: None,
             evaluate_interval: Duration::from_secs(1),
             per_gpu_metrics: true,
+            per_node_metrics: true,
             max_gpus_per_node: 64,
             max_clock_skew: Duration::from_secs(600),
             max_sample_age: Duration::from_secs(7 * 86_400),

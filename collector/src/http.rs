@@ -13,7 +13,6 @@ use axum::extract::{Path, Query, State as Extract};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use prometheus::Registry;
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
 use tracing::error;
@@ -25,7 +24,10 @@ use crate::usage::{self, Format, QueryError, UsageError};
 
 #[derive(Clone)]
 pub struct HttpState {
-    pub registry: Arc<Registry>,
+    /// Export per-GPU series on `/metrics`.
+    pub per_gpu_metrics: bool,
+    /// Export per-node series on `/metrics`.
+    pub per_node_metrics: bool,
     pub state: Arc<State>,
     pub ledger: Arc<Mutex<Reader>>,
     /// How long after a minute closes late samples may still change it.
@@ -99,30 +101,21 @@ async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
         return Err(forbidden(&s, "/metrics"));
     }
     // Rendering walks every node; keep it off the async workers.
-    let registry = s.registry.clone();
-    Ok(
-        match tokio::task::spawn_blocking(move || crate::metrics::render(&registry)).await {
-            Ok(Ok(body)) => {
-                ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()
-            }
-            Ok(Err(e)) => {
-                error!(error = %e, "rendering /metrics failed");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("rendering metrics failed: {e}\n"),
-                )
-                    .into_response()
-            }
-            Err(e) => {
-                error!(error = %e, "rendering /metrics panicked");
-                (
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "rendering metrics failed\n",
-                )
-                    .into_response()
-            }
-        },
-    )
+    let state = s.state.clone();
+    let detail = crate::metrics::Detail {
+        gpus: s.per_gpu_metrics,
+        nodes: s.per_node_metrics,
+    };
+    match tokio::task::spawn_blocking(move || crate::metrics::render_text(&state, detail)).await {
+        Ok(body) => Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()),
+        Err(e) => {
+            error!(error = %e, "rendering /metrics failed");
+            Err(ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "rendering metrics failed".into(),
+            ))
+        }
+    }
 }
 
 /// An API error: the status and a JSON body `{"error": "..."}`.

@@ -126,7 +126,6 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     let snapshot = ledger.load()?;
     info!(ledger = %cfg.ledger_path.display(), nodes = snapshot.nodes.len(), gpus = snapshot.gpus.len(), "ledger opened");
     state.restore(snapshot);
-    let registry = Arc::new(metrics::registry(state.clone(), cfg.per_gpu_metrics));
 
     let grpc = TcpListener::bind(cfg.grpc_listen)
         .await
@@ -197,7 +196,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     let http_server = axum::serve(
         http,
         http::router(http::HttpState {
-            registry,
+            per_gpu_metrics: cfg.per_gpu_metrics,
+            per_node_metrics: cfg.per_node_metrics,
             state: state.clone(),
             ledger: reader,
             finalize_grace: cfg.finalize_grace,

@@ -200,15 +200,32 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ),
 ];
 
+/// Which series levels `/metrics` carries besides tenants and the
+/// collector's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Detail {
+    /// `capwatch_gpu_*`: about ten series per GPU.
+    pub gpus: bool,
+    /// `capwatch_node_*`: a few series per node.
+    pub nodes: bool,
+}
+
+impl Detail {
+    pub const ALL: Detail = Detail {
+        gpus: true,
+        nodes: true,
+    };
+}
+
 /// Renders the fleet from [`State`] on every scrape.
 pub struct FleetCollector {
     state: Arc<State>,
-    per_gpu: bool,
+    detail: Detail,
     descs: Vec<Desc>,
 }
 
 impl FleetCollector {
-    pub fn new(state: Arc<State>, per_gpu: bool) -> Self {
+    pub fn new(state: Arc<State>, detail: Detail) -> Self {
         let descs = FAMILIES
             .iter()
             .map(|(name, help, _)| {
@@ -218,47 +235,54 @@ impl FleetCollector {
             .collect();
         Self {
             state,
-            per_gpu,
+            detail,
             descs,
         }
     }
 }
 
-/// Collects series per family, in `FAMILIES` order.
-struct Families(Vec<Vec<Metric>>);
+/// Where series go: protobuf families for the `prometheus` crate's
+/// `Collector`, or exposition text written directly for `/metrics`.
+trait Sink {
+    /// One series of family `fam` (an index into `FAMILIES`).
+    fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64);
+}
 
-impl Families {
-    fn new() -> Self {
-        Self(FAMILIES.iter().map(|_| Vec::new()).collect())
+/// The index of family `name` in `FAMILIES`.
+fn family(name: &str) -> usize {
+    static INDEX: std::sync::OnceLock<HashMap<&'static str, usize>> = std::sync::OnceLock::new();
+    *INDEX
+        .get_or_init(|| {
+            FAMILIES
+                .iter()
+                .enumerate()
+                .map(|(i, (n, _, _))| (*n, i))
+                .collect()
+        })
+        .get(name)
+        .expect("every family pushed is listed in FAMILIES")
+}
+
+/// Collects series per family, in `FAMILIES` order.
+struct Families<'a>(&'a mut dyn Sink);
+
+impl Families<'_> {
+    fn push(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        self.0.series(family(name), labels, value);
     }
 
-    fn push(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
-        let i = FAMILIES
-            .iter()
-            .position(|(n, _, _)| *n == name)
-            .expect("every family pushed is listed in FAMILIES");
-        let mut m = Metric::default();
-        m.set_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name((*k).to_string());
-                    l.set_value((*v).to_string());
-                    l
-                })
-                .collect(),
-        );
-        if FAMILIES[i].2 == MetricType::COUNTER {
-            let mut c = Counter::default();
-            c.set_value(value);
-            m.set_counter(c);
-        } else {
-            let mut g = Gauge::default();
-            g.set_value(value);
-            m.set_gauge(g);
-        }
-        self.0[i].push(m);
+    /// As `push`, with the family's index looked up beforehand (hot loops).
+    fn push_at(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
+        self.0.series(fam, labels, value);
+    }
+}
+
+/// Series as the `prometheus` crate's protobuf types.
+struct ProtoSink(Vec<Vec<Metric>>);
+
+impl ProtoSink {
+    fn new() -> Self {
+        Self(FAMILIES.iter().map(|_| Vec::new()).collect())
     }
 
     fn finish(self) -> Vec<MetricFamily> {
@@ -278,6 +302,127 @@ impl Families {
     }
 }
 
+impl Sink for ProtoSink {
+    fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
+        let mut m = Metric::default();
+        m.set_label(
+            labels
+                .iter()
+                .map(|(k, v)| {
+                    let mut l = LabelPair::default();
+                    l.set_name((*k).to_string());
+                    l.set_value((*v).to_string());
+                    l
+                })
+                .collect(),
+        );
+        if FAMILIES[fam].2 == MetricType::COUNTER {
+            let mut c = Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+        } else {
+            let mut g = Gauge::default();
+            g.set_value(value);
+            m.set_gauge(g);
+        }
+        self.0[fam].push(m);
+    }
+}
+
+/// Series written straight into exposition text, one buffer per family:
+/// no per-series allocation, which is what makes a million series cheap.
+struct TextSink(Vec<String>);
+
+impl TextSink {
+    fn new() -> Self {
+        Self(FAMILIES.iter().map(|_| String::new()).collect())
+    }
+
+    fn finish(self) -> String {
+        let len = self.0.iter().map(String::len).sum::<usize>() + FAMILIES.len() * 128;
+        let mut out = String::with_capacity(len);
+        for (body, (name, help, kind)) in self.0.iter().zip(FAMILIES) {
+            if body.is_empty() {
+                continue;
+            }
+            let kind = if *kind == MetricType::COUNTER {
+                "counter"
+            } else {
+                "gauge"
+            };
+            out.push_str("# HELP ");
+            out.push_str(name);
+            out.push(' ');
+            push_escaped(&mut out, help, false);
+            out.push_str("\n# TYPE ");
+            out.push_str(name);
+            out.push(' ');
+            out.push_str(kind);
+            out.push('\n');
+            out.push_str(body);
+        }
+        out
+    }
+}
+
+/// Appends `v` escaped as the exposition format wants: backslash and
+/// newline always, double quotes inside label values.
+fn push_escaped(out: &mut String, v: &str, quotes: bool) {
+    if !v
+        .bytes()
+        .any(|b| b == b'\\' || b == b'\n' || (quotes && b == b'"'))
+    {
+        out.push_str(v);
+        return;
+    }
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '"' if quotes => out.push_str("\\\""),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Appends a sample value: integers without a fraction, other finite
+/// values in Rust's shortest round-trip form, and the format's spellings
+/// of infinities and NaN.
+fn push_value(out: &mut String, v: f64) {
+    use std::fmt::Write as _;
+    if v.is_nan() {
+        out.push_str("NaN");
+    } else if v.is_infinite() {
+        out.push_str(if v > 0.0 { "+Inf" } else { "-Inf" });
+    } else if v.fract() == 0.0 && v.abs() < 1e15 && !(v == 0.0 && v.is_sign_negative()) {
+        let _ = write!(out, "{}", v as i64);
+    } else {
+        let _ = write!(out, "{v}");
+    }
+}
+
+impl Sink for TextSink {
+    fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
+        let out = &mut self.0[fam];
+        out.push_str(FAMILIES[fam].0);
+        if !labels.is_empty() {
+            let mut sep = '{';
+            for (k, v) in labels {
+                out.push(sep);
+                out.push_str(k);
+                out.push_str("=\"");
+                push_escaped(out, v, true);
+                out.push('"');
+                sep = ',';
+            }
+            out.push('}');
+        }
+        out.push(' ');
+        push_value(out, value);
+        out.push('\n');
+    }
+}
+
 fn watts(mw: u64) -> f64 {
     mw as f64 / 1000.0
 }
@@ -288,42 +433,75 @@ impl Collector for FleetCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
+        let mut sink = ProtoSink::new();
+        collect_fleet(&self.state, self.detail, &mut Families(&mut sink));
+        sink.finish()
+    }
+}
+
+/// The text exposition of the fleet, written directly (what `/metrics`
+/// serves); the same series as `FleetCollector` gathers.
+pub fn render_text(state: &State, detail: Detail) -> String {
+    let mut sink = TextSink::new();
+    collect_fleet(state, detail, &mut Families(&mut sink));
+    sink.finish()
+}
+
+/// Every series of the fleet, from `state`, into `f`.
+fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
+    let per_gpu = detail.gpus;
+    {
         let now = Instant::now();
-        let state = &self.state;
         let tenants = state.tenants();
-        let mut f = Families::new();
+        let gpu_up = family("capwatch_gpu_up");
+        let gpu_energy = family("capwatch_gpu_energy_joules_total");
+        let gpu_resets = family("capwatch_gpu_energy_counter_resets_total");
+        let gpu_mem_total = family("capwatch_gpu_memory_total_bytes");
+        let gpu_power = family("capwatch_gpu_power_watts");
+        let gpu_util = family("capwatch_gpu_utilization_ratio");
+        let gpu_mem_util = family("capwatch_gpu_memory_utilization_ratio");
+        let gpu_mem_used = family("capwatch_gpu_memory_used_bytes");
+        let gpu_temp = family("capwatch_gpu_temperature_celsius");
+        let gpu_clock = family("capwatch_gpu_sm_clock_hertz");
+        let gpu_limit = family("capwatch_gpu_power_limit_watts");
         let mut connected = 0u64;
         let nodes = state.nodes();
         for node in &nodes {
             let n = lock(node);
+            connected += u64::from(n.connected);
+            if !detail.nodes && !per_gpu {
+                // Tenant level only: nothing else to say per node.
+                continue;
+            }
             let window = n.stale_window(state.config().stale_after);
             let node_labels = [("tenant", &*n.tenant), ("node", &*n.id)];
             let up = n
                 .last_receipt
                 .is_some_and(|t| now.saturating_duration_since(t) <= window);
-            connected += u64::from(n.connected);
-            f.push("capwatch_node_up", &node_labels, f64::from(u8::from(up)));
-            f.push(
-                "capwatch_node_samples_total",
-                &node_labels,
-                n.samples_accepted as f64,
-            );
-            if n.last_timestamp > 0 {
+            if detail.nodes {
+                f.push("capwatch_node_up", &node_labels, f64::from(u8::from(up)));
                 f.push(
-                    "capwatch_node_last_sample_timestamp_seconds",
+                    "capwatch_node_samples_total",
                     &node_labels,
-                    n.last_timestamp as f64 / 1e9,
+                    n.samples_accepted as f64,
                 );
-            }
-            if let Some(h) = &n.host {
-                if let Some(c) = h.cpu_utilization_ratio {
-                    f.push("capwatch_node_cpu_utilization_ratio", &node_labels, c);
+                if n.last_timestamp > 0 {
+                    f.push(
+                        "capwatch_node_last_sample_timestamp_seconds",
+                        &node_labels,
+                        n.last_timestamp as f64 / 1e9,
+                    );
                 }
-                if let Some(m) = h.memory_used_bytes {
-                    f.push("capwatch_node_memory_used_bytes", &node_labels, m as f64);
-                }
-                if let Some(m) = h.memory_total_bytes {
-                    f.push("capwatch_node_memory_total_bytes", &node_labels, m as f64);
+                if let Some(h) = &n.host {
+                    if let Some(c) = h.cpu_utilization_ratio {
+                        f.push("capwatch_node_cpu_utilization_ratio", &node_labels, c);
+                    }
+                    if let Some(m) = h.memory_used_bytes {
+                        f.push("capwatch_node_memory_used_bytes", &node_labels, m as f64);
+                    }
+                    if let Some(m) = h.memory_total_bytes {
+                        f.push("capwatch_node_memory_total_bytes", &node_labels, m as f64);
+                    }
                 }
             }
             let mut node_power = 0u64;
@@ -332,7 +510,7 @@ impl Collector for FleetCollector {
                 let reading = g.last.as_ref().filter(|_| fresh);
                 node_power = node_power
                     .saturating_add(reading.and_then(|r| r.power_milliwatts).unwrap_or(0));
-                if !self.per_gpu {
+                if !per_gpu {
                     continue;
                 }
                 let labels = [
@@ -342,57 +520,43 @@ impl Collector for FleetCollector {
                     ("uuid", &*g.uuid),
                     ("model", &*g.model),
                 ];
-                f.push("capwatch_gpu_up", &labels, f64::from(u8::from(fresh)));
+                f.push_at(gpu_up, &labels, f64::from(u8::from(fresh)));
                 if g.last.is_some() {
-                    f.push(
-                        "capwatch_gpu_energy_joules_total",
-                        &labels,
-                        g.energy_millijoules as f64 / 1000.0,
-                    );
+                    f.push_at(gpu_energy, &labels, g.energy_millijoules as f64 / 1000.0);
                 }
                 if g.counter_resets > 0 {
-                    f.push(
-                        "capwatch_gpu_energy_counter_resets_total",
-                        &labels,
-                        g.counter_resets as f64,
-                    );
+                    f.push_at(gpu_resets, &labels, g.counter_resets as f64);
                 }
                 if let Some(t) = g.memory_total_bytes {
-                    f.push("capwatch_gpu_memory_total_bytes", &labels, t as f64);
+                    f.push_at(gpu_mem_total, &labels, t as f64);
                 }
                 let Some(r) = reading else { continue };
                 let limit = r.power_limit_milliwatts.or(g.power_limit_milliwatts);
                 if let Some(p) = r.power_milliwatts {
-                    f.push("capwatch_gpu_power_watts", &labels, watts(p));
+                    f.push_at(gpu_power, &labels, watts(p));
                 }
                 if let Some(u) = r.utilization_percent {
-                    f.push(
-                        "capwatch_gpu_utilization_ratio",
-                        &labels,
-                        f64::from(u) / 100.0,
-                    );
+                    f.push_at(gpu_util, &labels, f64::from(u) / 100.0);
                 }
                 if let Some(u) = r.memory_utilization_percent {
-                    f.push(
-                        "capwatch_gpu_memory_utilization_ratio",
-                        &labels,
-                        f64::from(u) / 100.0,
-                    );
+                    f.push_at(gpu_mem_util, &labels, f64::from(u) / 100.0);
                 }
                 if let Some(m) = r.memory_used_bytes {
-                    f.push("capwatch_gpu_memory_used_bytes", &labels, m as f64);
+                    f.push_at(gpu_mem_used, &labels, m as f64);
                 }
                 if let Some(t) = r.temperature_celsius {
-                    f.push("capwatch_gpu_temperature_celsius", &labels, f64::from(t));
+                    f.push_at(gpu_temp, &labels, f64::from(t));
                 }
                 if let Some(c) = r.sm_clock_mhz {
-                    f.push("capwatch_gpu_sm_clock_hertz", &labels, f64::from(c) * 1e6);
+                    f.push_at(gpu_clock, &labels, f64::from(c) * 1e6);
                 }
                 if let Some(l) = limit {
-                    f.push("capwatch_gpu_power_limit_watts", &labels, watts(l));
+                    f.push_at(gpu_limit, &labels, watts(l));
                 }
             }
-            f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
+            if detail.nodes {
+                f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
+            }
         }
 
         let live = state.tenant_power(&tenants, now);
@@ -523,21 +687,160 @@ impl Collector for FleetCollector {
             &[("version", crate::VERSION)],
             1.0,
         );
-        f.finish()
     }
 }
 
 /// The registry `/metrics` renders: the fleet plus anything registered later.
-pub fn registry(state: Arc<State>, per_gpu: bool) -> Registry {
+pub fn registry(state: Arc<State>, detail: Detail) -> Registry {
     let r = Registry::new();
-    r.register(Box::new(FleetCollector::new(state, per_gpu)))
+    r.register(Box::new(FleetCollector::new(state, detail)))
         .expect("a fresh registry accepts the fleet collector");
     r
 }
 
-/// The text exposition of `registry`.
+/// The text exposition of `registry`, through the `prometheus` crate's
+/// encoder (slower than `render_text`; kept for anything registered
+/// besides the fleet, and as the reference `render_text` is tested against).
 pub fn render(registry: &Registry) -> Result<String, prometheus::Error> {
     let mut buf = Vec::with_capacity(64 * 1024);
     TextEncoder::new().encode(&registry.gather(), &mut buf)?;
     String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{GpuReading, NodeSample};
+    use crate::state::{GpuInfo, Hello, StateConfig};
+    use crate::tenants::Tenants;
+    use std::time::Duration;
+
+    /// A fleet with tenants, a node whose id needs escaping, GPUs with and
+    /// without every reading, and a stale node.
+    fn fleet() -> Arc<State> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.toml");
+        std::fs::write(
+            &path,
+            "[[tenant]]\nid = \"lab-a\"\nname = \"Lab \\\"A\\\"\"\ncontracted_kw = 1.5\nnodes = [\"a-*\"]\n",
+        )
+        .unwrap();
+        let state = Arc::new(State::new(
+            StateConfig {
+                stale_after: Some(Duration::from_secs(3600)),
+                max_gpus_per_node: 64,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(7 * 86_400),
+            },
+            Tenants::from_file(&path).unwrap(),
+        ));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64;
+        for (node, full) in [("a-1", true), ("b \"quoted\" \\ node", false)] {
+            let (h, _) = state
+                .hello(Hello {
+                    node_id: node.into(),
+                    agent_version: "test".into(),
+                    epoch: 1,
+                    interval: Duration::from_secs(1),
+                    gpus: (0..3)
+                        .map(|g| GpuInfo {
+                            uuid: format!("GPU-{node}-{g}"),
+                            model: "H100 \"SXM\" \\ 80GB".into(),
+                            power_limit_milliwatts: Some(700_000),
+                            memory_total_bytes: full.then_some(80 << 30),
+                            energy_counter_supported: true,
+                        })
+                        .collect(),
+                })
+                .unwrap();
+            let samples = (1..=2u64)
+                .map(|seq| NodeSample {
+                    seq,
+                    timestamp_unix_nanos: now - 3_000_000_000 + seq as i64 * 1_000_000_000,
+                    gpus: (0..3)
+                        .map(|g| GpuReading {
+                            index: g,
+                            power_milliwatts: Some(123_456 + u64::from(g)),
+                            energy_millijoules: Some(1_000 + seq * 333_333),
+                            utilization_percent: full.then_some(37),
+                            memory_utilization_percent: Some(3),
+                            memory_used_bytes: full.then_some(1 << 33),
+                            temperature_celsius: Some(-5),
+                            sm_clock_mhz: Some(1_980),
+                            power_limit_milliwatts: None,
+                            lost: false,
+                        })
+                        .collect(),
+                    host: None,
+                })
+                .collect();
+            state.ingest(&h, samples, Vec::new()).unwrap();
+        }
+        state
+    }
+
+    /// Families sorted by name, samples sorted within each: the registry
+    /// sorts both, the direct writer keeps the order it walks the state in.
+    fn normalized(text: &str) -> Vec<Vec<String>> {
+        let mut families: Vec<Vec<String>> = Vec::new();
+        for line in text.lines() {
+            if line.starts_with("# HELP ") || families.is_empty() {
+                families.push(Vec::new());
+            }
+            families.last_mut().unwrap().push(line.to_string());
+        }
+        for f in &mut families {
+            f[2..].sort();
+        }
+        families.sort();
+        families
+    }
+
+    #[test]
+    fn direct_text_equals_the_prometheus_encoder() {
+        // Invariant: the fast path writes line for line what the
+        // `prometheus` crate's encoder writes for the same series.
+        let state = fleet();
+        for (gpus, nodes) in [(true, true), (false, true), (false, false)] {
+            let detail = Detail { gpus, nodes };
+            let per_gpu = gpus;
+            let fast = render_text(&state, detail);
+            let reference = render(&registry(state.clone(), detail)).unwrap();
+            let (a, b) = (normalized(&fast), normalized(&reference));
+            assert_eq!(a.len(), b.len(), "families, per_gpu = {per_gpu}");
+            for (x, y) in a.iter().zip(&b) {
+                assert_eq!(x, y, "per_gpu = {per_gpu}");
+            }
+            assert_eq!(
+                fast.contains("node=\"b \\\"quoted\\\" \\\\ node\""),
+                nodes,
+                "{fast}"
+            );
+            assert_eq!(fast.contains("capwatch_gpu_power_watts"), per_gpu);
+            assert_eq!(fast.contains("capwatch_node_power_watts"), nodes);
+            assert!(fast.contains("capwatch_tenant_power_watts"));
+        }
+    }
+
+    #[test]
+    fn values_are_spelled_as_the_format_wants() {
+        let cases: [(f64, &str); 8] = [
+            (0.0, "0"),
+            (650.0, "650"),
+            (0.37, "0.37"),
+            (123.457, "123.457"),
+            (1e21, "1000000000000000000000"),
+            (f64::INFINITY, "+Inf"),
+            (f64::NEG_INFINITY, "-Inf"),
+            (f64::NAN, "NaN"),
+        ];
+        for (v, want) in cases {
+            let mut s = String::new();
+            push_value(&mut s, v);
+            assert_eq!(s, want, "{v}");
+        }
+    }
 }

@@ -912,16 +912,27 @@ impl State {
             .enumerate()
             .map(|(i, t)| (&*t.id, i))
             .collect();
+        // GPUs of a node mostly share their tenant: the last lookup is
+        // reused while the tenant is the same `Arc`, so a scrape of 100,000
+        // GPUs hashes about one tenant id per node, not one per GPU.
+        let mut last: Option<(Arc<str>, usize)> = None;
         for node in self.nodes() {
             let n = lock(&node);
             let window = n.stale_window(self.cfg.stale_after);
             for g in &n.gpus {
                 // A GPU attributed under an older tenant file counts as
                 // unassigned until its node reports again.
-                let t = index
-                    .get(&*g.tenant)
-                    .copied()
-                    .unwrap_or(tenants.unassigned());
+                let t = match &last {
+                    Some((tenant, i)) if Arc::ptr_eq(tenant, &g.tenant) => *i,
+                    _ => {
+                        let i = index
+                            .get(&*g.tenant)
+                            .copied()
+                            .unwrap_or(tenants.unassigned());
+                        last = Some((g.tenant.clone(), i));
+                        i
+                    }
+                };
                 if g.fresh(now, window) {
                     let r = g.last.as_ref().expect("fresh implies a reading");
                     live[t].reporting += 1;

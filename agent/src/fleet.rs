@@ -1,0 +1,183 @@
+//! A simulated fleet in one process: N virtual nodes of M mock GPUs, each
+//! with its own node id, spool and gRPC stream, so one machine can stand
+//! in for a site when measuring the collector.
+//!
+//! Every node runs the agent's own stream code (`stream::run`): acks,
+//! re-sends and reconnects behave as with real agents. One sampler task
+//! ticks all nodes, each at its own phase within the interval, so the
+//! collector sees a steady load rather than one burst per second.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinSet;
+use tracing::info;
+
+use capwatch_proto::v1 as pb;
+
+use crate::convert;
+use crate::source::GpuSource;
+use crate::source::mock::{MockConfig, MockSource, Model, Profile};
+use crate::spool::Spool;
+use crate::stream::{self, Shared, StreamConfig};
+
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    pub collector: String,
+    pub nodes: usize,
+    pub gpus: u32,
+    pub interval: Duration,
+    pub profile: Profile,
+    pub node_prefix: String,
+    pub seed: u64,
+    pub spool_capacity: usize,
+    pub batch_max: usize,
+    pub drain_timeout: Duration,
+}
+
+/// What the fleet sent and what the collector acknowledged.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FleetReport {
+    pub nodes: usize,
+    /// Node samples taken (each holds one reading per GPU).
+    pub sampled: u64,
+    pub acked: u64,
+    pub dropped: u64,
+    pub undelivered: u64,
+    pub connects: u64,
+}
+
+struct Node {
+    source: MockSource,
+    shared: Arc<Shared>,
+    seq: u64,
+}
+
+fn unix_nanos(t: SystemTime) -> i64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Totals over the fleet's shared state.
+fn report(nodes: &[Node]) -> FleetReport {
+    let mut r = FleetReport {
+        nodes: nodes.len(),
+        ..FleetReport::default()
+    };
+    for n in nodes {
+        let s = &n.shared.stats;
+        r.sampled += s.sampled.load(Ordering::Relaxed);
+        r.acked += s.acked.load(Ordering::Relaxed);
+        r.dropped += s.dropped.load(Ordering::Relaxed);
+        r.connects += s.connects.load(Ordering::Relaxed);
+        r.undelivered += n.shared.spool().len() as u64;
+    }
+    r
+}
+
+/// Runs the fleet until `shutdown` flips, then lets every node deliver its
+/// spool within the drain timeout. `progress` gets a report every 10 s.
+pub async fn run(
+    cfg: FleetConfig,
+    mut shutdown: watch::Receiver<bool>,
+    progress: impl Fn(FleetReport),
+) -> FleetReport {
+    let epoch = unix_nanos(SystemTime::now()) as u64;
+    let (done_tx, done_rx) = watch::channel(false);
+    let mut streams = JoinSet::new();
+    let mut nodes: Vec<Node> = Vec::with_capacity(cfg.nodes);
+    for i in 0..cfg.nodes {
+        let node_id = format!("{}{i:05}", cfg.node_prefix);
+        let source = MockSource::new(MockConfig {
+            node_id: node_id.clone(),
+            gpus: cfg.gpus,
+            profile: cfg.profile,
+            model: Model::H100,
+            seed: cfg.seed,
+            energy_counter: true,
+            counter_file: None,
+        });
+        let shared = Arc::new(Shared {
+            spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity)),
+            new_sample: Notify::new(),
+            stats: stream::Stats::default(),
+        });
+        let hello = pb::Hello {
+            node_id,
+            agent_version: crate::VERSION.to_string(),
+            stream_epoch: epoch,
+            interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
+            gpus: source.inventory().iter().map(convert::gpu_info).collect(),
+            host: None,
+        };
+        streams.spawn(stream::run(
+            StreamConfig {
+                collector: cfg.collector.clone(),
+                token: None,
+                tls: None,
+                hello,
+                batch_max: cfg.batch_max,
+                reconnect_initial: Duration::from_millis(250),
+                reconnect_max: Duration::from_secs(5),
+                drain_timeout: cfg.drain_timeout,
+            },
+            shared.clone(),
+            done_rx.clone(),
+        ));
+        nodes.push(Node {
+            source,
+            shared,
+            seq: 0,
+        });
+    }
+    info!(nodes = cfg.nodes, gpus = cfg.gpus, interval_ms = cfg.interval.as_millis() as u64, collector = %cfg.collector, "fleet starting");
+
+    // The interval is cut into slices; each tick of the slice timer samples
+    // the nodes of one slice, so node i samples at phase i mod slices.
+    let slices = cfg.nodes.clamp(1, 100);
+    let mut ticker = tokio::time::interval(cfg.interval / slices as u32);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let start_wall = SystemTime::now();
+    let start = tokio::time::Instant::now();
+    let mut next_progress = start + Duration::from_secs(10);
+    let mut slice = 0usize;
+    loop {
+        let tick = tokio::select! {
+            t = ticker.tick() => t,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let at = unix_nanos(start_wall + (tick - start));
+        for node in nodes.iter_mut().skip(slice).step_by(slices) {
+            node.seq += 1;
+            let sample = pb::NodeSample {
+                seq: node.seq,
+                timestamp_unix_nanos: at,
+                gpus: node
+                    .source
+                    .sample(at)
+                    .into_iter()
+                    .map(convert::gpu_sample)
+                    .collect(),
+                host: None,
+            };
+            let dropped = node.shared.spool().push(sample);
+            node.shared.stats.sampled.fetch_add(1, Ordering::Relaxed);
+            node.shared
+                .stats
+                .dropped
+                .fetch_add(dropped, Ordering::Relaxed);
+            node.shared.new_sample.notify_one();
+        }
+        slice = (slice + 1) % slices;
+        if tick >= next_progress {
+            progress(report(&nodes));
+            next_progress += Duration::from_secs(10);
+        }
+    }
+    let _ = done_tx.send(true);
+    while streams.join_next().await.is_some() {}
+    report(&nodes)
+}
