@@ -35,6 +35,10 @@ pub struct FleetConfig {
     pub spool_capacity: usize,
     pub batch_max: usize,
     pub drain_timeout: Duration,
+    /// Nodes sharing one HTTP/2 connection (1: one connection per node,
+    /// as real agents have). More lets one process simulate more nodes
+    /// than it may open sockets.
+    pub nodes_per_connection: usize,
 }
 
 /// What the fleet sent and what the collector acknowledged.
@@ -89,7 +93,17 @@ pub async fn run(
     let (done_tx, done_rx) = watch::channel(false);
     let mut streams = JoinSet::new();
     let mut nodes: Vec<Node> = Vec::with_capacity(cfg.nodes);
+    let mut channel = None;
     for i in 0..cfg.nodes {
+        if cfg.nodes_per_connection > 1 && i % cfg.nodes_per_connection == 0 {
+            channel = tonic::transport::Endpoint::from_shared(cfg.collector.clone())
+                .ok()
+                .map(|e| {
+                    e.tcp_nodelay(true)
+                        .http2_keep_alive_interval(Duration::from_secs(10))
+                        .connect_lazy()
+                });
+        }
         let node_id = format!("{}{i:05}", cfg.node_prefix);
         let source = MockSource::new(MockConfig {
             node_id: node_id.clone(),
@@ -118,6 +132,7 @@ pub async fn run(
                 collector: cfg.collector.clone(),
                 token: None,
                 tls: None,
+                channel: channel.clone(),
                 hello,
                 batch_max: cfg.batch_max,
                 reconnect_initial: Duration::from_millis(250),

@@ -179,6 +179,7 @@ pub async fn run(
             collector: cfg.collector.clone(),
             token: load_token(&cfg)?,
             tls: client_tls(&cfg)?,
+            channel: None,
             hello,
             batch_max: cfg.batch_max,
             reconnect_initial: cfg.reconnect_initial,

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
 use capwatch_proto::v1 as pb;
@@ -56,6 +56,9 @@ pub struct StreamConfig {
     pub token: Option<MetadataValue<Ascii>>,
     /// TLS for an `https://` collector.
     pub tls: Option<ClientTlsConfig>,
+    /// A connection shared with other streams (the fleet simulator puts
+    /// several nodes on one HTTP/2 connection); `None` connects anew.
+    pub channel: Option<Channel>,
     pub hello: pb::Hello,
     pub batch_max: usize,
     pub reconnect_initial: Duration,
@@ -172,9 +175,12 @@ async fn connect_and_stream(
     // Connecting, opening the stream and the Welcome must all happen within
     // this; a collector that stalls there is treated as down.
     let preamble = tokio::time::timeout(PREAMBLE_TIMEOUT, async {
-        let channel = match endpoint.connect().await {
-            Ok(c) => c,
-            Err(e) => return Err(Ended::Failed(format!("connect: {}", chain(&e)))),
+        let channel = match &cfg.channel {
+            Some(shared) => shared.clone(),
+            None => match endpoint.connect().await {
+                Ok(c) => c,
+                Err(e) => return Err(Ended::Failed(format!("connect: {}", chain(&e)))),
+            },
         };
         let token = cfg.token.clone();
         let mut client =

@@ -49,6 +49,10 @@ struct Args {
     /// After stopping, how long nodes get to deliver their spools.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Nodes sharing one HTTP/2 connection (1: one per node, as real
+    /// agents; more simulates more nodes than the process may open sockets).
+    #[arg(long, default_value_t = 1)]
+    nodes_per_connection: usize,
     /// Log format.
     #[arg(long, default_value = "plain")]
     log_format: LogFormat,
@@ -108,6 +112,7 @@ fn main() -> anyhow::Result<()> {
                 spool_capacity: args.spool_capacity,
                 batch_max: args.batch_max,
                 drain_timeout: args.drain_timeout,
+                nodes_per_connection: args.nodes_per_connection.max(1),
             },
             stop_rx,
             |r| print("progress", &r, started.elapsed().as_secs_f64(), gpus),

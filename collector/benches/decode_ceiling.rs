@@ -1,0 +1,119 @@
+//! The decode-only ceiling of ingest: the same messages the fleet
+//! simulator sends (one `SampleBatch` of one node sample of 8 mock GPUs per
+//! node per interval), decoded from bytes in a tight loop on one thread,
+//! and, separately, decoded plus the collector's per-sample edge checks.
+//! `scripts/bench-ingest.sh` divides the collector's sustained rate by
+//! this to say how close ingest comes to merely reading the bytes.
+//!
+//! ```text
+//! cargo bench -p capwatch-collector --bench decode_ceiling
+//! ```
+
+use std::time::{Duration, Instant};
+
+use prost::Message;
+
+use capwatch_agent::source::GpuSource;
+use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
+use capwatch_collector::model;
+use capwatch_proto::v1 as pb;
+
+fn messages(nodes: usize, ticks: i64) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(nodes * ticks as usize);
+    for n in 0..nodes {
+        let mut m = MockSource::new(MockConfig {
+            node_id: format!("sim-{n:05}"),
+            gpus: 8,
+            profile: Profile::Training,
+            model: Model::H100,
+            seed: 0,
+            energy_counter: true,
+            counter_file: None,
+        });
+        for t in 1..=ticks {
+            let at = 1_800_000_000_000_000_000 + t * 1_000_000_000;
+            let sample = pb::NodeSample {
+                seq: t as u64,
+                timestamp_unix_nanos: at,
+                gpus: m
+                    .sample(at)
+                    .into_iter()
+                    .map(|r| pb::GpuSample {
+                        index: r.index,
+                        power_milliwatts: r.power_milliwatts,
+                        energy_millijoules: r.energy_millijoules,
+                        utilization_percent: r.utilization_percent,
+                        memory_utilization_percent: r.memory_utilization_percent,
+                        memory_used_bytes: r.memory_used_bytes,
+                        temperature_celsius: r.temperature_celsius,
+                        sm_clock_mhz: r.sm_clock_mhz,
+                        power_limit_milliwatts: r.power_limit_milliwatts,
+                        lost: r.lost,
+                    })
+                    .collect(),
+                host: None,
+            };
+            let msg = pb::AgentMessage {
+                body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+                    samples: vec![sample],
+                })),
+            };
+            out.push(msg.encode_to_vec());
+        }
+    }
+    out
+}
+
+/// GPU-samples per second over `for_at_least`, running `f` over every
+/// message repeatedly.
+fn rate(msgs: &[Vec<u8>], for_at_least: Duration, mut f: impl FnMut(&[u8]) -> usize) -> f64 {
+    let start = Instant::now();
+    let mut gpus = 0usize;
+    while start.elapsed() < for_at_least {
+        for m in msgs {
+            gpus += f(m);
+        }
+    }
+    gpus as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let msgs = messages(1000, 10);
+    let bytes: usize = msgs.iter().map(Vec::len).sum();
+    let mut runs_decode = Vec::new();
+    let mut runs_validate = Vec::new();
+    for _ in 0..5 {
+        runs_decode.push(rate(
+            &msgs,
+            Duration::from_secs(1),
+            |b| match pb::AgentMessage::decode(b).expect("valid message").body {
+                Some(pb::agent_message::Body::Batch(batch)) => {
+                    batch.samples.iter().map(|s| s.gpus.len()).sum()
+                }
+                _ => 0,
+            },
+        ));
+        runs_validate.push(rate(
+            &msgs,
+            Duration::from_secs(1),
+            |b| match pb::AgentMessage::decode(b).expect("valid message").body {
+                Some(pb::agent_message::Body::Batch(batch)) => batch
+                    .samples
+                    .into_iter()
+                    .filter_map(|s| model::sample(s).ok())
+                    .map(|s| s.gpus.len())
+                    .sum(),
+                _ => 0,
+            },
+        ));
+    }
+    runs_decode.sort_by(f64::total_cmp);
+    runs_validate.sort_by(f64::total_cmp);
+    println!(
+        "messages {} of {} bytes on average",
+        msgs.len(),
+        bytes / msgs.len()
+    );
+    println!("decode_gpu_samples_per_s {:.0}", runs_decode[2]);
+    println!("decode_validate_gpu_samples_per_s {:.0}", runs_validate[2]);
+}
