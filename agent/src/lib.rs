@@ -7,7 +7,7 @@
 //! collector acks.
 
 pub mod config;
-mod convert;
+pub mod convert;
 pub mod fleet;
 pub mod host;
 pub mod source;

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use prost::Message;
 
+use capwatch_agent::convert;
 use capwatch_agent::source::GpuSource;
 use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
 use capwatch_collector::model;
@@ -35,22 +36,7 @@ fn messages(nodes: usize, ticks: i64) -> Vec<Vec<u8>> {
             let sample = pb::NodeSample {
                 seq: t as u64,
                 timestamp_unix_nanos: at,
-                gpus: m
-                    .sample(at)
-                    .into_iter()
-                    .map(|r| pb::GpuSample {
-                        index: r.index,
-                        power_milliwatts: r.power_milliwatts,
-                        energy_millijoules: r.energy_millijoules,
-                        utilization_percent: r.utilization_percent,
-                        memory_utilization_percent: r.memory_utilization_percent,
-                        memory_used_bytes: r.memory_used_bytes,
-                        temperature_celsius: r.temperature_celsius,
-                        sm_clock_mhz: r.sm_clock_mhz,
-                        power_limit_milliwatts: r.power_limit_milliwatts,
-                        lost: r.lost,
-                    })
-                    .collect(),
+                gpus: m.sample(at).into_iter().map(convert::gpu_sample).collect(),
                 host: None,
             };
             let msg = pb::AgentMessage {

@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use prometheus::core::{Collector, Desc};
@@ -269,6 +269,17 @@ struct Families<'a>(&'a mut dyn Sink);
 impl Families<'_> {
     fn push(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
         self.0.series(family(name), labels, value);
+    }
+
+    /// A counter by `result`: `success` and `failure`.
+    fn results(&mut self, name: &str, ok: &AtomicU64, failed: &AtomicU64) {
+        for (result, n) in [("success", ok), ("failure", failed)] {
+            self.push(
+                name,
+                &[("result", result)],
+                n.load(Ordering::Relaxed) as f64,
+            );
+        }
     }
 
     /// As `push`, with the family's index looked up beforehand (hot loops).
@@ -638,25 +649,15 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             &[],
             c.streams_refused.load(Ordering::Relaxed) as f64,
         );
-        f.push(
+        f.results(
             "capwatch_collector_tenant_reloads_total",
-            &[("result", "success")],
-            c.reloads_ok.load(Ordering::Relaxed) as f64,
+            &c.reloads_ok,
+            &c.reloads_failed,
         );
-        f.push(
-            "capwatch_collector_tenant_reloads_total",
-            &[("result", "failure")],
-            c.reloads_failed.load(Ordering::Relaxed) as f64,
-        );
-        f.push(
+        f.results(
             "capwatch_collector_ledger_commits_total",
-            &[("result", "success")],
-            c.commits_ok.load(Ordering::Relaxed) as f64,
-        );
-        f.push(
-            "capwatch_collector_ledger_commits_total",
-            &[("result", "failure")],
-            c.commits_failed.load(Ordering::Relaxed) as f64,
+            &c.commits_ok,
+            &c.commits_failed,
         );
         f.push(
             "capwatch_collector_ledger_commit_seconds_total",
@@ -672,15 +673,10 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                 );
             }
         }
-        f.push(
+        f.results(
             "capwatch_collector_ledger_compactions_total",
-            &[("result", "success")],
-            c.compactions_ok.load(Ordering::Relaxed) as f64,
-        );
-        f.push(
-            "capwatch_collector_ledger_compactions_total",
-            &[("result", "failure")],
-            c.compactions_failed.load(Ordering::Relaxed) as f64,
+            &c.compactions_ok,
+            &c.compactions_failed,
         );
         f.push(
             "capwatch_collector_build_info",
