@@ -279,6 +279,29 @@ impl Applied {
         };
         let util = u64::from(self.utilization_percent.unwrap_or(0).min(100));
         let busy = covered / 100 * util + covered % 100 * util / 100;
+        let minute = to_ns.div_euclid(60_000_000_000) * 60;
+        // The common case, an interval inside one minute: one bucket
+        // update instead of one per figure (each hashes the bucket's key).
+        if let [(only, _)] = split_by_minute(0, from, to_ns)[..]
+            && only == minute
+        {
+            let b = c
+                .buckets
+                .entry((tenant.clone(), node.clone(), minute))
+                .or_default();
+            b.energy_mj += self.energy_mj;
+            if self.estimated {
+                b.estimated_mj += self.energy_mj;
+            }
+            b.gpu_ns += covered;
+            b.busy_gpu_ns += busy;
+            b.expected_gpu_ns += span;
+            b.samples += 1;
+            if self.energy_mj > 0 {
+                *c.tenant_energy.entry(tenant.clone()).or_default() += self.energy_mj;
+            }
+            return;
+        }
         let mut add = |amount: u64, field: fn(&mut BucketDelta) -> &mut u64| {
             if amount == 0 {
                 return;
@@ -298,7 +321,6 @@ impl Applied {
         add(covered, |b| &mut b.gpu_ns);
         add(busy, |b| &mut b.busy_gpu_ns);
         add(span, |b| &mut b.expected_gpu_ns);
-        let minute = to_ns.div_euclid(60_000_000_000) * 60;
         c.buckets
             .entry((tenant.clone(), node.clone(), minute))
             .or_default()
