@@ -461,229 +461,225 @@ pub fn render_text(state: &State, detail: Detail) -> String {
 /// Every series of the fleet, from `state`, into `f`.
 fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     let per_gpu = detail.gpus;
-    {
-        let now = Instant::now();
-        let tenants = state.tenants();
-        let gpu_up = family("capwatch_gpu_up");
-        let gpu_energy = family("capwatch_gpu_energy_joules_total");
-        let gpu_resets = family("capwatch_gpu_energy_counter_resets_total");
-        let gpu_mem_total = family("capwatch_gpu_memory_total_bytes");
-        let gpu_power = family("capwatch_gpu_power_watts");
-        let gpu_util = family("capwatch_gpu_utilization_ratio");
-        let gpu_mem_util = family("capwatch_gpu_memory_utilization_ratio");
-        let gpu_mem_used = family("capwatch_gpu_memory_used_bytes");
-        let gpu_temp = family("capwatch_gpu_temperature_celsius");
-        let gpu_clock = family("capwatch_gpu_sm_clock_hertz");
-        let gpu_limit = family("capwatch_gpu_power_limit_watts");
-        let mut connected = 0u64;
-        let nodes = state.nodes();
-        for node in &nodes {
-            let n = lock(node);
-            connected += u64::from(n.connected);
-            if !detail.nodes && !per_gpu {
-                // Tenant level only: nothing else to say per node.
+    let now = Instant::now();
+    let tenants = state.tenants();
+    let gpu_up = family("capwatch_gpu_up");
+    let gpu_energy = family("capwatch_gpu_energy_joules_total");
+    let gpu_resets = family("capwatch_gpu_energy_counter_resets_total");
+    let gpu_mem_total = family("capwatch_gpu_memory_total_bytes");
+    let gpu_power = family("capwatch_gpu_power_watts");
+    let gpu_util = family("capwatch_gpu_utilization_ratio");
+    let gpu_mem_util = family("capwatch_gpu_memory_utilization_ratio");
+    let gpu_mem_used = family("capwatch_gpu_memory_used_bytes");
+    let gpu_temp = family("capwatch_gpu_temperature_celsius");
+    let gpu_clock = family("capwatch_gpu_sm_clock_hertz");
+    let gpu_limit = family("capwatch_gpu_power_limit_watts");
+    let mut connected = 0u64;
+    let nodes = state.nodes();
+    for node in &nodes {
+        let n = lock(node);
+        connected += u64::from(n.connected);
+        if !detail.nodes && !per_gpu {
+            // Tenant level only: nothing else to say per node.
+            continue;
+        }
+        let window = n.stale_window(state.config().stale_after);
+        let node_labels = [("tenant", &*n.tenant), ("node", &*n.id)];
+        let up = n.up(now, window);
+        if detail.nodes {
+            f.push("capwatch_node_up", &node_labels, f64::from(u8::from(up)));
+            f.push(
+                "capwatch_node_samples_total",
+                &node_labels,
+                n.samples_accepted as f64,
+            );
+            if n.last_timestamp > 0 {
+                f.push(
+                    "capwatch_node_last_sample_timestamp_seconds",
+                    &node_labels,
+                    n.last_timestamp as f64 / 1e9,
+                );
+            }
+            if let Some(h) = &n.host {
+                if let Some(c) = h.cpu_utilization_ratio {
+                    f.push("capwatch_node_cpu_utilization_ratio", &node_labels, c);
+                }
+                if let Some(m) = h.memory_used_bytes {
+                    f.push("capwatch_node_memory_used_bytes", &node_labels, m as f64);
+                }
+                if let Some(m) = h.memory_total_bytes {
+                    f.push("capwatch_node_memory_total_bytes", &node_labels, m as f64);
+                }
+            }
+        }
+        let mut node_power = 0u64;
+        for g in &n.gpus {
+            let fresh = g.fresh(now, window);
+            let reading = g.last.as_ref().filter(|_| fresh);
+            node_power =
+                node_power.saturating_add(reading.and_then(|r| r.power_milliwatts).unwrap_or(0));
+            if !per_gpu {
                 continue;
             }
-            let window = n.stale_window(state.config().stale_after);
-            let node_labels = [("tenant", &*n.tenant), ("node", &*n.id)];
-            let up = n
-                .last_receipt
-                .is_some_and(|t| now.saturating_duration_since(t) <= window);
-            if detail.nodes {
-                f.push("capwatch_node_up", &node_labels, f64::from(u8::from(up)));
-                f.push(
-                    "capwatch_node_samples_total",
-                    &node_labels,
-                    n.samples_accepted as f64,
-                );
-                if n.last_timestamp > 0 {
-                    f.push(
-                        "capwatch_node_last_sample_timestamp_seconds",
-                        &node_labels,
-                        n.last_timestamp as f64 / 1e9,
-                    );
-                }
-                if let Some(h) = &n.host {
-                    if let Some(c) = h.cpu_utilization_ratio {
-                        f.push("capwatch_node_cpu_utilization_ratio", &node_labels, c);
-                    }
-                    if let Some(m) = h.memory_used_bytes {
-                        f.push("capwatch_node_memory_used_bytes", &node_labels, m as f64);
-                    }
-                    if let Some(m) = h.memory_total_bytes {
-                        f.push("capwatch_node_memory_total_bytes", &node_labels, m as f64);
-                    }
-                }
+            let labels = [
+                ("tenant", &*g.tenant),
+                ("node", &*n.id),
+                ("gpu", &*g.index_label),
+                ("uuid", &*g.uuid),
+                ("model", &*g.model),
+            ];
+            f.push_at(gpu_up, &labels, f64::from(u8::from(fresh)));
+            if g.last.is_some() {
+                f.push_at(gpu_energy, &labels, g.energy_millijoules as f64 / 1000.0);
             }
-            let mut node_power = 0u64;
-            for g in &n.gpus {
-                let fresh = g.fresh(now, window);
-                let reading = g.last.as_ref().filter(|_| fresh);
-                node_power = node_power
-                    .saturating_add(reading.and_then(|r| r.power_milliwatts).unwrap_or(0));
-                if !per_gpu {
-                    continue;
-                }
-                let labels = [
-                    ("tenant", &*g.tenant),
-                    ("node", &*n.id),
-                    ("gpu", &*g.index_label),
-                    ("uuid", &*g.uuid),
-                    ("model", &*g.model),
-                ];
-                f.push_at(gpu_up, &labels, f64::from(u8::from(fresh)));
-                if g.last.is_some() {
-                    f.push_at(gpu_energy, &labels, g.energy_millijoules as f64 / 1000.0);
-                }
-                if g.counter_resets > 0 {
-                    f.push_at(gpu_resets, &labels, g.counter_resets as f64);
-                }
-                if let Some(t) = g.memory_total_bytes {
-                    f.push_at(gpu_mem_total, &labels, t as f64);
-                }
-                let Some(r) = reading else { continue };
-                let limit = r.power_limit_milliwatts.or(g.power_limit_milliwatts);
-                if let Some(p) = r.power_milliwatts {
-                    f.push_at(gpu_power, &labels, watts(p));
-                }
-                if let Some(u) = r.utilization_percent {
-                    f.push_at(gpu_util, &labels, f64::from(u) / 100.0);
-                }
-                if let Some(u) = r.memory_utilization_percent {
-                    f.push_at(gpu_mem_util, &labels, f64::from(u) / 100.0);
-                }
-                if let Some(m) = r.memory_used_bytes {
-                    f.push_at(gpu_mem_used, &labels, m as f64);
-                }
-                if let Some(t) = r.temperature_celsius {
-                    f.push_at(gpu_temp, &labels, f64::from(t));
-                }
-                if let Some(c) = r.sm_clock_mhz {
-                    f.push_at(gpu_clock, &labels, f64::from(c) * 1e6);
-                }
-                if let Some(l) = limit {
-                    f.push_at(gpu_limit, &labels, watts(l));
-                }
+            if g.counter_resets > 0 {
+                f.push_at(gpu_resets, &labels, g.counter_resets as f64);
             }
-            if detail.nodes {
-                f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
+            if let Some(t) = g.memory_total_bytes {
+                f.push_at(gpu_mem_total, &labels, t as f64);
+            }
+            let Some(r) = reading else { continue };
+            let limit = r.power_limit_milliwatts.or(g.power_limit_milliwatts);
+            if let Some(p) = r.power_milliwatts {
+                f.push_at(gpu_power, &labels, watts(p));
+            }
+            if let Some(u) = r.utilization_percent {
+                f.push_at(gpu_util, &labels, f64::from(u) / 100.0);
+            }
+            if let Some(u) = r.memory_utilization_percent {
+                f.push_at(gpu_mem_util, &labels, f64::from(u) / 100.0);
+            }
+            if let Some(m) = r.memory_used_bytes {
+                f.push_at(gpu_mem_used, &labels, m as f64);
+            }
+            if let Some(t) = r.temperature_celsius {
+                f.push_at(gpu_temp, &labels, f64::from(t));
+            }
+            if let Some(c) = r.sm_clock_mhz {
+                f.push_at(gpu_clock, &labels, f64::from(c) * 1e6);
+            }
+            if let Some(l) = limit {
+                f.push_at(gpu_limit, &labels, watts(l));
             }
         }
-
-        let live = state.tenant_power(&tenants, now);
-        let totals = state.totals();
-        for (t, l) in tenants.all().iter().zip(&live) {
-            let labels = [("tenant", &*t.id)];
-            let tot = totals.get(&t.id).cloned().unwrap_or_default();
-            f.push(
-                "capwatch_tenant_power_watts",
-                &labels,
-                watts(l.power_milliwatts),
-            );
-            f.push(
-                "capwatch_tenant_energy_joules_total",
-                &labels,
-                tot.energy_millijoules as f64 / 1000.0,
-            );
-            f.push(
-                "capwatch_tenant_gpus",
-                &[("tenant", &*t.id), ("state", "reporting")],
-                l.reporting as f64,
-            );
-            f.push(
-                "capwatch_tenant_gpus",
-                &[("tenant", &*t.id), ("state", "stale")],
-                l.stale as f64,
-            );
-            if l.utilization_n > 0 {
-                f.push(
-                    "capwatch_tenant_gpu_utilization_ratio",
-                    &labels,
-                    l.utilization_sum as f64 / l.utilization_n as f64 / 100.0,
-                );
-            }
-            // `unassigned` has no contract: no contract series for it.
-            if t.contracted_milliwatts > 0 {
-                let c = t.contracted_milliwatts;
-                f.push("capwatch_tenant_contracted_power_watts", &labels, watts(c));
-                f.push(
-                    "capwatch_tenant_capacity_utilization_ratio",
-                    &labels,
-                    l.power_milliwatts as f64 / c as f64,
-                );
-                f.push(
-                    "capwatch_tenant_headroom_watts",
-                    &labels,
-                    (c as f64 - l.power_milliwatts as f64) / 1000.0,
-                );
-                f.push(
-                    "capwatch_tenant_over_contract_seconds_total",
-                    &labels,
-                    tot.over_contract_nanos as f64 / 1e9,
-                );
-            }
+        if detail.nodes {
+            f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
         }
+    }
 
-        let c = &state.counters;
-        f.push("capwatch_collector_agents_connected", &[], connected as f64);
-        f.push("capwatch_collector_nodes", &[], nodes.len() as f64);
+    let live = state.tenant_power(&tenants, now);
+    let totals = state.totals();
+    for (t, l) in tenants.all().iter().zip(&live) {
+        let labels = [("tenant", &*t.id)];
+        let tot = totals.get(&t.id).cloned().unwrap_or_default();
         f.push(
-            "capwatch_collector_samples_total",
-            &[("outcome", "accepted")],
-            c.accepted.load(Ordering::Relaxed) as f64,
+            "capwatch_tenant_power_watts",
+            &labels,
+            watts(l.power_milliwatts),
         );
         f.push(
-            "capwatch_collector_samples_total",
-            &[("outcome", "duplicate")],
-            c.duplicate.load(Ordering::Relaxed) as f64,
+            "capwatch_tenant_energy_joules_total",
+            &labels,
+            tot.energy_millijoules as f64 / 1000.0,
         );
-        for (reason, n) in REJECT_REASONS.iter().zip(&c.rejected) {
+        f.push(
+            "capwatch_tenant_gpus",
+            &[("tenant", &*t.id), ("state", "reporting")],
+            l.reporting as f64,
+        );
+        f.push(
+            "capwatch_tenant_gpus",
+            &[("tenant", &*t.id), ("state", "stale")],
+            l.stale as f64,
+        );
+        if l.utilization_n > 0 {
             f.push(
-                "capwatch_collector_samples_total",
-                &[("outcome", "rejected"), ("reason", reason.label())],
+                "capwatch_tenant_gpu_utilization_ratio",
+                &labels,
+                l.utilization_sum as f64 / l.utilization_n as f64 / 100.0,
+            );
+        }
+        // `unassigned` has no contract: no contract series for it.
+        if t.contracted_milliwatts > 0 {
+            let c = t.contracted_milliwatts;
+            f.push("capwatch_tenant_contracted_power_watts", &labels, watts(c));
+            f.push(
+                "capwatch_tenant_capacity_utilization_ratio",
+                &labels,
+                l.power_milliwatts as f64 / c as f64,
+            );
+            f.push(
+                "capwatch_tenant_headroom_watts",
+                &labels,
+                (c as f64 - l.power_milliwatts as f64) / 1000.0,
+            );
+            f.push(
+                "capwatch_tenant_over_contract_seconds_total",
+                &labels,
+                tot.over_contract_nanos as f64 / 1e9,
+            );
+        }
+    }
+
+    let c = &state.counters;
+    f.push("capwatch_collector_agents_connected", &[], connected as f64);
+    f.push("capwatch_collector_nodes", &[], nodes.len() as f64);
+    f.push(
+        "capwatch_collector_samples_total",
+        &[("outcome", "accepted")],
+        c.accepted.load(Ordering::Relaxed) as f64,
+    );
+    f.push(
+        "capwatch_collector_samples_total",
+        &[("outcome", "duplicate")],
+        c.duplicate.load(Ordering::Relaxed) as f64,
+    );
+    for (reason, n) in REJECT_REASONS.iter().zip(&c.rejected) {
+        f.push(
+            "capwatch_collector_samples_total",
+            &[("outcome", "rejected"), ("reason", reason.label())],
+            n.load(Ordering::Relaxed) as f64,
+        );
+    }
+    f.push(
+        "capwatch_collector_streams_refused_total",
+        &[],
+        c.streams_refused.load(Ordering::Relaxed) as f64,
+    );
+    f.results(
+        "capwatch_collector_tenant_reloads_total",
+        &c.reloads_ok,
+        &c.reloads_failed,
+    );
+    f.results(
+        "capwatch_collector_ledger_commits_total",
+        &c.commits_ok,
+        &c.commits_failed,
+    );
+    f.push(
+        "capwatch_collector_ledger_commit_seconds_total",
+        &[],
+        c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
+    );
+    for (surface, counts) in AUTH_SURFACES.iter().zip(&c.auth_refused) {
+        for (reason, n) in AUTH_REASONS.iter().zip(counts) {
+            f.push(
+                "capwatch_collector_auth_refused_total",
+                &[("surface", surface), ("reason", reason)],
                 n.load(Ordering::Relaxed) as f64,
             );
         }
-        f.push(
-            "capwatch_collector_streams_refused_total",
-            &[],
-            c.streams_refused.load(Ordering::Relaxed) as f64,
-        );
-        f.results(
-            "capwatch_collector_tenant_reloads_total",
-            &c.reloads_ok,
-            &c.reloads_failed,
-        );
-        f.results(
-            "capwatch_collector_ledger_commits_total",
-            &c.commits_ok,
-            &c.commits_failed,
-        );
-        f.push(
-            "capwatch_collector_ledger_commit_seconds_total",
-            &[],
-            c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
-        );
-        for (surface, counts) in AUTH_SURFACES.iter().zip(&c.auth_refused) {
-            for (reason, n) in AUTH_REASONS.iter().zip(counts) {
-                f.push(
-                    "capwatch_collector_auth_refused_total",
-                    &[("surface", surface), ("reason", reason)],
-                    n.load(Ordering::Relaxed) as f64,
-                );
-            }
-        }
-        f.results(
-            "capwatch_collector_ledger_compactions_total",
-            &c.compactions_ok,
-            &c.compactions_failed,
-        );
-        f.push(
-            "capwatch_collector_build_info",
-            &[("version", crate::VERSION)],
-            1.0,
-        );
     }
+    f.results(
+        "capwatch_collector_ledger_compactions_total",
+        &c.compactions_ok,
+        &c.compactions_failed,
+    );
+    f.push(
+        "capwatch_collector_build_info",
+        &[("version", crate::VERSION)],
+        1.0,
+    );
 }
 
 /// The registry `/metrics` renders: the fleet plus anything registered later.

@@ -401,6 +401,18 @@ impl Node {
         configured.unwrap_or(self.interval * 3)
     }
 
+    /// How long since the node's last sample arrived; `None` before the
+    /// first.
+    pub fn silent_for(&self, now: Instant) -> Option<Duration> {
+        self.last_receipt.map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Whether samples arrive from the node: its last one is at most
+    /// `window` old (`capwatch_node_up`, the status page's stale nodes).
+    pub fn up(&self, now: Instant, window: Duration) -> bool {
+        self.silent_for(now).is_some_and(|d| d <= window)
+    }
+
     fn attribute(&mut self, tenants: &Tenants) {
         let all = tenants.all();
         for g in &mut self.gpus {

@@ -52,13 +52,10 @@ pub async fn page(Extract(s): Extract<HttpState>) -> Response {
         .filter_map(|node| {
             let n = lock(node);
             let window = n.stale_window(s.state.config().stale_after);
-            let silent = n.last_receipt.map(|t| now.saturating_duration_since(t));
-            // The same rule as capwatch_node_up.
-            let up = silent.is_some_and(|d| d <= window);
-            (!up).then(|| StaleNode {
+            (!n.up(now, window)).then(|| StaleNode {
                 id: n.id.to_string(),
                 tenant: n.tenant.to_string(),
-                silent_seconds: silent.map(|d| d.as_secs()),
+                silent_seconds: n.silent_for(now).map(|d| d.as_secs()),
             })
         })
         .collect();
