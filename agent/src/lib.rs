@@ -52,12 +52,10 @@ pub enum AgentError {
 /// The token to present: from `token_file`, else `CAPWATCH_TOKEN`.
 fn load_token(cfg: &Config) -> Result<Option<MetadataValue<Ascii>>, AgentError> {
     let token = match &cfg.token_file {
-        Some(path) => {
-            warn_if_readable_by_others(path);
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| AgentError::Token(format!("reading {}: {e}", path.display())))?;
-            Some(text.trim().to_string())
-        }
+        Some(path) => Some(
+            capwatch_common::read_token(path, "token_file")
+                .map_err(|e| AgentError::Token(format!("reading {}: {e}", path.display())))?,
+        ),
         None => std::env::var("CAPWATCH_TOKEN").ok(),
     };
     let Some(token) = token else { return Ok(None) };
@@ -73,15 +71,6 @@ fn load_token(cfg: &Config) -> Result<Option<MetadataValue<Ascii>>, AgentError> 
     Ok(Some(value))
 }
 
-fn warn_if_readable_by_others(path: &std::path::Path) {
-    use std::os::unix::fs::PermissionsExt;
-    if let Ok(meta) = std::fs::metadata(path)
-        && meta.permissions().mode() & 0o027 != 0
-    {
-        warn!(file = %path.display(), "file holding secrets is readable by others or writable by its group; chmod 600 (or 640 for a dedicated group) it");
-    }
-}
-
 /// The client's TLS settings for an `https://` collector.
 fn client_tls(cfg: &Config) -> Result<Option<ClientTlsConfig>, AgentError> {
     let Some(ca) = &cfg.tls_ca else {
@@ -92,7 +81,7 @@ fn client_tls(cfg: &Config) -> Result<Option<ClientTlsConfig>, AgentError> {
     };
     let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
     if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
-        warn_if_readable_by_others(key);
+        capwatch_common::warn_if_exposed(key, "tls_key");
         tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
     if let Some(domain) = &cfg.tls_domain {

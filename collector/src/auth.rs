@@ -8,7 +8,6 @@
 //! never logged; the file may hold a token or only its digest.
 
 use std::collections::BTreeSet;
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
@@ -16,7 +15,6 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tracing::warn;
 
 use crate::config::ConfigError;
 
@@ -149,7 +147,7 @@ pub fn bearer(header: Option<&str>) -> Option<&str> {
 impl Auth {
     /// Reads the auth file at `path`; warns when others may read it.
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        warn_if_readable_by_others(path, "auth_file");
+        capwatch_common::warn_if_exposed(path, "auth_file");
         let bad = |reason: String| ConfigError::Invalid {
             setting: "auth_file",
             reason: format!("{}: {reason}", path.display()),
@@ -280,23 +278,6 @@ fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
         *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
     }
     Some(out)
-}
-
-/// Logs a warning when a file holding secrets is accessible to others or
-/// writable by its group (read access for a dedicated group, as Kubernetes
-/// gives Secret volumes with `fsGroup`, is fine).
-pub fn warn_if_readable_by_others(path: &Path, setting: &str) {
-    if let Ok(meta) = std::fs::metadata(path) {
-        let mode = meta.permissions().mode();
-        if mode & 0o027 != 0 {
-            warn!(
-                file = %path.display(),
-                setting,
-                mode = format!("{:o}", mode & 0o777),
-                "file holding secrets is readable by others or writable by its group; chmod 600 (or 640 for a dedicated group) it"
-            );
-        }
-    }
 }
 
 #[cfg(test)]

@@ -83,7 +83,7 @@ fn server_tls(cfg: &Config) -> Result<Option<tonic::transport::ServerTlsConfig>,
         std::fs::read(path)
             .map_err(|e| CollectorError::Tls(format!("reading {}: {e}", path.display())))
     };
-    auth::warn_if_readable_by_others(key, "tls_key");
+    capwatch_common::warn_if_exposed(key, "tls_key");
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(
         tonic::transport::Identity::from_pem(read(cert)?, read(key)?),
     );

@@ -119,10 +119,8 @@ fn usage_command(
         let wire = if format == Format::Csv { "csv" } else { "json" };
         let token = match token_file {
             Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .with_context(|| format!("reading {}", p.display()))?
-                    .trim()
-                    .to_string(),
+                capwatch_common::read_token(p, "--token-file")
+                    .with_context(|| format!("reading {}", p.display()))?,
             ),
             None => std::env::var("CAPWATCH_TOKEN").ok(),
         };

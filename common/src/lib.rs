@@ -62,3 +62,29 @@ pub fn shutdown_on_signals() -> std::io::Result<watch::Receiver<bool>> {
 pub async fn wait_for_shutdown(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
+
+/// Logs a warning when a file holding secrets (`setting` names it) is
+/// accessible to others or writable by its group. Read access for a
+/// dedicated group, as Kubernetes gives Secret volumes with `fsGroup`, is
+/// fine.
+pub fn warn_if_exposed(path: &std::path::Path, setting: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        let mode = meta.permissions().mode();
+        if mode & 0o027 != 0 {
+            tracing::warn!(
+                file = %path.display(),
+                setting,
+                mode = format!("{:o}", mode & 0o777),
+                "file holding secrets is readable by others or writable by its group; chmod 600 (or 640 for a dedicated group) it"
+            );
+        }
+    }
+}
+
+/// Reads a token from `path` (surrounding whitespace and the final newline
+/// dropped), warning first if the file is exposed.
+pub fn read_token(path: &std::path::Path, setting: &str) -> std::io::Result<String> {
+    warn_if_exposed(path, setting);
+    Ok(std::fs::read_to_string(path)?.trim().to_string())
+}
