@@ -307,6 +307,17 @@ fn sqlite_err(path: &Path) -> impl Fn(rusqlite::Error) -> LedgerError + Copy + '
     }
 }
 
+/// From when data of `period` (60, 3600 or 86400 s) is kept: 0 until
+/// retention first dropped some.
+fn kept_from(conn: &Connection, period: i64, path: &Path) -> Result<i64, LedgerError> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(kept_from), 0) FROM retention WHERE period = ?1",
+        [period],
+        |r| r.get(0),
+    )
+    .map_err(sqlite_err(path))
+}
+
 fn i64_of(v: u64, path: &Path, what: &'static str) -> Result<i64, LedgerError> {
     i64::try_from(v).map_err(|_| LedgerError::Range {
         path: path.to_owned(),
@@ -667,15 +678,8 @@ impl Ledger {
                         SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj)",
                 )
                 .map_err(err)?;
-            let kept = |period: i64| -> Result<i64, LedgerError> {
-                tx.query_row(
-                    "SELECT COALESCE(MAX(kept_from), 0) FROM retention WHERE period = ?1",
-                    [period],
-                    |r| r.get(0),
-                )
-                .map_err(err)
-            };
-            let (old_minutes_from, old_hours_from) = (kept(MINUTE)?, kept(HOUR)?);
+            let (old_minutes_from, old_hours_from) =
+                (kept_from(&tx, MINUTE, &p)?, kept_from(&tx, HOUR, &p)?);
             let mut days = Vec::new();
             for &h in &hours {
                 let d = h.div_euclid(DAY) * DAY;
@@ -929,17 +933,9 @@ impl Reader {
         let p = &self.path;
         let err = sqlite_err(p);
         let tx = self.conn.unchecked_transaction().map_err(err)?;
-        let kept_from = |period: i64| -> Result<i64, LedgerError> {
-            tx.query_row(
-                "SELECT COALESCE(MAX(kept_from), 0) FROM retention WHERE period = ?1",
-                [period],
-                |r| r.get(0),
-            )
-            .map_err(err)
-        };
-        let minutes_from = kept_from(MINUTE)?;
-        let hours_from = kept_from(HOUR)?.min(minutes_from);
-        let days_from = kept_from(DAY)?.min(hours_from);
+        let minutes_from = kept_from(&tx, MINUTE, p)?;
+        let hours_from = kept_from(&tx, HOUR, p)?.min(minutes_from);
+        let days_from = kept_from(&tx, DAY, p)?.min(hours_from);
         let mut spans: Vec<(String, Span)> = Vec::new();
         for (t, start, delta) in self.minutes(tenant, from.max(minutes_from), to)? {
             spans.push((
