@@ -42,6 +42,18 @@ fn write_secret(dir: &Path, name: &str, text: &str) -> String {
     path.to_str().unwrap().to_string()
 }
 
+/// Asserts that `agent` exits without delivering (a bounded run that could
+/// not deliver fails) and that its log says `why`.
+fn assert_refused(agent: &mut Agent, why: &str) {
+    let status = wait_timeout(&mut agent.child, Duration::from_secs(30));
+    assert!(
+        !status.success(),
+        "{} delivered without being allowed",
+        agent.node
+    );
+    agent.log.wait_for(why, Duration::from_secs(1));
+}
+
 /// The energy mock agent `node` reported over `SAMPLES` samples, all GPUs.
 fn node_energy(node: &str) -> u64 {
     let t = Truth::of(node, SAMPLES);
@@ -110,13 +122,7 @@ fn tokens_decide_who_may_report_and_who_may_read() {
         (spoof, "may not report for node"),
         (anonymous, "agent token: no bearer token"),
     ] {
-        let status = wait_timeout(&mut agent.child, Duration::from_secs(30));
-        assert!(
-            !status.success(),
-            "{} delivered without being allowed",
-            agent.node
-        );
-        agent.log.wait_for(why, Duration::from_secs(1));
+        assert_refused(&mut agent, why);
     }
 
     // /metrics: admin only.
@@ -470,13 +476,7 @@ fn tls_and_mutual_tls_with_generated_certificates() {
         })
         .collect();
     for (mut agent, why) in started {
-        let status = wait_timeout(&mut agent.child, Duration::from_secs(30));
-        assert!(
-            !status.success(),
-            "{} delivered without being allowed",
-            agent.node
-        );
-        agent.log.wait_for(why, Duration::from_secs(1));
+        assert_refused(&mut agent, why);
     }
     let m = collector.metrics();
     assert!(
@@ -516,11 +516,7 @@ fn tls_and_mutual_tls_with_generated_certificates() {
         SAMPLES,
         &agent_config("a-7", &server_ca_pem, None),
     );
-    let status = wait_timeout(&mut agent.child, Duration::from_secs(30));
-    assert!(!status.success());
-    agent
-        .log
-        .wait_for("certificate expired", Duration::from_secs(1));
+    assert_refused(&mut agent, "certificate expired");
     assert!(
         collector
             .metrics()
