@@ -9,7 +9,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinSet;
@@ -22,6 +22,7 @@ use crate::source::GpuSource;
 use crate::source::mock::{MockConfig, MockSource, Model, Profile};
 use crate::spool::Spool;
 use crate::stream::{self, Shared, StreamConfig};
+use crate::unix_nanos;
 
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -57,12 +58,6 @@ struct Node {
     source: MockSource,
     shared: Arc<Shared>,
     seq: u64,
-}
-
-fn unix_nanos(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Totals over the fleet's shared state.

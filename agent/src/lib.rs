@@ -124,7 +124,7 @@ pub fn node_id(cfg: &Config) -> Result<String, AgentError> {
     host::Host::hostname().ok_or(AgentError::NoNodeId)
 }
 
-fn unix_nanos(t: SystemTime) -> i64 {
+pub(crate) fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)

@@ -17,11 +17,12 @@ use axum::response::{IntoResponse, Response};
 use tracing::error;
 
 use crate::http::HttpState;
+use crate::ledger::DAY;
 use crate::state::lock;
+use crate::usage::{now_unix, rfc3339};
 
 /// How often the page reloads itself, seconds.
 const REFRESH_SECONDS: u32 = 5;
-const DAY_SECONDS: i64 = 86_400;
 
 /// One tenant's row.
 struct Row {
@@ -61,8 +62,8 @@ pub async fn page(Extract(s): Extract<HttpState>) -> Response {
         .collect();
     stale_nodes.sort_by(|a, b| a.id.cmp(&b.id));
 
-    let today = unix_seconds_now().div_euclid(DAY_SECONDS) * DAY_SECONDS;
-    let (energy_today, ledger_error) = energy_between(&s, today, today + DAY_SECONDS).await;
+    let today = now_unix().div_euclid(DAY) * DAY;
+    let (energy_today, ledger_error) = energy_between(&s, today, today + DAY).await;
 
     let rows: Vec<Row> = tenants
         .all()
@@ -121,12 +122,6 @@ async fn energy_between(
     }
 }
 
-fn unix_seconds_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// Escapes text for HTML element content and quoted attribute values.
 pub fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -141,10 +136,6 @@ pub fn escape(s: &str) -> String {
         }
     }
     out
-}
-
-fn rfc3339(unix_seconds: i64) -> String {
-    jiff::Timestamp::from_second(unix_seconds).map_or_else(|_| String::new(), |t| t.to_string())
 }
 
 fn kw(watts: f64) -> String {
@@ -171,7 +162,7 @@ fn render(
     let usage_link = format!(
         "/v1/usage?from={}&amp;to={}&amp;step=1h",
         escape(&rfc3339(today)),
-        escape(&rfc3339(today + DAY_SECONDS))
+        escape(&rfc3339(today + DAY))
     );
     // Writing to a String cannot fail.
     let _ = write!(

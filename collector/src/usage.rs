@@ -486,9 +486,9 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
+/// `unix` (clamped at 1970) as RFC 3339 in UTC, `Z` and whole seconds.
 pub fn rfc3339(unix: i64) -> String {
-    let t = UNIX_EPOCH + Duration::from_secs(u64::try_from(unix).unwrap_or(0));
-    humantime::format_rfc3339_seconds(t).to_string()
+    Zone::utc().format(unix.max(0))
 }
 
 pub fn now_unix() -> i64 {
