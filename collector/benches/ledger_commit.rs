@@ -289,7 +289,7 @@ impl Rows {
     fn of(c: &Commit) -> Self {
         Rows {
             nodes: c.nodes.len(),
-            gpus: c.gpus.len(),
+            gpus: c.nodes.values().map(|n| n.gpus.len()).sum(),
             buckets: c.buckets.len(),
             tenants: c.tenant_energy.len(),
         }

@@ -3,8 +3,8 @@
 //! counting exactly-once across crashes.
 //!
 //! *Invariant:* one transaction writes the bucket deltas of a set of
-//! samples, every node's highest accepted (epoch, seq) and every GPU's last
-//! counter reading. The collector acks a sample only after the transaction
+//! samples, every node's highest accepted (epoch, seq) and the last counter
+//! reading of each of its GPUs (one row per node). The collector acks a sample only after the transaction
 //! holding it has committed, so after a crash at any moment the ledger and
 //! the cursors agree: samples not committed were not acked and are re-sent;
 //! samples committed are duplicates when re-sent.
@@ -13,12 +13,20 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rusqlite::{Connection, params};
+use prost::Message;
+use rusqlite::{Connection, Transaction, params};
+
+/// A schema migration: SQL, or code for what SQL cannot express.
+enum Migration {
+    Sql(&'static str),
+    Code(fn(&Transaction) -> rusqlite::Result<()>),
+}
 
 /// Schema migrations, applied in order; the index is the version reached.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: cursors, minute buckets and tenant totals.
-    "CREATE TABLE node_cursor (
+    Migration::Sql(
+        "CREATE TABLE node_cursor (
         node TEXT PRIMARY KEY,
         epoch INTEGER NOT NULL,
         last_seq INTEGER NOT NULL
@@ -45,19 +53,25 @@ const MIGRATIONS: &[&str] = &[
         tenant TEXT PRIMARY KEY,
         energy_mj INTEGER NOT NULL
      ) WITHOUT ROWID;",
+    ),
     // 2: coverage, estimated energy and contract overage.
-    "ALTER TABLE usage_minute ADD COLUMN expected_gpu_ns INTEGER NOT NULL DEFAULT 0;
+    Migration::Sql(
+        "ALTER TABLE usage_minute ADD COLUMN expected_gpu_ns INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage_minute ADD COLUMN estimated_mj INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage_minute ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage_minute ADD COLUMN overage_mj INTEGER NOT NULL DEFAULT 0;",
+    ),
     // 3: usage queries read by time.
-    "CREATE INDEX usage_minute_by_time ON usage_minute (minute_start, tenant);",
+    Migration::Sql("CREATE INDEX usage_minute_by_time ON usage_minute (minute_start, tenant);"),
     // 4: over-contract time per tenant, so the counter survives restarts.
-    "ALTER TABLE tenant_total ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;",
+    Migration::Sql(
+        "ALTER TABLE tenant_total ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;",
+    ),
     // 5: hourly and daily rollups (per tenant and node, plus each tenant's
     // peak quarter-hour), the hours whose minutes changed since they were
     // rolled up, and how far back each granularity is kept.
-    "CREATE TABLE usage_rollup (
+    Migration::Sql(
+        "CREATE TABLE usage_rollup (
         period INTEGER NOT NULL,
         start INTEGER NOT NULL,
         tenant TEXT NOT NULL,
@@ -86,7 +100,70 @@ const MIGRATIONS: &[&str] = &[
      ) WITHOUT ROWID;
      INSERT OR IGNORE INTO rollup_pending
         SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;",
+    ),
+    // 6: a node's GPU cursors move into its node_cursor row, so that a
+    // commit writes one row per node instead of one per GPU.
+    Migration::Code(gpu_cursors_into_nodes),
 ];
+
+/// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
+fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
+    tx.execute_batch("ALTER TABLE node_cursor ADD COLUMN gpus BLOB NOT NULL DEFAULT x'';")?;
+    let mut by_node: HashMap<String, Vec<StoredGpu>> = HashMap::new();
+    {
+        let unsigned = |i: usize, v: i64| {
+            u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(i, v))
+        };
+        let mut q = tx.prepare(
+            "SELECT uuid, node, last_counter_mj, last_timestamp_ns, remainder_mw_ns, energy_mj
+             FROM gpu_cursor ORDER BY node, uuid",
+        )?;
+        let mut rows = q.query([])?;
+        while let Some(r) = rows.next()? {
+            let gpu = StoredGpu {
+                uuid: r.get(0)?,
+                last_counter_mj: r
+                    .get::<_, Option<i64>>(2)?
+                    .map(|v| unsigned(2, v))
+                    .transpose()?,
+                last_timestamp_ns: r.get(3)?,
+                remainder_mw_ns: unsigned(4, r.get(4)?)?,
+                energy_mj: unsigned(5, r.get(5)?)?,
+            };
+            by_node.entry(r.get(1)?).or_default().push(gpu);
+        }
+    }
+    let mut put = tx.prepare(
+        "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES (?1, 0, 0, ?2)
+         ON CONFLICT (node) DO UPDATE SET gpus = ?2",
+    )?;
+    for (node, gpus) in by_node {
+        put.execute(params![node, StoredGpus { gpus }.encode_to_vec()])?;
+    }
+    tx.execute_batch("DROP TABLE gpu_cursor;")
+}
+
+/// How a node's GPU cursors are stored (`node_cursor.gpus`): protobuf, so
+/// that a later version can add fields and still read older rows.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredGpus {
+    #[prost(message, repeated, tag = "1")]
+    gpus: Vec<StoredGpu>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredGpu {
+    #[prost(string, tag = "1")]
+    uuid: String,
+    #[prost(uint64, optional, tag = "2")]
+    last_counter_mj: Option<u64>,
+    #[prost(sint64, optional, tag = "3")]
+    last_timestamp_ns: Option<i64>,
+    #[prost(uint64, tag = "4")]
+    remainder_mw_ns: u64,
+    #[prost(uint64, tag = "5")]
+    energy_mj: u64,
+}
 
 /// Most hours one compaction rolls up, so that a long backlog (the first
 /// round on a ledger from before rollups) does not hold the ledger, and
@@ -156,7 +233,6 @@ pub enum LedgerError {
 /// A GPU's counting state, as committed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GpuCursor {
-    pub node: Arc<str>,
     pub last_counter_mj: Option<u64>,
     pub last_timestamp_ns: Option<i64>,
     pub remainder_mw_ns: u64,
@@ -251,11 +327,21 @@ impl BucketDelta {
 /// Bucket key: (tenant, node, minute start in Unix seconds).
 pub type BucketKey = (Arc<str>, Arc<str>, i64);
 
+/// What the ledger keeps per node: the highest (epoch, seq) accepted and
+/// the counting state of each of its GPUs (by UUID), those it announced
+/// last and those that left it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeCursor {
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub gpus: Vec<(Arc<str>, GpuCursor)>,
+}
+
 /// Everything one transaction writes.
 #[derive(Debug, Default)]
 pub struct Commit {
-    pub nodes: HashMap<Arc<str>, (u64, u64)>,
-    pub gpus: HashMap<Arc<str>, GpuCursor>,
+    /// Each node's latest cursor, complete: a later one replaces it.
+    pub nodes: HashMap<Arc<str>, NodeCursor>,
     pub buckets: HashMap<BucketKey, BucketDelta>,
     pub tenant_energy: HashMap<Arc<str>, u64>,
     pub tenant_over_contract_ns: HashMap<Arc<str>, u64>,
@@ -263,14 +349,13 @@ pub struct Commit {
 
 impl Commit {
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty() && self.gpus.is_empty() && self.buckets.is_empty()
+        self.nodes.is_empty() && self.buckets.is_empty()
     }
 
     /// Folds a later commit into this one (used when a commit failed and
     /// is retried together with what arrived since).
     pub fn absorb(&mut self, later: Commit) {
         self.nodes.extend(later.nodes);
-        self.gpus.extend(later.gpus);
         for (k, d) in later.buckets {
             self.buckets.entry(k).or_default().add(&d);
         }
@@ -286,8 +371,7 @@ impl Commit {
 /// What the ledger holds at start-up.
 #[derive(Debug, Default)]
 pub struct Snapshot {
-    pub nodes: Vec<(String, u64, u64)>,
-    pub gpus: Vec<(String, GpuCursor)>,
+    pub nodes: Vec<(String, NodeCursor)>,
     pub tenant_energy: Vec<(String, u64)>,
     pub tenant_over_contract_ns: Vec<(String, u64)>,
 }
@@ -384,9 +468,13 @@ impl Ledger {
                 known: MIGRATIONS.len(),
             });
         }
-        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
             let tx = conn.transaction().map_err(err)?;
-            tx.execute_batch(sql).map_err(err)?;
+            match m {
+                Migration::Sql(sql) => tx.execute_batch(sql),
+                Migration::Code(f) => f(&tx),
+            }
+            .map_err(err)?;
             tx.pragma_update(None, "user_version", (i + 1) as i64)
                 .map_err(err)?;
             tx.commit().map_err(err)?;
@@ -413,44 +501,44 @@ impl Ledger {
         let p = &self.path;
         let err = sqlite_err(p);
         let mut snap = Snapshot::default();
-        let rows = self.name_and_two_counts("SELECT node, epoch, last_seq FROM node_cursor")?;
-        for (node, epoch, seq) in rows {
-            snap.nodes.push((
-                node,
-                u64_of(epoch, p, "epoch")?,
-                u64_of(seq, p, "last_seq")?,
-            ));
-        }
         let mut q = self
             .conn
-            .prepare(
-                "SELECT uuid, node, last_counter_mj, last_timestamp_ns, remainder_mw_ns, energy_mj FROM gpu_cursor",
+            .prepare("SELECT node, epoch, last_seq, gpus FROM node_cursor")
+            .map_err(err)?;
+        let mut rows = q.query([]).map_err(err)?;
+        while let Some(r) = rows.next().map_err(err)? {
+            let node: String = r.get(0).map_err(err)?;
+            let stored = StoredGpus::decode(
+                r.get_ref(3)
+                    .map_err(err)?
+                    .as_blob()
+                    .map_err(|e| err(e.into()))?,
             )
-            .map_err(err)?;
-        let rows = q
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, Option<i64>>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                ))
-            })
-            .map_err(err)?;
-        for row in rows {
-            let (uuid, node, counter, ts, rem, energy) = row.map_err(err)?;
-            snap.gpus.push((
-                uuid,
-                GpuCursor {
-                    node: Arc::from(node),
-                    last_counter_mj: counter
-                        .map(|c| u64_of(c, p, "last_counter_mj"))
-                        .transpose()?,
-                    last_timestamp_ns: ts,
-                    remainder_mw_ns: u64_of(rem, p, "remainder_mw_ns")?,
-                    energy_mj: u64_of(energy, p, "energy_mj")?,
+            .map_err(|_| LedgerError::Range {
+                path: p.to_owned(),
+                what: "GPU cursors",
+            })?;
+            let gpus = stored
+                .gpus
+                .into_iter()
+                .map(|g| {
+                    (
+                        Arc::from(g.uuid),
+                        GpuCursor {
+                            last_counter_mj: g.last_counter_mj,
+                            last_timestamp_ns: g.last_timestamp_ns,
+                            remainder_mw_ns: g.remainder_mw_ns,
+                            energy_mj: g.energy_mj,
+                        },
+                    )
+                })
+                .collect();
+            snap.nodes.push((
+                node,
+                NodeCursor {
+                    epoch: u64_of(r.get(1).map_err(err)?, p, "epoch")?,
+                    last_seq: u64_of(r.get(2).map_err(err)?, p, "last_seq")?,
+                    gpus,
                 },
             ));
         }
@@ -473,38 +561,34 @@ impl Ledger {
         {
             let mut node = tx
                 .prepare_cached(
-                    "INSERT INTO node_cursor (node, epoch, last_seq) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (node) DO UPDATE SET epoch = ?2, last_seq = ?3",
+                    "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (node) DO UPDATE SET epoch = ?2, last_seq = ?3, gpus = ?4",
                 )
                 .map_err(err)?;
-            for (id, (epoch, seq)) in &c.nodes {
+            let mut blob = Vec::new();
+            for (id, n) in &c.nodes {
+                let stored = StoredGpus {
+                    gpus: n
+                        .gpus
+                        .iter()
+                        .map(|(uuid, g)| StoredGpu {
+                            uuid: uuid.to_string(),
+                            last_counter_mj: g.last_counter_mj,
+                            last_timestamp_ns: g.last_timestamp_ns,
+                            remainder_mw_ns: g.remainder_mw_ns,
+                            energy_mj: g.energy_mj,
+                        })
+                        .collect(),
+                };
+                blob.clear();
+                stored
+                    .encode(&mut blob)
+                    .expect("a Vec grows to fit any message");
                 node.execute(params![
                     &**id,
-                    i64_of(*epoch, &p, "epoch")?,
-                    i64_of(*seq, &p, "last_seq")?
-                ])
-                .map_err(err)?;
-            }
-            let mut gpu = tx
-                .prepare_cached(
-                    "INSERT INTO gpu_cursor (uuid, node, last_counter_mj, last_timestamp_ns, remainder_mw_ns, energy_mj)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (uuid) DO UPDATE SET node = ?2, last_counter_mj = ?3,
-                        last_timestamp_ns = ?4, remainder_mw_ns = ?5, energy_mj = ?6",
-                )
-                .map_err(err)?;
-            for (uuid, g) in &c.gpus {
-                let counter = g
-                    .last_counter_mj
-                    .map(|v| i64_of(v, &p, "counter"))
-                    .transpose()?;
-                gpu.execute(params![
-                    &**uuid,
-                    &*g.node,
-                    counter,
-                    g.last_timestamp_ns,
-                    i64_of(g.remainder_mw_ns, &p, "remainder")?,
-                    i64_of(g.energy_mj, &p, "energy")?
+                    i64_of(n.epoch, &p, "epoch")?,
+                    i64_of(n.last_seq, &p, "last_seq")?,
+                    &blob
                 ])
                 .map_err(err)?;
             }
@@ -538,16 +622,14 @@ impl Ledger {
                 pending.execute([h]).map_err(err)?;
             }
             for ((tenant, node, minute), d) in &c.buckets {
-                let mut values: Vec<rusqlite::types::Value> = vec![
-                    tenant.to_string().into(),
-                    node.to_string().into(),
-                    (*minute).into(),
-                ];
-                for (v, name) in d.values().into_iter().zip(BUCKET_COLUMNS) {
-                    values.push(i64_of(v, &p, name)?.into());
+                let mut v = [0i64; BUCKET_COLUMNS.len()];
+                for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
+                    *slot = i64_of(x, &p, name)?;
                 }
                 bucket
-                    .execute(rusqlite::params_from_iter(values))
+                    .execute(params![
+                        &**tenant, &**node, minute, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+                    ])
                     .map_err(err)?;
             }
             let mut total = tx
@@ -1114,17 +1196,31 @@ mod tests {
         let path = dir.path().join("ledger.db");
         let mut l = Ledger::open(&path).unwrap();
         let mut c = Commit::default();
-        c.nodes.insert(Arc::from("n1"), (7, 42));
-        c.gpus.insert(
-            Arc::from("GPU-1"),
-            GpuCursor {
-                node: Arc::from("n1"),
-                last_counter_mj: Some(u64::MAX / 4),
-                last_timestamp_ns: Some(-5),
-                remainder_mw_ns: 999_999_999,
-                energy_mj: 123,
-            },
-        );
+        let n1 = NodeCursor {
+            epoch: 7,
+            last_seq: 42,
+            gpus: vec![
+                (
+                    Arc::from("GPU-1"),
+                    GpuCursor {
+                        last_counter_mj: Some(u64::MAX / 4),
+                        last_timestamp_ns: Some(-5),
+                        remainder_mw_ns: 999_999_999,
+                        energy_mj: 123,
+                    },
+                ),
+                (
+                    Arc::from("GPU-2"),
+                    GpuCursor {
+                        last_counter_mj: None,
+                        last_timestamp_ns: None,
+                        remainder_mw_ns: 0,
+                        energy_mj: 0,
+                    },
+                ),
+            ],
+        };
+        c.nodes.insert(Arc::from("n1"), n1.clone());
         let key: BucketKey = (Arc::from("t"), Arc::from("n1"), 600);
         c.buckets.insert(
             key.clone(),
@@ -1146,8 +1242,7 @@ mod tests {
         drop(l);
         let l = Ledger::open(&path).unwrap();
         let snap = l.load().unwrap();
-        assert_eq!(snap.nodes, vec![("n1".to_string(), 7, 42)]);
-        assert_eq!(snap.gpus[0].1, c.gpus[&*Arc::<str>::from("GPU-1")]);
+        assert_eq!(snap.nodes, vec![("n1".to_string(), n1)]);
         assert_eq!(snap.tenant_energy, vec![("t".to_string(), 200)]);
         assert_eq!(snap.tenant_over_contract_ns, vec![("t".to_string(), 10)]);
         let sums = l.bucket_totals("t").unwrap();
@@ -1169,6 +1264,118 @@ mod tests {
         Reader::open(&path).unwrap();
         drop(first);
         Ledger::open(&path).unwrap();
+    }
+
+    #[test]
+    fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for m in &MIGRATIONS[..5] {
+                let Migration::Sql(sql) = m else {
+                    panic!("migrations 1-5 are SQL")
+                };
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.execute_batch(
+                "INSERT INTO node_cursor VALUES ('n1', 7, 42), ('n2', 8, 9);
+                 INSERT INTO gpu_cursor VALUES
+                    ('GPU-b', 'n1', 1000, 5000, 7, 11),
+                    ('GPU-a', 'n1', NULL, NULL, 0, 0),
+                    ('GPU-c', 'n2', 9223372036854775807, -3, 999999999, 12),
+                    ('GPU-d', 'gone', 1, 2, 3, 4);
+                 INSERT INTO usage_minute VALUES ('t', 'n1', 600, 100, 5, 4, 1, 6, 7, 8, 9);
+                 PRAGMA user_version = 5;",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let l = Ledger::open(&path).unwrap();
+        let cursor = |counter, ts, rem, energy| GpuCursor {
+            last_counter_mj: counter,
+            last_timestamp_ns: ts,
+            remainder_mw_ns: rem,
+            energy_mj: energy,
+        };
+        let mut snap = l.load().unwrap();
+        snap.nodes.sort_by(|a, b| a.0.cmp(&b.0));
+        let expect = vec![
+            (
+                "gone".to_string(),
+                NodeCursor {
+                    epoch: 0,
+                    last_seq: 0,
+                    gpus: vec![(Arc::from("GPU-d"), cursor(Some(1), Some(2), 3, 4))],
+                },
+            ),
+            (
+                "n1".to_string(),
+                NodeCursor {
+                    epoch: 7,
+                    last_seq: 42,
+                    gpus: vec![
+                        (Arc::from("GPU-a"), cursor(None, None, 0, 0)),
+                        (Arc::from("GPU-b"), cursor(Some(1000), Some(5000), 7, 11)),
+                    ],
+                },
+            ),
+            (
+                "n2".to_string(),
+                NodeCursor {
+                    epoch: 8,
+                    last_seq: 9,
+                    gpus: vec![(
+                        Arc::from("GPU-c"),
+                        cursor(Some(i64::MAX as u64), Some(-3), 999_999_999, 12),
+                    )],
+                },
+            ),
+        ];
+        assert_eq!(snap.nodes, expect);
+        assert_eq!(l.bucket_totals("t").unwrap().energy_mj, 100);
+        let tables: i64 = l
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM sqlite_master WHERE name = 'gpu_cursor'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(tables, 0, "gpu_cursor is dropped");
+    }
+
+    #[test]
+    fn a_negative_counter_in_a_version_5_ledger_is_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        {
+            let mut conn = Connection::open(&path).unwrap();
+            let tx = conn.transaction().unwrap();
+            for m in &MIGRATIONS[..5] {
+                let Migration::Sql(sql) = m else {
+                    panic!("migrations 1-5 are SQL")
+                };
+                tx.execute_batch(sql).unwrap();
+            }
+            tx.execute_batch(
+                "INSERT INTO gpu_cursor VALUES ('GPU-a', 'n1', -1, 0, 0, 0);
+                 PRAGMA user_version = 5;",
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        let err = Ledger::open(&path).err().unwrap().to_string();
+        assert!(err.contains("ledger.db") && err.contains("-1"), "{err}");
+        // Nothing was half-migrated: the version and table are as before.
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, 5);
+        conn.query_row("SELECT COUNT(*) FROM gpu_cursor", [], |r| r.get::<_, i64>(0))
+            .unwrap();
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     }
     let ledger = ledger::Ledger::open(&cfg.ledger_path)?;
     let snapshot = ledger.load()?;
-    info!(ledger = %cfg.ledger_path.display(), nodes = snapshot.nodes.len(), gpus = snapshot.gpus.len(), "ledger opened");
+    info!(ledger = %cfg.ledger_path.display(), nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
     state.restore(snapshot);
 
     let grpc = TcpListener::bind(cfg.grpc_listen)

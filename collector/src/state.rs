@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use crate::auth::Auth;
-use crate::ledger::{BucketDelta, Commit, GpuCursor, Snapshot, split_by_minute};
+use crate::ledger::{BucketDelta, Commit, GpuCursor, NodeCursor, Snapshot, split_by_minute};
 use crate::model::{GpuReading, HostReading, NodeSample, Reject};
 use crate::tenants::{Tenants, UNASSIGNED};
 
@@ -214,9 +214,8 @@ impl Gpu {
     }
 
     /// The counting state the ledger keeps for this GPU.
-    fn cursor(&self, node: &Arc<str>) -> GpuCursor {
+    fn cursor(&self) -> GpuCursor {
         GpuCursor {
-            node: node.clone(),
             last_counter_mj: self.last_counter,
             last_timestamp_ns: self.last_timestamp,
             // Below one second's worth of nanoseconds by construction.
@@ -586,23 +585,21 @@ impl State {
     /// dedup, each GPU's counter for the next delta, tenant totals.
     pub fn restore(&self, snap: Snapshot) {
         let mut nodes = lock(&self.nodes);
-        for (id, epoch, last_seq) in snap.nodes {
+        for (id, cursor) in snap.nodes {
             let id: Arc<str> = Arc::from(id);
-            nodes.insert(
+            let mut node = Node::new(
                 id.clone(),
-                Arc::new(Mutex::new(Node::new(
-                    id.clone(),
-                    epoch,
-                    last_seq,
-                    Duration::from_secs(1),
-                ))),
+                cursor.epoch,
+                cursor.last_seq,
+                Duration::from_secs(1),
             );
-        }
-        for (uuid, cursor) in &snap.gpus {
-            if let Some(node) = nodes.get(&cursor.node) {
-                // Resumed GPUs wait among the departed until the Hello.
-                lock(node).departed.push(Gpu::resumed(uuid, cursor));
-            }
+            // Resumed GPUs wait among the departed until the Hello.
+            node.departed = cursor
+                .gpus
+                .iter()
+                .map(|(uuid, c)| Gpu::resumed(uuid, c))
+                .collect();
+            nodes.insert(id, Arc::new(Mutex::new(node)));
         }
         drop(nodes);
         let mut totals = lock(&self.totals);
@@ -825,7 +822,6 @@ impl State {
         let mut out = BatchOutcome::default();
         let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
         let mut booked = Commit::default();
-        let mut touched = vec![];
         {
             let mut n = lock(&h.node);
             let window = n.stale_window(self.cfg.stale_after);
@@ -885,7 +881,6 @@ impl State {
                             None => energy.push((gpu.tenant.clone(), added)),
                         }
                     }
-                    touched.push(i);
                 }
                 out.accepted += 1;
             }
@@ -901,14 +896,22 @@ impl State {
             }
             out.acked_seq = n.last_seq;
             // Into the next ledger commit, under the node's lock so that
-            // cursors and deltas of this node are written in order.
-            touched.sort_unstable();
-            touched.dedup();
-            booked.nodes.insert(node_id.clone(), (n.epoch, n.last_seq));
-            for i in touched {
-                let g = &n.gpus[i];
-                booked.gpus.insert(g.uuid.clone(), g.cursor(&node_id));
-            }
+            // cursors and deltas of this node are written in order. The
+            // node's cursor is complete (GPUs that left it too): it
+            // replaces the one an earlier batch put there.
+            booked.nodes.insert(
+                node_id.clone(),
+                NodeCursor {
+                    epoch: n.epoch,
+                    last_seq: n.last_seq,
+                    gpus: n
+                        .gpus
+                        .iter()
+                        .chain(&n.departed)
+                        .map(|g| (g.uuid.clone(), g.cursor()))
+                        .collect(),
+                },
+            );
             let mut pending = lock(&self.pending);
             pending.commit.absorb(booked);
             out.commit_id = pending.id;
