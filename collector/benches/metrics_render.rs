@@ -12,6 +12,7 @@
 //! ```text
 //! cargo bench -p capwatch-collector --bench metrics_render
 //! cargo bench -p capwatch-collector --bench metrics_render -- --gpus 100000 --runs 9
+//! cargo bench -p capwatch-collector --bench metrics_render -- --gpus 100000 --level tenant
 //! ```
 
 use std::sync::Arc;
@@ -107,13 +108,15 @@ fn fleet(gpus: usize) -> Arc<State> {
 fn main() {
     let mut sizes = vec![1_000usize, 10_000, 100_000];
     let mut runs = 5usize;
+    let mut level: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         match a.as_str() {
             "--bench" => {}
             "--gpus" => sizes = vec![args.next().and_then(|v| v.parse().ok()).expect("--gpus N")],
             "--runs" => runs = args.next().and_then(|v| v.parse().ok()).expect("--runs N"),
-            other => panic!("unknown argument {other:?}; use --gpus N --runs N"),
+            "--level" => level = Some(args.next().expect("--level gpu|node|tenant")),
+            other => panic!("unknown argument {other:?}; use --gpus N --runs N --level L"),
         }
     }
     println!("gpus\tlevel\tdirect_median_ms\tdirect_min_ms\tencoder_median_ms\tbytes\tseries");
@@ -136,6 +139,9 @@ fn main() {
                 },
             ),
         ] {
+            if level.as_deref().is_some_and(|l| l != label) {
+                continue;
+            }
             let median = |f: &mut dyn FnMut() -> String| {
                 let mut times = Vec::with_capacity(runs);
                 let mut body = String::new();

@@ -474,15 +474,14 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     let gpu_temp = family("capwatch_gpu_temperature_celsius");
     let gpu_clock = family("capwatch_gpu_sm_clock_hertz");
     let gpu_limit = family("capwatch_gpu_power_limit_watts");
-    let mut connected = 0u64;
-    let nodes = state.nodes();
+    // Tenant level only: nothing to say per node.
+    let nodes = if detail.nodes || per_gpu {
+        state.nodes()
+    } else {
+        Vec::new()
+    };
     for node in &nodes {
         let n = lock(node);
-        connected += u64::from(n.connected);
-        if !detail.nodes && !per_gpu {
-            // Tenant level only: nothing else to say per node.
-            continue;
-        }
         let window = n.stale_window(state.config().stale_after);
         let node_labels = [("tenant", &*n.tenant), ("node", &*n.id)];
         let up = n.up(now, window);
@@ -512,15 +511,19 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                 }
             }
         }
-        let mut node_power = 0u64;
+        if detail.nodes {
+            let mut node_power = 0u64;
+            n.live(now, window, |_, part| {
+                node_power = node_power.saturating_add(part.power_milliwatts);
+            });
+            f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
+        }
+        if !per_gpu {
+            continue;
+        }
         for g in &n.gpus {
             let fresh = g.fresh(now, window);
             let reading = g.last.as_ref().filter(|_| fresh);
-            node_power =
-                node_power.saturating_add(reading.and_then(|r| r.power_milliwatts).unwrap_or(0));
-            if !per_gpu {
-                continue;
-            }
             let labels = [
                 ("tenant", &*g.tenant),
                 ("node", &*n.id),
@@ -561,9 +564,6 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             if let Some(l) = limit {
                 f.push_at(gpu_limit, &labels, watts(l));
             }
-        }
-        if detail.nodes {
-            f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
         }
     }
 
@@ -622,8 +622,12 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     }
 
     let c = &state.counters;
-    f.push("capwatch_collector_agents_connected", &[], connected as f64);
-    f.push("capwatch_collector_nodes", &[], nodes.len() as f64);
+    f.push(
+        "capwatch_collector_agents_connected",
+        &[],
+        state.connected() as f64,
+    );
+    f.push("capwatch_collector_nodes", &[], state.node_count() as f64);
     f.push(
         "capwatch_collector_samples_total",
         &[("outcome", "accepted")],

@@ -348,20 +348,32 @@ impl Gpu {
     }
 }
 
+/// Fields in declaration order (`repr(C)`): what a tenant-level scrape
+/// reads of every node comes first, so that with the lock word it lies in
+/// the first two cache lines of the allocation.
 #[derive(Debug)]
+#[repr(C)]
 pub struct Node {
+    /// Whether `live` may be read; false when some GPU's freshness differs
+    /// from the node's (see `Node::summarize`).
+    live_valid: bool,
+    pub last_receipt: Option<Instant>,
+    pub interval: Duration,
+    /// What the node's GPUs add to each tenant's live figures while the
+    /// node is up, computed once per batch: the first tenant inline, any
+    /// others in `live_rest`.
+    live_first: Option<(Arc<str>, TenantLive)>,
+    live_rest: Vec<(Arc<str>, TenantLive)>,
     pub id: Arc<str>,
     /// Tenant label of the node as a whole: the tenant of all its GPUs when
     /// they agree, else the tenant leasing the node by name.
     pub tenant: Arc<str>,
     pub agent_version: String,
-    pub interval: Duration,
     pub epoch: u64,
     pub last_seq: u64,
     generation: u64,
     pub connected: bool,
     pub samples_accepted: u64,
-    pub last_receipt: Option<Instant>,
     pub last_timestamp: i64,
     pub host: Option<HostReading>,
     pub gpus: Vec<Gpu>,
@@ -392,6 +404,9 @@ impl Node {
             gpus: Vec::new(),
             departed: Vec::new(),
             last_commit_id: 0,
+            live_valid: true,
+            live_first: None,
+            live_rest: Vec::new(),
         }
     }
 
@@ -423,6 +438,94 @@ impl Node {
             }
             _ => all[tenants.attribute_node(&self.id)].id.clone(),
         };
+        self.summarize();
+    }
+
+    /// Sums the GPUs into `live`, per tenant, for a tenant-level scrape
+    /// that then reads one entry per node instead of walking every GPU.
+    ///
+    /// *Invariant:* equal to `walk_live` at any later moment until the
+    /// node's GPUs change (after which this runs again). It holds because
+    /// every GPU that counts as reporting here was last heard at the
+    /// node's last receipt, so it is fresh exactly when the node is up; a
+    /// GPU last heard earlier (left out of later samples) would go stale
+    /// at its own moment, and then there is no summary.
+    fn summarize(&mut self) {
+        let at = self.last_receipt;
+        self.live_first = None;
+        self.live_rest.clear();
+        self.live_valid = false;
+        for g in &self.gpus {
+            let reading = g.last.as_ref().filter(|r| !r.lost);
+            let one = match (g.last_receipt, reading) {
+                (Some(t), Some(r)) if Some(t) == at => TenantLive::of(r),
+                (Some(_), Some(_)) => return,
+                _ => TenantLive {
+                    stale: 1,
+                    ..TenantLive::default()
+                },
+            };
+            match &mut self.live_first {
+                Some((t, p)) if Arc::ptr_eq(t, &g.tenant) => p.add(&one),
+                None => self.live_first = Some((g.tenant.clone(), one)),
+                Some(_) => match self
+                    .live_rest
+                    .iter_mut()
+                    .find(|(t, _)| Arc::ptr_eq(t, &g.tenant))
+                {
+                    Some((_, p)) => p.add(&one),
+                    None => self.live_rest.push((g.tenant.clone(), one)),
+                },
+            }
+        }
+        self.live_valid = true;
+    }
+
+    /// Calls `add` with what the node's GPUs add to each tenant's live
+    /// figures at `now`: from the summary when there is one, else GPU by
+    /// GPU.
+    pub fn live(
+        &self,
+        now: Instant,
+        window: Duration,
+        mut add: impl FnMut(&Arc<str>, &TenantLive),
+    ) {
+        if !self.live_valid {
+            return self.walk_live(now, window, add);
+        }
+        let up = self.up(now, window);
+        for (tenant, part) in self.live_first.iter().chain(&self.live_rest) {
+            if up {
+                add(tenant, part);
+            } else {
+                add(
+                    tenant,
+                    &TenantLive {
+                        stale: part.reporting + part.stale,
+                        ..TenantLive::default()
+                    },
+                );
+            }
+        }
+    }
+
+    /// `live`, GPU by GPU.
+    fn walk_live(
+        &self,
+        now: Instant,
+        window: Duration,
+        mut add: impl FnMut(&Arc<str>, &TenantLive),
+    ) {
+        for g in &self.gpus {
+            let one = match &g.last {
+                Some(r) if g.fresh(now, window) => TenantLive::of(r),
+                _ => TenantLive {
+                    stale: 1,
+                    ..TenantLive::default()
+                },
+            };
+            add(&g.tenant, &one);
+        }
     }
 }
 
@@ -542,6 +645,8 @@ pub struct State {
     auth: RwLock<Arc<Auth>>,
     nodes: Mutex<HashMap<Arc<str>, Arc<Mutex<Node>>>>,
     totals: Mutex<HashMap<Arc<str>, TenantTotals>>,
+    /// Nodes with a stream now (`Node::connected`).
+    connected: AtomicU64,
     next_generation: AtomicU64,
     /// What the next ledger commit will write.
     pending: Mutex<Pending>,
@@ -563,6 +668,7 @@ impl State {
             auth: RwLock::new(Arc::new(Auth::default())),
             nodes: Mutex::new(HashMap::new()),
             totals: Mutex::new(HashMap::new()),
+            connected: AtomicU64::new(0),
             next_generation: AtomicU64::new(1),
             pending: Mutex::new(Pending {
                 id: 1,
@@ -640,6 +746,16 @@ impl State {
     /// Every node, for rendering.
     pub fn nodes(&self) -> Vec<Arc<Mutex<Node>>> {
         lock(&self.nodes).values().cloned().collect()
+    }
+
+    /// How many nodes the collector knows.
+    pub fn node_count(&self) -> usize {
+        lock(&self.nodes).len()
+    }
+
+    /// How many nodes have a stream now.
+    pub fn connected(&self) -> u64 {
+        self.connected.load(Ordering::Relaxed)
     }
 
     pub fn totals(&self) -> HashMap<Arc<str>, TenantTotals> {
@@ -786,6 +902,9 @@ impl State {
             n.agent_version = hello.agent_version;
             n.interval = hello.interval;
             n.generation = generation;
+            if !n.connected {
+                self.connected.fetch_add(1, Ordering::Relaxed);
+            }
             n.connected = true;
             n.last_seq
         };
@@ -805,8 +924,9 @@ impl State {
     /// Marks the node disconnected if `h` still owns it.
     pub fn disconnect(&self, h: &StreamHandle) {
         let mut n = lock(&h.node);
-        if n.generation == h.generation {
+        if n.generation == h.generation && n.connected {
             n.connected = false;
+            self.connected.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -895,6 +1015,9 @@ impl State {
                 n.last_seq = n.last_seq.max(max);
             }
             out.acked_seq = n.last_seq;
+            if out.accepted > 0 {
+                n.summarize();
+            }
             // Into the next ledger commit, under the node's lock so that
             // cursors and deltas of this node are written in order. The
             // node's cursor is complete (GPUs that left it too): it
@@ -950,40 +1073,28 @@ impl State {
             .map(|(i, t)| (&*t.id, i))
             .collect();
         // GPUs of a node mostly share their tenant: the last lookup is
-        // reused while the tenant is the same `Arc`, so a scrape of 100,000
-        // GPUs hashes about one tenant id per node, not one per GPU.
+        // reused while the tenant is the same `Arc`, so a scrape hashes
+        // about one tenant id per node.
         let mut last: Option<(Arc<str>, usize)> = None;
         for node in self.nodes() {
             let n = lock(&node);
             let window = n.stale_window(self.cfg.stale_after);
-            for g in &n.gpus {
+            n.live(now, window, |tenant, part| {
                 // A GPU attributed under an older tenant file counts as
                 // unassigned until its node reports again.
                 let t = match &last {
-                    Some((tenant, i)) if Arc::ptr_eq(tenant, &g.tenant) => *i,
+                    Some((known, i)) if Arc::ptr_eq(known, tenant) => *i,
                     _ => {
                         let i = index
-                            .get(&*g.tenant)
+                            .get(&**tenant)
                             .copied()
                             .unwrap_or(tenants.unassigned());
-                        last = Some((g.tenant.clone(), i));
+                        last = Some((tenant.clone(), i));
                         i
                     }
                 };
-                if g.fresh(now, window) {
-                    let r = g.last.as_ref().expect("fresh implies a reading");
-                    live[t].reporting += 1;
-                    live[t].power_milliwatts = live[t]
-                        .power_milliwatts
-                        .saturating_add(r.power_milliwatts.unwrap_or(0));
-                    if let Some(u) = r.utilization_percent {
-                        live[t].utilization_sum += u64::from(u);
-                        live[t].utilization_n += 1;
-                    }
-                } else {
-                    live[t].stale += 1;
-                }
-            }
+                live[t].add(part);
+            });
         }
         live
     }
@@ -1033,13 +1144,34 @@ impl State {
     }
 }
 
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TenantLive {
     pub power_milliwatts: u64,
     pub reporting: u64,
     pub stale: u64,
     pub utilization_sum: u64,
     pub utilization_n: u64,
+}
+
+impl TenantLive {
+    /// One reporting GPU's part.
+    fn of(r: &GpuReading) -> Self {
+        Self {
+            power_milliwatts: r.power_milliwatts.unwrap_or(0),
+            reporting: 1,
+            stale: 0,
+            utilization_sum: r.utilization_percent.map_or(0, u64::from),
+            utilization_n: u64::from(r.utilization_percent.is_some()),
+        }
+    }
+
+    fn add(&mut self, o: &TenantLive) {
+        self.power_milliwatts = self.power_milliwatts.saturating_add(o.power_milliwatts);
+        self.reporting += o.reporting;
+        self.stale += o.stale;
+        self.utilization_sum += o.utilization_sum;
+        self.utilization_n += o.utilization_n;
+    }
 }
 
 /// Checks a sample against the node's inventory and history.
@@ -1238,6 +1370,99 @@ mod tests {
                 "tenant {t} has energy but no GPUs"
             );
         }
+    }
+
+    /// Per tenant, what `add` was called with.
+    fn parts(
+        visit: impl FnOnce(&mut dyn FnMut(&Arc<str>, &TenantLive)),
+    ) -> Vec<(String, TenantLive)> {
+        let mut out: Vec<(String, TenantLive)> = Vec::new();
+        visit(&mut |t, p| match out.iter_mut().find(|(k, _)| **k == **t) {
+            Some((_, sum)) => sum.add(p),
+            None => out.push((t.to_string(), *p)),
+        });
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// The per-node summary a tenant-level scrape reads equals walking
+        /// the GPUs, at every moment a GPU or the node turns stale, after
+        /// samples that leave GPUs out or report them lost, new
+        /// inventories and tenant reloads.
+        #[test]
+        fn node_summary_equals_walking_its_gpus(
+            ops in proptest::collection::vec((0u8..16, 0u8..16, 0u8..4), 1..12),
+        ) {
+            let state = new_state(TENANTS, None);
+            let mut h = connect(&state, "a-2", 1, 4);
+            let mut seq = 0;
+            for (i, &(present, lost_mask, action)) in ops.iter().enumerate() {
+                match action {
+                    // A new inventory of 2-4 GPUs (a restarted agent).
+                    0 => {
+                        h = connect(&state, "a-2", 2 + i as u64, 2 + usize::from(present % 3));
+                        seq = 0;
+                    }
+                    // The tenant file reloaded, moving a-2's GPU 1 back to
+                    // lab-a and back again.
+                    1 => state.reload_tenants(Tenants::from_toml(if present % 2 == 0 {
+                        TENANTS
+                    } else {
+                        "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 1\nnodes = [\"a-*\"]\n"
+                    }).unwrap()),
+                    _ => {
+                        let gpus = lock(&h.node).gpus.len() as u32;
+                        let readings: Vec<GpuReading> = (0..gpus)
+                            .filter(|g| present & (1 << g) != 0)
+                            .map(|g| if lost_mask & (1 << g) != 0 { lost(g) } else { reading(g, 100_000 + u64::from(g), None) })
+                            .collect();
+                        seq += 1;
+                        let s = NodeSample { seq, timestamp_unix_nanos: T0 + seq as i64 * SEC, gpus: readings, host: None };
+                        ingest(&state, &h, vec![s]);
+                    }
+                }
+                let n = lock(&h.node);
+                let window = n.stale_window(None);
+                let mut probes = vec![Instant::now()];
+                for t in n.gpus.iter().filter_map(|g| g.last_receipt).chain(n.last_receipt) {
+                    probes.extend([t, t + window, t + window + Duration::from_nanos(1)]);
+                }
+                for now in probes {
+                    prop_assert_eq!(
+                        parts(|add| n.live(now, window, add)),
+                        parts(|add| n.walk_live(now, window, add))
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_with_a_gpu_left_out_of_later_samples_is_walked() {
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 2);
+        ingest(&state, &h, vec![sample(1, T0, &[(100, None), (200, None)])]);
+        assert!(lock(&h.node).live_valid);
+        std::thread::sleep(Duration::from_millis(2));
+        let only_first = NodeSample {
+            seq: 2,
+            timestamp_unix_nanos: T0 + SEC,
+            gpus: vec![reading(0, 100, None)],
+            host: None,
+        };
+        ingest(&state, &h, vec![only_first]);
+        let n = lock(&h.node);
+        assert!(!n.live_valid, "GPU 1's freshness differs from the node's");
+        let gpu1_stale =
+            n.gpus[1].last_receipt.unwrap() + n.stale_window(None) + Duration::from_nanos(1);
+        let l = parts(|add| n.live(gpu1_stale, n.stale_window(None), add));
+        assert_eq!(l.len(), 1);
+        assert_eq!(
+            (l[0].1.reporting, l[0].1.stale, l[0].1.power_milliwatts),
+            (1, 1, 100)
+        );
     }
 
     // ---- 1. Energy from counter deltas --------------------------------
