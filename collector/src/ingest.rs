@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::Stream;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
+use futures::channel::mpsc;
+use futures::{SinkExt, Stream};
+use tokio::sync::watch;
 use tonic::transport::CertificateDer;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -150,7 +150,11 @@ impl Ingest for IngestService {
         })?;
         info!(node = %handle.node_id, ?peer, epoch = handle.epoch, acked_seq, "agent connected");
 
-        let (tx, rx) = mpsc::channel::<Result<pb::CollectorMessage, Status>>(16);
+        // futures' channel allocates per message in flight; tokio's
+        // bounded channel allocates a block of 32 slots per stream up front
+        // (1 KiB each for tens of thousands of streams that hold one ack
+        // at a time).
+        let (mut tx, rx) = mpsc::channel::<Result<pb::CollectorMessage, Status>>(4);
         let welcome = pb::CollectorMessage {
             body: Some(pb::collector_message::Body::Welcome(pb::Welcome {
                 collector_version: crate::VERSION.to_string(),
@@ -178,8 +182,10 @@ impl Ingest for IngestService {
                 state.disconnect(&handle);
                 return;
             }
-            let end =
-                serve_stream(&state, &handle, inbound, &tx, shutdown, committed, admitted).await;
+            let end = serve_stream(
+                &state, &handle, inbound, &mut tx, shutdown, committed, admitted,
+            )
+            .await;
             state.disconnect(&handle);
             match end {
                 Ok(()) => info!(node = %node, "agent disconnected"),
@@ -189,7 +195,7 @@ impl Ingest for IngestService {
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as Outbound))
+        Ok(Response::new(Box::pin(rx) as Outbound))
     }
 }
 
@@ -308,7 +314,7 @@ async fn serve_stream(
     state: &State,
     handle: &StreamHandle,
     mut inbound: Streaming<pb::AgentMessage>,
-    tx: &mpsc::Sender<Result<pb::CollectorMessage, Status>>,
+    tx: &mut mpsc::Sender<Result<pb::CollectorMessage, Status>>,
     shutdown: watch::Receiver<bool>,
     mut committed: watch::Receiver<u64>,
     mut admitted: Admitted,

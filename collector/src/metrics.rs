@@ -521,13 +521,15 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         if !per_gpu {
             continue;
         }
-        for g in &n.gpus {
+        for (index, g) in n.gpus.iter().enumerate() {
             let fresh = g.fresh(now, window);
             let reading = g.last.as_ref().filter(|_| fresh);
+            // The GPU's position in its node's inventory.
+            let index = index.to_string();
             let labels = [
                 ("tenant", &*g.tenant),
                 ("node", &*n.id),
-                ("gpu", &*g.index_label),
+                ("gpu", index.as_str()),
                 ("uuid", &*g.uuid),
                 ("model", &*g.model),
             ];

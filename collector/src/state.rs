@@ -85,7 +85,6 @@ pub struct Hello {
 
 #[derive(Debug)]
 pub struct Gpu {
-    pub index_label: Arc<str>,
     pub uuid: Arc<str>,
     pub model: Arc<str>,
     pub power_limit_milliwatts: Option<u64>,
@@ -97,7 +96,8 @@ pub struct Gpu {
     last_counter: Option<u64>,
     /// Energy since this collector first saw the GPU.
     pub energy_millijoules: u64,
-    remainder_milliwatt_nanos: u128,
+    /// Below one second's worth of nanoseconds (fits 32 bits).
+    remainder_milliwatt_nanos: u64,
     pub last_receipt: Option<Instant>,
     pub counter_resets: u64,
     /// Take the next timestamp as the reference even if it is older (set
@@ -106,11 +106,10 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    fn new(index: usize, info: GpuInfo, tenant: Arc<str>) -> Self {
+    fn new(info: GpuInfo, model: Arc<str>, tenant: Arc<str>) -> Self {
         Self {
-            index_label: Arc::from(index.to_string()),
             uuid: Arc::from(info.uuid),
-            model: Arc::from(info.model),
+            model,
             power_limit_milliwatts: info.power_limit_milliwatts,
             memory_total_bytes: info.memory_total_bytes,
             energy_counter_supported: info.energy_counter_supported,
@@ -219,7 +218,7 @@ impl Gpu {
             last_counter_mj: self.last_counter,
             last_timestamp_ns: self.last_timestamp,
             // Below one second's worth of nanoseconds by construction.
-            remainder_mw_ns: self.remainder_milliwatt_nanos as u64,
+            remainder_mw_ns: self.remainder_milliwatt_nanos,
             energy_mj: self.energy_millijoules,
         }
     }
@@ -227,7 +226,6 @@ impl Gpu {
     /// A GPU known only from the ledger, until its node says Hello.
     fn resumed(uuid: &str, c: &GpuCursor) -> Self {
         let mut g = Gpu::new(
-            0,
             GpuInfo {
                 uuid: uuid.to_string(),
                 model: String::new(),
@@ -235,11 +233,12 @@ impl Gpu {
                 memory_total_bytes: None,
                 energy_counter_supported: c.last_counter_mj.is_some(),
             },
+            Arc::from(""),
             Arc::from(UNASSIGNED),
         );
         g.last_counter = c.last_counter_mj;
         g.last_timestamp = c.last_timestamp_ns;
-        g.remainder_milliwatt_nanos = u128::from(c.remainder_mw_ns);
+        g.remainder_milliwatt_nanos = c.remainder_mw_ns;
         g.energy_millijoules = c.energy_mj;
         g
     }
@@ -335,8 +334,9 @@ impl Gpu {
     /// remainder to the next call.
     fn integrate(&mut self, power_milliwatts: Option<u64>, dt_nanos: u128) -> u64 {
         let Some(p) = power_milliwatts else { return 0 };
-        let total = self.remainder_milliwatt_nanos + u128::from(p) * dt_nanos;
-        self.remainder_milliwatt_nanos = total % NANOS_PER_SECOND;
+        let total = u128::from(self.remainder_milliwatt_nanos) + u128::from(p) * dt_nanos;
+        // Below NANOS_PER_SECOND, so it fits.
+        self.remainder_milliwatt_nanos = (total % NANOS_PER_SECOND) as u64;
         u64::try_from(total / NANOS_PER_SECOND).unwrap_or(u64::MAX)
     }
 
@@ -875,14 +875,22 @@ impl State {
                 .chain(departed)
                 .map(|g| (g.uuid.clone(), g))
                 .collect();
+            // GPUs of a node are mostly one model: one copy of its name.
+            let mut models: Vec<Arc<str>> = Vec::new();
+            let mut model = |name: &str| match models.iter().find(|m| ***m == *name) {
+                Some(m) => m.clone(),
+                None => {
+                    let m: Arc<str> = Arc::from(name);
+                    models.push(m.clone());
+                    m
+                }
+            };
             n.gpus = hello
                 .gpus
                 .into_iter()
-                .enumerate()
-                .map(|(i, info)| match old.remove(info.uuid.as_str()) {
+                .map(|info| match old.remove(info.uuid.as_str()) {
                     Some(mut g) => {
-                        g.index_label = Arc::from(i.to_string());
-                        g.model = Arc::from(info.model);
+                        g.model = model(&info.model);
                         g.power_limit_milliwatts = info.power_limit_milliwatts;
                         g.memory_total_bytes = info.memory_total_bytes;
                         g.energy_counter_supported = info.energy_counter_supported;
@@ -892,7 +900,10 @@ impl State {
                         g.reanchor |= new_epoch;
                         g
                     }
-                    None => Gpu::new(i, info, Arc::from(UNASSIGNED)),
+                    None => {
+                        let m = model(&info.model);
+                        Gpu::new(info, m, Arc::from(UNASSIGNED))
+                    }
                 })
                 .collect();
             // Bounded: at most one inventory's worth of departed GPUs.
@@ -1718,7 +1729,7 @@ mod tests {
     /// Feeds a baseline at T0 then one sample per (power, dt) to a fresh
     /// single-GPU node without counter, in batches of the given sizes
     /// (cycled); returns (energy mJ, remainder mW·ns).
-    fn integrate_in_batches(steps: &[(u64, i64)], sizes: &[usize]) -> (u64, u128) {
+    fn integrate_in_batches(steps: &[(u64, i64)], sizes: &[usize]) -> (u64, u64) {
         let state = new_state(TENANTS, None);
         let mut hl = hello("a-1", 1, 1);
         hl.gpus[0].energy_counter_supported = false;
@@ -1743,14 +1754,14 @@ mod tests {
         (e, n.gpus[0].remainder_milliwatt_nanos)
     }
 
-    fn exact_millijoules(steps: &[(u64, i64)]) -> (u64, u128) {
+    fn exact_millijoules(steps: &[(u64, i64)]) -> (u64, u64) {
         let total: u128 = steps
             .iter()
             .map(|&(p, dt)| u128::from(p) * dt as u128)
             .sum();
         (
             u64::try_from(total / NANOS_PER_SECOND).unwrap(),
-            total % NANOS_PER_SECOND,
+            (total % NANOS_PER_SECOND) as u64,
         )
     }
 
@@ -1834,7 +1845,7 @@ mod tests {
 
     /// Per GPU (energy, remainder, resets); node samples accepted; accepted
     /// counter; lab-a and lab-b totals.
-    type Snapshot = (Vec<(u64, u128, u64)>, u64, u64, u64, u64);
+    type Snapshot = (Vec<(u64, u64, u64)>, u64, u64, u64, u64);
 
     /// What a state looks like for accounting purposes.
     fn snapshot(state: &State, h: &StreamHandle) -> Snapshot {

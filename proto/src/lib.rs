@@ -16,7 +16,7 @@ use tonic_prost::{ProstDecoder, ProstEncoder};
 /// streams is 400 MiB of buffers for messages of a few hundred bytes (an
 /// agent's batch at 1 Hz with 8 GPUs encodes to about 400 bytes). A larger
 /// message grows its buffer as it arrives.
-const BUFFER_BYTES: usize = 1024;
+const BUFFER_BYTES: usize = 512;
 
 /// When an encoding stream yields to the runtime (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
