@@ -256,18 +256,58 @@ struct Applied {
     utilization_percent: Option<u32>,
 }
 
+/// The minute buckets one batch of one node adds to, per (tenant,
+/// minute), before they go into the pending commit.
+///
+/// A batch touches few buckets (one tenant and one minute, mostly), so the
+/// first ones are found by comparing pointers instead of hashing two
+/// strings per GPU reading; a batch that spreads a long gap over many
+/// minutes goes on in a map.
+#[derive(Debug, Default)]
+struct Booking {
+    few: Vec<(Arc<str>, i64, BucketDelta)>,
+    many: HashMap<(Arc<str>, i64), BucketDelta>,
+}
+
+impl Booking {
+    const FEW: usize = 8;
+
+    fn bucket(&mut self, tenant: &Arc<str>, minute: i64) -> &mut BucketDelta {
+        let found = self
+            .few
+            .iter()
+            .position(|(t, m, _)| *m == minute && Arc::ptr_eq(t, tenant));
+        match found {
+            Some(i) => &mut self.few[i].2,
+            None if self.few.len() < Self::FEW => {
+                self.few
+                    .push((tenant.clone(), minute, BucketDelta::default()));
+                &mut self.few.last_mut().expect("just pushed").2
+            }
+            None => self.many.entry((tenant.clone(), minute)).or_default(),
+        }
+    }
+
+    /// Adds everything booked to `c`'s buckets of `node`.
+    fn into_commit(self, c: &mut Commit, node: &Arc<str>) {
+        let all = self
+            .few
+            .into_iter()
+            .chain(self.many.into_iter().map(|((t, m), d)| (t, m, d)));
+        for (tenant, minute, d) in all {
+            c.buckets
+                .entry((tenant, node.clone(), minute))
+                .or_default()
+                .add(&d);
+        }
+    }
+}
+
 impl Applied {
     /// Adds this reading's energy and GPU time to the minute buckets of
-    /// (tenant, node). GPU time counts only intervals within the staleness
+    /// `tenant`. GPU time counts only intervals within the staleness
     /// window: a longer gap carries energy but is not coverage.
-    fn book(
-        &self,
-        c: &mut Commit,
-        tenant: &Arc<str>,
-        node: &Arc<str>,
-        to_ns: i64,
-        window: Duration,
-    ) {
+    fn book(&self, b: &mut Booking, tenant: &Arc<str>, to_ns: i64, window: Duration) {
         let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
         let span = u64::try_from(to_ns - from).unwrap_or(0);
         let covered = if u128::from(span) <= window.as_nanos() {
@@ -279,25 +319,17 @@ impl Applied {
         let busy = covered / 100 * util + covered % 100 * util / 100;
         let minute = to_ns.div_euclid(60_000_000_000) * 60;
         // The common case, an interval inside one minute: one bucket
-        // update instead of one per figure (each hashes the bucket's key).
-        if let [(only, _)] = split_by_minute(0, from, to_ns)[..]
-            && only == minute
-        {
-            let b = c
-                .buckets
-                .entry((tenant.clone(), node.clone(), minute))
-                .or_default();
-            b.energy_mj += self.energy_mj;
+        // update instead of one per figure.
+        if from.div_euclid(60_000_000_000) * 60 == minute {
+            let d = b.bucket(tenant, minute);
+            d.energy_mj += self.energy_mj;
             if self.estimated {
-                b.estimated_mj += self.energy_mj;
+                d.estimated_mj += self.energy_mj;
             }
-            b.gpu_ns += covered;
-            b.busy_gpu_ns += busy;
-            b.expected_gpu_ns += span;
-            b.samples += 1;
-            if self.energy_mj > 0 {
-                *c.tenant_energy.entry(tenant.clone()).or_default() += self.energy_mj;
-            }
+            d.gpu_ns += covered;
+            d.busy_gpu_ns += busy;
+            d.expected_gpu_ns += span;
+            d.samples += 1;
             return;
         }
         let mut add = |amount: u64, field: fn(&mut BucketDelta) -> &mut u64| {
@@ -305,27 +337,17 @@ impl Applied {
                 return;
             }
             for (minute, part) in split_by_minute(amount, from, to_ns) {
-                let b = c
-                    .buckets
-                    .entry((tenant.clone(), node.clone(), minute))
-                    .or_default();
-                *field(b) += part;
+                *field(b.bucket(tenant, minute)) += part;
             }
         };
-        add(self.energy_mj, |b| &mut b.energy_mj);
+        add(self.energy_mj, |d| &mut d.energy_mj);
         if self.estimated {
-            add(self.energy_mj, |b| &mut b.estimated_mj);
+            add(self.energy_mj, |d| &mut d.estimated_mj);
         }
-        add(covered, |b| &mut b.gpu_ns);
-        add(busy, |b| &mut b.busy_gpu_ns);
-        add(span, |b| &mut b.expected_gpu_ns);
-        c.buckets
-            .entry((tenant.clone(), node.clone(), minute))
-            .or_default()
-            .samples += 1;
-        if self.energy_mj > 0 {
-            *c.tenant_energy.entry(tenant.clone()).or_default() += self.energy_mj;
-        }
+        add(covered, |d| &mut d.gpu_ns);
+        add(busy, |d| &mut d.busy_gpu_ns);
+        add(span, |d| &mut d.expected_gpu_ns);
+        b.bucket(tenant, minute).samples += 1;
     }
 }
 
@@ -952,7 +974,7 @@ impl State {
         let now = Instant::now();
         let mut out = BatchOutcome::default();
         let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
-        let mut booked = Commit::default();
+        let mut booked = Booking::default();
         {
             let mut n = lock(&h.node);
             let window = n.stale_window(self.cfg.stale_after);
@@ -998,13 +1020,7 @@ impl State {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
                     let applied = gpu.apply(r, s.timestamp_unix_nanos, now);
-                    applied.book(
-                        &mut booked,
-                        &gpu.tenant,
-                        &node_id,
-                        s.timestamp_unix_nanos,
-                        window,
-                    );
+                    applied.book(&mut booked, &gpu.tenant, s.timestamp_unix_nanos, window);
                     let added = applied.energy_mj;
                     if added > 0 {
                         match energy.iter_mut().find(|(t, _)| *t == gpu.tenant) {
@@ -1033,21 +1049,23 @@ impl State {
             // cursors and deltas of this node are written in order. The
             // node's cursor is complete (GPUs that left it too): it
             // replaces the one an earlier batch put there.
-            booked.nodes.insert(
-                node_id.clone(),
-                NodeCursor {
-                    epoch: n.epoch,
-                    last_seq: n.last_seq,
-                    gpus: n
-                        .gpus
-                        .iter()
-                        .chain(&n.departed)
-                        .map(|g| (g.uuid.clone(), g.cursor()))
-                        .collect(),
-                },
-            );
+            let cursor = NodeCursor {
+                epoch: n.epoch,
+                last_seq: n.last_seq,
+                gpus: n
+                    .gpus
+                    .iter()
+                    .chain(&n.departed)
+                    .map(|g| (g.uuid.clone(), g.cursor()))
+                    .collect(),
+            };
             let mut pending = lock(&self.pending);
-            pending.commit.absorb(booked);
+            let c = &mut pending.commit;
+            booked.into_commit(c, &node_id);
+            c.nodes.insert(node_id.clone(), cursor);
+            for (tenant, mj) in &energy {
+                *c.tenant_energy.entry(tenant.clone()).or_default() += mj;
+            }
             out.commit_id = pending.id;
             n.last_commit_id = pending.id;
         }
