@@ -234,26 +234,27 @@ async fn connect_and_stream(
     let mut sent = 0u64;
     loop {
         let batch = shared.spool().after(sent, cfg.batch_max, MAX_BATCH_BYTES);
-        if let Some(last) = batch.last() {
-            sent = last.seq;
-            let msg = pb::AgentMessage {
-                body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
-                    samples: batch,
-                })),
-            };
-            if tx.send(msg).await.is_err() {
-                return Ended::Failed("stream closed while sending".into());
+        let last = batch.last().map(|s| s.seq);
+        if last.is_none() {
+            if deadline.is_none() && *sampling_done.borrow() {
+                *deadline = Some(Instant::now() + cfg.drain_timeout);
             }
-            continue;
+            if deadline.is_some() && shared.spool().is_empty() {
+                return Ended::Drained;
+            }
         }
-        if deadline.is_none() && *sampling_done.borrow() {
-            *deadline = Some(Instant::now() + cfg.drain_timeout);
-        }
-        if deadline.is_some() && shared.spool().is_empty() {
-            return Ended::Drained;
-        }
+        let msg = pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+                samples: batch,
+            })),
+        };
         let drain_at = *deadline;
+        // Acks first: a node that samples faster than its link carries
+        // its samples would otherwise always find another batch to send
+        // and never read an ack, and its spool would fill with samples the
+        // collector already holds. Sending and reading are cancel-safe.
         tokio::select! {
+            biased;
             msg = inbound.message() => match msg {
                 Ok(Some(pb::CollectorMessage { body: Some(pb::collector_message::Body::Ack(ack)) })) => {
                     if ack.stream_epoch == cfg.hello.stream_epoch {
@@ -266,8 +267,14 @@ async fn connect_and_stream(
                 Ok(None) => return Ended::Failed("collector closed the stream".into()),
                 Err(status) => return Ended::Failed(format!("stream error: {status}")),
             },
-            _ = shared.new_sample.notified() => {}
-            _ = sampling_done.changed(), if drain_at.is_none() => {}
+            sent_ok = tx.send(msg), if last.is_some() => {
+                if sent_ok.is_err() {
+                    return Ended::Failed("stream closed while sending".into());
+                }
+                sent = last.unwrap_or(sent);
+            }
+            _ = shared.new_sample.notified(), if last.is_none() => {}
+            _ = sampling_done.changed(), if drain_at.is_none() && last.is_none() => {}
             _ = sleep_until_opt(drain_at) => return Ended::DeadlinePassed,
         }
     }
