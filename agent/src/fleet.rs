@@ -35,6 +35,9 @@ pub struct FleetConfig {
     pub seed: u64,
     pub spool_capacity: usize,
     pub batch_max: usize,
+    /// A node's stream is woken every this many samples, so that they go
+    /// out together (1: every sample).
+    pub samples_per_send: u64,
     pub drain_timeout: Duration,
     /// Nodes sharing one HTTP/2 connection (1: one connection per node,
     /// as real agents have). More lets one process simulate more nodes
@@ -179,7 +182,9 @@ pub async fn run(
                 .stats
                 .dropped
                 .fetch_add(dropped, Ordering::Relaxed);
-            node.shared.new_sample.notify_one();
+            if node.seq % cfg.samples_per_send == 0 {
+                node.shared.new_sample.notify_one();
+            }
         }
         slice = (slice + 1) % slices;
         if tick >= next_progress {

@@ -46,6 +46,12 @@ struct Args {
     /// Most samples per message.
     #[arg(long, default_value_t = 64)]
     batch_max: usize,
+    /// Each node sends once every N samples, all N in one message (1:
+    /// every sample as it is taken, as the agent does). More models nodes
+    /// that sample faster than they report, and costs the simulator less
+    /// per sample.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    samples_per_send: u64,
     /// After stopping, how long nodes get to deliver their spools.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
@@ -111,6 +117,7 @@ fn main() -> anyhow::Result<()> {
                 seed: args.seed,
                 spool_capacity: args.spool_capacity,
                 batch_max: args.batch_max,
+                samples_per_send: args.samples_per_send,
                 drain_timeout: args.drain_timeout,
                 nodes_per_connection: args.nodes_per_connection.max(1),
             },
