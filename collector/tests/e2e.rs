@@ -531,3 +531,67 @@ fn sighup_reloads_tenants_without_a_restart() {
         .wait_for("contracted_kw must be a positive", Duration::from_secs(1));
     collector.stop();
 }
+
+/// The number after `"key":` in a JSON line.
+fn json_number(line: &str, key: &str) -> u64 {
+    let pat = format!("\"{key}\":");
+    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap()
+}
+
+/// The fleet simulator: every node's own stream (several sharing an
+/// HTTP/2 connection), batches of several samples, and a summary that says
+/// what the collector acked, which the collector's own counters confirm.
+#[test]
+fn fleet_simulator_reports_what_the_collector_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), "", 0, &[]);
+    let out = std::process::Command::new(bin("capwatch-fleet"))
+        .args(["--collector", &collector.endpoint()])
+        .args(["--nodes", "12", "--gpus", "4", "--interval", "50ms"])
+        .args(["--duration", "2s", "--nodes-per-connection", "5"])
+        .args(["--samples-per-send", "3", "--node-prefix", "fleet-"])
+        .args(["--log-format", "json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "fleet exit: {}", out.status);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let done = stdout
+        .lines()
+        .find(|l| l.contains("\"event\":\"done\""))
+        .unwrap_or_else(|| panic!("no summary in {stdout}"));
+    let sampled = json_number(done, "sampled");
+    // 2 s at 20 samples/s per node, give or take a tick at either end.
+    assert!((12 * 35..=12 * 45).contains(&sampled), "{done}");
+    assert_eq!(json_number(done, "acked"), sampled, "{done}");
+    assert_eq!(
+        json_number(done, "gpu_samples_acked"),
+        sampled * 4,
+        "{done}"
+    );
+    assert_eq!(json_number(done, "dropped"), 0, "{done}");
+    assert_eq!(json_number(done, "undelivered"), 0, "{done}");
+    assert_eq!(json_number(done, "connects"), 12, "{done}");
+    let m = collector.metrics();
+    assert_eq!(
+        m.one(
+            "capwatch_collector_samples_total",
+            &[("outcome", "accepted")]
+        ),
+        sampled as f64
+    );
+    assert_eq!(m.one("capwatch_collector_nodes", &[]), 12.0);
+    // Every GPU known; stale by now, 150 ms after the fleet stopped.
+    let gpus = |state| {
+        m.one(
+            "capwatch_tenant_gpus",
+            &[("tenant", "unassigned"), ("state", state)],
+        )
+    };
+    assert_eq!(gpus("reporting") + gpus("stale"), 48.0);
+    collector.stop();
+}
