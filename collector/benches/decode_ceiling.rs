@@ -1,12 +1,14 @@
 //! The decode-only ceiling of ingest: the same messages the fleet
-//! simulator sends (one `SampleBatch` of one node sample of 8 mock GPUs per
-//! node per interval), decoded from bytes in a tight loop on one thread,
+//! simulator sends (one `SampleBatch` per node of `--samples-per-message`
+//! node samples (1) of 8 mock GPUs), decoded from bytes in a tight loop on
+//! one thread,
 //! and, separately, decoded plus the collector's per-sample edge checks.
 //! `scripts/bench-ingest.sh` divides the collector's sustained rate by
 //! this to say how close ingest comes to merely reading the bytes.
 //!
 //! ```text
 //! cargo bench -p capwatch-collector --bench decode_ceiling
+//! cargo bench -p capwatch-collector --bench decode_ceiling -- --samples-per-message 10
 //! ```
 
 use std::time::{Duration, Instant};
@@ -19,7 +21,7 @@ use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
 use capwatch_collector::model;
 use capwatch_proto::v1 as pb;
 
-fn messages(nodes: usize, ticks: i64) -> Vec<Vec<u8>> {
+fn messages(nodes: usize, ticks: i64, per_message: usize) -> Vec<Vec<u8>> {
     let mut out = Vec::with_capacity(nodes * ticks as usize);
     for n in 0..nodes {
         let mut m = MockSource::new(MockConfig {
@@ -31,17 +33,21 @@ fn messages(nodes: usize, ticks: i64) -> Vec<Vec<u8>> {
             energy_counter: true,
             counter_file: None,
         });
-        for t in 1..=ticks {
-            let at = 1_800_000_000_000_000_000 + t * 1_000_000_000;
-            let sample = pb::NodeSample {
-                seq: t as u64,
-                timestamp_unix_nanos: at,
-                gpus: m.sample(at).into_iter().map(convert::gpu_sample).collect(),
-                host: None,
-            };
+        let samples: Vec<pb::NodeSample> = (1..=ticks)
+            .map(|t| {
+                let at = 1_800_000_000_000_000_000 + t * 1_000_000_000;
+                pb::NodeSample {
+                    seq: t as u64,
+                    timestamp_unix_nanos: at,
+                    gpus: m.sample(at).into_iter().map(convert::gpu_sample).collect(),
+                    host: None,
+                }
+            })
+            .collect();
+        for batch in samples.chunks(per_message) {
             let msg = pb::AgentMessage {
                 body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
-                    samples: vec![sample],
+                    samples: batch.to_vec(),
                 })),
             };
             out.push(msg.encode_to_vec());
@@ -64,7 +70,24 @@ fn rate(msgs: &[Vec<u8>], for_at_least: Duration, mut f: impl FnMut(&[u8]) -> us
 }
 
 fn main() {
-    let msgs = messages(1000, 10);
+    let mut per_message = 1usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--bench" => {}
+            "--samples-per-message" => {
+                per_message = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| (1..=64).contains(n))
+                    .expect("--samples-per-message 1-64")
+            }
+            other => panic!("unknown argument {other:?}; use --samples-per-message N"),
+        }
+    }
+    // 10,000 node samples whatever the batching, so that the bytes decoded
+    // (about 3 MB) stay in cache alike.
+    let msgs = messages(1000 / per_message, 10 * per_message as i64, per_message);
     let bytes: usize = msgs.iter().map(Vec::len).sum();
     let mut runs_decode = Vec::new();
     let mut runs_validate = Vec::new();
@@ -96,8 +119,9 @@ fn main() {
     runs_decode.sort_by(f64::total_cmp);
     runs_validate.sort_by(f64::total_cmp);
     println!(
-        "messages {} of {} bytes on average",
+        "messages {} of {} node samples, {} bytes on average",
         msgs.len(),
+        per_message,
         bytes / msgs.len()
     );
     println!("decode_gpu_samples_per_s {:.0}", runs_decode[2]);
