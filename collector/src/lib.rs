@@ -218,7 +218,13 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         );
         std::thread::Builder::new()
             .name("committer".into())
-            .spawn(move || commit_loop(&state, &ledger, every, &committed, &committer_stop))
+            .spawn(move || {
+                let run = || commit_loop(&state, &ledger, every, &committed, &committer_stop);
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+                    Ok(failed) => failed,
+                    Err(_) => committer_died(),
+                }
+            })
             .map_err(|error| CollectorError::Serve {
                 what: "committer thread",
                 error: error.into(),
@@ -258,7 +264,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     // Streams are closed: one last commit makes everything applied durable.
     drop(stop_committer);
     let last = tokio::task::spawn_blocking(move || {
-        let failed = committer.join().unwrap_or(None);
+        let failed = committer.join().unwrap_or_else(|_| committer_died());
         commit_once(&state, &ledger, failed, &committed_tx)
     })
     .await;
@@ -312,8 +318,13 @@ fn commit_loop(
         }
         failed = commit_once(state, ledger, failed, committed);
         // A commit that took longer than the interval delays the next one
-        // rather than starting commits back to back.
-        next = (next + every).max(std::time::Instant::now());
+        // by a whole interval rather than starting commits back to back
+        // (which would also keep compaction from the ledger).
+        let now = std::time::Instant::now();
+        next += every;
+        if next <= now {
+            next = now + every;
+        }
     }
 }
 
@@ -356,18 +367,19 @@ fn commit_once(
             error!(task = "committer", error = %e, "ledger commit failed; retrying with the next one, acks held");
             Some((id, commit))
         }
-        Err(_) => {
-            // Whether the commit was written is unknown. Acking anything
-            // after it could ack samples that are not in the ledger: stop,
-            // and let the restart resume from the ledger while agents
-            // re-send.
-            error!(
-                task = "committer",
-                "ledger commit panicked; exiting so the ledger stays exact"
-            );
-            std::process::exit(70);
-        }
+        Err(_) => committer_died(),
     }
+}
+
+/// Ends the process after the committer panicked. Whether its commit was
+/// written is unknown, and without a committer nothing is acked again:
+/// stop, and let the restart resume from the ledger while agents re-send.
+fn committer_died() -> ! {
+    error!(
+        task = "committer",
+        "ledger committer panicked; exiting so the ledger stays exact"
+    );
+    std::process::exit(70);
 }
 
 /// What a compaction at `now` (Unix seconds) keeps under `cfg`.
