@@ -669,6 +669,12 @@ pub struct State {
     totals: Mutex<HashMap<Arc<str>, TenantTotals>>,
     /// Nodes with a stream now (`Node::connected`).
     connected: AtomicU64,
+    /// UUID of every departed GPU -> the node that keeps it. A GPU keeps
+    /// one counter state: when another node announces it, the copy among
+    /// the first node's departed is dropped, so that the GPU's energy on
+    /// the new node is not counted again on the old one should it come
+    /// back there.
+    departed_at: Mutex<HashMap<Arc<str>, Arc<str>>>,
     next_generation: AtomicU64,
     /// What the next ledger commit will write.
     pending: Mutex<Pending>,
@@ -691,6 +697,7 @@ impl State {
             nodes: Mutex::new(HashMap::new()),
             totals: Mutex::new(HashMap::new()),
             connected: AtomicU64::new(0),
+            departed_at: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             pending: Mutex::new(Pending {
                 id: 1,
@@ -712,9 +719,21 @@ impl State {
     /// Resumes from what the ledger holds: each node's (epoch, seq) for
     /// dedup, each GPU's counter for the next delta, tenant totals.
     pub fn restore(&self, snap: Snapshot) {
+        // A GPU in two nodes' cursors (it moved) resumes only where it was
+        // heard last.
+        let mut latest: HashMap<&str, (usize, Option<i64>)> = HashMap::new();
+        for (i, (_, cursor)) in snap.nodes.iter().enumerate() {
+            for (uuid, c) in &cursor.gpus {
+                let e = latest.entry(&**uuid).or_insert((i, c.last_timestamp_ns));
+                if c.last_timestamp_ns > e.1 {
+                    *e = (i, c.last_timestamp_ns);
+                }
+            }
+        }
         let mut nodes = lock(&self.nodes);
-        for (id, cursor) in snap.nodes {
-            let id: Arc<str> = Arc::from(id);
+        let mut departed_at = lock(&self.departed_at);
+        for (i, (id, cursor)) in snap.nodes.iter().enumerate() {
+            let id: Arc<str> = Arc::from(id.as_str());
             let mut node = Node::new(
                 id.clone(),
                 cursor.epoch,
@@ -722,13 +741,16 @@ impl State {
                 Duration::from_secs(1),
             );
             // Resumed GPUs wait among the departed until the Hello.
-            node.departed = cursor
-                .gpus
-                .iter()
-                .map(|(uuid, c)| Gpu::resumed(uuid, c))
-                .collect();
+            for (uuid, c) in &cursor.gpus {
+                if latest.get(&**uuid).is_some_and(|(at, _)| *at == i) {
+                    let g = Gpu::resumed(uuid, c);
+                    departed_at.insert(g.uuid.clone(), id.clone());
+                    node.departed.push(g);
+                }
+            }
             nodes.insert(id, Arc::new(Mutex::new(node)));
         }
+        drop(departed_at);
         drop(nodes);
         let mut totals = lock(&self.totals);
         for (tenant, energy) in snap.tenant_energy {
@@ -861,6 +883,8 @@ impl State {
                 .clone()
         };
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        // (node, UUID) of departed GPUs this inventory takes over.
+        let mut moved: Vec<(Arc<str>, Arc<str>)> = Vec::new();
         let acked = {
             let mut n = lock(&node);
             // An older epoch is a stale agent instance: its samples may
@@ -907,6 +931,7 @@ impl State {
                     m
                 }
             };
+            let mut fresh: Vec<Arc<str>> = Vec::new();
             n.gpus = hello
                 .gpus
                 .into_iter()
@@ -924,13 +949,36 @@ impl State {
                     }
                     None => {
                         let m = model(&info.model);
-                        Gpu::new(info, m, Arc::from(UNASSIGNED))
+                        let g = Gpu::new(info, m, Arc::from(UNASSIGNED));
+                        fresh.push(g.uuid.clone());
+                        g
                     }
                 })
                 .collect();
             // Bounded: at most one inventory's worth of departed GPUs.
             let cap = self.cfg.max_gpus_per_node as usize;
-            n.departed = old.into_values().take(cap).collect();
+            // The most recently heard are kept; the ledger forgets the rest
+            // with the node's next cursor.
+            let mut departed: Vec<Gpu> = old.into_values().collect();
+            departed.sort_by_key(|g| std::cmp::Reverse(g.last_timestamp));
+            let forgotten = departed.split_off(departed.len().min(cap));
+            n.departed = departed;
+            let mut at = lock(&self.departed_at);
+            let here = |owner: Option<&Arc<str>>| owner.is_some_and(|o| **o == *id);
+            for g in n.gpus.iter().chain(&forgotten) {
+                if here(at.get(&g.uuid)) {
+                    at.remove(&g.uuid);
+                }
+            }
+            for uuid in fresh {
+                if let Some(owner) = at.remove(&uuid) {
+                    moved.push((owner, uuid));
+                }
+            }
+            for g in &n.departed {
+                at.insert(g.uuid.clone(), n.id.clone());
+            }
+            drop(at);
             n.attribute(&tenants);
             n.agent_version = hello.agent_version;
             n.interval = hello.interval;
@@ -941,6 +989,15 @@ impl State {
             n.connected = true;
             n.last_seq
         };
+        // Outside this node's lock: one node lock at a time.
+        for (owner, uuid) in moved {
+            let Some(other) = lock(&self.nodes).get(&owner).cloned() else {
+                continue;
+            };
+            let mut o = lock(&other);
+            o.departed.retain(|g| g.uuid != uuid);
+            info!(gpu = ?uuid, from = ?owner, to = ?id, "GPU moved to another node; its counter state on the old node is dropped");
+        }
         let welcome_after = lock(&node).last_commit_id;
         Ok((
             StreamHandle {
@@ -1466,6 +1523,120 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A Hello for `node` announcing exactly `uuids`.
+    fn hello_with(node: &str, epoch: u64, uuids: &[&str]) -> Hello {
+        let mut h = hello(node, epoch, uuids.len());
+        for (g, u) in h.gpus.iter_mut().zip(uuids) {
+            g.uuid = u.to_string();
+        }
+        h
+    }
+
+    #[test]
+    fn a_gpu_moved_to_another_node_is_not_counted_again_where_it_was() {
+        let state = new_state(TENANTS, None);
+        let a = state.hello(hello_with("a-1", 1, &["X", "Y"])).unwrap().0;
+        ingest(
+            &state,
+            &a,
+            vec![sample(1, T0, &[(100, Some(1_000)), (100, Some(5))])],
+        );
+        // X leaves a-1 (its agent restarts without it) and turns up on b-1,
+        // where it draws 500 J.
+        let a = state.hello(hello_with("a-1", 2, &["Y"])).unwrap().0;
+        assert_eq!(lock(&a.node).departed.len(), 1);
+        let b = state.hello(hello_with("b-1", 1, &["X"])).unwrap().0;
+        assert!(lock(&a.node).departed.is_empty(), "X now lives on b-1");
+        ingest(&state, &b, vec![sample(1, T0 + SEC, &[(100, Some(2_000))])]);
+        ingest(
+            &state,
+            &b,
+            vec![sample(2, T0 + 2 * SEC, &[(100, Some(502_000))])],
+        );
+        assert_eq!(gpu_energy(&b), vec![500_000]);
+        // Back on a-1, its counter starts again from a baseline instead of
+        // resuming from 1,000 mJ and counting b-1's 500 J a second time.
+        let a = state.hello(hello_with("a-1", 3, &["Y", "X"])).unwrap().0;
+        let x_mj = 502_100;
+        ingest(
+            &state,
+            &a,
+            vec![sample(
+                1,
+                T0 + 3 * SEC,
+                &[(100, Some(6)), (100, Some(x_mj))],
+            )],
+        );
+        assert_eq!(gpu_energy(&a), vec![1, 0]);
+        assert_totals_match_gpus_and_departed(&state);
+    }
+
+    /// Every tenant's total equals its GPUs' energy, counting GPUs that
+    /// left their node too.
+    fn assert_totals_match_gpus_and_departed(state: &State) {
+        let mut sum = 0;
+        for node in state.nodes() {
+            let n = lock(&node);
+            sum += n
+                .gpus
+                .iter()
+                .chain(&n.departed)
+                .map(|g| g.energy_millijoules)
+                .sum::<u64>();
+        }
+        let totals: u64 = state.totals().values().map(|t| t.energy_millijoules).sum();
+        assert_eq!(totals, sum);
+    }
+
+    #[test]
+    fn a_gpu_in_two_nodes_cursors_resumes_where_it_was_heard_last() {
+        let cursor = |ts: i64, counter: u64| GpuCursor {
+            last_counter_mj: Some(counter),
+            last_timestamp_ns: Some(ts),
+            remainder_mw_ns: 0,
+            energy_mj: 0,
+        };
+        let node = |gpus: Vec<(Arc<str>, GpuCursor)>| NodeCursor {
+            epoch: 1,
+            last_seq: 5,
+            gpus,
+        };
+        let state = new_state(TENANTS, None);
+        state.restore(crate::ledger::Snapshot {
+            nodes: vec![
+                (
+                    "a-1".into(),
+                    node(vec![
+                        (Arc::from("X"), cursor(T0, 1_000)),
+                        (Arc::from("Y"), cursor(T0, 7)),
+                    ]),
+                ),
+                (
+                    "b-1".into(),
+                    node(vec![(Arc::from("X"), cursor(T0 + SEC, 2_000))]),
+                ),
+            ],
+            ..crate::ledger::Snapshot::default()
+        });
+        let departed = |id: &str| -> Vec<(String, Option<u64>)> {
+            let node = state
+                .nodes()
+                .into_iter()
+                .find(|n| &*lock(n).id == id)
+                .unwrap();
+            let n = lock(&node);
+            let mut v: Vec<_> = n
+                .departed
+                .iter()
+                .map(|g| (g.uuid.to_string(), g.last_counter))
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(departed("a-1"), vec![("Y".to_string(), Some(7))]);
+        assert_eq!(departed("b-1"), vec![("X".to_string(), Some(2_000))]);
     }
 
     #[test]
