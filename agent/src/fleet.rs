@@ -182,7 +182,7 @@ pub async fn run(
                 .stats
                 .dropped
                 .fetch_add(dropped, Ordering::Relaxed);
-            if node.seq % cfg.samples_per_send == 0 {
+            if node.seq % cfg.samples_per_send.max(1) == 0 {
                 node.shared.new_sample.notify_one();
             }
         }
