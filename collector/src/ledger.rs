@@ -1276,32 +1276,36 @@ mod tests {
         Ledger::open(&path).unwrap();
     }
 
+    /// A ledger at schema version 5 (GPU cursors one row per GPU) holding
+    /// what `rows` inserts.
+    fn version_5_ledger(path: &Path, rows: &str) {
+        let mut conn = Connection::open(path).unwrap();
+        let tx = conn.transaction().unwrap();
+        for m in &MIGRATIONS[..5] {
+            let Migration::Sql(sql) = m else {
+                panic!("migrations 1-5 are SQL")
+            };
+            tx.execute_batch(sql).unwrap();
+        }
+        tx.execute_batch(rows).unwrap();
+        tx.pragma_update(None, "user_version", 5).unwrap();
+        tx.commit().unwrap();
+    }
+
     #[test]
     fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        {
-            let mut conn = Connection::open(&path).unwrap();
-            let tx = conn.transaction().unwrap();
-            for m in &MIGRATIONS[..5] {
-                let Migration::Sql(sql) = m else {
-                    panic!("migrations 1-5 are SQL")
-                };
-                tx.execute_batch(sql).unwrap();
-            }
-            tx.execute_batch(
-                "INSERT INTO node_cursor VALUES ('n1', 7, 42), ('n2', 8, 9);
-                 INSERT INTO gpu_cursor VALUES
-                    ('GPU-b', 'n1', 1000, 5000, 7, 11),
-                    ('GPU-a', 'n1', NULL, NULL, 0, 0),
-                    ('GPU-c', 'n2', 9223372036854775807, -3, 999999999, 12),
-                    ('GPU-d', 'gone', 1, 2, 3, 4);
-                 INSERT INTO usage_minute VALUES ('t', 'n1', 600, 100, 5, 4, 1, 6, 7, 8, 9);
-                 PRAGMA user_version = 5;",
-            )
-            .unwrap();
-            tx.commit().unwrap();
-        }
+        version_5_ledger(
+            &path,
+            "INSERT INTO node_cursor VALUES ('n1', 7, 42), ('n2', 8, 9);
+             INSERT INTO gpu_cursor VALUES
+                ('GPU-b', 'n1', 1000, 5000, 7, 11),
+                ('GPU-a', 'n1', NULL, NULL, 0, 0),
+                ('GPU-c', 'n2', 9223372036854775807, -3, 999999999, 12),
+                ('GPU-d', 'gone', 1, 2, 3, 4);
+             INSERT INTO usage_minute VALUES ('t', 'n1', 600, 100, 5, 4, 1, 6, 7, 8, 9);",
+        );
         let l = Ledger::open(&path).unwrap();
         let cursor = |counter, ts, rem, energy| GpuCursor {
             last_counter_mj: counter,
@@ -1360,22 +1364,10 @@ mod tests {
     fn a_negative_counter_in_a_version_5_ledger_is_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        {
-            let mut conn = Connection::open(&path).unwrap();
-            let tx = conn.transaction().unwrap();
-            for m in &MIGRATIONS[..5] {
-                let Migration::Sql(sql) = m else {
-                    panic!("migrations 1-5 are SQL")
-                };
-                tx.execute_batch(sql).unwrap();
-            }
-            tx.execute_batch(
-                "INSERT INTO gpu_cursor VALUES ('GPU-a', 'n1', -1, 0, 0, 0);
-                 PRAGMA user_version = 5;",
-            )
-            .unwrap();
-            tx.commit().unwrap();
-        }
+        version_5_ledger(
+            &path,
+            "INSERT INTO gpu_cursor VALUES ('GPU-a', 'n1', -1, 0, 0, 0);",
+        );
         let err = Ledger::open(&path).err().unwrap().to_string();
         assert!(err.contains("ledger.db") && err.contains("-1"), "{err}");
         // Nothing was half-migrated: the version and table are as before.
