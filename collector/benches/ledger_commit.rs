@@ -41,30 +41,10 @@ use capwatch_collector::model::{GpuReading, HostReading, NodeSample};
 use capwatch_collector::state::{GpuInfo, Hello, State, StateConfig, StreamHandle};
 use capwatch_collector::tenants::Tenants;
 
+mod support;
+use support::{MODEL, POWER_LIMIT_MW, TENANTS, node_id};
+
 const NANOS_PER_SECOND: i64 = 1_000_000_000;
-
-/// Board power limit of every simulated GPU (an H100 SXM): 700 W.
-const POWER_LIMIT_MW: u64 = 700_000;
-
-/// Three tenants leasing three of four node pools whole; the fourth pool
-/// is unassigned. Nodes are named `pool-<k>-node-<i>`.
-const TENANTS: &str = r#"
-    [[tenant]]
-    id = "lab-a"
-    contracted_kw = 2000.0
-    nodes = ["pool-0-*"]
-
-    [[tenant]]
-    id = "lab-b"
-    contracted_kw = 2000.0
-    nodes = ["pool-1-*"]
-
-    [[tenant]]
-    id = "lab-c"
-    contracted_kw = 2000.0
-    nodes = ["pool-2-*"]
-"#;
-const POOLS: usize = 4;
 
 fn main() {
     let opts = match Options::parse() {
@@ -194,11 +174,11 @@ struct Agent {
 impl Agent {
     /// Announces a node of `gpus` GPUs, as its agent's Hello would.
     fn hello(state: &State, index: usize, gpus: usize, nodes: usize, rng: &mut Rng) -> Self {
-        let node_id = format!("pool-{}-node-{index:05}", index % POOLS);
+        let node_id = node_id(index);
         let infos = (0..gpus)
             .map(|_| GpuInfo {
                 uuid: uuid(rng),
-                model: "NVIDIA H100 80GB HBM3".into(),
+                model: MODEL.into(),
                 power_limit_milliwatts: Some(POWER_LIMIT_MW),
                 memory_total_bytes: Some(80 << 30),
                 energy_counter_supported: true,

@@ -23,29 +23,11 @@ use capwatch_collector::model::{GpuReading, NodeSample};
 use capwatch_collector::state::{GpuInfo, Hello, State, StateConfig};
 use capwatch_collector::tenants::Tenants;
 
-const TENANTS: &str = r#"
-    [[tenant]]
-    id = "lab-a"
-    contracted_kw = 2000.0
-    nodes = ["pool-0-*"]
-
-    [[tenant]]
-    id = "lab-b"
-    contracted_kw = 2000.0
-    nodes = ["pool-1-*"]
-
-    [[tenant]]
-    id = "lab-c"
-    contracted_kw = 2000.0
-    nodes = ["pool-2-*"]
-"#;
+mod support;
+use support::{MODEL, POWER_LIMIT_MW, TENANTS, node_id};
 
 fn fleet(gpus: usize) -> Arc<State> {
-    let dir = std::env::temp_dir().join(format!("capwatch-render-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let path = dir.join("tenants.toml");
-    std::fs::write(&path, TENANTS).expect("tenant file");
-    let tenants = Tenants::from_file(&path).expect("tenant file parses");
+    let tenants = Tenants::from_toml(TENANTS).expect("tenant file parses");
     let state = Arc::new(State::new(
         StateConfig {
             stale_after: Some(Duration::from_secs(3600)),
@@ -62,15 +44,15 @@ fn fleet(gpus: usize) -> Arc<State> {
     for node in 0..gpus.div_ceil(8) {
         let (handle, _) = state
             .hello(Hello {
-                node_id: format!("pool-{}-node-{node:05}", node % 4),
+                node_id: node_id(node),
                 agent_version: "bench".into(),
                 epoch: 1,
                 interval: Duration::from_secs(1),
                 gpus: (0..8)
                     .map(|g| GpuInfo {
                         uuid: format!("GPU-{node:08x}-0000-0000-0000-{g:012x}"),
-                        model: "NVIDIA H100 80GB HBM3".into(),
-                        power_limit_milliwatts: Some(700_000),
+                        model: MODEL.into(),
+                        power_limit_milliwatts: Some(POWER_LIMIT_MW),
                         memory_total_bytes: Some(80 << 30),
                         energy_counter_supported: true,
                     })
@@ -91,7 +73,7 @@ fn fleet(gpus: usize) -> Arc<State> {
                         memory_used_bytes: Some(60 << 30),
                         temperature_celsius: Some(70),
                         sm_clock_mhz: Some(1_980),
-                        power_limit_milliwatts: Some(700_000),
+                        power_limit_milliwatts: Some(POWER_LIMIT_MW),
                         lost: false,
                     })
                     .collect(),
