@@ -436,12 +436,33 @@ impl Query {
     }
 }
 
+/// Exact integer amounts in JSON are decimal strings, as payment APIs send
+/// amounts: a JSON number above 2^53 comes out rounded from a parser that
+/// reads numbers as doubles (JavaScript, Python's `float`, most spreadsheet
+/// importers). Figures that are floats anyway (kWh, hours, watts) stay
+/// numbers.
+mod decimal {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        text.parse()
+            .map_err(|_| D::Error::custom(format!("{text:?} is not a decimal amount")))
+    }
+}
+
 /// One row of usage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub tenant: String,
     pub start: String,
     pub end: String,
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
     pub energy_millijoules: u64,
     pub energy_joules: f64,
     pub energy_kwh: f64,
@@ -967,7 +988,7 @@ mod tests {
       "tenant": "a",
       "start": "2027-01-01T00:00:00Z",
       "end": "2027-01-01T00:15:00Z",
-      "energy_millijoules": 540000000,
+      "energy_millijoules": "540000000",
       "energy_joules": 540000.0,
       "energy_kwh": 0.15,
       "gpu_hours": 0.25,
@@ -989,7 +1010,7 @@ mod tests {
       "tenant": "a",
       "start": "2027-01-01T00:15:00Z",
       "end": "2027-01-01T00:30:00Z",
-      "energy_millijoules": 54000000,
+      "energy_millijoules": "54000000",
       "energy_joules": 54000.0,
       "energy_kwh": 0.015,
       "gpu_hours": 0.24166666666666667,
@@ -1015,6 +1036,42 @@ a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600
 a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true
 ";
         assert_eq!(csv(&r), want_csv);
+    }
+
+    #[test]
+    fn exact_amounts_above_2_pow_53_survive_a_double_based_parser() {
+        // 2^53 + 1: the first integer a double cannot hold.
+        let big = (1u64 << 53) + 1;
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:01:00Z"),
+            Some("1m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(
+            &q,
+            &[Terms::new("a", None, None)],
+            &usage_of(vec![("a".to_string(), T, d(big, 60, 60, 1))]),
+            T + 86_400,
+            Duration::ZERO,
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains("\"energy_millijoules\":\"9007199254740993\""),
+            "{json}"
+        );
+        // What a JavaScript or spreadsheet importer does with a number.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let amount = &v["rows"][0]["energy_millijoules"];
+        assert_eq!(amount.as_f64(), None, "a string, not a number");
+        assert_eq!(amount.as_str().unwrap().parse::<u64>().unwrap(), big);
+        // And back through the API's own types (the `usage --url` table).
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.rows[0].energy_millijoules, big);
+        // Floats stay numbers.
+        assert!(v["rows"][0]["energy_kwh"].is_f64());
     }
 
     #[test]
