@@ -128,6 +128,18 @@ pub enum UsageError {
     Expired { before: String },
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
+    #[error(
+        "`since_revision`: {0:?} is not a revision (a whole number from an earlier answer's `revision`)"
+    )]
+    Revision(String),
+    #[error(
+        "`since_revision` {since} is ahead of the ledger, whose revision is {revision}: it comes from another ledger"
+    )]
+    RevisionAhead { since: u64, revision: u64 },
+    #[error(
+        "the period has {count} adjustments since revision {since}; at most {max} per request: ask since a later revision or with a longer step"
+    )]
+    TooManyAdjustments { count: usize, since: u64, max: i64 },
 }
 
 /// What a tenant's rows are computed against.
@@ -170,8 +182,9 @@ pub fn run(
     to: Option<&str>,
     step: Option<&str>,
     tz: Option<&str>,
-    grace: Duration,
+    since_revision: Option<&str>,
 ) -> Result<Report, QueryError> {
+    let since = parse_revision(since_revision)?;
     let mut known: Vec<Terms> = tenants
         .all()
         .iter()
@@ -202,9 +215,36 @@ pub fn run(
     };
     let q = Query::parse(from, to, step, tz, selected.len())?;
     let (lo, hi) = q.read_range();
-    let usage = reader.usage(tenant, lo, hi)?;
+    let usage = reader.usage_since(tenant, lo, hi, since)?;
+    if since > usage.revision {
+        return Err(UsageError::RevisionAhead {
+            since,
+            revision: usage.revision,
+        }
+        .into());
+    }
     q.check_detail(&usage)?;
-    Ok(report(&q, &selected, &usage, now_unix(), grace))
+    let r = report(&q, &selected, &usage);
+    if r.adjustments.len() > MAX_ROWS as usize {
+        return Err(UsageError::TooManyAdjustments {
+            count: r.adjustments.len(),
+            since,
+            max: MAX_ROWS,
+        }
+        .into());
+    }
+    Ok(r)
+}
+
+/// `since_revision`: a revision from an earlier answer; none is 0, every
+/// adjustment.
+fn parse_revision(v: Option<&str>) -> Result<u64, UsageError> {
+    match v {
+        None => Ok(0),
+        Some(text) => text
+            .parse()
+            .map_err(|_| UsageError::Revision(text.to_string())),
+    }
 }
 
 /// The time zone rows are cut in.
@@ -502,9 +542,45 @@ pub struct Report {
     pub to: String,
     pub step: String,
     pub time_zone: String,
-    /// Rows ending at or before this will not change any more.
+    /// Rows ending at or before this never change: the ledger's
+    /// watermark. Energy that arrives later for them is an adjustment.
     pub finalized_through: String,
+    /// The ledger's revision when it answered: ask `since_revision` this
+    /// next time to get only the adjustments booked after this answer.
+    pub revision: u64,
     pub rows: Vec<Row>,
+    /// Late deltas to rows that were already final, one per revision,
+    /// tenant, node and row.
+    pub adjustments: Vec<AdjustmentRow>,
+}
+
+/// What arrived for one row after the row was final: booked by
+/// `revision` at `booked_at`, for the minutes of `[start, end)` on one
+/// node. Its figures add to the row's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdjustmentRow {
+    pub tenant: String,
+    pub node: String,
+    /// The row it belongs to.
+    pub start: String,
+    pub end: String,
+    pub revision: u64,
+    pub booked_at: String,
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
+    pub energy_millijoules: u64,
+    pub energy_kwh: f64,
+    pub gpu_hours: f64,
+    pub busy_gpu_hours: f64,
+    /// GPU time between readings, gaps included (what coverage is
+    /// measured against).
+    pub expected_gpu_hours: f64,
+    /// The energy over the row's length.
+    pub average_power_watts: f64,
+    pub seconds_over_contract: f64,
+    pub overage_kwh: f64,
+    pub estimated: bool,
+    pub readings: u64,
 }
 
 /// `unix` (clamped at 1970) as RFC 3339 in UTC, `Z` and whole seconds.
@@ -520,10 +596,10 @@ pub fn now_unix() -> i64 {
 
 /// Builds the report for `tenants` from the usage read over
 /// `q.read_range()`. Every tenant gets a row for every step, with zeros
-/// where nothing was recorded. `now` decides which rows are partial;
-/// `grace` is how long late samples may still arrive. Rows must fit the
-/// usage's rollups (`Query::check_detail`).
-pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Duration) -> Report {
+/// where nothing was recorded. Rows ending after the ledger's watermark
+/// are partial; adjustments are summed per revision, tenant, node and
+/// row. Rows must fit the usage's rollups (`Query::check_detail`).
+pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
     let mut by_tenant: BTreeMap<&str, BTreeMap<i64, Span>> = BTreeMap::new();
     for (t, span) in &usage.spans {
         by_tenant
@@ -531,8 +607,7 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Dura
             .or_default()
             .insert(span.start, *span);
     }
-    let open_minute = now.div_euclid(60) * 60;
-    let finalized = open_minute - i64::try_from(grace.as_secs()).unwrap_or(0);
+    let finalized = usage.finalized_through;
     let empty = BTreeMap::new();
     let mut rows = Vec::new();
     for terms in tenants {
@@ -641,8 +716,53 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Dura
         step: q.step.label().to_string(),
         time_zone: q.zone.name.clone(),
         finalized_through: q.zone.format(finalized),
+        revision: usage.revision,
         rows,
+        adjustments: adjustment_rows(q, tenants, usage),
     }
+}
+
+/// The usage's adjustments within the period, summed per revision,
+/// tenant, node and row of `q`.
+fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<AdjustmentRow> {
+    let (first, last) = (q.bounds[0], q.bounds[q.bounds.len() - 1]);
+    let mut sums: BTreeMap<(u64, &str, &str, usize), (i64, BucketDelta)> = BTreeMap::new();
+    for a in &usage.adjustments {
+        if a.minute_start < first
+            || a.minute_start >= last
+            || !tenants.iter().any(|t| t.tenant == a.tenant)
+        {
+            continue;
+        }
+        let row = q.bounds.partition_point(|b| *b <= a.minute_start) - 1;
+        let e = sums
+            .entry((a.revision, &a.tenant, &a.node, row))
+            .or_insert((a.booked_at, BucketDelta::default()));
+        e.1.add(&a.delta);
+    }
+    sums.into_iter()
+        .map(|((revision, tenant, node, row), (booked_at, d))| {
+            let (start, end) = (q.bounds[row], q.bounds[row + 1]);
+            AdjustmentRow {
+                tenant: tenant.to_string(),
+                node: node.to_string(),
+                start: q.zone.format(start),
+                end: q.zone.format(end),
+                revision,
+                booked_at: q.zone.format(booked_at),
+                energy_millijoules: d.energy_mj,
+                energy_kwh: d.energy_mj as f64 / 3.6e9,
+                gpu_hours: d.gpu_ns as f64 / 3.6e12,
+                busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
+                expected_gpu_hours: d.expected_gpu_ns as f64 / 3.6e12,
+                average_power_watts: d.energy_mj as f64 / 1000.0 / (end - start) as f64,
+                seconds_over_contract: d.over_contract_ns as f64 / 1e9,
+                overage_kwh: d.overage_mj as f64 / 3.6e9,
+                estimated: d.estimated_mj > 0,
+                readings: d.samples,
+            }
+        })
+        .collect()
 }
 
 /// Errors of asking a running collector for usage.
@@ -703,20 +823,23 @@ pub fn fetch(
     Ok(body)
 }
 
-const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial";
+const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours";
 
 fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
-/// The report as CSV, one row per line after a header.
+/// The report as CSV, one row per line after a header: the rows
+/// (`record` `usage`), then the adjustments (`record` `adjustment`, with
+/// their node, revision and booking time, and blank where a figure of a
+/// row does not add up, such as peak demand or coverage).
 pub fn csv(r: &Report) -> String {
     let mut out = String::from(CSV_HEADER);
     out.push('\n');
     for row in &r.rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},usage,,,,",
             row.tenant,
             row.start,
             row.end,
@@ -736,6 +859,28 @@ pub fn csv(r: &Report) -> String {
             opt(row.facility_energy_kwh_estimated),
             row.readings,
             row.partial
+        );
+    }
+    for a in &r.adjustments {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},,,,,{},{},,{},,{},false,adjustment,{},{},{},{}",
+            a.tenant,
+            a.start,
+            a.end,
+            a.energy_millijoules,
+            a.energy_kwh,
+            a.gpu_hours,
+            a.busy_gpu_hours,
+            a.average_power_watts,
+            a.seconds_over_contract,
+            a.overage_kwh,
+            a.estimated,
+            a.readings,
+            a.node,
+            a.revision,
+            a.booked_at,
+            a.expected_gpu_hours
         );
     }
     out
@@ -760,7 +905,25 @@ pub fn table(r: &Report) -> String {
             row.partial
         );
     }
-    let _ = writeln!(out, "finalized through {}", r.finalized_through);
+    if !r.adjustments.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nadjustments (booked after the rows were final)\n{:<16} {:<16} {:<20} {:>14} {:>9} {:<20}",
+            "tenant", "node", "row start", "energy_kwh", "revision", "booked at"
+        );
+        for a in &r.adjustments {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<20} {:>14.6} {:>9} {:<20}",
+                a.tenant, a.node, a.start, a.energy_kwh, a.revision, a.booked_at
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "finalized through {}, revision {}",
+        r.finalized_through, r.revision
+    );
     out
 }
 
@@ -888,9 +1051,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            minutes_from: 0,
-            hours_from: 0,
-            days_from: 0,
+            ..Usage::default()
         }
     }
 
@@ -935,13 +1096,7 @@ mod tests {
             Terms::new("a", Some(1_000_000), None),
             Terms::new("b", None, None),
         ];
-        let r = report(
-            &q,
-            &tenants,
-            &minutes(),
-            T + 86_400,
-            Duration::from_secs(600),
-        );
+        let r = report(&q, &tenants, &minutes());
         assert_eq!(r.rows.len(), 2);
         let a = &r.rows[0];
         assert_eq!(a.energy_millijoules, 15 * 36_000_000 + 15 * 3_600_000);
@@ -968,14 +1123,13 @@ mod tests {
         )
         .unwrap();
         let tenants = [Terms::new("a", Some(1_000_000), Some(1.2))];
-        // "now" inside the second quarter: it is partial.
-        let r = report(
-            &q,
-            &tenants,
-            &minutes(),
-            T + 26 * 60 + 5,
-            Duration::from_secs(600),
-        );
+        // The watermark inside the second quarter: it is partial.
+        let usage = Usage {
+            finalized_through: T + 16 * 60,
+            revision: 7,
+            ..minutes()
+        };
+        let r = report(&q, &tenants, &usage);
         let json = serde_json::to_string_pretty(&r).unwrap();
         let want_json = r#"{
   "from": "2027-01-01T00:00:00Z",
@@ -983,6 +1137,7 @@ mod tests {
   "step": "15m",
   "time_zone": "UTC",
   "finalized_through": "2027-01-01T00:16:00Z",
+  "revision": 7,
   "rows": [
     {
       "tenant": "a",
@@ -1028,12 +1183,13 @@ mod tests {
       "readings": 900,
       "partial": true
     }
-  ]
+  ],
+  "adjustments": []
 }"#;
         assert_eq!(json, want_json);
-        let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial
-a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,30,0.002,1,false,0.18,900,false
-a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true
+        let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours
+a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,30,0.002,1,false,0.18,900,false,usage,,,,
+a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true,usage,,,,
 ";
         assert_eq!(csv(&r), want_csv);
     }
@@ -1054,8 +1210,6 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             &q,
             &[Terms::new("a", None, None)],
             &usage_of(vec![("a".to_string(), T, d(big, 60, 60, 1))]),
-            T + 86_400,
-            Duration::ZERO,
         );
         let json = serde_json::to_string(&r).unwrap();
         assert!(
@@ -1088,7 +1242,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
                 1,
             )
             .unwrap();
-            report(&q, &tenants, &minutes(), T + 86_400, Duration::ZERO)
+            report(&q, &tenants, &minutes())
                 .rows
                 .iter()
                 .map(|r| r.energy_millijoules)
@@ -1121,13 +1275,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         .unwrap();
         let lengths: Vec<i64> = days.bounds.windows(2).map(|w| w[1] - w[0]).collect();
         assert_eq!(lengths, vec![86_400, 82_800, 86_400]);
-        let r = report(
-            &days,
-            &[Terms::new("a", None, None)],
-            &Usage::default(),
-            T + 400 * 86_400,
-            Duration::ZERO,
-        );
+        let r = report(&days, &[Terms::new("a", None, None)], &Usage::default());
         assert_eq!(
             spans_of(&r)[1],
             (
@@ -1221,13 +1369,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             1,
         )
         .unwrap();
-        let r = report(
-            &q,
-            &[Terms::new("a", None, None)],
-            &minutes(),
-            T + 86_400 * 30,
-            Duration::ZERO,
-        );
+        let r = report(&q, &[Terms::new("a", None, None)], &minutes());
         let energy: Vec<u64> = r.rows.iter().map(|r| r.energy_millijoules).collect();
         assert_eq!(energy, vec![594_000_000, 0]);
         assert_eq!(r.rows[0].peak_demand_watts, 600.0);
@@ -1266,13 +1408,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         )
         .unwrap();
         q.check_detail(&usage).unwrap();
-        let r = report(
-            &q,
-            &[Terms::new("a", None, None)],
-            &usage,
-            T + 86_400,
-            Duration::ZERO,
-        );
+        let r = report(&q, &[Terms::new("a", None, None)], &usage);
         let a: Vec<(u64, f64, Option<f64>)> = r
             .rows
             .iter()
@@ -1294,13 +1430,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             1,
         )
         .unwrap();
-        let r = report(
-            &day,
-            &[Terms::new("a", None, None)],
-            &usage,
-            T + 86_400,
-            Duration::ZERO,
-        );
+        let r = report(&day, &[Terms::new("a", None, None)], &usage);
         assert_eq!(r.rows[0].energy_millijoules, 2_394_000_000);
         assert_eq!(r.rows[0].peak_demand_watts, 1000.0);
         assert_eq!(r.rows[0].p95_power_watts, None);
