@@ -1,6 +1,8 @@
 //! Usage for billing jobs: per-tenant rows over any period and step, read
 //! from the ledger's minute buckets (and, before the minutes kept, its
-//! hourly and daily rollups), as JSON, CSV or a table.
+//! hourly and daily rollups), as JSON, CSV or a table, with the ledger's
+//! watermark and revision and the adjustments booked for rows already
+//! final (late data), optionally only those since a revision.
 //!
 //! *Boundary:* query parameters come from HTTP clients and the command
 //! line; every error names the parameter and maps to a 4xx in `http.rs`.

@@ -687,5 +687,45 @@ async fn late_spool_becomes_an_adjustment_and_final_rows_stay_final() {
     let latest = after["revision"].as_u64().unwrap();
     assert!(latest > revision);
     assert_eq!(since(latest)["adjustments"], serde_json::json!([]));
+    // A cursor that is not a revision, or one from another ledger, is
+    // refused by name.
+    for (r, says) in [
+        ("soon", "is not a revision"),
+        ("99999", "is ahead of the ledger"),
+    ] {
+        let (status, body) =
+            http_get_status(collector.http, &format!("{query}&since_revision={r}"));
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.contains("since_revision") && body.contains(says),
+            "{body}"
+        );
+    }
+    // The usage command asks the same, of the collector or of the file.
+    let ask = |before: &[&str], after: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(bin("capwatch-collector"))
+            .args(before)
+            .args(["usage", "--step", "1m", "--format", "json"])
+            .args(after)
+            .args(["--from", &hour(t0), "--to", &hour(t0 + 3600)])
+            .args(["--since-revision", &revision.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let url = format!("http://{}", collector.http);
+    assert_eq!(
+        ask(&[], &["--url", &url])["adjustments"],
+        after["adjustments"]
+    );
     collector.stop();
+    let ledger = dir.path().join("ledger.db");
+    let local = ask(&["--ledger", ledger.to_str().unwrap()], &[]);
+    assert_eq!(local["adjustments"], after["adjustments"]);
+    assert_eq!(local["rows"], before["rows"]);
 }
