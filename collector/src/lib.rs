@@ -547,15 +547,12 @@ mod tests {
     use std::sync::Mutex;
     use std::time::Duration;
 
-    /// Invariant: minutes reported final stay as they were. A spool that
-    /// arrives three hours late, through the same state and committer as
-    /// live samples, does not change them; it is booked as adjustments,
-    /// and rows plus adjustments hold every millijoule.
-    #[test]
-    fn a_spool_three_hours_late_leaves_final_minutes_as_they_were() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("ledger.db");
-        let ledger = Mutex::new(ledger::Ledger::open(&path).unwrap());
+    /// A state with node `n1` connected (one GPU with a counter and a
+    /// 700 W limit), and a fresh ledger at `path`.
+    fn node_and_ledger(
+        path: &std::path::Path,
+    ) -> (State, state::StreamHandle, Mutex<ledger::Ledger>) {
+        let ledger = Mutex::new(ledger::Ledger::open(path).unwrap());
         let state = State::new(
             StateConfig {
                 stale_after: None,
@@ -565,7 +562,6 @@ mod tests {
             },
             Tenants::empty(),
         );
-        let (committed, _acks) = watch::channel(0);
         let (h, _) = state
             .hello(Hello {
                 node_id: "n1".into(),
@@ -581,6 +577,19 @@ mod tests {
                 }],
             })
             .unwrap();
+        (state, h, ledger)
+    }
+
+    /// Invariant: minutes reported final stay as they were. A spool that
+    /// arrives three hours late, through the same state and committer as
+    /// live samples, does not change them; it is booked as adjustments,
+    /// and rows plus adjustments hold every millijoule.
+    #[test]
+    fn a_spool_three_hours_late_leaves_final_minutes_as_they_were() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let (state, h, ledger) = node_and_ledger(&path);
+        let (committed, _acks) = watch::channel(0);
         // One GPU counting 500 mJ a second, from the top of the hour three
         // hours ago.
         let t0 = (usage::now_unix() - 3 * 3600).div_euclid(3600) * 3600;
@@ -666,5 +675,81 @@ mod tests {
             (2, after.finalized_through)
         );
         assert!(idle.adjustments.is_empty(), "nothing since revision 2");
+    }
+
+    /// Invariant: a GPU back after two hours carries the gap's energy in
+    /// its counter; the part of the gap already final becomes adjustments,
+    /// the part within the grace lands in its minutes, and together they
+    /// are the counter's delta exactly.
+    #[test]
+    fn a_gpu_back_after_two_hours_splits_its_gap_at_the_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let (state, h, ledger) = node_and_ledger(&path);
+        let (committed, _acks) = watch::channel(0);
+        let grace = Duration::from_secs(600);
+        let now = usage::now_unix();
+        let t0 = now - 2 * 3600;
+        let sample = |seq: u64, t: i64, counter: u64| NodeSample {
+            seq,
+            timestamp_unix_nanos: t * 1_000_000_000,
+            gpus: vec![GpuReading {
+                index: 0,
+                power_milliwatts: Some(500_000),
+                energy_millijoules: Some(counter),
+                ..GpuReading::default()
+            }],
+            host: None,
+        };
+        // Heard at t0 and t0 + 1 s, committed then (the ledger is fresh, so
+        // its watermark moves past them with this commit).
+        state
+            .ingest(
+                &h,
+                vec![sample(1, t0, 1_000_000), sample(2, t0 + 1, 1_000_500)],
+                Vec::new(),
+            )
+            .unwrap();
+        assert!(commit_once(&state, &ledger, None, &committed, grace).is_none());
+        let reader = ledger::Reader::open(&path).unwrap();
+        let before = reader.usage(None, t0 - 3600, now + 3600).unwrap();
+        let watermark = before.finalized_through;
+        assert!(watermark > t0 + 60 && watermark < now, "{before:?}");
+        // Then silent until now, 500 W all along.
+        let gap = 500 * (now - t0 - 1) as u64;
+        state
+            .ingest(&h, vec![sample(3, now, 1_000_500 + gap)], Vec::new())
+            .unwrap();
+        assert!(commit_once(&state, &ledger, None, &committed, grace).is_none());
+        let after = reader.usage(None, t0 - 3600, now + 3600).unwrap();
+        let final_rows = |u: &ledger::Usage| -> Vec<(i64, u64)> {
+            u.spans
+                .iter()
+                .filter(|(_, s)| s.start + 60 <= watermark)
+                .map(|(_, s)| (s.start, s.delta.energy_mj))
+                .collect()
+        };
+        assert_eq!(
+            final_rows(&after),
+            final_rows(&before),
+            "final minutes changed"
+        );
+        assert!(
+            after
+                .adjustments
+                .iter()
+                .all(|a| a.minute_start + 60 <= watermark)
+        );
+        assert!(!after.adjustments.is_empty());
+        let booked: u64 = after.adjustments.iter().map(|a| a.delta.energy_mj).sum();
+        let open: u64 = after
+            .spans
+            .iter()
+            .filter(|(_, s)| s.start + 60 > watermark)
+            .map(|(_, s)| s.delta.energy_mj)
+            .sum();
+        assert!(open > 0, "the minutes within the grace get their share");
+        let rows: u64 = final_rows(&after).iter().map(|r| r.1).sum();
+        assert_eq!(rows + booked + open, 500 + gap);
     }
 }
