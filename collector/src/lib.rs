@@ -348,8 +348,8 @@ fn commit_once(
         commit = earlier;
     }
     let now = usage::now_unix();
-    let finalize_through =
-        now.div_euclid(60) * 60 - i64::try_from(finalize_grace.as_secs()).unwrap_or(i64::MAX / 2);
+    let finalize_through = (now.div_euclid(60) * 60)
+        .saturating_sub(i64::try_from(finalize_grace.as_secs()).unwrap_or(i64::MAX));
     if commit.is_empty() {
         committed.send_replace(id);
         // Nothing to write, but the watermark still moves once a minute,
