@@ -1231,6 +1231,110 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
     }
 
     #[test]
+    fn adjustments_are_summed_per_revision_tenant_node_and_row() {
+        use crate::ledger::Adjustment;
+        let adj = |revision, tenant: &str, node: &str, minute: i64, e: u64| Adjustment {
+            revision,
+            booked_at: T + 3 * 3600 + revision as i64,
+            tenant: tenant.to_string(),
+            node: node.to_string(),
+            minute_start: T + minute * 60,
+            delta: d(e, 30, 15, 30),
+        };
+        let usage = Usage {
+            finalized_through: T + 3600,
+            revision: 9,
+            adjustments: vec![
+                // Revision 4: two minutes of one row on n1, one of the
+                // next row, and one on n2.
+                adj(4, "a", "n1", 1, 1_000),
+                adj(4, "a", "n1", 14, 2_000),
+                adj(4, "a", "n1", 15, 4_000),
+                adj(4, "a", "n2", 3, 8_000),
+                // Revision 9: the first row again; a tenant not asked for;
+                // a minute outside the period.
+                adj(9, "a", "n1", 2, 16_000),
+                adj(9, "b", "n1", 2, 32_000),
+                adj(9, "a", "n1", 30, 64_000),
+            ],
+            ..minutes()
+        };
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:30:00Z"),
+            Some("15m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(&q, &[Terms::new("a", Some(1_000_000), None)], &usage);
+        let got: Vec<(u64, &str, &str, &str, u64, u64)> = r
+            .adjustments
+            .iter()
+            .map(|a| {
+                (
+                    a.revision,
+                    a.tenant.as_str(),
+                    a.node.as_str(),
+                    a.start.as_str(),
+                    a.energy_millijoules,
+                    a.readings,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (4, "a", "n1", "2027-01-01T00:00:00Z", 3_000, 60),
+                (4, "a", "n1", "2027-01-01T00:15:00Z", 4_000, 30),
+                (4, "a", "n2", "2027-01-01T00:00:00Z", 8_000, 30),
+                (9, "a", "n1", "2027-01-01T00:00:00Z", 16_000, 30),
+            ]
+        );
+        assert_eq!(r.revision, 9);
+        let first = &r.adjustments[0];
+        assert_eq!(first.booked_at, "2027-01-01T03:00:04Z");
+        assert_eq!(first.end, "2027-01-01T00:15:00Z");
+        assert_eq!(
+            (first.gpu_hours, first.busy_gpu_hours),
+            (60.0 / 3600.0, 30.0 / 3600.0)
+        );
+        assert_eq!(first.expected_gpu_hours, 60.0 / 3600.0);
+        // The rows are what the minutes say, adjustments or not.
+        assert_eq!(
+            r.rows,
+            report(
+                &q,
+                &[Terms::new("a", Some(1_000_000), None)],
+                &Usage {
+                    adjustments: Vec::new(),
+                    ..usage.clone()
+                }
+            )
+            .rows
+        );
+        let csv = csv(&r);
+        let lines: Vec<&str> = csv.lines().filter(|l| l.contains(",adjustment,")).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,3000,0.0000008333333333333333,0.016666666666666666,0.008333333333333333,0.0033333333333333335,,,,,0,0,,false,,60,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.016666666666666666",
+                "a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,4000,0.000001111111111111111,0.008333333333333333,0.004166666666666667,0.0044444444444444444,,,,,0,0,,false,,30,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.008333333333333333",
+                "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,8000,0.000002222222222222222,0.008333333333333333,0.004166666666666667,0.008888888888888889,,,,,0,0,,false,,30,false,adjustment,n2,4,2027-01-01T03:00:04Z,0.008333333333333333",
+                "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,16000,0.000004444444444444444,0.008333333333333333,0.004166666666666667,0.017777777777777778,,,,,0,0,,false,,30,false,adjustment,n1,9,2027-01-01T03:00:09Z,0.008333333333333333",
+            ]
+        );
+        // Every line has the header's columns.
+        let columns = CSV_HEADER.split(',').count();
+        assert!(
+            csv.lines().all(|l| l.split(',').count() == columns),
+            "{csv}"
+        );
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["adjustments"][0]["energy_millijoules"], "3000");
+    }
+
+    #[test]
     fn rows_sum_to_the_period_whatever_the_step() {
         // Conservation across steps: the 1m, 15m and 1h rows of the same
         // hour add up to the same energy.
