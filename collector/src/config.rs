@@ -28,7 +28,7 @@ pub struct Config {
     pub commit_interval: Duration,
     /// How long after a minute closes late samples may still change it: the
     /// ledger's watermark (the usage API's `finalized_through`) trails the
-    /// clock by this much, and what arrives later for a minute before it is
+    /// clock by this much (rounded down to a quarter-hour), and what arrives later for a minute before it is
     /// booked as an adjustment.
     #[serde(with = "humantime_serde")]
     pub finalize_grace: Duration,

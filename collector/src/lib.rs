@@ -304,7 +304,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
 /// in 50 ms waited up to 800 ms more for a worker to poll it while every
 /// worker was busy with streams, and acks waited with it. Returns a commit
 /// that could not be written. Each commit moves the ledger's watermark to
-/// `finalize_grace` before the open minute.
+/// `finalize_grace` before the open minute (`finalize_through`).
 fn commit_loop(
     state: &State,
     ledger: &std::sync::Mutex<ledger::Ledger>,
@@ -333,8 +333,8 @@ fn commit_loop(
 }
 
 /// Writes the pending commit (with a previously failed one, if any), and
-/// moves the ledger's watermark to `finalize_grace` before the open minute
-/// in the same transaction. Returns the commit back if the write failed.
+/// moves the ledger's watermark (`finalize_through`) in the same
+/// transaction. Returns the commit back if the write failed.
 fn commit_once(
     state: &State,
     ledger: &std::sync::Mutex<ledger::Ledger>,
@@ -348,11 +348,10 @@ fn commit_once(
         commit = earlier;
     }
     let now = usage::now_unix();
-    let finalize_through = (now.div_euclid(60) * 60)
-        .saturating_sub(i64::try_from(finalize_grace.as_secs()).unwrap_or(i64::MAX));
+    let finalize_through = finalize_through(now, finalize_grace);
     if commit.is_empty() {
         committed.send_replace(id);
-        // Nothing to write, but the watermark still moves once a minute,
+        // Nothing to write, but the watermark still moves (each quarter-hour),
         // so that an idle fleet's rows become final. Skipped while the
         // compactor holds the ledger: the next tick tries again.
         let l = match ledger.try_lock() {
@@ -394,6 +393,19 @@ fn commit_once(
         }
         Err(_) => committer_died(),
     }
+}
+
+/// Where a commit at `now` moves the watermark: `grace` before the open
+/// minute, rounded down to a whole quarter-hour (and not before 1970). A row's peak demand is
+/// read from the quarter-hours overlapping it, so a watermark inside a
+/// quarter-hour would let a final 1-minute row's peak change with the
+/// minutes after it.
+fn finalize_through(now: i64, grace: std::time::Duration) -> i64 {
+    (now.div_euclid(60) * 60)
+        .saturating_sub(i64::try_from(grace.as_secs()).unwrap_or(i64::MAX))
+        .max(0)
+        .div_euclid(900)
+        * 900
 }
 
 /// Ends the process after the committer panicked. Whether its commit was
@@ -613,6 +625,7 @@ mod tests {
         let before = reader.usage(None, t0, t0 + 3600).unwrap();
         // The commit moved the watermark past the hour: it is final.
         assert!(before.finalized_through >= t0 + 3600, "{before:?}");
+        assert_eq!(before.finalized_through % 900, 0, "whole quarter-hours");
         assert_eq!(before.revision, 1);
         assert!(before.adjustments.is_empty());
         let in_time: u64 = before.spans.iter().map(|(_, s)| s.delta.energy_mj).sum();
@@ -675,6 +688,18 @@ mod tests {
             (2, after.finalized_through)
         );
         assert!(idle.adjustments.is_empty(), "nothing since revision 2");
+    }
+
+    #[test]
+    fn the_watermark_trails_by_the_grace_in_whole_quarter_hours() {
+        const T: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+        let grace = Duration::from_secs(600);
+        // Open minute 00:26, less 10 minutes: 00:16, down to 00:15.
+        assert_eq!(finalize_through(T + 26 * 60 + 5, grace), T + 15 * 60);
+        assert_eq!(finalize_through(T + 25 * 60, grace), T + 15 * 60);
+        assert_eq!(finalize_through(T + 24 * 60 + 59, grace), T);
+        assert_eq!(finalize_through(T, Duration::ZERO), T);
+        assert_eq!(finalize_through(T, Duration::from_secs(u64::MAX)), 0);
     }
 
     /// Invariant: a GPU back after two hours carries the gap's energy in
