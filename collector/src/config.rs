@@ -27,7 +27,9 @@ pub struct Config {
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// How long after a minute closes late samples may still change it: the
-    /// usage API's `finalized_through` trails the clock by this much.
+    /// ledger's watermark (the usage API's `finalized_through`) trails the
+    /// clock by this much (rounded down to a quarter-hour), and what arrives later for a minute before it is
+    /// booked as an adjustment.
     #[serde(with = "humantime_serde")]
     pub finalize_grace: Duration,
     /// How long minute buckets are kept. Usage rows in this window have

@@ -30,8 +30,6 @@ pub struct HttpState {
     pub per_node_metrics: bool,
     pub state: Arc<State>,
     pub ledger: Arc<Mutex<Reader>>,
-    /// How long after a minute closes late samples may still change it.
-    pub finalize_grace: Duration,
     /// `/metrics` needs an admin token (when API tokens are configured).
     pub metrics_auth: bool,
     /// Longest a request may take (408 after).
@@ -203,6 +201,7 @@ struct UsageParams {
     step: Option<String>,
     tz: Option<String>,
     format: Option<String>,
+    since_revision: Option<String>,
 }
 
 /// A query string that does not parse (a repeated or unknown parameter)
@@ -250,7 +249,6 @@ async fn usage_response(
     }
     let tenants = s.state.tenants();
     let ledger = s.ledger.clone();
-    let grace = s.finalize_grace;
     let report = tokio::task::spawn_blocking(move || {
         usage::run(
             &lock(&ledger),
@@ -260,7 +258,7 @@ async fn usage_response(
             p.to.as_deref(),
             p.step.as_deref(),
             p.tz.as_deref(),
-            grace,
+            p.since_revision.as_deref(),
         )
     })
     .await

@@ -104,6 +104,35 @@ const MIGRATIONS: &[Migration] = &[
     // 6: a node's GPU cursors move into its node_cursor row, so that a
     // commit writes one row per node instead of one per GPU.
     Migration::Code(gpu_cursors_into_nodes),
+    // 7: the watermark, kept by the ledger itself (minutes ending at or
+    // before it never change), the revision of the last commit, and the
+    // bucket deltas that arrived for minutes already final, booked as
+    // adjustments instead.
+    Migration::Sql(
+        "CREATE TABLE watermark (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        revision INTEGER NOT NULL,
+        finalized_through INTEGER NOT NULL
+     );
+     INSERT INTO watermark (id, revision, finalized_through) VALUES (1, 0, 0);
+     CREATE TABLE adjustment (
+        revision INTEGER NOT NULL,
+        booked_at INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        minute_start INTEGER NOT NULL,
+        energy_mj INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        busy_gpu_ns INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        expected_gpu_ns INTEGER NOT NULL,
+        estimated_mj INTEGER NOT NULL,
+        over_contract_ns INTEGER NOT NULL,
+        overage_mj INTEGER NOT NULL,
+        PRIMARY KEY (revision, tenant, node, minute_start)
+     ) WITHOUT ROWID;
+     CREATE INDEX adjustment_by_time ON adjustment (minute_start, tenant);",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
@@ -405,6 +434,18 @@ fn kept_from(conn: &Connection, period: i64, path: &Path) -> Result<i64, LedgerE
     .map_err(sqlite_err(path))
 }
 
+/// The revision of the last commit and the watermark.
+fn watermark(conn: &Connection, path: &Path) -> Result<(u64, i64), LedgerError> {
+    let (revision, finalized): (i64, i64) = conn
+        .query_row(
+            "SELECT revision, finalized_through FROM watermark WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .map_err(sqlite_err(path))?;
+    Ok((u64_of(revision, path, "revision")?, finalized))
+}
+
 fn i64_of(v: u64, path: &Path, what: &'static str) -> Result<i64, LedgerError> {
     i64::try_from(v).map_err(|_| LedgerError::Range {
         path: path.to_owned(),
@@ -563,11 +604,41 @@ impl Ledger {
         Ok(snap)
     }
 
-    /// Writes `c` in one transaction.
+    /// Writes `c` in one transaction, booked now, leaving the watermark
+    /// where it is.
     pub fn commit(&mut self, c: &Commit) -> Result<(), LedgerError> {
+        self.commit_at(c, crate::usage::now_unix(), i64::MIN)
+            .map(|_| ())
+    }
+
+    /// Where the watermark stands: minute buckets ending at or before this
+    /// (Unix seconds) never change.
+    pub fn finalized_through(&self) -> Result<i64, LedgerError> {
+        watermark(&self.conn, &self.path).map(|(_, w)| w)
+    }
+
+    /// Writes `c` in one transaction as the next revision, booked at
+    /// `booked_at` (Unix seconds), then moves the watermark forward to
+    /// `finalize_through` (never back). Returns the revision.
+    ///
+    /// *Invariant:* minute buckets ending at or before the watermark never
+    /// change. A delta for such a minute (a late spool, a gap's energy
+    /// spread back) is booked as an `adjustment` row of this revision, with
+    /// its tenant, node and minute, instead of being added to the minute;
+    /// nothing is dropped, and minutes plus adjustments hold every
+    /// committed delta.
+    pub fn commit_at(
+        &mut self,
+        c: &Commit,
+        booked_at: i64,
+        finalize_through: i64,
+    ) -> Result<u64, LedgerError> {
         let p = self.path.clone();
         let err = sqlite_err(&p);
         let tx = self.conn.transaction().map_err(err)?;
+        let (last_revision, finalized) = watermark(&tx, &p)?;
+        let revision = last_revision + 1;
+        let is_final = |minute: i64| minute.saturating_add(MINUTE) <= finalized;
         {
             let mut node = tx
                 .prepare_cached(
@@ -621,9 +692,22 @@ impl Ledger {
             let mut pending = tx
                 .prepare_cached("INSERT OR IGNORE INTO rollup_pending (hour_start) VALUES (?1)")
                 .map_err(err)?;
+            let mut adjust = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO adjustment (revision, booked_at, tenant, node, minute_start, {cols})
+                     VALUES (?1, ?2, ?3, ?4, ?5, {})
+                     ON CONFLICT (revision, tenant, node, minute_start) DO UPDATE SET {updates}",
+                    (6..6 + BUCKET_COLUMNS.len())
+                        .map(|i| format!("?{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .map_err(err)?;
+            // Only minutes that change need their hour rolled up again.
             let mut hours: Vec<i64> = c
                 .buckets
                 .keys()
+                .filter(|(_, _, m)| !is_final(*m))
                 .map(|(_, _, m)| m.div_euclid(HOUR) * HOUR)
                 .collect();
             hours.sort_unstable();
@@ -635,6 +719,26 @@ impl Ledger {
                 let mut v = [0i64; BUCKET_COLUMNS.len()];
                 for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
                     *slot = i64_of(x, &p, name)?;
+                }
+                if is_final(*minute) {
+                    adjust
+                        .execute(params![
+                            i64_of(revision, &p, "revision")?,
+                            booked_at,
+                            &**tenant,
+                            &**node,
+                            minute,
+                            v[0],
+                            v[1],
+                            v[2],
+                            v[3],
+                            v[4],
+                            v[5],
+                            v[6],
+                            v[7]
+                        ])
+                        .map_err(err)?;
+                    continue;
                 }
                 bucket
                     .execute(params![
@@ -663,8 +767,16 @@ impl Ledger {
                 over.execute(params![&**tenant, i64_of(*ns, &p, "over-contract time")?])
                     .map_err(err)?;
             }
+            tx.prepare_cached(
+                "UPDATE watermark SET revision = ?1,
+                    finalized_through = MAX(finalized_through, ?2) WHERE id = 1",
+            )
+            .map_err(err)?
+            .execute(params![i64_of(revision, &p, "revision")?, finalize_through])
+            .map_err(err)?;
         }
-        tx.commit().map_err(err)
+        tx.commit().map_err(err)?;
+        Ok(revision)
     }
 
     /// Rolls closed hours up and drops what `policy` no longer keeps, in
@@ -863,26 +975,38 @@ impl Ledger {
             if let Some(days_from) = policy.days_from {
                 let days_from = days_from.min(hours_from).div_euclid(DAY) * DAY;
                 done.day_rows_dropped = drop(DAY, days_from)?;
+                // Adjustments are kept as long as the days they belong to.
+                done.adjustment_rows_dropped = tx
+                    .execute(
+                        "DELETE FROM adjustment WHERE minute_start < ?1",
+                        [days_from],
+                    )
+                    .map_err(err)?;
             }
         }
         tx.commit().map_err(err)?;
         Ok(done)
     }
 
-    /// Sums of the minute buckets of `tenant` over all nodes and all time:
-    /// a cross-check of `tenant_total` and of exactly-once sample counts.
+    /// Sums of the minute buckets and adjustments of `tenant` over all
+    /// nodes and all time: a cross-check of `tenant_total` and of
+    /// exactly-once sample counts.
     pub fn bucket_totals(&self, tenant: &str) -> Result<BucketDelta, LedgerError> {
         let p = &self.path;
-        self.conn
-            .query_row(
-                &format!(
-                    "SELECT {} FROM usage_minute WHERE tenant = ?1",
-                    bucket_sums()
-                ),
-                [tenant],
-                |r| BucketDelta::from_row(r, 0, p),
-            )
-            .map_err(sqlite_err(p))?
+        let mut sum = BucketDelta::default();
+        for table in ["usage_minute", "adjustment"] {
+            sum.add(
+                &self
+                    .conn
+                    .query_row(
+                        &format!("SELECT {} FROM {table} WHERE tenant = ?1", bucket_sums()),
+                        [tenant],
+                        |r| BucketDelta::from_row(r, 0, p),
+                    )
+                    .map_err(sqlite_err(p))??,
+            );
+        }
+        Ok(sum)
     }
 }
 
@@ -907,6 +1031,7 @@ pub struct Compacted {
     pub minute_rows_dropped: usize,
     pub hour_rows_dropped: usize,
     pub day_rows_dropped: usize,
+    pub adjustment_rows_dropped: usize,
 }
 
 /// A stretch of one tenant's usage, summed over its nodes: a minute bucket
@@ -933,6 +1058,26 @@ pub struct Usage {
     pub hours_from: i64,
     /// Daily rollups exist from here on; before, nothing is kept.
     pub days_from: i64,
+    /// The revision of the last commit.
+    pub revision: u64,
+    /// Minutes ending at or before this (Unix seconds) never change.
+    pub finalized_through: i64,
+    /// Deltas booked for minutes of the period that were already final,
+    /// in revisions after the one asked about, ordered by revision,
+    /// tenant, node and minute.
+    pub adjustments: Vec<Adjustment>,
+}
+
+/// A late delta to a final minute of one tenant on one node, booked by
+/// revision `revision` at `booked_at` (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    pub revision: u64,
+    pub booked_at: i64,
+    pub tenant: String,
+    pub node: String,
+    pub minute_start: i64,
+    pub delta: BucketDelta,
 }
 
 /// A read-only view of the ledger, for the usage API and the `usage`
@@ -1020,11 +1165,70 @@ impl Reader {
 
     /// The usage of `tenant` (`None`: every tenant) in `[from, to)`,
     /// read in one snapshot: minute buckets where they are kept, hourly
-    /// and then daily rollups before.
+    /// and then daily rollups before, and every adjustment.
     pub fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
+        self.usage_since(tenant, from, to, 0)
+    }
+
+    /// As `usage`, with the adjustments booked after revision
+    /// `since_revision` only. The revision, the watermark, the rows and
+    /// the adjustments are read in one snapshot, so a job that asks next
+    /// time since the revision returned sees every adjustment once.
+    pub fn usage_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
         let p = &self.path;
         let err = sqlite_err(p);
         let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let (revision, finalized_through) = watermark(&tx, p)?;
+        let mut adjustments = Vec::new();
+        {
+            let mut q = tx
+                .prepare_cached(&format!(
+                    "SELECT revision, booked_at, tenant, node, minute_start, {}
+                     FROM adjustment
+                     WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
+                        AND revision > ?4
+                     ORDER BY revision, tenant, node, minute_start",
+                    BUCKET_COLUMNS.join(", ")
+                ))
+                .map_err(err)?;
+            let rows = q
+                .query_map(
+                    params![
+                        tenant,
+                        from,
+                        to,
+                        i64_of(since_revision, p, "since_revision")?
+                    ],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                            BucketDelta::from_row(r, 5, p)?,
+                        ))
+                    },
+                )
+                .map_err(err)?;
+            for row in rows {
+                let (revision, booked_at, tenant, node, minute_start, delta) = row.map_err(err)?;
+                adjustments.push(Adjustment {
+                    revision: u64_of(revision, p, "revision")?,
+                    booked_at,
+                    tenant,
+                    node,
+                    minute_start,
+                    delta: delta?,
+                });
+            }
+        }
         let minutes_from = kept_from(&tx, MINUTE, p)?;
         let hours_from = kept_from(&tx, HOUR, p)?.min(minutes_from);
         let days_from = kept_from(&tx, DAY, p)?.min(hours_from);
@@ -1091,6 +1295,9 @@ impl Reader {
             minutes_from,
             hours_from,
             days_from,
+            revision,
+            finalized_through,
+            adjustments,
         })
     }
 
@@ -1579,6 +1786,137 @@ mod tests {
         assert_eq!(rounds, 4, "48 + 48 + 4 hours, then nothing");
     }
 
+    #[test]
+    fn deltas_for_final_minutes_are_booked_as_adjustments() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let fresh = reader.usage(None, T0, T0 + DAY).unwrap();
+        assert_eq!((fresh.revision, fresh.finalized_through), (0, 0));
+        // Minute 0 arrives in time; the commit finalizes the first hour.
+        let r = l
+            .commit_at(
+                &minute_commit(&[("a", "n1", T0, 1_000)]),
+                T0 + 70,
+                T0 + HOUR,
+            )
+            .unwrap();
+        assert_eq!(r, 1);
+        let before = reader.usage(None, T0, T0 + DAY).unwrap();
+        assert_eq!((before.revision, before.finalized_through), (1, T0 + HOUR));
+        // Three hours later: late energy for minutes 0 and 59 (final), and
+        // for minute 60 (not: it ends after the watermark). The watermark
+        // asked for is behind the stored one: it stays.
+        let late = minute_commit(&[
+            ("a", "n1", T0, 500),
+            ("a", "n2", T0 + HOUR - 60, 200),
+            ("a", "n1", T0 + HOUR, 300),
+        ]);
+        assert_eq!(l.commit_at(&late, T0 + 3 * HOUR, T0).unwrap(), 2);
+        let after = reader.usage(None, T0, T0 + DAY).unwrap();
+        assert_eq!(after.finalized_through, T0 + HOUR, "never back");
+        assert_eq!(after.revision, 2);
+        let rows: Vec<(i64, u64)> = after
+            .spans
+            .iter()
+            .map(|(_, s)| (s.start, s.delta.energy_mj))
+            .collect();
+        assert_eq!(rows, vec![(T0, 1_000), (T0 + HOUR, 300)]);
+        let booked: Vec<(u64, i64, &str, &str, i64, u64, u64)> = after
+            .adjustments
+            .iter()
+            .map(|a| {
+                (
+                    a.revision,
+                    a.booked_at,
+                    a.tenant.as_str(),
+                    a.node.as_str(),
+                    a.minute_start,
+                    a.delta.energy_mj,
+                    a.delta.samples,
+                )
+            })
+            .collect();
+        assert_eq!(
+            booked,
+            vec![
+                (2, T0 + 3 * HOUR, "a", "n1", T0, 500, 60),
+                (2, T0 + 3 * HOUR, "a", "n2", T0 + HOUR - 60, 200, 60),
+            ]
+        );
+        // Every figure of the bucket goes with it, and nothing is lost.
+        assert_eq!(
+            after.adjustments[0].delta,
+            minute_commit(&[("a", "n1", T0, 500)])
+                .buckets
+                .into_values()
+                .next()
+                .unwrap()
+        );
+        assert_eq!(l.bucket_totals("a").unwrap().energy_mj, 2_000);
+        // Since revision 1: the same; since 2: nothing; a tenant sees its own.
+        assert_eq!(
+            reader
+                .usage_since(None, T0, T0 + DAY, 1)
+                .unwrap()
+                .adjustments,
+            after.adjustments
+        );
+        assert!(
+            reader
+                .usage_since(None, T0, T0 + DAY, 2)
+                .unwrap()
+                .adjustments
+                .is_empty()
+        );
+        assert!(
+            reader
+                .usage_since(Some("b"), T0, T0 + DAY, 0)
+                .unwrap()
+                .adjustments
+                .is_empty()
+        );
+        // Only the minute that changed marks its hour for a new rollup.
+        let pending: Vec<i64> = l
+            .conn
+            .prepare("SELECT hour_start FROM rollup_pending ORDER BY hour_start")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(pending, vec![T0, T0 + HOUR]);
+
+        // Rollups sum the minutes only; adjustments outlive the minutes
+        // and the hours, and go with the days they belong to.
+        let keep_days = Compaction {
+            closed_before: T0 + 3 * DAY,
+            minutes_from: T0 + 2 * DAY,
+            hours_from: T0 + 2 * DAY,
+            days_from: None,
+        };
+        l.compact(&keep_days).unwrap();
+        let rolled = reader.usage(None, T0, T0 + DAY).unwrap();
+        assert_eq!(rolled.spans.len(), 1);
+        assert_eq!(rolled.spans[0].1.delta.energy_mj, 1_300);
+        assert_eq!(rolled.adjustments, after.adjustments);
+        let done = l
+            .compact(&Compaction {
+                days_from: Some(T0 + 2 * DAY),
+                ..keep_days
+            })
+            .unwrap();
+        assert_eq!(done.adjustment_rows_dropped, 2);
+        assert!(
+            reader
+                .usage(None, 0, T0 + DAY)
+                .unwrap()
+                .adjustments
+                .is_empty()
+        );
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(24))]
         /// Conservation: whatever is committed and whenever compaction
@@ -1632,6 +1970,68 @@ mod tests {
             got_day.retain(|_, e| *e > 0);
             per_day.retain(|_, e| *e > 0);
             prop_assert_eq!(got_day, per_day);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// The watermark's promise: whatever is committed, however late,
+        /// and whenever compaction runs, every hour that was final when it
+        /// was read reads the same ever after, and the rows plus the
+        /// adjustments hold everything committed.
+        #[test]
+        fn final_rows_never_change_and_late_energy_is_kept(
+            entries in proptest::collection::vec((0usize..2, 0i64..6 * 60, 0u64..1_000_000), 1..120),
+            marks in proptest::collection::vec(0i64..8 * 60, 1..6),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("ledger.db");
+            let mut l = Ledger::open(&path).unwrap();
+            let reader = Reader::open(&path).unwrap();
+            let tenants = ["a", "b"];
+            let mut want: BTreeMap<String, u64> = BTreeMap::new();
+            let mut seen: BTreeMap<(String, i64), u64> = BTreeMap::new();
+            let hourly = |u: &Usage| {
+                let mut out: BTreeMap<(String, i64), u64> = BTreeMap::new();
+                for (t, s) in &u.spans {
+                    *out.entry((t.clone(), s.start.div_euclid(HOUR) * HOUR)).or_default() += s.delta.energy_mj;
+                }
+                out
+            };
+            let chunk = entries.len().div_ceil(marks.len());
+            for (i, (batch, mark)) in entries.chunks(chunk).zip(&marks).enumerate() {
+                let list: Vec<(&str, &str, i64, u64)> = batch
+                    .iter()
+                    .map(|&(t, m, e)| (tenants[t], "n1", T0 + m * 60, e))
+                    .collect();
+                for &(t, _, _, e) in &list {
+                    *want.entry(t.to_string()).or_default() += e;
+                }
+                l.commit_at(&minute_commit(&list), T0 + i as i64, T0 + mark * 60).unwrap();
+                l.compact(&policy(T0 + mark * 60, T0 + mark * 60)).unwrap();
+                let u = reader.usage(None, 0, T0 + DAY).unwrap();
+                let now = hourly(&u);
+                // Hours read final before read the same now.
+                for (k, e) in &seen {
+                    prop_assert_eq!(now.get(k).copied().unwrap_or(0), *e, "{:?}", k);
+                }
+                for t in tenants {
+                    for h in (0..8).map(|h| T0 + h * HOUR) {
+                        if h + HOUR <= u.finalized_through {
+                            let e = now.get(&(t.to_string(), h)).copied().unwrap_or(0);
+                            seen.entry((t.to_string(), h)).or_insert(e);
+                        }
+                    }
+                }
+                let mut got: BTreeMap<String, u64> = energy_by_tenant(&u);
+                for a in &u.adjustments {
+                    *got.entry(a.tenant.clone()).or_default() += a.delta.energy_mj;
+                }
+                got.retain(|_, e| *e > 0);
+                let mut expect = want.clone();
+                expect.retain(|_, e| *e > 0);
+                prop_assert_eq!(got, expect);
+            }
         }
     }
 }

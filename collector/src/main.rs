@@ -90,6 +90,10 @@ enum Command {
         /// Output: table, csv or json.
         #[arg(long, default_value = "table")]
         format: String,
+        /// Only adjustments booked after this revision (the `revision` of
+        /// an earlier answer) [default: every adjustment of the period].
+        #[arg(long)]
+        since_revision: Option<String>,
     },
 }
 
@@ -109,6 +113,7 @@ fn usage_command(
         step,
         tz,
         format,
+        since_revision,
     } = cmd;
     let format = Format::parse(format)?;
     if let Some(url) = url {
@@ -124,18 +129,17 @@ fn usage_command(
             ),
             None => std::env::var("CAPWATCH_TOKEN").ok(),
         };
-        let body = usage::fetch(
-            url,
-            &path,
-            token.as_deref(),
-            &[
-                ("from", from),
-                ("to", to),
-                ("step", step),
-                ("tz", tz),
-                ("format", wire),
-            ],
-        )?;
+        let mut query = vec![
+            ("from", from.as_str()),
+            ("to", to.as_str()),
+            ("step", step.as_str()),
+            ("tz", tz.as_str()),
+            ("format", wire),
+        ];
+        if let Some(r) = since_revision {
+            query.push(("since_revision", r));
+        }
+        let body = usage::fetch(url, &path, token.as_deref(), &query)?;
         match format {
             Format::Table => print!("{}", usage::table(&serde_json::from_str(&body)?)),
             Format::Json => println!("{body}"),
@@ -152,7 +156,7 @@ fn usage_command(
         Some(to),
         Some(step),
         Some(tz),
-        cfg.finalize_grace,
+        since_revision.as_deref(),
     )?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),

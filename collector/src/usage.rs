@@ -1,6 +1,8 @@
 //! Usage for billing jobs: per-tenant rows over any period and step, read
 //! from the ledger's minute buckets (and, before the minutes kept, its
-//! hourly and daily rollups), as JSON, CSV or a table.
+//! hourly and daily rollups), as JSON, CSV or a table, with the ledger's
+//! watermark and revision and the adjustments booked for rows already
+//! final (late data), optionally only those since a revision.
 //!
 //! *Boundary:* query parameters come from HTTP clients and the command
 //! line; every error names the parameter and maps to a 4xx in `http.rs`.
@@ -128,6 +130,18 @@ pub enum UsageError {
     Expired { before: String },
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
+    #[error(
+        "`since_revision`: {0:?} is not a revision (a whole number from an earlier answer's `revision`)"
+    )]
+    Revision(String),
+    #[error(
+        "`since_revision` {since} is ahead of the ledger, whose revision is {revision}: it comes from another ledger"
+    )]
+    RevisionAhead { since: u64, revision: u64 },
+    #[error(
+        "the period has {count} adjustments since revision {since}; at most {max} per request: ask since a later revision or with a longer step"
+    )]
+    TooManyAdjustments { count: usize, since: u64, max: i64 },
 }
 
 /// What a tenant's rows are computed against.
@@ -170,8 +184,9 @@ pub fn run(
     to: Option<&str>,
     step: Option<&str>,
     tz: Option<&str>,
-    grace: Duration,
+    since_revision: Option<&str>,
 ) -> Result<Report, QueryError> {
+    let since = parse_revision(since_revision)?;
     let mut known: Vec<Terms> = tenants
         .all()
         .iter()
@@ -202,9 +217,36 @@ pub fn run(
     };
     let q = Query::parse(from, to, step, tz, selected.len())?;
     let (lo, hi) = q.read_range();
-    let usage = reader.usage(tenant, lo, hi)?;
+    let usage = reader.usage_since(tenant, lo, hi, since)?;
+    if since > usage.revision {
+        return Err(UsageError::RevisionAhead {
+            since,
+            revision: usage.revision,
+        }
+        .into());
+    }
     q.check_detail(&usage)?;
-    Ok(report(&q, &selected, &usage, now_unix(), grace))
+    let r = report(&q, &selected, &usage);
+    if r.adjustments.len() > MAX_ROWS as usize {
+        return Err(UsageError::TooManyAdjustments {
+            count: r.adjustments.len(),
+            since,
+            max: MAX_ROWS,
+        }
+        .into());
+    }
+    Ok(r)
+}
+
+/// `since_revision`: a revision from an earlier answer; none is 0, every
+/// adjustment.
+fn parse_revision(v: Option<&str>) -> Result<u64, UsageError> {
+    match v {
+        None => Ok(0),
+        Some(text) => text
+            .parse()
+            .map_err(|_| UsageError::Revision(text.to_string())),
+    }
 }
 
 /// The time zone rows are cut in.
@@ -436,12 +478,33 @@ impl Query {
     }
 }
 
+/// Exact integer amounts in JSON are decimal strings, as payment APIs send
+/// amounts: a JSON number above 2^53 comes out rounded from a parser that
+/// reads numbers as doubles (JavaScript, Python's `float`, most spreadsheet
+/// importers). Figures that are floats anyway (kWh, hours, watts) stay
+/// numbers.
+mod decimal {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        text.parse()
+            .map_err(|_| D::Error::custom(format!("{text:?} is not a decimal amount")))
+    }
+}
+
 /// One row of usage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     pub tenant: String,
     pub start: String,
     pub end: String,
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
     pub energy_millijoules: u64,
     pub energy_joules: f64,
     pub energy_kwh: f64,
@@ -481,9 +544,45 @@ pub struct Report {
     pub to: String,
     pub step: String,
     pub time_zone: String,
-    /// Rows ending at or before this will not change any more.
+    /// Rows ending at or before this never change: the ledger's
+    /// watermark. Energy that arrives later for them is an adjustment.
     pub finalized_through: String,
+    /// The ledger's revision when it answered: ask `since_revision` this
+    /// next time to get only the adjustments booked after this answer.
+    pub revision: u64,
     pub rows: Vec<Row>,
+    /// Late deltas to rows that were already final, one per revision,
+    /// tenant, node and row.
+    pub adjustments: Vec<AdjustmentRow>,
+}
+
+/// What arrived for one row after the row was final: booked by
+/// `revision` at `booked_at`, for the minutes of `[start, end)` on one
+/// node. Its figures add to the row's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdjustmentRow {
+    pub tenant: String,
+    pub node: String,
+    /// The row it belongs to.
+    pub start: String,
+    pub end: String,
+    pub revision: u64,
+    pub booked_at: String,
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
+    pub energy_millijoules: u64,
+    pub energy_kwh: f64,
+    pub gpu_hours: f64,
+    pub busy_gpu_hours: f64,
+    /// GPU time between readings, gaps included (what coverage is
+    /// measured against).
+    pub expected_gpu_hours: f64,
+    /// The energy over the row's length.
+    pub average_power_watts: f64,
+    pub seconds_over_contract: f64,
+    pub overage_kwh: f64,
+    pub estimated: bool,
+    pub readings: u64,
 }
 
 /// `unix` (clamped at 1970) as RFC 3339 in UTC, `Z` and whole seconds.
@@ -499,10 +598,10 @@ pub fn now_unix() -> i64 {
 
 /// Builds the report for `tenants` from the usage read over
 /// `q.read_range()`. Every tenant gets a row for every step, with zeros
-/// where nothing was recorded. `now` decides which rows are partial;
-/// `grace` is how long late samples may still arrive. Rows must fit the
-/// usage's rollups (`Query::check_detail`).
-pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Duration) -> Report {
+/// where nothing was recorded. Rows ending after the ledger's watermark
+/// are partial; adjustments are summed per revision, tenant, node and
+/// row. Rows must fit the usage's rollups (`Query::check_detail`).
+pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
     let mut by_tenant: BTreeMap<&str, BTreeMap<i64, Span>> = BTreeMap::new();
     for (t, span) in &usage.spans {
         by_tenant
@@ -510,8 +609,7 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Dura
             .or_default()
             .insert(span.start, *span);
     }
-    let open_minute = now.div_euclid(60) * 60;
-    let finalized = open_minute - i64::try_from(grace.as_secs()).unwrap_or(0);
+    let finalized = usage.finalized_through;
     let empty = BTreeMap::new();
     let mut rows = Vec::new();
     for terms in tenants {
@@ -620,8 +718,53 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, now: i64, grace: Dura
         step: q.step.label().to_string(),
         time_zone: q.zone.name.clone(),
         finalized_through: q.zone.format(finalized),
+        revision: usage.revision,
         rows,
+        adjustments: adjustment_rows(q, tenants, usage),
     }
+}
+
+/// The usage's adjustments within the period, summed per revision,
+/// tenant, node and row of `q`.
+fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<AdjustmentRow> {
+    let (first, last) = (q.bounds[0], q.bounds[q.bounds.len() - 1]);
+    let mut sums: BTreeMap<(u64, &str, &str, usize), (i64, BucketDelta)> = BTreeMap::new();
+    for a in &usage.adjustments {
+        if a.minute_start < first
+            || a.minute_start >= last
+            || !tenants.iter().any(|t| t.tenant == a.tenant)
+        {
+            continue;
+        }
+        let row = q.bounds.partition_point(|b| *b <= a.minute_start) - 1;
+        let e = sums
+            .entry((a.revision, &a.tenant, &a.node, row))
+            .or_insert((a.booked_at, BucketDelta::default()));
+        e.1.add(&a.delta);
+    }
+    sums.into_iter()
+        .map(|((revision, tenant, node, row), (booked_at, d))| {
+            let (start, end) = (q.bounds[row], q.bounds[row + 1]);
+            AdjustmentRow {
+                tenant: tenant.to_string(),
+                node: node.to_string(),
+                start: q.zone.format(start),
+                end: q.zone.format(end),
+                revision,
+                booked_at: q.zone.format(booked_at),
+                energy_millijoules: d.energy_mj,
+                energy_kwh: d.energy_mj as f64 / 3.6e9,
+                gpu_hours: d.gpu_ns as f64 / 3.6e12,
+                busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
+                expected_gpu_hours: d.expected_gpu_ns as f64 / 3.6e12,
+                average_power_watts: d.energy_mj as f64 / 1000.0 / (end - start) as f64,
+                seconds_over_contract: d.over_contract_ns as f64 / 1e9,
+                overage_kwh: d.overage_mj as f64 / 3.6e9,
+                estimated: d.estimated_mj > 0,
+                readings: d.samples,
+            }
+        })
+        .collect()
 }
 
 /// Errors of asking a running collector for usage.
@@ -682,20 +825,23 @@ pub fn fetch(
     Ok(body)
 }
 
-const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial";
+const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours";
 
 fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
-/// The report as CSV, one row per line after a header.
+/// The report as CSV, one row per line after a header: the rows
+/// (`record` `usage`), then the adjustments (`record` `adjustment`, with
+/// their node, revision and booking time, and blank where a figure of a
+/// row does not add up, such as peak demand or coverage).
 pub fn csv(r: &Report) -> String {
     let mut out = String::from(CSV_HEADER);
     out.push('\n');
     for row in &r.rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},usage,,,,",
             row.tenant,
             row.start,
             row.end,
@@ -715,6 +861,28 @@ pub fn csv(r: &Report) -> String {
             opt(row.facility_energy_kwh_estimated),
             row.readings,
             row.partial
+        );
+    }
+    for a in &r.adjustments {
+        let _ = writeln!(
+            out,
+            "{},{},{},{},{},{},{},{},,,,,{},{},,{},,{},false,adjustment,{},{},{},{}",
+            a.tenant,
+            a.start,
+            a.end,
+            a.energy_millijoules,
+            a.energy_kwh,
+            a.gpu_hours,
+            a.busy_gpu_hours,
+            a.average_power_watts,
+            a.seconds_over_contract,
+            a.overage_kwh,
+            a.estimated,
+            a.readings,
+            a.node,
+            a.revision,
+            a.booked_at,
+            a.expected_gpu_hours
         );
     }
     out
@@ -739,7 +907,25 @@ pub fn table(r: &Report) -> String {
             row.partial
         );
     }
-    let _ = writeln!(out, "finalized through {}", r.finalized_through);
+    if !r.adjustments.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nadjustments (booked after the rows were final)\n{:<16} {:<16} {:<20} {:>14} {:>9} {:<20}",
+            "tenant", "node", "row start", "energy_kwh", "revision", "booked at"
+        );
+        for a in &r.adjustments {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<16} {:<20} {:>14.6} {:>9} {:<20}",
+                a.tenant, a.node, a.start, a.energy_kwh, a.revision, a.booked_at
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "finalized through {}, revision {}",
+        r.finalized_through, r.revision
+    );
     out
 }
 
@@ -867,9 +1053,7 @@ mod tests {
                     )
                 })
                 .collect(),
-            minutes_from: 0,
-            hours_from: 0,
-            days_from: 0,
+            ..Usage::default()
         }
     }
 
@@ -914,13 +1098,7 @@ mod tests {
             Terms::new("a", Some(1_000_000), None),
             Terms::new("b", None, None),
         ];
-        let r = report(
-            &q,
-            &tenants,
-            &minutes(),
-            T + 86_400,
-            Duration::from_secs(600),
-        );
+        let r = report(&q, &tenants, &minutes());
         assert_eq!(r.rows.len(), 2);
         let a = &r.rows[0];
         assert_eq!(a.energy_millijoules, 15 * 36_000_000 + 15 * 3_600_000);
@@ -947,14 +1125,13 @@ mod tests {
         )
         .unwrap();
         let tenants = [Terms::new("a", Some(1_000_000), Some(1.2))];
-        // "now" inside the second quarter: it is partial.
-        let r = report(
-            &q,
-            &tenants,
-            &minutes(),
-            T + 26 * 60 + 5,
-            Duration::from_secs(600),
-        );
+        // The watermark inside the second quarter: it is partial.
+        let usage = Usage {
+            finalized_through: T + 16 * 60,
+            revision: 7,
+            ..minutes()
+        };
+        let r = report(&q, &tenants, &usage);
         let json = serde_json::to_string_pretty(&r).unwrap();
         let want_json = r#"{
   "from": "2027-01-01T00:00:00Z",
@@ -962,12 +1139,13 @@ mod tests {
   "step": "15m",
   "time_zone": "UTC",
   "finalized_through": "2027-01-01T00:16:00Z",
+  "revision": 7,
   "rows": [
     {
       "tenant": "a",
       "start": "2027-01-01T00:00:00Z",
       "end": "2027-01-01T00:15:00Z",
-      "energy_millijoules": 540000000,
+      "energy_millijoules": "540000000",
       "energy_joules": 540000.0,
       "energy_kwh": 0.15,
       "gpu_hours": 0.25,
@@ -989,7 +1167,7 @@ mod tests {
       "tenant": "a",
       "start": "2027-01-01T00:15:00Z",
       "end": "2027-01-01T00:30:00Z",
-      "energy_millijoules": 54000000,
+      "energy_millijoules": "54000000",
       "energy_joules": 54000.0,
       "energy_kwh": 0.015,
       "gpu_hours": 0.24166666666666667,
@@ -1007,14 +1185,153 @@ mod tests {
       "readings": 900,
       "partial": true
     }
-  ]
+  ],
+  "adjustments": []
 }"#;
         assert_eq!(json, want_json);
-        let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial
-a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,30,0.002,1,false,0.18,900,false
-a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true
+        let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours
+a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,30,0.002,1,false,0.18,900,false,usage,,,,
+a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true,usage,,,,
 ";
         assert_eq!(csv(&r), want_csv);
+    }
+
+    #[test]
+    fn exact_amounts_above_2_pow_53_survive_a_double_based_parser() {
+        // 2^53 + 1: the first integer a double cannot hold.
+        let big = (1u64 << 53) + 1;
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:01:00Z"),
+            Some("1m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(
+            &q,
+            &[Terms::new("a", None, None)],
+            &usage_of(vec![("a".to_string(), T, d(big, 60, 60, 1))]),
+        );
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(
+            json.contains("\"energy_millijoules\":\"9007199254740993\""),
+            "{json}"
+        );
+        // What a JavaScript or spreadsheet importer does with a number.
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        let amount = &v["rows"][0]["energy_millijoules"];
+        assert_eq!(amount.as_f64(), None, "a string, not a number");
+        assert_eq!(amount.as_str().unwrap().parse::<u64>().unwrap(), big);
+        // And back through the API's own types (the `usage --url` table).
+        let back: Report = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.rows[0].energy_millijoules, big);
+        // Floats stay numbers.
+        assert!(v["rows"][0]["energy_kwh"].is_f64());
+    }
+
+    #[test]
+    fn adjustments_are_summed_per_revision_tenant_node_and_row() {
+        use crate::ledger::Adjustment;
+        let adj = |revision, tenant: &str, node: &str, minute: i64, e: u64| Adjustment {
+            revision,
+            booked_at: T + 3 * 3600 + revision as i64,
+            tenant: tenant.to_string(),
+            node: node.to_string(),
+            minute_start: T + minute * 60,
+            delta: d(e, 30, 15, 30),
+        };
+        let usage = Usage {
+            finalized_through: T + 3600,
+            revision: 9,
+            adjustments: vec![
+                // Revision 4: two minutes of one row on n1, one of the
+                // next row, and one on n2.
+                adj(4, "a", "n1", 1, 1_000),
+                adj(4, "a", "n1", 14, 2_000),
+                adj(4, "a", "n1", 15, 4_000),
+                adj(4, "a", "n2", 3, 8_000),
+                // Revision 9: the first row again; a tenant not asked for;
+                // a minute outside the period.
+                adj(9, "a", "n1", 2, 16_000),
+                adj(9, "b", "n1", 2, 32_000),
+                adj(9, "a", "n1", 30, 64_000),
+            ],
+            ..minutes()
+        };
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:30:00Z"),
+            Some("15m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(&q, &[Terms::new("a", Some(1_000_000), None)], &usage);
+        let got: Vec<(u64, &str, &str, &str, u64, u64)> = r
+            .adjustments
+            .iter()
+            .map(|a| {
+                (
+                    a.revision,
+                    a.tenant.as_str(),
+                    a.node.as_str(),
+                    a.start.as_str(),
+                    a.energy_millijoules,
+                    a.readings,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (4, "a", "n1", "2027-01-01T00:00:00Z", 3_000, 60),
+                (4, "a", "n1", "2027-01-01T00:15:00Z", 4_000, 30),
+                (4, "a", "n2", "2027-01-01T00:00:00Z", 8_000, 30),
+                (9, "a", "n1", "2027-01-01T00:00:00Z", 16_000, 30),
+            ]
+        );
+        assert_eq!(r.revision, 9);
+        let first = &r.adjustments[0];
+        assert_eq!(first.booked_at, "2027-01-01T03:00:04Z");
+        assert_eq!(first.end, "2027-01-01T00:15:00Z");
+        assert_eq!(
+            (first.gpu_hours, first.busy_gpu_hours),
+            (60.0 / 3600.0, 30.0 / 3600.0)
+        );
+        assert_eq!(first.expected_gpu_hours, 60.0 / 3600.0);
+        // The rows are what the minutes say, adjustments or not.
+        assert_eq!(
+            r.rows,
+            report(
+                &q,
+                &[Terms::new("a", Some(1_000_000), None)],
+                &Usage {
+                    adjustments: Vec::new(),
+                    ..usage.clone()
+                }
+            )
+            .rows
+        );
+        let csv = csv(&r);
+        let lines: Vec<&str> = csv.lines().filter(|l| l.contains(",adjustment,")).collect();
+        assert_eq!(
+            lines,
+            vec![
+                "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,3000,0.0000008333333333333333,0.016666666666666666,0.008333333333333333,0.0033333333333333335,,,,,0,0,,false,,60,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.016666666666666666",
+                "a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,4000,0.000001111111111111111,0.008333333333333333,0.004166666666666667,0.0044444444444444444,,,,,0,0,,false,,30,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.008333333333333333",
+                "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,8000,0.000002222222222222222,0.008333333333333333,0.004166666666666667,0.008888888888888889,,,,,0,0,,false,,30,false,adjustment,n2,4,2027-01-01T03:00:04Z,0.008333333333333333",
+                "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,16000,0.000004444444444444444,0.008333333333333333,0.004166666666666667,0.017777777777777778,,,,,0,0,,false,,30,false,adjustment,n1,9,2027-01-01T03:00:09Z,0.008333333333333333",
+            ]
+        );
+        // Every line has the header's columns.
+        let columns = CSV_HEADER.split(',').count();
+        assert!(
+            csv.lines().all(|l| l.split(',').count() == columns),
+            "{csv}"
+        );
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["adjustments"][0]["energy_millijoules"], "3000");
     }
 
     #[test]
@@ -1031,7 +1348,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
                 1,
             )
             .unwrap();
-            report(&q, &tenants, &minutes(), T + 86_400, Duration::ZERO)
+            report(&q, &tenants, &minutes())
                 .rows
                 .iter()
                 .map(|r| r.energy_millijoules)
@@ -1064,13 +1381,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         .unwrap();
         let lengths: Vec<i64> = days.bounds.windows(2).map(|w| w[1] - w[0]).collect();
         assert_eq!(lengths, vec![86_400, 82_800, 86_400]);
-        let r = report(
-            &days,
-            &[Terms::new("a", None, None)],
-            &Usage::default(),
-            T + 400 * 86_400,
-            Duration::ZERO,
-        );
+        let r = report(&days, &[Terms::new("a", None, None)], &Usage::default());
         assert_eq!(
             spans_of(&r)[1],
             (
@@ -1164,13 +1475,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             1,
         )
         .unwrap();
-        let r = report(
-            &q,
-            &[Terms::new("a", None, None)],
-            &minutes(),
-            T + 86_400 * 30,
-            Duration::ZERO,
-        );
+        let r = report(&q, &[Terms::new("a", None, None)], &minutes());
         let energy: Vec<u64> = r.rows.iter().map(|r| r.energy_millijoules).collect();
         assert_eq!(energy, vec![594_000_000, 0]);
         assert_eq!(r.rows[0].peak_demand_watts, 600.0);
@@ -1209,13 +1514,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         )
         .unwrap();
         q.check_detail(&usage).unwrap();
-        let r = report(
-            &q,
-            &[Terms::new("a", None, None)],
-            &usage,
-            T + 86_400,
-            Duration::ZERO,
-        );
+        let r = report(&q, &[Terms::new("a", None, None)], &usage);
         let a: Vec<(u64, f64, Option<f64>)> = r
             .rows
             .iter()
@@ -1237,13 +1536,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             1,
         )
         .unwrap();
-        let r = report(
-            &day,
-            &[Terms::new("a", None, None)],
-            &usage,
-            T + 86_400,
-            Duration::ZERO,
-        );
+        let r = report(&day, &[Terms::new("a", None, None)], &usage);
         assert_eq!(r.rows[0].energy_millijoules, 2_394_000_000);
         assert_eq!(r.rows[0].peak_demand_watts, 1000.0);
         assert_eq!(r.rows[0].p95_power_watts, None);

@@ -173,7 +173,13 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         assert_eq!(rows.len(), 20);
         let sum: u64 = rows
             .iter()
-            .map(|r| r["energy_millijoules"].as_u64().unwrap())
+            .map(|r| {
+                r["energy_millijoules"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<u64>()
+                    .unwrap()
+            })
             .sum();
         assert_eq!(sum, tenant_energy[tenant], "{tenant} usage vs metrics");
         let readings: u64 = rows.iter().map(|r| r["readings"].as_u64().unwrap()).sum();
@@ -220,7 +226,11 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
     assert_eq!(rows.len(), 2, "{v}");
     assert_eq!(
         rows.iter()
-            .map(|r| r["energy_millijoules"].as_u64().unwrap())
+            .map(|r| r["energy_millijoules"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap())
             .sum::<u64>(),
         tenant_energy["lab-a"]
     );
@@ -318,7 +328,13 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| r["energy_millijoules"].as_u64().unwrap())
+        .map(|r| {
+            r["energy_millijoules"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
         .sum();
     assert_eq!(sum, tenant_energy["lab-b"]);
     let out = ask("lab-b", "table");
@@ -359,7 +375,13 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
     let rows = v["rows"].as_array().unwrap();
     let sum: u64 = rows
         .iter()
-        .map(|r| r["energy_millijoules"].as_u64().unwrap())
+        .map(|r| {
+            r["energy_millijoules"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
         .sum();
     assert_eq!(sum, tenant_energy["lab-a"]);
     assert_eq!(rows[0]["contracted_power_watts"], 3000.0);

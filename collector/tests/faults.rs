@@ -549,3 +549,183 @@ fn now_nanos() -> i64 {
         .unwrap()
         .as_nanos() as i64
 }
+
+/// `(seqs)` as one batch of `sample`s restamped one second apart from
+/// `t0` (Unix seconds).
+fn batch_at(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> pb::AgentMessage {
+    let mut samples = Vec::new();
+    for seq in seqs {
+        let mut s = sample(seq);
+        s.timestamp_unix_nanos = (t0 + seq as i64) * 1_000_000_000;
+        samples.push(s);
+    }
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Batch(pb::SampleBatch { samples })),
+    }
+}
+
+/// An exact amount of the usage API: a decimal string.
+fn exact(v: &serde_json::Value) -> u64 {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{v} is not a decimal string"))
+        .parse()
+        .unwrap()
+}
+
+/// Invariant: rows at or before `finalized_through` never change. A spool
+/// delivered three hours late adds to minutes already reported final: the
+/// rows stay byte for byte what they were, the late energy is an
+/// adjustment (booked when, for which minute, tenant and node, in which
+/// revision), and rows plus adjustments are the energy counted, exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_spool_becomes_an_adjustment_and_final_rows_stay_final() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), NO_TENANTS, 0, &["--stale-after", "5m"]);
+    let ep = collector.endpoint();
+    let now = now_nanos() / 1_000_000_000;
+    let t0 = (now - 3 * 3600).div_euclid(3600) * 3600;
+    let hour = |t: i64| jiff::Timestamp::from_second(t).unwrap().to_string();
+    let query = format!("/v1/usage?from={}&to={}&step=1m", hour(t0), hour(t0 + 3600));
+    let read = |format: &str| http_get(collector.http, &format!("{query}&format={format}"));
+
+    // The first 20 samples arrive (and are committed) while their minute
+    // is open to them.
+    let mut s = Stream::open(&ep, hello("late-1", 1)).await.unwrap();
+    assert_eq!(s.welcome().await, 0);
+    assert_eq!(s.send(batch_at(t0, 1..=20)).await, 20);
+    let before: serde_json::Value = serde_json::from_str(&read("json")).unwrap();
+    let before_csv = read("csv");
+    let watermark: jiff::Timestamp = before["finalized_through"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        watermark.as_second() >= t0 + 3600,
+        "the hour is final: {before}"
+    );
+    assert!(
+        before["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["partial"] == false)
+    );
+
+    // The rest of the spool, three hours late: seconds 21-80, across the
+    // first two minutes, both final.
+    let booked_from = now_nanos() / 1_000_000_000;
+    assert_eq!(s.send(batch_at(t0, 21..=80)).await, 80);
+    drop(s);
+    let after: serde_json::Value = serde_json::from_str(&read("json")).unwrap();
+    let after_csv = read("csv");
+    assert_eq!(after["rows"], before["rows"], "final rows changed");
+    let usage_lines = |csv: &str| -> Vec<String> {
+        csv.lines()
+            .filter(|l| !l.contains(",adjustment,"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(usage_lines(&after_csv), usage_lines(&before_csv));
+    let revision = before["revision"].as_u64().expect("a revision");
+
+    // GPU 0 counts 500 mJ a second; GPU 1 draws 333.333 W.
+    let per_second = 500 + 333_333;
+    let rows: u64 = after["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| exact(&r["energy_millijoules"]))
+        .sum();
+    assert_eq!(rows, 19 * per_second, "the rows hold what came in time");
+    let adjustments = after["adjustments"].as_array().expect("adjustments");
+    let late: u64 = adjustments
+        .iter()
+        .map(|a| exact(&a["energy_millijoules"]))
+        .sum();
+    assert_eq!(late, 60 * per_second, "the late energy, exactly");
+    let mut minutes = Vec::new();
+    for a in adjustments {
+        assert_eq!(a["tenant"], "unassigned");
+        assert_eq!(a["node"], "late-1");
+        assert!(a["revision"].as_u64().unwrap() > revision, "{a}");
+        let booked: jiff::Timestamp = a["booked_at"].as_str().unwrap().parse().unwrap();
+        assert!(
+            booked.as_second() >= booked_from && booked.as_second() <= now_nanos() / 1_000_000_000,
+            "{a}"
+        );
+        minutes.push(a["start"].as_str().unwrap().to_string());
+    }
+    minutes.sort();
+    minutes.dedup();
+    assert_eq!(minutes, vec![hour(t0), hour(t0 + 60)]);
+    let adjustment_lines = after_csv
+        .lines()
+        .filter(|l| l.contains(",adjustment,late-1,"))
+        .count();
+    assert_eq!(adjustment_lines, adjustments.len());
+    let total = milli(collector.metrics().one(
+        "capwatch_tenant_energy_joules_total",
+        &[("tenant", "unassigned")],
+    ));
+    assert_eq!(
+        rows + late,
+        total,
+        "rows plus adjustments are all the energy"
+    );
+    assert_eq!(total, 79 * per_second);
+
+    // A billing job asks what changed since the revision it last saw.
+    let since = |r: u64| -> serde_json::Value {
+        serde_json::from_str(&http_get(
+            collector.http,
+            &format!("{query}&since_revision={r}"),
+        ))
+        .unwrap()
+    };
+    assert_eq!(since(revision)["adjustments"], after["adjustments"]);
+    let latest = after["revision"].as_u64().unwrap();
+    assert!(latest > revision);
+    assert_eq!(since(latest)["adjustments"], serde_json::json!([]));
+    // A cursor that is not a revision, or one from another ledger, is
+    // refused by name.
+    for (r, says) in [
+        ("soon", "is not a revision"),
+        ("99999", "is ahead of the ledger"),
+    ] {
+        let (status, body) =
+            http_get_status(collector.http, &format!("{query}&since_revision={r}"));
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            body.contains("since_revision") && body.contains(says),
+            "{body}"
+        );
+    }
+    // The usage command asks the same, of the collector or of the file.
+    let ask = |before: &[&str], after: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(bin("capwatch-collector"))
+            .args(before)
+            .args(["usage", "--step", "1m", "--format", "json"])
+            .args(after)
+            .args(["--from", &hour(t0), "--to", &hour(t0 + 3600)])
+            .args(["--since-revision", &revision.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let url = format!("http://{}", collector.http);
+    assert_eq!(
+        ask(&[], &["--url", &url])["adjustments"],
+        after["adjustments"]
+    );
+    collector.stop();
+    let ledger = dir.path().join("ledger.db");
+    let local = ask(&["--ledger", ledger.to_str().unwrap()], &[]);
+    assert_eq!(local["adjustments"], after["adjustments"]);
+    assert_eq!(local["rows"], before["rows"]);
+}

@@ -215,7 +215,11 @@ fn tokens_decide_who_may_report_and_who_may_read() {
     );
     assert_eq!(
         rows.iter()
-            .map(|r| r["energy_millijoules"].as_u64().unwrap())
+            .map(|r| r["energy_millijoules"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap())
             .sum::<u64>(),
         node_energy("a-1")
     );
