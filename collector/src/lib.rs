@@ -13,6 +13,7 @@ pub mod ingest;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod scrape;
 pub mod serve;
 pub mod state;
 pub mod status;
@@ -205,6 +206,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             finalize_grace: cfg.finalize_grace,
             metrics_auth: cfg.metrics_auth,
             request_timeout: cfg.http_request_timeout,
+            renders: Default::default(),
         }),
         http_limits,
         state.clone(),

@@ -1,6 +1,7 @@
 //! The HTTP server under abuse, against the real collector binary on
-//! loopback: slowloris connections that never finish their headers, and a
-//! flood of connections beyond the cap. Each test bounds the collector's memory (its RSS from
+//! loopback: clients that request `/metrics` and never read it, slowloris
+//! connections that never finish their headers, and a flood of connections
+//! beyond the cap. Each test bounds the collector's memory (its RSS from
 //! `/proc`) and has a real agent connect over gRPC and get its samples
 //! acked while the abuse goes on.
 
@@ -107,6 +108,81 @@ fn try_metrics(addr: SocketAddr) -> Option<Metrics> {
 
 fn connect(addr: SocketAddr) -> TcpStream {
     TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect")
+}
+
+/// Invariant: clients that request `/metrics` and never read it cost the
+/// collector a bounded amount of memory, not a body each: concurrent
+/// scrapes share one render, and a client that reads nothing for
+/// `http_write_timeout` is disconnected. gRPC keeps serving meanwhile.
+#[test]
+fn slow_metrics_readers_keep_memory_bounded() {
+    const READERS: usize = 40;
+    let dir = tempfile::tempdir().unwrap();
+    let collector = start(dir.path(), "http_write_timeout = \"3s\"\n", None);
+    // 150 nodes of 64 GPUs: a /metrics body of about 15 MB.
+    let fleet = Command::new(bin("capwatch-fleet"))
+        .args(["--collector", &collector.endpoint(), "--nodes", "150"])
+        .args(["--gpus", "64", "--interval", "2s", "--duration", "1s"])
+        .args(["--nodes-per-connection", "50", "--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run capwatch-fleet");
+    assert!(fleet.success(), "fleet: {fleet}");
+    let body = http_get(collector.http, "/metrics").len() as u64;
+    assert!(body > 10 << 20, "a large /metrics body: {body} bytes");
+    let pid = collector.child.id();
+    let before = rss(pid);
+
+    let mut readers: Vec<TcpStream> = (0..READERS)
+        .map(|_| {
+            let mut s = connect(collector.http);
+            write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            s
+        })
+        .collect();
+    // Each reader's response has begun (peeked, not read): its body was
+    // rendered and is being written to a client that does not read.
+    let mut peak = before;
+    let mut started = [false; READERS];
+    eventually(Duration::from_secs(60), "every response started", || {
+        for (s, done) in readers.iter().zip(started.iter_mut()) {
+            s.set_nonblocking(true).unwrap();
+            *done |= s.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0);
+            s.set_nonblocking(false).unwrap();
+        }
+        peak = peak.max(rss(pid));
+        started.iter().all(|d| *d)
+    });
+    agent_gets_acked(&collector, dir.path(), "slow-readers");
+    peak = peak.max(rss(pid));
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "body {body} B, RSS before {before} B, peak {peak} B, grew {grew} B ({:.1} bodies)",
+        grew as f64 / body as f64
+    );
+    assert!(
+        grew < 10 * body,
+        "{READERS} slow readers grew the collector by {grew} bytes ({body}-byte body)"
+    );
+
+    // Every reader that never reads is cut off (counted before anything
+    // here reads, which would let a response finish).
+    let cut = |c: &Collector| {
+        c.metrics().one(
+            "capwatch_collector_http_connections_closed_total",
+            &[("reason", "write_timeout")],
+        )
+    };
+    eventually(Duration::from_secs(30), "slow readers cut off", || {
+        cut(&collector) == READERS as f64
+    });
+    for s in &mut readers {
+        assert!(closed_within(s, Duration::from_secs(5)), "disconnected");
+    }
+    drop(readers);
+    assert_eq!(cut(&collector), READERS as f64);
+    collector.stop();
 }
 
 /// Invariant: a connection that does not finish its request headers within
