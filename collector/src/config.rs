@@ -105,6 +105,19 @@ pub struct Config {
     /// Longest an HTTP request may take.
     #[serde(with = "humantime_serde")]
     pub http_request_timeout: Duration,
+    /// Most HTTP connections open at once; more are refused at accept.
+    /// Kept to at most a quarter of the descriptor limit, so HTTP clients
+    /// can never take the descriptors agent streams need.
+    pub http_max_connections: usize,
+    /// How long a client has to send a whole request head, counted from
+    /// when the connection opens or its previous response was sent: also
+    /// how long an idle keep-alive connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub http_header_read_timeout: Duration,
+    /// A client that takes no bytes of its response for this long is
+    /// disconnected.
+    #[serde(with = "humantime_serde")]
+    pub http_write_timeout: Duration,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,
 }
@@ -140,6 +153,9 @@ impl Default for Config {
             max_streams: 50_000,
             max_node_sample_rate: 1_000,
             http_request_timeout: Duration::from_secs(30),
+            http_max_connections: 256,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_write_timeout: Duration::from_secs(10),
             log_format: LogFormat::Plain,
         }
     }
@@ -267,6 +283,19 @@ impl Config {
         }
         if self.http_request_timeout < Duration::from_millis(100) {
             return bad("http_request_timeout", "must be at least 100ms");
+        }
+        if self.http_max_connections == 0 {
+            return bad("http_max_connections", "must be at least 1");
+        }
+        if self.http_header_read_timeout < Duration::from_millis(100)
+            || self.http_header_read_timeout > Duration::from_secs(600)
+        {
+            return bad("http_header_read_timeout", "must be between 100ms and 10m");
+        }
+        if self.http_write_timeout < Duration::from_millis(100)
+            || self.http_write_timeout > Duration::from_secs(600)
+        {
+            return bad("http_write_timeout", "must be between 100ms and 10m");
         }
         if self.hello_timeout < Duration::from_millis(100)
             || self.hello_timeout > Duration::from_secs(600)

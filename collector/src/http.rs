@@ -34,6 +34,8 @@ pub struct HttpState {
     pub metrics_auth: bool,
     /// Longest a request may take (408 after).
     pub request_timeout: Duration,
+    /// `/metrics` bodies shared by concurrent scrapes.
+    pub renders: Arc<crate::scrape::Renders>,
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -98,13 +100,18 @@ async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
     if s.metrics_auth && scope(&s, &headers)? != Scope::Admin {
         return Err(forbidden(&s, "/metrics"));
     }
-    // Rendering walks every node; keep it off the async workers.
+    // Rendering walks every node: it runs off the async workers, and
+    // scrapes arriving meanwhile share its body.
     let state = s.state.clone();
     let detail = crate::metrics::Detail {
         gpus: s.per_gpu_metrics,
         nodes: s.per_node_metrics,
     };
-    match tokio::task::spawn_blocking(move || crate::metrics::render_text(&state, detail)).await {
+    match s
+        .renders
+        .get(move || crate::metrics::render_text(&state, detail))
+        .await
+    {
         Ok(body) => Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()),
         Err(e) => {
             error!(error = %e, "rendering /metrics failed");

@@ -13,6 +13,8 @@ pub mod ingest;
 pub mod ledger;
 pub mod metrics;
 pub mod model;
+pub mod scrape;
+pub mod serve;
 pub mod state;
 pub mod status;
 pub mod tenants;
@@ -155,6 +157,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     // end the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(|error| CollectorError::Signal { error })?;
+    let http_limits = descriptor_budget(&cfg);
     info!(grpc = %grpc_addr, http = %http_addr, tenants = state.tenants().all().len() - 1, version = VERSION, "collector listening");
 
     let (committed_tx, committed) = watch::channel(0u64);
@@ -193,7 +196,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     let reader = Arc::new(std::sync::Mutex::new(ledger::Reader::open(
         &cfg.ledger_path,
     )?));
-    let http_server = axum::serve(
+    let http_server = serve::serve(
         http,
         http::router(http::HttpState {
             per_gpu_metrics: cfg.per_gpu_metrics,
@@ -202,9 +205,12 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             ledger: reader,
             metrics_auth: cfg.metrics_auth,
             request_timeout: cfg.http_request_timeout,
+            renders: Default::default(),
         }),
-    )
-    .with_graceful_shutdown(capwatch_common::wait_for_shutdown(shutdown.clone()));
+        http_limits,
+        state.clone(),
+        shutdown.clone(),
+    );
 
     let ledger = std::sync::Arc::new(std::sync::Mutex::new(ledger));
     let (stop_committer, committer_stop) = std::sync::mpsc::channel::<()>();
@@ -250,7 +256,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     ));
 
     let grpc_task = tokio::spawn(grpc_server);
-    let http_task = tokio::spawn(http_server.into_future());
+    let http_task = tokio::spawn(http_server);
     capwatch_common::wait_for_shutdown(shutdown).await;
     info!(grace_ms = cfg.shutdown_grace.as_millis() as u64, "draining");
     let drained = tokio::time::timeout(cfg.shutdown_grace, async {
@@ -294,6 +300,42 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             warn!("shutdown grace passed with streams still open; stopping anyway");
             Ok(())
         }
+    }
+}
+
+/// Raises the descriptor limit to its hard limit and fits the HTTP
+/// connection cap well inside it, so HTTP clients can never take the
+/// descriptors agent streams need; logs the budget.
+fn descriptor_budget(cfg: &Config) -> serve::Limits {
+    let nofile = serve::raise_descriptor_limit();
+    let cap = serve::connection_cap(cfg.http_max_connections, nofile);
+    if cap < cfg.http_max_connections {
+        warn!(
+            http_max_connections = cfg.http_max_connections,
+            using = cap,
+            nofile,
+            "http_max_connections is more than a quarter of the descriptor limit; HTTP gets a quarter"
+        );
+    }
+    info!(
+        nofile,
+        http_max_connections = cap,
+        max_streams = cfg.max_streams,
+        "file descriptors: HTTP connections are capped, agent streams and the ledger have the rest"
+    );
+    if let Some(n) = nofile
+        && (cfg.max_streams as u64).saturating_add(cap as u64) > n
+    {
+        warn!(
+            nofile = n,
+            max_streams = cfg.max_streams,
+            "max_streams agent streams would not all get a descriptor: raise the descriptor limit (LimitNOFILE, ulimit -n) or lower max_streams"
+        );
+    }
+    serve::Limits {
+        max_connections: cap,
+        header_read_timeout: cfg.http_header_read_timeout,
+        write_timeout: cfg.http_write_timeout,
     }
 }
 

@@ -194,6 +194,21 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
         MetricType::COUNTER,
     ),
     (
+        "capwatch_collector_http_connections_open",
+        "HTTP connections open now.",
+        MetricType::GAUGE,
+    ),
+    (
+        "capwatch_collector_http_connections_refused_total",
+        "HTTP connections refused at accept, by reason (limit, accept_error).",
+        MetricType::COUNTER,
+    ),
+    (
+        "capwatch_collector_http_connections_closed_total",
+        "HTTP connections the collector closed, by reason (idle, header_timeout, write_timeout).",
+        MetricType::COUNTER,
+    ),
+    (
         "capwatch_collector_build_info",
         "Always 1; labels carry the version.",
         MetricType::GAUGE,
@@ -681,6 +696,25 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &c.compactions_ok,
         &c.compactions_failed,
     );
+    f.push(
+        "capwatch_collector_http_connections_open",
+        &[],
+        c.http_open.load(Ordering::Relaxed) as f64,
+    );
+    for (reason, n) in crate::serve::HTTP_REFUSALS.iter().zip(&c.http_refused) {
+        f.push(
+            "capwatch_collector_http_connections_refused_total",
+            &[("reason", reason)],
+            n.load(Ordering::Relaxed) as f64,
+        );
+    }
+    for (reason, n) in crate::serve::HTTP_CLOSES.iter().zip(&c.http_closed) {
+        f.push(
+            "capwatch_collector_http_connections_closed_total",
+            &[("reason", reason)],
+            n.load(Ordering::Relaxed) as f64,
+        );
+    }
     f.push(
         "capwatch_collector_build_info",
         &[("version", crate::VERSION)],

@@ -584,6 +584,12 @@ pub struct Counters {
     /// Requests refused for who sent them, by `AUTH_SURFACES` then
     /// `AUTH_REASONS`.
     pub auth_refused: [[AtomicU64; AUTH_REASONS.len()]; AUTH_SURFACES.len()],
+    /// HTTP connections refused at accept, by `serve::HTTP_REFUSALS`.
+    pub http_refused: [AtomicU64; crate::serve::HTTP_REFUSALS.len()],
+    /// HTTP connections the collector closed, by `serve::HTTP_CLOSES`.
+    pub http_closed: [AtomicU64; crate::serve::HTTP_CLOSES.len()],
+    /// HTTP connections open now.
+    pub http_open: AtomicU64,
 }
 
 /// Whether `id` may name a node: 1-253 bytes, no control characters.
