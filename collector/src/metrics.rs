@@ -70,7 +70,7 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ),
     (
         "capwatch_gpu_energy_counter_resets_total",
-        "Times the GPU's energy counter went backwards (driver reload) or jumped implausibly far; those intervals are counted from power.",
+        "Times the GPU's energy counter went backwards (driver reload: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
         MetricType::COUNTER,
     ),
     (
@@ -537,9 +537,10 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             if g.last.is_some() {
                 f.push_at(gpu_energy, &labels, g.energy_millijoules as f64 / 1000.0);
             }
-            if g.counter_resets > 0 {
-                f.push_at(gpu_resets, &labels, g.counter_resets as f64);
-            }
+            // From the first Hello on, 0 until a reset: a counter that
+            // appears only with its first increment hides that increment
+            // from `increase()`.
+            f.push_at(gpu_resets, &labels, g.counter_resets as f64);
             if let Some(t) = g.memory_total_bytes {
                 f.push_at(gpu_mem_total, &labels, t as f64);
             }

@@ -7,8 +7,10 @@
 //!
 //! *Invariant:* a GPU's energy is the sum of the deltas of its hardware
 //! counter between consecutive accepted samples. A counter that goes
-//! backwards (driver reload) contributes the power integral for that
-//! interval instead of a negative delta; a GPU without a counter
+//! backwards (driver reload) contributes its new value, the energy since
+//! the reload, never a negative delta; a delta (or a new value after a
+//! reload) beyond 3× the power limit over the interval is counted as a
+//! reset and contributes the power integral instead; a GPU without a counter
 //! contributes the exact integral of its reported power over time, kept in
 //! milliwatt-nanoseconds so that no rounding error accumulates.
 //!
@@ -220,6 +222,7 @@ impl Gpu {
             // Below one second's worth of nanoseconds by construction.
             remainder_mw_ns: self.remainder_milliwatt_nanos,
             energy_mj: self.energy_millijoules,
+            counter_resets: self.counter_resets,
         }
     }
 
@@ -240,6 +243,7 @@ impl Gpu {
         g.last_timestamp = c.last_timestamp_ns;
         g.remainder_milliwatt_nanos = c.remainder_mw_ns;
         g.energy_millijoules = c.energy_mj;
+        g.counter_resets = c.counter_resets;
         g
     }
 }
@@ -1597,6 +1601,7 @@ mod tests {
             last_timestamp_ns: Some(ts),
             remainder_mw_ns: 0,
             energy_mj: 0,
+            counter_resets: 0,
         };
         let node = |gpus: Vec<(Arc<str>, GpuCursor)>| NodeCursor {
             epoch: 1,

@@ -276,6 +276,62 @@ async fn replays_are_counted_once_and_bad_input_is_refused_alone() {
     collector.stop();
 }
 
+/// Invariant: `capwatch_gpu_energy_counter_resets_total` has a series for
+/// every GPU from its node's Hello on (0 until a reset), and a collector
+/// killed and restarted resumes it from the ledger instead of starting
+/// again at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_resets_have_a_series_from_the_start_and_survive_a_restart() {
+    async fn resets(http: std::net::SocketAddr) -> Vec<(String, f64)> {
+        let m = tokio::task::spawn_blocking(move || Metrics::parse(&http_get(http, "/metrics")))
+            .await
+            .unwrap();
+        m.select(
+            "capwatch_gpu_energy_counter_resets_total",
+            &[("node", "z-1")],
+        )
+        .into_iter()
+        .map(|(labels, v)| (labels["gpu"].clone(), v))
+        .collect()
+    }
+    /// Samples `seqs`, GPU 0's counter in the last one set back to `mj`
+    /// (a driver reload).
+    fn reloaded(seqs: std::ops::RangeInclusive<u64>, mj: u64) -> pb::AgentMessage {
+        let mut msg = batch(seqs);
+        if let Some(pb::agent_message::Body::Batch(b)) = &mut msg.body {
+            let last = b.samples.last_mut().unwrap();
+            last.gpus[0].energy_millijoules = Some(mj);
+        }
+        msg
+    }
+    let at = |gpu0: f64| vec![("0".to_string(), gpu0), ("1".to_string(), 0.0)];
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--stale-after", "5m"];
+    let mut collector = Collector::start(dir.path(), NO_TENANTS, 0, &args);
+    let mut s = Stream::open(&collector.endpoint(), hello("z-1", 3))
+        .await
+        .unwrap();
+    assert_eq!(s.welcome().await, 0);
+    assert_eq!(resets(collector.http).await, at(0.0), "before any sample");
+    assert_eq!(s.send(reloaded(1..=3, 100)).await, 3);
+    assert_eq!(resets(collector.http).await, at(1.0));
+    drop(s);
+    // Acked means committed: a SIGKILL loses nothing of it.
+    collector.child.kill().unwrap();
+    collector.child.wait().unwrap();
+    let collector = Collector::start(dir.path(), NO_TENANTS, 0, &args);
+    let mut s = Stream::open(&collector.endpoint(), hello("z-1", 3))
+        .await
+        .unwrap();
+    assert_eq!(s.welcome().await, 3);
+    assert_eq!(resets(collector.http).await, at(1.0), "after the restart");
+    // It counts on from there.
+    assert_eq!(s.send(reloaded(4..=4, 50)).await, 4);
+    assert_eq!(resets(collector.http).await, at(2.0));
+    drop(s);
+    collector.stop();
+}
+
 /// Invariant: a collector that accepts TCP and never answers cannot hold
 /// an agent past its drain deadline; the agent reports what it could not
 /// deliver and exits non-zero (a bounded run promised delivery).
@@ -422,11 +478,11 @@ fn agent_restart_carries_energy_through_the_counter() {
         assert!(end[uuid] > start[uuid]);
         assert_eq!(e, end[uuid] - start[uuid], "{uuid}");
     }
-    // No counter went backwards: the restart was not taken for a reload.
-    assert!(
-        m.select("capwatch_gpu_energy_counter_resets_total", &[])
-            .is_empty()
-    );
+    // No counter went backwards: the restart was not taken for a reload
+    // (every GPU has its series, at 0).
+    let resets = m.select("capwatch_gpu_energy_counter_resets_total", &[]);
+    assert_eq!(resets.len(), truth.uuids.len(), "{resets:?}");
+    assert!(resets.iter().all(|(_, v)| *v == 0.0), "{resets:?}");
     collector.stop();
 }
 
