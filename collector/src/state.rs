@@ -9,10 +9,14 @@
 //! counter between consecutive accepted samples. A counter that goes
 //! backwards (driver reload) contributes its new value, the energy since
 //! the reload, never a negative delta; a delta (or a new value after a
-//! reload) beyond 3× the power limit over the interval is counted as a
-//! reset and contributes the power integral instead; a GPU without a counter
-//! contributes the exact integral of its reported power over time, kept in
-//! milliwatt-nanoseconds so that no rounding error accumulates.
+//! reload) beyond 3× the power limit over the time that can have passed is
+//! counted as a reset and contributes the power integral instead. That
+//! time is the longest of the agent's timestamps, the collector's receipt
+//! times and the samples since at the nominal interval (see `Gpu::vouch`),
+//! so an agent clock that stands still or steps back never voids a real
+//! delta. A GPU without a counter contributes the exact integral of its
+//! reported power over time, kept in milliwatt-nanoseconds so that no
+//! rounding error accumulates.
 //!
 //! Locking: the node map is locked only to find or add a node; each node's
 //! own mutex is taken once per batch by its stream task, and briefly by
@@ -96,6 +100,14 @@ pub struct Gpu {
     pub last: Option<GpuReading>,
     pub last_timestamp: Option<i64>,
     last_counter: Option<u64>,
+    /// Sequence number of the sample that last moved `last_counter` and
+    /// `last_timestamp`: the next reading follows it by this many samples.
+    last_seq: Option<u64>,
+    /// The newest moment this GPU's readings vouch for, which the
+    /// plausibility bound measures time by: the agent's timestamp where it
+    /// advances, else the previous moment plus the samples since at the
+    /// nominal interval, never beyond what a timestamp may claim.
+    vouched_ns: Option<i64>,
     /// Energy since this collector first saw the GPU.
     pub energy_millijoules: u64,
     /// Below one second's worth of nanoseconds (fits 32 bits).
@@ -119,6 +131,8 @@ impl Gpu {
             last: None,
             last_timestamp: None,
             last_counter: None,
+            last_seq: None,
+            vouched_ns: None,
             energy_millijoules: 0,
             remainder_milliwatt_nanos: 0,
             last_receipt: None,
@@ -129,12 +143,22 @@ impl Gpu {
 
     /// Folds one accepted reading in; returns the energy it adds (mJ) and
     /// the interval it covers.
-    fn apply(&mut self, r: GpuReading, timestamp: i64, now: Instant) -> Applied {
-        let prev_receipt = self.last_receipt.replace(now);
+    fn apply(&mut self, r: GpuReading, t: &Tick) -> Applied {
+        let timestamp = t.timestamp_ns;
+        let prev_receipt = self.last_receipt.replace(t.now);
+        // The interval ends at the sample's timestamp, or at the GPU's
+        // newest one when the sample's is not after it (a clock that stood
+        // still or stepped back): what it adds is booked after everything
+        // booked before, once.
+        let to_ns = match self.last_timestamp {
+            Some(prev) if !self.reanchor => prev.max(timestamp),
+            _ => timestamp,
+        };
         let nothing = Applied {
             energy_mj: 0,
             estimated: false,
             from_ns: None,
+            to_ns,
             utilization_percent: None,
         };
         if r.lost {
@@ -151,14 +175,22 @@ impl Gpu {
             _ => 0,
         };
         // The most a GPU can plausibly use since the previous reading: three
-        // times its power limit (3 kW when unknown) over the longer of the
-        // agent's and the collector's measure of the interval (so an agent
-        // clock that stands still does not void real energy), plus a joule
-        // of slack for counter and clock granularity.
-        let since_receipt = prev_receipt.map_or(0, |p| now.saturating_duration_since(p).as_nanos());
+        // times its power limit (3 kW when unknown) over the time that can
+        // have passed, plus a joule of slack for counter and clock
+        // granularity. That time is the longer of what the readings vouch
+        // for (`vouch`) and the collector's time between their receipts, so
+        // an agent clock that stands still or steps back, even within one
+        // batch, does not void real energy.
+        let vouched = self.vouch(t);
+        let vouched_nanos = match self.vouched_ns.or(self.last_timestamp) {
+            Some(prev) => u128::try_from(vouched.saturating_sub(prev)).unwrap_or(0),
+            None => 0,
+        };
+        let since_receipt =
+            prev_receipt.map_or(0, |p| t.now.saturating_duration_since(p).as_nanos());
         let limit = self.power_limit_milliwatts.unwrap_or(1_000_000);
         let plausible =
-            u128::from(limit) * 3 * dt_nanos.max(since_receipt) / NANOS_PER_SECOND + 1_000;
+            u128::from(limit) * 3 * vouched_nanos.max(since_receipt) / NANOS_PER_SECOND + 1_000;
         let first = self.last.is_none();
         // (energy, whether it was integrated from power)
         let (delta, estimated) = match (r.energy_millijoules, self.last_counter) {
@@ -200,6 +232,8 @@ impl Gpu {
         if reanchored || self.last_timestamp.is_none_or(|prev| timestamp > prev) {
             self.last_timestamp = Some(timestamp);
         }
+        self.vouched_ns = Some(vouched);
+        self.last_seq = Some(t.seq);
         if r.energy_millijoules.is_some() {
             self.last_counter = r.energy_millijoules;
         }
@@ -210,8 +244,34 @@ impl Gpu {
             energy_mj: delta,
             estimated,
             from_ns,
+            to_ns,
             utilization_percent,
         }
+    }
+
+    /// The newest moment the readings vouch for once `t` is in: the
+    /// sample's timestamp when it is after the previous such moment; else
+    /// that moment plus the samples since the GPU's last reading at the
+    /// nominal interval (a clock that stands still or stepped back), but
+    /// never beyond the latest timestamp a sample may carry now, so that
+    /// leaping sequence numbers vouch for no more time than a timestamp
+    /// could claim.
+    fn vouch(&self, t: &Tick) -> i64 {
+        let Some(prev) = self.vouched_ns.or(self.last_timestamp) else {
+            return t.timestamp_ns;
+        };
+        if t.timestamp_ns > prev {
+            return t.timestamp_ns;
+        }
+        let samples = match self.last_seq {
+            // A new epoch numbers its samples from 1.
+            _ if self.reanchor => t.seq.max(1),
+            Some(last) if t.seq > last => t.seq - last,
+            _ => 1,
+        };
+        let nominal =
+            i64::try_from(u128::from(samples) * t.interval.as_nanos()).unwrap_or(i64::MAX);
+        prev.saturating_add(nominal).min(t.latest_ns).max(prev)
     }
 
     /// The counting state the ledger keeps for this GPU.
@@ -248,15 +308,34 @@ impl Gpu {
     }
 }
 
+/// One sample, as a GPU reading in it sees it: when it was taken, where
+/// in its stream, and what the collector knows of that moment.
+#[derive(Debug, Clone, Copy)]
+struct Tick {
+    /// The sample's timestamp (the agent's clock).
+    timestamp_ns: i64,
+    seq: u64,
+    /// When its batch arrived (the collector's clock).
+    now: Instant,
+    /// The latest timestamp a sample may carry now: the collector's clock
+    /// plus the allowed skew.
+    latest_ns: i64,
+    /// The node's nominal sampling interval, from its Hello.
+    interval: Duration,
+}
+
 /// What one reading added.
 #[derive(Debug, Clone, Copy)]
 struct Applied {
     energy_mj: u64,
     /// The energy was integrated from power, not read from a counter.
     estimated: bool,
-    /// Start of the interval the reading covers (it ends at the sample's
-    /// timestamp); `None` when it covers no interval.
+    /// Start of the interval the reading covers; `None` when it covers no
+    /// interval.
     from_ns: Option<i64>,
+    /// End of the interval: the sample's timestamp, or the GPU's newest
+    /// timestamp when the sample's is not after it.
+    to_ns: i64,
     utilization_percent: Option<u32>,
 }
 
@@ -311,7 +390,8 @@ impl Applied {
     /// Adds this reading's energy and GPU time to the minute buckets of
     /// `tenant`. GPU time counts only intervals within the staleness
     /// window: a longer gap carries energy but is not coverage.
-    fn book(&self, b: &mut Booking, tenant: &Arc<str>, to_ns: i64, window: Duration) {
+    fn book(&self, b: &mut Booking, tenant: &Arc<str>, window: Duration) {
+        let to_ns = self.to_ns;
         let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
         let span = u64::try_from(to_ns - from).unwrap_or(0);
         let covered = if u128::from(span) <= window.as_nanos() {
@@ -747,7 +827,10 @@ impl State {
             // Resumed GPUs wait among the departed until the Hello.
             for (uuid, c) in &cursor.gpus {
                 if latest.get(&**uuid).is_some_and(|(at, _)| *at == i) {
-                    let g = Gpu::resumed(uuid, c);
+                    let mut g = Gpu::resumed(uuid, c);
+                    // At most the samples since its last reading, which
+                    // came with this cursor's or an earlier one.
+                    g.last_seq = Some(cursor.last_seq);
                     departed_at.insert(g.uuid.clone(), id.clone());
                     node.departed.push(g);
                 }
@@ -1077,11 +1160,18 @@ impl State {
                 if s.host.is_some() {
                     n.host = s.host;
                 }
+                let tick = Tick {
+                    timestamp_ns: s.timestamp_unix_nanos,
+                    seq: s.seq,
+                    now,
+                    latest_ns: latest,
+                    interval: n.interval,
+                };
                 for r in s.gpus {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
-                    let applied = gpu.apply(r, s.timestamp_unix_nanos, now);
-                    applied.book(&mut booked, &gpu.tenant, s.timestamp_unix_nanos, window);
+                    let applied = gpu.apply(r, &tick);
+                    applied.book(&mut booked, &gpu.tenant, window);
                     let added = applied.energy_mj;
                     if added > 0 {
                         match energy.iter_mut().find(|(t, _)| *t == gpu.tenant) {
@@ -2867,6 +2957,124 @@ mod tests {
         ingest(&state, &h, vec![sample(2, T0, &[(700_000, Some(30_000))])]);
         assert_eq!(gpu_energy(&h), vec![30_000]);
         assert_eq!(lock(&h.node).gpus[0].counter_resets, 0);
+    }
+
+    #[test]
+    fn counter_deltas_are_kept_whatever_the_agent_clock_does() {
+        // Invariant: a counter delta within what the GPU can draw over the
+        // samples since its last reading (at the Hello's nominal interval)
+        // is counted exactly however the agent's timestamps move, inside
+        // one batch too: standing still, stepping back, jumping forward and
+        // back. No reset is counted, and each delta is booked once, never
+        // in a minute before the GPU's newest timestamp so far.
+        // (name, batches of (seq, timestamp − T0 in s, counter J), energy J)
+        type Case = (&'static str, &'static [&'static [(u64, i64, u64)]], u64);
+        let cases: [Case; 6] = [
+            (
+                "stands still, then steps back 5 s, in one batch",
+                &[&[(1, 0, 0)], &[(2, 1, 300), (3, 1, 600), (4, -4, 900)]],
+                900,
+            ),
+            (
+                "stands still from the first sample",
+                &[&[(1, 0, 0), (2, 0, 300), (3, 0, 600)]],
+                600,
+            ),
+            (
+                "jumps an hour ahead and back",
+                &[&[(1, 0, 0), (2, 3600, 300), (3, 2, 600), (4, 3, 900)]],
+                900,
+            ),
+            (
+                "steps back a day and runs on",
+                &[&[(1, 0, 0), (2, -86_400, 300), (3, -86_399, 600)]],
+                600,
+            ),
+            (
+                "stands still while samples were lost (seq gap of 10)",
+                &[&[(1, 0, 0), (11, 0, 3_000)]],
+                3_000,
+            ),
+            (
+                "stands still across batches",
+                &[&[(1, 0, 0)], &[(2, 0, 300)], &[(3, 0, 600), (4, 0, 900)]],
+                900,
+            ),
+        ];
+        for (name, batches, joules) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", 1, 1);
+            let mut newest = T0;
+            for batch in batches {
+                let samples = batch
+                    .iter()
+                    .map(|&(seq, at, j)| {
+                        newest = newest.max(T0 + at * SEC);
+                        sample(seq, T0 + at * SEC, &[(300_000, Some(j * 1_000))])
+                    })
+                    .collect();
+                let out = ingest(&state, &h, samples);
+                assert_eq!(out.accepted, batch.len() as u64, "{name}");
+            }
+            let want = joules * 1_000;
+            assert_eq!(gpu_energy(&h), vec![want], "{name}");
+            assert_eq!(lock(&h.node).gpus[0].counter_resets, 0, "{name}");
+            assert_eq!(tenant_energy(&state, "lab-a"), want, "{name}");
+            let (_, c) = state.take_pending();
+            let b = booked(&c, "lab-a", "a-1");
+            assert_eq!(
+                (b.energy_mj, b.estimated_mj),
+                (want, 0),
+                "{name}: booked once"
+            );
+            let first_minute = T0.div_euclid(60 * SEC) * 60;
+            let last_minute = newest.div_euclid(60 * SEC) * 60;
+            for ((_, _, minute), d) in &c.buckets {
+                if d.energy_mj > 0 {
+                    assert!(
+                        (first_minute..=last_minute).contains(minute),
+                        "{name}: energy booked at {minute}, outside {first_minute}..={last_minute}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_clock_that_stands_still_vouches_for_no_more_time_than_a_timestamp() {
+        // Invariant: the samples since the last reading stand for time only
+        // up to the collector's clock plus the allowed skew, the furthest
+        // any timestamp may claim: an agent whose clock stands still and
+        // whose sequence numbers leap (with a nominal interval of an hour)
+        // cannot make an absurd counter jump plausible; it is counted as a
+        // reset and adds no energy.
+        let mut state = new_state(TENANTS, None);
+        state.cfg.max_sample_age = Duration::from_secs(3600);
+        let mut hl = hello("a-1", 1, 1);
+        hl.interval = Duration::from_secs(3600);
+        let h = state.hello(hl).unwrap().0;
+        // 30 minutes ago, standing still: with the 10-minute skew, at most
+        // 40 minutes (and the test's own run time) to vouch for, 5.04 MJ at
+        // 3 × 700 W.
+        let ts = unix_nanos_now() - 1800 * SEC;
+        let mj = 5_000_000_000;
+        let steps = [
+            (1, 0),
+            (1 + MAX_SEQ_JUMP, mj),
+            (1 + 2 * MAX_SEQ_JUMP, 2 * mj),
+            (1 + 3 * MAX_SEQ_JUMP, u64::MAX / 2),
+        ];
+        let out = ingest(
+            &state,
+            &h,
+            steps
+                .iter()
+                .map(|&(seq, c)| sample(seq, ts, &[(1_000, Some(c))]))
+                .collect(),
+        );
+        assert_eq!(out.accepted, 4);
+        assert_eq!(gpu_energy(&h), vec![mj]);
+        assert_eq!(lock(&h.node).gpus[0].counter_resets, 2);
     }
 
     #[test]
