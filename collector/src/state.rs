@@ -16,7 +16,9 @@
 //! so an agent clock that stands still or steps back never voids a real
 //! delta. A GPU without a counter contributes the exact integral of its
 //! reported power over time, kept in milliwatt-nanoseconds so that no
-//! rounding error accumulates.
+//! rounding error accumulates; power stands for at most the staleness
+//! window before its reading, and the rest of a longer gap is missing
+//! time, not energy.
 //!
 //! Locking: the node map is locked only to find or add a node; each node's
 //! own mutex is taken once per batch by its stream task, and briefly by
@@ -156,7 +158,7 @@ impl Gpu {
         };
         let nothing = Applied {
             energy_mj: 0,
-            estimated: false,
+            estimated_ns: None,
             from_ns: None,
             to_ns,
             utilization_percent: None,
@@ -174,6 +176,9 @@ impl Gpu {
             Some(prev) if timestamp > prev => (timestamp - prev) as u128,
             _ => 0,
         };
+        // Power stands for at most the staleness window before the
+        // reading: the rest of a longer gap is missing time, not energy.
+        let estimate_nanos = dt_nanos.min(t.window.as_nanos());
         // The most a GPU can plausibly use since the previous reading: three
         // times its power limit (3 kW when unknown) over the time that can
         // have passed, plus a joule of slack for counter and clock
@@ -211,7 +216,7 @@ impl Gpu {
                 // reset to more than the interval allows: count this
                 // interval from power and start again from the new value.
                 self.counter_resets += 1;
-                (self.integrate(r.power_milliwatts, dt_nanos), true)
+                (self.integrate(r.power_milliwatts, estimate_nanos), true)
             }
             // First counter reading: a baseline, unless earlier readings
             // (without counter) leave an interval to cover.
@@ -223,7 +228,7 @@ impl Gpu {
                 self.last = Some(r);
                 return nothing;
             }
-            _ => (self.integrate(r.power_milliwatts, dt_nanos), true),
+            _ => (self.integrate(r.power_milliwatts, estimate_nanos), true),
         };
         let reanchored = std::mem::take(&mut self.reanchor);
         // The interval this reading closes; after an agent restart too, as
@@ -242,7 +247,8 @@ impl Gpu {
         self.last = Some(r);
         Applied {
             energy_mj: delta,
-            estimated,
+            // Below the staleness window, so it fits.
+            estimated_ns: estimated.then(|| u64::try_from(estimate_nanos).unwrap_or(u64::MAX)),
             from_ns,
             to_ns,
             utilization_percent,
@@ -322,14 +328,18 @@ struct Tick {
     latest_ns: i64,
     /// The node's nominal sampling interval, from its Hello.
     interval: Duration,
+    /// The staleness window: the most time one reading's power stands for.
+    window: Duration,
 }
 
 /// What one reading added.
 #[derive(Debug, Clone, Copy)]
 struct Applied {
     energy_mj: u64,
-    /// The energy was integrated from power, not read from a counter.
-    estimated: bool,
+    /// Where the energy was integrated from power instead of read from a
+    /// counter: the stretch before `to_ns` it stands for (at most the
+    /// staleness window).
+    estimated_ns: Option<u64>,
     /// Start of the interval the reading covers; `None` when it covers no
     /// interval.
     from_ns: Option<i64>,
@@ -388,16 +398,21 @@ impl Booking {
 
 impl Applied {
     /// Adds this reading's energy and GPU time to the minute buckets of
-    /// `tenant`. GPU time counts only intervals within the staleness
-    /// window: a longer gap carries energy but is not coverage.
+    /// `tenant`. GPU time counts only what a reading backs: a counter
+    /// delta's interval when it lies within the staleness window (a longer
+    /// gap carries energy but is not coverage), an estimate from power the
+    /// stretch it stands for, which also holds its energy.
     fn book(&self, b: &mut Booking, tenant: &Arc<str>, window: Duration) {
         let to_ns = self.to_ns;
         let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
         let span = u64::try_from(to_ns - from).unwrap_or(0);
-        let covered = if u128::from(span) <= window.as_nanos() {
-            span
-        } else {
-            0
+        let (backed_from, covered) = match self.estimated_ns {
+            Some(stretch) => {
+                let stretch = stretch.min(span);
+                (to_ns - stretch as i64, stretch)
+            }
+            None if u128::from(span) <= window.as_nanos() => (from, span),
+            None => (from, 0),
         };
         let util = u64::from(self.utilization_percent.unwrap_or(0).min(100));
         let busy = covered / 100 * util + covered % 100 * util / 100;
@@ -407,7 +422,7 @@ impl Applied {
         if from.div_euclid(60_000_000_000) * 60 == minute {
             let d = b.bucket(tenant, minute);
             d.energy_mj += self.energy_mj;
-            if self.estimated {
+            if self.estimated_ns.is_some() {
                 d.estimated_mj += self.energy_mj;
             }
             d.gpu_ns += covered;
@@ -416,7 +431,7 @@ impl Applied {
             d.samples += 1;
             return;
         }
-        let mut add = |amount: u64, field: fn(&mut BucketDelta) -> &mut u64| {
+        let mut add = |amount: u64, from: i64, field: fn(&mut BucketDelta) -> &mut u64| {
             if amount == 0 {
                 return;
             }
@@ -424,13 +439,13 @@ impl Applied {
                 *field(b.bucket(tenant, minute)) += part;
             }
         };
-        add(self.energy_mj, |d| &mut d.energy_mj);
-        if self.estimated {
-            add(self.energy_mj, |d| &mut d.estimated_mj);
+        add(self.energy_mj, backed_from, |d| &mut d.energy_mj);
+        if self.estimated_ns.is_some() {
+            add(self.energy_mj, backed_from, |d| &mut d.estimated_mj);
         }
-        add(covered, |d| &mut d.gpu_ns);
-        add(busy, |d| &mut d.busy_gpu_ns);
-        add(span, |d| &mut d.expected_gpu_ns);
+        add(covered, backed_from, |d| &mut d.gpu_ns);
+        add(busy, backed_from, |d| &mut d.busy_gpu_ns);
+        add(span, from, |d| &mut d.expected_gpu_ns);
         b.bucket(tenant, minute).samples += 1;
     }
 }
@@ -1166,6 +1181,7 @@ impl State {
                     now,
                     latest_ns: latest,
                     interval: n.interval,
+                    window,
                 };
                 for r in s.gpus {
                     let i = r.index as usize;
@@ -2012,9 +2028,10 @@ mod tests {
 
     /// Feeds a baseline at T0 then one sample per (power, dt) to a fresh
     /// single-GPU node without counter, in batches of the given sizes
-    /// (cycled); returns (energy mJ, remainder mW·ns).
+    /// (cycled); returns (energy mJ, remainder mW·ns). The staleness window
+    /// (10 s) is longer than any step, so power covers each step whole.
     fn integrate_in_batches(steps: &[(u64, i64)], sizes: &[usize]) -> (u64, u64) {
-        let state = new_state(TENANTS, None);
+        let state = new_state(TENANTS, Some(Duration::from_secs(10)));
         let mut hl = hello("a-1", 1, 1);
         hl.gpus[0].energy_counter_supported = false;
         let h = state.hello(hl).unwrap().0;
@@ -3078,6 +3095,74 @@ mod tests {
     }
 
     #[test]
+    fn power_fills_at_most_the_staleness_window_of_a_gap() {
+        // Invariant: energy estimated from power covers at most the
+        // staleness window before the reading it comes from; the rest of a
+        // longer gap is expected GPU time that is not covered and carries
+        // no energy. The same holds where a counter judged implausible
+        // falls back to power.
+        // (stale_after, counter before and after the gap, energy mJ, resets)
+        type Case = (Option<Duration>, Option<(u64, u64)>, u64, u64);
+        let cases: [Case; 5] = [
+            // No counter, default window (3 × 1 s): 600 W × 3 s.
+            (None, None, 1_800_000, 0),
+            (Some(Duration::from_secs(60)), None, 36_000_000, 0),
+            // A counter jump beyond 3 × 700 W over the hour.
+            (None, Some((0, u64::MAX / 2)), 1_800_000, 1),
+            // Back to more than the hour allows: not a believable reload.
+            (
+                None,
+                Some((9_000_000_000_000, 8_000_000_000_000)),
+                1_800_000,
+                1,
+            ),
+            // A believable counter delta over the gap is kept whole.
+            (None, Some((0, 2_000_000_000)), 2_000_000_000, 0),
+        ];
+        for (stale_after, counter, want, resets) in cases {
+            let state = new_state(TENANTS, stale_after);
+            let mut hl = hello("a-1", 1, 1);
+            hl.gpus[0].energy_counter_supported = counter.is_some();
+            let (h, _) = state.hello(hl).unwrap();
+            let (c0, c1) = counter.unzip();
+            ingest(
+                &state,
+                &h,
+                vec![
+                    sample(1, T0, &[(600_000, c0)]),
+                    sample(2, T0 + 3600 * SEC, &[(600_000, c1)]),
+                ],
+            );
+            let case = format!("{stale_after:?} {counter:?}");
+            assert_eq!(gpu_energy(&h), vec![want], "{case}");
+            assert_eq!(lock(&h.node).gpus[0].counter_resets, resets, "{case}");
+            let (_, c) = state.take_pending();
+            let b = booked(&c, "lab-a", "a-1");
+            assert_eq!(b.energy_mj, want, "{case}");
+            assert_eq!(b.expected_gpu_ns, 3600 * SEC as u64, "{case}");
+            if counter.is_some() && resets == 0 {
+                // Counter energy over a long gap is real but not coverage.
+                assert_eq!((b.estimated_mj, b.gpu_ns), (0, 0), "{case}");
+                continue;
+            }
+            // Only the stretch the estimate stands for is covered, and its
+            // energy lies in that stretch: the last minute, here.
+            let window = stale_after.unwrap_or(Duration::from_secs(3));
+            assert_eq!(b.estimated_mj, want, "{case}");
+            assert_eq!(u128::from(b.gpu_ns), window.as_nanos(), "{case}");
+            let end = T0 + 3600 * SEC;
+            let from_minute = (end - window.as_nanos() as i64).div_euclid(60 * SEC) * 60;
+            let in_stretch: u64 = c
+                .buckets
+                .iter()
+                .filter(|((_, _, m), _)| *m >= from_minute)
+                .map(|(_, d)| d.energy_mj)
+                .sum();
+            assert_eq!(in_stretch, want, "{case}");
+        }
+    }
+
+    #[test]
     fn future_timestamps_are_rejected_alone() {
         // Invariant: a sample stamped beyond the allowed clock skew is
         // rejected and cannot pin the GPU's clock; later samples count.
@@ -3227,8 +3312,10 @@ mod tests {
     #[test]
     fn gaps_count_as_expected_time_and_integrated_energy_as_estimated() {
         // Invariant: GPU time between readings is expected time; only
-        // intervals within the staleness window are covered; energy from
-        // power integration is marked estimated, counter energy is not.
+        // intervals within the staleness window are covered, and of a
+        // longer gap without counter only the window before the reading,
+        // which its power stands for; energy from power integration is
+        // marked estimated, counter energy is not.
         let state = new_state(TENANTS, None);
         let mut hl = hello("a-1", 1, 1);
         hl.gpus[0].energy_counter_supported = false;
@@ -3245,9 +3332,10 @@ mod tests {
         let (_, c) = state.take_pending();
         let b = booked(&c, "lab-a", "a-1");
         assert_eq!(b.expected_gpu_ns, 61 * SEC as u64);
-        assert_eq!(b.gpu_ns, SEC as u64);
-        assert_eq!(b.energy_mj, 6_100_000);
-        assert_eq!(b.estimated_mj, 6_100_000);
+        // 1 s, and the last 3 s (the default window) of the 60-second gap.
+        assert_eq!(b.gpu_ns, 4 * SEC as u64);
+        assert_eq!(b.energy_mj, 400_000);
+        assert_eq!(b.estimated_mj, 400_000);
         assert_eq!(b.samples, 3);
         // A counter GPU books nothing as estimated.
         let h2 = connect(&state, "a-3", 1, 1);
