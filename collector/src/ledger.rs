@@ -274,7 +274,7 @@ pub struct GpuCursor {
     pub remainder_mw_ns: u64,
     pub energy_mj: u64,
     /// Counter resets and implausible jumps seen since the GPU was first
-    /// seen (`capwatch_gpu_energy_counter_resets_total`).
+    /// seen (`capwatch_gpu_energy_resets_total`).
     pub counter_resets: u64,
 }
 

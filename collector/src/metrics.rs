@@ -69,7 +69,7 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
         MetricType::GAUGE,
     ),
     (
-        "capwatch_gpu_energy_counter_resets_total",
+        "capwatch_gpu_energy_resets_total",
         "Times the GPU's energy counter went backwards (driver reload: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
         MetricType::COUNTER,
     ),
@@ -465,7 +465,7 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     let tenants = state.tenants();
     let gpu_up = family("capwatch_gpu_up");
     let gpu_energy = family("capwatch_gpu_energy_joules_total");
-    let gpu_resets = family("capwatch_gpu_energy_counter_resets_total");
+    let gpu_resets = family("capwatch_gpu_energy_resets_total");
     let gpu_mem_total = family("capwatch_gpu_memory_total_bytes");
     let gpu_power = family("capwatch_gpu_power_watts");
     let gpu_util = family("capwatch_gpu_utilization_ratio");

@@ -276,7 +276,7 @@ async fn replays_are_counted_once_and_bad_input_is_refused_alone() {
     collector.stop();
 }
 
-/// Invariant: `capwatch_gpu_energy_counter_resets_total` has a series for
+/// Invariant: `capwatch_gpu_energy_resets_total` has a series for
 /// every GPU from its node's Hello on (0 until a reset), and a collector
 /// killed and restarted resumes it from the ledger instead of starting
 /// again at 0.
@@ -286,13 +286,10 @@ async fn counter_resets_have_a_series_from_the_start_and_survive_a_restart() {
         let m = tokio::task::spawn_blocking(move || Metrics::parse(&http_get(http, "/metrics")))
             .await
             .unwrap();
-        m.select(
-            "capwatch_gpu_energy_counter_resets_total",
-            &[("node", "z-1")],
-        )
-        .into_iter()
-        .map(|(labels, v)| (labels["gpu"].clone(), v))
-        .collect()
+        m.select("capwatch_gpu_energy_resets_total", &[("node", "z-1")])
+            .into_iter()
+            .map(|(labels, v)| (labels["gpu"].clone(), v))
+            .collect()
     }
     /// Samples `seqs`, GPU 0's counter in the last one set back to `mj`
     /// (a driver reload).
@@ -480,7 +477,7 @@ fn agent_restart_carries_energy_through_the_counter() {
     }
     // No counter went backwards: the restart was not taken for a reload
     // (every GPU has its series, at 0).
-    let resets = m.select("capwatch_gpu_energy_counter_resets_total", &[]);
+    let resets = m.select("capwatch_gpu_energy_resets_total", &[]);
     assert_eq!(resets.len(), truth.uuids.len(), "{resets:?}");
     assert!(resets.iter().all(|(_, v)| *v == 0.0), "{resets:?}");
     collector.stop();
