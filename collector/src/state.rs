@@ -110,6 +110,9 @@ pub struct Gpu {
     /// advances, else the previous moment plus the samples since at the
     /// nominal interval, never beyond what a timestamp may claim.
     vouched_ns: Option<i64>,
+    /// The timestamp of the reading that last moved the baseline, as
+    /// stamped (`last_timestamp` is the newest one).
+    stamped_ns: Option<i64>,
     /// Energy since this collector first saw the GPU.
     pub energy_millijoules: u64,
     /// Below one second's worth of nanoseconds (fits 32 bits).
@@ -135,6 +138,7 @@ impl Gpu {
             last_counter: None,
             last_seq: None,
             vouched_ns: None,
+            stamped_ns: None,
             energy_millijoules: 0,
             remainder_milliwatt_nanos: 0,
             last_receipt: None,
@@ -238,6 +242,7 @@ impl Gpu {
             self.last_timestamp = Some(timestamp);
         }
         self.vouched_ns = Some(vouched);
+        self.stamped_ns = Some(timestamp);
         self.last_seq = Some(t.seq);
         if r.energy_millijoules.is_some() {
             self.last_counter = r.energy_millijoules;
@@ -257,11 +262,12 @@ impl Gpu {
 
     /// The newest moment the readings vouch for once `t` is in: the
     /// sample's timestamp when it is after the previous such moment; else
-    /// that moment plus the samples since the GPU's last reading at the
-    /// nominal interval (a clock that stands still or stepped back), but
+    /// (a clock that stands still or stepped back) that moment plus the
+    /// samples since the GPU's last reading at the nominal interval, or
+    /// plus how far the clock ran since that reading if that is more; but
     /// never beyond the latest timestamp a sample may carry now, so that
-    /// leaping sequence numbers vouch for no more time than a timestamp
-    /// could claim.
+    /// leaping sequence numbers or timestamps vouch for no more time than a
+    /// timestamp could claim.
     fn vouch(&self, t: &Tick) -> i64 {
         let Some(prev) = self.vouched_ns.or(self.last_timestamp) else {
             return t.timestamp_ns;
@@ -277,7 +283,14 @@ impl Gpu {
         };
         let nominal =
             i64::try_from(u128::from(samples) * t.interval.as_nanos()).unwrap_or(i64::MAX);
-        prev.saturating_add(nominal).min(t.latest_ns).max(prev)
+        // A clock behind the vouched moment may still run (it stepped
+        // back): a sample it stamps late, after a stall, stands for that.
+        let ran = self
+            .stamped_ns
+            .map_or(0, |s| t.timestamp_ns.saturating_sub(s).max(0));
+        prev.saturating_add(nominal.max(ran))
+            .min(t.latest_ns)
+            .max(prev)
     }
 
     /// The counting state the ledger keeps for this GPU.
@@ -2986,7 +2999,7 @@ mod tests {
         // in a minute before the GPU's newest timestamp so far.
         // (name, batches of (seq, timestamp − T0 in s, counter J), energy J)
         type Case = (&'static str, &'static [&'static [(u64, i64, u64)]], u64);
-        let cases: [Case; 6] = [
+        let cases: [Case; 7] = [
             (
                 "stands still, then steps back 5 s, in one batch",
                 &[&[(1, 0, 0)], &[(2, 1, 300), (3, 1, 600), (4, -4, 900)]],
@@ -3016,6 +3029,13 @@ mod tests {
                 "stands still across batches",
                 &[&[(1, 0, 0)], &[(2, 0, 300)], &[(3, 0, 600), (4, 0, 900)]],
                 900,
+            ),
+            (
+                // 3.5 kJ is more than 3 × 700 W over one interval; the
+                // clock, behind since the step, ran 5 s.
+                "steps back 10 s, then stamps a sample 5 s late",
+                &[&[(1, 0, 0), (2, -10, 300), (3, -5, 3_800)]],
+                3_800,
             ),
         ];
         for (name, batches, joules) in cases {
@@ -3091,6 +3111,31 @@ mod tests {
         );
         assert_eq!(out.accepted, 4);
         assert_eq!(gpu_energy(&h), vec![mj]);
+        assert_eq!(lock(&h.node).gpus[0].counter_resets, 2);
+
+        // Timestamps that swing between 30 minutes ago and now: each swing
+        // forward is time only once. 3 MJ fits 30 minutes at 3 × 700 W
+        // (3.78 MJ); the next 3 MJ would need them again.
+        let mut hl = hello("a-3", 1, 1);
+        hl.interval = Duration::from_secs(3600);
+        let h = state.hello(hl).unwrap().0;
+        let now = unix_nanos_now();
+        let swings = [
+            (1, now - 1800 * SEC, 0),
+            (2, now, 3_000_000_000),
+            (3, now - 1800 * SEC, 6_000_000_000),
+            (4, now, 9_000_000_000),
+        ];
+        let out = ingest(
+            &state,
+            &h,
+            swings
+                .iter()
+                .map(|&(seq, ts, c)| sample(seq, ts, &[(1_000, Some(c))]))
+                .collect(),
+        );
+        assert_eq!(out.accepted, 4);
+        assert_eq!(gpu_energy(&h), vec![3_000_000_000]);
         assert_eq!(lock(&h.node).gpus[0].counter_resets, 2);
     }
 
