@@ -158,6 +158,7 @@ fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
                 last_timestamp_ns: r.get(3)?,
                 remainder_mw_ns: unsigned(4, r.get(4)?)?,
                 energy_mj: unsigned(5, r.get(5)?)?,
+                counter_resets: 0,
             };
             by_node.entry(r.get(1)?).or_default().push(gpu);
         }
@@ -192,6 +193,9 @@ struct StoredGpu {
     remainder_mw_ns: u64,
     #[prost(uint64, tag = "5")]
     energy_mj: u64,
+    /// Added later: a cursor written before it reads as 0.
+    #[prost(uint64, tag = "6")]
+    counter_resets: u64,
 }
 
 /// Most hours one compaction rolls up, so that a long backlog (the first
@@ -269,6 +273,9 @@ pub struct GpuCursor {
     pub last_timestamp_ns: Option<i64>,
     pub remainder_mw_ns: u64,
     pub energy_mj: u64,
+    /// Counter resets and implausible jumps seen since the GPU was first
+    /// seen (`capwatch_gpu_energy_resets_total`).
+    pub counter_resets: u64,
 }
 
 /// Additions to one (tenant, node, minute) bucket.
@@ -580,6 +587,7 @@ impl Ledger {
                             last_timestamp_ns: g.last_timestamp_ns,
                             remainder_mw_ns: g.remainder_mw_ns,
                             energy_mj: g.energy_mj,
+                            counter_resets: g.counter_resets,
                         },
                     )
                 })
@@ -658,6 +666,7 @@ impl Ledger {
                             last_timestamp_ns: g.last_timestamp_ns,
                             remainder_mw_ns: g.remainder_mw_ns,
                             energy_mj: g.energy_mj,
+                            counter_resets: g.counter_resets,
                         })
                         .collect(),
                 };
@@ -1424,6 +1433,7 @@ mod tests {
                         last_timestamp_ns: Some(-5),
                         remainder_mw_ns: 999_999_999,
                         energy_mj: 123,
+                        counter_resets: 3,
                     },
                 ),
                 (
@@ -1433,6 +1443,7 @@ mod tests {
                         last_timestamp_ns: None,
                         remainder_mw_ns: 0,
                         energy_mj: 0,
+                        counter_resets: 0,
                     },
                 ),
             ],
@@ -1468,6 +1479,57 @@ mod tests {
             (sums.energy_mj, sums.gpu_ns, sums.busy_gpu_ns, sums.samples),
             (200, 10, 8, 2)
         );
+    }
+
+    #[test]
+    fn gpu_cursors_written_before_counter_resets_were_kept_read_as_zero() {
+        // How `StoredGpu` was encoded before it had `counter_resets`.
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct OldStoredGpus {
+            #[prost(message, repeated, tag = "1")]
+            gpus: Vec<OldStoredGpu>,
+        }
+        #[derive(Clone, PartialEq, prost::Message)]
+        struct OldStoredGpu {
+            #[prost(string, tag = "1")]
+            uuid: String,
+            #[prost(uint64, optional, tag = "2")]
+            last_counter_mj: Option<u64>,
+            #[prost(sint64, optional, tag = "3")]
+            last_timestamp_ns: Option<i64>,
+            #[prost(uint64, tag = "4")]
+            remainder_mw_ns: u64,
+            #[prost(uint64, tag = "5")]
+            energy_mj: u64,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        drop(Ledger::open(&path).unwrap());
+        let old = OldStoredGpus {
+            gpus: vec![OldStoredGpu {
+                uuid: "GPU-1".into(),
+                last_counter_mj: Some(1_000),
+                last_timestamp_ns: Some(5),
+                remainder_mw_ns: 7,
+                energy_mj: 11,
+            }],
+        };
+        Connection::open(&path)
+            .unwrap()
+            .execute(
+                "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES ('n1', 1, 2, ?1)",
+                params![old.encode_to_vec()],
+            )
+            .unwrap();
+        let snap = Ledger::open(&path).unwrap().load().unwrap();
+        let want = GpuCursor {
+            last_counter_mj: Some(1_000),
+            last_timestamp_ns: Some(5),
+            remainder_mw_ns: 7,
+            energy_mj: 11,
+            counter_resets: 0,
+        };
+        assert_eq!(snap.nodes[0].1.gpus, vec![(Arc::from("GPU-1"), want)]);
     }
 
     #[test]
@@ -1519,6 +1581,7 @@ mod tests {
             last_timestamp_ns: ts,
             remainder_mw_ns: rem,
             energy_mj: energy,
+            counter_resets: 0,
         };
         let mut snap = l.load().unwrap();
         snap.nodes.sort_by(|a, b| a.0.cmp(&b.0));

@@ -69,8 +69,8 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
         MetricType::GAUGE,
     ),
     (
-        "capwatch_gpu_energy_counter_resets_total",
-        "Times the GPU's energy counter went backwards (driver reload) or jumped implausibly far; those intervals are counted from power.",
+        "capwatch_gpu_energy_resets_total",
+        "Times the GPU's energy counter went backwards (driver reload: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
         MetricType::COUNTER,
     ),
     (
@@ -480,7 +480,7 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     let tenants = state.tenants();
     let gpu_up = family("capwatch_gpu_up");
     let gpu_energy = family("capwatch_gpu_energy_joules_total");
-    let gpu_resets = family("capwatch_gpu_energy_counter_resets_total");
+    let gpu_resets = family("capwatch_gpu_energy_resets_total");
     let gpu_mem_total = family("capwatch_gpu_memory_total_bytes");
     let gpu_power = family("capwatch_gpu_power_watts");
     let gpu_util = family("capwatch_gpu_utilization_ratio");
@@ -552,9 +552,10 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             if g.last.is_some() {
                 f.push_at(gpu_energy, &labels, g.energy_millijoules as f64 / 1000.0);
             }
-            if g.counter_resets > 0 {
-                f.push_at(gpu_resets, &labels, g.counter_resets as f64);
-            }
+            // From the first Hello on, 0 until a reset: a counter that
+            // appears only with its first increment hides that increment
+            // from `increase()`.
+            f.push_at(gpu_resets, &labels, g.counter_resets as f64);
             if let Some(t) = g.memory_total_bytes {
                 f.push_at(gpu_mem_total, &labels, t as f64);
             }

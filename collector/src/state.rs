@@ -7,10 +7,18 @@
 //!
 //! *Invariant:* a GPU's energy is the sum of the deltas of its hardware
 //! counter between consecutive accepted samples. A counter that goes
-//! backwards (driver reload) contributes the power integral for that
-//! interval instead of a negative delta; a GPU without a counter
-//! contributes the exact integral of its reported power over time, kept in
-//! milliwatt-nanoseconds so that no rounding error accumulates.
+//! backwards (driver reload) contributes its new value, the energy since
+//! the reload, never a negative delta; a delta (or a new value after a
+//! reload) beyond 3× the power limit over the time that can have passed is
+//! counted as a reset and contributes the power integral instead. That
+//! time is the longest of the agent's timestamps, the collector's receipt
+//! times and the samples since at the nominal interval (see `Gpu::vouch`),
+//! so an agent clock that stands still or steps back never voids a real
+//! delta. A GPU without a counter contributes the exact integral of its
+//! reported power over time, kept in milliwatt-nanoseconds so that no
+//! rounding error accumulates; power stands for at most the staleness
+//! window before its reading, and the rest of a longer gap is missing
+//! time, not energy.
 //!
 //! Locking: the node map is locked only to find or add a node; each node's
 //! own mutex is taken once per batch by its stream task, and briefly by
@@ -94,6 +102,17 @@ pub struct Gpu {
     pub last: Option<GpuReading>,
     pub last_timestamp: Option<i64>,
     last_counter: Option<u64>,
+    /// Sequence number of the sample that last moved `last_counter` and
+    /// `last_timestamp`: the next reading follows it by this many samples.
+    last_seq: Option<u64>,
+    /// The newest moment this GPU's readings vouch for, which the
+    /// plausibility bound measures time by: the agent's timestamp where it
+    /// advances, else the previous moment plus the samples since at the
+    /// nominal interval, never beyond what a timestamp may claim.
+    vouched_ns: Option<i64>,
+    /// The timestamp of the reading that last moved the baseline, as
+    /// stamped (`last_timestamp` is the newest one).
+    stamped_ns: Option<i64>,
     /// Energy since this collector first saw the GPU.
     pub energy_millijoules: u64,
     /// Below one second's worth of nanoseconds (fits 32 bits).
@@ -117,6 +136,9 @@ impl Gpu {
             last: None,
             last_timestamp: None,
             last_counter: None,
+            last_seq: None,
+            vouched_ns: None,
+            stamped_ns: None,
             energy_millijoules: 0,
             remainder_milliwatt_nanos: 0,
             last_receipt: None,
@@ -127,12 +149,22 @@ impl Gpu {
 
     /// Folds one accepted reading in; returns the energy it adds (mJ) and
     /// the interval it covers.
-    fn apply(&mut self, r: GpuReading, timestamp: i64, now: Instant) -> Applied {
-        let prev_receipt = self.last_receipt.replace(now);
+    fn apply(&mut self, r: GpuReading, t: &Tick) -> Applied {
+        let timestamp = t.timestamp_ns;
+        let prev_receipt = self.last_receipt.replace(t.now);
+        // The interval ends at the sample's timestamp, or at the GPU's
+        // newest one when the sample's is not after it (a clock that stood
+        // still or stepped back): what it adds is booked after everything
+        // booked before, once.
+        let to_ns = match self.last_timestamp {
+            Some(prev) if !self.reanchor => prev.max(timestamp),
+            _ => timestamp,
+        };
         let nothing = Applied {
             energy_mj: 0,
-            estimated: false,
+            estimated_ns: None,
             from_ns: None,
+            to_ns,
             utilization_percent: None,
         };
         if r.lost {
@@ -148,15 +180,26 @@ impl Gpu {
             Some(prev) if timestamp > prev => (timestamp - prev) as u128,
             _ => 0,
         };
+        // Power stands for at most the staleness window before the
+        // reading: the rest of a longer gap is missing time, not energy.
+        let estimate_nanos = dt_nanos.min(t.window.as_nanos());
         // The most a GPU can plausibly use since the previous reading: three
-        // times its power limit (3 kW when unknown) over the longer of the
-        // agent's and the collector's measure of the interval (so an agent
-        // clock that stands still does not void real energy), plus a joule
-        // of slack for counter and clock granularity.
-        let since_receipt = prev_receipt.map_or(0, |p| now.saturating_duration_since(p).as_nanos());
+        // times its power limit (3 kW when unknown) over the time that can
+        // have passed, plus a joule of slack for counter and clock
+        // granularity. That time is the longer of what the readings vouch
+        // for (`vouch`) and the collector's time between their receipts, so
+        // an agent clock that stands still or steps back, even within one
+        // batch, does not void real energy.
+        let vouched = self.vouch(t);
+        let vouched_nanos = match self.vouched_ns.or(self.last_timestamp) {
+            Some(prev) => u128::try_from(vouched.saturating_sub(prev)).unwrap_or(0),
+            None => 0,
+        };
+        let since_receipt =
+            prev_receipt.map_or(0, |p| t.now.saturating_duration_since(p).as_nanos());
         let limit = self.power_limit_milliwatts.unwrap_or(1_000_000);
         let plausible =
-            u128::from(limit) * 3 * dt_nanos.max(since_receipt) / NANOS_PER_SECOND + 1_000;
+            u128::from(limit) * 3 * vouched_nanos.max(since_receipt) / NANOS_PER_SECOND + 1_000;
         let first = self.last.is_none();
         // (energy, whether it was integrated from power)
         let (delta, estimated) = match (r.energy_millijoules, self.last_counter) {
@@ -177,7 +220,7 @@ impl Gpu {
                 // reset to more than the interval allows: count this
                 // interval from power and start again from the new value.
                 self.counter_resets += 1;
-                (self.integrate(r.power_milliwatts, dt_nanos), true)
+                (self.integrate(r.power_milliwatts, estimate_nanos), true)
             }
             // First counter reading: a baseline, unless earlier readings
             // (without counter) leave an interval to cover.
@@ -189,7 +232,7 @@ impl Gpu {
                 self.last = Some(r);
                 return nothing;
             }
-            _ => (self.integrate(r.power_milliwatts, dt_nanos), true),
+            _ => (self.integrate(r.power_milliwatts, estimate_nanos), true),
         };
         let reanchored = std::mem::take(&mut self.reanchor);
         // The interval this reading closes; after an agent restart too, as
@@ -198,6 +241,9 @@ impl Gpu {
         if reanchored || self.last_timestamp.is_none_or(|prev| timestamp > prev) {
             self.last_timestamp = Some(timestamp);
         }
+        self.vouched_ns = Some(vouched);
+        self.stamped_ns = Some(timestamp);
+        self.last_seq = Some(t.seq);
         if r.energy_millijoules.is_some() {
             self.last_counter = r.energy_millijoules;
         }
@@ -206,10 +252,45 @@ impl Gpu {
         self.last = Some(r);
         Applied {
             energy_mj: delta,
-            estimated,
+            // Below the staleness window, so it fits.
+            estimated_ns: estimated.then(|| u64::try_from(estimate_nanos).unwrap_or(u64::MAX)),
             from_ns,
+            to_ns,
             utilization_percent,
         }
+    }
+
+    /// The newest moment the readings vouch for once `t` is in: the
+    /// sample's timestamp when it is after the previous such moment; else
+    /// (a clock that stands still or stepped back) that moment plus the
+    /// samples since the GPU's last reading at the nominal interval, or
+    /// plus how far the clock ran since that reading if that is more; but
+    /// never beyond the latest timestamp a sample may carry now, so that
+    /// leaping sequence numbers or timestamps vouch for no more time than a
+    /// timestamp could claim.
+    fn vouch(&self, t: &Tick) -> i64 {
+        let Some(prev) = self.vouched_ns.or(self.last_timestamp) else {
+            return t.timestamp_ns;
+        };
+        if t.timestamp_ns > prev {
+            return t.timestamp_ns;
+        }
+        let samples = match self.last_seq {
+            // A new epoch numbers its samples from 1.
+            _ if self.reanchor => t.seq.max(1),
+            Some(last) if t.seq > last => t.seq - last,
+            _ => 1,
+        };
+        let nominal =
+            i64::try_from(u128::from(samples) * t.interval.as_nanos()).unwrap_or(i64::MAX);
+        // A clock behind the vouched moment may still run (it stepped
+        // back): a sample it stamps late, after a stall, stands for that.
+        let ran = self
+            .stamped_ns
+            .map_or(0, |s| t.timestamp_ns.saturating_sub(s).max(0));
+        prev.saturating_add(nominal.max(ran))
+            .min(t.latest_ns)
+            .max(prev)
     }
 
     /// The counting state the ledger keeps for this GPU.
@@ -220,6 +301,7 @@ impl Gpu {
             // Below one second's worth of nanoseconds by construction.
             remainder_mw_ns: self.remainder_milliwatt_nanos,
             energy_mj: self.energy_millijoules,
+            counter_resets: self.counter_resets,
         }
     }
 
@@ -240,19 +322,43 @@ impl Gpu {
         g.last_timestamp = c.last_timestamp_ns;
         g.remainder_milliwatt_nanos = c.remainder_mw_ns;
         g.energy_millijoules = c.energy_mj;
+        g.counter_resets = c.counter_resets;
         g
     }
+}
+
+/// One sample, as a GPU reading in it sees it: when it was taken, where
+/// in its stream, and what the collector knows of that moment.
+#[derive(Debug, Clone, Copy)]
+struct Tick {
+    /// The sample's timestamp (the agent's clock).
+    timestamp_ns: i64,
+    seq: u64,
+    /// When its batch arrived (the collector's clock).
+    now: Instant,
+    /// The latest timestamp a sample may carry now: the collector's clock
+    /// plus the allowed skew.
+    latest_ns: i64,
+    /// The node's nominal sampling interval, from its Hello.
+    interval: Duration,
+    /// The staleness window: the most time one reading's power stands for.
+    window: Duration,
 }
 
 /// What one reading added.
 #[derive(Debug, Clone, Copy)]
 struct Applied {
     energy_mj: u64,
-    /// The energy was integrated from power, not read from a counter.
-    estimated: bool,
-    /// Start of the interval the reading covers (it ends at the sample's
-    /// timestamp); `None` when it covers no interval.
+    /// Where the energy was integrated from power instead of read from a
+    /// counter: the stretch before `to_ns` it stands for (at most the
+    /// staleness window).
+    estimated_ns: Option<u64>,
+    /// Start of the interval the reading covers; `None` when it covers no
+    /// interval.
     from_ns: Option<i64>,
+    /// End of the interval: the sample's timestamp, or the GPU's newest
+    /// timestamp when the sample's is not after it.
+    to_ns: i64,
     utilization_percent: Option<u32>,
 }
 
@@ -305,15 +411,21 @@ impl Booking {
 
 impl Applied {
     /// Adds this reading's energy and GPU time to the minute buckets of
-    /// `tenant`. GPU time counts only intervals within the staleness
-    /// window: a longer gap carries energy but is not coverage.
-    fn book(&self, b: &mut Booking, tenant: &Arc<str>, to_ns: i64, window: Duration) {
+    /// `tenant`. GPU time counts only what a reading backs: a counter
+    /// delta's interval when it lies within the staleness window (a longer
+    /// gap carries energy but is not coverage), an estimate from power the
+    /// stretch it stands for, which also holds its energy.
+    fn book(&self, b: &mut Booking, tenant: &Arc<str>, window: Duration) {
+        let to_ns = self.to_ns;
         let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
         let span = u64::try_from(to_ns - from).unwrap_or(0);
-        let covered = if u128::from(span) <= window.as_nanos() {
-            span
-        } else {
-            0
+        let (backed_from, covered) = match self.estimated_ns {
+            Some(stretch) => {
+                let stretch = stretch.min(span);
+                (to_ns - stretch as i64, stretch)
+            }
+            None if u128::from(span) <= window.as_nanos() => (from, span),
+            None => (from, 0),
         };
         let util = u64::from(self.utilization_percent.unwrap_or(0).min(100));
         let busy = covered / 100 * util + covered % 100 * util / 100;
@@ -323,7 +435,7 @@ impl Applied {
         if from.div_euclid(60_000_000_000) * 60 == minute {
             let d = b.bucket(tenant, minute);
             d.energy_mj += self.energy_mj;
-            if self.estimated {
+            if self.estimated_ns.is_some() {
                 d.estimated_mj += self.energy_mj;
             }
             d.gpu_ns += covered;
@@ -332,7 +444,7 @@ impl Applied {
             d.samples += 1;
             return;
         }
-        let mut add = |amount: u64, field: fn(&mut BucketDelta) -> &mut u64| {
+        let mut add = |amount: u64, from: i64, field: fn(&mut BucketDelta) -> &mut u64| {
             if amount == 0 {
                 return;
             }
@@ -340,13 +452,13 @@ impl Applied {
                 *field(b.bucket(tenant, minute)) += part;
             }
         };
-        add(self.energy_mj, |d| &mut d.energy_mj);
-        if self.estimated {
-            add(self.energy_mj, |d| &mut d.estimated_mj);
+        add(self.energy_mj, backed_from, |d| &mut d.energy_mj);
+        if self.estimated_ns.is_some() {
+            add(self.energy_mj, backed_from, |d| &mut d.estimated_mj);
         }
-        add(covered, |d| &mut d.gpu_ns);
-        add(busy, |d| &mut d.busy_gpu_ns);
-        add(span, |d| &mut d.expected_gpu_ns);
+        add(covered, backed_from, |d| &mut d.gpu_ns);
+        add(busy, backed_from, |d| &mut d.busy_gpu_ns);
+        add(span, from, |d| &mut d.expected_gpu_ns);
         b.bucket(tenant, minute).samples += 1;
     }
 }
@@ -749,7 +861,10 @@ impl State {
             // Resumed GPUs wait among the departed until the Hello.
             for (uuid, c) in &cursor.gpus {
                 if latest.get(&**uuid).is_some_and(|(at, _)| *at == i) {
-                    let g = Gpu::resumed(uuid, c);
+                    let mut g = Gpu::resumed(uuid, c);
+                    // At most the samples since its last reading, which
+                    // came with this cursor's or an earlier one.
+                    g.last_seq = Some(cursor.last_seq);
                     departed_at.insert(g.uuid.clone(), id.clone());
                     node.departed.push(g);
                 }
@@ -1079,11 +1194,19 @@ impl State {
                 if s.host.is_some() {
                     n.host = s.host;
                 }
+                let tick = Tick {
+                    timestamp_ns: s.timestamp_unix_nanos,
+                    seq: s.seq,
+                    now,
+                    latest_ns: latest,
+                    interval: n.interval,
+                    window,
+                };
                 for r in s.gpus {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
-                    let applied = gpu.apply(r, s.timestamp_unix_nanos, now);
-                    applied.book(&mut booked, &gpu.tenant, s.timestamp_unix_nanos, window);
+                    let applied = gpu.apply(r, &tick);
+                    applied.book(&mut booked, &gpu.tenant, window);
                     let added = applied.energy_mj;
                     if added > 0 {
                         match energy.iter_mut().find(|(t, _)| *t == gpu.tenant) {
@@ -1603,6 +1726,7 @@ mod tests {
             last_timestamp_ns: Some(ts),
             remainder_mw_ns: 0,
             energy_mj: 0,
+            counter_resets: 0,
         };
         let node = |gpus: Vec<(Arc<str>, GpuCursor)>| NodeCursor {
             epoch: 1,
@@ -1923,9 +2047,10 @@ mod tests {
 
     /// Feeds a baseline at T0 then one sample per (power, dt) to a fresh
     /// single-GPU node without counter, in batches of the given sizes
-    /// (cycled); returns (energy mJ, remainder mW·ns).
+    /// (cycled); returns (energy mJ, remainder mW·ns). The staleness window
+    /// (10 s) is longer than any step, so power covers each step whole.
     fn integrate_in_batches(steps: &[(u64, i64)], sizes: &[usize]) -> (u64, u64) {
-        let state = new_state(TENANTS, None);
+        let state = new_state(TENANTS, Some(Duration::from_secs(10)));
         let mut hl = hello("a-1", 1, 1);
         hl.gpus[0].energy_counter_supported = false;
         let h = state.hello(hl).unwrap().0;
@@ -2871,6 +2996,224 @@ mod tests {
     }
 
     #[test]
+    fn counter_deltas_are_kept_whatever_the_agent_clock_does() {
+        // Invariant: a counter delta within what the GPU can draw over the
+        // samples since its last reading (at the Hello's nominal interval)
+        // is counted exactly however the agent's timestamps move, inside
+        // one batch too: standing still, stepping back, jumping forward and
+        // back. No reset is counted, and each delta is booked once, never
+        // in a minute before the GPU's newest timestamp so far.
+        // (name, batches of (seq, timestamp − T0 in s, counter J), energy J)
+        type Case = (&'static str, &'static [&'static [(u64, i64, u64)]], u64);
+        let cases: [Case; 7] = [
+            (
+                "stands still, then steps back 5 s, in one batch",
+                &[&[(1, 0, 0)], &[(2, 1, 300), (3, 1, 600), (4, -4, 900)]],
+                900,
+            ),
+            (
+                "stands still from the first sample",
+                &[&[(1, 0, 0), (2, 0, 300), (3, 0, 600)]],
+                600,
+            ),
+            (
+                "jumps an hour ahead and back",
+                &[&[(1, 0, 0), (2, 3600, 300), (3, 2, 600), (4, 3, 900)]],
+                900,
+            ),
+            (
+                "steps back a day and runs on",
+                &[&[(1, 0, 0), (2, -86_400, 300), (3, -86_399, 600)]],
+                600,
+            ),
+            (
+                "stands still while samples were lost (seq gap of 10)",
+                &[&[(1, 0, 0), (11, 0, 3_000)]],
+                3_000,
+            ),
+            (
+                "stands still across batches",
+                &[&[(1, 0, 0)], &[(2, 0, 300)], &[(3, 0, 600), (4, 0, 900)]],
+                900,
+            ),
+            (
+                // 3.5 kJ is more than 3 × 700 W over one interval; the
+                // clock, behind since the step, ran 5 s.
+                "steps back 10 s, then stamps a sample 5 s late",
+                &[&[(1, 0, 0), (2, -10, 300), (3, -5, 3_800)]],
+                3_800,
+            ),
+        ];
+        for (name, batches, joules) in cases {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", 1, 1);
+            let mut newest = T0;
+            for batch in batches {
+                let samples = batch
+                    .iter()
+                    .map(|&(seq, at, j)| {
+                        newest = newest.max(T0 + at * SEC);
+                        sample(seq, T0 + at * SEC, &[(300_000, Some(j * 1_000))])
+                    })
+                    .collect();
+                let out = ingest(&state, &h, samples);
+                assert_eq!(out.accepted, batch.len() as u64, "{name}");
+            }
+            let want = joules * 1_000;
+            assert_eq!(gpu_energy(&h), vec![want], "{name}");
+            assert_eq!(lock(&h.node).gpus[0].counter_resets, 0, "{name}");
+            assert_eq!(tenant_energy(&state, "lab-a"), want, "{name}");
+            let (_, c) = state.take_pending();
+            let b = booked(&c, "lab-a", "a-1");
+            assert_eq!(
+                (b.energy_mj, b.estimated_mj),
+                (want, 0),
+                "{name}: booked once"
+            );
+            let first_minute = T0.div_euclid(60 * SEC) * 60;
+            let last_minute = newest.div_euclid(60 * SEC) * 60;
+            for ((_, _, minute), d) in &c.buckets {
+                if d.energy_mj > 0 {
+                    assert!(
+                        (first_minute..=last_minute).contains(minute),
+                        "{name}: energy booked at {minute}, outside {first_minute}..={last_minute}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_clock_that_stands_still_vouches_for_no_more_time_than_a_timestamp() {
+        // Invariant: the samples since the last reading stand for time only
+        // up to the collector's clock plus the allowed skew, the furthest
+        // any timestamp may claim: an agent whose clock stands still and
+        // whose sequence numbers leap (with a nominal interval of an hour)
+        // cannot make an absurd counter jump plausible; it is counted as a
+        // reset and adds no energy.
+        let mut state = new_state(TENANTS, None);
+        state.cfg.max_sample_age = Duration::from_secs(3600);
+        let mut hl = hello("a-1", 1, 1);
+        hl.interval = Duration::from_secs(3600);
+        let h = state.hello(hl).unwrap().0;
+        // 30 minutes ago, standing still: with the 10-minute skew, at most
+        // 40 minutes (and the test's own run time) to vouch for, 5.04 MJ at
+        // 3 × 700 W.
+        let ts = unix_nanos_now() - 1800 * SEC;
+        let mj = 5_000_000_000;
+        let steps = [
+            (1, 0),
+            (1 + MAX_SEQ_JUMP, mj),
+            (1 + 2 * MAX_SEQ_JUMP, 2 * mj),
+            (1 + 3 * MAX_SEQ_JUMP, u64::MAX / 2),
+        ];
+        let out = ingest(
+            &state,
+            &h,
+            steps
+                .iter()
+                .map(|&(seq, c)| sample(seq, ts, &[(1_000, Some(c))]))
+                .collect(),
+        );
+        assert_eq!(out.accepted, 4);
+        assert_eq!(gpu_energy(&h), vec![mj]);
+        assert_eq!(lock(&h.node).gpus[0].counter_resets, 2);
+
+        // Timestamps that swing between 30 minutes ago and now: each swing
+        // forward is time only once. 3 MJ fits 30 minutes at 3 × 700 W
+        // (3.78 MJ); the next 3 MJ would need them again.
+        let mut hl = hello("a-3", 1, 1);
+        hl.interval = Duration::from_secs(3600);
+        let h = state.hello(hl).unwrap().0;
+        let now = unix_nanos_now();
+        let swings = [
+            (1, now - 1800 * SEC, 0),
+            (2, now, 3_000_000_000),
+            (3, now - 1800 * SEC, 6_000_000_000),
+            (4, now, 9_000_000_000),
+        ];
+        let out = ingest(
+            &state,
+            &h,
+            swings
+                .iter()
+                .map(|&(seq, ts, c)| sample(seq, ts, &[(1_000, Some(c))]))
+                .collect(),
+        );
+        assert_eq!(out.accepted, 4);
+        assert_eq!(gpu_energy(&h), vec![3_000_000_000]);
+        assert_eq!(lock(&h.node).gpus[0].counter_resets, 2);
+    }
+
+    #[test]
+    fn power_fills_at_most_the_staleness_window_of_a_gap() {
+        // Invariant: energy estimated from power covers at most the
+        // staleness window before the reading it comes from; the rest of a
+        // longer gap is expected GPU time that is not covered and carries
+        // no energy. The same holds where a counter judged implausible
+        // falls back to power.
+        // (stale_after, counter before and after the gap, energy mJ, resets)
+        type Case = (Option<Duration>, Option<(u64, u64)>, u64, u64);
+        let cases: [Case; 5] = [
+            // No counter, default window (3 × 1 s): 600 W × 3 s.
+            (None, None, 1_800_000, 0),
+            (Some(Duration::from_secs(60)), None, 36_000_000, 0),
+            // A counter jump beyond 3 × 700 W over the hour.
+            (None, Some((0, u64::MAX / 2)), 1_800_000, 1),
+            // Back to more than the hour allows: not a believable reload.
+            (
+                None,
+                Some((9_000_000_000_000, 8_000_000_000_000)),
+                1_800_000,
+                1,
+            ),
+            // A believable counter delta over the gap is kept whole.
+            (None, Some((0, 2_000_000_000)), 2_000_000_000, 0),
+        ];
+        for (stale_after, counter, want, resets) in cases {
+            let state = new_state(TENANTS, stale_after);
+            let mut hl = hello("a-1", 1, 1);
+            hl.gpus[0].energy_counter_supported = counter.is_some();
+            let (h, _) = state.hello(hl).unwrap();
+            let (c0, c1) = counter.unzip();
+            ingest(
+                &state,
+                &h,
+                vec![
+                    sample(1, T0, &[(600_000, c0)]),
+                    sample(2, T0 + 3600 * SEC, &[(600_000, c1)]),
+                ],
+            );
+            let case = format!("{stale_after:?} {counter:?}");
+            assert_eq!(gpu_energy(&h), vec![want], "{case}");
+            assert_eq!(lock(&h.node).gpus[0].counter_resets, resets, "{case}");
+            let (_, c) = state.take_pending();
+            let b = booked(&c, "lab-a", "a-1");
+            assert_eq!(b.energy_mj, want, "{case}");
+            assert_eq!(b.expected_gpu_ns, 3600 * SEC as u64, "{case}");
+            if counter.is_some() && resets == 0 {
+                // Counter energy over a long gap is real but not coverage.
+                assert_eq!((b.estimated_mj, b.gpu_ns), (0, 0), "{case}");
+                continue;
+            }
+            // Only the stretch the estimate stands for is covered, and its
+            // energy lies in that stretch: the last minute, here.
+            let window = stale_after.unwrap_or(Duration::from_secs(3));
+            assert_eq!(b.estimated_mj, want, "{case}");
+            assert_eq!(u128::from(b.gpu_ns), window.as_nanos(), "{case}");
+            let end = T0 + 3600 * SEC;
+            let from_minute = (end - window.as_nanos() as i64).div_euclid(60 * SEC) * 60;
+            let in_stretch: u64 = c
+                .buckets
+                .iter()
+                .filter(|((_, _, m), _)| *m >= from_minute)
+                .map(|(_, d)| d.energy_mj)
+                .sum();
+            assert_eq!(in_stretch, want, "{case}");
+        }
+    }
+
+    #[test]
     fn future_timestamps_are_rejected_alone() {
         // Invariant: a sample stamped beyond the allowed clock skew is
         // rejected and cannot pin the GPU's clock; later samples count.
@@ -3020,8 +3363,10 @@ mod tests {
     #[test]
     fn gaps_count_as_expected_time_and_integrated_energy_as_estimated() {
         // Invariant: GPU time between readings is expected time; only
-        // intervals within the staleness window are covered; energy from
-        // power integration is marked estimated, counter energy is not.
+        // intervals within the staleness window are covered, and of a
+        // longer gap without counter only the window before the reading,
+        // which its power stands for; energy from power integration is
+        // marked estimated, counter energy is not.
         let state = new_state(TENANTS, None);
         let mut hl = hello("a-1", 1, 1);
         hl.gpus[0].energy_counter_supported = false;
@@ -3038,9 +3383,10 @@ mod tests {
         let (_, c) = state.take_pending();
         let b = booked(&c, "lab-a", "a-1");
         assert_eq!(b.expected_gpu_ns, 61 * SEC as u64);
-        assert_eq!(b.gpu_ns, SEC as u64);
-        assert_eq!(b.energy_mj, 6_100_000);
-        assert_eq!(b.estimated_mj, 6_100_000);
+        // 1 s, and the last 3 s (the default window) of the 60-second gap.
+        assert_eq!(b.gpu_ns, 4 * SEC as u64);
+        assert_eq!(b.energy_mj, 400_000);
+        assert_eq!(b.estimated_mj, 400_000);
         assert_eq!(b.samples, 3);
         // A counter GPU books nothing as estimated.
         let h2 = connect(&state, "a-3", 1, 1);

@@ -276,6 +276,134 @@ async fn replays_are_counted_once_and_bad_input_is_refused_alone() {
     collector.stop();
 }
 
+/// Invariant: through the real collector, an agent clock that stands
+/// still and then steps back 5 s inside one batch loses no counter energy
+/// and counts no reset, and a GPU without a counter that is silent for an
+/// hour is billed only the staleness window before its next reading, the
+/// rest of the hour being expected GPU time without coverage: on
+/// `/metrics` and in the ledger alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clocks_that_stand_still_or_step_back_and_long_gaps_neither_lose_nor_invent_energy() {
+    const SEC: i64 = 1_000_000_000;
+    // GPU 0: 300 W with a counter at `joules`; GPU 1: 333.333 W, no counter.
+    let at = |seq: u64, secs: i64, joules: u64| pb::NodeSample {
+        seq,
+        timestamp_unix_nanos: t0() + secs * SEC,
+        gpus: vec![
+            pb::GpuSample {
+                index: 0,
+                power_milliwatts: Some(300_000),
+                energy_millijoules: Some(1_000_000 + joules * 1_000),
+                ..Default::default()
+            },
+            pb::GpuSample {
+                index: 1,
+                power_milliwatts: Some(333_333),
+                ..Default::default()
+            },
+        ],
+        host: None,
+    };
+    let send = |samples: Vec<pb::NodeSample>| pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Batch(pb::SampleBatch { samples })),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), NO_TENANTS, 0, &["--stale-after", "5m"]);
+    let mut s = Stream::open(&collector.endpoint(), hello("w-1", 1))
+        .await
+        .unwrap();
+    assert_eq!(s.welcome().await, 0);
+    assert_eq!(s.send(send(vec![at(1, 0, 0)])).await, 1);
+    // One batch: 1 s later, then standing still, then 5 s back.
+    let still_then_back = vec![at(2, 1, 300), at(3, 1, 600), at(4, -4, 900)];
+    assert_eq!(s.send(send(still_then_back)).await, 4);
+    // An hour later (the counter GPU used 300 J meanwhile).
+    assert_eq!(s.send(send(vec![at(5, 3600, 1_200)])).await, 5);
+    drop(s);
+    let m = tokio::task::spawn_blocking({
+        let http = collector.http;
+        move || Metrics::parse(&http_get(http, "/metrics"))
+    })
+    .await
+    .unwrap();
+    let gpu = |name: &str, gpu: &str| m.one(name, &[("node", "w-1"), ("gpu", gpu)]);
+    assert_eq!(
+        milli(gpu("capwatch_gpu_energy_joules_total", "0")),
+        1_200_000
+    );
+    // 333.333 W over 1 s, then over 300 s (the window) of the 3,599 s gap.
+    let no_counter = 333_333 + 333_333 * 300;
+    assert_eq!(
+        milli(gpu("capwatch_gpu_energy_joules_total", "1")),
+        no_counter
+    );
+    assert_eq!(gpu("capwatch_gpu_energy_resets_total", "0"), 0.0);
+    assert_eq!(gpu("capwatch_gpu_energy_resets_total", "1"), 0.0);
+    collector.stop();
+    let ledger = capwatch_collector::ledger::Ledger::open(&dir.path().join("ledger.db")).unwrap();
+    let b = ledger.bucket_totals("unassigned").unwrap();
+    assert_eq!(b.energy_mj, 1_200_000 + no_counter);
+    assert_eq!(b.estimated_mj, no_counter);
+    assert_eq!(b.samples, 10);
+    // Both GPUs: 1 s, then 3,599 s expected; covered: 1 s each, and the
+    // window the GPU without counter's power stands for.
+    assert_eq!(b.expected_gpu_ns, 2 * 3_600 * SEC as u64);
+    assert_eq!(b.gpu_ns, (1 + 1 + 300) * SEC as u64);
+}
+
+/// Invariant: `capwatch_gpu_energy_resets_total` has a series for
+/// every GPU from its node's Hello on (0 until a reset), and a collector
+/// killed and restarted resumes it from the ledger instead of starting
+/// again at 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_resets_have_a_series_from_the_start_and_survive_a_restart() {
+    async fn resets(http: std::net::SocketAddr) -> Vec<(String, f64)> {
+        let m = tokio::task::spawn_blocking(move || Metrics::parse(&http_get(http, "/metrics")))
+            .await
+            .unwrap();
+        m.select("capwatch_gpu_energy_resets_total", &[("node", "z-1")])
+            .into_iter()
+            .map(|(labels, v)| (labels["gpu"].clone(), v))
+            .collect()
+    }
+    /// Samples `seqs`, GPU 0's counter in the last one set back to `mj`
+    /// (a driver reload).
+    fn reloaded(seqs: std::ops::RangeInclusive<u64>, mj: u64) -> pb::AgentMessage {
+        let mut msg = batch(seqs);
+        if let Some(pb::agent_message::Body::Batch(b)) = &mut msg.body {
+            let last = b.samples.last_mut().unwrap();
+            last.gpus[0].energy_millijoules = Some(mj);
+        }
+        msg
+    }
+    let at = |gpu0: f64| vec![("0".to_string(), gpu0), ("1".to_string(), 0.0)];
+    let dir = tempfile::tempdir().unwrap();
+    let args = ["--stale-after", "5m"];
+    let mut collector = Collector::start(dir.path(), NO_TENANTS, 0, &args);
+    let mut s = Stream::open(&collector.endpoint(), hello("z-1", 3))
+        .await
+        .unwrap();
+    assert_eq!(s.welcome().await, 0);
+    assert_eq!(resets(collector.http).await, at(0.0), "before any sample");
+    assert_eq!(s.send(reloaded(1..=3, 100)).await, 3);
+    assert_eq!(resets(collector.http).await, at(1.0));
+    drop(s);
+    // Acked means committed: a SIGKILL loses nothing of it.
+    collector.child.kill().unwrap();
+    collector.child.wait().unwrap();
+    let collector = Collector::start(dir.path(), NO_TENANTS, 0, &args);
+    let mut s = Stream::open(&collector.endpoint(), hello("z-1", 3))
+        .await
+        .unwrap();
+    assert_eq!(s.welcome().await, 3);
+    assert_eq!(resets(collector.http).await, at(1.0), "after the restart");
+    // It counts on from there.
+    assert_eq!(s.send(reloaded(4..=4, 50)).await, 4);
+    assert_eq!(resets(collector.http).await, at(2.0));
+    drop(s);
+    collector.stop();
+}
+
 /// Invariant: a collector that accepts TCP and never answers cannot hold
 /// an agent past its drain deadline; the agent reports what it could not
 /// deliver and exits non-zero (a bounded run promised delivery).
@@ -422,11 +550,11 @@ fn agent_restart_carries_energy_through_the_counter() {
         assert!(end[uuid] > start[uuid]);
         assert_eq!(e, end[uuid] - start[uuid], "{uuid}");
     }
-    // No counter went backwards: the restart was not taken for a reload.
-    assert!(
-        m.select("capwatch_gpu_energy_counter_resets_total", &[])
-            .is_empty()
-    );
+    // No counter went backwards: the restart was not taken for a reload
+    // (every GPU has its series, at 0).
+    let resets = m.select("capwatch_gpu_energy_resets_total", &[]);
+    assert_eq!(resets.len(), truth.uuids.len(), "{resets:?}");
+    assert!(resets.iter().all(|(_, v)| *v == 0.0), "{resets:?}");
     collector.stop();
 }
 
