@@ -124,6 +124,38 @@ pub fn node_id(cfg: &Config) -> Result<String, AgentError> {
     host::Host::hostname().ok_or(AgentError::NoNodeId)
 }
 
+/// Variable that shifts the agent's clock, for tests of stepped and skewed
+/// clocks (`-2m`, `1h`): test-only, not a setting.
+pub const TEST_CLOCK_OFFSET_VAR: &str = "CAPWATCH_TEST_CLOCK_OFFSET";
+
+/// The wall clock the agent stamps samples and chooses epochs with: the
+/// system clock, shifted by [`TEST_CLOCK_OFFSET_VAR`] when a test sets it.
+fn agent_clock() -> SystemTime {
+    let now = SystemTime::now();
+    let Ok(text) = std::env::var(TEST_CLOCK_OFFSET_VAR) else {
+        return now;
+    };
+    let (behind, amount) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.trim_start_matches('+')),
+    };
+    match humantime::parse_duration(amount) {
+        Ok(d) => {
+            warn!(offset = %text, "the agent's clock is shifted for a test ({TEST_CLOCK_OFFSET_VAR})");
+            let shifted = if behind {
+                now.checked_sub(d)
+            } else {
+                now.checked_add(d)
+            };
+            shifted.unwrap_or(now)
+        }
+        Err(e) => {
+            warn!(offset = %text, error = %e, "{TEST_CLOCK_OFFSET_VAR} ignored");
+            now
+        }
+    }
+}
+
 pub(crate) fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -142,7 +174,7 @@ pub async fn run(
     let mut source = open_source(&cfg, &node_id)?;
     let mut host = host::Host::new();
 
-    let start_wall = SystemTime::now();
+    let start_wall = agent_clock();
     let start = tokio::time::Instant::now();
     // The epoch tells this run's sequence numbers apart from an earlier
     // run's: a restarted agent starts again at seq 1 under a new epoch.
