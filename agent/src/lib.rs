@@ -96,6 +96,8 @@ pub struct Summary {
     pub sampled: u64,
     pub acked: u64,
     pub dropped: u64,
+    /// Sent but unacked samples of an epoch the collector refused later.
+    pub abandoned: u64,
     pub undelivered: u64,
     pub connects: u64,
 }
@@ -177,7 +179,8 @@ pub async fn run(
     let start_wall = agent_clock();
     let start = tokio::time::Instant::now();
     // The epoch tells this run's sequence numbers apart from an earlier
-    // run's: a restarted agent starts again at seq 1 under a new epoch.
+    // run's: a restarted agent starts again at seq 1 under a new epoch
+    // (above the collector's, should it hold a newer one for this node).
     let epoch = unix_nanos(start_wall) as u64;
     let hello = pb::Hello {
         node_id: node_id.clone(),
@@ -190,7 +193,7 @@ pub async fn run(
     info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collector = %cfg.collector, "agent starting");
 
     let shared = Arc::new(Shared {
-        spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity)),
+        spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
         new_sample: Notify::new(),
         stats: stream::Stats::default(),
     });
@@ -229,7 +232,8 @@ pub async fn run(
         let at = unix_nanos(start_wall + (tick - start));
         let gpus = source.sample(at);
         let sample = pb::NodeSample {
-            seq,
+            // Numbered by the spool, in its epoch.
+            seq: 0,
             timestamp_unix_nanos: at,
             gpus: gpus.into_iter().map(convert::gpu_sample).collect(),
             host: Some(host.sample()),
@@ -261,6 +265,7 @@ pub async fn run(
         sampled: shared.stats.sampled.load(Ordering::Relaxed),
         acked: shared.stats.acked.load(Ordering::Relaxed),
         dropped: shared.stats.dropped.load(Ordering::Relaxed),
+        abandoned: shared.stats.abandoned.load(Ordering::Relaxed),
         undelivered: shared.spool().len() as u64,
         connects: shared.stats.connects.load(Ordering::Relaxed),
     };
@@ -268,6 +273,7 @@ pub async fn run(
         sampled = summary.sampled,
         acked = summary.acked,
         dropped = summary.dropped,
+        abandoned = summary.abandoned,
         undelivered = summary.undelivered,
         connects = summary.connects,
         "agent stopped"

@@ -1,7 +1,9 @@
 //! The agent's side of the ingest stream: connect, say hello, send what the
 //! spool holds, forget what the collector acks, and on any failure
 //! reconnect with exponential backoff and jitter and re-send everything
-//! not yet acked.
+//! not yet acked. When the collector refuses the epoch because it holds a
+//! newer one for the node, the agent moves above it (see
+//! [`Spool::renumber`]) and says Hello again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,12 @@ const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// default 4 MiB message limit, whatever the GPU count.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// Metadata of a stale-epoch refusal naming the node's current epoch.
+const CURRENT_EPOCH_KEY: &str = "capwatch-current-epoch";
+
+/// Highest epoch the collector accepts (it stores them as SQLite integers).
+const MAX_EPOCH: u64 = i64::MAX as u64;
+
 /// What the stream task shares with the sampler.
 pub struct Shared {
     pub spool: Mutex<Spool>,
@@ -39,6 +47,9 @@ pub struct Stats {
     pub sampled: AtomicU64,
     pub acked: AtomicU64,
     pub dropped: AtomicU64,
+    /// Sent but unacked samples of an epoch the collector refused later;
+    /// given up, since it may hold them.
+    pub abandoned: AtomicU64,
     pub connects: AtomicU64,
 }
 
@@ -59,6 +70,7 @@ pub struct StreamConfig {
     /// A connection shared with other streams (the fleet simulator puts
     /// several nodes on one HTTP/2 connection); `None` connects anew.
     pub channel: Option<Channel>,
+    /// The Hello; its epoch is the spool's at each connect.
     pub hello: pb::Hello,
     pub batch_max: usize,
     pub reconnect_initial: Duration,
@@ -71,9 +83,12 @@ enum Ended {
     Drained,
     /// The connection failed; reconnect.
     Failed(String),
-    /// The collector refused this agent (bad Hello, stale epoch): retrying
-    /// soon would change nothing, so the longest backoff applies.
+    /// The collector refused this agent (bad Hello, or a stale epoch
+    /// without the current one named): retrying soon would change nothing,
+    /// so the longest backoff applies.
     Refused(String),
+    /// The collector holds a newer epoch for this node, `current`.
+    StaleEpoch { current: u64, message: String },
     /// Gave up delivering at the drain deadline.
     DeadlinePassed,
 }
@@ -129,6 +144,9 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
                 backoff.saturate();
                 e
             }
+            Ended::StaleEpoch { current, message } => {
+                new_epoch(&shared, current, &mut backoff, message)
+            }
             Ended::Failed(e) => e,
         };
         let delay = backoff.next_delay();
@@ -172,6 +190,8 @@ async fn connect_and_stream(
         },
         None => endpoint,
     };
+    // Only this task changes the spool's epoch.
+    let epoch = shared.spool().epoch();
     // Connecting, opening the stream and the Welcome must all happen within
     // this; a collector that stalls there is treated as down.
     let preamble = tokio::time::timeout(PREAMBLE_TIMEOUT, async {
@@ -191,8 +211,10 @@ async fn connect_and_stream(
                 Ok(req)
             });
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
+        let mut hello = cfg.hello.clone();
+        hello.stream_epoch = epoch;
         let hello = pb::AgentMessage {
-            body: Some(pb::agent_message::Body::Hello(cfg.hello.clone())),
+            body: Some(pb::agent_message::Body::Hello(hello)),
         };
         if tx.send(hello).await.is_err() {
             return Err(Ended::Failed("stream closed before hello".into()));
@@ -212,7 +234,7 @@ async fn connect_and_stream(
                     .acked
                     .fetch_add(forgotten as u64, Ordering::Relaxed);
                 shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-                info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, acked_seq = w.acked_seq, "connected");
+                info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, epoch, acked_seq = w.acked_seq, "connected");
             }
             Ok(_) => {
                 return Err(Ended::Failed(
@@ -257,7 +279,7 @@ async fn connect_and_stream(
             biased;
             msg = inbound.message() => match msg {
                 Ok(Some(pb::CollectorMessage { body: Some(pb::collector_message::Body::Ack(ack)) })) => {
-                    if ack.stream_epoch == cfg.hello.stream_epoch {
+                    if ack.stream_epoch == epoch {
                         let n = shared.spool().ack(ack.acked_seq);
                         shared.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
                         debug!(acked_seq = ack.acked_seq, forgotten = n, "ack");
@@ -272,6 +294,9 @@ async fn connect_and_stream(
                     return Ended::Failed("stream closed while sending".into());
                 }
                 sent = last.unwrap_or(sent);
+                // Sent under this epoch: from now on the collector may hold
+                // it, whatever becomes of this stream.
+                shared.spool().sent(sent);
             }
             _ = shared.new_sample.notified(), if last.is_none() => {}
             _ = sampling_done.changed(), if drain_at.is_none() && last.is_none() => {}
@@ -296,11 +321,23 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// A refusal at the Hello: permanent for the codes that say the request
-/// itself is wrong, passing otherwise.
+/// A refusal at the Hello: a stale epoch when the collector names the
+/// node's current one, permanent for the codes that say the request itself
+/// is wrong, passing otherwise.
 fn refused(status: tonic::Status) -> Ended {
     use tonic::Code;
     let msg = format!("collector refused the stream: {status}");
+    let current = status
+        .metadata()
+        .get(CURRENT_EPOCH_KEY)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let (Code::FailedPrecondition, Some(current)) = (status.code(), current) {
+        return Ended::StaleEpoch {
+            current,
+            message: msg,
+        };
+    }
     match status.code() {
         Code::InvalidArgument
         | Code::FailedPrecondition
@@ -308,6 +345,35 @@ fn refused(status: tonic::Status) -> Ended {
         | Code::Unauthenticated => Ended::Refused(msg),
         _ => Ended::Failed(msg),
     }
+}
+
+/// After the collector refused the epoch for one of the node's, `current`:
+/// moves the spool to the epoch above it, so the next Hello is accepted
+/// (after the usual backoff, not the longest). Returns what to log.
+fn new_epoch(shared: &Shared, current: u64, backoff: &mut Backoff, refusal: String) -> String {
+    let Some(epoch) = current.checked_add(1).filter(|e| *e <= MAX_EPOCH) else {
+        // No room above: the collector lets an older epoch take over from
+        // one stamped in the future once that stream is gone.
+        backoff.saturate();
+        return format!("{refusal} (no epoch above it; waiting for it to go)");
+    };
+    let mut spool = shared.spool();
+    let old = spool.epoch();
+    let moved = spool.renumber(epoch);
+    drop(spool);
+    shared
+        .stats
+        .abandoned
+        .fetch_add(moved.abandoned, Ordering::Relaxed);
+    warn!(
+        old_epoch = old,
+        epoch,
+        current,
+        kept = moved.kept,
+        abandoned = moved.abandoned,
+        "the collector holds a newer epoch for this node (an agent restarted with its clock stepped back, or another client said Hello for it): moving above it; samples sent but not acked under the old epoch are given up (the collector may hold them; the next counter delta carries their energy)"
+    );
+    refusal
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {

@@ -62,10 +62,21 @@ impl Drop for OpenStream {
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
 
+/// Metadata of a stale-epoch refusal: the node's current epoch, in
+/// decimal, for the agent to say Hello again above it.
+pub const CURRENT_EPOCH_KEY: &str = "capwatch-current-epoch";
+
 impl From<HelloError> for Status {
     fn from(e: HelloError) -> Self {
         match e {
-            HelloError::StaleEpoch { .. } => Status::failed_precondition(e.to_string()),
+            HelloError::StaleEpoch { current, .. } => {
+                let mut status = Status::failed_precondition(e.to_string());
+                status.metadata_mut().insert(
+                    CURRENT_EPOCH_KEY,
+                    tonic::metadata::MetadataValue::from(current),
+                );
+                status
+            }
             _ => Status::invalid_argument(e.to_string()),
         }
     }
@@ -394,5 +405,28 @@ async fn serve_stream(
         let out = state.ingest(handle, samples, rejected)?;
         debug!(node = %handle.node_id, accepted = out.accepted, duplicate = out.duplicate, acked_seq = out.acked_seq, commit = out.commit_id, "batch");
         waiting.push_back((out.commit_id, out.acked_seq));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_epoch_refusal_carries_the_current_epoch_as_metadata() {
+        // Invariant: the refusal of an older epoch is FAILED_PRECONDITION
+        // with the node's current epoch in `capwatch-current-epoch`.
+        let status = Status::from(HelloError::StaleEpoch {
+            got: 5,
+            current: 1_796_000_000_000_000_000,
+            connected: false,
+        });
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        let current = status
+            .metadata()
+            .get(CURRENT_EPOCH_KEY)
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(current, Some("1796000000000000000"));
+        assert!(status.message().contains("1796000000000000000"));
     }
 }
