@@ -51,7 +51,10 @@ pub struct FleetReport {
     pub nodes: usize,
     /// Node samples taken (each holds one reading per GPU).
     pub sampled: u64,
+    /// Acked by the collector, accepted or rejected.
     pub acked: u64,
+    /// Acked samples the collector rejected.
+    pub rejected: u64,
     pub dropped: u64,
     /// Sent but unacked samples of an epoch the collector refused later.
     pub abandoned: u64,
@@ -75,6 +78,7 @@ fn report(nodes: &[Node]) -> FleetReport {
         let s = &n.shared.stats;
         r.sampled += s.sampled.load(Ordering::Relaxed);
         r.acked += s.acked.load(Ordering::Relaxed);
+        r.rejected += s.rejected.load(Ordering::Relaxed);
         r.dropped += s.dropped.load(Ordering::Relaxed);
         r.abandoned += s.abandoned.load(Ordering::Relaxed);
         r.connects += s.connects.load(Ordering::Relaxed);

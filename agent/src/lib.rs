@@ -91,10 +91,15 @@ fn client_tls(cfg: &Config) -> Result<Option<ClientTlsConfig>, AgentError> {
 }
 
 /// What a run did, for the exit log and for tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub sampled: u64,
+    /// Acked by the collector, accepted or rejected.
     pub acked: u64,
+    /// Acked samples the collector rejected, and by reason
+    /// (`reason=count,...`).
+    pub rejected: u64,
+    pub rejected_by_reason: String,
     pub dropped: u64,
     /// Sent but unacked samples of an epoch the collector refused later.
     pub abandoned: u64,
@@ -264,6 +269,8 @@ pub async fn run(
     let summary = Summary {
         sampled: shared.stats.sampled.load(Ordering::Relaxed),
         acked: shared.stats.acked.load(Ordering::Relaxed),
+        rejected: shared.stats.rejected.load(Ordering::Relaxed),
+        rejected_by_reason: shared.stats.rejected_by_reason(),
         dropped: shared.stats.dropped.load(Ordering::Relaxed),
         abandoned: shared.stats.abandoned.load(Ordering::Relaxed),
         undelivered: shared.spool().len() as u64,
@@ -272,6 +279,8 @@ pub async fn run(
     info!(
         sampled = summary.sampled,
         acked = summary.acked,
+        rejected = summary.rejected,
+        rejected_by_reason = %summary.rejected_by_reason,
         dropped = summary.dropped,
         abandoned = summary.abandoned,
         undelivered = summary.undelivered,

@@ -45,12 +45,117 @@ pub struct Shared {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub sampled: AtomicU64,
+    /// Samples the collector acked, accepted or rejected.
     pub acked: AtomicU64,
+    /// Acked samples the collector said it rejected.
+    pub rejected: AtomicU64,
+    rejections: Mutex<Rejections>,
     pub dropped: AtomicU64,
     /// Sent but unacked samples of an epoch the collector refused later;
     /// given up, since it may hold them.
     pub abandoned: AtomicU64,
     pub connects: AtomicU64,
+}
+
+/// Most distinct rejection reasons told apart; later ones are `other`.
+const MAX_REASONS: usize = 16;
+
+/// Longest reason kept, in bytes.
+const MAX_REASON_LEN: usize = 64;
+
+/// Rejections are warned about at once, then at most this often, each
+/// warning with what came since the last one.
+const REJECTION_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Rejected samples by the collector's reason.
+#[derive(Debug, Default)]
+struct Rejections {
+    /// Since the agent started.
+    total: Vec<(String, u64)>,
+    /// Since the last warning.
+    unwarned: Vec<(String, u64)>,
+    warned_at: Option<Instant>,
+}
+
+/// Adds `n` to `reason`, or to `other` once `MAX_REASONS` are known.
+fn tally(counts: &mut Vec<(String, u64)>, reason: &str, n: u64) {
+    let known = counts.iter().any(|(r, _)| r == reason);
+    let reason = if known || counts.len() < MAX_REASONS {
+        reason
+    } else {
+        "other"
+    };
+    match counts.iter_mut().find(|(r, _)| r == reason) {
+        Some((_, c)) => *c = c.saturating_add(n),
+        None => counts.push((reason.to_string(), n)),
+    }
+}
+
+/// `reason=count` pairs, by reason, comma-separated.
+fn by_reason(counts: &[(String, u64)]) -> String {
+    let mut sorted: Vec<&(String, u64)> = counts.iter().collect();
+    sorted.sort();
+    sorted
+        .iter()
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Stats {
+    /// Counts the rejections an ack reports, and warns about them: at
+    /// once the first time, then at most every `REJECTION_WARN_EVERY`.
+    pub fn rejected(&self, node: &str, rejected: &[pb::RejectedSamples]) {
+        let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sum = 0u64;
+        for x in rejected {
+            // The reason is the collector's word: kept short and plain.
+            let mut reason: String = x
+                .reason
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(MAX_REASON_LEN)
+                .collect();
+            if reason.is_empty() {
+                reason = "unknown".into();
+            }
+            tally(&mut r.total, &reason, x.count);
+            tally(&mut r.unwarned, &reason, x.count);
+            sum = sum.saturating_add(x.count);
+        }
+        let total = self
+            .rejected
+            .fetch_add(sum, Ordering::Relaxed)
+            .saturating_add(sum);
+        let now = Instant::now();
+        if r.unwarned.is_empty()
+            || r.warned_at
+                .is_some_and(|at| now.duration_since(at) < REJECTION_WARN_EVERY)
+        {
+            return;
+        }
+        let since: u64 = r.unwarned.iter().map(|(_, n)| *n).sum();
+        warn!(
+            node,
+            rejected = since,
+            by_reason = %by_reason(&r.unwarned),
+            rejected_total = total,
+            "collector rejected samples: acked but not counted (warned at most once a minute; the exit summary has the totals)"
+        );
+        r.unwarned.clear();
+        r.warned_at = Some(now);
+    }
+
+    /// Rejected samples since start, as `reason=count,...`.
+    pub fn rejected_by_reason(&self) -> String {
+        by_reason(
+            &self
+                .rejections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .total,
+        )
+    }
 }
 
 impl Shared {
@@ -282,7 +387,10 @@ async fn connect_and_stream(
                     if ack.stream_epoch == epoch {
                         let n = shared.spool().ack(ack.acked_seq);
                         shared.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
-                        debug!(acked_seq = ack.acked_seq, forgotten = n, "ack");
+                        if !ack.rejected.is_empty() {
+                            shared.stats.rejected(&cfg.hello.node_id, &ack.rejected);
+                        }
+                        debug!(acked_seq = ack.acked_seq, forgotten = n, rejected = ack.rejected.len(), "ack");
                     }
                 }
                 Ok(Some(_)) => {}
@@ -432,6 +540,33 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rejections_are_counted_by_reason_and_bounded() {
+        let stats = Stats::default();
+        let r = |reason: &str, count| pb::RejectedSamples {
+            reason: reason.into(),
+            count,
+        };
+        stats.rejected("n", &[r("timestamp", 3), r("power", 1)]);
+        stats.rejected("n", &[r("timestamp", 2), r("", 1), r("a\nb", 1)]);
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 8);
+        assert_eq!(
+            stats.rejected_by_reason(),
+            "ab=1,power=1,timestamp=5,unknown=1"
+        );
+        // Past MAX_REASONS distinct reasons, the rest are `other`.
+        for i in 0..MAX_REASONS + 3 {
+            stats.rejected("n", &[r(&format!("r{i}"), 1)]);
+        }
+        let text = stats.rejected_by_reason();
+        assert_eq!(text.split(',').count(), MAX_REASONS + 1, "{text}");
+        assert!(text.contains("other=7"), "{text}");
+        assert_eq!(
+            stats.rejected.load(Ordering::Relaxed),
+            8 + MAX_REASONS as u64 + 3
+        );
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {

@@ -23,7 +23,7 @@ use crate::auth;
 use crate::model;
 use crate::state::{
     AUTH_CERTIFICATE, AUTH_NODE_NOT_ALLOWED, AUTH_REASONS, AUTH_UNAUTHENTICATED, HelloError,
-    SURFACE_GRPC, State, StreamHandle, Superseded, lock,
+    REJECT_REASONS, SURFACE_GRPC, State, StreamHandle, Superseded, lock,
 };
 
 pub struct IngestService {
@@ -318,9 +318,25 @@ impl Admitted {
     }
 }
 
+/// Rejected samples by reason (`REJECT_REASONS` order).
+type Rejections = [u64; REJECT_REASONS.len()];
+
+/// The `rejected` field of an Ack: the reasons with a count.
+fn rejected_field(r: &Rejections) -> Vec<pb::RejectedSamples> {
+    REJECT_REASONS
+        .iter()
+        .zip(r)
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| pb::RejectedSamples {
+            reason: reason.label().to_string(),
+            count: *n,
+        })
+        .collect()
+}
+
 /// Reads batches until the agent leaves, the stream fails or the collector
 /// shuts down; acks each batch once the ledger commit holding it is
-/// durable.
+/// durable, with what it rejected.
 async fn serve_stream(
     state: &State,
     handle: &StreamHandle,
@@ -330,8 +346,11 @@ async fn serve_stream(
     mut committed: watch::Receiver<u64>,
     mut admitted: Admitted,
 ) -> Result<(), Status> {
-    // (commit id, ack) of batches applied but not yet durable, in order.
-    let mut waiting: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    // (commit id, ack, rejected samples if any) of batches applied but not
+    // yet durable, in order. Batches with rejections are rare: their counts
+    // are boxed so the common entry stays small.
+    let mut waiting: std::collections::VecDeque<(u64, u64, Option<Box<Rejections>>)> =
+        std::collections::VecDeque::new();
     let stop = capwatch_common::wait_for_shutdown(shutdown);
     tokio::pin!(stop);
     // Token bucket of node samples, one second deep: a stream that sends
@@ -353,14 +372,24 @@ async fn serve_stream(
                 }
                 let done = *committed.borrow_and_update();
                 let mut ack = None;
-                while waiting.front().is_some_and(|(id, _)| *id <= done) {
-                    ack = waiting.pop_front().map(|(_, seq)| seq);
+                let mut rejected: Option<Rejections> = None;
+                while waiting.front().is_some_and(|(id, _, _)| *id <= done) {
+                    if let Some((_, seq, r)) = waiting.pop_front() {
+                        ack = Some(seq);
+                        if let Some(r) = r {
+                            let sum = rejected.get_or_insert_default();
+                            for (s, n) in sum.iter_mut().zip(r.iter()) {
+                                *s = s.saturating_add(*n);
+                            }
+                        }
+                    }
                 }
                 if let Some(acked_seq) = ack {
                     let ack = pb::CollectorMessage {
                         body: Some(pb::collector_message::Body::Ack(pb::Ack {
                             stream_epoch: handle.epoch,
                             acked_seq,
+                            rejected: rejected.as_ref().map(rejected_field).unwrap_or_default(),
                         })),
                     };
                     if tx.send(Ok(ack)).await.is_err() {
@@ -404,7 +433,14 @@ async fn serve_stream(
         }
         let out = state.ingest(handle, samples, rejected)?;
         debug!(node = %handle.node_id, accepted = out.accepted, duplicate = out.duplicate, acked_seq = out.acked_seq, commit = out.commit_id, "batch");
-        waiting.push_back((out.commit_id, out.acked_seq));
+        let rejected = (!out.rejected.is_empty()).then(|| {
+            let mut r: Box<Rejections> = Box::default();
+            for (_, reason) in &out.rejected {
+                r[*reason as usize] += 1;
+            }
+            r
+        });
+        waiting.push_back((out.commit_id, out.acked_seq, rejected));
     }
 }
 
@@ -428,5 +464,21 @@ mod tests {
             .and_then(|v| v.to_str().ok());
         assert_eq!(current, Some("1796000000000000000"));
         assert!(status.message().contains("1796000000000000000"));
+    }
+
+    #[test]
+    fn an_ack_lists_the_reasons_with_a_count_by_their_metric_labels() {
+        let mut r = Rejections::default();
+        r[crate::model::Reject::Timestamp as usize] = 50;
+        r[crate::model::Reject::Power as usize] = 1;
+        let field: Vec<(String, u64)> = rejected_field(&r)
+            .into_iter()
+            .map(|x| (x.reason, x.count))
+            .collect();
+        assert_eq!(
+            field,
+            vec![("power".to_string(), 1), ("timestamp".to_string(), 50)]
+        );
+        assert!(rejected_field(&Rejections::default()).is_empty());
     }
 }

@@ -209,3 +209,45 @@ async fn a_rogue_hello_with_a_newer_epoch_cannot_lock_the_real_agent_out() {
     }
     collector.stop();
 }
+
+/// Invariant: an agent learns from the acks which of its samples the
+/// collector rejected and why: with its clock an hour ahead (beyond the
+/// collector's 10-minute skew) every sample is acked and rejected for its
+/// timestamp, and the agent warns and counts them by reason.
+#[test]
+fn an_agent_whose_clock_is_ahead_learns_that_its_samples_were_rejected() {
+    const N: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), "", 0, &[]);
+    let log = Agent::start_env(
+        dir.path(),
+        &collector.endpoint(),
+        "k-1",
+        N,
+        "",
+        &[(CLOCK_OFFSET, "1h")],
+    )
+    .finish(Duration::from_secs(30));
+    let done = log.wait_for("agent stopped", Duration::from_secs(1));
+    assert_eq!(json_number(&done, "acked"), N, "{done}");
+    assert_eq!(json_number(&done, "undelivered"), 0, "{done}");
+    assert_eq!(json_number(&done, "rejected"), N, "{done}");
+    assert_eq!(
+        json_field(&done, "rejected_by_reason").as_deref(),
+        Some(format!("timestamp={N}").as_str()),
+        "{done}"
+    );
+    let warned = log.wait_for("collector rejected samples", Duration::from_secs(1));
+    assert!(warned.contains("\"level\":\"WARN\""), "{warned}");
+    assert!(warned.contains("timestamp="), "{warned}");
+
+    let m = collector.metrics();
+    assert_eq!(
+        m.one(
+            "capwatch_collector_samples_total",
+            &[("outcome", "rejected"), ("reason", "timestamp")]
+        ),
+        N as f64
+    );
+    collector.stop();
+}
