@@ -198,7 +198,11 @@ async fn a_rogue_hello_with_a_newer_epoch_cannot_lock_the_real_agent_out() {
     let truth = Truth::of("v-1", N);
     let m = collector.metrics();
     let accepted = m.one("capwatch_node_samples_total", &[("node", "v-1")]) as u64;
-    assert_eq!(accepted + abandoned, N, "{done}");
+    // Nothing counted twice; what the collector lacks, the agent gave up
+    // and counted (it may also have given up some the collector holds:
+    // their acks were lost with the stream the intruder took over).
+    assert!(accepted <= N, "{accepted} of {N} samples accepted");
+    assert!(accepted + abandoned >= N, "{accepted} accepted: {done}");
     assert!(accepted > N / 2, "{accepted} of {N} samples metered");
     for gpu in 0..8 {
         let e = milli(m.one(
