@@ -8,9 +8,10 @@
 //! last two cases it is counted; the energy it carried is not lost, since
 //! the next sample's cumulative counter covers it.
 //!
-//! *Invariant:* a sample's (epoch, seq) is its identity once it has been
-//! sent. Samples never sent under a refused epoch are renumbered into the
-//! next one: no collector has seen them.
+//! *Invariant:* a sample's (epoch, seq) is its identity once the collector
+//! may hold it. Samples never sent under a refused epoch, or sent above the
+//! sequence the collector said it accepted, are renumbered into the next
+//! one: the collector does not hold them.
 
 use std::collections::VecDeque;
 
@@ -77,6 +78,13 @@ impl Spool {
     /// epoch.
     pub fn sent(&mut self, seq: u64) {
         self.sent = self.sent.max(seq);
+    }
+
+    /// Records the collector's word that it accepted nothing of this epoch
+    /// above `seq` on the stream that just ended: samples above it that
+    /// went out there are no longer in doubt.
+    pub fn settle(&mut self, seq: u64) {
+        self.sent = self.sent.min(seq);
     }
 
     /// Moves to `epoch`, which the collector will accept where it refused
@@ -215,11 +223,21 @@ mod tests {
         assert_eq!(seqs(&after), vec![1, 2, 3]);
         let stamps: Vec<i64> = after.iter().map(|x| x.timestamp_unix_nanos).collect();
         assert_eq!(stamps, vec![5, 6, 0], "the samples never sent, in order");
-        // Nothing sent under the new epoch yet: a second refusal keeps all.
+        // Sent, then settled: the collector accepted none above 1.
+        sp.sent(3);
+        sp.settle(1);
         assert_eq!(
             sp.renumber(100),
             Renumbered {
-                kept: 3,
+                kept: 2,
+                abandoned: 1
+            }
+        );
+        // Nothing sent under the new epoch yet: a second refusal keeps all.
+        assert_eq!(
+            sp.renumber(101),
+            Renumbered {
+                kept: 2,
                 abandoned: 0
             }
         );

@@ -31,6 +31,10 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// Metadata of a stale-epoch refusal naming the node's current epoch.
 const CURRENT_EPOCH_KEY: &str = "capwatch-current-epoch";
 
+/// Metadata of the status ending a stream another one took over: the
+/// highest sequence of its epoch the collector accepted.
+const ACCEPTED_SEQ_KEY: &str = "capwatch-accepted-seq";
+
 /// Highest epoch the collector accepts (it stores them as SQLite integers).
 const MAX_EPOCH: u64 = i64::MAX as u64;
 
@@ -395,7 +399,12 @@ async fn connect_and_stream(
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => return Ended::Failed("collector closed the stream".into()),
-                Err(status) => return Ended::Failed(format!("stream error: {status}")),
+                Err(status) => {
+                    if let Some(seq) = metadata_u64(&status, ACCEPTED_SEQ_KEY) {
+                        shared.spool().settle(seq);
+                    }
+                    return Ended::Failed(format!("stream error: {status}"));
+                }
             },
             sent_ok = tx.send(msg), if last.is_some() => {
                 if sent_ok.is_err() {
@@ -429,17 +438,22 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// A decimal number the collector put in a status's metadata.
+fn metadata_u64(status: &tonic::Status, key: &str) -> Option<u64> {
+    status
+        .metadata()
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 /// A refusal at the Hello: a stale epoch when the collector names the
 /// node's current one, permanent for the codes that say the request itself
 /// is wrong, passing otherwise.
 fn refused(status: tonic::Status) -> Ended {
     use tonic::Code;
     let msg = format!("collector refused the stream: {status}");
-    let current = status
-        .metadata()
-        .get(CURRENT_EPOCH_KEY)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let current = metadata_u64(&status, CURRENT_EPOCH_KEY);
     if let (Code::FailedPrecondition, Some(current)) = (status.code(), current) {
         return Ended::StaleEpoch {
             current,

@@ -66,6 +66,11 @@ type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> 
 /// decimal, for the agent to say Hello again above it.
 pub const CURRENT_EPOCH_KEY: &str = "capwatch-current-epoch";
 
+/// Metadata of the status that ends a stream another one took over: the
+/// highest sequence of the stream's epoch the collector accepted, in
+/// decimal. Nothing above it was or will be accepted from that stream.
+pub const ACCEPTED_SEQ_KEY: &str = "capwatch-accepted-seq";
+
 impl From<HelloError> for Status {
     fn from(e: HelloError) -> Self {
         match e {
@@ -176,6 +181,7 @@ impl Ingest for IngestService {
         // the Welcome waits for the commit that holds them (at once when
         // there are none), or gives up with the collector.
         let welcome_after = handle.welcome_after;
+        let welcomed_seq = acked_seq;
         let state = self.state.clone();
         let shutdown = self.shutdown.clone();
         let mut committed = self.committed.clone();
@@ -194,7 +200,14 @@ impl Ingest for IngestService {
                 return;
             }
             let end = serve_stream(
-                &state, &handle, inbound, &mut tx, shutdown, committed, admitted,
+                &state,
+                &handle,
+                welcomed_seq,
+                inbound,
+                &mut tx,
+                shutdown,
+                committed,
+                admitted,
             )
             .await;
             state.disconnect(&handle);
@@ -334,23 +347,54 @@ fn rejected_field(r: &Rejections) -> Vec<pb::RejectedSamples> {
         .collect()
 }
 
+/// Batches applied but not yet durable, in order: (commit id, ack,
+/// rejected samples if any). Batches with rejections are rare: their
+/// counts are boxed so the common entry stays small.
+type Waiting = std::collections::VecDeque<(u64, u64, Option<Box<Rejections>>)>;
+
+/// The Ack for every waiting batch whose commit (`done` and before) is
+/// durable, if there is one.
+fn take_ack(waiting: &mut Waiting, done: u64, epoch: u64) -> Option<pb::CollectorMessage> {
+    let mut ack = None;
+    let mut rejected: Option<Rejections> = None;
+    while waiting.front().is_some_and(|(id, _, _)| *id <= done) {
+        if let Some((_, seq, r)) = waiting.pop_front() {
+            ack = Some(seq);
+            if let Some(r) = r {
+                let sum = rejected.get_or_insert_default();
+                for (s, n) in sum.iter_mut().zip(r.iter()) {
+                    *s = s.saturating_add(*n);
+                }
+            }
+        }
+    }
+    ack.map(|acked_seq| pb::CollectorMessage {
+        body: Some(pb::collector_message::Body::Ack(pb::Ack {
+            stream_epoch: epoch,
+            acked_seq,
+            rejected: rejected.as_ref().map(rejected_field).unwrap_or_default(),
+        })),
+    })
+}
+
 /// Reads batches until the agent leaves, the stream fails or the collector
 /// shuts down; acks each batch once the ledger commit holding it is
-/// durable, with what it rejected.
+/// durable, with what it rejected. `welcomed_seq` is what the Welcome
+/// acked.
+#[allow(clippy::too_many_arguments)]
 async fn serve_stream(
     state: &State,
     handle: &StreamHandle,
+    welcomed_seq: u64,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &mut mpsc::Sender<Result<pb::CollectorMessage, Status>>,
     shutdown: watch::Receiver<bool>,
     mut committed: watch::Receiver<u64>,
     mut admitted: Admitted,
 ) -> Result<(), Status> {
-    // (commit id, ack, rejected samples if any) of batches applied but not
-    // yet durable, in order. Batches with rejections are rare: their counts
-    // are boxed so the common entry stays small.
-    let mut waiting: std::collections::VecDeque<(u64, u64, Option<Box<Rejections>>)> =
-        std::collections::VecDeque::new();
+    let mut waiting = Waiting::new();
+    // The highest sequence of this epoch accepted so far.
+    let mut accepted = welcomed_seq;
     let stop = capwatch_common::wait_for_shutdown(shutdown);
     tokio::pin!(stop);
     // Token bucket of node samples, one second deep: a stream that sends
@@ -371,30 +415,10 @@ async fn serve_stream(
                     return Err(Status::unavailable("collector shutting down"));
                 }
                 let done = *committed.borrow_and_update();
-                let mut ack = None;
-                let mut rejected: Option<Rejections> = None;
-                while waiting.front().is_some_and(|(id, _, _)| *id <= done) {
-                    if let Some((_, seq, r)) = waiting.pop_front() {
-                        ack = Some(seq);
-                        if let Some(r) = r {
-                            let sum = rejected.get_or_insert_default();
-                            for (s, n) in sum.iter_mut().zip(r.iter()) {
-                                *s = s.saturating_add(*n);
-                            }
-                        }
-                    }
-                }
-                if let Some(acked_seq) = ack {
-                    let ack = pb::CollectorMessage {
-                        body: Some(pb::collector_message::Body::Ack(pb::Ack {
-                            stream_epoch: handle.epoch,
-                            acked_seq,
-                            rejected: rejected.as_ref().map(rejected_field).unwrap_or_default(),
-                        })),
-                    };
-                    if tx.send(Ok(ack)).await.is_err() {
-                        return Ok(());
-                    }
+                if let Some(ack) = take_ack(&mut waiting, done, handle.epoch)
+                    && tx.send(Ok(ack)).await.is_err()
+                {
+                    return Ok(());
                 }
                 continue;
             }
@@ -431,7 +455,32 @@ async fn serve_stream(
         if budget < 0.0 {
             paused_until = Some(now + Duration::from_secs_f64(-budget / rate));
         }
-        let out = state.ingest(handle, samples, rejected)?;
+        let out = match state.ingest(handle, samples, rejected) {
+            Ok(out) => out,
+            Err(superseded) => {
+                // Another stream took the node over. Tell the agent exactly
+                // what its epoch holds, so that it gives up nothing it
+                // could still deliver: the ack of what this stream applied,
+                // once durable, then that nothing above it was accepted.
+                if let Some(last) = waiting.back().map(|(id, _, _)| *id) {
+                    let durable = tokio::select! {
+                        c = committed.wait_for(|c| *c >= last) => c.is_ok(),
+                        _ = &mut stop => false,
+                    };
+                    let done = *committed.borrow_and_update();
+                    if durable && let Some(ack) = take_ack(&mut waiting, done, handle.epoch) {
+                        let _ = tx.send(Ok(ack)).await;
+                    }
+                }
+                let mut status = Status::from(superseded);
+                status.metadata_mut().insert(
+                    ACCEPTED_SEQ_KEY,
+                    tonic::metadata::MetadataValue::from(accepted),
+                );
+                return Err(status);
+            }
+        };
+        accepted = out.acked_seq;
         debug!(node = %handle.node_id, accepted = out.accepted, duplicate = out.duplicate, acked_seq = out.acked_seq, commit = out.commit_id, "batch");
         let rejected = (!out.rejected.is_empty()).then(|| {
             let mut r: Box<Rejections> = Box::default();
