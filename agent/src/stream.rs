@@ -473,14 +473,14 @@ fn refused(status: tonic::Status) -> Ended {
 /// moves the spool to the epoch above it, so the next Hello is accepted
 /// (after the usual backoff, not the longest). Returns what to log.
 fn new_epoch(shared: &Shared, current: u64, backoff: &mut Backoff, refusal: String) -> String {
-    let Some(epoch) = current.checked_add(1).filter(|e| *e <= MAX_EPOCH) else {
+    let mut spool = shared.spool();
+    let old = spool.epoch();
+    let Some(epoch) = epoch_above(old, current) else {
         // No room above: the collector lets an older epoch take over from
         // one stamped in the future once that stream is gone.
         backoff.saturate();
         return format!("{refusal} (no epoch above it; waiting for it to go)");
     };
-    let mut spool = shared.spool();
-    let old = spool.epoch();
     let moved = spool.renumber(epoch);
     drop(spool);
     shared
@@ -496,6 +496,12 @@ fn new_epoch(shared: &Shared, current: u64, backoff: &mut Backoff, refusal: Stri
         "the collector holds a newer epoch for this node (an agent restarted with its clock stepped back, or another client said Hello for it): moving above it; samples sent but not acked under the old epoch are given up (the collector may hold them; the next counter delta carries their energy)"
     );
     refusal
+}
+
+/// The epoch to say Hello with after `old` was refused for `current`:
+/// above both (an agent's epochs only grow), if there is room.
+fn epoch_above(old: u64, current: u64) -> Option<u64> {
+    old.max(current).checked_add(1).filter(|e| *e <= MAX_EPOCH)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -554,6 +560,16 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_epoch_moves_above_the_current_one_while_there_is_room() {
+        assert_eq!(epoch_above(5, 10), Some(11));
+        // A collector naming a lower epoch does not move the agent back.
+        assert_eq!(epoch_above(100, 5), Some(101));
+        assert_eq!(epoch_above(1, MAX_EPOCH - 1), Some(MAX_EPOCH));
+        assert_eq!(epoch_above(1, MAX_EPOCH), None);
+        assert_eq!(epoch_above(1, u64::MAX), None);
+    }
 
     #[test]
     fn rejections_are_counted_by_reason_and_bounded() {
