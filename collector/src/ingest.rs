@@ -48,6 +48,10 @@ pub struct Limits {
     pub max_node_sample_rate: u32,
 }
 
+/// Longest a stream another one took over waits to ack what it applied:
+/// twice the longest commit interval.
+const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
+
 /// Most distinct refused nodes remembered for logging once.
 const REFUSED_LOGGED_MAX: usize = 10_000;
 
@@ -462,9 +466,13 @@ async fn serve_stream(
                 // what its epoch holds, so that it gives up nothing it
                 // could still deliver: the ack of what this stream applied,
                 // once durable, then that nothing above it was accepted.
+                // Bounded: commits that keep failing must not hold the
+                // stream open.
                 if let Some(last) = waiting.back().map(|(id, _, _)| *id) {
                     let durable = tokio::select! {
-                        c = committed.wait_for(|c| *c >= last) => c.is_ok(),
+                        c = tokio::time::timeout(LAST_ACK_WAIT, committed.wait_for(|c| *c >= last)) => {
+                            matches!(c, Ok(Ok(_)))
+                        }
                         _ = &mut stop => false,
                     };
                     let done = *committed.borrow_and_update();
