@@ -113,11 +113,21 @@ fn an_agent_restarted_with_its_clock_stepped_back_is_metered_again_at_once() {
         parse_counters(&start),
         parse_counters(&std::fs::read_to_string(&counters).unwrap()),
     );
+    let mut sum = 0;
     for uuid in &truth.uuids {
         let e = milli(m.one("capwatch_gpu_energy_joules_total", &[("uuid", uuid)]));
         assert!(end[uuid] > start[uuid]);
         assert_eq!(e, end[uuid] - start[uuid], "{uuid}");
+        sum += e;
     }
+    // The ledger's total holds the same energy.
+    assert_eq!(
+        milli(m.one(
+            "capwatch_tenant_energy_joules_total",
+            &[("tenant", "unassigned")]
+        )),
+        sum
+    );
     assert!(
         m.select("capwatch_gpu_energy_counter_resets_total", &[])
             .is_empty()
@@ -202,13 +212,22 @@ async fn a_rogue_hello_with_a_newer_epoch_cannot_lock_the_real_agent_out() {
     // every sample counts exactly once.
     assert_eq!(abandoned, 0, "{done}");
     assert_eq!(accepted, N, "{done}");
+    let mut sum = 0;
     for gpu in 0..8 {
         let e = milli(m.one(
             "capwatch_gpu_energy_joules_total",
             &[("node", "v-1"), ("gpu", &gpu.to_string())],
         ));
         assert_eq!(e, truth.energy(gpu, 1, N), "gpu {gpu}");
+        sum += e;
     }
+    assert_eq!(
+        milli(m.one(
+            "capwatch_tenant_energy_joules_total",
+            &[("tenant", "unassigned")]
+        )),
+        sum
+    );
     collector.stop();
 }
 
