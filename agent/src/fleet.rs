@@ -51,8 +51,13 @@ pub struct FleetReport {
     pub nodes: usize,
     /// Node samples taken (each holds one reading per GPU).
     pub sampled: u64,
+    /// Acked by the collector, accepted or rejected.
     pub acked: u64,
+    /// Acked samples the collector rejected.
+    pub rejected: u64,
     pub dropped: u64,
+    /// Sent but unacked samples of an epoch the collector refused later.
+    pub abandoned: u64,
     pub undelivered: u64,
     pub connects: u64,
 }
@@ -73,7 +78,9 @@ fn report(nodes: &[Node]) -> FleetReport {
         let s = &n.shared.stats;
         r.sampled += s.sampled.load(Ordering::Relaxed);
         r.acked += s.acked.load(Ordering::Relaxed);
+        r.rejected += s.rejected.load(Ordering::Relaxed);
         r.dropped += s.dropped.load(Ordering::Relaxed);
+        r.abandoned += s.abandoned.load(Ordering::Relaxed);
         r.connects += s.connects.load(Ordering::Relaxed);
         r.undelivered += n.shared.spool().len() as u64;
     }
@@ -113,7 +120,7 @@ pub async fn run(
             counter_file: None,
         });
         let shared = Arc::new(Shared {
-            spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity)),
+            spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
             new_sample: Notify::new(),
             stats: stream::Stats::default(),
         });
@@ -166,7 +173,8 @@ pub async fn run(
         for node in nodes.iter_mut().skip(slice).step_by(slices) {
             node.seq += 1;
             let sample = pb::NodeSample {
-                seq: node.seq,
+                // Numbered by the spool, in its epoch.
+                seq: 0,
                 timestamp_unix_nanos: at,
                 gpus: node
                     .source

@@ -91,11 +91,18 @@ fn client_tls(cfg: &Config) -> Result<Option<ClientTlsConfig>, AgentError> {
 }
 
 /// What a run did, for the exit log and for tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Summary {
     pub sampled: u64,
+    /// Acked by the collector, accepted or rejected.
     pub acked: u64,
+    /// Acked samples the collector rejected, and by reason
+    /// (`reason=count,...`).
+    pub rejected: u64,
+    pub rejected_by_reason: String,
     pub dropped: u64,
+    /// Sent but unacked samples of an epoch the collector refused later.
+    pub abandoned: u64,
     pub undelivered: u64,
     pub connects: u64,
 }
@@ -124,6 +131,38 @@ pub fn node_id(cfg: &Config) -> Result<String, AgentError> {
     host::Host::hostname().ok_or(AgentError::NoNodeId)
 }
 
+/// Variable that shifts the agent's clock, for tests of stepped and skewed
+/// clocks (`-2m`, `1h`): test-only, not a setting.
+pub const TEST_CLOCK_OFFSET_VAR: &str = "CAPWATCH_TEST_CLOCK_OFFSET";
+
+/// The wall clock the agent stamps samples and chooses epochs with: the
+/// system clock, shifted by [`TEST_CLOCK_OFFSET_VAR`] when a test sets it.
+fn agent_clock() -> SystemTime {
+    let now = SystemTime::now();
+    let Ok(text) = std::env::var(TEST_CLOCK_OFFSET_VAR) else {
+        return now;
+    };
+    let (behind, amount) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text.trim_start_matches('+')),
+    };
+    match humantime::parse_duration(amount) {
+        Ok(d) => {
+            warn!(offset = %text, "the agent's clock is shifted for a test ({TEST_CLOCK_OFFSET_VAR})");
+            let shifted = if behind {
+                now.checked_sub(d)
+            } else {
+                now.checked_add(d)
+            };
+            shifted.unwrap_or(now)
+        }
+        Err(e) => {
+            warn!(offset = %text, error = %e, "{TEST_CLOCK_OFFSET_VAR} ignored");
+            now
+        }
+    }
+}
+
 pub(crate) fn unix_nanos(t: SystemTime) -> i64 {
     t.duration_since(UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -142,10 +181,11 @@ pub async fn run(
     let mut source = open_source(&cfg, &node_id)?;
     let mut host = host::Host::new();
 
-    let start_wall = SystemTime::now();
+    let start_wall = agent_clock();
     let start = tokio::time::Instant::now();
     // The epoch tells this run's sequence numbers apart from an earlier
-    // run's: a restarted agent starts again at seq 1 under a new epoch.
+    // run's: a restarted agent starts again at seq 1 under a new epoch
+    // (above the collector's, should it hold a newer one for this node).
     let epoch = unix_nanos(start_wall) as u64;
     let hello = pb::Hello {
         node_id: node_id.clone(),
@@ -158,7 +198,7 @@ pub async fn run(
     info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collector = %cfg.collector, "agent starting");
 
     let shared = Arc::new(Shared {
-        spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity)),
+        spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
         new_sample: Notify::new(),
         stats: stream::Stats::default(),
     });
@@ -197,7 +237,8 @@ pub async fn run(
         let at = unix_nanos(start_wall + (tick - start));
         let gpus = source.sample(at);
         let sample = pb::NodeSample {
-            seq,
+            // Numbered by the spool, in its epoch.
+            seq: 0,
             timestamp_unix_nanos: at,
             gpus: gpus.into_iter().map(convert::gpu_sample).collect(),
             host: Some(host.sample()),
@@ -228,14 +269,20 @@ pub async fn run(
     let summary = Summary {
         sampled: shared.stats.sampled.load(Ordering::Relaxed),
         acked: shared.stats.acked.load(Ordering::Relaxed),
+        rejected: shared.stats.rejected.load(Ordering::Relaxed),
+        rejected_by_reason: shared.stats.rejected_by_reason(),
         dropped: shared.stats.dropped.load(Ordering::Relaxed),
+        abandoned: shared.stats.abandoned.load(Ordering::Relaxed),
         undelivered: shared.spool().len() as u64,
         connects: shared.stats.connects.load(Ordering::Relaxed),
     };
     info!(
         sampled = summary.sampled,
         acked = summary.acked,
+        rejected = summary.rejected,
+        rejected_by_reason = %summary.rejected_by_reason,
         dropped = summary.dropped,
+        abandoned = summary.abandoned,
         undelivered = summary.undelivered,
         connects = summary.connects,
         "agent stopped"

@@ -1,9 +1,17 @@
-//! Samples not yet acknowledged by the collector.
+//! Samples not yet acknowledged by the collector, and the stream epoch and
+//! sequence numbers they carry.
 //!
 //! *Invariant:* a sample leaves the spool only when the collector has acked
-//! its sequence number, or when the spool is full and it is the oldest. In
-//! the second case it is counted; the energy it carried is not lost, since
+//! its sequence number, when the spool is full and it is the oldest, or
+//! when its epoch is refused after it was sent (the collector may hold it,
+//! so sending it again under another epoch could count it twice). In the
+//! last two cases it is counted; the energy it carried is not lost, since
 //! the next sample's cumulative counter covers it.
+//!
+//! *Invariant:* a sample's (epoch, seq) is its identity once the collector
+//! may hold it. Samples never sent under a refused epoch, or sent above the
+//! sequence the collector said it accepted, are renumbered into the next
+//! one: the collector does not hold them.
 
 use std::collections::VecDeque;
 
@@ -15,28 +23,89 @@ pub struct Spool {
     samples: VecDeque<NodeSample>,
     capacity: usize,
     dropped: u64,
+    /// The stream epoch of every sample here.
+    epoch: u64,
+    /// The sequence number of the last sample pushed.
+    last_seq: u64,
+    /// The highest sequence number sent under this epoch: the collector
+    /// may hold every sample up to it.
+    sent: u64,
+}
+
+/// What moving to a new epoch did to the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Renumbered {
+    /// Samples never sent, now numbered 1.. in the new epoch.
+    pub kept: u64,
+    /// Samples sent but not acked under the old epoch, given up.
+    pub abandoned: u64,
 }
 
 impl Spool {
-    pub fn new(capacity: usize) -> Self {
+    /// An empty spool whose samples will carry `epoch`.
+    pub fn new(capacity: usize, epoch: u64) -> Self {
         Self {
             samples: VecDeque::with_capacity(capacity.min(4096)),
             capacity: capacity.max(1),
             dropped: 0,
+            epoch,
+            last_seq: 0,
+            sent: 0,
         }
     }
 
-    /// Appends a sample; returns how many old samples were dropped to make
-    /// room (0 or 1).
-    pub fn push(&mut self, sample: NodeSample) -> u64 {
+    /// The epoch the spool's samples belong to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Appends a sample, numbering it next in the epoch; returns how many
+    /// old samples were dropped to make room (0 or 1).
+    pub fn push(&mut self, mut sample: NodeSample) -> u64 {
         let mut dropped = 0;
         while self.samples.len() >= self.capacity {
             self.samples.pop_front();
             dropped += 1;
         }
         self.dropped += dropped;
+        self.last_seq += 1;
+        sample.seq = self.last_seq;
         self.samples.push_back(sample);
         dropped
+    }
+
+    /// Records that every sample up to `seq` went out on a stream of this
+    /// epoch.
+    pub fn sent(&mut self, seq: u64) {
+        self.sent = self.sent.max(seq);
+    }
+
+    /// Records the collector's word that it accepted nothing of this epoch
+    /// above `seq` on the stream that just ended: samples above it that
+    /// went out there are no longer in doubt.
+    pub fn settle(&mut self, seq: u64) {
+        self.sent = self.sent.min(seq);
+    }
+
+    /// Moves to `epoch`, which the collector will accept where it refused
+    /// the current one: the samples already sent (the collector may hold
+    /// them under the old epoch) are given up, the rest are numbered from
+    /// 1 in the new epoch, in order.
+    pub fn renumber(&mut self, epoch: u64) -> Renumbered {
+        let before = self.samples.len();
+        let sent = self.sent;
+        self.samples.retain(|s| s.seq > sent);
+        let abandoned = (before - self.samples.len()) as u64;
+        for (s, seq) in self.samples.iter_mut().zip(1u64..) {
+            s.seq = seq;
+        }
+        self.epoch = epoch;
+        self.last_seq = self.samples.len() as u64;
+        self.sent = 0;
+        Renumbered {
+            kept: self.last_seq,
+            abandoned,
+        }
     }
 
     /// Forgets every sample at or below `seq`; returns how many.
@@ -89,26 +158,32 @@ mod tests {
         }
     }
 
+    /// A spool holding samples 1..=n, as the sampler fills it.
+    fn filled(capacity: usize, n: u64) -> Spool {
+        let mut sp = Spool::new(capacity, 7);
+        for t in 1..=n {
+            sp.push(NodeSample {
+                timestamp_unix_nanos: t as i64,
+                ..Default::default()
+            });
+        }
+        sp
+    }
+
     fn seqs(v: &[NodeSample]) -> Vec<u64> {
         v.iter().map(|s| s.seq).collect()
     }
 
     #[test]
     fn full_spool_drops_oldest_and_counts() {
-        let mut sp = Spool::new(3);
-        for q in 1..=5 {
-            sp.push(s(q));
-        }
+        let sp = filled(3, 5);
         assert_eq!(sp.dropped(), 2);
         assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![3, 4, 5]);
     }
 
     #[test]
     fn ack_forgets_up_to_and_including() {
-        let mut sp = Spool::new(10);
-        for q in 1..=5 {
-            sp.push(s(q));
-        }
+        let mut sp = filled(10, 5);
         assert_eq!(sp.ack(3), 3);
         assert_eq!(sp.ack(3), 0);
         assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![4, 5]);
@@ -120,12 +195,60 @@ mod tests {
 
     #[test]
     fn batches_are_capped_by_encoded_size_but_never_empty() {
-        let mut sp = Spool::new(10);
-        for q in 1..=5 {
-            sp.push(s(q));
-        }
-        let one = s(1).encoded_len();
+        let sp = filled(10, 5);
+        let one = sp.after(0, 1, usize::MAX)[0].encoded_len();
         assert_eq!(seqs(&sp.after(0, 10, 2 * one)), vec![1, 2]);
         assert_eq!(seqs(&sp.after(0, 10, 1)), vec![1]);
+    }
+
+    #[test]
+    fn a_new_epoch_keeps_what_was_never_sent_and_gives_up_the_rest() {
+        // Invariant: moving to a new epoch renumbers the samples never
+        // sent from 1, in order, gives up those sent and not acked, and
+        // numbers the next sample after them.
+        let mut sp = filled(10, 6);
+        sp.ack(2);
+        sp.sent(4);
+        assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![3, 4, 5, 6]);
+        assert_eq!(
+            sp.renumber(99),
+            Renumbered {
+                kept: 2,
+                abandoned: 2
+            }
+        );
+        assert_eq!(sp.epoch(), 99);
+        sp.push(s(0));
+        let after = sp.after(0, 10, usize::MAX);
+        assert_eq!(seqs(&after), vec![1, 2, 3]);
+        let stamps: Vec<i64> = after.iter().map(|x| x.timestamp_unix_nanos).collect();
+        assert_eq!(stamps, vec![5, 6, 0], "the samples never sent, in order");
+        // Sent, then settled: the collector accepted none above 1.
+        sp.sent(3);
+        sp.settle(1);
+        assert_eq!(
+            sp.renumber(100),
+            Renumbered {
+                kept: 2,
+                abandoned: 1
+            }
+        );
+        // Nothing sent under the new epoch yet: a second refusal keeps all.
+        assert_eq!(
+            sp.renumber(101),
+            Renumbered {
+                kept: 2,
+                abandoned: 0
+            }
+        );
+    }
+
+    #[test]
+    fn samples_are_numbered_in_the_order_they_are_pushed() {
+        let mut sp = Spool::new(10, 1);
+        for _ in 0..3 {
+            sp.push(s(0));
+        }
+        assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![1, 2, 3]);
     }
 }

@@ -1,7 +1,9 @@
 //! The agent's side of the ingest stream: connect, say hello, send what the
 //! spool holds, forget what the collector acks, and on any failure
 //! reconnect with exponential backoff and jitter and re-send everything
-//! not yet acked.
+//! not yet acked. When the collector refuses the epoch because it holds a
+//! newer one for the node, the agent moves above it (see
+//! [`Spool::renumber`]) and says Hello again.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +28,16 @@ const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// default 4 MiB message limit, whatever the GPU count.
 const MAX_BATCH_BYTES: usize = 1 << 20;
 
+/// Metadata of a stale-epoch refusal naming the node's current epoch.
+const CURRENT_EPOCH_KEY: &str = "capwatch-current-epoch";
+
+/// Metadata of the status ending a stream another one took over: the
+/// highest sequence of its epoch the collector accepted.
+const ACCEPTED_SEQ_KEY: &str = "capwatch-accepted-seq";
+
+/// Highest epoch the collector accepts (it stores them as SQLite integers).
+const MAX_EPOCH: u64 = i64::MAX as u64;
+
 /// What the stream task shares with the sampler.
 pub struct Shared {
     pub spool: Mutex<Spool>,
@@ -37,9 +49,117 @@ pub struct Shared {
 #[derive(Debug, Default)]
 pub struct Stats {
     pub sampled: AtomicU64,
+    /// Samples the collector acked, accepted or rejected.
     pub acked: AtomicU64,
+    /// Acked samples the collector said it rejected.
+    pub rejected: AtomicU64,
+    rejections: Mutex<Rejections>,
     pub dropped: AtomicU64,
+    /// Sent but unacked samples of an epoch the collector refused later;
+    /// given up, since it may hold them.
+    pub abandoned: AtomicU64,
     pub connects: AtomicU64,
+}
+
+/// Most distinct rejection reasons told apart; later ones are `other`.
+const MAX_REASONS: usize = 16;
+
+/// Longest reason kept, in bytes.
+const MAX_REASON_LEN: usize = 64;
+
+/// Rejections are warned about at once, then at most this often, each
+/// warning with what came since the last one.
+const REJECTION_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Rejected samples by the collector's reason.
+#[derive(Debug, Default)]
+struct Rejections {
+    /// Since the agent started.
+    total: Vec<(String, u64)>,
+    /// Since the last warning.
+    unwarned: Vec<(String, u64)>,
+    warned_at: Option<Instant>,
+}
+
+/// Adds `n` to `reason`, or to `other` once `MAX_REASONS` are known.
+fn tally(counts: &mut Vec<(String, u64)>, reason: &str, n: u64) {
+    let known = counts.iter().any(|(r, _)| r == reason);
+    let reason = if known || counts.len() < MAX_REASONS {
+        reason
+    } else {
+        "other"
+    };
+    match counts.iter_mut().find(|(r, _)| r == reason) {
+        Some((_, c)) => *c = c.saturating_add(n),
+        None => counts.push((reason.to_string(), n)),
+    }
+}
+
+/// `reason=count` pairs, by reason, comma-separated.
+fn by_reason(counts: &[(String, u64)]) -> String {
+    let mut sorted: Vec<&(String, u64)> = counts.iter().collect();
+    sorted.sort();
+    sorted
+        .iter()
+        .map(|(r, n)| format!("{r}={n}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+impl Stats {
+    /// Counts the rejections an ack reports, and warns about them: at
+    /// once the first time, then at most every `REJECTION_WARN_EVERY`.
+    pub fn rejected(&self, node: &str, rejected: &[pb::RejectedSamples]) {
+        let mut r = self.rejections.lock().unwrap_or_else(|p| p.into_inner());
+        let mut sum = 0u64;
+        for x in rejected {
+            // The reason is the collector's word: kept short and plain.
+            let mut reason: String = x
+                .reason
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .take(MAX_REASON_LEN)
+                .collect();
+            if reason.is_empty() {
+                reason = "unknown".into();
+            }
+            tally(&mut r.total, &reason, x.count);
+            tally(&mut r.unwarned, &reason, x.count);
+            sum = sum.saturating_add(x.count);
+        }
+        let total = self
+            .rejected
+            .fetch_add(sum, Ordering::Relaxed)
+            .saturating_add(sum);
+        let now = Instant::now();
+        if r.unwarned.is_empty()
+            || r.warned_at
+                .is_some_and(|at| now.duration_since(at) < REJECTION_WARN_EVERY)
+        {
+            return;
+        }
+        let since: u64 = r.unwarned.iter().map(|(_, n)| *n).sum();
+        warn!(
+            node,
+            rejected = since,
+            by_reason = %by_reason(&r.unwarned),
+            rejected_total = total,
+            "collector rejected samples: acked but not counted (warned at most once a minute; the exit summary has the totals)"
+        );
+        r.unwarned.clear();
+        r.warned_at = Some(now);
+    }
+
+    /// Rejected samples since start, as `reason=count,...`.
+    pub fn rejected_by_reason(&self) -> String {
+        by_reason(
+            &self
+                .rejections
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .total,
+        )
+    }
 }
 
 impl Shared {
@@ -59,6 +179,7 @@ pub struct StreamConfig {
     /// A connection shared with other streams (the fleet simulator puts
     /// several nodes on one HTTP/2 connection); `None` connects anew.
     pub channel: Option<Channel>,
+    /// The Hello; its epoch is the spool's at each connect.
     pub hello: pb::Hello,
     pub batch_max: usize,
     pub reconnect_initial: Duration,
@@ -71,9 +192,12 @@ enum Ended {
     Drained,
     /// The connection failed; reconnect.
     Failed(String),
-    /// The collector refused this agent (bad Hello, stale epoch): retrying
-    /// soon would change nothing, so the longest backoff applies.
+    /// The collector refused this agent (bad Hello, or a stale epoch
+    /// without the current one named): retrying soon would change nothing,
+    /// so the longest backoff applies.
     Refused(String),
+    /// The collector holds a newer epoch for this node, `current`.
+    StaleEpoch { current: u64, message: String },
     /// Gave up delivering at the drain deadline.
     DeadlinePassed,
 }
@@ -129,6 +253,9 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
                 backoff.saturate();
                 e
             }
+            Ended::StaleEpoch { current, message } => {
+                new_epoch(&shared, current, &mut backoff, message)
+            }
             Ended::Failed(e) => e,
         };
         let delay = backoff.next_delay();
@@ -172,6 +299,8 @@ async fn connect_and_stream(
         },
         None => endpoint,
     };
+    // Only this task changes the spool's epoch.
+    let epoch = shared.spool().epoch();
     // Connecting, opening the stream and the Welcome must all happen within
     // this; a collector that stalls there is treated as down.
     let preamble = tokio::time::timeout(PREAMBLE_TIMEOUT, async {
@@ -191,8 +320,10 @@ async fn connect_and_stream(
                 Ok(req)
             });
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
+        let mut hello = cfg.hello.clone();
+        hello.stream_epoch = epoch;
         let hello = pb::AgentMessage {
-            body: Some(pb::agent_message::Body::Hello(cfg.hello.clone())),
+            body: Some(pb::agent_message::Body::Hello(hello)),
         };
         if tx.send(hello).await.is_err() {
             return Err(Ended::Failed("stream closed before hello".into()));
@@ -212,7 +343,7 @@ async fn connect_and_stream(
                     .acked
                     .fetch_add(forgotten as u64, Ordering::Relaxed);
                 shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-                info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, acked_seq = w.acked_seq, "connected");
+                info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, epoch, acked_seq = w.acked_seq, "connected");
             }
             Ok(_) => {
                 return Err(Ended::Failed(
@@ -257,21 +388,32 @@ async fn connect_and_stream(
             biased;
             msg = inbound.message() => match msg {
                 Ok(Some(pb::CollectorMessage { body: Some(pb::collector_message::Body::Ack(ack)) })) => {
-                    if ack.stream_epoch == cfg.hello.stream_epoch {
+                    if ack.stream_epoch == epoch {
                         let n = shared.spool().ack(ack.acked_seq);
                         shared.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
-                        debug!(acked_seq = ack.acked_seq, forgotten = n, "ack");
+                        if !ack.rejected.is_empty() {
+                            shared.stats.rejected(&cfg.hello.node_id, &ack.rejected);
+                        }
+                        debug!(acked_seq = ack.acked_seq, forgotten = n, rejected = ack.rejected.len(), "ack");
                     }
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => return Ended::Failed("collector closed the stream".into()),
-                Err(status) => return Ended::Failed(format!("stream error: {status}")),
+                Err(status) => {
+                    if let Some(seq) = metadata_u64(&status, ACCEPTED_SEQ_KEY) {
+                        shared.spool().settle(seq);
+                    }
+                    return Ended::Failed(format!("stream error: {status}"));
+                }
             },
             sent_ok = tx.send(msg), if last.is_some() => {
                 if sent_ok.is_err() {
                     return Ended::Failed("stream closed while sending".into());
                 }
                 sent = last.unwrap_or(sent);
+                // Sent under this epoch: from now on the collector may hold
+                // it, whatever becomes of this stream.
+                shared.spool().sent(sent);
             }
             _ = shared.new_sample.notified(), if last.is_none() => {}
             _ = sampling_done.changed(), if drain_at.is_none() && last.is_none() => {}
@@ -296,11 +438,28 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// A refusal at the Hello: permanent for the codes that say the request
-/// itself is wrong, passing otherwise.
+/// A decimal number the collector put in a status's metadata.
+fn metadata_u64(status: &tonic::Status, key: &str) -> Option<u64> {
+    status
+        .metadata()
+        .get(key)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A refusal at the Hello: a stale epoch when the collector names the
+/// node's current one, permanent for the codes that say the request itself
+/// is wrong, passing otherwise.
 fn refused(status: tonic::Status) -> Ended {
     use tonic::Code;
     let msg = format!("collector refused the stream: {status}");
+    let current = metadata_u64(&status, CURRENT_EPOCH_KEY);
+    if let (Code::FailedPrecondition, Some(current)) = (status.code(), current) {
+        return Ended::StaleEpoch {
+            current,
+            message: msg,
+        };
+    }
     match status.code() {
         Code::InvalidArgument
         | Code::FailedPrecondition
@@ -308,6 +467,41 @@ fn refused(status: tonic::Status) -> Ended {
         | Code::Unauthenticated => Ended::Refused(msg),
         _ => Ended::Failed(msg),
     }
+}
+
+/// After the collector refused the epoch for one of the node's, `current`:
+/// moves the spool to the epoch above it, so the next Hello is accepted
+/// (after the usual backoff, not the longest). Returns what to log.
+fn new_epoch(shared: &Shared, current: u64, backoff: &mut Backoff, refusal: String) -> String {
+    let mut spool = shared.spool();
+    let old = spool.epoch();
+    let Some(epoch) = epoch_above(old, current) else {
+        // No room above: the collector lets an older epoch take over from
+        // one stamped in the future once that stream is gone.
+        backoff.saturate();
+        return format!("{refusal} (no epoch above it; waiting for it to go)");
+    };
+    let moved = spool.renumber(epoch);
+    drop(spool);
+    shared
+        .stats
+        .abandoned
+        .fetch_add(moved.abandoned, Ordering::Relaxed);
+    warn!(
+        old_epoch = old,
+        epoch,
+        current,
+        kept = moved.kept,
+        abandoned = moved.abandoned,
+        "the collector holds a newer epoch for this node (an agent restarted with its clock stepped back, or another client said Hello for it): moving above it; samples sent but not acked under the old epoch are given up (the collector may hold them; the next counter delta carries their energy)"
+    );
+    refusal
+}
+
+/// The epoch to say Hello with after `old` was refused for `current`:
+/// above both (an agent's epochs only grow), if there is room.
+fn epoch_above(old: u64, current: u64) -> Option<u64> {
+    old.max(current).checked_add(1).filter(|e| *e <= MAX_EPOCH)
 }
 
 async fn sleep_until_opt(at: Option<Instant>) {
@@ -366,6 +560,43 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_epoch_moves_above_the_current_one_while_there_is_room() {
+        assert_eq!(epoch_above(5, 10), Some(11));
+        // A collector naming a lower epoch does not move the agent back.
+        assert_eq!(epoch_above(100, 5), Some(101));
+        assert_eq!(epoch_above(1, MAX_EPOCH - 1), Some(MAX_EPOCH));
+        assert_eq!(epoch_above(1, MAX_EPOCH), None);
+        assert_eq!(epoch_above(1, u64::MAX), None);
+    }
+
+    #[test]
+    fn rejections_are_counted_by_reason_and_bounded() {
+        let stats = Stats::default();
+        let r = |reason: &str, count| pb::RejectedSamples {
+            reason: reason.into(),
+            count,
+        };
+        stats.rejected("n", &[r("timestamp", 3), r("power", 1)]);
+        stats.rejected("n", &[r("timestamp", 2), r("", 1), r("a\nb", 1)]);
+        assert_eq!(stats.rejected.load(Ordering::Relaxed), 8);
+        assert_eq!(
+            stats.rejected_by_reason(),
+            "ab=1,power=1,timestamp=5,unknown=1"
+        );
+        // Past MAX_REASONS distinct reasons, the rest are `other`.
+        for i in 0..MAX_REASONS + 3 {
+            stats.rejected("n", &[r(&format!("r{i}"), 1)]);
+        }
+        let text = stats.rejected_by_reason();
+        assert_eq!(text.split(',').count(), MAX_REASONS + 1, "{text}");
+        assert!(text.contains("other=7"), "{text}");
+        assert_eq!(
+            stats.rejected.load(Ordering::Relaxed),
+            8 + MAX_REASONS as u64 + 3
+        );
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {

@@ -23,7 +23,7 @@ use crate::auth;
 use crate::model;
 use crate::state::{
     AUTH_CERTIFICATE, AUTH_NODE_NOT_ALLOWED, AUTH_REASONS, AUTH_UNAUTHENTICATED, HelloError,
-    SURFACE_GRPC, State, StreamHandle, Superseded, lock,
+    REJECT_REASONS, SURFACE_GRPC, State, StreamHandle, Superseded, lock,
 };
 
 pub struct IngestService {
@@ -48,6 +48,10 @@ pub struct Limits {
     pub max_node_sample_rate: u32,
 }
 
+/// Longest a stream another one took over waits to ack what it applied:
+/// twice the longest commit interval.
+const LAST_ACK_WAIT: Duration = Duration::from_secs(10);
+
 /// Most distinct refused nodes remembered for logging once.
 const REFUSED_LOGGED_MAX: usize = 10_000;
 
@@ -62,10 +66,26 @@ impl Drop for OpenStream {
 
 type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CollectorMessage, Status>> + Send>>;
 
+/// Metadata of a stale-epoch refusal: the node's current epoch, in
+/// decimal, for the agent to say Hello again above it.
+pub const CURRENT_EPOCH_KEY: &str = "capwatch-current-epoch";
+
+/// Metadata of the status that ends a stream another one took over: the
+/// highest sequence of the stream's epoch the collector accepted, in
+/// decimal. Nothing above it was or will be accepted from that stream.
+pub const ACCEPTED_SEQ_KEY: &str = "capwatch-accepted-seq";
+
 impl From<HelloError> for Status {
     fn from(e: HelloError) -> Self {
         match e {
-            HelloError::StaleEpoch { .. } => Status::failed_precondition(e.to_string()),
+            HelloError::StaleEpoch { current, .. } => {
+                let mut status = Status::failed_precondition(e.to_string());
+                status.metadata_mut().insert(
+                    CURRENT_EPOCH_KEY,
+                    tonic::metadata::MetadataValue::from(current),
+                );
+                status
+            }
             _ => Status::invalid_argument(e.to_string()),
         }
     }
@@ -165,6 +185,7 @@ impl Ingest for IngestService {
         // the Welcome waits for the commit that holds them (at once when
         // there are none), or gives up with the collector.
         let welcome_after = handle.welcome_after;
+        let welcomed_seq = acked_seq;
         let state = self.state.clone();
         let shutdown = self.shutdown.clone();
         let mut committed = self.committed.clone();
@@ -183,7 +204,14 @@ impl Ingest for IngestService {
                 return;
             }
             let end = serve_stream(
-                &state, &handle, inbound, &mut tx, shutdown, committed, admitted,
+                &state,
+                &handle,
+                welcomed_seq,
+                inbound,
+                &mut tx,
+                shutdown,
+                committed,
+                admitted,
             )
             .await;
             state.disconnect(&handle);
@@ -307,20 +335,70 @@ impl Admitted {
     }
 }
 
+/// Rejected samples by reason (`REJECT_REASONS` order).
+type Rejections = [u64; REJECT_REASONS.len()];
+
+/// The `rejected` field of an Ack: the reasons with a count.
+fn rejected_field(r: &Rejections) -> Vec<pb::RejectedSamples> {
+    REJECT_REASONS
+        .iter()
+        .zip(r)
+        .filter(|(_, n)| **n > 0)
+        .map(|(reason, n)| pb::RejectedSamples {
+            reason: reason.label().to_string(),
+            count: *n,
+        })
+        .collect()
+}
+
+/// Batches applied but not yet durable, in order: (commit id, ack,
+/// rejected samples if any). Batches with rejections are rare: their
+/// counts are boxed so the common entry stays small.
+type Waiting = std::collections::VecDeque<(u64, u64, Option<Box<Rejections>>)>;
+
+/// The Ack for every waiting batch whose commit (`done` and before) is
+/// durable, if there is one.
+fn take_ack(waiting: &mut Waiting, done: u64, epoch: u64) -> Option<pb::CollectorMessage> {
+    let mut ack = None;
+    let mut rejected: Option<Rejections> = None;
+    while waiting.front().is_some_and(|(id, _, _)| *id <= done) {
+        if let Some((_, seq, r)) = waiting.pop_front() {
+            ack = Some(seq);
+            if let Some(r) = r {
+                let sum = rejected.get_or_insert_default();
+                for (s, n) in sum.iter_mut().zip(r.iter()) {
+                    *s = s.saturating_add(*n);
+                }
+            }
+        }
+    }
+    ack.map(|acked_seq| pb::CollectorMessage {
+        body: Some(pb::collector_message::Body::Ack(pb::Ack {
+            stream_epoch: epoch,
+            acked_seq,
+            rejected: rejected.as_ref().map(rejected_field).unwrap_or_default(),
+        })),
+    })
+}
+
 /// Reads batches until the agent leaves, the stream fails or the collector
 /// shuts down; acks each batch once the ledger commit holding it is
-/// durable.
+/// durable, with what it rejected. `welcomed_seq` is what the Welcome
+/// acked.
+#[allow(clippy::too_many_arguments)]
 async fn serve_stream(
     state: &State,
     handle: &StreamHandle,
+    welcomed_seq: u64,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: &mut mpsc::Sender<Result<pb::CollectorMessage, Status>>,
     shutdown: watch::Receiver<bool>,
     mut committed: watch::Receiver<u64>,
     mut admitted: Admitted,
 ) -> Result<(), Status> {
-    // (commit id, ack) of batches applied but not yet durable, in order.
-    let mut waiting: std::collections::VecDeque<(u64, u64)> = std::collections::VecDeque::new();
+    let mut waiting = Waiting::new();
+    // The highest sequence of this epoch accepted so far.
+    let mut accepted = welcomed_seq;
     let stop = capwatch_common::wait_for_shutdown(shutdown);
     tokio::pin!(stop);
     // Token bucket of node samples, one second deep: a stream that sends
@@ -341,20 +419,10 @@ async fn serve_stream(
                     return Err(Status::unavailable("collector shutting down"));
                 }
                 let done = *committed.borrow_and_update();
-                let mut ack = None;
-                while waiting.front().is_some_and(|(id, _)| *id <= done) {
-                    ack = waiting.pop_front().map(|(_, seq)| seq);
-                }
-                if let Some(acked_seq) = ack {
-                    let ack = pb::CollectorMessage {
-                        body: Some(pb::collector_message::Body::Ack(pb::Ack {
-                            stream_epoch: handle.epoch,
-                            acked_seq,
-                        })),
-                    };
-                    if tx.send(Ok(ack)).await.is_err() {
-                        return Ok(());
-                    }
+                if let Some(ack) = take_ack(&mut waiting, done, handle.epoch)
+                    && tx.send(Ok(ack)).await.is_err()
+                {
+                    return Ok(());
                 }
                 continue;
             }
@@ -391,8 +459,83 @@ async fn serve_stream(
         if budget < 0.0 {
             paused_until = Some(now + Duration::from_secs_f64(-budget / rate));
         }
-        let out = state.ingest(handle, samples, rejected)?;
+        let out = match state.ingest(handle, samples, rejected) {
+            Ok(out) => out,
+            Err(superseded) => {
+                // Another stream took the node over. Tell the agent exactly
+                // what its epoch holds, so that it gives up nothing it
+                // could still deliver: the ack of what this stream applied,
+                // once durable, then that nothing above it was accepted.
+                // Bounded: commits that keep failing must not hold the
+                // stream open.
+                if let Some(last) = waiting.back().map(|(id, _, _)| *id) {
+                    let durable = tokio::select! {
+                        c = tokio::time::timeout(LAST_ACK_WAIT, committed.wait_for(|c| *c >= last)) => {
+                            matches!(c, Ok(Ok(_)))
+                        }
+                        _ = &mut stop => false,
+                    };
+                    let done = *committed.borrow_and_update();
+                    if durable && let Some(ack) = take_ack(&mut waiting, done, handle.epoch) {
+                        let _ = tx.send(Ok(ack)).await;
+                    }
+                }
+                let mut status = Status::from(superseded);
+                status.metadata_mut().insert(
+                    ACCEPTED_SEQ_KEY,
+                    tonic::metadata::MetadataValue::from(accepted),
+                );
+                return Err(status);
+            }
+        };
+        accepted = out.acked_seq;
         debug!(node = %handle.node_id, accepted = out.accepted, duplicate = out.duplicate, acked_seq = out.acked_seq, commit = out.commit_id, "batch");
-        waiting.push_back((out.commit_id, out.acked_seq));
+        let rejected = (!out.rejected.is_empty()).then(|| {
+            let mut r: Box<Rejections> = Box::default();
+            for (_, reason) in &out.rejected {
+                r[*reason as usize] += 1;
+            }
+            r
+        });
+        waiting.push_back((out.commit_id, out.acked_seq, rejected));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_epoch_refusal_carries_the_current_epoch_as_metadata() {
+        // Invariant: the refusal of an older epoch is FAILED_PRECONDITION
+        // with the node's current epoch in `capwatch-current-epoch`.
+        let status = Status::from(HelloError::StaleEpoch {
+            got: 5,
+            current: 1_796_000_000_000_000_000,
+            connected: false,
+        });
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        let current = status
+            .metadata()
+            .get(CURRENT_EPOCH_KEY)
+            .and_then(|v| v.to_str().ok());
+        assert_eq!(current, Some("1796000000000000000"));
+        assert!(status.message().contains("1796000000000000000"));
+    }
+
+    #[test]
+    fn an_ack_lists_the_reasons_with_a_count_by_their_metric_labels() {
+        let mut r = Rejections::default();
+        r[crate::model::Reject::Timestamp as usize] = 50;
+        r[crate::model::Reject::Power as usize] = 1;
+        let field: Vec<(String, u64)> = rejected_field(&r)
+            .into_iter()
+            .map(|x| (x.reason, x.count))
+            .collect();
+        assert_eq!(
+            field,
+            vec![("power".to_string(), 1), ("timestamp".to_string(), 50)]
+        );
+        assert!(rejected_field(&Rejections::default()).is_empty());
     }
 }

@@ -760,8 +760,18 @@ pub enum HelloError {
     AgentVersion,
     #[error("stream epoch must be below 2^63")]
     Epoch,
-    #[error("stream epoch {got} is older than epoch {current}, whose stream is still connected")]
-    StaleEpoch { got: u64, current: u64 },
+    /// The node already streams (or streamed) under a newer epoch: the
+    /// agent must say Hello again with an epoch above `current`.
+    #[error(
+        "stream epoch {got} is older than the node's current epoch {current}{}; say Hello again with an epoch above it",
+        .connected.then_some(", whose stream is still connected").unwrap_or_default()
+    )]
+    StaleEpoch {
+        got: u64,
+        current: u64,
+        /// Whether a stream of the current epoch is connected now.
+        connected: bool,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -1008,12 +1018,18 @@ impl State {
         let mut moved: Vec<(Arc<str>, Arc<str>)> = Vec::new();
         let acked = {
             let mut n = lock(&node);
-            // An older epoch is a stale agent instance: its samples may
-            // have been committed under that epoch before the current one
-            // took over, and the dedup cursor of that epoch is gone, so it
-            // is refused. Only when the current epoch lies in the future
-            // (beyond the allowed skew) was it stamped by a wrong clock;
-            // once that stream is gone, the corrected agent takes over.
+            // A node's epoch only moves forward: an older epoch may be a
+            // stale agent instance whose samples were committed under it
+            // before the current one took over, and the dedup cursor of
+            // that epoch is gone, so it is refused, naming the current
+            // epoch. An agent refused so (restarted after its clock was
+            // stepped back, or after someone else said Hello for its node
+            // with a newer epoch) says Hello again above it, with the
+            // samples it never sent under the refused epoch. Only when the
+            // current epoch lies in the future (beyond the allowed skew)
+            // was it stamped by a wrong clock, and there may be no room
+            // above it; once that stream is gone, the older epoch takes
+            // over.
             let skew = i64::try_from(self.cfg.max_clock_skew.as_nanos()).unwrap_or(i64::MAX);
             let current_from_wrong_clock =
                 i64::try_from(n.epoch).is_ok_and(|e| e > unix_nanos_now().saturating_add(skew));
@@ -1021,6 +1037,7 @@ impl State {
                 return Err(HelloError::StaleEpoch {
                     got: hello.epoch,
                     current: n.epoch,
+                    connected: n.connected,
                 });
             }
             if hello.epoch < n.epoch {
@@ -2325,8 +2342,12 @@ mod tests {
             ingest(&state, &h, vec![sample(1, T0, &[(1, Some(1))])]);
             for &got in older {
                 match state.hello(hello("a-1", got, 1)) {
-                    Err(HelloError::StaleEpoch { got: g, current: c }) => {
-                        assert_eq!((g, c), (got, current));
+                    Err(HelloError::StaleEpoch {
+                        got: g,
+                        current: c,
+                        connected,
+                    }) => {
+                        assert_eq!((g, c, connected), (got, current, true));
                     }
                     other => panic!("epoch {got} after {current}: {other:?}"),
                 }
@@ -2945,9 +2966,28 @@ mod tests {
             state.hello(hello("a-1", 50, 1)),
             Err(HelloError::StaleEpoch {
                 got: 50,
-                current: 100
+                current: 100,
+                connected: false,
             })
         ));
+    }
+
+    #[test]
+    fn a_stale_epoch_refusal_names_the_current_epoch_and_says_whether_it_is_connected() {
+        // Invariant: the refusal of an older epoch is true about the
+        // current stream (still connected, or gone) and names the epoch
+        // to move above.
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 100, 1);
+        let text = |state: &State| state.hello(hello("a-1", 50, 1)).unwrap_err().to_string();
+        let connected = text(&state);
+        assert!(connected.contains("current epoch 100"), "{connected}");
+        assert!(connected.contains("still connected"), "{connected}");
+        state.disconnect(&h);
+        let gone = text(&state);
+        assert!(gone.contains("current epoch 100"), "{gone}");
+        assert!(!gone.contains("connected"), "{gone}");
+        assert!(gone.contains("epoch above it"), "{gone}");
     }
 
     #[test]

@@ -596,6 +596,8 @@ fn fleet_simulator_reports_what_the_collector_acked() {
         "{done}"
     );
     assert_eq!(json_number(done, "dropped"), 0, "{done}");
+    assert_eq!(json_number(done, "rejected"), 0, "{done}");
+    assert_eq!(json_number(done, "abandoned"), 0, "{done}");
     assert_eq!(json_number(done, "undelivered"), 0, "{done}");
     assert_eq!(json_number(done, "connects"), 12, "{done}");
     let m = collector.metrics();

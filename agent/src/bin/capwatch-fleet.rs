@@ -66,12 +66,14 @@ struct Args {
 
 fn print(what: &str, r: &FleetReport, seconds: f64, gpus: u32) {
     println!(
-        "{{\"event\":\"{what}\",\"seconds\":{seconds:.1},\"nodes\":{},\"sampled\":{},\"acked\":{},\"gpu_samples_acked\":{},\"dropped\":{},\"undelivered\":{},\"connects\":{}}}",
+        "{{\"event\":\"{what}\",\"seconds\":{seconds:.1},\"nodes\":{},\"sampled\":{},\"acked\":{},\"rejected\":{},\"gpu_samples_acked\":{},\"dropped\":{},\"abandoned\":{},\"undelivered\":{},\"connects\":{}}}",
         r.nodes,
         r.sampled,
         r.acked,
+        r.rejected,
         r.acked * u64::from(gpus),
         r.dropped,
+        r.abandoned,
         r.undelivered,
         r.connects
     );

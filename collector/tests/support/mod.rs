@@ -180,6 +180,19 @@ impl Agent {
     /// Starts a mock agent for `node` that stops after `samples` samples.
     /// `config` is extra TOML for its config file.
     pub fn start(dir: &Path, endpoint: &str, node: &str, samples: u64, config: &str) -> Self {
+        Self::start_env(dir, endpoint, node, samples, config, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (e.g. the agent's
+    /// test clock offset).
+    pub fn start_env(
+        dir: &Path,
+        endpoint: &str,
+        node: &str,
+        samples: u64,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let cfg = dir.join(format!("agent-{node}.toml"));
         std::fs::write(&cfg, config).unwrap();
         let mut child = Command::new(bin("capwatch-agent"))
@@ -191,6 +204,7 @@ impl Agent {
             .args(["--mock-seed", &SEED.to_string(), "--mock-profile", "mixed"])
             .args(["--max-samples", &samples.to_string()])
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
