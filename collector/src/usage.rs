@@ -1604,4 +1604,37 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             })
         );
     }
+
+    /// A `since_revision` past any revision a ledger can hold (above
+    /// 2^63 - 1) is a cursor from another ledger, refused by name as a
+    /// request error, not a failure to read the ledger.
+    #[test]
+    fn a_revision_beyond_any_ledger_is_ahead_of_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        drop(crate::ledger::Ledger::open(&path).unwrap());
+        let reader = Reader::open(&path).unwrap();
+        for since in ["9223372036854775808", "18446744073709551615"] {
+            let got = run(
+                &reader,
+                &crate::tenants::Tenants::empty(),
+                None,
+                Some("2027-01-01T00:00:00Z"),
+                Some("2027-01-01T01:00:00Z"),
+                Some("1h"),
+                None,
+                Some(since),
+            );
+            assert!(
+                matches!(
+                    got,
+                    Err(QueryError::Usage(UsageError::RevisionAhead {
+                        revision: 0,
+                        ..
+                    }))
+                ),
+                "{since}: {got:?}"
+            );
+        }
+    }
 }
