@@ -831,6 +831,16 @@ fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
+/// A text field of a CSV line, quoted (RFC 4180) where it holds a comma,
+/// a quote or a line break: node ids are the agent's to choose.
+fn field(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", v.replace('"', "\"\"")).into()
+    } else {
+        v.into()
+    }
+}
+
 /// The report as CSV, one row per line after a header: the rows
 /// (`record` `usage`), then the adjustments (`record` `adjustment`, with
 /// their node, revision and booking time, and blank where a figure of a
@@ -879,7 +889,7 @@ pub fn csv(r: &Report) -> String {
             a.overage_kwh,
             a.estimated,
             a.readings,
-            a.node,
+            field(&a.node),
             a.revision,
             a.booked_at,
             a.expected_gpu_hours
@@ -1636,5 +1646,66 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
                 "{since}: {got:?}"
             );
         }
+    }
+
+    /// Node ids are the agent's to choose and may hold commas and quotes:
+    /// an adjustment's line must still have the header's columns, with
+    /// the node read back as sent (RFC 4180 quoting).
+    #[test]
+    fn an_adjustment_from_a_node_with_a_comma_stays_in_its_columns() {
+        use crate::ledger::Adjustment;
+        let node = "evil,1,\"99\"";
+        let usage = Usage {
+            finalized_through: T + 3600,
+            revision: 2,
+            adjustments: vec![Adjustment {
+                revision: 2,
+                booked_at: T + 7200,
+                tenant: "a".to_string(),
+                node: node.to_string(),
+                minute_start: T,
+                delta: d(1_000, 60, 60, 60),
+            }],
+            ..minutes()
+        };
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:15:00Z"),
+            Some("15m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(&q, &[Terms::new("a", None, None)], &usage);
+        // Fields of one CSV line, quotes undone.
+        let fields = |line: &str| -> Vec<String> {
+            let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+            let mut chars = line.chars().peekable();
+            while let Some(c) = chars.next() {
+                match (c, quoted) {
+                    ('"', true) if chars.peek() == Some(&'"') => {
+                        cur.push('"');
+                        chars.next();
+                    }
+                    ('"', _) => quoted = !quoted,
+                    (',', false) => out.push(std::mem::take(&mut cur)),
+                    _ => cur.push(c),
+                }
+            }
+            out.push(cur);
+            out
+        };
+        let header = fields(CSV_HEADER);
+        let text = csv(&r);
+        let line = text
+            .lines()
+            .find(|l| l.contains(",adjustment,"))
+            .expect("an adjustment line");
+        let got = fields(line);
+        assert_eq!(got.len(), header.len(), "{line}");
+        let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+        assert_eq!(got[column("node")], node);
+        assert_eq!(got[column("revision")], "2");
+        assert_eq!(got[column("energy_millijoules")], "1000");
     }
 }
