@@ -139,7 +139,7 @@ pub enum UsageError {
     )]
     RevisionAhead { since: u64, revision: u64 },
     #[error(
-        "the period has {count} adjustments since revision {since}; at most {max} per request: ask since a later revision or with a longer step"
+        "the period has {count} adjustments since revision {since}; at most {max} per request: ask for a shorter period, one tenant or a longer step (a later `since_revision` would skip the adjustments before it)"
     )]
     TooManyAdjustments { count: usize, since: u64, max: i64 },
 }
@@ -1707,5 +1707,20 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         assert_eq!(got[column("node")], node);
         assert_eq!(got[column("revision")], "2");
         assert_eq!(got[column("energy_millijoules")], "1000");
+    }
+
+    /// A billing job told to ask "since a later revision" would skip the
+    /// adjustments booked before it: the error must point to what is safe
+    /// (a shorter period or one tenant), never to moving the cursor.
+    #[test]
+    fn too_many_adjustments_does_not_advise_skipping_revisions() {
+        let text = UsageError::TooManyAdjustments {
+            count: 10_001,
+            since: 4,
+            max: MAX_ROWS,
+        }
+        .to_string();
+        assert!(!text.contains("later revision"), "{text}");
+        assert!(text.contains("shorter period"), "{text}");
     }
 }
