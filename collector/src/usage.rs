@@ -206,7 +206,7 @@ pub fn run(
             known.push(Terms::new(&t, None, None));
         }
     }
-    let selected = match tenant {
+    let mut selected = match tenant {
         Some(id) => vec![
             known
                 .into_iter()
@@ -226,6 +226,20 @@ pub fn run(
         .into());
     }
     q.check_detail(&usage)?;
+    // The tenants were listed before the snapshot: one whose first energy
+    // was committed since is answered too, or its adjustments, covered by
+    // the answer's revision, would never be seen by a job asking since it.
+    if tenant.is_none() {
+        let in_snapshot: std::collections::BTreeSet<&str> = (usage.spans.iter().map(|(t, _)| t))
+            .chain(usage.adjustments.iter().map(|a| &a.tenant))
+            .map(String::as_str)
+            .collect();
+        for t in in_snapshot {
+            if !selected.iter().any(|k| k.tenant == t) {
+                selected.push(Terms::new(t, None, None));
+            }
+        }
+    }
     let r = report(&q, &selected, &usage);
     if r.adjustments.len() > MAX_ROWS as usize {
         return Err(UsageError::TooManyAdjustments {
@@ -1722,5 +1736,47 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         .to_string();
         assert!(!text.contains("later revision"), "{text}");
         assert!(text.contains("shorter period"), "{text}");
+    }
+
+    /// The tenants are listed before the snapshot is read: a tenant whose
+    /// first energy is committed in between (a tenant file reloaded
+    /// meanwhile, a late spool for its GPUs) has adjustments in the
+    /// snapshot, and the answer's revision covers them. They must be in
+    /// the answer, or a job asking since that revision never sees them.
+    #[test]
+    fn adjustments_of_a_tenant_not_yet_listed_are_not_skipped() {
+        use crate::ledger::{Commit, Ledger};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        l.commit_at(&Commit::default(), T + 7200, T + 3600).unwrap();
+        // A delta for a final minute of tenant `x`, which the ledger's
+        // list of tenants does not hold yet (its total is not written).
+        let mut late = Commit::default();
+        late.buckets
+            .insert((Arc::from("x"), Arc::from("n1"), T), d(5_000, 60, 60, 60));
+        assert_eq!(l.commit_at(&late, T + 7300, T + 3600).unwrap(), 2);
+        drop(l);
+        let reader = Reader::open(&path).unwrap();
+        let r = run(
+            &reader,
+            &crate::tenants::Tenants::empty(),
+            None,
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T01:00:00Z"),
+            Some("1h"),
+            None,
+            Some("1"),
+        )
+        .unwrap();
+        assert_eq!(r.revision, 2);
+        let got: Vec<(&str, u64, u64)> = r
+            .adjustments
+            .iter()
+            .map(|a| (a.tenant.as_str(), a.revision, a.energy_millijoules))
+            .collect();
+        assert_eq!(got, vec![("x", 2, 5_000)]);
+        assert!(r.rows.iter().any(|row| row.tenant == "x"), "{:?}", r.rows);
     }
 }
