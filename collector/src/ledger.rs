@@ -1212,7 +1212,8 @@ impl Reader {
                         tenant,
                         from,
                         to,
-                        i64_of(since_revision, p, "since_revision")?
+                        // Past any revision stored: nothing is after it.
+                        i64::try_from(since_revision).unwrap_or(i64::MAX)
                     ],
                     |r| {
                         Ok((

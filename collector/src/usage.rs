@@ -139,7 +139,7 @@ pub enum UsageError {
     )]
     RevisionAhead { since: u64, revision: u64 },
     #[error(
-        "the period has {count} adjustments since revision {since}; at most {max} per request: ask since a later revision or with a longer step"
+        "the period has {count} adjustments since revision {since}; at most {max} per request: ask for a shorter period, one tenant or a longer step (a later `since_revision` would skip the adjustments before it)"
     )]
     TooManyAdjustments { count: usize, since: u64, max: i64 },
 }
@@ -206,7 +206,7 @@ pub fn run(
             known.push(Terms::new(&t, None, None));
         }
     }
-    let selected = match tenant {
+    let mut selected = match tenant {
         Some(id) => vec![
             known
                 .into_iter()
@@ -226,6 +226,20 @@ pub fn run(
         .into());
     }
     q.check_detail(&usage)?;
+    // The tenants were listed before the snapshot: one whose first energy
+    // was committed since is answered too, or its adjustments, covered by
+    // the answer's revision, would never be seen by a job asking since it.
+    if tenant.is_none() {
+        let in_snapshot: std::collections::BTreeSet<&str> = (usage.spans.iter().map(|(t, _)| t))
+            .chain(usage.adjustments.iter().map(|a| &a.tenant))
+            .map(String::as_str)
+            .collect();
+        for t in in_snapshot {
+            if !selected.iter().any(|k| k.tenant == t) {
+                selected.push(Terms::new(t, None, None));
+            }
+        }
+    }
     let r = report(&q, &selected, &usage);
     if r.adjustments.len() > MAX_ROWS as usize {
         return Err(UsageError::TooManyAdjustments {
@@ -831,6 +845,16 @@ fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
+/// A text field of a CSV line, quoted (RFC 4180) where it holds a comma,
+/// a quote or a line break: node ids are the agent's to choose.
+fn field(v: &str) -> std::borrow::Cow<'_, str> {
+    if v.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", v.replace('"', "\"\"")).into()
+    } else {
+        v.into()
+    }
+}
+
 /// The report as CSV, one row per line after a header: the rows
 /// (`record` `usage`), then the adjustments (`record` `adjustment`, with
 /// their node, revision and booking time, and blank where a figure of a
@@ -879,7 +903,7 @@ pub fn csv(r: &Report) -> String {
             a.overage_kwh,
             a.estimated,
             a.readings,
-            a.node,
+            field(&a.node),
             a.revision,
             a.booked_at,
             a.expected_gpu_hours
@@ -1603,5 +1627,156 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
                 before: "2027-01-03T00:00:00Z".into()
             })
         );
+    }
+
+    /// A `since_revision` past any revision a ledger can hold (above
+    /// 2^63 - 1) is a cursor from another ledger, refused by name as a
+    /// request error, not a failure to read the ledger.
+    #[test]
+    fn a_revision_beyond_any_ledger_is_ahead_of_the_ledger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        drop(crate::ledger::Ledger::open(&path).unwrap());
+        let reader = Reader::open(&path).unwrap();
+        for since in ["9223372036854775808", "18446744073709551615"] {
+            let got = run(
+                &reader,
+                &crate::tenants::Tenants::empty(),
+                None,
+                Some("2027-01-01T00:00:00Z"),
+                Some("2027-01-01T01:00:00Z"),
+                Some("1h"),
+                None,
+                Some(since),
+            );
+            assert!(
+                matches!(
+                    got,
+                    Err(QueryError::Usage(UsageError::RevisionAhead {
+                        revision: 0,
+                        ..
+                    }))
+                ),
+                "{since}: {got:?}"
+            );
+        }
+    }
+
+    /// Node ids are the agent's to choose and may hold commas and quotes:
+    /// an adjustment's line must still have the header's columns, with
+    /// the node read back as sent (RFC 4180 quoting).
+    #[test]
+    fn an_adjustment_from_a_node_with_a_comma_stays_in_its_columns() {
+        use crate::ledger::Adjustment;
+        let node = "evil,1,\"99\"";
+        let usage = Usage {
+            finalized_through: T + 3600,
+            revision: 2,
+            adjustments: vec![Adjustment {
+                revision: 2,
+                booked_at: T + 7200,
+                tenant: "a".to_string(),
+                node: node.to_string(),
+                minute_start: T,
+                delta: d(1_000, 60, 60, 60),
+            }],
+            ..minutes()
+        };
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:15:00Z"),
+            Some("15m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(&q, &[Terms::new("a", None, None)], &usage);
+        // Fields of one CSV line, quotes undone.
+        let fields = |line: &str| -> Vec<String> {
+            let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
+            let mut chars = line.chars().peekable();
+            while let Some(c) = chars.next() {
+                match (c, quoted) {
+                    ('"', true) if chars.peek() == Some(&'"') => {
+                        cur.push('"');
+                        chars.next();
+                    }
+                    ('"', _) => quoted = !quoted,
+                    (',', false) => out.push(std::mem::take(&mut cur)),
+                    _ => cur.push(c),
+                }
+            }
+            out.push(cur);
+            out
+        };
+        let header = fields(CSV_HEADER);
+        let text = csv(&r);
+        let line = text
+            .lines()
+            .find(|l| l.contains(",adjustment,"))
+            .expect("an adjustment line");
+        let got = fields(line);
+        assert_eq!(got.len(), header.len(), "{line}");
+        let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+        assert_eq!(got[column("node")], node);
+        assert_eq!(got[column("revision")], "2");
+        assert_eq!(got[column("energy_millijoules")], "1000");
+    }
+
+    /// A billing job told to ask "since a later revision" would skip the
+    /// adjustments booked before it: the error must point to what is safe
+    /// (a shorter period or one tenant), never to moving the cursor.
+    #[test]
+    fn too_many_adjustments_does_not_advise_skipping_revisions() {
+        let text = UsageError::TooManyAdjustments {
+            count: 10_001,
+            since: 4,
+            max: MAX_ROWS,
+        }
+        .to_string();
+        assert!(!text.contains("later revision"), "{text}");
+        assert!(text.contains("shorter period"), "{text}");
+    }
+
+    /// The tenants are listed before the snapshot is read: a tenant whose
+    /// first energy is committed in between (a tenant file reloaded
+    /// meanwhile, a late spool for its GPUs) has adjustments in the
+    /// snapshot, and the answer's revision covers them. They must be in
+    /// the answer, or a job asking since that revision never sees them.
+    #[test]
+    fn adjustments_of_a_tenant_not_yet_listed_are_not_skipped() {
+        use crate::ledger::{Commit, Ledger};
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        l.commit_at(&Commit::default(), T + 7200, T + 3600).unwrap();
+        // A delta for a final minute of tenant `x`, which the ledger's
+        // list of tenants does not hold yet (its total is not written).
+        let mut late = Commit::default();
+        late.buckets
+            .insert((Arc::from("x"), Arc::from("n1"), T), d(5_000, 60, 60, 60));
+        assert_eq!(l.commit_at(&late, T + 7300, T + 3600).unwrap(), 2);
+        drop(l);
+        let reader = Reader::open(&path).unwrap();
+        let r = run(
+            &reader,
+            &crate::tenants::Tenants::empty(),
+            None,
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T01:00:00Z"),
+            Some("1h"),
+            None,
+            Some("1"),
+        )
+        .unwrap();
+        assert_eq!(r.revision, 2);
+        let got: Vec<(&str, u64, u64)> = r
+            .adjustments
+            .iter()
+            .map(|a| (a.tenant.as_str(), a.revision, a.energy_millijoules))
+            .collect();
+        assert_eq!(got, vec![("x", 2, 5_000)]);
+        assert!(r.rows.iter().any(|row| row.tenant == "x"), "{:?}", r.rows);
     }
 }
