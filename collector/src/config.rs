@@ -24,11 +24,6 @@ pub struct Config {
     /// init-ledger`; a collector never starts on a missing, empty or
     /// unwritable one.
     pub ledger_path: PathBuf,
-    /// Accept the ledger as it stands where commits its `.last-commit`
-    /// file records are missing (`--recover-ledger`). A flag only, never a
-    /// file or environment setting: a one-time decision must not stay on.
-    #[serde(skip)]
-    pub recover_ledger: bool,
     /// How often accepted samples are committed to the ledger; agents get
     /// their acks after the commit.
     #[serde(with = "humantime_serde")]
@@ -121,7 +116,6 @@ impl Default for Config {
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9470)),
             tenants_file: None,
             ledger_path: PathBuf::from("capwatch-ledger.db"),
-            recover_ledger: false,
             commit_interval: Duration::from_secs(1),
             finalize_grace: Duration::from_secs(600),
             minute_retention: Duration::from_secs(35 * 86_400),

@@ -122,11 +122,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     if !cfg.http_listen.ip().is_loopback() && state.auth().api_required() {
         warn!(http = %cfg.http_listen, "the usage API takes bearer tokens over plain HTTP; terminate TLS in front of it");
     }
-    let ledger = if cfg.recover_ledger {
-        ledger::Ledger::recover(&cfg.ledger_path)?
-    } else {
-        ledger::Ledger::open(&cfg.ledger_path)?
-    };
+    let ledger = ledger::Ledger::open(&cfg.ledger_path)?;
     state.set_ledger_identity(ledger.identity().clone());
     let snapshot = ledger.load()?;
     info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");

@@ -210,7 +210,6 @@ impl Args {
         if let Some(v) = self.log_format {
             cfg.log_format = v;
         }
-        cfg.recover_ledger = self.recover_ledger;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -253,6 +252,14 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     capwatch_common::init_logging(cfg.log_format);
+    if args.recover_ledger {
+        // Accepts the ledger as it stands (and logs what was wrong); the
+        // start below then opens it as usual.
+        drop(
+            capwatch_collector::ledger::Ledger::recover(&cfg.ledger_path)
+                .context("--recover-ledger")?,
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("capwatch-collector")
