@@ -8,6 +8,12 @@
 //! holding it has committed, so after a crash at any moment the ledger and
 //! the cursors agree: samples not committed were not acked and are re-sent;
 //! samples committed are duplicates when re-sent.
+//!
+//! *Invariant:* one writer per database file (a flock on the file itself),
+//! and a lost ledger is refused, never taken for a new one: only
+//! `Ledger::create` makes a ledger, and each commit's revision is recorded
+//! in `<ledger>.last-commit` after it, so a ledger behind its marker lost
+//! commits (see `Ledger::open_as`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
