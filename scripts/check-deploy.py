@@ -4,7 +4,7 @@
 Run with the virtual environment that scripts/install-test-tools.sh makes
 (target/deploy-venv/bin/python); collector/tests/deploy.rs calls it.
 
-  check-deploy.py kubernetes             render both kustomizations, validate
+  check-deploy.py kubernetes             render the kustomizations, validate
                                          every object against the Kubernetes
                                          schemas (strict), cross-check names
   check-deploy.py prometheusrule OUT     the PrometheusRule's groups equal the
@@ -97,8 +97,9 @@ def check_kubernetes():
 
     base = render(K8S)
     operator = render(os.path.join(K8S, "prometheus-operator"))
+    ledger_init = render(os.path.join(K8S, "ledger-init"))
     validated = 0
-    for o in base + operator:
+    for o in base + operator + ledger_init:
         name = f'{o["kind"]}/{o["metadata"]["name"]}'
         if o["apiVersion"].startswith(CRD_GROUPS):
             print(f"skip schema of {name}: a Prometheus Operator CRD (checked below and by promtool)")
@@ -113,19 +114,19 @@ def check_kubernetes():
         fail("deploy/kubernetes holds Prometheus Operator objects: it would not apply without the CRDs")
 
     by_kind = {}
-    for o in base + operator:
+    for o in base + operator + ledger_init:
         by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
     for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PersistentVolumeClaim",
                  "ServiceMonitor", "PrometheusRule"):
         if kind not in by_kind:
             fail(f"no {kind} rendered")
-    for o in base + operator:
+    for o in base + operator + ledger_init:
         if o["kind"] != "Namespace" and o["metadata"].get("namespace") != "capwatch":
             fail(f'{o["kind"]}/{o["metadata"]["name"]} is not in namespace capwatch')
 
     # Workloads: volumes name objects that exist; the agent runs on GPU
     # nodes only, with the NVIDIA runtime and small requests.
-    for kind in ("DaemonSet", "Deployment"):
+    for kind in ("DaemonSet", "Deployment", "Job"):
         for name, o in by_kind.get(kind, {}).items():
             spec = o["spec"]["template"]["spec"]
             for v in spec.get("volumes", []):

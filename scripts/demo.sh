@@ -15,8 +15,12 @@ cargo build --release --locked --bins
 bin=target/release
 export CAPWATCH_GRPC_LISTEN="${CAPWATCH_GRPC_LISTEN:-127.0.0.1:7070}"
 export CAPWATCH_HTTP_LISTEN="${CAPWATCH_HTTP_LISTEN:-127.0.0.1:9470}"
-# The ledger persists across demo runs (energy totals carry on).
+# The ledger persists across demo runs (energy totals carry on). The
+# collector never creates one itself: the first run does, on purpose.
 export CAPWATCH_LEDGER="${CAPWATCH_LEDGER:-target/demo-ledger.db}"
+if [[ ! -e "$CAPWATCH_LEDGER" ]]; then
+    "$bin/capwatch-collector" init-ledger
+fi
 
 pids=()
 cleanup() {

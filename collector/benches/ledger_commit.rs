@@ -297,7 +297,7 @@ struct Report {
 fn run_once(opts: &Options) -> Report {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("ledger.db");
-    let mut ledger = Ledger::open(&path).expect("the ledger opens");
+    let mut ledger = Ledger::create(&path).expect("the ledger is created");
     let tenants = Tenants::from_toml(TENANTS).expect("the tenant file is valid");
     let state = State::new(
         StateConfig {

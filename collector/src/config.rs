@@ -20,7 +20,9 @@ pub struct Config {
     /// Tenant file (contracts and leases). Reloaded on SIGHUP without a
     /// restart. Unset: no tenants, every GPU is `unassigned`.
     pub tenants_file: Option<PathBuf>,
-    /// The billing ledger (SQLite, created on first start).
+    /// The billing ledger (SQLite). Created once with `capwatch-collector
+    /// init-ledger`; a collector never starts on a missing, empty or
+    /// unwritable one.
     pub ledger_path: PathBuf,
     /// How often accepted samples are committed to the ledger; agents get
     /// their acks after the commit.

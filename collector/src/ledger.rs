@@ -8,6 +8,12 @@
 //! holding it has committed, so after a crash at any moment the ledger and
 //! the cursors agree: samples not committed were not acked and are re-sent;
 //! samples committed are duplicates when re-sent.
+//!
+//! *Invariant:* one writer per database file (a flock on the file itself),
+//! and a lost ledger is refused, never taken for a new one: only
+//! `Ledger::create` makes a ledger, and each commit's revision is recorded
+//! in `<ledger>.last-commit` after it, so a ledger behind its marker lost
+//! commits (see `Ledger::open_as`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -20,6 +26,15 @@ use rusqlite::{Connection, Transaction, params};
 enum Migration {
     Sql(&'static str),
     Code(fn(&Transaction) -> rusqlite::Result<()>),
+}
+
+/// SQL for a new random ledger id, spelled as a version-4 UUID.
+macro_rules! new_ledger_id {
+    () => {
+        "(SELECT lower(substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3)
+            || '-' || substr('89ab', 1 + abs(random() % 4), 1) || substr(h, 18, 3)
+            || '-' || substr(h, 21, 12)) FROM (SELECT hex(randomblob(16)) AS h))"
+    };
 }
 
 /// Schema migrations, applied in order; the index is the version reached.
@@ -133,6 +148,21 @@ const MIGRATIONS: &[Migration] = &[
      ) WITHOUT ROWID;
      CREATE INDEX adjustment_by_time ON adjustment (minute_start, tenant);",
     ),
+    // 8: the ledger's identity (a random id, when it was created, or for
+    // an older ledger when this migration ran); how many commits it holds
+    // is `watermark.revision`, checked against the `.last-commit` file at
+    // every start.
+    Migration::Sql(concat!(
+        "CREATE TABLE ledger_identity (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        ledger_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        opened_at INTEGER NOT NULL
+     );
+     INSERT INTO ledger_identity SELECT 1, ",
+        new_ledger_id!(),
+        ", unixepoch(), unixepoch();"
+    )),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
@@ -255,12 +285,53 @@ pub enum LedgerError {
     },
     #[error("ledger {path} does not exist")]
     Missing { path: PathBuf },
-    #[error("ledger {path} is in use by another collector (lock file {lock})")]
-    InUse { path: PathBuf, lock: PathBuf },
-    #[error("ledger {path}: lock file: {error}")]
-    Lock {
+    #[error(
+        "ledger {path} is in use by another collector (another process holds it locked for writing)"
+    )]
+    InUse { path: PathBuf },
+    #[error("ledger {path}: {error}")]
+    Io {
         path: PathBuf,
         error: std::io::Error,
+    },
+    #[error(
+        "no ledger at {path}; to start a new one, run `capwatch-collector init-ledger` with the same --ledger or config once"
+    )]
+    NotFound { path: PathBuf },
+    #[error(
+        "no ledger at {path}, but {trace} is left from an earlier one: the ledger was lost. Restore it (with its -wal) rather than start a new one; remove what is left only to give the history up"
+    )]
+    Traces { path: PathBuf, trace: PathBuf },
+    #[error("ledger {path} already exists; nothing was changed")]
+    Exists { path: PathBuf },
+    #[error(
+        "ledger {path} is empty (0 bytes): its data is lost, it is not a new ledger. Restore it from a backup, or remove it and run `capwatch-collector init-ledger` to start a new one"
+    )]
+    Empty { path: PathBuf },
+    #[error("ledger {path} is not a capwatch ledger (schema version 0)")]
+    NotALedger { path: PathBuf },
+    #[error("ledger {path} cannot be written: {error}")]
+    Unwritable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "ledger {path} holds {found} commits, but {marker} records commit {expected}: its latest commits are lost (a deleted or replaced -wal file, or an older copy). Restore them, or accept the ledger as it stands with --recover-ledger (it then gets a new ledger_id)"
+    )]
+    Rewound {
+        path: PathBuf,
+        marker: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error(
+        "ledger {path} holds {found} commits, but {marker}, which records its last commit, is {problem}: its latest commits may be lost (a -wal file left behind where the ledger came from). Restore it, or accept the ledger as it stands with --recover-ledger (it then gets a new ledger_id)"
+    )]
+    Marker {
+        path: PathBuf,
+        marker: PathBuf,
+        found: u64,
+        problem: String,
     },
     #[error("ledger {path}: value out of range in {what}")]
     Range { path: PathBuf, what: &'static str },
@@ -418,8 +489,13 @@ pub struct Snapshot {
 pub struct Ledger {
     conn: Connection,
     path: PathBuf,
-    /// Held for the life of the ledger: one writer per file.
+    identity: Identity,
+    /// Commits written, also in the ledger (`watermark.revision`).
+    revision: u64,
+    /// The database file, locked for the life of the ledger: one writer
+    /// per file. Declared after `conn`, so it is closed after it.
     _lock: std::fs::File,
+    marker: Marker,
 }
 
 /// Maps a SQLite error to a `LedgerError` naming the ledger file.
@@ -467,40 +543,180 @@ fn u64_of(v: i64, path: &Path, what: &'static str) -> Result<u64, LedgerError> {
     })
 }
 
+/// Files an earlier ledger at `path` leaves behind: SQLite's, the
+/// commit marker, and the lock file collectors before the identity kept.
+fn traces(path: &Path) -> impl Iterator<Item = PathBuf> + '_ {
+    ["-wal", "-shm", "-journal", MARKER_SUFFIX, ".lock"]
+        .into_iter()
+        .map(move |suffix| {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            PathBuf::from(p)
+        })
+}
+
+/// Appended to the ledger's path (symlinks resolved) for the file that
+/// records the ledger's last commit.
+const MARKER_SUFFIX: &str = ".last-commit";
+
+/// What the marker holds: the ledger id and the revision of its last
+/// commit, in a fixed length so that it is rewritten in place.
+fn marker_record(ledger_id: &str, revision: u64) -> String {
+    format!("{ledger_id} {revision:020}\n")
+}
+
+/// The marker's (ledger id, revision); `Ok(None)` when there is none.
+fn read_marker(path: &Path) -> Result<Option<(String, u64)>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("unreadable ({e})")),
+    };
+    let parsed = text
+        .strip_suffix('\n')
+        .and_then(|t| t.split_once(' '))
+        .and_then(|(id, rev)| Some((id.to_string(), rev.parse::<u64>().ok()?)));
+    parsed.map(Some).ok_or_else(|| "malformed".to_string())
+}
+
+/// The ledger's identity, shown on `/metrics` so that a swapped or
+/// recreated ledger is seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Random, given when the ledger was created (or recovered).
+    pub ledger_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+/// The file recording the last commit's revision, rewritten in place and
+/// synced after every commit.
+struct Marker {
+    path: PathBuf,
+    file: std::fs::File,
+    /// Whether the last write failed (logged once until one succeeds).
+    failing: bool,
+}
+
+impl Marker {
+    fn write(&mut self, ledger_id: &str, revision: u64) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .write_all_at(marker_record(ledger_id, revision).as_bytes(), 0)?;
+        self.file.sync_data()
+    }
+}
+
+/// How `Ledger::open_as` treats what it finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum How {
+    /// An existing, whole ledger.
+    Existing,
+    /// A new ledger where there is no trace of one.
+    Create,
+    /// An existing ledger, accepted as it stands even if commits the
+    /// marker records are missing.
+    Recover,
+}
+
 impl Ledger {
-    /// Opens (creating if needed) the ledger at `path` and migrates it.
+    /// Opens the existing ledger at `path`, locks it for writing and
+    /// migrates it. A missing, empty, unwritable or locked ledger, or one
+    /// that lost commits its marker records, is refused.
     pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        Self::open_as(path, How::Existing)
+    }
+
+    /// Creates a new ledger at `path`; refused where a ledger or a trace
+    /// of one (`-wal`, `-shm`, `.last-commit`, ...) exists.
+    pub fn create(path: &Path) -> Result<Self, LedgerError> {
+        Self::open_as(path, How::Create)
+    }
+
+    /// Opens the existing ledger at `path` like `open`, but accepts it as
+    /// it stands where commits its marker records are missing (restored
+    /// from a backup, a lost `-wal`); it then gets a new ledger id.
+    pub fn recover(path: &Path) -> Result<Self, LedgerError> {
+        Self::open_as(path, How::Recover)
+    }
+
+    fn open_as(path: &Path, how: How) -> Result<Self, LedgerError> {
         let err = sqlite_err(path);
-        // Two collectors writing one ledger would each resume the same
-        // cursors and count the same energy twice.
-        let mut lock_path = path.as_os_str().to_owned();
-        lock_path.push(".lock");
-        let lock_path = PathBuf::from(lock_path);
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|error| LedgerError::Lock {
+        let io = |error: std::io::Error| match error.kind() {
+            std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem => {
+                LedgerError::Unwritable {
+                    path: path.to_owned(),
+                    error,
+                }
+            }
+            _ => LedgerError::Io {
                 path: path.to_owned(),
                 error,
-            })?;
-        match lock.try_lock() {
+            },
+        };
+        let mut options = std::fs::OpenOptions::new();
+        options.read(true).write(true);
+        if how == How::Create {
+            if path.symlink_metadata().is_ok() {
+                return Err(LedgerError::Exists {
+                    path: path.to_owned(),
+                });
+            }
+            if let Some(trace) = traces(path).find(|t| t.symlink_metadata().is_ok()) {
+                return Err(LedgerError::Traces {
+                    path: path.to_owned(),
+                    trace,
+                });
+            }
+            options.create_new(true);
+        }
+        let file = options.open(path).map_err(|error| match error.kind() {
+            std::io::ErrorKind::AlreadyExists => LedgerError::Exists {
+                path: path.to_owned(),
+            },
+            std::io::ErrorKind::NotFound => {
+                match traces(path).find(|t| t.symlink_metadata().is_ok()) {
+                    Some(trace) => LedgerError::Traces {
+                        path: path.to_owned(),
+                        trace,
+                    },
+                    None => LedgerError::NotFound {
+                        path: path.to_owned(),
+                    },
+                }
+            }
+            _ => io(error),
+        })?;
+        // Two collectors writing one ledger would each resume the same
+        // cursors and count the same energy twice. The lock is on the
+        // database file itself (flock, its open file description), so it
+        // holds whatever path, symlink or hard link reaches the file, and
+        // the kernel drops it when the process ends. SQLite's own locks
+        // are POSIX record locks, which flock does not touch; this file
+        // stays open as long as the connection, so closing it cannot drop
+        // them. Readers take no flock and are never refused.
+        match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 return Err(LedgerError::InUse {
                     path: path.to_owned(),
-                    lock: lock_path,
                 });
             }
-            Err(std::fs::TryLockError::Error(error)) => {
-                return Err(LedgerError::Lock {
-                    path: path.to_owned(),
-                    error,
-                });
-            }
+            Err(std::fs::TryLockError::Error(error)) => return Err(io(error)),
         }
-        let mut conn = Connection::open(path).map_err(err)?;
+        // SQLite reads an empty file as a new, empty database: a ledger
+        // truncated to nothing must not pass for one.
+        if how != How::Create && file.metadata().map_err(io)?.len() == 0 {
+            return Err(LedgerError::Empty {
+                path: path.to_owned(),
+            });
+        }
+        let canonical = std::fs::canonicalize(path).map_err(io)?;
+        let mut conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(err)?;
         // WAL: readers never block the committer. FULL: a committed
         // transaction survives power loss, not only a killed process.
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -519,6 +735,11 @@ impl Ledger {
         let version: i64 = conn
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .map_err(err)?;
+        if version == 0 && how != How::Create {
+            return Err(LedgerError::NotALedger {
+                path: path.to_owned(),
+            });
+        }
         if version as usize > MIGRATIONS.len() {
             return Err(LedgerError::TooNew {
                 path: path.to_owned(),
@@ -537,11 +758,96 @@ impl Ledger {
                 .map_err(err)?;
             tx.commit().map_err(err)?;
         }
+        // A write before anything listens: a ledger that cannot take a
+        // commit (a read-only file or directory) is refused here, not
+        // after every commit has failed.
+        let (mut ledger_id, created_at): (String, i64) = conn
+            .query_row(
+                "UPDATE ledger_identity SET opened_at = unixepoch()
+                 RETURNING ledger_id, created_at",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(err)?;
+        let (revision, _) = watermark(&conn, path)?;
+        // A commit is in the ledger before the marker names it, so the
+        // marker never runs ahead of a whole ledger. One that does means
+        // commits were lost: most often a -wal file deleted after a
+        // crash, where every commit since the last checkpoint was.
+        let marker_path = {
+            let mut p = canonical.into_os_string();
+            p.push(MARKER_SUFFIX);
+            PathBuf::from(p)
+        };
+        let marker_problem = |problem: String| LedgerError::Marker {
+            path: path.to_owned(),
+            marker: marker_path.clone(),
+            found: revision,
+            problem,
+        };
+        let problem = match read_marker(&marker_path) {
+            Ok(Some((id, expected))) if id == ledger_id && expected > revision => {
+                Some(LedgerError::Rewound {
+                    path: path.to_owned(),
+                    marker: marker_path.clone(),
+                    found: revision,
+                    expected,
+                })
+            }
+            Ok(Some((id, _))) if id != ledger_id => {
+                Some(marker_problem(format!("from another ledger ({id})")))
+            }
+            Ok(Some(_)) => None,
+            Ok(None) if revision > 0 => Some(marker_problem("missing".to_string())),
+            Ok(None) => None,
+            Err(problem) => Some(marker_problem(problem)),
+        };
+        if let Some(problem) = problem {
+            if how != How::Recover {
+                return Err(problem);
+            }
+            ledger_id = conn
+                .query_row(
+                    concat!(
+                        "UPDATE ledger_identity SET ledger_id = ",
+                        new_ledger_id!(),
+                        " RETURNING ledger_id"
+                    ),
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(err)?;
+            tracing::warn!(ledger = %path.display(), %problem, ledger_id = %ledger_id, "ledger recovered as it stands; it has a new ledger_id");
+        }
+        let marker_file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&marker_path)
+            .map_err(io)?;
+        let mut marker = Marker {
+            path: marker_path,
+            file: marker_file,
+            failing: false,
+        };
+        marker.write(&ledger_id, revision).map_err(io)?;
         Ok(Self {
             conn,
             path: path.to_owned(),
-            _lock: lock,
+            identity: Identity {
+                ledger_id,
+                created_at,
+            },
+            revision,
+            _lock: file,
+            marker,
         })
+    }
+
+    /// Who this ledger is: shown on `/metrics`.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
     }
 
     /// Rows of (text, integer, integer) from `sql`.
@@ -785,7 +1091,24 @@ impl Ledger {
             .map_err(err)?;
         }
         tx.commit().map_err(err)?;
+        self.revision = revision;
+        self.mark();
         Ok(revision)
+    }
+
+    /// Records the committed revision in the marker. A failure is logged
+    /// (once until a write succeeds), not returned: the commit is already
+    /// durable, and a marker that lags behind the ledger is only a lost
+    /// chance to notice lost commits, never a false alarm.
+    fn mark(&mut self) {
+        match self.marker.write(&self.identity.ledger_id, self.revision) {
+            Ok(()) => self.marker.failing = false,
+            Err(error) if !self.marker.failing => {
+                self.marker.failing = true;
+                tracing::error!(marker = %self.marker.path.display(), %error, "recording the ledger's last commit failed; lost commits would go unnoticed until it works again");
+            }
+            Err(_) => {}
+        }
     }
 
     /// Rolls closed hours up and drops what `policy` no longer keeps, in
@@ -1421,7 +1744,7 @@ mod tests {
     fn commit_then_load_round_trips_and_buckets_accumulate() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let mut l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::create(&path).unwrap();
         let mut c = Commit::default();
         let n1 = NodeCursor {
             epoch: 7,
@@ -1505,7 +1828,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        drop(Ledger::open(&path).unwrap());
+        drop(Ledger::create(&path).unwrap());
         let old = OldStoredGpus {
             gpus: vec![OldStoredGpu {
                 uuid: "GPU-1".into(),
@@ -1537,13 +1860,90 @@ mod tests {
     fn one_writer_per_ledger() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let first = Ledger::open(&path).unwrap();
+        let first = Ledger::create(&path).unwrap();
         let err = Ledger::open(&path).err().unwrap().to_string();
         assert!(err.contains("in use by another collector"), "{err}");
         // Readers are not writers.
         Reader::open(&path).unwrap();
         drop(first);
         Ledger::open(&path).unwrap();
+    }
+
+    /// The second writer is refused however it reaches the file: the lock
+    /// is on the database itself, not on a name beside it.
+    #[test]
+    fn one_writer_per_ledger_through_a_symlink_a_hard_link_or_without_a_lock_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let first = Ledger::create(&path).unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let symlink = other.path().join("via-symlink.db");
+        std::os::unix::fs::symlink(&path, &symlink).unwrap();
+        let hard_link = other.path().join("via-hard-link.db");
+        std::fs::hard_link(&path, &hard_link).unwrap();
+        for second in [&symlink, &hard_link] {
+            let err = Ledger::open(second).err().map(|e| e.to_string());
+            let err = err.unwrap_or_else(|| panic!("{} opened twice", second.display()));
+            assert!(err.contains("in use by another collector"), "{err}");
+            assert!(err.contains(&second.display().to_string()), "{err}");
+        }
+        // Whatever sits beside the ledger may be deleted; the lock holds.
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            let p = entry.unwrap().path();
+            if p.to_string_lossy().ends_with(".lock") {
+                std::fs::remove_file(p).unwrap();
+            }
+        }
+        let err = Ledger::open(&path).err().map(|e| e.to_string());
+        let err = err.expect("opened twice after the lock file was deleted");
+        assert!(err.contains("in use by another collector"), "{err}");
+        drop(first);
+        drop(Ledger::open(&symlink).unwrap());
+    }
+
+    /// The lock is one writer per file, also across processes: a child
+    /// process (this test binary, re-run) holding the ledger keeps this
+    /// one out until it exits; a reader is not refused meanwhile.
+    #[test]
+    fn a_ledger_held_by_another_process_is_refused() {
+        if let Some(path) = std::env::var_os("CAPWATCH_TEST_HOLD_LEDGER") {
+            let _held = Ledger::open(Path::new(&path)).unwrap();
+            println!("holding");
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line).unwrap();
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        drop(Ledger::create(&path).unwrap());
+        let link = dir.path().join("link.db");
+        std::fs::hard_link(&path, &link).unwrap();
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ledger::tests::a_ledger_held_by_another_process_is_refused",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("CAPWATCH_TEST_HOLD_LEDGER", &link)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        while !line.contains("holding") {
+            line.clear();
+            let n = std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+            assert!(n > 0, "the child exited before holding the ledger");
+        }
+        let err = Ledger::open(&path).err().map(|e| e.to_string());
+        let err = err.expect("a ledger held by another process opened");
+        assert!(err.contains("in use by another collector"), "{err}");
+        Reader::open(&path).unwrap().tenants().unwrap();
+        drop(child.stdin.take());
+        assert!(child.wait().unwrap().success());
+        drop(Ledger::open(&path).unwrap());
     }
 
     /// A ledger at schema version 5 (GPU cursors one row per GPU) holding
@@ -1723,7 +2123,7 @@ mod tests {
     fn rollups_keep_sums_and_peaks_and_follow_late_minutes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let mut l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::create(&path).unwrap();
         // Hour 0: tenant a on two nodes, 1 J a minute each, except a burst
         // of 90 J in minute 20 on n1. Hour 1: 2 J a minute on n1.
         let mut entries = Vec::new();
@@ -1824,7 +2224,7 @@ mod tests {
     fn a_long_backlog_rolls_up_over_several_rounds_without_losing_minutes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let mut l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::create(&path).unwrap();
         // 100 hours of one minute each, all closed and all past retention.
         let entries: Vec<(&str, &str, i64, u64)> = (0..100)
             .map(|h| ("a", "n1", T0 + h * HOUR, 1_000))
@@ -1854,7 +2254,7 @@ mod tests {
     fn deltas_for_final_minutes_are_booked_as_adjustments() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let mut l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::create(&path).unwrap();
         let reader = Reader::open(&path).unwrap();
         let fresh = reader.usage(None, T0, T0 + DAY).unwrap();
         assert_eq!((fresh.revision, fresh.finalized_through), (0, 0));
@@ -1993,7 +2393,7 @@ mod tests {
         ) {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("ledger.db");
-            let mut l = Ledger::open(&path).unwrap();
+            let mut l = Ledger::create(&path).unwrap();
             let reader = Reader::open(&path).unwrap();
             let tenants = ["a", "b"];
             let nodes = ["n1", "n2"];
@@ -2050,7 +2450,7 @@ mod tests {
         ) {
             let dir = tempfile::tempdir().unwrap();
             let path = dir.path().join("ledger.db");
-            let mut l = Ledger::open(&path).unwrap();
+            let mut l = Ledger::create(&path).unwrap();
             let reader = Reader::open(&path).unwrap();
             let tenants = ["a", "b"];
             let mut want: BTreeMap<String, u64> = BTreeMap::new();

@@ -125,8 +125,9 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         warn!(http = %cfg.http_listen, "the usage API takes bearer tokens over plain HTTP; terminate TLS in front of it");
     }
     let ledger = ledger::Ledger::open(&cfg.ledger_path)?;
+    state.set_ledger_identity(ledger.identity().clone());
     let snapshot = ledger.load()?;
-    info!(ledger = %cfg.ledger_path.display(), nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
+    info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
     state.restore(snapshot);
 
     let grpc = TcpListener::bind(cfg.grpc_listen)
@@ -606,7 +607,7 @@ mod tests {
     fn node_and_ledger(
         path: &std::path::Path,
     ) -> (State, state::StreamHandle, Mutex<ledger::Ledger>) {
-        let ledger = Mutex::new(ledger::Ledger::open(path).unwrap());
+        let ledger = Mutex::new(ledger::Ledger::create(path).unwrap());
         let state = State::new(
             StateConfig {
                 stale_after: None,

@@ -53,12 +53,24 @@ struct Args {
     /// Check the config and tenant file, print a summary and exit.
     #[arg(long)]
     check: bool,
+    /// Start on a ledger whose latest commits are missing (its
+    /// .last-commit file records more than it holds: restored from a
+    /// backup, or its -wal file lost), accepting it as it stands. The
+    /// ledger gets a new ledger_id. For one start; never set it for good.
+    #[arg(long)]
+    recover_ledger: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Create a new, empty ledger at --ledger (or the config's
+    /// ledger_path) and exit. Needed once, before the first start: the
+    /// collector never creates one itself, so that a lost ledger is not
+    /// taken for a new one. Refused where a ledger or a trace of one
+    /// (-wal, -shm, .last-commit) exists.
+    InitLedger,
     /// Print per-tenant usage from the ledger file (for billing jobs; safe
     /// while the collector runs; uses --ledger and --tenants), or ask a
     /// running collector's usage API.
@@ -114,7 +126,10 @@ fn usage_command(
         tz,
         format,
         since_revision,
-    } = cmd;
+    } = cmd
+    else {
+        anyhow::bail!("not a usage command");
+    };
     let format = Format::parse(format)?;
     if let Some(url) = url {
         let path = match tenant {
@@ -209,6 +224,15 @@ fn main() -> anyhow::Result<()> {
     let cfg = args.config().context("configuration")?;
     let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
     let auth = capwatch_collector::load_auth(&cfg).context("auth file")?;
+    if let Some(Command::InitLedger) = &args.command {
+        let ledger = capwatch_collector::ledger::Ledger::create(&cfg.ledger_path)?;
+        println!(
+            "created ledger {} (ledger_id {})",
+            cfg.ledger_path.display(),
+            ledger.identity().ledger_id
+        );
+        return Ok(());
+    }
     if let Some(cmd) = &args.command {
         return usage_command(&cfg, &tenants, cmd);
     }
@@ -232,6 +256,14 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     capwatch_common::init_logging(cfg.log_format);
+    if args.recover_ledger {
+        // Accepts the ledger as it stands (and logs what was wrong); the
+        // start below then opens it as usual.
+        drop(
+            capwatch_collector::ledger::Ledger::recover(&cfg.ledger_path)
+                .context("--recover-ledger")?,
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("capwatch-collector")

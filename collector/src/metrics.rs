@@ -213,6 +213,16 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
         "Always 1; labels carry the version.",
         MetricType::GAUGE,
     ),
+    (
+        "capwatch_ledger_info",
+        "Always 1; ledger_id names the ledger, new when it was created again, swapped or recovered.",
+        MetricType::GAUGE,
+    ),
+    (
+        "capwatch_ledger_created_timestamp_seconds",
+        "When the ledger was created (Unix time).",
+        MetricType::GAUGE,
+    ),
 ];
 
 /// Which series levels `/metrics` carries besides tenants and the
@@ -721,6 +731,14 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[("version", crate::VERSION)],
         1.0,
     );
+    if let Some(id) = state.ledger_identity() {
+        f.push("capwatch_ledger_info", &[("ledger_id", &id.ledger_id)], 1.0);
+        f.push(
+            "capwatch_ledger_created_timestamp_seconds",
+            &[],
+            id.created_at as f64,
+        );
+    }
 }
 
 /// The registry `/metrics` renders: the fleet plus anything registered later.

@@ -807,6 +807,8 @@ pub struct State {
     /// What the next ledger commit will write.
     pending: Mutex<Pending>,
     pub counters: Counters,
+    /// The ledger's identity, once it is open.
+    ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
 }
 
 /// The ledger commit being gathered, and its number.
@@ -832,7 +834,17 @@ impl State {
                 commit: Commit::default(),
             }),
             counters: Counters::default(),
+            ledger_identity: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records which ledger this collector writes (once).
+    pub fn set_ledger_identity(&self, id: crate::ledger::Identity) {
+        let _ = self.ledger_identity.set(id);
+    }
+
+    pub fn ledger_identity(&self) -> Option<&crate::ledger::Identity> {
+        self.ledger_identity.get()
     }
 
     /// Takes what the next commit must write, with its number; batches

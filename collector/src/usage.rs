@@ -1636,7 +1636,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
     fn a_revision_beyond_any_ledger_is_ahead_of_the_ledger() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        drop(crate::ledger::Ledger::open(&path).unwrap());
+        drop(crate::ledger::Ledger::create(&path).unwrap());
         let reader = Reader::open(&path).unwrap();
         for since in ["9223372036854775808", "18446744073709551615"] {
             let got = run(
@@ -1749,7 +1749,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         use std::sync::Arc;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let mut l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::create(&path).unwrap();
         l.commit_at(&Commit::default(), T + 7200, T + 3600).unwrap();
         // A delta for a final minute of tenant `x`, which the ledger's
         // list of tenants does not hold yet (its total is not written).

@@ -28,6 +28,7 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--insecure-plaintext", Some("CAPWATCH_INSECURE_PLAINTEXT")),
     ("--log-format", Some("CAPWATCH_LOG_FORMAT")),
     ("--check", None),
+    ("--recover-ledger", None),
     ("--help", None),
     ("--version", None),
 ];

@@ -107,7 +107,7 @@ fn promtool_checks_the_config_and_rules_and_runs_the_rule_unit_tests() {
             .args(["check", "rules"])
             .arg(d.join("rules/capwatch.rules.yml")),
     );
-    assert!(output_text(&out).contains("14 rules found"));
+    assert!(output_text(&out).contains("15 rules found"));
     run_ok(
         Command::new(&promtool)
             .args(["test", "rules"])
@@ -162,7 +162,7 @@ fn the_prometheusrule_carries_the_same_rules() {
             .arg(&groups),
     );
     let out = run_ok(Command::new(promtool).args(["check", "rules"]).arg(&groups));
-    assert!(output_text(&out).contains("14 rules found"));
+    assert!(output_text(&out).contains("15 rules found"));
 }
 
 #[test]
@@ -592,7 +592,7 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 14, "rules loaded");
+    assert_eq!(loaded.len(), 15, "rules loaded");
 
     // Drive the failure alerts: a rejected sample once Prometheus holds
     // the counter at 0, and a broken tenant file on SIGHUP.
@@ -615,7 +615,11 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
     // The alert expressions (their `for:` is minutes; the expressions are
     // what the alerts hold to).
     let alerts = rule_exprs(&rules, "- alert: ");
-    let not_driven = ["CapwatchLedgerCommitsFailing", "CapwatchCollectorDown"];
+    let not_driven = [
+        "CapwatchLedgerCommitsFailing",
+        "CapwatchLedgerChanged",
+        "CapwatchCollectorDown",
+    ];
     for (name, expr) in &alerts {
         if not_driven.contains(&name.as_str()) {
             continue;
@@ -632,6 +636,12 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
     prom.has_data(
         "alert pending",
         "ALERTS{alertname=\"CapwatchTenantOverContract\", alertstate=\"pending\", tenant=\"lab-a\"}",
+    );
+    // One ledger here: its identity is scraped, and the rule that watches
+    // it for a change evaluates (to nothing).
+    prom.has_data(
+        "ledger identity scraped",
+        "count by (job) (capwatch_ledger_info) == 1",
     );
     // Ledger commits cannot be made to fail here: its series is scraped
     // (at 0) and the rule evaluates healthily.

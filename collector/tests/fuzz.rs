@@ -215,7 +215,7 @@ proptest! {
     #[test]
     fn arbitrary_streams_never_break_a_commit(steps in vec(step(), 1..16)) {
         let dir = tempfile::tempdir().unwrap();
-        let mut ledger = Ledger::open(&dir.path().join("ledger.db")).unwrap();
+        let mut ledger = Ledger::create(&dir.path().join("ledger.db")).unwrap();
         let state = state();
         let mut handle = None;
         for step in steps {

@@ -31,6 +31,7 @@ fn rss(pid: u32) -> u64 {
 /// Starts the collector with `settings` (TOML) as its config file, under a
 /// descriptor limit of `nofile` (soft and hard) when given.
 fn start(dir: &Path, settings: &str, nofile: Option<u64>) -> Collector {
+    support::init_ledger(dir);
     let config = dir.join("collector.toml");
     std::fs::write(&config, settings).unwrap();
     let mut cmd = match nofile {

@@ -111,22 +111,18 @@ pub struct Collector {
 
 impl Collector {
     /// Starts the collector binary with `tenants` (TOML text) on loopback;
-    /// `grpc_port` 0 picks a free port.
+    /// `grpc_port` 0 picks a free port. The ledger is `dir/ledger.db`,
+    /// created first (`init-ledger`) where the directory has none.
     pub fn start(dir: &Path, tenants: &str, grpc_port: u16, extra: &[&str]) -> Self {
-        let tenants_file = dir.join("tenants.toml");
-        std::fs::write(&tenants_file, tenants).unwrap();
-        let mut child = Command::new(bin("capwatch-collector"))
-            .args(["--log-format", "json", "--http-listen", "127.0.0.1:0"])
-            .arg("--grpc-listen")
-            .arg(format!("127.0.0.1:{grpc_port}"))
-            .arg("--tenants")
-            .arg(&tenants_file)
-            // The same directory keeps the same ledger across restarts.
-            .arg("--ledger")
-            .arg(dir.join("ledger.db"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
+        if !dir.join("ledger.db").exists() {
+            init_ledger(dir);
+        }
+        Self::start_on(dir, tenants, grpc_port, extra)
+    }
+
+    /// Starts the collector on whatever `dir/ledger.db` is now.
+    pub fn start_on(dir: &Path, tenants: &str, grpc_port: u16, extra: &[&str]) -> Self {
+        let mut child = Self::command(dir, tenants, grpc_port, extra)
             .stderr(Stdio::piped())
             .spawn()
             .expect("start collector");
@@ -141,6 +137,31 @@ impl Collector {
             http,
             log,
         }
+    }
+
+    /// Starts the collector on whatever `dir/ledger.db` is now and expects
+    /// it to refuse: it must exit with a failure before it listens.
+    /// Returns what it wrote to stderr.
+    pub fn refused(dir: &Path, tenants: &str, extra: &[&str]) -> String {
+        expect_refused(Self::command(dir, tenants, 0, extra))
+    }
+
+    pub fn command(dir: &Path, tenants: &str, grpc_port: u16, extra: &[&str]) -> Command {
+        let tenants_file = dir.join("tenants.toml");
+        std::fs::write(&tenants_file, tenants).unwrap();
+        let mut cmd = Command::new(bin("capwatch-collector"));
+        cmd.args(["--log-format", "json", "--http-listen", "127.0.0.1:0"])
+            .arg("--grpc-listen")
+            .arg(format!("127.0.0.1:{grpc_port}"))
+            .arg("--tenants")
+            .arg(&tenants_file)
+            // The same directory keeps the same ledger across restarts.
+            .arg("--ledger")
+            .arg(dir.join("ledger.db"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null());
+        cmd
     }
 
     pub fn endpoint(&self) -> String {
@@ -164,6 +185,58 @@ impl Drop for Collector {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Runs `cmd` (a collector) and expects it to exit with a failure before
+/// it listens (a collector that listens is killed and fails the test).
+/// Returns what it wrote to stderr.
+pub fn expect_refused(mut cmd: Command) -> String {
+    let mut child = cmd.stderr(Stdio::piped()).spawn().expect("run collector");
+    let log = Log::default();
+    log.capture(child.stderr.take().unwrap(), "refused collector".into());
+    let until = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for collector") {
+            break status;
+        }
+        let started = log
+            .lines()
+            .iter()
+            .any(|l| l.contains("collector listening"));
+        if started || Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the collector was not refused: {:?}", log.lines());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    // The stderr reader may lag the exit: wait for the error itself.
+    log.wait_for("Error: ", Duration::from_secs(5));
+    let err = log.lines().join("\n");
+    assert!(!status.success(), "exit {status}: {err}");
+    err
+}
+
+/// Creates a new ledger at `dir/ledger.db` (`capwatch-collector
+/// init-ledger`) and returns its ledger id.
+pub fn init_ledger(dir: &Path) -> String {
+    let out = Command::new(bin("capwatch-collector"))
+        .arg("--ledger")
+        .arg(dir.join("ledger.db"))
+        .arg("init-ledger")
+        .output()
+        .expect("run init-ledger");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "init-ledger: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.trim_end()
+        .strip_suffix(')')
+        .and_then(|t| t.rsplit_once("ledger_id "))
+        .map(|(_, id)| id.to_string())
+        .unwrap_or_else(|| panic!("init-ledger said {text:?}"))
 }
 
 /// The mock settings every test agent uses unless told otherwise.
