@@ -756,6 +756,10 @@ pub enum HelloError {
     TooManyGpus { got: usize, max: u32 },
     #[error("GPU {index}: {reason}")]
     Gpu { index: usize, reason: &'static str },
+    #[error(
+        "gpus[{position}].index is {index}: GPU indexes must be 0..n-1 in inventory order (samples refer to GPUs by index)"
+    )]
+    GpuIndex { position: usize, index: u32 },
     #[error("agent version must be at most 128 printable characters")]
     AgentVersion,
     #[error("stream epoch must be below 2^63")]
