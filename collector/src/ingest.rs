@@ -86,6 +86,8 @@ impl From<HelloError> for Status {
                 );
                 status
             }
+            HelloError::GpuHeldElsewhere { .. } => Status::failed_precondition(e.to_string()),
+            HelloError::GpuLeasedElsewhere { .. } => Status::permission_denied(e.to_string()),
             _ => Status::invalid_argument(e.to_string()),
         }
     }

@@ -702,7 +702,16 @@ pub struct Counters {
     pub http_closed: [AtomicU64; crate::serve::HTTP_CLOSES.len()],
     /// HTTP connections open now.
     pub http_open: AtomicU64,
+    /// Hellos refused for a leased GPU the node may not report, by
+    /// `CLAIM_REASONS`.
+    pub gpu_claims_refused: [AtomicU64; CLAIM_REASONS.len()],
 }
+
+/// Why a Hello's GPU was refused: its UUID lease names other nodes, or a
+/// UUID leased without a node is held by another connected node.
+pub const CLAIM_REASONS: [&str; 2] = ["lease_node", "held_by_other_node"];
+const CLAIM_LEASE_NODE: usize = 0;
+const CLAIM_HELD: usize = 1;
 
 /// Whether `id` may name a node: 1-253 bytes, no control characters.
 pub fn node_id_ok(id: &str) -> bool {
@@ -776,6 +785,24 @@ pub enum HelloError {
         /// Whether a stream of the current epoch is connected now.
         connected: bool,
     },
+    #[error(
+        "GPU {uuid} is leased to tenant {tenant:?} on node {allowed:?} only; node {node:?} may not report it"
+    )]
+    GpuLeasedElsewhere {
+        uuid: String,
+        tenant: Arc<str>,
+        allowed: String,
+        node: String,
+    },
+    #[error(
+        "GPU {uuid}, leased to tenant {tenant:?}, is held by node {holder:?}, which is connected; node {node:?} may report it once that node's stream has ended or its inventory no longer lists it"
+    )]
+    GpuHeldElsewhere {
+        uuid: String,
+        tenant: Arc<str>,
+        holder: Arc<str>,
+        node: String,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -807,11 +834,20 @@ pub struct State {
     /// the new node is not counted again on the old one should it come
     /// back there.
     departed_at: Mutex<HashMap<Arc<str>, Arc<str>>>,
+    /// UUID of every GPU in a connected node's inventory -> (that node,
+    /// its stream's generation). A leased GPU is reported by one connected
+    /// node at a time. An entry whose stream has ended is void (checked
+    /// against the node).
+    held: Mutex<HeldGpus>,
     next_generation: AtomicU64,
     /// What the next ledger commit will write.
     pending: Mutex<Pending>,
     pub counters: Counters,
 }
+
+/// GPU UUID -> (the connected node whose inventory lists it, that
+/// stream's generation).
+type HeldGpus = HashMap<Arc<str>, (Arc<str>, u64)>;
 
 /// The ledger commit being gathered, and its number.
 #[derive(Debug, Default)]
@@ -830,6 +866,7 @@ impl State {
             totals: Mutex::new(HashMap::new()),
             connected: AtomicU64::new(0),
             departed_at: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             pending: Mutex::new(Pending {
                 id: 1,
@@ -1003,6 +1040,10 @@ impl State {
             }
         }
         let tenants = self.tenants();
+        // Held until this node's inventory is registered, so that two nodes
+        // cannot both be admitted with one leased GPU.
+        let mut held = lock(&self.held);
+        self.check_gpu_claims(&hello, &tenants, &held)?;
         let node = {
             let mut nodes = lock(&self.nodes);
             nodes
@@ -1121,6 +1162,14 @@ impl State {
                 at.insert(g.uuid.clone(), n.id.clone());
             }
             drop(at);
+            for g in n.departed.iter().chain(&forgotten) {
+                if held.get(&g.uuid).is_some_and(|(o, _)| **o == *id) {
+                    held.remove(&g.uuid);
+                }
+            }
+            for g in &n.gpus {
+                held.insert(g.uuid.clone(), (n.id.clone(), generation));
+            }
             n.attribute(&tenants);
             n.agent_version = hello.agent_version;
             n.interval = hello.interval;
@@ -1131,6 +1180,7 @@ impl State {
             n.connected = true;
             n.last_seq
         };
+        drop(held);
         // Outside this node's lock: one node lock at a time.
         for (owner, uuid) in moved {
             let Some(other) = lock(&self.nodes).get(&owner).cloned() else {
@@ -1159,7 +1209,71 @@ impl State {
         if n.generation == h.generation && n.connected {
             n.connected = false;
             self.connected.fetch_sub(1, Ordering::Relaxed);
+            let uuids: Vec<Arc<str>> = n.gpus.iter().map(|g| g.uuid.clone()).collect();
+            // One lock at a time: `hello` takes `held` before a node.
+            drop(n);
+            let mut held = lock(&self.held);
+            for uuid in uuids {
+                if held.get(&uuid).is_some_and(|(_, g)| *g == h.generation) {
+                    held.remove(&uuid);
+                }
+            }
         }
+    }
+
+    /// Refuses a Hello listing a GPU that `tenants` leases by UUID on other
+    /// nodes only, or one leased without a node that another connected
+    /// node holds. Counted by reason.
+    fn check_gpu_claims(
+        &self,
+        hello: &Hello,
+        tenants: &Tenants,
+        held: &HeldGpus,
+    ) -> Result<(), HelloError> {
+        let refused = |reason: usize, e: HelloError| {
+            self.counters.gpu_claims_refused[reason].fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        };
+        let node = hello.node_id.as_str();
+        for g in &hello.gpus {
+            let Some(tenant) = tenants.uuid_lessee(&g.uuid) else {
+                continue;
+            };
+            if let Err(e) = tenants.check_gpu(node, &g.uuid) {
+                return refused(
+                    CLAIM_LEASE_NODE,
+                    HelloError::GpuLeasedElsewhere {
+                        uuid: g.uuid.clone(),
+                        tenant: e.tenant,
+                        allowed: e.node,
+                        node: node.to_string(),
+                    },
+                );
+            }
+            let Some((holder, generation)) = held.get(g.uuid.as_str()) else {
+                continue;
+            };
+            if **holder == *node {
+                continue;
+            }
+            let holder_node = lock(&self.nodes).get(holder).cloned();
+            let still_held = holder_node.is_some_and(|h| {
+                let h = lock(&h);
+                h.connected && h.generation == *generation
+            });
+            if still_held {
+                return refused(
+                    CLAIM_HELD,
+                    HelloError::GpuHeldElsewhere {
+                        uuid: g.uuid.clone(),
+                        tenant: tenant.clone(),
+                        holder: holder.clone(),
+                        node: node.to_string(),
+                    },
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Applies a batch of validated samples (rejections already decided by
@@ -2674,6 +2788,77 @@ mod tests {
             assert_eq!(tenant_energy(&state, t), e, "{t}");
         }
         assert_totals_match_gpus(&state);
+    }
+
+    #[test]
+    fn a_leased_gpu_is_reported_by_one_connected_node_at_a_time() {
+        // Invariant: a GPU leased by UUID without a node is admitted on one
+        // connected node at a time; another node announcing it is refused
+        // (counted, no node created) until the holder's stream ends or its
+        // inventory drops the GPU. A lease naming its node admits it there
+        // only. Unleased UUIDs are not policed.
+        let tenants = format!(
+            "{TENANTS}\n[[tenant]]\nid = \"lab-p\"\ncontracted_kw = 1\n\
+             gpus = [{{ uuid = \"pinned-0\", node = \"p-*\" }}]\n"
+        );
+        let state = new_state(&tenants, None);
+        let held = |s: &State| s.counters.gpu_claims_refused[CLAIM_HELD].load(Ordering::Relaxed);
+        let z = state
+            .hello(hello_with("z-1", 1, &["z-1-gpu0", "z-1-gpu1"]))
+            .unwrap()
+            .0;
+        match state.hello(hello_with("evil-1", 1, &["free-0", "z-1-gpu0"])) {
+            Err(HelloError::GpuHeldElsewhere {
+                uuid,
+                tenant,
+                holder,
+                node,
+            }) => {
+                assert_eq!(
+                    (&*uuid, &*tenant, &*holder, &*node),
+                    ("z-1-gpu0", "lab-b", "z-1", "evil-1")
+                );
+            }
+            other => panic!("evil-1 admitted with z-1's leased GPU: {other:?}"),
+        }
+        assert_eq!(held(&state), 1);
+        assert!(lock(&state.nodes).get("evil-1").is_none());
+        // An unleased UUID held elsewhere is not policed; z-1 itself may
+        // reconnect with its GPU.
+        state.hello(hello_with("evil-2", 1, &["z-1-gpu1"])).unwrap();
+        state.hello(hello_with("z-1", 1, &["z-1-gpu0"])).unwrap();
+        state.disconnect(&z); // the superseded stream ends: changes nothing
+        assert!(state.hello(hello_with("evil-1", 1, &["z-1-gpu0"])).is_err());
+        // The GPU leaves z-1's inventory: it may turn up elsewhere.
+        let z = state.hello(hello_with("z-1", 2, &["z-1-gpu1"])).unwrap().0;
+        let m = state.hello(hello_with("m-1", 1, &["z-1-gpu0"])).unwrap().0;
+        assert_eq!(&*lock(&m.node).gpus[0].tenant, "lab-b");
+        // Its new node's stream ends: z-1 may take it back.
+        state.disconnect(&m);
+        state.disconnect(&z);
+        state.hello(hello_with("z-1", 3, &["z-1-gpu0"])).unwrap();
+        assert_eq!(held(&state), 2);
+        // A lease naming its node: refused elsewhere, even unheld.
+        match state.hello(hello_with("evil-1", 1, &["pinned-0"])) {
+            Err(HelloError::GpuLeasedElsewhere {
+                uuid,
+                tenant,
+                allowed,
+                node,
+            }) => {
+                assert_eq!(
+                    (&*uuid, &*tenant, &*allowed, &*node),
+                    ("pinned-0", "lab-p", "p-*", "evil-1")
+                );
+            }
+            other => panic!("evil-1 admitted with a GPU leased on p-*: {other:?}"),
+        }
+        assert_eq!(
+            state.counters.gpu_claims_refused[CLAIM_LEASE_NODE].load(Ordering::Relaxed),
+            1
+        );
+        let p = state.hello(hello_with("p-7", 1, &["pinned-0"])).unwrap().0;
+        assert_eq!(&*lock(&p.node).gpus[0].tenant, "lab-p");
     }
 
     #[test]

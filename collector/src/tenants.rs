@@ -5,6 +5,12 @@
 //! node glob matches (the longest pattern wins, as the most specific).
 //! A GPU nobody claims belongs to [`UNASSIGNED`].
 //!
+//! A UUID is only what an agent says, so a UUID lease may name the node
+//! (or node glob) the GPU lives in: it then counts only there, and any
+//! other node announcing the UUID is refused ([`Tenants::check_gpu`]). A
+//! lease without a node is honoured on one node at a time (see
+//! `State::hello`).
+//!
 //! *Invariant:* attribution is a function of (node id, GPU UUID) and the
 //! tenant file alone; two tenants claiming one GPU or one node by name is a
 //! config error, caught at load time, never resolved silently.
@@ -41,9 +47,10 @@ struct TenantSpec {
     /// Node names or globs (`rack-a-*`) this tenant leases whole.
     #[serde(default)]
     nodes: Vec<String>,
-    /// GPU UUIDs this tenant leases one by one.
+    /// GPUs this tenant leases one by one: a UUID, or `{ uuid, node }`
+    /// naming the node (or node glob) the GPU may be reported from.
     #[serde(default)]
-    gpus: Vec<String>,
+    gpus: Vec<toml::Value>,
     /// Power usage effectiveness of the tenant's site (1.0-3.0), for the
     /// estimated facility energy in usage rows.
     #[serde(default)]
@@ -58,12 +65,45 @@ pub struct Tenant {
     pub pue: Option<f64>,
 }
 
+/// A GPU leased by UUID.
+#[derive(Debug)]
+struct UuidLease {
+    tenant: usize,
+    /// Where the GPU may be reported from: a node name or glob. `None`: any
+    /// node, one at a time (see `State::hello`).
+    node: Option<(String, NodeMatch)>,
+}
+
+#[derive(Debug)]
+enum NodeMatch {
+    Exact,
+    Glob(GlobMatcher),
+}
+
+impl UuidLease {
+    fn allows(&self, node: &str) -> bool {
+        match &self.node {
+            None => true,
+            Some((name, NodeMatch::Exact)) => name == node,
+            Some((_, NodeMatch::Glob(m))) => m.is_match(node),
+        }
+    }
+}
+
+/// Why a node may not report a GPU leased by UUID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedElsewhere {
+    pub tenant: Arc<str>,
+    /// The node name or glob the lease names.
+    pub node: String,
+}
+
 /// A validated tenant file.
 #[derive(Debug)]
 pub struct Tenants {
     /// Configured tenants, then `unassigned` last.
     tenants: Vec<Tenant>,
-    by_uuid: HashMap<String, usize>,
+    by_uuid: HashMap<String, UuidLease>,
     by_node: HashMap<String, usize>,
     globs: Vec<(usize, String, GlobMatcher)>,
 }
@@ -99,7 +139,7 @@ impl Tenants {
             reason,
         };
         let mut tenants = Vec::with_capacity(specs.len() + 1);
-        let mut by_uuid: HashMap<String, usize> = HashMap::new();
+        let mut by_uuid: HashMap<String, UuidLease> = HashMap::new();
         let mut by_node: HashMap<String, usize> = HashMap::new();
         let mut globs = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -144,9 +184,23 @@ impl Tenants {
                     "tenant {id:?}: pue must be between 1.0 and 3.0"
                 )));
             }
-            for uuid in &spec.gpus {
-                if let Some(other) = by_uuid.insert(uuid.clone(), i) {
-                    return Err(twice("GPU", uuid, other));
+            for entry in &spec.gpus {
+                let (uuid, node) = gpu_lease(id, entry).map_err(invalid)?;
+                let node = match node {
+                    Some(n) if is_glob(&n) => {
+                        let glob = Glob::new(&n).map_err(|e| {
+                            invalid(format!(
+                                "tenant {id:?}: GPU {uuid:?}: node pattern {n:?}: {e}"
+                            ))
+                        })?;
+                        Some((n, NodeMatch::Glob(glob.compile_matcher())))
+                    }
+                    Some(n) => Some((n, NodeMatch::Exact)),
+                    None => None,
+                };
+                let lease = UuidLease { tenant: i, node };
+                if let Some(other) = by_uuid.insert(uuid.clone(), lease) {
+                    return Err(twice("GPU", &uuid, other.tenant));
                 }
             }
             for node in &spec.nodes {
@@ -194,12 +248,33 @@ impl Tenants {
     }
 
     /// The tenant of the GPU `uuid` on node `node` (`uuid` may be empty to
-    /// ask about the node as a whole).
+    /// ask about the node as a whole). A UUID lease that names its node
+    /// counts only there.
     pub fn attribute(&self, node: &str, uuid: &str) -> usize {
-        if let Some(&t) = self.by_uuid.get(uuid) {
-            return t;
+        match self.by_uuid.get(uuid) {
+            Some(lease) if lease.allows(node) => lease.tenant,
+            _ => self.attribute_node(node),
         }
-        self.attribute_node(node)
+    }
+
+    /// The tenant leasing GPU `uuid` by UUID, if any.
+    pub fn uuid_lessee(&self, uuid: &str) -> Option<&Arc<str>> {
+        self.by_uuid.get(uuid).map(|l| &self.tenants[l.tenant].id)
+    }
+
+    /// Whether node `node` may report GPU `uuid`: no, when a tenant leases
+    /// the UUID on other nodes only.
+    pub fn check_gpu(&self, node: &str, uuid: &str) -> Result<(), LeasedElsewhere> {
+        match self.by_uuid.get(uuid) {
+            Some(lease) if !lease.allows(node) => Err(LeasedElsewhere {
+                tenant: self.tenants[lease.tenant].id.clone(),
+                node: lease
+                    .node
+                    .as_ref()
+                    .map_or_else(String::new, |(n, _)| n.clone()),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The tenant leasing node `node` as a whole.
@@ -213,6 +288,31 @@ impl Tenants {
             // Most specific pattern: the longest; ties go to the file's order.
             .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(&a.0)))
             .map_or(self.unassigned(), |(t, _, _)| *t)
+    }
+}
+
+/// One entry of a tenant's `gpus`: `"GPU-…"` or `{ uuid = "GPU-…", node =
+/// "name or glob" }`; (UUID, node).
+fn gpu_lease(tenant: &str, entry: &toml::Value) -> Result<(String, Option<String>), String> {
+    let bad = |what: String| format!("tenant {tenant:?}: gpus entry {entry}: {what}");
+    match entry {
+        toml::Value::String(uuid) if !uuid.is_empty() => Ok((uuid.clone(), None)),
+        toml::Value::Table(t) => {
+            if let Some(k) = t.keys().find(|k| *k != "uuid" && *k != "node") {
+                return Err(bad(format!(
+                    "unknown key `{k}`, expected `uuid` and `node`"
+                )));
+            }
+            let text = |key: &str| match t.get(key) {
+                Some(toml::Value::String(v)) if !v.is_empty() => Ok(v.clone()),
+                Some(_) => Err(bad(format!("`{key}` must be a non-empty string"))),
+                None => Err(bad(format!("`{key}` is missing"))),
+            };
+            Ok((text("uuid")?, Some(text("node")?)))
+        }
+        _ => Err(bad(
+            "must be a GPU UUID string or { uuid = \"…\", node = \"…\" }".into(),
+        )),
     }
 }
 
@@ -257,6 +357,43 @@ mod tests {
         assert_eq!(t.all()[1].contracted_milliwatts, 2_500_000);
         assert_eq!(t.all()[1].name, "Lab B");
         assert_eq!(t.all()[0].name, "lab-a");
+    }
+
+    #[test]
+    fn a_gpu_lease_naming_its_node_counts_only_there() {
+        let t = Tenants::from_toml(
+            r#"
+            [[tenant]]
+            id = "lab-a"
+            contracted_kw = 1
+            nodes = ["a-*"]
+
+            [[tenant]]
+            id = "lab-c"
+            contracted_kw = 1
+            gpus = ["GPU-plain", { uuid = "GPU-7", node = "gpu-node-7" }, { uuid = "GPU-r", node = "r-{1,2}" }]
+            "#,
+        )
+        .unwrap();
+        let id = |node, uuid| t.all()[t.attribute(node, uuid)].id.to_string();
+        // (node, uuid, tenant, may the node report it)
+        let cases = [
+            ("gpu-node-7", "GPU-7", "lab-c", true),
+            ("a-1", "GPU-7", "lab-a", false),
+            ("evil-1", "GPU-7", UNASSIGNED, false),
+            ("r-2", "GPU-r", "lab-c", true),
+            ("r-3", "GPU-r", UNASSIGNED, false),
+            ("evil-1", "GPU-plain", "lab-c", true),
+            ("evil-1", "GPU-x", UNASSIGNED, true),
+        ];
+        for (node, uuid, want, may) in cases {
+            assert_eq!(id(node, uuid), want, "{node} {uuid}");
+            assert_eq!(t.check_gpu(node, uuid).is_ok(), may, "{node} {uuid}");
+        }
+        let e = t.check_gpu("evil-1", "GPU-7").unwrap_err();
+        assert_eq!((&*e.tenant, e.node.as_str()), ("lab-c", "gpu-node-7"));
+        assert_eq!(t.uuid_lessee("GPU-plain").map(|t| &**t), Some("lab-c"));
+        assert_eq!(t.uuid_lessee("GPU-x"), None);
     }
 
     #[test]
@@ -307,6 +444,30 @@ mod tests {
             (
                 "[[tenant]]\nid='a'\ncontracted_kw=1\nnodes=['r-*']\n[[tenant]]\nid='b'\ncontracted_kw=1\nnodes=['r-*']",
                 "node pattern \"r-*\" is claimed by both tenant \"a\" and tenant \"b\"",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G', nodes='n'}]",
+                "unknown key `nodes`, expected `uuid` and `node`",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G'}]",
+                "`node` is missing",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G', node=7}]",
+                "`node` must be a non-empty string",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[7]",
+                "must be a GPU UUID string or",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G', node='n['}]",
+                "GPU \"G\": node pattern",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=['G']\n[[tenant]]\nid='b'\ncontracted_kw=1\ngpus=[{uuid='G', node='n'}]",
+                "GPU G is claimed by both tenant \"a\" and tenant \"b\"",
             ),
         ];
         for (text, want) in cases {
