@@ -11,6 +11,10 @@
 //! lease without a node is honoured on one node at a time (see
 //! `State::hello`).
 //!
+//! The file changes over time: [`TenantHistory`] keeps its versions with
+//! the moment each took effect, so that an interval is attributed by the
+//! version in force at its own time.
+//!
 //! *Invariant:* attribution is a function of (node id, GPU UUID) and the
 //! tenant file alone; two tenants claiming one GPU or one node by name is a
 //! config error, caught at load time, never resolved silently.
@@ -22,7 +26,7 @@ use std::sync::Arc;
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
-use crate::config::{ConfigError, read_toml};
+use crate::config::ConfigError;
 
 /// The tenant of every GPU no tenant claims.
 pub const UNASSIGNED: &str = "unassigned";
@@ -30,6 +34,10 @@ pub const UNASSIGNED: &str = "unassigned";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantsFile {
+    /// When this file's leases take effect (an RFC 3339 date-time with an
+    /// offset); unset: when the collector loads it.
+    #[serde(default)]
+    effective_from: Option<toml::value::Datetime>,
     #[serde(default, rename = "tenant")]
     tenants: Vec<TenantSpec>,
 }
@@ -106,6 +114,10 @@ pub struct Tenants {
     by_uuid: HashMap<String, UuidLease>,
     by_node: HashMap<String, usize>,
     globs: Vec<(usize, String, GlobMatcher)>,
+    /// `effective_from`, in Unix nanoseconds.
+    effective_from_ns: Option<i64>,
+    /// The text this was read from, kept in the ledger's history.
+    source: String,
 }
 
 impl Tenants {
@@ -115,8 +127,15 @@ impl Tenants {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let file: TenantsFile = read_toml(path)?;
-        Self::build(file.tenants).map_err(|e| match e {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let file: TenantsFile = toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::from_parsed(file, text).map_err(|e| match e {
             ConfigError::Invalid { setting, reason } => ConfigError::Invalid {
                 setting,
                 reason: format!("{}: {reason}", path.display()),
@@ -130,7 +149,35 @@ impl Tenants {
             path: "<tenants>".into(),
             error,
         })?;
-        Self::build(file.tenants)
+        Self::from_parsed(file, text.to_string())
+    }
+
+    fn from_parsed(file: TenantsFile, source: String) -> Result<Self, ConfigError> {
+        let effective_from_ns = file
+            .effective_from
+            .map(|d| {
+                unix_nanos_of(&d).ok_or_else(|| ConfigError::Invalid {
+                    setting: "effective_from",
+                    reason: format!(
+                        "{d} must be a date-time with an offset after 1970, e.g. 2026-12-01T00:00:00Z"
+                    ),
+                })
+            })
+            .transpose()?;
+        let mut t = Self::build(file.tenants)?;
+        t.effective_from_ns = effective_from_ns;
+        t.source = source;
+        Ok(t)
+    }
+
+    /// When the file says its leases take effect (Unix nanoseconds).
+    pub fn effective_from_ns(&self) -> Option<i64> {
+        self.effective_from_ns
+    }
+
+    /// The text the tenants were read from (empty for no file).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     fn build(specs: Vec<TenantSpec>) -> Result<Self, ConfigError> {
@@ -235,6 +282,8 @@ impl Tenants {
             by_uuid,
             by_node,
             globs,
+            effective_from_ns: None,
+            source: String::new(),
         })
     }
 
@@ -288,6 +337,93 @@ impl Tenants {
             // Most specific pattern: the longest; ties go to the file's order.
             .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(&a.0)))
             .map_or(self.unassigned(), |(t, _, _)| *t)
+    }
+}
+
+/// A TOML offset date-time as Unix nanoseconds; `None` without an offset
+/// or before 1970.
+fn unix_nanos_of(d: &toml::value::Datetime) -> Option<i64> {
+    d.offset?;
+    d.date?;
+    d.time?;
+    let ts: jiff::Timestamp = d.to_string().parse().ok()?;
+    i64::try_from(ts.as_nanosecond()).ok().filter(|n| *n >= 0)
+}
+
+/// The versions of the tenant file in force over time: each with the
+/// moment (Unix nanoseconds) it took effect, in order. The first also
+/// covers everything before it (nothing earlier is known).
+///
+/// *Invariant:* an interval of a GPU belongs to the tenant that the
+/// version in force at the interval's end (its sample's timestamp)
+/// attributes it to.
+#[derive(Debug, Clone)]
+pub struct TenantHistory {
+    /// (in force from, tenants); `from` strictly increasing.
+    versions: Vec<(i64, Arc<Tenants>)>,
+}
+
+impl TenantHistory {
+    /// A history of one version, in force at all times.
+    pub fn new(first: Arc<Tenants>) -> Self {
+        Self {
+            versions: vec![(i64::MIN, first)],
+        }
+    }
+
+    /// Adds a version in force from `from`: it replaces whatever was in
+    /// force from then on (a file loaded later is the word on its period).
+    pub fn push(&mut self, from: i64, tenants: Arc<Tenants>) {
+        let keep = self.versions.partition_point(|(f, _)| *f < from);
+        if keep == 0 {
+            // Before every known version: this one covers all earlier time.
+            self.versions.clear();
+            self.versions.push((i64::MIN, tenants));
+            return;
+        }
+        self.versions.truncate(keep);
+        self.versions.push((from, tenants));
+    }
+
+    /// The index of the version in force at `at`.
+    pub fn at(&self, at: i64) -> usize {
+        self.versions
+            .partition_point(|(f, _)| *f <= at)
+            .saturating_sub(1)
+    }
+
+    /// Version `i`.
+    pub fn version(&self, i: usize) -> &Arc<Tenants> {
+        &self.versions[i].1
+    }
+
+    /// The version loaded last.
+    pub fn latest(&self) -> &Arc<Tenants> {
+        &self.versions[self.versions.len() - 1].1
+    }
+
+    /// [from, until) of version `i`.
+    pub fn span(&self, i: usize) -> (i64, i64) {
+        let until = self.versions.get(i + 1).map_or(i64::MAX, |(f, _)| *f);
+        (self.versions[i].0, until)
+    }
+
+    /// Forgets versions whose time ended at or before `before` (no sample
+    /// that old is accepted); the first one left covers earlier time.
+    pub fn forget_before(&mut self, before: i64) {
+        let ended = (0..self.versions.len())
+            .take_while(|&i| self.span(i).1 <= before)
+            .count();
+        self.versions.drain(..ended.min(self.versions.len() - 1));
+        self.versions[0].0 = i64::MIN;
+    }
+
+    pub fn len(&self) -> usize {
+        self.versions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
     }
 }
 
@@ -394,6 +530,81 @@ mod tests {
         assert_eq!((&*e.tenant, e.node.as_str()), ("lab-c", "gpu-node-7"));
         assert_eq!(t.uuid_lessee("GPU-plain").map(|t| &**t), Some("lab-c"));
         assert_eq!(t.uuid_lessee("GPU-x"), None);
+    }
+
+    #[test]
+    fn effective_from_is_an_offset_date_time() {
+        let at = |v: &str| {
+            Tenants::from_toml(&format!("effective_from = {v}\n")).map(|t| t.effective_from_ns())
+        };
+        assert_eq!(
+            at("2026-12-01T00:00:00Z").unwrap(),
+            Some(1_796_083_200_000_000_000)
+        );
+        assert_eq!(
+            at("2026-12-01T01:00:00.5+01:00").unwrap(),
+            Some(1_796_083_200_500_000_000)
+        );
+        assert_eq!(Tenants::from_toml("").unwrap().effective_from_ns(), None);
+        for bad in ["2026-12-01T00:00:00", "2026-12-01", "1969-12-31T23:59:59Z"] {
+            let err = at(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("effective_from") && err.contains("offset"),
+                "{bad}: {err}"
+            );
+        }
+        let err = Tenants::from_toml("effective_from = 'tomorrow'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("effective_from"), "{err}");
+    }
+
+    #[test]
+    fn the_history_answers_which_version_was_in_force() {
+        let v = |id: &str| {
+            Arc::new(
+                Tenants::from_toml(&format!("[[tenant]]\nid = '{id}'\ncontracted_kw = 1\n"))
+                    .unwrap(),
+            )
+        };
+        let id = |h: &TenantHistory, at: i64| h.version(h.at(at)).all()[0].id.to_string();
+        let mut h = TenantHistory::new(v("a"));
+        h.push(100, v("b"));
+        h.push(200, v("c"));
+        // (time, version in force): the first covers all earlier time.
+        for (at, want) in [
+            (i64::MIN, "a"),
+            (99, "a"),
+            (100, "b"),
+            (199, "b"),
+            (200, "c"),
+            (i64::MAX, "c"),
+        ] {
+            assert_eq!(id(&h, at), want, "{at}");
+        }
+        assert_eq!(h.span(1), (100, 200));
+        assert_eq!(h.span(2), (200, i64::MAX));
+        // A file loaded later with an earlier effective time replaces what
+        // was in force from then on.
+        h.push(150, v("d"));
+        assert_eq!(
+            (id(&h, 149), id(&h, 150), id(&h, 500)),
+            ("b".into(), "d".into(), "d".into())
+        );
+        assert_eq!(h.latest().all()[0].id.as_ref(), "d");
+        h.push(i64::MIN, v("e"));
+        assert_eq!((h.len(), id(&h, i64::MIN)), (1, "e".into()));
+        // Versions whose time ended before the oldest acceptable sample go.
+        let mut h = TenantHistory::new(v("a"));
+        h.push(100, v("b"));
+        h.push(200, v("c"));
+        h.forget_before(150);
+        assert_eq!(
+            (h.len(), id(&h, 0), id(&h, 250)),
+            (2, "b".into(), "c".into())
+        );
+        h.forget_before(i64::MAX);
+        assert_eq!((h.len(), id(&h, 0)), (1, "c".into()));
     }
 
     #[test]
