@@ -842,10 +842,11 @@ pub struct State {
     /// the new node is not counted again on the old one should it come
     /// back there.
     departed_at: Mutex<HashMap<Arc<str>, Arc<str>>>,
-    /// UUID of every GPU in a connected node's inventory -> (that node,
-    /// its stream's generation). A leased GPU is reported by one connected
-    /// node at a time. An entry whose stream has ended is void (checked
-    /// against the node).
+    /// UUID of every GPU leased by UUID in a connected node's inventory ->
+    /// (that node, its stream's generation): a leased GPU is reported by
+    /// one connected node at a time. An entry whose stream has ended is
+    /// void (checked against the node). Only leased GPUs, so that it stays
+    /// as small as the tenant file's UUID leases.
     held: Mutex<HeldGpus>,
     next_generation: AtomicU64,
     /// What the next ledger commit will write.
@@ -1053,8 +1054,25 @@ impl State {
         let f = InForce::of(history, now);
         let (tenants, span) = (f.history.version(f.index).clone(), f.span);
         *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = f;
+        // GPUs newly leased by UUID on connected nodes are held from now.
+        let mut leased: Vec<(Arc<str>, Arc<str>, u64)> = Vec::new();
         for node in self.nodes() {
-            lock(&node).attribute(&tenants, span);
+            let mut n = lock(&node);
+            n.attribute(&tenants, span);
+            if n.connected {
+                for g in n
+                    .gpus
+                    .iter()
+                    .filter(|g| tenants.uuid_lessee(&g.uuid).is_some())
+                {
+                    leased.push((g.uuid.clone(), n.id.clone(), n.generation));
+                }
+            }
+        }
+        // One lock at a time: `hello` takes `held` before a node.
+        let mut held = lock(&self.held);
+        for (uuid, node, generation) in leased {
+            held.entry(uuid).or_insert((node, generation));
         }
     }
 
@@ -1254,7 +1272,11 @@ impl State {
                     held.remove(&g.uuid);
                 }
             }
-            for g in &n.gpus {
+            for g in n
+                .gpus
+                .iter()
+                .filter(|g| tenants.uuid_lessee(&g.uuid).is_some())
+            {
                 held.insert(g.uuid.clone(), (n.id.clone(), generation));
             }
             n.attribute(&tenants, span);
@@ -2973,6 +2995,20 @@ mod tests {
         );
         let p = state.hello(hello_with("p-7", 1, &["pinned-0"])).unwrap().0;
         assert_eq!(&*lock(&p.node).gpus[0].tenant, "lab-p");
+        // A GPU leased by a reload is held by the connected node that has
+        // it from then on.
+        assert!(state.hello(hello_with("evil-3", 1, &["late-0"])).is_ok());
+        state.hello(hello_with("q-1", 1, &["late-0"])).unwrap();
+        state.reload_tenants(
+            Tenants::from_toml(&format!(
+                "{tenants}\n[[tenant]]\nid = \"lab-q\"\ncontracted_kw = 1\ngpus = [\"late-0\"]\n"
+            ))
+            .unwrap(),
+        );
+        assert!(matches!(
+            state.hello(hello_with("evil-4", 1, &["late-0"])),
+            Err(HelloError::GpuHeldElsewhere { .. })
+        ));
     }
 
     #[test]
