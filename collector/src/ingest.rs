@@ -86,6 +86,8 @@ impl From<HelloError> for Status {
                 );
                 status
             }
+            HelloError::GpuHeldElsewhere { .. } => Status::failed_precondition(e.to_string()),
+            HelloError::GpuLeasedElsewhere { .. } => Status::permission_denied(e.to_string()),
             _ => Status::invalid_argument(e.to_string()),
         }
     }
@@ -164,10 +166,12 @@ impl Ingest for IngestService {
             token.as_deref(),
             peer_certs.as_deref().map(Vec::as_slice),
         )?;
-        let (handle, acked_seq) = self.state.hello(model::hello(hello)).map_err(|e| {
-            warn!(node = %node_id, ?peer, error = %e, "stream refused");
-            self.refuse(e.into())
-        })?;
+        let (handle, acked_seq) = model::hello(hello)
+            .and_then(|h| self.state.hello(h))
+            .map_err(|e| {
+                warn!(node = %node_id, ?peer, error = %e, "stream refused");
+                self.refuse(e.into())
+            })?;
         info!(node = %handle.node_id, ?peer, epoch = handle.epoch, acked_seq, "agent connected");
 
         // futures' channel allocates per message in flight; tokio's

@@ -148,7 +148,18 @@ const MIGRATIONS: &[Migration] = &[
      ) WITHOUT ROWID;
      CREATE INDEX adjustment_by_time ON adjustment (minute_start, tenant);",
     ),
-    // 8: the ledger's identity (a random id, when it was created, or for
+    // 8: every version of the tenant file the collector loaded, with the
+    // moment it took effect, so that samples delivered late (after a
+    // restart too) are attributed by the leases of their own time.
+    Migration::Sql(
+        "CREATE TABLE tenant_version (
+        id INTEGER PRIMARY KEY,
+        effective_from_ns INTEGER NOT NULL,
+        loaded_at_ns INTEGER NOT NULL,
+        file TEXT NOT NULL
+     );",
+    ),
+    // 9: the ledger's identity (a random id, when it was created, or for
     // an older ledger when this migration ran); how many commits it holds
     // is `watermark.revision`, checked against the `.last-commit` file at
     // every start.
@@ -164,6 +175,17 @@ const MIGRATIONS: &[Migration] = &[
         ", unixepoch(), unixepoch();"
     )),
 ];
+
+/// A version of the tenant file as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantVersion {
+    /// When it took effect (Unix nanoseconds).
+    pub effective_from_ns: i64,
+    /// When the collector loaded it (Unix nanoseconds).
+    pub loaded_at_ns: i64,
+    /// The file's text.
+    pub file: String,
+}
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
 fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
@@ -848,6 +870,36 @@ impl Ledger {
     /// Who this ledger is: shown on `/metrics`.
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// Every tenant file version recorded, in the order they were loaded.
+    pub fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        let err = sqlite_err(&self.path);
+        let mut q = self
+            .conn
+            .prepare("SELECT effective_from_ns, loaded_at_ns, file FROM tenant_version ORDER BY id")
+            .map_err(err)?;
+        let rows = q
+            .query_map([], |r| {
+                Ok(TenantVersion {
+                    effective_from_ns: r.get(0)?,
+                    loaded_at_ns: r.get(1)?,
+                    file: r.get(2)?,
+                })
+            })
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// Records a tenant file version (durably, on its own transaction).
+    pub fn add_tenant_version(&mut self, v: &TenantVersion) -> Result<(), LedgerError> {
+        self.conn
+            .execute(
+                "INSERT INTO tenant_version (effective_from_ns, loaded_at_ns, file) VALUES (?1, ?2, ?3)",
+                params![v.effective_from_ns, v.loaded_at_ns, v.file],
+            )
+            .map(drop)
+            .map_err(sqlite_err(&self.path))
     }
 
     /// Rows of (text, integer, integer) from `sql`.
@@ -1854,6 +1906,25 @@ mod tests {
             counter_resets: 0,
         };
         assert_eq!(snap.nodes[0].1.gpus, vec![(Arc::from("GPU-1"), want)]);
+    }
+
+    #[test]
+    fn tenant_versions_survive_a_reopen_in_load_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let v = |from: i64, file: &str| TenantVersion {
+            effective_from_ns: from,
+            loaded_at_ns: from + 5,
+            file: file.to_string(),
+        };
+        {
+            let mut l = Ledger::create(&path).unwrap();
+            assert!(l.tenant_versions().unwrap().is_empty());
+            l.add_tenant_version(&v(20, "b")).unwrap();
+            l.add_tenant_version(&v(10, "a")).unwrap();
+        }
+        let l = Ledger::open(&path).unwrap();
+        assert_eq!(l.tenant_versions().unwrap(), [v(20, "b"), v(10, "a")]);
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     let snapshot = ledger.load()?;
     info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
     state.restore(snapshot);
+    let mut ledger = ledger;
+    resume_tenant_history(&state, &mut ledger)?;
 
     let grpc = TcpListener::bind(cfg.grpc_listen)
         .await
@@ -251,6 +253,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
     ));
     let reloader = tokio::spawn(reload_on_sighup(
         state.clone(),
+        ledger.clone(),
         cfg.clone(),
         hup,
         shutdown.clone(),
@@ -338,6 +341,56 @@ fn descriptor_budget(cfg: &Config) -> serve::Limits {
         header_read_timeout: cfg.http_header_read_timeout,
         write_timeout: cfg.http_write_timeout,
     }
+}
+
+/// Rebuilds the tenant file's history from the ledger and puts the file
+/// loaded now in it: a file that differs from the last one recorded takes
+/// effect at its `effective_from`, or now, and is recorded first.
+fn resume_tenant_history(state: &State, ledger: &mut ledger::Ledger) -> Result<(), CollectorError> {
+    let current = state.tenants();
+    let stored = ledger.tenant_versions()?;
+    let mut history: Option<tenants::TenantHistory> = None;
+    for (i, v) in stored.iter().enumerate() {
+        let t = Tenants::from_toml(&v.file).map_err(|e| config::ConfigError::Invalid {
+            setting: "tenant",
+            reason: format!(
+                "version {} of the tenant file kept in the ledger: {e}",
+                i + 1
+            ),
+        })?;
+        match &mut history {
+            None => history = Some(tenants::TenantHistory::new(Arc::new(t))),
+            Some(h) => h.push(v.effective_from_ns, Arc::new(t)),
+        }
+    }
+    // The text includes `effective_from`: the same text is the same version.
+    let unchanged = stored.last().is_some_and(|v| v.file == current.source());
+    let history = match history {
+        Some(h) if unchanged => h,
+        history => {
+            let now = state::unix_nanos_now();
+            let from = current.effective_from_ns().unwrap_or(now);
+            ledger.add_tenant_version(&ledger::TenantVersion {
+                effective_from_ns: from,
+                loaded_at_ns: now,
+                file: current.source().to_string(),
+            })?;
+            info!(
+                effective_from_ns = from,
+                versions = stored.len() + 1,
+                "tenant file version recorded"
+            );
+            match history {
+                Some(mut h) => {
+                    h.push(from, current);
+                    h
+                }
+                None => tenants::TenantHistory::new(current),
+            }
+        }
+    };
+    state.set_tenant_history(history);
+    Ok(())
 }
 
 /// Commits what streams applied, every `every`, and tells the streams
@@ -549,9 +602,56 @@ async fn evaluate_contracts(
             t = tick.tick() => {
                 let elapsed = t.saturating_duration_since(last);
                 last = t;
+                state.advance_tenants();
                 state.evaluate(elapsed, t.into_std());
             }
             _ = &mut stop => return,
+        }
+    }
+}
+
+/// Puts a reloaded tenant file in force, after recording it in the ledger
+/// (a file that could not be recorded is not used: after a restart the
+/// ledger would not know when it took effect). A file identical to the
+/// latest version changes nothing.
+async fn record_and_reload(
+    state: &Arc<State>,
+    ledger: &Arc<std::sync::Mutex<ledger::Ledger>>,
+    t: Tenants,
+) {
+    let history = state.tenant_history();
+    let latest = history.latest();
+    if latest.source() == t.source() {
+        state.counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        info!(task = "reloader", "tenant file unchanged");
+        return;
+    }
+    let now = state::unix_nanos_now();
+    let version = ledger::TenantVersion {
+        effective_from_ns: t.effective_from_ns().unwrap_or(now),
+        loaded_at_ns: now,
+        file: t.source().to_string(),
+    };
+    let from = version.effective_from_ns;
+    let ledger = ledger.clone();
+    let recorded =
+        tokio::task::spawn_blocking(move || state::lock(&ledger).add_tenant_version(&version))
+            .await;
+    match recorded {
+        Ok(Ok(())) => state.reload_tenants_from(t, from),
+        Ok(Err(e)) => {
+            state
+                .counters
+                .reloads_failed
+                .fetch_add(1, Ordering::Relaxed);
+            error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants");
+        }
+        Err(e) => {
+            state
+                .counters
+                .reloads_failed
+                .fetch_add(1, Ordering::Relaxed);
+            error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants");
         }
     }
 }
@@ -560,6 +660,7 @@ async fn evaluate_contracts(
 /// task: `reloader`.
 async fn reload_on_sighup(
     state: Arc<State>,
+    ledger: Arc<std::sync::Mutex<ledger::Ledger>>,
     cfg: Config,
     mut hup: tokio::signal::unix::Signal,
     shutdown: watch::Receiver<bool>,
@@ -570,7 +671,7 @@ async fn reload_on_sighup(
         tokio::select! {
             _ = hup.recv() => {
                 match load_tenants(&cfg) {
-                    Ok(t) => state.reload_tenants(t),
+                    Ok(t) => record_and_reload(&state, &ledger, t).await,
                     Err(e) => {
                         state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
                         error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");

@@ -248,6 +248,12 @@ fn main() -> anyhow::Result<()> {
                 t.name
             );
         }
+        if let Some(from) = tenants.effective_from_ns() {
+            println!(
+                "leases take effect at {}",
+                capwatch_collector::usage::rfc3339(from.div_euclid(1_000_000_000))
+            );
+        }
         if cfg.auth_file.is_some() {
             println!(
                 "auth: agents need a token: {}; the usage API needs a token: {}",

@@ -14,7 +14,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use crate::state::{AUTH_REASONS, AUTH_SURFACES, REJECT_REASONS, State, lock};
+use crate::state::{AUTH_REASONS, AUTH_SURFACES, CLAIM_REASONS, REJECT_REASONS, State, lock};
 
 /// Every family this collector exports: (name, help, type).
 const FAMILIES: &[(&str, &str, MetricType)] = &[
@@ -186,6 +186,11 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     (
         "capwatch_collector_auth_refused_total",
         "Requests refused for who sent them, by surface (grpc, http) and reason.",
+        MetricType::COUNTER,
+    ),
+    (
+        "capwatch_collector_gpu_claims_refused_total",
+        "Agent Hellos refused for a leased GPU the node may not report, by reason (lease_node, held_by_other_node).",
         MetricType::COUNTER,
     ),
     (
@@ -701,6 +706,13 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                 n.load(Ordering::Relaxed) as f64,
             );
         }
+    }
+    for (reason, n) in CLAIM_REASONS.iter().zip(&c.gpu_claims_refused) {
+        f.push(
+            "capwatch_collector_gpu_claims_refused_total",
+            &[("reason", reason)],
+            n.load(Ordering::Relaxed) as f64,
+        );
     }
     f.results(
         "capwatch_collector_ledger_compactions_total",

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use capwatch_proto::v1 as pb;
 
-use crate::state::{GpuInfo, Hello};
+use crate::state::{GpuInfo, Hello, HelloError};
 
 /// Why a sample was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,8 +74,22 @@ pub struct NodeSample {
 /// Largest integer the ledger stores (SQLite INTEGER is an i64).
 pub const MAX_STORED: u64 = i64::MAX as u64;
 
-pub fn hello(h: pb::Hello) -> Hello {
-    Hello {
+/// Converts a Hello. Samples name a GPU by its `index`, which must be its
+/// position in the inventory (0..n-1 in order); any other numbering is
+/// refused rather than reinterpreted.
+pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
+    if let Some((position, g)) = h
+        .gpus
+        .iter()
+        .enumerate()
+        .find(|(p, g)| u32::try_from(*p).ok() != Some(g.index))
+    {
+        return Err(HelloError::GpuIndex {
+            position,
+            index: g.index,
+        });
+    }
+    Ok(Hello {
         node_id: h.node_id,
         agent_version: h.agent_version,
         epoch: h.stream_epoch,
@@ -91,7 +105,7 @@ pub fn hello(h: pb::Hello) -> Hello {
                 energy_counter_supported: g.energy_counter_supported,
             })
             .collect(),
-    }
+    })
 }
 
 /// Converts and checks one sample on its own; checks that need the node's

@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::auth::Auth;
 use crate::ledger::{BucketDelta, Commit, GpuCursor, NodeCursor, Snapshot, split_by_minute};
 use crate::model::{GpuReading, HostReading, NodeSample, Reject};
-use crate::tenants::{Tenants, UNASSIGNED};
+use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
 const NANOS_PER_SECOND: u128 = 1_000_000_000;
 
@@ -517,6 +517,10 @@ pub struct Node {
     /// The ledger commit holding the node's latest batch: what a Welcome
     /// must wait for.
     last_commit_id: u64,
+    /// [from, until) (Unix nanoseconds) of the tenant file version the
+    /// GPUs' `tenant` comes from: a sample stamped inside it is booked to
+    /// `tenant` with no lookup.
+    tenants_span: (i64, i64),
 }
 
 impl Node {
@@ -538,6 +542,7 @@ impl Node {
             gpus: Vec::new(),
             departed: Vec::new(),
             last_commit_id: 0,
+            tenants_span: (i64::MIN, i64::MAX),
             live_valid: true,
             live_first: None,
             live_rest: Vec::new(),
@@ -561,7 +566,9 @@ impl Node {
         self.silent_for(now).is_some_and(|d| d <= window)
     }
 
-    fn attribute(&mut self, tenants: &Tenants) {
+    /// Attributes the GPUs by `tenants`, the version in force over `span`.
+    fn attribute(&mut self, tenants: &Tenants, span: (i64, i64)) {
+        self.tenants_span = span;
         let all = tenants.all();
         for g in &mut self.gpus {
             g.tenant = all[tenants.attribute(&self.id, &g.uuid)].id.clone();
@@ -702,7 +709,16 @@ pub struct Counters {
     pub http_closed: [AtomicU64; crate::serve::HTTP_CLOSES.len()],
     /// HTTP connections open now.
     pub http_open: AtomicU64,
+    /// Hellos refused for a leased GPU the node may not report, by
+    /// `CLAIM_REASONS`.
+    pub gpu_claims_refused: [AtomicU64; CLAIM_REASONS.len()],
 }
+
+/// Why a Hello's GPU was refused: its UUID lease names other nodes, or a
+/// UUID leased without a node is held by another connected node.
+pub const CLAIM_REASONS: [&str; 2] = ["lease_node", "held_by_other_node"];
+const CLAIM_LEASE_NODE: usize = 0;
+const CLAIM_HELD: usize = 1;
 
 /// Whether `id` may name a node: 1-253 bytes, no control characters.
 pub fn node_id_ok(id: &str) -> bool {
@@ -756,6 +772,10 @@ pub enum HelloError {
     TooManyGpus { got: usize, max: u32 },
     #[error("GPU {index}: {reason}")]
     Gpu { index: usize, reason: &'static str },
+    #[error(
+        "gpus[{position}].index is {index}: GPU indexes must be 0..n-1 in inventory order (samples refer to GPUs by index)"
+    )]
+    GpuIndex { position: usize, index: u32 },
     #[error("agent version must be at most 128 printable characters")]
     AgentVersion,
     #[error("stream epoch must be below 2^63")]
@@ -771,6 +791,24 @@ pub enum HelloError {
         current: u64,
         /// Whether a stream of the current epoch is connected now.
         connected: bool,
+    },
+    #[error(
+        "GPU {uuid} is leased to tenant {tenant:?} on node {allowed:?} only; node {node:?} may not report it"
+    )]
+    GpuLeasedElsewhere {
+        uuid: String,
+        tenant: Arc<str>,
+        allowed: String,
+        node: String,
+    },
+    #[error(
+        "GPU {uuid}, leased to tenant {tenant:?}, is held by node {holder:?}, which is connected; node {node:?} may report it once that node's stream has ended or its inventory no longer lists it"
+    )]
+    GpuHeldElsewhere {
+        uuid: String,
+        tenant: Arc<str>,
+        holder: Arc<str>,
+        node: String,
     },
 }
 
@@ -791,7 +829,8 @@ pub struct BatchOutcome {
 
 pub struct State {
     cfg: StateConfig,
-    tenants: RwLock<Arc<Tenants>>,
+    /// The tenant file's versions over time and the one in force now.
+    tenants: RwLock<InForce>,
     auth: RwLock<Arc<Auth>>,
     nodes: Mutex<HashMap<Arc<str>, Arc<Mutex<Node>>>>,
     totals: Mutex<HashMap<Arc<str>, TenantTotals>>,
@@ -803,12 +842,42 @@ pub struct State {
     /// the new node is not counted again on the old one should it come
     /// back there.
     departed_at: Mutex<HashMap<Arc<str>, Arc<str>>>,
+    /// UUID of every GPU leased by UUID in a connected node's inventory ->
+    /// (that node, its stream's generation): a leased GPU is reported by
+    /// one connected node at a time. An entry whose stream has ended is
+    /// void (checked against the node). Only leased GPUs, so that it stays
+    /// as small as the tenant file's UUID leases.
+    held: Mutex<HeldGpus>,
     next_generation: AtomicU64,
     /// What the next ledger commit will write.
     pending: Mutex<Pending>,
     pub counters: Counters,
     /// The ledger's identity, once it is open.
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
+}
+
+/// GPU UUID -> (the connected node whose inventory lists it, that
+/// stream's generation).
+type HeldGpus = HashMap<Arc<str>, (Arc<str>, u64)>;
+
+/// The tenant file's history and the version in force now.
+#[derive(Debug)]
+struct InForce {
+    history: Arc<TenantHistory>,
+    index: usize,
+    span: (i64, i64),
+}
+
+impl InForce {
+    fn of(history: TenantHistory, now: i64) -> Self {
+        let index = history.at(now);
+        let span = history.span(index);
+        Self {
+            history: Arc::new(history),
+            index,
+            span,
+        }
+    }
 }
 
 /// The ledger commit being gathered, and its number.
@@ -822,12 +891,13 @@ impl State {
     pub fn new(cfg: StateConfig, tenants: Tenants) -> Self {
         Self {
             cfg,
-            tenants: RwLock::new(Arc::new(tenants)),
+            tenants: RwLock::new(InForce::of(TenantHistory::new(Arc::new(tenants)), 0)),
             auth: RwLock::new(Arc::new(Auth::default())),
             nodes: Mutex::new(HashMap::new()),
             totals: Mutex::new(HashMap::new()),
             connected: AtomicU64::new(0),
             departed_at: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             next_generation: AtomicU64::new(1),
             pending: Mutex::new(Pending {
                 id: 1,
@@ -923,10 +993,23 @@ impl State {
         *self.auth.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(auth);
     }
 
+    /// The tenants in force now.
     pub fn tenants(&self) -> Arc<Tenants> {
+        self.in_force().0
+    }
+
+    /// The tenants in force now, and the span of time they are in force.
+    fn in_force(&self) -> (Arc<Tenants>, (i64, i64)) {
+        let f = self.tenants.read().unwrap_or_else(|p| p.into_inner());
+        (f.history.version(f.index).clone(), f.span)
+    }
+
+    /// Every version of the tenant file still relevant.
+    pub fn tenant_history(&self) -> Arc<TenantHistory> {
         self.tenants
             .read()
             .unwrap_or_else(|p| p.into_inner())
+            .history
             .clone()
     }
 
@@ -949,17 +1032,80 @@ impl State {
         lock(&self.totals).clone()
     }
 
-    /// Replaces the tenant file and re-attributes every GPU. Nothing
-    /// restarts; energy already counted stays with the tenant it was
-    /// counted for.
+    /// Replaces the tenant file from its `effective_from`, or from now,
+    /// and re-attributes every GPU. Nothing restarts; energy already
+    /// counted stays with the tenant it was counted for.
     pub fn reload_tenants(&self, tenants: Tenants) {
-        let tenants = Arc::new(tenants);
-        *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = tenants.clone();
-        for node in self.nodes() {
-            lock(&node).attribute(&tenants);
-        }
+        let from = tenants.effective_from_ns().unwrap_or_else(unix_nanos_now);
+        self.reload_tenants_from(tenants, from);
+    }
+
+    /// Puts `tenants` in force from `from_ns` (Unix nanoseconds): samples
+    /// stamped from then on are attributed by it, earlier ones by the
+    /// version in force at their time.
+    pub fn reload_tenants_from(&self, tenants: Tenants, from_ns: i64) {
+        let n = tenants.all().len() - 1;
+        let mut history = (*self.tenant_history()).clone();
+        history.push(from_ns, Arc::new(tenants));
+        self.set_tenant_history(history);
         self.counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
-        info!(tenants = tenants.all().len() - 1, "tenant file reloaded");
+        info!(
+            tenants = n,
+            effective_from_ns = from_ns,
+            "tenant file reloaded"
+        );
+    }
+
+    /// Replaces the whole history (at start-up, from the ledger) and
+    /// re-attributes every GPU by the version in force now. Versions whose
+    /// time ended before the oldest acceptable sample are forgotten.
+    pub fn set_tenant_history(&self, mut history: TenantHistory) {
+        let now = unix_nanos_now();
+        let age = i64::try_from(self.cfg.max_sample_age.as_nanos()).unwrap_or(i64::MAX);
+        history.forget_before(now.saturating_sub(age));
+        let f = InForce::of(history, now);
+        let (tenants, span) = (f.history.version(f.index).clone(), f.span);
+        *self.tenants.write().unwrap_or_else(|p| p.into_inner()) = f;
+        // GPUs newly leased by UUID on connected nodes are held from now.
+        let mut leased: Vec<(Arc<str>, Arc<str>, u64)> = Vec::new();
+        for node in self.nodes() {
+            let mut n = lock(&node);
+            n.attribute(&tenants, span);
+            if n.connected {
+                for g in n
+                    .gpus
+                    .iter()
+                    .filter(|g| tenants.uuid_lessee(&g.uuid).is_some())
+                {
+                    leased.push((g.uuid.clone(), n.id.clone(), n.generation));
+                }
+            }
+        }
+        // One lock at a time: `hello` takes `held` before a node.
+        let mut held = lock(&self.held);
+        for (uuid, node, generation) in leased {
+            held.entry(uuid).or_insert((node, generation));
+        }
+    }
+
+    /// Puts the next version in force once its time has come (a file
+    /// loaded with an `effective_from` in the future). Cheap when nothing
+    /// is due: called on every evaluation tick.
+    pub fn advance_tenants(&self) {
+        let until = self
+            .tenants
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .span
+            .1;
+        if unix_nanos_now() < until {
+            return;
+        }
+        self.set_tenant_history((*self.tenant_history()).clone());
+        info!(
+            effective_from_ns = until,
+            "next tenant file version in force"
+        );
     }
 
     /// Admits a stream for `hello.node_id`, taking the node over from any
@@ -1010,7 +1156,11 @@ impl State {
                 });
             }
         }
-        let tenants = self.tenants();
+        let (tenants, span) = self.in_force();
+        // Held until this node's inventory is registered, so that two nodes
+        // cannot both be admitted with one leased GPU.
+        let mut held = lock(&self.held);
+        self.check_gpu_claims(&hello, &tenants, &held)?;
         let node = {
             let mut nodes = lock(&self.nodes);
             nodes
@@ -1129,7 +1279,19 @@ impl State {
                 at.insert(g.uuid.clone(), n.id.clone());
             }
             drop(at);
-            n.attribute(&tenants);
+            for g in n.departed.iter().chain(&forgotten) {
+                if held.get(&g.uuid).is_some_and(|(o, _)| **o == *id) {
+                    held.remove(&g.uuid);
+                }
+            }
+            for g in n
+                .gpus
+                .iter()
+                .filter(|g| tenants.uuid_lessee(&g.uuid).is_some())
+            {
+                held.insert(g.uuid.clone(), (n.id.clone(), generation));
+            }
+            n.attribute(&tenants, span);
             n.agent_version = hello.agent_version;
             n.interval = hello.interval;
             n.generation = generation;
@@ -1139,6 +1301,7 @@ impl State {
             n.connected = true;
             n.last_seq
         };
+        drop(held);
         // Outside this node's lock: one node lock at a time.
         for (owner, uuid) in moved {
             let Some(other) = lock(&self.nodes).get(&owner).cloned() else {
@@ -1167,7 +1330,71 @@ impl State {
         if n.generation == h.generation && n.connected {
             n.connected = false;
             self.connected.fetch_sub(1, Ordering::Relaxed);
+            let uuids: Vec<Arc<str>> = n.gpus.iter().map(|g| g.uuid.clone()).collect();
+            // One lock at a time: `hello` takes `held` before a node.
+            drop(n);
+            let mut held = lock(&self.held);
+            for uuid in uuids {
+                if held.get(&uuid).is_some_and(|(_, g)| *g == h.generation) {
+                    held.remove(&uuid);
+                }
+            }
         }
+    }
+
+    /// Refuses a Hello listing a GPU that `tenants` leases by UUID on other
+    /// nodes only, or one leased without a node that another connected
+    /// node holds. Counted by reason.
+    fn check_gpu_claims(
+        &self,
+        hello: &Hello,
+        tenants: &Tenants,
+        held: &HeldGpus,
+    ) -> Result<(), HelloError> {
+        let refused = |reason: usize, e: HelloError| {
+            self.counters.gpu_claims_refused[reason].fetch_add(1, Ordering::Relaxed);
+            Err(e)
+        };
+        let node = hello.node_id.as_str();
+        for g in &hello.gpus {
+            let Some(tenant) = tenants.uuid_lessee(&g.uuid) else {
+                continue;
+            };
+            if let Err(e) = tenants.check_gpu(node, &g.uuid) {
+                return refused(
+                    CLAIM_LEASE_NODE,
+                    HelloError::GpuLeasedElsewhere {
+                        uuid: g.uuid.clone(),
+                        tenant: e.tenant,
+                        allowed: e.node,
+                        node: node.to_string(),
+                    },
+                );
+            }
+            let Some((holder, generation)) = held.get(g.uuid.as_str()) else {
+                continue;
+            };
+            if **holder == *node {
+                continue;
+            }
+            let holder_node = lock(&self.nodes).get(holder).cloned();
+            let still_held = holder_node.is_some_and(|h| {
+                let h = lock(&h);
+                h.connected && h.generation == *generation
+            });
+            if still_held {
+                return refused(
+                    CLAIM_HELD,
+                    HelloError::GpuHeldElsewhere {
+                        uuid: g.uuid.clone(),
+                        tenant: tenant.clone(),
+                        holder: holder.clone(),
+                        node: node.to_string(),
+                    },
+                );
+            }
+        }
+        Ok(())
     }
 
     /// Applies a batch of validated samples (rejections already decided by
@@ -1182,8 +1409,14 @@ impl State {
         let mut out = BatchOutcome::default();
         let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
         let mut booked = Booking::default();
+        // The tenant of each GPU under the last older version a sample of
+        // this batch needed: (version, tenant per GPU).
+        let mut past: Option<(usize, Vec<Arc<str>>)> = None;
         {
             let mut n = lock(&h.node);
+            // Read under the node's lock: a reload re-attributes the node
+            // after replacing the history, so this is as new as its span.
+            let history = self.tenant_history();
             let window = n.stale_window(self.cfg.stale_after);
             let node_id = n.id.clone();
             if n.generation != h.generation || n.epoch != h.epoch {
@@ -1231,16 +1464,37 @@ impl State {
                     interval: n.interval,
                     window,
                 };
+                // The common case, a sample of the version the GPUs were
+                // attributed by: their own tenant. Else (a sample from
+                // before a lease change, delivered late) the tenant of the
+                // version in force at the sample's time.
+                let ts = s.timestamp_unix_nanos;
+                let version = (ts < n.tenants_span.0 || ts >= n.tenants_span.1).then(|| {
+                    let v = history.at(ts);
+                    if past.as_ref().is_none_or(|(p, _)| *p != v) {
+                        let t = history.version(v);
+                        let tenants = n
+                            .gpus
+                            .iter()
+                            .map(|g| t.all()[t.attribute(&node_id, &g.uuid)].id.clone())
+                            .collect();
+                        past = Some((v, tenants));
+                    }
+                });
                 for r in s.gpus {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
                     let applied = gpu.apply(r, &tick);
-                    applied.book(&mut booked, &gpu.tenant, window);
+                    let tenant = match (&version, &past) {
+                        (Some(()), Some((_, tenants))) => &tenants[i],
+                        _ => &gpu.tenant,
+                    };
+                    applied.book(&mut booked, tenant, window);
                     let added = applied.energy_mj;
                     if added > 0 {
-                        match energy.iter_mut().find(|(t, _)| *t == gpu.tenant) {
+                        match energy.iter_mut().find(|(t, _)| t == tenant) {
                             Some((_, e)) => *e = e.saturating_add(added),
-                            None => energy.push((gpu.tenant.clone(), added)),
+                            None => energy.push((tenant.clone(), added)),
                         }
                     }
                 }
@@ -1452,7 +1706,7 @@ fn check_against_node(
     Ok(())
 }
 
-fn unix_nanos_now() -> i64 {
+pub(crate) fn unix_nanos_now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
@@ -2685,6 +2939,91 @@ mod tests {
     }
 
     #[test]
+    fn a_leased_gpu_is_reported_by_one_connected_node_at_a_time() {
+        // Invariant: a GPU leased by UUID without a node is admitted on one
+        // connected node at a time; another node announcing it is refused
+        // (counted, no node created) until the holder's stream ends or its
+        // inventory drops the GPU. A lease naming its node admits it there
+        // only. Unleased UUIDs are not policed.
+        let tenants = format!(
+            "{TENANTS}\n[[tenant]]\nid = \"lab-p\"\ncontracted_kw = 1\n\
+             gpus = [{{ uuid = \"pinned-0\", node = \"p-*\" }}]\n"
+        );
+        let state = new_state(&tenants, None);
+        let held = |s: &State| s.counters.gpu_claims_refused[CLAIM_HELD].load(Ordering::Relaxed);
+        let z = state
+            .hello(hello_with("z-1", 1, &["z-1-gpu0", "z-1-gpu1"]))
+            .unwrap()
+            .0;
+        match state.hello(hello_with("evil-1", 1, &["free-0", "z-1-gpu0"])) {
+            Err(HelloError::GpuHeldElsewhere {
+                uuid,
+                tenant,
+                holder,
+                node,
+            }) => {
+                assert_eq!(
+                    (&*uuid, &*tenant, &*holder, &*node),
+                    ("z-1-gpu0", "lab-b", "z-1", "evil-1")
+                );
+            }
+            other => panic!("evil-1 admitted with z-1's leased GPU: {other:?}"),
+        }
+        assert_eq!(held(&state), 1);
+        assert!(lock(&state.nodes).get("evil-1").is_none());
+        // An unleased UUID held elsewhere is not policed; z-1 itself may
+        // reconnect with its GPU.
+        state.hello(hello_with("evil-2", 1, &["z-1-gpu1"])).unwrap();
+        state.hello(hello_with("z-1", 1, &["z-1-gpu0"])).unwrap();
+        state.disconnect(&z); // the superseded stream ends: changes nothing
+        assert!(state.hello(hello_with("evil-1", 1, &["z-1-gpu0"])).is_err());
+        // The GPU leaves z-1's inventory: it may turn up elsewhere.
+        let z = state.hello(hello_with("z-1", 2, &["z-1-gpu1"])).unwrap().0;
+        let m = state.hello(hello_with("m-1", 1, &["z-1-gpu0"])).unwrap().0;
+        assert_eq!(&*lock(&m.node).gpus[0].tenant, "lab-b");
+        // Its new node's stream ends: z-1 may take it back.
+        state.disconnect(&m);
+        state.disconnect(&z);
+        state.hello(hello_with("z-1", 3, &["z-1-gpu0"])).unwrap();
+        assert_eq!(held(&state), 2);
+        // A lease naming its node: refused elsewhere, even unheld.
+        match state.hello(hello_with("evil-1", 1, &["pinned-0"])) {
+            Err(HelloError::GpuLeasedElsewhere {
+                uuid,
+                tenant,
+                allowed,
+                node,
+            }) => {
+                assert_eq!(
+                    (&*uuid, &*tenant, &*allowed, &*node),
+                    ("pinned-0", "lab-p", "p-*", "evil-1")
+                );
+            }
+            other => panic!("evil-1 admitted with a GPU leased on p-*: {other:?}"),
+        }
+        assert_eq!(
+            state.counters.gpu_claims_refused[CLAIM_LEASE_NODE].load(Ordering::Relaxed),
+            1
+        );
+        let p = state.hello(hello_with("p-7", 1, &["pinned-0"])).unwrap().0;
+        assert_eq!(&*lock(&p.node).gpus[0].tenant, "lab-p");
+        // A GPU leased by a reload is held by the connected node that has
+        // it from then on.
+        assert!(state.hello(hello_with("evil-3", 1, &["late-0"])).is_ok());
+        state.hello(hello_with("q-1", 1, &["late-0"])).unwrap();
+        state.reload_tenants(
+            Tenants::from_toml(&format!(
+                "{tenants}\n[[tenant]]\nid = \"lab-q\"\ncontracted_kw = 1\ngpus = [\"late-0\"]\n"
+            ))
+            .unwrap(),
+        );
+        assert!(matches!(
+            state.hello(hello_with("evil-4", 1, &["late-0"])),
+            Err(HelloError::GpuHeldElsewhere { .. })
+        ));
+    }
+
+    #[test]
     fn tenant_power_sums_only_fresh_gpus() {
         // Invariant: live power counts a GPU only while its last reading is
         // within the stale window and not lost; the others count as stale.
@@ -2801,7 +3140,9 @@ mod tests {
         assert_eq!(tenant_energy(&state, "lab-a"), 3_000);
         assert_eq!(tenant_energy(&state, "lab-b"), 1_000);
 
-        state.reload_tenants(Tenants::from_toml(MOVED).unwrap());
+        // In force from just after the samples so far (this test's clock
+        // runs in 2023: a reload now would not cover its later samples).
+        state.reload_tenants_from(Tenants::from_toml(MOVED).unwrap(), T0 + 2 * SEC + 1);
         assert_eq!(state.counters.reloads_ok.load(Ordering::Relaxed), 1);
         // (handle, tenant per GPU, node tenant) after the reload
         let after: [(&StreamHandle, [&str; 2], &str); 2] = [
@@ -2835,6 +3176,77 @@ mod tests {
         assert_eq!(live["lab-c"].power_milliwatts, 100_000);
         assert_eq!(live[UNASSIGNED].power_milliwatts, 100_000);
         assert!(!live.contains_key("lab-a"));
+    }
+
+    #[test]
+    fn energy_is_attributed_by_the_lease_in_force_at_the_sample_time() {
+        // Invariant: an interval belongs to the tenant of the version in
+        // force at its end (its sample's timestamp), whenever it arrives:
+        // a sample delivered after a lease change but stamped before it
+        // stays with the old tenant, in its own minute; a version that
+        // takes effect in the future applies once its time has come.
+        const V2: &str = "[[tenant]]\nid = \"lab-b\"\ncontracted_kw = 1\nnodes = [\"a-1\"]\n";
+        const V3: &str = "[[tenant]]\nid = \"lab-c\"\ncontracted_kw = 1\nnodes = [\"a-*\"]\n";
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 1);
+        let at =
+            |seq: u64, secs: i64, c: u64| vec![sample(seq, T0 + secs * SEC, &[(100_000, Some(c))])];
+        ingest(&state, &h, at(1, 0, 0));
+        ingest(&state, &h, at(2, 10, 1_000));
+        // a-1 moves to lab-b 100 s after T0 (T0 is 20 s into its minute).
+        let change = T0 + 100 * SEC;
+        state.reload_tenants_from(Tenants::from_toml(V2).unwrap(), change);
+        assert_eq!(&*lock(&h.node).gpus[0].tenant, "lab-b");
+        // Delivered now, stamped before the change: lab-a's, in its minute.
+        ingest(&state, &h, at(3, 70, 3_000));
+        ingest(&state, &h, at(4, 99, 4_000));
+        // Stamped from the change on: lab-b's.
+        ingest(&state, &h, at(5, 100, 4_500));
+        ingest(&state, &h, at(6, 130, 6_000));
+        assert_eq!(tenant_energy(&state, "lab-a"), 4_000);
+        assert_eq!(tenant_energy(&state, "lab-b"), 2_000);
+        let (_, c) = state.take_pending();
+        let minute = |secs: i64| (T0 + secs * SEC).div_euclid(60 * SEC) * 60;
+        // (tenant, minute, energy): the interval 10-70 s (30-90 s of
+        // T0's minute) is split by minute, all of it lab-a's; 99-100 s is
+        // lab-b's (by its end).
+        let mut got: Vec<(String, i64, u64)> = c
+            .buckets
+            .iter()
+            .filter(|(_, d)| d.energy_mj > 0)
+            .map(|((t, _, m), d)| (t.to_string(), *m, d.energy_mj))
+            .collect();
+        got.sort();
+        let m0 = minute(0);
+        assert_eq!(
+            got,
+            [
+                ("lab-a".to_string(), m0, 1_000 + 1_000),
+                ("lab-a".to_string(), m0 + 60, 1_000 + 1_000),
+                ("lab-b".to_string(), m0 + 60, 500),
+                ("lab-b".to_string(), m0 + 120, 1_500),
+            ]
+        );
+        // A version taking effect in the future: lab-b stays in force (and
+        // the fast path books to it) until then.
+        let soon = unix_nanos_now() + 200_000_000;
+        state.reload_tenants_from(Tenants::from_toml(V3).unwrap(), soon);
+        assert_eq!(&*lock(&h.node).gpus[0].tenant, "lab-b");
+        assert_eq!(state.tenants().all()[0].id.as_ref(), "lab-b");
+        let until = Instant::now() + Duration::from_secs(10);
+        while &*lock(&h.node).gpus[0].tenant != "lab-c" {
+            assert!(
+                Instant::now() < until,
+                "the future version never came into force"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+            state.advance_tenants();
+        }
+        assert_eq!(state.tenants().all()[0].id.as_ref(), "lab-c");
+        // Still stamped in lab-b's time: lab-b's.
+        ingest(&state, &h, at(7, 140, 7_000));
+        assert_eq!(tenant_energy(&state, "lab-b"), 3_000);
+        assert_eq!(tenant_energy(&state, "lab-c"), 0);
     }
 
     // ---- 9. Lost readings --------------------------------------------------

@@ -5,6 +5,16 @@
 //! node glob matches (the longest pattern wins, as the most specific).
 //! A GPU nobody claims belongs to [`UNASSIGNED`].
 //!
+//! A UUID is only what an agent says, so a UUID lease may name the node
+//! (or node glob) the GPU lives in: it then counts only there, and any
+//! other node announcing the UUID is refused ([`Tenants::check_gpu`]). A
+//! lease without a node is honoured on one node at a time (see
+//! `State::hello`).
+//!
+//! The file changes over time: [`TenantHistory`] keeps its versions with
+//! the moment each took effect, so that an interval is attributed by the
+//! version in force at its own time.
+//!
 //! *Invariant:* attribution is a function of (node id, GPU UUID) and the
 //! tenant file alone; two tenants claiming one GPU or one node by name is a
 //! config error, caught at load time, never resolved silently.
@@ -16,7 +26,7 @@ use std::sync::Arc;
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
-use crate::config::{ConfigError, read_toml};
+use crate::config::ConfigError;
 
 /// The tenant of every GPU no tenant claims.
 pub const UNASSIGNED: &str = "unassigned";
@@ -24,6 +34,10 @@ pub const UNASSIGNED: &str = "unassigned";
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantsFile {
+    /// When this file's leases take effect (an RFC 3339 date-time with an
+    /// offset); unset: when the collector loads it.
+    #[serde(default)]
+    effective_from: Option<toml::value::Datetime>,
     #[serde(default, rename = "tenant")]
     tenants: Vec<TenantSpec>,
 }
@@ -41,9 +55,10 @@ struct TenantSpec {
     /// Node names or globs (`rack-a-*`) this tenant leases whole.
     #[serde(default)]
     nodes: Vec<String>,
-    /// GPU UUIDs this tenant leases one by one.
+    /// GPUs this tenant leases one by one: a UUID, or `{ uuid, node }`
+    /// naming the node (or node glob) the GPU may be reported from.
     #[serde(default)]
-    gpus: Vec<String>,
+    gpus: Vec<toml::Value>,
     /// Power usage effectiveness of the tenant's site (1.0-3.0), for the
     /// estimated facility energy in usage rows.
     #[serde(default)]
@@ -58,14 +73,51 @@ pub struct Tenant {
     pub pue: Option<f64>,
 }
 
+/// A GPU leased by UUID.
+#[derive(Debug)]
+struct UuidLease {
+    tenant: usize,
+    /// Where the GPU may be reported from: a node name or glob. `None`: any
+    /// node, one at a time (see `State::hello`).
+    node: Option<(String, NodeMatch)>,
+}
+
+#[derive(Debug)]
+enum NodeMatch {
+    Exact,
+    Glob(GlobMatcher),
+}
+
+impl UuidLease {
+    fn allows(&self, node: &str) -> bool {
+        match &self.node {
+            None => true,
+            Some((name, NodeMatch::Exact)) => name == node,
+            Some((_, NodeMatch::Glob(m))) => m.is_match(node),
+        }
+    }
+}
+
+/// Why a node may not report a GPU leased by UUID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeasedElsewhere {
+    pub tenant: Arc<str>,
+    /// The node name or glob the lease names.
+    pub node: String,
+}
+
 /// A validated tenant file.
 #[derive(Debug)]
 pub struct Tenants {
     /// Configured tenants, then `unassigned` last.
     tenants: Vec<Tenant>,
-    by_uuid: HashMap<String, usize>,
+    by_uuid: HashMap<String, UuidLease>,
     by_node: HashMap<String, usize>,
     globs: Vec<(usize, String, GlobMatcher)>,
+    /// `effective_from`, in Unix nanoseconds.
+    effective_from_ns: Option<i64>,
+    /// The text this was read from, kept in the ledger's history.
+    source: String,
 }
 
 impl Tenants {
@@ -75,8 +127,15 @@ impl Tenants {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let file: TenantsFile = read_toml(path)?;
-        Self::build(file.tenants).map_err(|e| match e {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let file: TenantsFile = toml::from_str(&text).map_err(|error| ConfigError::Parse {
+            path: path.to_owned(),
+            error,
+        })?;
+        Self::from_parsed(file, text).map_err(|e| match e {
             ConfigError::Invalid { setting, reason } => ConfigError::Invalid {
                 setting,
                 reason: format!("{}: {reason}", path.display()),
@@ -90,7 +149,35 @@ impl Tenants {
             path: "<tenants>".into(),
             error,
         })?;
-        Self::build(file.tenants)
+        Self::from_parsed(file, text.to_string())
+    }
+
+    fn from_parsed(file: TenantsFile, source: String) -> Result<Self, ConfigError> {
+        let effective_from_ns = file
+            .effective_from
+            .map(|d| {
+                unix_nanos_of(&d).ok_or_else(|| ConfigError::Invalid {
+                    setting: "effective_from",
+                    reason: format!(
+                        "{d} must be a date-time with an offset after 1970, e.g. 2026-12-01T00:00:00Z"
+                    ),
+                })
+            })
+            .transpose()?;
+        let mut t = Self::build(file.tenants)?;
+        t.effective_from_ns = effective_from_ns;
+        t.source = source;
+        Ok(t)
+    }
+
+    /// When the file says its leases take effect (Unix nanoseconds).
+    pub fn effective_from_ns(&self) -> Option<i64> {
+        self.effective_from_ns
+    }
+
+    /// The text the tenants were read from (empty for no file).
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     fn build(specs: Vec<TenantSpec>) -> Result<Self, ConfigError> {
@@ -99,7 +186,7 @@ impl Tenants {
             reason,
         };
         let mut tenants = Vec::with_capacity(specs.len() + 1);
-        let mut by_uuid: HashMap<String, usize> = HashMap::new();
+        let mut by_uuid: HashMap<String, UuidLease> = HashMap::new();
         let mut by_node: HashMap<String, usize> = HashMap::new();
         let mut globs = Vec::new();
         for (i, spec) in specs.iter().enumerate() {
@@ -144,9 +231,23 @@ impl Tenants {
                     "tenant {id:?}: pue must be between 1.0 and 3.0"
                 )));
             }
-            for uuid in &spec.gpus {
-                if let Some(other) = by_uuid.insert(uuid.clone(), i) {
-                    return Err(twice("GPU", uuid, other));
+            for entry in &spec.gpus {
+                let (uuid, node) = gpu_lease(id, entry).map_err(invalid)?;
+                let node = match node {
+                    Some(n) if is_glob(&n) => {
+                        let glob = Glob::new(&n).map_err(|e| {
+                            invalid(format!(
+                                "tenant {id:?}: GPU {uuid:?}: node pattern {n:?}: {e}"
+                            ))
+                        })?;
+                        Some((n, NodeMatch::Glob(glob.compile_matcher())))
+                    }
+                    Some(n) => Some((n, NodeMatch::Exact)),
+                    None => None,
+                };
+                let lease = UuidLease { tenant: i, node };
+                if let Some(other) = by_uuid.insert(uuid.clone(), lease) {
+                    return Err(twice("GPU", &uuid, other.tenant));
                 }
             }
             for node in &spec.nodes {
@@ -181,6 +282,8 @@ impl Tenants {
             by_uuid,
             by_node,
             globs,
+            effective_from_ns: None,
+            source: String::new(),
         })
     }
 
@@ -194,12 +297,33 @@ impl Tenants {
     }
 
     /// The tenant of the GPU `uuid` on node `node` (`uuid` may be empty to
-    /// ask about the node as a whole).
+    /// ask about the node as a whole). A UUID lease that names its node
+    /// counts only there.
     pub fn attribute(&self, node: &str, uuid: &str) -> usize {
-        if let Some(&t) = self.by_uuid.get(uuid) {
-            return t;
+        match self.by_uuid.get(uuid) {
+            Some(lease) if lease.allows(node) => lease.tenant,
+            _ => self.attribute_node(node),
         }
-        self.attribute_node(node)
+    }
+
+    /// The tenant leasing GPU `uuid` by UUID, if any.
+    pub fn uuid_lessee(&self, uuid: &str) -> Option<&Arc<str>> {
+        self.by_uuid.get(uuid).map(|l| &self.tenants[l.tenant].id)
+    }
+
+    /// Whether node `node` may report GPU `uuid`: no, when a tenant leases
+    /// the UUID on other nodes only.
+    pub fn check_gpu(&self, node: &str, uuid: &str) -> Result<(), LeasedElsewhere> {
+        match self.by_uuid.get(uuid) {
+            Some(lease) if !lease.allows(node) => Err(LeasedElsewhere {
+                tenant: self.tenants[lease.tenant].id.clone(),
+                node: lease
+                    .node
+                    .as_ref()
+                    .map_or_else(String::new, |(n, _)| n.clone()),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// The tenant leasing node `node` as a whole.
@@ -213,6 +337,118 @@ impl Tenants {
             // Most specific pattern: the longest; ties go to the file's order.
             .max_by(|a, b| a.1.len().cmp(&b.1.len()).then(b.0.cmp(&a.0)))
             .map_or(self.unassigned(), |(t, _, _)| *t)
+    }
+}
+
+/// A TOML offset date-time as Unix nanoseconds; `None` without an offset
+/// or before 1970.
+fn unix_nanos_of(d: &toml::value::Datetime) -> Option<i64> {
+    d.offset?;
+    d.date?;
+    d.time?;
+    let ts: jiff::Timestamp = d.to_string().parse().ok()?;
+    i64::try_from(ts.as_nanosecond()).ok().filter(|n| *n >= 0)
+}
+
+/// The versions of the tenant file in force over time: each with the
+/// moment (Unix nanoseconds) it took effect, in order. The first also
+/// covers everything before it (nothing earlier is known).
+///
+/// *Invariant:* an interval of a GPU belongs to the tenant that the
+/// version in force at the interval's end (its sample's timestamp)
+/// attributes it to.
+#[derive(Debug, Clone)]
+pub struct TenantHistory {
+    /// (in force from, tenants); `from` strictly increasing.
+    versions: Vec<(i64, Arc<Tenants>)>,
+}
+
+impl TenantHistory {
+    /// A history of one version, in force at all times.
+    pub fn new(first: Arc<Tenants>) -> Self {
+        Self {
+            versions: vec![(i64::MIN, first)],
+        }
+    }
+
+    /// Adds a version in force from `from`: it replaces whatever was in
+    /// force from then on (a file loaded later is the word on its period).
+    pub fn push(&mut self, from: i64, tenants: Arc<Tenants>) {
+        let keep = self.versions.partition_point(|(f, _)| *f < from);
+        if keep == 0 {
+            // Before every known version: this one covers all earlier time.
+            self.versions.clear();
+            self.versions.push((i64::MIN, tenants));
+            return;
+        }
+        self.versions.truncate(keep);
+        self.versions.push((from, tenants));
+    }
+
+    /// The index of the version in force at `at`.
+    pub fn at(&self, at: i64) -> usize {
+        self.versions
+            .partition_point(|(f, _)| *f <= at)
+            .saturating_sub(1)
+    }
+
+    /// Version `i`.
+    pub fn version(&self, i: usize) -> &Arc<Tenants> {
+        &self.versions[i].1
+    }
+
+    /// The version loaded last.
+    pub fn latest(&self) -> &Arc<Tenants> {
+        &self.versions[self.versions.len() - 1].1
+    }
+
+    /// [from, until) of version `i`.
+    pub fn span(&self, i: usize) -> (i64, i64) {
+        let until = self.versions.get(i + 1).map_or(i64::MAX, |(f, _)| *f);
+        (self.versions[i].0, until)
+    }
+
+    /// Forgets versions whose time ended at or before `before` (no sample
+    /// that old is accepted); the first one left covers earlier time.
+    pub fn forget_before(&mut self, before: i64) {
+        let ended = (0..self.versions.len())
+            .take_while(|&i| self.span(i).1 <= before)
+            .count();
+        self.versions.drain(..ended.min(self.versions.len() - 1));
+        self.versions[0].0 = i64::MIN;
+    }
+
+    pub fn len(&self) -> usize {
+        self.versions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.versions.is_empty()
+    }
+}
+
+/// One entry of a tenant's `gpus`: `"GPU-…"` or `{ uuid = "GPU-…", node =
+/// "name or glob" }`; (UUID, node).
+fn gpu_lease(tenant: &str, entry: &toml::Value) -> Result<(String, Option<String>), String> {
+    let bad = |what: String| format!("tenant {tenant:?}: gpus entry {entry}: {what}");
+    match entry {
+        toml::Value::String(uuid) if !uuid.is_empty() => Ok((uuid.clone(), None)),
+        toml::Value::Table(t) => {
+            if let Some(k) = t.keys().find(|k| *k != "uuid" && *k != "node") {
+                return Err(bad(format!(
+                    "unknown key `{k}`, expected `uuid` and `node`"
+                )));
+            }
+            let text = |key: &str| match t.get(key) {
+                Some(toml::Value::String(v)) if !v.is_empty() => Ok(v.clone()),
+                Some(_) => Err(bad(format!("`{key}` must be a non-empty string"))),
+                None => Err(bad(format!("`{key}` is missing"))),
+            };
+            Ok((text("uuid")?, Some(text("node")?)))
+        }
+        _ => Err(bad(
+            "must be a GPU UUID string or { uuid = \"…\", node = \"…\" }".into(),
+        )),
     }
 }
 
@@ -257,6 +493,118 @@ mod tests {
         assert_eq!(t.all()[1].contracted_milliwatts, 2_500_000);
         assert_eq!(t.all()[1].name, "Lab B");
         assert_eq!(t.all()[0].name, "lab-a");
+    }
+
+    #[test]
+    fn a_gpu_lease_naming_its_node_counts_only_there() {
+        let t = Tenants::from_toml(
+            r#"
+            [[tenant]]
+            id = "lab-a"
+            contracted_kw = 1
+            nodes = ["a-*"]
+
+            [[tenant]]
+            id = "lab-c"
+            contracted_kw = 1
+            gpus = ["GPU-plain", { uuid = "GPU-7", node = "gpu-node-7" }, { uuid = "GPU-r", node = "r-{1,2}" }]
+            "#,
+        )
+        .unwrap();
+        let id = |node, uuid| t.all()[t.attribute(node, uuid)].id.to_string();
+        // (node, uuid, tenant, may the node report it)
+        let cases = [
+            ("gpu-node-7", "GPU-7", "lab-c", true),
+            ("a-1", "GPU-7", "lab-a", false),
+            ("evil-1", "GPU-7", UNASSIGNED, false),
+            ("r-2", "GPU-r", "lab-c", true),
+            ("r-3", "GPU-r", UNASSIGNED, false),
+            ("evil-1", "GPU-plain", "lab-c", true),
+            ("evil-1", "GPU-x", UNASSIGNED, true),
+        ];
+        for (node, uuid, want, may) in cases {
+            assert_eq!(id(node, uuid), want, "{node} {uuid}");
+            assert_eq!(t.check_gpu(node, uuid).is_ok(), may, "{node} {uuid}");
+        }
+        let e = t.check_gpu("evil-1", "GPU-7").unwrap_err();
+        assert_eq!((&*e.tenant, e.node.as_str()), ("lab-c", "gpu-node-7"));
+        assert_eq!(t.uuid_lessee("GPU-plain").map(|t| &**t), Some("lab-c"));
+        assert_eq!(t.uuid_lessee("GPU-x"), None);
+    }
+
+    #[test]
+    fn effective_from_is_an_offset_date_time() {
+        let at = |v: &str| {
+            Tenants::from_toml(&format!("effective_from = {v}\n")).map(|t| t.effective_from_ns())
+        };
+        assert_eq!(
+            at("2026-12-01T00:00:00Z").unwrap(),
+            Some(1_796_083_200_000_000_000)
+        );
+        assert_eq!(
+            at("2026-12-01T01:00:00.5+01:00").unwrap(),
+            Some(1_796_083_200_500_000_000)
+        );
+        assert_eq!(Tenants::from_toml("").unwrap().effective_from_ns(), None);
+        for bad in ["2026-12-01T00:00:00", "2026-12-01", "1969-12-31T23:59:59Z"] {
+            let err = at(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("effective_from") && err.contains("offset"),
+                "{bad}: {err}"
+            );
+        }
+        let err = Tenants::from_toml("effective_from = 'tomorrow'\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("effective_from"), "{err}");
+    }
+
+    #[test]
+    fn the_history_answers_which_version_was_in_force() {
+        let v = |id: &str| {
+            Arc::new(
+                Tenants::from_toml(&format!("[[tenant]]\nid = '{id}'\ncontracted_kw = 1\n"))
+                    .unwrap(),
+            )
+        };
+        let id = |h: &TenantHistory, at: i64| h.version(h.at(at)).all()[0].id.to_string();
+        let mut h = TenantHistory::new(v("a"));
+        h.push(100, v("b"));
+        h.push(200, v("c"));
+        // (time, version in force): the first covers all earlier time.
+        for (at, want) in [
+            (i64::MIN, "a"),
+            (99, "a"),
+            (100, "b"),
+            (199, "b"),
+            (200, "c"),
+            (i64::MAX, "c"),
+        ] {
+            assert_eq!(id(&h, at), want, "{at}");
+        }
+        assert_eq!(h.span(1), (100, 200));
+        assert_eq!(h.span(2), (200, i64::MAX));
+        // A file loaded later with an earlier effective time replaces what
+        // was in force from then on.
+        h.push(150, v("d"));
+        assert_eq!(
+            (id(&h, 149), id(&h, 150), id(&h, 500)),
+            ("b".into(), "d".into(), "d".into())
+        );
+        assert_eq!(h.latest().all()[0].id.as_ref(), "d");
+        h.push(i64::MIN, v("e"));
+        assert_eq!((h.len(), id(&h, i64::MIN)), (1, "e".into()));
+        // Versions whose time ended before the oldest acceptable sample go.
+        let mut h = TenantHistory::new(v("a"));
+        h.push(100, v("b"));
+        h.push(200, v("c"));
+        h.forget_before(150);
+        assert_eq!(
+            (h.len(), id(&h, 0), id(&h, 250)),
+            (2, "b".into(), "c".into())
+        );
+        h.forget_before(i64::MAX);
+        assert_eq!((h.len(), id(&h, 0)), (1, "c".into()));
     }
 
     #[test]
@@ -307,6 +655,30 @@ mod tests {
             (
                 "[[tenant]]\nid='a'\ncontracted_kw=1\nnodes=['r-*']\n[[tenant]]\nid='b'\ncontracted_kw=1\nnodes=['r-*']",
                 "node pattern \"r-*\" is claimed by both tenant \"a\" and tenant \"b\"",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G', nodes='n'}]",
+                "unknown key `nodes`, expected `uuid` and `node`",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G'}]",
+                "`node` is missing",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G', node=7}]",
+                "`node` must be a non-empty string",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[7]",
+                "must be a GPU UUID string or",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=[{uuid='G', node='n['}]",
+                "GPU \"G\": node pattern",
+            ),
+            (
+                "[[tenant]]\nid='a'\ncontracted_kw=1\ngpus=['G']\n[[tenant]]\nid='b'\ncontracted_kw=1\ngpus=[{uuid='G', node='n'}]",
+                "GPU G is claimed by both tenant \"a\" and tenant \"b\"",
             ),
         ];
         for (text, want) in cases {

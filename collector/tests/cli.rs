@@ -314,6 +314,8 @@ fn example_tenants_attribute_as_documented() {
             ("gpu-node-019", "GPU-x", UNASSIGNED),
             ("shared-node-1", leased, "inference-startup"),
             ("shared-node-1", "GPU-x", UNASSIGNED),
+            // Pinned to shared-node-1: announced elsewhere, not the lessee's.
+            ("gpu-node-017", leased, "vision-team"),
         ],
     );
     attributes(

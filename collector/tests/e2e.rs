@@ -619,3 +619,191 @@ fn fleet_simulator_reports_what_the_collector_acked() {
     assert_eq!(gpus("reporting") + gpus("stale"), 48.0);
     collector.stop();
 }
+
+fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// An exact amount in a usage row: a JSON number or a decimal string.
+fn amount(v: &serde_json::Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("amount {v}"))
+}
+
+/// Node `m-1` moves from tenant `ta` to tenant `tb` while the collector is
+/// down; the agent's spool delivers the outage's samples to the restarted
+/// collector. The change takes effect when the new file is loaded, or at
+/// the `effective_from` it names (a moment during the outage).
+fn lease_change_during_an_outage(explicit: bool) {
+    // 20 s of samples: the outage and restart fit inside the run even on
+    // a loaded machine.
+    const N: u64 = 200;
+    const STEP: i64 = INTERVAL_MS as i64 * 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let truth = Truth::of("m-1", N);
+    let v1 = "[[tenant]]\nid = \"ta\"\ncontracted_kw = 10\nnodes = [\"m-1\"]\n\n\
+              [[tenant]]\nid = \"tb\"\ncontracted_kw = 10\n";
+    let first = Collector::start(dir.path(), v1, 0, &["--stale-after", "5m"]);
+    let port = first.grpc.port();
+    let fast_reconnect =
+        "reconnect_initial = \"50ms\"\nreconnect_max = \"200ms\"\ndrain_timeout = \"20s\"\n";
+    let agent = Agent::start(dir.path(), &first.endpoint(), "m-1", N, fast_reconnect);
+    let epoch = json_number(
+        &first
+            .log
+            .wait_for("agent connected", Duration::from_secs(20)),
+        "epoch",
+    ) as i64;
+    eventually(
+        Duration::from_secs(10),
+        "samples at the first collector",
+        || {
+            !first
+                .metrics()
+                .select("capwatch_node_samples_total", &[("node", "m-1")])
+                .is_empty()
+        },
+    );
+    first.stop();
+    let failures = || {
+        agent
+            .log
+            .lines()
+            .iter()
+            .filter(|l| l.contains("stream to collector failed"))
+            .count()
+    };
+    // The stream ended, and a reconnect failed: samples pile up.
+    eventually(
+        Duration::from_secs(10),
+        "the agent finding the collector gone",
+        || failures() >= 2,
+    );
+    let mut v2 = String::new();
+    let mut explicit_change = None;
+    if explicit {
+        // Halfway between two samples, while the collector is down; more
+        // samples are taken before it comes back.
+        let k = (now_nanos() - epoch) / STEP + 1;
+        let change = epoch + k * STEP + STEP / 2;
+        let secs = change.div_euclid(1_000_000_000);
+        let nanos = change.rem_euclid(1_000_000_000);
+        let stamp = capwatch_collector::usage::rfc3339(secs);
+        v2 = format!(
+            "effective_from = {}.{nanos:09}Z\n",
+            stamp.trim_end_matches('Z')
+        );
+        explicit_change = Some(change);
+        eventually(Duration::from_secs(10), "samples after the change", || {
+            now_nanos() > change + 3 * STEP
+        });
+    }
+    v2.push_str(
+        "[[tenant]]\nid = \"ta\"\ncontracted_kw = 10\n\n\
+         [[tenant]]\nid = \"tb\"\ncontracted_kw = 10\nnodes = [\"m-1\"]\n",
+    );
+    let restarted_at = now_nanos();
+    let second = Collector::start(dir.path(), &v2, port, &["--stale-after", "5m"]);
+    agent
+        .finish(Duration::from_secs(40))
+        .wait_for("\"undelivered\":0", Duration::from_secs(1));
+    // Sample k is stamped at the agent's start plus a fixed offset plus
+    // k - 1 intervals; the last sample's timestamp gives the offset.
+    let m = second.metrics();
+    let last = m.one(
+        "capwatch_node_last_sample_timestamp_seconds",
+        &[("node", "m-1")],
+    );
+    let offset = (last * 1e9).round() as i64 - epoch - (N as i64 - 1) * STEP;
+    assert!((0..STEP / 2).contains(&offset), "offset {offset}");
+    let stamp = |k: u64| epoch + offset + (k as i64 - 1) * STEP;
+    let energy = |from: u64, to: u64| (0..8).map(|g| truth.energy(g, from, to)).sum::<u64>();
+    if !explicit {
+        // Whatever the load's exact moment, every sample stamped before
+        // the second collector started is ta's.
+        let down = (1..=N)
+            .take_while(|&k| stamp(k) < restarted_at)
+            .last()
+            .unwrap();
+        assert!(
+            milli(m.one("capwatch_tenant_energy_joules_total", &[("tenant", "ta")]))
+                >= energy(1, down),
+            "samples stamped before the restart billed to tb"
+        );
+    }
+    let change = explicit_change.unwrap_or_else(|| {
+        json_number(
+            &second
+                .log
+                .wait_for("tenant file version recorded", Duration::from_secs(1)),
+            "effective_from_ns",
+        ) as i64
+    });
+    // Samples 2..=before close intervals that end before the change.
+    let before = (1..=N).take_while(|&k| stamp(k) < change).last().unwrap();
+    assert!(
+        before > 1 && before < N,
+        "the change at {change} lies outside the run (sample {before})"
+    );
+
+    let minute = |ns: i64| ns.div_euclid(60_000_000_000) * 60;
+    let rfc = capwatch_collector::usage::rfc3339;
+    let path = format!(
+        "/v1/usage?from={}&to={}&step=1m",
+        rfc(minute(epoch)),
+        rfc(minute(stamp(N)) + 60)
+    );
+    let v: serde_json::Value = serde_json::from_str(&http_get(second.http, &path)).unwrap();
+    let mut total: std::collections::BTreeMap<String, u64> = Default::default();
+    for row in v["rows"].as_array().unwrap() {
+        let e = amount(&row["energy_millijoules"]);
+        if e == 0 {
+            continue;
+        }
+        let tenant = row["tenant"].as_str().unwrap().to_string();
+        let start = row["start"].as_str().unwrap();
+        // Minute rows before the change are ta's, from it on tb's (tb's
+        // first interval began at sample `before`).
+        match tenant.as_str() {
+            "ta" => assert!(start <= rfc(minute(change)).as_str(), "{row}"),
+            "tb" => assert!(start >= rfc(minute(stamp(before))).as_str(), "{row}"),
+            _ => panic!("energy for {tenant}: {row}"),
+        }
+        *total.entry(tenant).or_default() += e;
+    }
+    assert_eq!(
+        total.get("ta").copied(),
+        Some(energy(1, before)),
+        "{total:?}"
+    );
+    assert_eq!(
+        total.get("tb").copied(),
+        Some(energy(before, N)),
+        "{total:?}"
+    );
+    assert_eq!(
+        milli(m.one("capwatch_tenant_energy_joules_total", &[("tenant", "tb")])),
+        energy(before, N)
+    );
+    second.stop();
+}
+
+/// Invariant: energy is attributed by the lease in force at the sample's
+/// own time, not at its arrival: samples stamped before the restarted
+/// collector loaded the new tenant file stay with the old tenant.
+#[test]
+fn a_lease_change_during_an_outage_bills_the_spool_by_sample_time() {
+    lease_change_during_an_outage(false);
+}
+
+/// Invariant: a tenant file's `effective_from` says when its leases start:
+/// spooled samples from before it are the old tenant's, those after it the
+/// new one's, to the millijoule.
+#[test]
+fn a_lease_change_takes_effect_at_its_effective_time() {
+    lease_change_during_an_outage(true);
+}

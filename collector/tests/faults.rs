@@ -404,6 +404,51 @@ async fn counter_resets_have_a_series_from_the_start_and_survive_a_restart() {
     collector.stop();
 }
 
+/// Invariant: samples name a GPU by its index, so a Hello whose GPU
+/// indexes are not exactly 0..n-1 in inventory order is refused with
+/// INVALID_ARGUMENT naming the field, counted, and creates no node; energy
+/// cannot land on the wrong GPU (and so the wrong tenant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_whose_gpu_indexes_are_not_their_positions_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), NO_TENANTS, 0, &["--stale-after", "5m"]);
+    let ep = collector.endpoint();
+    // (indexes announced, the position the error must name)
+    let cases: [(&[u32], usize); 4] = [(&[1, 0], 0), (&[0, 2], 1), (&[0, 0], 1), (&[5], 0)];
+    for (indexes, at) in cases {
+        let mut h = hello("i-1", 1);
+        if let Some(pb::agent_message::Body::Hello(h)) = &mut h.body {
+            h.gpus.truncate(indexes.len());
+            for (g, &i) in h.gpus.iter_mut().zip(indexes) {
+                g.index = i;
+            }
+        }
+        let refused = Stream::open(&ep, h)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("indexes {indexes:?} accepted"));
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+        assert!(
+            refused.message().contains(&format!("gpus[{at}].index")),
+            "{indexes:?}: {refused}"
+        );
+    }
+    let m = tokio::task::spawn_blocking({
+        let http = collector.http;
+        move || Metrics::parse(&http_get(http, "/metrics"))
+    })
+    .await
+    .unwrap();
+    assert_eq!(m.one("capwatch_collector_streams_refused_total", &[]), 4.0);
+    assert_eq!(m.one("capwatch_collector_nodes", &[]), 0.0);
+    // Indexes in order are accepted.
+    let mut s = Stream::open(&ep, hello("i-1", 1)).await.unwrap();
+    assert_eq!(s.welcome().await, 0);
+    assert_eq!(s.send(batch(1..=2)).await, 2);
+    drop(s);
+    collector.stop();
+}
+
 /// Invariant: a collector that accepts TCP and never answers cannot hold
 /// an agent past its drain deadline; the agent reports what it could not
 /// deliver and exits non-zero (a bounded run promised delivery).

@@ -102,15 +102,27 @@ fn hello() -> impl Strategy<Value = pb::Hello> {
         edgy_u64(),
         edgy_u32(),
         vec(gpu_info(), 0..12),
+        // Mostly indexes by position (anything else is refused at once),
+        // so that most inventories reach the state.
+        proptest::bool::weighted(0.8),
     )
-        .prop_map(|(node_id, stream_epoch, interval_millis, gpus)| pb::Hello {
-            node_id,
-            agent_version: "fuzz".into(),
-            stream_epoch,
-            interval_millis,
-            gpus,
-            host: None,
-        })
+        .prop_map(
+            |(node_id, stream_epoch, interval_millis, mut gpus, by_position)| {
+                if by_position {
+                    for (i, g) in gpus.iter_mut().enumerate() {
+                        g.index = i as u32;
+                    }
+                }
+                pb::Hello {
+                    node_id,
+                    agent_version: "fuzz".into(),
+                    stream_epoch,
+                    interval_millis,
+                    gpus,
+                    host: None,
+                }
+            },
+        )
 }
 
 fn gpu_sample() -> impl Strategy<Value = pb::GpuSample> {
@@ -221,7 +233,7 @@ proptest! {
         for step in steps {
             match step {
                 Step::Hello(h) => {
-                    if let Ok((h, _)) = state.hello(model::hello(h)) {
+                    if let Ok((h, _)) = model::hello(h).and_then(|h| state.hello(h)) {
                         handle = Some(h);
                     }
                 }

@@ -529,3 +529,209 @@ fn tls_and_mutual_tls_with_generated_certificates() {
     );
     collector.stop();
 }
+
+// ---- GPU leases that a node cannot forge ---------------------------------
+
+const AGENT_SHARED: &str = "agent-token-for-shared-0001";
+const AGENT_EVIL: &str = "agent-token-for-evil-00001";
+
+/// An auth file: one token for the shared node, one that may report only
+/// for `evil-*`.
+fn lease_auth(dir: &Path) -> String {
+    write_secret(
+        dir,
+        "auth.toml",
+        &format!(
+            "[[agent]]\nname = \"shared\"\ntoken = \"{AGENT_SHARED}\"\nnodes = [\"shared-*\"]\n\n\
+             [[agent]]\nname = \"evil\"\ntoken = \"{AGENT_EVIL}\"\nnodes = [\"evil-*\"]\n"
+        ),
+    )
+}
+
+/// Opens an ingest stream with `token` whose Hello names `node` and lists
+/// `uuids` (with energy counters); returns the collector's answer to it.
+fn hello_as(
+    endpoint: &str,
+    token: &str,
+    node: &str,
+    uuids: &[String],
+) -> Result<(), tonic::Status> {
+    use capwatch_proto::v1 as pb;
+    let hello = pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_id: node.into(),
+            agent_version: "crafted".into(),
+            stream_epoch: 1,
+            interval_millis: 1000,
+            gpus: uuids
+                .iter()
+                .enumerate()
+                .map(|(i, u)| pb::GpuInfo {
+                    index: i as u32,
+                    uuid: u.clone(),
+                    model: "H100".into(),
+                    power_limit_milliwatts: Some(700_000),
+                    memory_total_bytes: None,
+                    energy_counter_supported: true,
+                })
+                .collect(),
+            host: None,
+        })),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut client =
+            capwatch_proto::v1::ingest_client::IngestClient::connect(endpoint.to_string())
+                .await
+                .unwrap();
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(hello).await.unwrap();
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let mut answers = client.stream(req).await?.into_inner();
+        match answers.message().await? {
+            Some(_) => Ok(()),
+            None => Err(tonic::Status::unknown("closed without a Welcome")),
+        }
+    })
+}
+
+fn claims_refused(m: &Metrics, reason: &str) -> f64 {
+    m.one(
+        "capwatch_collector_gpu_claims_refused_total",
+        &[("reason", reason)],
+    )
+}
+
+/// Invariant: a GPU leased by UUID is billed to its tenant only as
+/// reported by the node that holds it. With node `shared-1`'s real agent
+/// connected, node `evil-1` (whose token allows only `evil-*`) announcing
+/// one of shared-1's leased UUIDs is refused (FAILED_PRECONDITION naming the
+/// GPU and its node), counted, and lab-c is billed exactly what shared-1's
+/// GPU used.
+#[test]
+fn a_node_cannot_bill_a_leased_gpu_that_another_node_holds() {
+    const N: u64 = 60;
+    let dir = tempfile::tempdir().unwrap();
+    let truth = Truth::of("shared-1", N);
+    let tenants = format!(
+        "[[tenant]]\nid = \"lab-c\"\ncontracted_kw = 10\ngpus = [\"{}\"]\n\n\
+         [[tenant]]\nid = \"evil\"\ncontracted_kw = 10\nnodes = [\"evil-*\"]\n",
+        truth.uuids[0]
+    );
+    let auth = lease_auth(dir.path());
+    let collector = Collector::start(
+        dir.path(),
+        &tenants,
+        0,
+        &["--auth-file", &auth, "--stale-after", "5m"],
+    );
+    let token_file = write_secret(dir.path(), "shared.token", AGENT_SHARED);
+    let agent = Agent::start(
+        dir.path(),
+        &collector.endpoint(),
+        "shared-1",
+        N,
+        &format!("token_file = \"{token_file}\"\ndrain_timeout = \"5s\"\n"),
+    );
+    eventually(Duration::from_secs(20), "shared-1 reporting", || {
+        !collector
+            .metrics()
+            .select("capwatch_node_samples_total", &[("node", "shared-1")])
+            .is_empty()
+    });
+    let refused = hello_as(
+        &collector.endpoint(),
+        AGENT_EVIL,
+        "evil-1",
+        &[truth.uuids[0].clone()],
+    )
+    .expect_err("evil-1 may not report shared-1's leased GPU");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition, "{refused}");
+    for want in [truth.uuids[0].as_str(), "shared-1", "lab-c"] {
+        assert!(refused.message().contains(want), "{refused}: lacks {want}");
+    }
+    agent
+        .finish(Duration::from_secs(30))
+        .wait_for("\"undelivered\":0", Duration::from_secs(1));
+    let m = collector.metrics();
+    assert_eq!(claims_refused(&m, "held_by_other_node"), 1.0);
+    assert_eq!(claims_refused(&m, "lease_node"), 0.0);
+    assert!(m.one("capwatch_collector_streams_refused_total", &[]) >= 1.0);
+    assert_eq!(
+        milli(m.one(
+            "capwatch_tenant_energy_joules_total",
+            &[("tenant", "lab-c")]
+        )),
+        truth.energy(0, 1, N)
+    );
+    assert_eq!(
+        m.one("capwatch_tenant_energy_joules_total", &[("tenant", "evil")]),
+        0.0
+    );
+    assert!(
+        m.select("capwatch_node_samples_total", &[("node", "evil-1")])
+            .is_empty()
+    );
+    collector.stop();
+}
+
+/// Invariant: a UUID lease that names its node (`{ uuid, node }`) counts
+/// only there: any other node announcing that UUID is refused
+/// (PERMISSION_DENIED naming the GPU and the node allowed) even while the
+/// GPU's own node is away, and the lessee is billed only its own node's
+/// readings.
+#[test]
+fn a_gpu_lease_pinned_to_a_node_counts_only_on_that_node() {
+    const N: u64 = 20;
+    let dir = tempfile::tempdir().unwrap();
+    let truth = Truth::of("shared-1", N);
+    let tenants = format!(
+        "[[tenant]]\nid = \"lab-c\"\ncontracted_kw = 10\n\
+         gpus = [{{ uuid = \"{}\", node = \"shared-*\" }}, \"{}\"]\n",
+        truth.uuids[0], truth.uuids[1]
+    );
+    let auth = lease_auth(dir.path());
+    let collector = Collector::start(
+        dir.path(),
+        &tenants,
+        0,
+        &["--auth-file", &auth, "--stale-after", "5m"],
+    );
+    // shared-1 has not reported yet: only the lease tells where the GPU is.
+    let refused = hello_as(
+        &collector.endpoint(),
+        AGENT_EVIL,
+        "evil-1",
+        &[truth.uuids[0].clone()],
+    )
+    .expect_err("evil-1 may not report a GPU leased on shared-*");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused}");
+    for want in [truth.uuids[0].as_str(), "shared-*", "evil-1"] {
+        assert!(refused.message().contains(want), "{refused}: lacks {want}");
+    }
+    let token_file = write_secret(dir.path(), "shared.token", AGENT_SHARED);
+    Agent::start(
+        dir.path(),
+        &collector.endpoint(),
+        "shared-1",
+        N,
+        &format!("token_file = \"{token_file}\"\ndrain_timeout = \"5s\"\n"),
+    )
+    .finish(Duration::from_secs(30))
+    .wait_for("\"undelivered\":0", Duration::from_secs(1));
+    let m = collector.metrics();
+    assert_eq!(claims_refused(&m, "lease_node"), 1.0);
+    assert_eq!(
+        milli(m.one(
+            "capwatch_tenant_energy_joules_total",
+            &[("tenant", "lab-c")]
+        )),
+        truth.energy(0, 1, N) + truth.energy(1, 1, N)
+    );
+    collector.stop();
+}
