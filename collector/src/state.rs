@@ -105,10 +105,10 @@ pub struct Gpu {
     /// Sequence number of the sample that last moved `last_counter` and
     /// `last_timestamp`: the next reading follows it by this many samples.
     last_seq: Option<u64>,
-    /// The newest moment this GPU's readings vouch for, which the
-    /// plausibility bound measures time by: the agent's timestamp where it
-    /// advances, else the previous moment plus the samples since at the
-    /// nominal interval, never beyond what a timestamp may claim.
+    /// The moment up to which this GPU's readings have used time, which
+    /// the plausibility bound measures from: the newest timestamp, or
+    /// beyond it as far as counter deltas needed the time `vouch` offered
+    /// (never beyond what a timestamp may claim).
     vouched_ns: Option<i64>,
     /// The timestamp of the reading that last moved the baseline, as
     /// stamped (`last_timestamp` is the newest one).
@@ -191,7 +191,8 @@ impl Gpu {
         // an agent clock that stands still or steps back, even within one
         // batch, does not void real energy.
         let vouched = self.vouch(t);
-        let vouched_nanos = match self.vouched_ns.or(self.last_timestamp) {
+        let vouched_from = self.vouched_ns.or(self.last_timestamp);
+        let vouched_nanos = match vouched_from {
             Some(prev) => u128::try_from(vouched.saturating_sub(prev)).unwrap_or(0),
             None => 0,
         };
@@ -241,7 +242,26 @@ impl Gpu {
         if reanchored || self.last_timestamp.is_none_or(|prev| timestamp > prev) {
             self.last_timestamp = Some(timestamp);
         }
-        self.vouched_ns = Some(vouched);
+        // Time vouched for beyond the sample's own timestamp is used up only
+        // as far as a believed delta needed it at 3× the limit: a clock
+        // behind that steps forward vouches for its jump too, and the rest
+        // stays for the readings after it instead of filling the cap (a
+        // spool of them would find none left).
+        self.vouched_ns = Some(match vouched_from {
+            None => timestamp,
+            Some(prev) if estimated => timestamp.max(prev),
+            Some(prev) => {
+                let need = u128::from(delta.saturating_sub(1_000)) * NANOS_PER_SECOND;
+                let per_ns = u128::from(limit) * 3;
+                let own = u128::try_from(timestamp.saturating_sub(prev)).unwrap_or(0);
+                if need <= per_ns * own {
+                    timestamp.max(prev)
+                } else {
+                    let needed = i64::try_from(need.div_ceil(per_ns)).unwrap_or(i64::MAX);
+                    prev.saturating_add(needed).min(vouched).max(timestamp)
+                }
+            }
+        });
         self.stamped_ns = Some(timestamp);
         self.last_seq = Some(t.seq);
         if r.energy_millijoules.is_some() {
@@ -260,21 +280,18 @@ impl Gpu {
         }
     }
 
-    /// The newest moment the readings vouch for once `t` is in: the
-    /// sample's timestamp when it is after the previous such moment; else
-    /// (a clock that stands still or stepped back) that moment plus the
-    /// samples since the GPU's last reading at the nominal interval, or
-    /// plus how far the clock ran since that reading if that is more; but
-    /// never beyond the latest timestamp a sample may carry now, so that
-    /// leaping sequence numbers or timestamps vouch for no more time than a
-    /// timestamp could claim.
+    /// The latest moment the readings can vouch for once `t` is in: the
+    /// vouched moment plus the samples since the GPU's last reading at the
+    /// nominal interval, or plus how far the clock ran since that reading
+    /// if that is more (a clock that stands still or stepped back), and at
+    /// least the sample's timestamp; but never beyond the latest timestamp
+    /// a sample may carry now, so that leaping sequence numbers or
+    /// timestamps vouch for no more time than a timestamp could claim.
+    /// `apply` keeps of it only what the delta used.
     fn vouch(&self, t: &Tick) -> i64 {
         let Some(prev) = self.vouched_ns.or(self.last_timestamp) else {
             return t.timestamp_ns;
         };
-        if t.timestamp_ns > prev {
-            return t.timestamp_ns;
-        }
         let samples = match self.last_seq {
             // A new epoch numbers its samples from 1.
             _ if self.reanchor => t.seq.max(1),
@@ -291,6 +308,7 @@ impl Gpu {
         prev.saturating_add(nominal.max(ran))
             .min(t.latest_ns)
             .max(prev)
+            .max(t.timestamp_ns)
     }
 
     /// The counting state the ledger keeps for this GPU.
@@ -3545,6 +3563,56 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn counter_deltas_are_kept_when_a_clock_behind_steps_forward() {
+        // Invariant: a clock that steps forward while it is behind (a
+        // correction, or half of one) vouches for the time it jumped only as
+        // far as the counter needs it: the readings after it, delivered
+        // together (a spool), keep their exact deltas and count no reset.
+        // A spool of 1,200 samples 1 s apart, 300 J each, sent now: on time
+        // for 600 s, then an hour behind for 300 s, then stepped forward by
+        // (case) seconds.
+        for forward in [1_800, 3_590] {
+            let state = new_state(TENANTS, None);
+            let h = connect(&state, "a-1", 1, 1);
+            let start = unix_nanos_now() - 1_200 * SEC;
+            let samples: Vec<NodeSample> = (1..=1_200u64)
+                .map(|seq| {
+                    let real = start + (seq as i64 - 1) * SEC;
+                    let ts = match seq {
+                        1..=600 => real,
+                        601..=900 => real - 3_600 * SEC,
+                        _ => real - (3_600 - forward) * SEC,
+                    };
+                    sample(seq, ts, &[(300_000, Some((seq - 1) * 300_000))])
+                })
+                .collect();
+            for batch in samples.chunks(64) {
+                let out = ingest(&state, &h, batch.to_vec());
+                assert_eq!(out.accepted, batch.len() as u64, "{forward}");
+            }
+            let want = 1_199 * 300_000;
+            assert_eq!(gpu_energy(&h), vec![want], "{forward}");
+            assert_eq!(lock(&h.node).gpus[0].counter_resets, 0, "{forward}");
+            let (_, c) = state.take_pending();
+            let b = booked(&c, "lab-a", "a-1");
+            assert_eq!((b.energy_mj, b.estimated_mj), (want, 0), "{forward}");
+        }
+        // What earlier deltas did not use still counts for the next one: a
+        // clock that stood still twice, then runs on from where it stood,
+        // at 720 W (a GPU draws a little over its limit at times).
+        let state = new_state(TENANTS, None);
+        let h = connect(&state, "a-1", 1, 1);
+        let steps = [(1, 0), (2, 0), (3, 0), (4, 1)];
+        let samples = steps
+            .iter()
+            .map(|&(seq, at)| sample(seq, T0 + at * SEC, &[(720_000, Some((seq - 1) * 720_000))]))
+            .collect();
+        assert_eq!(ingest(&state, &h, samples).accepted, 4);
+        assert_eq!(gpu_energy(&h), vec![3 * 720_000]);
+        assert_eq!(lock(&h.node).gpus[0].counter_resets, 0);
     }
 
     #[test]
