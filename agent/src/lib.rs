@@ -132,16 +132,32 @@ pub fn node_id(cfg: &Config) -> Result<String, AgentError> {
 }
 
 /// Variable that shifts the agent's clock, for tests of stepped and skewed
-/// clocks (`-2m`, `1h`): test-only, not a setting.
+/// clocks (`-2m`, `1h`): test-only, not a setting, and honoured only with
+/// the mock source.
 pub const TEST_CLOCK_OFFSET_VAR: &str = "CAPWATCH_TEST_CLOCK_OFFSET";
 
 /// The wall clock the agent stamps samples and chooses epochs with: the
-/// system clock, shifted by [`TEST_CLOCK_OFFSET_VAR`] when a test sets it.
-fn agent_clock() -> SystemTime {
-    let now = SystemTime::now();
-    let Ok(text) = std::env::var(TEST_CLOCK_OFFSET_VAR) else {
+/// system clock, shifted by [`TEST_CLOCK_OFFSET_VAR`] when a test sets it
+/// for the mock source.
+fn agent_clock(source: &str) -> SystemTime {
+    shifted(
+        SystemTime::now(),
+        std::env::var(TEST_CLOCK_OFFSET_VAR).ok().as_deref(),
+        source,
+    )
+}
+
+/// `now` shifted by a test clock offset (`-2m`, `1h`), if one is given
+/// and the source is the mock: real GPUs are billed by their timestamps,
+/// which a test setting must never move.
+fn shifted(now: SystemTime, offset: Option<&str>, source: &str) -> SystemTime {
+    let Some(text) = offset else {
         return now;
     };
+    if source != "mock" {
+        warn!(offset = %text, source, "{TEST_CLOCK_OFFSET_VAR} ignored: it shifts the mock source only");
+        return now;
+    }
     let (behind, amount) = match text.strip_prefix('-') {
         Some(rest) => (true, rest),
         None => (false, text.trim_start_matches('+')),
@@ -181,7 +197,7 @@ pub async fn run(
     let mut source = open_source(&cfg, &node_id)?;
     let mut host = host::Host::new();
 
-    let start_wall = agent_clock();
+    let start_wall = agent_clock(source.name());
     let start = tokio::time::Instant::now();
     // The epoch tells this run's sequence numbers apart from an earlier
     // run's: a restarted agent starts again at seq 1 under a new epoch
@@ -288,4 +304,26 @@ pub async fn run(
         "agent stopped"
     );
     Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn the_test_clock_offset_shifts_only_the_mock_source() {
+        // Invariant: the test-only clock offset can never move the
+        // timestamps or the epoch of real GPUs: only the mock's.
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let hour = Duration::from_secs(3600);
+        assert_eq!(shifted(now, Some("1h"), "mock"), now + hour);
+        assert_eq!(
+            shifted(now, Some("-2m"), "mock"),
+            now - Duration::from_secs(120)
+        );
+        assert_eq!(shifted(now, Some("1h"), "nvml"), now);
+        assert_eq!(shifted(now, None, "mock"), now);
+        assert_eq!(shifted(now, Some("soon"), "mock"), now);
+    }
 }

@@ -6,7 +6,9 @@
 //! when its epoch is refused after it was sent (the collector may hold it,
 //! so sending it again under another epoch could count it twice). In the
 //! last two cases it is counted; the energy it carried is not lost, since
-//! the next sample's cumulative counter covers it.
+//! the next sample's cumulative counter covers it (a GPU without a counter
+//! has the gap estimated from power for at most the collector's staleness
+//! window; the rest is uncovered time).
 //!
 //! *Invariant:* a sample's (epoch, seq) is its identity once the collector
 //! may hold it. Samples never sent under a refused epoch, or sent above the

@@ -10,7 +10,12 @@
 //! backwards (driver reload) contributes its new value, the energy since
 //! the reload, never a negative delta; a delta (or a new value after a
 //! reload) beyond 3× the power limit over the time that can have passed is
-//! counted as a reset and contributes the power integral instead. That
+//! counted as a reset and contributes the power integral instead; but a
+//! reading stamped at or before one already applied, with its counter
+//! behind that one's by no more than 3× the power limit over the time
+//! between their timestamps (an earlier reading of the same counter, not
+//! a reload), is stale and contributes nothing, the baseline staying where
+//! it was. That
 //! time is the longest of the agent's timestamps, the collector's receipt
 //! times and the samples since at the nominal interval (see `Gpu::vouch`),
 //! so an agent clock that stands still or steps back never voids a real
@@ -215,6 +220,27 @@ impl Gpu {
                 // the GPU used since. Count that and go on from there.
                 self.counter_resets += 1;
                 (now_mj, false)
+            }
+            (Some(now_mj), Some(prev))
+                if now_mj < prev
+                    && self.last_timestamp.is_some_and(|p| {
+                        timestamp <= p
+                            && u128::from(prev - now_mj)
+                                <= u128::from(limit)
+                                    * 3
+                                    * u128::try_from(p - timestamp).unwrap_or(0)
+                                    / NANOS_PER_SECOND
+                                    + 1_000
+                    }) =>
+            {
+                // A reading stamped before one already applied, its
+                // counter behind that one's by what the GPU can draw in
+                // between (not a reload, which restarts near 0): an earlier
+                // reading of the same counter, from another agent instance
+                // for the node that moved above the epoch that refused it.
+                // It adds nothing and moves nothing back, so the energy
+                // since is counted once.
+                return nothing;
             }
             (Some(_), Some(_)) => {
                 // The counter jumped further than the GPU could draw, or
@@ -3460,6 +3486,56 @@ mod tests {
         );
         assert_eq!(out.accepted, 2);
         assert_eq!(gpu_energy(&back), vec![10]);
+    }
+
+    #[test]
+    fn readings_of_another_agent_instance_behind_the_applied_ones_count_nothing_twice() {
+        // Invariant: when a second agent instance for the node takes it
+        // over (moving above the epoch that refused it) with readings it
+        // took meanwhile, a reading older than one already applied whose
+        // counter is behind that one's (and not a reload) adds nothing and
+        // moves the counter back by nothing: the energy is counted once.
+        let state = new_state(TENANTS, None);
+        const C: u64 = 50_000_000_000;
+        let at = |i: u64| sample(i, T0 + i as i64 * SEC, &[(300_000, Some(C + i * 300_000))]);
+        let b = connect(&state, "a-1", 100, 1);
+        ingest(&state, &b, (1..=3).map(at).collect());
+        assert_eq!(gpu_energy(&b), vec![600_000]);
+        let a = connect(&state, "a-1", 101, 1);
+        let mut behind: Vec<NodeSample> = (2..=5).map(at).collect();
+        for (s, seq) in behind.iter_mut().zip(1..) {
+            s.seq = seq;
+        }
+        ingest(&state, &a, behind);
+        assert_eq!(gpu_energy(&a), vec![1_200_000], "C+1 to C+5 once");
+        assert_eq!(lock(&a.node).gpus[0].counter_resets, 0);
+    }
+
+    #[test]
+    fn a_reload_stamped_behind_the_last_reading_is_not_taken_for_a_stale_one() {
+        // Invariant: a counter that restarted (a reboot) under a clock
+        // stepped back is still a reset, counted on from its new value:
+        // only a counter behind by what the GPU can draw between the two
+        // timestamps is an earlier reading.
+        let state = new_state(TENANTS, None);
+        let b = connect(&state, "a-1", 100, 1);
+        let c = 50_000_000_000;
+        ingest(
+            &state,
+            &b,
+            vec![sample(1, T0 + 10 * SEC, &[(300_000, Some(c))])],
+        );
+        let a = connect(&state, "a-1", 101, 1);
+        ingest(
+            &state,
+            &a,
+            vec![
+                sample(1, T0 + 5 * SEC, &[(300_000, Some(90_000_000))]),
+                sample(2, T0 + 6 * SEC, &[(300_000, Some(90_300_000))]),
+            ],
+        );
+        assert_eq!(gpu_energy(&a), vec![300_000]);
+        assert_eq!(lock(&a.node).gpus[0].counter_resets, 1);
     }
 
     #[test]
