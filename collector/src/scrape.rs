@@ -122,36 +122,44 @@ mod tests {
         let calls = Arc::new(AtomicUsize::new(0));
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let go_rx = Arc::new(Mutex::new(go_rx));
+        // A scrape whose render, if it makes one, waits until the test
+        // lets it finish.
         let scrape = |renders: &Arc<Renders>| {
             let (renders, calls, go_rx) = (renders.clone(), calls.clone(), go_rx.clone());
-            tokio::spawn(async move {
+            async move {
                 renders
                     .get(move || {
                         calls.fetch_add(1, Ordering::SeqCst);
-                        // Held until the test lets the render finish.
                         lock(&go_rx).recv().unwrap();
                         "x".repeat(1 << 20)
                     })
                     .await
-            })
+            }
         };
-        let first = scrape(&renders);
+        let first = tokio::spawn(scrape(&renders));
         // The render is in progress once it has been called.
         while calls.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
         }
-        let others: Vec<_> = (0..10).map(|_| scrape(&renders)).collect();
+        // Each of the others has joined the render in progress once it
+        // has been polled (and is waiting): only then may it finish.
+        // (Spawned tasks might not have run before the render ended, and
+        // would then start renders of their own.)
+        let mut others: Vec<_> = (0..10).map(|_| Box::pin(scrape(&renders))).collect();
+        for o in &mut others {
+            assert!(futures::poll!(o.as_mut()).is_pending());
+        }
         go_tx.send(()).unwrap();
         let a = first.await.unwrap().unwrap();
         for o in others {
-            let b = o.await.unwrap().unwrap();
+            let b = o.await.unwrap();
             assert_eq!(b.as_ptr(), a.as_ptr(), "the same bytes, not a copy");
         }
         assert_eq!(calls.load(Ordering::SeqCst), 1, "one render for all");
 
         // A scrape after the render finished gets a new one.
         go_tx.send(()).unwrap();
-        let c = scrape(&renders).await.unwrap().unwrap();
+        let c = scrape(&renders).await.unwrap();
         assert_ne!(c.as_ptr(), a.as_ptr());
         assert_eq!(calls.load(Ordering::SeqCst), 2);
     }
