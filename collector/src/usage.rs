@@ -656,9 +656,29 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                 .filter_map(|(_, s)| s.peak_quarter_mj)
                 .max();
             let mut peak_mj = rolled_up_peak.unwrap_or(0);
-            // Quarter-hours and 5-minute windows are walked only between
-            // the row's first and last minute bucket, so a long row with
-            // little detail (a month, mostly rolled up) stays cheap.
+            // The quarter-hours overlapping the row reach beyond it where
+            // the row does not start or end on a quarter boundary (a 1m
+            // row): each is summed over all its minutes, visited once per
+            // quarter that holds any, so a long row with little detail (a
+            // month, mostly rolled up) stays cheap and a row without a
+            // bucket of its own still sees its quarter.
+            let (quarters_from, quarters_to) = (
+                start.div_euclid(QUARTER) * QUARTER,
+                (end + QUARTER - 1).div_euclid(QUARTER) * QUARTER,
+            );
+            let mut summed = None;
+            for (t, _) in spans
+                .range(quarters_from..quarters_to)
+                .filter(|(_, s)| s.peak_quarter_mj.is_none())
+            {
+                let quarter = t.div_euclid(QUARTER) * QUARTER;
+                if summed != Some(quarter) {
+                    summed = Some(quarter);
+                    peak_mj = peak_mj.max(minute_energy(quarter, quarter + QUARTER));
+                }
+            }
+            // 5-minute windows are walked only between the row's first and
+            // last minute bucket.
             let minutes_in_row = spans
                 .range(start..end)
                 .filter(|(_, s)| s.peak_quarter_mj.is_none())
@@ -668,14 +688,6 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                     Some(acc.map_or((t, t), |(a, _)| (a, t)))
                 })
                 .unwrap_or((end, start));
-            let mut quarter = start
-                .max(first_minute.div_euclid(QUARTER) * QUARTER)
-                .div_euclid(QUARTER)
-                * QUARTER;
-            while quarter < end && quarter <= last_minute {
-                peak_mj = peak_mj.max(minute_energy(quarter, quarter + QUARTER));
-                quarter += QUARTER;
-            }
             let average_w = d.energy_mj as f64 / 1000.0 / seconds as f64;
             let contracted_w = terms.contracted_milliwatts.map(|c| c as f64 / 1000.0);
             let p95 = (seconds >= QUARTER
@@ -1136,6 +1148,36 @@ mod tests {
         assert_eq!(a.p95_power_watts, Some(600.0));
         assert_eq!(r.rows[1].p95_power_watts, Some(300.0));
         assert_eq!(r.rows[1].contracted_power_watts, None);
+    }
+
+    #[test]
+    fn every_minute_row_of_a_quarter_has_the_quarters_demand() {
+        // b draws only in minute 00:20 of the quarter 00:15-00:30 (100 W
+        // over the quarter). Every 1m row of that quarter overlaps it, with
+        // or without a bucket of its own, at the quarter's start, inside
+        // it or ending on its last boundary (00:29-00:30); the rows of
+        // the quarters before and after have no demand.
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:45:00Z"),
+            Some("1m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(&q, &[Terms::new("b", None, None)], &minutes());
+        let peaks: Vec<(String, f64)> = r
+            .rows
+            .iter()
+            .map(|r| (r.start.clone(), r.peak_demand_watts))
+            .collect();
+        let want: Vec<(String, f64)> = (0..45)
+            .map(|i| {
+                let w = if (15..30).contains(&i) { 100.0 } else { 0.0 };
+                (rfc3339(T + i * 60), w)
+            })
+            .collect();
+        assert_eq!(peaks, want);
     }
 
     #[test]
