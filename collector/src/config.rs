@@ -46,9 +46,9 @@ pub struct Config {
     /// `hour_retention`. Unset: forever.
     #[serde(with = "humantime_serde")]
     pub day_retention: Option<Duration>,
-    /// A GPU with no sample for this long is stale; also the most time one
-    /// reading's power stands for. Unset: three times the interval its
-    /// agent announced.
+    /// A GPU whose latest reading is older than this, by the reading's own
+    /// timestamp, is stale; also the most time one reading's power stands
+    /// for. Unset: three times the interval its agent announced.
     #[serde(with = "humantime_serde")]
     pub stale_after: Option<Duration>,
     /// How often tenants' power is compared with their contracts (the

@@ -118,6 +118,10 @@ pub struct Gpu {
     /// Below one second's worth of nanoseconds (fits 32 bits).
     remainder_milliwatt_nanos: u64,
     pub last_receipt: Option<Instant>,
+    /// When `last` was sampled, by its own timestamp, on the collector's
+    /// monotonic clock: its receipt less its age then (never after the
+    /// receipt). `None` when it was too old for the clock to hold.
+    pub sampled_at: Option<Instant>,
     pub counter_resets: u64,
     /// Take the next timestamp as the reference even if it is older (set
     /// when a new agent epoch starts).
@@ -142,6 +146,7 @@ impl Gpu {
             energy_millijoules: 0,
             remainder_milliwatt_nanos: 0,
             last_receipt: None,
+            sampled_at: None,
             counter_resets: 0,
             reanchor: false,
         }
@@ -474,13 +479,29 @@ impl Gpu {
         u64::try_from(total / NANOS_PER_SECOND).unwrap_or(u64::MAX)
     }
 
-    /// Whether the GPU reported within `window` of `now`.
+    /// Whether the GPU's last reading is live at `now`: sampled, by its
+    /// own timestamp, within `window` (so received within it too) and not
+    /// lost. A reading that arrives late (a replayed spool) is not live.
     pub fn fresh(&self, now: Instant, window: Duration) -> bool {
-        self.last_receipt
-            .is_some_and(|t| now.saturating_duration_since(t) <= window)
-            && self.last.as_ref().is_some_and(|r| !r.lost)
+        sampled_within(self.sampled_at, now, window) && self.last.as_ref().is_some_and(|r| !r.lost)
     }
 }
+
+/// Whether `sampled_at` is at most `window` before `now`.
+fn sampled_within(sampled_at: Option<Instant>, now: Instant, window: Duration) -> bool {
+    sampled_at.is_some_and(|t| now.saturating_duration_since(t) <= window)
+}
+
+/// When a sample stamped `timestamp_ns` was taken, on the monotonic clock,
+/// given that it arrived at `now` (`now_ns` on the wall clock): `now` less
+/// its age, `now` for one stamped ahead; `None` when older than the clock
+/// reaches back.
+fn sampled_at(timestamp_ns: i64, now: Instant, now_ns: i64) -> Option<Instant> {
+    let age = u64::try_from(now_ns.saturating_sub(timestamp_ns)).unwrap_or(0);
+    now.checked_sub(Duration::from_nanos(age))
+}
+
+impl Gpu {}
 
 /// Fields in declaration order (`repr(C)`): what a tenant-level scrape
 /// reads of every node comes first, so that with the lock word it lies in
@@ -492,6 +513,10 @@ pub struct Node {
     /// from the node's (see `Node::summarize`).
     live_valid: bool,
     pub last_receipt: Option<Instant>,
+    /// When the node's latest accepted sample was taken, by its own
+    /// timestamp (`Gpu::sampled_at`): its GPUs are live only while this
+    /// is within the staleness window.
+    sampled_at: Option<Instant>,
     pub interval: Duration,
     /// What the node's GPUs add to each tenant's live figures while the
     /// node is up, computed once per batch: the first tenant inline, any
@@ -533,6 +558,7 @@ impl Node {
             connected: false,
             samples_accepted: 0,
             last_receipt: None,
+            sampled_at: None,
             last_timestamp: 0,
             host: None,
             gpus: Vec::new(),
@@ -581,9 +607,10 @@ impl Node {
     /// *Invariant:* equal to `walk_live` at any later moment until the
     /// node's GPUs change (after which this runs again). It holds because
     /// every GPU that counts as reporting here was last heard at the
-    /// node's last receipt, so it is fresh exactly when the node is up; a
-    /// GPU last heard earlier (left out of later samples) would go stale
-    /// at its own moment, and then there is no summary.
+    /// node's last receipt, in its latest sample, so it is fresh exactly
+    /// when that sample is; a GPU last heard earlier (left out of later
+    /// samples) would go stale at its own moment, and then there is no
+    /// summary.
     fn summarize(&mut self) {
         let at = self.last_receipt;
         self.live_first = None;
@@ -592,7 +619,9 @@ impl Node {
         for g in &self.gpus {
             let reading = g.last.as_ref().filter(|r| !r.lost);
             let one = match (g.last_receipt, reading) {
-                (Some(t), Some(r)) if Some(t) == at => TenantLive::of(r),
+                (Some(t), Some(r)) if Some(t) == at && g.sampled_at == self.sampled_at => {
+                    TenantLive::of(r)
+                }
                 (Some(_), Some(_)) => return,
                 _ => TenantLive {
                     stale: 1,
@@ -627,7 +656,7 @@ impl Node {
         if !self.live_valid {
             return self.walk_live(now, window, add);
         }
-        let up = self.up(now, window);
+        let up = sampled_within(self.sampled_at, now, window);
         for (tenant, part) in self.live_first.iter().chain(&self.live_rest) {
             if up {
                 add(tenant, part);
@@ -1207,6 +1236,8 @@ impl State {
                 n.last_seq = s.seq;
                 n.samples_accepted += 1;
                 n.last_receipt = Some(now);
+                let sampled = sampled_at(s.timestamp_unix_nanos, now, now_ns);
+                n.sampled_at = sampled;
                 n.last_timestamp = n.last_timestamp.max(s.timestamp_unix_nanos);
                 if s.host.is_some() {
                     n.host = s.host;
@@ -1223,6 +1254,7 @@ impl State {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
                     let applied = gpu.apply(r, &tick);
+                    gpu.sampled_at = sampled;
                     applied.book(&mut booked, &gpu.tenant, window);
                     let added = applied.energy_mj;
                     if added > 0 {
@@ -1625,12 +1657,12 @@ mod tests {
         /// inventories and tenant reloads.
         #[test]
         fn node_summary_equals_walking_its_gpus(
-            ops in proptest::collection::vec((0u8..16, 0u8..16, 0u8..4), 1..12),
+            ops in proptest::collection::vec((0u8..16, 0u8..16, 0u8..4, 0u8..3), 1..12),
         ) {
             let state = new_state(TENANTS, None);
             let mut h = connect(&state, "a-2", 1, 4);
             let mut seq = 0;
-            for (i, &(present, lost_mask, action)) in ops.iter().enumerate() {
+            for (i, &(present, lost_mask, action, age)) in ops.iter().enumerate() {
                 match action {
                     // A new inventory of 2-4 GPUs (a restarted agent).
                     0 => {
@@ -1651,14 +1683,18 @@ mod tests {
                             .map(|g| if lost_mask & (1 << g) != 0 { lost(g) } else { reading(g, 100_000 + u64::from(g), None) })
                             .collect();
                         seq += 1;
-                        let s = NodeSample { seq, timestamp_unix_nanos: T0 + seq as i64 * SEC, gpus: readings, host: None };
+                        // Stamped now, 2 s or 4 s ago (the window is 3 s):
+                        // live, live for a second more, or arrived stale.
+                        let ts = unix_nanos_now() - i64::from(age) * 2 * SEC;
+                        let s = NodeSample { seq, timestamp_unix_nanos: ts, gpus: readings, host: None };
                         ingest(&state, &h, vec![s]);
                     }
                 }
                 let n = lock(&h.node);
                 let window = n.stale_window(None);
                 let mut probes = vec![Instant::now()];
-                for t in n.gpus.iter().filter_map(|g| g.last_receipt).chain(n.last_receipt) {
+                let times = n.gpus.iter().flat_map(|g| [g.last_receipt, g.sampled_at]);
+                for t in times.chain([n.last_receipt, n.sampled_at]).flatten() {
                     probes.extend([t, t + window, t + window + Duration::from_nanos(1)]);
                 }
                 for now in probes {
@@ -1790,12 +1826,14 @@ mod tests {
     fn a_node_with_a_gpu_left_out_of_later_samples_is_walked() {
         let state = new_state(TENANTS, None);
         let h = connect(&state, "a-1", 1, 2);
-        ingest(&state, &h, vec![sample(1, T0, &[(100, None), (200, None)])]);
+        // Stamped now: live by their own time as well as by arrival.
+        let t0 = unix_nanos_now();
+        ingest(&state, &h, vec![sample(1, t0, &[(100, None), (200, None)])]);
         assert!(lock(&h.node).live_valid);
         std::thread::sleep(Duration::from_millis(2));
         let only_first = NodeSample {
             seq: 2,
-            timestamp_unix_nanos: T0 + SEC,
+            timestamp_unix_nanos: t0 + SEC,
             gpus: vec![reading(0, 100, None)],
             host: None,
         };
@@ -2693,16 +2731,19 @@ mod tests {
             let state = new_state(TENANTS, stale_after);
             let a1 = connect(&state, "a-1", 1, 2);
             let a2 = connect(&state, "a-2", 1, 3);
+            // Stamped as they arrive (see
+            // old_samples_that_just_arrived_are_not_live_power for late).
+            let t0 = unix_nanos_now();
             ingest(
                 &state,
                 &a1,
-                vec![sample(1, T0, &[(100_000, None), (200_000, None)])],
+                vec![sample(1, t0, &[(100_000, None), (200_000, None)])],
             );
             // a-2's GPU 2 (lab-a) never reports: always stale.
             ingest(
                 &state,
                 &a2,
-                vec![sample(1, T0, &[(50_000, None), (70_000, None)])],
+                vec![sample(1, t0, &[(50_000, None), (70_000, None)])],
             );
             let now = Instant::now() + offset;
             let live = live(&state, now);
@@ -2719,6 +2760,47 @@ mod tests {
             let reporting = want_b.1 == 1;
             assert_eq!(fresh, vec![reporting, reporting, false]);
         }
+    }
+
+    #[test]
+    fn old_samples_that_just_arrived_are_not_live_power() {
+        // A spool replayed 45 minutes late: its samples arrive now, but by
+        // their own timestamps they are long past the staleness window, so
+        // none of them is live power; the energy still counts. The first
+        // sample stamped now is live again.
+        let state = new_state(TENANTS, Some(Duration::from_secs(30)));
+        let h = connect(&state, "a-1", 1, 2);
+        let late = unix_nanos_now() - 45 * 60 * SEC;
+        let replay: Vec<NodeSample> = (0..10)
+            .map(|k| {
+                let e = Some(k * 700_000);
+                sample(k + 1, late + k as i64 * SEC, &[(700_000, e), (700_000, e)])
+            })
+            .collect();
+        ingest(&state, &h, replay);
+        assert_eq!(tenant_energy(&state, "lab-a"), 2 * 9 * 700_000);
+        let now = Instant::now();
+        let l = live(&state, now)["lab-a"];
+        assert_eq!((l.power_milliwatts, l.reporting, l.stale), (0, 0, 2));
+        let n = lock(&h.node);
+        let window = n.stale_window(Some(Duration::from_secs(30)));
+        assert!(n.gpus.iter().all(|g| !g.fresh(now, window)));
+        assert_eq!(
+            parts(|add| n.live(now, window, add)),
+            parts(|add| n.walk_live(now, window, add))
+        );
+        drop(n);
+        let e = Some(20 * 700_000);
+        ingest(
+            &state,
+            &h,
+            vec![sample(11, unix_nanos_now(), &[(500_000, e), (600_000, e)])],
+        );
+        let l = live(&state, Instant::now())["lab-a"];
+        assert_eq!(
+            (l.power_milliwatts, l.reporting, l.stale),
+            (1_100_000, 2, 0)
+        );
     }
 
     #[test]
@@ -2741,9 +2823,10 @@ mod tests {
         let z = connect(&state, "z-2", 1, 1);
         let elapsed = Duration::from_millis(1_500);
         let mut want = 0u128;
+        let t0 = unix_nanos_now();
         for (k, ((p0, p1), stale, accrues)) in cases.into_iter().enumerate() {
             let seq = k as u64 + 1;
-            let ts = T0 + seq as i64 * SEC;
+            let ts = t0 + seq as i64 * SEC;
             ingest(
                 &state,
                 &a1,
@@ -2779,8 +2862,10 @@ mod tests {
         let state = new_state(TENANTS, None);
         let a1 = connect(&state, "a-1", 1, 2);
         let a2 = connect(&state, "a-2", 1, 2);
+        // Stamped now, so that live power can follow the reload.
+        let t0 = unix_nanos_now();
         let batch =
-            |seq: u64, c: u64| vec![sample(seq, T0 + seq as i64 * SEC, &[(100_000, Some(c)); 2])];
+            |seq: u64, c: u64| vec![sample(seq, t0 + seq as i64 * SEC, &[(100_000, Some(c)); 2])];
         ingest(&state, &a1, batch(1, 0));
         ingest(&state, &a2, batch(1, 0));
         ingest(&state, &a1, batch(2, 1_000));
@@ -2856,9 +2941,10 @@ mod tests {
             let state = new_state(TENANTS, Some(Duration::from_secs(60)));
             let h = connect(&state, "a-1", 1, 1);
             let mut last_counter = None;
+            let t0 = unix_nanos_now();
             for (i, (&c, &e)) in counters.iter().zip(want).enumerate() {
                 let seq = i as u64 + 1;
-                let mut s = sample(seq, T0 + i as i64 * SEC, &[(10_000, c)]);
+                let mut s = sample(seq, t0 + i as i64 * SEC, &[(10_000, c)]);
                 if c.is_none() {
                     s.gpus[0] = lost(0);
                 }
