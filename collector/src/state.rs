@@ -864,13 +864,17 @@ impl State {
         }
     }
 
-    /// Takes what the next commit must write, with its number; batches
-    /// applied from now on go to the commit after it.
+    /// Takes what the next commit must write, with its number and the
+    /// contracts in force; batches applied from now on go to the commit
+    /// after it.
     pub fn take_pending(&self) -> (u64, Commit) {
+        let contracts = self.tenants();
         let mut p = lock(&self.pending);
         let id = p.id;
         p.id += 1;
-        (id, std::mem::take(&mut p.commit))
+        let mut c = std::mem::take(&mut p.commit);
+        c.contracts = Some(contracts);
+        (id, c)
     }
 
     /// Resumes from what the ledger holds: each node's (epoch, seq) for
@@ -1363,47 +1367,15 @@ impl State {
         live
     }
 
-    /// Adds `elapsed` to the over-contract time of every tenant whose live
-    /// power is above its contract now.
-    /// Over-contract time and energy go into the ledger too, in the
-    /// tenant's bucket for the current minute (node ""), measured from live
-    /// power at this tick's resolution.
-    pub fn evaluate(&self, elapsed: Duration, now: Instant) {
-        let tenants = self.tenants();
-        let live = self.tenant_power(&tenants, now);
-        let minute = unix_nanos_now().div_euclid(60_000_000_000) * 60;
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        let mut over = Vec::new();
-        {
-            let mut totals = lock(&self.totals);
-            for (t, l) in tenants.all().iter().zip(&live) {
-                if t.contracted_milliwatts > 0 && l.power_milliwatts > t.contracted_milliwatts {
-                    totals.entry(t.id.clone()).or_default().over_contract_nanos +=
-                        elapsed.as_nanos();
-                    let excess = u128::from(l.power_milliwatts - t.contracted_milliwatts);
-                    let overage_mj = u64::try_from(excess * u128::from(nanos) / NANOS_PER_SECOND)
-                        .unwrap_or(u64::MAX);
-                    over.push((t.id.clone(), overage_mj));
-                }
-            }
-        }
-        if over.is_empty() {
-            return;
-        }
-        let mut pending = lock(&self.pending);
-        for (tenant, overage_mj) in over {
-            *pending
-                .commit
-                .tenant_over_contract_ns
+    /// Adds what a ledger commit added to the tenants' over-contract
+    /// counters (`Ledger::commit_at`) to their totals.
+    pub fn add_over_contract(&self, added: &[(Arc<str>, u64)]) {
+        let mut totals = lock(&self.totals);
+        for (tenant, ns) in added {
+            totals
                 .entry(tenant.clone())
-                .or_default() += nanos;
-            let b = pending
-                .commit
-                .buckets
-                .entry((tenant, Arc::from(""), minute))
-                .or_default();
-            b.over_contract_ns = b.over_contract_ns.saturating_add(nanos);
-            b.overage_mj = b.overage_mj.saturating_add(overage_mj);
+                .or_default()
+                .over_contract_nanos += u128::from(*ns);
         }
     }
 }
@@ -2804,47 +2776,6 @@ mod tests {
     }
 
     #[test]
-    fn evaluate_accrues_only_while_over_contract() {
-        // Invariant: over-contract time grows by `elapsed` exactly when the
-        // tenant's live power is strictly above its contract.
-        // (lab-a's two GPUs in mW, whether `now` is past the stale window,
-        //  whether lab-a accrues)
-        let cases: [((u64, u64), bool, bool); 6] = [
-            ((400_000, 400_000), false, false),
-            ((600_000, 500_000), false, true),
-            ((500_000, 500_000), false, false), // at the contract: not over
-            ((500_000, 500_001), false, true),
-            ((700_000, 700_000), true, false), // stale: no live power
-            ((0, 0), false, false),
-        ];
-        let state = new_state(TENANTS, Some(Duration::from_secs(5)));
-        let a1 = connect(&state, "a-1", 1, 2);
-        // An unassigned node far above anything: never accrues.
-        let z = connect(&state, "z-2", 1, 1);
-        let elapsed = Duration::from_millis(1_500);
-        let mut want = 0u128;
-        let t0 = unix_nanos_now();
-        for (k, ((p0, p1), stale, accrues)) in cases.into_iter().enumerate() {
-            let seq = k as u64 + 1;
-            let ts = t0 + seq as i64 * SEC;
-            ingest(
-                &state,
-                &a1,
-                vec![sample(seq, ts, &[(p0, None), (p1, None)])],
-            );
-            ingest(&state, &z, vec![sample(seq, ts, &[(2_000_000, None)])]);
-            let now = Instant::now() + Duration::from_secs(if stale { 10 } else { 0 });
-            state.evaluate(elapsed, now);
-            if accrues {
-                want += elapsed.as_nanos();
-            }
-            assert_eq!(over_contract(&state, "lab-a"), want, "step {k}");
-            assert_eq!(over_contract(&state, UNASSIGNED), 0, "step {k}");
-            assert_eq!(over_contract(&state, "lab-b"), 0, "step {k}");
-        }
-    }
-
-    #[test]
     fn reload_reattributes_without_losing_energy() {
         // Invariant: a reload moves GPUs to their new tenant for future
         // energy and live power; energy already counted stays where it was.
@@ -3461,29 +3392,117 @@ mod tests {
             })
     }
 
-    #[test]
-    fn over_contract_time_and_overage_are_booked() {
-        // Invariant: while a tenant draws more than its contract, each
-        // evaluation books the elapsed time and the energy above the
-        // contract; a tenant within its contract books nothing.
-        let state = new_state(TENANTS, None);
-        let h = connect(&state, "a-2", 1, 2);
-        let now = unix_nanos_now();
-        // GPU 0 (lab-a, 1 kW contract) at 100 W; GPU 1 (lab-b, 0.5 kW) at 700 W.
-        ingest(
-            &state,
-            &h,
-            vec![sample(1, now, &[(100_000, Some(0)), (700_000, Some(0))])],
-        );
-        state.take_pending();
-        state.evaluate(Duration::from_secs(2), Instant::now());
+    /// lab-a's power (kW, two GPUs sharing it) in each of ten minutes,
+    /// against its 1 kW contract: seven minutes above it (one exactly at
+    /// it, which is not above).
+    const TEN_MINUTES_KW: [u64; 10] = [2, 2, 1, 0, 2, 2, 2, 1, 2, 2];
+
+    /// A sample every second from `m0` (a minute start) through the ten
+    /// minutes of `TEN_MINUTES_KW`, on node a-1's two GPUs with counters.
+    fn ten_minutes(m0: i64) -> Vec<NodeSample> {
+        let mut counter = 0u64;
+        (0..=600i64)
+            .map(|k| {
+                // The interval ending at second k lies in minute (k-1)/60.
+                let kw = if k == 0 {
+                    0
+                } else {
+                    TEN_MINUTES_KW[((k - 1) / 60) as usize]
+                };
+                counter += kw * 500_000;
+                let gpu = (kw * 500_000, Some(counter));
+                sample(k as u64 + 1, m0 + k * SEC, &[gpu, gpu])
+            })
+            .collect()
+    }
+
+    /// Commits what `state` gathered into a new ledger in `dir` and reads
+    /// lab-a's over-contract seconds and overage (mJ) per minute of the ten
+    /// minutes from `m0`, and its over-contract counter (the state's, which
+    /// must be the ledger's).
+    fn over_contract_in_ledger(
+        state: &State,
+        dir: &std::path::Path,
+        m0: i64,
+    ) -> (Vec<(f64, f64)>, crate::ledger::Snapshot) {
+        let path = dir.join("ledger.db");
+        let mut ledger = crate::ledger::Ledger::open(&path).unwrap();
         let (_, c) = state.take_pending();
-        let b = booked(&c, "lab-b", "");
-        assert_eq!((b.over_contract_ns, b.overage_mj), (2_000_000_000, 400_000));
-        assert_eq!(booked(&c, "lab-a", ""), BucketDelta::default());
-        // The tenant's running total goes into the same commit.
-        assert_eq!(c.tenant_over_contract_ns.get("lab-b"), Some(&2_000_000_000));
-        assert_eq!(c.tenant_over_contract_ns.get("lab-a"), None);
+        let committed = ledger.commit(&c).unwrap();
+        state.add_over_contract(&committed.over_contract_ns);
+        drop(ledger);
+        let from = crate::usage::rfc3339(m0 / SEC);
+        let to = crate::usage::rfc3339(m0 / SEC + 600);
+        let reader = crate::ledger::Reader::open(&path).unwrap();
+        let tenants = state.tenants();
+        let report = crate::usage::run(
+            &reader,
+            &tenants,
+            Some("lab-a"),
+            Some(&from),
+            Some(&to),
+            Some("1m"),
+            None,
+            None,
+        )
+        .unwrap();
+        let rows = report
+            .rows
+            .iter()
+            .map(|r| (r.seconds_over_contract, (r.overage_kwh * 3.6e9).round()))
+            .collect();
+        // After a restart: what the counter resumes from.
+        let snap = crate::ledger::Ledger::open(&path).unwrap().load().unwrap();
+        let in_ledger = snap
+            .tenant_over_contract_ns
+            .iter()
+            .filter(|(t, _)| t == "lab-a")
+            .map(|(_, ns)| u128::from(*ns))
+            .sum::<u128>();
+        assert_eq!(over_contract(state, "lab-a"), in_ledger);
+        (rows, snap)
+    }
+
+    #[test]
+    fn over_contract_is_the_same_live_or_replayed_45_minutes_late() {
+        // Invariant: over-contract time and overage are a function of the
+        // ledger's energy in sample time (each minute's average power
+        // against the contract), whenever the samples arrive. The same ten
+        // minutes arrive once sample by sample as they happen (the last
+        // ten minutes) and once as a spool replayed 45 minutes late, in
+        // one batch.
+        let minute_now = unix_nanos_now().div_euclid(60 * SEC) * 60 * SEC;
+        let live_m0 = minute_now - 10 * 60 * SEC;
+        let late_m0 = live_m0 - 45 * 60 * SEC;
+        let want_rows: Vec<(f64, f64)> = TEN_MINUTES_KW
+            .iter()
+            .map(|&kw| match kw {
+                2 => (60.0, 60_000_000.0),
+                _ => (0.0, 0.0),
+            })
+            .collect();
+        let want_counter = vec![("lab-a".to_string(), 7 * 60 * 1_000_000_000)];
+
+        let dir = tempfile::tempdir().unwrap();
+        let live = new_state(TENANTS, None);
+        let h = connect(&live, "a-1", 1, 2);
+        for s in ten_minutes(live_m0) {
+            ingest(&live, &h, vec![s]);
+        }
+        let (rows, snap) = over_contract_in_ledger(&live, dir.path(), live_m0);
+        assert_eq!(rows, want_rows, "live");
+        assert_eq!(snap.tenant_over_contract_ns, want_counter, "live");
+
+        let dir = tempfile::tempdir().unwrap();
+        let late = new_state(TENANTS, None);
+        let h = connect(&late, "a-1", 1, 2);
+        ingest(&late, &h, ten_minutes(late_m0));
+        let (rows, snap) = over_contract_in_ledger(&late, dir.path(), late_m0);
+        assert_eq!(rows, want_rows, "replayed 45 minutes late");
+        assert_eq!(
+            snap.tenant_over_contract_ns, want_counter,
+            "replayed 45 minutes late"
+        );
     }
 
     #[test]
