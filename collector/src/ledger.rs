@@ -339,8 +339,9 @@ pub struct BucketDelta {
     /// Energy integrated from power instead of read from a counter.
     pub estimated_mj: u64,
     /// Time the tenant was above its contract: in a rollup, the sum of
-    /// its minutes' `over_contract`; always 0 in a minute bucket (see
-    /// `Span::over_contract`).
+    /// its minutes' `over_contract`; in a tenant-wide adjustment (node
+    /// `""`), what late energy changed in its final minute's; always 0 in
+    /// a minute bucket (see `Span::over_contract`).
     pub over_contract_ns: u64,
     /// Energy above the contract, as `over_contract_ns`.
     pub overage_mj: u64,
