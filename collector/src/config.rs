@@ -48,15 +48,16 @@ pub struct Config {
     /// `hour_retention`. Unset: forever.
     #[serde(with = "humantime_serde")]
     pub day_retention: Option<Duration>,
-    /// A GPU with no sample for this long is stale; also the most time one
-    /// reading's power stands for. Unset: three times the interval its
-    /// agent announced.
+    /// A GPU whose latest reading is older than this, by the reading's own
+    /// timestamp, is stale; also the most time one reading's power stands
+    /// for. Unset: three times the interval its agent announced.
     #[serde(with = "humantime_serde")]
     pub stale_after: Option<Duration>,
-    /// How often tenants' power is compared with their contracts (the
-    /// resolution of `capwatch_tenant_over_contract_seconds_total`).
+    /// No longer used: over-contract time is evaluated per minute from the
+    /// ledger's energy. Accepted (with a warning) so that existing config
+    /// files still load.
     #[serde(with = "humantime_serde")]
-    pub evaluate_interval: Duration,
+    pub evaluate_interval: Option<Duration>,
     /// Export per-GPU series. Switch off for very large fleets; tenant and
     /// node series stay.
     pub per_gpu_metrics: bool,
@@ -138,7 +139,7 @@ impl Default for Config {
             hour_retention: Duration::from_secs(400 * 86_400),
             day_retention: None,
             stale_after: None,
-            evaluate_interval: Duration::from_secs(1),
+            evaluate_interval: None,
             per_gpu_metrics: true,
             per_node_metrics: true,
             max_gpus_per_node: 64,
@@ -221,9 +222,6 @@ impl Config {
             || self.commit_interval > Duration::from_secs(5)
         {
             return bad("commit_interval", "must be between 10ms and 5s");
-        }
-        if self.evaluate_interval < Duration::from_millis(10) {
-            return bad("evaluate_interval", "must be at least 10ms");
         }
         if !(1..=100_000).contains(&self.max_gpus_per_node) {
             return bad("max_gpus_per_node", "must be between 1 and 100000");

@@ -22,6 +22,8 @@ use std::sync::Arc;
 use prost::Message;
 use rusqlite::{Connection, Transaction, params};
 
+use crate::tenants::Tenants;
+
 /// A schema migration: SQL, or code for what SQL cannot express.
 enum Migration {
     Sql(&'static str),
@@ -174,6 +176,32 @@ const MIGRATIONS: &[Migration] = &[
         new_ledger_id!(),
         ", unixepoch(), unixepoch();"
     )),
+    // 10: over-contract time and overage follow the minutes' energy in
+    // sample time (`over_contract`), no longer live power at the wall
+    // clock's minute. Rollups keep the evaluation of their minutes with
+    // their peak (what the minutes held before is kept there for rollups
+    // whose minutes are gone); hours whose minutes are kept are rolled up
+    // again under the new rule; the figures booked into the minutes (node
+    // "") are dropped.
+    Migration::Sql(
+        "ALTER TABLE demand_rollup ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE demand_rollup ADD COLUMN overage_mj INTEGER NOT NULL DEFAULT 0;
+     UPDATE demand_rollup SET
+        over_contract_ns = (SELECT COALESCE(SUM(r.over_contract_ns), 0) FROM usage_rollup r
+            WHERE r.period = demand_rollup.period AND r.start = demand_rollup.start
+                AND r.tenant = demand_rollup.tenant),
+        overage_mj = (SELECT COALESCE(SUM(r.overage_mj), 0) FROM usage_rollup r
+            WHERE r.period = demand_rollup.period AND r.start = demand_rollup.start
+                AND r.tenant = demand_rollup.tenant);
+     UPDATE usage_rollup SET over_contract_ns = 0, overage_mj = 0
+        WHERE over_contract_ns != 0 OR overage_mj != 0;
+     INSERT OR IGNORE INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;
+     UPDATE usage_minute SET over_contract_ns = 0, overage_mj = 0
+        WHERE over_contract_ns != 0 OR overage_mj != 0;
+     DELETE FROM usage_minute WHERE node = '' AND energy_mj = 0 AND gpu_ns = 0
+        AND busy_gpu_ns = 0 AND samples = 0 AND expected_gpu_ns = 0 AND estimated_mj = 0;",
+    ),
 ];
 
 /// A version of the tenant file as the ledger keeps it.
@@ -185,6 +213,23 @@ pub struct TenantVersion {
     pub loaded_at_ns: i64,
     /// The file's text.
     pub file: String,
+}
+
+/// Over-contract time (ns) and overage (mJ) of one tenant-minute that
+/// holds `energy_mj` against a contract of `contracted_milliwatts` (0: no
+/// contract): a minute whose average power is above the contract counts
+/// 60 s over it, and its energy above contract × 60 s as overage. Energy
+/// only grows, so the figures only grow with it.
+pub fn over_contract(energy_mj: u64, contracted_milliwatts: u64) -> (u64, u64) {
+    // mW × s = mJ.
+    let allowed = u128::from(contracted_milliwatts) * MINUTE as u128;
+    if contracted_milliwatts == 0 || u128::from(energy_mj) <= allowed {
+        return (0, 0);
+    }
+    (
+        MINUTE as u64 * 1_000_000_000,
+        u64::try_from(u128::from(energy_mj) - allowed).unwrap_or(u64::MAX),
+    )
 }
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
@@ -386,9 +431,12 @@ pub struct BucketDelta {
     pub expected_gpu_ns: u64,
     /// Energy integrated from power instead of read from a counter.
     pub estimated_mj: u64,
-    /// Time the tenant's power was above its contract.
+    /// Time the tenant was above its contract: in a rollup, the sum of
+    /// its minutes' `over_contract`; in a tenant-wide adjustment (node
+    /// `""`), what late energy changed in its final minute's; always 0 in
+    /// a minute bucket (see `Span::over_contract`).
     pub over_contract_ns: u64,
-    /// Integral of max(0, power - contract).
+    /// Energy above the contract, as `over_contract_ns`.
     pub overage_mj: u64,
 }
 
@@ -476,7 +524,18 @@ pub struct Commit {
     pub nodes: HashMap<Arc<str>, NodeCursor>,
     pub buckets: HashMap<BucketKey, BucketDelta>,
     pub tenant_energy: HashMap<Arc<str>, u64>,
-    pub tenant_over_contract_ns: HashMap<Arc<str>, u64>,
+    /// The contracts the minutes it adds energy to are measured against,
+    /// for each tenant's over-contract counter; none: no tenant has one.
+    pub contracts: Option<Arc<Tenants>>,
+}
+
+/// What a commit added to the tenants' over-contract counters
+/// (`tenant_total.over_contract_ns`), by tenant.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The commit's revision.
+    pub revision: u64,
+    pub over_contract_ns: Vec<(Arc<str>, u64)>,
 }
 
 impl Commit {
@@ -494,8 +553,8 @@ impl Commit {
         for (t, e) in later.tenant_energy {
             *self.tenant_energy.entry(t).or_default() += e;
         }
-        for (t, ns) in later.tenant_over_contract_ns {
-            *self.tenant_over_contract_ns.entry(t).or_default() += ns;
+        if later.contracts.is_some() {
+            self.contracts = later.contracts;
         }
     }
 }
@@ -972,9 +1031,8 @@ impl Ledger {
 
     /// Writes `c` in one transaction, booked now, leaving the watermark
     /// where it is.
-    pub fn commit(&mut self, c: &Commit) -> Result<(), LedgerError> {
+    pub fn commit(&mut self, c: &Commit) -> Result<Committed, LedgerError> {
         self.commit_at(c, crate::usage::now_unix(), i64::MIN)
-            .map(|_| ())
     }
 
     /// Where the watermark stands: minute buckets ending at or before this
@@ -985,7 +1043,8 @@ impl Ledger {
 
     /// Writes `c` in one transaction as the next revision, booked at
     /// `booked_at` (Unix seconds), then moves the watermark forward to
-    /// `finalize_through` (never back). Returns the revision.
+    /// `finalize_through` (never back). Returns the revision and what it
+    /// added to the over-contract counters.
     ///
     /// *Invariant:* minute buckets ending at or before the watermark never
     /// change. A delta for such a minute (a late spool, a gap's energy
@@ -993,19 +1052,28 @@ impl Ledger {
     /// its tenant, node and minute, instead of being added to the minute;
     /// nothing is dropped, and minutes plus adjustments hold every
     /// committed delta.
+    ///
+    /// *Invariant:* the same transaction adds to each tenant's
+    /// over-contract counter what the energy it adds to a minute (row and
+    /// adjustments together) changes in that minute's `over_contract`
+    /// (against `c.contracts`), so the counter is the sum of its minutes'
+    /// evaluations whatever order, batching or lateness the samples came
+    /// in, and survives restarts. For a final minute, the change is booked
+    /// with the adjustments too, tenant-wide (node `""`), so its row plus
+    /// its adjustments say what the minute's whole energy does.
     pub fn commit_at(
         &mut self,
         c: &Commit,
         booked_at: i64,
         finalize_through: i64,
-    ) -> Result<u64, LedgerError> {
+    ) -> Result<Committed, LedgerError> {
         let p = self.path.clone();
         let err = sqlite_err(&p);
         let tx = self.conn.transaction().map_err(err)?;
         let (last_revision, finalized) = watermark(&tx, &p)?;
         let revision = last_revision + 1;
         let is_final = |minute: i64| minute.saturating_add(MINUTE) <= finalized;
-        {
+        let committed = {
             let mut node = tx
                 .prepare_cached(
                     "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES (?1, ?2, ?3, ?4)
@@ -1130,7 +1198,65 @@ impl Ledger {
                      ON CONFLICT (tenant) DO UPDATE SET over_contract_ns = over_contract_ns + ?2",
                 )
                 .map_err(err)?;
-            for (tenant, ns) in &c.tenant_over_contract_ns {
+            // Energy added per (tenant, minute), over all nodes, for the
+            // tenants with a contract.
+            let mut added: HashMap<(&Arc<str>, i64), u64> = HashMap::new();
+            if let Some(contracts) = &c.contracts {
+                for ((tenant, _, minute), d) in &c.buckets {
+                    if d.energy_mj > 0 && contracts.contracted_milliwatts_at(tenant, *minute) > 0 {
+                        let e = added.entry((tenant, *minute)).or_default();
+                        *e = e.saturating_add(d.energy_mj);
+                    }
+                }
+            }
+            // A final minute's energy is its row and its adjustments.
+            let mut minute_energy = tx
+                .prepare_cached(
+                    "SELECT (SELECT COALESCE(SUM(energy_mj), 0) FROM usage_minute
+                             WHERE minute_start = ?2 AND tenant = ?1)
+                          + (SELECT COALESCE(SUM(energy_mj), 0) FROM adjustment
+                             WHERE minute_start = ?2 AND tenant = ?1 AND ?3)",
+                )
+                .map_err(err)?;
+            let mut by_tenant: HashMap<&Arc<str>, u64> = HashMap::new();
+            for ((tenant, minute), delta) in added {
+                let contract = c
+                    .contracts
+                    .as_ref()
+                    .map_or(0, |t| t.contracted_milliwatts_at(tenant, minute));
+                let now: i64 = minute_energy
+                    .query_row(params![&**tenant, minute, is_final(minute)], |r| r.get(0))
+                    .map_err(err)?;
+                let now = u64_of(now, &p, "minute energy")?;
+                let before = now.saturating_sub(delta);
+                let (ns_after, mj_after) = over_contract(now, contract);
+                let (ns_before, mj_before) = over_contract(before, contract);
+                let grew = ns_after.saturating_sub(ns_before);
+                if grew > 0 {
+                    *by_tenant.entry(tenant).or_default() += grew;
+                }
+                let overage = mj_after.saturating_sub(mj_before);
+                if is_final(minute) && (grew > 0 || overage > 0) {
+                    adjust
+                        .execute(params![
+                            i64_of(revision, &p, "revision")?,
+                            booked_at,
+                            &**tenant,
+                            "",
+                            minute,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            i64_of(grew, &p, "over-contract time")?,
+                            i64_of(overage, &p, "overage")?
+                        ])
+                        .map_err(err)?;
+                }
+            }
+            for (tenant, ns) in &by_tenant {
                 over.execute(params![&**tenant, i64_of(*ns, &p, "over-contract time")?])
                     .map_err(err)?;
             }
@@ -1141,11 +1267,20 @@ impl Ledger {
             .map_err(err)?
             .execute(params![i64_of(revision, &p, "revision")?, finalize_through])
             .map_err(err)?;
-        }
+            let mut over_contract_ns: Vec<(Arc<str>, u64)> = by_tenant
+                .into_iter()
+                .map(|(t, ns)| (t.clone(), ns))
+                .collect();
+            over_contract_ns.sort();
+            Committed {
+                revision,
+                over_contract_ns,
+            }
+        };
         tx.commit().map_err(err)?;
-        self.revision = revision;
+        self.revision = committed.revision;
         self.mark();
-        Ok(revision)
+        Ok(committed)
     }
 
     /// Records the committed revision in the marker. A failure is logged
@@ -1169,8 +1304,15 @@ impl Ledger {
     /// *Invariant:* an hour's rollup is rebuilt from its minutes whenever
     /// a commit touched them (late samples, gap energy), and a day's from
     /// its hours, so every rollup equals the sum of what it covers; minutes
-    /// are dropped only after their hour has been rolled up.
-    pub fn compact(&mut self, policy: &Compaction) -> Result<Compacted, LedgerError> {
+    /// are dropped only after their hour has been rolled up. A rollup's
+    /// over-contract time and overage are the sum of its minutes'
+    /// `over_contract` against `contracts`, evaluated as it is rolled up
+    /// (they cannot be evaluated from the sums later).
+    pub fn compact(
+        &mut self,
+        policy: &Compaction,
+        contracts: &Tenants,
+    ) -> Result<Compacted, LedgerError> {
         let p = self.path.clone();
         let err = sqlite_err(&p);
         let tx = self.conn.transaction().map_err(err)?;
@@ -1229,8 +1371,11 @@ impl Ledger {
                 .map_err(err)?;
             let mut day_peak = tx
                 .prepare_cached(
-                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
-                     SELECT 86400, ?1, tenant, MAX(peak_quarter_mj) FROM demand_rollup
+                    "INSERT INTO demand_rollup
+                        (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj)
+                     SELECT 86400, ?1, tenant, MAX(peak_quarter_mj), SUM(over_contract_ns),
+                        SUM(overage_mj)
+                     FROM demand_rollup
                      WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
                      GROUP BY tenant",
                 )
@@ -1266,25 +1411,97 @@ impl Ledger {
                         SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj)",
                 )
                 .map_err(err)?;
+            // Each tenant-minute of an hour against its contract, summed
+            // per tenant: (tenant, over-contract ns, overage mJ).
+            let mut minutes_of_hour = tx
+                .prepare_cached(
+                    "SELECT tenant, minute_start, SUM(energy_mj) FROM usage_minute
+                     WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                     GROUP BY tenant, minute_start",
+                )
+                .map_err(err)?;
+            let mut evaluate = |h: i64| -> Result<Vec<(String, i64, i64)>, LedgerError> {
+                let rows = minutes_of_hour
+                    .query_map([h], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .map_err(err)?;
+                let mut per_tenant: Vec<(String, u64, u64)> = Vec::new();
+                for row in rows {
+                    let (tenant, minute, energy) = row.map_err(err)?;
+                    let energy = u64_of(energy, &p, "minute energy")?;
+                    let contract = contracts.contracted_milliwatts_at(&tenant, minute);
+                    let (ns, mj) = over_contract(energy, contract);
+                    match per_tenant.iter_mut().find(|(t, _, _)| *t == tenant) {
+                        Some((_, a, b)) => {
+                            *a = a.saturating_add(ns);
+                            *b = b.saturating_add(mj);
+                        }
+                        None => per_tenant.push((tenant, ns, mj)),
+                    }
+                }
+                per_tenant
+                    .into_iter()
+                    .filter(|(_, ns, mj)| *ns > 0 || *mj > 0)
+                    .map(|(t, ns, mj)| {
+                        Ok((
+                            t,
+                            i64_of(ns, &p, "over-contract time")?,
+                            i64_of(mj, &p, "overage")?,
+                        ))
+                    })
+                    .collect()
+            };
+            // Into the rollup's row written just before: set for a rollup
+            // rebuilt from its minutes, added for late minutes added to it.
+            let mut set_over = tx
+                .prepare_cached(
+                    "UPDATE demand_rollup SET over_contract_ns = ?4, overage_mj = ?5
+                     WHERE period = ?1 AND start = ?2 AND tenant = ?3",
+                )
+                .map_err(err)?;
+            let mut add_over = tx
+                .prepare_cached(
+                    "UPDATE demand_rollup SET over_contract_ns = over_contract_ns + ?4,
+                        overage_mj = overage_mj + ?5
+                     WHERE period = ?1 AND start = ?2 AND tenant = ?3",
+                )
+                .map_err(err)?;
             let (old_minutes_from, old_hours_from) =
                 (kept_from(&tx, MINUTE, &p)?, kept_from(&tx, HOUR, &p)?);
             let mut days = Vec::new();
             for &h in &hours {
                 let d = h.div_euclid(DAY) * DAY;
+                let over = evaluate(h)?;
                 if h >= old_minutes_from {
                     clear.execute([HOUR, h]).map_err(err)?;
                     clear_peak.execute([HOUR, h]).map_err(err)?;
                     hour.execute([h]).map_err(err)?;
                     hour_peak.execute([h]).map_err(err)?;
+                    for (t, ns, mj) in &over {
+                        set_over.execute(params![HOUR, h, t, ns, mj]).map_err(err)?;
+                    }
                 } else if h >= old_hours_from {
+                    // Only the late minutes are left to evaluate: the
+                    // energy dropped with the others is not in them.
                     add.execute([h, HOUR, h]).map_err(err)?;
                     add_peak.execute([h, HOUR, h]).map_err(err)?;
+                    for (t, ns, mj) in &over {
+                        add_over.execute(params![HOUR, h, t, ns, mj]).map_err(err)?;
+                    }
                 }
                 if d >= old_hours_from {
                     days.push(d);
                 } else {
                     add.execute([h, DAY, d]).map_err(err)?;
                     add_peak.execute([h, DAY, d]).map_err(err)?;
+                    for (t, ns, mj) in &over {
+                        add_over.execute(params![DAY, d, t, ns, mj]).map_err(err)?;
+                    }
                 }
                 if h < old_minutes_from {
                     // Added once; gone before the next round could add
@@ -1428,6 +1645,19 @@ pub struct Span {
     /// Highest quarter-hour energy inside a rollup; `None` for a minute,
     /// whose quarter-hours are summed from the minutes themselves.
     pub peak_quarter_mj: Option<u64>,
+}
+
+impl Span {
+    /// Over-contract time (ns) and overage (mJ) of the span against the
+    /// tenant's contract for its minute (mW, 0: none): `over_contract` of
+    /// a minute's energy, or what a rollup stored when it was rolled up
+    /// (`contracted_milliwatts` is then not used).
+    pub fn over_contract(&self, contracted_milliwatts: u64) -> (u64, u64) {
+        match self.peak_quarter_mj {
+            None => over_contract(self.delta.energy_mj, contracted_milliwatts),
+            Some(_) => (self.delta.over_contract_ns, self.delta.overage_mj),
+        }
+    }
 }
 
 /// Usage read for a period: the spans, finest first available, and from
@@ -1631,7 +1861,8 @@ impl Reader {
         }
         let mut q = tx
             .prepare_cached(&format!(
-                "SELECT r.tenant, r.start, {}, MAX(COALESCE(d.peak_quarter_mj, 0))
+                "SELECT r.tenant, r.start, {}, MAX(COALESCE(d.peak_quarter_mj, 0)),
+                    MAX(COALESCE(d.over_contract_ns, 0)), MAX(COALESCE(d.overage_mj, 0))
                  FROM usage_rollup r LEFT JOIN demand_rollup d
                     ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
                  WHERE r.period = ?1 AND (?2 IS NULL OR r.tenant = ?2)
@@ -1658,17 +1889,25 @@ impl Reader {
                         r.get::<_, i64>(1)?,
                         BucketDelta::from_row(r, 2, p)?,
                         r.get::<_, i64>(2 + BUCKET_COLUMNS.len())?,
+                        r.get::<_, i64>(3 + BUCKET_COLUMNS.len())?,
+                        r.get::<_, i64>(4 + BUCKET_COLUMNS.len())?,
                     ))
                 })
                 .map_err(err)?;
             for row in rows {
-                let (t, start, delta, peak) = row.map_err(err)?;
+                let (t, start, delta, peak, over_ns, over_mj) = row.map_err(err)?;
+                // The rollup's own evaluation of its minutes.
+                let delta = BucketDelta {
+                    over_contract_ns: u64_of(over_ns, p, "over_contract_ns")?,
+                    overage_mj: u64_of(over_mj, p, "overage_mj")?,
+                    ..delta?
+                };
                 spans.push((
                     t,
                     Span {
                         start,
                         seconds: period,
-                        delta: delta?,
+                        delta,
                         peak_quarter_mj: Some(u64_of(peak, p, "peak_quarter_mj")?),
                     },
                 ));
@@ -1840,15 +2079,26 @@ mod tests {
             },
         );
         c.tenant_energy.insert(Arc::from("t"), 100);
-        c.tenant_over_contract_ns.insert(Arc::from("t"), 5);
-        l.commit(&c).unwrap();
-        l.commit(&c).unwrap();
+        // A 1 mW contract allows 60 mJ a minute: the first 100 mJ put the
+        // minute over it (60 s), the next 100 mJ add no more time.
+        c.contracts = Some(Arc::new(
+            Tenants::from_toml("[[tenant]]\nid = \"t\"\ncontracted_kw = 0.000001\n").unwrap(),
+        ));
+        let over = |revision, ns: &[u64]| Committed {
+            revision,
+            over_contract_ns: ns.iter().map(|ns| (Arc::from("t"), *ns)).collect(),
+        };
+        assert_eq!(l.commit(&c).unwrap(), over(1, &[60_000_000_000]));
+        assert_eq!(l.commit(&c).unwrap(), over(2, &[]));
         drop(l);
         let l = Ledger::open(&path).unwrap();
         let snap = l.load().unwrap();
         assert_eq!(snap.nodes, vec![("n1".to_string(), n1)]);
         assert_eq!(snap.tenant_energy, vec![("t".to_string(), 200)]);
-        assert_eq!(snap.tenant_over_contract_ns, vec![("t".to_string(), 10)]);
+        assert_eq!(
+            snap.tenant_over_contract_ns,
+            vec![("t".to_string(), 60_000_000_000)]
+        );
         let sums = l.bucket_totals("t").unwrap();
         assert_eq!(sums.values(), [200, 10, 8, 2, 12, 14, 16, 18]);
         assert_eq!(
@@ -2034,6 +2284,80 @@ mod tests {
     }
 
     #[test]
+    fn over_contract_booked_by_the_wall_clock_gives_way_to_the_minutes_energy() {
+        // An older ledger booked over-contract time from live power into
+        // node "" of the minute it was evaluated in. After the upgrade:
+        // those bookings are gone from the minutes (their energy decides),
+        // the hour whose minutes are kept is rolled up again, and a rollup
+        // whose minutes are gone keeps the figures it had.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let (old_hour, kept_hour) = (T0, T0 + DAY);
+        version_5_ledger(
+            &path,
+            &format!(
+                "INSERT INTO usage_minute VALUES
+                    ('a', 'n1', {kept_hour}, 90000000, 0, 0, 60, 0, 0, 0, 0),
+                    ('a', '', {kept_hour}, 0, 0, 0, 0, 0, 0, 3000000000, 5000);
+                 INSERT INTO usage_rollup VALUES
+                    (3600, {old_hour}, 'a', 'n1', 7, 0, 0, 1, 0, 0, 0, 0),
+                    (3600, {old_hour}, 'a', '', 0, 0, 0, 0, 0, 0, 42000000000, 4200);
+                 INSERT INTO demand_rollup VALUES (3600, {old_hour}, 'a', 7);
+                 INSERT INTO retention VALUES (60, {kept_hour});"
+            ),
+        );
+        let mut l = Ledger::open(&path).unwrap();
+        let minutes = l.bucket_totals("a").unwrap();
+        assert_eq!(
+            (
+                minutes.energy_mj,
+                minutes.over_contract_ns,
+                minutes.overage_mj
+            ),
+            (90_000_000, 0, 0)
+        );
+        let rows: i64 = l
+            .conn
+            .query_row(
+                "SELECT COUNT(*) FROM usage_minute WHERE node = ''",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(rows, 0);
+        let tenants = Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\n").unwrap();
+        l.compact(&policy(kept_hour + HOUR, 0), &tenants).unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let u = reader.usage(Some("a"), old_hour, kept_hour + HOUR).unwrap();
+        let got: Vec<(i64, i64, u64, u64, u64)> = u
+            .spans
+            .iter()
+            .map(|(_, s)| {
+                let (ns, mj) = s.over_contract(1_000_000);
+                (s.start, s.seconds, s.delta.energy_mj, ns, mj)
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (old_hour, HOUR, 7, 42_000_000_000, 4_200),
+                (kept_hour, MINUTE, 90_000_000, 60_000_000_000, 30_000_000),
+            ]
+        );
+        // The kept hour's rollup was rebuilt under the new rule too.
+        let rolled: (i64, i64) = l
+            .conn
+            .query_row(
+                "SELECT over_contract_ns, overage_mj FROM demand_rollup
+                 WHERE period = 3600 AND start = ?1 AND tenant = 'a'",
+                [kept_hour],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(rolled, (60_000_000_000, 30_000_000));
+    }
+
+    #[test]
     fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
@@ -2205,13 +2529,19 @@ mod tests {
         }
         l.commit(&minute_commit(&entries)).unwrap();
         // Hour 1 is not closed yet: only hour 0 rolls up.
-        let done = l.compact(&policy(T0 + HOUR + 1800, 0)).unwrap();
+        let done = l
+            .compact(&policy(T0 + HOUR + 1800, 0), &Tenants::empty())
+            .unwrap();
         assert_eq!((done.hours_rolled_up, done.days_rolled_up), (1, 1));
         assert_eq!(done.minute_rows_dropped, 0);
-        let done = l.compact(&policy(T0 + 2 * HOUR, 0)).unwrap();
+        let done = l
+            .compact(&policy(T0 + 2 * HOUR, 0), &Tenants::empty())
+            .unwrap();
         assert_eq!(done.hours_rolled_up, 1);
         // Nothing pending: a second run does nothing.
-        let again = l.compact(&policy(T0 + 2 * HOUR, 0)).unwrap();
+        let again = l
+            .compact(&policy(T0 + 2 * HOUR, 0), &Tenants::empty())
+            .unwrap();
         assert_eq!(again, Compacted::default());
 
         let reader = Reader::open(&path).unwrap();
@@ -2222,7 +2552,9 @@ mod tests {
         // A late minute lands in hour 0 before its minutes are dropped.
         l.commit(&minute_commit(&[("a", "n2", T0 + 59 * 60, 500)]))
             .unwrap();
-        let done = l.compact(&policy(T0 + 3 * HOUR, T0 + 2 * HOUR)).unwrap();
+        let done = l
+            .compact(&policy(T0 + 3 * HOUR, T0 + 2 * HOUR), &Tenants::empty())
+            .unwrap();
         assert_eq!(done.hours_rolled_up, 1, "the late minute re-rolls hour 0");
         assert_eq!(done.minute_rows_dropped, 180);
 
@@ -2264,7 +2596,7 @@ mod tests {
             hours_from: T0 + DAY,
             days_from: None,
         };
-        let done = l.compact(&policy).unwrap();
+        let done = l.compact(&policy, &Tenants::empty()).unwrap();
         assert_eq!(done.hour_rows_dropped, 3);
         let days = reader.usage(Some("a"), T0, T0 + 2 * DAY).unwrap();
         assert_eq!(days.hours_from, T0 + DAY);
@@ -2277,10 +2609,13 @@ mod tests {
         );
         assert_eq!(day.peak_quarter_mj, Some(14_000 + 90_000 + 15_000));
         // And with a daily retention, days go too.
-        l.compact(&Compaction {
-            days_from: Some(T0 + 2 * DAY),
-            ..policy
-        })
+        l.compact(
+            &Compaction {
+                days_from: Some(T0 + 2 * DAY),
+                ..policy
+            },
+            &Tenants::empty(),
+        )
         .unwrap();
         assert!(
             reader
@@ -2288,6 +2623,114 @@ mod tests {
                 .unwrap()
                 .spans
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn rollups_carry_each_minutes_evaluation_against_the_contract() {
+        // Invariant: a rollup's over-contract time and overage are the sum
+        // of its minutes' `over_contract` (tenant energy over all nodes),
+        // rebuilt exactly when late minutes arrive; the tenant's counter,
+        // kept at commit time, agrees whatever order the energy came in.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        // a: 1 kW, 60 kJ a minute; b: no contract.
+        let tenants = Arc::new(
+            Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n")
+                .unwrap(),
+        );
+        let commit = |l: &mut Ledger, entries: &[(&str, &str, i64, u64)]| {
+            let mut c = minute_commit(entries);
+            c.contracts = Some(tenants.clone());
+            l.commit(&c).unwrap()
+        };
+        // Minute 0: 90 kJ on one node (over by 30 kJ). Minute 1: 40 kJ on
+        // each of two nodes (over by 20 kJ, though neither node is).
+        // Minute 2: 50 kJ, under. Minute 59: at the contract exactly.
+        // Minute 60 (the next hour, the next day's too): over by 1 J.
+        commit(
+            &mut l,
+            &[
+                ("a", "n1", T0, 90_000_000),
+                ("a", "n1", T0 + 60, 40_000_000),
+                ("a", "n2", T0 + 60, 40_000_000),
+                ("a", "n1", T0 + 120, 50_000_000),
+                ("a", "n1", T0 + 59 * 60, 60_000_000),
+                ("b", "n9", T0, 900_000_000),
+            ],
+        );
+        commit(&mut l, &[("a", "n1", T0 + DAY, 60_001_000)]);
+        let tenants_now = tenants.clone();
+        let compact = |l: &mut Ledger, closed: i64| {
+            l.compact(&policy(closed, closed), &tenants_now).unwrap();
+        };
+        let reader = Reader::open(&path).unwrap();
+        let over = |u: &Usage, tenant: &str| -> Vec<(i64, u64, u64)> {
+            u.spans
+                .iter()
+                .filter(|(t, s)| t == tenant && s.peak_quarter_mj.is_some())
+                .map(|(_, s)| (s.start, s.delta.over_contract_ns, s.delta.overage_mj))
+                .collect()
+        };
+        const MIN: u64 = 60_000_000_000;
+        // The minutes dropped once rolled up: the hours answer.
+        compact(&mut l, T0 + DAY + HOUR);
+        let u = reader.usage(None, T0, T0 + DAY + HOUR).unwrap();
+        assert_eq!(
+            over(&u, "a"),
+            vec![(T0, 2 * MIN, 50_000_000), (T0 + DAY, MIN, 1_000)]
+        );
+        assert_eq!(over(&u, "b"), vec![(T0, 0, 0)]);
+        // A late minute for hour 0 while its minutes are still kept would
+        // rebuild it; here they are gone (a retention shorter than the
+        // oldest sample accepted), so what arrives is evaluated on its own
+        // and added: minute 2 had 50 kJ and 20 kJ more would put it over,
+        // but alone they are not.
+        commit(&mut l, &[("a", "n3", T0 + 120, 20_000_000)]);
+        compact(&mut l, T0 + DAY + HOUR);
+        let u = reader.usage(None, T0, T0 + DAY + HOUR).unwrap();
+        assert_eq!(
+            over(&u, "a"),
+            vec![(T0, 2 * MIN, 50_000_000), (T0 + DAY, MIN, 1_000)]
+        );
+        // The counter, too, sees only what is left of the minute.
+        let snap = l.load().unwrap();
+        assert_eq!(
+            snap.tenant_over_contract_ns,
+            vec![("a".to_string(), 3 * MIN)]
+        );
+
+        // With the minutes kept, a late minute rebuilds its hour exactly:
+        // minute 3 of hour h2 goes over only with both parts.
+        let h2 = T0 + DAY + 2 * HOUR;
+        commit(&mut l, &[("a", "n1", h2 + 180, 59_000_000)]);
+        l.compact(&policy(h2 + HOUR, 0), &tenants).unwrap();
+        commit(&mut l, &[("a", "n2", h2 + 180, 2_000_000)]);
+        l.compact(&policy(h2 + HOUR, 0), &tenants).unwrap();
+        compact(&mut l, h2 + HOUR);
+        let u = reader.usage(None, h2, h2 + HOUR).unwrap();
+        assert_eq!(over(&u, "a"), vec![(h2, MIN, 1_000_000)]);
+        // The day rollups sum their hours.
+        l.compact(&policy(T0 + 3 * DAY, T0 + 3 * DAY), &tenants)
+            .unwrap();
+        l.compact(
+            &Compaction {
+                hours_from: T0 + 3 * DAY,
+                ..policy(T0 + 3 * DAY, T0 + 3 * DAY)
+            },
+            &tenants,
+        )
+        .unwrap();
+        let u = reader.usage(None, T0, T0 + 2 * DAY).unwrap();
+        assert_eq!(
+            over(&u, "a"),
+            vec![(T0, 2 * MIN, 50_000_000), (T0 + DAY, 2 * MIN, 1_001_000)]
+        );
+        let snap = l.load().unwrap();
+        assert_eq!(
+            snap.tenant_over_contract_ns,
+            vec![("a".to_string(), 4 * MIN)]
         );
     }
 
@@ -2304,7 +2747,7 @@ mod tests {
         let end = T0 + 200 * HOUR;
         let mut rounds = 0;
         loop {
-            let done = l.compact(&policy(end, end)).unwrap();
+            let done = l.compact(&policy(end, end), &Tenants::empty()).unwrap();
             rounds += 1;
             // Nothing is dropped ahead of its rollup.
             let u = Reader::open(&path).unwrap().usage(None, 0, end).unwrap();
@@ -2319,6 +2762,80 @@ mod tests {
             assert!(done.hours_rolled_up as i64 <= HOURS_PER_ROUND);
         }
         assert_eq!(rounds, 4, "48 + 48 + 4 hours, then nothing");
+    }
+
+    #[test]
+    fn late_energy_that_puts_a_final_minute_over_contract_is_an_adjustment() {
+        // Invariant: a final minute's row never changes; what late energy
+        // does to its over-contract evaluation is booked with the
+        // adjustments (tenant-wide, node ""), so row plus adjustments say
+        // what the minute's whole energy does, and the counter agrees.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::open(&path).unwrap();
+        let tenants = Arc::new(
+            Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n")
+                .unwrap(),
+        );
+        let with = |entries: &[(&str, &str, i64, u64)]| {
+            let mut c = minute_commit(entries);
+            c.contracts = Some(tenants.clone());
+            c
+        };
+        // 50 kJ in minute 0 (1 kW allows 60 kJ), then final.
+        let first = l
+            .commit_at(&with(&[("a", "n1", T0, 50_000_000)]), T0 + 70, T0 + HOUR)
+            .unwrap();
+        assert_eq!(first.over_contract_ns, vec![]);
+        // Late: 20 kJ more from another node puts the minute over by 10 kJ;
+        // then 5 kJ more adds overage but no time.
+        let late = l
+            .commit_at(&with(&[("a", "n2", T0, 20_000_000)]), T0 + 2 * HOUR, T0)
+            .unwrap();
+        assert_eq!(
+            late.over_contract_ns,
+            vec![(Arc::from("a"), 60_000_000_000)]
+        );
+        l.commit_at(&with(&[("a", "n3", T0, 5_000_000)]), T0 + 3 * HOUR, T0)
+            .unwrap();
+        let u = Reader::open(&path)
+            .unwrap()
+            .usage(None, T0, T0 + HOUR)
+            .unwrap();
+        assert_eq!(u.spans.len(), 1);
+        assert_eq!(
+            u.spans[0].1.over_contract(1_000_000),
+            (0, 0),
+            "the row stays"
+        );
+        let booked: Vec<(u64, &str, u64, u64, u64)> = u
+            .adjustments
+            .iter()
+            .map(|a| {
+                let d = a.delta;
+                (
+                    a.revision,
+                    a.node.as_str(),
+                    d.energy_mj,
+                    d.over_contract_ns,
+                    d.overage_mj,
+                )
+            })
+            .collect();
+        assert_eq!(
+            booked,
+            vec![
+                (2, "", 0, 60_000_000_000, 10_000_000),
+                (2, "n2", 20_000_000, 0, 0),
+                (3, "", 0, 0, 5_000_000),
+                (3, "n3", 5_000_000, 0, 0),
+            ]
+        );
+        let snap = l.load().unwrap();
+        assert_eq!(
+            snap.tenant_over_contract_ns,
+            vec![("a".to_string(), 60_000_000_000)]
+        );
     }
 
     #[test]
@@ -2337,7 +2854,7 @@ mod tests {
                 T0 + HOUR,
             )
             .unwrap();
-        assert_eq!(r, 1);
+        assert_eq!(r.revision, 1);
         let before = reader.usage(None, T0, T0 + DAY).unwrap();
         assert_eq!((before.revision, before.finalized_through), (1, T0 + HOUR));
         // Three hours later: late energy for minutes 0 and 59 (final), and
@@ -2348,7 +2865,7 @@ mod tests {
             ("a", "n2", T0 + HOUR - 60, 200),
             ("a", "n1", T0 + HOUR, 300),
         ]);
-        assert_eq!(l.commit_at(&late, T0 + 3 * HOUR, T0).unwrap(), 2);
+        assert_eq!(l.commit_at(&late, T0 + 3 * HOUR, T0).unwrap().revision, 2);
         let after = reader.usage(None, T0, T0 + DAY).unwrap();
         assert_eq!(after.finalized_through, T0 + HOUR, "never back");
         assert_eq!(after.revision, 2);
@@ -2431,16 +2948,19 @@ mod tests {
             hours_from: T0 + 2 * DAY,
             days_from: None,
         };
-        l.compact(&keep_days).unwrap();
+        l.compact(&keep_days, &Tenants::empty()).unwrap();
         let rolled = reader.usage(None, T0, T0 + DAY).unwrap();
         assert_eq!(rolled.spans.len(), 1);
         assert_eq!(rolled.spans[0].1.delta.energy_mj, 1_300);
         assert_eq!(rolled.adjustments, after.adjustments);
         let done = l
-            .compact(&Compaction {
-                days_from: Some(T0 + 2 * DAY),
-                ..keep_days
-            })
+            .compact(
+                &Compaction {
+                    days_from: Some(T0 + 2 * DAY),
+                    ..keep_days
+                },
+                &Tenants::empty(),
+            )
             .unwrap();
         assert_eq!(done.adjustment_rows_dropped, 2);
         assert!(
@@ -2487,12 +3007,15 @@ mod tests {
                 // Later batches write minutes already dropped: they must
                 // land in the rollups all the same.
                 let closed = T0 + cut_hour * HOUR;
-                l.compact(&Compaction {
-                    closed_before: closed,
-                    minutes_from: T0.max(closed - DAY),
-                    hours_from: 0,
-                    days_from: None,
-                })
+                l.compact(
+                    &Compaction {
+                        closed_before: closed,
+                        minutes_from: T0.max(closed - DAY),
+                        hours_from: 0,
+                        days_from: None,
+                    },
+                    &Tenants::empty(),
+                )
                 .unwrap();
             }
             let u = reader.usage(None, 0, T0 + 10 * DAY).unwrap();
@@ -2543,7 +3066,8 @@ mod tests {
                     *want.entry(t.to_string()).or_default() += e;
                 }
                 l.commit_at(&minute_commit(&list), T0 + i as i64, T0 + mark * 60).unwrap();
-                l.compact(&policy(T0 + mark * 60, T0 + mark * 60)).unwrap();
+                l.compact(&policy(T0 + mark * 60, T0 + mark * 60), &Tenants::empty())
+                    .unwrap();
                 let u = reader.usage(None, 0, T0 + DAY).unwrap();
                 let now = hourly(&u);
                 // Hours read final before read the same now.

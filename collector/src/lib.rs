@@ -2,9 +2,10 @@
 //! GPU to a tenant, aggregates per tenant against its contract and exports
 //! Prometheus metrics.
 //!
-//! [`run`] starts three long-running tasks that stop on the shutdown
-//! signal: the gRPC ingest server ([`ingest`]), the HTTP server ([`http`])
-//! and the contract evaluator; a fourth reloads the tenant file on SIGHUP.
+//! [`run`] starts long-running tasks that stop on the shutdown signal: the
+//! gRPC ingest server ([`ingest`]), the HTTP server ([`http`]), the ledger
+//! committer (a thread) and compactor; another reloads the tenant file on
+//! SIGHUP.
 
 pub mod auth;
 pub mod config;
@@ -117,6 +118,11 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
                 .into(),
         }
         .into());
+    }
+    if cfg.evaluate_interval.is_some() {
+        warn!(
+            "evaluate_interval is no longer used and can be removed: over-contract time is evaluated per minute from the ledger's energy"
+        );
     }
     if cfg.tls_cert.is_none() && !cfg.grpc_listen.ip().is_loopback() {
         warn!(grpc = %cfg.grpc_listen, "gRPC ingest is plaintext on a non-loopback address (insecure_plaintext = true): samples and agent tokens travel unencrypted");
@@ -246,11 +252,6 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         cfg.clone(),
         shutdown.clone(),
     ));
-    let evaluator = tokio::spawn(evaluate_contracts(
-        state.clone(),
-        cfg.evaluate_interval,
-        shutdown.clone(),
-    ));
     let reloader = tokio::spawn(reload_on_sighup(
         state.clone(),
         ledger.clone(),
@@ -258,6 +259,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         hup,
         shutdown.clone(),
     ));
+    let leases = tokio::spawn(advance_leases(state.clone(), shutdown.clone()));
 
     let grpc_task = tokio::spawn(grpc_server);
     let http_task = tokio::spawn(http_server);
@@ -269,8 +271,8 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
         (g, h)
     })
     .await;
-    evaluator.abort();
     reloader.abort();
+    leases.abort();
     compactor.abort();
     // Streams are closed: one last commit makes everything applied durable.
     drop(stop_committer);
@@ -470,7 +472,9 @@ fn commit_once(
         state::lock(ledger).commit_at(&commit, now, finalize_through)
     }));
     match result {
-        Ok(Ok(_)) => {
+        Ok(Ok(done)) => {
+            // Before the acks: a scrape after an ack sees the counter.
+            state.add_over_contract(&done.over_contract_ns);
             state.counters.commits_ok.fetch_add(1, Ordering::Relaxed);
             state
                 .counters
@@ -547,8 +551,10 @@ async fn compact_loop(
         }
         let policy = compaction_policy(&cfg, usage::now_unix());
         let ledger = ledger.clone();
+        let contracts = state.tenants();
         let result =
-            tokio::task::spawn_blocking(move || state::lock(&ledger).compact(&policy)).await;
+            tokio::task::spawn_blocking(move || state::lock(&ledger).compact(&policy, &contracts))
+                .await;
         match result {
             Ok(Ok(done)) => {
                 state
@@ -586,25 +592,16 @@ async fn compact_loop(
     }
 }
 
-/// Accrues over-contract time on a fixed tick. Named task: `evaluator`.
-async fn evaluate_contracts(
-    state: Arc<State>,
-    every: std::time::Duration,
-    shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
+/// Puts a tenant file loaded with a future `effective_from` in force once
+/// its time has come; checked every second. Named task: `leases`.
+async fn advance_leases(state: Arc<State>, shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = tokio::time::Instant::now();
     let stop = capwatch_common::wait_for_shutdown(shutdown);
     tokio::pin!(stop);
     loop {
         tokio::select! {
-            t = tick.tick() => {
-                let elapsed = t.saturating_duration_since(last);
-                last = t;
-                state.advance_tenants();
-                state.evaluate(elapsed, t.into_std());
-            }
+            _ = tick.tick() => state.advance_tenants(),
             _ = &mut stop => return,
         }
     }

@@ -145,7 +145,7 @@ const FAMILIES: &[(&str, &str, MetricType)] = &[
     ),
     (
         "capwatch_tenant_over_contract_seconds_total",
-        "Time the tenant's power was above its contract.",
+        "Time in minutes whose average power, by sample time, was above the tenant's contract (60 s per minute).",
         MetricType::COUNTER,
     ),
     (

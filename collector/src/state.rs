@@ -123,6 +123,10 @@ pub struct Gpu {
     /// Below one second's worth of nanoseconds (fits 32 bits).
     remainder_milliwatt_nanos: u64,
     pub last_receipt: Option<Instant>,
+    /// When `last` was sampled, by its own timestamp, on the collector's
+    /// monotonic clock: its receipt less its age then (never after the
+    /// receipt). `None` when it was too old for the clock to hold.
+    pub sampled_at: Option<Instant>,
     pub counter_resets: u64,
     /// Take the next timestamp as the reference even if it is older (set
     /// when a new agent epoch starts).
@@ -147,6 +151,7 @@ impl Gpu {
             energy_millijoules: 0,
             remainder_milliwatt_nanos: 0,
             last_receipt: None,
+            sampled_at: None,
             counter_resets: 0,
             reanchor: false,
         }
@@ -518,13 +523,29 @@ impl Gpu {
         u64::try_from(total / NANOS_PER_SECOND).unwrap_or(u64::MAX)
     }
 
-    /// Whether the GPU reported within `window` of `now`.
+    /// Whether the GPU's last reading is live at `now`: sampled, by its
+    /// own timestamp, within `window` (so received within it too) and not
+    /// lost. A reading that arrives late (a replayed spool) is not live.
     pub fn fresh(&self, now: Instant, window: Duration) -> bool {
-        self.last_receipt
-            .is_some_and(|t| now.saturating_duration_since(t) <= window)
-            && self.last.as_ref().is_some_and(|r| !r.lost)
+        sampled_within(self.sampled_at, now, window) && self.last.as_ref().is_some_and(|r| !r.lost)
     }
 }
+
+/// Whether `sampled_at` is at most `window` before `now`.
+fn sampled_within(sampled_at: Option<Instant>, now: Instant, window: Duration) -> bool {
+    sampled_at.is_some_and(|t| now.saturating_duration_since(t) <= window)
+}
+
+/// When a sample stamped `timestamp_ns` was taken, on the monotonic clock,
+/// given that it arrived at `now` (`now_ns` on the wall clock): `now` less
+/// its age, `now` for one stamped ahead; `None` when older than the clock
+/// reaches back.
+fn sampled_at(timestamp_ns: i64, now: Instant, now_ns: i64) -> Option<Instant> {
+    let age = u64::try_from(now_ns.saturating_sub(timestamp_ns)).unwrap_or(0);
+    now.checked_sub(Duration::from_nanos(age))
+}
+
+impl Gpu {}
 
 /// Fields in declaration order (`repr(C)`): what a tenant-level scrape
 /// reads of every node comes first, so that with the lock word it lies in
@@ -536,6 +557,10 @@ pub struct Node {
     /// from the node's (see `Node::summarize`).
     live_valid: bool,
     pub last_receipt: Option<Instant>,
+    /// When the node's latest accepted sample was taken, by its own
+    /// timestamp (`Gpu::sampled_at`): its GPUs are live only while this
+    /// is within the staleness window.
+    sampled_at: Option<Instant>,
     pub interval: Duration,
     /// What the node's GPUs add to each tenant's live figures while the
     /// node is up, computed once per batch: the first tenant inline, any
@@ -581,6 +606,7 @@ impl Node {
             connected: false,
             samples_accepted: 0,
             last_receipt: None,
+            sampled_at: None,
             last_timestamp: 0,
             host: None,
             gpus: Vec::new(),
@@ -632,9 +658,10 @@ impl Node {
     /// *Invariant:* equal to `walk_live` at any later moment until the
     /// node's GPUs change (after which this runs again). It holds because
     /// every GPU that counts as reporting here was last heard at the
-    /// node's last receipt, so it is fresh exactly when the node is up; a
-    /// GPU last heard earlier (left out of later samples) would go stale
-    /// at its own moment, and then there is no summary.
+    /// node's last receipt, in its latest sample, so it is fresh exactly
+    /// when that sample is; a GPU last heard earlier (left out of later
+    /// samples) would go stale at its own moment, and then there is no
+    /// summary.
     fn summarize(&mut self) {
         let at = self.last_receipt;
         self.live_first = None;
@@ -643,7 +670,9 @@ impl Node {
         for g in &self.gpus {
             let reading = g.last.as_ref().filter(|r| !r.lost);
             let one = match (g.last_receipt, reading) {
-                (Some(t), Some(r)) if Some(t) == at => TenantLive::of(r),
+                (Some(t), Some(r)) if Some(t) == at && g.sampled_at == self.sampled_at => {
+                    TenantLive::of(r)
+                }
                 (Some(_), Some(_)) => return,
                 _ => TenantLive {
                     stale: 1,
@@ -678,7 +707,7 @@ impl Node {
         if !self.live_valid {
             return self.walk_live(now, window, add);
         }
-        let up = self.up(now, window);
+        let up = sampled_within(self.sampled_at, now, window);
         for (tenant, part) in self.live_first.iter().chain(&self.live_rest) {
             if up {
                 add(tenant, part);
@@ -961,13 +990,17 @@ impl State {
         self.ledger_identity.get()
     }
 
-    /// Takes what the next commit must write, with its number; batches
-    /// applied from now on go to the commit after it.
+    /// Takes what the next commit must write, with its number and the
+    /// contracts in force; batches applied from now on go to the commit
+    /// after it.
     pub fn take_pending(&self) -> (u64, Commit) {
+        let contracts = self.tenants();
         let mut p = lock(&self.pending);
         let id = p.id;
         p.id += 1;
-        (id, std::mem::take(&mut p.commit))
+        let mut c = std::mem::take(&mut p.commit);
+        c.contracts = Some(contracts);
+        (id, c)
     }
 
     /// Resumes from what the ledger holds: each node's (epoch, seq) for
@@ -1134,7 +1167,7 @@ impl State {
 
     /// Puts the next version in force once its time has come (a file
     /// loaded with an `effective_from` in the future). Cheap when nothing
-    /// is due: called on every evaluation tick.
+    /// is due: called every second.
     pub fn advance_tenants(&self) {
         let until = self
             .tenants
@@ -1496,6 +1529,8 @@ impl State {
                 n.last_seq = s.seq;
                 n.samples_accepted += 1;
                 n.last_receipt = Some(now);
+                let sampled = sampled_at(s.timestamp_unix_nanos, now, now_ns);
+                n.sampled_at = sampled;
                 n.last_timestamp = n.last_timestamp.max(s.timestamp_unix_nanos);
                 if s.host.is_some() {
                     n.host = s.host;
@@ -1529,6 +1564,7 @@ impl State {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
                     let applied = gpu.apply(r, &tick);
+                    gpu.sampled_at = sampled;
                     let tenant = match (&version, &past) {
                         (Some(()), Some((_, tenants))) => &tenants[i],
                         _ => &gpu.tenant,
@@ -1641,47 +1677,15 @@ impl State {
         live
     }
 
-    /// Adds `elapsed` to the over-contract time of every tenant whose live
-    /// power is above its contract now.
-    /// Over-contract time and energy go into the ledger too, in the
-    /// tenant's bucket for the current minute (node ""), measured from live
-    /// power at this tick's resolution.
-    pub fn evaluate(&self, elapsed: Duration, now: Instant) {
-        let tenants = self.tenants();
-        let live = self.tenant_power(&tenants, now);
-        let minute = unix_nanos_now().div_euclid(60_000_000_000) * 60;
-        let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
-        let mut over = Vec::new();
-        {
-            let mut totals = lock(&self.totals);
-            for (t, l) in tenants.all().iter().zip(&live) {
-                if t.contracted_milliwatts > 0 && l.power_milliwatts > t.contracted_milliwatts {
-                    totals.entry(t.id.clone()).or_default().over_contract_nanos +=
-                        elapsed.as_nanos();
-                    let excess = u128::from(l.power_milliwatts - t.contracted_milliwatts);
-                    let overage_mj = u64::try_from(excess * u128::from(nanos) / NANOS_PER_SECOND)
-                        .unwrap_or(u64::MAX);
-                    over.push((t.id.clone(), overage_mj));
-                }
-            }
-        }
-        if over.is_empty() {
-            return;
-        }
-        let mut pending = lock(&self.pending);
-        for (tenant, overage_mj) in over {
-            *pending
-                .commit
-                .tenant_over_contract_ns
+    /// Adds what a ledger commit added to the tenants' over-contract
+    /// counters (`Ledger::commit_at`) to their totals.
+    pub fn add_over_contract(&self, added: &[(Arc<str>, u64)]) {
+        let mut totals = lock(&self.totals);
+        for (tenant, ns) in added {
+            totals
                 .entry(tenant.clone())
-                .or_default() += nanos;
-            let b = pending
-                .commit
-                .buckets
-                .entry((tenant, Arc::from(""), minute))
-                .or_default();
-            b.over_contract_ns = b.over_contract_ns.saturating_add(nanos);
-            b.overage_mj = b.overage_mj.saturating_add(overage_mj);
+                .or_default()
+                .over_contract_nanos += u128::from(*ns);
         }
     }
 }
@@ -1935,12 +1939,12 @@ mod tests {
         /// inventories and tenant reloads.
         #[test]
         fn node_summary_equals_walking_its_gpus(
-            ops in proptest::collection::vec((0u8..16, 0u8..16, 0u8..4), 1..12),
+            ops in proptest::collection::vec((0u8..16, 0u8..16, 0u8..4, 0u8..3), 1..12),
         ) {
             let state = new_state(TENANTS, None);
             let mut h = connect(&state, "a-2", 1, 4);
             let mut seq = 0;
-            for (i, &(present, lost_mask, action)) in ops.iter().enumerate() {
+            for (i, &(present, lost_mask, action, age)) in ops.iter().enumerate() {
                 match action {
                     // A new inventory of 2-4 GPUs (a restarted agent).
                     0 => {
@@ -1961,14 +1965,18 @@ mod tests {
                             .map(|g| if lost_mask & (1 << g) != 0 { lost(g) } else { reading(g, 100_000 + u64::from(g), None) })
                             .collect();
                         seq += 1;
-                        let s = NodeSample { seq, timestamp_unix_nanos: T0 + seq as i64 * SEC, gpus: readings, host: None };
+                        // Stamped now, 2 s or 4 s ago (the window is 3 s):
+                        // live, live for a second more, or arrived stale.
+                        let ts = unix_nanos_now() - i64::from(age) * 2 * SEC;
+                        let s = NodeSample { seq, timestamp_unix_nanos: ts, gpus: readings, host: None };
                         ingest(&state, &h, vec![s]);
                     }
                 }
                 let n = lock(&h.node);
                 let window = n.stale_window(None);
                 let mut probes = vec![Instant::now()];
-                for t in n.gpus.iter().filter_map(|g| g.last_receipt).chain(n.last_receipt) {
+                let times = n.gpus.iter().flat_map(|g| [g.last_receipt, g.sampled_at]);
+                for t in times.chain([n.last_receipt, n.sampled_at]).flatten() {
                     probes.extend([t, t + window, t + window + Duration::from_nanos(1)]);
                 }
                 for now in probes {
@@ -2100,12 +2108,14 @@ mod tests {
     fn a_node_with_a_gpu_left_out_of_later_samples_is_walked() {
         let state = new_state(TENANTS, None);
         let h = connect(&state, "a-1", 1, 2);
-        ingest(&state, &h, vec![sample(1, T0, &[(100, None), (200, None)])]);
+        // Stamped now: live by their own time as well as by arrival.
+        let t0 = unix_nanos_now();
+        ingest(&state, &h, vec![sample(1, t0, &[(100, None), (200, None)])]);
         assert!(lock(&h.node).live_valid);
         std::thread::sleep(Duration::from_millis(2));
         let only_first = NodeSample {
             seq: 2,
-            timestamp_unix_nanos: T0 + SEC,
+            timestamp_unix_nanos: t0 + SEC,
             gpus: vec![reading(0, 100, None)],
             host: None,
         };
@@ -3088,16 +3098,19 @@ mod tests {
             let state = new_state(TENANTS, stale_after);
             let a1 = connect(&state, "a-1", 1, 2);
             let a2 = connect(&state, "a-2", 1, 3);
+            // Stamped as they arrive (see
+            // old_samples_that_just_arrived_are_not_live_power for late).
+            let t0 = unix_nanos_now();
             ingest(
                 &state,
                 &a1,
-                vec![sample(1, T0, &[(100_000, None), (200_000, None)])],
+                vec![sample(1, t0, &[(100_000, None), (200_000, None)])],
             );
             // a-2's GPU 2 (lab-a) never reports: always stale.
             ingest(
                 &state,
                 &a2,
-                vec![sample(1, T0, &[(50_000, None), (70_000, None)])],
+                vec![sample(1, t0, &[(50_000, None), (70_000, None)])],
             );
             let now = Instant::now() + offset;
             let live = live(&state, now);
@@ -3117,43 +3130,44 @@ mod tests {
     }
 
     #[test]
-    fn evaluate_accrues_only_while_over_contract() {
-        // Invariant: over-contract time grows by `elapsed` exactly when the
-        // tenant's live power is strictly above its contract.
-        // (lab-a's two GPUs in mW, whether `now` is past the stale window,
-        //  whether lab-a accrues)
-        let cases: [((u64, u64), bool, bool); 6] = [
-            ((400_000, 400_000), false, false),
-            ((600_000, 500_000), false, true),
-            ((500_000, 500_000), false, false), // at the contract: not over
-            ((500_000, 500_001), false, true),
-            ((700_000, 700_000), true, false), // stale: no live power
-            ((0, 0), false, false),
-        ];
-        let state = new_state(TENANTS, Some(Duration::from_secs(5)));
-        let a1 = connect(&state, "a-1", 1, 2);
-        // An unassigned node far above anything: never accrues.
-        let z = connect(&state, "z-2", 1, 1);
-        let elapsed = Duration::from_millis(1_500);
-        let mut want = 0u128;
-        for (k, ((p0, p1), stale, accrues)) in cases.into_iter().enumerate() {
-            let seq = k as u64 + 1;
-            let ts = T0 + seq as i64 * SEC;
-            ingest(
-                &state,
-                &a1,
-                vec![sample(seq, ts, &[(p0, None), (p1, None)])],
-            );
-            ingest(&state, &z, vec![sample(seq, ts, &[(2_000_000, None)])]);
-            let now = Instant::now() + Duration::from_secs(if stale { 10 } else { 0 });
-            state.evaluate(elapsed, now);
-            if accrues {
-                want += elapsed.as_nanos();
-            }
-            assert_eq!(over_contract(&state, "lab-a"), want, "step {k}");
-            assert_eq!(over_contract(&state, UNASSIGNED), 0, "step {k}");
-            assert_eq!(over_contract(&state, "lab-b"), 0, "step {k}");
-        }
+    fn old_samples_that_just_arrived_are_not_live_power() {
+        // A spool replayed 45 minutes late: its samples arrive now, but by
+        // their own timestamps they are long past the staleness window, so
+        // none of them is live power; the energy still counts. The first
+        // sample stamped now is live again.
+        let state = new_state(TENANTS, Some(Duration::from_secs(30)));
+        let h = connect(&state, "a-1", 1, 2);
+        let late = unix_nanos_now() - 45 * 60 * SEC;
+        let replay: Vec<NodeSample> = (0..10)
+            .map(|k| {
+                let e = Some(k * 700_000);
+                sample(k + 1, late + k as i64 * SEC, &[(700_000, e), (700_000, e)])
+            })
+            .collect();
+        ingest(&state, &h, replay);
+        assert_eq!(tenant_energy(&state, "lab-a"), 2 * 9 * 700_000);
+        let now = Instant::now();
+        let l = live(&state, now)["lab-a"];
+        assert_eq!((l.power_milliwatts, l.reporting, l.stale), (0, 0, 2));
+        let n = lock(&h.node);
+        let window = n.stale_window(Some(Duration::from_secs(30)));
+        assert!(n.gpus.iter().all(|g| !g.fresh(now, window)));
+        assert_eq!(
+            parts(|add| n.live(now, window, add)),
+            parts(|add| n.walk_live(now, window, add))
+        );
+        drop(n);
+        let e = Some(20 * 700_000);
+        ingest(
+            &state,
+            &h,
+            vec![sample(11, unix_nanos_now(), &[(500_000, e), (600_000, e)])],
+        );
+        let l = live(&state, Instant::now())["lab-a"];
+        assert_eq!(
+            (l.power_milliwatts, l.reporting, l.stale),
+            (1_100_000, 2, 0)
+        );
     }
 
     #[test]
@@ -3174,8 +3188,10 @@ mod tests {
         let state = new_state(TENANTS, None);
         let a1 = connect(&state, "a-1", 1, 2);
         let a2 = connect(&state, "a-2", 1, 2);
+        // Stamped now, so that live power can follow the reload.
+        let t0 = unix_nanos_now();
         let batch =
-            |seq: u64, c: u64| vec![sample(seq, T0 + seq as i64 * SEC, &[(100_000, Some(c)); 2])];
+            |seq: u64, c: u64| vec![sample(seq, t0 + seq as i64 * SEC, &[(100_000, Some(c)); 2])];
         ingest(&state, &a1, batch(1, 0));
         ingest(&state, &a2, batch(1, 0));
         ingest(&state, &a1, batch(2, 1_000));
@@ -3324,9 +3340,10 @@ mod tests {
             let state = new_state(TENANTS, Some(Duration::from_secs(60)));
             let h = connect(&state, "a-1", 1, 1);
             let mut last_counter = None;
+            let t0 = unix_nanos_now();
             for (i, (&c, &e)) in counters.iter().zip(want).enumerate() {
                 let seq = i as u64 + 1;
-                let mut s = sample(seq, T0 + i as i64 * SEC, &[(10_000, c)]);
+                let mut s = sample(seq, t0 + i as i64 * SEC, &[(10_000, c)]);
                 if c.is_none() {
                     s.gpus[0] = lost(0);
                 }
@@ -3943,29 +3960,117 @@ mod tests {
             })
     }
 
-    #[test]
-    fn over_contract_time_and_overage_are_booked() {
-        // Invariant: while a tenant draws more than its contract, each
-        // evaluation books the elapsed time and the energy above the
-        // contract; a tenant within its contract books nothing.
-        let state = new_state(TENANTS, None);
-        let h = connect(&state, "a-2", 1, 2);
-        let now = unix_nanos_now();
-        // GPU 0 (lab-a, 1 kW contract) at 100 W; GPU 1 (lab-b, 0.5 kW) at 700 W.
-        ingest(
-            &state,
-            &h,
-            vec![sample(1, now, &[(100_000, Some(0)), (700_000, Some(0))])],
-        );
-        state.take_pending();
-        state.evaluate(Duration::from_secs(2), Instant::now());
+    /// lab-a's power (kW, two GPUs sharing it) in each of ten minutes,
+    /// against its 1 kW contract: seven minutes above it (one exactly at
+    /// it, which is not above).
+    const TEN_MINUTES_KW: [u64; 10] = [2, 2, 1, 0, 2, 2, 2, 1, 2, 2];
+
+    /// A sample every second from `m0` (a minute start) through the ten
+    /// minutes of `TEN_MINUTES_KW`, on node a-1's two GPUs with counters.
+    fn ten_minutes(m0: i64) -> Vec<NodeSample> {
+        let mut counter = 0u64;
+        (0..=600i64)
+            .map(|k| {
+                // The interval ending at second k lies in minute (k-1)/60.
+                let kw = if k == 0 {
+                    0
+                } else {
+                    TEN_MINUTES_KW[((k - 1) / 60) as usize]
+                };
+                counter += kw * 500_000;
+                let gpu = (kw * 500_000, Some(counter));
+                sample(k as u64 + 1, m0 + k * SEC, &[gpu, gpu])
+            })
+            .collect()
+    }
+
+    /// Commits what `state` gathered into a new ledger in `dir` and reads
+    /// lab-a's over-contract seconds and overage (mJ) per minute of the ten
+    /// minutes from `m0`, and its over-contract counter (the state's, which
+    /// must be the ledger's).
+    fn over_contract_in_ledger(
+        state: &State,
+        dir: &std::path::Path,
+        m0: i64,
+    ) -> (Vec<(f64, f64)>, crate::ledger::Snapshot) {
+        let path = dir.join("ledger.db");
+        let mut ledger = crate::ledger::Ledger::open(&path).unwrap();
         let (_, c) = state.take_pending();
-        let b = booked(&c, "lab-b", "");
-        assert_eq!((b.over_contract_ns, b.overage_mj), (2_000_000_000, 400_000));
-        assert_eq!(booked(&c, "lab-a", ""), BucketDelta::default());
-        // The tenant's running total goes into the same commit.
-        assert_eq!(c.tenant_over_contract_ns.get("lab-b"), Some(&2_000_000_000));
-        assert_eq!(c.tenant_over_contract_ns.get("lab-a"), None);
+        let committed = ledger.commit(&c).unwrap();
+        state.add_over_contract(&committed.over_contract_ns);
+        drop(ledger);
+        let from = crate::usage::rfc3339(m0 / SEC);
+        let to = crate::usage::rfc3339(m0 / SEC + 600);
+        let reader = crate::ledger::Reader::open(&path).unwrap();
+        let tenants = state.tenants();
+        let report = crate::usage::run(
+            &reader,
+            &tenants,
+            Some("lab-a"),
+            Some(&from),
+            Some(&to),
+            Some("1m"),
+            None,
+            None,
+        )
+        .unwrap();
+        let rows = report
+            .rows
+            .iter()
+            .map(|r| (r.seconds_over_contract, (r.overage_kwh * 3.6e9).round()))
+            .collect();
+        // After a restart: what the counter resumes from.
+        let snap = crate::ledger::Ledger::open(&path).unwrap().load().unwrap();
+        let in_ledger = snap
+            .tenant_over_contract_ns
+            .iter()
+            .filter(|(t, _)| t == "lab-a")
+            .map(|(_, ns)| u128::from(*ns))
+            .sum::<u128>();
+        assert_eq!(over_contract(state, "lab-a"), in_ledger);
+        (rows, snap)
+    }
+
+    #[test]
+    fn over_contract_is_the_same_live_or_replayed_45_minutes_late() {
+        // Invariant: over-contract time and overage are a function of the
+        // ledger's energy in sample time (each minute's average power
+        // against the contract), whenever the samples arrive. The same ten
+        // minutes arrive once sample by sample as they happen (the last
+        // ten minutes) and once as a spool replayed 45 minutes late, in
+        // one batch.
+        let minute_now = unix_nanos_now().div_euclid(60 * SEC) * 60 * SEC;
+        let live_m0 = minute_now - 10 * 60 * SEC;
+        let late_m0 = live_m0 - 45 * 60 * SEC;
+        let want_rows: Vec<(f64, f64)> = TEN_MINUTES_KW
+            .iter()
+            .map(|&kw| match kw {
+                2 => (60.0, 60_000_000.0),
+                _ => (0.0, 0.0),
+            })
+            .collect();
+        let want_counter = vec![("lab-a".to_string(), 7 * 60 * 1_000_000_000)];
+
+        let dir = tempfile::tempdir().unwrap();
+        let live = new_state(TENANTS, None);
+        let h = connect(&live, "a-1", 1, 2);
+        for s in ten_minutes(live_m0) {
+            ingest(&live, &h, vec![s]);
+        }
+        let (rows, snap) = over_contract_in_ledger(&live, dir.path(), live_m0);
+        assert_eq!(rows, want_rows, "live");
+        assert_eq!(snap.tenant_over_contract_ns, want_counter, "live");
+
+        let dir = tempfile::tempdir().unwrap();
+        let late = new_state(TENANTS, None);
+        let h = connect(&late, "a-1", 1, 2);
+        ingest(&late, &h, ten_minutes(late_m0));
+        let (rows, snap) = over_contract_in_ledger(&late, dir.path(), late_m0);
+        assert_eq!(rows, want_rows, "replayed 45 minutes late");
+        assert_eq!(
+            snap.tenant_over_contract_ns, want_counter,
+            "replayed 45 minutes late"
+        );
     }
 
     #[test]

@@ -292,6 +292,17 @@ impl Tenants {
         &self.tenants
     }
 
+    /// The contract (mW; 0: none) that `tenant`'s minute starting at
+    /// `minute_start` (Unix seconds) is measured against: the one place
+    /// over-contract time and overage look a contract up. The tenant file
+    /// in force says it for every minute.
+    pub fn contracted_milliwatts_at(&self, tenant: &str, _minute_start: i64) -> u64 {
+        self.tenants
+            .iter()
+            .find(|t| &*t.id == tenant)
+            .map_or(0, |t| t.contracted_milliwatts)
+    }
+
     pub fn unassigned(&self) -> usize {
         self.tenants.len() - 1
     }

@@ -161,6 +161,13 @@ impl Terms {
             pue,
         }
     }
+
+    /// The contract (mW; 0: none) the minute starting at `minute_start`
+    /// is measured against, as `Tenants::contracted_milliwatts_at` said
+    /// when these terms were read from the tenant file.
+    pub fn contract_at(&self, _minute_start: i64) -> u64 {
+        self.contracted_milliwatts.unwrap_or(0)
+    }
 }
 
 /// Errors of a usage request: the request's own, or the ledger's.
@@ -534,9 +541,11 @@ pub struct Row {
     /// of 15 minutes or more whose minutes are still kept).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p95_power_watts: Option<f64>,
+    /// Time in minutes whose average power was above the contract: 60 s
+    /// per such minute, by the samples' own time.
     pub seconds_over_contract: f64,
-    /// Integral of max(0, power - contract): what committed-plus-overage
-    /// contracts bill.
+    /// Energy above the contract in those minutes (minute energy −
+    /// contract × 60 s): what committed-plus-overage contracts bill.
     pub overage_kwh: f64,
     /// Share of the GPU time between readings that readings back.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -649,6 +658,13 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
             let (start, end) = (w[0], w[1]);
             let seconds = end - start;
             let d = sum(start, end);
+            // Each minute against its contract, in sample time; rollups
+            // carry the evaluation of their minutes.
+            let (over_ns, overage_mj) =
+                spans.range(start..end).fold((0u64, 0u64), |acc, (t, s)| {
+                    let (ns, mj) = s.over_contract(terms.contract_at(*t));
+                    (acc.0.saturating_add(ns), acc.1.saturating_add(mj))
+                });
             // Highest quarter-hour average: from the minutes' quarter-hours
             // overlapping the row, and from the peaks stored in rollups.
             let rolled_up_peak = spans
@@ -656,9 +672,29 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                 .filter_map(|(_, s)| s.peak_quarter_mj)
                 .max();
             let mut peak_mj = rolled_up_peak.unwrap_or(0);
-            // Quarter-hours and 5-minute windows are walked only between
-            // the row's first and last minute bucket, so a long row with
-            // little detail (a month, mostly rolled up) stays cheap.
+            // The quarter-hours overlapping the row reach beyond it where
+            // the row does not start or end on a quarter boundary (a 1m
+            // row): each is summed over all its minutes, visited once per
+            // quarter that holds any, so a long row with little detail (a
+            // month, mostly rolled up) stays cheap and a row without a
+            // bucket of its own still sees its quarter.
+            let (quarters_from, quarters_to) = (
+                start.div_euclid(QUARTER) * QUARTER,
+                (end + QUARTER - 1).div_euclid(QUARTER) * QUARTER,
+            );
+            let mut summed = None;
+            for (t, _) in spans
+                .range(quarters_from..quarters_to)
+                .filter(|(_, s)| s.peak_quarter_mj.is_none())
+            {
+                let quarter = t.div_euclid(QUARTER) * QUARTER;
+                if summed != Some(quarter) {
+                    summed = Some(quarter);
+                    peak_mj = peak_mj.max(minute_energy(quarter, quarter + QUARTER));
+                }
+            }
+            // 5-minute windows are walked only between the row's first and
+            // last minute bucket.
             let minutes_in_row = spans
                 .range(start..end)
                 .filter(|(_, s)| s.peak_quarter_mj.is_none())
@@ -668,14 +704,6 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                     Some(acc.map_or((t, t), |(a, _)| (a, t)))
                 })
                 .unwrap_or((end, start));
-            let mut quarter = start
-                .max(first_minute.div_euclid(QUARTER) * QUARTER)
-                .div_euclid(QUARTER)
-                * QUARTER;
-            while quarter < end && quarter <= last_minute {
-                peak_mj = peak_mj.max(minute_energy(quarter, quarter + QUARTER));
-                quarter += QUARTER;
-            }
             let average_w = d.energy_mj as f64 / 1000.0 / seconds as f64;
             let contracted_w = terms.contracted_milliwatts.map(|c| c as f64 / 1000.0);
             let p95 = (seconds >= QUARTER
@@ -715,8 +743,8 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                 contracted_power_watts: contracted_w,
                 capacity_utilization: contracted_w.filter(|c| *c > 0.0).map(|c| average_w / c),
                 p95_power_watts: p95,
-                seconds_over_contract: d.over_contract_ns as f64 / 1e9,
-                overage_kwh: d.overage_mj as f64 / 3.6e9,
+                seconds_over_contract: over_ns as f64 / 1e9,
+                overage_kwh: overage_mj as f64 / 3.6e9,
                 coverage: (d.expected_gpu_ns > 0)
                     .then(|| d.gpu_ns as f64 / d.expected_gpu_ns as f64),
                 estimated: d.estimated_mj > 0,
@@ -1098,11 +1126,8 @@ mod tests {
             ));
         }
         m.push(("b".to_string(), T + 20 * 60, d(90_000_000, 60, 60, 1)));
-        // a: over its 1 kW contract? No; but booked overage in minute 2 (as
-        // the evaluator would) and estimated energy in minute 16, with a
-        // gap: 30 s of its 60 s not backed by readings.
-        m[2].2.over_contract_ns = 30_000_000_000;
-        m[2].2.overage_mj = 7_200_000;
+        // a: never over its 1 kW contract; estimated energy in minute 16,
+        // with a gap: 30 s of its 60 s not backed by readings.
         m[16].2.estimated_mj = 1_000;
         m[16].2.gpu_ns = 30_000_000_000;
         m
@@ -1136,6 +1161,99 @@ mod tests {
         assert_eq!(a.p95_power_watts, Some(600.0));
         assert_eq!(r.rows[1].p95_power_watts, Some(300.0));
         assert_eq!(r.rows[1].contracted_power_watts, None);
+    }
+
+    #[test]
+    fn every_minute_row_of_a_quarter_has_the_quarters_demand() {
+        // b draws only in minute 00:20 of the quarter 00:15-00:30 (100 W
+        // over the quarter). Every 1m row of that quarter overlaps it, with
+        // or without a bucket of its own, at the quarter's start, inside
+        // it or ending on its last boundary (00:29-00:30); the rows of
+        // the quarters before and after have no demand.
+        let q = Query::parse(
+            Some("2027-01-01T00:00:00Z"),
+            Some("2027-01-01T00:45:00Z"),
+            Some("1m"),
+            None,
+            1,
+        )
+        .unwrap();
+        let r = report(&q, &[Terms::new("b", None, None)], &minutes());
+        let peaks: Vec<(String, f64)> = r
+            .rows
+            .iter()
+            .map(|r| (r.start.clone(), r.peak_demand_watts))
+            .collect();
+        let want: Vec<(String, f64)> = (0..45)
+            .map(|i| {
+                let w = if (15..30).contains(&i) { 100.0 } else { 0.0 };
+                (rfc3339(T + i * 60), w)
+            })
+            .collect();
+        assert_eq!(peaks, want);
+    }
+
+    #[test]
+    fn over_contract_is_each_minutes_average_against_the_contract() {
+        // Against a 0.5 kW contract (30 kJ a minute), a's first quarter
+        // (36 kJ a minute) is over in every minute, by 6 kJ; its second
+        // (3.6 kJ) never. A minute bucket's own over-contract fields count
+        // for nothing: minutes are evaluated from their energy when read.
+        let mut usage = minutes();
+        usage.spans[3].1.delta.over_contract_ns = 7;
+        usage.spans[20].1.delta.overage_mj = 7;
+        let terms = [Terms::new("a", Some(500_000), None)];
+        let rows = |usage: &Usage, step, from, to| {
+            let q = Query::parse(Some(from), Some(to), Some(step), None, 1).unwrap();
+            report(&q, &terms, usage)
+                .rows
+                .iter()
+                .map(|r| {
+                    (
+                        r.seconds_over_contract,
+                        (r.overage_kwh * 3.6e9).round() as u64,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let (h0, h1, h2) = (
+            "2027-01-01T00:00:00Z",
+            "2027-01-01T01:00:00Z",
+            "2027-01-01T02:00:00Z",
+        );
+        let by_minute = rows(&usage, "1m", h0, h1);
+        assert_eq!(by_minute[..15], [(60.0, 6_000_000); 15]);
+        assert_eq!(by_minute[15..], [(0.0, 0); 45]);
+        assert_eq!(
+            rows(&usage, "15m", h0, h1),
+            vec![(900.0, 90_000_000), (0.0, 0), (0.0, 0), (0.0, 0)]
+        );
+        // At the contract exactly is not over it.
+        let at = usage_of(vec![("a".to_string(), T, d(30_000_000, 60, 60, 60))]);
+        assert_eq!(rows(&at, "1h", h0, h1), vec![(0.0, 0)]);
+        // A rollup carries what its minutes were evaluated to when it was
+        // rolled up; its sums cannot say it (its average is under).
+        usage.minutes_from = T + 3600;
+        usage.spans.retain(|(_, s)| s.start >= T + 3600);
+        let mut rolled = d(594_000_000, 3600, 1000, 3600);
+        rolled.over_contract_ns = 900_000_000_000;
+        rolled.overage_mj = 90_000_000;
+        usage.spans.insert(
+            0,
+            (
+                "a".to_string(),
+                Span {
+                    start: T,
+                    seconds: 3600,
+                    delta: rolled,
+                    peak_quarter_mj: Some(540_000_000),
+                },
+            ),
+        );
+        assert_eq!(
+            rows(&usage, "1h", h0, h2),
+            vec![(900.0, 90_000_000), (0.0, 0)]
+        );
     }
 
     #[test]
@@ -1179,8 +1297,8 @@ mod tests {
       "contracted_power_watts": 1000.0,
       "capacity_utilization": 0.6,
       "p95_power_watts": 600.0,
-      "seconds_over_contract": 30.0,
-      "overage_kwh": 0.002,
+      "seconds_over_contract": 0.0,
+      "overage_kwh": 0.0,
       "coverage": 1.0,
       "estimated": false,
       "facility_energy_kwh_estimated": 0.18,
@@ -1214,7 +1332,7 @@ mod tests {
 }"#;
         assert_eq!(json, want_json);
         let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours
-a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,30,0.002,1,false,0.18,900,false,usage,,,,
+a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,0,0,1,false,0.18,900,false,usage,,,,
 a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true,usage,,,,
 ";
         assert_eq!(csv(&r), want_csv);
@@ -1756,7 +1874,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         let mut late = Commit::default();
         late.buckets
             .insert((Arc::from("x"), Arc::from("n1"), T), d(5_000, 60, 60, 60));
-        assert_eq!(l.commit_at(&late, T + 7300, T + 3600).unwrap(), 2);
+        assert_eq!(l.commit_at(&late, T + 7300, T + 3600).unwrap().revision, 2);
         drop(l);
         let reader = Reader::open(&path).unwrap();
         let r = run(

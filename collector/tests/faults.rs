@@ -902,3 +902,208 @@ async fn late_spool_becomes_an_adjustment_and_final_rows_stay_final() {
     assert_eq!(local["adjustments"], after["adjustments"]);
     assert_eq!(local["rows"], before["rows"]);
 }
+
+/// Two tenants with the same 10 W contract (600 J a minute); `live` holds
+/// node live-1, `late` node late-1.
+const TWO_CONTRACTS: &str = r#"
+[[tenant]]
+id = "live"
+contracted_kw = 0.01
+nodes = ["live-*"]
+
+[[tenant]]
+id = "late"
+contracted_kw = 0.01
+nodes = ["late-*"]
+"#;
+
+/// A Hello for `node` with one 700 W GPU that has an energy counter,
+/// sampling every 200 ms.
+fn one_gpu_hello(node: &str) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_id: node.into(),
+            agent_version: "test".into(),
+            stream_epoch: 1,
+            interval_millis: 200,
+            gpus: vec![pb::GpuInfo {
+                index: 0,
+                uuid: format!("GPU-{node}"),
+                model: "test".into(),
+                power_limit_milliwatts: Some(700_000),
+                memory_total_bytes: None,
+                energy_counter_supported: true,
+            }],
+            host: None,
+        })),
+    }
+}
+
+/// Sample `seq` stamped `ts`: 600 W, the counter 120 J further per sample.
+fn at_600_watts(seq: u64, ts: i64) -> pb::NodeSample {
+    pb::NodeSample {
+        seq,
+        timestamp_unix_nanos: ts,
+        gpus: vec![pb::GpuSample {
+            index: 0,
+            power_milliwatts: Some(600_000),
+            energy_millijoules: Some(5_000_000 + 120_000 * seq),
+            ..Default::default()
+        }],
+        host: None,
+    }
+}
+
+fn one_batch(samples: Vec<pb::NodeSample>) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Batch(pb::SampleBatch { samples })),
+    }
+}
+
+/// An exact amount in a usage row: a JSON number or a decimal string.
+fn amount(v: &serde_json::Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("an exact amount: {v}"))
+}
+
+/// Invariant: over-contract time and overage are computed in sample time
+/// from the ledger's energy, so the same samples give the same figures
+/// whether they arrive as they are taken or as a spool replayed 45
+/// minutes late; and the replayed samples are not live power. (The real
+/// agent stamps its own clock, so the late spool is a crafted stream.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_contract_is_the_same_live_or_replayed_late_and_late_power_is_not_live() {
+    use capwatch_collector::usage::rfc3339;
+    const N: u64 = 20;
+    const LATE_NS: i64 = 45 * 60 * 1_000_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), TWO_CONTRACTS, 0, &["--stale-after", "30s"]);
+    let ep = collector.endpoint();
+
+    // Live: each sample sent as it is taken, every 200 ms.
+    let mut live = Stream::open(&ep, one_gpu_hello("live-1")).await.unwrap();
+    assert_eq!(live.welcome().await, 0);
+    let mut stamps = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    for seq in 1..=N {
+        tick.tick().await;
+        let ts = now_nanos();
+        stamps.push(ts);
+        live.tx
+            .send(one_batch(vec![at_600_watts(seq, ts)]))
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    while acked < N {
+        match live.next().await.unwrap() {
+            pb::collector_message::Body::Ack(a) => acked = a.acked_seq,
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+
+    // Late: the same samples, stamped 45 minutes earlier, in one batch.
+    let mut late = Stream::open(&ep, one_gpu_hello("late-1")).await.unwrap();
+    assert_eq!(late.welcome().await, 0);
+    let replay = (1..=N)
+        .map(|seq| at_600_watts(seq, stamps[seq as usize - 1] - LATE_NS))
+        .collect();
+    assert_eq!(late.send(one_batch(replay)).await, N);
+
+    // Just acked, but 45 minutes old by their own time: not live power.
+    let listed: serde_json::Value =
+        serde_json::from_str(&http_get(collector.http, "/v1/tenants")).unwrap();
+    let tenant = |id: &str| {
+        let t = listed["tenants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()
+            .clone();
+        (
+            t["power_watts"].as_f64().unwrap(),
+            t["gpus_reporting"].as_u64().unwrap(),
+            t["gpus_stale"].as_u64().unwrap(),
+        )
+    };
+    assert_eq!(tenant("late"), (0.0, 0, 1));
+    assert_eq!(tenant("live"), (600.0, 1, 0));
+    let m = collector.metrics();
+    assert_eq!(
+        m.one("capwatch_tenant_power_watts", &[("tenant", "late")]),
+        0.0
+    );
+    assert_eq!(m.one("capwatch_gpu_up", &[("node", "late-1")]), 0.0);
+
+    // Per minute, from the minute of the first sample to the one after the
+    // last: identical figures, shifted by 45 minutes.
+    let minute = 60_000_000_000;
+    let from = stamps[0].div_euclid(minute) * 60;
+    let to = (stamps[N as usize - 1].div_euclid(minute) + 1) * 60;
+    let rows = |tenant: &str, shift: i64| -> Vec<(u64, f64, f64)> {
+        let q = format!(
+            "/v1/tenants/{tenant}/usage?from={}&to={}&step=1m",
+            rfc3339(from - shift),
+            rfc3339(to - shift)
+        );
+        let r: serde_json::Value = serde_json::from_str(&http_get(collector.http, &q)).unwrap();
+        // A minute already final when its samples arrive keeps its row;
+        // what they bring is in the adjustments to that row: billing sees
+        // the two together.
+        let adjustments = r["adjustments"].as_array().unwrap();
+        r["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                let of_row = adjustments.iter().filter(|a| a["start"] == row["start"]);
+                let mut sum = (
+                    amount(&row["energy_millijoules"]),
+                    row["seconds_over_contract"].as_f64().unwrap(),
+                    row["overage_kwh"].as_f64().unwrap(),
+                );
+                for a in of_row {
+                    sum.0 += amount(&a["energy_millijoules"]);
+                    sum.1 += a["seconds_over_contract"].as_f64().unwrap();
+                    sum.2 += a["overage_kwh"].as_f64().unwrap();
+                }
+                sum
+            })
+            .collect()
+    };
+    let live_rows = rows("live", 0);
+    let late_rows = rows("late", LATE_NS / 1_000_000_000);
+    assert_eq!(live_rows, late_rows);
+    // Each minute's energy against 10 W × 60 s, and all of it counted.
+    let mut over_seconds = 0.0;
+    for &(e, seconds, kwh) in &live_rows {
+        let over = e > 600_000;
+        assert_eq!(seconds, if over { 60.0 } else { 0.0 }, "{live_rows:?}");
+        let want = if over {
+            (e - 600_000) as f64 / 3.6e9
+        } else {
+            0.0
+        };
+        assert_eq!(kwh, want, "{live_rows:?}");
+        over_seconds += seconds;
+    }
+    assert_eq!(
+        live_rows.iter().map(|r| r.0).sum::<u64>(),
+        120_000 * (N - 1)
+    );
+    assert!(over_seconds >= 60.0, "{live_rows:?}");
+    // The Prometheus counter, from the same minutes.
+    let m = collector.metrics();
+    let counter = |t: &str| {
+        m.one(
+            "capwatch_tenant_over_contract_seconds_total",
+            &[("tenant", t)],
+        )
+    };
+    assert_eq!(counter("live"), over_seconds);
+    assert_eq!(counter("late"), over_seconds);
+    drop((live, late));
+    collector.stop();
+}
