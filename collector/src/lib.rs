@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod ledger;
@@ -418,6 +419,7 @@ fn commit_once(
     match result {
         Ok(Ok(_)) => {
             state.counters.commits_ok.fetch_add(1, Ordering::Relaxed);
+            state.readiness.commit_succeeded();
             state
                 .counters
                 .commit_micros
@@ -430,6 +432,7 @@ fn commit_once(
                 .counters
                 .commits_failed
                 .fetch_add(1, Ordering::Relaxed);
+            state.readiness.commit_failed(&e);
             error!(task = "committer", error = %e, "ledger commit failed; retrying with the next one, acks held");
             Some((id, commit))
         }
@@ -569,9 +572,13 @@ async fn reload_on_sighup(
         tokio::select! {
             _ = hup.recv() => {
                 match load_tenants(&cfg) {
-                    Ok(t) => state.reload_tenants(t),
+                    Ok(t) => {
+                        state.reload_tenants(t);
+                        state.readiness.reload_succeeded();
+                    }
                     Err(e) => {
                         state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        state.readiness.reload_failed(&e);
                         error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");
                     }
                 }

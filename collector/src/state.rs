@@ -807,6 +807,8 @@ pub struct State {
     /// What the next ledger commit will write.
     pending: Mutex<Pending>,
     pub counters: Counters,
+    /// Why `/readyz` answers 503, if it does.
+    pub readiness: crate::health::Readiness,
 }
 
 /// The ledger commit being gathered, and its number.
@@ -832,6 +834,7 @@ impl State {
                 commit: Commit::default(),
             }),
             counters: Counters::default(),
+            readiness: Default::default(),
         }
     }
 
