@@ -5,8 +5,10 @@
 //! the collector exports.
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use capwatch_collector::config::Config;
 use capwatch_collector::tenants::{Tenants, UNASSIGNED};
@@ -611,4 +613,66 @@ fn prometheus_rules_use_exported_metric_names() {
     let rules = std::fs::read_to_string(deploy("prometheus/rules/capwatch.rules.yml")).unwrap();
     assert!(scrape.contains("job_name: capwatch-collector\n"));
     assert!(rules.contains("up{job=\"capwatch-collector\"}"));
+}
+
+/// What `child` writes to stderr until a line containing `needle` (at most
+/// 20 s); then it is killed.
+fn stderr_until(mut child: Child, needle: &str) -> Vec<u8> {
+    let mut err = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = needle.as_bytes().to_vec();
+    std::thread::spawn(move || {
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = err.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(want.len()).any(|w| w == want) {
+                break;
+            }
+        }
+        let _ = tx.send(seen);
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = seen.expect("stderr within 20 s");
+    assert!(
+        seen.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "no {needle:?} in {}",
+        String::from_utf8_lossy(&seen)
+    );
+    seen
+}
+
+/// Plain logs to a pipe (journald, a file, a log shipper) carry no ANSI
+/// colour codes.
+#[test]
+fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CAPWATCH_") {
+            cmd.env_remove(key);
+        }
+    }
+    let child = cmd
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--ledger")
+        .arg(dir.path().join("ledger.db"))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the collector");
+    let seen = stderr_until(child, "collector listening");
+    assert!(
+        !seen.contains(&0x1b),
+        "ANSI escapes in {}",
+        String::from_utf8_lossy(&seen)
+    );
 }

@@ -15,12 +15,17 @@ pub enum LogFormat {
 
 /// Installs the global tracing subscriber. The filter comes from `RUST_LOG`
 /// when set, `info` otherwise. Logs go to stderr so stdout stays free for
-/// command output.
+/// command output; plain lines are coloured only on a terminal (not in
+/// journald, a pipe or a file) and never with `NO_COLOR` set.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     // A second initialisation (as in tests) keeps the first subscriber.
     let _ = match format {
