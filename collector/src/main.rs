@@ -21,13 +21,13 @@ use capwatch_common::LogFormat;
 #[command(name = "capwatch-collector", version)]
 struct Args {
     /// TOML config file (every setting is optional).
-    #[arg(short, long, env = "CAPWATCH_CONFIG")]
+    #[arg(short, long, env = "CAPWATCH_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Tenant file: contracts and what each tenant leases.
-    #[arg(short, long, env = "CAPWATCH_TENANTS")]
+    #[arg(short, long, env = "CAPWATCH_TENANTS", global = true)]
     tenants: Option<PathBuf>,
     /// The billing ledger file (SQLite).
-    #[arg(long, env = "CAPWATCH_LEDGER")]
+    #[arg(long, env = "CAPWATCH_LEDGER", global = true)]
     ledger: Option<PathBuf>,
     /// Tokens agents and usage API clients must present (TOML).
     #[arg(long, env = "CAPWATCH_AUTH_FILE")]
@@ -61,7 +61,8 @@ struct Args {
 enum Command {
     /// Print per-tenant usage from the ledger file (for billing jobs; safe
     /// while the collector runs; uses --ledger and --tenants), or ask a
-    /// running collector's usage API.
+    /// running collector's usage API. --ledger, --tenants and --config may
+    /// come before or after `usage`.
     Usage {
         /// Ask the collector at this base URL (http://host:9470) instead of
         /// reading the ledger file.

@@ -615,6 +615,50 @@ fn prometheus_rules_use_exported_metric_names() {
     assert!(rules.contains("up{job=\"capwatch-collector\"}"));
 }
 
+/// `usage` takes `--ledger`, `--tenants` and `--config` after the
+/// subcommand as well as before it.
+#[test]
+fn usage_takes_ledger_and_tenants_after_the_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.db");
+    let ledger = ledger.to_str().unwrap();
+    let tenants = dir.path().join("no-such-tenants.toml");
+    let tenants = tenants.to_str().unwrap();
+    let period = [
+        "--from",
+        "2027-01-01T00:00:00Z",
+        "--to",
+        "2027-01-02T00:00:00Z",
+    ];
+
+    let out = collector(
+        &[&["usage"], &period[..], &["--ledger", ledger]].concat(),
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("ledger {ledger} does not exist")),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = collector(
+        &[
+            &["usage", "--tenants", tenants],
+            &period[..],
+            &["--ledger", ledger],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(tenants) && err.contains("No such file"),
+        "{err}"
+    );
+}
+
 /// What `child` writes to stderr until a line containing `needle` (at most
 /// 20 s); then it is killed.
 fn stderr_until(mut child: Child, needle: &str) -> Vec<u8> {
