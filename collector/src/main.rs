@@ -53,6 +53,9 @@ struct Args {
     /// Check the config and tenant file, print a summary and exit.
     #[arg(long)]
     check: bool,
+    /// Print the effective configuration as TOML (a config file) and exit.
+    #[arg(long)]
+    print_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -169,10 +172,7 @@ fn usage_command(
 
 impl Args {
     fn config(&self) -> anyhow::Result<Config> {
-        let mut cfg = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        let mut cfg = Config::load(self.config.as_deref(), |var| std::env::var_os(var))?;
         if self.tenants.is_some() {
             cfg.tenants_file = self.tenants.clone();
         }
@@ -208,6 +208,10 @@ impl Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.config().context("configuration")?;
+    if args.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
     let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
     let auth = capwatch_collector::load_auth(&cfg).context("auth file")?;
     if let Some(cmd) = &args.command {

@@ -30,6 +30,7 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--insecure-plaintext", Some("CAPWATCH_INSECURE_PLAINTEXT")),
     ("--log-format", Some("CAPWATCH_LOG_FORMAT")),
     ("--check", None),
+    ("--print-config", None),
     ("--help", None),
     ("--version", None),
 ];
@@ -613,6 +614,117 @@ fn prometheus_rules_use_exported_metric_names() {
     let rules = std::fs::read_to_string(deploy("prometheus/rules/capwatch.rules.yml")).unwrap();
     assert!(scrape.contains("job_name: capwatch-collector\n"));
     assert!(rules.contains("up{job=\"capwatch-collector\"}"));
+}
+
+/// The effective configuration (`--print-config`), which must succeed.
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = collector(&[args, &["--print-config"]].concat(), env);
+    assert!(
+        out.status.success(),
+        "{args:?} {env:?}: {}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// `--print-config` prints TOML that `--config` reads back to the same
+/// configuration: durations, optional durations, addresses, paths, numbers,
+/// booleans and the log format in the form the file takes.
+#[test]
+fn print_config_round_trips_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("printed.toml");
+    let path_str = path.to_str().unwrap();
+
+    let defaults = print_config(&[], &[]);
+    std::fs::write(&path, &defaults).unwrap();
+    assert_eq!(
+        Config::from_file(&path).unwrap(),
+        Config::default(),
+        "{defaults}"
+    );
+
+    let printed = print_config(
+        &[
+            "--stale-after",
+            "90s",
+            "--ledger",
+            "/var/lib/capwatch/ledger.db",
+            "--http-listen",
+            "127.0.0.1:9999",
+            "--log-format",
+            "json",
+        ],
+        &[
+            ("CAPWATCH_COMMIT_INTERVAL", "250ms"),
+            ("CAPWATCH_DAY_RETENTION", "800d"),
+            ("CAPWATCH_PER_NODE_METRICS", "false"),
+            ("CAPWATCH_MAX_STREAMS", "12"),
+        ],
+    );
+    std::fs::write(&path, &printed).unwrap();
+    let cfg = Config::from_file(&path).unwrap();
+    assert_eq!(cfg.stale_after, Some(Duration::from_secs(90)));
+    assert_eq!(cfg.commit_interval, Duration::from_millis(250));
+    assert_eq!(cfg.day_retention, Some(Duration::from_secs(800 * 86_400)));
+    assert_eq!(
+        cfg.ledger_path,
+        PathBuf::from("/var/lib/capwatch/ledger.db")
+    );
+    assert_eq!(cfg.http_listen.port(), 9999);
+    assert!(!cfg.per_node_metrics);
+    assert_eq!(cfg.max_streams, 12);
+    assert_eq!(cfg.log_format, capwatch_common::LogFormat::Json);
+    assert_eq!(print_config(&["--config", path_str], &[]), printed);
+}
+
+/// Every setting can come from a `CAPWATCH_*` variable (the setting's name
+/// upper case; `CAPWATCH_TENANTS` and `CAPWATCH_LEDGER` as before),
+/// documented in the README; a bad value names the variable.
+#[test]
+fn every_setting_has_an_environment_variable() {
+    let printed = print_config(
+        &[],
+        &[
+            ("CAPWATCH_HELLO_TIMEOUT", "3s"),
+            ("CAPWATCH_MAX_GPUS_PER_NODE", "16"),
+            ("CAPWATCH_METRICS_AUTH", "true"),
+            ("CAPWATCH_TENANTS", "/etc/capwatch/tenants.toml"),
+            ("CAPWATCH_LEDGER", "/var/lib/capwatch/ledger.db"),
+        ],
+    );
+    for want in [
+        "hello_timeout = \"3s\"",
+        "max_gpus_per_node = 16",
+        "metrics_auth = true",
+        "tenants_file = \"/etc/capwatch/tenants.toml\"",
+        "ledger_path = \"/var/lib/capwatch/ledger.db\"",
+    ] {
+        assert!(printed.lines().any(|l| l == want), "no {want}:\n{printed}");
+    }
+
+    let out = collector(&["--print-config"], &[("CAPWATCH_MAX_STREAMS", "lots")]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("CAPWATCH_MAX_STREAMS") && err.contains("lots"),
+        "{err}"
+    );
+
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let vars = Config::env_vars();
+    assert!(
+        vars.iter()
+            .any(|(k, v)| k == "tenants_file" && v == "CAPWATCH_TENANTS")
+    );
+    for (setting, var) in vars {
+        assert!(
+            readme.contains(&format!("`{var}`")),
+            "README does not document {var} ({setting})"
+        );
+    }
 }
 
 /// `usage` takes `--ledger`, `--tenants` and `--config` after the

@@ -1,9 +1,23 @@
-//! What both capwatch binaries share: log set-up and the shutdown signal.
+//! What both capwatch binaries share: log set-up, the shutdown signal and
+//! settings from `CAPWATCH_*` environment variables.
 
 use tokio::sync::watch;
 
+pub mod duration;
+pub mod settings;
+
 /// How logs are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
