@@ -898,6 +898,8 @@ pub struct State {
     pub counters: Counters,
     /// The ledger's identity, once it is open.
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
+    /// Why `/readyz` answers 503, if it does.
+    pub readiness: crate::health::Readiness,
 }
 
 /// GPU UUID -> (the connected node whose inventory lists it, that
@@ -949,6 +951,7 @@ impl State {
             }),
             counters: Counters::default(),
             ledger_identity: std::sync::OnceLock::new(),
+            readiness: Default::default(),
         }
     }
 
