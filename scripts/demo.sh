@@ -6,13 +6,21 @@
 #                 against a 10 kW contract (over it except in checkpoints)
 #   lab-b         lab-b-node-1: 8 GPUs serving inference, 6 kW contract
 #   unassigned    spare-node-1: 8 GPUs no tenant leases
-# Stops on Ctrl-C. CAPWATCH_GRPC_LISTEN / CAPWATCH_HTTP_LISTEN move the
-# ports; DEMO_SECONDS=N stops the demo by itself after N seconds.
+# Stops on Ctrl-C or SIGTERM, agents first, then the collector.
+# CAPWATCH_GRPC_LISTEN / CAPWATCH_HTTP_LISTEN move the ports; DEMO_SECONDS=N
+# stops the demo by itself after N seconds. DEMO_BIN_DIR runs binaries
+# built already instead of building release ones, and DEMO_DIR keeps the
+# simulated nodes' files elsewhere than target/demo (the tests use both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --locked --bins
-bin=target/release
+if [[ -n "${DEMO_BIN_DIR:-}" ]]; then
+    bin=$DEMO_BIN_DIR
+else
+    cargo build --release --locked --bins
+    bin=target/release
+fi
+demo_dir="${DEMO_DIR:-target/demo}"
 export CAPWATCH_GRPC_LISTEN="${CAPWATCH_GRPC_LISTEN:-127.0.0.1:7070}"
 export CAPWATCH_HTTP_LISTEN="${CAPWATCH_HTTP_LISTEN:-127.0.0.1:9470}"
 # The ledger persists across demo runs (energy totals carry on). The
@@ -22,31 +30,54 @@ if [[ ! -e "$CAPWATCH_LEDGER" ]]; then
     "$bin/capwatch-collector" init-ledger
 fi
 
+# Whether something accepts connections at host:port.
+listening() {
+    (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null
+}
+# Another process on a demo port would be taken for the demo: refuse.
+for addr in "$CAPWATCH_GRPC_LISTEN" "$CAPWATCH_HTTP_LISTEN"; do
+    if listening "$addr"; then
+        echo "demo: $addr is in use by another process; stop it, or move the demo with CAPWATCH_GRPC_LISTEN / CAPWATCH_HTTP_LISTEN" >&2
+        exit 1
+    fi
+done
+
 pids=()
+sleeper=
 cleanup() {
     trap - EXIT INT TERM
+    [[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null || true
+    (( ${#pids[@]} )) || return 0
     # Agents first, so they deliver what they hold, then the collector.
     for pid in "${pids[@]:1}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]:1}"; do wait "$pid" 2>/dev/null || true; done
     kill -TERM "${pids[0]}" 2>/dev/null || true
     wait "${pids[0]}" 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 "$bin/capwatch-collector" --tenants deploy/examples/demo-tenants.toml &
 pids+=($!)
-# Wait until the collector accepts connections on its HTTP port.
+# Wait until the collector accepts connections on its HTTP port; should it
+# exit instead (a port taken meanwhile, a bad setting), say so and fail.
 for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/${CAPWATCH_HTTP_LISTEN%:*}/${CAPWATCH_HTTP_LISTEN##*:}") 2>/dev/null && break
+    kill -0 "${pids[0]}" 2>/dev/null || break
+    listening "$CAPWATCH_HTTP_LISTEN" && break
     sleep 0.1
 done
+if ! kill -0 "${pids[0]}" 2>/dev/null || ! listening "$CAPWATCH_HTTP_LISTEN"; then
+    echo "demo: the collector did not start on $CAPWATCH_GRPC_LISTEN (gRPC) and $CAPWATCH_HTTP_LISTEN (HTTP); its error is above" >&2
+    exit 1
+fi
 
 # Each simulated node keeps its energy counters across demo runs, as a
 # loaded driver does, so a restart is not taken for a driver reload.
-mkdir -p target/demo
+mkdir -p "$demo_dir"
 agent() {
-    printf '[mock]\ncounter_file = "target/demo/%s.counters"\n' "$1" > "target/demo/$1.toml"
-    "$bin/capwatch-agent" --config "target/demo/$1.toml" --source mock \
+    printf '[mock]\ncounter_file = "%s/%s.counters"\n' "$demo_dir" "$1" > "$demo_dir/$1.toml"
+    "$bin/capwatch-agent" --config "$demo_dir/$1.toml" --source mock \
         --collector "http://$CAPWATCH_GRPC_LISTEN" \
         --node-id "$1" --mock-profile "$2" --mock-seed "$3" &
     pids+=($!)
@@ -60,7 +91,7 @@ cat <<MSG
 
 capwatch demo running: 4 mock agents (32 GPUs) streaming to one collector.
   metrics:  http://$CAPWATCH_HTTP_LISTEN/metrics
-  health:   http://$CAPWATCH_HTTP_LISTEN/healthz
+  health:   http://$CAPWATCH_HTTP_LISTEN/healthz (live), http://$CAPWATCH_HTTP_LISTEN/readyz (ready)
   tenants:  http://$CAPWATCH_HTTP_LISTEN/v1/tenants
   usage:    http://$CAPWATCH_HTTP_LISTEN/v1/usage?from=$(date -u +%Y-%m-%dT%H:00:00Z)&to=$(date -u -d '+1 hour' +%Y-%m-%dT%H:00:00Z)&step=15m
   ledger:   $CAPWATCH_LEDGER
@@ -69,7 +100,10 @@ Ctrl-C stops it.
 
 MSG
 if [[ -n "${DEMO_SECONDS:-}" ]]; then
-    sleep "$DEMO_SECONDS"
+    # In the background: a signal is handled at once, not when sleep ends.
+    sleep "$DEMO_SECONDS" &
+    sleeper=$!
+    wait "$sleeper"
 else
     wait "${pids[0]}"
 fi

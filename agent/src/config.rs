@@ -1,18 +1,20 @@
 //! Agent configuration: TOML file, then `CAPWATCH_*` environment, then
-//! flags (the last wins). Every setting has a default; the checked-in
-//! `deploy/examples/agent.toml` lists them all and a test parses it.
+//! flags (the last wins). Every setting has a default and a variable
+//! (`CAPWATCH_` and its dotted name in upper case, `.` as `_`); the
+//! checked-in `deploy/examples/agent.toml` lists them all and a test
+//! parses it.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use capwatch_common::LogFormat;
 
 use crate::source::mock::{Model, Profile};
 
 /// Which backend reads the GPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     /// Real GPUs through NVML.
@@ -21,7 +23,7 @@ pub enum SourceKind {
     Mock,
 }
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Node identity reported to the collector. Empty: the hostname.
@@ -29,7 +31,7 @@ pub struct Config {
     /// Collector gRPC endpoint, `http://host:port`.
     pub collector: String,
     /// Sampling interval.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub interval: Duration,
     /// GPU backend.
     pub source: SourceKind,
@@ -38,13 +40,13 @@ pub struct Config {
     /// Most samples in one message to the collector.
     pub batch_max: usize,
     /// On shutdown, how long to keep trying to deliver the spool.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub drain_timeout: Duration,
     /// First delay before reconnecting; doubles up to `reconnect_max`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub reconnect_initial: Duration,
     /// Longest delay between reconnect attempts.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub reconnect_max: Duration,
     /// File holding the token the collector asks agents for (the
     /// `CAPWATCH_TOKEN` environment variable may carry it instead).
@@ -66,7 +68,7 @@ pub struct Config {
     pub mock: MockSettings,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NvmlConfig {
     /// Path of libnvidia-ml. Unset: `libnvidia-ml.so.1` from the system's
@@ -74,7 +76,7 @@ pub struct NvmlConfig {
     pub library: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MockSettings {
     /// Number of simulated GPUs.
@@ -148,18 +150,68 @@ pub enum ConfigError {
         setting: &'static str,
         reason: String,
     },
+    #[error(transparent)]
+    Env(#[from] capwatch_common::settings::EnvError),
+    #[error("printing the configuration as TOML: {0}")]
+    Print(#[from] toml::ser::Error),
 }
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        Self::parse_file(path).map(|(cfg, _)| cfg)
+    }
+
+    /// The file's config, and its table for the environment to add to.
+    fn parse_file(path: &Path) -> Result<(Self, toml::Table), ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
             error,
         })?;
-        toml::from_str(&text).map_err(|error| ConfigError::Parse {
+        let parse = |error| ConfigError::Parse {
             path: path.to_owned(),
             error,
-        })
+        };
+        // Parsed into the struct first, for errors that point into the file.
+        let cfg = toml::from_str(&text).map_err(parse)?;
+        Ok((cfg, toml::from_str(&text).map_err(parse)?))
+    }
+
+    /// Every setting and its environment variable: (dotted name, variable).
+    pub fn env_vars() -> Vec<(String, String)> {
+        use capwatch_common::settings::{env_vars, fields};
+        let tables = [
+            ("", fields::<Config>()),
+            ("nvml", fields::<NvmlConfig>()),
+            ("mock", fields::<MockSettings>()),
+        ];
+        env_vars(&tables, &[])
+    }
+
+    /// The file at `path` (defaults without one), then the `CAPWATCH_*`
+    /// variables `lookup` finds (`std::env::var_os` in the binary).
+    pub fn load(
+        path: Option<&Path>,
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(p) => Self::parse_file(p)?.1,
+            None => toml::Table::new(),
+        };
+        capwatch_common::settings::apply_env::<Self>(&mut table, &Self::env_vars(), lookup)?;
+        // Each value was checked alone and settings are independent, so
+        // the whole deserializes; a failure here would still be named.
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                setting: "environment",
+                reason: e.message().to_string(),
+            })
+    }
+
+    /// The configuration as TOML that [`Config::from_file`] reads back
+    /// (unset settings left out).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        Ok(toml::to_string(self)?)
     }
 
     /// Checks what serde cannot.

@@ -61,17 +61,14 @@ struct Args {
     /// File holding the collector's agent token.
     #[arg(long, env = "CAPWATCH_TOKEN_FILE")]
     token_file: Option<PathBuf>,
-    /// Print the effective configuration and exit.
+    /// Print the effective configuration as TOML (a config file) and exit.
     #[arg(long)]
     print_config: bool,
 }
 
 impl Args {
     fn config(&self) -> anyhow::Result<Config> {
-        let mut cfg = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        let mut cfg = Config::load(self.config.as_deref(), |var| std::env::var_os(var))?;
         macro_rules! set {
             ($field:expr, $arg:expr) => {
                 if let Some(v) = $arg.clone() {
@@ -104,7 +101,7 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.config().context("configuration")?;
     if args.print_config {
-        println!("{cfg:#?}");
+        print!("{}", cfg.to_toml()?);
         return Ok(());
     }
     capwatch_common::init_logging(cfg.log_format);

@@ -3,8 +3,10 @@
 //! the layering of file, `CAPWATCH_*` environment and flags.
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use capwatch_agent::config::Config;
 
@@ -225,9 +227,12 @@ fn example_config_lists_every_setting_at_its_default() {
         "nvml.library is shown in {EXAMPLE}"
     );
 
+    let printed = print_config(&["--config", EXAMPLE], &[]);
+    std::fs::write(&path, &printed).unwrap();
     assert_eq!(
-        print_config(&["--config", EXAMPLE], &[]),
-        format!("{:#?}\n", Config::default())
+        Config::from_file(&path).unwrap(),
+        Config::default(),
+        "{printed}"
     );
 }
 
@@ -304,30 +309,30 @@ fn environment_overrides_the_file_and_flags_override_both() {
         (
             &["--source", "mock"],
             &[("CAPWATCH_MOCK_GPUS", "3")],
-            "gpus: 3,",
+            "gpus = 3",
         ),
         (
             &["--source", "mock", "--mock-gpus", "5"],
             &[("CAPWATCH_MOCK_GPUS", "3")],
-            "gpus: 5,",
+            "gpus = 5",
         ),
-        (&["--config", file], &[], "gpus: 2,"),
+        (&["--config", file], &[], "gpus = 2"),
         (
             &["--config", file],
             &[("CAPWATCH_MOCK_GPUS", "3")],
-            "gpus: 3,",
+            "gpus = 3",
         ),
-        (&[], &[("CAPWATCH_CONFIG", file)], "gpus: 2,"),
+        (&[], &[("CAPWATCH_CONFIG", file)], "gpus = 2"),
         (
             &["--config", file, "--mock-gpus", "5"],
             &[("CAPWATCH_MOCK_GPUS", "3")],
-            "gpus: 5,",
+            "gpus = 5",
         ),
     ];
     for (args, env, want) in cases {
         let printed = print_config(args, env);
         assert!(
-            printed.contains(want),
+            printed.lines().any(|l| l == *want),
             "{args:?} {env:?}: no {want}:\n{printed}"
         );
     }
@@ -343,12 +348,156 @@ fn environment_overrides_the_file_and_flags_override_both() {
         ],
     );
     for want in [
-        "source: Mock,",
-        "interval: 250ms,",
-        "node_id: \"flag-node\",",
-        "collector: \"http://collector.example:7070\",",
-        "log_format: Json,",
+        "source = \"mock\"",
+        "interval = \"250ms\"",
+        "node_id = \"flag-node\"",
+        "collector = \"http://collector.example:7070\"",
+        "log_format = \"json\"",
     ] {
-        assert!(printed.contains(want), "no {want}:\n{printed}");
+        assert!(printed.lines().any(|l| l == want), "no {want}:\n{printed}");
     }
+}
+
+/// `--print-config` prints TOML that `--config` reads back to the same
+/// configuration: durations, enums, paths and numbers in the form the file
+/// takes.
+#[test]
+fn print_config_round_trips_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let printed = print_config(
+        &[
+            "--source",
+            "mock",
+            "--interval",
+            "250ms",
+            "--node-id",
+            "node-7",
+            "--mock-profile",
+            "training",
+            "--mock-model",
+            "h200",
+            "--nvml-library",
+            "/opt/nvidia/libnvidia-ml.so.1",
+        ],
+        &[
+            ("CAPWATCH_DRAIN_TIMEOUT", "90s"),
+            ("CAPWATCH_RECONNECT_MAX", "2m"),
+            ("CAPWATCH_MOCK_ENERGY_COUNTER", "false"),
+        ],
+    );
+    let path = dir.path().join("printed.toml");
+    std::fs::write(&path, &printed).unwrap();
+    let cfg = Config::from_file(&path).unwrap();
+    assert_eq!(cfg.interval, Duration::from_millis(250));
+    assert_eq!(cfg.drain_timeout, Duration::from_secs(90));
+    assert_eq!(cfg.reconnect_max, Duration::from_secs(120));
+    assert!(!cfg.mock.energy_counter);
+    assert_eq!(
+        cfg.nvml.library.as_deref(),
+        Some(Path::new("/opt/nvidia/libnvidia-ml.so.1"))
+    );
+    let path_str = path.to_str().unwrap();
+    assert_eq!(print_config(&["--config", path_str], &[]), printed);
+}
+
+/// Every setting can come from a `CAPWATCH_*` variable (the setting's name,
+/// upper case, `.` as `_`), documented in the README; a bad value names the
+/// variable.
+#[test]
+fn every_setting_has_an_environment_variable() {
+    let printed = print_config(
+        &[],
+        &[
+            ("CAPWATCH_BATCH_MAX", "7"),
+            ("CAPWATCH_RECONNECT_INITIAL", "1s"),
+            ("CAPWATCH_MOCK_ENERGY_COUNTER", "false"),
+            ("CAPWATCH_MOCK_GPUS", "3"),
+        ],
+    );
+    for want in [
+        "batch_max = 7",
+        "reconnect_initial = \"1s\"",
+        "energy_counter = false",
+        "gpus = 3",
+    ] {
+        assert!(printed.lines().any(|l| l == want), "no {want}:\n{printed}");
+    }
+
+    let out = agent(&["--print-config"], &[("CAPWATCH_BATCH_MAX", "many")]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("CAPWATCH_BATCH_MAX") && err.contains("many"),
+        "{err}"
+    );
+
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let vars = Config::env_vars();
+    assert!(
+        vars.iter()
+            .any(|(k, v)| k == "mock.energy_counter" && v == "CAPWATCH_MOCK_ENERGY_COUNTER")
+    );
+    for (setting, var) in vars {
+        assert!(
+            readme.contains(&format!("`{var}`")),
+            "README does not document {var} ({setting})"
+        );
+    }
+}
+
+/// What `child` writes to stderr until a line containing `needle` (at most
+/// 20 s); then it is killed.
+fn stderr_until(mut child: Child, needle: &str) -> Vec<u8> {
+    let mut err = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = needle.as_bytes().to_vec();
+    std::thread::spawn(move || {
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = err.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(want.len()).any(|w| w == want) {
+                break;
+            }
+        }
+        let _ = tx.send(seen);
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = seen.expect("stderr within 20 s");
+    assert!(
+        seen.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "no {needle:?} in {}",
+        String::from_utf8_lossy(&seen)
+    );
+    seen
+}
+
+/// Plain logs to a pipe (journald, a file, a log shipper) carry no ANSI
+/// colour codes.
+#[test]
+fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CAPWATCH_") {
+            cmd.env_remove(key);
+        }
+    }
+    let child = cmd
+        .args(["--source", "mock", "--node-id", "node-1"])
+        // Nothing listens there: the agent logs its reconnects.
+        .args(["--collector", "http://127.0.0.1:9"])
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the agent");
+    let seen = stderr_until(child, "node-1");
+    assert!(
+        !seen.contains(&0x1b),
+        "ANSI escapes in {}",
+        String::from_utf8_lossy(&seen)
+    );
 }

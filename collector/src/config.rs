@@ -1,16 +1,18 @@
 //! Collector configuration: TOML file, then `CAPWATCH_*` environment, then
-//! flags (the last wins). Every setting has a default; the checked-in
+//! flags (the last wins). Every setting has a default and a variable
+//! (`CAPWATCH_` and its name in upper case; `CAPWATCH_TENANTS` and
+//! `CAPWATCH_LEDGER` for the two files); the checked-in
 //! `deploy/examples/collector.toml` lists them all and a test parses it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use capwatch_common::LogFormat;
 
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Address of the gRPC ingest server agents stream to.
@@ -26,37 +28,37 @@ pub struct Config {
     pub ledger_path: PathBuf,
     /// How often accepted samples are committed to the ledger; agents get
     /// their acks after the commit.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub commit_interval: Duration,
     /// How long after a minute closes late samples may still change it: the
     /// ledger's watermark (the usage API's `finalized_through`) trails the
     /// clock by this much (rounded down to a quarter-hour), and what arrives later for a minute before it is
     /// booked as an adjustment.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub finalize_grace: Duration,
     /// How long minute buckets are kept. Usage rows in this window have
     /// every figure; before it, rows come from hourly rollups (whole
     /// hours only, no `p95_power_watts`). At least `max_sample_age` plus
     /// 7 days (the longest counter gap spread back) plus 1 hour.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub minute_retention: Duration,
     /// How long hourly rollups (per tenant and node, with each tenant's
     /// peak quarter-hour) are kept; at least `minute_retention`.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub hour_retention: Duration,
     /// How long daily rollups (UTC days) are kept; at least
     /// `hour_retention`. Unset: forever.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration::option")]
     pub day_retention: Option<Duration>,
     /// A GPU whose latest reading is older than this, by the reading's own
     /// timestamp, is stale; also the most time one reading's power stands
     /// for. Unset: three times the interval its agent announced.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration::option")]
     pub stale_after: Option<Duration>,
     /// No longer used: over-contract time is evaluated per minute from the
     /// ledger's energy. Accepted (with a warning) so that existing config
     /// files still load.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration::option")]
     pub evaluate_interval: Option<Duration>,
     /// Export per-GPU series. Switch off for very large fleets; tenant and
     /// node series stay.
@@ -70,20 +72,20 @@ pub struct Config {
     /// How far ahead of the collector's clock a sample may be stamped;
     /// later ones are rejected (`reason="timestamp"`). Older samples are
     /// fine: agents re-send their spool after an outage.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub max_clock_skew: Duration,
     /// How far behind the collector's clock a sample may be stamped; older
     /// ones are rejected (`reason="timestamp"`). Longer than any agent's
     /// spool covers.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub max_sample_age: Duration,
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
     /// How long a new stream may take to send its Hello.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub hello_timeout: Duration,
     /// On shutdown, how long open streams get to finish.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub shutdown_grace: Duration,
     /// Tokens agents and usage API clients must present (see
     /// `deploy/examples/auth.toml`). Reloaded on SIGHUP. Unset: none asked.
@@ -107,7 +109,7 @@ pub struct Config {
     /// outage still arrives whole.
     pub max_node_sample_rate: u32,
     /// Longest an HTTP request may take.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub http_request_timeout: Duration,
     /// Most HTTP connections open at once; more are refused at accept.
     /// Kept to at most a quarter of the descriptor limit, so HTTP clients
@@ -116,11 +118,11 @@ pub struct Config {
     /// How long a client has to send a whole request head, counted from
     /// when the connection opens or its previous response was sent: also
     /// how long an idle keep-alive connection is kept.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub http_header_read_timeout: Duration,
     /// A client that takes no bytes of its response for this long is
     /// disconnected.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "capwatch_common::duration")]
     pub http_write_timeout: Duration,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,
@@ -184,7 +186,17 @@ pub enum ConfigError {
         setting: &'static str,
         reason: String,
     },
+    #[error(transparent)]
+    Env(#[from] capwatch_common::settings::EnvError),
+    #[error("printing the configuration as TOML: {0}")]
+    Print(#[from] toml::ser::Error),
 }
+
+/// Settings whose variable is not their name: kept from the flags'.
+const ENV_RENAMES: &[(&str, &str)] = &[
+    ("tenants_file", "CAPWATCH_TENANTS"),
+    ("ledger_path", "CAPWATCH_LEDGER"),
+];
 
 /// Reads and parses a TOML file into `T`.
 pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
@@ -201,6 +213,44 @@ pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         read_toml(path)
+    }
+
+    /// Every setting and its environment variable: (name, variable).
+    pub fn env_vars() -> Vec<(String, String)> {
+        use capwatch_common::settings::{env_vars, fields};
+        env_vars(&[("", fields::<Config>())], ENV_RENAMES)
+    }
+
+    /// The file at `path` (defaults without one), then the `CAPWATCH_*`
+    /// variables `lookup` finds (`std::env::var_os` in the binary).
+    pub fn load(
+        path: Option<&Path>,
+        lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<Self, ConfigError> {
+        let mut table = match path {
+            Some(p) => {
+                // Parsed into the struct first, for errors that point into
+                // the file.
+                read_toml::<Self>(p)?;
+                read_toml::<toml::Table>(p)?
+            }
+            None => toml::Table::new(),
+        };
+        capwatch_common::settings::apply_env::<Self>(&mut table, &Self::env_vars(), lookup)?;
+        // Each value was checked alone and settings are independent, so
+        // the whole deserializes; a failure here would still be named.
+        table
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid {
+                setting: "environment",
+                reason: e.message().to_string(),
+            })
+    }
+
+    /// The configuration as TOML that [`Config::from_file`] reads back
+    /// (unset settings left out).
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        Ok(toml::to_string(self)?)
     }
 
     /// Checks what serde cannot.

@@ -1,4 +1,4 @@
-//! The HTTP side: `/metrics`, `/healthz` and the usage API for billing
+//! The HTTP side: `/metrics`, `/healthz`, `/readyz` and the usage API for billing
 //! jobs (`/v1/tenants`, `/v1/tenants/{id}/usage`, `/v1/usage`).
 //!
 //! *Boundary:* query strings are untrusted; errors map to an HTTP status
@@ -45,6 +45,8 @@ pub fn router(state: HttpState) -> Router {
         .route("/metrics", get(metrics))
         // Always open: it says "ok" and nothing else, for probes.
         .route("/healthz", get(|| async { "ok\n" }))
+        // Always open too: readiness, 503 with the reasons (no secrets).
+        .route("/readyz", get(readyz))
         .route("/v1/tenants", get(tenants))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
         .route("/v1/usage", get(all_usage))
@@ -94,6 +96,15 @@ async fn status_page(
         return Err(forbidden(&s, "the status page"));
     }
     Ok(crate::status::page(Extract(s)).await)
+}
+
+/// 200 `ready` while ledger commits succeed and the tenant file loaded;
+/// otherwise 503 with one reason a line.
+async fn readyz(Extract(s): Extract<HttpState>) -> Response {
+    match s.state.readiness.not_ready() {
+        None => (StatusCode::OK, "ready\n").into_response(),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, why).into_response(),
+    }
 }
 
 async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<Response, ApiError> {

@@ -2634,7 +2634,7 @@ mod tests {
         // kept at commit time, agrees whatever order the energy came in.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let mut l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::create(&path).unwrap();
         // a: 1 kW, 60 kJ a minute; b: no contract.
         let tenants = Arc::new(
             Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n")
@@ -2772,7 +2772,7 @@ mod tests {
         // what the minute's whole energy does, and the counter agrees.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
-        let mut l = Ledger::open(&path).unwrap();
+        let mut l = Ledger::create(&path).unwrap();
         let tenants = Arc::new(
             Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n")
                 .unwrap(),

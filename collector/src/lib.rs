@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod config;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod ledger;
@@ -476,6 +477,7 @@ fn commit_once(
             // Before the acks: a scrape after an ack sees the counter.
             state.add_over_contract(&done.over_contract_ns);
             state.counters.commits_ok.fetch_add(1, Ordering::Relaxed);
+            state.readiness.commit_succeeded();
             state
                 .counters
                 .commit_micros
@@ -488,6 +490,7 @@ fn commit_once(
                 .counters
                 .commits_failed
                 .fetch_add(1, Ordering::Relaxed);
+            state.readiness.commit_failed(&e);
             error!(task = "committer", error = %e, "ledger commit failed; retrying with the next one, acks held");
             Some((id, commit))
         }
@@ -620,6 +623,7 @@ async fn record_and_reload(
     let latest = history.latest();
     if latest.source() == t.source() {
         state.counters.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        state.readiness.reload_succeeded();
         info!(task = "reloader", "tenant file unchanged");
         return;
     }
@@ -635,12 +639,16 @@ async fn record_and_reload(
         tokio::task::spawn_blocking(move || state::lock(&ledger).add_tenant_version(&version))
             .await;
     match recorded {
-        Ok(Ok(())) => state.reload_tenants_from(t, from),
+        Ok(Ok(())) => {
+            state.reload_tenants_from(t, from);
+            state.readiness.reload_succeeded();
+        }
         Ok(Err(e)) => {
             state
                 .counters
                 .reloads_failed
                 .fetch_add(1, Ordering::Relaxed);
+            state.readiness.reload_failed(&e);
             error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants");
         }
         Err(e) => {
@@ -648,6 +656,7 @@ async fn record_and_reload(
                 .counters
                 .reloads_failed
                 .fetch_add(1, Ordering::Relaxed);
+            state.readiness.reload_failed(&e);
             error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants");
         }
     }
@@ -671,6 +680,7 @@ async fn reload_on_sighup(
                     Ok(t) => record_and_reload(&state, &ledger, t).await,
                     Err(e) => {
                         state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        state.readiness.reload_failed(&e);
                         error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");
                     }
                 }

@@ -21,13 +21,13 @@ use capwatch_common::LogFormat;
 #[command(name = "capwatch-collector", version)]
 struct Args {
     /// TOML config file (every setting is optional).
-    #[arg(short, long, env = "CAPWATCH_CONFIG")]
+    #[arg(short, long, env = "CAPWATCH_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Tenant file: contracts and what each tenant leases.
-    #[arg(short, long, env = "CAPWATCH_TENANTS")]
+    #[arg(short, long, env = "CAPWATCH_TENANTS", global = true)]
     tenants: Option<PathBuf>,
     /// The billing ledger file (SQLite).
-    #[arg(long, env = "CAPWATCH_LEDGER")]
+    #[arg(long, env = "CAPWATCH_LEDGER", global = true)]
     ledger: Option<PathBuf>,
     /// Tokens agents and usage API clients must present (TOML).
     #[arg(long, env = "CAPWATCH_AUTH_FILE")]
@@ -59,6 +59,9 @@ struct Args {
     /// ledger gets a new ledger_id. For one start; never set it for good.
     #[arg(long)]
     recover_ledger: bool,
+    /// Print the effective configuration as TOML (a config file) and exit.
+    #[arg(long)]
+    print_config: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -75,7 +78,8 @@ enum Command {
     InitLedger,
     /// Print per-tenant usage from the ledger file (for billing jobs; safe
     /// while the collector runs; uses --ledger and --tenants), or ask a
-    /// running collector's usage API.
+    /// running collector's usage API. --ledger, --tenants and --config may
+    /// come before or after `usage`.
     Usage {
         /// Ask the collector at this base URL (http://host:9470) instead of
         /// reading the ledger file.
@@ -185,10 +189,7 @@ fn usage_command(
 
 impl Args {
     fn config(&self) -> anyhow::Result<Config> {
-        let mut cfg = match &self.config {
-            Some(path) => Config::from_file(path)?,
-            None => Config::default(),
-        };
+        let mut cfg = Config::load(self.config.as_deref(), |var| std::env::var_os(var))?;
         if self.tenants.is_some() {
             cfg.tenants_file = self.tenants.clone();
         }
@@ -224,6 +225,10 @@ impl Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let cfg = args.config().context("configuration")?;
+    if args.print_config {
+        print!("{}", cfg.to_toml()?);
+        return Ok(());
+    }
     let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
     let auth = capwatch_collector::load_auth(&cfg).context("auth file")?;
     if let Some(Command::InitLedger) = &args.command {

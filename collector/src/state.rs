@@ -927,6 +927,8 @@ pub struct State {
     pub counters: Counters,
     /// The ledger's identity, once it is open.
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
+    /// Why `/readyz` answers 503, if it does.
+    pub readiness: crate::health::Readiness,
 }
 
 /// GPU UUID -> (the connected node whose inventory lists it, that
@@ -978,6 +980,7 @@ impl State {
             }),
             counters: Counters::default(),
             ledger_identity: std::sync::OnceLock::new(),
+            readiness: Default::default(),
         }
     }
 
@@ -3994,7 +3997,11 @@ mod tests {
         m0: i64,
     ) -> (Vec<(f64, f64)>, crate::ledger::Snapshot) {
         let path = dir.join("ledger.db");
-        let mut ledger = crate::ledger::Ledger::open(&path).unwrap();
+        let mut ledger = if path.exists() {
+            crate::ledger::Ledger::open(&path).unwrap()
+        } else {
+            crate::ledger::Ledger::create(&path).unwrap()
+        };
         let (_, c) = state.take_pending();
         let committed = ledger.commit(&c).unwrap();
         state.add_over_contract(&committed.over_contract_ns);

@@ -5,8 +5,10 @@
 //! the collector exports.
 
 use std::collections::BTreeSet;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
 
 use capwatch_collector::config::Config;
 use capwatch_collector::tenants::{Tenants, UNASSIGNED};
@@ -29,6 +31,7 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--log-format", Some("CAPWATCH_LOG_FORMAT")),
     ("--check", None),
     ("--recover-ledger", None),
+    ("--print-config", None),
     ("--help", None),
     ("--version", None),
 ];
@@ -614,4 +617,228 @@ fn prometheus_rules_use_exported_metric_names() {
     let rules = std::fs::read_to_string(deploy("prometheus/rules/capwatch.rules.yml")).unwrap();
     assert!(scrape.contains("job_name: capwatch-collector\n"));
     assert!(rules.contains("up{job=\"capwatch-collector\"}"));
+}
+
+/// The effective configuration (`--print-config`), which must succeed.
+fn print_config(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = collector(&[args, &["--print-config"]].concat(), env);
+    assert!(
+        out.status.success(),
+        "{args:?} {env:?}: {}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// `--print-config` prints TOML that `--config` reads back to the same
+/// configuration: durations, optional durations, addresses, paths, numbers,
+/// booleans and the log format in the form the file takes.
+#[test]
+fn print_config_round_trips_through_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("printed.toml");
+    let path_str = path.to_str().unwrap();
+
+    let defaults = print_config(&[], &[]);
+    std::fs::write(&path, &defaults).unwrap();
+    assert_eq!(
+        Config::from_file(&path).unwrap(),
+        Config::default(),
+        "{defaults}"
+    );
+
+    let printed = print_config(
+        &[
+            "--stale-after",
+            "90s",
+            "--ledger",
+            "/var/lib/capwatch/ledger.db",
+            "--http-listen",
+            "127.0.0.1:9999",
+            "--log-format",
+            "json",
+        ],
+        &[
+            ("CAPWATCH_COMMIT_INTERVAL", "250ms"),
+            ("CAPWATCH_DAY_RETENTION", "800d"),
+            ("CAPWATCH_PER_NODE_METRICS", "false"),
+            ("CAPWATCH_MAX_STREAMS", "12"),
+        ],
+    );
+    std::fs::write(&path, &printed).unwrap();
+    let cfg = Config::from_file(&path).unwrap();
+    assert_eq!(cfg.stale_after, Some(Duration::from_secs(90)));
+    assert_eq!(cfg.commit_interval, Duration::from_millis(250));
+    assert_eq!(cfg.day_retention, Some(Duration::from_secs(800 * 86_400)));
+    assert_eq!(
+        cfg.ledger_path,
+        PathBuf::from("/var/lib/capwatch/ledger.db")
+    );
+    assert_eq!(cfg.http_listen.port(), 9999);
+    assert!(!cfg.per_node_metrics);
+    assert_eq!(cfg.max_streams, 12);
+    assert_eq!(cfg.log_format, capwatch_common::LogFormat::Json);
+    assert_eq!(print_config(&["--config", path_str], &[]), printed);
+}
+
+/// Every setting can come from a `CAPWATCH_*` variable (the setting's name
+/// upper case; `CAPWATCH_TENANTS` and `CAPWATCH_LEDGER` as before),
+/// documented in the README; a bad value names the variable.
+#[test]
+fn every_setting_has_an_environment_variable() {
+    let printed = print_config(
+        &[],
+        &[
+            ("CAPWATCH_HELLO_TIMEOUT", "3s"),
+            ("CAPWATCH_MAX_GPUS_PER_NODE", "16"),
+            ("CAPWATCH_METRICS_AUTH", "true"),
+            ("CAPWATCH_TENANTS", "/etc/capwatch/tenants.toml"),
+            ("CAPWATCH_LEDGER", "/var/lib/capwatch/ledger.db"),
+        ],
+    );
+    for want in [
+        "hello_timeout = \"3s\"",
+        "max_gpus_per_node = 16",
+        "metrics_auth = true",
+        "tenants_file = \"/etc/capwatch/tenants.toml\"",
+        "ledger_path = \"/var/lib/capwatch/ledger.db\"",
+    ] {
+        assert!(printed.lines().any(|l| l == want), "no {want}:\n{printed}");
+    }
+
+    let out = collector(&["--print-config"], &[("CAPWATCH_MAX_STREAMS", "lots")]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("CAPWATCH_MAX_STREAMS") && err.contains("lots"),
+        "{err}"
+    );
+
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let vars = Config::env_vars();
+    assert!(
+        vars.iter()
+            .any(|(k, v)| k == "tenants_file" && v == "CAPWATCH_TENANTS")
+    );
+    for (setting, var) in vars {
+        assert!(
+            readme.contains(&format!("`{var}`")),
+            "README does not document {var} ({setting})"
+        );
+    }
+}
+
+/// `usage` takes `--ledger`, `--tenants` and `--config` after the
+/// subcommand as well as before it.
+#[test]
+fn usage_takes_ledger_and_tenants_after_the_subcommand() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.db");
+    let ledger = ledger.to_str().unwrap();
+    let tenants = dir.path().join("no-such-tenants.toml");
+    let tenants = tenants.to_str().unwrap();
+    let period = [
+        "--from",
+        "2027-01-01T00:00:00Z",
+        "--to",
+        "2027-01-02T00:00:00Z",
+    ];
+
+    let out = collector(
+        &[&["usage"], &period[..], &["--ledger", ledger]].concat(),
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains(&format!("ledger {ledger} does not exist")),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = collector(
+        &[
+            &["usage", "--tenants", tenants],
+            &period[..],
+            &["--ledger", ledger],
+        ]
+        .concat(),
+        &[],
+    );
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains(tenants) && err.contains("No such file"),
+        "{err}"
+    );
+}
+
+/// What `child` writes to stderr until a line containing `needle` (at most
+/// 20 s); then it is killed.
+fn stderr_until(mut child: Child, needle: &str) -> Vec<u8> {
+    let mut err = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let want = needle.as_bytes().to_vec();
+    std::thread::spawn(move || {
+        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n @ 1..) = err.read(&mut buf) {
+            seen.extend_from_slice(&buf[..n]);
+            if seen.windows(want.len()).any(|w| w == want) {
+                break;
+            }
+        }
+        let _ = tx.send(seen);
+    });
+    let seen = rx.recv_timeout(Duration::from_secs(20));
+    let _ = child.kill();
+    let _ = child.wait();
+    let seen = seen.expect("stderr within 20 s");
+    assert!(
+        seen.windows(needle.len()).any(|w| w == needle.as_bytes()),
+        "no {needle:?} in {}",
+        String::from_utf8_lossy(&seen)
+    );
+    seen
+}
+
+/// Plain logs to a pipe (journald, a file, a log shipper) carry no ANSI
+/// colour codes.
+#[test]
+fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = Command::new(BIN)
+        .arg("--ledger")
+        .arg(dir.path().join("ledger.db"))
+        .arg("init-ledger")
+        .output()
+        .expect("run init-ledger");
+    assert!(init.status.success(), "init-ledger: {init:?}");
+    let mut cmd = Command::new(BIN);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("CAPWATCH_") {
+            cmd.env_remove(key);
+        }
+    }
+    let child = cmd
+        .args([
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--ledger")
+        .arg(dir.path().join("ledger.db"))
+        .env("RUST_LOG", "info")
+        .env_remove("NO_COLOR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the collector");
+    let seen = stderr_until(child, "collector listening");
+    assert!(
+        !seen.contains(&0x1b),
+        "ANSI escapes in {}",
+        String::from_utf8_lossy(&seen)
+    );
 }

@@ -683,6 +683,12 @@ fn lease_change_during_an_outage(explicit: bool) {
         "the agent finding the collector gone",
         || failures() >= 2,
     );
+    // The outage spans several samples: a collector that comes back
+    // within one interval would leave nothing for the spool to deliver.
+    let gone_at = now_nanos();
+    eventually(Duration::from_secs(10), "samples during the outage", || {
+        now_nanos() > gone_at + 5 * STEP
+    });
     let mut v2 = String::new();
     let mut explicit_change = None;
     if explicit {

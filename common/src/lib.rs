@@ -1,9 +1,23 @@
-//! What both capwatch binaries share: log set-up and the shutdown signal.
+//! What both capwatch binaries share: log set-up, the shutdown signal and
+//! settings from `CAPWATCH_*` environment variables.
 
 use tokio::sync::watch;
 
+pub mod duration;
+pub mod settings;
+
 /// How logs are written.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Deserialize,
+    serde::Serialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// Human-readable lines.
@@ -15,12 +29,17 @@ pub enum LogFormat {
 
 /// Installs the global tracing subscriber. The filter comes from `RUST_LOG`
 /// when set, `info` otherwise. Logs go to stderr so stdout stays free for
-/// command output.
+/// command output; plain lines are coloured only on a terminal (not in
+/// journald, a pipe or a file) and never with `NO_COLOR` set.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colour)
         .with_writer(std::io::stderr);
     // A second initialisation (as in tests) keeps the first subscriber.
     let _ = match format {

@@ -9,12 +9,12 @@
 //! nanoseconds and the counter is its floor in millijoules, so no rounding
 //! error accumulates.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{GpuInfo, GpuReading, GpuSource};
 
 /// A workload shape.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Profile {
     /// Long training jobs near the power limit, with short checkpoint dips.
@@ -39,7 +39,7 @@ impl Profile {
 }
 
 /// A simulated GPU model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Model {
     H100,
