@@ -17,7 +17,8 @@ use capwatch_common::LogFormat;
 pub struct Config {
     /// Address of the gRPC ingest server agents stream to.
     pub grpc_listen: SocketAddr,
-    /// Address of the HTTP server (`/metrics`, `/healthz`).
+    /// Address of the HTTP server (status page, `/metrics`, `/healthz`,
+    /// `/readyz`, the usage API).
     pub http_listen: SocketAddr,
     /// Tenant file (contracts and leases). Reloaded on SIGHUP without a
     /// restart. Unset: no tenants, every GPU is `unassigned`.
