@@ -91,7 +91,8 @@ pub struct Config {
     /// Tokens agents and usage API clients must present (see
     /// `deploy/examples/auth.toml`). Reloaded on SIGHUP. Unset: none asked.
     pub auth_file: Option<PathBuf>,
-    /// `/metrics` and the status page need an admin API token too.
+    /// `/metrics` needs an admin API token too (the status page always
+    /// does once API tokens are configured).
     pub metrics_auth: bool,
     /// PEM certificate chain the gRPC server presents (TLS). With
     /// `tls_key`.
