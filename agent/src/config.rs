@@ -28,7 +28,7 @@ pub enum SourceKind {
 pub struct Config {
     /// Node identity reported to the collector. Empty: the hostname.
     pub node_id: String,
-    /// Collector gRPC endpoint, `http://host:port`.
+    /// Collector gRPC endpoint, `http://host:port` or `https://host:port`.
     pub collector: String,
     /// Sampling interval.
     #[serde(with = "capwatch_common::duration")]

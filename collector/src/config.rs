@@ -17,7 +17,8 @@ use capwatch_common::LogFormat;
 pub struct Config {
     /// Address of the gRPC ingest server agents stream to.
     pub grpc_listen: SocketAddr,
-    /// Address of the HTTP server (`/metrics`, `/healthz`).
+    /// Address of the HTTP server (status page, `/metrics`, `/healthz`,
+    /// `/readyz`, the usage API).
     pub http_listen: SocketAddr,
     /// Tenant file (contracts and leases). Reloaded on SIGHUP without a
     /// restart. Unset: no tenants, every GPU is `unassigned`.
@@ -90,7 +91,8 @@ pub struct Config {
     /// Tokens agents and usage API clients must present (see
     /// `deploy/examples/auth.toml`). Reloaded on SIGHUP. Unset: none asked.
     pub auth_file: Option<PathBuf>,
-    /// `/metrics` and the status page need an admin API token too.
+    /// `/metrics` needs an admin API token too (the status page always
+    /// does once API tokens are configured).
     pub metrics_auth: bool,
     /// PEM certificate chain the gRPC server presents (TLS). With
     /// `tls_key`.

@@ -4,8 +4,9 @@
 //!
 //! [`run`] starts long-running tasks that stop on the shutdown signal: the
 //! gRPC ingest server ([`ingest`]), the HTTP server ([`http`]), the ledger
-//! committer (a thread) and compactor; another reloads the tenant file on
-//! SIGHUP.
+//! committer (a thread) and compactor; another reloads the tenant and auth
+//! files on SIGHUP, and one puts a tenant file whose `effective_from` lies
+//! ahead in force when its time comes.
 
 pub mod auth;
 pub mod config;

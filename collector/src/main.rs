@@ -35,7 +35,8 @@ struct Args {
     /// gRPC ingest address agents connect to.
     #[arg(long, env = "CAPWATCH_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
-    /// HTTP address for /metrics and /healthz.
+    /// HTTP address for the status page, /metrics, /healthz, /readyz and
+    /// the usage API.
     #[arg(long, env = "CAPWATCH_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
     /// No sample for this long makes a GPU stale [default: 3 agent intervals].

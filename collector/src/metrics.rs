@@ -3,7 +3,8 @@
 //! instead of keeping a locked child per series.
 //!
 //! A reading the GPU did not report has no series (absent, not zero); a
-//! stale GPU keeps its energy counter but loses its gauges.
+//! stale GPU keeps its energy and resets counters, its memory total (from
+//! its inventory) and `capwatch_gpu_up` 0, but loses its other gauges.
 
 use std::collections::HashMap;
 use std::sync::Arc;

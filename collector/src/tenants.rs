@@ -16,8 +16,9 @@
 //! version in force at its own time.
 //!
 //! *Invariant:* attribution is a function of (node id, GPU UUID) and the
-//! tenant file alone; two tenants claiming one GPU or one node by name is a
-//! config error, caught at load time, never resolved silently.
+//! tenant file alone; two tenants claiming one GPU, one node by name or
+//! one node glob is a config error, caught at load time, never resolved
+//! silently.
 
 use std::collections::HashMap;
 use std::path::Path;

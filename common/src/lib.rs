@@ -1,5 +1,6 @@
-//! What both capwatch binaries share: log set-up, the shutdown signal and
-//! settings from `CAPWATCH_*` environment variables.
+//! What both capwatch binaries share: log set-up, the shutdown signal,
+//! settings from `CAPWATCH_*` environment variables ([`settings`]) and
+//! durations in config files ([`duration`]).
 
 use tokio::sync::watch;
 
