@@ -994,10 +994,11 @@ impl State {
     }
 
     /// Takes what the next commit must write, with its number and the
-    /// contracts in force; batches applied from now on go to the commit
+    /// tenant file's history (each minute is measured against the contract
+    /// of its own time); batches applied from now on go to the commit
     /// after it.
     pub fn take_pending(&self) -> (u64, Commit) {
-        let contracts = self.tenants();
+        let contracts = self.tenant_history();
         let mut p = lock(&self.pending);
         let id = p.id;
         p.id += 1;
