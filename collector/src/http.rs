@@ -266,11 +266,14 @@ async fn usage_response(
         return Err(UsageError::Format("table".into()).into());
     }
     let tenants = s.state.tenants();
+    let history = s.state.tenant_history();
     let ledger = s.ledger.clone();
     let report = tokio::task::spawn_blocking(move || {
+        let reader = lock(&ledger);
         usage::run(
-            &lock(&ledger),
+            &reader,
             &tenants,
+            &history,
             tenant.as_deref(),
             p.from.as_deref(),
             p.to.as_deref(),
