@@ -1755,6 +1755,15 @@ impl Reader {
         tenant_versions(&self.conn, &self.path)
     }
 
+    /// How many tenant file versions are recorded (they are only added).
+    pub fn tenant_version_count(&self) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM tenant_version", [], |r| r.get(0))
+            .map_err(sqlite_err(&self.path))?;
+        u64_of(n, &self.path, "tenant versions")
+    }
+
     /// Minute buckets in `[from, to)` (Unix seconds, minute-aligned),
     /// summed over nodes: (tenant, minute start, sums), ordered by tenant
     /// then time. `tenant` `None` reads every tenant.

@@ -216,6 +216,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             metrics_auth: cfg.metrics_auth,
             request_timeout: cfg.http_request_timeout,
             renders: Default::default(),
+            ledger_history: Default::default(),
         }),
         http_limits,
         state.clone(),
