@@ -20,6 +20,7 @@ use tracing::error;
 use crate::auth::{self, Scope};
 use crate::ledger::{LedgerError, Reader};
 use crate::state::{AUTH_FORBIDDEN, AUTH_UNAUTHENTICATED, SURFACE_HTTP, State, lock};
+use crate::tenants::TenantHistory;
 use crate::usage::{self, Format, QueryError, UsageError};
 
 #[derive(Clone)]
@@ -36,6 +37,43 @@ pub struct HttpState {
     pub request_timeout: Duration,
     /// `/metrics` bodies shared by concurrent scrapes.
     pub renders: Arc<crate::scrape::Renders>,
+    /// The tenant file's history as the ledger recorded it, for usage.
+    pub ledger_history: Arc<LedgerHistory>,
+}
+
+/// The tenant file's whole history as the ledger recorded it, for the
+/// contract of every kept minute (the collector keeps in memory only the
+/// versions samples can still reach, while minutes are kept longer);
+/// parsed again only when a version was recorded since.
+#[derive(Debug, Default)]
+pub struct LedgerHistory(Mutex<Option<(u64, Arc<TenantHistory>)>>);
+
+impl LedgerHistory {
+    /// The history `reader` holds; `fallback` (the collector's) when the
+    /// ledger recorded none, or its versions cannot be read back.
+    fn get(
+        &self,
+        reader: &Reader,
+        fallback: impl FnOnce() -> Arc<TenantHistory>,
+    ) -> Result<Arc<TenantHistory>, LedgerError> {
+        let count = reader.tenant_version_count()?;
+        let mut cached = lock(&self.0);
+        if let Some((n, h)) = &*cached
+            && *n == count
+        {
+            return Ok(h.clone());
+        }
+        let history = match crate::tenant_history_of(&reader.tenant_versions()?) {
+            Ok(Some(h)) => Arc::new(h),
+            Ok(None) => return Ok(fallback()),
+            Err(e) => {
+                error!(error = %e, "reading the tenant file versions from the ledger failed");
+                return Ok(fallback());
+            }
+        };
+        *cached = Some((count, history.clone()));
+        Ok(history)
+    }
 }
 
 pub fn router(state: HttpState) -> Router {
@@ -266,11 +304,16 @@ async fn usage_response(
         return Err(UsageError::Format("table".into()).into());
     }
     let tenants = s.state.tenants();
-    let ledger = s.ledger.clone();
+    let (state, ledger, recorded) = (s.state.clone(), s.ledger.clone(), s.ledger_history.clone());
     let report = tokio::task::spawn_blocking(move || {
+        let reader = lock(&ledger);
+        let history = recorded
+            .get(&reader, || state.tenant_history())
+            .map_err(QueryError::Ledger)?;
         usage::run(
-            &lock(&ledger),
+            &reader,
             &tenants,
+            &history,
             tenant.as_deref(),
             p.from.as_deref(),
             p.to.as_deref(),
@@ -304,5 +347,53 @@ fn json<T: Serialize>(v: &T) -> Response {
     match serde_json::to_string(v) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
         Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Ledger, TenantVersion};
+    use crate::tenants::Tenants;
+
+    #[test]
+    fn usage_contracts_come_from_every_version_the_ledger_recorded() {
+        // The collector forgets versions samples can no longer reach, but
+        // minutes are kept longer: the usage API reads the ledger's.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::create(&path).unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let file = |kw: u32| format!("[[tenant]]\nid = \"a\"\ncontracted_kw = {kw}\n");
+        let fallback = || {
+            Arc::new(TenantHistory::new(Arc::new(
+                Tenants::from_toml(&file(9)).unwrap(),
+            )))
+        };
+        let recorded = LedgerHistory::default();
+        let contracts = |h: &TenantHistory| h.contracts_by_tenant()["a"].clone();
+        // None recorded: the collector's.
+        let h = recorded.get(&reader, fallback).unwrap();
+        assert_eq!(contracts(&h), [(i64::MIN, 9_000_000)]);
+        let mut add = |from: i64, kw: u32| {
+            l.add_tenant_version(&TenantVersion {
+                effective_from_ns: from,
+                loaded_at_ns: from,
+                file: file(kw),
+            })
+            .unwrap()
+        };
+        add(0, 2);
+        add(100, 1);
+        let h = recorded.get(&reader, fallback).unwrap();
+        assert_eq!(contracts(&h), [(i64::MIN, 2_000_000), (100, 1_000_000)]);
+        // Parsed once; again when a version is added.
+        assert!(Arc::ptr_eq(&h, &recorded.get(&reader, fallback).unwrap()));
+        add(200, 3);
+        let h = recorded.get(&reader, fallback).unwrap();
+        assert_eq!(
+            contracts(&h),
+            [(i64::MIN, 2_000_000), (100, 1_000_000), (200, 3_000_000)]
+        );
     }
 }

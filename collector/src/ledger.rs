@@ -22,7 +22,7 @@ use std::sync::Arc;
 use prost::Message;
 use rusqlite::{Connection, Transaction, params};
 
-use crate::tenants::Tenants;
+use crate::tenants::TenantHistory;
 
 /// A schema migration: SQL, or code for what SQL cannot express.
 enum Migration {
@@ -524,9 +524,10 @@ pub struct Commit {
     pub nodes: HashMap<Arc<str>, NodeCursor>,
     pub buckets: HashMap<BucketKey, BucketDelta>,
     pub tenant_energy: HashMap<Arc<str>, u64>,
-    /// The contracts the minutes it adds energy to are measured against,
-    /// for each tenant's over-contract counter; none: no tenant has one.
-    pub contracts: Option<Arc<Tenants>>,
+    /// The tenant file's history, whose version in force at each minute
+    /// gives the contract the minute is measured against, for each
+    /// tenant's over-contract counter; none: no tenant has one.
+    pub contracts: Option<Arc<TenantHistory>>,
 }
 
 /// What a commit added to the tenants' over-contract counters
@@ -933,21 +934,7 @@ impl Ledger {
 
     /// Every tenant file version recorded, in the order they were loaded.
     pub fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
-        let err = sqlite_err(&self.path);
-        let mut q = self
-            .conn
-            .prepare("SELECT effective_from_ns, loaded_at_ns, file FROM tenant_version ORDER BY id")
-            .map_err(err)?;
-        let rows = q
-            .query_map([], |r| {
-                Ok(TenantVersion {
-                    effective_from_ns: r.get(0)?,
-                    loaded_at_ns: r.get(1)?,
-                    file: r.get(2)?,
-                })
-            })
-            .map_err(err)?;
-        rows.collect::<Result<_, _>>().map_err(err)
+        tenant_versions(&self.conn, &self.path)
     }
 
     /// Records a tenant file version (durably, on its own transaction).
@@ -1200,14 +1187,19 @@ impl Ledger {
                 .map_err(err)?;
             // Energy added per (tenant, minute), over all nodes, for the
             // tenants with a contract.
-            let mut added: HashMap<(&Arc<str>, i64), u64> = HashMap::new();
+            // (energy added, contract): the contract is looked up once per
+            // (tenant, minute), in the version in force at the minute.
+            let mut added: HashMap<(&Arc<str>, i64), (u64, u64)> = HashMap::new();
             if let Some(contracts) = &c.contracts {
                 for ((tenant, _, minute), d) in &c.buckets {
-                    if d.energy_mj > 0 && contracts.contracted_milliwatts_at(tenant, *minute) > 0 {
-                        let e = added.entry((tenant, *minute)).or_default();
-                        *e = e.saturating_add(d.energy_mj);
+                    if d.energy_mj > 0 {
+                        let e = added.entry((tenant, *minute)).or_insert_with(|| {
+                            (0, contracts.contracted_milliwatts_at(tenant, *minute))
+                        });
+                        e.0 = e.0.saturating_add(d.energy_mj);
                     }
                 }
+                added.retain(|_, (_, contract)| *contract > 0);
             }
             // A final minute's energy is its row and its adjustments.
             let mut minute_energy = tx
@@ -1219,11 +1211,7 @@ impl Ledger {
                 )
                 .map_err(err)?;
             let mut by_tenant: HashMap<&Arc<str>, u64> = HashMap::new();
-            for ((tenant, minute), delta) in added {
-                let contract = c
-                    .contracts
-                    .as_ref()
-                    .map_or(0, |t| t.contracted_milliwatts_at(tenant, minute));
+            for ((tenant, minute), (delta, contract)) in added {
                 let now: i64 = minute_energy
                     .query_row(params![&**tenant, minute, is_final(minute)], |r| r.get(0))
                     .map_err(err)?;
@@ -1306,12 +1294,13 @@ impl Ledger {
     /// its hours, so every rollup equals the sum of what it covers; minutes
     /// are dropped only after their hour has been rolled up. A rollup's
     /// over-contract time and overage are the sum of its minutes'
-    /// `over_contract` against `contracts`, evaluated as it is rolled up
-    /// (they cannot be evaluated from the sums later).
+    /// `over_contract` against the contract of the version of `contracts`
+    /// in force at each minute, evaluated as it is rolled up (they cannot
+    /// be evaluated from the sums later).
     pub fn compact(
         &mut self,
         policy: &Compaction,
-        contracts: &Tenants,
+        contracts: &TenantHistory,
     ) -> Result<Compacted, LedgerError> {
         let p = self.path.clone();
         let err = sqlite_err(&p);
@@ -1694,6 +1683,27 @@ pub struct Adjustment {
     pub delta: BucketDelta,
 }
 
+/// Every tenant file version recorded in the ledger at `path`, in load
+/// order.
+fn tenant_versions(conn: &Connection, path: &Path) -> Result<Vec<TenantVersion>, LedgerError> {
+    let err = sqlite_err(path);
+    let mut q = conn
+        .prepare_cached(
+            "SELECT effective_from_ns, loaded_at_ns, file FROM tenant_version ORDER BY id",
+        )
+        .map_err(err)?;
+    let rows = q
+        .query_map([], |r| {
+            Ok(TenantVersion {
+                effective_from_ns: r.get(0)?,
+                loaded_at_ns: r.get(1)?,
+                file: r.get(2)?,
+            })
+        })
+        .map_err(err)?;
+    rows.collect::<Result<_, _>>().map_err(err)
+}
+
 /// A read-only view of the ledger, for the usage API and the `usage`
 /// command. WAL lets it read while the collector commits.
 pub struct Reader {
@@ -1737,6 +1747,21 @@ impl Reader {
             conn,
             path: path.to_owned(),
         })
+    }
+
+    /// Every tenant file version the collector recorded, in the order it
+    /// loaded them (see `Ledger::tenant_versions`).
+    pub fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        tenant_versions(&self.conn, &self.path)
+    }
+
+    /// How many tenant file versions are recorded (they are only added).
+    pub fn tenant_version_count(&self) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM tenant_version", [], |r| r.get(0))
+            .map_err(sqlite_err(&self.path))?;
+        u64_of(n, &self.path, "tenant versions")
     }
 
     /// Minute buckets in `[from, to)` (Unix seconds, minute-aligned),
@@ -1980,6 +2005,13 @@ mod tests {
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
+    use crate::tenants::Tenants;
+
+    /// A history of one version of `toml`.
+    fn history(toml: &str) -> TenantHistory {
+        TenantHistory::new(Arc::new(Tenants::from_toml(toml).unwrap()))
+    }
+
     #[test]
     fn split_examples() {
         const M: i64 = 60_000_000_000;
@@ -2081,9 +2113,9 @@ mod tests {
         c.tenant_energy.insert(Arc::from("t"), 100);
         // A 1 mW contract allows 60 mJ a minute: the first 100 mJ put the
         // minute over it (60 s), the next 100 mJ add no more time.
-        c.contracts = Some(Arc::new(
-            Tenants::from_toml("[[tenant]]\nid = \"t\"\ncontracted_kw = 0.000001\n").unwrap(),
-        ));
+        c.contracts = Some(Arc::new(history(
+            "[[tenant]]\nid = \"t\"\ncontracted_kw = 0.000001\n",
+        )));
         let over = |revision, ns: &[u64]| Committed {
             revision,
             over_contract_ns: ns.iter().map(|ns| (Arc::from("t"), *ns)).collect(),
@@ -2325,7 +2357,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(rows, 0);
-        let tenants = Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\n").unwrap();
+        let tenants = history("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\n");
         l.compact(&policy(kept_hour + HOUR, 0), &tenants).unwrap();
         let reader = Reader::open(&path).unwrap();
         let u = reader.usage(Some("a"), old_hour, kept_hour + HOUR).unwrap();
@@ -2530,17 +2562,26 @@ mod tests {
         l.commit(&minute_commit(&entries)).unwrap();
         // Hour 1 is not closed yet: only hour 0 rolls up.
         let done = l
-            .compact(&policy(T0 + HOUR + 1800, 0), &Tenants::empty())
+            .compact(
+                &policy(T0 + HOUR + 1800, 0),
+                &TenantHistory::new(Arc::new(Tenants::empty())),
+            )
             .unwrap();
         assert_eq!((done.hours_rolled_up, done.days_rolled_up), (1, 1));
         assert_eq!(done.minute_rows_dropped, 0);
         let done = l
-            .compact(&policy(T0 + 2 * HOUR, 0), &Tenants::empty())
+            .compact(
+                &policy(T0 + 2 * HOUR, 0),
+                &TenantHistory::new(Arc::new(Tenants::empty())),
+            )
             .unwrap();
         assert_eq!(done.hours_rolled_up, 1);
         // Nothing pending: a second run does nothing.
         let again = l
-            .compact(&policy(T0 + 2 * HOUR, 0), &Tenants::empty())
+            .compact(
+                &policy(T0 + 2 * HOUR, 0),
+                &TenantHistory::new(Arc::new(Tenants::empty())),
+            )
             .unwrap();
         assert_eq!(again, Compacted::default());
 
@@ -2553,7 +2594,10 @@ mod tests {
         l.commit(&minute_commit(&[("a", "n2", T0 + 59 * 60, 500)]))
             .unwrap();
         let done = l
-            .compact(&policy(T0 + 3 * HOUR, T0 + 2 * HOUR), &Tenants::empty())
+            .compact(
+                &policy(T0 + 3 * HOUR, T0 + 2 * HOUR),
+                &TenantHistory::new(Arc::new(Tenants::empty())),
+            )
             .unwrap();
         assert_eq!(done.hours_rolled_up, 1, "the late minute re-rolls hour 0");
         assert_eq!(done.minute_rows_dropped, 180);
@@ -2596,7 +2640,9 @@ mod tests {
             hours_from: T0 + DAY,
             days_from: None,
         };
-        let done = l.compact(&policy, &Tenants::empty()).unwrap();
+        let done = l
+            .compact(&policy, &TenantHistory::new(Arc::new(Tenants::empty())))
+            .unwrap();
         assert_eq!(done.hour_rows_dropped, 3);
         let days = reader.usage(Some("a"), T0, T0 + 2 * DAY).unwrap();
         assert_eq!(days.hours_from, T0 + DAY);
@@ -2614,7 +2660,7 @@ mod tests {
                 days_from: Some(T0 + 2 * DAY),
                 ..policy
             },
-            &Tenants::empty(),
+            &TenantHistory::new(Arc::new(Tenants::empty())),
         )
         .unwrap();
         assert!(
@@ -2636,10 +2682,9 @@ mod tests {
         let path = dir.path().join("ledger.db");
         let mut l = Ledger::create(&path).unwrap();
         // a: 1 kW, 60 kJ a minute; b: no contract.
-        let tenants = Arc::new(
-            Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n")
-                .unwrap(),
-        );
+        let tenants = Arc::new(history(
+            "[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n",
+        ));
         let commit = |l: &mut Ledger, entries: &[(&str, &str, i64, u64)]| {
             let mut c = minute_commit(entries);
             c.contracts = Some(tenants.clone());
@@ -2735,6 +2780,51 @@ mod tests {
     }
 
     #[test]
+    fn rollups_judge_each_minute_by_the_contract_of_its_time() {
+        // Invariant: compaction evaluates each minute against the contract
+        // of the tenant-file version in force at the minute's start, the
+        // same one the commit path used. a's contract is lowered from 2 kW
+        // to 1 kW at minute 2, in the middle of the hour; each of minutes
+        // 0-3 holds 90 kJ (1.5 kW).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = Ledger::create(&path).unwrap();
+        let mut h = history("[[tenant]]\nid = \"a\"\ncontracted_kw = 2\nnodes = [\"n*\"]\n");
+        h.push(
+            (T0 + 120) * 1_000_000_000,
+            Arc::new(
+                Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n")
+                    .unwrap(),
+            ),
+        );
+        let h = Arc::new(h);
+        let mut c = minute_commit(&[
+            ("a", "n1", T0, 90_000_000),
+            ("a", "n1", T0 + 60, 90_000_000),
+            ("a", "n1", T0 + 120, 90_000_000),
+            ("a", "n1", T0 + 180, 90_000_000),
+        ]);
+        c.contracts = Some(h.clone());
+        l.commit(&c).unwrap();
+        const MIN: u64 = 60_000_000_000;
+        assert_eq!(
+            l.load().unwrap().tenant_over_contract_ns,
+            vec![("a".to_string(), 2 * MIN)]
+        );
+        l.compact(&policy(T0 + HOUR, T0 + HOUR), &h).unwrap();
+        let u = Reader::open(&path)
+            .unwrap()
+            .usage(Some("a"), T0, T0 + HOUR)
+            .unwrap();
+        let got: Vec<(i64, u64, u64)> = u
+            .spans
+            .iter()
+            .map(|(_, s)| (s.start, s.delta.over_contract_ns, s.delta.overage_mj))
+            .collect();
+        assert_eq!(got, vec![(T0, 2 * MIN, 60_000_000)]);
+    }
+
+    #[test]
     fn a_long_backlog_rolls_up_over_several_rounds_without_losing_minutes() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
@@ -2747,7 +2837,12 @@ mod tests {
         let end = T0 + 200 * HOUR;
         let mut rounds = 0;
         loop {
-            let done = l.compact(&policy(end, end), &Tenants::empty()).unwrap();
+            let done = l
+                .compact(
+                    &policy(end, end),
+                    &TenantHistory::new(Arc::new(Tenants::empty())),
+                )
+                .unwrap();
             rounds += 1;
             // Nothing is dropped ahead of its rollup.
             let u = Reader::open(&path).unwrap().usage(None, 0, end).unwrap();
@@ -2773,10 +2868,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
         let mut l = Ledger::create(&path).unwrap();
-        let tenants = Arc::new(
-            Tenants::from_toml("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n")
-                .unwrap(),
-        );
+        let tenants = Arc::new(history(
+            "[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nnodes = [\"n*\"]\n",
+        ));
         let with = |entries: &[(&str, &str, i64, u64)]| {
             let mut c = minute_commit(entries);
             c.contracts = Some(tenants.clone());
@@ -2948,7 +3042,8 @@ mod tests {
             hours_from: T0 + 2 * DAY,
             days_from: None,
         };
-        l.compact(&keep_days, &Tenants::empty()).unwrap();
+        l.compact(&keep_days, &TenantHistory::new(Arc::new(Tenants::empty())))
+            .unwrap();
         let rolled = reader.usage(None, T0, T0 + DAY).unwrap();
         assert_eq!(rolled.spans.len(), 1);
         assert_eq!(rolled.spans[0].1.delta.energy_mj, 1_300);
@@ -2959,7 +3054,7 @@ mod tests {
                     days_from: Some(T0 + 2 * DAY),
                     ..keep_days
                 },
-                &Tenants::empty(),
+                &TenantHistory::new(Arc::new(Tenants::empty())),
             )
             .unwrap();
         assert_eq!(done.adjustment_rows_dropped, 2);
@@ -3014,7 +3109,7 @@ mod tests {
                         hours_from: 0,
                         days_from: None,
                     },
-                    &Tenants::empty(),
+                    &TenantHistory::new(Arc::new(Tenants::empty())),
                 )
                 .unwrap();
             }
@@ -3066,7 +3161,7 @@ mod tests {
                     *want.entry(t.to_string()).or_default() += e;
                 }
                 l.commit_at(&minute_commit(&list), T0 + i as i64, T0 + mark * 60).unwrap();
-                l.compact(&policy(T0 + mark * 60, T0 + mark * 60), &Tenants::empty())
+                l.compact(&policy(T0 + mark * 60, T0 + mark * 60), &TenantHistory::new(Arc::new(Tenants::empty())))
                     .unwrap();
                 let u = reader.usage(None, 0, T0 + DAY).unwrap();
                 let now = hourly(&u);

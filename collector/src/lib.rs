@@ -217,6 +217,7 @@ pub async fn run(cfg: Config, shutdown: watch::Receiver<bool>) -> Result<(), Col
             metrics_auth: cfg.metrics_auth,
             request_timeout: cfg.http_request_timeout,
             renders: Default::default(),
+            ledger_history: Default::default(),
         }),
         http_limits,
         state.clone(),
@@ -353,20 +354,7 @@ fn descriptor_budget(cfg: &Config) -> serve::Limits {
 fn resume_tenant_history(state: &State, ledger: &mut ledger::Ledger) -> Result<(), CollectorError> {
     let current = state.tenants();
     let stored = ledger.tenant_versions()?;
-    let mut history: Option<tenants::TenantHistory> = None;
-    for (i, v) in stored.iter().enumerate() {
-        let t = Tenants::from_toml(&v.file).map_err(|e| config::ConfigError::Invalid {
-            setting: "tenant",
-            reason: format!(
-                "version {} of the tenant file kept in the ledger: {e}",
-                i + 1
-            ),
-        })?;
-        match &mut history {
-            None => history = Some(tenants::TenantHistory::new(Arc::new(t))),
-            Some(h) => h.push(v.effective_from_ns, Arc::new(t)),
-        }
-    }
+    let history = tenant_history_of(&stored)?;
     // The text includes `effective_from`: the same text is the same version.
     let unchanged = stored.last().is_some_and(|v| v.file == current.source());
     let history = match history {
@@ -395,6 +383,29 @@ fn resume_tenant_history(state: &State, ledger: &mut ledger::Ledger) -> Result<(
     };
     state.set_tenant_history(history);
     Ok(())
+}
+
+/// The history of the tenant file versions recorded in a ledger (in load
+/// order, each in force from its `effective_from_ns`); none when it has
+/// none.
+pub fn tenant_history_of(
+    stored: &[ledger::TenantVersion],
+) -> Result<Option<tenants::TenantHistory>, CollectorError> {
+    let mut history: Option<tenants::TenantHistory> = None;
+    for (i, v) in stored.iter().enumerate() {
+        let t = Tenants::from_toml(&v.file).map_err(|e| config::ConfigError::Invalid {
+            setting: "tenant",
+            reason: format!(
+                "version {} of the tenant file kept in the ledger: {e}",
+                i + 1
+            ),
+        })?;
+        match &mut history {
+            None => history = Some(tenants::TenantHistory::new(Arc::new(t))),
+            Some(h) => h.push(v.effective_from_ns, Arc::new(t)),
+        }
+    }
+    Ok(history)
 }
 
 /// Commits what streams applied, every `every`, and tells the streams
@@ -555,7 +566,7 @@ async fn compact_loop(
         }
         let policy = compaction_policy(&cfg, usage::now_unix());
         let ledger = ledger.clone();
-        let contracts = state.tenants();
+        let contracts = state.tenant_history();
         let result =
             tokio::task::spawn_blocking(move || state::lock(&ledger).compact(&policy, &contracts))
                 .await;

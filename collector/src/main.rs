@@ -2,12 +2,14 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 
 use capwatch_collector::config::Config;
+use capwatch_collector::tenants::{TenantHistory, Tenants};
 use capwatch_common::LogFormat;
 
 /// capwatch collector: receives GPU samples from capwatch agents over gRPC,
@@ -117,11 +119,7 @@ enum Command {
 }
 
 /// `capwatch-collector usage`: reads the ledger file directly.
-fn usage_command(
-    cfg: &Config,
-    tenants: &capwatch_collector::tenants::Tenants,
-    cmd: &Command,
-) -> anyhow::Result<()> {
+fn usage_command(cfg: &Config, tenants: Arc<Tenants>, cmd: &Command) -> anyhow::Result<()> {
     use capwatch_collector::usage::{self, Format};
     let Command::Usage {
         url,
@@ -170,9 +168,15 @@ fn usage_command(
         return Ok(());
     }
     let reader = capwatch_collector::ledger::Reader::open(&cfg.ledger_path)?;
+    // Contracts by the versions the collector recorded in the ledger, each
+    // from when it took effect; the tenant file alone for a ledger that
+    // recorded none.
+    let history = capwatch_collector::tenant_history_of(&reader.tenant_versions()?)?
+        .unwrap_or_else(|| TenantHistory::new(tenants.clone()));
     let report = usage::run(
         &reader,
-        tenants,
+        &tenants,
+        &history,
         tenant.as_deref(),
         Some(from),
         Some(to),
@@ -242,7 +246,7 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     if let Some(cmd) = &args.command {
-        return usage_command(&cfg, &tenants, cmd);
+        return usage_command(&cfg, Arc::new(tenants), cmd);
     }
     if args.check {
         println!("configuration ok: {} tenants", tenants.all().len() - 1);

@@ -994,10 +994,11 @@ impl State {
     }
 
     /// Takes what the next commit must write, with its number and the
-    /// contracts in force; batches applied from now on go to the commit
+    /// tenant file's history (each minute is measured against the contract
+    /// of its own time); batches applied from now on go to the commit
     /// after it.
     pub fn take_pending(&self) -> (u64, Commit) {
-        let contracts = self.tenants();
+        let contracts = self.tenant_history();
         let mut p = lock(&self.pending);
         let id = p.id;
         p.id += 1;
@@ -4013,6 +4014,7 @@ mod tests {
         let report = crate::usage::run(
             &reader,
             &tenants,
+            &state.tenant_history(),
             Some("lab-a"),
             Some(&from),
             Some(&to),
@@ -4078,6 +4080,69 @@ mod tests {
             snap.tenant_over_contract_ns, want_counter,
             "replayed 45 minutes late"
         );
+    }
+
+    #[test]
+    fn each_minute_is_judged_by_the_contract_in_force_at_its_start() {
+        // Invariant: a minute's over-contract time and overage are measured
+        // against the contract of the tenant-file version in force at the
+        // minute's start, whenever its samples arrive. lab-a's contract is
+        // lowered from 2 kW to 1 kW by a file taking effect five minutes
+        // into the ten: the 2 kW minutes before it are not over (at the
+        // contract is not above it), those after it are. The same ten
+        // minutes arrive once live (the file loaded between the halves)
+        // and once late, in one batch, after the file was loaded.
+        const V1: &str = "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 2\nnodes = [\"a-*\"]\n";
+        let lowered = |m0: i64| {
+            let at = crate::usage::rfc3339(m0 / SEC + 300);
+            Tenants::from_toml(&format!(
+                "effective_from = {at}\n[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 1\nnodes = [\"a-*\"]\n"
+            ))
+            .unwrap()
+        };
+        let minute_now = unix_nanos_now().div_euclid(60 * SEC) * 60 * SEC;
+        let live_m0 = minute_now - 10 * 60 * SEC;
+        let late_m0 = live_m0 - 45 * 60 * SEC;
+        let want_rows: Vec<(f64, f64)> = TEN_MINUTES_KW
+            .iter()
+            .enumerate()
+            .map(|(i, &kw)| match kw {
+                2 if i >= 5 => (60.0, 60_000_000.0),
+                _ => (0.0, 0.0),
+            })
+            .collect();
+        // Four minutes at 2 kW after the change.
+        let want_counter = vec![("lab-a".to_string(), 4 * 60 * 1_000_000_000)];
+
+        let dir = tempfile::tempdir().unwrap();
+        let live = new_state(V1, None);
+        let h = connect(&live, "a-1", 1, 2);
+        let samples = ten_minutes(live_m0);
+        // The samples stamped before the change, committed before it is
+        // loaded; then the rest.
+        let (before, after): (Vec<_>, Vec<_>) = samples
+            .into_iter()
+            .partition(|s| s.timestamp_unix_nanos < live_m0 + 300 * SEC);
+        for s in before {
+            ingest(&live, &h, vec![s]);
+        }
+        over_contract_in_ledger(&live, dir.path(), live_m0);
+        live.reload_tenants(lowered(live_m0));
+        for s in after {
+            ingest(&live, &h, vec![s]);
+        }
+        let (rows, snap) = over_contract_in_ledger(&live, dir.path(), live_m0);
+        assert_eq!(rows, want_rows, "live");
+        assert_eq!(snap.tenant_over_contract_ns, want_counter, "live");
+
+        let dir = tempfile::tempdir().unwrap();
+        let late = new_state(V1, None);
+        late.reload_tenants(lowered(late_m0));
+        let h = connect(&late, "a-1", 1, 2);
+        ingest(&late, &h, ten_minutes(late_m0));
+        let (rows, snap) = over_contract_in_ledger(&late, dir.path(), late_m0);
+        assert_eq!(rows, want_rows, "late");
+        assert_eq!(snap.tenant_over_contract_ns, want_counter, "late");
     }
 
     #[test]

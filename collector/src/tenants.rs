@@ -20,7 +20,7 @@
 //! one node glob is a config error, caught at load time, never resolved
 //! silently.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -293,11 +293,10 @@ impl Tenants {
         &self.tenants
     }
 
-    /// The contract (mW; 0: none) that `tenant`'s minute starting at
-    /// `minute_start` (Unix seconds) is measured against: the one place
-    /// over-contract time and overage look a contract up. The tenant file
-    /// in force says it for every minute.
-    pub fn contracted_milliwatts_at(&self, tenant: &str, _minute_start: i64) -> u64 {
+    /// The contract (mW; 0: none) this version of the file gives `tenant`.
+    /// Which version a minute is measured against is the history's word:
+    /// [`TenantHistory::contracted_milliwatts_at`].
+    pub fn contracted_milliwatts(&self, tenant: &str) -> u64 {
         self.tenants
             .iter()
             .find(|t| &*t.id == tenant)
@@ -402,6 +401,54 @@ impl TenantHistory {
         self.versions
             .partition_point(|(f, _)| *f <= at)
             .saturating_sub(1)
+    }
+
+    /// The contract (mW; 0: none) that `tenant`'s minute starting at
+    /// `minute_start` (Unix seconds) is measured against: the one place
+    /// over-contract time and overage look a contract up. It is the
+    /// version in force at the minute's start (as [`Self::at`] its first
+    /// nanosecond) that says it, so a minute is judged by the same contract
+    /// whenever its samples arrive; a version taking effect inside a
+    /// minute applies from the next one.
+    pub fn contracted_milliwatts_at(&self, tenant: &str, minute_start: i64) -> u64 {
+        let at = minute_start.saturating_mul(1_000_000_000);
+        let i = if self.versions.len() == 1 {
+            0
+        } else {
+            self.at(at)
+        };
+        self.version(i).contracted_milliwatts(tenant)
+    }
+
+    /// Every tenant's contract over time, for the tenants of any version:
+    /// (from, mW) with `from` in Unix nanoseconds, strictly increasing, the
+    /// first from `i64::MIN`; a version without the tenant gives it none
+    /// (0), and consecutive versions with the same contract are one entry.
+    pub fn contracts_by_tenant(&self) -> HashMap<Arc<str>, Vec<(i64, u64)>> {
+        let mut out: HashMap<Arc<str>, Vec<(i64, u64)>> = HashMap::new();
+        for (i, (from, version)) in self.versions.iter().enumerate() {
+            let from = if i == 0 { i64::MIN } else { *from };
+            let set = |spans: &mut Vec<(i64, u64)>, c: u64| match spans.last_mut() {
+                Some((f, v)) if *f == from => *v = c,
+                Some((_, v)) if *v == c => {}
+                _ => spans.push((from, c)),
+            };
+            for t in version.all() {
+                let spans = out
+                    .entry(t.id.clone())
+                    .or_insert_with(|| vec![(i64::MIN, 0)]);
+                set(spans, t.contracted_milliwatts);
+            }
+            if i > 0 {
+                let here: HashSet<&str> = version.all().iter().map(|t| &*t.id).collect();
+                for (id, spans) in &mut out {
+                    if !here.contains(&**id) {
+                        set(spans, 0);
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Version `i`.
@@ -569,6 +616,41 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("effective_from"), "{err}");
+    }
+
+    #[test]
+    fn a_minute_is_measured_against_the_contract_in_force_at_its_start() {
+        let v = |kw: u32, b: bool| {
+            let b = if b {
+                "[[tenant]]\nid = 'b'\ncontracted_kw = 3\n"
+            } else {
+                ""
+            };
+            Arc::new(
+                Tenants::from_toml(&format!("[[tenant]]\nid = 'a'\ncontracted_kw = {kw}\n{b}"))
+                    .unwrap(),
+            )
+        };
+        const NS: i64 = 1_000_000_000;
+        let mut h = TenantHistory::new(v(2, false));
+        assert_eq!(h.contracted_milliwatts_at("a", i64::MIN), 2_000_000);
+        // In force one nanosecond after minute 60 starts: from minute 120.
+        h.push(60 * NS + 1, v(1, true));
+        h.push(180 * NS, v(1, false));
+        for (minute, a, b) in [(0, 2, 0), (60, 2, 0), (120, 1, 3), (180, 1, 0), (240, 1, 0)] {
+            assert_eq!(h.contracted_milliwatts_at("a", minute), a * 1_000_000);
+            assert_eq!(h.contracted_milliwatts_at("b", minute), b * 1_000_000);
+        }
+        assert_eq!(h.contracted_milliwatts_at("nobody", 120), 0);
+        // Out-of-range minutes saturate rather than wrap.
+        assert_eq!(h.contracted_milliwatts_at("a", i64::MAX), 1_000_000);
+        assert_eq!(h.contracted_milliwatts_at("a", i64::MIN), 2_000_000);
+        let c = h.contracts_by_tenant();
+        assert_eq!(c["a"], [(i64::MIN, 2_000_000), (60 * NS + 1, 1_000_000)]);
+        assert_eq!(
+            c["b"],
+            [(i64::MIN, 0), (60 * NS + 1, 3_000_000), (180 * NS, 0)]
+        );
     }
 
     #[test]

@@ -25,7 +25,7 @@ use jiff::{Timestamp, ToSpan};
 use serde::{Deserialize, Serialize};
 
 use crate::ledger::{BucketDelta, DAY, HOUR, LedgerError, Reader, Span, Usage};
-use crate::tenants::{Tenants, UNASSIGNED};
+use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
 /// Most rows one request may return (rows × tenants).
 pub const MAX_ROWS: i64 = 10_000;
@@ -148,25 +148,33 @@ pub enum UsageError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Terms {
     pub tenant: String,
-    pub contracted_milliwatts: Option<u64>,
+    /// The contract (mW; 0: none) over time: (from, mW), `from` in Unix
+    /// nanoseconds, strictly increasing, the first from `i64::MIN`.
+    pub contracts: Vec<(i64, u64)>,
     /// Power usage effectiveness of the tenant's site, if configured.
     pub pue: Option<f64>,
 }
 
 impl Terms {
+    /// Terms with one contract at all times.
     pub fn new(tenant: &str, contracted_milliwatts: Option<u64>, pue: Option<f64>) -> Self {
         Self {
             tenant: tenant.to_string(),
-            contracted_milliwatts,
+            contracts: vec![(i64::MIN, contracted_milliwatts.unwrap_or(0))],
             pue,
         }
     }
 
     /// The contract (mW; 0: none) the minute starting at `minute_start`
-    /// is measured against, as `Tenants::contracted_milliwatts_at` said
-    /// when these terms were read from the tenant file.
-    pub fn contract_at(&self, _minute_start: i64) -> u64 {
-        self.contracted_milliwatts.unwrap_or(0)
+    /// (Unix seconds) is measured against: the one in force at the
+    /// minute's start, as `TenantHistory::contracted_milliwatts_at` says.
+    pub fn contract_at(&self, minute_start: i64) -> u64 {
+        if let [(_, only)] = self.contracts[..] {
+            return only;
+        }
+        let at = minute_start.saturating_mul(1_000_000_000);
+        let i = self.contracts.partition_point(|(from, _)| *from <= at);
+        self.contracts[i.saturating_sub(1)].1
     }
 }
 
@@ -181,11 +189,13 @@ pub enum QueryError {
 
 /// Answers one usage request from the ledger: the tenants of `tenants`
 /// (plus `unassigned` and any the ledger knows from earlier tenant files),
-/// or only `tenant`.
+/// or only `tenant`. Each minute is measured against the tenant's contract
+/// in the version of `history` in force at the minute's start.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     reader: &Reader,
     tenants: &Tenants,
+    history: &TenantHistory,
     tenant: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
@@ -246,6 +256,14 @@ pub fn run(
                 selected.push(Terms::new(t, None, None));
             }
         }
+    }
+    // Each minute against the contract of its own time.
+    let contracts = history.contracts_by_tenant();
+    for t in &mut selected {
+        t.contracts = contracts
+            .get(t.tenant.as_str())
+            .cloned()
+            .unwrap_or_else(|| vec![(i64::MIN, 0)]);
     }
     let r = report(&q, &selected, &usage);
     if r.adjustments.len() > MAX_ROWS as usize {
@@ -533,6 +551,8 @@ pub struct Row {
     pub busy_gpu_hours: f64,
     pub average_power_watts: f64,
     pub peak_demand_watts: f64,
+    /// The contract in force at the row's last minute (a row the contract
+    /// changed in is judged minute by minute, each by its own).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub contracted_power_watts: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -705,7 +725,10 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                 })
                 .unwrap_or((end, start));
             let average_w = d.energy_mj as f64 / 1000.0 / seconds as f64;
-            let contracted_w = terms.contracted_milliwatts.map(|c| c as f64 / 1000.0);
+            // The contract in force at the row's last minute.
+            let contracted_w = Some(terms.contract_at(end - 60))
+                .filter(|c| *c > 0)
+                .map(|c| c as f64 / 1000.0);
             let p95 = (seconds >= QUARTER
                 && rolled_up_peak.is_none()
                 && start >= usage.minutes_from)
@@ -1760,6 +1783,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
             let got = run(
                 &reader,
                 &crate::tenants::Tenants::empty(),
+                &TenantHistory::new(std::sync::Arc::new(crate::tenants::Tenants::empty())),
                 None,
                 Some("2027-01-01T00:00:00Z"),
                 Some("2027-01-01T01:00:00Z"),
@@ -1880,6 +1904,7 @@ a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0
         let r = run(
             &reader,
             &crate::tenants::Tenants::empty(),
+            &TenantHistory::new(std::sync::Arc::new(crate::tenants::Tenants::empty())),
             None,
             Some("2027-01-01T00:00:00Z"),
             Some("2027-01-01T01:00:00Z"),

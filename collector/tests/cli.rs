@@ -842,3 +842,101 @@ fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
         String::from_utf8_lossy(&seen)
     );
 }
+
+/// `usage` on a ledger measures each minute against the contract of the
+/// tenant-file version the ledger says was in force at the minute's start,
+/// not the `--tenants` file of today. lab-a holds 1.5 kW for four minutes;
+/// its contract is lowered from 2 kW to 1 kW two minutes in.
+#[test]
+fn usage_judges_each_minute_by_the_contract_of_its_time() {
+    use capwatch_collector::ledger::{BucketDelta, Commit, Ledger, TenantVersion};
+    use std::sync::Arc;
+    const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+    const NS: i64 = 1_000_000_000;
+    let file = |kw: u32, from: &str| {
+        format!("{from}[[tenant]]\nid = \"lab-a\"\ncontracted_kw = {kw}\nnodes = [\"n-*\"]\n")
+    };
+    let v1 = file(2, "");
+    let v2 = file(1, "effective_from = 2027-01-01T00:02:00Z\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(&tenants, &v2).unwrap();
+    {
+        let mut l = Ledger::create(&path).unwrap();
+        for (from, text) in [(T0 * NS - 3600 * NS, &v1), (T0 * NS + 120 * NS, &v2)] {
+            l.add_tenant_version(&TenantVersion {
+                effective_from_ns: from,
+                loaded_at_ns: from,
+                file: text.clone(),
+            })
+            .unwrap();
+        }
+        let mut c = Commit::default();
+        for m in 0..4 {
+            c.buckets.insert(
+                (Arc::from("lab-a"), Arc::from("n-1"), T0 + m * 60),
+                BucketDelta {
+                    energy_mj: 90_000_000,
+                    gpu_ns: 60 * NS as u64,
+                    samples: 60,
+                    expected_gpu_ns: 60 * NS as u64,
+                    ..BucketDelta::default()
+                },
+            );
+        }
+        c.tenant_energy.insert(Arc::from("lab-a"), 4 * 90_000_000);
+        l.commit_at(&c, T0 + 300, T0).unwrap();
+    }
+    let usage = |to: &str, step: &str| -> serde_json::Value {
+        let out = collector(
+            &[
+                "usage",
+                "--ledger",
+                path.to_str().unwrap(),
+                "--tenants",
+                tenants.to_str().unwrap(),
+                "--tenant",
+                "lab-a",
+                "--from",
+                "2027-01-01T00:00:00Z",
+                "--to",
+                to,
+                "--step",
+                step,
+                "--format",
+                "json",
+            ],
+            &[],
+        );
+        assert!(out.status.success(), "{}", stderr(&out));
+        serde_json::from_str(&stdout(&out)).unwrap()
+    };
+    let r = usage("2027-01-01T00:04:00Z", "1m");
+    let got: Vec<(f64, f64, i64)> = r["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| {
+            (
+                row["contracted_power_watts"].as_f64().unwrap(),
+                row["seconds_over_contract"].as_f64().unwrap(),
+                (row["overage_kwh"].as_f64().unwrap() * 3.6e9).round() as i64,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (2000.0, 0.0, 0),
+            (2000.0, 0.0, 0),
+            (1000.0, 60.0, 30_000_000),
+            (1000.0, 60.0, 30_000_000),
+        ]
+    );
+    // A row the change falls in shows the contract in force at its end.
+    let r = usage("2027-01-01T01:00:00Z", "1h");
+    let row = &r["rows"][0];
+    assert_eq!(row["contracted_power_watts"].as_f64(), Some(1000.0));
+    assert_eq!(row["seconds_over_contract"].as_f64(), Some(120.0));
+}
