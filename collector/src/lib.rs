@@ -649,19 +649,13 @@ async fn record_and_reload(
     let ledger = ledger.clone();
     let recorded =
         tokio::task::spawn_blocking(move || state::lock(&ledger).add_tenant_version(&version))
-            .await;
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
     match recorded {
-        Ok(Ok(())) => {
+        Ok(()) => {
             state.reload_tenants_from(t, from);
             state.readiness.reload_succeeded();
-        }
-        Ok(Err(e)) => {
-            state
-                .counters
-                .reloads_failed
-                .fetch_add(1, Ordering::Relaxed);
-            state.readiness.reload_failed(&e);
-            error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants");
         }
         Err(e) => {
             state

@@ -545,8 +545,6 @@ fn sampled_at(timestamp_ns: i64, now: Instant, now_ns: i64) -> Option<Instant> {
     now.checked_sub(Duration::from_nanos(age))
 }
 
-impl Gpu {}
-
 /// Fields in declaration order (`repr(C)`): what a tenant-level scrape
 /// reads of every node comes first, so that with the lock word it lies in
 /// the first two cache lines of the allocation.
