@@ -219,13 +219,6 @@ impl Gpu {
             {
                 (now_mj - prev, false)
             }
-            (Some(now_mj), Some(prev)) if now_mj < prev && u128::from(now_mj) <= plausible => {
-                // The counter went backwards: the driver was reloaded (a
-                // reboot) within the interval, and the counter holds what
-                // the GPU used since. Count that and go on from there.
-                self.counter_resets += 1;
-                (now_mj, false)
-            }
             (Some(now_mj), Some(prev))
                 if now_mj < prev
                     && self.last_timestamp.is_some_and(|p| {
@@ -243,9 +236,18 @@ impl Gpu {
                 // between (not a reload, which restarts near 0): an earlier
                 // reading of the same counter, from another agent instance
                 // for the node that moved above the epoch that refused it.
+                // Checked before a reload: soon after a driver load the
+                // counter is small enough to pass for one.
                 // It adds nothing and moves nothing back, so the energy
                 // since is counted once.
                 return nothing;
+            }
+            (Some(now_mj), Some(prev)) if now_mj < prev && u128::from(now_mj) <= plausible => {
+                // The counter went backwards: the driver was reloaded (a
+                // reboot) within the interval, and the counter holds what
+                // the GPU used since. Count that and go on from there.
+                self.counter_resets += 1;
+                (now_mj, false)
             }
             (Some(_), Some(_)) => {
                 // The counter jumped further than the GPU could draw, or
@@ -3520,6 +3522,28 @@ mod tests {
         let b = connect(&state, "a-1", 100, 1);
         ingest(&state, &b, (1..=3).map(at).collect());
         assert_eq!(gpu_energy(&b), vec![600_000]);
+        let a = connect(&state, "a-1", 101, 1);
+        let mut behind: Vec<NodeSample> = (2..=5).map(at).collect();
+        for (s, seq) in behind.iter_mut().zip(1..) {
+            s.seq = seq;
+        }
+        ingest(&state, &a, behind);
+        assert_eq!(gpu_energy(&a), vec![1_200_000], "C+1 to C+5 once");
+        assert_eq!(lock(&a.node).gpus[0].counter_resets, 0);
+    }
+
+    #[test]
+    fn a_reading_behind_the_applied_ones_soon_after_a_driver_load_is_no_reload() {
+        // Invariant: the rule above holds however small the counter is. A
+        // driver loaded a few seconds ago has a counter small enough to
+        // pass for a reload's; a reading that is behind the applied one by
+        // no more than the GPU can draw between their timestamps is still
+        // an earlier reading of the same counter, not a reset.
+        let state = new_state(TENANTS, None);
+        const C: u64 = 1_000_000;
+        let at = |i: u64| sample(i, T0 + i as i64 * SEC, &[(300_000, Some(C + i * 300_000))]);
+        let b = connect(&state, "a-1", 100, 1);
+        ingest(&state, &b, (1..=3).map(at).collect());
         let a = connect(&state, "a-1", 101, 1);
         let mut behind: Vec<NodeSample> = (2..=5).map(at).collect();
         for (s, seq) in behind.iter_mut().zip(1..) {
