@@ -3516,9 +3516,15 @@ mod tests {
         // took meanwhile, a reading older than one already applied whose
         // counter is behind that one's (and not a reload) adds nothing and
         // moves the counter back by nothing: the energy is counted once.
+        behind_readings_count_once(50_000_000_000);
+    }
+
+    /// One agent instance applies readings 1-3 of a counter starting at
+    /// `c`; another takes the node over with readings 2-5: C+1 to C+5 are
+    /// counted once, with no reset.
+    fn behind_readings_count_once(c: u64) {
         let state = new_state(TENANTS, None);
-        const C: u64 = 50_000_000_000;
-        let at = |i: u64| sample(i, T0 + i as i64 * SEC, &[(300_000, Some(C + i * 300_000))]);
+        let at = |i: u64| sample(i, T0 + i as i64 * SEC, &[(300_000, Some(c + i * 300_000))]);
         let b = connect(&state, "a-1", 100, 1);
         ingest(&state, &b, (1..=3).map(at).collect());
         assert_eq!(gpu_energy(&b), vec![600_000]);
@@ -3539,19 +3545,7 @@ mod tests {
         // pass for a reload's; a reading that is behind the applied one by
         // no more than the GPU can draw between their timestamps is still
         // an earlier reading of the same counter, not a reset.
-        let state = new_state(TENANTS, None);
-        const C: u64 = 1_000_000;
-        let at = |i: u64| sample(i, T0 + i as i64 * SEC, &[(300_000, Some(C + i * 300_000))]);
-        let b = connect(&state, "a-1", 100, 1);
-        ingest(&state, &b, (1..=3).map(at).collect());
-        let a = connect(&state, "a-1", 101, 1);
-        let mut behind: Vec<NodeSample> = (2..=5).map(at).collect();
-        for (s, seq) in behind.iter_mut().zip(1..) {
-            s.seq = seq;
-        }
-        ingest(&state, &a, behind);
-        assert_eq!(gpu_energy(&a), vec![1_200_000], "C+1 to C+5 once");
-        assert_eq!(lock(&a.node).gpus[0].counter_resets, 0);
+        behind_readings_count_once(1_000_000);
     }
 
     #[test]
