@@ -554,17 +554,6 @@ fn sighup_reloads_tenants_without_a_restart() {
     collector.stop();
 }
 
-/// The number after `"key":` in a JSON line.
-fn json_number(line: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\":");
-    let start = line.find(&pat).unwrap_or_else(|| panic!("{key} in {line}")) + pat.len();
-    let digits: String = line[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().unwrap()
-}
-
 /// The fleet simulator: every node's own stream (several sharing an
 /// HTTP/2 connection), batches of several samples, and a summary that says
 /// what the collector acked, which the collector's own counters confirm.

@@ -551,36 +551,18 @@ fn sigkill_at_random_moments_keeps_the_ledger_exact() {
 fn agent_restart_carries_energy_through_the_counter() {
     let dir = tempfile::tempdir().unwrap();
     let collector = Collector::start(dir.path(), NO_TENANTS, 0, &["--stale-after", "5m"]);
-    let counters = dir.path().join("counters");
     let truth = Truth::of("r-2", 1);
     // The "driver" has been up a while: known starting counters.
-    let start: String = truth
-        .uuids
-        .iter()
-        .enumerate()
-        .map(|(i, u)| format!("{u} {}\n", 1_000_000 * (i as u64 + 1)))
-        .collect();
-    std::fs::write(&counters, &start).unwrap();
-    let cfg = format!(
-        "[mock]\ncounter_file = {:?}\n",
-        counters.display().to_string()
-    );
+    let counters = Counters::start(dir.path(), &truth);
+    let start = counters.read();
+    let cfg = &counters.agent_config;
     for run in 0..2 {
-        let log = Agent::start(dir.path(), &collector.endpoint(), "r-2", 15, &cfg)
+        let log = Agent::start(dir.path(), &collector.endpoint(), "r-2", 15, cfg)
             .finish(Duration::from_secs(30));
         log.wait_for("\"undelivered\":0", Duration::from_secs(1));
         eprintln!("run {run} done");
     }
-    let end = std::fs::read_to_string(&counters).unwrap();
-    let parse = |text: &str| -> std::collections::HashMap<String, u64> {
-        text.lines()
-            .map(|l| {
-                let (u, c) = l.split_once(' ').unwrap();
-                (u.to_string(), c.parse().unwrap())
-            })
-            .collect()
-    };
-    let (start, end) = (parse(&start), parse(&end));
+    let end = counters.read();
     let m = collector.metrics();
     // Two epochs, each counted once.
     assert_eq!(

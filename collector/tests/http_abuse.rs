@@ -44,29 +44,15 @@ fn start(dir: &Path, settings: &str, nofile: Option<u64>) -> Collector {
         }
         None => Command::new(bin("capwatch-collector")),
     };
-    let mut child = cmd
-        .args(["--log-format", "json", "--http-listen", "127.0.0.1:0"])
+    cmd.args(["--log-format", "json", "--http-listen", "127.0.0.1:0"])
         .args(["--grpc-listen", "127.0.0.1:0", "--stale-after", "1h"])
         .arg("--config")
         .arg(&config)
         .arg("--ledger")
         .arg(dir.join("ledger.db"))
         .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start collector");
-    let log = Log::default();
-    log.capture(child.stderr.take().unwrap(), "collector".into());
-    let line = log.wait_for("collector listening", Duration::from_secs(20));
-    let grpc = json_field(&line, "grpc").unwrap().parse().unwrap();
-    let http = json_field(&line, "http").unwrap().parse().unwrap();
-    Collector {
-        child,
-        grpc,
-        http,
-        log,
-    }
+        .stdout(Stdio::null());
+    Collector::spawn(cmd)
 }
 
 /// A real agent delivers 5 samples and gets every one acked.

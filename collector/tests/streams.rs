@@ -8,7 +8,6 @@
 
 mod support;
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use capwatch_proto::v1 as pb;
@@ -19,29 +18,6 @@ use tokio_stream::wrappers::ReceiverStream;
 
 /// The agent's test-only clock offset (`capwatch_agent::TEST_CLOCK_OFFSET_VAR`).
 const CLOCK_OFFSET: &str = capwatch_agent::TEST_CLOCK_OFFSET_VAR;
-
-/// An unsigned number field of a JSON log line.
-fn json_number(line: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\":");
-    let start = line
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + pat.len();
-    let digits: String = line[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().unwrap()
-}
-
-fn parse_counters(text: &str) -> HashMap<String, u64> {
-    text.lines()
-        .map(|l| {
-            let (u, c) = l.split_once(' ').unwrap();
-            (u.to_string(), c.parse().unwrap())
-        })
-        .collect()
-}
 
 fn now_nanos() -> u64 {
     std::time::SystemTime::now()
@@ -62,21 +38,12 @@ fn an_agent_restarted_with_its_clock_stepped_back_is_metered_again_at_once() {
     const N: u64 = 15;
     let dir = tempfile::tempdir().unwrap();
     let collector = Collector::start(dir.path(), "", 0, &["--stale-after", "5m"]);
-    let counters = dir.path().join("counters");
     let truth = Truth::of("s-1", 1);
-    let start: String = truth
-        .uuids
-        .iter()
-        .enumerate()
-        .map(|(i, u)| format!("{u} {}\n", 1_000_000 * (i as u64 + 1)))
-        .collect();
-    std::fs::write(&counters, &start).unwrap();
+    let counters = Counters::start(dir.path(), &truth);
+    let start = counters.read();
     // The default backoff (up to 30 s): coming back must not wait for it.
-    let cfg = format!(
-        "[mock]\ncounter_file = {:?}\n",
-        counters.display().to_string()
-    );
-    let log = Agent::start(dir.path(), &collector.endpoint(), "s-1", N, &cfg)
+    let cfg = &counters.agent_config;
+    let log = Agent::start(dir.path(), &collector.endpoint(), "s-1", N, cfg)
         .finish(Duration::from_secs(30));
     log.wait_for("\"undelivered\":0", Duration::from_secs(1));
 
@@ -86,7 +53,7 @@ fn an_agent_restarted_with_its_clock_stepped_back_is_metered_again_at_once() {
         &collector.endpoint(),
         "s-1",
         N,
-        &cfg,
+        cfg,
         &[(CLOCK_OFFSET, "-2m")],
     )
     .finish(Duration::from_secs(30));
@@ -109,10 +76,7 @@ fn an_agent_restarted_with_its_clock_stepped_back_is_metered_again_at_once() {
         m.one("capwatch_node_samples_total", &[("node", "s-1")]),
         2.0 * N as f64
     );
-    let (start, end) = (
-        parse_counters(&start),
-        parse_counters(&std::fs::read_to_string(&counters).unwrap()),
-    );
+    let end = counters.read();
     let mut sum = 0;
     for uuid in &truth.uuids {
         let e = milli(m.one("capwatch_gpu_energy_joules_total", &[("uuid", uuid)]));

@@ -102,6 +102,56 @@ pub fn json_field(line: &str, key: &str) -> Option<String> {
     Some(line[start..end].to_string())
 }
 
+/// The unsigned number after `"key":` in a JSON log line.
+pub fn json_number(line: &str, key: &str) -> u64 {
+    let pat = format!("\"{key}\":");
+    let start = line
+        .find(&pat)
+        .unwrap_or_else(|| panic!("no {key} in {line}"))
+        + pat.len();
+    let digits: String = line[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap()
+}
+
+/// A mock counter file, `dir/counters`, that starts `truth`'s GPUs at
+/// known counters (a driver that has been up a while), and the agent
+/// config that reads and updates it: agents run on it carry the counters
+/// on from run to run.
+pub struct Counters {
+    pub path: PathBuf,
+    pub agent_config: String,
+}
+
+impl Counters {
+    pub fn start(dir: &Path, truth: &Truth) -> Self {
+        let path = dir.join("counters");
+        let start: String = truth
+            .uuids
+            .iter()
+            .enumerate()
+            .map(|(i, u)| format!("{u} {}\n", 1_000_000 * (i as u64 + 1)))
+            .collect();
+        std::fs::write(&path, start).unwrap();
+        let agent_config = format!("[mock]\ncounter_file = {:?}\n", path.display().to_string());
+        Self { path, agent_config }
+    }
+
+    /// Each GPU's counter (mJ) in the file now, by UUID.
+    pub fn read(&self) -> std::collections::HashMap<String, u64> {
+        std::fs::read_to_string(&self.path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let (u, c) = l.split_once(' ').unwrap();
+                (u.to_string(), c.parse().unwrap())
+            })
+            .collect()
+    }
+}
+
 pub struct Collector {
     pub child: Child,
     pub grpc: SocketAddr,
@@ -122,10 +172,13 @@ impl Collector {
 
     /// Starts the collector on whatever `dir/ledger.db` is now.
     pub fn start_on(dir: &Path, tenants: &str, grpc_port: u16, extra: &[&str]) -> Self {
-        let mut child = Self::command(dir, tenants, grpc_port, extra)
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start collector");
+        Self::spawn(Self::command(dir, tenants, grpc_port, extra))
+    }
+
+    /// Runs `cmd` (a collector logging JSON at info) and waits until it
+    /// listens.
+    pub fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd.stderr(Stdio::piped()).spawn().expect("start collector");
         let log = Log::default();
         log.capture(child.stderr.take().unwrap(), "collector".into());
         let line = log.wait_for("collector listening", Duration::from_secs(20));
