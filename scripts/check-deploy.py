@@ -2,7 +2,7 @@
 """Checks of deploy/ that need a YAML parser or the Kubernetes schemas.
 
 Run with the virtual environment that scripts/install-test-tools.sh makes
-(target/deploy-venv/bin/python); collector/tests/deploy.rs calls it.
+(target/deploy-venv/bin/python); collector/tests/it/deploy.rs calls it.
 
   check-deploy.py kubernetes             render the kustomizations, validate
                                          every object against the Kubernetes

@@ -15,7 +15,7 @@ fi
 
 # promtool, prometheus, chromium, systemd-analyze (apt) and
 # kubernetes-validate (PyPI, into target/deploy-venv) for
-# collector/tests/deploy.rs and collector/tests/status_page.rs, which fail
+# collector/tests/it/deploy.rs and collector/tests/it/status_page.rs, which fail
 # rather than skip when a tool is missing while this is set.
 bash scripts/install-test-tools.sh
 export CAPWATCH_REQUIRE_TOOLS=1

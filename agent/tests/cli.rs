@@ -2,11 +2,15 @@
 //! `--version`, the checked-in configs, clear errors for bad configs, and
 //! the layering of file, `CAPWATCH_*` environment and flags.
 
-use std::collections::BTreeSet;
-use std::io::Read;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::time::Duration;
+
+use capwatch_testkit::{
+    assert_error_names, assert_help_lists, assert_no_colour, assert_readme_documents,
+    clean_command, documented_settings, run_clean, setting_names, stderr, stderr_until, stdout,
+    uncommented,
+};
 
 use capwatch_agent::config::Config;
 
@@ -39,30 +43,10 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--version", None),
 ];
 
-const LAYERING: &str = "Settings come from the config file, then CAPWATCH_* environment \
-                        variables, then flags; the last wins.";
-
 /// Runs the agent with `args` and `env` only: no `CAPWATCH_*` variable of
 /// the test's own environment leaks in.
 fn agent(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("CAPWATCH_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.args(args)
-        .envs(env.iter().copied())
-        .output()
-        .expect("the agent binary runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    run_clean(BIN, args, env)
 }
 
 /// The effective configuration (`--print-config`), which must succeed.
@@ -77,115 +61,12 @@ fn print_config(args: &[&str], env: &[(&str, &str)]) -> String {
     stdout(&out)
 }
 
-/// Dotted names of every setting, read from the pretty `Debug` of a
-/// config: a field whose value opens a struct (`mock: MockSettings {`) is a
-/// TOML table.
-fn setting_names(debug: &str) -> BTreeSet<String> {
-    let mut table = None;
-    let mut names = BTreeSet::new();
-    for line in debug.lines() {
-        let indent = line.len() - line.trim_start().len();
-        let Some((name, value)) = line.trim().split_once(": ") else {
-            continue;
-        };
-        match indent {
-            4 if value.ends_with(" {") => table = Some(name.to_string()),
-            4 => {
-                table = None;
-                names.insert(name.to_string());
-            }
-            8 => {
-                if let Some(t) = &table {
-                    names.insert(format!("{t}.{name}"));
-                }
-            }
-            _ => {}
-        }
-    }
-    names
-}
-
-/// A setting's line, `key = value` or commented out as `# key = value`:
-/// (whether commented out, key, value).
-fn setting_line(line: &str) -> Option<(bool, &str, &str)> {
-    let line = line.trim();
-    let (commented, body) = match line.strip_prefix('#') {
-        Some(body) => (true, body.trim()),
-        None => (false, line),
-    };
-    let (key, value) = body.split_once(" = ")?;
-    key.bytes()
-        .all(|b| b.is_ascii_lowercase() || b == b'_')
-        .then_some((commented, key, value))
-}
-
-/// Dotted names of the settings a TOML file sets or shows commented out,
-/// checking that the comments above each one state its default:
-/// `Default: VALUE` with the value it is set to, `Default: unset` for one
-/// shown commented out, or what `other_defaults` gives for a setting the
-/// file sets to something else on purpose.
-fn documented_settings(text: &str, other_defaults: &[(&str, &str)]) -> BTreeSet<String> {
-    let mut table = None;
-    let mut comments = String::new();
-    let mut names = BTreeSet::new();
-    for line in text.lines().map(str::trim) {
-        if let Some((commented, key, value)) = setting_line(line) {
-            let name = match &table {
-                Some(t) => format!("{t}.{key}"),
-                None => key.to_string(),
-            };
-            let default = match other_defaults.iter().find(|(n, _)| *n == name) {
-                Some((_, default)) => default,
-                None if commented => "unset",
-                None => value,
-            };
-            assert!(
-                comments.contains(&format!("Default: {default}")),
-                "the comments above `{name}` do not say `Default: {default}`: {comments:?}"
-            );
-            names.insert(name);
-            comments.clear();
-        } else if let Some(t) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            table = Some(t.to_string());
-            comments.clear();
-        } else if let Some(comment) = line.strip_prefix('#') {
-            comments.push_str(comment);
-        }
-    }
-    names
-}
-
-/// `text` with the settings shown commented out put in force.
-fn uncommented(text: &str) -> String {
-    text.lines()
-        .map(|line| match setting_line(line) {
-            Some((true, key, value)) => format!("{key} = {value}\n"),
-            _ => format!("{line}\n"),
-        })
-        .collect()
-}
-
 #[test]
 fn help_lists_every_flag_and_the_layering() {
     let out = agent(&["--help"], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let help = stdout(&out);
-    let shown: BTreeSet<&str> = help
-        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
-        .filter(|w| w.starts_with("--") && w.len() > 2)
-        .collect();
-    let flags: BTreeSet<&str> = FLAGS.iter().map(|(flag, _)| *flag).collect();
-    assert_eq!(shown, flags, "flags in --help vs FLAGS here:\n{help}");
-    for (flag, env) in FLAGS {
-        if let Some(env) = env {
-            assert!(
-                help.contains(&format!("[env: {env}=]")),
-                "{flag}: no {env} in --help:\n{help}"
-            );
-        }
-    }
-    let flat = help.split_whitespace().collect::<Vec<_>>().join(" ");
-    assert!(flat.contains(LAYERING), "{help}");
+    assert_help_lists(&help, FLAGS);
 }
 
 #[test]
@@ -286,13 +167,7 @@ fn check_error(contents: Option<&str>, want: &[&str]) {
     }
     let path = path.to_str().expect("temp paths are UTF-8");
     let out = agent(&["--config", path, "--print-config"], &[]);
-    let err = stderr(&out);
-    assert!(!out.status.success(), "{contents:?} was accepted:\n{err}");
-    assert_eq!(out.stdout, b"", "{contents:?}");
-    for w in want {
-        let w = w.replace("{path}", path);
-        assert!(err.contains(&w), "{contents:?}: error lacks {w:?}:\n{err}");
-    }
+    assert_error_names(&out, path, want, &format!("{contents:?}"));
 }
 
 /// Command-line arguments, environment, and what the result must show.
@@ -438,53 +313,14 @@ fn every_setting_has_an_environment_variable() {
         vars.iter()
             .any(|(k, v)| k == "mock.energy_counter" && v == "CAPWATCH_MOCK_ENERGY_COUNTER")
     );
-    for (setting, var) in vars {
-        assert!(
-            readme.contains(&format!("`{var}`")),
-            "README does not document {var} ({setting})"
-        );
-    }
-}
-
-/// What `child` writes to stderr until a line containing `needle` (at most
-/// 20 s); then it is killed.
-fn stderr_until(mut child: Child, needle: &str) -> Vec<u8> {
-    let mut err = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    let want = needle.as_bytes().to_vec();
-    std::thread::spawn(move || {
-        let (mut seen, mut buf) = (Vec::new(), [0u8; 4096]);
-        while let Ok(n @ 1..) = err.read(&mut buf) {
-            seen.extend_from_slice(&buf[..n]);
-            if seen.windows(want.len()).any(|w| w == want) {
-                break;
-            }
-        }
-        let _ = tx.send(seen);
-    });
-    let seen = rx.recv_timeout(Duration::from_secs(20));
-    let _ = child.kill();
-    let _ = child.wait();
-    let seen = seen.expect("stderr within 20 s");
-    assert!(
-        seen.windows(needle.len()).any(|w| w == needle.as_bytes()),
-        "no {needle:?} in {}",
-        String::from_utf8_lossy(&seen)
-    );
-    seen
+    assert_readme_documents(&readme, &vars);
 }
 
 /// Plain logs to a pipe (journald, a file, a log shipper) carry no ANSI
 /// colour codes.
 #[test]
 fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
-    let mut cmd = Command::new(BIN);
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("CAPWATCH_") {
-            cmd.env_remove(key);
-        }
-    }
-    let child = cmd
+    let child = clean_command(BIN)
         .args(["--source", "mock", "--node-id", "node-1"])
         // Nothing listens there: the agent logs its reconnects.
         .args(["--collector", "http://127.0.0.1:9"])
@@ -494,10 +330,5 @@ fn logs_have_no_colour_when_stderr_is_not_a_terminal() {
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the agent");
-    let seen = stderr_until(child, "node-1");
-    assert!(
-        !seen.contains(&0x1b),
-        "ANSI escapes in {}",
-        String::from_utf8_lossy(&seen)
-    );
+    assert_no_colour(&stderr_until(child, "node-1"));
 }

@@ -4,14 +4,12 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::*;
 use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_client::IngestClient;
 use prost::Message as _;
-use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

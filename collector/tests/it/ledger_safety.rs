@@ -6,12 +6,10 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const NO_TENANTS: &str = "";
 

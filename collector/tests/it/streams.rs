@@ -6,13 +6,11 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::time::{Duration, Instant};
 
+use crate::support::*;
 use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_client::IngestClient;
-use support::*;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 

@@ -7,15 +7,13 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// Resident memory of process `pid`, in bytes (`VmRSS`).
 fn rss(pid: u32) -> u64 {
@@ -31,7 +29,7 @@ fn rss(pid: u32) -> u64 {
 /// Starts the collector with `settings` (TOML) as its config file, under a
 /// descriptor limit of `nofile` (soft and hard) when given.
 fn start(dir: &Path, settings: &str, nofile: Option<u64>) -> Collector {
-    support::init_ledger(dir);
+    crate::support::init_ledger(dir);
     let config = dir.join("collector.toml");
     std::fs::write(&config, settings).unwrap();
     let mut cmd = match nofile {

@@ -1,15 +1,17 @@
 //! Helpers for tests that run the real binaries: start a collector and
 //! agents as processes on loopback, scrape `/metrics`, recompute what the
 //! mock agents reported.
-#![allow(dead_code, clippy::unwrap_used)]
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+pub use capwatch_testkit::{Log, eventually, json_field, json_number, terminate, wait_timeout};
 
 use capwatch_agent::source::GpuSource;
 use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
@@ -33,87 +35,6 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
-}
-
-/// Sends SIGTERM, as systemd and Kubernetes do.
-pub fn terminate(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -TERM {}", child.id());
-}
-
-pub fn wait_timeout(child: &mut Child, limit: Duration) -> ExitStatus {
-    let until = Instant::now() + limit;
-    loop {
-        if let Some(status) = child.try_wait().expect("wait for child") {
-            return status;
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            panic!("process {} still running after {limit:?}", child.id());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Lines a child wrote to stderr, kept for assertions and failure output.
-#[derive(Clone, Default)]
-pub struct Log(Arc<Mutex<Vec<String>>>);
-
-impl Log {
-    pub fn capture(&self, stream: impl Read + Send + 'static, prefix: String) {
-        let lines = self.0.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                eprintln!("[{prefix}] {line}");
-                lines.lock().unwrap().push(line);
-            }
-        });
-    }
-
-    pub fn lines(&self) -> Vec<String> {
-        self.0.lock().unwrap().clone()
-    }
-
-    /// Waits for a line containing `needle` and returns it.
-    pub fn wait_for(&self, needle: &str, limit: Duration) -> String {
-        let until = Instant::now() + limit;
-        loop {
-            if let Some(l) = self.lines().into_iter().find(|l| l.contains(needle)) {
-                return l;
-            }
-            assert!(
-                Instant::now() < until,
-                "no log line with {needle:?} within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-/// A string field of a JSON log line (values without escapes).
-pub fn json_field(line: &str, key: &str) -> Option<String> {
-    let pat = format!("\"{key}\":\"");
-    let start = line.find(&pat)? + pat.len();
-    let end = line[start..].find('"')? + start;
-    Some(line[start..end].to_string())
-}
-
-/// The unsigned number after `"key":` in a JSON log line.
-pub fn json_number(line: &str, key: &str) -> u64 {
-    let pat = format!("\"{key}\":");
-    let start = line
-        .find(&pat)
-        .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + pat.len();
-    let digits: String = line[start..]
-        .chars()
-        .take_while(char::is_ascii_digit)
-        .collect();
-    digits.parse().unwrap()
 }
 
 /// A mock counter file, `dir/counters`, that starts `truth`'s GPUs at
@@ -511,15 +432,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
         "{head}"
     );
     body.to_string()
-}
-
-/// Polls `f` until it returns true.
-pub fn eventually(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// A TCP proxy on loopback whose connections can be cut, to stand in for a

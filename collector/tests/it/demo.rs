@@ -4,15 +4,13 @@
 //! and all, on SIGTERM while it sleeps.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{Log, bin, eventually, http_get_status, terminate, wait_timeout};
+use crate::support::{Log, bin, eventually, http_get_status, terminate, wait_timeout};
 
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/demo.sh");
 
@@ -37,14 +35,8 @@ impl Drop for Group {
 
 /// Starts the demo on `grpc` and `http` for `seconds`, its output captured.
 fn demo(dir: &Path, grpc: u16, http: u16, seconds: u64) -> (Child, Log, Group) {
-    let mut cmd = Command::new("bash");
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("CAPWATCH_") {
-            cmd.env_remove(key);
-        }
-    }
     let bin_dir = bin("capwatch-collector");
-    let mut child = cmd
+    let mut child = capwatch_testkit::clean_command("bash")
         .arg(SCRIPT)
         .env("DEMO_BIN_DIR", bin_dir.parent().unwrap())
         .env("DEMO_DIR", dir.join("nodes"))

@@ -4,8 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use rcgen::{
     date_time_ymd,
 };
 
-use support::*;
+use crate::support::*;
 
 const SAMPLES: u64 = 10;
 

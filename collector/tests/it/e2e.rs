@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::time::Duration;
 
-use support::*;
+use crate::support::*;
 
 const SAMPLES: u64 = 20;
 

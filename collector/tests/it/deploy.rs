@@ -8,17 +8,15 @@
 //! skipped and passes.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::support::*;
 use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_client::IngestClient;
 use serde_json::Value;
-use support::*;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

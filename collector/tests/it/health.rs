@@ -3,12 +3,10 @@
 //! another process, so commits fail, and a broken tenant file on SIGHUP.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::process::Command;
 use std::time::Duration;
 
-use support::{Agent, Collector, eventually, http_get_status};
+use crate::support::{Agent, Collector, eventually, http_get_status};
 
 const TENANTS: &str = "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 10\nnodes = [\"node-1\"]\n";
 

@@ -8,14 +8,12 @@
 //! the test; run alone without it, the browser test skips loudly.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
-mod support;
-
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::*;
+use crate::support::*;
 
 /// A tenant whose display name is markup, and one with quotes and an
 /// ampersand: the page must show them as text.
