@@ -22,6 +22,7 @@ mod faults;
 mod fuzz;
 mod health;
 mod http_abuse;
+mod http_api;
 mod ledger_safety;
 mod nvml_e2e;
 mod security;

@@ -180,29 +180,8 @@ fn tokens_decide_who_may_report_and_who_may_read() {
         capwatch_collector::usage::rfc3339(now / 3600 * 3600),
         capwatch_collector::usage::rfc3339(now / 3600 * 3600 + 3600)
     );
-    let cases: [(&str, Option<&str>, u16); 7] = [
-        ("/v1/tenants/lab-a/usage", None, 401),
-        (
-            "/v1/tenants/lab-a/usage",
-            Some("not-a-token-at-all-000"),
-            401,
-        ),
-        ("/v1/tenants/lab-b/usage", Some(LAB_A), 403),
-        ("/v1/tenants/lab-a/usage", Some(LAB_A), 200),
-        ("/v1/tenants/lab-b/usage", Some(ADMIN), 200),
-        ("/v1/usage", Some(LAB_A), 200),
-        ("/v1/tenants", Some(LAB_A), 200),
-    ];
-    for (path, token, want) in cases {
-        let (status, body) = http_get_token(collector.http, &format!("{path}?{period}"), token);
-        assert_eq!(status, want, "{path} with {token:?}: {body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if want != 200 {
-            assert!(v["error"].is_string(), "{body}");
-        }
-    }
-    let (_, head, _) = http_request(collector.http, "/v1/usage", &[]);
-    assert!(head.contains("www-authenticate: Bearer"), "{head}");
+    // Which token may read which path (401, 403, 200 and the
+    // WWW-Authenticate header) is checked in-process: http_api.rs.
     // What a tenant token sees of everything is its own tenant.
     let (_, body) = http_get_token(collector.http, &format!("/v1/usage?{period}"), Some(LAB_A));
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -230,12 +209,6 @@ fn tokens_decide_who_may_report_and_who_may_read() {
         .map(|t| t["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["lab-a"]);
-    // The status page shows every tenant: admin only.
-    assert_eq!(http_get_token(collector.http, "/", None).0, 401);
-    assert_eq!(http_get_token(collector.http, "/", Some(LAB_A)).0, 403);
-    let (status, page) = http_get_token(collector.http, "/", Some(ADMIN));
-    assert_eq!(status, 200);
-    assert!(page.contains("lab-b"), "{page}");
     // The billing command asks the API with a token file, or is refused.
     let ask = |token: Option<&str>| {
         let mut cmd = std::process::Command::new(bin("capwatch-collector"));
@@ -267,8 +240,6 @@ fn tokens_decide_who_may_report_and_who_may_read() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // /healthz stays open for probes.
-    assert_eq!(http_get_token(collector.http, "/healthz", None).0, 200);
     collector.stop();
 }
 

@@ -16,6 +16,8 @@ pub use capwatch_testkit::{Log, eventually, json_field, json_number, terminate, 
 use capwatch_agent::source::GpuSource;
 use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
 
+pub mod router;
+
 /// Path of a workspace binary. The agent is another package, so it is
 /// found next to this test's own target directory; `cargo test --workspace`
 /// builds it.

@@ -1,0 +1,203 @@
+//! The HTTP surface's answers, in-process: the router the collector serves
+//! called with `oneshot` on a fresh ledger. Bad queries, refused tokens
+//! and unknown routes each get their status and a JSON body naming the
+//! problem. What needs a real process (connection caps, timeouts, TLS,
+//! signals) stays in `http_abuse`, `security` and `health`.
+
+use crate::support::router::Api;
+
+const TENANTS: &str = r#"
+[[tenant]]
+id = "lab-a"
+contracted_kw = 10
+nodes = ["a-*"]
+
+[[tenant]]
+id = "lab-b"
+contracted_kw = 10
+nodes = ["b-*"]
+"#;
+
+const ADMIN: &str = "admin-api-token-000000000001";
+const LAB_A: &str = "lab-a-api-token-00000000001";
+
+/// An admin API token and one for lab-a.
+fn auth() -> String {
+    format!(
+        "[[api]]\nname = \"billing\"\ntoken = \"{ADMIN}\"\n\n\
+         [[api]]\nname = \"lab-a\"\ntoken = \"{LAB_A}\"\ntenant = \"lab-a\"\n"
+    )
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn rfc3339(t: i64) -> String {
+    capwatch_collector::usage::rfc3339(t)
+}
+
+/// Invariant: a bad usage query is answered with its status and a JSON
+/// `error` naming the problem: an unknown tenant, a bad or misaligned
+/// time, a repeated or unknown parameter, an unknown time zone, too many
+/// rows, an unknown format, a bad `since_revision`.
+#[tokio::test]
+async fn bad_usage_queries_name_the_problem() {
+    let api = Api::new(TENANTS, None, false);
+    let now = now() as u64;
+    let (from, to) = (now / 60 * 60 - 600, now / 60 * 60 + 600);
+    let period = format!(
+        "from={}&to={}&step=1m",
+        rfc3339(from as i64),
+        rfc3339(to as i64)
+    );
+    let hour = now as i64 / 3600 * 3600;
+    let hourly = format!(
+        "/v1/usage?from={}&to={}&step=1m",
+        rfc3339(hour),
+        rfc3339(hour + 3600)
+    );
+    // (path, status, text the error must name)
+    let errors = [
+        (
+            format!("/v1/tenants/nobody/usage?{period}"),
+            404,
+            "unknown tenant",
+        ),
+        (
+            "/v1/tenants/lab-a/usage?from=yesterday&to=2027-01-01T00:00:00Z".to_string(),
+            400,
+            "`from`",
+        ),
+        (
+            "/v1/usage?from=2027-01-01T00:30:00Z&to=2027-01-01T02:00:00Z&step=1h".to_string(),
+            400,
+            "must be at the start of a 1h row",
+        ),
+        (
+            format!("/v1/usage?{period}&from=2027-01-01T00:00:00Z"),
+            400,
+            "duplicate field `from`",
+        ),
+        (
+            format!("/v1/usage?{period}&timezone=UTC"),
+            400,
+            "unknown field `timezone`",
+        ),
+        (
+            format!("/v1/usage?{period}&tz=Mars/Olympus_Mons"),
+            400,
+            "`tz`",
+        ),
+        (
+            "/v1/usage?from=2027-01-01T00:00:00Z&to=2027-02-01T00:00:00Z&step=1m".to_string(),
+            400,
+            "at most",
+        ),
+        (format!("/v1/usage?{period}&format=xml"), 400, "`format`"),
+    ];
+    for (path, status, text) in errors {
+        let r = api.get(&path, None).await;
+        assert_eq!(r.status, status, "{path}: {}", r.body);
+        assert!(
+            r.json()["error"].as_str().unwrap().contains(text),
+            "{path}: {}",
+            r.body
+        );
+    }
+    // A cursor that is not a revision, or one from another ledger, is
+    // refused by name.
+    for (r, says) in [
+        ("soon", "is not a revision"),
+        ("99999", "is ahead of the ledger"),
+    ] {
+        let r = api.get(&format!("{hourly}&since_revision={r}"), None).await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(
+            r.body.contains("since_revision") && r.body.contains(says),
+            "{}",
+            r.body
+        );
+    }
+}
+
+/// Invariant: with API tokens configured, a tenant token reads only its
+/// tenant, no token or an unknown one is 401 (with `WWW-Authenticate:
+/// Bearer`), another tenant's data or an admin page is 403, and
+/// `/healthz` stays open; every refusal is counted.
+#[tokio::test]
+async fn api_tokens_decide_who_may_read() {
+    let api = Api::new(TENANTS, Some(&auth()), true);
+    let now = now();
+    let period = format!(
+        "from={}&to={}&step=1h",
+        rfc3339(now / 3600 * 3600),
+        rfc3339(now / 3600 * 3600 + 3600)
+    );
+    let cases: [(&str, Option<&str>, u16); 7] = [
+        ("/v1/tenants/lab-a/usage", None, 401),
+        (
+            "/v1/tenants/lab-a/usage",
+            Some("not-a-token-at-all-000"),
+            401,
+        ),
+        ("/v1/tenants/lab-b/usage", Some(LAB_A), 403),
+        ("/v1/tenants/lab-a/usage", Some(LAB_A), 200),
+        ("/v1/tenants/lab-b/usage", Some(ADMIN), 200),
+        ("/v1/usage", Some(LAB_A), 200),
+        ("/v1/tenants", Some(LAB_A), 200),
+    ];
+    for (path, token, want) in cases {
+        let r = api.get(&format!("{path}?{period}"), token).await;
+        assert_eq!(r.status, want, "{path} with {token:?}: {}", r.body);
+        let v = r.json();
+        if want != 200 {
+            assert!(v["error"].is_string(), "{}", r.body);
+        }
+    }
+    let r = api.get("/v1/usage", None).await;
+    assert_eq!(
+        r.headers
+            .get("www-authenticate")
+            .and_then(|v| v.to_str().ok()),
+        Some("Bearer"),
+        "{:?}",
+        r.headers
+    );
+    // /metrics (metrics_auth) and the status page: admin only.
+    for path in ["/metrics", "/"] {
+        assert_eq!(api.get(path, None).await.status, 401, "{path}");
+        assert_eq!(api.get(path, Some(LAB_A)).await.status, 403, "{path}");
+        assert_eq!(api.get(path, Some(ADMIN)).await.status, 200, "{path}");
+    }
+    let page = api.get("/", Some(ADMIN)).await;
+    assert!(page.body.contains("lab-b"), "{}", page.body);
+    // /healthz stays open for probes.
+    let r = api.get("/healthz", None).await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    // Every refusal above was counted, by surface and reason.
+    let metrics = api.get("/metrics", Some(ADMIN)).await.body;
+    let m = crate::support::Metrics::parse(&metrics);
+    let refused = |reason: &str| {
+        m.one(
+            "capwatch_collector_auth_refused_total",
+            &[("surface", "http"), ("reason", reason)],
+        )
+    };
+    // 401: two usage cases, the bare /v1/usage, /metrics and /.
+    assert_eq!(refused("unauthenticated"), 5.0);
+    // 403: lab-a reading lab-b, /metrics and /.
+    assert_eq!(refused("forbidden"), 3.0);
+}
+
+/// A path the collector does not serve is 404.
+#[tokio::test]
+async fn unknown_routes_are_not_found() {
+    let api = Api::new(TENANTS, None, false);
+    for path in ["/nope", "/v1", "/v1/tenants/lab-a", "/metrics/extra"] {
+        assert_eq!(api.get(path, None).await.status, 404, "{path}");
+    }
+}
