@@ -6,6 +6,8 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
+use expect_test::expect_file;
+
 use capwatch_testkit::{
     assert_error_names, assert_help_lists, assert_no_colour, assert_readme_documents,
     clean_command, documented_settings, run_clean, setting_names, stderr, stderr_until, stdout,
@@ -67,6 +69,7 @@ fn help_lists_every_flag_and_the_layering() {
     assert!(out.status.success(), "{}", stderr(&out));
     let help = stdout(&out);
     assert_help_lists(&help, FLAGS);
+    expect_file!["snapshots/agent-help.txt"].assert_eq(&help);
 }
 
 #[test]

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
+use expect_test::expect_file;
+
 use capwatch_testkit::{
     assert_error_names, assert_help_lists, assert_no_colour, assert_readme_documents,
     clean_command, documented_settings, flat, run_clean, setting_names, stderr, stderr_until,
@@ -102,6 +104,7 @@ fn help_lists_every_flag_and_the_layering() {
         flat.contains("SIGHUP reloads the tenant file and the auth file"),
         "{help}"
     );
+    expect_file!["snapshots/collector-help.txt"].assert_eq(&help);
 }
 
 #[test]
@@ -512,6 +515,7 @@ fn print_config_round_trips_through_a_file() {
     let path_str = path.to_str().unwrap();
 
     let defaults = print_config(&[], &[]);
+    expect_file!["snapshots/collector-default-config.toml"].assert_eq(&defaults);
     std::fs::write(&path, &defaults).unwrap();
     assert_eq!(
         Config::from_file(&path).unwrap(),
@@ -715,7 +719,7 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
         c.tenant_energy.insert(Arc::from("lab-a"), 4 * 90_000_000);
         l.commit_at(&c, T0 + 300, T0).unwrap();
     }
-    let usage = |to: &str, step: &str| -> serde_json::Value {
+    let usage_text = |to: &str, step: &str, format: &str| -> String {
         let out = collector(
             &[
                 "usage",
@@ -732,12 +736,15 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
                 "--step",
                 step,
                 "--format",
-                "json",
+                format,
             ],
             &[],
         );
         assert!(out.status.success(), "{}", stderr(&out));
-        serde_json::from_str(&stdout(&out)).unwrap()
+        stdout(&out)
+    };
+    let usage = |to: &str, step: &str| -> serde_json::Value {
+        serde_json::from_str(&usage_text(to, step, "json")).unwrap()
     };
     let r = usage("2027-01-01T00:04:00Z", "1m");
     let got: Vec<(f64, f64, i64)> = r["rows"]
@@ -766,4 +773,12 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
     let row = &r["rows"][0];
     assert_eq!(row["contracted_power_watts"].as_f64(), Some(1000.0));
     assert_eq!(row["seconds_over_contract"].as_f64(), Some(120.0));
+    // The whole answer, in each format, as a billing job reads it.
+    for (format, snapshot) in [
+        ("json", expect_file!["snapshots/usage-contract-change.json"]),
+        ("csv", expect_file!["snapshots/usage-contract-change.csv"]),
+        ("table", expect_file!["snapshots/usage-contract-change.txt"]),
+    ] {
+        snapshot.assert_eq(&usage_text("2027-01-01T00:04:00Z", "1m", format));
+    }
 }

@@ -4,6 +4,8 @@
 //! problem. What needs a real process (connection caps, timeouts, TLS,
 //! signals) stays in `http_abuse`, `security` and `health`.
 
+use expect_test::expect_file;
+
 use crate::support::router::Api;
 
 const TENANTS: &str = r#"
@@ -191,6 +193,23 @@ async fn api_tokens_decide_who_may_read() {
     assert_eq!(refused("unauthenticated"), 5.0);
     // 403: lab-a reading lab-b, /metrics and /.
     assert_eq!(refused("forbidden"), 3.0);
+}
+
+/// The metric families a collector with tenants and no agents exports,
+/// with their help and type lines: a change to a name, a help text or a
+/// type shows here as a diff (`UPDATE_EXPECT=1` to accept one).
+#[tokio::test]
+async fn metric_listing() {
+    let api = Api::new(TENANTS, None, false);
+    let r = api.get("/metrics", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let listing: String = r
+        .body
+        .lines()
+        .filter(|l| l.starts_with("# "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    expect_file!["snapshots/metric-listing.txt"].assert_eq(&listing);
 }
 
 /// A path the collector does not serve is 404.
