@@ -8,11 +8,7 @@ use std::time::Duration;
 
 use expect_test::expect_file;
 
-use capwatch_testkit::{
-    assert_error_names, assert_help_lists, assert_no_colour, assert_readme_documents,
-    clean_command, documented_settings, run_clean, setting_names, stderr, stderr_until, stdout,
-    uncommented,
-};
+use capwatch_testkit::*;
 
 use capwatch_agent::config::Config;
 
@@ -53,14 +49,15 @@ fn agent(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// The effective configuration (`--print-config`), which must succeed.
 fn print_config(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = agent(&[args, &["--print-config"]].concat(), env);
-    assert!(
-        out.status.success(),
-        "{args:?} {env:?}: {}\n{}",
-        out.status,
-        stderr(&out)
-    );
-    stdout(&out)
+    run_ok(BIN, &[args, &["--print-config"]].concat(), env)
+}
+
+/// The config file at `path`, which must read and validate.
+fn valid_config(path: &Path) -> Config {
+    let cfg = Config::from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    cfg.validate()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    cfg
 }
 
 #[test]
@@ -86,8 +83,7 @@ fn version_prints_the_crate_version() {
 /// defaults truthfully.
 #[test]
 fn example_config_lists_every_setting_at_its_default() {
-    let cfg = Config::from_file(Path::new(EXAMPLE)).unwrap();
-    cfg.validate().unwrap();
+    let cfg = valid_config(Path::new(EXAMPLE));
     assert_eq!(cfg, Config::default());
 
     let text = std::fs::read_to_string(EXAMPLE).unwrap();
@@ -103,8 +99,7 @@ fn example_config_lists_every_setting_at_its_default() {
     let path = dir.path().join("agent.toml");
     let tls = uncommented(&text).replace("collector = \"http://", "collector = \"https://");
     std::fs::write(&path, tls).unwrap();
-    let cfg = Config::from_file(&path).unwrap();
-    cfg.validate().unwrap();
+    let cfg = valid_config(&path);
     assert!(cfg.tls_ca.is_some() && cfg.token_file.is_some());
     assert!(
         cfg.nvml.library.is_some(),
@@ -122,8 +117,7 @@ fn example_config_lists_every_setting_at_its_default() {
 
 #[test]
 fn kubernetes_config_is_valid() {
-    let cfg = Config::from_file(Path::new(KUBERNETES)).unwrap();
-    cfg.validate().unwrap();
+    valid_config(Path::new(KUBERNETES));
     print_config(&["--config", KUBERNETES], &[]);
 }
 
@@ -225,15 +219,16 @@ fn environment_overrides_the_file_and_flags_override_both() {
             ("CAPWATCH_LOG_FORMAT", "json"),
         ],
     );
-    for want in [
-        "source = \"mock\"",
-        "interval = \"250ms\"",
-        "node_id = \"flag-node\"",
-        "collector = \"http://collector.example:7070\"",
-        "log_format = \"json\"",
-    ] {
-        assert!(printed.lines().any(|l| l == want), "no {want}:\n{printed}");
-    }
+    assert_lines(
+        &printed,
+        &[
+            "source = \"mock\"",
+            "interval = \"250ms\"",
+            "node_id = \"flag-node\"",
+            "collector = \"http://collector.example:7070\"",
+            "log_format = \"json\"",
+        ],
+    );
 }
 
 /// `--print-config` prints TOML that `--config` reads back to the same
@@ -292,31 +287,25 @@ fn every_setting_has_an_environment_variable() {
             ("CAPWATCH_MOCK_GPUS", "3"),
         ],
     );
-    for want in [
-        "batch_max = 7",
-        "reconnect_initial = \"1s\"",
-        "energy_counter = false",
-        "gpus = 3",
-    ] {
-        assert!(printed.lines().any(|l| l == want), "no {want}:\n{printed}");
-    }
-
-    let out = agent(&["--print-config"], &[("CAPWATCH_BATCH_MAX", "many")]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(
-        err.contains("CAPWATCH_BATCH_MAX") && err.contains("many"),
-        "{err}"
+    assert_lines(
+        &printed,
+        &[
+            "batch_max = 7",
+            "reconnect_initial = \"1s\"",
+            "energy_counter = false",
+            "gpus = 3",
+        ],
     );
 
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let out = agent(&["--print-config"], &[("CAPWATCH_BATCH_MAX", "many")]);
+    assert_bad_env_named(&out, "CAPWATCH_BATCH_MAX", "many");
+
     let vars = Config::env_vars();
     assert!(
         vars.iter()
             .any(|(k, v)| k == "mock.energy_counter" && v == "CAPWATCH_MOCK_ENERGY_COUNTER")
     );
-    assert_readme_documents(&readme, &vars);
+    assert_readme_documents(&vars);
 }
 
 /// Plain logs to a pipe (journald, a file, a log shipper) carry no ANSI

@@ -307,13 +307,43 @@ pub fn assert_error_names(out: &Output, path: &str, want: &[&str], what: &str) {
     }
 }
 
-/// Asserts that `README.md` at the workspace root documents every
-/// environment variable of `vars` ((setting, variable) pairs) in backticks.
-pub fn assert_readme_documents(readme: &str, vars: &[(String, String)]) {
+/// Asserts that the workspace's `README.md` documents every environment
+/// variable of `vars` ((setting, variable) pairs) in backticks.
+pub fn assert_readme_documents(vars: &[(String, String)]) {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("the workspace README");
     for (setting, var) in vars {
         assert!(
             readme.contains(&format!("`{var}`")),
             "README does not document {var} ({setting})"
         );
     }
+}
+
+/// Runs `bin` as [`run_clean`] does and returns its stdout; the run must
+/// succeed.
+pub fn run_ok(bin: impl AsRef<Path>, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = run_clean(bin, args, env);
+    assert!(
+        out.status.success(),
+        "{args:?} {env:?}: {}\n{}",
+        out.status,
+        stderr(&out)
+    );
+    stdout(&out)
+}
+
+/// Asserts that each of `want` is a whole line of `text`.
+pub fn assert_lines(text: &str, want: &[&str]) {
+    for want in want {
+        assert!(text.lines().any(|l| l == *want), "no {want}:\n{text}");
+    }
+}
+
+/// Asserts that a run given `var=value` failed and that its error names
+/// both.
+pub fn assert_bad_env_named(out: &Output, var: &str, value: &str) {
+    assert!(!out.status.success());
+    let err = stderr(out);
+    assert!(err.contains(var) && err.contains(value), "{err}");
 }

@@ -11,11 +11,7 @@ use std::time::Duration;
 
 use expect_test::expect_file;
 
-use capwatch_testkit::{
-    assert_error_names, assert_help_lists, assert_no_colour, assert_readme_documents,
-    clean_command, documented_settings, flat, run_clean, setting_names, stderr, stderr_until,
-    stdout, uncommented,
-};
+use capwatch_testkit::*;
 
 use capwatch_collector::config::Config;
 use capwatch_collector::tenants::{Tenants, UNASSIGNED};
@@ -60,14 +56,7 @@ fn collector(args: &[&str], env: &[(&str, &str)]) -> Output {
 
 /// The `--check` summary, which must succeed.
 fn check(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = collector(&[args, &["--check"]].concat(), env);
-    assert!(
-        out.status.success(),
-        "{args:?} {env:?}: {}\n{}",
-        out.status,
-        stderr(&out)
-    );
-    stdout(&out)
+    run_ok(BIN, &[args, &["--check"]].concat(), env)
 }
 
 /// Asserts that a `--check` summary lists exactly `tenants` (id, kW) and
@@ -91,6 +80,14 @@ fn assert_tenants(summary: &str, tenants: &[(&str, &str)]) {
     let mut want = tenants.to_vec();
     want.push((UNASSIGNED, "0.000"));
     assert_eq!(listed, want, "{summary}");
+}
+
+/// The config file at `path`, which must read and validate.
+fn valid_config(path: &Path) -> Config {
+    let cfg = Config::from_file(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    cfg.validate()
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    cfg
 }
 
 #[test]
@@ -122,8 +119,7 @@ fn version_prints_the_crate_version() {
 #[test]
 fn example_config_lists_every_setting_at_its_default() {
     let example = deploy("examples/collector.toml");
-    let mut cfg = Config::from_file(Path::new(&example)).unwrap();
-    cfg.validate().unwrap();
+    let mut cfg = valid_config(Path::new(&example));
     // The one deliberate difference: where the tenant file is installed.
     assert_eq!(cfg.tenants_file, Some(PathBuf::from(EXAMPLE_TENANTS_FILE)));
     cfg.tenants_file = None;
@@ -140,8 +136,7 @@ fn example_config_lists_every_setting_at_its_default() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("collector.toml");
     std::fs::write(&path, uncommented(&text)).unwrap();
-    let cfg = Config::from_file(&path).unwrap();
-    cfg.validate().unwrap();
+    let cfg = valid_config(&path);
     assert!(
         cfg.stale_after.is_some(),
         "stale_after is shown in {example}"
@@ -218,8 +213,7 @@ fn example_tenants_attribute_as_documented() {
 #[test]
 fn kubernetes_config_passes_check() {
     let config = deploy("kubernetes/config/collector.toml");
-    let cfg = Config::from_file(Path::new(&config)).unwrap();
-    cfg.validate().unwrap();
+    let cfg = valid_config(Path::new(&config));
     let tenants_dir = cfg
         .tenants_file
         .as_deref()
@@ -495,14 +489,7 @@ fn prometheus_rules_use_exported_metric_names() {
 
 /// The effective configuration (`--print-config`), which must succeed.
 fn print_config(args: &[&str], env: &[(&str, &str)]) -> String {
-    let out = collector(&[args, &["--print-config"]].concat(), env);
-    assert!(
-        out.status.success(),
-        "{args:?} {env:?}: {}\n{}",
-        out.status,
-        stderr(&out)
-    );
-    stdout(&out)
+    run_ok(BIN, &[args, &["--print-config"]].concat(), env)
 }
 
 /// `--print-config` prints TOML that `--config` reads back to the same
@@ -572,32 +559,26 @@ fn every_setting_has_an_environment_variable() {
             ("CAPWATCH_LEDGER", "/var/lib/capwatch/ledger.db"),
         ],
     );
-    for want in [
-        "hello_timeout = \"3s\"",
-        "max_gpus_per_node = 16",
-        "metrics_auth = true",
-        "tenants_file = \"/etc/capwatch/tenants.toml\"",
-        "ledger_path = \"/var/lib/capwatch/ledger.db\"",
-    ] {
-        assert!(printed.lines().any(|l| l == want), "no {want}:\n{printed}");
-    }
-
-    let out = collector(&["--print-config"], &[("CAPWATCH_MAX_STREAMS", "lots")]);
-    assert!(!out.status.success());
-    let err = stderr(&out);
-    assert!(
-        err.contains("CAPWATCH_MAX_STREAMS") && err.contains("lots"),
-        "{err}"
+    assert_lines(
+        &printed,
+        &[
+            "hello_timeout = \"3s\"",
+            "max_gpus_per_node = 16",
+            "metrics_auth = true",
+            "tenants_file = \"/etc/capwatch/tenants.toml\"",
+            "ledger_path = \"/var/lib/capwatch/ledger.db\"",
+        ],
     );
 
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let out = collector(&["--print-config"], &[("CAPWATCH_MAX_STREAMS", "lots")]);
+    assert_bad_env_named(&out, "CAPWATCH_MAX_STREAMS", "lots");
+
     let vars = Config::env_vars();
     assert!(
         vars.iter()
             .any(|(k, v)| k == "tenants_file" && v == "CAPWATCH_TENANTS")
     );
-    assert_readme_documents(&readme, &vars);
+    assert_readme_documents(&vars);
 }
 
 /// `usage` takes `--ledger`, `--tenants` and `--config` after the

@@ -151,10 +151,7 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
     assert!((ratio - tenant_power["lab-a"] as f64 / 3_000_000.0).abs() < 1e-9);
     // The usage API agrees with the live totals, to the millijoule, once
     // everything is acked (and so committed).
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
+    let now = now_secs() as u64;
     let (from, to) = (now / 60 * 60 - 600, now / 60 * 60 + 600);
     let period = format!(
         "from={}&to={}&step=1m",
@@ -169,16 +166,7 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         let rows = v["rows"].as_array().unwrap();
         assert_eq!(rows.len(), 20);
-        let sum: u64 = rows
-            .iter()
-            .map(|r| {
-                r["energy_millijoules"]
-                    .as_str()
-                    .unwrap()
-                    .parse::<u64>()
-                    .unwrap()
-            })
-            .sum();
+        let sum: u64 = energy_mj(rows);
         assert_eq!(sum, tenant_energy[tenant], "{tenant} usage vs metrics");
         let readings: u64 = rows.iter().map(|r| r["readings"].as_u64().unwrap()).sum();
         assert_eq!(
@@ -222,16 +210,7 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
     .unwrap();
     let rows = v["rows"].as_array().unwrap();
     assert_eq!(rows.len(), 2, "{v}");
-    assert_eq!(
-        rows.iter()
-            .map(|r| r["energy_millijoules"]
-                .as_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap())
-            .sum::<u64>(),
-        tenant_energy["lab-a"]
-    );
+    assert_eq!(energy_mj(rows), tenant_energy["lab-a"]);
     assert_eq!(v["time_zone"], "Europe/Paris");
     assert!(rows[1]["start"].as_str().unwrap().ends_with(":00"), "{v}");
     assert!(!rows[1]["start"].as_str().unwrap().ends_with('Z'), "{v}");
@@ -275,18 +254,7 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let sum: u64 = v["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| {
-            r["energy_millijoules"]
-                .as_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum();
+    let sum: u64 = energy_mj(v["rows"].as_array().unwrap());
     assert_eq!(sum, tenant_energy["lab-b"]);
     let out = ask("lab-b", "table");
     assert!(
@@ -324,16 +292,7 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let rows = v["rows"].as_array().unwrap();
-    let sum: u64 = rows
-        .iter()
-        .map(|r| {
-            r["energy_millijoules"]
-                .as_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap()
-        })
-        .sum();
+    let sum: u64 = energy_mj(rows);
     assert_eq!(sum, tenant_energy["lab-a"]);
     assert_eq!(rows[0]["contracted_power_watts"], 3000.0);
 }
@@ -558,20 +517,6 @@ fn fleet_simulator_reports_what_the_collector_acked() {
     };
     assert_eq!(gpus("reporting") + gpus("stale"), 48.0);
     collector.stop();
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
-/// An exact amount in a usage row: a JSON number or a decimal string.
-fn amount(v: &serde_json::Value) -> u64 {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-        .unwrap_or_else(|| panic!("amount {v}"))
 }
 
 /// Node `m-1` moves from tenant `ta` to tenant `tb` while the collector is

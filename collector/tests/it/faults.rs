@@ -696,13 +696,6 @@ async fn hostile_input_leaves_other_agents_and_the_ledger_untouched() {
     collector.stop();
 }
 
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
-}
-
 /// `(seqs)` as one batch of `sample`s restamped one second apart from
 /// `t0` (Unix seconds).
 fn batch_at(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> pb::AgentMessage {
@@ -715,14 +708,6 @@ fn batch_at(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> pb::AgentMessage {
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Batch(pb::SampleBatch { samples })),
     }
-}
-
-/// An exact amount of the usage API: a decimal string.
-fn exact(v: &serde_json::Value) -> u64 {
-    v.as_str()
-        .unwrap_or_else(|| panic!("{v} is not a decimal string"))
-        .parse()
-        .unwrap()
 }
 
 /// Invariant: rows at or before `finalized_through` never change. A spool
@@ -925,13 +910,6 @@ fn one_batch(samples: Vec<pb::NodeSample>) -> pb::AgentMessage {
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Batch(pb::SampleBatch { samples })),
     }
-}
-
-/// An exact amount in a usage row: a JSON number or a decimal string.
-fn amount(v: &serde_json::Value) -> u64 {
-    v.as_u64()
-        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-        .unwrap_or_else(|| panic!("an exact amount: {v}"))
 }
 
 /// Invariant: over-contract time and overage are computed in sample time

@@ -22,18 +22,13 @@ use capwatch_collector::state::{State, StateConfig};
 use capwatch_collector::tenants::Tenants;
 use capwatch_proto::v1 as pb;
 
+use crate::support::now_nanos;
+
 fn cases(default: u32) -> u32 {
     std::env::var("CAPWATCH_FUZZ_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as i64
 }
 
 /// Integers biased towards the edges that break arithmetic.

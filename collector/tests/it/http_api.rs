@@ -7,18 +7,9 @@
 use expect_test::expect_file;
 
 use crate::support::router::Api;
+use crate::support::{TWO_LABS, now_secs};
 
-const TENANTS: &str = r#"
-[[tenant]]
-id = "lab-a"
-contracted_kw = 10
-nodes = ["a-*"]
-
-[[tenant]]
-id = "lab-b"
-contracted_kw = 10
-nodes = ["b-*"]
-"#;
+const TENANTS: &str = TWO_LABS;
 
 const ADMIN: &str = "admin-api-token-000000000001";
 const LAB_A: &str = "lab-a-api-token-00000000001";
@@ -29,13 +20,6 @@ fn auth() -> String {
         "[[api]]\nname = \"billing\"\ntoken = \"{ADMIN}\"\n\n\
          [[api]]\nname = \"lab-a\"\ntoken = \"{LAB_A}\"\ntenant = \"lab-a\"\n"
     )
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 fn rfc3339(t: i64) -> String {
@@ -49,7 +33,7 @@ fn rfc3339(t: i64) -> String {
 #[tokio::test]
 async fn bad_usage_queries_name_the_problem() {
     let api = Api::new(TENANTS, None, false);
-    let now = now() as u64;
+    let now = now_secs() as u64;
     let (from, to) = (now / 60 * 60 - 600, now / 60 * 60 + 600);
     let period = format!(
         "from={}&to={}&step=1m",
@@ -133,7 +117,7 @@ async fn bad_usage_queries_name_the_problem() {
 #[tokio::test]
 async fn api_tokens_decide_who_may_read() {
     let api = Api::new(TENANTS, Some(&auth()), true);
-    let now = now();
+    let now = now_secs();
     let period = format!(
         "from={}&to={}&step=1h",
         rfc3339(now / 3600 * 3600),

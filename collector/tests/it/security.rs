@@ -16,28 +16,14 @@ use crate::support::*;
 
 const SAMPLES: u64 = 10;
 
-const TENANTS: &str = r#"
-[[tenant]]
-id = "lab-a"
-contracted_kw = 10
-nodes = ["a-*"]
-
-[[tenant]]
-id = "lab-b"
-contracted_kw = 10
-nodes = ["b-*"]
-"#;
+const TENANTS: &str = TWO_LABS;
 
 const AGENT_A: &str = "agent-token-for-a-nodes-0001";
 const ADMIN: &str = "admin-api-token-000000000001";
 const LAB_A: &str = "lab-a-api-token-00000000001";
 
 fn write_secret(dir: &Path, name: &str, text: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path.to_str().unwrap().to_string()
+    secret(dir, name, text).to_str().unwrap().to_string()
 }
 
 /// Asserts that `agent` exits without delivering (a bounded run that could
@@ -171,10 +157,7 @@ fn tokens_decide_who_may_report_and_who_may_read() {
     assert!(!log.contains(AGENT_A) && !log.contains(ADMIN), "{log}");
 
     // The usage API: a tenant token reads its tenant only.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64;
+    let now = now_secs();
     let period = format!(
         "from={}&to={}&step=1h",
         capwatch_collector::usage::rfc3339(now / 3600 * 3600),
@@ -190,16 +173,7 @@ fn tokens_decide_who_may_report_and_who_may_read() {
         !rows.is_empty() && rows.iter().all(|r| r["tenant"] == "lab-a"),
         "{body}"
     );
-    assert_eq!(
-        rows.iter()
-            .map(|r| r["energy_millijoules"]
-                .as_str()
-                .unwrap()
-                .parse::<u64>()
-                .unwrap())
-            .sum::<u64>(),
-        node_energy("a-1")
-    );
+    assert_eq!(energy_mj(rows), node_energy("a-1"));
     let (_, body) = http_get_token(collector.http, "/v1/tenants", Some(LAB_A));
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     let ids: Vec<&str> = v["tenants"]

@@ -17,13 +17,6 @@ use tokio_stream::wrappers::ReceiverStream;
 /// The agent's test-only clock offset (`capwatch_agent::TEST_CLOCK_OFFSET_VAR`).
 const CLOCK_OFFSET: &str = capwatch_agent::TEST_CLOCK_OFFSET_VAR;
 
-fn now_nanos() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-}
-
 /// Invariant: an agent restarted after its clock was stepped back (its
 /// new epoch is older than the one the collector holds for the node) is
 /// metered again within seconds, not locked out: the collector's refusal
@@ -133,7 +126,7 @@ async fn a_rogue_hello_with_a_newer_epoch_cannot_lock_the_real_agent_out() {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
             node_id: "v-1".into(),
             agent_version: "rogue".into(),
-            stream_epoch: now_nanos(),
+            stream_epoch: now_nanos() as u64,
             interval_millis: 1000,
             gpus: Vec::new(),
             host: None,

@@ -482,3 +482,60 @@ impl Proxy {
         n
     }
 }
+
+/// Wall-clock time now, in nanoseconds since the Unix epoch.
+pub fn now_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64
+}
+
+/// Wall-clock time now, in whole seconds since the Unix epoch.
+pub fn now_secs() -> i64 {
+    now_nanos() / 1_000_000_000
+}
+
+/// An exact amount in a usage row: a JSON number or a decimal string.
+pub fn amount(v: &serde_json::Value) -> u64 {
+    v.as_u64()
+        .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+        .unwrap_or_else(|| panic!("an exact amount: {v}"))
+}
+
+/// An exact amount the usage API spells as a decimal string (as it does
+/// every amount that may pass 2^53).
+pub fn exact(v: &serde_json::Value) -> u64 {
+    v.as_str()
+        .unwrap_or_else(|| panic!("{v} is not a decimal string"))
+        .parse()
+        .unwrap()
+}
+
+/// The energy of usage rows, summed to the millijoule.
+pub fn energy_mj(rows: &[serde_json::Value]) -> u64 {
+    rows.iter().map(|r| exact(&r["energy_millijoules"])).sum()
+}
+
+/// Two tenants by node name: lab-a leases `a-*`, lab-b `b-*`, 10 kW each.
+pub const TWO_LABS: &str = r#"
+[[tenant]]
+id = "lab-a"
+contracted_kw = 10
+nodes = ["a-*"]
+
+[[tenant]]
+id = "lab-b"
+contracted_kw = 10
+nodes = ["b-*"]
+"#;
+
+/// Writes `text` to `dir/name`, readable by its owner only (as the
+/// collector wants secrets kept), and returns its path.
+pub fn secret(dir: &Path, name: &str, text: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path
+}

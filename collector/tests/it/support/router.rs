@@ -8,7 +8,6 @@
 //! `ledger::Ledger::create`, `ledger::Reader::open`); where those change,
 //! [`Api::new`] is the one place to follow them.
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
@@ -20,6 +19,8 @@ use capwatch_collector::ledger::{Ledger, Reader};
 use capwatch_collector::state::{State, StateConfig};
 use capwatch_collector::tenants::Tenants;
 use tower::ServiceExt;
+
+use super::secret;
 
 /// One response: status, headers and body text.
 pub struct Reply {
@@ -102,14 +103,4 @@ impl Api {
             body: String::from_utf8(bytes.to_vec()).unwrap(),
         }
     }
-}
-
-/// Writes `text` to `dir/name`, readable by its owner only (as the
-/// collector wants secrets kept), and returns its path.
-pub fn secret(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let path = dir.join(name);
-    std::fs::write(&path, text).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path
 }
