@@ -45,6 +45,10 @@ pub enum CollectorError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
     #[error(transparent)]
+    Tenants(#[from] tenants::TenantsError),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthFileError),
+    #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
     #[error("binding {what} on {addr}: {error}")]
     Bind {
@@ -64,7 +68,7 @@ pub enum CollectorError {
 }
 
 /// Loads the tenant file named by `cfg`, or no tenants.
-pub fn load_tenants(cfg: &Config) -> Result<Tenants, config::ConfigError> {
+pub fn load_tenants(cfg: &Config) -> Result<Tenants, tenants::TenantsError> {
     match &cfg.tenants_file {
         Some(path) => Tenants::from_file(path),
         None => Ok(Tenants::empty()),
@@ -72,7 +76,7 @@ pub fn load_tenants(cfg: &Config) -> Result<Tenants, config::ConfigError> {
 }
 
 /// Reads the auth file, if any.
-pub fn load_auth(cfg: &Config) -> Result<auth::Auth, config::ConfigError> {
+pub fn load_auth(cfg: &Config) -> Result<auth::Auth, auth::AuthFileError> {
     match &cfg.auth_file {
         Some(path) => auth::Auth::from_file(path),
         None => Ok(auth::Auth::default()),
