@@ -25,6 +25,9 @@ pub mod status;
 pub mod tenants;
 pub mod usage;
 
+#[cfg(test)]
+mod layers;
+
 pub use app::{CollectorError, load_auth, load_tenants, run};
 
 use std::sync::Arc;
