@@ -8,7 +8,7 @@
 //! never logged; the file may hold a token or only its digest.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -16,7 +16,24 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::ConfigError;
+/// Errors of reading the auth file. The messages are those of the
+/// collector's config errors (`auth_file` being the setting), so a bad
+/// file reads the same in the log as before it had a type of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    // The underlying error is part of the message (not a `source()`), so
+    // a log line or an error chain shows it exactly once.
+    #[error("reading {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
 
 /// Shortest token accepted: 128 bits of base64 or hex are longer.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -146,13 +163,13 @@ pub fn bearer(header: Option<&str>) -> Option<&str> {
 
 impl Auth {
     /// Reads the auth file at `path`; warns when others may read it.
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+    pub fn from_file(path: &Path) -> Result<Self, AuthFileError> {
         capwatch_common::warn_if_exposed(path, "auth_file");
-        let bad = |reason: String| ConfigError::Invalid {
+        let bad = |reason: String| AuthFileError::Invalid {
             setting: "auth_file",
             reason: format!("{}: {reason}", path.display()),
         };
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| AuthFileError::Read {
             path: path.to_owned(),
             error,
         })?;
@@ -170,7 +187,7 @@ impl Auth {
                              name: &str,
                              token: &Option<String>,
                              sha: &Option<String>|
-         -> Result<[u8; 32], ConfigError> {
+         -> Result<[u8; 32], AuthFileError> {
             if name.is_empty() || !names.insert(format!("{kind}/{name}")) {
                 return Err(bad(format!(
                     "{kind} names must be unique and non-empty: {name:?}"

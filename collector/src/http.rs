@@ -4,6 +4,7 @@
 //! *Boundary:* query strings are untrusted; errors map to an HTTP status
 //! with a JSON body naming the problem, here and nowhere else.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,8 +19,9 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::error;
 
 use crate::auth::{self, Scope};
-use crate::ledger::{LedgerError, Reader};
+use crate::ledger::{DAY, LedgerError, Reader};
 use crate::state::{AUTH_FORBIDDEN, AUTH_UNAUTHENTICATED, SURFACE_HTTP, State, lock};
+use crate::status::{StaleNode, StatusView, TenantRow};
 use crate::tenants::TenantHistory;
 use crate::usage::{self, Format, QueryError, UsageError};
 
@@ -133,7 +135,86 @@ async fn status_page(
     if scope(&s, &headers)? != Scope::Admin {
         return Err(forbidden(&s, "the status page"));
     }
-    Ok(crate::status::page(Extract(s)).await)
+    Ok(crate::status::page(&status_view(&s).await))
+}
+
+/// What the status page shows now: each tenant's live power against its
+/// contract, its energy of today (UTC) from the ledger, and the stale nodes.
+async fn status_view(s: &HttpState) -> StatusView {
+    let now = Instant::now();
+    let tenants = s.state.tenants();
+    let live = s.state.tenant_power(&tenants, now);
+    let mut stale_nodes: Vec<StaleNode> = s
+        .state
+        .nodes()
+        .iter()
+        .filter_map(|node| {
+            let n = lock(node);
+            let window = n.stale_window(s.state.config().stale_after);
+            (!n.up(now, window)).then(|| StaleNode {
+                id: n.id.to_string(),
+                tenant: n.tenant.to_string(),
+                silent_seconds: n.silent_for(now).map(|d| d.as_secs()),
+            })
+        })
+        .collect();
+    stale_nodes.sort_by(|a, b| a.id.cmp(&b.id));
+
+    let today = usage::now_unix().div_euclid(DAY) * DAY;
+    let (energy_today, ledger_error) = energy_between(s, today, today + DAY).await;
+
+    let rows: Vec<TenantRow> = tenants
+        .all()
+        .iter()
+        .zip(&live)
+        .map(|(t, l)| TenantRow {
+            id: t.id.to_string(),
+            name: t.name.clone(),
+            contracted_watts: (t.contracted_milliwatts > 0)
+                .then(|| t.contracted_milliwatts as f64 / 1000.0),
+            power_watts: l.power_milliwatts as f64 / 1000.0,
+            reporting: l.reporting,
+            stale: l.stale,
+            energy_today_mj: energy_today
+                .as_ref()
+                .map(|e| e.get(&*t.id).copied().unwrap_or(0)),
+        })
+        .collect();
+    StatusView {
+        tenants: rows,
+        stale_nodes,
+        today,
+        ledger_error,
+    }
+}
+
+/// Energy per tenant committed to the ledger in `[from, to)` (Unix
+/// seconds), or the reason it could not be read.
+async fn energy_between(
+    s: &HttpState,
+    from: i64,
+    to: i64,
+) -> (Option<HashMap<String, u64>>, Option<String>) {
+    let ledger = s.ledger.clone();
+    let read = tokio::task::spawn_blocking(move || lock(&ledger).usage(None, from, to)).await;
+    match read {
+        Ok(Ok(usage)) => {
+            let mut by_tenant: HashMap<String, u64> = HashMap::new();
+            for (tenant, span) in usage.spans {
+                let e = by_tenant.entry(tenant).or_default();
+                *e = e.saturating_add(span.delta.energy_mj);
+            }
+            (Some(by_tenant), None)
+        }
+        Ok(Err(e)) => {
+            error!(error = %e, "status page: reading the ledger failed");
+            (None, Some(e.to_string()))
+        }
+        Err(e) => {
+            error!(error = %e, "status page: reading the ledger panicked");
+            (None, Some("reading the ledger failed".into()))
+        }
+    }
 }
 
 /// 200 `ready` while ledger commits succeed and the tenant file loaded;

@@ -7,82 +7,61 @@
 //! *Boundary:* tenant names and ids, node ids and ledger errors are
 //! written into HTML; every such string goes through [`escape`].
 
-use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::time::Instant;
 
-use axum::extract::State as Extract;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use tracing::error;
 
-use crate::http::HttpState;
 use crate::ledger::DAY;
-use crate::state::lock;
-use crate::usage::{now_unix, rfc3339};
+use crate::usage::rfc3339;
 
 /// How often the page reloads itself, seconds.
 const REFRESH_SECONDS: u32 = 5;
 
+/// What the page shows, as plain data: built by `http.rs` from the
+/// collector's state and the ledger, so that this module knows neither.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StatusView {
+    /// One row per tenant, `unassigned` included, in the tenant file's order.
+    pub tenants: Vec<TenantRow>,
+    /// Nodes with no fresh sample, by id.
+    pub stale_nodes: Vec<StaleNode>,
+    /// The start of today (UTC), Unix seconds: energy is counted from it.
+    pub today: i64,
+    /// Why the energy of today could not be read from the ledger.
+    pub ledger_error: Option<String>,
+}
+
 /// One tenant's row.
-struct Row {
-    id: String,
-    name: String,
-    contracted_watts: Option<f64>,
-    power_watts: f64,
-    reporting: u64,
-    stale: u64,
-    energy_today_mj: Option<u64>,
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantRow {
+    pub id: String,
+    pub name: String,
+    pub contracted_watts: Option<f64>,
+    pub power_watts: f64,
+    pub reporting: u64,
+    pub stale: u64,
+    /// Committed to the ledger today; none when the ledger could not be read.
+    pub energy_today_mj: Option<u64>,
 }
 
 /// A node with no fresh sample.
-struct StaleNode {
-    id: String,
-    tenant: String,
-    silent_seconds: Option<u64>,
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaleNode {
+    pub id: String,
+    pub tenant: String,
+    /// Since its latest sample; none if it never sent one.
+    pub silent_seconds: Option<u64>,
 }
 
-pub async fn page(Extract(s): Extract<HttpState>) -> Response {
-    let now = Instant::now();
-    let tenants = s.state.tenants();
-    let live = s.state.tenant_power(&tenants, now);
-    let mut stale_nodes: Vec<StaleNode> = s
-        .state
-        .nodes()
-        .iter()
-        .filter_map(|node| {
-            let n = lock(node);
-            let window = n.stale_window(s.state.config().stale_after);
-            (!n.up(now, window)).then(|| StaleNode {
-                id: n.id.to_string(),
-                tenant: n.tenant.to_string(),
-                silent_seconds: n.silent_for(now).map(|d| d.as_secs()),
-            })
-        })
-        .collect();
-    stale_nodes.sort_by(|a, b| a.id.cmp(&b.id));
-
-    let today = now_unix().div_euclid(DAY) * DAY;
-    let (energy_today, ledger_error) = energy_between(&s, today, today + DAY).await;
-
-    let rows: Vec<Row> = tenants
-        .all()
-        .iter()
-        .zip(&live)
-        .map(|(t, l)| Row {
-            id: t.id.to_string(),
-            name: t.name.clone(),
-            contracted_watts: (t.contracted_milliwatts > 0)
-                .then(|| t.contracted_milliwatts as f64 / 1000.0),
-            power_watts: l.power_milliwatts as f64 / 1000.0,
-            reporting: l.reporting,
-            stale: l.stale,
-            energy_today_mj: energy_today
-                .as_ref()
-                .map(|e| e.get(&*t.id).copied().unwrap_or(0)),
-        })
-        .collect();
-    let body = render(&rows, &stale_nodes, today, ledger_error.as_deref());
+/// The page for `view`, as an HTML response that no cache keeps.
+pub fn page(view: &StatusView) -> Response {
+    let body = render(
+        &view.tenants,
+        &view.stale_nodes,
+        view.today,
+        view.ledger_error.as_deref(),
+    );
     (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -91,35 +70,6 @@ pub async fn page(Extract(s): Extract<HttpState>) -> Response {
         body,
     )
         .into_response()
-}
-
-/// Energy per tenant committed to the ledger in `[from, to)` (Unix
-/// seconds), or the reason it could not be read.
-async fn energy_between(
-    s: &HttpState,
-    from: i64,
-    to: i64,
-) -> (Option<HashMap<String, u64>>, Option<String>) {
-    let ledger = s.ledger.clone();
-    let read = tokio::task::spawn_blocking(move || lock(&ledger).usage(None, from, to)).await;
-    match read {
-        Ok(Ok(usage)) => {
-            let mut by_tenant: HashMap<String, u64> = HashMap::new();
-            for (tenant, span) in usage.spans {
-                let e = by_tenant.entry(tenant).or_default();
-                *e = e.saturating_add(span.delta.energy_mj);
-            }
-            (Some(by_tenant), None)
-        }
-        Ok(Err(e)) => {
-            error!(error = %e, "status page: reading the ledger failed");
-            (None, Some(e.to_string()))
-        }
-        Err(e) => {
-            error!(error = %e, "status page: reading the ledger panicked");
-            (None, Some("reading the ledger failed".into()))
-        }
-    }
 }
 
 /// Escapes text for HTML element content and quoted attribute values.
@@ -152,7 +102,7 @@ td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}\
 
 /// The page. Only `escape`d strings and numbers are interpolated.
 fn render(
-    rows: &[Row],
+    rows: &[TenantRow],
     stale_nodes: &[StaleNode],
     today: i64,
     ledger_error: Option<&str>,
@@ -278,7 +228,7 @@ mod tests {
     #[test]
     fn page_escapes_names_and_draws_bars() {
         let rows = [
-            Row {
+            TenantRow {
                 id: "lab-a".into(),
                 name: "<script>alert(1)</script>".into(),
                 contracted_watts: Some(1000.0),
@@ -287,7 +237,7 @@ mod tests {
                 stale: 0,
                 energy_today_mj: Some(3_600_000_000),
             },
-            Row {
+            TenantRow {
                 id: "unassigned".into(),
                 name: "unassigned".into(),
                 contracted_watts: None,

@@ -21,13 +21,35 @@
 //! silently.
 
 use std::collections::{HashMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
-use crate::config::ConfigError;
+/// Errors of reading a tenant file. The messages are those of the
+/// collector's config errors, so a bad tenant file reads the same in the
+/// log as before it had a type of its own.
+#[derive(Debug, thiserror::Error)]
+pub enum TenantsError {
+    // The underlying error is part of the message (not a `source()`), so
+    // a log line or an error chain shows it exactly once.
+    #[error("reading {path}: {error}")]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{path}: {error}")]
+    Parse {
+        path: PathBuf,
+        error: toml::de::Error,
+    },
+    #[error("invalid setting `{setting}`: {reason}")]
+    Invalid {
+        setting: &'static str,
+        reason: String,
+    },
+}
 
 /// The tenant of every GPU no tenant claims.
 pub const UNASSIGNED: &str = "unassigned";
@@ -127,17 +149,17 @@ impl Tenants {
         Self::build(Vec::new()).expect("an empty tenant list is valid")
     }
 
-    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+    pub fn from_file(path: &Path) -> Result<Self, TenantsError> {
+        let text = std::fs::read_to_string(path).map_err(|error| TenantsError::Read {
             path: path.to_owned(),
             error,
         })?;
-        let file: TenantsFile = toml::from_str(&text).map_err(|error| ConfigError::Parse {
+        let file: TenantsFile = toml::from_str(&text).map_err(|error| TenantsError::Parse {
             path: path.to_owned(),
             error,
         })?;
         Self::from_parsed(file, text).map_err(|e| match e {
-            ConfigError::Invalid { setting, reason } => ConfigError::Invalid {
+            TenantsError::Invalid { setting, reason } => TenantsError::Invalid {
                 setting,
                 reason: format!("{}: {reason}", path.display()),
             },
@@ -145,19 +167,19 @@ impl Tenants {
         })
     }
 
-    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let file: TenantsFile = toml::from_str(text).map_err(|error| ConfigError::Parse {
+    pub fn from_toml(text: &str) -> Result<Self, TenantsError> {
+        let file: TenantsFile = toml::from_str(text).map_err(|error| TenantsError::Parse {
             path: "<tenants>".into(),
             error,
         })?;
         Self::from_parsed(file, text.to_string())
     }
 
-    fn from_parsed(file: TenantsFile, source: String) -> Result<Self, ConfigError> {
+    fn from_parsed(file: TenantsFile, source: String) -> Result<Self, TenantsError> {
         let effective_from_ns = file
             .effective_from
             .map(|d| {
-                unix_nanos_of(&d).ok_or_else(|| ConfigError::Invalid {
+                unix_nanos_of(&d).ok_or_else(|| TenantsError::Invalid {
                     setting: "effective_from",
                     reason: format!(
                         "{d} must be a date-time with an offset after 1970, e.g. 2026-12-01T00:00:00Z"
@@ -181,8 +203,8 @@ impl Tenants {
         &self.source
     }
 
-    fn build(specs: Vec<TenantSpec>) -> Result<Self, ConfigError> {
-        let invalid = |reason: String| ConfigError::Invalid {
+    fn build(specs: Vec<TenantSpec>) -> Result<Self, TenantsError> {
+        let invalid = |reason: String| TenantsError::Invalid {
             setting: "tenant",
             reason,
         };

@@ -1,0 +1,314 @@
+//! The report: per-tenant rows and the adjustments to rows already
+//! final, computed from the ledger's spans; serialised as the usage API's
+//! JSON.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::{FIVE_MINUTES, QUARTER, Query, Terms};
+use crate::ledger::{BucketDelta, Span, Usage};
+
+/// Exact integer amounts in JSON are decimal strings, as payment APIs send
+/// amounts: a JSON number above 2^53 comes out rounded from a parser that
+/// reads numbers as doubles (JavaScript, Python's `float`, most spreadsheet
+/// importers). Figures that are floats anyway (kWh, hours, watts) stay
+/// numbers.
+mod decimal {
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(v: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = std::borrow::Cow::<str>::deserialize(d)?;
+        text.parse()
+            .map_err(|_| D::Error::custom(format!("{text:?} is not a decimal amount")))
+    }
+}
+
+/// One row of usage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub tenant: String,
+    pub start: String,
+    pub end: String,
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
+    pub energy_millijoules: u64,
+    pub energy_joules: f64,
+    pub energy_kwh: f64,
+    pub gpu_hours: f64,
+    pub busy_gpu_hours: f64,
+    pub average_power_watts: f64,
+    pub peak_demand_watts: f64,
+    /// The contract in force at the row's last minute (a row the contract
+    /// changed in is judged minute by minute, each by its own).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub contracted_power_watts: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity_utilization: Option<f64>,
+    /// 95th percentile of the 5-minute average power within the row (rows
+    /// of 15 minutes or more whose minutes are still kept).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p95_power_watts: Option<f64>,
+    /// Time in minutes whose average power was above the contract: 60 s
+    /// per such minute, by the samples' own time.
+    pub seconds_over_contract: f64,
+    /// Energy above the contract in those minutes (minute energy −
+    /// contract × 60 s): what committed-plus-overage contracts bill.
+    pub overage_kwh: f64,
+    /// Share of the GPU time between readings that readings back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub coverage: Option<f64>,
+    /// Some energy was integrated from power instead of read from the
+    /// GPUs' energy counters.
+    pub estimated: bool,
+    /// Energy times the site's PUE: an estimate of facility energy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub facility_energy_kwh_estimated: Option<f64>,
+    pub readings: u64,
+    /// The row ends after `finalized_through`: it may still change.
+    pub partial: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub from: String,
+    pub to: String,
+    pub step: String,
+    pub time_zone: String,
+    /// Rows ending at or before this never change: the ledger's
+    /// watermark. Energy that arrives later for them is an adjustment.
+    pub finalized_through: String,
+    /// The ledger's revision when it answered: ask `since_revision` this
+    /// next time to get only the adjustments booked after this answer.
+    pub revision: u64,
+    pub rows: Vec<Row>,
+    /// Late deltas to rows that were already final, one per revision,
+    /// tenant, node and row.
+    pub adjustments: Vec<AdjustmentRow>,
+}
+
+/// What arrived for one row after the row was final: booked by
+/// `revision` at `booked_at`, for the minutes of `[start, end)` on one
+/// node. Its figures add to the row's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdjustmentRow {
+    pub tenant: String,
+    pub node: String,
+    /// The row it belongs to.
+    pub start: String,
+    pub end: String,
+    pub revision: u64,
+    pub booked_at: String,
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
+    pub energy_millijoules: u64,
+    pub energy_kwh: f64,
+    pub gpu_hours: f64,
+    pub busy_gpu_hours: f64,
+    /// GPU time between readings, gaps included (what coverage is
+    /// measured against).
+    pub expected_gpu_hours: f64,
+    /// The energy over the row's length.
+    pub average_power_watts: f64,
+    pub seconds_over_contract: f64,
+    pub overage_kwh: f64,
+    pub estimated: bool,
+    pub readings: u64,
+}
+
+/// Builds the report for `tenants` from the usage read over
+/// `q.read_range()`. Every tenant gets a row for every step, with zeros
+/// where nothing was recorded. Rows ending after the ledger's watermark
+/// are partial; adjustments are summed per revision, tenant, node and
+/// row. Rows must fit the usage's rollups (`Query::check_detail`).
+pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
+    let mut by_tenant: BTreeMap<&str, BTreeMap<i64, Span>> = BTreeMap::new();
+    for (t, span) in &usage.spans {
+        by_tenant
+            .entry(t.as_str())
+            .or_default()
+            .insert(span.start, *span);
+    }
+    let finalized = usage.finalized_through;
+    let empty = BTreeMap::new();
+    let mut rows = Vec::new();
+    for terms in tenants {
+        let tenant = &terms.tenant;
+        let spans = by_tenant.get(tenant.as_str()).unwrap_or(&empty);
+        let sum = |from: i64, to: i64| {
+            spans
+                .range(from..to)
+                .fold(BucketDelta::default(), |mut acc, (_, s)| {
+                    acc.add(&s.delta);
+                    acc
+                })
+        };
+        // Energy of the minute buckets in [from, to).
+        let minute_energy = |from: i64, to: i64| -> u64 {
+            spans
+                .range(from..to)
+                .filter(|(_, s)| s.peak_quarter_mj.is_none())
+                .map(|(_, s)| s.delta.energy_mj)
+                .fold(0u64, u64::saturating_add)
+        };
+        for w in q.bounds.windows(2) {
+            let (start, end) = (w[0], w[1]);
+            let seconds = end - start;
+            let d = sum(start, end);
+            // Each minute against its contract, in sample time; rollups
+            // carry the evaluation of their minutes.
+            let (over_ns, overage_mj) =
+                spans.range(start..end).fold((0u64, 0u64), |acc, (t, s)| {
+                    let (ns, mj) = s.over_contract(terms.contract_at(*t));
+                    (acc.0.saturating_add(ns), acc.1.saturating_add(mj))
+                });
+            // Highest quarter-hour average: from the minutes' quarter-hours
+            // overlapping the row, and from the peaks stored in rollups.
+            let rolled_up_peak = spans
+                .range(start..end)
+                .filter_map(|(_, s)| s.peak_quarter_mj)
+                .max();
+            let mut peak_mj = rolled_up_peak.unwrap_or(0);
+            // The quarter-hours overlapping the row reach beyond it where
+            // the row does not start or end on a quarter boundary (a 1m
+            // row): each is summed over all its minutes, visited once per
+            // quarter that holds any, so a long row with little detail (a
+            // month, mostly rolled up) stays cheap and a row without a
+            // bucket of its own still sees its quarter.
+            let (quarters_from, quarters_to) = (
+                start.div_euclid(QUARTER) * QUARTER,
+                (end + QUARTER - 1).div_euclid(QUARTER) * QUARTER,
+            );
+            let mut summed = None;
+            for (t, _) in spans
+                .range(quarters_from..quarters_to)
+                .filter(|(_, s)| s.peak_quarter_mj.is_none())
+            {
+                let quarter = t.div_euclid(QUARTER) * QUARTER;
+                if summed != Some(quarter) {
+                    summed = Some(quarter);
+                    peak_mj = peak_mj.max(minute_energy(quarter, quarter + QUARTER));
+                }
+            }
+            // 5-minute windows are walked only between the row's first and
+            // last minute bucket.
+            let minutes_in_row = spans
+                .range(start..end)
+                .filter(|(_, s)| s.peak_quarter_mj.is_none())
+                .map(|(t, _)| *t);
+            let (first_minute, last_minute) = minutes_in_row
+                .fold(None, |acc: Option<(i64, i64)>, t| {
+                    Some(acc.map_or((t, t), |(a, _)| (a, t)))
+                })
+                .unwrap_or((end, start));
+            let average_w = d.energy_mj as f64 / 1000.0 / seconds as f64;
+            // The contract in force at the row's last minute.
+            let contracted_w = Some(terms.contract_at(end - 60))
+                .filter(|c| *c > 0)
+                .map(|c| c as f64 / 1000.0);
+            let p95 = (seconds >= QUARTER
+                && rolled_up_peak.is_none()
+                && start >= usage.minutes_from)
+                .then(|| {
+                    // Windows without minutes are zeros; only those with
+                    // some are summed.
+                    let windows = (seconds / FIVE_MINUTES) as usize;
+                    let mut fives: Vec<u64> = vec![0; windows];
+                    if first_minute <= last_minute {
+                        let lo = ((first_minute - start) / FIVE_MINUTES) as usize;
+                        let hi = (((last_minute - start) / FIVE_MINUTES) as usize).min(windows - 1);
+                        for (i, slot) in fives.iter_mut().enumerate().take(hi + 1).skip(lo) {
+                            let s = start + i as i64 * FIVE_MINUTES;
+                            *slot = minute_energy(s, s + FIVE_MINUTES);
+                        }
+                    }
+                    fives.sort_unstable();
+                    // Nearest rank: the smallest value with at least 95 % at
+                    // or below it.
+                    let rank = (fives.len() * 95).div_ceil(100).max(1);
+                    fives.get(rank - 1).copied().unwrap_or(0) as f64 / 1000.0 / FIVE_MINUTES as f64
+                });
+            let energy_kwh = d.energy_mj as f64 / 3.6e9;
+            rows.push(Row {
+                tenant: tenant.clone(),
+                start: q.zone.format(start),
+                end: q.zone.format(end),
+                energy_millijoules: d.energy_mj,
+                energy_joules: d.energy_mj as f64 / 1000.0,
+                energy_kwh,
+                gpu_hours: d.gpu_ns as f64 / 3.6e12,
+                busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
+                average_power_watts: average_w,
+                peak_demand_watts: peak_mj as f64 / 1000.0 / QUARTER as f64,
+                contracted_power_watts: contracted_w,
+                capacity_utilization: contracted_w.filter(|c| *c > 0.0).map(|c| average_w / c),
+                p95_power_watts: p95,
+                seconds_over_contract: over_ns as f64 / 1e9,
+                overage_kwh: overage_mj as f64 / 3.6e9,
+                coverage: (d.expected_gpu_ns > 0)
+                    .then(|| d.gpu_ns as f64 / d.expected_gpu_ns as f64),
+                estimated: d.estimated_mj > 0,
+                facility_energy_kwh_estimated: terms.pue.map(|pue| energy_kwh * pue),
+                readings: d.samples,
+                partial: end > finalized,
+            });
+        }
+    }
+    Report {
+        from: q.zone.format(q.from),
+        to: q.zone.format(q.to),
+        step: q.step.label().to_string(),
+        time_zone: q.zone.name.clone(),
+        finalized_through: q.zone.format(finalized),
+        revision: usage.revision,
+        rows,
+        adjustments: adjustment_rows(q, tenants, usage),
+    }
+}
+
+/// The usage's adjustments within the period, summed per revision,
+/// tenant, node and row of `q`.
+fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<AdjustmentRow> {
+    let (first, last) = (q.bounds[0], q.bounds[q.bounds.len() - 1]);
+    let mut sums: BTreeMap<(u64, &str, &str, usize), (i64, BucketDelta)> = BTreeMap::new();
+    for a in &usage.adjustments {
+        if a.minute_start < first
+            || a.minute_start >= last
+            || !tenants.iter().any(|t| t.tenant == a.tenant)
+        {
+            continue;
+        }
+        let row = q.bounds.partition_point(|b| *b <= a.minute_start) - 1;
+        let e = sums
+            .entry((a.revision, &a.tenant, &a.node, row))
+            .or_insert((a.booked_at, BucketDelta::default()));
+        e.1.add(&a.delta);
+    }
+    sums.into_iter()
+        .map(|((revision, tenant, node, row), (booked_at, d))| {
+            let (start, end) = (q.bounds[row], q.bounds[row + 1]);
+            AdjustmentRow {
+                tenant: tenant.to_string(),
+                node: node.to_string(),
+                start: q.zone.format(start),
+                end: q.zone.format(end),
+                revision,
+                booked_at: q.zone.format(booked_at),
+                energy_millijoules: d.energy_mj,
+                energy_kwh: d.energy_mj as f64 / 3.6e9,
+                gpu_hours: d.gpu_ns as f64 / 3.6e12,
+                busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
+                expected_gpu_hours: d.expected_gpu_ns as f64 / 3.6e12,
+                average_power_watts: d.energy_mj as f64 / 1000.0 / (end - start) as f64,
+                seconds_over_contract: d.over_contract_ns as f64 / 1e9,
+                overage_kwh: d.overage_mj as f64 / 3.6e9,
+                estimated: d.estimated_mj > 0,
+                readings: d.samples,
+            }
+        })
+        .collect()
+}
