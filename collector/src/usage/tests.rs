@@ -292,67 +292,10 @@ fn golden_json_and_csv() {
     };
     let r = report(&q, &tenants, &usage);
     let json = serde_json::to_string_pretty(&r).unwrap();
-    let want_json = r#"{
-  "from": "2027-01-01T00:00:00Z",
-  "to": "2027-01-01T00:30:00Z",
-  "step": "15m",
-  "time_zone": "UTC",
-  "finalized_through": "2027-01-01T00:16:00Z",
-  "revision": 7,
-  "rows": [
-    {
-      "tenant": "a",
-      "start": "2027-01-01T00:00:00Z",
-      "end": "2027-01-01T00:15:00Z",
-      "energy_millijoules": "540000000",
-      "energy_joules": 540000.0,
-      "energy_kwh": 0.15,
-      "gpu_hours": 0.25,
-      "busy_gpu_hours": 0.25,
-      "average_power_watts": 600.0,
-      "peak_demand_watts": 600.0,
-      "contracted_power_watts": 1000.0,
-      "capacity_utilization": 0.6,
-      "p95_power_watts": 600.0,
-      "seconds_over_contract": 0.0,
-      "overage_kwh": 0.0,
-      "coverage": 1.0,
-      "estimated": false,
-      "facility_energy_kwh_estimated": 0.18,
-      "readings": 900,
-      "partial": false
-    },
-    {
-      "tenant": "a",
-      "start": "2027-01-01T00:15:00Z",
-      "end": "2027-01-01T00:30:00Z",
-      "energy_millijoules": "54000000",
-      "energy_joules": 54000.0,
-      "energy_kwh": 0.015,
-      "gpu_hours": 0.24166666666666667,
-      "busy_gpu_hours": 0.025,
-      "average_power_watts": 60.0,
-      "peak_demand_watts": 60.0,
-      "contracted_power_watts": 1000.0,
-      "capacity_utilization": 0.06,
-      "p95_power_watts": 60.0,
-      "seconds_over_contract": 0.0,
-      "overage_kwh": 0.0,
-      "coverage": 0.9666666666666667,
-      "estimated": true,
-      "facility_energy_kwh_estimated": 0.018,
-      "readings": 900,
-      "partial": true
-    }
-  ],
-  "adjustments": []
-}"#;
-    assert_eq!(json, want_json);
-    let want_csv = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours
-a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,540000000,0.15,0.25,0.25,600,600,600,1000,0.6,0,0,1,false,0.18,900,false,usage,,,,
-a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,54000000,0.015,0.24166666666666667,0.025,60,60,60,1000,0.06,0,0,0.9666666666666667,true,0.018,900,true,usage,,,,
-";
-    assert_eq!(csv(&r), want_csv);
+    // Exact bytes of both formats; `UPDATE_EXPECT=1 cargo test` rewrites
+    // the files after a change meant to alter them.
+    expect_test::expect_file!["snapshots/report.json"].assert_eq(&json);
+    expect_test::expect_file!["snapshots/report.csv"].assert_eq(&csv(&r));
 }
 
 #[test]
