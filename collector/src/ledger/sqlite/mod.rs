@@ -35,6 +35,7 @@ use schema::{MIGRATIONS, Migration, StoredGpus, new_ledger_id};
 /// file (the flock), so every collector that opens it in turn is the same
 /// holder, and a restart keeps its nodes' generations.
 pub const LOCAL_HOLDER: &str = "local";
+
 /// Most KiB the committer's SQLite page cache may hold.
 const CACHE_KIB: i64 = 64 * 1024;
 

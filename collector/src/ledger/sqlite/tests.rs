@@ -1157,3 +1157,41 @@ mod conformance {
 
     super::conformance_tests!(fresh);
 }
+
+/// Claims are kept in the ledger, not in the process: a node claimed by
+/// another holder is still fenced from this one after a reopen, and a
+/// claim back by the local holder bumps the generation once, then keeps
+/// it across reopens.
+#[test]
+fn claims_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n1"), NodeCursor::default());
+    {
+        let mut l = Ledger::create(&path).unwrap();
+        l.commit(&c).unwrap();
+        assert_eq!(l.claim(LOCAL_HOLDER, "n1").unwrap().generation, 1);
+        assert_eq!(l.claim("elsewhere", "n1").unwrap().generation, 2);
+    }
+    let mut l = Ledger::open(&path).unwrap();
+    match l.commit(&c) {
+        Err(LedgerError::Fenced {
+            node,
+            holder,
+            generation,
+        }) => assert_eq!(
+            (node.as_str(), holder.as_str(), generation),
+            ("n1", "elsewhere", 2)
+        ),
+        other => panic!("a node held elsewhere was committed: {other:?}"),
+    }
+    assert_eq!(l.claim(LOCAL_HOLDER, "n1").unwrap().generation, 3);
+    l.commit(&c).unwrap();
+    drop(l);
+    let mut l = Ledger::open(&path).unwrap();
+    let claim = l.claim(LOCAL_HOLDER, "n1").unwrap();
+    assert_eq!(claim.generation, 3);
+    assert_eq!(claim.cursor, Some(NodeCursor::default()));
+    l.commit(&c).unwrap();
+}
