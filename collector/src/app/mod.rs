@@ -25,7 +25,12 @@ use tracing::{Instrument as _, error, info, warn};
 
 use capwatch_proto::v1::ingest_server::IngestServer;
 
+use crate::billing::committer::{
+    claim_restored, commit_loop, commit_once, committer_died, resume_tenant_history,
+};
+use crate::billing::{self, compactor::compact_loop};
 use crate::config::{self, Config};
+use crate::ledger::sqlite::LOCAL_HOLDER;
 use crate::state::{State, StateConfig};
 use crate::tenants::{self, Tenants};
 use crate::{VERSION, auth, http, ingest, ledger, serve};
@@ -40,6 +45,8 @@ pub enum CollectorError {
     Auth(#[from] auth::AuthFileError),
     #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
+    #[error(transparent)]
+    Resume(#[from] billing::committer::ResumeError),
     #[error("binding {what} on {addr}: {error}")]
     Bind {
         what: &'static str,
@@ -137,13 +144,13 @@ impl App {
         if !cfg.http_listen.ip().is_loopback() && state.auth().api_required() {
             warn!(http = %cfg.http_listen, "the usage API takes bearer tokens over plain HTTP; terminate TLS in front of it");
         }
-        let ledger = ledger::Ledger::open(&cfg.ledger_path)?;
+        let mut ledger = ledger::Ledger::open(&cfg.ledger_path)?;
         state.set_ledger_identity(ledger.identity().clone());
         let snapshot = ledger.load()?;
         info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
+        claim_restored(&mut ledger, LOCAL_HOLDER, &snapshot)?;
         state.restore(snapshot);
-        let mut ledger = ledger;
-        crate::resume_tenant_history(&state, &mut ledger)?;
+        resume_tenant_history(&state, &mut ledger)?;
 
         let grpc =
             TcpListener::bind(cfg.grpc_listen)
@@ -284,9 +291,10 @@ impl App {
                 .spawn(move || {
                     let _task = span.entered();
                     let run = || {
-                        crate::commit_loop(
+                        commit_loop(
                             &state,
-                            &ledger,
+                            &*ledger,
+                            LOCAL_HOLDER,
                             every,
                             grace,
                             &committed,
@@ -295,7 +303,7 @@ impl App {
                     };
                     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
                         Ok(failed) => failed,
-                        Err(_) => crate::committer_died(),
+                        Err(_) => committer_died(),
                     }
                 })
                 .map_err(|error| CollectorError::Serve {
@@ -304,8 +312,19 @@ impl App {
                 })?
         };
         let compactor = tokio::spawn(
-            crate::compact_loop(state.clone(), ledger.clone(), cfg.clone(), shutdown.clone())
-                .instrument(task_span("compactor")),
+            compact_loop(
+                state.clone(),
+                ledger.clone(),
+                Arc::from(LOCAL_HOLDER),
+                billing::compactor::Retention {
+                    finalize_grace: cfg.finalize_grace,
+                    minute_retention: cfg.minute_retention,
+                    hour_retention: cfg.hour_retention,
+                    day_retention: cfg.day_retention,
+                },
+                shutdown.clone(),
+            )
+            .instrument(task_span("compactor")),
         );
         let reloader = tokio::spawn(
             reload::reload_on_sighup(
@@ -395,8 +414,8 @@ impl Running {
         let span = task_span("committer");
         let last = tokio::task::spawn_blocking(move || {
             let _task = span.entered();
-            let failed = committer.join().unwrap_or_else(|_| crate::committer_died());
-            crate::commit_once(&state, &ledger, failed, &committed, grace)
+            let failed = committer.join().unwrap_or_else(|_| committer_died());
+            commit_once(&state, &*ledger, LOCAL_HOLDER, failed, &committed, grace)
         })
         .await;
         if !matches!(last, Ok(None)) {

@@ -1,0 +1,112 @@
+//! The compactor: once a minute, under the ledger's compaction lease,
+//! rolls closed hours up and applies retention (through `LedgerWriter`
+//! only).
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use crate::ledger::{self, LedgerError, LedgerWriter};
+use crate::state::{self, State};
+use crate::usage;
+
+/// How long the compaction lease is taken for: three rounds, renewed at
+/// every round, so that a compactor that stopped leaves it to another
+/// holder within three minutes.
+pub const LEASE_TTL: Duration = Duration::from_secs(180);
+
+/// How long each granularity is kept, and how long a minute stays open
+/// (from the collector's settings).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub finalize_grace: Duration,
+    pub minute_retention: Duration,
+    pub hour_retention: Duration,
+    /// `None`: daily rollups are kept forever.
+    pub day_retention: Option<Duration>,
+}
+
+/// What a compaction at `now` (Unix seconds) keeps under `retention`.
+pub fn compaction_policy(retention: &Retention, now: i64) -> ledger::Compaction {
+    let ago = |d: Duration| now.saturating_sub(i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    ledger::Compaction {
+        closed_before: ago(retention.finalize_grace),
+        minutes_from: ago(retention.minute_retention),
+        hours_from: ago(retention.hour_retention),
+        days_from: retention.day_retention.map(ago),
+    }
+}
+
+/// Once a minute, under the compaction lease (taken or renewed for
+/// `holder` each round), rolls closed hours up and applies retention. Named
+/// task: `compactor`. A failure is logged and counted; the next round
+/// retries (rollups are rebuilt from what they cover, so nothing is lost).
+pub async fn compact_loop<W: LedgerWriter + 'static>(
+    state: Arc<State>,
+    ledger: Arc<Mutex<W>>,
+    holder: Arc<str>,
+    retention: Retention,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let stop = capwatch_common::wait_for_shutdown(shutdown);
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut stop => return,
+        }
+        let now = usage::now_unix();
+        let policy = compaction_policy(&retention, now);
+        let (ledger, holder) = (ledger.clone(), holder.clone());
+        let contracts = state.tenant_history();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut l = state::lock(&ledger);
+            let lease = l.acquire_compaction(&holder, now, LEASE_TTL)?;
+            l.compact_under(&lease, now, &policy, &contracts)
+        })
+        .await;
+        match result {
+            Ok(Err(LedgerError::LeaseHeld { holder, until })) => {
+                info!(task = "compactor", %holder, until, "another collector holds the compaction lease; skipping this round");
+            }
+            Ok(Ok(done)) => {
+                state
+                    .counters
+                    .compactions_ok
+                    .fetch_add(1, Ordering::Relaxed);
+                if done != ledger::Compacted::default() {
+                    info!(
+                        task = "compactor",
+                        hours = done.hours_rolled_up,
+                        days = done.days_rolled_up,
+                        minute_rows_dropped = done.minute_rows_dropped,
+                        hour_rows_dropped = done.hour_rows_dropped,
+                        day_rows_dropped = done.day_rows_dropped,
+                        adjustment_rows_dropped = done.adjustment_rows_dropped,
+                        "ledger compacted"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                state
+                    .counters
+                    .compactions_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(task = "compactor", error = %e, "ledger compaction failed; retrying next minute");
+            }
+            Err(e) => {
+                state
+                    .counters
+                    .compactions_failed
+                    .fetch_add(1, Ordering::Relaxed);
+                error!(task = "compactor", error = %e, "ledger compaction task failed");
+            }
+        }
+    }
+}

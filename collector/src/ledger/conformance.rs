@@ -1,0 +1,429 @@
+//! The conformance suite every ledger backend passes: written against
+//! [`LedgerWriter`] and [`LedgerReader`] only. A backend runs it with
+//! `conformance_tests!(fresh)`, where `fresh()` returns a [`Fresh`] on a
+//! new, empty ledger; each case becomes a test of its own.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::{
+    BucketDelta, Commit, Compaction, CompactionLease, GpuCursor, LedgerError, LedgerReader,
+    LedgerWriter, NodeCursor, TenantVersion,
+};
+use crate::tenants::{TenantHistory, Tenants};
+
+/// A new, empty ledger: its writer, a reader of the same ledger, and
+/// whatever must live as long as they do (a temporary directory).
+pub(crate) struct Fresh<W, R> {
+    pub writer: W,
+    pub reader: R,
+    pub _keep: Box<dyn std::any::Any>,
+}
+
+/// One test per case of the suite, on ledgers made by `$fresh`.
+macro_rules! conformance_tests {
+    ($fresh:expr) => {
+        $crate::ledger::conformance::conformance_tests!(@cases $fresh;
+            commit_reads_back_to_the_millijoule,
+            a_refused_commit_writes_nothing,
+            a_commit_after_another_holders_claim_is_fenced,
+            a_claim_by_the_same_holder_keeps_its_generation,
+            restore_returns_what_was_committed,
+            the_compaction_lease_is_exclusive_and_expires,
+            tenant_versions_round_trip,
+            late_deltas_after_the_watermark_are_adjustments,
+        );
+    };
+    (@cases $fresh:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                $crate::ledger::conformance::$case($fresh());
+            }
+        )*
+    };
+}
+pub(crate) use conformance_tests;
+
+const MINUTE: i64 = 1_800_000_000; // 2027-01-15T08:00:00Z, whole hour
+
+fn delta(energy_mj: u64, samples: u64) -> BucketDelta {
+    BucketDelta {
+        energy_mj,
+        gpu_ns: samples * 1_000_000_000,
+        busy_gpu_ns: samples * 500_000_000,
+        samples,
+        expected_gpu_ns: samples * 1_000_000_000,
+        ..BucketDelta::default()
+    }
+}
+
+fn cursor(epoch: u64, last_seq: u64, counter: u64) -> NodeCursor {
+    NodeCursor {
+        epoch,
+        last_seq,
+        gpus: vec![(
+            Arc::from("GPU-1"),
+            GpuCursor {
+                last_counter_mj: Some(counter),
+                last_timestamp_ns: Some(i64::try_from(last_seq).unwrap() * 1_000_000_000),
+                remainder_mw_ns: 123,
+                energy_mj: counter,
+                counter_resets: 1,
+            },
+        )],
+    }
+}
+
+/// A commit of `node`'s cursor and `energy` mJ for tenant `t` in `minute`.
+fn booking(node: &str, c: NodeCursor, t: &str, minute: i64, energy: u64) -> Commit {
+    let mut commit = Commit::default();
+    commit.nodes.insert(Arc::from(node), c);
+    commit
+        .buckets
+        .insert((Arc::from(t), Arc::from(node), minute), delta(energy, 3));
+    commit.tenant_energy.insert(Arc::from(t), energy);
+    commit
+}
+
+fn no_contracts() -> TenantHistory {
+    TenantHistory::new(Arc::new(Tenants::empty()))
+}
+
+/// Bookings read back exactly: minutes, usage spans, tenants and totals.
+pub(crate) fn commit_reads_back_to_the_millijoule<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    let mut c = booking("n1", cursor(1, 10, 5_000), "lab-a", MINUTE, 1_234_567);
+    c.buckets.insert(
+        (Arc::from("lab-a"), Arc::from("n1"), MINUTE + 60),
+        delta(7_654_321, 2),
+    );
+    c.buckets
+        .insert((Arc::from("lab-b"), Arc::from("n1"), MINUTE), delta(1, 1));
+    c.tenant_energy
+        .insert(Arc::from("lab-a"), 1_234_567 + 7_654_321);
+    c.tenant_energy.insert(Arc::from("lab-b"), 1);
+    let done = w.commit_as("a", &c, MINUTE + 120, i64::MIN).unwrap();
+    assert_eq!(done.revision, 1);
+    // The same minutes again add up.
+    let again = booking("n1", cursor(1, 11, 6_000), "lab-a", MINUTE, 3);
+    assert_eq!(
+        w.commit_as("a", &again, MINUTE + 121, i64::MIN)
+            .unwrap()
+            .revision,
+        2
+    );
+
+    let r = &f.reader;
+    assert_eq!(
+        r.minutes(Some("lab-a"), MINUTE, MINUTE + 3600).unwrap(),
+        vec![
+            ("lab-a".to_string(), MINUTE, {
+                let mut d = delta(1_234_567, 3);
+                d.add(&delta(3, 3));
+                d
+            }),
+            ("lab-a".to_string(), MINUTE + 60, delta(7_654_321, 2)),
+        ]
+    );
+    let usage = r.usage(None, MINUTE, MINUTE + 3600).unwrap();
+    let energy: HashMap<&str, u64> = usage.spans.iter().fold(HashMap::new(), |mut m, (t, s)| {
+        *m.entry(t.as_str()).or_default() += s.delta.energy_mj;
+        m
+    });
+    assert_eq!(energy["lab-a"], 1_234_567 + 3 + 7_654_321);
+    assert_eq!(energy["lab-b"], 1);
+    assert_eq!(usage.revision, 2);
+    assert!(usage.adjustments.is_empty());
+    assert_eq!(r.tenants().unwrap(), vec!["lab-a", "lab-b"]);
+    let mut totals = f.writer.restore().unwrap().tenant_energy;
+    totals.sort();
+    assert_eq!(
+        totals,
+        vec![
+            ("lab-a".to_string(), 1_234_567 + 3 + 7_654_321),
+            ("lab-b".to_string(), 1)
+        ]
+    );
+}
+
+/// A fenced commit is refused as a whole: no bucket, no cursor, no total,
+/// no revision, and it claims nothing.
+pub(crate) fn a_refused_commit_writes_nothing<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    let b = w.claim("b", "n1").unwrap();
+    let mut c = booking("n1", cursor(1, 10, 5_000), "lab-a", MINUTE, 1_000);
+    c.nodes.insert(Arc::from("n2"), cursor(1, 3, 9_000));
+    c.buckets.insert(
+        (Arc::from("lab-a"), Arc::from("n2"), MINUTE),
+        delta(2_000, 1),
+    );
+    match w.commit_as("a", &c, MINUTE + 60, MINUTE + 3600) {
+        Err(LedgerError::Fenced {
+            node,
+            holder,
+            generation,
+        }) => assert_eq!(
+            (node.as_str(), holder.as_str(), generation),
+            ("n1", "b", b.generation)
+        ),
+        other => panic!("a fenced commit went through: {other:?}"),
+    }
+    let snap = w.restore().unwrap();
+    assert!(snap.nodes.is_empty(), "{snap:?}");
+    assert!(snap.tenant_energy.is_empty(), "{snap:?}");
+    assert_eq!(w.finalized_through().unwrap(), 0, "the watermark moved");
+    // n2, in the refused commit, was not claimed by it.
+    assert_eq!(w.claim("c", "n2").unwrap().generation, 1);
+    let r = &f.reader;
+    assert!(r.minutes(None, 0, i64::MAX).unwrap().is_empty());
+    let usage = r.usage(None, 0, i64::MAX).unwrap();
+    assert_eq!((usage.revision, usage.spans.len()), (0, 0));
+    assert!(r.tenants().unwrap().is_empty());
+}
+
+/// Holder A claims, holder B claims: A's commit is refused, B's goes
+/// through, and A's claim afterwards finds B's cursor under a new
+/// generation.
+pub(crate) fn a_commit_after_another_holders_claim_is_fenced<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    let a = w.claim("a", "n1").unwrap();
+    assert_eq!(a.cursor, None);
+    let b = w.claim("b", "n1").unwrap();
+    assert!(b.generation > a.generation, "{a:?} then {b:?}");
+    let from_a = booking("n1", cursor(1, 10, 5_000), "lab-a", MINUTE, 1_000);
+    assert!(matches!(
+        w.commit_as("a", &from_a, MINUTE + 60, i64::MIN),
+        Err(LedgerError::Fenced { .. })
+    ));
+    let from_b = booking("n1", cursor(2, 4, 7_000), "lab-a", MINUTE, 2_000);
+    w.commit_as("b", &from_b, MINUTE + 60, i64::MIN).unwrap();
+    let back = w.claim("a", "n1").unwrap();
+    assert!(back.generation > b.generation);
+    assert_eq!(back.cursor, Some(cursor(2, 4, 7_000)));
+    // B lost it in turn.
+    assert!(matches!(
+        w.commit_as("b", &from_b, MINUTE + 60, i64::MIN),
+        Err(LedgerError::Fenced { .. })
+    ));
+    let mins = f.reader.minutes(None, 0, i64::MAX).unwrap();
+    assert_eq!(mins.len(), 1);
+    assert_eq!(mins[0].2.energy_mj, 2_000, "only B's commit counted");
+}
+
+/// A holder claiming a node it holds (its agent reconnected) keeps the
+/// generation, and its pending commit still goes through.
+pub(crate) fn a_claim_by_the_same_holder_keeps_its_generation<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    let first = w.claim("a", "n1").unwrap();
+    let again = w.claim("a", "n1").unwrap();
+    assert_eq!(again.generation, first.generation);
+    let both = w.claim_nodes("a", &["n1", "n2"]).unwrap();
+    assert_eq!(both[0].generation, first.generation);
+    let c = booking("n1", cursor(1, 10, 5_000), "lab-a", MINUTE, 1_000);
+    w.commit_as("a", &c, MINUTE + 60, i64::MIN).unwrap();
+    assert_eq!(w.claim("a", "n1").unwrap().generation, first.generation);
+    // A node first seen in a commit is claimed by it.
+    let mut c = booking("n3", cursor(1, 1, 1), "lab-a", MINUTE, 5);
+    c.nodes.insert(Arc::from("n1"), cursor(1, 11, 5_001));
+    w.commit_as("a", &c, MINUTE + 60, i64::MIN).unwrap();
+    let n3 = w.claim("a", "n3").unwrap();
+    assert_eq!(n3.cursor, Some(cursor(1, 1, 1)));
+    assert!(matches!(
+        w.commit_as(
+            "b",
+            &booking("n3", cursor(1, 2, 2), "lab-a", MINUTE, 1),
+            MINUTE + 60,
+            i64::MIN
+        ),
+        Err(LedgerError::Fenced { .. })
+    ));
+    assert_eq!(
+        f.reader.minutes(None, 0, i64::MAX).unwrap()[0].2.energy_mj,
+        1_005
+    );
+}
+
+/// What a restore returns is what was committed: the latest cursor of
+/// every node, whoever committed it, and the tenant totals.
+pub(crate) fn restore_returns_what_was_committed<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    assert!(w.restore().unwrap().nodes.is_empty());
+    w.claim("a", "n1").unwrap();
+    w.claim("b", "n2").unwrap();
+    let mut c = booking("n1", cursor(3, 10, 5_000), "lab-a", MINUTE, 1_000);
+    w.commit_as("a", &c, MINUTE + 60, i64::MIN).unwrap();
+    c = booking("n1", cursor(3, 12, 6_000), "lab-a", MINUTE + 60, 500);
+    w.commit_as("a", &c, MINUTE + 120, i64::MIN).unwrap();
+    c = booking("n2", cursor(1, 1, 42), "lab-b", MINUTE, 7);
+    w.commit_as("b", &c, MINUTE + 120, i64::MIN).unwrap();
+    let mut snap = w.restore().unwrap();
+    snap.nodes.sort_by(|a, b| a.0.cmp(&b.0));
+    snap.tenant_energy.sort();
+    assert_eq!(
+        snap.nodes,
+        vec![
+            ("n1".to_string(), cursor(3, 12, 6_000)),
+            ("n2".to_string(), cursor(1, 1, 42))
+        ]
+    );
+    assert_eq!(
+        snap.tenant_energy,
+        vec![("lab-a".to_string(), 1_500), ("lab-b".to_string(), 7)]
+    );
+    assert_eq!(
+        w.claim("b", "n1").unwrap().cursor,
+        Some(cursor(3, 12, 6_000))
+    );
+}
+
+/// The compaction lease is one holder's until it expires or is released;
+/// compaction under a lease that passed on is refused. The clock is an
+/// argument: no sleeps.
+pub(crate) fn the_compaction_lease_is_exclusive_and_expires<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    let ttl = Duration::from_secs(60);
+    let policy = Compaction {
+        closed_before: 0,
+        minutes_from: 0,
+        hours_from: 0,
+        days_from: None,
+    };
+    let contracts = no_contracts();
+    let a = w.acquire_compaction("a", 1_000, ttl).unwrap();
+    assert_eq!(
+        a,
+        CompactionLease {
+            holder: "a".into(),
+            expires_at: 1_060
+        }
+    );
+    match w.acquire_compaction("b", 1_030, ttl) {
+        Err(LedgerError::LeaseHeld { holder, until }) => {
+            assert_eq!((holder.as_str(), until), ("a", 1_060))
+        }
+        other => panic!("a second holder got the lease: {other:?}"),
+    }
+    w.compact_under(&a, 1_030, &policy, &contracts).unwrap();
+    // Renewed by its holder.
+    let a = w.acquire_compaction("a", 1_050, ttl).unwrap();
+    assert_eq!(a.expires_at, 1_110);
+    assert!(matches!(
+        w.acquire_compaction("b", 1_109, ttl),
+        Err(LedgerError::LeaseHeld { .. })
+    ));
+    // Expired: another holder takes it, and the first may not compact.
+    assert!(matches!(
+        w.compact_under(&a, 1_110, &policy, &contracts),
+        Err(LedgerError::LeaseLost { .. })
+    ));
+    let b = w.acquire_compaction("b", 1_110, ttl).unwrap();
+    assert!(matches!(
+        w.compact_under(&a, 1_111, &policy, &contracts),
+        Err(LedgerError::LeaseLost { .. })
+    ));
+    w.compact_under(&b, 1_111, &policy, &contracts).unwrap();
+    // Released: free at once; releasing a lease no longer held changes
+    // nothing.
+    w.release_compaction(&b).unwrap();
+    let a = w.acquire_compaction("a", 1_112, ttl).unwrap();
+    w.release_compaction(&b).unwrap();
+    assert!(matches!(
+        w.acquire_compaction("b", 1_113, ttl),
+        Err(LedgerError::LeaseHeld { .. })
+    ));
+    w.compact_under(&a, 1_113, &policy, &contracts).unwrap();
+}
+
+/// Tenant file versions come back in the order they were added, through
+/// the writer and the reader.
+pub(crate) fn tenant_versions_round_trip<W: LedgerWriter, R: LedgerReader>(mut f: Fresh<W, R>) {
+    let w = &mut f.writer;
+    assert!(w.tenant_versions().unwrap().is_empty());
+    let versions = [
+        TenantVersion {
+            effective_from_ns: 5,
+            loaded_at_ns: 10,
+            file: "[[tenant]]\nid = \"b\"\n".into(),
+        },
+        TenantVersion {
+            effective_from_ns: 1,
+            loaded_at_ns: 20,
+            file: "[[tenant]]\nid = \"a\"\n".into(),
+        },
+    ];
+    for v in &versions {
+        w.add_tenant_version(v).unwrap();
+    }
+    assert_eq!(w.tenant_versions().unwrap(), versions);
+    assert_eq!(f.reader.tenant_versions().unwrap(), versions);
+    assert_eq!(f.reader.tenant_version_count().unwrap(), 2);
+}
+
+/// A delta for a minute behind the watermark is an adjustment of the
+/// revision that booked it; the minute itself stays as it was.
+pub(crate) fn late_deltas_after_the_watermark_are_adjustments<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    let c = booking("n1", cursor(1, 10, 5_000), "lab-a", MINUTE, 1_000);
+    w.commit_as("a", &c, MINUTE + 60, MINUTE + 900).unwrap();
+    assert_eq!(w.finalized_through().unwrap(), MINUTE + 900);
+    // The watermark never moves back.
+    let c = booking("n1", cursor(1, 11, 5_250), "lab-a", MINUTE, 250);
+    let done = w.commit_as("a", &c, MINUTE + 4_000, 0).unwrap();
+    assert_eq!(done.revision, 2);
+    assert_eq!(w.finalized_through().unwrap(), MINUTE + 900);
+    let r = &f.reader;
+    let usage = r.usage_since(None, MINUTE, MINUTE + 3600, 0).unwrap();
+    assert_eq!(usage.finalized_through, MINUTE + 900);
+    assert_eq!(usage.spans.len(), 1);
+    assert_eq!(
+        usage.spans[0].1.delta.energy_mj, 1_000,
+        "a final minute changed"
+    );
+    assert_eq!(usage.adjustments.len(), 1);
+    let adj = &usage.adjustments[0];
+    assert_eq!(
+        (
+            adj.revision,
+            adj.booked_at,
+            adj.tenant.as_str(),
+            adj.node.as_str(),
+            adj.minute_start
+        ),
+        (2, MINUTE + 4_000, "lab-a", "n1", MINUTE)
+    );
+    assert_eq!(adj.delta, delta(250, 3));
+    assert!(
+        r.usage_since(None, MINUTE, MINUTE + 3600, 2)
+            .unwrap()
+            .adjustments
+            .is_empty()
+    );
+    assert_eq!(
+        r.usage(None, MINUTE, MINUTE + 3600)
+            .unwrap()
+            .adjustments
+            .len(),
+        1
+    );
+    let snap = w.restore().unwrap();
+    assert_eq!(snap.tenant_energy, vec![("lab-a".to_string(), 1_250)]);
+}

@@ -1,0 +1,581 @@
+//! The billing ledger behind two interfaces: [`LedgerWriter`] (what the
+//! committer and the compactor write through) and [`LedgerReader`] (what
+//! the usage API, the status page and the `usage` command read), with
+//! SQLite ([`sqlite`]) as the embedded implementation. The ledger holds,
+//! per tenant, node and minute, the energy and GPU time counted, plus the
+//! cursors that make counting exactly-once across crashes.
+//!
+//! *Invariant:* one transaction writes the bucket deltas of a set of
+//! samples, every node's highest accepted (epoch, seq) and the last counter
+//! reading of each of its GPUs (one row per node). The collector acks a sample only after the transaction
+//! holding it has committed, so after a crash at any moment the ledger and
+//! the cursors agree: samples not committed were not acked and are re-sent;
+//! samples committed are duplicates when re-sent.
+//!
+//! *Invariant (fencing):* a node's cursor is written only by the holder
+//! that claimed it last ([`LedgerWriter::claim`]); a commit naming a node
+//! another holder claimed since is refused as a whole
+//! ([`LedgerError::Fenced`]) and writes nothing. Compaction runs only
+//! under a lease ([`LedgerWriter::acquire_compaction`]) that one holder has
+//! at a time.
+//!
+//! *Invariant:* with SQLite, one writer per database file (a flock on the
+//! file itself), and a lost ledger is refused, never taken for a new one:
+//! only `Ledger::create` makes a ledger, and each commit's revision is
+//! recorded in `<ledger>.last-commit` after it, so a ledger behind its
+//! marker lost commits (see `Ledger::open_as`).
+
+pub mod sqlite;
+
+#[cfg(test)]
+pub(crate) mod conformance;
+#[cfg(test)]
+mod tests;
+
+pub use sqlite::{Ledger, Reader};
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::tenants::TenantHistory;
+
+/// A version of the tenant file as the ledger keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantVersion {
+    /// When it took effect (Unix nanoseconds).
+    pub effective_from_ns: i64,
+    /// When the collector loaded it (Unix nanoseconds).
+    pub loaded_at_ns: i64,
+    /// The file's text.
+    pub file: String,
+}
+
+/// Over-contract time (ns) and overage (mJ) of one tenant-minute that
+/// holds `energy_mj` against a contract of `contracted_milliwatts` (0: no
+/// contract): a minute whose average power is above the contract counts
+/// 60 s over it, and its energy above contract × 60 s as overage. Energy
+/// only grows, so the figures only grow with it.
+pub fn over_contract(energy_mj: u64, contracted_milliwatts: u64) -> (u64, u64) {
+    // mW × s = mJ.
+    let allowed = u128::from(contracted_milliwatts) * MINUTE as u128;
+    if contracted_milliwatts == 0 || u128::from(energy_mj) <= allowed {
+        return (0, 0);
+    }
+    (
+        MINUTE as u64 * 1_000_000_000,
+        u64::try_from(u128::from(energy_mj) - allowed).unwrap_or(u64::MAX),
+    )
+}
+
+/// Rollup periods, in seconds.
+pub const HOUR: i64 = 3600;
+pub const DAY: i64 = 86_400;
+const MINUTE: i64 = 60;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LedgerError {
+    #[error("ledger {path}: {error}")]
+    Sqlite {
+        path: PathBuf,
+        error: rusqlite::Error,
+    },
+    #[error("ledger {path}: schema version {found} is newer than this collector knows ({known})")]
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error(
+        "ledger {path}: schema version {found} is older than this collector's ({known}); start the collector once to migrate it"
+    )]
+    TooOld {
+        path: PathBuf,
+        found: i64,
+        known: usize,
+    },
+    #[error("ledger {path} does not exist")]
+    Missing { path: PathBuf },
+    #[error(
+        "ledger {path} is in use by another collector (another process holds it locked for writing)"
+    )]
+    InUse { path: PathBuf },
+    #[error("ledger {path}: {error}")]
+    Io {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "no ledger at {path}; to start a new one, run `capwatch-collector init-ledger` with the same --ledger or config once"
+    )]
+    NotFound { path: PathBuf },
+    #[error(
+        "no ledger at {path}, but {trace} is left from an earlier one: the ledger was lost. Restore it (with its -wal) rather than start a new one; remove what is left only to give the history up"
+    )]
+    Traces { path: PathBuf, trace: PathBuf },
+    #[error("ledger {path} already exists; nothing was changed")]
+    Exists { path: PathBuf },
+    #[error(
+        "ledger {path} is empty (0 bytes): its data is lost, it is not a new ledger. Restore it from a backup, or remove it and run `capwatch-collector init-ledger` to start a new one"
+    )]
+    Empty { path: PathBuf },
+    #[error("ledger {path} is not a capwatch ledger (schema version 0)")]
+    NotALedger { path: PathBuf },
+    #[error("ledger {path} cannot be written: {error}")]
+    Unwritable {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error(
+        "ledger {path} holds {found} commits, but {marker} records commit {expected}: its latest commits are lost (a deleted or replaced -wal file, or an older copy). Restore them, or accept the ledger as it stands with --recover-ledger (it then gets a new ledger_id)"
+    )]
+    Rewound {
+        path: PathBuf,
+        marker: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error(
+        "ledger {path} holds {found} commits, but {marker}, which records its last commit, is {problem}: its latest commits may be lost (a -wal file left behind where the ledger came from). Restore it, or accept the ledger as it stands with --recover-ledger (it then gets a new ledger_id)"
+    )]
+    Marker {
+        path: PathBuf,
+        marker: PathBuf,
+        found: u64,
+        problem: String,
+    },
+    #[error("ledger {path}: value out of range in {what}")]
+    Range { path: PathBuf, what: &'static str },
+    #[error(
+        "node {node} was claimed by {holder} (generation {generation}) after this collector's claim: the commit was refused and nothing of it written"
+    )]
+    Fenced {
+        node: String,
+        holder: String,
+        generation: u64,
+    },
+    #[error("the compaction lease is held by {holder} until {until} (Unix seconds)")]
+    LeaseHeld { holder: String, until: i64 },
+    #[error("the compaction lease of {holder} has expired or passed to another holder")]
+    LeaseLost { holder: String },
+}
+
+/// A GPU's counting state, as committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuCursor {
+    pub last_counter_mj: Option<u64>,
+    pub last_timestamp_ns: Option<i64>,
+    pub remainder_mw_ns: u64,
+    pub energy_mj: u64,
+    /// Counter resets and implausible jumps seen since the GPU was first
+    /// seen (`capwatch_gpu_energy_resets_total`).
+    pub counter_resets: u64,
+}
+
+/// Additions to one (tenant, node, minute) bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BucketDelta {
+    pub energy_mj: u64,
+    /// GPU time backed by samples (intervals within the staleness window).
+    pub gpu_ns: u64,
+    /// GPU time weighted by utilization.
+    pub busy_gpu_ns: u64,
+    /// GPU readings.
+    pub samples: u64,
+    /// GPU time between readings, gaps included: what coverage is measured
+    /// against.
+    pub expected_gpu_ns: u64,
+    /// Energy integrated from power instead of read from a counter.
+    pub estimated_mj: u64,
+    /// Time the tenant was above its contract: in a rollup, the sum of
+    /// its minutes' `over_contract`; in a tenant-wide adjustment (node
+    /// `""`), what late energy changed in its final minute's; always 0 in
+    /// a minute bucket (see `Span::over_contract`).
+    pub over_contract_ns: u64,
+    /// Energy above the contract, as `over_contract_ns`.
+    pub overage_mj: u64,
+}
+
+impl BucketDelta {
+    /// The fields in `BUCKET_COLUMNS` order.
+    fn values(&self) -> [u64; 8] {
+        [
+            self.energy_mj,
+            self.gpu_ns,
+            self.busy_gpu_ns,
+            self.samples,
+            self.expected_gpu_ns,
+            self.estimated_mj,
+            self.over_contract_ns,
+            self.overage_mj,
+        ]
+    }
+
+    fn from_values(v: [u64; 8]) -> Self {
+        let [
+            energy_mj,
+            gpu_ns,
+            busy_gpu_ns,
+            samples,
+            expected_gpu_ns,
+            estimated_mj,
+            over_contract_ns,
+            overage_mj,
+        ] = v;
+        Self {
+            energy_mj,
+            gpu_ns,
+            busy_gpu_ns,
+            samples,
+            expected_gpu_ns,
+            estimated_mj,
+            over_contract_ns,
+            overage_mj,
+        }
+    }
+
+    /// Adds `other` field by field.
+    pub fn add(&mut self, other: &BucketDelta) {
+        let mut v = self.values();
+        for (a, b) in v.iter_mut().zip(other.values()) {
+            *a = a.saturating_add(b);
+        }
+        *self = Self::from_values(v);
+    }
+}
+
+/// Bucket key: (tenant, node, minute start in Unix seconds).
+pub type BucketKey = (Arc<str>, Arc<str>, i64);
+
+/// What the ledger keeps per node: the highest (epoch, seq) accepted and
+/// the counting state of each of its GPUs (by UUID), those it announced
+/// last and those that left it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeCursor {
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub gpus: Vec<(Arc<str>, GpuCursor)>,
+}
+
+/// Everything one transaction writes.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// Each node's latest cursor, complete: a later one replaces it.
+    pub nodes: HashMap<Arc<str>, NodeCursor>,
+    pub buckets: HashMap<BucketKey, BucketDelta>,
+    pub tenant_energy: HashMap<Arc<str>, u64>,
+    /// The tenant file's history, whose version in force at each minute
+    /// gives the contract the minute is measured against, for each
+    /// tenant's over-contract counter; none: no tenant has one.
+    pub contracts: Option<Arc<TenantHistory>>,
+}
+
+/// What a commit added to the tenants' over-contract counters
+/// (`tenant_total.over_contract_ns`), by tenant.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The commit's revision.
+    pub revision: u64,
+    pub over_contract_ns: Vec<(Arc<str>, u64)>,
+}
+
+impl Commit {
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty() && self.buckets.is_empty()
+    }
+
+    /// Folds a later commit into this one (used when a commit failed and
+    /// is retried together with what arrived since).
+    pub fn absorb(&mut self, later: Commit) {
+        self.nodes.extend(later.nodes);
+        for (k, d) in later.buckets {
+            self.buckets.entry(k).or_default().add(&d);
+        }
+        for (t, e) in later.tenant_energy {
+            *self.tenant_energy.entry(t).or_default() += e;
+        }
+        if later.contracts.is_some() {
+            self.contracts = later.contracts;
+        }
+    }
+}
+
+/// What the ledger holds at start-up.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub nodes: Vec<(String, NodeCursor)>,
+    pub tenant_energy: Vec<(String, u64)>,
+    pub tenant_over_contract_ns: Vec<(String, u64)>,
+}
+
+/// The ledger's identity, shown on `/metrics` so that a swapped or
+/// recreated ledger is seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// Random, given when the ledger was created (or recovered).
+    pub ledger_id: String,
+    /// Unix seconds.
+    pub created_at: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// Hours ending at or before this are closed and get rolled up.
+    pub closed_before: i64,
+    /// Minute buckets before this are dropped (rounded down to the hour).
+    pub minutes_from: i64,
+    /// Hourly rollups before this are dropped (rounded down to the day).
+    pub hours_from: i64,
+    /// Daily rollups before this are dropped; `None` keeps them forever.
+    pub days_from: Option<i64>,
+}
+
+/// What one compaction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Compacted {
+    pub hours_rolled_up: usize,
+    pub days_rolled_up: usize,
+    pub minute_rows_dropped: usize,
+    pub hour_rows_dropped: usize,
+    pub day_rows_dropped: usize,
+    pub adjustment_rows_dropped: usize,
+}
+
+/// A stretch of one tenant's usage, summed over its nodes: a minute bucket
+/// or an hourly or daily rollup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    pub start: i64,
+    pub seconds: i64,
+    pub delta: BucketDelta,
+    /// Highest quarter-hour energy inside a rollup; `None` for a minute,
+    /// whose quarter-hours are summed from the minutes themselves.
+    pub peak_quarter_mj: Option<u64>,
+}
+
+impl Span {
+    /// Over-contract time (ns) and overage (mJ) of the span against the
+    /// tenant's contract for its minute (mW, 0: none): `over_contract` of
+    /// a minute's energy, or what a rollup stored when it was rolled up
+    /// (`contracted_milliwatts` is then not used).
+    pub fn over_contract(&self, contracted_milliwatts: u64) -> (u64, u64) {
+        match self.peak_quarter_mj {
+            None => over_contract(self.delta.energy_mj, contracted_milliwatts),
+            Some(_) => (self.delta.over_contract_ns, self.delta.overage_mj),
+        }
+    }
+}
+
+/// Usage read for a period: the spans, finest first available, and from
+/// when each granularity is kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// (tenant, span), ordered by tenant, then time.
+    pub spans: Vec<(String, Span)>,
+    /// Minute buckets exist from here on; before, hourly rollups.
+    pub minutes_from: i64,
+    /// Hourly rollups exist from here on; before, daily rollups.
+    pub hours_from: i64,
+    /// Daily rollups exist from here on; before, nothing is kept.
+    pub days_from: i64,
+    /// The revision of the last commit.
+    pub revision: u64,
+    /// Minutes ending at or before this (Unix seconds) never change.
+    pub finalized_through: i64,
+    /// Deltas booked for minutes of the period that were already final,
+    /// in revisions after the one asked about, ordered by revision,
+    /// tenant, node and minute.
+    pub adjustments: Vec<Adjustment>,
+}
+
+/// A late delta to a final minute of one tenant on one node, booked by
+/// revision `revision` at `booked_at` (Unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Adjustment {
+    pub revision: u64,
+    pub booked_at: i64,
+    pub tenant: String,
+    pub node: String,
+    pub minute_start: i64,
+    pub delta: BucketDelta,
+}
+
+/// What a claim found: the node's fencing generation and its cursor as
+/// committed, if it has one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    /// Bumped each time another holder takes the node; kept when its
+    /// holder claims it again.
+    pub generation: u64,
+    /// The node's cursor as last committed, by any holder; `None` for a
+    /// node never committed.
+    pub cursor: Option<NodeCursor>,
+}
+
+/// The compaction lease, as one holder has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompactionLease {
+    pub holder: String,
+    /// Unix seconds; from then on another holder may take it.
+    pub expires_at: i64,
+}
+
+/// Writes the ledger: what the committer, the compactor and the start-up
+/// restore use. Designed for several collectors writing one database,
+/// each under its own holder id; an implementation where one process holds
+/// the database (SQLite) keeps the same rules, trivially held.
+///
+/// Tenant totals (`Snapshot::tenant_energy`, `tenant_over_contract_ns`)
+/// are kept by each commit as additions inside its own transaction (never
+/// written as a total from a writer's memory), so the ledger's totals are
+/// the sum of every writer's commits, however many there are. `restore`
+/// reads them from the ledger; a collector's live counters are what it
+/// restored plus what its own commits added since (`Committed`).
+pub trait LedgerWriter: Send {
+    /// Who this ledger is: shown on `/metrics`.
+    fn identity(&self) -> &Identity;
+
+    /// The cursors and tenant totals to resume from at start-up.
+    fn restore(&self) -> Result<Snapshot, LedgerError>;
+
+    /// Claims each of `nodes` for `holder`, in one transaction: a node
+    /// held by another holder (or by none) passes to `holder` with its
+    /// generation bumped; one `holder` already holds keeps its generation
+    /// (a collector re-accepting its own node after a reconnect must not
+    /// fence its own pending commit). Returns, in the order asked, each
+    /// node's generation and stored cursor.
+    fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError>;
+
+    /// `claim_nodes` for one node.
+    fn claim(&mut self, holder: &str, node: &str) -> Result<Claim, LedgerError> {
+        let mut claims = self.claim_nodes(holder, &[node])?;
+        Ok(claims.pop().expect("one claim per node asked"))
+    }
+
+    /// Writes `batch` for `holder` in one transaction as the next revision,
+    /// booked at `booked_at` (Unix seconds), and moves the watermark
+    /// forward to `finalize_through` (never back). Refused as a whole, with
+    /// `LedgerError::Fenced` and nothing written (no bucket, no cursor, no
+    /// total), when any node of `batch.nodes` is held by another holder;
+    /// a node nobody has claimed is claimed for `holder` by the commit
+    /// itself, in the same transaction.
+    fn commit_as(
+        &mut self,
+        holder: &str,
+        batch: &Commit,
+        booked_at: i64,
+        finalize_through: i64,
+    ) -> Result<Committed, LedgerError>;
+
+    /// Where the watermark stands: minute buckets ending at or before this
+    /// (Unix seconds) never change.
+    fn finalized_through(&self) -> Result<i64, LedgerError>;
+
+    /// Every tenant file version recorded, in the order they were loaded.
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError>;
+
+    /// Records a tenant file version (durably, on its own transaction).
+    fn add_tenant_version(&mut self, v: &TenantVersion) -> Result<(), LedgerError>;
+
+    /// Takes (or renews) the compaction lease for `holder` at `now` (Unix
+    /// seconds) until `now + ttl`; refused with `LedgerError::LeaseHeld`
+    /// while another holder's lease has not expired.
+    fn acquire_compaction(
+        &mut self,
+        holder: &str,
+        now: i64,
+        ttl: Duration,
+    ) -> Result<CompactionLease, LedgerError>;
+
+    /// Rolls closed hours up and applies `policy` in one transaction, under
+    /// `lease`: refused with `LedgerError::LeaseLost` (and nothing done)
+    /// where the lease expired by `now` or passed to another holder.
+    fn compact_under(
+        &mut self,
+        lease: &CompactionLease,
+        now: i64,
+        policy: &Compaction,
+        contracts: &TenantHistory,
+    ) -> Result<Compacted, LedgerError>;
+
+    /// Gives the lease up, so that another holder may take it at once; a
+    /// lease no longer held is left alone.
+    fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError>;
+}
+
+/// Reads the ledger: usage rows, minutes, adjustments and tenants. Never
+/// refused by writers, and never writes.
+pub trait LedgerReader {
+    /// Every tenant file version recorded, in the order they were loaded.
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError>;
+
+    /// How many tenant file versions are recorded (they are only added).
+    fn tenant_version_count(&self) -> Result<u64, LedgerError>;
+
+    /// Minute buckets in `[from, to)` (Unix seconds, minute-aligned),
+    /// summed over nodes: (tenant, minute start, sums), ordered by tenant
+    /// then time. `tenant` `None` reads every tenant.
+    fn minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError>;
+
+    /// The usage of `tenant` (`None`: every tenant) in `[from, to)`, read
+    /// in one snapshot: minute buckets where they are kept, hourly and then
+    /// daily rollups before, and every adjustment.
+    fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
+        self.usage_since(tenant, from, to, 0)
+    }
+
+    /// As `usage`, with the adjustments booked after revision
+    /// `since_revision` only, all read in one snapshot.
+    fn usage_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError>;
+
+    /// Every tenant that has buckets.
+    fn tenants(&self) -> Result<Vec<String>, LedgerError>;
+}
+
+/// Splits `amount` spread evenly over the interval `(from_ns, to_ns]`
+/// across the minutes it overlaps, exactly: the parts are floors of the
+/// time-proportional shares, and what the floors leave goes to the
+/// minutes with the largest remainders. Returns (minute start in Unix
+/// seconds, part) pairs in time order.
+pub fn split_by_minute(amount: u64, from_ns: i64, to_ns: i64) -> Vec<(i64, u64)> {
+    const MINUTE_NS: i64 = 60_000_000_000;
+    if to_ns <= from_ns {
+        // No interval: all of it lands in the minute of `to_ns`.
+        return vec![(to_ns.div_euclid(MINUTE_NS) * 60, amount)];
+    }
+    let total = (to_ns - from_ns) as u128;
+    let mut parts = Vec::new();
+    let mut start = from_ns;
+    while start < to_ns {
+        let minute = start.div_euclid(MINUTE_NS);
+        let end = ((minute + 1) * MINUTE_NS).min(to_ns);
+        let share = u128::from(amount) * (end - start) as u128;
+        parts.push((minute * 60, (share / total) as u64, share % total));
+        start = end;
+    }
+    let assigned: u64 = parts.iter().map(|p| p.1).sum();
+    let mut left = amount - assigned;
+    // Largest remainder first; ties to the later minute, deterministic.
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| parts[b].2.cmp(&parts[a].2).then(b.cmp(&a)));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        parts[i].1 += 1;
+        left -= 1;
+    }
+    parts.into_iter().map(|(m, v, _)| (m, v)).collect()
+}

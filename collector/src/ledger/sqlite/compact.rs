@@ -1,0 +1,328 @@
+//! Compaction: closed hours rolled up into hourly and daily rollups, and
+//! retention applied, in one transaction.
+
+use rusqlite::params;
+
+use super::{BUCKET_COLUMNS, Ledger, i64_of, kept_from, sqlite_err, u64_of};
+use crate::ledger::{
+    Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE, over_contract,
+};
+use crate::tenants::TenantHistory;
+
+/// Most hours one compaction rolls up, so that a long backlog (the first
+/// round on a ledger from before rollups) does not hold the ledger, and
+/// with it every commit and ack, for long.
+pub(super) const HOURS_PER_ROUND: i64 = 48;
+
+impl Ledger {
+    /// Rolls closed hours up and drops what `policy` no longer keeps, in
+    /// one transaction.
+    ///
+    /// *Invariant:* an hour's rollup is rebuilt from its minutes whenever
+    /// a commit touched them (late samples, gap energy), and a day's from
+    /// its hours, so every rollup equals the sum of what it covers; minutes
+    /// are dropped only after their hour has been rolled up. A rollup's
+    /// over-contract time and overage are the sum of its minutes'
+    /// `over_contract` against the contract of the version of `contracts`
+    /// in force at each minute, evaluated as it is rolled up (they cannot
+    /// be evaluated from the sums later).
+    pub fn compact(
+        &mut self,
+        policy: &Compaction,
+        contracts: &TenantHistory,
+    ) -> Result<Compacted, LedgerError> {
+        self.compact_checked(None, policy, contracts)
+    }
+
+    /// `compact`, under `lease` at the given time where there is one
+    /// (`LedgerWriter::compact_under`): the lease is checked in the
+    /// compaction's own transaction.
+    pub(super) fn compact_checked(
+        &mut self,
+        lease: Option<(&CompactionLease, i64)>,
+        policy: &Compaction,
+        contracts: &TenantHistory,
+    ) -> Result<Compacted, LedgerError> {
+        let p = self.path.clone();
+        let err = sqlite_err(&p);
+        let tx = self.conn.transaction().map_err(err)?;
+        if let Some((lease, now)) = lease
+            && !super::claim::lease_held(&tx, &p, lease, now)?
+        {
+            return Err(LedgerError::LeaseLost {
+                holder: lease.holder.clone(),
+            });
+        }
+        let mut done = Compacted::default();
+        {
+            let hours: Vec<i64> = {
+                let mut q = tx
+                    .prepare_cached(
+                        "SELECT hour_start FROM rollup_pending WHERE hour_start + 3600 <= ?1
+                         ORDER BY hour_start LIMIT ?2",
+                    )
+                    .map_err(err)?;
+                q.query_map([policy.closed_before, HOURS_PER_ROUND], |r| r.get(0))
+                    .map_err(err)?
+                    .collect::<Result<_, _>>()
+                    .map_err(err)?
+            };
+            let cols = BUCKET_COLUMNS.join(", ");
+            let sums = BUCKET_COLUMNS
+                .iter()
+                .map(|c| format!("SUM({c})"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut clear = tx
+                .prepare_cached("DELETE FROM usage_rollup WHERE period = ?1 AND start = ?2")
+                .map_err(err)?;
+            let mut clear_peak = tx
+                .prepare_cached("DELETE FROM demand_rollup WHERE period = ?1 AND start = ?2")
+                .map_err(err)?;
+            let mut hour = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_rollup (period, start, tenant, node, {cols})
+                     SELECT 3600, ?1, tenant, node, {sums} FROM usage_minute
+                     WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                     GROUP BY tenant, node"
+                ))
+                .map_err(err)?;
+            let mut hour_peak = tx
+                .prepare_cached(
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
+                     SELECT 3600, ?1, tenant, MAX(e) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                        FROM usage_minute
+                        WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                        GROUP BY tenant, quarter)
+                     GROUP BY tenant",
+                )
+                .map_err(err)?;
+            let mut day = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_rollup (period, start, tenant, node, {cols})
+                     SELECT 86400, ?1, tenant, node, {sums} FROM usage_rollup
+                     WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
+                     GROUP BY tenant, node"
+                ))
+                .map_err(err)?;
+            let mut day_peak = tx
+                .prepare_cached(
+                    "INSERT INTO demand_rollup
+                        (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj)
+                     SELECT 86400, ?1, tenant, MAX(peak_quarter_mj), SUM(over_contract_ns),
+                        SUM(overage_mj)
+                     FROM demand_rollup
+                     WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
+                     GROUP BY tenant",
+                )
+                .map_err(err)?;
+            // Minutes that arrived for an hour whose minutes were already
+            // dropped (only possible with a retention shorter than the
+            // oldest write the collector accepts) are added to the rollups
+            // that still exist, never replacing them.
+            let mut add = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_rollup (period, start, tenant, node, {cols})
+                     SELECT ?2, ?3, tenant, node, {sums} FROM usage_minute
+                     WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                     GROUP BY tenant, node
+                     ON CONFLICT (period, start, tenant, node) DO UPDATE SET {}",
+                    BUCKET_COLUMNS
+                        .iter()
+                        .map(|c| format!("{c} = {c} + excluded.{c}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .map_err(err)?;
+            let mut add_peak = tx
+                .prepare_cached(
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
+                     SELECT ?2, ?3, tenant, MAX(e) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                        FROM usage_minute
+                        WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                        GROUP BY tenant, quarter)
+                     GROUP BY tenant
+                     ON CONFLICT (period, start, tenant) DO UPDATE
+                        SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj)",
+                )
+                .map_err(err)?;
+            // Each tenant-minute of an hour against its contract, summed
+            // per tenant: (tenant, over-contract ns, overage mJ).
+            let mut minutes_of_hour = tx
+                .prepare_cached(
+                    "SELECT tenant, minute_start, SUM(energy_mj) FROM usage_minute
+                     WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                     GROUP BY tenant, minute_start",
+                )
+                .map_err(err)?;
+            let mut evaluate = |h: i64| -> Result<Vec<(String, i64, i64)>, LedgerError> {
+                let rows = minutes_of_hour
+                    .query_map([h], |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, i64>(2)?,
+                        ))
+                    })
+                    .map_err(err)?;
+                let mut per_tenant: Vec<(String, u64, u64)> = Vec::new();
+                for row in rows {
+                    let (tenant, minute, energy) = row.map_err(err)?;
+                    let energy = u64_of(energy, &p, "minute energy")?;
+                    let contract = contracts.contracted_milliwatts_at(&tenant, minute);
+                    let (ns, mj) = over_contract(energy, contract);
+                    match per_tenant.iter_mut().find(|(t, _, _)| *t == tenant) {
+                        Some((_, a, b)) => {
+                            *a = a.saturating_add(ns);
+                            *b = b.saturating_add(mj);
+                        }
+                        None => per_tenant.push((tenant, ns, mj)),
+                    }
+                }
+                per_tenant
+                    .into_iter()
+                    .filter(|(_, ns, mj)| *ns > 0 || *mj > 0)
+                    .map(|(t, ns, mj)| {
+                        Ok((
+                            t,
+                            i64_of(ns, &p, "over-contract time")?,
+                            i64_of(mj, &p, "overage")?,
+                        ))
+                    })
+                    .collect()
+            };
+            // Into the rollup's row written just before: set for a rollup
+            // rebuilt from its minutes, added for late minutes added to it.
+            let mut set_over = tx
+                .prepare_cached(
+                    "UPDATE demand_rollup SET over_contract_ns = ?4, overage_mj = ?5
+                     WHERE period = ?1 AND start = ?2 AND tenant = ?3",
+                )
+                .map_err(err)?;
+            let mut add_over = tx
+                .prepare_cached(
+                    "UPDATE demand_rollup SET over_contract_ns = over_contract_ns + ?4,
+                        overage_mj = overage_mj + ?5
+                     WHERE period = ?1 AND start = ?2 AND tenant = ?3",
+                )
+                .map_err(err)?;
+            let (old_minutes_from, old_hours_from) =
+                (kept_from(&tx, MINUTE, &p)?, kept_from(&tx, HOUR, &p)?);
+            let mut days = Vec::new();
+            for &h in &hours {
+                let d = h.div_euclid(DAY) * DAY;
+                let over = evaluate(h)?;
+                if h >= old_minutes_from {
+                    clear.execute([HOUR, h]).map_err(err)?;
+                    clear_peak.execute([HOUR, h]).map_err(err)?;
+                    hour.execute([h]).map_err(err)?;
+                    hour_peak.execute([h]).map_err(err)?;
+                    for (t, ns, mj) in &over {
+                        set_over.execute(params![HOUR, h, t, ns, mj]).map_err(err)?;
+                    }
+                } else if h >= old_hours_from {
+                    // Only the late minutes are left to evaluate: the
+                    // energy dropped with the others is not in them.
+                    add.execute([h, HOUR, h]).map_err(err)?;
+                    add_peak.execute([h, HOUR, h]).map_err(err)?;
+                    for (t, ns, mj) in &over {
+                        add_over.execute(params![HOUR, h, t, ns, mj]).map_err(err)?;
+                    }
+                }
+                if d >= old_hours_from {
+                    days.push(d);
+                } else {
+                    add.execute([h, DAY, d]).map_err(err)?;
+                    add_peak.execute([h, DAY, d]).map_err(err)?;
+                    for (t, ns, mj) in &over {
+                        add_over.execute(params![DAY, d, t, ns, mj]).map_err(err)?;
+                    }
+                }
+                if h < old_minutes_from {
+                    // Added once; gone before the next round could add
+                    // them again.
+                    tx.execute(
+                        "DELETE FROM usage_minute WHERE minute_start >= ?1 AND minute_start < ?1 + 3600",
+                        [h],
+                    )
+                    .map_err(err)?;
+                }
+            }
+            days.dedup();
+            for &d in &days {
+                clear.execute([DAY, d]).map_err(err)?;
+                clear_peak.execute([DAY, d]).map_err(err)?;
+                day.execute([d]).map_err(err)?;
+                day_peak.execute([d]).map_err(err)?;
+            }
+            let mut unpend = tx
+                .prepare_cached("DELETE FROM rollup_pending WHERE hour_start = ?1")
+                .map_err(err)?;
+            for &h in &hours {
+                unpend.execute([h]).map_err(err)?;
+            }
+            done.hours_rolled_up = hours.len();
+            done.days_rolled_up = days.len();
+            // Minutes go only where their hours are rolled up: closed, and
+            // no longer pending (a long backlog takes several rounds).
+            let oldest_pending: Option<i64> = tx
+                .query_row("SELECT MIN(hour_start) FROM rollup_pending", [], |r| {
+                    r.get(0)
+                })
+                .map_err(err)?;
+            let minutes_from = policy
+                .minutes_from
+                .min(policy.closed_before)
+                .min(oldest_pending.unwrap_or(i64::MAX))
+                .div_euclid(HOUR)
+                * HOUR;
+            done.minute_rows_dropped = tx
+                .execute(
+                    "DELETE FROM usage_minute WHERE minute_start < ?1",
+                    [minutes_from],
+                )
+                .map_err(err)?;
+            let mut keep = tx
+                .prepare_cached(
+                    "INSERT INTO retention (period, kept_from) VALUES (?1, ?2)
+                     ON CONFLICT (period) DO UPDATE SET kept_from = MAX(kept_from, ?2)",
+                )
+                .map_err(err)?;
+            keep.execute([MINUTE, minutes_from]).map_err(err)?;
+            let mut drop = |period: i64, from: i64| -> Result<usize, LedgerError> {
+                let n = tx
+                    .execute(
+                        "DELETE FROM usage_rollup WHERE period = ?1 AND start < ?2",
+                        [period, from],
+                    )
+                    .map_err(err)?;
+                tx.execute(
+                    "DELETE FROM demand_rollup WHERE period = ?1 AND start < ?2",
+                    [period, from],
+                )
+                .map_err(err)?;
+                keep.execute([period, from]).map_err(err)?;
+                Ok(n)
+            };
+            // Hours go only where their days are rolled up, which closed
+            // hours are.
+            let hours_from = policy.hours_from.min(minutes_from).div_euclid(DAY) * DAY;
+            done.hour_rows_dropped = drop(HOUR, hours_from)?;
+            if let Some(days_from) = policy.days_from {
+                let days_from = days_from.min(hours_from).div_euclid(DAY) * DAY;
+                done.day_rows_dropped = drop(DAY, days_from)?;
+                // Adjustments are kept as long as the days they belong to.
+                done.adjustment_rows_dropped = tx
+                    .execute(
+                        "DELETE FROM adjustment WHERE minute_start < ?1",
+                        [days_from],
+                    )
+                    .map_err(err)?;
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(done)
+    }
+}

@@ -1,0 +1,310 @@
+//! The reader: a read-only connection for the usage API, the status page
+//! and the `usage` command.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, params};
+
+use super::schema::MIGRATIONS;
+use super::{
+    BUCKET_COLUMNS, bucket_from_row, bucket_sums, kept_from, sqlite_err, u64_of, watermark,
+};
+use crate::ledger::{
+    Adjustment, BucketDelta, DAY, HOUR, LedgerError, LedgerReader, MINUTE, Span, TenantVersion,
+    Usage,
+};
+/// A read-only view of the ledger, for the usage API and the `usage`
+/// command. WAL lets it read while the collector commits.
+pub struct Reader {
+    conn: Connection,
+    path: PathBuf,
+}
+
+impl Reader {
+    pub fn open(path: &Path) -> Result<Self, LedgerError> {
+        if !path.exists() {
+            return Err(LedgerError::Missing {
+                path: path.to_owned(),
+            });
+        }
+        let conn = Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(sqlite_err(path))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(sqlite_err(path))?;
+        let version: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .map_err(sqlite_err(path))?;
+        let known = MIGRATIONS.len();
+        if version as usize > known {
+            return Err(LedgerError::TooNew {
+                path: path.to_owned(),
+                found: version,
+                known,
+            });
+        }
+        if (version as usize) < known {
+            return Err(LedgerError::TooOld {
+                path: path.to_owned(),
+                found: version,
+                known,
+            });
+        }
+        Ok(Self {
+            conn,
+            path: path.to_owned(),
+        })
+    }
+
+    /// Every tenant file version the collector recorded, in the order it
+    /// loaded them (see `Ledger::tenant_versions`).
+    pub fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        super::tenant_versions(&self.conn, &self.path)
+    }
+
+    /// How many tenant file versions are recorded (they are only added).
+    pub fn tenant_version_count(&self) -> Result<u64, LedgerError> {
+        let n: i64 = self
+            .conn
+            .query_row("SELECT COUNT(*) FROM tenant_version", [], |r| r.get(0))
+            .map_err(sqlite_err(&self.path))?;
+        u64_of(n, &self.path, "tenant versions")
+    }
+
+    /// Minute buckets in `[from, to)` (Unix seconds, minute-aligned),
+    /// summed over nodes: (tenant, minute start, sums), ordered by tenant
+    /// then time. `tenant` `None` reads every tenant.
+    pub fn minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
+        let p = &self.path;
+        let err = sqlite_err(p);
+        let mut q = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT tenant, minute_start, {}
+                 FROM usage_minute
+                 WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
+                 GROUP BY tenant, minute_start ORDER BY tenant, minute_start",
+                bucket_sums()
+            ))
+            .map_err(err)?;
+        let rows = q
+            .query_map(params![tenant, from, to], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    bucket_from_row(r, 2, p)?,
+                ))
+            })
+            .map_err(err)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (t, m, d) = row.map_err(err)?;
+            out.push((t, m, d?));
+        }
+        Ok(out)
+    }
+
+    /// The usage of `tenant` (`None`: every tenant) in `[from, to)`,
+    /// read in one snapshot: minute buckets where they are kept, hourly
+    /// and then daily rollups before, and every adjustment.
+    pub fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
+        self.usage_since(tenant, from, to, 0)
+    }
+
+    /// As `usage`, with the adjustments booked after revision
+    /// `since_revision` only. The revision, the watermark, the rows and
+    /// the adjustments are read in one snapshot, so a job that asks next
+    /// time since the revision returned sees every adjustment once.
+    pub fn usage_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        let p = &self.path;
+        let err = sqlite_err(p);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let (revision, finalized_through) = watermark(&tx, p)?;
+        let mut adjustments = Vec::new();
+        {
+            let mut q = tx
+                .prepare_cached(&format!(
+                    "SELECT revision, booked_at, tenant, node, minute_start, {}
+                     FROM adjustment
+                     WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
+                        AND revision > ?4
+                     ORDER BY revision, tenant, node, minute_start",
+                    BUCKET_COLUMNS.join(", ")
+                ))
+                .map_err(err)?;
+            let rows = q
+                .query_map(
+                    params![
+                        tenant,
+                        from,
+                        to,
+                        // Past any revision stored: nothing is after it.
+                        i64::try_from(since_revision).unwrap_or(i64::MAX)
+                    ],
+                    |r| {
+                        Ok((
+                            r.get::<_, i64>(0)?,
+                            r.get::<_, i64>(1)?,
+                            r.get::<_, String>(2)?,
+                            r.get::<_, String>(3)?,
+                            r.get::<_, i64>(4)?,
+                            bucket_from_row(r, 5, p)?,
+                        ))
+                    },
+                )
+                .map_err(err)?;
+            for row in rows {
+                let (revision, booked_at, tenant, node, minute_start, delta) = row.map_err(err)?;
+                adjustments.push(Adjustment {
+                    revision: u64_of(revision, p, "revision")?,
+                    booked_at,
+                    tenant,
+                    node,
+                    minute_start,
+                    delta: delta?,
+                });
+            }
+        }
+        let minutes_from = kept_from(&tx, MINUTE, p)?;
+        let hours_from = kept_from(&tx, HOUR, p)?.min(minutes_from);
+        let days_from = kept_from(&tx, DAY, p)?.min(hours_from);
+        let mut spans: Vec<(String, Span)> = Vec::new();
+        for (t, start, delta) in self.minutes(tenant, from.max(minutes_from), to)? {
+            spans.push((
+                t,
+                Span {
+                    start,
+                    seconds: MINUTE,
+                    delta,
+                    peak_quarter_mj: None,
+                },
+            ));
+        }
+        let mut q = tx
+            .prepare_cached(&format!(
+                "SELECT r.tenant, r.start, {}, MAX(COALESCE(d.peak_quarter_mj, 0)),
+                    MAX(COALESCE(d.over_contract_ns, 0)), MAX(COALESCE(d.overage_mj, 0))
+                 FROM usage_rollup r LEFT JOIN demand_rollup d
+                    ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
+                 WHERE r.period = ?1 AND (?2 IS NULL OR r.tenant = ?2)
+                    AND r.start >= ?3 AND r.start < ?4
+                 GROUP BY r.tenant, r.start",
+                BUCKET_COLUMNS
+                    .iter()
+                    .map(|c| format!("SUM(r.{c})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))
+            .map_err(err)?;
+        for (period, lo, hi) in [
+            (HOUR, from.max(hours_from), to.min(minutes_from)),
+            (DAY, from, to.min(hours_from)),
+        ] {
+            if lo >= hi {
+                continue;
+            }
+            let rows = q
+                .query_map(params![period, tenant, lo, hi], |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, i64>(1)?,
+                        bucket_from_row(r, 2, p)?,
+                        r.get::<_, i64>(2 + BUCKET_COLUMNS.len())?,
+                        r.get::<_, i64>(3 + BUCKET_COLUMNS.len())?,
+                        r.get::<_, i64>(4 + BUCKET_COLUMNS.len())?,
+                    ))
+                })
+                .map_err(err)?;
+            for row in rows {
+                let (t, start, delta, peak, over_ns, over_mj) = row.map_err(err)?;
+                // The rollup's own evaluation of its minutes.
+                let delta = BucketDelta {
+                    over_contract_ns: u64_of(over_ns, p, "over_contract_ns")?,
+                    overage_mj: u64_of(over_mj, p, "overage_mj")?,
+                    ..delta?
+                };
+                spans.push((
+                    t,
+                    Span {
+                        start,
+                        seconds: period,
+                        delta,
+                        peak_quarter_mj: Some(u64_of(peak, p, "peak_quarter_mj")?),
+                    },
+                ));
+            }
+        }
+        spans.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
+        Ok(Usage {
+            spans,
+            minutes_from,
+            hours_from,
+            days_from,
+            revision,
+            finalized_through,
+            adjustments,
+        })
+    }
+
+    /// Every tenant that has buckets.
+    pub fn tenants(&self) -> Result<Vec<String>, LedgerError> {
+        let p = &self.path;
+        let err = sqlite_err(p);
+        let mut q = self
+            .conn
+            .prepare_cached("SELECT tenant FROM tenant_total ORDER BY tenant")
+            .map_err(err)?;
+        let rows = q.query_map([], |r| r.get::<_, String>(0)).map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+}
+
+impl LedgerReader for Reader {
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        Reader::tenant_versions(self)
+    }
+
+    fn tenant_version_count(&self) -> Result<u64, LedgerError> {
+        Reader::tenant_version_count(self)
+    }
+
+    fn minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
+        Reader::minutes(self, tenant, from, to)
+    }
+
+    fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
+        Reader::usage(self, tenant, from, to)
+    }
+
+    fn usage_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        Reader::usage_since(self, tenant, from, to, since_revision)
+    }
+
+    fn tenants(&self) -> Result<Vec<String>, LedgerError> {
+        Reader::tenants(self)
+    }
+}

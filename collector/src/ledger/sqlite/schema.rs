@@ -1,0 +1,268 @@
+//! The ledger's schema: migrations applied in order at open, and how a
+//! node's GPU cursors are stored.
+
+use std::collections::HashMap;
+
+use prost::Message;
+use rusqlite::{Transaction, params};
+
+/// A schema migration: SQL, or code for what SQL cannot express.
+pub(super) enum Migration {
+    Sql(&'static str),
+    Code(fn(&Transaction) -> rusqlite::Result<()>),
+}
+
+/// SQL for a new random ledger id, spelled as a version-4 UUID.
+macro_rules! new_ledger_id {
+    () => {
+        "(SELECT lower(substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-4' || substr(h, 14, 3)
+            || '-' || substr('89ab', 1 + abs(random() % 4), 1) || substr(h, 18, 3)
+            || '-' || substr(h, 21, 12)) FROM (SELECT hex(randomblob(16)) AS h))"
+    };
+}
+pub(super) use new_ledger_id;
+
+/// Schema migrations, applied in order; the index is the version reached.
+pub(super) const MIGRATIONS: &[Migration] = &[
+    // 1: cursors, minute buckets and tenant totals.
+    Migration::Sql(
+        "CREATE TABLE node_cursor (
+        node TEXT PRIMARY KEY,
+        epoch INTEGER NOT NULL,
+        last_seq INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE gpu_cursor (
+        uuid TEXT PRIMARY KEY,
+        node TEXT NOT NULL,
+        last_counter_mj INTEGER,
+        last_timestamp_ns INTEGER,
+        remainder_mw_ns INTEGER NOT NULL,
+        energy_mj INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE usage_minute (
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        minute_start INTEGER NOT NULL,
+        energy_mj INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        busy_gpu_ns INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        PRIMARY KEY (tenant, node, minute_start)
+     ) WITHOUT ROWID;
+     CREATE TABLE tenant_total (
+        tenant TEXT PRIMARY KEY,
+        energy_mj INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+    ),
+    // 2: coverage, estimated energy and contract overage.
+    Migration::Sql(
+        "ALTER TABLE usage_minute ADD COLUMN expected_gpu_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN estimated_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN overage_mj INTEGER NOT NULL DEFAULT 0;",
+    ),
+    // 3: usage queries read by time.
+    Migration::Sql("CREATE INDEX usage_minute_by_time ON usage_minute (minute_start, tenant);"),
+    // 4: over-contract time per tenant, so the counter survives restarts.
+    Migration::Sql(
+        "ALTER TABLE tenant_total ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;",
+    ),
+    // 5: hourly and daily rollups (per tenant and node, plus each tenant's
+    // peak quarter-hour), the hours whose minutes changed since they were
+    // rolled up, and how far back each granularity is kept.
+    Migration::Sql(
+        "CREATE TABLE usage_rollup (
+        period INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        energy_mj INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        busy_gpu_ns INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        expected_gpu_ns INTEGER NOT NULL,
+        estimated_mj INTEGER NOT NULL,
+        over_contract_ns INTEGER NOT NULL,
+        overage_mj INTEGER NOT NULL,
+        PRIMARY KEY (period, start, tenant, node)
+     ) WITHOUT ROWID;
+     CREATE TABLE demand_rollup (
+        period INTEGER NOT NULL,
+        start INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        peak_quarter_mj INTEGER NOT NULL,
+        PRIMARY KEY (period, start, tenant)
+     ) WITHOUT ROWID;
+     CREATE TABLE rollup_pending (hour_start INTEGER PRIMARY KEY) WITHOUT ROWID;
+     CREATE TABLE retention (
+        period INTEGER PRIMARY KEY,
+        kept_from INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     INSERT OR IGNORE INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;",
+    ),
+    // 6: a node's GPU cursors move into its node_cursor row, so that a
+    // commit writes one row per node instead of one per GPU.
+    Migration::Code(gpu_cursors_into_nodes),
+    // 7: the watermark, kept by the ledger itself (minutes ending at or
+    // before it never change), the revision of the last commit, and the
+    // bucket deltas that arrived for minutes already final, booked as
+    // adjustments instead.
+    Migration::Sql(
+        "CREATE TABLE watermark (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        revision INTEGER NOT NULL,
+        finalized_through INTEGER NOT NULL
+     );
+     INSERT INTO watermark (id, revision, finalized_through) VALUES (1, 0, 0);
+     CREATE TABLE adjustment (
+        revision INTEGER NOT NULL,
+        booked_at INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        minute_start INTEGER NOT NULL,
+        energy_mj INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        busy_gpu_ns INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        expected_gpu_ns INTEGER NOT NULL,
+        estimated_mj INTEGER NOT NULL,
+        over_contract_ns INTEGER NOT NULL,
+        overage_mj INTEGER NOT NULL,
+        PRIMARY KEY (revision, tenant, node, minute_start)
+     ) WITHOUT ROWID;
+     CREATE INDEX adjustment_by_time ON adjustment (minute_start, tenant);",
+    ),
+    // 8: every version of the tenant file the collector loaded, with the
+    // moment it took effect, so that samples delivered late (after a
+    // restart too) are attributed by the leases of their own time.
+    Migration::Sql(
+        "CREATE TABLE tenant_version (
+        id INTEGER PRIMARY KEY,
+        effective_from_ns INTEGER NOT NULL,
+        loaded_at_ns INTEGER NOT NULL,
+        file TEXT NOT NULL
+     );",
+    ),
+    // 9: the ledger's identity (a random id, when it was created, or for
+    // an older ledger when this migration ran); how many commits it holds
+    // is `watermark.revision`, checked against the `.last-commit` file at
+    // every start.
+    Migration::Sql(concat!(
+        "CREATE TABLE ledger_identity (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        ledger_id TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        opened_at INTEGER NOT NULL
+     );
+     INSERT INTO ledger_identity SELECT 1, ",
+        new_ledger_id!(),
+        ", unixepoch(), unixepoch();"
+    )),
+    // 10: over-contract time and overage follow the minutes' energy in
+    // sample time (`over_contract`), no longer live power at the wall
+    // clock's minute. Rollups keep the evaluation of their minutes with
+    // their peak (what the minutes held before is kept there for rollups
+    // whose minutes are gone); hours whose minutes are kept are rolled up
+    // again under the new rule; the figures booked into the minutes (node
+    // "") are dropped.
+    Migration::Sql(
+        "ALTER TABLE demand_rollup ADD COLUMN over_contract_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE demand_rollup ADD COLUMN overage_mj INTEGER NOT NULL DEFAULT 0;
+     UPDATE demand_rollup SET
+        over_contract_ns = (SELECT COALESCE(SUM(r.over_contract_ns), 0) FROM usage_rollup r
+            WHERE r.period = demand_rollup.period AND r.start = demand_rollup.start
+                AND r.tenant = demand_rollup.tenant),
+        overage_mj = (SELECT COALESCE(SUM(r.overage_mj), 0) FROM usage_rollup r
+            WHERE r.period = demand_rollup.period AND r.start = demand_rollup.start
+                AND r.tenant = demand_rollup.tenant);
+     UPDATE usage_rollup SET over_contract_ns = 0, overage_mj = 0
+        WHERE over_contract_ns != 0 OR overage_mj != 0;
+     INSERT OR IGNORE INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;
+     UPDATE usage_minute SET over_contract_ns = 0, overage_mj = 0
+        WHERE over_contract_ns != 0 OR overage_mj != 0;
+     DELETE FROM usage_minute WHERE node = '' AND energy_mj = 0 AND gpu_ns = 0
+        AND busy_gpu_ns = 0 AND samples = 0 AND expected_gpu_ns = 0 AND estimated_mj = 0;",
+    ),
+    // 11: who holds each node (the holder whose commits may write its
+    // cursor) with a fencing generation, bumped each time the node passes
+    // to another holder; and the compaction lease, one holder's at a time
+    // until it expires. Nodes get their claim when first claimed or
+    // committed.
+    Migration::Sql(
+        "CREATE TABLE node_claim (
+        node TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        generation INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE compaction_lease (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        holder TEXT NOT NULL,
+        expires_at INTEGER NOT NULL
+     );",
+    ),
+];
+
+/// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
+fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
+    tx.execute_batch("ALTER TABLE node_cursor ADD COLUMN gpus BLOB NOT NULL DEFAULT x'';")?;
+    let mut by_node: HashMap<String, Vec<StoredGpu>> = HashMap::new();
+    {
+        let unsigned = |i: usize, v: i64| {
+            u64::try_from(v).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(i, v))
+        };
+        let mut q = tx.prepare(
+            "SELECT uuid, node, last_counter_mj, last_timestamp_ns, remainder_mw_ns, energy_mj
+             FROM gpu_cursor ORDER BY node, uuid",
+        )?;
+        let mut rows = q.query([])?;
+        while let Some(r) = rows.next()? {
+            let gpu = StoredGpu {
+                uuid: r.get(0)?,
+                last_counter_mj: r
+                    .get::<_, Option<i64>>(2)?
+                    .map(|v| unsigned(2, v))
+                    .transpose()?,
+                last_timestamp_ns: r.get(3)?,
+                remainder_mw_ns: unsigned(4, r.get(4)?)?,
+                energy_mj: unsigned(5, r.get(5)?)?,
+                counter_resets: 0,
+            };
+            by_node.entry(r.get(1)?).or_default().push(gpu);
+        }
+    }
+    let mut put = tx.prepare(
+        "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES (?1, 0, 0, ?2)
+         ON CONFLICT (node) DO UPDATE SET gpus = ?2",
+    )?;
+    for (node, gpus) in by_node {
+        put.execute(params![node, StoredGpus { gpus }.encode_to_vec()])?;
+    }
+    tx.execute_batch("DROP TABLE gpu_cursor;")
+}
+
+/// How a node's GPU cursors are stored (`node_cursor.gpus`): protobuf, so
+/// that a later version can add fields and still read older rows.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct StoredGpus {
+    #[prost(message, repeated, tag = "1")]
+    pub(super) gpus: Vec<StoredGpu>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(super) struct StoredGpu {
+    #[prost(string, tag = "1")]
+    pub(super) uuid: String,
+    #[prost(uint64, optional, tag = "2")]
+    pub(super) last_counter_mj: Option<u64>,
+    #[prost(sint64, optional, tag = "3")]
+    pub(super) last_timestamp_ns: Option<i64>,
+    #[prost(uint64, tag = "4")]
+    pub(super) remainder_mw_ns: u64,
+    #[prost(uint64, tag = "5")]
+    pub(super) energy_mj: u64,
+    /// Added later: a cursor written before it reads as 0.
+    #[prost(uint64, tag = "6")]
+    pub(super) counter_resets: u64,
+}

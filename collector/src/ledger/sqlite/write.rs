@@ -1,0 +1,336 @@
+//! The commit: a batch of bookings and node cursors in one transaction.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost::Message;
+use rusqlite::params;
+
+use super::schema::{StoredGpu, StoredGpus};
+use super::{
+    BUCKET_COLUMNS, LOCAL_HOLDER, Ledger, bucket_from_row, bucket_sums, i64_of, sqlite_err, u64_of,
+    watermark,
+};
+use crate::ledger::{BucketDelta, Commit, Committed, HOUR, LedgerError, MINUTE, over_contract};
+
+impl Ledger {
+    /// Writes `c` in one transaction, booked now, leaving the watermark
+    /// where it is.
+    pub fn commit(&mut self, c: &Commit) -> Result<Committed, LedgerError> {
+        self.commit_at(c, crate::usage::now_unix(), i64::MIN)
+    }
+
+    /// Where the watermark stands: minute buckets ending at or before this
+    /// (Unix seconds) never change.
+    pub fn finalized_through(&self) -> Result<i64, LedgerError> {
+        watermark(&self.conn, &self.path).map(|(_, w)| w)
+    }
+
+    /// Writes `c` in one transaction as the next revision, booked at
+    /// `booked_at` (Unix seconds), then moves the watermark forward to
+    /// `finalize_through` (never back). Returns the revision and what it
+    /// added to the over-contract counters.
+    ///
+    /// *Invariant:* minute buckets ending at or before the watermark never
+    /// change. A delta for such a minute (a late spool, a gap's energy
+    /// spread back) is booked as an `adjustment` row of this revision, with
+    /// its tenant, node and minute, instead of being added to the minute;
+    /// nothing is dropped, and minutes plus adjustments hold every
+    /// committed delta.
+    ///
+    /// *Invariant:* the same transaction adds to each tenant's
+    /// over-contract counter what the energy it adds to a minute (row and
+    /// adjustments together) changes in that minute's `over_contract`
+    /// (against `c.contracts`), so the counter is the sum of its minutes'
+    /// evaluations whatever order, batching or lateness the samples came
+    /// in, and survives restarts. For a final minute, the change is booked
+    /// with the adjustments too, tenant-wide (node `""`), so its row plus
+    /// its adjustments say what the minute's whole energy does.
+    ///
+    /// Commits as `LOCAL_HOLDER` (see `commit_as`).
+    pub fn commit_at(
+        &mut self,
+        c: &Commit,
+        booked_at: i64,
+        finalize_through: i64,
+    ) -> Result<Committed, LedgerError> {
+        self.commit_as(LOCAL_HOLDER, c, booked_at, finalize_through)
+    }
+
+    /// `commit_at` for `holder` (`LedgerWriter::commit_as`): refused as a
+    /// whole, before anything is written, when a node of `c` is held by
+    /// another holder; the nodes nobody holds are claimed for `holder` in
+    /// the commit's transaction.
+    pub fn commit_as(
+        &mut self,
+        holder: &str,
+        c: &Commit,
+        booked_at: i64,
+        finalize_through: i64,
+    ) -> Result<Committed, LedgerError> {
+        let mut unclaimed: Vec<&Arc<str>> = Vec::new();
+        for id in c.nodes.keys() {
+            match self.claims.get(id) {
+                Some((h, generation)) if **h != *holder => {
+                    return Err(LedgerError::Fenced {
+                        node: id.to_string(),
+                        holder: h.to_string(),
+                        generation: *generation,
+                    });
+                }
+                Some(_) => {}
+                None => unclaimed.push(id),
+            }
+        }
+        let p = self.path.clone();
+        let err = sqlite_err(&p);
+        let tx = self.conn.transaction().map_err(err)?;
+        if !unclaimed.is_empty() {
+            let mut claim = tx
+                .prepare_cached(
+                    "INSERT INTO node_claim (node, holder, generation) VALUES (?1, ?2, 1)",
+                )
+                .map_err(err)?;
+            for id in &unclaimed {
+                claim.execute(params![&***id, holder]).map_err(err)?;
+            }
+        }
+        let (last_revision, finalized) = watermark(&tx, &p)?;
+        let revision = last_revision + 1;
+        let is_final = |minute: i64| minute.saturating_add(MINUTE) <= finalized;
+        let committed = {
+            let mut node = tx
+                .prepare_cached(
+                    "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT (node) DO UPDATE SET epoch = ?2, last_seq = ?3, gpus = ?4",
+                )
+                .map_err(err)?;
+            let mut blob = Vec::new();
+            for (id, n) in &c.nodes {
+                let stored = StoredGpus {
+                    gpus: n
+                        .gpus
+                        .iter()
+                        .map(|(uuid, g)| StoredGpu {
+                            uuid: uuid.to_string(),
+                            last_counter_mj: g.last_counter_mj,
+                            last_timestamp_ns: g.last_timestamp_ns,
+                            remainder_mw_ns: g.remainder_mw_ns,
+                            energy_mj: g.energy_mj,
+                            counter_resets: g.counter_resets,
+                        })
+                        .collect(),
+                };
+                blob.clear();
+                stored
+                    .encode(&mut blob)
+                    .expect("a Vec grows to fit any message");
+                node.execute(params![
+                    &**id,
+                    i64_of(n.epoch, &p, "epoch")?,
+                    i64_of(n.last_seq, &p, "last_seq")?,
+                    &blob
+                ])
+                .map_err(err)?;
+            }
+            let cols = BUCKET_COLUMNS.join(", ");
+            let params_list = (4..4 + BUCKET_COLUMNS.len())
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let updates = BUCKET_COLUMNS
+                .iter()
+                .map(|c| format!("{c} = {c} + excluded.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let mut bucket = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_minute (tenant, node, minute_start, {cols}) VALUES (?1, ?2, ?3, {params_list})
+                     ON CONFLICT (tenant, node, minute_start) DO UPDATE SET {updates}"
+                ))
+                .map_err(err)?;
+            let mut pending = tx
+                .prepare_cached("INSERT OR IGNORE INTO rollup_pending (hour_start) VALUES (?1)")
+                .map_err(err)?;
+            let mut adjust = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO adjustment (revision, booked_at, tenant, node, minute_start, {cols})
+                     VALUES (?1, ?2, ?3, ?4, ?5, {})
+                     ON CONFLICT (revision, tenant, node, minute_start) DO UPDATE SET {updates}",
+                    (6..6 + BUCKET_COLUMNS.len())
+                        .map(|i| format!("?{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+                .map_err(err)?;
+            // Only minutes that change need their hour rolled up again.
+            let mut hours: Vec<i64> = c
+                .buckets
+                .keys()
+                .filter(|(_, _, m)| !is_final(*m))
+                .map(|(_, _, m)| m.div_euclid(HOUR) * HOUR)
+                .collect();
+            hours.sort_unstable();
+            hours.dedup();
+            for h in hours {
+                pending.execute([h]).map_err(err)?;
+            }
+            for ((tenant, node, minute), d) in &c.buckets {
+                let mut v = [0i64; BUCKET_COLUMNS.len()];
+                for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
+                    *slot = i64_of(x, &p, name)?;
+                }
+                if is_final(*minute) {
+                    adjust
+                        .execute(params![
+                            i64_of(revision, &p, "revision")?,
+                            booked_at,
+                            &**tenant,
+                            &**node,
+                            minute,
+                            v[0],
+                            v[1],
+                            v[2],
+                            v[3],
+                            v[4],
+                            v[5],
+                            v[6],
+                            v[7]
+                        ])
+                        .map_err(err)?;
+                    continue;
+                }
+                bucket
+                    .execute(params![
+                        &**tenant, &**node, minute, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
+                    ])
+                    .map_err(err)?;
+            }
+            let mut total = tx
+                .prepare_cached(
+                    "INSERT INTO tenant_total (tenant, energy_mj) VALUES (?1, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET energy_mj = energy_mj + ?2",
+                )
+                .map_err(err)?;
+            for (tenant, e) in &c.tenant_energy {
+                total
+                    .execute(params![&**tenant, i64_of(*e, &p, "energy")?])
+                    .map_err(err)?;
+            }
+            let mut over = tx
+                .prepare_cached(
+                    "INSERT INTO tenant_total (tenant, energy_mj, over_contract_ns) VALUES (?1, 0, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET over_contract_ns = over_contract_ns + ?2",
+                )
+                .map_err(err)?;
+            // Energy added per (tenant, minute), over all nodes, for the
+            // tenants with a contract.
+            // (energy added, contract): the contract is looked up once per
+            // (tenant, minute), in the version in force at the minute.
+            let mut added: HashMap<(&Arc<str>, i64), (u64, u64)> = HashMap::new();
+            if let Some(contracts) = &c.contracts {
+                for ((tenant, _, minute), d) in &c.buckets {
+                    if d.energy_mj > 0 {
+                        let e = added.entry((tenant, *minute)).or_insert_with(|| {
+                            (0, contracts.contracted_milliwatts_at(tenant, *minute))
+                        });
+                        e.0 = e.0.saturating_add(d.energy_mj);
+                    }
+                }
+                added.retain(|_, (_, contract)| *contract > 0);
+            }
+            // A final minute's energy is its row and its adjustments.
+            let mut minute_energy = tx
+                .prepare_cached(
+                    "SELECT (SELECT COALESCE(SUM(energy_mj), 0) FROM usage_minute
+                             WHERE minute_start = ?2 AND tenant = ?1)
+                          + (SELECT COALESCE(SUM(energy_mj), 0) FROM adjustment
+                             WHERE minute_start = ?2 AND tenant = ?1 AND ?3)",
+                )
+                .map_err(err)?;
+            let mut by_tenant: HashMap<&Arc<str>, u64> = HashMap::new();
+            for ((tenant, minute), (delta, contract)) in added {
+                let now: i64 = minute_energy
+                    .query_row(params![&**tenant, minute, is_final(minute)], |r| r.get(0))
+                    .map_err(err)?;
+                let now = u64_of(now, &p, "minute energy")?;
+                let before = now.saturating_sub(delta);
+                let (ns_after, mj_after) = over_contract(now, contract);
+                let (ns_before, mj_before) = over_contract(before, contract);
+                let grew = ns_after.saturating_sub(ns_before);
+                if grew > 0 {
+                    *by_tenant.entry(tenant).or_default() += grew;
+                }
+                let overage = mj_after.saturating_sub(mj_before);
+                if is_final(minute) && (grew > 0 || overage > 0) {
+                    adjust
+                        .execute(params![
+                            i64_of(revision, &p, "revision")?,
+                            booked_at,
+                            &**tenant,
+                            "",
+                            minute,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            0,
+                            i64_of(grew, &p, "over-contract time")?,
+                            i64_of(overage, &p, "overage")?
+                        ])
+                        .map_err(err)?;
+                }
+            }
+            for (tenant, ns) in &by_tenant {
+                over.execute(params![&**tenant, i64_of(*ns, &p, "over-contract time")?])
+                    .map_err(err)?;
+            }
+            tx.prepare_cached(
+                "UPDATE watermark SET revision = ?1,
+                    finalized_through = MAX(finalized_through, ?2) WHERE id = 1",
+            )
+            .map_err(err)?
+            .execute(params![i64_of(revision, &p, "revision")?, finalize_through])
+            .map_err(err)?;
+            let mut over_contract_ns: Vec<(Arc<str>, u64)> = by_tenant
+                .into_iter()
+                .map(|(t, ns)| (t.clone(), ns))
+                .collect();
+            over_contract_ns.sort();
+            Committed {
+                revision,
+                over_contract_ns,
+            }
+        };
+        tx.commit().map_err(err)?;
+        let holder: Arc<str> = Arc::from(holder);
+        for id in unclaimed {
+            self.claims.insert(id.clone(), (holder.clone(), 1));
+        }
+        self.revision = committed.revision;
+        self.mark();
+        Ok(committed)
+    }
+
+    /// Sums of the minute buckets and adjustments of `tenant` over all
+    /// nodes and all time: a cross-check of `tenant_total` and of
+    /// exactly-once sample counts.
+    pub fn bucket_totals(&self, tenant: &str) -> Result<BucketDelta, LedgerError> {
+        let p = &self.path;
+        let mut sum = BucketDelta::default();
+        for table in ["usage_minute", "adjustment"] {
+            sum.add(
+                &self
+                    .conn
+                    .query_row(
+                        &format!("SELECT {} FROM {table} WHERE tenant = ?1", bucket_sums()),
+                        [tenant],
+                        |r| bucket_from_row(r, 0, p),
+                    )
+                    .map_err(sqlite_err(p))??,
+            );
+        }
+        Ok(sum)
+    }
+}
