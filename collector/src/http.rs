@@ -18,8 +18,9 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::error;
 
 use crate::auth::{self, Scope};
+use crate::events::{AuthReason, AuthRefused, Surface};
 use crate::ledger::{LedgerError, Reader};
-use crate::state::{AUTH_FORBIDDEN, AUTH_UNAUTHENTICATED, SURFACE_HTTP, State, lock};
+use crate::state::{State, lock};
 use crate::tenants::TenantHistory;
 use crate::usage::{self, Format, QueryError, UsageError};
 
@@ -108,16 +109,24 @@ fn scope(s: &HttpState, headers: &HeaderMap) -> Result<Scope, ApiError> {
             .and_then(|v| v.to_str().ok()),
     );
     auth.api(token).map(|g| g.scope.clone()).map_err(|e| {
-        s.state
-            .counters
-            .auth_refused(SURFACE_HTTP, AUTH_UNAUTHENTICATED);
+        AuthRefused {
+            surface: Surface::Http,
+            reason: AuthReason::Unauthenticated,
+            node: None,
+        }
+        .emit(&s.state.counters);
         ApiError(StatusCode::UNAUTHORIZED, format!("API token: {e}"))
     })
 }
 
 /// Refuses a tenant token where `what` needs an admin one.
 fn forbidden(s: &HttpState, what: &str) -> ApiError {
-    s.state.counters.auth_refused(SURFACE_HTTP, AUTH_FORBIDDEN);
+    AuthRefused {
+        surface: Surface::Http,
+        reason: AuthReason::Forbidden,
+        node: None,
+    }
+    .emit(&s.state.counters);
     ApiError(
         StatusCode::FORBIDDEN,
         format!("{what} needs an admin token"),

@@ -8,8 +8,13 @@
 //! files on SIGHUP, and one puts a tenant file whose `effective_from` lies
 //! ahead in force when its time comes.
 
+pub mod accounting;
 pub mod auth;
+pub mod billing;
 pub mod config;
+pub mod edge;
+pub mod events;
+pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod ingest;
@@ -20,6 +25,7 @@ pub mod scrape;
 pub mod serve;
 pub mod state;
 pub mod status;
+mod sync;
 pub mod tenants;
 pub mod usage;
 
@@ -498,12 +504,8 @@ fn commit_once(
             None
         }
         Ok(Err(e)) => {
-            state
-                .counters
-                .commits_failed
-                .fetch_add(1, Ordering::Relaxed);
+            events::CommitFailed { error: &e }.emit(&state.counters);
             state.readiness.commit_failed(&e);
-            error!(task = "committer", error = %e, "ledger commit failed; retrying with the next one, acks held");
             Some((id, commit))
         }
         Err(_) => committer_died(),
@@ -658,12 +660,12 @@ async fn record_and_reload(
             state.readiness.reload_succeeded();
         }
         Err(e) => {
-            state
-                .counters
-                .reloads_failed
-                .fetch_add(1, Ordering::Relaxed);
+            events::ReloadFailed {
+                what: events::ReloadFailure::TenantVersion,
+                error: &e,
+            }
+            .emit(&state.counters);
             state.readiness.reload_failed(&e);
-            error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants");
         }
     }
 }
@@ -685,9 +687,12 @@ async fn reload_on_sighup(
                 match load_tenants(&cfg) {
                     Ok(t) => record_and_reload(&state, &ledger, t).await,
                     Err(e) => {
-                        state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        events::ReloadFailed {
+                            what: events::ReloadFailure::TenantFile,
+                            error: &e,
+                        }
+                        .emit(&state.counters);
                         state.readiness.reload_failed(&e);
-                        error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");
                     }
                 }
                 // Token rotation: the auth file is re-read with the tenants.
@@ -698,8 +703,11 @@ async fn reload_on_sighup(
                         info!(task = "reloader", "auth file reloaded");
                     }
                     Err(e) => {
-                        state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                        error!(task = "reloader", error = %e, "auth file reload failed; keeping the previous tokens");
+                        events::ReloadFailed {
+                            what: events::ReloadFailure::AuthFile,
+                            error: &e,
+                        }
+                        .emit(&state.counters);
                     }
                 }
             }

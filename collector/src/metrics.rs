@@ -15,7 +15,8 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use crate::state::{AUTH_REASONS, AUTH_SURFACES, CLAIM_REASONS, REJECT_REASONS, State, lock};
+use crate::events::{AuthReason, ClaimReason, Reject, Surface};
+use crate::state::{State, lock};
 
 /// Every family this collector exports: (name, help, type).
 const FAMILIES: &[(&str, &str, MetricType)] = &[
@@ -566,12 +567,12 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             ];
             f.push_at(gpu_up, &labels, f64::from(u8::from(fresh)));
             if g.last.is_some() {
-                f.push_at(gpu_energy, &labels, g.energy_millijoules as f64 / 1000.0);
+                f.push_at(gpu_energy, &labels, g.energy_millijoules() as f64 / 1000.0);
             }
             // From the first Hello on, 0 until a reset: a counter that
             // appears only with its first increment hides that increment
             // from `increase()`.
-            f.push_at(gpu_resets, &labels, g.counter_resets as f64);
+            f.push_at(gpu_resets, &labels, g.counter_resets() as f64);
             if let Some(t) = g.memory_total_bytes {
                 f.push_at(gpu_mem_total, &labels, t as f64);
             }
@@ -672,11 +673,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[("outcome", "duplicate")],
         c.duplicate.load(Ordering::Relaxed) as f64,
     );
-    for (reason, n) in REJECT_REASONS.iter().zip(&c.rejected) {
+    for reason in Reject::ALL {
         f.push(
             "capwatch_collector_samples_total",
             &[("outcome", "rejected"), ("reason", reason.label())],
-            n.load(Ordering::Relaxed) as f64,
+            c.rejected(reason) as f64,
         );
     }
     f.push(
@@ -699,20 +700,20 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[],
         c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
-    for (surface, counts) in AUTH_SURFACES.iter().zip(&c.auth_refused) {
-        for (reason, n) in AUTH_REASONS.iter().zip(counts) {
+    for surface in Surface::ALL {
+        for reason in AuthReason::ALL {
             f.push(
                 "capwatch_collector_auth_refused_total",
-                &[("surface", surface), ("reason", reason)],
-                n.load(Ordering::Relaxed) as f64,
+                &[("surface", surface.label()), ("reason", reason.label())],
+                c.auth_refused(surface, reason) as f64,
             );
         }
     }
-    for (reason, n) in CLAIM_REASONS.iter().zip(&c.gpu_claims_refused) {
+    for reason in ClaimReason::ALL {
         f.push(
             "capwatch_collector_gpu_claims_refused_total",
-            &[("reason", reason)],
-            n.load(Ordering::Relaxed) as f64,
+            &[("reason", reason.label())],
+            c.gpu_claims_refused(reason) as f64,
         );
     }
     f.results(
