@@ -170,7 +170,9 @@ async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
         .get(move || crate::metrics::render_text(&state, detail))
         .await
     {
-        Ok(body) => Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()),
+        Ok(body) => {
+            Ok(([(header::CONTENT_TYPE, crate::metrics::TEXT_FORMAT)], body).into_response())
+        }
         Err(e) => {
             error!(error = %e, "rendering /metrics failed");
             Err(ApiError(
