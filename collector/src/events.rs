@@ -251,6 +251,26 @@ impl CommitFailed<'_> {
     }
 }
 
+/// A ledger compaction that failed; the next minute's tries again.
+#[derive(Clone, Copy)]
+pub struct CompactionFailed<'a> {
+    pub error: &'a dyn Display,
+    /// The compaction task itself failed (panicked), not the ledger.
+    pub task_died: bool,
+}
+
+impl CompactionFailed<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.compactions_failed.fetch_add(1, Ordering::Relaxed);
+        let e = self.error;
+        if self.task_died {
+            error!(task = "compactor", error = %e, "ledger compaction task failed");
+        } else {
+            error!(task = "compactor", error = %e, "ledger compaction failed; retrying next minute");
+        }
+    }
+}
+
 /// What failed to reload; the previous version stays in force.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadFailure {

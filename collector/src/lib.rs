@@ -591,20 +591,16 @@ async fn compact_loop(
                     );
                 }
             }
-            Ok(Err(e)) => {
-                state
-                    .counters
-                    .compactions_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                error!(task = "compactor", error = %e, "ledger compaction failed; retrying next minute");
+            Ok(Err(e)) => events::CompactionFailed {
+                error: &e,
+                task_died: false,
             }
-            Err(e) => {
-                state
-                    .counters
-                    .compactions_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                error!(task = "compactor", error = %e, "ledger compaction task failed");
+            .emit(&state.counters),
+            Err(e) => events::CompactionFailed {
+                error: &e,
+                task_died: true,
             }
+            .emit(&state.counters),
         }
     }
 }
