@@ -20,7 +20,7 @@ use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_server::Ingest;
 
 use crate::auth;
-use crate::edge::{self as model, HelloError, Reject};
+use crate::edge::{self, HelloError, Reject};
 use crate::events::{AuthReason, AuthRefused, StreamRefusal, StreamRefused, Surface};
 use crate::state::{State, StreamHandle, Superseded, lock};
 
@@ -165,7 +165,7 @@ impl Ingest for IngestService {
         };
         let node_id = hello.node_id.clone();
         // Checked before anything stores or logs it.
-        if !model::node_id_ok(&node_id) {
+        if !edge::node_id_ok(&node_id) {
             return Err(self.refuse(
                 StreamRefusal::Hello,
                 Status::invalid_argument("node id must be 1-253 bytes without control characters"),
@@ -176,7 +176,7 @@ impl Ingest for IngestService {
             token.as_deref(),
             peer_certs.as_deref().map(Vec::as_slice),
         )?;
-        let (handle, acked_seq) = model::hello(hello)
+        let (handle, acked_seq) = edge::hello(hello)
             .and_then(|h| self.state.hello(h))
             .map_err(|e| {
                 warn!(node = %node_id, ?peer, error = %e, "stream refused");
@@ -470,7 +470,7 @@ async fn serve_stream(
         let mut samples = Vec::with_capacity(batch.samples.len());
         let mut rejected = Vec::new();
         for s in batch.samples {
-            match model::sample(s) {
+            match edge::sample(s) {
                 Ok(s) => samples.push(s),
                 Err(r) => rejected.push(r),
             }
