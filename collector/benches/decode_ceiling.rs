@@ -18,7 +18,7 @@ use prost::Message;
 use capwatch_agent::convert;
 use capwatch_agent::source::GpuSource;
 use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
-use capwatch_collector::model;
+use capwatch_collector::edge;
 use capwatch_proto::v1 as pb;
 
 fn messages(nodes: usize, ticks: i64, per_message: usize) -> Vec<Vec<u8>> {
@@ -109,7 +109,7 @@ fn main() {
                 Some(pb::agent_message::Body::Batch(batch)) => batch
                     .samples
                     .into_iter()
-                    .filter_map(|s| model::sample(s).ok())
+                    .filter_map(|s| edge::sample(s).ok())
                     .map(|s| s.gpus.len())
                     .sum(),
                 _ => 0,

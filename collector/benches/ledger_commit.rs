@@ -36,8 +36,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use capwatch_collector::edge::{GpuReading, HostReading, NodeSample};
 use capwatch_collector::ledger::{Commit, Ledger};
-use capwatch_collector::model::{GpuReading, HostReading, NodeSample};
 use capwatch_collector::state::{GpuInfo, Hello, State, StateConfig, StreamHandle};
 use capwatch_collector::tenants::Tenants;
 

@@ -18,11 +18,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use capwatch_collector::edge::{GpuReading, NodeSample};
 use capwatch_collector::metrics;
-use capwatch_collector::model::{GpuReading, NodeSample};
 use capwatch_collector::state::{GpuInfo, Hello, State, StateConfig};
 use capwatch_collector::tenants::Tenants;
 
+#[path = "support/prometheus_reference.rs"]
+mod reference;
 mod support;
 use support::{MODEL, POWER_LIMIT_MW, TENANTS, node_id};
 
@@ -138,8 +140,8 @@ fn main() {
             // What /metrics serves: written straight from the state.
             let (direct, direct_min, body) = median(&mut || metrics::render_text(&state, detail));
             // The same series through the prometheus crate's encoder.
-            let registry = metrics::registry(state.clone(), detail);
-            let (encoder, _, _) = median(&mut || metrics::render(&registry).expect("render"));
+            let registry = reference::registry(state.clone(), detail);
+            let (encoder, _, _) = median(&mut || reference::render(&registry).expect("render"));
             let series = body.lines().filter(|l| !l.starts_with('#')).count();
             println!(
                 "{gpus}\t{label}\t{:.2}\t{:.2}\t{:.2}\t{}\t{series}",

@@ -294,7 +294,7 @@ impl Config {
         // A late sample, or the energy of a counter gap spread back over
         // it, must land in minutes that are still kept.
         let latest_write =
-            self.max_sample_age + crate::state::MAX_SPREAD + Duration::from_secs(3600);
+            self.max_sample_age + crate::edge::MAX_SPREAD + Duration::from_secs(3600);
         if self.minute_retention < latest_write {
             return Err(ConfigError::Invalid {
                 setting: "minute_retention",

@@ -19,8 +19,9 @@ use tower_http::timeout::TimeoutLayer;
 use tracing::error;
 
 use crate::auth::{self, Scope};
+use crate::events::{AuthReason, AuthRefused, Surface};
 use crate::ledger::{DAY, LedgerError, Reader};
-use crate::state::{AUTH_FORBIDDEN, AUTH_UNAUTHENTICATED, SURFACE_HTTP, State, lock};
+use crate::state::{State, lock};
 use crate::status::{StaleNode, StatusView, TenantRow};
 use crate::tenants::TenantHistory;
 use crate::usage::{self, Format, QueryError, UsageError};
@@ -110,16 +111,24 @@ fn scope(s: &HttpState, headers: &HeaderMap) -> Result<Scope, ApiError> {
             .and_then(|v| v.to_str().ok()),
     );
     auth.api(token).map(|g| g.scope.clone()).map_err(|e| {
-        s.state
-            .counters
-            .auth_refused(SURFACE_HTTP, AUTH_UNAUTHENTICATED);
+        AuthRefused {
+            surface: Surface::Http,
+            reason: AuthReason::Unauthenticated,
+            node: None,
+        }
+        .emit(&s.state.counters);
         ApiError(StatusCode::UNAUTHORIZED, format!("API token: {e}"))
     })
 }
 
 /// Refuses a tenant token where `what` needs an admin one.
 fn forbidden(s: &HttpState, what: &str) -> ApiError {
-    s.state.counters.auth_refused(SURFACE_HTTP, AUTH_FORBIDDEN);
+    AuthRefused {
+        surface: Surface::Http,
+        reason: AuthReason::Forbidden,
+        node: None,
+    }
+    .emit(&s.state.counters);
     ApiError(
         StatusCode::FORBIDDEN,
         format!("{what} needs an admin token"),
@@ -242,7 +251,9 @@ async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
         .get(move || crate::metrics::render_text(&state, detail))
         .await
     {
-        Ok(body) => Ok(([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], body).into_response()),
+        Ok(body) => {
+            Ok(([(header::CONTENT_TYPE, crate::metrics::TEXT_FORMAT)], body).into_response())
+        }
         Err(e) => {
             error!(error = %e, "rendering /metrics failed");
             Err(ApiError(

@@ -20,11 +20,9 @@ use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_server::Ingest;
 
 use crate::auth;
-use crate::model;
-use crate::state::{
-    AUTH_CERTIFICATE, AUTH_NODE_NOT_ALLOWED, AUTH_REASONS, AUTH_UNAUTHENTICATED, HelloError,
-    REJECT_REASONS, SURFACE_GRPC, State, StreamHandle, Superseded, lock,
-};
+use crate::edge::{self, HelloError, Reject};
+use crate::events::{AuthReason, AuthRefused, StreamRefusal, StreamRefused, Surface};
+use crate::state::{State, StreamHandle, Superseded, lock};
 
 pub struct IngestService {
     pub state: Arc<State>,
@@ -111,10 +109,13 @@ impl Ingest for IngestService {
         let open = self.open.fetch_add(1, Ordering::Relaxed) + 1;
         let open_guard = OpenStream(self.open.clone());
         if open > self.limits.max_streams {
-            return Err(self.refuse(Status::resource_exhausted(format!(
-                "the collector has its maximum of {} streams open",
-                self.limits.max_streams
-            ))));
+            return Err(self.refuse(
+                StreamRefusal::Capacity,
+                Status::resource_exhausted(format!(
+                    "the collector has its maximum of {} streams open",
+                    self.limits.max_streams
+                )),
+            ));
         }
         let token = auth::bearer(
             request
@@ -129,11 +130,17 @@ impl Ingest for IngestService {
         if auth.agents_required()
             && let Err(e) = auth.agent(token.as_deref())
         {
-            self.state
-                .counters
-                .auth_refused(SURFACE_GRPC, AUTH_UNAUTHENTICATED);
+            AuthRefused {
+                surface: Surface::Grpc,
+                reason: AuthReason::Unauthenticated,
+                node: None,
+            }
+            .emit(&self.state.counters);
             debug!(?peer, error = %e, "agent stream refused: no valid token");
-            return Err(self.refuse(Status::unauthenticated(format!("agent token: {e}"))));
+            return Err(self.refuse(
+                StreamRefusal::Auth,
+                Status::unauthenticated(format!("agent token: {e}")),
+            ));
         }
         let peer_certs = request.peer_certs();
         let mut inbound = request.into_inner();
@@ -143,34 +150,37 @@ impl Ingest for IngestService {
                 body: Some(pb::agent_message::Body::Hello(h)),
             }))) => h,
             Ok(Ok(_)) => {
-                return Err(self.refuse(Status::invalid_argument(
-                    "the first message must be a Hello",
-                )));
+                return Err(self.refuse(
+                    StreamRefusal::NoHello,
+                    Status::invalid_argument("the first message must be a Hello"),
+                ));
             }
-            Ok(Err(status)) => return Err(self.refuse(status)),
+            Ok(Err(status)) => return Err(self.refuse(StreamRefusal::Transport, status)),
             Err(_) => {
-                return Err(self.refuse(Status::deadline_exceeded(
-                    "no Hello within the hello timeout",
-                )));
+                return Err(self.refuse(
+                    StreamRefusal::NoHello,
+                    Status::deadline_exceeded("no Hello within the hello timeout"),
+                ));
             }
         };
         let node_id = hello.node_id.clone();
         // Checked before anything stores or logs it.
-        if !crate::state::node_id_ok(&node_id) {
-            return Err(self.refuse(Status::invalid_argument(
-                "node id must be 1-253 bytes without control characters",
-            )));
+        if !edge::node_id_ok(&node_id) {
+            return Err(self.refuse(
+                StreamRefusal::Hello,
+                Status::invalid_argument("node id must be 1-253 bytes without control characters"),
+            ));
         }
         self.authorize(
             &node_id,
             token.as_deref(),
             peer_certs.as_deref().map(Vec::as_slice),
         )?;
-        let (handle, acked_seq) = model::hello(hello)
+        let (handle, acked_seq) = edge::hello(hello)
             .and_then(|h| self.state.hello(h))
             .map_err(|e| {
                 warn!(node = %node_id, ?peer, error = %e, "stream refused");
-                self.refuse(e.into())
+                self.refuse(StreamRefusal::Hello, e.into())
             })?;
         info!(node = %handle.node_id, ?peer, epoch = handle.epoch, acked_seq, "agent connected");
 
@@ -242,30 +252,35 @@ impl IngestService {
         certs: Option<&[CertificateDer<'static>]>,
     ) -> Result<(), Status> {
         let auth = self.state.auth();
-        let refused = |reason: usize, status: Status| {
-            self.state.counters.auth_refused(SURFACE_GRPC, reason);
+        let refused = |reason: AuthReason, status: Status| {
+            AuthRefused {
+                surface: Surface::Grpc,
+                reason,
+                node: Some(node),
+            }
+            .emit(&self.state.counters);
             let mut logged = lock(&self.refused_logged);
             if logged.len() < REFUSED_LOGGED_MAX && logged.insert(node.to_string()) {
                 warn!(
                     node = ?node,
-                    reason = AUTH_REASONS[reason],
+                    reason = reason.label(),
                     message = status.message(),
                     "agent refused (logged once per node)"
                 );
             }
-            self.refuse(status)
+            self.refuse(StreamRefusal::Auth, status)
         };
         if auth.agents_required() {
             match auth.agent(token) {
                 Err(e) => {
                     return Err(refused(
-                        AUTH_UNAUTHENTICATED,
+                        AuthReason::Unauthenticated,
                         Status::unauthenticated(format!("agent token: {e}")),
                     ));
                 }
                 Ok(grant) if !grant.allows(node) => {
                     return Err(refused(
-                        AUTH_NODE_NOT_ALLOWED,
+                        AuthReason::NodeNotAllowed,
                         Status::permission_denied(format!(
                             "token {:?} may not report for node {node:?}",
                             grant.name
@@ -281,7 +296,7 @@ impl IngestService {
                 .is_some_and(|c| auth::certificate_names(c, node))
         {
             return Err(refused(
-                AUTH_CERTIFICATE,
+                AuthReason::Certificate,
                 Status::permission_denied(format!(
                     "the client certificate does not name node {node:?}"
                 )),
@@ -290,11 +305,12 @@ impl IngestService {
         Ok(())
     }
 
-    fn refuse(&self, status: Status) -> Status {
-        self.state
-            .counters
-            .streams_refused
-            .fetch_add(1, Ordering::Relaxed);
+    fn refuse(&self, reason: StreamRefusal, status: Status) -> Status {
+        StreamRefused {
+            reason,
+            message: status.message(),
+        }
+        .emit(&self.state.counters);
         status
     }
 }
@@ -322,29 +338,35 @@ impl Admitted {
         match self.auth.agent(self.token.as_deref()) {
             Ok(g) if g.allows(node) => Ok(()),
             Ok(_) => {
-                state
-                    .counters
-                    .auth_refused(SURFACE_GRPC, AUTH_NODE_NOT_ALLOWED);
+                AuthRefused {
+                    surface: Surface::Grpc,
+                    reason: AuthReason::NodeNotAllowed,
+                    node: Some(node),
+                }
+                .emit(&state.counters);
                 Err(Status::permission_denied(format!(
                     "the token no longer allows node {node:?}"
                 )))
             }
             Err(_) => {
-                state
-                    .counters
-                    .auth_refused(SURFACE_GRPC, AUTH_UNAUTHENTICATED);
+                AuthRefused {
+                    surface: Surface::Grpc,
+                    reason: AuthReason::Unauthenticated,
+                    node: Some(node),
+                }
+                .emit(&state.counters);
                 Err(Status::unauthenticated("the agent token was revoked"))
             }
         }
     }
 }
 
-/// Rejected samples by reason (`REJECT_REASONS` order).
-type Rejections = [u64; REJECT_REASONS.len()];
+/// Rejected samples by reason (`Reject::ALL` order).
+type Rejections = [u64; Reject::ALL.len()];
 
 /// The `rejected` field of an Ack: the reasons with a count.
 fn rejected_field(r: &Rejections) -> Vec<pb::RejectedSamples> {
-    REJECT_REASONS
+    Reject::ALL
         .iter()
         .zip(r)
         .filter(|(_, n)| **n > 0)
@@ -448,7 +470,7 @@ async fn serve_stream(
         let mut samples = Vec::with_capacity(batch.samples.len());
         let mut rejected = Vec::new();
         for s in batch.samples {
-            match model::sample(s) {
+            match edge::sample(s) {
                 Ok(s) => samples.push(s),
                 Err(r) => rejected.push(r),
             }
@@ -530,8 +552,8 @@ mod tests {
     #[test]
     fn an_ack_lists_the_reasons_with_a_count_by_their_metric_labels() {
         let mut r = Rejections::default();
-        r[crate::model::Reject::Timestamp as usize] = 50;
-        r[crate::model::Reject::Power as usize] = 1;
+        r[Reject::Timestamp as usize] = 50;
+        r[Reject::Power as usize] = 1;
         let field: Vec<(String, u64)> = rejected_field(&r)
             .into_iter()
             .map(|x| (x.reason, x.count))

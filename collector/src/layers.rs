@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// The layers, top (1) to bottom (5): a module may import its own layer
 /// or one below (same-layer imports are fine as long as they make no
-/// cycle). Modules the ongoing split introduces are listed already.
+/// cycle).
 const LEVELS: &[(&str, u8)] = &[
     ("main", 1),
     ("app", 1),
@@ -25,10 +25,11 @@ const LEVELS: &[(&str, u8)] = &[
     ("metrics", 2),
     ("scrape", 2),
     ("serve", 2),
-    ("health", 2),
     ("usage", 2),
     ("config", 2),
-    // Services.
+    // Services: the committer and compactor drive the façade, which
+    // composes the fleet and billing.
+    ("persist", 3),
     ("state", 3),
     ("fleet", 3),
     ("billing", 3),
@@ -36,42 +37,12 @@ const LEVELS: &[(&str, u8)] = &[
     ("ledger", 4),
     ("tenants", 4),
     ("auth", 4),
-    // Checked domain types, pure arithmetic, events, helpers.
+    // Checked domain types, pure arithmetic, events, readiness, helpers.
     ("edge", 5),
-    ("model", 5),
     ("accounting", 5),
     ("events", 5),
+    ("health", 5),
     ("sync", 5),
-];
-
-/// Imports that still point the wrong way (up, or round a cycle), each
-/// with the change that removes it; without them
-/// `the_collector_has_no_module_cycle` or
-/// `every_import_points_down_the_layers` would fail. The split of
-/// `state.rs` and `ledger.rs` under way removes these; when one is gone,
-/// `every_known_exception_still_exists` says so and the entry goes: the
-/// list ends up empty.
-const KNOWN: &[(&str, &str, &str)] = &[
-    // `Hello`, `GpuInfo`, `HelloError` move to the edge types.
-    ("model", "state", "state split: Hello/GpuInfo move to edge"),
-    // The HTTP refusal and close counters move to typed events.
-    (
-        "state",
-        "serve",
-        "state split: HTTP counters move to events",
-    ),
-    // `Readiness` is held by the state façade.
-    (
-        "state",
-        "health",
-        "state split: readiness leaves the façade",
-    ),
-    // The ledger stamps commits with `usage::now_unix`.
-    (
-        "ledger",
-        "usage",
-        "ledger split: the clock comes from below",
-    ),
 ];
 
 /// The import graph of the top-level modules of the collector whose
@@ -440,20 +411,9 @@ fn src() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("src")
 }
 
-/// The collector's graph less the known exceptions.
-fn graph_less_known() -> BTreeMap<String, BTreeSet<String>> {
-    let mut graph = graph_of(&src());
-    for (from, to, _) in KNOWN {
-        if let Some(edges) = graph.get_mut(*from) {
-            edges.remove(*to);
-        }
-    }
-    graph
-}
-
 #[test]
 fn the_collector_has_no_module_cycle() {
-    let graph = graph_less_known();
+    let graph = graph_of(&src());
     if let Some(cycle) = find_cycle(&graph) {
         panic!(
             "module cycle in collector/src: {}\n(the whole graph: {graph:#?})",
@@ -472,7 +432,7 @@ fn every_import_points_down_the_layers() {
             .unwrap_or_else(|| panic!("module `{m}` has no layer: add it to LEVELS"))
     };
     let mut up = Vec::new();
-    for (from, edges) in graph_less_known() {
+    for (from, edges) in graph_of(&src()) {
         for to in edges {
             if level(&to) < level(&from) {
                 up.push(format!(
@@ -484,20 +444,6 @@ fn every_import_points_down_the_layers() {
         }
     }
     assert!(up.is_empty(), "imports pointing up: {up:#?}");
-}
-
-#[test]
-fn every_known_exception_still_exists() {
-    let graph = graph_of(&src());
-    let gone: Vec<String> = KNOWN
-        .iter()
-        .filter(|(from, to, _)| !graph.get(*from).is_some_and(|e| e.contains(*to)))
-        .map(|(from, to, why)| format!("{from} → {to} ({why})"))
-        .collect();
-    assert!(
-        gone.is_empty(),
-        "no longer imported: remove from KNOWN in layers.rs: {gone:#?}"
-    );
 }
 
 #[test]

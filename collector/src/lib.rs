@@ -9,20 +9,25 @@
 //! SIGHUP, and one puts a tenant file whose `effective_from` lies ahead in
 //! force when its time comes.
 
+pub mod accounting;
 pub mod app;
 pub mod auth;
 pub mod billing;
 pub mod config;
+pub mod edge;
+pub mod events;
+pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
-pub mod model;
+pub mod persist;
 pub mod scrape;
 pub mod serve;
 pub mod state;
 pub mod status;
+mod sync;
 pub mod tenants;
 pub mod usage;
 
@@ -31,6 +36,6 @@ mod layers;
 
 pub use app::{CollectorError, load_auth, load_tenants, run};
 
-pub use billing::committer::tenant_history_of;
+pub use persist::committer::tenant_history_of;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

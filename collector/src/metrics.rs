@@ -7,227 +7,234 @@
 //! its inventory) and `capwatch_gpu_up` 0, but loses its other gauges.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
-use prometheus::{Encoder, Registry, TextEncoder};
+use crate::events::{AuthReason, ClaimReason, Reject, Surface};
+use crate::state::{State, lock};
 
-use crate::state::{AUTH_REASONS, AUTH_SURFACES, CLAIM_REASONS, REJECT_REASONS, State, lock};
+/// The exposition's content type.
+pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4";
+
+/// A family's type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
 
 /// Every family this collector exports: (name, help, type).
-const FAMILIES: &[(&str, &str, MetricType)] = &[
+pub const FAMILIES: &[(&str, &str, Kind)] = &[
     (
         "capwatch_gpu_power_watts",
         "Board power draw of the GPU.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_energy_joules_total",
         "Energy used by the GPU since this collector first saw it.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_gpu_utilization_ratio",
         "Share of time a kernel ran on the GPU (0-1).",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_memory_utilization_ratio",
         "Share of time device memory was read or written (0-1).",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_memory_used_bytes",
         "Device memory in use.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_memory_total_bytes",
         "Device memory installed.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_temperature_celsius",
         "GPU core temperature.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_sm_clock_hertz",
         "Streaming multiprocessor clock.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_power_limit_watts",
         "Enforced board power limit.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_up",
         "1 while the GPU reports fresh readings, 0 when stale or lost.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_gpu_energy_resets_total",
         "Times the GPU's energy counter went backwards (driver reload: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_node_up",
         "1 while samples arrive from the node's agent.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_node_power_watts",
         "Sum of the power of the node's fresh GPUs.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_node_samples_total",
         "Samples accepted from the node.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_node_last_sample_timestamp_seconds",
         "Timestamp of the newest sample accepted from the node.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_node_cpu_utilization_ratio",
         "Host CPU utilization (0-1).",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_node_memory_used_bytes",
         "Host memory in use.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_node_memory_total_bytes",
         "Host memory installed.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_tenant_power_watts",
         "Sum of the power of the tenant's fresh GPUs.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_tenant_contracted_power_watts",
         "Power the tenant contracted for.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_tenant_capacity_utilization_ratio",
         "Tenant power divided by contracted power.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_tenant_headroom_watts",
         "Contracted power minus tenant power (negative when over contract).",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_tenant_energy_joules_total",
         "Energy used by the tenant's GPUs.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_tenant_gpus",
         "The tenant's GPUs by state: reporting or stale.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_tenant_gpu_utilization_ratio",
         "Mean utilization of the tenant's fresh GPUs (0-1).",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_tenant_over_contract_seconds_total",
         "Time in minutes whose average power, by sample time, was above the tenant's contract (60 s per minute).",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_agents_connected",
         "Agent streams open now.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_collector_nodes",
         "Nodes known to the collector.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_collector_samples_total",
         "Samples received, by outcome (and reason, when rejected).",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_streams_refused_total",
         "Agent streams refused at the Hello.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_tenant_reloads_total",
         "Tenant file reloads, by result.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_ledger_commits_total",
         "Ledger commits, by result; acks wait for a successful one.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_ledger_commit_seconds_total",
         "Time spent writing successful ledger commits.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_auth_refused_total",
         "Requests refused for who sent them, by surface (grpc, http) and reason.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_gpu_claims_refused_total",
         "Agent Hellos refused for a leased GPU the node may not report, by reason (lease_node, held_by_other_node).",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_ledger_compactions_total",
         "Ledger compactions (rollups and retention), by result.",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_http_connections_open",
         "HTTP connections open now.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_collector_http_connections_refused_total",
         "HTTP connections refused at accept, by reason (limit, accept_error).",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_http_connections_closed_total",
         "HTTP connections the collector closed, by reason (idle, header_timeout, write_timeout).",
-        MetricType::COUNTER,
+        Kind::Counter,
     ),
     (
         "capwatch_collector_build_info",
         "Always 1; labels carry the version.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_ledger_info",
         "Always 1; ledger_id names the ledger, new when it was created again, swapped or recovered.",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
     (
         "capwatch_ledger_created_timestamp_seconds",
         "When the ledger was created (Unix time).",
-        MetricType::GAUGE,
+        Kind::Gauge,
     ),
 ];
 
@@ -248,33 +255,9 @@ impl Detail {
     };
 }
 
-/// Renders the fleet from [`State`] on every scrape.
-pub struct FleetCollector {
-    state: Arc<State>,
-    detail: Detail,
-    descs: Vec<Desc>,
-}
-
-impl FleetCollector {
-    pub fn new(state: Arc<State>, detail: Detail) -> Self {
-        let descs = FAMILIES
-            .iter()
-            .map(|(name, help, _)| {
-                Desc::new((*name).into(), (*help).into(), Vec::new(), HashMap::new())
-                    .expect("metric names in FAMILIES are valid")
-            })
-            .collect();
-        Self {
-            state,
-            detail,
-            descs,
-        }
-    }
-}
-
-/// Where series go: protobuf families for the `prometheus` crate's
-/// `Collector`, or exposition text written directly for `/metrics`.
-trait Sink {
+/// Where series go: exposition text written directly for `/metrics`, or
+/// (in tests and benches) the `prometheus` crate's types to compare with.
+pub trait Sink {
     /// One series of family `fam` (an index into `FAMILIES`).
     fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64);
 }
@@ -319,58 +302,6 @@ impl Families<'_> {
     }
 }
 
-/// Series as the `prometheus` crate's protobuf types.
-struct ProtoSink(Vec<Vec<Metric>>);
-
-impl ProtoSink {
-    fn new() -> Self {
-        Self(FAMILIES.iter().map(|_| Vec::new()).collect())
-    }
-
-    fn finish(self) -> Vec<MetricFamily> {
-        self.0
-            .into_iter()
-            .zip(FAMILIES)
-            .filter(|(metrics, _)| !metrics.is_empty())
-            .map(|(metrics, (name, help, kind))| {
-                let mut f = MetricFamily::default();
-                f.set_name((*name).to_string());
-                f.set_help((*help).to_string());
-                f.set_field_type(*kind);
-                f.set_metric(metrics);
-                f
-            })
-            .collect()
-    }
-}
-
-impl Sink for ProtoSink {
-    fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
-        let mut m = Metric::default();
-        m.set_label(
-            labels
-                .iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name((*k).to_string());
-                    l.set_value((*v).to_string());
-                    l
-                })
-                .collect(),
-        );
-        if FAMILIES[fam].2 == MetricType::COUNTER {
-            let mut c = Counter::default();
-            c.set_value(value);
-            m.set_counter(c);
-        } else {
-            let mut g = Gauge::default();
-            g.set_value(value);
-            m.set_gauge(g);
-        }
-        self.0[fam].push(m);
-    }
-}
-
 /// Series written straight into exposition text, one buffer per family:
 /// no per-series allocation, which is what makes a million series cheap.
 struct TextSink(Vec<String>);
@@ -387,7 +318,7 @@ impl TextSink {
             if body.is_empty() {
                 continue;
             }
-            let kind = if *kind == MetricType::COUNTER {
+            let kind = if *kind == Kind::Counter {
                 "counter"
             } else {
                 "gauge"
@@ -469,24 +400,18 @@ fn watts(mw: u64) -> f64 {
     mw as f64 / 1000.0
 }
 
-impl Collector for FleetCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let mut sink = ProtoSink::new();
-        collect_fleet(&self.state, self.detail, &mut Families(&mut sink));
-        sink.finish()
-    }
-}
-
 /// The text exposition of the fleet, written directly (what `/metrics`
-/// serves); the same series as `FleetCollector` gathers.
+/// serves).
 pub fn render_text(state: &State, detail: Detail) -> String {
     let mut sink = TextSink::new();
     collect_fleet(state, detail, &mut Families(&mut sink));
     sink.finish()
+}
+
+/// Every series of the fleet, from `state`, into `sink`, family by family
+/// in `FAMILIES` order of first use.
+pub fn collect_into(state: &State, detail: Detail, sink: &mut dyn Sink) {
+    collect_fleet(state, detail, &mut Families(sink));
 }
 
 /// Every series of the fleet, from `state`, into `f`.
@@ -566,12 +491,12 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             ];
             f.push_at(gpu_up, &labels, f64::from(u8::from(fresh)));
             if g.last.is_some() {
-                f.push_at(gpu_energy, &labels, g.energy_millijoules as f64 / 1000.0);
+                f.push_at(gpu_energy, &labels, g.energy_millijoules() as f64 / 1000.0);
             }
             // From the first Hello on, 0 until a reset: a counter that
             // appears only with its first increment hides that increment
             // from `increase()`.
-            f.push_at(gpu_resets, &labels, g.counter_resets as f64);
+            f.push_at(gpu_resets, &labels, g.counter_resets() as f64);
             if let Some(t) = g.memory_total_bytes {
                 f.push_at(gpu_mem_total, &labels, t as f64);
             }
@@ -672,11 +597,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[("outcome", "duplicate")],
         c.duplicate.load(Ordering::Relaxed) as f64,
     );
-    for (reason, n) in REJECT_REASONS.iter().zip(&c.rejected) {
+    for reason in Reject::ALL {
         f.push(
             "capwatch_collector_samples_total",
             &[("outcome", "rejected"), ("reason", reason.label())],
-            n.load(Ordering::Relaxed) as f64,
+            c.rejected(reason) as f64,
         );
     }
     f.push(
@@ -699,20 +624,20 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[],
         c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
-    for (surface, counts) in AUTH_SURFACES.iter().zip(&c.auth_refused) {
-        for (reason, n) in AUTH_REASONS.iter().zip(counts) {
+    for surface in Surface::ALL {
+        for reason in AuthReason::ALL {
             f.push(
                 "capwatch_collector_auth_refused_total",
-                &[("surface", surface), ("reason", reason)],
-                n.load(Ordering::Relaxed) as f64,
+                &[("surface", surface.label()), ("reason", reason.label())],
+                c.auth_refused(surface, reason) as f64,
             );
         }
     }
-    for (reason, n) in CLAIM_REASONS.iter().zip(&c.gpu_claims_refused) {
+    for reason in ClaimReason::ALL {
         f.push(
             "capwatch_collector_gpu_claims_refused_total",
-            &[("reason", reason)],
-            n.load(Ordering::Relaxed) as f64,
+            &[("reason", reason.label())],
+            c.gpu_claims_refused(reason) as f64,
         );
     }
     f.results(
@@ -754,29 +679,17 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     }
 }
 
-/// The registry `/metrics` renders: the fleet plus anything registered later.
-pub fn registry(state: Arc<State>, detail: Detail) -> Registry {
-    let r = Registry::new();
-    r.register(Box::new(FleetCollector::new(state, detail)))
-        .expect("a fresh registry accepts the fleet collector");
-    r
-}
-
-/// The text exposition of `registry`, through the `prometheus` crate's
-/// encoder (slower than `render_text`; kept for anything registered
-/// besides the fleet, and as the reference `render_text` is tested against).
-pub fn render(registry: &Registry) -> Result<String, prometheus::Error> {
-    let mut buf = Vec::with_capacity(64 * 1024);
-    TextEncoder::new().encode(&registry.gather(), &mut buf)?;
-    String::from_utf8(buf).map_err(|e| prometheus::Error::Msg(e.to_string()))
-}
+#[cfg(test)]
+mod reference;
 
 #[cfg(test)]
 mod tests {
+    use super::reference::{registry, render};
     use super::*;
-    use crate::model::{GpuReading, NodeSample};
+    use crate::edge::{GpuReading, NodeSample};
     use crate::state::{GpuInfo, Hello, StateConfig};
     use crate::tenants::Tenants;
+    use std::sync::Arc;
     use std::time::Duration;
 
     /// A fleet with tenants, a node whose id needs escaping, GPUs with and

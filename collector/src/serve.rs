@@ -54,6 +54,10 @@ pub const CLOSED_IDLE: usize = 0;
 pub const CLOSED_HEADER_TIMEOUT: usize = 1;
 pub const CLOSED_WRITE_TIMEOUT: usize = 2;
 
+// The counters (`events::Counters`) hold one slot per label.
+const _: () = assert!(HTTP_REFUSALS.len() == crate::events::HTTP_REFUSAL_KINDS);
+const _: () = assert!(HTTP_CLOSES.len() == crate::events::HTTP_CLOSE_KINDS);
+
 /// At most one log line per reason in this long, with the count since the
 /// previous one: a burst of refusals is logged once.
 const LOG_EVERY: Duration = Duration::from_secs(60);

@@ -25,12 +25,12 @@ use tracing::{Instrument as _, error, info, warn};
 
 use capwatch_proto::v1::ingest_server::IngestServer;
 
-use crate::billing::committer::{
-    claim_restored, commit_loop, commit_once, committer_died, resume_tenant_history,
-};
-use crate::billing::{self, compactor::compact_loop};
 use crate::config::{self, Config};
 use crate::ledger::sqlite::LOCAL_HOLDER;
+use crate::persist::committer::{
+    claim_restored, commit_loop, commit_once, committer_died, resume_tenant_history,
+};
+use crate::persist::{self, compactor::compact_loop};
 use crate::state::{State, StateConfig};
 use crate::tenants::{self, Tenants};
 use crate::{VERSION, auth, http, ingest, ledger, serve};
@@ -46,7 +46,7 @@ pub enum CollectorError {
     #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
     #[error(transparent)]
-    Resume(#[from] billing::committer::ResumeError),
+    Resume(#[from] persist::committer::ResumeError),
     #[error("binding {what} on {addr}: {error}")]
     Bind {
         what: &'static str,
@@ -316,7 +316,7 @@ impl App {
                 state.clone(),
                 ledger.clone(),
                 Arc::from(LOCAL_HOLDER),
-                billing::compactor::Retention {
+                persist::compactor::Retention {
                     finalize_grace: cfg.finalize_grace,
                     minute_retention: cfg.minute_retention,
                     hour_retention: cfg.hour_retention,

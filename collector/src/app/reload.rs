@@ -6,12 +6,12 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::config::Config;
-use crate::ledger;
 use crate::state::{self, State};
 use crate::tenants::Tenants;
+use crate::{events, ledger};
 
 use super::{load_auth, load_tenants};
 
@@ -66,12 +66,12 @@ async fn record_and_reload(
             state.readiness.reload_succeeded();
         }
         Err(e) => {
-            state
-                .counters
-                .reloads_failed
-                .fetch_add(1, Ordering::Relaxed);
+            events::ReloadFailed {
+                what: events::ReloadFailure::TenantVersion,
+                error: &e,
+            }
+            .emit(&state.counters);
             state.readiness.reload_failed(&e);
-            error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants");
         }
     }
 }
@@ -93,9 +93,12 @@ pub(super) async fn reload_on_sighup(
                 match load_tenants(&cfg) {
                     Ok(t) => record_and_reload(&state, &ledger, t).await,
                     Err(e) => {
-                        state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
+                        events::ReloadFailed {
+                            what: events::ReloadFailure::TenantFile,
+                            error: &e,
+                        }
+                        .emit(&state.counters);
                         state.readiness.reload_failed(&e);
-                        error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants");
                     }
                 }
                 // Token rotation: the auth file is re-read with the tenants.
@@ -106,8 +109,11 @@ pub(super) async fn reload_on_sighup(
                         info!(task = "reloader", "auth file reloaded");
                     }
                     Err(e) => {
-                        state.counters.reloads_failed.fetch_add(1, Ordering::Relaxed);
-                        error!(task = "reloader", error = %e, "auth file reload failed; keeping the previous tokens");
+                        events::ReloadFailed {
+                            what: events::ReloadFailure::AuthFile,
+                            error: &e,
+                        }
+                        .emit(&state.counters);
                     }
                 }
             }

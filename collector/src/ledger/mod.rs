@@ -29,8 +29,6 @@ pub mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod conformance;
-#[cfg(test)]
-mod tests;
 
 pub use sqlite::{Ledger, Reader};
 
@@ -52,22 +50,8 @@ pub struct TenantVersion {
     pub file: String,
 }
 
-/// Over-contract time (ns) and overage (mJ) of one tenant-minute that
-/// holds `energy_mj` against a contract of `contracted_milliwatts` (0: no
-/// contract): a minute whose average power is above the contract counts
-/// 60 s over it, and its energy above contract × 60 s as overage. Energy
-/// only grows, so the figures only grow with it.
-pub fn over_contract(energy_mj: u64, contracted_milliwatts: u64) -> (u64, u64) {
-    // mW × s = mJ.
-    let allowed = u128::from(contracted_milliwatts) * MINUTE as u128;
-    if contracted_milliwatts == 0 || u128::from(energy_mj) <= allowed {
-        return (0, 0);
-    }
-    (
-        MINUTE as u64 * 1_000_000_000,
-        u64::try_from(u128::from(energy_mj) - allowed).unwrap_or(u64::MAX),
-    )
-}
+/// The minute split and the contract arithmetic live in `accounting`.
+pub use crate::accounting::{over_contract, split_by_minute};
 
 /// Rollup periods, in seconds.
 pub const HOUR: i64 = 3600;
@@ -360,10 +344,14 @@ impl Span {
     /// a minute's energy, or what a rollup stored when it was rolled up
     /// (`contracted_milliwatts` is then not used).
     pub fn over_contract(&self, contracted_milliwatts: u64) -> (u64, u64) {
-        match self.peak_quarter_mj {
-            None => over_contract(self.delta.energy_mj, contracted_milliwatts),
-            Some(_) => (self.delta.over_contract_ns, self.delta.overage_mj),
-        }
+        let rolled_up = self
+            .peak_quarter_mj
+            .map(|_| (self.delta.over_contract_ns, self.delta.overage_mj));
+        crate::accounting::span_over_contract(
+            self.delta.energy_mj,
+            rolled_up,
+            contracted_milliwatts,
+        )
     }
 }
 
@@ -542,40 +530,4 @@ pub trait LedgerReader {
 
     /// Every tenant that has buckets.
     fn tenants(&self) -> Result<Vec<String>, LedgerError>;
-}
-
-/// Splits `amount` spread evenly over the interval `(from_ns, to_ns]`
-/// across the minutes it overlaps, exactly: the parts are floors of the
-/// time-proportional shares, and what the floors leave goes to the
-/// minutes with the largest remainders. Returns (minute start in Unix
-/// seconds, part) pairs in time order.
-pub fn split_by_minute(amount: u64, from_ns: i64, to_ns: i64) -> Vec<(i64, u64)> {
-    const MINUTE_NS: i64 = 60_000_000_000;
-    if to_ns <= from_ns {
-        // No interval: all of it lands in the minute of `to_ns`.
-        return vec![(to_ns.div_euclid(MINUTE_NS) * 60, amount)];
-    }
-    let total = (to_ns - from_ns) as u128;
-    let mut parts = Vec::new();
-    let mut start = from_ns;
-    while start < to_ns {
-        let minute = start.div_euclid(MINUTE_NS);
-        let end = ((minute + 1) * MINUTE_NS).min(to_ns);
-        let share = u128::from(amount) * (end - start) as u128;
-        parts.push((minute * 60, (share / total) as u64, share % total));
-        start = end;
-    }
-    let assigned: u64 = parts.iter().map(|p| p.1).sum();
-    let mut left = amount - assigned;
-    // Largest remainder first; ties to the later minute, deterministic.
-    let mut order: Vec<usize> = (0..parts.len()).collect();
-    order.sort_by(|&a, &b| parts[b].2.cmp(&parts[a].2).then(b.cmp(&a)));
-    for i in order {
-        if left == 0 {
-            break;
-        }
-        parts[i].1 += 1;
-        left -= 1;
-    }
-    parts.into_iter().map(|(m, v, _)| (m, v)).collect()
 }

@@ -2,8 +2,6 @@
 //! row boundaries (fixed lengths aligned in local time, or local
 //! midnights for days and months).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, ToSpan};
@@ -287,8 +285,4 @@ pub fn rfc3339(unix: i64) -> String {
     Zone::utc().format(unix.max(0))
 }
 
-pub fn now_unix() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
+pub use crate::sync::now_unix;

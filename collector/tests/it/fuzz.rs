@@ -16,8 +16,8 @@ use proptest::collection::vec;
 use proptest::prelude::*;
 use prost::Message;
 
+use capwatch_collector::edge;
 use capwatch_collector::ledger::Ledger;
-use capwatch_collector::model;
 use capwatch_collector::state::{State, StateConfig};
 use capwatch_collector::tenants::Tenants;
 use capwatch_proto::v1 as pb;
@@ -200,11 +200,11 @@ proptest! {
         if let Ok(m) = pb::AgentMessage::decode(&bytes[..]) {
             match m.body {
                 Some(pb::agent_message::Body::Hello(h)) => {
-                    let _ = model::hello(h);
+                    let _ = edge::hello(h);
                 }
                 Some(pb::agent_message::Body::Batch(b)) => {
                     for s in b.samples {
-                        let _ = model::sample(s);
+                        let _ = edge::sample(s);
                     }
                 }
                 None => {}
@@ -228,7 +228,7 @@ proptest! {
         for step in steps {
             match step {
                 Step::Hello(h) => {
-                    if let Ok((h, _)) = model::hello(h).and_then(|h| state.hello(h)) {
+                    if let Ok((h, _)) = edge::hello(h).and_then(|h| state.hello(h)) {
                         handle = Some(h);
                     }
                 }
@@ -237,7 +237,7 @@ proptest! {
                     let mut good = Vec::new();
                     let mut rejected = Vec::new();
                     for s in samples {
-                        match model::sample(s) {
+                        match edge::sample(s) {
                             Ok(s) => good.push(s),
                             Err(r) => rejected.push(r),
                         }

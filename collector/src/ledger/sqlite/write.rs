@@ -17,7 +17,7 @@ impl Ledger {
     /// Writes `c` in one transaction, booked now, leaving the watermark
     /// where it is.
     pub fn commit(&mut self, c: &Commit) -> Result<Committed, LedgerError> {
-        self.commit_at(c, crate::usage::now_unix(), i64::MIN)
+        self.commit_at(c, crate::sync::now_unix(), i64::MIN)
     }
 
     /// Where the watermark stands: minute buckets ending at or before this

@@ -13,8 +13,8 @@ use tracing::{error, info};
 
 use crate::ledger::{self, LedgerError, LedgerWriter};
 use crate::state::{self, State};
+use crate::sync;
 use crate::tenants::{self, Tenants};
-use crate::usage;
 
 /// A tenant file version kept in the ledger that no longer reads.
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +175,7 @@ pub fn commit_once<W: LedgerWriter>(
         earlier.absorb(commit);
         commit = earlier;
     }
-    let now = usage::now_unix();
+    let now = sync::now_unix();
     let finalize_through = finalize_through(now, finalize_grace);
     if commit.is_empty() {
         committed.send_replace(id);
@@ -215,12 +215,8 @@ pub fn commit_once<W: LedgerWriter>(
             None
         }
         Ok(Err(e)) => {
-            state
-                .counters
-                .commits_failed
-                .fetch_add(1, Ordering::Relaxed);
+            crate::events::CommitFailed { error: &e }.emit(&state.counters);
             state.readiness.commit_failed(&e);
-            error!(task = "committer", error = %e, "ledger commit failed; retrying with the next one, acks held");
             Some((id, commit))
         }
         Err(_) => committer_died(),
@@ -254,8 +250,8 @@ pub fn committer_died() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::edge::{GpuReading, NodeSample};
     use crate::ledger::sqlite::LOCAL_HOLDER;
-    use crate::model::{GpuReading, NodeSample};
     use crate::state::{GpuInfo, Hello, StateConfig};
     use std::time::Duration;
 
@@ -304,7 +300,7 @@ mod tests {
         let (committed, _acks) = watch::channel(0);
         // One GPU counting 500 mJ a second, from the top of the hour three
         // hours ago.
-        let t0 = (usage::now_unix() - 3 * 3600).div_euclid(3600) * 3600;
+        let t0 = (sync::now_unix() - 3 * 3600).div_euclid(3600) * 3600;
         let sample = |seq: u64| NodeSample {
             seq,
             timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
@@ -332,7 +328,7 @@ mod tests {
         assert_eq!(in_time, 19 * 500);
 
         // Seconds 21-80 arrive three hours late.
-        let booked_from = usage::now_unix();
+        let booked_from = sync::now_unix();
         state
             .ingest(&h, (21..=80).map(sample).collect(), Vec::new())
             .unwrap();
@@ -344,7 +340,7 @@ mod tests {
             .adjustments
             .iter()
             .map(|a| {
-                assert!((booked_from..=usage::now_unix()).contains(&a.booked_at));
+                assert!((booked_from..=sync::now_unix()).contains(&a.booked_at));
                 (
                     a.revision,
                     a.tenant.as_str(),
@@ -414,7 +410,7 @@ mod tests {
         let (state, h, ledger) = node_and_ledger(&path);
         let (committed, _acks) = watch::channel(0);
         let grace = Duration::from_secs(600);
-        let now = usage::now_unix();
+        let now = sync::now_unix();
         let t0 = now - 2 * 3600;
         let sample = |seq: u64, t: i64, counter: u64| NodeSample {
             seq,

@@ -8,11 +8,11 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::info;
 
 use crate::ledger::{self, LedgerError, LedgerWriter};
 use crate::state::{self, State};
-use crate::usage;
+use crate::sync;
 
 /// How long the compaction lease is taken for: three rounds, renewed at
 /// every round, so that a compactor that stopped leaves it to another
@@ -61,7 +61,7 @@ pub async fn compact_loop<W: LedgerWriter + 'static>(
             _ = tick.tick() => {}
             _ = &mut stop => return,
         }
-        let now = usage::now_unix();
+        let now = sync::now_unix();
         let policy = compaction_policy(&retention, now);
         let (ledger, holder) = (ledger.clone(), holder.clone());
         let contracts = state.tenant_history();
@@ -93,20 +93,16 @@ pub async fn compact_loop<W: LedgerWriter + 'static>(
                     );
                 }
             }
-            Ok(Err(e)) => {
-                state
-                    .counters
-                    .compactions_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                error!(task = "compactor", error = %e, "ledger compaction failed; retrying next minute");
+            Ok(Err(e)) => crate::events::CompactionFailed {
+                error: &e,
+                task_died: false,
             }
-            Err(e) => {
-                state
-                    .counters
-                    .compactions_failed
-                    .fetch_add(1, Ordering::Relaxed);
-                error!(task = "compactor", error = %e, "ledger compaction task failed");
+            .emit(&state.counters),
+            Err(e) => crate::events::CompactionFailed {
+                error: &e,
+                task_died: true,
             }
+            .emit(&state.counters),
         }
     }
 }

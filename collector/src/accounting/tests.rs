@@ -1,0 +1,309 @@
+//! The accounting laws, on the meter and the arithmetic alone: no state,
+//! no locks, no sleeps (the clock is a `Tick`).
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use proptest::prelude::*;
+use proptest::test_runner::Config as ProptestConfig;
+
+use super::*;
+
+const T0: i64 = 1_700_000_000_000_000_000;
+const SEC: i64 = 1_000_000_000;
+const LIMIT_MW: u64 = 700_000;
+
+/// A tick `at` ns after T0, seq `seq`, the collector's clock following the
+/// agent's (`base` standing for T0), a 1 s interval and `window`.
+fn tick(base: Instant, at: i64, seq: u64, window: Duration) -> Tick {
+    Tick {
+        timestamp_ns: T0 + at,
+        seq,
+        now: base + Duration::from_nanos(at as u64),
+        latest_ns: T0 + at,
+        interval: Duration::from_secs(1),
+        window,
+    }
+}
+
+fn reading(power: u64, energy: Option<u64>) -> GpuReading {
+    GpuReading {
+        power_milliwatts: Some(power),
+        energy_millijoules: energy,
+        ..GpuReading::default()
+    }
+}
+
+/// Minute buckets, summed per minute.
+#[derive(Default)]
+struct Buckets(BTreeMap<i64, MinuteFigures>);
+
+impl Book<str> for Buckets {
+    fn add(&mut self, _tenant: &str, minute: i64, f: &MinuteFigures) {
+        let d = self.0.entry(minute).or_default();
+        d.energy_mj += f.energy_mj;
+        d.estimated_mj += f.estimated_mj;
+        d.gpu_ns += f.gpu_ns;
+        d.busy_gpu_ns += f.busy_gpu_ns;
+        d.expected_gpu_ns += f.expected_gpu_ns;
+        d.samples += f.samples;
+    }
+}
+
+#[test]
+fn split_examples() {
+    const M: i64 = 60_000_000_000;
+    // (amount, from, to, expected (minute, part))
+    type Case = (u64, i64, i64, Vec<(i64, u64)>);
+    let cases: [Case; 4] = [
+        (100, 10 * M, 10 * M + 1_000, vec![(600, 100)]),
+        (
+            100,
+            10 * M - M / 2,
+            10 * M + M / 2,
+            vec![(540, 50), (600, 50)],
+        ),
+        (
+            10,
+            10 * M - M / 3,
+            10 * M + 2 * M / 3,
+            vec![(540, 3), (600, 7)],
+        ),
+        (7, 5 * M, 5 * M, vec![(300, 7)]),
+    ];
+    for (amount, from, to, want) in cases {
+        assert_eq!(
+            split_by_minute(amount, from, to),
+            want,
+            "{amount} over ({from}, {to}]"
+        );
+    }
+}
+
+#[test]
+fn over_contract_examples() {
+    // 1 kW for a minute is 60,000,000 mJ.
+    assert_eq!(over_contract(60_000_000, 1_000_000), (0, 0));
+    assert_eq!(over_contract(60_000_001, 1_000_000), (60_000_000_000, 1));
+    assert_eq!(over_contract(u64::MAX, 0), (0, 0));
+    // A rollup keeps what it stored, whatever the contract.
+    assert_eq!(span_over_contract(u64::MAX, Some((7, 8)), 1), (7, 8));
+    assert_eq!(
+        span_over_contract(60_000_001, None, 1_000_000),
+        over_contract(60_000_001, 1_000_000)
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 512,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// A minute split sums to the amount, one part per minute overlapped,
+    /// in order, and never books outside (from, to].
+    #[test]
+    fn a_minute_split_sums_to_the_amount_inside_its_interval(
+        amount in 0u64..=u64::MAX / 4,
+        from in -10_000_000_000_000i64..10_000_000_000_000,
+        len in 0i64..600_000_000_000,
+    ) {
+        let to = from + len;
+        let parts = split_by_minute(amount, from, to);
+        prop_assert_eq!(parts.iter().map(|p| p.1).sum::<u64>(), amount);
+        for w in parts.windows(2) {
+            prop_assert_eq!(w[1].0, w[0].0 + 60);
+        }
+        let minute_of = |ns: i64| ns.div_euclid(MINUTE_NS) * MINUTE;
+        let (first, last) = if len > 0 {
+            (minute_of(from), minute_of(to - 1))
+        } else {
+            (minute_of(to), minute_of(to))
+        };
+        prop_assert_eq!(parts[0].0, first);
+        prop_assert_eq!(parts[parts.len() - 1].0, last);
+        for (m, _) in &parts {
+            prop_assert!((first..=last).contains(m));
+        }
+    }
+
+    /// Over-contract figures only grow with the minute's energy.
+    #[test]
+    fn over_contract_grows_with_energy(a in any::<u64>(), b in any::<u64>(), c in 0u64..10_000_000) {
+        let (lo, hi) = (a.min(b), a.max(b));
+        let (t0, o0) = over_contract(lo, c);
+        let (t1, o1) = over_contract(hi, c);
+        prop_assert!(t0 <= t1 && o0 <= o1);
+        prop_assert!(t1 == 0 || t1 == 60_000_000_000);
+    }
+
+    /// Without a counter, energy and remainder are the exact integral of
+    /// power in mW·ns, whatever the steps.
+    #[test]
+    fn the_power_integral_is_exact_in_milliwatt_nanoseconds(
+        steps in prop::collection::vec((0u64..=2_000_000, 1i64..=5_000_000_000), 1..64),
+    ) {
+        let base = Instant::now();
+        let window = Duration::from_secs(10);
+        let mut m = Meter::default();
+        let mut at = 0;
+        m.apply(&reading(0, None), Some(LIMIT_MW), &tick(base, at, 1, window));
+        let mut added = 0u64;
+        for (i, &(p, dt)) in steps.iter().enumerate() {
+            at += dt;
+            let a = m.apply(&reading(p, None), Some(LIMIT_MW), &tick(base, at, i as u64 + 2, window));
+            prop_assert_eq!(a.estimated_ns, Some(dt as u64));
+            added += a.energy_mj;
+        }
+        let exact: u128 = steps.iter().map(|&(p, dt)| u128::from(p) * dt as u128).sum();
+        prop_assert_eq!(added, m.energy_millijoules());
+        prop_assert_eq!(
+            u128::from(m.energy_millijoules()) * NANOS_PER_SECOND
+                + u128::from(m.remainder_milliwatt_nanos()),
+            exact
+        );
+    }
+
+    /// With a counter that moves plausibly, energy is the last counter
+    /// less the first, and booking it spreads exactly that over minutes.
+    #[test]
+    fn counter_energy_is_last_minus_first(
+        first in 0u64..1 << 40,
+        steps in prop::collection::vec((0u64..=2_100_000, 1i64..=90_000_000_000), 1..40),
+    ) {
+        let base = Instant::now();
+        let window = Duration::from_secs(3);
+        let mut m = Meter::default();
+        let mut buckets = Buckets::default();
+        let mut at = 0;
+        let mut counter = first;
+        m.apply(&reading(0, Some(counter)), Some(LIMIT_MW), &tick(base, at, 1, window))
+            .book(&mut buckets, "t", window);
+        for (i, &(per_sec, dt)) in steps.iter().enumerate() {
+            at += dt;
+            // Within 3× the limit over the interval.
+            counter += (u128::from(per_sec) * dt as u128 / NANOS_PER_SECOND) as u64;
+            let a = m.apply(&reading(0, Some(counter)), Some(LIMIT_MW), &tick(base, at, i as u64 + 2, window));
+            prop_assert_eq!(a.estimated_ns, None);
+            a.book(&mut buckets, "t", window);
+        }
+        prop_assert_eq!(m.energy_millijoules(), counter - first);
+        prop_assert_eq!(m.counter_resets(), 0);
+        let booked: u64 = buckets.0.values().map(|f| f.energy_mj).sum();
+        prop_assert_eq!(booked, counter - first);
+        let samples: u64 = buckets.0.values().map(|f| f.samples).sum();
+        prop_assert_eq!(samples, steps.len() as u64 + 1);
+        let expected: u64 = buckets.0.values().map(|f| f.expected_gpu_ns).sum();
+        prop_assert_eq!(expected, at as u64);
+    }
+
+    /// A reading stamped before one already applied, its counter behind by
+    /// what the GPU can draw in between, adds nothing and moves nothing.
+    #[test]
+    fn stale_readings_add_nothing(
+        counter in 1_000_000u64..1 << 40,
+        dt in 1i64..=10_000_000_000,
+        back in 0i64..=10_000_000_000,
+        behind_per_sec in 0u64..=2_100_000,
+    ) {
+        let base = Instant::now();
+        let window = Duration::from_secs(3);
+        let mut m = Meter::default();
+        m.apply(&reading(0, Some(counter)), Some(LIMIT_MW), &tick(base, 0, 1, window));
+        m.apply(&reading(0, Some(counter + 1)), Some(LIMIT_MW), &tick(base, dt, 2, window));
+        let before = (m.cursor(), m.energy_millijoules());
+        let back = back.min(dt + 1_000_000_000);
+        let behind = (u128::from(behind_per_sec) * back as u128 / NANOS_PER_SECOND) as u64 + 1;
+        let mut t = tick(base, dt + 1, 3, window);
+        t.timestamp_ns = T0 + dt - back;
+        let a = m.apply(&reading(500_000, Some(counter + 1 - behind.min(counter))), Some(LIMIT_MW), &t);
+        prop_assert_eq!(a.energy_mj, 0);
+        prop_assert!(!a.kept);
+        prop_assert_eq!((m.cursor(), m.energy_millijoules()), before);
+    }
+
+    /// A counter that goes back or leaps (a reload, or a reading that
+    /// cannot be) contributes at most what the GPU can draw: 3× its limit
+    /// over the time since the last reading, plus a joule.
+    #[test]
+    fn a_reset_contributes_at_most_the_bound(
+        counter in 0u64..1 << 40,
+        next in 0u64..1 << 41,
+        dt in 1i64..=100_000_000_000,
+        power in 0u64..=3 * LIMIT_MW,
+    ) {
+        let base = Instant::now();
+        let window = Duration::from_secs(3);
+        let mut m = Meter::default();
+        m.apply(&reading(0, Some(counter)), Some(LIMIT_MW), &tick(base, 0, 1, window));
+        let a = m.apply(&reading(power, Some(next)), Some(LIMIT_MW), &tick(base, dt, 2, window));
+        let bound = u128::from(LIMIT_MW) * 3 * dt as u128 / NANOS_PER_SECOND + 1_000;
+        prop_assert!(u128::from(a.energy_mj) <= bound, "{} > {bound}", a.energy_mj);
+        if next < counter || u128::from(next - counter) > bound {
+            prop_assert_eq!(m.counter_resets(), 1);
+        }
+    }
+
+    /// Booking a reading spreads its energy, GPU time and expected time
+    /// over minutes exactly, counting it as one sample.
+    #[test]
+    fn booking_conserves_every_figure(
+        energy in 0u64..1 << 40,
+        from in 0i64..10_000_000_000_000,
+        len in 0i64..3_600_000_000_000,
+        estimated in prop::option::of(0u64..5_000_000_000),
+        util in prop::option::of(0u32..=100),
+        window_s in 1u64..600,
+    ) {
+        let a = Applied {
+            energy_mj: energy,
+            estimated_ns: estimated,
+            from_ns: Some(from),
+            to_ns: from + len,
+            utilization_percent: util,
+            kept: true,
+        };
+        let window = Duration::from_secs(window_s);
+        let mut b = Buckets::default();
+        a.book(&mut b, "t", window);
+        let sum = |f: fn(&MinuteFigures) -> u64| b.0.values().map(f).sum::<u64>();
+        prop_assert_eq!(sum(|f| f.energy_mj), energy);
+        prop_assert_eq!(sum(|f| f.estimated_mj), if estimated.is_some() { energy } else { 0 });
+        prop_assert_eq!(sum(|f| f.expected_gpu_ns), len as u64);
+        prop_assert_eq!(sum(|f| f.samples), 1);
+        prop_assert!(sum(|f| f.busy_gpu_ns) <= sum(|f| f.gpu_ns));
+        prop_assert!(sum(|f| f.gpu_ns) <= len as u64);
+        let first = from.div_euclid(MINUTE_NS) * MINUTE;
+        let last = (from + len).div_euclid(MINUTE_NS) * MINUTE;
+        for m in b.0.keys() {
+            prop_assert!((first..=last).contains(m));
+        }
+    }
+}
+
+#[test]
+fn a_lost_reading_adds_nothing_and_the_next_delta_covers_the_gap() {
+    let base = Instant::now();
+    let window = Duration::from_secs(3);
+    let mut m = Meter::default();
+    m.apply(
+        &reading(0, Some(1_000)),
+        Some(LIMIT_MW),
+        &tick(base, 0, 1, window),
+    );
+    let lost = GpuReading {
+        lost: true,
+        ..GpuReading::default()
+    };
+    let a = m.apply(&lost, Some(LIMIT_MW), &tick(base, SEC, 2, window));
+    assert_eq!((a.energy_mj, a.kept, a.from_ns), (0, true, None));
+    let a = m.apply(
+        &reading(0, Some(1_201_000)),
+        Some(LIMIT_MW),
+        &tick(base, 2 * SEC, 3, window),
+    );
+    assert_eq!(a.energy_mj, 1_200_000);
+    assert_eq!(a.from_ns, Some(T0));
+    assert_eq!(m.energy_millijoules(), 1_200_000);
+}

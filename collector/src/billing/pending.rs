@@ -1,0 +1,124 @@
+//! The ledger commit being gathered, and the per-tenant totals that
+//! outlive nodes and reloads.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::billing::Booking;
+use crate::ledger::{Commit, NodeCursor, Snapshot};
+use crate::sync::lock;
+use crate::tenants::TenantHistory;
+
+/// Per-tenant figures that outlive nodes and reloads.
+#[derive(Debug, Default, Clone)]
+pub struct TenantTotals {
+    pub energy_millijoules: u64,
+    pub over_contract_nanos: u128,
+}
+
+/// The ledger commit being gathered, and its number.
+#[derive(Debug, Default)]
+struct Pending {
+    id: u64,
+    commit: Commit,
+}
+
+/// What the next ledger commit will write, and the tenant totals.
+#[derive(Debug)]
+pub struct Billing {
+    pending: Mutex<Pending>,
+    totals: Mutex<HashMap<Arc<str>, TenantTotals>>,
+}
+
+impl Default for Billing {
+    fn default() -> Self {
+        Self {
+            pending: Mutex::new(Pending {
+                id: 1,
+                commit: Commit::default(),
+            }),
+            totals: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl Billing {
+    /// Takes what the next commit must write, with its number and
+    /// `contracts` (each minute is measured against the contract of its
+    /// own time); batches booked from now on go to the commit after it.
+    pub fn take_pending(&self, contracts: Arc<TenantHistory>) -> (u64, Commit) {
+        let mut p = lock(&self.pending);
+        let id = p.id;
+        p.id += 1;
+        let mut c = std::mem::take(&mut p.commit);
+        c.contracts = Some(contracts);
+        (id, c)
+    }
+
+    /// Puts one node's batch into the next commit: its buckets, its
+    /// cursor (replacing the one an earlier batch put there) and the
+    /// tenants' energy. Returns the number of the commit that will hold
+    /// it. Called under the node's lock, so that cursors and deltas of a
+    /// node are written in order.
+    pub fn book(
+        &self,
+        booked: Booking,
+        node: &Arc<str>,
+        cursor: NodeCursor,
+        energy: &[(Arc<str>, u64)],
+    ) -> u64 {
+        let mut pending = lock(&self.pending);
+        let c = &mut pending.commit;
+        booked.into_commit(c, node);
+        c.nodes.insert(node.clone(), cursor);
+        for (tenant, mj) in energy {
+            *c.tenant_energy.entry(tenant.clone()).or_default() += mj;
+        }
+        pending.id
+    }
+
+    /// Adds a batch's energy to the tenants' totals.
+    pub fn add_energy(&self, energy: Vec<(Arc<str>, u64)>) {
+        if energy.is_empty() {
+            return;
+        }
+        let mut totals = lock(&self.totals);
+        for (tenant, mj) in energy {
+            let t = totals.entry(tenant).or_default();
+            t.energy_millijoules = t.energy_millijoules.saturating_add(mj);
+        }
+    }
+
+    /// Adds what a ledger commit added to the tenants' over-contract
+    /// counters (`Ledger::commit_at`) to their totals.
+    pub fn add_over_contract(&self, added: &[(Arc<str>, u64)]) {
+        let mut totals = lock(&self.totals);
+        for (tenant, ns) in added {
+            totals
+                .entry(tenant.clone())
+                .or_default()
+                .over_contract_nanos += u128::from(*ns);
+        }
+    }
+
+    /// Resumes the tenant totals the ledger holds.
+    pub fn restore(&self, snap: &Snapshot) {
+        let mut totals = lock(&self.totals);
+        for (tenant, energy) in &snap.tenant_energy {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .energy_millijoules = *energy;
+        }
+        for (tenant, nanos) in &snap.tenant_over_contract_ns {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .over_contract_nanos = u128::from(*nanos);
+        }
+    }
+
+    pub fn totals(&self) -> HashMap<Arc<str>, TenantTotals> {
+        lock(&self.totals).clone()
+    }
+}

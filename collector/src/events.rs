@@ -1,0 +1,308 @@
+//! Typed internal events: one type per outcome worth counting, whose
+//! `emit` both counts it (in [`Counters`], which `/metrics` renders) and
+//! logs it. Counters are indexed by the reason enums, not by bare numbers.
+
+use std::fmt::Display;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tracing::{debug, error, warn};
+
+pub use crate::edge::Reject;
+
+impl Reject {
+    /// Every reason, in the order of `capwatch_collector_samples_total`'s
+    /// `reason` label (and of the counters).
+    pub const ALL: [Reject; 6] = [
+        Reject::GpuIndex,
+        Reject::Utilization,
+        Reject::Power,
+        Reject::Timestamp,
+        Reject::Sequence,
+        Reject::Malformed,
+    ];
+}
+
+/// Where a request was refused for who sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Surface {
+    Grpc = 0,
+    Http = 1,
+}
+
+impl Surface {
+    pub const ALL: [Surface; 2] = [Surface::Grpc, Surface::Http];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Surface::Grpc => "grpc",
+            Surface::Http => "http",
+        }
+    }
+}
+
+/// Why a request was refused for who sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthReason {
+    /// No token, or one the collector does not know.
+    Unauthenticated = 0,
+    /// An agent token reporting for a node its globs do not match.
+    NodeNotAllowed = 1,
+    /// A client certificate that does not name the node.
+    Certificate = 2,
+    /// A tenant token asking for another tenant, or for admin pages.
+    Forbidden = 3,
+}
+
+impl AuthReason {
+    pub const ALL: [AuthReason; 4] = [
+        AuthReason::Unauthenticated,
+        AuthReason::NodeNotAllowed,
+        AuthReason::Certificate,
+        AuthReason::Forbidden,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthReason::Unauthenticated => "unauthenticated",
+            AuthReason::NodeNotAllowed => "node_not_allowed",
+            AuthReason::Certificate => "certificate",
+            AuthReason::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// Why a Hello's GPU was refused: its UUID lease names other nodes, or a
+/// UUID leased without a node is held by another connected node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimReason {
+    LeaseNode = 0,
+    HeldByOtherNode = 1,
+}
+
+impl ClaimReason {
+    pub const ALL: [ClaimReason; 2] = [ClaimReason::LeaseNode, ClaimReason::HeldByOtherNode];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            ClaimReason::LeaseNode => "lease_node",
+            ClaimReason::HeldByOtherNode => "held_by_other_node",
+        }
+    }
+}
+
+/// Why a stream was refused before or at its Hello. Logged with the
+/// refusal; `capwatch_collector_streams_refused_total` has no label (the
+/// reasons stay out of the metric listing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamRefusal {
+    /// The collector has its maximum of streams open.
+    Capacity,
+    /// The first message was not a Hello, or did not come in time.
+    NoHello,
+    /// The transport failed before the Hello.
+    Transport,
+    /// Refused for who opened it (see [`AuthRefused`]).
+    Auth,
+    /// The Hello was refused (`HelloError`).
+    Hello,
+}
+
+impl StreamRefusal {
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamRefusal::Capacity => "capacity",
+            StreamRefusal::NoHello => "no_hello",
+            StreamRefusal::Transport => "transport",
+            StreamRefusal::Auth => "auth",
+            StreamRefusal::Hello => "hello",
+        }
+    }
+}
+
+/// Number of `serve::HTTP_REFUSALS` (checked there).
+pub const HTTP_REFUSAL_KINDS: usize = 2;
+/// Number of `serve::HTTP_CLOSES` (checked there).
+pub const HTTP_CLOSE_KINDS: usize = 3;
+
+/// The collector's own counters, rendered by `/metrics`.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub accepted: AtomicU64,
+    pub duplicate: AtomicU64,
+    /// By [`Reject::ALL`].
+    rejected: [AtomicU64; Reject::ALL.len()],
+    pub streams_refused: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+    pub commits_ok: AtomicU64,
+    pub commits_failed: AtomicU64,
+    pub commit_micros: AtomicU64,
+    pub compactions_ok: AtomicU64,
+    pub compactions_failed: AtomicU64,
+    /// Requests refused for who sent them, by surface then reason.
+    auth_refused: [[AtomicU64; AuthReason::ALL.len()]; Surface::ALL.len()],
+    /// HTTP connections refused at accept, by `serve::HTTP_REFUSALS`.
+    pub http_refused: [AtomicU64; HTTP_REFUSAL_KINDS],
+    /// HTTP connections the collector closed, by `serve::HTTP_CLOSES`.
+    pub http_closed: [AtomicU64; HTTP_CLOSE_KINDS],
+    /// HTTP connections open now.
+    pub http_open: AtomicU64,
+    /// Hellos refused for a leased GPU the node may not report.
+    gpu_claims_refused: [AtomicU64; ClaimReason::ALL.len()],
+}
+
+impl Counters {
+    /// Samples rejected for `reason`.
+    pub fn rejected(&self, reason: Reject) -> u64 {
+        self.rejected[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Requests refused on `surface` for `reason`.
+    pub fn auth_refused(&self, surface: Surface, reason: AuthReason) -> u64 {
+        self.auth_refused[surface as usize][reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Hellos refused for a GPU claim, for `reason`.
+    pub fn gpu_claims_refused(&self, reason: ClaimReason) -> u64 {
+        self.gpu_claims_refused[reason as usize].load(Ordering::Relaxed)
+    }
+}
+
+/// A sample refused, alone (its batch goes on).
+#[derive(Debug, Clone, Copy)]
+pub struct SampleRejected<'a> {
+    pub node: &'a str,
+    pub seq: u64,
+    pub reason: Reject,
+}
+
+impl SampleRejected<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.rejected[self.reason as usize].fetch_add(1, Ordering::Relaxed);
+        warn!(node = %self.node, seq = self.seq, reason = self.reason.label(), "sample rejected");
+    }
+}
+
+/// A stream refused before it was admitted. The site logs what the agent
+/// is told (some refusals once per node); this logs the reason at debug.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamRefused<'a> {
+    pub reason: StreamRefusal,
+    pub message: &'a str,
+}
+
+impl StreamRefused<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.streams_refused.fetch_add(1, Ordering::Relaxed);
+        debug!(
+            reason = self.reason.label(),
+            message = self.message,
+            "stream refused"
+        );
+    }
+}
+
+/// A request refused for who sent it.
+#[derive(Debug, Clone, Copy)]
+pub struct AuthRefused<'a> {
+    pub surface: Surface,
+    pub reason: AuthReason,
+    /// The node a gRPC stream reports for, once known.
+    pub node: Option<&'a str>,
+}
+
+impl AuthRefused<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.auth_refused[self.surface as usize][self.reason as usize].fetch_add(1, Ordering::Relaxed);
+        debug!(
+            surface = self.surface.label(),
+            reason = self.reason.label(),
+            node = self.node,
+            "request refused for who sent it"
+        );
+    }
+}
+
+/// A Hello refused for a leased GPU the node may not report.
+#[derive(Debug, Clone, Copy)]
+pub struct GpuClaimRefused<'a> {
+    pub reason: ClaimReason,
+    pub node: &'a str,
+    pub uuid: &'a str,
+}
+
+impl GpuClaimRefused<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.gpu_claims_refused[self.reason as usize].fetch_add(1, Ordering::Relaxed);
+        debug!(reason = self.reason.label(), node = ?self.node, gpu = ?self.uuid, "GPU claim refused");
+    }
+}
+
+/// A ledger commit that failed; its batches go into the next one.
+#[derive(Clone, Copy)]
+pub struct CommitFailed<'a> {
+    pub error: &'a dyn Display,
+}
+
+impl CommitFailed<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.commits_failed.fetch_add(1, Ordering::Relaxed);
+        error!(task = "committer", error = %self.error, "ledger commit failed; retrying with the next one, acks held");
+    }
+}
+
+/// A ledger compaction that failed; the next minute's tries again.
+#[derive(Clone, Copy)]
+pub struct CompactionFailed<'a> {
+    pub error: &'a dyn Display,
+    /// The compaction task itself failed (panicked), not the ledger.
+    pub task_died: bool,
+}
+
+impl CompactionFailed<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.compactions_failed.fetch_add(1, Ordering::Relaxed);
+        let e = self.error;
+        if self.task_died {
+            error!(task = "compactor", error = %e, "ledger compaction task failed");
+        } else {
+            error!(task = "compactor", error = %e, "ledger compaction failed; retrying next minute");
+        }
+    }
+}
+
+/// What failed to reload; the previous version stays in force.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadFailure {
+    /// The tenant file could not be read or parsed.
+    TenantFile,
+    /// The new tenant file version could not be recorded in the ledger.
+    TenantVersion,
+    /// The auth file could not be read or parsed.
+    AuthFile,
+}
+
+/// A reload (SIGHUP) that failed.
+#[derive(Clone, Copy)]
+pub struct ReloadFailed<'a> {
+    pub what: ReloadFailure,
+    pub error: &'a dyn Display,
+}
+
+impl ReloadFailed<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        let e = self.error;
+        match self.what {
+            ReloadFailure::TenantFile => {
+                error!(task = "reloader", error = %e, "tenant file reload failed; keeping the previous tenants")
+            }
+            ReloadFailure::TenantVersion => {
+                error!(task = "reloader", error = %e, "recording the tenant file version failed; keeping the previous tenants")
+            }
+            ReloadFailure::AuthFile => {
+                error!(task = "reloader", error = %e, "auth file reload failed; keeping the previous tokens")
+            }
+        }
+    }
+}

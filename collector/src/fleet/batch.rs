@@ -1,0 +1,178 @@
+//! One batch of one node's samples, in one critical section under the
+//! node's lock: dedup, the edge's checks that need the inventory, the
+//! readings applied to the GPUs' meters, the minute buckets booked and the
+//! node's cursor handed to billing.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::accounting::{Book, Tick};
+use crate::edge::{MAX_SEQ_JUMP, NodeSample, Reject, check_sample};
+use crate::ledger::NodeCursor;
+use crate::sync::lock;
+use crate::tenants::TenantHistory;
+
+use super::node::sampled_at;
+use super::{Fleet, StreamHandle};
+
+#[derive(Debug, thiserror::Error)]
+#[error("a newer stream took over node {0}")]
+pub struct Superseded(pub Arc<str>);
+
+/// What one batch did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct BatchOutcome {
+    pub acked_seq: u64,
+    /// The ledger commit that will hold this batch; ack after it.
+    pub commit_id: u64,
+    pub accepted: u64,
+    pub duplicate: u64,
+    pub rejected: Vec<(u64, Reject)>,
+}
+
+impl Fleet {
+    /// Applies a batch of samples checked on their own by the edge
+    /// (rejections it already decided are passed in `rejected` and only
+    /// acked), at `now` (`now_ns` on the wall clock). `history` is read
+    /// under the node's lock; `book` puts the node's buckets, its cursor
+    /// and the tenants' energy into the next commit, still under it, and
+    /// returns that commit's number. Returns the outcome and the energy
+    /// added per tenant.
+    #[allow(clippy::type_complexity)]
+    pub fn ingest<B: Book<Arc<str>> + Default>(
+        &self,
+        h: &StreamHandle,
+        samples: Vec<NodeSample>,
+        mut rejected: Vec<(u64, Reject)>,
+        (now, now_ns): (Instant, i64),
+        history: impl FnOnce() -> Arc<TenantHistory>,
+        book: impl FnOnce(B, &Arc<str>, NodeCursor, &[(Arc<str>, u64)]) -> u64,
+    ) -> Result<(BatchOutcome, Vec<(Arc<str>, u64)>), Superseded> {
+        let mut out = BatchOutcome::default();
+        let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
+        let mut booked = B::default();
+        // The tenant of each GPU under the last older version a sample of
+        // this batch needed: (version, tenant per GPU).
+        let mut past: Option<(usize, Vec<Arc<str>>)> = None;
+        {
+            let mut n = lock(&h.node);
+            // Read under the node's lock: a reload re-attributes the node
+            // after replacing the history, so this is as new as its span.
+            let history = history();
+            let window = n.stale_window(self.cfg.stale_after);
+            let node_id = n.id.clone();
+            if n.generation != h.generation || n.epoch != h.epoch {
+                return Err(Superseded(h.node_id.clone()));
+            }
+            // A refused sample sent again (its ack was lost) is a
+            // duplicate, not a second rejection.
+            let before = n.last_seq;
+            let is_resent = |seq: u64| seq != 0 && seq <= before;
+            let resent = rejected.iter().filter(|(seq, _)| is_resent(*seq)).count();
+            rejected.retain(|(seq, _)| !is_resent(*seq));
+            out.duplicate += resent as u64;
+            let skew = i64::try_from(self.cfg.max_clock_skew.as_nanos()).unwrap_or(i64::MAX);
+            let latest = now_ns.saturating_add(skew);
+            let age = i64::try_from(self.cfg.max_sample_age.as_nanos()).unwrap_or(i64::MAX);
+            let oldest = now_ns.saturating_sub(age);
+            for s in samples {
+                if s.seq <= n.last_seq {
+                    out.duplicate += 1;
+                    continue;
+                }
+                // A sequence far ahead of the last one would make every
+                // later sample of this epoch a duplicate.
+                if s.seq > n.last_seq.saturating_add(MAX_SEQ_JUMP) {
+                    rejected.push((s.seq, Reject::Sequence));
+                    continue;
+                }
+                let limit_of = |i: usize| n.gpus[i].power_limit_milliwatts;
+                if let Err(reason) = check_sample(&s, n.gpus.len(), limit_of, latest, oldest) {
+                    rejected.push((s.seq, reason));
+                    continue;
+                }
+                n.last_seq = s.seq;
+                n.samples_accepted += 1;
+                n.last_receipt = Some(now);
+                let sampled = sampled_at(s.timestamp_unix_nanos, now, now_ns);
+                n.sampled_at = sampled;
+                n.last_timestamp = n.last_timestamp.max(s.timestamp_unix_nanos);
+                if s.host.is_some() {
+                    n.host = s.host;
+                }
+                let tick = Tick {
+                    timestamp_ns: s.timestamp_unix_nanos,
+                    seq: s.seq,
+                    now,
+                    latest_ns: latest,
+                    interval: n.interval,
+                    window,
+                };
+                // The common case, a sample of the version the GPUs were
+                // attributed by: their own tenant. Else (a sample from
+                // before a lease change, delivered late) the tenant of the
+                // version in force at the sample's time.
+                let ts = s.timestamp_unix_nanos;
+                let version = (ts < n.tenants_span.0 || ts >= n.tenants_span.1).then(|| {
+                    let v = history.at(ts);
+                    if past.as_ref().is_none_or(|(p, _)| *p != v) {
+                        let t = history.version(v);
+                        let tenants = n
+                            .gpus
+                            .iter()
+                            .map(|g| t.all()[t.attribute(&node_id, &g.uuid)].id.clone())
+                            .collect();
+                        past = Some((v, tenants));
+                    }
+                });
+                for r in s.gpus {
+                    let i = r.index as usize;
+                    let gpu = &mut n.gpus[i];
+                    let applied = gpu.apply(r, &tick);
+                    gpu.sampled_at = sampled;
+                    let tenant = match (&version, &past) {
+                        (Some(()), Some((_, tenants))) => &tenants[i],
+                        _ => &gpu.tenant,
+                    };
+                    applied.book(&mut booked, tenant, window);
+                    let added = applied.energy_mj;
+                    if added > 0 {
+                        match energy.iter_mut().find(|(t, _)| t == tenant) {
+                            Some((_, e)) => *e = e.saturating_add(added),
+                            None => energy.push((tenant.clone(), added)),
+                        }
+                    }
+                }
+                out.accepted += 1;
+            }
+            // A refused sample is final: refusing it again on a re-send
+            // would change nothing, so the ack moves past it too.
+            if let Some(max) = rejected
+                .iter()
+                .map(|(seq, _)| *seq)
+                .filter(|seq| *seq <= n.last_seq.saturating_add(MAX_SEQ_JUMP))
+                .max()
+            {
+                n.last_seq = n.last_seq.max(max);
+            }
+            out.acked_seq = n.last_seq;
+            if out.accepted > 0 {
+                n.summarize();
+            }
+            // Into the next ledger commit, under the node's lock so that
+            // cursors and deltas of this node are written in order. The
+            // node's cursor is complete (GPUs that left it too): it
+            // replaces the one an earlier batch put there.
+            // Into the next ledger commit, under the node's lock so that
+            // cursors and deltas of this node are written in order. The
+            // node's cursor is complete (GPUs that left it too): it
+            // replaces the one an earlier batch put there.
+            let cursor = n.cursor();
+            let id = book(booked, &node_id, cursor, &energy);
+            out.commit_id = id;
+            n.last_commit_id = id;
+        }
+        out.rejected = rejected;
+        Ok((out, energy))
+    }
+}

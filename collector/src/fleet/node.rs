@@ -1,0 +1,385 @@
+//! One node as the fleet knows it: its GPUs with their meters, its dedup
+//! cursor (epoch, seq) and its live summary.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::accounting::{Applied, Meter, MeterCursor, Tick};
+use crate::edge::{GpuInfo, GpuReading, HostReading};
+use crate::ledger::{GpuCursor, NodeCursor};
+use crate::tenants::{Tenants, UNASSIGNED};
+
+#[derive(Debug)]
+pub struct Gpu {
+    pub uuid: Arc<str>,
+    pub model: Arc<str>,
+    pub power_limit_milliwatts: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub energy_counter_supported: bool,
+    pub tenant: Arc<str>,
+    pub last: Option<GpuReading>,
+    /// The counter arithmetic and power integration of its readings.
+    meter: Meter,
+    /// When `last` was sampled, by its own timestamp, on the collector's
+    /// monotonic clock: its receipt less its age then (never after the
+    /// receipt). `None` when it was too old for the clock to hold.
+    pub sampled_at: Option<Instant>,
+}
+
+impl Gpu {
+    pub(crate) fn new(info: GpuInfo, model: Arc<str>, tenant: Arc<str>) -> Self {
+        Self {
+            uuid: Arc::from(info.uuid),
+            model,
+            power_limit_milliwatts: info.power_limit_milliwatts,
+            memory_total_bytes: info.memory_total_bytes,
+            energy_counter_supported: info.energy_counter_supported,
+            tenant,
+            last: None,
+            meter: Meter::default(),
+            sampled_at: None,
+        }
+    }
+
+    /// Folds one accepted reading in; returns the energy it adds (mJ) and
+    /// the interval it covers.
+    pub(crate) fn apply(&mut self, r: GpuReading, t: &Tick) -> Applied {
+        if !r.lost
+            && let Some(limit) = r.power_limit_milliwatts
+        {
+            self.power_limit_milliwatts = Some(limit);
+        }
+        let applied = self.meter.apply(&r, self.power_limit_milliwatts, t);
+        if applied.kept {
+            self.last = Some(r);
+        }
+        applied
+    }
+
+    /// Energy since this collector first saw the GPU (mJ).
+    pub fn energy_millijoules(&self) -> u64 {
+        self.meter.energy_millijoules()
+    }
+
+    pub fn counter_resets(&self) -> u64 {
+        self.meter.counter_resets()
+    }
+
+    /// The newest timestamp of its readings.
+    pub fn last_timestamp(&self) -> Option<i64> {
+        self.meter.last_timestamp()
+    }
+
+    /// When its last reading arrived.
+    pub fn last_receipt(&self) -> Option<Instant> {
+        self.meter.last_receipt()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn meter(&self) -> &Meter {
+        &self.meter
+    }
+
+    pub(crate) fn meter_mut(&mut self) -> &mut Meter {
+        &mut self.meter
+    }
+
+    /// The counting state the ledger keeps for this GPU.
+    pub(crate) fn cursor(&self) -> GpuCursor {
+        let c = self.meter.cursor();
+        GpuCursor {
+            last_counter_mj: c.last_counter_mj,
+            last_timestamp_ns: c.last_timestamp_ns,
+            remainder_mw_ns: c.remainder_mw_ns,
+            energy_mj: c.energy_mj,
+            counter_resets: c.counter_resets,
+        }
+    }
+
+    /// A GPU known only from the ledger, until its node says Hello; at
+    /// most `last_seq` samples behind.
+    pub(crate) fn resumed(uuid: &str, c: &GpuCursor, last_seq: u64) -> Self {
+        let mut g = Gpu::new(
+            GpuInfo {
+                uuid: uuid.to_string(),
+                model: String::new(),
+                power_limit_milliwatts: None,
+                memory_total_bytes: None,
+                energy_counter_supported: c.last_counter_mj.is_some(),
+            },
+            Arc::from(""),
+            Arc::from(UNASSIGNED),
+        );
+        let cursor = MeterCursor {
+            last_counter_mj: c.last_counter_mj,
+            last_timestamp_ns: c.last_timestamp_ns,
+            remainder_mw_ns: c.remainder_mw_ns,
+            energy_mj: c.energy_mj,
+            counter_resets: c.counter_resets,
+        };
+        g.meter = Meter::resumed(&cursor, Some(last_seq));
+        g
+    }
+
+    /// Whether the GPU's last reading is live at `now`: sampled, by its
+    /// own timestamp, within `window` (so received within it too) and not
+    /// lost. A reading that arrives late (a replayed spool) is not live.
+    pub fn fresh(&self, now: Instant, window: Duration) -> bool {
+        sampled_within(self.sampled_at, now, window) && self.last.as_ref().is_some_and(|r| !r.lost)
+    }
+}
+
+/// Whether `sampled_at` is at most `window` before `now`.
+fn sampled_within(sampled_at: Option<Instant>, now: Instant, window: Duration) -> bool {
+    sampled_at.is_some_and(|t| now.saturating_duration_since(t) <= window)
+}
+
+/// When a sample stamped `timestamp_ns` was taken, on the monotonic clock,
+/// given that it arrived at `now` (`now_ns` on the wall clock): `now` less
+/// its age, `now` for one stamped ahead; `None` when older than the clock
+/// reaches back.
+pub(crate) fn sampled_at(timestamp_ns: i64, now: Instant, now_ns: i64) -> Option<Instant> {
+    let age = u64::try_from(now_ns.saturating_sub(timestamp_ns)).unwrap_or(0);
+    now.checked_sub(Duration::from_nanos(age))
+}
+
+/// Fields in declaration order (`repr(C)`): what a tenant-level scrape
+/// reads of every node comes first, so that with the lock word it lies in
+/// the first two cache lines of the allocation.
+#[derive(Debug)]
+#[repr(C)]
+pub struct Node {
+    /// Whether `live` may be read; false when some GPU's freshness differs
+    /// from the node's (see `Node::summarize`).
+    pub(crate) live_valid: bool,
+    pub last_receipt: Option<Instant>,
+    /// When the node's latest accepted sample was taken, by its own
+    /// timestamp (`Gpu::sampled_at`): its GPUs are live only while this
+    /// is within the staleness window.
+    pub(crate) sampled_at: Option<Instant>,
+    pub interval: Duration,
+    /// What the node's GPUs add to each tenant's live figures while the
+    /// node is up, computed once per batch: the first tenant inline, any
+    /// others in `live_rest`.
+    live_first: Option<(Arc<str>, TenantLive)>,
+    live_rest: Vec<(Arc<str>, TenantLive)>,
+    pub id: Arc<str>,
+    /// Tenant label of the node as a whole: the tenant of all its GPUs when
+    /// they agree, else the tenant leasing the node by name.
+    pub tenant: Arc<str>,
+    pub agent_version: String,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub(crate) generation: u64,
+    pub connected: bool,
+    pub samples_accepted: u64,
+    pub last_timestamp: i64,
+    pub host: Option<HostReading>,
+    pub gpus: Vec<Gpu>,
+    /// GPUs the node announced before but not in its latest inventory;
+    /// kept so their counters resume if they come back.
+    pub(crate) departed: Vec<Gpu>,
+    /// The ledger commit holding the node's latest batch: what a Welcome
+    /// must wait for.
+    pub(crate) last_commit_id: u64,
+    /// [from, until) (Unix nanoseconds) of the tenant file version the
+    /// GPUs' `tenant` comes from: a sample stamped inside it is booked to
+    /// `tenant` with no lookup.
+    pub(crate) tenants_span: (i64, i64),
+}
+
+impl Node {
+    /// A node with no stream yet, resuming at (epoch, last_seq).
+    pub(crate) fn new(id: Arc<str>, epoch: u64, last_seq: u64, interval: Duration) -> Self {
+        Self {
+            id,
+            tenant: Arc::from(UNASSIGNED),
+            agent_version: String::new(),
+            interval,
+            epoch,
+            last_seq,
+            generation: 0,
+            connected: false,
+            samples_accepted: 0,
+            last_receipt: None,
+            sampled_at: None,
+            last_timestamp: 0,
+            host: None,
+            gpus: Vec::new(),
+            departed: Vec::new(),
+            last_commit_id: 0,
+            tenants_span: (i64::MIN, i64::MAX),
+            live_valid: true,
+            live_first: None,
+            live_rest: Vec::new(),
+        }
+    }
+
+    /// How long without a sample before this node's GPUs are stale.
+    pub fn stale_window(&self, configured: Option<Duration>) -> Duration {
+        configured.unwrap_or(self.interval * 3)
+    }
+
+    /// How long since the node's last sample arrived; `None` before the
+    /// first.
+    pub fn silent_for(&self, now: Instant) -> Option<Duration> {
+        self.last_receipt.map(|t| now.saturating_duration_since(t))
+    }
+
+    /// Whether samples arrive from the node: its last one is at most
+    /// `window` old (`capwatch_node_up`, the status page's stale nodes).
+    pub fn up(&self, now: Instant, window: Duration) -> bool {
+        self.silent_for(now).is_some_and(|d| d <= window)
+    }
+
+    /// The node's cursor for the ledger, complete (GPUs that left it too).
+    pub(crate) fn cursor(&self) -> NodeCursor {
+        NodeCursor {
+            epoch: self.epoch,
+            last_seq: self.last_seq,
+            gpus: self
+                .gpus
+                .iter()
+                .chain(&self.departed)
+                .map(|g| (g.uuid.clone(), g.cursor()))
+                .collect(),
+        }
+    }
+
+    /// Attributes the GPUs by `tenants`, the version in force over `span`.
+    pub(crate) fn attribute(&mut self, tenants: &Tenants, span: (i64, i64)) {
+        self.tenants_span = span;
+        let all = tenants.all();
+        for g in &mut self.gpus {
+            g.tenant = all[tenants.attribute(&self.id, &g.uuid)].id.clone();
+        }
+        self.tenant = match self.gpus.first() {
+            Some(first) if self.gpus.iter().all(|g| g.tenant == first.tenant) => {
+                first.tenant.clone()
+            }
+            _ => all[tenants.attribute_node(&self.id)].id.clone(),
+        };
+        self.summarize();
+    }
+
+    /// Sums the GPUs into `live`, per tenant, for a tenant-level scrape
+    /// that then reads one entry per node instead of walking every GPU.
+    ///
+    /// *Invariant:* equal to `walk_live` at any later moment until the
+    /// node's GPUs change (after which this runs again). It holds because
+    /// every GPU that counts as reporting here was last heard at the
+    /// node's last receipt, in its latest sample, so it is fresh exactly
+    /// when that sample is; a GPU last heard earlier (left out of later
+    /// samples) would go stale at its own moment, and then there is no
+    /// summary.
+    pub(crate) fn summarize(&mut self) {
+        let at = self.last_receipt;
+        self.live_first = None;
+        self.live_rest.clear();
+        self.live_valid = false;
+        for g in &self.gpus {
+            let reading = g.last.as_ref().filter(|r| !r.lost);
+            let one = match (g.last_receipt(), reading) {
+                (Some(t), Some(r)) if Some(t) == at && g.sampled_at == self.sampled_at => {
+                    TenantLive::of(r)
+                }
+                (Some(_), Some(_)) => return,
+                _ => TenantLive {
+                    stale: 1,
+                    ..TenantLive::default()
+                },
+            };
+            match &mut self.live_first {
+                Some((t, p)) if Arc::ptr_eq(t, &g.tenant) => p.add(&one),
+                None => self.live_first = Some((g.tenant.clone(), one)),
+                Some(_) => match self
+                    .live_rest
+                    .iter_mut()
+                    .find(|(t, _)| Arc::ptr_eq(t, &g.tenant))
+                {
+                    Some((_, p)) => p.add(&one),
+                    None => self.live_rest.push((g.tenant.clone(), one)),
+                },
+            }
+        }
+        self.live_valid = true;
+    }
+
+    /// Calls `add` with what the node's GPUs add to each tenant's live
+    /// figures at `now`: from the summary when there is one, else GPU by
+    /// GPU.
+    pub fn live(
+        &self,
+        now: Instant,
+        window: Duration,
+        mut add: impl FnMut(&Arc<str>, &TenantLive),
+    ) {
+        if !self.live_valid {
+            return self.walk_live(now, window, add);
+        }
+        let up = sampled_within(self.sampled_at, now, window);
+        for (tenant, part) in self.live_first.iter().chain(&self.live_rest) {
+            if up {
+                add(tenant, part);
+            } else {
+                add(
+                    tenant,
+                    &TenantLive {
+                        stale: part.reporting + part.stale,
+                        ..TenantLive::default()
+                    },
+                );
+            }
+        }
+    }
+
+    /// `live`, GPU by GPU.
+    pub(crate) fn walk_live(
+        &self,
+        now: Instant,
+        window: Duration,
+        mut add: impl FnMut(&Arc<str>, &TenantLive),
+    ) {
+        for g in &self.gpus {
+            let one = match &g.last {
+                Some(r) if g.fresh(now, window) => TenantLive::of(r),
+                _ => TenantLive {
+                    stale: 1,
+                    ..TenantLive::default()
+                },
+            };
+            add(&g.tenant, &one);
+        }
+    }
+}
+
+/// One tenant's live figures over some GPUs.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct TenantLive {
+    pub power_milliwatts: u64,
+    pub reporting: u64,
+    pub stale: u64,
+    pub utilization_sum: u64,
+    pub utilization_n: u64,
+}
+
+impl TenantLive {
+    /// One reporting GPU's part.
+    fn of(r: &GpuReading) -> Self {
+        Self {
+            power_milliwatts: r.power_milliwatts.unwrap_or(0),
+            reporting: 1,
+            stale: 0,
+            utilization_sum: r.utilization_percent.map_or(0, u64::from),
+            utilization_n: u64::from(r.utilization_percent.is_some()),
+        }
+    }
+
+    pub(crate) fn add(&mut self, o: &TenantLive) {
+        self.power_milliwatts = self.power_milliwatts.saturating_add(o.power_milliwatts);
+        self.reporting += o.reporting;
+        self.stale += o.stale;
+        self.utilization_sum += o.utilization_sum;
+        self.utilization_n += o.utilization_n;
+    }
+}
