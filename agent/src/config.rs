@@ -133,47 +133,24 @@ impl Default for MockSettings {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    // The underlying error is part of the message (not a `source()`), so
-    // a log line or an error chain shows it exactly once.
-    #[error("reading {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("{path}: {error}")]
-    Parse {
-        path: PathBuf,
-        error: toml::de::Error,
-    },
-    #[error("invalid setting `{setting}`: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
+    #[error(transparent)]
+    File(#[from] capwatch_common::files::FileError),
     #[error(transparent)]
     Env(#[from] capwatch_common::settings::EnvError),
     #[error("printing the configuration as TOML: {0}")]
     Print(#[from] toml::ser::Error),
 }
 
+impl ConfigError {
+    /// A setting whose value is not allowed.
+    pub fn invalid(setting: &'static str, reason: impl Into<String>) -> Self {
+        capwatch_common::files::FileError::invalid(setting, reason).into()
+    }
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        Self::parse_file(path).map(|(cfg, _)| cfg)
-    }
-
-    /// The file's config, and its table for the environment to add to.
-    fn parse_file(path: &Path) -> Result<(Self, toml::Table), ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
-        let parse = |error| ConfigError::Parse {
-            path: path.to_owned(),
-            error,
-        };
-        // Parsed into the struct first, for errors that point into the file.
-        let cfg = toml::from_str(&text).map_err(parse)?;
-        Ok((cfg, toml::from_str(&text).map_err(parse)?))
+        Ok(capwatch_common::files::read_toml(path)?)
     }
 
     /// Every setting and its environment variable: (dotted name, variable).
@@ -193,19 +170,7 @@ impl Config {
         path: Option<&Path>,
         lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match path {
-            Some(p) => Self::parse_file(p)?.1,
-            None => toml::Table::new(),
-        };
-        capwatch_common::settings::apply_env::<Self>(&mut table, &Self::env_vars(), lookup)?;
-        // Each value was checked alone and settings are independent, so
-        // the whole deserializes; a failure here would still be named.
-        table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                setting: "environment",
-                reason: e.message().to_string(),
-            })
+        capwatch_common::settings::load(path, &Self::env_vars(), lookup)
     }
 
     /// The configuration as TOML that [`Config::from_file`] reads back
@@ -216,12 +181,7 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |setting, reason: &str| {
-            Err(ConfigError::Invalid {
-                setting,
-                reason: reason.to_string(),
-            })
-        };
+        let bad = |setting, reason: &str| Err(ConfigError::invalid(setting, reason.to_string()));
         if self.interval < Duration::from_millis(10) || self.interval > Duration::from_secs(3600) {
             return bad("interval", "must be between 10ms and 1h");
         }

@@ -8,7 +8,7 @@
 //! never logged; the file may hold a token or only its digest.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -16,24 +16,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-/// Errors of reading the auth file. The messages are those of the
-/// collector's config errors (`auth_file` being the setting), so a bad
-/// file reads the same in the log as before it had a type of its own.
-#[derive(Debug, thiserror::Error)]
-pub enum AuthFileError {
-    // The underlying error is part of the message (not a `source()`), so
-    // a log line or an error chain shows it exactly once.
-    #[error("reading {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("invalid setting `{setting}`: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
-}
+/// Errors of reading the auth file (it has no parse error of its own: a
+/// TOML error there is an `Invalid` that shows no token).
+pub type AuthFileError = capwatch_common::files::FileError;
 
 /// Shortest token accepted: 128 bits of base64 or hex are longer.
 pub const MIN_TOKEN_LEN: usize = 16;
@@ -169,10 +154,7 @@ impl Auth {
             setting: "auth_file",
             reason: format!("{}: {reason}", path.display()),
         };
-        let text = std::fs::read_to_string(path).map_err(|error| AuthFileError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
+        let text = capwatch_common::files::read_text(path)?;
         // Not `read_toml`: TOML errors quote the offending line, which may
         // hold a token. Only the message and the line number are shown.
         let file: AuthFile = toml::from_str(&text).map_err(|e| {

@@ -171,27 +171,19 @@ impl Default for Config {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    // The underlying error is part of the message (not a `source()`), so
-    // a log line or an error chain shows it exactly once.
-    #[error("reading {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("{path}: {error}")]
-    Parse {
-        path: PathBuf,
-        error: toml::de::Error,
-    },
-    #[error("invalid setting `{setting}`: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
+    #[error(transparent)]
+    File(#[from] capwatch_common::files::FileError),
     #[error(transparent)]
     Env(#[from] capwatch_common::settings::EnvError),
     #[error("printing the configuration as TOML: {0}")]
     Print(#[from] toml::ser::Error),
+}
+
+impl ConfigError {
+    /// A setting whose value is not allowed.
+    pub fn invalid(setting: &'static str, reason: impl Into<String>) -> Self {
+        capwatch_common::files::FileError::invalid(setting, reason).into()
+    }
 }
 
 /// Settings whose variable is not their name: kept from the flags'.
@@ -200,21 +192,9 @@ const ENV_RENAMES: &[(&str, &str)] = &[
     ("ledger_path", "CAPWATCH_LEDGER"),
 ];
 
-/// Reads and parses a TOML file into `T`.
-pub(crate) fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
-        path: path.to_owned(),
-        error,
-    })?;
-    toml::from_str(&text).map_err(|error| ConfigError::Parse {
-        path: path.to_owned(),
-        error,
-    })
-}
-
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        read_toml(path)
+        Ok(capwatch_common::files::read_toml(path)?)
     }
 
     /// Every setting and its environment variable: (name, variable).
@@ -229,24 +209,7 @@ impl Config {
         path: Option<&Path>,
         lookup: impl Fn(&str) -> Option<std::ffi::OsString>,
     ) -> Result<Self, ConfigError> {
-        let mut table = match path {
-            Some(p) => {
-                // Parsed into the struct first, for errors that point into
-                // the file.
-                read_toml::<Self>(p)?;
-                read_toml::<toml::Table>(p)?
-            }
-            None => toml::Table::new(),
-        };
-        capwatch_common::settings::apply_env::<Self>(&mut table, &Self::env_vars(), lookup)?;
-        // Each value was checked alone and settings are independent, so
-        // the whole deserializes; a failure here would still be named.
-        table
-            .try_into()
-            .map_err(|e: toml::de::Error| ConfigError::Invalid {
-                setting: "environment",
-                reason: e.message().to_string(),
-            })
+        capwatch_common::settings::load(path, &Self::env_vars(), lookup)
     }
 
     /// The configuration as TOML that [`Config::from_file`] reads back
@@ -257,12 +220,7 @@ impl Config {
 
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |setting, reason: &str| {
-            Err(ConfigError::Invalid {
-                setting,
-                reason: reason.to_string(),
-            })
-        };
+        let bad = |setting, reason: &str| Err(ConfigError::invalid(setting, reason.to_string()));
         if self
             .stale_after
             .is_some_and(|d| d < Duration::from_millis(10))
@@ -296,13 +254,13 @@ impl Config {
         let latest_write =
             self.max_sample_age + crate::edge::MAX_SPREAD + Duration::from_secs(3600);
         if self.minute_retention < latest_write {
-            return Err(ConfigError::Invalid {
-                setting: "minute_retention",
-                reason: format!(
+            return Err(ConfigError::invalid(
+                "minute_retention",
+                format!(
                     "must be at least max_sample_age + 7d + 1h ({})",
                     humantime::format_duration(latest_write)
                 ),
-            });
+            ));
         }
         if self.hour_retention < self.minute_retention {
             return bad("hour_retention", "must be at least minute_retention");
@@ -320,13 +278,13 @@ impl Config {
             && !self.grpc_listen.ip().is_loopback()
             && !self.insecure_plaintext
         {
-            return Err(ConfigError::Invalid {
-                setting: "grpc_listen",
-                reason: format!(
+            return Err(ConfigError::invalid(
+                "grpc_listen",
+                format!(
                     "{} is not loopback and TLS is off: set tls_cert and tls_key, or insecure_plaintext = true",
                     self.grpc_listen
                 ),
-            });
+            ));
         }
         if self.max_streams == 0 {
             return bad("max_streams", "must be at least 1");

@@ -21,35 +21,15 @@
 //! silently.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
-/// Errors of reading a tenant file. The messages are those of the
-/// collector's config errors, so a bad tenant file reads the same in the
-/// log as before it had a type of its own.
-#[derive(Debug, thiserror::Error)]
-pub enum TenantsError {
-    // The underlying error is part of the message (not a `source()`), so
-    // a log line or an error chain shows it exactly once.
-    #[error("reading {path}: {error}")]
-    Read {
-        path: PathBuf,
-        error: std::io::Error,
-    },
-    #[error("{path}: {error}")]
-    Parse {
-        path: PathBuf,
-        error: toml::de::Error,
-    },
-    #[error("invalid setting `{setting}`: {reason}")]
-    Invalid {
-        setting: &'static str,
-        reason: String,
-    },
-}
+/// Errors of reading a tenant file: the errors of every file an operator
+/// writes, so a bad tenant file reads like a bad config file.
+pub type TenantsError = capwatch_common::files::FileError;
 
 /// The tenant of every GPU no tenant claims.
 pub const UNASSIGNED: &str = "unassigned";
@@ -150,14 +130,8 @@ impl Tenants {
     }
 
     pub fn from_file(path: &Path) -> Result<Self, TenantsError> {
-        let text = std::fs::read_to_string(path).map_err(|error| TenantsError::Read {
-            path: path.to_owned(),
-            error,
-        })?;
-        let file: TenantsFile = toml::from_str(&text).map_err(|error| TenantsError::Parse {
-            path: path.to_owned(),
-            error,
-        })?;
+        let text = capwatch_common::files::read_text(path)?;
+        let file: TenantsFile = capwatch_common::files::parse_toml(&text, path)?;
         Self::from_parsed(file, text).map_err(|e| match e {
             TenantsError::Invalid { setting, reason } => TenantsError::Invalid {
                 setting,
@@ -168,10 +142,7 @@ impl Tenants {
     }
 
     pub fn from_toml(text: &str) -> Result<Self, TenantsError> {
-        let file: TenantsFile = toml::from_str(text).map_err(|error| TenantsError::Parse {
-            path: "<tenants>".into(),
-            error,
-        })?;
+        let file: TenantsFile = capwatch_common::files::parse_toml(text, Path::new("<tenants>"))?;
         Self::from_parsed(file, text.to_string())
     }
 

@@ -5,6 +5,7 @@
 use tokio::sync::watch;
 
 pub mod duration;
+pub mod files;
 pub mod settings;
 
 /// How logs are written.

@@ -91,6 +91,36 @@ impl std::fmt::Display for EnvError {
 
 impl std::error::Error for EnvError {}
 
+/// A config: the file at `path` (defaults without one), then each
+/// setting of `vars` whose variable `lookup` finds (`std::env::var_os` in
+/// the binaries). The file is parsed into `T` first, for errors that point
+/// into it.
+pub fn load<T, E>(
+    path: Option<&std::path::Path>,
+    vars: &[(String, String)],
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned + Default,
+    E: From<crate::files::FileError> + From<EnvError>,
+{
+    use crate::files::{FileError, parse_toml, read_text};
+    let mut table = match path {
+        Some(p) => {
+            let text = read_text(p)?;
+            parse_toml::<T>(&text, p)?;
+            parse_toml::<toml::Table>(&text, p)?
+        }
+        None => toml::Table::new(),
+    };
+    apply_env::<T>(&mut table, vars, lookup)?;
+    // Each value was checked alone and settings are independent, so the
+    // whole deserializes; a failure here would still be named.
+    table
+        .try_into()
+        .map_err(|e: toml::de::Error| FileError::invalid("environment", e.message()).into())
+}
+
 /// Sets in `file` (the config file's table, empty without a file) each
 /// setting of `vars` whose variable `lookup` finds. `T` is the config
 /// struct: its defaults give each setting's type, and each value must

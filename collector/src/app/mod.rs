@@ -39,10 +39,9 @@ use crate::{VERSION, auth, http, ingest, ledger, serve};
 pub enum CollectorError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// The tenant or auth file.
     #[error(transparent)]
-    Tenants(#[from] tenants::TenantsError),
-    #[error(transparent)]
-    Auth(#[from] auth::AuthFileError),
+    File(#[from] capwatch_common::files::FileError),
     #[error(transparent)]
     Ledger(#[from] ledger::LedgerError),
     #[error(transparent)]
@@ -126,11 +125,10 @@ impl App {
         ));
         state.set_auth(load_auth(&cfg)?);
         if cfg.metrics_auth && !state.auth().api_required() {
-            return Err(config::ConfigError::Invalid {
-                setting: "metrics_auth",
-                reason: "needs [[api]] tokens in auth_file; without them /metrics would stay open"
-                    .into(),
-            }
+            return Err(config::ConfigError::invalid(
+                "metrics_auth",
+                "needs [[api]] tokens in auth_file; without them /metrics would stay open",
+            )
             .into());
         }
         if cfg.evaluate_interval.is_some() {
