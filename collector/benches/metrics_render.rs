@@ -23,7 +23,7 @@ use capwatch_collector::metrics;
 use capwatch_collector::state::{GpuInfo, Hello, State, StateConfig};
 use capwatch_collector::tenants::Tenants;
 
-#[path = "support/prometheus_reference.rs"]
+#[path = "../src/metrics/reference.rs"]
 mod reference;
 mod support;
 use support::{MODEL, POWER_LIMIT_MW, TENANTS, node_id};

@@ -34,6 +34,11 @@ pub mod usage;
 #[cfg(test)]
 mod layers;
 
+// Lets a test file written against the public API (`metrics/reference.rs`,
+// shared with the benches) compile inside the crate too.
+#[cfg(test)]
+extern crate self as capwatch_collector;
+
 pub use app::{CollectorError, load_auth, load_tenants, run};
 
 pub use persist::committer::tenant_history_of;

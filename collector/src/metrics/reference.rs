@@ -1,6 +1,7 @@
 //! The `prometheus` crate's path to the same exposition: the reference
-//! `render_text` is tested against (the benches keep a copy to compare
-//! speed).
+//! `render_text` is tested against, and what `benches/metrics_render.rs`
+//! (which includes this file) compares its speed with. Written against the
+//! public API only, so the same file compiles in both.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{Encoder, Registry, TextEncoder};
 
-use super::{Detail, FAMILIES, Kind, Sink, collect_into};
-use crate::state::State;
+use capwatch_collector::metrics::{Detail, FAMILIES, Kind, Sink, collect_into};
+use capwatch_collector::state::State;
 
 /// Renders the fleet from [`State`] on every scrape.
 pub struct FleetCollector {
