@@ -26,7 +26,7 @@ struct Site {
     claims: HolderClaims<ledger::Ledger>,
     committed: watch::Sender<u64>,
     t0: i64,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Site {
@@ -53,7 +53,7 @@ impl Site {
             writer,
             committed: watch::channel(0).0,
             t0: (sync::now_unix() - 600).div_euclid(60) * 60,
-            _dir: dir,
+            dir,
         }
     }
 
@@ -118,7 +118,7 @@ impl Site {
     /// The energy the ledger holds for `node`: its minute buckets and
     /// adjustments.
     fn node_energy(&self, node: &str) -> u64 {
-        let db = rusqlite::Connection::open(self._dir.path().join("ledger.db")).unwrap();
+        let db = rusqlite::Connection::open(self.dir.path().join("ledger.db")).unwrap();
         ["usage_minute", "adjustment"]
             .iter()
             .map(|t| {
@@ -285,4 +285,70 @@ fn a_reconnect_to_the_same_collector_keeps_its_generation_and_pending_bookings()
     site.commit();
     assert_eq!(site.node_energy("n1"), 9 * MJ_PER_S);
     assert_eq!(site.cursor("n1").unwrap().last_seq, 10);
+}
+
+/// Invariant (fencing): bookings the committer already holds (a commit it
+/// took, or one that failed and waits for a retry) when a Hello claims
+/// their node back at a new generation are not written under the new
+/// claim: they were counted from a cursor another holder moved on from.
+#[test]
+fn bookings_the_committer_holds_from_an_older_generation_are_not_written() {
+    let site = Site::new();
+    let (h, _) = site.hello("n1");
+    site.send(&h, 1..=10);
+    site.commit();
+    site.send(&h, 11..=15);
+    // The committer takes 11-15 (its write then fails, say).
+    let held = site.state.take_pending();
+    // Another holder claims n1 and commits 11-15 itself; then the agent
+    // comes back here.
+    {
+        let mut w = sync::lock(&site.writer);
+        w.claim("collector-b", "n1").unwrap();
+        let mut c = Commit::default();
+        c.nodes.insert(
+            Arc::from("n1"),
+            NodeCursor {
+                epoch: 1,
+                last_seq: 15,
+                gpus: vec![(
+                    Arc::from("GPU-n1"),
+                    GpuCursor {
+                        last_counter_mj: Some(COUNTER0 + MJ_PER_S * 15),
+                        last_timestamp_ns: Some(site.ts(15)),
+                        remainder_mw_ns: 0,
+                        energy_mj: 14 * MJ_PER_S,
+                        counter_resets: 0,
+                    },
+                )],
+            },
+        );
+        let minute = site.ts(15).div_euclid(60_000_000_000) * 60;
+        c.buckets.insert(
+            (Arc::from("unassigned"), Arc::from("n1"), minute),
+            BucketDelta {
+                energy_mj: 5 * MJ_PER_S,
+                samples: 5,
+                ..BucketDelta::default()
+            },
+        );
+        c.tenant_energy
+            .insert(Arc::from("unassigned"), 5 * MJ_PER_S);
+        w.commit_as("collector-b", &c, sync::now_unix(), 0).unwrap();
+    }
+    let (h, acked) = site.hello("n1");
+    assert_eq!(acked, 15);
+    site.send(&h, 16..=20);
+    // The retry carries what the committer held: n1's part of it is dropped.
+    let failed = commit_once(
+        &site.state,
+        &*site.writer,
+        LOCAL_HOLDER,
+        Some(held),
+        &site.committed,
+        Duration::from_secs(86_400),
+    );
+    assert!(failed.is_none(), "{failed:?}");
+    assert_eq!(site.node_energy("n1"), 19 * MJ_PER_S, "seconds 11-15 once");
+    assert_eq!(site.cursor("n1").unwrap().last_seq, 20);
 }
