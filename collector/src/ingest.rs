@@ -189,7 +189,7 @@ impl Ingest for IngestService {
         // Before the stream is admitted and its Welcome computed: with a
         // claim of a new generation, the node resumes from the ledger's
         // cursor (see `State::adopt_claim`).
-        self.claim(&node_id).await.map_err(|e| {
+        let generation = self.claim(&node_id).await.map_err(|e| {
             warn!(node = %node_id, ?peer, error = %e, "stream refused: claiming the node in the ledger failed");
             self.refuse(
                 StreamRefusal::Ledger,
@@ -200,7 +200,10 @@ impl Ingest for IngestService {
             warn!(node = %node_id, ?peer, error = %e, "stream refused");
             self.refuse(StreamRefusal::Hello, e.into())
         })?;
-        info!(node = %handle.node_id, ?peer, epoch = handle.epoch, acked_seq, "agent connected");
+        // A node first heard of holds its claim from now on.
+        self.state
+            .set_claim_generations(&[(&handle.node_id, generation)]);
+        info!(node = %handle.node_id, ?peer, epoch = handle.epoch, acked_seq, generation, "agent connected");
 
         // futures' channel allocates per message in flight; tokio's
         // bounded channel allocates a block of 32 slots per stream up front
@@ -270,7 +273,7 @@ impl Ingest for IngestService {
 impl IngestService {
     /// Claims `node` for this collector, on a blocking thread (the claim
     /// waits for the ledger's writer), and adopts the claim.
-    async fn claim(&self, node: &str) -> Result<(), ClaimFailed> {
+    async fn claim(&self, node: &str) -> Result<u64, ClaimFailed> {
         let (claims, state, node) = (self.claims.clone(), self.state.clone(), node.to_string());
         tokio::task::spawn_blocking(move || {
             claims.claim_node(&node, &mut |claim| {
@@ -604,7 +607,7 @@ mod tests {
     struct Unreachable;
 
     impl NodeClaims for Unreachable {
-        fn claim_node(&self, _: &str, _: &mut dyn FnMut(&Claim)) -> Result<(), LedgerError> {
+        fn claim_node(&self, _: &str, _: &mut dyn FnMut(&Claim)) -> Result<u64, LedgerError> {
             Err(LedgerError::Io {
                 path: "/var/lib/capwatch/ledger.db".into(),
                 error: std::io::Error::other("disk I/O error"),

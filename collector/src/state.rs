@@ -280,7 +280,8 @@ impl State {
         true
     }
 
-    /// Records the generations of the claims made at start-up.
+    /// Records the generations of claims for nodes that have none yet
+    /// (restored at start-up, or admitted at their first Hello).
     pub fn set_claim_generations(&self, claims: &[(&str, u64)]) {
         self.fleet.set_generations(claims)
     }

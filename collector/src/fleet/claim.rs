@@ -12,14 +12,15 @@ use crate::sync::lock;
 use super::{Fleet, Gpu, Node};
 
 impl Fleet {
-    /// Records the generations of the claims made at start-up for the
-    /// nodes restored from the ledger (`(node, generation)`).
+    /// Records the generations of claims (`(node, generation)`) for nodes
+    /// that have none yet: those restored at start-up, and a node first
+    /// heard of once its Hello is admitted.
     pub fn set_generations(&self, claims: &[(&str, u64)]) {
         for (id, generation) in claims {
             let Some(node) = lock(&self.nodes).get(*id).cloned() else {
                 continue;
             };
-            lock(&node).ledger_generation = Some(*generation);
+            lock(&node).ledger_generation.get_or_insert(*generation);
         }
     }
 
@@ -34,9 +35,13 @@ impl Fleet {
     pub fn adopt(&self, id: &str, claim: &Claim) -> bool {
         let node = {
             let mut nodes = lock(&self.nodes);
-            match nodes.get(id) {
-                Some(n) => n.clone(),
-                None => {
+            match (nodes.get(id), &claim.cursor) {
+                (Some(n), _) => n.clone(),
+                // Nothing known on either side: the Hello adds the node
+                // (or refuses it, leaving nothing behind), and its
+                // generation is recorded once it is admitted.
+                (None, None) => return false,
+                (None, Some(_)) => {
                     let id: Arc<str> = Arc::from(id);
                     let n = Arc::new(Mutex::new(Node::new(
                         id.clone(),

@@ -18,8 +18,9 @@ use crate::sync::lock;
 pub trait NodeClaims: Send + Sync {
     /// Claims `node` and calls `adopt` with the claim before any commit
     /// can be written after it (so that what `adopt` drops from the
-    /// pending commit is never written under the new claim). Blocks.
-    fn claim_node(&self, node: &str, adopt: &mut dyn FnMut(&Claim)) -> Result<(), LedgerError>;
+    /// pending commit is never written under the new claim). Returns the
+    /// claim's generation. Blocks.
+    fn claim_node(&self, node: &str, adopt: &mut dyn FnMut(&Claim)) -> Result<u64, LedgerError>;
 }
 
 /// [`NodeClaims`] through a shared [`LedgerWriter`], as `holder`: the
@@ -31,11 +32,11 @@ pub struct HolderClaims<W> {
 }
 
 impl<W: LedgerWriter> NodeClaims for HolderClaims<W> {
-    fn claim_node(&self, node: &str, adopt: &mut dyn FnMut(&Claim)) -> Result<(), LedgerError> {
+    fn claim_node(&self, node: &str, adopt: &mut dyn FnMut(&Claim)) -> Result<u64, LedgerError> {
         let mut w = lock(&self.writer);
         let claim = w.claim(&self.holder, node)?;
         adopt(&claim);
-        Ok(())
+        Ok(claim.generation)
     }
 }
 

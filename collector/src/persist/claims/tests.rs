@@ -59,12 +59,14 @@ impl Site {
 
     /// What the ingest path does at a Hello: claim, adopt, admit.
     fn hello(&self, node: &str) -> (StreamHandle, u64) {
-        self.claims
+        let generation = self
+            .claims
             .claim_node(node, &mut |c| {
                 self.state.adopt_claim(node, c);
             })
             .unwrap();
-        self.state
+        let admitted = self
+            .state
             .hello(Hello {
                 node_id: node.into(),
                 agent_version: "test".into(),
@@ -78,7 +80,9 @@ impl Site {
                     energy_counter_supported: true,
                 }],
             })
-            .unwrap()
+            .unwrap();
+        self.state.set_claim_generations(&[(node, generation)]);
+        admitted
     }
 
     fn ts(&self, seq: u64) -> i64 {
