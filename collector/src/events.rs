@@ -105,6 +105,8 @@ pub enum StreamRefusal {
     Auth,
     /// The Hello was refused (`HelloError`).
     Hello,
+    /// The node could not be claimed in the ledger.
+    Ledger,
 }
 
 impl StreamRefusal {
@@ -115,6 +117,7 @@ impl StreamRefusal {
             StreamRefusal::Transport => "transport",
             StreamRefusal::Auth => "auth",
             StreamRefusal::Hello => "hello",
+            StreamRefusal::Ledger => "ledger",
         }
     }
 }
@@ -136,6 +139,8 @@ pub struct Counters {
     pub reloads_failed: AtomicU64,
     pub commits_ok: AtomicU64,
     pub commits_failed: AtomicU64,
+    /// Nodes dropped from a commit because another holder claimed them.
+    pub nodes_fenced: AtomicU64,
     pub commit_micros: AtomicU64,
     pub compactions_ok: AtomicU64,
     pub compactions_failed: AtomicU64,
@@ -248,6 +253,25 @@ impl CommitFailed<'_> {
     pub fn emit(&self, c: &Counters) {
         c.commits_failed.fetch_add(1, Ordering::Relaxed);
         error!(task = "committer", error = %self.error, "ledger commit failed; retrying with the next one, acks held");
+    }
+}
+
+/// A node dropped from a ledger commit that was refused because another
+/// holder has since claimed it: nothing of the node from this collector
+/// is written, its streams end (the agent says Hello again, and is
+/// claimed back from the ledger's cursor), the rest is committed.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeFenced<'a> {
+    pub node: &'a str,
+    /// Who holds the node now, and its generation.
+    pub holder: &'a str,
+    pub generation: u64,
+}
+
+impl NodeFenced<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.nodes_fenced.fetch_add(1, Ordering::Relaxed);
+        warn!(task = "committer", node = %self.node, holder = %self.holder, generation = self.generation, "commit fenced: another collector claimed the node; its bookings are dropped and its stream ends");
     }
 }
 

@@ -22,10 +22,13 @@ use capwatch_proto::v1::ingest_server::Ingest;
 use crate::auth;
 use crate::edge::{self, HelloError, Reject};
 use crate::events::{AuthReason, AuthRefused, StreamRefusal, StreamRefused, Surface};
+use crate::persist::claims::NodeClaims;
 use crate::state::{State, StreamHandle, Superseded, lock};
 
 pub struct IngestService {
     pub state: Arc<State>,
+    /// Claims a node in the ledger at its Hello, for this collector.
+    pub claims: Arc<dyn NodeClaims>,
     pub shutdown: watch::Receiver<bool>,
     pub hello_timeout: Duration,
     /// The number of the last ledger commit that succeeded.
@@ -176,13 +179,31 @@ impl Ingest for IngestService {
             token.as_deref(),
             peer_certs.as_deref().map(Vec::as_slice),
         )?;
-        let (handle, acked_seq) = edge::hello(hello)
-            .and_then(|h| self.state.hello(h))
+        let max_gpus = self.state.config().max_gpus_per_node;
+        let hello = edge::hello(hello)
+            .and_then(|h| edge::check_hello(h, max_gpus))
             .map_err(|e| {
                 warn!(node = %node_id, ?peer, error = %e, "stream refused");
                 self.refuse(StreamRefusal::Hello, e.into())
             })?;
-        info!(node = %handle.node_id, ?peer, epoch = handle.epoch, acked_seq, "agent connected");
+        // Before the stream is admitted and its Welcome computed: with a
+        // claim of a new generation, the node resumes from the ledger's
+        // cursor (see `State::adopt_claim`).
+        let generation = self.claim(&node_id).await.map_err(|e| {
+            warn!(node = %node_id, ?peer, error = %e, "stream refused: claiming the node in the ledger failed");
+            self.refuse(
+                StreamRefusal::Ledger,
+                Status::unavailable(format!("claiming node {node_id:?}: {e}")),
+            )
+        })?;
+        let (handle, acked_seq) = self.state.hello_checked(hello).map_err(|e| {
+            warn!(node = %node_id, ?peer, error = %e, "stream refused");
+            self.refuse(StreamRefusal::Hello, e.into())
+        })?;
+        // A node first heard of holds its claim from now on.
+        self.state
+            .set_claim_generations(&[(&handle.node_id, generation)]);
+        info!(node = %handle.node_id, ?peer, epoch = handle.epoch, acked_seq, generation, "agent connected");
 
         // futures' channel allocates per message in flight; tokio's
         // bounded channel allocates a block of 32 slots per stream up front
@@ -213,6 +234,14 @@ impl Ingest for IngestService {
                 c = committed.wait_for(|c| *c >= welcome_after) => c.is_ok(),
                 _ = stopping.wait_for(|s| *s) => false,
             };
+            if durable && handle.claim_lost() {
+                // The commit the Welcome waited for was fenced for this
+                // node: what it would ack is not in the ledger.
+                state.disconnect(&handle);
+                info!(node = %node, "stream ended before its Welcome: the node's ledger claim is lost");
+                let _ = tx.send(Err(claim_lost(&node))).await;
+                return;
+            }
             if !durable || tx.send(Ok(welcome)).await.is_err() {
                 state.disconnect(&handle);
                 return;
@@ -242,6 +271,20 @@ impl Ingest for IngestService {
 }
 
 impl IngestService {
+    /// Claims `node` for this collector, on a blocking thread (the claim
+    /// waits for the ledger's writer), and adopts the claim.
+    async fn claim(&self, node: &str) -> Result<u64, ClaimFailed> {
+        let (claims, state, node) = (self.claims.clone(), self.state.clone(), node.to_string());
+        tokio::task::spawn_blocking(move || {
+            claims.claim_node(&node, &mut |claim| {
+                state.adopt_claim(&node, claim);
+            })
+        })
+        .await
+        .map_err(|e| ClaimFailed(e.to_string()))?
+        .map_err(|e| ClaimFailed(e.to_string()))
+    }
+
     /// Checks that whoever opened the stream may report for `node`: its
     /// token (when agents need one) and its client certificate (with
     /// mutual TLS). Refusals are counted, and logged once per node.
@@ -361,6 +404,20 @@ impl Admitted {
     }
 }
 
+/// Why a claim at a Hello failed: the ledger's error, or the blocking
+/// task's.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct ClaimFailed(String);
+
+/// The status that ends a stream whose node's ledger claim is lost:
+/// UNAVAILABLE, so the agent reconnects and re-sends what is unacked.
+fn claim_lost(node: &str) -> Status {
+    Status::unavailable(format!(
+        "node {node:?} was claimed by another collector: nothing more is acked on this stream; say Hello again"
+    ))
+}
+
 /// Rejected samples by reason (`Reject::ALL` order).
 type Rejections = [u64; Reject::ALL.len()];
 
@@ -445,6 +502,11 @@ async fn serve_stream(
                     return Err(Status::unavailable("collector shutting down"));
                 }
                 let done = *committed.borrow_and_update();
+                // Read after the commit number: a fence is marked before
+                // the commit after it is announced.
+                if handle.claim_lost() {
+                    return Err(claim_lost(&handle.node_id));
+                }
                 if let Some(ack) = take_ack(&mut waiting, done, handle.epoch)
                     && tx.send(Ok(ack)).await.is_err()
                 {
@@ -476,6 +538,9 @@ async fn serve_stream(
             }
         }
         admitted.check(state, &handle.node_id)?;
+        if handle.claim_lost() {
+            return Err(claim_lost(&handle.node_id));
+        }
         let now = tokio::time::Instant::now();
         budget = (budget + now.duration_since(refilled).as_secs_f64() * rate).min(rate);
         refilled = now;
@@ -502,7 +567,10 @@ async fn serve_stream(
                         _ = &mut stop => false,
                     };
                     let done = *committed.borrow_and_update();
-                    if durable && let Some(ack) = take_ack(&mut waiting, done, handle.epoch) {
+                    if durable
+                        && !handle.claim_lost()
+                        && let Some(ack) = take_ack(&mut waiting, done, handle.epoch)
+                    {
                         let _ = tx.send(Ok(ack)).await;
                     }
                 }
@@ -530,6 +598,92 @@ async fn serve_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{Claim, LedgerError};
+    use crate::state::StateConfig;
+    use capwatch_proto::v1::ingest_client::IngestClient;
+    use capwatch_proto::v1::ingest_server::IngestServer;
+
+    /// A ledger that cannot be reached.
+    struct Unreachable;
+
+    impl NodeClaims for Unreachable {
+        fn claim_node(&self, _: &str, _: &mut dyn FnMut(&Claim)) -> Result<u64, LedgerError> {
+            Err(LedgerError::Io {
+                path: "/var/lib/capwatch/ledger.db".into(),
+                error: std::io::Error::other("disk I/O error"),
+            })
+        }
+    }
+
+    /// Invariant: a Hello whose node cannot be claimed in the ledger is
+    /// refused with UNAVAILABLE naming the ledger, counted as a refused
+    /// stream, and the node is not admitted.
+    #[tokio::test]
+    async fn a_hello_whose_claim_fails_is_refused_unavailable_naming_the_ledger() {
+        let state = Arc::new(State::new(
+            StateConfig {
+                stale_after: None,
+                max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(86_400),
+            },
+            crate::tenants::Tenants::empty(),
+        ));
+        let (_stop, shutdown) = watch::channel(false);
+        let (_committed_tx, committed) = watch::channel(0);
+        let service = IngestService {
+            state: state.clone(),
+            claims: Arc::new(Unreachable),
+            shutdown,
+            hello_timeout: Duration::from_secs(5),
+            committed,
+            client_certs: false,
+            limits: Limits {
+                max_streams: 10,
+                max_node_sample_rate: 100,
+            },
+            open: Default::default(),
+            refused_logged: Default::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IngestServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = IngestClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let hello = pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_id: "n1".into(),
+                agent_version: "test".into(),
+                stream_epoch: 1,
+                interval_millis: 1000,
+                gpus: Vec::new(),
+                host: None,
+            })),
+        };
+        let status = client
+            .stream(futures::StreamExt::chain(
+                futures::stream::iter(vec![hello]),
+                futures::stream::pending(),
+            ))
+            .await
+            .expect_err("the Hello must be refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status
+                .message()
+                .contains("ledger /var/lib/capwatch/ledger.db"),
+            "{status:?}"
+        );
+        assert_eq!(state.counters.streams_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(state.connected(), 0);
+        assert_eq!(state.node_count(), 0, "the node was not admitted");
+        server.abort();
+    }
 
     #[test]
     fn a_stale_epoch_refusal_carries_the_current_epoch_as_metadata() {

@@ -187,6 +187,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_nodes_fenced_total",
+        "Nodes dropped from a ledger commit because another collector had claimed them since.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_collector_ledger_commit_seconds_total",
         "Time spent writing successful ledger commits.",
         Kind::Counter,
@@ -618,6 +623,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         "capwatch_collector_ledger_commits_total",
         &c.commits_ok,
         &c.commits_failed,
+    );
+    f.push(
+        "capwatch_collector_nodes_fenced_total",
+        &[],
+        c.nodes_fenced.load(Ordering::Relaxed) as f64,
     );
     f.push(
         "capwatch_collector_ledger_commit_seconds_total",

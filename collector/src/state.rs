@@ -27,7 +27,7 @@ use crate::edge::Checked;
 use crate::edge::{NodeSample, Reject};
 use crate::events::{ClaimReason, GpuClaimRefused, SampleRejected};
 use crate::fleet::Fleet;
-use crate::ledger::{Commit, Snapshot};
+use crate::ledger::{Claim, Commit, Snapshot};
 use crate::tenants::{TenantHistory, Tenants};
 
 pub use crate::billing::TenantTotals;
@@ -264,6 +264,58 @@ impl State {
             _ => {}
         }
         admitted
+    }
+
+    /// Takes `claim`, just made for node `node` at its Hello, under the
+    /// ledger's lock (no commit runs meanwhile): the generation the fleet
+    /// already holds changes nothing; any other replaces the node's
+    /// cursor by the claim's and drops what the node had pending (see
+    /// `Fleet::adopt`). Returns whether it did.
+    pub fn adopt_claim(&self, node: &str, claim: &Claim) -> bool {
+        if !self.fleet.adopt(node, claim) {
+            return false;
+        }
+        self.billing.drop_node(&Arc::from(node));
+        info!(node = %node, generation = claim.generation, epoch = claim.cursor.as_ref().map(|c| c.epoch), last_seq = claim.cursor.as_ref().map(|c| c.last_seq), "node claimed at a new generation: resuming from the ledger's cursor");
+        true
+    }
+
+    /// Records the generations of claims for nodes that have none yet
+    /// (restored at start-up, or admitted at their first Hello).
+    pub fn set_claim_generations(&self, claims: &[(&str, u64)]) {
+        self.fleet.set_generations(claims)
+    }
+
+    /// Drops `node` from `commit` (a commit of it was fenced), takes its
+    /// energy back out of the tenant totals and ends its streams.
+    pub fn fence_node(&self, commit: &mut Commit, node: &str) {
+        let removed = crate::billing::pending::remove_node(commit, node);
+        self.billing.take_energy(&removed);
+        self.fleet.lose_claim(node);
+    }
+
+    /// Drops from a commit what `Billing::take_stale` says is stale:
+    /// `earlier` (taken in an earlier try) loses every node listed, and
+    /// `commit` (numbered `id`) those dropped after it was taken. Called
+    /// under the ledger's lock, before the commit is written.
+    pub fn drop_stale(&self, earlier: Option<&mut Commit>, id: u64, commit: &mut Commit) {
+        let stale = self.billing.take_stale();
+        if stale.is_empty() {
+            return;
+        }
+        let mut earlier = earlier;
+        for (node, before) in stale {
+            // Taken before the drop, so `drop_node` did not see them:
+            // their energy leaves the totals here.
+            if let Some(e) = earlier.as_deref_mut() {
+                let removed = crate::billing::pending::remove_node(e, &node);
+                self.billing.take_energy(&removed);
+            }
+            if id < before {
+                let removed = crate::billing::pending::remove_node(commit, &node);
+                self.billing.take_energy(&removed);
+            }
+        }
     }
 
     /// Marks the node disconnected if `h` still owns it.

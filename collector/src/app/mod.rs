@@ -146,8 +146,20 @@ impl App {
         state.set_ledger_identity(ledger.identity().clone());
         let snapshot = ledger.load()?;
         info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
-        claim_restored(&mut ledger, LOCAL_HOLDER, &snapshot)?;
+        let generations = claim_restored(&mut ledger, LOCAL_HOLDER, &snapshot)?;
+        let claimed: Vec<(String, u64)> = snapshot
+            .nodes
+            .iter()
+            .map(|(n, _)| n.clone())
+            .zip(generations)
+            .collect();
         state.restore(snapshot);
+        state.set_claim_generations(
+            &claimed
+                .iter()
+                .map(|(n, g)| (n.as_str(), *g))
+                .collect::<Vec<_>>(),
+        );
         resume_tenant_history(&state, &mut ledger)?;
 
         let grpc =
@@ -230,7 +242,12 @@ impl App {
             ..
         } = self;
         let (committed_tx, committed) = watch::channel(0u64);
+        let ledger = Arc::new(Mutex::new(ledger));
         let service = ingest::IngestService {
+            claims: Arc::new(persist::claims::HolderClaims {
+                writer: ledger.clone(),
+                holder: Arc::from(LOCAL_HOLDER),
+            }),
             state: state.clone(),
             shutdown: shutdown.clone(),
             hello_timeout: cfg.hello_timeout,
@@ -273,7 +290,6 @@ impl App {
             shutdown.clone(),
         );
 
-        let ledger = Arc::new(Mutex::new(ledger));
         let (stop_committer, committer_stop) = std::sync::mpsc::channel::<()>();
         let committer = {
             let (state, ledger, every, grace, committed) = (

@@ -21,6 +21,11 @@ pub struct TenantTotals {
 struct Pending {
     id: u64,
     commit: Commit,
+    /// Nodes whose bookings were dropped for a lost claim, each with the
+    /// number of the pending commit then: bookings of the node in a
+    /// commit numbered before it (already taken by the committer) are
+    /// stale too (`take_stale`).
+    stale: Vec<(Arc<str>, u64)>,
 }
 
 /// What the next ledger commit will write, and the tenant totals.
@@ -36,6 +41,7 @@ impl Default for Billing {
             pending: Mutex::new(Pending {
                 id: 1,
                 commit: Commit::default(),
+                stale: Vec::new(),
             }),
             totals: Mutex::new(HashMap::new()),
         }
@@ -75,6 +81,41 @@ impl Billing {
             *c.tenant_energy.entry(tenant.clone()).or_default() += mj;
         }
         pending.id
+    }
+
+    /// Drops everything of `node` from the pending commit (its claim was
+    /// replaced: what it booked belongs to a stream whose node another
+    /// holder took), and remembers it for the commit the committer may
+    /// already hold (`take_stale`). Called while no commit can be written
+    /// (under the ledger's lock).
+    pub fn drop_node(&self, node: &Arc<str>) {
+        let mut pending = lock(&self.pending);
+        let removed = remove_node(&mut pending.commit, node);
+        let id = pending.id;
+        pending.stale.push((node.clone(), id));
+        drop(pending);
+        self.take_energy(&removed);
+    }
+
+    /// The nodes dropped since the last call, each with the number of the
+    /// pending commit when it was: the committer drops them from a
+    /// commit numbered before it. Called under the ledger's lock.
+    pub fn take_stale(&self) -> Vec<(Arc<str>, u64)> {
+        std::mem::take(&mut lock(&self.pending).stale)
+    }
+
+    /// Takes energy that will not be committed after all back out of the
+    /// tenants' totals, so that they stay what the ledger holds.
+    pub fn take_energy(&self, energy: &[(Arc<str>, u64)]) {
+        if energy.is_empty() {
+            return;
+        }
+        let mut totals = lock(&self.totals);
+        for (tenant, mj) in energy {
+            if let Some(t) = totals.get_mut(tenant) {
+                t.energy_millijoules = t.energy_millijoules.saturating_sub(*mj);
+            }
+        }
     }
 
     /// Adds a batch's energy to the tenants' totals.
@@ -121,4 +162,31 @@ impl Billing {
     pub fn totals(&self) -> HashMap<Arc<str>, TenantTotals> {
         lock(&self.totals).clone()
     }
+}
+
+/// Removes `node`'s cursor and buckets from `c`, and their energy from its
+/// tenant totals; returns the energy removed, by tenant. Walks the
+/// buckets: only on the rare path of a lost claim.
+pub fn remove_node(c: &mut Commit, node: &str) -> Vec<(Arc<str>, u64)> {
+    c.nodes.remove(node);
+    let mut removed: Vec<(Arc<str>, u64)> = Vec::new();
+    c.buckets.retain(|(tenant, n, _), d| {
+        if &**n != node {
+            return true;
+        }
+        match removed.iter_mut().find(|(t, _)| t == tenant) {
+            Some((_, e)) => *e += d.energy_mj,
+            None => removed.push((tenant.clone(), d.energy_mj)),
+        }
+        false
+    });
+    for (tenant, mj) in &removed {
+        if let Some(e) = c.tenant_energy.get_mut(tenant) {
+            *e = e.saturating_sub(*mj);
+            if *e == 0 {
+                c.tenant_energy.remove(tenant);
+            }
+        }
+    }
+    removed
 }

@@ -12,6 +12,7 @@
 //! `/metrics` rendering.
 
 mod batch;
+mod claim;
 mod node;
 
 use std::collections::HashMap;
@@ -51,6 +52,16 @@ pub struct StreamHandle {
     /// The commit that must be durable before the Welcome goes out (it
     /// holds the node's latest batch, whose seq the Welcome reports).
     pub welcome_after: u64,
+    /// The node's `claim_lost` when the stream was admitted.
+    claim_lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl StreamHandle {
+    /// Whether the ledger claim this stream was admitted under is lost
+    /// (fenced, or replaced by a newer claim): it must ack nothing more.
+    pub fn claim_lost(&self) -> bool {
+        self.claim_lost.load(Ordering::Acquire)
+    }
 }
 
 /// GPU UUID -> (the connected node whose inventory lists it, that
@@ -215,7 +226,7 @@ impl Fleet {
         let generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
         // (node, UUID) of departed GPUs this inventory takes over.
         let mut moved: Vec<(Arc<str>, Arc<str>)> = Vec::new();
-        let acked = {
+        let (acked, claim_lost) = {
             let mut n = lock(&node);
             // A node's epoch only moves forward: an older epoch may be a
             // stale agent instance whose samples were committed under it
@@ -338,7 +349,7 @@ impl Fleet {
                 self.connected.fetch_add(1, Ordering::Relaxed);
             }
             n.connected = true;
-            n.last_seq
+            (n.last_seq, n.claim_lost.clone())
         };
         drop(held);
         // Outside this node's lock: one node lock at a time.
@@ -358,6 +369,7 @@ impl Fleet {
                 epoch: hello.epoch,
                 generation,
                 welcome_after,
+                claim_lost,
             },
             acked,
         ))

@@ -2,6 +2,7 @@
 //! cursor (epoch, seq) and its live summary.
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::accounting::{Applied, Meter, MeterCursor, Tick};
@@ -171,6 +172,14 @@ pub struct Node {
     pub epoch: u64,
     pub last_seq: u64,
     pub(crate) generation: u64,
+    /// The fencing generation of the ledger claim this collector holds on
+    /// the node; `None` until a claim (at start-up or a Hello) says.
+    pub(crate) ledger_generation: Option<u64>,
+    /// Set once the claim of `ledger_generation` is lost (a fenced commit,
+    /// or a newer claim that replaced the node's cursor): the streams
+    /// admitted under it ack nothing more and end. Replaced by a fresh
+    /// flag when the node's cursor is adopted from a new claim.
+    pub(crate) claim_lost: Arc<AtomicBool>,
     pub connected: bool,
     pub samples_accepted: u64,
     pub last_timestamp: i64,
@@ -199,6 +208,8 @@ impl Node {
             epoch,
             last_seq,
             generation: 0,
+            ledger_generation: None,
+            claim_lost: Arc::default(),
             connected: false,
             samples_accepted: 0,
             last_receipt: None,

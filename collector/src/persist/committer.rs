@@ -40,15 +40,16 @@ pub enum ResumeError {
 /// one transaction, so that this collector's commits of them are fenced
 /// from then on. With SQLite the holder is the same at every start, so
 /// the claims keep their generations. Nodes first heard of later are
-/// claimed by the first commit that carries them.
+/// claimed at their Hello (`claims::HolderClaims`). Returns each
+/// restored node's generation, in `snapshot` order, for the fleet.
 pub fn claim_restored<W: LedgerWriter + ?Sized>(
     ledger: &mut W,
     holder: &str,
     snapshot: &ledger::Snapshot,
-) -> Result<(), LedgerError> {
+) -> Result<Vec<u64>, LedgerError> {
     let nodes: Vec<&str> = snapshot.nodes.iter().map(|(n, _)| n.as_str()).collect();
     if nodes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let claims = ledger.claim_nodes(holder, &nodes)?;
     for ((node, restored), claim) in snapshot.nodes.iter().zip(&claims) {
@@ -58,7 +59,7 @@ pub fn claim_restored<W: LedgerWriter + ?Sized>(
             tracing::warn!(node = %node, generation = claim.generation, "a node's cursor changed between the restore and its claim");
         }
     }
-    Ok(())
+    Ok(claims.iter().map(|c| c.generation).collect())
 }
 
 /// Rebuilds the tenant file's history from the ledger and puts the file
@@ -159,9 +160,13 @@ pub fn commit_loop<W: LedgerWriter>(
 
 /// Writes the pending commit (with a previously failed one, if any), and
 /// moves the ledger's watermark (`finalize_through`) in the same
-/// transaction, as `holder`. Returns the commit back if the write failed
-/// (a fenced commit too: with one process holding the ledger it cannot
-/// be; several collectors will end the node's stream instead).
+/// transaction, as `holder`. Returns the commit back if the write failed.
+///
+/// A commit refused because another holder has since claimed one of its
+/// nodes (`LedgerError::Fenced`) loses that node (its cursor and
+/// bookings: they were counted from a cursor the other holder moved on
+/// from), the node's streams end without acking them, and the rest is
+/// written at once. That is no storage failure: readiness stays.
 pub fn commit_once<W: LedgerWriter>(
     state: &State,
     ledger: &Mutex<W>,
@@ -171,13 +176,14 @@ pub fn commit_once<W: LedgerWriter>(
     finalize_grace: std::time::Duration,
 ) -> Option<(u64, ledger::Commit)> {
     let (id, mut commit) = state.take_pending();
-    if let Some((_, mut earlier)) = failed {
-        earlier.absorb(commit);
-        commit = earlier;
-    }
+    let mut earlier = failed.map(|(_, c)| c);
     let now = sync::now_unix();
     let finalize_through = finalize_through(now, finalize_grace);
-    if commit.is_empty() {
+    if commit.is_empty() && earlier.as_ref().is_none_or(ledger::Commit::is_empty) {
+        earlier = None;
+        // Nothing of any node is in flight: what was dropped since
+        // concerns no commit.
+        state.drop_stale(None, id, &mut commit);
         committed.send_replace(id);
         // Nothing to write, but the watermark still moves (each quarter-hour),
         // so that an idle fleet's rows become final. Skipped while the
@@ -199,7 +205,33 @@ pub fn commit_once<W: LedgerWriter>(
     }
     let started = std::time::Instant::now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        state::lock(ledger).commit_as(holder, &commit, now, finalize_through)
+        let mut l = state::lock(ledger);
+        // Under the ledger's lock, which a claim at a Hello holds while it
+        // drops a node's stale bookings: none of them is written after it.
+        state.drop_stale(earlier.as_mut(), id, &mut commit);
+        if let Some(mut e) = earlier.take() {
+            e.absorb(std::mem::take(&mut commit));
+            commit = e;
+        }
+        // Each refusal names one node and drops it: bounded by the nodes.
+        loop {
+            match l.commit_as(holder, &commit, now, finalize_through) {
+                Err(LedgerError::Fenced {
+                    node,
+                    holder: by,
+                    generation,
+                }) if commit.nodes.contains_key(node.as_str()) => {
+                    state.fence_node(&mut commit, &node);
+                    crate::events::NodeFenced {
+                        node: &node,
+                        holder: &by,
+                        generation,
+                    }
+                    .emit(&state.counters);
+                }
+                r => return r,
+            }
+        }
     }));
     match result {
         Ok(Ok(done)) => {

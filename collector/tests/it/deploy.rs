@@ -105,7 +105,7 @@ fn promtool_checks_the_config_and_rules_and_runs_the_rule_unit_tests() {
             .args(["check", "rules"])
             .arg(d.join("rules/capwatch.rules.yml")),
     );
-    assert!(output_text(&out).contains("15 rules found"));
+    assert!(output_text(&out).contains("16 rules found"));
     run_ok(
         Command::new(&promtool)
             .args(["test", "rules"])
@@ -160,7 +160,7 @@ fn the_prometheusrule_carries_the_same_rules() {
             .arg(&groups),
     );
     let out = run_ok(Command::new(promtool).args(["check", "rules"]).arg(&groups));
-    assert!(output_text(&out).contains("15 rules found"));
+    assert!(output_text(&out).contains("16 rules found"));
 }
 
 #[test]
@@ -590,7 +590,7 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 15, "rules loaded");
+    assert_eq!(loaded.len(), 16, "rules loaded");
 
     // Drive the failure alerts: a rejected sample once Prometheus holds
     // the counter at 0, and a broken tenant file on SIGHUP.
@@ -615,6 +615,7 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
     let alerts = rule_exprs(&rules, "- alert: ");
     let not_driven = [
         "CapwatchLedgerCommitsFailing",
+        "CapwatchNodesFenced",
         "CapwatchLedgerChanged",
         "CapwatchCollectorDown",
     ];
@@ -646,6 +647,11 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
     prom.has_data(
         "ledger commit failures scraped",
         "capwatch_collector_ledger_commits_total{result=\"failure\"} == 0",
+    );
+    // Nor fenced: one collector holds every node it is sent.
+    prom.has_data(
+        "fenced nodes scraped",
+        "capwatch_collector_nodes_fenced_total == 0",
     );
 
     for (title, expr) in dashboard_queries() {

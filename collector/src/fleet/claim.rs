@@ -1,0 +1,107 @@
+//! The ledger claims the fleet holds: per node, the fencing generation
+//! this collector's claim has, and adopting the ledger's cursor when a
+//! claim says another holder wrote the node in between.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::ledger::Claim;
+use crate::sync::lock;
+
+use super::{Fleet, Gpu, Node};
+
+impl Fleet {
+    /// Records the generations of claims (`(node, generation)`) for nodes
+    /// that have none yet: those restored at start-up, and a node first
+    /// heard of once its Hello is admitted.
+    pub fn set_generations(&self, claims: &[(&str, u64)]) {
+        for (id, generation) in claims {
+            let Some(node) = lock(&self.nodes).get(*id).cloned() else {
+                continue;
+            };
+            lock(&node).ledger_generation.get_or_insert(*generation);
+        }
+    }
+
+    /// Takes `claim`, just made for node `id`, before its Hello is
+    /// admitted. The same generation the fleet holds changes nothing (a
+    /// reconnect to this collector). Otherwise (another holder had the
+    /// node in between, or the fleet has no generation for it) the node's
+    /// epoch, last seq and every GPU's counter state are replaced by the
+    /// claim's cursor, as `restore` does for a snapshot, the streams
+    /// admitted under the old claim are told it is lost, and `true` is
+    /// returned: the caller drops the node's pending bookings.
+    pub fn adopt(&self, id: &str, claim: &Claim) -> bool {
+        let node = {
+            let mut nodes = lock(&self.nodes);
+            match (nodes.get(id), &claim.cursor) {
+                (Some(n), _) => n.clone(),
+                // Nothing known on either side: the Hello adds the node
+                // (or refuses it, leaving nothing behind), and its
+                // generation is recorded once it is admitted.
+                (None, None) => return false,
+                (None, Some(_)) => {
+                    let id: Arc<str> = Arc::from(id);
+                    let n = Arc::new(Mutex::new(Node::new(
+                        id.clone(),
+                        0,
+                        0,
+                        Duration::from_secs(1),
+                    )));
+                    nodes.insert(id, n.clone());
+                    n
+                }
+            }
+        };
+        let mut n = lock(&node);
+        if n.ledger_generation == Some(claim.generation) {
+            return false;
+        }
+        let (epoch, last_seq) = claim
+            .cursor
+            .as_ref()
+            .map_or((0, 0), |c| (c.epoch, c.last_seq));
+        n.epoch = epoch;
+        n.last_seq = last_seq;
+        let departed = std::mem::take(&mut n.departed);
+        let old: Vec<Gpu> = n.gpus.drain(..).chain(departed).collect();
+        // Resumed GPUs wait among the departed until the Hello, which
+        // takes them over by UUID.
+        n.departed = claim
+            .cursor
+            .iter()
+            .flat_map(|c| {
+                c.gpus
+                    .iter()
+                    .map(move |(uuid, g)| Gpu::resumed(uuid, g, c.last_seq))
+            })
+            .collect();
+        let mut at = lock(&self.departed_at);
+        for g in &old {
+            if at.get(&g.uuid).is_some_and(|o| **o == *id) {
+                at.remove(&g.uuid);
+            }
+        }
+        for g in &n.departed {
+            at.insert(g.uuid.clone(), n.id.clone());
+        }
+        drop(at);
+        n.ledger_generation = Some(claim.generation);
+        n.claim_lost.store(true, Ordering::Release);
+        n.claim_lost = Arc::default();
+        n.summarize();
+        true
+    }
+
+    /// Marks the claim on node `id` lost (a commit of it was fenced): its
+    /// streams ack nothing more and end; the next Hello claims it again.
+    pub fn lose_claim(&self, id: &str) {
+        let Some(node) = lock(&self.nodes).get(id).cloned() else {
+            return;
+        };
+        let mut n = lock(&node);
+        n.ledger_generation = None;
+        n.claim_lost.store(true, Ordering::Release);
+    }
+}

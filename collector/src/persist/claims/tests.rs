@@ -1,0 +1,358 @@
+//! Claims at a Hello and fenced commits, through the state, the committer
+//! and a real SQLite ledger, with a second holder writing the same ledger
+//! directly.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::*;
+use crate::edge::{GpuReading, NodeSample};
+use crate::ledger::sqlite::LOCAL_HOLDER;
+use crate::ledger::{self, BucketDelta, Commit, GpuCursor, NodeCursor};
+use crate::persist::committer::commit_once;
+use crate::state::{GpuInfo, Hello, State, StateConfig, StreamHandle};
+use crate::sync;
+use crate::tenants::Tenants;
+
+/// Each GPU counts this much per second.
+const MJ_PER_S: u64 = 500;
+const COUNTER0: u64 = 1_000_000;
+
+struct Site {
+    state: State,
+    writer: Arc<Mutex<ledger::Ledger>>,
+    claims: HolderClaims<ledger::Ledger>,
+    committed: watch::Sender<u64>,
+    t0: i64,
+    dir: tempfile::TempDir,
+}
+
+impl Site {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Arc::new(Mutex::new(
+            ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+        ));
+        let state = State::new(
+            StateConfig {
+                stale_after: None,
+                max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(7 * 86_400),
+            },
+            Tenants::empty(),
+        );
+        Self {
+            state,
+            claims: HolderClaims {
+                writer: writer.clone(),
+                holder: Arc::from(LOCAL_HOLDER),
+            },
+            writer,
+            committed: watch::channel(0).0,
+            t0: (sync::now_unix() - 600).div_euclid(60) * 60,
+            dir,
+        }
+    }
+
+    /// What the ingest path does at a Hello: claim, adopt, admit.
+    fn hello(&self, node: &str) -> (StreamHandle, u64) {
+        let generation = self
+            .claims
+            .claim_node(node, &mut |c| {
+                self.state.adopt_claim(node, c);
+            })
+            .unwrap();
+        let admitted = self
+            .state
+            .hello(Hello {
+                node_id: node.into(),
+                agent_version: "test".into(),
+                epoch: 1,
+                interval: Duration::from_secs(1),
+                gpus: vec![GpuInfo {
+                    uuid: format!("GPU-{node}"),
+                    model: "H200".into(),
+                    power_limit_milliwatts: Some(700_000),
+                    memory_total_bytes: None,
+                    energy_counter_supported: true,
+                }],
+            })
+            .unwrap();
+        self.state.set_claim_generations(&[(node, generation)]);
+        admitted
+    }
+
+    fn ts(&self, seq: u64) -> i64 {
+        (self.t0 + seq as i64) * 1_000_000_000
+    }
+
+    fn send(&self, h: &StreamHandle, seqs: std::ops::RangeInclusive<u64>) {
+        let samples = seqs
+            .map(|seq| NodeSample {
+                seq,
+                timestamp_unix_nanos: self.ts(seq),
+                gpus: vec![GpuReading {
+                    index: 0,
+                    power_milliwatts: Some(500_000),
+                    energy_millijoules: Some(COUNTER0 + MJ_PER_S * seq),
+                    ..GpuReading::default()
+                }],
+                host: None,
+            })
+            .collect();
+        self.state.ingest(h, samples, Vec::new()).unwrap();
+    }
+
+    /// One commit; panics if it is handed back as failed.
+    fn commit(&self) {
+        let failed = commit_once(
+            &self.state,
+            &*self.writer,
+            LOCAL_HOLDER,
+            None,
+            &self.committed,
+            Duration::from_secs(86_400),
+        );
+        assert!(failed.is_none(), "commit failed: {failed:?}");
+    }
+
+    /// The energy the ledger holds for `node`: its minute buckets and
+    /// adjustments.
+    fn node_energy(&self, node: &str) -> u64 {
+        let db = rusqlite::Connection::open(self.dir.path().join("ledger.db")).unwrap();
+        ["usage_minute", "adjustment"]
+            .iter()
+            .map(|t| {
+                db.query_row(
+                    &format!("SELECT COALESCE(SUM(energy_mj), 0) FROM {t} WHERE node = ?1"),
+                    [node],
+                    |r| r.get::<_, i64>(0),
+                )
+                .unwrap() as u64
+            })
+            .sum()
+    }
+
+    fn cursor(&self, node: &str) -> Option<NodeCursor> {
+        let snap = sync::lock(&self.writer).load().unwrap();
+        snap.nodes
+            .into_iter()
+            .find(|(n, _)| n == node)
+            .map(|(_, c)| c)
+    }
+}
+
+/// Invariant (fencing): a commit naming a node another holder has
+/// claimed since writes nothing of that node; the rest of it commits, the
+/// node's stream ends, and when its agent says Hello again the node comes
+/// back at a new generation from the ledger's cursor, so re-sent samples
+/// count once and the ledger balances to the millijoule.
+#[test]
+fn a_fenced_node_is_dropped_from_the_commit_and_claimed_back_from_the_ledger_cursor() {
+    let site = Site::new();
+    let (h1, _) = site.hello("n1");
+    let (h2, _) = site.hello("n2");
+    site.send(&h1, 1..=10);
+    site.send(&h2, 1..=10);
+    site.commit();
+    assert_eq!(site.node_energy("n1"), 9 * MJ_PER_S);
+
+    // This collector gathers seconds 11-15 of n1 (not yet committed)...
+    site.send(&h1, 11..=15);
+    site.send(&h2, 11..=15);
+    // ...while another collector claims n1 and commits seconds 11-12,
+    // which the agent sent it meanwhile.
+    {
+        let mut w = sync::lock(&site.writer);
+        let theirs = w.claim("collector-b", "n1").unwrap();
+        assert_eq!(theirs.generation, 2);
+        let node: Arc<str> = Arc::from("n1");
+        let tenant: Arc<str> = Arc::from("unassigned");
+        let mut c = Commit::default();
+        c.nodes.insert(
+            node.clone(),
+            NodeCursor {
+                epoch: 1,
+                last_seq: 12,
+                gpus: vec![(
+                    Arc::from("GPU-n1"),
+                    GpuCursor {
+                        last_counter_mj: Some(COUNTER0 + MJ_PER_S * 12),
+                        last_timestamp_ns: Some(site.ts(12)),
+                        remainder_mw_ns: 0,
+                        energy_mj: 11 * MJ_PER_S,
+                        counter_resets: 0,
+                    },
+                )],
+            },
+        );
+        let minute = site.ts(12).div_euclid(60_000_000_000) * 60;
+        assert_eq!(
+            minute,
+            site.ts(11).div_euclid(60_000_000_000) * 60,
+            "seconds 10-12 in one minute"
+        );
+        c.buckets.insert(
+            (tenant.clone(), node, minute),
+            BucketDelta {
+                energy_mj: 2 * MJ_PER_S,
+                samples: 2,
+                ..BucketDelta::default()
+            },
+        );
+        c.tenant_energy.insert(tenant, 2 * MJ_PER_S);
+        w.commit_as("collector-b", &c, sync::now_unix(), 0).unwrap();
+    }
+
+    // This collector's next commit is fenced for n1: nothing of n1 from
+    // it is written, n2 commits, n1's stream ends; readiness stays.
+    site.commit();
+    assert_eq!(
+        site.state
+            .counters
+            .nodes_fenced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(site.state.readiness.not_ready(), None);
+    assert_eq!(
+        site.node_energy("n1"),
+        11 * MJ_PER_S,
+        "only collector-b's seconds 11-12"
+    );
+    assert_eq!(site.cursor("n1").unwrap().last_seq, 12);
+    assert_eq!(site.node_energy("n2"), 14 * MJ_PER_S);
+    assert!(h1.claim_lost(), "n1's stream must end");
+    assert!(!h2.claim_lost());
+
+    // n1's agent says Hello again (acked up to 10): the claim moves n1
+    // back at a new generation, and the fleet resumes from the ledger.
+    let (h1, acked) = site.hello("n1");
+    assert_eq!(
+        acked, 12,
+        "the ledger's cursor, not this collector's memory"
+    );
+    assert_eq!(
+        sync::lock(&site.writer)
+            .claim(LOCAL_HOLDER, "n1")
+            .unwrap()
+            .generation,
+        3
+    );
+    site.send(&h1, 11..=20);
+    site.send(&h2, 16..=20);
+    site.commit();
+    // Ground truth: the counter moved 19 intervals on each node.
+    assert_eq!(site.node_energy("n1"), 19 * MJ_PER_S);
+    assert_eq!(site.node_energy("n2"), 19 * MJ_PER_S);
+    let w = sync::lock(&site.writer);
+    assert_eq!(
+        w.load().unwrap().tenant_energy,
+        vec![("unassigned".to_string(), 38 * MJ_PER_S)]
+    );
+    assert_eq!(
+        w.bucket_totals("unassigned").unwrap().energy_mj,
+        38 * MJ_PER_S
+    );
+    drop(w);
+    // The live total is what the ledger holds, less collector-b's part.
+    assert_eq!(
+        site.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules,
+        36 * MJ_PER_S
+    );
+}
+
+/// A reconnect to the same collector keeps the generation and the
+/// in-memory state: nothing pending is lost.
+#[test]
+fn a_reconnect_to_the_same_collector_keeps_its_generation_and_pending_bookings() {
+    let site = Site::new();
+    let (h, _) = site.hello("n1");
+    site.send(&h, 1..=5);
+    site.commit();
+    site.send(&h, 6..=8);
+    // The agent reconnects before the commit holding 6-8.
+    let (h2, acked) = site.hello("n1");
+    assert_eq!(acked, 8, "what this collector applied");
+    assert!(!h.claim_lost() && !h2.claim_lost());
+    assert_eq!(
+        sync::lock(&site.writer)
+            .claim(LOCAL_HOLDER, "n1")
+            .unwrap()
+            .generation,
+        1
+    );
+    site.send(&h2, 6..=10);
+    site.commit();
+    assert_eq!(site.node_energy("n1"), 9 * MJ_PER_S);
+    assert_eq!(site.cursor("n1").unwrap().last_seq, 10);
+}
+
+/// Invariant (fencing): bookings the committer already holds (a commit it
+/// took, or one that failed and waits for a retry) when a Hello claims
+/// their node back at a new generation are not written under the new
+/// claim: they were counted from a cursor another holder moved on from.
+#[test]
+fn bookings_the_committer_holds_from_an_older_generation_are_not_written() {
+    let site = Site::new();
+    let (h, _) = site.hello("n1");
+    site.send(&h, 1..=10);
+    site.commit();
+    site.send(&h, 11..=15);
+    // The committer takes 11-15 (its write then fails, say).
+    let held = site.state.take_pending();
+    // Another holder claims n1 and commits 11-15 itself; then the agent
+    // comes back here.
+    {
+        let mut w = sync::lock(&site.writer);
+        w.claim("collector-b", "n1").unwrap();
+        let mut c = Commit::default();
+        c.nodes.insert(
+            Arc::from("n1"),
+            NodeCursor {
+                epoch: 1,
+                last_seq: 15,
+                gpus: vec![(
+                    Arc::from("GPU-n1"),
+                    GpuCursor {
+                        last_counter_mj: Some(COUNTER0 + MJ_PER_S * 15),
+                        last_timestamp_ns: Some(site.ts(15)),
+                        remainder_mw_ns: 0,
+                        energy_mj: 14 * MJ_PER_S,
+                        counter_resets: 0,
+                    },
+                )],
+            },
+        );
+        let minute = site.ts(15).div_euclid(60_000_000_000) * 60;
+        c.buckets.insert(
+            (Arc::from("unassigned"), Arc::from("n1"), minute),
+            BucketDelta {
+                energy_mj: 5 * MJ_PER_S,
+                samples: 5,
+                ..BucketDelta::default()
+            },
+        );
+        c.tenant_energy
+            .insert(Arc::from("unassigned"), 5 * MJ_PER_S);
+        w.commit_as("collector-b", &c, sync::now_unix(), 0).unwrap();
+    }
+    let (h, acked) = site.hello("n1");
+    assert_eq!(acked, 15);
+    site.send(&h, 16..=20);
+    // The retry carries what the committer held: n1's part of it is dropped.
+    let failed = commit_once(
+        &site.state,
+        &*site.writer,
+        LOCAL_HOLDER,
+        Some(held),
+        &site.committed,
+        Duration::from_secs(86_400),
+    );
+    assert!(failed.is_none(), "{failed:?}");
+    assert_eq!(site.node_energy("n1"), 19 * MJ_PER_S, "seconds 11-15 once");
+    assert_eq!(site.cursor("n1").unwrap().last_seq, 20);
+}
