@@ -13,6 +13,7 @@
 
 mod batch;
 mod node;
+mod view;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,7 @@ use crate::tenants::{Tenants, UNASSIGNED};
 
 pub use batch::{BatchOutcome, Superseded};
 pub use node::{Gpu, Node, TenantLive};
+pub use view::{GpuView, NodeView};
 
 /// What bounds the fleet: staleness, inventory size and the clock skew
 /// and age a sample may have.
@@ -44,13 +46,21 @@ pub struct FleetConfig {
 /// A stream's claim on its node.
 #[derive(Debug, Clone)]
 pub struct StreamHandle {
-    pub node: Arc<Mutex<Node>>,
+    node: Arc<Mutex<Node>>,
     pub node_id: Arc<str>,
     pub epoch: u64,
     generation: u64,
     /// The commit that must be durable before the Welcome goes out (it
     /// holds the node's latest batch, whose seq the Welcome reports).
     pub welcome_after: u64,
+}
+
+#[cfg(test)]
+impl StreamHandle {
+    /// The node this stream owns, for tests that read its internals.
+    pub(crate) fn node(&self) -> &Arc<Mutex<Node>> {
+        &self.node
+    }
 }
 
 /// GPU UUID -> (the connected node whose inventory lists it, that
@@ -104,9 +114,15 @@ impl Fleet {
         lock(&self.nodes).get(id).cloned()
     }
 
-    /// Every node, for rendering.
-    pub fn nodes(&self) -> Vec<Arc<Mutex<Node>>> {
+    /// Every node (the map's lock is let go before any node's is taken).
+    fn nodes(&self) -> Vec<Arc<Mutex<Node>>> {
         lock(&self.nodes).values().cloned().collect()
+    }
+
+    /// Every node, for tests that read their internals.
+    #[cfg(test)]
+    pub(crate) fn all_nodes(&self) -> Vec<Arc<Mutex<Node>>> {
+        self.nodes()
     }
 
     /// How many nodes the collector knows.

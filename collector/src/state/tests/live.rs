@@ -29,10 +29,10 @@ fn attribution_by_glob_and_uuid() {
             &h,
             vec![sample(1, T0, &counters0), sample(2, T0 + SEC, &counters1)],
         );
-        let g = lock(&h.node);
-        let got: Vec<&str> = g.gpus.iter().map(|g| &*g.tenant).collect();
+        let g = lock(h.node());
+        let got: Vec<&str> = g.gpus().iter().map(|g| &**g.tenant()).collect();
         assert_eq!(got, tenants, "{node}");
-        assert_eq!(&*g.tenant, node_tenant, "{node}");
+        assert_eq!(&**g.tenant(), node_tenant, "{node}");
         for (i, t) in tenants.iter().enumerate() {
             *want.entry(t).or_default() += step * (i as u64 + 1);
         }
@@ -85,7 +85,7 @@ fn a_leased_gpu_is_reported_by_one_connected_node_at_a_time() {
     // The GPU leaves z-1's inventory: it may turn up elsewhere.
     let z = state.hello(hello_with("z-1", 2, &["z-1-gpu1"])).unwrap().0;
     let m = state.hello(hello_with("m-1", 1, &["z-1-gpu0"])).unwrap().0;
-    assert_eq!(&*lock(&m.node).gpus[0].tenant, "lab-b");
+    assert_eq!(&**lock(m.node()).gpus()[0].tenant(), "lab-b");
     // Its new node's stream ends: z-1 may take it back.
     state.disconnect(&m);
     state.disconnect(&z);
@@ -108,7 +108,7 @@ fn a_leased_gpu_is_reported_by_one_connected_node_at_a_time() {
     }
     assert_eq!(state.counters.gpu_claims_refused(ClaimReason::LeaseNode), 1);
     let p = state.hello(hello_with("p-7", 1, &["pinned-0"])).unwrap().0;
-    assert_eq!(&*lock(&p.node).gpus[0].tenant, "lab-p");
+    assert_eq!(&**lock(p.node()).gpus()[0].tenant(), "lab-p");
     // A GPU leased by a reload is held by the connected node that has
     // it from then on.
     assert!(state.hello(hello_with("evil-3", 1, &["late-0"])).is_ok());
@@ -169,9 +169,9 @@ fn tenant_power_sums_only_fresh_gpus() {
         assert_eq!(got("lab-a"), want_a, "{stale_after:?} +{offset:?}");
         assert_eq!(got("lab-b"), want_b, "{stale_after:?} +{offset:?}");
         assert_eq!(got(UNASSIGNED), (0, 0, 0));
-        let n = lock(&a2.node);
+        let n = lock(a2.node());
         let window = n.stale_window(stale_after);
-        let fresh: Vec<bool> = n.gpus.iter().map(|g| g.fresh(now, window)).collect();
+        let fresh: Vec<bool> = n.gpus().iter().map(|g| g.fresh(now, window)).collect();
         let reporting = want_b.1 == 1;
         assert_eq!(fresh, vec![reporting, reporting, false]);
     }
@@ -197,9 +197,9 @@ fn old_samples_that_just_arrived_are_not_live_power() {
     let now = Instant::now();
     let l = live(&state, now)["lab-a"];
     assert_eq!((l.power_milliwatts, l.reporting, l.stale), (0, 0, 2));
-    let n = lock(&h.node);
+    let n = lock(h.node());
     let window = n.stale_window(Some(Duration::from_secs(30)));
-    assert!(n.gpus.iter().all(|g| !g.fresh(now, window)));
+    assert!(n.gpus().iter().all(|g| !g.fresh(now, window)));
     assert_eq!(
         parts(|add| n.live(now, window, add)),
         parts(|add| n.walk_live(now, window, add))
@@ -258,10 +258,10 @@ fn reload_reattributes_without_losing_energy() {
         (&a2, ["lab-c", UNASSIGNED], UNASSIGNED),
     ];
     for (h, gpus, node) in after {
-        let n = lock(&h.node);
-        let got: Vec<&str> = n.gpus.iter().map(|g| &*g.tenant).collect();
+        let n = lock(h.node());
+        let got: Vec<&str> = n.gpus().iter().map(|g| &**g.tenant()).collect();
         assert_eq!(got, gpus);
-        assert_eq!(&*n.tenant, node);
+        assert_eq!(&**n.tenant(), node);
     }
     // Nothing counted so far moved.
     assert_eq!(tenant_energy(&state, "lab-a"), 3_000);
@@ -304,7 +304,7 @@ fn energy_is_attributed_by_the_lease_in_force_at_the_sample_time() {
     // a-1 moves to lab-b 100 s after T0 (T0 is 20 s into its minute).
     let change = T0 + 100 * SEC;
     state.reload_tenants_from(Tenants::from_toml(V2).unwrap(), change);
-    assert_eq!(&*lock(&h.node).gpus[0].tenant, "lab-b");
+    assert_eq!(&**lock(h.node()).gpus()[0].tenant(), "lab-b");
     // Delivered now, stamped before the change: lab-a's, in its minute.
     ingest(&state, &h, at(3, 70, 3_000));
     ingest(&state, &h, at(4, 99, 4_000));
@@ -339,10 +339,10 @@ fn energy_is_attributed_by_the_lease_in_force_at_the_sample_time() {
     // the fast path books to it) until then.
     let soon = unix_nanos_now() + 200_000_000;
     state.reload_tenants_from(Tenants::from_toml(V3).unwrap(), soon);
-    assert_eq!(&*lock(&h.node).gpus[0].tenant, "lab-b");
+    assert_eq!(&**lock(h.node()).gpus()[0].tenant(), "lab-b");
     assert_eq!(state.tenants().all()[0].id.as_ref(), "lab-b");
     let until = Instant::now() + Duration::from_secs(10);
-    while &*lock(&h.node).gpus[0].tenant != "lab-c" {
+    while &**lock(h.node()).gpus()[0].tenant() != "lab-c" {
         assert!(
             Instant::now() < until,
             "the future version never came into force"
