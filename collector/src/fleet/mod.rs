@@ -28,7 +28,8 @@ use crate::sync::{lock, unix_nanos_now};
 use crate::tenants::{Tenants, UNASSIGNED};
 
 pub use batch::{BatchOutcome, Superseded};
-pub use node::{Gpu, Node, TenantLive};
+pub use node::TenantLive;
+pub(crate) use node::{Gpu, Node};
 pub use view::{GpuView, NodeView};
 
 /// What bounds the fleet: staleness, inventory size and the clock skew

@@ -21,6 +21,7 @@ pub struct NodeView<'a> {
 }
 
 impl<'a> NodeView<'a> {
+    #[inline]
     pub(super) fn new(node: &'a Node, stale_after: Option<Duration>) -> Self {
         Self {
             node,
@@ -28,56 +29,66 @@ impl<'a> NodeView<'a> {
         }
     }
 
+    #[inline]
     pub fn id(&self) -> &'a str {
         &self.node.id
     }
 
     /// Tenant label of the node as a whole.
+    #[inline]
     pub fn tenant(&self) -> &'a str {
         &self.node.tenant
     }
 
     /// How long without a sample before this node's GPUs are stale: the
     /// configured window, else three of its intervals.
+    #[inline]
     pub fn stale_window(&self) -> Duration {
         self.window
     }
 
     /// Whether samples arrive from the node (`capwatch_node_up`).
+    #[inline]
     pub fn up(&self, now: Instant) -> bool {
         self.node.up(now, self.window)
     }
 
     /// How long since the node's last sample arrived; `None` before the
     /// first.
+    #[inline]
     pub fn silent_for(&self, now: Instant) -> Option<Duration> {
         self.node.silent_for(now)
     }
 
     /// Samples accepted from the node.
+    #[inline]
     pub fn samples_accepted(&self) -> u64 {
         self.node.samples_accepted
     }
 
     /// The timestamp (Unix nanoseconds) of the newest sample accepted from
     /// the node; `None` before the first.
+    #[inline]
     pub fn last_sample_unix_nanos(&self) -> Option<i64> {
         (self.node.last_timestamp > 0).then_some(self.node.last_timestamp)
     }
 
     /// The host's latest reading, if the agent sends one.
+    #[inline]
     pub fn host(&self) -> Option<&'a HostReading> {
         self.node.host.as_ref()
     }
 
     /// Calls `add` with what the node's GPUs add to each tenant's live
     /// figures at `now`.
+    #[inline]
     pub fn live(&self, now: Instant, add: impl FnMut(&Arc<str>, &TenantLive)) {
         self.node.live(now, self.window, add)
     }
 
     /// The node's GPUs in inventory order (their position is the `gpu`
     /// label).
+    #[inline]
     pub fn gpus(self) -> impl ExactSizeIterator<Item = GpuView<'a>> {
         let window = self.window;
         self.node
@@ -96,44 +107,53 @@ pub struct GpuView<'a> {
 
 impl<'a> GpuView<'a> {
     /// The tenant its energy is attributed to now.
+    #[inline]
     pub fn tenant(&self) -> &'a str {
         &self.gpu.tenant
     }
 
+    #[inline]
     pub fn uuid(&self) -> &'a str {
         &self.gpu.uuid
     }
 
+    #[inline]
     pub fn model(&self) -> &'a str {
         &self.gpu.model
     }
 
     /// Device memory installed, from the inventory.
+    #[inline]
     pub fn memory_total_bytes(&self) -> Option<u64> {
         self.gpu.memory_total_bytes
     }
 
     /// The power limit last known: the inventory's, or a later reading's.
+    #[inline]
     pub fn power_limit_milliwatts(&self) -> Option<u64> {
         self.gpu.power_limit_milliwatts
     }
 
     /// Its last kept reading, fresh or not.
+    #[inline]
     pub fn last(&self) -> Option<&'a GpuReading> {
         self.gpu.last.as_ref()
     }
 
     /// Whether its last reading is live at `now` (`capwatch_gpu_up`).
+    #[inline]
     pub fn fresh(&self, now: Instant) -> bool {
         self.gpu.fresh(now, self.window)
     }
 
     /// Energy since this collector first saw the GPU (mJ).
+    #[inline]
     pub fn energy_millijoules(&self) -> u64 {
         self.gpu.energy_millijoules()
     }
 
     /// Times its energy counter went backwards or jumped.
+    #[inline]
     pub fn counter_resets(&self) -> u64 {
         self.gpu.counter_resets()
     }

@@ -356,3 +356,111 @@ fn energy_is_attributed_by_the_lease_in_force_at_the_sample_time() {
     assert_eq!(tenant_energy(&state, "lab-b"), 3_000);
     assert_eq!(tenant_energy(&state, "lab-c"), 0);
 }
+
+#[test]
+fn node_views_show_what_the_surfaces_read() {
+    // What `/metrics` and the status page read of a node, through its
+    // view: nothing measured before the first sample; then the latest
+    // reading, live within the node's stale window and not after it.
+    let window = Duration::from_secs(30);
+    let state = new_state(TENANTS, Some(window));
+    let h = connect(&state, "a-2", 1, 2);
+    connect(&state, "z-1", 1, 1);
+    let now = Instant::now();
+    let mut visited = Vec::new();
+    state.for_each_node(|n| {
+        visited.push(n.id().to_string());
+        if n.id() != "a-2" {
+            return;
+        }
+        assert_eq!(n.tenant(), "lab-a");
+        assert_eq!(n.stale_window(), window);
+        assert!(!n.up(now));
+        assert_eq!(n.silent_for(now), None);
+        assert_eq!(n.last_sample_unix_nanos(), None);
+        assert_eq!(n.samples_accepted(), 0);
+        assert!(n.host().is_none());
+        let gpus: Vec<_> = n
+            .gpus()
+            .map(|g| (g.uuid(), g.tenant(), g.model(), g.last().is_some()))
+            .collect();
+        assert_eq!(
+            gpus,
+            vec![
+                ("a-2-gpu0", "lab-a", "H200", false),
+                ("a-2-gpu1", "lab-b", "H200", false),
+            ]
+        );
+        for g in n.gpus() {
+            assert!(!g.fresh(now));
+            assert_eq!((g.energy_millijoules(), g.counter_resets()), (0, 0));
+            assert_eq!(g.memory_total_bytes(), Some(1 << 30));
+            assert_eq!(g.power_limit_milliwatts(), Some(LIMIT_MW));
+        }
+    });
+    visited.sort();
+    assert_eq!(visited, ["a-2", "z-1"], "every node once");
+
+    let t0 = unix_nanos_now() - SEC;
+    ingest(
+        &state,
+        &h,
+        vec![
+            sample(1, t0, &[(100_000, Some(1_000)), (200_000, Some(5_000))]),
+            sample(
+                2,
+                t0 + SEC,
+                &[(100_000, Some(101_000)), (200_000, Some(205_000))],
+            ),
+        ],
+    );
+    let now = Instant::now();
+    let mut seen = 0;
+    state.for_each_node(|n| {
+        if n.id() != "a-2" {
+            return;
+        }
+        seen += 1;
+        assert!(n.up(now));
+        assert!(n.silent_for(now).is_some_and(|d| d <= window));
+        assert_eq!(n.last_sample_unix_nanos(), Some(t0 + SEC));
+        assert_eq!(n.samples_accepted(), 2);
+        let got: Vec<_> = n
+            .gpus()
+            .map(|g| {
+                let power = g.last().and_then(|r| r.power_milliwatts);
+                (g.fresh(now), power, g.energy_millijoules())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (true, Some(100_000), 100_000),
+                (true, Some(200_000), 200_000)
+            ]
+        );
+        let live = parts(|add| n.live(now, add));
+        let live: Vec<_> = live
+            .iter()
+            .map(|(t, l)| (t.as_str(), l.power_milliwatts, l.reporting, l.stale))
+            .collect();
+        assert_eq!(
+            live,
+            vec![("lab-a", 100_000, 1, 0), ("lab-b", 200_000, 1, 0)]
+        );
+        // Past the window: silent, stale, the energy kept.
+        let later = now + window + Duration::from_secs(1);
+        assert!(!n.up(later));
+        assert!(n.gpus().all(|g| !g.fresh(later)));
+        assert_eq!(
+            n.gpus().map(|g| g.energy_millijoules()).sum::<u64>(),
+            300_000
+        );
+        let stale: u64 = parts(|add| n.live(later, add))
+            .iter()
+            .map(|(_, l)| l.stale)
+            .sum();
+        assert_eq!(stale, 2);
+    });
+    assert_eq!(seen, 1);
+}
