@@ -8,7 +8,8 @@
 //! - `accounting`: counter arithmetic, integration, minute buckets, the
 //!   contract arithmetic, with the clock as an argument;
 //! - `fleet`: per-node state, dedup and epochs, GPU moves and holders,
-//!   live summaries;
+//!   live summaries, and the node views the surfaces read
+//!   ([`State::for_each_node`]);
 //! - `billing`: bookings, the pending commit, tenant totals;
 //! - `events`: typed events and their counters.
 //!

@@ -7,9 +7,14 @@
 //! changes nothing. Energy is only ever added from an accepted sample (the
 //! arithmetic is `accounting`'s).
 //!
+//! What the surfaces read of a node goes through its view (`view`:
+//! [`NodeView`], [`GpuView`]); the fields of `Node` and `Gpu` are the
+//! fleet's own.
+//!
 //! Locking: the node map is locked only to find or add a node; each node's
 //! own mutex is taken once per batch by its stream task, and briefly by
-//! `/metrics` rendering.
+//! `/metrics` rendering and the status page (`for_each_node`, one node at
+//! a time).
 
 mod batch;
 mod node;
