@@ -153,20 +153,16 @@ async fn status_view(s: &HttpState) -> StatusView {
     let now = Instant::now();
     let tenants = s.state.tenants();
     let live = s.state.tenant_power(&tenants, now);
-    let mut stale_nodes: Vec<StaleNode> = s
-        .state
-        .nodes()
-        .iter()
-        .filter_map(|node| {
-            let n = lock(node);
-            let window = n.stale_window(s.state.config().stale_after);
-            (!n.up(now, window)).then(|| StaleNode {
-                id: n.id.to_string(),
-                tenant: n.tenant.to_string(),
+    let mut stale_nodes: Vec<StaleNode> = Vec::new();
+    s.state.for_each_node(|n| {
+        if !n.up(now) {
+            stale_nodes.push(StaleNode {
+                id: n.id().to_string(),
+                tenant: n.tenant().to_string(),
                 silent_seconds: n.silent_for(now).map(|d| d.as_secs()),
-            })
-        })
-        .collect();
+            });
+        }
+    });
     stale_nodes.sort_by(|a, b| a.id.cmp(&b.id));
 
     let today = usage::now_unix().div_euclid(DAY) * DAY;

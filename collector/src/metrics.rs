@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::events::{AuthReason, ClaimReason, Reject, Surface};
-use crate::state::{State, lock};
+use crate::state::State;
 
 /// The exposition's content type.
 pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4";
@@ -436,99 +436,94 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     let gpu_clock = family("capwatch_gpu_sm_clock_hertz");
     let gpu_limit = family("capwatch_gpu_power_limit_watts");
     // Tenant level only: nothing to say per node.
-    let nodes = if detail.nodes || per_gpu {
-        state.nodes()
-    } else {
-        Vec::new()
-    };
-    for node in &nodes {
-        let n = lock(node);
-        let window = n.stale_window(state.config().stale_after);
-        let node_labels = [("tenant", &*n.tenant), ("node", &*n.id)];
-        let up = n.up(now, window);
-        if detail.nodes {
-            f.push("capwatch_node_up", &node_labels, f64::from(u8::from(up)));
-            f.push(
-                "capwatch_node_samples_total",
-                &node_labels,
-                n.samples_accepted as f64,
-            );
-            if n.last_timestamp > 0 {
+    if detail.nodes || per_gpu {
+        state.for_each_node(|n| {
+            let node_labels = [("tenant", n.tenant()), ("node", n.id())];
+            let up = n.up(now);
+            if detail.nodes {
+                f.push("capwatch_node_up", &node_labels, f64::from(u8::from(up)));
                 f.push(
-                    "capwatch_node_last_sample_timestamp_seconds",
+                    "capwatch_node_samples_total",
                     &node_labels,
-                    n.last_timestamp as f64 / 1e9,
+                    n.samples_accepted() as f64,
                 );
-            }
-            if let Some(h) = &n.host {
-                if let Some(c) = h.cpu_utilization_ratio {
-                    f.push("capwatch_node_cpu_utilization_ratio", &node_labels, c);
+                if let Some(t) = n.last_sample_unix_nanos() {
+                    f.push(
+                        "capwatch_node_last_sample_timestamp_seconds",
+                        &node_labels,
+                        t as f64 / 1e9,
+                    );
                 }
-                if let Some(m) = h.memory_used_bytes {
-                    f.push("capwatch_node_memory_used_bytes", &node_labels, m as f64);
+                if let Some(h) = n.host() {
+                    if let Some(c) = h.cpu_utilization_ratio {
+                        f.push("capwatch_node_cpu_utilization_ratio", &node_labels, c);
+                    }
+                    if let Some(m) = h.memory_used_bytes {
+                        f.push("capwatch_node_memory_used_bytes", &node_labels, m as f64);
+                    }
+                    if let Some(m) = h.memory_total_bytes {
+                        f.push("capwatch_node_memory_total_bytes", &node_labels, m as f64);
+                    }
                 }
-                if let Some(m) = h.memory_total_bytes {
-                    f.push("capwatch_node_memory_total_bytes", &node_labels, m as f64);
+            }
+            if detail.nodes {
+                let mut node_power = 0u64;
+                n.live(now, |_, part| {
+                    node_power = node_power.saturating_add(part.power_milliwatts);
+                });
+                f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
+            }
+            if !per_gpu {
+                return;
+            }
+            for (index, g) in n.gpus().enumerate() {
+                let fresh = g.fresh(now);
+                let reading = g.last().filter(|_| fresh);
+                // The GPU's position in its node's inventory.
+                let index = index.to_string();
+                let labels = [
+                    ("tenant", g.tenant()),
+                    ("node", n.id()),
+                    ("gpu", index.as_str()),
+                    ("uuid", g.uuid()),
+                    ("model", g.model()),
+                ];
+                f.push_at(gpu_up, &labels, f64::from(u8::from(fresh)));
+                if g.last().is_some() {
+                    f.push_at(gpu_energy, &labels, g.energy_millijoules() as f64 / 1000.0);
+                }
+                // From the first Hello on, 0 until a reset: a counter that
+                // appears only with its first increment hides that
+                // increment from `increase()`.
+                f.push_at(gpu_resets, &labels, g.counter_resets() as f64);
+                if let Some(t) = g.memory_total_bytes() {
+                    f.push_at(gpu_mem_total, &labels, t as f64);
+                }
+                let Some(r) = reading else { continue };
+                let limit = r.power_limit_milliwatts.or(g.power_limit_milliwatts());
+                if let Some(p) = r.power_milliwatts {
+                    f.push_at(gpu_power, &labels, watts(p));
+                }
+                if let Some(u) = r.utilization_percent {
+                    f.push_at(gpu_util, &labels, f64::from(u) / 100.0);
+                }
+                if let Some(u) = r.memory_utilization_percent {
+                    f.push_at(gpu_mem_util, &labels, f64::from(u) / 100.0);
+                }
+                if let Some(m) = r.memory_used_bytes {
+                    f.push_at(gpu_mem_used, &labels, m as f64);
+                }
+                if let Some(t) = r.temperature_celsius {
+                    f.push_at(gpu_temp, &labels, f64::from(t));
+                }
+                if let Some(c) = r.sm_clock_mhz {
+                    f.push_at(gpu_clock, &labels, f64::from(c) * 1e6);
+                }
+                if let Some(l) = limit {
+                    f.push_at(gpu_limit, &labels, watts(l));
                 }
             }
-        }
-        if detail.nodes {
-            let mut node_power = 0u64;
-            n.live(now, window, |_, part| {
-                node_power = node_power.saturating_add(part.power_milliwatts);
-            });
-            f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
-        }
-        if !per_gpu {
-            continue;
-        }
-        for (index, g) in n.gpus.iter().enumerate() {
-            let fresh = g.fresh(now, window);
-            let reading = g.last.as_ref().filter(|_| fresh);
-            // The GPU's position in its node's inventory.
-            let index = index.to_string();
-            let labels = [
-                ("tenant", &*g.tenant),
-                ("node", &*n.id),
-                ("gpu", index.as_str()),
-                ("uuid", &*g.uuid),
-                ("model", &*g.model),
-            ];
-            f.push_at(gpu_up, &labels, f64::from(u8::from(fresh)));
-            if g.last.is_some() {
-                f.push_at(gpu_energy, &labels, g.energy_millijoules() as f64 / 1000.0);
-            }
-            // From the first Hello on, 0 until a reset: a counter that
-            // appears only with its first increment hides that increment
-            // from `increase()`.
-            f.push_at(gpu_resets, &labels, g.counter_resets() as f64);
-            if let Some(t) = g.memory_total_bytes {
-                f.push_at(gpu_mem_total, &labels, t as f64);
-            }
-            let Some(r) = reading else { continue };
-            let limit = r.power_limit_milliwatts.or(g.power_limit_milliwatts);
-            if let Some(p) = r.power_milliwatts {
-                f.push_at(gpu_power, &labels, watts(p));
-            }
-            if let Some(u) = r.utilization_percent {
-                f.push_at(gpu_util, &labels, f64::from(u) / 100.0);
-            }
-            if let Some(u) = r.memory_utilization_percent {
-                f.push_at(gpu_mem_util, &labels, f64::from(u) / 100.0);
-            }
-            if let Some(m) = r.memory_used_bytes {
-                f.push_at(gpu_mem_used, &labels, m as f64);
-            }
-            if let Some(t) = r.temperature_celsius {
-                f.push_at(gpu_temp, &labels, f64::from(t));
-            }
-            if let Some(c) = r.sm_clock_mhz {
-                f.push_at(gpu_clock, &labels, f64::from(c) * 1e6);
-            }
-            if let Some(l) = limit {
-                f.push_at(gpu_limit, &labels, watts(l));
-            }
-        }
+        });
     }
 
     let live = state.tenant_power(&tenants, now);

@@ -8,7 +8,8 @@
 //! - `accounting`: counter arithmetic, integration, minute buckets, the
 //!   contract arithmetic, with the clock as an argument;
 //! - `fleet`: per-node state, dedup and epochs, GPU moves and holders,
-//!   live summaries;
+//!   live summaries, and the node views the surfaces read
+//!   ([`State::for_each_node`]);
 //! - `billing`: bookings, the pending commit, tenant totals;
 //! - `events`: typed events and their counters.
 //!
@@ -16,7 +17,9 @@
 //! commit's (see `Fleet::ingest`); tenant totals are locked once per batch.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, RwLock};
+#[cfg(test)]
+use std::sync::Mutex;
+use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use tracing::info;
@@ -35,8 +38,11 @@ pub use crate::edge::{
     GpuInfo, Hello, HelloError, MAX_POWER_LIMIT_MILLIWATTS, MAX_SEQ_JUMP, MAX_SPREAD, node_id_ok,
 };
 pub use crate::events::Counters;
+#[cfg(test)]
+pub(crate) use crate::fleet::Node;
 pub use crate::fleet::{
-    BatchOutcome, FleetConfig as StateConfig, Gpu, Node, StreamHandle, Superseded, TenantLive,
+    BatchOutcome, FleetConfig as StateConfig, GpuView, NodeView, StreamHandle, Superseded,
+    TenantLive,
 };
 pub(crate) use crate::sync::{lock, unix_nanos_now};
 
@@ -155,9 +161,16 @@ impl State {
             .clone()
     }
 
-    /// Every node, for rendering.
-    pub fn nodes(&self) -> Vec<Arc<Mutex<Node>>> {
-        self.fleet.nodes()
+    /// Calls `f` with a view of every node, one node's lock at a time:
+    /// what `/metrics` and the status page read of the fleet.
+    pub fn for_each_node(&self, f: impl FnMut(NodeView<'_>)) {
+        self.fleet.for_each_node(f)
+    }
+
+    /// Every node, for tests that read their internals.
+    #[cfg(test)]
+    pub(crate) fn nodes(&self) -> Vec<Arc<Mutex<Node>>> {
+        self.fleet.all_nodes()
     }
 
     /// How many nodes the collector knows.

@@ -7,13 +7,19 @@
 //! changes nothing. Energy is only ever added from an accepted sample (the
 //! arithmetic is `accounting`'s).
 //!
+//! What the surfaces read of a node goes through its view (`view`:
+//! [`NodeView`], [`GpuView`]); the fields of `Node` and `Gpu` are the
+//! fleet's own.
+//!
 //! Locking: the node map is locked only to find or add a node; each node's
 //! own mutex is taken once per batch by its stream task, and briefly by
-//! `/metrics` rendering.
+//! `/metrics` rendering and the status page (`for_each_node`, one node at
+//! a time).
 
 mod batch;
 mod claim;
 mod node;
+mod view;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,7 +34,9 @@ use crate::sync::{lock, unix_nanos_now};
 use crate::tenants::{Tenants, UNASSIGNED};
 
 pub use batch::{BatchOutcome, Superseded};
-pub use node::{Gpu, Node, TenantLive};
+pub use node::TenantLive;
+pub(crate) use node::{Gpu, Node};
+pub use view::{GpuView, NodeView};
 
 /// What bounds the fleet: staleness, inventory size and the clock skew
 /// and age a sample may have.
@@ -45,7 +53,7 @@ pub struct FleetConfig {
 /// A stream's claim on its node.
 #[derive(Debug, Clone)]
 pub struct StreamHandle {
-    pub node: Arc<Mutex<Node>>,
+    node: Arc<Mutex<Node>>,
     pub node_id: Arc<str>,
     pub epoch: u64,
     generation: u64,
@@ -61,6 +69,14 @@ impl StreamHandle {
     /// (fenced, or replaced by a newer claim): it must ack nothing more.
     pub fn claim_lost(&self) -> bool {
         self.claim_lost.load(Ordering::Acquire)
+    }
+}
+
+#[cfg(test)]
+impl StreamHandle {
+    /// The node this stream owns, for tests that read its internals.
+    pub(crate) fn node(&self) -> &Arc<Mutex<Node>> {
+        &self.node
     }
 }
 
@@ -115,9 +131,15 @@ impl Fleet {
         lock(&self.nodes).get(id).cloned()
     }
 
-    /// Every node, for rendering.
-    pub fn nodes(&self) -> Vec<Arc<Mutex<Node>>> {
+    /// Every node (the map's lock is let go before any node's is taken).
+    fn nodes(&self) -> Vec<Arc<Mutex<Node>>> {
         lock(&self.nodes).values().cloned().collect()
+    }
+
+    /// Every node, for tests that read their internals.
+    #[cfg(test)]
+    pub(crate) fn all_nodes(&self) -> Vec<Arc<Mutex<Node>>> {
+        self.nodes()
     }
 
     /// How many nodes the collector knows.

@@ -12,23 +12,23 @@ use crate::tenants::{Tenants, UNASSIGNED};
 
 #[derive(Debug)]
 pub struct Gpu {
-    pub uuid: Arc<str>,
-    pub model: Arc<str>,
-    pub power_limit_milliwatts: Option<u64>,
-    pub memory_total_bytes: Option<u64>,
-    pub energy_counter_supported: bool,
-    pub tenant: Arc<str>,
-    pub last: Option<GpuReading>,
+    pub(super) uuid: Arc<str>,
+    pub(super) model: Arc<str>,
+    pub(super) power_limit_milliwatts: Option<u64>,
+    pub(super) memory_total_bytes: Option<u64>,
+    pub(super) energy_counter_supported: bool,
+    pub(super) tenant: Arc<str>,
+    pub(super) last: Option<GpuReading>,
     /// The counter arithmetic and power integration of its readings.
     meter: Meter,
     /// When `last` was sampled, by its own timestamp, on the collector's
     /// monotonic clock: its receipt less its age then (never after the
     /// receipt). `None` when it was too old for the clock to hold.
-    pub sampled_at: Option<Instant>,
+    pub(super) sampled_at: Option<Instant>,
 }
 
 impl Gpu {
-    pub(crate) fn new(info: GpuInfo, model: Arc<str>, tenant: Arc<str>) -> Self {
+    pub(super) fn new(info: GpuInfo, model: Arc<str>, tenant: Arc<str>) -> Self {
         Self {
             uuid: Arc::from(info.uuid),
             model,
@@ -44,7 +44,7 @@ impl Gpu {
 
     /// Folds one accepted reading in; returns the energy it adds (mJ) and
     /// the interval it covers.
-    pub(crate) fn apply(&mut self, r: GpuReading, t: &Tick) -> Applied {
+    pub(super) fn apply(&mut self, r: GpuReading, t: &Tick) -> Applied {
         if !r.lost
             && let Some(limit) = r.power_limit_milliwatts
         {
@@ -58,21 +58,21 @@ impl Gpu {
     }
 
     /// Energy since this collector first saw the GPU (mJ).
-    pub fn energy_millijoules(&self) -> u64 {
+    pub(crate) fn energy_millijoules(&self) -> u64 {
         self.meter.energy_millijoules()
     }
 
-    pub fn counter_resets(&self) -> u64 {
+    pub(crate) fn counter_resets(&self) -> u64 {
         self.meter.counter_resets()
     }
 
     /// The newest timestamp of its readings.
-    pub fn last_timestamp(&self) -> Option<i64> {
+    pub(crate) fn last_timestamp(&self) -> Option<i64> {
         self.meter.last_timestamp()
     }
 
     /// When its last reading arrived.
-    pub fn last_receipt(&self) -> Option<Instant> {
+    pub(crate) fn last_receipt(&self) -> Option<Instant> {
         self.meter.last_receipt()
     }
 
@@ -81,12 +81,27 @@ impl Gpu {
         &self.meter
     }
 
-    pub(crate) fn meter_mut(&mut self) -> &mut Meter {
+    #[cfg(test)]
+    pub(crate) fn uuid(&self) -> &Arc<str> {
+        &self.uuid
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sampled_at(&self) -> Option<Instant> {
+        self.sampled_at
+    }
+
+    pub(super) fn meter_mut(&mut self) -> &mut Meter {
         &mut self.meter
     }
 
     /// The counting state the ledger keeps for this GPU.
-    pub(crate) fn cursor(&self) -> GpuCursor {
+    pub(super) fn cursor(&self) -> GpuCursor {
         let c = self.meter.cursor();
         GpuCursor {
             last_counter_mj: c.last_counter_mj,
@@ -99,7 +114,7 @@ impl Gpu {
 
     /// A GPU known only from the ledger, until its node says Hello; at
     /// most `last_seq` samples behind.
-    pub(crate) fn resumed(uuid: &str, c: &GpuCursor, last_seq: u64) -> Self {
+    pub(super) fn resumed(uuid: &str, c: &GpuCursor, last_seq: u64) -> Self {
         let mut g = Gpu::new(
             GpuInfo {
                 uuid: uuid.to_string(),
@@ -125,7 +140,7 @@ impl Gpu {
     /// Whether the GPU's last reading is live at `now`: sampled, by its
     /// own timestamp, within `window` (so received within it too) and not
     /// lost. A reading that arrives late (a replayed spool) is not live.
-    pub fn fresh(&self, now: Instant, window: Duration) -> bool {
+    pub(crate) fn fresh(&self, now: Instant, window: Duration) -> bool {
         sampled_within(self.sampled_at, now, window) && self.last.as_ref().is_some_and(|r| !r.lost)
     }
 }
@@ -139,7 +154,7 @@ fn sampled_within(sampled_at: Option<Instant>, now: Instant, window: Duration) -
 /// given that it arrived at `now` (`now_ns` on the wall clock): `now` less
 /// its age, `now` for one stamped ahead; `None` when older than the clock
 /// reaches back.
-pub(crate) fn sampled_at(timestamp_ns: i64, now: Instant, now_ns: i64) -> Option<Instant> {
+pub(super) fn sampled_at(timestamp_ns: i64, now: Instant, now_ns: i64) -> Option<Instant> {
     let age = u64::try_from(now_ns.saturating_sub(timestamp_ns)).unwrap_or(0);
     now.checked_sub(Duration::from_nanos(age))
 }
@@ -152,54 +167,54 @@ pub(crate) fn sampled_at(timestamp_ns: i64, now: Instant, now_ns: i64) -> Option
 pub struct Node {
     /// Whether `live` may be read; false when some GPU's freshness differs
     /// from the node's (see `Node::summarize`).
-    pub(crate) live_valid: bool,
-    pub last_receipt: Option<Instant>,
+    pub(super) live_valid: bool,
+    pub(super) last_receipt: Option<Instant>,
     /// When the node's latest accepted sample was taken, by its own
     /// timestamp (`Gpu::sampled_at`): its GPUs are live only while this
     /// is within the staleness window.
-    pub(crate) sampled_at: Option<Instant>,
-    pub interval: Duration,
+    pub(super) sampled_at: Option<Instant>,
+    pub(super) interval: Duration,
     /// What the node's GPUs add to each tenant's live figures while the
     /// node is up, computed once per batch: the first tenant inline, any
     /// others in `live_rest`.
     live_first: Option<(Arc<str>, TenantLive)>,
     live_rest: Vec<(Arc<str>, TenantLive)>,
-    pub id: Arc<str>,
+    pub(super) id: Arc<str>,
     /// Tenant label of the node as a whole: the tenant of all its GPUs when
     /// they agree, else the tenant leasing the node by name.
-    pub tenant: Arc<str>,
-    pub agent_version: String,
-    pub epoch: u64,
-    pub last_seq: u64,
-    pub(crate) generation: u64,
+    pub(super) tenant: Arc<str>,
+    pub(super) agent_version: String,
+    pub(super) epoch: u64,
+    pub(super) last_seq: u64,
+    pub(super) generation: u64,
     /// The fencing generation of the ledger claim this collector holds on
     /// the node; `None` until a claim (at start-up or a Hello) says.
-    pub(crate) ledger_generation: Option<u64>,
+    pub(super) ledger_generation: Option<u64>,
     /// Set once the claim of `ledger_generation` is lost (a fenced commit,
     /// or a newer claim that replaced the node's cursor): the streams
     /// admitted under it ack nothing more and end. Replaced by a fresh
     /// flag when the node's cursor is adopted from a new claim.
-    pub(crate) claim_lost: Arc<AtomicBool>,
-    pub connected: bool,
-    pub samples_accepted: u64,
-    pub last_timestamp: i64,
-    pub host: Option<HostReading>,
-    pub gpus: Vec<Gpu>,
+    pub(super) claim_lost: Arc<AtomicBool>,
+    pub(super) connected: bool,
+    pub(super) samples_accepted: u64,
+    pub(super) last_timestamp: i64,
+    pub(super) host: Option<HostReading>,
+    pub(super) gpus: Vec<Gpu>,
     /// GPUs the node announced before but not in its latest inventory;
     /// kept so their counters resume if they come back.
-    pub(crate) departed: Vec<Gpu>,
+    pub(super) departed: Vec<Gpu>,
     /// The ledger commit holding the node's latest batch: what a Welcome
     /// must wait for.
-    pub(crate) last_commit_id: u64,
+    pub(super) last_commit_id: u64,
     /// [from, until) (Unix nanoseconds) of the tenant file version the
     /// GPUs' `tenant` comes from: a sample stamped inside it is booked to
     /// `tenant` with no lookup.
-    pub(crate) tenants_span: (i64, i64),
+    pub(super) tenants_span: (i64, i64),
 }
 
 impl Node {
     /// A node with no stream yet, resuming at (epoch, last_seq).
-    pub(crate) fn new(id: Arc<str>, epoch: u64, last_seq: u64, interval: Duration) -> Self {
+    pub(super) fn new(id: Arc<str>, epoch: u64, last_seq: u64, interval: Duration) -> Self {
         Self {
             id,
             tenant: Arc::from(UNASSIGNED),
@@ -226,25 +241,80 @@ impl Node {
         }
     }
 
+    #[cfg(test)]
+    pub(crate) fn gpus(&self) -> &[Gpu] {
+        &self.gpus
+    }
+
+    #[cfg(test)]
+    pub(crate) fn departed(&self) -> &[Gpu] {
+        &self.departed
+    }
+
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> &Arc<str> {
+        &self.id
+    }
+
+    #[cfg(test)]
+    pub(crate) fn tenant(&self) -> &Arc<str> {
+        &self.tenant
+    }
+
+    #[cfg(test)]
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    #[cfg(test)]
+    pub(crate) fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    #[cfg(test)]
+    pub(crate) fn samples_accepted(&self) -> u64 {
+        self.samples_accepted
+    }
+
+    #[cfg(test)]
+    pub(crate) fn connected(&self) -> bool {
+        self.connected
+    }
+
+    #[cfg(test)]
+    pub(crate) fn live_valid(&self) -> bool {
+        self.live_valid
+    }
+
+    #[cfg(test)]
+    pub(crate) fn last_receipt(&self) -> Option<Instant> {
+        self.last_receipt
+    }
+
+    #[cfg(test)]
+    pub(crate) fn sampled_at(&self) -> Option<Instant> {
+        self.sampled_at
+    }
+
     /// How long without a sample before this node's GPUs are stale.
-    pub fn stale_window(&self, configured: Option<Duration>) -> Duration {
+    pub(crate) fn stale_window(&self, configured: Option<Duration>) -> Duration {
         configured.unwrap_or(self.interval * 3)
     }
 
     /// How long since the node's last sample arrived; `None` before the
     /// first.
-    pub fn silent_for(&self, now: Instant) -> Option<Duration> {
+    pub(crate) fn silent_for(&self, now: Instant) -> Option<Duration> {
         self.last_receipt.map(|t| now.saturating_duration_since(t))
     }
 
     /// Whether samples arrive from the node: its last one is at most
     /// `window` old (`capwatch_node_up`, the status page's stale nodes).
-    pub fn up(&self, now: Instant, window: Duration) -> bool {
+    pub(crate) fn up(&self, now: Instant, window: Duration) -> bool {
         self.silent_for(now).is_some_and(|d| d <= window)
     }
 
     /// The node's cursor for the ledger, complete (GPUs that left it too).
-    pub(crate) fn cursor(&self) -> NodeCursor {
+    pub(super) fn cursor(&self) -> NodeCursor {
         NodeCursor {
             epoch: self.epoch,
             last_seq: self.last_seq,
@@ -258,7 +328,7 @@ impl Node {
     }
 
     /// Attributes the GPUs by `tenants`, the version in force over `span`.
-    pub(crate) fn attribute(&mut self, tenants: &Tenants, span: (i64, i64)) {
+    pub(super) fn attribute(&mut self, tenants: &Tenants, span: (i64, i64)) {
         self.tenants_span = span;
         let all = tenants.all();
         for g in &mut self.gpus {
@@ -283,7 +353,7 @@ impl Node {
     /// when that sample is; a GPU last heard earlier (left out of later
     /// samples) would go stale at its own moment, and then there is no
     /// summary.
-    pub(crate) fn summarize(&mut self) {
+    pub(super) fn summarize(&mut self) {
         let at = self.last_receipt;
         self.live_first = None;
         self.live_rest.clear();
@@ -319,7 +389,7 @@ impl Node {
     /// Calls `add` with what the node's GPUs add to each tenant's live
     /// figures at `now`: from the summary when there is one, else GPU by
     /// GPU.
-    pub fn live(
+    pub(crate) fn live(
         &self,
         now: Instant,
         window: Duration,

@@ -44,7 +44,7 @@ fn implausible_counter_jump_cannot_overflow_energy() {
     // The jump is counted from power (1 W for 1 s); the fall back to 0
     // is a reload with nothing used since.
     assert_eq!(gpu_energy(&h), vec![1_000]);
-    assert_eq!(h.node.lock().unwrap().gpus[0].counter_resets(), 2);
+    assert_eq!(h.node().lock().unwrap().gpus()[0].counter_resets(), 2);
 }
 // ---- Clocks, limits and inventories that change ----------------------
 
@@ -142,7 +142,7 @@ fn behind_readings_count_once(c: u64) {
     }
     ingest(&state, &a, behind);
     assert_eq!(gpu_energy(&a), vec![1_200_000], "C+1 to C+5 once");
-    assert_eq!(lock(&a.node).gpus[0].counter_resets(), 0);
+    assert_eq!(lock(a.node()).gpus()[0].counter_resets(), 0);
 }
 
 #[test]
@@ -179,7 +179,7 @@ fn a_reload_stamped_behind_the_last_reading_is_not_taken_for_a_stale_one() {
         ],
     );
     assert_eq!(gpu_energy(&a), vec![300_000]);
-    assert_eq!(lock(&a.node).gpus[0].counter_resets(), 1);
+    assert_eq!(lock(a.node()).gpus()[0].counter_resets(), 1);
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn a_clock_that_stands_still_does_not_void_counter_energy() {
     // 30 J in 50 ms is under 3 x 700 W; same timestamp as before.
     ingest(&state, &h, vec![sample(2, T0, &[(700_000, Some(30_000))])]);
     assert_eq!(gpu_energy(&h), vec![30_000]);
-    assert_eq!(lock(&h.node).gpus[0].counter_resets(), 0);
+    assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 0);
 }
 
 #[test]
@@ -263,7 +263,7 @@ fn counter_deltas_are_kept_whatever_the_agent_clock_does() {
         }
         let want = joules * 1_000;
         assert_eq!(gpu_energy(&h), vec![want], "{name}");
-        assert_eq!(lock(&h.node).gpus[0].counter_resets(), 0, "{name}");
+        assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 0, "{name}");
         assert_eq!(tenant_energy(&state, "lab-a"), want, "{name}");
         let (_, c) = state.take_pending();
         let b = booked(&c, "lab-a", "a-1");
@@ -315,7 +315,7 @@ fn counter_deltas_are_kept_when_a_clock_behind_steps_forward() {
         }
         let want = 1_199 * 300_000;
         assert_eq!(gpu_energy(&h), vec![want], "{forward}");
-        assert_eq!(lock(&h.node).gpus[0].counter_resets(), 0, "{forward}");
+        assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 0, "{forward}");
         let (_, c) = state.take_pending();
         let b = booked(&c, "lab-a", "a-1");
         assert_eq!((b.energy_mj, b.estimated_mj), (want, 0), "{forward}");
@@ -332,7 +332,7 @@ fn counter_deltas_are_kept_when_a_clock_behind_steps_forward() {
         .collect();
     assert_eq!(ingest(&state, &h, samples).accepted, 4);
     assert_eq!(gpu_energy(&h), vec![3 * 720_000]);
-    assert_eq!(lock(&h.node).gpus[0].counter_resets(), 0);
+    assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 0);
 }
 
 #[test]
@@ -369,7 +369,7 @@ fn a_clock_that_stands_still_vouches_for_no_more_time_than_a_timestamp() {
     );
     assert_eq!(out.accepted, 4);
     assert_eq!(gpu_energy(&h), vec![mj]);
-    assert_eq!(lock(&h.node).gpus[0].counter_resets(), 2);
+    assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 2);
 
     // Timestamps that swing between 30 minutes ago and now: each swing
     // forward is time only once. 3 MJ fits 30 minutes at 3 × 700 W
@@ -394,7 +394,7 @@ fn a_clock_that_stands_still_vouches_for_no_more_time_than_a_timestamp() {
     );
     assert_eq!(out.accepted, 4);
     assert_eq!(gpu_energy(&h), vec![3_000_000_000]);
-    assert_eq!(lock(&h.node).gpus[0].counter_resets(), 2);
+    assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 2);
 }
 
 #[test]
@@ -438,7 +438,7 @@ fn power_fills_at_most_the_staleness_window_of_a_gap() {
         );
         let case = format!("{stale_after:?} {counter:?}");
         assert_eq!(gpu_energy(&h), vec![want], "{case}");
-        assert_eq!(lock(&h.node).gpus[0].counter_resets(), resets, "{case}");
+        assert_eq!(lock(h.node()).gpus()[0].counter_resets(), resets, "{case}");
         let (_, c) = state.take_pending();
         let b = booked(&c, "lab-a", "a-1");
         assert_eq!(b.energy_mj, want, "{case}");

@@ -57,7 +57,7 @@ fn energy_is_last_counter_minus_first() {
             .sum();
         assert_eq!(tenant_sum, want.iter().sum::<u64>(), "{node}");
         assert_totals_match_gpus(&state);
-        assert_eq!(lock(&h.node).gpus[0].counter_resets(), 0);
+        assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 0);
     }
 }
 
@@ -149,8 +149,8 @@ fn counter_reset_counts_the_energy_since_the_reload() {
             ts += dt;
             ingest(&state, &h, vec![sample(i as u64 + 1, ts, &[(p, Some(c))])]);
         }
-        let n = lock(&h.node);
-        let g = &n.gpus[0];
+        let n = lock(h.node());
+        let g = &n.gpus()[0];
         assert_eq!(g.energy_millijoules(), energy, "{samples:?}");
         assert_eq!(g.counter_resets(), resets, "{samples:?}");
         assert_eq!(
@@ -185,7 +185,7 @@ fn counter_appearing_late_covers_earlier_interval_from_power() {
             .collect();
         ingest(&state, &h, samples);
         assert_eq!(gpu_energy(&h), vec![want], "{counters:?}");
-        assert_eq!(lock(&h.node).gpus[0].counter_resets(), 0);
+        assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 0);
         assert_totals_match_gpus(&state);
     }
 }
@@ -215,10 +215,10 @@ fn integrate_in_batches(steps: &[(u64, i64)], sizes: &[usize]) -> (u64, u64) {
         assert_eq!(out.accepted, k as u64);
         rest = &rest[k..];
     }
-    let n = lock(&h.node);
-    let e = n.gpus[0].energy_millijoules();
+    let n = lock(h.node());
+    let e = n.gpus()[0].energy_millijoules();
     assert_eq!(tenant_energy(&state, "lab-a"), e);
-    (e, n.gpus[0].meter().remainder_milliwatt_nanos())
+    (e, n.gpus()[0].meter().remainder_milliwatt_nanos())
 }
 
 fn exact_millijoules(steps: &[(u64, i64)]) -> (u64, u64) {
@@ -320,8 +320,8 @@ fn lost_reading_adds_nothing_and_next_delta_covers_the_gap() {
             }
             let out = ingest(&state, &h, vec![s]);
             assert_eq!(out.accepted, 1);
-            let n = lock(&h.node);
-            let g = &n.gpus[0];
+            let n = lock(h.node());
+            let g = &n.gpus()[0];
             assert_eq!(g.energy_millijoules(), e, "{counters:?} step {i}");
             if c.is_some() {
                 last_counter = c;

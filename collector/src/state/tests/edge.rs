@@ -120,13 +120,13 @@ fn invalid_samples_are_rejected_alone() {
                     assert_eq!(rejected(&state, r), n, "{name}: {r:?}");
                 }
                 assert_eq!(gpu_energy(&h), vec![2_000, 2_000], "{name}");
-                assert_eq!(lock(&h.node).gpus[0].counter_resets(), 0, "{name}");
-                assert_eq!(lock(&h.node).samples_accepted, 2, "{name}");
+                assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 0, "{name}");
+                assert_eq!(lock(h.node()).samples_accepted(), 2, "{name}");
             }
             None => {
                 assert_eq!(out.accepted, 3, "{name}");
                 assert!(out.rejected.is_empty(), "{name}");
-                assert_eq!(lock(&h.node).gpus[0].counter_resets(), 1, "{name}");
+                assert_eq!(lock(h.node()).gpus()[0].counter_resets(), 1, "{name}");
             }
         }
         assert_totals_match_gpus(&state);

@@ -29,10 +29,10 @@ fn attribution_by_glob_and_uuid() {
             &h,
             vec![sample(1, T0, &counters0), sample(2, T0 + SEC, &counters1)],
         );
-        let g = lock(&h.node);
-        let got: Vec<&str> = g.gpus.iter().map(|g| &*g.tenant).collect();
+        let g = lock(h.node());
+        let got: Vec<&str> = g.gpus().iter().map(|g| &**g.tenant()).collect();
         assert_eq!(got, tenants, "{node}");
-        assert_eq!(&*g.tenant, node_tenant, "{node}");
+        assert_eq!(&**g.tenant(), node_tenant, "{node}");
         for (i, t) in tenants.iter().enumerate() {
             *want.entry(t).or_default() += step * (i as u64 + 1);
         }
@@ -85,7 +85,7 @@ fn a_leased_gpu_is_reported_by_one_connected_node_at_a_time() {
     // The GPU leaves z-1's inventory: it may turn up elsewhere.
     let z = state.hello(hello_with("z-1", 2, &["z-1-gpu1"])).unwrap().0;
     let m = state.hello(hello_with("m-1", 1, &["z-1-gpu0"])).unwrap().0;
-    assert_eq!(&*lock(&m.node).gpus[0].tenant, "lab-b");
+    assert_eq!(&**lock(m.node()).gpus()[0].tenant(), "lab-b");
     // Its new node's stream ends: z-1 may take it back.
     state.disconnect(&m);
     state.disconnect(&z);
@@ -108,7 +108,7 @@ fn a_leased_gpu_is_reported_by_one_connected_node_at_a_time() {
     }
     assert_eq!(state.counters.gpu_claims_refused(ClaimReason::LeaseNode), 1);
     let p = state.hello(hello_with("p-7", 1, &["pinned-0"])).unwrap().0;
-    assert_eq!(&*lock(&p.node).gpus[0].tenant, "lab-p");
+    assert_eq!(&**lock(p.node()).gpus()[0].tenant(), "lab-p");
     // A GPU leased by a reload is held by the connected node that has
     // it from then on.
     assert!(state.hello(hello_with("evil-3", 1, &["late-0"])).is_ok());
@@ -169,9 +169,9 @@ fn tenant_power_sums_only_fresh_gpus() {
         assert_eq!(got("lab-a"), want_a, "{stale_after:?} +{offset:?}");
         assert_eq!(got("lab-b"), want_b, "{stale_after:?} +{offset:?}");
         assert_eq!(got(UNASSIGNED), (0, 0, 0));
-        let n = lock(&a2.node);
+        let n = lock(a2.node());
         let window = n.stale_window(stale_after);
-        let fresh: Vec<bool> = n.gpus.iter().map(|g| g.fresh(now, window)).collect();
+        let fresh: Vec<bool> = n.gpus().iter().map(|g| g.fresh(now, window)).collect();
         let reporting = want_b.1 == 1;
         assert_eq!(fresh, vec![reporting, reporting, false]);
     }
@@ -197,9 +197,9 @@ fn old_samples_that_just_arrived_are_not_live_power() {
     let now = Instant::now();
     let l = live(&state, now)["lab-a"];
     assert_eq!((l.power_milliwatts, l.reporting, l.stale), (0, 0, 2));
-    let n = lock(&h.node);
+    let n = lock(h.node());
     let window = n.stale_window(Some(Duration::from_secs(30)));
-    assert!(n.gpus.iter().all(|g| !g.fresh(now, window)));
+    assert!(n.gpus().iter().all(|g| !g.fresh(now, window)));
     assert_eq!(
         parts(|add| n.live(now, window, add)),
         parts(|add| n.walk_live(now, window, add))
@@ -258,10 +258,10 @@ fn reload_reattributes_without_losing_energy() {
         (&a2, ["lab-c", UNASSIGNED], UNASSIGNED),
     ];
     for (h, gpus, node) in after {
-        let n = lock(&h.node);
-        let got: Vec<&str> = n.gpus.iter().map(|g| &*g.tenant).collect();
+        let n = lock(h.node());
+        let got: Vec<&str> = n.gpus().iter().map(|g| &**g.tenant()).collect();
         assert_eq!(got, gpus);
-        assert_eq!(&*n.tenant, node);
+        assert_eq!(&**n.tenant(), node);
     }
     // Nothing counted so far moved.
     assert_eq!(tenant_energy(&state, "lab-a"), 3_000);
@@ -304,7 +304,7 @@ fn energy_is_attributed_by_the_lease_in_force_at_the_sample_time() {
     // a-1 moves to lab-b 100 s after T0 (T0 is 20 s into its minute).
     let change = T0 + 100 * SEC;
     state.reload_tenants_from(Tenants::from_toml(V2).unwrap(), change);
-    assert_eq!(&*lock(&h.node).gpus[0].tenant, "lab-b");
+    assert_eq!(&**lock(h.node()).gpus()[0].tenant(), "lab-b");
     // Delivered now, stamped before the change: lab-a's, in its minute.
     ingest(&state, &h, at(3, 70, 3_000));
     ingest(&state, &h, at(4, 99, 4_000));
@@ -339,10 +339,10 @@ fn energy_is_attributed_by_the_lease_in_force_at_the_sample_time() {
     // the fast path books to it) until then.
     let soon = unix_nanos_now() + 200_000_000;
     state.reload_tenants_from(Tenants::from_toml(V3).unwrap(), soon);
-    assert_eq!(&*lock(&h.node).gpus[0].tenant, "lab-b");
+    assert_eq!(&**lock(h.node()).gpus()[0].tenant(), "lab-b");
     assert_eq!(state.tenants().all()[0].id.as_ref(), "lab-b");
     let until = Instant::now() + Duration::from_secs(10);
-    while &*lock(&h.node).gpus[0].tenant != "lab-c" {
+    while &**lock(h.node()).gpus()[0].tenant() != "lab-c" {
         assert!(
             Instant::now() < until,
             "the future version never came into force"
@@ -355,4 +355,112 @@ fn energy_is_attributed_by_the_lease_in_force_at_the_sample_time() {
     ingest(&state, &h, at(7, 140, 7_000));
     assert_eq!(tenant_energy(&state, "lab-b"), 3_000);
     assert_eq!(tenant_energy(&state, "lab-c"), 0);
+}
+
+#[test]
+fn node_views_show_what_the_surfaces_read() {
+    // What `/metrics` and the status page read of a node, through its
+    // view: nothing measured before the first sample; then the latest
+    // reading, live within the node's stale window and not after it.
+    let window = Duration::from_secs(30);
+    let state = new_state(TENANTS, Some(window));
+    let h = connect(&state, "a-2", 1, 2);
+    connect(&state, "z-1", 1, 1);
+    let now = Instant::now();
+    let mut visited = Vec::new();
+    state.for_each_node(|n| {
+        visited.push(n.id().to_string());
+        if n.id() != "a-2" {
+            return;
+        }
+        assert_eq!(n.tenant(), "lab-a");
+        assert_eq!(n.stale_window(), window);
+        assert!(!n.up(now));
+        assert_eq!(n.silent_for(now), None);
+        assert_eq!(n.last_sample_unix_nanos(), None);
+        assert_eq!(n.samples_accepted(), 0);
+        assert!(n.host().is_none());
+        let gpus: Vec<_> = n
+            .gpus()
+            .map(|g| (g.uuid(), g.tenant(), g.model(), g.last().is_some()))
+            .collect();
+        assert_eq!(
+            gpus,
+            vec![
+                ("a-2-gpu0", "lab-a", "H200", false),
+                ("a-2-gpu1", "lab-b", "H200", false),
+            ]
+        );
+        for g in n.gpus() {
+            assert!(!g.fresh(now));
+            assert_eq!((g.energy_millijoules(), g.counter_resets()), (0, 0));
+            assert_eq!(g.memory_total_bytes(), Some(1 << 30));
+            assert_eq!(g.power_limit_milliwatts(), Some(LIMIT_MW));
+        }
+    });
+    visited.sort();
+    assert_eq!(visited, ["a-2", "z-1"], "every node once");
+
+    let t0 = unix_nanos_now() - SEC;
+    ingest(
+        &state,
+        &h,
+        vec![
+            sample(1, t0, &[(100_000, Some(1_000)), (200_000, Some(5_000))]),
+            sample(
+                2,
+                t0 + SEC,
+                &[(100_000, Some(101_000)), (200_000, Some(205_000))],
+            ),
+        ],
+    );
+    let now = Instant::now();
+    let mut seen = 0;
+    state.for_each_node(|n| {
+        if n.id() != "a-2" {
+            return;
+        }
+        seen += 1;
+        assert!(n.up(now));
+        assert!(n.silent_for(now).is_some_and(|d| d <= window));
+        assert_eq!(n.last_sample_unix_nanos(), Some(t0 + SEC));
+        assert_eq!(n.samples_accepted(), 2);
+        let got: Vec<_> = n
+            .gpus()
+            .map(|g| {
+                let power = g.last().and_then(|r| r.power_milliwatts);
+                (g.fresh(now), power, g.energy_millijoules())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (true, Some(100_000), 100_000),
+                (true, Some(200_000), 200_000)
+            ]
+        );
+        let live = parts(|add| n.live(now, add));
+        let live: Vec<_> = live
+            .iter()
+            .map(|(t, l)| (t.as_str(), l.power_milliwatts, l.reporting, l.stale))
+            .collect();
+        assert_eq!(
+            live,
+            vec![("lab-a", 100_000, 1, 0), ("lab-b", 200_000, 1, 0)]
+        );
+        // Past the window: silent, stale, the energy kept.
+        let later = now + window + Duration::from_secs(1);
+        assert!(!n.up(later));
+        assert!(n.gpus().all(|g| !g.fresh(later)));
+        assert_eq!(
+            n.gpus().map(|g| g.energy_millijoules()).sum::<u64>(),
+            300_000
+        );
+        let stale: u64 = parts(|add| n.live(later, add))
+            .iter()
+            .map(|(_, l)| l.stale)
+            .sum();
+        assert_eq!(stale, 2);
+    });
+    assert_eq!(seen, 1);
 }

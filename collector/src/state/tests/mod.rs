@@ -112,8 +112,8 @@ fn ingest(state: &State, h: &StreamHandle, samples: Vec<NodeSample>) -> BatchOut
 }
 
 fn gpu_energy(h: &StreamHandle) -> Vec<u64> {
-    lock(&h.node)
-        .gpus
+    lock(h.node())
+        .gpus()
         .iter()
         .map(|g| g.energy_millijoules())
         .collect()
@@ -153,8 +153,8 @@ fn live(state: &State, now: Instant) -> HashMap<String, TenantLive> {
 fn assert_totals_match_gpus(state: &State) {
     let mut by_tenant: HashMap<Arc<str>, u64> = HashMap::new();
     for node in state.nodes() {
-        for g in &lock(&node).gpus {
-            *by_tenant.entry(g.tenant.clone()).or_default() += g.energy_millijoules();
+        for g in lock(&node).gpus() {
+            *by_tenant.entry(g.tenant().clone()).or_default() += g.energy_millijoules();
         }
     }
     let totals = state.totals();
@@ -210,7 +210,7 @@ proptest! {
                     "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 1\nnodes = [\"a-*\"]\n"
                 }).unwrap()),
                 _ => {
-                    let gpus = lock(&h.node).gpus.len() as u32;
+                    let gpus = lock(h.node()).gpus().len() as u32;
                     let readings: Vec<GpuReading> = (0..gpus)
                         .filter(|g| present & (1 << g) != 0)
                         .map(|g| if lost_mask & (1 << g) != 0 { lost(g) } else { reading(g, 100_000 + u64::from(g), None) })
@@ -223,11 +223,11 @@ proptest! {
                     ingest(&state, &h, vec![s]);
                 }
             }
-            let n = lock(&h.node);
+            let n = lock(h.node());
             let window = n.stale_window(None);
             let mut probes = vec![Instant::now()];
-            let times = n.gpus.iter().flat_map(|g| [g.last_receipt(), g.sampled_at]);
-            for t in times.chain([n.last_receipt, n.sampled_at]).flatten() {
+            let times = n.gpus().iter().flat_map(|g| [g.last_receipt(), g.sampled_at()]);
+            for t in times.chain([n.last_receipt(), n.sampled_at()]).flatten() {
                 probes.extend([t, t + window, t + window + Duration::from_nanos(1)]);
             }
             for now in probes {
@@ -261,9 +261,9 @@ fn a_gpu_moved_to_another_node_is_not_counted_again_where_it_was() {
     // X leaves a-1 (its agent restarts without it) and turns up on b-1,
     // where it draws 500 J.
     let a = state.hello(hello_with("a-1", 2, &["Y"])).unwrap().0;
-    assert_eq!(lock(&a.node).departed.len(), 1);
+    assert_eq!(lock(a.node()).departed().len(), 1);
     let b = state.hello(hello_with("b-1", 1, &["X"])).unwrap().0;
-    assert!(lock(&a.node).departed.is_empty(), "X now lives on b-1");
+    assert!(lock(a.node()).departed().is_empty(), "X now lives on b-1");
     ingest(&state, &b, vec![sample(1, T0 + SEC, &[(100, Some(2_000))])]);
     ingest(
         &state,
@@ -295,9 +295,9 @@ fn assert_totals_match_gpus_and_departed(state: &State) {
     for node in state.nodes() {
         let n = lock(&node);
         sum += n
-            .gpus
+            .gpus()
             .iter()
-            .chain(&n.departed)
+            .chain(n.departed())
             .map(|g| g.energy_millijoules())
             .sum::<u64>();
     }
@@ -340,13 +340,13 @@ fn a_gpu_in_two_nodes_cursors_resumes_where_it_was_heard_last() {
         let node = state
             .nodes()
             .into_iter()
-            .find(|n| &*lock(n).id == id)
+            .find(|n| &**lock(n).id() == id)
             .unwrap();
         let n = lock(&node);
         let mut v: Vec<_> = n
-            .departed
+            .departed()
             .iter()
-            .map(|g| (g.uuid.to_string(), g.meter().cursor().last_counter_mj))
+            .map(|g| (g.uuid().to_string(), g.meter().cursor().last_counter_mj))
             .collect();
         v.sort();
         v
@@ -362,7 +362,7 @@ fn a_node_with_a_gpu_left_out_of_later_samples_is_walked() {
     // Stamped now: live by their own time as well as by arrival.
     let t0 = unix_nanos_now();
     ingest(&state, &h, vec![sample(1, t0, &[(100, None), (200, None)])]);
-    assert!(lock(&h.node).live_valid);
+    assert!(lock(h.node()).live_valid());
     std::thread::sleep(Duration::from_millis(2));
     let only_first = NodeSample {
         seq: 2,
@@ -371,10 +371,10 @@ fn a_node_with_a_gpu_left_out_of_later_samples_is_walked() {
         host: None,
     };
     ingest(&state, &h, vec![only_first]);
-    let n = lock(&h.node);
-    assert!(!n.live_valid, "GPU 1's freshness differs from the node's");
+    let n = lock(h.node());
+    assert!(!n.live_valid(), "GPU 1's freshness differs from the node's");
     let gpu1_stale =
-        n.gpus[1].last_receipt().unwrap() + n.stale_window(None) + Duration::from_nanos(1);
+        n.gpus()[1].last_receipt().unwrap() + n.stale_window(None) + Duration::from_nanos(1);
     let l = parts(|add| n.live(gpu1_stale, n.stale_window(None), add));
     assert_eq!(l.len(), 1);
     assert_eq!(

@@ -58,8 +58,8 @@ fn duplicates_add_nothing_and_are_counted() {
         let per_gpu = 1_000 * (max_seq - first);
         assert_eq!(gpu_energy(&h), vec![per_gpu; 2], "{name}");
         assert_eq!(tenant_energy(&state, "lab-a"), 2 * per_gpu, "{name}");
-        assert_eq!(lock(&h.node).samples_accepted, accepted, "{name}");
-        assert_eq!(lock(&h.node).last_seq, max_seq, "{name}");
+        assert_eq!(lock(h.node()).samples_accepted(), accepted, "{name}");
+        assert_eq!(lock(h.node()).last_seq(), max_seq, "{name}");
         let c = &state.counters;
         assert_eq!(c.accepted.load(Ordering::Relaxed), accepted, "{name}");
         assert_eq!(c.duplicate.load(Ordering::Relaxed), duplicate, "{name}");
@@ -102,9 +102,9 @@ type Snapshot = (Vec<(u64, u64, u64)>, u64, u64, u64, u64);
 
 /// What a state looks like for accounting purposes.
 fn snapshot(state: &State, h: &StreamHandle) -> Snapshot {
-    let n = lock(&h.node);
+    let n = lock(h.node());
     let gpus = n
-        .gpus
+        .gpus()
         .iter()
         .map(|g| {
             (
@@ -116,7 +116,7 @@ fn snapshot(state: &State, h: &StreamHandle) -> Snapshot {
         .collect();
     (
         gpus,
-        n.samples_accepted,
+        n.samples_accepted(),
         state.counters.accepted.load(Ordering::Relaxed),
         tenant_energy(state, "lab-a"),
         tenant_energy(state, "lab-b"),
@@ -240,9 +240,9 @@ fn new_epoch_restarts_sequence_and_continues_counter() {
         vec![sample(1, T0 + 63 * SEC, &[(100_000, Some(10_000))])],
     );
     assert_eq!((out.accepted, out.duplicate), (0, 1));
-    let n = lock(&new.node);
-    assert_eq!((n.epoch, n.last_seq, n.samples_accepted), (2, 2, 5));
-    assert_eq!(n.gpus[0].counter_resets(), 0);
+    let n = lock(new.node());
+    assert_eq!((n.epoch(), n.last_seq(), n.samples_accepted()), (2, 2, 5));
+    assert_eq!(n.gpus()[0].counter_resets(), 0);
 }
 
 #[test]
@@ -306,7 +306,7 @@ fn same_epoch_hello_supersedes_and_acks_last_seq() {
         ));
         // The old stream's disconnect does not mark the node offline.
         state.disconnect(&h1);
-        assert!(lock(&h2.node).connected);
+        assert!(lock(h2.node()).connected());
         if !batch.is_empty() {
             let out = ingest(&state, &h2, batch.clone());
             assert_eq!(out.accepted, 0, "replay after takeover is a duplicate");
@@ -324,6 +324,6 @@ fn same_epoch_hello_supersedes_and_acks_last_seq() {
         );
         assert_eq!((out.accepted, out.acked_seq), (1, next));
         state.disconnect(&h2);
-        assert!(!lock(&h2.node).connected);
+        assert!(!lock(h2.node()).connected());
     }
 }
