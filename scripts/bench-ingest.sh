@@ -57,6 +57,7 @@ for nodes in $nodes_list; do
         rm -f "$work"/ledger.db*
         printf 'per_gpu_metrics = false\nper_node_metrics = false\nmax_streams = 100000\nledger_path = "%s"\n' \
             "$work/ledger.db" >"$work/collector.toml"
+        "$bin/capwatch-collector" init-ledger --config "$work/collector.toml" >/dev/null
         "$bin/capwatch-collector" --config "$work/collector.toml" \
             --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
             --log-format json 2>"$work/collector.log" &
@@ -68,6 +69,11 @@ for nodes in $nodes_list; do
             [[ -n "$grpc" ]] && break
             sleep 0.1
         done
+        if [[ -z "$grpc" ]]; then
+            echo "the collector did not start:" >&2
+            cat "$work/collector.log" >&2
+            exit 1
+        fi
         "$bin/capwatch-fleet" --collector "http://$grpc" --nodes "$nodes" \
             --interval "$interval" --nodes-per-connection "$share" \
             --samples-per-send "$per_send" --spool-capacity "$spool" \
