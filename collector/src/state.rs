@@ -299,12 +299,17 @@ impl State {
         self.fleet.set_generations(claims)
     }
 
-    /// Drops `node` from `commit` (a commit of it was fenced), takes its
-    /// energy back out of the tenant totals and ends its streams.
+    /// Drops `node` from `commit` (a commit of it was fenced) and from
+    /// the pending one (what its streams booked since `commit` was taken
+    /// is counted from the same lost cursor), takes that energy back out
+    /// of the tenant totals and ends its streams: a batch they send after
+    /// this is refused as superseded, so nothing more of the node is
+    /// booked until its next Hello claims it.
     pub fn fence_node(&self, commit: &mut Commit, node: &str) {
+        self.fleet.lose_claim(node);
         let removed = crate::billing::pending::remove_node(commit, node);
         self.billing.take_energy(&removed);
-        self.fleet.lose_claim(node);
+        self.billing.drop_node(&Arc::from(node));
     }
 
     /// Drops from a commit what `Billing::take_stale` says is stale:
@@ -345,7 +350,7 @@ impl State {
         rejected: Vec<(u64, Reject)>,
     ) -> Result<BatchOutcome, Superseded> {
         let clock = (Instant::now(), unix_nanos_now());
-        let (out, energy) = self.fleet.ingest(
+        let out = self.fleet.ingest(
             h,
             samples,
             rejected,
@@ -353,7 +358,6 @@ impl State {
             || self.tenant_history(),
             |booked: Booking, node, cursor, energy| self.billing.book(booked, node, cursor, energy),
         )?;
-        self.billing.add_energy(energy);
         let c = &self.counters;
         c.accepted
             .fetch_add(out.accepted, std::sync::atomic::Ordering::Relaxed);

@@ -63,9 +63,11 @@ impl Billing {
 
     /// Puts one node's batch into the next commit: its buckets, its
     /// cursor (replacing the one an earlier batch put there) and the
-    /// tenants' energy. Returns the number of the commit that will hold
-    /// it. Called under the node's lock, so that cursors and deltas of a
-    /// node are written in order.
+    /// tenants' energy, and adds that energy to the tenants' totals under
+    /// the same lock, so that no drop of the node's bookings (`drop_node`)
+    /// can fall between the two. Returns the number of the commit that
+    /// will hold it. Called under the node's lock, so that cursors and
+    /// deltas of a node are written in order.
     pub fn book(
         &self,
         booked: Booking,
@@ -79,6 +81,13 @@ impl Billing {
         c.nodes.insert(node.clone(), cursor);
         for (tenant, mj) in energy {
             *c.tenant_energy.entry(tenant.clone()).or_default() += mj;
+        }
+        if !energy.is_empty() {
+            let mut totals = lock(&self.totals);
+            for (tenant, mj) in energy {
+                let t = totals.entry(tenant.clone()).or_default();
+                t.energy_millijoules = t.energy_millijoules.saturating_add(*mj);
+            }
         }
         pending.id
     }
@@ -115,18 +124,6 @@ impl Billing {
             if let Some(t) = totals.get_mut(tenant) {
                 t.energy_millijoules = t.energy_millijoules.saturating_sub(*mj);
             }
-        }
-    }
-
-    /// Adds a batch's energy to the tenants' totals.
-    pub fn add_energy(&self, energy: Vec<(Arc<str>, u64)>) {
-        if energy.is_empty() {
-            return;
-        }
-        let mut totals = lock(&self.totals);
-        for (tenant, mj) in energy {
-            let t = totals.entry(tenant).or_default();
-            t.energy_millijoules = t.energy_millijoules.saturating_add(mj);
         }
     }
 

@@ -36,9 +36,8 @@ impl Fleet {
     /// acked), at `now` (`now_ns` on the wall clock). `history` is read
     /// under the node's lock; `book` puts the node's buckets, its cursor
     /// and the tenants' energy into the next commit, still under it, and
-    /// returns that commit's number. Returns the outcome and the energy
-    /// added per tenant.
-    #[allow(clippy::type_complexity)]
+    /// returns that commit's number (and adds the energy to the tenants'
+    /// totals). Returns the outcome.
     pub fn ingest<B: Book<Arc<str>> + Default>(
         &self,
         h: &StreamHandle,
@@ -47,7 +46,7 @@ impl Fleet {
         (now, now_ns): (Instant, i64),
         history: impl FnOnce() -> Arc<TenantHistory>,
         book: impl FnOnce(B, &Arc<str>, NodeCursor, &[(Arc<str>, u64)]) -> u64,
-    ) -> Result<(BatchOutcome, Vec<(Arc<str>, u64)>), Superseded> {
+    ) -> Result<BatchOutcome, Superseded> {
         let mut out = BatchOutcome::default();
         let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
         let mut booked = B::default();
@@ -163,16 +162,12 @@ impl Fleet {
             // cursors and deltas of this node are written in order. The
             // node's cursor is complete (GPUs that left it too): it
             // replaces the one an earlier batch put there.
-            // Into the next ledger commit, under the node's lock so that
-            // cursors and deltas of this node are written in order. The
-            // node's cursor is complete (GPUs that left it too): it
-            // replaces the one an earlier batch put there.
             let cursor = n.cursor();
             let id = book(booked, &node_id, cursor, &energy);
             out.commit_id = id;
             n.last_commit_id = id;
         }
         out.rejected = rejected;
-        Ok((out, energy))
+        Ok(out)
     }
 }

@@ -90,6 +90,7 @@ impl Fleet {
         n.ledger_generation = Some(claim.generation);
         n.claim_lost.store(true, Ordering::Release);
         n.claim_lost = Arc::default();
+        self.supersede(&mut n);
         n.summarize();
         true
     }
@@ -103,5 +104,15 @@ impl Fleet {
         let mut n = lock(&node);
         n.ledger_generation = None;
         n.claim_lost.store(true, Ordering::Release);
+        self.supersede(&mut n);
+    }
+
+    /// Takes the node from the streams admitted under the lost claim,
+    /// under its lock: a batch of theirs that passed the `claim_lost`
+    /// check before the claim was lost is refused as superseded here,
+    /// so it books nothing and moves no sequence number.
+    fn supersede(&self, n: &mut Node) {
+        n.generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
+        n.connected = false;
     }
 }

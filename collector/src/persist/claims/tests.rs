@@ -356,3 +356,102 @@ fn bookings_the_committer_holds_from_an_older_generation_are_not_written() {
     assert_eq!(site.node_energy("n1"), 19 * MJ_PER_S, "seconds 11-15 once");
     assert_eq!(site.cursor("n1").unwrap().last_seq, 20);
 }
+
+/// Invariant (fencing): once a Hello claims a node back at a new
+/// generation, a batch of a stream admitted under the old claim (one that
+/// passed its `claim_lost` check just before) is refused as superseded
+/// under the node's lock: it books nothing and moves no sequence number,
+/// so the next Welcome acks only what the ledger holds.
+#[test]
+fn a_stream_of_the_old_claim_books_nothing_after_its_node_is_claimed_back() {
+    let site = Site::new();
+    let (old, _) = site.hello("n1");
+    site.send(&old, 1..=5);
+    site.commit();
+    // Another holder takes n1; then a Hello here claims it back at
+    // generation 3 and the fleet adopts the ledger's cursor...
+    sync::lock(&site.writer).claim("collector-b", "n1").unwrap();
+    site.claims
+        .claim_node("n1", &mut |c| {
+            assert!(site.state.adopt_claim("n1", c));
+        })
+        .unwrap();
+    // ...and before that Hello is admitted, a batch of the old stream
+    // (past its `claim_lost` check already) reaches the node.
+    let late: Vec<NodeSample> = (6..=8)
+        .map(|seq| NodeSample {
+            seq,
+            timestamp_unix_nanos: site.ts(seq),
+            gpus: vec![GpuReading {
+                index: 0,
+                power_milliwatts: Some(500_000),
+                energy_millijoules: Some(COUNTER0 + MJ_PER_S * seq),
+                ..GpuReading::default()
+            }],
+            host: None,
+        })
+        .collect();
+    assert!(
+        site.state.ingest(&old, late, Vec::new()).is_err(),
+        "a stream of the old claim is superseded"
+    );
+    // The Hello is admitted (same generation now: nothing adopted again)
+    // and acks what the ledger holds.
+    let (_new, acked) = site.hello("n1");
+    assert_eq!(acked, 5, "the old stream moved no sequence number");
+    site.commit();
+    assert_eq!(site.node_energy("n1"), 4 * MJ_PER_S);
+}
+
+/// A fenced node is fenced once: what its streams booked after the
+/// committer took the fenced commit leaves the pending one too, and a
+/// batch they send after the fence is refused, so the next commit does
+/// not name the node again.
+#[test]
+fn a_fenced_node_is_fenced_once_and_its_streams_book_nothing_more() {
+    let site = Site::new();
+    let (h1, _) = site.hello("n1");
+    let (h2, _) = site.hello("n2");
+    site.send(&h1, 1..=5);
+    site.send(&h2, 1..=5);
+    site.commit();
+    site.send(&h1, 6..=8);
+    // The committer takes 6-8; n1 books 9-10 meanwhile; the write is
+    // fenced for n1 (another holder claimed it).
+    let (_, mut taken) = site.state.take_pending();
+    site.send(&h1, 9..=10);
+    sync::lock(&site.writer).claim("collector-b", "n1").unwrap();
+    site.state.fence_node(&mut taken, "n1");
+    assert!(!taken.nodes.contains_key("n1"));
+    assert!(h1.claim_lost());
+    let after: Vec<NodeSample> = vec![NodeSample {
+        seq: 11,
+        timestamp_unix_nanos: site.ts(11),
+        gpus: vec![GpuReading {
+            index: 0,
+            power_milliwatts: Some(500_000),
+            energy_millijoules: Some(COUNTER0 + MJ_PER_S * 11),
+            ..GpuReading::default()
+        }],
+        host: None,
+    }];
+    assert!(site.state.ingest(&h1, after, Vec::new()).is_err());
+    site.send(&h2, 6..=8);
+    // The next commit holds n2 only: no second fence.
+    site.commit();
+    assert_eq!(
+        site.state
+            .counters
+            .nodes_fenced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "n1 is not in the next commit"
+    );
+    assert_eq!(site.node_energy("n1"), 4 * MJ_PER_S);
+    assert_eq!(site.node_energy("n2"), 7 * MJ_PER_S);
+    // The live total is what this collector committed.
+    assert_eq!(
+        site.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules,
+        11 * MJ_PER_S
+    );
+}
