@@ -179,6 +179,7 @@ pub fn check_hello(hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, HelloE
 /// limit of GPU `i` as the node knows it by `limit_of(i)`) and the
 /// timestamps a sample may carry now: after `oldest_timestamp` (and the
 /// Unix epoch), at most `latest_timestamp`.
+#[inline]
 pub fn check_sample(
     s: &NodeSample,
     gpus: usize,

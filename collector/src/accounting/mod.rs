@@ -171,6 +171,7 @@ impl Meter {
     /// Folds one accepted reading in, `limit` being the GPU's power limit
     /// now (mW; 3 kW is assumed when unknown); returns the energy it adds
     /// (mJ) and the interval it covers.
+    #[inline]
     pub fn apply(&mut self, r: &GpuReading, limit: Option<u64>, t: &Tick) -> Applied {
         let timestamp = t.timestamp_ns;
         let prev_receipt = self.last_receipt.replace(t.now);

@@ -54,6 +54,7 @@ impl Booking {
 }
 
 impl Book<Arc<str>> for Booking {
+    #[inline]
     fn add(&mut self, tenant: &Arc<str>, minute: i64, f: &MinuteFigures) {
         let d = self.bucket(tenant, minute);
         d.energy_mj += f.energy_mj;
