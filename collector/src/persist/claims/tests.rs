@@ -89,21 +89,73 @@ impl Site {
         (self.t0 + seq as i64) * 1_000_000_000
     }
 
+    /// Samples `seqs` of a GPU whose counter moves `MJ_PER_S` a second.
+    fn samples(&self, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
+        seqs.map(|seq| NodeSample {
+            seq,
+            timestamp_unix_nanos: self.ts(seq),
+            gpus: vec![GpuReading {
+                index: 0,
+                power_milliwatts: Some(500_000),
+                energy_millijoules: Some(COUNTER0 + MJ_PER_S * seq),
+                ..GpuReading::default()
+            }],
+            host: None,
+        })
+        .collect()
+    }
+
     fn send(&self, h: &StreamHandle, seqs: std::ops::RangeInclusive<u64>) {
-        let samples = seqs
-            .map(|seq| NodeSample {
-                seq,
-                timestamp_unix_nanos: self.ts(seq),
-                gpus: vec![GpuReading {
-                    index: 0,
-                    power_milliwatts: Some(500_000),
-                    energy_millijoules: Some(COUNTER0 + MJ_PER_S * seq),
-                    ..GpuReading::default()
-                }],
-                host: None,
-            })
-            .collect();
-        self.state.ingest(h, samples, Vec::new()).unwrap();
+        self.state
+            .ingest(h, self.samples(seqs), Vec::new())
+            .unwrap();
+    }
+
+    /// Another collector, `collector-b`, claims n1 and commits its seconds
+    /// `seqs` (all in one minute), from the cursor this collector left at
+    /// the second before them. Returns the generation of its claim.
+    fn other_holder_commits_n1(&self, seqs: std::ops::RangeInclusive<u64>) -> u64 {
+        let (from, to) = (*seqs.start(), *seqs.end());
+        let minute = self.ts(to).div_euclid(60_000_000_000) * 60;
+        assert_eq!(
+            minute,
+            self.ts(from).div_euclid(60_000_000_000) * 60,
+            "seconds {from}-{to} in one minute"
+        );
+        let mut w = sync::lock(&self.writer);
+        let generation = w.claim("collector-b", "n1").unwrap().generation;
+        let node: Arc<str> = Arc::from("n1");
+        let tenant: Arc<str> = Arc::from("unassigned");
+        let mut c = Commit::default();
+        c.nodes.insert(
+            node.clone(),
+            NodeCursor {
+                epoch: 1,
+                last_seq: to,
+                gpus: vec![(
+                    Arc::from("GPU-n1"),
+                    GpuCursor {
+                        last_counter_mj: Some(COUNTER0 + MJ_PER_S * to),
+                        last_timestamp_ns: Some(self.ts(to)),
+                        remainder_mw_ns: 0,
+                        energy_mj: (to - 1) * MJ_PER_S,
+                        counter_resets: 0,
+                    },
+                )],
+            },
+        );
+        let seconds = to - from + 1;
+        c.buckets.insert(
+            (tenant.clone(), node, minute),
+            BucketDelta {
+                energy_mj: seconds * MJ_PER_S,
+                samples: seconds,
+                ..BucketDelta::default()
+            },
+        );
+        c.tenant_energy.insert(tenant, seconds * MJ_PER_S);
+        w.commit_as("collector-b", &c, sync::now_unix(), 0).unwrap();
+        generation
     }
 
     /// One commit; panics if it is handed back as failed.
@@ -165,47 +217,7 @@ fn a_fenced_node_is_dropped_from_the_commit_and_claimed_back_from_the_ledger_cur
     site.send(&h2, 11..=15);
     // ...while another collector claims n1 and commits seconds 11-12,
     // which the agent sent it meanwhile.
-    {
-        let mut w = sync::lock(&site.writer);
-        let theirs = w.claim("collector-b", "n1").unwrap();
-        assert_eq!(theirs.generation, 2);
-        let node: Arc<str> = Arc::from("n1");
-        let tenant: Arc<str> = Arc::from("unassigned");
-        let mut c = Commit::default();
-        c.nodes.insert(
-            node.clone(),
-            NodeCursor {
-                epoch: 1,
-                last_seq: 12,
-                gpus: vec![(
-                    Arc::from("GPU-n1"),
-                    GpuCursor {
-                        last_counter_mj: Some(COUNTER0 + MJ_PER_S * 12),
-                        last_timestamp_ns: Some(site.ts(12)),
-                        remainder_mw_ns: 0,
-                        energy_mj: 11 * MJ_PER_S,
-                        counter_resets: 0,
-                    },
-                )],
-            },
-        );
-        let minute = site.ts(12).div_euclid(60_000_000_000) * 60;
-        assert_eq!(
-            minute,
-            site.ts(11).div_euclid(60_000_000_000) * 60,
-            "seconds 10-12 in one minute"
-        );
-        c.buckets.insert(
-            (tenant.clone(), node, minute),
-            BucketDelta {
-                energy_mj: 2 * MJ_PER_S,
-                samples: 2,
-                ..BucketDelta::default()
-            },
-        );
-        c.tenant_energy.insert(tenant, 2 * MJ_PER_S);
-        w.commit_as("collector-b", &c, sync::now_unix(), 0).unwrap();
-    }
+    assert_eq!(site.other_holder_commits_n1(11..=12), 2);
 
     // This collector's next commit is fenced for n1: nothing of n1 from
     // it is written, n2 commits, n1's stream ends; readiness stays.
@@ -306,40 +318,7 @@ fn bookings_the_committer_holds_from_an_older_generation_are_not_written() {
     let held = site.state.take_pending();
     // Another holder claims n1 and commits 11-15 itself; then the agent
     // comes back here.
-    {
-        let mut w = sync::lock(&site.writer);
-        w.claim("collector-b", "n1").unwrap();
-        let mut c = Commit::default();
-        c.nodes.insert(
-            Arc::from("n1"),
-            NodeCursor {
-                epoch: 1,
-                last_seq: 15,
-                gpus: vec![(
-                    Arc::from("GPU-n1"),
-                    GpuCursor {
-                        last_counter_mj: Some(COUNTER0 + MJ_PER_S * 15),
-                        last_timestamp_ns: Some(site.ts(15)),
-                        remainder_mw_ns: 0,
-                        energy_mj: 14 * MJ_PER_S,
-                        counter_resets: 0,
-                    },
-                )],
-            },
-        );
-        let minute = site.ts(15).div_euclid(60_000_000_000) * 60;
-        c.buckets.insert(
-            (Arc::from("unassigned"), Arc::from("n1"), minute),
-            BucketDelta {
-                energy_mj: 5 * MJ_PER_S,
-                samples: 5,
-                ..BucketDelta::default()
-            },
-        );
-        c.tenant_energy
-            .insert(Arc::from("unassigned"), 5 * MJ_PER_S);
-        w.commit_as("collector-b", &c, sync::now_unix(), 0).unwrap();
-    }
+    site.other_holder_commits_n1(11..=15);
     let (h, acked) = site.hello("n1");
     assert_eq!(acked, 15);
     site.send(&h, 16..=20);
@@ -378,21 +357,10 @@ fn a_stream_of_the_old_claim_books_nothing_after_its_node_is_claimed_back() {
         .unwrap();
     // ...and before that Hello is admitted, a batch of the old stream
     // (past its `claim_lost` check already) reaches the node.
-    let late: Vec<NodeSample> = (6..=8)
-        .map(|seq| NodeSample {
-            seq,
-            timestamp_unix_nanos: site.ts(seq),
-            gpus: vec![GpuReading {
-                index: 0,
-                power_milliwatts: Some(500_000),
-                energy_millijoules: Some(COUNTER0 + MJ_PER_S * seq),
-                ..GpuReading::default()
-            }],
-            host: None,
-        })
-        .collect();
     assert!(
-        site.state.ingest(&old, late, Vec::new()).is_err(),
+        site.state
+            .ingest(&old, site.samples(6..=8), Vec::new())
+            .is_err(),
         "a stream of the old claim is superseded"
     );
     // The Hello is admitted (same generation now: nothing adopted again)
@@ -424,18 +392,11 @@ fn a_fenced_node_is_fenced_once_and_its_streams_book_nothing_more() {
     site.state.fence_node(&mut taken, "n1");
     assert!(!taken.nodes.contains_key("n1"));
     assert!(h1.claim_lost());
-    let after: Vec<NodeSample> = vec![NodeSample {
-        seq: 11,
-        timestamp_unix_nanos: site.ts(11),
-        gpus: vec![GpuReading {
-            index: 0,
-            power_milliwatts: Some(500_000),
-            energy_millijoules: Some(COUNTER0 + MJ_PER_S * 11),
-            ..GpuReading::default()
-        }],
-        host: None,
-    }];
-    assert!(site.state.ingest(&h1, after, Vec::new()).is_err());
+    assert!(
+        site.state
+            .ingest(&h1, site.samples(11..=11), Vec::new())
+            .is_err()
+    );
     site.send(&h2, 6..=8);
     // The next commit holds n2 only: no second fence.
     site.commit();
