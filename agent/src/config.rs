@@ -131,22 +131,7 @@ impl Default for MockSettings {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error(transparent)]
-    File(#[from] capwatch_common::files::FileError),
-    #[error(transparent)]
-    Env(#[from] capwatch_common::settings::EnvError),
-    #[error("printing the configuration as TOML: {0}")]
-    Print(#[from] toml::ser::Error),
-}
-
-impl ConfigError {
-    /// A setting whose value is not allowed.
-    pub fn invalid(setting: &'static str, reason: impl Into<String>) -> Self {
-        capwatch_common::files::FileError::invalid(setting, reason).into()
-    }
-}
+pub use capwatch_common::settings::ConfigError;
 
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {

@@ -91,18 +91,36 @@ impl std::fmt::Display for EnvError {
 
 impl std::error::Error for EnvError {}
 
+/// Why a binary's config could not be loaded, checked or printed: the
+/// error of both `Config`s.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
+    #[error(transparent)]
+    Env(#[from] EnvError),
+    #[error("printing the configuration as TOML: {0}")]
+    Print(#[from] toml::ser::Error),
+}
+
+impl ConfigError {
+    /// A setting whose value is not allowed.
+    pub fn invalid(setting: &'static str, reason: impl Into<String>) -> Self {
+        crate::files::FileError::invalid(setting, reason).into()
+    }
+}
+
 /// A config: the file at `path` (defaults without one), then each
 /// setting of `vars` whose variable `lookup` finds (`std::env::var_os` in
 /// the binaries). The file is parsed into `T` first, for errors that point
 /// into it.
-pub fn load<T, E>(
+pub fn load<T>(
     path: Option<&std::path::Path>,
     vars: &[(String, String)],
     lookup: impl Fn(&str) -> Option<OsString>,
-) -> Result<T, E>
+) -> Result<T, ConfigError>
 where
     T: Serialize + DeserializeOwned + Default,
-    E: From<crate::files::FileError> + From<EnvError>,
 {
     use crate::files::{FileError, parse_toml, read_text};
     let mut table = match path {
