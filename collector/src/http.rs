@@ -21,8 +21,9 @@ use tracing::error;
 use crate::auth::{self, Scope};
 use crate::events::{AuthReason, AuthRefused, Surface};
 use crate::ledger::{DAY, LedgerError, Reader};
-use crate::state::{State, lock};
+use crate::state::State;
 use crate::status::{StaleNode, StatusView, TenantRow};
+use crate::sync::lock;
 use crate::tenants::TenantHistory;
 use crate::usage::{self, Format, QueryError, UsageError};
 
@@ -165,7 +166,7 @@ async fn status_view(s: &HttpState) -> StatusView {
     });
     stale_nodes.sort_by(|a, b| a.id.cmp(&b.id));
 
-    let today = usage::now_unix().div_euclid(DAY) * DAY;
+    let today = crate::sync::now_unix().div_euclid(DAY) * DAY;
     let (energy_today, ledger_error) = energy_between(s, today, today + DAY).await;
 
     let rows: Vec<TenantRow> = tenants

@@ -23,7 +23,8 @@ use crate::auth;
 use crate::edge::{self, HelloError, Reject};
 use crate::events::{AuthReason, AuthRefused, StreamRefusal, StreamRefused, Surface};
 use crate::persist::claims::NodeClaims;
-use crate::state::{State, StreamHandle, Superseded, lock};
+use crate::state::{State, StreamHandle, Superseded};
+use crate::sync::lock;
 
 pub struct IngestService {
     pub state: Arc<State>,

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::state::lock;
+use crate::sync::lock;
 
 /// Most distinct rendered bodies alive at once.
 pub const BODIES_HELD: usize = 4;

@@ -31,6 +31,7 @@ use crate::edge::{NodeSample, Reject};
 use crate::events::{ClaimReason, GpuClaimRefused, SampleRejected};
 use crate::fleet::Fleet;
 use crate::ledger::{Claim, Commit, Snapshot};
+use crate::sync::unix_nanos_now;
 use crate::tenants::{TenantHistory, Tenants};
 
 pub use crate::billing::TenantTotals;
@@ -44,7 +45,6 @@ pub use crate::fleet::{
     BatchOutcome, FleetConfig as StateConfig, GpuView, NodeView, StreamHandle, Superseded,
     TenantLive,
 };
-pub(crate) use crate::sync::{lock, unix_nanos_now};
 
 pub struct State {
     /// The tenant file's versions over time and the one in force now.

@@ -9,7 +9,8 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::Config;
-use crate::state::{self, State};
+use crate::state::State;
+use crate::sync;
 use crate::tenants::Tenants;
 use crate::{events, ledger};
 
@@ -47,7 +48,7 @@ async fn record_and_reload(
         info!(task = "reloader", "tenant file unchanged");
         return;
     }
-    let now = state::unix_nanos_now();
+    let now = sync::unix_nanos_now();
     let version = ledger::TenantVersion {
         effective_from_ns: t.effective_from_ns().unwrap_or(now),
         loaded_at_ns: now,
@@ -56,7 +57,7 @@ async fn record_and_reload(
     let from = version.effective_from_ns;
     let ledger = ledger.clone();
     let recorded =
-        tokio::task::spawn_blocking(move || state::lock(&ledger).add_tenant_version(&version))
+        tokio::task::spawn_blocking(move || sync::lock(&ledger).add_tenant_version(&version))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()));

@@ -50,9 +50,6 @@ pub struct TenantVersion {
     pub file: String,
 }
 
-/// The minute split and the contract arithmetic live in `accounting`.
-pub use crate::accounting::{over_contract, split_by_minute};
-
 /// Rollup periods, in seconds.
 pub const HOUR: i64 = 3600;
 pub const DAY: i64 = 86_400;

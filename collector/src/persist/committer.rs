@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use crate::ledger::{self, LedgerError, LedgerWriter};
-use crate::state::{self, State};
+use crate::state::State;
 use crate::sync;
 use crate::tenants::{self, Tenants};
 
@@ -77,7 +77,7 @@ pub fn resume_tenant_history<W: LedgerWriter + ?Sized>(
     let history = match history {
         Some(h) if unchanged => h,
         history => {
-            let now = state::unix_nanos_now();
+            let now = sync::unix_nanos_now();
             let from = current.effective_from_ns().unwrap_or(now);
             ledger.add_tenant_version(&ledger::TenantVersion {
                 effective_from_ns: from,
@@ -205,7 +205,7 @@ pub fn commit_once<W: LedgerWriter>(
     }
     let started = std::time::Instant::now();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut l = state::lock(ledger);
+        let mut l = sync::lock(ledger);
         // Under the ledger's lock, which a claim at a Hello holds while it
         // drops a node's stale bookings: none of them is written after it.
         state.drop_stale(earlier.as_mut(), id, &mut commit);
@@ -291,7 +291,7 @@ mod tests {
     /// 700 W limit), and a fresh ledger at `path`.
     fn node_and_ledger(
         path: &std::path::Path,
-    ) -> (State, state::StreamHandle, Mutex<ledger::Ledger>) {
+    ) -> (State, crate::state::StreamHandle, Mutex<ledger::Ledger>) {
         let ledger = Mutex::new(ledger::Ledger::create(path).unwrap());
         let state = State::new(
             StateConfig {
@@ -391,7 +391,7 @@ mod tests {
             ]
         );
         // Rows plus adjustments are the energy counted, to the millijoule.
-        let l = state::lock(&ledger);
+        let l = sync::lock(&ledger);
         assert_eq!(l.bucket_totals("unassigned").unwrap().energy_mj, 79 * 500);
         assert_eq!(
             l.load().unwrap().tenant_energy,

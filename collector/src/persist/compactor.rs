@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::ledger::{self, LedgerError, LedgerWriter};
-use crate::state::{self, State};
+use crate::state::State;
 use crate::sync;
 
 /// How long the compaction lease is taken for: three rounds, renewed at
@@ -66,7 +66,7 @@ pub async fn compact_loop<W: LedgerWriter + 'static>(
         let (ledger, holder) = (ledger.clone(), holder.clone());
         let contracts = state.tenant_history();
         let result = tokio::task::spawn_blocking(move || {
-            let mut l = state::lock(&ledger);
+            let mut l = sync::lock(&ledger);
             let lease = l.acquire_compaction(&holder, now, LEASE_TTL)?;
             l.compact_under(&lease, now, &policy, &contracts)
         })

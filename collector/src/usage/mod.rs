@@ -26,7 +26,7 @@ use std::time::Duration;
 use crate::ledger::{LedgerError, Reader};
 use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
-pub use periods::{Query, Step, Zone, now_unix, rfc3339};
+pub use periods::{Query, Step, Zone, rfc3339};
 pub use render::{Format, csv, table};
 pub use report::{AdjustmentRow, Report, Row, report};
 

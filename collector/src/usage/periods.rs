@@ -284,5 +284,3 @@ impl Query {
 pub fn rfc3339(unix: i64) -> String {
     Zone::utc().format(unix.max(0))
 }
-
-pub use crate::sync::now_unix;

@@ -4,9 +4,8 @@
 use rusqlite::params;
 
 use super::{BUCKET_COLUMNS, Ledger, i64_of, kept_from, sqlite_err, u64_of};
-use crate::ledger::{
-    Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE, over_contract,
-};
+use crate::accounting::over_contract;
+use crate::ledger::{Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE};
 use crate::tenants::TenantHistory;
 
 /// Most hours one compaction rolls up, so that a long backlog (the first

@@ -11,7 +11,8 @@ use super::{
     BUCKET_COLUMNS, LOCAL_HOLDER, Ledger, bucket_from_row, bucket_sums, i64_of, sqlite_err, u64_of,
     watermark,
 };
-use crate::ledger::{BucketDelta, Commit, Committed, HOUR, LedgerError, MINUTE, over_contract};
+use crate::accounting::over_contract;
+use crate::ledger::{BucketDelta, Commit, Committed, HOUR, LedgerError, MINUTE};
 
 impl Ledger {
     /// Writes `c` in one transaction, booked now, leaving the watermark

@@ -9,6 +9,7 @@ use crate::accounting::NANOS_PER_SECOND;
 use crate::edge::{GpuReading, NodeSample, Reject};
 use crate::events::ClaimReason;
 use crate::ledger::{BucketDelta, GpuCursor, NodeCursor};
+use crate::sync::lock;
 use crate::tenants::UNASSIGNED;
 use proptest::prelude::*;
 use proptest::sample::Index;
