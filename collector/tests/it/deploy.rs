@@ -100,12 +100,14 @@ fn promtool_checks_the_config_and_rules_and_runs_the_rule_unit_tests() {
             .arg("config")
             .arg(d.join("prometheus.yml")),
     );
+    let rules = std::fs::read_to_string(d.join("rules/capwatch.rules.yml")).unwrap();
     let out = run_ok(
         Command::new(&promtool)
             .args(["check", "rules"])
             .arg(d.join("rules/capwatch.rules.yml")),
     );
-    assert!(output_text(&out).contains("16 rules found"));
+    let found = format!("{} rules found", rule_count(&rules));
+    assert!(output_text(&out).contains(&found), "not {found}");
     run_ok(
         Command::new(&promtool)
             .args(["test", "rules"])
@@ -113,7 +115,6 @@ fn promtool_checks_the_config_and_rules_and_runs_the_rule_unit_tests() {
     );
 
     // Every alert has a unit test that expects it to fire.
-    let rules = std::fs::read_to_string(d.join("rules/capwatch.rules.yml")).unwrap();
     let tests = std::fs::read_to_string(d.join("tests/capwatch.rules.test.yml")).unwrap();
     for (alert, _) in rule_exprs(&rules, "- alert: ") {
         let fired = tests.split("- alertname: ").skip(1).any(|t| {
@@ -160,7 +161,10 @@ fn the_prometheusrule_carries_the_same_rules() {
             .arg(&groups),
     );
     let out = run_ok(Command::new(promtool).args(["check", "rules"]).arg(&groups));
-    assert!(output_text(&out).contains("16 rules found"));
+    let rules =
+        std::fs::read_to_string(repo().join("deploy/prometheus/rules/capwatch.rules.yml")).unwrap();
+    let found = format!("{} rules found", rule_count(&rules));
+    assert!(output_text(&out).contains(&found), "not {found}");
 }
 
 #[test]
@@ -264,6 +268,11 @@ fn systemd_units_verify_and_are_hardened() {
 fn replace_once(text: &str, from: &str, to: &str) -> String {
     assert_eq!(text.matches(from).count(), 1, "{from:?} in {text}");
     text.replace(from, to)
+}
+
+/// How many recording and alerting rules the rule file holds.
+fn rule_count(rules: &str) -> usize {
+    rule_exprs(rules, "- record: ").len() + rule_exprs(rules, "- alert: ").len()
 }
 
 /// (name, expr) of every rule whose line starts with `marker` (`- record: `
@@ -590,7 +599,7 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
         .iter()
         .flat_map(|g| g["rules"].as_array().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 16, "rules loaded");
+    assert_eq!(loaded.len(), rule_count(&rules), "rules loaded");
 
     // Drive the failure alerts: a rejected sample once Prometheus holds
     // the counter at 0, and a broken tenant file on SIGHUP.
@@ -615,9 +624,12 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
     let alerts = rule_exprs(&rules, "- alert: ");
     let not_driven = [
         "CapwatchLedgerCommitsFailing",
+        "CapwatchLedgerUnreachable",
+        "CapwatchStreamsShed",
         "CapwatchNodesFenced",
         "CapwatchLedgerChanged",
         "CapwatchCollectorDown",
+        "CapwatchNoCollectorReady",
     ];
     for (name, expr) in &alerts {
         if not_driven.contains(&name.as_str()) {
@@ -666,11 +678,10 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
         }
     }
 
-    // The collector stops: CollectorDown's expression holds.
+    // The collector stops: it is down, and no collector is ready.
     collector.stop();
-    let (_, down) = alerts
-        .iter()
-        .find(|(n, _)| n == "CapwatchCollectorDown")
-        .unwrap();
-    prom.has_data("CapwatchCollectorDown", down);
+    for name in ["CapwatchCollectorDown", "CapwatchNoCollectorReady"] {
+        let (_, expr) = alerts.iter().find(|(n, _)| n == name).unwrap();
+        prom.has_data(name, expr);
+    }
 }
