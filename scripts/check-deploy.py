@@ -4,9 +4,11 @@
 Run with the virtual environment that scripts/install-test-tools.sh makes
 (target/deploy-venv/bin/python); collector/tests/it/deploy.rs calls it.
 
-  check-deploy.py kubernetes             render the kustomizations, validate
-                                         every object against the Kubernetes
-                                         schemas (strict), cross-check names
+  check-deploy.py kubernetes             render the kustomizations (the one
+                                         collector and the several-collector
+                                         layout), validate every object
+                                         against the Kubernetes schemas
+                                         (strict), cross-check names
   check-deploy.py prometheusrule OUT     the PrometheusRule's groups equal the
                                          rule file's; writes them to OUT for
                                          promtool check rules
@@ -18,6 +20,7 @@ Exits non-zero with a message naming the problem.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,38 +94,19 @@ def render_subset(directory):
     return objs
 
 
-def check_kubernetes():
-    import kubernetes_validate
-    from kubernetes_validate.utils import ValidationError
-
-    base = render(K8S)
-    operator = render(os.path.join(K8S, "prometheus-operator"))
-    ledger_init = render(os.path.join(K8S, "ledger-init"))
-    validated = 0
-    for o in base + operator + ledger_init:
-        name = f'{o["kind"]}/{o["metadata"]["name"]}'
-        if o["apiVersion"].startswith(CRD_GROUPS):
-            print(f"skip schema of {name}: a Prometheus Operator CRD (checked below and by promtool)")
-            continue
-        try:
-            kubernetes_validate.validate(o, K8S_VERSION, strict=True)
-            validated += 1
-            print(f"valid {name} (Kubernetes {K8S_VERSION}, strict)")
-        except ValidationError as e:
-            fail(f"{name}: {e.message} at {'.'.join(str(p) for p in e.path)}")
-    if any(o["apiVersion"].startswith(CRD_GROUPS) for o in base):
-        fail("deploy/kubernetes holds Prometheus Operator objects: it would not apply without the CRDs")
-
+def index(objs):
     by_kind = {}
-    for o in base + operator + ledger_init:
+    for o in objs:
         by_kind.setdefault(o["kind"], {})[o["metadata"]["name"]] = o
-    for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PersistentVolumeClaim",
-                 "ServiceMonitor", "PrometheusRule"):
-        if kind not in by_kind:
-            fail(f"no {kind} rendered")
-    for o in base + operator + ledger_init:
+    return by_kind
+
+
+def check_workloads(where, objs):
+    """Checks every layout's objects must pass; returns them by kind."""
+    by_kind = index(objs)
+    for o in objs:
         if o["kind"] != "Namespace" and o["metadata"].get("namespace") != "capwatch":
-            fail(f'{o["kind"]}/{o["metadata"]["name"]} is not in namespace capwatch')
+            fail(f'{where}: {o["kind"]}/{o["metadata"]["name"]} is not in namespace capwatch')
 
     # Workloads: volumes name objects that exist; the agent runs on GPU
     # nodes only, with the NVIDIA runtime and small requests.
@@ -131,45 +115,203 @@ def check_kubernetes():
             spec = o["spec"]["template"]["spec"]
             for v in spec.get("volumes", []):
                 if "configMap" in v and v["configMap"]["name"] not in by_kind.get("ConfigMap", {}):
-                    fail(f'{kind}/{name}: no ConfigMap {v["configMap"]["name"]}')
+                    fail(f'{where}: {kind}/{name}: no ConfigMap {v["configMap"]["name"]}')
                 if "persistentVolumeClaim" in v:
                     claim = v["persistentVolumeClaim"]["claimName"]
                     if claim not in by_kind.get("PersistentVolumeClaim", {}):
-                        fail(f"{kind}/{name}: no PersistentVolumeClaim {claim}")
+                        fail(f"{where}: {kind}/{name}: no PersistentVolumeClaim {claim}")
             for c in spec["containers"]:
                 if not c.get("resources", {}).get("requests"):
-                    fail(f"{kind}/{name}: container {c['name']} has no resource requests")
+                    fail(f"{where}: {kind}/{name}: container {c['name']} has no resource requests")
                 if c.get("securityContext", {}).get("allowPrivilegeEscalation") is not False:
-                    fail(f"{kind}/{name}: container {c['name']} may escalate privileges")
+                    fail(f"{where}: {kind}/{name}: container {c['name']} may escalate privileges")
             if not spec.get("securityContext", {}).get("runAsNonRoot"):
-                fail(f"{kind}/{name}: not runAsNonRoot")
+                fail(f"{where}: {kind}/{name}: not runAsNonRoot")
     agent = by_kind.get("DaemonSet", {}).get("capwatch-agent")
     if agent:
         spec = agent["spec"]["template"]["spec"]
         if spec.get("runtimeClassName") != "nvidia":
-            fail("agent DaemonSet: runtimeClassName is not nvidia")
+            fail(f"{where}: agent DaemonSet: runtimeClassName is not nvidia")
         if spec.get("nodeSelector", {}).get("nvidia.com/gpu.present") != "true":
-            fail("agent DaemonSet: not restricted to GPU nodes (nodeSelector nvidia.com/gpu.present)")
+            fail(f"{where}: agent DaemonSet: not restricted to GPU nodes (nodeSelector nvidia.com/gpu.present)")
 
-    # Services select pods that exist; the ServiceMonitor selects the
-    # Service and names one of its ports.
+    # Services select pods that exist.
     pods = [o["spec"]["template"]["metadata"]["labels"] for k in ("DaemonSet", "Deployment")
             for o in by_kind.get(k, {}).values()]
     for name, svc in by_kind.get("Service", {}).items():
         sel = svc["spec"]["selector"]
         if not any(all(p.get(k) == v for k, v in sel.items()) for p in pods):
-            fail(f"Service/{name} selects no pod template")
-    for name, sm in by_kind.get("ServiceMonitor", {}).items():
+            fail(f"{where}: Service/{name} selects no pod template")
+    return by_kind
+
+
+def check_service_monitor(where, operator, by_kind):
+    """The ServiceMonitor selects a Service of the layout and names one of its ports."""
+    for name, sm in index(operator).get("ServiceMonitor", {}).items():
         want = sm["spec"]["selector"]["matchLabels"]
         svcs = [s for s in by_kind.get("Service", {}).values()
                 if all(s["metadata"].get("labels", {}).get(k) == v for k, v in want.items())]
-        if not svcs:
-            fail(f"ServiceMonitor/{name} selects no Service")
+        if len(svcs) != 1:
+            fail(f"{where}: ServiceMonitor/{name} selects {len(svcs)} Services, not one "
+                 "(two would scrape every collector twice)")
         for ep in sm["spec"]["endpoints"]:
             if not any(ep["port"] in [p["name"] for p in s["spec"]["ports"]] for s in svcs):
-                fail(f'ServiceMonitor/{name}: no Service port named {ep["port"]}')
+                fail(f'{where}: ServiceMonitor/{name}: no Service port named {ep["port"]}')
+
+
+def without_generated_names(o):
+    """`o` with the content hash of generated ConfigMap names dropped."""
+    text = json.dumps(o, sort_keys=True)
+    for name in ("capwatch-agent-config", "capwatch-collector-config"):
+        text = re.sub(name + r"-[a-z0-9]{10}", name, text)
+    return json.loads(text)
+
+
+def read_toml(path):
+    import tomllib
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+def check_ha(base, ha, ledger_init):
+    """deploy/kubernetes/ha: several collectors on an external PostgreSQL."""
+    where = "ha"
+    b = index(base)
+    h = index(ha)
+    # What it shares with the single-collector layout stays the same.
+    for kind, name in (("Namespace", "capwatch"), ("DaemonSet", "capwatch-agent")):
+        if without_generated_names(h.get(kind, {}).get(name)) != without_generated_names(b.get(kind, {}).get(name)):
+            fail(f"{where}: {kind}/{name} differs from deploy/kubernetes (copy it over)")
+    for f in ("namespace.yaml", "agent-daemonset.yaml", "config/tenants.toml"):
+        with open(os.path.join(K8S, f)) as one, open(os.path.join(K8S, "ha", f)) as other:
+            if one.read() != other.read():
+                fail(f"{where}: {f} differs from deploy/kubernetes/{f}")
+    if "PersistentVolumeClaim" in h:
+        fail(f"{where}: a PersistentVolumeClaim: the collectors keep no state of their own")
+
+    dep = h.get("Deployment", {}).get("capwatch-collector")
+    if not dep:
+        fail(f"{where}: no Deployment/capwatch-collector")
+        return
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    spec = dep["spec"]["template"]["spec"]
+    if dep["spec"].get("replicas", 1) < 2:
+        fail(f"{where}: Deployment/capwatch-collector has fewer than 2 replicas")
+    if any("persistentVolumeClaim" in v for v in spec.get("volumes", [])):
+        fail(f"{where}: the collector Deployment mounts a PersistentVolumeClaim")
+    terms = spec.get("affinity", {}).get("podAntiAffinity", {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", [])
+    if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+               and all(pod_labels.get(k) == v for k, v in t["labelSelector"]["matchLabels"].items())
+               for t in terms):
+        fail(f"{where}: no required anti-affinity keeping collectors on different nodes")
+    (c,) = spec["containers"]
+    if c.get("readinessProbe", {}).get("httpGet", {}).get("path") != "/readyz":
+        fail(f"{where}: the collector's readiness is not /readyz")
+    env = {e["name"]: e for e in c.get("env", [])}
+    if env.get("CAPWATCH_COLLECTOR_ID", {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != "metadata.name":
+        fail(f"{where}: CAPWATCH_COLLECTOR_ID is not the pod's name (downward API)")
+
+    pdbs = [p for p in h.get("PodDisruptionBudget", {}).values()
+            if all(pod_labels.get(k) == v for k, v in p["spec"]["selector"]["matchLabels"].items())]
+    if len(pdbs) != 1 or pdbs[0]["spec"].get("minAvailable") != 1:
+        fail(f"{where}: not one PodDisruptionBudget with minAvailable 1 for the collectors")
+    svc = h.get("Service", {}).get("capwatch-collector")
+    if not svc or svc["spec"].get("clusterIP") != "None":
+        fail(f"{where}: Service/capwatch-collector is not headless (clusterIP: None)")
+
+    # The collector config: PostgreSQL, its password from the mounted
+    # Secret, never in the URL.
+    cfg = read_toml(os.path.join(K8S, "ha", "config", "collector.toml"))
+    url = cfg.get("ledger_url", "")
+    if "ledger_path" in cfg:
+        fail(f"{where}: collector.toml sets ledger_path and ledger_url")
+    if not url.startswith("postgres://") or "target_session_attrs=read-write" not in url:
+        fail(f"{where}: ledger_url is not a postgres:// URL with target_session_attrs=read-write")
+    if ":" in url.removeprefix("postgres://").split("@")[0]:
+        fail(f"{where}: ledger_url carries a password; use ledger_password_file")
+    if url.removeprefix("postgres://").split("/")[0].count(",") < 1:
+        fail(f"{where}: ledger_url names one host; list the primary and the standby")
+    mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec.get("volumes", []) if "secret" in v}
+    pw = cfg.get("ledger_password_file", "")
+    if not any(secrets.get(n) == "capwatch-ledger" and pw.startswith(m + "/") for n, m in mounts.items()):
+        fail(f"{where}: ledger_password_file {pw!r} is not in the mounted capwatch-ledger Secret")
+
+    # The agents list the collectors (or one name that resolves to each).
+    agent = read_toml(os.path.join(K8S, "ha", "config", "agent.toml"))
+    if "collector" in agent or not agent.get("collectors"):
+        fail(f"{where}: agent.toml does not set collectors = [...] (and only that)")
+    for e in agent.get("collectors", []):
+        if not e.startswith("https://"):
+            fail(f"{where}: agent.toml: collector {e} is not https://")
+
+    # The init Job writes the same ledger the collectors use.
+    job = index(ledger_init).get("Job", {}).get("capwatch-ledger-init")
+    if not job:
+        fail(f"{where}/ledger-init: no Job/capwatch-ledger-init")
+        return
+    jspec = job["spec"]["template"]["spec"]
+    (jc,) = jspec["containers"]
+    if jc["args"] != ["init-ledger", f"--ledger-url={url}"]:
+        fail(f"{where}/ledger-init: the Job does not run init-ledger --ledger-url={url}")
+    jenv = {e["name"]: e.get("value") for e in jc.get("env", [])}
+    if jenv.get("CAPWATCH_LEDGER_PASSWORD_FILE") != pw:
+        fail(f"{where}/ledger-init: CAPWATCH_LEDGER_PASSWORD_FILE is not {pw}")
+    jmounts = {m["name"]: m["mountPath"] for m in jc.get("volumeMounts", [])}
+    jsecrets = {v["name"]: v["secret"]["secretName"] for v in jspec.get("volumes", []) if "secret" in v}
+    if not any(jsecrets.get(n) == "capwatch-ledger" and pw.startswith(m + "/") for n, m in jmounts.items()):
+        fail(f"{where}/ledger-init: the Job does not mount the capwatch-ledger Secret at {pw}")
+    print(f"{where}: {dep['spec']['replicas']} collectors on {url.split('@')[1].split('/')[0]}, "
+          "PodDisruptionBudget, headless Service, init Job on the same ledger")
+
+
+def check_kubernetes():
+    import kubernetes_validate
+    from kubernetes_validate.utils import ValidationError
+
+    layouts = {
+        "base": render(K8S),
+        "prometheus-operator": render(os.path.join(K8S, "prometheus-operator")),
+        "ledger-init": render(os.path.join(K8S, "ledger-init")),
+        "ha": render(os.path.join(K8S, "ha")),
+        "ha/ledger-init": render(os.path.join(K8S, "ha", "ledger-init")),
+    }
+    validated = 0
+    for where, objs in layouts.items():
+        for o in objs:
+            name = f'{where}: {o["kind"]}/{o["metadata"]["name"]}'
+            if o["apiVersion"].startswith(CRD_GROUPS):
+                print(f"skip schema of {name}: a Prometheus Operator CRD (checked below and by promtool)")
+                continue
+            try:
+                kubernetes_validate.validate(o, K8S_VERSION, strict=True)
+                validated += 1
+                print(f"valid {name} (Kubernetes {K8S_VERSION}, strict)")
+            except ValidationError as e:
+                fail(f"{name}: {e.message} at {'.'.join(str(p) for p in e.path)}")
+    for where in ("base", "ha"):
+        if any(o["apiVersion"].startswith(CRD_GROUPS) for o in layouts[where]):
+            fail(f"{where} holds Prometheus Operator objects: it would not apply without the CRDs")
+
+    operator = layouts["prometheus-operator"]
+    single = check_workloads("base", layouts["base"] + layouts["ledger-init"])
+    for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PersistentVolumeClaim"):
+        if kind not in single:
+            fail(f"base: no {kind} rendered")
+    for kind in ("ServiceMonitor", "PrometheusRule"):
+        if kind not in index(operator):
+            fail(f"prometheus-operator: no {kind} rendered")
+    check_workloads("prometheus-operator", operator)
+    check_service_monitor("base", operator, single)
+    several = check_workloads("ha", layouts["ha"] + layouts["ha/ledger-init"])
+    for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PodDisruptionBudget", "Job"):
+        if kind not in several:
+            fail(f"ha: no {kind} rendered")
+    check_service_monitor("ha", operator, several)
+    check_ha(layouts["base"], layouts["ha"], layouts["ha/ledger-init"])
     print(f"{validated} objects valid against the Kubernetes schemas")
-    if validated < 8:
+    if validated < 16:
         fail(f"only {validated} objects validated")
 
 
