@@ -260,6 +260,54 @@ fn systemd_units_verify_and_are_hardened() {
         );
     }
 
+    // The collector with its drop-in for a PostgreSQL ledger (several
+    // collectors): verify reads `<unit>.d/` next to the unit, and the
+    // result is as hardened.
+    let drop_in = "capwatch-collector.service.d/postgres-ledger.conf";
+    let conf = std::fs::read_to_string(units.join(drop_in)).unwrap();
+    let ha = dir.path().join("ha");
+    std::fs::create_dir_all(ha.join("capwatch-collector.service.d")).unwrap();
+    let collector = ha.join("capwatch-collector.service");
+    std::fs::copy(&copies[1], &collector).unwrap();
+    std::fs::write(ha.join(drop_in), &conf).unwrap();
+    let out = verify(std::slice::from_ref(&collector));
+    let text = output_text(&out);
+    eprintln!(
+        "systemd-analyze verify (with {drop_in}): {}\n{text}",
+        out.status
+    );
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    run_ok(
+        Command::new(&analyze)
+            .args(["security", "--offline=true", "--threshold=30", "--no-pager"])
+            .arg(&collector),
+    );
+    // The drop-in is read: a misspelt setting in it is reported.
+    std::fs::write(
+        ha.join(drop_in),
+        replace_once(&conf, "UnsetEnvironment=", "UnsetEnviroment="),
+    )
+    .unwrap();
+    assert!(output_text(&verify(&[collector])).contains("UnsetEnviroment"));
+    // It takes away the unit's SQLite path (ledger_url and ledger_path
+    // together are refused), and hands the password over as the
+    // credential the example config reads.
+    let unit = std::fs::read_to_string(units.join("capwatch-collector.service")).unwrap();
+    assert!(unit.contains("\nEnvironment=CAPWATCH_LEDGER="));
+    assert!(conf.contains("\nUnsetEnvironment=CAPWATCH_LEDGER\n"));
+    let credential = conf
+        .lines()
+        .find_map(|l| l.strip_prefix("LoadCredential="))
+        .and_then(|c| c.split_once(':'))
+        .map(|(id, _)| id)
+        .expect("LoadCredential=ID:PATH in the drop-in");
+    let example =
+        std::fs::read_to_string(repo().join("deploy/examples/ha/collector.toml")).unwrap();
+    let password_file = format!(
+        "ledger_password_file = \"/run/credentials/capwatch-collector.service/{credential}\"\n"
+    );
+    assert!(example.contains(&password_file), "no {password_file}");
+
     let sysusers = std::fs::read_to_string(units.join("capwatch.sysusers.conf")).unwrap();
     assert!(sysusers.lines().any(|l| l.starts_with("u capwatch ")));
 }
