@@ -23,13 +23,41 @@ pub enum SourceKind {
     Mock,
 }
 
+/// The order a node tries its collectors in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum CollectorOrder {
+    /// By a rendezvous hash of (node id, endpoint): a fleet given one list
+    /// spreads evenly over it, and losing a collector moves only its nodes.
+    Hashed,
+    /// In the order listed.
+    Listed,
+}
+
+/// The collector an agent streams to when none is configured.
+pub const DEFAULT_COLLECTOR: &str = "http://127.0.0.1:7070";
+
+/// Most endpoints in `collectors`.
+const MAX_COLLECTORS: usize = 64;
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Node identity reported to the collector. Empty: the hostname.
     pub node_id: String,
     /// Collector gRPC endpoint, `http://host:port` or `https://host:port`.
-    pub collector: String,
+    /// Unset (and `collectors` unset): [`DEFAULT_COLLECTOR`].
+    pub collector: Option<String>,
+    /// Several collector endpoints to fail over between (instead of
+    /// `collector`). From the environment: comma-separated.
+    #[serde(deserialize_with = "list_or_commas", default)]
+    pub collectors: Option<Vec<String>>,
+    /// The order the endpoints are tried in.
+    pub collector_order: CollectorOrder,
+    /// While streaming to an endpoint other than the most preferred, how
+    /// often (±20 %) to try the most preferred again; zero: never.
+    #[serde(with = "capwatch_common::duration")]
+    pub failback_after: Duration,
     /// Sampling interval.
     #[serde(with = "capwatch_common::duration")]
     pub interval: Duration,
@@ -98,7 +126,10 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             node_id: String::new(),
-            collector: "http://127.0.0.1:7070".into(),
+            collector: None,
+            collectors: None,
+            collector_order: CollectorOrder::Hashed,
+            failback_after: Duration::from_secs(300),
             interval: Duration::from_secs(1),
             source: SourceKind::Nvml,
             spool_capacity: 3600,
@@ -133,6 +164,45 @@ impl Default for MockSettings {
 
 pub use capwatch_common::settings::ConfigError;
 
+/// `collectors` as a TOML list, or as one comma-separated string (the form
+/// `CAPWATCH_COLLECTORS` takes).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(Some(match Form::deserialize(d)? {
+        Form::List(l) => l,
+        Form::Commas(s) if s.trim().is_empty() => Vec::new(),
+        Form::Commas(s) => s.split(',').map(|e| e.trim().to_string()).collect(),
+    }))
+}
+
+/// Why `url` is not a collector endpoint, if it is not one.
+fn endpoint_problem(url: &str) -> Option<String> {
+    let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+    if !scheme_ok {
+        return Some("must be an http:// or https:// URL".into());
+    }
+    let uri: tonic::codegen::http::Uri = match url.parse() {
+        Ok(u) => u,
+        Err(e) => return Some(format!("not a URL: {e}")),
+    };
+    match uri.host() {
+        None | Some("") => return Some("has no host".into()),
+        Some(_) => {}
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Some("must not carry a user name or password".into());
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        return Some("must be scheme://host:port, without a path or query".into());
+    }
+    None
+}
+
 impl Config {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         Ok(capwatch_common::files::read_toml(path)?)
@@ -164,6 +234,71 @@ impl Config {
         Ok(toml::to_string(self)?)
     }
 
+    /// The collector endpoints as configured, in the order given.
+    pub fn endpoints(&self) -> Vec<String> {
+        match (&self.collectors, &self.collector) {
+            (Some(list), _) => list.clone(),
+            (None, Some(one)) => vec![one.clone()],
+            (None, None) => vec![DEFAULT_COLLECTOR.to_string()],
+        }
+    }
+
+    /// Checks the endpoints: one of `collector` and `collectors`, each a
+    /// URL the agent can dial, all with one scheme.
+    fn validate_endpoints(&self) -> Result<(), ConfigError> {
+        let setting = if self.collectors.is_some() {
+            "collectors"
+        } else {
+            "collector"
+        };
+        if self.collector.is_some() && self.collectors.is_some() {
+            return Err(ConfigError::invalid(
+                "collectors",
+                "set either collector (one endpoint) or collectors (a list), not both",
+            ));
+        }
+        let endpoints = self.endpoints();
+        if endpoints.is_empty() {
+            return Err(ConfigError::invalid(
+                "collectors",
+                "must list at least one endpoint",
+            ));
+        }
+        if endpoints.len() > MAX_COLLECTORS {
+            return Err(ConfigError::invalid(
+                "collectors",
+                format!("at most {MAX_COLLECTORS} endpoints"),
+            ));
+        }
+        for (i, url) in endpoints.iter().enumerate() {
+            let which = if setting == "collectors" {
+                format!("endpoint {} ({url:?})", i + 1)
+            } else {
+                format!("{url:?}")
+            };
+            if let Some(problem) = endpoint_problem(url) {
+                return Err(ConfigError::invalid(setting, format!("{which} {problem}")));
+            }
+            if endpoints[..i].contains(url) {
+                return Err(ConfigError::invalid(
+                    setting,
+                    format!("{which} is listed twice"),
+                ));
+            }
+        }
+        let https = endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        if https != 0 && https != endpoints.len() {
+            return Err(ConfigError::invalid(
+                setting,
+                "mixes http:// and https:// endpoints; use one scheme for all",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |setting, reason: &str| Err(ConfigError::invalid(setting, reason.to_string()));
@@ -182,10 +317,8 @@ impl Config {
                 "must be above zero and not above reconnect_max",
             );
         }
-        let https = self.collector.starts_with("https://");
-        if !https && !self.collector.starts_with("http://") {
-            return bad("collector", "must be an http:// or https:// URL");
-        }
+        self.validate_endpoints()?;
+        let https = self.endpoints().iter().all(|e| e.starts_with("https://"));
         if https && self.tls_ca.is_none() {
             return bad(
                 "tls_ca",
@@ -195,6 +328,15 @@ impl Config {
         if !https && (self.tls_ca.is_some() || self.tls_cert.is_some() || self.tls_domain.is_some())
         {
             return bad("collector", "TLS settings need an https:// collector URL");
+        }
+        if !self.failback_after.is_zero()
+            && (self.failback_after < Duration::from_millis(100)
+                || self.failback_after > Duration::from_secs(86_400))
+        {
+            return bad(
+                "failback_after",
+                "must be 0s (never) or between 100ms and 24h",
+            );
         }
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert", "tls_cert and tls_key go together");
@@ -225,10 +367,42 @@ mod tests {
     fn invalid_settings_name_the_setting() {
         type Change = fn(&mut Config);
         // (change to the defaults, setting the error must name)
-        let cases: [(Change, &str); 7] = [
-            (|c| c.collector = "https://c:7070".into(), "tls_ca"),
+        let cases: [(Change, &str); 15] = [
+            (|c| c.collector = Some("https://c:7070".into()), "tls_ca"),
             (|c| c.tls_ca = Some("ca.pem".into()), "collector"),
-            (|c| c.collector = "c:7070".into(), "collector"),
+            (|c| c.collector = Some("c:7070".into()), "collector"),
+            (
+                |c| c.collector = Some("http://c:7070/ingest".into()),
+                "collector",
+            ),
+            (|c| c.collectors = Some(Vec::new()), "collectors"),
+            (
+                |c| {
+                    c.collector = Some("http://a:7070".into());
+                    c.collectors = Some(vec!["http://b:7070".into()]);
+                },
+                "collectors",
+            ),
+            (
+                |c| c.collectors = Some(vec!["http://a:7070".into(), "b:7070".into()]),
+                "collectors",
+            ),
+            (
+                |c| c.collectors = Some(vec!["http://a:7070".into(), "http://:7070".into()]),
+                "collectors",
+            ),
+            (
+                |c| c.collectors = Some(vec!["http://a:7070".into(), "http://a:7070".into()]),
+                "collectors",
+            ),
+            (
+                |c| c.collectors = Some(vec!["http://a:7070".into(), "https://b:7070".into()]),
+                "collectors",
+            ),
+            (
+                |c| c.failback_after = Duration::from_millis(1),
+                "failback_after",
+            ),
             (|c| c.interval = Duration::ZERO, "interval"),
             (
                 |c| c.drain_timeout = Duration::from_secs(86_400),

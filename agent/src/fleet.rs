@@ -3,7 +3,8 @@
 //! in for a site when measuring the collector.
 //!
 //! Every node runs the agent's own stream code (`stream::run`): acks,
-//! re-sends and reconnects behave as with real agents. One sampler task
+//! re-sends, reconnects and failover behave as with real agents, each node
+//! ranking the collector endpoints by its own node id. One sampler task
 //! ticks all nodes, each at its own phase within the interval, so the
 //! collector sees a steady load rather than one burst per second.
 
@@ -17,16 +18,23 @@ use tracing::info;
 
 use capwatch_proto::v1 as pb;
 
+use crate::config::CollectorOrder;
 use crate::convert;
+use crate::failover;
 use crate::source::GpuSource;
 use crate::source::mock::{MockConfig, MockSource, Model, Profile};
 use crate::spool::Spool;
-use crate::stream::{self, Shared, StreamConfig};
+use crate::stream::{self, Shared, StreamConfig, Target};
 use crate::unix_nanos;
 
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
-    pub collector: String,
+    /// Collector endpoints; each node ranks them (see [`crate::failover`]).
+    pub collectors: Vec<String>,
+    pub collector_order: CollectorOrder,
+    /// While on another endpoint, how often a node tries its most
+    /// preferred one again (zero: never).
+    pub failback_after: Duration,
     pub nodes: usize,
     pub gpus: u32,
     pub interval: Duration,
@@ -60,6 +68,8 @@ pub struct FleetReport {
     pub abandoned: u64,
     pub undelivered: u64,
     pub connects: u64,
+    /// Moves of a node from one collector endpoint to another.
+    pub switches: u64,
 }
 
 struct Node {
@@ -82,6 +92,7 @@ fn report(nodes: &[Node]) -> FleetReport {
         r.dropped += s.dropped.load(Ordering::Relaxed);
         r.abandoned += s.abandoned.load(Ordering::Relaxed);
         r.connects += s.connects.load(Ordering::Relaxed);
+        r.switches += s.switches.load(Ordering::Relaxed);
         r.undelivered += n.shared.spool().len() as u64;
     }
     r
@@ -98,18 +109,32 @@ pub async fn run(
     let (done_tx, done_rx) = watch::channel(false);
     let mut streams = JoinSet::new();
     let mut nodes: Vec<Node> = Vec::with_capacity(cfg.nodes);
-    let mut channel = None;
+    // One shared connection per endpoint for each group of nodes.
+    let mut channels: Vec<Option<tonic::transport::Channel>> = vec![None; cfg.collectors.len()];
     for i in 0..cfg.nodes {
         if cfg.nodes_per_connection > 1 && i % cfg.nodes_per_connection == 0 {
-            channel = tonic::transport::Endpoint::from_shared(cfg.collector.clone())
-                .ok()
-                .map(|e| {
-                    e.tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(10))
-                        .connect_lazy()
-                });
+            channels = cfg
+                .collectors
+                .iter()
+                .map(|url| {
+                    tonic::transport::Endpoint::from_shared(url.clone())
+                        .ok()
+                        .map(|e| {
+                            e.tcp_nodelay(true)
+                                .http2_keep_alive_interval(Duration::from_secs(10))
+                                .connect_lazy()
+                        })
+                })
+                .collect();
         }
         let node_id = format!("{}{i:05}", cfg.node_prefix);
+        let targets = failover::preference(&node_id, &cfg.collectors, cfg.collector_order)
+            .into_iter()
+            .map(|k| Target {
+                url: cfg.collectors[k].clone(),
+                channel: channels[k].clone(),
+            })
+            .collect();
         let source = MockSource::new(MockConfig {
             node_id: node_id.clone(),
             gpus: cfg.gpus,
@@ -134,10 +159,11 @@ pub async fn run(
         };
         streams.spawn(stream::run(
             StreamConfig {
-                collector: cfg.collector.clone(),
+                targets,
                 token: None,
                 tls: None,
-                channel: channel.clone(),
+                tls_domain: None,
+                failback_after: cfg.failback_after,
                 hello,
                 batch_max: cfg.batch_max,
                 reconnect_initial: Duration::from_millis(250),
@@ -153,7 +179,7 @@ pub async fn run(
             seq: 0,
         });
     }
-    info!(nodes = cfg.nodes, gpus = cfg.gpus, interval_ms = cfg.interval.as_millis() as u64, collector = %cfg.collector, "fleet starting");
+    info!(nodes = cfg.nodes, gpus = cfg.gpus, interval_ms = cfg.interval.as_millis() as u64, collectors = %cfg.collectors.join(","), "fleet starting");
 
     // The interval is cut into slices; each tick of the slice timer samples
     // the nodes of one slice, so node i samples at phase i mod slices.

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod convert;
+pub mod failover;
 pub mod fleet;
 pub mod host;
 pub mod source;
@@ -65,8 +66,12 @@ fn load_token(cfg: &Config) -> Result<Option<MetadataValue<Ascii>>, AgentError> 
     let mut value = MetadataValue::try_from(format!("Bearer {token}"))
         .map_err(|_| AgentError::Token("the token must be printable ASCII".into()))?;
     value.set_sensitive(true);
-    if cfg.collector.starts_with("http://") {
-        warn!(collector = %cfg.collector, "the agent token travels in plaintext; use an https:// collector");
+    if let Some(plain) = cfg
+        .endpoints()
+        .into_iter()
+        .find(|e| e.starts_with("http://"))
+    {
+        warn!(collector = %plain, "the agent token travels in plaintext; use an https:// collector");
     }
     Ok(Some(value))
 }
@@ -84,9 +89,8 @@ fn client_tls(cfg: &Config) -> Result<Option<ClientTlsConfig>, AgentError> {
         capwatch_common::warn_if_exposed(key, "tls_key");
         tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
     }
-    if let Some(domain) = &cfg.tls_domain {
-        tls = tls.domain_name(domain.clone());
-    }
+    // The name to verify (tls_domain, or each endpoint's host) is set per
+    // endpoint by the stream.
     Ok(Some(tls))
 }
 
@@ -105,6 +109,8 @@ pub struct Summary {
     pub abandoned: u64,
     pub undelivered: u64,
     pub connects: u64,
+    /// Moves from one collector endpoint to another.
+    pub collector_switches: u64,
 }
 
 /// Opens the configured GPU source.
@@ -211,7 +217,17 @@ pub async fn run(
         gpus: source.inventory().iter().map(convert::gpu_info).collect(),
         host: Some(host.info()),
     };
-    info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collector = %cfg.collector, "agent starting");
+    let endpoints = cfg.endpoints();
+    let targets: Vec<stream::Target> =
+        failover::preference(&node_id, &endpoints, cfg.collector_order)
+            .into_iter()
+            .map(|i| stream::Target {
+                url: endpoints[i].clone(),
+                channel: None,
+            })
+            .collect();
+    let order: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
+    info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collectors = %order.join(","), "agent starting");
 
     let shared = Arc::new(Shared {
         spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
@@ -221,10 +237,11 @@ pub async fn run(
     let (done_tx, done_rx) = watch::channel(false);
     let stream_task = tokio::spawn(stream::run(
         StreamConfig {
-            collector: cfg.collector.clone(),
+            targets,
             token: load_token(&cfg)?,
             tls: client_tls(&cfg)?,
-            channel: None,
+            tls_domain: cfg.tls_domain.clone(),
+            failback_after: cfg.failback_after,
             hello,
             batch_max: cfg.batch_max,
             reconnect_initial: cfg.reconnect_initial,
@@ -291,6 +308,7 @@ pub async fn run(
         abandoned: shared.stats.abandoned.load(Ordering::Relaxed),
         undelivered: shared.spool().len() as u64,
         connects: shared.stats.connects.load(Ordering::Relaxed),
+        collector_switches: shared.stats.switches.load(Ordering::Relaxed),
     };
     info!(
         sampled = summary.sampled,
@@ -301,6 +319,7 @@ pub async fn run(
         abandoned = summary.abandoned,
         undelivered = summary.undelivered,
         connects = summary.connects,
+        collector_switches = summary.collector_switches,
         "agent stopped"
     );
     Ok(summary)

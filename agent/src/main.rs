@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use capwatch_agent::config::{Config, SourceKind};
+use capwatch_agent::config::{CollectorOrder, Config, SourceKind};
 use capwatch_agent::source::mock::{Model, Profile};
 use capwatch_common::LogFormat;
 
@@ -24,6 +24,18 @@ struct Args {
     /// Collector gRPC endpoint, e.g. http://collector:7070.
     #[arg(long, env = "CAPWATCH_COLLECTOR")]
     collector: Option<String>,
+    /// Several collector endpoints to fail over between, comma-separated
+    /// (instead of --collector).
+    #[arg(long, env = "CAPWATCH_COLLECTORS", value_delimiter = ',')]
+    collectors: Option<Vec<String>>,
+    /// Order the collectors are tried in: hashed (by node id, spreading a
+    /// fleet) or listed.
+    #[arg(long, env = "CAPWATCH_COLLECTOR_ORDER")]
+    collector_order: Option<CollectorOrder>,
+    /// While on another collector, how often to try the most preferred one
+    /// again, e.g. 5m (0s: never).
+    #[arg(long, env = "CAPWATCH_FAILBACK_AFTER", value_parser = humantime::parse_duration)]
+    failback_after: Option<Duration>,
     /// Node id reported to the collector [default: hostname].
     #[arg(long, env = "CAPWATCH_NODE_ID")]
     node_id: Option<String>,
@@ -76,7 +88,14 @@ impl Args {
                 }
             };
         }
-        set!(cfg.collector, self.collector);
+        if self.collector.is_some() {
+            cfg.collector = self.collector.clone();
+        }
+        if let Some(list) = &self.collectors {
+            cfg.collectors = Some(list.iter().map(|e| e.trim().to_string()).collect());
+        }
+        set!(cfg.collector_order, self.collector_order);
+        set!(cfg.failback_after, self.failback_after);
         set!(cfg.node_id, self.node_id);
         set!(cfg.source, self.source);
         set!(cfg.interval, self.interval);

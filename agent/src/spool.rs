@@ -135,6 +135,11 @@ impl Spool {
             .collect()
     }
 
+    /// Whether a sample at or below `seq` is still unacked.
+    pub fn holds_through(&self, seq: u64) -> bool {
+        self.samples.front().is_some_and(|s| s.seq <= seq)
+    }
+
     pub fn len(&self) -> usize {
         self.samples.len()
     }

@@ -1,9 +1,19 @@
 //! The agent's side of the ingest stream: connect, say hello, send what the
-//! spool holds, forget what the collector acks, and on any failure
-//! reconnect with exponential backoff and jitter and re-send everything
+//! spool holds, forget what the collector acks, and on any failure move to
+//! the next collector endpoint, backing off exponentially (with full
+//! jitter) once every endpoint has failed in a row, and re-send everything
 //! not yet acked. When the collector refuses the epoch because it holds a
 //! newer one for the node, the agent moves above it (see
 //! [`Spool::renumber`]) and says Hello again.
+//!
+//! *Failover.* The endpoints come most preferred first (see
+//! [`crate::failover`]). While streaming to another one, every
+//! `failback_after` (±20 %) the agent says Hello to the most preferred on a
+//! second stream; only once that one has welcomed it does the agent stop
+//! sending to the current one, wait (at most [`HANDOVER_TIMEOUT`]) for it
+//! to ack what it was sent, and go on on the new stream. Samples leave the
+//! spool only when acked, so whatever the old collector did not ack is
+//! re-sent to the new one: nothing is lost, and nothing acked is sent twice.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,11 +24,13 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
 use tracing::{debug, info, warn};
 
 use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_client::IngestClient;
 
+use crate::failover::Jitter;
 use crate::spool::Spool;
 
 /// Longest time from starting a connection to the collector's Welcome.
@@ -27,6 +39,11 @@ const PREAMBLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest batch sent, in encoded bytes: well under the collector's
 /// default 4 MiB message limit, whatever the GPU count.
 const MAX_BATCH_BYTES: usize = 1 << 20;
+
+/// Longest wait, when moving back to the most preferred collector, for the
+/// one being left to ack what it was sent (what it has not acked by then is
+/// re-sent to the new one).
+pub const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Metadata of a stale-epoch refusal naming the node's current epoch.
 const CURRENT_EPOCH_KEY: &str = "capwatch-current-epoch";
@@ -59,6 +76,8 @@ pub struct Stats {
     /// given up, since it may hold them.
     pub abandoned: AtomicU64,
     pub connects: AtomicU64,
+    /// Moves from one collector endpoint to another.
+    pub switches: AtomicU64,
 }
 
 /// Most distinct rejection reasons told apart; later ones are `other`.
@@ -170,15 +189,30 @@ impl Shared {
     }
 }
 
+/// One collector endpoint.
+#[derive(Clone)]
+pub struct Target {
+    /// `http://host:port` or `https://host:port`.
+    pub url: String,
+    /// A connection shared with other streams (the fleet simulator puts
+    /// several nodes on one HTTP/2 connection); `None` connects anew,
+    /// trying each address the host resolves to.
+    pub channel: Option<Channel>,
+}
+
 pub struct StreamConfig {
-    pub collector: String,
+    /// The collectors, most preferred first; at least one.
+    pub targets: Vec<Target>,
     /// `Bearer <token>` for the collector, if it asks for one.
     pub token: Option<MetadataValue<Ascii>>,
-    /// TLS for an `https://` collector.
+    /// TLS for `https://` collectors.
     pub tls: Option<ClientTlsConfig>,
-    /// A connection shared with other streams (the fleet simulator puts
-    /// several nodes on one HTTP/2 connection); `None` connects anew.
-    pub channel: Option<Channel>,
+    /// The name a collector's certificate must carry; `None`: the host of
+    /// its URL (also when that host resolves to several addresses).
+    pub tls_domain: Option<String>,
+    /// While on another endpoint, how often to try the most preferred one;
+    /// zero: never.
+    pub failback_after: Duration,
     /// The Hello; its epoch is the spool's at each connect.
     pub hello: pb::Hello,
     pub batch_max: usize,
@@ -200,13 +234,56 @@ enum Ended {
     StaleEpoch { current: u64, message: String },
     /// Gave up delivering at the drain deadline.
     DeadlinePassed,
+    /// The most preferred collector welcomed the node while it streamed to
+    /// another, which has acked what it was sent (or ended, or ran out of
+    /// time): go on there.
+    FailBack(Box<Open>),
+}
+
+/// A stream the collector has welcomed.
+pub struct Open {
+    /// Index into [`StreamConfig::targets`].
+    target: usize,
+    epoch: u64,
+    tx: mpsc::Sender<pb::AgentMessage>,
+    inbound: tonic::Streaming<pb::CollectorMessage>,
+}
+
+/// Failures since the last stream that got an ack, for the round over
+/// the endpoints.
+#[derive(Debug, Default)]
+struct Round {
+    failed: usize,
+    /// Whether an endpoint refused the agent itself (auth, a bad Hello).
+    refused: bool,
+}
+
+/// Which endpoint the node streams to, and why it last moved.
+struct Serving {
+    target: Option<usize>,
+    why: String,
 }
 
 /// Runs until the sampler has stopped (`sampling_done` reads true) and the
 /// spool is delivered, or the drain deadline passes.
 pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watch::Receiver<bool>) {
-    let mut backoff = Backoff::new(cfg.reconnect_initial, cfg.reconnect_max);
+    if cfg.targets.is_empty() {
+        warn!("no collector endpoint configured; nothing can be delivered");
+        return;
+    }
+    let mut jitter = Jitter::new(&cfg.hello.node_id);
+    let mut backoff =
+        Backoff::with_jitter(cfg.reconnect_initial, cfg.reconnect_max, jitter.clone());
     let mut deadline: Option<Instant> = None;
+    let n = cfg.targets.len().max(1);
+    // The endpoint to try next, and a welcomed stream to go on on.
+    let mut at = 0usize;
+    let mut handover: Option<Open> = None;
+    let mut round = Round::default();
+    let mut serving = Serving {
+        target: None,
+        why: String::new(),
+    };
     loop {
         if deadline.is_none() && *sampling_done.borrow() {
             deadline = Some(Instant::now() + cfg.drain_timeout);
@@ -229,18 +306,35 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
             };
             tokio::time::sleep_until(at).await;
         };
-        let attempt = connect_and_stream(
-            &cfg,
-            &shared,
-            &mut sampling_done,
-            &mut deadline,
-            &mut backoff,
-        );
+        let next = handover.take();
+        let target = next.as_ref().map_or(at, |o| o.target);
+        let attempt = async {
+            let open = match next {
+                Some(open) => open,
+                None => match preamble(&cfg, target, &shared).await {
+                    Ok(open) => open,
+                    Err(ended) => return ended,
+                },
+            };
+            stream_on(
+                &cfg,
+                &shared,
+                open,
+                &mut sampling_done,
+                &mut deadline,
+                &mut backoff,
+                &mut round,
+                &mut serving,
+                &mut jitter,
+            )
+            .await
+        };
         let ended = tokio::select! {
             ended = attempt => ended,
             () = drain_over => Ended::DeadlinePassed,
         };
-        let error = match ended {
+        let url = &cfg.targets[target].url;
+        let (error, moved) = match ended {
             Ended::Drained => return,
             Ended::DeadlinePassed => {
                 warn!(
@@ -249,17 +343,47 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
                 );
                 return;
             }
+            Ended::FailBack(open) => {
+                serving.why = format!(
+                    "failback: {} welcomed the node",
+                    cfg.targets[open.target].url
+                );
+                at = open.target;
+                handover = Some(*open);
+                round = Round::default();
+                continue;
+            }
             Ended::Refused(e) => {
-                backoff.saturate();
-                e
+                round.refused = true;
+                (e, true)
             }
+            // Not the endpoint's fault: the same one, with the new epoch.
             Ended::StaleEpoch { current, message } => {
-                new_epoch(&shared, current, &mut backoff, message)
+                (new_epoch(&shared, current, &mut backoff, message), false)
             }
-            Ended::Failed(e) => e,
+            Ended::Failed(e) => (e, true),
         };
-        let delay = backoff.next_delay();
-        warn!(collector = %cfg.collector, %error, retry_in_ms = delay.as_millis() as u64, "stream to collector failed");
+        serving.why = format!("{url}: {error}");
+        let delay = if moved {
+            round.failed += 1;
+            if round.failed < n {
+                // Another endpoint is untried this round: at once.
+                at = (target + 1) % n;
+                warn!(collector = %url, %error, next = %cfg.targets[at].url, "stream to collector failed; trying the next one");
+                continue;
+            }
+            // Every endpoint failed in a row: back off, then start again
+            // from the most preferred.
+            if round.refused {
+                backoff.saturate();
+            }
+            round = Round::default();
+            at = 0;
+            backoff.next_delay()
+        } else {
+            backoff.next_delay()
+        };
+        warn!(collector = %url, %error, retry_in_ms = delay.as_millis() as u64, next = %cfg.targets[at].url, "stream to collector failed");
         let wake = Instant::now() + delay;
         let wake = deadline.map_or(wake, |d| wake.min(d));
         tokio::select! {
@@ -276,40 +400,80 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
     }
 }
 
-async fn connect_and_stream(
-    cfg: &StreamConfig,
-    shared: &Shared,
-    sampling_done: &mut watch::Receiver<bool>,
-    deadline: &mut Option<Instant>,
-    backoff: &mut Backoff,
-) -> Ended {
-    let endpoint = match Endpoint::from_shared(cfg.collector.clone()) {
-        Ok(e) => e
-            .connect_timeout(Duration::from_secs(5))
+/// The endpoint a target's URL names: one per address its host resolves
+/// to, each still presenting (and, over TLS, verifying) the host's name.
+async fn endpoints(cfg: &StreamConfig, url: &str) -> Result<Vec<Endpoint>, Ended> {
+    use tonic::codegen::http::Uri;
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| Ended::Failed(format!("bad collector URL {url:?}: {e}")))?;
+    let https = uri.scheme_str() == Some("https");
+    let host = uri.host().unwrap_or_default().to_string();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let tune = |e: Endpoint| {
+        e.connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true),
-        Err(e) => return Ended::Failed(format!("bad collector URL: {e}")),
+            .keep_alive_while_idle(true)
     };
-    let endpoint = match &cfg.tls {
-        Some(tls) => match endpoint.tls_config(tls.clone()) {
-            Ok(e) => e,
-            Err(e) => return Ended::Refused(format!("TLS settings: {e}")),
-        },
-        None => endpoint,
+    let with_tls = |e: Endpoint| match &cfg.tls {
+        Some(tls) => {
+            let domain = cfg.tls_domain.clone().unwrap_or_else(|| bare.to_string());
+            e.tls_config(tls.clone().domain_name(domain))
+                .map_err(|e| Ended::Refused(format!("TLS settings: {e}")))
+        }
+        None => Ok(e),
     };
-    // Only this task changes the spool's epoch.
+    if bare.parse::<std::net::IpAddr>().is_ok() {
+        let e = Endpoint::from_shared(url.to_string())
+            .map_err(|e| Ended::Failed(format!("bad collector URL {url:?}: {e}")))?;
+        return Ok(vec![with_tls(tune(e))?]);
+    }
+    let addrs: Vec<std::net::SocketAddr> = match tokio::net::lookup_host((bare, port)).await {
+        Ok(a) => a.collect(),
+        Err(e) => return Err(Ended::Failed(format!("resolving {bare}: {e}"))),
+    };
+    if addrs.is_empty() {
+        return Err(Ended::Failed(format!("resolving {bare}: no addresses")));
+    }
+    let scheme = if https { "https" } else { "http" };
+    let mut out = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let e = Endpoint::from_shared(format!("{scheme}://{addr}"))
+            .map_err(|e| Ended::Failed(format!("collector address {addr}: {e}")))?
+            // Requests still name the host, as with one address.
+            .origin(uri.clone());
+        out.push(with_tls(tune(e))?);
+    }
+    Ok(out)
+}
+
+/// A connection to `url`: each of its addresses in turn, the first that
+/// connects.
+async fn connect(cfg: &StreamConfig, url: &str) -> Result<Channel, Ended> {
+    let mut errors = Vec::new();
+    for endpoint in endpoints(cfg, url).await? {
+        match endpoint.connect().await {
+            Ok(c) => return Ok(c),
+            Err(e) => errors.push(format!("{}: {}", endpoint.uri(), chain(&e))),
+        }
+    }
+    Err(Ended::Failed(format!("connect: {}", errors.join("; "))))
+}
+
+/// Connects to target `target`, says Hello and waits for the Welcome.
+async fn preamble(cfg: &StreamConfig, target: usize, shared: &Shared) -> Result<Open, Ended> {
+    let url = &cfg.targets[target].url;
+    // Only the stream task changes the spool's epoch.
     let epoch = shared.spool().epoch();
     // Connecting, opening the stream and the Welcome must all happen within
     // this; a collector that stalls there is treated as down.
     let preamble = tokio::time::timeout(PREAMBLE_TIMEOUT, async {
-        let channel = match &cfg.channel {
+        let channel = match &cfg.targets[target].channel {
             Some(shared) => shared.clone(),
-            None => match endpoint.connect().await {
-                Ok(c) => c,
-                Err(e) => return Err(Ended::Failed(format!("connect: {}", chain(&e)))),
-            },
+            None => connect(cfg, url).await?,
         };
         let token = cfg.token.clone();
         let mut client =
@@ -343,7 +507,7 @@ async fn connect_and_stream(
                     .acked
                     .fetch_add(forgotten as u64, Ordering::Relaxed);
                 shared.stats.connects.fetch_add(1, Ordering::Relaxed);
-                info!(node = %cfg.hello.node_id, collector = %cfg.collector, collector_version = %w.collector_version, epoch, acked_seq = w.acked_seq, "connected");
+                info!(node = %cfg.hello.node_id, collector = %url, collector_version = %w.collector_version, epoch, acked_seq = w.acked_seq, "connected");
             }
             Ok(_) => {
                 return Err(Ended::Failed(
@@ -352,19 +516,78 @@ async fn connect_and_stream(
             }
             Err(status) => return Err(refused(status)),
         }
-        Ok((tx, inbound))
+        Ok(Open {
+            target,
+            epoch,
+            tx,
+            inbound,
+        })
     });
-    let (tx, mut inbound) = match preamble.await {
-        Ok(Ok(open)) => open,
-        Ok(Err(ended)) => return ended,
-        Err(_) => return Ended::Failed("no welcome from the collector within 10s".into()),
-    };
-    backoff.reset();
+    match preamble.await {
+        Ok(result) => result,
+        Err(_) => Err(Ended::Failed(format!(
+            "no welcome from the collector within {}s",
+            PREAMBLE_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
+/// A boxed attempt to open a stream to the most preferred collector.
+type Probe<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Open, Ended>> + Send + 'a>>;
+
+/// Streams the spool on `open` until it ends.
+#[allow(clippy::too_many_arguments)]
+async fn stream_on(
+    cfg: &StreamConfig,
+    shared: &Shared,
+    open: Open,
+    sampling_done: &mut watch::Receiver<bool>,
+    deadline: &mut Option<Instant>,
+    backoff: &mut Backoff,
+    round: &mut Round,
+    serving: &mut Serving,
+    jitter: &mut Jitter,
+) -> Ended {
+    let Open {
+        target,
+        epoch,
+        tx,
+        mut inbound,
+    } = open;
+    let url = &cfg.targets[target].url;
+    if let Some(from) = serving.target.filter(|t| *t != target) {
+        let switches = shared.stats.switches.fetch_add(1, Ordering::Relaxed) + 1;
+        info!(node = %cfg.hello.node_id, from = %cfg.targets[from].url, to = %url, reason = %serving.why, switches, "switched collector");
+    }
+    serving.target = Some(target);
+    let mut progressed = false;
+    // While not on the most preferred endpoint: when to try it again, the
+    // attempt under way, and a welcomed stream to it waiting for this one
+    // to ack what it was sent.
+    let failback_every =
+        (target != 0 && !cfg.failback_after.is_zero()).then_some(cfg.failback_after);
+    let mut failback_at = failback_every.map(|d| Instant::now() + jitter.around(d));
+    let mut probe: Option<Probe<'_>> = None;
+    let mut handing_over: Option<(Open, Instant)> = None;
 
     // Everything above `sent` is re-sent on each new connection.
     let mut sent = 0u64;
     loop {
-        let batch = shared.spool().after(sent, cfg.batch_max, MAX_BATCH_BYTES);
+        if let Some((open, until)) = handing_over.take() {
+            let settled = !shared.spool().holds_through(sent);
+            if settled || Instant::now() >= until {
+                if !settled {
+                    warn!(collector = %url, "the collector being left did not ack all it was sent in time; the rest goes to the preferred one");
+                }
+                return Ended::FailBack(Box::new(open));
+            }
+            handing_over = Some((open, until));
+        }
+        let batch = if handing_over.is_none() {
+            shared.spool().after(sent, cfg.batch_max, MAX_BATCH_BYTES)
+        } else {
+            Vec::new()
+        };
         let last = batch.last().map(|s| s.seq);
         if last.is_none() {
             if deadline.is_none() && *sampling_done.borrow() {
@@ -380,6 +603,7 @@ async fn connect_and_stream(
             })),
         };
         let drain_at = *deadline;
+        let handover_until = handing_over.as_ref().map(|(_, until)| *until);
         // Acks first: a node that samples faster than its link carries
         // its samples would otherwise always find another batch to send
         // and never read an ack, and its spool would fill with samples the
@@ -394,14 +618,29 @@ async fn connect_and_stream(
                         if !ack.rejected.is_empty() {
                             shared.stats.rejected(&cfg.hello.node_id, &ack.rejected);
                         }
-                        debug!(acked_seq = ack.acked_seq, forgotten = n, rejected = ack.rejected.len(), "ack");
+                        if !progressed {
+                            // This endpoint works: the next failure starts
+                            // a new round, from the shortest delay.
+                            progressed = true;
+                            *round = Round::default();
+                            backoff.reset();
+                        }
+                        debug!(collector = %url, acked_seq = ack.acked_seq, forgotten = n, rejected = ack.rejected.len(), "ack");
                     }
                 }
                 Ok(Some(_)) => {}
-                Ok(None) => return Ended::Failed("collector closed the stream".into()),
+                Ok(None) => {
+                    if let Some((open, _)) = handing_over.take() {
+                        return Ended::FailBack(Box::new(open));
+                    }
+                    return Ended::Failed("collector closed the stream".into());
+                }
                 Err(status) => {
                     if let Some(seq) = metadata_u64(&status, ACCEPTED_SEQ_KEY) {
                         shared.spool().settle(seq);
+                    }
+                    if let Some((open, _)) = handing_over.take() {
+                        return Ended::FailBack(Box::new(open));
                     }
                     return Ended::Failed(format!("stream error: {status}"));
                 }
@@ -415,10 +654,41 @@ async fn connect_and_stream(
                 // it, whatever becomes of this stream.
                 shared.spool().sent(sent);
             }
+            result = poll_probe(probe.as_mut()) => {
+                probe = None;
+                match result {
+                    Ok(open) => {
+                        info!(node = %cfg.hello.node_id, from = %url, to = %cfg.targets[open.target].url, "the preferred collector welcomed the node; moving back once this one has acked what it was sent");
+                        handing_over = Some((open, Instant::now() + HANDOVER_TIMEOUT));
+                    }
+                    Err(ended) => {
+                        let why = match ended {
+                            Ended::Failed(e) | Ended::Refused(e) => e,
+                            Ended::StaleEpoch { message, .. } => message,
+                            _ => "no stream".to_string(),
+                        };
+                        info!(node = %cfg.hello.node_id, collector = %cfg.targets[0].url, error = %why, "the preferred collector is still unavailable; staying");
+                        failback_at = failback_every.map(|d| Instant::now() + jitter.around(d));
+                    }
+                }
+            }
+            _ = sleep_until_opt(failback_at), if probe.is_none() && handing_over.is_none() => {
+                failback_at = None;
+                probe = Some(Box::pin(preamble(cfg, 0, shared)));
+            }
+            _ = sleep_until_opt(handover_until) => {}
             _ = shared.new_sample.notified(), if last.is_none() => {}
             _ = sampling_done.changed(), if drain_at.is_none() && last.is_none() => {}
             _ = sleep_until_opt(drain_at) => return Ended::DeadlinePassed,
         }
+    }
+}
+
+/// The probe's result once it has one; never without a probe.
+async fn poll_probe(probe: Option<&mut Probe<'_>>) -> Result<Open, Ended> {
+    match probe {
+        Some(p) => p.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -511,28 +781,27 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// Exponential backoff with "equal jitter": each delay is uniform in
-/// [d/2, d], where d doubles from `initial` up to `max`. Jitter spreads a
+/// Exponential backoff with "full jitter": each delay is uniform in
+/// [0, d], where d doubles from `initial` up to `max`. Jitter spreads a
 /// fleet's reconnects after a collector restart.
 pub struct Backoff {
     initial: Duration,
     max: Duration,
     current: Duration,
-    rng: u64,
+    jitter: Jitter,
 }
 
 impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0)
-            ^ u64::from(std::process::id()).rotate_left(32);
+        Self::with_jitter(initial, max, Jitter::new(""))
+    }
+
+    pub fn with_jitter(initial: Duration, max: Duration, jitter: Jitter) -> Self {
         Self {
             initial,
             max,
             current: initial,
-            rng: seed | 1,
+            jitter,
         }
     }
 
@@ -546,20 +815,54 @@ impl Backoff {
     }
 
     pub fn next_delay(&mut self) -> Duration {
-        // xorshift64: jitter needs spread, not cryptographic quality.
-        self.rng ^= self.rng << 13;
-        self.rng ^= self.rng >> 7;
-        self.rng ^= self.rng << 17;
         let d = self.current;
         self.current = (self.current * 2).min(self.max);
-        let half = d / 2;
-        half + half.mul_f64((self.rng >> 11) as f64 / (1u64 << 53) as f64)
+        self.jitter.full(d)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn config(targets: &[&str]) -> StreamConfig {
+        StreamConfig {
+            targets: targets
+                .iter()
+                .map(|u| Target {
+                    url: u.to_string(),
+                    channel: None,
+                })
+                .collect(),
+            token: None,
+            tls: None,
+            tls_domain: None,
+            failback_after: Duration::ZERO,
+            hello: pb::Hello::default(),
+            batch_max: 1,
+            reconnect_initial: Duration::from_millis(1),
+            reconnect_max: Duration::from_millis(1),
+            drain_timeout: Duration::ZERO,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_name_is_dialled_at_each_of_its_addresses() {
+        // An IP literal is dialled as given; a name becomes one endpoint
+        // per address it resolves to.
+        let cfg = config(&[]);
+        let ip = endpoints(&cfg, "http://127.0.0.1:7070").await.ok().unwrap();
+        assert_eq!(ip.len(), 1);
+        let named = endpoints(&cfg, "http://localhost:7070").await.ok().unwrap();
+        assert!(!named.is_empty());
+        for e in &named {
+            let host = e.uri().host().unwrap().trim_matches(['[', ']']);
+            assert!(host.parse::<std::net::IpAddr>().is_ok(), "{}", e.uri());
+            assert_eq!(e.uri().port_u16(), Some(7070));
+        }
+        let unknown = endpoints(&cfg, "http://no-such-host.invalid:7070").await;
+        assert!(matches!(unknown, Err(Ended::Failed(e)) if e.contains("no-such-host.invalid")));
+    }
 
     #[test]
     fn a_refused_epoch_moves_above_the_current_one_while_there_is_room() {
@@ -599,17 +902,16 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_to_the_cap_with_jitter_in_the_upper_half() {
+    fn backoff_doubles_to_the_cap_with_full_jitter() {
         let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(1000));
         let bounds = [100, 200, 400, 800, 1000, 1000];
         for upper in bounds {
             let d = b.next_delay().as_millis() as u64;
-            assert!(
-                d >= upper / 2 && d <= upper,
-                "{d} not in [{}, {upper}]",
-                upper / 2
-            );
+            assert!(d <= upper, "{d} not in [0, {upper}]");
         }
+        // The cap holds, and full jitter reaches below half of it.
+        let low = (0..200).any(|_| b.next_delay() < Duration::from_millis(500));
+        assert!(low, "full jitter, not [d/2, d]");
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
     }

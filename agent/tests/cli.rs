@@ -10,7 +10,7 @@ use expect_test::expect_file;
 
 use capwatch_testkit::*;
 
-use capwatch_agent::config::Config;
+use capwatch_agent::config::{CollectorOrder, Config};
 
 const BIN: &str = env!("CARGO_BIN_EXE_capwatch-agent");
 const EXAMPLE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/examples/agent.toml");
@@ -24,6 +24,9 @@ const KUBERNETES: &str = concat!(
 const FLAGS: &[(&str, Option<&str>)] = &[
     ("--config", Some("CAPWATCH_CONFIG")),
     ("--collector", Some("CAPWATCH_COLLECTOR")),
+    ("--collectors", Some("CAPWATCH_COLLECTORS")),
+    ("--collector-order", Some("CAPWATCH_COLLECTOR_ORDER")),
+    ("--failback-after", Some("CAPWATCH_FAILBACK_AFTER")),
     ("--node-id", Some("CAPWATCH_NODE_ID")),
     ("--source", Some("CAPWATCH_SOURCE")),
     ("--interval", Some("CAPWATCH_INTERVAL")),
@@ -94,13 +97,19 @@ fn example_config_lists_every_setting_at_its_default() {
     );
 
     // The settings shown commented out parse and are valid too (the TLS
-    // ones with an https:// collector).
+    // ones with https:// collectors; `collectors` in place of `collector`,
+    // since only one of them may be set).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
-    let tls = uncommented(&text).replace("collector = \"http://", "collector = \"https://");
+    let tls: String = uncommented(&text)
+        .lines()
+        .filter(|l| !l.starts_with("collector = "))
+        .map(|l| format!("{}\n", l.replace("\"http://", "\"https://")))
+        .collect();
     std::fs::write(&path, tls).unwrap();
     let cfg = valid_config(&path);
     assert!(cfg.tls_ca.is_some() && cfg.token_file.is_some());
+    assert_eq!(cfg.endpoints().len(), 2, "collectors is shown in {EXAMPLE}");
     assert!(
         cfg.nvml.library.is_some(),
         "nvml.library is shown in {EXAMPLE}"
@@ -148,6 +157,26 @@ fn config_errors_name_the_problem() {
         (
             Some("collector = \"collector:7070\"\n"),
             &["`collector`", "http://"],
+        ),
+        (
+            Some("collector = \"http://a:7070\"\ncollectors = [\"http://b:7070\"]\n"),
+            &["`collectors`", "collector (one endpoint)", "not both"],
+        ),
+        (
+            Some("collectors = []\n"),
+            &["`collectors`", "at least one endpoint"],
+        ),
+        (
+            Some("collectors = [\"http://a:7070\", \"b:7070\"]\n"),
+            &["`collectors`", "endpoint 2 (\"b:7070\")", "http://"],
+        ),
+        (
+            Some("collector_order = \"random\"\n"),
+            &["{path}", "unknown variant `random`"],
+        ),
+        (
+            Some("failback_after = \"5ms\"\n"),
+            &["`failback_after`", "0s (never)"],
         ),
         (None, &["{path}", "No such file"]),
     ];
@@ -251,6 +280,12 @@ fn print_config_round_trips_through_a_file() {
             "h200",
             "--nvml-library",
             "/opt/nvidia/libnvidia-ml.so.1",
+            "--collectors",
+            "http://a:7070,http://b:7070",
+            "--collector-order",
+            "listed",
+            "--failback-after",
+            "10s",
         ],
         &[
             ("CAPWATCH_DRAIN_TIMEOUT", "90s"),
@@ -264,6 +299,9 @@ fn print_config_round_trips_through_a_file() {
     assert_eq!(cfg.interval, Duration::from_millis(250));
     assert_eq!(cfg.drain_timeout, Duration::from_secs(90));
     assert_eq!(cfg.reconnect_max, Duration::from_secs(120));
+    assert_eq!(cfg.endpoints(), ["http://a:7070", "http://b:7070"]);
+    assert_eq!(cfg.collector_order, CollectorOrder::Listed);
+    assert_eq!(cfg.failback_after, Duration::from_secs(10));
     assert!(!cfg.mock.energy_counter);
     assert_eq!(
         cfg.nvml.library.as_deref(),
@@ -295,6 +333,34 @@ fn every_setting_has_an_environment_variable() {
             "energy_counter = false",
             "gpus = 3",
         ],
+    );
+
+    // A list from the environment is comma-separated.
+    let printed = print_config(
+        &[],
+        &[
+            ("CAPWATCH_COLLECTORS", "http://a:7070, http://b:7070"),
+            ("CAPWATCH_COLLECTOR_ORDER", "listed"),
+            ("CAPWATCH_FAILBACK_AFTER", "30s"),
+        ],
+    );
+    assert_lines(
+        &printed,
+        &[
+            "collectors = [\"http://a:7070\", \"http://b:7070\"]",
+            "collector_order = \"listed\"",
+            "failback_after = \"30s\"",
+        ],
+    );
+    let out = agent(
+        &["--print-config"],
+        &[("CAPWATCH_COLLECTORS", "http://a:7070,ftp://b")],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("endpoint 2 (\"ftp://b\")"),
+        "{}",
+        stderr(&out)
     );
 
     let out = agent(&["--print-config"], &[("CAPWATCH_BATCH_MAX", "many")]);

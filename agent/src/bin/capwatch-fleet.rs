@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
+use capwatch_agent::config::CollectorOrder;
 use capwatch_agent::fleet::{self, FleetConfig, FleetReport};
 use capwatch_agent::source::mock::Profile;
 use capwatch_common::LogFormat;
@@ -17,8 +18,23 @@ use capwatch_common::LogFormat;
 #[command(name = "capwatch-fleet", version)]
 struct Args {
     /// Collector gRPC endpoint.
-    #[arg(long, default_value = "http://127.0.0.1:7070")]
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:7070",
+        conflicts_with = "collectors"
+    )]
     collector: String,
+    /// Several collector endpoints, comma-separated (instead of
+    /// --collector); each node ranks them by its node id.
+    #[arg(long, value_delimiter = ',')]
+    collectors: Option<Vec<String>>,
+    /// Order the nodes try the collectors in: hashed or listed.
+    #[arg(long, value_enum, default_value = "hashed")]
+    collector_order: CollectorOrder,
+    /// While on another collector, how often a node tries its most
+    /// preferred one again (0s: never).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    failback_after: Duration,
     /// Simulated nodes.
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
@@ -66,7 +82,7 @@ struct Args {
 
 fn print(what: &str, r: &FleetReport, seconds: f64, gpus: u32) {
     println!(
-        "{{\"event\":\"{what}\",\"seconds\":{seconds:.1},\"nodes\":{},\"sampled\":{},\"acked\":{},\"rejected\":{},\"gpu_samples_acked\":{},\"dropped\":{},\"abandoned\":{},\"undelivered\":{},\"connects\":{}}}",
+        "{{\"event\":\"{what}\",\"seconds\":{seconds:.1},\"nodes\":{},\"sampled\":{},\"acked\":{},\"rejected\":{},\"gpu_samples_acked\":{},\"dropped\":{},\"abandoned\":{},\"undelivered\":{},\"connects\":{},\"collector_switches\":{}}}",
         r.nodes,
         r.sampled,
         r.acked,
@@ -75,12 +91,24 @@ fn print(what: &str, r: &FleetReport, seconds: f64, gpus: u32) {
         r.dropped,
         r.abandoned,
         r.undelivered,
-        r.connects
+        r.connects,
+        r.switches
     );
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let collectors = args
+        .collectors
+        .clone()
+        .unwrap_or_else(|| vec![args.collector.clone()]);
+    // The agent's own checks of its endpoints (no TLS here: plain http://).
+    capwatch_agent::config::Config {
+        collectors: Some(collectors.clone()),
+        ..Default::default()
+    }
+    .validate()
+    .context("--collectors")?;
     capwatch_common::init_logging(args.log_format);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -110,7 +138,9 @@ fn main() -> anyhow::Result<()> {
         let gpus = args.gpus;
         let report = fleet::run(
             FleetConfig {
-                collector: args.collector,
+                collectors,
+                collector_order: args.collector_order,
+                failback_after: args.failback_after,
                 nodes: args.nodes,
                 gpus: args.gpus,
                 interval: args.interval,
