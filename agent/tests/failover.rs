@@ -5,14 +5,13 @@
 //! every sample once, with the energy of the mock's ground truth to the
 //! millijoule.
 //!
-//! The collector is another package, so its binary is built here (once per
-//! test process) with the cargo that runs the tests.
+//! The collector is another package: `cargo test --workspace` builds its
+//! binary.
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use capwatch_agent::source::GpuSource;
@@ -25,43 +24,21 @@ const INTERVAL_MS: u64 = 100;
 const GPUS: u64 = 8;
 const TENANTS: &str = "[[tenant]]\nid = \"lab-f\"\ncontracted_kw = 10\nnodes = [\"f-*\"]\n";
 
-/// The collector binary, built (or found up to date) once.
-fn collector_bin() -> &'static Path {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        // target/<profile>/deps/<this test>
-        let exe = std::env::current_exe().unwrap();
-        let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-        let target_dir = profile_dir.parent().unwrap();
-        let profile = profile_dir.file_name().unwrap().to_str().unwrap();
-        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
-            .args(["build", "--quiet", "-p", "capwatch-collector"])
-            .args(["--bin", "capwatch-collector", "--target-dir"])
-            .arg(target_dir);
-        if profile == "release" {
-            cmd.arg("--release");
-        }
-        // What cargo sets for the tests it runs would make the build look
-        // different from a plain one and rebuild half the tree each time.
-        for (key, _) in std::env::vars_os() {
-            let k = key.to_string_lossy();
-            if (k.starts_with("CARGO_") && k != "CARGO_HOME" && k != "CARGO_TARGET_DIR")
-                || k == "LD_LIBRARY_PATH"
-                || k == "RUST_RECURSION_COUNT"
-            {
-                cmd.env_remove(&key);
-            }
-        }
-        let out = cmd.output().expect("run cargo build");
-        assert!(
-            out.status.success(),
-            "building the collector: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        profile_dir.join("capwatch-collector")
-    })
+/// The collector binary. It is another package, so it is found next to
+/// this test's own target directory; `cargo test --workspace` builds it.
+fn collector_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps");
+    let p = dir.join("capwatch-collector");
+    assert!(
+        p.exists(),
+        "{} not built; run the suite with `cargo test --workspace`",
+        p.display()
+    );
+    p
 }
 
 struct Collector {
