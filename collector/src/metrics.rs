@@ -232,6 +232,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Gauge,
     ),
     (
+        "capwatch_collector_info",
+        "Always 1; labels name the collector, its fencing holder (new at each start) and its ledger backend.",
+        Kind::Gauge,
+    ),
+    (
         "capwatch_ledger_info",
         "Always 1; ledger_id names the ledger, new when it was created again, swapped or recovered.",
         Kind::Gauge,
@@ -674,6 +679,17 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[("version", crate::VERSION)],
         1.0,
     );
+    if let Some(info) = state.collector_info() {
+        f.push(
+            "capwatch_collector_info",
+            &[
+                ("collector_id", &info.collector_id),
+                ("holder", &info.holder),
+                ("ledger_backend", info.ledger_backend),
+            ],
+            1.0,
+        );
+    }
     if let Some(id) = state.ledger_identity() {
         f.push("capwatch_ledger_info", &[("ledger_id", &id.ledger_id)], 1.0);
         f.push(

@@ -56,8 +56,20 @@ pub struct State {
     pub counters: Counters,
     /// The ledger's identity, once it is open.
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
+    /// Who this collector is, once known.
+    collector_info: std::sync::OnceLock<CollectorInfo>,
     /// Why `/readyz` answers 503, if it does.
     pub readiness: crate::health::Readiness,
+}
+
+/// Who this collector is: its configured id, the fencing holder of this
+/// process and the ledger backend it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorInfo {
+    pub collector_id: String,
+    pub holder: String,
+    /// `sqlite` or `postgres`.
+    pub ledger_backend: &'static str,
 }
 
 /// The tenant file's history and the version in force now.
@@ -89,6 +101,7 @@ impl State {
             billing: Billing::default(),
             counters: Counters::default(),
             ledger_identity: std::sync::OnceLock::new(),
+            collector_info: std::sync::OnceLock::new(),
             readiness: Default::default(),
         }
     }
@@ -100,6 +113,15 @@ impl State {
 
     pub fn ledger_identity(&self) -> Option<&crate::ledger::Identity> {
         self.ledger_identity.get()
+    }
+
+    /// Records who this collector is (once): `capwatch_collector_info`.
+    pub fn set_collector_info(&self, info: CollectorInfo) {
+        let _ = self.collector_info.set(info);
+    }
+
+    pub fn collector_info(&self) -> Option<&CollectorInfo> {
+        self.collector_info.get()
     }
 
     /// Takes what the next commit must write, with its number and the

@@ -26,7 +26,6 @@ use tracing::{Instrument as _, error, info, warn};
 use capwatch_proto::v1::ingest_server::IngestServer;
 
 use crate::config::{self, Config};
-use crate::ledger::sqlite::LOCAL_HOLDER;
 use crate::persist::committer::{
     claim_restored, commit_loop, commit_once, committer_died, resume_tenant_history,
 };
@@ -54,6 +53,8 @@ pub enum CollectorError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("reading the system's random source for this collector's holder id: {error}")]
+    Holder { error: std::io::Error },
     #[error("listening for SIGHUP: {error}")]
     Signal { error: std::io::Error },
     #[error("{what} server: {error}")]
@@ -95,6 +96,8 @@ fn task_span(name: &'static str) -> tracing::Span {
 pub struct App {
     cfg: Config,
     state: Arc<State>,
+    /// This process's fencing holder (`<collector_id>/<random hex>`).
+    holder: Arc<str>,
     ledger: ledger::Ledger,
     reader: ledger::Reader,
     grpc: TcpListener,
@@ -142,11 +145,21 @@ impl App {
         if !cfg.http_listen.ip().is_loopback() && state.auth().api_required() {
             warn!(http = %cfg.http_listen, "the usage API takes bearer tokens over plain HTTP; terminate TLS in front of it");
         }
+        let collector_id = collector_id(&cfg)?;
+        let holder: Arc<str> = Arc::from(
+            persist::claims::new_holder(&collector_id)
+                .map_err(|error| CollectorError::Holder { error })?,
+        );
+        state.set_collector_info(crate::state::CollectorInfo {
+            collector_id,
+            holder: holder.to_string(),
+            ledger_backend: "sqlite",
+        });
         let mut ledger = ledger::Ledger::open(&cfg.ledger_path)?;
         state.set_ledger_identity(ledger.identity().clone());
         let snapshot = ledger.load()?;
         info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
-        let generations = claim_restored(&mut ledger, LOCAL_HOLDER, &snapshot)?;
+        let generations = claim_restored(&mut ledger, &holder, &snapshot)?;
         let claimed: Vec<(String, u64)> = snapshot
             .nodes
             .iter()
@@ -205,6 +218,7 @@ impl App {
         Ok(Self {
             cfg,
             state,
+            holder,
             ledger,
             reader,
             grpc,
@@ -232,6 +246,7 @@ impl App {
         let Self {
             cfg,
             state,
+            holder,
             ledger,
             reader,
             grpc,
@@ -246,7 +261,7 @@ impl App {
         let service = ingest::IngestService {
             claims: Arc::new(persist::claims::HolderClaims {
                 writer: ledger.clone(),
-                holder: Arc::from(LOCAL_HOLDER),
+                holder: holder.clone(),
             }),
             state: state.clone(),
             shutdown: shutdown.clone(),
@@ -292,9 +307,10 @@ impl App {
 
         let (stop_committer, committer_stop) = std::sync::mpsc::channel::<()>();
         let committer = {
-            let (state, ledger, every, grace, committed) = (
+            let (state, ledger, holder, every, grace, committed) = (
                 state.clone(),
                 ledger.clone(),
+                holder.clone(),
                 cfg.commit_interval,
                 cfg.finalize_grace,
                 committed_tx.clone(),
@@ -308,7 +324,7 @@ impl App {
                         commit_loop(
                             &state,
                             &*ledger,
-                            LOCAL_HOLDER,
+                            &holder,
                             every,
                             grace,
                             &committed,
@@ -329,7 +345,7 @@ impl App {
             compact_loop(
                 state.clone(),
                 ledger.clone(),
-                Arc::from(LOCAL_HOLDER),
+                holder.clone(),
                 persist::compactor::Retention {
                     finalize_grace: cfg.finalize_grace,
                     minute_retention: cfg.minute_retention,
@@ -359,6 +375,7 @@ impl App {
         Ok(Running {
             cfg,
             state,
+            holder,
             ledger,
             shutdown,
             grpc,
@@ -377,6 +394,7 @@ impl App {
 pub struct Running {
     cfg: Config,
     state: Arc<State>,
+    holder: Arc<str>,
     ledger: Arc<Mutex<ledger::Ledger>>,
     shutdown: watch::Receiver<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -400,6 +418,7 @@ impl Running {
         let Self {
             cfg,
             state,
+            holder,
             ledger,
             shutdown,
             grpc,
@@ -429,7 +448,7 @@ impl Running {
         let last = tokio::task::spawn_blocking(move || {
             let _task = span.entered();
             let failed = committer.join().unwrap_or_else(|_| committer_died());
-            commit_once(&state, &*ledger, LOCAL_HOLDER, failed, &committed, grace)
+            commit_once(&state, &*ledger, &holder, failed, &committed, grace)
         })
         .await;
         if !matches!(last, Ok(None)) {
@@ -458,6 +477,24 @@ impl Running {
             }
         }
     }
+}
+
+/// The collector's id: `collector_id`, or the hostname.
+fn collector_id(cfg: &Config) -> Result<String, config::ConfigError> {
+    if let Some(id) = &cfg.collector_id {
+        return Ok(id.clone());
+    }
+    let uname = rustix::system::uname();
+    let host = uname.nodename().to_string_lossy().into_owned();
+    config::collector_id_ok(&host).map_err(|reason| {
+        config::ConfigError::invalid(
+            "collector_id",
+            format!(
+                "unset, and the hostname {host:?} cannot stand for it ({reason}); set collector_id"
+            ),
+        )
+    })?;
+    Ok(host)
 }
 
 /// Raises the descriptor limit to its hard limit and fits the HTTP

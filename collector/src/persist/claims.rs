@@ -40,5 +40,16 @@ impl<W: LedgerWriter> NodeClaims for HolderClaims<W> {
     }
 }
 
+/// A fencing holder id for this process: `<collector_id>/<16 hex
+/// digits>`, the digits read from the system's random source at each
+/// start, so that no two processes (not even one restarted) share a
+/// holder, and "same holder" means "same process, same claim".
+pub fn new_holder(collector_id: &str) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(format!("{collector_id}/{:016x}", u64::from_le_bytes(bytes)))
+}
+
 #[cfg(test)]
 mod tests;

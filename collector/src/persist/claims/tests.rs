@@ -416,3 +416,17 @@ fn a_fenced_node_is_fenced_once_and_its_streams_book_nothing_more() {
         11 * MJ_PER_S
     );
 }
+
+/// Invariant (fencing): a holder is new at every start, so a restarted
+/// collector never takes its predecessor's claims for its own.
+#[test]
+fn a_holder_id_is_the_collector_id_and_random_digits_new_at_every_start() {
+    let a = new_holder("collector-a").unwrap();
+    let b = new_holder("collector-a").unwrap();
+    assert_ne!(a, b);
+    for h in [&a, &b] {
+        let digits = h.strip_prefix("collector-a/").unwrap();
+        assert_eq!(digits.len(), 16, "{h}");
+        assert!(digits.chars().all(|c| c.is_ascii_hexdigit()), "{h}");
+    }
+}
