@@ -26,9 +26,7 @@ use tracing::{Instrument as _, error, info, warn};
 use capwatch_proto::v1::ingest_server::IngestServer;
 
 use crate::config::{self, Config};
-use crate::persist::committer::{
-    claim_restored, commit_loop, commit_once, committer_died, resume_tenant_history,
-};
+use crate::persist::committer::{commit_loop, commit_once, committer_died, resume_tenant_history};
 use crate::persist::{self, compactor::compact_loop};
 use crate::state::{State, StateConfig};
 use crate::tenants::{self, Tenants};
@@ -159,20 +157,11 @@ impl App {
         state.set_ledger_identity(ledger.identity().clone());
         let snapshot = ledger.load()?;
         info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
-        let generations = claim_restored(&mut ledger, &holder, &snapshot)?;
-        let claimed: Vec<(String, u64)> = snapshot
-            .nodes
-            .iter()
-            .map(|(n, _)| n.clone())
-            .zip(generations)
-            .collect();
+        // Nothing is claimed here: another collector may be streaming any
+        // of these nodes now. The cursors are a cache; each node's claim at
+        // its Hello (which returns the cursor the ledger holds then) decides
+        // where it resumes from.
         state.restore(snapshot);
-        state.set_claim_generations(
-            &claimed
-                .iter()
-                .map(|(n, g)| (n.as_str(), *g))
-                .collect::<Vec<_>>(),
-        );
         resume_tenant_history(&state, &mut ledger)?;
 
         let grpc =

@@ -1,8 +1,8 @@
 //! The committer: a thread of its own that writes what the streams
 //! applied to the ledger (through `LedgerWriter` only), moves its
 //! watermark, and tells the streams which commit is durable so they ack;
-//! and, at start-up, what the collector resumes from the ledger (node
-//! claims, the tenant file's history).
+//! and, at start-up, what the collector resumes from the ledger (the
+//! tenant file's history).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -34,32 +34,6 @@ pub enum ResumeError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     TenantFile(#[from] StoredTenantFileError),
-}
-
-/// Claims, for `holder`, every node the ledger restored (`snapshot`), in
-/// one transaction, so that this collector's commits of them are fenced
-/// from then on. With SQLite the holder is the same at every start, so
-/// the claims keep their generations. Nodes first heard of later are
-/// claimed at their Hello (`claims::HolderClaims`). Returns each
-/// restored node's generation, in `snapshot` order, for the fleet.
-pub fn claim_restored<W: LedgerWriter + ?Sized>(
-    ledger: &mut W,
-    holder: &str,
-    snapshot: &ledger::Snapshot,
-) -> Result<Vec<u64>, LedgerError> {
-    let nodes: Vec<&str> = snapshot.nodes.iter().map(|(n, _)| n.as_str()).collect();
-    if nodes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let claims = ledger.claim_nodes(holder, &nodes)?;
-    for ((node, restored), claim) in snapshot.nodes.iter().zip(&claims) {
-        if claim.cursor.as_ref() != Some(restored) {
-            // Another holder committed the node between the restore and
-            // the claim: impossible with one process holding the ledger.
-            tracing::warn!(node = %node, generation = claim.generation, "a node's cursor changed between the restore and its claim");
-        }
-    }
-    Ok(claims.iter().map(|c| c.generation).collect())
 }
 
 /// Rebuilds the tenant file's history from the ledger and puts the file

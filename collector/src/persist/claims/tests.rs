@@ -430,3 +430,52 @@ fn a_holder_id_is_the_collector_id_and_random_digits_new_at_every_start() {
         assert!(digits.chars().all(|c| c.is_ascii_hexdigit()), "{h}");
     }
 }
+
+/// Restore rule at a claim: a GPU in two nodes' cursors (it moved) resumes
+/// only on the node where it was heard last, also when its older node is
+/// claimed at its Hello (the start-up restore claims nothing, so each
+/// node's cursor comes from its claim).
+#[test]
+fn a_claim_does_not_resume_a_gpu_heard_later_on_another_node() {
+    let site = Site::new();
+    let gpu = |t: i64| GpuCursor {
+        last_counter_mj: Some(COUNTER0),
+        last_timestamp_ns: Some(t),
+        remainder_mw_ns: 0,
+        energy_mj: 0,
+        counter_resets: 0,
+    };
+    let mut c = Commit::default();
+    // GPU-x was on n1, then moved to n2 and was heard there later.
+    for (node, t) in [("n1", site.ts(1)), ("n2", site.ts(5))] {
+        c.nodes.insert(
+            Arc::from(node),
+            NodeCursor {
+                epoch: 1,
+                last_seq: 5,
+                gpus: vec![(Arc::from("GPU-x"), gpu(t))],
+            },
+        );
+    }
+    sync::lock(&site.writer)
+        .commit_as("collector-b", &c, sync::now_unix(), 0)
+        .unwrap();
+    site.state
+        .restore(sync::lock(&site.writer).restore().unwrap());
+    let departed = |node: &str| -> Vec<String> {
+        let n = site.state.node(node).unwrap();
+        let n = sync::lock(&n);
+        n.departed().iter().map(|g| g.uuid().to_string()).collect()
+    };
+    assert_eq!(departed("n1"), Vec::<String>::new());
+    assert_eq!(departed("n2"), vec!["GPU-x".to_string()]);
+    for node in ["n1", "n2"] {
+        site.claims
+            .claim_node(node, &mut |c| {
+                site.state.adopt_claim(node, c);
+            })
+            .unwrap();
+    }
+    assert_eq!(departed("n1"), Vec::<String>::new(), "heard later on n2");
+    assert_eq!(departed("n2"), vec!["GPU-x".to_string()]);
+}
