@@ -107,6 +107,8 @@ pub enum StreamRefusal {
     Hello,
     /// The node could not be claimed in the ledger.
     Ledger,
+    /// The node's claim did not come within the hello timeout.
+    ClaimTimeout,
 }
 
 impl StreamRefusal {
@@ -118,6 +120,7 @@ impl StreamRefusal {
             StreamRefusal::Auth => "auth",
             StreamRefusal::Hello => "hello",
             StreamRefusal::Ledger => "ledger",
+            StreamRefusal::ClaimTimeout => "claim_timeout",
         }
     }
 }

@@ -187,16 +187,47 @@ impl Ingest for IngestService {
                 warn!(node = %node_id, ?peer, error = %e, "stream refused");
                 self.refuse(StreamRefusal::Hello, e.into())
             })?;
+        // The cheap local checks first: a Hello the fleet would refuse
+        // anyway costs no claim.
+        self.state.precheck_hello(&hello).map_err(|e| {
+            warn!(node = %node_id, ?peer, error = %e, "stream refused");
+            self.refuse(StreamRefusal::Hello, e.into())
+        })?;
         // Before the stream is admitted and its Welcome computed: with a
         // claim of a new generation, the node resumes from the ledger's
-        // cursor (see `State::adopt_claim`).
-        let generation = self.claim(&node_id).await.map_err(|e| {
-            warn!(node = %node_id, ?peer, error = %e, "stream refused: claiming the node in the ledger failed");
-            self.refuse(
-                StreamRefusal::Ledger,
-                Status::unavailable(format!("claiming node {node_id:?}: {e}")),
-            )
-        })?;
+        // cursor (see `State::adopt_claim`). Claims are made in rounds
+        // (`persist::claims::ClaimQueue`); a round that does not come
+        // within the hello timeout refuses the Hello.
+        let generation = match tokio::time::timeout(self.hello_timeout, self.claims.claim(&node_id))
+            .await
+        {
+            Ok(Ok(Ok(generation))) => generation,
+            Ok(Ok(Err(e))) => {
+                warn!(node = %node_id, ?peer, error = %e, "stream refused: claiming the node in the ledger failed");
+                return Err(self.refuse(
+                    StreamRefusal::Ledger,
+                    Status::unavailable(format!("claiming node {node_id:?}: {e}")),
+                ));
+            }
+            Ok(Err(_)) => {
+                return Err(self.refuse(
+                    StreamRefusal::Ledger,
+                    Status::unavailable(format!(
+                        "claiming node {node_id:?}: the collector's claim thread is gone"
+                    )),
+                ));
+            }
+            Err(_) => {
+                warn!(node = %node_id, ?peer, timeout_ms = self.hello_timeout.as_millis() as u64, "stream refused: the node's ledger claim did not come within the hello timeout");
+                return Err(self.refuse(
+                    StreamRefusal::ClaimTimeout,
+                    Status::unavailable(format!(
+                        "claiming node {node_id:?} in the ledger took longer than the hello timeout ({}); try again or another collector",
+                        humantime::format_duration(self.hello_timeout)
+                    )),
+                ));
+            }
+        };
         let (handle, acked_seq) = self.state.hello_checked(hello).map_err(|e| {
             warn!(node = %node_id, ?peer, error = %e, "stream refused");
             self.refuse(StreamRefusal::Hello, e.into())
@@ -272,20 +303,6 @@ impl Ingest for IngestService {
 }
 
 impl IngestService {
-    /// Claims `node` for this collector, on a blocking thread (the claim
-    /// waits for the ledger's writer), and adopts the claim.
-    async fn claim(&self, node: &str) -> Result<u64, ClaimFailed> {
-        let (claims, state, node) = (self.claims.clone(), self.state.clone(), node.to_string());
-        tokio::task::spawn_blocking(move || {
-            claims.claim_node(&node, &mut |claim| {
-                state.adopt_claim(&node, claim);
-            })
-        })
-        .await
-        .map_err(|e| ClaimFailed(e.to_string()))?
-        .map_err(|e| ClaimFailed(e.to_string()))
-    }
-
     /// Checks that whoever opened the stream may report for `node`: its
     /// token (when agents need one) and its client certificate (with
     /// mutual TLS). Refusals are counted, and logged once per node.
@@ -404,12 +421,6 @@ impl Admitted {
         }
     }
 }
-
-/// Why a claim at a Hello failed: the ledger's error, or the blocking
-/// task's.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct ClaimFailed(String);
 
 /// The status that ends a stream whose node's ledger claim is lost:
 /// UNAVAILABLE, so the agent reconnects and re-sends what is unacked.
@@ -599,7 +610,7 @@ async fn serve_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Claim, LedgerError};
+    use crate::ledger::LedgerError;
     use crate::state::StateConfig;
     use capwatch_proto::v1::ingest_client::IngestClient;
     use capwatch_proto::v1::ingest_server::IngestServer;
@@ -608,11 +619,14 @@ mod tests {
     struct Unreachable;
 
     impl NodeClaims for Unreachable {
-        fn claim_node(&self, _: &str, _: &mut dyn FnMut(&Claim)) -> Result<u64, LedgerError> {
-            Err(LedgerError::Io {
+        fn claim(&self, _: &str) -> crate::persist::claims::ClaimAnswer {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let e = LedgerError::Io {
                 path: "/var/lib/capwatch/ledger.db".into(),
                 error: std::io::Error::other("disk I/O error"),
-            })
+            };
+            let _ = tx.send(Err(crate::persist::claims::ClaimFailed(e.to_string())));
+            rx
         }
     }
 
@@ -683,6 +697,112 @@ mod tests {
         assert_eq!(state.counters.streams_refused.load(Ordering::Relaxed), 1);
         assert_eq!(state.connected(), 0);
         assert_eq!(state.node_count(), 0, "the node was not admitted");
+        server.abort();
+    }
+
+    /// A Hello whose claim does not come within the hello timeout (the
+    /// ledger's writer is stuck) is refused UNAVAILABLE and counted, and
+    /// the node is not admitted; once the writer is free, a Hello is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hello_whose_claim_does_not_come_in_time_is_refused_unavailable() {
+        let state = Arc::new(State::new(
+            StateConfig {
+                stale_after: None,
+                max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(86_400),
+            },
+            crate::tenants::Tenants::empty(),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Arc::new(Mutex::new(
+            crate::ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+        ));
+        let claims = crate::persist::claims::ClaimQueue::start(
+            crate::persist::claims::HolderClaims {
+                writer: writer.clone(),
+                holder: Arc::from("collector-a/1"),
+            },
+            state.clone(),
+        )
+        .unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let (committed_tx, committed) = watch::channel(0);
+        let service = IngestService {
+            state: state.clone(),
+            claims: Arc::new(claims),
+            shutdown,
+            hello_timeout: Duration::from_millis(300),
+            committed,
+            client_certs: false,
+            limits: Limits {
+                max_streams: 10,
+                max_node_sample_rate: 100,
+            },
+            open: Default::default(),
+            refused_logged: Default::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IngestServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = IngestClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let hello = || pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_id: "n1".into(),
+                agent_version: "test".into(),
+                stream_epoch: 1,
+                interval_millis: 1000,
+                gpus: Vec::new(),
+                host: None,
+            })),
+        };
+        // Another thread holds the writer (a commit that hangs, say).
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = std::sync::mpsc::channel::<()>();
+        let stuck = std::thread::spawn({
+            let writer = writer.clone();
+            move || {
+                let _writer = crate::sync::lock(&writer);
+                held.send(()).unwrap();
+                let _ = released.recv();
+            }
+        });
+        holding.recv().unwrap();
+        let status = client
+            .stream(futures::StreamExt::chain(
+                futures::stream::iter(vec![hello()]),
+                futures::stream::pending(),
+            ))
+            .await
+            .expect_err("the Hello must be refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("hello timeout"), "{status:?}");
+        assert_eq!(state.counters.streams_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(state.connected(), 0);
+        drop(release);
+        stuck.join().unwrap();
+        // The writer is free again: the next Hello is claimed and welcomed.
+        committed_tx.send_replace(u64::MAX);
+        let mut answers = client
+            .stream(futures::StreamExt::chain(
+                futures::stream::iter(vec![hello()]),
+                futures::stream::pending(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let welcome = answers.message().await.unwrap().unwrap();
+        assert!(
+            matches!(welcome.body, Some(pb::collector_message::Body::Welcome(_))),
+            "{welcome:?}"
+        );
+        assert_eq!(state.connected(), 1);
         server.abort();
     }
 

@@ -283,22 +283,33 @@ impl State {
         let (tenants, span) = self.in_force();
         let node = hello.node_id.clone();
         let admitted = self.fleet.hello(hello, &tenants, span);
-        let claim = |reason, uuid: &str| {
-            GpuClaimRefused {
-                reason,
-                node: &node,
-                uuid,
-            }
-            .emit(&self.counters)
-        };
-        match &admitted {
-            Err(HelloError::GpuLeasedElsewhere { uuid, .. }) => claim(ClaimReason::LeaseNode, uuid),
-            Err(HelloError::GpuHeldElsewhere { uuid, .. }) => {
-                claim(ClaimReason::HeldByOtherNode, uuid)
-            }
-            _ => {}
+        if let Err(e) = &admitted {
+            self.count_gpu_claim_refusal(&node, e);
         }
         admitted
+    }
+
+    /// The checks of a checked Hello that need no ledger claim (leased
+    /// GPUs, an older epoch than a stream here has): made before the
+    /// claim, so that a Hello refused anyway costs none. `hello_checked`
+    /// decides.
+    pub fn precheck_hello(&self, hello: &Checked<Hello>) -> Result<(), HelloError> {
+        let (tenants, _) = self.in_force();
+        let checked = self.fleet.precheck(hello, &tenants);
+        if let Err(e) = &checked {
+            self.count_gpu_claim_refusal(&hello.node_id, e);
+        }
+        checked
+    }
+
+    fn count_gpu_claim_refusal(&self, node: &str, e: &HelloError) {
+        let claim =
+            |reason, uuid: &str| GpuClaimRefused { reason, node, uuid }.emit(&self.counters);
+        match e {
+            HelloError::GpuLeasedElsewhere { uuid, .. } => claim(ClaimReason::LeaseNode, uuid),
+            HelloError::GpuHeldElsewhere { uuid, .. } => claim(ClaimReason::HeldByOtherNode, uuid),
+            _ => {}
+        }
     }
 
     /// Takes `claim`, just made for node `node` at its Hello, under the

@@ -248,10 +248,19 @@ impl App {
         let (committed_tx, committed) = watch::channel(0u64);
         let ledger = Arc::new(Mutex::new(ledger));
         let service = ingest::IngestService {
-            claims: Arc::new(persist::claims::HolderClaims {
-                writer: ledger.clone(),
-                holder: holder.clone(),
-            }),
+            claims: Arc::new(
+                persist::claims::ClaimQueue::start(
+                    persist::claims::HolderClaims {
+                        writer: ledger.clone(),
+                        holder: holder.clone(),
+                    },
+                    state.clone(),
+                )
+                .map_err(|error| CollectorError::Serve {
+                    what: "claim thread",
+                    error: error.into(),
+                })?,
+            ),
             state: state.clone(),
             shutdown: shutdown.clone(),
             hello_timeout: cfg.hello_timeout,

@@ -479,3 +479,49 @@ fn a_claim_does_not_resume_a_gpu_heard_later_on_another_node() {
     assert_eq!(departed("n1"), Vec::<String>::new(), "heard later on n2");
     assert_eq!(departed("n2"), vec!["GPU-x".to_string()]);
 }
+
+/// Claims queued while a round waits for the writer (behind a commit, or
+/// many Hellos at once after a restart) are made together: one
+/// `claim_nodes` transaction per round, each Hello answered with its
+/// node's generation.
+#[test]
+fn claims_queued_meanwhile_are_made_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = crate::persist::faulty::Faulty::new(
+        ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+    );
+    let rounds = writer.claim_rounds.clone();
+    let writer = Arc::new(Mutex::new(writer));
+    let state = Arc::new(State::new(
+        StateConfig {
+            stale_after: None,
+            max_gpus_per_node: 8,
+            max_clock_skew: Duration::from_secs(600),
+            max_sample_age: Duration::from_secs(7 * 86_400),
+        },
+        Tenants::empty(),
+    ));
+    let queue = ClaimQueue::start(
+        HolderClaims {
+            writer: writer.clone(),
+            holder: Arc::from("collector-a/1"),
+        },
+        state,
+    )
+    .unwrap();
+    // The writer is busy (a commit, say) while 500 Hellos ask for claims.
+    let busy = sync::lock(&writer);
+    let answers: Vec<ClaimAnswer> = (0..500)
+        .map(|i| queue.claim(&format!("n{i}")))
+        .chain([queue.claim("n7")])
+        .collect();
+    drop(busy);
+    for a in answers {
+        assert_eq!(a.blocking_recv().unwrap().unwrap(), 1);
+    }
+    let rounds = sync::lock(&rounds).clone();
+    // The first round may have taken the first claim alone, before the
+    // others were queued; the rest wait for the writer together.
+    assert!(rounds.len() <= 2, "{rounds:?}");
+    assert_eq!(rounds.iter().sum::<usize>(), 500, "n7 claimed once");
+}
