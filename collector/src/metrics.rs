@@ -177,6 +177,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_streams_shed_total",
+        "Agent streams ended because ledger commits had failed for shed_streams_after (Hellos are refused meanwhile).",
+        Kind::Counter,
+    ),
+    (
         "capwatch_collector_tenant_reloads_total",
         "Tenant file reloads, by result.",
         Kind::Counter,
@@ -613,6 +618,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         "capwatch_collector_streams_refused_total",
         &[],
         c.streams_refused.load(Ordering::Relaxed) as f64,
+    );
+    f.push(
+        "capwatch_collector_streams_shed_total",
+        &[],
+        c.streams_shed.load(Ordering::Relaxed) as f64,
     );
     f.results(
         "capwatch_collector_tenant_reloads_total",

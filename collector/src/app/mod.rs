@@ -125,6 +125,7 @@ impl App {
             tenants,
         ));
         state.set_auth(load_auth(&cfg)?);
+        state.readiness.set_shed_after(cfg.shed_streams_after);
         if cfg.metrics_auth && !state.auth().api_required() {
             return Err(config::ConfigError::invalid(
                 "metrics_auth",

@@ -167,11 +167,17 @@ pub fn commit_once<W: LedgerWriter>(
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
+        // While commits fail, an empty commit probes the ledger, so that
+        // an idle collector learns it can commit again (and takes Hellos).
         match l.finalized_through() {
-            Ok(w) if w >= finalize_through => return None,
+            Ok(w) if w >= finalize_through && !state.readiness.commits_failing() => return None,
             Ok(_) => {}
             Err(e) => {
                 error!(task = "committer", error = %e, "reading the ledger's watermark failed");
+                if state.readiness.commits_failing() {
+                    crate::events::CommitFailed { error: &e }.emit(&state.counters);
+                    state.readiness.commit_failed(&e);
+                }
                 return None;
             }
         }
