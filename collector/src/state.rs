@@ -58,6 +58,10 @@ pub struct State {
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
     /// Who this collector is, once known.
     collector_info: std::sync::OnceLock<CollectorInfo>,
+    /// The tenants' totals as the ledger held them at the last read
+    /// (after each commit, and every commit interval), with every
+    /// collector's commits; until the first read, this collector's own.
+    ledger_totals: RwLock<Option<HashMap<Arc<str>, TenantTotals>>>,
     /// Why `/readyz` answers 503, if it does.
     pub readiness: crate::health::Readiness,
 }
@@ -102,6 +106,7 @@ impl State {
             counters: Counters::default(),
             ledger_identity: std::sync::OnceLock::new(),
             collector_info: std::sync::OnceLock::new(),
+            ledger_totals: RwLock::new(None),
             readiness: Default::default(),
         }
     }
@@ -205,8 +210,36 @@ impl State {
         self.fleet.connected()
     }
 
+    /// Every tenant's energy and over-contract time: as the ledger held
+    /// them at the last read (every collector on it shows the same), or,
+    /// before the committer first read them, as this collector counted
+    /// them (restored plus booked).
     pub fn totals(&self) -> HashMap<Arc<str>, TenantTotals> {
+        if let Some(t) = &*self.ledger_totals.read().unwrap_or_else(|p| p.into_inner()) {
+            return t.clone();
+        }
         self.billing.totals()
+    }
+
+    /// Records the tenants' totals read from the ledger.
+    pub fn set_ledger_totals(&self, read: &crate::ledger::LedgerTotals) {
+        let mut totals: HashMap<Arc<str>, TenantTotals> = HashMap::new();
+        for (tenant, energy) in &read.tenant_energy {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .energy_millijoules = *energy;
+        }
+        for (tenant, nanos) in &read.tenant_over_contract_ns {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .over_contract_nanos = u128::from(*nanos);
+        }
+        *self
+            .ledger_totals
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(totals);
     }
 
     /// Replaces the tenant file from its `effective_from`, or from now,

@@ -290,6 +290,15 @@ pub struct Snapshot {
     pub tenant_over_contract_ns: Vec<(String, u64)>,
 }
 
+/// Every tenant's totals as the ledger holds them (`tenant_total`): the
+/// sum of every writer's commits. What `restore` returns as
+/// `Snapshot::tenant_energy` and `tenant_over_contract_ns`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LedgerTotals {
+    pub tenant_energy: Vec<(String, u64)>,
+    pub tenant_over_contract_ns: Vec<(String, u64)>,
+}
+
 /// The ledger's identity, shown on `/metrics` so that a swapped or
 /// recreated ledger is seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -423,6 +432,12 @@ pub trait LedgerWriter: Send {
 
     /// The cursors and tenant totals to resume from at start-up.
     fn restore(&self) -> Result<Snapshot, LedgerError>;
+
+    /// Every tenant's totals as the ledger holds them now, with every
+    /// writer's commits: what `/metrics` shows of tenant energy and
+    /// over-contract time, so that every collector shows the same. Read
+    /// after each commit and, idle, every commit interval.
+    fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError>;
 
     /// Claims each of `nodes` for `holder`, in one transaction: a node
     /// held by another holder (or by none) passes to `holder` with its

@@ -167,6 +167,9 @@ pub fn commit_once<W: LedgerWriter>(
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
+        // Other collectors commit to the ledger too: its totals are read
+        // every interval, also when this one has nothing to write.
+        read_totals(state, &*l);
         // While commits fail, an empty commit probes the ledger, so that
         // an idle collector learns it can commit again (and takes Hellos).
         match l.finalized_through() {
@@ -196,6 +199,12 @@ pub fn commit_once<W: LedgerWriter>(
         // Each refusal names one node and drops it: bounded by the nodes.
         loop {
             match l.commit_as(holder, &commit, now, finalize_through) {
+                Ok(done) => {
+                    // Before the acks: a scrape after an ack sees the
+                    // totals that include what it acks.
+                    read_totals(state, &*l);
+                    return Ok(done);
+                }
                 Err(LedgerError::Fenced {
                     node,
                     holder: by,
@@ -232,6 +241,17 @@ pub fn commit_once<W: LedgerWriter>(
             Some((id, commit))
         }
         Err(_) => committer_died(),
+    }
+}
+
+/// Reads the tenants' totals from the ledger for `/metrics`; a failed
+/// read keeps the last ones (it is logged, and no commit failure).
+fn read_totals<W: LedgerWriter + ?Sized>(state: &State, ledger: &W) {
+    match ledger.tenant_totals() {
+        Ok(t) => state.set_ledger_totals(&t),
+        Err(e) => {
+            tracing::warn!(task = "committer", error = %e, "reading the tenants' totals from the ledger failed; /metrics keeps the last ones")
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::ledger::{
     Claim, Commit, Committed, Compacted, Compaction, CompactionLease, Identity, LedgerError,
-    LedgerWriter, Snapshot, TenantVersion,
+    LedgerTotals, LedgerWriter, Snapshot, TenantVersion,
 };
 use crate::tenants::TenantHistory;
 
@@ -35,6 +35,10 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
 
     fn restore(&self) -> Result<Snapshot, LedgerError> {
         self.inner.restore()
+    }
+
+    fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError> {
+        self.inner.tenant_totals()
     }
 
     fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {

@@ -26,7 +26,7 @@ struct Site {
     claims: HolderClaims<ledger::Ledger>,
     committed: watch::Sender<u64>,
     t0: i64,
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
 }
 
 impl Site {
@@ -35,6 +35,17 @@ impl Site {
         let writer = Arc::new(Mutex::new(
             ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
         ));
+        Self::on(writer, Arc::new(dir), LOCAL_HOLDER)
+    }
+
+    /// A second collector, `holder`, on the same ledger as `other`.
+    fn beside(other: &Site, holder: &str) -> Self {
+        let mut site = Self::on(other.writer.clone(), other.dir.clone(), holder);
+        site.t0 = other.t0;
+        site
+    }
+
+    fn on(writer: Arc<Mutex<ledger::Ledger>>, dir: Arc<tempfile::TempDir>, holder: &str) -> Self {
         let state = State::new(
             StateConfig {
                 stale_after: None,
@@ -48,7 +59,7 @@ impl Site {
             state,
             claims: HolderClaims {
                 writer: writer.clone(),
-                holder: Arc::from(LOCAL_HOLDER),
+                holder: Arc::from(holder),
             },
             writer,
             committed: watch::channel(0).0,
@@ -163,7 +174,7 @@ impl Site {
         let failed = commit_once(
             &self.state,
             &*self.writer,
-            LOCAL_HOLDER,
+            &self.claims.holder,
             None,
             &self.committed,
             Duration::from_secs(86_400),
@@ -270,10 +281,11 @@ fn a_fenced_node_is_dropped_from_the_commit_and_claimed_back_from_the_ledger_cur
         38 * MJ_PER_S
     );
     drop(w);
-    // The live total is what the ledger holds, less collector-b's part.
+    // The tenant's total is the ledger's, collector-b's part included:
+    // every collector shows the same.
     assert_eq!(
         site.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules,
-        36 * MJ_PER_S
+        38 * MJ_PER_S
     );
 }
 
@@ -410,7 +422,7 @@ fn a_fenced_node_is_fenced_once_and_its_streams_book_nothing_more() {
     );
     assert_eq!(site.node_energy("n1"), 4 * MJ_PER_S);
     assert_eq!(site.node_energy("n2"), 7 * MJ_PER_S);
-    // The live total is what this collector committed.
+    // The total is what the ledger holds: what this collector committed.
     assert_eq!(
         site.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules,
         11 * MJ_PER_S
@@ -524,4 +536,62 @@ fn claims_queued_meanwhile_are_made_in_one_transaction() {
     // others were queued; the rest wait for the writer together.
     assert!(rounds.len() <= 2, "{rounds:?}");
     assert_eq!(rounds.iter().sum::<usize>(), 500, "n7 claimed once");
+}
+
+/// Invariant (fencing), two collectors on one ledger: collector B claims a
+/// node while A has samples of it pending. A's commit is fenced for that
+/// node only (its other node commits), A's stream of it ends acking
+/// nothing more, and B's commit of the samples the agent re-sends books
+/// each sample once: the ledger holds the counter's delta exactly, and
+/// both collectors show the same tenant total, the ledger's.
+#[test]
+fn a_node_claimed_by_another_collector_is_booked_once_across_both() {
+    let a = Site::beside(&Site::new(), "collector-a/0000000000000001");
+    let b = Site::beside(&a, "collector-b/0000000000000002");
+    let (a1, _) = a.hello("n1");
+    let (a2, _) = a.hello("n2");
+    a.send(&a1, 1..=10);
+    a.send(&a2, 1..=10);
+    a.commit();
+    let acked_by_a = *a.committed.borrow();
+    // A applies 11-15 of both nodes; before A commits, n1's agent moves to
+    // B (acked up to 10 by A).
+    a.send(&a1, 11..=15);
+    a.send(&a2, 11..=15);
+    let (b1, acked) = b.hello("n1");
+    assert_eq!(acked, 10, "B resumes from the ledger's cursor");
+    // A's commit: fenced for n1 only.
+    a.commit();
+    assert_eq!(
+        a.state
+            .counters
+            .nodes_fenced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(a1.claim_lost(), "A's stream of n1 ends");
+    assert!(!a2.claim_lost());
+    assert!(*a.committed.borrow() > acked_by_a, "n2's part committed");
+    assert_eq!(a.node_energy("n1"), 9 * MJ_PER_S, "nothing of A's 11-15");
+    assert_eq!(a.cursor("n1").unwrap().last_seq, 10);
+    assert_eq!(a.node_energy("n2"), 14 * MJ_PER_S);
+    // The agent re-sends everything A did not ack, and more, to B.
+    b.send(&b1, 11..=20);
+    b.commit();
+    // Ground truth: the counter moved 19 intervals.
+    assert_eq!(b.node_energy("n1"), 19 * MJ_PER_S);
+    assert_eq!(b.cursor("n1").unwrap().last_seq, 20);
+    // A's next commit (n2 only, or nothing) is not fenced again, and
+    // reads the ledger's totals: both show the same, B's commits included.
+    a.commit();
+    let total = |s: &Site| s.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules;
+    assert_eq!(total(&a), 33 * MJ_PER_S);
+    assert_eq!(total(&b), 33 * MJ_PER_S);
+    assert_eq!(
+        sync::lock(&a.writer)
+            .bucket_totals("unassigned")
+            .unwrap()
+            .energy_mj,
+        33 * MJ_PER_S
+    );
 }
