@@ -13,7 +13,8 @@
 //! samples committed are duplicates when re-sent.
 //!
 //! *Invariant (fencing):* a node's cursor is written only by the holder
-//! that claimed it last ([`LedgerWriter::claim`]); a commit naming a node
+//! that claimed it last ([`LedgerWriter::claim`]; a holder is unique per
+//! collector process start); a commit naming a node
 //! another holder claimed since is refused as a whole
 //! ([`LedgerError::Fenced`]) and writes nothing. Compaction runs only
 //! under a lease ([`LedgerWriter::acquire_compaction`]) that one holder has
@@ -424,8 +425,8 @@ pub struct CompactionLease {
 /// are kept by each commit as additions inside its own transaction (never
 /// written as a total from a writer's memory), so the ledger's totals are
 /// the sum of every writer's commits, however many there are. `restore`
-/// reads them from the ledger; a collector's live counters are what it
-/// restored plus what its own commits added since (`Committed`).
+/// and `tenant_totals` read them from the ledger; `/metrics` shows what
+/// `tenant_totals` read last, so every collector shows the same.
 pub trait LedgerWriter: Send {
     /// Who this ledger is: shown on `/metrics`.
     fn identity(&self) -> &Identity;
