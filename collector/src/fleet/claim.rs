@@ -149,6 +149,11 @@ impl Fleet {
     /// so it books nothing and moves no sequence number.
     fn supersede(&self, n: &mut Node) {
         n.generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        n.connected = false;
+        // Its streams' `disconnect` no longer matches the generation: the
+        // node leaves the connected count here.
+        if n.connected {
+            n.connected = false;
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }

@@ -571,6 +571,7 @@ fn a_node_claimed_by_another_collector_is_booked_once_across_both() {
     );
     assert!(a1.claim_lost(), "A's stream of n1 ends");
     assert!(!a2.claim_lost());
+    assert_eq!(a.state.connected(), 1, "only n2 streams to A");
     assert!(*a.committed.borrow() > acked_by_a, "n2's part committed");
     assert_eq!(a.node_energy("n1"), 9 * MJ_PER_S, "nothing of A's 11-15");
     assert_eq!(a.cursor("n1").unwrap().last_seq, 10);
