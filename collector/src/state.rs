@@ -351,10 +351,17 @@ impl State {
     /// cursor by the claim's and drops what the node had pending (see
     /// `Fleet::adopt`). Returns whether it did.
     pub fn adopt_claim(&self, node: &str, claim: &Claim) -> bool {
+        let held = self.fleet.ledger_generation(node);
         if !self.fleet.adopt(node, claim) {
             return false;
         }
         self.billing.drop_node(&Arc::from(node));
+        if held.is_none() {
+            // The first claim since this collector started (every node at
+            // a restart): the cursor is the one it restored, as a rule.
+            tracing::debug!(node = %node, generation = claim.generation, "node claimed: resuming from the ledger's cursor");
+            return true;
+        }
         info!(node = %node, generation = claim.generation, epoch = claim.cursor.as_ref().map(|c| c.epoch), last_seq = claim.cursor.as_ref().map(|c| c.last_seq), "node claimed at a new generation: resuming from the ledger's cursor");
         true
     }

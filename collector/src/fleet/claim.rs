@@ -24,6 +24,12 @@ impl Fleet {
         }
     }
 
+    /// The generation of the claim the fleet holds on node `id`, if any.
+    pub fn ledger_generation(&self, id: &str) -> Option<u64> {
+        let node = lock(&self.nodes).get(id).cloned()?;
+        lock(&node).ledger_generation
+    }
+
     /// Takes `claim`, just made for node `id`, before its Hello is
     /// admitted. The same generation the fleet holds changes nothing (a
     /// reconnect to this collector). Otherwise (another holder had the
