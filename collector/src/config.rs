@@ -88,6 +88,16 @@ pub struct Config {
     /// On shutdown, how long open streams get to finish.
     #[serde(with = "capwatch_common::duration")]
     pub shutdown_grace: Duration,
+    /// Names this collector (on `/metrics` and in the ledger's node
+    /// claims). Its fencing holder is `<collector_id>/<random hex>`, new
+    /// at every start, so two processes never share a holder. Unset: the
+    /// hostname.
+    pub collector_id: Option<String>,
+    /// Once ledger commits have failed for this long, every stream ends
+    /// with UNAVAILABLE and Hellos are refused until a commit succeeds, so
+    /// agents move to a collector that can commit.
+    #[serde(with = "capwatch_common::duration")]
+    pub shed_streams_after: Duration,
     /// Tokens agents and usage API clients must present (see
     /// `deploy/examples/auth.toml`). Reloaded on SIGHUP. Unset: none asked.
     pub auth_file: Option<PathBuf>,
@@ -152,6 +162,8 @@ impl Default for Config {
             max_message_bytes: 4 << 20,
             hello_timeout: Duration::from_secs(10),
             shutdown_grace: Duration::from_secs(5),
+            collector_id: None,
+            shed_streams_after: Duration::from_secs(30),
             auth_file: None,
             metrics_auth: false,
             tls_cert: None,
@@ -170,6 +182,21 @@ impl Default for Config {
 }
 
 pub use capwatch_common::settings::ConfigError;
+
+/// Why `id` cannot name a collector, if it cannot: it goes into label
+/// values and the ledger's holder ids.
+pub fn collector_id_ok(id: &str) -> Result<(), &'static str> {
+    if id.is_empty() || id.len() > 200 {
+        return Err("must be 1-200 bytes");
+    }
+    if id
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || c == '/')
+    {
+        return Err("must not hold whitespace, control characters or '/'");
+    }
+    Ok(())
+}
 
 /// Settings whose variable is not their name: kept from the flags'.
 const ENV_RENAMES: &[(&str, &str)] = &[
@@ -300,6 +327,16 @@ impl Config {
         }
         if self.shutdown_grace > Duration::from_secs(600) {
             return bad("shutdown_grace", "must be at most 10m");
+        }
+        if let Some(id) = &self.collector_id
+            && let Err(reason) = collector_id_ok(id)
+        {
+            return bad("collector_id", reason);
+        }
+        if self.shed_streams_after < Duration::from_secs(1)
+            || self.shed_streams_after > Duration::from_secs(86_400)
+        {
+            return bad("shed_streams_after", "must be between 1s and 24h");
         }
         Ok(())
     }

@@ -107,6 +107,10 @@ pub enum StreamRefusal {
     Hello,
     /// The node could not be claimed in the ledger.
     Ledger,
+    /// The node's claim did not come within the hello timeout.
+    ClaimTimeout,
+    /// Ledger commits have failed for `shed_streams_after`.
+    Shedding,
 }
 
 impl StreamRefusal {
@@ -118,6 +122,8 @@ impl StreamRefusal {
             StreamRefusal::Auth => "auth",
             StreamRefusal::Hello => "hello",
             StreamRefusal::Ledger => "ledger",
+            StreamRefusal::ClaimTimeout => "claim_timeout",
+            StreamRefusal::Shedding => "shedding",
         }
     }
 }
@@ -135,6 +141,8 @@ pub struct Counters {
     /// By [`Reject::ALL`].
     rejected: [AtomicU64; Reject::ALL.len()],
     pub streams_refused: AtomicU64,
+    /// Streams ended because ledger commits failed for `shed_streams_after`.
+    pub streams_shed: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
     pub commits_ok: AtomicU64,

@@ -121,6 +121,11 @@ impl Ingest for IngestService {
                 )),
             ));
         }
+        // Commits have failed for `shed_streams_after`: this collector
+        // cannot ack, so the agent had better go to one that can.
+        if let Some(failing) = self.state.readiness.shedding() {
+            return Err(self.refuse(StreamRefusal::Shedding, shed_status(failing)));
+        }
         let token = auth::bearer(
             request
                 .metadata()
@@ -187,16 +192,47 @@ impl Ingest for IngestService {
                 warn!(node = %node_id, ?peer, error = %e, "stream refused");
                 self.refuse(StreamRefusal::Hello, e.into())
             })?;
+        // The cheap local checks first: a Hello the fleet would refuse
+        // anyway costs no claim.
+        self.state.precheck_hello(&hello).map_err(|e| {
+            warn!(node = %node_id, ?peer, error = %e, "stream refused");
+            self.refuse(StreamRefusal::Hello, e.into())
+        })?;
         // Before the stream is admitted and its Welcome computed: with a
         // claim of a new generation, the node resumes from the ledger's
-        // cursor (see `State::adopt_claim`).
-        let generation = self.claim(&node_id).await.map_err(|e| {
-            warn!(node = %node_id, ?peer, error = %e, "stream refused: claiming the node in the ledger failed");
-            self.refuse(
-                StreamRefusal::Ledger,
-                Status::unavailable(format!("claiming node {node_id:?}: {e}")),
-            )
-        })?;
+        // cursor (see `State::adopt_claim`). Claims are made in rounds
+        // (`persist::claims::ClaimQueue`); a round that does not come
+        // within the hello timeout refuses the Hello.
+        let generation = match tokio::time::timeout(self.hello_timeout, self.claims.claim(&node_id))
+            .await
+        {
+            Ok(Ok(Ok(generation))) => generation,
+            Ok(Ok(Err(e))) => {
+                warn!(node = %node_id, ?peer, error = %e, "stream refused: claiming the node in the ledger failed");
+                return Err(self.refuse(
+                    StreamRefusal::Ledger,
+                    Status::unavailable(format!("claiming node {node_id:?}: {e}")),
+                ));
+            }
+            Ok(Err(_)) => {
+                return Err(self.refuse(
+                    StreamRefusal::Ledger,
+                    Status::unavailable(format!(
+                        "claiming node {node_id:?}: the collector's claim thread is gone"
+                    )),
+                ));
+            }
+            Err(_) => {
+                warn!(node = %node_id, ?peer, timeout_ms = self.hello_timeout.as_millis() as u64, "stream refused: the node's ledger claim did not come within the hello timeout");
+                return Err(self.refuse(
+                    StreamRefusal::ClaimTimeout,
+                    Status::unavailable(format!(
+                        "claiming node {node_id:?} in the ledger took longer than the hello timeout ({}); try again or another collector",
+                        humantime::format_duration(self.hello_timeout)
+                    )),
+                ));
+            }
+        };
         let (handle, acked_seq) = self.state.hello_checked(hello).map_err(|e| {
             warn!(node = %node_id, ?peer, error = %e, "stream refused");
             self.refuse(StreamRefusal::Hello, e.into())
@@ -231,9 +267,19 @@ impl Ingest for IngestService {
             let _open = open_guard;
             let node = handle.node_id.clone();
             let mut stopping = shutdown.clone();
-            let durable = tokio::select! {
-                c = committed.wait_for(|c| *c >= welcome_after) => c.is_ok(),
-                _ = stopping.wait_for(|s| *s) => false,
+            let mut shed = state.readiness.shed_signal();
+            let waited = tokio::select! {
+                c = committed.wait_for(|c| *c >= welcome_after) => Some(c.is_ok()),
+                _ = stopping.wait_for(|s| *s) => Some(false),
+                _ = shed_now(&mut shed) => None,
+            };
+            let Some(durable) = waited else {
+                state.disconnect(&handle);
+                state.counters.streams_shed.fetch_add(1, Ordering::Relaxed);
+                let failing = state.readiness.shedding().unwrap_or_default();
+                info!(node = %node, "stream shed before its Welcome: ledger commits are failing");
+                let _ = tx.send(Err(shed_status(failing))).await;
+                return;
             };
             if durable && handle.claim_lost() {
                 // The commit the Welcome waited for was fenced for this
@@ -255,6 +301,7 @@ impl Ingest for IngestService {
                 &mut tx,
                 shutdown,
                 committed,
+                shed,
                 admitted,
             )
             .await;
@@ -272,20 +319,6 @@ impl Ingest for IngestService {
 }
 
 impl IngestService {
-    /// Claims `node` for this collector, on a blocking thread (the claim
-    /// waits for the ledger's writer), and adopts the claim.
-    async fn claim(&self, node: &str) -> Result<u64, ClaimFailed> {
-        let (claims, state, node) = (self.claims.clone(), self.state.clone(), node.to_string());
-        tokio::task::spawn_blocking(move || {
-            claims.claim_node(&node, &mut |claim| {
-                state.adopt_claim(&node, claim);
-            })
-        })
-        .await
-        .map_err(|e| ClaimFailed(e.to_string()))?
-        .map_err(|e| ClaimFailed(e.to_string()))
-    }
-
     /// Checks that whoever opened the stream may report for `node`: its
     /// token (when agents need one) and its client certificate (with
     /// mutual TLS). Refusals are counted, and logged once per node.
@@ -405,17 +438,26 @@ impl Admitted {
     }
 }
 
-/// Why a claim at a Hello failed: the ledger's error, or the blocking
-/// task's.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct ClaimFailed(String);
-
 /// The status that ends a stream whose node's ledger claim is lost:
 /// UNAVAILABLE, so the agent reconnects and re-sends what is unacked.
 fn claim_lost(node: &str) -> Status {
     Status::unavailable(format!(
         "node {node:?} was claimed by another collector: nothing more is acked on this stream; say Hello again"
+    ))
+}
+
+/// Returns once the streams are to be shed.
+async fn shed_now(shed: &mut watch::Receiver<bool>) {
+    // The value's guard is not kept past the wait.
+    let _ = shed.wait_for(|s| *s).await.map(drop);
+}
+
+/// The status that sheds a stream, or refuses a Hello, once ledger commits
+/// have failed for `shed_streams_after` (`failing` so far).
+fn shed_status(failing: Duration) -> Status {
+    Status::unavailable(format!(
+        "ledger unreachable for {}s; reconnect to another collector",
+        failing.as_secs()
     ))
 }
 
@@ -478,6 +520,7 @@ async fn serve_stream(
     tx: &mut mpsc::Sender<Result<pb::CollectorMessage, Status>>,
     shutdown: watch::Receiver<bool>,
     mut committed: watch::Receiver<u64>,
+    mut shed: watch::Receiver<bool>,
     mut admitted: Admitted,
 ) -> Result<(), Status> {
     let mut waiting = Waiting::new();
@@ -517,6 +560,14 @@ async fn serve_stream(
             }
             _ = &mut stop => {
                 return Err(Status::unavailable("collector shutting down"));
+            }
+            _ = shed_now(&mut shed) => {
+                // What this stream applied and is not acked stays unacked:
+                // the agent re-sends it to another collector (or here,
+                // once a commit succeeds), and dedup from the ledger's
+                // cursor counts it once.
+                state.counters.streams_shed.fetch_add(1, Ordering::Relaxed);
+                return Err(shed_status(state.readiness.shedding().unwrap_or_default()));
             }
         };
         let batch = match msg {
@@ -599,7 +650,7 @@ async fn serve_stream(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Claim, LedgerError};
+    use crate::ledger::LedgerError;
     use crate::state::StateConfig;
     use capwatch_proto::v1::ingest_client::IngestClient;
     use capwatch_proto::v1::ingest_server::IngestServer;
@@ -608,11 +659,14 @@ mod tests {
     struct Unreachable;
 
     impl NodeClaims for Unreachable {
-        fn claim_node(&self, _: &str, _: &mut dyn FnMut(&Claim)) -> Result<u64, LedgerError> {
-            Err(LedgerError::Io {
+        fn claim(&self, _: &str) -> crate::persist::claims::ClaimAnswer {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let e = LedgerError::Io {
                 path: "/var/lib/capwatch/ledger.db".into(),
                 error: std::io::Error::other("disk I/O error"),
-            })
+            };
+            let _ = tx.send(Err(crate::persist::claims::ClaimFailed(e.to_string())));
+            rx
         }
     }
 
@@ -683,6 +737,309 @@ mod tests {
         assert_eq!(state.counters.streams_refused.load(Ordering::Relaxed), 1);
         assert_eq!(state.connected(), 0);
         assert_eq!(state.node_count(), 0, "the node was not admitted");
+        server.abort();
+    }
+
+    /// A Hello whose claim does not come within the hello timeout (the
+    /// ledger's writer is stuck) is refused UNAVAILABLE and counted, and
+    /// the node is not admitted; once the writer is free, a Hello is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hello_whose_claim_does_not_come_in_time_is_refused_unavailable() {
+        let state = Arc::new(State::new(
+            StateConfig {
+                stale_after: None,
+                max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(86_400),
+            },
+            crate::tenants::Tenants::empty(),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Arc::new(Mutex::new(
+            crate::ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+        ));
+        let claims = crate::persist::claims::ClaimQueue::start(
+            crate::persist::claims::HolderClaims {
+                writer: writer.clone(),
+                holder: Arc::from("collector-a/1"),
+            },
+            state.clone(),
+        )
+        .unwrap();
+        let (_stop, shutdown) = watch::channel(false);
+        let (committed_tx, committed) = watch::channel(0);
+        let service = IngestService {
+            state: state.clone(),
+            claims: Arc::new(claims),
+            shutdown,
+            hello_timeout: Duration::from_millis(300),
+            committed,
+            client_certs: false,
+            limits: Limits {
+                max_streams: 10,
+                max_node_sample_rate: 100,
+            },
+            open: Default::default(),
+            refused_logged: Default::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IngestServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = IngestClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let hello = || pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_id: "n1".into(),
+                agent_version: "test".into(),
+                stream_epoch: 1,
+                interval_millis: 1000,
+                gpus: Vec::new(),
+                host: None,
+            })),
+        };
+        // Another thread holds the writer (a commit that hangs, say).
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let (held, holding) = std::sync::mpsc::channel::<()>();
+        let stuck = std::thread::spawn({
+            let writer = writer.clone();
+            move || {
+                let _writer = crate::sync::lock(&writer);
+                held.send(()).unwrap();
+                let _ = released.recv();
+            }
+        });
+        holding.recv().unwrap();
+        let status = client
+            .stream(futures::StreamExt::chain(
+                futures::stream::iter(vec![hello()]),
+                futures::stream::pending(),
+            ))
+            .await
+            .expect_err("the Hello must be refused");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("hello timeout"), "{status:?}");
+        assert_eq!(state.counters.streams_refused.load(Ordering::Relaxed), 1);
+        assert_eq!(state.connected(), 0);
+        drop(release);
+        stuck.join().unwrap();
+        // The writer is free again: the next Hello is claimed and welcomed.
+        committed_tx.send_replace(u64::MAX);
+        let mut answers = client
+            .stream(futures::StreamExt::chain(
+                futures::stream::iter(vec![hello()]),
+                futures::stream::pending(),
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let welcome = answers.message().await.unwrap().unwrap();
+        assert!(
+            matches!(welcome.body, Some(pb::collector_message::Body::Welcome(_))),
+            "{welcome:?}"
+        );
+        assert_eq!(state.connected(), 1);
+        server.abort();
+    }
+
+    /// A batch of node `n1`'s GPU 0 at seconds `seqs` (counter 500 mJ a
+    /// second), stamped `t0` + seq seconds.
+    fn n1_batch(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> pb::AgentMessage {
+        pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+                samples: seqs
+                    .map(|seq| pb::NodeSample {
+                        seq,
+                        timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
+                        gpus: vec![pb::GpuSample {
+                            index: 0,
+                            power_milliwatts: Some(500_000),
+                            energy_millijoules: Some(1_000_000 + 500 * seq),
+                            ..Default::default()
+                        }],
+                        host: None,
+                    })
+                    .collect(),
+            })),
+        }
+    }
+
+    fn n1_hello() -> pb::AgentMessage {
+        pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_id: "n1".into(),
+                agent_version: "test".into(),
+                stream_epoch: 1,
+                interval_millis: 1000,
+                gpus: vec![pb::GpuInfo {
+                    index: 0,
+                    uuid: "GPU-n1".into(),
+                    model: "H200".into(),
+                    power_limit_milliwatts: Some(700_000),
+                    memory_total_bytes: None,
+                    energy_counter_supported: true,
+                }],
+                host: None,
+            })),
+        }
+    }
+
+    /// Invariant: nothing uncommitted is acked, and once commits have
+    /// failed for `shed_streams_after` the collector ends its streams
+    /// UNAVAILABLE and refuses Hellos, until a commit succeeds; then the
+    /// agent's re-sent samples count once (fault injection through the
+    /// writer interface).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failing_commits_stop_acks_shed_streams_and_refuse_hellos_until_one_succeeds() {
+        let state = Arc::new(State::new(
+            StateConfig {
+                stale_after: None,
+                max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(86_400),
+            },
+            crate::tenants::Tenants::empty(),
+        ));
+        let shed_after = Duration::from_millis(400);
+        state.readiness.set_shed_after(shed_after);
+        let dir = tempfile::tempdir().unwrap();
+        let writer = crate::persist::faulty::Faulty::new(
+            crate::ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+        );
+        let fail = writer.fail_commits.clone();
+        let writer = Arc::new(Mutex::new(writer));
+        let holder: Arc<str> = Arc::from("collector-a/1");
+        let claims = crate::persist::claims::ClaimQueue::start(
+            crate::persist::claims::HolderClaims {
+                writer: writer.clone(),
+                holder: holder.clone(),
+            },
+            state.clone(),
+        )
+        .unwrap();
+        let (committed_tx, committed) = watch::channel(0);
+        let (stop_committer, committer_stop) = std::sync::mpsc::channel::<()>();
+        let committer = std::thread::spawn({
+            let (state, writer, holder) = (state.clone(), writer.clone(), holder.clone());
+            move || {
+                crate::persist::committer::commit_loop(
+                    &state,
+                    &*writer,
+                    &holder,
+                    Duration::from_millis(20),
+                    Duration::from_secs(86_400),
+                    &committed_tx,
+                    &committer_stop,
+                )
+            }
+        });
+        let (_stop, shutdown) = watch::channel(false);
+        let service = IngestService {
+            state: state.clone(),
+            claims: Arc::new(claims),
+            shutdown,
+            hello_timeout: Duration::from_secs(5),
+            committed,
+            client_certs: false,
+            limits: Limits {
+                max_streams: 10,
+                max_node_sample_rate: 1_000,
+            },
+            open: Default::default(),
+            refused_logged: Default::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IngestServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = IngestClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let t0 = crate::sync::now_unix() - 300;
+        let open = |client: &mut IngestClient<tonic::transport::Channel>| {
+            let (tx, rx) = futures::channel::mpsc::unbounded::<pb::AgentMessage>();
+            tx.unbounded_send(n1_hello()).unwrap();
+            let mut client = client.clone();
+            async move { (tx, client.stream(rx).await) }
+        };
+        let acked = |m: Option<pb::CollectorMessage>| match m.and_then(|m| m.body) {
+            Some(pb::collector_message::Body::Ack(a)) => a.acked_seq,
+            Some(pb::collector_message::Body::Welcome(w)) => w.acked_seq,
+            other => panic!("expected an Ack or a Welcome, got {other:?}"),
+        };
+
+        let (tx, answers) = open(&mut client).await;
+        let mut answers = answers.unwrap().into_inner();
+        assert_eq!(acked(answers.message().await.unwrap()), 0);
+        tx.unbounded_send(n1_batch(t0, 1..=5)).unwrap();
+        assert_eq!(acked(answers.message().await.unwrap()), 5);
+
+        // The ledger becomes unreachable: 6-10 are applied, never acked,
+        // and the stream is shed once commits have failed long enough.
+        fail.store(true, Ordering::Relaxed);
+        tx.unbounded_send(n1_batch(t0, 6..=10)).unwrap();
+        let started = std::time::Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(10), answers.message())
+            .await
+            .expect("the stream is shed")
+            .expect_err("no ack while commits fail; then the stream is shed");
+        assert!(started.elapsed() >= shed_after, "shed too early");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("ledger unreachable for")
+                && status.message().contains("reconnect to another collector"),
+            "{status:?}"
+        );
+        assert_eq!(state.counters.streams_shed.load(Ordering::Relaxed), 1);
+        assert!(state.readiness.not_ready().is_some());
+        // Hellos are refused while commits fail.
+        let refused_before = state.counters.streams_refused.load(Ordering::Relaxed);
+        let (_tx, refused) = open(&mut client).await;
+        let status = refused.expect_err("a Hello while shedding");
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(
+            status.message().contains("ledger unreachable"),
+            "{status:?}"
+        );
+        assert_eq!(
+            state.counters.streams_refused.load(Ordering::Relaxed),
+            refused_before + 1
+        );
+
+        // The ledger is back: the next commit (the retry holding 6-10)
+        // succeeds, and Hellos are taken again.
+        fail.store(false, Ordering::Relaxed);
+        let until = std::time::Instant::now() + Duration::from_secs(10);
+        while state.readiness.shedding().is_some() {
+            assert!(std::time::Instant::now() < until, "still shedding");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let (tx, answers) = open(&mut client).await;
+        let mut answers = answers.unwrap().into_inner();
+        let welcomed = acked(answers.message().await.unwrap());
+        assert_eq!(welcomed, 10, "6-10 were committed by the retry");
+        // The agent re-sends everything it has not had acked: 6-15.
+        tx.unbounded_send(n1_batch(t0, 6..=15)).unwrap();
+        assert_eq!(acked(answers.message().await.unwrap()), 15);
+        assert_eq!(state.readiness.not_ready(), None);
+
+        drop(stop_committer);
+        assert!(committer.join().unwrap().is_none());
+        let w = crate::sync::lock(&writer);
+        // Ground truth: the counter moved 14 intervals of 500 mJ.
+        assert_eq!(
+            w.inner.bucket_totals("unassigned").unwrap().energy_mj,
+            14 * 500
+        );
+        assert_eq!(w.inner.bucket_totals("unassigned").unwrap().samples, 15);
+        drop(w);
         server.abort();
     }
 

@@ -177,6 +177,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_streams_shed_total",
+        "Agent streams ended because ledger commits had failed for shed_streams_after (Hellos are refused meanwhile).",
+        Kind::Counter,
+    ),
+    (
         "capwatch_collector_tenant_reloads_total",
         "Tenant file reloads, by result.",
         Kind::Counter,
@@ -229,6 +234,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     (
         "capwatch_collector_build_info",
         "Always 1; labels carry the version.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_collector_info",
+        "Always 1; labels name the collector, its fencing holder (new at each start) and its ledger backend.",
         Kind::Gauge,
     ),
     (
@@ -609,6 +619,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[],
         c.streams_refused.load(Ordering::Relaxed) as f64,
     );
+    f.push(
+        "capwatch_collector_streams_shed_total",
+        &[],
+        c.streams_shed.load(Ordering::Relaxed) as f64,
+    );
     f.results(
         "capwatch_collector_tenant_reloads_total",
         &c.reloads_ok,
@@ -674,6 +689,17 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[("version", crate::VERSION)],
         1.0,
     );
+    if let Some(info) = state.collector_info() {
+        f.push(
+            "capwatch_collector_info",
+            &[
+                ("collector_id", &info.collector_id),
+                ("holder", &info.holder),
+                ("ledger_backend", info.ledger_backend),
+            ],
+            1.0,
+        );
+    }
     if let Some(id) = state.ledger_identity() {
         f.push("capwatch_ledger_info", &[("ledger_id", &id.ledger_id)], 1.0);
         f.push(

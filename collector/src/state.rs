@@ -56,8 +56,24 @@ pub struct State {
     pub counters: Counters,
     /// The ledger's identity, once it is open.
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
+    /// Who this collector is, once known.
+    collector_info: std::sync::OnceLock<CollectorInfo>,
+    /// The tenants' totals as the ledger held them at the last read
+    /// (after each commit, and every commit interval), with every
+    /// collector's commits; until the first read, this collector's own.
+    ledger_totals: RwLock<Option<HashMap<Arc<str>, TenantTotals>>>,
     /// Why `/readyz` answers 503, if it does.
     pub readiness: crate::health::Readiness,
+}
+
+/// Who this collector is: its configured id, the fencing holder of this
+/// process and the ledger backend it writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorInfo {
+    pub collector_id: String,
+    pub holder: String,
+    /// `sqlite` or `postgres`.
+    pub ledger_backend: &'static str,
 }
 
 /// The tenant file's history and the version in force now.
@@ -89,6 +105,8 @@ impl State {
             billing: Billing::default(),
             counters: Counters::default(),
             ledger_identity: std::sync::OnceLock::new(),
+            collector_info: std::sync::OnceLock::new(),
+            ledger_totals: RwLock::new(None),
             readiness: Default::default(),
         }
     }
@@ -100,6 +118,15 @@ impl State {
 
     pub fn ledger_identity(&self) -> Option<&crate::ledger::Identity> {
         self.ledger_identity.get()
+    }
+
+    /// Records who this collector is (once): `capwatch_collector_info`.
+    pub fn set_collector_info(&self, info: CollectorInfo) {
+        let _ = self.collector_info.set(info);
+    }
+
+    pub fn collector_info(&self) -> Option<&CollectorInfo> {
+        self.collector_info.get()
     }
 
     /// Takes what the next commit must write, with its number and the
@@ -183,8 +210,36 @@ impl State {
         self.fleet.connected()
     }
 
+    /// Every tenant's energy and over-contract time: as the ledger held
+    /// them at the last read (every collector on it shows the same), or,
+    /// before the committer first read them, as this collector counted
+    /// them (restored plus booked).
     pub fn totals(&self) -> HashMap<Arc<str>, TenantTotals> {
+        if let Some(t) = &*self.ledger_totals.read().unwrap_or_else(|p| p.into_inner()) {
+            return t.clone();
+        }
         self.billing.totals()
+    }
+
+    /// Records the tenants' totals read from the ledger.
+    pub fn set_ledger_totals(&self, read: &crate::ledger::LedgerTotals) {
+        let mut totals: HashMap<Arc<str>, TenantTotals> = HashMap::new();
+        for (tenant, energy) in &read.tenant_energy {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .energy_millijoules = *energy;
+        }
+        for (tenant, nanos) in &read.tenant_over_contract_ns {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .over_contract_nanos = u128::from(*nanos);
+        }
+        *self
+            .ledger_totals
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(totals);
     }
 
     /// Replaces the tenant file from its `effective_from`, or from now,
@@ -261,22 +316,33 @@ impl State {
         let (tenants, span) = self.in_force();
         let node = hello.node_id.clone();
         let admitted = self.fleet.hello(hello, &tenants, span);
-        let claim = |reason, uuid: &str| {
-            GpuClaimRefused {
-                reason,
-                node: &node,
-                uuid,
-            }
-            .emit(&self.counters)
-        };
-        match &admitted {
-            Err(HelloError::GpuLeasedElsewhere { uuid, .. }) => claim(ClaimReason::LeaseNode, uuid),
-            Err(HelloError::GpuHeldElsewhere { uuid, .. }) => {
-                claim(ClaimReason::HeldByOtherNode, uuid)
-            }
-            _ => {}
+        if let Err(e) = &admitted {
+            self.count_gpu_claim_refusal(&node, e);
         }
         admitted
+    }
+
+    /// The checks of a checked Hello that need no ledger claim (leased
+    /// GPUs, an older epoch than a stream here has): made before the
+    /// claim, so that a Hello refused anyway costs none. `hello_checked`
+    /// decides.
+    pub fn precheck_hello(&self, hello: &Checked<Hello>) -> Result<(), HelloError> {
+        let (tenants, _) = self.in_force();
+        let checked = self.fleet.precheck(hello, &tenants);
+        if let Err(e) = &checked {
+            self.count_gpu_claim_refusal(&hello.node_id, e);
+        }
+        checked
+    }
+
+    fn count_gpu_claim_refusal(&self, node: &str, e: &HelloError) {
+        let claim =
+            |reason, uuid: &str| GpuClaimRefused { reason, node, uuid }.emit(&self.counters);
+        match e {
+            HelloError::GpuLeasedElsewhere { uuid, .. } => claim(ClaimReason::LeaseNode, uuid),
+            HelloError::GpuHeldElsewhere { uuid, .. } => claim(ClaimReason::HeldByOtherNode, uuid),
+            _ => {}
+        }
     }
 
     /// Takes `claim`, just made for node `node` at its Hello, under the
@@ -285,10 +351,17 @@ impl State {
     /// cursor by the claim's and drops what the node had pending (see
     /// `Fleet::adopt`). Returns whether it did.
     pub fn adopt_claim(&self, node: &str, claim: &Claim) -> bool {
+        let held = self.fleet.ledger_generation(node);
         if !self.fleet.adopt(node, claim) {
             return false;
         }
         self.billing.drop_node(&Arc::from(node));
+        if held.is_none() {
+            // The first claim since this collector started (every node at
+            // a restart): the cursor is the one it restored, as a rule.
+            tracing::debug!(node = %node, generation = claim.generation, "node claimed: resuming from the ledger's cursor");
+            return true;
+        }
         info!(node = %node, generation = claim.generation, epoch = claim.cursor.as_ref().map(|c| c.epoch), last_seq = claim.cursor.as_ref().map(|c| c.last_seq), "node claimed at a new generation: resuming from the ledger's cursor");
         true
     }

@@ -26,10 +26,7 @@ use tracing::{Instrument as _, error, info, warn};
 use capwatch_proto::v1::ingest_server::IngestServer;
 
 use crate::config::{self, Config};
-use crate::ledger::sqlite::LOCAL_HOLDER;
-use crate::persist::committer::{
-    claim_restored, commit_loop, commit_once, committer_died, resume_tenant_history,
-};
+use crate::persist::committer::{commit_loop, commit_once, committer_died, resume_tenant_history};
 use crate::persist::{self, compactor::compact_loop};
 use crate::state::{State, StateConfig};
 use crate::tenants::{self, Tenants};
@@ -54,6 +51,8 @@ pub enum CollectorError {
     },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("reading the system's random source for this collector's holder id: {error}")]
+    Holder { error: std::io::Error },
     #[error("listening for SIGHUP: {error}")]
     Signal { error: std::io::Error },
     #[error("{what} server: {error}")]
@@ -95,6 +94,8 @@ fn task_span(name: &'static str) -> tracing::Span {
 pub struct App {
     cfg: Config,
     state: Arc<State>,
+    /// This process's fencing holder (`<collector_id>/<random hex>`).
+    holder: Arc<str>,
     ledger: ledger::Ledger,
     reader: ledger::Reader,
     grpc: TcpListener,
@@ -124,6 +125,7 @@ impl App {
             tenants,
         ));
         state.set_auth(load_auth(&cfg)?);
+        state.readiness.set_shed_after(cfg.shed_streams_after);
         if cfg.metrics_auth && !state.auth().api_required() {
             return Err(config::ConfigError::invalid(
                 "metrics_auth",
@@ -142,24 +144,25 @@ impl App {
         if !cfg.http_listen.ip().is_loopback() && state.auth().api_required() {
             warn!(http = %cfg.http_listen, "the usage API takes bearer tokens over plain HTTP; terminate TLS in front of it");
         }
+        let collector_id = collector_id(&cfg)?;
+        let holder: Arc<str> = Arc::from(
+            persist::claims::new_holder(&collector_id)
+                .map_err(|error| CollectorError::Holder { error })?,
+        );
+        state.set_collector_info(crate::state::CollectorInfo {
+            collector_id,
+            holder: holder.to_string(),
+            ledger_backend: "sqlite",
+        });
         let mut ledger = ledger::Ledger::open(&cfg.ledger_path)?;
         state.set_ledger_identity(ledger.identity().clone());
         let snapshot = ledger.load()?;
         info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
-        let generations = claim_restored(&mut ledger, LOCAL_HOLDER, &snapshot)?;
-        let claimed: Vec<(String, u64)> = snapshot
-            .nodes
-            .iter()
-            .map(|(n, _)| n.clone())
-            .zip(generations)
-            .collect();
+        // Nothing is claimed here: another collector may be streaming any
+        // of these nodes now. The cursors are a cache; each node's claim at
+        // its Hello (which returns the cursor the ledger holds then) decides
+        // where it resumes from.
         state.restore(snapshot);
-        state.set_claim_generations(
-            &claimed
-                .iter()
-                .map(|(n, g)| (n.as_str(), *g))
-                .collect::<Vec<_>>(),
-        );
         resume_tenant_history(&state, &mut ledger)?;
 
         let grpc =
@@ -205,6 +208,7 @@ impl App {
         Ok(Self {
             cfg,
             state,
+            holder,
             ledger,
             reader,
             grpc,
@@ -232,6 +236,7 @@ impl App {
         let Self {
             cfg,
             state,
+            holder,
             ledger,
             reader,
             grpc,
@@ -244,10 +249,19 @@ impl App {
         let (committed_tx, committed) = watch::channel(0u64);
         let ledger = Arc::new(Mutex::new(ledger));
         let service = ingest::IngestService {
-            claims: Arc::new(persist::claims::HolderClaims {
-                writer: ledger.clone(),
-                holder: Arc::from(LOCAL_HOLDER),
-            }),
+            claims: Arc::new(
+                persist::claims::ClaimQueue::start(
+                    persist::claims::HolderClaims {
+                        writer: ledger.clone(),
+                        holder: holder.clone(),
+                    },
+                    state.clone(),
+                )
+                .map_err(|error| CollectorError::Serve {
+                    what: "claim thread",
+                    error: error.into(),
+                })?,
+            ),
             state: state.clone(),
             shutdown: shutdown.clone(),
             hello_timeout: cfg.hello_timeout,
@@ -292,9 +306,10 @@ impl App {
 
         let (stop_committer, committer_stop) = std::sync::mpsc::channel::<()>();
         let committer = {
-            let (state, ledger, every, grace, committed) = (
+            let (state, ledger, holder, every, grace, committed) = (
                 state.clone(),
                 ledger.clone(),
+                holder.clone(),
                 cfg.commit_interval,
                 cfg.finalize_grace,
                 committed_tx.clone(),
@@ -308,7 +323,7 @@ impl App {
                         commit_loop(
                             &state,
                             &*ledger,
-                            LOCAL_HOLDER,
+                            &holder,
                             every,
                             grace,
                             &committed,
@@ -329,7 +344,7 @@ impl App {
             compact_loop(
                 state.clone(),
                 ledger.clone(),
-                Arc::from(LOCAL_HOLDER),
+                holder.clone(),
                 persist::compactor::Retention {
                     finalize_grace: cfg.finalize_grace,
                     minute_retention: cfg.minute_retention,
@@ -359,6 +374,7 @@ impl App {
         Ok(Running {
             cfg,
             state,
+            holder,
             ledger,
             shutdown,
             grpc,
@@ -377,6 +393,7 @@ impl App {
 pub struct Running {
     cfg: Config,
     state: Arc<State>,
+    holder: Arc<str>,
     ledger: Arc<Mutex<ledger::Ledger>>,
     shutdown: watch::Receiver<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
@@ -400,6 +417,7 @@ impl Running {
         let Self {
             cfg,
             state,
+            holder,
             ledger,
             shutdown,
             grpc,
@@ -429,7 +447,7 @@ impl Running {
         let last = tokio::task::spawn_blocking(move || {
             let _task = span.entered();
             let failed = committer.join().unwrap_or_else(|_| committer_died());
-            commit_once(&state, &*ledger, LOCAL_HOLDER, failed, &committed, grace)
+            commit_once(&state, &*ledger, &holder, failed, &committed, grace)
         })
         .await;
         if !matches!(last, Ok(None)) {
@@ -458,6 +476,24 @@ impl Running {
             }
         }
     }
+}
+
+/// The collector's id: `collector_id`, or the hostname.
+fn collector_id(cfg: &Config) -> Result<String, config::ConfigError> {
+    if let Some(id) = &cfg.collector_id {
+        return Ok(id.clone());
+    }
+    let uname = rustix::system::uname();
+    let host = uname.nodename().to_string_lossy().into_owned();
+    config::collector_id_ok(&host).map_err(|reason| {
+        config::ConfigError::invalid(
+            "collector_id",
+            format!(
+                "unset, and the hostname {host:?} cannot stand for it ({reason}); set collector_id"
+            ),
+        )
+    })?;
+    Ok(host)
 }
 
 /// Raises the descriptor limit to its hard limit and fits the HTTP

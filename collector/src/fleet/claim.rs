@@ -24,6 +24,12 @@ impl Fleet {
         }
     }
 
+    /// The generation of the claim the fleet holds on node `id`, if any.
+    pub fn ledger_generation(&self, id: &str) -> Option<u64> {
+        let node = lock(&self.nodes).get(id).cloned()?;
+        lock(&node).ledger_generation
+    }
+
     /// Takes `claim`, just made for node `id`, before its Hello is
     /// admitted. The same generation the fleet holds changes nothing (a
     /// reconnect to this collector). Otherwise (another holder had the
@@ -33,6 +39,34 @@ impl Fleet {
     /// admitted under the old claim are told it is lost, and `true` is
     /// returned: the caller drops the node's pending bookings.
     pub fn adopt(&self, id: &str, claim: &Claim) -> bool {
+        // As at a restore, a GPU in two nodes' cursors resumes only where
+        // it was heard last: one that another node keeps among its departed,
+        // heard there later, is not taken from this cursor (its counter
+        // state there is newer: resuming it here too would count the
+        // energy between the two again); one heard here later leaves the
+        // other node. Looked up before this node is locked: one node lock
+        // at a time.
+        let mut heard_later_elsewhere: Vec<&str> = Vec::new();
+        let mut leaves: Vec<(Arc<str>, Arc<str>)> = Vec::new();
+        for (uuid, g) in claim.cursor.iter().flat_map(|c| &c.gpus) {
+            let owner = lock(&self.departed_at).get(uuid).cloned();
+            let Some(owner) = owner.filter(|o| **o != *id) else {
+                continue;
+            };
+            let Some(other) = lock(&self.nodes).get(&owner).cloned() else {
+                continue;
+            };
+            let theirs = lock(&other)
+                .departed
+                .iter()
+                .find(|d| d.uuid == *uuid)
+                .map(|d| d.last_timestamp());
+            match theirs {
+                Some(t) if t >= g.last_timestamp_ns => heard_later_elsewhere.push(uuid),
+                Some(_) => leaves.push((owner, uuid.clone())),
+                None => {}
+            }
+        }
         let node = {
             let mut nodes = lock(&self.nodes);
             match (nodes.get(id), &claim.cursor) {
@@ -74,6 +108,7 @@ impl Fleet {
             .flat_map(|c| {
                 c.gpus
                     .iter()
+                    .filter(|(uuid, _)| !heard_later_elsewhere.contains(&&**uuid))
                     .map(move |(uuid, g)| Gpu::resumed(uuid, g, c.last_seq))
             })
             .collect();
@@ -92,6 +127,13 @@ impl Fleet {
         n.claim_lost = Arc::default();
         self.supersede(&mut n);
         n.summarize();
+        drop(n);
+        for (owner, uuid) in leaves {
+            let Some(other) = lock(&self.nodes).get(&owner).cloned() else {
+                continue;
+            };
+            lock(&other).departed.retain(|g| g.uuid != uuid);
+        }
         true
     }
 
@@ -113,6 +155,11 @@ impl Fleet {
     /// so it books nothing and moves no sequence number.
     fn supersede(&self, n: &mut Node) {
         n.generation = self.next_generation.fetch_add(1, Ordering::Relaxed);
-        n.connected = false;
+        // Its streams' `disconnect` no longer matches the generation: the
+        // node leaves the connected count here.
+        if n.connected {
+            n.connected = false;
+            self.connected.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }

@@ -397,6 +397,29 @@ impl Fleet {
         ))
     }
 
+    /// The checks of a Hello that need no ledger claim, made before it:
+    /// the GPUs it lists that a tenant leases by UUID, and an epoch older
+    /// than the one a stream here has now. [`Fleet::hello`] checks again
+    /// once the node is claimed (its cursor may have moved).
+    pub fn precheck(&self, hello: &Hello, tenants: &Tenants) -> Result<(), HelloError> {
+        {
+            let held = lock(&self.held);
+            self.check_gpu_claims(hello, tenants, &held)?;
+        }
+        let node = lock(&self.nodes).get(hello.node_id.as_str()).cloned();
+        if let Some(node) = node {
+            let n = lock(&node);
+            if n.connected && hello.epoch < n.epoch {
+                return Err(HelloError::StaleEpoch {
+                    got: hello.epoch,
+                    current: n.epoch,
+                    connected: true,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Marks the node disconnected if `h` still owns it.
     pub fn disconnect(&self, h: &StreamHandle) {
         let mut n = lock(&h.node);

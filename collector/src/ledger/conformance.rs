@@ -30,6 +30,7 @@ macro_rules! conformance_tests {
             a_commit_after_another_holders_claim_is_fenced,
             a_claim_by_the_same_holder_keeps_its_generation,
             restore_returns_what_was_committed,
+            tenant_totals_add_up_every_holders_commits,
             the_compaction_lease_is_exclusive_and_expires,
             tenant_versions_round_trip,
             late_deltas_after_the_watermark_are_adjustments,
@@ -288,6 +289,30 @@ pub(crate) fn restore_returns_what_was_committed<W: LedgerWriter, R: LedgerReade
         w.claim("b", "n1").unwrap().cursor,
         Some(cursor(3, 12, 6_000))
     );
+}
+
+/// The tenants' totals are the sum of every holder's commits, read alone
+/// as `restore` returns them.
+pub(crate) fn tenant_totals_add_up_every_holders_commits<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    assert_eq!(w.tenant_totals().unwrap(), Default::default());
+    w.claim("a", "n1").unwrap();
+    w.claim("b", "n2").unwrap();
+    let c = booking("n1", cursor(3, 10, 5_000), "lab-a", MINUTE, 1_000);
+    w.commit_as("a", &c, MINUTE + 60, i64::MIN).unwrap();
+    let c = booking("n2", cursor(1, 1, 42), "lab-a", MINUTE, 7);
+    w.commit_as("b", &c, MINUTE + 60, i64::MIN).unwrap();
+    let mut totals = w.tenant_totals().unwrap();
+    totals.tenant_energy.sort();
+    assert_eq!(totals.tenant_energy, vec![("lab-a".to_string(), 1_007)]);
+    let mut snap = w.restore().unwrap();
+    snap.tenant_energy.sort();
+    snap.tenant_over_contract_ns.sort();
+    totals.tenant_over_contract_ns.sort();
+    assert_eq!(snap.tenant_energy, totals.tenant_energy);
+    assert_eq!(snap.tenant_over_contract_ns, totals.tenant_over_contract_ns);
 }
 
 /// The compaction lease is one holder's until it expires or is released;

@@ -13,7 +13,8 @@
 //! samples committed are duplicates when re-sent.
 //!
 //! *Invariant (fencing):* a node's cursor is written only by the holder
-//! that claimed it last ([`LedgerWriter::claim`]); a commit naming a node
+//! that claimed it last ([`LedgerWriter::claim`]; a holder is unique per
+//! collector process start); a commit naming a node
 //! another holder claimed since is refused as a whole
 //! ([`LedgerError::Fenced`]) and writes nothing. Compaction runs only
 //! under a lease ([`LedgerWriter::acquire_compaction`]) that one holder has
@@ -290,6 +291,15 @@ pub struct Snapshot {
     pub tenant_over_contract_ns: Vec<(String, u64)>,
 }
 
+/// Every tenant's totals as the ledger holds them (`tenant_total`): the
+/// sum of every writer's commits. What `restore` returns as
+/// `Snapshot::tenant_energy` and `tenant_over_contract_ns`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LedgerTotals {
+    pub tenant_energy: Vec<(String, u64)>,
+    pub tenant_over_contract_ns: Vec<(String, u64)>,
+}
+
 /// The ledger's identity, shown on `/metrics` so that a swapped or
 /// recreated ledger is seen.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -415,14 +425,20 @@ pub struct CompactionLease {
 /// are kept by each commit as additions inside its own transaction (never
 /// written as a total from a writer's memory), so the ledger's totals are
 /// the sum of every writer's commits, however many there are. `restore`
-/// reads them from the ledger; a collector's live counters are what it
-/// restored plus what its own commits added since (`Committed`).
+/// and `tenant_totals` read them from the ledger; `/metrics` shows what
+/// `tenant_totals` read last, so every collector shows the same.
 pub trait LedgerWriter: Send {
     /// Who this ledger is: shown on `/metrics`.
     fn identity(&self) -> &Identity;
 
     /// The cursors and tenant totals to resume from at start-up.
     fn restore(&self) -> Result<Snapshot, LedgerError>;
+
+    /// Every tenant's totals as the ledger holds them now, with every
+    /// writer's commits: what `/metrics` shows of tenant energy and
+    /// over-contract time, so that every collector shows the same. Read
+    /// after each commit and, idle, every commit interval.
+    fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError>;
 
     /// Claims each of `nodes` for `holder`, in one transaction: a node
     /// held by another holder (or by none) passes to `holder` with its

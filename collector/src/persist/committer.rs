@@ -1,8 +1,8 @@
 //! The committer: a thread of its own that writes what the streams
 //! applied to the ledger (through `LedgerWriter` only), moves its
 //! watermark, and tells the streams which commit is durable so they ack;
-//! and, at start-up, what the collector resumes from the ledger (node
-//! claims, the tenant file's history).
+//! and, at start-up, what the collector resumes from the ledger (the
+//! tenant file's history).
 
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -34,32 +34,6 @@ pub enum ResumeError {
     Ledger(#[from] LedgerError),
     #[error(transparent)]
     TenantFile(#[from] StoredTenantFileError),
-}
-
-/// Claims, for `holder`, every node the ledger restored (`snapshot`), in
-/// one transaction, so that this collector's commits of them are fenced
-/// from then on. With SQLite the holder is the same at every start, so
-/// the claims keep their generations. Nodes first heard of later are
-/// claimed at their Hello (`claims::HolderClaims`). Returns each
-/// restored node's generation, in `snapshot` order, for the fleet.
-pub fn claim_restored<W: LedgerWriter + ?Sized>(
-    ledger: &mut W,
-    holder: &str,
-    snapshot: &ledger::Snapshot,
-) -> Result<Vec<u64>, LedgerError> {
-    let nodes: Vec<&str> = snapshot.nodes.iter().map(|(n, _)| n.as_str()).collect();
-    if nodes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let claims = ledger.claim_nodes(holder, &nodes)?;
-    for ((node, restored), claim) in snapshot.nodes.iter().zip(&claims) {
-        if claim.cursor.as_ref() != Some(restored) {
-            // Another holder committed the node between the restore and
-            // the claim: impossible with one process holding the ledger.
-            tracing::warn!(node = %node, generation = claim.generation, "a node's cursor changed between the restore and its claim");
-        }
-    }
-    Ok(claims.iter().map(|c| c.generation).collect())
 }
 
 /// Rebuilds the tenant file's history from the ledger and puts the file
@@ -193,11 +167,20 @@ pub fn commit_once<W: LedgerWriter>(
             Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
             Err(std::sync::TryLockError::WouldBlock) => return None,
         };
+        // Other collectors commit to the ledger too: its totals are read
+        // every interval, also when this one has nothing to write.
+        read_totals(state, &*l);
+        // While commits fail, an empty commit probes the ledger, so that
+        // an idle collector learns it can commit again (and takes Hellos).
         match l.finalized_through() {
-            Ok(w) if w >= finalize_through => return None,
+            Ok(w) if w >= finalize_through && !state.readiness.commits_failing() => return None,
             Ok(_) => {}
             Err(e) => {
                 error!(task = "committer", error = %e, "reading the ledger's watermark failed");
+                if state.readiness.commits_failing() {
+                    crate::events::CommitFailed { error: &e }.emit(&state.counters);
+                    state.readiness.commit_failed(&e);
+                }
                 return None;
             }
         }
@@ -216,6 +199,12 @@ pub fn commit_once<W: LedgerWriter>(
         // Each refusal names one node and drops it: bounded by the nodes.
         loop {
             match l.commit_as(holder, &commit, now, finalize_through) {
+                Ok(done) => {
+                    // Before the acks: a scrape after an ack sees the
+                    // totals that include what it acks.
+                    read_totals(state, &*l);
+                    return Ok(done);
+                }
                 Err(LedgerError::Fenced {
                     node,
                     holder: by,
@@ -252,6 +241,17 @@ pub fn commit_once<W: LedgerWriter>(
             Some((id, commit))
         }
         Err(_) => committer_died(),
+    }
+}
+
+/// Reads the tenants' totals from the ledger for `/metrics`; a failed
+/// read keeps the last ones (it is logged, and no commit failure).
+fn read_totals<W: LedgerWriter + ?Sized>(state: &State, ledger: &W) {
+    match ledger.tenant_totals() {
+        Ok(t) => state.set_ledger_totals(&t),
+        Err(e) => {
+            tracing::warn!(task = "committer", error = %e, "reading the tenants' totals from the ledger failed; /metrics keeps the last ones")
+        }
     }
 }
 

@@ -7,3 +7,5 @@
 pub mod claims;
 pub mod committer;
 pub mod compactor;
+#[cfg(test)]
+pub(crate) mod faulty;

@@ -24,6 +24,7 @@ mod health;
 mod http_abuse;
 mod http_api;
 mod ledger_safety;
+mod multi;
 mod nvml_e2e;
 mod security;
 mod status_page;

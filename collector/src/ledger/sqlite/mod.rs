@@ -25,7 +25,7 @@ use rusqlite::{Connection, params};
 
 use super::{
     BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease, GpuCursor,
-    Identity, LedgerError, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
+    Identity, LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
 };
 use crate::tenants::TenantHistory;
 use marker::{MARKER_SUFFIX, Marker, read_marker};
@@ -436,15 +436,27 @@ impl Ledger {
             let node: String = r.get(0).map_err(err)?;
             snap.nodes.push((node, cursor_from_row(r, 1, p)?));
         }
+        let totals = self.tenant_totals()?;
+        snap.tenant_energy = totals.tenant_energy;
+        snap.tenant_over_contract_ns = totals.tenant_over_contract_ns;
+        Ok(snap)
+    }
+
+    /// Every tenant's totals (`LedgerWriter::tenant_totals`).
+    pub fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError> {
+        let p = &self.path;
+        let mut totals = LedgerTotals::default();
         let rows = self
             .name_and_two_counts("SELECT tenant, energy_mj, over_contract_ns FROM tenant_total")?;
         for (t, e, over) in rows {
-            snap.tenant_energy
+            totals
+                .tenant_energy
                 .push((t.clone(), u64_of(e, p, "tenant energy")?));
-            snap.tenant_over_contract_ns
+            totals
+                .tenant_over_contract_ns
                 .push((t, u64_of(over, p, "over-contract time")?));
         }
-        Ok(snap)
+        Ok(totals)
     }
 }
 
@@ -517,6 +529,10 @@ impl LedgerWriter for Ledger {
 
     fn restore(&self) -> Result<Snapshot, LedgerError> {
         self.load()
+    }
+
+    fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError> {
+        Ledger::tenant_totals(self)
     }
 
     fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {

@@ -26,7 +26,7 @@ struct Site {
     claims: HolderClaims<ledger::Ledger>,
     committed: watch::Sender<u64>,
     t0: i64,
-    dir: tempfile::TempDir,
+    dir: Arc<tempfile::TempDir>,
 }
 
 impl Site {
@@ -35,6 +35,17 @@ impl Site {
         let writer = Arc::new(Mutex::new(
             ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
         ));
+        Self::on(writer, Arc::new(dir), LOCAL_HOLDER)
+    }
+
+    /// A second collector, `holder`, on the same ledger as `other`.
+    fn beside(other: &Site, holder: &str) -> Self {
+        let mut site = Self::on(other.writer.clone(), other.dir.clone(), holder);
+        site.t0 = other.t0;
+        site
+    }
+
+    fn on(writer: Arc<Mutex<ledger::Ledger>>, dir: Arc<tempfile::TempDir>, holder: &str) -> Self {
         let state = State::new(
             StateConfig {
                 stale_after: None,
@@ -48,7 +59,7 @@ impl Site {
             state,
             claims: HolderClaims {
                 writer: writer.clone(),
-                holder: Arc::from(LOCAL_HOLDER),
+                holder: Arc::from(holder),
             },
             writer,
             committed: watch::channel(0).0,
@@ -163,7 +174,7 @@ impl Site {
         let failed = commit_once(
             &self.state,
             &*self.writer,
-            LOCAL_HOLDER,
+            &self.claims.holder,
             None,
             &self.committed,
             Duration::from_secs(86_400),
@@ -270,10 +281,11 @@ fn a_fenced_node_is_dropped_from_the_commit_and_claimed_back_from_the_ledger_cur
         38 * MJ_PER_S
     );
     drop(w);
-    // The live total is what the ledger holds, less collector-b's part.
+    // The tenant's total is the ledger's, collector-b's part included:
+    // every collector shows the same.
     assert_eq!(
         site.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules,
-        36 * MJ_PER_S
+        38 * MJ_PER_S
     );
 }
 
@@ -410,9 +422,177 @@ fn a_fenced_node_is_fenced_once_and_its_streams_book_nothing_more() {
     );
     assert_eq!(site.node_energy("n1"), 4 * MJ_PER_S);
     assert_eq!(site.node_energy("n2"), 7 * MJ_PER_S);
-    // The live total is what this collector committed.
+    // The total is what the ledger holds: what this collector committed.
     assert_eq!(
         site.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules,
         11 * MJ_PER_S
+    );
+}
+
+/// Invariant (fencing): a holder is new at every start, so a restarted
+/// collector never takes its predecessor's claims for its own.
+#[test]
+fn a_holder_id_is_the_collector_id_and_random_digits_new_at_every_start() {
+    let a = new_holder("collector-a").unwrap();
+    let b = new_holder("collector-a").unwrap();
+    assert_ne!(a, b);
+    for h in [&a, &b] {
+        let digits = h.strip_prefix("collector-a/").unwrap();
+        assert_eq!(digits.len(), 16, "{h}");
+        assert!(digits.chars().all(|c| c.is_ascii_hexdigit()), "{h}");
+    }
+}
+
+/// Restore rule at a claim: a GPU in two nodes' cursors (it moved) resumes
+/// only on the node where it was heard last, also when its older node is
+/// claimed at its Hello (the start-up restore claims nothing, so each
+/// node's cursor comes from its claim).
+#[test]
+fn a_claim_does_not_resume_a_gpu_heard_later_on_another_node() {
+    let site = Site::new();
+    let gpu = |t: i64| GpuCursor {
+        last_counter_mj: Some(COUNTER0),
+        last_timestamp_ns: Some(t),
+        remainder_mw_ns: 0,
+        energy_mj: 0,
+        counter_resets: 0,
+    };
+    let mut c = Commit::default();
+    // GPU-x was on n1, then moved to n2 and was heard there later.
+    for (node, t) in [("n1", site.ts(1)), ("n2", site.ts(5))] {
+        c.nodes.insert(
+            Arc::from(node),
+            NodeCursor {
+                epoch: 1,
+                last_seq: 5,
+                gpus: vec![(Arc::from("GPU-x"), gpu(t))],
+            },
+        );
+    }
+    sync::lock(&site.writer)
+        .commit_as("collector-b", &c, sync::now_unix(), 0)
+        .unwrap();
+    site.state
+        .restore(sync::lock(&site.writer).restore().unwrap());
+    let departed = |node: &str| -> Vec<String> {
+        let n = site.state.node(node).unwrap();
+        let n = sync::lock(&n);
+        n.departed().iter().map(|g| g.uuid().to_string()).collect()
+    };
+    assert_eq!(departed("n1"), Vec::<String>::new());
+    assert_eq!(departed("n2"), vec!["GPU-x".to_string()]);
+    for node in ["n1", "n2"] {
+        site.claims
+            .claim_node(node, &mut |c| {
+                site.state.adopt_claim(node, c);
+            })
+            .unwrap();
+    }
+    assert_eq!(departed("n1"), Vec::<String>::new(), "heard later on n2");
+    assert_eq!(departed("n2"), vec!["GPU-x".to_string()]);
+}
+
+/// Claims queued while a round waits for the writer (behind a commit, or
+/// many Hellos at once after a restart) are made together: one
+/// `claim_nodes` transaction per round, each Hello answered with its
+/// node's generation.
+#[test]
+fn claims_queued_meanwhile_are_made_in_one_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = crate::persist::faulty::Faulty::new(
+        ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+    );
+    let rounds = writer.claim_rounds.clone();
+    let writer = Arc::new(Mutex::new(writer));
+    let state = Arc::new(State::new(
+        StateConfig {
+            stale_after: None,
+            max_gpus_per_node: 8,
+            max_clock_skew: Duration::from_secs(600),
+            max_sample_age: Duration::from_secs(7 * 86_400),
+        },
+        Tenants::empty(),
+    ));
+    let queue = ClaimQueue::start(
+        HolderClaims {
+            writer: writer.clone(),
+            holder: Arc::from("collector-a/1"),
+        },
+        state,
+    )
+    .unwrap();
+    // The writer is busy (a commit, say) while 500 Hellos ask for claims.
+    let busy = sync::lock(&writer);
+    let answers: Vec<ClaimAnswer> = (0..500)
+        .map(|i| queue.claim(&format!("n{i}")))
+        .chain([queue.claim("n7")])
+        .collect();
+    drop(busy);
+    for a in answers {
+        assert_eq!(a.blocking_recv().unwrap().unwrap(), 1);
+    }
+    let rounds = sync::lock(&rounds).clone();
+    // The first round may have taken the first claim alone, before the
+    // others were queued; the rest wait for the writer together.
+    assert!(rounds.len() <= 2, "{rounds:?}");
+    assert_eq!(rounds.iter().sum::<usize>(), 500, "n7 claimed once");
+}
+
+/// Invariant (fencing), two collectors on one ledger: collector B claims a
+/// node while A has samples of it pending. A's commit is fenced for that
+/// node only (its other node commits), A's stream of it ends acking
+/// nothing more, and B's commit of the samples the agent re-sends books
+/// each sample once: the ledger holds the counter's delta exactly, and
+/// both collectors show the same tenant total, the ledger's.
+#[test]
+fn a_node_claimed_by_another_collector_is_booked_once_across_both() {
+    let a = Site::beside(&Site::new(), "collector-a/0000000000000001");
+    let b = Site::beside(&a, "collector-b/0000000000000002");
+    let (a1, _) = a.hello("n1");
+    let (a2, _) = a.hello("n2");
+    a.send(&a1, 1..=10);
+    a.send(&a2, 1..=10);
+    a.commit();
+    let acked_by_a = *a.committed.borrow();
+    // A applies 11-15 of both nodes; before A commits, n1's agent moves to
+    // B (acked up to 10 by A).
+    a.send(&a1, 11..=15);
+    a.send(&a2, 11..=15);
+    let (b1, acked) = b.hello("n1");
+    assert_eq!(acked, 10, "B resumes from the ledger's cursor");
+    // A's commit: fenced for n1 only.
+    a.commit();
+    assert_eq!(
+        a.state
+            .counters
+            .nodes_fenced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(a1.claim_lost(), "A's stream of n1 ends");
+    assert!(!a2.claim_lost());
+    assert_eq!(a.state.connected(), 1, "only n2 streams to A");
+    assert!(*a.committed.borrow() > acked_by_a, "n2's part committed");
+    assert_eq!(a.node_energy("n1"), 9 * MJ_PER_S, "nothing of A's 11-15");
+    assert_eq!(a.cursor("n1").unwrap().last_seq, 10);
+    assert_eq!(a.node_energy("n2"), 14 * MJ_PER_S);
+    // The agent re-sends everything A did not ack, and more, to B.
+    b.send(&b1, 11..=20);
+    b.commit();
+    // Ground truth: the counter moved 19 intervals.
+    assert_eq!(b.node_energy("n1"), 19 * MJ_PER_S);
+    assert_eq!(b.cursor("n1").unwrap().last_seq, 20);
+    // A's next commit (n2 only, or nothing) is not fenced again, and
+    // reads the ledger's totals: both show the same, B's commits included.
+    a.commit();
+    let total = |s: &Site| s.state.totals()[&Arc::<str>::from("unassigned")].energy_millijoules;
+    assert_eq!(total(&a), 33 * MJ_PER_S);
+    assert_eq!(total(&b), 33 * MJ_PER_S);
+    assert_eq!(
+        sync::lock(&a.writer)
+            .bucket_totals("unassigned")
+            .unwrap()
+            .energy_mj,
+        33 * MJ_PER_S
     );
 }
