@@ -175,6 +175,12 @@ pub fn commit_once<W: LedgerWriter>(
     committed: &watch::Sender<u64>,
     finalize_grace: std::time::Duration,
 ) -> Option<(u64, ledger::Commit)> {
+    let failed = match failed.map(|f| resolve_failed(state, ledger, holder, f, committed)) {
+        None | Some(Resolved::Written) => None,
+        Some(Resolved::Unwritten(f)) => Some(f),
+        // Not known yet: retried as it is, nothing added to it.
+        Some(Resolved::Unknown(f)) => return Some(f),
+    };
     let (id, mut commit) = state.take_pending();
     let mut earlier = failed.map(|(_, c)| c);
     let now = sync::now_unix();
@@ -253,6 +259,52 @@ pub fn commit_once<W: LedgerWriter>(
         }
         Err(_) => committer_died(),
     }
+}
+
+/// Tells whether `failed` (a commit that returned an error) was written
+/// all the same, before it is retried with what arrived since: an error
+/// does not say nothing was written (the answer to COMMIT can be lost with
+/// the connection after the server wrote it), and a retry of a written
+/// commit would count its samples twice. Written: its streams are acked
+/// (`Resolved::Written`); not written: retried with what arrived since;
+/// not known yet (the ledger still unreachable): retried as it is.
+fn resolve_failed<W: LedgerWriter>(
+    state: &State,
+    ledger: &Mutex<W>,
+    holder: &str,
+    failed: (u64, ledger::Commit),
+    committed: &watch::Sender<u64>,
+) -> Resolved {
+    let Some(id) = failed.1.id else {
+        return Resolved::Unwritten(failed);
+    };
+    let answer = sync::lock(ledger).commit_written(holder, id);
+    match answer {
+        Ok(false) => Resolved::Unwritten(failed),
+        Ok(true) => {
+            tracing::warn!(
+                task = "committer",
+                commit = id,
+                "a commit that returned an error was written all the same (its answer was lost): acking it, not writing it again"
+            );
+            state.counters.commits_ok.fetch_add(1, Ordering::Relaxed);
+            state.readiness.commit_succeeded();
+            committed.send_replace(failed.0);
+            Resolved::Written
+        }
+        Err(e) => {
+            crate::events::CommitFailed { error: &e }.emit(&state.counters);
+            state.readiness.commit_failed(&e);
+            Resolved::Unknown(failed)
+        }
+    }
+}
+
+/// Whether a commit that returned an error was written (`resolve_failed`).
+enum Resolved {
+    Written,
+    Unwritten((u64, ledger::Commit)),
+    Unknown((u64, ledger::Commit)),
 }
 
 /// Where a commit at `now` moves the watermark: `grace` before the open
@@ -505,5 +557,133 @@ mod tests {
         assert!(open > 0, "the minutes within the grace get their share");
         let rows: u64 = final_rows(&after).iter().map(|r| r.1).sum();
         assert_eq!(rows + booked + open, 500 + gap);
+    }
+
+    /// A writer that writes a commit and then, once, reports it failed:
+    /// the answer to COMMIT lost with the connection after the server
+    /// wrote it.
+    struct LosesAnswer {
+        inner: ledger::Ledger,
+        lose_next: bool,
+    }
+
+    impl LedgerWriter for LosesAnswer {
+        fn identity(&self) -> &ledger::Identity {
+            self.inner.identity()
+        }
+        fn restore(&self) -> Result<ledger::Snapshot, LedgerError> {
+            LedgerWriter::restore(&self.inner)
+        }
+        fn claim_nodes(
+            &mut self,
+            holder: &str,
+            nodes: &[&str],
+        ) -> Result<Vec<ledger::Claim>, LedgerError> {
+            self.inner.claim_nodes(holder, nodes)
+        }
+        fn commit_as(
+            &mut self,
+            holder: &str,
+            batch: &ledger::Commit,
+            booked_at: i64,
+            finalize_through: i64,
+        ) -> Result<ledger::Committed, LedgerError> {
+            let done = self
+                .inner
+                .commit_as(holder, batch, booked_at, finalize_through)?;
+            if std::mem::take(&mut self.lose_next) {
+                return Err(LedgerError::Io {
+                    path: "ledger.db".into(),
+                    error: std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "connection lost before the answer to COMMIT",
+                    ),
+                });
+            }
+            Ok(done)
+        }
+        fn commit_written(&mut self, holder: &str, id: u64) -> Result<bool, LedgerError> {
+            self.inner.commit_written(holder, id)
+        }
+        fn finalized_through(&self) -> Result<i64, LedgerError> {
+            self.inner.finalized_through()
+        }
+        fn tenant_versions(&self) -> Result<Vec<ledger::TenantVersion>, LedgerError> {
+            self.inner.tenant_versions()
+        }
+        fn add_tenant_version(&mut self, v: &ledger::TenantVersion) -> Result<(), LedgerError> {
+            self.inner.add_tenant_version(v)
+        }
+        fn acquire_compaction(
+            &mut self,
+            holder: &str,
+            now: i64,
+            ttl: Duration,
+        ) -> Result<ledger::CompactionLease, LedgerError> {
+            self.inner.acquire_compaction(holder, now, ttl)
+        }
+        fn compact_under(
+            &mut self,
+            lease: &ledger::CompactionLease,
+            now: i64,
+            policy: &ledger::Compaction,
+            contracts: &tenants::TenantHistory,
+        ) -> Result<ledger::Compacted, LedgerError> {
+            self.inner.compact_under(lease, now, policy, contracts)
+        }
+        fn release_compaction(
+            &mut self,
+            lease: &ledger::CompactionLease,
+        ) -> Result<(), LedgerError> {
+            self.inner.release_compaction(lease)
+        }
+    }
+
+    /// Invariant: a commit that was written although the writer reported
+    /// it failed (its answer lost) is acked when that is found out, and
+    /// never written again: the retry with what arrived since books each
+    /// sample once.
+    #[test]
+    fn a_commit_written_whose_answer_was_lost_is_acked_and_not_written_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let (state, h, ledger) = node_and_ledger(&path);
+        let ledger = Mutex::new(LosesAnswer {
+            inner: ledger.into_inner().unwrap(),
+            lose_next: true,
+        });
+        let (committed, acks) = watch::channel(0);
+        let t0 = sync::now_unix() - 600;
+        let sample = |seq: u64| NodeSample {
+            seq,
+            timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
+            gpus: vec![GpuReading {
+                index: 0,
+                power_milliwatts: Some(500_000),
+                energy_millijoules: Some(1_000_000 + 500 * seq),
+                ..GpuReading::default()
+            }],
+            host: None,
+        };
+        let grace = Duration::from_secs(600);
+        let holder = "a/1";
+        state
+            .ingest(&h, (1..=10).map(sample).collect(), Vec::new())
+            .unwrap();
+        let failed = commit_once(&state, &ledger, holder, None, &committed, grace);
+        assert!(failed.is_some(), "the commit reported failed");
+        assert_eq!(*acks.borrow(), 0, "nothing acked after a failure");
+        state
+            .ingest(&h, (11..=20).map(sample).collect(), Vec::new())
+            .unwrap();
+        let first = failed.as_ref().unwrap().0;
+        assert!(commit_once(&state, &ledger, holder, failed, &committed, grace).is_none());
+        assert!(*acks.borrow() > first, "both commits acked");
+        drop(ledger);
+        let reader = ledger::Reader::open(&path).unwrap();
+        let usage = reader.usage(None, t0 - 3600, t0 + 3600).unwrap();
+        let energy: u64 = usage.spans.iter().map(|(_, s)| s.delta.energy_mj).sum();
+        let readings: u64 = usage.spans.iter().map(|(_, s)| s.delta.samples).sum();
+        assert_eq!((energy, readings), (19 * 500, 20), "each sample once");
     }
 }
