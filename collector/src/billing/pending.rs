@@ -58,6 +58,7 @@ impl Billing {
         p.id += 1;
         let mut c = std::mem::take(&mut p.commit);
         c.contracts = Some(contracts);
+        c.id = Some(id);
         (id, c)
     }
 

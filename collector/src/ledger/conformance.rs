@@ -34,6 +34,7 @@ macro_rules! conformance_tests {
             the_compaction_lease_is_exclusive_and_expires,
             tenant_versions_round_trip,
             late_deltas_after_the_watermark_are_adjustments,
+            a_commit_with_an_id_is_written_once,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -451,4 +452,47 @@ pub(crate) fn late_deltas_after_the_watermark_are_adjustments<W: LedgerWriter, R
     );
     let snap = w.restore().unwrap();
     assert_eq!(snap.tenant_energy, vec![("lab-a".to_string(), 1_250)]);
+}
+
+/// A commit with an id: once written, `commit_written` says so, and the
+/// same commit again (a retry of a commit whose answer was lost) is
+/// refused and writes nothing; ids are each holder's own.
+pub(crate) fn a_commit_with_an_id_is_written_once<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    let mut c = booking("n1", cursor(1, 10, 5_000), "lab-a", MINUTE, 1_000);
+    c.id = Some(7);
+    assert!(!w.commit_written("a", 7).unwrap(), "not written yet");
+    w.commit_as("a", &c, MINUTE + 60, 0).unwrap();
+    assert!(w.commit_written("a", 7).unwrap());
+    assert!(!w.commit_written("a", 8).unwrap());
+    assert!(!w.commit_written("b", 7).unwrap(), "another holder's");
+    match w.commit_as("a", &c, MINUTE + 60, 0) {
+        Err(LedgerError::Superseded {
+            holder,
+            id,
+            expected,
+            found,
+        }) => assert_eq!(
+            (holder.as_str(), id, expected, found),
+            ("a", 7, Some(7), Some(7))
+        ),
+        other => panic!("a commit was written twice: {other:?}"),
+    }
+    c.id = Some(8);
+    w.commit_as("a", &c, MINUTE + 60, 0).unwrap();
+    w.claim("b", "n2").unwrap();
+    let mut other = booking("n2", cursor(1, 3, 1_000), "lab-a", MINUTE, 10);
+    other.id = Some(1);
+    w.commit_as("b", &other, MINUTE + 60, 0).unwrap();
+    assert_eq!(
+        f.reader.minutes(None, 0, i64::MAX).unwrap(),
+        vec![("lab-a".to_string(), MINUTE, {
+            let mut d = delta(2_000, 6);
+            d.add(&delta(10, 3));
+            d
+        })]
+    );
 }

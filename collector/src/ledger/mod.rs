@@ -137,6 +137,15 @@ pub enum LedgerError {
         holder: String,
         generation: u64,
     },
+    #[error(
+        "commit {id} of {holder} was refused: the ledger holds commit {found:?} of {holder}, not {expected:?}, the last one this writer saw written (a commit whose answer was lost was written after all, or another process writes as {holder}); nothing of it was written"
+    )]
+    Superseded {
+        holder: String,
+        id: u64,
+        expected: Option<u64>,
+        found: Option<u64>,
+    },
     #[error("the compaction lease is held by {holder} until {until} (Unix seconds)")]
     LeaseHeld { holder: String, until: i64 },
     #[error("the compaction lease of {holder} has expired or passed to another holder")]
@@ -251,6 +260,11 @@ pub struct Commit {
     /// gives the contract the minute is measured against, for each
     /// tenant's over-contract counter; none: no tenant has one.
     pub contracts: Option<Arc<TenantHistory>>,
+    /// The commit's id, increasing with each commit of its holder: what
+    /// tells, after a commit returned an error, whether it was written all
+    /// the same (`LedgerWriter::commit_written`). `None`: not tracked (tools
+    /// and tests).
+    pub id: Option<u64>,
 }
 
 /// What a commit added to the tenants' over-contract counters
@@ -279,6 +293,9 @@ impl Commit {
         }
         if later.contracts.is_some() {
             self.contracts = later.contracts;
+        }
+        if later.id.is_some() {
+            self.id = later.id;
         }
     }
 }
@@ -460,7 +477,10 @@ pub trait LedgerWriter: Send {
     /// `LedgerError::Fenced` and nothing written (no bucket, no cursor, no
     /// total), when any node of `batch.nodes` is held by another holder;
     /// a node nobody has claimed is claimed for `holder` by the commit
-    /// itself, in the same transaction.
+    /// itself, in the same transaction. A commit with an id is refused
+    /// with `LedgerError::Superseded` (nothing written) unless its holder's
+    /// last written commit is the one this writer saw last and `id` is
+    /// after it; the transaction records `id` as the holder's last.
     fn commit_as(
         &mut self,
         holder: &str,
@@ -468,6 +488,17 @@ pub trait LedgerWriter: Send {
         booked_at: i64,
         finalize_through: i64,
     ) -> Result<Committed, LedgerError>;
+
+    /// Whether commit `id` of `holder` was written: asked after that commit
+    /// returned an error, before anything is retried, since an error does
+    /// not say that nothing was written (the answer to COMMIT can be lost
+    /// with the connection after the server wrote it). True: it was, and
+    /// the writer counts it as the holder's last. False: it was not, and
+    /// never will be, because each commit with an id is written only if
+    /// its holder's last written commit is still the one this writer saw
+    /// last (checked and moved in the commit's own transaction, so a stale
+    /// copy still in flight cannot land after its retry).
+    fn commit_written(&mut self, holder: &str, id: u64) -> Result<bool, LedgerError>;
 
     /// Where the watermark stands: minute buckets ending at or before this
     /// (Unix seconds) never change.

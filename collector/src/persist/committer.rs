@@ -149,6 +149,12 @@ pub fn commit_once<W: LedgerWriter>(
     committed: &watch::Sender<u64>,
     finalize_grace: std::time::Duration,
 ) -> Option<(u64, ledger::Commit)> {
+    let failed = match failed.map(|f| resolve_failed(state, ledger, holder, f, committed)) {
+        None | Some(Resolved::Written) => None,
+        Some(Resolved::Unwritten(f)) => Some(f),
+        // Not known yet: retried as it is, nothing added to it.
+        Some(Resolved::Unknown(f)) => return Some(f),
+    };
     let (id, mut commit) = state.take_pending();
     let mut earlier = failed.map(|(_, c)| c);
     let now = sync::now_unix();
@@ -253,6 +259,53 @@ fn read_totals<W: LedgerWriter + ?Sized>(state: &State, ledger: &W) {
             tracing::warn!(task = "committer", error = %e, "reading the tenants' totals from the ledger failed; /metrics keeps the last ones")
         }
     }
+}
+
+/// Tells whether `failed` (a commit that returned an error) was written
+/// all the same, before it is retried with what arrived since: an error
+/// does not say nothing was written (the answer to COMMIT can be lost with
+/// the connection after the server wrote it), and a retry of a written
+/// commit would count its samples twice. Written: its streams are acked
+/// (`Resolved::Written`); not written: retried with what arrived since;
+/// not known yet (the ledger still unreachable): retried as it is.
+fn resolve_failed<W: LedgerWriter>(
+    state: &State,
+    ledger: &Mutex<W>,
+    holder: &str,
+    failed: (u64, ledger::Commit),
+    committed: &watch::Sender<u64>,
+) -> Resolved {
+    let Some(id) = failed.1.id else {
+        return Resolved::Unwritten(failed);
+    };
+    let mut l = sync::lock(ledger);
+    match l.commit_written(holder, id) {
+        Ok(false) => Resolved::Unwritten(failed),
+        Ok(true) => {
+            tracing::warn!(
+                task = "committer",
+                commit = id,
+                "a commit that returned an error was written all the same (its answer was lost): acking it, not writing it again"
+            );
+            read_totals(state, &*l);
+            state.counters.commits_ok.fetch_add(1, Ordering::Relaxed);
+            state.readiness.commit_succeeded();
+            committed.send_replace(failed.0);
+            Resolved::Written
+        }
+        Err(e) => {
+            crate::events::CommitFailed { error: &e }.emit(&state.counters);
+            state.readiness.commit_failed(&e);
+            Resolved::Unknown(failed)
+        }
+    }
+}
+
+/// Whether a commit that returned an error was written (`resolve_failed`).
+enum Resolved {
+    Written,
+    Unwritten((u64, ledger::Commit)),
+    Unknown((u64, ledger::Commit)),
 }
 
 /// Where a commit at `now` moves the watermark: `grace` before the open
@@ -505,5 +558,54 @@ mod tests {
         assert!(open > 0, "the minutes within the grace get their share");
         let rows: u64 = final_rows(&after).iter().map(|r| r.1).sum();
         assert_eq!(rows + booked + open, 500 + gap);
+    }
+
+    /// Invariant: a commit that was written although the writer reported
+    /// it failed (its answer lost) is acked when that is found out, and
+    /// never written again: the retry with what arrived since books each
+    /// sample once.
+    #[test]
+    fn a_commit_written_whose_answer_was_lost_is_acked_and_not_written_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let (state, h, ledger) = node_and_ledger(&path);
+        let faulty = crate::persist::faulty::Faulty::new(ledger.into_inner().unwrap());
+        let lose = faulty.lose_answers.clone();
+        lose.store(true, Ordering::Relaxed);
+        let ledger = Mutex::new(faulty);
+        let (committed, acks) = watch::channel(0);
+        let t0 = sync::now_unix() - 600;
+        let sample = |seq: u64| NodeSample {
+            seq,
+            timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
+            gpus: vec![GpuReading {
+                index: 0,
+                power_milliwatts: Some(500_000),
+                energy_millijoules: Some(1_000_000 + 500 * seq),
+                ..GpuReading::default()
+            }],
+            host: None,
+        };
+        let grace = Duration::from_secs(600);
+        let holder = "a/1";
+        state
+            .ingest(&h, (1..=10).map(sample).collect(), Vec::new())
+            .unwrap();
+        let failed = commit_once(&state, &ledger, holder, None, &committed, grace);
+        assert!(failed.is_some(), "the commit reported failed");
+        assert_eq!(*acks.borrow(), 0, "nothing acked after a failure");
+        lose.store(false, Ordering::Relaxed);
+        state
+            .ingest(&h, (11..=20).map(sample).collect(), Vec::new())
+            .unwrap();
+        let first = failed.as_ref().unwrap().0;
+        assert!(commit_once(&state, &ledger, holder, failed, &committed, grace).is_none());
+        assert!(*acks.borrow() > first, "both commits acked");
+        drop(ledger);
+        let reader = ledger::Reader::open(&path).unwrap();
+        let usage = reader.usage(None, t0 - 3600, t0 + 3600).unwrap();
+        let energy: u64 = usage.spans.iter().map(|(_, s)| s.delta.energy_mj).sum();
+        let readings: u64 = usage.spans.iter().map(|(_, s)| s.delta.samples).sum();
+        assert_eq!((energy, readings), (19 * 500, 20), "each sample once");
     }
 }

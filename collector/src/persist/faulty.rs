@@ -1,5 +1,6 @@
-//! A writer for tests that wraps another and fails commits on demand,
-//! and records the size of every claim transaction.
+//! A writer for tests that wraps another and fails commits on demand (or
+//! writes them and loses the answer), and records the size of every claim
+//! transaction.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,6 +15,9 @@ pub struct Faulty<W> {
     pub inner: W,
     /// While set, every commit fails (and writes nothing).
     pub fail_commits: Arc<AtomicBool>,
+    /// While set, every commit is written and then reported failed: the
+    /// answer to COMMIT lost with the connection.
+    pub lose_answers: Arc<AtomicBool>,
     /// The number of nodes of each `claim_nodes` call, in order.
     pub claim_rounds: Arc<Mutex<Vec<usize>>>,
 }
@@ -23,6 +27,7 @@ impl<W> Faulty<W> {
         Self {
             inner,
             fail_commits: Arc::default(),
+            lose_answers: Arc::default(),
             claim_rounds: Arc::default(),
         }
     }
@@ -54,13 +59,28 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
         finalize_through: i64,
     ) -> Result<Committed, LedgerError> {
         if self.fail_commits.load(Ordering::Relaxed) {
+            return Err(unreachable());
+        }
+        let done = self
+            .inner
+            .commit_as(holder, batch, booked_at, finalize_through)?;
+        if self.lose_answers.load(Ordering::Relaxed) {
             return Err(LedgerError::Io {
                 path: "ledger".into(),
-                error: std::io::Error::other("connection refused (injected)"),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "connection lost before the answer to COMMIT (injected)",
+                ),
             });
         }
-        self.inner
-            .commit_as(holder, batch, booked_at, finalize_through)
+        Ok(done)
+    }
+
+    fn commit_written(&mut self, holder: &str, id: u64) -> Result<bool, LedgerError> {
+        if self.fail_commits.load(Ordering::Relaxed) {
+            return Err(unreachable());
+        }
+        self.inner.commit_written(holder, id)
     }
 
     fn finalized_through(&self) -> Result<i64, LedgerError> {
@@ -96,5 +116,12 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
 
     fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError> {
         self.inner.release_compaction(lease)
+    }
+}
+
+fn unreachable() -> LedgerError {
+    LedgerError::Io {
+        path: "ledger".into(),
+        error: std::io::Error::other("connection refused (injected)"),
     }
 }

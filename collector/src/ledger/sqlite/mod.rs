@@ -17,6 +17,7 @@ mod tests;
 
 pub use read::Reader;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -92,6 +93,9 @@ pub struct Ledger {
     /// commit checks its nodes here rather than reading a row per node.
     /// Changed only after the transaction that wrote the table committed.
     claims: claim::Claims,
+    /// Each holder's last commit id this writer saw written
+    /// (`holder_commit`), read at the holder's first commit with an id.
+    seen: HashMap<String, Option<u64>>,
 }
 
 /// Maps a SQLite error to a `LedgerError` naming the ledger file.
@@ -388,6 +392,7 @@ impl Ledger {
             _lock: file,
             marker,
             claims,
+            seen: HashMap::new(),
         })
     }
 
@@ -547,6 +552,10 @@ impl LedgerWriter for Ledger {
         finalize_through: i64,
     ) -> Result<Committed, LedgerError> {
         Ledger::commit_as(self, holder, batch, booked_at, finalize_through)
+    }
+
+    fn commit_written(&mut self, holder: &str, id: u64) -> Result<bool, LedgerError> {
+        Ledger::commit_written(self, holder, id)
     }
 
     fn finalized_through(&self) -> Result<i64, LedgerError> {

@@ -202,6 +202,15 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         expires_at INTEGER NOT NULL
      );",
     ),
+    // 12: each holder's last commit id, written in the commit's own
+    // transaction: what tells whether a commit whose answer was lost was
+    // written, and keeps a stale copy of it from landing after its retry.
+    Migration::Sql(
+        "CREATE TABLE holder_commit (
+        holder TEXT PRIMARY KEY,
+        last_id INTEGER NOT NULL
+     ) WITHOUT ROWID;",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.

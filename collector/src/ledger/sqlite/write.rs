@@ -96,6 +96,43 @@ impl Ledger {
                 claim.execute(params![&***id, holder]).map_err(err)?;
             }
         }
+        if let Some(id) = c.id {
+            let expected = match self.seen.get(holder) {
+                Some(seen) => *seen,
+                None => last_commit_id(&tx, holder, &p)?,
+            };
+            let written = match expected {
+                Some(last) if id > last => tx
+                    .prepare_cached(
+                        "UPDATE holder_commit SET last_id = ?3 WHERE holder = ?1 AND last_id = ?2",
+                    )
+                    .map_err(err)?
+                    .execute(params![
+                        holder,
+                        i64_of(last, &p, "commit id")?,
+                        i64_of(id, &p, "commit id")?
+                    ])
+                    .map_err(err)?,
+                Some(_) => 0,
+                None => tx
+                    .prepare_cached(
+                        "INSERT INTO holder_commit (holder, last_id) VALUES (?1, ?2)
+                         ON CONFLICT (holder) DO NOTHING",
+                    )
+                    .map_err(err)?
+                    .execute(params![holder, i64_of(id, &p, "commit id")?])
+                    .map_err(err)?,
+            };
+            if written == 0 {
+                let found = last_commit_id(&tx, holder, &p)?;
+                return Err(LedgerError::Superseded {
+                    holder: holder.to_string(),
+                    id,
+                    expected,
+                    found,
+                });
+            }
+        }
         let (last_revision, finalized) = watermark(&tx, &p)?;
         let revision = last_revision + 1;
         let is_final = |minute: i64| minute.saturating_add(MINUTE) <= finalized;
@@ -305,6 +342,9 @@ impl Ledger {
             }
         };
         tx.commit().map_err(err)?;
+        if let Some(id) = c.id {
+            self.seen.insert(holder.to_string(), Some(id));
+        }
         let holder: Arc<str> = Arc::from(holder);
         for id in unclaimed {
             self.claims.insert(id.clone(), (holder.clone(), 1));
@@ -312,6 +352,16 @@ impl Ledger {
         self.revision = committed.revision;
         self.mark();
         Ok(committed)
+    }
+
+    /// `LedgerWriter::commit_written`: reads `holder`'s last commit id.
+    pub fn commit_written(&mut self, holder: &str, id: u64) -> Result<bool, LedgerError> {
+        let last = last_commit_id(&self.conn, holder, &self.path)?;
+        if last == Some(id) {
+            self.seen.insert(holder.to_string(), last);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     /// Sums of the minute buckets and adjustments of `tenant` over all
@@ -334,4 +384,20 @@ impl Ledger {
         }
         Ok(sum)
     }
+}
+
+/// `holder`'s last commit id written, if it wrote one with an id.
+fn last_commit_id(
+    conn: &rusqlite::Connection,
+    holder: &str,
+    p: &std::path::Path,
+) -> Result<Option<u64>, LedgerError> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached("SELECT last_id FROM holder_commit WHERE holder = ?1")
+        .map_err(sqlite_err(p))?
+        .query_row([holder], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(sqlite_err(p))?
+        .map(|v| u64_of(v, p, "commit id"))
+        .transpose()
 }
