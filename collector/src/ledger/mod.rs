@@ -1,7 +1,8 @@
 //! The billing ledger behind two interfaces: [`LedgerWriter`] (what the
 //! committer and the compactor write through) and [`LedgerReader`] (what
 //! the usage API, the status page and the `usage` command read), with
-//! SQLite ([`sqlite`]) as the embedded implementation. The ledger holds,
+//! SQLite ([`sqlite`]) as the embedded implementation and PostgreSQL
+//! ([`postgres`]) for several collectors on one database. The ledger holds,
 //! per tenant, node and minute, the energy and GPU time counted, plus the
 //! cursors that make counting exactly-once across crashes.
 //!
@@ -25,11 +26,13 @@
 //! recorded in `<ledger>.last-commit` after it, so a ledger behind its
 //! marker lost commits (see `Ledger::open_as`).
 
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
+pub use postgres::{PgLedger, PgReader, PgSettings};
 pub use sqlite::{Ledger, Reader};
 
 use std::collections::HashMap;
@@ -140,6 +143,47 @@ pub enum LedgerError {
     LeaseHeld { holder: String, until: i64 },
     #[error("the compaction lease of {holder} has expired or passed to another holder")]
     LeaseLost { holder: String },
+    #[error("ledger {database}: {message}{}", sqlstate_suffix(.sqlstate))]
+    Postgres {
+        /// `postgres://user@host:port,.../db`, without a password.
+        database: String,
+        sqlstate: Option<String>,
+        message: String,
+    },
+    #[error(
+        "ledger {database}: schema version {found} is newer than this collector knows ({known})"
+    )]
+    PgTooNew {
+        database: String,
+        found: i64,
+        known: usize,
+    },
+    #[error(
+        "ledger {database}: schema version {found} is older than this collector's ({known}); start the collector once to migrate it"
+    )]
+    PgTooOld {
+        database: String,
+        found: i64,
+        known: usize,
+    },
+    #[error(
+        "no ledger in {database} (the database has no capwatch schema); to start a new one, run `capwatch-collector init-ledger --ledger-url URL` once"
+    )]
+    PgNoLedger { database: String },
+    #[error("ledger {database} already exists; nothing was changed")]
+    PgExists { database: String },
+    #[error("ledger {database}: value out of range in {what}")]
+    PgRange {
+        database: String,
+        what: &'static str,
+    },
+}
+
+/// ` (SQLSTATE xxxxx)` where there is one.
+fn sqlstate_suffix(code: &Option<String>) -> String {
+    code.as_ref()
+        .map(|c| format!(" (SQLSTATE {c})"))
+        .unwrap_or_default()
 }
 
 /// A GPU's counting state, as committed.
