@@ -11,6 +11,7 @@
 //! (for `shutdown_grace`), the background tasks end, and the committer
 //! makes a last commit.
 
+mod backend;
 mod reload;
 mod tls;
 
@@ -95,8 +96,8 @@ fn task_span(name: &'static str) -> tracing::Span {
 pub struct App {
     cfg: Config,
     state: Arc<State>,
-    ledger: ledger::Ledger,
-    reader: ledger::Reader,
+    ledger: ledger::AnyWriter,
+    reader: ledger::AnyReader,
     grpc: TcpListener,
     http: TcpListener,
     grpc_addr: SocketAddr,
@@ -142,10 +143,14 @@ impl App {
         if !cfg.http_listen.ip().is_loopback() && state.auth().api_required() {
             warn!(http = %cfg.http_listen, "the usage API takes bearer tokens over plain HTTP; terminate TLS in front of it");
         }
-        let mut ledger = ledger::Ledger::open(&cfg.ledger_path)?;
+        let backend::Opened {
+            writer: mut ledger,
+            reader,
+            name,
+        } = backend::open(&cfg).await?;
         state.set_ledger_identity(ledger.identity().clone());
-        let snapshot = ledger.load()?;
-        info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
+        let snapshot = ledger.restore()?;
+        info!(ledger = %name, ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
         let generations = claim_restored(&mut ledger, LOCAL_HOLDER, &snapshot)?;
         let claimed: Vec<(String, u64)> = snapshot
             .nodes
@@ -200,7 +205,6 @@ impl App {
                 .tls_config(tls)
                 .map_err(|e| CollectorError::Tls(e.to_string()))?;
         }
-        let reader = ledger::Reader::open(&cfg.ledger_path)?;
         info!(grpc = %grpc_addr, http = %http_addr, tenants = state.tenants().all().len() - 1, version = VERSION, "collector listening");
         Ok(Self {
             cfg,
@@ -377,7 +381,7 @@ impl App {
 pub struct Running {
     cfg: Config,
     state: Arc<State>,
-    ledger: Arc<Mutex<ledger::Ledger>>,
+    ledger: Arc<Mutex<ledger::AnyWriter>>,
     shutdown: watch::Receiver<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,

@@ -572,3 +572,94 @@ pub trait LedgerReader {
     /// Every tenant that has buckets.
     fn tenants(&self) -> Result<Vec<String>, LedgerError>;
 }
+
+/// A writer of either backend, chosen by configuration.
+pub type AnyWriter = Box<dyn LedgerWriter>;
+
+/// A reader of either backend, chosen by configuration.
+pub type AnyReader = Box<dyn LedgerReader + Send>;
+
+impl<W: LedgerWriter + ?Sized> LedgerWriter for Box<W> {
+    fn identity(&self) -> &Identity {
+        (**self).identity()
+    }
+    fn restore(&self) -> Result<Snapshot, LedgerError> {
+        (**self).restore()
+    }
+    fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {
+        (**self).claim_nodes(holder, nodes)
+    }
+    fn claim(&mut self, holder: &str, node: &str) -> Result<Claim, LedgerError> {
+        (**self).claim(holder, node)
+    }
+    fn commit_as(
+        &mut self,
+        holder: &str,
+        batch: &Commit,
+        booked_at: i64,
+        finalize_through: i64,
+    ) -> Result<Committed, LedgerError> {
+        (**self).commit_as(holder, batch, booked_at, finalize_through)
+    }
+    fn finalized_through(&self) -> Result<i64, LedgerError> {
+        (**self).finalized_through()
+    }
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        (**self).tenant_versions()
+    }
+    fn add_tenant_version(&mut self, v: &TenantVersion) -> Result<(), LedgerError> {
+        (**self).add_tenant_version(v)
+    }
+    fn acquire_compaction(
+        &mut self,
+        holder: &str,
+        now: i64,
+        ttl: Duration,
+    ) -> Result<CompactionLease, LedgerError> {
+        (**self).acquire_compaction(holder, now, ttl)
+    }
+    fn compact_under(
+        &mut self,
+        lease: &CompactionLease,
+        now: i64,
+        policy: &Compaction,
+        contracts: &TenantHistory,
+    ) -> Result<Compacted, LedgerError> {
+        (**self).compact_under(lease, now, policy, contracts)
+    }
+    fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError> {
+        (**self).release_compaction(lease)
+    }
+}
+
+impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        (**self).tenant_versions()
+    }
+    fn tenant_version_count(&self) -> Result<u64, LedgerError> {
+        (**self).tenant_version_count()
+    }
+    fn minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
+        (**self).minutes(tenant, from, to)
+    }
+    fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
+        (**self).usage(tenant, from, to)
+    }
+    fn usage_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        (**self).usage_since(tenant, from, to, since_revision)
+    }
+    fn tenants(&self) -> Result<Vec<String>, LedgerError> {
+        (**self).tenants()
+    }
+}

@@ -25,6 +25,7 @@ mod http_abuse;
 mod http_api;
 mod ledger_safety;
 mod nvml_e2e;
+mod postgres;
 mod security;
 mod status_page;
 mod streams;
