@@ -243,6 +243,14 @@ impl PgServer {
 
     /// Runs `sql` with psql against database `db`; its output, unaligned.
     pub fn psql(&self, db: &str, sql: &str) -> String {
+        self.try_psql(db, sql)
+            .unwrap_or_else(|e| panic!("psql {sql:?}: {e}"))
+    }
+
+    /// `psql`, or what it said where it failed (a standby that has not
+    /// replayed a table yet, a server that is down).
+    pub fn try_psql(&self, db: &str, sql: &str) -> Result<String, String> {
+        let port = self.port.to_string();
         let mut cmd = pg_command("psql");
         cmd.args([
             "-X",
@@ -254,18 +262,17 @@ impl PgServer {
             "-h",
             "127.0.0.1",
         ])
-        .args([
-            "-p",
-            &self.port.to_string(),
-            "-U",
-            USER,
-            "-d",
-            db,
-            "-c",
-            sql,
-        ]);
-        let out = run(cmd, &format!("psql {sql:?}"));
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        .args(["-p", &port, "-U", USER, "-d", db, "-c", sql])
+        .stdin(Stdio::null());
+        let out = cmd.output().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
     /// Creates database `name` (empty); returns its URL.

@@ -460,6 +460,29 @@ async fn schema_version(
 pub struct PgLedger {
     shared: Arc<Shared>,
     identity: Identity,
+    /// The last commit attempt, where it failed after COMMIT was sent: it
+    /// may have been applied all the same (its answer lost with the
+    /// connection). Looked up before the next commit, which absorbed it.
+    unsure: Option<Unsure>,
+    /// Tests only: the next commit fails as if its answer were lost.
+    #[cfg(test)]
+    lose_next_reply: bool,
+}
+
+/// A commit attempt whose outcome is not known.
+struct Unsure {
+    holder: String,
+    token: i64,
+    buckets: std::collections::HashMap<super::BucketKey, BucketDelta>,
+}
+
+/// A token no earlier commit attempt of this process wrote (random).
+fn new_token() -> i64 {
+    use std::hash::{BuildHasher, Hasher};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(N.fetch_add(1, Ordering::Relaxed));
+    h.finish() as i64
 }
 
 impl PgLedger {
@@ -546,7 +569,13 @@ impl PgLedger {
             .await;
             (client, r)
         })?;
-        Ok(Self { shared, identity })
+        Ok(Self {
+            shared,
+            identity,
+            unsure: None,
+            #[cfg(test)]
+            lose_next_reply: false,
+        })
     }
 
     /// A reader on this ledger's pool.
@@ -688,7 +717,47 @@ impl LedgerWriter for PgLedger {
         booked_at: i64,
         finalize_through: i64,
     ) -> Result<Committed, LedgerError> {
-        write::commit(&self.shared, holder, batch, booked_at, finalize_through)
+        // A commit that failed once COMMIT was sent may have been applied:
+        // `batch` absorbed it (the committer retries what failed together
+        // with what arrived since), so where it was, its bookings are not
+        // written again.
+        let resolved;
+        let mut batch = batch;
+        if let Some(u) = &self.unsure {
+            let landed = write::landed(&self.shared, &u.holder, u.token)?;
+            let u = self.unsure.take().expect("checked just above");
+            if landed {
+                tracing::warn!(
+                    ledger = %self.shared.database,
+                    "a commit whose answer was lost had been applied; its bookings are not written again"
+                );
+                resolved = write::without(batch, &u.buckets);
+                batch = &resolved;
+            }
+        }
+        let attempt = Arc::new(write::Attempt::default());
+        #[cfg(test)]
+        attempt
+            .lose_reply
+            .store(std::mem::take(&mut self.lose_next_reply), Ordering::SeqCst);
+        let token = new_token();
+        let r = write::commit(
+            &self.shared,
+            holder,
+            batch,
+            booked_at,
+            finalize_through,
+            token,
+            attempt.clone(),
+        );
+        if r.is_err() && attempt.commit_sent.load(Ordering::SeqCst) {
+            self.unsure = Some(Unsure {
+                holder: holder.to_string(),
+                token,
+                buckets: batch.buckets.clone(),
+            });
+        }
+        r
     }
 
     fn finalized_through(&self) -> Result<i64, LedgerError> {

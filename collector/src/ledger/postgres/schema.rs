@@ -103,6 +103,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         loaded_at_ns BIGINT NOT NULL,
         file TEXT NOT NULL
      );
+     CREATE TABLE commit_token (
+        holder TEXT PRIMARY KEY,
+        token BIGINT NOT NULL
+     );
      CREATE TABLE compaction_lease (
         only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
         holder TEXT NOT NULL,

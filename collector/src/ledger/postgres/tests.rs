@@ -437,7 +437,11 @@ fn failover_to_a_promoted_standby() {
         .unwrap();
     // Replication is asynchronous: wait until the standby has it.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while standby.psql("capwatch", "SELECT revision FROM watermark") != "1" {
+    while standby
+        .try_psql("capwatch", "SELECT revision FROM watermark")
+        .as_deref()
+        != Ok("1")
+    {
         assert!(Instant::now() < deadline, "the standby never caught up");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -567,4 +571,64 @@ fn the_same_history_reads_the_same_on_both_backends() {
         usage.spans.iter().any(|(_, s)| s.seconds == 3600),
         "nothing rolled up"
     );
+}
+
+/// A commit applied although its answer was lost (the connection dropped
+/// after COMMIT was sent) is not applied twice when the committer retries
+/// it together with what arrived since: the ledger holds each booking
+/// once.
+#[test]
+fn a_commit_whose_answer_was_lost_is_not_written_twice() {
+    let url = fresh_database(server());
+    let mut l = PgLedger::create(&settings(&url)).unwrap();
+    let r = l.reader();
+    l.lose_next_reply = true;
+    let first = booking("n1", 1, MINUTE, 1_000);
+    assert!(l.commit_as("h", &first, MINUTE, 0).is_err());
+    assert_eq!(energy(&r), 1_000, "the commit was applied");
+    let mut retry = booking("n1", 1, MINUTE, 1_000);
+    retry.absorb(booking("n1", 2, MINUTE, 500));
+    retry.absorb(booking("n2", 1, MINUTE + 60, 70));
+    l.commit_as("h", &retry, MINUTE, 0).unwrap();
+    assert_eq!(energy(&r), 1_570);
+    let mut snap = l.restore().unwrap();
+    snap.nodes.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(snap.tenant_energy, vec![("lab-a".to_string(), 1_570)]);
+    assert_eq!(
+        snap.nodes,
+        vec![("n1".into(), cursor(2)), ("n2".into(), cursor(1))]
+    );
+    let samples: u64 = r
+        .minutes(None, 0, i64::MAX)
+        .unwrap()
+        .iter()
+        .map(|(_, _, d)| d.samples)
+        .sum();
+    assert_eq!(samples, 3);
+}
+
+/// A commit refused at COMMIT itself (here by a deferred trigger, once)
+/// was not applied: its retry writes all of it.
+#[test]
+fn a_commit_refused_at_commit_time_is_written_whole_on_retry() {
+    let url = fresh_database(server());
+    let mut l = PgLedger::create(&settings(&url)).unwrap();
+    server().psql(
+        db_of(&url),
+        "CREATE SEQUENCE fail_once;
+         CREATE FUNCTION fail_once() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF nextval('fail_once') = 1 THEN RAISE EXCEPTION 'refused at commit'; END IF;
+                RETURN NULL;
+            END $$;
+         CREATE CONSTRAINT TRIGGER fail_once AFTER UPDATE ON watermark
+            DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fail_once()",
+    );
+    let first = booking("n1", 1, MINUTE, 1_000);
+    let e = l.commit_as("h", &first, MINUTE, 0).unwrap_err();
+    assert!(e.to_string().contains("refused at commit"), "{e}");
+    let mut retry = booking("n1", 1, MINUTE, 1_000);
+    retry.absorb(booking("n1", 2, MINUTE, 500));
+    l.commit_as("h", &retry, MINUTE, 0).unwrap();
+    assert_eq!(energy(&l.reader()), 1_500);
 }

@@ -13,10 +13,11 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
 use crate::accounting::over_contract;
-use crate::ledger::{Commit, Committed, HOUR, LedgerError, MINUTE};
+use crate::ledger::{BucketDelta, BucketKey, Commit, Committed, HOUR, LedgerError, MINUTE};
 
 /// One bucket: (tenant, node, minute, the eight values).
 type Bucket = (Arc<str>, Arc<str>, i64, [i64; 8]);
@@ -38,6 +39,18 @@ struct Columns {
     added: Vec<(String, i64, u64, u64)>,
     booked_at: i64,
     finalize_through: i64,
+    /// Written with the commit, so that a commit whose answer was lost
+    /// can be looked up (`landed`).
+    token: i64,
+}
+
+/// How one commit attempt ended, where it failed: whether COMMIT had been
+/// sent (then it may have been applied all the same).
+#[derive(Default)]
+pub(super) struct Attempt {
+    pub(super) commit_sent: AtomicBool,
+    /// Tests only: fail as if the answer to COMMIT had been lost.
+    pub(super) lose_reply: AtomicBool,
 }
 
 /// `unnest` of eight `int8[]` parameters starting at `$first`.
@@ -62,6 +75,8 @@ pub(super) fn commit(
     c: &Commit,
     booked_at: i64,
     finalize_through: i64,
+    token: i64,
+    attempt: Arc<Attempt>,
 ) -> Result<Committed, LedgerError> {
     let mut cols = Columns {
         holder: holder.to_string(),
@@ -75,6 +90,7 @@ pub(super) fn commit(
         added: Vec::new(),
         booked_at,
         finalize_through,
+        token,
     };
     let mut nodes: Vec<(&Arc<str>, _)> = c.nodes.iter().collect();
     nodes.sort_by(|a, b| a.0.cmp(b.0));
@@ -114,7 +130,7 @@ pub(super) fn commit(
     }
     let s = shared.clone();
     shared.call(move |mut client| async move {
-        let r = write(&s, &mut client, cols).await;
+        let r = write(&s, &mut client, cols, &attempt).await;
         (client, r)
     })
 }
@@ -123,6 +139,7 @@ async fn write(
     s: &Shared,
     client: &mut deadpool_postgres::Object,
     c: Columns,
+    attempt: &Attempt,
 ) -> Result<Committed, Fail> {
     let tx = client.transaction().await?;
     let row = tx
@@ -364,9 +381,75 @@ async fn write(
         &[&rev, &c.finalize_through],
     )
     .await?;
+    tx.execute(
+        "INSERT INTO commit_token (holder, token) VALUES ($1, $2)
+         ON CONFLICT (holder) DO UPDATE SET token = excluded.token",
+        &[&c.holder, &c.token],
+    )
+    .await?;
+    attempt.commit_sent.store(true, Ordering::SeqCst);
     tx.commit().await?;
+    if attempt.lose_reply.load(Ordering::SeqCst) {
+        return Err(Fail::Ledger(LedgerError::Postgres {
+            database: s.database.clone(),
+            sqlstate: None,
+            message: "the answer to COMMIT was lost (a test's fault)".into(),
+        }));
+    }
     Ok(Committed {
         revision,
         over_contract_ns,
     })
+}
+
+/// Whether the commit of `holder` with `token` is in the ledger: the last
+/// commit attempt of a holder writes its token.
+pub(super) fn landed(shared: &Arc<Shared>, holder: &str, token: i64) -> Result<bool, LedgerError> {
+    let holder = holder.to_string();
+    shared.call(move |client| async move {
+        let r = async {
+            let row = client
+                .query_opt(
+                    "SELECT token FROM commit_token WHERE holder = $1",
+                    &[&holder],
+                )
+                .await?;
+            Ok(match row {
+                Some(r) => r.try_get::<_, i64>(0)? == token,
+                None => false,
+            })
+        }
+        .await;
+        (client, r)
+    })
+}
+
+/// `c` less the buckets `landed` already wrote (the energy they add to the
+/// tenant totals too): `c` absorbed a commit that was applied although its
+/// answer was lost. A bucket of `landed` that `c` no longer has (its node
+/// was dropped since) has nothing to take back.
+pub(super) fn without(c: &Commit, landed: &HashMap<BucketKey, BucketDelta>) -> Commit {
+    let mut rest = Commit {
+        nodes: c.nodes.clone(),
+        buckets: HashMap::with_capacity(c.buckets.len()),
+        tenant_energy: c.tenant_energy.clone(),
+        contracts: c.contracts.clone(),
+    };
+    for (k, d) in &c.buckets {
+        let Some(old) = landed.get(k) else {
+            rest.buckets.insert(k.clone(), *d);
+            continue;
+        };
+        if let Some(e) = rest.tenant_energy.get_mut(&k.0) {
+            *e = e.saturating_sub(old.energy_mj);
+        }
+        let (now, before) = (d.values(), old.values());
+        let left =
+            BucketDelta::from_values(std::array::from_fn(|i| now[i].saturating_sub(before[i])));
+        if left != BucketDelta::default() {
+            rest.buckets.insert(k.clone(), left);
+        }
+    }
+    rest.tenant_energy.retain(|_, e| *e > 0);
+    rest
 }
