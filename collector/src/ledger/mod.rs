@@ -32,7 +32,7 @@ pub mod sqlite;
 #[cfg(test)]
 pub(crate) mod conformance;
 
-pub use postgres::{PgLedger, PgReader, PgSettings};
+pub use postgres::{PgLedger, PgPoolStats, PgReader, PgSettings};
 pub use sqlite::{Ledger, Reader};
 
 use std::collections::HashMap;

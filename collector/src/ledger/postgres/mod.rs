@@ -454,6 +454,29 @@ async fn schema_version(
     Ok(Some(i64::from(v)))
 }
 
+/// The pool figures of a [`PgLedger`] (`capwatch_collector_ledger_pool_*`).
+#[derive(Clone)]
+pub struct PgPoolStats(Arc<Shared>);
+
+impl PgPoolStats {
+    /// (idle, busy) connections.
+    pub fn connections(&self) -> (usize, usize) {
+        self.0.pool_state()
+    }
+
+    /// Connections opened since the start: the pool's first ones (up to
+    /// its size, as calls overlap) and every reconnect after an eviction
+    /// or a retirement by age.
+    pub fn opened(&self) -> u64 {
+        self.0.opened.load(Ordering::Relaxed)
+    }
+
+    /// Connections evicted (connection error, SQLSTATE 25006, deadline).
+    pub fn evicted(&self) -> u64 {
+        self.0.evicted.load(Ordering::Relaxed)
+    }
+}
+
 /// The PostgreSQL ledger's writer. Any number of them (in any number of
 /// collectors) may write one database; fencing and the lease keep their
 /// commits apart.
@@ -602,6 +625,12 @@ impl PgLedger {
     /// (SQLSTATE 25006) or a call past its deadline.
     pub fn connections_evicted(&self) -> u64 {
         self.shared.evicted.load(Ordering::Relaxed)
+    }
+
+    /// The pool's figures, readable while the ledger itself is locked by
+    /// a commit (for `/metrics`).
+    pub fn pool_stats(&self) -> PgPoolStats {
+        PgPoolStats(self.shared.clone())
     }
 
     /// Reads the cursors and totals to resume from.
