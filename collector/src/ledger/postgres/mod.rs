@@ -130,7 +130,7 @@ pub(super) struct Shared {
     deadline: Duration,
     /// Connections opened (the first, and every reconnect since).
     opened: Arc<AtomicU64>,
-    /// Connections evicted after an error.
+    /// Connections evicted after a connection error or SQLSTATE 25006.
     evicted: AtomicU64,
     /// Dropped last, in the background: dropping a runtime from async
     /// code would panic.
@@ -253,8 +253,8 @@ impl Shared {
 
     /// Runs `work` on the ledger's runtime with a pooled connection and
     /// waits for it, from any thread. A connection that failed (closed, or
-    /// reached a read-only server), or whose call ran past the deadline, is
-    /// evicted from the pool.
+    /// reached a read-only server) is evicted from the pool; a call past
+    /// the deadline is abandoned (its transaction rolled back).
     pub(super) fn call<T, F, Fut>(self: &Arc<Self>, work: F) -> Result<T, LedgerError>
     where
         T: Send + 'static,
@@ -288,20 +288,18 @@ impl Shared {
                     }
                     Err(shared.pg_error(&e))
                 }
-                // The connection went with the dropped future: it is not
-                // returned to the pool in an unknown state (the pool
-                // verifies it before reuse all the same).
-                Err(_) => {
-                    shared.evicted.fetch_add(1, Ordering::Relaxed);
-                    Err(LedgerError::Postgres {
-                        database: shared.database.clone(),
-                        sqlstate: None,
-                        message: format!(
-                            "no answer within {}",
-                            humantime::format_duration(shared.deadline)
-                        ),
-                    })
-                }
+                // The connection goes back to the pool with the dropped
+                // future (its transaction rolled back); the pool verifies
+                // it before handing it out again, within the recycle
+                // timeout, and closes it where that fails.
+                Err(_) => Err(LedgerError::Postgres {
+                    database: shared.database.clone(),
+                    sqlstate: None,
+                    message: format!(
+                        "no answer within {}",
+                        humantime::format_duration(shared.deadline)
+                    ),
+                }),
             }
         });
         match futures::executor::block_on(task) {
@@ -471,7 +469,7 @@ impl PgPoolStats {
         self.0.opened.load(Ordering::Relaxed)
     }
 
-    /// Connections evicted (connection error, SQLSTATE 25006, deadline).
+    /// Connections evicted (a connection error, SQLSTATE 25006).
     pub fn evicted(&self) -> u64 {
         self.0.evicted.load(Ordering::Relaxed)
     }
@@ -621,8 +619,8 @@ impl PgLedger {
         self.shared.opened.load(Ordering::Relaxed)
     }
 
-    /// Connections evicted after a connection error, a read-only server
-    /// (SQLSTATE 25006) or a call past its deadline.
+    /// Connections evicted after a connection error or a read-only server
+    /// (SQLSTATE 25006).
     pub fn connections_evicted(&self) -> u64 {
         self.shared.evicted.load(Ordering::Relaxed)
     }
