@@ -376,7 +376,7 @@ fn a_connection_to_a_read_only_server_is_evicted() {
         "ALTER SYSTEM SET default_transaction_read_only = on",
     );
     server.psql("postgres", "SELECT pg_reload_conf()");
-    // The reload reaches the open session once it is between statements.
+    // The reload reaches the open connection once it is between statements.
     let deadline = Instant::now() + Duration::from_secs(20);
     let e = loop {
         match l.commit_as("a/1", &booking("n1", 2, MINUTE, 20), MINUTE, 0) {
