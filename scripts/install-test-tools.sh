@@ -4,6 +4,9 @@
 #   chromium               Debian package chromium (status page screenshot)
 #   systemd-analyze        Debian package systemd
 #   kubernetes-validate    PyPI, into a virtual environment under target/
+#   initdb, pg_ctl, ...    Debian package postgresql (the ledger tests start
+#                          their own server; found through pg_config --bindir,
+#                          /usr/lib/postgresql/*/bin or PATH, as the tests do)
 # Run by scripts/test.sh; needs root for apt-get (as CI has). Prints where
 # the Python environment is.
 set -euo pipefail
@@ -16,6 +19,15 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || missing+=(python3-venv)
+have_pg() {
+    local d
+    d=$(pg_config --bindir 2>/dev/null) && [[ -x $d/pg_ctl && -x $d/initdb ]] && return 0
+    for d in /usr/lib/postgresql/*/bin; do
+        [[ -x $d/pg_ctl && -x $d/initdb ]] && return 0
+    done
+    command -v pg_ctl >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1
+}
+have_pg || missing+=(postgresql)
 if ((${#missing[@]})); then
     echo "== installing ${missing[*]} (Debian packages) for the deploy checks"
     apt-get update -qq

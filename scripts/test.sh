@@ -16,7 +16,8 @@ fi
 # promtool, prometheus, chromium, systemd-analyze (apt) and
 # kubernetes-validate (PyPI, into target/deploy-venv) for
 # collector/tests/it/deploy.rs and collector/tests/it/status_page.rs, which fail
-# rather than skip when a tool is missing while this is set.
+# rather than skip when a tool is missing while this is set; PostgreSQL
+# (apt) for the PostgreSQL ledger's tests, which always fail without it.
 bash scripts/install-test-tools.sh
 export CAPWATCH_REQUIRE_TOOLS=1
 

@@ -27,6 +27,31 @@ pub struct Config {
     /// init-ledger`; a collector never starts on a missing, empty or
     /// unwritable one.
     pub ledger_path: PathBuf,
+    /// The billing ledger on PostgreSQL instead of SQLite
+    /// (`postgres://user@host1:5432,host2:5432/db?target_session_attrs=read-write`),
+    /// which several collectors may share. Its schema is created once with
+    /// `capwatch-collector init-ledger --ledger-url URL`. Unset: SQLite at
+    /// `ledger_path` (setting both, `ledger_path` not at its default, is
+    /// an error).
+    pub ledger_url: Option<String>,
+    /// A file holding the PostgreSQL password, so that it is not in the
+    /// URL or the config.
+    pub ledger_password_file: Option<PathBuf>,
+    /// Most connections to PostgreSQL open at once.
+    pub ledger_pool_size: usize,
+    /// A PostgreSQL connection older than this is closed instead of being
+    /// reused (so that connections move to a new primary, and to servers
+    /// behind a load balancer, in time).
+    #[serde(with = "capwatch_common::duration")]
+    pub ledger_connection_max_age: Duration,
+    /// How long connecting to PostgreSQL may take.
+    #[serde(with = "capwatch_common::duration")]
+    pub ledger_connect_timeout: Duration,
+    /// Longest one PostgreSQL statement may run (the server's
+    /// `statement_timeout`); a ledger call gives up after the connect
+    /// timeout plus twice this.
+    #[serde(with = "capwatch_common::duration")]
+    pub ledger_statement_timeout: Duration,
     /// How often accepted samples are committed to the ledger; agents get
     /// their acks after the commit.
     #[serde(with = "capwatch_common::duration")]
@@ -146,7 +171,13 @@ impl Default for Config {
             grpc_listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 9470)),
             tenants_file: None,
-            ledger_path: PathBuf::from("capwatch-ledger.db"),
+            ledger_path: PathBuf::from(DEFAULT_LEDGER_PATH),
+            ledger_url: None,
+            ledger_password_file: None,
+            ledger_pool_size: 4,
+            ledger_connection_max_age: Duration::from_secs(30 * 60),
+            ledger_connect_timeout: Duration::from_secs(5),
+            ledger_statement_timeout: Duration::from_secs(10),
             commit_interval: Duration::from_secs(1),
             finalize_grace: Duration::from_secs(600),
             minute_retention: Duration::from_secs(35 * 86_400),
@@ -198,6 +229,16 @@ pub fn collector_id_ok(id: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// `ledger_path` where none is set.
+pub const DEFAULT_LEDGER_PATH: &str = "capwatch-ledger.db";
+
+/// Which ledger the configuration selects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerChoice {
+    Sqlite(PathBuf),
+    Postgres(crate::ledger::PgSettings),
+}
+
 /// Settings whose variable is not their name: kept from the flags'.
 const ENV_RENAMES: &[(&str, &str)] = &[
     ("tenants_file", "CAPWATCH_TENANTS"),
@@ -230,9 +271,57 @@ impl Config {
         Ok(toml::to_string(self)?)
     }
 
+    /// The ledger `ledger_url` or `ledger_path` selects.
+    pub fn ledger(&self) -> LedgerChoice {
+        match &self.ledger_url {
+            Some(url) => LedgerChoice::Postgres(crate::ledger::PgSettings {
+                url: url.clone(),
+                password_file: self.ledger_password_file.clone(),
+                pool_size: self.ledger_pool_size,
+                connection_max_age: self.ledger_connection_max_age,
+                connect_timeout: self.ledger_connect_timeout,
+                statement_timeout: self.ledger_statement_timeout,
+            }),
+            None => LedgerChoice::Sqlite(self.ledger_path.clone()),
+        }
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |setting, reason: &str| Err(ConfigError::invalid(setting, reason.to_string()));
+        if let Some(url) = &self.ledger_url {
+            if self.ledger_path != Path::new(DEFAULT_LEDGER_PATH) {
+                return bad(
+                    "ledger_url",
+                    "ledger_url (PostgreSQL) and ledger_path (SQLite) are both set: choose one",
+                );
+            }
+            if let Err(e) = url.parse::<tokio_postgres::Config>() {
+                return Err(ConfigError::invalid(
+                    "ledger_url",
+                    format!("not a PostgreSQL URL: {e}"),
+                ));
+            }
+        }
+        if self.ledger_password_file.is_some() && self.ledger_url.is_none() {
+            return bad("ledger_password_file", "needs ledger_url");
+        }
+        if !(1..=1000).contains(&self.ledger_pool_size) {
+            return bad("ledger_pool_size", "must be between 1 and 1000");
+        }
+        if self.ledger_connection_max_age < Duration::from_secs(1) {
+            return bad("ledger_connection_max_age", "must be at least 1s");
+        }
+        if self.ledger_connect_timeout < Duration::from_millis(100)
+            || self.ledger_connect_timeout > Duration::from_secs(600)
+        {
+            return bad("ledger_connect_timeout", "must be between 100ms and 10m");
+        }
+        if self.ledger_statement_timeout < Duration::from_millis(100)
+            || self.ledger_statement_timeout > Duration::from_secs(3600)
+        {
+            return bad("ledger_statement_timeout", "must be between 100ms and 1h");
+        }
         if self
             .stale_after
             .is_some_and(|d| d < Duration::from_millis(10))

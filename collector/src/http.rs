@@ -20,7 +20,7 @@ use tracing::error;
 
 use crate::auth::{self, Scope};
 use crate::events::{AuthReason, AuthRefused, Surface};
-use crate::ledger::{DAY, LedgerError, Reader};
+use crate::ledger::{AnyReader, DAY, LedgerError, LedgerReader};
 use crate::state::State;
 use crate::status::{StaleNode, StatusView, TenantRow};
 use crate::sync::lock;
@@ -34,7 +34,7 @@ pub struct HttpState {
     /// Export per-node series on `/metrics`.
     pub per_node_metrics: bool,
     pub state: Arc<State>,
-    pub ledger: Arc<Mutex<Reader>>,
+    pub ledger: Arc<Mutex<AnyReader>>,
     /// `/metrics` needs an admin token (when API tokens are configured).
     pub metrics_auth: bool,
     /// Longest a request may take (408 after).
@@ -57,7 +57,7 @@ impl LedgerHistory {
     /// ledger recorded none, or its versions cannot be read back.
     fn get(
         &self,
-        reader: &Reader,
+        reader: &dyn LedgerReader,
         fallback: impl FnOnce() -> Arc<TenantHistory>,
     ) -> Result<Arc<TenantHistory>, LedgerError> {
         let count = reader.tenant_version_count()?;
@@ -395,12 +395,13 @@ async fn usage_response(
     let tenants = s.state.tenants();
     let (state, ledger, recorded) = (s.state.clone(), s.ledger.clone(), s.ledger_history.clone());
     let report = tokio::task::spawn_blocking(move || {
-        let reader = lock(&ledger);
+        let guard = lock(&ledger);
+        let reader: &dyn LedgerReader = &**guard;
         let history = recorded
-            .get(&reader, || state.tenant_history())
+            .get(reader, || state.tenant_history())
             .map_err(QueryError::Ledger)?;
         usage::run(
-            &reader,
+            reader,
             &tenants,
             &history,
             tenant.as_deref(),
@@ -442,7 +443,7 @@ fn json<T: Serialize>(v: &T) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{Ledger, TenantVersion};
+    use crate::ledger::{Ledger, Reader, TenantVersion};
     use crate::tenants::Tenants;
 
     #[test]

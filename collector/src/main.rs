@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 
-use capwatch_collector::config::Config;
+use capwatch_collector::config::{Config, LedgerChoice};
+use capwatch_collector::ledger::LedgerWriter as _;
 use capwatch_collector::tenants::{TenantHistory, Tenants};
 use capwatch_common::LogFormat;
 
@@ -31,6 +32,10 @@ struct Args {
     /// The billing ledger file (SQLite).
     #[arg(long, env = "CAPWATCH_LEDGER", global = true)]
     ledger: Option<PathBuf>,
+    /// The billing ledger on PostgreSQL instead
+    /// (postgres://user@host1,host2/db?target_session_attrs=read-write).
+    #[arg(long, env = "CAPWATCH_LEDGER_URL", global = true)]
+    ledger_url: Option<String>,
     /// Tokens agents and usage API clients must present (TOML).
     #[arg(long, env = "CAPWATCH_AUTH_FILE")]
     auth_file: Option<PathBuf>,
@@ -74,7 +79,8 @@ struct Args {
 #[derive(Debug, clap::Subcommand)]
 enum Command {
     /// Create a new, empty ledger at --ledger (or the config's
-    /// ledger_path) and exit. Needed once, before the first start: the
+    /// ledger_path), or its schema in the PostgreSQL database at
+    /// --ledger-url, and exit. Needed once, before the first start: the
     /// collector never creates one itself, so that a lost ledger is not
     /// taken for a new one. Refused where a ledger or a trace of one
     /// (-wal, -shm, .last-commit) exists.
@@ -167,7 +173,12 @@ fn usage_command(cfg: &Config, tenants: Arc<Tenants>, cmd: &Command) -> anyhow::
         }
         return Ok(());
     }
-    let reader = capwatch_collector::ledger::Reader::open(&cfg.ledger_path)?;
+    let reader: capwatch_collector::ledger::AnyReader = match cfg.ledger() {
+        LedgerChoice::Sqlite(path) => Box::new(capwatch_collector::ledger::Reader::open(&path)?),
+        LedgerChoice::Postgres(settings) => {
+            Box::new(capwatch_collector::ledger::PgReader::open(&settings)?)
+        }
+    };
     // Contracts by the versions the collector recorded in the ledger, each
     // from when it took effect; the tenant file alone for a ledger that
     // recorded none.
@@ -207,6 +218,9 @@ impl Args {
         if let Some(v) = &self.ledger {
             cfg.ledger_path = v.clone();
         }
+        if let Some(v) = &self.ledger_url {
+            cfg.ledger_url = Some(v.clone());
+        }
         if let Some(v) = self.grpc_listen {
             cfg.grpc_listen = v;
         }
@@ -237,12 +251,23 @@ fn main() -> anyhow::Result<()> {
     let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
     let auth = capwatch_collector::load_auth(&cfg).context("auth file")?;
     if let Some(Command::InitLedger) = &args.command {
-        let ledger = capwatch_collector::ledger::Ledger::create(&cfg.ledger_path)?;
-        println!(
-            "created ledger {} (ledger_id {})",
-            cfg.ledger_path.display(),
-            ledger.identity().ledger_id
-        );
+        let (name, id) = match cfg.ledger() {
+            LedgerChoice::Sqlite(path) => {
+                let ledger = capwatch_collector::ledger::Ledger::create(&path)?;
+                (
+                    path.display().to_string(),
+                    ledger.identity().ledger_id.clone(),
+                )
+            }
+            LedgerChoice::Postgres(settings) => {
+                let ledger = capwatch_collector::ledger::PgLedger::create(&settings)?;
+                (
+                    ledger.database().to_string(),
+                    ledger.identity().ledger_id.clone(),
+                )
+            }
+        };
+        println!("created ledger {name} (ledger_id {id})");
         return Ok(());
     }
     if let Some(cmd) = &args.command {
@@ -274,6 +299,11 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     capwatch_common::init_logging(cfg.log_format);
+    if args.recover_ledger && cfg.ledger_url.is_some() {
+        anyhow::bail!(
+            "--recover-ledger is for a SQLite ledger (ledger_path); a PostgreSQL ledger is recovered with PostgreSQL's own tools"
+        );
+    }
     if args.recover_ledger {
         // Accepts the ledger as it stands (and logs what was wrong); the
         // start below then opens it as usual.

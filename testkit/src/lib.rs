@@ -11,6 +11,8 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod pg;
+
 /// The sentence both binaries' `--help` ends with.
 pub const LAYERING: &str = "Settings come from the config file, then CAPWATCH_* environment \
                             variables, then flags; the last wins.";

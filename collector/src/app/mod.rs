@@ -11,6 +11,7 @@
 //! (for `shutdown_grace`), the background tasks end, and the committer
 //! makes a last commit.
 
+mod backend;
 mod reload;
 mod tls;
 
@@ -96,8 +97,8 @@ pub struct App {
     state: Arc<State>,
     /// This process's fencing holder (`<collector_id>/<random hex>`).
     holder: Arc<str>,
-    ledger: ledger::Ledger,
-    reader: ledger::Reader,
+    ledger: ledger::AnyWriter,
+    reader: ledger::AnyReader,
     grpc: TcpListener,
     http: TcpListener,
     grpc_addr: SocketAddr,
@@ -152,12 +153,19 @@ impl App {
         state.set_collector_info(crate::state::CollectorInfo {
             collector_id,
             holder: holder.to_string(),
-            ledger_backend: "sqlite",
+            ledger_backend: match cfg.ledger() {
+                config::LedgerChoice::Sqlite(_) => "sqlite",
+                config::LedgerChoice::Postgres(_) => "postgres",
+            },
         });
-        let mut ledger = ledger::Ledger::open(&cfg.ledger_path)?;
+        let backend::Opened {
+            writer: mut ledger,
+            reader,
+            name,
+        } = backend::open(&cfg).await?;
         state.set_ledger_identity(ledger.identity().clone());
-        let snapshot = ledger.load()?;
-        info!(ledger = %cfg.ledger_path.display(), ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
+        let snapshot = ledger.restore()?;
+        info!(ledger = %name, ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
         // Nothing is claimed here: another collector may be streaming any
         // of these nodes now. The cursors are a cache; each node's claim at
         // its Hello (which returns the cursor the ledger holds then) decides
@@ -203,7 +211,6 @@ impl App {
                 .tls_config(tls)
                 .map_err(|e| CollectorError::Tls(e.to_string()))?;
         }
-        let reader = ledger::Reader::open(&cfg.ledger_path)?;
         info!(grpc = %grpc_addr, http = %http_addr, tenants = state.tenants().all().len() - 1, version = VERSION, "collector listening");
         Ok(Self {
             cfg,
@@ -394,7 +401,7 @@ pub struct Running {
     cfg: Config,
     state: Arc<State>,
     holder: Arc<str>,
-    ledger: Arc<Mutex<ledger::Ledger>>,
+    ledger: Arc<Mutex<ledger::AnyWriter>>,
     shutdown: watch::Receiver<bool>,
     grpc: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,

@@ -37,7 +37,7 @@ pub(super) async fn advance_leases(state: Arc<State>, shutdown: watch::Receiver<
 /// latest version changes nothing.
 async fn record_and_reload(
     state: &Arc<State>,
-    ledger: &Arc<std::sync::Mutex<ledger::Ledger>>,
+    ledger: &Arc<std::sync::Mutex<ledger::AnyWriter>>,
     t: Tenants,
 ) {
     let history = state.tenant_history();
@@ -81,7 +81,7 @@ async fn record_and_reload(
 /// task: `reloader`.
 pub(super) async fn reload_on_sighup(
     state: Arc<State>,
-    ledger: Arc<std::sync::Mutex<ledger::Ledger>>,
+    ledger: Arc<std::sync::Mutex<ledger::AnyWriter>>,
     cfg: Config,
     mut hup: tokio::signal::unix::Signal,
     shutdown: watch::Receiver<bool>,

@@ -1,7 +1,8 @@
 //! The billing ledger behind two interfaces: [`LedgerWriter`] (what the
 //! committer and the compactor write through) and [`LedgerReader`] (what
 //! the usage API, the status page and the `usage` command read), with
-//! SQLite ([`sqlite`]) as the embedded implementation. The ledger holds,
+//! SQLite ([`sqlite`]) as the embedded implementation and PostgreSQL
+//! ([`postgres`]) for several collectors on one database. The ledger holds,
 //! per tenant, node and minute, the energy and GPU time counted, plus the
 //! cursors that make counting exactly-once across crashes.
 //!
@@ -26,11 +27,13 @@
 //! recorded in `<ledger>.last-commit` after it, so a ledger behind its
 //! marker lost commits (see `Ledger::open_as`).
 
+pub mod postgres;
 pub mod sqlite;
 
 #[cfg(test)]
 pub(crate) mod conformance;
 
+pub use postgres::{PgLedger, PgPoolStats, PgReader, PgSettings};
 pub use sqlite::{Ledger, Reader};
 
 use std::collections::HashMap;
@@ -150,6 +153,47 @@ pub enum LedgerError {
     LeaseHeld { holder: String, until: i64 },
     #[error("the compaction lease of {holder} has expired or passed to another holder")]
     LeaseLost { holder: String },
+    #[error("ledger {database}: {message}{}", sqlstate_suffix(.sqlstate))]
+    Postgres {
+        /// `postgres://user@host:port,.../db`, without a password.
+        database: String,
+        sqlstate: Option<String>,
+        message: String,
+    },
+    #[error(
+        "ledger {database}: schema version {found} is newer than this collector knows ({known})"
+    )]
+    PgTooNew {
+        database: String,
+        found: i64,
+        known: usize,
+    },
+    #[error(
+        "ledger {database}: schema version {found} is older than this collector's ({known}); start the collector once to migrate it"
+    )]
+    PgTooOld {
+        database: String,
+        found: i64,
+        known: usize,
+    },
+    #[error(
+        "no ledger in {database} (the database has no capwatch schema); to start a new one, run `capwatch-collector init-ledger --ledger-url URL` once"
+    )]
+    PgNoLedger { database: String },
+    #[error("ledger {database} already exists; nothing was changed")]
+    PgExists { database: String },
+    #[error("ledger {database}: value out of range in {what}")]
+    PgRange {
+        database: String,
+        what: &'static str,
+    },
+}
+
+/// ` (SQLSTATE xxxxx)` where there is one.
+fn sqlstate_suffix(code: &Option<String>) -> String {
+    code.as_ref()
+        .map(|c| format!(" (SQLSTATE {c})"))
+        .unwrap_or_default()
 }
 
 /// A GPU's counting state, as committed.
@@ -574,4 +618,101 @@ pub trait LedgerReader {
 
     /// Every tenant that has buckets.
     fn tenants(&self) -> Result<Vec<String>, LedgerError>;
+}
+
+/// A writer of either backend, chosen by configuration.
+pub type AnyWriter = Box<dyn LedgerWriter>;
+
+/// A reader of either backend, chosen by configuration.
+pub type AnyReader = Box<dyn LedgerReader + Send>;
+
+impl<W: LedgerWriter + ?Sized> LedgerWriter for Box<W> {
+    fn identity(&self) -> &Identity {
+        (**self).identity()
+    }
+    fn restore(&self) -> Result<Snapshot, LedgerError> {
+        (**self).restore()
+    }
+    fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {
+        (**self).claim_nodes(holder, nodes)
+    }
+    fn claim(&mut self, holder: &str, node: &str) -> Result<Claim, LedgerError> {
+        (**self).claim(holder, node)
+    }
+    fn commit_as(
+        &mut self,
+        holder: &str,
+        batch: &Commit,
+        booked_at: i64,
+        finalize_through: i64,
+    ) -> Result<Committed, LedgerError> {
+        (**self).commit_as(holder, batch, booked_at, finalize_through)
+    }
+    fn commit_written(&mut self, holder: &str, id: u64) -> Result<bool, LedgerError> {
+        (**self).commit_written(holder, id)
+    }
+    fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError> {
+        (**self).tenant_totals()
+    }
+    fn finalized_through(&self) -> Result<i64, LedgerError> {
+        (**self).finalized_through()
+    }
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        (**self).tenant_versions()
+    }
+    fn add_tenant_version(&mut self, v: &TenantVersion) -> Result<(), LedgerError> {
+        (**self).add_tenant_version(v)
+    }
+    fn acquire_compaction(
+        &mut self,
+        holder: &str,
+        now: i64,
+        ttl: Duration,
+    ) -> Result<CompactionLease, LedgerError> {
+        (**self).acquire_compaction(holder, now, ttl)
+    }
+    fn compact_under(
+        &mut self,
+        lease: &CompactionLease,
+        now: i64,
+        policy: &Compaction,
+        contracts: &TenantHistory,
+    ) -> Result<Compacted, LedgerError> {
+        (**self).compact_under(lease, now, policy, contracts)
+    }
+    fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError> {
+        (**self).release_compaction(lease)
+    }
+}
+
+impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        (**self).tenant_versions()
+    }
+    fn tenant_version_count(&self) -> Result<u64, LedgerError> {
+        (**self).tenant_version_count()
+    }
+    fn minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
+        (**self).minutes(tenant, from, to)
+    }
+    fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
+        (**self).usage(tenant, from, to)
+    }
+    fn usage_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        (**self).usage_since(tenant, from, to, since_revision)
+    }
+    fn tenants(&self) -> Result<Vec<String>, LedgerError> {
+        (**self).tenants()
+    }
 }

@@ -23,7 +23,7 @@ mod tests;
 
 use std::time::Duration;
 
-use crate::ledger::{LedgerError, Reader};
+use crate::ledger::{LedgerError, LedgerReader};
 use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
 pub use periods::{Query, Step, Zone, rfc3339};
@@ -136,7 +136,7 @@ pub enum QueryError {
 /// in the version of `history` in force at the minute's start.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
-    reader: &Reader,
+    reader: &dyn LedgerReader,
     tenants: &Tenants,
     history: &TenantHistory,
     tenant: Option<&str>,

@@ -1,6 +1,6 @@
 use super::render::CSV_HEADER;
 use super::*;
-use crate::ledger::{BucketDelta, Span, Usage};
+use crate::ledger::{BucketDelta, Reader, Span, Usage};
 
 const T: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
 

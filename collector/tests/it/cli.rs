@@ -26,6 +26,7 @@ const FLAGS: &[(&str, Option<&str>)] = &[
     ("--tenants", Some("CAPWATCH_TENANTS")),
     ("--auth-file", Some("CAPWATCH_AUTH_FILE")),
     ("--ledger", Some("CAPWATCH_LEDGER")),
+    ("--ledger-url", Some("CAPWATCH_LEDGER_URL")),
     ("--grpc-listen", Some("CAPWATCH_GRPC_LISTEN")),
     ("--http-listen", Some("CAPWATCH_HTTP_LISTEN")),
     ("--stale-after", Some("CAPWATCH_STALE_AFTER")),

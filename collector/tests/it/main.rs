@@ -26,6 +26,7 @@ mod http_api;
 mod ledger_safety;
 mod multi;
 mod nvml_e2e;
+mod postgres;
 mod security;
 mod status_page;
 mod streams;

@@ -16,6 +16,7 @@ mod write;
 mod tests;
 
 pub use read::Reader;
+pub(in crate::ledger) use schema::{StoredGpu, StoredGpus};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ use super::{
 };
 use crate::tenants::TenantHistory;
 use marker::{MARKER_SUFFIX, Marker, read_marker};
-use schema::{MIGRATIONS, Migration, StoredGpus, new_ledger_id};
+use schema::{MIGRATIONS, Migration, new_ledger_id};
 
 /// The holder this process writes as: with SQLite one process holds the
 /// file (the flock), so every collector that opens it in turn is the same

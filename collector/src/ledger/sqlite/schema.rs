@@ -254,24 +254,24 @@ fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
 /// How a node's GPU cursors are stored (`node_cursor.gpus`): protobuf, so
 /// that a later version can add fields and still read older rows.
 #[derive(Clone, PartialEq, prost::Message)]
-pub(super) struct StoredGpus {
+pub(in crate::ledger) struct StoredGpus {
     #[prost(message, repeated, tag = "1")]
-    pub(super) gpus: Vec<StoredGpu>,
+    pub(in crate::ledger) gpus: Vec<StoredGpu>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
-pub(super) struct StoredGpu {
+pub(in crate::ledger) struct StoredGpu {
     #[prost(string, tag = "1")]
-    pub(super) uuid: String,
+    pub(in crate::ledger) uuid: String,
     #[prost(uint64, optional, tag = "2")]
-    pub(super) last_counter_mj: Option<u64>,
+    pub(in crate::ledger) last_counter_mj: Option<u64>,
     #[prost(sint64, optional, tag = "3")]
-    pub(super) last_timestamp_ns: Option<i64>,
+    pub(in crate::ledger) last_timestamp_ns: Option<i64>,
     #[prost(uint64, tag = "4")]
-    pub(super) remainder_mw_ns: u64,
+    pub(in crate::ledger) remainder_mw_ns: u64,
     #[prost(uint64, tag = "5")]
-    pub(super) energy_mj: u64,
+    pub(in crate::ledger) energy_mj: u64,
     /// Added later: a cursor written before it reads as 0.
     #[prost(uint64, tag = "6")]
-    pub(super) counter_resets: u64,
+    pub(in crate::ledger) counter_resets: u64,
 }

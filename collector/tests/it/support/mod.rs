@@ -123,6 +123,26 @@ impl Collector {
     }
 
     pub fn command(dir: &Path, tenants: &str, grpc_port: u16, extra: &[&str]) -> Command {
+        let mut cmd = Self::base_command(dir, tenants, grpc_port);
+        // The same directory keeps the same ledger across restarts.
+        cmd.arg("--ledger").arg(dir.join("ledger.db")).args(extra);
+        cmd
+    }
+
+    /// [`Collector::command`] on the PostgreSQL ledger at `url`.
+    pub fn command_pg(
+        dir: &Path,
+        tenants: &str,
+        grpc_port: u16,
+        url: &str,
+        extra: &[&str],
+    ) -> Command {
+        let mut cmd = Self::base_command(dir, tenants, grpc_port);
+        cmd.args(["--ledger-url", url]).args(extra);
+        cmd
+    }
+
+    fn base_command(dir: &Path, tenants: &str, grpc_port: u16) -> Command {
         let tenants_file = dir.join("tenants.toml");
         std::fs::write(&tenants_file, tenants).unwrap();
         let mut cmd = Command::new(bin("capwatch-collector"));
@@ -131,10 +151,6 @@ impl Collector {
             .arg(format!("127.0.0.1:{grpc_port}"))
             .arg("--tenants")
             .arg(&tenants_file)
-            // The same directory keeps the same ledger across restarts.
-            .arg("--ledger")
-            .arg(dir.join("ledger.db"))
-            .args(extra)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null());
         cmd

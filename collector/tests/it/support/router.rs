@@ -67,7 +67,7 @@ impl Api {
             per_gpu_metrics: cfg.per_gpu_metrics,
             per_node_metrics: cfg.per_node_metrics,
             state: state.clone(),
-            ledger: Arc::new(Mutex::new(Reader::open(&path).unwrap())),
+            ledger: Arc::new(Mutex::new(Box::new(Reader::open(&path).unwrap()))),
             metrics_auth,
             request_timeout: cfg.http_request_timeout,
             renders: Default::default(),

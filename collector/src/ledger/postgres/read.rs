@@ -1,0 +1,281 @@
+//! The reader: usage, minutes and tenants, each read in one snapshot
+//! (`REPEATABLE READ, READ ONLY`), from any collector or the `usage`
+//! command.
+
+use std::sync::Arc;
+
+use super::schema::MIGRATIONS;
+use super::{
+    BUCKET_COLUMNS, Fail, PgSettings, Shared, bucket_from_row, bucket_sums, schema_version, u64_of,
+};
+use crate::ledger::{
+    Adjustment, BucketDelta, DAY, HOUR, LedgerError, LedgerReader, MINUTE, Span, TenantVersion,
+    Usage,
+};
+
+/// A reader of the PostgreSQL ledger. Never writes.
+pub struct PgReader {
+    shared: Arc<Shared>,
+}
+
+impl PgReader {
+    /// Connects to the ledger at `settings.url`; refused where the
+    /// database holds no ledger, or one of another schema version.
+    pub fn open(settings: &PgSettings) -> Result<Self, LedgerError> {
+        let shared = Shared::connect(settings)?;
+        let database = shared.database.clone();
+        shared.call(move |client| async move {
+            let r = async {
+                let known = MIGRATIONS.len();
+                match schema_version(&client).await? {
+                    None => Err(Fail::Ledger(LedgerError::PgNoLedger { database })),
+                    Some(found) if found as usize > known => {
+                        Err(Fail::Ledger(LedgerError::PgTooNew {
+                            database,
+                            found,
+                            known,
+                        }))
+                    }
+                    Some(found) if (found as usize) < known => {
+                        Err(Fail::Ledger(LedgerError::PgTooOld {
+                            database,
+                            found,
+                            known,
+                        }))
+                    }
+                    Some(_) => Ok(()),
+                }
+            }
+            .await;
+            (client, r)
+        })?;
+        Ok(Self { shared })
+    }
+
+    pub(super) fn on(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+}
+
+async fn minutes(
+    s: &Shared,
+    client: &tokio_postgres::Transaction<'_>,
+    tenant: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, i64, BucketDelta)>, Fail> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT tenant, minute_start, {}
+                 FROM usage_minute
+                 WHERE ($1::text IS NULL OR tenant = $1) AND minute_start >= $2
+                    AND minute_start < $3
+                 GROUP BY tenant, minute_start ORDER BY tenant, minute_start",
+                bucket_sums("")
+            ),
+            &[&tenant, &from, &to],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, bucket_from_row(s, r, 2)?)))
+        .collect()
+}
+
+async fn kept_from(
+    tx: &tokio_postgres::Transaction<'_>,
+    period: i64,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "SELECT COALESCE(MAX(kept_from), 0)::int8 FROM retention WHERE period = $1",
+            &[&period],
+        )
+        .await?
+        .get(0))
+}
+
+async fn usage_since(
+    s: &Shared,
+    client: &mut deadpool_postgres::Object,
+    tenant: Option<String>,
+    from: i64,
+    to: i64,
+    since_revision: u64,
+) -> Result<Usage, Fail> {
+    let tenant = tenant.as_deref();
+    let tx = client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await?;
+    let row = tx
+        .query_one(
+            "SELECT revision, finalized_through FROM watermark WHERE id = 1",
+            &[],
+        )
+        .await?;
+    let revision = u64_of(s, row.try_get(0)?, "revision")?;
+    let finalized_through: i64 = row.try_get(1)?;
+    let since = i64::try_from(since_revision).unwrap_or(i64::MAX);
+    let mut adjustments = Vec::new();
+    for r in tx
+        .query(
+            &format!(
+                "SELECT revision, booked_at, tenant, node, minute_start, {}
+                 FROM adjustment
+                 WHERE ($1::text IS NULL OR tenant = $1) AND minute_start >= $2
+                    AND minute_start < $3 AND revision > $4
+                 ORDER BY revision, tenant, node, minute_start",
+                BUCKET_COLUMNS.join(", ")
+            ),
+            &[&tenant, &from, &to, &since],
+        )
+        .await?
+    {
+        adjustments.push(Adjustment {
+            revision: u64_of(s, r.try_get(0)?, "revision")?,
+            booked_at: r.try_get(1)?,
+            tenant: r.try_get(2)?,
+            node: r.try_get(3)?,
+            minute_start: r.try_get(4)?,
+            delta: bucket_from_row(s, &r, 5)?,
+        });
+    }
+    let minutes_from = kept_from(&tx, MINUTE).await?;
+    let hours_from = kept_from(&tx, HOUR).await?.min(minutes_from);
+    let days_from = kept_from(&tx, DAY).await?.min(hours_from);
+    let mut spans: Vec<(String, Span)> = Vec::new();
+    for (t, start, delta) in minutes(s, &tx, tenant, from.max(minutes_from), to).await? {
+        spans.push((
+            t,
+            Span {
+                start,
+                seconds: MINUTE,
+                delta,
+                peak_quarter_mj: None,
+            },
+        ));
+    }
+    let rollups = tx
+        .prepare(&format!(
+            "SELECT r.tenant, r.start, {},
+                MAX(COALESCE(d.peak_quarter_mj, 0))::int8,
+                MAX(COALESCE(d.over_contract_ns, 0))::int8, MAX(COALESCE(d.overage_mj, 0))::int8
+             FROM usage_rollup r LEFT JOIN demand_rollup d
+                ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
+             WHERE r.period = $1 AND ($2::text IS NULL OR r.tenant = $2)
+                AND r.start >= $3 AND r.start < $4
+             GROUP BY r.tenant, r.start",
+            bucket_sums("r.")
+        ))
+        .await?;
+    for (period, lo, hi) in [
+        (HOUR, from.max(hours_from), to.min(minutes_from)),
+        (DAY, from, to.min(hours_from)),
+    ] {
+        if lo >= hi {
+            continue;
+        }
+        for r in tx.query(&rollups, &[&period, &tenant, &lo, &hi]).await? {
+            let n = BUCKET_COLUMNS.len();
+            let delta = BucketDelta {
+                over_contract_ns: u64_of(s, r.try_get(3 + n)?, "over_contract_ns")?,
+                overage_mj: u64_of(s, r.try_get(4 + n)?, "overage_mj")?,
+                ..bucket_from_row(s, &r, 2)?
+            };
+            spans.push((
+                r.try_get(0)?,
+                Span {
+                    start: r.try_get(1)?,
+                    seconds: period,
+                    delta,
+                    peak_quarter_mj: Some(u64_of(s, r.try_get(2 + n)?, "peak_quarter_mj")?),
+                },
+            ));
+        }
+    }
+    tx.commit().await?;
+    spans.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
+    Ok(Usage {
+        spans,
+        minutes_from,
+        hours_from,
+        days_from,
+        revision,
+        finalized_through,
+        adjustments,
+    })
+}
+
+impl LedgerReader for PgReader {
+    fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
+        super::tenant_versions(&self.shared)
+    }
+
+    fn tenant_version_count(&self) -> Result<u64, LedgerError> {
+        let s = self.shared.clone();
+        self.shared.call(move |client| async move {
+            let r = async {
+                let n: i64 = client
+                    .query_one("SELECT COUNT(*) FROM tenant_version", &[])
+                    .await?
+                    .try_get(0)?;
+                Ok(u64_of(&s, n, "tenant versions")?)
+            }
+            .await;
+            (client, r)
+        })
+    }
+
+    fn minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
+        let s = self.shared.clone();
+        let tenant = tenant.map(str::to_string);
+        self.shared.call(move |mut client| async move {
+            let r = async {
+                let tx = client.build_transaction().read_only(true).start().await?;
+                let rows = minutes(&s, &tx, tenant.as_deref(), from, to).await?;
+                tx.commit().await?;
+                Ok(rows)
+            }
+            .await;
+            (client, r)
+        })
+    }
+
+    fn usage_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        let s = self.shared.clone();
+        let tenant = tenant.map(str::to_string);
+        self.shared.call(move |mut client| async move {
+            let r = usage_since(&s, &mut client, tenant, from, to, since_revision).await;
+            (client, r)
+        })
+    }
+
+    fn tenants(&self) -> Result<Vec<String>, LedgerError> {
+        self.shared.call(move |client| async move {
+            let r = async {
+                Ok(client
+                    .query("SELECT tenant FROM tenant_total ORDER BY tenant", &[])
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()?)
+            }
+            .await;
+            (client, r)
+        })
+    }
+}

@@ -1,0 +1,129 @@
+//! The PostgreSQL ledger's schema: versioned in `ledger_schema` (one row),
+//! migrations applied in order, each version in the same transaction as
+//! the version it records.
+
+/// Schema migrations, applied in order; the index is the version reached.
+/// The tables mirror the SQLite ledger's, with the same meaning.
+pub(super) const MIGRATIONS: &[&str] = &[
+    // 1: everything the SQLite ledger reached by its version 11.
+    "CREATE TABLE ledger_identity (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        ledger_id TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        opened_at BIGINT NOT NULL
+     );
+     INSERT INTO ledger_identity
+        VALUES (1, gen_random_uuid()::text, ledger_now(), ledger_now());
+     CREATE TABLE watermark (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        revision BIGINT NOT NULL,
+        finalized_through BIGINT NOT NULL
+     );
+     INSERT INTO watermark VALUES (1, 0, 0);
+     CREATE TABLE node_claim (
+        node TEXT PRIMARY KEY,
+        holder TEXT NOT NULL,
+        generation BIGINT NOT NULL
+     );
+     CREATE TABLE node_cursor (
+        node TEXT PRIMARY KEY,
+        epoch BIGINT NOT NULL,
+        last_seq BIGINT NOT NULL,
+        gpus BYTEA NOT NULL
+     );
+     CREATE TABLE usage_minute (
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        minute_start BIGINT NOT NULL,
+        energy_mj BIGINT NOT NULL,
+        gpu_ns BIGINT NOT NULL,
+        busy_gpu_ns BIGINT NOT NULL,
+        samples BIGINT NOT NULL,
+        expected_gpu_ns BIGINT NOT NULL,
+        estimated_mj BIGINT NOT NULL,
+        over_contract_ns BIGINT NOT NULL,
+        overage_mj BIGINT NOT NULL,
+        PRIMARY KEY (tenant, node, minute_start)
+     );
+     CREATE INDEX usage_minute_by_time ON usage_minute (minute_start, tenant);
+     CREATE TABLE tenant_total (
+        tenant TEXT PRIMARY KEY,
+        energy_mj BIGINT NOT NULL,
+        over_contract_ns BIGINT NOT NULL DEFAULT 0
+     );
+     CREATE TABLE usage_rollup (
+        period BIGINT NOT NULL,
+        start BIGINT NOT NULL,
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        energy_mj BIGINT NOT NULL,
+        gpu_ns BIGINT NOT NULL,
+        busy_gpu_ns BIGINT NOT NULL,
+        samples BIGINT NOT NULL,
+        expected_gpu_ns BIGINT NOT NULL,
+        estimated_mj BIGINT NOT NULL,
+        over_contract_ns BIGINT NOT NULL,
+        overage_mj BIGINT NOT NULL,
+        PRIMARY KEY (period, start, tenant, node)
+     );
+     CREATE TABLE demand_rollup (
+        period BIGINT NOT NULL,
+        start BIGINT NOT NULL,
+        tenant TEXT NOT NULL,
+        peak_quarter_mj BIGINT NOT NULL,
+        over_contract_ns BIGINT NOT NULL DEFAULT 0,
+        overage_mj BIGINT NOT NULL DEFAULT 0,
+        PRIMARY KEY (period, start, tenant)
+     );
+     CREATE TABLE rollup_pending (hour_start BIGINT PRIMARY KEY);
+     CREATE TABLE retention (
+        period BIGINT PRIMARY KEY,
+        kept_from BIGINT NOT NULL
+     );
+     CREATE TABLE adjustment (
+        revision BIGINT NOT NULL,
+        booked_at BIGINT NOT NULL,
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        minute_start BIGINT NOT NULL,
+        energy_mj BIGINT NOT NULL,
+        gpu_ns BIGINT NOT NULL,
+        busy_gpu_ns BIGINT NOT NULL,
+        samples BIGINT NOT NULL,
+        expected_gpu_ns BIGINT NOT NULL,
+        estimated_mj BIGINT NOT NULL,
+        over_contract_ns BIGINT NOT NULL,
+        overage_mj BIGINT NOT NULL,
+        PRIMARY KEY (revision, tenant, node, minute_start)
+     );
+     CREATE INDEX adjustment_by_time ON adjustment (minute_start, tenant);
+     CREATE TABLE tenant_version (
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        effective_from_ns BIGINT NOT NULL,
+        loaded_at_ns BIGINT NOT NULL,
+        file TEXT NOT NULL
+     );
+     CREATE TABLE holder_commit (
+        holder TEXT PRIMARY KEY,
+        last_id BIGINT NOT NULL
+     );
+     CREATE TABLE compaction_lease (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        holder TEXT NOT NULL,
+        expires_at BIGINT NOT NULL
+     );",
+];
+
+/// What `init-ledger` runs before the migrations: the version table
+/// (whose lock serialises two collectors migrating at once) and the
+/// database clock the lease and the identity are stamped with.
+pub(super) const BOOTSTRAP: &str = "
+    CREATE TABLE ledger_schema (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        version INTEGER NOT NULL
+    );
+    INSERT INTO ledger_schema VALUES (1, 0);
+    -- Unix seconds by the database's clock: every collector's lease is
+    -- measured against the same clock, whatever theirs say.
+    CREATE FUNCTION ledger_now() RETURNS BIGINT LANGUAGE sql STABLE
+        AS 'SELECT floor(extract(epoch FROM now()))::bigint';";

@@ -1,0 +1,476 @@
+//! The commit: one transaction, a handful of array statements whatever
+//! the number of nodes.
+//!
+//! *Invariant (fencing):* each node of the commit is checked by a
+//! conditional row lock in the commit's own transaction
+//! (`SELECT ... FROM node_claim WHERE node = ANY($1) AND holder = $2 FOR
+//! UPDATE`): a node held by another holder fails the whole commit before
+//! anything is written, and a claim by another holder that comes while the
+//! commit runs waits for it. A node nobody holds is claimed by the commit
+//! (`INSERT ... ON CONFLICT DO NOTHING`, then checked again). The
+//! watermark row is locked first, which serialises commits (their revision
+//! numbers are consecutive) and keeps their row locks from deadlocking.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
+use crate::accounting::over_contract;
+use crate::ledger::{Commit, Committed, HOUR, LedgerError, MINUTE};
+
+/// One bucket: (tenant, node, minute, the eight values).
+type Bucket = (Arc<str>, Arc<str>, i64, [i64; 8]);
+
+/// Bucket rows as column arrays: tenants, nodes, minutes, the eight values.
+type BucketColumns<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<i64>, [Vec<i64>; 8]);
+
+/// What the commit writes, as owned column arrays, built before the call.
+struct Columns {
+    holder: String,
+    nodes: Vec<String>,
+    epochs: Vec<i64>,
+    seqs: Vec<i64>,
+    gpus: Vec<Vec<u8>>,
+    buckets: Vec<Bucket>,
+    tenants: Vec<String>,
+    energies: Vec<i64>,
+    /// (tenant, minute) → (energy added, contract mW), contract > 0.
+    added: Vec<(String, i64, u64, u64)>,
+    booked_at: i64,
+    finalize_through: i64,
+    /// The commit's id, and the holder's last commit id this writer saw
+    /// written (`None`: none): the commit moves `holder_commit` from the
+    /// one to the other, or is refused.
+    id: Option<(i64, Option<i64>)>,
+}
+
+/// A commit attempt's fault injection.
+#[derive(Default)]
+pub(super) struct Attempt {
+    /// Tests only: fail as if the answer to COMMIT had been lost.
+    pub(super) lose_reply: AtomicBool,
+}
+
+/// `unnest` of eight `int8[]` parameters starting at `$first`.
+fn arrays(first: usize) -> String {
+    (first..first + BUCKET_COLUMNS.len())
+        .map(|i| format!("${i}::int8[]"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn adds(table: &str) -> String {
+    BUCKET_COLUMNS
+        .iter()
+        .map(|c| format!("{c} = {table}.{c} + excluded.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub(super) fn commit(
+    shared: &Arc<Shared>,
+    holder: &str,
+    c: &Commit,
+    booked_at: i64,
+    finalize_through: i64,
+    expected: Option<u64>,
+    attempt: Arc<Attempt>,
+) -> Result<Committed, LedgerError> {
+    let mut cols = Columns {
+        holder: holder.to_string(),
+        nodes: Vec::with_capacity(c.nodes.len()),
+        epochs: Vec::with_capacity(c.nodes.len()),
+        seqs: Vec::with_capacity(c.nodes.len()),
+        gpus: Vec::with_capacity(c.nodes.len()),
+        buckets: Vec::with_capacity(c.buckets.len()),
+        tenants: Vec::new(),
+        energies: Vec::new(),
+        added: Vec::new(),
+        booked_at,
+        finalize_through,
+        id: match c.id {
+            Some(id) => Some((
+                i64_of(shared, id, "commit id")?,
+                expected
+                    .map(|e| i64_of(shared, e, "commit id"))
+                    .transpose()?,
+            )),
+            None => None,
+        },
+    };
+    let mut nodes: Vec<(&Arc<str>, _)> = c.nodes.iter().collect();
+    nodes.sort_by(|a, b| a.0.cmp(b.0));
+    for (id, n) in nodes {
+        cols.nodes.push(id.to_string());
+        cols.epochs.push(i64_of(shared, n.epoch, "epoch")?);
+        cols.seqs.push(i64_of(shared, n.last_seq, "last_seq")?);
+        cols.gpus.push(encode_gpus(n));
+    }
+    for ((tenant, node, minute), d) in &c.buckets {
+        let mut v = [0i64; 8];
+        for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
+            *slot = i64_of(shared, x, name)?;
+        }
+        cols.buckets
+            .push((tenant.clone(), node.clone(), *minute, v));
+    }
+    for (t, e) in &c.tenant_energy {
+        cols.tenants.push(t.to_string());
+        cols.energies.push(i64_of(shared, *e, "energy")?);
+    }
+    if let Some(contracts) = &c.contracts {
+        let mut added: HashMap<(&Arc<str>, i64), (u64, u64)> = HashMap::new();
+        for ((tenant, _, minute), d) in &c.buckets {
+            if d.energy_mj > 0 {
+                let e = added
+                    .entry((tenant, *minute))
+                    .or_insert_with(|| (0, contracts.contracted_milliwatts_at(tenant, *minute)));
+                e.0 = e.0.saturating_add(d.energy_mj);
+            }
+        }
+        cols.added = added
+            .into_iter()
+            .filter(|(_, (_, contract))| *contract > 0)
+            .map(|((t, m), (e, contract))| (t.to_string(), m, e, contract))
+            .collect();
+    }
+    let s = shared.clone();
+    shared.call(move |mut client| async move {
+        let r = write(&s, &mut client, cols, &attempt).await;
+        (client, r)
+    })
+}
+
+async fn write(
+    s: &Shared,
+    client: &mut deadpool_postgres::Object,
+    c: Columns,
+    attempt: &Attempt,
+) -> Result<Committed, Fail> {
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_one(
+            "SELECT revision, finalized_through FROM watermark WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await?;
+    let revision = u64_of(s, row.try_get(0)?, "revision")? + 1;
+    let finalized: i64 = row.try_get(1)?;
+    let rev = i64_of(s, revision, "revision")?;
+    // Under the watermark's lock, which every commit takes first: a stale
+    // copy of this holder's last commit, still open on the server, ends
+    // before this one reads, and at most one of the two moves the id.
+    if let Some((id, expected)) = c.id {
+        let moved = match expected {
+            Some(last) if id > last => {
+                tx.execute(
+                    "UPDATE holder_commit SET last_id = $3 WHERE holder = $1 AND last_id = $2",
+                    &[&c.holder, &last, &id],
+                )
+                .await?
+            }
+            Some(_) => 0,
+            None => {
+                tx.execute(
+                    "INSERT INTO holder_commit (holder, last_id) VALUES ($1, $2)
+                     ON CONFLICT (holder) DO NOTHING",
+                    &[&c.holder, &id],
+                )
+                .await?
+            }
+        };
+        if moved == 0 {
+            let found = last_commit_id(s, &tx, &c.holder).await?;
+            return Err(Fail::Ledger(LedgerError::Superseded {
+                holder: c.holder.clone(),
+                id: u64_of(s, id, "commit id")?,
+                expected: expected.map(|e| u64_of(s, e, "commit id")).transpose()?,
+                found,
+            }));
+        }
+    }
+    if !c.nodes.is_empty() {
+        let mine: HashSet<String> = tx
+            .query(
+                "SELECT node FROM node_claim WHERE node = ANY($1) AND holder = $2
+                 ORDER BY node FOR UPDATE",
+                &[&c.nodes, &c.holder],
+            )
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        let rest: Vec<&String> = c.nodes.iter().filter(|n| !mine.contains(*n)).collect();
+        if !rest.is_empty() {
+            let taken: HashSet<String> = tx
+                .query(
+                    "INSERT INTO node_claim (node, holder, generation)
+                     SELECT n, $2, 1 FROM unnest($1::text[]) AS n
+                     ON CONFLICT (node) DO NOTHING RETURNING node",
+                    &[&rest, &c.holder],
+                )
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            let held: Vec<&&String> = rest.iter().filter(|n| !taken.contains(**n)).collect();
+            if !held.is_empty() {
+                let row = tx
+                    .query_one(
+                        "SELECT node, holder, generation FROM node_claim
+                         WHERE node = ANY($1) ORDER BY node LIMIT 1",
+                        &[&held],
+                    )
+                    .await?;
+                return Err(Fail::Ledger(LedgerError::Fenced {
+                    node: row.try_get(0)?,
+                    holder: row.try_get(1)?,
+                    generation: u64_of(s, row.try_get(2)?, "generation")?,
+                }));
+            }
+        }
+        tx.execute(
+            "INSERT INTO node_cursor (node, epoch, last_seq, gpus)
+             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[])
+             ON CONFLICT (node) DO UPDATE
+                SET epoch = excluded.epoch, last_seq = excluded.last_seq, gpus = excluded.gpus",
+            &[&c.nodes, &c.epochs, &c.seqs, &c.gpus],
+        )
+        .await?;
+    }
+    let is_final = |minute: i64| minute.saturating_add(MINUTE) <= finalized;
+    // Minutes and adjustments, column by column.
+    let mut live: BucketColumns = Default::default();
+    let mut late: BucketColumns = Default::default();
+    let mut hours: Vec<i64> = Vec::new();
+    for (tenant, node, minute, v) in &c.buckets {
+        let to = if is_final(*minute) {
+            &mut late
+        } else {
+            hours.push(minute.div_euclid(HOUR) * HOUR);
+            &mut live
+        };
+        to.0.push(tenant);
+        to.1.push(node);
+        to.2.push(*minute);
+        for (col, x) in to.3.iter_mut().zip(v) {
+            col.push(*x);
+        }
+    }
+    hours.sort_unstable();
+    hours.dedup();
+    let names = BUCKET_COLUMNS.join(", ");
+    if !live.0.is_empty() {
+        let stmt = tx
+            .prepare_cached(&format!(
+                "INSERT INTO usage_minute (tenant, node, minute_start, {names})
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], {})
+                 ON CONFLICT (tenant, node, minute_start) DO UPDATE SET {}",
+                arrays(4),
+                adds("usage_minute")
+            ))
+            .await?;
+        let [a, b, cc, d, e, f, g, h] = &live.3;
+        tx.execute(&stmt, &[&live.0, &live.1, &live.2, a, b, cc, d, e, f, g, h])
+            .await?;
+        tx.execute(
+            "INSERT INTO rollup_pending (hour_start) SELECT unnest($1::int8[])
+             ON CONFLICT DO NOTHING",
+            &[&hours],
+        )
+        .await?;
+    }
+    let adjust = format!(
+        "INSERT INTO adjustment (revision, booked_at, tenant, node, minute_start, {names})
+         SELECT $1, $2, * FROM unnest($3::text[], $4::text[], $5::int8[], {})
+         ON CONFLICT (revision, tenant, node, minute_start) DO UPDATE SET {}",
+        arrays(6),
+        adds("adjustment")
+    );
+    if !late.0.is_empty() {
+        let [a, b, cc, d, e, f, g, h] = &late.3;
+        tx.execute(
+            &adjust,
+            &[
+                &rev,
+                &c.booked_at,
+                &late.0,
+                &late.1,
+                &late.2,
+                a,
+                b,
+                cc,
+                d,
+                e,
+                f,
+                g,
+                h,
+            ],
+        )
+        .await?;
+    }
+    if !c.tenants.is_empty() {
+        tx.execute(
+            "INSERT INTO tenant_total (tenant, energy_mj, over_contract_ns)
+             SELECT t, e, 0 FROM unnest($1::text[], $2::int8[]) AS x(t, e)
+             ON CONFLICT (tenant) DO UPDATE
+                SET energy_mj = tenant_total.energy_mj + excluded.energy_mj",
+            &[&c.tenants, &c.energies],
+        )
+        .await?;
+    }
+    // Each (tenant, minute) the commit added energy to, against its
+    // contract: what the minute's whole energy (row, and for a final
+    // minute its adjustments) now does, less what it did before.
+    let mut by_tenant: HashMap<String, u64> = HashMap::new();
+    if !c.added.is_empty() {
+        let ts: Vec<&str> = c.added.iter().map(|a| a.0.as_str()).collect();
+        let ms: Vec<i64> = c.added.iter().map(|a| a.1).collect();
+        let fs: Vec<bool> = ms.iter().map(|m| is_final(*m)).collect();
+        let rows = tx
+            .query(
+                "SELECT k.i::int8,
+                    (SELECT COALESCE(SUM(energy_mj), 0) FROM usage_minute
+                        WHERE minute_start = k.m AND tenant = k.t)::int8
+                  + (CASE WHEN k.f THEN (SELECT COALESCE(SUM(energy_mj), 0) FROM adjustment
+                        WHERE minute_start = k.m AND tenant = k.t) ELSE 0 END)::int8
+                 FROM unnest($1::text[], $2::int8[], $3::bool[]) WITH ORDINALITY AS k(t, m, f, i)",
+                &[&ts, &ms, &fs],
+            )
+            .await?;
+        let mut tenant_wide: BucketColumns = Default::default();
+        for row in rows {
+            let i = usize::try_from(row.try_get::<_, i64>(0)? - 1).map_err(|_| s.range("row"))?;
+            let (tenant, minute, delta, contract) = &c.added[i];
+            let now = u64_of(s, row.try_get(1)?, "minute energy")?;
+            let before = now.saturating_sub(*delta);
+            let (ns_after, mj_after) = over_contract(now, *contract);
+            let (ns_before, mj_before) = over_contract(before, *contract);
+            let grew = ns_after.saturating_sub(ns_before);
+            if grew > 0 {
+                *by_tenant.entry(tenant.clone()).or_default() += grew;
+            }
+            let overage = mj_after.saturating_sub(mj_before);
+            if is_final(*minute) && (grew > 0 || overage > 0) {
+                tenant_wide.0.push(tenant);
+                tenant_wide.1.push("");
+                tenant_wide.2.push(*minute);
+                let v = [
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    0,
+                    i64_of(s, grew, "over-contract time")?,
+                    i64_of(s, overage, "overage")?,
+                ];
+                for (col, x) in tenant_wide.3.iter_mut().zip(v) {
+                    col.push(x);
+                }
+            }
+        }
+        if !tenant_wide.0.is_empty() {
+            let [a, b, cc, d, e, f, g, h] = &tenant_wide.3;
+            tx.execute(
+                &adjust,
+                &[
+                    &rev,
+                    &c.booked_at,
+                    &tenant_wide.0,
+                    &tenant_wide.1,
+                    &tenant_wide.2,
+                    a,
+                    b,
+                    cc,
+                    d,
+                    e,
+                    f,
+                    g,
+                    h,
+                ],
+            )
+            .await?;
+        }
+    }
+    let mut over_contract_ns: Vec<(Arc<str>, u64)> = by_tenant
+        .into_iter()
+        .map(|(t, ns)| (Arc::from(t), ns))
+        .collect();
+    over_contract_ns.sort();
+    if !over_contract_ns.is_empty() {
+        let ts: Vec<&str> = over_contract_ns.iter().map(|(t, _)| &**t).collect();
+        let ns: Vec<i64> = over_contract_ns
+            .iter()
+            .map(|(_, n)| i64_of(s, *n, "over-contract time"))
+            .collect::<Result<_, _>>()?;
+        tx.execute(
+            "INSERT INTO tenant_total (tenant, energy_mj, over_contract_ns)
+             SELECT t, 0, n FROM unnest($1::text[], $2::int8[]) AS x(t, n)
+             ON CONFLICT (tenant) DO UPDATE
+                SET over_contract_ns = tenant_total.over_contract_ns + excluded.over_contract_ns",
+            &[&ts, &ns],
+        )
+        .await?;
+    }
+    tx.execute(
+        "UPDATE watermark SET revision = $1,
+            finalized_through = GREATEST(finalized_through, $2) WHERE id = 1",
+        &[&rev, &c.finalize_through],
+    )
+    .await?;
+    tx.commit().await?;
+    if attempt.lose_reply.load(Ordering::SeqCst) {
+        return Err(Fail::Ledger(LedgerError::Postgres {
+            database: s.database.clone(),
+            sqlstate: None,
+            message: "the answer to COMMIT was lost (a test's fault)".into(),
+        }));
+    }
+    Ok(Committed {
+        revision,
+        over_contract_ns,
+    })
+}
+
+/// `holder`'s last commit id written, if it wrote one with an id.
+async fn last_commit_id(
+    s: &Shared,
+    client: &tokio_postgres::Transaction<'_>,
+    holder: &str,
+) -> Result<Option<u64>, Fail> {
+    let row = client
+        .query_opt(
+            "SELECT last_id FROM holder_commit WHERE holder = $1",
+            &[&holder],
+        )
+        .await?;
+    Ok(match row {
+        Some(r) => Some(u64_of(s, r.try_get(0)?, "commit id")?),
+        None => None,
+    })
+}
+
+/// `holder`'s last commit id, read under the watermark's lock, so that no
+/// commit is in flight while it is read: a commit whose answer was lost
+/// has either been written or never will be.
+pub(super) fn settled_commit_id(
+    shared: &Arc<Shared>,
+    holder: &str,
+) -> Result<Option<u64>, LedgerError> {
+    let holder = holder.to_string();
+    let s = shared.clone();
+    shared.call(move |mut client| async move {
+        let r = async {
+            let tx = client.transaction().await?;
+            tx.execute("SELECT 1 FROM watermark WHERE id = 1 FOR UPDATE", &[])
+                .await?;
+            let last = last_commit_id(&s, &tx, &holder).await?;
+            tx.commit().await?;
+            Ok(last)
+        }
+        .await;
+        (client, r)
+    })
+}
