@@ -372,6 +372,17 @@ impl State {
         self.fleet.set_generations(claims)
     }
 
+    /// Gives up this collector's claim on `node` after a claim of it
+    /// failed (whether the claim was made is not known): the node's
+    /// streams end, what it has pending is dropped (and out of the totals)
+    /// and dropped from a failed commit before it is retried, and its next
+    /// Hello's claim resumes from the ledger's cursor. Called under the
+    /// ledger's lock.
+    pub fn abandon_claim(&self, node: &str) {
+        self.fleet.lose_claim(node);
+        self.billing.drop_node(&Arc::from(node));
+    }
+
     /// Drops `node` from `commit` (a commit of it was fenced) and from
     /// the pending one (what its streams booked since `commit` was taken
     /// is counted from the same lost cursor), takes that energy back out

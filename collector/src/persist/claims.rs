@@ -61,8 +61,29 @@ impl<W: LedgerWriter> HolderClaims<W> {
         nodes: &[&str],
         adopt: &mut dyn FnMut(&str, &Claim),
     ) -> Result<Vec<u64>, LedgerError> {
+        self.claim_nodes_or(nodes, adopt, &mut |_| {})
+    }
+
+    /// `claim_nodes`, calling `abandon` with each node, under the writer's
+    /// lock, where the claim failed: whether it was made is then unknown
+    /// (its answer can be lost after the database wrote it), so what the
+    /// node has pending here must not be written under it.
+    pub fn claim_nodes_or(
+        &self,
+        nodes: &[&str],
+        adopt: &mut dyn FnMut(&str, &Claim),
+        abandon: &mut dyn FnMut(&str),
+    ) -> Result<Vec<u64>, LedgerError> {
         let mut w = lock(&self.writer);
-        let claims = w.claim_nodes(&self.holder, nodes)?;
+        let claims = match w.claim_nodes(&self.holder, nodes) {
+            Ok(c) => c,
+            Err(e) => {
+                for node in nodes {
+                    abandon(node);
+                }
+                return Err(e);
+            }
+        };
         for (node, claim) in nodes.iter().zip(&claims) {
             adopt(node, claim);
         }
@@ -129,9 +150,16 @@ fn claim_round<W: LedgerWriter>(claims: &HolderClaims<W>, state: &State, mut rou
     names.dedup();
     let nodes: Vec<&str> = names.iter().map(String::as_str).collect();
     let made = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        claims.claim_nodes(&nodes, &mut |node, claim| {
-            state.adopt_claim(node, claim);
-        })
+        claims.claim_nodes_or(
+            &nodes,
+            &mut |node, claim| {
+                state.adopt_claim(node, claim);
+            },
+            // A claim that failed may still have been made (holder this
+            // collector, generation bumped): bookings this collector holds
+            // from an earlier claim of the node would then pass the fence.
+            &mut |node| state.abandon_claim(node),
+        )
     }));
     let result = match made {
         Ok(Ok(generations)) => Ok(generations),

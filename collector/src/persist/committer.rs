@@ -244,6 +244,9 @@ pub fn commit_once<W: LedgerWriter>(
         Ok(Err(e)) => {
             crate::events::CommitFailed { error: &e }.emit(&state.counters);
             state.readiness.commit_failed(&e);
+            if rewound(&e) {
+                ledger_rewound(&e);
+            }
             Some((id, commit))
         }
         Err(_) => committer_died(),
@@ -319,6 +322,26 @@ pub fn finalize_through(now: i64, grace: std::time::Duration) -> i64 {
         .max(0)
         .div_euclid(900)
         * 900
+}
+
+/// Whether `e` says the ledger holds an older last commit of this holder
+/// than one this collector saw written: commits it acked are gone from the
+/// ledger (a failover to a standby that had not received them, or a
+/// restore from a backup), and no later commit can be written, since each
+/// moves the holder's last id only from the one it saw written.
+fn rewound(e: &LedgerError) -> bool {
+    matches!(e, LedgerError::Superseded { expected, found, .. } if found < expected)
+}
+
+/// Ends the process after the ledger lost commits this collector had
+/// acked (`rewound`): its nodes' cursors in memory are ahead of the
+/// ledger's, and nothing it holds can be written. The restart claims each
+/// node afresh and resumes from the ledger's cursors: the energy of GPUs
+/// with a counter comes back in the next delta; what GPUs without one drew
+/// meanwhile is lost, which the log says.
+fn ledger_rewound(e: &LedgerError) -> ! {
+    error!(task = "committer", error = %e, "the ledger lost commits this collector had acked (a failover to a standby that had not received them, or a restore): exiting, so that the restart resumes every node from the ledger's cursors; energy of GPUs with a counter is recovered by the next delta, energy integrated from power meanwhile is lost");
+    std::process::exit(75);
 }
 
 /// Ends the process after the committer panicked. Whether its commit was
@@ -607,5 +630,33 @@ mod tests {
         let energy: u64 = usage.spans.iter().map(|(_, s)| s.delta.energy_mj).sum();
         let readings: u64 = usage.spans.iter().map(|(_, s)| s.delta.samples).sum();
         assert_eq!((energy, readings), (19 * 500, 20), "each sample once");
+    }
+
+    /// A ledger whose last commit of this holder is older than one this
+    /// collector saw written lost acked commits (`rewound`: the collector
+    /// exits); one whose last commit is newer wrote a commit whose answer
+    /// was lost (resolved before the retry, not fatal).
+    #[test]
+    fn a_ledger_that_lost_acked_commits_is_told_from_a_lost_answer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut l = ledger::Ledger::create(&path).unwrap();
+        let mut c = ledger::Commit {
+            id: Some(5),
+            ..Default::default()
+        };
+        l.commit_as("a/1", &c, 0, 0).unwrap();
+        let db = rusqlite::Connection::open(&path).unwrap();
+        let set = |id: i64| {
+            db.execute("UPDATE holder_commit SET last_id = ?1", [id])
+                .unwrap()
+        };
+        set(3);
+        c.id = Some(6);
+        let e = l.commit_as("a/1", &c, 0, 0).unwrap_err();
+        assert!(rewound(&e), "{e}");
+        set(9);
+        let e = l.commit_as("a/1", &c, 0, 0).unwrap_err();
+        assert!(!rewound(&e), "{e}");
     }
 }

@@ -18,6 +18,9 @@ pub struct Faulty<W> {
     /// While set, every commit is written and then reported failed: the
     /// answer to COMMIT lost with the connection.
     pub lose_answers: Arc<AtomicBool>,
+    /// While set, every claim is made and then reported failed: its
+    /// answer lost with the connection.
+    pub lose_claim_answers: Arc<AtomicBool>,
     /// The number of nodes of each `claim_nodes` call, in order.
     pub claim_rounds: Arc<Mutex<Vec<usize>>>,
 }
@@ -28,6 +31,7 @@ impl<W> Faulty<W> {
             inner,
             fail_commits: Arc::default(),
             lose_answers: Arc::default(),
+            lose_claim_answers: Arc::default(),
             claim_rounds: Arc::default(),
         }
     }
@@ -48,7 +52,17 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
 
     fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {
         crate::sync::lock(&self.claim_rounds).push(nodes.len());
-        self.inner.claim_nodes(holder, nodes)
+        let claims = self.inner.claim_nodes(holder, nodes)?;
+        if self.lose_claim_answers.load(Ordering::Relaxed) {
+            return Err(LedgerError::Io {
+                path: "ledger".into(),
+                error: std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "connection lost before the answer to the claim (injected)",
+                ),
+            });
+        }
+        Ok(claims)
     }
 
     fn commit_as(

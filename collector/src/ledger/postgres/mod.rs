@@ -193,9 +193,22 @@ impl Shared {
             cfg.password(text.trim_end_matches(['\n', '\r']));
         }
         let statement_ms = settings.statement_timeout.as_millis().max(1);
+        // The server ends what a vanished or frozen collector left open:
+        // a transaction idle past twice the statement timeout (it would
+        // hold the watermark lock every commit takes first, and stop every
+        // other collector's commits and claims), and a connection whose
+        // peer stopped answering (keepalives, and unacknowledged data
+        // after tcp_user_timeout).
+        let session = format!(
+            "-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={} \
+             -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
+             -c tcp_user_timeout={}",
+            statement_ms * 2,
+            statement_ms * 2
+        );
         let options = match cfg.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} -c statement_timeout={statement_ms}"),
-            _ => format!("-c statement_timeout={statement_ms}"),
+            Some(o) if !o.is_empty() => format!("{o} {session}"),
+            _ => session,
         };
         cfg.options(&options)
             .connect_timeout(settings.connect_timeout)

@@ -656,3 +656,30 @@ fn a_commit_refused_at_commit_time_is_written_whole_on_retry() {
     l.commit_as("h", &retry, MINUTE, 0).unwrap();
     assert_eq!(energy(&l.reader()), 1_500);
 }
+
+/// Compaction rolls up only hours the ledger's watermark has passed,
+/// whatever the compactor's clock says: another collector may still book
+/// a late live row in an hour its own clock calls closed.
+#[test]
+fn compaction_waits_for_the_watermark() {
+    let url = fresh_database(server());
+    let mut l = PgLedger::create(&settings(&url)).unwrap();
+    let c = booking("n1", 1, MINUTE, 1_000);
+    l.commit_as("h", &c, MINUTE, 0).unwrap();
+    let policy = Compaction {
+        closed_before: MINUTE + 2 * 3600,
+        minutes_from: 0,
+        hours_from: 0,
+        days_from: None,
+    };
+    let contracts = TenantHistory::new(Arc::new(crate::tenants::Tenants::empty()));
+    let lease = l
+        .acquire_compaction("h", 0, Duration::from_secs(60))
+        .unwrap();
+    let done = l.compact_under(&lease, 0, &policy, &contracts).unwrap();
+    assert_eq!(done.hours_rolled_up, 0, "rolled up before the watermark");
+    l.commit_as("h", &Commit::default(), MINUTE, MINUTE + 3600)
+        .unwrap();
+    let done = l.compact_under(&lease, 0, &policy, &contracts).unwrap();
+    assert_eq!(done.hours_rolled_up, 1);
+}

@@ -596,3 +596,101 @@ fn a_node_claimed_by_another_collector_is_booked_once_across_both() {
         33 * MJ_PER_S
     );
 }
+
+/// Invariant (fencing): a claim made but whose answer was lost (A back
+/// from B, the claim written as A's at a new generation) must not let
+/// the bookings A held from its earlier claim pass the fence as A's: A
+/// gives its claim up (what a failed claim round does), so its commit
+/// writes nothing of the node, and its next Hello resumes from the
+/// ledger's cursor. Each second is booked once.
+#[test]
+fn bookings_from_before_a_claim_whose_answer_was_lost_are_not_written() {
+    let site = Site::new();
+    let (h, _) = site.hello("n1");
+    site.send(&h, 1..=10);
+    site.commit();
+    // 11-15 wait here while the agent moves to collector-b, which books
+    // 11-12; then the agent comes back here.
+    site.send(&h, 11..=15);
+    site.other_holder_commits_n1(11..=12);
+    // The claim back is written (this collector's, generation 3)...
+    let made = sync::lock(&site.writer).claim(LOCAL_HOLDER, "n1").unwrap();
+    assert_eq!(made.generation, 3);
+    // ...but its answer is lost: the round gives the node up.
+    site.state.abandon_claim("n1");
+    assert!(h.claim_lost(), "the node's stream ends");
+    site.commit();
+    assert_eq!(
+        site.node_energy("n1"),
+        11 * MJ_PER_S,
+        "11-15 from before the claim were written under it"
+    );
+    let (h, acked) = site.hello("n1");
+    assert_eq!(acked, 12, "the ledger's cursor");
+    site.send(&h, 13..=20);
+    site.commit();
+    assert_eq!(site.node_energy("n1"), 19 * MJ_PER_S);
+}
+
+/// A claim round whose answer is lost gives up each node of the round:
+/// their streams end and what they had pending is dropped.
+#[test]
+fn a_claim_round_whose_answer_was_lost_gives_its_nodes_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let writer = crate::persist::faulty::Faulty::new(
+        ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+    );
+    let lose = writer.lose_claim_answers.clone();
+    let writer = Arc::new(Mutex::new(writer));
+    let site = Site::new();
+    let state = Arc::new(site.state);
+    let (h, _) = state
+        .hello(Hello {
+            node_id: "n1".into(),
+            agent_version: "test".into(),
+            epoch: 1,
+            interval: Duration::from_secs(1),
+            gpus: vec![GpuInfo {
+                uuid: "GPU-n1".into(),
+                model: "H200".into(),
+                power_limit_milliwatts: Some(700_000),
+                memory_total_bytes: None,
+                energy_counter_supported: true,
+            }],
+        })
+        .unwrap();
+    state
+        .ingest(&h, site_samples(site.t0, 1..=5), Vec::new())
+        .unwrap();
+    let queue = ClaimQueue::start(
+        HolderClaims {
+            writer,
+            holder: Arc::from("collector-a/1"),
+        },
+        state.clone(),
+    )
+    .unwrap();
+    lose.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(queue.claim("n1").blocking_recv().unwrap().is_err());
+    assert!(h.claim_lost(), "n1's stream must end");
+    let (_, pending) = state.take_pending();
+    assert!(
+        pending.nodes.is_empty() && pending.buckets.is_empty(),
+        "{pending:?}"
+    );
+}
+
+fn site_samples(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
+    seqs.map(|seq| NodeSample {
+        seq,
+        timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
+        gpus: vec![GpuReading {
+            index: 0,
+            power_milliwatts: Some(500_000),
+            energy_millijoules: Some(COUNTER0 + MJ_PER_S * seq),
+            ..GpuReading::default()
+        }],
+        host: None,
+    })
+    .collect()
+}
