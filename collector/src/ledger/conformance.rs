@@ -35,6 +35,7 @@ macro_rules! conformance_tests {
             tenant_versions_round_trip,
             late_deltas_after_the_watermark_are_adjustments,
             a_commit_with_an_id_is_written_once,
+            one_refusal_names_every_node_another_holder_took,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -172,9 +173,10 @@ pub(crate) fn a_refused_commit_writes_nothing<W: LedgerWriter, R: LedgerReader>(
             node,
             holder,
             generation,
+            others,
         }) => assert_eq!(
-            (node.as_str(), holder.as_str(), generation),
-            ("n1", "b", b.generation)
+            (node.as_str(), holder.as_str(), generation, others),
+            ("n1", "b", b.generation, vec![])
         ),
         other => panic!("a fenced commit went through: {other:?}"),
     }
@@ -495,4 +497,43 @@ pub(crate) fn a_commit_with_an_id_is_written_once<W: LedgerWriter, R: LedgerRead
             d
         })]
     );
+}
+
+/// A commit several of whose nodes other holders took is refused once,
+/// naming them all (in byte order), so that the committer drops them in
+/// one go rather than retrying once per node.
+pub(crate) fn one_refusal_names_every_node_another_holder_took<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    let nodes = ["n1", "n2", "n3", "n10"];
+    w.claim_nodes("a", &nodes).unwrap();
+    let g2 = w.claim("b", "n2").unwrap().generation;
+    let g10 = w.claim("c", "n10").unwrap().generation;
+    let g3 = w.claim("b", "n3").unwrap().generation;
+    let mut c = Commit::default();
+    for n in nodes {
+        c.nodes.insert(Arc::from(n), cursor(1, 5, 100));
+    }
+    match w.commit_as("a", &c, MINUTE, 0) {
+        Err(LedgerError::Fenced {
+            node,
+            holder,
+            generation,
+            others,
+        }) => assert_eq!(
+            (node, holder, generation, others),
+            (
+                "n10".to_string(),
+                "c".to_string(),
+                g10,
+                vec![
+                    ("n2".to_string(), "b".to_string(), g2),
+                    ("n3".to_string(), "b".to_string(), g3)
+                ]
+            )
+        ),
+        other => panic!("a fenced commit went through: {other:?}"),
+    }
+    assert!(w.restore().unwrap().nodes.is_empty(), "nothing written");
 }

@@ -133,12 +133,15 @@ pub enum LedgerError {
     #[error("ledger {path}: value out of range in {what}")]
     Range { path: PathBuf, what: &'static str },
     #[error(
-        "node {node} was claimed by {holder} (generation {generation}) after this collector's claim: the commit was refused and nothing of it written"
+        "node {node} was claimed by {holder} (generation {generation}) after this collector's claim, and {} more of the commit's nodes by others: the commit was refused and nothing of it written", .others.len()
     )]
     Fenced {
         node: String,
         holder: String,
         generation: u64,
+        /// The commit's other nodes held by other holders: (node, holder,
+        /// generation), so that one refusal drops them all.
+        others: Vec<(String, String, u64)>,
     },
     #[error(
         "commit {id} of {holder} was refused: the ledger holds commit {found:?} of {holder}, not {expected:?}, the last one this writer saw written (a commit whose answer was lost was written after all, or another process writes as {holder}); nothing of it was written"

@@ -202,7 +202,8 @@ pub fn commit_once<W: LedgerWriter>(
             e.absorb(std::mem::take(&mut commit));
             commit = e;
         }
-        // Each refusal names one node and drops it: bounded by the nodes.
+        // Each refusal names the nodes others hold and drops them all;
+        // a node claimed away between two tries costs one more.
         loop {
             match l.commit_as(holder, &commit, now, finalize_through) {
                 Ok(done) => {
@@ -215,14 +216,22 @@ pub fn commit_once<W: LedgerWriter>(
                     node,
                     holder: by,
                     generation,
+                    others,
                 }) if commit.nodes.contains_key(node.as_str()) => {
-                    state.fence_node(&mut commit, &node);
-                    crate::events::NodeFenced {
-                        node: &node,
-                        holder: &by,
-                        generation,
+                    for (node, by, generation) in
+                        std::iter::once((node, by, generation)).chain(others)
+                    {
+                        if !commit.nodes.contains_key(node.as_str()) {
+                            continue;
+                        }
+                        state.fence_node(&mut commit, &node);
+                        crate::events::NodeFenced {
+                            node: &node,
+                            holder: &by,
+                            generation,
+                        }
+                        .emit(&state.counters);
                     }
-                    .emit(&state.counters);
                 }
                 r => return r,
             }

@@ -266,6 +266,7 @@ fn two_handles_on_one_database_are_fenced() {
             node,
             holder,
             generation,
+            ..
         }) => assert_eq!(
             (node.as_str(), holder.as_str(), generation),
             ("n1", "b/1", taken.generation)

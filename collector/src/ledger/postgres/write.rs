@@ -191,18 +191,32 @@ async fn write(
         }
     }
     if !c.nodes.is_empty() {
-        let mine: HashSet<String> = tx
+        // Every node of the commit, locked in one pass in byte order (the
+        // order claim rounds lock them in, whatever the database's
+        // collation), so a commit and a claim round never deadlock.
+        let mut present: HashSet<String> = HashSet::with_capacity(c.nodes.len());
+        let mut fenced: Vec<(String, String, u64)> = Vec::new();
+        for row in tx
             .query(
-                "SELECT node FROM node_claim WHERE node = ANY($1) AND holder = $2
-                 ORDER BY node FOR UPDATE",
-                &[&c.nodes, &c.holder],
+                "SELECT node, holder, generation FROM node_claim WHERE node = ANY($1)
+                 ORDER BY node COLLATE \"C\" FOR UPDATE",
+                &[&c.nodes],
             )
             .await?
-            .iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()?;
-        let rest: Vec<&String> = c.nodes.iter().filter(|n| !mine.contains(*n)).collect();
-        if !rest.is_empty() {
+        {
+            let node: String = row.try_get(0)?;
+            let holder: String = row.try_get(1)?;
+            if holder != c.holder {
+                fenced.push((
+                    node.clone(),
+                    holder,
+                    u64_of(s, row.try_get(2)?, "generation")?,
+                ));
+            }
+            present.insert(node);
+        }
+        let rest: Vec<&String> = c.nodes.iter().filter(|n| !present.contains(*n)).collect();
+        if fenced.is_empty() && !rest.is_empty() {
             let taken: HashSet<String> = tx
                 .query(
                     "INSERT INTO node_claim (node, holder, generation)
@@ -216,19 +230,31 @@ async fn write(
                 .collect::<Result<_, _>>()?;
             let held: Vec<&&String> = rest.iter().filter(|n| !taken.contains(**n)).collect();
             if !held.is_empty() {
-                let row = tx
-                    .query_one(
-                        "SELECT node, holder, generation FROM node_claim
-                         WHERE node = ANY($1) ORDER BY node LIMIT 1",
+                // Claimed by another holder since the lock above.
+                for row in tx
+                    .query(
+                        "SELECT node, holder, generation FROM node_claim WHERE node = ANY($1)",
                         &[&held],
                     )
-                    .await?;
-                return Err(Fail::Ledger(LedgerError::Fenced {
-                    node: row.try_get(0)?,
-                    holder: row.try_get(1)?,
-                    generation: u64_of(s, row.try_get(2)?, "generation")?,
-                }));
+                    .await?
+                {
+                    fenced.push((
+                        row.try_get(0)?,
+                        row.try_get(1)?,
+                        u64_of(s, row.try_get(2)?, "generation")?,
+                    ));
+                }
             }
+        }
+        if !fenced.is_empty() {
+            fenced.sort();
+            let (node, holder, generation) = fenced.remove(0);
+            return Err(Fail::Ledger(LedgerError::Fenced {
+                node,
+                holder,
+                generation,
+                others: fenced,
+            }));
         }
         tx.execute(
             "INSERT INTO node_cursor (node, epoch, last_seq, gpus)
@@ -420,6 +446,12 @@ async fn write(
         &[&rev, &c.finalize_through],
     )
     .await?;
+    // A COMMIT waiting for a synchronous standby must not be cancelled by
+    // the statement timeout: PostgreSQL would then report it committed
+    // (with a warning) although the standby may not have it, and its acks
+    // would not survive a failover. The call's deadline still bounds the
+    // wait; an answer lost that way is settled by `settled_commit_id`.
+    tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
     tx.commit().await?;
     if attempt.lose_reply.load(Ordering::SeqCst) {
         return Err(Fail::Ledger(LedgerError::Postgres {

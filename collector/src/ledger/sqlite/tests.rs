@@ -1180,6 +1180,7 @@ fn claims_survive_a_reopen() {
             node,
             holder,
             generation,
+            ..
         }) => assert_eq!(
             (node.as_str(), holder.as_str(), generation),
             ("n1", "elsewhere", 2)

@@ -70,18 +70,25 @@ impl Ledger {
         finalize_through: i64,
     ) -> Result<Committed, LedgerError> {
         let mut unclaimed: Vec<&Arc<str>> = Vec::new();
+        let mut fenced: Vec<(String, String, u64)> = Vec::new();
         for id in c.nodes.keys() {
             match self.claims.get(id) {
                 Some((h, generation)) if **h != *holder => {
-                    return Err(LedgerError::Fenced {
-                        node: id.to_string(),
-                        holder: h.to_string(),
-                        generation: *generation,
-                    });
+                    fenced.push((id.to_string(), h.to_string(), *generation));
                 }
                 Some(_) => {}
                 None => unclaimed.push(id),
             }
+        }
+        if !fenced.is_empty() {
+            fenced.sort();
+            let (node, holder, generation) = fenced.remove(0);
+            return Err(LedgerError::Fenced {
+                node,
+                holder,
+                generation,
+                others: fenced,
+            });
         }
         let p = self.path.clone();
         let err = sqlite_err(&p);
