@@ -58,6 +58,9 @@ pub struct State {
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
     /// Who this collector is, once known.
     collector_info: std::sync::OnceLock<CollectorInfo>,
+    /// The PostgreSQL ledger's pool figures (none for SQLite), read by
+    /// `/metrics` without the ledger's lock.
+    ledger_pool: std::sync::OnceLock<crate::ledger::PgPoolStats>,
     /// The tenants' totals as the ledger held them at the last read
     /// (after each commit, and every commit interval), with every
     /// collector's commits; until the first read, this collector's own.
@@ -106,6 +109,7 @@ impl State {
             counters: Counters::default(),
             ledger_identity: std::sync::OnceLock::new(),
             collector_info: std::sync::OnceLock::new(),
+            ledger_pool: std::sync::OnceLock::new(),
             ledger_totals: RwLock::new(None),
             readiness: Default::default(),
         }
@@ -127,6 +131,17 @@ impl State {
 
     pub fn collector_info(&self) -> Option<&CollectorInfo> {
         self.collector_info.get()
+    }
+
+    /// Records the PostgreSQL ledger's pool (once): its connections and
+    /// reconnects on `/metrics`.
+    pub fn set_ledger_pool(&self, pool: crate::ledger::PgPoolStats) {
+        let _ = self.ledger_pool.set(pool);
+    }
+
+    /// The PostgreSQL ledger's pool; `None` on SQLite.
+    pub fn ledger_pool(&self) -> Option<&crate::ledger::PgPoolStats> {
+        self.ledger_pool.get()
     }
 
     /// Takes what the next commit must write, with its number and the
