@@ -138,13 +138,16 @@ impl Fleet {
     }
 
     /// Marks the claim on node `id` lost (a commit of it was fenced): its
-    /// streams ack nothing more and end; the next Hello claims it again.
+    /// streams ack nothing more and end, and the node leaves this
+    /// collector's series (it streams to the collector that claimed it);
+    /// the next Hello here claims it again.
     pub fn lose_claim(&self, id: &str) {
         let Some(node) = lock(&self.nodes).get(id).cloned() else {
             return;
         };
         let mut n = lock(&node);
         n.ledger_generation = None;
+        n.moved_away = true;
         n.claim_lost.store(true, Ordering::Release);
         self.supersede(&mut n);
     }
