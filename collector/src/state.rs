@@ -387,6 +387,23 @@ impl State {
         self.fleet.set_generations(claims)
     }
 
+    /// Nodes whose streams to this collector ended, with their stream
+    /// generations (`Fleet::ended_streams`).
+    pub fn ended_streams(&self) -> Vec<(Arc<str>, u64)> {
+        self.fleet.ended_streams()
+    }
+
+    /// Node `node`, whose stream here ended at `generation`, is held by
+    /// another collector: it leaves this collector's series unless a
+    /// stream took it since (`Fleet::left_for_another`).
+    pub fn left_for_another(&self, node: &str, generation: u64) -> bool {
+        let left = self.fleet.left_for_another(node, generation);
+        if left {
+            info!(node = %node, "node claimed by another collector since its stream here ended: it leaves this collector's series");
+        }
+        left
+    }
+
     /// Drops `node` from `commit` (a commit of it was fenced) and from
     /// the pending one (what its streams booked since `commit` was taken
     /// is counted from the same lost cursor), takes that energy back out

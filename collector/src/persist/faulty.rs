@@ -51,6 +51,10 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
         self.inner.claim_nodes(holder, nodes)
     }
 
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        self.inner.holders(nodes)
+    }
+
     fn commit_as(
         &mut self,
         holder: &str,

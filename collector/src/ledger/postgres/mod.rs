@@ -766,6 +766,10 @@ impl LedgerWriter for PgLedger {
         claim::claim_nodes(&self.shared, holder, nodes)
     }
 
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        claim::holders(&self.shared, nodes)
+    }
+
     fn commit_as(
         &mut self,
         holder: &str,

@@ -75,6 +75,9 @@ impl LedgerWriter for Clocked {
     fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {
         self.ledger.claim_nodes(holder, nodes)
     }
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        self.ledger.holders(nodes)
+    }
     fn commit_as(
         &mut self,
         holder: &str,

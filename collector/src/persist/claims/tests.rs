@@ -674,3 +674,62 @@ fn a_node_that_moved_to_another_collector_leaves_its_metrics() {
     assert_eq!(back, (20 * MJ_PER_S) as f64 / 1000.0);
     assert!(back > energy_at_b);
 }
+
+/// A node that leaves with nothing pending (its stream here ended with
+/// every sample committed, then its agent said Hello to another
+/// collector) is never fenced here: the committer's periodic question to
+/// the ledger finds another holder on it, and it leaves this collector's
+/// series too. A node whose stream ended and that nobody else claimed (its
+/// agent is down) stays, at `capwatch_node_up` 0 with its GPUs stale.
+#[test]
+fn a_node_that_left_with_nothing_pending_leaves_the_metrics_once_claimed_elsewhere() {
+    let a = Site::beside(&Site::new(), "collector-a/0000000000000001");
+    let b = Site::beside(&a, "collector-b/0000000000000002");
+    let (a1, _) = a.hello("n1");
+    let (a2, _) = a.hello("n2");
+    a.send(&a1, 1..=10);
+    a.send(&a2, 1..=10);
+    a.commit();
+    a.state.disconnect(&a1);
+    a.state.disconnect(&a2);
+    let check = |s: &Site| {
+        crate::persist::committer::find_nodes_that_left(&s.state, &*s.writer, &s.claims.holder)
+    };
+    // Nobody else holds either: both stay.
+    check(&a);
+    assert!(!exported(&a, "n1").0.is_empty());
+    assert!(!exported(&a, "n2").0.is_empty());
+
+    let (b1, _) = b.hello("n1");
+    b.send(&b1, 11..=12);
+    b.commit();
+    a.commit();
+    assert_eq!(
+        a.state
+            .counters
+            .nodes_fenced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing of n1 was pending at A"
+    );
+    assert!(!exported(&a, "n1").0.is_empty(), "before the check");
+    check(&a);
+    let (left, stale) = exported(&a, "n1");
+    assert_eq!(left, Vec::<String>::new(), "A still exports n1");
+    assert!(stale.ends_with(" 1"), "only n2's GPU at A: {stale}");
+    assert!(
+        !exported(&a, "n2").0.is_empty(),
+        "n2's agent is down: it stays"
+    );
+    // B, the holder, keeps it whatever it checks.
+    b.state.disconnect(&b1);
+    check(&b);
+    assert!(!exported(&b, "n1").0.is_empty());
+
+    // Back to A: shown again, and counted from the ledger's cursor.
+    let (a1, acked) = a.hello("n1");
+    assert_eq!(acked, 12);
+    a.send(&a1, 13..=13);
+    let back = value_of(&exported(&a, "n1").0, "capwatch_gpu_energy_joules_total");
+    assert_eq!(back, (12 * MJ_PER_S) as f64 / 1000.0);
+}
