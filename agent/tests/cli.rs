@@ -130,6 +130,49 @@ fn kubernetes_config_is_valid() {
     print_config(&["--config", KUBERNETES], &[]);
 }
 
+/// The agent configs for several collectors (README, "Several
+/// collectors") read and validate, and say what their comments say: the
+/// systemd one lists two collectors ranked by hash, the Kubernetes one the
+/// headless Service's one name. So does the README's command line for two
+/// local collectors.
+#[test]
+fn several_collector_configs_are_valid() {
+    let ha = |file: &str| format!("{}/../deploy/{file}", env!("CARGO_MANIFEST_DIR"));
+    let systemd = ha("examples/ha/agent.toml");
+    let cfg = valid_config(Path::new(&systemd));
+    assert_eq!(
+        cfg.endpoints(),
+        ["https://collector-a:7070", "https://collector-b:7070"]
+    );
+    assert_eq!(cfg.collector, None);
+    assert_eq!(cfg.collector_order, CollectorOrder::Hashed);
+    assert_eq!(cfg.failback_after, Duration::from_secs(300));
+    assert!(cfg.tls_ca.is_some() && cfg.token_file.is_some());
+    print_config(&["--config", &systemd], &[]);
+
+    let kubernetes = ha("kubernetes/ha/config/agent.toml");
+    let cfg = valid_config(Path::new(&kubernetes));
+    assert_eq!(cfg.endpoints(), ["https://capwatch-collector:7070"]);
+    assert!(cfg.tls_ca.is_some() && cfg.token_file.is_some());
+    // The DaemonSet passes the node's name.
+    print_config(
+        &["--config", &kubernetes],
+        &[("CAPWATCH_NODE_ID", "gpu-node-1")],
+    );
+
+    let printed = print_config(
+        &["--source", "mock", "--node-id", "lab-a-node-1"],
+        &[(
+            "CAPWATCH_COLLECTORS",
+            "http://127.0.0.1:7070,http://127.0.0.1:7071",
+        )],
+    );
+    assert!(
+        printed.contains("collectors = [\"http://127.0.0.1:7070\", \"http://127.0.0.1:7071\"]"),
+        "{printed}"
+    );
+}
+
 /// Bad configs fail with a non-zero exit and a message naming the problem.
 #[test]
 fn config_errors_name_the_problem() {

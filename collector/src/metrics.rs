@@ -202,6 +202,16 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_ledger_pool_connections",
+        "Connections of the PostgreSQL ledger's pool, by state (idle, busy); absent on SQLite.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_collector_ledger_reconnects_total",
+        "Connections to PostgreSQL opened to replace one the pool lost (a connection error, a read-only server, a failed check before reuse, ledger_connection_max_age); absent on SQLite.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_collector_auth_refused_total",
         "Requests refused for who sent them, by surface (grpc, http) and reason.",
         Kind::Counter,
@@ -644,6 +654,21 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[],
         c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
+    if let Some(pool) = state.ledger_pool() {
+        let (idle, busy) = pool.connections();
+        for (label, n) in [("idle", idle), ("busy", busy)] {
+            f.push(
+                "capwatch_collector_ledger_pool_connections",
+                &[("state", label)],
+                n as f64,
+            );
+        }
+        f.push(
+            "capwatch_collector_ledger_reconnects_total",
+            &[],
+            pool.reconnects() as f64,
+        );
+    }
     for surface in Surface::ALL {
         for reason in AuthReason::ALL {
             f.push(

@@ -58,6 +58,9 @@ pub struct State {
     ledger_identity: std::sync::OnceLock<crate::ledger::Identity>,
     /// Who this collector is, once known.
     collector_info: std::sync::OnceLock<CollectorInfo>,
+    /// The PostgreSQL ledger's pool figures (none for SQLite), read by
+    /// `/metrics` without the ledger's lock.
+    ledger_pool: std::sync::OnceLock<crate::ledger::PgPoolStats>,
     /// The tenants' totals as the ledger held them at the last read
     /// (after each commit, and every commit interval), with every
     /// collector's commits; until the first read, this collector's own.
@@ -106,6 +109,7 @@ impl State {
             counters: Counters::default(),
             ledger_identity: std::sync::OnceLock::new(),
             collector_info: std::sync::OnceLock::new(),
+            ledger_pool: std::sync::OnceLock::new(),
             ledger_totals: RwLock::new(None),
             readiness: Default::default(),
         }
@@ -127,6 +131,17 @@ impl State {
 
     pub fn collector_info(&self) -> Option<&CollectorInfo> {
         self.collector_info.get()
+    }
+
+    /// Records the PostgreSQL ledger's pool (once): its connections and
+    /// reconnects on `/metrics`.
+    pub fn set_ledger_pool(&self, pool: crate::ledger::PgPoolStats) {
+        let _ = self.ledger_pool.set(pool);
+    }
+
+    /// The PostgreSQL ledger's pool; `None` on SQLite.
+    pub fn ledger_pool(&self) -> Option<&crate::ledger::PgPoolStats> {
+        self.ledger_pool.get()
     }
 
     /// Takes what the next commit must write, with its number and the
@@ -381,6 +396,23 @@ impl State {
     pub fn abandon_claim(&self, node: &str) {
         self.fleet.lose_claim(node);
         self.billing.drop_node(&Arc::from(node));
+    }
+
+    /// Nodes whose streams to this collector ended, with their stream
+    /// generations (`Fleet::ended_streams`).
+    pub fn ended_streams(&self) -> Vec<(Arc<str>, u64)> {
+        self.fleet.ended_streams()
+    }
+
+    /// Node `node`, whose stream here ended at `generation`, is held by
+    /// another collector: it leaves this collector's series unless a
+    /// stream took it since (`Fleet::left_for_another`).
+    pub fn left_for_another(&self, node: &str, generation: u64) -> bool {
+        let left = self.fleet.left_for_another(node, generation);
+        if left {
+            info!(node = %node, "node claimed by another collector since its stream here ended: it leaves this collector's series");
+        }
+        left
     }
 
     /// Drops `node` from `commit` (a commit of it was fenced) and from

@@ -11,6 +11,8 @@ pub(super) struct Opened {
     pub reader: AnyReader,
     /// The SQLite file, or the PostgreSQL database (no password).
     pub name: String,
+    /// PostgreSQL's pool figures, for `/metrics` (SQLite has no pool).
+    pub pool: Option<ledger::PgPoolStats>,
 }
 
 /// Opens the ledger `cfg` selects, off the runtime's workers (connecting
@@ -35,6 +37,7 @@ fn open_blocking(choice: LedgerChoice) -> Result<Opened, LedgerError> {
                 writer: Box::new(writer),
                 reader: Box::new(reader),
                 name: path.display().to_string(),
+                pool: None,
             }
         }
         LedgerChoice::Postgres(settings) => {
@@ -42,6 +45,7 @@ fn open_blocking(choice: LedgerChoice) -> Result<Opened, LedgerError> {
             Opened {
                 reader: Box::new(writer.reader()),
                 name: writer.database().to_string(),
+                pool: Some(writer.pool_stats()),
                 writer: Box::new(writer),
             }
         }

@@ -162,8 +162,12 @@ impl App {
             writer: mut ledger,
             reader,
             name,
+            pool,
         } = backend::open(&cfg).await?;
         state.set_ledger_identity(ledger.identity().clone());
+        if let Some(pool) = pool {
+            state.set_ledger_pool(pool);
+        }
         let snapshot = ledger.restore()?;
         info!(ledger = %name, ledger_id = %ledger.identity().ledger_id, nodes = snapshot.nodes.len(), gpus = snapshot.nodes.iter().map(|(_, n)| n.gpus.len()).sum::<usize>(), "ledger opened");
         // Nothing is claimed here: another collector may be streaming any

@@ -138,15 +138,51 @@ impl Fleet {
     }
 
     /// Marks the claim on node `id` lost (a commit of it was fenced): its
-    /// streams ack nothing more and end; the next Hello claims it again.
+    /// streams ack nothing more and end, and the node leaves this
+    /// collector's series (it streams to the collector that claimed it);
+    /// the next Hello here claims it again.
     pub fn lose_claim(&self, id: &str) {
         let Some(node) = lock(&self.nodes).get(id).cloned() else {
             return;
         };
         let mut n = lock(&node);
         n.ledger_generation = None;
+        n.moved_away = true;
         n.claim_lost.store(true, Ordering::Release);
         self.supersede(&mut n);
+    }
+
+    /// Nodes that streamed to this collector and have no stream now, with
+    /// their stream generation: those another collector may have claimed
+    /// since (see `left_for`). Nodes restored from the ledger that never
+    /// said Hello here, and those known to have left, are not listed.
+    pub fn ended_streams(&self) -> Vec<(Arc<str>, u64)> {
+        let mut ended = Vec::new();
+        for node in self.nodes() {
+            let n = lock(&node);
+            if !n.connected && !n.moved_away && !n.gpus.is_empty() {
+                ended.push((n.id.clone(), n.generation));
+            }
+        }
+        ended
+    }
+
+    /// Another collector holds node `id`, whose stream here ended at
+    /// `generation`: unless a stream took it since, the node leaves this
+    /// collector's series (as after a fenced commit) and its next Hello
+    /// here claims it again. Returns whether it did.
+    pub fn left_for_another(&self, id: &str, generation: u64) -> bool {
+        let Some(node) = lock(&self.nodes).get(id).cloned() else {
+            return false;
+        };
+        let mut n = lock(&node);
+        if n.connected || n.moved_away || n.generation != generation {
+            return false;
+        }
+        n.ledger_generation = None;
+        n.moved_away = true;
+        n.claim_lost.store(true, Ordering::Release);
+        true
     }
 
     /// Takes the node from the streams admitted under the lost claim,

@@ -371,6 +371,7 @@ impl Fleet {
                 self.connected.fetch_add(1, Ordering::Relaxed);
             }
             n.connected = true;
+            n.moved_away = false;
             (n.last_seq, n.claim_lost.clone())
         };
         drop(held);
@@ -503,6 +504,9 @@ impl Fleet {
         let mut last: Option<(Arc<str>, usize)> = None;
         for node in self.nodes() {
             let n = lock(&node);
+            if n.moved_away {
+                continue;
+            }
             let window = n.stale_window(self.cfg.stale_after);
             n.live(now, window, |tenant, part| {
                 // A GPU attributed under an older tenant file counts as

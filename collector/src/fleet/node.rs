@@ -168,6 +168,11 @@ pub struct Node {
     /// Whether `live` may be read; false when some GPU's freshness differs
     /// from the node's (see `Node::summarize`).
     pub(super) live_valid: bool,
+    /// Another collector claimed the node (a commit of it was fenced):
+    /// its agent streams there now, so this collector exports nothing of
+    /// it (no node or GPU series, nothing in the tenants' live figures)
+    /// until the node says Hello here again.
+    pub(super) moved_away: bool,
     pub(super) last_receipt: Option<Instant>,
     /// When the node's latest accepted sample was taken, by its own
     /// timestamp (`Gpu::sampled_at`): its GPUs are live only while this
@@ -225,6 +230,7 @@ impl Node {
             generation: 0,
             ledger_generation: None,
             claim_lost: Arc::default(),
+            moved_away: false,
             connected: false,
             samples_accepted: 0,
             last_receipt: None,

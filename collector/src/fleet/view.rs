@@ -161,11 +161,16 @@ impl<'a> GpuView<'a> {
 
 impl Fleet {
     /// Calls `f` with a view of every node, one node's lock at a time (a
-    /// stream's batch waits only for its own node's visit).
+    /// stream's batch waits only for its own node's visit). A node that
+    /// moved to another collector (its commit was fenced) is left out
+    /// until it says Hello here again: that collector shows it.
     pub fn for_each_node(&self, mut f: impl FnMut(NodeView<'_>)) {
         let stale_after = self.cfg.stale_after;
         for node in self.nodes() {
             let n = lock(&node);
+            if n.moved_away {
+                continue;
+            }
             f(NodeView::new(&n, stale_after));
         }
     }

@@ -29,6 +29,7 @@ macro_rules! conformance_tests {
             a_refused_commit_writes_nothing,
             a_commit_after_another_holders_claim_is_fenced,
             a_claim_by_the_same_holder_keeps_its_generation,
+            holders_name_the_last_claim_and_claim_nothing,
             restore_returns_what_was_committed,
             tenant_totals_add_up_every_holders_commits,
             the_compaction_lease_is_exclusive_and_expires,
@@ -226,6 +227,32 @@ pub(crate) fn a_commit_after_another_holders_claim_is_fenced<W: LedgerWriter, R:
 
 /// A holder claiming a node it holds (its agent reconnected) keeps the
 /// generation, and its pending commit still goes through.
+/// `holders` names each node's holder by its last claim (or the commit
+/// that claimed it), `None` for a node never claimed, in the order asked,
+/// and takes no claim itself.
+pub(crate) fn holders_name_the_last_claim_and_claim_nothing<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    assert_eq!(w.holders(&[]).unwrap(), Vec::<Option<String>>::new());
+    assert_eq!(w.holders(&["n1"]).unwrap(), [None]);
+    let first = w.claim("a", "n1").unwrap();
+    w.claim("b", "n2").unwrap();
+    let c = booking("n3", cursor(1, 1, 1), "lab-a", MINUTE, 5);
+    w.commit_as("b", &c, MINUTE + 60, i64::MIN).unwrap();
+    let some = |h: &str| Some(h.to_string());
+    assert_eq!(
+        w.holders(&["n2", "n9", "n1", "n3", "n1"]).unwrap(),
+        [some("b"), None, some("a"), some("b"), some("a")]
+    );
+    w.claim("b", "n1").unwrap();
+    assert_eq!(w.holders(&["n1"]).unwrap(), [some("b")]);
+    // Asking moved nothing: a claim back by "a" bumps the generation once
+    // more, from the one "b" took.
+    let back = w.claim("a", "n1").unwrap();
+    assert_eq!(back.generation, first.generation + 2);
+}
+
 pub(crate) fn a_claim_by_the_same_holder_keeps_its_generation<W: LedgerWriter, R: LedgerReader>(
     mut f: Fresh<W, R>,
 ) {

@@ -518,6 +518,12 @@ pub trait LedgerWriter: Send {
         Ok(claims.pop().expect("one claim per node asked"))
     }
 
+    /// Who holds each of `nodes` now, in the order asked (`None`: nobody
+    /// has claimed it), claiming nothing: what a collector asks about the
+    /// nodes whose streams to it ended, to learn which of them another
+    /// collector has claimed since.
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError>;
+
     /// Writes `batch` for `holder` in one transaction as the next revision,
     /// booked at `booked_at` (Unix seconds), and moves the watermark
     /// forward to `finalize_through` (never back). Refused as a whole, with
@@ -641,6 +647,9 @@ impl<W: LedgerWriter + ?Sized> LedgerWriter for Box<W> {
     }
     fn claim(&mut self, holder: &str, node: &str) -> Result<Claim, LedgerError> {
         (**self).claim(holder, node)
+    }
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        (**self).holders(nodes)
     }
     fn commit_as(
         &mut self,

@@ -115,12 +115,18 @@ pub fn commit_loop<W: LedgerWriter>(
 ) -> Option<(u64, ledger::Commit)> {
     let mut failed = None;
     let mut next = std::time::Instant::now() + every;
+    let mut next_left_check = next + LEFT_CHECK_EVERY;
     loop {
         match stop.recv_timeout(next.saturating_duration_since(std::time::Instant::now())) {
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             _ => return failed,
         }
         failed = commit_once(state, ledger, holder, failed, committed, finalize_grace);
+        // Not while commits fail: the ledger would not answer this either.
+        if failed.is_none() && std::time::Instant::now() >= next_left_check {
+            find_nodes_that_left(state, ledger, holder);
+            next_left_check = std::time::Instant::now() + LEFT_CHECK_EVERY;
+        }
         // A commit that took longer than the interval delays the next one
         // by a whole interval rather than starting commits back to back
         // (which would also keep compaction from the ledger).
@@ -128,6 +134,44 @@ pub fn commit_loop<W: LedgerWriter>(
         next += every;
         if next <= now {
             next = now + every;
+        }
+    }
+}
+
+/// How often the committer asks the ledger who holds the nodes whose
+/// streams here ended.
+const LEFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The most nodes asked about in one check (the rest wait for the next).
+const LEFT_CHECK_MAX: usize = 10_000;
+
+/// Asks the ledger who holds the nodes whose streams to this collector
+/// ended: one another collector holds has moved there (its agent failed
+/// over or back), and leaves this collector's series, so that it is not
+/// shown down and its GPUs stale here while it streams there. A fenced
+/// commit tells the same sooner; this finds the nodes that left with
+/// nothing pending here. A failed read changes nothing (it is logged).
+pub(crate) fn find_nodes_that_left<W: LedgerWriter>(
+    state: &State,
+    ledger: &Mutex<W>,
+    holder: &str,
+) {
+    let mut ended = state.ended_streams();
+    if ended.is_empty() {
+        return;
+    }
+    ended.truncate(LEFT_CHECK_MAX);
+    let names: Vec<&str> = ended.iter().map(|(n, _)| &**n).collect();
+    let holders = match sync::lock(ledger).holders(&names) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::warn!(task = "committer", error = %e, "asking the ledger who holds the nodes whose streams ended failed; asked again later");
+            return;
+        }
+    };
+    for ((node, generation), h) in ended.iter().zip(holders) {
+        if h.is_some_and(|h| h != holder) {
+            state.left_for_another(node, *generation);
         }
     }
 }

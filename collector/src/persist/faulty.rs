@@ -65,6 +65,10 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
         Ok(claims)
     }
 
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        self.inner.holders(nodes)
+    }
+
     fn commit_as(
         &mut self,
         holder: &str,

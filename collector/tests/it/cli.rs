@@ -167,6 +167,174 @@ fn example_configs_pass_check() {
     assert_tenants(&summary, &[("lab-a", "10.000"), ("lab-b", "6.000")]);
 }
 
+/// `KEY=VALUE` lines of a systemd `EnvironmentFile=` (comments left out).
+fn environment_file(path: &str) -> Vec<(String, String)> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|l| {
+            let (k, v) = l.split_once('=').unwrap_or_else(|| panic!("{path}: {l}"));
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
+/// The collector configs for several collectors (README, "Several
+/// collectors") pass `--check` as the README runs it (the tenant and auth
+/// files they name are the host's: the examples stand in for them), select
+/// the PostgreSQL ledger with its password from a file and no SQLite path,
+/// and each host's environment file names its collector. So do the README's
+/// command lines for two collectors on one machine.
+#[test]
+fn several_collector_configs_pass_check() {
+    let stand_ins = [
+        ("CAPWATCH_TENANTS", deploy("examples/tenants.toml")),
+        ("CAPWATCH_AUTH_FILE", deploy("examples/auth.toml")),
+    ];
+    let stand_ins: Vec<(&str, &str)> = stand_ins.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    for file in [
+        "examples/ha/collector.toml",
+        "kubernetes/ha/config/collector.toml",
+    ] {
+        let path = deploy(file);
+        let cfg = valid_config(Path::new(&path));
+        let url = cfg
+            .ledger_url
+            .clone()
+            .unwrap_or_else(|| panic!("{file}: no ledger_url"));
+        assert!(
+            url.starts_with("postgres://") && url.contains("target_session_attrs=read-write"),
+            "{file}: {url}"
+        );
+        let user = url["postgres://".len()..].split('@').next().unwrap();
+        assert!(!user.contains(':'), "{file}: a password in the URL");
+        assert!(cfg.ledger_password_file.is_some(), "{file}");
+        assert!(
+            matches!(
+                cfg.ledger(),
+                capwatch_collector::config::LedgerChoice::Postgres(_)
+            ),
+            "{file}"
+        );
+        assert_eq!(
+            cfg.collector_id, None,
+            "{file}: one file for every collector"
+        );
+        let summary = check(&["--config", &path], &stand_ins);
+        assert!(
+            summary.starts_with("configuration ok: 3 tenants"),
+            "{file}: {summary}"
+        );
+        assert!(
+            summary.contains("auth: agents need a token: true"),
+            "{file}: {summary}"
+        );
+    }
+    // Kubernetes: each replica's pod name is its collector_id, and the
+    // ledger-init Job creates the ledger the collectors' config names,
+    // with the password from the same Secret.
+    let kubernetes = deploy("kubernetes/ha/config/collector.toml");
+    let pod = [(
+        "CAPWATCH_COLLECTOR_ID",
+        "capwatch-collector-7d9f8b6c5d-x2lqp",
+    )];
+    let printed = print_config(
+        &["--config", &kubernetes],
+        &[&pod[..], &stand_ins[..]].concat(),
+    );
+    assert!(printed.contains("collector_id = \"capwatch-collector-7d9f8b6c5d-x2lqp\"\n"));
+    let job =
+        std::fs::read_to_string(deploy("kubernetes/ha/ledger-init/ledger-init-job.yaml")).unwrap();
+    let job_url = job
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("- --ledger-url="))
+        .expect("--ledger-url= in the ledger-init Job");
+    let cfg = valid_config(Path::new(&kubernetes));
+    assert_eq!(
+        Some(job_url),
+        cfg.ledger_url.as_deref(),
+        "the ledger-init Job's URL"
+    );
+    let password = cfg.ledger_password_file.unwrap();
+    assert!(
+        job.contains(&format!("value: {}\n", password.display())),
+        "the ledger-init Job reads another password file than {}",
+        password.display()
+    );
+    // The Job's arguments parse (the flag after the subcommand).
+    let printed = run_ok(
+        BIN,
+        &[
+            "--print-config",
+            "init-ledger",
+            &format!("--ledger-url={job_url}"),
+        ],
+        &[],
+    );
+    assert!(
+        printed.contains(&format!("ledger_url = \"{job_url}\"\n")),
+        "{printed}"
+    );
+
+    let config = deploy("examples/ha/collector.toml");
+    // The README creates the ledger the systemd example names.
+    let readme = std::fs::read_to_string(format!("{DEPLOY}/../README.md")).unwrap();
+    let url = valid_config(Path::new(&config)).ledger_url.unwrap();
+    assert!(
+        readme.contains(&format!("init-ledger \\\n    --ledger-url '{url}'")),
+        "README's init-ledger is not for {url}"
+    );
+    for (host, id) in [("a", "collector-a"), ("b", "collector-b")] {
+        let env = environment_file(&deploy(&format!("examples/ha/collector-{host}.env")));
+        let env: Vec<(&str, &str)> = env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(stand_ins.iter().copied())
+            .collect();
+        check(&["--config", &config], &env);
+        let printed = print_config(&["--config", &config], &env);
+        assert!(
+            printed.contains(&format!("collector_id = \"{id}\"\n")),
+            "{printed}"
+        );
+    }
+
+    // README: two collectors on one machine, a local PostgreSQL.
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("ledger.password");
+    std::fs::write(&password, "secret\n").unwrap();
+    let url = "postgres://capwatch@127.0.0.1:5432/capwatch?target_session_attrs=read-write";
+    for (id, grpc, http) in [
+        ("collector-a", "127.0.0.1:7070", "127.0.0.1:9470"),
+        ("collector-b", "127.0.0.1:7071", "127.0.0.1:9471"),
+    ] {
+        let args = [
+            "--ledger-url",
+            url,
+            "--tenants",
+            &deploy("examples/tenants.toml"),
+            "--grpc-listen",
+            grpc,
+            "--http-listen",
+            http,
+        ];
+        let env = [
+            ("CAPWATCH_LEDGER_PASSWORD_FILE", password.to_str().unwrap()),
+            ("CAPWATCH_COLLECTOR_ID", id),
+        ];
+        check(&args, &env);
+        let printed = print_config(&args, &env);
+        for want in [
+            format!("collector_id = \"{id}\"\n"),
+            format!("ledger_url = \"{url}\"\n"),
+            format!("grpc_listen = \"{grpc}\"\n"),
+        ] {
+            assert!(printed.contains(&want), "no {want} in {printed}");
+        }
+    }
+}
+
 /// The example tenant files attribute GPUs as their comments say.
 #[test]
 fn example_tenants_attribute_as_documented() {

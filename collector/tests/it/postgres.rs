@@ -170,6 +170,24 @@ fn postgres_restart_and_failover_keep_the_ledger_exact() {
     eventually(Duration::from_secs(20), "commits", || {
         commits("success") >= 3.0
     });
+    // The pool's figures: connections, none of them a reconnect yet.
+    let m = collector.metrics();
+    let pool = |state: &str| {
+        m.one(
+            "capwatch_collector_ledger_pool_connections",
+            &[("state", state)],
+        )
+    };
+    assert!(
+        pool("idle") + pool("busy") >= 1.0 && pool("idle") + pool("busy") <= 4.0,
+        "idle {} busy {}",
+        pool("idle"),
+        pool("busy")
+    );
+    assert_eq!(
+        m.one("capwatch_collector_ledger_reconnects_total", &[]),
+        0.0
+    );
     primary.stop();
     eventually(Duration::from_secs(20), "a failed commit", || {
         commits("failure") >= 1.0
@@ -198,6 +216,13 @@ fn postgres_restart_and_failover_keep_the_ledger_exact() {
     assert!(commits("failure") >= 2.0);
 
     let m = collector.metrics();
+    // A restart and a failover: the pool connected again at least twice.
+    assert!(
+        m.one("capwatch_collector_ledger_reconnects_total", &[]) >= 2.0,
+        "{:?}",
+        m.select("capwatch_collector_ledger_reconnects_total", &[])
+    );
+    same_usage_everywhere(dir.path(), tenants, &url, &collector);
     let mut sums = std::collections::BTreeMap::<String, u64>::new();
     for node in nodes {
         let truth = Truth::of(node, N);
@@ -217,5 +242,55 @@ fn postgres_restart_and_failover_keep_the_ledger_exact() {
         standby.psql("capwatch", "SELECT sum(samples) FROM usage_minute"),
         (2 * 8 * N).to_string(),
         "GPU readings"
+    );
+}
+
+/// The usage rows of today and tomorrow (UTC, by hour) as `collector`'s
+/// API answers them, as a second collector on the same database answers
+/// them, and as `capwatch-collector usage --ledger-url` reads them from
+/// the database: all three the same.
+fn same_usage_everywhere(dir: &Path, tenants: &str, url: &str, collector: &Collector) {
+    let day = now_secs() / 86_400 * 86_400;
+    let (from, to) = (
+        capwatch_collector::usage::rfc3339(day - 86_400),
+        capwatch_collector::usage::rfc3339(day + 2 * 86_400),
+    );
+    let query = format!("/v1/usage?from={from}&to={to}&step=1h");
+    let other_dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        dir.join("collector.toml"),
+        other_dir.path().join("collector.toml"),
+    )
+    .unwrap();
+    let other = start(other_dir.path(), tenants, 0, url);
+    let api: Vec<serde_json::Value> = [collector, &other]
+        .iter()
+        .map(|c| serde_json::from_str(&http_get(c.http, &query)).unwrap())
+        .collect();
+    other.stop();
+    let cli = collector_cli(&[
+        "usage",
+        "--ledger-url",
+        url,
+        "--tenants",
+        dir.join("tenants.toml").to_str().unwrap(),
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--format",
+        "json",
+    ]);
+    assert!(cli.status.success(), "{}", stderr(&cli));
+    let cli: serde_json::Value = serde_json::from_str(&stdout(&cli)).unwrap();
+    let rows = cli["rows"].as_array().unwrap();
+    assert!(energy_mj(rows) > 0, "{cli}");
+    assert_eq!(
+        api[0], cli,
+        "the first collector's API and the usage command"
+    );
+    assert_eq!(
+        api[1], cli,
+        "the second collector's API and the usage command"
     );
 }

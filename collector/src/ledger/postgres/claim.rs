@@ -71,6 +71,32 @@ pub(super) fn claim_nodes(
     })
 }
 
+/// Who holds each of `nodes` now (`LedgerWriter::holders`), in one
+/// statement that locks nothing.
+pub(super) fn holders(
+    shared: &Arc<Shared>,
+    nodes: &[&str],
+) -> Result<Vec<Option<String>>, LedgerError> {
+    let asked: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+    shared.call(move |client| async move {
+        let r = async {
+            let rows = client
+                .query(
+                    "SELECT node, holder FROM node_claim WHERE node = ANY($1)",
+                    &[&asked],
+                )
+                .await?;
+            let mut by_node: HashMap<String, String> = HashMap::with_capacity(rows.len());
+            for row in rows {
+                by_node.insert(row.try_get(0)?, row.try_get(1)?);
+            }
+            Ok(asked.iter().map(|n| by_node.get(n).cloned()).collect())
+        }
+        .await;
+        (client, r)
+    })
+}
+
 /// Takes or renews the lease for `holder` until the database's clock plus
 /// `ttl`, in one statement: refused while another holder's has not expired
 /// by that clock.

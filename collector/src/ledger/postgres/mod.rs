@@ -35,7 +35,7 @@ pub use read::PgReader;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -130,6 +130,12 @@ pub(super) struct Shared {
     deadline: Duration,
     /// Connections opened (the first, and every reconnect since).
     opened: Arc<AtomicU64>,
+    /// The most connections the pool has held at once: opening one while
+    /// it holds fewer replaces one it lost (a reconnect).
+    peak: Arc<AtomicUsize>,
+    /// The most reconnects read so far: what `/metrics` shows never goes
+    /// back.
+    reconnects: AtomicU64,
     /// Connections evicted after a connection error or SQLSTATE 25006.
     evicted: AtomicU64,
     /// Dropped last, in the background: dropping a runtime from async
@@ -233,6 +239,11 @@ impl Shared {
         let max_age = settings.connection_max_age;
         let opened = Arc::new(AtomicU64::new(0));
         let count = opened.clone();
+        let peak = Arc::new(AtomicUsize::new(0));
+        let high = peak.clone();
+        // The pool, for the hook that counts its size: set once built.
+        let weak: Arc<std::sync::OnceLock<deadpool_postgres::WeakPool>> = Arc::default();
+        let sized = weak.clone();
         let pool = Pool::builder(manager)
             .max_size(settings.pool_size.max(1))
             .runtime(deadpool_postgres::Runtime::Tokio1)
@@ -240,7 +251,13 @@ impl Shared {
             .wait_timeout(Some(settings.connect_timeout + settings.statement_timeout))
             .recycle_timeout(Some(settings.statement_timeout))
             .post_create(deadpool_postgres::Hook::sync_fn(move |_, _| {
-                count.fetch_add(1, Ordering::Relaxed);
+                // The peak first, then the count (`PgPoolStats::reconnects`
+                // reads them the other way round). The pool's size counts
+                // this connection already.
+                if let Some(pool) = sized.get().and_then(|w| w.upgrade()) {
+                    high.fetch_max(pool.status().size, Ordering::SeqCst);
+                }
+                count.fetch_add(1, Ordering::SeqCst);
                 Ok(())
             }))
             .pre_recycle(deadpool_postgres::Hook::sync_fn(move |_, metrics| {
@@ -254,11 +271,14 @@ impl Shared {
             }))
             .build()
             .map_err(|e| bad(format!("building the connection pool: {e}")))?;
+        let _ = weak.set(pool.weak());
         Ok(Arc::new(Self {
             pool,
             database,
             deadline: settings.connect_timeout + settings.statement_timeout * 2,
             opened,
+            peak,
+            reconnects: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             rt: Some(rt),
         }))
@@ -485,6 +505,20 @@ impl PgPoolStats {
     /// Connections evicted (a connection error, SQLSTATE 25006).
     pub fn evicted(&self) -> u64 {
         self.0.evicted.load(Ordering::Relaxed)
+    }
+
+    /// Reconnects: connections opened to replace one the pool lost
+    /// (evicted, failed its check before reuse, retired by age), i.e.
+    /// every connection opened beyond the most the pool has held at once.
+    /// Growing towards `ledger_pool_size` is not a reconnect.
+    pub fn reconnects(&self) -> u64 {
+        // The count before the peak: a connection opened in between is
+        // seen in the peak and not the count, so this can only undercount
+        // for a moment, never overcount.
+        let opened = self.0.opened.load(Ordering::SeqCst);
+        let peak = self.0.peak.load(Ordering::SeqCst) as u64;
+        let now = opened.saturating_sub(peak);
+        self.0.reconnects.fetch_max(now, Ordering::Relaxed).max(now)
     }
 }
 
@@ -743,6 +777,10 @@ impl LedgerWriter for PgLedger {
 
     fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {
         claim::claim_nodes(&self.shared, holder, nodes)
+    }
+
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        claim::holders(&self.shared, nodes)
     }
 
     fn commit_as(

@@ -75,6 +75,9 @@ impl LedgerWriter for Clocked {
     fn claim_nodes(&mut self, holder: &str, nodes: &[&str]) -> Result<Vec<Claim>, LedgerError> {
         self.ledger.claim_nodes(holder, nodes)
     }
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        self.ledger.holders(nodes)
+    }
     fn commit_as(
         &mut self,
         holder: &str,
@@ -349,6 +352,9 @@ fn the_pool_survives_a_server_restart() {
     let mut l = PgLedger::create(&s).unwrap();
     l.commit_as("a/1", &booking("n1", 1, MINUTE, 10), MINUTE, 0)
         .unwrap();
+    let stats = l.pool_stats();
+    // Opening the pool's connections is not reconnecting.
+    assert_eq!(stats.reconnects(), 0, "opened {}", stats.opened());
     server.stop();
     let started = Instant::now();
     let e = l
@@ -366,6 +372,9 @@ fn the_pool_survives_a_server_restart() {
         .unwrap();
     assert_eq!(energy(&l.reader()), 30);
     assert!(l.connections_opened() >= 2, "no reconnect");
+    assert!(stats.reconnects() >= 1, "opened {}", stats.opened());
+    let (idle, busy) = stats.connections();
+    assert!(idle >= 1 && busy == 0, "idle {idle}, busy {busy}");
 }
 
 /// A pooled connection that finds its server read-only (SQLSTATE 25006)

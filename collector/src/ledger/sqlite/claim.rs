@@ -70,6 +70,24 @@ pub(super) fn lease_held(
 }
 
 impl Ledger {
+    /// Who holds each of `nodes` (`LedgerWriter::holders`), as
+    /// `node_claim` says.
+    pub fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        let err = sqlite_err(&self.path);
+        let mut read = self
+            .conn
+            .prepare_cached("SELECT holder FROM node_claim WHERE node = ?1")
+            .map_err(err)?;
+        nodes
+            .iter()
+            .map(|node| {
+                read.query_row([node], |r| r.get::<_, String>(0))
+                    .optional()
+                    .map_err(err)
+            })
+            .collect()
+    }
+
     /// Claims `nodes` for `holder` in one transaction
     /// (`LedgerWriter::claim_nodes`): a node held by another holder, or
     /// by none, passes to `holder` with its generation bumped (1 for a

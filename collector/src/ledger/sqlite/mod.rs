@@ -545,6 +545,10 @@ impl LedgerWriter for Ledger {
         Ledger::claim_nodes(self, holder, nodes)
     }
 
+    fn holders(&self, nodes: &[&str]) -> Result<Vec<Option<String>>, LedgerError> {
+        Ledger::holders(self, nodes)
+    }
+
     fn commit_as(
         &mut self,
         holder: &str,

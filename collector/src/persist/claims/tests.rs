@@ -694,3 +694,140 @@ fn site_samples(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample>
     })
     .collect()
 }
+
+/// The series of `node` in `site`'s `/metrics`, and its tenant's stale
+/// GPU count there.
+fn exported(site: &Site, node: &str) -> (Vec<String>, String) {
+    let text = crate::metrics::render_text(&site.state, crate::metrics::Detail::ALL);
+    let label = format!("node=\"{node}\"");
+    let series = text
+        .lines()
+        .filter(|l| !l.starts_with('#') && l.contains(&label))
+        .map(str::to_string)
+        .collect();
+    let stale = text
+        .lines()
+        .find(|l| l.starts_with("capwatch_tenant_gpus{tenant=\"unassigned\",state=\"stale\"}"))
+        .unwrap_or_else(|| panic!("{text}"))
+        .to_string();
+    (series, stale)
+}
+
+/// The value of `family`'s series of `node` in `series`.
+fn value_of(series: &[String], family: &str) -> f64 {
+    let line = series
+        .iter()
+        .find(|l| l.starts_with(&format!("{family}{{")))
+        .unwrap_or_else(|| panic!("no {family} in {series:?}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+/// A node whose commit was fenced (its agent moved to another collector)
+/// leaves the series of the collector it left: no `capwatch_node_*` or
+/// `capwatch_gpu_*` series, and its GPUs no longer count as the tenant's
+/// stale GPUs there (`CapwatchGpusStale` is per collector), while the
+/// collector it moved to shows it. When it comes back, its GPU energy
+/// counter goes on from the ledger's count, above what either showed.
+#[test]
+fn a_node_that_moved_to_another_collector_leaves_its_metrics() {
+    let a = Site::beside(&Site::new(), "collector-a/0000000000000001");
+    let b = Site::beside(&a, "collector-b/0000000000000002");
+    let (a1, _) = a.hello("n1");
+    let (a2, _) = a.hello("n2");
+    a.send(&a1, 1..=10);
+    a.send(&a2, 1..=10);
+    a.commit();
+    let (before, stale) = exported(&a, "n1");
+    assert!(!before.is_empty());
+    // The samples are minutes old: both nodes' GPUs are stale at A.
+    assert!(stale.ends_with(" 2"), "{stale}");
+    let energy_at_a = value_of(&before, "capwatch_gpu_energy_joules_total");
+
+    // n1's agent moves to B while A has 11-15 pending: A's commit is
+    // fenced for n1.
+    a.send(&a1, 11..=15);
+    let (b1, _) = b.hello("n1");
+    a.commit();
+    assert!(a1.claim_lost());
+    let (left, stale) = exported(&a, "n1");
+    assert_eq!(left, Vec::<String>::new(), "A still exports n1");
+    assert!(stale.ends_with(" 1"), "only n2's GPU at A: {stale}");
+    assert!(!exported(&a, "n2").0.is_empty(), "n2 stays at A");
+    b.send(&b1, 11..=20);
+    b.commit();
+    let (at_b, stale_b) = exported(&b, "n1");
+    assert!(stale_b.ends_with(" 1"), "{stale_b}");
+    let energy_at_b = value_of(&at_b, "capwatch_gpu_energy_joules_total");
+    assert!(
+        energy_at_b > energy_at_a,
+        "{energy_at_b} after {energy_at_a}"
+    );
+
+    // Back to A (a failback): A shows n1 again, its counter going on
+    // from the ledger's count (B's seconds included), never back.
+    let (a1, _) = a.hello("n1");
+    assert!(!exported(&a, "n1").0.is_empty());
+    a.send(&a1, 21..=21);
+    let back = value_of(&exported(&a, "n1").0, "capwatch_gpu_energy_joules_total");
+    assert_eq!(back, (20 * MJ_PER_S) as f64 / 1000.0);
+    assert!(back > energy_at_b);
+}
+
+/// A node that leaves with nothing pending (its stream here ended with
+/// every sample committed, then its agent said Hello to another
+/// collector) is never fenced here: the committer's periodic question to
+/// the ledger finds another holder on it, and it leaves this collector's
+/// series too. A node whose stream ended and that nobody else claimed (its
+/// agent is down) stays, at `capwatch_node_up` 0 with its GPUs stale.
+#[test]
+fn a_node_that_left_with_nothing_pending_leaves_the_metrics_once_claimed_elsewhere() {
+    let a = Site::beside(&Site::new(), "collector-a/0000000000000001");
+    let b = Site::beside(&a, "collector-b/0000000000000002");
+    let (a1, _) = a.hello("n1");
+    let (a2, _) = a.hello("n2");
+    a.send(&a1, 1..=10);
+    a.send(&a2, 1..=10);
+    a.commit();
+    a.state.disconnect(&a1);
+    a.state.disconnect(&a2);
+    let check = |s: &Site| {
+        crate::persist::committer::find_nodes_that_left(&s.state, &*s.writer, &s.claims.holder)
+    };
+    // Nobody else holds either: both stay.
+    check(&a);
+    assert!(!exported(&a, "n1").0.is_empty());
+    assert!(!exported(&a, "n2").0.is_empty());
+
+    let (b1, _) = b.hello("n1");
+    b.send(&b1, 11..=12);
+    b.commit();
+    a.commit();
+    assert_eq!(
+        a.state
+            .counters
+            .nodes_fenced
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing of n1 was pending at A"
+    );
+    assert!(!exported(&a, "n1").0.is_empty(), "before the check");
+    check(&a);
+    let (left, stale) = exported(&a, "n1");
+    assert_eq!(left, Vec::<String>::new(), "A still exports n1");
+    assert!(stale.ends_with(" 1"), "only n2's GPU at A: {stale}");
+    assert!(
+        !exported(&a, "n2").0.is_empty(),
+        "n2's agent is down: it stays"
+    );
+    // B, the holder, keeps it whatever it checks.
+    b.state.disconnect(&b1);
+    check(&b);
+    assert!(!exported(&b, "n1").0.is_empty());
+
+    // Back to A: shown again, and counted from the ledger's cursor.
+    let (a1, acked) = a.hello("n1");
+    assert_eq!(acked, 12);
+    a.send(&a1, 13..=13);
+    let back = value_of(&exported(&a, "n1").0, "capwatch_gpu_energy_joules_total");
+    assert_eq!(back, (12 * MJ_PER_S) as f64 / 1000.0);
+}
