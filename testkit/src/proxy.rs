@@ -18,6 +18,39 @@ pub struct Proxy {
     pub addr: SocketAddr,
     conns: Arc<Mutex<Vec<TcpStream>>>,
     stalled: Arc<AtomicBool>,
+    trigger: Arc<Mutex<Option<Trigger>>>,
+}
+
+/// A stall armed by [`Proxy::stall_after_request`].
+struct Trigger {
+    pattern: Vec<u8>,
+    /// The pattern went by: the next chunk from the client goes through,
+    /// then the link stalls.
+    seen: bool,
+}
+
+/// What a client→server pipe does to arm the stall.
+#[derive(Clone)]
+struct Upstream {
+    stalled: Arc<AtomicBool>,
+    trigger: Arc<Mutex<Option<Trigger>>>,
+}
+
+impl Upstream {
+    /// After `chunk` went to the server.
+    fn sent(&self, chunk: &[u8]) {
+        let mut t = self.trigger.lock().unwrap();
+        let Some(armed) = t.as_mut() else { return };
+        if armed.seen {
+            self.stalled.store(true, Ordering::SeqCst);
+            *t = None;
+        } else if chunk
+            .windows(armed.pattern.len())
+            .any(|w| w == armed.pattern.as_slice())
+        {
+            armed.seen = true;
+        }
+    }
 }
 
 fn wait_while(flag: &AtomicBool) {
@@ -27,8 +60,14 @@ fn wait_while(flag: &AtomicBool) {
 }
 
 /// Copies `from` to `to` until either end closes, holding what it read
-/// while `stall` is set; then closes `to`.
-fn pipe(mut from: TcpStream, mut to: TcpStream, stall: Arc<AtomicBool>) {
+/// while `stall` is set; then closes `to`. `upstream`: this is the
+/// client→server direction.
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    stall: Arc<AtomicBool>,
+    upstream: Option<Upstream>,
+) {
     std::thread::spawn(move || {
         let mut buf = [0u8; 16 * 1024];
         loop {
@@ -39,6 +78,9 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, stall: Arc<AtomicBool>) {
             wait_while(&stall);
             if to.write_all(&buf[..n]).is_err() {
                 break;
+            }
+            if let Some(u) = &upstream {
+                u.sent(&buf[..n]);
             }
         }
         let _ = to.shutdown(Shutdown::Both);
@@ -51,6 +93,11 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
         let stalled = Arc::new(AtomicBool::new(false));
+        let trigger: Arc<Mutex<Option<Trigger>>> = Arc::default();
+        let to_server = Upstream {
+            stalled: stalled.clone(),
+            trigger: trigger.clone(),
+        };
         let (held, stall) = (conns.clone(), stalled.clone());
         std::thread::spawn(move || {
             for client in listener.incoming() {
@@ -70,14 +117,16 @@ impl Proxy {
                     client.try_clone().unwrap(),
                     server.try_clone().unwrap(),
                     stall.clone(),
+                    Some(to_server.clone()),
                 );
-                pipe(server, client, stall.clone());
+                pipe(server, client, stall.clone(), None);
             }
         });
         Self {
             addr,
             conns,
             stalled,
+            trigger,
         }
     }
 
@@ -98,9 +147,27 @@ impl Proxy {
         self.stalled.store(true, Ordering::SeqCst);
     }
 
+    /// Stalls the link (as [`Proxy::stall`]) once a client has sent bytes
+    /// holding `pattern` and then its next request: for a PostgreSQL
+    /// client, the statement of that text was prepared, then bound and
+    /// run by the server, whose answer is held. A partition in the
+    /// middle of a transaction, at a statement of the test's choosing.
+    pub fn stall_after_request(&self, pattern: &[u8]) {
+        *self.trigger.lock().unwrap() = Some(Trigger {
+            pattern: pattern.to_vec(),
+            seen: false,
+        });
+    }
+
+    /// Whether the link is stalled now.
+    pub fn is_stalled(&self) -> bool {
+        self.stalled.load(Ordering::SeqCst)
+    }
+
     /// Ends a [`Proxy::stall`]: what was held back is delivered, and
     /// connections made meanwhile go through.
     pub fn resume(&self) {
+        *self.trigger.lock().unwrap() = None;
         self.stalled.store(false, Ordering::SeqCst);
     }
 }

@@ -380,16 +380,18 @@ fn a_node_streaming_to_two_collectors_is_committed_by_exactly_one() {
 }
 
 /// Invariant (fault 4): a partition between one collector and the
-/// database, its agents still connected to it. Its commits fail within
-/// the ledger's deadline (a stalled connection gives no error of its
-/// own), it acks nothing it could not commit, and after
-/// `shed_streams_after` it sheds its streams and refuses Hellos, so that
-/// its agents move to the other collector. When the network heals, its
+/// database in the middle of a commit, its agents still connected to it.
+/// Its commits fail within the ledger's deadline (a stalled connection
+/// gives no error of its own), it acks nothing it could not commit, and
+/// after `shed_streams_after` it sheds its streams and refuses Hellos, so
+/// that its agents move to the other collector, which commits although
+/// the cut-off transaction is still open on the server with the lock
+/// every commit takes. When the network heals, the cut-off collector's
 /// pending commit of the nodes the other took is fenced. The ledger
 /// equals what was measured.
 #[test]
 fn a_collector_cut_off_from_the_database_sheds_its_streams_and_acks_nothing_uncommitted() {
-    const N: u64 = 100;
+    const N: u64 = 200;
     let pg = PgServer::start();
     let url = pg.url();
     init_pg_ledger(&url);
@@ -428,7 +430,13 @@ fn a_collector_cut_off_from_the_database_sheds_its_streams_and_acks_nothing_unco
         commits(&a, "success") >= ok + 2.0
     });
 
-    link.stall();
+    // Cut off in the middle of a commit, the watermark's row lock (which
+    // every commit takes first) taken on the server, its answer held: the
+    // transaction stays open there.
+    link.stall_after_request(b"FROM watermark WHERE id = 1 FOR UPDATE");
+    eventually(Duration::from_secs(5), "A cut off mid-commit", || {
+        link.is_stalled()
+    });
     let stalled = Instant::now();
     eventually(Duration::from_secs(15), "a failed commit at A", || {
         commits(&a, "failure") >= 1.0
@@ -448,6 +456,12 @@ fn a_collector_cut_off_from_the_database_sheds_its_streams_and_acks_nothing_unco
     assert!(counter(&a, "capwatch_collector_streams_shed_total", &[]) >= 1.0);
     assert_eq!(commits(&a, "success"), ok, "A committed through a stall");
     assert_eq!(connected(&a), 0.0);
+    // B commits while A's transaction is still open on the server.
+    let ok_b = commits(&b, "success");
+    eventually(Duration::from_secs(10), "B committing", || {
+        commits(&b, "success") >= ok_b + 3.0
+    });
+    assert!(link.is_stalled());
 
     link.resume();
     // A's pending samples of the nodes B took are never written.
