@@ -48,7 +48,7 @@ pub struct Config {
     #[serde(with = "capwatch_common::duration")]
     pub ledger_connect_timeout: Duration,
     /// Longest one PostgreSQL statement may run (the server's
-    /// `statement_timeout`), and longest a ledger session may sit idle
+    /// `statement_timeout`), and longest a ledger connection may sit idle
     /// inside a transaction before the server ends it
     /// (`idle_in_transaction_session_timeout`: a collector cut off
     /// mid-commit releases its row locks then). A ledger call, waiting for

@@ -21,7 +21,7 @@
 //! (`connect_timeout` plus twice `statement_timeout`), getting its
 //! connection included, which holds on a network that stalls without an
 //! error; the server applies `statement_timeout` to each statement as
-//! well, and ends a session left idle in a transaction that long (a
+//! well, and ends a connection left idle in a transaction that long (a
 //! collector cut off mid-commit), so that its row locks do not hold up
 //! the other collectors.
 
@@ -199,8 +199,8 @@ impl Shared {
         // A transaction left open by a collector the network cut off
         // mid-commit holds its row locks (the watermark's, which every
         // commit takes first) for as long as the server keeps the
-        // session: a partition gives the server no error either. The
-        // server ends a session idle in a transaction that long, so the
+        // connection: a partition gives the server no error either. The
+        // server ends a connection idle in a transaction that long, so the
         // other collectors' commits go through.
         let statement_ms = settings.statement_timeout.as_millis().max(1);
         let ours = format!(

@@ -722,7 +722,7 @@ fn a_call_on_a_stalled_network_fails_within_its_deadline() {
 
 /// A collector cut off from the database in the middle of a commit leaves
 /// its transaction open on the server, with the watermark's row lock that
-/// every commit takes first: the server ends that session after the
+/// every commit takes first: the server ends that connection after the
 /// statement timeout (`idle_in_transaction_session_timeout`), so that the
 /// other collectors' commits go through while the partition lasts.
 #[test]
