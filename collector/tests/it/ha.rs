@@ -456,7 +456,8 @@ fn a_collector_cut_off_from_the_database_sheds_its_streams_and_acks_nothing_unco
     assert!(counter(&a, "capwatch_collector_streams_shed_total", &[]) >= 1.0);
     assert_eq!(commits(&a, "success"), ok, "A committed through a stall");
     assert_eq!(connected(&a), 0.0);
-    // B commits while A's transaction is still open on the server.
+    // B commits although A left its transaction open on the server, with
+    // the lock every commit takes, and is still cut off.
     let ok_b = commits(&b, "success");
     eventually(Duration::from_secs(10), "B committing", || {
         commits(&b, "success") >= ok_b + 3.0
