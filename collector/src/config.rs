@@ -48,8 +48,12 @@ pub struct Config {
     #[serde(with = "capwatch_common::duration")]
     pub ledger_connect_timeout: Duration,
     /// Longest one PostgreSQL statement may run (the server's
-    /// `statement_timeout`); a ledger call gives up after the connect
-    /// timeout plus twice this.
+    /// `statement_timeout`), and longest a ledger connection may sit idle
+    /// inside a transaction before the server ends it
+    /// (`idle_in_transaction_session_timeout`: a collector cut off
+    /// mid-commit releases its row locks then). A ledger call, waiting for
+    /// a connection included, gives up after the connect timeout plus
+    /// twice this.
     #[serde(with = "capwatch_common::duration")]
     pub ledger_statement_timeout: Duration,
     /// How often accepted samples are committed to the ledger; agents get

@@ -1,7 +1,9 @@
 //! Helpers the integration tests of the agent and the collector share:
 //! running a binary with a clean environment, reading what it wrote,
-//! waiting for a child process, following its log, and checking that an
-//! example config documents every setting at its default.
+//! waiting for a child process, following its log, checking that an
+//! example config documents every setting at its default; a PostgreSQL
+//! server of the tests' own ([`pg`]) and a TCP proxy that cuts or stalls
+//! its connections ([`proxy`]).
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
@@ -12,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub mod pg;
+pub mod proxy;
 
 /// The sentence both binaries' `--help` ends with.
 pub const LAYERING: &str = "Settings come from the config file, then CAPWATCH_* environment \

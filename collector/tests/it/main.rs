@@ -20,6 +20,7 @@ mod deploy;
 mod e2e;
 mod faults;
 mod fuzz;
+mod ha;
 mod health;
 mod http_abuse;
 mod http_api;

@@ -18,8 +18,12 @@
 //! transaction: the server it reached is a standby, after a failover), so
 //! that the next call connects again through the URL's hosts with
 //! `target_session_attrs=read-write`. Every call has a deadline
-//! (`connect_timeout` plus twice `statement_timeout`); the server applies
-//! `statement_timeout` to each statement as well.
+//! (`connect_timeout` plus twice `statement_timeout`), getting its
+//! connection included, which holds on a network that stalls without an
+//! error; the server applies `statement_timeout` to each statement as
+//! well, and ends a connection left idle in a transaction that long (a
+//! collector cut off mid-commit), so that its row locks do not hold up
+//! the other collectors.
 
 mod claim;
 mod compact;
@@ -198,9 +202,15 @@ impl Shared {
             })?;
             cfg.password(text.trim_end_matches(['\n', '\r']));
         }
+        // A transaction left open by a collector the network cut off
+        // mid-commit holds its row locks (the watermark's, which every
+        // commit takes first) for as long as the server keeps the
+        // connection: a partition gives the server no error either. The
+        // server ends a connection idle in a transaction that long, so the
+        // other collectors' commits go through.
         let statement_ms = settings.statement_timeout.as_millis().max(1);
         // The server ends what a vanished or frozen collector left open:
-        // a transaction idle past twice the statement timeout (it would
+        // a transaction idle past the statement timeout (it would
         // hold the watermark lock every commit takes first, and stop every
         // other collector's commits and claims), and a connection whose
         // peer stopped answering (keepalives, and unacknowledged data
@@ -209,7 +219,7 @@ impl Shared {
             "-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={} \
              -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
              -c tcp_user_timeout={}",
-            statement_ms * 2,
+            statement_ms,
             statement_ms * 2
         );
         let options = match cfg.get_options() {
@@ -300,17 +310,22 @@ impl Shared {
             .as_ref()
             .expect("the runtime lives as long as the ledger");
         let task = rt.spawn(async move {
-            let client = match shared.pool.get().await {
-                Ok(c) => c,
-                Err(e) => return Err(shared.pool_error(e)),
+            // The deadline covers getting the connection too: the pool
+            // verifies each idle one in turn (a round trip, each within
+            // the recycle timeout) before it connects anew, which on a
+            // stalled network adds up to many times the deadline.
+            let run = async {
+                let client = shared.pool.get().await.map_err(|e| shared.pool_error(e))?;
+                Ok(work(client).await)
             };
-            match tokio::time::timeout(shared.deadline, work(client)).await {
-                Ok((_client, Ok(v))) => Ok(v),
-                Ok((client, Err(Fail::Ledger(e)))) => {
+            match tokio::time::timeout(shared.deadline, run).await {
+                Ok(Err(e)) => Err(e),
+                Ok(Ok((_client, Ok(v)))) => Ok(v),
+                Ok(Ok((client, Err(Fail::Ledger(e))))) => {
                     drop(client);
                     Err(e)
                 }
-                Ok((client, Err(Fail::Pg(e)))) => {
+                Ok(Ok((client, Err(Fail::Pg(e))))) => {
                     let evict = e.is_closed()
                         || e.code().is_none()
                         || e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION)
@@ -321,7 +336,8 @@ impl Shared {
                     }
                     Err(shared.pg_error(&e))
                 }
-                // The connection goes back to the pool with the dropped
+                // Still waiting for a connection, or for the server: a
+                // connection goes back to the pool with the dropped
                 // future (its transaction rolled back); the pool verifies
                 // it before handing it out again, within the recycle
                 // timeout, and closes it where that fails.

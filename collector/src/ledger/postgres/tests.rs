@@ -693,3 +693,115 @@ fn compaction_waits_for_the_watermark() {
     let done = l.compact_under(&lease, 0, &policy, &contracts).unwrap();
     assert_eq!(done.hours_rolled_up, 1);
 }
+
+/// `url` (a database on the shared server) reached through `link`.
+fn via(link: &capwatch_testkit::proxy::Proxy, url: &str) -> String {
+    format!("postgres://postgres@{}/{}", link.addr, db_of(url))
+}
+
+/// One second for connecting and for each statement: a call's deadline
+/// is 3 s.
+fn quick(url: &str) -> PgSettings {
+    PgSettings {
+        connect_timeout: Duration::from_secs(1),
+        statement_timeout: Duration::from_secs(1),
+        ..PgSettings::new(url)
+    }
+}
+
+/// A network partition between the collector and PostgreSQL gives no
+/// error: nothing passes, nothing is reset. A call still fails within its
+/// deadline (connect timeout plus twice the statement timeout), the time
+/// to get a connection from a pool full of stalled ones included, and the
+/// ledger commits again once the network heals.
+#[test]
+fn a_call_on_a_stalled_network_fails_within_its_deadline() {
+    let url = fresh_database(server());
+    let link = capwatch_testkit::proxy::Proxy::start(([127, 0, 0, 1], server().port()).into());
+    let s = PgSettings {
+        pool_size: 8,
+        ..quick(&via(&link, &url))
+    };
+    let mut l = PgLedger::create(&s).unwrap();
+    // Every pooled connection in use at once, then idle: the pool holds 8.
+    let calls: Vec<_> = (0..s.pool_size)
+        .map(|_| {
+            let shared = l.shared.clone();
+            std::thread::spawn(move || {
+                shared.call(|client| async move {
+                    let r = client.execute("SELECT pg_sleep(0.3)", &[]).await;
+                    (client, r.map(drop).map_err(super::Fail::from))
+                })
+            })
+        })
+        .collect();
+    for c in calls {
+        c.join().unwrap().unwrap();
+    }
+    assert_eq!(l.pool_connections(), (s.pool_size, 0));
+    link.stall();
+    let started = Instant::now();
+    let e = l
+        .commit_as("a/1", &booking("n1", 1, MINUTE, 10), MINUTE, 0)
+        .expect_err("a commit through a stalled network");
+    let took = started.elapsed();
+    let deadline = s.connect_timeout + 2 * s.statement_timeout;
+    assert!(
+        took < deadline + Duration::from_millis(500),
+        "the commit failed after {took:?}, its deadline is {deadline:?}: {e}"
+    );
+    assert!(matches!(e, LedgerError::Postgres { .. }), "{e:?}");
+    link.resume();
+    l.commit_as("a/1", &booking("n1", 1, MINUTE, 10), MINUTE, 0)
+        .unwrap();
+    assert_eq!(energy(&l.reader()), 10);
+}
+
+/// A collector cut off from the database in the middle of a commit leaves
+/// its transaction open on the server, with the watermark's row lock that
+/// every commit takes first: the server ends that connection after the
+/// statement timeout (`idle_in_transaction_session_timeout`), so that the
+/// other collectors' commits go through while the partition lasts.
+#[test]
+fn a_transaction_left_open_by_a_cut_off_collector_does_not_block_the_others() {
+    let url = fresh_database(server());
+    let link = capwatch_testkit::proxy::Proxy::start(([127, 0, 0, 1], server().port()).into());
+    let cut_off = PgLedger::create(&quick(&via(&link, &url))).unwrap();
+    let mut other = PgLedger::open(&quick(&url)).unwrap();
+    let (locked, is_locked) = std::sync::mpsc::channel();
+    let shared = cut_off.shared.clone();
+    let stale = std::thread::spawn(move || {
+        shared.call(move |mut client| async move {
+            let r = async {
+                let tx = client.transaction().await?;
+                tx.query_one(
+                    "SELECT revision FROM watermark WHERE id = 1 FOR UPDATE",
+                    &[],
+                )
+                .await?;
+                let _ = locked.send(());
+                // The network fails here: nothing more reaches the server,
+                // not even the rollback when the call gives up.
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+            .await;
+            (client, r)
+        })
+    });
+    is_locked.recv().unwrap();
+    link.stall();
+    let started = Instant::now();
+    let mut failed = Vec::new();
+    while let Err(e) = other.commit_as("b/1", &booking("n2", 1, MINUTE, 5), MINUTE, 0) {
+        failed.push(e.to_string());
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the other collector could not commit for {:?}: {failed:?}",
+            started.elapsed()
+        );
+    }
+    assert!(stale.join().unwrap().is_err(), "the cut-off call gave up");
+    link.resume();
+    assert_eq!(energy(&other.reader()), 5);
+}

@@ -8,9 +8,9 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub use capwatch_testkit::proxy::Proxy;
 pub use capwatch_testkit::{Log, eventually, json_field, json_number, terminate, wait_timeout};
 
 use capwatch_agent::source::GpuSource;
@@ -142,6 +142,20 @@ impl Collector {
         cmd
     }
 
+    /// [`Collector::command_pg`] named `collector_id` (its fencing
+    /// holder is `<collector_id>/<random hex>`, new at each start).
+    pub fn command_pg_as(
+        dir: &Path,
+        tenants: &str,
+        grpc_port: u16,
+        url: &str,
+        collector_id: &str,
+    ) -> Command {
+        let mut cmd = Self::command_pg(dir, tenants, grpc_port, url, &[]);
+        cmd.env("CAPWATCH_COLLECTOR_ID", collector_id);
+        cmd
+    }
+
     fn base_command(dir: &Path, tenants: &str, grpc_port: u16) -> Command {
         let tenants_file = dir.join("tenants.toml");
         std::fs::write(&tenants_file, tenants).unwrap();
@@ -209,6 +223,29 @@ pub fn expect_refused(mut cmd: Command) -> String {
     err
 }
 
+/// Creates the ledger's schema in the PostgreSQL database at `url`
+/// (`capwatch-collector init-ledger --ledger-url`).
+pub fn init_pg_ledger(url: &str) {
+    let out = Command::new(bin("capwatch-collector"))
+        .args(["init-ledger", "--ledger-url", url])
+        .output()
+        .expect("run init-ledger");
+    assert!(
+        out.status.success(),
+        "init-ledger: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The URL of a test PostgreSQL server's database (see
+/// `capwatch_testkit::pg`), reached at `addr` instead: a [`Proxy`] in
+/// front of it.
+pub fn pg_url_via(addr: SocketAddr) -> String {
+    use capwatch_testkit::pg::{DATABASE, USER};
+    format!("postgres://{USER}@{addr}/{DATABASE}")
+}
+
 /// Creates a new ledger at `dir/ledger.db` (`capwatch-collector
 /// init-ledger`) and returns its ledger id.
 pub fn init_ledger(dir: &Path) -> String {
@@ -258,13 +295,34 @@ impl Agent {
         config: &str,
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn(dir, Some(endpoint), node, samples, config, env)
+    }
+
+    /// A mock agent for `node` whose collectors are those its `config`
+    /// lists (`collectors = [...]`): no `--collector` flag.
+    pub fn start_listed(dir: &Path, node: &str, samples: u64, config: &str) -> Self {
+        Self::spawn(dir, None, node, samples, config, &[])
+    }
+
+    fn spawn(
+        dir: &Path,
+        endpoint: Option<&str>,
+        node: &str,
+        samples: u64,
+        config: &str,
+        env: &[(&str, &str)],
+    ) -> Self {
         let cfg = dir.join(format!("agent-{node}.toml"));
         std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(bin("capwatch-agent"))
-            .arg("--config")
+        let mut cmd = Command::new(bin("capwatch-agent"));
+        cmd.arg("--config")
             .arg(&cfg)
-            .args(["--source", "mock", "--log-format", "json"])
-            .args(["--collector", endpoint, "--node-id", node])
+            .args(["--source", "mock", "--log-format", "json"]);
+        if let Some(endpoint) = endpoint {
+            cmd.args(["--collector", endpoint]);
+        }
+        let mut child = cmd
+            .args(["--node-id", node])
             .args(["--interval", &format!("{INTERVAL_MS}ms")])
             .args(["--mock-seed", &SEED.to_string(), "--mock-profile", "mixed"])
             .args(["--max-samples", &samples.to_string()])
@@ -450,53 +508,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
         "{head}"
     );
     body.to_string()
-}
-
-/// A TCP proxy on loopback whose connections can be cut, to stand in for a
-/// network failure between an agent and the collector.
-pub struct Proxy {
-    pub addr: SocketAddr,
-    conns: Arc<Mutex<Vec<TcpStream>>>,
-}
-
-impl Proxy {
-    pub fn start(upstream: SocketAddr) -> Self {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-        let held = conns.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { return };
-                let Ok(server) = TcpStream::connect(upstream) else {
-                    continue;
-                };
-                let pipe = |mut from: TcpStream, mut to: TcpStream| {
-                    std::thread::spawn(move || {
-                        let _ = std::io::copy(&mut from, &mut to);
-                        let _ = to.shutdown(std::net::Shutdown::Both);
-                    });
-                };
-                let mut h = held.lock().unwrap();
-                h.push(client.try_clone().unwrap());
-                h.push(server.try_clone().unwrap());
-                pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
-            }
-        });
-        Self { addr, conns }
-    }
-
-    /// Cuts every open connection, both ways.
-    pub fn cut(&self) -> usize {
-        let mut conns = self.conns.lock().unwrap();
-        for c in conns.iter() {
-            let _ = c.shutdown(std::net::Shutdown::Both);
-        }
-        let n = conns.len() / 2;
-        conns.clear();
-        n
-    }
 }
 
 /// Wall-clock time now, in nanoseconds since the Unix epoch.
