@@ -281,7 +281,7 @@ impl PgServer {
         self.url_for(name)
     }
 
-    /// Stops the server (fast: open sessions are ended, nothing is lost).
+    /// Stops the server (fast: open connections are ended, nothing is lost).
     pub fn stop(&self) {
         let mut cmd = pg_command("pg_ctl");
         cmd.arg("-D")

@@ -215,7 +215,7 @@ impl Shared {
         // other collector's commits and claims), and a connection whose
         // peer stopped answering (keepalives, and unacknowledged data
         // after tcp_user_timeout).
-        let session = format!(
+        let ours = format!(
             "-c statement_timeout={statement_ms} -c idle_in_transaction_session_timeout={} \
              -c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3 \
              -c tcp_user_timeout={}",
@@ -223,8 +223,8 @@ impl Shared {
             statement_ms * 2
         );
         let options = match cfg.get_options() {
-            Some(o) if !o.is_empty() => format!("{o} {session}"),
-            _ => session,
+            Some(o) if !o.is_empty() => format!("{o} {ours}"),
+            _ => ours,
         };
         cfg.options(&options)
             .connect_timeout(settings.connect_timeout)
