@@ -394,7 +394,7 @@ impl State {
     /// Hello's claim resumes from the ledger's cursor. Called under the
     /// ledger's lock.
     pub fn abandon_claim(&self, node: &str) {
-        self.fleet.lose_claim(node);
+        self.fleet.forget_claim(node);
         self.billing.drop_node(&Arc::from(node));
     }
 

@@ -42,8 +42,15 @@ fn open_blocking(choice: LedgerChoice) -> Result<Opened, LedgerError> {
         }
         LedgerChoice::Postgres(settings) => {
             let writer = ledger::PgLedger::open(&settings)?;
+            // The usage API and the status page read on a pool of their
+            // own: slow or many reads must never keep the committer and
+            // the claims from a connection (acks and Hellos wait on them).
+            let reader = ledger::PgReader::open(&ledger::PgSettings {
+                pool_size: settings.pool_size.div_ceil(2),
+                ..settings.clone()
+            })?;
             Opened {
-                reader: Box::new(writer.reader()),
+                reader: Box::new(reader),
                 name: writer.database().to_string(),
                 pool: Some(writer.pool_stats()),
                 writer: Box::new(writer),

@@ -142,12 +142,24 @@ impl Fleet {
     /// collector's series (it streams to the collector that claimed it);
     /// the next Hello here claims it again.
     pub fn lose_claim(&self, id: &str) {
+        self.drop_claim(id, true);
+    }
+
+    /// As `lose_claim`, for a claim whose outcome is not known (its round
+    /// failed): the streams end and the next Hello claims the node again,
+    /// but the node keeps its series here, since no other collector is
+    /// known to hold it (an agent that is down must still show down).
+    pub fn forget_claim(&self, id: &str) {
+        self.drop_claim(id, false);
+    }
+
+    fn drop_claim(&self, id: &str, moved_away: bool) {
         let Some(node) = lock(&self.nodes).get(id).cloned() else {
             return;
         };
         let mut n = lock(&node);
         n.ledger_generation = None;
-        n.moved_away = true;
+        n.moved_away |= moved_away;
         n.claim_lost.store(true, Ordering::Release);
         self.supersede(&mut n);
     }

@@ -142,7 +142,8 @@ pub fn commit_loop<W: LedgerWriter>(
 /// streams here ended.
 const LEFT_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// The most nodes asked about in one check (the rest wait for the next).
+/// The most nodes asked about in one ledger call (a check makes as many
+/// calls as it needs, the writer's lock let go between them).
 const LEFT_CHECK_MAX: usize = 10_000;
 
 /// Asks the ledger who holds the nodes whose streams to this collector
@@ -156,22 +157,20 @@ pub(crate) fn find_nodes_that_left<W: LedgerWriter>(
     ledger: &Mutex<W>,
     holder: &str,
 ) {
-    let mut ended = state.ended_streams();
-    if ended.is_empty() {
-        return;
-    }
-    ended.truncate(LEFT_CHECK_MAX);
-    let names: Vec<&str> = ended.iter().map(|(n, _)| &**n).collect();
-    let holders = match sync::lock(ledger).holders(&names) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::warn!(task = "committer", error = %e, "asking the ledger who holds the nodes whose streams ended failed; asked again later");
-            return;
-        }
-    };
-    for ((node, generation), h) in ended.iter().zip(holders) {
-        if h.is_some_and(|h| h != holder) {
-            state.left_for_another(node, *generation);
+    let ended = state.ended_streams();
+    for chunk in ended.chunks(LEFT_CHECK_MAX) {
+        let names: Vec<&str> = chunk.iter().map(|(n, _)| &**n).collect();
+        let holders = match sync::lock(ledger).holders(&names) {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!(task = "committer", error = %e, "asking the ledger who holds the nodes whose streams ended failed; asked again later");
+                return;
+            }
+        };
+        for ((node, generation), h) in chunk.iter().zip(holders) {
+            if h.is_some_and(|h| h != holder) {
+                state.left_for_another(node, *generation);
+            }
         }
     }
 }

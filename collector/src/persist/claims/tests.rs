@@ -678,6 +678,10 @@ fn a_claim_round_whose_answer_was_lost_gives_its_nodes_up() {
         pending.nodes.is_empty() && pending.buckets.is_empty(),
         "{pending:?}"
     );
+    // No other collector is known to hold n1: it keeps its series here
+    // (an agent that is down must still show down).
+    let text = crate::metrics::render_text(&state, crate::metrics::Detail::ALL);
+    assert!(text.contains("node=\"n1\""), "n1 left the metrics:\n{text}");
 }
 
 fn site_samples(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
