@@ -3,8 +3,10 @@
 //! Simulates a fleet of GPUs reporting once a second the way the collector
 //! runs it: every node's stream applies one batch (one `NodeSample` with
 //! all its GPUs) per second through `State::ingest`, and once a second the
-//! committer takes `State::take_pending()` and writes it with
-//! `Ledger::commit` into a real SQLite file (WAL, `synchronous = FULL`).
+//! committer takes `State::take_pending()` and writes it into a real
+//! ledger: a SQLite file (WAL, `synchronous = FULL`, `Ledger::commit`), or
+//! a PostgreSQL database (`PgLedger::commit_as`, as one collector's holder,
+//! each commit with its id as the collector's are).
 //! Simulated seconds run back to back, as fast as the machine allows; the
 //! sample timestamps advance one second per simulated second.
 //!
@@ -18,6 +20,8 @@
 //! ```text
 //! cargo bench -p capwatch-collector --bench ledger_commit -- --seconds 30
 //! cargo bench -p capwatch-collector --bench ledger_commit -- --gpus 100000 --runs 3
+//! cargo bench -p capwatch-collector --bench ledger_commit -- --postgres --gpus 200000
+//! cargo bench -p capwatch-collector --bench ledger_commit -- --ledger-url postgres://u@db/bench
 //! ```
 //!
 //! Options (flags win over the environment):
@@ -28,16 +32,25 @@
 //! * `--runs N` / `LEDGER_BENCH_RUNS`: independent runs, each on a fresh
 //!   state and ledger; with more than one, the medians are printed last (1);
 //! * `--verbose`: also print every simulated second's ingest and commit
-//!   times and rows written.
+//!   times and rows written;
+//! * `--postgres`: a PostgreSQL cluster of the benchmark's own (`initdb` in
+//!   a temporary directory, as `nobody` when run as root, on a free port,
+//!   with [`PG_SETTINGS`]);
+//! * `--ledger-url URL` / `LEDGER_BENCH_URL`: an existing PostgreSQL
+//!   server instead (URL form; the user must be allowed to create a
+//!   schema): each run writes a fresh schema `capwatch_bench_<pid>_<run>`
+//!   of that database, dropped at the end of the run.
 //!
-//! The ledger lives in a temporary directory under `TMPDIR`: point that at
-//! the disk to measure (a tmpfs makes every fsync free).
+//! A SQLite ledger lives in a temporary directory under `TMPDIR`: point
+//! that at the disk to measure (a tmpfs makes every fsync free); so does
+//! the `--postgres` cluster. With PostgreSQL the figures include the WAL
+//! each commit wrote (`pg_current_wal_lsn` before and after the run).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use capwatch_collector::edge::{GpuReading, HostReading, NodeSample};
-use capwatch_collector::ledger::{Commit, Ledger};
+use capwatch_collector::ledger::{Commit, Ledger, LedgerWriter, PgLedger, PgSettings};
 use capwatch_collector::state::{GpuInfo, Hello, State, StateConfig, StreamHandle};
 use capwatch_collector::tenants::Tenants;
 
@@ -45,6 +58,21 @@ mod support;
 use support::{MODEL, POWER_LIMIT_MW, TENANTS, node_id};
 
 const NANOS_PER_SECOND: i64 = 1_000_000_000;
+
+/// The `--postgres` cluster's settings, after the test clusters' own
+/// (which are sized for many small servers on one machine): memory for a
+/// site's cursor rows and room for a minute of WAL between checkpoints,
+/// durability as shipped (`fsync`, `synchronous_commit` and
+/// `full_page_writes` on).
+const PG_SETTINGS: &str = "shared_buffers = 256MB
+max_wal_size = 4GB
+checkpoint_timeout = 5min
+wal_compression = on
+max_connections = 60";
+
+/// The holder the benchmark commits as (one collector's, one process
+/// start).
+const HOLDER: &str = "bench/00000000c0ffee00";
 
 fn main() {
     let opts = match Options::parse() {
@@ -54,9 +82,19 @@ fn main() {
             std::process::exit(2);
         }
     };
+    // Started once, for every run (each run has a schema of its own).
+    let server = opts.postgres.then(|| {
+        let s = capwatch_testkit::pg::PgServer::start_with(PG_SETTINGS);
+        println!(
+            "postgres: a cluster of the benchmark's own on port {}",
+            s.port()
+        );
+        s
+    });
+    let url = server.as_ref().map(|s| s.url()).or(opts.ledger_url.clone());
     let mut reports = Vec::with_capacity(opts.runs);
     for run in 1..=opts.runs {
-        let report = run_once(&opts);
+        let report = run_once(&opts, url.as_deref(), run);
         report.print(run, &opts);
         reports.push(report);
     }
@@ -65,8 +103,8 @@ fn main() {
     }
 }
 
-const USAGE: &str =
-    "usage: ledger_commit [--seconds N] [--gpus N] [--gpus-per-node N] [--runs N] [--verbose]";
+const USAGE: &str = "usage: ledger_commit [--seconds N] [--gpus N] [--gpus-per-node N] [--runs N] [--verbose] \
+     [--postgres | --ledger-url URL]";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -76,6 +114,10 @@ struct Options {
     runs: usize,
     /// Print every second's figures as well.
     verbose: bool,
+    /// A PostgreSQL cluster of the benchmark's own.
+    postgres: bool,
+    /// An existing PostgreSQL server's database.
+    ledger_url: Option<String>,
 }
 
 impl Options {
@@ -94,6 +136,8 @@ impl Options {
             gpus_per_node: env("LEDGER_BENCH_GPUS_PER_NODE", 8)?,
             runs: env("LEDGER_BENCH_RUNS", 1)?,
             verbose: false,
+            postgres: false,
+            ledger_url: std::env::var("LEDGER_BENCH_URL").ok(),
         };
         let mut args = std::env::args().skip(1);
         while let Some(arg) = args.next() {
@@ -107,6 +151,18 @@ impl Options {
             };
             if flag == "--verbose" || flag == "-v" {
                 o.verbose = true;
+                continue;
+            }
+            if flag == "--postgres" {
+                o.postgres = true;
+                continue;
+            }
+            if flag == "--ledger-url" {
+                o.ledger_url = Some(
+                    inline
+                        .or_else(|| args.next())
+                        .ok_or("--ledger-url needs a value")?,
+                );
                 continue;
             }
             let field = match flag.as_str() {
@@ -129,6 +185,9 @@ impl Options {
         }
         if o.seconds == 0 || o.gpus == 0 || o.runs == 0 {
             return Err("--seconds, --gpus and --runs must be positive".into());
+        }
+        if o.postgres && o.ledger_url.is_some() {
+            return Err("--postgres and --ledger-url exclude each other".into());
         }
         if !(1..=64).contains(&o.gpus_per_node) {
             return Err("--gpus-per-node must be 1-64".into());
@@ -292,12 +351,189 @@ struct Report {
     warmup_commit: Duration,
     ledger_bytes: u64,
     wal_bytes: u64,
+    /// PostgreSQL: `ledger_bytes` are the cursor and minute tables,
+    /// `wal_bytes` the WAL the measured seconds wrote.
+    postgres: bool,
 }
 
-fn run_once(opts: &Options) -> Report {
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = dir.path().join("ledger.db");
-    let mut ledger = Ledger::create(&path).expect("the ledger is created");
+/// A run's ledger: a SQLite file in a temporary directory, or a fresh
+/// schema of a PostgreSQL database.
+enum Backend {
+    Sqlite {
+        _dir: tempfile::TempDir,
+        path: PathBuf,
+        ledger: Ledger,
+    },
+    Pg {
+        admin: PgAdmin,
+        ledger: PgLedger,
+    },
+}
+
+impl Backend {
+    fn create(url: Option<&str>, run: usize) -> Self {
+        match url {
+            None => {
+                let dir = tempfile::tempdir().expect("a temporary directory");
+                let path = dir.path().join("ledger.db");
+                let ledger = Ledger::create(&path).expect("the ledger is created");
+                Backend::Sqlite {
+                    _dir: dir,
+                    path,
+                    ledger,
+                }
+            }
+            Some(url) => {
+                let schema = format!("capwatch_bench_{}_{run}", std::process::id());
+                let admin = PgAdmin::connect(url, schema);
+                let ledger = PgLedger::create(&PgSettings::new(admin.ledger_url.clone()))
+                    .expect("the ledger is created");
+                Backend::Pg { admin, ledger }
+            }
+        }
+    }
+
+    /// Claims every node for the benchmark's holder, as each node's Hello
+    /// does in a collector (SQLite keeps no claims).
+    fn claim(&mut self, nodes: &[String]) {
+        if let Backend::Pg { ledger, .. } = self {
+            let ids: Vec<&str> = nodes.iter().map(String::as_str).collect();
+            ledger
+                .claim_nodes(HOLDER, &ids)
+                .expect("the nodes are claimed");
+        }
+    }
+
+    fn commit(&mut self, c: &Commit) {
+        match self {
+            Backend::Sqlite { ledger, .. } => {
+                ledger.commit(c).expect("the ledger commit succeeds");
+            }
+            Backend::Pg { ledger, .. } => {
+                ledger
+                    .commit_as(HOLDER, c, now_unix(), i64::MIN)
+                    .expect("the ledger commit succeeds");
+            }
+        }
+    }
+
+    /// Bytes written so far: the SQLite file and its WAL, or PostgreSQL's
+    /// WAL position.
+    fn bytes(&self) -> (u64, u64) {
+        match self {
+            Backend::Sqlite { path, .. } => {
+                let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
+                (size(path), size(&path.with_extension("db-wal")))
+            }
+            Backend::Pg { admin, .. } => (
+                admin.number("SELECT pg_total_relation_size('node_claim') + pg_total_relation_size('usage_minute')"),
+                admin.number("SELECT pg_current_wal_lsn() - '0/0'"),
+            ),
+        }
+    }
+
+    /// Cross-checks that the ledger holds exactly one sample per GPU per
+    /// simulated second, so the figures measure the work they claim to.
+    fn check(self, gpus: usize, seconds: usize) {
+        let samples = match self {
+            Backend::Sqlite { path, ledger, _dir } => {
+                drop(ledger);
+                let ledger = Ledger::open(&path).expect("the ledger reopens");
+                let tenants = Tenants::from_toml(TENANTS).expect("the tenant file is valid");
+                tenants
+                    .all()
+                    .iter()
+                    .map(|t| {
+                        ledger
+                            .bucket_totals(&t.id)
+                            .expect("the ledger reads back")
+                            .samples
+                    })
+                    .sum()
+            }
+            Backend::Pg { admin, ledger } => {
+                drop(ledger);
+                let n = admin.number(
+                    "SELECT (SELECT COALESCE(SUM(samples), 0) FROM usage_minute)
+                          + (SELECT COALESCE(SUM(samples), 0) FROM adjustment)",
+                );
+                admin.drop_schema();
+                n
+            }
+        };
+        assert_eq!(
+            samples,
+            (gpus * seconds) as u64,
+            "the ledger holds every GPU sample once"
+        );
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970")
+        .as_secs() as i64
+}
+
+/// A connection of the benchmark's own to the PostgreSQL database: makes
+/// and drops the run's schema, reads WAL positions and checks the totals.
+struct PgAdmin {
+    rt: tokio::runtime::Runtime,
+    client: tokio_postgres::Client,
+    schema: String,
+    /// The URL with the run's schema as its search path.
+    ledger_url: String,
+}
+
+impl PgAdmin {
+    fn connect(url: &str, schema: String) -> Self {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let ledger_url = format!("{url}{sep}options=-c%20search_path%3D{schema}");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let client = rt.block_on(async {
+            let (client, conn) = tokio_postgres::connect(&ledger_url, tokio_postgres::NoTls)
+                .await
+                .unwrap_or_else(|e| panic!("connecting to the benchmark's database: {e}"));
+            tokio::spawn(conn);
+            client
+        });
+        let admin = Self {
+            rt,
+            client,
+            schema,
+            ledger_url,
+        };
+        admin.execute(&format!("CREATE SCHEMA {}", admin.schema));
+        admin
+    }
+
+    fn execute(&self, sql: &str) {
+        self.rt
+            .block_on(self.client.batch_execute(sql))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    }
+
+    /// The one number `sql` answers.
+    fn number(&self, sql: &str) -> u64 {
+        let row = self
+            .rt
+            .block_on(self.client.query_one(&format!("SELECT ({sql})::int8"), &[]))
+            .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        let n: i64 = row.get(0);
+        n as u64
+    }
+
+    fn drop_schema(&self) {
+        self.execute(&format!("DROP SCHEMA {} CASCADE", self.schema));
+    }
+}
+
+fn run_once(opts: &Options, url: Option<&str>, run: usize) -> Report {
+    let mut ledger = Backend::create(url, run);
     let tenants = Tenants::from_toml(TENANTS).expect("the tenant file is valid");
     let state = State::new(
         StateConfig {
@@ -319,17 +555,14 @@ fn run_once(opts: &Options) -> Report {
             Agent::hello(&state, i, gpus, nodes, &mut rng)
         })
         .collect();
+    ledger.claim(&(0..nodes).map(node_id).collect::<Vec<_>>());
 
     // Timestamps lie in the past, so that the whole run is behind the
     // collector's clock (samples ahead of it are refused), and start 15 s
     // before a minute boundary, so that even a short run has the second in
     // which every node's interval spans two minute buckets.
     let total_seconds = opts.seconds + 1;
-    let now_s = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970")
-        .as_secs() as i64;
-    let start_s = (now_s - total_seconds as i64 - 120).div_euclid(60) * 60 - 15;
+    let start_s = (now_unix() - total_seconds as i64 - 120).div_euclid(60) * 60 - 15;
 
     let mut report = Report {
         gpus: opts.gpus,
@@ -339,7 +572,9 @@ fn run_once(opts: &Options) -> Report {
         warmup_commit: Duration::ZERO,
         ledger_bytes: 0,
         wal_bytes: 0,
+        postgres: url.is_some(),
     };
+    let mut wal_at_start = 0;
     for second in 0..total_seconds {
         let second_ns = (start_s + second as i64) * NANOS_PER_SECOND;
         // What the streams decoded this second (not timed: that is gRPC
@@ -365,7 +600,7 @@ fn run_once(opts: &Options) -> Report {
         // The committer's tick.
         let started = Instant::now();
         let (_id, commit) = state.take_pending();
-        ledger.commit(&commit).expect("the ledger commit succeeds");
+        ledger.commit(&commit);
         let elapsed = started.elapsed();
 
         if opts.verbose {
@@ -380,6 +615,7 @@ fn run_once(opts: &Options) -> Report {
         }
         if second == 0 {
             report.warmup_commit = elapsed;
+            wal_at_start = ledger.bytes().1;
         } else {
             report.ingest.push(ingest);
             report.commit.push(elapsed);
@@ -389,36 +625,18 @@ fn run_once(opts: &Options) -> Report {
         drop(commit);
     }
 
-    // Sizes while the ledger is open: closing it checkpoints and removes
-    // the WAL, which a running collector never does.
-    let size = |p: &Path| std::fs::metadata(p).map_or(0, |m| m.len());
-    report.ledger_bytes = size(&path);
-    report.wal_bytes = size(&path.with_extension("db-wal"));
-    drop(ledger);
-    check_ledger(&path, opts.gpus, total_seconds);
+    // Sizes while the ledger is open: closing a SQLite ledger checkpoints
+    // and removes the WAL, which a running collector never does.
+    let (db, wal) = ledger.bytes();
+    report.ledger_bytes = db;
+    // PostgreSQL: the WAL the measured seconds wrote.
+    report.wal_bytes = if report.postgres {
+        wal - wal_at_start
+    } else {
+        wal
+    };
+    ledger.check(opts.gpus, total_seconds);
     report
-}
-
-/// Cross-checks that the ledger holds exactly one sample per GPU per
-/// simulated second, so the figures measure the work they claim to.
-fn check_ledger(path: &Path, gpus: usize, seconds: usize) {
-    let ledger = Ledger::open(path).expect("the ledger reopens");
-    let tenants = Tenants::from_toml(TENANTS).expect("the tenant file is valid");
-    let samples: u64 = tenants
-        .all()
-        .iter()
-        .map(|t| {
-            ledger
-                .bucket_totals(&t.id)
-                .expect("the ledger reads back")
-                .samples
-        })
-        .sum();
-    assert_eq!(
-        samples,
-        (gpus * seconds) as u64,
-        "the ledger holds every GPU sample once"
-    );
 }
 
 /// Nearest-rank percentile of `xs` (sorted here), `q` in (0, 1].
@@ -495,13 +713,22 @@ impl Report {
             "  headroom {:>12.4} (commit time per simulated second / 1 s)",
             self.headroom()
         );
-        println!(
-            "  ledger   {:>12.1} MiB at the end ({:.1} MiB db + {:.1} MiB wal); first commit (inserts) {:.2} ms",
-            mib(self.ledger_bytes + self.wal_bytes),
-            mib(self.ledger_bytes),
-            mib(self.wal_bytes),
-            ms(self.warmup_commit),
-        );
+        if self.postgres {
+            println!(
+                "  ledger   {:>12.1} MiB of claim (cursor) and minute tables with their indexes at the end; WAL {:.2} MiB per commit; first commit (inserts) {:.2} ms",
+                mib(self.ledger_bytes),
+                mib(self.wal_bytes) / self.seconds() as f64,
+                ms(self.warmup_commit),
+            );
+        } else {
+            println!(
+                "  ledger   {:>12.1} MiB at the end ({:.1} MiB db + {:.1} MiB wal); first commit (inserts) {:.2} ms",
+                mib(self.ledger_bytes + self.wal_bytes),
+                mib(self.ledger_bytes),
+                mib(self.wal_bytes),
+                ms(self.warmup_commit),
+            );
+        }
     }
 
     fn print_medians(reports: &[Report]) {
@@ -527,9 +754,17 @@ impl Report {
             median(&Report::ingest_rate)
         );
         println!("  headroom {:>12.4}", median(&Report::headroom));
-        println!(
-            "  ledger   {:>12.1} MiB",
-            median(&|r| mib(r.ledger_bytes + r.wal_bytes))
-        );
+        if reports[0].postgres {
+            println!(
+                "  ledger   {:>12.1} MiB of tables; WAL {:.2} MiB per commit",
+                median(&|r| mib(r.ledger_bytes)),
+                median(&|r| mib(r.wal_bytes) / r.seconds() as f64)
+            );
+        } else {
+            println!(
+                "  ledger   {:>12.1} MiB",
+                median(&|r| mib(r.ledger_bytes + r.wal_bytes))
+            );
+        }
     }
 }

@@ -154,6 +154,12 @@ pub struct PgServer {
 impl PgServer {
     /// A new cluster, started, with the database [`DATABASE`].
     pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// `start` with `settings` (`postgresql.conf` lines) after the tests'
+    /// own, which they override: a benchmark's server sized for its load.
+    pub fn start_with(settings: &str) -> Self {
         let dir = fresh_dir();
         let data = dir.join("data");
         let mut init = pg_command("initdb");
@@ -167,6 +173,7 @@ impl PgServer {
             port: free_port(),
         };
         server.configure();
+        server.append_settings(settings);
         server.pg_ctl_start();
         server.create_database(DATABASE);
         server
@@ -197,6 +204,25 @@ impl PgServer {
             self.dir.display()
         )
         .unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
+    }
+
+    fn append_settings(&self, settings: &str) {
+        use std::io::Write;
+        if settings.is_empty() {
+            return;
+        }
+        let conf = self.data().join("postgresql.conf");
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .and_then(|mut f| writeln!(f, "\n{settings}"))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", conf.display()));
+    }
+
+    /// The directory of the cluster (its data directory is `data` in it,
+    /// its log `server.log`).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     fn pg_ctl_start(&self) {

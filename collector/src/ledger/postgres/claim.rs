@@ -37,9 +37,8 @@ pub(super) fn claim_nodes(
             .await?;
             let rows = tx
                 .query(
-                    "SELECT c.node, c.generation, n.epoch, n.last_seq, n.gpus
-                     FROM node_claim c LEFT JOIN node_cursor n ON n.node = c.node
-                     WHERE c.node = ANY($1)",
+                    "SELECT node, generation, epoch, last_seq, gpus
+                     FROM node_claim WHERE node = ANY($1)",
                     &[&distinct],
                 )
                 .await?;

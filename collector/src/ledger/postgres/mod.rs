@@ -429,7 +429,7 @@ fn bucket_from_row(
     Ok(BucketDelta::from_values(v))
 }
 
-/// A node's GPU cursors as stored (`node_cursor.gpus`: the SQLite ledger's
+/// A node's GPU cursors as stored (`node_claim.gpus`: the SQLite ledger's
 /// protobuf encoding).
 fn encode_gpus(n: &NodeCursor) -> Vec<u8> {
     use prost::Message;
@@ -684,7 +684,11 @@ impl PgLedger {
             let r = async {
                 let mut snap = Snapshot::default();
                 for row in client
-                    .query("SELECT node, epoch, last_seq, gpus FROM node_cursor", &[])
+                    .query(
+                        "SELECT node, epoch, last_seq, gpus FROM node_claim
+                         WHERE gpus IS NOT NULL",
+                        &[],
+                    )
                     .await?
                 {
                     snap.nodes

@@ -284,6 +284,71 @@ fn two_handles_on_one_database_are_fenced() {
     assert_eq!(a.restore().unwrap().nodes, vec![("n1".into(), cursor(2))]);
 }
 
+/// A claim by another holder that commits while a commit waits for the
+/// node's row lock fences that commit: the conditional write sees the new
+/// holder once the lock is granted, and the whole commit is rolled back
+/// (its other node's cursor and its minutes are not written either).
+#[test]
+fn a_claim_that_lands_while_a_commit_waits_for_the_row_fences_it() {
+    let url = fresh_database(server());
+    let mut a = PgLedger::create(&settings(&url)).unwrap();
+    let r = a.reader();
+    a.claim_nodes("a/1", &["n1", "n2"]).unwrap();
+    let both = |seq: u64| {
+        let mut c = booking("n1", seq, MINUTE, 100);
+        c.absorb(booking("n2", seq, MINUTE, 100));
+        c
+    };
+    a.commit_as("a/1", &both(1), MINUTE, 0).unwrap();
+
+    // Another collector's claim of n2, its transaction still open.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (mut claimer, conn) = rt
+        .block_on(tokio_postgres::connect(&url, tokio_postgres::NoTls))
+        .unwrap();
+    rt.spawn(conn);
+    let tx = rt.block_on(claimer.transaction()).unwrap();
+    rt.block_on(tx.batch_execute(
+        "UPDATE node_claim SET holder = 'b/1', generation = generation + 1 WHERE node = 'n2'",
+    ))
+    .unwrap();
+
+    let committing = std::thread::spawn(move || a.commit_as("a/1", &both(2), MINUTE, 0));
+    let db = db_of(&url).to_string();
+    let waiting = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND wait_event_type = 'Lock'"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while server().psql(&db, &waiting) != "1" {
+        assert!(
+            Instant::now() < deadline,
+            "the commit never waited for the row"
+        );
+        assert!(
+            !committing.is_finished(),
+            "the commit did not wait for the claim"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    rt.block_on(tx.commit()).unwrap();
+
+    match committing.join().unwrap() {
+        Err(LedgerError::Fenced { node, holder, .. }) => {
+            assert_eq!((node.as_str(), holder.as_str()), ("n2", "b/1"))
+        }
+        other => panic!("the commit was not fenced: {other:?}"),
+    }
+    assert_eq!(energy(&r), 200, "the fenced commit wrote minutes");
+    assert_eq!(
+        server().psql(&db, "SELECT node, last_seq FROM node_claim ORDER BY node"),
+        "n1|1\nn2|1",
+        "the fenced commit wrote a cursor"
+    );
+}
+
 /// Two handles committing different nodes at once, from threads: every
 /// commit lands, each with its own revision, and the totals add up.
 #[test]

@@ -2,11 +2,12 @@
 //! the number of nodes.
 //!
 //! *Invariant (fencing):* each node of the commit is checked by a
-//! conditional row lock in the commit's own transaction
-//! (`SELECT ... FROM node_claim WHERE node = ANY($1) AND holder = $2 FOR
-//! UPDATE`): a node held by another holder fails the whole commit before
-//! anything is written, and a claim by another holder that comes while the
-//! commit runs waits for it. A node nobody holds is claimed by the commit
+//! conditional write in the commit's own transaction: its cursor lives in
+//! its `node_claim` row, written by `UPDATE node_claim ... WHERE node = n
+//! AND holder = $holder`, whose row lock makes a claim by another holder
+//! that comes while the commit runs wait for it. A node whose row was not
+//! written fails the whole commit (rolled back, nothing of it kept) where
+//! another holder holds it; a node nobody holds is claimed by the commit
 //! (`INSERT ... ON CONFLICT DO NOTHING`, then checked again). The
 //! watermark row is locked first, which serialises commits (their revision
 //! numbers are consecutive) and keeps their row locks from deadlocking.
@@ -149,6 +150,16 @@ async fn write(
     attempt: &Attempt,
 ) -> Result<Committed, Fail> {
     let tx = client.transaction().await?;
+    // For this transaction only: the parameter arrays (a site's cursors
+    // are megabytes) stay in memory instead of spilling to temporary
+    // files, and each array is joined to its table row by row through the
+    // primary key, in the array's order: the rows are locked in node
+    // order, as claims lock them, so a commit and a claim never deadlock.
+    tx.batch_execute(
+        "SET LOCAL work_mem = '64MB'; SET LOCAL enable_hashjoin = off;
+         SET LOCAL enable_mergejoin = off",
+    )
+    .await?;
     let row = tx
         .query_one(
             "SELECT revision, finalized_through FROM watermark WHERE id = 1 FOR UPDATE",
@@ -191,79 +202,25 @@ async fn write(
         }
     }
     if !c.nodes.is_empty() {
-        // Every node of the commit, locked in one pass in byte order (the
-        // order claim rounds lock them in, whatever the database's
-        // collation), so a commit and a claim round never deadlock.
-        let mut present: HashSet<String> = HashSet::with_capacity(c.nodes.len());
-        let mut fenced: Vec<(String, String, u64)> = Vec::new();
-        for row in tx
-            .query(
-                "SELECT node, holder, generation FROM node_claim WHERE node = ANY($1)
-                 ORDER BY node COLLATE \"C\" FOR UPDATE",
-                &[&c.nodes],
-            )
-            .await?
-        {
-            let node: String = row.try_get(0)?;
-            let holder: String = row.try_get(1)?;
-            if holder != c.holder {
-                fenced.push((
-                    node.clone(),
-                    holder,
-                    u64_of(s, row.try_get(2)?, "generation")?,
-                ));
-            }
-            present.insert(node);
-        }
-        let rest: Vec<&String> = c.nodes.iter().filter(|n| !present.contains(*n)).collect();
-        if fenced.is_empty() && !rest.is_empty() {
-            let taken: HashSet<String> = tx
-                .query(
-                    "INSERT INTO node_claim (node, holder, generation)
-                     SELECT n, $2, 1 FROM unnest($1::text[]) AS n
-                     ON CONFLICT (node) DO NOTHING RETURNING node",
-                    &[&rest, &c.holder],
+        // The fencing check and the cursors in one statement: each node's
+        // row is written only where this holder holds it, under the row
+        // lock the UPDATE takes (a claim by another holder that commits
+        // first is seen here and leaves its row unwritten; one that comes
+        // later waits for this commit).
+        let written = tx
+            .execute(
+                &tx.prepare_cached(
+                    "UPDATE node_claim c SET epoch = u.e, last_seq = u.s, gpus = u.g
+                     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[]) AS u(n, e, s, g)
+                     WHERE c.node = u.n AND c.holder = $5",
                 )
-                .await?
-                .iter()
-                .map(|r| r.try_get(0))
-                .collect::<Result<_, _>>()?;
-            let held: Vec<&&String> = rest.iter().filter(|n| !taken.contains(**n)).collect();
-            if !held.is_empty() {
-                // Claimed by another holder since the lock above.
-                for row in tx
-                    .query(
-                        "SELECT node, holder, generation FROM node_claim WHERE node = ANY($1)",
-                        &[&held],
-                    )
-                    .await?
-                {
-                    fenced.push((
-                        row.try_get(0)?,
-                        row.try_get(1)?,
-                        u64_of(s, row.try_get(2)?, "generation")?,
-                    ));
-                }
-            }
+                .await?,
+                &[&c.nodes, &c.epochs, &c.seqs, &c.gpus, &c.holder],
+            )
+            .await?;
+        if written != c.nodes.len() as u64 {
+            claim_or_fence(s, &tx, &c).await?;
         }
-        if !fenced.is_empty() {
-            fenced.sort();
-            let (node, holder, generation) = fenced.remove(0);
-            return Err(Fail::Ledger(LedgerError::Fenced {
-                node,
-                holder,
-                generation,
-                others: fenced,
-            }));
-        }
-        tx.execute(
-            "INSERT INTO node_cursor (node, epoch, last_seq, gpus)
-             SELECT * FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[])
-             ON CONFLICT (node) DO UPDATE
-                SET epoch = excluded.epoch, last_seq = excluded.last_seq, gpus = excluded.gpus",
-            &[&c.nodes, &c.epochs, &c.seqs, &c.gpus],
-        )
-        .await?;
     }
     let is_final = |minute: i64| minute.saturating_add(MINUTE) <= finalized;
     // Minutes and adjustments, column by column.
@@ -288,18 +245,60 @@ async fn write(
     hours.dedup();
     let names = BUCKET_COLUMNS.join(", ");
     if !live.0.is_empty() {
-        let stmt = tx
+        // Most of a second's minutes are there already (a minute is
+        // written every second of it): an UPDATE adds to those, and only
+        // the rest, new minutes, go through the upsert.
+        let update = tx
             .prepare_cached(&format!(
-                "INSERT INTO usage_minute (tenant, node, minute_start, {names})
-                 SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], {})
-                 ON CONFLICT (tenant, node, minute_start) DO UPDATE SET {}",
+                "UPDATE usage_minute m SET {}
+                 FROM unnest($1::text[], $2::text[], $3::int8[], {})
+                    WITH ORDINALITY AS u(tenant, node, minute_start, {names}, i)
+                 WHERE m.tenant = u.tenant AND m.node = u.node
+                    AND m.minute_start = u.minute_start
+                 RETURNING u.i",
+                BUCKET_COLUMNS
+                    .iter()
+                    .map(|c| format!("{c} = m.{c} + u.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 arrays(4),
-                adds("usage_minute")
             ))
             .await?;
         let [a, b, cc, d, e, f, g, h] = &live.3;
-        tx.execute(&stmt, &[&live.0, &live.1, &live.2, a, b, cc, d, e, f, g, h])
+        let updated = tx
+            .query(
+                &update,
+                &[&live.0, &live.1, &live.2, a, b, cc, d, e, f, g, h],
+            )
             .await?;
+        let mut done = vec![false; live.0.len()];
+        for row in &updated {
+            let i = usize::try_from(row.try_get::<_, i64>(0)? - 1).map_err(|_| s.range("row"))?;
+            *done.get_mut(i).ok_or_else(|| s.range("row"))? = true;
+        }
+        if updated.len() < live.0.len() {
+            let mut new: BucketColumns = Default::default();
+            for (i, _) in done.iter().enumerate().filter(|(_, d)| !**d) {
+                new.0.push(live.0[i]);
+                new.1.push(live.1[i]);
+                new.2.push(live.2[i]);
+                for (col, from) in new.3.iter_mut().zip(&live.3) {
+                    col.push(from[i]);
+                }
+            }
+            let upsert = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO usage_minute (tenant, node, minute_start, {names})
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[], {})
+                     ON CONFLICT (tenant, node, minute_start) DO UPDATE SET {}",
+                    arrays(4),
+                    adds("usage_minute")
+                ))
+                .await?;
+            let [a, b, cc, d, e, f, g, h] = &new.3;
+            tx.execute(&upsert, &[&new.0, &new.1, &new.2, a, b, cc, d, e, f, g, h])
+                .await?;
+        }
         tx.execute(
             "INSERT INTO rollup_pending (hour_start) SELECT unnest($1::int8[])
              ON CONFLICT DO NOTHING",
@@ -464,6 +463,80 @@ async fn write(
         revision,
         over_contract_ns,
     })
+}
+
+/// The commit's nodes whose row the cursor UPDATE did not write: those
+/// nobody holds yet are claimed by the commit (generation 1, with their
+/// cursor); one held by another holder fences the whole commit.
+async fn claim_or_fence(
+    s: &Shared,
+    tx: &tokio_postgres::Transaction<'_>,
+    c: &Columns,
+) -> Result<(), Fail> {
+    let rest: HashSet<String> = tx
+        .query(
+            "SELECT n FROM unnest($1::text[]) AS n
+             WHERE NOT EXISTS (SELECT 1 FROM node_claim WHERE node = n AND holder = $2)",
+            &[&c.nodes, &c.holder],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let new: Vec<usize> = (0..c.nodes.len())
+        .filter(|i| rest.contains(&c.nodes[*i]))
+        .collect();
+    let nodes: Vec<&String> = new.iter().map(|i| &c.nodes[*i]).collect();
+    let epochs: Vec<i64> = new.iter().map(|i| c.epochs[*i]).collect();
+    let seqs: Vec<i64> = new.iter().map(|i| c.seqs[*i]).collect();
+    let gpus: Vec<&[u8]> = new.iter().map(|i| c.gpus[*i].as_slice()).collect();
+    let taken: HashSet<String> = tx
+        .query(
+            "INSERT INTO node_claim (node, holder, generation, epoch, last_seq, gpus)
+             SELECT n, $5, 1, e, s, g
+             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[]) AS u(n, e, s, g)
+             ON CONFLICT (node) DO NOTHING RETURNING node",
+            &[&nodes, &epochs, &seqs, &gpus, &c.holder],
+        )
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    let held: Vec<&String> = nodes.into_iter().filter(|n| !taken.contains(*n)).collect();
+    if held.is_empty() {
+        return Ok(());
+    }
+    // Every node another holder took, in one refusal, so that the
+    // committer drops them all at once.
+    let mut fenced: Vec<(String, String, u64)> = Vec::with_capacity(held.len());
+    for row in tx
+        .query(
+            "SELECT node, holder, generation FROM node_claim WHERE node = ANY($1)",
+            &[&held],
+        )
+        .await?
+    {
+        fenced.push((
+            row.try_get(0)?,
+            row.try_get(1)?,
+            u64_of(s, row.try_get(2)?, "generation")?,
+        ));
+    }
+    fenced.sort();
+    if fenced.is_empty() {
+        return Err(Fail::Ledger(LedgerError::Postgres {
+            database: s.database.clone(),
+            sqlstate: None,
+            message: "a node of the commit was neither written nor claimed, and no holder of it was found".into(),
+        }));
+    }
+    let (node, holder, generation) = fenced.remove(0);
+    Err(Fail::Ledger(LedgerError::Fenced {
+        node,
+        holder,
+        generation,
+        others: fenced,
+    }))
 }
 
 /// `holder`'s last commit id written, if it wrote one with an id.
