@@ -175,8 +175,31 @@ impl PgServer {
         server.configure();
         server.append_settings(settings);
         server.pg_ctl_start();
+        server.watch();
         server.create_database(DATABASE);
         server
+    }
+
+    /// Stops the server and removes its directory once this process has
+    /// exited, however it exits: a server shared by a test binary's tests
+    /// lives in a static, which is never dropped, and a test process can
+    /// be killed. A shell polls for this process every second.
+    fn watch(&self) {
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(
+                "while kill -0 \"$1\" 2>/dev/null; do sleep 1; done
+                 pid=$(head -n 1 \"$2/postmaster.pid\" 2>/dev/null) && kill -QUIT \"$pid\" 2>/dev/null
+                 sleep 2; rm -rf \"$3\"",
+            )
+            .arg("capwatch-test-pg-watch")
+            .arg(std::process::id().to_string())
+            .arg(self.data())
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
     }
 
     fn data(&self) -> PathBuf {
@@ -385,6 +408,7 @@ impl PgServer {
         run(cmd, "pg_basebackup");
         standby.configure();
         standby.pg_ctl_start();
+        standby.watch();
         let deadline = Instant::now() + LIMIT;
         while self.psql("postgres", "SELECT count(*) FROM pg_stat_replication") == "0" {
             assert!(
