@@ -186,23 +186,20 @@ async fn run(
         let d = h.div_euclid(DAY) * DAY;
         // Each tenant-minute of the hour against its contract, summed per
         // tenant: (tenant, over-contract ns, overage mJ).
-        let mut per_tenant: Vec<(String, u64, u64)> = Vec::new();
+        let mut per_tenant: std::collections::BTreeMap<String, (u64, u64)> =
+            std::collections::BTreeMap::new();
         for row in tx.query(&minutes_of_hour, &[&h]).await? {
             let tenant: String = row.try_get(0)?;
             let minute: i64 = row.try_get(1)?;
             let energy = u64_of(s, row.try_get(2)?, "minute energy")?;
             let contract = contracts.contracted_milliwatts_at(&tenant, minute);
             let (ns, mj) = over_contract(energy, contract);
-            match per_tenant.iter_mut().find(|(t, _, _)| *t == tenant) {
-                Some((_, a, b)) => {
-                    *a = a.saturating_add(ns);
-                    *b = b.saturating_add(mj);
-                }
-                None => per_tenant.push((tenant, ns, mj)),
-            }
+            let (a, b) = per_tenant.entry(tenant).or_default();
+            *a = a.saturating_add(ns);
+            *b = b.saturating_add(mj);
         }
         let mut over = Vec::new();
-        for (t, ns, mj) in per_tenant {
+        for (t, (ns, mj)) in per_tenant {
             if ns > 0 || mj > 0 {
                 over.push((
                     t,
