@@ -6,12 +6,10 @@
 
 use std::time::Duration;
 
+use crate::support::raw::Stream;
 use crate::support::*;
 use capwatch_proto::v1 as pb;
-use capwatch_proto::v1::ingest_client::IngestClient;
 use prost::Message as _;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 const NO_TENANTS: &str = "";
 
@@ -118,45 +116,6 @@ fn batch(seqs: impl IntoIterator<Item = u64>) -> pb::AgentMessage {
         body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
             samples: seqs.into_iter().map(sample).collect(),
         })),
-    }
-}
-
-struct Stream {
-    tx: mpsc::Sender<pb::AgentMessage>,
-    rx: tonic::Streaming<pb::CollectorMessage>,
-}
-
-impl Stream {
-    async fn open(endpoint: &str, first: pb::AgentMessage) -> Result<Self, tonic::Status> {
-        let mut client = IngestClient::connect(endpoint.to_string()).await.unwrap();
-        let (tx, rx) = mpsc::channel(8);
-        tx.send(first).await.unwrap();
-        let rx = client.stream(ReceiverStream::new(rx)).await?.into_inner();
-        Ok(Self { tx, rx })
-    }
-
-    async fn next(&mut self) -> Result<pb::collector_message::Body, tonic::Status> {
-        let m = self
-            .rx
-            .message()
-            .await?
-            .expect("collector closed the stream");
-        Ok(m.body.expect("message body"))
-    }
-
-    async fn welcome(&mut self) -> u64 {
-        match self.next().await.unwrap() {
-            pb::collector_message::Body::Welcome(w) => w.acked_seq,
-            other => panic!("expected a welcome, got {other:?}"),
-        }
-    }
-
-    async fn send(&mut self, msg: pb::AgentMessage) -> u64 {
-        self.tx.send(msg).await.unwrap();
-        match self.next().await.unwrap() {
-            pb::collector_message::Body::Ack(a) => a.acked_seq,
-            other => panic!("expected an ack, got {other:?}"),
-        }
     }
 }
 

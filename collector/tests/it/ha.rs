@@ -11,11 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use capwatch_proto::v1 as pb;
-use capwatch_proto::v1::ingest_client::IngestClient;
 use capwatch_testkit::pg::PgServer;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
+use crate::support::raw::Stream;
 use crate::support::*;
 
 /// One tenant per node (`t-<node>`), so that a tenant's usage is one
@@ -240,47 +238,6 @@ fn batch(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> pb::AgentMessage {
     }
 }
 
-/// One raw ingest stream, as an agent's.
-struct Stream {
-    tx: mpsc::Sender<pb::AgentMessage>,
-    rx: tonic::Streaming<pb::CollectorMessage>,
-}
-
-impl Stream {
-    async fn open(endpoint: &str, first: pb::AgentMessage) -> Self {
-        let mut client = IngestClient::connect(endpoint.to_string()).await.unwrap();
-        let (tx, rx) = mpsc::channel(8);
-        tx.send(first).await.unwrap();
-        let rx = client
-            .stream(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Self { tx, rx }
-    }
-
-    /// The next message's body; `None` where the stream ended.
-    async fn next(&mut self) -> Result<Option<pb::collector_message::Body>, tonic::Status> {
-        Ok(self.rx.message().await?.and_then(|m| m.body))
-    }
-
-    async fn welcome(&mut self) -> u64 {
-        match self.next().await.unwrap() {
-            Some(pb::collector_message::Body::Welcome(w)) => w.acked_seq,
-            other => panic!("expected a welcome, got {other:?}"),
-        }
-    }
-
-    /// Sends `msg` and waits for its ack (after the commit).
-    async fn send(&mut self, msg: pb::AgentMessage) -> u64 {
-        self.tx.send(msg).await.unwrap();
-        match self.next().await.unwrap() {
-            Some(pb::collector_message::Body::Ack(a)) => a.acked_seq,
-            other => panic!("expected an ack, got {other:?}"),
-        }
-    }
-}
-
 /// Invariant (fencing, fault 2): one node streaming to two collectors at
 /// once (its old stream still open at A while it reconnects to B) is
 /// committed by exactly one of them. B's claim fences A: what A accepted
@@ -323,7 +280,9 @@ fn a_node_streaming_to_two_collectors_is_committed_by_exactly_one() {
         )
     };
 
-    let mut at_a = rt.block_on(Stream::open(&a.endpoint(), hello(NODE)));
+    let mut at_a = rt
+        .block_on(Stream::open(&a.endpoint(), hello(NODE)))
+        .unwrap();
     assert_eq!(rt.block_on(at_a.welcome()), 0);
     assert_eq!(rt.block_on(at_a.send(batch(t0, 1..=5))), 5);
     // 6..=10 reach A, which applies them; its next commit is seconds away.
@@ -331,7 +290,9 @@ fn a_node_streaming_to_two_collectors_is_committed_by_exactly_one() {
     eventually(Duration::from_secs(3), "A applied 6..=10", || {
         accepted(&a) == 10.0
     });
-    let mut at_b = rt.block_on(Stream::open(&b.endpoint(), hello(NODE)));
+    let mut at_b = rt
+        .block_on(Stream::open(&b.endpoint(), hello(NODE)))
+        .unwrap();
     assert_eq!(
         rt.block_on(at_b.welcome()),
         5,
@@ -343,7 +304,7 @@ fn a_node_streaming_to_two_collectors_is_committed_by_exactly_one() {
     let ended = rt.block_on(async {
         tokio::time::timeout(Duration::from_secs(15), async {
             loop {
-                match at_a.next().await {
+                match at_a.next_or_end().await {
                     Ok(Some(pb::collector_message::Body::Ack(ack))) => assert!(
                         ack.acked_seq <= 5,
                         "A acked {} after losing the node",
@@ -362,7 +323,9 @@ fn a_node_streaming_to_two_collectors_is_committed_by_exactly_one() {
     // Back to A: it resumes from the database (15), not from its memory
     // (10), and books from there.
     drop(at_b);
-    let mut again = rt.block_on(Stream::open(&a.endpoint(), hello(NODE)));
+    let mut again = rt
+        .block_on(Stream::open(&a.endpoint(), hello(NODE)))
+        .unwrap();
     assert_eq!(rt.block_on(again.welcome()), 15);
     assert_eq!(rt.block_on(again.send(batch(t0, 16..=20))), 20);
     drop(again);

@@ -16,6 +16,7 @@ pub use capwatch_testkit::{Log, eventually, json_field, json_number, terminate, 
 use capwatch_agent::source::GpuSource;
 use capwatch_agent::source::mock::{MockConfig, MockSource, Model, Profile};
 
+pub mod raw;
 pub mod router;
 
 /// Path of a workspace binary. The agent is another package, so it is
