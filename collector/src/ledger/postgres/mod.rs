@@ -47,8 +47,8 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::{
-    BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease, GpuCursor,
-    Identity, LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
+    BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease, Identity,
+    LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
 };
 use crate::tenants::TenantHistory;
 use schema::{BOOTSTRAP, MIGRATIONS};
@@ -433,21 +433,7 @@ fn bucket_from_row(
 /// protobuf encoding).
 fn encode_gpus(n: &NodeCursor) -> Vec<u8> {
     use prost::Message;
-    super::sqlite::StoredGpus {
-        gpus: n
-            .gpus
-            .iter()
-            .map(|(uuid, g)| super::sqlite::StoredGpu {
-                uuid: uuid.to_string(),
-                last_counter_mj: g.last_counter_mj,
-                last_timestamp_ns: g.last_timestamp_ns,
-                remainder_mw_ns: g.remainder_mw_ns,
-                energy_mj: g.energy_mj,
-                counter_resets: g.counter_resets,
-            })
-            .collect(),
-    }
-    .encode_to_vec()
+    super::sqlite::StoredGpus::of(&n.gpus).encode_to_vec()
 }
 
 /// A node's cursor from its (epoch, last_seq, gpus) columns at `first`.
@@ -463,22 +449,7 @@ fn cursor_from_row(
     Ok(NodeCursor {
         epoch: u64_of(shared, row.try_get(first)?, "epoch")?,
         last_seq: u64_of(shared, row.try_get(first + 1)?, "last_seq")?,
-        gpus: stored
-            .gpus
-            .into_iter()
-            .map(|g| {
-                (
-                    Arc::from(g.uuid),
-                    GpuCursor {
-                        last_counter_mj: g.last_counter_mj,
-                        last_timestamp_ns: g.last_timestamp_ns,
-                        remainder_mw_ns: g.remainder_mw_ns,
-                        energy_mj: g.energy_mj,
-                        counter_resets: g.counter_resets,
-                    },
-                )
-            })
-            .collect(),
+        gpus: stored.into_cursors(),
     })
 }
 

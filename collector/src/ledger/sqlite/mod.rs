@@ -16,18 +16,17 @@ mod write;
 mod tests;
 
 pub use read::Reader;
-pub(in crate::ledger) use schema::{StoredGpu, StoredGpus};
+pub(in crate::ledger) use schema::StoredGpus;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use prost::Message;
 use rusqlite::{Connection, params};
 
 use super::{
-    BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease, GpuCursor,
-    Identity, LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
+    BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease, Identity,
+    LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
 };
 use crate::tenants::TenantHistory;
 use marker::{MARKER_SUFFIX, Marker, read_marker};
@@ -505,22 +504,7 @@ fn cursor_from_row(
         path: p.to_owned(),
         what: "GPU cursors",
     })?;
-    let gpus = stored
-        .gpus
-        .into_iter()
-        .map(|g| {
-            (
-                Arc::from(g.uuid),
-                GpuCursor {
-                    last_counter_mj: g.last_counter_mj,
-                    last_timestamp_ns: g.last_timestamp_ns,
-                    remainder_mw_ns: g.remainder_mw_ns,
-                    energy_mj: g.energy_mj,
-                    counter_resets: g.counter_resets,
-                },
-            )
-        })
-        .collect();
+    let gpus = stored.into_cursors();
     Ok(NodeCursor {
         epoch: u64_of(r.get(first).map_err(err)?, p, "epoch")?,
         last_seq: u64_of(r.get(first + 1).map_err(err)?, p, "last_seq")?,

@@ -251,6 +251,46 @@ fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
     tx.execute_batch("DROP TABLE gpu_cursor;")
 }
 
+impl StoredGpus {
+    /// A node's GPU cursors as stored, by UUID.
+    pub(in crate::ledger) fn of(gpus: &[(std::sync::Arc<str>, crate::ledger::GpuCursor)]) -> Self {
+        Self {
+            gpus: gpus
+                .iter()
+                .map(|(uuid, g)| StoredGpu {
+                    uuid: uuid.to_string(),
+                    last_counter_mj: g.last_counter_mj,
+                    last_timestamp_ns: g.last_timestamp_ns,
+                    remainder_mw_ns: g.remainder_mw_ns,
+                    energy_mj: g.energy_mj,
+                    counter_resets: g.counter_resets,
+                })
+                .collect(),
+        }
+    }
+
+    /// The GPU cursors stored, by UUID.
+    pub(in crate::ledger) fn into_cursors(
+        self,
+    ) -> Vec<(std::sync::Arc<str>, crate::ledger::GpuCursor)> {
+        self.gpus
+            .into_iter()
+            .map(|g| {
+                (
+                    std::sync::Arc::from(g.uuid),
+                    crate::ledger::GpuCursor {
+                        last_counter_mj: g.last_counter_mj,
+                        last_timestamp_ns: g.last_timestamp_ns,
+                        remainder_mw_ns: g.remainder_mw_ns,
+                        energy_mj: g.energy_mj,
+                        counter_resets: g.counter_resets,
+                    },
+                )
+            })
+            .collect()
+    }
+}
+
 /// How a node's GPU cursors are stored (`node_cursor.gpus`): protobuf, so
 /// that a later version can add fields and still read older rows.
 #[derive(Clone, PartialEq, prost::Message)]

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use prost::Message;
 use rusqlite::params;
 
-use super::schema::{StoredGpu, StoredGpus};
+use super::schema::StoredGpus;
 use super::{
     BUCKET_COLUMNS, LOCAL_HOLDER, Ledger, bucket_from_row, bucket_sums, i64_of, sqlite_err, u64_of,
     watermark,
@@ -152,20 +152,7 @@ impl Ledger {
                 .map_err(err)?;
             let mut blob = Vec::new();
             for (id, n) in &c.nodes {
-                let stored = StoredGpus {
-                    gpus: n
-                        .gpus
-                        .iter()
-                        .map(|(uuid, g)| StoredGpu {
-                            uuid: uuid.to_string(),
-                            last_counter_mj: g.last_counter_mj,
-                            last_timestamp_ns: g.last_timestamp_ns,
-                            remainder_mw_ns: g.remainder_mw_ns,
-                            energy_mj: g.energy_mj,
-                            counter_resets: g.counter_resets,
-                        })
-                        .collect(),
-                };
+                let stored = StoredGpus::of(&n.gpus);
                 blob.clear();
                 stored
                     .encode(&mut blob)
