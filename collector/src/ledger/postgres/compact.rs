@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use super::{BUCKET_COLUMNS, Fail, Shared, i64_of, u64_of};
+use super::{BUCKET_COLUMNS, Fail, Shared, i64_of, kept_from, u64_of};
 use crate::accounting::over_contract;
 use crate::ledger::{Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE};
 use crate::tenants::TenantHistory;
@@ -28,19 +28,6 @@ pub(super) fn compact(
         let r = run(&s, &mut client, lease, policy, contracts).await;
         (client, r)
     })
-}
-
-async fn kept_from(
-    tx: &deadpool_postgres::Transaction<'_>,
-    period: i64,
-) -> Result<i64, tokio_postgres::Error> {
-    Ok(tx
-        .query_one(
-            "SELECT COALESCE(MAX(kept_from), 0)::int8 FROM retention WHERE period = $1",
-            &[&period],
-        )
-        .await?
-        .get(0))
 }
 
 async fn run(

@@ -708,6 +708,21 @@ impl PgLedger {
     }
 }
 
+/// From when data of `period` (60, 3600 or 86400 s) is kept: 0 until
+/// retention first dropped some.
+pub(super) async fn kept_from(
+    tx: &tokio_postgres::Transaction<'_>,
+    period: i64,
+) -> Result<i64, tokio_postgres::Error> {
+    Ok(tx
+        .query_one(
+            "SELECT COALESCE(MAX(kept_from), 0)::int8 FROM retention WHERE period = $1",
+            &[&period],
+        )
+        .await?
+        .get(0))
+}
+
 /// Every tenant's energy and over-contract totals.
 async fn tenant_totals(
     shared: &Shared,

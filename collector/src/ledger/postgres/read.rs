@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use super::schema::MIGRATIONS;
 use super::{
-    BUCKET_COLUMNS, Fail, PgSettings, Shared, bucket_from_row, bucket_sums, schema_version, u64_of,
+    BUCKET_COLUMNS, Fail, PgSettings, Shared, bucket_from_row, bucket_sums, kept_from,
+    schema_version, u64_of,
 };
 use crate::ledger::{
     Adjustment, BucketDelta, DAY, HOUR, LedgerError, LedgerReader, MINUTE, Span, TenantVersion,
@@ -80,19 +81,6 @@ async fn minutes(
     rows.iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, bucket_from_row(s, r, 2)?)))
         .collect()
-}
-
-async fn kept_from(
-    tx: &tokio_postgres::Transaction<'_>,
-    period: i64,
-) -> Result<i64, tokio_postgres::Error> {
-    Ok(tx
-        .query_one(
-            "SELECT COALESCE(MAX(kept_from), 0)::int8 FROM retention WHERE period = $1",
-            &[&period],
-        )
-        .await?
-        .get(0))
 }
 
 async fn usage_since(
