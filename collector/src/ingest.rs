@@ -655,6 +655,55 @@ mod tests {
     use capwatch_proto::v1::ingest_client::IngestClient;
     use capwatch_proto::v1::ingest_server::IngestServer;
 
+    /// An ingest server for `state` on a free loopback port, claiming
+    /// through `claims` and acking what `committed` says is durable, and a
+    /// client connected to it. The server runs until `server` is aborted;
+    /// `_stop` holds its shutdown signal off.
+    struct Served {
+        client: IngestClient<tonic::transport::Channel>,
+        server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+        _stop: watch::Sender<bool>,
+    }
+
+    async fn serve(
+        state: &Arc<State>,
+        claims: Arc<dyn NodeClaims>,
+        hello_timeout: Duration,
+        committed: watch::Receiver<u64>,
+        max_node_sample_rate: u32,
+    ) -> Served {
+        let (_stop, shutdown) = watch::channel(false);
+        let service = IngestService {
+            state: state.clone(),
+            claims,
+            shutdown,
+            hello_timeout,
+            committed,
+            client_certs: false,
+            limits: Limits {
+                max_streams: 10,
+                max_node_sample_rate,
+            },
+            open: Default::default(),
+            refused_logged: Default::default(),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(IngestServer::new(service))
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let client = IngestClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        Served {
+            client,
+            server,
+            _stop,
+        }
+    }
+
     /// A ledger that cannot be reached.
     struct Unreachable;
 
@@ -684,32 +733,19 @@ mod tests {
             },
             crate::tenants::Tenants::empty(),
         ));
-        let (_stop, shutdown) = watch::channel(false);
         let (_committed_tx, committed) = watch::channel(0);
-        let service = IngestService {
-            state: state.clone(),
-            claims: Arc::new(Unreachable),
-            shutdown,
-            hello_timeout: Duration::from_secs(5),
+        let Served {
+            mut client,
+            server,
+            _stop,
+        } = serve(
+            &state,
+            Arc::new(Unreachable),
+            Duration::from_secs(5),
             committed,
-            client_certs: false,
-            limits: Limits {
-                max_streams: 10,
-                max_node_sample_rate: 100,
-            },
-            open: Default::default(),
-            refused_logged: Default::default(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(IngestServer::new(service))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let mut client = IngestClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+            100,
+        )
+        .await;
         let hello = pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(pb::Hello {
                 node_id: "n1".into(),
@@ -766,32 +802,19 @@ mod tests {
             state.clone(),
         )
         .unwrap();
-        let (_stop, shutdown) = watch::channel(false);
         let (committed_tx, committed) = watch::channel(0);
-        let service = IngestService {
-            state: state.clone(),
-            claims: Arc::new(claims),
-            shutdown,
-            hello_timeout: Duration::from_millis(300),
+        let Served {
+            mut client,
+            server,
+            _stop,
+        } = serve(
+            &state,
+            Arc::new(claims),
+            Duration::from_millis(300),
             committed,
-            client_certs: false,
-            limits: Limits {
-                max_streams: 10,
-                max_node_sample_rate: 100,
-            },
-            open: Default::default(),
-            refused_logged: Default::default(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(IngestServer::new(service))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let mut client = IngestClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+            100,
+        )
+        .await;
         let hello = || pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(pb::Hello {
                 node_id: "n1".into(),
@@ -937,31 +960,18 @@ mod tests {
                 )
             }
         });
-        let (_stop, shutdown) = watch::channel(false);
-        let service = IngestService {
-            state: state.clone(),
-            claims: Arc::new(claims),
-            shutdown,
-            hello_timeout: Duration::from_secs(5),
+        let Served {
+            mut client,
+            server,
+            _stop,
+        } = serve(
+            &state,
+            Arc::new(claims),
+            Duration::from_secs(5),
             committed,
-            client_certs: false,
-            limits: Limits {
-                max_streams: 10,
-                max_node_sample_rate: 1_000,
-            },
-            open: Default::default(),
-            refused_logged: Default::default(),
-        };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(IngestServer::new(service))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        let mut client = IngestClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
+            1_000,
+        )
+        .await;
         let t0 = crate::sync::now_unix() - 300;
         let open = |client: &mut IngestClient<tonic::transport::Channel>| {
             let (tx, rx) = futures::channel::mpsc::unbounded::<pb::AgentMessage>();
