@@ -76,22 +76,7 @@ impl Site {
                 self.state.adopt_claim(node, c);
             })
             .unwrap();
-        let admitted = self
-            .state
-            .hello(Hello {
-                node_id: node.into(),
-                agent_version: "test".into(),
-                epoch: 1,
-                interval: Duration::from_secs(1),
-                gpus: vec![GpuInfo {
-                    uuid: format!("GPU-{node}"),
-                    model: "H200".into(),
-                    power_limit_milliwatts: Some(700_000),
-                    memory_total_bytes: None,
-                    energy_counter_supported: true,
-                }],
-            })
-            .unwrap();
+        let admitted = self.state.hello(one_gpu_hello(node)).unwrap();
         self.state.set_claim_generations(&[(node, generation)]);
         admitted
     }
@@ -102,18 +87,7 @@ impl Site {
 
     /// Samples `seqs` of a GPU whose counter moves `MJ_PER_S` a second.
     fn samples(&self, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
-        seqs.map(|seq| NodeSample {
-            seq,
-            timestamp_unix_nanos: self.ts(seq),
-            gpus: vec![GpuReading {
-                index: 0,
-                power_milliwatts: Some(500_000),
-                energy_millijoules: Some(COUNTER0 + MJ_PER_S * seq),
-                ..GpuReading::default()
-            }],
-            host: None,
-        })
-        .collect()
+        samples(self.t0, seqs)
     }
 
     fn send(&self, h: &StreamHandle, seqs: std::ops::RangeInclusive<u64>) {
@@ -644,23 +618,9 @@ fn a_claim_round_whose_answer_was_lost_gives_its_nodes_up() {
     let writer = Arc::new(Mutex::new(writer));
     let site = Site::new();
     let state = Arc::new(site.state);
-    let (h, _) = state
-        .hello(Hello {
-            node_id: "n1".into(),
-            agent_version: "test".into(),
-            epoch: 1,
-            interval: Duration::from_secs(1),
-            gpus: vec![GpuInfo {
-                uuid: "GPU-n1".into(),
-                model: "H200".into(),
-                power_limit_milliwatts: Some(700_000),
-                memory_total_bytes: None,
-                energy_counter_supported: true,
-            }],
-        })
-        .unwrap();
+    let (h, _) = state.hello(one_gpu_hello("n1")).unwrap();
     state
-        .ingest(&h, site_samples(site.t0, 1..=5), Vec::new())
+        .ingest(&h, samples(site.t0, 1..=5), Vec::new())
         .unwrap();
     let queue = ClaimQueue::start(
         HolderClaims {
@@ -684,7 +644,26 @@ fn a_claim_round_whose_answer_was_lost_gives_its_nodes_up() {
     assert!(text.contains("node=\"n1\""), "n1 left the metrics:\n{text}");
 }
 
-fn site_samples(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
+/// The Hello of `node` with one GPU, `GPU-<node>`, that has a counter.
+fn one_gpu_hello(node: &str) -> Hello {
+    Hello {
+        node_id: node.into(),
+        agent_version: "test".into(),
+        epoch: 1,
+        interval: Duration::from_secs(1),
+        gpus: vec![GpuInfo {
+            uuid: format!("GPU-{node}"),
+            model: "H200".into(),
+            power_limit_milliwatts: Some(700_000),
+            memory_total_bytes: None,
+            energy_counter_supported: true,
+        }],
+    }
+}
+
+/// Samples `seqs` (second `seq` after `t0`) of a GPU whose counter moves
+/// `MJ_PER_S` a second.
+fn samples(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
     seqs.map(|seq| NodeSample {
         seq,
         timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
