@@ -156,6 +156,7 @@ pub async fn run(
             interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
             gpus: source.inventory().iter().map(convert::gpu_info).collect(),
             host: None,
+            node_power_sources: Vec::new(),
         };
         streams.spawn(stream::run(
             StreamConfig {
@@ -209,6 +210,7 @@ pub async fn run(
                     .map(convert::gpu_sample)
                     .collect(),
                 host: None,
+                node_power: Vec::new(),
             };
             let dropped = node.shared.spool().push(sample);
             node.shared.stats.sampled.fetch_add(1, Ordering::Relaxed);

@@ -216,6 +216,7 @@ pub async fn run(
         interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
         gpus: source.inventory().iter().map(convert::gpu_info).collect(),
         host: Some(host.info()),
+        node_power_sources: Vec::new(),
     };
     let endpoints = cfg.endpoints();
     let targets: Vec<stream::Target> =
@@ -275,6 +276,7 @@ pub async fn run(
             timestamp_unix_nanos: at,
             gpus: gpus.into_iter().map(convert::gpu_sample).collect(),
             host: Some(host.sample()),
+            node_power: Vec::new(),
         };
         let dropped = shared.spool().push(sample);
         shared.stats.sampled.fetch_add(1, Ordering::Relaxed);

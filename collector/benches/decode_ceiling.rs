@@ -41,6 +41,7 @@ fn messages(nodes: usize, ticks: i64, per_message: usize) -> Vec<Vec<u8>> {
                     timestamp_unix_nanos: at,
                     gpus: m.sample(at).into_iter().map(convert::gpu_sample).collect(),
                     host: None,
+                    node_power: Vec::new(),
                 }
             })
             .collect();

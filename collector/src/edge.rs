@@ -414,6 +414,7 @@ mod tests {
             assert_eq!(sample(s).err(), Some(want));
         }
         let ok = pb::NodeSample {
+            node_power: Vec::new(),
             seq: 7,
             timestamp_unix_nanos: 1,
             gpus: vec![gpu(MAX_STORED)],

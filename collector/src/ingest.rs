@@ -748,6 +748,7 @@ mod tests {
         .await;
         let hello = pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_power_sources: Vec::new(),
                 node_id: "n1".into(),
                 agent_version: "test".into(),
                 stream_epoch: 1,
@@ -817,6 +818,7 @@ mod tests {
         .await;
         let hello = || pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_power_sources: Vec::new(),
                 node_id: "n1".into(),
                 agent_version: "test".into(),
                 stream_epoch: 1,
@@ -876,6 +878,7 @@ mod tests {
             body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
                 samples: seqs
                     .map(|seq| pb::NodeSample {
+                        node_power: Vec::new(),
                         seq,
                         timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
                         gpus: vec![pb::GpuSample {
@@ -894,6 +897,7 @@ mod tests {
     fn n1_hello() -> pb::AgentMessage {
         pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_power_sources: Vec::new(),
                 node_id: "n1".into(),
                 agent_version: "test".into(),
                 stream_epoch: 1,

@@ -509,6 +509,7 @@ fn send_rejected_sample(endpoint: &str) {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tx.send(pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_power_sources: Vec::new(),
                 node_id: "e2e-bad-1".into(),
                 agent_version: "test".into(),
                 stream_epoch: 1,
@@ -539,6 +540,7 @@ fn send_rejected_sample(endpoint: &str) {
         tx.send(pb::AgentMessage {
             body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
                 samples: vec![pb::NodeSample {
+                    node_power: Vec::new(),
                     seq: 1,
                     timestamp_unix_nanos: now,
                     gpus: vec![pb::GpuSample {

@@ -65,6 +65,7 @@ fn hello(node: &str, epoch: u64) -> pb::AgentMessage {
     };
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_power_sources: Vec::new(),
             node_id: node.into(),
             agent_version: "test".into(),
             stream_epoch: epoch,
@@ -92,6 +93,7 @@ fn t0() -> i64 {
 /// none and draws 333 W, integrated by the collector over 1 s ticks.
 fn sample(seq: u64) -> pb::NodeSample {
     pb::NodeSample {
+        node_power: Vec::new(),
         seq,
         timestamp_unix_nanos: t0() + seq as i64 * 1_000_000_000,
         gpus: vec![
@@ -244,6 +246,7 @@ async fn clocks_that_stand_still_or_step_back_and_long_gaps_neither_lose_nor_inv
     const SEC: i64 = 1_000_000_000;
     // GPU 0: 300 W with a counter at `joules`; GPU 1: 333.333 W, no counter.
     let at = |seq: u64, secs: i64, joules: u64| pb::NodeSample {
+        node_power: Vec::new(),
         seq,
         timestamp_unix_nanos: t0() + secs * SEC,
         gpus: vec![
@@ -833,6 +836,7 @@ nodes = ["late-*"]
 fn one_gpu_hello(node: &str) -> pb::AgentMessage {
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_power_sources: Vec::new(),
             node_id: node.into(),
             agent_version: "test".into(),
             stream_epoch: 1,
@@ -853,6 +857,7 @@ fn one_gpu_hello(node: &str) -> pb::AgentMessage {
 /// Sample `seq` stamped `ts`: 600 W, the counter 120 J further per sample.
 fn at_600_watts(seq: u64, ts: i64) -> pb::NodeSample {
     pb::NodeSample {
+        node_power: Vec::new(),
         seq,
         timestamp_unix_nanos: ts,
         gpus: vec![pb::GpuSample {

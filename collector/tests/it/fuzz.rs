@@ -109,6 +109,7 @@ fn hello() -> impl Strategy<Value = pb::Hello> {
                     }
                 }
                 pb::Hello {
+                    node_power_sources: Vec::new(),
                     node_id,
                     agent_version: "fuzz".into(),
                     stream_epoch,
@@ -152,6 +153,7 @@ fn sample() -> impl Strategy<Value = pb::NodeSample> {
         proptest::option::of(float()),
     )
         .prop_map(|(seq, timestamp_unix_nanos, gpus, cpu)| pb::NodeSample {
+            node_power: Vec::new(),
             seq,
             timestamp_unix_nanos,
             gpus,

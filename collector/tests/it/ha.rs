@@ -184,6 +184,7 @@ fn collectors_killed_at_random_while_agents_fail_over_keep_the_ledger_exact() {
 /// counter rising 500 mJ per tick, GPU 1 none and draws 333.333 W.
 fn sample(t0: i64, seq: u64) -> pb::NodeSample {
     pb::NodeSample {
+        node_power: Vec::new(),
         seq,
         timestamp_unix_nanos: t0 + seq as i64 * 1_000_000_000,
         gpus: vec![
@@ -220,6 +221,7 @@ fn hello(node: &str) -> pb::AgentMessage {
     };
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_power_sources: Vec::new(),
             node_id: node.into(),
             agent_version: "test".into(),
             stream_epoch: 1,

@@ -502,6 +502,7 @@ fn hello_as(
     use capwatch_proto::v1 as pb;
     let hello = pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_power_sources: Vec::new(),
             node_id: node.into(),
             agent_version: "crafted".into(),
             stream_epoch: 1,

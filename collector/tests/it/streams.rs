@@ -124,6 +124,7 @@ async fn a_rogue_hello_with_a_newer_epoch_cannot_lock_the_real_agent_out() {
     let (tx, rx) = mpsc::channel(4);
     tx.send(pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_power_sources: Vec::new(),
             node_id: "v-1".into(),
             agent_version: "rogue".into(),
             stream_epoch: now_nanos() as u64,
