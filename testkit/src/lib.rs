@@ -2,8 +2,9 @@
 //! running a binary with a clean environment, reading what it wrote,
 //! waiting for a child process, following its log, checking that an
 //! example config documents every setting at its default; a PostgreSQL
-//! server of the tests' own ([`pg`]) and a TCP proxy that cuts or stalls
-//! its connections ([`proxy`]).
+//! server of the tests' own ([`pg`]), a TCP proxy that cuts or stalls
+//! its connections ([`proxy`]) and a stand-in Redfish BMC or PDU
+//! ([`redfish`]).
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant};
 
 pub mod pg;
 pub mod proxy;
+pub mod redfish;
 
 /// The sentence both binaries' `--help` ends with.
 pub const LAYERING: &str = "Settings come from the config file, then CAPWATCH_* environment \
