@@ -91,6 +91,8 @@ struct State {
     energy_mj: u64,
     slow: Slow,
     fault: Fault,
+    /// Reading answers left with `fault`; `None`: until changed.
+    fault_left: Option<u64>,
     /// Bumped by release(): requests waiting before it go on.
     releases: u64,
 }
@@ -183,6 +185,7 @@ impl Service {
                 energy_mj: 0,
                 slow: Slow::No,
                 fault: Fault::None,
+                fault_left: None,
                 releases: 0,
             }),
             wake: Condvar::new(),
@@ -274,7 +277,23 @@ impl Service {
     }
 
     pub fn set_fault(&self, fault: Fault) {
-        self.state().fault = fault;
+        let mut state = self.state();
+        state.fault = fault;
+        state.fault_left = None;
+    }
+
+    /// `fault` for the next `reads` answers of the reading resource, then
+    /// none.
+    pub fn set_fault_for(&self, fault: Fault, reads: u64) {
+        let mut state = self.state();
+        state.fault = fault;
+        state.fault_left = Some(reads);
+    }
+
+    /// Whether a fault set for some reads is still to be answered.
+    pub fn fault_pending(&self) -> bool {
+        let state = self.state();
+        state.fault != Fault::None && state.fault_left.is_some_and(|n| n > 0)
     }
 
     /// Requests received, any path.
@@ -283,7 +302,7 @@ impl Service {
     }
 
     /// Requests for the reading resource (Power, EnvironmentMetrics or
-    /// the PDU's Metrics) answered or in progress.
+    /// the PDU's Metrics) received, answered or hanging.
     pub fn reading_requests(&self) -> u64 {
         self.shared.reading_requests.load(Ordering::SeqCst)
     }
@@ -400,6 +419,18 @@ fn wait_slow(shared: &Shared) -> bool {
 }
 
 fn answer(shared: &Shared, path: &str, authorization: Option<&str>) -> (u16, String) {
+    let schema = shared.schema;
+    let reading_path = match schema {
+        Schema::OldPower => "/redfish/v1/Chassis/1/Power",
+        Schema::NewJoules | Schema::NewKwh => "/redfish/v1/Chassis/1/EnvironmentMetrics",
+        Schema::Pdu => "/redfish/v1/PowerEquipment/RackPDUs/1/Metrics",
+    };
+    let path = path.trim_end_matches('/');
+    // Counted on arrival, hung or not.
+    let is_reading = path == reading_path;
+    if is_reading {
+        shared.reading_requests.fetch_add(1, Ordering::SeqCst);
+    }
     if !wait_slow(shared) {
         return (500, String::new());
     }
@@ -412,15 +443,7 @@ fn answer(shared: &Shared, path: &str, authorization: Option<&str>) -> (u16, Str
                 .into(),
         );
     }
-    let schema = shared.schema;
-    let reading_path = match schema {
-        Schema::OldPower => "/redfish/v1/Chassis/1/Power",
-        Schema::NewJoules | Schema::NewKwh => "/redfish/v1/Chassis/1/EnvironmentMetrics",
-        Schema::Pdu => "/redfish/v1/PowerEquipment/RackPDUs/1/Metrics",
-    };
-    let path = path.trim_end_matches('/');
-    if path == reading_path {
-        shared.reading_requests.fetch_add(1, Ordering::SeqCst);
+    if is_reading {
         return reading(shared);
     }
     let new = matches!(schema, Schema::NewJoules | Schema::NewKwh);
@@ -443,11 +466,19 @@ fn answer(shared: &Shared, path: &str, authorization: Option<&str>) -> (u16, Str
 
 fn reading(shared: &Shared) -> (u16, String) {
     let (power_mw, energy_mj, fault) = {
-        let state = shared.state.lock().unwrap();
+        let mut state = shared.state.lock().unwrap();
+        let fault = state.fault;
+        if let Some(left) = &mut state.fault_left {
+            *left = left.saturating_sub(1);
+            if *left == 0 {
+                state.fault = Fault::None;
+                state.fault_left = None;
+            }
+        }
         (
             state.power_mw,
             exposed_mj(shared.schema, state.energy_mj),
-            state.fault,
+            fault,
         )
     };
     let watts = match fault {
