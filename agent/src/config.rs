@@ -94,6 +94,96 @@ pub struct Config {
     pub log_format: LogFormat,
     pub nvml: NvmlConfig,
     pub mock: MockSettings,
+    pub redfish: RedfishSettings,
+    pub ipmi: IpmiSettings,
+    pub rapl: RaplSettings,
+}
+
+/// The node's BMC over Redfish: whole-node power, and energy where the BMC
+/// has an energy sensor. Off unless `url` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedfishSettings {
+    /// BMC base URL (`https://10.0.0.9`); the agent discovers
+    /// `/redfish/v1/Chassis`. Unset: no Redfish source.
+    pub url: Option<String>,
+    /// Chassis id to read. Unset: the first chassis with power readings.
+    pub chassis: Option<String>,
+    /// File with one line `user:password`.
+    pub credentials_file: Option<PathBuf>,
+    /// PEM CA bundle the BMC's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate (no verification; warned about at start).
+    pub insecure: bool,
+    /// Deadline of each request to the BMC.
+    #[serde(with = "capwatch_common::duration")]
+    pub timeout: Duration,
+    /// How often the BMC is read.
+    #[serde(with = "capwatch_common::duration")]
+    pub interval: Duration,
+}
+
+/// The BMC over IPMI DCMI (`ipmitool dcmi power reading`): whole-node
+/// power, no energy. Off unless `command` is set.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IpmiSettings {
+    /// The ipmitool program (a name on the PATH or a path). Unset: no
+    /// IPMI source.
+    pub command: Option<PathBuf>,
+    /// Deadline of each run; the process is killed at it.
+    #[serde(with = "capwatch_common::duration")]
+    pub timeout: Duration,
+    /// How often it is run.
+    #[serde(with = "capwatch_common::duration")]
+    pub interval: Duration,
+}
+
+/// CPU package and DRAM energy from Linux powercap (RAPL).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaplSettings {
+    /// Read the RAPL zones.
+    pub enabled: bool,
+    /// The powercap tree.
+    pub root: PathBuf,
+    /// How often the zones are read.
+    #[serde(with = "capwatch_common::duration")]
+    pub interval: Duration,
+}
+
+impl Default for RedfishSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            chassis: None,
+            credentials_file: None,
+            ca_file: None,
+            insecure: false,
+            timeout: Duration::from_secs(5),
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for IpmiSettings {
+    fn default() -> Self {
+        Self {
+            command: None,
+            timeout: Duration::from_secs(5),
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Default for RaplSettings {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            root: PathBuf::from("/sys/class/powercap"),
+            interval: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
@@ -120,6 +210,9 @@ pub struct MockSettings {
     /// File keeping the simulated counters across agent restarts, as a
     /// loaded driver keeps real ones. Unset: counters start afresh.
     pub counter_file: Option<PathBuf>,
+    /// Simulate the whole node's power (GPUs plus CPUs, fans and PSU
+    /// losses) as a node power source of kind "mock".
+    pub node_power: bool,
 }
 
 impl Default for Config {
@@ -145,6 +238,9 @@ impl Default for Config {
             log_format: LogFormat::Plain,
             nvml: NvmlConfig::default(),
             mock: MockSettings::default(),
+            redfish: RedfishSettings::default(),
+            ipmi: IpmiSettings::default(),
+            rapl: RaplSettings::default(),
         }
     }
 }
@@ -158,6 +254,7 @@ impl Default for MockSettings {
             seed: 0,
             energy_counter: true,
             counter_file: None,
+            node_power: true,
         }
     }
 }
@@ -215,6 +312,9 @@ impl Config {
             ("", fields::<Config>()),
             ("nvml", fields::<NvmlConfig>()),
             ("mock", fields::<MockSettings>()),
+            ("redfish", fields::<RedfishSettings>()),
+            ("ipmi", fields::<IpmiSettings>()),
+            ("rapl", fields::<RaplSettings>()),
         ];
         env_vars(&tables, &[])
     }
@@ -355,6 +455,86 @@ impl Config {
         if self.node_id.len() > 253 || self.node_id.chars().any(char::is_control) {
             return bad("node_id", "must be at most 253 printable characters");
         }
+        self.validate_node_power()
+    }
+
+    /// Checks the node power sources: at most one whole-node source, each
+    /// deadline within its interval.
+    fn validate_node_power(&self) -> Result<(), ConfigError> {
+        let bad = |setting, reason: &str| Err(ConfigError::invalid(setting, reason.to_string()));
+        let timing = |timeout: Duration, interval: Duration| {
+            (Duration::from_millis(100)..=Duration::from_secs(60)).contains(&timeout)
+                && (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&interval)
+                && timeout <= interval
+        };
+        let redfish = &self.redfish;
+        if let Some(url) = &redfish.url {
+            let mut opts = capwatch_common::redfish::Options::new(url.clone());
+            opts.insecure = redfish.insecure;
+            if let Err(e) = capwatch_common::redfish::Client::new(&opts) {
+                return Err(ConfigError::invalid("redfish.url", e.to_string()));
+            }
+            if redfish.insecure && redfish.ca_file.is_some() {
+                return bad(
+                    "redfish.insecure",
+                    "ca_file and insecure exclude each other: verify with the CA, or not at all",
+                );
+            }
+            if redfish
+                .chassis
+                .as_deref()
+                .is_some_and(|c| c.is_empty() || c.contains(['/', '?', '#']) || c.len() > 128)
+            {
+                return bad(
+                    "redfish.chassis",
+                    "must be a chassis id (as in /redfish/v1/Chassis/ID), 1 to 128 characters without / ? #",
+                );
+            }
+        } else if redfish.chassis.is_some()
+            || redfish.credentials_file.is_some()
+            || redfish.ca_file.is_some()
+            || redfish.insecure
+        {
+            return bad("redfish.url", "the other redfish settings need redfish.url");
+        }
+        if !timing(redfish.timeout, redfish.interval) {
+            return bad(
+                "redfish.timeout",
+                "timeout must be 100ms to 60s and interval 1s to 1h, the timeout not above the interval",
+            );
+        }
+        if self
+            .ipmi
+            .command
+            .as_ref()
+            .is_some_and(|c| c.as_os_str().is_empty())
+        {
+            return bad("ipmi.command", "must name the ipmitool program");
+        }
+        if !timing(self.ipmi.timeout, self.ipmi.interval) {
+            return bad(
+                "ipmi.timeout",
+                "timeout must be 100ms to 60s and interval 1s to 1h, the timeout not above the interval",
+            );
+        }
+        if redfish.url.is_some() && self.ipmi.command.is_some() {
+            return bad(
+                "ipmi.command",
+                "redfish.url and ipmi.command are two whole-node power sources; configure one",
+            );
+        }
+        let whole_node = redfish.url.is_some() || self.ipmi.command.is_some();
+        if whole_node && self.source == SourceKind::Mock && self.mock.node_power {
+            return bad(
+                "mock.node_power",
+                "the mock simulates the node's power and a BMC is configured: two whole-node sources; set mock.node_power = false",
+            );
+        }
+        // Slow enough to miss a wrap of the counter only at powers no CPU
+        // package draws (see node_power::rapl).
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&self.rapl.interval) {
+            return bad("rapl.interval", "must be between 100ms and 60s");
+        }
         Ok(())
     }
 }
@@ -367,7 +547,7 @@ mod tests {
     fn invalid_settings_name_the_setting() {
         type Change = fn(&mut Config);
         // (change to the defaults, setting the error must name)
-        let cases: [(Change, &str); 15] = [
+        let cases: [(Change, &str); 22] = [
             (|c| c.collector = Some("https://c:7070".into()), "tls_ca"),
             (|c| c.tls_ca = Some("ca.pem".into()), "collector"),
             (|c| c.collector = Some("c:7070".into()), "collector"),
@@ -410,6 +590,43 @@ mod tests {
             ),
             (|c| c.spool_capacity = 0, "spool_capacity"),
             (|c| c.mock.gpus = 0, "mock.gpus"),
+            (
+                |c| c.redfish.url = Some("bmc.example".into()),
+                "redfish.url",
+            ),
+            (|c| c.redfish.insecure = true, "redfish.url"),
+            (
+                |c| {
+                    c.redfish.url = Some("https://bmc".into());
+                    c.redfish.timeout = Duration::from_secs(30);
+                },
+                "redfish.timeout",
+            ),
+            (
+                |c| {
+                    c.redfish.url = Some("https://bmc".into());
+                    c.redfish.chassis = Some("a/b".into());
+                },
+                "redfish.chassis",
+            ),
+            (
+                |c| {
+                    c.redfish.url = Some("https://bmc".into());
+                    c.ipmi.command = Some("ipmitool".into());
+                },
+                "ipmi.command",
+            ),
+            (
+                |c| {
+                    c.source = SourceKind::Mock;
+                    c.ipmi.command = Some("ipmitool".into());
+                },
+                "mock.node_power",
+            ),
+            (
+                |c| c.rapl.interval = Duration::from_secs(120),
+                "rapl.interval",
+            ),
         ];
         for (change, setting) in cases {
             let mut cfg = Config::default();

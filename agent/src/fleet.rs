@@ -6,7 +6,9 @@
 //! re-sends, reconnects and failover behave as with real agents, each node
 //! ranking the collector endpoints by its own node id. One sampler task
 //! ticks all nodes, each at its own phase within the interval, so the
-//! collector sees a steady load rather than one burst per second.
+//! collector sees a steady load rather than one burst per second. Each node
+//! also reports the mock's whole-node power ([`crate::node_power::mock`])
+//! unless `node_power` is off.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +23,7 @@ use capwatch_proto::v1 as pb;
 use crate::config::CollectorOrder;
 use crate::convert;
 use crate::failover;
+use crate::node_power::mock::MockNodePower;
 use crate::source::GpuSource;
 use crate::source::mock::{MockConfig, MockSource, Model, Profile};
 use crate::spool::Spool;
@@ -51,6 +54,8 @@ pub struct FleetConfig {
     /// as real agents have). More lets one process simulate more nodes
     /// than it may open sockets.
     pub nodes_per_connection: usize,
+    /// Whether each node reports the mock's whole-node power.
+    pub node_power: bool,
 }
 
 /// What the fleet sent and what the collector acknowledged.
@@ -74,6 +79,7 @@ pub struct FleetReport {
 
 struct Node {
     source: MockSource,
+    node_power: Option<MockNodePower>,
     shared: Arc<Shared>,
     seq: u64,
 }
@@ -156,7 +162,19 @@ pub async fn run(
             interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
             gpus: source.inventory().iter().map(convert::gpu_info).collect(),
             host: None,
-            node_power_sources: Vec::new(),
+            node_power_sources: if cfg.node_power {
+                let info = MockNodePower::info(cfg.interval);
+                vec![pb::NodePowerSource {
+                    index: 0,
+                    kind: info.kind.into(),
+                    domain: info.domain.into(),
+                    name: info.name,
+                    energy_counter_supported: info.energy_counter_supported,
+                    interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
+                }]
+            } else {
+                Vec::new()
+            },
         };
         streams.spawn(stream::run(
             StreamConfig {
@@ -176,6 +194,7 @@ pub async fn run(
         ));
         nodes.push(Node {
             source,
+            node_power: cfg.node_power.then(|| MockNodePower::new(cfg.gpus)),
             shared,
             seq: 0,
         });
@@ -199,18 +218,18 @@ pub async fn run(
         let at = unix_nanos(start_wall + (tick - start));
         for node in nodes.iter_mut().skip(slice).step_by(slices) {
             node.seq += 1;
+            let gpus = node.source.sample(at);
+            let node_power = match &mut node.node_power {
+                Some(p) => vec![p.reading(0, at, &gpus)],
+                None => Vec::new(),
+            };
             let sample = pb::NodeSample {
                 // Numbered by the spool, in its epoch.
                 seq: 0,
                 timestamp_unix_nanos: at,
-                gpus: node
-                    .source
-                    .sample(at)
-                    .into_iter()
-                    .map(convert::gpu_sample)
-                    .collect(),
+                gpus: gpus.into_iter().map(convert::gpu_sample).collect(),
                 host: None,
-                node_power: Vec::new(),
+                node_power,
             };
             let dropped = node.shared.spool().push(sample);
             node.shared.stats.sampled.fetch_add(1, Ordering::Relaxed);

@@ -4,13 +4,15 @@
 //! The sampler ([`run`]) owns the [`GpuSource`] and pushes one
 //! [`NodeSample`](capwatch_proto::v1::NodeSample) per tick into the spool;
 //! the stream task ([`stream::run`]) delivers the spool and forgets what the
-//! collector acks.
+//! collector acks. Node power sources ([`node_power`]) are read on threads
+//! of their own; the sampler adds their newest readings to each sample.
 
 pub mod config;
 pub mod convert;
 pub mod failover;
 pub mod fleet;
 pub mod host;
+pub mod node_power;
 pub mod source;
 pub mod spool;
 pub mod stream;
@@ -111,6 +113,12 @@ pub struct Summary {
     pub connects: u64,
     /// Moves from one collector endpoint to another.
     pub collector_switches: u64,
+    /// Node power readings sent.
+    pub node_power_readings: u64,
+    /// Failed node power reads (the source absent from samples), and by
+    /// source and reason (`kind/name:reason=count,...`).
+    pub node_power_failures: u64,
+    pub node_power_failures_by_reason: String,
 }
 
 /// Opens the configured GPU source.
@@ -205,6 +213,14 @@ pub async fn run(
 
     let start_wall = agent_clock(source.name());
     let start = tokio::time::Instant::now();
+    // Node power readings are stamped by the same clock as the samples
+    // (shifted alike under a test clock offset).
+    let offset = unix_nanos(start_wall) as i128 - unix_nanos(SystemTime::now()) as i128;
+    let clock: node_power::Clock = Arc::new(move || {
+        let now = unix_nanos(SystemTime::now()) as i128 + offset;
+        i64::try_from(now).unwrap_or(i64::MAX)
+    });
+    let mut node_power = node_power::NodePower::start(&cfg, clock);
     // The epoch tells this run's sequence numbers apart from an earlier
     // run's: a restarted agent starts again at seq 1 under a new epoch
     // (above the collector's, should it hold a newer one for this node).
@@ -216,7 +232,7 @@ pub async fn run(
         interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
         gpus: source.inventory().iter().map(convert::gpu_info).collect(),
         host: Some(host.info()),
-        node_power_sources: Vec::new(),
+        node_power_sources: node_power.hello(),
     };
     let endpoints = cfg.endpoints();
     let targets: Vec<stream::Target> =
@@ -228,7 +244,7 @@ pub async fn run(
             })
             .collect();
     let order: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
-    info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collectors = %order.join(","), "agent starting");
+    info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collectors = %order.join(","), node_power_sources = node_power.sources().len(), "agent starting");
 
     let shared = Arc::new(Shared {
         spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
@@ -261,6 +277,7 @@ pub async fn run(
         SourceKind::Nvml => MissedTickBehavior::Skip,
     });
     let mut seq = 0u64;
+    let mut node_power_readings = 0u64;
     loop {
         let tick = tokio::select! {
             t = ticker.tick() => t,
@@ -270,13 +287,15 @@ pub async fn run(
         // Stamp with the scheduled tick, so timestamps are evenly spaced.
         let at = unix_nanos(start_wall + (tick - start));
         let gpus = source.sample(at);
+        let power = node_power.take(at, &gpus);
+        node_power_readings += power.len() as u64;
         let sample = pb::NodeSample {
             // Numbered by the spool, in its epoch.
             seq: 0,
             timestamp_unix_nanos: at,
             gpus: gpus.into_iter().map(convert::gpu_sample).collect(),
             host: Some(host.sample()),
-            node_power: Vec::new(),
+            node_power: power,
         };
         let dropped = shared.spool().push(sample);
         shared.stats.sampled.fetch_add(1, Ordering::Relaxed);
@@ -297,6 +316,7 @@ pub async fn run(
         }
     }
     info!(samples = seq, "sampling stopped; delivering the spool");
+    node_power.stop();
     let _ = done_tx.send(true);
     if let Err(e) = stream_task.await {
         warn!(error = %e, "stream task ended abnormally");
@@ -311,6 +331,9 @@ pub async fn run(
         undelivered: shared.spool().len() as u64,
         connects: shared.stats.connects.load(Ordering::Relaxed),
         collector_switches: shared.stats.switches.load(Ordering::Relaxed),
+        node_power_readings,
+        node_power_failures: node_power.failures().total(),
+        node_power_failures_by_reason: node_power.failures().by_reason(),
     };
     info!(
         sampled = summary.sampled,
@@ -322,6 +345,9 @@ pub async fn run(
         undelivered = summary.undelivered,
         connects = summary.connects,
         collector_switches = summary.collector_switches,
+        node_power_readings = summary.node_power_readings,
+        node_power_failures = summary.node_power_failures,
+        node_power_failures_by_reason = %summary.node_power_failures_by_reason,
         "agent stopped"
     );
     Ok(summary)

@@ -101,9 +101,10 @@ fn example_config_lists_every_setting_at_its_default() {
     // since only one of them may be set).
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("agent.toml");
+    // ipmi.command is left out too: the BMC is either Redfish or IPMI.
     let tls: String = uncommented(&text)
         .lines()
-        .filter(|l| !l.starts_with("collector = "))
+        .filter(|l| !l.starts_with("collector = ") && !l.starts_with("command = "))
         .map(|l| format!("{}\n", l.replace("\"http://", "\"https://")))
         .collect();
     std::fs::write(&path, tls).unwrap();
@@ -113,6 +114,10 @@ fn example_config_lists_every_setting_at_its_default() {
     assert!(
         cfg.nvml.library.is_some(),
         "nvml.library is shown in {EXAMPLE}"
+    );
+    assert!(
+        cfg.redfish.url.is_some() && cfg.redfish.credentials_file.is_some(),
+        "the [redfish] settings are shown in {EXAMPLE}"
     );
 
     let printed = print_config(&["--config", EXAMPLE], &[]);

@@ -75,6 +75,10 @@ struct Args {
     /// agents; more simulates more nodes than the process may open sockets).
     #[arg(long, default_value_t = 1)]
     nodes_per_connection: usize,
+    /// Leave out the simulated whole-node power (GPUs plus CPUs, fans and
+    /// PSU losses) each node reports by default.
+    #[arg(long)]
+    no_node_power: bool,
     /// Log format.
     #[arg(long, default_value = "plain")]
     log_format: LogFormat,
@@ -152,6 +156,7 @@ fn main() -> anyhow::Result<()> {
                 samples_per_send: args.samples_per_send,
                 drain_timeout: args.drain_timeout,
                 nodes_per_connection: args.nodes_per_connection.max(1),
+                node_power: !args.no_node_power,
             },
             stop_rx,
             |r| print("progress", &r, started.elapsed().as_secs_f64(), gpus),
