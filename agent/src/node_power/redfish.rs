@@ -158,8 +158,12 @@ impl RedfishReader {
                         .unwrap_or(path);
                     return Ok((id.to_string(), target, reading));
                 }
-                Err(e) if e.reason == "no_power_readings" => last = e,
-                Err(e) => return Err(e),
+                // The BMC as a whole refuses or does not answer: stop.
+                Err(e) if matches!(e.reason, "unauthorized" | "timeout" | "tls" | "transport") => {
+                    return Err(e);
+                }
+                // This chassis has no usable reading: the next.
+                Err(e) => last = e,
             }
         }
         Err(last)
