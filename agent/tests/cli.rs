@@ -371,6 +371,9 @@ fn every_setting_has_an_environment_variable() {
             ("CAPWATCH_RECONNECT_INITIAL", "1s"),
             ("CAPWATCH_MOCK_ENERGY_COUNTER", "false"),
             ("CAPWATCH_MOCK_GPUS", "3"),
+            ("CAPWATCH_REDFISH_URL", "https://bmc.example"),
+            ("CAPWATCH_REDFISH_INTERVAL", "30s"),
+            ("CAPWATCH_RAPL_ENABLED", "true"),
         ],
     );
     assert_lines(
@@ -380,6 +383,9 @@ fn every_setting_has_an_environment_variable() {
             "reconnect_initial = \"1s\"",
             "energy_counter = false",
             "gpus = 3",
+            "url = \"https://bmc.example\"",
+            "interval = \"30s\"",
+            "enabled = true",
         ],
     );
 
