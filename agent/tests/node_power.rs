@@ -16,7 +16,9 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use capwatch_agent::config::{Config, SourceKind};
+use capwatch_agent::config::{Config, RedfishSettings, SourceKind};
+use capwatch_agent::node_power::Reader;
+use capwatch_agent::node_power::redfish::RedfishReader;
 use capwatch_agent::{Summary, run};
 use capwatch_proto::v1 as pb;
 use capwatch_proto::v1::ingest_server::{Ingest, IngestServer};
@@ -517,4 +519,66 @@ async fn the_mock_reports_whole_node_power_in_every_sample() {
             Some((integral / 1_000_000_000) as u64)
         );
     }
+}
+
+fn reader(bmc: &Service, files: &Files) -> (RedfishReader, capwatch_agent::node_power::SourceInfo) {
+    let settings = RedfishSettings {
+        url: Some(bmc.url()),
+        ca_file: Some(files.write("ca.pem", bmc.ca_pem().unwrap())),
+        credentials_file: Some(files.write("cred", "capwatch:s3:cret")),
+        ..RedfishSettings::default()
+    };
+    RedfishReader::open(&bmc.url(), &settings).unwrap()
+}
+
+fn reason(r: &mut RedfishReader) -> &'static str {
+    match r.read().remove(0) {
+        Ok(v) => panic!("a reading: {v:?}"),
+        Err(e) => e.reason,
+    }
+}
+
+/// After three failed reads in a row the chassis' links are looked up
+/// again; otherwise each read is one request.
+#[test]
+fn after_three_failed_reads_the_chassis_is_looked_up_again() {
+    let bmc = bmc(Schema::NewJoules);
+    bmc.set_power_mw(1_000);
+    let files = Files::new();
+    let (mut r, info) = reader(&bmc, &files);
+    assert_eq!(
+        (info.name.as_str(), info.energy_counter_supported),
+        ("1", true)
+    );
+    bmc.set_fault_for(Fault::ServerError, 3);
+    for _ in 0..3 {
+        assert_eq!(reason(&mut r), "http_status");
+    }
+    let before = bmc.requests();
+    r.read().remove(0).unwrap();
+    // The chassis, its EnvironmentMetrics while resolving, the reading.
+    assert_eq!(bmc.requests() - before, 3);
+    let before = bmc.requests();
+    r.read().remove(0).unwrap();
+    assert_eq!(bmc.requests() - before, 1);
+}
+
+/// A counter below the previous reading is refused once; a second in a
+/// row is a restart and becomes the new base.
+#[test]
+fn a_counter_going_back_once_is_refused_and_twice_is_a_restart() {
+    let bmc = bmc(Schema::NewJoules);
+    bmc.set_power_mw(1_000);
+    bmc.advance_mj(50_000_000);
+    let files = Files::new();
+    let (mut r, _) = reader(&bmc, &files);
+    let energy = |r: &mut RedfishReader| r.read().remove(0).unwrap().energy_millijoules;
+    assert_eq!(energy(&mut r), Some(50_000_000));
+    bmc.set_fault_for(Fault::CounterBackwards, 1);
+    assert_eq!(reason(&mut r), "counter_backwards");
+    assert_eq!(energy(&mut r), Some(50_000_000));
+    bmc.set_fault_for(Fault::CounterBackwards, 2);
+    assert_eq!(reason(&mut r), "counter_backwards");
+    assert_eq!(energy(&mut r), Some(49_000_000));
+    assert_eq!(energy(&mut r), Some(50_000_000));
 }

@@ -439,7 +439,7 @@ fn answer(shared: &Shared, path: &str, authorization: Option<&str>) -> (u16, Str
     {
         return (
             401,
-            r##"{"error":{"code":"Base.1.8.NoValidSession","message":"credentials required"}}"##
+            r##"{"error":{"code":"Base.1.8.AccessDenied","message":"credentials required"}}"##
                 .into(),
         );
     }
