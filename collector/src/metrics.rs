@@ -774,6 +774,7 @@ mod tests {
         for (node, full) in [("a-1", true), ("b \"quoted\" \\ node", false)] {
             let (h, _) = state
                 .hello(Hello {
+                    node_power_sources: Vec::new(),
                     node_id: node.into(),
                     agent_version: "test".into(),
                     epoch: 1,
@@ -791,6 +792,7 @@ mod tests {
                 .unwrap();
             let samples = (1..=2u64)
                 .map(|seq| NodeSample {
+                    node_power: Vec::new(),
                     seq,
                     timestamp_unix_nanos: now - 3_000_000_000 + seq as i64 * 1_000_000_000,
                     gpus: (0..3)

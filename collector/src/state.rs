@@ -479,6 +479,8 @@ impl State {
             .fetch_add(out.accepted, std::sync::atomic::Ordering::Relaxed);
         c.duplicate
             .fetch_add(out.duplicate, std::sync::atomic::Ordering::Relaxed);
+        let np = &out.node_power;
+        c.count_node_power(&h.node_id, np.accepted, np.duplicate, &np.rejected);
         for &(seq, reason) in &out.rejected {
             SampleRejected {
                 node: &h.node_id,

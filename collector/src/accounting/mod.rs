@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 
 use crate::edge::{GpuReading, MAX_SPREAD};
 
+mod split;
+pub use split::{Party, split_node_energy};
+
 pub const NANOS_PER_SECOND: u128 = 1_000_000_000;
 const MAX_SPREAD_NANOS: i64 = MAX_SPREAD.as_nanos() as i64;
 const MINUTE_NS: i64 = 60_000_000_000;
@@ -379,6 +382,11 @@ pub struct MinuteFigures {
     pub busy_gpu_ns: u64,
     pub expected_gpu_ns: u64,
     pub samples: u64,
+    /// A share of whole-node energy (`Applied::book_node`).
+    pub node_energy_mj: u64,
+    pub node_estimated_mj: u64,
+    /// GPU time of the tenant on the node covered by whole-node readings.
+    pub node_ns: u64,
 }
 
 /// Where a reading's minute figures go: the bucket of (tenant, minute).
@@ -422,6 +430,7 @@ impl Applied {
                 busy_gpu_ns: busy,
                 expected_gpu_ns: span,
                 samples: 1,
+                ..MinuteFigures::default()
             };
             b.add(tenant, minute, &f);
             return;
@@ -446,6 +455,58 @@ impl Applied {
             ..MinuteFigures::default()
         };
         b.add(tenant, minute, &one);
+    }
+}
+
+impl Applied {
+    /// Books `share_mj` of this whole-node reading's energy (the tenant's
+    /// share, `split_node_energy`) to `tenant`'s minute buckets over the
+    /// interval the reading covers, as `book` does GPU energy (an estimate
+    /// over the stretch it stands for), and as node time the covered part
+    /// of the interval times `gpus`, the tenant's GPUs on the node (1 for
+    /// a node without GPUs): comparable with its expected GPU time, so
+    /// that node coverage is the share of GPU time with node energy.
+    pub fn book_node<T: ?Sized>(
+        &self,
+        b: &mut impl Book<T>,
+        tenant: &T,
+        share_mj: u64,
+        gpus: u64,
+        window: Duration,
+    ) {
+        let to_ns = self.to_ns;
+        let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
+        let span = u64::try_from(to_ns - from).unwrap_or(0);
+        let (backed_from, covered) = match self.estimated_ns {
+            Some(stretch) => {
+                let stretch = stretch.min(span);
+                (to_ns - stretch as i64, stretch)
+            }
+            None if u128::from(span) <= window.as_nanos() => (from, span),
+            None => (from, 0),
+        };
+        let node_ns = covered.saturating_mul(gpus);
+        let estimated = self.estimated_ns.is_some();
+        for (minute, part) in split_by_minute(share_mj, backed_from, to_ns) {
+            if part == 0 {
+                continue;
+            }
+            let f = MinuteFigures {
+                node_energy_mj: part,
+                node_estimated_mj: if estimated { part } else { 0 },
+                ..MinuteFigures::default()
+            };
+            b.add(tenant, minute, &f);
+        }
+        if node_ns > 0 {
+            for (minute, part) in split_by_minute(node_ns, backed_from, to_ns) {
+                let f = MinuteFigures {
+                    node_ns: part,
+                    ..MinuteFigures::default()
+                };
+                b.add(tenant, minute, &f);
+            }
+        }
     }
 }
 

@@ -10,6 +10,8 @@ use crate::edge::{GpuInfo, GpuReading, HostReading};
 use crate::ledger::{GpuCursor, NodeCursor};
 use crate::tenants::{Tenants, UNASSIGNED};
 
+use super::power::PowerSource;
+
 #[derive(Debug)]
 pub struct Gpu {
     pub(super) uuid: Arc<str>,
@@ -208,6 +210,14 @@ pub struct Node {
     /// GPUs the node announced before but not in its latest inventory;
     /// kept so their counters resume if they come back.
     pub(super) departed: Vec<Gpu>,
+    /// The power sources of the node's latest Hello, in its order.
+    pub(crate) power: Vec<PowerSource>,
+    /// Power sources known from before (the ledger, an earlier Hello) but
+    /// not announced now; kept so their counters resume if they come back.
+    pub(super) power_departed: Vec<PowerSource>,
+    /// GPU energy booked on the node per tenant since its last whole-node
+    /// reading: what the next one is split by (`split_node_energy`).
+    pub(super) gpu_energy_since_node: Vec<(Arc<str>, u64)>,
     /// The ledger commit holding the node's latest batch: what a Welcome
     /// must wait for.
     pub(super) last_commit_id: u64,
@@ -239,6 +249,9 @@ impl Node {
             host: None,
             gpus: Vec::new(),
             departed: Vec::new(),
+            power: Vec::new(),
+            power_departed: Vec::new(),
+            gpu_energy_since_node: Vec::new(),
             last_commit_id: 0,
             tenants_span: (i64::MIN, i64::MAX),
             live_valid: true,
@@ -330,7 +343,12 @@ impl Node {
                 .chain(&self.departed)
                 .map(|g| (g.uuid.clone(), g.cursor()))
                 .collect(),
-            power: Vec::new(),
+            power: self
+                .power
+                .iter()
+                .chain(&self.power_departed)
+                .map(|p| (p.key.clone(), p.cursor()))
+                .collect(),
         }
     }
 
