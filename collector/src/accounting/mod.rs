@@ -545,6 +545,73 @@ pub fn split_by_minute(amount: u64, from_ns: i64, to_ns: i64) -> Vec<(i64, u64)>
     parts.into_iter().map(|(m, v, _)| (m, v)).collect()
 }
 
+/// What a tenant's contract is measured on (`basis` in the tenant file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Basis {
+    /// Its GPUs' energy.
+    #[default]
+    Gpu,
+    /// Its share of its nodes' whole-node energy.
+    Node,
+    /// Facility energy: a meter's allocation where its nodes are under one,
+    /// else node energy times the tenant's PUE (estimated).
+    Facility,
+}
+
+impl Basis {
+    pub const ALL: [Basis; 3] = [Basis::Gpu, Basis::Node, Basis::Facility];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Basis::Gpu => "gpu",
+            Basis::Node => "node",
+            Basis::Facility => "facility",
+        }
+    }
+}
+
+/// What one tenant-minute is measured against: the contracted power (mW,
+/// 0: none), on which energy, and the PUE (parts per million, 0: none)
+/// that turns node energy into facility energy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Contract {
+    pub milliwatts: u64,
+    pub basis: Basis,
+    pub pue_ppm: u64,
+}
+
+impl Contract {
+    /// A GPU-energy contract of `milliwatts`.
+    pub fn gpu(milliwatts: u64) -> Self {
+        Self {
+            milliwatts,
+            ..Self::default()
+        }
+    }
+
+    /// The energy of a stretch on this contract's basis, from its GPU
+    /// energy and node energy (mJ): the one place the basis is applied.
+    /// For facility, `metered_mj` is a meter's allocation where the nodes
+    /// are under one; `None`: node energy times the PUE, rounded to the
+    /// nearest millijoule.
+    pub fn basis_energy(&self, gpu_mj: u64, node_mj: u64, metered_mj: Option<u64>) -> u64 {
+        match self.basis {
+            Basis::Gpu => gpu_mj,
+            Basis::Node => node_mj,
+            Basis::Facility => {
+                metered_mj.unwrap_or_else(|| facility_estimate(node_mj, self.pue_ppm))
+            }
+        }
+    }
+}
+
+/// Node energy times a PUE given in parts per million, rounded half up to
+/// the millijoule (exact integer arithmetic).
+pub fn facility_estimate(node_mj: u64, pue_ppm: u64) -> u64 {
+    let x = (u128::from(node_mj) * u128::from(pue_ppm) + 500_000) / 1_000_000;
+    u64::try_from(x).unwrap_or(u64::MAX)
+}
+
 /// Over-contract time (ns) and overage (mJ) of one tenant-minute that
 /// holds `energy_mj` against a contract of `contracted_milliwatts` (0: no
 /// contract): a minute whose average power is above the contract counts

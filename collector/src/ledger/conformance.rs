@@ -38,6 +38,7 @@ macro_rules! conformance_tests {
             a_commit_with_an_id_is_written_once,
             one_refusal_names_every_node_another_holder_took,
             node_energy_rolls_up_and_adds_to_the_tenant_totals,
+            over_contract_is_measured_on_each_tenants_basis,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -696,4 +697,84 @@ pub(crate) fn node_energy_rolls_up_and_adds_to_the_tenant_totals<
     );
     assert_eq!(span.node_peak_quarter_mj, Some(4_000 + 5_000));
     assert_eq!(span.peak_quarter_mj, Some(2));
+}
+
+/// Over-contract time and overage are measured on the tenant's basis: a
+/// node-basis tenant by its node energy, a facility one by node energy
+/// times its PUE, a GPU one by GPU energy; at commit and in the rollup.
+pub(crate) fn over_contract_is_measured_on_each_tenants_basis<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    // 1 mW: 60 mJ a minute.
+    let tenants = Tenants::from_toml(
+        "[[tenant]]\nid = \"g\"\ncontracted_kw = 0.000001\n
+         [[tenant]]\nid = \"n\"\ncontracted_kw = 0.000001\nbasis = \"node\"\n
+         [[tenant]]\nid = \"f\"\ncontracted_kw = 0.000001\nbasis = \"facility\"\npue = 1.5\n",
+    )
+    .unwrap();
+    let history = Arc::new(TenantHistory::new(Arc::new(tenants)));
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n1"), cursor(1, 1, 10));
+    // GPU energy under the contract, node energy over it; facility: 50 ×
+    // 1.5 = 75 mJ, over by 15.
+    let bucket = BucketDelta {
+        energy_mj: 10,
+        node_energy_mj: 50,
+        ..BucketDelta::default()
+    };
+    for t in ["g", "n", "f"] {
+        c.buckets
+            .insert((Arc::from(t), Arc::from("n1"), MINUTE), bucket);
+    }
+    c.contracts = Some(history.clone());
+    let done = w.commit_as("a", &c, MINUTE + 30, i64::MIN).unwrap();
+    assert_eq!(
+        done.over_contract_ns,
+        vec![(Arc::from("f"), 60_000_000_000)]
+    );
+    // More node energy in the same minute puts "n" over too.
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n1"), cursor(1, 2, 11));
+    for t in ["g", "n", "f"] {
+        c.buckets.insert(
+            (Arc::from(t), Arc::from("n1"), MINUTE),
+            BucketDelta {
+                node_energy_mj: 20,
+                ..BucketDelta::default()
+            },
+        );
+    }
+    c.contracts = Some(history.clone());
+    let done = w.commit_as("a", &c, MINUTE + 40, MINUTE + 3600).unwrap();
+    assert_eq!(
+        done.over_contract_ns,
+        vec![(Arc::from("n"), 60_000_000_000)]
+    );
+    let lease = w
+        .acquire_compaction("a", 1_000, Duration::from_secs(60))
+        .unwrap();
+    let policy = Compaction {
+        closed_before: MINUTE + 3600,
+        minutes_from: MINUTE + 3600,
+        hours_from: 0,
+        days_from: None,
+    };
+    w.compact_under(&lease, 1_001, &policy, &history).unwrap();
+    let usage = f.reader.usage(None, MINUTE, MINUTE + 3600).unwrap();
+    let over: Vec<(&str, u64, u64)> = usage
+        .spans
+        .iter()
+        .map(|(t, s)| (t.as_str(), s.delta.over_contract_ns, s.delta.overage_mj))
+        .collect();
+    // f: 70 × 1.5 = 105 mJ, 45 over; n: 70, 10 over.
+    assert_eq!(
+        over,
+        vec![
+            ("f", 60_000_000_000, 45),
+            ("g", 0, 0),
+            ("n", 60_000_000_000, 10)
+        ]
+    );
 }

@@ -41,6 +41,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::accounting::Contract;
 use crate::tenants::TenantHistory;
 
 /// A version of the tenant file as the ledger keeps it.
@@ -461,18 +462,30 @@ pub struct Span {
 
 impl Span {
     /// Over-contract time (ns) and overage (mJ) of the span against the
-    /// tenant's contract for its minute (mW, 0: none): `over_contract` of
-    /// a minute's energy, or what a rollup stored when it was rolled up
-    /// (`contracted_milliwatts` is then not used).
-    pub fn over_contract(&self, contracted_milliwatts: u64) -> (u64, u64) {
+    /// tenant's contract for its minute: `over_contract` of a minute's
+    /// energy on the contract's basis, or what a rollup stored when it was
+    /// rolled up (the contract is then not used).
+    pub fn over_contract(&self, contract: &Contract) -> (u64, u64) {
         let rolled_up = self
             .peak_quarter_mj
             .map(|_| (self.delta.over_contract_ns, self.delta.overage_mj));
         crate::accounting::span_over_contract(
-            self.delta.energy_mj,
+            self.basis_energy(contract),
             rolled_up,
-            contracted_milliwatts,
+            contract.milliwatts,
         )
+    }
+
+    /// The span's energy on `contract`'s basis (mJ).
+    pub fn basis_energy(&self, contract: &Contract) -> u64 {
+        contract.basis_energy(self.delta.energy_mj, self.delta.node_energy_mj, None)
+    }
+
+    /// A rollup's highest quarter-hour on `contract`'s basis; `None` for a
+    /// minute.
+    pub fn basis_peak_quarter_mj(&self, contract: &Contract) -> Option<u64> {
+        self.peak_quarter_mj
+            .map(|gpu| contract.basis_energy(gpu, self.node_peak_quarter_mj.unwrap_or(0), None))
     }
 }
 

@@ -153,7 +153,8 @@ async fn run(
         .await?;
     let minutes_of_hour = tx
         .prepare(
-            "SELECT tenant, minute_start, SUM(energy_mj)::int8 FROM usage_minute
+            "SELECT tenant, minute_start, SUM(energy_mj)::int8, SUM(node_energy_mj)::int8
+             FROM usage_minute
              WHERE minute_start >= $1 AND minute_start < $1 + 3600
              GROUP BY tenant, minute_start",
         )
@@ -184,8 +185,12 @@ async fn run(
             let tenant: String = row.try_get(0)?;
             let minute: i64 = row.try_get(1)?;
             let energy = u64_of(s, row.try_get(2)?, "minute energy")?;
-            let contract = contracts.contracted_milliwatts_at(&tenant, minute);
-            let (ns, mj) = over_contract(energy, contract);
+            let node_energy = u64_of(s, row.try_get(3)?, "minute node energy")?;
+            let contract = contracts.contract_at(&tenant, minute);
+            let (ns, mj) = over_contract(
+                contract.basis_energy(energy, node_energy, None),
+                contract.milliwatts,
+            );
             let (a, b) = per_tenant.entry(tenant).or_default();
             *a = a.saturating_add(ns);
             *b = b.saturating_add(mj);

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
-use crate::accounting::over_contract;
+use crate::accounting::{Contract, over_contract};
 use crate::ledger::{BUCKET_FIELDS, Commit, Committed, HOUR, LedgerError, MINUTE};
 use tokio_postgres::types::ToSql;
 
@@ -59,8 +59,9 @@ struct Columns {
     /// Each tenant's node energy in the commit's buckets, as column arrays.
     node_tenants: Vec<String>,
     node_energies: Vec<i64>,
-    /// (tenant, minute) → (energy added, contract mW), contract > 0.
-    added: Vec<(String, i64, u64, u64)>,
+    /// (tenant, minute, GPU energy added, node energy added, contract),
+    /// contracts of more than 0 mW only.
+    added: Vec<(String, i64, u64, u64, Contract)>,
     booked_at: i64,
     finalize_through: i64,
     /// The commit's id, and the holder's last commit id this writer saw
@@ -150,19 +151,20 @@ pub(super) fn commit(
         cols.node_energies.push(i64_of(shared, e, "node energy")?);
     }
     if let Some(contracts) = &c.contracts {
-        let mut added: HashMap<(&Arc<str>, i64), (u64, u64)> = HashMap::new();
+        let mut added: HashMap<(&Arc<str>, i64), (u64, u64, Contract)> = HashMap::new();
         for ((tenant, _, minute), d) in &c.buckets {
-            if d.energy_mj > 0 {
+            if d.energy_mj > 0 || d.node_energy_mj > 0 {
                 let e = added
                     .entry((tenant, *minute))
-                    .or_insert_with(|| (0, contracts.contracted_milliwatts_at(tenant, *minute)));
+                    .or_insert_with(|| (0, 0, contracts.contract_at(tenant, *minute)));
                 e.0 = e.0.saturating_add(d.energy_mj);
+                e.1 = e.1.saturating_add(d.node_energy_mj);
             }
         }
         cols.added = added
             .into_iter()
-            .filter(|(_, (_, contract))| *contract > 0)
-            .map(|((t, m), (e, contract))| (t.to_string(), m, e, contract))
+            .filter(|(_, (_, _, contract))| contract.milliwatts > 0)
+            .map(|((t, m), (g, n, contract))| (t.to_string(), m, g, n, contract))
             .collect();
     }
     let s = shared.clone();
@@ -372,6 +374,10 @@ async fn write(
                     (SELECT COALESCE(SUM(energy_mj), 0) FROM usage_minute
                         WHERE minute_start = k.m AND tenant = k.t)::int8
                   + (CASE WHEN k.f THEN (SELECT COALESCE(SUM(energy_mj), 0) FROM adjustment
+                        WHERE minute_start = k.m AND tenant = k.t) ELSE 0 END)::int8,
+                    (SELECT COALESCE(SUM(node_energy_mj), 0) FROM usage_minute
+                        WHERE minute_start = k.m AND tenant = k.t)::int8
+                  + (CASE WHEN k.f THEN (SELECT COALESCE(SUM(node_energy_mj), 0) FROM adjustment
                         WHERE minute_start = k.m AND tenant = k.t) ELSE 0 END)::int8
                  FROM unnest($1::text[], $2::int8[], $3::bool[]) WITH ORDINALITY AS k(t, m, f, i)",
                 &[&ts, &ms, &fs],
@@ -380,11 +386,18 @@ async fn write(
         let mut tenant_wide: BucketColumns = Default::default();
         for row in rows {
             let i = usize::try_from(row.try_get::<_, i64>(0)? - 1).map_err(|_| s.range("row"))?;
-            let (tenant, minute, delta, contract) = &c.added[i];
-            let now = u64_of(s, row.try_get(1)?, "minute energy")?;
-            let before = now.saturating_sub(*delta);
-            let (ns_after, mj_after) = over_contract(now, *contract);
-            let (ns_before, mj_before) = over_contract(before, *contract);
+            let (tenant, minute, gpu_added, node_added, contract) = &c.added[i];
+            let gpu_now = u64_of(s, row.try_get(1)?, "minute energy")?;
+            let node_now = u64_of(s, row.try_get(2)?, "minute node energy")?;
+            // On the contract's basis, now and before this commit.
+            let now = contract.basis_energy(gpu_now, node_now, None);
+            let before = contract.basis_energy(
+                gpu_now.saturating_sub(*gpu_added),
+                node_now.saturating_sub(*node_added),
+                None,
+            );
+            let (ns_after, mj_after) = over_contract(now, contract.milliwatts);
+            let (ns_before, mj_before) = over_contract(before, contract.milliwatts);
             let grew = ns_after.saturating_sub(ns_before);
             if grew > 0 {
                 *by_tenant.entry(tenant.clone()).or_default() += grew;

@@ -156,7 +156,8 @@ impl Ledger {
             // per tenant: (tenant, over-contract ns, overage mJ).
             let mut minutes_of_hour = tx
                 .prepare_cached(
-                    "SELECT tenant, minute_start, SUM(energy_mj) FROM usage_minute
+                    "SELECT tenant, minute_start, SUM(energy_mj), SUM(node_energy_mj)
+                     FROM usage_minute
                      WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
                      GROUP BY tenant, minute_start",
                 )
@@ -168,15 +169,20 @@ impl Ledger {
                             r.get::<_, String>(0)?,
                             r.get::<_, i64>(1)?,
                             r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
                         ))
                     })
                     .map_err(err)?;
                 let mut per_tenant: Vec<(String, u64, u64)> = Vec::new();
                 for row in rows {
-                    let (tenant, minute, energy) = row.map_err(err)?;
+                    let (tenant, minute, energy, node_energy) = row.map_err(err)?;
                     let energy = u64_of(energy, &p, "minute energy")?;
-                    let contract = contracts.contracted_milliwatts_at(&tenant, minute);
-                    let (ns, mj) = over_contract(energy, contract);
+                    let node_energy = u64_of(node_energy, &p, "minute node energy")?;
+                    let contract = contracts.contract_at(&tenant, minute);
+                    let (ns, mj) = over_contract(
+                        contract.basis_energy(energy, node_energy, None),
+                        contract.milliwatts,
+                    );
                     match per_tenant.iter_mut().find(|(t, _, _)| *t == tenant) {
                         Some((_, a, b)) => {
                             *a = a.saturating_add(ns);
