@@ -251,6 +251,12 @@ impl State {
                 .or_default()
                 .over_contract_nanos = u128::from(*nanos);
         }
+        for (tenant, energy) in &read.tenant_node_energy {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .node_energy_millijoules = *energy;
+        }
         *self
             .ledger_totals
             .write()

@@ -38,7 +38,7 @@ use power::PowerSource;
 pub use batch::{BatchOutcome, Superseded};
 pub use node::TenantLive;
 pub(crate) use node::{Gpu, Node};
-pub use view::{GpuView, NodeView};
+pub use view::{GpuView, NodeView, PowerSourceView};
 
 /// What bounds the fleet: staleness, inventory size and the clock skew
 /// and age a sample may have.
@@ -538,6 +538,14 @@ impl Fleet {
                     }
                 };
                 live[t].add(part);
+            });
+            n.node_power_split(now, window, |tenant, mw| {
+                let t = index
+                    .get(&**tenant)
+                    .copied()
+                    .unwrap_or(tenants.unassigned());
+                live[t].node_power_milliwatts = live[t].node_power_milliwatts.saturating_add(mw);
+                live[t].node_reporting += 1;
             });
         }
         live

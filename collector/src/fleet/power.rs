@@ -136,6 +136,12 @@ impl PowerSource {
         Some(applied)
     }
 
+    /// Energy since this collector first saw the source (mJ), as its
+    /// cursor carries it across restarts.
+    pub(crate) fn energy_millijoules(&self) -> u64 {
+        self.meter.energy_millijoules()
+    }
+
     /// The counting state the ledger keeps.
     pub(super) fn cursor(&self) -> GpuCursor {
         let c = self.meter.cursor();
