@@ -81,7 +81,7 @@ pub fn csv(r: &Report) -> String {
     for a in &r.adjustments {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},,,,,{},{},,{},,{},false,adjustment,{},{},{},{},,{},{},,,,",
+            "{},{},{},{},{},{},{},{},,,,,{},{},,{},,{},false,adjustment,{},{},{},{},,{},{},,{},,",
             a.tenant,
             a.start,
             a.end,
@@ -99,7 +99,8 @@ pub fn csv(r: &Report) -> String {
             a.booked_at,
             a.expected_gpu_hours,
             a.node_energy_millijoules,
-            a.node_energy_kwh
+            a.node_energy_kwh,
+            a.node_energy_estimated
         );
     }
     out

@@ -143,6 +143,8 @@ pub struct AdjustmentRow {
     #[serde(with = "decimal")]
     pub node_energy_millijoules: u64,
     pub node_energy_kwh: f64,
+    /// Some of the node energy was integrated from power.
+    pub node_energy_estimated: bool,
 }
 
 /// Builds the report for `tenants` from the usage read over
@@ -357,6 +359,7 @@ fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<Adjustmen
                 readings: d.samples,
                 node_energy_millijoules: d.node_energy_mj,
                 node_energy_kwh: d.node_energy_mj as f64 / 3.6e9,
+                node_energy_estimated: d.node_estimated_mj > 0,
             }
         })
         .collect()
