@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::accounting::Basis;
 use crate::events::{AuthReason, ClaimReason, NodePowerReject, Reject, Surface};
 use crate::state::State;
 
@@ -622,18 +621,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             f.push("capwatch_tenant_node_power_watts", &labels, watts(mw));
         }
         let contract = t.contract();
-        let facility_mw = node_mw
-            .filter(|_| contract.pue_ppm > 0)
-            .map(|mw| crate::accounting::facility_estimate(mw, contract.pue_ppm));
-        if let Some(mw) = facility_mw {
+        if let Some(mw) = contract.facility_power(node_mw) {
             f.push("capwatch_tenant_facility_power_watts", &labels, watts(mw));
         }
         // On the contract's basis; absent where that power is unknown.
-        let basis_mw = match contract.basis {
-            Basis::Gpu => Some(l.power_milliwatts),
-            Basis::Node => node_mw,
-            Basis::Facility => facility_mw,
-        };
+        let basis_mw = contract.basis_power(l.power_milliwatts, node_mw);
         if let Some(mw) = basis_mw {
             f.push(
                 "capwatch_tenant_basis_power_watts",

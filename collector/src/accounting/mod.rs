@@ -605,6 +605,26 @@ impl Contract {
     }
 }
 
+impl Contract {
+    /// Live power (mW) on this contract's basis, from the GPUs' power and
+    /// the node power (`None`: no fresh whole-node reading); `None` where
+    /// the basis needs what is unknown (node power, or a PUE).
+    pub fn basis_power(&self, gpu_mw: u64, node_mw: Option<u64>) -> Option<u64> {
+        match self.basis {
+            Basis::Gpu => Some(gpu_mw),
+            Basis::Node => node_mw,
+            Basis::Facility => self.facility_power(node_mw),
+        }
+    }
+
+    /// Node power times the PUE; `None` without either.
+    pub fn facility_power(&self, node_mw: Option<u64>) -> Option<u64> {
+        node_mw
+            .filter(|_| self.pue_ppm > 0)
+            .map(|mw| facility_estimate(mw, self.pue_ppm))
+    }
+}
+
 /// Node energy times a PUE given in parts per million, rounded half up to
 /// the millijoule (exact integer arithmetic).
 pub fn facility_estimate(node_mj: u64, pue_ppm: u64) -> u64 {
