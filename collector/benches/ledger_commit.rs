@@ -245,6 +245,7 @@ impl Agent {
             .collect();
         let (handle, _acked) = state
             .hello(Hello {
+                node_power_sources: Vec::new(),
                 node_id,
                 agent_version: "bench".into(),
                 epoch: 1,
@@ -289,6 +290,7 @@ impl Agent {
             })
             .collect();
         NodeSample {
+            node_power: Vec::new(),
             seq: self.seq,
             timestamp_unix_nanos: second_ns + self.phase_ns,
             gpus,

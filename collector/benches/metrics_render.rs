@@ -46,6 +46,7 @@ fn fleet(gpus: usize) -> Arc<State> {
     for node in 0..gpus.div_ceil(8) {
         let (handle, _) = state
             .hello(Hello {
+                node_power_sources: Vec::new(),
                 node_id: node_id(node),
                 agent_version: "bench".into(),
                 epoch: 1,
@@ -63,6 +64,7 @@ fn fleet(gpus: usize) -> Arc<State> {
             .expect("valid Hello");
         let samples = (1..=2u64)
             .map(|seq| NodeSample {
+                node_power: Vec::new(),
                 seq,
                 timestamp_unix_nanos: now - 2_000_000_000 + seq as i64 * 1_000_000_000,
                 gpus: (0..8)

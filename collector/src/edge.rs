@@ -10,7 +10,10 @@
 //! [`Reject`] reason that labels
 //! `capwatch_collector_samples_total{outcome="rejected"}`; the checks that
 //! need the node's inventory are [`check_sample`], called by the fleet
-//! with what it knows of the node.
+//! with what it knows of the node. A node power reading that fails a check
+//! is the exception: it is dropped alone ([`check_node_power`]), counted
+//! in `capwatch_collector_node_power_readings_total{outcome="rejected"}`,
+//! and its sample's GPU data is kept.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +30,19 @@ pub const MAX_SPREAD: Duration = Duration::from_secs(7 * 86_400);
 
 /// Largest power limit accepted from an agent: 10 kW, above any GPU board.
 pub const MAX_POWER_LIMIT_MILLIWATTS: u64 = 10_000_000;
+
+/// Most node power sources one Hello may announce: a BMC and the RAPL
+/// zones (a package and its DRAM per socket) of the largest hosts, with room.
+pub const MAX_NODE_POWER_SOURCES: usize = 64;
+
+/// Largest power one node power reading may report: 50 kW, above any
+/// single server (an 8-GPU board with its host draws about 15 kW). Also
+/// the plausibility bound of a source's counter deltas.
+pub const MAX_NODE_POWER_MILLIWATTS: u64 = 50_000_000;
+
+/// The node power domain whose energy goes into the ledger: the whole
+/// node's input power.
+pub const NODE_DOMAIN: &str = "node";
 
 /// A string that ends up in a label: at most 128 bytes, no control
 /// characters, at least `min` bytes.
@@ -66,6 +82,33 @@ pub struct GpuInfo {
     pub energy_counter_supported: bool,
 }
 
+/// A node power source, from the Hello; readings name it by position.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodePowerSource {
+    /// What reads it ("redfish", "ipmi", "rapl", "mock").
+    pub kind: String,
+    /// What it measures ("node", "cpu", "dram"; others are kept out of
+    /// the ledger).
+    pub domain: String,
+    /// Which one (a chassis id, a RAPL zone); unique within the Hello.
+    pub name: String,
+    pub energy_counter_supported: bool,
+    /// How often the agent reads it (10 ms - 1 h, as the GPUs' interval).
+    pub interval: Duration,
+}
+
+impl NodePowerSource {
+    /// `"{kind}/{name}"`: how the ledger keys its cursor.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.kind, self.name)
+    }
+
+    /// Whether its energy is the whole node's (the ledger's node energy).
+    pub fn is_node(&self) -> bool {
+        self.domain == NODE_DOMAIN
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Hello {
     pub node_id: String,
@@ -73,6 +116,7 @@ pub struct Hello {
     pub epoch: u64,
     pub interval: Duration,
     pub gpus: Vec<GpuInfo>,
+    pub node_power_sources: Vec<NodePowerSource>,
 }
 
 /// Why a Hello was refused: the first six variants by the edge's checks,
@@ -92,6 +136,18 @@ pub enum HelloError {
     GpuIndex { position: usize, index: u32 },
     #[error("agent version must be at most 128 printable characters")]
     AgentVersion,
+    #[error(
+        "node_power_sources[{position}].index is {index}: node power source indexes must be 0..n-1 in order (readings refer to sources by index)"
+    )]
+    NodePowerIndex { position: usize, index: u32 },
+    #[error("node_power_sources: {got} sources exceed the limit of {max}")]
+    TooManyNodePowerSources { got: usize, max: usize },
+    #[error("node_power_sources[{index}].{field}: {reason}")]
+    NodePowerSource {
+        index: usize,
+        field: &'static str,
+        reason: &'static str,
+    },
     #[error("stream epoch must be below 2^63")]
     Epoch,
     /// The node already streams (or streamed) under a newer epoch: the
@@ -144,6 +200,7 @@ pub fn check_hello(hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, HelloE
     if hello.epoch > MAX_STORED {
         return Err(HelloError::Epoch);
     }
+    check_node_power_sources(&hello.node_power_sources)?;
     for (index, g) in hello.gpus.iter().enumerate() {
         if !label_ok(&g.uuid, 1) {
             return Err(HelloError::Gpu {
@@ -173,6 +230,118 @@ pub fn check_hello(hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, HelloE
         }
     }
     Ok(Checked(hello))
+}
+
+/// Checks the Hello's node power sources: how many, label-safe kind,
+/// domain and name, names unique, at most one whole-node source.
+fn check_node_power_sources(sources: &[NodePowerSource]) -> Result<(), HelloError> {
+    if sources.len() > MAX_NODE_POWER_SOURCES {
+        return Err(HelloError::TooManyNodePowerSources {
+            got: sources.len(),
+            max: MAX_NODE_POWER_SOURCES,
+        });
+    }
+    let label = |s: &str| {
+        (1..=64).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    for (index, p) in sources.iter().enumerate() {
+        let bad = |field, reason| HelloError::NodePowerSource {
+            index,
+            field,
+            reason,
+        };
+        if !label(&p.kind) {
+            return Err(bad(
+                "kind",
+                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !label(&p.domain) {
+            return Err(bad(
+                "domain",
+                "must be 1-64 characters of letters, digits, '-', '_' or '.'",
+            ));
+        }
+        if !label_ok(&p.name, 1) {
+            return Err(bad("name", "must be 1-128 printable characters"));
+        }
+        if sources[..index].iter().any(|o| o.name == p.name) {
+            return Err(bad("name", "appears twice among the node power sources"));
+        }
+        if p.is_node() && sources[..index].iter().any(NodePowerSource::is_node) {
+            return Err(bad(
+                "domain",
+                "a second whole-node (\"node\") source: a node has at most one",
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Why a node power reading was dropped
+/// (`capwatch_collector_node_power_readings_total{reason}`); its sample is
+/// kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodePowerReject {
+    /// A source index not in the Hello's `node_power_sources`.
+    Source = 0,
+    /// Power above `MAX_NODE_POWER_MILLIWATTS`.
+    Power = 1,
+    /// A timestamp beyond the allowed clock skew or older than the oldest
+    /// sample accepted.
+    Timestamp = 2,
+    /// An energy counter beyond what the ledger stores.
+    Energy = 3,
+}
+
+impl NodePowerReject {
+    pub const ALL: [NodePowerReject; 4] = [
+        NodePowerReject::Source,
+        NodePowerReject::Power,
+        NodePowerReject::Timestamp,
+        NodePowerReject::Energy,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            NodePowerReject::Source => "source",
+            NodePowerReject::Power => "power",
+            NodePowerReject::Timestamp => "timestamp",
+            NodePowerReject::Energy => "energy",
+        }
+    }
+}
+
+/// Checks one node power reading against the node's `sources` (how many
+/// it announced) and the timestamps a reading may carry now: after
+/// `oldest_timestamp` (and the Unix epoch), at most `latest_timestamp`.
+/// Whether it follows the source's previous reading is the fleet's check
+/// (a reading not after it is a duplicate).
+pub fn check_node_power(
+    r: &NodePowerReading,
+    sources: usize,
+    latest_timestamp: i64,
+    oldest_timestamp: i64,
+) -> Result<(), NodePowerReject> {
+    if r.source as usize >= sources {
+        return Err(NodePowerReject::Source);
+    }
+    if r.timestamp_unix_nanos <= oldest_timestamp.max(0)
+        || r.timestamp_unix_nanos > latest_timestamp
+    {
+        return Err(NodePowerReject::Timestamp);
+    }
+    if r.power_milliwatts
+        .is_some_and(|p| p > MAX_NODE_POWER_MILLIWATTS)
+    {
+        return Err(NodePowerReject::Power);
+    }
+    if r.energy_millijoules.is_some_and(|e| e > MAX_STORED) {
+        return Err(NodePowerReject::Energy);
+    }
+    Ok(())
 }
 
 /// Checks a sample against the node's inventory (`gpus` GPUs, the power
@@ -265,12 +434,25 @@ pub struct HostReading {
     pub memory_total_bytes: Option<u64>,
 }
 
+/// One reading of a node power source, taken at its own time.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NodePowerReading {
+    /// Index into the Hello's `node_power_sources`.
+    pub source: u32,
+    pub timestamp_unix_nanos: i64,
+    pub power_milliwatts: Option<u64>,
+    /// Cumulative, from the source's counter.
+    pub energy_millijoules: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeSample {
     pub seq: u64,
     pub timestamp_unix_nanos: i64,
     pub gpus: Vec<GpuReading>,
     pub host: Option<HostReading>,
+    /// Checked by [`check_node_power`] one by one, when applied.
+    pub node_power: Vec<NodePowerReading>,
 }
 
 /// Largest integer the ledger stores (SQLite INTEGER is an i64).
@@ -292,11 +474,23 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
             index: g.index,
         });
     }
+    if let Some((position, p)) = h
+        .node_power_sources
+        .iter()
+        .enumerate()
+        .find(|(i, p)| u32::try_from(*i).ok() != Some(p.index))
+    {
+        return Err(HelloError::NodePowerIndex {
+            position,
+            index: p.index,
+        });
+    }
+    let interval = |millis: u32| Duration::from_millis(u64::from(millis.clamp(10, 3_600_000)));
     Ok(Hello {
         node_id: h.node_id,
         agent_version: h.agent_version,
         epoch: h.stream_epoch,
-        interval: Duration::from_millis(u64::from(h.interval_millis.clamp(10, 3_600_000))),
+        interval: interval(h.interval_millis),
         gpus: h
             .gpus
             .into_iter()
@@ -306,6 +500,17 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
                 power_limit_milliwatts: g.power_limit_milliwatts,
                 memory_total_bytes: g.memory_total_bytes,
                 energy_counter_supported: g.energy_counter_supported,
+            })
+            .collect(),
+        node_power_sources: h
+            .node_power_sources
+            .into_iter()
+            .map(|p| NodePowerSource {
+                kind: p.kind,
+                domain: p.domain,
+                name: p.name,
+                energy_counter_supported: p.energy_counter_supported,
+                interval: interval(p.interval_millis),
             })
             .collect(),
     })
@@ -367,11 +572,24 @@ pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
             })
         }
     };
+    // Bounded by the message size limit; each reading is checked when
+    // applied, and a bad one is dropped alone.
+    let node_power = s
+        .node_power
+        .into_iter()
+        .map(|r| NodePowerReading {
+            source: r.source,
+            timestamp_unix_nanos: r.timestamp_unix_nanos,
+            power_milliwatts: r.power_milliwatts,
+            energy_millijoules: r.energy_millijoules,
+        })
+        .collect();
     Ok(NodeSample {
         seq,
         timestamp_unix_nanos: s.timestamp_unix_nanos,
         gpus,
         host,
+        node_power,
     })
 }
 
@@ -421,5 +639,119 @@ mod tests {
             host: None,
         };
         assert!(sample(ok).is_ok());
+    }
+
+    fn power_source(index: u32, kind: &str, domain: &str, name: &str) -> pb::NodePowerSource {
+        pb::NodePowerSource {
+            index,
+            kind: kind.into(),
+            domain: domain.into(),
+            name: name.into(),
+            energy_counter_supported: true,
+            interval_millis: 10_000,
+        }
+    }
+
+    fn hello_with_power(sources: Vec<pb::NodePowerSource>) -> pb::Hello {
+        pb::Hello {
+            node_id: "n1".into(),
+            agent_version: "1".into(),
+            stream_epoch: 1,
+            interval_millis: 1_000,
+            node_power_sources: sources,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_hellos_node_power_sources_are_checked_and_the_field_named() {
+        let ok = vec![
+            power_source(0, "redfish", "node", "1"),
+            power_source(1, "rapl", "cpu", "package-0"),
+            power_source(2, "rapl", "dram", "package-0/dram"),
+        ];
+        let h = check_hello(hello(hello_with_power(ok)).unwrap(), 8).unwrap();
+        assert_eq!(h.node_power_sources.len(), 3);
+        assert_eq!(h.node_power_sources[0].key(), "redfish/1");
+        assert_eq!(h.node_power_sources[0].interval, Duration::from_secs(10));
+        // (sources, what the error must say)
+        let cases: Vec<(Vec<pb::NodePowerSource>, &str)> = vec![
+            (
+                vec![power_source(1, "redfish", "node", "1")],
+                "node_power_sources[0].index is 1",
+            ),
+            (
+                vec![power_source(0, "red fish", "node", "1")],
+                "node_power_sources[0].kind",
+            ),
+            (
+                vec![power_source(0, "redfish", "", "1")],
+                "node_power_sources[0].domain",
+            ),
+            (
+                vec![power_source(0, "redfish", "node", "a\nb")],
+                "node_power_sources[0].name",
+            ),
+            (
+                vec![
+                    power_source(0, "rapl", "cpu", "package-0"),
+                    power_source(1, "mock", "cpu", "package-0"),
+                ],
+                "node_power_sources[1].name: appears twice",
+            ),
+            (
+                vec![
+                    power_source(0, "redfish", "node", "1"),
+                    power_source(1, "ipmi", "node", "node"),
+                ],
+                "node_power_sources[1].domain: a second whole-node",
+            ),
+            (
+                (0..=MAX_NODE_POWER_SOURCES as u32)
+                    .map(|i| power_source(i, "rapl", "cpu", &format!("package-{i}")))
+                    .collect(),
+                "node_power_sources: 65 sources exceed the limit of 64",
+            ),
+        ];
+        for (sources, want) in cases {
+            let err = hello(hello_with_power(sources))
+                .and_then(|h| check_hello(h, 8))
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            assert!(err.contains(want), "{err:?} should say {want:?}");
+        }
+    }
+
+    #[test]
+    fn node_power_readings_are_checked_one_by_one() {
+        let r = |source, ts, power, energy| NodePowerReading {
+            source,
+            timestamp_unix_nanos: ts,
+            power_milliwatts: power,
+            energy_millijoules: energy,
+        };
+        let check = |x: NodePowerReading| check_node_power(&x, 2, 1_000, 100);
+        assert_eq!(
+            check(r(1, 500, Some(MAX_NODE_POWER_MILLIWATTS), Some(MAX_STORED))),
+            Ok(())
+        );
+        assert_eq!(check(r(2, 500, None, None)), Err(NodePowerReject::Source));
+        assert_eq!(
+            check(r(0, 100, None, None)),
+            Err(NodePowerReject::Timestamp)
+        );
+        assert_eq!(
+            check(r(0, 1_001, None, None)),
+            Err(NodePowerReject::Timestamp)
+        );
+        assert_eq!(
+            check(r(0, 500, Some(MAX_NODE_POWER_MILLIWATTS + 1), None)),
+            Err(NodePowerReject::Power)
+        );
+        assert_eq!(
+            check(r(0, 500, None, Some(MAX_STORED + 1))),
+            Err(NodePowerReject::Energy)
+        );
     }
 }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{debug, error, warn};
 
-pub use crate::edge::Reject;
+pub use crate::edge::{NodePowerReject, Reject};
 
 impl Reject {
     /// Every reason, in the order of `capwatch_collector_samples_total`'s
@@ -162,6 +162,12 @@ pub struct Counters {
     pub http_open: AtomicU64,
     /// Hellos refused for a leased GPU the node may not report.
     gpu_claims_refused: [AtomicU64; ClaimReason::ALL.len()],
+    /// Node power readings applied.
+    pub node_power_accepted: AtomicU64,
+    /// Node power readings not after their source's previous one.
+    pub node_power_duplicate: AtomicU64,
+    /// Node power readings dropped, by [`NodePowerReject::ALL`].
+    node_power_rejected: [AtomicU64; NodePowerReject::ALL.len()],
 }
 
 impl Counters {
@@ -173,6 +179,26 @@ impl Counters {
     /// Requests refused on `surface` for `reason`.
     pub fn auth_refused(&self, surface: Surface, reason: AuthReason) -> u64 {
         self.auth_refused[surface as usize][reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Node power readings dropped for `reason`.
+    pub fn node_power_rejected(&self, reason: NodePowerReject) -> u64 {
+        self.node_power_rejected[reason as usize].load(Ordering::Relaxed)
+    }
+
+    /// Counts what became of one batch's node power readings; a dropped
+    /// reading is logged with its node (its sample is kept).
+    pub fn count_node_power(&self, node: &str, accepted: u64, duplicate: u64, rejected: &[u64]) {
+        self.node_power_accepted
+            .fetch_add(accepted, Ordering::Relaxed);
+        self.node_power_duplicate
+            .fetch_add(duplicate, Ordering::Relaxed);
+        for (reason, n) in NodePowerReject::ALL.iter().zip(rejected) {
+            if *n > 0 {
+                self.node_power_rejected[*reason as usize].fetch_add(*n, Ordering::Relaxed);
+                warn!(node = %node, reason = reason.label(), readings = n, "node power readings dropped (their samples are kept)");
+            }
+        }
     }
 
     /// Hellos refused for a GPU claim, for `reason`.

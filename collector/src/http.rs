@@ -173,12 +173,21 @@ async fn status_view(s: &HttpState) -> StatusView {
         .all()
         .iter()
         .zip(&live)
-        .map(|(t, l)| TenantRow {
+        .map(|(t, l)| {
+            let contract = t.contract();
+            let node_mw = (l.node_reporting > 0).then_some(l.node_power_milliwatts);
+            let basis_mw = contract.basis_power(l.power_milliwatts, node_mw);
+            (t, l, contract, node_mw, basis_mw)
+        })
+        .map(|(t, l, contract, node_mw, basis_mw)| TenantRow {
             id: t.id.to_string(),
             name: t.name.clone(),
             contracted_watts: (t.contracted_milliwatts > 0)
                 .then(|| t.contracted_milliwatts as f64 / 1000.0),
             power_watts: l.power_milliwatts as f64 / 1000.0,
+            basis: contract.basis.label(),
+            basis_power_watts: basis_mw.map(|mw| mw as f64 / 1000.0),
+            node_power_watts: node_mw.map(|mw| mw as f64 / 1000.0),
             reporting: l.reporting,
             stale: l.stale,
             energy_today_mj: energy_today

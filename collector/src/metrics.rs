@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::events::{AuthReason, ClaimReason, Reject, Surface};
+use crate::events::{AuthReason, ClaimReason, NodePowerReject, Reject, Surface};
 use crate::state::State;
 
 /// The exposition's content type.
@@ -88,8 +88,13 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_node_power_watts",
-        "Sum of the power of the node's fresh GPUs.",
+        "Without source labels: sum of the power of the node's fresh GPUs. With source, domain and zone: the last fresh reading of one of the node's power sources (domain node: the whole node, the BMC's reading; cpu and dram: RAPL zones, inside it).",
         Kind::Gauge,
+    ),
+    (
+        "capwatch_node_energy_joules_total",
+        "Energy measured by one of the node's power sources since this collector first saw it (kept across collector restarts).",
+        Kind::Counter,
     ),
     (
         "capwatch_node_samples_total",
@@ -122,23 +127,43 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Gauge,
     ),
     (
+        "capwatch_tenant_node_power_watts",
+        "The tenant's share of the live whole-node power of its nodes with a fresh whole-node reading (split as node energy is); absent when none has one.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_tenant_facility_power_watts",
+        "Tenant node power times the tenant's PUE (an estimate of facility power); absent without a PUE or node power.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_tenant_basis_power_watts",
+        "Tenant power on the basis its contract is measured on (gpu, node or facility).",
+        Kind::Gauge,
+    ),
+    (
         "capwatch_tenant_contracted_power_watts",
         "Power the tenant contracted for.",
         Kind::Gauge,
     ),
     (
         "capwatch_tenant_capacity_utilization_ratio",
-        "Tenant power divided by contracted power.",
+        "Tenant power on its contract's basis divided by contracted power.",
         Kind::Gauge,
     ),
     (
         "capwatch_tenant_headroom_watts",
-        "Contracted power minus tenant power (negative when over contract).",
+        "Contracted power minus tenant power on its contract's basis (negative when over contract).",
         Kind::Gauge,
     ),
     (
         "capwatch_tenant_energy_joules_total",
         "Energy used by the tenant's GPUs.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_tenant_node_energy_joules_total",
+        "The tenant's share of its nodes' whole-node energy, as the ledger holds it.",
         Kind::Counter,
     ),
     (
@@ -169,6 +194,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     (
         "capwatch_collector_samples_total",
         "Samples received, by outcome (and reason, when rejected).",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_collector_node_power_readings_total",
+        "Node power readings received in accepted samples, by outcome (and reason, when rejected: the reading is dropped, its sample kept).",
         Kind::Counter,
     ),
     (
@@ -492,6 +522,26 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                     node_power = node_power.saturating_add(part.power_milliwatts);
                 });
                 f.push("capwatch_node_power_watts", &node_labels, watts(node_power));
+                for p in n.power_sources() {
+                    let Some(info) = p.info() else { continue };
+                    let labels = [
+                        ("tenant", n.tenant()),
+                        ("node", n.id()),
+                        ("source", info.kind.as_str()),
+                        ("domain", info.domain.as_str()),
+                        ("zone", info.name.as_str()),
+                    ];
+                    if let Some(mw) = p.power_milliwatts(now) {
+                        f.push("capwatch_node_power_watts", &labels, watts(mw));
+                    }
+                    if let Some(mj) = p.energy_millijoules() {
+                        f.push(
+                            "capwatch_node_energy_joules_total",
+                            &labels,
+                            mj as f64 / 1000.0,
+                        );
+                    }
+                }
             }
             if !per_gpu {
                 return;
@@ -562,6 +612,28 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             tot.energy_millijoules as f64 / 1000.0,
         );
         f.push(
+            "capwatch_tenant_node_energy_joules_total",
+            &labels,
+            tot.node_energy_millijoules as f64 / 1000.0,
+        );
+        let node_mw = (l.node_reporting > 0).then_some(l.node_power_milliwatts);
+        if let Some(mw) = node_mw {
+            f.push("capwatch_tenant_node_power_watts", &labels, watts(mw));
+        }
+        let contract = t.contract();
+        if let Some(mw) = contract.facility_power(node_mw) {
+            f.push("capwatch_tenant_facility_power_watts", &labels, watts(mw));
+        }
+        // On the contract's basis; absent where that power is unknown.
+        let basis_mw = contract.basis_power(l.power_milliwatts, node_mw);
+        if let Some(mw) = basis_mw {
+            f.push(
+                "capwatch_tenant_basis_power_watts",
+                &[("tenant", &*t.id), ("basis", contract.basis.label())],
+                watts(mw),
+            );
+        }
+        f.push(
             "capwatch_tenant_gpus",
             &[("tenant", &*t.id), ("state", "reporting")],
             l.reporting as f64,
@@ -582,16 +654,18 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         if t.contracted_milliwatts > 0 {
             let c = t.contracted_milliwatts;
             f.push("capwatch_tenant_contracted_power_watts", &labels, watts(c));
-            f.push(
-                "capwatch_tenant_capacity_utilization_ratio",
-                &labels,
-                l.power_milliwatts as f64 / c as f64,
-            );
-            f.push(
-                "capwatch_tenant_headroom_watts",
-                &labels,
-                (c as f64 - l.power_milliwatts as f64) / 1000.0,
-            );
+            if let Some(mw) = basis_mw {
+                f.push(
+                    "capwatch_tenant_capacity_utilization_ratio",
+                    &labels,
+                    mw as f64 / c as f64,
+                );
+                f.push(
+                    "capwatch_tenant_headroom_watts",
+                    &labels,
+                    (c as f64 - mw as f64) / 1000.0,
+                );
+            }
             f.push(
                 "capwatch_tenant_over_contract_seconds_total",
                 &labels,
@@ -622,6 +696,23 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             "capwatch_collector_samples_total",
             &[("outcome", "rejected"), ("reason", reason.label())],
             c.rejected(reason) as f64,
+        );
+    }
+    f.push(
+        "capwatch_collector_node_power_readings_total",
+        &[("outcome", "accepted")],
+        c.node_power_accepted.load(Ordering::Relaxed) as f64,
+    );
+    f.push(
+        "capwatch_collector_node_power_readings_total",
+        &[("outcome", "duplicate")],
+        c.node_power_duplicate.load(Ordering::Relaxed) as f64,
+    );
+    for reason in NodePowerReject::ALL {
+        f.push(
+            "capwatch_collector_node_power_readings_total",
+            &[("outcome", "rejected"), ("reason", reason.label())],
+            c.node_power_rejected(reason) as f64,
         );
     }
     f.push(
@@ -742,7 +833,7 @@ mod reference;
 mod tests {
     use super::reference::{registry, render};
     use super::*;
-    use crate::edge::{GpuReading, NodeSample};
+    use crate::edge::{GpuReading, NodePowerReading, NodePowerSource, NodeSample};
     use crate::state::{GpuInfo, Hello, StateConfig};
     use crate::tenants::Tenants;
     use std::sync::Arc;
@@ -755,7 +846,7 @@ mod tests {
         let path = dir.path().join("tenants.toml");
         std::fs::write(
             &path,
-            "[[tenant]]\nid = \"lab-a\"\nname = \"Lab \\\"A\\\"\"\ncontracted_kw = 1.5\nnodes = [\"a-*\"]\n",
+            "[[tenant]]\nid = \"lab-a\"\nname = \"Lab \\\"A\\\"\"\ncontracted_kw = 1.5\nnodes = [\"a-*\"]\nbasis = \"facility\"\npue = 1.25\n",
         )
         .unwrap();
         let state = Arc::new(State::new(
@@ -774,6 +865,27 @@ mod tests {
         for (node, full) in [("a-1", true), ("b \"quoted\" \\ node", false)] {
             let (h, _) = state
                 .hello(Hello {
+                    // a-1 has a BMC and a RAPL zone; the other node none.
+                    node_power_sources: if full {
+                        vec![
+                            NodePowerSource {
+                                kind: "redfish".into(),
+                                domain: "node".into(),
+                                name: "1".into(),
+                                energy_counter_supported: true,
+                                interval: Duration::from_secs(1),
+                            },
+                            NodePowerSource {
+                                kind: "rapl".into(),
+                                domain: "cpu".into(),
+                                name: "package-0".into(),
+                                energy_counter_supported: true,
+                                interval: Duration::from_secs(1),
+                            },
+                        ]
+                    } else {
+                        Vec::new()
+                    },
                     node_id: node.into(),
                     agent_version: "test".into(),
                     epoch: 1,
@@ -791,6 +903,25 @@ mod tests {
                 .unwrap();
             let samples = (1..=2u64)
                 .map(|seq| NodeSample {
+                    node_power: if full {
+                        let ts = now - 3_000_000_000 + seq as i64 * 1_000_000_000;
+                        vec![
+                            NodePowerReading {
+                                source: 0,
+                                timestamp_unix_nanos: ts,
+                                power_milliwatts: Some(1_000_000),
+                                energy_millijoules: Some(5_000_000 + seq * 1_000_000),
+                            },
+                            NodePowerReading {
+                                source: 1,
+                                timestamp_unix_nanos: ts,
+                                power_milliwatts: Some(200_000),
+                                energy_millijoules: Some(seq * 200_000),
+                            },
+                        ]
+                    } else {
+                        Vec::new()
+                    },
                     seq,
                     timestamp_unix_nanos: now - 3_000_000_000 + seq as i64 * 1_000_000_000,
                     gpus: (0..3)
@@ -856,6 +987,31 @@ mod tests {
             assert_eq!(fast.contains("capwatch_node_power_watts"), nodes);
             assert!(fast.contains("capwatch_tenant_power_watts"));
         }
+    }
+
+    #[test]
+    fn node_power_and_the_basis_are_exported() {
+        let state = fleet();
+        let text = render_text(&state, Detail::ALL);
+        let has = |line: &str| text.lines().any(|l| l == line);
+        // a-1's GPUs draw 370.4 W; its BMC reads 1000 W, all lab-a's (its
+        // GPUs are), 1250 W at the facility with a PUE of 1.25.
+        for line in [
+            "capwatch_node_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
+            "capwatch_node_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"rapl\",domain=\"cpu\",zone=\"package-0\"} 200",
+            "capwatch_node_energy_joules_total{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
+            "capwatch_tenant_node_power_watts{tenant=\"lab-a\"} 1000",
+            "capwatch_tenant_facility_power_watts{tenant=\"lab-a\"} 1250",
+            "capwatch_tenant_basis_power_watts{tenant=\"lab-a\",basis=\"facility\"} 1250",
+            "capwatch_tenant_capacity_utilization_ratio{tenant=\"lab-a\"} 0.8333333333333334",
+            "capwatch_tenant_headroom_watts{tenant=\"lab-a\"} 250",
+            "capwatch_collector_node_power_readings_total{outcome=\"accepted\"} 4",
+            "capwatch_collector_node_power_readings_total{outcome=\"rejected\",reason=\"power\"} 0",
+        ] {
+            assert!(has(line), "{line} missing from\n{text}");
+        }
+        // A tenant without node readings has no node power (absent, not 0).
+        assert!(!text.contains("capwatch_tenant_node_power_watts{tenant=\"unassigned\"}"));
     }
 
     #[test]

@@ -251,6 +251,12 @@ impl State {
                 .or_default()
                 .over_contract_nanos = u128::from(*nanos);
         }
+        for (tenant, energy) in &read.tenant_node_energy {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .node_energy_millijoules = *energy;
+        }
         *self
             .ledger_totals
             .write()
@@ -479,6 +485,8 @@ impl State {
             .fetch_add(out.accepted, std::sync::atomic::Ordering::Relaxed);
         c.duplicate
             .fetch_add(out.duplicate, std::sync::atomic::Ordering::Relaxed);
+        let np = &out.node_power;
+        c.count_node_power(&h.node_id, np.accepted, np.duplicate, &np.rejected);
         for &(seq, reason) in &out.rejected {
             SampleRejected {
                 node: &h.node_id,

@@ -39,6 +39,14 @@ pub struct TenantRow {
     pub name: String,
     pub contracted_watts: Option<f64>,
     pub power_watts: f64,
+    /// What the contract is measured on ("gpu", "node", "facility").
+    pub basis: &'static str,
+    /// Power on that basis; none where it is unknown (no fresh whole-node
+    /// reading for a node or facility basis).
+    pub basis_power_watts: Option<f64>,
+    /// The tenant's share of its nodes' live whole-node power; none where
+    /// none of its nodes has a fresh whole-node reading.
+    pub node_power_watts: Option<f64>,
     pub reporting: u64,
     pub stale: u64,
     /// Committed to the ledger today; none when the ledger could not be read.
@@ -121,16 +129,23 @@ fn render(
          <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\
          <title>capwatch status</title><style>{STYLE}</style></head><body>\
          <h1>capwatch status</h1>\
-         <p class=\"muted\">Live power of fresh GPUs; energy since {day} (UTC, committed to the \
-         ledger). Reloads every {REFRESH_SECONDS} s.</p>\
+         <p class=\"muted\">Live power of fresh GPUs and nodes; the contract is measured on \
+         its basis; energy since {day} (UTC, committed to the ledger). Reloads every \
+         {REFRESH_SECONDS} s.</p>\
          <table><thead><tr><th>tenant</th><th>power / contract</th><th></th>\
-         <th>power</th><th>contract</th><th>headroom</th><th>energy today</th>\
+         <th>power</th><th>node power</th><th>contract</th><th>headroom</th><th>energy today</th>\
          <th>GPUs reporting</th><th>GPUs stale</th></tr></thead><tbody>"
     );
     for r in rows {
-        let (bar, ratio, contract, headroom) = match r.contracted_watts {
-            Some(c) => {
-                let ratio = r.power_watts / c;
+        let (bar, ratio, contract, headroom) = match (r.contracted_watts, r.basis_power_watts) {
+            (Some(c), None) => (
+                format!("<span class=\"muted\">no {} power reading</span>", r.basis),
+                String::new(),
+                format!("{} ({})", kw(c), r.basis),
+                "—".to_string(),
+            ),
+            (Some(c), Some(basis_watts)) => {
+                let ratio = basis_watts / c;
                 let class = if ratio > 1.0 {
                     "over"
                 } else if ratio > 0.95 {
@@ -146,11 +161,11 @@ fn render(
                         ratio * 100.0
                     ),
                     format!("{:.1} %", ratio * 100.0),
-                    kw(c),
-                    kw(c - r.power_watts),
+                    format!("{} ({})", kw(c), r.basis),
+                    kw(c - basis_watts),
                 )
             }
-            None => (
+            (None, _) => (
                 "<span class=\"muted\">no contract</span>".to_string(),
                 String::new(),
                 "—".to_string(),
@@ -166,12 +181,14 @@ fn render(
             "<tr id=\"tenant-{id}\"><td><strong>{name}</strong><br>\
              <span class=\"muted\">{id}</span></td>\
              <td>{bar}</td><td class=\"num\">{ratio}</td>\
-             <td class=\"num\">{power}</td><td class=\"num\">{contract}</td>\
+             <td class=\"num\">{power}</td><td class=\"num\">{node_power}</td>\
+             <td class=\"num\">{contract}</td>\
              <td class=\"num\">{headroom}</td><td class=\"num\">{energy}</td>\
              <td class=\"num\">{reporting}</td><td class=\"num\">{stale}</td></tr>",
             id = escape(&r.id),
             name = escape(&r.name),
             power = kw(r.power_watts),
+            node_power = r.node_power_watts.map_or_else(|| "—".to_string(), kw),
             reporting = r.reporting,
             stale = r.stale,
         );
@@ -233,6 +250,9 @@ mod tests {
                 name: "<script>alert(1)</script>".into(),
                 contracted_watts: Some(1000.0),
                 power_watts: 1500.0,
+                basis: "gpu",
+                basis_power_watts: Some(1500.0),
+                node_power_watts: Some(1800.0),
                 reporting: 8,
                 stale: 0,
                 energy_today_mj: Some(3_600_000_000),
@@ -242,6 +262,9 @@ mod tests {
                 name: "unassigned".into(),
                 contracted_watts: None,
                 power_watts: 10.0,
+                basis: "gpu",
+                basis_power_watts: Some(10.0),
+                node_power_watts: None,
                 reporting: 1,
                 stale: 2,
                 energy_today_mj: None,
@@ -263,5 +286,28 @@ mod tests {
         assert!(html.contains("<meta http-equiv=\"refresh\""));
         assert!(html.contains("/v1/usage?from=1970-01-01T00:00:00Z&amp;to=1970-01-02T00:00:00Z"));
         assert!(!html.contains("<script"), "no JavaScript");
+    }
+
+    #[test]
+    fn a_contract_on_node_power_is_judged_by_it_and_unknown_without_it() {
+        let row = |node: Option<f64>| TenantRow {
+            id: "lab-n".into(),
+            name: "lab-n".into(),
+            contracted_watts: Some(1000.0),
+            power_watts: 500.0,
+            basis: "node",
+            basis_power_watts: node,
+            node_power_watts: node,
+            reporting: 1,
+            stale: 0,
+            energy_today_mj: None,
+        };
+        let html = render(&[row(Some(1200.0))], &[], 0, None);
+        assert!(html.contains("120.0 %"), "{html}");
+        assert!(html.contains("fill over"), "{html}");
+        assert!(html.contains("(node)"), "{html}");
+        let html = render(&[row(None)], &[], 0, None);
+        assert!(html.contains("no node power reading"), "{html}");
+        assert!(!html.contains("fill "), "{html}");
     }
 }

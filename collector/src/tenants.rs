@@ -27,6 +27,8 @@ use std::sync::Arc;
 use globset::{Glob, GlobMatcher};
 use serde::Deserialize;
 
+use crate::accounting::{Basis, Contract};
+
 /// Errors of reading a tenant file: the errors of every file an operator
 /// writes, so a bad tenant file reads like a bad config file.
 pub type TenantsError = capwatch_common::files::FileError;
@@ -66,6 +68,10 @@ struct TenantSpec {
     /// estimated facility energy in usage rows.
     #[serde(default)]
     pue: Option<f64>,
+    /// What the contract is measured on: "gpu" (default), "node" or
+    /// "facility" (needs `pue`).
+    #[serde(default)]
+    basis: Option<String>,
 }
 
 #[derive(Debug)]
@@ -74,6 +80,19 @@ pub struct Tenant {
     pub name: String,
     pub contracted_milliwatts: u64,
     pub pue: Option<f64>,
+    pub basis: Basis,
+}
+
+impl Tenant {
+    /// The tenant's contract, as a minute is measured against it.
+    pub fn contract(&self) -> Contract {
+        Contract {
+            milliwatts: self.contracted_milliwatts,
+            basis: self.basis,
+            // 1.0-3.0: fits.
+            pue_ppm: self.pue.map_or(0, |p| (p * 1e6).round() as u64),
+        }
+    }
 }
 
 /// A GPU leased by UUID.
@@ -225,6 +244,21 @@ impl Tenants {
                     "tenant {id:?}: pue must be between 1.0 and 3.0"
                 )));
             }
+            let basis = match spec.basis.as_deref() {
+                None | Some("gpu") => Basis::Gpu,
+                Some("node") => Basis::Node,
+                Some("facility") if spec.pue.is_some() => Basis::Facility,
+                Some("facility") => {
+                    return Err(invalid(format!(
+                        "tenant {id:?}: basis \"facility\" needs pue (facility energy of nodes not under a meter is node energy times pue)"
+                    )));
+                }
+                Some(other) => {
+                    return Err(invalid(format!(
+                        "tenant {id:?}: basis must be \"gpu\", \"node\" or \"facility\", got {other:?}"
+                    )));
+                }
+            };
             for entry in &spec.gpus {
                 let (uuid, node) = gpu_lease(id, entry).map_err(invalid)?;
                 let node = match node {
@@ -263,6 +297,7 @@ impl Tenants {
                 // kW to mW; bounded above, so the cast cannot overflow.
                 contracted_milliwatts: (spec.contracted_kw * 1e6).round() as u64,
                 pue: spec.pue,
+                basis,
             });
         }
         tenants.push(Tenant {
@@ -270,6 +305,7 @@ impl Tenants {
             name: "GPUs no tenant leases".into(),
             contracted_milliwatts: 0,
             pue: None,
+            basis: Basis::Gpu,
         });
         Ok(Self {
             tenants,
@@ -294,6 +330,16 @@ impl Tenants {
             .iter()
             .find(|t| &*t.id == tenant)
             .map_or(0, |t| t.contracted_milliwatts)
+    }
+
+    /// The contract this version of the file gives `tenant` (none, on GPU
+    /// energy, for a tenant it does not list); which version a minute is
+    /// measured against: [`TenantHistory::contract_at`].
+    pub fn contract(&self, tenant: &str) -> Contract {
+        self.tenants
+            .iter()
+            .find(|t| &*t.id == tenant)
+            .map_or_else(Contract::default, Tenant::contract)
     }
 
     pub fn unassigned(&self) -> usize {
@@ -413,15 +459,45 @@ impl TenantHistory {
         self.version(i).contracted_milliwatts(tenant)
     }
 
+    /// The contract, with its basis, that `tenant`'s minute starting at
+    /// `minute_start` is measured against, by the same version as
+    /// [`Self::contracted_milliwatts_at`].
+    pub fn contract_at(&self, tenant: &str, minute_start: i64) -> Contract {
+        let at = minute_start.saturating_mul(1_000_000_000);
+        let i = if self.versions.len() == 1 {
+            0
+        } else {
+            self.at(at)
+        };
+        self.version(i).contract(tenant)
+    }
+
     /// Every tenant's contract over time, for the tenants of any version:
     /// (from, mW) with `from` in Unix nanoseconds, strictly increasing, the
     /// first from `i64::MIN`; a version without the tenant gives it none
     /// (0), and consecutive versions with the same contract are one entry.
     pub fn contracts_by_tenant(&self) -> HashMap<Arc<str>, Vec<(i64, u64)>> {
-        let mut out: HashMap<Arc<str>, Vec<(i64, u64)>> = HashMap::new();
+        self.by_tenant_over_time(|t| t.contracted_milliwatts, 0)
+    }
+
+    /// As [`Self::contracts_by_tenant`], each contract with its basis and
+    /// PUE: what usage rows are measured against.
+    pub fn contract_terms_by_tenant(&self) -> HashMap<Arc<str>, Vec<(i64, Contract)>> {
+        self.by_tenant_over_time(Tenant::contract, Contract::default())
+    }
+
+    /// `of` each tenant over time, for the tenants of any version, `none`
+    /// where a version lacks the tenant; consecutive equal values are one
+    /// entry.
+    fn by_tenant_over_time<V: Copy + PartialEq>(
+        &self,
+        of: impl Fn(&Tenant) -> V,
+        none: V,
+    ) -> HashMap<Arc<str>, Vec<(i64, V)>> {
+        let mut out: HashMap<Arc<str>, Vec<(i64, V)>> = HashMap::new();
         for (i, (from, version)) in self.versions.iter().enumerate() {
             let from = if i == 0 { i64::MIN } else { *from };
-            let set = |spans: &mut Vec<(i64, u64)>, c: u64| match spans.last_mut() {
+            let set = |spans: &mut Vec<(i64, V)>, c: V| match spans.last_mut() {
                 Some((f, v)) if *f == from => *v = c,
                 Some((_, v)) if *v == c => {}
                 _ => spans.push((from, c)),
@@ -429,14 +505,14 @@ impl TenantHistory {
             for t in version.all() {
                 let spans = out
                     .entry(t.id.clone())
-                    .or_insert_with(|| vec![(i64::MIN, 0)]);
-                set(spans, t.contracted_milliwatts);
+                    .or_insert_with(|| vec![(i64::MIN, none)]);
+                set(spans, of(t));
             }
             if i > 0 {
                 let here: HashSet<&str> = version.all().iter().map(|t| &*t.id).collect();
                 for (id, spans) in &mut out {
                     if !here.contains(&**id) {
-                        set(spans, 0);
+                        set(spans, none);
                     }
                 }
             }
@@ -771,6 +847,40 @@ mod tests {
         for (text, want) in cases {
             let err = Tenants::from_toml(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text:?}: {err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn basis_is_read_and_a_facility_basis_needs_a_pue() {
+        let t = Tenants::from_toml(
+            "[[tenant]]\nid = \"a\"\ncontracted_kw = 1\n
+             [[tenant]]\nid = \"b\"\ncontracted_kw = 1\nbasis = \"node\"\n
+             [[tenant]]\nid = \"c\"\ncontracted_kw = 2\nbasis = \"facility\"\npue = 1.4\n",
+        )
+        .unwrap();
+        assert_eq!(t.contract("a").basis, Basis::Gpu);
+        assert_eq!(t.contract("b").basis, Basis::Node);
+        assert_eq!(
+            t.contract("c"),
+            Contract {
+                milliwatts: 2_000_000,
+                basis: Basis::Facility,
+                pue_ppm: 1_400_000
+            }
+        );
+        assert_eq!(t.contract("nobody"), Contract::default());
+        for (text, want) in [
+            (
+                "[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nbasis = \"facility\"\n",
+                "tenant \"a\": basis \"facility\" needs pue",
+            ),
+            (
+                "[[tenant]]\nid = \"a\"\ncontracted_kw = 1\nbasis = \"rack\"\n",
+                "tenant \"a\": basis must be \"gpu\", \"node\" or \"facility\", got \"rack\"",
+            ),
+        ] {
+            let err = Tenants::from_toml(text).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} lacks {want:?}");
         }
     }
 }

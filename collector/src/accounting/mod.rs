@@ -26,6 +26,9 @@ use std::time::{Duration, Instant};
 
 use crate::edge::{GpuReading, MAX_SPREAD};
 
+mod split;
+pub use split::{Party, split_node_energy};
+
 pub const NANOS_PER_SECOND: u128 = 1_000_000_000;
 const MAX_SPREAD_NANOS: i64 = MAX_SPREAD.as_nanos() as i64;
 const MINUTE_NS: i64 = 60_000_000_000;
@@ -379,6 +382,11 @@ pub struct MinuteFigures {
     pub busy_gpu_ns: u64,
     pub expected_gpu_ns: u64,
     pub samples: u64,
+    /// A share of whole-node energy (`Applied::book_node`).
+    pub node_energy_mj: u64,
+    pub node_estimated_mj: u64,
+    /// GPU time of the tenant on the node covered by whole-node readings.
+    pub node_ns: u64,
 }
 
 /// Where a reading's minute figures go: the bucket of (tenant, minute).
@@ -422,6 +430,7 @@ impl Applied {
                 busy_gpu_ns: busy,
                 expected_gpu_ns: span,
                 samples: 1,
+                ..MinuteFigures::default()
             };
             b.add(tenant, minute, &f);
             return;
@@ -446,6 +455,58 @@ impl Applied {
             ..MinuteFigures::default()
         };
         b.add(tenant, minute, &one);
+    }
+}
+
+impl Applied {
+    /// Books `share_mj` of this whole-node reading's energy (the tenant's
+    /// share, `split_node_energy`) to `tenant`'s minute buckets over the
+    /// interval the reading covers, as `book` does GPU energy (an estimate
+    /// over the stretch it stands for), and as node time the covered part
+    /// of the interval times `gpus`, the tenant's GPUs on the node (1 for
+    /// a node without GPUs): comparable with its expected GPU time, so
+    /// that node coverage is the share of GPU time with node energy.
+    pub fn book_node<T: ?Sized>(
+        &self,
+        b: &mut impl Book<T>,
+        tenant: &T,
+        share_mj: u64,
+        gpus: u64,
+        window: Duration,
+    ) {
+        let to_ns = self.to_ns;
+        let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
+        let span = u64::try_from(to_ns - from).unwrap_or(0);
+        let (backed_from, covered) = match self.estimated_ns {
+            Some(stretch) => {
+                let stretch = stretch.min(span);
+                (to_ns - stretch as i64, stretch)
+            }
+            None if u128::from(span) <= window.as_nanos() => (from, span),
+            None => (from, 0),
+        };
+        let node_ns = covered.saturating_mul(gpus);
+        let estimated = self.estimated_ns.is_some();
+        for (minute, part) in split_by_minute(share_mj, backed_from, to_ns) {
+            if part == 0 {
+                continue;
+            }
+            let f = MinuteFigures {
+                node_energy_mj: part,
+                node_estimated_mj: if estimated { part } else { 0 },
+                ..MinuteFigures::default()
+            };
+            b.add(tenant, minute, &f);
+        }
+        if node_ns > 0 {
+            for (minute, part) in split_by_minute(node_ns, backed_from, to_ns) {
+                let f = MinuteFigures {
+                    node_ns: part,
+                    ..MinuteFigures::default()
+                };
+                b.add(tenant, minute, &f);
+            }
+        }
     }
 }
 
@@ -482,6 +543,93 @@ pub fn split_by_minute(amount: u64, from_ns: i64, to_ns: i64) -> Vec<(i64, u64)>
         left -= 1;
     }
     parts.into_iter().map(|(m, v, _)| (m, v)).collect()
+}
+
+/// What a tenant's contract is measured on (`basis` in the tenant file).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Basis {
+    /// Its GPUs' energy.
+    #[default]
+    Gpu,
+    /// Its share of its nodes' whole-node energy.
+    Node,
+    /// Facility energy: a meter's allocation where its nodes are under one,
+    /// else node energy times the tenant's PUE (estimated).
+    Facility,
+}
+
+impl Basis {
+    pub const ALL: [Basis; 3] = [Basis::Gpu, Basis::Node, Basis::Facility];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Basis::Gpu => "gpu",
+            Basis::Node => "node",
+            Basis::Facility => "facility",
+        }
+    }
+}
+
+/// What one tenant-minute is measured against: the contracted power (mW,
+/// 0: none), on which energy, and the PUE (parts per million, 0: none)
+/// that turns node energy into facility energy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Contract {
+    pub milliwatts: u64,
+    pub basis: Basis,
+    pub pue_ppm: u64,
+}
+
+impl Contract {
+    /// A GPU-energy contract of `milliwatts`.
+    pub fn gpu(milliwatts: u64) -> Self {
+        Self {
+            milliwatts,
+            ..Self::default()
+        }
+    }
+
+    /// The energy of a stretch on this contract's basis, from its GPU
+    /// energy and node energy (mJ): the one place the basis is applied.
+    /// For facility, `metered_mj` is a meter's allocation where the nodes
+    /// are under one; `None`: node energy times the PUE, rounded to the
+    /// nearest millijoule.
+    pub fn basis_energy(&self, gpu_mj: u64, node_mj: u64, metered_mj: Option<u64>) -> u64 {
+        match self.basis {
+            Basis::Gpu => gpu_mj,
+            Basis::Node => node_mj,
+            Basis::Facility => {
+                metered_mj.unwrap_or_else(|| facility_estimate(node_mj, self.pue_ppm))
+            }
+        }
+    }
+}
+
+impl Contract {
+    /// Live power (mW) on this contract's basis, from the GPUs' power and
+    /// the node power (`None`: no fresh whole-node reading); `None` where
+    /// the basis needs what is unknown (node power, or a PUE).
+    pub fn basis_power(&self, gpu_mw: u64, node_mw: Option<u64>) -> Option<u64> {
+        match self.basis {
+            Basis::Gpu => Some(gpu_mw),
+            Basis::Node => node_mw,
+            Basis::Facility => self.facility_power(node_mw),
+        }
+    }
+
+    /// Node power times the PUE; `None` without either.
+    pub fn facility_power(&self, node_mw: Option<u64>) -> Option<u64> {
+        node_mw
+            .filter(|_| self.pue_ppm > 0)
+            .map(|mw| facility_estimate(mw, self.pue_ppm))
+    }
+}
+
+/// Node energy times a PUE given in parts per million, rounded half up to
+/// the millijoule (exact integer arithmetic).
+pub fn facility_estimate(node_mj: u64, pue_ppm: u64) -> u64 {
+    let x = (u128::from(node_mj) * u128::from(pue_ppm) + 500_000) / 1_000_000;
+    u64::try_from(x).unwrap_or(u64::MAX)
 }
 
 /// Over-contract time (ns) and overage (mJ) of one tenant-minute that

@@ -63,5 +63,8 @@ impl Book<Arc<str>> for Booking {
         d.busy_gpu_ns += f.busy_gpu_ns;
         d.expected_gpu_ns += f.expected_gpu_ns;
         d.samples += f.samples;
+        d.node_energy_mj += f.node_energy_mj;
+        d.node_estimated_mj += f.node_estimated_mj;
+        d.node_ns += f.node_ns;
     }
 }

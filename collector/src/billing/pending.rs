@@ -14,6 +14,9 @@ use crate::tenants::TenantHistory;
 pub struct TenantTotals {
     pub energy_millijoules: u64,
     pub over_contract_nanos: u128,
+    /// Node energy as the ledger holds it (`tenant_total.node_energy_mj`):
+    /// resumed at start-up and read after each commit.
+    pub node_energy_millijoules: u64,
 }
 
 /// The ledger commit being gathered, and its number.
@@ -154,6 +157,12 @@ impl Billing {
                 .entry(Arc::from(tenant.as_str()))
                 .or_default()
                 .over_contract_nanos = u128::from(*nanos);
+        }
+        for (tenant, energy) in &snap.tenant_node_energy {
+            totals
+                .entry(Arc::from(tenant.as_str()))
+                .or_default()
+                .node_energy_millijoules = *energy;
         }
     }
 

@@ -6,8 +6,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::accounting::{Book, Tick};
-use crate::edge::{MAX_SEQ_JUMP, NodeSample, Reject, check_sample};
+use crate::accounting::{Book, Party, Tick, split_node_energy};
+use crate::edge::{
+    MAX_SEQ_JUMP, NodePowerReject, NodeSample, Reject, check_node_power, check_sample,
+};
 use crate::ledger::NodeCursor;
 use crate::sync::lock;
 use crate::tenants::TenantHistory;
@@ -28,6 +30,19 @@ pub struct BatchOutcome {
     pub accepted: u64,
     pub duplicate: u64,
     pub rejected: Vec<(u64, Reject)>,
+    /// What became of the node power readings of the accepted samples.
+    pub node_power: NodePowerOutcome,
+}
+
+/// Node power readings of one batch
+/// (`capwatch_collector_node_power_readings_total`).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NodePowerOutcome {
+    pub accepted: u64,
+    /// Not after the source's previous reading: sent before.
+    pub duplicate: u64,
+    /// By `NodePowerReject::ALL`.
+    pub rejected: [u64; NodePowerReject::ALL.len()],
 }
 
 impl Fleet {
@@ -54,7 +69,10 @@ impl Fleet {
         // this batch needed: (version, tenant per GPU).
         let mut past: Option<(usize, Vec<Arc<str>>)> = None;
         {
-            let mut n = lock(&h.node);
+            let mut guard = lock(&h.node);
+            // One borrow per field: the GPUs, the power sources and the
+            // energy since the last whole-node reading at once.
+            let n = &mut *guard;
             // Read under the node's lock: a reload re-attributes the node
             // after replacing the history, so this is as new as its span.
             let history = history();
@@ -140,6 +158,83 @@ impl Fleet {
                             Some((_, e)) => *e = e.saturating_add(added),
                             None => energy.push((tenant.clone(), added)),
                         }
+                        let since = &mut n.gpu_energy_since_node;
+                        match since.iter_mut().find(|(t, _)| t == tenant) {
+                            Some((_, e)) => *e = e.saturating_add(added),
+                            None => since.push((tenant.clone(), added)),
+                        }
+                    }
+                }
+                // Node power: a bad reading is dropped alone, the sample
+                // (its GPU data) stays accepted.
+                for r in s.node_power {
+                    if let Err(reason) = check_node_power(&r, n.power.len(), latest, oldest) {
+                        out.node_power.rejected[reason as usize] += 1;
+                        continue;
+                    }
+                    let source = &mut n.power[r.source as usize];
+                    if !source.follows(r.timestamp_unix_nanos) {
+                        out.node_power.duplicate += 1;
+                        continue;
+                    }
+                    let Some(applied) = source.apply(r, now, latest, window) else {
+                        out.node_power.duplicate += 1;
+                        continue;
+                    };
+                    source.sampled_at = sampled_at(r.timestamp_unix_nanos, now, now_ns);
+                    out.node_power.accepted += 1;
+                    if !source.is_node() {
+                        // CPU and DRAM zones are inside the whole-node
+                        // reading: live figures only, never added to it.
+                        continue;
+                    }
+                    let source_window = source.window(window);
+                    // The tenants of the node's GPUs at the reading, with
+                    // their GPU energy since the last whole-node reading.
+                    let mut parties: Vec<Party<Arc<str>>> =
+                        std::mem::take(&mut n.gpu_energy_since_node)
+                            .into_iter()
+                            .map(|(tenant, gpu_energy_mj)| Party {
+                                tenant,
+                                gpu_energy_mj,
+                                gpus: 0,
+                            })
+                            .collect();
+                    for (i, g) in n.gpus.iter().enumerate() {
+                        let tenant = match (&version, &past) {
+                            (Some(()), Some((_, tenants))) => &tenants[i],
+                            _ => &g.tenant,
+                        };
+                        match parties.iter_mut().find(|p| p.tenant == *tenant) {
+                            Some(p) => p.gpus += 1,
+                            None => parties.push(Party {
+                                tenant: tenant.clone(),
+                                gpu_energy_mj: 0,
+                                gpus: 1,
+                            }),
+                        }
+                    }
+                    if parties.is_empty() {
+                        // A node without GPUs: its energy is the tenant's
+                        // that leases the node.
+                        let tenant = match (&version, &past) {
+                            (Some(()), Some((v, _))) => {
+                                let t = history.version(*v);
+                                t.all()[t.attribute_node(&node_id)].id.clone()
+                            }
+                            _ => n.tenant.clone(),
+                        };
+                        parties.push(Party {
+                            tenant,
+                            gpu_energy_mj: 0,
+                            gpus: 0,
+                        });
+                    }
+                    let gpus: u64 = parties.iter().map(|p| p.gpus).sum();
+                    let shares = split_node_energy(applied.energy_mj, &parties);
+                    for (p, share) in parties.iter().zip(shares) {
+                        let weight = if gpus == 0 { 1 } else { p.gpus };
+                        applied.book_node(&mut booked, &p.tenant, share, weight, source_window);
                     }
                 }
                 out.accepted += 1;

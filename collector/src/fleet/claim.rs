@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::ledger::Claim;
 use crate::sync::lock;
 
+use super::power::PowerSource;
 use super::{Fleet, Gpu, Node};
 
 impl Fleet {
@@ -112,6 +113,16 @@ impl Fleet {
                     .map(move |(uuid, g)| Gpu::resumed(uuid, g, c.last_seq))
             })
             .collect();
+        // The claim's power source cursors replace what this collector
+        // counted: the ledger's are the ones committed last.
+        n.power.clear();
+        n.power_departed = claim
+            .cursor
+            .iter()
+            .flat_map(|c| &c.power)
+            .map(|(key, c)| PowerSource::resumed(key, c))
+            .collect();
+        n.gpu_energy_since_node.clear();
         let mut at = lock(&self.departed_at);
         for g in &old {
             if at.get(&g.uuid).is_some_and(|o| **o == *id) {

@@ -19,6 +19,7 @@
 mod batch;
 mod claim;
 mod node;
+mod power;
 mod view;
 
 use std::collections::HashMap;
@@ -32,11 +33,12 @@ use crate::edge::{Checked, Hello, HelloError};
 use crate::ledger::Snapshot;
 use crate::sync::{lock, unix_nanos_now};
 use crate::tenants::{Tenants, UNASSIGNED};
+use power::PowerSource;
 
 pub use batch::{BatchOutcome, Superseded};
 pub use node::TenantLive;
 pub(crate) use node::{Gpu, Node};
-pub use view::{GpuView, NodeView};
+pub use view::{GpuView, NodeView, PowerSourceView};
 
 /// What bounds the fleet: staleness, inventory size and the clock skew
 /// and age a sample may have.
@@ -186,6 +188,12 @@ impl Fleet {
                     node.departed.push(g);
                 }
             }
+            // Power sources too, until the Hello announces them.
+            node.power_departed = cursor
+                .power
+                .iter()
+                .map(|(key, c)| PowerSource::resumed(key, c))
+                .collect();
             nodes.insert(id, Arc::new(Mutex::new(node)));
         }
     }
@@ -363,6 +371,13 @@ impl Fleet {
             {
                 held.insert(g.uuid.clone(), (n.id.clone(), generation));
             }
+            // Power sources as GPUs: the same source (by kind and name)
+            // keeps its meter.
+            let mut known: Vec<PowerSource> = std::mem::take(&mut n.power);
+            known.append(&mut n.power_departed);
+            let (announced, departed) = power::announce(hello.node_power_sources, known, new_epoch);
+            n.power = announced;
+            n.power_departed = departed;
             n.attribute(tenants, span);
             n.agent_version = hello.agent_version;
             n.interval = hello.interval;
@@ -523,6 +538,14 @@ impl Fleet {
                     }
                 };
                 live[t].add(part);
+            });
+            n.node_power_split(now, window, |tenant, mw| {
+                let t = index
+                    .get(&**tenant)
+                    .copied()
+                    .unwrap_or(tenants.unassigned());
+                live[t].node_power_milliwatts = live[t].node_power_milliwatts.saturating_add(mw);
+                live[t].node_reporting += 1;
             });
         }
         live

@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use crate::accounting::{Applied, Meter, MeterCursor, Tick};
+use crate::accounting::{Applied, Meter, MeterCursor, Party, Tick, split_node_energy};
 use crate::edge::{GpuInfo, GpuReading, HostReading};
 use crate::ledger::{GpuCursor, NodeCursor};
 use crate::tenants::{Tenants, UNASSIGNED};
+
+use super::power::PowerSource;
 
 #[derive(Debug)]
 pub struct Gpu {
@@ -208,6 +210,14 @@ pub struct Node {
     /// GPUs the node announced before but not in its latest inventory;
     /// kept so their counters resume if they come back.
     pub(super) departed: Vec<Gpu>,
+    /// The power sources of the node's latest Hello, in its order.
+    pub(crate) power: Vec<PowerSource>,
+    /// Power sources known from before (the ledger, an earlier Hello) but
+    /// not announced now; kept so their counters resume if they come back.
+    pub(super) power_departed: Vec<PowerSource>,
+    /// GPU energy booked on the node per tenant since its last whole-node
+    /// reading: what the next one is split by (`split_node_energy`).
+    pub(super) gpu_energy_since_node: Vec<(Arc<str>, u64)>,
     /// The ledger commit holding the node's latest batch: what a Welcome
     /// must wait for.
     pub(super) last_commit_id: u64,
@@ -239,6 +249,9 @@ impl Node {
             host: None,
             gpus: Vec::new(),
             departed: Vec::new(),
+            power: Vec::new(),
+            power_departed: Vec::new(),
+            gpu_energy_since_node: Vec::new(),
             last_commit_id: 0,
             tenants_span: (i64::MIN, i64::MAX),
             live_valid: true,
@@ -330,6 +343,12 @@ impl Node {
                 .chain(&self.departed)
                 .map(|g| (g.uuid.clone(), g.cursor()))
                 .collect(),
+            power: self
+                .power
+                .iter()
+                .chain(&self.power_departed)
+                .map(|p| (p.key.clone(), p.cursor()))
+                .collect(),
         }
     }
 
@@ -392,6 +411,57 @@ impl Node {
         self.live_valid = true;
     }
 
+    /// The node's whole-node source, if its last reading is fresh at
+    /// `now` and has a power figure: (source, mW).
+    pub(crate) fn node_power(&self, now: Instant, window: Duration) -> Option<(&PowerSource, u64)> {
+        let p = self.power.iter().find(|p| p.is_node())?;
+        let mw = p.last.as_ref()?.power_milliwatts?;
+        sampled_within(p.sampled_at, now, p.window(window)).then_some((p, mw))
+    }
+
+    /// Calls `add` with each tenant's share of the node's live whole-node
+    /// power at `now`, split by the rule of node energy with the live
+    /// power of its fresh GPUs (`split_node_energy`); nothing where the
+    /// node has no fresh whole-node reading.
+    pub(crate) fn node_power_split(
+        &self,
+        now: Instant,
+        window: Duration,
+        mut add: impl FnMut(&Arc<str>, u64),
+    ) {
+        let Some((_, mw)) = self.node_power(now, window) else {
+            return;
+        };
+        let mut parties: Vec<Party<Arc<str>>> = Vec::new();
+        for g in &self.gpus {
+            let power = match &g.last {
+                Some(r) if g.fresh(now, window) => r.power_milliwatts.unwrap_or(0),
+                _ => 0,
+            };
+            match parties
+                .iter_mut()
+                .find(|p| Arc::ptr_eq(&p.tenant, &g.tenant))
+            {
+                Some(p) => {
+                    p.gpus += 1;
+                    p.gpu_energy_mj = p.gpu_energy_mj.saturating_add(power);
+                }
+                None => parties.push(Party {
+                    tenant: g.tenant.clone(),
+                    gpu_energy_mj: power,
+                    gpus: 1,
+                }),
+            }
+        }
+        if parties.is_empty() {
+            add(&self.tenant, mw);
+            return;
+        }
+        for (p, share) in parties.iter().zip(split_node_energy(mw, &parties)) {
+            add(&p.tenant, share);
+        }
+    }
+
     /// Calls `add` with what the node's GPUs add to each tenant's live
     /// figures at `now`: from the summary when there is one, else GPU by
     /// GPU.
@@ -440,7 +510,8 @@ impl Node {
     }
 }
 
-/// One tenant's live figures over some GPUs.
+/// One tenant's live figures over some GPUs, and its share of the live
+/// whole-node power of its nodes that have a fresh whole-node reading.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct TenantLive {
     pub power_milliwatts: u64,
@@ -448,6 +519,11 @@ pub struct TenantLive {
     pub stale: u64,
     pub utilization_sum: u64,
     pub utilization_n: u64,
+    /// Its share of live whole-node power (`Node::node_power_split`).
+    pub node_power_milliwatts: u64,
+    /// How many of its nodes have a fresh whole-node reading: none, and
+    /// it has no node power (absent, not 0).
+    pub node_reporting: u64,
 }
 
 impl TenantLive {
@@ -459,6 +535,7 @@ impl TenantLive {
             stale: 0,
             utilization_sum: r.utilization_percent.map_or(0, u64::from),
             utilization_n: u64::from(r.utilization_percent.is_some()),
+            ..Self::default()
         }
     }
 
@@ -468,5 +545,9 @@ impl TenantLive {
         self.stale += o.stale;
         self.utilization_sum += o.utilization_sum;
         self.utilization_n += o.utilization_n;
+        self.node_power_milliwatts = self
+            .node_power_milliwatts
+            .saturating_add(o.node_power_milliwatts);
+        self.node_reporting += o.node_reporting;
     }
 }

@@ -7,11 +7,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::edge::{GpuReading, HostReading};
+use crate::edge::{GpuReading, HostReading, NodePowerSource};
 use crate::sync::lock;
 
 use super::Fleet;
 use super::node::{Gpu, Node, TenantLive};
+use super::power::PowerSource;
 
 /// One node, read under its lock, with the staleness window in force.
 #[derive(Clone, Copy)]
@@ -86,6 +87,23 @@ impl<'a> NodeView<'a> {
         self.node.live(now, self.window, add)
     }
 
+    /// The node's power sources of its latest Hello, in its order.
+    #[inline]
+    pub fn power_sources(self) -> impl ExactSizeIterator<Item = PowerSourceView<'a>> {
+        let window = self.window;
+        self.node
+            .power
+            .iter()
+            .map(move |source| PowerSourceView { source, window })
+    }
+
+    /// Power (mW) of the node's whole-node source, where its last reading
+    /// is fresh at `now`.
+    #[inline]
+    pub fn node_power_milliwatts(&self, now: Instant) -> Option<u64> {
+        self.node.node_power(now, self.window).map(|(_, mw)| mw)
+    }
+
     /// The node's GPUs in inventory order (their position is the `gpu`
     /// label).
     #[inline]
@@ -156,6 +174,45 @@ impl<'a> GpuView<'a> {
     #[inline]
     pub fn counter_resets(&self) -> u64 {
         self.gpu.counter_resets()
+    }
+}
+
+/// One power source of a [`NodeView`].
+#[derive(Clone, Copy)]
+pub struct PowerSourceView<'a> {
+    source: &'a PowerSource,
+    window: Duration,
+}
+
+impl<'a> PowerSourceView<'a> {
+    /// What reads it, what it measures and which one: from the Hello.
+    #[inline]
+    pub fn info(&self) -> Option<&'a NodePowerSource> {
+        self.source.info.as_ref()
+    }
+
+    /// Its last reading's power, where the reading is fresh at `now`.
+    #[inline]
+    pub fn power_milliwatts(&self, now: Instant) -> Option<u64> {
+        let fresh = self
+            .source
+            .sampled_at
+            .is_some_and(|t| now.saturating_duration_since(t) <= self.source.window(self.window));
+        self.source
+            .last
+            .as_ref()
+            .filter(|_| fresh)
+            .and_then(|r| r.power_milliwatts)
+    }
+
+    /// Energy since this collector first saw the source (mJ); `None`
+    /// before its first reading.
+    #[inline]
+    pub fn energy_millijoules(&self) -> Option<u64> {
+        self.source
+            .last
+            .is_some()
+            .then(|| self.source.energy_millijoules())
     }
 }
 

@@ -432,6 +432,7 @@ mod tests {
         );
         let (h, _) = state
             .hello(Hello {
+                node_power_sources: Vec::new(),
                 node_id: "n1".into(),
                 agent_version: "test".into(),
                 epoch: 1,
@@ -462,6 +463,7 @@ mod tests {
         // hours ago.
         let t0 = (sync::now_unix() - 3 * 3600).div_euclid(3600) * 3600;
         let sample = |seq: u64| NodeSample {
+            node_power: Vec::new(),
             seq,
             timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
             gpus: vec![GpuReading {
@@ -573,6 +575,7 @@ mod tests {
         let now = sync::now_unix();
         let t0 = now - 2 * 3600;
         let sample = |seq: u64, t: i64, counter: u64| NodeSample {
+            node_power: Vec::new(),
             seq,
             timestamp_unix_nanos: t * 1_000_000_000,
             gpus: vec![GpuReading {
@@ -651,6 +654,7 @@ mod tests {
         let (committed, acks) = watch::channel(0);
         let t0 = sync::now_unix() - 600;
         let sample = |seq: u64| NodeSample {
+            node_power: Vec::new(),
             seq,
             timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
             gpus: vec![GpuReading {

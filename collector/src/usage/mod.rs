@@ -23,6 +23,7 @@ mod tests;
 
 use std::time::Duration;
 
+use crate::accounting::{Basis, Contract};
 use crate::ledger::{LedgerError, LedgerReader};
 use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
@@ -91,27 +92,42 @@ pub enum UsageError {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Terms {
     pub tenant: String,
-    /// The contract (mW; 0: none) over time: (from, mW), `from` in Unix
-    /// nanoseconds, strictly increasing, the first from `i64::MIN`.
-    pub contracts: Vec<(i64, u64)>,
+    /// The contract over time, with its basis: (from, contract), `from` in
+    /// Unix nanoseconds, strictly increasing, the first from `i64::MIN`.
+    pub contracts: Vec<(i64, Contract)>,
     /// Power usage effectiveness of the tenant's site, if configured.
     pub pue: Option<f64>,
 }
 
 impl Terms {
-    /// Terms with one contract at all times.
+    /// Terms with one contract (on GPU energy) at all times.
     pub fn new(tenant: &str, contracted_milliwatts: Option<u64>, pue: Option<f64>) -> Self {
         Self {
             tenant: tenant.to_string(),
-            contracts: vec![(i64::MIN, contracted_milliwatts.unwrap_or(0))],
+            contracts: vec![(
+                i64::MIN,
+                Contract {
+                    milliwatts: contracted_milliwatts.unwrap_or(0),
+                    basis: Basis::Gpu,
+                    pue_ppm: pue.map_or(0, |p| (p * 1e6).round() as u64),
+                },
+            )],
             pue,
         }
     }
 
-    /// The contract (mW; 0: none) the minute starting at `minute_start`
-    /// (Unix seconds) is measured against: the one in force at the
-    /// minute's start, as `TenantHistory::contracted_milliwatts_at` says.
-    pub fn contract_at(&self, minute_start: i64) -> u64 {
+    /// These terms with every contract on `basis`.
+    pub fn on(mut self, basis: Basis) -> Self {
+        for (_, c) in &mut self.contracts {
+            c.basis = basis;
+        }
+        self
+    }
+
+    /// The contract the minute starting at `minute_start` (Unix seconds)
+    /// is measured against: the one in force at the minute's start, as
+    /// `TenantHistory::contract_at` says.
+    pub fn contract_at(&self, minute_start: i64) -> Contract {
         if let [(_, only)] = self.contracts[..] {
             return only;
         }
@@ -201,12 +217,12 @@ pub fn run(
         }
     }
     // Each minute against the contract of its own time.
-    let contracts = history.contracts_by_tenant();
+    let contracts = history.contract_terms_by_tenant();
     for t in &mut selected {
         t.contracts = contracts
             .get(t.tenant.as_str())
             .cloned()
-            .unwrap_or_else(|| vec![(i64::MIN, 0)]);
+            .unwrap_or_else(|| vec![(i64::MIN, Contract::default())]);
     }
     let r = report(&q, &selected, &usage);
     if r.adjustments.len() > MAX_ROWS as usize {

@@ -71,6 +71,27 @@ pub struct Row {
     pub readings: u64,
     /// The row ends after `finalized_through`: it may still change.
     pub partial: bool,
+    /// What the contract is measured on ("gpu", "node", "facility"), as
+    /// in force at the row's last minute: average, peak and p95 power,
+    /// capacity utilization, time over contract and overage are on it.
+    /// `energy_*` stay GPU energy.
+    pub basis: String,
+    /// The tenant's share of its nodes' whole-node energy (0 where its
+    /// nodes report none; see `node_coverage`). Exact: a decimal string.
+    #[serde(with = "decimal")]
+    pub node_energy_millijoules: u64,
+    pub node_energy_kwh: f64,
+    /// Share of the tenant's GPU time on nodes with whole-node readings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_coverage: Option<f64>,
+    /// Some node energy was integrated from power (no energy counter).
+    pub node_energy_estimated: bool,
+    /// Facility energy: node energy times the tenant's PUE (where it has
+    /// one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub facility_energy_kwh: Option<f64>,
+    /// `facility_energy_kwh` is an estimate (from the PUE, not a meter).
+    pub facility_energy_estimated: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -118,6 +139,12 @@ pub struct AdjustmentRow {
     pub overage_kwh: f64,
     pub estimated: bool,
     pub readings: u64,
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
+    pub node_energy_millijoules: u64,
+    pub node_energy_kwh: f64,
+    /// Some of the node energy was integrated from power.
+    pub node_energy_estimated: bool,
 }
 
 /// Builds the report for `tenants` from the usage read over
@@ -147,12 +174,13 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                     acc
                 })
         };
-        // Energy of the minute buckets in [from, to).
+        // Energy of the minute buckets in [from, to), on the basis of
+        // each minute's contract.
         let minute_energy = |from: i64, to: i64| -> u64 {
             spans
                 .range(from..to)
                 .filter(|(_, s)| s.peak_quarter_mj.is_none())
-                .map(|(_, s)| s.delta.energy_mj)
+                .map(|(t, s)| s.basis_energy(&terms.contract_at(*t)))
                 .fold(0u64, u64::saturating_add)
         };
         for w in q.bounds.windows(2) {
@@ -163,14 +191,14 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
             // carry the evaluation of their minutes.
             let (over_ns, overage_mj) =
                 spans.range(start..end).fold((0u64, 0u64), |acc, (t, s)| {
-                    let (ns, mj) = s.over_contract(terms.contract_at(*t));
+                    let (ns, mj) = s.over_contract(&terms.contract_at(*t));
                     (acc.0.saturating_add(ns), acc.1.saturating_add(mj))
                 });
             // Highest quarter-hour average: from the minutes' quarter-hours
             // overlapping the row, and from the peaks stored in rollups.
             let rolled_up_peak = spans
                 .range(start..end)
-                .filter_map(|(_, s)| s.peak_quarter_mj)
+                .filter_map(|(t, s)| s.basis_peak_quarter_mj(&terms.contract_at(*t)))
                 .max();
             let mut peak_mj = rolled_up_peak.unwrap_or(0);
             // The quarter-hours overlapping the row reach beyond it where
@@ -205,11 +233,24 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                     Some(acc.map_or((t, t), |(a, _)| (a, t)))
                 })
                 .unwrap_or((end, start));
-            let average_w = d.energy_mj as f64 / 1000.0 / seconds as f64;
+            // Average power on the basis of each span's contract.
+            let basis_mj = spans
+                .range(start..end)
+                .map(|(t, s)| s.basis_energy(&terms.contract_at(*t)))
+                .fold(0u64, u64::saturating_add);
+            let average_w = basis_mj as f64 / 1000.0 / seconds as f64;
             // The contract in force at the row's last minute.
-            let contracted_w = Some(terms.contract_at(end - 60))
+            let last_contract = terms.contract_at(end - 60);
+            let contracted_w = Some(last_contract.milliwatts)
                 .filter(|c| *c > 0)
                 .map(|c| c as f64 / 1000.0);
+            // Facility energy: node energy times the PUE (no meter yet:
+            // estimated), where the tenant has a PUE and node readings
+            // cover some of the row (else it is unknown, not 0).
+            let facility_mj =
+                (last_contract.pue_ppm > 0 && (d.node_ns > 0 || d.node_energy_mj > 0)).then(|| {
+                    crate::accounting::facility_estimate(d.node_energy_mj, last_contract.pue_ppm)
+                });
             let p95 = (seconds >= QUARTER
                 && rolled_up_peak.is_none()
                 && start >= usage.minutes_from)
@@ -255,6 +296,14 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                 facility_energy_kwh_estimated: terms.pue.map(|pue| energy_kwh * pue),
                 readings: d.samples,
                 partial: end > finalized,
+                basis: last_contract.basis.label().to_string(),
+                node_energy_millijoules: d.node_energy_mj,
+                node_energy_kwh: d.node_energy_mj as f64 / 3.6e9,
+                node_coverage: (d.expected_gpu_ns > 0)
+                    .then(|| (d.node_ns as f64 / d.expected_gpu_ns as f64).min(1.0)),
+                node_energy_estimated: d.node_estimated_mj > 0,
+                facility_energy_kwh: facility_mj.map(|mj| mj as f64 / 3.6e9),
+                facility_energy_estimated: facility_mj.is_some(),
             });
         }
     }
@@ -308,6 +357,9 @@ fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<Adjustmen
                 overage_kwh: d.overage_mj as f64 / 3.6e9,
                 estimated: d.estimated_mj > 0,
                 readings: d.samples,
+                node_energy_millijoules: d.node_energy_mj,
+                node_energy_kwh: d.node_energy_mj as f64 / 3.6e9,
+                node_energy_estimated: d.node_estimated_mj > 0,
             }
         })
         .collect()

@@ -1,5 +1,6 @@
 use super::render::CSV_HEADER;
 use super::*;
+use crate::accounting::Basis;
 use crate::ledger::{BucketDelta, Reader, Span, Usage};
 
 const T: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
@@ -114,6 +115,7 @@ fn usage_of(minutes: Vec<(String, i64, BucketDelta)>) -> Usage {
                 (
                     t,
                     Span {
+                        node_peak_quarter_mj: None,
                         start,
                         seconds: 60,
                         delta,
@@ -260,6 +262,7 @@ fn over_contract_is_each_minutes_average_against_the_contract() {
         (
             "a".to_string(),
             Span {
+                node_peak_quarter_mj: None,
                 start: T,
                 seconds: 3600,
                 delta: rolled,
@@ -420,10 +423,10 @@ fn adjustments_are_summed_per_revision_tenant_node_and_row() {
     assert_eq!(
         lines,
         vec![
-            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,3000,0.0000008333333333333333,0.016666666666666666,0.008333333333333333,0.0033333333333333335,,,,,0,0,,false,,60,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.016666666666666666",
-            "a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,4000,0.000001111111111111111,0.008333333333333333,0.004166666666666667,0.0044444444444444444,,,,,0,0,,false,,30,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.008333333333333333",
-            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,8000,0.000002222222222222222,0.008333333333333333,0.004166666666666667,0.008888888888888889,,,,,0,0,,false,,30,false,adjustment,n2,4,2027-01-01T03:00:04Z,0.008333333333333333",
-            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,16000,0.000004444444444444444,0.008333333333333333,0.004166666666666667,0.017777777777777778,,,,,0,0,,false,,30,false,adjustment,n1,9,2027-01-01T03:00:09Z,0.008333333333333333",
+            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,3000,0.0000008333333333333333,0.016666666666666666,0.008333333333333333,0.0033333333333333335,,,,,0,0,,false,,60,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.016666666666666666,,0,0,,false,,",
+            "a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,4000,0.000001111111111111111,0.008333333333333333,0.004166666666666667,0.0044444444444444444,,,,,0,0,,false,,30,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.008333333333333333,,0,0,,false,,",
+            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,8000,0.000002222222222222222,0.008333333333333333,0.004166666666666667,0.008888888888888889,,,,,0,0,,false,,30,false,adjustment,n2,4,2027-01-01T03:00:04Z,0.008333333333333333,,0,0,,false,,",
+            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,16000,0.000004444444444444444,0.008333333333333333,0.004166666666666667,0.017777777777777778,,,,,0,0,,false,,30,false,adjustment,n1,9,2027-01-01T03:00:09Z,0.008333333333333333,,0,0,,false,,",
         ]
     );
     // Every line has the header's columns.
@@ -600,6 +603,7 @@ fn rows_before_the_kept_minutes_come_from_rollups() {
         (
             "a".to_string(),
             Span {
+                node_peak_quarter_mj: None,
                 start: T,
                 seconds: 3600,
                 delta: d(1_800_000_000, 3600, 1800, 3600),
@@ -858,4 +862,112 @@ fn adjustments_of_a_tenant_not_yet_listed_are_not_skipped() {
         .collect();
     assert_eq!(got, vec![("x", 2, 5_000)]);
     assert!(r.rows.iter().any(|row| row.tenant == "x"), "{:?}", r.rows);
+}
+
+/// A tenant whose GPUs draw 300 W while its share of the node draws 600 W
+/// (the first half of each minute covered by node readings), for a
+/// quarter-hour.
+fn with_node_energy() -> Usage {
+    usage_of(
+        (0..15)
+            .map(|i| {
+                let mut delta = d(18_000_000, 60, 60, 60);
+                delta.node_energy_mj = 36_000_000;
+                delta.node_ns = 30_000_000_000;
+                (String::from("a"), T + i * 60, delta)
+            })
+            .collect(),
+    )
+}
+
+#[test]
+fn power_contract_and_overage_follow_the_basis_and_energy_stays_gpu_energy() {
+    let q = Query::parse(
+        Some("2027-01-01T00:00:00Z"),
+        Some("2027-01-01T00:15:00Z"),
+        Some("15m"),
+        None,
+        1,
+    )
+    .unwrap();
+    let usage = with_node_energy();
+    // (basis, average W, overage per minute against 0.5 kW (30 kJ), PUE)
+    let cases = [
+        (Basis::Gpu, 300.0, 0, None),
+        (Basis::Node, 600.0, 6_000_000, None),
+        // 36 kJ × 1.25 = 45 kJ a minute.
+        (Basis::Facility, 750.0, 15_000_000, Some(1.25)),
+    ];
+    for (basis, watts, overage_mj, pue) in cases {
+        let terms = [Terms::new("a", Some(500_000), pue).on(basis)];
+        let r = report(&q, &terms, &usage);
+        let row = &r.rows[0];
+        assert_eq!(row.basis, basis.label());
+        assert_eq!(row.energy_millijoules, 15 * 18_000_000, "{basis:?}");
+        assert_eq!(row.node_energy_millijoules, 15 * 36_000_000);
+        assert_eq!(row.node_coverage, Some(0.5));
+        assert_eq!(row.average_power_watts, watts, "{basis:?}");
+        assert_eq!(row.peak_demand_watts, watts, "{basis:?}");
+        assert_eq!(row.p95_power_watts, Some(watts), "{basis:?}");
+        assert_eq!(row.capacity_utilization, Some(watts / 500.0), "{basis:?}");
+        let over = if overage_mj > 0 { 900.0 } else { 0.0 };
+        assert_eq!(row.seconds_over_contract, over, "{basis:?}");
+        assert_eq!(
+            (row.overage_kwh * 3.6e9).round() as u64,
+            15 * overage_mj,
+            "{basis:?}"
+        );
+        assert_eq!(
+            row.facility_energy_kwh.map(|k| (k * 3.6e9).round() as u64),
+            pue.map(|_| 15 * 45_000_000)
+        );
+        assert_eq!(row.facility_energy_estimated, pue.is_some());
+    }
+    // Without node readings there is no facility energy to estimate.
+    let gpu_only = usage_of(vec![(String::from("a"), T, d(18_000_000, 60, 60, 60))]);
+    let terms = [Terms::new("a", Some(500_000), Some(1.25)).on(Basis::Facility)];
+    let row = &report(&q, &terms, &gpu_only).rows[0];
+    assert_eq!(
+        (row.node_coverage, row.facility_energy_kwh),
+        (Some(0.0), None)
+    );
+}
+
+#[test]
+fn a_rollups_peak_and_over_contract_follow_the_basis() {
+    // One hour kept only as a rollup: its node peak is what a node basis
+    // sees.
+    let mut delta = d(3_600_000_000, 3600, 3600, 3600);
+    delta.node_energy_mj = 7_200_000_000;
+    delta.over_contract_ns = 5;
+    let usage = Usage {
+        spans: vec![(
+            "a".to_string(),
+            Span {
+                start: T,
+                seconds: 3600,
+                delta,
+                peak_quarter_mj: Some(900_000_000),
+                node_peak_quarter_mj: Some(1_800_000_000),
+            },
+        )],
+        minutes_from: T + 3600,
+        ..Usage::default()
+    };
+    let q = Query::parse(
+        Some("2027-01-01T00:00:00Z"),
+        Some("2027-01-01T01:00:00Z"),
+        Some("1h"),
+        None,
+        1,
+    )
+    .unwrap();
+    for (basis, peak, average) in [(Basis::Gpu, 1000.0, 1000.0), (Basis::Node, 2000.0, 2000.0)] {
+        let terms = [Terms::new("a", Some(500_000), None).on(basis)];
+        let row = &report(&q, &terms, &usage).rows[0];
+        assert_eq!(row.peak_demand_watts, peak, "{basis:?}");
+        assert_eq!(row.average_power_watts, average, "{basis:?}");
+        // What the rollup stored when it was rolled up.
+        assert_eq!(row.seconds_over_contract, 5e-9);
+    }
 }

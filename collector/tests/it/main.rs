@@ -26,6 +26,7 @@ mod http_abuse;
 mod http_api;
 mod ledger_safety;
 mod multi;
+mod node_power;
 mod nvml_e2e;
 mod postgres;
 mod security;

@@ -155,6 +155,7 @@ mod conformance {
 
 fn cursor(seq: u64) -> NodeCursor {
     NodeCursor {
+        power: Vec::new(),
         epoch: 1,
         last_seq: seq,
         gpus: vec![(
@@ -869,4 +870,75 @@ fn a_transaction_left_open_by_a_cut_off_collector_does_not_block_the_others() {
     assert!(stale.join().unwrap().is_err(), "the cut-off call gave up");
     link.resume();
     assert_eq!(energy(&other.reader()), 5);
+}
+
+/// A ledger at schema version 1 (before node energy) with data migrates:
+/// its rows read with no node energy, and it takes node energy and power
+/// cursors after.
+#[test]
+fn a_version_1_ledger_migrates_with_no_node_energy_in_its_rows() {
+    use super::schema::{BOOTSTRAP, MIGRATIONS};
+    let url = fresh_database(server());
+    let db = db_of(&url);
+    server().psql(db, BOOTSTRAP);
+    server().psql(db, MIGRATIONS[0]);
+    server().psql(
+        db,
+        &format!(
+            "UPDATE ledger_schema SET version = 1;
+             INSERT INTO usage_minute VALUES ('a', 'n1', {MINUTE}, 100, 5, 4, 1, 6, 7, 0, 0);
+             INSERT INTO tenant_total VALUES ('a', 100, 0);"
+        ),
+    );
+    let mut l = PgLedger::open(&settings(&url)).unwrap();
+    assert_eq!(
+        server().psql(db, "SELECT version FROM ledger_schema"),
+        MIGRATIONS.len().to_string()
+    );
+    let snap = l.restore().unwrap();
+    assert_eq!(snap.tenant_energy, vec![("a".to_string(), 100)]);
+    assert_eq!(snap.tenant_node_energy, vec![("a".to_string(), 0)]);
+    let reader = PgReader::open(&settings(&url)).unwrap();
+    let minutes = reader.minutes(Some("a"), MINUTE, MINUTE + 60).unwrap();
+    assert_eq!(
+        minutes,
+        vec![(
+            "a".to_string(),
+            MINUTE,
+            BucketDelta {
+                energy_mj: 100,
+                gpu_ns: 5,
+                busy_gpu_ns: 4,
+                samples: 1,
+                expected_gpu_ns: 6,
+                estimated_mj: 7,
+                ..BucketDelta::default()
+            }
+        )]
+    );
+    let mut c = booking("n1", 1, MINUTE, 1);
+    c.buckets
+        .get_mut(&(Arc::from("lab-a"), Arc::from("n1"), MINUTE))
+        .unwrap()
+        .node_energy_mj = 500;
+    let mut cursor = cursor(1);
+    cursor.power = vec![(
+        Arc::from("redfish/1"),
+        GpuCursor {
+            last_counter_mj: Some(9),
+            last_timestamp_ns: Some(1),
+            remainder_mw_ns: 0,
+            energy_mj: 9,
+            counter_resets: 0,
+        },
+    )];
+    c.nodes.insert(Arc::from("n1"), cursor.clone());
+    l.commit_as("h", &c, MINUTE + 10, i64::MIN).unwrap();
+    let mut snap = l.restore().unwrap();
+    snap.tenant_node_energy.sort();
+    assert_eq!(snap.nodes, vec![("n1".to_string(), cursor)]);
+    assert_eq!(
+        snap.tenant_node_energy,
+        vec![("a".to_string(), 0), ("lab-a".to_string(), 500)]
+    );
 }

@@ -17,14 +17,34 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
-use crate::accounting::over_contract;
-use crate::ledger::{Commit, Committed, HOUR, LedgerError, MINUTE};
+use crate::accounting::{Contract, over_contract};
+use crate::ledger::{BUCKET_FIELDS, Commit, Committed, HOUR, LedgerError, MINUTE};
+use tokio_postgres::types::ToSql;
 
-/// One bucket: (tenant, node, minute, the eight values).
-type Bucket = (Arc<str>, Arc<str>, i64, [i64; 8]);
+/// One bucket: (tenant, node, minute, the bucket values).
+type Bucket = (Arc<str>, Arc<str>, i64, [i64; BUCKET_FIELDS]);
 
-/// Bucket rows as column arrays: tenants, nodes, minutes, the eight values.
-type BucketColumns<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<i64>, [Vec<i64>; 8]);
+/// Bucket rows as column arrays: tenants, nodes, minutes, the bucket values.
+type BucketColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    [Vec<i64>; BUCKET_FIELDS],
+);
+
+/// The parameters `head`, then the three key arrays and the value arrays
+/// of `b`.
+fn bucket_params<'a>(
+    head: &[&'a (dyn ToSql + Sync)],
+    b: &'a BucketColumns<'a>,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut v: Vec<&'a (dyn ToSql + Sync)> = head.to_vec();
+    v.push(&b.0);
+    v.push(&b.1);
+    v.push(&b.2);
+    v.extend(b.3.iter().map(|c| c as &(dyn ToSql + Sync)));
+    v
+}
 
 /// What the commit writes, as owned column arrays, built before the call.
 struct Columns {
@@ -36,8 +56,12 @@ struct Columns {
     buckets: Vec<Bucket>,
     tenants: Vec<String>,
     energies: Vec<i64>,
-    /// (tenant, minute) → (energy added, contract mW), contract > 0.
-    added: Vec<(String, i64, u64, u64)>,
+    /// Each tenant's node energy in the commit's buckets, as column arrays.
+    node_tenants: Vec<String>,
+    node_energies: Vec<i64>,
+    /// (tenant, minute, GPU energy added, node energy added, contract),
+    /// contracts of more than 0 mW only.
+    added: Vec<(String, i64, u64, u64, Contract)>,
     booked_at: i64,
     finalize_through: i64,
     /// The commit's id, and the holder's last commit id this writer saw
@@ -53,7 +77,7 @@ pub(super) struct Attempt {
     pub(super) lose_reply: AtomicBool,
 }
 
-/// `unnest` of eight `int8[]` parameters starting at `$first`.
+/// `unnest` of the bucket columns' `int8[]` parameters starting at `$first`.
 fn arrays(first: usize) -> String {
     (first..first + BUCKET_COLUMNS.len())
         .map(|i| format!("${i}::int8[]"))
@@ -87,6 +111,8 @@ pub(super) fn commit(
         buckets: Vec::with_capacity(c.buckets.len()),
         tenants: Vec::new(),
         energies: Vec::new(),
+        node_tenants: Vec::new(),
+        node_energies: Vec::new(),
         added: Vec::new(),
         booked_at,
         finalize_through,
@@ -109,7 +135,7 @@ pub(super) fn commit(
         cols.gpus.push(encode_gpus(n));
     }
     for ((tenant, node, minute), d) in &c.buckets {
-        let mut v = [0i64; 8];
+        let mut v = [0i64; BUCKET_FIELDS];
         for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
             *slot = i64_of(shared, x, name)?;
         }
@@ -120,20 +146,25 @@ pub(super) fn commit(
         cols.tenants.push(t.to_string());
         cols.energies.push(i64_of(shared, *e, "energy")?);
     }
+    for (t, e) in c.node_energy_by_tenant() {
+        cols.node_tenants.push(t.to_string());
+        cols.node_energies.push(i64_of(shared, e, "node energy")?);
+    }
     if let Some(contracts) = &c.contracts {
-        let mut added: HashMap<(&Arc<str>, i64), (u64, u64)> = HashMap::new();
+        let mut added: HashMap<(&Arc<str>, i64), (u64, u64, Contract)> = HashMap::new();
         for ((tenant, _, minute), d) in &c.buckets {
-            if d.energy_mj > 0 {
+            if d.energy_mj > 0 || d.node_energy_mj > 0 {
                 let e = added
                     .entry((tenant, *minute))
-                    .or_insert_with(|| (0, contracts.contracted_milliwatts_at(tenant, *minute)));
+                    .or_insert_with(|| (0, 0, contracts.contract_at(tenant, *minute)));
                 e.0 = e.0.saturating_add(d.energy_mj);
+                e.1 = e.1.saturating_add(d.node_energy_mj);
             }
         }
         cols.added = added
             .into_iter()
-            .filter(|(_, (_, contract))| *contract > 0)
-            .map(|((t, m), (e, contract))| (t.to_string(), m, e, contract))
+            .filter(|(_, (_, _, contract))| contract.milliwatts > 0)
+            .map(|((t, m), (g, n, contract))| (t.to_string(), m, g, n, contract))
             .collect();
     }
     let s = shared.clone();
@@ -264,13 +295,7 @@ async fn write(
                 arrays(4),
             ))
             .await?;
-        let [a, b, cc, d, e, f, g, h] = &live.3;
-        let updated = tx
-            .query(
-                &update,
-                &[&live.0, &live.1, &live.2, a, b, cc, d, e, f, g, h],
-            )
-            .await?;
+        let updated = tx.query(&update, &bucket_params(&[], &live)).await?;
         let mut done = vec![false; live.0.len()];
         for row in &updated {
             let i = usize::try_from(row.try_get::<_, i64>(0)? - 1).map_err(|_| s.range("row"))?;
@@ -295,9 +320,7 @@ async fn write(
                     adds("usage_minute")
                 ))
                 .await?;
-            let [a, b, cc, d, e, f, g, h] = &new.3;
-            tx.execute(&upsert, &[&new.0, &new.1, &new.2, a, b, cc, d, e, f, g, h])
-                .await?;
+            tx.execute(&upsert, &bucket_params(&[], &new)).await?;
         }
         tx.execute(
             "INSERT INTO rollup_pending (hour_start) SELECT unnest($1::int8[])
@@ -314,26 +337,8 @@ async fn write(
         adds("adjustment")
     );
     if !late.0.is_empty() {
-        let [a, b, cc, d, e, f, g, h] = &late.3;
-        tx.execute(
-            &adjust,
-            &[
-                &rev,
-                &c.booked_at,
-                &late.0,
-                &late.1,
-                &late.2,
-                a,
-                b,
-                cc,
-                d,
-                e,
-                f,
-                g,
-                h,
-            ],
-        )
-        .await?;
+        tx.execute(&adjust, &bucket_params(&[&rev, &c.booked_at], &late))
+            .await?;
     }
     if !c.tenants.is_empty() {
         tx.execute(
@@ -342,6 +347,16 @@ async fn write(
              ON CONFLICT (tenant) DO UPDATE
                 SET energy_mj = tenant_total.energy_mj + excluded.energy_mj",
             &[&c.tenants, &c.energies],
+        )
+        .await?;
+    }
+    if !c.node_tenants.is_empty() {
+        tx.execute(
+            "INSERT INTO tenant_total (tenant, energy_mj, over_contract_ns, node_energy_mj)
+             SELECT t, 0, 0, e FROM unnest($1::text[], $2::int8[]) AS x(t, e)
+             ON CONFLICT (tenant) DO UPDATE
+                SET node_energy_mj = tenant_total.node_energy_mj + excluded.node_energy_mj",
+            &[&c.node_tenants, &c.node_energies],
         )
         .await?;
     }
@@ -359,6 +374,10 @@ async fn write(
                     (SELECT COALESCE(SUM(energy_mj), 0) FROM usage_minute
                         WHERE minute_start = k.m AND tenant = k.t)::int8
                   + (CASE WHEN k.f THEN (SELECT COALESCE(SUM(energy_mj), 0) FROM adjustment
+                        WHERE minute_start = k.m AND tenant = k.t) ELSE 0 END)::int8,
+                    (SELECT COALESCE(SUM(node_energy_mj), 0) FROM usage_minute
+                        WHERE minute_start = k.m AND tenant = k.t)::int8
+                  + (CASE WHEN k.f THEN (SELECT COALESCE(SUM(node_energy_mj), 0) FROM adjustment
                         WHERE minute_start = k.m AND tenant = k.t) ELSE 0 END)::int8
                  FROM unnest($1::text[], $2::int8[], $3::bool[]) WITH ORDINALITY AS k(t, m, f, i)",
                 &[&ts, &ms, &fs],
@@ -367,11 +386,18 @@ async fn write(
         let mut tenant_wide: BucketColumns = Default::default();
         for row in rows {
             let i = usize::try_from(row.try_get::<_, i64>(0)? - 1).map_err(|_| s.range("row"))?;
-            let (tenant, minute, delta, contract) = &c.added[i];
-            let now = u64_of(s, row.try_get(1)?, "minute energy")?;
-            let before = now.saturating_sub(*delta);
-            let (ns_after, mj_after) = over_contract(now, *contract);
-            let (ns_before, mj_before) = over_contract(before, *contract);
+            let (tenant, minute, gpu_added, node_added, contract) = &c.added[i];
+            let gpu_now = u64_of(s, row.try_get(1)?, "minute energy")?;
+            let node_now = u64_of(s, row.try_get(2)?, "minute node energy")?;
+            // On the contract's basis, now and before this commit.
+            let now = contract.basis_energy(gpu_now, node_now, None);
+            let before = contract.basis_energy(
+                gpu_now.saturating_sub(*gpu_added),
+                node_now.saturating_sub(*node_added),
+                None,
+            );
+            let (ns_after, mj_after) = over_contract(now, contract.milliwatts);
+            let (ns_before, mj_before) = over_contract(before, contract.milliwatts);
             let grew = ns_after.saturating_sub(ns_before);
             if grew > 0 {
                 *by_tenant.entry(tenant.clone()).or_default() += grew;
@@ -390,6 +416,9 @@ async fn write(
                     0,
                     i64_of(s, grew, "over-contract time")?,
                     i64_of(s, overage, "overage")?,
+                    0,
+                    0,
+                    0,
                 ];
                 for (col, x) in tenant_wide.3.iter_mut().zip(v) {
                     col.push(x);
@@ -397,26 +426,8 @@ async fn write(
             }
         }
         if !tenant_wide.0.is_empty() {
-            let [a, b, cc, d, e, f, g, h] = &tenant_wide.3;
-            tx.execute(
-                &adjust,
-                &[
-                    &rev,
-                    &c.booked_at,
-                    &tenant_wide.0,
-                    &tenant_wide.1,
-                    &tenant_wide.2,
-                    a,
-                    b,
-                    cc,
-                    d,
-                    e,
-                    f,
-                    g,
-                    h,
-                ],
-            )
-            .await?;
+            tx.execute(&adjust, &bucket_params(&[&rev, &c.booked_at], &tenant_wide))
+                .await?;
         }
     }
     let mut over_contract_ns: Vec<(Arc<str>, u64)> = by_tenant

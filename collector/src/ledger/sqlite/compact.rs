@@ -88,9 +88,10 @@ impl Ledger {
                 .map_err(err)?;
             let mut hour_peak = tx
                 .prepare_cached(
-                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
-                     SELECT 3600, ?1, tenant, MAX(e) FROM (
-                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj, node_peak_quarter_mj)
+                     SELECT 3600, ?1, tenant, MAX(e), MAX(n) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e,
+                            SUM(node_energy_mj) AS n
                         FROM usage_minute
                         WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
                         GROUP BY tenant, quarter)
@@ -108,9 +109,10 @@ impl Ledger {
             let mut day_peak = tx
                 .prepare_cached(
                     "INSERT INTO demand_rollup
-                        (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj)
+                        (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj,
+                            node_peak_quarter_mj)
                      SELECT 86400, ?1, tenant, MAX(peak_quarter_mj), SUM(over_contract_ns),
-                        SUM(overage_mj)
+                        SUM(overage_mj), MAX(node_peak_quarter_mj)
                      FROM demand_rollup
                      WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
                      GROUP BY tenant",
@@ -136,22 +138,26 @@ impl Ledger {
                 .map_err(err)?;
             let mut add_peak = tx
                 .prepare_cached(
-                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
-                     SELECT ?2, ?3, tenant, MAX(e) FROM (
-                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj, node_peak_quarter_mj)
+                     SELECT ?2, ?3, tenant, MAX(e), MAX(n) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e,
+                            SUM(node_energy_mj) AS n
                         FROM usage_minute
                         WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
                         GROUP BY tenant, quarter)
                      GROUP BY tenant
                      ON CONFLICT (period, start, tenant) DO UPDATE
-                        SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj)",
+                        SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj),
+                            node_peak_quarter_mj =
+                                MAX(node_peak_quarter_mj, excluded.node_peak_quarter_mj)",
                 )
                 .map_err(err)?;
             // Each tenant-minute of an hour against its contract, summed
             // per tenant: (tenant, over-contract ns, overage mJ).
             let mut minutes_of_hour = tx
                 .prepare_cached(
-                    "SELECT tenant, minute_start, SUM(energy_mj) FROM usage_minute
+                    "SELECT tenant, minute_start, SUM(energy_mj), SUM(node_energy_mj)
+                     FROM usage_minute
                      WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
                      GROUP BY tenant, minute_start",
                 )
@@ -163,15 +169,20 @@ impl Ledger {
                             r.get::<_, String>(0)?,
                             r.get::<_, i64>(1)?,
                             r.get::<_, i64>(2)?,
+                            r.get::<_, i64>(3)?,
                         ))
                     })
                     .map_err(err)?;
                 let mut per_tenant: Vec<(String, u64, u64)> = Vec::new();
                 for row in rows {
-                    let (tenant, minute, energy) = row.map_err(err)?;
+                    let (tenant, minute, energy, node_energy) = row.map_err(err)?;
                     let energy = u64_of(energy, &p, "minute energy")?;
-                    let contract = contracts.contracted_milliwatts_at(&tenant, minute);
-                    let (ns, mj) = over_contract(energy, contract);
+                    let node_energy = u64_of(node_energy, &p, "minute node energy")?;
+                    let contract = contracts.contract_at(&tenant, minute);
+                    let (ns, mj) = over_contract(
+                        contract.basis_energy(energy, node_energy, None),
+                        contract.milliwatts,
+                    );
                     match per_tenant.iter_mut().find(|(t, _, _)| *t == tenant) {
                         Some((_, a, b)) => {
                             *a = a.saturating_add(ns);

@@ -4,14 +4,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
-use rusqlite::params;
+use rusqlite::{ToSql, params, params_from_iter};
 
 use super::schema::StoredGpus;
 use super::{
     BUCKET_COLUMNS, LOCAL_HOLDER, Ledger, bucket_from_row, bucket_sums, i64_of, sqlite_err, u64_of,
     watermark,
 };
-use crate::accounting::over_contract;
+use crate::accounting::{Contract, over_contract};
 use crate::ledger::{BucketDelta, Commit, Committed, HOUR, LedgerError, MINUTE};
 
 impl Ledger {
@@ -152,7 +152,7 @@ impl Ledger {
                 .map_err(err)?;
             let mut blob = Vec::new();
             for (id, n) in &c.nodes {
-                let stored = StoredGpus::of(&n.gpus);
+                let stored = StoredGpus::of(n);
                 blob.clear();
                 stored
                     .encode(&mut blob)
@@ -212,30 +212,18 @@ impl Ledger {
                 for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
                     *slot = i64_of(x, &p, name)?;
                 }
+                let key: [&dyn ToSql; 3] = [tenant as &dyn ToSql, node, minute];
+                let values = v.iter().map(|x| x as &dyn ToSql);
                 if is_final(*minute) {
+                    let rev = i64_of(revision, &p, "revision")?;
+                    let head: [&dyn ToSql; 2] = [&rev, &booked_at];
                     adjust
-                        .execute(params![
-                            i64_of(revision, &p, "revision")?,
-                            booked_at,
-                            &**tenant,
-                            &**node,
-                            minute,
-                            v[0],
-                            v[1],
-                            v[2],
-                            v[3],
-                            v[4],
-                            v[5],
-                            v[6],
-                            v[7]
-                        ])
+                        .execute(params_from_iter(head.into_iter().chain(key).chain(values)))
                         .map_err(err)?;
                     continue;
                 }
                 bucket
-                    .execute(params![
-                        &**tenant, &**node, minute, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
-                    ])
+                    .execute(params_from_iter(key.into_iter().chain(values)))
                     .map_err(err)?;
             }
             let mut total = tx
@@ -249,6 +237,18 @@ impl Ledger {
                     .execute(params![&**tenant, i64_of(*e, &p, "energy")?])
                     .map_err(err)?;
             }
+            // Node energy totals are the sums of the commit's buckets.
+            let mut node_total = tx
+                .prepare_cached(
+                    "INSERT INTO tenant_total (tenant, energy_mj, node_energy_mj) VALUES (?1, 0, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET node_energy_mj = node_energy_mj + ?2",
+                )
+                .map_err(err)?;
+            for (tenant, e) in c.node_energy_by_tenant() {
+                node_total
+                    .execute(params![&*tenant, i64_of(e, &p, "node energy")?])
+                    .map_err(err)?;
+            }
             let mut over = tx
                 .prepare_cached(
                     "INSERT INTO tenant_total (tenant, energy_mj, over_contract_ns) VALUES (?1, 0, ?2)
@@ -256,20 +256,21 @@ impl Ledger {
                 )
                 .map_err(err)?;
             // Energy added per (tenant, minute), over all nodes, for the
-            // tenants with a contract.
-            // (energy added, contract): the contract is looked up once per
-            // (tenant, minute), in the version in force at the minute.
-            let mut added: HashMap<(&Arc<str>, i64), (u64, u64)> = HashMap::new();
+            // tenants with a contract: (GPU energy added, node energy
+            // added, contract), the contract looked up once per (tenant,
+            // minute), in the version in force at the minute.
+            let mut added: HashMap<(&Arc<str>, i64), (u64, u64, Contract)> = HashMap::new();
             if let Some(contracts) = &c.contracts {
                 for ((tenant, _, minute), d) in &c.buckets {
-                    if d.energy_mj > 0 {
-                        let e = added.entry((tenant, *minute)).or_insert_with(|| {
-                            (0, contracts.contracted_milliwatts_at(tenant, *minute))
-                        });
+                    if d.energy_mj > 0 || d.node_energy_mj > 0 {
+                        let e = added
+                            .entry((tenant, *minute))
+                            .or_insert_with(|| (0, 0, contracts.contract_at(tenant, *minute)));
                         e.0 = e.0.saturating_add(d.energy_mj);
+                        e.1 = e.1.saturating_add(d.node_energy_mj);
                     }
                 }
-                added.retain(|_, (_, contract)| *contract > 0);
+                added.retain(|_, (_, _, contract)| contract.milliwatts > 0);
             }
             // A final minute's energy is its row and its adjustments.
             let mut minute_energy = tx
@@ -277,18 +278,31 @@ impl Ledger {
                     "SELECT (SELECT COALESCE(SUM(energy_mj), 0) FROM usage_minute
                              WHERE minute_start = ?2 AND tenant = ?1)
                           + (SELECT COALESCE(SUM(energy_mj), 0) FROM adjustment
+                             WHERE minute_start = ?2 AND tenant = ?1 AND ?3),
+                        (SELECT COALESCE(SUM(node_energy_mj), 0) FROM usage_minute
+                             WHERE minute_start = ?2 AND tenant = ?1)
+                          + (SELECT COALESCE(SUM(node_energy_mj), 0) FROM adjustment
                              WHERE minute_start = ?2 AND tenant = ?1 AND ?3)",
                 )
                 .map_err(err)?;
             let mut by_tenant: HashMap<&Arc<str>, u64> = HashMap::new();
-            for ((tenant, minute), (delta, contract)) in added {
-                let now: i64 = minute_energy
-                    .query_row(params![&**tenant, minute, is_final(minute)], |r| r.get(0))
+            for ((tenant, minute), (gpu_added, node_added, contract)) in added {
+                let (gpu_now, node_now): (i64, i64) = minute_energy
+                    .query_row(params![&**tenant, minute, is_final(minute)], |r| {
+                        Ok((r.get(0)?, r.get(1)?))
+                    })
                     .map_err(err)?;
-                let now = u64_of(now, &p, "minute energy")?;
-                let before = now.saturating_sub(delta);
-                let (ns_after, mj_after) = over_contract(now, contract);
-                let (ns_before, mj_before) = over_contract(before, contract);
+                let gpu_now = u64_of(gpu_now, &p, "minute energy")?;
+                let node_now = u64_of(node_now, &p, "minute node energy")?;
+                // On the contract's basis, now and before this commit.
+                let now = contract.basis_energy(gpu_now, node_now, None);
+                let before = contract.basis_energy(
+                    gpu_now.saturating_sub(gpu_added),
+                    node_now.saturating_sub(node_added),
+                    None,
+                );
+                let (ns_after, mj_after) = over_contract(now, contract.milliwatts);
+                let (ns_before, mj_before) = over_contract(before, contract.milliwatts);
                 let grew = ns_after.saturating_sub(ns_before);
                 if grew > 0 {
                     *by_tenant.entry(tenant).or_default() += grew;
@@ -309,7 +323,10 @@ impl Ledger {
                             0,
                             0,
                             i64_of(grew, &p, "over-contract time")?,
-                            i64_of(overage, &p, "overage")?
+                            i64_of(overage, &p, "overage")?,
+                            0,
+                            0,
+                            0
                         ])
                         .map_err(err)?;
                 }

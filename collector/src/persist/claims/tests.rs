@@ -115,6 +115,7 @@ impl Site {
         c.nodes.insert(
             node.clone(),
             NodeCursor {
+                power: Vec::new(),
                 epoch: 1,
                 last_seq: to,
                 gpus: vec![(
@@ -437,6 +438,7 @@ fn a_claim_does_not_resume_a_gpu_heard_later_on_another_node() {
         c.nodes.insert(
             Arc::from(node),
             NodeCursor {
+                power: Vec::new(),
                 epoch: 1,
                 last_seq: 5,
                 gpus: vec![(Arc::from("GPU-x"), gpu(t))],
@@ -647,6 +649,7 @@ fn a_claim_round_whose_answer_was_lost_gives_its_nodes_up() {
 /// The Hello of `node` with one GPU, `GPU-<node>`, that has a counter.
 fn one_gpu_hello(node: &str) -> Hello {
     Hello {
+        node_power_sources: Vec::new(),
         node_id: node.into(),
         agent_version: "test".into(),
         epoch: 1,
@@ -665,6 +668,7 @@ fn one_gpu_hello(node: &str) -> Hello {
 /// `MJ_PER_S` a second.
 fn samples(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
     seqs.map(|seq| NodeSample {
+        node_power: Vec::new(),
         seq,
         timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
         gpus: vec![GpuReading {

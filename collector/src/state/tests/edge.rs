@@ -95,6 +95,7 @@ fn invalid_samples_are_rejected_alone() {
         // Samples 1 and 3 bracket the bad one; had sample 2's counter
         // (50 000) been applied, 3's (3 000) would count as a reset.
         let bad = NodeSample {
+            node_power: Vec::new(),
             seq: 2,
             timestamp_unix_nanos: ts,
             gpus: readings,

@@ -20,6 +20,7 @@ mod counting;
 mod edge;
 mod ledger;
 mod live;
+mod node_power;
 mod streams;
 
 const T0: i64 = 1_700_000_000_000_000_000;
@@ -57,6 +58,7 @@ fn new_state(tenants: &str, stale_after: Option<Duration>) -> State {
 /// each with a 700 W limit and an energy counter, reporting every 1 s.
 fn hello(node: &str, epoch: u64, n: usize) -> Hello {
     Hello {
+        node_power_sources: Vec::new(),
         node_id: node.to_string(),
         agent_version: "test".to_string(),
         epoch,
@@ -97,6 +99,7 @@ fn lost(index: u32) -> GpuReading {
 /// A sample whose i-th reading is GPU i with (power mW, counter mJ).
 fn sample(seq: u64, ts: i64, gpus: &[(u64, Option<u64>)]) -> NodeSample {
     NodeSample {
+        node_power: Vec::new(),
         seq,
         timestamp_unix_nanos: ts,
         gpus: gpus
@@ -220,7 +223,7 @@ proptest! {
                     // Stamped now, 2 s or 4 s ago (the window is 3 s):
                     // live, live for a second more, or arrived stale.
                     let ts = unix_nanos_now() - i64::from(age) * 2 * SEC;
-                    let s = NodeSample { seq, timestamp_unix_nanos: ts, gpus: readings, host: None };
+                    let s = NodeSample { node_power: Vec::new(),  seq, timestamp_unix_nanos: ts, gpus: readings, host: None };
                     ingest(&state, &h, vec![s]);
                 }
             }
@@ -316,6 +319,7 @@ fn a_gpu_in_two_nodes_cursors_resumes_where_it_was_heard_last() {
         counter_resets: 0,
     };
     let node = |gpus: Vec<(Arc<str>, GpuCursor)>| NodeCursor {
+        power: Vec::new(),
         epoch: 1,
         last_seq: 5,
         gpus,
@@ -366,6 +370,7 @@ fn a_node_with_a_gpu_left_out_of_later_samples_is_walked() {
     assert!(lock(h.node()).live_valid());
     std::thread::sleep(Duration::from_millis(2));
     let only_first = NodeSample {
+        node_power: Vec::new(),
         seq: 2,
         timestamp_unix_nanos: t0 + SEC,
         gpus: vec![reading(0, 100, None)],

@@ -1,0 +1,300 @@
+//! Node power against the real collector binary, through raw streams: the
+//! ledger's node energy per tenant equals what the sources measured, split
+//! by the documented rule on a shared node, across a collector SIGKILLed
+//! and started again mid-stream; bad node readings are dropped and counted
+//! without costing their samples' GPU energy.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use capwatch_proto::v1 as pb;
+
+use crate::support::raw::Stream;
+use crate::support::*;
+
+/// lab-a and lab-b share n-1 (one GPU each, by UUID); lab-a has n-2 whole.
+const TENANTS: &str = r#"
+[[tenant]]
+id = "lab-a"
+contracted_kw = 50
+gpus = ["GPU-n-1-0"]
+nodes = ["n-2"]
+
+[[tenant]]
+id = "lab-b"
+contracted_kw = 50
+basis = "node"
+gpus = ["GPU-n-1-1"]
+"#;
+
+const N: u64 = 40;
+const EPOCH: u64 = 7;
+
+/// An hour ago, in whole seconds: recent enough for the collector's
+/// sample-age check, fixed for the whole test.
+fn t0() -> i64 {
+    static T0: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *T0.get_or_init(|| (now_secs() - 3600) * 1_000_000_000)
+}
+
+fn source(index: u32, kind: &str, domain: &str, name: &str, counter: bool) -> pb::NodePowerSource {
+    pb::NodePowerSource {
+        index,
+        kind: kind.into(),
+        domain: domain.into(),
+        name: name.into(),
+        energy_counter_supported: counter,
+        interval_millis: 1000,
+    }
+}
+
+/// n-1: two GPUs with counters, a BMC with a lifetime energy counter and
+/// a RAPL package (inside the BMC's reading: never added). n-2: one GPU
+/// and an IPMI reading without a counter (integrated).
+fn hello(node: &str) -> pb::AgentMessage {
+    let gpus = if node == "n-1" { 2 } else { 1 };
+    let sources = if node == "n-1" {
+        vec![
+            source(0, "redfish", "node", "1", true),
+            source(1, "rapl", "cpu", "package-0", true),
+        ]
+    } else {
+        vec![source(0, "ipmi", "node", "node", false)]
+    };
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(pb::Hello {
+            node_id: node.into(),
+            agent_version: "test".into(),
+            stream_epoch: EPOCH,
+            interval_millis: 1000,
+            gpus: (0..gpus)
+                .map(|index| pb::GpuInfo {
+                    index,
+                    uuid: format!("GPU-{node}-{index}"),
+                    model: "test".into(),
+                    power_limit_milliwatts: Some(700_000),
+                    memory_total_bytes: None,
+                    energy_counter_supported: true,
+                })
+                .collect(),
+            host: None,
+            node_power_sources: sources,
+        })),
+    }
+}
+
+/// Node power readings that must be dropped (index out of range, power
+/// beyond any server, a counter beyond what the ledger keeps) and one sent
+/// before (not after its source's last reading).
+fn bad_readings(ts: i64) -> Vec<pb::NodePowerReading> {
+    vec![
+        pb::NodePowerReading {
+            source: 9,
+            timestamp_unix_nanos: ts,
+            power_milliwatts: Some(1),
+            energy_millijoules: None,
+        },
+        pb::NodePowerReading {
+            source: 0,
+            timestamp_unix_nanos: ts,
+            power_milliwatts: Some(u64::MAX / 2),
+            energy_millijoules: None,
+        },
+        pb::NodePowerReading {
+            source: 0,
+            timestamp_unix_nanos: ts,
+            power_milliwatts: None,
+            energy_millijoules: Some(u64::MAX),
+        },
+        pb::NodePowerReading {
+            source: 0,
+            timestamp_unix_nanos: ts - 5_000_000_000,
+            power_milliwatts: Some(1_000_000),
+            energy_millijoules: Some(1),
+        },
+    ]
+}
+
+/// Sample `seq` of `node`, 1 s apart. n-1: GPU counters rise 300 J and
+/// 100 J a second, the BMC's 1000.003 J, the RAPL package's 150 J. n-2:
+/// its GPU 200 J a second, the IPMI reading 400 W. With `bad`, the
+/// readings of `bad_readings` come after the good ones.
+fn sample(node: &str, seq: u64, bad: bool) -> pb::NodeSample {
+    let ts = t0() + seq as i64 * 1_000_000_000;
+    let gpu = |index: u32, per_s: u64| pb::GpuSample {
+        index,
+        power_milliwatts: Some(per_s),
+        energy_millijoules: Some(1_000_000 + per_s * seq),
+        ..Default::default()
+    };
+    let reading = |source: u32, power: u64, energy: Option<u64>| pb::NodePowerReading {
+        source,
+        timestamp_unix_nanos: ts,
+        power_milliwatts: Some(power),
+        energy_millijoules: energy,
+    };
+    let (gpus, mut node_power) = if node == "n-1" {
+        (
+            vec![gpu(0, 300_000), gpu(1, 100_000)],
+            vec![
+                reading(0, 1_000_003, Some(10_000_000 + 1_000_003 * seq)),
+                reading(1, 150_000, Some(150_000 * seq)),
+            ],
+        )
+    } else {
+        (vec![gpu(0, 200_000)], vec![reading(0, 400_000, None)])
+    };
+    if bad {
+        node_power.extend(bad_readings(ts));
+    }
+    pb::NodeSample {
+        seq,
+        timestamp_unix_nanos: ts,
+        gpus,
+        host: None,
+        node_power,
+    }
+}
+
+fn batch(node: &str, seqs: impl IntoIterator<Item = u64>, bad: bool) -> pb::AgentMessage {
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+            samples: seqs.into_iter().map(|s| sample(node, s, bad)).collect(),
+        })),
+    }
+}
+
+/// (GPU energy, node energy, estimated node energy) in mJ that the usage
+/// API of the collector at `http` reports per tenant over the hours around
+/// the samples: rows and adjustments.
+fn usage(http: SocketAddr) -> BTreeMap<String, (u64, u64, u64)> {
+    use capwatch_collector::usage::rfc3339;
+    let hour = t0() / 1_000_000_000 / 3600 * 3600;
+    let path = format!(
+        "/v1/usage?from={}&to={}&step=1h",
+        rfc3339(hour - 3600),
+        rfc3339(hour + 3 * 3600)
+    );
+    let body = http_get(http, &path);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut by: BTreeMap<String, (u64, u64, u64)> = BTreeMap::new();
+    for row in v["rows"].as_array().unwrap_or_else(|| panic!("{body}")) {
+        let e = by
+            .entry(row["tenant"].as_str().unwrap().to_string())
+            .or_default();
+        e.0 += exact(&row["energy_millijoules"]);
+        e.1 += exact(&row["node_energy_millijoules"]);
+        if row["node_energy_estimated"].as_bool().unwrap() {
+            e.2 += 1;
+        }
+    }
+    for adj in v["adjustments"].as_array().unwrap() {
+        let e = by
+            .entry(adj["tenant"].as_str().unwrap().to_string())
+            .or_default();
+        e.0 += exact(&adj["energy_millijoules"]);
+        e.1 += exact(&adj["node_energy_millijoules"]);
+        if adj["node_energy_estimated"].as_bool().unwrap() {
+            e.2 += 1;
+        }
+    }
+    by.retain(|_, v| *v != (0, 0, 0));
+    by
+}
+
+/// Invariant: the ledger's node energy per tenant equals the sources'
+/// ground truth to the millijoule, split by the rule on the shared node,
+/// with a collector SIGKILLed while a batch was in flight and started
+/// again; bad node readings are dropped and counted, and GPU energy is
+/// what the GPUs' counters say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_energy_is_exact_across_a_collector_killed_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--stale-after", "5m"];
+    let collector = Collector::start(dir.path(), TENANTS, 0, &extra);
+    let port = collector.grpc.port();
+    let ep = collector.endpoint();
+    let mut streams = Vec::new();
+    for node in ["n-1", "n-2"] {
+        let mut s = Stream::open(&ep, hello(node)).await.unwrap();
+        assert_eq!(s.welcome().await, 0);
+        assert_eq!(s.send(batch(node, 1..=15, false)).await, 15);
+        // In flight when the collector dies: committed or not, the agent
+        // learns which from the next Welcome.
+        s.tx.send(batch(node, 16..=20, false)).await.unwrap();
+        streams.push(s);
+    }
+    let mut collector = collector;
+    collector.child.kill().unwrap();
+    collector.child.wait().unwrap();
+    drop(streams);
+
+    let collector = Collector::start_on(dir.path(), TENANTS, port, &extra);
+    for node in ["n-1", "n-2"] {
+        let mut s = Stream::open(&ep, hello(node)).await.unwrap();
+        let acked = s.welcome().await;
+        assert!((15..=20).contains(&acked), "{node}: acked {acked}");
+        // Sent again from before the ack (an agent that lost acks): the
+        // samples up to it are duplicates, their readings too.
+        let from = acked - 3;
+        assert_eq!(s.send(batch(node, from..=30, false)).await, 30);
+        // One sample with bad node readings: it is kept, they are not.
+        assert_eq!(s.send(batch(node, 31..=31, true)).await, 31);
+        assert_eq!(s.send(batch(node, 32..=N, false)).await, N);
+    }
+
+    // Ground truth over the N - 1 intervals after the baselines. n-1 per
+    // interval: E = 1000.003 J >= G = 400 J, so each tenant gets its GPU
+    // energy and half of the 600.003 J left (the odd millijoule to the
+    // first id): lab-a 600 002, lab-b 400 001. n-2: 400 W integrated, all
+    // lab-a's.
+    let intervals = N - 1;
+    let want = BTreeMap::from([
+        (
+            "lab-a".to_string(),
+            (
+                intervals * (300_000 + 200_000),
+                intervals * (600_002 + 400_000),
+            ),
+        ),
+        (
+            "lab-b".to_string(),
+            (intervals * 100_000, intervals * 400_001),
+        ),
+    ]);
+    // Committed before the ack: the ledger holds it now.
+    let got: BTreeMap<String, (u64, u64)> = usage(collector.http)
+        .into_iter()
+        .map(|(t, (gpu, node, _))| (t, (gpu, node)))
+        .collect();
+    assert_eq!(got, want);
+    // n-2's node energy was integrated: its rows say so.
+    assert!(usage(collector.http)["lab-a"].2 > 0);
+
+    let m = collector.metrics();
+    for reason in ["source", "power", "energy"] {
+        assert_eq!(
+            m.one(
+                "capwatch_collector_node_power_readings_total",
+                &[("outcome", "rejected"), ("reason", reason)],
+            ),
+            2.0,
+            "{reason}: one per node"
+        );
+    }
+    assert!(
+        m.one(
+            "capwatch_collector_node_power_readings_total",
+            &[("outcome", "duplicate")],
+        ) >= 2.0
+    );
+    // The ledger's totals, as /metrics shows them after a commit.
+    eventually(std::time::Duration::from_secs(10), "ledger totals", || {
+        let m = collector.metrics();
+        milli(m.one(
+            "capwatch_tenant_node_energy_joules_total",
+            &[("tenant", "lab-b")],
+        )) == intervals * 400_001
+    });
+    collector.stop();
+}
