@@ -2,8 +2,8 @@
 //! running a binary with a clean environment, reading what it wrote,
 //! waiting for a child process, following its log, checking that an
 //! example config documents every setting at its default; a PostgreSQL
-//! server of the tests' own ([`pg`]) and a TCP proxy that cuts or stalls
-//! its connections ([`proxy`]).
+//! server of the tests' own ([`pg`]), a TCP proxy that cuts or stalls
+//! its connections ([`proxy`]) and a Modbus TCP meter ([`modbus`]).
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
@@ -13,6 +13,7 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod modbus;
 pub mod pg;
 pub mod proxy;
 

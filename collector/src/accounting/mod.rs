@@ -26,6 +26,8 @@ use std::time::{Duration, Instant};
 
 use crate::edge::{GpuReading, MAX_SPREAD};
 
+pub mod facility;
+
 pub const NANOS_PER_SECOND: u128 = 1_000_000_000;
 const MAX_SPREAD_NANOS: i64 = MAX_SPREAD.as_nanos() as i64;
 const MINUTE_NS: i64 = 60_000_000_000;

@@ -1,0 +1,211 @@
+//! Meters polled against the stand-in Modbus TCP meter: energy exactly
+//! the register's counts, wraps exact, resets counted, a hung or failing
+//! meter bounded and counted.
+
+use std::sync::Arc;
+
+use capwatch_testkit::modbus::{Layout, ModbusMeter, Mode};
+
+use super::*;
+
+/// 3600 mJ (1 mWh... 0.001 Wh) per count.
+const MJ: u64 = 3_600;
+
+fn meter(stand_in: &ModbusMeter, extra: &str) -> Meter {
+    let text = format!(
+        "[[meter]]\nid = \"m1\"\nkind = \"modbus\"\nnodes = [\"n-*\"]\naddress = \"{}\"\nwh_per_count = 0.001\ninterval = \"1s\"\ntimeout = \"200ms\"\n{extra}",
+        stand_in.addr()
+    );
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<MeterConfig>,
+    }
+    let file: File = toml::from_str(&text).expect("valid TOML");
+    let spec = check(&file.meter).expect("a valid meter").remove(0);
+    Meter {
+        spec,
+        live: Default::default(),
+    }
+}
+
+fn covered(n: u64) -> CoveredNodes {
+    Arc::new(move |_| n)
+}
+
+async fn poll(p: &mut Poller, m: &Meter) -> Outcome {
+    p.poll(m, &covered(1)).await
+}
+
+fn energy(m: &Meter) -> u64 {
+    lock(&m.live).energy_mj
+}
+
+#[tokio::test]
+async fn energy_is_the_registers_counts_in_either_layout() {
+    let layouts = [
+        (Layout::default(), ""),
+        (
+            Layout {
+                register: 100,
+                input: true,
+                words: 4,
+                little: true,
+            },
+            "register = 100\nregisters = \"input\"\nformat = \"u64\"\nword_order = \"little\"\n",
+        ),
+    ];
+    for (layout, extra) in layouts {
+        let stand_in = ModbusMeter::start(layout).unwrap();
+        stand_in.set_count(0x0001_0000_0000_0005 & ((1 << (16 * layout.words as u32 - 1)) - 1));
+        let m = meter(&stand_in, extra);
+        let mut p = Poller::new(&m.spec);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "{extra}");
+        assert_eq!(energy(&m), 0, "the first reading is the baseline");
+        stand_in.advance(70_000);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+        stand_in.advance(5);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+        assert_eq!(energy(&m), 70_005 * MJ, "{extra}");
+        let live = lock(&m.live);
+        assert!(live.up);
+        assert_eq!(live.polls_of(Outcome::Ok), 3);
+        assert_eq!(live.readings.back().map(|r| r.energy_mj), Some(70_005 * MJ));
+        assert!(live.power_mw.is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_wrapping_register_counts_exactly_across_the_wrap() {
+    // The register's own 2^32, and a rollover set in the config.
+    for (rollover, extra) in [(1u128 << 32, ""), (1_000_000, "rollover = 1000000\n")] {
+        let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+        stand_in.set_rollover(rollover);
+        stand_in.set_count((rollover - 7) as u64);
+        let m = meter(&stand_in, extra);
+        let mut p = Poller::new(&m.spec);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+        stand_in.advance(20);
+        assert_eq!(stand_in.count(), 13, "the stand-in wrapped");
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "{extra}");
+        assert_eq!(energy(&m), 20 * MJ, "{extra}");
+        assert_eq!(lock(&m.live).polls_of(Outcome::Reset), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_register_that_goes_down_is_a_counted_reset_never_negative_energy() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(5_000);
+    let m = meter(&stand_in, "");
+    let mut p = Poller::new(&m.spec);
+    poll(&mut p, &m).await;
+    stand_in.advance(100);
+    poll(&mut p, &m).await;
+    // A replaced meter starting at 40.
+    stand_in.set_count(40);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(energy(&m), 100 * MJ);
+    stand_in.advance(2);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 102 * MJ, "counting again from the new value");
+    let live = lock(&m.live);
+    assert_eq!(live.polls_of(Outcome::Reset), 1);
+    assert!(
+        live.readings
+            .iter()
+            .zip(live.readings.iter().skip(1))
+            .all(|(a, b)| a.energy_mj <= b.energy_mj)
+    );
+}
+
+#[tokio::test]
+async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(10);
+    let m = meter(&stand_in, "");
+    let mut p = Poller::new(&m.spec);
+    poll(&mut p, &m).await;
+    stand_in.set_mode(Mode::Hang);
+    stand_in.advance(3);
+    // Bounded by the meter's own timeout: the poll returns.
+    assert_eq!(poll(&mut p, &m).await, Outcome::Timeout);
+    assert!(!lock(&m.live).up);
+    stand_in.set_mode(Mode::Normal);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "a fresh connection");
+    let live = lock(&m.live);
+    assert!(live.up);
+    assert_eq!(live.polls_of(Outcome::Timeout), 1);
+    assert_eq!(
+        live.energy_mj,
+        3 * MJ,
+        "the interval the hang covered is counted once"
+    );
+}
+
+#[tokio::test]
+async fn an_exception_is_counted_and_the_meter_is_down() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    let m = meter(&stand_in, "");
+    let mut p = Poller::new(&m.spec);
+    poll(&mut p, &m).await;
+    stand_in.set_mode(Mode::Exception);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
+    {
+        let live = lock(&m.live);
+        assert!(!live.up);
+        assert_eq!(live.polls_of(Outcome::Exception), 1);
+        assert_eq!(live.power_mw, None, "no reading, no power");
+    }
+    // A register the meter does not have is an exception too.
+    stand_in.set_mode(Mode::Normal);
+    let wrong = meter(&stand_in, "register = 8\n");
+    let mut q = Poller::new(&wrong.spec);
+    assert_eq!(poll(&mut q, &wrong).await, Outcome::Exception);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+}
+
+#[tokio::test]
+async fn a_meter_nobody_listens_on_is_an_error() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    let m = meter(&stand_in, "");
+    drop(stand_in);
+    let mut p = Poller::new(&m.spec);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Error);
+    assert_eq!(lock(&m.live).polls_of(Outcome::Error), 1);
+}
+
+/// One meter hanging does not hold up another: both poll on their own
+/// tasks, and the answering one keeps counting while the other times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_meter_does_not_hold_up_another() {
+    let hung = ModbusMeter::start(Layout::default()).unwrap();
+    hung.set_mode(Mode::Hang);
+    let fine = ModbusMeter::start(Layout::default()).unwrap();
+    let mut a = meter(&hung, "").spec;
+    a.id = "hung".into();
+    let b = meter(&fine, "").spec;
+    let board = Arc::new(Board::new(vec![a, b]));
+    let (stop, shutdown) = watch::channel(false);
+    let tasks = spawn(&board, covered(1), shutdown);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ok = lock(&board.meters[1].live).polls_of(Outcome::Ok);
+        if ok >= 3 {
+            break;
+        }
+        fine.advance(1);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the answering meter stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let hung_live = lock(&board.meters[0].live);
+    assert!(!hung_live.up);
+    assert_eq!(hung_live.polls_of(Outcome::Ok), 0);
+    assert!(hung_live.polls_of(Outcome::Timeout) >= 1);
+}
