@@ -1,11 +1,13 @@
 //! What both capwatch binaries share: log set-up, the shutdown signal,
 //! settings from `CAPWATCH_*` environment variables ([`settings`]) and
-//! durations in config files ([`duration`]).
+//! durations in config files ([`duration`]), and the Redfish client the
+//! agent reads BMCs with and the collector reads PDUs with ([`redfish`]).
 
 use tokio::sync::watch;
 
 pub mod duration;
 pub mod files;
+pub mod redfish;
 pub mod settings;
 
 /// How logs are written.

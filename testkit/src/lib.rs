@@ -3,7 +3,8 @@
 //! waiting for a child process, following its log, checking that an
 //! example config documents every setting at its default; a PostgreSQL
 //! server of the tests' own ([`pg`]), a TCP proxy that cuts or stalls
-//! its connections ([`proxy`]) and a Modbus TCP meter ([`modbus`]).
+//! its connections ([`proxy`]), a stand-in Redfish BMC or PDU
+//! ([`redfish`]) and a Modbus TCP meter ([`modbus`]).
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
@@ -16,6 +17,7 @@ use std::time::{Duration, Instant};
 pub mod modbus;
 pub mod pg;
 pub mod proxy;
+pub mod redfish;
 
 /// The sentence both binaries' `--help` ends with.
 pub const LAYERING: &str = "Settings come from the config file, then CAPWATCH_* environment \
