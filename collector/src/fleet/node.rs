@@ -330,6 +330,7 @@ impl Node {
                 .chain(&self.departed)
                 .map(|g| (g.uuid.clone(), g.cursor()))
                 .collect(),
+            power: Vec::new(),
         }
     }
 

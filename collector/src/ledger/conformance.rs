@@ -37,6 +37,7 @@ macro_rules! conformance_tests {
             late_deltas_after_the_watermark_are_adjustments,
             a_commit_with_an_id_is_written_once,
             one_refusal_names_every_node_another_holder_took,
+            node_energy_rolls_up_and_adds_to_the_tenant_totals,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -59,6 +60,11 @@ fn delta(energy_mj: u64, samples: u64) -> BucketDelta {
         busy_gpu_ns: samples * 500_000_000,
         samples,
         expected_gpu_ns: samples * 1_000_000_000,
+        // Node energy, its estimated part and its time differ from every
+        // GPU field, so that a column mixed up or dropped shows.
+        node_energy_mj: energy_mj * 2,
+        node_estimated_mj: energy_mj,
+        node_ns: samples * 2_000_000_000,
         ..BucketDelta::default()
     }
 }
@@ -77,6 +83,28 @@ fn cursor(epoch: u64, last_seq: u64, counter: u64) -> NodeCursor {
                 counter_resets: 1,
             },
         )],
+        power: vec![
+            (
+                Arc::from("redfish/1"),
+                GpuCursor {
+                    last_counter_mj: Some(counter * 10),
+                    last_timestamp_ns: Some(i64::try_from(last_seq).unwrap() * 2_000_000_000),
+                    remainder_mw_ns: 7,
+                    energy_mj: counter * 9,
+                    counter_resets: 2,
+                },
+            ),
+            (
+                Arc::from("rapl/package-0"),
+                GpuCursor {
+                    last_counter_mj: None,
+                    last_timestamp_ns: None,
+                    remainder_mw_ns: 999_999,
+                    energy_mj: counter * 3,
+                    counter_resets: 0,
+                },
+            ),
+        ],
     }
 }
 
@@ -343,6 +371,13 @@ pub(crate) fn tenant_totals_add_up_every_holders_commits<W: LedgerWriter, R: Led
     totals.tenant_over_contract_ns.sort();
     assert_eq!(snap.tenant_energy, totals.tenant_energy);
     assert_eq!(snap.tenant_over_contract_ns, totals.tenant_over_contract_ns);
+    totals.tenant_node_energy.sort();
+    assert_eq!(
+        totals.tenant_node_energy,
+        vec![("lab-a".to_string(), 2 * 1_007)]
+    );
+    snap.tenant_node_energy.sort();
+    assert_eq!(snap.tenant_node_energy, totals.tenant_node_energy);
 }
 
 /// The compaction lease is one holder's until it expires or is released;
@@ -481,6 +516,11 @@ pub(crate) fn late_deltas_after_the_watermark_are_adjustments<W: LedgerWriter, R
     );
     let snap = w.restore().unwrap();
     assert_eq!(snap.tenant_energy, vec![("lab-a".to_string(), 1_250)]);
+    // An adjustment's node energy counts in the total as a minute's does.
+    assert_eq!(
+        snap.tenant_node_energy,
+        vec![("lab-a".to_string(), 2 * 1_250)]
+    );
 }
 
 /// A commit with an id: once written, `commit_written` says so, and the
@@ -563,4 +603,97 @@ pub(crate) fn one_refusal_names_every_node_another_holder_took<W: LedgerWriter, 
         other => panic!("a fenced commit went through: {other:?}"),
     }
     assert!(w.restore().unwrap().nodes.is_empty(), "nothing written");
+}
+
+/// Node energy, its estimated part and its time are kept through the
+/// hourly rollup with the quarter-hour peak of node energy, and each
+/// tenant's node energy total is the sum of its buckets and adjustments,
+/// whoever committed them.
+pub(crate) fn node_energy_rolls_up_and_adds_to_the_tenant_totals<
+    W: LedgerWriter,
+    R: LedgerReader,
+>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    w.claim("b", "n2").unwrap();
+    let node = |node_energy_mj: u64, node_estimated_mj: u64, node_ns: u64| BucketDelta {
+        energy_mj: 1,
+        node_energy_mj,
+        node_estimated_mj,
+        node_ns,
+        ..BucketDelta::default()
+    };
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n1"), cursor(1, 1, 10));
+    // Two minutes of the first quarter-hour, one of the second.
+    for (minute, d) in [
+        (MINUTE, node(4_000, 1_000, 60_000_000_000)),
+        (MINUTE + 60, node(5_000, 0, 30_000_000_000)),
+        (MINUTE + 900, node(8_000, 8_000, 60_000_000_000)),
+    ] {
+        c.buckets
+            .insert((Arc::from("lab-a"), Arc::from("n1"), minute), d);
+    }
+    // Another tenant on the node, with GPU energy and no node energy.
+    c.buckets
+        .insert((Arc::from("lab-b"), Arc::from("n1"), MINUTE), node(0, 0, 0));
+    w.commit_as("a", &c, MINUTE + 1_000, MINUTE + 60).unwrap();
+    // Another holder's node, and a late delta for the final first minute.
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n2"), cursor(1, 1, 10));
+    c.buckets.insert(
+        (Arc::from("lab-a"), Arc::from("n2"), MINUTE),
+        node(300, 0, 6_000_000_000),
+    );
+    w.commit_as("b", &c, MINUTE + 1_000, MINUTE + 60).unwrap();
+
+    let mut totals = w.tenant_totals().unwrap();
+    totals.tenant_node_energy.sort();
+    assert_eq!(
+        totals.tenant_node_energy,
+        vec![("lab-a".to_string(), 4_000 + 5_000 + 8_000 + 300)]
+    );
+    let usage = f
+        .reader
+        .usage(Some("lab-a"), MINUTE, MINUTE + 3600)
+        .unwrap();
+    assert_eq!(usage.adjustments.len(), 1);
+    assert_eq!(usage.adjustments[0].delta, node(300, 0, 6_000_000_000));
+
+    // The watermark passes the hour: it may be rolled up.
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n1"), cursor(1, 2, 11));
+    w.commit_as("a", &c, MINUTE + 4_000, MINUTE + 3600).unwrap();
+    let lease = w
+        .acquire_compaction("a", 1_000, Duration::from_secs(60))
+        .unwrap();
+    let policy = Compaction {
+        closed_before: MINUTE + 3600,
+        minutes_from: MINUTE + 3600,
+        hours_from: 0,
+        days_from: None,
+    };
+    let done = w
+        .compact_under(&lease, 1_001, &policy, &no_contracts())
+        .unwrap();
+    assert_eq!(done.hours_rolled_up, 1);
+    let usage = f
+        .reader
+        .usage(Some("lab-a"), MINUTE, MINUTE + 3600)
+        .unwrap();
+    assert_eq!(usage.spans.len(), 1, "{usage:?}");
+    let span = &usage.spans[0].1;
+    assert_eq!(span.seconds, 3600);
+    assert_eq!(
+        (
+            span.delta.node_energy_mj,
+            span.delta.node_estimated_mj,
+            span.delta.node_ns
+        ),
+        (4_000 + 5_000 + 8_000, 1_000 + 8_000, 150_000_000_000)
+    );
+    assert_eq!(span.node_peak_quarter_mj, Some(4_000 + 5_000));
+    assert_eq!(span.peak_quarter_mj, Some(2));
 }

@@ -233,11 +233,26 @@ pub struct BucketDelta {
     pub over_contract_ns: u64,
     /// Energy above the contract, as `over_contract_ns`.
     pub overage_mj: u64,
+    /// The tenant's share of the node's whole-node energy (a power source
+    /// of domain "node": BMC or IPMI), split among the tenants with GPUs on
+    /// the node (`accounting::split_node_energy`). 0 where the node has no
+    /// whole-node source: never GPU energy passed off as node energy.
+    pub node_energy_mj: u64,
+    /// The part of `node_energy_mj` integrated from power instead of read
+    /// from a counter.
+    pub node_estimated_mj: u64,
+    /// Time covered by whole-node readings within their source's staleness
+    /// bound, as the tenant's share of it was booked (node coverage).
+    pub node_ns: u64,
 }
+
+/// How many summable fields a `BucketDelta` has (`BUCKET_COLUMNS` of
+/// both backends).
+pub(crate) const BUCKET_FIELDS: usize = 11;
 
 impl BucketDelta {
     /// The fields in `BUCKET_COLUMNS` order.
-    fn values(&self) -> [u64; 8] {
+    fn values(&self) -> [u64; BUCKET_FIELDS] {
         [
             self.energy_mj,
             self.gpu_ns,
@@ -247,10 +262,13 @@ impl BucketDelta {
             self.estimated_mj,
             self.over_contract_ns,
             self.overage_mj,
+            self.node_energy_mj,
+            self.node_estimated_mj,
+            self.node_ns,
         ]
     }
 
-    fn from_values(v: [u64; 8]) -> Self {
+    fn from_values(v: [u64; BUCKET_FIELDS]) -> Self {
         let [
             energy_mj,
             gpu_ns,
@@ -260,6 +278,9 @@ impl BucketDelta {
             estimated_mj,
             over_contract_ns,
             overage_mj,
+            node_energy_mj,
+            node_estimated_mj,
+            node_ns,
         ] = v;
         Self {
             energy_mj,
@@ -270,6 +291,9 @@ impl BucketDelta {
             estimated_mj,
             over_contract_ns,
             overage_mj,
+            node_energy_mj,
+            node_estimated_mj,
+            node_ns,
         }
     }
 
@@ -286,14 +310,18 @@ impl BucketDelta {
 /// Bucket key: (tenant, node, minute start in Unix seconds).
 pub type BucketKey = (Arc<str>, Arc<str>, i64);
 
-/// What the ledger keeps per node: the highest (epoch, seq) accepted and
-/// the counting state of each of its GPUs (by UUID), those it announced
-/// last and those that left it.
+/// What the ledger keeps per node: the highest (epoch, seq) accepted, the
+/// counting state of each of its GPUs (by UUID), those it announced last
+/// and those that left it, and of each of its power sources.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NodeCursor {
     pub epoch: u64,
     pub last_seq: u64,
     pub gpus: Vec<(Arc<str>, GpuCursor)>,
+    /// Each node power source's counting state, by `"{kind}/{name}"`
+    /// (stored in the same blob as the GPUs'; a cursor written before
+    /// node power reads with none).
+    pub power: Vec<(Arc<str>, GpuCursor)>,
 }
 
 /// Everything one transaction writes.
@@ -324,6 +352,22 @@ pub struct Committed {
 }
 
 impl Commit {
+    /// Each tenant's node energy in the commit's buckets, by tenant, those
+    /// with none left out: what the commit adds to
+    /// `tenant_total.node_energy_mj`.
+    pub fn node_energy_by_tenant(&self) -> Vec<(Arc<str>, u64)> {
+        let mut by: HashMap<&Arc<str>, u64> = HashMap::new();
+        for ((tenant, _, _), d) in &self.buckets {
+            if d.node_energy_mj > 0 {
+                let e = by.entry(tenant).or_default();
+                *e = e.saturating_add(d.node_energy_mj);
+            }
+        }
+        let mut v: Vec<(Arc<str>, u64)> = by.into_iter().map(|(t, e)| (t.clone(), e)).collect();
+        v.sort();
+        v
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty() && self.buckets.is_empty()
     }
@@ -353,6 +397,8 @@ pub struct Snapshot {
     pub nodes: Vec<(String, NodeCursor)>,
     pub tenant_energy: Vec<(String, u64)>,
     pub tenant_over_contract_ns: Vec<(String, u64)>,
+    /// Each tenant's node energy (`tenant_total.node_energy_mj`).
+    pub tenant_node_energy: Vec<(String, u64)>,
 }
 
 /// Every tenant's totals as the ledger holds them (`tenant_total`): the
@@ -362,6 +408,8 @@ pub struct Snapshot {
 pub struct LedgerTotals {
     pub tenant_energy: Vec<(String, u64)>,
     pub tenant_over_contract_ns: Vec<(String, u64)>,
+    /// The sum of each tenant's `BucketDelta::node_energy_mj` committed.
+    pub tenant_node_energy: Vec<(String, u64)>,
 }
 
 /// The ledger's identity, shown on `/metrics` so that a swapped or
@@ -407,6 +455,8 @@ pub struct Span {
     /// Highest quarter-hour energy inside a rollup; `None` for a minute,
     /// whose quarter-hours are summed from the minutes themselves.
     pub peak_quarter_mj: Option<u64>,
+    /// As `peak_quarter_mj`, of node energy.
+    pub node_peak_quarter_mj: Option<u64>,
 }
 
 impl Span {

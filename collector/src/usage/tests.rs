@@ -114,6 +114,7 @@ fn usage_of(minutes: Vec<(String, i64, BucketDelta)>) -> Usage {
                 (
                     t,
                     Span {
+                        node_peak_quarter_mj: None,
                         start,
                         seconds: 60,
                         delta,
@@ -260,6 +261,7 @@ fn over_contract_is_each_minutes_average_against_the_contract() {
         (
             "a".to_string(),
             Span {
+                node_peak_quarter_mj: None,
                 start: T,
                 seconds: 3600,
                 delta: rolled,
@@ -600,6 +602,7 @@ fn rows_before_the_kept_minutes_come_from_rollups() {
         (
             "a".to_string(),
             Span {
+                node_peak_quarter_mj: None,
                 start: T,
                 seconds: 3600,
                 delta: d(1_800_000_000, 3600, 1800, 3600),

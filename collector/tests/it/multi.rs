@@ -20,6 +20,7 @@ fn n1_at(seq: u64) -> Commit {
         NodeCursor {
             epoch: 1,
             last_seq: seq,
+            power: Vec::new(),
             gpus: vec![(
                 Arc::from("GPU-n1"),
                 GpuCursor {

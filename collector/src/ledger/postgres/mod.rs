@@ -47,15 +47,15 @@ use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 use super::{
-    BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease, Identity,
-    LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
+    BUCKET_FIELDS, BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease,
+    Identity, LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
 };
 use crate::tenants::TenantHistory;
 use schema::{BOOTSTRAP, MIGRATIONS};
 
 /// The summable bucket columns, in `BucketDelta::values` order (as the
 /// SQLite ledger's).
-const BUCKET_COLUMNS: [&str; 8] = [
+const BUCKET_COLUMNS: [&str; BUCKET_FIELDS] = [
     "energy_mj",
     "gpu_ns",
     "busy_gpu_ns",
@@ -64,6 +64,9 @@ const BUCKET_COLUMNS: [&str; 8] = [
     "estimated_mj",
     "over_contract_ns",
     "overage_mj",
+    "node_energy_mj",
+    "node_estimated_mj",
+    "node_ns",
 ];
 
 /// `COALESCE(SUM(col), 0)::int8` for every bucket column, comma-separated.
@@ -416,24 +419,24 @@ fn u64_of(shared: &Shared, v: i64, what: &'static str) -> Result<u64, LedgerErro
     u64::try_from(v).map_err(|_| shared.range(what))
 }
 
-/// Eight `BIGINT`s starting at column `first` of `row`.
+/// The bucket columns' `BIGINT`s starting at column `first` of `row`.
 fn bucket_from_row(
     shared: &Shared,
     row: &tokio_postgres::Row,
     first: usize,
 ) -> Result<BucketDelta, Fail> {
-    let mut v = [0u64; 8];
+    let mut v = [0u64; BUCKET_FIELDS];
     for (i, slot) in v.iter_mut().enumerate() {
         *slot = u64_of(shared, row.try_get::<_, i64>(first + i)?, BUCKET_COLUMNS[i])?;
     }
     Ok(BucketDelta::from_values(v))
 }
 
-/// A node's GPU cursors as stored (`node_claim.gpus`: the SQLite ledger's
-/// protobuf encoding).
+/// A node's GPU and power source cursors as stored (`node_claim.gpus`: the
+/// SQLite ledger's protobuf encoding).
 fn encode_gpus(n: &NodeCursor) -> Vec<u8> {
     use prost::Message;
-    super::sqlite::StoredGpus::of(&n.gpus).encode_to_vec()
+    super::sqlite::StoredGpus::of(n).encode_to_vec()
 }
 
 /// A node's cursor from its (epoch, last_seq, gpus) columns at `first`.
@@ -446,10 +449,12 @@ fn cursor_from_row(
     let blob: &[u8] = row.try_get(first + 2)?;
     let stored =
         super::sqlite::StoredGpus::decode(blob).map_err(|_| shared.range("GPU cursors"))?;
+    let (gpus, power) = stored.into_cursors();
     Ok(NodeCursor {
         epoch: u64_of(shared, row.try_get(first)?, "epoch")?,
         last_seq: u64_of(shared, row.try_get(first + 1)?, "last_seq")?,
-        gpus: stored.into_cursors(),
+        gpus,
+        power,
     })
 }
 
@@ -668,6 +673,7 @@ impl PgLedger {
                 let totals = tenant_totals(&shared, &client).await?;
                 snap.tenant_energy = totals.tenant_energy;
                 snap.tenant_over_contract_ns = totals.tenant_over_contract_ns;
+                snap.tenant_node_energy = totals.tenant_node_energy;
                 Ok(snap)
             }
             .await;
@@ -731,7 +737,7 @@ async fn tenant_totals(
     let mut totals = LedgerTotals::default();
     for row in client
         .query(
-            "SELECT tenant, energy_mj, over_contract_ns FROM tenant_total",
+            "SELECT tenant, energy_mj, over_contract_ns, node_energy_mj FROM tenant_total",
             &[],
         )
         .await?
@@ -740,9 +746,13 @@ async fn tenant_totals(
         totals
             .tenant_energy
             .push((t.clone(), u64_of(shared, row.try_get(1)?, "tenant energy")?));
+        totals.tenant_over_contract_ns.push((
+            t.clone(),
+            u64_of(shared, row.try_get(2)?, "over-contract time")?,
+        ));
         totals
-            .tenant_over_contract_ns
-            .push((t, u64_of(shared, row.try_get(2)?, "over-contract time")?));
+            .tenant_node_energy
+            .push((t, u64_of(shared, row.try_get(3)?, "tenant node energy")?));
     }
     Ok(totals)
 }

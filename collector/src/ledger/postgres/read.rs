@@ -143,6 +143,7 @@ async fn usage_since(
                 seconds: MINUTE,
                 delta,
                 peak_quarter_mj: None,
+                node_peak_quarter_mj: None,
             },
         ));
     }
@@ -150,7 +151,8 @@ async fn usage_since(
         .prepare(&format!(
             "SELECT r.tenant, r.start, {},
                 MAX(COALESCE(d.peak_quarter_mj, 0))::int8,
-                MAX(COALESCE(d.over_contract_ns, 0))::int8, MAX(COALESCE(d.overage_mj, 0))::int8
+                MAX(COALESCE(d.over_contract_ns, 0))::int8, MAX(COALESCE(d.overage_mj, 0))::int8,
+                MAX(COALESCE(d.node_peak_quarter_mj, 0))::int8
              FROM usage_rollup r LEFT JOIN demand_rollup d
                 ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
              WHERE r.period = $1 AND ($2::text IS NULL OR r.tenant = $2)
@@ -180,6 +182,11 @@ async fn usage_since(
                     seconds: period,
                     delta,
                     peak_quarter_mj: Some(u64_of(s, r.try_get(2 + n)?, "peak_quarter_mj")?),
+                    node_peak_quarter_mj: Some(u64_of(
+                        s,
+                        r.try_get(5 + n)?,
+                        "node_peak_quarter_mj",
+                    )?),
                 },
             ));
         }

@@ -118,6 +118,23 @@ pub(super) const MIGRATIONS: &[&str] = &[
         holder TEXT NOT NULL,
         expires_at BIGINT NOT NULL
      );",
+    // 2: node energy, as the SQLite ledger's version 13: in every bucket,
+    // rollup and adjustment, each tenant's total, and a rollup's highest
+    // quarter-hour of it. Rows from before hold 0.
+    "ALTER TABLE usage_minute
+        ADD COLUMN node_energy_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN node_estimated_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN node_ns BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE usage_rollup
+        ADD COLUMN node_energy_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN node_estimated_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN node_ns BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE adjustment
+        ADD COLUMN node_energy_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN node_estimated_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN node_ns BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE tenant_total ADD COLUMN node_energy_mj BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

@@ -155,6 +155,7 @@ mod conformance {
 
 fn cursor(seq: u64) -> NodeCursor {
     NodeCursor {
+        power: Vec::new(),
         epoch: 1,
         last_seq: seq,
         gpus: vec![(

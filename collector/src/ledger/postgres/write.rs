@@ -18,13 +18,33 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
 use crate::accounting::over_contract;
-use crate::ledger::{Commit, Committed, HOUR, LedgerError, MINUTE};
+use crate::ledger::{BUCKET_FIELDS, Commit, Committed, HOUR, LedgerError, MINUTE};
+use tokio_postgres::types::ToSql;
 
-/// One bucket: (tenant, node, minute, the eight values).
-type Bucket = (Arc<str>, Arc<str>, i64, [i64; 8]);
+/// One bucket: (tenant, node, minute, the bucket values).
+type Bucket = (Arc<str>, Arc<str>, i64, [i64; BUCKET_FIELDS]);
 
-/// Bucket rows as column arrays: tenants, nodes, minutes, the eight values.
-type BucketColumns<'a> = (Vec<&'a str>, Vec<&'a str>, Vec<i64>, [Vec<i64>; 8]);
+/// Bucket rows as column arrays: tenants, nodes, minutes, the bucket values.
+type BucketColumns<'a> = (
+    Vec<&'a str>,
+    Vec<&'a str>,
+    Vec<i64>,
+    [Vec<i64>; BUCKET_FIELDS],
+);
+
+/// The parameters `head`, then the three key arrays and the value arrays
+/// of `b`.
+fn bucket_params<'a>(
+    head: &[&'a (dyn ToSql + Sync)],
+    b: &'a BucketColumns<'a>,
+) -> Vec<&'a (dyn ToSql + Sync)> {
+    let mut v: Vec<&'a (dyn ToSql + Sync)> = head.to_vec();
+    v.push(&b.0);
+    v.push(&b.1);
+    v.push(&b.2);
+    v.extend(b.3.iter().map(|c| c as &(dyn ToSql + Sync)));
+    v
+}
 
 /// What the commit writes, as owned column arrays, built before the call.
 struct Columns {
@@ -36,6 +56,9 @@ struct Columns {
     buckets: Vec<Bucket>,
     tenants: Vec<String>,
     energies: Vec<i64>,
+    /// Each tenant's node energy in the commit's buckets, as column arrays.
+    node_tenants: Vec<String>,
+    node_energies: Vec<i64>,
     /// (tenant, minute) → (energy added, contract mW), contract > 0.
     added: Vec<(String, i64, u64, u64)>,
     booked_at: i64,
@@ -53,7 +76,7 @@ pub(super) struct Attempt {
     pub(super) lose_reply: AtomicBool,
 }
 
-/// `unnest` of eight `int8[]` parameters starting at `$first`.
+/// `unnest` of the bucket columns' `int8[]` parameters starting at `$first`.
 fn arrays(first: usize) -> String {
     (first..first + BUCKET_COLUMNS.len())
         .map(|i| format!("${i}::int8[]"))
@@ -87,6 +110,8 @@ pub(super) fn commit(
         buckets: Vec::with_capacity(c.buckets.len()),
         tenants: Vec::new(),
         energies: Vec::new(),
+        node_tenants: Vec::new(),
+        node_energies: Vec::new(),
         added: Vec::new(),
         booked_at,
         finalize_through,
@@ -109,7 +134,7 @@ pub(super) fn commit(
         cols.gpus.push(encode_gpus(n));
     }
     for ((tenant, node, minute), d) in &c.buckets {
-        let mut v = [0i64; 8];
+        let mut v = [0i64; BUCKET_FIELDS];
         for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
             *slot = i64_of(shared, x, name)?;
         }
@@ -119,6 +144,10 @@ pub(super) fn commit(
     for (t, e) in &c.tenant_energy {
         cols.tenants.push(t.to_string());
         cols.energies.push(i64_of(shared, *e, "energy")?);
+    }
+    for (t, e) in c.node_energy_by_tenant() {
+        cols.node_tenants.push(t.to_string());
+        cols.node_energies.push(i64_of(shared, e, "node energy")?);
     }
     if let Some(contracts) = &c.contracts {
         let mut added: HashMap<(&Arc<str>, i64), (u64, u64)> = HashMap::new();
@@ -264,13 +293,7 @@ async fn write(
                 arrays(4),
             ))
             .await?;
-        let [a, b, cc, d, e, f, g, h] = &live.3;
-        let updated = tx
-            .query(
-                &update,
-                &[&live.0, &live.1, &live.2, a, b, cc, d, e, f, g, h],
-            )
-            .await?;
+        let updated = tx.query(&update, &bucket_params(&[], &live)).await?;
         let mut done = vec![false; live.0.len()];
         for row in &updated {
             let i = usize::try_from(row.try_get::<_, i64>(0)? - 1).map_err(|_| s.range("row"))?;
@@ -295,9 +318,7 @@ async fn write(
                     adds("usage_minute")
                 ))
                 .await?;
-            let [a, b, cc, d, e, f, g, h] = &new.3;
-            tx.execute(&upsert, &[&new.0, &new.1, &new.2, a, b, cc, d, e, f, g, h])
-                .await?;
+            tx.execute(&upsert, &bucket_params(&[], &new)).await?;
         }
         tx.execute(
             "INSERT INTO rollup_pending (hour_start) SELECT unnest($1::int8[])
@@ -314,26 +335,8 @@ async fn write(
         adds("adjustment")
     );
     if !late.0.is_empty() {
-        let [a, b, cc, d, e, f, g, h] = &late.3;
-        tx.execute(
-            &adjust,
-            &[
-                &rev,
-                &c.booked_at,
-                &late.0,
-                &late.1,
-                &late.2,
-                a,
-                b,
-                cc,
-                d,
-                e,
-                f,
-                g,
-                h,
-            ],
-        )
-        .await?;
+        tx.execute(&adjust, &bucket_params(&[&rev, &c.booked_at], &late))
+            .await?;
     }
     if !c.tenants.is_empty() {
         tx.execute(
@@ -342,6 +345,16 @@ async fn write(
              ON CONFLICT (tenant) DO UPDATE
                 SET energy_mj = tenant_total.energy_mj + excluded.energy_mj",
             &[&c.tenants, &c.energies],
+        )
+        .await?;
+    }
+    if !c.node_tenants.is_empty() {
+        tx.execute(
+            "INSERT INTO tenant_total (tenant, energy_mj, over_contract_ns, node_energy_mj)
+             SELECT t, 0, 0, e FROM unnest($1::text[], $2::int8[]) AS x(t, e)
+             ON CONFLICT (tenant) DO UPDATE
+                SET node_energy_mj = tenant_total.node_energy_mj + excluded.node_energy_mj",
+            &[&c.node_tenants, &c.node_energies],
         )
         .await?;
     }
@@ -390,6 +403,9 @@ async fn write(
                     0,
                     i64_of(s, grew, "over-contract time")?,
                     i64_of(s, overage, "overage")?,
+                    0,
+                    0,
+                    0,
                 ];
                 for (col, x) in tenant_wide.3.iter_mut().zip(v) {
                     col.push(x);
@@ -397,26 +413,8 @@ async fn write(
             }
         }
         if !tenant_wide.0.is_empty() {
-            let [a, b, cc, d, e, f, g, h] = &tenant_wide.3;
-            tx.execute(
-                &adjust,
-                &[
-                    &rev,
-                    &c.booked_at,
-                    &tenant_wide.0,
-                    &tenant_wide.1,
-                    &tenant_wide.2,
-                    a,
-                    b,
-                    cc,
-                    d,
-                    e,
-                    f,
-                    g,
-                    h,
-                ],
-            )
-            .await?;
+            tx.execute(&adjust, &bucket_params(&[&rev, &c.booked_at], &tenant_wide))
+                .await?;
         }
     }
     let mut over_contract_ns: Vec<(Arc<str>, u64)> = by_tenant

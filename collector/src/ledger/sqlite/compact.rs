@@ -88,9 +88,10 @@ impl Ledger {
                 .map_err(err)?;
             let mut hour_peak = tx
                 .prepare_cached(
-                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
-                     SELECT 3600, ?1, tenant, MAX(e) FROM (
-                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj, node_peak_quarter_mj)
+                     SELECT 3600, ?1, tenant, MAX(e), MAX(n) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e,
+                            SUM(node_energy_mj) AS n
                         FROM usage_minute
                         WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
                         GROUP BY tenant, quarter)
@@ -108,9 +109,10 @@ impl Ledger {
             let mut day_peak = tx
                 .prepare_cached(
                     "INSERT INTO demand_rollup
-                        (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj)
+                        (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj,
+                            node_peak_quarter_mj)
                      SELECT 86400, ?1, tenant, MAX(peak_quarter_mj), SUM(over_contract_ns),
-                        SUM(overage_mj)
+                        SUM(overage_mj), MAX(node_peak_quarter_mj)
                      FROM demand_rollup
                      WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
                      GROUP BY tenant",
@@ -136,15 +138,18 @@ impl Ledger {
                 .map_err(err)?;
             let mut add_peak = tx
                 .prepare_cached(
-                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj)
-                     SELECT ?2, ?3, tenant, MAX(e) FROM (
-                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj, node_peak_quarter_mj)
+                     SELECT ?2, ?3, tenant, MAX(e), MAX(n) FROM (
+                        SELECT tenant, minute_start / 900 AS quarter, SUM(energy_mj) AS e,
+                            SUM(node_energy_mj) AS n
                         FROM usage_minute
                         WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
                         GROUP BY tenant, quarter)
                      GROUP BY tenant
                      ON CONFLICT (period, start, tenant) DO UPDATE
-                        SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj)",
+                        SET peak_quarter_mj = MAX(peak_quarter_mj, excluded.peak_quarter_mj),
+                            node_peak_quarter_mj =
+                                MAX(node_peak_quarter_mj, excluded.node_peak_quarter_mj)",
                 )
                 .map_err(err)?;
             // Each tenant-minute of an hour against its contract, summed

@@ -25,8 +25,8 @@ use prost::Message;
 use rusqlite::{Connection, params};
 
 use super::{
-    BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease, Identity,
-    LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
+    BUCKET_FIELDS, BucketDelta, Claim, Commit, Committed, Compacted, Compaction, CompactionLease,
+    Identity, LedgerError, LedgerTotals, LedgerWriter, NodeCursor, Snapshot, TenantVersion,
 };
 use crate::tenants::TenantHistory;
 use marker::{MARKER_SUFFIX, Marker, read_marker};
@@ -41,7 +41,7 @@ pub const LOCAL_HOLDER: &str = "local";
 const CACHE_KIB: i64 = 64 * 1024;
 
 /// The summable columns of `usage_minute`, in `BucketDelta::values` order.
-const BUCKET_COLUMNS: [&str; 8] = [
+const BUCKET_COLUMNS: [&str; BUCKET_FIELDS] = [
     "energy_mj",
     "gpu_ns",
     "busy_gpu_ns",
@@ -50,6 +50,9 @@ const BUCKET_COLUMNS: [&str; 8] = [
     "estimated_mj",
     "over_contract_ns",
     "overage_mj",
+    "node_energy_mj",
+    "node_estimated_mj",
+    "node_ns",
 ];
 
 /// `SUM(col)` for every bucket column, comma-separated.
@@ -61,13 +64,13 @@ fn bucket_sums() -> String {
         .join(", ")
 }
 
-/// Reads the eight summed columns starting at column `first`.
+/// Reads the summed bucket columns starting at column `first`.
 fn bucket_from_row(
     r: &rusqlite::Row<'_>,
     first: usize,
     path: &Path,
 ) -> rusqlite::Result<Result<BucketDelta, LedgerError>> {
-    let mut v = [0u64; 8];
+    let mut v = [0u64; BUCKET_FIELDS];
     for (i, slot) in v.iter_mut().enumerate() {
         match u64_of(r.get::<_, i64>(first + i)?, path, BUCKET_COLUMNS[i]) {
             Ok(x) => *slot = x,
@@ -417,16 +420,6 @@ impl Ledger {
             .map_err(sqlite_err(&self.path))
     }
 
-    /// Rows of (text, integer, integer) from `sql`.
-    fn name_and_two_counts(&self, sql: &str) -> Result<Vec<(String, i64, i64)>, LedgerError> {
-        let err = sqlite_err(&self.path);
-        let mut q = self.conn.prepare(sql).map_err(err)?;
-        let rows = q
-            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .map_err(err)?;
-        rows.collect::<Result<_, _>>().map_err(err)
-    }
-
     /// Reads the cursors and totals to resume from.
     pub fn load(&self) -> Result<Snapshot, LedgerError> {
         let p = &self.path;
@@ -444,6 +437,7 @@ impl Ledger {
         let totals = self.tenant_totals()?;
         snap.tenant_energy = totals.tenant_energy;
         snap.tenant_over_contract_ns = totals.tenant_over_contract_ns;
+        snap.tenant_node_energy = totals.tenant_node_energy;
         Ok(snap)
     }
 
@@ -451,15 +445,32 @@ impl Ledger {
     pub fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError> {
         let p = &self.path;
         let mut totals = LedgerTotals::default();
-        let rows = self
-            .name_and_two_counts("SELECT tenant, energy_mj, over_contract_ns FROM tenant_total")?;
-        for (t, e, over) in rows {
+        let err = sqlite_err(p);
+        let mut q = self
+            .conn
+            .prepare("SELECT tenant, energy_mj, over_contract_ns, node_energy_mj FROM tenant_total")
+            .map_err(err)?;
+        let rows = q
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            })
+            .map_err(err)?;
+        for row in rows {
+            let (t, e, over, node) = row.map_err(err)?;
             totals
                 .tenant_energy
                 .push((t.clone(), u64_of(e, p, "tenant energy")?));
             totals
                 .tenant_over_contract_ns
-                .push((t, u64_of(over, p, "over-contract time")?));
+                .push((t.clone(), u64_of(over, p, "over-contract time")?));
+            totals
+                .tenant_node_energy
+                .push((t, u64_of(node, p, "tenant node energy")?));
         }
         Ok(totals)
     }
@@ -504,11 +515,12 @@ fn cursor_from_row(
         path: p.to_owned(),
         what: "GPU cursors",
     })?;
-    let gpus = stored.into_cursors();
+    let (gpus, power) = stored.into_cursors();
     Ok(NodeCursor {
         epoch: u64_of(r.get(first).map_err(err)?, p, "epoch")?,
         last_seq: u64_of(r.get(first + 1).map_err(err)?, p, "last_seq")?,
         gpus,
+        power,
     })
 }
 

@@ -190,13 +190,15 @@ impl Reader {
                     seconds: MINUTE,
                     delta,
                     peak_quarter_mj: None,
+                    node_peak_quarter_mj: None,
                 },
             ));
         }
         let mut q = tx
             .prepare_cached(&format!(
                 "SELECT r.tenant, r.start, {}, MAX(COALESCE(d.peak_quarter_mj, 0)),
-                    MAX(COALESCE(d.over_contract_ns, 0)), MAX(COALESCE(d.overage_mj, 0))
+                    MAX(COALESCE(d.over_contract_ns, 0)), MAX(COALESCE(d.overage_mj, 0)),
+                    MAX(COALESCE(d.node_peak_quarter_mj, 0))
                  FROM usage_rollup r LEFT JOIN demand_rollup d
                     ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
                  WHERE r.period = ?1 AND (?2 IS NULL OR r.tenant = ?2)
@@ -225,11 +227,12 @@ impl Reader {
                         r.get::<_, i64>(2 + BUCKET_COLUMNS.len())?,
                         r.get::<_, i64>(3 + BUCKET_COLUMNS.len())?,
                         r.get::<_, i64>(4 + BUCKET_COLUMNS.len())?,
+                        r.get::<_, i64>(5 + BUCKET_COLUMNS.len())?,
                     ))
                 })
                 .map_err(err)?;
             for row in rows {
-                let (t, start, delta, peak, over_ns, over_mj) = row.map_err(err)?;
+                let (t, start, delta, peak, over_ns, over_mj, node_peak) = row.map_err(err)?;
                 // The rollup's own evaluation of its minutes.
                 let delta = BucketDelta {
                     over_contract_ns: u64_of(over_ns, p, "over_contract_ns")?,
@@ -243,6 +246,7 @@ impl Reader {
                         seconds: period,
                         delta,
                         peak_quarter_mj: Some(u64_of(peak, p, "peak_quarter_mj")?),
+                        node_peak_quarter_mj: Some(u64_of(node_peak, p, "node_peak_quarter_mj")?),
                     },
                 ));
             }

@@ -211,6 +211,25 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         last_id INTEGER NOT NULL
      ) WITHOUT ROWID;",
     ),
+    // 13: node energy (whole-node power sources, split among the tenants
+    // with GPUs on the node), the part of it estimated, and the time its
+    // readings covered, in every bucket, rollup and adjustment; each
+    // tenant's node energy total; and the highest quarter-hour of node
+    // energy in a rollup, for a contract on node energy. Rows from before
+    // hold 0: no node energy was measured then.
+    Migration::Sql(
+        "ALTER TABLE usage_minute ADD COLUMN node_energy_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN node_estimated_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_minute ADD COLUMN node_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_rollup ADD COLUMN node_energy_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_rollup ADD COLUMN node_estimated_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_rollup ADD COLUMN node_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE adjustment ADD COLUMN node_energy_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE adjustment ADD COLUMN node_estimated_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE adjustment ADD COLUMN node_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE tenant_total ADD COLUMN node_energy_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj INTEGER NOT NULL DEFAULT 0;",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
@@ -246,48 +265,64 @@ fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
          ON CONFLICT (node) DO UPDATE SET gpus = ?2",
     )?;
     for (node, gpus) in by_node {
-        put.execute(params![node, StoredGpus { gpus }.encode_to_vec()])?;
+        let stored = StoredGpus {
+            gpus,
+            power: Vec::new(),
+        };
+        put.execute(params![node, stored.encode_to_vec()])?;
     }
     tx.execute_batch("DROP TABLE gpu_cursor;")
 }
 
-impl StoredGpus {
-    /// A node's GPU cursors as stored, by UUID.
-    pub(in crate::ledger) fn of(gpus: &[(std::sync::Arc<str>, crate::ledger::GpuCursor)]) -> Self {
-        Self {
-            gpus: gpus
-                .iter()
-                .map(|(uuid, g)| StoredGpu {
-                    uuid: uuid.to_string(),
+fn stored(list: &[(std::sync::Arc<str>, crate::ledger::GpuCursor)]) -> Vec<StoredGpu> {
+    list.iter()
+        .map(|(uuid, g)| StoredGpu {
+            uuid: uuid.to_string(),
+            last_counter_mj: g.last_counter_mj,
+            last_timestamp_ns: g.last_timestamp_ns,
+            remainder_mw_ns: g.remainder_mw_ns,
+            energy_mj: g.energy_mj,
+            counter_resets: g.counter_resets,
+        })
+        .collect()
+}
+
+fn cursors(list: Vec<StoredGpu>) -> Vec<(std::sync::Arc<str>, crate::ledger::GpuCursor)> {
+    list.into_iter()
+        .map(|g| {
+            (
+                std::sync::Arc::from(g.uuid),
+                crate::ledger::GpuCursor {
                     last_counter_mj: g.last_counter_mj,
                     last_timestamp_ns: g.last_timestamp_ns,
                     remainder_mw_ns: g.remainder_mw_ns,
                     energy_mj: g.energy_mj,
                     counter_resets: g.counter_resets,
-                })
-                .collect(),
+                },
+            )
+        })
+        .collect()
+}
+
+impl StoredGpus {
+    /// A node's GPU cursors (by UUID) and power source cursors (by
+    /// `"{kind}/{name}"`) as stored.
+    pub(in crate::ledger) fn of(n: &crate::ledger::NodeCursor) -> Self {
+        Self {
+            gpus: stored(&n.gpus),
+            power: stored(&n.power),
         }
     }
 
-    /// The GPU cursors stored, by UUID.
+    /// The GPU cursors and the power source cursors stored.
+    #[allow(clippy::type_complexity)]
     pub(in crate::ledger) fn into_cursors(
         self,
-    ) -> Vec<(std::sync::Arc<str>, crate::ledger::GpuCursor)> {
-        self.gpus
-            .into_iter()
-            .map(|g| {
-                (
-                    std::sync::Arc::from(g.uuid),
-                    crate::ledger::GpuCursor {
-                        last_counter_mj: g.last_counter_mj,
-                        last_timestamp_ns: g.last_timestamp_ns,
-                        remainder_mw_ns: g.remainder_mw_ns,
-                        energy_mj: g.energy_mj,
-                        counter_resets: g.counter_resets,
-                    },
-                )
-            })
-            .collect()
+    ) -> (
+        Vec<(std::sync::Arc<str>, crate::ledger::GpuCursor)>,
+        Vec<(std::sync::Arc<str>, crate::ledger::GpuCursor)>,
+    ) {
+        (cursors(self.gpus), cursors(self.power))
     }
 }
 
@@ -297,6 +332,11 @@ impl StoredGpus {
 pub(in crate::ledger) struct StoredGpus {
     #[prost(message, repeated, tag = "1")]
     pub(in crate::ledger) gpus: Vec<StoredGpu>,
+    /// Added later: the node's power sources, each keyed by
+    /// `"{kind}/{name}"` in `uuid`, counted as a GPU is; a cursor written
+    /// before reads with none.
+    #[prost(message, repeated, tag = "2")]
+    pub(in crate::ledger) power: Vec<StoredGpu>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -20,6 +20,7 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
     let mut l = Ledger::create(&path).unwrap();
     let mut c = Commit::default();
     let n1 = NodeCursor {
+        power: Vec::new(),
         epoch: 7,
         last_seq: 42,
         gpus: vec![
@@ -58,6 +59,9 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
             estimated_mj: 7,
             over_contract_ns: 8,
             overage_mj: 9,
+            node_energy_mj: 10,
+            node_estimated_mj: 11,
+            node_ns: 12,
         },
     );
     c.tenant_energy.insert(Arc::from("t"), 100);
@@ -82,7 +86,7 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
         vec![("t".to_string(), 60_000_000_000)]
     );
     let sums = l.bucket_totals("t").unwrap();
-    assert_eq!(sums.values(), [200, 10, 8, 2, 12, 14, 16, 18]);
+    assert_eq!(sums.values(), [200, 10, 8, 2, 12, 14, 16, 18, 20, 22, 24]);
     assert_eq!(
         (sums.energy_mj, sums.gpu_ns, sums.busy_gpu_ns, sums.samples),
         (200, 10, 8, 2)
@@ -339,6 +343,164 @@ fn over_contract_booked_by_the_wall_clock_gives_way_to_the_minutes_energy() {
     assert_eq!(rolled, (60_000_000_000, 30_000_000));
 }
 
+/// A ledger at schema version 12 (before node energy) holding what `rows`
+/// inserts, and the node cursor `n1` with `gpus`, stored as it was then.
+fn version_12_ledger(path: &Path, gpus: &[(Arc<str>, GpuCursor)], rows: &str) {
+    let mut conn = Connection::open(path).unwrap();
+    let tx = conn.transaction().unwrap();
+    for m in &MIGRATIONS[..12] {
+        match m {
+            Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
+            Migration::Code(f) => f(&tx).unwrap(),
+        }
+    }
+    let old = NodeCursor {
+        epoch: 3,
+        last_seq: 99,
+        gpus: gpus.to_vec(),
+        power: Vec::new(),
+    };
+    tx.execute(
+        "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES ('n1', 3, 99, ?1)",
+        params![StoredGpus::of(&old).encode_to_vec()],
+    )
+    .unwrap();
+    tx.execute_batch(rows).unwrap();
+    tx.pragma_update(None, "user_version", 12).unwrap();
+    let (id, revision): (String, i64) = tx
+        .query_row(
+            "SELECT ledger_id, revision FROM ledger_identity, watermark",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    tx.commit().unwrap();
+    let mut marker = path.as_os_str().to_owned();
+    marker.push(MARKER_SUFFIX);
+    std::fs::write(marker, super::marker::marker_record(&id, revision as u64)).unwrap();
+}
+
+#[test]
+fn a_version_12_ledger_migrates_with_no_node_energy_in_its_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let gpu = GpuCursor {
+        last_counter_mj: Some(77),
+        last_timestamp_ns: Some(5),
+        remainder_mw_ns: 6,
+        energy_mj: 70,
+        counter_resets: 1,
+    };
+    let gpus = vec![(Arc::from("GPU-1"), gpu)];
+    version_12_ledger(
+        &path,
+        &gpus,
+        &format!(
+            "INSERT INTO usage_minute VALUES ('a', 'n1', {m}, 100, 5, 4, 1, 6, 7, 0, 0);
+             INSERT INTO usage_rollup VALUES (3600, {h}, 'a', 'n1', 50, 1, 1, 1, 1, 1, 0, 0);
+             INSERT INTO demand_rollup VALUES (3600, {h}, 'a', 50, 0, 0);
+             INSERT INTO adjustment VALUES (1, {m}, 'a', 'n1', {m}, 3, 0, 0, 0, 0, 0, 0, 0);
+             UPDATE watermark SET revision = 1;
+             INSERT INTO tenant_total VALUES ('a', 153, 0);
+             INSERT INTO retention VALUES (60, {m}), (3600, {h});",
+            m = T0 + DAY,
+            h = T0,
+        ),
+    );
+    let mut l = Ledger::open(&path).unwrap();
+    let version: i64 = l
+        .conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, MIGRATIONS.len() as i64);
+    let snap = l.load().unwrap();
+    assert_eq!(
+        snap.nodes,
+        vec![(
+            "n1".to_string(),
+            NodeCursor {
+                epoch: 3,
+                last_seq: 99,
+                gpus: gpus.clone(),
+                power: Vec::new(),
+            }
+        )]
+    );
+    assert_eq!(snap.tenant_energy, vec![("a".to_string(), 153)]);
+    assert_eq!(snap.tenant_node_energy, vec![("a".to_string(), 0)]);
+    let reader = Reader::open(&path).unwrap();
+    let u = reader.usage(Some("a"), T0, T0 + DAY + HOUR).unwrap();
+    let got: Vec<(i64, u64, u64, u64, u64, Option<u64>)> = u
+        .spans
+        .iter()
+        .map(|(_, s)| {
+            (
+                s.start,
+                s.delta.energy_mj,
+                s.delta.node_energy_mj,
+                s.delta.node_estimated_mj,
+                s.delta.node_ns,
+                s.node_peak_quarter_mj,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![(T0, 50, 0, 0, 0, Some(0)), (T0 + DAY, 100, 0, 0, 0, None)]
+    );
+    assert_eq!(u.adjustments.len(), 1);
+    assert_eq!(
+        u.adjustments[0].delta,
+        BucketDelta {
+            energy_mj: 3,
+            ..BucketDelta::default()
+        }
+    );
+    // The migrated ledger takes node energy and power cursors.
+    let mut c = Commit::default();
+    let cursor = NodeCursor {
+        epoch: 3,
+        last_seq: 100,
+        gpus,
+        power: vec![(
+            Arc::from("ipmi/node"),
+            GpuCursor {
+                last_counter_mj: None,
+                last_timestamp_ns: Some(9),
+                remainder_mw_ns: 4,
+                energy_mj: 400,
+                counter_resets: 0,
+            },
+        )],
+    };
+    c.nodes.insert(Arc::from("n1"), cursor.clone());
+    c.buckets.insert(
+        (Arc::from("a"), Arc::from("n1"), T0 + DAY),
+        BucketDelta {
+            energy_mj: 1,
+            node_energy_mj: 400,
+            node_estimated_mj: 400,
+            node_ns: 10,
+            ..BucketDelta::default()
+        },
+    );
+    c.tenant_energy.insert(Arc::from("a"), 1);
+    l.commit(&c).unwrap();
+    let snap = l.load().unwrap();
+    assert_eq!(snap.nodes, vec![("n1".to_string(), cursor)]);
+    assert_eq!(snap.tenant_node_energy, vec![("a".to_string(), 400)]);
+    let sums = l.bucket_totals("a").unwrap();
+    assert_eq!(
+        (
+            sums.energy_mj,
+            sums.node_energy_mj,
+            sums.node_estimated_mj,
+            sums.node_ns
+        ),
+        (104, 400, 400, 10)
+    );
+}
+
 #[test]
 fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
     let dir = tempfile::tempdir().unwrap();
@@ -367,6 +529,7 @@ fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         (
             "gone".to_string(),
             NodeCursor {
+                power: Vec::new(),
                 epoch: 0,
                 last_seq: 0,
                 gpus: vec![(Arc::from("GPU-d"), cursor(Some(1), Some(2), 3, 4))],
@@ -375,6 +538,7 @@ fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         (
             "n1".to_string(),
             NodeCursor {
+                power: Vec::new(),
                 epoch: 7,
                 last_seq: 42,
                 gpus: vec![
@@ -386,6 +550,7 @@ fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         (
             "n2".to_string(),
             NodeCursor {
+                power: Vec::new(),
                 epoch: 8,
                 last_seq: 9,
                 gpus: vec![(

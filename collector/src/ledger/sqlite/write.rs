@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prost::Message;
-use rusqlite::params;
+use rusqlite::{ToSql, params, params_from_iter};
 
 use super::schema::StoredGpus;
 use super::{
@@ -152,7 +152,7 @@ impl Ledger {
                 .map_err(err)?;
             let mut blob = Vec::new();
             for (id, n) in &c.nodes {
-                let stored = StoredGpus::of(&n.gpus);
+                let stored = StoredGpus::of(n);
                 blob.clear();
                 stored
                     .encode(&mut blob)
@@ -212,30 +212,18 @@ impl Ledger {
                 for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
                     *slot = i64_of(x, &p, name)?;
                 }
+                let key: [&dyn ToSql; 3] = [tenant as &dyn ToSql, node, minute];
+                let values = v.iter().map(|x| x as &dyn ToSql);
                 if is_final(*minute) {
+                    let rev = i64_of(revision, &p, "revision")?;
+                    let head: [&dyn ToSql; 2] = [&rev, &booked_at];
                     adjust
-                        .execute(params![
-                            i64_of(revision, &p, "revision")?,
-                            booked_at,
-                            &**tenant,
-                            &**node,
-                            minute,
-                            v[0],
-                            v[1],
-                            v[2],
-                            v[3],
-                            v[4],
-                            v[5],
-                            v[6],
-                            v[7]
-                        ])
+                        .execute(params_from_iter(head.into_iter().chain(key).chain(values)))
                         .map_err(err)?;
                     continue;
                 }
                 bucket
-                    .execute(params![
-                        &**tenant, &**node, minute, v[0], v[1], v[2], v[3], v[4], v[5], v[6], v[7]
-                    ])
+                    .execute(params_from_iter(key.into_iter().chain(values)))
                     .map_err(err)?;
             }
             let mut total = tx
@@ -247,6 +235,18 @@ impl Ledger {
             for (tenant, e) in &c.tenant_energy {
                 total
                     .execute(params![&**tenant, i64_of(*e, &p, "energy")?])
+                    .map_err(err)?;
+            }
+            // Node energy totals are the sums of the commit's buckets.
+            let mut node_total = tx
+                .prepare_cached(
+                    "INSERT INTO tenant_total (tenant, energy_mj, node_energy_mj) VALUES (?1, 0, ?2)
+                     ON CONFLICT (tenant) DO UPDATE SET node_energy_mj = node_energy_mj + ?2",
+                )
+                .map_err(err)?;
+            for (tenant, e) in c.node_energy_by_tenant() {
+                node_total
+                    .execute(params![&*tenant, i64_of(e, &p, "node energy")?])
                     .map_err(err)?;
             }
             let mut over = tx
@@ -309,7 +309,10 @@ impl Ledger {
                             0,
                             0,
                             i64_of(grew, &p, "over-contract time")?,
-                            i64_of(overage, &p, "overage")?
+                            i64_of(overage, &p, "overage")?,
+                            0,
+                            0,
+                            0
                         ])
                         .map_err(err)?;
                 }

@@ -115,6 +115,7 @@ impl Site {
         c.nodes.insert(
             node.clone(),
             NodeCursor {
+                power: Vec::new(),
                 epoch: 1,
                 last_seq: to,
                 gpus: vec![(
@@ -437,6 +438,7 @@ fn a_claim_does_not_resume_a_gpu_heard_later_on_another_node() {
         c.nodes.insert(
             Arc::from(node),
             NodeCursor {
+                power: Vec::new(),
                 epoch: 1,
                 last_seq: 5,
                 gpus: vec![(Arc::from("GPU-x"), gpu(t))],

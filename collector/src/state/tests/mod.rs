@@ -316,6 +316,7 @@ fn a_gpu_in_two_nodes_cursors_resumes_where_it_was_heard_last() {
         counter_resets: 0,
     };
     let node = |gpus: Vec<(Arc<str>, GpuCursor)>| NodeCursor {
+        power: Vec::new(),
         epoch: 1,
         last_seq: 5,
         gpus,
