@@ -289,6 +289,15 @@ fn main() -> anyhow::Result<()> {
                 capwatch_collector::usage::rfc3339(from.div_euclid(1_000_000_000))
             );
         }
+        for m in cfg.meters()? {
+            println!(
+                "meter {:<24} {:<12} every {}, nodes {}",
+                m.id,
+                m.source.kind_label(),
+                humantime::format_duration(m.interval),
+                m.nodes.join(",")
+            );
+        }
         if cfg.auth_file.is_some() {
             println!(
                 "auth: agents need a token: {}; the usage API needs a token: {}",

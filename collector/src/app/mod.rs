@@ -107,6 +107,8 @@ pub struct App {
     server: tonic::transport::Server,
     http_limits: serve::Limits,
     hup: tokio::signal::unix::Signal,
+    /// The facility meters' pollers, their clients set up.
+    meter_pollers: Vec<crate::meters::Poller>,
 }
 
 impl App {
@@ -115,6 +117,9 @@ impl App {
     /// refuses the start.
     pub async fn build(cfg: Config) -> Result<Self, CollectorError> {
         cfg.validate()?;
+        let board = Arc::new(crate::meters::Board::new(cfg.meters()?));
+        let meter_pollers = crate::meters::pollers(&board)
+            .map_err(|e| config::ConfigError::invalid("meter", e.to_string()))?;
         let tenants = load_tenants(&cfg)?;
         let state = Arc::new(State::new(
             StateConfig {
@@ -126,6 +131,7 @@ impl App {
             tenants,
         ));
         state.set_auth(load_auth(&cfg)?);
+        state.set_meters(board);
         state.readiness.set_shed_after(cfg.shed_streams_after);
         if cfg.metrics_auth && !state.auth().api_required() {
             return Err(config::ConfigError::invalid(
@@ -229,6 +235,7 @@ impl App {
             server,
             http_limits,
             hup,
+            meter_pollers,
         })
     }
 
@@ -255,6 +262,7 @@ impl App {
             server,
             http_limits,
             hup,
+            meter_pollers,
             ..
         } = self;
         let (committed_tx, committed) = watch::channel(0u64);
@@ -380,9 +388,28 @@ impl App {
             reload::advance_leases(state.clone(), shutdown.clone()).instrument(task_span("leases")),
         );
 
+        let meters = match state.meters() {
+            Some(board) => {
+                let fleet = state.clone();
+                let covered: crate::meters::CoveredNodes = Arc::new(move |spec| {
+                    let now = std::time::Instant::now();
+                    let mut n = 0;
+                    fleet.for_each_node(|v| {
+                        if v.up(now) && spec.covers(v.id()) {
+                            n += 1;
+                        }
+                    });
+                    n
+                });
+                crate::meters::spawn(board, meter_pollers, covered, shutdown.clone())
+            }
+            None => Vec::new(),
+        };
+
         let grpc = tokio::spawn(grpc_server.instrument(task_span("grpc")));
         let http = tokio::spawn(http_server.instrument(task_span("http")));
         Ok(Running {
+            meters,
             cfg,
             state,
             holder,
@@ -412,6 +439,8 @@ pub struct Running {
     compactor: JoinHandle<()>,
     reloader: JoinHandle<()>,
     leases: JoinHandle<()>,
+    /// One polling task per facility meter.
+    meters: Vec<JoinHandle<()>>,
     /// Dropped to stop the committer.
     stop_committer: std::sync::mpsc::Sender<()>,
     committer: std::thread::JoinHandle<Option<(u64, ledger::Commit)>>,
@@ -436,6 +465,7 @@ impl Running {
             compactor,
             reloader,
             leases,
+            meters,
             stop_committer,
             committer,
             committed,
@@ -450,6 +480,9 @@ impl Running {
         .await;
         reloader.abort();
         leases.abort();
+        for m in &meters {
+            m.abort();
+        }
         compactor.abort();
         // Streams are closed: one last commit makes everything applied durable.
         drop(stop_committer);

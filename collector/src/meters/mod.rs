@@ -11,6 +11,7 @@
 //! allocation takes each minute's metered energy.
 
 pub mod modbus;
+pub mod pdu;
 pub mod spec;
 
 use std::collections::VecDeque;
@@ -75,6 +76,8 @@ impl Outcome {
 pub enum Raw {
     /// A Modbus energy register's count.
     Count(u64),
+    /// A PDU's reading: its power and its cumulative energy (mJ).
+    Pdu(capwatch_common::redfish::Reading),
 }
 
 /// Why a read gave nothing.
@@ -169,6 +172,34 @@ impl Live {
                     },
                 }
             }
+            Ok(Raw::Pdu(reading)) => match reading.energy_millijoules {
+                // No energy sensor: nothing to allocate.
+                None => Outcome::Invalid,
+                Some(now) => {
+                    let outcome = match self.last_count {
+                        None => {
+                            self.record(at_ns, 0);
+                            Outcome::Ok
+                        }
+                        Some(prev) if now >= prev => {
+                            self.record(at_ns, now - prev);
+                            Outcome::Ok
+                        }
+                        // A counter that went back: reset by someone, or
+                        // a replaced PDU. Nothing counted for the interval.
+                        Some(_) => {
+                            self.record(at_ns, 0);
+                            Outcome::Reset
+                        }
+                    };
+                    self.last_count = Some(now);
+                    // The PDU's own power reading, where it has one.
+                    if reading.power_milliwatts.is_some() {
+                        self.power_mw = reading.power_milliwatts;
+                    }
+                    outcome
+                }
+            },
         };
         self.count(outcome)
     }
@@ -220,6 +251,15 @@ pub struct Meter {
     pub live: Mutex<Live>,
 }
 
+impl Meter {
+    pub fn new(spec: MeterSpec) -> Self {
+        Self {
+            spec,
+            live: Mutex::default(),
+        }
+    }
+}
+
 /// Every configured meter, read by `/metrics` and the allocation.
 #[derive(Debug, Default)]
 pub struct Board {
@@ -229,13 +269,7 @@ pub struct Board {
 impl Board {
     pub fn new(specs: Vec<MeterSpec>) -> Self {
         Self {
-            meters: specs
-                .into_iter()
-                .map(|spec| Meter {
-                    spec,
-                    live: Mutex::default(),
-                })
-                .collect(),
+            meters: specs.into_iter().map(Meter::new).collect(),
         }
     }
 }
@@ -244,18 +278,29 @@ impl Board {
 /// fleet), so this module does not depend on it.
 pub type CoveredNodes = Arc<dyn Fn(&MeterSpec) -> u64 + Send + Sync>;
 
-/// Starts one polling task per meter; each stops when `shutdown` flips.
+/// A poller for every meter of `board`, in its order: every client set
+/// up, or the first meter that cannot be.
+pub fn pollers(board: &Board) -> Result<Vec<Poller>, MeterError> {
+    board.meters.iter().map(|m| Poller::new(&m.spec)).collect()
+}
+
+/// Starts one polling task per meter (`pollers` from [`pollers`]); each
+/// stops when `shutdown` flips.
 pub fn spawn(
     board: &Arc<Board>,
+    pollers: Vec<Poller>,
     covered: CoveredNodes,
     shutdown: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..board.meters.len())
-        .map(|i| {
+    pollers
+        .into_iter()
+        .enumerate()
+        .map(|(i, poller)| {
             let span =
                 tracing::info_span!("task", task = "meter", meter = %board.meters[i].spec.id);
             tokio::spawn(
-                poll_loop(board.clone(), i, covered.clone(), shutdown.clone()).instrument(span),
+                poll_loop(board.clone(), i, poller, covered.clone(), shutdown.clone())
+                    .instrument(span),
             )
         })
         .collect()
@@ -264,6 +309,7 @@ pub fn spawn(
 async fn poll_loop(
     board: Arc<Board>,
     i: usize,
+    mut poller: Poller,
     covered: CoveredNodes,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -271,7 +317,6 @@ async fn poll_loop(
     let spec = &meter.spec;
     let mut ticker = tokio::time::interval(spec.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut poller = Poller::new(spec);
     info!(kind = poller.source.kind(), nodes = ?spec.nodes, interval_ms = spec.interval.as_millis() as u64, "polling meter");
     loop {
         tokio::select! {
@@ -292,11 +337,13 @@ pub struct Poller {
 }
 
 impl Poller {
-    pub fn new(spec: &MeterSpec) -> Self {
-        Self {
-            source: Reader::new(&spec.source),
+    /// A poller for the meter; its client set up now (a PDU's
+    /// credentials and CA files read), so a bad one refuses the start.
+    pub fn new(spec: &MeterSpec) -> Result<Self, MeterError> {
+        Ok(Self {
+            source: Reader::new(spec)?,
             warned_uncovered: false,
-        }
+        })
     }
 
     /// Reads the meter once, within its timeout, and applies the result
@@ -343,31 +390,40 @@ impl Poller {
 /// The client of one meter.
 enum Reader {
     Modbus(modbus::Client),
-    /// A Redfish PDU: no client yet, every read fails (`error`).
-    RedfishPdu,
+    RedfishPdu(pdu::Client),
 }
 
 impl Reader {
-    fn new(source: &Source) -> Self {
-        match source {
+    fn new(spec: &MeterSpec) -> Result<Self, MeterError> {
+        Ok(match &spec.source {
             Source::Modbus(m) => Reader::Modbus(modbus::Client::new(m.clone())),
-            Source::RedfishPdu(_) => Reader::RedfishPdu,
-        }
+            Source::RedfishPdu(p) => {
+                let c = pdu::Client::new(p, spec.timeout).map_err(|reason| MeterError {
+                    meter: spec.id.clone(),
+                    setting: "url",
+                    reason,
+                })?;
+                if p.insecure {
+                    warn!(meter = %spec.id, url = %p.url, "insecure = true: the PDU's certificate is not verified");
+                } else if c.is_plaintext() {
+                    warn!(meter = %spec.id, url = %p.url, "the PDU is read over plain HTTP: its credentials travel unencrypted");
+                }
+                Reader::RedfishPdu(c)
+            }
+        })
     }
 
     fn kind(&self) -> &'static str {
         match self {
             Reader::Modbus(_) => "modbus",
-            Reader::RedfishPdu => "redfish_pdu",
+            Reader::RedfishPdu(_) => "redfish_pdu",
         }
     }
 
     async fn read(&mut self) -> Result<Raw, ReadError> {
         match self {
             Reader::Modbus(c) => c.read().await.map(Raw::Count),
-            Reader::RedfishPdu => Err(ReadError::Transport(
-                "Redfish PDUs are not read by this build".into(),
-            )),
+            Reader::RedfishPdu(c) => c.read().await.map(Raw::Pdu),
         }
     }
 

@@ -171,6 +171,15 @@ pub enum Source {
     RedfishPdu(RedfishPduSpec),
 }
 
+impl Source {
+    pub fn kind_label(&self) -> &'static str {
+        match self {
+            Source::Modbus(_) => MeterKind::Modbus.label(),
+            Source::RedfishPdu(_) => MeterKind::RedfishPdu.label(),
+        }
+    }
+}
+
 /// A meter the collector polls.
 #[derive(Debug, Clone)]
 pub struct MeterSpec {

@@ -58,7 +58,7 @@ async fn energy_is_the_registers_counts_in_either_layout() {
         let stand_in = ModbusMeter::start(layout).unwrap();
         stand_in.set_count(0x0001_0000_0000_0005 & ((1 << (16 * layout.words as u32 - 1)) - 1));
         let m = meter(&stand_in, extra);
-        let mut p = Poller::new(&m.spec);
+        let mut p = Poller::new(&m.spec).unwrap();
         assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "{extra}");
         assert_eq!(energy(&m), 0, "the first reading is the baseline");
         stand_in.advance(70_000);
@@ -82,7 +82,7 @@ async fn a_wrapping_register_counts_exactly_across_the_wrap() {
         stand_in.set_rollover(rollover);
         stand_in.set_count((rollover - 7) as u64);
         let m = meter(&stand_in, extra);
-        let mut p = Poller::new(&m.spec);
+        let mut p = Poller::new(&m.spec).unwrap();
         assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
         stand_in.advance(20);
         assert_eq!(stand_in.count(), 13, "the stand-in wrapped");
@@ -97,7 +97,7 @@ async fn a_register_that_goes_down_is_a_counted_reset_never_negative_energy() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     stand_in.set_count(5_000);
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec);
+    let mut p = Poller::new(&m.spec).unwrap();
     poll(&mut p, &m).await;
     stand_in.advance(100);
     poll(&mut p, &m).await;
@@ -123,7 +123,7 @@ async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     stand_in.set_count(10);
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec);
+    let mut p = Poller::new(&m.spec).unwrap();
     poll(&mut p, &m).await;
     stand_in.set_mode(Mode::Hang);
     stand_in.advance(3);
@@ -146,7 +146,7 @@ async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
 async fn an_exception_is_counted_and_the_meter_is_down() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec);
+    let mut p = Poller::new(&m.spec).unwrap();
     poll(&mut p, &m).await;
     stand_in.set_mode(Mode::Exception);
     assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
@@ -159,7 +159,7 @@ async fn an_exception_is_counted_and_the_meter_is_down() {
     // A register the meter does not have is an exception too.
     stand_in.set_mode(Mode::Normal);
     let wrong = meter(&stand_in, "register = 8\n");
-    let mut q = Poller::new(&wrong.spec);
+    let mut q = Poller::new(&wrong.spec).unwrap();
     assert_eq!(poll(&mut q, &wrong).await, Outcome::Exception);
     assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
 }
@@ -169,7 +169,7 @@ async fn a_meter_nobody_listens_on_is_an_error() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     let m = meter(&stand_in, "");
     drop(stand_in);
-    let mut p = Poller::new(&m.spec);
+    let mut p = Poller::new(&m.spec).unwrap();
     assert_eq!(poll(&mut p, &m).await, Outcome::Error);
     assert_eq!(lock(&m.live).polls_of(Outcome::Error), 1);
 }
@@ -186,7 +186,7 @@ async fn a_hung_meter_does_not_hold_up_another() {
     let b = meter(&fine, "").spec;
     let board = Arc::new(Board::new(vec![a, b]));
     let (stop, shutdown) = watch::channel(false);
-    let tasks = spawn(&board, covered(1), shutdown);
+    let tasks = spawn(&board, pollers(&board).unwrap(), covered(1), shutdown);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let ok = lock(&board.meters[1].live).polls_of(Outcome::Ok);
@@ -208,4 +208,157 @@ async fn a_hung_meter_does_not_hold_up_another() {
     assert!(!hung_live.up);
     assert_eq!(hung_live.polls_of(Outcome::Ok), 0);
     assert!(hung_live.polls_of(Outcome::Timeout) >= 1);
+}
+
+fn pdu_meter(pdu: &capwatch_testkit::redfish::Service, extra: &str) -> Meter {
+    let text = format!(
+        "[[meter]]\nid = \"pdu\"\nkind = \"redfish_pdu\"\nnodes = [\"n-1\"]\nurl = \"{}\"\ninterval = \"1s\"\ntimeout = \"300ms\"\n{extra}",
+        pdu.pdu_url()
+    );
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<MeterConfig>,
+    }
+    let file: File = toml::from_str(&text).expect("valid TOML");
+    Meter::new(check(&file.meter).expect("a valid meter").remove(0))
+}
+
+/// A PDU over TLS with basic auth: its energy counter's steps exactly, its
+/// own power reading, a counter that goes back as a reset, a hung PDU
+/// bounded by the timeout and a 500 as an exception.
+#[tokio::test]
+async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
+    use capwatch_testkit::redfish::{Fault, Options, Schema, Service, Slow};
+    let pdu = Service::start(Options::new(Schema::Pdu).tls().auth("meter", "s3cret"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pdu.ca_pem().unwrap()).unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, "meter:s3cret\n").unwrap();
+    let m = pdu_meter(
+        &pdu,
+        &format!(
+            "ca_file = {:?}\ncredentials_file = {:?}\n",
+            ca.display().to_string(),
+            creds.display().to_string()
+        ),
+    );
+    let mut p = Poller::new(&m.spec).unwrap();
+    pdu.advance_mj(36_000_000);
+    pdu.set_power_mw(12_345_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    let start = pdu.energy_mj();
+    // kWh with eight decimals: whole multiples of 36 mJ are exact.
+    pdu.advance_mj(36 * 1_234_567);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), pdu.energy_mj() - start);
+    assert_eq!(
+        lock(&m.live).power_mw,
+        Some(12_345_000),
+        "the PDU's own power"
+    );
+
+    pdu.set_fault(Fault::CounterBackwards);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    pdu.set_fault(Fault::ServerError);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
+    pdu.set_fault(Fault::None);
+    pdu.set_slow(Slow::Forever);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Timeout);
+    assert!(!lock(&m.live).up);
+    pdu.set_slow(Slow::No);
+    pdu.release();
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    let live = lock(&m.live);
+    assert!(live.up);
+    for o in [Outcome::Reset, Outcome::Exception, Outcome::Timeout] {
+        assert_eq!(live.polls_of(o), 1, "{o:?}");
+    }
+    // Energy never went back.
+    assert!(
+        live.readings
+            .iter()
+            .zip(live.readings.iter().skip(1))
+            .all(|(a, b)| a.energy_mj <= b.energy_mj)
+    );
+}
+
+#[test]
+fn a_pdu_whose_credentials_file_is_missing_refuses_the_start() {
+    let pdu = capwatch_testkit::redfish::Service::start(capwatch_testkit::redfish::Options::new(
+        capwatch_testkit::redfish::Schema::Pdu,
+    ));
+    let m = pdu_meter(&pdu, "credentials_file = \"/nonexistent/creds\"\n");
+    let e = Poller::new(&m.spec).err().expect("refused");
+    assert_eq!((e.meter.as_str(), e.setting), ("pdu", "url"));
+    assert!(e.reason.contains("credentials"), "{e}");
+}
+
+/// `/metrics` shows each meter's figures, and none it has not given.
+#[test]
+fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
+    use crate::state::{State, StateConfig};
+    use std::time::Duration;
+    let cfgs: Vec<MeterConfig> = ["a", "b"]
+        .iter()
+        .map(|id| {
+            toml::from_str(&format!(
+                "id = \"{id}\"\nkind = \"modbus\"\nnodes = [\"n-*\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\nmin_ratio = 1.0\nmax_ratio = 1.25\n"
+            ))
+            .unwrap()
+        })
+        .collect();
+    let board = Board::new(check(&cfgs).unwrap());
+    {
+        let m = &board.meters[0];
+        let mut live = lock(&m.live);
+        live.apply(&m.spec, 1_700_000_000_000_000_000, Ok(Raw::Count(10)));
+        // 1000 counts of 3.6 J over 10 s: 360 W.
+        live.apply(&m.spec, 1_700_000_010_000_000_000, Ok(Raw::Count(1_010)));
+        live.nodes_connected = 3;
+        let b = &board.meters[1];
+        lock(&b.live).apply(&b.spec, 1_700_000_000_000_000_000, Err(ReadError::Timeout));
+    }
+    let state = State::new(
+        StateConfig {
+            stale_after: None,
+            max_gpus_per_node: 64,
+            max_clock_skew: Duration::from_secs(600),
+            max_sample_age: Duration::from_secs(86_400),
+        },
+        crate::tenants::Tenants::empty(),
+    );
+    state.set_meters(Arc::new(board));
+    let text = crate::metrics::render_text(&state, crate::metrics::Detail::ALL);
+    let meter_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("capwatch_meter_"))
+        .collect();
+    expect_test::expect![[r#"
+        capwatch_meter_up{meter="a"} 1
+        capwatch_meter_up{meter="b"} 0
+        capwatch_meter_polls_total{meter="a",outcome="ok"} 2
+        capwatch_meter_polls_total{meter="a",outcome="reset"} 0
+        capwatch_meter_polls_total{meter="a",outcome="timeout"} 0
+        capwatch_meter_polls_total{meter="a",outcome="error"} 0
+        capwatch_meter_polls_total{meter="a",outcome="exception"} 0
+        capwatch_meter_polls_total{meter="a",outcome="invalid"} 0
+        capwatch_meter_polls_total{meter="b",outcome="ok"} 0
+        capwatch_meter_polls_total{meter="b",outcome="reset"} 0
+        capwatch_meter_polls_total{meter="b",outcome="timeout"} 1
+        capwatch_meter_polls_total{meter="b",outcome="error"} 0
+        capwatch_meter_polls_total{meter="b",outcome="exception"} 0
+        capwatch_meter_polls_total{meter="b",outcome="invalid"} 0
+        capwatch_meter_power_watts{meter="a"} 360
+        capwatch_meter_energy_joules_total{meter="a"} 3600
+        capwatch_meter_energy_joules_total{meter="b"} 0
+        capwatch_meter_last_success_timestamp_seconds{meter="a"} 1700000010
+        capwatch_meter_ratio_bound{meter="a",bound="min"} 1
+        capwatch_meter_ratio_bound{meter="a",bound="max"} 1.25
+        capwatch_meter_ratio_bound{meter="b",bound="min"} 1
+        capwatch_meter_ratio_bound{meter="b",bound="max"} 1.25
+        capwatch_meter_nodes_connected{meter="a"} 3
+        capwatch_meter_nodes_connected{meter="b"} 0
+    "#]]
+    .assert_eq(&(meter_lines.join("\n") + "\n"));
 }

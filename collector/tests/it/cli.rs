@@ -167,6 +167,36 @@ fn example_configs_pass_check() {
     assert_tenants(&summary, &[("lab-a", "10.000"), ("lab-b", "6.000")]);
 }
 
+/// The example meter config passes `--check`, which lists its meters.
+#[test]
+fn example_meter_config_passes_check() {
+    let summary = check(
+        &[
+            "--config",
+            &deploy("examples/collector-meters.toml"),
+            "--tenants",
+            &deploy("examples/tenants.toml"),
+        ],
+        &[],
+    );
+    assert_lines(
+        &summary,
+        &[
+            "meter row-a-main               modbus       every 15s, nodes gpu-a*",
+            "meter rack-b7-pdu              redfish_pdu  every 30s, nodes gpu-b7-01,gpu-b7-02,gpu-b7-03,gpu-b7-04",
+        ],
+    );
+    // The meters print back as tables that read in again unchanged.
+    let example = deploy("examples/collector-meters.toml");
+    let printed = print_config(&["--config", &example], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("printed.toml");
+    std::fs::write(&path, &printed).unwrap();
+    let cfg = valid_config(&path);
+    assert_eq!(cfg.meter.len(), 2, "{printed}");
+    assert_eq!(cfg, valid_config(Path::new(&example)));
+}
+
 /// `KEY=VALUE` lines of a systemd `EnvironmentFile=` (comments left out).
 fn environment_file(path: &str) -> Vec<(String, String)> {
     std::fs::read_to_string(path)
@@ -462,6 +492,27 @@ fn config_errors_name_the_problem() {
             "--config",
             Some("hour_retention = \"30d\"\n"),
             &["`hour_retention`", "at least minute_retention"],
+        ),
+        (
+            "--config",
+            Some(
+                "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"gpu-*\"]\naddress = \"10.0.0.5:502\"\nwh_per_count = 0.0000004\n",
+            ),
+            &["\"row-a\"", "`wh_per_count`", "whole number of millijoules"],
+        ),
+        (
+            "--config",
+            Some(
+                "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = []\naddress = \"10.0.0.5:502\"\n",
+            ),
+            &["\"row-a\"", "`nodes`"],
+        ),
+        (
+            "--config",
+            Some(
+                "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"n\"]\naddress = \"10.0.0.5:502\"\nregister_count = 2\n",
+            ),
+            &["{path}", "unknown field `register_count`"],
         ),
         (
             "--tenants",
