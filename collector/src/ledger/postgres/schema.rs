@@ -135,6 +135,30 @@ pub(super) const MIGRATIONS: &[&str] = &[
         ADD COLUMN node_ns BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE tenant_total ADD COLUMN node_energy_mj BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj BIGINT NOT NULL DEFAULT 0;",
+    // 3: facility meters' allocation, as the SQLite ledger's version 14.
+    "CREATE TABLE meter_state (
+        meter TEXT PRIMARY KEY,
+        allocated_through BIGINT NOT NULL,
+        reading_at_ns BIGINT NOT NULL,
+        reading_raw BIGINT NOT NULL,
+        carry_mj BIGINT NOT NULL
+     );
+     CREATE TABLE meter_minute (
+        meter TEXT NOT NULL,
+        minute_start BIGINT NOT NULL,
+        metered_mj BIGINT NOT NULL,
+        measured_mj BIGINT NOT NULL,
+        unallocated_mj BIGINT NOT NULL,
+        PRIMARY KEY (meter, minute_start)
+     );
+     CREATE TABLE meter_allocation (
+        meter TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        minute_start BIGINT NOT NULL,
+        measured_mj BIGINT NOT NULL,
+        allocated_mj BIGINT NOT NULL,
+        PRIMARY KEY (meter, minute_start, tenant)
+     );",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

@@ -230,6 +230,35 @@ pub(super) const MIGRATIONS: &[Migration] = &[
      ALTER TABLE tenant_total ADD COLUMN node_energy_mj INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj INTEGER NOT NULL DEFAULT 0;",
     ),
+    // 14: facility meters' allocation: where each meter's stands (the
+    // minute it reached and the reading it counts on from), each
+    // meter-minute's metered, measured and unallocated energy, and each
+    // tenant's part of it.
+    Migration::Sql(
+        "CREATE TABLE meter_state (
+            meter TEXT PRIMARY KEY,
+            allocated_through INTEGER NOT NULL,
+            reading_at_ns INTEGER NOT NULL,
+            reading_raw INTEGER NOT NULL,
+            carry_mj INTEGER NOT NULL
+         );
+         CREATE TABLE meter_minute (
+            meter TEXT NOT NULL,
+            minute_start INTEGER NOT NULL,
+            metered_mj INTEGER NOT NULL,
+            measured_mj INTEGER NOT NULL,
+            unallocated_mj INTEGER NOT NULL,
+            PRIMARY KEY (meter, minute_start)
+         );
+         CREATE TABLE meter_allocation (
+            meter TEXT NOT NULL,
+            tenant TEXT NOT NULL,
+            minute_start INTEGER NOT NULL,
+            measured_mj INTEGER NOT NULL,
+            allocated_mj INTEGER NOT NULL,
+            PRIMARY KEY (meter, minute_start, tenant)
+         );",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.
