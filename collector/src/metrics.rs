@@ -282,6 +282,16 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_meter_allocated_energy_joules_total",
+        "Metered energy of the meter-minutes this collector allocated to tenants (final minutes, at or before the watermark).",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_meter_measured_energy_joules_total",
+        "What the meter's nodes measured (node energy, else GPU energy) in the meter-minutes this collector allocated.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_meter_last_success_timestamp_seconds",
         "When the facility meter last gave a reading (Unix time).",
         Kind::Gauge,
@@ -796,6 +806,16 @@ fn collect_meters(board: &crate::meters::Board, f: &mut Families<'_>) {
             "capwatch_meter_energy_joules_total",
             &meter,
             live.energy_mj as f64 / 1000.0,
+        );
+        f.push(
+            "capwatch_meter_allocated_energy_joules_total",
+            &meter,
+            live.allocated_mj as f64 / 1000.0,
+        );
+        f.push(
+            "capwatch_meter_measured_energy_joules_total",
+            &meter,
+            live.measured_mj as f64 / 1000.0,
         );
         if let Some(ns) = live.last_success_ns {
             f.push(

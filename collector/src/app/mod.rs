@@ -85,6 +85,9 @@ pub fn load_auth(cfg: &Config) -> Result<auth::Auth, auth::AuthFileError> {
     }
 }
 
+/// How often final meter-minutes are allocated.
+const ALLOCATE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The span every line of task `name` is logged in.
 fn task_span(name: &'static str) -> tracing::Span {
     tracing::info_span!("task", task = name)
@@ -401,7 +404,20 @@ impl App {
                     });
                     n
                 });
-                crate::meters::spawn(board, meter_pollers, covered, shutdown.clone())
+                let mut tasks =
+                    crate::meters::spawn(board, meter_pollers, covered, shutdown.clone());
+                if !board.meters.is_empty() {
+                    tasks.push(tokio::spawn(
+                        crate::meters::allocate::allocate_loop(
+                            board.clone(),
+                            ledger.clone(),
+                            ALLOCATE_EVERY,
+                            shutdown.clone(),
+                        )
+                        .instrument(task_span("allocator")),
+                    ));
+                }
+                tasks
             }
             None => Vec::new(),
         };

@@ -10,6 +10,7 @@
 //! timed [`Reading`]s, continuous across wraps, from which the
 //! allocation takes each minute's metered energy.
 
+pub mod allocate;
 pub mod modbus;
 pub mod pdu;
 pub mod spec;
@@ -124,6 +125,14 @@ pub struct Live {
     last_count: Option<u64>,
     /// Timed cumulative energy (`energy_mj`), oldest first.
     pub readings: VecDeque<Reading>,
+    /// The readings as the meter gave them, (Unix ns, raw value: the
+    /// register's count or a PDU's energy in mJ), oldest first: what the
+    /// allocation counts from, back to the reading it last used.
+    pub raw: VecDeque<(i64, u64)>,
+    /// Metered and measured energy of the minutes this collector
+    /// allocated.
+    pub allocated_mj: u64,
+    pub measured_mj: u64,
     /// Connected nodes the meter covers, at the last poll.
     pub nodes_connected: u64,
     /// The last outcome, to log changes once.
@@ -146,7 +155,7 @@ impl Live {
                             self.last_count = None;
                             Outcome::Invalid
                         } else {
-                            self.record(at_ns, 0);
+                            self.record(at_ns, count, 0);
                             Outcome::Ok
                         }
                     }
@@ -155,7 +164,7 @@ impl Live {
                             match n.checked_mul(m.mj_per_count) {
                                 Some(mj) => {
                                     self.last_count = Some(count);
-                                    self.record(at_ns, mj);
+                                    self.record(at_ns, count, mj);
                                     Outcome::Ok
                                 }
                                 // Beyond 2^64 mJ (5 TWh) in one interval: absurd.
@@ -165,7 +174,7 @@ impl Live {
                         Step::Reset => {
                             self.last_count = Some(count);
                             self.power_mw = None;
-                            self.record(at_ns, 0);
+                            self.record(at_ns, count, 0);
                             Outcome::Reset
                         }
                         Step::OutOfRange => Outcome::Invalid,
@@ -178,17 +187,17 @@ impl Live {
                 Some(now) => {
                     let outcome = match self.last_count {
                         None => {
-                            self.record(at_ns, 0);
+                            self.record(at_ns, now, 0);
                             Outcome::Ok
                         }
                         Some(prev) if now >= prev => {
-                            self.record(at_ns, now - prev);
+                            self.record(at_ns, now, now - prev);
                             Outcome::Ok
                         }
                         // A counter that went back: reset by someone, or
                         // a replaced PDU. Nothing counted for the interval.
                         Some(_) => {
-                            self.record(at_ns, 0);
+                            self.record(at_ns, now, 0);
                             Outcome::Reset
                         }
                     };
@@ -221,7 +230,7 @@ impl Live {
     }
 
     /// Adds `mj` to the meter's energy as of `at_ns`.
-    fn record(&mut self, at_ns: i64, mj: u64) {
+    fn record(&mut self, at_ns: i64, raw: u64, mj: u64) {
         let prev = self.readings.back().copied();
         self.energy_mj = self.energy_mj.saturating_add(mj);
         self.power_mw = match prev {
@@ -240,6 +249,10 @@ impl Live {
         });
         while self.readings.len() > MAX_READINGS {
             self.readings.pop_front();
+        }
+        self.raw.push_back((at_ns, raw));
+        while self.raw.len() > MAX_READINGS {
+            self.raw.pop_front();
         }
     }
 }

@@ -352,6 +352,10 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         capwatch_meter_power_watts{meter="a"} 360
         capwatch_meter_energy_joules_total{meter="a"} 3600
         capwatch_meter_energy_joules_total{meter="b"} 0
+        capwatch_meter_allocated_energy_joules_total{meter="a"} 0
+        capwatch_meter_allocated_energy_joules_total{meter="b"} 0
+        capwatch_meter_measured_energy_joules_total{meter="a"} 0
+        capwatch_meter_measured_energy_joules_total{meter="b"} 0
         capwatch_meter_last_success_timestamp_seconds{meter="a"} 1700000010
         capwatch_meter_ratio_bound{meter="a",bound="min"} 1
         capwatch_meter_ratio_bound{meter="a",bound="max"} 1.25
@@ -361,4 +365,229 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         capwatch_meter_nodes_connected{meter="b"} 0
     "#]]
     .assert_eq(&(meter_lines.join("\n") + "\n"));
+}
+
+mod allocation {
+    //! Meter minutes allocated from a real SQLite ledger's minute buckets.
+
+    use std::sync::{Arc, Mutex};
+
+    use super::super::allocate::round;
+    use super::super::*;
+    use crate::ledger::{AnyWriter, BucketDelta, Commit, Ledger, NodeCursor, Reader};
+
+    /// 2027-01-15T08:00:00Z.
+    const M: i64 = 1_800_000_000;
+    const NS: i64 = 1_000_000_000;
+
+    fn modbus(extra: &str) -> Meter {
+        let cfg: MeterConfig = toml::from_str(&format!(
+            "id = \"row-a\"\nkind = \"modbus\"\nnodes = [\"n-1\", \"n-2\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\n{extra}"
+        ))
+        .unwrap();
+        Meter::new(check(&[cfg]).unwrap().remove(0))
+    }
+
+    /// A ledger whose minutes `M..M+minutes` hold, per minute k: lab-a on
+    /// n-1 with node energy (node_ns > 0), lab-b on n-2 with GPU energy
+    /// only, lab-c on n-3 (not under the meter); all final.
+    fn ledger(minutes: i64) -> (Arc<Mutex<AnyWriter>>, Reader, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut w = Ledger::create(&path).unwrap();
+        let mut c = Commit::default();
+        for n in ["n-1", "n-2", "n-3"] {
+            c.nodes.insert(Arc::from(n), NodeCursor::default());
+        }
+        for k in 0..minutes {
+            let minute = M + 60 * k;
+            let k = k as u64;
+            let rows = [
+                (
+                    "lab-a",
+                    "n-1",
+                    BucketDelta {
+                        energy_mj: 1,
+                        node_energy_mj: 3_000 + k,
+                        node_ns: NS as u64,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "lab-b",
+                    "n-2",
+                    BucketDelta {
+                        energy_mj: 1_000 + 7 * k,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "lab-c",
+                    "n-3",
+                    BucketDelta {
+                        energy_mj: 99_999,
+                        ..Default::default()
+                    },
+                ),
+            ];
+            for (t, n, d) in rows {
+                c.buckets.insert((Arc::from(t), Arc::from(n), minute), d);
+            }
+        }
+        w.commit_at(&c, M + 86_400, M + 86_400).unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let w: AnyWriter = Box::new(w);
+        (Arc::new(Mutex::new(w)), reader, dir)
+    }
+
+    /// Counts of a meter polled every 15 s from `M - 30 s` (on minute
+    /// boundaries too), starting at `start` and wrapping at `rollover`:
+    /// (time, count) pairs, and the unwrapped counts (ground truth).
+    fn readings(start: u64, per_poll: &[u64], rollover: u64) -> Vec<(i64, u64, u64)> {
+        let mut out = Vec::new();
+        let mut total = start;
+        for (i, add) in per_poll.iter().enumerate() {
+            total += add;
+            out.push(((M - 30 + 15 * i as i64) * NS, total % rollover, total));
+        }
+        out
+    }
+
+    fn poll_all(m: &Meter, polls: &[(i64, u64, u64)]) {
+        let mut live = lock(&m.live);
+        for (at, count, _) in polls {
+            let o = live.apply(&m.spec, *at, Ok(Raw::Count(*count)));
+            assert_eq!(o, Outcome::Ok);
+        }
+    }
+
+    /// The ground truth at minute boundary `b` (a reading is taken on it).
+    fn truth_at(polls: &[(i64, u64, u64)], b: i64) -> u64 {
+        polls.iter().find(|p| p.0 == b * NS).unwrap().2 * 3_600
+    }
+
+    #[test]
+    fn each_minute_is_the_meters_energy_split_exactly_by_measured_shares() {
+        let (ledger, reader, _dir) = ledger(10);
+        let m = modbus("rollover = 100000\n");
+        // Irregular steps, wrapping at 100000 counts twice.
+        let steps: Vec<u64> = (0..45).map(|i| 3_000 + (i * 7_919) % 5_000).collect();
+        let polls = readings(90_000, &steps, 100_000);
+        poll_all(&m, &polls);
+        let written = round(&m, &ledger).unwrap();
+        // Readings reach M+10:00 (the 42nd); whole minutes M..M+10 are final.
+        assert_eq!(written.len(), 10, "{written:?}");
+        let total: u64 = written.iter().map(|w| w.metered_mj).sum();
+        assert_eq!(total, truth_at(&polls, M + 600) - truth_at(&polls, M));
+        for (k, w) in written.iter().enumerate() {
+            let b = M + 60 * k as i64;
+            assert_eq!(w.minute, b);
+            // Boundaries are readings: each minute is exact, not rounded.
+            assert_eq!(w.metered_mj, truth_at(&polls, b + 60) - truth_at(&polls, b));
+            let k = k as u64;
+            let (a, bb) = (3_000 + k, 1_000 + 7 * k);
+            assert_eq!(w.measured_mj, a + bb, "lab-c's node is not under the meter");
+            let parts: u64 = w.tenants.iter().map(|t| t.2).sum();
+            assert_eq!(parts + w.unallocated_mj, w.metered_mj);
+            assert_eq!(w.unallocated_mj, 0);
+            assert_eq!(
+                w.tenants
+                    .iter()
+                    .map(|t| (t.0.as_str(), t.1))
+                    .collect::<Vec<_>>(),
+                vec![("lab-a", a), ("lab-b", bb)]
+            );
+            let exact_a = u128::from(w.metered_mj) * u128::from(a) / u128::from(a + bb);
+            assert!(u128::from(w.tenants[0].2) - exact_a <= 1);
+        }
+        // The ledger holds the same, once.
+        let stored = reader.meter_minutes(None, M - 3600, M + 3600).unwrap();
+        assert_eq!(
+            stored,
+            written
+                .iter()
+                .map(|w| ("row-a".to_string(), w.clone()))
+                .collect::<Vec<_>>()
+        );
+        // A second round has nothing new.
+        assert!(round(&m, &ledger).unwrap().is_empty());
+        assert_eq!(lock(&m.live).allocated_mj, total);
+    }
+
+    /// A second collector, polling the same meter at other moments, picks
+    /// up from the reading the ledger names: the minutes of both add up to
+    /// the meter's energy exactly, none twice.
+    #[test]
+    fn another_collector_counts_on_from_the_reading_the_ledger_names() {
+        let (ledger, reader, _dir) = ledger(20);
+        let first = modbus("");
+        let steps: Vec<u64> = (0..25).map(|i| 1_000 + i * 37).collect();
+        let mut polls = readings(7, &steps, u64::MAX);
+        // No reading on the last boundary (M+5:00): it is interpolated,
+        // and what of the energy after the last reading before it was
+        // allocated already is carried in the ledger.
+        polls.remove(22);
+        poll_all(&first, &polls);
+        let a = round(&first, &ledger).unwrap();
+        assert_eq!(a.len(), 5);
+        // The second collector polls at :37 and :52 and :07 and :22, with
+        // the meter going on from where the first's polls ended.
+        let second = modbus("");
+        let mut count = polls.last().unwrap().2;
+        let mut truth = vec![(polls.last().unwrap().0, count)];
+        {
+            let mut live = lock(&second.live);
+            for i in 0..40 {
+                count += 2_000 + i * 11;
+                let at = (M + 5 * 60 + 37 + 15 * i as i64) * NS;
+                truth.push((at, count));
+                assert_eq!(
+                    live.apply(&second.spec, at, Ok(Raw::Count(count))),
+                    Outcome::Ok
+                );
+            }
+        }
+        let b = round(&second, &ledger).unwrap();
+        assert!(!b.is_empty());
+        assert_eq!(b[0].minute, M + 300, "on from the first's last minute");
+        let all = reader
+            .meter_minutes(Some("row-a"), M - 3600, M + 7200)
+            .unwrap();
+        for (i, (_, mm)) in all.iter().enumerate() {
+            assert_eq!(mm.minute, M + 60 * i as i64, "every minute once, in order");
+        }
+        let end = all.last().unwrap().1.minute + 60;
+        let sum: u64 = all.iter().map(|(_, mm)| mm.metered_mj).sum();
+        // The meter's energy from M to `end`: M is a reading of the first
+        // collector; `end` lies between two of the second's.
+        let start_mj = truth_at(&polls, M);
+        let series: Vec<crate::accounting::facility::Reading> = truth
+            .iter()
+            .map(|(at, c)| crate::accounting::facility::Reading {
+                at_ns: *at,
+                energy_mj: c * 3_600,
+            })
+            .collect();
+        let end_mj = crate::accounting::facility::energy_at(&series, end * NS).unwrap();
+        assert_eq!(sum, end_mj - start_mj);
+    }
+
+    /// Nothing measured under the meter: its energy is kept as unallocated,
+    /// no tenant billed for it.
+    #[test]
+    fn a_minute_with_nothing_measured_is_unallocated_not_lost() {
+        let (ledger, _reader, _dir) = ledger(0);
+        let m = modbus("");
+        let polls = readings(0, &[10; 12], u64::MAX);
+        poll_all(&m, &polls);
+        let written = round(&m, &ledger).unwrap();
+        assert_eq!(written.len(), 2);
+        for w in &written {
+            assert_eq!(
+                (w.metered_mj, w.unallocated_mj, w.measured_mj),
+                (40 * 3_600, 40 * 3_600, 0)
+            );
+            assert!(w.tenants.is_empty());
+        }
+    }
 }
