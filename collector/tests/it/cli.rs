@@ -983,3 +983,59 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
         snapshot.assert_eq(&usage_text("2027-01-01T00:04:00Z", "1m", format));
     }
 }
+
+/// `meters` reads the ledger's meter-minutes (here none) with the
+/// config's meters listed, and checks its period like `usage`.
+#[test]
+fn meters_command_reads_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.db");
+    let ledger = ledger.to_str().unwrap();
+    run_ok(BIN, &["--ledger", ledger, "init-ledger"], &[]);
+    let config = dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"gpu-*\"]\naddress = \"127.0.0.1:502\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let out = run_ok(
+        BIN,
+        &[
+            "--config",
+            config,
+            "meters",
+            "--ledger",
+            ledger,
+            "--from",
+            "2027-01-15T08:00:00Z",
+            "--to",
+            "2027-01-15T08:30:00Z",
+            "--step",
+            "15m",
+            "--format",
+            "csv",
+        ],
+        &[],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[1].starts_with("row-a,2027-01-15T08:00:00Z,2027-01-15T08:15:00Z,0,0,0,"),
+        "{out}"
+    );
+    let bad = collector(
+        &[
+            "--ledger",
+            ledger,
+            "meters",
+            "--from",
+            "2027-01-15T08:00:01Z",
+            "--to",
+            "2027-01-15T09:00:00Z",
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("`from`"), "{}", stderr(&bad));
+}
