@@ -174,41 +174,80 @@ pub fn plan(
     Some(Plan { next, minutes })
 }
 
-/// One round for `meter`: reads where its allocation stands and the
-/// measured minutes, plans, and writes. Returns the minutes written (none
-/// where another collector allocated first).
+/// One round for `meter` alone (see [`round_all`]).
 pub fn round(meter: &Meter, ledger: &Mutex<AnyWriter>) -> Result<Vec<MeterMinute>, LedgerError> {
-    let raw: Vec<(i64, u64)> = lock(&meter.live).raw.iter().copied().collect();
+    round_all(&[meter], ledger)
+        .map(|mut v| v.pop().unwrap_or_default())
+        .map_err(|(_, e)| e)
+}
+
+/// One round for `meters`: reads where each one's allocation stands, the
+/// measured minutes of all of them in one query, plans each and writes
+/// it. Returns each meter's minutes written (none where there was nothing
+/// to do or another collector allocated first), or the first meter whose
+/// round failed and why.
+pub fn round_all(
+    meters: &[&Meter],
+    ledger: &Mutex<AnyWriter>,
+) -> Result<Vec<Vec<MeterMinute>>, (String, LedgerError)> {
     let mut w = lock(ledger);
-    let watermark = w.finalized_through()?;
-    let state = w.meter_state(&meter.spec.id)?;
-    let Some((from, to)) = window(state.as_ref(), &raw, watermark) else {
-        return Ok(Vec::new());
-    };
-    let measured = if to > from {
-        w.node_minutes(from, to)?
+    let watermark = w
+        .finalized_through()
+        .map_err(|e| ("every meter".to_string(), e))?;
+    let mut work = Vec::with_capacity(meters.len());
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    for m in meters {
+        let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
+        let state = w
+            .meter_state(&m.spec.id)
+            .map_err(|e| (m.spec.id.clone(), e))?;
+        let range = window(state.as_ref(), &raw, watermark);
+        if let Some((from, to)) = range
+            && to >= from + MINUTE
+        {
+            lo = lo.min(from);
+            hi = hi.max(to);
+        }
+        work.push((raw, state, range));
+    }
+    let measured = if hi > lo {
+        w.node_minutes(lo, hi)
+            .map_err(|e| ("every meter".to_string(), e))?
     } else {
         Vec::new()
     };
-    let Some(plan) = plan(&meter.spec, state.as_ref(), &raw, to, &measured) else {
-        return Ok(Vec::new());
-    };
-    if !w.allocate_meter(&meter.spec.id, state.as_ref(), &plan.next, &plan.minutes)? {
-        debug!(meter = %meter.spec.id, "another collector allocated these minutes first");
-        return Ok(Vec::new());
+    let mut written = Vec::with_capacity(meters.len());
+    for (m, (raw, state, range)) in meters.iter().zip(work) {
+        let Some((_, to)) = range else {
+            written.push(Vec::new());
+            continue;
+        };
+        let Some(plan) = plan(&m.spec, state.as_ref(), &raw, to, &measured) else {
+            written.push(Vec::new());
+            continue;
+        };
+        let id = &m.spec.id;
+        if !w
+            .allocate_meter(id, state.as_ref(), &plan.next, &plan.minutes)
+            .map_err(|e| (id.clone(), e))?
+        {
+            debug!(meter = %id, "another collector allocated these minutes first");
+            written.push(Vec::new());
+            continue;
+        }
+        let mut live = lock(&m.live);
+        for mm in &plan.minutes {
+            live.allocated_mj = live.allocated_mj.saturating_add(mm.metered_mj);
+            live.measured_mj = live.measured_mj.saturating_add(mm.measured_mj);
+        }
+        // Readings before the new base are not needed again.
+        let keep_from = plan.next.reading_at_ns;
+        while live.raw.front().is_some_and(|(at, _)| *at < keep_from) {
+            live.raw.pop_front();
+        }
+        written.push(plan.minutes);
     }
-    drop(w);
-    let mut live = lock(&meter.live);
-    for m in &plan.minutes {
-        live.allocated_mj = live.allocated_mj.saturating_add(m.metered_mj);
-        live.measured_mj = live.measured_mj.saturating_add(m.measured_mj);
-    }
-    // Readings before the new base are not needed again.
-    let keep_from = plan.next.reading_at_ns;
-    while live.raw.front().is_some_and(|(at, _)| *at < keep_from) {
-        live.raw.pop_front();
-    }
-    Ok(plan.minutes)
+    Ok(written)
 }
 
 /// Allocates every meter's final minutes every `every`, until `shutdown`.
@@ -228,13 +267,8 @@ pub async fn allocate_loop(
         }
         let (b, l) = (board.clone(), ledger.clone());
         let result = tokio::task::spawn_blocking(move || {
-            let mut first_error = None;
-            for m in &b.meters {
-                if let Err(e) = round(m, &l) {
-                    first_error.get_or_insert((m.spec.id.clone(), e));
-                }
-            }
-            first_error
+            let meters: Vec<&Meter> = b.meters.iter().collect();
+            round_all(&meters, &l).err()
         })
         .await;
         match result {

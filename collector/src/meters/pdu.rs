@@ -39,28 +39,32 @@ impl Client {
     }
 
     /// The PDU's power and cumulative energy. Cancel-safe: a read the
-    /// caller's deadline abandons stays in flight and is awaited by the
-    /// next call.
+    /// caller's deadline abandons goes on on its thread (the client's own
+    /// timeout ends it); the next call waits for it instead of starting
+    /// another (so a hung PDU holds one thread), drops its answer as stale
+    /// (its time unknown) and answers `Timeout`; the one after reads anew.
     pub async fn read(&mut self) -> Result<Reading, ReadError> {
-        let handle = match self.in_flight.take() {
-            Some(h) => h,
-            None => {
-                let client = self.client.clone();
-                tokio::task::spawn_blocking(move || {
-                    let body = client.get_json("Metrics").map_err(|e| match e {
-                        redfish::FetchError::Timeout { .. } => ReadError::Timeout,
-                        redfish::FetchError::Status { .. }
-                        | redfish::FetchError::Unauthorized { .. } => {
-                            ReadError::Exception(e.to_string())
-                        }
-                        redfish::FetchError::NotJson { .. }
-                        | redfish::FetchError::TooLarge { .. } => ReadError::Invalid(e.to_string()),
-                        _ => ReadError::Transport(e.to_string()),
-                    })?;
-                    redfish::parse_pdu_metrics(&body).map_err(|e| ReadError::Invalid(e.to_string()))
-                })
-            }
-        };
+        if let Some(h) = &mut self.in_flight {
+            // Waited for (within the caller's deadline) and dropped: it
+            // answers an earlier poll.
+            let _ = h.await;
+            self.in_flight = None;
+            return Err(ReadError::Timeout);
+        }
+        let client = self.client.clone();
+        let handle = tokio::task::spawn_blocking(move || {
+            let body = client.get_json("Metrics").map_err(|e| match e {
+                redfish::FetchError::Timeout { .. } => ReadError::Timeout,
+                redfish::FetchError::Status { .. } | redfish::FetchError::Unauthorized { .. } => {
+                    ReadError::Exception(e.to_string())
+                }
+                redfish::FetchError::NotJson { .. } | redfish::FetchError::TooLarge { .. } => {
+                    ReadError::Invalid(e.to_string())
+                }
+                _ => ReadError::Transport(e.to_string()),
+            })?;
+            redfish::parse_pdu_metrics(&body).map_err(|e| ReadError::Invalid(e.to_string()))
+        });
         let handle = self.in_flight.insert(handle);
         let result = handle.await;
         self.in_flight = None;
