@@ -167,6 +167,11 @@ pub struct Config {
     pub http_write_timeout: Duration,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,
+    /// Facility meters (`[[meter]]` entries): Modbus TCP revenue meters
+    /// and Redfish PDUs, each feeding a set of nodes, whose energy is
+    /// allocated to the tenants under them. None by default.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub meter: Vec<crate::meters::MeterConfig>,
 }
 
 impl Default for Config {
@@ -212,6 +217,7 @@ impl Default for Config {
             http_header_read_timeout: Duration::from_secs(10),
             http_write_timeout: Duration::from_secs(10),
             log_format: LogFormat::Plain,
+            meter: Vec::new(),
         }
     }
 }
@@ -257,7 +263,11 @@ impl Config {
     /// Every setting and its environment variable: (name, variable).
     pub fn env_vars() -> Vec<(String, String)> {
         use capwatch_common::settings::{env_vars, fields};
+        // Meters are tables of their own, in the file only.
         env_vars(&[("", fields::<Config>())], ENV_RENAMES)
+            .into_iter()
+            .filter(|(setting, _)| setting != "meter")
+            .collect()
     }
 
     /// The file at `path` (defaults without one), then the `CAPWATCH_*`
@@ -431,6 +441,12 @@ impl Config {
         {
             return bad("shed_streams_after", "must be between 1s and 24h");
         }
+        self.meters()?;
         Ok(())
+    }
+
+    /// The `[[meter]]` entries, checked.
+    pub fn meters(&self) -> Result<Vec<crate::meters::MeterSpec>, ConfigError> {
+        crate::meters::check(&self.meter).map_err(|e| ConfigError::invalid("meter", e.to_string()))
     }
 }

@@ -92,6 +92,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/tenants", get(tenants))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
         .route("/v1/usage", get(all_usage))
+        .route("/v1/meters", get(meters_view))
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -390,6 +391,72 @@ async fn all_usage(
         Scope::Tenant(own) => Some(own),
     };
     usage_response(s, tenant, params(p)?).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MeterParams {
+    from: Option<String>,
+    to: Option<String>,
+    step: Option<String>,
+    tz: Option<String>,
+    format: Option<String>,
+}
+
+/// The facility meters' reconciliation: admin tokens only (it names every
+/// tenant under each meter).
+async fn meters_view(
+    Extract(s): Extract<HttpState>,
+    headers: HeaderMap,
+    p: Result<Query<MeterParams>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    if scope(&s, &headers)? != Scope::Admin {
+        return Err(forbidden(&s, "/v1/meters"));
+    }
+    let p = p
+        .map(|Query(p)| p)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let format = Format::parse(p.format.as_deref().unwrap_or("json"))?;
+    if format == Format::Table {
+        return Err(UsageError::Format("table".into()).into());
+    }
+    let configured: Vec<String> = s
+        .state
+        .meters()
+        .map(|b| b.meters.iter().map(|m| m.spec.id.clone()).collect())
+        .unwrap_or_default();
+    let ledger = s.ledger.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let guard = lock(&ledger);
+        let reader: &dyn LedgerReader = &**guard;
+        usage::meters::run(
+            reader,
+            &configured,
+            p.from.as_deref(),
+            p.to.as_deref(),
+            p.step.as_deref(),
+            p.tz.as_deref(),
+        )
+    })
+    .await
+    .map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("meters query failed: {e}"),
+        )
+    })?
+    .map_err(|e| match e {
+        QueryError::Usage(e) => ApiError::from(e),
+        QueryError::Ledger(e) => ApiError::from(e),
+    })?;
+    Ok(match format {
+        Format::Csv => (
+            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
+            usage::meters::csv(&report),
+        )
+            .into_response(),
+        _ => json(&report),
+    })
 }
 
 async fn usage_response(

@@ -30,6 +30,8 @@ const LEVELS: &[(&str, u8)] = &[
     // Services: the committer and compactor drive the façade, which
     // composes the fleet and billing.
     ("persist", 3),
+    // Facility meters: polling tasks, their live figures, the allocation.
+    ("meters", 3),
     ("state", 3),
     ("fleet", 3),
     ("billing", 3),

@@ -21,6 +21,7 @@ pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod ledger;
+pub mod meters;
 pub mod metrics;
 pub mod persist;
 pub mod scrape;

@@ -122,6 +122,99 @@ enum Command {
         #[arg(long)]
         since_revision: Option<String>,
     },
+    /// Print the facility meters' reconciliation from the ledger (per
+    /// meter and row: metered, measured, ratio, loss and each tenant's
+    /// allocated kWh; final minutes only), or ask a running collector's
+    /// /v1/meters (an admin token).
+    Meters {
+        /// Ask the collector at this base URL (http://host:9470) instead of
+        /// reading the ledger.
+        #[arg(long)]
+        url: Option<String>,
+        /// With --url: file holding an admin API token (or set
+        /// CAPWATCH_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Start, inclusive, RFC 3339, on a row boundary.
+        #[arg(long)]
+        from: String,
+        /// End, exclusive, RFC 3339, on a row boundary.
+        #[arg(long)]
+        to: String,
+        /// Row length: 1m, 15m, 1h, 1d or month.
+        #[arg(long, default_value = "1h")]
+        step: String,
+        /// IANA time zone rows are cut in.
+        #[arg(long, default_value = "UTC")]
+        tz: String,
+        /// Output: table, csv or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
+}
+
+/// `capwatch-collector meters`: the ledger's meter-minutes, or a running
+/// collector's /v1/meters.
+fn meters_command(cfg: &Config, cmd: &Command) -> anyhow::Result<()> {
+    use capwatch_collector::usage::{self, Format, meters};
+    let Command::Meters {
+        url,
+        token_file,
+        from,
+        to,
+        step,
+        tz,
+        format,
+    } = cmd
+    else {
+        anyhow::bail!("not a meters command");
+    };
+    let format = Format::parse(format)?;
+    if let Some(url) = url {
+        let wire = if format == Format::Csv { "csv" } else { "json" };
+        let token = match token_file {
+            Some(p) => Some(
+                capwatch_common::read_token(p, "--token-file")
+                    .with_context(|| format!("reading {}", p.display()))?,
+            ),
+            None => std::env::var("CAPWATCH_TOKEN").ok(),
+        };
+        let query = [
+            ("from", from.as_str()),
+            ("to", to.as_str()),
+            ("step", step.as_str()),
+            ("tz", tz.as_str()),
+            ("format", wire),
+        ];
+        let body = usage::fetch(url, "/v1/meters", token.as_deref(), &query)?;
+        match format {
+            Format::Table => print!("{}", meters::table(&serde_json::from_str(&body)?)),
+            Format::Json => println!("{body}"),
+            Format::Csv => print!("{body}"),
+        }
+        return Ok(());
+    }
+    let reader: capwatch_collector::ledger::AnyReader = match cfg.ledger() {
+        LedgerChoice::Sqlite(path) => Box::new(capwatch_collector::ledger::Reader::open(&path)?),
+        LedgerChoice::Postgres(settings) => {
+            Box::new(capwatch_collector::ledger::PgReader::open(&settings)?)
+        }
+    };
+    let configured: Vec<String> = cfg.meter.iter().map(|m| m.id.clone()).collect();
+    let report = meters::run(
+        &reader,
+        &configured,
+        Some(from),
+        Some(to),
+        Some(step),
+        Some(tz),
+    )?;
+    match format {
+        Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+        Format::Csv => print!("{}", meters::csv(&report)),
+        Format::Table => print!("{}", meters::table(&report)),
+    }
+    Ok(())
 }
 
 /// `capwatch-collector usage`: reads the ledger file directly.
@@ -270,6 +363,9 @@ fn main() -> anyhow::Result<()> {
         println!("created ledger {name} (ledger_id {id})");
         return Ok(());
     }
+    if let Some(cmd @ Command::Meters { .. }) = &args.command {
+        return meters_command(&cfg, cmd);
+    }
     if let Some(cmd) = &args.command {
         return usage_command(&cfg, Arc::new(tenants), cmd);
     }
@@ -287,6 +383,15 @@ fn main() -> anyhow::Result<()> {
             println!(
                 "leases take effect at {}",
                 capwatch_collector::usage::rfc3339(from.div_euclid(1_000_000_000))
+            );
+        }
+        for m in cfg.meters()? {
+            println!(
+                "meter {:<24} {:<12} every {}, nodes {}",
+                m.id,
+                m.source.kind_label(),
+                humantime::format_duration(m.interval),
+                m.nodes.join(",")
             );
         }
         if cfg.auth_file.is_some() {

@@ -291,6 +291,51 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         "When the ledger was created (Unix time).",
         Kind::Gauge,
     ),
+    (
+        "capwatch_meter_up",
+        "1 while the facility meter's last poll gave a reading, else 0.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_meter_polls_total",
+        "Polls of the facility meter by outcome: ok, reset (its counter went down: nothing counted for that interval), timeout, error, exception, invalid.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_meter_power_watts",
+        "The facility meter's power: its own reading, else its energy over the last interval.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_meter_energy_joules_total",
+        "Energy the facility meter counted since this collector started polling it.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_meter_allocated_energy_joules_total",
+        "Metered energy of the meter-minutes this collector allocated to tenants (final minutes, at or before the watermark).",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_meter_measured_energy_joules_total",
+        "What the meter's nodes measured (node energy, else GPU energy) in the meter-minutes this collector allocated.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_meter_last_success_timestamp_seconds",
+        "When the facility meter last gave a reading (Unix time).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_meter_ratio_bound",
+        "The configured bounds of metered / measured energy (min_ratio, max_ratio) outside which the meter drifts.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_meter_nodes_connected",
+        "Connected nodes the facility meter covers (0: its energy has no one to go to).",
+        Kind::Gauge,
+    ),
 ];
 
 /// Which series levels `/metrics` carries besides tenants and the
@@ -823,6 +868,65 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             &[],
             id.created_at as f64,
         );
+    }
+    if let Some(board) = state.meters() {
+        collect_meters(board, f);
+    }
+}
+
+/// Every facility meter's figures. A figure the meter has not given (no
+/// reading yet, no power while it is down) has no series.
+fn collect_meters(board: &crate::meters::Board, f: &mut Families<'_>) {
+    use crate::meters::Outcome;
+    for m in &board.meters {
+        let id = m.spec.id.as_str();
+        let meter = [("meter", id)];
+        let live = crate::sync::lock(&m.live);
+        f.push("capwatch_meter_up", &meter, if live.up { 1.0 } else { 0.0 });
+        for o in Outcome::ALL {
+            f.push(
+                "capwatch_meter_polls_total",
+                &[("meter", id), ("outcome", o.label())],
+                live.polls_of(o) as f64,
+            );
+        }
+        if let Some(mw) = live.power_mw {
+            f.push("capwatch_meter_power_watts", &meter, watts(mw));
+        }
+        f.push(
+            "capwatch_meter_energy_joules_total",
+            &meter,
+            live.energy_mj as f64 / 1000.0,
+        );
+        f.push(
+            "capwatch_meter_allocated_energy_joules_total",
+            &meter,
+            live.allocated_mj as f64 / 1000.0,
+        );
+        f.push(
+            "capwatch_meter_measured_energy_joules_total",
+            &meter,
+            live.measured_mj as f64 / 1000.0,
+        );
+        if let Some(ns) = live.last_success_ns {
+            f.push(
+                "capwatch_meter_last_success_timestamp_seconds",
+                &meter,
+                ns as f64 / 1e9,
+            );
+        }
+        f.push(
+            "capwatch_meter_nodes_connected",
+            &meter,
+            live.nodes_connected as f64,
+        );
+        for (bound, v) in [("min", m.spec.min_ratio), ("max", m.spec.max_ratio)] {
+            f.push(
+                "capwatch_meter_ratio_bound",
+                &[("meter", id), ("bound", bound)],
+                v,
+            );
+        }
     }
 }
 

@@ -61,6 +61,8 @@ pub struct State {
     /// The PostgreSQL ledger's pool figures (none for SQLite), read by
     /// `/metrics` without the ledger's lock.
     ledger_pool: std::sync::OnceLock<crate::ledger::PgPoolStats>,
+    /// The facility meters and their live figures, once polling starts.
+    meters: std::sync::OnceLock<Arc<crate::meters::Board>>,
     /// The tenants' totals as the ledger held them at the last read
     /// (after each commit, and every commit interval), with every
     /// collector's commits; until the first read, this collector's own.
@@ -110,6 +112,7 @@ impl State {
             ledger_identity: std::sync::OnceLock::new(),
             collector_info: std::sync::OnceLock::new(),
             ledger_pool: std::sync::OnceLock::new(),
+            meters: std::sync::OnceLock::new(),
             ledger_totals: RwLock::new(None),
             readiness: Default::default(),
         }
@@ -131,6 +134,16 @@ impl State {
 
     pub fn collector_info(&self) -> Option<&CollectorInfo> {
         self.collector_info.get()
+    }
+
+    /// Records the facility meters (once), for `/metrics`.
+    pub fn set_meters(&self, board: Arc<crate::meters::Board>) {
+        let _ = self.meters.set(board);
+    }
+
+    /// The facility meters, if any are configured.
+    pub fn meters(&self) -> Option<&Arc<crate::meters::Board>> {
+        self.meters.get()
     }
 
     /// Records the PostgreSQL ledger's pool (once): its connections and

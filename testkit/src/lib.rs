@@ -3,8 +3,8 @@
 //! waiting for a child process, following its log, checking that an
 //! example config documents every setting at its default; a PostgreSQL
 //! server of the tests' own ([`pg`]), a TCP proxy that cuts or stalls
-//! its connections ([`proxy`]) and a stand-in Redfish BMC or PDU
-//! ([`redfish`]).
+//! its connections ([`proxy`]), a stand-in Redfish BMC or PDU
+//! ([`redfish`]) and a Modbus TCP meter ([`modbus`]).
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
@@ -14,6 +14,7 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+pub mod modbus;
 pub mod pg;
 pub mod proxy;
 pub mod redfish;

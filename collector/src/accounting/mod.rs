@@ -28,6 +28,7 @@ use crate::edge::{GpuReading, MAX_SPREAD};
 
 mod split;
 pub use split::{Party, split_node_energy};
+pub mod facility;
 
 pub const NANOS_PER_SECOND: u128 = 1_000_000_000;
 const MAX_SPREAD_NANOS: i64 = MAX_SPREAD.as_nanos() as i64;

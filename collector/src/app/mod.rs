@@ -85,6 +85,9 @@ pub fn load_auth(cfg: &Config) -> Result<auth::Auth, auth::AuthFileError> {
     }
 }
 
+/// How often final meter-minutes are allocated.
+const ALLOCATE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The span every line of task `name` is logged in.
 fn task_span(name: &'static str) -> tracing::Span {
     tracing::info_span!("task", task = name)
@@ -107,6 +110,8 @@ pub struct App {
     server: tonic::transport::Server,
     http_limits: serve::Limits,
     hup: tokio::signal::unix::Signal,
+    /// The facility meters' pollers, their clients set up.
+    meter_pollers: Vec<crate::meters::Poller>,
 }
 
 impl App {
@@ -115,6 +120,9 @@ impl App {
     /// refuses the start.
     pub async fn build(cfg: Config) -> Result<Self, CollectorError> {
         cfg.validate()?;
+        let board = Arc::new(crate::meters::Board::new(cfg.meters()?));
+        let meter_pollers = crate::meters::pollers(&board)
+            .map_err(|e| config::ConfigError::invalid("meter", e.to_string()))?;
         let tenants = load_tenants(&cfg)?;
         let state = Arc::new(State::new(
             StateConfig {
@@ -126,6 +134,7 @@ impl App {
             tenants,
         ));
         state.set_auth(load_auth(&cfg)?);
+        state.set_meters(board);
         state.readiness.set_shed_after(cfg.shed_streams_after);
         if cfg.metrics_auth && !state.auth().api_required() {
             return Err(config::ConfigError::invalid(
@@ -229,6 +238,7 @@ impl App {
             server,
             http_limits,
             hup,
+            meter_pollers,
         })
     }
 
@@ -255,6 +265,7 @@ impl App {
             server,
             http_limits,
             hup,
+            meter_pollers,
             ..
         } = self;
         let (committed_tx, committed) = watch::channel(0u64);
@@ -380,9 +391,41 @@ impl App {
             reload::advance_leases(state.clone(), shutdown.clone()).instrument(task_span("leases")),
         );
 
+        let meters = match state.meters() {
+            Some(board) => {
+                let fleet = state.clone();
+                let covered: crate::meters::CoveredNodes = Arc::new(move |spec| {
+                    let now = std::time::Instant::now();
+                    let mut n = 0;
+                    fleet.for_each_node(|v| {
+                        if v.up(now) && spec.covers(v.id()) {
+                            n += 1;
+                        }
+                    });
+                    n
+                });
+                let mut tasks =
+                    crate::meters::spawn(board, meter_pollers, covered, shutdown.clone());
+                if !board.meters.is_empty() {
+                    tasks.push(tokio::spawn(
+                        crate::meters::allocate::allocate_loop(
+                            board.clone(),
+                            ledger.clone(),
+                            ALLOCATE_EVERY,
+                            shutdown.clone(),
+                        )
+                        .instrument(task_span("allocator")),
+                    ));
+                }
+                tasks
+            }
+            None => Vec::new(),
+        };
+
         let grpc = tokio::spawn(grpc_server.instrument(task_span("grpc")));
         let http = tokio::spawn(http_server.instrument(task_span("http")));
         Ok(Running {
+            meters,
             cfg,
             state,
             holder,
@@ -412,6 +455,8 @@ pub struct Running {
     compactor: JoinHandle<()>,
     reloader: JoinHandle<()>,
     leases: JoinHandle<()>,
+    /// One polling task per facility meter.
+    meters: Vec<JoinHandle<()>>,
     /// Dropped to stop the committer.
     stop_committer: std::sync::mpsc::Sender<()>,
     committer: std::thread::JoinHandle<Option<(u64, ledger::Commit)>>,
@@ -436,6 +481,7 @@ impl Running {
             compactor,
             reloader,
             leases,
+            meters,
             stop_committer,
             committer,
             committed,
@@ -450,6 +496,9 @@ impl Running {
         .await;
         reloader.abort();
         leases.abort();
+        for m in &meters {
+            m.abort();
+        }
         compactor.abort();
         // Streams are closed: one last commit makes everything applied durable.
         drop(stop_committer);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     BucketDelta, Commit, Compaction, CompactionLease, GpuCursor, LedgerError, LedgerReader,
-    LedgerWriter, NodeCursor, TenantVersion,
+    LedgerWriter, MeterMinute, MeterState, NodeCursor, NodeMinute, TenantVersion,
 };
 use crate::tenants::{TenantHistory, Tenants};
 
@@ -39,6 +39,8 @@ macro_rules! conformance_tests {
             one_refusal_names_every_node_another_holder_took,
             node_energy_rolls_up_and_adds_to_the_tenant_totals,
             over_contract_is_measured_on_each_tenants_basis,
+            meter_minutes_are_allocated_once_and_read_back,
+            node_minutes_measure_node_energy_else_gpu_energy,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -777,4 +779,130 @@ pub(crate) fn over_contract_is_measured_on_each_tenants_basis<W: LedgerWriter, R
             ("n", 60_000_000_000, 10)
         ]
     );
+}
+/// A meter's minutes are written with its state moved from where the
+/// writer saw it, and only then: a second writer starting from the same
+/// state (another collector) writes nothing. They read back whole, every
+/// tenant's part with them, a raw register value past 2^63 included.
+pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    assert_eq!(w.meter_state("row-a").unwrap(), None);
+    let first = MeterState {
+        allocated_through: MINUTE,
+        reading_at_ns: MINUTE * 1_000_000_000 - 7,
+        reading_raw: u64::MAX - 3,
+        carry_mj: 12,
+    };
+    assert!(w.allocate_meter("row-a", None, &first, &[]).unwrap());
+    // Another collector that also saw no state: refused.
+    assert!(!w.allocate_meter("row-a", None, &first, &[]).unwrap());
+    assert_eq!(w.meter_state("row-a").unwrap(), Some(first));
+    let minutes = vec![
+        MeterMinute {
+            minute: MINUTE,
+            metered_mj: 1_000,
+            measured_mj: 900,
+            unallocated_mj: 0,
+            tenants: vec![("lab-a".into(), 600, 667), ("lab-b".into(), 300, 333)],
+        },
+        MeterMinute {
+            minute: MINUTE + 60,
+            metered_mj: 50,
+            measured_mj: 0,
+            unallocated_mj: 50,
+            tenants: vec![],
+        },
+    ];
+    let next = MeterState {
+        allocated_through: MINUTE + 120,
+        reading_at_ns: (MINUTE + 110) * 1_000_000_000,
+        reading_raw: 5,
+        carry_mj: 3,
+    };
+    assert!(
+        w.allocate_meter("row-a", Some(&first), &next, &minutes)
+            .unwrap()
+    );
+    // The same minutes from the same stale state: written once only.
+    let twice = w.allocate_meter("row-a", Some(&first), &next, &minutes);
+    assert!(!twice.unwrap());
+    assert_eq!(w.meter_state("row-a").unwrap(), Some(next));
+    // Another meter's minutes are its own.
+    let other = MeterMinute {
+        minute: MINUTE,
+        metered_mj: 7,
+        measured_mj: 7,
+        unallocated_mj: 0,
+        tenants: vec![("lab-b".into(), 7, 7)],
+    };
+    assert!(
+        w.allocate_meter("row-b", None, &next, std::slice::from_ref(&other))
+            .unwrap()
+    );
+    let r = &f.reader;
+    let read = r
+        .meter_minutes(Some("row-a"), MINUTE, MINUTE + 3600)
+        .unwrap();
+    assert_eq!(
+        read,
+        minutes
+            .iter()
+            .map(|m| ("row-a".to_string(), m.clone()))
+            .collect::<Vec<_>>()
+    );
+    let all = r.meter_minutes(None, MINUTE, MINUTE + 60).unwrap();
+    assert_eq!(
+        all,
+        vec![
+            ("row-a".to_string(), minutes[0].clone()),
+            ("row-b".to_string(), other)
+        ]
+    );
+}
+
+/// What a node measured is its node energy where it has a whole-node
+/// source (node time above 0), else its GPU energy.
+pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    w.claim("a", "n2").unwrap();
+    let mut c = booking("n1", cursor(1, 10, 5_000), "lab-a", MINUTE, 1_000);
+    c.nodes.insert(Arc::from("n2"), cursor(1, 10, 5_000));
+    c.buckets.insert(
+        (Arc::from("lab-b"), Arc::from("n2"), MINUTE),
+        BucketDelta {
+            energy_mj: 444,
+            samples: 1,
+            ..BucketDelta::default()
+        },
+    );
+    c.buckets.insert(
+        (Arc::from("lab-a"), Arc::from("n1"), MINUTE + 60),
+        delta(5, 1),
+    );
+    w.commit_as("a", &c, MINUTE + 120, i64::MIN).unwrap();
+    let got = w.node_minutes(MINUTE, MINUTE + 60).unwrap();
+    assert_eq!(
+        got,
+        vec![
+            NodeMinute {
+                tenant: "lab-a".into(),
+                node: "n1".into(),
+                minute: MINUTE,
+                // delta(): node energy is twice the GPU energy.
+                measured_mj: 2_000,
+            },
+            NodeMinute {
+                tenant: "lab-b".into(),
+                node: "n2".into(),
+                minute: MINUTE,
+                measured_mj: 444,
+            },
+        ]
+    );
+    assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 3);
 }

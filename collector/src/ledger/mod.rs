@@ -543,6 +543,44 @@ pub struct CompactionLease {
     pub expires_at: i64,
 }
 
+/// Where a facility meter's allocation stands: every minute before
+/// `allocated_through` (Unix seconds, a minute start) is allocated. The
+/// meter's reading used last, as the meter gave it (`reading_raw`: the
+/// Modbus register's count, or a PDU's energy in mJ), stamped
+/// `reading_at_ns`, is what the next minutes' energy is counted from,
+/// whichever collector counts it; `carry_mj` is the part of the energy
+/// since that reading already allocated (it lies before the boundary).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MeterState {
+    pub allocated_through: i64,
+    pub reading_at_ns: i64,
+    pub reading_raw: u64,
+    pub carry_mj: u64,
+}
+
+/// One meter-minute, allocated: the meter's energy, what its nodes
+/// measured, and each tenant's part, which add up to `metered_mj` with
+/// `unallocated_mj` (all of it when nothing was measured, else 0).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterMinute {
+    pub minute: i64,
+    pub metered_mj: u64,
+    pub measured_mj: u64,
+    pub unallocated_mj: u64,
+    /// (tenant, measured mJ, allocated mJ), by tenant.
+    pub tenants: Vec<(String, u64, u64)>,
+}
+
+/// What one node measured for one tenant in one minute: its node energy
+/// where it has a whole-node source (`node_ns` > 0), else its GPU energy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeMinute {
+    pub tenant: String,
+    pub node: String,
+    pub minute: i64,
+    pub measured_mj: u64,
+}
+
 /// Writes the ledger: what the committer, the compactor and the start-up
 /// restore use. Designed for several collectors writing one database,
 /// each under its own holder id; an implementation where one process holds
@@ -650,6 +688,27 @@ pub trait LedgerWriter: Send {
     /// Gives the lease up, so that another holder may take it at once; a
     /// lease no longer held is left alone.
     fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError>;
+
+    /// Where `meter`'s allocation stands; `None` before its first.
+    fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError>;
+
+    /// What every node measured in each minute of `[from, to)` (Unix
+    /// seconds, minute-aligned), from the minute buckets.
+    fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError>;
+
+    /// Writes `minutes` of `meter` and moves its state from `from` to
+    /// `to`, in one transaction, only while the stored state is still
+    /// `from` (none: the meter has none yet). Returns false, having
+    /// written nothing, where it is not (another collector allocated
+    /// first): *Invariant:* a meter-minute is allocated once, whatever
+    /// the number of collectors.
+    fn allocate_meter(
+        &mut self,
+        meter: &str,
+        from: Option<&MeterState>,
+        to: &MeterState,
+        minutes: &[MeterMinute],
+    ) -> Result<bool, LedgerError>;
 }
 
 /// Reads the ledger: usage rows, minutes, adjustments and tenants. Never
@@ -690,6 +749,15 @@ pub trait LedgerReader {
 
     /// Every tenant that has buckets.
     fn tenants(&self) -> Result<Vec<String>, LedgerError>;
+
+    /// The allocated minutes of `meter` (`None`: every meter) in
+    /// `[from, to)`: (meter, minute), by meter then time.
+    fn meter_minutes(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, MeterMinute)>, LedgerError>;
 }
 
 /// A writer of either backend, chosen by configuration.
@@ -725,6 +793,21 @@ impl<W: LedgerWriter + ?Sized> LedgerWriter for Box<W> {
     }
     fn commit_written(&mut self, holder: &str, id: u64) -> Result<bool, LedgerError> {
         (**self).commit_written(holder, id)
+    }
+    fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError> {
+        (**self).meter_state(meter)
+    }
+    fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
+        (**self).node_minutes(from, to)
+    }
+    fn allocate_meter(
+        &mut self,
+        meter: &str,
+        from: Option<&MeterState>,
+        to: &MeterState,
+        minutes: &[MeterMinute],
+    ) -> Result<bool, LedgerError> {
+        (**self).allocate_meter(meter, from, to, minutes)
     }
     fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError> {
         (**self).tenant_totals()
@@ -789,5 +872,13 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
     }
     fn tenants(&self) -> Result<Vec<String>, LedgerError> {
         (**self).tenants()
+    }
+    fn meter_minutes(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
+        (**self).meter_minutes(meter, from, to)
     }
 }

@@ -135,6 +135,25 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
     fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError> {
         self.inner.release_compaction(lease)
     }
+    fn meter_state(&self, m: &str) -> Result<Option<crate::ledger::MeterState>, LedgerError> {
+        self.inner.meter_state(m)
+    }
+    fn node_minutes(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        self.inner.node_minutes(from, to)
+    }
+    fn allocate_meter(
+        &mut self,
+        m: &str,
+        from: Option<&crate::ledger::MeterState>,
+        to: &crate::ledger::MeterState,
+        minutes: &[crate::ledger::MeterMinute],
+    ) -> Result<bool, LedgerError> {
+        self.inner.allocate_meter(m, from, to, minutes)
+    }
 }
 
 fn unreachable() -> LedgerError {

@@ -15,6 +15,7 @@
 //! highest average power over an aligned quarter-hour that overlaps the
 //! row.
 
+pub mod meters;
 mod periods;
 mod render;
 mod report;

@@ -167,6 +167,36 @@ fn example_configs_pass_check() {
     assert_tenants(&summary, &[("lab-a", "10.000"), ("lab-b", "6.000")]);
 }
 
+/// The example meter config passes `--check`, which lists its meters.
+#[test]
+fn example_meter_config_passes_check() {
+    let summary = check(
+        &[
+            "--config",
+            &deploy("examples/collector-meters.toml"),
+            "--tenants",
+            &deploy("examples/tenants.toml"),
+        ],
+        &[],
+    );
+    assert_lines(
+        &summary,
+        &[
+            "meter row-a-main               modbus       every 15s, nodes gpu-a*",
+            "meter rack-b7-pdu              redfish_pdu  every 30s, nodes gpu-b7-01,gpu-b7-02,gpu-b7-03,gpu-b7-04",
+        ],
+    );
+    // The meters print back as tables that read in again unchanged.
+    let example = deploy("examples/collector-meters.toml");
+    let printed = print_config(&["--config", &example], &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("printed.toml");
+    std::fs::write(&path, &printed).unwrap();
+    let cfg = valid_config(&path);
+    assert_eq!(cfg.meter.len(), 2, "{printed}");
+    assert_eq!(cfg, valid_config(Path::new(&example)));
+}
+
 /// `KEY=VALUE` lines of a systemd `EnvironmentFile=` (comments left out).
 fn environment_file(path: &str) -> Vec<(String, String)> {
     std::fs::read_to_string(path)
@@ -462,6 +492,27 @@ fn config_errors_name_the_problem() {
             "--config",
             Some("hour_retention = \"30d\"\n"),
             &["`hour_retention`", "at least minute_retention"],
+        ),
+        (
+            "--config",
+            Some(
+                "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"gpu-*\"]\naddress = \"10.0.0.5:502\"\nwh_per_count = 0.0000004\n",
+            ),
+            &["\"row-a\"", "`wh_per_count`", "whole number of millijoules"],
+        ),
+        (
+            "--config",
+            Some(
+                "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = []\naddress = \"10.0.0.5:502\"\n",
+            ),
+            &["\"row-a\"", "`nodes`"],
+        ),
+        (
+            "--config",
+            Some(
+                "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"n\"]\naddress = \"10.0.0.5:502\"\nregister_count = 2\n",
+            ),
+            &["{path}", "unknown field `register_count`"],
         ),
         (
             "--tenants",
@@ -931,4 +982,60 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
     ] {
         snapshot.assert_eq(&usage_text("2027-01-01T00:04:00Z", "1m", format));
     }
+}
+
+/// `meters` reads the ledger's meter-minutes (here none) with the
+/// config's meters listed, and checks its period like `usage`.
+#[test]
+fn meters_command_reads_the_ledger() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = dir.path().join("ledger.db");
+    let ledger = ledger.to_str().unwrap();
+    run_ok(BIN, &["--ledger", ledger, "init-ledger"], &[]);
+    let config = dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"gpu-*\"]\naddress = \"127.0.0.1:502\"\n",
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let out = run_ok(
+        BIN,
+        &[
+            "--config",
+            config,
+            "meters",
+            "--ledger",
+            ledger,
+            "--from",
+            "2027-01-15T08:00:00Z",
+            "--to",
+            "2027-01-15T08:30:00Z",
+            "--step",
+            "15m",
+            "--format",
+            "csv",
+        ],
+        &[],
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(
+        lines[1].starts_with("row-a,2027-01-15T08:00:00Z,2027-01-15T08:15:00Z,0,0,0,"),
+        "{out}"
+    );
+    let bad = collector(
+        &[
+            "--ledger",
+            ledger,
+            "meters",
+            "--from",
+            "2027-01-15T08:00:01Z",
+            "--to",
+            "2027-01-15T09:00:00Z",
+        ],
+        &[],
+    );
+    assert!(!bad.status.success());
+    assert!(stderr(&bad).contains("`from`"), "{}", stderr(&bad));
 }

@@ -584,7 +584,19 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let collector = Collector::start(dir.path(), TENANTS, 0, &[]);
+    // A facility meter nothing answers for: capwatch_meter_up 0.
+    let meters = dir.path().join("meters.toml");
+    std::fs::write(
+        &meters,
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"e2e-a-*\"]\naddress = \"127.0.0.1:1\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n",
+    )
+    .unwrap();
+    let collector = Collector::start(
+        dir.path(),
+        TENANTS,
+        0,
+        &["--config", meters.to_str().unwrap()],
+    );
     let ep = collector.endpoint();
     // Long-running agents (killed on drop), and one that stops after two
     // seconds: its node goes down and its GPUs stale.
@@ -666,7 +678,13 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
     assert!(hup.success());
     gone.finish(Duration::from_secs(30));
 
+    // Meter-minutes are allocated only once final (past the watermark, a
+    // quarter-hour and more): the promtool unit tests drive these.
+    let not_driven_records = ["meter:capwatch_energy_ratio:1h"];
     for (name, _) in rule_exprs(&rules, "- record: ") {
+        if not_driven_records.contains(&name.as_str()) {
+            continue;
+        }
         prom.has_data("recording rule", &name);
     }
     // The alert expressions (their `for:` is minutes; the expressions are
@@ -680,6 +698,7 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
         "CapwatchLedgerChanged",
         "CapwatchCollectorDown",
         "CapwatchNoCollectorReady",
+        "CapwatchMeterDrift",
     ];
     for (name, expr) in &alerts {
         if not_driven.contains(&name.as_str()) {

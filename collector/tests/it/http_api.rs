@@ -204,3 +204,33 @@ async fn unknown_routes_are_not_found() {
         assert_eq!(api.get(path, None).await.status, 404, "{path}");
     }
 }
+
+/// The meters' reconciliation names every tenant under each meter: only an
+/// admin token reads it; its query is checked like usage's.
+#[tokio::test]
+async fn meters_need_an_admin_token() {
+    let api = Api::new(TENANTS, Some(&auth()), false);
+    let q = "from=2027-01-15T08:00:00Z&to=2027-01-15T09:00:00Z&step=15m";
+    let cases: [(String, Option<&str>, u16); 6] = [
+        (format!("/v1/meters?{q}"), None, 401),
+        (format!("/v1/meters?{q}"), Some(LAB_A), 403),
+        (format!("/v1/meters?{q}"), Some(ADMIN), 200),
+        (format!("/v1/meters?{q}&format=csv"), Some(ADMIN), 200),
+        (format!("/v1/meters?{q}&meter=x"), Some(ADMIN), 400),
+        (
+            "/v1/meters?from=2027-01-15T08:00:01Z&to=2027-01-15T09:00:00Z".into(),
+            Some(ADMIN),
+            400,
+        ),
+    ];
+    for (path, token, want) in cases {
+        let r = api.get(&path, token).await;
+        assert_eq!(r.status, want, "{path} with {token:?}: {}", r.body);
+    }
+    let r = api.get(&format!("/v1/meters?{q}"), Some(ADMIN)).await;
+    assert_eq!(
+        r.json()["rows"],
+        serde_json::json!([]),
+        "no meters, no rows"
+    );
+}

@@ -25,6 +25,7 @@ mod health;
 mod http_abuse;
 mod http_api;
 mod ledger_safety;
+mod meters;
 mod multi;
 mod node_power;
 mod nvml_e2e;

@@ -27,6 +27,7 @@
 
 mod claim;
 mod compact;
+mod meter;
 mod read;
 mod schema;
 mod write;
@@ -892,5 +893,27 @@ impl LedgerWriter for PgLedger {
 
     fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError> {
         claim::release_compaction(&self.shared, lease)
+    }
+
+    fn meter_state(&self, m: &str) -> Result<Option<crate::ledger::MeterState>, LedgerError> {
+        meter::meter_state(&self.shared, m)
+    }
+
+    fn node_minutes(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        meter::node_minutes(&self.shared, from, to)
+    }
+
+    fn allocate_meter(
+        &mut self,
+        m: &str,
+        from: Option<&crate::ledger::MeterState>,
+        to: &crate::ledger::MeterState,
+        minutes: &[crate::ledger::MeterMinute],
+    ) -> Result<bool, LedgerError> {
+        meter::allocate_meter(&self.shared, m, from, to, minutes)
     }
 }

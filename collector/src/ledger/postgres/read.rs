@@ -205,6 +205,15 @@ async fn usage_since(
 }
 
 impl LedgerReader for PgReader {
+    fn meter_minutes(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, crate::ledger::MeterMinute)>, LedgerError> {
+        super::meter::meter_minutes(&self.shared, meter, from, to)
+    }
+
     fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
         super::tenant_versions(&self.shared)
     }

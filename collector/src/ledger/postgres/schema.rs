@@ -118,9 +118,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         holder TEXT NOT NULL,
         expires_at BIGINT NOT NULL
      );",
-    // 2: node energy, as the SQLite ledger's version 13: in every bucket,
-    // rollup and adjustment, each tenant's total, and a rollup's highest
-    // quarter-hour of it. Rows from before hold 0.
+    // 2: node and facility power, as the SQLite ledger's version 13: node
+    // energy in every bucket, rollup and adjustment, each tenant's total,
+    // and a rollup's highest quarter-hour of it (rows from before hold 0);
+    // the facility meters' state, meter-minutes and tenants' parts.
     "ALTER TABLE usage_minute
         ADD COLUMN node_energy_mj BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN node_estimated_mj BIGINT NOT NULL DEFAULT 0,
@@ -134,7 +135,30 @@ pub(super) const MIGRATIONS: &[&str] = &[
         ADD COLUMN node_estimated_mj BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN node_ns BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE tenant_total ADD COLUMN node_energy_mj BIGINT NOT NULL DEFAULT 0;
-     ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj BIGINT NOT NULL DEFAULT 0;",
+     ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj BIGINT NOT NULL DEFAULT 0;
+     CREATE TABLE meter_state (
+        meter TEXT PRIMARY KEY,
+        allocated_through BIGINT NOT NULL,
+        reading_at_ns BIGINT NOT NULL,
+        reading_raw BIGINT NOT NULL,
+        carry_mj BIGINT NOT NULL
+     );
+     CREATE TABLE meter_minute (
+        meter TEXT NOT NULL,
+        minute_start BIGINT NOT NULL,
+        metered_mj BIGINT NOT NULL,
+        measured_mj BIGINT NOT NULL,
+        unallocated_mj BIGINT NOT NULL,
+        PRIMARY KEY (meter, minute_start)
+     );
+     CREATE TABLE meter_allocation (
+        meter TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        minute_start BIGINT NOT NULL,
+        measured_mj BIGINT NOT NULL,
+        allocated_mj BIGINT NOT NULL,
+        PRIMARY KEY (meter, minute_start, tenant)
+     );",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

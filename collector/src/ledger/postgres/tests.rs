@@ -127,6 +127,25 @@ impl LedgerWriter for Clocked {
     fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError> {
         self.ledger.release_compaction(lease)
     }
+    fn meter_state(&self, m: &str) -> Result<Option<crate::ledger::MeterState>, LedgerError> {
+        self.ledger.meter_state(m)
+    }
+    fn node_minutes(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        self.ledger.node_minutes(from, to)
+    }
+    fn allocate_meter(
+        &mut self,
+        m: &str,
+        from: Option<&crate::ledger::MeterState>,
+        to: &crate::ledger::MeterState,
+        minutes: &[crate::ledger::MeterMinute],
+    ) -> Result<bool, LedgerError> {
+        self.ledger.allocate_meter(m, from, to, minutes)
+    }
 }
 
 fn fresh() -> Fresh<Clocked, PgReader> {

@@ -8,6 +8,7 @@
 mod claim;
 mod compact;
 mod marker;
+mod meter;
 mod read;
 mod schema;
 mod write;
@@ -592,5 +593,27 @@ impl LedgerWriter for Ledger {
 
     fn release_compaction(&mut self, lease: &CompactionLease) -> Result<(), LedgerError> {
         Ledger::release_compaction(self, lease)
+    }
+
+    fn meter_state(&self, meter: &str) -> Result<Option<crate::ledger::MeterState>, LedgerError> {
+        Ledger::meter_state(self, meter)
+    }
+
+    fn node_minutes(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        Ledger::node_minutes(self, from, to)
+    }
+
+    fn allocate_meter(
+        &mut self,
+        meter: &str,
+        from: Option<&crate::ledger::MeterState>,
+        to: &crate::ledger::MeterState,
+        minutes: &[crate::ledger::MeterMinute],
+    ) -> Result<bool, LedgerError> {
+        Ledger::allocate_meter(self, meter, from, to, minutes)
     }
 }

@@ -16,8 +16,8 @@ use crate::ledger::{
 /// A read-only view of the ledger, for the usage API and the `usage`
 /// command. WAL lets it read while the collector commits.
 pub struct Reader {
-    conn: Connection,
-    path: PathBuf,
+    pub(super) conn: Connection,
+    pub(super) path: PathBuf,
 }
 
 impl Reader {
@@ -292,6 +292,15 @@ impl LedgerReader for Reader {
         to: i64,
     ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
         Reader::minutes(self, tenant, from, to)
+    }
+
+    fn meter_minutes(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, crate::ledger::MeterMinute)>, LedgerError> {
+        Reader::meter_minutes(self, meter, from, to)
     }
 
     fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {

@@ -211,12 +211,16 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         last_id INTEGER NOT NULL
      ) WITHOUT ROWID;",
     ),
-    // 13: node energy (whole-node power sources, split among the tenants
-    // with GPUs on the node), the part of it estimated, and the time its
-    // readings covered, in every bucket, rollup and adjustment; each
-    // tenant's node energy total; and the highest quarter-hour of node
-    // energy in a rollup, for a contract on node energy. Rows from before
-    // hold 0: no node energy was measured then.
+    // 13: node and facility power. Node energy (whole-node power
+    // sources, split among the tenants with GPUs on the node), the part of
+    // it estimated, and the time its readings covered, in every bucket,
+    // rollup and adjustment; each tenant's node energy total; the highest
+    // quarter-hour of node energy in a rollup, for a contract on node
+    // energy (rows from before hold 0: no node energy was measured then).
+    // And the facility meters' allocation: where each meter stands (the
+    // minute it reached and the reading it counts on from), each
+    // meter-minute's metered, measured and unallocated energy, and each
+    // tenant's part of it.
     Migration::Sql(
         "ALTER TABLE usage_minute ADD COLUMN node_energy_mj INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE usage_minute ADD COLUMN node_estimated_mj INTEGER NOT NULL DEFAULT 0;
@@ -228,7 +232,30 @@ pub(super) const MIGRATIONS: &[Migration] = &[
      ALTER TABLE adjustment ADD COLUMN node_estimated_mj INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE adjustment ADD COLUMN node_ns INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE tenant_total ADD COLUMN node_energy_mj INTEGER NOT NULL DEFAULT 0;
-     ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj INTEGER NOT NULL DEFAULT 0;",
+     ALTER TABLE demand_rollup ADD COLUMN node_peak_quarter_mj INTEGER NOT NULL DEFAULT 0;
+     CREATE TABLE meter_state (
+        meter TEXT PRIMARY KEY,
+        allocated_through INTEGER NOT NULL,
+        reading_at_ns INTEGER NOT NULL,
+        reading_raw INTEGER NOT NULL,
+        carry_mj INTEGER NOT NULL
+     );
+     CREATE TABLE meter_minute (
+        meter TEXT NOT NULL,
+        minute_start INTEGER NOT NULL,
+        metered_mj INTEGER NOT NULL,
+        measured_mj INTEGER NOT NULL,
+        unallocated_mj INTEGER NOT NULL,
+        PRIMARY KEY (meter, minute_start)
+     );
+     CREATE TABLE meter_allocation (
+        meter TEXT NOT NULL,
+        tenant TEXT NOT NULL,
+        minute_start INTEGER NOT NULL,
+        measured_mj INTEGER NOT NULL,
+        allocated_mj INTEGER NOT NULL,
+        PRIMARY KEY (meter, minute_start, tenant)
+     );",
     ),
 ];
 

@@ -1,0 +1,233 @@
+//! Facility meters' allocation, as the SQLite ledger's: the state row
+//! inserted or moved by a conditional UPDATE in the transaction that
+//! writes the minutes, so two collectors never allocate a minute twice.
+
+use std::sync::Arc;
+
+use super::{Shared, i64_of, u64_of};
+use crate::ledger::{LedgerError, MeterMinute, MeterState, NodeMinute};
+
+/// A register's raw value in a BIGINT: its 64 bits as they are.
+fn raw_in(v: u64) -> i64 {
+    v as i64
+}
+
+fn raw_out(v: i64) -> u64 {
+    v as u64
+}
+
+pub(super) fn meter_state(
+    shared: &Arc<Shared>,
+    meter: &str,
+) -> Result<Option<MeterState>, LedgerError> {
+    let meter = meter.to_string();
+    let s = shared.clone();
+    shared.call(move |client| async move {
+        let r = async {
+            let row = client
+                .query_opt(
+                    "SELECT allocated_through, reading_at_ns, reading_raw, carry_mj
+                     FROM meter_state WHERE meter = $1",
+                    &[&meter],
+                )
+                .await?;
+            Ok(match row {
+                None => None,
+                Some(row) => Some(MeterState {
+                    allocated_through: row.try_get(0)?,
+                    reading_at_ns: row.try_get(1)?,
+                    reading_raw: raw_out(row.try_get(2)?),
+                    carry_mj: u64_of(&s, row.try_get(3)?, "carry_mj")?,
+                }),
+            })
+        }
+        .await;
+        (client, r)
+    })
+}
+
+pub(super) fn node_minutes(
+    shared: &Arc<Shared>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<NodeMinute>, LedgerError> {
+    let s = shared.clone();
+    shared.call(move |client| async move {
+        let r = async {
+            let rows = client
+                .query(
+                    "SELECT tenant, node, minute_start,
+                            CASE WHEN node_ns > 0 THEN node_energy_mj ELSE energy_mj END
+                     FROM usage_minute
+                     WHERE minute_start >= $1 AND minute_start < $2
+                     ORDER BY minute_start, node, tenant",
+                    &[&from, &to],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(NodeMinute {
+                    tenant: row.try_get(0)?,
+                    node: row.try_get(1)?,
+                    minute: row.try_get(2)?,
+                    measured_mj: u64_of(&s, row.try_get(3)?, "measured energy")?,
+                });
+            }
+            Ok(out)
+        }
+        .await;
+        (client, r)
+    })
+}
+
+pub(super) fn allocate_meter(
+    shared: &Arc<Shared>,
+    meter: &str,
+    from: Option<&MeterState>,
+    to: &MeterState,
+    minutes: &[MeterMinute],
+) -> Result<bool, LedgerError> {
+    let meter = meter.to_string();
+    let from = from.copied();
+    let to = *to;
+    // Columns of the minutes and of the tenants' parts, as arrays.
+    let mut m_minute = Vec::new();
+    let mut m_cols: [Vec<i64>; 3] = Default::default();
+    let mut t_tenant = Vec::new();
+    let mut t_minute = Vec::new();
+    let mut t_cols: [Vec<i64>; 2] = Default::default();
+    for m in minutes {
+        m_minute.push(m.minute);
+        m_cols[0].push(i64_of(shared, m.metered_mj, "metered_mj")?);
+        m_cols[1].push(i64_of(shared, m.measured_mj, "measured_mj")?);
+        m_cols[2].push(i64_of(shared, m.unallocated_mj, "unallocated_mj")?);
+        for (t, measured, allocated) in &m.tenants {
+            t_tenant.push(t.clone());
+            t_minute.push(m.minute);
+            t_cols[0].push(i64_of(shared, *measured, "measured_mj")?);
+            t_cols[1].push(i64_of(shared, *allocated, "allocated_mj")?);
+        }
+    }
+    let carry = i64_of(shared, to.carry_mj, "carry_mj")?;
+    shared.call(move |mut client| async move {
+        let r = async {
+            let tx = client.transaction().await?;
+            let moved = match from {
+                None => {
+                    tx.execute(
+                        "INSERT INTO meter_state
+                            (meter, allocated_through, reading_at_ns, reading_raw, carry_mj)
+                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (meter) DO NOTHING",
+                        &[
+                            &meter,
+                            &to.allocated_through,
+                            &to.reading_at_ns,
+                            &raw_in(to.reading_raw),
+                            &carry,
+                        ],
+                    )
+                    .await?
+                }
+                Some(f) => {
+                    tx.execute(
+                        "UPDATE meter_state SET allocated_through = $2, reading_at_ns = $3,
+                            reading_raw = $4, carry_mj = $5
+                         WHERE meter = $1 AND allocated_through = $6",
+                        &[
+                            &meter,
+                            &to.allocated_through,
+                            &to.reading_at_ns,
+                            &raw_in(to.reading_raw),
+                            &carry,
+                            &f.allocated_through,
+                        ],
+                    )
+                    .await?
+                }
+            };
+            if moved == 0 {
+                // Dropped: rolls back.
+                return Ok(false);
+            }
+            tx.execute(
+                "INSERT INTO meter_minute
+                    (meter, minute_start, metered_mj, measured_mj, unallocated_mj)
+                 SELECT $1, * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])",
+                &[&meter, &m_minute, &m_cols[0], &m_cols[1], &m_cols[2]],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO meter_allocation
+                    (meter, tenant, minute_start, measured_mj, allocated_mj)
+                 SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[])",
+                &[&meter, &t_tenant, &t_minute, &t_cols[0], &t_cols[1]],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(true)
+        }
+        .await;
+        (client, r)
+    })
+}
+
+pub(super) fn meter_minutes(
+    shared: &Arc<Shared>,
+    meter: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
+    let meter = meter.map(str::to_string);
+    let s = shared.clone();
+    shared.call(move |client| async move {
+        let r = async {
+            let rows = client
+                .query(
+                    "SELECT m.meter, m.minute_start, m.metered_mj, m.measured_mj, m.unallocated_mj,
+                            a.tenant, a.measured_mj, a.allocated_mj
+                     FROM meter_minute m
+                     LEFT JOIN meter_allocation a
+                        ON a.meter = m.meter AND a.minute_start = m.minute_start
+                     WHERE ($1::text IS NULL OR m.meter = $1)
+                       AND m.minute_start >= $2 AND m.minute_start < $3
+                     ORDER BY m.meter, m.minute_start, a.tenant",
+                    &[&meter, &from, &to],
+                )
+                .await?;
+            let mut out: Vec<(String, MeterMinute)> = Vec::new();
+            for row in rows {
+                let meter: String = row.try_get(0)?;
+                let minute: i64 = row.try_get(1)?;
+                let same = out
+                    .last()
+                    .is_some_and(|(m, mm)| *m == meter && mm.minute == minute);
+                if !same {
+                    out.push((
+                        meter,
+                        MeterMinute {
+                            minute,
+                            metered_mj: u64_of(&s, row.try_get(2)?, "metered_mj")?,
+                            measured_mj: u64_of(&s, row.try_get(3)?, "measured_mj")?,
+                            unallocated_mj: u64_of(&s, row.try_get(4)?, "unallocated_mj")?,
+                            tenants: Vec::new(),
+                        },
+                    ));
+                }
+                if let Some(tenant) = row.try_get::<_, Option<String>>(5)?
+                    && let Some((_, mm)) = out.last_mut()
+                {
+                    let measured: i64 = row.try_get(6)?;
+                    let allocated: i64 = row.try_get(7)?;
+                    mm.tenants.push((
+                        tenant,
+                        u64_of(&s, measured, "measured_mj")?,
+                        u64_of(&s, allocated, "allocated_mj")?,
+                    ));
+                }
+            }
+            Ok(out)
+        }
+        .await;
+        (client, r)
+    })
+}

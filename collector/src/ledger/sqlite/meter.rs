@@ -1,0 +1,263 @@
+//! Facility meters' allocation: each meter's state row, its minutes and
+//! each tenant's part, written in one transaction that moves the state
+//! only from where the writer saw it.
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{Ledger, Reader, i64_of, sqlite_err, u64_of};
+use crate::ledger::{LedgerError, MeterMinute, MeterState, NodeMinute};
+
+/// A register's raw value in an INTEGER column: its 64 bits as they are
+/// (values past 2^63 read back as themselves).
+fn raw_in(v: u64) -> i64 {
+    v as i64
+}
+
+fn raw_out(v: i64) -> u64 {
+    v as u64
+}
+
+pub(super) fn meter_state(
+    conn: &Connection,
+    path: &Path,
+    meter: &str,
+) -> Result<Option<MeterState>, LedgerError> {
+    let err = sqlite_err(path);
+    let row = conn
+        .query_row(
+            "SELECT allocated_through, reading_at_ns, reading_raw, carry_mj
+             FROM meter_state WHERE meter = ?1",
+            params![meter],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                ))
+            },
+        )
+        .optional()
+        .map_err(err)?;
+    row.map(|(a, at, raw, carry)| {
+        Ok(MeterState {
+            allocated_through: a,
+            reading_at_ns: at,
+            reading_raw: raw_out(raw),
+            carry_mj: u64_of(carry, path, "carry_mj")?,
+        })
+    })
+    .transpose()
+}
+
+pub(super) fn node_minutes(
+    conn: &Connection,
+    path: &Path,
+    from: i64,
+    to: i64,
+) -> Result<Vec<NodeMinute>, LedgerError> {
+    let err = sqlite_err(path);
+    let mut q = conn
+        .prepare_cached(
+            "SELECT tenant, node, minute_start,
+                    CASE WHEN node_ns > 0 THEN node_energy_mj ELSE energy_mj END
+             FROM usage_minute
+             WHERE minute_start >= ?1 AND minute_start < ?2
+             ORDER BY minute_start, node, tenant",
+        )
+        .map_err(err)?;
+    let rows = q
+        .query_map(params![from, to], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })
+        .map_err(err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (tenant, node, minute, mj) = row.map_err(err)?;
+        out.push(NodeMinute {
+            tenant,
+            node,
+            minute,
+            measured_mj: u64_of(mj, path, "measured energy")?,
+        });
+    }
+    Ok(out)
+}
+
+impl Ledger {
+    pub fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError> {
+        meter_state(&self.conn, &self.path, meter)
+    }
+
+    pub fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
+        node_minutes(&self.conn, &self.path, from, to)
+    }
+
+    /// `LedgerWriter::allocate_meter`: the state row is inserted (none
+    /// yet) or moved by a conditional UPDATE on the `allocated_through`
+    /// the writer saw; either touching no row means another writer
+    /// allocated first, and the transaction is dropped unwritten.
+    pub fn allocate_meter(
+        &mut self,
+        meter: &str,
+        from: Option<&MeterState>,
+        to: &MeterState,
+        minutes: &[MeterMinute],
+    ) -> Result<bool, LedgerError> {
+        let path = self.path.clone();
+        let p = path.as_path();
+        let err = sqlite_err(p);
+        let tx = self.conn.transaction().map_err(err)?;
+        let carry = i64_of(to.carry_mj, p, "carry_mj")?;
+        let moved = match from {
+            None => tx
+                .execute(
+                    "INSERT INTO meter_state (meter, allocated_through, reading_at_ns, reading_raw, carry_mj)
+                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (meter) DO NOTHING",
+                    params![meter, to.allocated_through, to.reading_at_ns, raw_in(to.reading_raw), carry],
+                )
+                .map_err(err)?,
+            Some(f) => tx
+                .execute(
+                    "UPDATE meter_state SET allocated_through = ?2, reading_at_ns = ?3,
+                        reading_raw = ?4, carry_mj = ?5
+                     WHERE meter = ?1 AND allocated_through = ?6",
+                    params![
+                        meter,
+                        to.allocated_through,
+                        to.reading_at_ns,
+                        raw_in(to.reading_raw),
+                        carry,
+                        f.allocated_through
+                    ],
+                )
+                .map_err(err)?,
+        };
+        if moved == 0 {
+            return Ok(false);
+        }
+        {
+            let mut minute_q = tx
+                .prepare_cached(
+                    "INSERT INTO meter_minute (meter, minute_start, metered_mj, measured_mj, unallocated_mj)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(err)?;
+            let mut tenant_q = tx
+                .prepare_cached(
+                    "INSERT INTO meter_allocation (meter, tenant, minute_start, measured_mj, allocated_mj)
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(err)?;
+            for m in minutes {
+                minute_q
+                    .execute(params![
+                        meter,
+                        m.minute,
+                        i64_of(m.metered_mj, p, "metered_mj")?,
+                        i64_of(m.measured_mj, p, "measured_mj")?,
+                        i64_of(m.unallocated_mj, p, "unallocated_mj")?
+                    ])
+                    .map_err(err)?;
+                for (tenant, measured, allocated) in &m.tenants {
+                    tenant_q
+                        .execute(params![
+                            meter,
+                            tenant,
+                            m.minute,
+                            i64_of(*measured, p, "measured_mj")?,
+                            i64_of(*allocated, p, "allocated_mj")?
+                        ])
+                        .map_err(err)?;
+                }
+            }
+        }
+        tx.commit().map_err(err)?;
+        Ok(true)
+    }
+}
+
+pub(super) fn meter_minutes(
+    conn: &Connection,
+    path: &Path,
+    meter: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
+    let err = sqlite_err(path);
+    let mut q = conn
+        .prepare_cached(
+            "SELECT m.meter, m.minute_start, m.metered_mj, m.measured_mj, m.unallocated_mj,
+                    a.tenant, a.measured_mj, a.allocated_mj
+             FROM meter_minute m
+             LEFT JOIN meter_allocation a
+                ON a.meter = m.meter AND a.minute_start = m.minute_start
+             WHERE (?1 IS NULL OR m.meter = ?1) AND m.minute_start >= ?2 AND m.minute_start < ?3
+             ORDER BY m.meter, m.minute_start, a.tenant",
+        )
+        .map_err(err)?;
+    let rows = q
+        .query_map(params![meter, from, to], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                [
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ],
+                r.get::<_, Option<String>>(5)?,
+                r.get::<_, Option<i64>>(6)?,
+                r.get::<_, Option<i64>>(7)?,
+            ))
+        })
+        .map_err(err)?;
+    let mut out: Vec<(String, MeterMinute)> = Vec::new();
+    for row in rows {
+        let (meter, minute, [metered, measured, unallocated], tenant, t_measured, t_alloc) =
+            row.map_err(err)?;
+        let same = out
+            .last()
+            .is_some_and(|(m, mm)| *m == meter && mm.minute == minute);
+        if !same {
+            out.push((
+                meter,
+                MeterMinute {
+                    minute,
+                    metered_mj: u64_of(metered, path, "metered_mj")?,
+                    measured_mj: u64_of(measured, path, "measured_mj")?,
+                    unallocated_mj: u64_of(unallocated, path, "unallocated_mj")?,
+                    tenants: Vec::new(),
+                },
+            ));
+        }
+        if let (Some(t), Some(tm), Some(ta)) = (tenant, t_measured, t_alloc)
+            && let Some((_, mm)) = out.last_mut()
+        {
+            mm.tenants.push((
+                t,
+                u64_of(tm, path, "measured_mj")?,
+                u64_of(ta, path, "allocated_mj")?,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+impl Reader {
+    pub fn meter_minutes(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
+        meter_minutes(&self.conn, &self.path, meter, from, to)
+    }
+}

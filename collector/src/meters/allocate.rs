@@ -1,0 +1,285 @@
+//! Allocating each final meter-minute to the tenants under the meter.
+//!
+//! A minute is final once it ends at or before the ledger's watermark: its
+//! buckets (what the meter's nodes measured) no longer change. The
+//! meter's energy in it is the difference of its cumulative energy,
+//! interpolated at the minute's two boundaries (`accounting::facility`),
+//! counted from the reading the ledger's state row names, so whichever
+//! collector allocates the next minutes counts on from the same point;
+//! each minute is split among the tenants by their measured energy
+//! (`accounting::facility::allocate`), and written with the state row
+//! moved in one transaction (`LedgerWriter::allocate_meter`).
+//!
+//! *Invariant:* the minutes a meter allocated add up to its energy between
+//! the first boundary and the last, exactly; each minute's parts add up to
+//! its metered energy; a minute is allocated once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::accounting::facility::{Reading, Step, allocate, energy_at, step};
+use crate::ledger::{AnyWriter, LedgerError, LedgerWriter, MeterMinute, MeterState, NodeMinute};
+use crate::sync::lock;
+
+use super::spec::{MeterSpec, Source};
+use super::{Board, Meter};
+
+const MINUTE: i64 = 60;
+const NS: i64 = 1_000_000_000;
+
+/// Most minutes one round allocates per meter (a day).
+pub const MAX_MINUTES_PER_ROUND: i64 = 1_440;
+
+/// The energy (mJ) from raw reading `prev` to `now` of the meter: the
+/// register's counts (wrapped or not) times its energy per count, or a
+/// PDU's counter difference; 0 across a reset.
+pub fn raw_delta(spec: &MeterSpec, prev: u64, now: u64) -> u64 {
+    match &spec.source {
+        Source::Modbus(m) => match step(prev, now, m.rollover) {
+            // An absurd step (past 2^64 mJ) counts nothing, as when polled.
+            Step::Forward(n) | Step::Wrapped(n) => n.checked_mul(m.mj_per_count).unwrap_or(0),
+            Step::Reset | Step::OutOfRange => 0,
+        },
+        Source::RedfishPdu(_) => now.saturating_sub(prev),
+    }
+}
+
+/// What one round writes for a meter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub next: MeterState,
+    pub minutes: Vec<MeterMinute>,
+}
+
+/// The range of minutes a round may allocate: `[from, to)`, or `None`
+/// when there is nothing to do yet.
+pub fn window(
+    state: Option<&MeterState>,
+    raw: &[(i64, u64)],
+    watermark: i64,
+) -> Option<(i64, i64)> {
+    let from = match state {
+        Some(s) => s.allocated_through,
+        None => first_boundary(raw.first()?.0),
+    };
+    let newest = raw.last()?.0;
+    let to = watermark
+        .min(newest.div_euclid(NS * MINUTE) * MINUTE)
+        .min(from + MAX_MINUTES_PER_ROUND * MINUTE);
+    Some((from, to))
+}
+
+/// The first minute boundary at or after `at_ns`.
+fn first_boundary(at_ns: i64) -> i64 {
+    let m = at_ns.div_euclid(NS * MINUTE) * MINUTE;
+    if m * NS == at_ns { m } else { m + MINUTE }
+}
+
+/// The next step of a meter's allocation from `state` (none: its first),
+/// with its raw readings `raw` (time order, (Unix ns, raw value)), every
+/// minute ending at or before `through` (a minute boundary), and
+/// `measured` (every node's rows of the minutes in the window).
+pub fn plan(
+    spec: &MeterSpec,
+    state: Option<&MeterState>,
+    raw: &[(i64, u64)],
+    through: i64,
+    measured: &[NodeMinute],
+) -> Option<Plan> {
+    // The cumulative energy from the base reading (0 there) on.
+    let (base_at, base_raw) = match state {
+        Some(s) => (s.reading_at_ns, s.reading_raw),
+        None => *raw.first()?,
+    };
+    let mut series = vec![Reading {
+        at_ns: base_at,
+        energy_mj: 0,
+    }];
+    let mut raws = vec![base_raw];
+    let mut prev = base_raw;
+    for &(at, r) in raw.iter().filter(|(at, _)| *at > base_at) {
+        let e = series.last().map_or(0, |p| p.energy_mj) + raw_delta(spec, prev, r);
+        series.push(Reading {
+            at_ns: at,
+            energy_mj: e,
+        });
+        raws.push(r);
+        prev = r;
+    }
+    let (start, mut at_start) = match state {
+        Some(s) => (s.allocated_through, s.carry_mj),
+        None => {
+            let b = first_boundary(base_at);
+            (b, energy_at(&series, b * NS)?)
+        }
+    };
+    // Measured per minute and tenant, over the meter's nodes.
+    let mut by_minute: BTreeMap<i64, BTreeMap<&str, u64>> = BTreeMap::new();
+    for row in measured.iter().filter(|r| spec.covers(&r.node)) {
+        *by_minute
+            .entry(row.minute)
+            .or_default()
+            .entry(row.tenant.as_str())
+            .or_default() += row.measured_mj;
+    }
+    let mut minutes = Vec::new();
+    let mut minute = start;
+    while minute + MINUTE <= through && minute < start + MAX_MINUTES_PER_ROUND * MINUTE {
+        let Some(at_end) = energy_at(&series, (minute + MINUTE) * NS) else {
+            break;
+        };
+        // Never below what was allocated already (a boundary another
+        // collector interpolated between other readings).
+        let at_end = at_end.max(at_start);
+        let metered = at_end - at_start;
+        let tenants: Vec<(String, u64)> = by_minute
+            .get(&minute)
+            .map(|t| t.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+            .unwrap_or_default();
+        let measured_mj: u64 = tenants.iter().map(|t| t.1).sum();
+        let split = allocate(metered, &tenants);
+        let parts: BTreeMap<&str, u64> =
+            split.shares.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+        minutes.push(MeterMinute {
+            minute,
+            metered_mj: metered,
+            measured_mj,
+            unallocated_mj: split.unallocated,
+            tenants: tenants
+                .iter()
+                .map(|(t, m)| (t.clone(), *m, parts.get(t.as_str()).copied().unwrap_or(0)))
+                .collect(),
+        });
+        at_start = at_end;
+        minute += MINUTE;
+    }
+    // The new base: the newest reading at or before the last boundary.
+    let end_ns = minute * NS;
+    let i = series
+        .partition_point(|r| r.at_ns <= end_ns)
+        .saturating_sub(1);
+    let next = MeterState {
+        allocated_through: minute,
+        reading_at_ns: series[i].at_ns,
+        reading_raw: raws[i],
+        carry_mj: at_start.saturating_sub(series[i].energy_mj),
+    };
+    if state.is_some() && minutes.is_empty() {
+        return None;
+    }
+    Some(Plan { next, minutes })
+}
+
+/// One round for `meter` alone (see [`round_all`]).
+pub fn round(meter: &Meter, ledger: &Mutex<AnyWriter>) -> Result<Vec<MeterMinute>, LedgerError> {
+    round_all(&[meter], ledger)
+        .map(|mut v| v.pop().unwrap_or_default())
+        .map_err(|(_, e)| e)
+}
+
+/// One round for `meters`: reads where each one's allocation stands, the
+/// measured minutes of all of them in one query, plans each and writes
+/// it. Returns each meter's minutes written (none where there was nothing
+/// to do or another collector allocated first), or the first meter whose
+/// round failed and why.
+pub fn round_all(
+    meters: &[&Meter],
+    ledger: &Mutex<AnyWriter>,
+) -> Result<Vec<Vec<MeterMinute>>, (String, LedgerError)> {
+    let mut w = lock(ledger);
+    let watermark = w
+        .finalized_through()
+        .map_err(|e| ("every meter".to_string(), e))?;
+    let mut work = Vec::with_capacity(meters.len());
+    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+    for m in meters {
+        let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
+        let state = w
+            .meter_state(&m.spec.id)
+            .map_err(|e| (m.spec.id.clone(), e))?;
+        let range = window(state.as_ref(), &raw, watermark);
+        if let Some((from, to)) = range
+            && to >= from + MINUTE
+        {
+            lo = lo.min(from);
+            hi = hi.max(to);
+        }
+        work.push((raw, state, range));
+    }
+    let measured = if hi > lo {
+        w.node_minutes(lo, hi)
+            .map_err(|e| ("every meter".to_string(), e))?
+    } else {
+        Vec::new()
+    };
+    let mut written = Vec::with_capacity(meters.len());
+    for (m, (raw, state, range)) in meters.iter().zip(work) {
+        let Some((_, to)) = range else {
+            written.push(Vec::new());
+            continue;
+        };
+        let Some(plan) = plan(&m.spec, state.as_ref(), &raw, to, &measured) else {
+            written.push(Vec::new());
+            continue;
+        };
+        let id = &m.spec.id;
+        if !w
+            .allocate_meter(id, state.as_ref(), &plan.next, &plan.minutes)
+            .map_err(|e| (id.clone(), e))?
+        {
+            debug!(meter = %id, "another collector allocated these minutes first");
+            written.push(Vec::new());
+            continue;
+        }
+        let mut live = lock(&m.live);
+        for mm in &plan.minutes {
+            live.allocated_mj = live.allocated_mj.saturating_add(mm.metered_mj);
+            live.measured_mj = live.measured_mj.saturating_add(mm.measured_mj);
+        }
+        // Readings before the new base are not needed again.
+        let keep_from = plan.next.reading_at_ns;
+        while live.raw.front().is_some_and(|(at, _)| *at < keep_from) {
+            live.raw.pop_front();
+        }
+        written.push(plan.minutes);
+    }
+    Ok(written)
+}
+
+/// Allocates every meter's final minutes every `every`, until `shutdown`.
+pub async fn allocate_loop(
+    board: Arc<Board>,
+    ledger: Arc<Mutex<AnyWriter>>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let (b, l) = (board.clone(), ledger.clone());
+        let result = tokio::task::spawn_blocking(move || {
+            let meters: Vec<&Meter> = b.meters.iter().collect();
+            round_all(&meters, &l).err()
+        })
+        .await;
+        match result {
+            Ok(None) => failing = false,
+            Ok(Some((meter, e))) => {
+                if !failing {
+                    warn!(meter = %meter, error = %e, "allocating meter minutes failed; retried next round");
+                }
+                failing = true;
+            }
+            Err(e) => warn!(error = %e, "the allocation round ended abnormally"),
+        }
+    }
+}

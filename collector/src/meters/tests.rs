@@ -1,0 +1,630 @@
+//! Meters polled against the stand-in Modbus TCP meter: energy exactly
+//! the register's counts, wraps exact, resets counted, a hung or failing
+//! meter bounded and counted.
+
+use std::sync::Arc;
+
+use capwatch_testkit::modbus::{Layout, ModbusMeter, Mode};
+
+use super::*;
+
+/// 3600 mJ (1 mWh... 0.001 Wh) per count.
+const MJ: u64 = 3_600;
+
+fn meter(stand_in: &ModbusMeter, extra: &str) -> Meter {
+    let text = format!(
+        "[[meter]]\nid = \"m1\"\nkind = \"modbus\"\nnodes = [\"n-*\"]\naddress = \"{}\"\nwh_per_count = 0.001\ninterval = \"1s\"\ntimeout = \"200ms\"\n{extra}",
+        stand_in.addr()
+    );
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<MeterConfig>,
+    }
+    let file: File = toml::from_str(&text).expect("valid TOML");
+    let spec = check(&file.meter).expect("a valid meter").remove(0);
+    Meter {
+        spec,
+        live: Default::default(),
+    }
+}
+
+fn covered(n: u64) -> CoveredNodes {
+    Arc::new(move |_| n)
+}
+
+async fn poll(p: &mut Poller, m: &Meter) -> Outcome {
+    p.poll(m, &covered(1)).await
+}
+
+fn energy(m: &Meter) -> u64 {
+    lock(&m.live).energy_mj
+}
+
+#[tokio::test]
+async fn energy_is_the_registers_counts_in_either_layout() {
+    let layouts = [
+        (Layout::default(), ""),
+        (
+            Layout {
+                register: 100,
+                input: true,
+                words: 4,
+                little: true,
+            },
+            "register = 100\nregisters = \"input\"\nformat = \"u64\"\nword_order = \"little\"\n",
+        ),
+    ];
+    for (layout, extra) in layouts {
+        let stand_in = ModbusMeter::start(layout).unwrap();
+        stand_in.set_count(0x0001_0000_0000_0005 & ((1 << (16 * layout.words as u32 - 1)) - 1));
+        let m = meter(&stand_in, extra);
+        let mut p = Poller::new(&m.spec).unwrap();
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "{extra}");
+        assert_eq!(energy(&m), 0, "the first reading is the baseline");
+        stand_in.advance(70_000);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+        stand_in.advance(5);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+        assert_eq!(energy(&m), 70_005 * MJ, "{extra}");
+        let live = lock(&m.live);
+        assert!(live.up);
+        assert_eq!(live.polls_of(Outcome::Ok), 3);
+        assert_eq!(live.readings.back().map(|r| r.energy_mj), Some(70_005 * MJ));
+        assert!(live.power_mw.is_some());
+    }
+}
+
+#[tokio::test]
+async fn a_wrapping_register_counts_exactly_across_the_wrap() {
+    // The register's own 2^32, and a rollover set in the config.
+    for (rollover, extra) in [(1u128 << 32, ""), (1_000_000, "rollover = 1000000\n")] {
+        let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+        stand_in.set_rollover(rollover);
+        stand_in.set_count((rollover - 7) as u64);
+        let m = meter(&stand_in, extra);
+        let mut p = Poller::new(&m.spec).unwrap();
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+        stand_in.advance(20);
+        assert_eq!(stand_in.count(), 13, "the stand-in wrapped");
+        assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "{extra}");
+        assert_eq!(energy(&m), 20 * MJ, "{extra}");
+        assert_eq!(lock(&m.live).polls_of(Outcome::Reset), 0);
+    }
+}
+
+#[tokio::test]
+async fn a_register_that_goes_down_is_a_counted_reset_never_negative_energy() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(5_000);
+    let m = meter(&stand_in, "");
+    let mut p = Poller::new(&m.spec).unwrap();
+    poll(&mut p, &m).await;
+    stand_in.advance(100);
+    poll(&mut p, &m).await;
+    // A replaced meter starting at 40.
+    stand_in.set_count(40);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(energy(&m), 100 * MJ);
+    stand_in.advance(2);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 102 * MJ, "counting again from the new value");
+    let live = lock(&m.live);
+    assert_eq!(live.polls_of(Outcome::Reset), 1);
+    assert!(
+        live.readings
+            .iter()
+            .zip(live.readings.iter().skip(1))
+            .all(|(a, b)| a.energy_mj <= b.energy_mj)
+    );
+}
+
+#[tokio::test]
+async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(10);
+    let m = meter(&stand_in, "");
+    let mut p = Poller::new(&m.spec).unwrap();
+    poll(&mut p, &m).await;
+    stand_in.set_mode(Mode::Hang);
+    stand_in.advance(3);
+    // Bounded by the meter's own timeout: the poll returns.
+    assert_eq!(poll(&mut p, &m).await, Outcome::Timeout);
+    assert!(!lock(&m.live).up);
+    stand_in.set_mode(Mode::Normal);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "a fresh connection");
+    let live = lock(&m.live);
+    assert!(live.up);
+    assert_eq!(live.polls_of(Outcome::Timeout), 1);
+    assert_eq!(
+        live.energy_mj,
+        3 * MJ,
+        "the interval the hang covered is counted once"
+    );
+}
+
+#[tokio::test]
+async fn an_exception_is_counted_and_the_meter_is_down() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    let m = meter(&stand_in, "");
+    let mut p = Poller::new(&m.spec).unwrap();
+    poll(&mut p, &m).await;
+    stand_in.set_mode(Mode::Exception);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
+    {
+        let live = lock(&m.live);
+        assert!(!live.up);
+        assert_eq!(live.polls_of(Outcome::Exception), 1);
+        assert_eq!(live.power_mw, None, "no reading, no power");
+    }
+    // A register the meter does not have is an exception too.
+    stand_in.set_mode(Mode::Normal);
+    let wrong = meter(&stand_in, "register = 8\n");
+    let mut q = Poller::new(&wrong.spec).unwrap();
+    assert_eq!(poll(&mut q, &wrong).await, Outcome::Exception);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+}
+
+#[tokio::test]
+async fn a_meter_nobody_listens_on_is_an_error() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    let m = meter(&stand_in, "");
+    drop(stand_in);
+    let mut p = Poller::new(&m.spec).unwrap();
+    assert_eq!(poll(&mut p, &m).await, Outcome::Error);
+    assert_eq!(lock(&m.live).polls_of(Outcome::Error), 1);
+}
+
+/// One meter hanging does not hold up another: both poll on their own
+/// tasks, and the answering one keeps counting while the other times out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_meter_does_not_hold_up_another() {
+    let hung = ModbusMeter::start(Layout::default()).unwrap();
+    hung.set_mode(Mode::Hang);
+    let fine = ModbusMeter::start(Layout::default()).unwrap();
+    let mut a = meter(&hung, "").spec;
+    a.id = "hung".into();
+    let b = meter(&fine, "").spec;
+    let board = Arc::new(Board::new(vec![a, b]));
+    let (stop, shutdown) = watch::channel(false);
+    let tasks = spawn(&board, pollers(&board).unwrap(), covered(1), shutdown);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let ok = lock(&board.meters[1].live).polls_of(Outcome::Ok);
+        if ok >= 3 {
+            break;
+        }
+        fine.advance(1);
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the answering meter stopped"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let _ = stop.send(true);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let hung_live = lock(&board.meters[0].live);
+    assert!(!hung_live.up);
+    assert_eq!(hung_live.polls_of(Outcome::Ok), 0);
+    assert!(hung_live.polls_of(Outcome::Timeout) >= 1);
+}
+
+fn pdu_meter(pdu: &capwatch_testkit::redfish::Service, extra: &str) -> Meter {
+    let text = format!(
+        "[[meter]]\nid = \"pdu\"\nkind = \"redfish_pdu\"\nnodes = [\"n-1\"]\nurl = \"{}\"\ninterval = \"1s\"\ntimeout = \"300ms\"\n{extra}",
+        pdu.pdu_url()
+    );
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<MeterConfig>,
+    }
+    let file: File = toml::from_str(&text).expect("valid TOML");
+    Meter::new(check(&file.meter).expect("a valid meter").remove(0))
+}
+
+/// A PDU over TLS with basic auth: its energy counter's steps exactly, its
+/// own power reading, a counter that goes back as a reset, a hung PDU
+/// bounded by the timeout and a 500 as an exception.
+#[tokio::test]
+async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
+    use capwatch_testkit::redfish::{Fault, Options, Schema, Service, Slow};
+    let pdu = Service::start(Options::new(Schema::Pdu).tls().auth("meter", "s3cret"));
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, pdu.ca_pem().unwrap()).unwrap();
+    let creds = dir.path().join("creds");
+    std::fs::write(&creds, "meter:s3cret\n").unwrap();
+    let m = pdu_meter(
+        &pdu,
+        &format!(
+            "ca_file = {:?}\ncredentials_file = {:?}\n",
+            ca.display().to_string(),
+            creds.display().to_string()
+        ),
+    );
+    let mut p = Poller::new(&m.spec).unwrap();
+    pdu.advance_mj(36_000_000);
+    pdu.set_power_mw(12_345_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    let start = pdu.energy_mj();
+    // kWh with eight decimals: whole multiples of 36 mJ are exact.
+    pdu.advance_mj(36 * 1_234_567);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), pdu.energy_mj() - start);
+    assert_eq!(
+        lock(&m.live).power_mw,
+        Some(12_345_000),
+        "the PDU's own power"
+    );
+
+    pdu.set_fault(Fault::CounterBackwards);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    pdu.set_fault(Fault::ServerError);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
+    pdu.set_fault(Fault::None);
+    pdu.set_slow(Slow::Forever);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Timeout);
+    assert!(!lock(&m.live).up);
+    pdu.set_slow(Slow::No);
+    pdu.release();
+    // The hung read ends by its own deadline; the poll that waits for it
+    // counts a timeout rather than start another read.
+    let mut polls = 0;
+    while poll(&mut p, &m).await != Outcome::Ok {
+        polls += 1;
+        assert!(polls < 5, "the PDU never answered again");
+    }
+    let live = lock(&m.live);
+    assert!(live.up);
+    for o in [Outcome::Reset, Outcome::Exception] {
+        assert_eq!(live.polls_of(o), 1, "{o:?}");
+    }
+    assert_eq!(live.polls_of(Outcome::Timeout), 1 + polls);
+    // Energy never went back.
+    assert!(
+        live.readings
+            .iter()
+            .zip(live.readings.iter().skip(1))
+            .all(|(a, b)| a.energy_mj <= b.energy_mj)
+    );
+}
+
+#[test]
+fn a_pdu_whose_credentials_file_is_missing_refuses_the_start() {
+    let pdu = capwatch_testkit::redfish::Service::start(capwatch_testkit::redfish::Options::new(
+        capwatch_testkit::redfish::Schema::Pdu,
+    ));
+    let m = pdu_meter(&pdu, "credentials_file = \"/nonexistent/creds\"\n");
+    let e = Poller::new(&m.spec).err().expect("refused");
+    assert_eq!((e.meter.as_str(), e.setting), ("pdu", "url"));
+    assert!(e.reason.contains("credentials"), "{e}");
+}
+
+/// `/metrics` shows each meter's figures, and none it has not given.
+#[test]
+fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
+    use crate::state::{State, StateConfig};
+    use std::time::Duration;
+    let cfgs: Vec<MeterConfig> = ["a", "b"]
+        .iter()
+        .map(|id| {
+            toml::from_str(&format!(
+                "id = \"{id}\"\nkind = \"modbus\"\nnodes = [\"n-*\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\nmin_ratio = 1.0\nmax_ratio = 1.25\n"
+            ))
+            .unwrap()
+        })
+        .collect();
+    let board = Board::new(check(&cfgs).unwrap());
+    {
+        let m = &board.meters[0];
+        let mut live = lock(&m.live);
+        live.apply(&m.spec, 1_700_000_000_000_000_000, Ok(Raw::Count(10)));
+        // 1000 counts of 3.6 J over 10 s: 360 W.
+        live.apply(&m.spec, 1_700_000_010_000_000_000, Ok(Raw::Count(1_010)));
+        live.nodes_connected = 3;
+        let b = &board.meters[1];
+        lock(&b.live).apply(&b.spec, 1_700_000_000_000_000_000, Err(ReadError::Timeout));
+    }
+    let state = State::new(
+        StateConfig {
+            stale_after: None,
+            max_gpus_per_node: 64,
+            max_clock_skew: Duration::from_secs(600),
+            max_sample_age: Duration::from_secs(86_400),
+        },
+        crate::tenants::Tenants::empty(),
+    );
+    state.set_meters(Arc::new(board));
+    let text = crate::metrics::render_text(&state, crate::metrics::Detail::ALL);
+    let meter_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("capwatch_meter_"))
+        .collect();
+    expect_test::expect![[r#"
+        capwatch_meter_up{meter="a"} 1
+        capwatch_meter_up{meter="b"} 0
+        capwatch_meter_polls_total{meter="a",outcome="ok"} 2
+        capwatch_meter_polls_total{meter="a",outcome="reset"} 0
+        capwatch_meter_polls_total{meter="a",outcome="timeout"} 0
+        capwatch_meter_polls_total{meter="a",outcome="error"} 0
+        capwatch_meter_polls_total{meter="a",outcome="exception"} 0
+        capwatch_meter_polls_total{meter="a",outcome="invalid"} 0
+        capwatch_meter_polls_total{meter="b",outcome="ok"} 0
+        capwatch_meter_polls_total{meter="b",outcome="reset"} 0
+        capwatch_meter_polls_total{meter="b",outcome="timeout"} 1
+        capwatch_meter_polls_total{meter="b",outcome="error"} 0
+        capwatch_meter_polls_total{meter="b",outcome="exception"} 0
+        capwatch_meter_polls_total{meter="b",outcome="invalid"} 0
+        capwatch_meter_power_watts{meter="a"} 360
+        capwatch_meter_energy_joules_total{meter="a"} 3600
+        capwatch_meter_energy_joules_total{meter="b"} 0
+        capwatch_meter_allocated_energy_joules_total{meter="a"} 0
+        capwatch_meter_allocated_energy_joules_total{meter="b"} 0
+        capwatch_meter_measured_energy_joules_total{meter="a"} 0
+        capwatch_meter_measured_energy_joules_total{meter="b"} 0
+        capwatch_meter_last_success_timestamp_seconds{meter="a"} 1700000010
+        capwatch_meter_ratio_bound{meter="a",bound="min"} 1
+        capwatch_meter_ratio_bound{meter="a",bound="max"} 1.25
+        capwatch_meter_ratio_bound{meter="b",bound="min"} 1
+        capwatch_meter_ratio_bound{meter="b",bound="max"} 1.25
+        capwatch_meter_nodes_connected{meter="a"} 3
+        capwatch_meter_nodes_connected{meter="b"} 0
+    "#]]
+    .assert_eq(&(meter_lines.join("\n") + "\n"));
+}
+
+mod allocation {
+    //! Meter minutes allocated from a real SQLite ledger's minute buckets.
+
+    use std::sync::{Arc, Mutex};
+
+    use super::super::allocate::round;
+    use super::super::*;
+    use crate::ledger::{AnyWriter, BucketDelta, Commit, Ledger, NodeCursor, Reader};
+
+    /// 2027-01-15T08:00:00Z.
+    const M: i64 = 1_800_000_000;
+    const NS: i64 = 1_000_000_000;
+
+    fn modbus(extra: &str) -> Meter {
+        let cfg: MeterConfig = toml::from_str(&format!(
+            "id = \"row-a\"\nkind = \"modbus\"\nnodes = [\"n-1\", \"n-2\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\n{extra}"
+        ))
+        .unwrap();
+        Meter::new(check(&[cfg]).unwrap().remove(0))
+    }
+
+    /// A ledger whose minutes `M..M+minutes` hold, per minute k: lab-a on
+    /// n-1 with node energy (node_ns > 0), lab-b on n-2 with GPU energy
+    /// only, lab-c on n-3 (not under the meter); all final.
+    fn ledger(minutes: i64) -> (Arc<Mutex<AnyWriter>>, Reader, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut w = Ledger::create(&path).unwrap();
+        let mut c = Commit::default();
+        for n in ["n-1", "n-2", "n-3"] {
+            c.nodes.insert(Arc::from(n), NodeCursor::default());
+        }
+        for k in 0..minutes {
+            let minute = M + 60 * k;
+            let k = k as u64;
+            let rows = [
+                (
+                    "lab-a",
+                    "n-1",
+                    BucketDelta {
+                        energy_mj: 1,
+                        node_energy_mj: 3_000 + k,
+                        node_ns: NS as u64,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "lab-b",
+                    "n-2",
+                    BucketDelta {
+                        energy_mj: 1_000 + 7 * k,
+                        ..Default::default()
+                    },
+                ),
+                (
+                    "lab-c",
+                    "n-3",
+                    BucketDelta {
+                        energy_mj: 99_999,
+                        ..Default::default()
+                    },
+                ),
+            ];
+            for (t, n, d) in rows {
+                c.buckets.insert((Arc::from(t), Arc::from(n), minute), d);
+            }
+        }
+        w.commit_at(&c, M + 86_400, M + 86_400).unwrap();
+        let reader = Reader::open(&path).unwrap();
+        let w: AnyWriter = Box::new(w);
+        (Arc::new(Mutex::new(w)), reader, dir)
+    }
+
+    /// Counts of a meter polled every 15 s from `M - 30 s` (on minute
+    /// boundaries too), starting at `start` and wrapping at `rollover`:
+    /// (time, count) pairs, and the unwrapped counts (ground truth).
+    fn readings(start: u64, per_poll: &[u64], rollover: u64) -> Vec<(i64, u64, u64)> {
+        let mut out = Vec::new();
+        let mut total = start;
+        for (i, add) in per_poll.iter().enumerate() {
+            total += add;
+            out.push(((M - 30 + 15 * i as i64) * NS, total % rollover, total));
+        }
+        out
+    }
+
+    fn poll_all(m: &Meter, polls: &[(i64, u64, u64)]) {
+        let mut live = lock(&m.live);
+        for (at, count, _) in polls {
+            let o = live.apply(&m.spec, *at, Ok(Raw::Count(*count)));
+            assert_eq!(o, Outcome::Ok);
+        }
+    }
+
+    /// The ground truth at minute boundary `b` (a reading is taken on it).
+    fn truth_at(polls: &[(i64, u64, u64)], b: i64) -> u64 {
+        polls.iter().find(|p| p.0 == b * NS).unwrap().2 * 3_600
+    }
+
+    #[test]
+    fn each_minute_is_the_meters_energy_split_exactly_by_measured_shares() {
+        let (ledger, reader, _dir) = ledger(10);
+        let m = modbus("rollover = 100000\n");
+        // Irregular steps, wrapping at 100000 counts twice.
+        let steps: Vec<u64> = (0..45).map(|i| 3_000 + (i * 7_919) % 5_000).collect();
+        let polls = readings(90_000, &steps, 100_000);
+        poll_all(&m, &polls);
+        let written = round(&m, &ledger).unwrap();
+        // Readings reach M+10:00 (the 42nd); whole minutes M..M+10 are final.
+        assert_eq!(written.len(), 10, "{written:?}");
+        let total: u64 = written.iter().map(|w| w.metered_mj).sum();
+        assert_eq!(total, truth_at(&polls, M + 600) - truth_at(&polls, M));
+        for (k, w) in written.iter().enumerate() {
+            let b = M + 60 * k as i64;
+            assert_eq!(w.minute, b);
+            // Boundaries are readings: each minute is exact, not rounded.
+            assert_eq!(w.metered_mj, truth_at(&polls, b + 60) - truth_at(&polls, b));
+            let k = k as u64;
+            let (a, bb) = (3_000 + k, 1_000 + 7 * k);
+            assert_eq!(w.measured_mj, a + bb, "lab-c's node is not under the meter");
+            let parts: u64 = w.tenants.iter().map(|t| t.2).sum();
+            assert_eq!(parts + w.unallocated_mj, w.metered_mj);
+            assert_eq!(w.unallocated_mj, 0);
+            assert_eq!(
+                w.tenants
+                    .iter()
+                    .map(|t| (t.0.as_str(), t.1))
+                    .collect::<Vec<_>>(),
+                vec![("lab-a", a), ("lab-b", bb)]
+            );
+            let exact_a = u128::from(w.metered_mj) * u128::from(a) / u128::from(a + bb);
+            assert!(u128::from(w.tenants[0].2) - exact_a <= 1);
+        }
+        // The ledger holds the same, once.
+        let stored = reader.meter_minutes(None, M - 3600, M + 3600).unwrap();
+        assert_eq!(
+            stored,
+            written
+                .iter()
+                .map(|w| ("row-a".to_string(), w.clone()))
+                .collect::<Vec<_>>()
+        );
+        // A second round has nothing new.
+        assert!(round(&m, &ledger).unwrap().is_empty());
+        assert_eq!(lock(&m.live).allocated_mj, total);
+    }
+
+    /// A second collector, polling the same meter at other moments, picks
+    /// up from the reading the ledger names: the minutes of both add up to
+    /// the meter's energy exactly, none twice.
+    #[test]
+    fn another_collector_counts_on_from_the_reading_the_ledger_names() {
+        let (ledger, reader, _dir) = ledger(20);
+        let first = modbus("");
+        let steps: Vec<u64> = (0..25).map(|i| 1_000 + i * 37).collect();
+        let mut polls = readings(7, &steps, u64::MAX);
+        // No reading on the last boundary (M+5:00): it is interpolated,
+        // and what of the energy after the last reading before it was
+        // allocated already is carried in the ledger.
+        polls.remove(22);
+        poll_all(&first, &polls);
+        let a = round(&first, &ledger).unwrap();
+        assert_eq!(a.len(), 5);
+        // The second collector polls at :37 and :52 and :07 and :22, with
+        // the meter going on from where the first's polls ended.
+        let second = modbus("");
+        let mut count = polls.last().unwrap().2;
+        let mut truth = vec![(polls.last().unwrap().0, count)];
+        {
+            let mut live = lock(&second.live);
+            for i in 0..40 {
+                count += 2_000 + i * 11;
+                let at = (M + 5 * 60 + 37 + 15 * i as i64) * NS;
+                truth.push((at, count));
+                assert_eq!(
+                    live.apply(&second.spec, at, Ok(Raw::Count(count))),
+                    Outcome::Ok
+                );
+            }
+        }
+        let b = round(&second, &ledger).unwrap();
+        assert!(!b.is_empty());
+        assert_eq!(b[0].minute, M + 300, "on from the first's last minute");
+        let all = reader
+            .meter_minutes(Some("row-a"), M - 3600, M + 7200)
+            .unwrap();
+        for (i, (_, mm)) in all.iter().enumerate() {
+            assert_eq!(mm.minute, M + 60 * i as i64, "every minute once, in order");
+        }
+        let end = all.last().unwrap().1.minute + 60;
+        let sum: u64 = all.iter().map(|(_, mm)| mm.metered_mj).sum();
+        // The meter's energy from M to `end`: M is a reading of the first
+        // collector; `end` lies between two of the second's.
+        let start_mj = truth_at(&polls, M);
+        let series: Vec<crate::accounting::facility::Reading> = truth
+            .iter()
+            .map(|(at, c)| crate::accounting::facility::Reading {
+                at_ns: *at,
+                energy_mj: c * 3_600,
+            })
+            .collect();
+        let end_mj = crate::accounting::facility::energy_at(&series, end * NS).unwrap();
+        assert_eq!(sum, end_mj - start_mj);
+    }
+
+    /// One round for several meters reads the measured minutes once and
+    /// gives each meter its own nodes' share.
+    #[test]
+    fn one_round_allocates_every_meter_from_its_own_nodes() {
+        let (ledger, _reader, _dir) = ledger(3);
+        let a = modbus("");
+        let cfg: MeterConfig = toml::from_str(
+            "id = \"row-c\"\nkind = \"modbus\"\nnodes = [\"n-3\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\n",
+        )
+        .unwrap();
+        let c = Meter::new(check(&[cfg]).unwrap().remove(0));
+        let polls = readings(0, &[10; 20], u64::MAX);
+        poll_all(&a, &polls);
+        poll_all(&c, &polls);
+        let written = super::super::allocate::round_all(&[&a, &c], &ledger).unwrap();
+        // Readings reach M+4:15: four whole minutes, the ledger's buckets
+        // three of them.
+        assert_eq!(written[0].len(), 4);
+        assert_eq!(written[1].len(), 4);
+        assert_eq!(written[1][3].unallocated_mj, written[1][3].metered_mj);
+        for (wa, wc) in written[0].iter().zip(&written[1]).take(3) {
+            assert_eq!(wa.metered_mj, wc.metered_mj, "the same readings");
+            assert_eq!(
+                wc.tenants,
+                vec![("lab-c".to_string(), 99_999, wc.metered_mj)]
+            );
+            assert!(wa.tenants.iter().all(|t| t.0 != "lab-c"));
+        }
+    }
+
+    /// Nothing measured under the meter: its energy is kept as unallocated,
+    /// no tenant billed for it.
+    #[test]
+    fn a_minute_with_nothing_measured_is_unallocated_not_lost() {
+        let (ledger, _reader, _dir) = ledger(0);
+        let m = modbus("");
+        let polls = readings(0, &[10; 12], u64::MAX);
+        poll_all(&m, &polls);
+        let written = round(&m, &ledger).unwrap();
+        assert_eq!(written.len(), 2);
+        for w in &written {
+            assert_eq!(
+                (w.metered_mj, w.unallocated_mj, w.measured_mj),
+                (40 * 3_600, 40 * 3_600, 0)
+            );
+            assert!(w.tenants.is_empty());
+        }
+    }
+}
