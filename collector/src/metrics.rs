@@ -88,11 +88,16 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_node_power_watts",
-        "Without source labels: sum of the power of the node's fresh GPUs. With source, domain and zone: the last fresh reading of one of the node's power sources (domain node: the whole node, the BMC's reading; cpu and dram: RAPL zones, inside it).",
+        "Sum of the power of the node's fresh GPUs.",
         Kind::Gauge,
     ),
     (
-        "capwatch_node_energy_joules_total",
+        "capwatch_node_source_power_watts",
+        "The last fresh reading of one of the node's power sources (domain node: the whole node, the BMC's reading; cpu and dram: RAPL zones, inside it).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_node_source_energy_joules_total",
         "Energy measured by one of the node's power sources since this collector first saw it (kept across collector restarts).",
         Kind::Counter,
     ),
@@ -577,11 +582,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                         ("zone", info.name.as_str()),
                     ];
                     if let Some(mw) = p.power_milliwatts(now) {
-                        f.push("capwatch_node_power_watts", &labels, watts(mw));
+                        f.push("capwatch_node_source_power_watts", &labels, watts(mw));
                     }
                     if let Some(mj) = p.energy_millijoules() {
                         f.push(
-                            "capwatch_node_energy_joules_total",
+                            "capwatch_node_source_energy_joules_total",
                             &labels,
                             mj as f64 / 1000.0,
                         );
@@ -1101,9 +1106,9 @@ mod tests {
         // a-1's GPUs draw 370.4 W; its BMC reads 1000 W, all lab-a's (its
         // GPUs are), 1250 W at the facility with a PUE of 1.25.
         for line in [
-            "capwatch_node_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
-            "capwatch_node_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"rapl\",domain=\"cpu\",zone=\"package-0\"} 200",
-            "capwatch_node_energy_joules_total{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
+            "capwatch_node_source_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
+            "capwatch_node_source_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"rapl\",domain=\"cpu\",zone=\"package-0\"} 200",
+            "capwatch_node_source_energy_joules_total{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
             "capwatch_tenant_node_power_watts{tenant=\"lab-a\"} 1000",
             "capwatch_tenant_facility_power_watts{tenant=\"lab-a\"} 1250",
             "capwatch_tenant_basis_power_watts{tenant=\"lab-a\",basis=\"facility\"} 1250",
