@@ -298,3 +298,111 @@ async fn node_energy_is_exact_across_a_collector_killed_mid_stream() {
     });
     collector.stop();
 }
+
+/// The node energy per tenant that the usage API of the collector at
+/// `http` reports for the hours around now, rows and adjustments.
+fn node_energy_now(http: SocketAddr) -> BTreeMap<String, u64> {
+    use capwatch_collector::usage::rfc3339;
+    let hour = now_secs() / 3600 * 3600;
+    let path = format!(
+        "/v1/usage?from={}&to={}&step=1h",
+        rfc3339(hour - 3600),
+        rfc3339(hour + 2 * 3600)
+    );
+    let body = http_get(http, &path);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut by = BTreeMap::new();
+    let rows = v["rows"].as_array().unwrap_or_else(|| panic!("{body}"));
+    for row in rows.iter().chain(v["adjustments"].as_array().unwrap()) {
+        *by.entry(row["tenant"].as_str().unwrap().to_string())
+            .or_default() += exact(&row["node_energy_millijoules"]);
+    }
+    by.retain(|_, v| *v != 0);
+    by
+}
+
+/// Invariant, with the real binaries: a real agent reads a stand-in BMC
+/// (Redfish over TLS with basic auth, a lifetime energy sensor) and the
+/// ledger's node energy is the sensor's difference from the collector's
+/// first reading to its last, to the millijoule; the live node power and
+/// the node-basis utilization are the BMC's reading.
+#[test]
+fn a_real_agent_bills_its_bmc_energy_sensor_to_the_millijoule() {
+    use capwatch_testkit::redfish::{Options, Schema, Service};
+    let dir = tempfile::tempdir().unwrap();
+    let bmc = Service::start(
+        Options::new(Schema::NewJoules)
+            .tls()
+            .auth("capwatch", "pa:ss"),
+    );
+    bmc.set_power_mw(4_200_000);
+    // A lifetime counter far from zero: none of it is this run's.
+    bmc.advance_mj(987_654_321);
+    let ca = dir.path().join("bmc-ca.pem");
+    std::fs::write(&ca, bmc.ca_pem().unwrap()).unwrap();
+    let credentials = secret(dir.path(), "bmc.credentials", "capwatch:pa:ss\n");
+    let tenants = "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 8.4\nbasis = \"node\"\nnodes = [\"bmc-node\"]\n";
+    let collector = Collector::start(dir.path(), tenants, 0, &[]);
+    let config = format!(
+        "[redfish]\nurl = \"{}\"\ncredentials_file = \"{}\"\nca_file = \"{}\"\ninterval = \"1s\"\ntimeout = \"500ms\"\n\n[mock]\nnode_power = false\n",
+        bmc.url(),
+        credentials.display(),
+        ca.display()
+    );
+    let agent = Agent::start(
+        dir.path(),
+        &collector.endpoint(),
+        "bmc-node",
+        1_000_000,
+        &config,
+    );
+    let source = [
+        ("node", "bmc-node"),
+        ("source", "redfish"),
+        ("domain", "node"),
+    ];
+    // The counter stands still until the collector holds a reading: that
+    // one is the baseline.
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the collector's first BMC reading",
+        || {
+            !collector
+                .metrics()
+                .select("capwatch_node_source_power_watts", &source)
+                .is_empty()
+        },
+    );
+    let mut want = 0;
+    for i in 0..8 {
+        let step = 1_234_567 + i;
+        bmc.advance_mj(step);
+        want += step;
+        std::thread::sleep(std::time::Duration::from_millis(400));
+    }
+    // Every step is in the ledger once the agent's next read is.
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the BMC's energy in the ledger",
+        || node_energy_now(collector.http).get("lab-a") == Some(&want),
+    );
+    let m = collector.metrics();
+    assert_eq!(
+        milli(m.one("capwatch_node_source_power_watts", &source)),
+        4_200_000
+    );
+    assert_eq!(
+        milli(m.one("capwatch_tenant_node_power_watts", &[("tenant", "lab-a")])),
+        4_200_000
+    );
+    let utilization = m.one(
+        "capwatch_tenant_capacity_utilization_ratio",
+        &[("tenant", "lab-a")],
+    );
+    assert!((utilization - 0.5).abs() < 1e-9, "{utilization}");
+    // Nothing more arrives while the counter stands still.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert_eq!(node_energy_now(collector.http)["lab-a"], want);
+    drop(agent);
+    collector.stop();
+}
