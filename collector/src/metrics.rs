@@ -152,6 +152,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Gauge,
     ),
     (
+        "capwatch_tenant_contract_basis",
+        "1, labelled with the basis the tenant's contract is measured on (gpu, node or facility), for every tenant with a contract: what to join on when its basis power is absent.",
+        Kind::Gauge,
+    ),
+    (
         "capwatch_tenant_capacity_utilization_ratio",
         "Tenant power on its contract's basis divided by contracted power.",
         Kind::Gauge,
@@ -704,6 +709,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         if t.contracted_milliwatts > 0 {
             let c = t.contracted_milliwatts;
             f.push("capwatch_tenant_contracted_power_watts", &labels, watts(c));
+            f.push(
+                "capwatch_tenant_contract_basis",
+                &[("tenant", &*t.id), ("basis", contract.basis.label())],
+                1.0,
+            );
             if let Some(mw) = basis_mw {
                 f.push(
                     "capwatch_tenant_capacity_utilization_ratio",
