@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
 # Local demo: a collector on its embedded defaults plus a simulated fleet of
-# mock agents on loopback, with the tenants of
-# deploy/examples/demo-tenants.toml:
-#   lab-a         lab-a-node-1, lab-a-node-2: 16 GPUs training, ~10.4 kW
-#                 against a 10 kW contract (over it except in checkpoints)
-#   lab-b         lab-b-node-1: 8 GPUs serving inference, 6 kW contract
-#   unassigned    spare-node-1: 8 GPUs no tenant leases
-# Stops on Ctrl-C or SIGTERM, agents first, then the collector.
-# CAPWATCH_GRPC_LISTEN / CAPWATCH_HTTP_LISTEN move the ports; DEMO_SECONDS=N
-# stops the demo by itself after N seconds. DEMO_BIN_DIR runs binaries
-# built already instead of building release ones, and DEMO_DIR keeps the
-# simulated nodes' files elsewhere than target/demo (the tests use both).
+# mock agents and a simulated site meter on loopback, with the tenants of
+# deploy/examples/demo-tenants.toml, one per contract basis:
+#   lab-a         lab-a-node-1, lab-a-node-2: 16 GPUs training, ~10.4 kW of
+#                 GPU power, ~16 kW at the wall, against a 15 kW contract
+#                 on node power (over it except in checkpoints)
+#   lab-b         lab-b-node-1: 8 GPUs serving inference, 9 kW contract on
+#                 facility power, metered by the site meter
+#   lab-c         lab-c-node-1: 8 GPUs serving inference, 4 kW contract on
+#                 GPU power
+#   unassigned    spare-node-1: 8 GPUs no tenant leases (also metered)
+# The site meter (capwatch-sim-meter, Modbus TCP) feeds lab-b-node-1 and
+# spare-node-1 and counts their node power plus 30 % (cooling and
+# distribution); the collector allocates each final minute of it.
+# Stops on Ctrl-C or SIGTERM, agents and meter first, then the collector.
+# CAPWATCH_GRPC_LISTEN / CAPWATCH_HTTP_LISTEN / DEMO_METER_LISTEN move the
+# ports; DEMO_SECONDS=N stops the demo by itself after N seconds.
+# DEMO_BIN_DIR runs binaries built already instead of building release
+# ones, and DEMO_DIR keeps the simulated nodes' files elsewhere than
+# target/demo (the tests use both).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +31,7 @@ fi
 demo_dir="${DEMO_DIR:-target/demo}"
 export CAPWATCH_GRPC_LISTEN="${CAPWATCH_GRPC_LISTEN:-127.0.0.1:7070}"
 export CAPWATCH_HTTP_LISTEN="${CAPWATCH_HTTP_LISTEN:-127.0.0.1:9470}"
+meter_listen="${DEMO_METER_LISTEN:-127.0.0.1:7502}"
 # The ledger persists across demo runs (energy totals carry on). The
 # collector never creates one itself: the first run does, on purpose.
 export CAPWATCH_LEDGER="${CAPWATCH_LEDGER:-target/demo-ledger.db}"
@@ -35,9 +44,9 @@ listening() {
     (exec 3<>"/dev/tcp/${1%:*}/${1##*:}") 2>/dev/null
 }
 # Another process on a demo port would be taken for the demo: refuse.
-for addr in "$CAPWATCH_GRPC_LISTEN" "$CAPWATCH_HTTP_LISTEN"; do
+for addr in "$CAPWATCH_GRPC_LISTEN" "$CAPWATCH_HTTP_LISTEN" "$meter_listen"; do
     if listening "$addr"; then
-        echo "demo: $addr is in use by another process; stop it, or move the demo with CAPWATCH_GRPC_LISTEN / CAPWATCH_HTTP_LISTEN" >&2
+        echo "demo: $addr is in use by another process; stop it, or move the demo with CAPWATCH_GRPC_LISTEN / CAPWATCH_HTTP_LISTEN / DEMO_METER_LISTEN" >&2
         exit 1
     fi
 done
@@ -48,7 +57,8 @@ cleanup() {
     trap - EXIT INT TERM
     [[ -z $sleeper ]] || kill "$sleeper" 2>/dev/null || true
     (( ${#pids[@]} )) || return 0
-    # Agents first, so they deliver what they hold, then the collector.
+    # Agents and the meter first, so the agents deliver what they hold,
+    # then the collector.
     for pid in "${pids[@]:1}"; do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in "${pids[@]:1}"; do wait "$pid" 2>/dev/null || true; done
     kill -TERM "${pids[0]}" 2>/dev/null || true
@@ -58,8 +68,26 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-"$bin/capwatch-collector" --tenants deploy/examples/demo-tenants.toml &
-pids+=($!)
+# The collector's only setting beyond the defaults: the site meter.
+mkdir -p "$demo_dir"
+cat > "$demo_dir/collector.toml" <<TOML
+[[meter]]
+id = "site-meter"
+kind = "modbus"
+nodes = ["lab-b-node-1", "spare-node-1"]
+address = "$meter_listen"
+interval = "5s"
+wh_per_count = 1
+min_ratio = 1.1
+max_ratio = 1.5
+TOML
+# The meter (up before the collector polls it) simulates the nodes it
+# feeds with their agents' profile and seed.
+"$bin/capwatch-sim-meter" --listen "$meter_listen" \
+    --node lab-b-node-1:inference:3 --node spare-node-1:mixed:4 &
+meter=$!
+"$bin/capwatch-collector" --config "$demo_dir/collector.toml" --tenants deploy/examples/demo-tenants.toml &
+pids+=($! "$meter")
 # Wait until the collector accepts connections on its HTTP port; should it
 # exit instead (a port taken meanwhile, a bad setting), say so and fail.
 for _ in $(seq 100); do
@@ -74,7 +102,6 @@ fi
 
 # Each simulated node keeps its energy counters across demo runs, as a
 # loaded driver does, so a restart is not taken for a driver reload.
-mkdir -p "$demo_dir"
 agent() {
     printf '[mock]\ncounter_file = "%s/%s.counters"\n' "$demo_dir" "$1" > "$demo_dir/$1.toml"
     "$bin/capwatch-agent" --config "$demo_dir/$1.toml" --source mock \
@@ -85,17 +112,21 @@ agent() {
 agent lab-a-node-1 training 1
 agent lab-a-node-2 training 2
 agent lab-b-node-1 inference 3
+agent lab-c-node-1 inference 5
 agent spare-node-1 mixed 4
 
 cat <<MSG
 
-capwatch demo running: 4 mock agents (32 GPUs) streaming to one collector.
+capwatch demo running: 5 mock agents (40 GPUs) streaming to one collector,
+and a simulated site meter on $meter_listen (Modbus TCP).
   metrics:  http://$CAPWATCH_HTTP_LISTEN/metrics
   health:   http://$CAPWATCH_HTTP_LISTEN/healthz (live), http://$CAPWATCH_HTTP_LISTEN/readyz (ready)
   tenants:  http://$CAPWATCH_HTTP_LISTEN/v1/tenants
   usage:    http://$CAPWATCH_HTTP_LISTEN/v1/usage?from=$(date -u +%Y-%m-%dT%H:00:00Z)&to=$(date -u -d '+1 hour' +%Y-%m-%dT%H:00:00Z)&step=15m
   ledger:   $CAPWATCH_LEDGER
-  try:      curl -s http://$CAPWATCH_HTTP_LISTEN/metrics | grep '^capwatch_tenant'
+  meters:   $bin/capwatch-collector meters --url http://$CAPWATCH_HTTP_LISTEN --from $(date -u +%Y-%m-%dT%H:00:00Z) --to $(date -u -d '+1 hour' +%Y-%m-%dT%H:00:00Z)
+            (a minute is allocated once final: 15 to 30 minutes after it)
+  try:      curl -s http://$CAPWATCH_HTTP_LISTEN/metrics | grep -E '^capwatch_tenant_(power|node_power|facility_power|basis_power)_watts'
 Ctrl-C stops it.
 
 MSG

@@ -12,6 +12,7 @@ pub mod convert;
 pub mod failover;
 pub mod fleet;
 pub mod host;
+pub mod meter_sim;
 pub mod node_power;
 pub mod source;
 pub mod spool;

@@ -4,7 +4,7 @@
 //! example config documents every setting at its default; a PostgreSQL
 //! server of the tests' own ([`pg`]), a TCP proxy that cuts or stalls
 //! its connections ([`proxy`]), a stand-in Redfish BMC or PDU
-//! ([`redfish`]) and a Modbus TCP meter ([`modbus`]).
+//! ([`redfish`]).
 #![allow(clippy::unwrap_used)] // test code: a panic is a failed test
 
 use std::collections::BTreeSet;
@@ -14,7 +14,6 @@ use std::process::{Child, Command, ExitStatus, Output};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-pub mod modbus;
 pub mod pg;
 pub mod proxy;
 pub mod redfish;

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use capwatch_testkit::modbus::{Layout, ModbusMeter, Mode};
+use capwatch_agent::meter_sim::{Layout, ModbusMeter, Mode};
 
 use super::*;
 

@@ -44,6 +44,7 @@ fn demo(dir: &Path, grpc: u16, http: u16, seconds: u64) -> (Child, Log, Group) {
         .env("CAPWATCH_LEDGER", dir.join("ledger.db"))
         .env("CAPWATCH_GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
         .env("CAPWATCH_HTTP_LISTEN", format!("127.0.0.1:{http}"))
+        .env("DEMO_METER_LISTEN", format!("127.0.0.1:{}", free_port()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -127,11 +128,11 @@ fn demo_stops_promptly_on_sigterm() {
     log.wait_for("capwatch demo running", Duration::from_secs(60));
     let addr = format!("127.0.0.1:{http}").parse().unwrap();
     assert_eq!(http_get_status(addr, "/healthz").0, 200);
-    // The collector, four agents and the sleep.
+    // The collector, five agents, the meter and the sleep.
     let mut kids = Vec::new();
-    eventually(Duration::from_secs(10), "the demo's six children", || {
+    eventually(Duration::from_secs(10), "the demo's eight children", || {
         kids = children(child.id());
-        kids.len() >= 6
+        kids.len() >= 8
     });
 
     let asked = Instant::now();

@@ -592,7 +592,7 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
     let dir = tempfile::tempdir().unwrap();
     // A facility meter nothing answers for (capwatch_meter_up 0), and one
     // whose register counts on (its power).
-    let row_b = capwatch_testkit::modbus::ModbusMeter::start(Default::default()).unwrap();
+    let row_b = capwatch_agent::meter_sim::ModbusMeter::start(Default::default()).unwrap();
     let meters = dir.path().join("meters.toml");
     std::fs::write(
         &meters,

@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use capwatch_agent::meter_sim::{Layout, ModbusMeter, Mode};
 use capwatch_testkit::eventually;
-use capwatch_testkit::modbus::{Layout, ModbusMeter, Mode};
 use capwatch_testkit::redfish::{Options, Schema, Service};
 
 use crate::support::{Agent, Collector, Metrics, milli};

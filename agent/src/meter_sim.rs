@@ -1,8 +1,10 @@
-//! A stand-in Modbus TCP revenue meter: a real Modbus TCP server (tokio-modbus)
-//! on `127.0.0.1:0`, on a thread and runtime of its own, whose energy
-//! register the test sets and advances (wrapping at a rollover it
+//! A simulated Modbus TCP revenue meter: a real Modbus TCP server
+//! (tokio-modbus) on a thread and runtime of its own, whose cumulative
+//! energy register its owner sets and advances (wrapping at a rollover it
 //! chooses), and which can hang (accept requests and never answer) or
-//! answer every read with an exception. Stopped when dropped.
+//! answer every read with an exception. The demo's site meter
+//! (`capwatch-sim-meter`) and the tests' stand-in meters; stopped when
+//! dropped.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -72,9 +74,19 @@ pub struct ModbusMeter {
 }
 
 impl ModbusMeter {
-    /// Starts a meter with its register at 0.
+    /// Starts a meter on a free loopback port, its register at 0.
     pub fn start(layout: Layout) -> std::io::Result<Self> {
-        assert!(layout.words == 2 || layout.words == 4, "u32 or u64");
+        Self::start_on("127.0.0.1:0".parse().expect("an address"), layout)
+    }
+
+    /// Starts a meter listening on `addr`, its register at 0.
+    pub fn start_on(addr: SocketAddr, layout: Layout) -> std::io::Result<Self> {
+        if layout.words != 2 && layout.words != 4 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "a meter register is 2 words (u32) or 4 (u64)",
+            ));
+        }
         let shared = Arc::new(Shared {
             layout,
             register: Mutex::new(Register {
@@ -89,7 +101,7 @@ impl ModbusMeter {
             .build()?;
         // Bound here (so the address is known at once) and handed to the
         // meter's runtime; works from inside another runtime too.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -128,30 +140,50 @@ impl ModbusMeter {
 
     /// Sets the register's count (taken modulo the rollover).
     pub fn set_count(&self, count: u64) {
-        let mut r = self.shared.register.lock().unwrap();
+        let mut r = self
+            .shared
+            .register
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         r.count = (u128::from(count) % r.rollover) as u64;
     }
 
     /// Runs the register on by `counts`, wrapping at the rollover.
     pub fn advance(&self, counts: u64) {
-        let mut r = self.shared.register.lock().unwrap();
+        let mut r = self
+            .shared
+            .register
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         r.count = ((u128::from(r.count) + u128::from(counts)) % r.rollover) as u64;
     }
 
     /// The register's count now.
     pub fn count(&self) -> u64 {
-        self.shared.register.lock().unwrap().count
+        self.shared
+            .register
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count
     }
 
     /// Sets the count at which the register wraps to 0.
     pub fn set_rollover(&self, rollover: u128) {
-        let mut r = self.shared.register.lock().unwrap();
+        let mut r = self
+            .shared
+            .register
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         r.rollover = rollover;
         r.count = (u128::from(r.count) % rollover) as u64;
     }
 
     pub fn set_mode(&self, mode: Mode) {
-        self.shared.register.lock().unwrap().mode = mode;
+        self.shared
+            .register
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .mode = mode;
     }
 
     /// Read requests received, answered or not.
@@ -185,7 +217,7 @@ impl tokio_modbus::server::Service for Service {
         let s = &self.0;
         s.requests.fetch_add(1, Ordering::SeqCst);
         let (count, mode) = {
-            let r = s.register.lock().unwrap();
+            let r = s.register.lock().unwrap_or_else(|e| e.into_inner());
             (r.count, r.mode)
         };
         let layout = s.layout;
