@@ -469,6 +469,12 @@ async fn usage_response(
         return Err(UsageError::Format("table".into()).into());
     }
     let tenants = s.state.tenants();
+    // The meters' node globs: which of a tenant's nodes a meter feeds.
+    let meters: Vec<crate::meters::MeterSpec> = s
+        .state
+        .meters()
+        .map(|b| b.meters.iter().map(|m| m.spec.clone()).collect())
+        .unwrap_or_default();
     let (state, ledger, recorded) = (s.state.clone(), s.ledger.clone(), s.ledger_history.clone());
     let report = tokio::task::spawn_blocking(move || {
         let guard = lock(&ledger);
@@ -480,6 +486,7 @@ async fn usage_response(
             reader,
             &tenants,
             &history,
+            &meters,
             tenant.as_deref(),
             p.from.as_deref(),
             p.to.as_deref(),
