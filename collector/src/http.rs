@@ -177,7 +177,7 @@ async fn status_view(s: &HttpState) -> StatusView {
         .map(|(t, l)| {
             let contract = t.contract();
             let node_mw = (l.node_reporting > 0).then_some(l.node_power_milliwatts);
-            let basis_mw = contract.basis_power(l.power_milliwatts, node_mw);
+            let basis_mw = contract.basis_power(l.power_milliwatts, node_mw, l.metered());
             (t, l, contract, node_mw, basis_mw)
         })
         .map(|(t, l, contract, node_mw, basis_mw)| TenantRow {

@@ -610,17 +610,19 @@ impl Contract {
     /// which `metered.node_mj` lies on nodes whose meters allocated the
     /// stretch: their allocation, plus the rest of the node energy (nodes
     /// under no meter, and minutes a meter has not allocated yet) times
-    /// the PUE, rounded to the nearest millijoule. `None` where some node
-    /// energy needs a PUE the contract does not have (unknown, never a
-    /// guess).
+    /// the PUE, rounded to the nearest millijoule. Without a PUE only an
+    /// allocation is known: `None` unless one covers all the node energy
+    /// (unknown, never a guess).
     pub fn facility_energy(&self, node_mj: u64, metered: Metered) -> Option<u64> {
         let rest = node_mj.saturating_sub(metered.node_mj);
-        let estimate = match (rest, self.pue_ppm) {
-            (0, _) => 0,
-            (_, 0) => return None,
-            (rest, pue) => facility_estimate(rest, pue),
-        };
-        Some(metered.allocated_mj.saturating_add(estimate))
+        if self.pue_ppm == 0 {
+            return (rest == 0 && metered != Metered::NONE).then_some(metered.allocated_mj);
+        }
+        Some(
+            metered
+                .allocated_mj
+                .saturating_add(facility_estimate(rest, self.pue_ppm)),
+        )
     }
 }
 
@@ -649,22 +651,25 @@ impl Metered {
 }
 
 impl Contract {
-    /// Live power (mW) on this contract's basis, from the GPUs' power and
-    /// the node power (`None`: no fresh whole-node reading); `None` where
-    /// the basis needs what is unknown (node power, or a PUE).
-    pub fn basis_power(&self, gpu_mw: u64, node_mw: Option<u64>) -> Option<u64> {
+    /// Live power (mW) on this contract's basis, from the GPUs' power,
+    /// the node power (`None`: no fresh whole-node reading) and its
+    /// metered part (`facility_power`); `None` where the basis needs what
+    /// is unknown (node power, or a PUE).
+    pub fn basis_power(&self, gpu_mw: u64, node_mw: Option<u64>, metered: Metered) -> Option<u64> {
         match self.basis {
             Basis::Gpu => Some(gpu_mw),
             Basis::Node => node_mw,
-            Basis::Facility => self.facility_power(node_mw),
+            Basis::Facility => self.facility_power(node_mw, metered),
         }
     }
 
-    /// Node power times the PUE; `None` without either.
-    pub fn facility_power(&self, node_mw: Option<u64>) -> Option<u64> {
-        node_mw
-            .filter(|_| self.pue_ppm > 0)
-            .map(|mw| facility_estimate(mw, self.pue_ppm))
+    /// Live facility power: the rule of [`Contract::facility_energy`]
+    /// over one second (mW × 1 s = mJ), `metered` holding the node power
+    /// under meters with a live ratio and that power times the ratio; the
+    /// rest of the node power times the PUE. `None` without node power,
+    /// or where some of it needs a PUE the contract does not have.
+    pub fn facility_power(&self, node_mw: Option<u64>, metered: Metered) -> Option<u64> {
+        node_mw.and_then(|mw| self.facility_energy(mw, metered))
     }
 }
 
