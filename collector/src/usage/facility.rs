@@ -19,16 +19,16 @@ pub struct FacilityMinute {
     pub pending: bool,
 }
 
-/// The meters' allocation by (tenant, minute start).
+/// The meters' allocation by tenant, then minute start.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Facility {
-    minutes: BTreeMap<(String, i64), FacilityMinute>,
+    tenants: ByTenant,
 }
 
 impl Facility {
     /// No meter: facility energy is node energy times the PUE throughout.
     pub const NONE: Facility = Facility {
-        minutes: BTreeMap::new(),
+        tenants: BTreeMap::new(),
     };
 
     /// From the configured `meters` (their node globs say which node a
@@ -40,7 +40,7 @@ impl Facility {
         allocated: &[(String, MeterMinute)],
         nodes: &[NodeMinute],
     ) -> Self {
-        let mut minutes: BTreeMap<(String, i64), FacilityMinute> = BTreeMap::new();
+        let mut tenants = ByTenant::new();
         let mut done: BTreeSet<(&str, i64)> = BTreeSet::new();
         for (meter, mm) in allocated {
             if !meters.iter().any(|m| &m.id == meter) {
@@ -48,14 +48,10 @@ impl Facility {
             }
             done.insert((meter.as_str(), mm.minute));
             for (tenant, _, share) in &mm.tenants {
-                minutes
-                    .entry((tenant.clone(), mm.minute))
-                    .or_default()
-                    .metered
-                    .add(Metered {
-                        allocated_mj: *share,
-                        node_mj: 0,
-                    });
+                slot(&mut tenants, tenant, mm.minute).metered.add(Metered {
+                    allocated_mj: *share,
+                    node_mj: 0,
+                });
             }
         }
         for n in nodes {
@@ -63,7 +59,7 @@ impl Facility {
             if under.peek().is_none() {
                 continue;
             }
-            let e = minutes.entry((n.tenant.clone(), n.minute)).or_default();
+            let e = slot(&mut tenants, &n.tenant, n.minute);
             if under.any(|m| done.contains(&(m.id.as_str(), n.minute))) {
                 e.metered.add(Metered {
                     allocated_mj: 0,
@@ -73,18 +69,35 @@ impl Facility {
                 e.pending = true;
             }
         }
-        Self { minutes }
+        Self { tenants }
     }
 
-    /// The tenant-minute starting at `minute` (nothing allocated where
-    /// the meters have nothing of it).
-    pub fn at(&self, tenant: &str, minute: i64) -> FacilityMinute {
-        // No meter: nothing to look up (the key is an owned string).
-        if self.minutes.is_empty() {
-            return FacilityMinute::default();
-        }
-        self.minutes
-            .get(&(tenant.to_string(), minute))
+    /// One tenant's minutes.
+    pub fn of_tenant(&self, tenant: &str) -> TenantFacility<'_> {
+        TenantFacility(self.tenants.get(tenant))
+    }
+}
+
+type ByTenant = BTreeMap<String, BTreeMap<i64, FacilityMinute>>;
+
+fn slot<'a>(tenants: &'a mut ByTenant, tenant: &str, minute: i64) -> &'a mut FacilityMinute {
+    tenants
+        .entry(tenant.to_string())
+        .or_default()
+        .entry(minute)
+        .or_default()
+}
+
+/// One tenant's minutes of a [`Facility`].
+#[derive(Debug, Clone, Copy)]
+pub struct TenantFacility<'a>(Option<&'a BTreeMap<i64, FacilityMinute>>);
+
+impl TenantFacility<'_> {
+    /// The minute starting at `minute` (nothing allocated where the
+    /// meters have nothing of it).
+    pub fn at(&self, minute: i64) -> FacilityMinute {
+        self.0
+            .and_then(|m| m.get(&minute))
             .copied()
             .unwrap_or_default()
     }

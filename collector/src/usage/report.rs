@@ -207,13 +207,14 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
     for terms in tenants {
         let tenant = &terms.tenant;
         let spans = by_tenant.get(tenant.as_str()).unwrap_or(&empty);
+        let facility = facility.of_tenant(tenant);
         // What the meters allocated of a span: a minute's allocation; a
         // rollup has none (its figures were fixed when rolled up).
         let metered = |t: i64, s: &Span| -> Metered {
             if s.peak_quarter_mj.is_some() {
                 Metered::NONE
             } else {
-                facility.at(tenant, t).metered
+                facility.at(t).metered
             }
         };
         let sum = |from: i64, to: i64| {
@@ -302,7 +303,7 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
                 (false, false, false);
             for (t, s) in spans.range(start..end) {
                 let m = metered(*t, s);
-                facility_pending |= s.peak_quarter_mj.is_none() && facility.at(tenant, *t).pending;
+                facility_pending |= s.peak_quarter_mj.is_none() && facility.at(*t).pending;
                 facility_estimated |= s.delta.node_energy_mj > m.node_mj;
                 allocated |= m.allocated_mj > 0 || m.node_mj > 0;
                 let e = terms
