@@ -177,7 +177,7 @@ async fn status_view(s: &HttpState) -> StatusView {
         .map(|(t, l)| {
             let contract = t.contract();
             let node_mw = (l.node_reporting > 0).then_some(l.node_power_milliwatts);
-            let basis_mw = contract.basis_power(l.power_milliwatts, node_mw);
+            let basis_mw = contract.basis_power(l.power_milliwatts, node_mw, l.metered());
             (t, l, contract, node_mw, basis_mw)
         })
         .map(|(t, l, contract, node_mw, basis_mw)| TenantRow {
@@ -469,6 +469,12 @@ async fn usage_response(
         return Err(UsageError::Format("table".into()).into());
     }
     let tenants = s.state.tenants();
+    // The meters' node globs: which of a tenant's nodes a meter feeds.
+    let meters: Vec<crate::meters::MeterSpec> = s
+        .state
+        .meters()
+        .map(|b| b.meters.iter().map(|m| m.spec.clone()).collect())
+        .unwrap_or_default();
     let (state, ledger, recorded) = (s.state.clone(), s.ledger.clone(), s.ledger_history.clone());
     let report = tokio::task::spawn_blocking(move || {
         let guard = lock(&ledger);
@@ -480,6 +486,7 @@ async fn usage_response(
             reader,
             &tenants,
             &history,
+            &meters,
             tenant.as_deref(),
             p.from.as_deref(),
             p.to.as_deref(),

@@ -277,10 +277,12 @@ fn usage_command(cfg: &Config, tenants: Arc<Tenants>, cmd: &Command) -> anyhow::
     // recorded none.
     let history = capwatch_collector::tenant_history_of(&reader.tenant_versions()?)?
         .unwrap_or_else(|| TenantHistory::new(tenants.clone()));
+    let meters = cfg.meters()?;
     let report = usage::run(
         &reader,
         &tenants,
         &history,
+        &meters,
         tenant.as_deref(),
         Some(from),
         Some(to),

@@ -676,11 +676,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             f.push("capwatch_tenant_node_power_watts", &labels, watts(mw));
         }
         let contract = t.contract();
-        if let Some(mw) = contract.facility_power(node_mw) {
+        if let Some(mw) = contract.facility_power(node_mw, l.metered()) {
             f.push("capwatch_tenant_facility_power_watts", &labels, watts(mw));
         }
         // On the contract's basis; absent where that power is unknown.
-        let basis_mw = contract.basis_power(l.power_milliwatts, node_mw);
+        let basis_mw = contract.basis_power(l.power_milliwatts, node_mw, l.metered());
         if let Some(mw) = basis_mw {
             f.push(
                 "capwatch_tenant_basis_power_watts",
@@ -1131,6 +1131,55 @@ mod tests {
         }
         // A tenant without node readings has no node power (absent, not 0).
         assert!(!text.contains("capwatch_tenant_node_power_watts{tenant=\"unassigned\"}"));
+    }
+
+    /// Under a meter that is up and has a ratio, live facility power is
+    /// node power times the meter's ratio, and the basis and capacity
+    /// utilization follow; a meter down falls back to the PUE.
+    #[test]
+    fn facility_power_under_a_meter_takes_its_latest_ratio() {
+        #[derive(serde::Deserialize)]
+        struct File {
+            meter: Vec<crate::meters::MeterConfig>,
+        }
+        let file: File = toml::from_str(
+            "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"a-*\"]\naddress = \"127.0.0.1:502\"\n",
+        )
+        .unwrap();
+        let board = Arc::new(crate::meters::Board::new(
+            crate::meters::check(&file.meter).unwrap(),
+        ));
+        let state = fleet();
+        state.set_meters(board.clone());
+        let set = |up: bool, ratio: Option<u64>| {
+            let mut live = crate::sync::lock(&board.meters[0].live);
+            live.up = up;
+            live.ratio_ppm = ratio;
+        };
+        let lines = |state: &State| {
+            let text = render_text(state, Detail::ALL);
+            [
+                "capwatch_tenant_facility_power_watts{tenant=\"lab-a\"}",
+                "capwatch_tenant_basis_power_watts{tenant=\"lab-a\",basis=\"facility\"}",
+                "capwatch_tenant_capacity_utilization_ratio{tenant=\"lab-a\"}",
+            ]
+            .map(|name| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .map(str::trim)
+                    .unwrap_or("absent")
+                    .to_string()
+            })
+        };
+        // Up, no minute allocated here yet: 1000 W × 1.25.
+        set(true, None);
+        assert_eq!(lines(&state), ["1250", "1250", "0.8333333333333334"]);
+        // The latest minute's ratio, 1.4: 1400 W.
+        set(true, Some(1_400_000));
+        assert_eq!(lines(&state), ["1400", "1400", "0.9333333333333333"]);
+        // Down: the ratio is not live any more.
+        set(false, Some(1_400_000));
+        assert_eq!(lines(&state), ["1250", "1250", "0.8333333333333334"]);
     }
 
     #[test]

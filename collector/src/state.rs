@@ -513,8 +513,23 @@ impl State {
 
     /// Live power of every tenant over its fresh GPUs, in mW, with the
     /// number of reporting and stale GPUs, in `tenants.all()` order.
+    ///
+    /// A node under a facility meter that is up and has allocated a
+    /// minute here takes the ratio of the latest such minute
+    /// (`meters::Live::ratio_ppm`); others have none, and their facility
+    /// power is node power times the tenant's PUE.
     pub fn tenant_power(&self, tenants: &Tenants, now: Instant) -> Vec<TenantLive> {
-        self.fleet.tenant_power(tenants, now)
+        let board = self.meters();
+        let ratio = |node: &str| {
+            board?.meters.iter().find_map(|m| {
+                if !m.spec.covers(node) {
+                    return None;
+                }
+                let live = crate::sync::lock(&m.live);
+                live.up.then_some(live.ratio_ppm).flatten()
+            })
+        };
+        self.fleet.tenant_power(tenants, now, &ratio)
     }
 
     /// Adds what a ledger commit added to the tenants' over-contract

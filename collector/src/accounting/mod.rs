@@ -591,38 +591,85 @@ impl Contract {
     }
 
     /// The energy of a stretch on this contract's basis, from its GPU
-    /// energy and node energy (mJ): the one place the basis is applied.
-    /// For facility, `metered_mj` is a meter's allocation where the nodes
-    /// are under one; `None`: node energy times the PUE, rounded to the
-    /// nearest millijoule.
-    pub fn basis_energy(&self, gpu_mj: u64, node_mj: u64, metered_mj: Option<u64>) -> u64 {
+    /// energy, its node energy and what facility meters allocated of it
+    /// (mJ): the one place the basis is applied. Facility energy is
+    /// [`Contract::facility_energy`]; a facility contract always has a PUE
+    /// (the tenant file requires one), and one without counts the
+    /// allocation alone.
+    pub fn basis_energy(&self, gpu_mj: u64, node_mj: u64, metered: Metered) -> u64 {
         match self.basis {
             Basis::Gpu => gpu_mj,
             Basis::Node => node_mj,
-            Basis::Facility => {
-                metered_mj.unwrap_or_else(|| facility_estimate(node_mj, self.pue_ppm))
-            }
+            Basis::Facility => self
+                .facility_energy(node_mj, metered)
+                .unwrap_or(metered.allocated_mj),
         }
+    }
+
+    /// Facility energy of a stretch with `node_mj` of node energy, of
+    /// which `metered.node_mj` lies on nodes whose meters allocated the
+    /// stretch: their allocation, plus the rest of the node energy (nodes
+    /// under no meter, and minutes a meter has not allocated yet) times
+    /// the PUE, rounded to the nearest millijoule. Without a PUE only an
+    /// allocation is known: `None` unless one covers all the node energy
+    /// (unknown, never a guess).
+    pub fn facility_energy(&self, node_mj: u64, metered: Metered) -> Option<u64> {
+        let rest = node_mj.saturating_sub(metered.node_mj);
+        if self.pue_ppm == 0 {
+            return (rest == 0 && metered != Metered::NONE).then_some(metered.allocated_mj);
+        }
+        Some(
+            metered
+                .allocated_mj
+                .saturating_add(facility_estimate(rest, self.pue_ppm)),
+        )
+    }
+}
+
+/// What facility meters allocated of one tenant's stretch: the meters'
+/// allocation to it, and its node energy on the nodes whose meters
+/// allocated the stretch, which the allocation replaces. At commit time
+/// nothing is allocated yet ([`Metered::NONE`]): facility energy there is
+/// the PUE estimate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Metered {
+    pub allocated_mj: u64,
+    pub node_mj: u64,
+}
+
+impl Metered {
+    /// Nothing allocated.
+    pub const NONE: Metered = Metered {
+        allocated_mj: 0,
+        node_mj: 0,
+    };
+
+    pub fn add(&mut self, other: Metered) {
+        self.allocated_mj = self.allocated_mj.saturating_add(other.allocated_mj);
+        self.node_mj = self.node_mj.saturating_add(other.node_mj);
     }
 }
 
 impl Contract {
-    /// Live power (mW) on this contract's basis, from the GPUs' power and
-    /// the node power (`None`: no fresh whole-node reading); `None` where
-    /// the basis needs what is unknown (node power, or a PUE).
-    pub fn basis_power(&self, gpu_mw: u64, node_mw: Option<u64>) -> Option<u64> {
+    /// Live power (mW) on this contract's basis, from the GPUs' power,
+    /// the node power (`None`: no fresh whole-node reading) and its
+    /// metered part (`facility_power`); `None` where the basis needs what
+    /// is unknown (node power, or a PUE).
+    pub fn basis_power(&self, gpu_mw: u64, node_mw: Option<u64>, metered: Metered) -> Option<u64> {
         match self.basis {
             Basis::Gpu => Some(gpu_mw),
             Basis::Node => node_mw,
-            Basis::Facility => self.facility_power(node_mw),
+            Basis::Facility => self.facility_power(node_mw, metered),
         }
     }
 
-    /// Node power times the PUE; `None` without either.
-    pub fn facility_power(&self, node_mw: Option<u64>) -> Option<u64> {
-        node_mw
-            .filter(|_| self.pue_ppm > 0)
-            .map(|mw| facility_estimate(mw, self.pue_ppm))
+    /// Live facility power: the rule of [`Contract::facility_energy`]
+    /// over one second (mW × 1 s = mJ), `metered` holding the node power
+    /// under meters with a live ratio and that power times the ratio; the
+    /// rest of the node power times the PUE. `None` without node power,
+    /// or where some of it needs a PUE the contract does not have.
+    pub fn facility_power(&self, node_mw: Option<u64>, metered: Metered) -> Option<u64> {
+        node_mw.and_then(|mw| self.facility_energy(mw, metered))
     }
 }
 

@@ -501,7 +501,16 @@ impl Fleet {
 
     /// Live power of every tenant over its fresh GPUs, in mW, with the
     /// number of reporting and stale GPUs, in `tenants.all()` order.
-    pub fn tenant_power(&self, tenants: &Tenants, now: Instant) -> Vec<TenantLive> {
+    /// `meter_ratio` gives, for a node under a facility meter with a live
+    /// ratio, the meter's metered / measured energy (parts per million):
+    /// the tenant's share of that node's power times it is metered
+    /// facility power.
+    pub fn tenant_power(
+        &self,
+        tenants: &Tenants,
+        now: Instant,
+        meter_ratio: &dyn Fn(&str) -> Option<u64>,
+    ) -> Vec<TenantLive> {
         let mut live: Vec<TenantLive> = tenants
             .all()
             .iter()
@@ -539,13 +548,21 @@ impl Fleet {
                 };
                 live[t].add(part);
             });
+            let mut ratio = None;
             n.node_power_split(now, window, |tenant, mw| {
                 let t = index
                     .get(&**tenant)
                     .copied()
                     .unwrap_or(tenants.unassigned());
-                live[t].node_power_milliwatts = live[t].node_power_milliwatts.saturating_add(mw);
-                live[t].node_reporting += 1;
+                let l = &mut live[t];
+                l.node_power_milliwatts = l.node_power_milliwatts.saturating_add(mw);
+                l.node_reporting += 1;
+                if let Some(ppm) = *ratio.get_or_insert_with(|| meter_ratio(&n.id)) {
+                    l.metered_node_milliwatts = l.metered_node_milliwatts.saturating_add(mw);
+                    l.metered_facility_milliwatts = l
+                        .metered_facility_milliwatts
+                        .saturating_add(crate::accounting::facility_estimate(mw, ppm));
+                }
             });
         }
         live

@@ -524,9 +524,23 @@ pub struct TenantLive {
     /// How many of its nodes have a fresh whole-node reading: none, and
     /// it has no node power (absent, not 0).
     pub node_reporting: u64,
+    /// Its node power on nodes under a facility meter with a live ratio,
+    /// and that power times the ratio: the part of its facility power
+    /// taken from a meter rather than its PUE.
+    pub metered_node_milliwatts: u64,
+    pub metered_facility_milliwatts: u64,
 }
 
 impl TenantLive {
+    /// What its metered node power gives over one second (mW × 1 s =
+    /// mJ), in the terms of the facility rule (`Contract::facility_power`).
+    pub fn metered(&self) -> crate::accounting::Metered {
+        crate::accounting::Metered {
+            allocated_mj: self.metered_facility_milliwatts,
+            node_mj: self.metered_node_milliwatts,
+        }
+    }
+
     /// One reporting GPU's part.
     fn of(r: &GpuReading) -> Self {
         Self {
@@ -549,5 +563,11 @@ impl TenantLive {
             .node_power_milliwatts
             .saturating_add(o.node_power_milliwatts);
         self.node_reporting += o.node_reporting;
+        self.metered_node_milliwatts = self
+            .metered_node_milliwatts
+            .saturating_add(o.metered_node_milliwatts);
+        self.metered_facility_milliwatts = self
+            .metered_facility_milliwatts
+            .saturating_add(o.metered_facility_milliwatts);
     }
 }

@@ -41,6 +41,7 @@ macro_rules! conformance_tests {
             over_contract_is_measured_on_each_tenants_basis,
             meter_minutes_are_allocated_once_and_read_back,
             node_minutes_measure_node_energy_else_gpu_energy,
+            facility_usage_is_the_allocation_plus_pue_times_unmetered_node_energy,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -895,14 +896,171 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
                 minute: MINUTE,
                 // delta(): node energy is twice the GPU energy.
                 measured_mj: 2_000,
+                node_energy_mj: 2_000,
             },
             NodeMinute {
                 tenant: "lab-b".into(),
                 node: "n2".into(),
                 minute: MINUTE,
                 measured_mj: 444,
+                node_energy_mj: 0,
             },
         ]
     );
     assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 3);
+}
+
+/// A facility-basis tenant with one node under a meter and one under
+/// none: before the meter allocates a minute, its usage row is node
+/// energy times the PUE, flagged estimated and pending; once allocated,
+/// the allocation plus the unmetered node's energy times the PUE, to the
+/// millijoule, and time over contract and overage are measured on that.
+/// A tenant without a PUE under the meter has no facility energy until
+/// the meter allocates (absent, not 0), then its allocation.
+pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_energy<
+    W: LedgerWriter,
+    R: LedgerReader,
+>(
+    mut f: Fresh<W, R>,
+) {
+    // 2.5 W: 150,000 mJ a minute.
+    let tenants = Arc::new(
+        Tenants::from_toml(
+            "[[tenant]]\nid = \"f\"\nnodes = [\"m1\", \"u1\"]\ncontracted_kw = 0.0025\nbasis = \"facility\"\npue = 1.5\n
+             [[tenant]]\nid = \"x\"\nnodes = [\"m2\"]\ncontracted_kw = 1\n",
+        )
+        .unwrap(),
+    );
+    let history = Arc::new(TenantHistory::new(tenants.clone()));
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<crate::meters::MeterConfig>,
+    }
+    let file: File = toml::from_str(
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"m*\"]\naddress = \"127.0.0.1:502\"\n",
+    )
+    .unwrap();
+    let meters = crate::meters::check(&file.meter).unwrap();
+    let w = &mut f.writer;
+    let mut c = Commit::default();
+    for node in ["m1", "u1", "m2"] {
+        w.claim("a", node).unwrap();
+        c.nodes.insert(Arc::from(node), cursor(1, 1, 10));
+    }
+    let node_energy = |gpu: u64, node: u64| BucketDelta {
+        energy_mj: gpu,
+        node_energy_mj: node,
+        node_ns: 60_000_000_000,
+        samples: 1,
+        ..BucketDelta::default()
+    };
+    for minute in [MINUTE, MINUTE + 60] {
+        c.buckets.insert(
+            (Arc::from("f"), Arc::from("m1"), minute),
+            node_energy(20_000, 60_000),
+        );
+        c.buckets.insert(
+            (Arc::from("f"), Arc::from("u1"), minute),
+            node_energy(10_000, 40_000),
+        );
+        c.buckets.insert(
+            (Arc::from("x"), Arc::from("m2"), minute),
+            node_energy(5_000, 30_000),
+        );
+    }
+    c.contracts = Some(history.clone());
+    // (100,000 mJ × 1.5 at commit: not over the contract.)
+    let done = w.commit_as("a", &c, MINUTE + 130, MINUTE + 900).unwrap();
+    assert!(
+        done.over_contract_ns.is_empty(),
+        "{:?}",
+        done.over_contract_ns
+    );
+    let rows = |r: &R| {
+        let reader: &dyn LedgerReader = r;
+        crate::usage::run(
+            reader,
+            &tenants,
+            &history,
+            &meters,
+            None,
+            Some("2027-01-15T08:00:00Z"),
+            Some("2027-01-15T08:02:00Z"),
+            Some("1m"),
+            None,
+            None,
+        )
+        .unwrap()
+        .rows
+        .into_iter()
+        .filter(|r| r.tenant != "unassigned")
+        .map(|r| {
+            (
+                r.tenant,
+                r.start,
+                r.facility_energy_millijoules,
+                r.facility_energy_estimated,
+                r.facility_energy_pending,
+                r.seconds_over_contract,
+                (r.overage_kwh * 3.6e9).round() as u64,
+                (r.average_power_watts * 60_000.0).round() as u64,
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    let (m0, m1) = ("2027-01-15T08:00:00Z", "2027-01-15T08:01:00Z");
+    let row = |t: &str, at: &str, mj, est, pending, over, overage, basis_mj| {
+        (
+            t.to_string(),
+            at.to_string(),
+            mj,
+            est,
+            pending,
+            over,
+            overage,
+            basis_mj,
+        )
+    };
+    // Before any allocation: the estimate, 150,000 mJ, flagged; "x" has no
+    // PUE and so no facility energy yet. ("x" is on GPU energy.)
+    assert_eq!(
+        rows(&f.reader),
+        vec![
+            row("f", m0, Some(150_000), true, true, 0.0, 0, 150_000),
+            row("f", m1, Some(150_000), true, true, 0.0, 0, 150_000),
+            row("x", m0, None, false, false, 0.0, 0, 5_000),
+            row("x", m1, None, false, false, 0.0, 0, 5_000),
+        ]
+    );
+    // The meter allocates the first minute: 90,001 mJ to "f" for its
+    // 60,000 on m1, 44,999 to "x".
+    let allocated = MeterMinute {
+        minute: MINUTE,
+        metered_mj: 135_000,
+        measured_mj: 90_000,
+        unallocated_mj: 0,
+        tenants: vec![("f".into(), 60_000, 90_001), ("x".into(), 30_000, 44_999)],
+    };
+    let state = MeterState {
+        allocated_through: MINUTE + 60,
+        reading_at_ns: (MINUTE + 60) * 1_000_000_000,
+        reading_raw: 0,
+        carry_mj: 0,
+    };
+    assert!(
+        f.writer
+            .allocate_meter("row-a", None, &state, &[allocated])
+            .unwrap()
+    );
+    // f: 90,001 + 40,000 × 1.5 = 150,001 mJ, 1 mJ over the contract; the
+    // second minute is still the estimate.
+    assert_eq!(
+        rows(&f.reader),
+        vec![
+            row("f", m0, Some(150_001), true, false, 60.0, 1, 150_001),
+            row("f", m1, Some(150_000), true, true, 0.0, 0, 150_000),
+            row("x", m0, Some(44_999), false, false, 0.0, 0, 5_000),
+            row("x", m1, None, false, false, 0.0, 0, 5_000),
+        ]
+    );
 }

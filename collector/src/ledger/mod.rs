@@ -41,7 +41,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::accounting::Contract;
+use crate::accounting::{Contract, Metered};
 use crate::tenants::TenantHistory;
 
 /// A version of the tenant file as the ledger keeps it.
@@ -463,29 +463,32 @@ pub struct Span {
 impl Span {
     /// Over-contract time (ns) and overage (mJ) of the span against the
     /// tenant's contract for its minute: `over_contract` of a minute's
-    /// energy on the contract's basis, or what a rollup stored when it was
-    /// rolled up (the contract is then not used).
-    pub fn over_contract(&self, contract: &Contract) -> (u64, u64) {
+    /// energy on the contract's basis (with what the meters allocated of
+    /// it, `metered`), or what a rollup stored when it was rolled up (the
+    /// contract is then not used).
+    pub fn over_contract(&self, contract: &Contract, metered: Metered) -> (u64, u64) {
         let rolled_up = self
             .peak_quarter_mj
             .map(|_| (self.delta.over_contract_ns, self.delta.overage_mj));
         crate::accounting::span_over_contract(
-            self.basis_energy(contract),
+            self.basis_energy(contract, metered),
             rolled_up,
             contract.milliwatts,
         )
     }
 
-    /// The span's energy on `contract`'s basis (mJ).
-    pub fn basis_energy(&self, contract: &Contract) -> u64 {
-        contract.basis_energy(self.delta.energy_mj, self.delta.node_energy_mj, None)
+    /// The span's energy on `contract`'s basis (mJ), with what the meters
+    /// allocated of it.
+    pub fn basis_energy(&self, contract: &Contract, metered: Metered) -> u64 {
+        contract.basis_energy(self.delta.energy_mj, self.delta.node_energy_mj, metered)
     }
 
     /// A rollup's highest quarter-hour on `contract`'s basis; `None` for a
-    /// minute.
+    /// minute. Rollups carry no allocation: facility is the PUE estimate.
     pub fn basis_peak_quarter_mj(&self, contract: &Contract) -> Option<u64> {
-        self.peak_quarter_mj
-            .map(|gpu| contract.basis_energy(gpu, self.node_peak_quarter_mj.unwrap_or(0), None))
+        self.peak_quarter_mj.map(|gpu| {
+            contract.basis_energy(gpu, self.node_peak_quarter_mj.unwrap_or(0), Metered::NONE)
+        })
     }
 }
 
@@ -572,13 +575,16 @@ pub struct MeterMinute {
 }
 
 /// What one node measured for one tenant in one minute: its node energy
-/// where it has a whole-node source (`node_ns` > 0), else its GPU energy.
+/// where it has a whole-node source (`node_ns` > 0), else its GPU energy;
+/// and its node energy alone (`BucketDelta::node_energy_mj`), which a
+/// meter's allocation replaces on the facility basis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeMinute {
     pub tenant: String,
     pub node: String,
     pub minute: i64,
     pub measured_mj: u64,
+    pub node_energy_mj: u64,
 }
 
 /// Writes the ledger: what the committer, the compactor and the start-up
@@ -758,6 +764,12 @@ pub trait LedgerReader {
         from: i64,
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError>;
+
+    /// What every node measured in each minute of `[from, to)`, per
+    /// tenant, from the minute buckets (as `LedgerWriter::node_minutes`):
+    /// what the usage rows of a facility-basis tenant set beside its
+    /// meters' allocation.
+    fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError>;
 }
 
 /// A writer of either backend, chosen by configuration.
@@ -880,5 +892,8 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
         (**self).meter_minutes(meter, from, to)
+    }
+    fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
+        (**self).node_minutes(from, to)
     }
 }

@@ -239,6 +239,10 @@ pub fn round_all(
         for mm in &plan.minutes {
             live.allocated_mj = live.allocated_mj.saturating_add(mm.metered_mj);
             live.measured_mj = live.measured_mj.saturating_add(mm.measured_mj);
+            if mm.measured_mj > 0 {
+                let ppm = u128::from(mm.metered_mj) * 1_000_000 / u128::from(mm.measured_mj);
+                live.ratio_ppm = Some(u64::try_from(ppm).unwrap_or(u64::MAX));
+            }
         }
         // Readings before the new base are not needed again.
         let keep_from = plan.next.reading_at_ns;

@@ -133,6 +133,10 @@ pub struct Live {
     /// allocated.
     pub allocated_mj: u64,
     pub measured_mj: u64,
+    /// Metered / measured energy (parts per million) of the latest minute
+    /// this collector allocated in which something was measured: what
+    /// live facility power of the meter's nodes is node power times.
+    pub ratio_ppm: Option<u64>,
     /// Connected nodes the meter covers, at the last poll.
     pub nodes_connected: u64,
     /// The last outcome, to log changes once.

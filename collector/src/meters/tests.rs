@@ -519,6 +519,12 @@ mod allocation {
         // A second round has nothing new.
         assert!(round(&m, &ledger).unwrap().is_empty());
         assert_eq!(lock(&m.live).allocated_mj, total);
+        // Live facility power takes the latest minute's ratio.
+        let last = &written[9];
+        assert_eq!(
+            lock(&m.live).ratio_ppm,
+            Some(last.metered_mj * 1_000_000 / last.measured_mj)
+        );
     }
 
     /// A second collector, polling the same meter at other moments, picks

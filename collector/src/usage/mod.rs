@@ -15,6 +15,7 @@
 //! highest average power over an aligned quarter-hour that overlaps the
 //! row.
 
+mod facility;
 pub mod meters;
 mod periods;
 mod render;
@@ -26,8 +27,10 @@ use std::time::Duration;
 
 use crate::accounting::{Basis, Contract};
 use crate::ledger::{LedgerError, LedgerReader};
+use crate::meters::MeterSpec;
 use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
+pub use facility::{Facility, FacilityMinute};
 pub use periods::{Query, Step, Zone, rfc3339};
 pub use render::{Format, csv, table};
 pub use report::{AdjustmentRow, Report, Row, report};
@@ -150,12 +153,15 @@ pub enum QueryError {
 /// Answers one usage request from the ledger: the tenants of `tenants`
 /// (plus `unassigned` and any the ledger knows from earlier tenant files),
 /// or only `tenant`. Each minute is measured against the tenant's contract
-/// in the version of `history` in force at the minute's start.
+/// in the version of `history` in force at the minute's start; facility
+/// energy sets the allocation of the configured `meters` beside the node
+/// energy of the nodes they feed.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
     reader: &dyn LedgerReader,
     tenants: &Tenants,
     history: &TenantHistory,
+    meters: &[MeterSpec],
     tenant: Option<&str>,
     from: Option<&str>,
     to: Option<&str>,
@@ -225,7 +231,8 @@ pub fn run(
             .cloned()
             .unwrap_or_else(|| vec![(i64::MIN, Contract::default())]);
     }
-    let r = report(&q, &selected, &usage);
+    let facility = facility_of(reader, meters, tenant, &usage, lo, hi)?;
+    let r = report(&q, &selected, &usage, &facility);
     if r.adjustments.len() > MAX_ROWS as usize {
         return Err(UsageError::TooManyAdjustments {
             count: r.adjustments.len(),
@@ -235,6 +242,30 @@ pub fn run(
         .into());
     }
     Ok(r)
+}
+
+/// What `meters` allocated of the minutes kept in `[lo, hi)`, and which
+/// minutes of the nodes they feed are not allocated yet. Read after the
+/// usage: a minute allocated is final, so its buckets are the ones the
+/// usage read.
+fn facility_of(
+    reader: &dyn LedgerReader,
+    meters: &[MeterSpec],
+    tenant: Option<&str>,
+    usage: &crate::ledger::Usage,
+    lo: i64,
+    hi: i64,
+) -> Result<Facility, LedgerError> {
+    let from = lo.max(usage.minutes_from);
+    if meters.is_empty() || from >= hi {
+        return Ok(Facility::NONE);
+    }
+    let allocated = reader.meter_minutes(None, from, hi)?;
+    let mut nodes = reader.node_minutes(from, hi)?;
+    if let Some(t) = tenant {
+        nodes.retain(|n| n.tenant == t);
+    }
+    Ok(Facility::of(meters, &allocated, &nodes))
 }
 
 /// `since_revision`: a revision from an earlier answer; none is 0, every

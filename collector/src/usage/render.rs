@@ -23,7 +23,7 @@ impl Format {
     }
 }
 
-pub(super) const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours,basis,node_energy_millijoules,node_energy_kwh,node_coverage,node_energy_estimated,facility_energy_kwh,facility_energy_estimated";
+pub(super) const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours,basis,node_energy_millijoules,node_energy_kwh,node_coverage,node_energy_estimated,facility_energy_kwh,facility_energy_estimated,facility_energy_millijoules,facility_energy_pending";
 
 fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
@@ -49,7 +49,7 @@ pub fn csv(r: &Report) -> String {
     for row in &r.rows {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},usage,,,,,{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},usage,,,,,{},{},{},{},{},{},{},{},{}",
             row.tenant,
             row.start,
             row.end,
@@ -75,13 +75,17 @@ pub fn csv(r: &Report) -> String {
             opt(row.node_coverage),
             row.node_energy_estimated,
             opt(row.facility_energy_kwh),
-            row.facility_energy_estimated
+            row.facility_energy_estimated,
+            row.facility_energy_millijoules
+                .map(|v| v.to_string())
+                .unwrap_or_default(),
+            row.facility_energy_pending
         );
     }
     for a in &r.adjustments {
         let _ = writeln!(
             out,
-            "{},{},{},{},{},{},{},{},,,,,{},{},,{},,{},false,adjustment,{},{},{},{},,{},{},,{},,",
+            "{},{},{},{},{},{},{},{},,,,,{},{},,{},,{},false,adjustment,{},{},{},{},,{},{},,{},,,,",
             a.tenant,
             a.start,
             a.end,

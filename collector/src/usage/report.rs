@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{FIVE_MINUTES, QUARTER, Query, Terms};
+use super::{FIVE_MINUTES, Facility, QUARTER, Query, Terms};
+use crate::accounting::Metered;
 use crate::ledger::{BucketDelta, Span, Usage};
 
 /// Exact integer amounts in JSON are decimal strings, as payment APIs send
@@ -25,6 +26,24 @@ mod decimal {
         let text = std::borrow::Cow::<str>::deserialize(d)?;
         text.parse()
             .map_err(|_| D::Error::custom(format!("{text:?} is not a decimal amount")))
+    }
+
+    /// As above, for an amount that may be unknown (absent).
+    pub mod opt {
+        use serde::{Deserialize, Deserializer, Serializer};
+
+        pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => super::serialize(v, s),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+            #[derive(Deserialize)]
+            struct Amount(#[serde(with = "super")] u64);
+            Ok(Option::<Amount>::deserialize(d)?.map(|a| a.0))
+        }
     }
 }
 
@@ -86,12 +105,31 @@ pub struct Row {
     pub node_coverage: Option<f64>,
     /// Some node energy was integrated from power (no energy counter).
     pub node_energy_estimated: bool,
-    /// Facility energy: node energy times the tenant's PUE (where it has
-    /// one).
+    /// Facility energy, minute by minute: what the meters allocated where
+    /// the tenant's nodes are under a meter that allocated the minute,
+    /// plus node energy times the tenant's PUE for the rest (nodes under
+    /// no meter, minutes not allocated yet). Absent where some of it needs
+    /// a PUE the tenant does not have, or the row has neither node
+    /// readings nor an allocation. Exact: a decimal string.
+    #[serde(
+        default,
+        with = "decimal::opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub facility_energy_millijoules: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub facility_energy_kwh: Option<f64>,
-    /// `facility_energy_kwh` is an estimate (from the PUE, not a meter).
+    /// Some of `facility_energy_*` is node energy times the PUE, not a
+    /// meter's allocation.
     pub facility_energy_estimated: bool,
+    /// Some of it is the PUE estimate for minutes of nodes under a meter
+    /// that has not allocated them yet (not final, or the meter was
+    /// down): the meter's allocation replaces the estimate once made, and
+    /// the row's facility figures (and, on the facility basis, its power,
+    /// time over contract and overage) change with it. Settle a facility
+    /// invoice on rows where this is false.
+    #[serde(default)]
+    pub facility_energy_pending: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -152,7 +190,10 @@ pub struct AdjustmentRow {
 /// where nothing was recorded. Rows ending after the ledger's watermark
 /// are partial; adjustments are summed per revision, tenant, node and
 /// row. Rows must fit the usage's rollups (`Query::check_detail`).
-pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
+/// `facility` is what the meters allocated of the tenants' minutes: on
+/// the facility basis, each minute's energy is
+/// `Contract::basis_energy` with it.
+pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) -> Report {
     let mut by_tenant: BTreeMap<&str, BTreeMap<i64, Span>> = BTreeMap::new();
     for (t, span) in &usage.spans {
         by_tenant
@@ -166,6 +207,16 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
     for terms in tenants {
         let tenant = &terms.tenant;
         let spans = by_tenant.get(tenant.as_str()).unwrap_or(&empty);
+        let facility = facility.of_tenant(tenant);
+        // What the meters allocated of a span: a minute's allocation; a
+        // rollup has none (its figures were fixed when rolled up).
+        let metered = |t: i64, s: &Span| -> Metered {
+            if s.peak_quarter_mj.is_some() {
+                Metered::NONE
+            } else {
+                facility.at(t).metered
+            }
+        };
         let sum = |from: i64, to: i64| {
             spans
                 .range(from..to)
@@ -180,7 +231,7 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
             spans
                 .range(from..to)
                 .filter(|(_, s)| s.peak_quarter_mj.is_none())
-                .map(|(t, s)| s.basis_energy(&terms.contract_at(*t)))
+                .map(|(t, s)| s.basis_energy(&terms.contract_at(*t), metered(*t, s)))
                 .fold(0u64, u64::saturating_add)
         };
         for w in q.bounds.windows(2) {
@@ -191,7 +242,7 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
             // carry the evaluation of their minutes.
             let (over_ns, overage_mj) =
                 spans.range(start..end).fold((0u64, 0u64), |acc, (t, s)| {
-                    let (ns, mj) = s.over_contract(&terms.contract_at(*t));
+                    let (ns, mj) = s.over_contract(&terms.contract_at(*t), metered(*t, s));
                     (acc.0.saturating_add(ns), acc.1.saturating_add(mj))
                 });
             // Highest quarter-hour average: from the minutes' quarter-hours
@@ -236,7 +287,7 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
             // Average power on the basis of each span's contract.
             let basis_mj = spans
                 .range(start..end)
-                .map(|(t, s)| s.basis_energy(&terms.contract_at(*t)))
+                .map(|(t, s)| s.basis_energy(&terms.contract_at(*t), metered(*t, s)))
                 .fold(0u64, u64::saturating_add);
             let average_w = basis_mj as f64 / 1000.0 / seconds as f64;
             // The contract in force at the row's last minute.
@@ -244,13 +295,24 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
             let contracted_w = Some(last_contract.milliwatts)
                 .filter(|c| *c > 0)
                 .map(|c| c as f64 / 1000.0);
-            // Facility energy: node energy times the PUE (no meter yet:
-            // estimated), where the tenant has a PUE and node readings
-            // cover some of the row (else it is unknown, not 0).
+            // Facility energy, span by span on each span's PUE: the
+            // allocation where a meter made one, else the PUE estimate;
+            // unknown (not 0) where a PUE is missing or nothing backs it.
+            let mut facility_mj = Some(0u64);
+            let (mut facility_estimated, mut facility_pending, mut allocated) =
+                (false, false, false);
+            for (t, s) in spans.range(start..end) {
+                let m = metered(*t, s);
+                facility_pending |= s.peak_quarter_mj.is_none() && facility.at(*t).pending;
+                facility_estimated |= s.delta.node_energy_mj > m.node_mj;
+                allocated |= m.allocated_mj > 0 || m.node_mj > 0;
+                let e = terms
+                    .contract_at(*t)
+                    .facility_energy(s.delta.node_energy_mj, m);
+                facility_mj = facility_mj.zip(e).map(|(a, b)| a.saturating_add(b));
+            }
             let facility_mj =
-                (last_contract.pue_ppm > 0 && (d.node_ns > 0 || d.node_energy_mj > 0)).then(|| {
-                    crate::accounting::facility_estimate(d.node_energy_mj, last_contract.pue_ppm)
-                });
+                facility_mj.filter(|_| d.node_ns > 0 || d.node_energy_mj > 0 || allocated);
             let p95 = (seconds >= QUARTER
                 && rolled_up_peak.is_none()
                 && start >= usage.minutes_from)
@@ -302,8 +364,10 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage) -> Report {
                 node_coverage: (d.expected_gpu_ns > 0)
                     .then(|| (d.node_ns as f64 / d.expected_gpu_ns as f64).min(1.0)),
                 node_energy_estimated: d.node_estimated_mj > 0,
+                facility_energy_millijoules: facility_mj,
                 facility_energy_kwh: facility_mj.map(|mj| mj as f64 / 3.6e9),
-                facility_energy_estimated: facility_mj.is_some(),
+                facility_energy_estimated: facility_mj.is_some() && facility_estimated,
+                facility_energy_pending: facility_mj.is_some() && facility_pending,
             });
         }
     }

@@ -166,7 +166,7 @@ fn peak_demand_is_the_highest_quarter_hour_average() {
         Terms::new("a", Some(1_000_000), None),
         Terms::new("b", None, None),
     ];
-    let r = report(&q, &tenants, &minutes());
+    let r = report(&q, &tenants, &minutes(), &Facility::NONE);
     assert_eq!(r.rows.len(), 2);
     let a = &r.rows[0];
     assert_eq!(a.energy_millijoules, 15 * 36_000_000 + 15 * 3_600_000);
@@ -197,7 +197,12 @@ fn every_minute_row_of_a_quarter_has_the_quarters_demand() {
         1,
     )
     .unwrap();
-    let r = report(&q, &[Terms::new("b", None, None)], &minutes());
+    let r = report(
+        &q,
+        &[Terms::new("b", None, None)],
+        &minutes(),
+        &Facility::NONE,
+    );
     let peaks: Vec<(String, f64)> = r
         .rows
         .iter()
@@ -224,7 +229,7 @@ fn over_contract_is_each_minutes_average_against_the_contract() {
     let terms = [Terms::new("a", Some(500_000), None)];
     let rows = |usage: &Usage, step, from, to| {
         let q = Query::parse(Some(from), Some(to), Some(step), None, 1).unwrap();
-        report(&q, &terms, usage)
+        report(&q, &terms, usage, &Facility::NONE)
             .rows
             .iter()
             .map(|r| {
@@ -293,7 +298,7 @@ fn golden_json_and_csv() {
         revision: 7,
         ..minutes()
     };
-    let r = report(&q, &tenants, &usage);
+    let r = report(&q, &tenants, &usage, &Facility::NONE);
     let json = serde_json::to_string_pretty(&r).unwrap();
     // Exact bytes of both formats; `UPDATE_EXPECT=1 cargo test` rewrites
     // the files after a change meant to alter them.
@@ -317,6 +322,7 @@ fn exact_amounts_above_2_pow_53_survive_a_double_based_parser() {
         &q,
         &[Terms::new("a", None, None)],
         &usage_of(vec![("a".to_string(), T, d(big, 60, 60, 1))]),
+        &Facility::NONE,
     );
     let json = serde_json::to_string(&r).unwrap();
     assert!(
@@ -372,7 +378,12 @@ fn adjustments_are_summed_per_revision_tenant_node_and_row() {
         1,
     )
     .unwrap();
-    let r = report(&q, &[Terms::new("a", Some(1_000_000), None)], &usage);
+    let r = report(
+        &q,
+        &[Terms::new("a", Some(1_000_000), None)],
+        &usage,
+        &Facility::NONE,
+    );
     let got: Vec<(u64, &str, &str, &str, u64, u64)> = r
         .adjustments
         .iter()
@@ -414,7 +425,8 @@ fn adjustments_are_summed_per_revision_tenant_node_and_row() {
             &Usage {
                 adjustments: Vec::new(),
                 ..usage.clone()
-            }
+            },
+            &Facility::NONE
         )
         .rows
     );
@@ -423,10 +435,10 @@ fn adjustments_are_summed_per_revision_tenant_node_and_row() {
     assert_eq!(
         lines,
         vec![
-            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,3000,0.0000008333333333333333,0.016666666666666666,0.008333333333333333,0.0033333333333333335,,,,,0,0,,false,,60,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.016666666666666666,,0,0,,false,,",
-            "a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,4000,0.000001111111111111111,0.008333333333333333,0.004166666666666667,0.0044444444444444444,,,,,0,0,,false,,30,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.008333333333333333,,0,0,,false,,",
-            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,8000,0.000002222222222222222,0.008333333333333333,0.004166666666666667,0.008888888888888889,,,,,0,0,,false,,30,false,adjustment,n2,4,2027-01-01T03:00:04Z,0.008333333333333333,,0,0,,false,,",
-            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,16000,0.000004444444444444444,0.008333333333333333,0.004166666666666667,0.017777777777777778,,,,,0,0,,false,,30,false,adjustment,n1,9,2027-01-01T03:00:09Z,0.008333333333333333,,0,0,,false,,",
+            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,3000,0.0000008333333333333333,0.016666666666666666,0.008333333333333333,0.0033333333333333335,,,,,0,0,,false,,60,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.016666666666666666,,0,0,,false,,,,",
+            "a,2027-01-01T00:15:00Z,2027-01-01T00:30:00Z,4000,0.000001111111111111111,0.008333333333333333,0.004166666666666667,0.0044444444444444444,,,,,0,0,,false,,30,false,adjustment,n1,4,2027-01-01T03:00:04Z,0.008333333333333333,,0,0,,false,,,,",
+            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,8000,0.000002222222222222222,0.008333333333333333,0.004166666666666667,0.008888888888888889,,,,,0,0,,false,,30,false,adjustment,n2,4,2027-01-01T03:00:04Z,0.008333333333333333,,0,0,,false,,,,",
+            "a,2027-01-01T00:00:00Z,2027-01-01T00:15:00Z,16000,0.000004444444444444444,0.008333333333333333,0.004166666666666667,0.017777777777777778,,,,,0,0,,false,,30,false,adjustment,n1,9,2027-01-01T03:00:09Z,0.008333333333333333,,0,0,,false,,,,",
         ]
     );
     // Every line has the header's columns.
@@ -453,7 +465,7 @@ fn rows_sum_to_the_period_whatever_the_step() {
             1,
         )
         .unwrap();
-        report(&q, &tenants, &minutes())
+        report(&q, &tenants, &minutes(), &Facility::NONE)
             .rows
             .iter()
             .map(|r| r.energy_millijoules)
@@ -486,7 +498,12 @@ fn days_and_months_follow_the_time_zone() {
     .unwrap();
     let lengths: Vec<i64> = days.bounds.windows(2).map(|w| w[1] - w[0]).collect();
     assert_eq!(lengths, vec![86_400, 82_800, 86_400]);
-    let r = report(&days, &[Terms::new("a", None, None)], &Usage::default());
+    let r = report(
+        &days,
+        &[Terms::new("a", None, None)],
+        &Usage::default(),
+        &Facility::NONE,
+    );
     assert_eq!(
         spans_of(&r)[1],
         (
@@ -580,7 +597,12 @@ fn local_days_conserve_energy() {
         1,
     )
     .unwrap();
-    let r = report(&q, &[Terms::new("a", None, None)], &minutes());
+    let r = report(
+        &q,
+        &[Terms::new("a", None, None)],
+        &minutes(),
+        &Facility::NONE,
+    );
     let energy: Vec<u64> = r.rows.iter().map(|r| r.energy_millijoules).collect();
     assert_eq!(energy, vec![594_000_000, 0]);
     assert_eq!(r.rows[0].peak_demand_watts, 600.0);
@@ -620,7 +642,7 @@ fn rows_before_the_kept_minutes_come_from_rollups() {
     )
     .unwrap();
     q.check_detail(&usage).unwrap();
-    let r = report(&q, &[Terms::new("a", None, None)], &usage);
+    let r = report(&q, &[Terms::new("a", None, None)], &usage, &Facility::NONE);
     let a: Vec<(u64, f64, Option<f64>)> = r
         .rows
         .iter()
@@ -642,7 +664,12 @@ fn rows_before_the_kept_minutes_come_from_rollups() {
         1,
     )
     .unwrap();
-    let r = report(&day, &[Terms::new("a", None, None)], &usage);
+    let r = report(
+        &day,
+        &[Terms::new("a", None, None)],
+        &usage,
+        &Facility::NONE,
+    );
     assert_eq!(r.rows[0].energy_millijoules, 2_394_000_000);
     assert_eq!(r.rows[0].peak_demand_watts, 1000.0);
     assert_eq!(r.rows[0].p95_power_watts, None);
@@ -725,6 +752,7 @@ fn a_revision_beyond_any_ledger_is_ahead_of_the_ledger() {
             &reader,
             &crate::tenants::Tenants::empty(),
             &TenantHistory::new(std::sync::Arc::new(crate::tenants::Tenants::empty())),
+            &[],
             None,
             Some("2027-01-01T00:00:00Z"),
             Some("2027-01-01T01:00:00Z"),
@@ -773,7 +801,7 @@ fn an_adjustment_from_a_node_with_a_comma_stays_in_its_columns() {
         1,
     )
     .unwrap();
-    let r = report(&q, &[Terms::new("a", None, None)], &usage);
+    let r = report(&q, &[Terms::new("a", None, None)], &usage, &Facility::NONE);
     // Fields of one CSV line, quotes undone.
     let fields = |line: &str| -> Vec<String> {
         let (mut out, mut cur, mut quoted) = (Vec::new(), String::new(), false);
@@ -846,6 +874,7 @@ fn adjustments_of_a_tenant_not_yet_listed_are_not_skipped() {
         &reader,
         &crate::tenants::Tenants::empty(),
         &TenantHistory::new(std::sync::Arc::new(crate::tenants::Tenants::empty())),
+        &[],
         None,
         Some("2027-01-01T00:00:00Z"),
         Some("2027-01-01T01:00:00Z"),
@@ -900,7 +929,7 @@ fn power_contract_and_overage_follow_the_basis_and_energy_stays_gpu_energy() {
     ];
     for (basis, watts, overage_mj, pue) in cases {
         let terms = [Terms::new("a", Some(500_000), pue).on(basis)];
-        let r = report(&q, &terms, &usage);
+        let r = report(&q, &terms, &usage, &Facility::NONE);
         let row = &r.rows[0];
         assert_eq!(row.basis, basis.label());
         assert_eq!(row.energy_millijoules, 15 * 18_000_000, "{basis:?}");
@@ -926,7 +955,7 @@ fn power_contract_and_overage_follow_the_basis_and_energy_stays_gpu_energy() {
     // Without node readings there is no facility energy to estimate.
     let gpu_only = usage_of(vec![(String::from("a"), T, d(18_000_000, 60, 60, 60))]);
     let terms = [Terms::new("a", Some(500_000), Some(1.25)).on(Basis::Facility)];
-    let row = &report(&q, &terms, &gpu_only).rows[0];
+    let row = &report(&q, &terms, &gpu_only, &Facility::NONE).rows[0];
     assert_eq!(
         (row.node_coverage, row.facility_energy_kwh),
         (Some(0.0), None)
@@ -964,10 +993,80 @@ fn a_rollups_peak_and_over_contract_follow_the_basis() {
     .unwrap();
     for (basis, peak, average) in [(Basis::Gpu, 1000.0, 1000.0), (Basis::Node, 2000.0, 2000.0)] {
         let terms = [Terms::new("a", Some(500_000), None).on(basis)];
-        let row = &report(&q, &terms, &usage).rows[0];
+        let row = &report(&q, &terms, &usage, &Facility::NONE).rows[0];
         assert_eq!(row.peak_demand_watts, peak, "{basis:?}");
         assert_eq!(row.average_power_watts, average, "{basis:?}");
         // What the rollup stored when it was rolled up.
         assert_eq!(row.seconds_over_contract, 5e-9);
     }
+}
+
+/// The configured meters of `toml` (`[[meter]]` entries).
+fn meters_of(toml: &str) -> Vec<crate::meters::MeterSpec> {
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<crate::meters::MeterConfig>,
+    }
+    crate::meters::check(&toml::from_str::<File>(toml).unwrap().meter).unwrap()
+}
+
+#[test]
+fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
+    let q = Query::parse(
+        Some("2027-01-01T00:00:00Z"),
+        Some("2027-01-01T00:15:00Z"),
+        Some("15m"),
+        None,
+        1,
+    )
+    .unwrap();
+    // 36 kJ of node energy a minute on node "m1", under meter "row-a".
+    let usage = with_node_energy();
+    let nodes: Vec<crate::ledger::NodeMinute> = (0..15)
+        .map(|i| crate::ledger::NodeMinute {
+            tenant: "a".into(),
+            node: "m1".into(),
+            minute: T + i * 60,
+            measured_mj: 36_000_000,
+            node_energy_mj: 36_000_000,
+        })
+        .collect();
+    let meters = meters_of(
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"m*\"]\naddress = \"127.0.0.1:502\"\n",
+    );
+    // The meter allocated the first 5 minutes, 54 kJ each (1.5 × node);
+    // the other 10 are the estimate, 36 kJ × 1.25 = 45 kJ.
+    let allocated: Vec<(String, crate::ledger::MeterMinute)> = (0..5)
+        .map(|i| {
+            (
+                "row-a".to_string(),
+                crate::ledger::MeterMinute {
+                    minute: T + i * 60,
+                    metered_mj: 54_000_000,
+                    measured_mj: 36_000_000,
+                    unallocated_mj: 0,
+                    tenants: vec![("a".into(), 36_000_000, 54_000_000)],
+                },
+            )
+        })
+        .collect();
+    let facility = Facility::of(&meters, &allocated, &nodes);
+    let terms = [Terms::new("a", Some(800_000), Some(1.25)).on(Basis::Facility)];
+    let row = &report(&q, &terms, &usage, &facility).rows[0];
+    let mj = 5 * 54_000_000 + 10 * 45_000_000;
+    assert_eq!(row.facility_energy_millijoules, Some(mj));
+    assert!(row.facility_energy_estimated && row.facility_energy_pending);
+    assert_eq!(row.average_power_watts, mj as f64 / 1000.0 / 900.0);
+    assert_eq!(row.peak_demand_watts, mj as f64 / 1000.0 / 900.0);
+    // The 5-minute windows: 900 W (allocated), 750 W twice; nearest rank 95.
+    assert_eq!(row.p95_power_watts, Some(900.0));
+    // 54 kJ over 48 kJ (800 W × 60 s) in the 5 allocated minutes only.
+    assert_eq!(row.seconds_over_contract, 300.0);
+    assert_eq!((row.overage_kwh * 3.6e9).round() as u64, 5 * 6_000_000);
+    // A meter no longer configured: its minutes are left out, the nodes
+    // are under no meter and the row is the estimate, not pending.
+    let gone = Facility::of(&[], &allocated, &nodes);
+    let row = &report(&q, &terms, &usage, &gone).rows[0];
+    assert_eq!(row.facility_energy_millijoules, Some(15 * 45_000_000));
+    assert!(row.facility_energy_estimated && !row.facility_energy_pending);
 }

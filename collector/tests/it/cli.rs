@@ -984,6 +984,104 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
     }
 }
 
+/// `usage --ledger` sets a facility-basis tenant's allocation by the
+/// config's meters beside its unmetered node: node m-1 is under meter
+/// "row-a", which allocated 90,001 mJ for its 60,000; node u-1 is under
+/// none, 40,000 × 1.5. Without the config no meter is known and the row is
+/// the PUE estimate.
+#[test]
+fn usage_of_a_facility_tenant_takes_its_meters_allocation() {
+    use capwatch_collector::ledger::{BucketDelta, Commit, Ledger, MeterMinute, MeterState};
+    use std::sync::Arc;
+    const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        "[[tenant]]\nid = \"lab-f\"\ncontracted_kw = 0.0025\nnodes = [\"m-1\", \"u-1\"]\nbasis = \"facility\"\npue = 1.5\n",
+    )
+    .unwrap();
+    let config = dir.path().join("collector.toml");
+    std::fs::write(
+        &config,
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"m-*\"]\naddress = \"127.0.0.1:502\"\n",
+    )
+    .unwrap();
+    {
+        let mut l = Ledger::create(&path).unwrap();
+        let mut c = Commit::default();
+        for (node, mj) in [("m-1", 60_000), ("u-1", 40_000)] {
+            c.buckets.insert(
+                (Arc::from("lab-f"), Arc::from(node), T0),
+                BucketDelta {
+                    energy_mj: 1_000,
+                    node_energy_mj: mj,
+                    node_ns: 60_000_000_000,
+                    samples: 1,
+                    ..BucketDelta::default()
+                },
+            );
+        }
+        l.commit_at(&c, T0 + 70, T0 + 900).unwrap();
+        let minute = MeterMinute {
+            minute: T0,
+            metered_mj: 90_001,
+            measured_mj: 60_000,
+            unallocated_mj: 0,
+            tenants: vec![("lab-f".into(), 60_000, 90_001)],
+        };
+        let state = MeterState {
+            allocated_through: T0 + 60,
+            reading_at_ns: (T0 + 60) * 1_000_000_000,
+            reading_raw: 0,
+            carry_mj: 0,
+        };
+        assert!(l.allocate_meter("row-a", None, &state, &[minute]).unwrap());
+    }
+    let row = |with_config: bool| -> serde_json::Value {
+        let mut args = Vec::new();
+        if with_config {
+            args.extend(["--config", config.to_str().unwrap()]);
+        }
+        args.extend([
+            "usage",
+            "--ledger",
+            path.to_str().unwrap(),
+            "--tenants",
+            tenants.to_str().unwrap(),
+            "--tenant",
+            "lab-f",
+            "--from",
+            "2027-01-01T00:00:00Z",
+            "--to",
+            "2027-01-01T00:01:00Z",
+            "--step",
+            "1m",
+            "--format",
+            "json",
+        ]);
+        let out = collector(&args, &[]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let r: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+        r["rows"][0].clone()
+    };
+    let figures = |r: &serde_json::Value| {
+        (
+            r["facility_energy_millijoules"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            r["facility_energy_pending"].as_bool().unwrap(),
+            r["seconds_over_contract"].as_f64().unwrap(),
+            (r["overage_kwh"].as_f64().unwrap() * 3.6e9).round() as u64,
+        )
+    };
+    // 90,001 + 60,000: 1 mJ over 2.5 W × 60 s.
+    assert_eq!(figures(&row(true)), ("150001".to_string(), false, 60.0, 1));
+    assert_eq!(figures(&row(false)), ("150000".to_string(), false, 0.0, 0));
+}
+
 /// `meters` reads the ledger's meter-minutes (here none) with the
 /// config's meters listed, and checks its period like `usage`.
 #[test]

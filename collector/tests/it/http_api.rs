@@ -205,6 +205,75 @@ async fn unknown_routes_are_not_found() {
     }
 }
 
+/// A facility-basis tenant's usage over HTTP is its meter's allocation
+/// on the metered node (the collector's meters say which node is under
+/// one) plus the PUE times its unmetered node's energy, to the millijoule.
+#[tokio::test]
+async fn facility_usage_takes_the_configured_meters_allocation() {
+    use capwatch_collector::ledger::{BucketDelta, Commit, Ledger, MeterMinute, MeterState};
+    use std::sync::Arc;
+    const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+    let api = Api::new(
+        "[[tenant]]\nid = \"lab-f\"\ncontracted_kw = 1\nnodes = [\"m-1\", \"u-1\"]\nbasis = \"facility\"\npue = 1.5\n",
+        Some(&auth()),
+        false,
+    );
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<capwatch_collector::meters::MeterConfig>,
+    }
+    let file: File = toml::from_str(
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"m-*\"]\naddress = \"127.0.0.1:502\"\n",
+    )
+    .unwrap();
+    api.state
+        .set_meters(Arc::new(capwatch_collector::meters::Board::new(
+            capwatch_collector::meters::check(&file.meter).unwrap(),
+        )));
+    {
+        let mut l = Ledger::open(&api.ledger_path).unwrap();
+        let mut c = Commit::default();
+        for (node, mj) in [("m-1", 60_000), ("u-1", 40_001)] {
+            c.buckets.insert(
+                (Arc::from("lab-f"), Arc::from(node), T0),
+                BucketDelta {
+                    node_energy_mj: mj,
+                    node_ns: 60_000_000_000,
+                    samples: 1,
+                    ..BucketDelta::default()
+                },
+            );
+        }
+        l.commit_at(&c, T0 + 70, T0 + 900).unwrap();
+        let minute = MeterMinute {
+            minute: T0,
+            metered_mj: 90_001,
+            measured_mj: 60_000,
+            unallocated_mj: 0,
+            tenants: vec![("lab-f".into(), 60_000, 90_001)],
+        };
+        let state = MeterState {
+            allocated_through: T0 + 60,
+            reading_at_ns: (T0 + 60) * 1_000_000_000,
+            reading_raw: 0,
+            carry_mj: 0,
+        };
+        assert!(l.allocate_meter("row-a", None, &state, &[minute]).unwrap());
+    }
+    let r = api
+        .get(
+            "/v1/tenants/lab-f/usage?from=2027-01-01T00:00:00Z&to=2027-01-01T00:01:00Z&step=1m",
+            Some(ADMIN),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let row = &r.json()["rows"][0];
+    // 90,001 + 40,001 × 1.5 = 150,002.5, rounded half up.
+    assert_eq!(row["facility_energy_millijoules"], "150003", "{row}");
+    assert_eq!(row["facility_energy_pending"], false);
+    assert_eq!(row["facility_energy_estimated"], true);
+}
+
 /// The meters' reconciliation names every tenant under each meter: only an
 /// admin token reads it; its query is checked like usage's.
 #[tokio::test]

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::{BUCKET_COLUMNS, Fail, Shared, i64_of, kept_from, u64_of};
-use crate::accounting::over_contract;
+use crate::accounting::{Metered, over_contract};
 use crate::ledger::{Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE};
 use crate::tenants::TenantHistory;
 
@@ -188,7 +188,7 @@ async fn run(
             let node_energy = u64_of(s, row.try_get(3)?, "minute node energy")?;
             let contract = contracts.contract_at(&tenant, minute);
             let (ns, mj) = over_contract(
-                contract.basis_energy(energy, node_energy, None),
+                contract.basis_energy(energy, node_energy, Metered::NONE),
                 contract.milliwatts,
             );
             let (a, b) = per_tenant.entry(tenant).or_default();

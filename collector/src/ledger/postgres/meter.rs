@@ -57,7 +57,8 @@ pub(super) fn node_minutes(
             let rows = client
                 .query(
                     "SELECT tenant, node, minute_start,
-                            CASE WHEN node_ns > 0 THEN node_energy_mj ELSE energy_mj END
+                            CASE WHEN node_ns > 0 THEN node_energy_mj ELSE energy_mj END,
+                            node_energy_mj
                      FROM usage_minute
                      WHERE minute_start >= $1 AND minute_start < $2
                      ORDER BY minute_start, node, tenant",
@@ -71,6 +72,7 @@ pub(super) fn node_minutes(
                     node: row.try_get(1)?,
                     minute: row.try_get(2)?,
                     measured_mj: u64_of(&s, row.try_get(3)?, "measured energy")?,
+                    node_energy_mj: u64_of(&s, row.try_get(4)?, "node energy")?,
                 });
             }
             Ok(out)

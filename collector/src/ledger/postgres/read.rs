@@ -214,6 +214,14 @@ impl LedgerReader for PgReader {
         super::meter::meter_minutes(&self.shared, meter, from, to)
     }
 
+    fn node_minutes(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        super::meter::node_minutes(&self.shared, from, to)
+    }
+
     fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
         super::tenant_versions(&self.shared)
     }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
-use crate::accounting::{Contract, over_contract};
+use crate::accounting::{Contract, Metered, over_contract};
 use crate::ledger::{BUCKET_FIELDS, Commit, Committed, HOUR, LedgerError, MINUTE};
 use tokio_postgres::types::ToSql;
 
@@ -390,11 +390,11 @@ async fn write(
             let gpu_now = u64_of(s, row.try_get(1)?, "minute energy")?;
             let node_now = u64_of(s, row.try_get(2)?, "minute node energy")?;
             // On the contract's basis, now and before this commit.
-            let now = contract.basis_energy(gpu_now, node_now, None);
+            let now = contract.basis_energy(gpu_now, node_now, Metered::NONE);
             let before = contract.basis_energy(
                 gpu_now.saturating_sub(*gpu_added),
                 node_now.saturating_sub(*node_added),
-                None,
+                Metered::NONE,
             );
             let (ns_after, mj_after) = over_contract(now, contract.milliwatts);
             let (ns_before, mj_before) = over_contract(before, contract.milliwatts);

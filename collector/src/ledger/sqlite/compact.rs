@@ -4,7 +4,7 @@
 use rusqlite::params;
 
 use super::{BUCKET_COLUMNS, Ledger, i64_of, kept_from, sqlite_err, u64_of};
-use crate::accounting::over_contract;
+use crate::accounting::{Metered, over_contract};
 use crate::ledger::{Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE};
 use crate::tenants::TenantHistory;
 
@@ -180,7 +180,7 @@ impl Ledger {
                     let node_energy = u64_of(node_energy, &p, "minute node energy")?;
                     let contract = contracts.contract_at(&tenant, minute);
                     let (ns, mj) = over_contract(
-                        contract.basis_energy(energy, node_energy, None),
+                        contract.basis_energy(energy, node_energy, Metered::NONE),
                         contract.milliwatts,
                     );
                     match per_tenant.iter_mut().find(|(t, _, _)| *t == tenant) {

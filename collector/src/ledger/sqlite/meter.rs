@@ -62,7 +62,8 @@ pub(super) fn node_minutes(
     let mut q = conn
         .prepare_cached(
             "SELECT tenant, node, minute_start,
-                    CASE WHEN node_ns > 0 THEN node_energy_mj ELSE energy_mj END
+                    CASE WHEN node_ns > 0 THEN node_energy_mj ELSE energy_mj END,
+                    node_energy_mj
              FROM usage_minute
              WHERE minute_start >= ?1 AND minute_start < ?2
              ORDER BY minute_start, node, tenant",
@@ -75,17 +76,19 @@ pub(super) fn node_minutes(
                 r.get::<_, String>(1)?,
                 r.get::<_, i64>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
             ))
         })
         .map_err(err)?;
     let mut out = Vec::new();
     for row in rows {
-        let (tenant, node, minute, mj) = row.map_err(err)?;
+        let (tenant, node, minute, mj, node_mj) = row.map_err(err)?;
         out.push(NodeMinute {
             tenant,
             node,
             minute,
             measured_mj: u64_of(mj, path, "measured energy")?,
+            node_energy_mj: u64_of(node_mj, path, "node energy")?,
         });
     }
     Ok(out)
@@ -259,5 +262,9 @@ impl Reader {
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
         meter_minutes(&self.conn, &self.path, meter, from, to)
+    }
+
+    pub fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
+        node_minutes(&self.conn, &self.path, from, to)
     }
 }

@@ -303,6 +303,14 @@ impl LedgerReader for Reader {
         Reader::meter_minutes(self, meter, from, to)
     }
 
+    fn node_minutes(
+        &self,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        Reader::node_minutes(self, from, to)
+    }
+
     fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
         Reader::usage(self, tenant, from, to)
     }

@@ -319,7 +319,10 @@ fn over_contract_booked_by_the_wall_clock_gives_way_to_the_minutes_energy() {
         .spans
         .iter()
         .map(|(_, s)| {
-            let (ns, mj) = s.over_contract(&crate::accounting::Contract::gpu(1_000_000));
+            let (ns, mj) = s.over_contract(
+                &crate::accounting::Contract::gpu(1_000_000),
+                crate::accounting::Metered::NONE,
+            );
             (s.start, s.seconds, s.delta.energy_mj, ns, mj)
         })
         .collect();
@@ -1013,9 +1016,10 @@ fn late_energy_that_puts_a_final_minute_over_contract_is_an_adjustment() {
         .unwrap();
     assert_eq!(u.spans.len(), 1);
     assert_eq!(
-        u.spans[0]
-            .1
-            .over_contract(&crate::accounting::Contract::gpu(1_000_000)),
+        u.spans[0].1.over_contract(
+            &crate::accounting::Contract::gpu(1_000_000),
+            crate::accounting::Metered::NONE,
+        ),
         (0, 0),
         "the row stays"
     );

@@ -11,7 +11,7 @@ use super::{
     BUCKET_COLUMNS, LOCAL_HOLDER, Ledger, bucket_from_row, bucket_sums, i64_of, sqlite_err, u64_of,
     watermark,
 };
-use crate::accounting::{Contract, over_contract};
+use crate::accounting::{Contract, Metered, over_contract};
 use crate::ledger::{BucketDelta, Commit, Committed, HOUR, LedgerError, MINUTE};
 
 impl Ledger {
@@ -295,11 +295,11 @@ impl Ledger {
                 let gpu_now = u64_of(gpu_now, &p, "minute energy")?;
                 let node_now = u64_of(node_now, &p, "minute node energy")?;
                 // On the contract's basis, now and before this commit.
-                let now = contract.basis_energy(gpu_now, node_now, None);
+                let now = contract.basis_energy(gpu_now, node_now, Metered::NONE);
                 let before = contract.basis_energy(
                     gpu_now.saturating_sub(gpu_added),
                     node_now.saturating_sub(node_added),
-                    None,
+                    Metered::NONE,
                 );
                 let (ns_after, mj_after) = over_contract(now, contract.milliwatts);
                 let (ns_before, mj_before) = over_contract(before, contract.milliwatts);

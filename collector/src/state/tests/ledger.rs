@@ -65,6 +65,7 @@ fn over_contract_in_ledger(
         &reader,
         &tenants,
         &state.tenant_history(),
+        &[],
         Some("lab-a"),
         Some(&from),
         Some(&to),

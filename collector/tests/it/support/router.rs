@@ -42,6 +42,8 @@ impl Reply {
 pub struct Api {
     router: axum::Router,
     pub state: Arc<State>,
+    /// The ledger the router reads, for a test to write into.
+    pub ledger_path: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
@@ -76,6 +78,7 @@ impl Api {
         Self {
             router,
             state,
+            ledger_path: path,
             _dir: dir,
         }
     }

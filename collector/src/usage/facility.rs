@@ -1,0 +1,104 @@
+//! What the facility meters allocated, per tenant and minute, as the
+//! usage rows set it beside node energy: each minute of a tenant's node
+//! under a meter is either allocated (the meter's allocation replaces the
+//! node's energy times the PUE) or not yet (not final, or the meter was
+//! down: the PUE estimate stands, flagged, until the meter allocates it).
+//! Nodes under no configured meter are always the PUE estimate.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::accounting::Metered;
+use crate::ledger::{MeterMinute, NodeMinute};
+use crate::meters::MeterSpec;
+
+/// One tenant-minute: what its meters allocated of it, and whether some of
+/// it lies on a metered node its meter has not allocated yet.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FacilityMinute {
+    pub metered: Metered,
+    pub pending: bool,
+}
+
+/// The meters' allocation by tenant, then minute start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Facility {
+    tenants: ByTenant,
+}
+
+impl Facility {
+    /// No meter: facility energy is node energy times the PUE throughout.
+    pub const NONE: Facility = Facility {
+        tenants: BTreeMap::new(),
+    };
+
+    /// From the configured `meters` (their node globs say which node a
+    /// meter feeds), their allocated minutes and what each node measured.
+    /// Minutes of meters no longer configured are left out: which nodes
+    /// they fed is not known, so those nodes count as under no meter.
+    pub fn of(
+        meters: &[MeterSpec],
+        allocated: &[(String, MeterMinute)],
+        nodes: &[NodeMinute],
+    ) -> Self {
+        let mut tenants = ByTenant::new();
+        let mut done: BTreeSet<(&str, i64)> = BTreeSet::new();
+        for (meter, mm) in allocated {
+            if !meters.iter().any(|m| &m.id == meter) {
+                continue;
+            }
+            done.insert((meter.as_str(), mm.minute));
+            for (tenant, _, share) in &mm.tenants {
+                slot(&mut tenants, tenant, mm.minute).metered.add(Metered {
+                    allocated_mj: *share,
+                    node_mj: 0,
+                });
+            }
+        }
+        for n in nodes {
+            let mut under = meters.iter().filter(|m| m.covers(&n.node)).peekable();
+            if under.peek().is_none() {
+                continue;
+            }
+            let e = slot(&mut tenants, &n.tenant, n.minute);
+            if under.any(|m| done.contains(&(m.id.as_str(), n.minute))) {
+                e.metered.add(Metered {
+                    allocated_mj: 0,
+                    node_mj: n.node_energy_mj,
+                });
+            } else {
+                e.pending = true;
+            }
+        }
+        Self { tenants }
+    }
+
+    /// One tenant's minutes.
+    pub fn of_tenant(&self, tenant: &str) -> TenantFacility<'_> {
+        TenantFacility(self.tenants.get(tenant))
+    }
+}
+
+type ByTenant = BTreeMap<String, BTreeMap<i64, FacilityMinute>>;
+
+fn slot<'a>(tenants: &'a mut ByTenant, tenant: &str, minute: i64) -> &'a mut FacilityMinute {
+    tenants
+        .entry(tenant.to_string())
+        .or_default()
+        .entry(minute)
+        .or_default()
+}
+
+/// One tenant's minutes of a [`Facility`].
+#[derive(Debug, Clone, Copy)]
+pub struct TenantFacility<'a>(Option<&'a BTreeMap<i64, FacilityMinute>>);
+
+impl TenantFacility<'_> {
+    /// The minute starting at `minute` (nothing allocated where the
+    /// meters have nothing of it).
+    pub fn at(&self, minute: i64) -> FacilityMinute {
+        self.0
+            .and_then(|m| m.get(&minute))
+            .copied()
+            .unwrap_or_default()
+    }
+}
