@@ -193,6 +193,7 @@ impl Reader for IpmiReader {
         vec![reading.map(|mw| Value {
             power_milliwatts: Some(mw),
             energy_millijoules: None,
+            energy_failure: None,
         })]
     }
 }

@@ -228,6 +228,7 @@ impl RaplReader {
         Ok(Value {
             power_milliwatts: power,
             energy_millijoules: Some(zone.counter.millijoules()),
+            energy_failure: None,
         })
     }
 }
