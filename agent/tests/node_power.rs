@@ -604,18 +604,20 @@ fn a_broken_environment_metrics_link_falls_back_to_power() {
 /// collector as cumulative mJ, the Hello listing each zone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rapl_zones_are_listed_and_sent_cumulative() {
+    // Intel's range.
+    const MAX: u64 = 262_143_328_850;
     let tree = tempfile::tempdir().unwrap();
     let zone = |rel: &str, name: &str, energy: u64| {
         let dir = tree.path().join(rel);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("name"), format!("{name}\n")).unwrap();
-        std::fs::write(dir.join("max_energy_range_uj"), "1000000\n").unwrap();
+        std::fs::write(dir.join("max_energy_range_uj"), format!("{MAX}\n")).unwrap();
         // Whole or not at all, as sysfs reads are.
         let tmp = dir.join(".energy_uj");
         std::fs::write(&tmp, format!("{energy}\n")).unwrap();
         std::fs::rename(&tmp, dir.join("energy_uj")).unwrap();
     };
-    zone("intel-rapl:0", "package-0", 999_000);
+    zone("intel-rapl:0", "package-0", MAX - 1_000);
     zone("intel-rapl:0/intel-rapl:0:0", "dram", 5_000);
     zone("intel-rapl:1", "package-1", 7_000);
     let capture = Capture::default();
@@ -626,7 +628,8 @@ async fn rapl_zones_are_listed_and_sent_cumulative() {
     cfg.rapl.interval = Duration::from_millis(100);
     let (stop, agent) = spawn_agent(cfg);
     capture.until("readings", |c| c.readings().len() >= 3).await;
-    // package-0 wraps: 999 000 → 1 000 000 → 0 → 3 000: 4 001 µJ more.
+    // package-0 wraps: MAX - 1 000 → MAX → 0 → 3 000: 4 001 µJ, counted
+    // from 0 (the first value read is the base).
     zone("intel-rapl:0", "package-0", 3_000);
     let names = |c: &Capture| c.hello().map(|h| h.node_power_sources.len());
     assert_eq!(names(&capture), Some(3));
@@ -634,7 +637,7 @@ async fn rapl_zones_are_listed_and_sent_cumulative() {
         .until("the wrap undone", |c| {
             c.readings()
                 .iter()
-                .any(|r| r.source == 0 && r.energy_millijoules == Some(1_003))
+                .any(|r| r.source == 0 && r.energy_millijoules == Some(4))
         })
         .await;
     stop.send(true).unwrap();
