@@ -107,7 +107,8 @@ pub struct RedfishSettings {
     /// BMC base URL (`https://10.0.0.9`); the agent discovers
     /// `/redfish/v1/Chassis`. Unset: no Redfish source.
     pub url: Option<String>,
-    /// Chassis id to read. Unset: the first chassis with power readings.
+    /// Chassis id to read. Unset: the one top-level node chassis with
+    /// power readings (see `node_power::redfish`).
     pub chassis: Option<String>,
     /// File with one line `user:password`.
     pub credentials_file: Option<PathBuf>,
