@@ -8,8 +8,11 @@
 //! service exposes them as the schema does (watts and joules with three
 //! decimals, kWh with eight: a kWh counter's resolution is 1e-8 kWh =
 //! 36 mJ, so in kWh mode the ground truth is the counter as exposed, whole
-//! multiples of 36 mJ). It can hang ([`Slow`]), fail ([`Fault`]) and counts
-//! requests.
+//! multiples of 36 mJ). It can hang ([`Slow`], [`Service::hanging`] says how
+//! many requests it holds), fail ([`Fault`]), list further chassis before
+//! the node's (a GPU baseboard with a reading of its own, a second node
+//! chassis: [`ExtraChassis`]), break its EnvironmentMetrics link
+//! ([`Options::broken_environment_metrics`]) and counts requests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
