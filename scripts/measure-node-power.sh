@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Agent cost of node power: RUNS (default 3) mock agents with 8 GPUs at
-# 1 Hz and no node power, and RUNS more with a Redfish BMC (stand-in: TLS,
+# 1 Hz and no node power (the mock's simulated node power off too), and
+# RUNS more with a Redfish BMC (stand-in: TLS,
 # basic auth, EnvironmentMetrics, read every 10 s, the default) and RAPL (a
 # powercap tree of two packages and their dram, read every 1 s, the
 # default), all at once for SECONDS_PER_RUN (default 60) against one
@@ -26,7 +27,8 @@ bmc=$(grep -o 'bmc=[^ ]*' "$work/standins.out" | cut -d= -f2)
 cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{ s += $1 } END { printf "%d", s }'; }
 declare -A pids
 for run in $(seq "$runs"); do
-    target/release/capwatch-agent --source mock --collector "$grpc" --node-id "base-$run" 2>/dev/null &
+    CAPWATCH_MOCK_NODE_POWER=false \
+        target/release/capwatch-agent --source mock --collector "$grpc" --node-id "base-$run" 2>/dev/null &
     pids["base-$run"]=$!
     CAPWATCH_MOCK_NODE_POWER=false CAPWATCH_REDFISH_URL="$bmc" \
         CAPWATCH_REDFISH_CA_FILE="$work/bmc-ca.pem" \

@@ -107,7 +107,8 @@ pub struct RedfishSettings {
     /// BMC base URL (`https://10.0.0.9`); the agent discovers
     /// `/redfish/v1/Chassis`. Unset: no Redfish source.
     pub url: Option<String>,
-    /// Chassis id to read. Unset: the first chassis with power readings.
+    /// Chassis id to read. Unset: the one top-level node chassis with
+    /// power readings (see `node_power::redfish`).
     pub chassis: Option<String>,
     /// File with one line `user:password`.
     pub credentials_file: Option<PathBuf>,
@@ -458,6 +459,39 @@ impl Config {
         self.validate_node_power()
     }
 
+    /// Loads the files the node power sources need (`redfish.credentials_file`,
+    /// `redfish.ca_file`) and checks them, as the agent does at start: a
+    /// missing or malformed file is an error naming the setting and the
+    /// file, not a source silently left out of the run. Separate from
+    /// [`Config::validate`], which checks the settings themselves (and so
+    /// passes on a machine without the files, for `--print-config`).
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        use capwatch_common::redfish::{Client, Options, SetupError};
+        let Some(url) = &self.redfish.url else {
+            return Ok(());
+        };
+        let mut opts = Options::new(url.clone());
+        opts.credentials_file = self.redfish.credentials_file.clone();
+        opts.ca_file = self.redfish.ca_file.clone();
+        opts.insecure = self.redfish.insecure;
+        match Client::new(&opts) {
+            Ok(_) => Ok(()),
+            Err(e @ SetupError::Credentials { .. }) => Err(ConfigError::invalid(
+                "redfish.credentials_file",
+                e.to_string(),
+            )),
+            Err(e @ SetupError::Ca { .. }) => {
+                Err(ConfigError::invalid("redfish.ca_file", e.to_string()))
+            }
+            Err(e @ SetupError::CaAndInsecure) => {
+                Err(ConfigError::invalid("redfish.insecure", e.to_string()))
+            }
+            Err(e @ SetupError::Url { .. }) => {
+                Err(ConfigError::invalid("redfish.url", e.to_string()))
+            }
+        }
+    }
+
     /// Checks the node power sources: at most one whole-node source, each
     /// deadline within its interval.
     fn validate_node_power(&self) -> Result<(), ConfigError> {
@@ -635,5 +669,35 @@ mod tests {
             assert!(err.contains(&format!("`{setting}`")), "{err}");
         }
         Config::default().validate().unwrap();
+    }
+
+    /// Regression: a bad credentials or CA file used to be found only by
+    /// the source at start, which then left itself out of the run.
+    #[test]
+    fn node_power_files_are_checked_and_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let cred = dir.path().join("bmc.cred");
+        let ca = dir.path().join("bmc-ca.pem");
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        let mut cfg = Config::default();
+        cfg.redfish.url = Some("https://bmc".into());
+        cfg.check_files().unwrap();
+        cfg.redfish.credentials_file = Some(cred.clone());
+        let err = cfg.check_files().unwrap_err().to_string();
+        assert!(
+            err.contains("`redfish.credentials_file`") && err.contains("bmc.cred"),
+            "{err}"
+        );
+        std::fs::write(&cred, "no colon\n").unwrap();
+        let err = cfg.check_files().unwrap_err().to_string();
+        assert!(err.contains("`redfish.credentials_file`"), "{err}");
+        std::fs::write(&cred, "root:pw\n").unwrap();
+        cfg.check_files().unwrap();
+        cfg.redfish.ca_file = Some(ca);
+        let err = cfg.check_files().unwrap_err().to_string();
+        assert!(
+            err.contains("`redfish.ca_file`") && err.contains("bmc-ca.pem"),
+            "{err}"
+        );
     }
 }

@@ -208,33 +208,33 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<Summary, AgentError> {
     cfg.validate()?;
+    cfg.check_files()?;
     let node_id = node_id(&cfg)?;
     let mut source = open_source(&cfg, &node_id)?;
     let mut host = host::Host::new();
 
     let start_wall = agent_clock(source.name());
     let start = tokio::time::Instant::now();
-    // Node power readings are stamped by the same clock as the samples
-    // (shifted alike under a test clock offset).
-    let offset = unix_nanos(start_wall) as i128 - unix_nanos(SystemTime::now()) as i128;
-    let clock: node_power::Clock = Arc::new(move || {
-        let now = unix_nanos(SystemTime::now()) as i128 + offset;
-        i64::try_from(now).unwrap_or(i64::MAX)
-    });
+    // Node power readings are stamped on the samples' clock: the start's
+    // wall time plus the monotonic time since (shifted alike under a test
+    // clock offset), so a step of the system clock cannot reorder them
+    // against the samples or clamp them.
+    let clock: node_power::Clock = {
+        let (wall, start) = (unix_nanos(start_wall), std::time::Instant::now());
+        Arc::new(move || {
+            let since = i64::try_from(start.elapsed().as_nanos()).unwrap_or(i64::MAX);
+            wall.saturating_add(since)
+        })
+    };
+    // Returns at once: the sources are opened (BMC discovery included) on
+    // threads of their own while the sampler runs.
     let mut node_power = node_power::NodePower::start(&cfg, clock);
     // The epoch tells this run's sequence numbers apart from an earlier
     // run's: a restarted agent starts again at seq 1 under a new epoch
     // (above the collector's, should it hold a newer one for this node).
     let epoch = unix_nanos(start_wall) as u64;
-    let hello = pb::Hello {
-        node_id: node_id.clone(),
-        agent_version: VERSION.to_string(),
-        stream_epoch: epoch,
-        interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
-        gpus: source.inventory().iter().map(convert::gpu_info).collect(),
-        host: Some(host.info()),
-        node_power_sources: node_power.hello(),
-    };
+    let gpus: Vec<pb::GpuInfo> = source.inventory().iter().map(convert::gpu_info).collect();
+    let host_info = host.info();
     let endpoints = cfg.endpoints();
     let targets: Vec<stream::Target> =
         failover::preference(&node_id, &endpoints, cfg.collector_order)
@@ -245,7 +245,9 @@ pub async fn run(
             })
             .collect();
     let order: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
-    info!(node = %node_id, source = source.name(), gpus = hello.gpus.len(), interval_ms = hello.interval_millis, collectors = %order.join(","), node_power_sources = node_power.sources().len(), "agent starting");
+    info!(node = %node_id, source = source.name(), gpus = gpus.len(), interval_ms = cfg.interval.as_millis() as u64, collectors = %order.join(","), "agent starting");
+    let token = load_token(&cfg)?;
+    let tls = client_tls(&cfg)?;
 
     let shared = Arc::new(Shared {
         spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
@@ -253,23 +255,46 @@ pub async fn run(
         stats: stream::Stats::default(),
     });
     let (done_tx, done_rx) = watch::channel(false);
-    let stream_task = tokio::spawn(stream::run(
-        StreamConfig {
-            targets,
-            token: load_token(&cfg)?,
-            tls: client_tls(&cfg)?,
-            tls_domain: cfg.tls_domain.clone(),
-            failback_after: cfg.failback_after,
-            hello,
-            batch_max: cfg.batch_max,
-            reconnect_initial: cfg.reconnect_initial,
-            reconnect_max: cfg.reconnect_max,
-            drain_timeout: cfg.drain_timeout,
+    // The stream starts once the node power listing is final (the Hello
+    // names the sources): every source opened, or one BMC request timeout
+    // after start. Samples are taken and spooled meanwhile.
+    let mut stream = Some(StreamConfig {
+        targets,
+        token,
+        tls,
+        tls_domain: cfg.tls_domain.clone(),
+        failback_after: cfg.failback_after,
+        hello: pb::Hello {
+            node_id: node_id.clone(),
+            agent_version: VERSION.to_string(),
+            stream_epoch: epoch,
+            interval_millis: u32::try_from(cfg.interval.as_millis()).unwrap_or(u32::MAX),
+            gpus,
+            host: Some(host_info),
+            node_power_sources: Vec::new(),
         },
-        shared.clone(),
-        done_rx,
-    ));
-
+        batch_max: cfg.batch_max,
+        reconnect_initial: cfg.reconnect_initial,
+        reconnect_max: cfg.reconnect_max,
+        drain_timeout: cfg.drain_timeout,
+    });
+    let mut stream_task = None;
+    let listing_deadline = start + node_power.start_cap();
+    let opened = node_power.opened_signal();
+    let mut start_stream = |node_power: &mut node_power::NodePower| {
+        node_power.list();
+        let mut config = stream.take()?;
+        config.hello.node_power_sources = node_power.hello();
+        info!(
+            node_power_sources = node_power.sources().len(),
+            "node power sources listed; streaming"
+        );
+        Some(tokio::spawn(stream::run(
+            config,
+            shared.clone(),
+            done_rx.clone(),
+        )))
+    };
     let mut ticker = tokio::time::interval(cfg.interval);
     // A simulated node never skips a tick, so its readings are a pure
     // function of the tick number; real hardware is read now or not at all.
@@ -280,9 +305,16 @@ pub async fn run(
     let mut seq = 0u64;
     let mut node_power_readings = 0u64;
     loop {
+        if stream_task.is_none()
+            && (node_power.all_opened() || tokio::time::Instant::now() >= listing_deadline)
+        {
+            stream_task = start_stream(&mut node_power);
+        }
         let tick = tokio::select! {
             t = ticker.tick() => t,
             _ = shutdown.wait_for(|s| *s) => break,
+            _ = opened.notified(), if stream_task.is_none() => continue,
+            _ = tokio::time::sleep_until(listing_deadline), if stream_task.is_none() => continue,
         };
         seq += 1;
         // Stamp with the scheduled tick, so timestamps are evenly spaced.
@@ -317,9 +349,16 @@ pub async fn run(
         }
     }
     info!(samples = seq, "sampling stopped; delivering the spool");
+    // Stopped before the listing was final: list what has opened, so the
+    // spool can still be delivered.
+    if stream_task.is_none() {
+        stream_task = start_stream(&mut node_power);
+    }
     node_power.stop();
     let _ = done_tx.send(true);
-    if let Err(e) = stream_task.await {
+    if let Some(task) = stream_task
+        && let Err(e) = task.await
+    {
         warn!(error = %e, "stream task ended abnormally");
     }
     let summary = Summary {

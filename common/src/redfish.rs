@@ -19,14 +19,22 @@
 //! - `PowerEquipment/RackPDUs/{id}/Metrics` (PowerDistributionMetrics):
 //!   `PowerWatts.Reading`, `EnergykWh.Reading`.
 //!
-//! *Invariant:* a reading is converted from the decimal text the service
-//! sent, exactly, and rounded half up once to the integer unit (mW, mJ):
-//! JSON numbers arrive as `f64`, whose shortest round-trip text equals the
-//! text sent for any number of at most 15 significant digits; a number
-//! needing more digits cannot be known exactly and is refused
-//! ([`ReadingError::Imprecise`]). So a kWh reading is exact to the mJ (the
-//! conversion is `kWh × 3 600 000 000`, done on the decimal digits in
-//! integers), whatever its size, up to 15 significant digits.
+//! *Invariant:* a reading is converted from the decimal text of the JSON
+//! number, exactly (u128 decimal arithmetic), and rounded half up once to
+//! the integer unit (mW, mJ). JSON numbers arrive as `f64`; the text
+//! converted is the shortest text that round-trips that `f64` (at most 17
+//! significant digits), which is the text sent for any number of at most
+//! 15 significant digits. A service computing in doubles sends up to 17
+//! (`0.30000000000000004`, `123456789.1234568`): those are accepted; for
+//! them the text converted is within half a unit in the last place of the
+//! `f64` of the text sent (a relative 1.2 × 10⁻¹⁶), below 1 mJ for any
+//! reading under 4 × 10¹⁵ mJ (1.1 GWh). A number too large for the unit
+//! in `u64` is refused ([`ReadingError::Imprecise`]).
+//!
+//! The energy sensor is read beside the power: an unusable energy field
+//! (negative, not a number, too large) does not cost the power reading;
+//! [`parse_environment_metrics`] returns the power with the energy's error
+//! for the caller to count.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -127,8 +135,9 @@ impl FetchError {
     }
 }
 
-/// A blocking Redfish client for one service.
-#[derive(Debug, Clone)]
+/// A blocking Redfish client for one service. Its `Debug` leaves the
+/// credentials out.
+#[derive(Clone)]
 pub struct Client {
     base: String,
     origin: String,
@@ -136,6 +145,20 @@ pub struct Client {
     authorization: Option<String>,
     timeout: Duration,
     max_body_bytes: u64,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("base", &self.base)
+            .field(
+                "authorization",
+                &self.authorization.as_ref().map(|_| "<redacted>"),
+            )
+            .field("timeout", &self.timeout)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .finish_non_exhaustive()
+    }
 }
 
 /// Reads `user:password` from `path`: one line (a final newline allowed),
@@ -393,9 +416,7 @@ pub enum ReadingError {
         value: String,
         cap: String,
     },
-    #[error(
-        "{field} {value} has more than 15 significant digits or is too large to convert exactly"
-    )]
+    #[error("{field} {value} is too large to convert exactly")]
     Imprecise { field: &'static str, value: String },
 }
 
@@ -413,8 +434,9 @@ impl ReadingError {
 }
 
 /// `value × 10^scale` for the decimal text of a JSON number, rounded half
-/// up to an integer, exactly; `None` when it has more than 15 significant
-/// digits (not known exactly through an `f64`) or overflows `u64`.
+/// up to an integer, exactly; `None` when it has more than 17 significant
+/// digits (more than an `f64`'s shortest text ever has: not what we were
+/// given) or overflows `u64`.
 /// Negative numbers are the caller's to refuse first.
 fn scaled(text: &str, scale: u32, multiplier: u64) -> Option<u64> {
     let (mantissa, exp) = match text.split_once(['e', 'E']) {
@@ -427,7 +449,7 @@ fn scaled(text: &str, scale: u32, multiplier: u64) -> Option<u64> {
         return None;
     }
     let significant = digits.trim_start_matches('0').trim_end_matches('0').len();
-    if significant > 15 {
+    if significant > 17 {
         return None;
     }
     let digits = digits.trim_start_matches('0');
@@ -567,32 +589,54 @@ fn energy(body: &Value) -> Result<Option<u64>, ReadingError> {
     kwh_to_millijoules(&body["EnergykWh"]["Reading"], "EnergykWh.Reading")
 }
 
-fn metrics(body: &Value, cap_watts: u64) -> Result<Reading, ReadingError> {
+/// A reading, and why its energy field was refused where it was (the
+/// power is kept).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Parsed {
+    pub reading: Reading,
+    pub energy_error: Option<ReadingError>,
+}
+
+fn metrics(body: &Value, cap_watts: u64) -> Result<Parsed, ReadingError> {
     let power = watts_to_milliwatts(
         &body["PowerWatts"]["Reading"],
         "PowerWatts.Reading",
         cap_watts,
     )?;
-    let energy = energy(body)?;
+    let (energy, energy_error) = match energy(body) {
+        Ok(e) => (e, None),
+        // Without power the energy's error is the answer's.
+        Err(e) if power.is_none() => return Err(e),
+        Err(e) => (None, Some(e)),
+    };
     if power.is_none() && energy.is_none() {
         return Err(ReadingError::Missing("PowerWatts.Reading"));
     }
-    Ok(Reading {
-        power_milliwatts: power,
-        energy_millijoules: energy,
+    Ok(Parsed {
+        reading: Reading {
+            power_milliwatts: power,
+            energy_millijoules: energy,
+        },
+        energy_error,
     })
 }
 
 /// A `Chassis/{id}/EnvironmentMetrics` body: `PowerWatts.Reading` and the
-/// energy sensor (`EnergyJoules` or `EnergykWh`), where present.
-pub fn parse_environment_metrics(body: &Value) -> Result<Reading, ReadingError> {
+/// energy sensor (`EnergyJoules` or `EnergykWh`), where present. An
+/// unusable energy field leaves the power and is returned beside it.
+pub fn parse_environment_metrics(body: &Value) -> Result<Parsed, ReadingError> {
     metrics(body, MAX_NODE_WATTS)
 }
 
 /// A `PowerEquipment/RackPDUs/{id}/Metrics` body: `PowerWatts.Reading`
-/// and `EnergykWh.Reading`.
+/// and `EnergykWh.Reading`. A meter is read for its energy: an unusable
+/// energy field refuses the whole reading.
 pub fn parse_pdu_metrics(body: &Value) -> Result<Reading, ReadingError> {
-    metrics(body, MAX_PDU_WATTS)
+    let parsed = metrics(body, MAX_PDU_WATTS)?;
+    match parsed.energy_error {
+        Some(e) => Err(e),
+        None => Ok(parsed.reading),
+    }
 }
 
 /// The `@odata.id` of link `name` in `body` (`"Power": {"@odata.id":
@@ -645,6 +689,20 @@ mod tests {
     }
 
     #[test]
+    fn debug_output_leaves_the_credentials_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bmc.cred");
+        std::fs::write(&path, "root:hunter2\n").unwrap();
+        let mut opts = Options::new("https://bmc");
+        opts.credentials_file = Some(path);
+        let shown = format!("{:?}", Client::new(&opts).unwrap());
+        let secret = base64(b"root:hunter2");
+        assert!(!shown.contains(&secret), "{shown}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+    }
+
+    #[test]
     fn urls_join_to_the_base_or_its_origin() {
         let c = Client::new(&Options::new(
             "https://pdu:8443/redfish/v1/PowerEquipment/RackPDUs/1/",
@@ -677,7 +735,7 @@ mod tests {
     type Want = Result<(Option<u64>, Option<u64>), &'static str>;
 
     /// (body, expected reading or error reason) through one parser.
-    fn check(parse: fn(&Value) -> Result<Reading, ReadingError>, cases: &[(Value, Want)]) {
+    fn check(parse: impl Fn(&Value) -> Result<Reading, ReadingError>, cases: &[(Value, Want)]) {
         for (body, want) in cases {
             let got = parse(body)
                 .map(|r| (r.power_milliwatts, r.energy_millijoules))
@@ -720,22 +778,28 @@ mod tests {
     #[test]
     fn new_schema_environment_metrics_is_exact_to_the_millijoule() {
         check(
-            parse_environment_metrics,
+            |b| parse_environment_metrics(b).map(|p| p.reading),
             &[
                 (
                     json!({"PowerWatts": {"Reading": 9876.543}, "EnergyJoules": {"Reading": 123456789.123}}),
                     Ok((Some(9_876_543), Some(123_456_789_123))),
                 ),
-                // 1e-8 kWh = 36 mJ; 12345678.12345678 kWh has 16
-                // significant digits: not known exactly.
+                // 1e-8 kWh = 36 mJ.
                 (
                     json!({"PowerWatts": {"Reading": 10}, "EnergykWh": {"Reading": 1234567.12345678}}),
                     Ok((Some(10_000), Some(4_444_441_644_444_408))),
                 ),
+                // 16 and 17 significant digits, as a service computing
+                // in doubles sends them.
                 (
                     json!({"EnergykWh": {"Reading": 12345678.12345678}}),
-                    Err("imprecise"),
+                    Ok((None, Some(44_444_441_244_444_408))),
                 ),
+                (
+                    json!({"PowerWatts": {"Reading": 0.30000000000000004}, "EnergyJoules": {"Reading": 123456789.1234568}}),
+                    Ok((Some(300), Some(123_456_789_123))),
+                ),
+                (json!({"EnergykWh": {"Reading": 1e300}}), Err("imprecise")),
                 (
                     json!({"EnergykWh": {"Reading": 0.000000001}}),
                     Ok((None, Some(4))),
@@ -745,13 +809,32 @@ mod tests {
                     Ok((None, Some(3_600_000_000_000))),
                 ),
                 (json!({"PowerWatts": {"Reading": null}}), Err("missing")),
-                (
-                    json!({"PowerWatts": {"Reading": 10}, "EnergyJoules": {"Reading": -1}}),
-                    Err("negative"),
-                ),
+                (json!({"EnergyJoules": {"Reading": -1}}), Err("negative")),
                 (json!({"PowerWatts": {"Reading": 250000}}), Err("absurd")),
             ],
         );
+    }
+
+    /// Regression: an energy field the parser refuses used to cost the
+    /// power reading beside it.
+    #[test]
+    fn a_bad_energy_field_keeps_the_power_and_says_why() {
+        for energy in [json!(-1), json!("many"), json!(1e300)] {
+            let body =
+                json!({"PowerWatts": {"Reading": 812.5}, "EnergyJoules": {"Reading": energy}});
+            let parsed = parse_environment_metrics(&body).unwrap();
+            assert_eq!(
+                parsed.reading,
+                Reading {
+                    power_milliwatts: Some(812_500),
+                    energy_millijoules: None
+                },
+                "{body}"
+            );
+            assert!(parsed.energy_error.is_some(), "{body}");
+            // A meter's reading is its energy: refused whole.
+            assert!(parse_pdu_metrics(&body).is_err(), "{body}");
+        }
     }
 
     #[test]
@@ -775,7 +858,12 @@ mod tests {
         assert_eq!(scaled("1.5e-3", 3, 1), Some(2));
         assert_eq!(scaled("0", 3, 1), Some(0));
         assert_eq!(scaled("1e30", 3, 1), None);
-        assert_eq!(scaled("1234567890123456", 0, 1), None);
+        assert_eq!(
+            scaled("1234567890123456", 0, 1),
+            Some(1_234_567_890_123_456)
+        );
+        assert_eq!(scaled("0.30000000000000004", 3, 1), Some(300));
+        assert_eq!(scaled("123456789012345678", 0, 1), None);
         assert_eq!(scaled("abc", 0, 1), None);
     }
 }

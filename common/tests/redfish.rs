@@ -45,6 +45,55 @@ fn reading(
     parse(&client.get_json(path).unwrap()).unwrap()
 }
 
+/// `parse_environment_metrics`, its energy field required to be usable.
+fn environment_metrics(
+    body: &serde_json::Value,
+) -> Result<Reading, capwatch_common::redfish::ReadingError> {
+    let parsed = parse_environment_metrics(body)?;
+    assert_eq!(parsed.energy_error, None);
+    Ok(parsed.reading)
+}
+
+/// A redirect could carry the credentials to another host: it is not
+/// followed, but answered as the HTTP status it is.
+#[test]
+fn redirects_are_not_followed() {
+    use std::io::{Read, Write};
+    let elsewhere = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let target = format!(
+        "http://{}/redfish/v1/Chassis",
+        elsewhere.local_addr().unwrap()
+    );
+    let bmc = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", bmc.local_addr().unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = bmc.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = conn.read(&mut buf).unwrap();
+        let answer = format!(
+            "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        conn.write_all(answer.as_bytes()).unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let cred = dir.path().join("cred");
+    std::fs::write(&cred, "root:pa:ss\n").unwrap();
+    let mut opts = Options::new(url);
+    opts.credentials_file = Some(cred);
+    let err = Client::new(&opts)
+        .unwrap()
+        .get_json("/redfish/v1/Chassis")
+        .unwrap_err();
+    server.join().unwrap();
+    assert_eq!(err.reason(), "http_status", "{err}");
+    assert!(err.to_string().contains("302"), "{err}");
+    elsewhere.set_nonblocking(true).unwrap();
+    assert!(
+        elsewhere.accept().is_err(),
+        "the redirect's target was connected to"
+    );
+}
+
 #[test]
 fn both_bmc_schemas_and_the_pdu_read_exactly_over_tls_with_basic_auth() {
     let files = Files::new();
@@ -60,13 +109,13 @@ fn both_bmc_schemas_and_the_pdu_read_exactly_over_tls_with_basic_auth() {
         (
             Schema::NewJoules,
             "/redfish/v1/Chassis/1/EnvironmentMetrics",
-            parse_environment_metrics,
+            environment_metrics,
             true,
         ),
         (
             Schema::NewKwh,
             "/redfish/v1/Chassis/1/EnvironmentMetrics",
-            parse_environment_metrics,
+            environment_metrics,
             true,
         ),
         (Schema::Pdu, "Metrics", parse_pdu_metrics, true),

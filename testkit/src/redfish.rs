@@ -8,8 +8,11 @@
 //! service exposes them as the schema does (watts and joules with three
 //! decimals, kWh with eight: a kWh counter's resolution is 1e-8 kWh =
 //! 36 mJ, so in kWh mode the ground truth is the counter as exposed, whole
-//! multiples of 36 mJ). It can hang ([`Slow`]), fail ([`Fault`]) and counts
-//! requests.
+//! multiples of 36 mJ). It can hang ([`Slow`], [`Service::hanging`] says how
+//! many requests it holds), fail ([`Fault`]), list further chassis before
+//! the node's (a GPU baseboard with a reading of its own, a second node
+//! chassis: [`ExtraChassis`]), break its EnvironmentMetrics link
+//! ([`Options::broken_environment_metrics`]) and counts requests.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -58,6 +61,18 @@ pub enum Fault {
     CounterBackwards,
 }
 
+/// A further chassis a BMC lists before `Chassis/1`, with a power reading
+/// of its own (`EnvironmentMetrics.PowerWatts`): a GPU baseboard
+/// (`Module`, contained by `Chassis/1`), or a second node-type chassis.
+#[derive(Debug, Clone)]
+pub struct ExtraChassis {
+    pub id: String,
+    pub chassis_type: String,
+    /// `Links.ContainedBy`: the id of the chassis it is part of.
+    pub contained_by: Option<String>,
+    pub power_watts: u64,
+}
+
 /// What to start.
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -65,6 +80,12 @@ pub struct Options {
     pub tls: bool,
     /// (user, password) to require; `None`: no auth.
     pub credentials: Option<(String, String)>,
+    /// Listed first in `/redfish/v1/Chassis`.
+    pub extra_chassis: Vec<ExtraChassis>,
+    /// A new-schema BMC whose `EnvironmentMetrics` link answers this HTTP
+    /// status; `Chassis/1` then links `Power` too, which answers as the old
+    /// schema does.
+    pub broken_environment_metrics: Option<u16>,
 }
 
 impl Options {
@@ -73,7 +94,17 @@ impl Options {
             schema,
             tls: false,
             credentials: None,
+            extra_chassis: Vec::new(),
+            broken_environment_metrics: None,
         }
+    }
+    pub fn chassis(mut self, extra: ExtraChassis) -> Self {
+        self.extra_chassis.push(extra);
+        self
+    }
+    pub fn broken_environment_metrics(mut self, status: u16) -> Self {
+        self.broken_environment_metrics = Some(status);
+        self
     }
     pub fn tls(mut self) -> Self {
         self.tls = true;
@@ -99,6 +130,10 @@ struct State {
 
 struct Shared {
     schema: Schema,
+    extra_chassis: Vec<ExtraChassis>,
+    broken_environment_metrics: Option<u16>,
+    /// Requests waiting in a slow mode now.
+    hanging: AtomicU64,
     authorization: Option<String>,
     state: Mutex<State>,
     wake: Condvar,
@@ -177,6 +212,9 @@ impl Service {
         };
         let shared = Arc::new(Shared {
             schema: opts.schema,
+            extra_chassis: opts.extra_chassis,
+            broken_environment_metrics: opts.broken_environment_metrics,
+            hanging: AtomicU64::new(0),
             authorization: opts
                 .credentials
                 .map(|(u, p)| format!("Basic {}", base64(format!("{u}:{p}").as_bytes()))),
@@ -301,6 +339,11 @@ impl Service {
         self.shared.requests.load(Ordering::SeqCst)
     }
 
+    /// Requests waiting in the slow mode now (hanging, not yet answered).
+    pub fn hanging(&self) -> u64 {
+        self.shared.hanging.load(Ordering::SeqCst)
+    }
+
     /// Requests for the reading resource (Power, EnvironmentMetrics or
     /// the PDU's Metrics) received, answered or hanging.
     pub fn reading_requests(&self) -> u64 {
@@ -396,6 +439,13 @@ fn serve<S: Read + Write>(shared: &Shared, stream: S) {
 
 /// Waits as the slow mode says; false when the service stopped meanwhile.
 fn wait_slow(shared: &Shared) -> bool {
+    shared.hanging.fetch_add(1, Ordering::SeqCst);
+    let answered = wait_slow_counted(shared);
+    shared.hanging.fetch_sub(1, Ordering::SeqCst);
+    answered
+}
+
+fn wait_slow_counted(shared: &Shared) -> bool {
     let mut state = shared.state.lock().unwrap();
     let start = Instant::now();
     let seen = state.releases;
@@ -426,6 +476,14 @@ fn answer(shared: &Shared, path: &str, authorization: Option<&str>) -> (u16, Str
         Schema::Pdu => "/redfish/v1/PowerEquipment/RackPDUs/1/Metrics",
     };
     let path = path.trim_end_matches('/');
+    let broken = shared
+        .broken_environment_metrics
+        .filter(|_| matches!(schema, Schema::NewJoules | Schema::NewKwh));
+    let reading_path = if broken.is_some() {
+        "/redfish/v1/Chassis/1/Power"
+    } else {
+        reading_path
+    };
     // Counted on arrival, hung or not.
     let is_reading = path == reading_path;
     if is_reading {
@@ -444,16 +502,72 @@ fn answer(shared: &Shared, path: &str, authorization: Option<&str>) -> (u16, Str
         );
     }
     if is_reading {
-        return reading(shared);
+        return reading(
+            shared,
+            if broken.is_some() {
+                Schema::OldPower
+            } else {
+                schema
+            },
+        );
+    }
+    if let Some(status) = broken
+        && path == "/redfish/v1/Chassis/1/EnvironmentMetrics"
+    {
+        return (
+            status,
+            r##"{"error":{"code":"Base.1.8.InternalError"}}"##.into(),
+        );
+    }
+    for extra in &shared.extra_chassis {
+        let at = format!("/redfish/v1/Chassis/{}", extra.id);
+        if path == at {
+            let links = match &extra.contained_by {
+                Some(parent) => format!(
+                    r##","Links":{{"ContainedBy":{{"@odata.id":"/redfish/v1/Chassis/{parent}"}}}}"##
+                ),
+                None => String::new(),
+            };
+            return (
+                200,
+                format!(
+                    r##"{{"@odata.id":"{at}","@odata.type":"#Chassis.v1_23_0.Chassis","Id":"{}","Name":"{}","ChassisType":"{}","EnvironmentMetrics":{{"@odata.id":"{at}/EnvironmentMetrics"}}{links}}}"##,
+                    extra.id, extra.id, extra.chassis_type
+                ),
+            );
+        }
+        if path == format!("{at}/EnvironmentMetrics") {
+            return (
+                200,
+                format!(
+                    r##"{{"@odata.id":"{at}/EnvironmentMetrics","@odata.type":"#EnvironmentMetrics.v1_3_0.EnvironmentMetrics","Id":"EnvironmentMetrics","Name":"Environment Metrics","PowerWatts":{{"Reading":{}}}}}"##,
+                    extra.power_watts
+                ),
+            );
+        }
     }
     let new = matches!(schema, Schema::NewJoules | Schema::NewKwh);
     let body = match path {
         "/redfish/v1" => r##"{"@odata.id":"/redfish/v1","@odata.type":"#ServiceRoot.v1_15_0.ServiceRoot","Id":"RootService","Name":"Root Service","RedfishVersion":"1.17.0","Chassis":{"@odata.id":"/redfish/v1/Chassis"},"PowerEquipment":{"@odata.id":"/redfish/v1/PowerEquipment"}}"##.to_string(),
-        "/redfish/v1/Chassis" if schema != Schema::Pdu => r##"{"@odata.id":"/redfish/v1/Chassis","@odata.type":"#ChassisCollection.ChassisCollection","Name":"Chassis Collection","Members@odata.count":2,"Members":[{"@odata.id":"/redfish/v1/Chassis/Backplane"},{"@odata.id":"/redfish/v1/Chassis/1"}]}"##.to_string(),
+        "/redfish/v1/Chassis" if schema != Schema::Pdu => {
+            let mut members: Vec<String> = shared
+                .extra_chassis
+                .iter()
+                .map(|e| format!(r##"{{"@odata.id":"/redfish/v1/Chassis/{}"}}"##, e.id))
+                .collect();
+            members.push(r##"{"@odata.id":"/redfish/v1/Chassis/Backplane"}"##.into());
+            members.push(r##"{"@odata.id":"/redfish/v1/Chassis/1"}"##.into());
+            format!(
+                r##"{{"@odata.id":"/redfish/v1/Chassis","@odata.type":"#ChassisCollection.ChassisCollection","Name":"Chassis Collection","Members@odata.count":{},"Members":[{}]}}"##,
+                members.len(),
+                members.join(",")
+            )
+        }
         // A chassis without power readings, listed first, as drive
         // backplanes often are.
         "/redfish/v1/Chassis/Backplane" if schema != Schema::Pdu => r##"{"@odata.id":"/redfish/v1/Chassis/Backplane","@odata.type":"#Chassis.v1_23_0.Chassis","Id":"Backplane","Name":"Drive Backplane","ChassisType":"Module","Status":{"State":"Enabled","Health":"OK"}}"##.to_string(),
         "/redfish/v1/Chassis/1" if !new && schema != Schema::Pdu => r##"{"@odata.id":"/redfish/v1/Chassis/1","@odata.type":"#Chassis.v1_10_0.Chassis","Id":"1","Name":"Computer System Chassis","ChassisType":"RackMount","Manufacturer":"Contoso","Model":"GPU-8U","PowerState":"On","Status":{"State":"Enabled","Health":"OK"},"Power":{"@odata.id":"/redfish/v1/Chassis/1/Power"},"Thermal":{"@odata.id":"/redfish/v1/Chassis/1/Thermal"}}"##.to_string(),
+        "/redfish/v1/Chassis/1" if new && broken.is_some() => r##"{"@odata.id":"/redfish/v1/Chassis/1","@odata.type":"#Chassis.v1_23_0.Chassis","Id":"1","Name":"Computer System Chassis","ChassisType":"RackMount","EnvironmentMetrics":{"@odata.id":"/redfish/v1/Chassis/1/EnvironmentMetrics"},"Power":{"@odata.id":"/redfish/v1/Chassis/1/Power"}}"##.to_string(),
         "/redfish/v1/Chassis/1" if new => r##"{"@odata.id":"/redfish/v1/Chassis/1","@odata.type":"#Chassis.v1_23_0.Chassis","Id":"1","Name":"Computer System Chassis","ChassisType":"RackMount","Manufacturer":"Contoso","Model":"GPU-8U","PowerState":"On","Status":{"State":"Enabled","Health":"OK"},"PowerSubsystem":{"@odata.id":"/redfish/v1/Chassis/1/PowerSubsystem"},"ThermalSubsystem":{"@odata.id":"/redfish/v1/Chassis/1/ThermalSubsystem"},"EnvironmentMetrics":{"@odata.id":"/redfish/v1/Chassis/1/EnvironmentMetrics"},"Sensors":{"@odata.id":"/redfish/v1/Chassis/1/Sensors"}}"##.to_string(),
         "/redfish/v1/Chassis/1/PowerSubsystem" if new => r##"{"@odata.id":"/redfish/v1/Chassis/1/PowerSubsystem","@odata.type":"#PowerSubsystem.v1_1_0.PowerSubsystem","Id":"PowerSubsystem","Name":"Power Subsystem","CapacityWatts":12000,"Allocation":{"RequestedWatts":10400,"AllocatedWatts":12000},"PowerSupplies":{"@odata.id":"/redfish/v1/Chassis/1/PowerSubsystem/PowerSupplies"},"Status":{"State":"Enabled","Health":"OK"}}"##.to_string(),
         "/redfish/v1/PowerEquipment" if schema == Schema::Pdu => r##"{"@odata.id":"/redfish/v1/PowerEquipment","@odata.type":"#PowerEquipment.v1_2_0.PowerEquipment","Id":"PowerEquipment","Name":"Power Equipment","RackPDUs":{"@odata.id":"/redfish/v1/PowerEquipment/RackPDUs"}}"##.to_string(),
@@ -464,7 +578,7 @@ fn answer(shared: &Shared, path: &str, authorization: Option<&str>) -> (u16, Str
     (200, body)
 }
 
-fn reading(shared: &Shared) -> (u16, String) {
+fn reading(shared: &Shared, schema: Schema) -> (u16, String) {
     let (power_mw, energy_mj, fault) = {
         let mut state = shared.state.lock().unwrap();
         let fault = state.fault;
@@ -497,7 +611,7 @@ fn reading(shared: &Shared) -> (u16, String) {
         Fault::CounterBackwards => energy_mj.saturating_sub(1_000_000),
         _ => energy_mj,
     };
-    let body = match shared.schema {
+    let body = match schema {
         Schema::OldPower => format!(
             r##"{{"@odata.id":"/redfish/v1/Chassis/1/Power","@odata.type":"#Power.v1_7_1.Power","Id":"Power","Name":"Power","PowerControl":[{{"@odata.id":"/redfish/v1/Chassis/1/Power#/PowerControl/0","MemberId":"0","Name":"System Power Control","PowerConsumedWatts":{watts},"PowerRequestedWatts":10400,"PowerAvailableWatts":1600,"PowerCapacityWatts":12000,"PowerAllocatedWatts":12000,"PowerMetrics":{{"IntervalInMin":1,"MinConsumedWatts":5012,"MaxConsumedWatts":10221,"AverageConsumedWatts":8200}},"PowerLimit":{{"LimitInWatts":null,"LimitException":"NoAction"}}}}],"PowerSupplies":[{{"MemberId":"0","Name":"PSU 1","PowerInputWatts":null,"Status":{{"State":"Enabled","Health":"OK"}}}}]}}"##
         ),

@@ -18,9 +18,10 @@
 //! measuring). DCMI has no energy counter, so the collector integrates.
 
 use std::io::Read;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{Failure, Reader, SourceInfo, Value};
 use crate::config::IpmiSettings;
@@ -90,8 +91,18 @@ pub fn parse(output: &str) -> Result<u64, Failure> {
     Ok(w * 1000)
 }
 
+/// How often the child's exit is checked once its output has closed, and
+/// how long a killed child is waited for.
+const EXIT_POLL: Duration = Duration::from_millis(5);
+const KILLED_GRACE: Duration = Duration::from_secs(1);
+
 /// Runs `program dcmi power reading` with a deadline: its stdout, or why
-/// not.
+/// not. Everything happens on the calling thread: the output is read by
+/// poll(2) on non-blocking pipes and the exit checked with `try_wait`, both
+/// until the deadline; then the process group is killed. No thread or
+/// blocking call outlives the deadline (but for at most [`KILLED_GRACE`]
+/// to reap the killed child; one stuck in the kernel beyond that is left
+/// unreaped rather than wait for it).
 pub fn run(program: &Path, timeout: Duration) -> Result<String, Failure> {
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(program)
@@ -104,53 +115,103 @@ pub fn run(program: &Path, timeout: Duration) -> Result<String, Failure> {
         .spawn()
         .map_err(|e| Failure::new("spawn", format!("running {}: {e}", program.display())))?;
     let pid = rustix::process::Pid::from_child(&child);
-    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
-        return Err(Failure::new("spawn", "no pipes to the child"));
-    };
-    let (tx, rx) = std::sync::mpsc::channel();
-    // The readers end when the group is gone and the pipes close.
-    let out_tx = tx.clone();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stdout.take(MAX_OUTPUT_BYTES).read_to_end(&mut buf);
-        let _ = out_tx.send((true, buf));
-    });
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = stderr.take(MAX_OUTPUT_BYTES).read_to_end(&mut buf);
-        let _ = tx.send((false, buf));
-    });
-    let deadline = std::time::Instant::now() + timeout;
-    let (mut out, mut err) = (None, None);
-    while out.is_none() || err.is_none() {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((true, b)) => out = Some(b),
-            Ok((false, b)) => err = Some(b),
-            Err(_) => break,
-        }
-    }
-    let timed_out = out.is_none() || err.is_none();
-    if timed_out {
+    let deadline = Instant::now() + timeout;
+    let kill = |child: &mut std::process::Child| {
         let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
-    }
-    // Reaped either way: the group is killed, or it closed its output and
-    // is exiting.
-    let status = child.wait();
-    if timed_out {
-        return Err(Failure::new(
+        let until = Instant::now() + KILLED_GRACE;
+        while Instant::now() < until && matches!(child.try_wait(), Ok(None)) {
+            std::thread::sleep(EXIT_POLL);
+        }
+    };
+    let timed_out = || {
+        Failure::new(
             "timeout",
             format!(
                 "{} dcmi power reading: no answer within {}; killed",
                 program.display(),
                 humantime::format_duration(timeout)
             ),
-        ));
+        )
+    };
+    let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+        kill(&mut child);
+        return Err(Failure::new("spawn", "no pipes to the child"));
+    };
+    let (mut stdout, mut stderr) = (Some(stdout), Some(stderr));
+    let (mut stdout_buf, mut stderr_buf) = (Vec::new(), Vec::new());
+    for fd in [
+        stdout.as_ref().map(|p| p.as_fd()),
+        stderr.as_ref().map(|p| p.as_fd()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        if let Err(e) = rustix::io::ioctl_fionbio(fd, true) {
+            kill(&mut child);
+            return Err(Failure::new("spawn", format!("pipe: {e}")));
+        }
     }
-    let status = status.map_err(|e| Failure::new("spawn", e.to_string()))?;
-    let stdout = String::from_utf8_lossy(&out.unwrap_or_default()).into_owned();
+    while stdout.is_some() || stderr.is_some() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            kill(&mut child);
+            return Err(timed_out());
+        }
+        let wait = rustix::event::Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let (out_ready, err_ready) = {
+            let mut fds = Vec::with_capacity(2);
+            if let Some(p) = &stdout {
+                fds.push(rustix::event::PollFd::new(p, rustix::event::PollFlags::IN));
+            }
+            if let Some(p) = &stderr {
+                fds.push(rustix::event::PollFd::new(p, rustix::event::PollFlags::IN));
+            }
+            match rustix::event::poll(&mut fds, Some(&wait)) {
+                Ok(_) | Err(rustix::io::Errno::INTR) => {}
+                Err(e) => {
+                    drop(fds);
+                    kill(&mut child);
+                    return Err(Failure::new("spawn", format!("poll: {e}")));
+                }
+            }
+            let ready: Vec<bool> = fds.iter().map(|f| !f.revents().is_empty()).collect();
+            let out = stdout.is_some() && ready.first().copied().unwrap_or(false);
+            let err = stderr.is_some()
+                && ready
+                    .get(usize::from(stdout.is_some()))
+                    .copied()
+                    .unwrap_or(false);
+            (out, err)
+        };
+        if out_ready && !drain(&mut stdout, &mut stdout_buf) {
+            stdout = None;
+        }
+        if err_ready && !drain(&mut stderr, &mut stderr_buf) {
+            stderr = None;
+        }
+    }
+    // The output is closed: the child is exiting. Wait for it until the
+    // deadline, not beyond.
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(EXIT_POLL),
+            Ok(None) => {
+                kill(&mut child);
+                return Err(timed_out());
+            }
+            Err(e) => {
+                kill(&mut child);
+                return Err(Failure::new("spawn", e.to_string()));
+            }
+        }
+    };
+    let stdout = String::from_utf8_lossy(&stdout_buf).into_owned();
     if !status.success() {
-        let stderr = String::from_utf8_lossy(&err.unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&stderr_buf).into_owned();
         let first = stderr.lines().next().unwrap_or("").trim().to_string();
         return Err(Failure::new(
             "exit_status",
@@ -161,6 +222,28 @@ pub fn run(program: &Path, timeout: Duration) -> Result<String, Failure> {
         ));
     }
     Ok(stdout)
+}
+
+/// Reads what `pipe` has now into `buf` (up to [`MAX_OUTPUT_BYTES`]);
+/// false when it is done: closed, failed, or over the cap.
+fn drain<R: Read>(pipe: &mut Option<R>, buf: &mut Vec<u8>) -> bool {
+    let Some(p) = pipe else { return false };
+    let mut chunk = [0u8; 4096];
+    loop {
+        match p.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                if buf.len() as u64 >= MAX_OUTPUT_BYTES {
+                    buf.truncate(MAX_OUTPUT_BYTES as usize);
+                    return false;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 /// The IPMI source.
@@ -193,6 +276,7 @@ impl Reader for IpmiReader {
         vec![reading.map(|mw| Value {
             power_milliwatts: Some(mw),
             energy_millijoules: None,
+            energy_failure: None,
         })]
     }
 }
@@ -273,6 +357,30 @@ mod tests {
 
         let err = read(dir.path().join("missing"), Duration::from_secs(1)).unwrap_err();
         assert_eq!(err.reason, "spawn");
+    }
+
+    /// Regression: once its output closed, the child was waited for without
+    /// a deadline: one that closed its output and stayed (a wedged driver
+    /// call after printing) held the reader forever.
+    #[test]
+    fn a_child_that_closes_its_output_and_stays_is_killed_at_the_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let pidfile = dir.path().join("pid");
+        let program = script(
+            &dir,
+            &format!(
+                "echo $$ > {}\nexec >/dev/null 2>&1\nexec sleep 300",
+                pidfile.display()
+            ),
+        );
+        let err = read(program, Duration::from_millis(300)).unwrap_err();
+        assert_eq!(err.reason, "timeout", "{}", err.message);
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        // Killed and reaped: no such process any more.
+        assert!(
+            !Path::new("/proc").join(pid.trim()).exists(),
+            "the child still runs"
+        );
     }
 
     #[test]

@@ -56,11 +56,15 @@ impl SourceInfo {
 }
 
 /// What one read of a source gave.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Value {
     pub power_milliwatts: Option<u64>,
     /// Cumulative.
     pub energy_millijoules: Option<u64>,
+    /// Why the energy is absent though the source has a counter (its field
+    /// was unusable): the power is sent, the energy failure counted under
+    /// `kind/name/energy`.
+    pub energy_failure: Option<Failure>,
 }
 
 /// Why a read gave nothing.
@@ -88,9 +92,33 @@ pub trait Reader: Send + 'static {
     fn read(&mut self) -> Vec<Result<Value, Failure>>;
 }
 
-/// Log a failure of a kind at its first occurrence and then every this
-/// many in a row.
+/// Log a failure at its first occurrence and then every this many, counted
+/// per source and reason since the source last read well.
 const LOG_EVERY: u64 = 100;
+
+/// Which failures of one source are logged: the first of each reason and
+/// then every [`LOG_EVERY`]th of that reason, counted since the source
+/// last read well, so reasons alternating with each other keep their own
+/// counts instead of each resetting the other's.
+#[derive(Debug, Default, Clone)]
+struct LogLimit(BTreeMap<&'static str, u64>);
+
+impl LogLimit {
+    /// Counts a failure of `reason`; its count when it is to be logged.
+    fn failed(&mut self, reason: &'static str) -> Option<u64> {
+        let n = self.0.entry(reason).or_default();
+        *n += 1;
+        (*n == 1 || n.is_multiple_of(LOG_EVERY)).then_some(*n)
+    }
+
+    /// The source read well: how many failures there were since, and the
+    /// counts restart.
+    fn recovered(&mut self) -> u64 {
+        let n = self.0.values().sum();
+        self.0.clear();
+        n
+    }
+}
 
 /// Failures counted by `kind/name` and reason.
 #[derive(Debug, Default)]
@@ -132,6 +160,11 @@ impl Failures {
             .sum()
     }
 }
+
+/// How long the listing waits for the RAPL tree when no BMC is
+/// configured: sysfs answers at once; a hung filesystem must not hold the
+/// Hello.
+const RAPL_OPEN_CAP: Duration = Duration::from_secs(1);
 
 /// What the workers and the sampler share.
 #[derive(Default)]
@@ -195,8 +228,9 @@ fn work(
     slots: Arc<Slots>,
 ) {
     let mut last_at = vec![i64::MIN; zones.len()];
-    // Failures in a row, by zone, for rate-limited logs.
-    let mut streak: Vec<(u64, &'static str)> = vec![(0, ""); zones.len()];
+    // Rate-limited logs, by zone (and its energy field).
+    let mut logs = vec![LogLimit::default(); zones.len()];
+    let mut energy_logs = logs.clone();
     let start = Instant::now();
     let mut tick = 0u64;
     loop {
@@ -211,9 +245,18 @@ fn work(
             };
             match result {
                 Ok(value) => {
-                    if streak[z].0 > 0 {
-                        info!(source = %label, failed_reads = streak[z].0, "node power source reading again");
-                        streak[z] = (0, "");
+                    let failed = logs[z].recovered();
+                    if failed > 0 {
+                        info!(source = %label, failed_reads = failed, "node power source reading again");
+                    }
+                    if let Some(failure) = &value.energy_failure {
+                        let energy = format!("{label}/energy");
+                        slots.failures.add(&energy, failure.reason);
+                        if let Some(n) = energy_logs[z].failed(failure.reason) {
+                            warn!(source = %energy, reason = failure.reason, count = n, error = %failure.message, "node energy reading refused; the power is sent without it");
+                        }
+                    } else {
+                        energy_logs[z].recovered();
                     }
                     // Strictly increasing per source, whatever the clock.
                     let at = at.max(last_at[z].saturating_add(1));
@@ -228,14 +271,8 @@ fn work(
                 }
                 Err(failure) => {
                     slots.failures.add(label, failure.reason);
-                    let (n, reason) = &mut streak[z];
-                    if *reason != failure.reason {
-                        *n = 0;
-                        *reason = failure.reason;
-                    }
-                    *n += 1;
-                    if *n == 1 || *n % LOG_EVERY == 0 {
-                        warn!(source = %label, reason = failure.reason, in_a_row = *n, error = %failure.message, "node power reading failed; the source is absent from samples");
+                    if let Some(n) = logs[z].failed(failure.reason) {
+                        warn!(source = %label, reason = failure.reason, count = n, error = %failure.message, "node power reading failed; the source is absent from samples");
                     }
                 }
             }
@@ -251,12 +288,51 @@ fn work(
     }
 }
 
+/// A source being opened on its worker thread (discovery, a first read),
+/// not yet in the listing.
+struct Opening {
+    /// How logs and counters name it before it has a listing.
+    kind: &'static str,
+    /// What the listing holds if the opening is still running at the cap:
+    /// a configured chassis (without an energy counter, since none was
+    /// seen); `None`: the source is left out of the run.
+    late: Option<SourceInfo>,
+    result: Arc<Mutex<Option<Opened>>>,
+    /// The Hello entries of its zones, sent once listed; dropped unsent
+    /// when it is left out.
+    assign: std::sync::mpsc::Sender<Vec<(u32, String, bool)>>,
+}
+
 /// Every node power source of the agent.
 pub struct NodePower {
     sources: Vec<SourceInfo>,
     slots: Arc<Slots>,
     mock: Option<(u32, mock::MockNodePower)>,
+    /// Sources still opening; empty once listed.
+    opening: Vec<Opening>,
+    /// The mock's entry, listed after every other source.
+    mock_pending: Option<(SourceInfo, mock::MockNodePower)>,
+    listed: bool,
+    /// Notified each time an opening finishes.
+    opened: Arc<tokio::sync::Notify>,
+    cap: Duration,
 }
+
+/// What an opening gave: the source's zones as the Hello would list them.
+type Opened = Result<Vec<SourceInfo>, Failure>;
+
+/// (kind, listing if late, interval, the listing known before opening,
+/// how to open).
+type Start = (
+    &'static str,
+    Option<SourceInfo>,
+    Duration,
+    Option<Vec<SourceInfo>>,
+    Open,
+);
+
+/// One source's opening, run on its worker thread.
+type Open = Box<dyn FnOnce() -> Result<(Box<dyn Reader>, Vec<SourceInfo>), Failure> + Send>;
 
 impl NodePower {
     /// No source: nothing is sent.
@@ -265,72 +341,203 @@ impl NodePower {
             sources: Vec::new(),
             slots: Arc::new(Slots::default()),
             mock: None,
+            opening: Vec::new(),
+            mock_pending: None,
+            listed: true,
+            opened: Arc::new(tokio::sync::Notify::new()),
+            cap: Duration::ZERO,
         }
     }
 
-    /// Opens the configured sources and starts their workers. A source
-    /// that cannot be opened (a BMC that does not answer at start, a host
-    /// without RAPL) is logged and left out: GPU sampling goes on.
+    /// Starts opening the configured sources, each on its worker thread,
+    /// and returns at once: discovery never runs on the caller's thread.
+    /// The listing (the Hello's sources) is final once every source has
+    /// opened or [`NodePower::start_cap`] has passed ([`NodePower::list`]);
+    /// a source that fails to open (a BMC that refuses, a host without
+    /// RAPL) is logged, counted and left out: GPU sampling goes on.
     pub fn start(cfg: &Config, clock: Clock) -> Self {
         let mut this = Self::none();
-        let mut workers: Vec<(Box<dyn Reader>, Vec<SourceInfo>)> = Vec::new();
+        let mut opens: Vec<Start> = Vec::new();
         if let Some(url) = &cfg.redfish.url {
-            match redfish::RedfishReader::open(url, &cfg.redfish) {
-                Ok((reader, info)) => workers.push((Box::new(reader), vec![info])),
-                Err(e) => {
-                    this.slots.failures.add("redfish", e.reason);
-                    warn!(url = %url, reason = e.reason, error = %e.message, "Redfish node power unavailable; not sent this run");
-                }
-            }
+            let (url, settings) = (url.clone(), cfg.redfish.clone());
+            let late = cfg
+                .redfish
+                .chassis
+                .as_ref()
+                .map(|id| redfish::listing(id, &cfg.redfish, false));
+            opens.push((
+                "redfish",
+                late,
+                cfg.redfish.interval,
+                None,
+                Box::new(move || {
+                    let (reader, info) = redfish::RedfishReader::open(&url, &settings)?;
+                    Ok((Box::new(reader) as Box<dyn Reader>, vec![info]))
+                }),
+            ));
+            this.cap = this.cap.max(cfg.redfish.timeout);
         }
         if let Some(command) = &cfg.ipmi.command {
+            // Nothing to discover: listed at once.
             let (reader, info) = ipmi::IpmiReader::new(command, &cfg.ipmi);
-            workers.push((Box::new(reader), vec![info]));
+            opens.push((
+                "ipmi",
+                None,
+                cfg.ipmi.interval,
+                Some(vec![info.clone()]),
+                Box::new(move || Ok((Box::new(reader) as Box<dyn Reader>, vec![info]))),
+            ));
         }
         if cfg.rapl.enabled {
-            match rapl::RaplReader::open(&cfg.rapl) {
-                Ok((reader, infos)) => workers.push((Box::new(reader), infos)),
-                Err(e) => {
-                    this.slots.failures.add("rapl", e.reason);
-                    warn!(root = %cfg.rapl.root.display(), reason = e.reason, error = %e.message, "RAPL energy unavailable; not sent this run");
-                }
+            let settings = cfg.rapl.clone();
+            opens.push((
+                "rapl",
+                None,
+                cfg.rapl.interval,
+                None,
+                Box::new(move || {
+                    let (reader, infos) = rapl::RaplReader::open(&settings)?;
+                    Ok((Box::new(reader) as Box<dyn Reader>, infos))
+                }),
+            ));
+            this.cap = this.cap.max(RAPL_OPEN_CAP);
+        }
+        for (kind, late, interval, ready, open) in opens {
+            let known = ready.is_some();
+            let result = Arc::new(Mutex::new(ready.map(Ok)));
+            let (assign, assigned) = std::sync::mpsc::channel();
+            let (slot, opened, slots, clock) = (
+                result.clone(),
+                this.opened.clone(),
+                this.slots.clone(),
+                clock.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("node-power-{kind}"))
+                .spawn(move || {
+                    let (reader, infos) = match open() {
+                        Ok(opened) => opened,
+                        Err(e) => {
+                            *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Err(e));
+                            opened.notify_one();
+                            return;
+                        }
+                    };
+                    if !known {
+                        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Ok(infos));
+                        opened.notify_one();
+                    }
+                    // Read only once listed; left out: done.
+                    let Ok(zones) = assigned.recv() else { return };
+                    work(reader, zones, interval, clock, slots);
+                });
+            match spawned {
+                Ok(_) => this.opening.push(Opening {
+                    kind,
+                    late,
+                    result,
+                    assign,
+                }),
+                Err(e) => warn!(source = kind, error = %e, "could not start a node power worker"),
             }
         }
-        for (reader, infos) in workers {
+        if cfg.source == SourceKind::Mock && cfg.mock.node_power {
+            this.mock_pending = Some((
+                mock::MockNodePower::info(cfg.interval),
+                mock::MockNodePower::new(cfg.mock.gpus),
+            ));
+        }
+        this.listed = false;
+        // Without a source to discover (none, the mock, IPMI) the listing
+        // is known now.
+        if this.all_opened() {
+            this.list();
+        }
+        this
+    }
+
+    /// How long the listing waits for sources still opening: one request
+    /// timeout of the BMC (the RAPL tree's cap without one).
+    pub fn start_cap(&self) -> Duration {
+        self.cap
+    }
+
+    /// Whether the listing is final (the Hello can go out).
+    pub fn is_listed(&self) -> bool {
+        self.listed
+    }
+
+    /// Whether every source has finished opening.
+    pub fn all_opened(&self) -> bool {
+        self.opening
+            .iter()
+            .all(|o| o.result.lock().unwrap_or_else(|e| e.into_inner()).is_some())
+    }
+
+    /// Notified each time a source finishes opening.
+    pub fn opened_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.opened.clone()
+    }
+
+    /// Makes the listing final: the sources opened so far, in the order
+    /// configured; a configured chassis still being discovered, without an
+    /// energy counter; any other source still opening is left out of the
+    /// run (logged, counted as `start_timeout`); then the mock.
+    pub fn list(&mut self) {
+        if self.listed {
+            return;
+        }
+        for opening in std::mem::take(&mut self.opening) {
+            let result = opening
+                .result
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            let infos = match result {
+                Some(Ok(infos)) => infos,
+                Some(Err(e)) => {
+                    self.slots.failures.add(opening.kind, e.reason);
+                    warn!(source = opening.kind, reason = e.reason, error = %e.message, "node power source unavailable; not sent this run");
+                    continue;
+                }
+                None => match opening.late {
+                    Some(info) => {
+                        warn!(source = %info.label(), cap_ms = self.cap.as_millis() as u64, "node power source still opening at start-up; listed without an energy counter, read once it answers");
+                        vec![info]
+                    }
+                    None => {
+                        self.slots.failures.add(opening.kind, "start_timeout");
+                        warn!(
+                            source = opening.kind,
+                            cap_ms = self.cap.as_millis() as u64,
+                            "node power source still opening at start-up; not sent this run (configure redfish.chassis to list it without waiting)"
+                        );
+                        continue;
+                    }
+                },
+            };
             let zones: Vec<(u32, String, bool)> = infos
                 .iter()
                 .enumerate()
                 .map(|(k, info)| {
                     (
-                        (this.sources.len() + k) as u32,
+                        (self.sources.len() + k) as u32,
                         info.label(),
                         info.energy_counter_supported,
                     )
                 })
                 .collect();
-            let interval = infos[0].interval;
             let names: Vec<String> = infos.iter().map(SourceInfo::label).collect();
-            this.sources.extend(infos);
-            let slots = this.slots.clone();
-            let clock = clock.clone();
-            let thread = format!(
-                "node-power-{}",
-                names[0].split('/').next().unwrap_or("source")
-            );
-            info!(sources = %names.join(","), interval_ms = interval.as_millis() as u64, "node power source started");
-            let spawned = std::thread::Builder::new()
-                .name(thread)
-                .spawn(move || work(reader, zones, interval, clock, slots));
-            if let Err(e) = spawned {
-                warn!(error = %e, "could not start a node power worker");
-            }
+            info!(sources = %names.join(","), interval_ms = infos.first().map(|i| i.interval.as_millis() as u64).unwrap_or(0), "node power source started");
+            self.sources.extend(infos);
+            let _ = opening.assign.send(zones);
         }
-        if cfg.source == SourceKind::Mock && cfg.mock.node_power {
-            let index = this.sources.len() as u32;
-            this.sources.push(mock::MockNodePower::info(cfg.interval));
-            this.mock = Some((index, mock::MockNodePower::new(cfg.mock.gpus)));
+        if let Some((info, mock)) = self.mock_pending.take() {
+            let index = self.sources.len() as u32;
+            self.sources.push(info);
+            self.mock = Some((index, mock));
         }
-        this
+        self.listed = true;
     }
 
     /// The sources as the Hello lists them.
@@ -414,6 +621,62 @@ mod tests {
         }
     }
 
+    /// Regression: the log limit restarted whenever the reason changed, so
+    /// two alternating failures were each logged every time.
+    #[test]
+    fn alternating_failure_reasons_are_rate_limited_each() {
+        let mut limit = LogLimit::default();
+        let logged = (0..2 * LOG_EVERY)
+            .filter(|i| {
+                let reason = if i % 2 == 0 { "timeout" } else { "http_status" };
+                limit.failed(reason).is_some()
+            })
+            .count();
+        // Each reason: its first and its 100th.
+        assert_eq!(logged, 4);
+        assert_eq!(limit.recovered(), 2 * LOG_EVERY);
+        assert_eq!(limit.failed("timeout"), Some(1));
+    }
+
+    /// An unusable energy field: the power goes out, the energy failure
+    /// is counted apart from the source's read failures.
+    #[test]
+    fn an_energy_failure_keeps_the_power_and_is_counted_apart() {
+        let slots = Arc::new(Slots::default());
+        let clock: Clock = Arc::new(|| 1_000);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let zones = vec![(0, "redfish/1".to_string(), true)];
+        let s = slots.clone();
+        let worker = std::thread::spawn(move || {
+            work(
+                Box::new(Script(rx)),
+                zones,
+                Duration::from_millis(1),
+                clock,
+                s,
+            )
+        });
+        let mut power = NodePower::none();
+        power.slots = slots.clone();
+        tx.send(Ok(Value {
+            power_milliwatts: Some(812_500),
+            energy_millijoules: None,
+            energy_failure: Some(Failure::new("imprecise", "EnergykWh.Reading 1e300")),
+        }))
+        .unwrap();
+        let mut got = Vec::new();
+        until("the reading", || {
+            got.extend(power.take(0, &[]));
+            !got.is_empty()
+        });
+        power.stop();
+        drop(tx);
+        worker.join().unwrap();
+        assert_eq!(got[0].power_milliwatts, Some(812_500));
+        assert_eq!(got[0].energy_millijoules, None);
+        assert_eq!(slots.failures.by_reason(), "redfish/1/energy:imprecise=1");
+    }
+
     #[test]
     fn failures_are_counted_absent_and_the_newest_reading_is_sent_once() {
         let slots = Arc::new(Slots::default());
@@ -423,6 +686,7 @@ mod tests {
             Ok(Value {
                 power_milliwatts: Some(mw),
                 energy_millijoules: Some(mw * 2),
+                energy_failure: None,
             })
         };
         let (tx, rx) = std::sync::mpsc::channel();
@@ -431,11 +695,8 @@ mod tests {
         let worker = std::thread::spawn(move || {
             work(Box::new(Script(rx)), zones, Duration::from_millis(1), c, s)
         });
-        let mut power = NodePower {
-            sources: Vec::new(),
-            slots: slots.clone(),
-            mock: None,
-        };
+        let mut power = NodePower::none();
+        power.slots = slots.clone();
         let mut got = Vec::new();
         tx.send(reading(5)).unwrap();
         until("the first reading", || {

@@ -7,21 +7,30 @@
 //! `psys`, `core` and `uncore` are not read (psys is the whole platform on
 //! some laptops; core and uncore are inside the package).
 //!
-//! `energy_uj` is a counter in µJ that wraps to 0 after
-//! `max_energy_range_uj`. The agent undoes the wraps in integers: when a
-//! value is below the previous one, the counter went round once, and the
-//! delta is `(max_energy_range_uj - previous) + value + 1`. It sends the
-//! cumulative energy (the first value read plus every delta since) as its
-//! floor in mJ, keeping the µJ total, so no remainder is ever lost.
+//! `energy_uj` is a counter in µJ whose range is `max_energy_range_uj`
+//! (the kernel's powercap ABI: "Range of the above energy counter in
+//! micro-joules"); it wraps to 0 after reaching it. The agent sends the
+//! energy counted since it started (starting at 0, never at the first raw
+//! value, so a restarted agent books nothing it did not see) as its floor
+//! in mJ, keeping the µJ total, so no remainder is lost. Between two reads
+//! `dt` apart, the most a zone can plausibly use is its plausible maximum
+//! power ([`MAX_PACKAGE_WATTS`], [`MAX_DRAM_WATTS`]) over `dt` plus
+//! [`SLACK`]:
+//! - a value at or above the previous one is a delta, if plausible;
+//! - a value below it is a wrap, `(max_energy_range_uj - previous) + value
+//!   + 1`, if that is plausible;
+//! - anything else (a package reset, a resume from suspend, a VM moved to
+//!   another host, or a worker stalled so long that one wrap cannot be told
+//!   from two) is a reset: nothing is counted for that interval, the read
+//!   is refused (`counter_reset`: counted and logged), and counting goes on
+//!   from the new value.
 //!
-//! *Bound:* two wraps between two reads look like one. That takes an
-//! energy of `max_energy_range_uj` within one read interval: on Intel the
-//! range is ~262 kJ (2³² energy units of 61 µJ), which at the default 1 s
-//! is 262 kW and at the longest interval allowed (60 s) still 4.4 kW, more
-//! than any CPU package draws (~500 W). The kernel scales a raw 32-bit
-//! register by the energy unit, so its true period can exceed
-//! `max_energy_range_uj + 1` by up to one unit (61 µJ) per wrap: below the
-//! mJ resolution sent, once per several minutes at full power.
+//! *Bound:* the wrap arithmetic is not exact to the µJ. The kernel scales
+//! a raw 32-bit register by the zone's energy unit (61 µJ on most Intel
+//! servers, 15.3 µJ on others, not exposed in sysfs), so the true period
+//! is `max_energy_range_uj` plus one unit, not plus 1 µJ: each wrap
+//! undercounts by less than one unit. At 500 W a ~262 kJ range wraps every
+//! ~9 minutes, ~165 times a day: under 10 mJ a day per zone, accumulating.
 //!
 //! `energy_uj` is readable by root only since Linux 5.10 (CVE-2020-8694):
 //! run the agent as a user the file is readable by (a udev rule or
@@ -33,48 +42,74 @@ use std::time::{Duration, Instant};
 use super::{Failure, Reader, SourceInfo, Value};
 use crate::config::RaplSettings;
 
+/// Most watts a CPU package zone plausibly draws on average over a read
+/// interval (the largest server CPUs draw ~500 W).
+pub const MAX_PACKAGE_WATTS: u64 = 2_000;
+
+/// Most watts a DRAM zone plausibly draws.
+pub const MAX_DRAM_WATTS: u64 = 1_000;
+
+/// Added to the time between two reads when judging what is plausible:
+/// the reads' timing is not the counter's.
+pub const SLACK: Duration = Duration::from_millis(100);
+
 /// A wrapping µJ counter made cumulative.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Counter {
     /// `max_energy_range_uj`: the largest value before it wraps to 0.
     max_uj: u64,
+    /// Plausible maximum power of the zone.
+    max_watts: u64,
     last_raw: Option<u64>,
-    /// Cumulative µJ: the first value plus every delta.
+    /// Cumulative µJ since the first value.
     total_uj: u128,
 }
 
 impl Counter {
-    pub fn new(max_uj: u64) -> Self {
+    pub fn new(max_uj: u64, max_watts: u64) -> Self {
         Self {
             max_uj,
+            max_watts,
             last_raw: None,
             total_uj: 0,
         }
     }
 
-    /// Takes a raw value; returns the µJ since the previous one (`None`
-    /// for the first).
-    pub fn update(&mut self, raw: u64) -> Result<Option<u64>, Failure> {
+    /// Takes a raw value read `elapsed` after the previous one; returns
+    /// the µJ since the previous one (`None` for the first). A reset (see
+    /// the module) is a `counter_reset` failure, the new value the base.
+    pub fn update(&mut self, raw: u64, elapsed: Duration) -> Result<Option<u64>, Failure> {
         if raw > self.max_uj {
             return Err(Failure::new(
                 "out_of_range",
                 format!("energy_uj {raw} above max_energy_range_uj {}", self.max_uj),
             ));
         }
-        let delta = match self.last_raw {
-            None => {
-                self.total_uj = u128::from(raw);
-                None
-            }
-            Some(last) if raw >= last => Some(raw - last),
-            // A wrap: from `last` up to `max`, then 0 up to `raw`.
-            Some(last) => Some((self.max_uj - last) + raw + 1),
+        let Some(last) = self.last_raw.replace(raw) else {
+            return Ok(None);
         };
-        if let Some(d) = delta {
-            self.total_uj += u128::from(d);
+        let delta = if raw >= last {
+            raw - last
+        } else {
+            // A wrap: from `last` up to `max`, then 0 up to `raw`.
+            (self.max_uj - last) + raw + 1
+        };
+        // W × µs = µJ.
+        let plausible = u128::from(self.max_watts) * (elapsed + SLACK).as_micros();
+        // With `plausible` beyond the range, a wrap cannot be told from two
+        // or from a reset.
+        if u128::from(delta) > plausible || (raw < last && plausible >= u128::from(self.max_uj)) {
+            return Err(Failure::new(
+                "counter_reset",
+                format!(
+                    "energy_uj went from {last} to {raw} in {} ms: more than {} W could use, or ambiguous; counted from {raw} on, nothing for the interval",
+                    elapsed.as_millis(),
+                    self.max_watts
+                ),
+            ));
         }
-        self.last_raw = Some(raw);
-        Ok(delta)
+        self.total_uj += u128::from(delta);
+        Ok(Some(delta))
     }
 
     /// The cumulative energy, mJ (floor; the µJ below it are kept).
@@ -195,9 +230,14 @@ impl RaplReader {
             }
             // Readable now, or unavailable (root-only since Linux 5.10).
             read_u64(&dir.join("energy_uj"))?;
+            let watts = if domain == "dram" {
+                MAX_DRAM_WATTS
+            } else {
+                MAX_PACKAGE_WATTS
+            };
             zones.push(Zone {
                 dir,
-                counter: Counter::new(max),
+                counter: Counter::new(max, watts),
                 last_read: None,
             });
             infos.push(SourceInfo {
@@ -216,18 +256,22 @@ impl RaplReader {
     fn read_zone(zone: &mut Zone) -> Result<Value, Failure> {
         let raw = read_u64(&zone.dir.join("energy_uj"))?;
         let now = Instant::now();
-        let delta = zone.counter.update(raw)?;
-        let power = match (delta, zone.last_read) {
-            (Some(d), Some(then)) => {
-                let ns = now.duration_since(then).as_nanos().max(1);
+        let elapsed = zone.last_read.map(|then| now.duration_since(then));
+        // A reset is refused, and the next read measures from this one.
+        let updated = zone.counter.update(raw, elapsed.unwrap_or_default());
+        zone.last_read = Some(now);
+        let delta = updated?;
+        let power = match (delta, elapsed) {
+            (Some(d), Some(dt)) => {
+                let ns = dt.as_nanos().max(1);
                 u64::try_from(u128::from(d) * 1_000_000 / ns).ok()
             }
             _ => None,
         };
-        zone.last_read = Some(now);
         Ok(Value {
             power_milliwatts: power,
             energy_millijoules: Some(zone.counter.millijoules()),
+            energy_failure: None,
         })
     }
 }
@@ -236,12 +280,6 @@ impl Reader for RaplReader {
     fn read(&mut self) -> Vec<Result<Value, Failure>> {
         self.zones.iter_mut().map(Self::read_zone).collect()
     }
-}
-
-/// The read interval at which a zone of range `max_uj` could wrap twice
-/// between reads at `watts`.
-pub fn ambiguous_after(max_uj: u64, watts: u64) -> Duration {
-    Duration::from_micros(max_uj / watts.max(1))
 }
 
 #[cfg(test)]
@@ -287,7 +325,7 @@ mod tests {
     }
 
     #[test]
-    fn two_packages_and_dram_with_a_wrap_are_exact_to_the_millijoule() {
+    fn two_packages_and_dram_with_a_wrap_are_counted_from_zero() {
         const MAX: u64 = 262_143_328_850;
         let t = Tree::new();
         t.zone("intel-rapl:0", "package-0", MAX - 1_500, MAX);
@@ -309,37 +347,75 @@ mod tests {
                 ("package-1/dram", "dram"),
             ]
         );
-        // The first values, floored: 262 143 327 350 µJ.
-        assert_eq!(
-            energies(&mut reader),
-            [Some(262_143_327), Some(0), Some(10_000), Some(0)]
-        );
+        // The first values are the base: nothing counted yet.
+        assert_eq!(energies(&mut reader), [Some(0); 4]);
         // package-0 wraps: 1 500 µJ to the top, 1 to reach 0, 2 499 more:
-        // 4 000 µJ in all, on top of the 262 143 327 350.
+        // 4 000 µJ in all.
         t.set("intel-rapl:0", 2_499);
         t.set("intel-rapl:0/intel-rapl:0:1", 1_998);
         t.set("intel-rapl:1", 10_000_999);
         t.set("intel-rapl:1/intel-rapl:1:0", 1_001);
-        assert_eq!(
-            energies(&mut reader),
-            [Some(262_143_331), Some(1), Some(10_000), Some(1)]
-        );
-        // The µJ remainders carry: 350 µJ + 650 µJ make the next mJ.
-        t.set("intel-rapl:0", 2_499 + 650);
-        assert_eq!(energies(&mut reader)[0], Some(262_143_332));
-        assert_eq!(reader.zones[0].counter.microjoules(), 262_143_332_000);
+        assert_eq!(energies(&mut reader), [Some(4), Some(0), Some(0), Some(1)]);
+        // The µJ remainders carry: package-1's 876 µJ and 124 more make
+        // its first mJ.
+        t.set("intel-rapl:1", 10_000_999 + 124);
+        assert_eq!(energies(&mut reader)[2], Some(1));
+        assert_eq!(reader.zones[2].counter.microjoules(), 1_000);
     }
 
+    const INTEL_MAX: u64 = 262_143_328_850;
+    const SECOND: Duration = Duration::from_secs(1);
+
     #[test]
-    fn counter_wraps_exactly_and_refuses_values_above_its_range() {
-        let mut c = Counter::new(999);
-        assert_eq!(c.update(990).unwrap(), None);
-        assert_eq!(c.update(995).unwrap(), Some(5));
-        // 995 → 999 (4), → 0 (1), → 7 (7).
-        assert_eq!(c.update(7).unwrap(), Some(12));
-        assert_eq!(c.microjoules(), 1_007);
-        assert_eq!(c.update(1_000).unwrap_err().reason, "out_of_range");
-        assert_eq!(c.update(7).unwrap(), Some(0));
+    fn counter_wraps_and_refuses_values_above_its_range() {
+        let mut c = Counter::new(INTEL_MAX, MAX_PACKAGE_WATTS);
+        assert_eq!(c.update(INTEL_MAX - 10, SECOND).unwrap(), None);
+        assert_eq!(c.microjoules(), 0, "the first value is the base");
+        assert_eq!(c.update(INTEL_MAX - 5, SECOND).unwrap(), Some(5));
+        // MAX - 5 → MAX (5), → 0 (1), → 7 (7).
+        assert_eq!(c.update(7, SECOND).unwrap(), Some(13));
+        assert_eq!(c.microjoules(), 18);
+        assert_eq!(
+            c.update(INTEL_MAX + 1, SECOND).unwrap_err().reason,
+            "out_of_range"
+        );
+        assert_eq!(c.update(7, SECOND).unwrap(), Some(0));
+    }
+
+    /// Regression: every drop was taken as one wrap, so a counter reset
+    /// booked up to the whole range (~262 kJ) that was never used.
+    #[test]
+    fn a_reset_counts_nothing_for_its_interval_and_counting_goes_on() {
+        let mut c = Counter::new(INTEL_MAX, MAX_PACKAGE_WATTS);
+        c.update(100_000_000_000, SECOND).unwrap();
+        assert_eq!(c.update(100_000_500_000, SECOND).unwrap(), Some(500_000));
+        // Reset to near 0: as a wrap that would be ~162 kJ in a second.
+        assert_eq!(c.update(5_000, SECOND).unwrap_err().reason, "counter_reset");
+        assert_eq!(c.microjoules(), 500_000);
+        assert_eq!(c.update(6_000, SECOND).unwrap(), Some(1_000));
+        // A jump forward no package could draw (a VM moved to a host whose
+        // counter is ahead) is a reset too.
+        assert_eq!(
+            c.update(200_000_000_000, SECOND).unwrap_err().reason,
+            "counter_reset"
+        );
+        assert_eq!(c.update(200_000_001_000, SECOND).unwrap(), Some(1_000));
+        assert_eq!(c.microjoules(), 502_000);
+    }
+
+    /// A worker stalled for longer than the counter's range takes at full
+    /// power: one wrap cannot be told from two, so nothing is guessed.
+    #[test]
+    fn a_drop_after_a_stall_longer_than_a_wrap_is_not_guessed() {
+        let mut c = Counter::new(INTEL_MAX, MAX_PACKAGE_WATTS);
+        c.update(INTEL_MAX - 1_000, SECOND).unwrap();
+        let stall = Duration::from_secs(600);
+        assert_eq!(c.update(1_000, stall).unwrap_err().reason, "counter_reset");
+        assert_eq!(c.microjoules(), 0);
+        // The same drop within a second is one wrap.
+        let mut c = Counter::new(INTEL_MAX, MAX_PACKAGE_WATTS);
+        c.update(INTEL_MAX - 1_000, SECOND).unwrap();
+        assert_eq!(c.update(1_000, SECOND).unwrap(), Some(2_001));
     }
 
     #[test]
@@ -359,12 +435,5 @@ mod tests {
             RaplReader::open(&missing).err().unwrap().reason,
             "unsupported"
         );
-    }
-
-    #[test]
-    fn the_documented_ambiguity_bound() {
-        // Intel's range: 60 s holds below 4.4 kW, 1 s below 262 kW.
-        assert!(ambiguous_after(262_143_328_850, 4_000) > Duration::from_secs(60));
-        assert!(ambiguous_after(262_143_328_850, 262_000) > Duration::from_secs(1));
     }
 }

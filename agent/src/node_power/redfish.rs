@@ -1,33 +1,54 @@
 //! Whole-node power (and energy, where the BMC has an energy sensor) from
 //! the node's BMC over Redfish.
 //!
-//! Discovery, at start: the configured chassis, or each member of
-//! `/redfish/v1/Chassis` in order (at most [`MAX_CHASSIS`]) until one has
-//! power readings. A chassis that links `EnvironmentMetrics` with a
-//! `PowerWatts` reading is read there (newer BMCs, beside
-//! `PowerSubsystem`; its `EnergyJoules` / `EnergykWh` sensor, if present,
-//! is the energy counter); otherwise its `Power` resource
-//! (`PowerControl[].PowerConsumedWatts`, no energy). The chassis chosen at
-//! start is the source's name for the run; after [`REDISCOVER_AFTER`]
-//! failed reads in a row its links are looked up again (a BMC firmware
-//! update may move them).
+//! Discovery, on the source's worker thread at start: the configured
+//! chassis, or the one chassis of `/redfish/v1/Chassis` (at most
+//! [`MAX_CHASSIS`] looked at) that stands for the whole node: a top-level
+//! chassis (not `Links.ContainedBy` another) of a node's type
+//! ([`NODE_TYPES`]: `RackMount`, `Enclosure`, `StandAlone`, ...) with power
+//! readings. A GPU baseboard, an NVSwitch tray, a drive backplane (types
+//! `Module`, `Component`, `Card`, or contained by another chassis) has
+//! power readings of its own that are not the node's, and is skipped. The
+//! candidates are logged; when several top-level chassis qualify,
+//! discovery refuses to guess (`ambiguous_chassis`) and asks for
+//! `redfish.chassis`.
 //!
-//! Start-up waits for the BMC at most about four request timeouts: without
-//! a configured chassis a BMC that does not answer leaves the source out of
-//! the run (logged and counted); with one, the source is listed (without an
-//! energy counter, since none was seen) and found when the BMC answers.
+//! A chassis that links `EnvironmentMetrics` with a `PowerWatts` reading is
+//! read there (newer BMCs, beside `PowerSubsystem`; its `EnergyJoules` /
+//! `EnergykWh` sensor, if present, is the energy counter); otherwise, or
+//! when that link is broken (an HTTP error or a body that is not a
+//! reading), its `Power` resource (`PowerControl[].PowerConsumedWatts`, no
+//! energy). Only a refusal or silence of the BMC as a whole (unauthorized,
+//! timeout, TLS, transport) ends the lookup. The chassis chosen at start is
+//! the source's name for the run; after [`REDISCOVER_AFTER`] failed reads in
+//! a row its links are looked up again (a BMC firmware update may move
+//! them). Each request is bounded by `redfish.timeout`; a read that looks
+//! the links up again makes up to three requests (the chassis, then
+//! `EnvironmentMetrics` and `Power`), the reading taken from the lookup, so
+//! such a read can take up to three timeouts. It runs on the worker thread:
+//! the samples never wait for it.
+//!
+//! The Hello waits for discovery at most one request timeout (see
+//! [`super::NodePower::list`]). Without a configured chassis a BMC that has
+//! not answered by then leaves the source out of the run (logged and
+//! counted); with one, the source is listed and found when the BMC answers.
+//! A configured chassis is listed with an energy counter only if its first
+//! reading, within that wait, had one: the Hello cannot change later, and
+//! declaring a counter the BMC may not have would be a guess.
 //!
 //! An energy reading below the previous one is refused
 //! (`counter_backwards`): a BMC that glitches back must not look like a
 //! counter restart, which the collector would book as new energy. Two in a
 //! row are a restart (a BMC reset): the second is sent as the new base.
+//! An unusable energy field keeps the power reading (the energy failure is
+//! counted on its own).
 
 use std::time::Instant;
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use capwatch_common::redfish::{
-    Client, FetchError, Options, Reading, ReadingError, link, members, parse_environment_metrics,
+    Client, FetchError, Options, Parsed, ReadingError, link, members, parse_environment_metrics,
     parse_power,
 };
 
@@ -36,6 +57,18 @@ use crate::config::RedfishSettings;
 
 /// Most chassis looked at by discovery.
 pub const MAX_CHASSIS: usize = 16;
+
+/// Chassis types that stand for a whole node. Others (`Module`,
+/// `Component`, `Card`, `Rack`, ...) are parts of a node or hold several.
+pub const NODE_TYPES: &[&str] = &[
+    "RackMount",
+    "Enclosure",
+    "StandAlone",
+    "Sled",
+    "Blade",
+    "Drawer",
+    "Cartridge",
+];
 
 /// Failed reads in a row after which the chassis' links are looked up
 /// again.
@@ -72,6 +105,30 @@ fn reading_failure(url: &str, e: ReadingError) -> Failure {
     Failure::new(e.reason(), format!("{url}: {e}"))
 }
 
+/// Whether a failure is the BMC's as a whole (no point asking it more).
+fn is_bmc_wide(f: &Failure) -> bool {
+    matches!(f.reason, "unauthorized" | "timeout" | "tls" | "transport")
+}
+
+/// How the Hello lists chassis `id`.
+pub fn listing(id: &str, cfg: &RedfishSettings, energy: bool) -> SourceInfo {
+    SourceInfo {
+        kind: "redfish",
+        domain: "node",
+        name: id.to_string(),
+        energy_counter_supported: energy,
+        interval: cfg.interval,
+    }
+}
+
+/// The id of a chassis at `path` (its last segment).
+fn chassis_id(path: &str) -> &str {
+    path.trim_end_matches('/')
+        .rsplit('/')
+        .next()
+        .unwrap_or(path)
+}
+
 impl RedfishReader {
     /// Connects to the BMC at `url` and discovers its chassis.
     pub fn open(url: &str, cfg: &RedfishSettings) -> Result<(Self, SourceInfo), Failure> {
@@ -102,24 +159,18 @@ impl RedfishReader {
             backwards_in_a_row: 0,
         };
         let deadline = Instant::now() + cfg.timeout.saturating_mul(3);
-        let info = |name: String, energy: bool| SourceInfo {
-            kind: "redfish",
-            domain: "node",
-            name,
-            energy_counter_supported: energy,
-            interval: cfg.interval,
-        };
+        let info = |name: &str, energy: bool| listing(name, cfg, energy);
         match &cfg.chassis {
             Some(id) => {
                 this.chassis_path = format!("/redfish/v1/Chassis/{id}");
                 match this.resolve(&this.chassis_path.clone()) {
                     Ok((target, reading)) => {
                         this.target = Some(target);
-                        Ok((this, info(id.clone(), reading.energy_millijoules.is_some())))
+                        Ok((this, info(id, reading.reading.energy_millijoules.is_some())))
                     }
                     Err(e) => {
                         warn!(url, chassis = %id, reason = e.reason, error = %e.message, "BMC chassis not readable at start; listed without an energy counter, retried every interval");
-                        Ok((this, info(id.clone(), false)))
+                        Ok((this, info(id, false)))
                     }
                 }
             }
@@ -127,13 +178,18 @@ impl RedfishReader {
                 let (id, target, reading) = this.discover(deadline)?;
                 this.chassis_path = format!("/redfish/v1/Chassis/{id}");
                 this.target = Some(target);
-                Ok((this, info(id, reading.energy_millijoules.is_some())))
+                Ok((
+                    this,
+                    info(&id, reading.reading.energy_millijoules.is_some()),
+                ))
             }
         }
     }
 
-    /// The first chassis with power readings: (id, target, its reading).
-    fn discover(&self, deadline: Instant) -> Result<(String, Target, Reading), Failure> {
+    /// The one top-level node chassis with power readings: (id, target,
+    /// its reading).
+    fn discover(&self, deadline: Instant) -> Result<(String, Target, Parsed), Failure> {
+        let collection_url = self.client.url("/redfish/v1/Chassis");
         let collection = self
             .client
             .get_json("/redfish/v1/Chassis")
@@ -141,45 +197,97 @@ impl RedfishReader {
         let mut last = Failure::new(
             "no_power_readings",
             format!(
-                "{}: no chassis has power readings",
-                self.client.url("/redfish/v1/Chassis")
+                "{collection_url}: no top-level node chassis has power readings; set redfish.chassis"
             ),
         );
+        let mut found: Vec<(String, Target, Parsed)> = Vec::new();
         for path in members(&collection).into_iter().take(MAX_CHASSIS) {
             if Instant::now() > deadline {
+                last = Failure::new(
+                    "timeout",
+                    format!(
+                        "{collection_url}: discovery ran past its deadline; set redfish.chassis"
+                    ),
+                );
                 break;
             }
-            match self.resolve(path) {
+            let id = chassis_id(path).to_string();
+            let chassis = match self.client.get_json(path).map_err(fetch_failure) {
+                Ok(c) => c,
+                Err(e) if is_bmc_wide(&e) => return Err(e),
+                Err(e) => {
+                    info!(chassis = %id, reason = e.reason, error = %e.message, "Redfish chassis candidate: unreadable");
+                    last = e;
+                    continue;
+                }
+            };
+            let kind = chassis["ChassisType"].as_str().unwrap_or("");
+            let contained_by = chassis["Links"]["ContainedBy"]["@odata.id"].as_str();
+            if let Some(parent) = contained_by {
+                info!(chassis = %id, chassis_type = kind, contained_by = parent, "Redfish chassis candidate: skipped, part of another chassis");
+                continue;
+            }
+            if !NODE_TYPES.contains(&kind) {
+                info!(chassis = %id, chassis_type = kind, "Redfish chassis candidate: skipped, not a node's chassis type");
+                continue;
+            }
+            match self.resolve_body(path, &chassis) {
                 Ok((target, reading)) => {
-                    let id = path
-                        .trim_end_matches('/')
-                        .rsplit('/')
-                        .next()
-                        .unwrap_or(path);
-                    return Ok((id.to_string(), target, reading));
+                    info!(chassis = %id, chassis_type = kind, reading = %target.path, "Redfish chassis candidate: a node chassis with power readings");
+                    found.push((id, target, reading));
                 }
-                // The BMC as a whole refuses or does not answer: stop.
-                Err(e) if matches!(e.reason, "unauthorized" | "timeout" | "tls" | "transport") => {
-                    return Err(e);
+                Err(e) if is_bmc_wide(&e) => return Err(e),
+                Err(e) => {
+                    info!(chassis = %id, chassis_type = kind, reason = e.reason, "Redfish chassis candidate: no usable reading");
+                    last = e;
                 }
-                // This chassis has no usable reading: the next.
-                Err(e) => last = e,
             }
         }
-        Err(last)
+        match found.len() {
+            0 => Err(last),
+            1 => Ok(found.remove(0)),
+            _ => {
+                let ids: Vec<&str> = found.iter().map(|(id, _, _)| id.as_str()).collect();
+                Err(Failure::new(
+                    "ambiguous_chassis",
+                    format!(
+                        "{collection_url}: several top-level chassis have power readings ({}); set redfish.chassis to the one that is the whole node",
+                        ids.join(", ")
+                    ),
+                ))
+            }
+        }
     }
 
-    /// Where the chassis at `path` has its power reading, preferring
-    /// EnvironmentMetrics, and one reading from there.
-    fn resolve(&self, path: &str) -> Result<(Target, Reading), Failure> {
+    /// Where the chassis at `path` has its power reading, and one reading
+    /// from there.
+    fn resolve(&self, path: &str) -> Result<(Target, Parsed), Failure> {
         let chassis = self.client.get_json(path).map_err(fetch_failure)?;
+        self.resolve_body(path, &chassis)
+    }
+
+    /// [`Self::resolve`] with the chassis' body at hand: EnvironmentMetrics
+    /// when it has a power reading, else (absent, broken, or without
+    /// power) `Power`; only a BMC-wide failure ends the lookup.
+    fn resolve_body(
+        &self,
+        path: &str,
+        chassis: &serde_json::Value,
+    ) -> Result<(Target, Parsed), Failure> {
         let candidates = [
             (
-                link(&chassis, "EnvironmentMetrics"),
+                link(chassis, "EnvironmentMetrics"),
                 Schema::EnvironmentMetrics,
             ),
-            (link(&chassis, "Power"), Schema::Power),
+            (link(chassis, "Power"), Schema::Power),
         ];
+        let mut last = Failure::new(
+            "no_power_readings",
+            format!(
+                "{}: no EnvironmentMetrics or Power reading",
+                self.client.url(path)
+            ),
+        );
         for (link, schema) in candidates {
             let Some(link) = link else { continue };
             let target = Target {
@@ -187,42 +295,46 @@ impl RedfishReader {
                 schema,
             };
             match self.read_target(&target) {
-                Ok(reading) if reading.power_milliwatts.is_some() => return Ok((target, reading)),
+                Ok(reading) if reading.reading.power_milliwatts.is_some() => {
+                    return Ok((target, reading));
+                }
                 // No PowerWatts there (only temperatures, say): the next.
                 Ok(_) => {}
-                Err(e) if e.reason == "missing" => {}
-                Err(e) => return Err(e),
+                Err(e) if is_bmc_wide(&e) => return Err(e),
+                // A broken link (404, 500, not a reading): the next, and
+                // this failure the answer if none serves.
+                Err(e) => last = e,
             }
         }
-        Err(Failure::new(
-            "no_power_readings",
-            format!(
-                "{}: no EnvironmentMetrics or Power reading",
-                self.client.url(path)
-            ),
-        ))
+        Err(last)
     }
 
-    fn read_target(&self, target: &Target) -> Result<Reading, Failure> {
+    fn read_target(&self, target: &Target) -> Result<Parsed, Failure> {
         let body = self.client.get_json(&target.path).map_err(fetch_failure)?;
         let parsed = match target.schema {
             Schema::EnvironmentMetrics => parse_environment_metrics(&body),
-            Schema::Power => parse_power(&body),
+            Schema::Power => parse_power(&body).map(|reading| Parsed {
+                reading,
+                energy_error: None,
+            }),
         };
         parsed.map_err(|e| reading_failure(&self.client.url(&target.path), e))
     }
 
     fn read_once(&mut self) -> Result<Value, Failure> {
-        let target = match &self.target {
-            Some(t) => t.clone(),
-            None => {
-                let (target, _) = self.resolve(&self.chassis_path.clone())?;
-                self.target = Some(target.clone());
-                target
+        let parsed = match &self.target {
+            Some(t) => {
+                let target = t.clone();
+                self.read_target(&target).map(|r| (target, r))
             }
+            // Looked up again: the lookup's reading is this read's.
+            None => self.resolve(&self.chassis_path.clone()),
         };
-        let reading = match self.read_target(&target) {
-            Ok(r) => r,
+        let (target, parsed) = match parsed {
+            Ok((target, parsed)) => {
+                self.target = Some(target.clone());
+                (target, parsed)
+            }
             Err(e) => {
                 self.failed_in_a_row += 1;
                 if self.failed_in_a_row >= REDISCOVER_AFTER {
@@ -232,6 +344,10 @@ impl RedfishReader {
                 return Err(e);
             }
         };
+        let reading = parsed.reading;
+        let energy_failure = parsed
+            .energy_error
+            .map(|e| reading_failure(&self.client.url(&target.path), e));
         self.failed_in_a_row = 0;
         if let (Some(e), Some(last)) = (reading.energy_millijoules, self.last_energy)
             && e < last
@@ -255,6 +371,7 @@ impl RedfishReader {
         Ok(Value {
             power_milliwatts: reading.power_milliwatts,
             energy_millijoules: reading.energy_millijoules,
+            energy_failure,
         })
     }
 }
