@@ -164,7 +164,10 @@ fn example_configs_pass_check() {
         ],
     );
     let summary = check(&["--tenants", &deploy("examples/demo-tenants.toml")], &[]);
-    assert_tenants(&summary, &[("lab-a", "10.000"), ("lab-b", "6.000")]);
+    assert_tenants(
+        &summary,
+        &[("lab-a", "15.000"), ("lab-b", "9.000"), ("lab-c", "4.000")],
+    );
 }
 
 /// The example meter config passes `--check`, which lists its meters.
@@ -382,6 +385,7 @@ fn example_tenants_attribute_as_documented() {
             ("lab-a-node-1", "GPU-x", "lab-a"),
             ("lab-a-node-2", "GPU-x", "lab-a"),
             ("lab-b-node-1", "GPU-x", "lab-b"),
+            ("lab-c-node-1", "GPU-x", "lab-c"),
             ("spare-node-1", "GPU-x", UNASSIGNED),
         ],
     );
