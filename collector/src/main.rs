@@ -153,6 +153,45 @@ enum Command {
     },
 }
 
+/// The API token of `usage --url` and `meters --url`: from `--token-file`,
+/// else `CAPWATCH_TOKEN`, else none.
+fn api_token(token_file: Option<&std::path::Path>) -> anyhow::Result<Option<String>> {
+    Ok(match token_file {
+        Some(p) => Some(
+            capwatch_common::read_token(p, "--token-file")
+                .with_context(|| format!("reading {}", p.display()))?,
+        ),
+        None => std::env::var("CAPWATCH_TOKEN").ok(),
+    })
+}
+
+/// The ledger the config names, opened for reading.
+fn open_reader(cfg: &Config) -> anyhow::Result<capwatch_collector::ledger::AnyReader> {
+    Ok(match cfg.ledger() {
+        LedgerChoice::Sqlite(path) => Box::new(capwatch_collector::ledger::Reader::open(&path)?),
+        LedgerChoice::Postgres(settings) => {
+            Box::new(capwatch_collector::ledger::PgReader::open(&settings)?)
+        }
+    })
+}
+
+/// The query of a period (`usage --url`, `meters --url`), in `wire` format.
+fn period_query<'a>(
+    from: &'a str,
+    to: &'a str,
+    step: &'a str,
+    tz: &'a str,
+    wire: &'a str,
+) -> Vec<(&'static str, &'a str)> {
+    vec![
+        ("from", from),
+        ("to", to),
+        ("step", step),
+        ("tz", tz),
+        ("format", wire),
+    ]
+}
+
 /// `capwatch-collector meters`: the ledger's meter-minutes, or a running
 /// collector's /v1/meters.
 fn meters_command(cfg: &Config, cmd: &Command) -> anyhow::Result<()> {
@@ -172,20 +211,8 @@ fn meters_command(cfg: &Config, cmd: &Command) -> anyhow::Result<()> {
     let format = Format::parse(format)?;
     if let Some(url) = url {
         let wire = if format == Format::Csv { "csv" } else { "json" };
-        let token = match token_file {
-            Some(p) => Some(
-                capwatch_common::read_token(p, "--token-file")
-                    .with_context(|| format!("reading {}", p.display()))?,
-            ),
-            None => std::env::var("CAPWATCH_TOKEN").ok(),
-        };
-        let query = [
-            ("from", from.as_str()),
-            ("to", to.as_str()),
-            ("step", step.as_str()),
-            ("tz", tz.as_str()),
-            ("format", wire),
-        ];
+        let token = api_token(token_file.as_deref())?;
+        let query = period_query(from, to, step, tz, wire);
         let body = usage::fetch(url, "/v1/meters", token.as_deref(), &query)?;
         match format {
             Format::Table => print!("{}", meters::table(&serde_json::from_str(&body)?)),
@@ -194,12 +221,7 @@ fn meters_command(cfg: &Config, cmd: &Command) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let reader: capwatch_collector::ledger::AnyReader = match cfg.ledger() {
-        LedgerChoice::Sqlite(path) => Box::new(capwatch_collector::ledger::Reader::open(&path)?),
-        LedgerChoice::Postgres(settings) => {
-            Box::new(capwatch_collector::ledger::PgReader::open(&settings)?)
-        }
-    };
+    let reader = open_reader(cfg)?;
     let configured: Vec<String> = cfg.meter.iter().map(|m| m.id.clone()).collect();
     let report = meters::run(
         &reader,
@@ -241,20 +263,8 @@ fn usage_command(cfg: &Config, tenants: Arc<Tenants>, cmd: &Command) -> anyhow::
             None => "/v1/usage".to_string(),
         };
         let wire = if format == Format::Csv { "csv" } else { "json" };
-        let token = match token_file {
-            Some(p) => Some(
-                capwatch_common::read_token(p, "--token-file")
-                    .with_context(|| format!("reading {}", p.display()))?,
-            ),
-            None => std::env::var("CAPWATCH_TOKEN").ok(),
-        };
-        let mut query = vec![
-            ("from", from.as_str()),
-            ("to", to.as_str()),
-            ("step", step.as_str()),
-            ("tz", tz.as_str()),
-            ("format", wire),
-        ];
+        let token = api_token(token_file.as_deref())?;
+        let mut query = period_query(from, to, step, tz, wire);
         if let Some(r) = since_revision {
             query.push(("since_revision", r));
         }
@@ -266,12 +276,7 @@ fn usage_command(cfg: &Config, tenants: Arc<Tenants>, cmd: &Command) -> anyhow::
         }
         return Ok(());
     }
-    let reader: capwatch_collector::ledger::AnyReader = match cfg.ledger() {
-        LedgerChoice::Sqlite(path) => Box::new(capwatch_collector::ledger::Reader::open(&path)?),
-        LedgerChoice::Postgres(settings) => {
-            Box::new(capwatch_collector::ledger::PgReader::open(&settings)?)
-        }
-    };
+    let reader = open_reader(cfg)?;
     // Contracts by the versions the collector recorded in the ledger, each
     // from when it took effect; the tenant file alone for a ledger that
     // recorded none.
