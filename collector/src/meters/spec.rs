@@ -351,6 +351,13 @@ fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
                     if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
                 _ => return Err(bad("address", format!("{address:?} is not host:port"))),
             }
+            let unit = e.unit.unwrap_or(1);
+            if unit == 0 {
+                return Err(bad(
+                    "unit",
+                    "0 is Modbus broadcast, which no meter answers: use the meter's own unit id (1-247)".into(),
+                ));
+            }
             let format = e.format.unwrap_or(RegisterFormat::U32);
             let register = e.register.unwrap_or(0);
             if u32::from(register) + u32::from(format.words()) > 0x1_0000 {
@@ -388,7 +395,7 @@ fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
             };
             Source::Modbus(ModbusSpec {
                 address,
-                unit: e.unit.unwrap_or(1),
+                unit,
                 register,
                 bank: e.registers.unwrap_or(RegisterBank::Holding),
                 format,
@@ -488,6 +495,7 @@ mod tests {
                 "at most the interval",
             ),
             ("register = 65535\n", "register", "past register 65535"),
+            ("unit = 0\n", "unit", "broadcast"),
             (
                 "url = \"https://x/redfish/v1/PowerEquipment/RackPDUs/1\"\n",
                 "url",
