@@ -1,8 +1,10 @@
 //! A stand-in Modbus TCP revenue meter: a real Modbus TCP server (tokio-modbus)
 //! on `127.0.0.1:0`, on a thread and runtime of its own, whose energy
 //! register the test sets and advances (wrapping at a rollover it
-//! chooses), and which can hang (accept requests and never answer) or
-//! answer every read with an exception. Stopped when dropped.
+//! chooses), and which can hang (accept requests and never answer),
+//! answer every read with an exception, or answer a wrong value for some
+//! reads (a gateway answering 0 while its meter is down). Stopped when
+//! dropped.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -54,6 +56,8 @@ struct Register {
     /// Counts at which the register wraps to 0.
     rollover: u128,
     mode: Mode,
+    /// (value answered instead of the count, reads left).
+    wrong: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -81,6 +85,7 @@ impl ModbusMeter {
                 count: 0,
                 rollover: 1u128 << (16 * u32::from(layout.words)),
                 mode: Mode::Normal,
+                wrong: None,
             }),
             requests: AtomicU64::new(0),
         });
@@ -150,6 +155,12 @@ impl ModbusMeter {
         r.count = (u128::from(r.count) % rollover) as u64;
     }
 
+    /// Answers `value` instead of the count for the next `reads` reads
+    /// (the count itself runs on as set).
+    pub fn answer_wrong_for(&self, value: u64, reads: u64) {
+        self.shared.register.lock().unwrap().wrong = (reads > 0).then_some((value, reads));
+    }
+
     pub fn set_mode(&self, mode: Mode) {
         self.shared.register.lock().unwrap().mode = mode;
     }
@@ -185,8 +196,20 @@ impl tokio_modbus::server::Service for Service {
         let s = &self.0;
         s.requests.fetch_add(1, Ordering::SeqCst);
         let (count, mode) = {
-            let r = s.register.lock().unwrap();
-            (r.count, r.mode)
+            let mut r = s.register.lock().unwrap();
+            let normal = r.mode == Mode::Normal;
+            let count = match &mut r.wrong {
+                Some((value, left)) if normal => {
+                    let value = *value;
+                    *left -= 1;
+                    if *left == 0 {
+                        r.wrong = None;
+                    }
+                    value
+                }
+                _ => r.count,
+            };
+            (count, r.mode)
         };
         let layout = s.layout;
         let answer = match mode {

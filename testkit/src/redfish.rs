@@ -56,6 +56,9 @@ pub enum Fault {
     AbsurdWatts,
     /// The energy reading 1000 J below the ground truth.
     CounterBackwards,
+    /// An energy reading of a billion kWh (a PDU answering garbage that
+    /// parses).
+    AbsurdEnergy,
 }
 
 /// What to start.
@@ -495,6 +498,7 @@ fn reading(shared: &Shared) -> (u16, String) {
     };
     let energy_mj = match fault {
         Fault::CounterBackwards => energy_mj.saturating_sub(1_000_000),
+        Fault::AbsurdEnergy => 1_000_000_000 * 3_600_000_000,
         _ => energy_mj,
     };
     let body = match shared.schema {

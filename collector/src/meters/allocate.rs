@@ -21,11 +21,11 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::accounting::facility::{Reading, Step, allocate, energy_at, step};
+use crate::accounting::facility::{Reading, Step, allocate, energy_at};
 use crate::ledger::{AnyWriter, LedgerError, LedgerWriter, MeterMinute, MeterState, NodeMinute};
 use crate::sync::lock;
 
-use super::spec::{MeterSpec, Source};
+use super::spec::MeterSpec;
 use super::{Board, Meter};
 
 const MINUTE: i64 = 60;
@@ -34,17 +34,13 @@ const NS: i64 = 1_000_000_000;
 /// Most minutes one round allocates per meter (a day).
 pub const MAX_MINUTES_PER_ROUND: i64 = 1_440;
 
-/// The energy (mJ) from raw reading `prev` to `now` of the meter: the
-/// register's counts (wrapped or not) times its energy per count, or a
-/// PDU's counter difference; 0 across a reset.
-pub fn raw_delta(spec: &MeterSpec, prev: u64, now: u64) -> u64 {
-    match &spec.source {
-        Source::Modbus(m) => match step(prev, now, m.rollover) {
-            // An absurd step (past 2^64 mJ) counts nothing, as when polled.
-            Step::Forward(n) | Step::Wrapped(n) => n.checked_mul(m.mj_per_count).unwrap_or(0),
-            Step::Reset | Step::OutOfRange => 0,
-        },
-        Source::RedfishPdu(_) => now.saturating_sub(prev),
+/// The energy (mJ) from raw reading `prev` to `now`, `elapsed_ns` later:
+/// the counts of a plausible step (`MeterSpec::step`, as when polled)
+/// times the energy per count; 0 across a reset or an implausible step.
+pub fn raw_delta(spec: &MeterSpec, prev: u64, now: u64, elapsed_ns: i64) -> u64 {
+    match spec.step(prev, now, elapsed_ns) {
+        Step::Forward(n) | Step::Wrapped(n) => spec.energy_of(n).unwrap_or(0),
+        Step::Reset | Step::OutOfRange | Step::Implausible => 0,
     }
 }
 
@@ -100,15 +96,15 @@ pub fn plan(
         energy_mj: 0,
     }];
     let mut raws = vec![base_raw];
-    let mut prev = base_raw;
+    let (mut prev_at, mut prev) = (base_at, base_raw);
     for &(at, r) in raw.iter().filter(|(at, _)| *at > base_at) {
-        let e = series.last().map_or(0, |p| p.energy_mj) + raw_delta(spec, prev, r);
+        let e = series.last().map_or(0, |p| p.energy_mj) + raw_delta(spec, prev, r, at - prev_at);
         series.push(Reading {
             at_ns: at,
             energy_mj: e,
         });
         raws.push(r);
-        prev = r;
+        (prev_at, prev) = (at, r);
     }
     let (start, mut at_start) = match state {
         Some(s) => (s.allocated_through, s.carry_mj),

@@ -28,6 +28,24 @@ fn meter(stand_in: &ModbusMeter, extra: &str) -> Meter {
     }
 }
 
+thread_local! {
+    /// The test's clock (each test runs on a thread of its own).
+    static NOW: std::cell::Cell<i64> = const { std::cell::Cell::new(1_700_000_000_000_000_000) };
+}
+
+/// A reading every 15 s, as a meter is polled: the plausibility bound
+/// (`max_kw` over the time between readings) sees real intervals.
+fn every_15s() -> i64 {
+    NOW.with(|n| {
+        n.set(n.get() + 15_000_000_000);
+        n.get()
+    })
+}
+
+fn poller(m: &Meter) -> Poller {
+    Poller::new(&m.spec).unwrap().with_clock(every_15s)
+}
+
 fn covered(n: u64) -> CoveredNodes {
     Arc::new(move |_| n)
 }
@@ -58,7 +76,7 @@ async fn energy_is_the_registers_counts_in_either_layout() {
         let stand_in = ModbusMeter::start(layout).unwrap();
         stand_in.set_count(0x0001_0000_0000_0005 & ((1 << (16 * layout.words as u32 - 1)) - 1));
         let m = meter(&stand_in, extra);
-        let mut p = Poller::new(&m.spec).unwrap();
+        let mut p = poller(&m);
         assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "{extra}");
         assert_eq!(energy(&m), 0, "the first reading is the baseline");
         stand_in.advance(70_000);
@@ -82,7 +100,7 @@ async fn a_wrapping_register_counts_exactly_across_the_wrap() {
         stand_in.set_rollover(rollover);
         stand_in.set_count((rollover - 7) as u64);
         let m = meter(&stand_in, extra);
-        let mut p = Poller::new(&m.spec).unwrap();
+        let mut p = poller(&m);
         assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
         stand_in.advance(20);
         assert_eq!(stand_in.count(), 13, "the stand-in wrapped");
@@ -97,17 +115,21 @@ async fn a_register_that_goes_down_is_a_counted_reset_never_negative_energy() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     stand_in.set_count(5_000);
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     poll(&mut p, &m).await;
     stand_in.advance(100);
     poll(&mut p, &m).await;
-    // A replaced meter starting at 40.
+    // A replaced meter starting at 40: held until the next reading goes
+    // on from it.
     stand_in.set_count(40);
-    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
     assert_eq!(energy(&m), 100 * MJ);
     stand_in.advance(2);
-    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
     assert_eq!(energy(&m), 102 * MJ, "counting again from the new value");
+    stand_in.advance(3);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 105 * MJ);
     let live = lock(&m.live);
     assert_eq!(live.polls_of(Outcome::Reset), 1);
     assert!(
@@ -118,12 +140,76 @@ async fn a_register_that_goes_down_is_a_counted_reset_never_negative_energy() {
     );
 }
 
+/// A gateway answering 0 while its meter is down, then the real count
+/// again: the drop from three quarters of the register is no wrap (that
+/// would be a quarter of a 32-bit kWh register, about 1 TWh, in 15 s),
+/// and no reset either, since the next good reading carries on from the
+/// count before it. Only the real counts are booked.
+#[tokio::test]
+async fn a_gateway_answering_zero_for_a_while_books_only_the_real_counts() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(3_000_000_000);
+    let m = meter(&stand_in, "");
+    let mut p = poller(&m);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.advance(100);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.answer_wrong_for(0, 3);
+    for _ in 0..3 {
+        stand_in.advance(10);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    }
+    stand_in.advance(10);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 140 * MJ, "the register's real counts");
+    // The allocation, recounting from the raw readings, agrees.
+    let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
+    let (first, last) = (raw[0], raw[raw.len() - 1]);
+    let from_raw: u64 = raw
+        .windows(2)
+        .map(|w| allocate::raw_delta(&m.spec, w[0].1, w[1].1, w[1].0 - w[0].0))
+        .sum();
+    assert_eq!(from_raw, 140 * MJ);
+    assert_eq!(last.1 - first.1, 140);
+    let live = lock(&m.live);
+    assert_eq!(
+        (
+            live.polls_of(Outcome::Invalid),
+            live.polls_of(Outcome::Reset)
+        ),
+        (3, 0)
+    );
+}
+
+/// A rise beyond `max_kw` over the time since the last reading is refused
+/// and the baseline kept; one that persists (a replaced meter starting
+/// higher) is taken as a reset once the next reading goes on from it.
+#[tokio::test]
+async fn a_rise_beyond_max_kw_is_refused_unless_the_meter_goes_on_from_it() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(1_000);
+    // 1 kW: 15 s is 15 kJ, about 4167 counts of 3.6 J.
+    let m = meter(&stand_in, "max_kw = 1.0\n");
+    let mut p = poller(&m);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.answer_wrong_for(900_000, 1);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    stand_in.advance(4_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "back on the count");
+    assert_eq!(energy(&m), 4_000 * MJ);
+    stand_in.set_count(2_000_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    stand_in.advance(3_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(energy(&m), 7_000 * MJ, "counted on from the new count");
+}
+
 #[tokio::test]
 async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     stand_in.set_count(10);
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     poll(&mut p, &m).await;
     stand_in.set_mode(Mode::Hang);
     stand_in.advance(3);
@@ -146,7 +232,7 @@ async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
 async fn an_exception_is_counted_and_the_meter_is_down() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     poll(&mut p, &m).await;
     stand_in.set_mode(Mode::Exception);
     assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
@@ -159,7 +245,7 @@ async fn an_exception_is_counted_and_the_meter_is_down() {
     // A register the meter does not have is an exception too.
     stand_in.set_mode(Mode::Normal);
     let wrong = meter(&stand_in, "register = 8\n");
-    let mut q = Poller::new(&wrong.spec).unwrap();
+    let mut q = poller(&wrong);
     assert_eq!(poll(&mut q, &wrong).await, Outcome::Exception);
     assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
 }
@@ -169,7 +255,7 @@ async fn a_meter_nobody_listens_on_is_an_error() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     let m = meter(&stand_in, "");
     drop(stand_in);
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     assert_eq!(poll(&mut p, &m).await, Outcome::Error);
     assert_eq!(lock(&m.live).polls_of(Outcome::Error), 1);
 }
@@ -243,7 +329,7 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
             creds.display().to_string()
         ),
     );
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     pdu.advance_mj(36_000_000);
     pdu.set_power_mw(12_345_000);
     assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
@@ -258,8 +344,10 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
         "the PDU's own power"
     );
 
+    // A reading 1 kJ behind, once: no step the PDU can make, refused; it
+    // is no reset since the next reading carries on.
     pdu.set_fault(Fault::CounterBackwards);
-    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
     pdu.set_fault(Fault::ServerError);
     assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
     pdu.set_fault(Fault::None);
@@ -277,9 +365,10 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
     }
     let live = lock(&m.live);
     assert!(live.up);
-    for o in [Outcome::Reset, Outcome::Exception] {
+    for o in [Outcome::Invalid, Outcome::Exception] {
         assert_eq!(live.polls_of(o), 1, "{o:?}");
     }
+    assert_eq!(live.polls_of(Outcome::Reset), 0);
     assert_eq!(live.polls_of(Outcome::Timeout), 1 + polls);
     // Energy never went back.
     assert!(
@@ -289,6 +378,81 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
             .all(|(a, b)| a.energy_mj <= b.energy_mj)
     );
 }
+
+/// A PDU answering an absurd `EnergykWh` once, then its real figure: the
+/// absurd one is refused and nothing booked for it; a PDU without an
+/// energy reading is invalid too.
+#[tokio::test]
+async fn an_absurd_pdu_energy_reading_is_refused_and_the_next_carries_on() {
+    use capwatch_testkit::redfish::{Fault, Options, Schema, Service};
+    let pdu = Service::start(Options::new(Schema::Pdu));
+    let m = pdu_meter(&pdu, "");
+    let mut p = poller(&m);
+    pdu.advance_mj(36_000_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    let start = pdu.energy_mj();
+    pdu.set_fault_for(Fault::AbsurdEnergy, 1);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    pdu.advance_mj(36 * 1_000_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), pdu.energy_mj() - start);
+    let live = lock(&m.live);
+    assert_eq!(
+        (
+            live.polls_of(Outcome::Invalid),
+            live.polls_of(Outcome::Reset)
+        ),
+        (1, 0)
+    );
+}
+
+/// Answers a read cannot use are `Invalid`, counted, and change nothing:
+/// a PDU reading without energy, a count past the rollover.
+#[test]
+fn unusable_answers_are_invalid_and_keep_the_baseline() {
+    let spec = |kind: &str, extra: &str| {
+        let cfg: MeterConfig = toml::from_str(&format!(
+            "id = \"x\"\nkind = \"{kind}\"\nnodes = [\"n\"]\n{extra}"
+        ))
+        .unwrap();
+        check(&[cfg]).unwrap().remove(0)
+    };
+    let t = 1_700_000_000_000_000_000i64;
+    let pdu = spec(
+        "redfish_pdu",
+        "url = \"http://p/redfish/v1/PowerEquipment/RackPDUs/1\"\n",
+    );
+    let mut live = Live::default();
+    let no_energy = capwatch_common::redfish::Reading {
+        power_milliwatts: Some(1_000),
+        energy_millijoules: None,
+    };
+    assert_eq!(
+        live.apply(&pdu, t, Ok(Raw::Pdu(no_energy))),
+        Outcome::Invalid
+    );
+    assert!(live.readings.is_empty() && !live.up);
+    let modbus = spec("modbus", "address = \"h:502\"\nrollover = 1000\n");
+    let mut live = Live::default();
+    assert_eq!(live.apply(&modbus, t, Ok(Raw::Count(10))), Outcome::Ok);
+    assert_eq!(
+        live.apply(&modbus, t + SEC15, Ok(Raw::Count(1_000))),
+        Outcome::Invalid
+    );
+    // A PDU's figure given to a modbus meter (never happens) is refused.
+    assert_eq!(
+        live.apply(&modbus, t + 2 * SEC15, Ok(Raw::Pdu(no_energy))),
+        Outcome::Invalid
+    );
+    assert_eq!(
+        live.apply(&modbus, t + 3 * SEC15, Ok(Raw::Count(12))),
+        Outcome::Ok
+    );
+    assert_eq!(live.energy_mj, 2 * 3_600_000_000);
+    assert_eq!(live.polls_of(Outcome::Invalid), 2);
+}
+
+const SEC15: i64 = 15_000_000_000;
 
 #[test]
 fn a_pdu_whose_credentials_file_is_missing_refuses_the_start() {
