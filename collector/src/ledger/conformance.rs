@@ -863,7 +863,9 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
 }
 
 /// What a node measured is its node energy where it has a whole-node
-/// source (node time above 0), else its GPU energy.
+/// source (node time or node energy above 0), else its GPU energy. Node
+/// energy booked without node time (a reading interval longer than the
+/// staleness window carries energy but no coverage) is still node energy.
 pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, R: LedgerReader>(
     mut f: Fresh<W, R>,
 ) {
@@ -884,6 +886,16 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
         (Arc::from("lab-a"), Arc::from("n1"), MINUTE + 60),
         delta(5, 1),
     );
+    c.buckets.insert(
+        (Arc::from("lab-c"), Arc::from("n2"), MINUTE),
+        BucketDelta {
+            energy_mj: 100,
+            node_energy_mj: 7_000,
+            node_ns: 0,
+            samples: 1,
+            ..BucketDelta::default()
+        },
+    );
     w.commit_as("a", &c, MINUTE + 120, i64::MIN).unwrap();
     let got = w.node_minutes(MINUTE, MINUTE + 60).unwrap();
     assert_eq!(
@@ -902,7 +914,13 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
                 minute: MINUTE,
                 measured_mj: 444,
             },
+            NodeMinute {
+                tenant: "lab-c".into(),
+                node: "n2".into(),
+                minute: MINUTE,
+                measured_mj: 7_000,
+            },
         ]
     );
-    assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 3);
+    assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 4);
 }
