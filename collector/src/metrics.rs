@@ -102,6 +102,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_node_source_energy_resets_total",
+        "Times a node power source's energy counter went backwards (a BMC reset: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_node_samples_total",
         "Samples accepted from the node.",
         Kind::Counter,
@@ -596,6 +601,12 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                             mj as f64 / 1000.0,
                         );
                     }
+                    // From the first Hello on, 0 until a reset (as for GPUs).
+                    f.push(
+                        "capwatch_node_source_energy_resets_total",
+                        &labels,
+                        p.counter_resets() as f64,
+                    );
                 }
             }
             if !per_gpu {
@@ -1119,6 +1130,8 @@ mod tests {
             "capwatch_node_source_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
             "capwatch_node_source_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"rapl\",domain=\"cpu\",zone=\"package-0\"} 200",
             "capwatch_node_source_energy_joules_total{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
+            "capwatch_node_source_energy_resets_total{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 0",
+            "capwatch_node_source_energy_resets_total{tenant=\"lab-a\",node=\"a-1\",source=\"rapl\",domain=\"cpu\",zone=\"package-0\"} 0",
             "capwatch_tenant_node_power_watts{tenant=\"lab-a\"} 1000",
             "capwatch_tenant_facility_power_watts{tenant=\"lab-a\"} 1250",
             "capwatch_tenant_basis_power_watts{tenant=\"lab-a\",basis=\"facility\"} 1250",
