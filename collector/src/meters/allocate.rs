@@ -31,8 +31,10 @@ use super::{Board, Meter};
 const MINUTE: i64 = 60;
 const NS: i64 = 1_000_000_000;
 
-/// Most minutes one round allocates per meter (a day).
-pub const MAX_MINUTES_PER_ROUND: i64 = 1_440;
+/// Most minutes one round allocates per meter (an hour): a meter catching
+/// up after a long outage does so an hour per round, so no round holds
+/// the ledger for long; commits go on between rounds.
+pub const MAX_MINUTES_PER_ROUND: i64 = 60;
 
 /// The energy (mJ) from raw reading `prev` to `now`, `elapsed_ns` later:
 /// the counts of a plausible step (`MeterSpec::step`, as when polled)
@@ -177,41 +179,48 @@ pub fn round(meter: &Meter, ledger: &Mutex<AnyWriter>) -> Result<Vec<MeterMinute
         .map_err(|(_, e)| e)
 }
 
-/// One round for `meters`: reads where each one's allocation stands, the
-/// measured minutes of all of them in one query, plans each and writes
-/// it. Returns each meter's minutes written (none where there was nothing
-/// to do or another collector allocated first), or the first meter whose
-/// round failed and why.
+/// One round for `meters`: reads where each one's allocation stands and
+/// the measured minutes of all of them in one query, plans each and
+/// writes it. The ledger writer is held for the reads and for each write,
+/// not for the planning in between: each write is a conditional update of
+/// the meter's state row, so a plan made on state that moved meanwhile
+/// writes nothing (allocated once). Only rows of metered nodes are kept,
+/// each node matched against the meters once. Returns each meter's minutes
+/// written (none where there was nothing to do or another collector
+/// allocated first), or the first meter whose round failed and why.
 pub fn round_all(
     meters: &[&Meter],
     ledger: &Mutex<AnyWriter>,
 ) -> Result<Vec<Vec<MeterMinute>>, (String, LedgerError)> {
-    let mut w = lock(ledger);
-    let watermark = w
-        .finalized_through()
-        .map_err(|e| ("every meter".to_string(), e))?;
     let mut work = Vec::with_capacity(meters.len());
-    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
-    for m in meters {
-        let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
-        let state = w
-            .meter_state(&m.spec.id)
-            .map_err(|e| (m.spec.id.clone(), e))?;
-        let range = window(state.as_ref(), &raw, watermark);
-        if let Some((from, to)) = range
-            && to >= from + MINUTE
-        {
-            lo = lo.min(from);
-            hi = hi.max(to);
+    let measured = {
+        let w = lock(ledger);
+        let watermark = w
+            .finalized_through()
+            .map_err(|e| ("every meter".to_string(), e))?;
+        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        for m in meters {
+            let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
+            let state = w
+                .meter_state(&m.spec.id)
+                .map_err(|e| (m.spec.id.clone(), e))?;
+            let range = window(state.as_ref(), &raw, watermark);
+            if let Some((from, to)) = range
+                && to >= from + MINUTE
+            {
+                lo = lo.min(from);
+                hi = hi.max(to);
+            }
+            work.push((raw, state, range));
         }
-        work.push((raw, state, range));
-    }
-    let measured = if hi > lo {
-        w.node_minutes(lo, hi)
-            .map_err(|e| ("every meter".to_string(), e))?
-    } else {
-        Vec::new()
+        if hi > lo {
+            w.node_minutes(lo, hi)
+                .map_err(|e| ("every meter".to_string(), e))?
+        } else {
+            Vec::new()
+        }
     };
+    let measured = metered_rows(meters, measured);
     let mut written = Vec::with_capacity(meters.len());
     for (m, (raw, state, range)) in meters.iter().zip(work) {
         let Some((_, to)) = range else {
@@ -223,10 +232,10 @@ pub fn round_all(
             continue;
         };
         let id = &m.spec.id;
-        if !w
+        let moved = lock(ledger)
             .allocate_meter(id, state.as_ref(), &plan.next, &plan.minutes)
-            .map_err(|e| (id.clone(), e))?
-        {
+            .map_err(|e| (id.clone(), e))?;
+        if !moved {
             debug!(meter = %id, "another collector allocated these minutes first");
             written.push(Vec::new());
             continue;
@@ -244,6 +253,22 @@ pub fn round_all(
         written.push(plan.minutes);
     }
     Ok(written)
+}
+
+/// The rows of nodes some meter of `meters` covers, each distinct node
+/// matched once (globs are not cheap, and most rows are of other nodes).
+fn metered_rows(meters: &[&Meter], rows: Vec<NodeMinute>) -> Vec<NodeMinute> {
+    let mut covered: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
+    rows.into_iter()
+        .filter(|r| {
+            if let Some(c) = covered.get(&r.node) {
+                return *c;
+            }
+            let c = meters.iter().any(|m| m.spec.covers(&r.node));
+            covered.insert(r.node.clone(), c);
+            c
+        })
+        .collect()
 }
 
 /// Allocates every meter's final minutes every `every`, until `shutdown`.
