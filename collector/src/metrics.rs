@@ -351,6 +351,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         "Connected nodes the facility meter covers (0: its energy has no one to go to).",
         Kind::Gauge,
     ),
+    (
+        "capwatch_meter_nodes_overlapping",
+        "Nodes with measured minutes in the last allocation round that this meter and another one both cover: billed once per meter; make the meters' node lists disjoint.",
+        Kind::Gauge,
+    ),
 ];
 
 /// Which series levels `/metrics` carries besides tenants and the
@@ -945,6 +950,11 @@ fn collect_meters(board: &crate::meters::Board, f: &mut Families<'_>) {
             "capwatch_meter_nodes_connected",
             &meter,
             live.nodes_connected as f64,
+        );
+        f.push(
+            "capwatch_meter_nodes_overlapping",
+            &meter,
+            live.nodes_overlapping as f64,
         );
         for (bound, v) in [("min", m.spec.min_ratio), ("max", m.spec.max_ratio)] {
             f.push(

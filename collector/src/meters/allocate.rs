@@ -14,7 +14,7 @@
 //! the first boundary and the last, exactly; each minute's parts add up to
 //! its metered energy; a minute is allocated once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -257,18 +257,41 @@ pub fn round_all(
 
 /// The rows of nodes some meter of `meters` covers, each distinct node
 /// matched once (globs are not cheap, and most rows are of other nodes).
+/// A node under two meters or more (globs that overlap, which the config
+/// check cannot rule out) would be billed once per meter: each meter's
+/// `nodes_overlapping` says how many it shares, logged when it changes.
 fn metered_rows(meters: &[&Meter], rows: Vec<NodeMinute>) -> Vec<NodeMinute> {
-    let mut covered: std::collections::HashMap<String, bool> = std::collections::HashMap::new();
-    rows.into_iter()
+    let mut covered: HashMap<String, Vec<usize>> = HashMap::new();
+    let rows: Vec<NodeMinute> = rows
+        .into_iter()
         .filter(|r| {
-            if let Some(c) = covered.get(&r.node) {
-                return *c;
-            }
-            let c = meters.iter().any(|m| m.spec.covers(&r.node));
-            covered.insert(r.node.clone(), c);
-            c
+            !covered
+                .entry(r.node.clone())
+                .or_insert_with(|| {
+                    (0..meters.len())
+                        .filter(|&i| meters[i].spec.covers(&r.node))
+                        .collect()
+                })
+                .is_empty()
         })
-        .collect()
+        .collect();
+    let mut shared = vec![Vec::new(); meters.len()];
+    for (node, under) in &covered {
+        if under.len() > 1 {
+            for &i in under {
+                shared[i].push(node.as_str());
+            }
+        }
+    }
+    for (m, nodes) in meters.iter().zip(shared) {
+        let n = nodes.len() as u64;
+        let mut live = lock(&m.live);
+        if n > 0 && live.nodes_overlapping != n {
+            warn!(meter = %m.spec.id, nodes = ?nodes, "nodes under this meter and another one: each meter allocates all of its energy, so these nodes' tenants are billed for them twice; make the meters' node lists disjoint (capwatch_meter_nodes_overlapping)");
+        }
+        live.nodes_overlapping = n;
+    }
+    rows
 }
 
 /// Allocates every meter's final minutes every `every`, until `shutdown`.

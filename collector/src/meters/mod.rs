@@ -140,6 +140,9 @@ pub struct Live {
     pub measured_mj: u64,
     /// Connected nodes the meter covers, at the last poll.
     pub nodes_connected: u64,
+    /// Nodes with measured minutes in the last allocation round that this
+    /// meter and another one both cover (billed twice: a config to fix).
+    pub nodes_overlapping: u64,
     /// The last outcome, to log changes once.
     last_outcome: Option<Outcome>,
 }

@@ -322,7 +322,42 @@ pub fn check(entries: &[MeterConfig]) -> Result<Vec<MeterSpec>, MeterError> {
         }
         specs.push(spec);
     }
+    overlaps(&specs)?;
     Ok(specs)
+}
+
+/// Refuses a node the config shows under two meters: an exact name that
+/// another meter's name or glob covers, or the same glob twice. Each
+/// meter allocates all of its energy to the tenants under it, so such a
+/// node's tenants would be billed for it twice. Globs that overlap only
+/// for some names (`gpu-a*`, `gpu-*a`) are not decidable here: the
+/// allocation counts connected nodes under two meters
+/// (`capwatch_meter_nodes_overlapping`) and warns.
+fn overlaps(specs: &[MeterSpec]) -> Result<(), MeterError> {
+    for (i, a) in specs.iter().enumerate() {
+        for b in &specs[i + 1..] {
+            for n in &a.nodes {
+                let shared = if is_glob(n) {
+                    b.nodes.iter().any(|m| m == n)
+                } else {
+                    b.covers(n)
+                };
+                let reverse = b.nodes.iter().find(|m| !is_glob(m) && a.covers(m));
+                let node = if shared { Some(n) } else { reverse };
+                if let Some(node) = node {
+                    return Err(MeterError {
+                        meter: b.id.clone(),
+                        setting: "nodes",
+                        reason: format!(
+                            "{node:?} is under meter {:?} too: each meter allocates all of its energy, so that node's would be billed twice",
+                            a.id
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
@@ -586,6 +621,22 @@ mod tests {
         assert!(whole(&MODBUS.replace("[\"gpu-*\"]", "[\"gpu-[\"]")).contains("glob"));
         assert!(whole(&MODBUS.replace("\"m1\"", "\"M 1\"")).contains("meter \"#1\": `id`"));
         assert!(whole(&format!("{MODBUS}{MODBUS}")).contains("two meters have this id"));
+        // A node under two meters, by name or by the same glob.
+        let second = |nodes: &str| {
+            format!(
+                "{MODBUS}{}",
+                MODBUS
+                    .replace("\"m1\"", "\"m2\"")
+                    .replace("[\"gpu-*\"]", nodes)
+            )
+        };
+        for nodes in ["[\"gpu-7\"]", "[\"cpu-1\", \"gpu-*\"]"] {
+            let e = check(&parse(&second(nodes))).expect_err(nodes);
+            assert_eq!((e.meter.as_str(), e.setting), ("m2", "nodes"), "{e}");
+            assert!(e.reason.contains("billed twice"), "{e}");
+        }
+        // Other nodes, or globs that may overlap only for some names: fine.
+        assert!(check(&parse(&second("[\"cpu-1\", \"g*-9\"]"))).is_ok());
         let pdu = "[[meter]]\nid = \"p\"\nkind = \"redfish_pdu\"\nnodes = [\"n1\"]\nurl = \"https://pdu/redfish/v1/Chassis/1\"\n";
         assert!(whole(pdu).contains("RackPDUs member"));
         assert!(whole(&format!("{pdu}register = 3\n")).contains("modbus setting"));

@@ -474,7 +474,7 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         .iter()
         .map(|id| {
             toml::from_str(&format!(
-                "id = \"{id}\"\nkind = \"modbus\"\nnodes = [\"n-*\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\nmin_ratio = 1.0\nmax_ratio = 1.25\n"
+                "id = \"{id}\"\nkind = \"modbus\"\nnodes = [\"n-{id}*\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\nmin_ratio = 1.0\nmax_ratio = 1.25\n"
             ))
             .unwrap()
         })
@@ -534,6 +534,8 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         capwatch_meter_ratio_bound{meter="b",bound="max"} 1.25
         capwatch_meter_nodes_connected{meter="a"} 3
         capwatch_meter_nodes_connected{meter="b"} 0
+        capwatch_meter_nodes_overlapping{meter="a"} 0
+        capwatch_meter_nodes_overlapping{meter="b"} 0
     "#]]
     .assert_eq(&(meter_lines.join("\n") + "\n"));
 }
@@ -802,6 +804,36 @@ mod allocation {
             );
             assert!(wa.tenants.iter().all(|t| t.0 != "lab-c"));
         }
+    }
+
+    /// Two meters whose globs overlap (not decidable from the config): the
+    /// round counts the nodes both cover, on each meter, and only those.
+    #[test]
+    fn nodes_under_two_meters_are_counted_on_each() {
+        let (ledger, _reader, _dir) = ledger(3);
+        let meter_of = |id: &str, nodes: &str| {
+            let cfg: MeterConfig = toml::from_str(&format!(
+                "id = \"{id}\"\nkind = \"modbus\"\nnodes = {nodes}\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\n"
+            ))
+            .unwrap();
+            cfg
+        };
+        let specs = check(&[
+            meter_of("row-a", "[\"n-[12]\"]"),
+            meter_of("row-x", "[\"n-[23]\"]"),
+        ])
+        .unwrap();
+        let (a, x) = (Meter::new(specs[0].clone()), Meter::new(specs[1].clone()));
+        let polls = readings(0, &[10; 20], u64::MAX);
+        poll_all(&a, &polls);
+        poll_all(&x, &polls);
+        super::super::allocate::round_all(&[&a, &x], &ledger).unwrap();
+        assert_eq!(lock(&a.live).nodes_overlapping, 1, "n-2");
+        assert_eq!(lock(&x.live).nodes_overlapping, 1, "n-2");
+        let alone = modbus("");
+        poll_all(&alone, &polls);
+        round(&alone, &ledger).unwrap();
+        assert_eq!(lock(&alone.live).nodes_overlapping, 0);
     }
 
     /// Nothing measured under the meter: its energy is kept as unallocated,
