@@ -4,9 +4,10 @@
 //! meters never wait for it.
 //!
 //! A reading becomes energy here ([`Live::apply`]): the register's step
-//! since the previous reading (forward, wrapped, or reset: counted, never
-//! negative) times the meter's whole millijoules per count
-//! (`accounting::facility`). The meter's cumulative energy is kept as
+//! since the previous reading (forward or wrapped, within the meter's
+//! `max_kw` over the time between them; anything else is refused, and a
+//! reset only once the next reading goes on from it: never negative)
+//! times the meter's whole millijoules per count (`accounting::facility`). The meter's cumulative energy is kept as
 //! timed [`Reading`]s, continuous across wraps, from which the
 //! allocation takes each minute's metered energy.
 
