@@ -2,7 +2,8 @@
 //! on `127.0.0.1:0`, on a thread and runtime of its own, whose energy
 //! register the test sets and advances (wrapping at a rollover it
 //! chooses), and which can hang (accept requests and never answer),
-//! answer every read with an exception, or answer a wrong value for some
+//! answer every read with an exception or too few words, or answer a
+//! wrong value for some
 //! reads (a gateway answering 0 while its meter is down). Stopped when
 //! dropped.
 
@@ -24,6 +25,8 @@ pub enum Mode {
     Hang,
     /// A `ServerDeviceFailure` exception.
     Exception,
+    /// The register's words less the last one (a short answer).
+    Short,
 }
 
 /// Where the register is and how it is laid out.
@@ -215,18 +218,30 @@ impl tokio_modbus::server::Service for Service {
         let answer = match mode {
             Mode::Hang => return Box::pin(std::future::pending()),
             Mode::Exception => Err(ExceptionCode::ServerDeviceFailure),
-            Mode::Normal => match req.request {
+            Mode::Normal | Mode::Short => match req.request {
                 Request::ReadHoldingRegisters(addr, qty) if !layout.input => {
-                    words(layout, count, addr, qty).map(Response::ReadHoldingRegisters)
+                    words(layout, count, addr, qty)
+                        .map(|w| short(w, mode))
+                        .map(Response::ReadHoldingRegisters)
                 }
                 Request::ReadInputRegisters(addr, qty) if layout.input => {
-                    words(layout, count, addr, qty).map(Response::ReadInputRegisters)
+                    words(layout, count, addr, qty)
+                        .map(|w| short(w, mode))
+                        .map(Response::ReadInputRegisters)
                 }
                 _ => Err(ExceptionCode::IllegalFunction),
             },
         };
         Box::pin(std::future::ready(answer))
     }
+}
+
+/// `w` less its last word in `Mode::Short`.
+fn short(mut w: Vec<u16>, mode: Mode) -> Vec<u16> {
+    if mode == Mode::Short {
+        w.pop();
+    }
+    w
 }
 
 /// Registers `addr..addr+qty` of a bank holding only the energy register.

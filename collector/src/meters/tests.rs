@@ -250,6 +250,26 @@ async fn an_exception_is_counted_and_the_meter_is_down() {
     assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
 }
 
+/// An answer of too few words is invalid, changes nothing, and the next
+/// whole answer counts on from the last good reading.
+#[tokio::test]
+async fn a_short_answer_is_invalid_and_the_baseline_kept() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(70_000);
+    let m = meter(&stand_in, "");
+    let mut p = poller(&m);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.set_mode(Mode::Short);
+    stand_in.advance(5);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    assert_eq!(energy(&m), 0);
+    stand_in.set_mode(Mode::Normal);
+    stand_in.advance(5);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 10 * MJ);
+    assert_eq!(lock(&m.live).polls_of(Outcome::Invalid), 1);
+}
+
 #[tokio::test]
 async fn a_meter_nobody_listens_on_is_an_error() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
