@@ -364,3 +364,43 @@ fn a_source_that_leaves_and_returns_counts_nothing_twice() {
         "the BMC counter's difference, once"
     );
 }
+
+/// A BMC's whole-kWh counter on a node drawing 20 kW steps once every
+/// 180 s, read every 10 s: the node energy booked over half an hour is the
+/// counter's difference, all of it measured, none estimated.
+#[test]
+fn a_whole_kwh_counter_is_booked_to_its_difference() {
+    const KWH: u64 = 3_600_000_000;
+    let state = new_state(TENANTS, None);
+    let mut bmc = source("redfish", "node", "1", true);
+    bmc.interval = Duration::from_secs(10);
+    let h = state
+        .hello(with_power(hello("a-1", 1, 1), vec![bmc]))
+        .unwrap()
+        .0;
+    // 20 kW since some time before: whole kWh only.
+    let counter = |s: i64| (777 + s) as u64 * 20_000_000 / KWH * KWH;
+    let samples: Vec<NodeSample> = (0..=180)
+        .map(|i| {
+            let s = 10 * i;
+            with_readings(
+                sample(i as u64 + 1, M0 + s * SEC, &[(0, Some(s as u64 * 1_000))]),
+                vec![node_reading(
+                    0,
+                    M0 + s * SEC,
+                    Some(20_000_000),
+                    Some(counter(s)),
+                )],
+            )
+        })
+        .collect();
+    let out = ingest(&state, &h, samples);
+    assert_eq!(out.node_power.accepted, 181);
+    let (_, c) = state.take_pending();
+    let (energy, estimated, _) = node_booked(&c)
+        .into_values()
+        .fold((0, 0, 0), |a, v| (a.0 + v.0, a.1 + v.1, a.2 + v.2));
+    assert!(counter(1_800) - counter(0) >= 9 * KWH);
+    assert_eq!(energy, counter(1_800) - counter(0));
+    assert_eq!(estimated, 0);
+}
