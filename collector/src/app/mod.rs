@@ -312,13 +312,16 @@ impl App {
                 TcpListenerStream::new(grpc),
                 capwatch_common::wait_for_shutdown(shutdown.clone()),
             );
+        // One read connection, shared by the HTTP API and the meters'
+        // allocation (which so never holds the writer for its reads).
+        let reader: Arc<Mutex<ledger::AnyReader>> = Arc::new(Mutex::new(reader));
         let http_server = serve::serve(
             http,
             http::router(http::HttpState {
                 per_gpu_metrics: cfg.per_gpu_metrics,
                 per_node_metrics: cfg.per_node_metrics,
                 state: state.clone(),
-                ledger: Arc::new(Mutex::new(reader)),
+                ledger: reader.clone(),
                 metrics_auth: cfg.metrics_auth,
                 request_timeout: cfg.http_request_timeout,
                 renders: Default::default(),
@@ -435,6 +438,7 @@ impl App {
                     tasks.push(tokio::spawn(
                         crate::meters::allocate::allocate_loop(
                             board.clone(),
+                            reader.clone(),
                             ledger.clone(),
                             ALLOCATE_EVERY,
                             shutdown.clone(),

@@ -829,6 +829,9 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
     let twice = w.allocate_meter("row-a", Some(&first), &next, &minutes);
     assert!(!twice.unwrap());
     assert_eq!(w.meter_state("row-a").unwrap(), Some(next));
+    // The read connection sees the same (the allocation reads there).
+    assert_eq!(f.reader.meter_state("row-a").unwrap(), Some(next));
+    assert_eq!(f.reader.meter_state("row-z").unwrap(), None);
     // Another meter's minutes are its own.
     let other = MeterMinute {
         minute: MINUTE,
@@ -923,4 +926,9 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
         ]
     );
     assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 4);
+    assert_eq!(f.reader.node_minutes(MINUTE, MINUTE + 60).unwrap(), got);
+    assert_eq!(
+        f.reader.finalized_through().unwrap(),
+        f.writer.finalized_through().unwrap()
+    );
 }

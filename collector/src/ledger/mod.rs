@@ -758,6 +758,15 @@ pub trait LedgerReader {
         from: i64,
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError>;
+
+    /// What the meters' allocation reads, on a read connection so that
+    /// commits do not wait for it: the watermark (as
+    /// `LedgerWriter::finalized_through`), a meter's allocation state and
+    /// the measured minutes (as `LedgerWriter::meter_state` and
+    /// `node_minutes`).
+    fn finalized_through(&self) -> Result<i64, LedgerError>;
+    fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError>;
+    fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError>;
 }
 
 /// A writer of either backend, chosen by configuration.
@@ -880,5 +889,14 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
         (**self).meter_minutes(meter, from, to)
+    }
+    fn finalized_through(&self) -> Result<i64, LedgerError> {
+        (**self).finalized_through()
+    }
+    fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError> {
+        (**self).meter_state(meter)
+    }
+    fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
+        (**self).node_minutes(from, to)
     }
 }

@@ -22,7 +22,10 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use crate::accounting::facility::{Reading, Step, allocate, energy_at};
-use crate::ledger::{AnyWriter, LedgerError, LedgerWriter, MeterMinute, MeterState, NodeMinute};
+use crate::ledger::{
+    AnyReader, AnyWriter, LedgerError, LedgerReader, LedgerWriter, MeterMinute, MeterState,
+    NodeMinute,
+};
 use crate::sync::lock;
 
 use super::spec::MeterSpec;
@@ -173,28 +176,33 @@ pub fn plan(
 }
 
 /// One round for `meter` alone (see [`round_all`]).
-pub fn round(meter: &Meter, ledger: &Mutex<AnyWriter>) -> Result<Vec<MeterMinute>, LedgerError> {
-    round_all(&[meter], ledger)
+pub fn round<R: LedgerReader>(
+    meter: &Meter,
+    reader: &Mutex<R>,
+    ledger: &Mutex<AnyWriter>,
+) -> Result<Vec<MeterMinute>, LedgerError> {
+    round_all(&[meter], reader, ledger)
         .map(|mut v| v.pop().unwrap_or_default())
         .map_err(|(_, e)| e)
 }
 
 /// One round for `meters`: reads where each one's allocation stands and
-/// the measured minutes of all of them in one query, plans each and
-/// writes it. The ledger writer is held for the reads and for each write,
-/// not for the planning in between: each write is a conditional update of
-/// the meter's state row, so a plan made on state that moved meanwhile
-/// writes nothing (allocated once). Only rows of metered nodes are kept,
+/// the measured minutes of all of them in one query, on `reader` (a read
+/// connection: commits do not wait for these reads), plans each and
+/// writes it through `ledger`, whose mutex is held for each write only.
+/// Each write is a conditional update of the meter's state row, so a plan
+/// made on a state that moved meanwhile writes nothing (allocated once). Only rows of metered nodes are kept,
 /// each node matched against the meters once. Returns each meter's minutes
 /// written (none where there was nothing to do or another collector
 /// allocated first), or the first meter whose round failed and why.
-pub fn round_all(
+pub fn round_all<R: LedgerReader>(
     meters: &[&Meter],
+    reader: &Mutex<R>,
     ledger: &Mutex<AnyWriter>,
 ) -> Result<Vec<Vec<MeterMinute>>, (String, LedgerError)> {
     let mut work = Vec::with_capacity(meters.len());
     let measured = {
-        let w = lock(ledger);
+        let w = lock(reader);
         let watermark = w
             .finalized_through()
             .map_err(|e| ("every meter".to_string(), e))?;
@@ -297,6 +305,7 @@ fn metered_rows(meters: &[&Meter], rows: Vec<NodeMinute>) -> Vec<NodeMinute> {
 /// Allocates every meter's final minutes every `every`, until `shutdown`.
 pub async fn allocate_loop(
     board: Arc<Board>,
+    reader: Arc<Mutex<AnyReader>>,
     ledger: Arc<Mutex<AnyWriter>>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -309,10 +318,10 @@ pub async fn allocate_loop(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let (b, l) = (board.clone(), ledger.clone());
+        let (b, r, l) = (board.clone(), reader.clone(), ledger.clone());
         let result = tokio::task::spawn_blocking(move || {
             let meters: Vec<&Meter> = b.meters.iter().collect();
-            round_all(&meters, &l).err()
+            round_all(&meters, &r, &l).err()
         })
         .await;
         match result {

@@ -565,9 +565,26 @@ mod allocation {
 
     use std::sync::{Arc, Mutex};
 
-    use super::super::allocate::round;
     use super::super::*;
-    use crate::ledger::{AnyWriter, BucketDelta, Commit, Ledger, NodeCursor, Reader};
+    use crate::ledger::{AnyWriter, BucketDelta, Commit, Ledger, MeterMinute, NodeCursor, Reader};
+
+    /// The ledger as the allocation sees it: the writer, and a read
+    /// connection of its own.
+    struct Ledgers {
+        writer: Mutex<AnyWriter>,
+        reader: Mutex<Reader>,
+    }
+
+    fn round(m: &Meter, l: &Ledgers) -> Result<Vec<MeterMinute>, crate::ledger::LedgerError> {
+        super::super::allocate::round(m, &l.reader, &l.writer)
+    }
+
+    fn round_all(
+        ms: &[&Meter],
+        l: &Ledgers,
+    ) -> Result<Vec<Vec<MeterMinute>>, (String, crate::ledger::LedgerError)> {
+        super::super::allocate::round_all(ms, &l.reader, &l.writer)
+    }
 
     /// 2027-01-15T08:00:00Z.
     const M: i64 = 1_800_000_000;
@@ -584,7 +601,7 @@ mod allocation {
     /// A ledger whose minutes `M..M+minutes` hold, per minute k: lab-a on
     /// n-1 with node energy (node_ns > 0), lab-b on n-2 with GPU energy
     /// only, lab-c on n-3 (not under the meter); all final.
-    fn ledger(minutes: i64) -> (Arc<Mutex<AnyWriter>>, Reader, tempfile::TempDir) {
+    fn ledger(minutes: i64) -> (Ledgers, Reader, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
         let mut w = Ledger::create(&path).unwrap();
@@ -630,7 +647,11 @@ mod allocation {
         w.commit_at(&c, M + 86_400, M + 86_400).unwrap();
         let reader = Reader::open(&path).unwrap();
         let w: AnyWriter = Box::new(w);
-        (Arc::new(Mutex::new(w)), reader, dir)
+        let ledgers = Ledgers {
+            writer: Mutex::new(w),
+            reader: Mutex::new(Reader::open(&path).unwrap()),
+        };
+        (ledgers, reader, dir)
     }
 
     /// Counts of a meter polled every 15 s from `M - 30 s` (on minute
@@ -810,7 +831,7 @@ mod allocation {
         let polls = readings(0, &[10; 20], u64::MAX);
         poll_all(&a, &polls);
         poll_all(&c, &polls);
-        let written = super::super::allocate::round_all(&[&a, &c], &ledger).unwrap();
+        let written = round_all(&[&a, &c], &ledger).unwrap();
         // Readings reach M+4:15: four whole minutes, the ledger's buckets
         // three of them.
         assert_eq!(written[0].len(), 4);
@@ -847,7 +868,7 @@ mod allocation {
         let polls = readings(0, &[10; 20], u64::MAX);
         poll_all(&a, &polls);
         poll_all(&x, &polls);
-        super::super::allocate::round_all(&[&a, &x], &ledger).unwrap();
+        round_all(&[&a, &x], &ledger).unwrap();
         assert_eq!(lock(&a.live).nodes_overlapping, 1, "n-2");
         assert_eq!(lock(&x.live).nodes_overlapping, 1, "n-2");
         let alone = modbus("");
