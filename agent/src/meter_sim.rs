@@ -1,9 +1,11 @@
 //! A simulated Modbus TCP revenue meter: a real Modbus TCP server
 //! (tokio-modbus) on a thread and runtime of its own, whose cumulative
 //! energy register its owner sets and advances (wrapping at a rollover it
-//! chooses), and which can hang (accept requests and never answer) or
-//! answer every read with an exception. The demo's site meter
-//! (`capwatch-sim-meter`) and the tests' stand-in meters; stopped when
+//! chooses), and which can hang (accept requests and never answer),
+//! answer every read with an exception or too few words, or answer a
+//! wrong value for some reads (a gateway answering 0 while its meter is
+//! down). The demo's site meter (`capwatch-sim-meter`) and the tests'
+//! stand-in meters; stopped when
 //! dropped.
 
 use std::future::Future;
@@ -24,6 +26,8 @@ pub enum Mode {
     Hang,
     /// A `ServerDeviceFailure` exception.
     Exception,
+    /// The register's words less the last one (a short answer).
+    Short,
 }
 
 /// Where the register is and how it is laid out.
@@ -56,6 +60,8 @@ struct Register {
     /// Counts at which the register wraps to 0.
     rollover: u128,
     mode: Mode,
+    /// (value answered instead of the count, reads left).
+    wrong: Option<(u64, u64)>,
 }
 
 #[derive(Debug)]
@@ -93,6 +99,7 @@ impl ModbusMeter {
                 count: 0,
                 rollover: 1u128 << (16 * u32::from(layout.words)),
                 mode: Mode::Normal,
+                wrong: None,
             }),
             requests: AtomicU64::new(0),
         });
@@ -178,6 +185,16 @@ impl ModbusMeter {
         r.count = (u128::from(r.count) % rollover) as u64;
     }
 
+    /// Answers `value` instead of the count for the next `reads` reads
+    /// (the count itself runs on as set).
+    pub fn answer_wrong_for(&self, value: u64, reads: u64) {
+        self.shared
+            .register
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wrong = (reads > 0).then_some((value, reads));
+    }
+
     pub fn set_mode(&self, mode: Mode) {
         self.shared
             .register
@@ -217,25 +234,49 @@ impl tokio_modbus::server::Service for Service {
         let s = &self.0;
         s.requests.fetch_add(1, Ordering::SeqCst);
         let (count, mode) = {
-            let r = s.register.lock().unwrap_or_else(|e| e.into_inner());
-            (r.count, r.mode)
+            let mut r = s.register.lock().unwrap_or_else(|e| e.into_inner());
+            let normal = r.mode == Mode::Normal;
+            let count = match &mut r.wrong {
+                Some((value, left)) if normal => {
+                    let value = *value;
+                    *left -= 1;
+                    if *left == 0 {
+                        r.wrong = None;
+                    }
+                    value
+                }
+                _ => r.count,
+            };
+            (count, r.mode)
         };
         let layout = s.layout;
         let answer = match mode {
             Mode::Hang => return Box::pin(std::future::pending()),
             Mode::Exception => Err(ExceptionCode::ServerDeviceFailure),
-            Mode::Normal => match req.request {
+            Mode::Normal | Mode::Short => match req.request {
                 Request::ReadHoldingRegisters(addr, qty) if !layout.input => {
-                    words(layout, count, addr, qty).map(Response::ReadHoldingRegisters)
+                    words(layout, count, addr, qty)
+                        .map(|w| short(w, mode))
+                        .map(Response::ReadHoldingRegisters)
                 }
                 Request::ReadInputRegisters(addr, qty) if layout.input => {
-                    words(layout, count, addr, qty).map(Response::ReadInputRegisters)
+                    words(layout, count, addr, qty)
+                        .map(|w| short(w, mode))
+                        .map(Response::ReadInputRegisters)
                 }
                 _ => Err(ExceptionCode::IllegalFunction),
             },
         };
         Box::pin(std::future::ready(answer))
     }
+}
+
+/// `w` less its last word in `Mode::Short`.
+fn short(mut w: Vec<u16>, mode: Mode) -> Vec<u16> {
+    if mode == Mode::Short {
+        w.pop();
+    }
+    w
 }
 
 /// Registers `addr..addr+qty` of a bank holding only the energy register.

@@ -102,6 +102,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_node_source_energy_resets_total",
+        "Times a node power source's energy counter went backwards (a BMC reset: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_node_samples_total",
         "Samples accepted from the node.",
         Kind::Counter,
@@ -344,6 +349,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     (
         "capwatch_meter_nodes_connected",
         "Connected nodes the facility meter covers (0: its energy has no one to go to).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_meter_nodes_overlapping",
+        "Nodes with measured minutes in the last allocation round that this meter and another one both cover: billed once per meter; make the meters' node lists disjoint.",
         Kind::Gauge,
     ),
 ];
@@ -596,6 +606,12 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                             mj as f64 / 1000.0,
                         );
                     }
+                    // From the first Hello on, 0 until a reset (as for GPUs).
+                    f.push(
+                        "capwatch_node_source_energy_resets_total",
+                        &labels,
+                        p.counter_resets() as f64,
+                    );
                 }
             }
             if !per_gpu {
@@ -935,6 +951,11 @@ fn collect_meters(board: &crate::meters::Board, f: &mut Families<'_>) {
             &meter,
             live.nodes_connected as f64,
         );
+        f.push(
+            "capwatch_meter_nodes_overlapping",
+            &meter,
+            live.nodes_overlapping as f64,
+        );
         for (bound, v) in [("min", m.spec.min_ratio), ("max", m.spec.max_ratio)] {
             f.push(
                 "capwatch_meter_ratio_bound",
@@ -1119,6 +1140,8 @@ mod tests {
             "capwatch_node_source_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
             "capwatch_node_source_power_watts{tenant=\"lab-a\",node=\"a-1\",source=\"rapl\",domain=\"cpu\",zone=\"package-0\"} 200",
             "capwatch_node_source_energy_joules_total{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 1000",
+            "capwatch_node_source_energy_resets_total{tenant=\"lab-a\",node=\"a-1\",source=\"redfish\",domain=\"node\",zone=\"1\"} 0",
+            "capwatch_node_source_energy_resets_total{tenant=\"lab-a\",node=\"a-1\",source=\"rapl\",domain=\"cpu\",zone=\"package-0\"} 0",
             "capwatch_tenant_node_power_watts{tenant=\"lab-a\"} 1000",
             "capwatch_tenant_facility_power_watts{tenant=\"lab-a\"} 1250",
             "capwatch_tenant_basis_power_watts{tenant=\"lab-a\",basis=\"facility\"} 1250",

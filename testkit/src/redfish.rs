@@ -59,6 +59,9 @@ pub enum Fault {
     AbsurdWatts,
     /// The energy reading 1000 J below the ground truth.
     CounterBackwards,
+    /// An energy reading of a billion kWh (a PDU answering garbage that
+    /// parses).
+    AbsurdEnergy,
 }
 
 /// A further chassis a BMC lists before `Chassis/1`, with a power reading
@@ -609,6 +612,7 @@ fn reading(shared: &Shared, schema: Schema) -> (u16, String) {
     };
     let energy_mj = match fault {
         Fault::CounterBackwards => energy_mj.saturating_sub(1_000_000),
+        Fault::AbsurdEnergy => 1_000_000_000 * 3_600_000_000,
         _ => energy_mj,
     };
     let body = match schema {

@@ -44,6 +44,9 @@ pub enum Step {
     Reset,
     /// The count is at or past the rollover: the register cannot hold it.
     OutOfRange,
+    /// The register went up by more than the meter can draw in the time
+    /// since the previous reading (`bounded_step`): not believed.
+    Implausible,
 }
 
 /// The step from `prev` to `now` of a register that wraps to 0 at
@@ -65,6 +68,20 @@ pub fn step(prev: u64, now: u64, rollover: u128) -> Step {
         Step::Wrapped(u64::try_from(wrapped).unwrap_or(u64::MAX))
     } else {
         Step::Reset
+    }
+}
+
+/// The step from `prev` to `now` of a meter that can add at most
+/// `max_counts` counts since `prev` (its most power over the elapsed time,
+/// plus slack): a rise beyond that is `Implausible`, and a drop is a wrap
+/// only when the wrapped step is within it, else a `Reset` (a gateway
+/// answering 0 while its meter is down, then the real count, must not
+/// book most of a register lap).
+pub fn bounded_step(prev: u64, now: u64, rollover: u128, max_counts: u128) -> Step {
+    match step(prev, now, rollover) {
+        Step::Forward(n) if u128::from(n) > max_counts => Step::Implausible,
+        Step::Wrapped(n) if u128::from(n) > max_counts => Step::Reset,
+        s => s,
     }
 }
 
@@ -233,6 +250,29 @@ mod tests {
                 step(prev, now, rollover),
                 want,
                 "{prev} -> {now} of {rollover}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_beyond_the_meters_power_is_no_wrap_and_no_rise() {
+        let r32 = 1u128 << 32;
+        // (prev, now, most counts, step)
+        let cases = [
+            (10, 25, 15, Step::Forward(15)),
+            (10, 26, 15, Step::Implausible),
+            (u64::from(u32::MAX) - 5, 4, 10, Step::Wrapped(10)),
+            // A gateway's 0 from a register three quarters up: the wrap
+            // (a quarter of the register) is beyond what the meter draws.
+            (3_000_000_000, 0, 1_000_000, Step::Reset),
+            (1_000, 999, 1_000_000, Step::Reset),
+            (5, 1 << 32, 1 << 40, Step::OutOfRange),
+        ];
+        for (prev, now, max, want) in cases {
+            assert_eq!(
+                bounded_step(prev, now, r32, max),
+                want,
+                "{prev} -> {now} within {max}"
             );
         }
     }

@@ -104,6 +104,10 @@ pub struct Meter {
     /// The timestamp of the reading that last moved the baseline, as
     /// stamped (`last_timestamp` is the newest one).
     stamped_ns: Option<i64>,
+    /// The timestamp of the reading that gave `last_counter` its value: a
+    /// coarse counter (a BMC's whole or tenth kWh) stands still for many
+    /// readings, and the energy of its next step was drawn since then.
+    changed_ns: Option<i64>,
     /// Energy since this collector first saw the GPU.
     energy_millijoules: u64,
     /// Below one second's worth of nanoseconds (fits 32 bits).
@@ -118,6 +122,8 @@ pub struct Meter {
 impl Meter {
     /// A meter resuming from what the ledger kept, at most `last_seq`
     /// samples behind (its last reading came with that cursor or earlier).
+    /// When its counter last changed is not kept: the bound measures from
+    /// the last reading, with one count of a coarse counter's slack.
     pub fn resumed(c: &MeterCursor, last_seq: Option<u64>) -> Self {
         Self {
             last_counter: c.last_counter_mj,
@@ -223,9 +229,22 @@ impl Meter {
         };
         let since_receipt =
             prev_receipt.map_or(0, |p| t.now.saturating_duration_since(p).as_nanos());
+        // A counter that stood still since `changed_ns` steps by what was
+        // drawn over all that time, so the bound is measured from there
+        // too; and one count of a coarse counter can be passed at any
+        // moment, so a count of slack is allowed.
+        let since_change = match self.changed_ns.or(self.last_timestamp) {
+            Some(c) => u128::try_from(timestamp.min(t.latest_ns).saturating_sub(c)).unwrap_or(0),
+            None => 0,
+        };
+        let slack = match (r.energy_millijoules, self.last_counter) {
+            (Some(now_mj), Some(prev)) => u128::from(resolution(prev, now_mj)),
+            _ => 1_000,
+        };
         let limit = limit.unwrap_or(1_000_000);
-        let plausible =
-            u128::from(limit) * 3 * vouched_nanos.max(since_receipt) / NANOS_PER_SECOND + 1_000;
+        let plausible = u128::from(limit) * 3 * vouched_nanos.max(since_receipt).max(since_change)
+            / NANOS_PER_SECOND
+            + slack;
         let first = !self.heard;
         // (energy, whether it was integrated from power)
         let (delta, estimated) = match (r.energy_millijoules, self.last_counter) {
@@ -316,6 +335,11 @@ impl Meter {
         self.stamped_ns = Some(timestamp);
         self.last_seq = Some(t.seq);
         if r.energy_millijoules.is_some() {
+            // Never back: a clock that swings back and forth does not
+            // offer the same stretch to two changes.
+            if r.energy_millijoules != self.last_counter || self.changed_ns.is_none() {
+                self.changed_ns = Some(self.changed_ns.map_or(timestamp, |c| c.max(timestamp)));
+            }
             self.last_counter = r.energy_millijoules;
         }
         self.energy_millijoules = self.energy_millijoules.saturating_add(delta);
@@ -371,6 +395,19 @@ impl Meter {
         self.remainder_milliwatt_nanos = (total % NANOS_PER_SECOND) as u64;
         u64::try_from(total / NANOS_PER_SECOND).unwrap_or(u64::MAX)
     }
+}
+
+/// The coarsest step a counter going from `prev` to `now` (mJ) can have:
+/// a whole-kWh, tenth-kWh, ... down to whole-Wh counter read as mJ has
+/// both values on its grid; a fine counter (a GPU's mJ, RAPL's µJ) lands
+/// on those by chance only, and then gets that much slack once. At least
+/// a joule, for counter and clock granularity.
+fn resolution(prev: u64, now: u64) -> u64 {
+    const GRIDS: [u64; 4] = [3_600_000_000, 360_000_000, 36_000_000, 3_600_000];
+    GRIDS
+        .into_iter()
+        .find(|g| prev.is_multiple_of(*g) && now.is_multiple_of(*g) && (prev != 0 || now != 0))
+        .unwrap_or(1_000)
 }
 
 /// What one reading adds to one minute bucket (the figures of the

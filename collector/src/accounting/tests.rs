@@ -310,3 +310,43 @@ fn a_lost_reading_adds_nothing_and_the_next_delta_covers_the_gap() {
     assert_eq!(a.from_ns, Some(T0));
     assert_eq!(m.energy_millijoules(), 1_200_000);
 }
+
+/// A BMC's whole-kWh counter (`EnergykWh` as mJ) steps rarely: a node
+/// drawing 20 kW moves it once every 180 s, read every 10 s. Every step is
+/// real energy; judged over one reading interval it would look like 360 kW
+/// and be thrown away. The meter counts the counter's difference exactly,
+/// nothing estimated.
+#[test]
+fn a_coarse_counter_that_steps_rarely_counts_its_whole_difference() {
+    const KWH: u64 = 3_600_000_000;
+    // A node source's bound: three times this, 50 kW (`fleet::power`).
+    let limit = Some(50_000_000 / 3);
+    let base = Instant::now();
+    let mut m = Meter::default();
+    let (mut energy, mut estimated) = (0u64, 0u64);
+    // Counter phase: the node has drawn 1234 s worth of 20 kW already.
+    let joules_at = |s: i64| (1_234 + s) as u64 * 20_000;
+    let counter_at = |s: i64| joules_at(s) * 1_000 / KWH * KWH;
+    let first = counter_at(0);
+    let mut last = first;
+    for (seq, s) in (0..=3_600).step_by(10).enumerate() {
+        last = counter_at(s);
+        let a = m.apply(
+            &reading(20_000_000, Some(last)),
+            limit,
+            &tick(base, s * SEC, seq as u64 + 1, Duration::from_secs(30)),
+        );
+        energy += a.energy_mj;
+        if a.estimated_ns.is_some() {
+            estimated += a.energy_mj;
+        }
+    }
+    assert!(
+        last - first >= 19 * KWH,
+        "the counter stepped: {}",
+        last - first
+    );
+    assert_eq!(energy, last - first, "the counter's difference, exactly");
+    assert_eq!(estimated, 0);
+    assert_eq!(m.counter_resets(), 0);
+}

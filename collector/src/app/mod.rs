@@ -15,6 +15,7 @@ mod backend;
 mod reload;
 mod tls;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
@@ -87,6 +88,8 @@ pub fn load_auth(cfg: &Config) -> Result<auth::Auth, auth::AuthFileError> {
 
 /// How often final meter-minutes are allocated.
 const ALLOCATE_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+/// Most nodes whose match one meter's covered-nodes count keeps.
+const MAX_COVER_CACHE: usize = 1_000_000;
 
 /// The span every line of task `name` is logged in.
 fn task_span(name: &'static str) -> tracing::Span {
@@ -309,13 +312,16 @@ impl App {
                 TcpListenerStream::new(grpc),
                 capwatch_common::wait_for_shutdown(shutdown.clone()),
             );
+        // One read connection, shared by the HTTP API and the meters'
+        // allocation (which so never holds the writer for its reads).
+        let reader: Arc<Mutex<ledger::AnyReader>> = Arc::new(Mutex::new(reader));
         let http_server = serve::serve(
             http,
             http::router(http::HttpState {
                 per_gpu_metrics: cfg.per_gpu_metrics,
                 per_node_metrics: cfg.per_node_metrics,
                 state: state.clone(),
-                ledger: Arc::new(Mutex::new(reader)),
+                ledger: reader.clone(),
                 metrics_auth: cfg.metrics_auth,
                 request_timeout: cfg.http_request_timeout,
                 renders: Default::default(),
@@ -394,11 +400,33 @@ impl App {
         let meters = match state.meters() {
             Some(board) => {
                 let fleet = state.clone();
+                // Whether a meter covers a node, matched once per (meter,
+                // node): globs are not cheap and this runs on every poll
+                // of every meter, on the async runtime. A meter's is
+                // emptied if it ever holds more than MAX_COVER_CACHE nodes
+                // (nodes that left).
+                let cache: Mutex<HashMap<String, HashMap<String, bool>>> = Mutex::default();
                 let covered: crate::meters::CoveredNodes = Arc::new(move |spec| {
                     let now = std::time::Instant::now();
                     let mut n = 0;
+                    let mut cache = crate::sync::lock(&cache);
+                    let known = cache.entry(spec.id.clone()).or_default();
+                    if known.len() > MAX_COVER_CACHE {
+                        known.clear();
+                    }
                     fleet.for_each_node(|v| {
-                        if v.up(now) && spec.covers(v.id()) {
+                        if !v.up(now) {
+                            return;
+                        }
+                        let under = match known.get(v.id()) {
+                            Some(under) => *under,
+                            None => {
+                                let under = spec.covers(v.id());
+                                known.insert(v.id().to_string(), under);
+                                under
+                            }
+                        };
+                        if under {
                             n += 1;
                         }
                     });
@@ -410,6 +438,7 @@ impl App {
                     tasks.push(tokio::spawn(
                         crate::meters::allocate::allocate_loop(
                             board.clone(),
+                            reader.clone(),
                             ledger.clone(),
                             ALLOCATE_EVERY,
                             shutdown.clone(),

@@ -230,6 +230,11 @@ impl Fleet {
                             gpus: 0,
                         });
                     }
+                    // Not cut at a lease change inside the interval: each
+                    // G_t was booked under its own sample's lease, so only
+                    // E - G goes by the tenants at this reading, at most
+                    // the node bound over one reading interval (README,
+                    // "Node energy").
                     let gpus: u64 = parties.iter().map(|p| p.gpus).sum();
                     let shares = split_node_energy(applied.energy_mj, &parties);
                     for (p, share) in parties.iter().zip(shares) {

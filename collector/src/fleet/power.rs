@@ -142,6 +142,11 @@ impl PowerSource {
         self.meter.energy_millijoules()
     }
 
+    /// Times its counter went backwards or jumped implausibly.
+    pub(crate) fn counter_resets(&self) -> u64 {
+        self.meter.counter_resets()
+    }
+
     /// The counting state the ledger keeps.
     pub(super) fn cursor(&self) -> GpuCursor {
         let c = self.meter.cursor();

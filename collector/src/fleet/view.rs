@@ -214,6 +214,13 @@ impl<'a> PowerSourceView<'a> {
             .is_some()
             .then(|| self.source.energy_millijoules())
     }
+
+    /// Times its energy counter went backwards or jumped implausibly
+    /// (kept across collector restarts in its cursor).
+    #[inline]
+    pub fn counter_resets(&self) -> u64 {
+        self.source.counter_resets()
+    }
 }
 
 impl Fleet {

@@ -830,6 +830,9 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
     let twice = w.allocate_meter("row-a", Some(&first), &next, &minutes);
     assert!(!twice.unwrap());
     assert_eq!(w.meter_state("row-a").unwrap(), Some(next));
+    // The read connection sees the same (the allocation reads there).
+    assert_eq!(f.reader.meter_state("row-a").unwrap(), Some(next));
+    assert_eq!(f.reader.meter_state("row-z").unwrap(), None);
     // Another meter's minutes are its own.
     let other = MeterMinute {
         minute: MINUTE,
@@ -864,7 +867,9 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
 }
 
 /// What a node measured is its node energy where it has a whole-node
-/// source (node time above 0), else its GPU energy.
+/// source (node time or node energy above 0), else its GPU energy. Node
+/// energy booked without node time (a reading interval longer than the
+/// staleness window carries energy but no coverage) is still node energy.
 pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, R: LedgerReader>(
     mut f: Fresh<W, R>,
 ) {
@@ -884,6 +889,16 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
     c.buckets.insert(
         (Arc::from("lab-a"), Arc::from("n1"), MINUTE + 60),
         delta(5, 1),
+    );
+    c.buckets.insert(
+        (Arc::from("lab-c"), Arc::from("n2"), MINUTE),
+        BucketDelta {
+            energy_mj: 100,
+            node_energy_mj: 7_000,
+            node_ns: 0,
+            samples: 1,
+            ..BucketDelta::default()
+        },
     );
     w.commit_as("a", &c, MINUTE + 120, i64::MIN).unwrap();
     let got = w.node_minutes(MINUTE, MINUTE + 60).unwrap();
@@ -905,9 +920,21 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
                 measured_mj: 444,
                 node_energy_mj: 0,
             },
+            NodeMinute {
+                tenant: "lab-c".into(),
+                node: "n2".into(),
+                minute: MINUTE,
+                measured_mj: 7_000,
+                node_energy_mj: 7_000,
+            },
         ]
     );
-    assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 3);
+    assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 4);
+    assert_eq!(f.reader.node_minutes(MINUTE, MINUTE + 60).unwrap(), got);
+    assert_eq!(
+        f.reader.finalized_through().unwrap(),
+        f.writer.finalized_through().unwrap()
+    );
 }
 
 /// A facility-basis tenant with one node under a meter and one under

@@ -765,10 +765,16 @@ pub trait LedgerReader {
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError>;
 
+    /// What the meters' allocation reads, on a read connection so that
+    /// commits do not wait for it: the watermark (as
+    /// `LedgerWriter::finalized_through`) and a meter's allocation state
+    /// (as `LedgerWriter::meter_state`).
+    fn finalized_through(&self) -> Result<i64, LedgerError>;
+    fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError>;
     /// What every node measured in each minute of `[from, to)`, per
     /// tenant, from the minute buckets (as `LedgerWriter::node_minutes`):
-    /// what the usage rows of a facility-basis tenant set beside its
-    /// meters' allocation.
+    /// what the allocation splits a meter-minute by, and what the usage
+    /// rows of a facility-basis tenant set beside its meters' allocation.
     fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError>;
 }
 
@@ -892,6 +898,12 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
         (**self).meter_minutes(meter, from, to)
+    }
+    fn finalized_through(&self) -> Result<i64, LedgerError> {
+        (**self).finalized_through()
+    }
+    fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError> {
+        (**self).meter_state(meter)
     }
     fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
         (**self).node_minutes(from, to)

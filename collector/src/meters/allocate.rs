@@ -14,37 +14,38 @@
 //! the first boundary and the last, exactly; each minute's parts add up to
 //! its metered energy; a minute is allocated once.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use crate::accounting::facility::{Reading, Step, allocate, energy_at, step};
-use crate::ledger::{AnyWriter, LedgerError, LedgerWriter, MeterMinute, MeterState, NodeMinute};
+use crate::accounting::facility::{Reading, Step, allocate, energy_at};
+use crate::ledger::{
+    AnyReader, AnyWriter, LedgerError, LedgerReader, LedgerWriter, MeterMinute, MeterState,
+    NodeMinute,
+};
 use crate::sync::lock;
 
-use super::spec::{MeterSpec, Source};
+use super::spec::MeterSpec;
 use super::{Board, Meter};
 
 const MINUTE: i64 = 60;
 const NS: i64 = 1_000_000_000;
 
-/// Most minutes one round allocates per meter (a day).
-pub const MAX_MINUTES_PER_ROUND: i64 = 1_440;
+/// Most minutes one round allocates per meter (an hour): a meter catching
+/// up after a long outage does so an hour per round, so no round holds
+/// the ledger for long; commits go on between rounds.
+pub const MAX_MINUTES_PER_ROUND: i64 = 60;
 
-/// The energy (mJ) from raw reading `prev` to `now` of the meter: the
-/// register's counts (wrapped or not) times its energy per count, or a
-/// PDU's counter difference; 0 across a reset.
-pub fn raw_delta(spec: &MeterSpec, prev: u64, now: u64) -> u64 {
-    match &spec.source {
-        Source::Modbus(m) => match step(prev, now, m.rollover) {
-            // An absurd step (past 2^64 mJ) counts nothing, as when polled.
-            Step::Forward(n) | Step::Wrapped(n) => n.checked_mul(m.mj_per_count).unwrap_or(0),
-            Step::Reset | Step::OutOfRange => 0,
-        },
-        Source::RedfishPdu(_) => now.saturating_sub(prev),
+/// The energy (mJ) from raw reading `prev` to `now`, `elapsed_ns` later:
+/// the counts of a plausible step (`MeterSpec::step`, as when polled)
+/// times the energy per count; 0 across a reset or an implausible step.
+pub fn raw_delta(spec: &MeterSpec, prev: u64, now: u64, elapsed_ns: i64) -> u64 {
+    match spec.step(prev, now, elapsed_ns) {
+        Step::Forward(n) | Step::Wrapped(n) => spec.energy_of(n).unwrap_or(0),
+        Step::Reset | Step::OutOfRange | Step::Implausible => 0,
     }
 }
 
@@ -100,15 +101,15 @@ pub fn plan(
         energy_mj: 0,
     }];
     let mut raws = vec![base_raw];
-    let mut prev = base_raw;
+    let (mut prev_at, mut prev) = (base_at, base_raw);
     for &(at, r) in raw.iter().filter(|(at, _)| *at > base_at) {
-        let e = series.last().map_or(0, |p| p.energy_mj) + raw_delta(spec, prev, r);
+        let e = series.last().map_or(0, |p| p.energy_mj) + raw_delta(spec, prev, r, at - prev_at);
         series.push(Reading {
             at_ns: at,
             energy_mj: e,
         });
         raws.push(r);
-        prev = r;
+        (prev_at, prev) = (at, r);
     }
     let (start, mut at_start) = match state {
         Some(s) => (s.allocated_through, s.carry_mj),
@@ -175,47 +176,59 @@ pub fn plan(
 }
 
 /// One round for `meter` alone (see [`round_all`]).
-pub fn round(meter: &Meter, ledger: &Mutex<AnyWriter>) -> Result<Vec<MeterMinute>, LedgerError> {
-    round_all(&[meter], ledger)
+pub fn round<R: LedgerReader>(
+    meter: &Meter,
+    reader: &Mutex<R>,
+    ledger: &Mutex<AnyWriter>,
+) -> Result<Vec<MeterMinute>, LedgerError> {
+    round_all(&[meter], reader, ledger)
         .map(|mut v| v.pop().unwrap_or_default())
         .map_err(|(_, e)| e)
 }
 
-/// One round for `meters`: reads where each one's allocation stands, the
-/// measured minutes of all of them in one query, plans each and writes
-/// it. Returns each meter's minutes written (none where there was nothing
-/// to do or another collector allocated first), or the first meter whose
-/// round failed and why.
-pub fn round_all(
+/// One round for `meters`: reads where each one's allocation stands and
+/// the measured minutes of all of them in one query, on `reader` (a read
+/// connection: commits do not wait for these reads), plans each and
+/// writes it through `ledger`, whose mutex is held for each write only.
+/// Each write is a conditional update of the meter's state row, so a plan
+/// made on a state that moved meanwhile writes nothing (allocated once). Only rows of metered nodes are kept,
+/// each node matched against the meters once. Returns each meter's minutes
+/// written (none where there was nothing to do or another collector
+/// allocated first), or the first meter whose round failed and why.
+pub fn round_all<R: LedgerReader>(
     meters: &[&Meter],
+    reader: &Mutex<R>,
     ledger: &Mutex<AnyWriter>,
 ) -> Result<Vec<Vec<MeterMinute>>, (String, LedgerError)> {
-    let mut w = lock(ledger);
-    let watermark = w
-        .finalized_through()
-        .map_err(|e| ("every meter".to_string(), e))?;
     let mut work = Vec::with_capacity(meters.len());
-    let (mut lo, mut hi) = (i64::MAX, i64::MIN);
-    for m in meters {
-        let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
-        let state = w
-            .meter_state(&m.spec.id)
-            .map_err(|e| (m.spec.id.clone(), e))?;
-        let range = window(state.as_ref(), &raw, watermark);
-        if let Some((from, to)) = range
-            && to >= from + MINUTE
-        {
-            lo = lo.min(from);
-            hi = hi.max(to);
+    let measured = {
+        let w = lock(reader);
+        let watermark = w
+            .finalized_through()
+            .map_err(|e| ("every meter".to_string(), e))?;
+        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        for m in meters {
+            let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
+            let state = w
+                .meter_state(&m.spec.id)
+                .map_err(|e| (m.spec.id.clone(), e))?;
+            let range = window(state.as_ref(), &raw, watermark);
+            if let Some((from, to)) = range
+                && to >= from + MINUTE
+            {
+                lo = lo.min(from);
+                hi = hi.max(to);
+            }
+            work.push((raw, state, range));
         }
-        work.push((raw, state, range));
-    }
-    let measured = if hi > lo {
-        w.node_minutes(lo, hi)
-            .map_err(|e| ("every meter".to_string(), e))?
-    } else {
-        Vec::new()
+        if hi > lo {
+            w.node_minutes(lo, hi)
+                .map_err(|e| ("every meter".to_string(), e))?
+        } else {
+            Vec::new()
+        }
     };
+    let measured = metered_rows(meters, measured);
     let mut written = Vec::with_capacity(meters.len());
     for (m, (raw, state, range)) in meters.iter().zip(work) {
         let Some((_, to)) = range else {
@@ -227,10 +240,10 @@ pub fn round_all(
             continue;
         };
         let id = &m.spec.id;
-        if !w
+        let moved = lock(ledger)
             .allocate_meter(id, state.as_ref(), &plan.next, &plan.minutes)
-            .map_err(|e| (id.clone(), e))?
-        {
+            .map_err(|e| (id.clone(), e))?;
+        if !moved {
             debug!(meter = %id, "another collector allocated these minutes first");
             written.push(Vec::new());
             continue;
@@ -254,9 +267,49 @@ pub fn round_all(
     Ok(written)
 }
 
+/// The rows of nodes some meter of `meters` covers, each distinct node
+/// matched once (globs are not cheap, and most rows are of other nodes).
+/// A node under two meters or more (globs that overlap, which the config
+/// check cannot rule out) would be billed once per meter: each meter's
+/// `nodes_overlapping` says how many it shares, logged when it changes.
+fn metered_rows(meters: &[&Meter], rows: Vec<NodeMinute>) -> Vec<NodeMinute> {
+    let mut covered: HashMap<String, Vec<usize>> = HashMap::new();
+    let rows: Vec<NodeMinute> = rows
+        .into_iter()
+        .filter(|r| {
+            !covered
+                .entry(r.node.clone())
+                .or_insert_with(|| {
+                    (0..meters.len())
+                        .filter(|&i| meters[i].spec.covers(&r.node))
+                        .collect()
+                })
+                .is_empty()
+        })
+        .collect();
+    let mut shared = vec![Vec::new(); meters.len()];
+    for (node, under) in &covered {
+        if under.len() > 1 {
+            for &i in under {
+                shared[i].push(node.as_str());
+            }
+        }
+    }
+    for (m, nodes) in meters.iter().zip(shared) {
+        let n = nodes.len() as u64;
+        let mut live = lock(&m.live);
+        if n > 0 && live.nodes_overlapping != n {
+            warn!(meter = %m.spec.id, nodes = ?nodes, "nodes under this meter and another one: each meter allocates all of its energy, so these nodes' tenants are billed for them twice; make the meters' node lists disjoint (capwatch_meter_nodes_overlapping)");
+        }
+        live.nodes_overlapping = n;
+    }
+    rows
+}
+
 /// Allocates every meter's final minutes every `every`, until `shutdown`.
 pub async fn allocate_loop(
     board: Arc<Board>,
+    reader: Arc<Mutex<AnyReader>>,
     ledger: Arc<Mutex<AnyWriter>>,
     every: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -269,10 +322,10 @@ pub async fn allocate_loop(
             _ = ticker.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let (b, l) = (board.clone(), ledger.clone());
+        let (b, r, l) = (board.clone(), reader.clone(), ledger.clone());
         let result = tokio::task::spawn_blocking(move || {
             let meters: Vec<&Meter> = b.meters.iter().collect();
-            round_all(&meters, &l).err()
+            round_all(&meters, &r, &l).err()
         })
         .await;
         match result {

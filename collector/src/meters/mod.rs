@@ -4,9 +4,10 @@
 //! meters never wait for it.
 //!
 //! A reading becomes energy here ([`Live::apply`]): the register's step
-//! since the previous reading (forward, wrapped, or reset: counted, never
-//! negative) times the meter's whole millijoules per count
-//! (`accounting::facility`). The meter's cumulative energy is kept as
+//! since the previous reading (forward or wrapped, within the meter's
+//! `max_kw` over the time between them; anything else is refused, and a
+//! reset only once the next reading goes on from it: never negative)
+//! times the meter's whole millijoules per count (`accounting::facility`). The meter's cumulative energy is kept as
 //! timed [`Reading`]s, continuous across wraps, from which the
 //! allocation takes each minute's metered energy.
 
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tracing::{Instrument, info, warn};
 
-use crate::accounting::facility::{Reading, Step, step};
+use crate::accounting::facility::{Reading, Step};
 use crate::sync::{lock, unix_nanos_now};
 
 pub use spec::{MeterConfig, MeterError, MeterSpec, Source, check};
@@ -30,9 +31,9 @@ pub use spec::{MeterConfig, MeterError, MeterSpec, Source, check};
 pub enum Outcome {
     /// A reading, counted.
     Ok,
-    /// A reading whose register went down by less than half its range: a
-    /// reset or replaced meter. Nothing counted for the interval; the new
-    /// count is the baseline.
+    /// A reset or replaced meter: a reading the previous one could not
+    /// step to (`Invalid` when it came), which this one went on from.
+    /// Nothing counted up to it; it is the baseline.
     Reset,
     /// The meter did not answer within its timeout.
     Timeout,
@@ -41,7 +42,8 @@ pub enum Outcome {
     /// The meter answered with a Modbus exception (or an HTTP error).
     Exception,
     /// The answer was malformed or impossible (wrong length, a count past
-    /// the rollover, a negative or absurd figure).
+    /// the rollover, a negative or absurd figure, no energy reading, a
+    /// step beyond `max_kw` over the time since the last reading).
     Invalid,
 }
 
@@ -121,8 +123,12 @@ pub struct Live {
     pub energy_mj: u64,
     /// When the last reading arrived (Unix nanoseconds).
     pub last_success_ns: Option<i64>,
-    /// The register's last count: the baseline of the next step.
-    last_count: Option<u64>,
+    /// The last reading taken, (Unix ns, raw value): the baseline of the
+    /// next step.
+    baseline: Option<(i64, u64)>,
+    /// A reading the baseline cannot have stepped to (a drop, or a rise
+    /// beyond `max_kw`): a reset if the next reading goes on from it.
+    candidate: Option<(i64, u64)>,
     /// Timed cumulative energy (`energy_mj`), oldest first.
     pub readings: VecDeque<Reading>,
     /// The readings as the meter gave them, (Unix ns, raw value: the
@@ -139,6 +145,9 @@ pub struct Live {
     pub ratio_ppm: Option<u64>,
     /// Connected nodes the meter covers, at the last poll.
     pub nodes_connected: u64,
+    /// Nodes with measured minutes in the last allocation round that this
+    /// meter and another one both cover (billed twice: a config to fix).
+    pub nodes_overlapping: u64,
     /// The last outcome, to log changes once.
     last_outcome: Option<Outcome>,
 }
@@ -149,65 +158,19 @@ impl Live {
         let outcome = match read {
             Err(e) => e.outcome(),
             Ok(Raw::Count(count)) => {
-                let Source::Modbus(m) = &spec.source else {
-                    return self.count(Outcome::Invalid);
-                };
-                match self.last_count {
-                    None => {
-                        self.last_count = Some(count);
-                        if u128::from(count) >= m.rollover {
-                            self.last_count = None;
-                            Outcome::Invalid
-                        } else {
-                            self.record(at_ns, count, 0);
-                            Outcome::Ok
-                        }
-                    }
-                    Some(prev) => match step(prev, count, m.rollover) {
-                        Step::Forward(n) | Step::Wrapped(n) => {
-                            match n.checked_mul(m.mj_per_count) {
-                                Some(mj) => {
-                                    self.last_count = Some(count);
-                                    self.record(at_ns, count, mj);
-                                    Outcome::Ok
-                                }
-                                // Beyond 2^64 mJ (5 TWh) in one interval: absurd.
-                                None => Outcome::Invalid,
-                            }
-                        }
-                        Step::Reset => {
-                            self.last_count = Some(count);
-                            self.power_mw = None;
-                            self.record(at_ns, count, 0);
-                            Outcome::Reset
-                        }
-                        Step::OutOfRange => Outcome::Invalid,
-                    },
+                if matches!(spec.source, Source::Modbus(_)) {
+                    self.take(spec, at_ns, count)
+                } else {
+                    Outcome::Invalid
                 }
             }
             Ok(Raw::Pdu(reading)) => match reading.energy_millijoules {
                 // No energy sensor: nothing to allocate.
                 None => Outcome::Invalid,
                 Some(now) => {
-                    let outcome = match self.last_count {
-                        None => {
-                            self.record(at_ns, now, 0);
-                            Outcome::Ok
-                        }
-                        Some(prev) if now >= prev => {
-                            self.record(at_ns, now, now - prev);
-                            Outcome::Ok
-                        }
-                        // A counter that went back: reset by someone, or
-                        // a replaced PDU. Nothing counted for the interval.
-                        Some(_) => {
-                            self.record(at_ns, now, 0);
-                            Outcome::Reset
-                        }
-                    };
-                    self.last_count = Some(now);
+                    let outcome = self.take(spec, at_ns, now);
                     // The PDU's own power reading, where it has one.
-                    if reading.power_milliwatts.is_some() {
+                    if outcome.answered() && reading.power_milliwatts.is_some() {
                         self.power_mw = reading.power_milliwatts;
                     }
                     outcome
@@ -215,6 +178,65 @@ impl Live {
             },
         };
         self.count(outcome)
+    }
+
+    /// Takes raw reading `now` (a register count or a PDU's mJ) at
+    /// `at_ns`. A step the meter cannot have made in the time since the
+    /// baseline (`MeterSpec::step`: beyond `max_kw`, or a drop whose wrap
+    /// would be) is `Invalid` and the baseline kept; it stays a candidate
+    /// reset, taken (`Reset`, nothing counted up to it) only when the next
+    /// reading goes on from it plausibly and not from the baseline. A
+    /// return to the baseline's count or above is the count carrying on.
+    fn take(&mut self, spec: &MeterSpec, at_ns: i64, now: u64) -> Outcome {
+        if !spec.in_range(now) {
+            return Outcome::Invalid;
+        }
+        let Some((base_at, base)) = self.baseline else {
+            let at = self.record(at_ns, now, 0);
+            self.baseline = Some((at, now));
+            return Outcome::Ok;
+        };
+        match spec.step(base, now, at_ns - base_at) {
+            Step::Forward(n) | Step::Wrapped(n) => {
+                let Some(mj) = spec.energy_of(n) else {
+                    return Outcome::Invalid;
+                };
+                self.candidate = None;
+                let at = self.record(at_ns, now, mj);
+                self.baseline = Some((at, now));
+                Outcome::Ok
+            }
+            Step::OutOfRange => Outcome::Invalid,
+            Step::Reset | Step::Implausible => {
+                let confirmed =
+                    self.candidate
+                        .and_then(|(c_at, c)| match spec.step(c, now, at_ns - c_at) {
+                            Step::Forward(n) | Step::Wrapped(n) if n > 0 => {
+                                spec.energy_of(n).map(|mj| (c_at, c, mj))
+                            }
+                            _ => None,
+                        });
+                match confirmed {
+                    Some((c_at, c, mj)) => {
+                        // The candidate was real: a reset or replaced
+                        // meter. Nothing counted up to it.
+                        self.candidate = None;
+                        self.record(c_at, c, 0);
+                        let at = self.record(at_ns, now, mj);
+                        self.baseline = Some((at, now));
+                        Outcome::Reset
+                    }
+                    None => {
+                        // The earliest reading of a value the meter stays
+                        // at is the candidate.
+                        if self.candidate.is_none_or(|(_, c)| c != now) {
+                            self.candidate = Some((at_ns, now));
+                        }
+                        Outcome::Invalid
+                    }
+                }
+            }
+        }
     }
 
     /// Polls that ended with `outcome`.
@@ -233,8 +255,9 @@ impl Live {
         outcome
     }
 
-    /// Adds `mj` to the meter's energy as of `at_ns`.
-    fn record(&mut self, at_ns: i64, raw: u64, mj: u64) {
+    /// Adds `mj` to the meter's energy as of `at_ns`; returns the time it
+    /// stands at (not before the previous reading).
+    fn record(&mut self, at_ns: i64, raw: u64, mj: u64) -> i64 {
         let prev = self.readings.back().copied();
         self.energy_mj = self.energy_mj.saturating_add(mj);
         self.power_mw = match prev {
@@ -258,6 +281,7 @@ impl Live {
         while self.raw.len() > MAX_READINGS {
             self.raw.pop_front();
         }
+        at_ns
     }
 }
 
@@ -351,6 +375,8 @@ async fn poll_loop(
 pub struct Poller {
     source: Reader,
     warned_uncovered: bool,
+    /// Unix nanoseconds now: the system clock, or a test's own.
+    clock: fn() -> i64,
 }
 
 impl Poller {
@@ -360,7 +386,15 @@ impl Poller {
         Ok(Self {
             source: Reader::new(spec)?,
             warned_uncovered: false,
+            clock: unix_nanos_now,
         })
+    }
+
+    /// Readings stamped by `clock` instead of the system clock.
+    #[cfg(test)]
+    pub fn with_clock(mut self, clock: fn() -> i64) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Reads the meter once, within its timeout, and applies the result
@@ -378,7 +412,7 @@ impl Poller {
         let error = read.as_ref().err().cloned();
         let nodes = covered(spec);
         let mut live = lock(&meter.live);
-        let outcome = live.apply(spec, unix_nanos_now(), read);
+        let outcome = live.apply(spec, (self.clock)(), read);
         live.nodes_connected = nodes;
         let changed = live.last_outcome != Some(outcome);
         live.last_outcome = Some(outcome);
@@ -390,7 +424,13 @@ impl Poller {
         match outcome {
             Outcome::Reset => {
                 warn!(
-                    "meter register went down: counted as a reset (or a replaced meter), nothing counted for the interval, counting again from the new value"
+                    "meter reading went on from a value the previous one could not step to: counted as a reset (or a replaced meter), nothing counted up to it, counting again from there"
+                );
+            }
+            Outcome::Invalid if error.is_none() => {
+                warn!(
+                    max_kw = spec.max_mw as f64 / 1e6,
+                    "meter reading refused: a step the meter cannot have made since the last reading (beyond max_kw, a drop that is no wrap) or no energy figure; the last good reading stays the baseline"
                 );
             }
             Outcome::Ok if changed => info!("meter answering"),

@@ -2,6 +2,7 @@
 //! connection is kept between polls and dropped after any transport error
 //! or timeout (the caller's deadline), so the next poll starts clean.
 
+use futures::FutureExt as _;
 use tokio_modbus::client::{Context, Reader as _};
 use tokio_modbus::prelude::Slave;
 
@@ -49,9 +50,24 @@ impl Client {
             }
         };
         let words = self.spec.format.words();
-        let answer = match self.spec.bank {
-            RegisterBank::Holding => conn.read_holding_registers(self.spec.register, words).await,
-            RegisterBank::Input => conn.read_input_registers(self.spec.register, words).await,
+        let (bank, register) = (self.spec.bank, self.spec.register);
+        // tokio-modbus asserts (in debug builds) that an answer has the
+        // words asked for; a meter answering too few must not end the
+        // task: caught, it is an invalid answer, and the connection is
+        // dropped.
+        let answer = std::panic::AssertUnwindSafe(async move {
+            match bank {
+                RegisterBank::Holding => conn.read_holding_registers(register, words).await,
+                RegisterBank::Input => conn.read_input_registers(register, words).await,
+            }
+        })
+        .catch_unwind()
+        .await;
+        let Ok(answer) = answer else {
+            self.conn = None;
+            return Err(ReadError::Invalid(format!(
+                "an answer the Modbus client refused (not {words} words)"
+            )));
         };
         let words_read = match answer {
             Err(e) => {

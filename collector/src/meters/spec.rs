@@ -8,7 +8,7 @@ use std::time::Duration;
 use globset::{Glob, GlobMatcher};
 use serde::{Deserialize, Serialize};
 
-use crate::accounting::facility::WordOrder;
+use crate::accounting::facility::{Step, WordOrder, bounded_step};
 
 /// One `[[meter]]` entry as written.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -33,6 +33,13 @@ pub struct MeterConfig {
     pub min_ratio: f64,
     #[serde(default = "default_max_ratio")]
     pub max_ratio: f64,
+    /// The most power (kW) the meter can see: a step between two readings
+    /// implying more over the time between them (plus one count, or 1 kWh
+    /// for a PDU) is refused as `invalid` and the baseline kept. Default
+    /// 10000 (10 MW) for modbus, 1000 (1 MW, what a PDU reading may carry)
+    /// for redfish_pdu.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_kw: Option<f64>,
     /// modbus: `host:port` of the meter or its gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address: Option<String>,
@@ -190,8 +197,19 @@ pub struct MeterSpec {
     pub timeout: Duration,
     pub min_ratio: f64,
     pub max_ratio: f64,
+    /// The most power the meter can see (`max_kw`), in milliwatts.
+    pub max_mw: u64,
     pub source: Source,
 }
+
+/// `max_kw` when not set: a modbus meter (a feeder or a row).
+pub const DEFAULT_MODBUS_MAX_KW: f64 = 10_000.0;
+/// `max_kw` when not set: a PDU (the most its reading may carry).
+pub const DEFAULT_PDU_MAX_KW: f64 = (capwatch_common::redfish::MAX_PDU_WATTS / 1_000) as f64;
+/// Largest `max_kw` accepted (1 GW).
+pub const MAX_MAX_KW: f64 = 1_000_000.0;
+/// The slack of a PDU's energy step: its `EnergykWh` is often whole kWh.
+const PDU_SLACK_MJ: u128 = 3_600_000_000;
 
 #[derive(Debug, Clone)]
 enum NodePattern {
@@ -200,6 +218,41 @@ enum NodePattern {
 }
 
 impl MeterSpec {
+    /// What the raw reading `now` (a register count, or a PDU's energy in
+    /// mJ) means after `prev`, `elapsed_ns` before: a step is plausible
+    /// only within `max_kw` over that time plus one count (1 kWh for a
+    /// PDU); a drop is a wrap only if the wrapped step is plausible.
+    pub fn step(&self, prev: u64, now: u64, elapsed_ns: i64) -> Step {
+        let elapsed = u128::try_from(elapsed_ns.max(0)).unwrap_or(0);
+        let max_mj = u128::from(self.max_mw) * elapsed / 1_000_000_000;
+        match &self.source {
+            Source::Modbus(m) => bounded_step(
+                prev,
+                now,
+                m.rollover,
+                max_mj / u128::from(m.mj_per_count) + 1,
+            ),
+            Source::RedfishPdu(_) => bounded_step(prev, now, 1 << 64, max_mj + PDU_SLACK_MJ),
+        }
+    }
+
+    /// The energy (mJ) of `counts` counts (a PDU counts millijoules);
+    /// `None` past 2^64 mJ.
+    pub fn energy_of(&self, counts: u64) -> Option<u64> {
+        match &self.source {
+            Source::Modbus(m) => counts.checked_mul(m.mj_per_count),
+            Source::RedfishPdu(_) => Some(counts),
+        }
+    }
+
+    /// Whether a raw reading is one the meter can give at all.
+    pub fn in_range(&self, raw: u64) -> bool {
+        match &self.source {
+            Source::Modbus(m) => u128::from(raw) < m.rollover,
+            Source::RedfishPdu(_) => true,
+        }
+    }
+
     /// Whether the meter feeds node `node`.
     pub fn covers(&self, node: &str) -> bool {
         self.matchers.iter().any(|m| match m {
@@ -269,7 +322,42 @@ pub fn check(entries: &[MeterConfig]) -> Result<Vec<MeterSpec>, MeterError> {
         }
         specs.push(spec);
     }
+    overlaps(&specs)?;
     Ok(specs)
+}
+
+/// Refuses a node the config shows under two meters: an exact name that
+/// another meter's name or glob covers, or the same glob twice. Each
+/// meter allocates all of its energy to the tenants under it, so such a
+/// node's tenants would be billed for it twice. Globs that overlap only
+/// for some names (`gpu-a*`, `gpu-*a`) are not decidable here: the
+/// allocation counts connected nodes under two meters
+/// (`capwatch_meter_nodes_overlapping`) and warns.
+fn overlaps(specs: &[MeterSpec]) -> Result<(), MeterError> {
+    for (i, a) in specs.iter().enumerate() {
+        for b in &specs[i + 1..] {
+            for n in &a.nodes {
+                let shared = if is_glob(n) {
+                    b.nodes.iter().any(|m| m == n)
+                } else {
+                    b.covers(n)
+                };
+                let reverse = b.nodes.iter().find(|m| !is_glob(m) && a.covers(m));
+                let node = if shared { Some(n) } else { reverse };
+                if let Some(node) = node {
+                    return Err(MeterError {
+                        meter: b.id.clone(),
+                        setting: "nodes",
+                        reason: format!(
+                            "{node:?} is under meter {:?} too: each meter allocates all of its energy, so that node's would be billed twice",
+                            a.id
+                        ),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
@@ -331,6 +419,18 @@ fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
     if e.min_ratio >= e.max_ratio {
         return Err(bad("min_ratio", "must be below max_ratio".into()));
     }
+    let max_kw = e.max_kw.unwrap_or(match e.kind {
+        MeterKind::Modbus => DEFAULT_MODBUS_MAX_KW,
+        MeterKind::RedfishPdu => DEFAULT_PDU_MAX_KW,
+    });
+    if !(max_kw.is_finite() && (0.001..=MAX_MAX_KW).contains(&max_kw)) {
+        return Err(bad(
+            "max_kw",
+            format!("{max_kw} must be at least 0.001 (1 W) and at most {MAX_MAX_KW} (1 GW)"),
+        ));
+    }
+    // Within 0.001..=1e6 kW, so a whole number of milliwatts up to 1e12.
+    let max_mw = (max_kw * 1_000_000.0).round() as u64;
     let source = match e.kind {
         MeterKind::Modbus => {
             for (set, name) in [
@@ -350,6 +450,13 @@ fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
                 Some((host, port))
                     if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => {}
                 _ => return Err(bad("address", format!("{address:?} is not host:port"))),
+            }
+            let unit = e.unit.unwrap_or(1);
+            if unit == 0 {
+                return Err(bad(
+                    "unit",
+                    "0 is Modbus broadcast, which no meter answers: use the meter's own unit id (1-247)".into(),
+                ));
             }
             let format = e.format.unwrap_or(RegisterFormat::U32);
             let register = e.register.unwrap_or(0);
@@ -388,7 +495,7 @@ fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
             };
             Source::Modbus(ModbusSpec {
                 address,
-                unit: e.unit.unwrap_or(1),
+                unit,
                 register,
                 bank: e.registers.unwrap_or(RegisterBank::Holding),
                 format,
@@ -451,6 +558,7 @@ fn check_one(i: usize, e: &MeterConfig) -> Result<MeterSpec, MeterError> {
         timeout: e.timeout,
         min_ratio: e.min_ratio,
         max_ratio: e.max_ratio,
+        max_mw,
         source,
     })
 }
@@ -488,6 +596,9 @@ mod tests {
                 "at most the interval",
             ),
             ("register = 65535\n", "register", "past register 65535"),
+            ("unit = 0\n", "unit", "broadcast"),
+            ("max_kw = 0.0\n", "max_kw", "at least 0.001"),
+            ("max_kw = inf\n", "max_kw", "at most"),
             (
                 "url = \"https://x/redfish/v1/PowerEquipment/RackPDUs/1\"\n",
                 "url",
@@ -510,6 +621,22 @@ mod tests {
         assert!(whole(&MODBUS.replace("[\"gpu-*\"]", "[\"gpu-[\"]")).contains("glob"));
         assert!(whole(&MODBUS.replace("\"m1\"", "\"M 1\"")).contains("meter \"#1\": `id`"));
         assert!(whole(&format!("{MODBUS}{MODBUS}")).contains("two meters have this id"));
+        // A node under two meters, by name or by the same glob.
+        let second = |nodes: &str| {
+            format!(
+                "{MODBUS}{}",
+                MODBUS
+                    .replace("\"m1\"", "\"m2\"")
+                    .replace("[\"gpu-*\"]", nodes)
+            )
+        };
+        for nodes in ["[\"gpu-7\"]", "[\"cpu-1\", \"gpu-*\"]"] {
+            let e = check(&parse(&second(nodes))).expect_err(nodes);
+            assert_eq!((e.meter.as_str(), e.setting), ("m2", "nodes"), "{e}");
+            assert!(e.reason.contains("billed twice"), "{e}");
+        }
+        // Other nodes, or globs that may overlap only for some names: fine.
+        assert!(check(&parse(&second("[\"cpu-1\", \"g*-9\"]"))).is_ok());
         let pdu = "[[meter]]\nid = \"p\"\nkind = \"redfish_pdu\"\nnodes = [\"n1\"]\nurl = \"https://pdu/redfish/v1/Chassis/1\"\n";
         assert!(whole(pdu).contains("RackPDUs member"));
         assert!(whole(&format!("{pdu}register = 3\n")).contains("modbus setting"));

@@ -28,6 +28,24 @@ fn meter(stand_in: &ModbusMeter, extra: &str) -> Meter {
     }
 }
 
+thread_local! {
+    /// The test's clock (each test runs on a thread of its own).
+    static NOW: std::cell::Cell<i64> = const { std::cell::Cell::new(1_700_000_000_000_000_000) };
+}
+
+/// A reading every 15 s, as a meter is polled: the plausibility bound
+/// (`max_kw` over the time between readings) sees real intervals.
+fn every_15s() -> i64 {
+    NOW.with(|n| {
+        n.set(n.get() + 15_000_000_000);
+        n.get()
+    })
+}
+
+fn poller(m: &Meter) -> Poller {
+    Poller::new(&m.spec).unwrap().with_clock(every_15s)
+}
+
 fn covered(n: u64) -> CoveredNodes {
     Arc::new(move |_| n)
 }
@@ -58,7 +76,7 @@ async fn energy_is_the_registers_counts_in_either_layout() {
         let stand_in = ModbusMeter::start(layout).unwrap();
         stand_in.set_count(0x0001_0000_0000_0005 & ((1 << (16 * layout.words as u32 - 1)) - 1));
         let m = meter(&stand_in, extra);
-        let mut p = Poller::new(&m.spec).unwrap();
+        let mut p = poller(&m);
         assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "{extra}");
         assert_eq!(energy(&m), 0, "the first reading is the baseline");
         stand_in.advance(70_000);
@@ -82,7 +100,7 @@ async fn a_wrapping_register_counts_exactly_across_the_wrap() {
         stand_in.set_rollover(rollover);
         stand_in.set_count((rollover - 7) as u64);
         let m = meter(&stand_in, extra);
-        let mut p = Poller::new(&m.spec).unwrap();
+        let mut p = poller(&m);
         assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
         stand_in.advance(20);
         assert_eq!(stand_in.count(), 13, "the stand-in wrapped");
@@ -97,17 +115,21 @@ async fn a_register_that_goes_down_is_a_counted_reset_never_negative_energy() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     stand_in.set_count(5_000);
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     poll(&mut p, &m).await;
     stand_in.advance(100);
     poll(&mut p, &m).await;
-    // A replaced meter starting at 40.
+    // A replaced meter starting at 40: held until the next reading goes
+    // on from it.
     stand_in.set_count(40);
-    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
     assert_eq!(energy(&m), 100 * MJ);
     stand_in.advance(2);
-    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
     assert_eq!(energy(&m), 102 * MJ, "counting again from the new value");
+    stand_in.advance(3);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 105 * MJ);
     let live = lock(&m.live);
     assert_eq!(live.polls_of(Outcome::Reset), 1);
     assert!(
@@ -118,12 +140,76 @@ async fn a_register_that_goes_down_is_a_counted_reset_never_negative_energy() {
     );
 }
 
+/// A gateway answering 0 while its meter is down, then the real count
+/// again: the drop from three quarters of the register is no wrap (that
+/// would be a quarter of a 32-bit kWh register, about 1 TWh, in 15 s),
+/// and no reset either, since the next good reading carries on from the
+/// count before it. Only the real counts are booked.
+#[tokio::test]
+async fn a_gateway_answering_zero_for_a_while_books_only_the_real_counts() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(3_000_000_000);
+    let m = meter(&stand_in, "");
+    let mut p = poller(&m);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.advance(100);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.answer_wrong_for(0, 3);
+    for _ in 0..3 {
+        stand_in.advance(10);
+        assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    }
+    stand_in.advance(10);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 140 * MJ, "the register's real counts");
+    // The allocation, recounting from the raw readings, agrees.
+    let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
+    let (first, last) = (raw[0], raw[raw.len() - 1]);
+    let from_raw: u64 = raw
+        .windows(2)
+        .map(|w| allocate::raw_delta(&m.spec, w[0].1, w[1].1, w[1].0 - w[0].0))
+        .sum();
+    assert_eq!(from_raw, 140 * MJ);
+    assert_eq!(last.1 - first.1, 140);
+    let live = lock(&m.live);
+    assert_eq!(
+        (
+            live.polls_of(Outcome::Invalid),
+            live.polls_of(Outcome::Reset)
+        ),
+        (3, 0)
+    );
+}
+
+/// A rise beyond `max_kw` over the time since the last reading is refused
+/// and the baseline kept; one that persists (a replaced meter starting
+/// higher) is taken as a reset once the next reading goes on from it.
+#[tokio::test]
+async fn a_rise_beyond_max_kw_is_refused_unless_the_meter_goes_on_from_it() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(1_000);
+    // 1 kW: 15 s is 15 kJ, about 4167 counts of 3.6 J.
+    let m = meter(&stand_in, "max_kw = 1.0\n");
+    let mut p = poller(&m);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.answer_wrong_for(900_000, 1);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    stand_in.advance(4_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok, "back on the count");
+    assert_eq!(energy(&m), 4_000 * MJ);
+    stand_in.set_count(2_000_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    stand_in.advance(3_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(energy(&m), 7_000 * MJ, "counted on from the new count");
+}
+
 #[tokio::test]
 async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     stand_in.set_count(10);
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     poll(&mut p, &m).await;
     stand_in.set_mode(Mode::Hang);
     stand_in.advance(3);
@@ -146,7 +232,7 @@ async fn a_hung_meter_times_out_and_the_next_poll_recovers() {
 async fn an_exception_is_counted_and_the_meter_is_down() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     let m = meter(&stand_in, "");
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     poll(&mut p, &m).await;
     stand_in.set_mode(Mode::Exception);
     assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
@@ -159,9 +245,29 @@ async fn an_exception_is_counted_and_the_meter_is_down() {
     // A register the meter does not have is an exception too.
     stand_in.set_mode(Mode::Normal);
     let wrong = meter(&stand_in, "register = 8\n");
-    let mut q = Poller::new(&wrong.spec).unwrap();
+    let mut q = poller(&wrong);
     assert_eq!(poll(&mut q, &wrong).await, Outcome::Exception);
     assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+}
+
+/// An answer of too few words is invalid, changes nothing, and the next
+/// whole answer counts on from the last good reading.
+#[tokio::test]
+async fn a_short_answer_is_invalid_and_the_baseline_kept() {
+    let stand_in = ModbusMeter::start(Layout::default()).unwrap();
+    stand_in.set_count(70_000);
+    let m = meter(&stand_in, "");
+    let mut p = poller(&m);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    stand_in.set_mode(Mode::Short);
+    stand_in.advance(5);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    assert_eq!(energy(&m), 0);
+    stand_in.set_mode(Mode::Normal);
+    stand_in.advance(5);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), 10 * MJ);
+    assert_eq!(lock(&m.live).polls_of(Outcome::Invalid), 1);
 }
 
 #[tokio::test]
@@ -169,7 +275,7 @@ async fn a_meter_nobody_listens_on_is_an_error() {
     let stand_in = ModbusMeter::start(Layout::default()).unwrap();
     let m = meter(&stand_in, "");
     drop(stand_in);
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     assert_eq!(poll(&mut p, &m).await, Outcome::Error);
     assert_eq!(lock(&m.live).polls_of(Outcome::Error), 1);
 }
@@ -243,7 +349,7 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
             creds.display().to_string()
         ),
     );
-    let mut p = Poller::new(&m.spec).unwrap();
+    let mut p = poller(&m);
     pdu.advance_mj(36_000_000);
     pdu.set_power_mw(12_345_000);
     assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
@@ -258,8 +364,10 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
         "the PDU's own power"
     );
 
+    // A reading 1 kJ behind, once: no step the PDU can make, refused; it
+    // is no reset since the next reading carries on.
     pdu.set_fault(Fault::CounterBackwards);
-    assert_eq!(poll(&mut p, &m).await, Outcome::Reset);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
     pdu.set_fault(Fault::ServerError);
     assert_eq!(poll(&mut p, &m).await, Outcome::Exception);
     pdu.set_fault(Fault::None);
@@ -277,9 +385,10 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
     }
     let live = lock(&m.live);
     assert!(live.up);
-    for o in [Outcome::Reset, Outcome::Exception] {
+    for o in [Outcome::Invalid, Outcome::Exception] {
         assert_eq!(live.polls_of(o), 1, "{o:?}");
     }
+    assert_eq!(live.polls_of(Outcome::Reset), 0);
     assert_eq!(live.polls_of(Outcome::Timeout), 1 + polls);
     // Energy never went back.
     assert!(
@@ -289,6 +398,81 @@ async fn a_redfish_pdu_is_read_exactly_and_its_faults_are_counted() {
             .all(|(a, b)| a.energy_mj <= b.energy_mj)
     );
 }
+
+/// A PDU answering an absurd `EnergykWh` once, then its real figure: the
+/// absurd one is refused and nothing booked for it; a PDU without an
+/// energy reading is invalid too.
+#[tokio::test]
+async fn an_absurd_pdu_energy_reading_is_refused_and_the_next_carries_on() {
+    use capwatch_testkit::redfish::{Fault, Options, Schema, Service};
+    let pdu = Service::start(Options::new(Schema::Pdu));
+    let m = pdu_meter(&pdu, "");
+    let mut p = poller(&m);
+    pdu.advance_mj(36_000_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    let start = pdu.energy_mj();
+    pdu.set_fault_for(Fault::AbsurdEnergy, 1);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Invalid);
+    pdu.advance_mj(36 * 1_000_000);
+    assert_eq!(poll(&mut p, &m).await, Outcome::Ok);
+    assert_eq!(energy(&m), pdu.energy_mj() - start);
+    let live = lock(&m.live);
+    assert_eq!(
+        (
+            live.polls_of(Outcome::Invalid),
+            live.polls_of(Outcome::Reset)
+        ),
+        (1, 0)
+    );
+}
+
+/// Answers a read cannot use are `Invalid`, counted, and change nothing:
+/// a PDU reading without energy, a count past the rollover.
+#[test]
+fn unusable_answers_are_invalid_and_keep_the_baseline() {
+    let spec = |kind: &str, extra: &str| {
+        let cfg: MeterConfig = toml::from_str(&format!(
+            "id = \"x\"\nkind = \"{kind}\"\nnodes = [\"n\"]\n{extra}"
+        ))
+        .unwrap();
+        check(&[cfg]).unwrap().remove(0)
+    };
+    let t = 1_700_000_000_000_000_000i64;
+    let pdu = spec(
+        "redfish_pdu",
+        "url = \"http://p/redfish/v1/PowerEquipment/RackPDUs/1\"\n",
+    );
+    let mut live = Live::default();
+    let no_energy = capwatch_common::redfish::Reading {
+        power_milliwatts: Some(1_000),
+        energy_millijoules: None,
+    };
+    assert_eq!(
+        live.apply(&pdu, t, Ok(Raw::Pdu(no_energy))),
+        Outcome::Invalid
+    );
+    assert!(live.readings.is_empty() && !live.up);
+    let modbus = spec("modbus", "address = \"h:502\"\nrollover = 1000\n");
+    let mut live = Live::default();
+    assert_eq!(live.apply(&modbus, t, Ok(Raw::Count(10))), Outcome::Ok);
+    assert_eq!(
+        live.apply(&modbus, t + SEC15, Ok(Raw::Count(1_000))),
+        Outcome::Invalid
+    );
+    // A PDU's figure given to a modbus meter (never happens) is refused.
+    assert_eq!(
+        live.apply(&modbus, t + 2 * SEC15, Ok(Raw::Pdu(no_energy))),
+        Outcome::Invalid
+    );
+    assert_eq!(
+        live.apply(&modbus, t + 3 * SEC15, Ok(Raw::Count(12))),
+        Outcome::Ok
+    );
+    assert_eq!(live.energy_mj, 2 * 3_600_000_000);
+    assert_eq!(live.polls_of(Outcome::Invalid), 2);
+}
+
+const SEC15: i64 = 15_000_000_000;
 
 #[test]
 fn a_pdu_whose_credentials_file_is_missing_refuses_the_start() {
@@ -310,7 +494,7 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         .iter()
         .map(|id| {
             toml::from_str(&format!(
-                "id = \"{id}\"\nkind = \"modbus\"\nnodes = [\"n-*\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\nmin_ratio = 1.0\nmax_ratio = 1.25\n"
+                "id = \"{id}\"\nkind = \"modbus\"\nnodes = [\"n-{id}*\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\nmin_ratio = 1.0\nmax_ratio = 1.25\n"
             ))
             .unwrap()
         })
@@ -370,6 +554,8 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         capwatch_meter_ratio_bound{meter="b",bound="max"} 1.25
         capwatch_meter_nodes_connected{meter="a"} 3
         capwatch_meter_nodes_connected{meter="b"} 0
+        capwatch_meter_nodes_overlapping{meter="a"} 0
+        capwatch_meter_nodes_overlapping{meter="b"} 0
     "#]]
     .assert_eq(&(meter_lines.join("\n") + "\n"));
 }
@@ -379,9 +565,26 @@ mod allocation {
 
     use std::sync::{Arc, Mutex};
 
-    use super::super::allocate::round;
     use super::super::*;
-    use crate::ledger::{AnyWriter, BucketDelta, Commit, Ledger, NodeCursor, Reader};
+    use crate::ledger::{AnyWriter, BucketDelta, Commit, Ledger, MeterMinute, NodeCursor, Reader};
+
+    /// The ledger as the allocation sees it: the writer, and a read
+    /// connection of its own.
+    struct Ledgers {
+        writer: Mutex<AnyWriter>,
+        reader: Mutex<Reader>,
+    }
+
+    fn round(m: &Meter, l: &Ledgers) -> Result<Vec<MeterMinute>, crate::ledger::LedgerError> {
+        super::super::allocate::round(m, &l.reader, &l.writer)
+    }
+
+    fn round_all(
+        ms: &[&Meter],
+        l: &Ledgers,
+    ) -> Result<Vec<Vec<MeterMinute>>, (String, crate::ledger::LedgerError)> {
+        super::super::allocate::round_all(ms, &l.reader, &l.writer)
+    }
 
     /// 2027-01-15T08:00:00Z.
     const M: i64 = 1_800_000_000;
@@ -398,7 +601,7 @@ mod allocation {
     /// A ledger whose minutes `M..M+minutes` hold, per minute k: lab-a on
     /// n-1 with node energy (node_ns > 0), lab-b on n-2 with GPU energy
     /// only, lab-c on n-3 (not under the meter); all final.
-    fn ledger(minutes: i64) -> (Arc<Mutex<AnyWriter>>, Reader, tempfile::TempDir) {
+    fn ledger(minutes: i64) -> (Ledgers, Reader, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ledger.db");
         let mut w = Ledger::create(&path).unwrap();
@@ -444,7 +647,11 @@ mod allocation {
         w.commit_at(&c, M + 86_400, M + 86_400).unwrap();
         let reader = Reader::open(&path).unwrap();
         let w: AnyWriter = Box::new(w);
-        (Arc::new(Mutex::new(w)), reader, dir)
+        let ledgers = Ledgers {
+            writer: Mutex::new(w),
+            reader: Mutex::new(Reader::open(&path).unwrap()),
+        };
+        (ledgers, reader, dir)
     }
 
     /// Counts of a meter polled every 15 s from `M - 30 s` (on minute
@@ -527,6 +734,37 @@ mod allocation {
         );
     }
 
+    /// Three hours final at once (an outage's catch-up): each round
+    /// allocates at most an hour, so no round holds the ledger long, and
+    /// the rounds together add up to the meter's difference, exactly and
+    /// in order, as the ledger stores them.
+    #[test]
+    fn a_long_catch_up_goes_an_hour_per_round_and_adds_up_exactly() {
+        let (ledger, reader, _dir) = ledger(180);
+        let m = modbus("");
+        let steps: Vec<u64> = (0..725).map(|i| 500 + (i * 7_919) % 3_000).collect();
+        let polls = readings(12_345, &steps, u64::MAX);
+        poll_all(&m, &polls);
+        let mut rounds = Vec::new();
+        loop {
+            let w = round(&m, &ledger).unwrap();
+            if w.is_empty() {
+                break;
+            }
+            rounds.push(w.len());
+        }
+        assert_eq!(rounds, vec![60, 60, 60]);
+        let stored = reader
+            .meter_minutes(Some("row-a"), M, M + 3 * 3600)
+            .unwrap();
+        assert_eq!(stored.len(), 180);
+        for (i, (_, mm)) in stored.iter().enumerate() {
+            assert_eq!(mm.minute, M + 60 * i as i64);
+        }
+        let sum: u64 = stored.iter().map(|(_, mm)| mm.metered_mj).sum();
+        assert_eq!(sum, truth_at(&polls, M + 3 * 3600) - truth_at(&polls, M));
+    }
+
     /// A second collector, polling the same meter at other moments, picks
     /// up from the reading the ledger names: the minutes of both add up to
     /// the meter's energy exactly, none twice.
@@ -599,7 +837,7 @@ mod allocation {
         let polls = readings(0, &[10; 20], u64::MAX);
         poll_all(&a, &polls);
         poll_all(&c, &polls);
-        let written = super::super::allocate::round_all(&[&a, &c], &ledger).unwrap();
+        let written = round_all(&[&a, &c], &ledger).unwrap();
         // Readings reach M+4:15: four whole minutes, the ledger's buckets
         // three of them.
         assert_eq!(written[0].len(), 4);
@@ -613,6 +851,36 @@ mod allocation {
             );
             assert!(wa.tenants.iter().all(|t| t.0 != "lab-c"));
         }
+    }
+
+    /// Two meters whose globs overlap (not decidable from the config): the
+    /// round counts the nodes both cover, on each meter, and only those.
+    #[test]
+    fn nodes_under_two_meters_are_counted_on_each() {
+        let (ledger, _reader, _dir) = ledger(3);
+        let meter_of = |id: &str, nodes: &str| {
+            let cfg: MeterConfig = toml::from_str(&format!(
+                "id = \"{id}\"\nkind = \"modbus\"\nnodes = {nodes}\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\n"
+            ))
+            .unwrap();
+            cfg
+        };
+        let specs = check(&[
+            meter_of("row-a", "[\"n-[12]\"]"),
+            meter_of("row-x", "[\"n-[23]\"]"),
+        ])
+        .unwrap();
+        let (a, x) = (Meter::new(specs[0].clone()), Meter::new(specs[1].clone()));
+        let polls = readings(0, &[10; 20], u64::MAX);
+        poll_all(&a, &polls);
+        poll_all(&x, &polls);
+        round_all(&[&a, &x], &ledger).unwrap();
+        assert_eq!(lock(&a.live).nodes_overlapping, 1, "n-2");
+        assert_eq!(lock(&x.live).nodes_overlapping, 1, "n-2");
+        let alone = modbus("");
+        poll_all(&alone, &polls);
+        round(&alone, &ledger).unwrap();
+        assert_eq!(lock(&alone.live).nodes_overlapping, 0);
     }
 
     /// Nothing measured under the meter: its energy is kept as unallocated,

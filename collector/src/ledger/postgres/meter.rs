@@ -57,7 +57,7 @@ pub(super) fn node_minutes(
             let rows = client
                 .query(
                     "SELECT tenant, node, minute_start,
-                            CASE WHEN node_ns > 0 THEN node_energy_mj ELSE energy_mj END,
+                            CASE WHEN node_ns > 0 OR node_energy_mj > 0 THEN node_energy_mj ELSE energy_mj END,
                             node_energy_mj
                      FROM usage_minute
                      WHERE minute_start >= $1 AND minute_start < $2

@@ -205,13 +205,21 @@ async fn usage_since(
 }
 
 impl LedgerReader for PgReader {
-    fn meter_minutes(
-        &self,
-        meter: Option<&str>,
-        from: i64,
-        to: i64,
-    ) -> Result<Vec<(String, crate::ledger::MeterMinute)>, LedgerError> {
-        super::meter::meter_minutes(&self.shared, meter, from, to)
+    fn finalized_through(&self) -> Result<i64, LedgerError> {
+        self.shared.call(move |client| async move {
+            let r = async {
+                Ok(client
+                    .query_one("SELECT finalized_through FROM watermark WHERE id = 1", &[])
+                    .await?
+                    .try_get(0)?)
+            }
+            .await;
+            (client, r)
+        })
+    }
+
+    fn meter_state(&self, meter: &str) -> Result<Option<crate::ledger::MeterState>, LedgerError> {
+        super::meter::meter_state(&self.shared, meter)
     }
 
     fn node_minutes(
@@ -220,6 +228,15 @@ impl LedgerReader for PgReader {
         to: i64,
     ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
         super::meter::node_minutes(&self.shared, from, to)
+    }
+
+    fn meter_minutes(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, crate::ledger::MeterMinute)>, LedgerError> {
+        super::meter::meter_minutes(&self.shared, meter, from, to)
     }
 
     fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {

@@ -122,7 +122,7 @@ fn kept_from(conn: &Connection, period: i64, path: &Path) -> Result<i64, LedgerE
 }
 
 /// The revision of the last commit and the watermark.
-fn watermark(conn: &Connection, path: &Path) -> Result<(u64, i64), LedgerError> {
+pub(super) fn watermark(conn: &Connection, path: &Path) -> Result<(u64, i64), LedgerError> {
     let (revision, finalized): (i64, i64) = conn
         .query_row(
             "SELECT revision, finalized_through FROM watermark WHERE id = 1",

@@ -277,6 +277,14 @@ impl Reader {
 }
 
 impl LedgerReader for Reader {
+    fn finalized_through(&self) -> Result<i64, LedgerError> {
+        super::watermark(&self.conn, &self.path).map(|(_, w)| w)
+    }
+
+    fn meter_state(&self, meter: &str) -> Result<Option<crate::ledger::MeterState>, LedgerError> {
+        super::meter::meter_state(&self.conn, &self.path, meter)
+    }
+
     fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
         Reader::tenant_versions(self)
     }

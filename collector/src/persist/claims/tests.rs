@@ -19,6 +19,10 @@ use crate::tenants::Tenants;
 /// Each GPU counts this much per second.
 const MJ_PER_S: u64 = 500;
 const COUNTER0: u64 = 1_000_000;
+/// Each node's whole-node source (a BMC's counter) counts this much per
+/// second.
+const NODE_MJ_PER_S: u64 = 2_000;
+const NODE_COUNTER0: u64 = 50_000_000;
 
 struct Site {
     state: State,
@@ -115,7 +119,16 @@ impl Site {
         c.nodes.insert(
             node.clone(),
             NodeCursor {
-                power: Vec::new(),
+                power: vec![(
+                    Arc::from("mock/node"),
+                    GpuCursor {
+                        last_counter_mj: Some(NODE_COUNTER0 + NODE_MJ_PER_S * to),
+                        last_timestamp_ns: Some(self.ts(to)),
+                        remainder_mw_ns: 0,
+                        energy_mj: (to - 1) * NODE_MJ_PER_S,
+                        counter_resets: 0,
+                    },
+                )],
                 epoch: 1,
                 last_seq: to,
                 gpus: vec![(
@@ -135,6 +148,8 @@ impl Site {
             (tenant.clone(), node, minute),
             BucketDelta {
                 energy_mj: seconds * MJ_PER_S,
+                node_energy_mj: seconds * NODE_MJ_PER_S,
+                node_ns: seconds * 1_000_000_000,
                 samples: seconds,
                 ..BucketDelta::default()
             },
@@ -155,6 +170,17 @@ impl Site {
             Duration::from_secs(86_400),
         );
         assert!(failed.is_none(), "commit failed: {failed:?}");
+    }
+
+    /// The whole-node energy the ledger holds for `node`.
+    fn node_source_energy(&self, node: &str) -> u64 {
+        let db = rusqlite::Connection::open(self.dir.path().join("ledger.db")).unwrap();
+        db.query_row(
+            "SELECT COALESCE(SUM(node_energy_mj), 0) FROM usage_minute WHERE node = ?1",
+            [node],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap() as u64
     }
 
     /// The energy the ledger holds for `node`: its minute buckets and
@@ -221,6 +247,7 @@ fn a_fenced_node_is_dropped_from_the_commit_and_claimed_back_from_the_ledger_cur
         11 * MJ_PER_S,
         "only collector-b's seconds 11-12"
     );
+    assert_eq!(site.node_source_energy("n1"), 11 * NODE_MJ_PER_S);
     assert_eq!(site.cursor("n1").unwrap().last_seq, 12);
     assert_eq!(site.node_energy("n2"), 14 * MJ_PER_S);
     assert!(h1.claim_lost(), "n1's stream must end");
@@ -246,6 +273,16 @@ fn a_fenced_node_is_dropped_from_the_commit_and_claimed_back_from_the_ledger_cur
     // Ground truth: the counter moved 19 intervals on each node.
     assert_eq!(site.node_energy("n1"), 19 * MJ_PER_S);
     assert_eq!(site.node_energy("n2"), 19 * MJ_PER_S);
+    // The node's power source resumed from the ledger's cursor (collector-b's),
+    // not from what this collector had counted before it was fenced.
+    assert_eq!(site.node_source_energy("n1"), 19 * NODE_MJ_PER_S);
+    assert_eq!(site.node_source_energy("n2"), 19 * NODE_MJ_PER_S);
+    let power = site.cursor("n1").unwrap().power;
+    assert_eq!(power.len(), 1);
+    assert_eq!(
+        power[0].1.last_counter_mj,
+        Some(NODE_COUNTER0 + 20 * NODE_MJ_PER_S)
+    );
     let w = sync::lock(&site.writer);
     assert_eq!(
         w.load().unwrap().tenant_energy,
@@ -558,6 +595,8 @@ fn a_node_claimed_by_another_collector_is_booked_once_across_both() {
     // Ground truth: the counter moved 19 intervals.
     assert_eq!(b.node_energy("n1"), 19 * MJ_PER_S);
     assert_eq!(b.cursor("n1").unwrap().last_seq, 20);
+    assert_eq!(b.node_source_energy("n1"), 19 * NODE_MJ_PER_S);
+    assert_eq!(a.node_source_energy("n2"), 14 * NODE_MJ_PER_S);
     // A's next commit (n2 only, or nothing) is not fenced again, and
     // reads the ledger's totals: both show the same, B's commits included.
     a.commit();
@@ -649,7 +688,13 @@ fn a_claim_round_whose_answer_was_lost_gives_its_nodes_up() {
 /// The Hello of `node` with one GPU, `GPU-<node>`, that has a counter.
 fn one_gpu_hello(node: &str) -> Hello {
     Hello {
-        node_power_sources: Vec::new(),
+        node_power_sources: vec![crate::edge::NodePowerSource {
+            kind: "mock".into(),
+            domain: "node".into(),
+            name: "node".into(),
+            energy_counter_supported: true,
+            interval: Duration::from_secs(1),
+        }],
         node_id: node.into(),
         agent_version: "test".into(),
         epoch: 1,
@@ -668,7 +713,12 @@ fn one_gpu_hello(node: &str) -> Hello {
 /// `MJ_PER_S` a second.
 fn samples(t0: i64, seqs: std::ops::RangeInclusive<u64>) -> Vec<NodeSample> {
     seqs.map(|seq| NodeSample {
-        node_power: Vec::new(),
+        node_power: vec![crate::edge::NodePowerReading {
+            source: 0,
+            timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
+            power_milliwatts: Some(2_000_000),
+            energy_millijoules: Some(NODE_COUNTER0 + NODE_MJ_PER_S * seq),
+        }],
         seq,
         timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
         gpus: vec![GpuReading {

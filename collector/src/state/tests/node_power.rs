@@ -276,3 +276,131 @@ fn a_restored_power_cursor_counts_the_energy_since_it_once() {
     assert_eq!(node_booked(&c)["lab-a"].0, 2_500);
     assert_eq!(c.nodes[&Arc::from("a-1")].power[0].1.energy_mj, 12_500);
 }
+
+/// A source that leaves the node's Hello and comes back later (at another
+/// index) counts on from its last reading: its energy over the whole time
+/// is its counter's difference, once, and nothing is counted while it is
+/// not announced.
+#[test]
+fn a_source_that_leaves_and_returns_counts_nothing_twice() {
+    let state = new_state(TENANTS, None);
+    let bmc = || source("redfish", "node", "1", true);
+    let rapl = || source("rapl", "cpu", "package-0", true);
+    let mut booked = 0u64;
+    let mut take = |state: &State| {
+        let (_, c) = state.take_pending();
+        booked += node_booked(&c).values().map(|v| v.0).sum::<u64>();
+    };
+    let h = state
+        .hello(with_power(hello("a-2", 1, 2), vec![bmc(), rapl()]))
+        .unwrap()
+        .0;
+    let gpus = |e: u64| [(0, Some(e)), (0, Some(e))];
+    let out = ingest(
+        &state,
+        &h,
+        vec![
+            with_readings(
+                sample(1, M0, &gpus(0)),
+                vec![node_reading(0, M0, Some(1_000_000), Some(5_000_000))],
+            ),
+            with_readings(
+                sample(2, M0 + SEC, &gpus(100_000)),
+                vec![node_reading(0, M0 + SEC, Some(1_000_000), Some(6_000_000))],
+            ),
+        ],
+    );
+    assert_eq!(out.node_power.accepted, 2);
+    take(&state);
+    // The BMC leaves (a new agent run without it): RAPL only.
+    let h = state
+        .hello(with_power(hello("a-2", 2, 2), vec![rapl()]))
+        .unwrap()
+        .0;
+    let out = ingest(
+        &state,
+        &h,
+        vec![with_readings(
+            sample(1, M0 + 2 * SEC, &gpus(200_000)),
+            vec![node_reading(0, M0 + 2 * SEC, Some(150_000), Some(10_000))],
+        )],
+    );
+    assert_eq!(out.node_power.accepted, 1);
+    take(&state);
+    // Back, second in the list now; its counter ran on meanwhile.
+    let h = state
+        .hello(with_power(hello("a-2", 3, 2), vec![rapl(), bmc()]))
+        .unwrap()
+        .0;
+    let out = ingest(
+        &state,
+        &h,
+        vec![
+            with_readings(
+                sample(1, M0 + 3 * SEC, &gpus(300_000)),
+                vec![node_reading(
+                    1,
+                    M0 + 3 * SEC,
+                    Some(1_000_000),
+                    Some(8_000_000),
+                )],
+            ),
+            with_readings(
+                sample(2, M0 + 4 * SEC, &gpus(400_000)),
+                vec![node_reading(
+                    1,
+                    M0 + 4 * SEC,
+                    Some(1_000_000),
+                    Some(9_000_000),
+                )],
+            ),
+        ],
+    );
+    assert_eq!(out.node_power.accepted, 2);
+    take(&state);
+    assert_eq!(
+        booked,
+        9_000_000 - 5_000_000,
+        "the BMC counter's difference, once"
+    );
+}
+
+/// A BMC's whole-kWh counter on a node drawing 20 kW steps once every
+/// 180 s, read every 10 s: the node energy booked over half an hour is the
+/// counter's difference, all of it measured, none estimated.
+#[test]
+fn a_whole_kwh_counter_is_booked_to_its_difference() {
+    const KWH: u64 = 3_600_000_000;
+    let state = new_state(TENANTS, None);
+    let mut bmc = source("redfish", "node", "1", true);
+    bmc.interval = Duration::from_secs(10);
+    let h = state
+        .hello(with_power(hello("a-1", 1, 1), vec![bmc]))
+        .unwrap()
+        .0;
+    // 20 kW since some time before: whole kWh only.
+    let counter = |s: i64| (777 + s) as u64 * 20_000_000 / KWH * KWH;
+    let samples: Vec<NodeSample> = (0..=180)
+        .map(|i| {
+            let s = 10 * i;
+            with_readings(
+                sample(i as u64 + 1, M0 + s * SEC, &[(0, Some(s as u64 * 1_000))]),
+                vec![node_reading(
+                    0,
+                    M0 + s * SEC,
+                    Some(20_000_000),
+                    Some(counter(s)),
+                )],
+            )
+        })
+        .collect();
+    let out = ingest(&state, &h, samples);
+    assert_eq!(out.node_power.accepted, 181);
+    let (_, c) = state.take_pending();
+    let (energy, estimated, _) = node_booked(&c)
+        .into_values()
+        .fold((0, 0, 0), |a, v| (a.0 + v.0, a.1 + v.1, a.2 + v.2));
+    assert!(counter(1_800) - counter(0) >= 9 * KWH);
+    assert_eq!(energy, counter(1_800) - counter(0));
+    assert_eq!(estimated, 0);
+}
