@@ -467,7 +467,11 @@ fn scaled(text: &str, scale: u32, multiplier: u64) -> Option<u64> {
     } else {
         let p = u32::try_from(-power).ok()?;
         match 10u128.checked_pow(p) {
-            Some(div) => (product + div / 2) / div,
+            // Half up, without adding to a product that may fill u128.
+            Some(div) => {
+                let (q, r) = (product / div, product % div);
+                q + u128::from(r >= div - r)
+            }
             // Smaller than any representable unit.
             None => 0,
         }
@@ -865,5 +869,19 @@ mod tests {
         assert_eq!(scaled("0.30000000000000004", 3, 1), Some(300));
         assert_eq!(scaled("123456789012345678", 0, 1), None);
         assert_eq!(scaled("abc", 0, 1), None);
+    }
+
+    #[test]
+    fn scaled_rounds_a_product_near_the_top_of_its_range_without_overflow() {
+        // 17 significant digits and many trailing zeros: n × multiplier
+        // nearly fills a u128 before it is divided back down.
+        let watts = "34028236692093.8460000000000000000000000";
+        assert_eq!(scaled(watts, 3, 1), Some(34_028_236_692_093_846));
+        let kwh = "9452287.9700260684000000000000";
+        assert_eq!(scaled(kwh, 0, 3_600_000_000), Some(34_028_236_692_093_846));
+        assert_eq!(
+            scaled("9452.2879700260684000000000000", 0, 3_600_000_000),
+            Some(34_028_236_692_094)
+        );
     }
 }
