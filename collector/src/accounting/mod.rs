@@ -233,13 +233,18 @@ impl Meter {
         // drawn over all that time, so the bound is measured from there
         // too; and one count of a coarse counter can be passed at any
         // moment, so a count of slack is allowed.
-        let since_change = match self.changed_ns.or(self.last_timestamp) {
-            Some(c) => u128::try_from(timestamp.min(t.latest_ns).saturating_sub(c)).unwrap_or(0),
-            None => 0,
-        };
+        // Only a counter on a coarse grid gets that: a fine counter (a
+        // GPU's millijoules, RAPL's) standing still is a fault, and the
+        // time it stood still vouches for nothing.
         let slack = match (r.energy_millijoules, self.last_counter) {
             (Some(now_mj), Some(prev)) => u128::from(resolution(prev, now_mj)),
             _ => 1_000,
+        };
+        let since_change = match self.changed_ns.or(self.last_timestamp) {
+            Some(c) if slack > 1_000 => {
+                u128::try_from(timestamp.min(t.latest_ns).saturating_sub(c)).unwrap_or(0)
+            }
+            _ => 0,
         };
         let limit = limit.unwrap_or(1_000_000);
         let plausible = u128::from(limit) * 3 * vouched_nanos.max(since_receipt).max(since_change)

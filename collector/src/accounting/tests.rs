@@ -350,3 +350,32 @@ fn a_coarse_counter_that_steps_rarely_counts_its_whole_difference() {
     assert_eq!(estimated, 0);
     assert_eq!(m.counter_resets(), 0);
 }
+
+/// A GPU's counter (fine-grained, millijoules) that stood still for an
+/// hour is a fault, not a coarse counter: when it then jumps by more than
+/// the GPU can draw in one interval, the jump is not believed on the
+/// strength of the hour it stood still. That interval is counted from
+/// power, and the jump is a counted reset.
+#[test]
+fn a_fine_counter_frozen_for_an_hour_does_not_vouch_for_a_jump() {
+    let base = Instant::now();
+    let mut m = Meter::default();
+    let frozen = 123_457;
+    for s in 0..=3_600 {
+        m.apply(
+            &reading(300_000, Some(frozen)),
+            Some(LIMIT_MW),
+            &tick(base, s * SEC, s as u64 + 1, Duration::from_secs(3)),
+        );
+    }
+    // 5 MJ: 3 × 700 W over the frozen hour would allow 7.56 MJ; one
+    // second allows 2.1 kJ.
+    let a = m.apply(
+        &reading(300_000, Some(frozen + 5_000_000_000)),
+        Some(LIMIT_MW),
+        &tick(base, 3_601 * SEC, 3_602, Duration::from_secs(3)),
+    );
+    assert!(a.estimated_ns.is_some(), "counted from power");
+    assert_eq!(a.energy_mj, 300_000, "300 W for one second");
+    assert_eq!(m.counter_resets(), 1);
+}
