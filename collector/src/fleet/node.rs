@@ -104,14 +104,7 @@ impl Gpu {
 
     /// The counting state the ledger keeps for this GPU.
     pub(super) fn cursor(&self) -> GpuCursor {
-        let c = self.meter.cursor();
-        GpuCursor {
-            last_counter_mj: c.last_counter_mj,
-            last_timestamp_ns: c.last_timestamp_ns,
-            remainder_mw_ns: c.remainder_mw_ns,
-            energy_mj: c.energy_mj,
-            counter_resets: c.counter_resets,
-        }
+        self.meter.cursor().into()
     }
 
     /// A GPU known only from the ledger, until its node says Hello; at
@@ -128,13 +121,7 @@ impl Gpu {
             Arc::from(""),
             Arc::from(UNASSIGNED),
         );
-        let cursor = MeterCursor {
-            last_counter_mj: c.last_counter_mj,
-            last_timestamp_ns: c.last_timestamp_ns,
-            remainder_mw_ns: c.remainder_mw_ns,
-            energy_mj: c.energy_mj,
-            counter_resets: c.counter_resets,
-        };
+        let cursor = MeterCursor::from(c);
         g.meter = Meter::resumed(&cursor, Some(last_seq));
         g
     }

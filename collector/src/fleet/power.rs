@@ -53,13 +53,7 @@ impl PowerSource {
 
     /// A source known only from the ledger, until its node says Hello.
     pub(super) fn resumed(key: &str, c: &GpuCursor) -> Self {
-        let cursor = MeterCursor {
-            last_counter_mj: c.last_counter_mj,
-            last_timestamp_ns: c.last_timestamp_ns,
-            remainder_mw_ns: c.remainder_mw_ns,
-            energy_mj: c.energy_mj,
-            counter_resets: c.counter_resets,
-        };
+        let cursor = MeterCursor::from(c);
         Self {
             key: Arc::from(key),
             info: None,
@@ -149,14 +143,7 @@ impl PowerSource {
 
     /// The counting state the ledger keeps.
     pub(super) fn cursor(&self) -> GpuCursor {
-        let c = self.meter.cursor();
-        GpuCursor {
-            last_counter_mj: c.last_counter_mj,
-            last_timestamp_ns: c.last_timestamp_ns,
-            remainder_mw_ns: c.remainder_mw_ns,
-            energy_mj: c.energy_mj,
-            counter_resets: c.counter_resets,
-        }
+        self.meter.cursor().into()
     }
 
     fn last_timestamp(&self) -> Option<i64> {

@@ -212,6 +212,32 @@ pub struct GpuCursor {
     pub counter_resets: u64,
 }
 
+/// A meter's counting state as the ledger keeps it.
+impl From<crate::accounting::MeterCursor> for GpuCursor {
+    fn from(c: crate::accounting::MeterCursor) -> Self {
+        Self {
+            last_counter_mj: c.last_counter_mj,
+            last_timestamp_ns: c.last_timestamp_ns,
+            remainder_mw_ns: c.remainder_mw_ns,
+            energy_mj: c.energy_mj,
+            counter_resets: c.counter_resets,
+        }
+    }
+}
+
+/// What a meter resumes from.
+impl From<&GpuCursor> for crate::accounting::MeterCursor {
+    fn from(c: &GpuCursor) -> Self {
+        Self {
+            last_counter_mj: c.last_counter_mj,
+            last_timestamp_ns: c.last_timestamp_ns,
+            remainder_mw_ns: c.remainder_mw_ns,
+            energy_mj: c.energy_mj,
+            counter_resets: c.counter_resets,
+        }
+    }
+}
+
 /// Additions to one (tenant, node, minute) bucket.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BucketDelta {
