@@ -437,13 +437,23 @@ pub trait Book<T: ?Sized> {
     fn add(&mut self, tenant: &T, minute: i64, f: &MinuteFigures);
 }
 
+/// What [`Applied::interval`] gives: the interval `[from, to_ns)` of
+/// `span` ns the reading's energy is booked over, and `covered` ns of it,
+/// from `backed_from`, that the reading backs.
+struct Interval {
+    from: i64,
+    span: u64,
+    backed_from: i64,
+    covered: u64,
+}
+
 impl Applied {
-    /// Adds this reading's energy and GPU time to the minute buckets of
-    /// `tenant`. GPU time counts only what a reading backs: a counter
-    /// delta's interval when it lies within the staleness window (a longer
-    /// gap carries energy but is not coverage), an estimate from power the
-    /// stretch it stands for, which also holds its energy.
-    pub fn book<T: ?Sized>(&self, b: &mut impl Book<T>, tenant: &T, window: Duration) {
+    /// The interval this reading's energy is booked over and the part of
+    /// it the reading backs: a counter delta's interval (at most
+    /// `MAX_SPREAD_NANOS` back), backed whole when it lies within the
+    /// staleness `window`; an estimate from power, the stretch it stands
+    /// for.
+    fn interval(&self, window: Duration) -> Interval {
         let to_ns = self.to_ns;
         let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
         let span = u64::try_from(to_ns - from).unwrap_or(0);
@@ -455,6 +465,27 @@ impl Applied {
             None if u128::from(span) <= window.as_nanos() => (from, span),
             None => (from, 0),
         };
+        Interval {
+            from,
+            span,
+            backed_from,
+            covered,
+        }
+    }
+
+    /// Adds this reading's energy and GPU time to the minute buckets of
+    /// `tenant`. GPU time counts only what a reading backs: a counter
+    /// delta's interval when it lies within the staleness window (a longer
+    /// gap carries energy but is not coverage), an estimate from power the
+    /// stretch it stands for, which also holds its energy.
+    pub fn book<T: ?Sized>(&self, b: &mut impl Book<T>, tenant: &T, window: Duration) {
+        let to_ns = self.to_ns;
+        let Interval {
+            from,
+            span,
+            backed_from,
+            covered,
+        } = self.interval(window);
         let util = u64::from(self.utilization_percent.unwrap_or(0).min(100));
         let busy = covered / 100 * util + covered % 100 * util / 100;
         let estimated_mj = if self.estimated_ns.is_some() {
@@ -518,16 +549,11 @@ impl Applied {
         window: Duration,
     ) {
         let to_ns = self.to_ns;
-        let from = self.from_ns.unwrap_or(to_ns).max(to_ns - MAX_SPREAD_NANOS);
-        let span = u64::try_from(to_ns - from).unwrap_or(0);
-        let (backed_from, covered) = match self.estimated_ns {
-            Some(stretch) => {
-                let stretch = stretch.min(span);
-                (to_ns - stretch as i64, stretch)
-            }
-            None if u128::from(span) <= window.as_nanos() => (from, span),
-            None => (from, 0),
-        };
+        let Interval {
+            backed_from,
+            covered,
+            ..
+        } = self.interval(window);
         let node_ns = covered.saturating_mul(gpus);
         let estimated = self.estimated_ns.is_some();
         for (minute, part) in split_by_minute(share_mj, backed_from, to_ns) {
