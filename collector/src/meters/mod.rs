@@ -187,10 +187,17 @@ impl Live {
     /// reset, taken (`Reset`, nothing counted up to it) only when the next
     /// reading goes on from it plausibly and not from the baseline. A
     /// return to the baseline's count or above is the count carrying on.
+    ///
+    /// Every step is judged over the times the readings stand at
+    /// ([`Live::stands_at`]), which are the times `raw` keeps: the
+    /// allocation recounts `raw` with the same `MeterSpec::step`
+    /// (`allocate::raw_delta`), so after a clock step back the live count
+    /// and the ledger's agree on every millijoule.
     fn take(&mut self, spec: &MeterSpec, at_ns: i64, now: u64) -> Outcome {
         if !spec.in_range(now) {
             return Outcome::Invalid;
         }
+        let at_ns = self.stands_at(at_ns);
         let Some((base_at, base)) = self.baseline else {
             let at = self.record(at_ns, now, 0);
             self.baseline = Some((at, now));
@@ -255,6 +262,12 @@ impl Live {
         outcome
     }
 
+    /// The time a reading taken at `at_ns` stands at: not before the
+    /// newest one recorded (a clock that stepped back).
+    fn stands_at(&self, at_ns: i64) -> i64 {
+        self.readings.back().map_or(at_ns, |p| at_ns.max(p.at_ns))
+    }
+
     /// Adds `mj` to the meter's energy as of `at_ns`; returns the time it
     /// stands at (not before the previous reading).
     fn record(&mut self, at_ns: i64, raw: u64, mj: u64) -> i64 {
@@ -268,7 +281,7 @@ impl Live {
             _ => None,
         };
         // A clock that stepped back: the reading stands at the newest time.
-        let at_ns = prev.map_or(at_ns, |p| at_ns.max(p.at_ns));
+        let at_ns = self.stands_at(at_ns);
         self.last_success_ns = Some(at_ns);
         self.readings.push_back(Reading {
             at_ns,

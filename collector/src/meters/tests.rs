@@ -474,6 +474,44 @@ fn unusable_answers_are_invalid_and_keep_the_baseline() {
 
 const SEC15: i64 = 15_000_000_000;
 
+/// A reset confirmed after the collector's clock stepped back: the live
+/// count and the allocation's recount of the raw readings judge the step
+/// from the candidate over the same time (the one the readings stand at),
+/// so they book the same millijoules.
+#[test]
+fn a_reset_confirmed_after_a_clock_step_back_is_judged_alike_live_and_in_the_ledger() {
+    let cfg: MeterConfig = toml::from_str(
+        "id = \"x\"\nkind = \"modbus\"\nnodes = [\"n\"]\naddress = \"h:502\"\nwh_per_count = 0.001\nmax_kw = 1.0\n",
+    )
+    .unwrap();
+    let spec = check(&[cfg]).unwrap().remove(0);
+    let t = 1_700_000_000_000_000_000i64;
+    let mut live = Live::default();
+    let recount = |live: &Live| -> u64 {
+        let raw: Vec<(i64, u64)> = live.raw.iter().copied().collect();
+        raw.windows(2)
+            .map(|w| allocate::raw_delta(&spec, w[0].1, w[1].1, w[1].0 - w[0].0))
+            .sum()
+    };
+    // (seconds after t, count, outcome): 1 kW is 15 kJ (4167 counts) in
+    // 15 s. The clock steps back 40 s after the second reading; the meter
+    // is replaced (a count no step reaches) and counts on from there.
+    let polls = [
+        (0, 1_000, Outcome::Ok),
+        (60, 2_000, Outcome::Ok),
+        (20, 900_000, Outcome::Invalid),
+        (40, 902_000, Outcome::Invalid),
+        (75, 903_000, Outcome::Reset),
+        (90, 904_000, Outcome::Ok),
+    ];
+    for (s, count, want) in polls {
+        let got = live.apply(&spec, t + s * 1_000_000_000, Ok(Raw::Count(count)));
+        assert_eq!(got, want, "the reading at {s} s");
+        assert_eq!(live.energy_mj, recount(&live), "after the reading at {s} s");
+    }
+    assert_eq!(live.energy_mj, (1_000 + 1_000 + 1_000) * MJ);
+}
+
 #[test]
 fn a_pdu_whose_credentials_file_is_missing_refuses_the_start() {
     let pdu = capwatch_testkit::redfish::Service::start(capwatch_testkit::redfish::Options::new(
