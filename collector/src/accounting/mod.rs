@@ -27,7 +27,9 @@ use std::time::{Duration, Instant};
 use crate::edge::{GpuReading, MAX_SPREAD};
 
 mod split;
+mod stretch;
 pub use split::{Party, split_node_energy};
+pub use stretch::{NodeStretch, StretchWeight};
 pub mod facility;
 
 pub const NANOS_PER_SECOND: u128 = 1_000_000_000;
@@ -72,6 +74,17 @@ pub struct Applied {
     /// Whether the reading becomes the GPU's last one (false for a stale
     /// reading, which moves nothing).
     pub kept: bool,
+    /// For a counter delta on a coarse grid (a BMC's whole kWh): when the
+    /// reading that gave the counter its previous value was taken. The
+    /// counter stood still from there, so its step was drawn over all of
+    /// that stretch, not only since `from_ns` (`Applied::drawn`). `None`
+    /// for a fine counter, an estimate or a reset.
+    pub drawn_from_ns: Option<i64>,
+    /// Whether the counter's energy up to this reading is still to come:
+    /// a coarse counter that stood still, or one that could not be read;
+    /// its next delta carries it (a whole-node reading keeps the stretch
+    /// open, `NodeStretch`).
+    pub open: bool,
 }
 
 /// The counting state of one GPU, as the ledger keeps it (`GpuCursor`).
@@ -83,6 +96,9 @@ pub struct MeterCursor {
     pub remainder_mw_ns: u64,
     pub energy_mj: u64,
     pub counter_resets: u64,
+    /// When the reading that gave `last_counter_mj` its value was taken:
+    /// what a coarse counter's next step is bounded and spread from.
+    pub changed_ns: Option<i64>,
 }
 
 /// One GPU's energy meter: the counter arithmetic and power integration
@@ -122,12 +138,14 @@ pub struct Meter {
 impl Meter {
     /// A meter resuming from what the ledger kept, at most `last_seq`
     /// samples behind (its last reading came with that cursor or earlier).
-    /// When its counter last changed is not kept: the bound measures from
-    /// the last reading, with one count of a coarse counter's slack.
+    /// Where the cursor does not say when its counter last changed (one
+    /// written before it was kept), the bound measures from the last
+    /// reading, with one count of a coarse counter's slack.
     pub fn resumed(c: &MeterCursor, last_seq: Option<u64>) -> Self {
         Self {
             last_counter: c.last_counter_mj,
             last_timestamp: c.last_timestamp_ns,
+            changed_ns: c.changed_ns,
             remainder_milliwatt_nanos: c.remainder_mw_ns,
             energy_millijoules: c.energy_mj,
             counter_resets: c.counter_resets,
@@ -145,6 +163,7 @@ impl Meter {
             remainder_mw_ns: self.remainder_milliwatt_nanos,
             energy_mj: self.energy_millijoules,
             counter_resets: self.counter_resets,
+            changed_ns: self.changed_ns,
         }
     }
 
@@ -200,6 +219,8 @@ impl Meter {
             to_ns,
             utilization_percent: None,
             kept: true,
+            drawn_from_ns: None,
+            open: false,
         };
         if r.lost {
             // Keep the last counter and timestamp: when the GPU answers
@@ -306,10 +327,21 @@ impl Meter {
                 // reading and its timestamp: the next counter delta covers
                 // this interval exactly, once.
                 self.heard = true;
-                return nothing;
+                return Applied {
+                    open: true,
+                    ..nothing
+                };
             }
             _ => (self.integrate(r.power_milliwatts, estimate_nanos), true),
         };
+        // A coarse counter's delta was drawn since it last changed: the
+        // stretch it stood still over, which its next step ends.
+        let coarse_delta = slack > 1_000
+            && !estimated
+            && matches!((r.energy_millijoules, self.last_counter), (Some(now), Some(prev)) if now >= prev);
+        let drawn_from_ns = coarse_delta
+            .then(|| self.changed_ns.or(self.last_timestamp))
+            .flatten();
         let reanchored = std::mem::take(&mut self.reanchor);
         // The interval this reading closes; after an agent restart too, as
         // long as the new run's clock is not behind the old one's.
@@ -357,6 +389,8 @@ impl Meter {
             to_ns,
             utilization_percent: r.utilization_percent,
             kept: true,
+            drawn_from_ns,
+            open: coarse_delta && delta == 0,
         }
     }
 
@@ -555,8 +589,48 @@ impl Applied {
             ..
         } = self.interval(window);
         let node_ns = covered.saturating_mul(gpus);
+        self.book_node_energy(b, tenant, share_mj, (backed_from, to_ns));
+        if node_ns > 0 {
+            for (minute, part) in split_by_minute(node_ns, backed_from, to_ns) {
+                let f = MinuteFigures {
+                    node_ns: part,
+                    ..MinuteFigures::default()
+                };
+                b.add(tenant, minute, &f);
+            }
+        }
+    }
+}
+
+impl Applied {
+    /// The stretch `[from, to_ns)` this whole-node reading's energy was
+    /// drawn over: for a coarse counter's step, from the counter's last
+    /// change (`drawn_from_ns`), at most `MAX_SPREAD_NANOS` back; else
+    /// the interval `book` puts it in (an estimate, the stretch it stands
+    /// for).
+    pub fn drawn(&self, window: Duration) -> (i64, i64) {
+        let own = self.interval(window);
+        let from = match (self.estimated_ns, self.drawn_from_ns) {
+            (None, Some(changed)) => changed
+                .max(self.to_ns - MAX_SPREAD_NANOS)
+                .min(own.backed_from),
+            _ => own.backed_from,
+        };
+        (from, self.to_ns)
+    }
+
+    /// Books `share_mj` of this reading's whole-node energy to `tenant`
+    /// over `[from, to)`, split by minute, flagged estimated where the
+    /// reading's energy was integrated from power.
+    pub fn book_node_energy<T: ?Sized>(
+        &self,
+        b: &mut impl Book<T>,
+        tenant: &T,
+        share_mj: u64,
+        (from, to): (i64, i64),
+    ) {
         let estimated = self.estimated_ns.is_some();
-        for (minute, part) in split_by_minute(share_mj, backed_from, to_ns) {
+        for (minute, part) in split_by_minute(share_mj, from, to) {
             if part == 0 {
                 continue;
             }
@@ -566,15 +640,6 @@ impl Applied {
                 ..MinuteFigures::default()
             };
             b.add(tenant, minute, &f);
-        }
-        if node_ns > 0 {
-            for (minute, part) in split_by_minute(node_ns, backed_from, to_ns) {
-                let f = MinuteFigures {
-                    node_ns: part,
-                    ..MinuteFigures::default()
-                };
-                b.add(tenant, minute, &f);
-            }
         }
     }
 }

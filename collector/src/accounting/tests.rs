@@ -266,6 +266,8 @@ proptest! {
             to_ns: from + len,
             utilization_percent: util,
             kept: true,
+            drawn_from_ns: None,
+            open: false,
         };
         let window = Duration::from_secs(window_s);
         let mut b = Buckets::default();

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::accounting::{Book, Party, Tick, split_node_energy};
+use crate::accounting::{Book, Tick};
 use crate::edge::{
     MAX_SEQ_JUMP, NodePowerReject, NodeSample, Reject, check_node_power, check_sample,
 };
@@ -158,11 +158,7 @@ impl Fleet {
                             Some((_, e)) => *e = e.saturating_add(added),
                             None => energy.push((tenant.clone(), added)),
                         }
-                        let since = &mut n.gpu_energy_since_node;
-                        match since.iter_mut().find(|(t, _)| t == tenant) {
-                            Some((_, e)) => *e = e.saturating_add(added),
-                            None => since.push((tenant.clone(), added)),
-                        }
+                        n.stretch.add_gpu_energy(tenant, added);
                     }
                 }
                 // Node power: a bad reading is dropped alone, the sample
@@ -190,33 +186,21 @@ impl Fleet {
                     }
                     let source_window = source.window(window);
                     // The tenants of the node's GPUs at the reading, with
-                    // their GPU energy since the last whole-node reading.
-                    let mut parties: Vec<Party<Arc<str>>> =
-                        std::mem::take(&mut n.gpu_energy_since_node)
-                            .into_iter()
-                            .map(|(tenant, gpu_energy_mj)| Party {
-                                tenant,
-                                gpu_energy_mj,
-                                gpus: 0,
-                            })
-                            .collect();
+                    // how many each has.
+                    let mut holders: Vec<(Arc<str>, u64)> = Vec::new();
                     for (i, g) in n.gpus.iter().enumerate() {
                         let tenant = match (&version, &past) {
                             (Some(()), Some((_, tenants))) => &tenants[i],
                             _ => &g.tenant,
                         };
-                        match parties.iter_mut().find(|p| p.tenant == *tenant) {
-                            Some(p) => p.gpus += 1,
-                            None => parties.push(Party {
-                                tenant: tenant.clone(),
-                                gpu_energy_mj: 0,
-                                gpus: 1,
-                            }),
+                        match holders.iter_mut().find(|(t, _)| t == tenant) {
+                            Some((_, gpus)) => *gpus += 1,
+                            None => holders.push((tenant.clone(), 1)),
                         }
                     }
-                    if parties.is_empty() {
+                    if holders.is_empty() {
                         // A node without GPUs: its energy is the tenant's
-                        // that leases the node.
+                        // that leases the node, as if it held one GPU.
                         let tenant = match (&version, &past) {
                             (Some(()), Some((v, _))) => {
                                 let t = history.version(*v);
@@ -224,22 +208,19 @@ impl Fleet {
                             }
                             _ => n.tenant.clone(),
                         };
-                        parties.push(Party {
-                            tenant,
-                            gpu_energy_mj: 0,
-                            gpus: 0,
-                        });
+                        holders.push((tenant, 1));
                     }
-                    // Not cut at a lease change inside the interval: each
-                    // G_t was booked under its own sample's lease, so only
-                    // E - G goes by the tenants at this reading, at most
-                    // the node bound over one reading interval (README,
-                    // "Node energy").
-                    let gpus: u64 = parties.iter().map(|p| p.gpus).sum();
-                    let shares = split_node_energy(applied.energy_mj, &parties);
-                    for (p, share) in parties.iter().zip(shares) {
-                        let weight = if gpus == 0 { 1 } else { p.gpus };
-                        applied.book_node(&mut booked, &p.tenant, share, weight, source_window);
+                    // Node time for every reading; the energy once the
+                    // counter books it, split over the stretch since it
+                    // last did (`NodeStretch`: a coarse counter's step
+                    // over the readings it stood still at, by each
+                    // tenant's GPU energy and GPU time in them).
+                    for (tenant, gpus) in &holders {
+                        applied.book_node(&mut booked, tenant, 0, *gpus, source_window);
+                        n.stretch.add_reading(tenant, *gpus, &applied);
+                    }
+                    if !applied.open {
+                        n.stretch.close(&applied, &mut booked, source_window);
                     }
                 }
                 out.accepted += 1;

@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::accounting::NodeStretch;
 use crate::ledger::Claim;
 use crate::sync::lock;
 
@@ -122,7 +123,12 @@ impl Fleet {
             .flat_map(|c| &c.power)
             .map(|(key, c)| PowerSource::resumed(key, c))
             .collect();
-        n.gpu_energy_since_node.clear();
+        n.stretch = claim
+            .cursor
+            .as_ref()
+            .map_or_else(NodeStretch::default, |c| {
+                NodeStretch::from_parts(c.stretch.clone())
+            });
         let mut at = lock(&self.departed_at);
         for g in &old {
             if at.get(&g.uuid).is_some_and(|o| **o == *id) {

@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 
 use tracing::info;
 
+use crate::accounting::NodeStretch;
 use crate::edge::{Checked, Hello, HelloError};
 use crate::ledger::Snapshot;
 use crate::sync::{lock, unix_nanos_now};
@@ -194,6 +195,8 @@ impl Fleet {
                 .iter()
                 .map(|(key, c)| PowerSource::resumed(key, c))
                 .collect();
+            // And the open whole-node stretch, with its weights.
+            node.stretch = NodeStretch::from_parts(cursor.stretch.clone());
             nodes.insert(id, Arc::new(Mutex::new(node)));
         }
     }

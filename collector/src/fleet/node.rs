@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use crate::accounting::{Applied, Meter, MeterCursor, Party, Tick, split_node_energy};
+use crate::accounting::{Applied, Meter, MeterCursor, NodeStretch, Party, Tick, split_node_energy};
 use crate::edge::{GpuInfo, GpuReading, HostReading};
 use crate::ledger::{GpuCursor, NodeCursor};
 use crate::tenants::{Tenants, UNASSIGNED};
@@ -102,9 +102,14 @@ impl Gpu {
         &mut self.meter
     }
 
-    /// The counting state the ledger keeps for this GPU.
+    /// The counting state the ledger keeps for this GPU: not when its
+    /// counter last changed, which vouches for nothing for a fine counter
+    /// (`accounting::Meter`), so its cursor stays as small as before.
     pub(super) fn cursor(&self) -> GpuCursor {
-        self.meter.cursor().into()
+        GpuCursor {
+            changed_ns: None,
+            ..self.meter.cursor().into()
+        }
     }
 
     /// A GPU known only from the ledger, until its node says Hello; at
@@ -202,9 +207,10 @@ pub struct Node {
     /// Power sources known from before (the ledger, an earlier Hello) but
     /// not announced now; kept so their counters resume if they come back.
     pub(super) power_departed: Vec<PowerSource>,
-    /// GPU energy booked on the node per tenant since its last whole-node
-    /// reading: what the next one is split by (`split_node_energy`).
-    pub(super) gpu_energy_since_node: Vec<(Arc<str>, u64)>,
+    /// Each tenant's GPU energy and GPU time on the node since its
+    /// whole-node counter last booked energy: what the next energy it
+    /// books is split by and spread over (`NodeStretch`).
+    pub(super) stretch: NodeStretch<Arc<str>>,
     /// The ledger commit holding the node's latest batch: what a Welcome
     /// must wait for.
     pub(super) last_commit_id: u64,
@@ -238,7 +244,7 @@ impl Node {
             departed: Vec::new(),
             power: Vec::new(),
             power_departed: Vec::new(),
-            gpu_energy_since_node: Vec::new(),
+            stretch: NodeStretch::default(),
             last_commit_id: 0,
             tenants_span: (i64::MIN, i64::MAX),
             live_valid: true,
@@ -336,6 +342,7 @@ impl Node {
                 .chain(&self.power_departed)
                 .map(|p| (p.key.clone(), p.cursor()))
                 .collect(),
+            stretch: self.stretch.parts().to_vec(),
         }
     }
 

@@ -11,6 +11,7 @@ use super::{
     BucketDelta, Commit, Compaction, CompactionLease, GpuCursor, LedgerError, LedgerReader,
     LedgerWriter, MeterMinute, MeterState, NodeCursor, NodeMinute, TenantVersion,
 };
+use crate::accounting::StretchWeight;
 use crate::tenants::{TenantHistory, Tenants};
 
 /// A new, empty ledger: its writer, a reader of the same ledger, and
@@ -75,11 +76,32 @@ fn delta(energy_mj: u64, samples: u64) -> BucketDelta {
 
 fn cursor(epoch: u64, last_seq: u64, counter: u64) -> NodeCursor {
     NodeCursor {
+        // An open whole-node stretch, one tenant of it with GPU energy
+        // only.
+        stretch: vec![
+            (
+                Arc::from("t"),
+                StretchWeight {
+                    gpu_energy_mj: counter,
+                    gpu_ns: 7,
+                    span: Some((-3, i64::try_from(last_seq).unwrap())),
+                },
+            ),
+            (
+                Arc::from("u"),
+                StretchWeight {
+                    gpu_energy_mj: 1,
+                    gpu_ns: 0,
+                    span: None,
+                },
+            ),
+        ],
         epoch,
         last_seq,
         gpus: vec![(
             Arc::from("GPU-1"),
             GpuCursor {
+                changed_ns: None,
                 last_counter_mj: Some(counter),
                 last_timestamp_ns: Some(i64::try_from(last_seq).unwrap() * 1_000_000_000),
                 remainder_mw_ns: 123,
@@ -91,6 +113,7 @@ fn cursor(epoch: u64, last_seq: u64, counter: u64) -> NodeCursor {
             (
                 Arc::from("redfish/1"),
                 GpuCursor {
+                    changed_ns: Some(i64::try_from(last_seq).unwrap() * 1_000_000_000),
                     last_counter_mj: Some(counter * 10),
                     last_timestamp_ns: Some(i64::try_from(last_seq).unwrap() * 2_000_000_000),
                     remainder_mw_ns: 7,
@@ -101,6 +124,7 @@ fn cursor(epoch: u64, last_seq: u64, counter: u64) -> NodeCursor {
             (
                 Arc::from("rapl/package-0"),
                 GpuCursor {
+                    changed_ns: None,
                     last_counter_mj: None,
                     last_timestamp_ns: None,
                     remainder_mw_ns: 999_999,

@@ -210,6 +210,11 @@ pub struct GpuCursor {
     /// Counter resets and implausible jumps seen since the GPU was first
     /// seen (`capwatch_gpu_energy_resets_total`).
     pub counter_resets: u64,
+    /// When the reading that gave `last_counter_mj` its value was taken:
+    /// kept for a node power source (a coarse counter's next step is
+    /// bounded and spread from there), `None` for a GPU (a fine counter)
+    /// and in a cursor written before it was kept.
+    pub changed_ns: Option<i64>,
 }
 
 /// A meter's counting state as the ledger keeps it.
@@ -221,6 +226,7 @@ impl From<crate::accounting::MeterCursor> for GpuCursor {
             remainder_mw_ns: c.remainder_mw_ns,
             energy_mj: c.energy_mj,
             counter_resets: c.counter_resets,
+            changed_ns: c.changed_ns,
         }
     }
 }
@@ -234,6 +240,7 @@ impl From<&GpuCursor> for crate::accounting::MeterCursor {
             remainder_mw_ns: c.remainder_mw_ns,
             energy_mj: c.energy_mj,
             counter_resets: c.counter_resets,
+            changed_ns: c.changed_ns,
         }
     }
 }
@@ -349,6 +356,11 @@ pub struct NodeCursor {
     /// (stored in the same blob as the GPUs'; a cursor written before
     /// node power reads with none).
     pub power: Vec<(Arc<str>, GpuCursor)>,
+    /// Each tenant's part in the node's open whole-node stretch (GPU
+    /// energy and GPU time since its counter last booked energy,
+    /// `accounting::NodeStretch`), by tenant id; a cursor written before
+    /// it was kept reads with none (the next split weighs by GPU count).
+    pub stretch: Vec<(Arc<str>, crate::accounting::StretchWeight)>,
 }
 
 /// Everything one transaction writes.

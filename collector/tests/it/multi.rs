@@ -21,6 +21,7 @@ fn n1_at(seq: u64) -> Commit {
             epoch: 1,
             last_seq: seq,
             power: Vec::new(),
+            stretch: Vec::new(),
             gpus: vec![(
                 Arc::from("GPU-n1"),
                 GpuCursor {
@@ -29,6 +30,7 @@ fn n1_at(seq: u64) -> Commit {
                     remainder_mw_ns: 0,
                     energy_mj: seq,
                     counter_resets: 0,
+                    changed_ns: None,
                 },
             )],
         },

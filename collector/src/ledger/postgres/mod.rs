@@ -450,13 +450,10 @@ fn cursor_from_row(
     let blob: &[u8] = row.try_get(first + 2)?;
     let stored =
         super::sqlite::StoredGpus::decode(blob).map_err(|_| shared.range("GPU cursors"))?;
-    let (gpus, power) = stored.into_cursors();
-    Ok(NodeCursor {
-        epoch: u64_of(shared, row.try_get(first)?, "epoch")?,
-        last_seq: u64_of(shared, row.try_get(first + 1)?, "last_seq")?,
-        gpus,
-        power,
-    })
+    Ok(stored.into_cursor(
+        u64_of(shared, row.try_get(first)?, "epoch")?,
+        u64_of(shared, row.try_get(first + 1)?, "last_seq")?,
+    ))
 }
 
 /// The version of the schema in the database; `None` where it has none

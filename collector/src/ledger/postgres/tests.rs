@@ -174,12 +174,14 @@ mod conformance {
 
 fn cursor(seq: u64) -> NodeCursor {
     NodeCursor {
+        stretch: Vec::new(),
         power: Vec::new(),
         epoch: 1,
         last_seq: seq,
         gpus: vec![(
             Arc::from("GPU-1"),
             GpuCursor {
+                changed_ns: None,
                 last_counter_mj: Some(seq * 1000),
                 last_timestamp_ns: Some(1),
                 remainder_mw_ns: 0,
@@ -944,6 +946,7 @@ fn a_version_1_ledger_migrates_with_no_node_energy_in_its_rows() {
     cursor.power = vec![(
         Arc::from("redfish/1"),
         GpuCursor {
+            changed_ns: None,
             last_counter_mj: Some(9),
             last_timestamp_ns: Some(1),
             remainder_mw_ns: 0,

@@ -516,13 +516,10 @@ fn cursor_from_row(
         path: p.to_owned(),
         what: "GPU cursors",
     })?;
-    let (gpus, power) = stored.into_cursors();
-    Ok(NodeCursor {
-        epoch: u64_of(r.get(first).map_err(err)?, p, "epoch")?,
-        last_seq: u64_of(r.get(first + 1).map_err(err)?, p, "last_seq")?,
-        gpus,
-        power,
-    })
+    Ok(stored.into_cursor(
+        u64_of(r.get(first).map_err(err)?, p, "epoch")?,
+        u64_of(r.get(first + 1).map_err(err)?, p, "last_seq")?,
+    ))
 }
 
 impl LedgerWriter for Ledger {

@@ -274,6 +274,7 @@ fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
         let mut rows = q.query([])?;
         while let Some(r) = rows.next()? {
             let gpu = StoredGpu {
+                changed_ns: None,
                 uuid: r.get(0)?,
                 last_counter_mj: r
                     .get::<_, Option<i64>>(2)?
@@ -293,6 +294,7 @@ fn gpu_cursors_into_nodes(tx: &Transaction) -> rusqlite::Result<()> {
     )?;
     for (node, gpus) in by_node {
         let stored = StoredGpus {
+            stretch: Vec::new(),
             gpus,
             power: Vec::new(),
         };
@@ -310,6 +312,7 @@ fn stored(list: &[(std::sync::Arc<str>, crate::ledger::GpuCursor)]) -> Vec<Store
             remainder_mw_ns: g.remainder_mw_ns,
             energy_mj: g.energy_mj,
             counter_resets: g.counter_resets,
+            changed_ns: g.changed_ns,
         })
         .collect()
 }
@@ -325,6 +328,7 @@ fn cursors(list: Vec<StoredGpu>) -> Vec<(std::sync::Arc<str>, crate::ledger::Gpu
                     remainder_mw_ns: g.remainder_mw_ns,
                     energy_mj: g.energy_mj,
                     counter_resets: g.counter_resets,
+                    changed_ns: g.changed_ns,
                 },
             )
         })
@@ -338,18 +342,47 @@ impl StoredGpus {
         Self {
             gpus: stored(&n.gpus),
             power: stored(&n.power),
+            stretch: n
+                .stretch
+                .iter()
+                .map(|(tenant, w)| StoredStretch {
+                    tenant: tenant.to_string(),
+                    gpu_energy_mj: w.gpu_energy_mj,
+                    gpu_ns: w.gpu_ns,
+                    span_from_ns: w.span.map(|s| s.0),
+                    span_to_ns: w.span.map(|s| s.1),
+                })
+                .collect(),
         }
     }
 
-    /// The GPU cursors and the power source cursors stored.
-    #[allow(clippy::type_complexity)]
-    pub(in crate::ledger) fn into_cursors(
+    /// The node's cursor as stored, at (`epoch`, `last_seq`).
+    pub(in crate::ledger) fn into_cursor(
         self,
-    ) -> (
-        Vec<(std::sync::Arc<str>, crate::ledger::GpuCursor)>,
-        Vec<(std::sync::Arc<str>, crate::ledger::GpuCursor)>,
-    ) {
-        (cursors(self.gpus), cursors(self.power))
+        epoch: u64,
+        last_seq: u64,
+    ) -> crate::ledger::NodeCursor {
+        crate::ledger::NodeCursor {
+            epoch,
+            last_seq,
+            gpus: cursors(self.gpus),
+            power: cursors(self.power),
+            stretch: self
+                .stretch
+                .into_iter()
+                .map(|s| {
+                    let span = s.span_from_ns.zip(s.span_to_ns);
+                    (
+                        std::sync::Arc::from(s.tenant),
+                        crate::accounting::StretchWeight {
+                            gpu_energy_mj: s.gpu_energy_mj,
+                            gpu_ns: s.gpu_ns,
+                            span,
+                        },
+                    )
+                })
+                .collect(),
+        }
     }
 }
 
@@ -364,6 +397,25 @@ pub(in crate::ledger) struct StoredGpus {
     /// before reads with none.
     #[prost(message, repeated, tag = "2")]
     pub(in crate::ledger) power: Vec<StoredGpu>,
+    /// Added later: the node's open whole-node stretch, one entry per
+    /// tenant (`NodeCursor::stretch`); a cursor written before reads with
+    /// none.
+    #[prost(message, repeated, tag = "3")]
+    pub(in crate::ledger) stretch: Vec<StoredStretch>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(in crate::ledger) struct StoredStretch {
+    #[prost(string, tag = "1")]
+    pub(in crate::ledger) tenant: String,
+    #[prost(uint64, tag = "2")]
+    pub(in crate::ledger) gpu_energy_mj: u64,
+    #[prost(uint64, tag = "3")]
+    pub(in crate::ledger) gpu_ns: u64,
+    #[prost(sint64, optional, tag = "4")]
+    pub(in crate::ledger) span_from_ns: Option<i64>,
+    #[prost(sint64, optional, tag = "5")]
+    pub(in crate::ledger) span_to_ns: Option<i64>,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]
@@ -381,4 +433,8 @@ pub(in crate::ledger) struct StoredGpu {
     /// Added later: a cursor written before it reads as 0.
     #[prost(uint64, tag = "6")]
     pub(in crate::ledger) counter_resets: u64,
+    /// Added later (`GpuCursor::changed_ns`): a cursor written before it
+    /// reads as unknown.
+    #[prost(sint64, optional, tag = "7")]
+    pub(in crate::ledger) changed_ns: Option<i64>,
 }

@@ -20,6 +20,7 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
     let mut l = Ledger::create(&path).unwrap();
     let mut c = Commit::default();
     let n1 = NodeCursor {
+        stretch: Vec::new(),
         power: Vec::new(),
         epoch: 7,
         last_seq: 42,
@@ -27,6 +28,7 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
             (
                 Arc::from("GPU-1"),
                 GpuCursor {
+                    changed_ns: None,
                     last_counter_mj: Some(u64::MAX / 4),
                     last_timestamp_ns: Some(-5),
                     remainder_mw_ns: 999_999_999,
@@ -37,6 +39,7 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
             (
                 Arc::from("GPU-2"),
                 GpuCursor {
+                    changed_ns: None,
                     last_counter_mj: None,
                     last_timestamp_ns: None,
                     remainder_mw_ns: 0,
@@ -135,6 +138,7 @@ fn gpu_cursors_written_before_counter_resets_were_kept_read_as_zero() {
         .unwrap();
     let snap = Ledger::open(&path).unwrap().load().unwrap();
     let want = GpuCursor {
+        changed_ns: None,
         last_counter_mj: Some(1_000),
         last_timestamp_ns: Some(5),
         remainder_mw_ns: 7,
@@ -142,6 +146,9 @@ fn gpu_cursors_written_before_counter_resets_were_kept_read_as_zero() {
         counter_resets: 0,
     };
     assert_eq!(snap.nodes[0].1.gpus, vec![(Arc::from("GPU-1"), want)]);
+    // Nor power sources, nor when their counters last changed, nor an
+    // open whole-node stretch: none.
+    assert!(snap.nodes[0].1.power.is_empty() && snap.nodes[0].1.stretch.is_empty());
 }
 
 #[test]
@@ -358,6 +365,7 @@ fn version_12_ledger(path: &Path, gpus: &[(Arc<str>, GpuCursor)], rows: &str) {
         }
     }
     let old = NodeCursor {
+        stretch: Vec::new(),
         epoch: 3,
         last_seq: 99,
         gpus: gpus.to_vec(),
@@ -388,6 +396,7 @@ fn a_version_12_ledger_migrates_with_no_node_energy_in_its_rows() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("ledger.db");
     let gpu = GpuCursor {
+        changed_ns: None,
         last_counter_mj: Some(77),
         last_timestamp_ns: Some(5),
         remainder_mw_ns: 6,
@@ -422,6 +431,7 @@ fn a_version_12_ledger_migrates_with_no_node_energy_in_its_rows() {
         vec![(
             "n1".to_string(),
             NodeCursor {
+                stretch: Vec::new(),
                 epoch: 3,
                 last_seq: 99,
                 gpus: gpus.clone(),
@@ -462,12 +472,14 @@ fn a_version_12_ledger_migrates_with_no_node_energy_in_its_rows() {
     // The migrated ledger takes node energy and power cursors.
     let mut c = Commit::default();
     let cursor = NodeCursor {
+        stretch: Vec::new(),
         epoch: 3,
         last_seq: 100,
         gpus,
         power: vec![(
             Arc::from("ipmi/node"),
             GpuCursor {
+                changed_ns: None,
                 last_counter_mj: None,
                 last_timestamp_ns: Some(9),
                 remainder_mw_ns: 4,
@@ -520,6 +532,7 @@ fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
     );
     let l = Ledger::open(&path).unwrap();
     let cursor = |counter, ts, rem, energy| GpuCursor {
+        changed_ns: None,
         last_counter_mj: counter,
         last_timestamp_ns: ts,
         remainder_mw_ns: rem,
@@ -532,6 +545,7 @@ fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         (
             "gone".to_string(),
             NodeCursor {
+                stretch: Vec::new(),
                 power: Vec::new(),
                 epoch: 0,
                 last_seq: 0,
@@ -541,6 +555,7 @@ fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         (
             "n1".to_string(),
             NodeCursor {
+                stretch: Vec::new(),
                 power: Vec::new(),
                 epoch: 7,
                 last_seq: 42,
@@ -553,6 +568,7 @@ fn version_5_gpu_cursor_rows_migrate_into_their_nodes() {
         (
             "n2".to_string(),
             NodeCursor {
+                stretch: Vec::new(),
                 power: Vec::new(),
                 epoch: 8,
                 last_seq: 9,

@@ -119,9 +119,11 @@ impl Site {
         c.nodes.insert(
             node.clone(),
             NodeCursor {
+                stretch: Vec::new(),
                 power: vec![(
                     Arc::from("mock/node"),
                     GpuCursor {
+                        changed_ns: None,
                         last_counter_mj: Some(NODE_COUNTER0 + NODE_MJ_PER_S * to),
                         last_timestamp_ns: Some(self.ts(to)),
                         remainder_mw_ns: 0,
@@ -134,6 +136,7 @@ impl Site {
                 gpus: vec![(
                     Arc::from("GPU-n1"),
                     GpuCursor {
+                        changed_ns: None,
                         last_counter_mj: Some(COUNTER0 + MJ_PER_S * to),
                         last_timestamp_ns: Some(self.ts(to)),
                         remainder_mw_ns: 0,
@@ -463,6 +466,7 @@ fn a_holder_id_is_the_collector_id_and_random_digits_new_at_every_start() {
 fn a_claim_does_not_resume_a_gpu_heard_later_on_another_node() {
     let site = Site::new();
     let gpu = |t: i64| GpuCursor {
+        changed_ns: None,
         last_counter_mj: Some(COUNTER0),
         last_timestamp_ns: Some(t),
         remainder_mw_ns: 0,
@@ -475,6 +479,7 @@ fn a_claim_does_not_resume_a_gpu_heard_later_on_another_node() {
         c.nodes.insert(
             Arc::from(node),
             NodeCursor {
+                stretch: Vec::new(),
                 power: Vec::new(),
                 epoch: 1,
                 last_seq: 5,

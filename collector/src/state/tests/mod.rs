@@ -312,6 +312,7 @@ fn assert_totals_match_gpus_and_departed(state: &State) {
 #[test]
 fn a_gpu_in_two_nodes_cursors_resumes_where_it_was_heard_last() {
     let cursor = |ts: i64, counter: u64| GpuCursor {
+        changed_ns: None,
         last_counter_mj: Some(counter),
         last_timestamp_ns: Some(ts),
         remainder_mw_ns: 0,
@@ -319,6 +320,7 @@ fn a_gpu_in_two_nodes_cursors_resumes_where_it_was_heard_last() {
         counter_resets: 0,
     };
     let node = |gpus: Vec<(Arc<str>, GpuCursor)>| NodeCursor {
+        stretch: Vec::new(),
         power: Vec::new(),
         epoch: 1,
         last_seq: 5,

@@ -230,12 +230,14 @@ fn a_restored_power_cursor_counts_the_energy_since_it_once() {
         nodes: vec![(
             "a-1".into(),
             NodeCursor {
+                stretch: Vec::new(),
                 epoch: 1,
                 last_seq: 5,
                 gpus: Vec::new(),
                 power: vec![(
                     Arc::from("redfish/1"),
                     GpuCursor {
+                        changed_ns: None,
                         last_counter_mj: Some(10_000),
                         last_timestamp_ns: Some(M0),
                         remainder_mw_ns: 0,
@@ -403,4 +405,182 @@ fn a_whole_kwh_counter_is_booked_to_its_difference() {
     assert!(counter(1_800) - counter(0) >= 9 * KWH);
     assert_eq!(energy, counter(1_800) - counter(0));
     assert_eq!(estimated, 0);
+}
+
+const KWH: u64 = 3_600_000_000;
+
+/// A node's Hello with a BMC whose energy counter is read every 10 s, its
+/// GPUs sampled every 10 s too.
+fn hello_with_bmc(node: &str, epoch: u64, gpus: usize) -> Hello {
+    let mut bmc = source("redfish", "node", "1", true);
+    bmc.interval = Duration::from_secs(10);
+    let mut h = with_power(hello(node, epoch, gpus), vec![bmc]);
+    h.interval = Duration::from_secs(10);
+    h
+}
+
+/// Sample `i` (seq `i + 1`, `10 i` s after M0) of a node whose GPUs draw
+/// `gpu_mw` each (their counters from 0) and whose BMC counts whole kWh,
+/// from 5 kWh, stepping every 180 s: the node draws 20 kW.
+fn coarse_sample(i: i64, gpu_mw: &[u64]) -> NodeSample {
+    let s = 10 * i;
+    let gpus: Vec<(u64, Option<u64>)> =
+        gpu_mw.iter().map(|mw| (*mw, Some(mw * s as u64))).collect();
+    with_readings(
+        sample(i as u64 + 1, M0 + s * SEC, &gpus),
+        vec![node_reading(
+            0,
+            M0 + s * SEC,
+            Some(20_000_000),
+            Some((5 + i / 18) as u64 * KWH),
+        )],
+    )
+}
+
+/// Node energy booked per (tenant, minute) in a commit.
+fn node_minutes(c: &crate::ledger::Commit) -> BTreeMap<(String, i64), u64> {
+    let mut by: BTreeMap<(String, i64), u64> = BTreeMap::new();
+    for ((t, _, m), d) in &c.buckets {
+        *by.entry((t.to_string(), *m)).or_default() += d.node_energy_mj;
+    }
+    by.retain(|_, v| *v > 0);
+    by
+}
+
+/// The minute (Unix s) `secs` after M0 falls in.
+fn minute_of(secs: i64) -> i64 {
+    (M0 + secs * SEC).div_euclid(60 * SEC) * 60
+}
+
+/// A whole-kWh counter on a node drawing 20 kW steps every 180 s: each
+/// step's kWh was drawn since the counter last changed, so it is spread
+/// over those 180 s, and no minute holds more than the node drew in it
+/// (20 kW over 60 s), not the 60 kW of a kWh booked into the last 10 s
+/// reading interval (which gave false over-contract time).
+#[test]
+fn a_whole_kwh_step_is_spread_over_the_stretch_since_the_counter_last_changed() {
+    let state = new_state(TENANTS, None);
+    let h = state.hello(hello_with_bmc("a-1", 1, 1)).unwrap().0;
+    let samples = (0..=36).map(|i| coarse_sample(i, &[600_000])).collect();
+    let out = ingest(&state, &h, samples);
+    assert_eq!(out.node_power.accepted, 37);
+    let (_, c) = state.take_pending();
+    let minutes = node_minutes(&c);
+    assert_eq!(minutes.values().sum::<u64>(), 2 * KWH);
+    // 20 kW over a whole minute, and a millijoule of rounding.
+    let most = 20_000_000 * 60 + 1;
+    for ((t, m), e) in &minutes {
+        assert!(*e <= most, "{t} minute {m}: {e} mJ is above 20 kW");
+    }
+    // M0 is 10 s into its minute: 50 s of the first 180 s stretch.
+    assert_eq!(
+        minutes[&("lab-a".to_string(), minute_of(0))],
+        KWH * 50 / 180
+    );
+}
+
+/// A node shared by lab-a (GPU 0 at 600 W) and lab-b (GPU 1 at 100 W)
+/// with a whole-kWh BMC counter: the step is split by the GPU energy of
+/// each since the counter last changed (180 s of it, not the last 10 s
+/// reading interval, which left the split mostly to the GPU count).
+#[test]
+fn a_shared_nodes_coarse_step_is_split_by_the_gpu_energy_since_the_last_change() {
+    let state = new_state(TENANTS, None);
+    let h = state.hello(hello_with_bmc("a-2", 1, 2)).unwrap().0;
+    let samples = (0..=18)
+        .map(|i| coarse_sample(i, &[600_000, 100_000]))
+        .collect();
+    ingest(&state, &h, samples);
+    let (_, c) = state.take_pending();
+    // G = 108 kJ + 18 kJ over the 180 s; the rest, 3474 kJ, 1:1 by GPUs.
+    let by = node_booked(&c);
+    assert_eq!(
+        (by["lab-a"].0, by["lab-b"].0),
+        (108_000_000 + 1_737_000_000, 18_000_000 + 1_737_000_000)
+    );
+}
+
+/// a-1 moves from lab-a to lab-b 120 s into a 180 s stretch of a
+/// whole-kWh counter (at the minute boundary 110 s after M0, by the
+/// readings' intervals): each gets the part of the step drawn while it
+/// held the GPU, in the minutes it held it; not all of it the tenant at
+/// the step.
+#[test]
+fn a_coarse_step_across_a_lease_change_goes_to_each_holder_for_its_time() {
+    const V2: &str = r#"
+        [[tenant]]
+        id = "lab-a"
+        contracted_kw = 1
+        nodes = ["a-2"]
+
+        [[tenant]]
+        id = "lab-b"
+        contracted_kw = 1
+        nodes = ["a-1"]
+    "#;
+    let state = new_state(TENANTS, None);
+    let h = state.hello(hello_with_bmc("a-1", 1, 1)).unwrap().0;
+    state.reload_tenants_from(Tenants::from_toml(V2).unwrap(), M0 + 120 * SEC);
+    let samples = (0..=18).map(|i| coarse_sample(i, &[600_000])).collect();
+    ingest(&state, &h, samples);
+    let (_, c) = state.take_pending();
+    // Readings 1-11 (0-110 s) are lab-a's, 12-18 (110-180 s) lab-b's:
+    // GPU energy 66 kJ and 42 kJ, the rest 11:7 by GPU time.
+    let by = node_booked(&c);
+    assert_eq!(
+        (by["lab-a"].0, by["lab-b"].0),
+        (66_000_000 + 2_134_000_000, 42_000_000 + 1_358_000_000)
+    );
+    let change = minute_of(110);
+    for ((t, m), _) in node_minutes(&c) {
+        assert_eq!(
+            t == "lab-a",
+            m < change,
+            "{t} has node energy in minute {m}"
+        );
+    }
+}
+
+/// A collector restarted in the middle of a coarse counter's stretch (or
+/// another one adopting the node) resumes from the node's cursor the
+/// time the counter last changed and the GPU energy since: the step is
+/// split and placed as without the restart.
+#[test]
+fn a_restart_inside_a_coarse_stretch_keeps_its_start_and_weights() {
+    let gpus = [600_000, 100_000];
+    let whole = {
+        let state = new_state(TENANTS, None);
+        let h = state.hello(hello_with_bmc("a-2", 1, 2)).unwrap().0;
+        ingest(
+            &state,
+            &h,
+            (0..=18).map(|i| coarse_sample(i, &gpus)).collect(),
+        );
+        node_minutes(&state.take_pending().1)
+    };
+    let first = new_state(TENANTS, None);
+    let h = first.hello(hello_with_bmc("a-2", 1, 2)).unwrap().0;
+    ingest(
+        &first,
+        &h,
+        (0..=9).map(|i| coarse_sample(i, &gpus)).collect(),
+    );
+    let (_, c) = first.take_pending();
+    let mut booked = node_minutes(&c);
+    let cursor = c.nodes[&Arc::from("a-2")].clone();
+    let second = new_state(TENANTS, None);
+    second.restore(crate::ledger::Snapshot {
+        nodes: vec![("a-2".into(), cursor)],
+        ..Default::default()
+    });
+    let h = second.hello(hello_with_bmc("a-2", 1, 2)).unwrap().0;
+    ingest(
+        &second,
+        &h,
+        (10..=18).map(|i| coarse_sample(i, &gpus)).collect(),
+    );
+    for (k, e) in node_minutes(&second.take_pending().1) {
+        *booked.entry(k).or_default() += e;
+    }
+    assert_eq!(booked, whole);
 }
