@@ -406,3 +406,149 @@ fn a_real_agent_bills_its_bmc_energy_sensor_to_the_millijoule() {
     drop(agent);
     collector.stop();
 }
+
+/// lab-a and lab-b share k-1, one GPU each.
+const SHARED: &str = r#"
+[[tenant]]
+id = "lab-a"
+contracted_kw = 50
+gpus = ["GPU-k-1-0"]
+
+[[tenant]]
+id = "lab-b"
+contracted_kw = 50
+basis = "node"
+gpus = ["GPU-k-1-1"]
+"#;
+
+const KWH: u64 = 3_600_000_000;
+
+/// An hour ago, 10 s into its minute.
+fn coarse_t0() -> i64 {
+    (now_secs() - 3600) / 60 * 60 * 1_000_000_000 + 10_000_000_000
+}
+
+/// k-1 with two GPUs and a BMC whose lifetime counter counts whole kWh,
+/// read every 10 s.
+fn coarse_hello() -> pb::AgentMessage {
+    let mut bmc = source(0, "redfish", "node", "1", true);
+    bmc.interval_millis = 10_000;
+    let Some(pb::agent_message::Body::Hello(mut h)) = hello("n-1").body else {
+        unreachable!("hello() says Hello")
+    };
+    h.node_id = "k-1".into();
+    h.interval_millis = 10_000;
+    for g in &mut h.gpus {
+        g.uuid = g.uuid.replace("n-1", "k-1");
+    }
+    h.node_power_sources = vec![bmc];
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Hello(h)),
+    }
+}
+
+/// Samples `seqs` of k-1, sample `s` taken `10 (s - 1)` s after `t0`:
+/// GPU 0 at 600 W, GPU 1 at 100 W, the BMC counting whole kWh from
+/// 5 kWh, a step every 180 s (20 kW).
+fn coarse_batch(t0: i64, seqs: impl IntoIterator<Item = u64>) -> pb::AgentMessage {
+    let sample = |seq: u64| {
+        let s = 10 * (seq - 1);
+        let ts = t0 + s as i64 * 1_000_000_000;
+        let gpu = |index: u32, mw: u64| pb::GpuSample {
+            index,
+            power_milliwatts: Some(mw),
+            energy_millijoules: Some(mw * s),
+            ..Default::default()
+        };
+        pb::NodeSample {
+            seq,
+            timestamp_unix_nanos: ts,
+            gpus: vec![gpu(0, 600_000), gpu(1, 100_000)],
+            host: None,
+            node_power: vec![pb::NodePowerReading {
+                source: 0,
+                timestamp_unix_nanos: ts,
+                power_milliwatts: Some(20_000_000),
+                energy_millijoules: Some((5 + (seq - 1) / 18) * KWH),
+            }],
+        }
+    };
+    pb::AgentMessage {
+        body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+            samples: seqs.into_iter().map(sample).collect(),
+        })),
+    }
+}
+
+/// Node energy per (tenant, minute start) over the hours around `t0`, as
+/// the usage API reports it by minute: rows and adjustments.
+fn node_minutes(http: SocketAddr, t0: i64) -> BTreeMap<(String, String), u64> {
+    use capwatch_collector::usage::rfc3339;
+    let hour = t0 / 1_000_000_000 / 3600 * 3600;
+    let path = format!(
+        "/v1/usage?from={}&to={}&step=1m",
+        rfc3339(hour - 3600),
+        rfc3339(hour + 3 * 3600)
+    );
+    let body = http_get(http, &path);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let mut by = BTreeMap::new();
+    let rows = v["rows"].as_array().unwrap_or_else(|| panic!("{body}"));
+    for row in rows.iter().chain(v["adjustments"].as_array().unwrap()) {
+        let key = (
+            row["tenant"].as_str().unwrap().to_string(),
+            row["start"].as_str().unwrap().to_string(),
+        );
+        *by.entry(key).or_default() += exact(&row["node_energy_millijoules"]);
+    }
+    by.retain(|_, v| *v != 0);
+    by
+}
+
+/// Invariant, with the real collector: a whole-kWh BMC counter's steps
+/// are each spread over the 180 s since the counter last changed, by
+/// minute, and split by the GPU energy of each tenant since then, to the
+/// millijoule; with the collector SIGKILLed in the middle of a stretch
+/// and started again, which resumes the stretch from the node's cursor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coarse_bmc_counter_is_spread_and_split_alike_across_a_collector_killed_mid_stretch() {
+    use capwatch_collector::usage::rfc3339;
+    let t0 = coarse_t0();
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), SHARED, 0, &["--stale-after", "5m"]);
+    let port = collector.grpc.port();
+    let ep = collector.endpoint();
+    let mut s = Stream::open(&ep, coarse_hello()).await.unwrap();
+    assert_eq!(s.welcome().await, 0);
+    // Through the first step (sample 19, 180 s) and half the next stretch.
+    assert_eq!(s.send(coarse_batch(t0, 1..=28)).await, 28);
+    let mut collector = collector;
+    collector.child.kill().unwrap();
+    collector.child.wait().unwrap();
+    drop(s);
+
+    let collector = Collector::start_on(dir.path(), SHARED, port, &["--stale-after", "5m"]);
+    let mut s = Stream::open(&ep, coarse_hello()).await.unwrap();
+    assert_eq!(s.welcome().await, 28);
+    assert_eq!(s.send(coarse_batch(t0, 26..=37)).await, 37);
+
+    // Each 180 s stretch: G = 108 kJ (lab-a) and 18 kJ (lab-b), the rest
+    // of the kWh 1:1 by GPUs; spread evenly over it: t0 is 10 s into its
+    // minute, so the minutes hold 50, 60, 60, 10 + 50, 60, 60 and 10 s of
+    // the two stretches.
+    let minute = |i: i64| rfc3339((t0 / 1_000_000_000) / 60 * 60 + 60 * i);
+    let mut want = BTreeMap::new();
+    for (tenant, share) in [("lab-a", 1_845_000_000u64), ("lab-b", 1_755_000_000)] {
+        for (i, secs) in [50, 60, 60, 60, 60, 60, 10].into_iter().enumerate() {
+            want.insert((tenant.to_string(), minute(i as i64)), share * secs / 180);
+        }
+    }
+    let got = node_minutes(collector.http, t0);
+    assert_eq!(got, want);
+    assert_eq!(
+        got.values().sum::<u64>(),
+        2 * KWH,
+        "the counter's difference"
+    );
+    collector.stop();
+}
