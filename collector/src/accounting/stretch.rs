@@ -120,3 +120,136 @@ impl<T: Clone + Ord> NodeStretch<T> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::{Duration, Instant};
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::accounting::{Meter, MinuteFigures, Tick};
+    use crate::edge::GpuReading;
+
+    const T0: i64 = 1_700_000_000_000_000_000;
+    const SEC: i64 = 1_000_000_000;
+    const KWH: u64 = 3_600_000_000;
+
+    /// Node energy booked per (tenant, minute).
+    #[derive(Default)]
+    struct Booked(BTreeMap<(String, i64), u64>);
+
+    impl Book<String> for Booked {
+        fn add(&mut self, tenant: &String, minute: i64, f: &MinuteFigures) {
+            *self.0.entry((tenant.clone(), minute)).or_default() += f.node_energy_mj;
+        }
+    }
+
+    /// The meter's view of whole-node readings `(seconds after T0,
+    /// counter mJ)`, 10 s apart, at 20 kW.
+    fn readings(counters: &[(i64, u64)]) -> Vec<Applied> {
+        let base = Instant::now();
+        let mut m = Meter::default();
+        counters
+            .iter()
+            .enumerate()
+            .map(|(i, &(s, counter))| {
+                let t = Tick {
+                    timestamp_ns: T0 + s * SEC,
+                    seq: i as u64 + 1,
+                    now: base + Duration::from_secs(s as u64),
+                    latest_ns: T0 + s * SEC,
+                    interval: Duration::from_secs(10),
+                    window: Duration::from_secs(30),
+                };
+                let r = GpuReading {
+                    power_milliwatts: Some(20_000_000),
+                    energy_millijoules: Some(counter),
+                    ..GpuReading::default()
+                };
+                m.apply(&r, Some(50_000_000 / 3), &t)
+            })
+            .collect()
+    }
+
+    /// A coarse counter that stands still leaves its stretch open, and its
+    /// step says since when it was drawn; a fine counter closes every
+    /// reading's interval and is drawn over it alone.
+    #[test]
+    fn a_coarse_step_is_drawn_since_the_counters_last_change_a_fine_one_since_its_reading() {
+        let coarse = readings(&[(0, 5 * KWH), (10, 5 * KWH), (20, 5 * KWH), (30, 6 * KWH)]);
+        let open: Vec<bool> = coarse.iter().map(|a| a.open).collect();
+        assert_eq!(open, [false, true, true, false]);
+        let step = coarse[3];
+        assert_eq!((step.energy_mj, step.drawn_from_ns), (KWH, Some(T0)));
+        assert_eq!(step.drawn(Duration::from_secs(30)), (T0, T0 + 30 * SEC));
+        let fine = readings(&[(0, 1_000_001), (10, 1_000_001), (20, 1_200_003)]);
+        assert!(fine.iter().all(|a| !a.open && a.drawn_from_ns.is_none()));
+        assert_eq!(
+            fine[2].drawn(Duration::from_secs(30)),
+            (T0 + 10 * SEC, T0 + 20 * SEC)
+        );
+    }
+
+    proptest! {
+        /// Whatever the tenants at each reading and their GPU energy, a
+        /// closed stretch books exactly its closing reading's energy, each
+        /// tenant's share only in the minutes of the stretch it held GPUs
+        /// in (or the whole stretch, with GPU energy alone).
+        #[test]
+        fn a_closed_stretch_books_its_energy_exactly_where_each_tenant_held_gpus(
+            steps in proptest::collection::vec((0usize..3, 1u64..9, 0u64..10_000_000), 1..40),
+            leftover in proptest::collection::vec((0usize..3, 0u64..10_000_000), 0..3),
+            energy in 0u64..100 * KWH,
+        ) {
+            let names = ["a", "b", "c"];
+            let mut stretch = NodeStretch::default();
+            let mut spans: BTreeMap<String, (i64, i64)> = BTreeMap::new();
+            for (i, (who, gpus, gpu_mj)) in steps.iter().enumerate() {
+                let tenant = names[*who].to_string();
+                let (from, to) = (T0 + 10 * SEC * i as i64, T0 + 10 * SEC * (i as i64 + 1));
+                let r = Applied {
+                    energy_mj: 0,
+                    estimated_ns: None,
+                    from_ns: Some(from),
+                    to_ns: to,
+                    utilization_percent: None,
+                    kept: true,
+                    drawn_from_ns: Some(T0),
+                    open: true,
+                };
+                stretch.add_gpu_energy(&tenant, *gpu_mj);
+                stretch.add_reading(&tenant, *gpus, &r);
+                let s = spans.entry(tenant).or_insert((from, to));
+                *s = (s.0.min(from), s.1.max(to));
+            }
+            for (who, gpu_mj) in &leftover {
+                stretch.add_gpu_energy(&names[*who].to_string(), *gpu_mj);
+            }
+            let end = T0 + 10 * SEC * steps.len() as i64;
+            let close = Applied {
+                energy_mj: energy,
+                estimated_ns: None,
+                from_ns: Some(end - 10 * SEC),
+                to_ns: end,
+                utilization_percent: None,
+                kept: true,
+                drawn_from_ns: Some(T0),
+                open: false,
+            };
+            let mut b = Booked::default();
+            stretch.close(&close, &mut b, Duration::from_secs(30));
+            prop_assert!(stretch.parts().is_empty());
+            prop_assert_eq!(b.0.values().sum::<u64>(), energy);
+            let minute = |ns: i64| ns.div_euclid(60 * SEC) * 60;
+            for ((tenant, m), _) in b.0.iter().filter(|(_, e)| **e > 0) {
+                let (from, to) = spans.get(tenant).copied().unwrap_or((T0, end));
+                prop_assert!(
+                    *m >= minute(from) && *m <= minute(to - 1),
+                    "{} in minute {} outside {}..{}", tenant, m, from, to
+                );
+            }
+        }
+    }
+}
