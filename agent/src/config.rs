@@ -65,6 +65,16 @@ pub struct Config {
     pub source: SourceKind,
     /// Unacknowledged samples kept for re-sending (oldest dropped first).
     pub spool_capacity: usize,
+    /// Directory keeping the spool on disk, so unacked samples survive a
+    /// restart (a crash too); one per node. Unset: the spool is in memory.
+    pub spool_dir: Option<PathBuf>,
+    /// Most bytes the spool's files take; when full, the oldest eighth of
+    /// the samples is dropped (and counted).
+    pub spool_max_bytes: u64,
+    /// How often samples appended to the disk spool are synced (fsync);
+    /// a sample is sent only once synced. `0s`: each one as it is taken.
+    #[serde(with = "capwatch_common::duration")]
+    pub spool_fsync_interval: Duration,
     /// Most samples in one message to the collector.
     pub batch_max: usize,
     /// On shutdown, how long to keep trying to deliver the spool.
@@ -227,6 +237,9 @@ impl Default for Config {
             interval: Duration::from_secs(1),
             source: SourceKind::Nvml,
             spool_capacity: 3600,
+            spool_dir: None,
+            spool_max_bytes: 64 << 20,
+            spool_fsync_interval: Duration::ZERO,
             batch_max: 64,
             drain_timeout: Duration::from_secs(5),
             reconnect_initial: Duration::from_millis(250),
@@ -400,6 +413,15 @@ impl Config {
         Ok(())
     }
 
+    /// The disk spool's settings, if there is one.
+    pub fn spool_disk(&self) -> Option<crate::spool::DiskConfig> {
+        self.spool_dir.as_ref().map(|dir| crate::spool::DiskConfig {
+            dir: dir.clone(),
+            max_bytes: self.spool_max_bytes,
+            fsync_interval: self.spool_fsync_interval,
+        })
+    }
+
     /// Checks what serde cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |setting, reason: &str| Err(ConfigError::invalid(setting, reason.to_string()));
@@ -408,6 +430,22 @@ impl Config {
         }
         if self.spool_capacity == 0 {
             return bad("spool_capacity", "must be at least 1");
+        }
+        if !(1 << 20..=1 << 40).contains(&self.spool_max_bytes) {
+            return bad("spool_max_bytes", "must be between 1 MiB and 1 TiB");
+        }
+        if self.spool_fsync_interval > Duration::from_secs(60) {
+            return bad("spool_fsync_interval", "must be at most 60s");
+        }
+        if self
+            .spool_dir
+            .as_ref()
+            .is_some_and(|d| d.as_os_str().is_empty())
+        {
+            return bad(
+                "spool_dir",
+                "must not be empty (unset it to keep the spool in memory)",
+            );
         }
         if !(1..=10_000).contains(&self.batch_max) {
             return bad("batch_max", "must be between 1 and 10000");
@@ -581,7 +619,7 @@ mod tests {
     fn invalid_settings_name_the_setting() {
         type Change = fn(&mut Config);
         // (change to the defaults, setting the error must name)
-        let cases: [(Change, &str); 22] = [
+        let cases: [(Change, &str); 25] = [
             (|c| c.collector = Some("https://c:7070".into()), "tls_ca"),
             (|c| c.tls_ca = Some("ca.pem".into()), "collector"),
             (|c| c.collector = Some("c:7070".into()), "collector"),
@@ -623,6 +661,12 @@ mod tests {
                 "drain_timeout",
             ),
             (|c| c.spool_capacity = 0, "spool_capacity"),
+            (|c| c.spool_max_bytes = 1000, "spool_max_bytes"),
+            (
+                |c| c.spool_fsync_interval = Duration::from_secs(61),
+                "spool_fsync_interval",
+            ),
+            (|c| c.spool_dir = Some(PathBuf::new()), "spool_dir"),
             (|c| c.mock.gpus = 0, "mock.gpus"),
             (
                 |c| c.redfish.url = Some("bmc.example".into()),

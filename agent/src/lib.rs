@@ -51,6 +51,8 @@ pub enum AgentError {
     Token(String),
     #[error("TLS: {0}")]
     Tls(String),
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
 }
 
 /// The token to present: from `token_file`, else `CAPWATCH_TOKEN`.
@@ -231,7 +233,8 @@ pub async fn run(
     let mut node_power = node_power::NodePower::start(&cfg, clock);
     // The epoch tells this run's sequence numbers apart from an earlier
     // run's: a restarted agent starts again at seq 1 under a new epoch
-    // (above the collector's, should it hold a newer one for this node).
+    // (above the collector's, should it hold a newer one for this node),
+    // unless a disk spool carries an earlier run's on.
     let epoch = unix_nanos(start_wall) as u64;
     let gpus: Vec<pb::GpuInfo> = source.inventory().iter().map(convert::gpu_info).collect();
     let host_info = host.info();
@@ -250,7 +253,12 @@ pub async fn run(
     let tls = client_tls(&cfg)?;
 
     let shared = Arc::new(Shared {
-        spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
+        spool: std::sync::Mutex::new(Spool::open(
+            cfg.spool_capacity,
+            epoch,
+            cfg.spool_disk().as_ref(),
+            &node_id,
+        )?),
         new_sample: Notify::new(),
         stats: stream::Stats::default(),
     });
@@ -355,6 +363,8 @@ pub async fn run(
         stream_task = start_stream(&mut node_power);
     }
     node_power.stop();
+    // Under an fsync interval, the last samples become sendable.
+    shared.spool().sync();
     let _ = done_tx.send(true);
     if let Some(task) = stream_task
         && let Err(e) = task.await

@@ -14,11 +14,28 @@
 //! may hold it. Samples never sent under a refused epoch, or sent above the
 //! sequence the collector said it accepted, are renumbered into the next
 //! one: the collector does not hold them.
+//!
+//! *On disk* (optional, [`disk`]): every sample is appended to a log as it
+//! is pushed, and every ack or drop is recorded, so a restarted agent
+//! (after a crash too) finds the unacked samples, keeps their epoch and
+//! sequence numbers, and numbers its new samples after them in the same
+//! epoch: the collector deduplicates whatever it already holds, exactly.
+//!
+//! *Invariant:* with a disk spool, a sample is sent only once it is on
+//! disk (written, and synced under the fsync policy), so a sequence number
+//! the collector may hold is never assigned again after a restart. When
+//! the disk fails, its files are deleted (a log behind memory would break
+//! that) and the spool goes on in memory, counted and logged.
+
+pub mod disk;
 
 use std::collections::VecDeque;
 
 use capwatch_proto::v1::NodeSample;
 use prost::Message;
+use tracing::{error, info, warn};
+
+pub use disk::{DiskConfig, SpoolError};
 
 #[derive(Debug)]
 pub struct Spool {
@@ -32,6 +49,40 @@ pub struct Spool {
     /// The highest sequence number sent under this epoch: the collector
     /// may hold every sample up to it.
     sent: u64,
+    /// The highest sequence number that may be sent: on disk (and synced),
+    /// or, in memory only, the last.
+    durable: u64,
+    /// Encoded bytes of the samples held.
+    bytes: u64,
+    disk: Option<disk::Disk>,
+    /// The disk spool failed since start (and was given up).
+    disk_errors: u64,
+    /// Samples found on disk at start, and torn or corrupt records dropped
+    /// there.
+    restored: u64,
+    corrupt: u64,
+    /// The highest sequence number acked or dropped.
+    forgotten: u64,
+}
+
+/// The spool's size and what became of its disk, for the agent's metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Depth {
+    /// Unacked samples.
+    pub samples: u64,
+    /// Their encoded size, in bytes.
+    pub bytes: u64,
+    /// Bytes of the spool's files on disk; `None`: no disk spool (not
+    /// configured, or given up after a write error).
+    pub disk_bytes: Option<u64>,
+    /// Samples dropped for lack of room since start.
+    pub dropped: u64,
+    /// Write errors that made the agent give up its disk spool.
+    pub disk_errors: u64,
+    /// Samples found on disk at start; torn or corrupt records dropped
+    /// there.
+    pub restored: u64,
+    pub corrupt: u64,
 }
 
 /// What moving to a new epoch did to the spool.
@@ -53,6 +104,135 @@ impl Spool {
             epoch,
             last_seq: 0,
             sent: 0,
+            durable: 0,
+            bytes: 0,
+            disk: None,
+            disk_errors: 0,
+            restored: 0,
+            corrupt: 0,
+            forgotten: 0,
+        }
+    }
+
+    /// A spool kept on disk as configured (in memory only when `disk` is
+    /// `None`): what an earlier run left there is restored, under its epoch
+    /// and sequence numbers; a new spool takes `epoch`.
+    pub fn open(
+        capacity: usize,
+        epoch: u64,
+        disk: Option<&DiskConfig>,
+        node: &str,
+    ) -> Result<Self, SpoolError> {
+        let mut spool = Self::new(capacity, epoch);
+        let Some(cfg) = disk else {
+            return Ok(spool);
+        };
+        let (disk, restored) = disk::Disk::open(cfg, node, epoch, spool.capacity)?;
+        spool.epoch = disk.epoch();
+        spool.last_seq = restored.last_seq;
+        // Whatever an earlier run numbered may have been sent: should the
+        // collector refuse this epoch, those samples are given up, never
+        // renumbered (it may hold them).
+        spool.sent = restored.last_seq;
+        spool.durable = restored.last_seq;
+        spool.forgotten = restored
+            .samples
+            .front()
+            .map_or(restored.last_seq, |s| s.seq.saturating_sub(1));
+        spool.restored = restored.samples.len() as u64;
+        spool.corrupt = restored.corrupt;
+        spool.dropped = restored.dropped;
+        spool.bytes = restored
+            .samples
+            .iter()
+            .map(|s| s.encoded_len() as u64)
+            .sum();
+        spool.samples = restored.samples;
+        info!(
+            dir = %cfg.dir.display(),
+            epoch = spool.epoch,
+            resumed = restored.epoch.is_some(),
+            last_seq = spool.last_seq,
+            samples = spool.samples.len(),
+            segments_read = restored.segments,
+            corrupt_dropped = restored.corrupt,
+            corrupt_bytes = restored.corrupt_bytes,
+            dropped = restored.dropped,
+            disk_bytes = disk.bytes(),
+            "spool on disk opened"
+        );
+        if restored.corrupt > 0 {
+            warn!(
+                corrupt_dropped = restored.corrupt,
+                corrupt_bytes = restored.corrupt_bytes,
+                "the spool on disk held torn or corrupt records (a crash while writing, or damage): dropped; the energy they carried is kept by the next counter delta"
+            );
+        }
+        spool.disk = Some(disk);
+        Ok(spool)
+    }
+
+    /// The spool's size and what became of its disk.
+    pub fn depth(&self) -> Depth {
+        Depth {
+            samples: self.samples.len() as u64,
+            bytes: self.bytes,
+            disk_bytes: self.disk.as_ref().map(disk::Disk::bytes),
+            dropped: self.dropped,
+            disk_errors: self.disk_errors,
+            restored: self.restored,
+            corrupt: self.corrupt,
+        }
+    }
+
+    /// Syncs what is on disk, so all of it may be sent (before the drain
+    /// at shutdown, under an fsync interval).
+    pub fn sync(&mut self) {
+        if let Some(d) = self.disk.as_mut()
+            && let Err(e) = d.sync()
+        {
+            self.disk_failed("sync", &e);
+            return;
+        }
+        self.durable = self.last_seq;
+    }
+
+    /// Gives the disk spool up after `e`, deleting its files: the spool
+    /// goes on in memory.
+    fn disk_failed(&mut self, what: &str, e: &std::io::Error) {
+        self.disk_errors += 1;
+        let left = self
+            .disk
+            .take()
+            .map(|mut d| d.remove_all())
+            .unwrap_or_default();
+        error!(operation = what, error = %e, disk_errors_total = self.disk_errors, "spool on disk failed (a full or failing disk?): its files are deleted and the agent goes on with the spool in memory, which a restart loses");
+        for (path, e) in left {
+            error!(file = %path.display(), error = %e, "could not delete a spool file: a later run may find samples older than this one's");
+        }
+        self.durable = self.last_seq;
+    }
+
+    fn pop_front(&mut self) -> Option<NodeSample> {
+        let s = self.samples.pop_front()?;
+        self.bytes = self.bytes.saturating_sub(s.encoded_len() as u64);
+        Some(s)
+    }
+
+    /// Records on disk that every sample below the oldest held is gone.
+    fn forgot(&mut self) {
+        let through = self
+            .samples
+            .front()
+            .map_or(self.last_seq, |s| s.seq.saturating_sub(1));
+        if through <= self.forgotten {
+            return;
+        }
+        self.forgotten = through;
+        if let Some(d) = self.disk.as_mut()
+            && let Err(e) = d.forget(through)
+        {
+            self.disk_failed("ack", &e);
         }
     }
 
@@ -66,12 +246,37 @@ impl Spool {
     pub fn push(&mut self, mut sample: NodeSample) -> u64 {
         let mut dropped = 0;
         while self.samples.len() >= self.capacity {
-            self.samples.pop_front();
+            self.pop_front();
             dropped += 1;
         }
-        self.dropped += dropped;
+        if dropped > 0 {
+            self.forgot();
+        }
+        let before = self.last_seq;
         self.last_seq += 1;
         sample.seq = self.last_seq;
+        match self
+            .disk
+            .as_mut()
+            .map(|d| d.append(&sample, before, self.forgotten))
+        {
+            None => self.durable = self.last_seq,
+            Some(Ok(appended)) => {
+                if let Some(through) = appended.dropped_through {
+                    while self.samples.front().is_some_and(|s| s.seq <= through) {
+                        self.pop_front();
+                        dropped += 1;
+                    }
+                    self.forgotten = self.forgotten.max(through);
+                }
+                if appended.synced {
+                    self.durable = self.last_seq;
+                }
+            }
+            Some(Err(e)) => self.disk_failed("append", &e),
+        }
+        self.dropped += dropped;
+        self.bytes += sample.encoded_len() as u64;
         self.samples.push_back(sample);
         dropped
     }
@@ -104,6 +309,16 @@ impl Spool {
         self.epoch = epoch;
         self.last_seq = self.samples.len() as u64;
         self.sent = 0;
+        self.forgotten = 0;
+        self.bytes = self.samples.iter().map(|s| s.encoded_len() as u64).sum();
+        if let Some(d) = self.disk.as_mut() {
+            match d.rewrite(epoch, &self.samples, self.last_seq) {
+                Ok(()) => self.durable = self.last_seq,
+                Err(e) => self.disk_failed("renumber", &e),
+            }
+        } else {
+            self.durable = self.last_seq;
+        }
         Renumbered {
             kept: self.last_seq,
             abandoned,
@@ -114,19 +329,25 @@ impl Spool {
     pub fn ack(&mut self, seq: u64) -> usize {
         let before = self.samples.len();
         while self.samples.front().is_some_and(|s| s.seq <= seq) {
-            self.samples.pop_front();
+            self.pop_front();
         }
-        before - self.samples.len()
+        let n = before - self.samples.len();
+        if n > 0 {
+            self.forgot();
+        }
+        n
     }
 
     /// Up to `max` samples with a sequence number above `after`, oldest
-    /// first, and no more than `max_bytes` encoded (but at least one).
+    /// first, and no more than `max_bytes` encoded (but at least one); only
+    /// samples that are on disk, with a disk spool.
     pub fn after(&self, after: u64, max: usize, max_bytes: usize) -> Vec<NodeSample> {
         let start = self.samples.partition_point(|s| s.seq <= after);
         let mut bytes = 0;
         self.samples
             .range(start..)
             .take(max)
+            .take_while(|s| s.seq <= self.durable)
             .take_while(|s| {
                 bytes += s.encoded_len();
                 bytes <= max_bytes || bytes == s.encoded_len()

@@ -80,7 +80,9 @@ pub struct MockConfig {
     pub energy_counter: bool,
     /// Where the counters are kept between runs (one `UUID counter_mJ`
     /// line per GPU), so a restarted agent sees them carry on as a real
-    /// driver's do. Read at start, written when the source is dropped.
+    /// driver's do. Read at start, written (whole, by a rename) after each
+    /// sample, before the sample is returned, so they carry on through a
+    /// SIGKILL too.
     pub counter_file: Option<std::path::PathBuf>,
 }
 
@@ -191,7 +193,8 @@ impl GpuSource for MockSource {
         );
         let memory_total = self.cfg.model.memory_total_bytes();
         let energy_counter = self.cfg.energy_counter;
-        self.gpus
+        let readings = self
+            .gpus
             .iter_mut()
             .enumerate()
             .map(|(index, gpu)| {
@@ -216,7 +219,9 @@ impl GpuSource for MockSource {
                     lost: false,
                 }
             })
-            .collect()
+            .collect::<Vec<_>>();
+        self.save_counters();
+        readings
     }
 }
 
@@ -272,13 +277,26 @@ fn read_counters(path: &std::path::Path) -> Option<std::collections::HashMap<Str
     )
 }
 
-impl Drop for MockSource {
-    fn drop(&mut self) {
-        if let Some(path) = &self.cfg.counter_file
-            && let Err(e) = std::fs::write(path, self.counters_text())
-        {
+impl MockSource {
+    /// Writes the counter file, if there is one: a temporary file renamed
+    /// over it, so a kill leaves the old counters or the new, whole.
+    fn save_counters(&self) {
+        let Some(path) = &self.cfg.counter_file else {
+            return;
+        };
+        let mut tmp = path.clone().into_os_string();
+        tmp.push(".tmp");
+        let written =
+            std::fs::write(&tmp, self.counters_text()).and_then(|()| std::fs::rename(&tmp, path));
+        if let Err(e) = written {
             tracing::warn!(path = %path.display(), error = %e, "could not save the mock counters");
         }
+    }
+}
+
+impl Drop for MockSource {
+    fn drop(&mut self) {
+        self.save_counters();
     }
 }
 

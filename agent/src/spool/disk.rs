@@ -1,0 +1,1141 @@
+//! The spool on disk: the samples not yet acked, in an append-only log of
+//! segment files, so that they survive an agent restart (a crash
+//! included) and are sent again under their original (epoch, seq).
+//!
+//! *Format (version 1).* A directory of segment files named
+//! `<index, 16 hex digits>.spool`, oldest first. Each begins with a header:
+//!
+//! ```text
+//! magic "CWSPOOL\n" | version u32 | flags u8 | epoch u64 | last_seq u64 |
+//! forgotten u64 | node id length u16 | node id | CRC-32C u32
+//! ```
+//!
+//! (integers little-endian; flag 1: the segment was written whole from the
+//! samples in memory and supersedes every earlier one; `last_seq` is the
+//! sequence number assigned last before the segment's first record,
+//! `forgotten` the highest one acked or dropped by then), and goes on with
+//! records:
+//!
+//! ```text
+//! length u32 | CRC-32C u32 of the payload | payload: kind u8, body
+//! ```
+//!
+//! where kind 1 is a sample (its protobuf encoding, seq included) and
+//! kind 2 says every sample up to a sequence number (u64) is gone, acked or
+//! dropped. A segment is created whole (written to a `.tmp` file, synced,
+//! renamed, the directory synced), so a header is never torn; only the
+//! last records of a segment can be, and reading stops at the first record
+//! whose length or checksum does not hold.
+//!
+//! *Invariant:* reading a spool never panics and never allocates more
+//! than [`MAX_RECORD_BYTES`] for a record, whatever the files hold. A torn
+//! or corrupt record ends its segment: it and what follows are dropped and
+//! counted. A file of another format version or another node is an error
+//! naming the file, never read as this node's samples.
+
+use std::collections::VecDeque;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use capwatch_proto::v1::NodeSample;
+use prost::Message;
+use tracing::warn;
+
+const MAGIC: &[u8; 8] = b"CWSPOOL\n";
+/// The format version written and read.
+pub const VERSION: u32 = 1;
+const SUFFIX: &str = ".spool";
+const TMP_SUFFIX: &str = ".tmp";
+/// Largest record read back: far above any sample (a sample of 1024 GPUs
+/// is about 100 KiB), so that a corrupt length cannot make reading
+/// allocate much.
+pub const MAX_RECORD_BYTES: u32 = 4 << 20;
+/// Longest node id a header may carry (the agent's own are at most 253
+/// bytes).
+const MAX_NODE_LEN: u16 = 1024;
+/// Header flag: the segment replaces every earlier one.
+const FLAG_REWRITE: u8 = 1;
+/// Header bytes before the node id.
+const HEADER_FIXED: usize = 39;
+const KIND_SAMPLE: u8 = 1;
+const KIND_FORGET: u8 = 2;
+/// Record length and checksum.
+const RECORD_HEAD: usize = 8;
+/// Segments a full spool is split into: the oldest is dropped whole when
+/// the spool is full, about an eighth of it.
+const SEGMENTS: u64 = 8;
+
+/// CRC-32C (Castagnoli): the checksum of storage formats (iSCSI, ext4,
+/// Btrfs), better at catching the burst errors of a torn write than the
+/// zlib polynomial.
+const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("spool_dir {}: {source}", dir.display())]
+    Io { dir: PathBuf, source: io::Error },
+    #[error(
+        "spool file {}: format version {found}, this agent reads version {VERSION}; run the agent that wrote it to deliver its samples, or move the file away",
+        path.display()
+    )]
+    Version { path: PathBuf, found: u32 },
+    #[error(
+        "spool file {}: written by node {found:?}, this agent is node {ours:?}; give each node a spool_dir of its own",
+        path.display()
+    )]
+    OtherNode {
+        path: PathBuf,
+        found: String,
+        ours: String,
+    },
+}
+
+/// Where and how the spool is kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub dir: PathBuf,
+    /// Most bytes of segment files (plus at most one record).
+    pub max_bytes: u64,
+    /// How often appended samples are synced; zero: each one as it is
+    /// appended.
+    pub fsync_interval: Duration,
+}
+
+/// A record of the log.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Record {
+    Sample(NodeSample),
+    /// Every sample up to this sequence number is acked or dropped.
+    Forget(u64),
+}
+
+impl Record {
+    /// The record as written: length, checksum, payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut payload = Vec::new();
+        match self {
+            Record::Sample(s) => {
+                payload.reserve(1 + s.encoded_len());
+                payload.push(KIND_SAMPLE);
+                // Writing to a Vec cannot fail.
+                s.encode(&mut payload).expect("a Vec grows as needed");
+            }
+            Record::Forget(seq) => {
+                payload.push(KIND_FORGET);
+                payload.extend_from_slice(&seq.to_le_bytes());
+            }
+        }
+        let mut out = Vec::with_capacity(RECORD_HEAD + payload.len());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+}
+
+/// A segment's header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// Written whole from memory: replaces every earlier segment.
+    pub rewrite: bool,
+    pub epoch: u64,
+    pub last_seq: u64,
+    pub forgotten: u64,
+    pub node: String,
+}
+
+impl Header {
+    pub fn encode(&self) -> Vec<u8> {
+        let node = &self.node.as_bytes()[..self.node.len().min(MAX_NODE_LEN as usize)];
+        let mut out = Vec::with_capacity(HEADER_FIXED + node.len() + 4);
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.push(if self.rewrite { FLAG_REWRITE } else { 0 });
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.last_seq.to_le_bytes());
+        out.extend_from_slice(&self.forgotten.to_le_bytes());
+        out.extend_from_slice(&(node.len() as u16).to_le_bytes());
+        out.extend_from_slice(node);
+        let crc = CRC.checksum(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+}
+
+/// Why a segment could not be read at all.
+#[derive(Debug)]
+enum BadSegment {
+    /// Not a spool segment, or its header is damaged: dropped, counted.
+    Corrupt(String),
+    Version(u32),
+    Io(io::Error),
+}
+
+/// What reading one segment found.
+#[derive(Debug, Default)]
+pub struct SegmentRead {
+    /// Bytes of whole records (and the header) before anything bad.
+    pub good_bytes: u64,
+    /// Why reading stopped early, and the bytes left unread.
+    pub bad: Option<(String, u64)>,
+}
+
+fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+fn le_u64(b: &[u8]) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[..8]);
+    u64::from_le_bytes(a)
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[..4]);
+    u32::from_le_bytes(a)
+}
+
+/// Reads a header from the start of `r`.
+fn read_header(r: &mut impl Read) -> Result<(Header, u64), BadSegment> {
+    let mut fixed = [0u8; HEADER_FIXED];
+    let n = read_exact_or_eof(r, &mut fixed).map_err(BadSegment::Io)?;
+    if n < MAGIC.len() || &fixed[..8] != MAGIC {
+        return Err(BadSegment::Corrupt("not a spool segment (no magic)".into()));
+    }
+    if n >= 12 {
+        let version = le_u32(&fixed[8..12]);
+        if version != VERSION {
+            return Err(BadSegment::Version(version));
+        }
+    }
+    if n < fixed.len() {
+        return Err(BadSegment::Corrupt("header cut short".into()));
+    }
+    let node_len = u16::from_le_bytes([fixed[37], fixed[38]]);
+    if node_len > MAX_NODE_LEN {
+        return Err(BadSegment::Corrupt(format!(
+            "header names a node id of {node_len} bytes"
+        )));
+    }
+    let mut rest = vec![0u8; node_len as usize + 4];
+    if read_exact_or_eof(r, &mut rest).map_err(BadSegment::Io)? < rest.len() {
+        return Err(BadSegment::Corrupt("header cut short".into()));
+    }
+    let (node, crc) = rest.split_at(node_len as usize);
+    let mut digest = CRC.digest();
+    digest.update(&fixed);
+    digest.update(node);
+    if digest.finalize() != le_u32(crc) {
+        return Err(BadSegment::Corrupt("header checksum mismatch".into()));
+    }
+    let node = String::from_utf8(node.to_vec())
+        .map_err(|_| BadSegment::Corrupt("node id is not UTF-8".into()))?;
+    let flags = fixed[12];
+    if flags & !FLAG_REWRITE != 0 {
+        return Err(BadSegment::Corrupt(format!(
+            "unknown header flags {flags:#x}"
+        )));
+    }
+    let header = Header {
+        rewrite: flags & FLAG_REWRITE != 0,
+        epoch: le_u64(&fixed[13..21]),
+        last_seq: le_u64(&fixed[21..29]),
+        forgotten: le_u64(&fixed[29..37]),
+        node,
+    };
+    Ok((header, (fixed.len() + rest.len()) as u64))
+}
+
+/// Reads the records after a header from `r`, `len` bytes in all, handing
+/// each whole one to `f`; stops at the end or at the first bad one.
+fn read_records(
+    r: &mut impl Read,
+    mut offset: u64,
+    len: u64,
+    mut f: impl FnMut(Record),
+) -> io::Result<SegmentRead> {
+    let stop = |offset: u64, why: String| SegmentRead {
+        good_bytes: offset,
+        bad: Some((why, len.saturating_sub(offset))),
+    };
+    loop {
+        let mut head = [0u8; RECORD_HEAD];
+        let n = read_exact_or_eof(r, &mut head)?;
+        if n == 0 {
+            return Ok(SegmentRead {
+                good_bytes: offset,
+                bad: None,
+            });
+        }
+        if n < RECORD_HEAD {
+            return Ok(stop(offset, "record header cut short (torn write)".into()));
+        }
+        let size = le_u32(&head[..4]);
+        let left = len.saturating_sub(offset + RECORD_HEAD as u64);
+        if size == 0 || size > MAX_RECORD_BYTES {
+            return Ok(stop(offset, format!("record length {size} out of range")));
+        }
+        if u64::from(size) > left {
+            return Ok(stop(
+                offset,
+                format!("record of {size} bytes, {left} left in the file (torn write)"),
+            ));
+        }
+        let mut payload = vec![0u8; size as usize];
+        if read_exact_or_eof(r, &mut payload)? < payload.len() {
+            return Ok(stop(offset, "record cut short (torn write)".into()));
+        }
+        if CRC.checksum(&payload) != le_u32(&head[4..]) {
+            return Ok(stop(offset, "record checksum mismatch".into()));
+        }
+        let record = match payload[0] {
+            KIND_SAMPLE => match NodeSample::decode(&payload[1..]) {
+                Ok(s) => Record::Sample(s),
+                Err(e) => return Ok(stop(offset, format!("sample does not decode: {e}"))),
+            },
+            KIND_FORGET if payload.len() == 9 => Record::Forget(le_u64(&payload[1..])),
+            kind => {
+                return Ok(stop(
+                    offset,
+                    format!("record of unknown kind {kind} ({size} bytes)"),
+                ));
+            }
+        };
+        f(record);
+        offset += RECORD_HEAD as u64 + u64::from(size);
+    }
+}
+
+/// A segment file of the log.
+#[derive(Debug, Clone)]
+struct Segment {
+    index: u64,
+    bytes: u64,
+    /// The sequence number of its last sample; 0: none.
+    last_sample: u64,
+}
+
+/// What was found on disk at start.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// The epoch and the last sequence number of the spool; `None`: there
+    /// was no spool (or nothing readable in it).
+    pub epoch: Option<u64>,
+    pub last_seq: u64,
+    /// Unacked samples, oldest first.
+    pub samples: VecDeque<NodeSample>,
+    /// Segments read.
+    pub segments: usize,
+    /// Records (or whole segments) dropped as torn or corrupt, and their
+    /// bytes.
+    pub corrupt: u64,
+    pub corrupt_bytes: u64,
+    /// Samples dropped because more were found than the spool may hold.
+    pub dropped: u64,
+}
+
+/// The log's files, kept in step with the samples in memory.
+#[derive(Debug)]
+pub struct Disk {
+    dir: PathBuf,
+    node: String,
+    max_bytes: u64,
+    segment_bytes: u64,
+    fsync_interval: Duration,
+    segments: VecDeque<Segment>,
+    /// The last segment, appended to.
+    active: Option<File>,
+    epoch: u64,
+    /// Whether anything was written since the last sync, and when that was.
+    unsynced: bool,
+    synced_at: Instant,
+}
+
+/// What an append did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    /// The oldest segments were dropped for room: every sample up to this
+    /// sequence number is gone.
+    pub dropped_through: Option<u64>,
+    /// Everything appended so far is synced.
+    pub synced: bool,
+}
+
+fn segment_name(index: u64) -> String {
+    format!("{index:016x}{SUFFIX}")
+}
+
+fn segment_index(name: &str) -> Option<u64> {
+    let hex = name.strip_suffix(SUFFIX)?;
+    if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+impl Disk {
+    /// Opens the spool in `cfg.dir` (created if missing) for node `node`:
+    /// reads what is there, keeps at most `capacity` samples, and rewrites
+    /// them into one fresh segment (under the spool's epoch, or `fresh_epoch`
+    /// when there was none), removing the old ones.
+    pub fn open(
+        cfg: &DiskConfig,
+        node: &str,
+        fresh_epoch: u64,
+        capacity: usize,
+    ) -> Result<(Disk, Restored), SpoolError> {
+        let io_err = |source| SpoolError::Io {
+            dir: cfg.dir.clone(),
+            source,
+        };
+        fs::create_dir_all(&cfg.dir).map_err(io_err)?;
+        let mut found: Vec<(u64, PathBuf)> = Vec::new();
+        for entry in fs::read_dir(&cfg.dir).map_err(io_err)? {
+            let entry = entry.map_err(io_err)?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let path = entry.path();
+            if name.ends_with(TMP_SUFFIX) {
+                // A segment being created when the agent stopped: never
+                // renamed, so never part of the log.
+                let _ = fs::remove_file(&path);
+            } else if let Some(index) = segment_index(name) {
+                found.push((index, path));
+            }
+        }
+        found.sort();
+        let mut restored = Restored::default();
+        let mut forgotten = 0u64;
+        let mut next_index = 0u64;
+        for (index, path) in &found {
+            next_index = next_index.max(index.saturating_add(1));
+            let file = File::open(path).map_err(io_err)?;
+            let len = file.metadata().map_err(io_err)?.len();
+            let mut r = BufReader::new(file);
+            let (header, header_len) = match read_header(&mut r) {
+                Ok(h) => h,
+                Err(BadSegment::Version(found)) => {
+                    return Err(SpoolError::Version {
+                        path: path.clone(),
+                        found,
+                    });
+                }
+                Err(BadSegment::Io(e)) => return Err(io_err(e)),
+                Err(BadSegment::Corrupt(why)) => {
+                    warn!(file = %path.display(), reason = %why, bytes = len, "spool segment unreadable: dropped");
+                    restored.corrupt += 1;
+                    restored.corrupt_bytes += len;
+                    continue;
+                }
+            };
+            if header.node != node {
+                return Err(SpoolError::OtherNode {
+                    path: path.clone(),
+                    found: header.node,
+                    ours: node.to_string(),
+                });
+            }
+            restored.segments += 1;
+            if header.rewrite || restored.epoch != Some(header.epoch) {
+                // A segment written whole from memory starts the log
+                // afresh: what came before is in it, renumbered into its
+                // epoch, or was given up (the agent stopped before it could
+                // delete the older segments).
+                restored.samples.clear();
+                restored.last_seq = 0;
+                forgotten = 0;
+                restored.epoch = Some(header.epoch);
+            }
+            restored.last_seq = restored.last_seq.max(header.last_seq);
+            forgotten = forgotten.max(header.forgotten);
+            let mut out_of_order = 0u64;
+            let read = read_records(&mut r, header_len, len, |rec| match rec {
+                Record::Sample(s) => {
+                    if s.seq <= restored.last_seq {
+                        out_of_order += 1;
+                        return;
+                    }
+                    restored.last_seq = s.seq;
+                    restored.samples.push_back(s);
+                    if restored.samples.len() > capacity {
+                        restored.samples.pop_front();
+                        restored.dropped += 1;
+                    }
+                }
+                Record::Forget(seq) => {
+                    forgotten = forgotten.max(seq);
+                    while restored.samples.front().is_some_and(|s| s.seq <= seq) {
+                        restored.samples.pop_front();
+                    }
+                }
+            })
+            .map_err(io_err)?;
+            if out_of_order > 0 {
+                warn!(file = %path.display(), records = out_of_order, "spool samples not above the sequence before them: dropped");
+                restored.corrupt += out_of_order;
+            }
+            if let Some((why, bytes)) = read.bad {
+                warn!(file = %path.display(), reason = %why, offset = read.good_bytes, dropped_bytes = bytes, "spool segment ends in a torn or corrupt record: the rest of it is dropped");
+                restored.corrupt += 1;
+                restored.corrupt_bytes += bytes;
+            }
+        }
+        while restored.samples.front().is_some_and(|s| s.seq <= forgotten) {
+            restored.samples.pop_front();
+        }
+        let epoch = restored.epoch.unwrap_or(fresh_epoch);
+        let segment_bytes = (cfg.max_bytes / SEGMENTS).max(1);
+        let mut disk = Disk {
+            dir: cfg.dir.clone(),
+            node: node.to_string(),
+            max_bytes: cfg.max_bytes,
+            segment_bytes,
+            fsync_interval: cfg.fsync_interval,
+            segments: VecDeque::new(),
+            active: None,
+            epoch,
+            unsynced: false,
+            synced_at: Instant::now(),
+        };
+        // What was read is bounded too: the oldest beyond the limit go.
+        let mut bytes: u64 = restored
+            .samples
+            .iter()
+            .map(|s| (RECORD_HEAD + 1 + s.encoded_len()) as u64)
+            .sum();
+        while bytes > cfg.max_bytes.saturating_sub(segment_bytes / 2)
+            && let Some(s) = restored.samples.pop_front()
+        {
+            bytes -= (RECORD_HEAD + 1 + s.encoded_len()) as u64;
+            restored.dropped += 1;
+        }
+        let old: Vec<PathBuf> = found.into_iter().map(|(_, p)| p).collect();
+        disk.rewrite_from(
+            next_index,
+            epoch,
+            &restored.samples,
+            restored.last_seq,
+            forgotten.min(restored.last_seq),
+            &old,
+        )
+        .map_err(io_err)?;
+        Ok((disk, restored))
+    }
+
+    /// The epoch of the samples on disk.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Bytes of segment files.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Segment files.
+    pub fn segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    fn path(&self, index: u64) -> PathBuf {
+        self.dir.join(segment_name(index))
+    }
+
+    /// Creates segment `index` whole: header and `samples`, written to a
+    /// temporary file, synced, renamed, the directory synced.
+    fn create(
+        &self,
+        index: u64,
+        header: &Header,
+        samples: &VecDeque<NodeSample>,
+    ) -> io::Result<(File, Segment)> {
+        let tmp = self
+            .dir
+            .join(format!("{}{TMP_SUFFIX}", segment_name(index)));
+        let mut buf = header.encode();
+        let mut last_sample = 0;
+        for s in samples {
+            buf.extend_from_slice(&Record::Sample(s.clone()).encode());
+            last_sample = s.seq;
+        }
+        let mut f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        let path = self.path(index);
+        fs::rename(&tmp, &path)?;
+        File::open(&self.dir)?.sync_all()?;
+        let active = OpenOptions::new().append(true).open(&path)?;
+        Ok((
+            active,
+            Segment {
+                index,
+                bytes: buf.len() as u64,
+                last_sample,
+            },
+        ))
+    }
+
+    /// Replaces the whole log with one segment holding `samples` under
+    /// `epoch`, and deletes `old` (and every earlier segment) once it is
+    /// durable.
+    fn rewrite_from(
+        &mut self,
+        index: u64,
+        epoch: u64,
+        samples: &VecDeque<NodeSample>,
+        last_seq: u64,
+        forgotten: u64,
+        old: &[PathBuf],
+    ) -> io::Result<()> {
+        let header = Header {
+            rewrite: true,
+            epoch,
+            last_seq: samples
+                .front()
+                .map_or(last_seq, |s| s.seq.saturating_sub(1)),
+            forgotten,
+            node: self.node.clone(),
+        };
+        let (file, segment) = self.create(index, &header, samples)?;
+        for p in old {
+            fs::remove_file(p)?;
+        }
+        let previous: Vec<u64> = self.segments.iter().map(|s| s.index).collect();
+        for i in previous {
+            fs::remove_file(self.path(i))?;
+        }
+        File::open(&self.dir)?.sync_all()?;
+        self.active = Some(file);
+        self.segments = VecDeque::from([segment]);
+        self.epoch = epoch;
+        self.unsynced = false;
+        self.synced_at = Instant::now();
+        Ok(())
+    }
+
+    /// Replaces the log with `samples` under `epoch` (after a renumbering).
+    pub fn rewrite(
+        &mut self,
+        epoch: u64,
+        samples: &VecDeque<NodeSample>,
+        last_seq: u64,
+    ) -> io::Result<()> {
+        let next = self.segments.back().map_or(0, |s| s.index + 1);
+        let forgotten = samples
+            .front()
+            .map_or(last_seq, |s| s.seq.saturating_sub(1));
+        self.rewrite_from(next, epoch, samples, last_seq, forgotten, &[])
+    }
+
+    /// Appends `sample`, the one after `last_seq`, with `forgotten` the
+    /// highest sequence acked or dropped: starts a new segment when the
+    /// last is full, and drops the oldest segments when the spool is.
+    pub fn append(
+        &mut self,
+        sample: &NodeSample,
+        last_seq: u64,
+        forgotten: u64,
+    ) -> io::Result<Appended> {
+        let record = Record::Sample(sample.clone()).encode();
+        let mut out = Appended::default();
+        let active_full = self
+            .segments
+            .back()
+            .is_some_and(|s| s.bytes >= self.segment_bytes);
+        if active_full {
+            self.roll(last_seq, forgotten)?;
+        }
+        while self.bytes() + record.len() as u64 > self.max_bytes {
+            if self.segments.len() < 2 {
+                if self.segments.back().is_none_or(|s| s.last_sample == 0) {
+                    // No sample left to drop: the record goes in even
+                    // above the limit (the bound is the limit plus one
+                    // record).
+                    break;
+                }
+                // Only the one being written: start another to drop it.
+                self.roll(last_seq, forgotten)?;
+            }
+            let Some(oldest) = self.segments.pop_front() else {
+                break;
+            };
+            fs::remove_file(self.path(oldest.index))?;
+            if oldest.last_sample > 0 {
+                let through = out.dropped_through.unwrap_or(0).max(oldest.last_sample);
+                out.dropped_through = Some(through);
+            }
+        }
+        self.write(&record)?;
+        if let Some(active) = self.segments.back_mut() {
+            active.last_sample = sample.seq;
+        }
+        out.synced = self.sync_if_due()?;
+        Ok(out)
+    }
+
+    /// Records that every sample up to `seq` is acked or dropped, and
+    /// deletes the segments holding nothing else.
+    pub fn forget(&mut self, seq: u64) -> io::Result<()> {
+        self.write(&Record::Forget(seq).encode())?;
+        while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.last_sample <= seq)
+        {
+            if let Some(s) = self.segments.pop_front() {
+                fs::remove_file(self.path(s.index))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Syncs what was appended.
+    pub fn sync(&mut self) -> io::Result<()> {
+        if self.unsynced
+            && let Some(f) = &self.active
+        {
+            f.sync_data()?;
+            self.unsynced = false;
+        }
+        self.synced_at = Instant::now();
+        Ok(())
+    }
+
+    fn sync_if_due(&mut self) -> io::Result<bool> {
+        if self.fsync_interval.is_zero() || self.synced_at.elapsed() >= self.fsync_interval {
+            self.sync()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
+        let Some(f) = self.active.as_mut() else {
+            return Err(io::Error::other("the spool on disk was given up"));
+        };
+        self.unsynced = true;
+        f.write_all(bytes)?;
+        if let Some(active) = self.segments.back_mut() {
+            active.bytes += bytes.len() as u64;
+        }
+        Ok(())
+    }
+
+    /// Starts a new segment; what was appended to the last one is synced
+    /// first, so a sync of the new one covers everything before it.
+    fn roll(&mut self, last_seq: u64, forgotten: u64) -> io::Result<()> {
+        self.sync()?;
+        let index = self.segments.back().map_or(0, |s| s.index + 1);
+        let header = Header {
+            rewrite: false,
+            epoch: self.epoch,
+            last_seq,
+            forgotten,
+            node: self.node.clone(),
+        };
+        let (file, segment) = self.create(index, &header, &VecDeque::new())?;
+        self.active = Some(file);
+        self.segments.push_back(segment);
+        Ok(())
+    }
+
+    /// Deletes every segment, when the spool on disk can no longer be kept
+    /// in step with the one in memory: a log behind it could make a later
+    /// run number new samples with sequence numbers the collector holds.
+    /// Returns the files that could not be deleted.
+    pub fn remove_all(&mut self) -> Vec<(PathBuf, io::Error)> {
+        let mut failed = Vec::new();
+        self.active = None;
+        for s in std::mem::take(&mut self.segments) {
+            let p = self.path(s.index);
+            if let Err(e) = fs::remove_file(&p) {
+                failed.push((p, e));
+            }
+        }
+        failed
+    }
+}
+
+/// Reads one segment file: its header and records, for tests and tools.
+pub fn read_segment(
+    path: &Path,
+    mut f: impl FnMut(Record),
+) -> io::Result<(Option<Header>, SegmentRead)> {
+    let file = File::open(path)?;
+    let len = file.metadata()?.len();
+    let mut r = BufReader::new(file);
+    match read_header(&mut r) {
+        Ok((h, header_len)) => {
+            let read = read_records(&mut r, header_len, len, &mut f)?;
+            Ok((Some(h), read))
+        }
+        Err(BadSegment::Io(e)) => Err(e),
+        Err(BadSegment::Version(v)) => Ok((
+            None,
+            SegmentRead {
+                good_bytes: 0,
+                bad: Some((format!("version {v}"), len)),
+            },
+        )),
+        Err(BadSegment::Corrupt(why)) => Ok((
+            None,
+            SegmentRead {
+                good_bytes: 0,
+                bad: Some((why, len)),
+            },
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::Spool;
+    use capwatch_proto::v1::GpuSample;
+    use proptest::prelude::*;
+
+    const NODE: &str = "node-1";
+
+    fn cfg(dir: &Path, max_bytes: u64) -> DiskConfig {
+        DiskConfig {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            fsync_interval: Duration::ZERO,
+        }
+    }
+
+    /// A sample of `gpus` GPUs stamped `t`.
+    fn sample(t: i64, gpus: u32) -> NodeSample {
+        NodeSample {
+            seq: 0,
+            timestamp_unix_nanos: t,
+            gpus: (0..gpus)
+                .map(|index| GpuSample {
+                    index,
+                    power_milliwatts: Some(300_000 + u64::from(index)),
+                    energy_millijoules: Some(t as u64 * 1000 + u64::from(index)),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    fn open(dir: &Path, max_bytes: u64, epoch: u64) -> Spool {
+        Spool::open(1_000_000, epoch, Some(&cfg(dir, max_bytes)), NODE).unwrap()
+    }
+
+    /// A spool that syncs only when told to: many appends, quickly.
+    fn open_unsynced(dir: &Path, max_bytes: u64, epoch: u64) -> Spool {
+        let mut c = cfg(dir, max_bytes);
+        c.fsync_interval = Duration::from_secs(3600);
+        Spool::open(1_000_000, epoch, Some(&c), NODE).unwrap()
+    }
+
+    /// (seq, timestamp) of every unacked sample.
+    fn held(sp: &Spool) -> Vec<(u64, i64)> {
+        sp.after(0, usize::MAX, usize::MAX)
+            .iter()
+            .map(|s| (s.seq, s.timestamp_unix_nanos))
+            .collect()
+    }
+
+    /// The one segment file in `dir`.
+    fn only_segment(dir: &Path) -> PathBuf {
+        let files: Vec<PathBuf> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "spool"))
+            .collect();
+        assert_eq!(files.len(), 1, "{files:?}");
+        files[0].clone()
+    }
+
+    #[test]
+    fn unacked_samples_survive_a_restart_under_their_epoch_and_sequence() {
+        // Invariant: a reopened spool holds exactly the samples not acked,
+        // under the epoch and sequence numbers they had, and numbers the
+        // next sample after the last one in that epoch, whatever epoch the
+        // new run would have chosen.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        for t in 1..=5 {
+            sp.push(sample(t, 2));
+        }
+        sp.ack(2);
+        drop(sp);
+        let mut sp = open(dir.path(), 1 << 20, 99);
+        assert_eq!(sp.epoch(), 7);
+        assert_eq!(held(&sp), vec![(3, 3), (4, 4), (5, 5)]);
+        assert_eq!(sp.depth().restored, 3);
+        sp.push(sample(6, 2));
+        assert_eq!(held(&sp).last(), Some(&(6, 6)));
+        // Everything acked: a restart still continues the numbering.
+        sp.ack(6);
+        drop(sp);
+        let mut sp = open(dir.path(), 1 << 20, 100);
+        assert!(sp.is_empty());
+        assert_eq!(sp.epoch(), 7);
+        sp.push(sample(7, 2));
+        assert_eq!(held(&sp), vec![(7, 7)]);
+        // A new directory is a new spool, under the epoch given.
+        let other = tempfile::tempdir().unwrap();
+        assert_eq!(open(other.path(), 1 << 20, 42).epoch(), 42);
+    }
+
+    #[test]
+    fn a_renumbered_spool_reopens_under_its_new_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        for t in 1..=4 {
+            sp.push(sample(t, 1));
+        }
+        sp.sent(2);
+        sp.renumber(50);
+        drop(sp);
+        let sp = open(dir.path(), 1 << 20, 1);
+        assert_eq!(sp.epoch(), 50);
+        assert_eq!(held(&sp), vec![(1, 3), (2, 4)]);
+    }
+
+    #[test]
+    fn acked_segments_are_reclaimed() {
+        // Invariant: once acked, samples leave the disk too: the files
+        // shrink to one segment whatever was written before.
+        let dir = tempfile::tempdir().unwrap();
+        let max = 1 << 20;
+        let mut sp = open_unsynced(dir.path(), max, 7);
+        let n = (max * 3 / 4) / Record::Sample(sample(1, 8)).encode().len() as u64;
+        for t in 1..=n as i64 {
+            sp.push(sample(t, 8));
+        }
+        sp.sync();
+        let depth = sp.depth();
+        assert!(depth.disk_bytes.unwrap() > max / 2, "{depth:?}");
+        assert_eq!(depth.dropped, 0);
+        sp.ack(n - 10);
+        let depth = sp.depth();
+        assert_eq!(depth.samples, 10);
+        assert!(depth.disk_bytes.unwrap() < max / SEGMENTS * 2, "{depth:?}");
+        assert!(sp.disk.as_ref().map(Disk::segments) <= Some(2));
+        drop(sp);
+        let sp = open(dir.path(), max, 1);
+        assert_eq!(held(&sp).len(), 10);
+        // Reopening rewrites them into one.
+        only_segment(dir.path());
+    }
+
+    #[test]
+    fn a_full_spool_drops_its_oldest_samples_counted_and_stays_within_bounds() {
+        // Invariant: the files never take more than the limit plus one
+        // record; what is dropped is the oldest, counted, and the rest is
+        // a contiguous run ending with the newest.
+        let dir = tempfile::tempdir().unwrap();
+        let max = 1 << 20;
+        let mut sp = open_unsynced(dir.path(), max, 7);
+        let one = Record::Sample(sample(1, 8)).encode().len() as u64;
+        let n = 2 * max / one;
+        let mut dropped = 0;
+        for t in 1..=n as i64 {
+            dropped += sp.push(sample(t, 8));
+            let d = sp.depth();
+            assert!(d.disk_bytes.unwrap() <= max + one, "{d:?}");
+        }
+        sp.sync();
+        let d = sp.depth();
+        assert_eq!(d.dropped, dropped);
+        assert!(dropped >= n / 2, "{d:?}");
+        let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+        assert_eq!(seqs.len() as u64 + dropped, n);
+        assert_eq!(seqs, (dropped + 1..=n).collect::<Vec<_>>());
+        drop(sp);
+        let sp = open(dir.path(), max, 1);
+        assert_eq!(
+            held(&sp).iter().map(|x| x.0).collect::<Vec<_>>(),
+            seqs,
+            "what is on disk is what was held"
+        );
+    }
+
+    #[test]
+    fn under_an_fsync_interval_a_sample_is_sent_only_once_synced() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), 1 << 20);
+        c.fsync_interval = Duration::from_secs(3600);
+        let mut sp = Spool::open(100, 7, Some(&c), NODE).unwrap();
+        sp.push(sample(1, 1));
+        sp.push(sample(2, 1));
+        assert!(held(&sp).is_empty(), "not synced yet");
+        sp.sync();
+        assert_eq!(held(&sp), vec![(1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn a_write_error_gives_the_disk_up_and_the_spool_goes_on_in_memory() {
+        // Invariant: a disk that fails is counted and logged, its files
+        // deleted, and sampling and sending go on from memory.
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let max = 1 << 20;
+        let mut sp = open_unsynced(&spool_dir, max, 7);
+        sp.push(sample(1, 8));
+        // The directory becomes a file: the next new segment cannot be made.
+        fs::remove_dir_all(&spool_dir).unwrap();
+        fs::write(&spool_dir, b"not a directory").unwrap();
+        let n = 2 * max / Record::Sample(sample(1, 8)).encode().len() as u64;
+        for t in 2..=n as i64 {
+            sp.push(sample(t, 8));
+        }
+        let d = sp.depth();
+        assert_eq!(d.disk_errors, 1, "{d:?}");
+        assert_eq!(d.disk_bytes, None);
+        assert_eq!(d.samples, n, "nothing dropped: memory holds them all");
+        sp.sync();
+        assert_eq!(held(&sp).len() as u64, n, "and all may be sent");
+    }
+
+    #[test]
+    fn hostile_files_give_a_clear_error_or_a_counted_drop() {
+        let write = |name: &str, bytes: &[u8]| {
+            let dir = tempfile::tempdir().unwrap();
+            fs::write(dir.path().join(name), bytes).unwrap();
+            dir
+        };
+        let header = |node: &str| {
+            Header {
+                rewrite: false,
+                epoch: 5,
+                last_seq: 0,
+                forgotten: 0,
+                node: node.into(),
+            }
+            .encode()
+        };
+        // Garbage, and a header cut short: dropped, counted.
+        for bytes in [&b"\x00garbage"[..], &header(NODE)[..20]] {
+            let dir = write("0000000000000000.spool", bytes);
+            let sp = open(dir.path(), 1 << 20, 9);
+            assert_eq!((sp.epoch(), sp.depth().corrupt), (9, 1));
+            assert!(sp.is_empty());
+        }
+        // A huge length field: the segment ends there; no allocation of it.
+        let mut huge = header(NODE);
+        huge.extend_from_slice(&u32::MAX.to_le_bytes());
+        huge.extend_from_slice(&[0; 4]);
+        let dir = write("0000000000000000.spool", &huge);
+        let sp = open(dir.path(), 1 << 20, 9);
+        assert_eq!((sp.epoch(), sp.depth().corrupt), (5, 1));
+        // Another node's, and another version's: refused, naming the file.
+        let dir = write("0000000000000001.spool", &header("node-2"));
+        let e = Spool::open(10, 1, Some(&cfg(dir.path(), 1 << 20)), NODE).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.contains("0000000000000001.spool") && text.contains("node-2"),
+            "{text}"
+        );
+        let mut v2 = header(NODE);
+        v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let dir = write("0000000000000002.spool", &v2);
+        let e = Spool::open(10, 1, Some(&cfg(dir.path(), 1 << 20)), NODE).unwrap_err();
+        assert!(matches!(e, SpoolError::Version { found: 2, .. }), "{e}");
+        // Other files in the directory are left alone.
+        let dir = write("notes.txt", b"hello");
+        open(dir.path(), 1 << 20, 3);
+        assert!(dir.path().join("notes.txt").exists());
+    }
+
+    /// A spool of `n` samples written and dropped (a crash): its one
+    /// segment file, the header's length and each record's end.
+    fn written(n: i64) -> (tempfile::TempDir, PathBuf, u64, Vec<u64>) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open_unsynced(dir.path(), 1 << 20, 7);
+        for t in 1..=n {
+            sp.push(sample(t, 3));
+        }
+        drop(sp);
+        let path = only_segment(dir.path());
+        let header = (HEADER_FIXED + NODE.len() + 4) as u64;
+        let mut end = header;
+        let ends: Vec<u64> = (1..=n)
+            .map(|t| {
+                let mut s = sample(t, 3);
+                s.seq = t as u64;
+                end += Record::Sample(s).encode().len() as u64;
+                end
+            })
+            .collect();
+        assert_eq!(fs::metadata(&path).unwrap().len(), end);
+        (dir, path, header, ends)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Invariant: a file cut anywhere after its header (a torn write)
+        /// reopens with the samples whose records are whole, in order, and
+        /// counts a cut record as one corrupt drop; never a panic.
+        #[test]
+        fn a_torn_tail_is_dropped_and_counted(n in 1i64..20, cut in 0.0f64..=1.0) {
+            let (dir, path, header, ends) = written(n);
+            let len = *ends.last().unwrap();
+            let at = header + ((len - header) as f64 * cut) as u64;
+            fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(at).unwrap();
+            let whole = ends.iter().filter(|e| **e <= at).count() as u64;
+            let sp = open(dir.path(), 1 << 20, 1);
+            let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+            prop_assert_eq!(seqs, (1..=whole).collect::<Vec<_>>());
+            let torn = at > header && !ends.contains(&at);
+            prop_assert_eq!(sp.depth().corrupt, u64::from(torn));
+            prop_assert_eq!(sp.epoch(), 7);
+        }
+
+        /// Invariant: a damaged bit anywhere in the records is caught: the
+        /// samples restored are those before the damaged record,
+        /// unchanged, and the damage is counted once; never a panic.
+        #[test]
+        fn a_corrupt_record_is_caught_by_its_checksum(n in 1i64..20, at in 0.0f64..1.0, bit in 0u8..8) {
+            let (dir, path, header, ends) = written(n);
+            let mut bytes = fs::read(&path).unwrap();
+            let len = *ends.last().unwrap();
+            let i = header + ((len - header) as f64 * at) as u64;
+            bytes[i as usize] ^= 1 << bit;
+            fs::write(&path, &bytes).unwrap();
+            let sp = open(dir.path(), 1 << 20, 1);
+            let before = ends.iter().filter(|e| **e <= i).count() as u64;
+            let got = held(&sp);
+            let want: Vec<(u64, i64)> = (1..=before).map(|k| (k, k as i64)).collect();
+            prop_assert_eq!(got, want);
+            prop_assert_eq!(sp.depth().corrupt, 1);
+        }
+
+        /// Invariant: whatever bytes a segment file holds, opening the
+        /// spool neither panics nor fails: it is read as far as it holds.
+        #[test]
+        fn any_bytes_open_without_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), keep_header in any::<bool>()) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut content = if keep_header {
+                Header { rewrite: false, epoch: 3, last_seq: 0, forgotten: 0, node: NODE.into() }.encode()
+            } else {
+                Vec::new()
+            };
+            content.extend_from_slice(&bytes);
+            fs::write(dir.path().join("0000000000000000.spool"), &content).unwrap();
+            let r = Spool::open(10, 1, Some(&cfg(dir.path(), 1 << 20)), NODE);
+            let clear = matches!(r, Ok(_) | Err(SpoolError::Version { .. } | SpoolError::OtherNode { .. }));
+            prop_assert!(clear, "{:?}", r.err());
+        }
+    }
+}
