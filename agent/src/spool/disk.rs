@@ -693,6 +693,16 @@ impl Disk {
     /// deletes the segments holding nothing else.
     pub fn forget(&mut self, seq: u64) -> io::Result<()> {
         self.write(&Record::Forget(seq).encode())?;
+        // Everything in the last segment acked too (every sample ever
+        // appended is at or below `seq`): once it has grown, a fresh one
+        // takes over and it goes with the rest.
+        if self
+            .segments
+            .back()
+            .is_some_and(|s| s.last_sample <= seq && s.bytes >= self.segment_bytes / 8)
+        {
+            self.roll(seq, seq)?;
+        }
         while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.last_sample <= seq)
         {
             if let Some(s) = self.segments.pop_front() {
@@ -936,6 +946,29 @@ mod tests {
         assert_eq!(held(&sp).len(), 10);
         // Reopening rewrites them into one.
         only_segment(dir.path());
+    }
+
+    #[test]
+    fn a_spool_acked_to_its_end_shrinks_to_a_fresh_segment() {
+        // Invariant: a spool emptied by acks does not keep the acked
+        // records around: its last segment is replaced once it has grown.
+        let dir = tempfile::tempdir().unwrap();
+        let max = 1 << 20;
+        let mut sp = open_unsynced(dir.path(), max, 7);
+        let header = (HEADER_FIXED + NODE.len() + 4) as u64;
+        for t in 1..=400 {
+            sp.push(sample(t, 8));
+            sp.sync();
+            sp.ack(t as u64);
+            let d = sp.depth();
+            assert!(d.disk_bytes.unwrap() < max / SEGMENTS / 8 + 1024, "{d:?}");
+        }
+        assert!(sp.is_empty());
+        drop(sp);
+        let mut sp = open(dir.path(), max, 1);
+        assert_eq!(sp.depth().disk_bytes, Some(header));
+        sp.push(sample(401, 1));
+        assert_eq!(held(&sp), vec![(401, 401)], "numbered on after the acked");
     }
 
     #[test]
