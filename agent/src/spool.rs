@@ -85,6 +85,20 @@ pub struct Depth {
     pub corrupt: u64,
 }
 
+/// Logs that the disk spool was given up after `e`, and the files that
+/// could not be deleted.
+fn report_disk_failure(
+    what: &str,
+    e: &std::io::Error,
+    total: u64,
+    left: Vec<(std::path::PathBuf, std::io::Error)>,
+) {
+    error!(operation = what, error = %e, disk_errors_total = total, "spool on disk failed (a full or failing disk?): its files are deleted and the agent goes on with the spool in memory, which a restart loses");
+    for (path, e) in left {
+        error!(file = %path.display(), error = %e, "could not delete a spool file: a later run may find samples older than this one's");
+    }
+}
+
 /// What moving to a new epoch did to the spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Renumbered {
@@ -127,8 +141,8 @@ impl Spool {
         let Some(cfg) = disk else {
             return Ok(spool);
         };
-        let (disk, restored) = disk::Disk::open(cfg, node, epoch, spool.capacity)?;
-        spool.epoch = disk.epoch();
+        let (opened, restored) = disk::Disk::open(cfg, node, epoch, spool.capacity)?;
+        spool.epoch = restored.epoch.unwrap_or(epoch);
         spool.last_seq = restored.last_seq;
         // Whatever an earlier run numbered may have been sent: should the
         // collector refuse this epoch, those samples are given up, never
@@ -148,10 +162,18 @@ impl Spool {
             .map(|s| s.encoded_len() as u64)
             .sum();
         spool.samples = restored.samples;
+        let disk = match opened {
+            disk::Opened::Disk(d) => d,
+            disk::Opened::Failed(e, left) => {
+                spool.disk_errors += 1;
+                report_disk_failure("open", &e, spool.disk_errors, left);
+                return Ok(spool);
+            }
+        };
         info!(
             dir = %cfg.dir.display(),
             epoch = spool.epoch,
-            resumed = restored.epoch.is_some(),
+            resumed = restored.segments > 0,
             last_seq = spool.last_seq,
             samples = spool.samples.len(),
             segments_read = restored.segments,
@@ -206,10 +228,7 @@ impl Spool {
             .take()
             .map(|mut d| d.remove_all())
             .unwrap_or_default();
-        error!(operation = what, error = %e, disk_errors_total = self.disk_errors, "spool on disk failed (a full or failing disk?): its files are deleted and the agent goes on with the spool in memory, which a restart loses");
-        for (path, e) in left {
-            error!(file = %path.display(), error = %e, "could not delete a spool file: a later run may find samples older than this one's");
-        }
+        report_disk_failure(what, e, self.disk_errors, left);
         self.durable = self.last_seq;
     }
 

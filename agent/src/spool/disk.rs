@@ -346,6 +346,14 @@ pub struct Restored {
     pub dropped: u64,
 }
 
+/// A spool on disk opened: ready, or read but not writable (the error,
+/// and the old files that could not be deleted).
+#[derive(Debug)]
+pub enum Opened {
+    Disk(Disk),
+    Failed(io::Error, Vec<(PathBuf, io::Error)>),
+}
+
 /// The log's files, kept in step with the samples in memory.
 #[derive(Debug)]
 pub struct Disk {
@@ -395,7 +403,7 @@ impl Disk {
         node: &str,
         fresh_epoch: u64,
         capacity: usize,
-    ) -> Result<(Disk, Restored), SpoolError> {
+    ) -> Result<(Opened, Restored), SpoolError> {
         let io_err = |source| SpoolError::Io {
             dir: cfg.dir.clone(),
             source,
@@ -407,7 +415,10 @@ impl Disk {
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             let path = entry.path();
-            if name.ends_with(TMP_SUFFIX) {
+            if name
+                .strip_suffix(TMP_SUFFIX)
+                .is_some_and(|n| segment_index(n).is_some())
+            {
                 // A segment being created when the agent stopped: never
                 // renamed, so never part of the log.
                 let _ = fs::remove_file(&path);
@@ -522,16 +533,29 @@ impl Disk {
             restored.dropped += 1;
         }
         let old: Vec<PathBuf> = found.into_iter().map(|(_, p)| p).collect();
-        disk.rewrite_from(
+        let written = disk.rewrite_from(
             next_index,
             epoch,
             &restored.samples,
             restored.last_seq,
             forgotten.min(restored.last_seq),
             &old,
-        )
-        .map_err(io_err)?;
-        Ok((disk, restored))
+        );
+        restored.epoch.get_or_insert(epoch);
+        match written {
+            Ok(()) => Ok((Opened::Disk(disk), restored)),
+            Err(e) => {
+                // Read, but not writable (a full disk): the samples go on
+                // in memory, and the old files go, as on any failure.
+                let mut left = Vec::new();
+                for p in old {
+                    if let Err(e) = fs::remove_file(&p) {
+                        left.push((p, e));
+                    }
+                }
+                Ok((Opened::Failed(e, left), restored))
+            }
+        }
     }
 
     /// The epoch of the samples on disk.
@@ -1038,6 +1062,33 @@ mod tests {
         assert_eq!(d.samples, n, "nothing dropped: memory holds them all");
         sp.sync();
         assert_eq!(held(&sp).len() as u64, n, "and all may be sent");
+    }
+
+    #[test]
+    fn a_spool_that_reads_but_cannot_be_written_goes_on_in_memory() {
+        // Invariant: a disk that fails at start (here: the new segment
+        // cannot be created) does not stop the agent: what was read is
+        // kept in memory under its epoch, the failure counted, the old
+        // files deleted.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        for t in 1..=3 {
+            sp.push(sample(t, 2));
+        }
+        drop(sp);
+        let name = only_segment(dir.path());
+        let index = segment_index(name.file_name().unwrap().to_str().unwrap()).unwrap();
+        let blocker = dir
+            .path()
+            .join(format!("{}{TMP_SUFFIX}", segment_name(index + 1)));
+        fs::create_dir(&blocker).unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 99);
+        let d = sp.depth();
+        assert_eq!((d.disk_errors, d.disk_bytes), (1, None), "{d:?}");
+        assert_eq!(sp.epoch(), 7);
+        sp.push(sample(4, 2));
+        assert_eq!(held(&sp), vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+        assert!(!name.exists(), "the old segment is deleted");
     }
 
     #[test]
