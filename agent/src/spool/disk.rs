@@ -47,6 +47,8 @@ const MAGIC: &[u8; 8] = b"CWSPOOL\n";
 /// The format version written and read.
 pub const VERSION: u32 = 1;
 const SUFFIX: &str = ".spool";
+/// Held locked (flock) by the agent using the directory.
+const LOCK_FILE: &str = "lock";
 const TMP_SUFFIX: &str = ".tmp";
 /// Largest record read back: far above any sample (a sample of 1024 GPUs
 /// is about 100 KiB), so that a corrupt length cannot make reading
@@ -76,6 +78,11 @@ const CRC: crc::Crc<u32> = crc::Crc::<u32>::new(&crc::CRC_32_ISCSI);
 pub enum SpoolError {
     #[error("spool_dir {}: {source}", dir.display())]
     Io { dir: PathBuf, source: io::Error },
+    #[error(
+        "spool_dir {}: in use by another agent process (its lock file is held); give each agent a spool_dir of its own",
+        dir.display()
+    )]
+    Locked { dir: PathBuf },
     #[error(
         "spool file {}: format version {found}, this agent reads version {VERSION}; run the agent that wrote it to deliver its samples, or move the file away",
         path.display()
@@ -365,6 +372,8 @@ pub struct Disk {
     segments: VecDeque<Segment>,
     /// The last segment, appended to.
     active: Option<File>,
+    /// The directory's lock, held while the spool is open.
+    _lock: File,
     epoch: u64,
     /// Whether anything was written since the last sync, and when that was.
     unsynced: bool,
@@ -409,6 +418,23 @@ impl Disk {
             source,
         };
         fs::create_dir_all(&cfg.dir).map_err(io_err)?;
+        // One agent per directory: two appending to one log would
+        // interleave their records and reuse each other's numbers.
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(cfg.dir.join(LOCK_FILE))
+            .map_err(io_err)?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Locked {
+                    dir: cfg.dir.clone(),
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
+        }
         let mut found: Vec<(u64, PathBuf)> = Vec::new();
         for entry in fs::read_dir(&cfg.dir).map_err(io_err)? {
             let entry = entry.map_err(io_err)?;
@@ -516,6 +542,7 @@ impl Disk {
             fsync_interval: cfg.fsync_interval,
             segments: VecDeque::new(),
             active: None,
+            _lock: lock,
             epoch,
             unsynced: false,
             synced_at: Instant::now(),
@@ -1089,6 +1116,17 @@ mod tests {
         sp.push(sample(4, 2));
         assert_eq!(held(&sp), vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
         assert!(!name.exists(), "the old segment is deleted");
+    }
+
+    #[test]
+    fn one_directory_serves_one_agent_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path(), 1 << 20, 7);
+        let e = Spool::open(10, 1, Some(&cfg(dir.path(), 1 << 20)), NODE).unwrap_err();
+        assert!(matches!(e, SpoolError::Locked { .. }), "{e}");
+        assert!(e.to_string().contains("in use by another agent"), "{e}");
+        drop(first);
+        open(dir.path(), 1 << 20, 7);
     }
 
     #[test]
