@@ -449,7 +449,13 @@ impl Disk {
                 // renamed, so never part of the log.
                 let _ = fs::remove_file(&path);
             } else if let Some(index) = segment_index(name) {
-                found.push((index, path));
+                // Only a plain file is read (a FIFO would block, a link
+                // could point anywhere).
+                if entry.file_type().map_err(io_err)?.is_file() {
+                    found.push((index, path));
+                } else {
+                    warn!(file = %path.display(), "spool directory entry named as a segment is not a plain file: left alone");
+                }
             }
         }
         found.sort();
@@ -1173,10 +1179,14 @@ mod tests {
         let dir = write("0000000000000002.spool", &v2);
         let e = Spool::open(10, 1, Some(&cfg(dir.path(), 1 << 20)), NODE).unwrap_err();
         assert!(matches!(e, SpoolError::Version { found: 2, .. }), "{e}");
-        // Other files in the directory are left alone.
+        // Other files in the directory are left alone, and so is anything
+        // named as a segment that is not a plain file.
         let dir = write("notes.txt", b"hello");
-        open(dir.path(), 1 << 20, 3);
-        assert!(dir.path().join("notes.txt").exists());
+        let not_a_file = dir.path().join("0000000000000003.spool");
+        fs::create_dir(&not_a_file).unwrap();
+        let sp = open(dir.path(), 1 << 20, 3);
+        assert_eq!((sp.epoch(), sp.depth().corrupt), (3, 0));
+        assert!(dir.path().join("notes.txt").exists() && not_a_file.is_dir());
     }
 
     /// A spool of `n` samples written and dropped (a crash): its one
