@@ -1213,8 +1213,88 @@ mod tests {
         (dir, path, header, ends)
     }
 
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(u32),
+        /// Ack up to this fraction of the last sequence number.
+        Ack(f64),
+        Sent(f64),
+        Settle(f64),
+        Renumber,
+        /// The agent killed and started again.
+        Restart,
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (1u32..4).prop_map(Op::Push),
+            2 => (0.0f64..=1.0).prop_map(Op::Ack),
+            2 => (0.0f64..=1.0).prop_map(Op::Sent),
+            1 => (0.0f64..=1.0).prop_map(Op::Settle),
+            1 => Just(Op::Renumber),
+            2 => Just(Op::Restart),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Invariant: a spool on disk, killed and restarted at any point,
+        /// holds what the same spool in memory would have held had it run
+        /// on: the same samples under the same epoch and sequence numbers,
+        /// and it numbers the next sample as that one would (a restart
+        /// counts every sample numbered so far as possibly sent).
+        #[test]
+        fn a_restarted_disk_spool_is_the_memory_spool_that_ran_on(ops in proptest::collection::vec(op(), 1..60)) {
+            let dir = tempfile::tempdir().unwrap();
+            let c = cfg(dir.path(), 1 << 20);
+            let open = || Spool::open(20, 7, Some(&c), NODE).unwrap();
+            let mut disk = open();
+            let mut memory = Spool::new(20, 7);
+            let mut t = 0i64;
+            let mut epoch = 7u64;
+            for op in ops {
+                let at = |f: f64, sp: &Spool| (sp.last_seq as f64 * f) as u64;
+                match op {
+                    Op::Push(gpus) => {
+                        t += 1;
+                        disk.push(sample(t, gpus));
+                        memory.push(sample(t, gpus));
+                    }
+                    Op::Ack(f) => {
+                        let seq = at(f, &memory);
+                        prop_assert_eq!(disk.ack(seq), memory.ack(seq));
+                    }
+                    Op::Sent(f) => {
+                        let seq = at(f, &memory);
+                        disk.sent(seq);
+                        memory.sent(seq);
+                    }
+                    Op::Settle(f) => {
+                        let seq = at(f, &memory);
+                        disk.settle(seq);
+                        memory.settle(seq);
+                    }
+                    Op::Renumber => {
+                        epoch += 1;
+                        prop_assert_eq!(disk.renumber(epoch), memory.renumber(epoch));
+                    }
+                    Op::Restart => {
+                        drop(disk);
+                        disk = open();
+                        memory.sent(memory.last_seq);
+                    }
+                }
+                prop_assert_eq!(disk.epoch(), memory.epoch());
+                prop_assert_eq!(held(&disk), held(&memory));
+                prop_assert_eq!(disk.depth().disk_errors, 0);
+            }
+            drop(disk);
+            let mut disk = open();
+            disk.push(sample(0, 1));
+            memory.push(sample(0, 1));
+            prop_assert_eq!(held(&disk), held(&memory));
+        }
 
         /// Invariant: a file cut anywhere after its header (a torn write)
         /// reopens with the samples whose records are whole, in order, and
