@@ -1,22 +1,26 @@
-//! The HTTP side: `/metrics`, `/healthz`, `/readyz` and the usage API for billing
-//! jobs (`/v1/tenants`, `/v1/tenants/{id}/usage`, `/v1/usage`).
+//! The HTTP side: `/metrics`, `/healthz`, `/readyz`, the status page and the
+//! usage API for billing jobs (`/v2/usage`; `/v1/tenants`,
+//! `/v1/tenants/{id}/usage`, `/v1/usage`, `/v1/meters`), described by the
+//! OpenAPI document at `/openapi.json`, generated from the types here.
 //!
 //! *Boundary:* query strings are untrusted; errors map to an HTTP status
-//! with a JSON body naming the problem, here and nowhere else.
+//! with an RFC 9457 problem document naming the problem (and the
+//! parameter), here and nowhere else.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State as Extract};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, RawQuery, State as Extract};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use tower_http::timeout::TimeoutLayer;
 use tracing::error;
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{self, Scope};
 use crate::events::{AuthReason, AuthRefused, Surface};
@@ -25,7 +29,7 @@ use crate::state::State;
 use crate::status::{StaleNode, StatusView, TenantRow};
 use crate::sync::lock;
 use crate::tenants::TenantHistory;
-use crate::usage::{self, Format, QueryError, UsageError};
+use crate::usage::{self, Format, Page, PageRequest, QueryError, Report, UsageError};
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -86,13 +90,18 @@ pub fn router(state: HttpState) -> Router {
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
         // Always open: it says "ok" and nothing else, for probes.
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         // Always open too: readiness, 503 with the reasons (no secrets).
         .route("/readyz", get(readyz))
+        // Always open: the API's description.
+        .route("/openapi.json", get(openapi_json))
         .route("/v1/tenants", get(tenants))
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
         .route("/v1/usage", get(all_usage))
         .route("/v1/meters", get(meters_view))
+        .route("/v2/usage", get(usage_pages))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -119,7 +128,7 @@ fn scope(s: &HttpState, headers: &HeaderMap) -> Result<Scope, ApiError> {
             node: None,
         }
         .emit(&s.state.counters);
-        ApiError(StatusCode::UNAUTHORIZED, format!("API token: {e}"))
+        ApiError::new(StatusCode::UNAUTHORIZED, format!("API token: {e}"))
     })
 }
 
@@ -131,7 +140,7 @@ fn forbidden(s: &HttpState, what: &str) -> ApiError {
         node: None,
     }
     .emit(&s.state.counters);
-    ApiError(
+    ApiError::new(
         StatusCode::FORBIDDEN,
         format!("{what} needs an admin token"),
     )
@@ -139,6 +148,11 @@ fn forbidden(s: &HttpState, what: &str) -> ApiError {
 
 /// The status page shows every tenant: with API tokens configured, it
 /// needs an admin token.
+#[utoipa::path(get, path = "/", tag = "operations",
+    responses(
+        (status = 200, description = "The status page", body = String, content_type = "text/html"),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs an admin token", body = Problem, content_type = "application/problem+json")))]
 async fn status_page(
     Extract(s): Extract<HttpState>,
     headers: HeaderMap,
@@ -233,8 +247,19 @@ async fn energy_between(
     }
 }
 
+/// Liveness: `ok`.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "The process answers", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
 /// 200 `ready` while ledger commits succeed and the tenant file loaded;
 /// otherwise 503 with one reason a line.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = String, content_type = "text/plain"),
+        (status = 503, description = "Not ready, one reason a line", body = String, content_type = "text/plain")))]
 async fn readyz(Extract(s): Extract<HttpState>) -> Response {
     match s.state.readiness.not_ready() {
         None => (StatusCode::OK, "ready\n").into_response(),
@@ -242,6 +267,12 @@ async fn readyz(Extract(s): Extract<HttpState>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses(
+        (status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain"),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs an admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "Rendering failed", body = Problem, content_type = "application/problem+json")))]
 async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<Response, ApiError> {
     if s.metrics_auth && scope(&s, &headers)? != Scope::Admin {
         return Err(forbidden(&s, "/metrics"));
@@ -263,16 +294,85 @@ async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
         }
         Err(e) => {
             error!(error = %e, "rendering /metrics failed");
-            Err(ApiError(
+            Err(ApiError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                "rendering metrics failed".into(),
+                "rendering metrics failed",
             ))
         }
     }
 }
 
-/// An API error: the status and a JSON body `{"error": "..."}`.
-struct ApiError(StatusCode, String);
+/// Where the problem types of this API are named (identifiers, not pages;
+/// README's usage API section lists them).
+pub const PROBLEM_TYPES: &str = "https://capwatch.invalid/problems/";
+
+/// An API error, answered as an RFC 9457 problem document
+/// (`application/problem+json`).
+#[derive(Debug)]
+struct ApiError {
+    status: StatusCode,
+    /// The last part of the problem type; `None`: `about:blank`, the
+    /// status says it all.
+    kind: Option<&'static str>,
+    detail: String,
+    parameter: Option<String>,
+}
+
+/// An RFC 9457 problem document.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// The problem type: `about:blank` for a plain HTTP status, else one
+    /// of this API's (under `https://capwatch.invalid/problems/`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    /// What was wrong, for people.
+    pub detail: String,
+    /// The query parameter at fault, where one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter: Option<String>,
+    /// The same as `detail`: the field of the error bodies before problem
+    /// documents, kept for their clients.
+    pub error: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            kind: None,
+            detail: detail.into(),
+            parameter: None,
+        }
+    }
+
+    fn problem(&self) -> Problem {
+        let title = match self.kind {
+            None => self
+                .status
+                .canonical_reason()
+                .unwrap_or("Error")
+                .to_string(),
+            Some(kind) => {
+                let mut t = kind.replace('-', " ");
+                t[..1].make_ascii_uppercase();
+                t
+            }
+        };
+        Problem {
+            kind: self.kind.map_or_else(
+                || "about:blank".to_string(),
+                |k| format!("{PROBLEM_TYPES}{k}"),
+            ),
+            title,
+            status: self.status.as_u16(),
+            detail: self.detail.clone(),
+            parameter: self.parameter.clone(),
+            error: self.detail.clone(),
+        }
+    }
+}
 
 impl From<UsageError> for ApiError {
     fn from(e: UsageError) -> Self {
@@ -280,25 +380,39 @@ impl From<UsageError> for ApiError {
             UsageError::UnknownTenant(_) => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_REQUEST,
         };
-        ApiError(status, e.to_string())
+        ApiError {
+            status,
+            kind: Some(e.kind()),
+            parameter: e.param().map(str::to_string),
+            detail: e.to_string(),
+        }
     }
 }
 
 impl From<LedgerError> for ApiError {
     fn from(e: LedgerError) -> Self {
         error!(error = %e, "reading the ledger failed");
-        ApiError(
+        ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "reading the ledger failed".into(),
+            "reading the ledger failed",
         )
+    }
+}
+
+impl From<QueryError> for ApiError {
+    fn from(e: QueryError) -> Self {
+        match e {
+            QueryError::Usage(e) => e.into(),
+            QueryError::Ledger(e) => e.into(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({ "error": self.1 }).to_string();
-        let mut r = (self.0, [(header::CONTENT_TYPE, "application/json")], body).into_response();
-        if self.0 == StatusCode::UNAUTHORIZED {
+        let body = serde_json::to_string(&self.problem()).unwrap_or_default();
+        let mut r = (self.status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body).into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
             r.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer"),
@@ -308,7 +422,91 @@ impl IntoResponse for ApiError {
     }
 }
 
-#[derive(Debug, Serialize)]
+const PROBLEM_JSON: &str = "application/problem+json";
+const CSV: &str = "text/csv; charset=utf-8; header=present";
+
+/// A query string the extractor refused (an unknown or repeated
+/// parameter), as a problem naming the parameter where the message does.
+fn rejected(e: QueryRejection) -> ApiError {
+    let text = e.body_text();
+    let parameter = text
+        .split('`')
+        .nth(1)
+        .filter(|p| p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+        .map(str::to_string);
+    ApiError {
+        status: StatusCode::BAD_REQUEST,
+        kind: Some("invalid-parameter"),
+        detail: text,
+        parameter,
+    }
+}
+
+/// No route: a problem, not an empty body.
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such path: {}", uri.path()),
+    )
+}
+
+/// A route that does not take the method (axum adds `Allow`).
+async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed here"),
+    )
+}
+
+/// Whether the client's `Accept` prefers CSV to JSON (by q-value; a tie,
+/// `*/*` or no header is JSON).
+fn accepts_csv(headers: &HeaderMap) -> bool {
+    let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let (mut json, mut csv) = (0.0f32, 0.0f32);
+    for range in accept.split(',') {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or("").to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.strip_prefix("q="))
+            .find_map(|q| q.parse::<f32>().ok())
+            .unwrap_or(1.0);
+        match media.as_str() {
+            // A named type before a wildcard; JSON before CSV on `*/*`.
+            "application/json" => json = json.max(q),
+            "text/csv" => csv = csv.max(q),
+            "application/*" => json = json.max(q * 0.99),
+            "text/*" => csv = csv.max(q * 0.99),
+            "*/*" => {
+                json = json.max(q * 0.99);
+                csv = csv.max(q * 0.98);
+            }
+            _ => {}
+        }
+    }
+    csv > json
+}
+
+/// The format asked: `format` where given, else by `Accept`.
+fn format_of(param: Option<&str>, headers: &HeaderMap) -> Result<Format, ApiError> {
+    let format = match param {
+        Some(f) => Format::parse(f)?,
+        None if accepts_csv(headers) => Format::Csv,
+        None => Format::Json,
+    };
+    if format == Format::Table {
+        return Err(UsageError::Format("table".into()).into());
+    }
+    Ok(format)
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+struct TenantsView {
+    tenants: Vec<TenantView>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
 struct TenantView {
     id: String,
     name: String,
@@ -320,6 +518,11 @@ struct TenantView {
     gpus_stale: u64,
 }
 
+/// The tenants (a tenant token: its own), with live power and energy.
+#[utoipa::path(get, path = "/v1/tenants", tag = "usage",
+    responses(
+        (status = 200, description = "The tenants", body = TenantsView),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json")))]
 async fn tenants(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<Response, ApiError> {
     let scope = scope(&s, &headers)?;
     let tenants = s.state.tenants();
@@ -345,42 +548,139 @@ async fn tenants(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
             gpus_stale: l.stale,
         })
         .collect();
-    Ok(json(&serde_json::json!({ "tenants": view })))
+    Ok(json(&TenantsView { tenants: view }))
 }
 
-#[derive(Debug, Deserialize)]
+/// The parameters of `/v1/usage` and `/v1/tenants/{id}/usage`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct UsageParams {
+    /// Start of the period, inclusive, on a row boundary (RFC 3339).
+    #[param(required, format = DateTime, value_type = String)]
     from: Option<String>,
+    /// End of the period, exclusive, on a row boundary (RFC 3339).
+    #[param(required, format = DateTime, value_type = String)]
     to: Option<String>,
+    /// Row length (default 1h).
+    #[param(value_type = Option<StepName>)]
     step: Option<String>,
+    /// IANA time zone the rows are cut in (default UTC).
+    #[param(example = "Europe/Berlin")]
     tz: Option<String>,
+    /// json (default) or csv; without it, `Accept: text/csv` asks CSV.
+    #[param(value_type = Option<FormatName>)]
     format: Option<String>,
+    /// Only the adjustments booked after this revision.
+    #[param(value_type = Option<u64>)]
     since_revision: Option<String>,
 }
 
-/// A query string that does not parse (a repeated or unknown parameter)
-/// gets the same JSON error body as any other bad request.
-fn params(p: Result<Query<UsageParams>, QueryRejection>) -> Result<UsageParams, ApiError> {
-    p.map(|Query(p)| p)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))
+/// Row lengths.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // named for the OpenAPI document; parsed as text
+enum StepName {
+    #[serde(rename = "1m")]
+    Minute,
+    #[serde(rename = "15m")]
+    Quarter,
+    #[serde(rename = "1h")]
+    Hour,
+    #[serde(rename = "1d")]
+    Day,
+    #[serde(rename = "month")]
+    Month,
+    #[serde(rename = "total")]
+    Total,
 }
 
+/// Answer formats.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // named for the OpenAPI document; parsed as text
+enum FormatName {
+    #[serde(rename = "json")]
+    Json,
+    #[serde(rename = "csv")]
+    Csv,
+}
+
+/// The parameters of `/v2/usage` (parsed from the query string by
+/// `page_request`, where `tenant` may repeat; this is their description).
+#[derive(Debug, IntoParams)]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)] // named for the OpenAPI document
+struct PageParams {
+    /// A tenant to answer; repeat for several. None: every tenant the
+    /// token may read.
+    tenant: Option<Vec<String>>,
+    /// Start of the period, inclusive, on a row boundary (RFC 3339).
+    #[param(format = DateTime)]
+    from: String,
+    /// End of the period, exclusive, on a row boundary (RFC 3339).
+    #[param(format = DateTime)]
+    to: String,
+    /// Row length (default 1h); `total`: one row for the whole period.
+    step: Option<StepName>,
+    /// IANA time zone the rows are cut in (default UTC).
+    #[param(example = "Europe/Berlin")]
+    tz: Option<String>,
+    /// Steps 1d and month only: rows start at this instant's local time
+    /// of day (and, for months, day of the month) instead of midnight on
+    /// the 1st.
+    #[param(format = DateTime, example = "2026-01-15T00:00:00Z")]
+    anchor: Option<String>,
+    /// Only the adjustments booked after this revision.
+    since_revision: Option<u64>,
+    /// Rows per page (default 1000).
+    #[param(minimum = 1, maximum = 10000)]
+    limit: Option<u32>,
+    /// `next_page_token` of the previous page, with the same other
+    /// parameters.
+    page_token: Option<String>,
+    /// json (default) or csv; without it, `Accept: text/csv` asks CSV.
+    format: Option<FormatName>,
+}
+
+/// A query string that does not parse (a repeated or unknown parameter)
+/// gets the same problem body as any other bad request.
+fn params(p: Result<Query<UsageParams>, QueryRejection>) -> Result<UsageParams, ApiError> {
+    p.map(|Query(p)| p).map_err(rejected)
+}
+
+/// One tenant's rows.
+#[utoipa::path(get, path = "/v1/tenants/{id}/usage", tag = "usage",
+    params(("id" = String, Path, description = "Tenant id"), UsageParams),
+    responses(
+        (status = 200, description = "The tenant's rows", content(
+            (Report = "application/json"), (String = "text/csv"))),
+        (status = 400, description = "A parameter is wrong", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Another tenant's token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The ledger could not be read", body = Problem, content_type = "application/problem+json")))]
 async fn tenant_usage(
     Extract(s): Extract<HttpState>,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     p: Result<Query<UsageParams>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Path(id) = id.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     if let Scope::Tenant(own) = scope(&s, &headers)?
         && own != id
     {
         return Err(forbidden(&s, &format!("tenant {id:?}")));
     }
-    usage_response(s, Some(id), params(p)?).await
+    usage_response(s, Some(id), params(p)?, &headers).await
 }
 
 /// Every tenant's rows; a tenant token gets its own only.
+#[utoipa::path(get, path = "/v1/usage", tag = "usage", params(UsageParams),
+    responses(
+        (status = 200, description = "Every tenant's rows (at most 10000)", content(
+            (Report = "application/json"), (String = "text/csv"))),
+        (status = 400, description = "A parameter is wrong", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The ledger could not be read", body = Problem, content_type = "application/problem+json")))]
 async fn all_usage(
     Extract(s): Extract<HttpState>,
     headers: HeaderMap,
@@ -390,21 +690,40 @@ async fn all_usage(
         Scope::Admin => None,
         Scope::Tenant(own) => Some(own),
     };
-    usage_response(s, tenant, params(p)?).await
+    usage_response(s, tenant, params(p)?, &headers).await
 }
 
-#[derive(Debug, Deserialize)]
+/// The parameters of `/v1/meters`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct MeterParams {
+    /// Start of the period, inclusive, on a row boundary (RFC 3339).
+    #[param(required, format = DateTime, value_type = String)]
     from: Option<String>,
+    /// End of the period, exclusive, on a row boundary (RFC 3339).
+    #[param(required, format = DateTime, value_type = String)]
     to: Option<String>,
+    /// Row length (default 1h).
+    #[param(value_type = Option<StepName>)]
     step: Option<String>,
+    /// IANA time zone the rows are cut in (default UTC).
     tz: Option<String>,
+    /// json (default) or csv; without it, `Accept: text/csv` asks CSV.
+    #[param(value_type = Option<FormatName>)]
     format: Option<String>,
 }
 
 /// The facility meters' reconciliation: admin tokens only (it names every
 /// tenant under each meter).
+#[utoipa::path(get, path = "/v1/meters", tag = "usage", params(MeterParams),
+    responses(
+        (status = 200, description = "Each meter's energy against what it allocated", content(
+            (serde_json::Value = "application/json"), (String = "text/csv"))),
+        (status = 400, description = "A parameter is wrong", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs an admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The ledger could not be read", body = Problem, content_type = "application/problem+json")))]
 async fn meters_view(
     Extract(s): Extract<HttpState>,
     headers: HeaderMap,
@@ -413,13 +732,8 @@ async fn meters_view(
     if scope(&s, &headers)? != Scope::Admin {
         return Err(forbidden(&s, "/v1/meters"));
     }
-    let p = p
-        .map(|Query(p)| p)
-        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let format = Format::parse(p.format.as_deref().unwrap_or("json"))?;
-    if format == Format::Table {
-        return Err(UsageError::Format("table".into()).into());
-    }
+    let p = p.map(|Query(p)| p).map_err(rejected)?;
+    let format = format_of(p.format.as_deref(), &headers)?;
     let configured: Vec<String> = s
         .state
         .meters()
@@ -440,21 +754,14 @@ async fn meters_view(
     })
     .await
     .map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("meters query failed: {e}"),
         )
     })?
-    .map_err(|e| match e {
-        QueryError::Usage(e) => ApiError::from(e),
-        QueryError::Ledger(e) => ApiError::from(e),
-    })?;
+    .map_err(ApiError::from)?;
     Ok(match format {
-        Format::Csv => (
-            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            usage::meters::csv(&report),
-        )
-            .into_response(),
+        Format::Csv => ([(header::CONTENT_TYPE, CSV)], usage::meters::csv(&report)).into_response(),
         _ => json(&report),
     })
 }
@@ -463,11 +770,9 @@ async fn usage_response(
     s: HttpState,
     tenant: Option<String>,
     p: UsageParams,
+    headers: &HeaderMap,
 ) -> Result<Response, ApiError> {
-    let format = Format::parse(p.format.as_deref().unwrap_or("json"))?;
-    if format == Format::Table {
-        return Err(UsageError::Format("table".into()).into());
-    }
+    let format = format_of(p.format.as_deref(), headers)?;
     let tenants = s.state.tenants();
     // The meters' node globs: which of a tenant's nodes a meter feeds.
     let meters: Vec<crate::meters::MeterSpec> = s
@@ -497,35 +802,200 @@ async fn usage_response(
     })
     .await
     .map_err(|e| {
-        ApiError(
+        ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("usage query failed: {e}"),
         )
     })?
-    .map_err(|e| match e {
-        QueryError::Usage(e) => ApiError::from(e),
-        QueryError::Ledger(e) => ApiError::from(e),
-    })?;
+    .map_err(ApiError::from)?;
     Ok(match format {
-        Format::Csv => (
-            [(header::CONTENT_TYPE, "text/csv; charset=utf-8")],
-            usage::csv(&report),
-        )
-            .into_response(),
+        Format::Csv => ([(header::CONTENT_TYPE, CSV)], usage::csv(&report)).into_response(),
         _ => json(&report),
     })
+}
+
+/// The parameters of `/v2/usage` from the raw query string: `tenant` may
+/// repeat, any other parameter once; an unknown one is refused.
+fn page_request(raw: Option<&str>) -> Result<(PageRequest, Option<String>), UsageError> {
+    let mut req = PageRequest::default();
+    let mut format = None;
+    for (k, v) in form_urlencoded::parse(raw.unwrap_or("").as_bytes()) {
+        let slot = match &*k {
+            "tenant" => {
+                req.tenants.push(v.into_owned());
+                continue;
+            }
+            "from" => &mut req.from,
+            "to" => &mut req.to,
+            "step" => &mut req.step,
+            "tz" => &mut req.tz,
+            "anchor" => &mut req.anchor,
+            "since_revision" => &mut req.since_revision,
+            "limit" => &mut req.limit,
+            "page_token" => &mut req.page_token,
+            "format" => &mut format,
+            _ => {
+                return Err(UsageError::Parameter {
+                    param: k.chars().take(64).collect(),
+                    why: "is not a parameter of this API",
+                });
+            }
+        };
+        if slot.is_some() {
+            return Err(UsageError::Parameter {
+                param: k.into_owned(),
+                why: "is given more than once",
+            });
+        }
+        *slot = Some(v.into_owned());
+    }
+    Ok((req, format))
+}
+
+/// Usage rows a page at a time, for one, several or every tenant.
+#[utoipa::path(get, path = "/v2/usage", tag = "usage", params(PageParams),
+    responses(
+        (status = 200, description = "A page of rows; in CSV, the page's revision, watermark and next page token are in the headers", content(
+            (Page = "application/json"), (String = "text/csv")),
+            headers(
+                ("Capwatch-Revision" = u64, description = "The page's `revision`"),
+                ("Capwatch-Finalized-Through" = String, description = "The page's `finalized_through`"),
+                ("Capwatch-Next-Page-Token" = String, description = "The page's `next_page_token`, where there is a next page"))),
+        (status = 400, description = "A parameter is wrong (named in `parameter`)", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Another tenant's token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant", body = Problem, content_type = "application/problem+json"),
+        (status = 500, description = "The ledger could not be read", body = Problem, content_type = "application/problem+json")))]
+async fn usage_pages(
+    Extract(s): Extract<HttpState>,
+    headers: HeaderMap,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let scope = scope(&s, &headers)?;
+    let (mut req, format) = page_request(raw.as_deref())?;
+    let format = format_of(format.as_deref(), &headers)?;
+    if let Scope::Tenant(own) = scope {
+        if let Some(other) = req.tenants.iter().find(|t| **t != own) {
+            return Err(forbidden(&s, &format!("tenant {other:?}")));
+        }
+        if req.tenants.is_empty() {
+            req.tenants.push(own);
+        }
+    }
+    let tenants = s.state.tenants();
+    let meters: Vec<crate::meters::MeterSpec> = s
+        .state
+        .meters()
+        .map(|b| b.meters.iter().map(|m| m.spec.clone()).collect())
+        .unwrap_or_default();
+    let (state, ledger, recorded) = (s.state.clone(), s.ledger.clone(), s.ledger_history.clone());
+    let page: Page = tokio::task::spawn_blocking(move || {
+        let guard = lock(&ledger);
+        let reader: &dyn LedgerReader = &**guard;
+        let history = recorded
+            .get(reader, || state.tenant_history())
+            .map_err(QueryError::Ledger)?;
+        usage::page(reader, &tenants, &history, &meters, &req)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("usage query failed: {e}"),
+        )
+    })?
+    .map_err(ApiError::from)?;
+    let mut r = match format {
+        Format::Csv => ([(header::CONTENT_TYPE, CSV)], usage::page_csv(&page)).into_response(),
+        _ => json(&page),
+    };
+    let h = r.headers_mut();
+    let mut set = |name: &'static str, value: &str| {
+        if let Ok(v) = header::HeaderValue::from_str(value) {
+            h.insert(name, v);
+        }
+    };
+    set("capwatch-revision", &page.revision.to_string());
+    set("capwatch-finalized-through", &page.finalized_through);
+    if let Some(t) = &page.next_page_token {
+        set("capwatch-next-page-token", t);
+    }
+    Ok(r)
+}
+
+/// The OpenAPI 3 document of this HTTP API (also checked in as
+/// `collector/openapi.json`; a test keeps the two equal).
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "capwatch collector",
+        description = "Usage for billing jobs, and the collector's operations endpoints. Errors are RFC 9457 problem documents."
+    ),
+    paths(
+        usage_pages, all_usage, tenant_usage, tenants, meters_view, status_page, metrics,
+        healthz, readyz, openapi_json
+    ),
+    components(schemas(Problem, Page, Report, StepName, FormatName)),
+    tags(
+        (name = "usage", description = "Usage for billing jobs"),
+        (name = "operations", description = "Probes, metrics and the status page")
+    )
+)]
+pub struct ApiDoc;
+
+/// The document as served and checked in.
+pub fn openapi_text() -> String {
+    // The document is built from static types: it always serialises.
+    ApiDoc::openapi().to_pretty_json().unwrap_or_default() + "\n"
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI 3 document", body = Object, content_type = "application/json")))]
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi_text()).into_response()
 }
 
 fn json<T: Serialize>(v: &T) -> Response {
     match serde_json::to_string(v) {
         Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(e) => ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The OpenAPI document checked in is the one the types make
+    /// (`UPDATE_EXPECT=1` rewrites it after a change to the API).
+    #[test]
+    fn the_checked_in_openapi_document_is_the_generated_one() {
+        expect_test::expect_file!["../openapi.json"].assert_eq(&openapi_text());
+    }
+
+    /// `Accept` decides the format where `format` is not given: CSV only
+    /// where it is preferred to JSON.
+    #[test]
+    fn accept_prefers_csv_only_where_the_client_does() {
+        for (accept, csv) in [
+            (None, false),
+            (Some("text/csv"), true),
+            (Some("text/csv;q=0.5, application/json"), false),
+            (Some("application/json;q=0.2, text/csv"), true),
+            (Some("*/*"), false),
+            (Some("text/csv, */*"), true),
+            (Some("application/json, text/csv"), false),
+            (Some("text/*"), true),
+            (Some("image/png"), false),
+        ] {
+            let mut h = HeaderMap::new();
+            if let Some(a) = accept {
+                h.insert(header::ACCEPT, a.parse().unwrap());
+            }
+            assert_eq!(accepts_csv(&h), csv, "{accept:?}");
+        }
+    }
     use crate::ledger::{Ledger, Reader, TenantVersion};
     use crate::tenants::Tenants;
 

@@ -15,8 +15,10 @@
 //! highest average power over an aligned quarter-hour that overlaps the
 //! row.
 
+mod cursor;
 mod facility;
 pub mod meters;
+pub mod paged;
 mod periods;
 mod render;
 mod report;
@@ -31,8 +33,9 @@ use crate::meters::MeterSpec;
 use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
 pub use facility::{Facility, FacilityMinute};
+pub use paged::{Page, PageRequest, PagedRow, page};
 pub use periods::{Query, Step, Zone, rfc3339};
-pub use render::{Format, csv, table};
+pub use render::{Format, PAGE_COLUMNS, csv, page_csv, table};
 pub use report::{AdjustmentRow, Report, Row, report};
 
 /// Most rows one request may return (rows × tenants).
@@ -60,8 +63,16 @@ pub enum UsageError {
     Empty,
     #[error("the period holds {rows} rows; at most {max} per request")]
     TooManyRows { rows: i64, max: i64 },
-    #[error("`step`: {0:?} is not one of 1m, 15m, 1h, 1d, month")]
+    #[error("`step`: {0:?} is not one of 1m, 15m, 1h, 1d, month, total")]
     Step(String),
+    #[error("`anchor` applies to steps 1d and month, not {0}")]
+    AnchorStep(&'static str),
+    #[error("`limit`: {0:?} is not a whole number from 1 to {max}", max = paged::MAX_LIMIT)]
+    Limit(String),
+    #[error("`page_token`: {0}")]
+    PageToken(&'static str),
+    #[error("`{param}`: {why}")]
+    Parameter { param: String, why: &'static str },
     #[error("`format`: {0:?} is not one of json, csv")]
     Format(String),
     #[error("`tz`: {0:?} is not an IANA time zone such as UTC or Europe/Paris")]
@@ -90,6 +101,43 @@ pub enum UsageError {
         "the period has {count} adjustments since revision {since}; at most {max} per request: ask for a shorter period, one tenant or a longer step (a later `since_revision` would skip the adjustments before it)"
     )]
     TooManyAdjustments { count: usize, since: u64, max: i64 },
+}
+
+impl UsageError {
+    /// The query parameter the error is about, if it is about one.
+    pub fn param(&self) -> Option<&str> {
+        use UsageError::*;
+        Some(match self {
+            Missing { param } | Time { param, .. } | Misaligned { param, .. } => *param,
+            Indivisible { .. } | TooManyRows { .. } | Step(_) | AnchorStep(_) => "step",
+            Empty => "to",
+            Format(_) => "format",
+            TimeZone(_) => "tz",
+            Compacted { .. } | Expired { .. } => "from",
+            UnknownTenant(_) => "tenant",
+            Revision(_) | RevisionAhead { .. } => "since_revision",
+            Limit(_) => "limit",
+            PageToken(_) => "page_token",
+            Parameter { param, .. } => param.as_str(),
+            TooManyAdjustments { .. } => return None,
+        })
+    }
+
+    /// A short stable name for the kind of problem: the last part of its
+    /// problem type.
+    pub fn kind(&self) -> &'static str {
+        use UsageError::*;
+        match self {
+            Missing { .. } => "missing-parameter",
+            UnknownTenant(_) => "unknown-tenant",
+            TooManyRows { .. } | TooManyAdjustments { .. } => "too-many-rows",
+            Compacted { .. } => "compacted",
+            Expired { .. } => "expired",
+            RevisionAhead { .. } => "revision-ahead",
+            PageToken(_) => "invalid-page-token",
+            _ => "invalid-parameter",
+        }
+    }
 }
 
 /// What a tenant's rows are computed against.
@@ -170,25 +218,7 @@ pub fn run(
     since_revision: Option<&str>,
 ) -> Result<Report, QueryError> {
     let since = parse_revision(since_revision)?;
-    let mut known: Vec<Terms> = tenants
-        .all()
-        .iter()
-        .map(|t| {
-            Terms::new(
-                &t.id,
-                (t.contracted_milliwatts > 0).then_some(t.contracted_milliwatts),
-                t.pue,
-            )
-        })
-        .collect();
-    if !known.iter().any(|t| t.tenant == UNASSIGNED) {
-        known.push(Terms::new(UNASSIGNED, None, None));
-    }
-    for t in reader.tenants()? {
-        if !known.iter().any(|k| k.tenant == t) {
-            known.push(Terms::new(&t, None, None));
-        }
-    }
+    let known = known_terms(reader, tenants)?;
     let mut selected = match tenant {
         Some(id) => vec![
             known
@@ -242,6 +272,31 @@ pub fn run(
         .into());
     }
     Ok(r)
+}
+
+/// Every tenant a request may name: those of `tenants` (the tenant file),
+/// `unassigned`, and any the ledger knows from earlier tenant files.
+fn known_terms(reader: &dyn LedgerReader, tenants: &Tenants) -> Result<Vec<Terms>, LedgerError> {
+    let mut known: Vec<Terms> = tenants
+        .all()
+        .iter()
+        .map(|t| {
+            Terms::new(
+                &t.id,
+                (t.contracted_milliwatts > 0).then_some(t.contracted_milliwatts),
+                t.pue,
+            )
+        })
+        .collect();
+    if !known.iter().any(|t| t.tenant == UNASSIGNED) {
+        known.push(Terms::new(UNASSIGNED, None, None));
+    }
+    for t in reader.tenants()? {
+        if !known.iter().any(|k| k.tenant == t) {
+            known.push(Terms::new(&t, None, None));
+        }
+    }
+    Ok(known)
 }
 
 /// What `meters` allocated of the minutes kept in `[lo, hi)`, and which
@@ -326,7 +381,10 @@ pub fn fetch(
     if status >= 400 {
         let message = serde_json::from_str::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v["error"].as_str().map(str::to_string))
+            .and_then(|v| {
+                // A problem's detail (RFC 9457); `error` from older collectors.
+                (v["detail"].as_str().or_else(|| v["error"].as_str())).map(str::to_string)
+            })
             .unwrap_or(body);
         return Err(FetchError::Refused {
             url,

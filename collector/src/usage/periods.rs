@@ -1,10 +1,11 @@
 //! Periods: the time zone rows are cut in, the steps, and the request's
-//! row boundaries (fixed lengths aligned in local time, or local
-//! midnights for days and months).
+//! row boundaries (fixed lengths aligned in local time; days and months
+//! from local midnight, or from an anchor's local wall-clock time and day
+//! of the month; or one row for the whole period).
 
+use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::TimeZone;
-use jiff::{Timestamp, ToSpan};
 
 use super::{MAX_ROWS, QUARTER, UsageError};
 use crate::ledger::{DAY, HOUR, Usage};
@@ -16,6 +17,8 @@ pub enum Step {
     Hour,
     Day,
     Month,
+    /// One row for the whole period.
+    Total,
 }
 
 impl Step {
@@ -26,6 +29,7 @@ impl Step {
             "1h" => Step::Hour,
             "1d" => Step::Day,
             "month" => Step::Month,
+            "total" => Step::Total,
             other => return Err(UsageError::Step(other.to_string())),
         })
     }
@@ -36,7 +40,7 @@ impl Step {
             Step::Minute => Some(60),
             Step::Quarter => Some(QUARTER),
             Step::Hour => Some(HOUR),
-            Step::Day | Step::Month => None,
+            Step::Day | Step::Month | Step::Total => None,
         }
     }
 
@@ -47,6 +51,7 @@ impl Step {
             Step::Hour => "1h",
             Step::Day => "1d",
             Step::Month => "month",
+            Step::Total => "total",
         }
     }
 }
@@ -94,19 +99,11 @@ impl Zone {
         Timestamp::from_second(unix).map_or(0, |t| i64::from(self.tz.to_offset(t).seconds()))
     }
 
-    /// The local date at `unix`.
-    fn date(&self, unix: i64) -> Option<Date> {
+    /// `unix` in this zone.
+    fn zoned(&self, unix: i64) -> Option<jiff::ZonedDateTime> {
         Timestamp::from_second(unix)
             .ok()
-            .map(|t| t.to_zoned_datetime(self.tz.clone()).date())
-    }
-
-    /// When local `date` starts (midnight, or the first instant after a
-    /// skipped midnight).
-    fn start_of(&self, date: Date) -> Option<i64> {
-        date.to_zoned_datetime(self.tz.clone())
-            .ok()
-            .map(|z| z.timestamp().as_second())
+            .map(|t| t.to_zoned_datetime(self.tz.clone()))
     }
 
     /// `unix` as RFC 3339: `Z` in UTC, else the zone's offset at that time.
@@ -126,11 +123,14 @@ pub struct Query {
     pub to: i64,
     pub step: Step,
     pub zone: Zone,
+    /// Where daily or monthly rows are anchored, if not at local midnight
+    /// (on the 1st).
+    pub anchor: Option<i64>,
     /// Row boundaries: row `i` is `[bounds[i], bounds[i + 1])`.
     pub bounds: Vec<i64>,
 }
 
-fn parse_time(param: &'static str, value: Option<&str>) -> Result<i64, UsageError> {
+pub(super) fn parse_time(param: &'static str, value: Option<&str>) -> Result<i64, UsageError> {
     let value = value.ok_or(UsageError::Missing { param })?;
     let bad = || UsageError::Time {
         param,
@@ -144,7 +144,8 @@ fn parse_time(param: &'static str, value: Option<&str>) -> Result<i64, UsageErro
 }
 
 impl Query {
-    /// Checks the parameters of one request for `tenants` tenants.
+    /// Checks the parameters of one request for `tenants` tenants (at most
+    /// `MAX_ROWS` rows in all).
     pub fn parse(
         from: Option<&str>,
         to: Option<&str>,
@@ -154,18 +155,39 @@ impl Query {
     ) -> Result<Self, UsageError> {
         let zone = Zone::parse(tz)?;
         let step = Step::parse(step.unwrap_or("1h"))?;
-        let from = parse_time("from", from)?;
-        let to = parse_time("to", to)?;
+        let (from, to) = (parse_time("from", from)?, parse_time("to", to)?);
+        let tenants = tenants.max(1) as i64;
+        Self::build(from, to, step, zone, None, MAX_ROWS / tenants).map_err(|e| match e {
+            UsageError::TooManyRows { rows, .. } => UsageError::TooManyRows {
+                rows: rows.saturating_mul(tenants),
+                max: MAX_ROWS,
+            },
+            e => e,
+        })
+    }
+
+    /// The rows of `[from, to)` by `step` in `zone`, daily and monthly ones
+    /// from `anchor` (Unix seconds) if given: at most `max_rows`.
+    pub fn build(
+        from: i64,
+        to: i64,
+        step: Step,
+        zone: Zone,
+        anchor: Option<i64>,
+        max_rows: i64,
+    ) -> Result<Self, UsageError> {
         let misaligned = |param| UsageError::Misaligned {
             param,
             step: step.label(),
             tz: zone.name.clone(),
         };
-        let max_rows = MAX_ROWS / tenants.max(1) as i64;
         let too_many = |rows: i64| UsageError::TooManyRows {
-            rows: rows.saturating_mul(tenants.max(1) as i64),
-            max: MAX_ROWS,
+            rows,
+            max: max_rows,
         };
+        if anchor.is_some() && !matches!(step, Step::Day | Step::Month) {
+            return Err(UsageError::AnchorStep(step.label()));
+        }
         let bounds = match step.fixed_seconds() {
             Some(len) => {
                 for (param, t) in [("from", from), ("to", to)] {
@@ -188,45 +210,42 @@ impl Query {
                 }
                 (0..=rows).map(|i| from + i * len).collect()
             }
-            None => {
-                // Calendar rows: local midnights (on the 1st for months).
-                let first_day = |param, t: i64| {
-                    zone.date(t)
-                        .filter(|d| zone.start_of(*d) == Some(t))
-                        .filter(|d| step == Step::Day || d.day() == 1)
-                        .ok_or_else(|| misaligned(param))
-                };
-                let start = first_day("from", from)?;
-                let end = first_day("to", to)?;
+            // The whole period, on minute boundaries (the ledger's buckets).
+            None if step == Step::Total => {
+                for (param, t) in [("from", from), ("to", to)] {
+                    if t.rem_euclid(60) != 0 {
+                        return Err(misaligned(param));
+                    }
+                }
                 if from >= to {
                     return Err(UsageError::Empty);
                 }
-                let rows = match step {
-                    Step::Month => {
-                        i64::from(end.year() - start.year()) * 12
-                            + i64::from(end.month() - start.month())
-                    }
-                    _ => start
-                        .until(end)
-                        .map_or(i64::MAX, |s| i64::from(s.get_days())),
-                };
+                // Held to the minutes of the longest walk (its p95 windows
+                // are held in memory).
+                let minutes = (to - from) / 60;
+                if minutes > super::paged::MAX_WALK_ROWS {
+                    return Err(UsageError::TooManyRows {
+                        rows: minutes,
+                        max: super::paged::MAX_WALK_ROWS,
+                    });
+                }
+                vec![from, to]
+            }
+            None => {
+                let calendar =
+                    Calendar::new(&zone, step, anchor).ok_or_else(|| misaligned("anchor"))?;
+                let first = calendar.index_of(from).ok_or_else(|| misaligned("from"))?;
+                let last = calendar.index_of(to).ok_or_else(|| misaligned("to"))?;
+                if from >= to {
+                    return Err(UsageError::Empty);
+                }
+                let rows = last - first;
                 if rows > max_rows {
                     return Err(too_many(rows));
                 }
                 let mut bounds = Vec::with_capacity(rows as usize + 1);
-                for i in 0..=rows {
-                    let date = match step {
-                        Step::Month => start.checked_add((i as i32).months()),
-                        _ => start.checked_add((i as i32).days()),
-                    };
-                    let t = date
-                        .ok()
-                        .and_then(|d| zone.start_of(d))
-                        .ok_or_else(|| misaligned("to"))?;
-                    bounds.push(t);
-                }
-                if bounds.last() != Some(&to) {
-                    return Err(misaligned("to"));
+                for i in first..=last {
+                    bounds.push(calendar.bound(i).ok_or_else(|| misaligned("to"))?);
                 }
                 bounds
             }
@@ -236,6 +255,7 @@ impl Query {
             to,
             step,
             zone,
+            anchor,
             bounds,
         })
     }
@@ -277,6 +297,62 @@ impl Query {
             }
         }
         Ok(())
+    }
+}
+
+/// Daily or monthly row boundaries: the anchor's local date and wall-clock
+/// time plus whole days or months (a day is 23 or 25 hours across a
+/// daylight-saving change; a month anchored on the 29th to 31st starts on
+/// the last day of a shorter month, and on the anchor's day again after).
+/// A wall-clock time a change skips is the first instant after it.
+struct Calendar {
+    start: jiff::ZonedDateTime,
+    months: bool,
+}
+
+impl Calendar {
+    /// Local midnight of 2000-01-01 where no anchor is given (so days start
+    /// at midnight and months on the 1st).
+    fn new(zone: &Zone, step: Step, anchor: Option<i64>) -> Option<Self> {
+        let start = match anchor {
+            Some(a) => zone.zoned(a)?,
+            None => Date::new(2000, 1, 1)
+                .ok()?
+                .to_zoned_datetime(zone.tz.clone())
+                .ok()?,
+        };
+        Some(Self {
+            start,
+            months: step == Step::Month,
+        })
+    }
+
+    /// Boundary `i` (negative: before the anchor), Unix seconds.
+    fn bound(&self, i: i64) -> Option<i64> {
+        let span = if self.months {
+            jiff::Span::new().try_months(i).ok()?
+        } else {
+            jiff::Span::new().try_days(i).ok()?
+        };
+        // From the anchor each time, not from the previous boundary: a month
+        // anchored on the 31st comes back to the 31st after February.
+        let at = self.start.datetime().checked_add(span).ok()?;
+        let z = at.to_zoned_datetime(self.start.time_zone().clone()).ok()?;
+        Some(z.timestamp().as_second())
+    }
+
+    /// The `i` whose boundary is `unix`, if it is one.
+    fn index_of(&self, unix: i64) -> Option<i64> {
+        let at = Timestamp::from_second(unix)
+            .ok()?
+            .to_zoned_datetime(self.start.time_zone().clone());
+        let (d, a) = (at.date(), self.start.date());
+        let guess = if self.months {
+            i64::from(d.year() - a.year()) * 12 + i64::from(d.month() - a.month())
+        } else {
+            i64::from(a.until(d).ok()?.get_days())
+        };
+        (guess - 1..=guess + 1).find(|i| self.bound(*i) == Some(unix))
     }
 }
 

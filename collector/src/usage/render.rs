@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Report, UsageError};
+use super::{Page, Report, UsageError};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -29,14 +29,18 @@ fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
-/// A text field of a CSV line, quoted (RFC 4180) where it holds a comma,
-/// a quote or a line break: node ids are the agent's to choose.
-fn field(v: &str) -> std::borrow::Cow<'_, str> {
-    if v.contains([',', '"', '\r', '\n']) {
-        format!("\"{}\"", v.replace('"', "\"\"")).into()
-    } else {
-        v.into()
+/// Records written through the `csv` crate (RFC 4180 quoting where a field
+/// holds a comma, a quote or a line break: node ids are the agent's to
+/// choose), `\n` line ends.
+fn write_csv(header: &[&str], records: impl Iterator<Item = Vec<String>>) -> String {
+    let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
+    // Writing to memory cannot fail; the fields are strings.
+    let _ = w.write_record(header);
+    for r in records {
+        let _ = w.write_record(&r);
     }
+    let bytes = w.into_inner().unwrap_or_default();
+    String::from_utf8(bytes).unwrap_or_default()
 }
 
 /// The report as CSV, one row per line after a header: the rows
@@ -44,70 +48,162 @@ fn field(v: &str) -> std::borrow::Cow<'_, str> {
 /// their node, revision and booking time, and blank where a figure of a
 /// row does not add up, such as peak demand or coverage).
 pub fn csv(r: &Report) -> String {
-    let mut out = String::from(CSV_HEADER);
-    out.push('\n');
-    for row in &r.rows {
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},usage,,,,,{},{},{},{},{},{},{},{},{}",
-            row.tenant,
-            row.start,
-            row.end,
-            row.energy_millijoules,
-            row.energy_kwh,
-            row.gpu_hours,
-            row.busy_gpu_hours,
-            row.average_power_watts,
-            row.peak_demand_watts,
+    let header: Vec<&str> = CSV_HEADER.split(',').collect();
+    let rows = r.rows.iter().map(|row| {
+        vec![
+            row.tenant.clone(),
+            row.start.clone(),
+            row.end.clone(),
+            row.energy_millijoules.to_string(),
+            row.energy_kwh.to_string(),
+            row.gpu_hours.to_string(),
+            row.busy_gpu_hours.to_string(),
+            row.average_power_watts.to_string(),
+            row.peak_demand_watts.to_string(),
             opt(row.p95_power_watts),
             opt(row.contracted_power_watts),
             opt(row.capacity_utilization),
-            row.seconds_over_contract,
-            row.overage_kwh,
+            row.seconds_over_contract.to_string(),
+            row.overage_kwh.to_string(),
             opt(row.coverage),
-            row.estimated,
+            row.estimated.to_string(),
             opt(row.facility_energy_kwh_estimated),
-            row.readings,
-            row.partial,
-            row.basis,
-            row.node_energy_millijoules,
-            row.node_energy_kwh,
+            row.readings.to_string(),
+            row.partial.to_string(),
+            "usage".into(),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+            row.basis.clone(),
+            row.node_energy_millijoules.to_string(),
+            row.node_energy_kwh.to_string(),
             opt(row.node_coverage),
-            row.node_energy_estimated,
+            row.node_energy_estimated.to_string(),
             opt(row.facility_energy_kwh),
-            row.facility_energy_estimated,
+            row.facility_energy_estimated.to_string(),
             row.facility_energy_millijoules
                 .map(|v| v.to_string())
                 .unwrap_or_default(),
-            row.facility_energy_pending
-        );
+            row.facility_energy_pending.to_string(),
+        ]
+    });
+    let adjustments = r.adjustments.iter().map(|a| {
+        let blank = String::new;
+        vec![
+            a.tenant.clone(),
+            a.start.clone(),
+            a.end.clone(),
+            a.energy_millijoules.to_string(),
+            a.energy_kwh.to_string(),
+            a.gpu_hours.to_string(),
+            a.busy_gpu_hours.to_string(),
+            a.average_power_watts.to_string(),
+            blank(),
+            blank(),
+            blank(),
+            blank(),
+            a.seconds_over_contract.to_string(),
+            a.overage_kwh.to_string(),
+            blank(),
+            a.estimated.to_string(),
+            blank(),
+            a.readings.to_string(),
+            "false".into(),
+            "adjustment".into(),
+            a.node.clone(),
+            a.revision.to_string(),
+            a.booked_at.clone(),
+            a.expected_gpu_hours.to_string(),
+            blank(),
+            a.node_energy_millijoules.to_string(),
+            a.node_energy_kwh.to_string(),
+            blank(),
+            a.node_energy_estimated.to_string(),
+            blank(),
+            blank(),
+            blank(),
+            blank(),
+        ]
+    });
+    write_csv(&header, rows.chain(adjustments))
+}
+
+/// The columns of a page as CSV: `record` (`usage` or `adjustment`), then
+/// every field of a row's and of an adjustment's JSON, by the same names
+/// (which carry their units: `_millijoules`, `_kwh`, `_hours`, `_watts`,
+/// `_seconds`; ratios and counts are bare). A field a record does not
+/// have is blank.
+pub const PAGE_COLUMNS: &[&str] = &[
+    "record",
+    "tenant",
+    "start",
+    "end",
+    "step",
+    "revision",
+    "node",
+    "booked_at",
+    "energy_millijoules",
+    "energy_joules",
+    "energy_kwh",
+    "gpu_hours",
+    "busy_gpu_hours",
+    "expected_gpu_hours",
+    "average_power_watts",
+    "peak_demand_watts",
+    "p95_power_watts",
+    "contracted_power_watts",
+    "capacity_utilization",
+    "seconds_over_contract",
+    "overage_kwh",
+    "coverage",
+    "estimated",
+    "facility_energy_kwh_estimated",
+    "readings",
+    "partial",
+    "basis",
+    "node_energy_millijoules",
+    "node_energy_kwh",
+    "node_coverage",
+    "node_energy_estimated",
+    "facility_energy_millijoules",
+    "facility_energy_kwh",
+    "facility_energy_estimated",
+    "facility_energy_pending",
+];
+
+/// A JSON value as a CSV field: strings as they are, null blank.
+fn cell(v: Option<&serde_json::Value>) -> String {
+    match v {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(v) => v.to_string(),
     }
-    for a in &r.adjustments {
-        let _ = writeln!(
-            out,
-            "{},{},{},{},{},{},{},{},,,,,{},{},,{},,{},false,adjustment,{},{},{},{},,{},{},,{},,,,",
-            a.tenant,
-            a.start,
-            a.end,
-            a.energy_millijoules,
-            a.energy_kwh,
-            a.gpu_hours,
-            a.busy_gpu_hours,
-            a.average_power_watts,
-            a.seconds_over_contract,
-            a.overage_kwh,
-            a.estimated,
-            a.readings,
-            field(&a.node),
-            a.revision,
-            a.booked_at,
-            a.expected_gpu_hours,
-            a.node_energy_millijoules,
-            a.node_energy_kwh,
-            a.node_energy_estimated
-        );
-    }
-    out
+}
+
+/// A page as CSV: its rows (`record` `usage`), then its adjustments
+/// (`record` `adjustment`), each field from the record's own JSON, so that
+/// CSV and JSON say the same.
+pub fn page_csv(p: &Page) -> String {
+    let record = |kind: &str, v: serde_json::Value| -> Vec<String> {
+        PAGE_COLUMNS
+            .iter()
+            .map(|c| match *c {
+                "record" => kind.to_string(),
+                c => cell(v.get(c)),
+            })
+            .collect()
+    };
+    let value = |v: serde_json::Result<serde_json::Value>| v.unwrap_or_default();
+    let rows = p
+        .rows
+        .iter()
+        .map(|r| record("usage", value(serde_json::to_value(r))));
+    let adjustments = p
+        .adjustments
+        .iter()
+        .map(|a| record("adjustment", value(serde_json::to_value(a))));
+    write_csv(PAGE_COLUMNS, rows.chain(adjustments))
 }
 
 /// The report as an aligned table for people.

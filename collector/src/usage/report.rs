@@ -48,13 +48,14 @@ mod decimal {
 }
 
 /// One row of usage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Row {
     pub tenant: String,
     pub start: String,
     pub end: String,
     /// Exact: a decimal string in JSON.
     #[serde(with = "decimal")]
+    #[schema(value_type = String, pattern = "^[0-9]+$")]
     pub energy_millijoules: u64,
     pub energy_joules: f64,
     pub energy_kwh: f64,
@@ -98,6 +99,7 @@ pub struct Row {
     /// The tenant's share of its nodes' whole-node energy (0 where its
     /// nodes report none; see `node_coverage`). Exact: a decimal string.
     #[serde(with = "decimal")]
+    #[schema(value_type = String, pattern = "^[0-9]+$")]
     pub node_energy_millijoules: u64,
     pub node_energy_kwh: f64,
     /// Share of the tenant's GPU time on nodes with whole-node readings.
@@ -116,6 +118,7 @@ pub struct Row {
         with = "decimal::opt",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schema(value_type = Option<String>, pattern = "^[0-9]+$")]
     pub facility_energy_millijoules: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub facility_energy_kwh: Option<f64>,
@@ -132,7 +135,7 @@ pub struct Row {
     pub facility_energy_pending: bool,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Report {
     pub from: String,
     pub to: String,
@@ -153,7 +156,7 @@ pub struct Report {
 /// What arrived for one row after the row was final: booked by
 /// `revision` at `booked_at`, for the minutes of `[start, end)` on one
 /// node. Its figures add to the row's.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AdjustmentRow {
     pub tenant: String,
     pub node: String,
@@ -164,6 +167,7 @@ pub struct AdjustmentRow {
     pub booked_at: String,
     /// Exact: a decimal string in JSON.
     #[serde(with = "decimal")]
+    #[schema(value_type = String, pattern = "^[0-9]+$")]
     pub energy_millijoules: u64,
     pub energy_kwh: f64,
     pub gpu_hours: f64,
@@ -179,6 +183,7 @@ pub struct AdjustmentRow {
     pub readings: u64,
     /// Exact: a decimal string in JSON.
     #[serde(with = "decimal")]
+    #[schema(value_type = String, pattern = "^[0-9]+$")]
     pub node_energy_millijoules: u64,
     pub node_energy_kwh: f64,
     /// Some of the node energy was integrated from power.

@@ -1070,3 +1070,164 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
     assert_eq!(row.facility_energy_millijoules, Some(15 * 45_000_000));
     assert!(row.facility_energy_estimated && !row.facility_energy_pending);
 }
+
+/// The boundaries of `step` rows over `[from, to)` in `tz` from `anchor`,
+/// as RFC 3339 in that zone, or the error's parameter.
+fn anchored(
+    from: &str,
+    to: &str,
+    step: &str,
+    tz: &str,
+    anchor: Option<&str>,
+) -> Result<Vec<String>, Option<String>> {
+    let t = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+    let zone = Zone::parse(Some(tz)).unwrap();
+    Query::build(
+        t(from),
+        t(to),
+        Step::parse(step).unwrap(),
+        zone.clone(),
+        anchor.map(t),
+        1000,
+    )
+    .map(|q| q.bounds.iter().map(|b| zone.format(*b)).collect())
+    .map_err(|e| e.param().map(str::to_string))
+}
+
+/// Billing periods from the 15th in Berlin: each starts at local midnight
+/// on the 15th, so the one holding the spring change is an hour short and
+/// the autumn one an hour long; energy rows and the hours between their
+/// boundaries are exact.
+#[test]
+fn months_anchored_on_the_15th_follow_the_zone_across_daylight_saving() {
+    let b = anchored(
+        "2026-01-14T23:00:00Z",
+        "2027-01-14T23:00:00Z",
+        "month",
+        "Europe/Berlin",
+        Some("2026-01-15T00:00:00+01:00"),
+    )
+    .unwrap();
+    assert_eq!(b.len(), 13);
+    assert_eq!(b[0], "2026-01-15T00:00:00+01:00");
+    assert_eq!(b[2], "2026-03-15T00:00:00+01:00");
+    assert_eq!(b[3], "2026-04-15T00:00:00+02:00");
+    assert_eq!(b[9], "2026-10-15T00:00:00+02:00");
+    assert_eq!(b[10], "2026-11-15T00:00:00+01:00");
+    let secs = |s: &str| s.parse::<jiff::Timestamp>().unwrap().as_second();
+    // 15 March to 15 April: 31 days less the hour skipped on 29 March.
+    assert_eq!(secs(&b[3]) - secs(&b[2]), 31 * 86_400 - 3600);
+    // 15 October to 15 November: 31 days and the hour repeated on 25 October.
+    assert_eq!(secs(&b[10]) - secs(&b[9]), 31 * 86_400 + 3600);
+    // The anchor is any of the rows' starts: a later one gives the same rows.
+    let later = anchored(
+        "2026-01-14T23:00:00Z",
+        "2027-01-14T23:00:00Z",
+        "month",
+        "Europe/Berlin",
+        Some("2030-06-15T00:00:00+02:00"),
+    );
+    assert_eq!(later.as_ref(), Ok(&b));
+    // A period that does not start on one is refused by name.
+    assert_eq!(
+        anchored(
+            "2026-01-01T00:00:00Z",
+            "2026-02-15T00:00:00Z",
+            "month",
+            "UTC",
+            Some("2026-01-15T00:00:00Z")
+        ),
+        Err(Some("from".into()))
+    );
+}
+
+/// A month anchored on the 31st starts on the last day of shorter months
+/// and comes back to the 31st after them.
+#[test]
+fn months_anchored_on_the_31st_start_on_the_last_day_of_shorter_ones() {
+    let b = anchored(
+        "2027-01-31T00:00:00Z",
+        "2027-05-31T00:00:00Z",
+        "month",
+        "UTC",
+        Some("2027-01-31T00:00:00Z"),
+    )
+    .unwrap();
+    assert_eq!(
+        b,
+        [
+            "2027-01-31T00:00:00Z",
+            "2027-02-28T00:00:00Z",
+            "2027-03-31T00:00:00Z",
+            "2027-04-30T00:00:00Z",
+            "2027-05-31T00:00:00Z"
+        ]
+    );
+}
+
+/// Days anchored at 06:00 local time stay at 06:00 across a change (the
+/// day holding it is 23 hours); without an anchor, months start at
+/// midnight on the 1st as before; an anchor needs a calendar step; a total
+/// is one row.
+#[test]
+fn anchored_days_totals_and_misplaced_anchors() {
+    let b = anchored(
+        "2027-03-27T05:00:00Z",
+        "2027-03-30T04:00:00Z",
+        "1d",
+        "Europe/Berlin",
+        Some("2020-01-01T06:00:00+01:00"),
+    )
+    .unwrap();
+    assert_eq!(
+        b,
+        [
+            "2027-03-27T06:00:00+01:00",
+            "2027-03-28T06:00:00+02:00",
+            "2027-03-29T06:00:00+02:00",
+            "2027-03-30T06:00:00+02:00"
+        ]
+    );
+    let months = anchored(
+        "2026-12-31T23:00:00Z",
+        "2027-03-31T22:00:00Z",
+        "month",
+        "Europe/Berlin",
+        None,
+    )
+    .unwrap();
+    assert_eq!(months[3], "2027-04-01T00:00:00+02:00");
+    assert_eq!(
+        anchored(
+            "2027-01-01T00:00:00Z",
+            "2027-01-02T00:00:00Z",
+            "1h",
+            "UTC",
+            Some("2027-01-01T00:00:00Z")
+        ),
+        Err(Some("step".into()))
+    );
+    assert_eq!(
+        anchored(
+            "2027-01-01T00:07:00Z",
+            "2027-01-09T13:00:00Z",
+            "total",
+            "Asia/Kolkata",
+            None
+        ),
+        Ok(vec![
+            "2027-01-01T05:37:00+05:30".to_string(),
+            "2027-01-09T18:30:00+05:30".to_string()
+        ])
+    );
+    assert_eq!(
+        anchored(
+            "2027-01-01T00:07:30Z",
+            "2027-01-09T13:00:00Z",
+            "total",
+            "UTC",
+            None
+        ),
+        Err(Some("from".into()))
+    );
+}

@@ -303,3 +303,284 @@ async fn meters_need_an_admin_token() {
         "no meters, no rows"
     );
 }
+
+/// Invariant: every error of the API, a route the collector does not
+/// serve and a method a route does not take are answered as RFC 9457
+/// problem documents (`application/problem+json`: type, title, the
+/// response's own status, detail), naming the query parameter at fault
+/// where there is one; the `error` member of earlier answers stays.
+#[tokio::test]
+async fn errors_are_problem_documents_naming_the_parameter() {
+    let api = Api::new(TENANTS, None, false);
+    let good = "from=2027-01-01T00:00:00Z&to=2027-01-01T01:00:00Z";
+    // (method, path, status, problem type's last part, parameter)
+    let cases: [(&str, String, u16, &str, Option<&str>); 14] = [
+        (
+            "GET",
+            format!("/v1/usage?{good}&tz=Mars/Olympus"),
+            400,
+            "invalid-parameter",
+            Some("tz"),
+        ),
+        (
+            "GET",
+            format!("/v1/usage?{good}&timezone=UTC"),
+            400,
+            "invalid-parameter",
+            Some("timezone"),
+        ),
+        (
+            "GET",
+            "/v1/usage?to=2027-01-01T01:00:00Z".into(),
+            400,
+            "missing-parameter",
+            Some("from"),
+        ),
+        (
+            "GET",
+            format!("/v1/tenants/nobody/usage?{good}"),
+            404,
+            "unknown-tenant",
+            Some("tenant"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&tenant=nobody"),
+            404,
+            "unknown-tenant",
+            Some("tenant"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&page_token=garbled!"),
+            400,
+            "invalid-page-token",
+            Some("page_token"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&limit=0"),
+            400,
+            "invalid-parameter",
+            Some("limit"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&step=1h&anchor=2027-01-01T00:00:00Z"),
+            400,
+            "invalid-parameter",
+            Some("step"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&from=2027-01-01T00:00:00Z"),
+            400,
+            "invalid-parameter",
+            Some("from"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&bogus=1"),
+            400,
+            "invalid-parameter",
+            Some("bogus"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&since_revision=99"),
+            400,
+            "revision-ahead",
+            Some("since_revision"),
+        ),
+        (
+            "GET",
+            format!("/v2/usage?{good}&format=xml"),
+            400,
+            "invalid-parameter",
+            Some("format"),
+        ),
+        ("GET", "/no/such/path".into(), 404, "", None),
+        ("POST", format!("/v2/usage?{good}"), 405, "", None),
+    ];
+    for (method, path, status, kind, parameter) in cases {
+        let r = api.request(method, &path, &[]).await;
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert_eq!(
+            r.headers.get("content-type").and_then(|v| v.to_str().ok()),
+            Some("application/problem+json"),
+            "{path}"
+        );
+        let p = r.json();
+        let want_type = if kind.is_empty() {
+            "about:blank".to_string()
+        } else {
+            format!("{}{kind}", capwatch_collector::http::PROBLEM_TYPES)
+        };
+        assert_eq!(p["type"], want_type.as_str(), "{path}: {p}");
+        assert_eq!(p["status"], status, "{path}: {p}");
+        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
+        let detail = p["detail"].as_str().unwrap();
+        assert!(!detail.is_empty(), "{p}");
+        assert_eq!(p["error"], detail, "{p}");
+        assert_eq!(p["parameter"].as_str(), parameter, "{path}: {p}");
+    }
+    // 405 says what the route takes.
+    let r = api.request("DELETE", "/v1/usage", &[]).await;
+    assert_eq!(r.status, 405);
+    assert_eq!(
+        r.headers.get("allow").and_then(|v| v.to_str().ok()),
+        Some("GET,HEAD")
+    );
+}
+
+/// Writes three hours of minutes for lab-a and lab-b from T0 (final
+/// through T0 + 2 h), each minute's energy unique.
+fn three_hours(api: &Api, t0: i64) -> u64 {
+    use capwatch_collector::ledger::{BucketDelta, Commit, Ledger};
+    use std::sync::Arc;
+    let mut l = Ledger::open(&api.ledger_path).unwrap();
+    let mut c = Commit::default();
+    let mut total = 0;
+    for (i, tenant) in ["lab-a", "lab-b"].iter().enumerate() {
+        for m in 0..180 {
+            let e = 1_000_000 * (i as u64 + 1) + m as u64;
+            total += e;
+            c.buckets.insert(
+                (Arc::from(*tenant), Arc::from("node-1"), t0 + m * 60),
+                BucketDelta {
+                    energy_mj: e,
+                    gpu_ns: 60_000_000_000,
+                    samples: 60,
+                    expected_gpu_ns: 60_000_000_000,
+                    ..BucketDelta::default()
+                },
+            );
+            *c.tenant_energy.entry(Arc::from(*tenant)).or_default() += e;
+        }
+    }
+    l.commit_at(&c, t0 + 7300, t0 + 7200).unwrap();
+    total
+}
+
+/// Invariant: `/v2/usage` pages through any number of rows, several
+/// tenants at once, in key order, every row once with its identity
+/// (tenant, start, step) and revision, the energy of all pages adding up
+/// to what was committed; JSON and CSV (asked by `Accept`) say the same,
+/// CSV with every JSON field as a column.
+#[tokio::test]
+async fn v2_pages_through_every_row_of_several_tenants_in_json_and_csv() {
+    const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+    let api = Api::new(TENANTS, None, false);
+    let total = three_hours(&api, T0);
+    let base = "/v2/usage?tenant=lab-b&tenant=lab-a&from=2027-01-01T00:00:00Z&to=2027-01-01T03:00:00Z&step=1m&limit=70";
+    let (mut path, mut rows, mut pages) = (base.to_string(), Vec::new(), 0);
+    loop {
+        let r = api.get(&path, None).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let p = r.json();
+        pages += 1;
+        rows.extend(p["rows"].as_array().unwrap().iter().cloned());
+        match p["next_page_token"].as_str() {
+            Some(t) => {
+                assert_eq!(
+                    r.headers
+                        .get("capwatch-next-page-token")
+                        .and_then(|v| v.to_str().ok()),
+                    Some(t)
+                );
+                path = format!("{base}&page_token={t}");
+            }
+            None => break,
+        }
+    }
+    assert_eq!((pages, rows.len()), (6, 360));
+    let keys: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|r| {
+            (
+                r["tenant"].as_str().unwrap().to_string(),
+                r["start"].as_str().unwrap().to_string(),
+                r["step"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let mut sorted = keys.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(keys, sorted, "in key order, each once");
+    let energy: u64 = rows
+        .iter()
+        .map(|r| {
+            r["energy_millijoules"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(energy, total);
+    assert!(rows.iter().all(|r| r["revision"].is_u64()));
+
+    // The whole period as one row per tenant, in CSV by Accept.
+    let totals = "/v2/usage?from=2027-01-01T00:00:00Z&to=2027-01-01T03:00:00Z&step=total&tenant=lab-a&tenant=lab-b";
+    let json = api.get(totals, None).await.json();
+    let csv = api
+        .request("GET", totals, &[("accept", "text/csv".to_string())])
+        .await;
+    assert_eq!(csv.status, 200, "{}", csv.body);
+    assert!(
+        csv.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/csv")
+    );
+    let mut reader = csv::Reader::from_reader(csv.body.as_bytes());
+    let header: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_string)
+        .collect();
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let json_rows = json["rows"].as_array().unwrap();
+    assert_eq!(records.len(), json_rows.len());
+    for (rec, row) in records.iter().zip(json_rows) {
+        assert_eq!(&rec[0], "usage");
+        for (k, v) in row.as_object().unwrap() {
+            let col = header
+                .iter()
+                .position(|h| h == k)
+                .unwrap_or_else(|| panic!("JSON field {k} is not a CSV column: {header:?}"));
+            let want = match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => String::new(),
+                v => v.to_string(),
+            };
+            assert_eq!(rec[col], want, "{k}");
+        }
+    }
+    let sum: u64 = json_rows
+        .iter()
+        .map(|r| {
+            r["energy_millijoules"]
+                .as_str()
+                .unwrap()
+                .parse::<u64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(sum, total);
+}
+
+/// The OpenAPI document the collector serves is the one checked in.
+#[tokio::test]
+async fn the_served_openapi_document_is_the_checked_in_one() {
+    let api = Api::new(TENANTS, Some(&auth()), true);
+    // Open without a token, like the probes.
+    let r = api.get("/openapi.json", None).await;
+    assert_eq!(r.status, 200);
+    let file =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/openapi.json")).unwrap();
+    assert_eq!(r.body, file);
+    assert_eq!(r.json()["openapi"].as_str().map(|v| &v[..2]), Some("3."));
+}

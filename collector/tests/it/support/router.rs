@@ -85,9 +85,18 @@ impl Api {
 
     /// `GET path`, with `Authorization: Bearer <token>` when given.
     pub async fn get(&self, path: &str, token: Option<&str>) -> Reply {
-        let mut req = Request::get(path);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
+        let headers: Vec<(&str, String)> = token
+            .map(|t| ("authorization", format!("Bearer {t}")))
+            .into_iter()
+            .collect();
+        self.request("GET", path, &headers).await
+    }
+
+    /// `method path` with `headers`.
+    pub async fn request(&self, method: &str, path: &str, headers: &[(&str, String)]) -> Reply {
+        let mut req = Request::builder().method(method).uri(path);
+        for (k, v) in headers {
+            req = req.header(*k, v);
         }
         let resp = self
             .router
