@@ -4,6 +4,8 @@
 #   chromium               Debian package chromium (status page screenshot)
 #   systemd-analyze        Debian package systemd
 #   kubernetes-validate    PyPI, into a virtual environment under target/
+#   schemathesis,          PyPI, into target/api-venv (the usage API's OpenAPI
+#   openapi-spec-validator document checked and exercised against a collector)
 #   initdb, pg_ctl, ...    Debian package postgresql (the ledger tests start
 #                          their own server; found through pg_config --bindir,
 #                          /usr/lib/postgresql/*/bin or PATH, as the tests do)
@@ -44,4 +46,16 @@ if ! "$venv/bin/kubernetes-validate" --version >/dev/null 2>&1; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check \
         'kubernetes-validate==1.37.0' 'PyYAML>=6,<7'
+fi
+
+# The OpenAPI tools, apart from kubernetes-validate's (their dependencies
+# differ); pinned.
+api_venv=target/api-venv
+if ! "$api_venv/bin/schemathesis" --version >/dev/null 2>&1 \
+    || ! "$api_venv/bin/openapi-spec-validator" --help >/dev/null 2>&1; then
+    echo "== installing schemathesis and openapi-spec-validator into $api_venv"
+    rm -rf "$api_venv"
+    python3 -m venv "$api_venv"
+    "$api_venv/bin/pip" install --quiet --disable-pip-version-check \
+        'schemathesis==4.32.5' 'openapi-spec-validator==0.9.0'
 fi

@@ -13,9 +13,10 @@ if ! command -v cc >/dev/null 2>&1; then
     apt-get update -qq && apt-get install -y -qq gcc >/dev/null
 fi
 
-# promtool, prometheus, chromium, systemd-analyze (apt) and
-# kubernetes-validate (PyPI, into target/deploy-venv) for
-# collector/tests/it/deploy.rs and collector/tests/it/status_page.rs, which fail
+# promtool, prometheus, chromium, systemd-analyze (apt),
+# kubernetes-validate (PyPI, into target/deploy-venv) and schemathesis with
+# openapi-spec-validator (PyPI, into target/api-venv) for
+# collector/tests/it/deploy.rs, status_page.rs and openapi.rs, which fail
 # rather than skip when a tool is missing while this is set; PostgreSQL
 # (apt) for the PostgreSQL ledger's tests, which always fail without it.
 bash scripts/install-test-tools.sh

@@ -557,10 +557,10 @@ async fn tenants(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
 #[into_params(parameter_in = Query)]
 struct UsageParams {
     /// Start of the period, inclusive, on a row boundary (RFC 3339).
-    #[param(required, format = DateTime, value_type = String)]
+    #[param(required, format = DateTime, value_type = String, example = "2027-01-01T00:00:00Z")]
     from: Option<String>,
     /// End of the period, exclusive, on a row boundary (RFC 3339).
-    #[param(required, format = DateTime, value_type = String)]
+    #[param(required, format = DateTime, value_type = String, example = "2027-01-01T03:00:00Z")]
     to: Option<String>,
     /// Row length (default 1h).
     #[param(value_type = Option<StepName>)]
@@ -614,10 +614,10 @@ struct PageParams {
     /// token may read.
     tenant: Option<Vec<String>>,
     /// Start of the period, inclusive, on a row boundary (RFC 3339).
-    #[param(format = DateTime)]
+    #[param(format = DateTime, example = "2027-01-01T00:00:00Z")]
     from: String,
     /// End of the period, exclusive, on a row boundary (RFC 3339).
-    #[param(format = DateTime)]
+    #[param(format = DateTime, example = "2027-01-01T03:00:00Z")]
     to: String,
     /// Row length (default 1h); `total`: one row for the whole period.
     step: Option<StepName>,
@@ -699,10 +699,10 @@ async fn all_usage(
 #[into_params(parameter_in = Query)]
 struct MeterParams {
     /// Start of the period, inclusive, on a row boundary (RFC 3339).
-    #[param(required, format = DateTime, value_type = String)]
+    #[param(required, format = DateTime, value_type = String, example = "2027-01-01T00:00:00Z")]
     from: Option<String>,
     /// End of the period, exclusive, on a row boundary (RFC 3339).
-    #[param(required, format = DateTime, value_type = String)]
+    #[param(required, format = DateTime, value_type = String, example = "2027-01-01T03:00:00Z")]
     to: Option<String>,
     /// Row length (default 1h).
     #[param(value_type = Option<StepName>)]

@@ -29,6 +29,7 @@ mod meters;
 mod multi;
 mod node_power;
 mod nvml_e2e;
+mod openapi;
 mod postgres;
 mod security;
 mod status_page;
