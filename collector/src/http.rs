@@ -107,6 +107,22 @@ pub fn router(state: HttpState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        // Outside the timeout, so that its 408 gets a body too.
+        .layer(axum::middleware::map_response(problem_for_bare_errors))
+}
+
+/// An error answered without a body of its own (the timeout's 408) gets a
+/// problem document, like every other error.
+async fn problem_for_bare_errors(r: Response) -> Response {
+    if r.status().as_u16() < 400 || r.headers().contains_key(header::CONTENT_TYPE) {
+        return r;
+    }
+    let status = r.status();
+    let detail = match status {
+        StatusCode::REQUEST_TIMEOUT => "the request took longer than http_request_timeout",
+        _ => status.canonical_reason().unwrap_or("error"),
+    };
+    ApiError::new(status, detail).into_response()
 }
 
 /// What the request's bearer token may read. With no API tokens
@@ -972,6 +988,42 @@ mod tests {
     #[test]
     fn the_checked_in_openapi_document_is_the_generated_one() {
         expect_test::expect_file!["../openapi.json"].assert_eq(&openapi_text());
+    }
+
+    /// A request that runs out of time is answered 408 with a problem
+    /// document, not an empty body.
+    #[tokio::test]
+    async fn a_timed_out_request_gets_a_problem_document() {
+        use tower::ServiceExt;
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                    "late"
+                }),
+            )
+            .layer(TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                Duration::from_millis(10),
+            ))
+            .layer(axum::middleware::map_response(problem_for_bare_errors));
+        let r = app
+            .oneshot(
+                axum::http::Request::get("/slow")
+                    .body(axum::body::Body::empty())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], PROBLEM_JSON);
+        let body = axum::body::to_bytes(r.into_body(), usize::MAX)
+            .await
+            .unwrap();
+        let p: Problem = serde_json::from_slice(&body).unwrap();
+        assert_eq!((p.status, p.kind.as_str()), (408, "about:blank"));
+        assert!(p.detail.contains("http_request_timeout"), "{}", p.detail);
     }
 
     /// `Accept` decides the format where `format` is not given: CSV only
