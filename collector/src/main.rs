@@ -107,7 +107,7 @@ enum Command {
         /// End, exclusive, RFC 3339, on a row boundary.
         #[arg(long)]
         to: String,
-        /// Row length: 1m, 15m, 1h, 1d or month.
+        /// Row length: 1m, 15m, 1h, 1d, month, or total (one row for the whole period).
         #[arg(long, default_value = "1h")]
         step: String,
         /// IANA time zone rows are cut in (days and months start at local
@@ -141,7 +141,7 @@ enum Command {
         /// End, exclusive, RFC 3339, on a row boundary.
         #[arg(long)]
         to: String,
-        /// Row length: 1m, 15m, 1h, 1d or month.
+        /// Row length: 1m, 15m, 1h, 1d, month, or total (one row for the whole period).
         #[arg(long, default_value = "1h")]
         step: String,
         /// IANA time zone rows are cut in.
