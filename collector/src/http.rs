@@ -990,6 +990,30 @@ mod tests {
         expect_test::expect_file!["../openapi.json"].assert_eq(&openapi_text());
     }
 
+    /// The CSV of a page has a column for every field a row or an
+    /// adjustment has in JSON (as the OpenAPI document lists them, the
+    /// optional ones too), and no other: a field added to the rows must
+    /// be added to `PAGE_COLUMNS`.
+    #[test]
+    fn every_json_field_of_a_page_is_a_csv_column() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_text()).unwrap();
+        let schemas = &doc["components"]["schemas"];
+        let mut fields = std::collections::BTreeSet::from(["record".to_string()]);
+        for name in ["Row", "AdjustmentRow"] {
+            let props = schemas[name]["properties"].as_object().unwrap();
+            fields.extend(props.keys().cloned());
+        }
+        for part in schemas["PagedRow"]["allOf"].as_array().unwrap() {
+            if let Some(props) = part["properties"].as_object() {
+                fields.extend(props.keys().cloned());
+            }
+        }
+        let columns: std::collections::BTreeSet<String> =
+            usage::PAGE_COLUMNS.iter().map(|c| c.to_string()).collect();
+        assert_eq!(columns.len(), usage::PAGE_COLUMNS.len(), "a column twice");
+        assert_eq!(fields, columns);
+    }
+
     /// A request that runs out of time is answered 408 with a problem
     /// document, not an empty body.
     #[tokio::test]
