@@ -50,13 +50,27 @@
  *                           next one returns NVML_ERROR_GPU_IS_LOST and from
  *                           then on every call about GPU 1, handle lookup by
  *                           index included, returns NVML_ERROR_GPU_IS_LOST.
+ *   FAKE_BLOCK_FILE="PATH"  (a C string literal, quotes included)
+ *                           a control file that makes calls block, for
+ *                           tests of an agent whose driver hangs. While
+ *                           PATH holds "FUNCTION MILLIS" (e.g.
+ *                           "nvmlDeviceGetPowerUsage 60000", or "*" for
+ *                           every entry point below), each call of that
+ *                           function blocks until PATH is removed or no
+ *                           longer names it, or MILLIS have passed, and
+ *                           then answers as usual. The file is read at
+ *                           each call, so a test can start and end a hang
+ *                           at any moment of a run.
  *
  * Calls made before nvmlInit_v2 (or after the last nvmlShutdown) return
  * NVML_ERROR_UNINITIALIZED, like the real library.
  */
 
+#define _POSIX_C_SOURCE 200809L
 #include <stddef.h>
+#include <stdio.h>
 #include <string.h>
+#include <time.h>
 
 /* ---- the parts of nvml.h this file needs ------------------------------ */
 
@@ -215,10 +229,53 @@ static nvmlReturn_t copy_string(const char *s, char *buf, unsigned int length)
     return NVML_SUCCESS;
 }
 
+/* ---- blocking on demand (FAKE_BLOCK_FILE) ------------------------------ */
+
+#ifdef FAKE_BLOCK_FILE
+/* How long the control file asks `function` to block, in ms; 0: not. */
+static long block_millis(const char *function)
+{
+    char name[128];
+    long millis = 0;
+    FILE *f = fopen(FAKE_BLOCK_FILE, "r");
+    if (f == NULL)
+        return 0;
+    if (fscanf(f, "%127s %ld", name, &millis) != 2)
+        millis = 0;
+    fclose(f);
+    if (strcmp(name, function) != 0 && strcmp(name, "*") != 0)
+        return 0;
+    return millis > 0 ? millis : 0;
+}
+
+static long elapsed_ms(const struct timespec *since)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - since->tv_sec) * 1000L + (now.tv_nsec - since->tv_nsec) / 1000000L;
+}
+
+/* Blocks while the control file names `function`, up to its duration. */
+static void maybe_block(const char *function)
+{
+    struct timespec start, step = {0, 10 * 1000 * 1000};
+    long millis = block_millis(function);
+    if (millis == 0)
+        return;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    while (elapsed_ms(&start) < millis && block_millis(function) > 0)
+        nanosleep(&step, NULL);
+}
+#define BLOCK_POINT() maybe_block(__func__)
+#else
+#define BLOCK_POINT() ((void)0)
+#endif
+
 /* ---- exported NVML entry points ---------------------------------------- */
 
 nvmlReturn_t nvmlInit_v2(void)
 {
+    BLOCK_POINT();
 #ifdef FAKE_INIT_FAILS
     return NVML_ERROR_DRIVER_NOT_LOADED;
 #else
@@ -261,6 +318,7 @@ nvmlReturn_t nvmlSystemGetDriverVersion(char *version, unsigned int length)
 
 nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count)
 {
+    BLOCK_POINT();
     if (init_count <= 0)
         return NVML_ERROR_UNINITIALIZED;
     if (count == NULL)
@@ -271,6 +329,7 @@ nvmlReturn_t nvmlDeviceGetCount_v2(unsigned int *count)
 
 nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *device)
 {
+    BLOCK_POINT();
     if (init_count <= 0)
         return NVML_ERROR_UNINITIALIZED;
     if (index >= FAKE_GPU_COUNT || device == NULL)
@@ -283,6 +342,7 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
 
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -295,6 +355,7 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int len
 
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -305,6 +366,7 @@ nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int len
  * FAKE_GPU1_LOST_AFTER-th. */
 nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -322,6 +384,7 @@ nvmlReturn_t nvmlDeviceGetPowerUsage(nvmlDevice_t device, unsigned int *power)
 /* Returns the counter, then advances it by the GPU's step. */
 nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned long long *energy)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -336,6 +399,7 @@ nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned l
 
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -349,6 +413,7 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
 /* Like the real library, insists on the caller's struct version. */
 nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *memory)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -366,6 +431,7 @@ nvmlReturn_t nvmlDeviceGetMemoryInfo_v2(nvmlDevice_t device, nvmlMemory_v2_t *me
 nvmlReturn_t nvmlDeviceGetTemperature(nvmlDevice_t device, nvmlTemperatureSensors_t sensor,
                                       unsigned int *temp)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -390,6 +456,7 @@ static int clock_of(const struct fake_gpu *gpu, nvmlClockType_t type, unsigned i
 
 nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, nvmlClockType_t type, unsigned int *clock)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
@@ -400,6 +467,7 @@ nvmlReturn_t nvmlDeviceGetClockInfo(nvmlDevice_t device, nvmlClockType_t type, u
 
 nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *limit)
 {
+    BLOCK_POINT();
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
