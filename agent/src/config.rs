@@ -102,6 +102,12 @@ pub struct Config {
     pub tls_domain: Option<String>,
     /// Log format: `plain` or `json`.
     pub log_format: LogFormat,
+    /// Address of the agent's own HTTP port (`/healthz`, `/livez`,
+    /// `/metrics`). Unset: no port.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// `/healthz` fails once samples wait this long without an ack.
+    #[serde(with = "capwatch_common::duration")]
+    pub health_max_undelivered: Duration,
     pub nvml: NvmlConfig,
     pub mock: MockSettings,
     pub redfish: RedfishSettings,
@@ -250,6 +256,8 @@ impl Default for Config {
             tls_key: None,
             tls_domain: None,
             log_format: LogFormat::Plain,
+            http_listen: None,
+            health_max_undelivered: Duration::from_secs(120),
             nvml: NvmlConfig::default(),
             mock: MockSettings::default(),
             redfish: RedfishSettings::default(),
@@ -488,6 +496,11 @@ impl Config {
                 "drain_timeout and reconnect_max must be at most 1h",
             );
         }
+        if self.health_max_undelivered < Duration::from_secs(1)
+            || self.health_max_undelivered > Duration::from_secs(86_400)
+        {
+            return bad("health_max_undelivered", "must be between 1s and 24h");
+        }
         if self.mock.gpus == 0 || self.mock.gpus > 1024 {
             return bad("mock.gpus", "must be between 1 and 1024");
         }
@@ -619,7 +632,7 @@ mod tests {
     fn invalid_settings_name_the_setting() {
         type Change = fn(&mut Config);
         // (change to the defaults, setting the error must name)
-        let cases: [(Change, &str); 25] = [
+        let cases: [(Change, &str); 26] = [
             (|c| c.collector = Some("https://c:7070".into()), "tls_ca"),
             (|c| c.tls_ca = Some("ca.pem".into()), "collector"),
             (|c| c.collector = Some("c:7070".into()), "collector"),
@@ -667,6 +680,10 @@ mod tests {
                 "spool_fsync_interval",
             ),
             (|c| c.spool_dir = Some(PathBuf::new()), "spool_dir"),
+            (
+                |c| c.health_max_undelivered = Duration::ZERO,
+                "health_max_undelivered",
+            ),
             (|c| c.mock.gpus = 0, "mock.gpus"),
             (
                 |c| c.redfish.url = Some("bmc.example".into()),

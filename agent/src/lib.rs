@@ -1,19 +1,25 @@
 //! capwatch agent: reads every GPU of a node on a fixed interval and
 //! streams the samples to the collector.
 //!
-//! The sampler ([`run`]) owns the [`GpuSource`] and pushes one
-//! [`NodeSample`](capwatch_proto::v1::NodeSample) per tick into the spool;
-//! the stream task ([`stream::run`]) delivers the spool and forgets what the
-//! collector acks. Node power sources ([`node_power`]) are read on threads
-//! of their own; the sampler adds their newest readings to each sample.
+//! The sampler ([`run`]) asks the [`GpuSource`] and the host figures for a
+//! read on each tick, each on a worker thread of its own
+//! ([`source::worker`]), waits at most one interval for them, and pushes
+//! one [`NodeSample`](capwatch_proto::v1::NodeSample) per tick into the
+//! spool; the stream task ([`stream::run`]) delivers the spool and forgets
+//! what the collector acks. Node power sources ([`node_power`]) are read on
+//! threads of their own; the sampler adds their newest readings to each
+//! sample. Nothing on the runtime's thread waits on hardware, so a hung
+//! driver cannot stop acks, sends, signals or the drain deadline.
 
 pub mod config;
 pub mod convert;
 pub mod failover;
 pub mod fleet;
 pub mod host;
+pub mod http;
 pub mod meter_sim;
 pub mod node_power;
+pub mod notify;
 pub mod source;
 pub mod spool;
 pub mod stream;
@@ -33,7 +39,8 @@ use capwatch_proto::v1 as pb;
 use config::{Config, SourceKind};
 use source::mock::{MockConfig, MockSource};
 use source::nvml::NvmlSource;
-use source::{GpuSource, SourceError};
+use source::worker::Outcome;
+use source::{GpuInfo, GpuSource, ReadErrors, SourceError};
 use spool::Spool;
 use stream::{Shared, StreamConfig};
 
@@ -53,6 +60,18 @@ pub enum AgentError {
     Tls(String),
     #[error(transparent)]
     Spool(#[from] spool::SpoolError),
+    #[error("http_listen {addr}: {error}")]
+    HttpListen {
+        addr: std::net::SocketAddr,
+        error: std::io::Error,
+    },
+    #[error("starting the {what} worker thread: {error}")]
+    Thread {
+        what: &'static str,
+        error: std::io::Error,
+    },
+    #[error("the GPU source's worker thread ended while opening it")]
+    SourceThread,
 }
 
 /// The token to present: from `token_file`, else `CAPWATCH_TOKEN`.
@@ -100,7 +119,7 @@ fn client_tls(cfg: &Config) -> Result<Option<ClientTlsConfig>, AgentError> {
 }
 
 /// What a run did, for the exit log and for tests.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
     pub sampled: u64,
     /// Acked by the collector, accepted or rejected.
@@ -122,6 +141,20 @@ pub struct Summary {
     /// source and reason (`kind/name:reason=count,...`).
     pub node_power_failures: u64,
     pub node_power_failures_by_reason: String,
+    /// GPU reads that missed their deadline, and samples sent without GPU
+    /// readings meanwhile.
+    pub gpu_stalls: u64,
+    pub gpu_stalled_samples: u64,
+    /// GPU reads answered in time, and late answers dropped.
+    pub gpu_reads: u64,
+    pub gpu_late_answers: u64,
+}
+
+/// What the GPU worker reports once its source is open.
+struct Opened {
+    inventory: Vec<GpuInfo>,
+    name: &'static str,
+    errors: Option<Arc<ReadErrors>>,
 }
 
 /// Opens the configured GPU source.
@@ -212,11 +245,95 @@ pub async fn run(
     cfg.validate()?;
     cfg.check_files()?;
     let node_id = node_id(&cfg)?;
-    let mut source = open_source(&cfg, &node_id)?;
+    // Bound before anything else, so a taken port fails the start, and
+    // answering (503) while the GPU source opens.
+    let listener = match cfg.http_listen {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|error| AgentError::HttpListen { addr, error })?,
+        ),
+        None => None,
+    };
+    // NVML is opened on the worker that reads it: its initialisation can
+    // hang like any call, and a signal must still stop the agent.
+    let (mut gpu_reader, opened) = {
+        let (cfg, node_id) = (cfg.clone(), node_id.clone());
+        source::worker::Reader::spawn_with("gpu", move || {
+            let mut source = open_source(&cfg, &node_id)?;
+            let opened = Opened {
+                inventory: source.inventory().to_vec(),
+                name: source.name(),
+                errors: source.errors(),
+            };
+            Ok::<_, SourceError>((opened, move |at| source.sample(at)))
+        })
+        .map_err(|error| AgentError::Thread { what: "GPU", error })?
+    };
     let mut host = host::Host::new();
-
-    let start_wall = agent_clock(source.name());
+    let host_info = host.info();
+    let mut host_reader =
+        source::worker::Reader::spawn("host", move |_at| host.sample()).map_err(|error| {
+            AgentError::Thread {
+                what: "host",
+                error,
+            }
+        })?;
+    // The start, and with it the epoch, are fixed before the source opens
+    // (the samples' clock runs from here either way).
+    let start_wall = agent_clock(match cfg.source {
+        SourceKind::Mock => "mock",
+        SourceKind::Nvml => "nvml",
+    });
     let start = tokio::time::Instant::now();
+    // The epoch tells this run's sequence numbers apart from an earlier
+    // run's: a restarted agent starts again at seq 1 under a new epoch
+    // (above the collector's, should it hold a newer one for this node),
+    // unless a disk spool carries an earlier run's on.
+    let epoch = unix_nanos(start_wall) as u64;
+    let shared = Arc::new(Shared {
+        spool: std::sync::Mutex::new(Spool::open(
+            cfg.spool_capacity,
+            epoch,
+            cfg.spool_disk().as_ref(),
+            &node_id,
+        )?),
+        new_sample: Notify::new(),
+        stats: stream::Stats::default(),
+    });
+    let observed = Arc::new(http::Observed::new(
+        shared.clone(),
+        gpu_reader.stats(),
+        host_reader.stats(),
+        cfg.interval,
+        cfg.health_max_undelivered,
+    ));
+    let http_task = listener.map(|l| {
+        if let Ok(addr) = l.local_addr() {
+            info!(listen = %addr, "agent HTTP port: /healthz /livez /metrics");
+        }
+        tokio::spawn(http::serve(l, observed.clone()))
+    });
+    let opened = tokio::select! {
+        opened = opened => opened.map_err(|_| AgentError::SourceThread)?,
+        _ = shutdown.wait_for(|s| *s) => {
+            info!("stopped while the GPU source was opening");
+            if let Some(task) = http_task {
+                task.abort();
+            }
+            return Ok(Summary::default());
+        }
+    };
+    let opened = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            observed.open_failed.store(true, Ordering::Relaxed);
+            return Err(e.into());
+        }
+    };
+    observed.opened(opened.inventory.len(), opened.errors.clone());
+    let mut notifier = notify::Notifier::from_env();
+
     // Node power readings are stamped on the samples' clock: the start's
     // wall time plus the monotonic time since (shifted alike under a test
     // clock offset), so a step of the system clock cannot reorder them
@@ -231,13 +348,8 @@ pub async fn run(
     // Returns at once: the sources are opened (BMC discovery included) on
     // threads of their own while the sampler runs.
     let mut node_power = node_power::NodePower::start(&cfg, clock);
-    // The epoch tells this run's sequence numbers apart from an earlier
-    // run's: a restarted agent starts again at seq 1 under a new epoch
-    // (above the collector's, should it hold a newer one for this node),
-    // unless a disk spool carries an earlier run's on.
-    let epoch = unix_nanos(start_wall) as u64;
-    let gpus: Vec<pb::GpuInfo> = source.inventory().iter().map(convert::gpu_info).collect();
-    let host_info = host.info();
+    observed.node_power(node_power.slots());
+    let gpus: Vec<pb::GpuInfo> = opened.inventory.iter().map(convert::gpu_info).collect();
     let endpoints = cfg.endpoints();
     let targets: Vec<stream::Target> =
         failover::preference(&node_id, &endpoints, cfg.collector_order)
@@ -248,20 +360,10 @@ pub async fn run(
             })
             .collect();
     let order: Vec<&str> = targets.iter().map(|t| t.url.as_str()).collect();
-    info!(node = %node_id, source = source.name(), gpus = gpus.len(), interval_ms = cfg.interval.as_millis() as u64, collectors = %order.join(","), "agent starting");
+    info!(node = %node_id, source = opened.name, gpus = gpus.len(), interval_ms = cfg.interval.as_millis() as u64, collectors = %order.join(","), "agent starting");
     let token = load_token(&cfg)?;
     let tls = client_tls(&cfg)?;
 
-    let shared = Arc::new(Shared {
-        spool: std::sync::Mutex::new(Spool::open(
-            cfg.spool_capacity,
-            epoch,
-            cfg.spool_disk().as_ref(),
-            &node_id,
-        )?),
-        new_sample: Notify::new(),
-        stats: stream::Stats::default(),
-    });
     let (done_tx, done_rx) = watch::channel(false);
     // The stream starts once the node power listing is final (the Hello
     // names the sources): every source opened, or one BMC request timeout
@@ -312,6 +414,9 @@ pub async fn run(
     });
     let mut seq = 0u64;
     let mut node_power_readings = 0u64;
+    if let Some(n) = &notifier {
+        n.ready();
+    }
     loop {
         if stream_task.is_none()
             && (node_power.all_opened() || tokio::time::Instant::now() >= listing_deadline)
@@ -327,7 +432,36 @@ pub async fn run(
         seq += 1;
         // Stamp with the scheduled tick, so timestamps are evenly spaced.
         let at = unix_nanos(start_wall + (tick - start));
-        let gpus = source.sample(at);
+        // Both reads at once, each waited for until one interval from now
+        // at most; a stalled one is absent from this sample.
+        let read_deadline = tokio::time::Instant::now() + cfg.interval;
+        gpu_reader.start(at);
+        host_reader.start(at);
+        let reads = async {
+            (
+                gpu_reader.finish(read_deadline).await,
+                host_reader.finish(read_deadline).await,
+            )
+        };
+        let (gpus, host_sample) = tokio::select! {
+            reads = reads => reads,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let gpus = match gpus {
+            Outcome::Fresh(gpus) => {
+                let lost = gpus.iter().filter(|g| g.lost).count();
+                observed.gpus_lost.store(lost as u64, Ordering::Relaxed);
+                gpus
+            }
+            // Absent, never zero: the collector keeps each GPU's last
+            // counter, and the first reading after the stall carries the
+            // energy of the whole gap.
+            Outcome::Stalled => Vec::new(),
+        };
+        let host_sample = match host_sample {
+            Outcome::Fresh(h) => Some(h),
+            Outcome::Stalled => None,
+        };
         let power = node_power.take(at, &gpus);
         node_power_readings += power.len() as u64;
         let sample = pb::NodeSample {
@@ -335,7 +469,7 @@ pub async fn run(
             seq: 0,
             timestamp_unix_nanos: at,
             gpus: gpus.into_iter().map(convert::gpu_sample).collect(),
-            host: Some(host.sample()),
+            host: host_sample,
             node_power: power,
         };
         let dropped = shared.spool().push(sample);
@@ -352,11 +486,18 @@ pub async fn run(
             }
         }
         shared.new_sample.notify_one();
+        observed.ticked();
+        if let Some(n) = &mut notifier {
+            n.alive();
+        }
         if max_samples.is_some_and(|m| seq >= m) {
             break;
         }
     }
     info!(samples = seq, "sampling stopped; delivering the spool");
+    if let Some(n) = &notifier {
+        n.stopping();
+    }
     // Stopped before the listing was final: list what has opened, so the
     // spool can still be delivered.
     if stream_task.is_none() {
@@ -371,6 +512,10 @@ pub async fn run(
     {
         warn!(error = %e, "stream task ended abnormally");
     }
+    if let Some(task) = http_task {
+        task.abort();
+    }
+    let gpu_stats = gpu_reader.stats();
     let summary = Summary {
         sampled: shared.stats.sampled.load(Ordering::Relaxed),
         acked: shared.stats.acked.load(Ordering::Relaxed),
@@ -384,6 +529,10 @@ pub async fn run(
         node_power_readings,
         node_power_failures: node_power.failures().total(),
         node_power_failures_by_reason: node_power.failures().by_reason(),
+        gpu_stalls: gpu_stats.stalls.load(Ordering::Relaxed),
+        gpu_stalled_samples: gpu_stats.stalled_samples.load(Ordering::Relaxed),
+        gpu_reads: gpu_stats.reads.load(Ordering::Relaxed),
+        gpu_late_answers: gpu_stats.late_answers.load(Ordering::Relaxed),
     };
     info!(
         sampled = summary.sampled,
@@ -398,6 +547,10 @@ pub async fn run(
         node_power_readings = summary.node_power_readings,
         node_power_failures = summary.node_power_failures,
         node_power_failures_by_reason = %summary.node_power_failures_by_reason,
+        gpu_stalls = summary.gpu_stalls,
+        gpu_stalled_samples = summary.gpu_stalled_samples,
+        gpu_reads = summary.gpu_reads,
+        gpu_late_answers = summary.gpu_late_answers,
         "agent stopped"
     );
     Ok(summary)

@@ -384,6 +384,11 @@ impl Spool {
         self.samples.len()
     }
 
+    /// The samples' encoded size, in bytes (for `/metrics`).
+    pub fn bytes(&self) -> usize {
+        self.samples.iter().map(Message::encoded_len).sum()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.samples.is_empty()
     }

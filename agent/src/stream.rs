@@ -78,6 +78,9 @@ pub struct Stats {
     pub connects: AtomicU64,
     /// Moves from one collector endpoint to another.
     pub switches: AtomicU64,
+    /// When the collector last acked a sample (monotonic, and the wall
+    /// clock for `/metrics`).
+    last_ack: Mutex<Option<(Instant, std::time::SystemTime)>>,
 }
 
 /// Most distinct rejection reasons told apart; later ones are `other`.
@@ -167,6 +170,17 @@ impl Stats {
         );
         r.unwarned.clear();
         r.warned_at = Some(now);
+    }
+
+    /// Records that the collector acked at least one sample now.
+    pub fn delivered(&self) {
+        *self.last_ack.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((Instant::now(), std::time::SystemTime::now()));
+    }
+
+    /// When the collector last acked a sample; `None` before the first.
+    pub fn last_delivery(&self) -> Option<(Instant, std::time::SystemTime)> {
+        *self.last_ack.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Rejected samples since start, as `reason=count,...`.
@@ -615,6 +629,9 @@ async fn stream_on(
                     if ack.stream_epoch == epoch {
                         let n = shared.spool().ack(ack.acked_seq);
                         shared.stats.acked.fetch_add(n as u64, Ordering::Relaxed);
+                        if n > 0 {
+                            shared.stats.delivered();
+                        }
                         if !ack.rejected.is_empty() {
                             shared.stats.rejected(&cfg.hello.node_id, &ack.rejected);
                         }

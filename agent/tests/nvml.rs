@@ -368,3 +368,68 @@ fn copies_loaded_side_by_side_keep_separate_state() {
         [expected_reading(0, 2), expected_reading(1, 2)]
     );
 }
+
+/// Invariant: an NVML call that hangs never holds the sampler for more
+/// than its deadline; the GPUs are absent (not zero) while it hangs, the
+/// stall is counted once, the hung read's late answer is dropped, and the
+/// next read is used again, its counter carrying the energy of the gap.
+#[tokio::test(flavor = "current_thread")]
+async fn a_hung_nvml_call_is_a_counted_stall_and_the_counter_carries_the_gap() {
+    use capwatch_agent::source::worker::{Outcome, Reader};
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    let control = tempfile::tempdir().expect("a temporary directory");
+    let block = control.path().join("block");
+    let define = format!("-DFAKE_BLOCK_FILE=\"{}\"", block.display());
+    let fake = build_fake(&[&define]);
+    let mut source = open(&fake);
+    let mut reader =
+        Reader::spawn("gpu", move |at| source.sample(at)).expect("starting the worker");
+    let stats = reader.stats();
+    let step = Duration::from_millis(50);
+    let mut read = async |at: i64, wait: Duration| {
+        reader.start(at);
+        reader.finish(Instant::now() + wait).await
+    };
+    // Read 1: answered.
+    assert_eq!(
+        read(1, Duration::from_secs(10)).await,
+        Outcome::Fresh(vec![expected_reading(0, 1), expected_reading(1, 1)])
+    );
+    // Read 2 hangs in the power call: absent, and so are the ticks after
+    // it, with no second read started (the counter does not move).
+    std::fs::write(&block, "nvmlDeviceGetPowerUsage 60000").expect("writing the control file");
+    for at in 2..6 {
+        let started = std::time::Instant::now();
+        assert_eq!(read(at, step).await, Outcome::Stalled, "tick {at}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "tick {at} waited"
+        );
+    }
+    assert_eq!(stats.stalls.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.stalled_samples.load(Ordering::Relaxed), 4);
+    assert!(stats.stalled.load(Ordering::Relaxed));
+    // The hang ends: the late answer (read 2) is dropped and read 3 is
+    // used, three counter steps after read 1 with the probe at open.
+    std::fs::remove_file(&block).expect("removing the control file");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let fresh = loop {
+        match read(6, Duration::from_secs(10)).await {
+            Outcome::Fresh(r) => break r,
+            Outcome::Stalled => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no read after the hang"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    assert_eq!(fresh, [expected_reading(0, 3), expected_reading(1, 3)]);
+    assert_eq!(stats.late_answers.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.stalls.load(Ordering::Relaxed), 1);
+    assert!(!stats.stalled.load(Ordering::Relaxed));
+}

@@ -149,6 +149,16 @@ impl Failures {
             .join(",")
     }
 
+    /// Every (source, reason) and its count, in order.
+    pub fn counts(&self) -> Vec<(String, &'static str, u64)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|((label, reason), n)| (label.clone(), *reason, *n))
+            .collect()
+    }
+
     /// The count of one (source, reason).
     pub fn get(&self, label: &str, reason: &str) -> u64 {
         self.0
@@ -577,6 +587,11 @@ impl NodePower {
 
     pub fn failures(&self) -> &Failures {
         &self.slots.failures
+    }
+
+    /// What the workers share, for `/metrics`.
+    pub fn slots(&self) -> Arc<Slots> {
+        self.slots.clone()
     }
 
     /// Readings the workers took (the mock's not counted).

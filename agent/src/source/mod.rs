@@ -6,6 +6,10 @@
 
 pub mod mock;
 pub mod nvml;
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 /// Static facts about one GPU, sent once per stream in the Hello.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,6 +63,31 @@ pub trait GpuSource: Send {
 
     /// A short name for logs and the Hello.
     fn name(&self) -> &'static str;
+
+    /// The source's failed reads, shared with `/metrics`; `None` for a
+    /// source that cannot fail.
+    fn errors(&self) -> Option<Arc<ReadErrors>> {
+        None
+    }
+}
+
+/// Failed reads by field (`power`, `energy`, `handle`, ...): every failed
+/// call counts, not only the first one logged. A field the GPU does not
+/// support is absent, not an error.
+#[derive(Debug, Default)]
+pub struct ReadErrors(Mutex<BTreeMap<&'static str, u64>>);
+
+impl ReadErrors {
+    pub fn add(&self, field: &'static str) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        *map.entry(field).or_default() += 1;
+    }
+
+    /// (field, count), by field.
+    pub fn by_field(&self) -> Vec<(&'static str, u64)> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter().map(|(f, n)| (*f, *n)).collect()
+    }
 }
 
 /// Errors opening a source.

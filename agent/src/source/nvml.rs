@@ -8,13 +8,14 @@
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::Path;
+use std::sync::Arc;
 
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
 use nvml_wrapper::error::NvmlError;
 use tracing::{error, info, warn};
 
-use super::{GpuInfo, GpuReading, GpuSource, SourceError};
+use super::{GpuInfo, GpuReading, GpuSource, ReadErrors, SourceError};
 
 /// The library name NVML is looked up by when no path is configured.
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
@@ -28,6 +29,7 @@ pub struct NvmlSource {
     /// NVML's index of each inventory entry (they differ when a GPU could
     /// not be identified at start-up and was left out).
     nvml_index: Vec<u32>,
+    errors: Arc<ReadErrors>,
 }
 
 impl NvmlSource {
@@ -92,6 +94,7 @@ impl NvmlSource {
             inventory,
             reported: HashSet::new(),
             nvml_index,
+            errors: Arc::default(),
         })
     }
 
@@ -99,13 +102,17 @@ impl NvmlSource {
     /// failure of each (GPU, field). Returns `Err(())` when the GPU is lost.
     fn field<T>(
         reported: &mut HashSet<(u32, &'static str)>,
+        errors: &ReadErrors,
         index: u32,
         field: &'static str,
         answer: Result<T, NvmlError>,
     ) -> Result<Option<T>, Lost> {
         match answer {
             Ok(v) => Ok(Some(v)),
-            Err(NvmlError::GpuLost) => Err(Lost),
+            Err(NvmlError::GpuLost) => {
+                errors.add(field);
+                Err(Lost)
+            }
             Err(NvmlError::NotSupported) => {
                 if reported.insert((index, field)) {
                     info!(
@@ -116,6 +123,7 @@ impl NvmlSource {
                 Ok(None)
             }
             Err(e) => {
+                errors.add(field);
                 if reported.insert((index, field)) {
                     warn!(gpu = index, field, error = %e, "NVML read failed; reported absent");
                 }
@@ -127,8 +135,12 @@ impl NvmlSource {
     fn read(&mut self, index: u32) -> Result<GpuReading, Lost> {
         let device = match self.nvml.device_by_index(index) {
             Ok(d) => d,
-            Err(NvmlError::GpuLost) => return Err(Lost),
+            Err(NvmlError::GpuLost) => {
+                self.errors.add("handle");
+                return Err(Lost);
+            }
             Err(e) => {
+                self.errors.add("handle");
                 if self.reported.insert((index, "handle")) {
                     warn!(gpu = index, error = %e, "NVML has no handle for this GPU");
                 }
@@ -136,25 +148,35 @@ impl NvmlSource {
             }
         };
         let r = &mut self.reported;
-        let utilization = Self::field(r, index, "utilization", device.utilization_rates())?;
-        let memory = Self::field(r, index, "memory", device.memory_info())?;
+        let e = &*self.errors;
+        let utilization = Self::field(r, e, index, "utilization", device.utilization_rates())?;
+        let memory = Self::field(r, e, index, "memory", device.memory_info())?;
         Ok(GpuReading {
             index,
-            power_milliwatts: Self::field(r, index, "power", device.power_usage())?.map(u64::from),
-            energy_millijoules: Self::field(r, index, "energy", device.total_energy_consumption())?,
+            power_milliwatts: Self::field(r, e, index, "power", device.power_usage())?
+                .map(u64::from),
+            energy_millijoules: Self::field(
+                r,
+                e,
+                index,
+                "energy",
+                device.total_energy_consumption(),
+            )?,
             utilization_percent: utilization.as_ref().map(|u| u.gpu),
             memory_utilization_percent: utilization.as_ref().map(|u| u.memory),
             memory_used_bytes: memory.map(|m| m.used),
             temperature_celsius: Self::field(
                 r,
+                e,
                 index,
                 "temperature",
                 device.temperature(TemperatureSensor::Gpu),
             )?
             .and_then(|t| i32::try_from(t).ok()),
-            sm_clock_mhz: Self::field(r, index, "sm_clock", device.clock_info(Clock::SM))?,
+            sm_clock_mhz: Self::field(r, e, index, "sm_clock", device.clock_info(Clock::SM))?,
             power_limit_milliwatts: Self::field(
                 r,
+                e,
                 index,
                 "power_limit",
                 device.enforced_power_limit(),
@@ -174,6 +196,10 @@ impl GpuSource for NvmlSource {
 
     fn name(&self) -> &'static str {
         "nvml"
+    }
+
+    fn errors(&self) -> Option<Arc<ReadErrors>> {
+        Some(self.errors.clone())
     }
 
     fn sample(&mut self, _at_unix_nanos: i64) -> Vec<GpuReading> {

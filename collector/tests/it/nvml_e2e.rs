@@ -107,3 +107,129 @@ fn nvml_readings_reach_metrics_in_base_units() {
     );
     collector.stop();
 }
+
+/// Accepted samples, as the collector counts them.
+fn accepted(collector: &Collector) -> f64 {
+    collector
+        .metrics()
+        .select(
+            "capwatch_collector_samples_total",
+            &[("outcome", "accepted")],
+        )
+        .iter()
+        .map(|(_, v)| v)
+        .sum()
+}
+
+/// Invariant: an NVML call that hangs stalls only the GPU readings. While
+/// it hangs the agent keeps sampling (the GPUs absent, never zero), the
+/// collector keeps acking, the stall is counted and /healthz says so; when
+/// it ends the next read is used again; SIGTERM during a hang stops the
+/// agent within its drain deadline; and the energy the collector counted
+/// is exactly what the fake's counters advanced between the first and the
+/// last reading used.
+#[test]
+fn a_hung_nvml_call_stalls_neither_acks_nor_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let block = dir.path().join("nvml-block");
+    let lib = build_fake(
+        dir.path(),
+        &[&format!("-DFAKE_BLOCK_FILE=\"{}\"", block.display())],
+    );
+    let collector = Collector::start(
+        dir.path(),
+        "[[tenant]]\nid = \"lab\"\ncontracted_kw = 0.4\nnodes = [\"gpu-node-*\"]\n",
+        0,
+        &["--stale-after", "5m"],
+    );
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, "drain_timeout = \"2s\"\n").unwrap();
+    let mut agent = Command::new(bin("capwatch-agent"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--source", "nvml", "--node-id", "gpu-node-stall"])
+        .args(["--interval", "100ms", "--log-format", "json"])
+        .args(["--collector", &collector.endpoint()])
+        .arg("--nvml-library")
+        .arg(&lib)
+        .env("CAPWATCH_HTTP_LISTEN", "127.0.0.1:0")
+        .env("CAPWATCH_HEALTH_MAX_UNDELIVERED", "1m")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    log.capture(agent.stderr.take().unwrap(), "agent".into());
+    eventually(Duration::from_secs(20), "first samples accepted", || {
+        accepted(&collector) >= 5.0
+    });
+
+    // Every power read hangs from now on (for ten minutes, far past the
+    // test): samples keep coming, and the collector keeps acking them.
+    std::fs::write(&block, "nvmlDeviceGetPowerUsage 600000").unwrap();
+    let before = accepted(&collector);
+    eventually(
+        Duration::from_secs(15),
+        "samples accepted while NVML hangs",
+        || accepted(&collector) >= before + 20.0,
+    );
+    let listen = log.wait_for("agent HTTP port", Duration::from_secs(1));
+    let addr: std::net::SocketAddr = json_field(&listen, "listen").unwrap().parse().unwrap();
+    let agent_metrics = || Metrics::parse(&http_get(addr, "/metrics"));
+    let gpu = [("reader", "gpu")];
+    let m = agent_metrics();
+    assert_eq!(m.one("capwatch_agent_hardware_stalls_total", &gpu), 1.0);
+    assert_eq!(m.one("capwatch_agent_hardware_stalled", &gpu), 1.0);
+    let acked = m.one("capwatch_agent_samples_acked_total", &[]);
+    eventually(Duration::from_secs(15), "acks while NVML hangs", || {
+        agent_metrics().one("capwatch_agent_samples_acked_total", &[]) >= acked + 10.0
+    });
+    let (status, body) = http_get_status(addr, "/healthz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("stalled"), "{body}");
+    assert_eq!(http_get_status(addr, "/livez").0, 200);
+    log.wait_for("hardware read missed its deadline", Duration::from_secs(1));
+
+    // The hang ends: reads are used again, and the agent is healthy.
+    std::fs::remove_file(&block).unwrap();
+    let reads = agent_metrics().one("capwatch_agent_hardware_reads_total", &gpu);
+    eventually(Duration::from_secs(15), "reads after the hang", || {
+        let m = agent_metrics();
+        m.one("capwatch_agent_hardware_stalled", &gpu) == 0.0
+            && m.one("capwatch_agent_hardware_reads_total", &gpu) >= reads + 5.0
+    });
+    assert_eq!(http_get_status(addr, "/healthz").0, 200);
+
+    // A second hang, and SIGTERM during it: the agent drains and exits
+    // within its drain deadline though a thread of it is stuck in NVML.
+    std::fs::write(&block, "nvmlDeviceGetPowerUsage 600000").unwrap();
+    eventually(Duration::from_secs(15), "the second stall", || {
+        agent_metrics().one("capwatch_agent_hardware_stalls_total", &gpu) == 2.0
+    });
+    let asked = std::time::Instant::now();
+    terminate(&agent);
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    let took = asked.elapsed();
+    assert!(status.success(), "agent: {status}");
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    let summary = log.wait_for("agent stopped", Duration::from_secs(5));
+    assert_eq!(json_number(&summary, "gpu_stalls"), 2, "{summary}");
+    assert_eq!(json_number(&summary, "undelivered"), 0, "{summary}");
+    // One late answer (the first hang's, dropped); the second hang never
+    // answered. The fake's counters advance once per read that reached
+    // them: the probe at open, the reads used, the late one. The first
+    // read used is the collector's baseline.
+    let late = json_number(&summary, "gpu_late_answers");
+    assert_eq!(late, 1, "{summary}");
+    let steps = json_number(&summary, "gpu_reads") + late - 1;
+    let m = collector.metrics();
+    for (gpu, step) in [("0", 1000), ("1", 250)] {
+        let e = milli(m.one(
+            "capwatch_gpu_energy_joules_total",
+            &[("node", "gpu-node-stall"), ("gpu", gpu)],
+        ));
+        assert_eq!(e, step * steps, "GPU {gpu}: {steps} counter steps");
+    }
+    collector.stop();
+}
