@@ -159,6 +159,33 @@ def check_service_monitor(where, operator, by_kind):
                 fail(f'{where}: ServiceMonitor/{name}: no Service port named {ep["port"]}')
 
 
+def check_agent_port(where, operator, by_kind, config):
+    """The agent's probes and the PodMonitor name its container port, which
+    is the port its config's http_listen binds on every address."""
+    agent = by_kind.get("DaemonSet", {}).get("capwatch-agent")
+    if not agent:
+        return
+    template = agent["spec"]["template"]
+    (c,) = template["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
+    listen = read_toml(config).get("http_listen", "")
+    if not listen.startswith("0.0.0.0:"):
+        fail(f"{where}: agent.toml: http_listen {listen!r} is not 0.0.0.0:PORT (the kubelet probes the pod's address)")
+    elif ports.get("http") != int(listen.rsplit(":", 1)[1]):
+        fail(f"{where}: agent container port http {ports.get('http')} is not http_listen's {listen}")
+    for probe, path in (("readinessProbe", "/healthz"), ("livenessProbe", "/livez")):
+        get = c.get(probe, {}).get("httpGet", {})
+        if get.get("path") != path or get.get("port") != "http":
+            fail(f"{where}: agent {probe} is not GET {path} on port http")
+    for name, pm in index(operator).get("PodMonitor", {}).items():
+        want = pm["spec"]["selector"]["matchLabels"]
+        if not all(template["metadata"]["labels"].get(k) == v for k, v in want.items()):
+            fail(f"{where}: PodMonitor/{name} does not select the agent pods")
+        for ep in pm["spec"]["podMetricsEndpoints"]:
+            if ep["port"] not in ports:
+                fail(f'{where}: PodMonitor/{name}: no agent container port named {ep["port"]}')
+
+
 def without_generated_names(o):
     """`o` with the content hash of generated ConfigMap names dropped."""
     text = json.dumps(o, sort_keys=True)
@@ -299,16 +326,18 @@ def check_kubernetes():
     for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PersistentVolumeClaim"):
         if kind not in single:
             fail(f"base: no {kind} rendered")
-    for kind in ("ServiceMonitor", "PrometheusRule"):
+    for kind in ("ServiceMonitor", "PodMonitor", "PrometheusRule"):
         if kind not in index(operator):
             fail(f"prometheus-operator: no {kind} rendered")
     check_workloads("prometheus-operator", operator)
     check_service_monitor("base", operator, single)
+    check_agent_port("base", operator, single, os.path.join(K8S, "config", "agent.toml"))
     several = check_workloads("ha", layouts["ha"] + layouts["ha/ledger-init"])
     for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PodDisruptionBudget", "Job"):
         if kind not in several:
             fail(f"ha: no {kind} rendered")
     check_service_monitor("ha", operator, several)
+    check_agent_port("ha", operator, several, os.path.join(K8S, "ha", "config", "agent.toml"))
     check_ha(layouts["base"], layouts["ha"], layouts["ha/ledger-init"])
     print(f"{validated} objects valid against the Kubernetes schemas")
     if validated < 16:

@@ -248,6 +248,13 @@ impl Observed {
             &[],
             self.undelivered_for().as_secs_f64(),
         );
+        f.one(
+            "capwatch_agent_health_max_undelivered_seconds",
+            "The configured health_max_undelivered: /healthz fails once capwatch_agent_undelivered_seconds passes it.",
+            MetricType::GAUGE,
+            &[],
+            self.max_undelivered.as_secs_f64(),
+        );
         if let Some((_, wall)) = stats.last_delivery() {
             let secs = wall
                 .duration_since(UNIX_EPOCH)
@@ -601,6 +608,7 @@ mod tests {
                 "# TYPE capwatch_agent_hardware_stalled gauge",
                 "# TYPE capwatch_agent_hardware_stalled_samples_total counter",
                 "# TYPE capwatch_agent_hardware_stalls_total counter",
+                "# TYPE capwatch_agent_health_max_undelivered_seconds gauge",
                 "# TYPE capwatch_agent_healthy gauge",
                 "# TYPE capwatch_agent_last_delivery_timestamp_seconds gauge",
                 "# TYPE capwatch_agent_nvml_errors_total counter",

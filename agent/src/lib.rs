@@ -332,7 +332,7 @@ pub async fn run(
         }
     };
     observed.opened(opened.inventory.len(), opened.errors.clone());
-    let mut notifier = notify::Notifier::from_env();
+    let notifier = notify::Notifier::from_env().map(Arc::new);
 
     // Node power readings are stamped on the samples' clock: the start's
     // wall time plus the monotonic time since (shifted alike under a test
@@ -414,9 +414,17 @@ pub async fn run(
     });
     let mut seq = 0u64;
     let mut node_power_readings = 0u64;
-    if let Some(n) = &notifier {
+    let watchdog = notifier.as_ref().and_then(|n| {
         n.ready();
-    }
+        let every = n.ping_every()?;
+        let n = n.clone();
+        Some(tokio::spawn(async move {
+            loop {
+                n.ping();
+                tokio::time::sleep(every).await;
+            }
+        }))
+    });
     loop {
         if stream_task.is_none()
             && (node_power.all_opened() || tokio::time::Instant::now() >= listing_deadline)
@@ -487,9 +495,6 @@ pub async fn run(
         }
         shared.new_sample.notify_one();
         observed.ticked();
-        if let Some(n) = &mut notifier {
-            n.alive();
-        }
         if max_samples.is_some_and(|m| seq >= m) {
             break;
         }
@@ -512,7 +517,7 @@ pub async fn run(
     {
         warn!(error = %e, "stream task ended abnormally");
     }
-    if let Some(task) = http_task {
+    for task in [http_task, watchdog].into_iter().flatten() {
         task.abort();
     }
     let gpu_stats = gpu_reader.stats();

@@ -4,13 +4,14 @@
 //! Without `NOTIFY_SOCKET` (not under systemd, or `Type=simple`) it does
 //! nothing.
 //!
-//! The watchdog is fed by the sampler's loop, not by `/healthz`: the loop
-//! never waits on the hardware or the collector, so a missed ping means
-//! the agent itself is stuck and a restart helps; a collector outage or a
-//! hung driver is no reason to restart (and lose the spool).
+//! The watchdog is fed by a task on the agent's one runtime thread, not by
+//! `/healthz`: nothing on that thread waits on the hardware or the
+//! collector, so a missed ping means the agent itself is stuck and a
+//! restart helps; a collector outage or a hung driver is no reason to
+//! restart (and lose the spool).
 
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tracing::{debug, warn};
 
@@ -19,7 +20,6 @@ pub struct Notifier {
     addr: SocketAddr,
     /// Half of `WATCHDOG_USEC`, when systemd asks for pings.
     ping_every: Option<Duration>,
-    pinged: Option<Instant>,
 }
 
 impl Notifier {
@@ -52,7 +52,6 @@ impl Notifier {
             socket,
             addr,
             ping_every,
-            pinged: None,
         })
     }
 
@@ -70,13 +69,12 @@ impl Notifier {
         self.send("STOPPING=1");
     }
 
-    /// Pings the watchdog, at most every half period.
-    pub fn alive(&mut self) {
-        let Some(every) = self.ping_every else { return };
-        if self.pinged.is_some_and(|at| at.elapsed() < every) {
-            return;
-        }
-        self.pinged = Some(Instant::now());
+    /// How often to ping the watchdog (half its period), if systemd asks.
+    pub fn ping_every(&self) -> Option<Duration> {
+        self.ping_every
+    }
+
+    pub fn ping(&self) {
         self.send("WATCHDOG=1");
     }
 }
@@ -103,20 +101,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn notifications_reach_the_socket_and_pings_are_spaced() {
+    fn notifications_reach_the_socket() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("notify");
         let server = UnixDatagram::bind(&path).unwrap();
         server.set_nonblocking(true).unwrap();
-        let mut n = Notifier {
+        let n = Notifier {
             socket: UnixDatagram::unbound().unwrap(),
             addr: address(path.to_str().unwrap()).unwrap(),
             ping_every: Some(Duration::from_secs(3600)),
-            pinged: None,
         };
         n.ready();
-        n.alive();
-        n.alive();
+        n.ping();
         n.stopping();
         let mut got = Vec::new();
         let mut buf = [0u8; 64];
