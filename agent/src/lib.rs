@@ -46,6 +46,9 @@ use stream::{Shared, StreamConfig};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Longest wait for a read of the mock source (see `run`).
+const MOCK_READ_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -412,6 +415,13 @@ pub async fn run(
         SourceKind::Mock => MissedTickBehavior::Burst,
         SourceKind::Nvml => MissedTickBehavior::Skip,
     });
+    // A simulation cannot hang: its read is late only on a starved machine,
+    // and its readings are a pure function of the tick, which its tests
+    // compare sample by sample; so it is given longer.
+    let read_wait = match cfg.source {
+        SourceKind::Nvml => cfg.interval,
+        SourceKind::Mock => cfg.interval.max(MOCK_READ_WAIT),
+    };
     let mut seq = 0u64;
     let mut node_power_readings = 0u64;
     let watchdog = notifier.as_ref().and_then(|n| {
@@ -442,7 +452,7 @@ pub async fn run(
         let at = unix_nanos(start_wall + (tick - start));
         // Both reads at once, each waited for until one interval from now
         // at most; a stalled one is absent from this sample.
-        let read_deadline = tokio::time::Instant::now() + cfg.interval;
+        let read_deadline = tokio::time::Instant::now() + read_wait;
         gpu_reader.start(at);
         host_reader.start(at);
         let reads = async {
