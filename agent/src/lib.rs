@@ -522,15 +522,27 @@ pub async fn run(
     // Under an fsync interval, the last samples become sendable.
     shared.spool().sync();
     let _ = done_tx.send(true);
+    let drain_end = tokio::time::Instant::now() + cfg.drain_timeout;
     if let Some(task) = stream_task
         && let Err(e) = task.await
     {
         warn!(error = %e, "stream task ended abnormally");
     }
+    // Let the workers drop what they read (the mock saves its counters),
+    // but wait for one hung in the driver no longer than the drain
+    // deadline (100 ms at least), and a second at most.
+    let gpu_stats = gpu_reader.stats();
+    let now = tokio::time::Instant::now();
+    let until = drain_end
+        .min(now + std::time::Duration::from_secs(1))
+        .max(now + std::time::Duration::from_millis(100));
+    let (gpu_stopped, _) = tokio::join!(gpu_reader.stop(until), host_reader.stop(until));
+    if !gpu_stopped {
+        warn!("the GPU worker is still in a read at exit; it is left behind");
+    }
     for task in [http_task, watchdog].into_iter().flatten() {
         task.abort();
     }
-    let gpu_stats = gpu_reader.stats();
     let summary = Summary {
         sampled: shared.stats.sampled.load(Ordering::Relaxed),
         acked: shared.stats.acked.load(Ordering::Relaxed),

@@ -77,6 +77,8 @@ pub struct Reader<R> {
     /// When a new stall was last logged, and the stalls since, unlogged.
     stall_logged: Option<Instant>,
     unlogged_stalls: u64,
+    /// Resolves once the worker has dropped what it reads.
+    finished: oneshot::Receiver<()>,
 }
 
 impl<R: Send + 'static> Reader<R> {
@@ -96,6 +98,7 @@ impl<R: Send + 'static> Reader<R> {
         // One slot: the sampler never has more than one request out.
         let (tx, rx) = std::sync::mpsc::sync_channel::<Request<R>>(1);
         let (opened_tx, opened_rx) = oneshot::channel();
+        let (finished_tx, finished) = oneshot::channel::<()>();
         std::thread::Builder::new()
             .name(format!("capwatch-{name}"))
             // The default stack: loading NVML (its table of entry points)
@@ -117,6 +120,10 @@ impl<R: Send + 'static> Reader<R> {
                 while let Ok(req) = rx.recv() {
                     let _ = req.reply.send(read(req.at_unix_nanos));
                 }
+                // What it read is dropped here (a simulation saves its
+                // counters, NVML shuts down) before `stop` hears of it.
+                drop(read);
+                let _ = finished_tx.send(());
             })?;
         Ok((
             Self {
@@ -127,6 +134,7 @@ impl<R: Send + 'static> Reader<R> {
                 gone: false,
                 stall_logged: None,
                 unlogged_stalls: 0,
+                finished,
             },
             opened_rx,
         ))
@@ -140,6 +148,19 @@ impl<R: Send + 'static> Reader<R> {
         let (reader, _opened) =
             Self::spawn_with(name, move || Ok::<_, std::convert::Infallible>(((), read)))?;
         Ok(reader)
+    }
+
+    /// Stops the worker: no more requests, and what it reads is dropped
+    /// once a read in progress returns. Waits for that until `until` at
+    /// most (a worker hung in the driver is left behind); returns whether
+    /// it finished.
+    pub async fn stop(self, until: Instant) -> bool {
+        let Self {
+            requests, finished, ..
+        } = self;
+        drop(requests);
+        // A closed channel: the worker ended without opening its source.
+        tokio::time::timeout_at(until, finished).await.is_ok()
     }
 
     pub fn stats(&self) -> Arc<ReaderStats> {
@@ -335,6 +356,38 @@ mod tests {
         assert_eq!(stats.late_answers.load(Ordering::Relaxed), 1);
         assert_eq!(stats.stalls.load(Ordering::Relaxed), 1);
         assert!(!stats.stalled.load(Ordering::Relaxed));
+    }
+
+    #[tokio::test]
+    async fn stopping_drops_what_the_worker_reads_but_leaves_a_hung_one() {
+        struct Saves(Arc<AtomicBool>);
+        impl Drop for Saves {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let saved = Arc::new(AtomicBool::new(false));
+        let held = Saves(saved.clone());
+        let mut r = Reader::spawn("test", move |at| {
+            let _ = &held;
+            at
+        })
+        .unwrap();
+        r.start(1);
+        assert_eq!(
+            r.finish(Instant::now() + Duration::from_secs(10)).await,
+            Outcome::Fresh(1)
+        );
+        assert!(r.stop(Instant::now() + Duration::from_secs(10)).await);
+        assert!(
+            saved.load(Ordering::Relaxed),
+            "dropped before stop returned"
+        );
+
+        let (mut r, _go) = gated();
+        r.start(1);
+        assert_eq!(r.finish(soon()).await, Outcome::Stalled);
+        assert!(!r.stop(soon()).await, "a hung worker holds nothing up");
     }
 
     #[tokio::test]

@@ -674,11 +674,17 @@ fn environment_overrides_the_file_and_flags_override_both() {
 }
 
 /// The Prometheus rules (and their unit tests) query only metric names the
-/// collector exports, and find the collector by the scrape job's name.
+/// collector or the agent exports, and find the collector by the scrape
+/// job's name.
 #[test]
 fn prometheus_rules_use_exported_metric_names() {
-    let source =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs")).unwrap();
+    // The collector's families, and the agent's own (its HTTP port).
+    let source = [
+        concat!(env!("CARGO_MANIFEST_DIR"), "/src/metrics.rs"),
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../agent/src/http.rs"),
+    ]
+    .map(|path| std::fs::read_to_string(path).unwrap())
+    .join("\n");
     let exported: BTreeSet<&str> = source
         .split('"')
         .filter(|s| s.starts_with("capwatch_") && !s.contains(char::is_whitespace))
@@ -701,7 +707,7 @@ fn prometheus_rules_use_exported_metric_names() {
         let unknown: Vec<_> = used.difference(&exported).collect();
         assert!(
             unknown.is_empty(),
-            "{file} uses metrics the collector does not export: {unknown:?}"
+            "{file} uses metrics neither the collector nor the agent exports: {unknown:?}"
         );
     }
 
