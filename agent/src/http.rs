@@ -4,7 +4,11 @@
 //! *Boundary:* requests are outside input; only these three GET routes
 //! answer (anything else is 404 or 405), none reads a body or a query, and
 //! none waits on the hardware or the collector: each renders what the
-//! sampler and the stream last recorded in [`Observed`].
+//! sampler and the stream last recorded in [`Observed`]. At most
+//! [`MAX_CONNECTIONS`] are open at once (more are closed at accept and
+//! counted), and a request head must arrive within
+//! [`HEADER_READ_TIMEOUT`] of the connection opening or its previous
+//! response, so idle or slow clients cannot pile up in the agent's memory.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -48,6 +52,8 @@ pub struct Observed {
     max_undelivered: Duration,
     /// Serializes scrapes (each renders every family once).
     render: Mutex<()>,
+    /// Connections closed at accept, [`MAX_CONNECTIONS`] being open.
+    pub http_refused: AtomicU64,
 }
 
 /// `/healthz`'s verdict.
@@ -79,6 +85,7 @@ impl Observed {
             interval,
             max_undelivered,
             render: Mutex::new(()),
+            http_refused: AtomicU64::new(0),
         }
     }
 
@@ -220,7 +227,12 @@ impl Observed {
                 &stats.switches,
             ),
         ];
-        for (name, help, value) in counters {
+        let http_refused = (
+            "capwatch_agent_http_connections_refused_total",
+            "Connections to this port closed at accept: the most allowed were open.",
+            &self.http_refused,
+        );
+        for (name, help, value) in counters.into_iter().chain([http_refused]) {
             f.one(name, help, MetricType::COUNTER, &[], load(value));
         }
         let (depth, bytes) = {
@@ -518,10 +530,72 @@ async fn metrics(State(app): State<App>) -> Response {
     }
 }
 
-/// Serves `listener` until the task is dropped or aborted.
+/// Most connections open at once: probes and a scraper or two.
+pub const MAX_CONNECTIONS: usize = 16;
+
+/// How long a request head may take, from the connection opening or its
+/// previous response (so also the idle keep-alive limit).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connection refusals and accept failures are logged at most this often.
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+/// Serves `listener` until the task is aborted.
 pub async fn serve(listener: tokio::net::TcpListener, observed: Arc<Observed>) {
-    if let Err(e) = axum::serve(listener, router(observed)).await {
-        warn!(error = %e, "the agent's HTTP port stopped");
+    serve_with(listener, observed, MAX_CONNECTIONS, HEADER_READ_TIMEOUT).await;
+}
+
+async fn serve_with(
+    listener: tokio::net::TcpListener,
+    observed: Arc<Observed>,
+    max_connections: usize,
+    header_read_timeout: Duration,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let app = router(observed.clone());
+    let permits = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout)
+        .keep_alive(true);
+    let mut logged: Option<Instant> = None;
+    let mut quiet = |what: &str, error: Option<std::io::Error>| {
+        if logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_EVERY) {
+            logged = Some(Instant::now());
+            match error {
+                Some(e) => {
+                    warn!(error = %e, "the agent's HTTP port: {what} (logged at most once a minute)")
+                }
+                None => warn!(
+                    limit = max_connections,
+                    "the agent's HTTP port: {what} (logged at most once a minute)"
+                ),
+            }
+        }
+    };
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                quiet("accepting failed", Some(e));
+                // Out of descriptors, say: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            observed.http_refused.fetch_add(1, Ordering::Relaxed);
+            quiet("connection refused, the most allowed are open", None);
+            continue;
+        };
+        let conn =
+            http.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        tokio::spawn(async move {
+            // A client that went away or timed out: nothing to report.
+            let _ = conn.await;
+            drop(permit);
+        });
     }
 }
 
@@ -610,6 +684,7 @@ mod tests {
                 "# TYPE capwatch_agent_hardware_stalls_total counter",
                 "# TYPE capwatch_agent_health_max_undelivered_seconds gauge",
                 "# TYPE capwatch_agent_healthy gauge",
+                "# TYPE capwatch_agent_http_connections_refused_total counter",
                 "# TYPE capwatch_agent_last_delivery_timestamp_seconds gauge",
                 "# TYPE capwatch_agent_nvml_errors_total counter",
                 "# TYPE capwatch_agent_samples_abandoned_total counter",
@@ -637,5 +712,69 @@ mod tests {
             crate::VERSION
         );
         assert!(text.contains(&version), "{text}");
+    }
+
+    /// Invariant: idle clients cannot hold the port: a connection that
+    /// sends no request is closed at the header timeout, those past the
+    /// cap are closed at accept (and counted), and the port answers again
+    /// once they are gone.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn idle_and_excess_connections_are_closed() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::TcpStream;
+        let o = Arc::new(observed(Duration::from_secs(60)));
+        o.opened(1, None);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(serve_with(
+            listener,
+            o.clone(),
+            2,
+            Duration::from_millis(300),
+        ));
+        // Reads until the server closes; what it sent.
+        async fn drain(s: &mut TcpStream) -> String {
+            let mut out = Vec::new();
+            let read = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out));
+            match read.await.expect("the server closes the connection") {
+                Ok(_) => {}
+                // Closed with the request unread: a reset.
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+                Err(e) => panic!("reading: {e}"),
+            }
+            String::from_utf8_lossy(&out).into_owned()
+        }
+        let mut idle = [
+            TcpStream::connect(addr).await.unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        ];
+        // Both permits taken (polled: the accept loop runs on its own).
+        let mut tries = 0;
+        let mut extra = loop {
+            tries += 1;
+            assert!(tries <= 50, "no connection refused past the cap");
+            let mut s = TcpStream::connect(addr).await.unwrap();
+            // Refused at once, the request may find the socket closed.
+            let _ = s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await;
+            let got = drain(&mut s).await;
+            if got.is_empty() {
+                break s;
+            }
+            assert!(got.starts_with("HTTP/1.0 200"), "{got}");
+        };
+        assert_eq!(drain(&mut extra).await, "");
+        assert!(o.http_refused.load(Ordering::Relaxed) >= 1);
+        // The idle ones are cut off at the header timeout, freeing the port.
+        for s in &mut idle {
+            assert!(!drain(s).await.starts_with("HTTP/1.0 200"));
+        }
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.0\r\n\r\n").await.unwrap();
+        let got = drain(&mut s).await;
+        assert!(
+            got.starts_with("HTTP/1.0 200") && got.contains("ok:"),
+            "{got}"
+        );
+        server.abort();
     }
 }
