@@ -81,9 +81,11 @@ pub struct Applied {
     /// for a fine counter, an estimate or a reset.
     pub drawn_from_ns: Option<i64>,
     /// Whether the counter's energy up to this reading is still to come:
-    /// a coarse counter that stood still, or one that could not be read;
-    /// its next delta carries it (a whole-node reading keeps the stretch
-    /// open, `NodeStretch`).
+    /// a counter that stood still since its baseline (a coarse one, at 0
+    /// too, until it steps: only the step tells its grid), or one that
+    /// could not be read; its next delta carries it (a whole-node reading
+    /// keeps the stretch open, `NodeStretch`). Not a baseline, a reset or
+    /// an estimate, which start the stretch again.
     pub open: bool,
 }
 
@@ -204,6 +206,13 @@ impl Meter {
     pub fn apply(&mut self, r: &GpuReading, limit: Option<u64>, t: &Tick) -> Applied {
         let timestamp = t.timestamp_ns;
         let prev_receipt = self.last_receipt.replace(t.now);
+        if self.reanchor {
+            // A new run whose clock is behind the old one's: the counter's
+            // last change, on the old clock, moves back to this reading,
+            // so that its next step is drawn and bounded from a time the
+            // new clock has passed.
+            self.changed_ns = self.changed_ns.map(|c| c.min(timestamp));
+        }
         // The interval ends at the sample's timestamp, or at the GPU's
         // newest one when the sample's is not after it (a clock that stood
         // still or stepped back): what it adds is booked after everything
@@ -272,11 +281,17 @@ impl Meter {
             / NANOS_PER_SECOND
             + slack;
         let first = !self.heard;
+        // Whether the counter moved on from its baseline as counted (not
+        // a reset, a jump or an estimate): standing still, it leaves the
+        // energy so far to its next step (`Applied::open`), whatever its
+        // grid, which only that step tells.
+        let mut counted = false;
         // (energy, whether it was integrated from power)
         let (delta, estimated) = match (r.energy_millijoules, self.last_counter) {
             (Some(now_mj), Some(prev))
                 if now_mj >= prev && u128::from(now_mj - prev) <= plausible =>
             {
+                counted = true;
                 (now_mj - prev, false)
             }
             (Some(now_mj), Some(prev))
@@ -390,7 +405,7 @@ impl Meter {
             utilization_percent: r.utilization_percent,
             kept: true,
             drawn_from_ns,
-            open: coarse_delta && delta == 0,
+            open: counted && delta == 0,
         }
     }
 

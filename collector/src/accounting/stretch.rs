@@ -174,8 +174,9 @@ mod tests {
     }
 
     /// A coarse counter that stands still leaves its stretch open, and its
-    /// step says since when it was drawn; a fine counter closes every
-    /// reading's interval and is drawn over it alone.
+    /// step says since when it was drawn; a fine counter's delta is drawn
+    /// over its own reading's interval alone (one standing still leaves
+    /// the stretch open too: only a step tells the grid).
     #[test]
     fn a_coarse_step_is_drawn_since_the_counters_last_change_a_fine_one_since_its_reading() {
         let coarse = readings(&[(0, 5 * KWH), (10, 5 * KWH), (20, 5 * KWH), (30, 6 * KWH)]);
@@ -185,10 +186,77 @@ mod tests {
         assert_eq!((step.energy_mj, step.drawn_from_ns), (KWH, Some(T0)));
         assert_eq!(step.drawn(Duration::from_secs(30)), (T0, T0 + 30 * SEC));
         let fine = readings(&[(0, 1_000_001), (10, 1_000_001), (20, 1_200_003)]);
-        assert!(fine.iter().all(|a| !a.open && a.drawn_from_ns.is_none()));
+        let open: Vec<bool> = fine.iter().map(|a| a.open).collect();
+        assert_eq!(open, [false, true, false]);
+        assert!(fine.iter().all(|a| a.drawn_from_ns.is_none()));
         assert_eq!(
             fine[2].drawn(Duration::from_secs(30)),
             (T0 + 10 * SEC, T0 + 20 * SEC)
+        );
+    }
+
+    /// After an agent restart whose clock is behind the old run's, the
+    /// counter's last change (on the old clock, ahead of every new
+    /// reading) moves back to the first reading of the new run: the next
+    /// step is drawn from there, not squeezed into its own interval
+    /// until the new clock passes the old one.
+    #[test]
+    fn a_coarse_step_after_a_clock_stepped_back_is_drawn_since_the_new_runs_first_reading() {
+        let base = Instant::now();
+        let mut m = Meter::default();
+        let apply = |m: &mut Meter, i: u64, s: i64, counter: u64| {
+            let t = Tick {
+                timestamp_ns: T0 + s * SEC,
+                seq: i,
+                now: base + Duration::from_secs(i * 10),
+                latest_ns: T0 + 1_000 * SEC,
+                interval: Duration::from_secs(10),
+                window: Duration::from_secs(30),
+            };
+            let r = GpuReading {
+                power_milliwatts: Some(20_000_000),
+                energy_millijoules: Some(counter),
+                ..GpuReading::default()
+            };
+            m.apply(&r, Some(50_000_000 / 3), &t)
+        };
+        apply(&mut m, 1, 0, 5 * KWH);
+        apply(&mut m, 2, 10, 6 * KWH);
+        // The new run's clock is 100 s behind.
+        m.reanchor();
+        let back: Vec<Applied> = (0..=18)
+            .map(|k| {
+                let counter = if k == 18 { 7 * KWH } else { 6 * KWH };
+                apply(&mut m, k as u64 + 1, 20 + 10 * k - 100, counter)
+            })
+            .collect();
+        assert!(back[1..18].iter().all(|a| a.open));
+        let step = back[18];
+        assert_eq!(step.energy_mj, KWH);
+        assert_eq!(
+            step.drawn(Duration::from_secs(30)),
+            (T0 - 80 * SEC, T0 + 100 * SEC)
+        );
+    }
+
+    /// A coarse counter that stands at 0 (a new BMC, or one whose counter
+    /// restarted) is coarse too: its stretch stays open until it steps,
+    /// and the step is drawn since it read 0. Whether a counter is coarse
+    /// is decided at its step.
+    #[test]
+    fn a_counter_standing_at_zero_stays_open_until_it_steps() {
+        let zero = readings(&[(0, 0), (10, 0), (20, 0), (30, KWH)]);
+        let open: Vec<bool> = zero.iter().map(|a| a.open).collect();
+        assert_eq!(open, [false, true, true, false]);
+        assert_eq!(zero[3].drawn(Duration::from_secs(30)), (T0, T0 + 30 * SEC));
+        // A restart of the counter books what it holds (none here) and
+        // starts the stretch again, which stays open at 0.
+        let reset = readings(&[(0, 5 * KWH), (10, 0), (20, 0), (30, KWH)]);
+        let open: Vec<bool> = reset.iter().map(|a| a.open).collect();
+        assert_eq!(open, [false, false, true, false]);
+        assert_eq!(
+            reset[3].drawn(Duration::from_secs(30)),
+            (T0 + 10 * SEC, T0 + 30 * SEC)
         );
     }
 

@@ -584,3 +584,45 @@ fn a_restart_inside_a_coarse_stretch_keeps_its_start_and_weights() {
     }
     assert_eq!(booked, whole);
 }
+
+/// Sample `i` (seq `i + 1`) `secs` after M0 of a node whose GPUs draw
+/// `gpu_mw` each over `gpu_secs` of their own, and whose BMC counts whole
+/// kWh (`kwh`).
+fn coarse_at(i: u64, secs: i64, gpu_mw: &[u64], gpu_secs: u64, kwh: u64) -> NodeSample {
+    let gpus: Vec<(u64, Option<u64>)> =
+        gpu_mw.iter().map(|mw| (*mw, Some(mw * gpu_secs))).collect();
+    with_readings(
+        sample(i + 1, M0 + secs * SEC, &gpus),
+        vec![node_reading(
+            0,
+            M0 + secs * SEC,
+            Some(20_000_000),
+            Some(kwh * KWH),
+        )],
+    )
+}
+
+/// A whole-kWh counter standing at 0 (a new BMC, or one whose counter
+/// restarted) is as coarse as one standing at 5 kWh: its first step was
+/// drawn over all the readings since it read 0, not in the last interval.
+#[test]
+fn a_coarse_counter_standing_at_zero_spreads_its_first_step_over_the_stretch() {
+    let state = new_state(TENANTS, None);
+    let h = state.hello(hello_with_bmc("a-1", 1, 1)).unwrap().0;
+    let samples = (0..=18u64)
+        .map(|i| coarse_at(i, 10 * i as i64, &[600_000], 10 * i, i / 18))
+        .collect();
+    ingest(&state, &h, samples);
+    let minutes = node_minutes(&state.take_pending().1);
+    assert_eq!(minutes.values().sum::<u64>(), KWH);
+    for ((t, m), e) in &minutes {
+        assert!(
+            *e <= 20_000_000 * 60 + 1,
+            "{t} minute {m}: {e} mJ is above 20 kW"
+        );
+    }
+    assert_eq!(
+        minutes[&("lab-a".to_string(), minute_of(0))],
+        KWH * 50 / 180
+    );
+}
