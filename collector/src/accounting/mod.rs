@@ -29,7 +29,7 @@ use crate::edge::{GpuReading, MAX_SPREAD};
 mod split;
 mod stretch;
 pub use split::{Party, split_node_energy};
-pub use stretch::{NodeStretch, StretchWeight};
+pub use stretch::{NodeStretch, Run, StretchWeight};
 pub mod facility;
 
 pub const NANOS_PER_SECOND: u128 = 1_000_000_000;

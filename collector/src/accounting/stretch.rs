@@ -5,16 +5,19 @@
 //! for many readings and then steps by what the node drew over all of
 //! them. The stretch stays open over those readings (`Applied::open`),
 //! gathering each tenant's GPU energy on the node (`G_t`) and its GPU
-//! time (its GPUs at each whole-node reading times that reading's
-//! interval), and the reading that books energy closes it: the energy is
-//! split by the rule of `split_node_energy` with GPU time in place of the
-//! GPU count (the same split while the lease stands, since GPU time is
-//! then the count times the stretch), and each tenant's share is spread
-//! by minute over the part of the stretch (`Applied::drawn`) its GPUs
-//! were on the node. A lease change inside the stretch so gives each
-//! holder the GPU energy it drew and the rest for the time it held GPUs,
-//! in the minutes it held them, to within one whole-node reading
-//! interval. For a fine counter each reading closes the stretch it opened.
+//! time (its GPUs at each whole-node reading times the time that reading
+//! covers, as node time counts it: a gap beyond the staleness window
+//! covers none), kept as runs of time, and the reading that books energy
+//! closes it: the energy is split by the rule of `split_node_energy` with
+//! GPU time within the stretch it was drawn over (`Applied::drawn`, at
+//! most `MAX_SPREAD` back) in place of the GPU count (the same split
+//! while the lease stands, since GPU time is then the count times the
+//! stretch), and each tenant's share is spread by minute in proportion
+//! to its GPU time in each. A lease change inside the stretch so gives
+//! each holder the GPU energy it drew and the rest for the time it held
+//! GPUs, in the minutes it held them, to within one whole-node reading
+//! interval. A fine counter's delta is drawn over its own reading's
+//! interval (`Applied::drawn`).
 //!
 //! *Invariant:* the shares of a closed stretch add up to the closing
 //! reading's energy, exactly; the stretch is kept in the node's cursor,
@@ -23,21 +26,109 @@
 
 use std::time::Duration;
 
-use super::{Applied, Book, Party, split_node_energy};
+use super::{Applied, Book, MAX_SPREAD_NANOS, Party, split_node_energy};
+
+/// The most runs kept per tenant: beyond it the two oldest are merged
+/// into the stretch between them (their GPU time kept, placed evenly
+/// over it), so a lease that flaps or readings that keep failing do not
+/// grow the node's cursor without bound.
+pub const MAX_RUNS: usize = 256;
+
+/// Time covered by whole-node readings in which a tenant held the same
+/// number of GPUs on the node: `[from_ns, to_ns)` (Unix ns) and its GPU
+/// time in it (ns: the GPUs times the covered time).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Run {
+    pub from_ns: i64,
+    pub to_ns: i64,
+    pub gpu_ns: u64,
+}
+
+impl Run {
+    fn len(&self) -> u64 {
+        u64::try_from(self.to_ns.saturating_sub(self.from_ns)).unwrap_or(0)
+    }
+
+    /// Its part within `[from, to)`, its GPU time in proportion.
+    fn within(&self, from: i64, to: i64) -> Option<Run> {
+        let (f, t) = (self.from_ns.max(from), self.to_ns.min(to));
+        if t <= f {
+            return None;
+        }
+        let part = Run {
+            from_ns: f,
+            to_ns: t,
+            gpu_ns: 0,
+        };
+        let len = self.len().max(1);
+        let gpu_ns = u128::from(self.gpu_ns) * u128::from(part.len()) / u128::from(len);
+        Some(Run {
+            gpu_ns: u64::try_from(gpu_ns).unwrap_or(u64::MAX),
+            ..part
+        })
+    }
+}
 
 /// One tenant's part in an open stretch.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StretchWeight {
     /// GPU energy booked to it on the node since the stretch opened (mJ).
     pub gpu_energy_mj: u64,
-    /// Its GPUs at each whole-node reading times that reading's interval
-    /// (ns; at least 1 per GPU for a reading that closes none). A node
-    /// without GPUs counts as one GPU of the tenant leasing it.
+    /// Its GPUs at each whole-node reading times the time that reading
+    /// covers (`Applied::book_node`'s node time: a gap beyond the
+    /// staleness window covers none), at least 1 ns per GPU for a reading
+    /// that covers none. A node without GPUs counts as one GPU of the
+    /// tenant leasing it.
     pub gpu_ns: u64,
-    /// From the start of the first reading interval it had GPUs in to the
-    /// end of the last (Unix ns); `None` where it has only GPU energy (its
-    /// GPUs left the node before a whole-node reading).
-    pub span: Option<(i64, i64)>,
+    /// Where its covered GPU time lies (oldest first): what its share is
+    /// placed by, minute by minute. Empty where it has only GPU energy
+    /// (its GPUs left the node before a whole-node reading covered time).
+    pub runs: Vec<Run>,
+}
+
+impl StretchWeight {
+    /// Drops what lies before `cap` (the spread cap's start): its runs'
+    /// GPU time there and the same fraction of its GPU energy.
+    fn age_out(&mut self, cap: i64) {
+        if self.runs.first().is_none_or(|r| r.from_ns >= cap) {
+            return;
+        }
+        let before: u64 = self.runs.iter().map(|r| r.gpu_ns).sum();
+        let kept: Vec<Run> = self
+            .runs
+            .iter()
+            .filter_map(|r| r.within(cap, i64::MAX))
+            .collect();
+        let after: u64 = kept.iter().map(|r| r.gpu_ns).sum();
+        let gone = before - after.min(before);
+        if before > 0 {
+            let e = u128::from(self.gpu_energy_mj) * u128::from(gone) / u128::from(before);
+            self.gpu_energy_mj -= u64::try_from(e).unwrap_or(self.gpu_energy_mj);
+        }
+        self.gpu_ns = self.gpu_ns.saturating_sub(gone);
+        self.runs = kept;
+    }
+
+    fn push_run(&mut self, run: Run) {
+        if let Some(last) = self.runs.last_mut() {
+            // Contiguous at the same GPU count: one run.
+            let same = u128::from(last.gpu_ns) * u128::from(run.len())
+                == u128::from(run.gpu_ns) * u128::from(last.len());
+            if last.to_ns == run.from_ns && same {
+                last.to_ns = run.to_ns;
+                last.gpu_ns = last.gpu_ns.saturating_add(run.gpu_ns);
+                return;
+            }
+        }
+        self.runs.push(run);
+        if self.runs.len() > MAX_RUNS {
+            let second = self.runs.remove(1);
+            let first = &mut self.runs[0];
+            first.from_ns = first.from_ns.min(second.from_ns);
+            first.to_ns = first.to_ns.max(second.to_ns);
+            first.gpu_ns = first.gpu_ns.saturating_add(second.gpu_ns);
+        }
+    }
 }
 
 /// A node's open stretch: each tenant's part, in the order first met.
@@ -81,49 +172,103 @@ impl<T: Clone + Ord> NodeStretch<T> {
     }
 
     /// Adds `gpus` GPUs of `tenant` at whole-node reading `r`, over the
-    /// interval it covers.
-    pub fn add_reading(&mut self, tenant: &T, gpus: u64, r: &Applied) {
-        let from = r.from_ns.unwrap_or(r.to_ns);
-        let ns = u64::try_from(r.to_ns.saturating_sub(from))
-            .unwrap_or(0)
-            .max(1);
+    /// time it covers within `window` (the source's staleness window, as
+    /// `Applied::book_node` counts node time); then ages out what lies
+    /// further back than the spread cap from `r`.
+    pub fn add_reading(&mut self, tenant: &T, gpus: u64, r: &Applied, window: Duration) {
+        let iv = r.interval(window);
         let w = self.part(tenant);
-        w.gpu_ns = w.gpu_ns.saturating_add(gpus.saturating_mul(ns));
-        w.span = Some(match w.span {
-            Some((s, e)) => (s.min(from), e.max(r.to_ns)),
-            None => (from, r.to_ns),
-        });
+        if iv.covered == 0 {
+            w.gpu_ns = w.gpu_ns.saturating_add(gpus);
+        } else {
+            let ns = iv.covered.saturating_mul(gpus);
+            w.gpu_ns = w.gpu_ns.saturating_add(ns);
+            w.push_run(Run {
+                from_ns: iv.backed_from,
+                to_ns: r.to_ns,
+                gpu_ns: ns,
+            });
+        }
+        let cap = r.to_ns.saturating_sub(MAX_SPREAD_NANOS);
+        for (_, w) in &mut self.parts {
+            w.age_out(cap);
+        }
+        self.parts
+            .retain(|(_, w)| w.gpu_energy_mj > 0 || w.gpu_ns > 0 || !w.runs.is_empty());
     }
 
     /// Closes the stretch with whole-node reading `r` (its readings added
-    /// already): splits its energy among the parts and books each share
-    /// over the part of the stretch the tenant had GPUs in, by minute
-    /// (within `window`, the source's staleness window, as `book_node`).
-    /// The stretch starts again empty.
+    /// already): splits its energy among the parts by their GPU energy
+    /// and their GPU time within the stretch it was drawn over
+    /// (`Applied::drawn`), and books each share by minute in proportion
+    /// to the tenant's GPU time in each (evenly over the stretch for a
+    /// tenant with GPU energy alone; `window` as in `add_reading`). The
+    /// stretch starts again empty.
     pub fn close(&mut self, r: &Applied, b: &mut impl Book<T>, window: Duration) {
         let parts = std::mem::take(&mut self.parts);
-        let parties: Vec<Party<T>> = parts
+        let (from, to) = r.drawn(window);
+        let placed: Vec<(Vec<Run>, u64)> = parts
             .iter()
-            .map(|(tenant, w)| Party {
-                tenant: tenant.clone(),
-                gpu_energy_mj: w.gpu_energy_mj,
-                gpus: w.gpu_ns,
+            .map(|(_, w)| {
+                let runs: Vec<Run> = w.runs.iter().filter_map(|x| x.within(from, to)).collect();
+                let all: u64 = w.runs.iter().map(|x| x.gpu_ns).sum();
+                let inside: u64 = runs.iter().map(|x| x.gpu_ns).sum();
+                // GPU time outside the stretch weighs nothing.
+                let gpu_ns = w.gpu_ns.saturating_sub(all).saturating_add(inside);
+                (runs, gpu_ns)
             })
             .collect();
-        let (from, to) = r.drawn(window);
-        for ((tenant, w), share) in parts.iter().zip(split_node_energy(r.energy_mj, &parties)) {
-            let place = match w.span {
-                Some((s, e)) if e.min(to) > s.max(from) => (s.max(from), e.min(to)),
-                _ => (from, to),
-            };
-            r.book_node_energy(b, tenant, share, place);
+        let parties: Vec<Party<T>> = parts
+            .iter()
+            .zip(&placed)
+            .map(|((tenant, w), (_, gpu_ns))| Party {
+                tenant: tenant.clone(),
+                gpu_energy_mj: w.gpu_energy_mj,
+                gpus: *gpu_ns,
+            })
+            .collect();
+        let shares = split_node_energy(r.energy_mj, &parties);
+        for (((tenant, _), (runs, _)), share) in parts.iter().zip(&placed).zip(shares) {
+            let weights: Vec<u128> = runs.iter().map(|x| u128::from(x.gpu_ns)).collect();
+            if weights.iter().all(|w| *w == 0) {
+                r.book_node_energy(b, tenant, share, (from, to));
+                continue;
+            }
+            for (run, part) in runs.iter().zip(apportion(share, &weights)) {
+                r.book_node_energy(b, tenant, part, (run.from_ns, run.to_ns));
+            }
         }
     }
 }
 
+/// `total` split in proportion to `weights` (not all 0), exactly: the
+/// floors, then one each to the largest remainders, ties to the later.
+fn apportion(total: u64, weights: &[u128]) -> Vec<u64> {
+    let w: u128 = weights.iter().sum();
+    let mut parts: Vec<(u64, u128)> = weights
+        .iter()
+        .map(|x| {
+            let p = u128::from(total) * x;
+            // At most `total`, since `x <= w`.
+            ((p / w) as u64, p % w)
+        })
+        .collect();
+    let mut left = total - parts.iter().map(|p| p.0).sum::<u64>();
+    let mut order: Vec<usize> = (0..parts.len()).collect();
+    order.sort_by(|&a, &b| parts[b].1.cmp(&parts[a].1).then(b.cmp(&a)));
+    for i in order {
+        if left == 0 {
+            break;
+        }
+        parts[i].0 += 1;
+        left -= 1;
+    }
+    parts.into_iter().map(|p| p.0).collect()
+}
+
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
+    use std::collections::{BTreeMap, BTreeSet};
     use std::time::{Duration, Instant};
 
     use proptest::prelude::*;
@@ -261,22 +406,28 @@ mod tests {
     }
 
     proptest! {
-        /// Whatever the tenants at each reading and their GPU energy, a
-        /// closed stretch books exactly its closing reading's energy, each
-        /// tenant's share only in the minutes of the stretch it held GPUs
-        /// in (or the whole stretch, with GPU energy alone).
+        /// Whatever the tenants at each reading, their GPU energy and the
+        /// gaps between readings, a closed stretch books exactly its
+        /// closing reading's energy, each tenant's share only in the
+        /// minutes that readings covered while it held GPUs (or anywhere
+        /// in the stretch, without such time).
         #[test]
         fn a_closed_stretch_books_its_energy_exactly_where_each_tenant_held_gpus(
-            steps in proptest::collection::vec((0usize..3, 1u64..9, 0u64..10_000_000), 1..40),
+            steps in proptest::collection::vec((0usize..3, 1u64..9, 0u64..10_000_000, 0usize..4), 1..40),
             leftover in proptest::collection::vec((0usize..3, 0u64..10_000_000), 0..3),
             energy in 0u64..100 * KWH,
         ) {
             let names = ["a", "b", "c"];
             let mut stretch = NodeStretch::default();
-            let mut spans: BTreeMap<String, (i64, i64)> = BTreeMap::new();
-            for (i, (who, gpus, gpu_mj)) in steps.iter().enumerate() {
+            let mut held: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+            let minute = |ns: i64| ns.div_euclid(60 * SEC) * 60;
+            let mut to = T0;
+            for (who, gpus, gpu_mj, gap) in &steps {
                 let tenant = names[*who].to_string();
-                let (from, to) = (T0 + 10 * SEC * i as i64, T0 + 10 * SEC * (i as i64 + 1));
+                // One in four readings follows a gap beyond the 30 s
+                // window: it covers no time.
+                let from = to;
+                to += if *gap == 0 { 70 * SEC } else { 10 * SEC };
                 let r = Applied {
                     energy_mj: 0,
                     estimated_ns: None,
@@ -288,14 +439,16 @@ mod tests {
                     open: true,
                 };
                 stretch.add_gpu_energy(&tenant, *gpu_mj);
-                stretch.add_reading(&tenant, *gpus, &r);
-                let s = spans.entry(tenant).or_insert((from, to));
-                *s = (s.0.min(from), s.1.max(to));
+                stretch.add_reading(&tenant, *gpus, &r, Duration::from_secs(30));
+                let minutes = held.entry(tenant).or_default();
+                if *gap != 0 {
+                    minutes.extend([minute(from), minute(to - 1)]);
+                }
             }
             for (who, gpu_mj) in &leftover {
                 stretch.add_gpu_energy(&names[*who].to_string(), *gpu_mj);
             }
-            let end = T0 + 10 * SEC * steps.len() as i64;
+            let end = to;
             let close = Applied {
                 energy_mj: energy,
                 estimated_ns: None,
@@ -310,13 +463,11 @@ mod tests {
             stretch.close(&close, &mut b, Duration::from_secs(30));
             prop_assert!(stretch.parts().is_empty());
             prop_assert_eq!(b.0.values().sum::<u64>(), energy);
-            let minute = |ns: i64| ns.div_euclid(60 * SEC) * 60;
             for ((tenant, m), _) in b.0.iter().filter(|(_, e)| **e > 0) {
-                let (from, to) = spans.get(tenant).copied().unwrap_or((T0, end));
-                prop_assert!(
-                    *m >= minute(from) && *m <= minute(to - 1),
-                    "{} in minute {} outside {}..{}", tenant, m, from, to
-                );
+                match held.get(tenant).filter(|h| !h.is_empty()) {
+                    Some(h) => prop_assert!(h.contains(m), "{} in minute {}", tenant, m),
+                    None => prop_assert!(*m >= minute(T0) && *m <= minute(end - 1)),
+                }
             }
         }
     }

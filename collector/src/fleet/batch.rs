@@ -217,7 +217,8 @@ impl Fleet {
                     // tenant's GPU energy and GPU time in them).
                     for (tenant, gpus) in &holders {
                         applied.book_node(&mut booked, tenant, 0, *gpus, source_window);
-                        n.stretch.add_reading(tenant, *gpus, &applied);
+                        n.stretch
+                            .add_reading(tenant, *gpus, &applied, source_window);
                     }
                     if !applied.open {
                         n.stretch.close(&applied, &mut booked, source_window);

@@ -11,7 +11,7 @@ use super::{
     BucketDelta, Commit, Compaction, CompactionLease, GpuCursor, LedgerError, LedgerReader,
     LedgerWriter, MeterMinute, MeterState, NodeCursor, NodeMinute, TenantVersion,
 };
-use crate::accounting::StretchWeight;
+use crate::accounting::{Run, StretchWeight};
 use crate::tenants::{TenantHistory, Tenants};
 
 /// A new, empty ledger: its writer, a reader of the same ledger, and
@@ -85,7 +85,18 @@ fn cursor(epoch: u64, last_seq: u64, counter: u64) -> NodeCursor {
                 StretchWeight {
                     gpu_energy_mj: counter,
                     gpu_ns: 7,
-                    span: Some((-3, i64::try_from(last_seq).unwrap())),
+                    runs: vec![
+                        Run {
+                            from_ns: -3,
+                            to_ns: 2,
+                            gpu_ns: 5,
+                        },
+                        Run {
+                            from_ns: 4,
+                            to_ns: i64::try_from(last_seq).unwrap(),
+                            gpu_ns: 2,
+                        },
+                    ],
                 },
             ),
             (
@@ -93,7 +104,7 @@ fn cursor(epoch: u64, last_seq: u64, counter: u64) -> NodeCursor {
                 StretchWeight {
                     gpu_energy_mj: 1,
                     gpu_ns: 0,
-                    span: None,
+                    runs: Vec::new(),
                 },
             ),
         ],

@@ -349,8 +349,19 @@ impl StoredGpus {
                     tenant: tenant.to_string(),
                     gpu_energy_mj: w.gpu_energy_mj,
                     gpu_ns: w.gpu_ns,
-                    span_from_ns: w.span.map(|s| s.0),
-                    span_to_ns: w.span.map(|s| s.1),
+                    // The hull of the runs, for a reader that knows no
+                    // runs.
+                    span_from_ns: w.runs.iter().map(|r| r.from_ns).min(),
+                    span_to_ns: w.runs.iter().map(|r| r.to_ns).max(),
+                    runs: w
+                        .runs
+                        .iter()
+                        .map(|r| StoredRun {
+                            from_ns: r.from_ns,
+                            to_ns: r.to_ns,
+                            gpu_ns: r.gpu_ns,
+                        })
+                        .collect(),
                 })
                 .collect(),
         }
@@ -371,13 +382,31 @@ impl StoredGpus {
                 .stretch
                 .into_iter()
                 .map(|s| {
-                    let span = s.span_from_ns.zip(s.span_to_ns);
+                    let mut runs: Vec<crate::accounting::Run> = s
+                        .runs
+                        .iter()
+                        .map(|r| crate::accounting::Run {
+                            from_ns: r.from_ns,
+                            to_ns: r.to_ns,
+                            gpu_ns: r.gpu_ns,
+                        })
+                        .collect();
+                    if runs.is_empty()
+                        && let Some((from_ns, to_ns)) = s.span_from_ns.zip(s.span_to_ns)
+                    {
+                        // Written before runs were kept: its span, as one.
+                        runs.push(crate::accounting::Run {
+                            from_ns,
+                            to_ns,
+                            gpu_ns: s.gpu_ns,
+                        });
+                    }
                     (
                         std::sync::Arc::from(s.tenant),
                         crate::accounting::StretchWeight {
                             gpu_energy_mj: s.gpu_energy_mj,
                             gpu_ns: s.gpu_ns,
-                            span,
+                            runs,
                         },
                     )
                 })
@@ -416,6 +445,20 @@ pub(in crate::ledger) struct StoredStretch {
     pub(in crate::ledger) span_from_ns: Option<i64>,
     #[prost(sint64, optional, tag = "5")]
     pub(in crate::ledger) span_to_ns: Option<i64>,
+    /// Added later: where its GPU time lies (`StretchWeight::runs`); a
+    /// stretch written before has its span alone.
+    #[prost(message, repeated, tag = "6")]
+    pub(in crate::ledger) runs: Vec<StoredRun>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+pub(in crate::ledger) struct StoredRun {
+    #[prost(sint64, tag = "1")]
+    pub(in crate::ledger) from_ns: i64,
+    #[prost(sint64, tag = "2")]
+    pub(in crate::ledger) to_ns: i64,
+    #[prost(uint64, tag = "3")]
+    pub(in crate::ledger) gpu_ns: u64,
 }
 
 #[derive(Clone, PartialEq, prost::Message)]

@@ -96,6 +96,35 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
     );
 }
 
+/// A stretch written before its runs were kept (a tenant's span alone)
+/// reads as one run over that span with all its GPU time; one with runs
+/// round-trips them.
+#[test]
+fn a_stretch_written_with_a_span_alone_reads_as_one_run() {
+    let old = StoredGpus {
+        gpus: Vec::new(),
+        power: Vec::new(),
+        stretch: vec![StoredStretch {
+            tenant: "t".into(),
+            gpu_energy_mj: 5,
+            gpu_ns: 70,
+            span_from_ns: Some(-10),
+            span_to_ns: Some(60),
+            runs: Vec::new(),
+        }],
+    };
+    let decoded = StoredGpus::decode(old.encode_to_vec().as_slice()).unwrap();
+    let c = decoded.into_cursor(1, 2);
+    let run = crate::accounting::Run {
+        from_ns: -10,
+        to_ns: 60,
+        gpu_ns: 70,
+    };
+    assert_eq!(c.stretch[0].1.runs, vec![run]);
+    let again = StoredGpus::decode(StoredGpus::of(&c).encode_to_vec().as_slice()).unwrap();
+    assert_eq!(again.into_cursor(1, 2), c);
+}
+
 #[test]
 fn gpu_cursors_written_before_counter_resets_were_kept_read_as_zero() {
     // How `StoredGpu` was encoded before it had `counter_resets`.

@@ -585,6 +585,19 @@ fn a_restart_inside_a_coarse_stretch_keeps_its_start_and_weights() {
     assert_eq!(booked, whole);
 }
 
+/// Lab-b holds a-1 by GPU (its `gpus` list), not the node lease.
+const A1_TO_LAB_B: &str = r#"
+    [[tenant]]
+    id = "lab-a"
+    contracted_kw = 1
+    nodes = ["a-2"]
+
+    [[tenant]]
+    id = "lab-b"
+    contracted_kw = 1
+    nodes = ["a-1"]
+"#;
+
 /// Sample `i` (seq `i + 1`) `secs` after M0 of a node whose GPUs draw
 /// `gpu_mw` each over `gpu_secs` of their own, and whose BMC counts whole
 /// kWh (`kwh`).
@@ -625,4 +638,114 @@ fn a_coarse_counter_standing_at_zero_spreads_its_first_step_over_the_stretch() {
         minutes[&("lab-a".to_string(), minute_of(0))],
         KWH * 50 / 180
     );
+}
+
+/// a-1 is lab-a's for 90 s, then off for two days, in which its lease
+/// moves to lab-b, then lab-b's for 90 s when the whole-kWh counter
+/// steps: the two days without readings are no GPU time, so the host's
+/// part goes 1:1 by the time each held the GPU, each in its own minutes,
+/// not nearly all of it to lab-b spread over the two days.
+#[test]
+fn a_coarse_stretch_across_a_node_down_for_days_weighs_only_covered_time() {
+    const DAY: i64 = 86_400;
+    let state = new_state(TENANTS, None);
+    let h = state.hello(hello_with_bmc("a-1", 1, 1)).unwrap().0;
+    state.reload_tenants_from(Tenants::from_toml(A1_TO_LAB_B).unwrap(), M0 + DAY * SEC);
+    let mut samples: Vec<NodeSample> = (0..=9u64)
+        .map(|i| coarse_at(i, 10 * i as i64, &[600_000], 10 * i, 5))
+        .collect();
+    // The GPU's counter stood still while the node was off.
+    samples.extend((0..=9u64).map(|k| {
+        let kwh = if k == 9 { 6 } else { 5 };
+        coarse_at(
+            10 + k,
+            2 * DAY + 10 * k as i64,
+            &[600_000],
+            90 + 10 * k,
+            kwh,
+        )
+    }));
+    ingest(&state, &h, samples);
+    let c = state.take_pending().1;
+    let by = node_booked(&c);
+    // G = 54 kJ each; the rest, 3492 kJ, 90 s : 90 s.
+    assert_eq!(
+        (by["lab-a"].0, by["lab-b"].0),
+        (54_000_000 + 1_746_000_000, 54_000_000 + 1_746_000_000)
+    );
+    for ((t, m), _) in node_minutes(&c) {
+        let late = m >= minute_of(2 * DAY);
+        assert_eq!(t == "lab-b", late, "{t} has node energy in minute {m}");
+        assert!(
+            m <= minute_of(90) || late,
+            "{t} has node energy in minute {m}"
+        );
+    }
+}
+
+/// a-1 goes lab-a, lab-b, lab-a inside one 180 s stretch of a whole-kWh
+/// counter (lab-b holding it over the minute 50-110 s after M0, by the
+/// readings' intervals): lab-a's share lies in its own minutes, none in
+/// lab-b's.
+#[test]
+fn a_lease_away_and_back_inside_a_stretch_places_each_share_in_its_holders_minutes() {
+    let state = new_state(TENANTS, None);
+    let h = state.hello(hello_with_bmc("a-1", 1, 1)).unwrap().0;
+    state.reload_tenants_from(Tenants::from_toml(A1_TO_LAB_B).unwrap(), M0 + 60 * SEC);
+    state.reload_tenants_from(Tenants::from_toml(TENANTS).unwrap(), M0 + 120 * SEC);
+    let samples = (0..=18).map(|i| coarse_sample(i, &[600_000])).collect();
+    ingest(&state, &h, samples);
+    let c = state.take_pending().1;
+    let minutes = node_minutes(&c);
+    assert_eq!(minutes.values().sum::<u64>(), KWH);
+    for (t, m) in minutes.keys() {
+        assert_eq!(
+            t == "lab-b",
+            *m == minute_of(50),
+            "{t} has node energy in minute {m}"
+        );
+    }
+}
+
+/// A stretch longer than the spread cap (7 days): a whole-kWh counter on
+/// a node drawing little steps after 10 days; lab-a held the node only
+/// on the first day, lab-b since. The step is placed over the last 7
+/// days, and lab-a, whose GPU time lies all before them, gets none of it
+/// (not a tenth of it spread over days it was not there).
+#[test]
+fn a_stretch_beyond_the_spread_cap_weighs_and_places_only_its_last_seven_days() {
+    const HOUR: i64 = 3_600;
+    let state = new_state(TENANTS, None);
+    let mut bmc = source("redfish", "node", "1", true);
+    bmc.interval = Duration::from_secs(HOUR as u64);
+    let mut hello = with_power(hello("a-1", 1, 1), vec![bmc]);
+    hello.interval = Duration::from_secs(HOUR as u64);
+    let h = state.hello(hello).unwrap().0;
+    state.reload_tenants_from(
+        Tenants::from_toml(A1_TO_LAB_B).unwrap(),
+        M0 + 24 * HOUR * SEC,
+    );
+    // The GPU idle (its counter still), the counter at 5 kWh until 240 h.
+    let samples = (0..=240u64)
+        .map(|i| {
+            let kwh = if i == 240 { 6 } else { 5 };
+            let ts = M0 + i as i64 * HOUR * SEC;
+            with_readings(
+                sample(i + 1, ts, &[(1_000, Some(0))]),
+                vec![node_reading(0, ts, Some(4_000), Some(kwh * KWH))],
+            )
+        })
+        .collect();
+    ingest(&state, &h, samples);
+    let c = state.take_pending().1;
+    let minutes = node_minutes(&c);
+    assert_eq!(minutes.values().sum::<u64>(), KWH);
+    let cap = minute_of(240 * HOUR - 7 * 24 * HOUR);
+    for (t, m) in minutes.keys() {
+        assert_eq!(t.as_str(), "lab-b", "{t} has node energy in minute {m}");
+        assert!(
+            *m >= cap,
+            "{t} has node energy in minute {m}, before the cap"
+        );
+    }
 }
