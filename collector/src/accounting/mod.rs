@@ -199,6 +199,18 @@ impl Meter {
         self.reanchor = true;
     }
 
+    /// Drops the baseline: the next reading starts counting afresh, as
+    /// the first one does (the energy so far and the resets stay). For a
+    /// source whose counter ran on while another one counted the same
+    /// energy.
+    pub fn forget_baseline(&mut self) {
+        *self = Self {
+            energy_millijoules: self.energy_millijoules,
+            counter_resets: self.counter_resets,
+            ..Self::default()
+        };
+    }
+
     /// Folds one accepted reading in, `limit` being the GPU's power limit
     /// now (mW; 3 kW is assumed when unknown); returns the energy it adds
     /// (mJ) and the interval it covers.

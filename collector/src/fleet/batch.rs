@@ -92,6 +92,10 @@ impl Fleet {
             let latest = now_ns.saturating_add(skew);
             let age = i64::try_from(self.cfg.max_sample_age.as_nanos()).unwrap_or(i64::MAX);
             let oldest = now_ns.saturating_sub(age);
+            // Only a node with a whole-node source books node energy, so
+            // only there is GPU energy weighed for its split (elsewhere
+            // the stretch would only grow).
+            let whole_node = n.power.iter().any(|p| p.is_node());
             for s in samples {
                 if s.seq <= n.last_seq {
                     out.duplicate += 1;
@@ -158,7 +162,9 @@ impl Fleet {
                             Some((_, e)) => *e = e.saturating_add(added),
                             None => energy.push((tenant.clone(), added)),
                         }
-                        n.stretch.add_gpu_energy(tenant, added);
+                        if whole_node {
+                            n.stretch.add_gpu_energy(tenant, added);
+                        }
                     }
                 }
                 // Node power: a bad reading is dropped alone, the sample

@@ -160,7 +160,7 @@ pub(super) fn announce(
     new_epoch: bool,
 ) -> (Vec<PowerSource>, Vec<PowerSource>) {
     let mut known = known;
-    let announced = sources
+    let announced: Vec<PowerSource> = sources
         .into_iter()
         .map(|info| {
             let key = info.key();
@@ -176,7 +176,17 @@ pub(super) fn announce(
         .collect();
     known.sort_by_key(|p| std::cmp::Reverse(p.last_timestamp()));
     known.truncate(MAX_NODE_POWER_SOURCES);
+    // With a whole-node source announced, one that was the node's before
+    // (or may have been: known only from the ledger) and is not now must
+    // not come back with a delta over the time the new one counts: its
+    // counter starts again from its next reading.
+    let whole_node = announced.iter().any(PowerSource::is_node);
     for p in &mut known {
+        if whole_node && p.info.as_ref().is_none_or(NodePowerSource::is_node) {
+            p.meter.forget_baseline();
+            p.readings = 0;
+            p.last = None;
+        }
         p.info = None;
     }
     (announced, known)

@@ -749,3 +749,103 @@ fn a_stretch_beyond_the_spread_cap_weighs_and_places_only_its_last_seven_days() 
         );
     }
 }
+
+/// A node without a whole-node source (none at all, or RAPL zones
+/// only) books no node energy, so it keeps no stretch: its cursor does
+/// not grow with every tenant that ever drew GPU energy on it.
+#[test]
+fn a_node_without_a_whole_node_source_keeps_no_stretch() {
+    let state = new_state(TENANTS, None);
+    let bare = state.hello(hello("a-1", 1, 1)).unwrap().0;
+    let rapl = state
+        .hello(with_power(
+            hello("a-2", 1, 2),
+            vec![source("rapl", "cpu", "package-0", true)],
+        ))
+        .unwrap()
+        .0;
+    ingest(
+        &state,
+        &bare,
+        (0..5)
+            .map(|i| sample(i + 1, M0 + i as i64 * SEC, &[(0, Some(i * 100_000))]))
+            .collect(),
+    );
+    ingest(
+        &state,
+        &rapl,
+        (0..5)
+            .map(|i| {
+                let ts = M0 + i as i64 * SEC;
+                let e = Some(i * 100_000);
+                with_readings(
+                    sample(i + 1, ts, &[(0, e), (0, e)]),
+                    vec![node_reading(0, ts, Some(1), e)],
+                )
+            })
+            .collect(),
+    );
+    let c = state.take_pending().1;
+    for node in ["a-1", "a-2"] {
+        assert_eq!(c.nodes[&Arc::from(node)].stretch, Vec::new(), "{node}");
+    }
+}
+
+/// The whole-node source changes (redfish, then IPMI) and the first one
+/// comes back: its counter ran on all the while, but the time between is
+/// IPMI's, booked already. Its first reading back is a new baseline, so
+/// no millijoule is booked twice: the node energy is the sum of each
+/// source's deltas while it was the node's.
+#[test]
+fn a_whole_node_source_that_comes_back_books_nothing_another_one_booked() {
+    let state = new_state(TENANTS, None);
+    let redfish = || {
+        with_power(
+            hello("a-1", 0, 1),
+            vec![source("redfish", "node", "1", true)],
+        )
+    };
+    let ipmi = || {
+        with_power(
+            hello("a-1", 0, 1),
+            vec![source("ipmi", "node", "node", true)],
+        )
+    };
+    // Both counters count 1 kW (1000 J a second) from 0 at M0.
+    let at = |seq: u64, s: i64| {
+        with_readings(
+            sample(seq, M0 + s * SEC, &[(0, Some(s as u64 * 100_000))]),
+            vec![node_reading(
+                0,
+                M0 + s * SEC,
+                Some(1_000_000),
+                Some(s as u64 * 1_000_000),
+            )],
+        )
+    };
+    let h = state
+        .hello(Hello {
+            epoch: 1,
+            ..redfish()
+        })
+        .unwrap()
+        .0;
+    ingest(&state, &h, (0..=5).map(|s| at(s as u64 + 1, s)).collect());
+    let h = state.hello(Hello { epoch: 2, ..ipmi() }).unwrap().0;
+    ingest(&state, &h, (10..=15).map(|s| at(s as u64 - 9, s)).collect());
+    let h = state
+        .hello(Hello {
+            epoch: 3,
+            ..redfish()
+        })
+        .unwrap()
+        .0;
+    ingest(
+        &state,
+        &h,
+        (20..=25).map(|s| at(s as u64 - 19, s)).collect(),
+    );
+    let c = state.take_pending().1;
+    // 5 s of each run, each from its own baseline.
+    assert_eq!(node_booked(&c)["lab-a"].0, 3 * 5_000_000);
+}
