@@ -80,9 +80,10 @@ pub struct StretchWeight {
     /// that covers none. A node without GPUs counts as one GPU of the
     /// tenant leasing it.
     pub gpu_ns: u64,
-    /// Where its covered GPU time lies (oldest first): what its share is
-    /// placed by, minute by minute. Empty where it has only GPU energy
-    /// (its GPUs left the node before a whole-node reading covered time).
+    /// Where its covered GPU time lies, in the order its readings came:
+    /// what its share is placed by, minute by minute. Empty where it has
+    /// only GPU energy (its GPUs left the node before a whole-node
+    /// reading covered time).
     pub runs: Vec<Run>,
 }
 
@@ -90,7 +91,8 @@ impl StretchWeight {
     /// Drops what lies before `cap` (the spread cap's start): its runs'
     /// GPU time there and the same fraction of its GPU energy.
     fn age_out(&mut self, cap: i64) {
-        if self.runs.first().is_none_or(|r| r.from_ns >= cap) {
+        // Not always in time order (a clock stepped back at a restart).
+        if self.runs.iter().all(|r| r.from_ns >= cap) {
             return;
         }
         let before: u64 = self.runs.iter().map(|r| r.gpu_ns).sum();
