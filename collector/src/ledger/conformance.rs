@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use super::{
     BucketDelta, Commit, Compaction, CompactionLease, GpuCursor, LedgerError, LedgerReader,
-    LedgerWriter, MeterMinute, MeterState, NodeCursor, NodeMinute, TenantVersion,
+    LedgerWriter, MeterMinute, MeterShare, MeterState, NodeCursor, NodeMinute, TenantVersion,
 };
 use crate::accounting::{Run, StretchWeight};
 use crate::tenants::{TenantHistory, Tenants};
@@ -842,7 +842,10 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
             metered_mj: 1_000,
             measured_mj: 900,
             unallocated_mj: 0,
-            tenants: vec![("lab-a".into(), 600, 667), ("lab-b".into(), 300, 333)],
+            tenants: vec![
+                MeterShare::new("lab-a", 600, 667, 598),
+                MeterShare::new("lab-b", 300, 333, 0),
+            ],
         },
         MeterMinute {
             minute: MINUTE + 60,
@@ -875,7 +878,7 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
         metered_mj: 7,
         measured_mj: 7,
         unallocated_mj: 0,
-        tenants: vec![("lab-b".into(), 7, 7)],
+        tenants: vec![MeterShare::new("lab-b", 7, 7, 6)],
     };
     assert!(
         w.allocate_meter("row-b", None, &next, std::slice::from_ref(&other))
@@ -1039,13 +1042,13 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
         "{:?}",
         done.over_contract_ns
     );
-    let rows = |r: &R| {
+    let rows_with = |r: &R, meters: &[crate::meters::MeterSpec]| {
         let reader: &dyn LedgerReader = r;
         crate::usage::run(
             reader,
             &tenants,
             &history,
-            &meters,
+            meters,
             None,
             Some("2027-01-15T08:00:00Z"),
             Some("2027-01-15T08:02:00Z"),
@@ -1071,6 +1074,7 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
         })
         .collect::<Vec<_>>()
     };
+    let rows = |r: &R| rows_with(r, &meters);
     let (m0, m1) = ("2027-01-15T08:00:00Z", "2027-01-15T08:01:00Z");
     let row = |t: &str, at: &str, mj, est, pending, over, overage, basis_mj| {
         (
@@ -1102,7 +1106,10 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
         metered_mj: 135_000,
         measured_mj: 90_000,
         unallocated_mj: 0,
-        tenants: vec![("f".into(), 60_000, 90_001), ("x".into(), 30_000, 44_999)],
+        tenants: vec![
+            MeterShare::new("f", 60_000, 90_001, 60_000),
+            MeterShare::new("x", 30_000, 44_999, 30_000),
+        ],
     };
     let state = MeterState {
         allocated_through: MINUTE + 60,
@@ -1119,6 +1126,23 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
     // second minute is still the estimate.
     assert_eq!(
         rows(&f.reader),
+        vec![
+            row("f", m0, Some(150_001), true, false, 60.0, 1, 150_001),
+            row("f", m1, Some(150_000), true, true, 0.0, 0, 150_000),
+            row("x", m0, Some(44_999), false, false, 0.0, 0, 5_000),
+            row("x", m1, None, false, false, 0.0, 0, 5_000),
+        ]
+    );
+    // The meter's node list changes to feed u1 instead: the allocated
+    // minute stays as allocated (its parts keep the node energy they
+    // replaced); the other one is pending on u1 now, not on m1.
+    let file: File = toml::from_str(
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"u*\"]\naddress = \"127.0.0.1:502\"\n",
+    )
+    .unwrap();
+    let moved = crate::meters::check(&file.meter).unwrap();
+    assert_eq!(
+        rows_with(&f.reader, &moved),
         vec![
             row("f", m0, Some(150_001), true, false, 60.0, 1, 150_001),
             row("f", m1, Some(150_000), true, true, 0.0, 0, 150_000),

@@ -608,8 +608,33 @@ pub struct MeterMinute {
     pub metered_mj: u64,
     pub measured_mj: u64,
     pub unallocated_mj: u64,
-    /// (tenant, measured mJ, allocated mJ), by tenant.
-    pub tenants: Vec<(String, u64, u64)>,
+    /// Each tenant's part, by tenant.
+    pub tenants: Vec<MeterShare>,
+}
+
+/// One tenant's part of a meter-minute: what its nodes under the meter
+/// measured (`NodeMinute::measured_mj`), what the meter allocated to it,
+/// and the node energy of those nodes (`NodeMinute::node_energy_mj`) when
+/// the minute was allocated: what the allocation replaces on the facility
+/// basis, kept so that a meter's node list changing later changes no
+/// minute allocated before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterShare {
+    pub tenant: String,
+    pub measured_mj: u64,
+    pub allocated_mj: u64,
+    pub node_mj: u64,
+}
+
+impl MeterShare {
+    pub fn new(tenant: &str, measured_mj: u64, allocated_mj: u64, node_mj: u64) -> Self {
+        Self {
+            tenant: tenant.to_string(),
+            measured_mj,
+            allocated_mj,
+            node_mj,
+        }
+    }
 }
 
 /// What one node measured for one tenant in one minute: its node energy

@@ -23,8 +23,8 @@ use tracing::{debug, warn};
 
 use crate::accounting::facility::{Reading, Step, allocate, energy_at};
 use crate::ledger::{
-    AnyReader, AnyWriter, LedgerError, LedgerReader, LedgerWriter, MeterMinute, MeterState,
-    NodeMinute,
+    AnyReader, AnyWriter, LedgerError, LedgerReader, LedgerWriter, MeterMinute, MeterShare,
+    MeterState, NodeMinute,
 };
 use crate::sync::lock;
 
@@ -118,14 +118,17 @@ pub fn plan(
             (b, energy_at(&series, b * NS)?)
         }
     };
-    // Measured per minute and tenant, over the meter's nodes.
-    let mut by_minute: BTreeMap<i64, BTreeMap<&str, u64>> = BTreeMap::new();
+    // Measured and node energy per minute and tenant, over the meter's
+    // nodes.
+    let mut by_minute: BTreeMap<i64, BTreeMap<&str, (u64, u64)>> = BTreeMap::new();
     for row in measured.iter().filter(|r| spec.covers(&r.node)) {
-        *by_minute
+        let e = by_minute
             .entry(row.minute)
             .or_default()
             .entry(row.tenant.as_str())
-            .or_default() += row.measured_mj;
+            .or_default();
+        e.0 = e.0.saturating_add(row.measured_mj);
+        e.1 = e.1.saturating_add(row.node_energy_mj);
     }
     let mut minutes = Vec::new();
     let mut minute = start;
@@ -137,9 +140,9 @@ pub fn plan(
         // collector interpolated between other readings).
         let at_end = at_end.max(at_start);
         let metered = at_end - at_start;
-        let tenants: Vec<(String, u64)> = by_minute
-            .get(&minute)
-            .map(|t| t.iter().map(|(k, v)| (k.to_string(), *v)).collect())
+        let here = by_minute.get(&minute);
+        let tenants: Vec<(String, u64)> = here
+            .map(|t| t.iter().map(|(k, v)| (k.to_string(), v.0)).collect())
             .unwrap_or_default();
         let measured_mj: u64 = tenants.iter().map(|t| t.1).sum();
         let split = allocate(metered, &tenants);
@@ -152,7 +155,10 @@ pub fn plan(
             unallocated_mj: split.unallocated,
             tenants: tenants
                 .iter()
-                .map(|(t, m)| (t.clone(), *m, parts.get(t.as_str()).copied().unwrap_or(0)))
+                .map(|(t, m)| {
+                    let node = here.and_then(|h| h.get(t.as_str())).map_or(0, |v| v.1);
+                    MeterShare::new(t, *m, parts.get(t.as_str()).copied().unwrap_or(0), node)
+                })
                 .collect(),
         });
         at_start = at_end;

@@ -604,7 +604,9 @@ mod allocation {
     use std::sync::{Arc, Mutex};
 
     use super::super::*;
-    use crate::ledger::{AnyWriter, BucketDelta, Commit, Ledger, MeterMinute, NodeCursor, Reader};
+    use crate::ledger::{
+        AnyWriter, BucketDelta, Commit, Ledger, MeterMinute, MeterShare, NodeCursor, Reader,
+    };
 
     /// The ledger as the allocation sees it: the writer, and a read
     /// connection of its own.
@@ -739,18 +741,18 @@ mod allocation {
             let k = k as u64;
             let (a, bb) = (3_000 + k, 1_000 + 7 * k);
             assert_eq!(w.measured_mj, a + bb, "lab-c's node is not under the meter");
-            let parts: u64 = w.tenants.iter().map(|t| t.2).sum();
+            let parts: u64 = w.tenants.iter().map(|t| t.allocated_mj).sum();
             assert_eq!(parts + w.unallocated_mj, w.metered_mj);
             assert_eq!(w.unallocated_mj, 0);
             assert_eq!(
                 w.tenants
                     .iter()
-                    .map(|t| (t.0.as_str(), t.1))
+                    .map(|t| (t.tenant.as_str(), t.measured_mj))
                     .collect::<Vec<_>>(),
                 vec![("lab-a", a), ("lab-b", bb)]
             );
             let exact_a = u128::from(w.metered_mj) * u128::from(a) / u128::from(a + bb);
-            assert!(u128::from(w.tenants[0].2) - exact_a <= 1);
+            assert!(u128::from(w.tenants[0].allocated_mj) - exact_a <= 1);
         }
         // The ledger holds the same, once.
         let stored = reader.meter_minutes(None, M - 3600, M + 3600).unwrap();
@@ -885,9 +887,9 @@ mod allocation {
             assert_eq!(wa.metered_mj, wc.metered_mj, "the same readings");
             assert_eq!(
                 wc.tenants,
-                vec![("lab-c".to_string(), 99_999, wc.metered_mj)]
+                vec![MeterShare::new("lab-c", 99_999, wc.metered_mj, 0)]
             );
-            assert!(wa.tenants.iter().all(|t| t.0 != "lab-c"));
+            assert!(wa.tenants.iter().all(|t| t.tenant != "lab-c"));
         }
     }
 
@@ -938,5 +940,67 @@ mod allocation {
             );
             assert!(w.tenants.is_empty());
         }
+    }
+
+    /// A facility tenant's rows of minutes a meter allocated stay what the
+    /// allocation made them when the meter's node list changes later:
+    /// each tenant's part keeps the node energy it replaced, rather than
+    /// the rows judging it again by the meters' node lists of today.
+    #[test]
+    fn a_meters_node_list_changed_later_changes_no_allocated_minute() {
+        let (ledger, reader, _dir) = ledger(3);
+        let m = modbus("");
+        let polls = readings(0, &[10; 20], u64::MAX);
+        poll_all(&m, &polls);
+        let written = round(&m, &ledger).unwrap();
+        assert_eq!(written.len(), 4);
+        let tenants = Arc::new(
+            crate::tenants::Tenants::from_toml(
+                "[[tenant]]\nid = \"lab-a\"\nnodes = [\"n-1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
+            )
+            .unwrap(),
+        );
+        let history = crate::tenants::TenantHistory::new(tenants.clone());
+        let rows = |meters: &[MeterSpec]| {
+            crate::usage::run(
+                &reader,
+                &tenants,
+                &history,
+                meters,
+                Some("lab-a"),
+                Some("2027-01-15T08:00:00Z"),
+                Some("2027-01-15T08:03:00Z"),
+                Some("1m"),
+                None,
+                None,
+            )
+            .unwrap()
+            .rows
+            .into_iter()
+            .map(|r| {
+                (
+                    r.facility_energy_millijoules,
+                    r.facility_energy_estimated,
+                    r.facility_energy_pending,
+                )
+            })
+            .collect::<Vec<_>>()
+        };
+        let before = rows(std::slice::from_ref(&m.spec));
+        // lab-a's only node is metered: each row is its allocated part.
+        let parts: Vec<_> = written[..3]
+            .iter()
+            .map(|w| (Some(w.tenants[0].allocated_mj), false, false))
+            .collect();
+        assert_eq!(before, parts);
+        // The meter now feeds n-2 and n-3, not lab-a's n-1.
+        let cfg: MeterConfig = toml::from_str(
+            "id = \"row-a\"\nkind = \"modbus\"\nnodes = [\"n-[23]\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\n",
+        )
+        .unwrap();
+        let moved = check(&[cfg]).unwrap();
+        assert_eq!(rows(&moved), before);
+        // And with the meter gone from the config altogether.
+        assert_eq!(rows(&[]), before);
     }
 }

@@ -31,10 +31,12 @@ impl Facility {
         tenants: BTreeMap::new(),
     };
 
-    /// From the configured `meters` (their node globs say which node a
-    /// meter feeds), their allocated minutes and what each node measured.
-    /// Minutes of meters no longer configured are left out: which nodes
-    /// they fed is not known, so those nodes count as under no meter.
+    /// From the meters' allocated minutes (each tenant's part keeps the
+    /// node energy it replaced, whatever the meters' node lists say
+    /// today) and the configured `meters`, whose node lists say only
+    /// which minutes of `nodes` still wait for an allocation (pending).
+    /// A meter no longer configured still counts for the minutes it
+    /// allocated.
     pub fn of(
         meters: &[MeterSpec],
         allocated: &[(String, MeterMinute)],
@@ -43,15 +45,14 @@ impl Facility {
         let mut tenants = ByTenant::new();
         let mut done: BTreeSet<(&str, i64)> = BTreeSet::new();
         for (meter, mm) in allocated {
-            if !meters.iter().any(|m| &m.id == meter) {
-                continue;
-            }
             done.insert((meter.as_str(), mm.minute));
-            for (tenant, _, share) in &mm.tenants {
-                slot(&mut tenants, tenant, mm.minute).metered.add(Metered {
-                    allocated_mj: *share,
-                    node_mj: 0,
-                });
+            for share in &mm.tenants {
+                slot(&mut tenants, &share.tenant, mm.minute)
+                    .metered
+                    .add(Metered {
+                        allocated_mj: share.allocated_mj,
+                        node_mj: share.node_mj,
+                    });
             }
         }
         for n in nodes {
@@ -59,14 +60,8 @@ impl Facility {
             if under.peek().is_none() {
                 continue;
             }
-            let e = slot(&mut tenants, &n.tenant, n.minute);
-            if under.any(|m| done.contains(&(m.id.as_str(), n.minute))) {
-                e.metered.add(Metered {
-                    allocated_mj: 0,
-                    node_mj: n.node_energy_mj,
-                });
-            } else {
-                e.pending = true;
+            if !under.any(|m| done.contains(&(m.id.as_str(), n.minute))) {
+                slot(&mut tenants, &n.tenant, n.minute).pending = true;
             }
         }
         Self { tenants }

@@ -109,10 +109,10 @@ pub fn run(
         s.metered += mm.metered_mj;
         s.measured += mm.measured_mj;
         s.unallocated += mm.unallocated_mj;
-        for (t, measured, allocated) in &mm.tenants {
-            let e = s.tenants.entry(t.clone()).or_default();
-            e.0 += measured;
-            e.1 += allocated;
+        for share in &mm.tenants {
+            let e = s.tenants.entry(share.tenant.clone()).or_default();
+            e.0 += share.measured_mj;
+            e.1 += share.allocated_mj;
         }
     }
     let mut rows = Vec::new();
@@ -242,7 +242,7 @@ mod tests {
             unallocated_mj: if tenants.is_empty() { metered } else { 0 },
             tenants: tenants
                 .into_iter()
-                .map(|(t, m, a)| (t.to_string(), m, a))
+                .map(|(t, m, a)| crate::ledger::MeterShare::new(t, m, a, m))
                 .collect(),
         };
         let minutes = vec![

@@ -299,10 +299,11 @@ fn known_terms(reader: &dyn LedgerReader, tenants: &Tenants) -> Result<Vec<Terms
     Ok(known)
 }
 
-/// What `meters` allocated of the minutes kept in `[lo, hi)`, and which
-/// minutes of the nodes they feed are not allocated yet. Read after the
-/// usage: a minute allocated is final, so its buckets are the ones the
-/// usage read.
+/// What the meters allocated of the minutes kept in `[lo, hi)` (those no
+/// longer configured too: an allocation stands), and which minutes of the
+/// nodes the configured `meters` feed are not allocated yet. Read after
+/// the usage: a minute allocated is final, so its buckets are the ones
+/// the usage read.
 fn facility_of(
     reader: &dyn LedgerReader,
     meters: &[MeterSpec],
@@ -312,11 +313,18 @@ fn facility_of(
     hi: i64,
 ) -> Result<Facility, LedgerError> {
     let from = lo.max(usage.minutes_from);
-    if meters.is_empty() || from >= hi {
+    if from >= hi {
         return Ok(Facility::NONE);
     }
     let allocated = reader.meter_minutes(None, from, hi)?;
-    let mut nodes = reader.node_minutes(from, hi)?;
+    if meters.is_empty() && allocated.is_empty() {
+        return Ok(Facility::NONE);
+    }
+    let mut nodes = if meters.is_empty() {
+        Vec::new()
+    } else {
+        reader.node_minutes(from, hi)?
+    };
     if let Some(t) = tenant {
         nodes.retain(|n| n.tenant == t);
     }

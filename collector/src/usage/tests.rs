@@ -1045,7 +1045,9 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
                     metered_mj: 54_000_000,
                     measured_mj: 36_000_000,
                     unallocated_mj: 0,
-                    tenants: vec![("a".into(), 36_000_000, 54_000_000)],
+                    tenants: vec![crate::ledger::MeterShare::new(
+                        "a", 36_000_000, 54_000_000, 36_000_000,
+                    )],
                 },
             )
         })
@@ -1063,11 +1065,12 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
     // 54 kJ over 48 kJ (800 W × 60 s) in the 5 allocated minutes only.
     assert_eq!(row.seconds_over_contract, 300.0);
     assert_eq!((row.overage_kwh * 3.6e9).round() as u64, 5 * 6_000_000);
-    // A meter no longer configured: its minutes are left out, the nodes
-    // are under no meter and the row is the estimate, not pending.
+    // A meter no longer configured: the minutes it allocated stand; the
+    // nodes are under no meter, so the others are the estimate, no longer
+    // pending.
     let gone = Facility::of(&[], &allocated, &nodes);
     let row = &report(&q, &terms, &usage, &gone).rows[0];
-    assert_eq!(row.facility_energy_millijoules, Some(15 * 45_000_000));
+    assert_eq!(row.facility_energy_millijoules, Some(mj));
     assert!(row.facility_energy_estimated && !row.facility_energy_pending);
 }
 

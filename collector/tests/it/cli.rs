@@ -1001,7 +1001,9 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
 /// the PUE estimate.
 #[test]
 fn usage_of_a_facility_tenant_takes_its_meters_allocation() {
-    use capwatch_collector::ledger::{BucketDelta, Commit, Ledger, MeterMinute, MeterState};
+    use capwatch_collector::ledger::{
+        BucketDelta, Commit, Ledger, MeterMinute, MeterShare, MeterState,
+    };
     use std::sync::Arc;
     const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
     let dir = tempfile::tempdir().unwrap();
@@ -1039,7 +1041,7 @@ fn usage_of_a_facility_tenant_takes_its_meters_allocation() {
             metered_mj: 90_001,
             measured_mj: 60_000,
             unallocated_mj: 0,
-            tenants: vec![("lab-f".into(), 60_000, 90_001)],
+            tenants: vec![MeterShare::new("lab-f", 60_000, 90_001, 60_000)],
         };
         let state = MeterState {
             allocated_through: T0 + 60,

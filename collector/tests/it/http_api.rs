@@ -210,7 +210,9 @@ async fn unknown_routes_are_not_found() {
 /// one) plus the PUE times its unmetered node's energy, to the millijoule.
 #[tokio::test]
 async fn facility_usage_takes_the_configured_meters_allocation() {
-    use capwatch_collector::ledger::{BucketDelta, Commit, Ledger, MeterMinute, MeterState};
+    use capwatch_collector::ledger::{
+        BucketDelta, Commit, Ledger, MeterMinute, MeterShare, MeterState,
+    };
     use std::sync::Arc;
     const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
     let api = Api::new(
@@ -250,7 +252,7 @@ async fn facility_usage_takes_the_configured_meters_allocation() {
             metered_mj: 90_001,
             measured_mj: 60_000,
             unallocated_mj: 0,
-            tenants: vec![("lab-f".into(), 60_000, 90_001)],
+            tenants: vec![MeterShare::new("lab-f", 60_000, 90_001, 60_000)],
         };
         let state = MeterState {
             allocated_through: T0 + 60,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Shared, i64_of, u64_of};
-use crate::ledger::{LedgerError, MeterMinute, MeterState, NodeMinute};
+use crate::ledger::{LedgerError, MeterMinute, MeterShare, MeterState, NodeMinute};
 
 /// A register's raw value in a BIGINT: its 64 bits as they are.
 fn raw_in(v: u64) -> i64 {
@@ -97,17 +97,18 @@ pub(super) fn allocate_meter(
     let mut m_cols: [Vec<i64>; 3] = Default::default();
     let mut t_tenant = Vec::new();
     let mut t_minute = Vec::new();
-    let mut t_cols: [Vec<i64>; 2] = Default::default();
+    let mut t_cols: [Vec<i64>; 3] = Default::default();
     for m in minutes {
         m_minute.push(m.minute);
         m_cols[0].push(i64_of(shared, m.metered_mj, "metered_mj")?);
         m_cols[1].push(i64_of(shared, m.measured_mj, "measured_mj")?);
         m_cols[2].push(i64_of(shared, m.unallocated_mj, "unallocated_mj")?);
-        for (t, measured, allocated) in &m.tenants {
-            t_tenant.push(t.clone());
+        for t in &m.tenants {
+            t_tenant.push(t.tenant.clone());
             t_minute.push(m.minute);
-            t_cols[0].push(i64_of(shared, *measured, "measured_mj")?);
-            t_cols[1].push(i64_of(shared, *allocated, "allocated_mj")?);
+            t_cols[0].push(i64_of(shared, t.measured_mj, "measured_mj")?);
+            t_cols[1].push(i64_of(shared, t.allocated_mj, "allocated_mj")?);
+            t_cols[2].push(i64_of(shared, t.node_mj, "node_mj")?);
         }
     }
     let carry = i64_of(shared, to.carry_mj, "carry_mj")?;
@@ -160,9 +161,12 @@ pub(super) fn allocate_meter(
             .await?;
             tx.execute(
                 "INSERT INTO meter_allocation
-                    (meter, tenant, minute_start, measured_mj, allocated_mj)
-                 SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[])",
-                &[&meter, &t_tenant, &t_minute, &t_cols[0], &t_cols[1]],
+                    (meter, tenant, minute_start, measured_mj, allocated_mj, node_mj)
+                 SELECT $1, * FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[],
+                    $6::bigint[])",
+                &[
+                    &meter, &t_tenant, &t_minute, &t_cols[0], &t_cols[1], &t_cols[2],
+                ],
             )
             .await?;
             tx.commit().await?;
@@ -186,7 +190,7 @@ pub(super) fn meter_minutes(
             let rows = client
                 .query(
                     "SELECT m.meter, m.minute_start, m.metered_mj, m.measured_mj, m.unallocated_mj,
-                            a.tenant, a.measured_mj, a.allocated_mj
+                            a.tenant, a.measured_mj, a.allocated_mj, a.node_mj
                      FROM meter_minute m
                      LEFT JOIN meter_allocation a
                         ON a.meter = m.meter AND a.minute_start = m.minute_start
@@ -220,11 +224,13 @@ pub(super) fn meter_minutes(
                 {
                     let measured: i64 = row.try_get(6)?;
                     let allocated: i64 = row.try_get(7)?;
-                    mm.tenants.push((
+                    let node: i64 = row.try_get(8)?;
+                    mm.tenants.push(MeterShare {
                         tenant,
-                        u64_of(&s, measured, "measured_mj")?,
-                        u64_of(&s, allocated, "allocated_mj")?,
-                    ));
+                        measured_mj: u64_of(&s, measured, "measured_mj")?,
+                        allocated_mj: u64_of(&s, allocated, "allocated_mj")?,
+                        node_mj: u64_of(&s, node, "node_mj")?,
+                    });
                 }
             }
             Ok(out)

@@ -159,6 +159,11 @@ pub(super) const MIGRATIONS: &[&str] = &[
         allocated_mj BIGINT NOT NULL,
         PRIMARY KEY (meter, minute_start, tenant)
      );",
+    // 3: facility billing that stands, as the SQLite ledger's version 14:
+    // each tenant's part of a meter-minute keeps the node energy its
+    // allocation replaced (parts from before hold what was measured).
+    "ALTER TABLE meter_allocation ADD COLUMN node_mj BIGINT NOT NULL DEFAULT 0;
+     UPDATE meter_allocation SET node_mj = measured_mj;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

@@ -964,3 +964,68 @@ fn a_version_1_ledger_migrates_with_no_node_energy_in_its_rows() {
         vec![("a".to_string(), 0), ("lab-a".to_string(), 500)]
     );
 }
+
+/// A version-2 ledger holding meter allocations migrates: each tenant's
+/// part keeps, as the node energy it replaced, what its nodes measured;
+/// the ledger then takes parts with node energy of their own.
+#[test]
+fn a_version_2_ledger_keeps_its_meter_allocations() {
+    use super::schema::{BOOTSTRAP, MIGRATIONS};
+    use crate::ledger::{MeterMinute, MeterShare, MeterState};
+    let url = fresh_database(server());
+    let db = db_of(&url);
+    server().psql(db, BOOTSTRAP);
+    server().psql(db, MIGRATIONS[0]);
+    server().psql(db, MIGRATIONS[1]);
+    let m = MINUTE;
+    server().psql(
+        db,
+        &format!(
+            "UPDATE ledger_schema SET version = 2;
+             INSERT INTO meter_state VALUES ('row-a', {m} + 60, 1, 2, 0);
+             INSERT INTO meter_minute VALUES ('row-a', {m}, 900, 600, 0);
+             INSERT INTO meter_allocation VALUES ('row-a', 'a', {m}, 600, 900);"
+        ),
+    );
+    let mut l = PgLedger::open(&settings(&url)).unwrap();
+    assert_eq!(
+        server().psql(db, "SELECT version FROM ledger_schema"),
+        MIGRATIONS.len().to_string()
+    );
+    let reader = PgReader::open(&settings(&url)).unwrap();
+    assert_eq!(
+        reader.meter_minutes(None, m, m + 60).unwrap(),
+        vec![(
+            "row-a".to_string(),
+            MeterMinute {
+                minute: m,
+                metered_mj: 900,
+                measured_mj: 600,
+                unallocated_mj: 0,
+                tenants: vec![MeterShare::new("a", 600, 900, 600)],
+            }
+        )]
+    );
+    let next = MeterMinute {
+        minute: m + 60,
+        metered_mj: 10,
+        measured_mj: 8,
+        unallocated_mj: 0,
+        tenants: vec![MeterShare::new("a", 8, 10, 5)],
+    };
+    let from = l.meter_state("row-a").unwrap().unwrap();
+    let to = MeterState {
+        allocated_through: m + 120,
+        ..from
+    };
+    assert!(
+        l.allocate_meter("row-a", Some(&from), &to, std::slice::from_ref(&next))
+            .unwrap()
+    );
+    assert_eq!(
+        reader
+            .meter_minutes(Some("row-a"), m + 60, m + 120)
+            .unwrap(),
+        vec![("row-a".to_string(), next)]
+    );
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Ledger, Reader, i64_of, sqlite_err, u64_of};
-use crate::ledger::{LedgerError, MeterMinute, MeterState, NodeMinute};
+use crate::ledger::{LedgerError, MeterMinute, MeterShare, MeterState, NodeMinute};
 
 /// A register's raw value in an INTEGER column: its 64 bits as they are
 /// (values past 2^63 read back as themselves).
@@ -155,8 +155,9 @@ impl Ledger {
                 .map_err(err)?;
             let mut tenant_q = tx
                 .prepare_cached(
-                    "INSERT INTO meter_allocation (meter, tenant, minute_start, measured_mj, allocated_mj)
-                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                    "INSERT INTO meter_allocation
+                        (meter, tenant, minute_start, measured_mj, allocated_mj, node_mj)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(err)?;
             for m in minutes {
@@ -169,14 +170,15 @@ impl Ledger {
                         i64_of(m.unallocated_mj, p, "unallocated_mj")?
                     ])
                     .map_err(err)?;
-                for (tenant, measured, allocated) in &m.tenants {
+                for t in &m.tenants {
                     tenant_q
                         .execute(params![
                             meter,
-                            tenant,
+                            t.tenant,
                             m.minute,
-                            i64_of(*measured, p, "measured_mj")?,
-                            i64_of(*allocated, p, "allocated_mj")?
+                            i64_of(t.measured_mj, p, "measured_mj")?,
+                            i64_of(t.allocated_mj, p, "allocated_mj")?,
+                            i64_of(t.node_mj, p, "node_mj")?
                         ])
                         .map_err(err)?;
                 }
@@ -198,7 +200,7 @@ pub(super) fn meter_minutes(
     let mut q = conn
         .prepare_cached(
             "SELECT m.meter, m.minute_start, m.metered_mj, m.measured_mj, m.unallocated_mj,
-                    a.tenant, a.measured_mj, a.allocated_mj
+                    a.tenant, a.measured_mj, a.allocated_mj, a.node_mj
              FROM meter_minute m
              LEFT JOIN meter_allocation a
                 ON a.meter = m.meter AND a.minute_start = m.minute_start
@@ -219,12 +221,13 @@ pub(super) fn meter_minutes(
                 r.get::<_, Option<String>>(5)?,
                 r.get::<_, Option<i64>>(6)?,
                 r.get::<_, Option<i64>>(7)?,
+                r.get::<_, Option<i64>>(8)?,
             ))
         })
         .map_err(err)?;
     let mut out: Vec<(String, MeterMinute)> = Vec::new();
     for row in rows {
-        let (meter, minute, [metered, measured, unallocated], tenant, t_measured, t_alloc) =
+        let (meter, minute, [metered, measured, unallocated], tenant, t_measured, t_alloc, t_node) =
             row.map_err(err)?;
         let same = out
             .last()
@@ -241,14 +244,15 @@ pub(super) fn meter_minutes(
                 },
             ));
         }
-        if let (Some(t), Some(tm), Some(ta)) = (tenant, t_measured, t_alloc)
+        if let (Some(t), Some(tm), Some(ta), Some(tn)) = (tenant, t_measured, t_alloc, t_node)
             && let Some((_, mm)) = out.last_mut()
         {
-            mm.tenants.push((
-                t,
-                u64_of(tm, path, "measured_mj")?,
-                u64_of(ta, path, "allocated_mj")?,
-            ));
+            mm.tenants.push(MeterShare {
+                tenant: t,
+                measured_mj: u64_of(tm, path, "measured_mj")?,
+                allocated_mj: u64_of(ta, path, "allocated_mj")?,
+                node_mj: u64_of(tn, path, "node_mj")?,
+            });
         }
     }
     Ok(out)

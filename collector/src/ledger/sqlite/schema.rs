@@ -257,6 +257,16 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         PRIMARY KEY (meter, minute_start, tenant)
      );",
     ),
+    // 14: facility billing that stands. Each tenant's part of a
+    // meter-minute keeps the node energy its allocation replaced, so a
+    // meter's node list changing later changes no minute allocated
+    // before; parts allocated before hold what their nodes measured (the
+    // node energy wherever the node had a whole-node source, which the
+    // facility basis needs anyway).
+    Migration::Sql(
+        "ALTER TABLE meter_allocation ADD COLUMN node_mj INTEGER NOT NULL DEFAULT 0;
+     UPDATE meter_allocation SET node_mj = measured_mj;",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.

@@ -385,9 +385,15 @@ fn over_contract_booked_by_the_wall_clock_gives_way_to_the_minutes_energy() {
 /// A ledger at schema version 12 (before node energy) holding what `rows`
 /// inserts, and the node cursor `n1` with `gpus`, stored as it was then.
 fn version_12_ledger(path: &Path, gpus: &[(Arc<str>, GpuCursor)], rows: &str) {
+    ledger_at_version(path, 12, gpus, rows)
+}
+
+/// A ledger at schema `version` (12 or later) holding what `rows`
+/// inserts, and the node cursor `n1` with `gpus`.
+fn ledger_at_version(path: &Path, version: usize, gpus: &[(Arc<str>, GpuCursor)], rows: &str) {
     let mut conn = Connection::open(path).unwrap();
     let tx = conn.transaction().unwrap();
-    for m in &MIGRATIONS[..12] {
+    for m in &MIGRATIONS[..version] {
         match m {
             Migration::Sql(sql) => tx.execute_batch(sql).unwrap(),
             Migration::Code(f) => f(&tx).unwrap(),
@@ -406,7 +412,8 @@ fn version_12_ledger(path: &Path, gpus: &[(Arc<str>, GpuCursor)], rows: &str) {
     )
     .unwrap();
     tx.execute_batch(rows).unwrap();
-    tx.pragma_update(None, "user_version", 12).unwrap();
+    tx.pragma_update(None, "user_version", version as i64)
+        .unwrap();
     let (id, revision): (String, i64) = tx
         .query_row(
             "SELECT ledger_id, revision FROM ledger_identity, watermark",
@@ -543,6 +550,67 @@ fn a_version_12_ledger_migrates_with_no_node_energy_in_its_rows() {
         ),
         (104, 400, 400, 10)
     );
+}
+
+/// A version-13 ledger holding meter allocations migrates: each
+/// tenant's part keeps, as the node energy it replaced, what its nodes
+/// measured; the ledger then takes parts with node energy of their own.
+#[test]
+fn a_version_13_ledger_keeps_its_meter_allocations() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ledger.db");
+    let m = T0 + DAY;
+    ledger_at_version(
+        &path,
+        13,
+        &[],
+        &format!(
+            "INSERT INTO usage_minute VALUES ('a', 'n1', {m}, 100, 5, 4, 1, 6, 7, 0, 0, 600, 0, 60);
+             INSERT INTO meter_state VALUES ('row-a', {m} + 60, 1, 2, 0);
+             INSERT INTO meter_minute VALUES ('row-a', {m}, 900, 600, 0);
+             INSERT INTO meter_allocation VALUES ('row-a', 'a', {m}, 600, 900);
+             INSERT INTO retention VALUES (60, {m});",
+        ),
+    );
+    let mut l = Ledger::open(&path).unwrap();
+    let read = Reader::open(&path)
+        .unwrap()
+        .meter_minutes(None, m, m + 60)
+        .unwrap();
+    assert_eq!(
+        read,
+        vec![(
+            "row-a".to_string(),
+            MeterMinute {
+                minute: m,
+                metered_mj: 900,
+                measured_mj: 600,
+                unallocated_mj: 0,
+                tenants: vec![MeterShare::new("a", 600, 900, 600)],
+            }
+        )]
+    );
+    let next = MeterMinute {
+        minute: m + 60,
+        metered_mj: 10,
+        measured_mj: 8,
+        unallocated_mj: 0,
+        tenants: vec![MeterShare::new("a", 8, 10, 5)],
+    };
+    let from = l.meter_state("row-a").unwrap().unwrap();
+    let to = MeterState {
+        allocated_through: m + 120,
+        ..from
+    };
+    assert!(
+        l.allocate_meter("row-a", Some(&from), &to, std::slice::from_ref(&next))
+            .unwrap()
+    );
+    let read = Reader::open(&path)
+        .unwrap()
+        .meter_minutes(Some("row-a"), m + 60, m + 120)
+        .unwrap();
+    assert_eq!(read, vec![("row-a".to_string(), next)]);
 }
 
 #[test]
