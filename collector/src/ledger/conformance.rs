@@ -44,6 +44,7 @@ macro_rules! conformance_tests {
             node_minutes_measure_node_energy_else_gpu_energy,
             facility_usage_is_the_allocation_plus_pue_times_unmetered_node_energy,
             usage_pages_give_every_row_once_and_each_adjustment_once,
+            allocated_facility_energy_survives_compaction,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -433,6 +434,7 @@ pub(crate) fn the_compaction_lease_is_exclusive_and_expires<W: LedgerWriter, R: 
         minutes_from: 0,
         hours_from: 0,
         days_from: None,
+        allocating_from: None,
     };
     let contracts = no_contracts();
     let a = w.acquire_compaction("a", 1_000, ttl).unwrap();
@@ -714,6 +716,7 @@ pub(crate) fn node_energy_rolls_up_and_adds_to_the_tenant_totals<
         minutes_from: MINUTE + 3600,
         hours_from: 0,
         days_from: None,
+        allocating_from: None,
     };
     let done = w
         .compact_under(&lease, 1_001, &policy, &no_contracts())
@@ -799,6 +802,7 @@ pub(crate) fn over_contract_is_measured_on_each_tenants_basis<W: LedgerWriter, R
         minutes_from: MINUTE + 3600,
         hours_from: 0,
         days_from: None,
+        allocating_from: None,
     };
     w.compact_under(&lease, 1_001, &policy, &history).unwrap();
     let usage = f.reader.usage(None, MINUTE, MINUTE + 3600).unwrap();
@@ -1248,4 +1252,203 @@ pub(crate) fn usage_pages_give_every_row_once_and_each_adjustment_once<
         req.page_token = Some(t);
     }
     assert_eq!(energy, 7 * late);
+}
+
+/// The tenants and the meter of the facility cases: "f" on metered m1
+/// alone; "g" on metered m2 and unmetered u1; both on the facility basis
+/// (PUE 1.5), "f" with 2.5 W contracted (150,000 mJ a minute).
+fn facility_site() -> (
+    Arc<Tenants>,
+    Arc<TenantHistory>,
+    Vec<crate::meters::MeterSpec>,
+) {
+    let tenants = Arc::new(
+        Tenants::from_toml(
+            "[[tenant]]\nid = \"f\"\nnodes = [\"m1\"]\ncontracted_kw = 0.0025\nbasis = \"facility\"\npue = 1.5\n
+             [[tenant]]\nid = \"g\"\nnodes = [\"m2\", \"u1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
+        )
+        .unwrap(),
+    );
+    let history = Arc::new(TenantHistory::new(tenants.clone()));
+    #[derive(serde::Deserialize)]
+    struct File {
+        meter: Vec<crate::meters::MeterConfig>,
+    }
+    let file: File = toml::from_str(
+        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"m*\"]\naddress = \"127.0.0.1:502\"\n",
+    )
+    .unwrap();
+    (tenants, history, crate::meters::check(&file.meter).unwrap())
+}
+
+/// An hour of the facility site, committed and final: per minute k, "f"
+/// has 60,000 mJ of node energy on m1 (80,000 in the last quarter-hour),
+/// "g" 30,000 on m2 and 40,000 on u1. Returns the meter's minutes: "f"
+/// gets 149,990 + 2k mJ (over its contract from k = 6 on), "g" 45,000 + k.
+fn facility_hour<W: LedgerWriter>(w: &mut W, history: &Arc<TenantHistory>) -> Vec<MeterMinute> {
+    let mut c = Commit::default();
+    for node in ["m1", "m2", "u1"] {
+        w.claim("a", node).unwrap();
+        c.nodes.insert(Arc::from(node), cursor(1, 1, 10));
+    }
+    let node_energy = |node: u64| BucketDelta {
+        energy_mj: node / 3,
+        node_energy_mj: node,
+        node_ns: 60_000_000_000,
+        samples: 1,
+        ..BucketDelta::default()
+    };
+    let mut minutes = Vec::new();
+    for k in 0..60u64 {
+        let minute = MINUTE + 60 * k as i64;
+        let on_m1 = if k >= 45 { 80_000 } else { 60_000 };
+        for (t, n, e) in [("f", "m1", on_m1), ("g", "m2", 30_000), ("g", "u1", 40_000)] {
+            c.buckets
+                .insert((Arc::from(t), Arc::from(n), minute), node_energy(e));
+        }
+        let (af, ag) = (149_990 + 2 * k, 45_000 + k);
+        minutes.push(MeterMinute {
+            minute,
+            metered_mj: af + ag,
+            measured_mj: on_m1 + 30_000,
+            unallocated_mj: 0,
+            tenants: vec![
+                MeterShare::new("f", on_m1, af, on_m1),
+                MeterShare::new("g", 30_000, ag, 30_000),
+            ],
+        });
+    }
+    c.contracts = Some(history.clone());
+    w.commit_as("a", &c, MINUTE + 3_700, MINUTE + 3_600)
+        .unwrap();
+    minutes
+}
+
+/// What a facility tenant's usage rows say: (tenant, facility mJ,
+/// estimated, pending, seconds over contract, overage mJ, peak demand mW,
+/// average power mW).
+type FacilityRow = (String, Option<u64>, bool, bool, u64, u64, u64, u64);
+
+fn facility_rows<R: LedgerReader>(
+    r: &R,
+    site: &(
+        Arc<Tenants>,
+        Arc<TenantHistory>,
+        Vec<crate::meters::MeterSpec>,
+    ),
+    step: &str,
+) -> Vec<FacilityRow> {
+    let reader: &dyn LedgerReader = r;
+    crate::usage::run(
+        reader,
+        &site.0,
+        &site.1,
+        &site.2,
+        None,
+        Some("2027-01-15T08:00:00Z"),
+        Some("2027-01-15T09:00:00Z"),
+        Some(step),
+        None,
+        None,
+    )
+    .unwrap()
+    .rows
+    .into_iter()
+    .filter(|r| r.tenant != "unassigned")
+    .map(|r| {
+        (
+            r.tenant,
+            r.facility_energy_millijoules,
+            r.facility_energy_estimated,
+            r.facility_energy_pending,
+            r.seconds_over_contract.round() as u64,
+            (r.overage_kwh * 3.6e9).round() as u64,
+            (r.peak_demand_watts * 1000.0).round() as u64,
+            (r.average_power_watts * 1000.0).round() as u64,
+        )
+    })
+    .collect()
+}
+
+/// An hour the meter allocated reads the same once rolled up and its
+/// minutes dropped: the rollup keeps each tenant's allocation and the
+/// node energy it replaced, and its time over contract, overage and peak
+/// quarter-hour are measured on the allocation, as the minutes were. A
+/// fully metered tenant stays unflagged; one with an unmetered node keeps
+/// that node's PUE estimate beside its allocation. Minutes a meter has
+/// yet to allocate are kept past their retention, and an hour rolled up
+/// before its allocation is rolled up again with it.
+pub(crate) fn allocated_facility_energy_survives_compaction<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let site = facility_site();
+    let minutes = facility_hour(&mut f.writer, &site.1);
+    let contracts = (*site.1).clone();
+    let state = |through: i64| MeterState {
+        allocated_through: through,
+        reading_at_ns: through * 1_000_000_000,
+        reading_raw: 0,
+        carry_mj: 0,
+    };
+    let half = state(MINUTE + 1_800);
+    assert!(
+        f.writer
+            .allocate_meter("row-a", None, &half, &minutes[..30])
+            .unwrap()
+    );
+    // Past its retention, with half of it still to allocate: the hour is
+    // rolled up, its minutes kept.
+    let lease = f
+        .writer
+        .acquire_compaction("a", 1_000, Duration::from_secs(60))
+        .unwrap();
+    let policy = |allocating_from: Option<i64>| Compaction {
+        closed_before: MINUTE + 3_600,
+        minutes_from: MINUTE + 3_600,
+        hours_from: 0,
+        days_from: None,
+        allocating_from,
+    };
+    let waiting = f
+        .writer
+        .meter_state("row-a")
+        .unwrap()
+        .map(|s| s.allocated_through);
+    assert_eq!(waiting, Some(MINUTE + 1_800));
+    let done = f
+        .writer
+        .compact_under(&lease, 1_001, &policy(waiting), &contracts)
+        .unwrap();
+    assert_eq!((done.hours_rolled_up, done.minute_rows_dropped), (1, 0));
+    assert!(
+        f.writer
+            .allocate_meter("row-a", Some(&half), &state(MINUTE + 3_600), &minutes[30..])
+            .unwrap()
+    );
+    let before = facility_rows(&f.reader, &site, "1h");
+    let f_mj: u64 = (0..60).map(|k| 149_990 + 2 * k).sum();
+    let g_mj: u64 = (0..60).map(|k| 45_000 + k).sum::<u64>() + 60 * 60_000;
+    assert_eq!(
+        before
+            .iter()
+            .map(|r| (r.0.as_str(), r.1, r.2, r.3))
+            .collect::<Vec<_>>(),
+        vec![
+            ("f", Some(f_mj), false, false),
+            ("g", Some(g_mj), true, false)
+        ]
+    );
+    assert!(before[0].4 > 0 && before[0].5 > 0, "f is over its contract");
+    let done = f
+        .writer
+        .compact_under(&lease, 1_002, &policy(Some(MINUTE + 3_600)), &contracts)
+        .unwrap();
+    assert_eq!(
+        done.hours_rolled_up, 1,
+        "rolled up again with its allocation"
+    );
+    assert!(done.minute_rows_dropped > 0);
+    let after = f.reader.usage(None, MINUTE, MINUTE + 3_600).unwrap();
+    assert!(after.spans.iter().all(|(_, s)| s.seconds == 3_600));
+    assert_eq!(facility_rows(&f.reader, &site, "1h"), before);
 }

@@ -471,6 +471,12 @@ pub struct Compaction {
     pub hours_from: i64,
     /// Daily rollups before this are dropped; `None` keeps them forever.
     pub days_from: Option<i64>,
+    /// The first minute some configured facility meter has yet to
+    /// allocate (`MeterState::allocated_through`, the lowest of them);
+    /// minute buckets from there on are kept whatever `minutes_from`
+    /// says, since the allocation splits each meter-minute by them.
+    /// `None`: no meter waits for any.
+    pub allocating_from: Option<i64>,
 }
 
 /// What one compaction did.
@@ -496,6 +502,15 @@ pub struct Span {
     pub peak_quarter_mj: Option<u64>,
     /// As `peak_quarter_mj`, of node energy.
     pub node_peak_quarter_mj: Option<u64>,
+    /// What the meters allocated of a rollup's minutes, and the node
+    /// energy that replaces (`Metered::NONE` for a minute: the usage rows
+    /// look its allocation up themselves).
+    pub metered: Metered,
+    /// A rollup's highest quarter-hour of facility energy (the allocation,
+    /// plus the PUE estimate of what none allocated), each minute on the
+    /// PUE of its contract; `None` for a minute, and for a rollup made
+    /// before rollups kept it (its facility peak is then node peak × PUE).
+    pub facility_peak_quarter_mj: Option<u64>,
 }
 
 impl Span {
@@ -522,12 +537,79 @@ impl Span {
     }
 
     /// A rollup's highest quarter-hour on `contract`'s basis; `None` for a
-    /// minute. Rollups carry no allocation: facility is the PUE estimate.
+    /// minute.
     pub fn basis_peak_quarter_mj(&self, contract: &Contract) -> Option<u64> {
-        self.peak_quarter_mj.map(|gpu| {
-            contract.basis_energy(gpu, self.node_peak_quarter_mj.unwrap_or(0), Metered::NONE)
+        self.peak_quarter_mj.map(|gpu| match contract.basis {
+            crate::accounting::Basis::Facility if self.facility_peak_quarter_mj.is_some() => {
+                self.facility_peak_quarter_mj.unwrap_or(0)
+            }
+            _ => contract.basis_energy(gpu, self.node_peak_quarter_mj.unwrap_or(0), Metered::NONE),
         })
     }
+}
+
+/// What a rollup keeps of one tenant's minutes beyond their sums,
+/// evaluated as it is rolled up (none of it can be had from the sums
+/// later): time over contract and overage, each minute against the
+/// contract of its time on its basis with what the meters allocated of
+/// it; the allocation and the node energy it replaced; and the highest
+/// quarter-hour of facility energy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RolledMinutes {
+    pub over_contract_ns: u64,
+    pub overage_mj: u64,
+    pub metered: Metered,
+    pub facility_peak_quarter_mj: u64,
+}
+
+/// [`RolledMinutes`] of each tenant, from its minutes: (tenant, minute
+/// start, GPU energy, node energy) summed over nodes, and what the
+/// meters allocated of them: (tenant, minute start, allocated, node
+/// energy replaced) summed over meters.
+pub(crate) fn roll_minutes(
+    minutes: impl IntoIterator<Item = (String, i64, u64, u64)>,
+    allocated: impl IntoIterator<Item = (String, i64, u64, u64)>,
+    contracts: &TenantHistory,
+) -> std::collections::BTreeMap<String, RolledMinutes> {
+    use std::collections::BTreeMap;
+    let mut by: BTreeMap<(String, i64), (u64, u64, Metered)> = BTreeMap::new();
+    for (t, m, gpu, node) in minutes {
+        let e = by.entry((t, m)).or_default();
+        e.0 = e.0.saturating_add(gpu);
+        e.1 = e.1.saturating_add(node);
+    }
+    for (t, m, allocated_mj, node_mj) in allocated {
+        by.entry((t, m)).or_default().2.add(Metered {
+            allocated_mj,
+            node_mj,
+        });
+    }
+    let mut out: BTreeMap<String, RolledMinutes> = BTreeMap::new();
+    let mut quarters: BTreeMap<(&str, i64), u64> = BTreeMap::new();
+    for ((tenant, minute), (gpu, node, metered)) in &by {
+        let contract = contracts.contract_at(tenant, *minute);
+        let (ns, mj) = crate::accounting::over_contract(
+            contract.basis_energy(*gpu, *node, *metered),
+            contract.milliwatts,
+        );
+        let r = out.entry(tenant.clone()).or_default();
+        r.over_contract_ns = r.over_contract_ns.saturating_add(ns);
+        r.overage_mj = r.overage_mj.saturating_add(mj);
+        r.metered.add(*metered);
+        let facility = contract
+            .facility_energy(*node, *metered)
+            .unwrap_or(metered.allocated_mj);
+        let q = quarters
+            .entry((tenant.as_str(), minute.div_euclid(900)))
+            .or_default();
+        *q = q.saturating_add(facility);
+    }
+    for ((tenant, _), e) in quarters {
+        if let Some(r) = out.get_mut(tenant) {
+            r.facility_peak_quarter_mj = r.facility_peak_quarter_mj.max(e);
+        }
+    }
+    out
 }
 
 /// Usage read for a period: the spans, finest first available, and from

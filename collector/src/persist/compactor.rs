@@ -38,7 +38,25 @@ pub fn compaction_policy(retention: &Retention, now: i64) -> ledger::Compaction 
         minutes_from: ago(retention.minute_retention),
         hours_from: ago(retention.hour_retention),
         days_from: retention.day_retention.map(ago),
+        allocating_from: None,
     }
+}
+
+/// The first minute one of `meters` (configured meter ids) has yet to
+/// allocate: what compaction keeps minute buckets from
+/// (`Compaction::allocating_from`). A meter with no allocation yet holds
+/// nothing back: it counts from its first reading on, never before.
+pub fn allocating_from<W: LedgerWriter + ?Sized>(
+    ledger: &W,
+    meters: &[String],
+) -> Result<Option<i64>, LedgerError> {
+    let mut from = None;
+    for id in meters {
+        if let Some(s) = ledger.meter_state(id)? {
+            from = Some(from.map_or(s.allocated_through, |f: i64| f.min(s.allocated_through)));
+        }
+    }
+    Ok(from)
 }
 
 /// Once a minute, under the compaction lease (taken or renewed for
@@ -65,9 +83,17 @@ pub async fn compact_loop<W: LedgerWriter + 'static>(
         let policy = compaction_policy(&retention, now);
         let (ledger, holder) = (ledger.clone(), holder.clone());
         let contracts = state.tenant_history();
+        let meters: Vec<String> = state
+            .meters()
+            .map(|b| b.meters.iter().map(|m| m.spec.id.clone()).collect())
+            .unwrap_or_default();
         let result = tokio::task::spawn_blocking(move || {
             let mut l = sync::lock(&ledger);
             let lease = l.acquire_compaction(&holder, now, LEASE_TTL)?;
+            let policy = ledger::Compaction {
+                allocating_from: allocating_from(&*l, &meters)?,
+                ..policy
+            };
             l.compact_under(&lease, now, &policy, &contracts)
         })
         .await;
@@ -104,5 +130,36 @@ pub async fn compact_loop<W: LedgerWriter + 'static>(
             }
             .emit(&state.counters),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::{Ledger, MeterState};
+
+    /// The lowest allocation point of the configured meters; a meter with
+    /// none yet, or one not configured, holds nothing back.
+    #[test]
+    fn the_meter_furthest_behind_holds_the_minutes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut l = Ledger::create(&dir.path().join("ledger.db")).unwrap();
+        let at = |through: i64| MeterState {
+            allocated_through: through,
+            reading_at_ns: through * 1_000_000_000,
+            reading_raw: 0,
+            carry_mj: 0,
+        };
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(allocating_from(&l, &ids(&["a", "b"])).unwrap(), None);
+        assert!(l.allocate_meter("a", None, &at(7_200), &[]).unwrap());
+        assert!(l.allocate_meter("b", None, &at(3_600), &[]).unwrap());
+        assert!(l.allocate_meter("old", None, &at(60), &[]).unwrap());
+        assert_eq!(
+            allocating_from(&l, &ids(&["a", "b", "new"])).unwrap(),
+            Some(3_600)
+        );
+        assert_eq!(allocating_from(&l, &ids(&["a"])).unwrap(), Some(7_200));
+        assert_eq!(allocating_from(&l, &[]).unwrap(), None);
     }
 }

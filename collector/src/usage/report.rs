@@ -213,11 +213,11 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
         let tenant = &terms.tenant;
         let spans = by_tenant.get(tenant.as_str()).unwrap_or(&empty);
         let facility = facility.of_tenant(tenant);
-        // What the meters allocated of a span: a minute's allocation; a
-        // rollup has none (its figures were fixed when rolled up).
+        // What the meters allocated of a span: a minute's allocation, or
+        // what a rollup kept of its minutes'.
         let metered = |t: i64, s: &Span| -> Metered {
             if s.peak_quarter_mj.is_some() {
-                Metered::NONE
+                s.metered
             } else {
                 facility.at(t).metered
             }

@@ -116,6 +116,8 @@ fn usage_of(minutes: Vec<(String, i64, BucketDelta)>) -> Usage {
                     t,
                     Span {
                         node_peak_quarter_mj: None,
+                        metered: crate::accounting::Metered::NONE,
+                        facility_peak_quarter_mj: None,
                         start,
                         seconds: 60,
                         delta,
@@ -268,6 +270,8 @@ fn over_contract_is_each_minutes_average_against_the_contract() {
             "a".to_string(),
             Span {
                 node_peak_quarter_mj: None,
+                metered: crate::accounting::Metered::NONE,
+                facility_peak_quarter_mj: None,
                 start: T,
                 seconds: 3600,
                 delta: rolled,
@@ -626,6 +630,8 @@ fn rows_before_the_kept_minutes_come_from_rollups() {
             "a".to_string(),
             Span {
                 node_peak_quarter_mj: None,
+                metered: crate::accounting::Metered::NONE,
+                facility_peak_quarter_mj: None,
                 start: T,
                 seconds: 3600,
                 delta: d(1_800_000_000, 3600, 1800, 3600),
@@ -978,6 +984,8 @@ fn a_rollups_peak_and_over_contract_follow_the_basis() {
                 delta,
                 peak_quarter_mj: Some(900_000_000),
                 node_peak_quarter_mj: Some(1_800_000_000),
+                metered: crate::accounting::Metered::NONE,
+                facility_peak_quarter_mj: None,
             },
         )],
         minutes_from: T + 3600,

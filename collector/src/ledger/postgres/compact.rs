@@ -7,7 +7,6 @@
 use std::sync::Arc;
 
 use super::{BUCKET_COLUMNS, Fail, Shared, i64_of, kept_from, u64_of};
-use crate::accounting::{Metered, over_contract};
 use crate::ledger::{Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE};
 use crate::tenants::TenantHistory;
 
@@ -112,9 +111,13 @@ async fn run(
         .prepare(
             "INSERT INTO demand_rollup
                 (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj,
-                            node_peak_quarter_mj)
+                    node_peak_quarter_mj, allocated_mj, allocated_node_mj,
+                    facility_peak_quarter_mj)
              SELECT 86400, $1, tenant, MAX(peak_quarter_mj), SUM(over_contract_ns),
-                SUM(overage_mj), MAX(node_peak_quarter_mj)
+                SUM(overage_mj), MAX(node_peak_quarter_mj), SUM(allocated_mj),
+                SUM(allocated_node_mj),
+                CASE WHEN COUNT(facility_peak_quarter_mj) = COUNT(*)
+                    THEN MAX(facility_peak_quarter_mj) END
              FROM demand_rollup
              WHERE period = 3600 AND start >= $1 AND start < $1 + 86400
              GROUP BY tenant",
@@ -159,16 +162,29 @@ async fn run(
              GROUP BY tenant, minute_start",
         )
         .await?;
+    let allocations_of_hour = tx
+        .prepare(
+            "SELECT tenant, minute_start, SUM(allocated_mj)::int8, SUM(node_mj)::int8
+             FROM meter_allocation
+             WHERE minute_start >= $1 AND minute_start < $1 + 3600
+             GROUP BY tenant, minute_start",
+        )
+        .await?;
     let set_over = tx
         .prepare(
-            "UPDATE demand_rollup SET over_contract_ns = $4, overage_mj = $5
+            "UPDATE demand_rollup SET over_contract_ns = $4, overage_mj = $5,
+                allocated_mj = $6, allocated_node_mj = $7, facility_peak_quarter_mj = $8
              WHERE period = $1 AND start = $2 AND tenant = $3",
         )
         .await?;
+    // A rollup without a facility peak (from before) keeps none.
     let add_over = tx
         .prepare(
             "UPDATE demand_rollup SET over_contract_ns = over_contract_ns + $4,
-                overage_mj = overage_mj + $5
+                overage_mj = overage_mj + $5, allocated_mj = allocated_mj + $6,
+                allocated_node_mj = allocated_node_mj + $7,
+                facility_peak_quarter_mj = CASE WHEN facility_peak_quarter_mj IS NULL THEN NULL
+                    ELSE GREATEST(facility_peak_quarter_mj, $8) END
              WHERE period = $1 AND start = $2 AND tenant = $3",
         )
         .await?;
@@ -177,47 +193,58 @@ async fn run(
     let mut days = Vec::new();
     for &h in &hours {
         let d = h.div_euclid(DAY) * DAY;
-        // Each tenant-minute of the hour against its contract, summed per
-        // tenant: (tenant, over-contract ns, overage mJ).
-        let mut per_tenant: std::collections::BTreeMap<String, (u64, u64)> =
-            std::collections::BTreeMap::new();
-        for row in tx.query(&minutes_of_hour, &[&h]).await? {
-            let tenant: String = row.try_get(0)?;
-            let minute: i64 = row.try_get(1)?;
-            let energy = u64_of(s, row.try_get(2)?, "minute energy")?;
-            let node_energy = u64_of(s, row.try_get(3)?, "minute node energy")?;
-            let contract = contracts.contract_at(&tenant, minute);
-            let (ns, mj) = over_contract(
-                contract.basis_energy(energy, node_energy, Metered::NONE),
-                contract.milliwatts,
-            );
-            let (a, b) = per_tenant.entry(tenant).or_default();
-            *a = a.saturating_add(ns);
-            *b = b.saturating_add(mj);
-        }
-        let mut over = Vec::new();
-        for (t, (ns, mj)) in per_tenant {
-            if ns > 0 || mj > 0 {
-                over.push((
-                    t,
-                    i64_of(s, ns, "over-contract time")?,
-                    i64_of(s, mj, "overage")?,
+        // Each tenant-minute of the hour against its contract, with what
+        // the meters allocated of it (`roll_minutes`).
+        let read = async |q: &tokio_postgres::Statement,
+                          what: &'static str|
+               -> Result<Vec<(String, i64, u64, u64)>, Fail> {
+            let mut out = Vec::new();
+            for row in tx.query(q, &[&h]).await? {
+                out.push((
+                    row.try_get(0)?,
+                    row.try_get(1)?,
+                    u64_of(s, row.try_get(2)?, what)?,
+                    u64_of(s, row.try_get(3)?, what)?,
                 ));
             }
+            Ok(out)
+        };
+        let minutes = read(&minutes_of_hour, "minute energy").await?;
+        let allocated = read(&allocations_of_hour, "allocated energy").await?;
+        let mut over = Vec::new();
+        for (t, r) in crate::ledger::roll_minutes(minutes, allocated, &contracts) {
+            over.push((
+                t,
+                [
+                    i64_of(s, r.over_contract_ns, "over-contract time")?,
+                    i64_of(s, r.overage_mj, "overage")?,
+                    i64_of(s, r.metered.allocated_mj, "allocated energy")?,
+                    i64_of(s, r.metered.node_mj, "allocated node energy")?,
+                    i64_of(s, r.facility_peak_quarter_mj, "facility peak")?,
+                ],
+            ));
         }
         if h >= old_minutes_from {
             tx.execute(&clear, &[&HOUR, &h]).await?;
             tx.execute(&clear_peak, &[&HOUR, &h]).await?;
             tx.execute(&hour, &[&h]).await?;
             tx.execute(&hour_peak, &[&h]).await?;
-            for (t, ns, mj) in &over {
-                tx.execute(&set_over, &[&HOUR, &h, t, ns, mj]).await?;
+            for (t, v) in &over {
+                tx.execute(
+                    &set_over,
+                    &[&HOUR, &h, t, &v[0], &v[1], &v[2], &v[3], &v[4]],
+                )
+                .await?;
             }
         } else if h >= old_hours_from {
             tx.execute(&add, &[&h, &HOUR, &h]).await?;
             tx.execute(&add_peak, &[&h, &HOUR, &h]).await?;
-            for (t, ns, mj) in &over {
-                tx.execute(&add_over, &[&HOUR, &h, t, ns, mj]).await?;
+            for (t, v) in &over {
+                tx.execute(
+                    &add_over,
+                    &[&HOUR, &h, t, &v[0], &v[1], &v[2], &v[3], &v[4]],
+                )
+                .await?;
             }
         }
         if d >= old_hours_from {
@@ -225,8 +252,9 @@ async fn run(
         } else {
             tx.execute(&add, &[&h, &DAY, &d]).await?;
             tx.execute(&add_peak, &[&h, &DAY, &d]).await?;
-            for (t, ns, mj) in &over {
-                tx.execute(&add_over, &[&DAY, &d, t, ns, mj]).await?;
+            for (t, v) in &over {
+                tx.execute(&add_over, &[&DAY, &d, t, &v[0], &v[1], &v[2], &v[3], &v[4]])
+                    .await?;
             }
         }
         if h < old_minutes_from {
@@ -259,6 +287,7 @@ async fn run(
         .minutes_from
         .min(policy.closed_before)
         .min(oldest_pending.unwrap_or(i64::MAX))
+        .min(policy.allocating_from.unwrap_or(i64::MAX))
         .div_euclid(HOUR)
         * HOUR;
     done.minute_rows_dropped = tx

@@ -169,6 +169,15 @@ pub(super) fn allocate_meter(
                 ],
             )
             .await?;
+            // The hours of the minutes are rolled up again, with their
+            // allocation.
+            tx.execute(
+                "INSERT INTO rollup_pending (hour_start)
+                 SELECT DISTINCT m - m % 3600 FROM unnest($1::bigint[]) AS m
+                 ON CONFLICT DO NOTHING",
+                &[&m_minute],
+            )
+            .await?;
             tx.commit().await?;
             Ok(true)
         }

@@ -9,6 +9,7 @@ use super::{
     BUCKET_COLUMNS, Fail, PgSettings, Shared, bucket_from_row, bucket_sums, kept_from,
     schema_version, u64_of,
 };
+use crate::accounting::Metered;
 use crate::ledger::{
     Adjustment, BucketDelta, DAY, HOUR, LedgerError, LedgerReader, MINUTE, Span, TenantVersion,
     Usage,
@@ -144,6 +145,8 @@ async fn usage_since(
                 delta,
                 peak_quarter_mj: None,
                 node_peak_quarter_mj: None,
+                metered: Metered::NONE,
+                facility_peak_quarter_mj: None,
             },
         ));
     }
@@ -152,7 +155,9 @@ async fn usage_since(
             "SELECT r.tenant, r.start, {},
                 MAX(COALESCE(d.peak_quarter_mj, 0))::int8,
                 MAX(COALESCE(d.over_contract_ns, 0))::int8, MAX(COALESCE(d.overage_mj, 0))::int8,
-                MAX(COALESCE(d.node_peak_quarter_mj, 0))::int8
+                MAX(COALESCE(d.node_peak_quarter_mj, 0))::int8,
+                MAX(COALESCE(d.allocated_mj, 0))::int8, MAX(COALESCE(d.allocated_node_mj, 0))::int8,
+                MAX(d.facility_peak_quarter_mj)::int8
              FROM usage_rollup r LEFT JOIN demand_rollup d
                 ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
              WHERE r.period = $1 AND ($2::text IS NULL OR r.tenant = $2)
@@ -187,6 +192,14 @@ async fn usage_since(
                         r.try_get(5 + n)?,
                         "node_peak_quarter_mj",
                     )?),
+                    metered: Metered {
+                        allocated_mj: u64_of(s, r.try_get(6 + n)?, "allocated_mj")?,
+                        node_mj: u64_of(s, r.try_get(7 + n)?, "allocated_node_mj")?,
+                    },
+                    facility_peak_quarter_mj: r
+                        .try_get::<_, Option<i64>>(8 + n)?
+                        .map(|v| u64_of(s, v, "facility_peak_quarter_mj"))
+                        .transpose()?,
                 },
             ));
         }

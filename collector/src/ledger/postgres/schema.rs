@@ -161,9 +161,23 @@ pub(super) const MIGRATIONS: &[&str] = &[
      );",
     // 3: facility billing that stands, as the SQLite ledger's version 14:
     // each tenant's part of a meter-minute keeps the node energy its
-    // allocation replaced (parts from before hold what was measured).
+    // allocation replaced (parts from before hold what was measured);
+    // rollups keep the allocation, the node energy it replaced and the
+    // highest quarter-hour of facility energy (NULL in rollups from
+    // before), and hours whose minutes or allocations are kept are rolled
+    // up again to fill them.
     "ALTER TABLE meter_allocation ADD COLUMN node_mj BIGINT NOT NULL DEFAULT 0;
-     UPDATE meter_allocation SET node_mj = measured_mj;",
+     UPDATE meter_allocation SET node_mj = measured_mj;
+     ALTER TABLE demand_rollup
+        ADD COLUMN allocated_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN allocated_node_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN facility_peak_quarter_mj BIGINT;
+     INSERT INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute
+        ON CONFLICT DO NOTHING;
+     INSERT INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM meter_allocation
+        ON CONFLICT DO NOTHING;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

@@ -419,6 +419,7 @@ fn the_lease_runs_on_the_database_clock() {
         minutes_from: 0,
         hours_from: 0,
         days_from: None,
+        allocating_from: None,
     };
     let contracts = TenantHistory::new(Arc::new(crate::tenants::Tenants::empty()));
     // A caller's clock far ahead does not expire it either.
@@ -633,6 +634,7 @@ fn the_same_history_reads_the_same_on_both_backends() {
                 minutes_from: watermark - 86_400,
                 hours_from: watermark - 2 * 86_400,
                 days_from: Some(start - 86_400),
+                allocating_from: None,
             };
             let now = crate::sync::now_unix();
             let ttl = Duration::from_secs(60);
@@ -768,6 +770,7 @@ fn compaction_waits_for_the_watermark() {
         minutes_from: 0,
         hours_from: 0,
         days_from: None,
+        allocating_from: None,
     };
     let contracts = TenantHistory::new(Arc::new(crate::tenants::Tenants::empty()));
     let lease = l
@@ -984,13 +987,28 @@ fn a_version_2_ledger_keeps_its_meter_allocations() {
             "UPDATE ledger_schema SET version = 2;
              INSERT INTO meter_state VALUES ('row-a', {m} + 60, 1, 2, 0);
              INSERT INTO meter_minute VALUES ('row-a', {m}, 900, 600, 0);
-             INSERT INTO meter_allocation VALUES ('row-a', 'a', {m}, 600, 900);"
+             INSERT INTO meter_allocation VALUES ('row-a', 'a', {m}, 600, 900);
+             INSERT INTO demand_rollup VALUES (3600, {m} - 3600, 'a', 50, 0, 0, 70);"
         ),
     );
     let mut l = PgLedger::open(&settings(&url)).unwrap();
     assert_eq!(
         server().psql(db, "SELECT version FROM ledger_schema"),
         MIGRATIONS.len().to_string()
+    );
+    // The hour of the allocation is to be rolled up again; the rollup
+    // from before has no allocation and no facility peak.
+    assert_eq!(
+        server().psql(db, "SELECT hour_start FROM rollup_pending"),
+        (m - m % 3600).to_string()
+    );
+    assert_eq!(
+        server().psql(
+            db,
+            "SELECT allocated_mj, allocated_node_mj, facility_peak_quarter_mj IS NULL
+             FROM demand_rollup"
+        ),
+        "0|0|t"
     );
     let reader = PgReader::open(&settings(&url)).unwrap();
     assert_eq!(

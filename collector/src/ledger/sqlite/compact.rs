@@ -4,7 +4,6 @@
 use rusqlite::params;
 
 use super::{BUCKET_COLUMNS, Ledger, i64_of, kept_from, sqlite_err, u64_of};
-use crate::accounting::{Metered, over_contract};
 use crate::ledger::{Compacted, Compaction, CompactionLease, DAY, HOUR, LedgerError, MINUTE};
 use crate::tenants::TenantHistory;
 
@@ -110,9 +109,13 @@ impl Ledger {
                 .prepare_cached(
                     "INSERT INTO demand_rollup
                         (period, start, tenant, peak_quarter_mj, over_contract_ns, overage_mj,
-                            node_peak_quarter_mj)
+                            node_peak_quarter_mj, allocated_mj, allocated_node_mj,
+                            facility_peak_quarter_mj)
                      SELECT 86400, ?1, tenant, MAX(peak_quarter_mj), SUM(over_contract_ns),
-                        SUM(overage_mj), MAX(node_peak_quarter_mj)
+                        SUM(overage_mj), MAX(node_peak_quarter_mj), SUM(allocated_mj),
+                        SUM(allocated_node_mj),
+                        CASE WHEN COUNT(facility_peak_quarter_mj) = COUNT(*)
+                            THEN MAX(facility_peak_quarter_mj) END
                      FROM demand_rollup
                      WHERE period = 3600 AND start >= ?1 AND start < ?1 + 86400
                      GROUP BY tenant",
@@ -152,8 +155,8 @@ impl Ledger {
                                 MAX(node_peak_quarter_mj, excluded.node_peak_quarter_mj)",
                 )
                 .map_err(err)?;
-            // Each tenant-minute of an hour against its contract, summed
-            // per tenant: (tenant, over-contract ns, overage mJ).
+            // Each tenant-minute of an hour against its contract, with
+            // what the meters allocated of it (`roll_minutes`).
             let mut minutes_of_hour = tx
                 .prepare_cached(
                     "SELECT tenant, minute_start, SUM(energy_mj), SUM(node_energy_mj)
@@ -162,59 +165,69 @@ impl Ledger {
                      GROUP BY tenant, minute_start",
                 )
                 .map_err(err)?;
-            let mut evaluate = |h: i64| -> Result<Vec<(String, i64, i64)>, LedgerError> {
-                let rows = minutes_of_hour
-                    .query_map([h], |r| {
-                        Ok((
-                            r.get::<_, String>(0)?,
-                            r.get::<_, i64>(1)?,
-                            r.get::<_, i64>(2)?,
-                            r.get::<_, i64>(3)?,
-                        ))
-                    })
-                    .map_err(err)?;
-                let mut per_tenant: Vec<(String, u64, u64)> = Vec::new();
-                for row in rows {
-                    let (tenant, minute, energy, node_energy) = row.map_err(err)?;
-                    let energy = u64_of(energy, &p, "minute energy")?;
-                    let node_energy = u64_of(node_energy, &p, "minute node energy")?;
-                    let contract = contracts.contract_at(&tenant, minute);
-                    let (ns, mj) = over_contract(
-                        contract.basis_energy(energy, node_energy, Metered::NONE),
-                        contract.milliwatts,
-                    );
-                    match per_tenant.iter_mut().find(|(t, _, _)| *t == tenant) {
-                        Some((_, a, b)) => {
-                            *a = a.saturating_add(ns);
-                            *b = b.saturating_add(mj);
-                        }
-                        None => per_tenant.push((tenant, ns, mj)),
+            let mut allocations_of_hour = tx
+                .prepare_cached(
+                    "SELECT tenant, minute_start, SUM(allocated_mj), SUM(node_mj)
+                     FROM meter_allocation
+                     WHERE minute_start >= ?1 AND minute_start < ?1 + 3600
+                     GROUP BY tenant, minute_start",
+                )
+                .map_err(err)?;
+            let mut evaluate = |h: i64| -> Result<Vec<(String, [i64; 5])>, LedgerError> {
+                let read = |q: &mut rusqlite::CachedStatement<'_>,
+                            what: &'static str|
+                 -> Result<Vec<(String, i64, u64, u64)>, LedgerError> {
+                    let rows = q
+                        .query_map([h], |r| {
+                            Ok((
+                                r.get::<_, String>(0)?,
+                                r.get::<_, i64>(1)?,
+                                r.get::<_, i64>(2)?,
+                                r.get::<_, i64>(3)?,
+                            ))
+                        })
+                        .map_err(err)?;
+                    let mut out = Vec::new();
+                    for row in rows {
+                        let (t, m, a, b) = row.map_err(err)?;
+                        out.push((t, m, u64_of(a, &p, what)?, u64_of(b, &p, what)?));
                     }
-                }
-                per_tenant
+                    Ok(out)
+                };
+                let minutes = read(&mut minutes_of_hour, "minute energy")?;
+                let allocated = read(&mut allocations_of_hour, "allocated energy")?;
+                crate::ledger::roll_minutes(minutes, allocated, contracts)
                     .into_iter()
-                    .filter(|(_, ns, mj)| *ns > 0 || *mj > 0)
-                    .map(|(t, ns, mj)| {
+                    .map(|(t, r)| {
                         Ok((
                             t,
-                            i64_of(ns, &p, "over-contract time")?,
-                            i64_of(mj, &p, "overage")?,
+                            [
+                                i64_of(r.over_contract_ns, &p, "over-contract time")?,
+                                i64_of(r.overage_mj, &p, "overage")?,
+                                i64_of(r.metered.allocated_mj, &p, "allocated energy")?,
+                                i64_of(r.metered.node_mj, &p, "allocated node energy")?,
+                                i64_of(r.facility_peak_quarter_mj, &p, "facility peak")?,
+                            ],
                         ))
                     })
                     .collect()
             };
             // Into the rollup's row written just before: set for a rollup
-            // rebuilt from its minutes, added for late minutes added to it.
+            // rebuilt from its minutes, added for late minutes added to it
+            // (its facility peak, if it has one, the higher of the two).
             let mut set_over = tx
                 .prepare_cached(
-                    "UPDATE demand_rollup SET over_contract_ns = ?4, overage_mj = ?5
+                    "UPDATE demand_rollup SET over_contract_ns = ?4, overage_mj = ?5,
+                        allocated_mj = ?6, allocated_node_mj = ?7, facility_peak_quarter_mj = ?8
                      WHERE period = ?1 AND start = ?2 AND tenant = ?3",
                 )
                 .map_err(err)?;
             let mut add_over = tx
                 .prepare_cached(
                     "UPDATE demand_rollup SET over_contract_ns = over_contract_ns + ?4,
-                        overage_mj = overage_mj + ?5
+                        overage_mj = overage_mj + ?5, allocated_mj = allocated_mj + ?6,
+                        allocated_node_mj = allocated_node_mj + ?7,
+                        facility_peak_quarter_mj = MAX(facility_peak_quarter_mj, ?8)
                      WHERE period = ?1 AND start = ?2 AND tenant = ?3",
                 )
                 .map_err(err)?;
@@ -229,16 +242,20 @@ impl Ledger {
                     clear_peak.execute([HOUR, h]).map_err(err)?;
                     hour.execute([h]).map_err(err)?;
                     hour_peak.execute([h]).map_err(err)?;
-                    for (t, ns, mj) in &over {
-                        set_over.execute(params![HOUR, h, t, ns, mj]).map_err(err)?;
+                    for (t, v) in &over {
+                        set_over
+                            .execute(params![HOUR, h, t, v[0], v[1], v[2], v[3], v[4]])
+                            .map_err(err)?;
                     }
                 } else if h >= old_hours_from {
                     // Only the late minutes are left to evaluate: the
                     // energy dropped with the others is not in them.
                     add.execute([h, HOUR, h]).map_err(err)?;
                     add_peak.execute([h, HOUR, h]).map_err(err)?;
-                    for (t, ns, mj) in &over {
-                        add_over.execute(params![HOUR, h, t, ns, mj]).map_err(err)?;
+                    for (t, v) in &over {
+                        add_over
+                            .execute(params![HOUR, h, t, v[0], v[1], v[2], v[3], v[4]])
+                            .map_err(err)?;
                     }
                 }
                 if d >= old_hours_from {
@@ -246,8 +263,10 @@ impl Ledger {
                 } else {
                     add.execute([h, DAY, d]).map_err(err)?;
                     add_peak.execute([h, DAY, d]).map_err(err)?;
-                    for (t, ns, mj) in &over {
-                        add_over.execute(params![DAY, d, t, ns, mj]).map_err(err)?;
+                    for (t, v) in &over {
+                        add_over
+                            .execute(params![DAY, d, t, v[0], v[1], v[2], v[3], v[4]])
+                            .map_err(err)?;
                     }
                 }
                 if h < old_minutes_from {
@@ -276,7 +295,11 @@ impl Ledger {
             done.hours_rolled_up = hours.len();
             done.days_rolled_up = days.len();
             // Minutes go only where their hours are rolled up: closed, and
-            // no longer pending (a long backlog takes several rounds).
+            // no longer pending (a long backlog takes several rounds); and
+            // only once every configured meter has allocated them, so that
+            // a meter down for longer than the minute retention still
+            // splits its energy by what was measured when it returns (its
+            // `CapwatchMeterDown` alert says why the minutes stay).
             let oldest_pending: Option<i64> = tx
                 .query_row("SELECT MIN(hour_start) FROM rollup_pending", [], |r| {
                     r.get(0)
@@ -286,6 +309,7 @@ impl Ledger {
                 .minutes_from
                 .min(policy.closed_before)
                 .min(oldest_pending.unwrap_or(i64::MAX))
+                .min(policy.allocating_from.unwrap_or(i64::MAX))
                 .div_euclid(HOUR)
                 * HOUR;
             done.minute_rows_dropped = tx

@@ -160,7 +160,14 @@ impl Ledger {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )
                 .map_err(err)?;
+            // The hours of the minutes are rolled up again, with their
+            // allocation.
+            let mut pend = tx
+                .prepare_cached("INSERT OR IGNORE INTO rollup_pending (hour_start) VALUES (?1)")
+                .map_err(err)?;
             for m in minutes {
+                pend.execute([m.minute.div_euclid(3600) * 3600])
+                    .map_err(err)?;
                 minute_q
                     .execute(params![
                         meter,

@@ -9,6 +9,7 @@ use super::schema::MIGRATIONS;
 use super::{
     BUCKET_COLUMNS, bucket_from_row, bucket_sums, kept_from, sqlite_err, u64_of, watermark,
 };
+use crate::accounting::Metered;
 use crate::ledger::{
     Adjustment, BucketDelta, DAY, HOUR, LedgerError, LedgerReader, MINUTE, Span, TenantVersion,
     Usage,
@@ -191,6 +192,8 @@ impl Reader {
                     delta,
                     peak_quarter_mj: None,
                     node_peak_quarter_mj: None,
+                    metered: Metered::NONE,
+                    facility_peak_quarter_mj: None,
                 },
             ));
         }
@@ -198,7 +201,8 @@ impl Reader {
             .prepare_cached(&format!(
                 "SELECT r.tenant, r.start, {}, MAX(COALESCE(d.peak_quarter_mj, 0)),
                     MAX(COALESCE(d.over_contract_ns, 0)), MAX(COALESCE(d.overage_mj, 0)),
-                    MAX(COALESCE(d.node_peak_quarter_mj, 0))
+                    MAX(COALESCE(d.node_peak_quarter_mj, 0)), MAX(COALESCE(d.allocated_mj, 0)),
+                    MAX(COALESCE(d.allocated_node_mj, 0)), MAX(d.facility_peak_quarter_mj)
                  FROM usage_rollup r LEFT JOIN demand_rollup d
                     ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
                  WHERE r.period = ?1 AND (?2 IS NULL OR r.tenant = ?2)
@@ -228,11 +232,26 @@ impl Reader {
                         r.get::<_, i64>(3 + BUCKET_COLUMNS.len())?,
                         r.get::<_, i64>(4 + BUCKET_COLUMNS.len())?,
                         r.get::<_, i64>(5 + BUCKET_COLUMNS.len())?,
+                        [
+                            r.get::<_, i64>(6 + BUCKET_COLUMNS.len())?,
+                            r.get::<_, i64>(7 + BUCKET_COLUMNS.len())?,
+                        ],
+                        r.get::<_, Option<i64>>(8 + BUCKET_COLUMNS.len())?,
                     ))
                 })
                 .map_err(err)?;
             for row in rows {
-                let (t, start, delta, peak, over_ns, over_mj, node_peak) = row.map_err(err)?;
+                let (
+                    t,
+                    start,
+                    delta,
+                    peak,
+                    over_ns,
+                    over_mj,
+                    node_peak,
+                    [alloc, alloc_node],
+                    fpeak,
+                ) = row.map_err(err)?;
                 // The rollup's own evaluation of its minutes.
                 let delta = BucketDelta {
                     over_contract_ns: u64_of(over_ns, p, "over_contract_ns")?,
@@ -247,6 +266,13 @@ impl Reader {
                         delta,
                         peak_quarter_mj: Some(u64_of(peak, p, "peak_quarter_mj")?),
                         node_peak_quarter_mj: Some(u64_of(node_peak, p, "node_peak_quarter_mj")?),
+                        metered: Metered {
+                            allocated_mj: u64_of(alloc, p, "allocated_mj")?,
+                            node_mj: u64_of(alloc_node, p, "allocated_node_mj")?,
+                        },
+                        facility_peak_quarter_mj: fpeak
+                            .map(|v| u64_of(v, p, "facility_peak_quarter_mj"))
+                            .transpose()?,
                     },
                 ));
             }

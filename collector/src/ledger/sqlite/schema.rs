@@ -262,10 +262,20 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // meter's node list changing later changes no minute allocated
     // before; parts allocated before hold what their nodes measured (the
     // node energy wherever the node had a whole-node source, which the
-    // facility basis needs anyway).
+    // facility basis needs anyway). Rollups keep each tenant's allocation,
+    // the node energy it replaced and the highest quarter-hour of facility
+    // energy (NULL in rollups from before: the PUE estimate); hours whose
+    // minutes or allocations are kept are rolled up again to fill them.
     Migration::Sql(
         "ALTER TABLE meter_allocation ADD COLUMN node_mj INTEGER NOT NULL DEFAULT 0;
-     UPDATE meter_allocation SET node_mj = measured_mj;",
+     UPDATE meter_allocation SET node_mj = measured_mj;
+     ALTER TABLE demand_rollup ADD COLUMN allocated_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE demand_rollup ADD COLUMN allocated_node_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE demand_rollup ADD COLUMN facility_peak_quarter_mj INTEGER;
+     INSERT OR IGNORE INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;
+     INSERT OR IGNORE INTO rollup_pending
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM meter_allocation;",
     ),
 ];
 

@@ -569,10 +569,38 @@ fn a_version_13_ledger_keeps_its_meter_allocations() {
              INSERT INTO meter_state VALUES ('row-a', {m} + 60, 1, 2, 0);
              INSERT INTO meter_minute VALUES ('row-a', {m}, 900, 600, 0);
              INSERT INTO meter_allocation VALUES ('row-a', 'a', {m}, 600, 900);
-             INSERT INTO retention VALUES (60, {m});",
+             INSERT INTO usage_rollup VALUES (3600, {h}, 'a', 'n1', 50, 1, 1, 1, 1, 1, 0, 0, 70, 0, 60);
+             INSERT INTO demand_rollup VALUES (3600, {h}, 'a', 50, 0, 0, 70);
+             INSERT INTO retention VALUES (60, {m}), (3600, {h});",
+            h = T0,
         ),
     );
     let mut l = Ledger::open(&path).unwrap();
+    // The hour with minutes and an allocation is to be rolled up again;
+    // the rollup from before has no allocation and no facility peak (the
+    // PUE estimate).
+    let pending: Vec<i64> = l
+        .conn
+        .prepare("SELECT hour_start FROM rollup_pending")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(pending, vec![m - m % 3600]);
+    let u = Reader::open(&path)
+        .unwrap()
+        .usage(Some("a"), T0, T0 + HOUR)
+        .unwrap();
+    let s = &u.spans[0].1;
+    assert_eq!(
+        (
+            s.node_peak_quarter_mj,
+            s.metered,
+            s.facility_peak_quarter_mj
+        ),
+        (Some(70), crate::accounting::Metered::NONE, None)
+    );
     let read = Reader::open(&path)
         .unwrap()
         .meter_minutes(None, m, m + 60)
@@ -766,6 +794,7 @@ fn policy(closed_before: i64, minutes_from: i64) -> Compaction {
         minutes_from,
         hours_from: 0,
         days_from: None,
+        allocating_from: None,
     }
 }
 
@@ -870,6 +899,7 @@ fn rollups_keep_sums_and_peaks_and_follow_late_minutes() {
         minutes_from: T0 + 2 * DAY,
         hours_from: T0 + DAY,
         days_from: None,
+        allocating_from: None,
     };
     let done = l
         .compact(&policy, &TenantHistory::new(Arc::new(Tenants::empty())))
@@ -1275,6 +1305,7 @@ fn deltas_for_final_minutes_are_booked_as_adjustments() {
         minutes_from: T0 + 2 * DAY,
         hours_from: T0 + 2 * DAY,
         days_from: None,
+        allocating_from: None,
     };
     l.compact(&keep_days, &TenantHistory::new(Arc::new(Tenants::empty())))
         .unwrap();
@@ -1342,6 +1373,7 @@ proptest! {
                     minutes_from: T0.max(closed - DAY),
                     hours_from: 0,
                     days_from: None,
+                    allocating_from: None,
                 },
                 &TenantHistory::new(Arc::new(Tenants::empty())),
             )
