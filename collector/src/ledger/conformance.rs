@@ -45,6 +45,7 @@ macro_rules! conformance_tests {
             facility_usage_is_the_allocation_plus_pue_times_unmetered_node_energy,
             usage_pages_give_every_row_once_and_each_adjustment_once,
             allocated_facility_energy_survives_compaction,
+            meter_reports_read_the_same_after_compaction,
         );
     };
     (@cases $fresh:expr; $($case:ident),* $(,)?) => {
@@ -1451,4 +1452,93 @@ pub(crate) fn allocated_facility_energy_survives_compaction<W: LedgerWriter, R: 
     let after = f.reader.usage(None, MINUTE, MINUTE + 3_600).unwrap();
     assert!(after.spans.iter().all(|(_, s)| s.seconds == 3_600));
     assert_eq!(facility_rows(&f.reader, &site, "1h"), before);
+}
+
+/// The meters' report (`/v1/meters`, the `meters` command) of rows of
+/// whole hours reads the same once the meter-minutes are folded into
+/// hourly sums, to the millijoule, each row still adding up to its meter
+/// (allocated plus unallocated); a row that would cut an hour of sums is
+/// refused, not guessed.
+pub(crate) fn meter_reports_read_the_same_after_compaction<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let site = facility_site();
+    let minutes = facility_hour(&mut f.writer, &site.1);
+    let state = |through: i64| MeterState {
+        allocated_through: through,
+        reading_at_ns: through * 1_000_000_000,
+        reading_raw: 0,
+        carry_mj: 0,
+    };
+    let w = &mut f.writer;
+    assert!(
+        w.allocate_meter("row-a", None, &state(MINUTE + 3_600), &minutes)
+            .unwrap()
+    );
+    // Another meter with nothing measured under it: all unallocated.
+    let idle: Vec<MeterMinute> = (0..7)
+        .map(|k| MeterMinute {
+            minute: MINUTE + 600 + 60 * k,
+            metered_mj: 1_000 + k as u64,
+            measured_mj: 0,
+            unallocated_mj: 1_000 + k as u64,
+            tenants: vec![],
+        })
+        .collect();
+    assert!(
+        w.allocate_meter("row-b", None, &state(MINUTE + 1_020), &idle)
+            .unwrap()
+    );
+    let names = ["row-a".to_string(), "row-b".to_string()];
+    let report = |r: &R, step: &str| {
+        let reader: &dyn LedgerReader = r;
+        let (from, to) = match step {
+            "1d" => ("2027-01-15T00:00:00Z", "2027-01-16T00:00:00Z"),
+            _ => ("2027-01-15T08:00:00Z", "2027-01-15T10:00:00Z"),
+        };
+        crate::usage::meters::run(reader, &names, Some(from), Some(to), Some(step), None)
+    };
+    let hourly = report(&f.reader, "1h").unwrap();
+    let daily = report(&f.reader, "1d").unwrap();
+    assert!(report(&f.reader, "15m").is_ok());
+    for row in hourly.rows.iter().chain(&daily.rows) {
+        let parts: u64 = row.tenants.iter().map(|t| t.allocated_mj).sum();
+        assert_eq!(parts + row.unallocated_mj, row.metered_mj, "{row:?}");
+    }
+    let a = &hourly.rows[0];
+    assert_eq!((a.meter.as_str(), a.minutes), ("row-a", 60));
+    assert_eq!(
+        a.metered_mj,
+        minutes.iter().map(|m| m.metered_mj).sum::<u64>()
+    );
+    assert_eq!(
+        (hourly.rows[2].minutes, hourly.rows[2].unallocated_mj),
+        (7, 7_021)
+    );
+    let lease = f
+        .writer
+        .acquire_compaction("a", 1_000, Duration::from_secs(60))
+        .unwrap();
+    let policy = Compaction {
+        closed_before: MINUTE + 3_600,
+        minutes_from: MINUTE + 3_600,
+        hours_from: 0,
+        days_from: None,
+        allocating_from: Some(MINUTE + 3_600),
+    };
+    let done = f
+        .writer
+        .compact_under(&lease, 1_001, &policy, &no_contracts())
+        .unwrap();
+    assert_eq!(done.meter_rows_rolled_up, 67);
+    assert!(
+        f.reader
+            .meter_minutes(None, MINUTE, MINUTE + 3_600)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(report(&f.reader, "1h").unwrap(), hourly);
+    assert_eq!(report(&f.reader, "1d").unwrap(), daily);
+    let cut = report(&f.reader, "15m").unwrap_err().to_string();
+    assert!(cut.contains("hourly"), "{cut}");
 }

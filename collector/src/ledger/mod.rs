@@ -488,6 +488,8 @@ pub struct Compacted {
     pub hour_rows_dropped: usize,
     pub day_rows_dropped: usize,
     pub adjustment_rows_dropped: usize,
+    /// Meter-minutes folded into the meters' hourly sums.
+    pub meter_rows_rolled_up: usize,
 }
 
 /// A stretch of one tenant's usage, summed over its nodes: a minute bucket
@@ -910,6 +912,17 @@ pub trait LedgerReader {
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError>;
 
+    /// The hourly sums kept of `meter`'s (`None`: every meter's) minutes
+    /// once they passed the minute retention, of hours starting in
+    /// `[from, to)`: (meter, how many allocated minutes the hour holds,
+    /// the sums with `minute` the hour's start), by meter then time.
+    fn meter_hours(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, u64, MeterMinute)>, LedgerError>;
+
     /// What the meters' allocation reads, on a read connection so that
     /// commits do not wait for it: the watermark (as
     /// `LedgerWriter::finalized_through`) and a meter's allocation state
@@ -1043,6 +1056,14 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         to: i64,
     ) -> Result<Vec<(String, MeterMinute)>, LedgerError> {
         (**self).meter_minutes(meter, from, to)
+    }
+    fn meter_hours(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, u64, MeterMinute)>, LedgerError> {
+        (**self).meter_hours(meter, from, to)
     }
     fn finalized_through(&self) -> Result<i64, LedgerError> {
         (**self).finalized_through()

@@ -115,6 +115,7 @@ pub async fn compact_loop<W: LedgerWriter + 'static>(
                         hour_rows_dropped = done.hour_rows_dropped,
                         day_rows_dropped = done.day_rows_dropped,
                         adjustment_rows_dropped = done.adjustment_rows_dropped,
+                        meter_rows_rolled_up = done.meter_rows_rolled_up,
                         "ledger compacted"
                     );
                 }

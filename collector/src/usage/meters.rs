@@ -5,14 +5,17 @@
 //! and each tenant's allocated energy. Exact integers (mJ) beside kWh.
 //!
 //! Periods are parsed as for usage (`from`, `to`, `step`, `tz`); rows
-//! hold only minutes already allocated (final), and say how many.
+//! hold only minutes already allocated (final), and say how many. Past
+//! the minute retention the ledger keeps a meter's minutes as hourly
+//! sums, which answer the same for rows of whole hours; a row that would
+//! cut one is refused, as usage is.
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Query, QueryError, rfc3339};
-use crate::ledger::LedgerReader;
+use super::{Query, QueryError, UsageError, rfc3339};
+use crate::ledger::{HOUR, LedgerReader, MeterMinute};
 
 const MJ_PER_KWH: f64 = 3_600_000_000.0;
 
@@ -79,9 +82,38 @@ pub fn run(
     tz: Option<&str>,
 ) -> Result<MeterReport, QueryError> {
     let q = Query::parse(from, to, step, tz, meters.len().max(1))?;
-    let minutes = reader.meter_minutes(None, q.from, q.to)?;
+    // Minutes past the minute retention are kept as hourly sums: each
+    // must lie within one row of the answer.
+    let hours = reader.meter_hours(None, q.from.div_euclid(HOUR) * HOUR, q.to)?;
+    let row_of = |t: i64| q.bounds.partition_point(|b| *b <= t).saturating_sub(1);
+    if let Some(kept) = hours
+        .iter()
+        .filter(|(_, _, h)| {
+            h.minute < q.from
+                || h.minute + HOUR > q.to
+                || row_of(h.minute) != row_of(h.minute + HOUR - 1)
+        })
+        .map(|(_, _, h)| h.minute + HOUR)
+        .max()
+    {
+        return Err(UsageError::Compacted {
+            before: rfc3339(kept),
+            granularity: "hourly",
+            unit: "hours",
+        }
+        .into());
+    }
+    let minutes: Vec<(String, u64, MeterMinute)> = hours
+        .into_iter()
+        .chain(
+            reader
+                .meter_minutes(None, q.from, q.to)?
+                .into_iter()
+                .map(|(m, mm)| (m, 1, mm)),
+        )
+        .collect();
     let mut names: Vec<String> = meters.to_vec();
-    for (m, _) in &minutes {
+    for (m, _, _) in &minutes {
         if !names.contains(m) {
             names.push(m.clone());
         }
@@ -97,15 +129,12 @@ pub fn run(
             )
         })
         .collect();
-    for (meter, mm) in &minutes {
-        let row = q
-            .bounds
-            .partition_point(|b| *b <= mm.minute)
-            .saturating_sub(1);
+    for (meter, n, mm) in &minutes {
+        let row = row_of(mm.minute);
         let Some(s) = sums.get_mut(meter.as_str()).and_then(|v| v.get_mut(row)) else {
             continue;
         };
-        s.minutes += 1;
+        s.minutes += n;
         s.metered += mm.metered_mj;
         s.measured += mm.measured_mj;
         s.unallocated += mm.unallocated_mj;

@@ -304,6 +304,15 @@ async fn run(
         )
         .await?;
     tx.execute(&keep, &[&MINUTE, &minutes_from]).await?;
+    // Meter-minutes go with the minutes they were split by, into hourly
+    // sums; never those of an hour still to be rolled up (as the SQLite
+    // ledger).
+    let meters_from = minutes_from
+        .max(old_minutes_from)
+        .min(oldest_pending.unwrap_or(i64::MAX))
+        .div_euclid(HOUR)
+        * HOUR;
+    done.meter_rows_rolled_up = super::meter::roll_up(&tx, meters_from).await?;
     let hours_from = policy.hours_from.min(minutes_from).div_euclid(DAY) * DAY;
     let mut dropped = [0usize; 2];
     let mut periods = vec![(HOUR, hours_from)];
@@ -333,6 +342,10 @@ async fn run(
         done.adjustment_rows_dropped = tx
             .execute("DELETE FROM adjustment WHERE minute_start < $1", &[&from])
             .await? as usize;
+        for table in ["meter_rollup", "meter_allocation_rollup"] {
+            tx.execute(&format!("DELETE FROM {table} WHERE start < $1"), &[&from])
+                .await?;
+        }
     }
     tx.commit().await?;
     Ok(done)

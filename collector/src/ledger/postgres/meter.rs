@@ -248,3 +248,114 @@ pub(super) fn meter_minutes(
         (client, r)
     })
 }
+
+/// Folds the meter-minutes and tenants' parts before `before` (an hour
+/// start) into hourly sums, added to those there are, and drops them (as
+/// the SQLite ledger). Returns how many meter-minutes were folded.
+pub(super) async fn roll_up(
+    tx: &deadpool_postgres::Transaction<'_>,
+    before: i64,
+) -> Result<usize, tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO meter_rollup (meter, start, minutes, metered_mj, measured_mj, unallocated_mj)
+         SELECT meter, minute_start - minute_start % 3600, COUNT(*), SUM(metered_mj),
+            SUM(measured_mj), SUM(unallocated_mj)
+         FROM meter_minute WHERE minute_start < $1
+         GROUP BY meter, minute_start - minute_start % 3600
+         ON CONFLICT (meter, start) DO UPDATE
+            SET minutes = meter_rollup.minutes + excluded.minutes,
+                metered_mj = meter_rollup.metered_mj + excluded.metered_mj,
+                measured_mj = meter_rollup.measured_mj + excluded.measured_mj,
+                unallocated_mj = meter_rollup.unallocated_mj + excluded.unallocated_mj",
+        &[&before],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO meter_allocation_rollup
+            (meter, start, tenant, measured_mj, allocated_mj, node_mj)
+         SELECT meter, minute_start - minute_start % 3600, tenant, SUM(measured_mj),
+            SUM(allocated_mj), SUM(node_mj)
+         FROM meter_allocation WHERE minute_start < $1
+         GROUP BY meter, minute_start - minute_start % 3600, tenant
+         ON CONFLICT (meter, start, tenant) DO UPDATE
+            SET measured_mj = meter_allocation_rollup.measured_mj + excluded.measured_mj,
+                allocated_mj = meter_allocation_rollup.allocated_mj + excluded.allocated_mj,
+                node_mj = meter_allocation_rollup.node_mj + excluded.node_mj",
+        &[&before],
+    )
+    .await?;
+    tx.execute(
+        "DELETE FROM meter_allocation WHERE minute_start < $1",
+        &[&before],
+    )
+    .await?;
+    let n = tx
+        .execute(
+            "DELETE FROM meter_minute WHERE minute_start < $1",
+            &[&before],
+        )
+        .await?;
+    Ok(n as usize)
+}
+
+/// The hourly sums of `meter` (`None`: every meter) starting in
+/// `[from, to)` (as the SQLite ledger's).
+pub(super) fn meter_hours(
+    shared: &Arc<Shared>,
+    meter: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, u64, MeterMinute)>, LedgerError> {
+    let meter = meter.map(str::to_string);
+    let s = shared.clone();
+    shared.call(move |client| async move {
+        let r = async {
+            let rows = client
+                .query(
+                    "SELECT m.meter, m.start, m.minutes, m.metered_mj, m.measured_mj,
+                            m.unallocated_mj, a.tenant, a.measured_mj, a.allocated_mj, a.node_mj
+                     FROM meter_rollup m
+                     LEFT JOIN meter_allocation_rollup a
+                        ON a.meter = m.meter AND a.start = m.start
+                     WHERE ($1::text IS NULL OR m.meter = $1) AND m.start >= $2 AND m.start < $3
+                     ORDER BY m.meter, m.start, a.tenant",
+                    &[&meter, &from, &to],
+                )
+                .await?;
+            let mut out: Vec<(String, u64, MeterMinute)> = Vec::new();
+            for row in rows {
+                let meter: String = row.try_get(0)?;
+                let start: i64 = row.try_get(1)?;
+                let same = out
+                    .last()
+                    .is_some_and(|(m, _, mm)| *m == meter && mm.minute == start);
+                if !same {
+                    out.push((
+                        meter,
+                        u64_of(&s, row.try_get(2)?, "minutes")?,
+                        MeterMinute {
+                            minute: start,
+                            metered_mj: u64_of(&s, row.try_get(3)?, "metered_mj")?,
+                            measured_mj: u64_of(&s, row.try_get(4)?, "measured_mj")?,
+                            unallocated_mj: u64_of(&s, row.try_get(5)?, "unallocated_mj")?,
+                            tenants: Vec::new(),
+                        },
+                    ));
+                }
+                if let Some(tenant) = row.try_get::<_, Option<String>>(6)?
+                    && let Some((_, _, mm)) = out.last_mut()
+                {
+                    mm.tenants.push(MeterShare {
+                        tenant,
+                        measured_mj: u64_of(&s, row.try_get(7)?, "measured_mj")?,
+                        allocated_mj: u64_of(&s, row.try_get(8)?, "allocated_mj")?,
+                        node_mj: u64_of(&s, row.try_get(9)?, "node_mj")?,
+                    });
+                }
+            }
+            Ok(out)
+        }
+        .await;
+        (client, r)
+    })
+}

@@ -252,6 +252,15 @@ impl LedgerReader for PgReader {
         super::meter::meter_minutes(&self.shared, meter, from, to)
     }
 
+    fn meter_hours(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, u64, crate::ledger::MeterMinute)>, LedgerError> {
+        super::meter::meter_hours(&self.shared, meter, from, to)
+    }
+
     fn tenant_versions(&self) -> Result<Vec<TenantVersion>, LedgerError> {
         super::tenant_versions(&self.shared)
     }

@@ -165,7 +165,8 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // rollups keep the allocation, the node energy it replaced and the
     // highest quarter-hour of facility energy (NULL in rollups from
     // before), and hours whose minutes or allocations are kept are rolled
-    // up again to fill them.
+    // up again to fill them; meter-minutes and parts past the minute
+    // retention are kept as hourly sums.
     "ALTER TABLE meter_allocation ADD COLUMN node_mj BIGINT NOT NULL DEFAULT 0;
      UPDATE meter_allocation SET node_mj = measured_mj;
      ALTER TABLE demand_rollup
@@ -177,7 +178,25 @@ pub(super) const MIGRATIONS: &[&str] = &[
         ON CONFLICT DO NOTHING;
      INSERT INTO rollup_pending
         SELECT DISTINCT minute_start - minute_start % 3600 FROM meter_allocation
-        ON CONFLICT DO NOTHING;",
+        ON CONFLICT DO NOTHING;
+     CREATE TABLE meter_rollup (
+        meter TEXT NOT NULL,
+        start BIGINT NOT NULL,
+        minutes BIGINT NOT NULL,
+        metered_mj BIGINT NOT NULL,
+        measured_mj BIGINT NOT NULL,
+        unallocated_mj BIGINT NOT NULL,
+        PRIMARY KEY (meter, start)
+     );
+     CREATE TABLE meter_allocation_rollup (
+        meter TEXT NOT NULL,
+        start BIGINT NOT NULL,
+        tenant TEXT NOT NULL,
+        measured_mj BIGINT NOT NULL,
+        allocated_mj BIGINT NOT NULL,
+        node_mj BIGINT NOT NULL,
+        PRIMARY KEY (meter, start, tenant)
+     );",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

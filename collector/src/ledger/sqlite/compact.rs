@@ -325,6 +325,16 @@ impl Ledger {
                 )
                 .map_err(err)?;
             keep.execute([MINUTE, minutes_from]).map_err(err)?;
+            // Meter-minutes go with the minutes they were split by (and
+            // those a meter wrote for minutes gone before), into hourly
+            // sums; never those of an hour still to be rolled up, whose
+            // rollup reads their allocation.
+            let meters_from = minutes_from
+                .max(old_minutes_from)
+                .min(oldest_pending.unwrap_or(i64::MAX))
+                .div_euclid(HOUR)
+                * HOUR;
+            done.meter_rows_rolled_up = super::meter::roll_up(&tx, &p, meters_from)?;
             let mut drop = |period: i64, from: i64| -> Result<usize, LedgerError> {
                 let n = tx
                     .execute(
@@ -347,13 +357,21 @@ impl Ledger {
             if let Some(days_from) = policy.days_from {
                 let days_from = days_from.min(hours_from).div_euclid(DAY) * DAY;
                 done.day_rows_dropped = drop(DAY, days_from)?;
-                // Adjustments are kept as long as the days they belong to.
+                // Adjustments are kept as long as the days they belong to,
+                // and the meters' hourly sums too.
                 done.adjustment_rows_dropped = tx
                     .execute(
                         "DELETE FROM adjustment WHERE minute_start < ?1",
                         [days_from],
                     )
                     .map_err(err)?;
+                for table in ["meter_rollup", "meter_allocation_rollup"] {
+                    tx.execute(
+                        &format!("DELETE FROM {table} WHERE start < ?1"),
+                        [days_from],
+                    )
+                    .map_err(err)?;
+                }
             }
         }
         tx.commit().map_err(err)?;

@@ -266,6 +266,15 @@ pub(super) fn meter_minutes(
 }
 
 impl Reader {
+    pub fn meter_hours(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, u64, MeterMinute)>, LedgerError> {
+        meter_hours(&self.conn, &self.path, meter, from, to)
+    }
+
     pub fn meter_minutes(
         &self,
         meter: Option<&str>,
@@ -278,4 +287,123 @@ impl Reader {
     pub fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
         node_minutes(&self.conn, &self.path, from, to)
     }
+}
+
+/// Folds the meter-minutes and tenants' parts before `before` (an hour
+/// start) into hourly sums, added to those there are, and drops them.
+/// Returns how many meter-minutes were folded.
+pub(super) fn roll_up(
+    tx: &rusqlite::Transaction<'_>,
+    path: &Path,
+    before: i64,
+) -> Result<usize, LedgerError> {
+    let err = sqlite_err(path);
+    tx.execute(
+        "INSERT INTO meter_rollup (meter, start, minutes, metered_mj, measured_mj, unallocated_mj)
+         SELECT meter, minute_start - minute_start % 3600, COUNT(*), SUM(metered_mj),
+            SUM(measured_mj), SUM(unallocated_mj)
+         FROM meter_minute WHERE minute_start < ?1
+         GROUP BY meter, minute_start - minute_start % 3600
+         ON CONFLICT (meter, start) DO UPDATE SET minutes = minutes + excluded.minutes,
+            metered_mj = metered_mj + excluded.metered_mj,
+            measured_mj = measured_mj + excluded.measured_mj,
+            unallocated_mj = unallocated_mj + excluded.unallocated_mj",
+        [before],
+    )
+    .map_err(err)?;
+    tx.execute(
+        "INSERT INTO meter_allocation_rollup
+            (meter, start, tenant, measured_mj, allocated_mj, node_mj)
+         SELECT meter, minute_start - minute_start % 3600, tenant, SUM(measured_mj),
+            SUM(allocated_mj), SUM(node_mj)
+         FROM meter_allocation WHERE minute_start < ?1
+         GROUP BY meter, minute_start - minute_start % 3600, tenant
+         ON CONFLICT (meter, start, tenant) DO UPDATE
+            SET measured_mj = measured_mj + excluded.measured_mj,
+                allocated_mj = allocated_mj + excluded.allocated_mj,
+                node_mj = node_mj + excluded.node_mj",
+        [before],
+    )
+    .map_err(err)?;
+    tx.execute(
+        "DELETE FROM meter_allocation WHERE minute_start < ?1",
+        [before],
+    )
+    .map_err(err)?;
+    tx.execute("DELETE FROM meter_minute WHERE minute_start < ?1", [before])
+        .map_err(err)
+}
+
+/// The hourly sums of `meter` (`None`: every meter) starting in
+/// `[from, to)`: (meter, minutes it holds, sums with `minute` the hour's
+/// start), by meter then time.
+pub(super) fn meter_hours(
+    conn: &Connection,
+    path: &Path,
+    meter: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, u64, MeterMinute)>, LedgerError> {
+    let err = sqlite_err(path);
+    let mut q = conn
+        .prepare_cached(
+            "SELECT m.meter, m.start, m.minutes, m.metered_mj, m.measured_mj, m.unallocated_mj,
+                    a.tenant, a.measured_mj, a.allocated_mj, a.node_mj
+             FROM meter_rollup m
+             LEFT JOIN meter_allocation_rollup a ON a.meter = m.meter AND a.start = m.start
+             WHERE (?1 IS NULL OR m.meter = ?1) AND m.start >= ?2 AND m.start < ?3
+             ORDER BY m.meter, m.start, a.tenant",
+        )
+        .map_err(err)?;
+    let rows = q
+        .query_map(params![meter, from, to], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                [
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ],
+                r.get::<_, Option<String>>(6)?,
+                [
+                    r.get::<_, Option<i64>>(7)?,
+                    r.get::<_, Option<i64>>(8)?,
+                    r.get::<_, Option<i64>>(9)?,
+                ],
+            ))
+        })
+        .map_err(err)?;
+    let mut out: Vec<(String, u64, MeterMinute)> = Vec::new();
+    for row in rows {
+        let (meter, start, [n, metered, measured, unallocated], tenant, part) = row.map_err(err)?;
+        let same = out
+            .last()
+            .is_some_and(|(m, _, mm)| *m == meter && mm.minute == start);
+        if !same {
+            out.push((
+                meter,
+                u64_of(n, path, "minutes")?,
+                MeterMinute {
+                    minute: start,
+                    metered_mj: u64_of(metered, path, "metered_mj")?,
+                    measured_mj: u64_of(measured, path, "measured_mj")?,
+                    unallocated_mj: u64_of(unallocated, path, "unallocated_mj")?,
+                    tenants: Vec::new(),
+                },
+            ));
+        }
+        if let (Some(t), [Some(tm), Some(ta), Some(tn)]) = (tenant, part)
+            && let Some((_, _, mm)) = out.last_mut()
+        {
+            mm.tenants.push(MeterShare {
+                tenant: t,
+                measured_mj: u64_of(tm, path, "measured_mj")?,
+                allocated_mj: u64_of(ta, path, "allocated_mj")?,
+                node_mj: u64_of(tn, path, "node_mj")?,
+            });
+        }
+    }
+    Ok(out)
 }

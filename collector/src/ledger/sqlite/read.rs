@@ -337,6 +337,15 @@ impl LedgerReader for Reader {
         Reader::meter_minutes(self, meter, from, to)
     }
 
+    fn meter_hours(
+        &self,
+        meter: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, u64, crate::ledger::MeterMinute)>, LedgerError> {
+        Reader::meter_hours(self, meter, from, to)
+    }
+
     fn node_minutes(
         &self,
         from: i64,

@@ -266,6 +266,9 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // the node energy it replaced and the highest quarter-hour of facility
     // energy (NULL in rollups from before: the PUE estimate); hours whose
     // minutes or allocations are kept are rolled up again to fill them.
+    // Meter-minutes and tenants' parts past the minute retention are kept
+    // as hourly sums (with how many minutes each holds), as long as the
+    // daily usage rollups.
     Migration::Sql(
         "ALTER TABLE meter_allocation ADD COLUMN node_mj INTEGER NOT NULL DEFAULT 0;
      UPDATE meter_allocation SET node_mj = measured_mj;
@@ -275,7 +278,25 @@ pub(super) const MIGRATIONS: &[Migration] = &[
      INSERT OR IGNORE INTO rollup_pending
         SELECT DISTINCT minute_start - minute_start % 3600 FROM usage_minute;
      INSERT OR IGNORE INTO rollup_pending
-        SELECT DISTINCT minute_start - minute_start % 3600 FROM meter_allocation;",
+        SELECT DISTINCT minute_start - minute_start % 3600 FROM meter_allocation;
+     CREATE TABLE meter_rollup (
+        meter TEXT NOT NULL,
+        start INTEGER NOT NULL,
+        minutes INTEGER NOT NULL,
+        metered_mj INTEGER NOT NULL,
+        measured_mj INTEGER NOT NULL,
+        unallocated_mj INTEGER NOT NULL,
+        PRIMARY KEY (meter, start)
+     ) WITHOUT ROWID;
+     CREATE TABLE meter_allocation_rollup (
+        meter TEXT NOT NULL,
+        start INTEGER NOT NULL,
+        tenant TEXT NOT NULL,
+        measured_mj INTEGER NOT NULL,
+        allocated_mj INTEGER NOT NULL,
+        node_mj INTEGER NOT NULL,
+        PRIMARY KEY (meter, start, tenant)
+     ) WITHOUT ROWID;",
     ),
 ];
 

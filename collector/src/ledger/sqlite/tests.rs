@@ -639,6 +639,38 @@ fn a_version_13_ledger_keeps_its_meter_allocations() {
         .meter_minutes(Some("row-a"), m + 60, m + 120)
         .unwrap();
     assert_eq!(read, vec![("row-a".to_string(), next)]);
+    // Its meter-minutes, the old one with them, fold into an hour's sums.
+    let done = l
+        .compact(
+            &Compaction {
+                closed_before: m + 2 * HOUR,
+                minutes_from: m + 2 * HOUR,
+                hours_from: 0,
+                days_from: None,
+                allocating_from: None,
+            },
+            &history(""),
+        )
+        .unwrap();
+    assert_eq!(done.meter_rows_rolled_up, 2);
+    let hours = Reader::open(&path)
+        .unwrap()
+        .meter_hours(None, m - HOUR, m + HOUR)
+        .unwrap();
+    assert_eq!(
+        hours,
+        vec![(
+            "row-a".to_string(),
+            2,
+            MeterMinute {
+                minute: m - m % HOUR,
+                metered_mj: 910,
+                measured_mj: 608,
+                unallocated_mj: 0,
+                tenants: vec![MeterShare::new("a", 608, 910, 605)],
+            }
+        )]
+    );
 }
 
 #[test]
