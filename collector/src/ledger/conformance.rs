@@ -975,6 +975,22 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
     );
     assert_eq!(w.node_minutes(MINUTE, MINUTE + 120).unwrap().len(), 4);
     assert_eq!(f.reader.node_minutes(MINUTE, MINUTE + 60).unwrap(), got);
+    // One tenant's, chosen by the ledger.
+    let r = &f.reader;
+    assert_eq!(
+        r.tenant_node_minutes(Some("lab-c"), MINUTE, MINUTE + 60)
+            .unwrap(),
+        vec![got[2].clone()]
+    );
+    assert_eq!(
+        r.tenant_node_minutes(None, MINUTE, MINUTE + 60).unwrap(),
+        got
+    );
+    assert!(
+        r.tenant_node_minutes(Some("nobody"), MINUTE, MINUTE + 60)
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(
         f.reader.finalized_through().unwrap(),
         f.writer.finalized_through().unwrap()

@@ -934,6 +934,14 @@ pub trait LedgerReader {
     /// what the allocation splits a meter-minute by, and what the usage
     /// rows of a facility-basis tenant set beside its meters' allocation.
     fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError>;
+    /// `node_minutes` of `tenant` alone (`None`: every tenant), chosen
+    /// where the rows are read: what a usage query for one tenant reads.
+    fn tenant_node_minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<NodeMinute>, LedgerError>;
 }
 
 /// A writer of either backend, chosen by configuration.
@@ -1073,5 +1081,13 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
     }
     fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
         (**self).node_minutes(from, to)
+    }
+    fn tenant_node_minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<NodeMinute>, LedgerError> {
+        (**self).tenant_node_minutes(tenant, from, to)
     }
 }

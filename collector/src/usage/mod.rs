@@ -320,14 +320,11 @@ fn facility_of(
     if meters.is_empty() && allocated.is_empty() {
         return Ok(Facility::NONE);
     }
-    let mut nodes = if meters.is_empty() {
+    let nodes = if meters.is_empty() {
         Vec::new()
     } else {
-        reader.node_minutes(from, hi)?
+        reader.tenant_node_minutes(tenant, from, hi)?
     };
-    if let Some(t) = tenant {
-        nodes.retain(|n| n.tenant == t);
-    }
     Ok(Facility::of(meters, &allocated, &nodes))
 }
 

@@ -51,6 +51,17 @@ pub(super) fn node_minutes(
     from: i64,
     to: i64,
 ) -> Result<Vec<NodeMinute>, LedgerError> {
+    node_minutes_of(shared, None, from, to)
+}
+
+/// `node_minutes` of `tenant` alone (`None`: every tenant).
+pub(super) fn node_minutes_of(
+    shared: &Arc<Shared>,
+    tenant: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<NodeMinute>, LedgerError> {
+    let tenant = tenant.map(str::to_string);
     let s = shared.clone();
     shared.call(move |client| async move {
         let r = async {
@@ -61,8 +72,9 @@ pub(super) fn node_minutes(
                             node_energy_mj
                      FROM usage_minute
                      WHERE minute_start >= $1 AND minute_start < $2
+                        AND ($3::text IS NULL OR tenant = $3)
                      ORDER BY minute_start, node, tenant",
-                    &[&from, &to],
+                    &[&from, &to, &tenant],
                 )
                 .await?;
             let mut out = Vec::with_capacity(rows.len());

@@ -243,6 +243,15 @@ impl LedgerReader for PgReader {
         super::meter::node_minutes(&self.shared, from, to)
     }
 
+    fn tenant_node_minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        super::meter::node_minutes_of(&self.shared, tenant, from, to)
+    }
+
     fn meter_minutes(
         &self,
         meter: Option<&str>,

@@ -58,6 +58,17 @@ pub(super) fn node_minutes(
     from: i64,
     to: i64,
 ) -> Result<Vec<NodeMinute>, LedgerError> {
+    node_minutes_of(conn, path, None, from, to)
+}
+
+/// `node_minutes` of `tenant` alone (`None`: every tenant).
+pub(super) fn node_minutes_of(
+    conn: &Connection,
+    path: &Path,
+    tenant: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<NodeMinute>, LedgerError> {
     let err = sqlite_err(path);
     let mut q = conn
         .prepare_cached(
@@ -65,12 +76,12 @@ pub(super) fn node_minutes(
                     CASE WHEN node_ns > 0 OR node_energy_mj > 0 THEN node_energy_mj ELSE energy_mj END,
                     node_energy_mj
              FROM usage_minute
-             WHERE minute_start >= ?1 AND minute_start < ?2
+             WHERE minute_start >= ?1 AND minute_start < ?2 AND (?3 IS NULL OR tenant = ?3)
              ORDER BY minute_start, node, tenant",
         )
         .map_err(err)?;
     let rows = q
-        .query_map(params![from, to], |r| {
+        .query_map(params![from, to, tenant], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,

@@ -354,6 +354,15 @@ impl LedgerReader for Reader {
         Reader::node_minutes(self, from, to)
     }
 
+    fn tenant_node_minutes(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        super::meter::node_minutes_of(&self.conn, &self.path, tenant, from, to)
+    }
+
     fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
         Reader::usage(self, tenant, from, to)
     }
