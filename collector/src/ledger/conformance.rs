@@ -1140,8 +1140,94 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
     };
     assert!(
         f.writer
+            .allocate_meter("row-a", None, &state, std::slice::from_ref(&allocated))
+            .unwrap()
+    );
+    // The allocation is booked as adjustments of a revision of its own:
+    // each tenant-minute's part and the node energy it replaces; the
+    // report restates f's facility energy by 90,001 − 1.5 × 60,000 = 1 mJ,
+    // and x's (no PUE, so no estimate) is its allocation alone.
+    let after = f.reader.usage(None, MINUTE, MINUTE + 120).unwrap();
+    assert_eq!(after.revision, done.revision + 1);
+    let booked: Vec<_> = after
+        .adjustments
+        .iter()
+        .map(|a| {
+            (
+                a.revision,
+                a.tenant.as_str(),
+                a.node.as_str(),
+                a.minute_start,
+                a.metered,
+                a.delta,
+            )
+        })
+        .collect();
+    let part = |allocated_mj, node_mj| crate::accounting::Metered {
+        allocated_mj,
+        node_mj,
+    };
+    assert_eq!(
+        booked,
+        vec![
+            (
+                after.revision,
+                "f",
+                "",
+                MINUTE,
+                part(90_001, 60_000),
+                BucketDelta::default()
+            ),
+            (
+                after.revision,
+                "x",
+                "",
+                MINUTE,
+                part(44_999, 30_000),
+                BucketDelta::default()
+            ),
+        ]
+    );
+    // Once: the same allocation from the same state books nothing.
+    assert!(
+        !f.writer
             .allocate_meter("row-a", None, &state, &[allocated])
             .unwrap()
+    );
+    assert_eq!(f.reader.usage(None, MINUTE, MINUTE + 120).unwrap(), after);
+    let restated = {
+        let reader: &dyn LedgerReader = &f.reader;
+        crate::usage::run(
+            reader,
+            &tenants,
+            &history,
+            &meters,
+            None,
+            Some("2027-01-15T08:00:00Z"),
+            Some("2027-01-15T08:02:00Z"),
+            Some("1m"),
+            None,
+            Some(&done.revision.to_string()),
+        )
+        .unwrap()
+        .adjustments
+        .into_iter()
+        .map(|a| {
+            (
+                a.tenant,
+                a.facility_allocated_millijoules,
+                a.facility_replaced_node_millijoules,
+                a.facility_energy_restated_millijoules,
+            )
+        })
+        .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        restated,
+        vec![
+            ("f".to_string(), 90_001, 60_000, Some(1)),
+            ("x".to_string(), 44_999, 30_000, None),
+        ]
     );
     // f: 90,001 + 40,000 × 1.5 = 150,001 mJ, 1 mJ over the contract; the
     // second minute is still the estimate.

@@ -646,6 +646,12 @@ pub struct Adjustment {
     pub node: String,
     pub minute_start: i64,
     pub delta: BucketDelta,
+    /// What a facility meter's allocation of the minute gave the tenant
+    /// and the node energy that replaces (node `""`, a revision of the
+    /// allocation's own, nothing in `delta`): the minute's facility energy
+    /// is restated from the PUE estimate of that node energy to the
+    /// allocation. `Metered::NONE` in every other adjustment.
+    pub metered: Metered,
 }
 
 /// What a claim found: the node's fencing generation and its cursor as

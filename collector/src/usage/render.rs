@@ -45,8 +45,9 @@ fn write_csv(header: &[&str], records: impl Iterator<Item = Vec<String>>) -> Str
 
 /// The report as CSV, one row per line after a header: the rows
 /// (`record` `usage`), then the adjustments (`record` `adjustment`, with
-/// their node, revision and booking time, and blank where a figure of a
-/// row does not add up, such as peak demand or coverage).
+/// their node, revision and booking time, their facility columns the
+/// change to facility energy a meter's allocation made, and blank where a
+/// figure of a row does not add up, such as peak demand or coverage).
 pub fn csv(r: &Report) -> String {
     let header: Vec<&str> = CSV_HEADER.split(',').collect();
     let rows = r.rows.iter().map(|row| {
@@ -90,6 +91,10 @@ pub fn csv(r: &Report) -> String {
     });
     let adjustments = r.adjustments.iter().map(|a| {
         let blank = String::new;
+        // Blank in an adjustment that restates no facility energy.
+        let restated = a.facility_energy_restated_millijoules.filter(|_| {
+            a.facility_allocated_millijoules > 0 || a.facility_replaced_node_millijoules > 0
+        });
         vec![
             a.tenant.clone(),
             a.start.clone(),
@@ -120,9 +125,11 @@ pub fn csv(r: &Report) -> String {
             a.node_energy_kwh.to_string(),
             blank(),
             a.node_energy_estimated.to_string(),
+            restated
+                .map(|v| (v as f64 / 3.6e9).to_string())
+                .unwrap_or_default(),
             blank(),
-            blank(),
-            blank(),
+            restated.map(|v| v.to_string()).unwrap_or_default(),
             blank(),
         ]
     });
@@ -170,6 +177,9 @@ pub const PAGE_COLUMNS: &[&str] = &[
     "facility_energy_kwh",
     "facility_energy_estimated",
     "facility_energy_pending",
+    "facility_allocated_millijoules",
+    "facility_replaced_node_millijoules",
+    "facility_energy_restated_millijoules",
 ];
 
 /// A JSON value as a CSV field: strings as they are, null blank.

@@ -188,6 +188,22 @@ pub struct AdjustmentRow {
     pub node_energy_kwh: f64,
     /// Some of the node energy was integrated from power.
     pub node_energy_estimated: bool,
+    /// What a facility meter's allocation booked by this revision gave
+    /// the tenant in the row (0 in other adjustments). Exact: a decimal
+    /// string in JSON.
+    #[serde(with = "decimal")]
+    pub facility_allocated_millijoules: u64,
+    /// The node energy that allocation replaces (whose facility energy
+    /// was its PUE estimate until then). Exact: a decimal string in JSON.
+    #[serde(with = "decimal")]
+    pub facility_replaced_node_millijoules: u64,
+    /// The change this revision made to the row's facility energy: the
+    /// allocation minus the PUE estimate of the node energy it replaces
+    /// (each minute on its contract's PUE), negative where the meter read
+    /// less; absent where the tenant has no PUE, so there was no estimate
+    /// (its facility energy is then the allocation itself), and 0 in
+    /// adjustments that restate no facility energy.
+    pub facility_energy_restated_millijoules: Option<i64>,
 }
 
 /// Builds the report for `tenants` from the usage read over
@@ -392,44 +408,63 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
 /// tenant, node and row of `q`.
 fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<AdjustmentRow> {
     let (first, last) = (q.bounds[0], q.bounds[q.bounds.len() - 1]);
-    let mut sums: BTreeMap<(u64, &str, &str, usize), (i64, BucketDelta)> = BTreeMap::new();
+    type Sums = (i64, BucketDelta, Metered, Option<i64>);
+    let mut sums: BTreeMap<(u64, &str, &str, usize), Sums> = BTreeMap::new();
     for a in &usage.adjustments {
-        if a.minute_start < first
-            || a.minute_start >= last
-            || !tenants.iter().any(|t| t.tenant == a.tenant)
-        {
+        let Some(terms) = tenants.iter().find(|t| t.tenant == a.tenant) else {
+            continue;
+        };
+        if a.minute_start < first || a.minute_start >= last {
             continue;
         }
         let row = q.bounds.partition_point(|b| *b <= a.minute_start) - 1;
         let e = sums
             .entry((a.revision, &a.tenant, &a.node, row))
-            .or_insert((a.booked_at, BucketDelta::default()));
+            .or_insert((a.booked_at, BucketDelta::default(), Metered::NONE, Some(0)));
         e.1.add(&a.delta);
+        e.2.add(a.metered);
+        // The allocation less the estimate it replaces, on the minute's
+        // PUE (unknown without one).
+        let change = if a.metered == Metered::NONE {
+            Some(0)
+        } else {
+            let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+            terms
+                .contract_at(a.minute_start)
+                .facility_energy(a.metered.node_mj, Metered::NONE)
+                .map(|est| signed(a.metered.allocated_mj).saturating_sub(signed(est)))
+        };
+        e.3 = e.3.zip(change).map(|(sum, c)| sum.saturating_add(c));
     }
     sums.into_iter()
-        .map(|((revision, tenant, node, row), (booked_at, d))| {
-            let (start, end) = (q.bounds[row], q.bounds[row + 1]);
-            AdjustmentRow {
-                tenant: tenant.to_string(),
-                node: node.to_string(),
-                start: q.zone.format(start),
-                end: q.zone.format(end),
-                revision,
-                booked_at: q.zone.format(booked_at),
-                energy_millijoules: d.energy_mj,
-                energy_kwh: d.energy_mj as f64 / 3.6e9,
-                gpu_hours: d.gpu_ns as f64 / 3.6e12,
-                busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
-                expected_gpu_hours: d.expected_gpu_ns as f64 / 3.6e12,
-                average_power_watts: d.energy_mj as f64 / 1000.0 / (end - start) as f64,
-                seconds_over_contract: d.over_contract_ns as f64 / 1e9,
-                overage_kwh: d.overage_mj as f64 / 3.6e9,
-                estimated: d.estimated_mj > 0,
-                readings: d.samples,
-                node_energy_millijoules: d.node_energy_mj,
-                node_energy_kwh: d.node_energy_mj as f64 / 3.6e9,
-                node_energy_estimated: d.node_estimated_mj > 0,
-            }
-        })
+        .map(
+            |((revision, tenant, node, row), (booked_at, d, m, restated))| {
+                let (start, end) = (q.bounds[row], q.bounds[row + 1]);
+                AdjustmentRow {
+                    tenant: tenant.to_string(),
+                    node: node.to_string(),
+                    start: q.zone.format(start),
+                    end: q.zone.format(end),
+                    revision,
+                    booked_at: q.zone.format(booked_at),
+                    energy_millijoules: d.energy_mj,
+                    energy_kwh: d.energy_mj as f64 / 3.6e9,
+                    gpu_hours: d.gpu_ns as f64 / 3.6e12,
+                    busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
+                    expected_gpu_hours: d.expected_gpu_ns as f64 / 3.6e12,
+                    average_power_watts: d.energy_mj as f64 / 1000.0 / (end - start) as f64,
+                    seconds_over_contract: d.over_contract_ns as f64 / 1e9,
+                    overage_kwh: d.overage_mj as f64 / 3.6e9,
+                    estimated: d.estimated_mj > 0,
+                    readings: d.samples,
+                    node_energy_millijoules: d.node_energy_mj,
+                    node_energy_kwh: d.node_energy_mj as f64 / 3.6e9,
+                    node_energy_estimated: d.node_estimated_mj > 0,
+                    facility_allocated_millijoules: m.allocated_mj,
+                    facility_replaced_node_millijoules: m.node_mj,
+                    facility_energy_restated_millijoules: restated,
+                }
+            },
+        )
         .collect()
 }

@@ -110,6 +110,9 @@ pub(super) fn allocate_meter(
     let mut t_tenant = Vec::new();
     let mut t_minute = Vec::new();
     let mut t_cols: [Vec<i64>; 3] = Default::default();
+    // The adjustments the allocation books: parts with something in them.
+    let (mut a_tenant, mut a_minute) = (Vec::new(), Vec::new());
+    let mut a_cols: [Vec<i64>; 2] = Default::default();
     for m in minutes {
         m_minute.push(m.minute);
         m_cols[0].push(i64_of(shared, m.metered_mj, "metered_mj")?);
@@ -121,6 +124,12 @@ pub(super) fn allocate_meter(
             t_cols[0].push(i64_of(shared, t.measured_mj, "measured_mj")?);
             t_cols[1].push(i64_of(shared, t.allocated_mj, "allocated_mj")?);
             t_cols[2].push(i64_of(shared, t.node_mj, "node_mj")?);
+            if t.allocated_mj > 0 || t.node_mj > 0 {
+                a_tenant.push(t.tenant.clone());
+                a_minute.push(m.minute);
+                a_cols[0].push(i64_of(shared, t.allocated_mj, "allocated_mj")?);
+                a_cols[1].push(i64_of(shared, t.node_mj, "node_mj")?);
+            }
         }
     }
     let carry = i64_of(shared, to.carry_mj, "carry_mj")?;
@@ -163,6 +172,33 @@ pub(super) fn allocate_meter(
             if moved == 0 {
                 // Dropped: rolls back.
                 return Ok(false);
+            }
+            // The allocation restates the minutes' facility energy: booked
+            // as adjustments of a revision of its own (as the SQLite
+            // ledger), the watermark row locked before any other row a
+            // commit also writes, in the order commits lock them.
+            if !a_tenant.is_empty() {
+                let revision: i64 = tx
+                    .query_one(
+                        "UPDATE watermark SET revision = revision + 1 WHERE id = 1
+                         RETURNING revision",
+                        &[],
+                    )
+                    .await?
+                    .try_get(0)?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO adjustment (revision, booked_at, tenant, node, minute_start,
+                            {}, facility_allocated_mj, facility_node_mj)
+                         SELECT $1, ledger_now(), t, '', m, {}, a, n
+                         FROM unnest($2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+                            AS x (t, m, a, n)",
+                        super::BUCKET_COLUMNS.join(", "),
+                        ["0"; crate::ledger::BUCKET_FIELDS].join(", ")
+                    ),
+                    &[&revision, &a_tenant, &a_minute, &a_cols[0], &a_cols[1]],
+                )
+                .await?;
             }
             tx.execute(
                 "INSERT INTO meter_minute

@@ -112,7 +112,8 @@ async fn usage_since(
     for r in tx
         .query(
             &format!(
-                "SELECT revision, booked_at, tenant, node, minute_start, {}
+                "SELECT revision, booked_at, tenant, node, minute_start, {},
+                    facility_allocated_mj, facility_node_mj
                  FROM adjustment
                  WHERE ($1::text IS NULL OR tenant = $1) AND minute_start >= $2
                     AND minute_start < $3 AND revision > $4
@@ -130,6 +131,14 @@ async fn usage_since(
             node: r.try_get(3)?,
             minute_start: r.try_get(4)?,
             delta: bucket_from_row(s, &r, 5)?,
+            metered: Metered {
+                allocated_mj: u64_of(
+                    s,
+                    r.try_get(5 + BUCKET_COLUMNS.len())?,
+                    "facility_allocated_mj",
+                )?,
+                node_mj: u64_of(s, r.try_get(6 + BUCKET_COLUMNS.len())?, "facility_node_mj")?,
+            },
         });
     }
     let minutes_from = kept_from(&tx, MINUTE).await?;

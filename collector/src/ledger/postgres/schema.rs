@@ -166,7 +166,9 @@ pub(super) const MIGRATIONS: &[&str] = &[
     // highest quarter-hour of facility energy (NULL in rollups from
     // before), and hours whose minutes or allocations are kept are rolled
     // up again to fill them; meter-minutes and parts past the minute
-    // retention are kept as hourly sums.
+    // retention are kept as hourly sums; an allocation is booked as
+    // adjustments of its own revision, with the allocation and the node
+    // energy it replaced.
     "ALTER TABLE meter_allocation ADD COLUMN node_mj BIGINT NOT NULL DEFAULT 0;
      UPDATE meter_allocation SET node_mj = measured_mj;
      ALTER TABLE demand_rollup
@@ -196,7 +198,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
         allocated_mj BIGINT NOT NULL,
         node_mj BIGINT NOT NULL,
         PRIMARY KEY (meter, start, tenant)
-     );",
+     );
+     ALTER TABLE adjustment
+        ADD COLUMN facility_allocated_mj BIGINT NOT NULL DEFAULT 0,
+        ADD COLUMN facility_node_mj BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

@@ -157,6 +157,54 @@ impl Ledger {
         if moved == 0 {
             return Ok(false);
         }
+        // The allocation restates the minutes' facility energy: booked as
+        // adjustments of a revision of its own, in this transaction, so
+        // once with the minutes (none where no tenant got a part).
+        let booked = minutes.iter().any(|m| {
+            m.tenants
+                .iter()
+                .any(|t| t.allocated_mj > 0 || t.node_mj > 0)
+        });
+        let revision = if booked {
+            let (last, _) = super::watermark(&tx, p)?;
+            let revision = last + 1;
+            tx.execute(
+                "UPDATE watermark SET revision = ?1 WHERE id = 1",
+                [i64_of(revision, p, "revision")?],
+            )
+            .map_err(err)?;
+            Some(revision)
+        } else {
+            None
+        };
+        if let Some(revision) = revision {
+            let mut adj = tx
+                .prepare_cached(&format!(
+                    "INSERT INTO adjustment (revision, booked_at, tenant, node, minute_start, {},
+                        facility_allocated_mj, facility_node_mj)
+                     VALUES (?1, unixepoch(), ?2, '', ?3, {}, ?4, ?5)",
+                    super::BUCKET_COLUMNS.join(", "),
+                    ["0"; crate::ledger::BUCKET_FIELDS].join(", ")
+                ))
+                .map_err(err)?;
+            let rev = i64_of(revision, p, "revision")?;
+            for m in minutes {
+                for t in m
+                    .tenants
+                    .iter()
+                    .filter(|t| t.allocated_mj > 0 || t.node_mj > 0)
+                {
+                    adj.execute(params![
+                        rev,
+                        t.tenant,
+                        m.minute,
+                        i64_of(t.allocated_mj, p, "allocated_mj")?,
+                        i64_of(t.node_mj, p, "node_mj")?
+                    ])
+                    .map_err(err)?;
+                }
+            }
+        }
         {
             let mut minute_q = tx
                 .prepare_cached(
@@ -203,6 +251,10 @@ impl Ledger {
             }
         }
         tx.commit().map_err(err)?;
+        if let Some(revision) = revision {
+            self.revision = revision;
+            self.mark();
+        }
         Ok(true)
     }
 }

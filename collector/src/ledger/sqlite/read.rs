@@ -138,7 +138,8 @@ impl Reader {
         {
             let mut q = tx
                 .prepare_cached(&format!(
-                    "SELECT revision, booked_at, tenant, node, minute_start, {}
+                    "SELECT revision, booked_at, tenant, node, minute_start, {},
+                        facility_allocated_mj, facility_node_mj
                      FROM adjustment
                      WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
                         AND revision > ?4
@@ -163,12 +164,15 @@ impl Reader {
                             r.get::<_, String>(3)?,
                             r.get::<_, i64>(4)?,
                             bucket_from_row(r, 5, p)?,
+                            r.get::<_, i64>(5 + BUCKET_COLUMNS.len())?,
+                            r.get::<_, i64>(6 + BUCKET_COLUMNS.len())?,
                         ))
                     },
                 )
                 .map_err(err)?;
             for row in rows {
-                let (revision, booked_at, tenant, node, minute_start, delta) = row.map_err(err)?;
+                let (revision, booked_at, tenant, node, minute_start, delta, alloc, alloc_node) =
+                    row.map_err(err)?;
                 adjustments.push(Adjustment {
                     revision: u64_of(revision, p, "revision")?,
                     booked_at,
@@ -176,6 +180,10 @@ impl Reader {
                     node,
                     minute_start,
                     delta: delta?,
+                    metered: Metered {
+                        allocated_mj: u64_of(alloc, p, "facility_allocated_mj")?,
+                        node_mj: u64_of(alloc_node, p, "facility_node_mj")?,
+                    },
                 });
             }
         }

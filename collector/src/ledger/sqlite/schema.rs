@@ -268,7 +268,9 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // minutes or allocations are kept are rolled up again to fill them.
     // Meter-minutes and tenants' parts past the minute retention are kept
     // as hourly sums (with how many minutes each holds), as long as the
-    // daily usage rollups.
+    // daily usage rollups. An allocation is booked as adjustments of its
+    // own revision, with each tenant-minute's allocation and the node
+    // energy it replaced (0 in adjustments from before).
     Migration::Sql(
         "ALTER TABLE meter_allocation ADD COLUMN node_mj INTEGER NOT NULL DEFAULT 0;
      UPDATE meter_allocation SET node_mj = measured_mj;
@@ -296,7 +298,9 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         allocated_mj INTEGER NOT NULL,
         node_mj INTEGER NOT NULL,
         PRIMARY KEY (meter, start, tenant)
-     ) WITHOUT ROWID;",
+     ) WITHOUT ROWID;
+     ALTER TABLE adjustment ADD COLUMN facility_allocated_mj INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE adjustment ADD COLUMN facility_node_mj INTEGER NOT NULL DEFAULT 0;",
     ),
 ];
 
