@@ -997,8 +997,8 @@ fn usage_judges_each_minute_by_the_contract_of_its_time() {
 /// `usage --ledger` sets a facility-basis tenant's allocation by the
 /// config's meters beside its unmetered node: node m-1 is under meter
 /// "row-a", which allocated 90,001 mJ for its 60,000; node u-1 is under
-/// none, 40,000 × 1.5. Without the config no meter is known and the row is
-/// the PUE estimate.
+/// none, 40,000 × 1.5. Without the config the allocation stands all the
+/// same: it keeps the node energy it replaced.
 #[test]
 fn usage_of_a_facility_tenant_takes_its_meters_allocation() {
     use capwatch_collector::ledger::{
@@ -1089,9 +1089,10 @@ fn usage_of_a_facility_tenant_takes_its_meters_allocation() {
             (r["overage_kwh"].as_f64().unwrap() * 3.6e9).round() as u64,
         )
     };
-    // 90,001 + 60,000: 1 mJ over 2.5 W × 60 s.
+    // 90,001 + 60,000: 1 mJ over 2.5 W × 60 s. Without the meter in the
+    // config the allocation stands: it keeps the node energy it replaced.
     assert_eq!(figures(&row(true)), ("150001".to_string(), false, 60.0, 1));
-    assert_eq!(figures(&row(false)), ("150000".to_string(), false, 0.0, 0));
+    assert_eq!(figures(&row(false)), ("150001".to_string(), false, 60.0, 1));
 }
 
 /// `meters` reads the ledger's meter-minutes (here none) with the
