@@ -1,9 +1,10 @@
 //! What the facility meters allocated, per tenant and minute, as the
 //! usage rows set it beside node energy: each minute of a tenant's node
 //! under a meter is either allocated (the meter's allocation replaces the
-//! node's energy times the PUE) or not yet (not final, or the meter was
-//! down: the PUE estimate stands, flagged, until the meter allocates it).
-//! Nodes under no configured meter are always the PUE estimate.
+//! node energy its nodes had when it was made, kept with it, times the
+//! PUE) or not yet (not final, or the meter was down: the PUE estimate
+//! stands, flagged, until the meter allocates it). Nodes under no meter
+//! are the PUE estimate.
 
 use std::collections::{BTreeMap, BTreeSet};
 
