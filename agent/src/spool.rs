@@ -63,6 +63,10 @@ pub struct Spool {
     corrupt: u64,
     /// The highest sequence number acked or dropped.
     forgotten: u64,
+    /// The highest sequence number ever sent under this epoch (`sent` as
+    /// it was before any settle).
+    sent_ever: u64,
+    collector_ahead: u64,
 }
 
 /// The spool's size and what became of its disk, for the agent's metrics.
@@ -83,6 +87,10 @@ pub struct Depth {
     /// there.
     pub restored: u64,
     pub corrupt: u64,
+    /// Welcomes that said the collector holds sequence numbers of this
+    /// epoch the spool never sent (its disk fell behind): the samples never
+    /// sent were renumbered after them.
+    pub collector_ahead: u64,
 }
 
 /// Logs that the disk spool was given up after `e`, and the files that
@@ -108,6 +116,16 @@ pub struct Renumbered {
     pub abandoned: u64,
 }
 
+/// What the collector's Welcome did to the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcomed {
+    /// Samples the collector holds, forgotten.
+    pub acked: u64,
+    /// Samples never sent, renumbered after what the collector holds (it
+    /// holds sequence numbers of this epoch this spool never sent).
+    pub renumbered: u64,
+}
+
 impl Spool {
     /// An empty spool whose samples will carry `epoch`.
     pub fn new(capacity: usize, epoch: u64) -> Self {
@@ -125,6 +143,8 @@ impl Spool {
             restored: 0,
             corrupt: 0,
             forgotten: 0,
+            sent_ever: 0,
+            collector_ahead: 0,
         }
     }
 
@@ -148,6 +168,7 @@ impl Spool {
         // collector refuse this epoch, those samples are given up, never
         // renumbered (it may hold them).
         spool.sent = restored.last_seq;
+        spool.sent_ever = restored.last_seq;
         spool.durable = restored.last_seq;
         spool.forgotten = restored
             .samples
@@ -204,6 +225,7 @@ impl Spool {
             disk_errors: self.disk_errors,
             restored: self.restored,
             corrupt: self.corrupt,
+            collector_ahead: self.collector_ahead,
         }
     }
 
@@ -304,6 +326,7 @@ impl Spool {
     /// epoch.
     pub fn sent(&mut self, seq: u64) {
         self.sent = self.sent.max(seq);
+        self.sent_ever = self.sent_ever.max(seq);
     }
 
     /// Records the collector's word that it accepted nothing of this epoch
@@ -328,19 +351,72 @@ impl Spool {
         self.epoch = epoch;
         self.last_seq = self.samples.len() as u64;
         self.sent = 0;
+        self.sent_ever = 0;
         self.forgotten = 0;
         self.bytes = self.samples.iter().map(|s| s.encoded_len() as u64).sum();
-        if let Some(d) = self.disk.as_mut() {
-            match d.rewrite(epoch, &self.samples, self.last_seq) {
-                Ok(()) => self.durable = self.last_seq,
-                Err(e) => self.disk_failed("renumber", &e),
-            }
-        } else {
-            self.durable = self.last_seq;
-        }
+        self.rewrite_disk("renumber");
         Renumbered {
             kept: self.last_seq,
             abandoned,
+        }
+    }
+
+    /// Takes the collector's Welcome: it holds every sample of this epoch
+    /// up to `acked`.
+    ///
+    /// Should it hold a sequence number this spool never sent under this
+    /// epoch, that number was assigned by a run whose log on disk fell
+    /// behind (a failing disk whose files could not be deleted, a spool
+    /// directory restored from a backup, a damaged newest segment): the
+    /// samples never sent are different samples under the same numbers, so
+    /// they are renumbered after `acked`, in order, and the numbering goes
+    /// on from there (on disk too). The samples that were sent are at or
+    /// below `acked`: the collector holds them.
+    pub fn welcomed(&mut self, acked: u64) -> Welcomed {
+        if acked <= self.sent_ever {
+            return Welcomed {
+                acked: self.ack(acked) as u64,
+                renumbered: 0,
+            };
+        }
+        self.collector_ahead += 1;
+        let before = self.samples.len();
+        let sent = self.sent_ever;
+        self.samples.retain(|s| s.seq > sent);
+        let gone = (before - self.samples.len()) as u64;
+        for (s, seq) in self.samples.iter_mut().zip(acked + 1..) {
+            s.seq = seq;
+        }
+        let renumbered = self.samples.len() as u64;
+        warn!(
+            epoch = self.epoch,
+            acked_seq = acked,
+            last_seq = self.last_seq,
+            sent = sent,
+            renumbered,
+            "the collector holds sequence numbers of this epoch this spool never sent (its log on disk fell behind an earlier run): the samples never sent are renumbered after them"
+        );
+        self.last_seq = acked + renumbered;
+        self.sent = acked;
+        self.sent_ever = acked;
+        self.forgotten = acked;
+        self.bytes = self.samples.iter().map(|s| s.encoded_len() as u64).sum();
+        self.rewrite_disk("renumber after the collector");
+        Welcomed {
+            acked: gone,
+            renumbered,
+        }
+    }
+
+    /// Replaces what is on disk with the samples in memory.
+    fn rewrite_disk(&mut self, what: &str) {
+        if let Some(d) = self.disk.as_mut() {
+            match d.rewrite(self.epoch, &self.samples, self.last_seq) {
+                Ok(()) => self.durable = self.last_seq,
+                Err(e) => self.disk_failed(what, &e),
+            }
+        } else {
+            self.durable = self.last_seq;
         }
     }
 
@@ -493,6 +569,27 @@ mod tests {
                 abandoned: 0
             }
         );
+    }
+
+    #[test]
+    fn a_welcome_within_what_was_ever_sent_only_acks() {
+        // Invariant: samples sent and then settled below may still be the
+        // collector's: a Welcome up to them acks them, never renumbers.
+        let mut sp = filled(10, 5);
+        sp.sent(4);
+        sp.settle(2);
+        assert_eq!(
+            sp.welcomed(4),
+            Welcomed {
+                acked: 4,
+                renumbered: 0
+            }
+        );
+        assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![5]);
+        assert_eq!(sp.depth().collector_ahead, 0);
+        // Above all it ever sent: the one never sent follows the Welcome.
+        sp.welcomed(9);
+        assert_eq!(seqs(&sp.after(0, 10, usize::MAX)), vec![10]);
     }
 
     #[test]

@@ -515,11 +515,11 @@ async fn preamble(cfg: &StreamConfig, target: usize, shared: &Shared) -> Result<
             Ok(Some(pb::CollectorMessage {
                 body: Some(pb::collector_message::Body::Welcome(w)),
             })) => {
-                let forgotten = shared.spool().ack(w.acked_seq);
-                shared
-                    .stats
-                    .acked
-                    .fetch_add(forgotten as u64, Ordering::Relaxed);
+                // A Welcome above what this spool ever sent renumbers the
+                // samples never sent after it (a log on disk that fell
+                // behind): they are not the collector's.
+                let forgotten = shared.spool().welcomed(w.acked_seq).acked;
+                shared.stats.acked.fetch_add(forgotten, Ordering::Relaxed);
                 shared.stats.connects.fetch_add(1, Ordering::Relaxed);
                 info!(node = %cfg.hello.node_id, collector = %url, collector_version = %w.collector_version, epoch, acked_seq = w.acked_seq, "connected");
             }

@@ -964,6 +964,58 @@ mod tests {
     }
 
     #[test]
+    fn a_collector_ahead_of_the_disk_gets_new_samples_numbered_after_what_it_holds() {
+        // Invariant: when the collector holds sequence numbers of this
+        // epoch that this spool never sent (a run whose disk fell behind, a
+        // spool restored from a backup), the samples never sent are
+        // renumbered after them, on disk too, never forgotten unsent.
+        use crate::spool::Welcomed;
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        for t in 1..=3 {
+            sp.push(sample(t, 1));
+        }
+        drop(sp);
+        // A run the disk lost numbered 4..=6, and the collector holds them.
+        let mut sp = open(dir.path(), 1 << 20, 99);
+        sp.push(sample(10, 1));
+        sp.push(sample(11, 1));
+        assert_eq!(
+            sp.welcomed(6),
+            Welcomed {
+                acked: 3,
+                renumbered: 2
+            }
+        );
+        assert_eq!(sp.epoch(), 7);
+        assert_eq!(held(&sp), vec![(7, 10), (8, 11)]);
+        assert_eq!(sp.depth().collector_ahead, 1);
+        sp.push(sample(12, 1));
+        drop(sp);
+        let mut sp = open(dir.path(), 1 << 20, 99);
+        assert_eq!(held(&sp), vec![(7, 10), (8, 11), (9, 12)]);
+        // A Welcome the spool is not behind changes nothing but acks.
+        assert_eq!(
+            sp.welcomed(7),
+            Welcomed {
+                acked: 1,
+                renumbered: 0
+            }
+        );
+        // Nothing held at all: the numbering still moves past the
+        // collector's, and stays there after a restart.
+        sp.ack(9);
+        sp.welcomed(20);
+        sp.push(sample(13, 1));
+        assert_eq!(held(&sp), vec![(21, 13)]);
+        sp.ack(21);
+        drop(sp);
+        let mut sp = open(dir.path(), 1 << 20, 99);
+        sp.push(sample(14, 1));
+        assert_eq!(held(&sp), vec![(22, 14)]);
+    }
+
+    #[test]
     fn a_renumbered_spool_reopens_under_its_new_epoch() {
         let dir = tempfile::tempdir().unwrap();
         let mut sp = open(dir.path(), 1 << 20, 7);
