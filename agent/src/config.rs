@@ -427,6 +427,7 @@ impl Config {
             dir: dir.clone(),
             max_bytes: self.spool_max_bytes,
             fsync_interval: self.spool_fsync_interval,
+            lock_wait: crate::spool::disk::LOCK_WAIT,
         })
     }
 

@@ -331,6 +331,7 @@ fn unacked_samples_survive_agent_kills_during_a_collector_outage() {
         dir: dir.path().join("spool"),
         max_bytes: 64 << 20,
         fsync_interval: Duration::ZERO,
+        lock_wait: Duration::ZERO,
     };
     let mut spool = capwatch_agent::spool::Spool::open(10, 1, Some(&disk), NODE).unwrap();
     assert!(spool.is_empty());

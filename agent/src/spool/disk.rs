@@ -69,6 +69,53 @@ const RECORD_HEAD: usize = 8;
 /// the spool is full, about an eighth of it.
 const SEGMENTS: u64 = 8;
 
+/// Which I/O operations on the spool's files a test makes fail.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The one after the next `k` (a transient error).
+    Once(u64),
+    /// Every one after the next `k`: a disk gone bad, or, as the files are
+    /// then left as they were, a process killed at that point.
+    From(u64),
+}
+
+#[cfg(test)]
+thread_local! {
+    static FAULT: std::cell::Cell<Option<Fault>> = const { std::cell::Cell::new(None) };
+    /// I/O operations done on this thread.
+    static OPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Sets the I/O operations that fail on this thread (`None`: none), and
+/// returns how many were done so far.
+#[cfg(test)]
+pub(crate) fn inject(fault: Option<Fault>) -> u64 {
+    FAULT.set(fault);
+    OPS.get()
+}
+
+/// Called before each I/O operation on the spool's files: fails it (EIO)
+/// where a test says so; does nothing outside tests.
+fn fault() -> io::Result<()> {
+    #[cfg(test)]
+    {
+        OPS.set(OPS.get() + 1);
+        let eio = || Err(io::Error::from_raw_os_error(5));
+        match FAULT.get() {
+            None => {}
+            Some(Fault::Once(0)) => {
+                FAULT.set(None);
+                return eio();
+            }
+            Some(Fault::From(0)) => return eio(),
+            Some(Fault::Once(k)) => FAULT.set(Some(Fault::Once(k - 1))),
+            Some(Fault::From(k)) => FAULT.set(Some(Fault::From(k - 1))),
+        }
+    }
+    Ok(())
+}
+
 /// CRC-32C (Castagnoli): the checksum of storage formats (iSCSI, ext4,
 /// Btrfs), better at catching the burst errors of a torn write than the
 /// zlib polynomial.
@@ -108,6 +155,40 @@ pub struct DiskConfig {
     /// How often appended samples are synced; zero: each one as it is
     /// appended.
     pub fsync_interval: Duration,
+    /// How long to wait for another process to let the directory's lock
+    /// go (an agent being replaced) before giving up.
+    pub lock_wait: Duration,
+}
+
+/// How long the agent waits for the spool directory's lock by default.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+
+/// Locks `dir` for this process, waiting up to `wait` for another to let
+/// it go; `None`: it is still held. A lock file that cannot be written (a
+/// read-only disk) is locked read-only: flock needs no write access.
+fn lock_dir(dir: &Path, wait: Duration) -> io::Result<Option<File>> {
+    let path = dir.join(LOCK_FILE);
+    fault()?;
+    let file = match OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+    {
+        Ok(f) => f,
+        Err(e) => File::open(&path).map_err(|_| e)?,
+    };
+    let until = Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(Some(file)),
+            Err(fs::TryLockError::WouldBlock) if Instant::now() < until => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            Err(fs::TryLockError::WouldBlock) => return Ok(None),
+            Err(fs::TryLockError::Error(e)) => return Err(e),
+        }
+    }
 }
 
 /// A record of the log.
@@ -192,6 +273,7 @@ pub struct SegmentRead {
 fn read_exact_or_eof(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut got = 0;
     while got < buf.len() {
+        fault()?;
         match r.read(&mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
@@ -266,58 +348,66 @@ fn read_header(r: &mut impl Read) -> Result<(Header, u64), BadSegment> {
 }
 
 /// Reads the records after a header from `r`, `len` bytes in all, handing
-/// each whole one to `f`; stops at the end or at the first bad one.
+/// each whole one to `f`; stops at the end or at the first bad one (or
+/// read error).
 fn read_records(
     r: &mut impl Read,
     mut offset: u64,
     len: u64,
     mut f: impl FnMut(Record),
-) -> io::Result<SegmentRead> {
+) -> SegmentRead {
     let stop = |offset: u64, why: String| SegmentRead {
         good_bytes: offset,
         bad: Some((why, len.saturating_sub(offset))),
     };
     loop {
         let mut head = [0u8; RECORD_HEAD];
-        let n = read_exact_or_eof(r, &mut head)?;
+        let n = match read_exact_or_eof(r, &mut head) {
+            Ok(n) => n,
+            Err(e) => return stop(offset, format!("read error: {e}")),
+        };
         if n == 0 {
-            return Ok(SegmentRead {
+            return SegmentRead {
                 good_bytes: offset,
                 bad: None,
-            });
+            };
         }
         if n < RECORD_HEAD {
-            return Ok(stop(offset, "record header cut short (torn write)".into()));
+            return stop(offset, "record header cut short (torn write)".into());
         }
         let size = le_u32(&head[..4]);
         let left = len.saturating_sub(offset + RECORD_HEAD as u64);
         if size == 0 || size > MAX_RECORD_BYTES {
-            return Ok(stop(offset, format!("record length {size} out of range")));
+            return stop(offset, format!("record length {size} out of range"));
         }
         if u64::from(size) > left {
-            return Ok(stop(
+            return stop(
                 offset,
                 format!("record of {size} bytes, {left} left in the file (torn write)"),
-            ));
+            );
         }
         let mut payload = vec![0u8; size as usize];
-        if read_exact_or_eof(r, &mut payload)? < payload.len() {
-            return Ok(stop(offset, "record cut short (torn write)".into()));
+        match read_exact_or_eof(r, &mut payload) {
+            Ok(n) if n < payload.len() => {
+                return stop(offset, "record cut short (torn write)".into());
+            }
+            Ok(_) => {}
+            Err(e) => return stop(offset, format!("read error: {e}")),
         }
         if CRC.checksum(&payload) != le_u32(&head[4..]) {
-            return Ok(stop(offset, "record checksum mismatch".into()));
+            return stop(offset, "record checksum mismatch".into());
         }
         let record = match payload[0] {
             KIND_SAMPLE => match NodeSample::decode(&payload[1..]) {
                 Ok(s) => Record::Sample(s),
-                Err(e) => return Ok(stop(offset, format!("sample does not decode: {e}"))),
+                Err(e) => return stop(offset, format!("sample does not decode: {e}")),
             },
             KIND_FORGET if payload.len() == 9 => Record::Forget(le_u64(&payload[1..])),
             kind => {
-                return Ok(stop(
+                return stop(
                     offset,
                     format!("record of unknown kind {kind} ({size} bytes)"),
-                ));
+                );
             }
         };
         f(record);
@@ -413,31 +503,36 @@ impl Disk {
         fresh_epoch: u64,
         capacity: usize,
     ) -> Result<(Opened, Restored), SpoolError> {
-        let io_err = |source| SpoolError::Io {
-            dir: cfg.dir.clone(),
-            source,
-        };
-        fs::create_dir_all(&cfg.dir).map_err(io_err)?;
+        // A directory that cannot be made, locked or listed (a read-only
+        // or failing disk) leaves the spool in memory: the agent meters on.
+        let unusable = |e: io::Error| Ok((Opened::Failed(e, Vec::new()), Restored::default()));
+        if let Err(e) = fault().and_then(|()| fs::create_dir_all(&cfg.dir)) {
+            return unusable(e);
+        }
         // One agent per directory: two appending to one log would
         // interleave their records and reuse each other's numbers.
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(cfg.dir.join(LOCK_FILE))
-            .map_err(io_err)?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
+        let lock = match lock_dir(&cfg.dir, cfg.lock_wait) {
+            Ok(Some(lock)) => lock,
+            Ok(None) => {
                 return Err(SpoolError::Locked {
                     dir: cfg.dir.clone(),
                 });
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
-        }
+            Err(e) => return unusable(e),
+        };
+        let entries = match fault().and_then(|()| fs::read_dir(&cfg.dir)) {
+            Ok(entries) => entries,
+            Err(e) => return unusable(e),
+        };
         let mut found: Vec<(u64, PathBuf)> = Vec::new();
-        for entry in fs::read_dir(&cfg.dir).map_err(io_err)? {
-            let entry = entry.map_err(io_err)?;
+        for entry in entries {
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    warn!(dir = %cfg.dir.display(), error = %e, "spool directory entry unreadable: skipped");
+                    continue;
+                }
+            };
             let name = entry.file_name();
             let Some(name) = name.to_str() else { continue };
             let path = entry.path();
@@ -451,7 +546,7 @@ impl Disk {
             } else if let Some(index) = segment_index(name) {
                 // Only a plain file is read (a FIFO would block, a link
                 // could point anywhere).
-                if entry.file_type().map_err(io_err)?.is_file() {
+                if entry.file_type().is_ok_and(|t| t.is_file()) {
                     found.push((index, path));
                 } else {
                     warn!(file = %path.display(), "spool directory entry named as a segment is not a plain file: left alone");
@@ -464,8 +559,17 @@ impl Disk {
         let mut next_index = 0u64;
         for (index, path) in &found {
             next_index = next_index.max(index.saturating_add(1));
-            let file = File::open(path).map_err(io_err)?;
-            let len = file.metadata().map_err(io_err)?.len();
+            let opened = fault()
+                .and_then(|()| File::open(path))
+                .and_then(|f| Ok((f.metadata()?.len(), f)));
+            let (len, file) = match opened {
+                Ok(opened) => opened,
+                Err(e) => {
+                    warn!(file = %path.display(), error = %e, "spool segment unreadable (an I/O error): dropped");
+                    restored.corrupt += 1;
+                    continue;
+                }
+            };
             let mut r = BufReader::new(file);
             let (header, header_len) = match read_header(&mut r) {
                 Ok(h) => h,
@@ -475,7 +579,12 @@ impl Disk {
                         found,
                     });
                 }
-                Err(BadSegment::Io(e)) => return Err(io_err(e)),
+                Err(BadSegment::Io(e)) => {
+                    warn!(file = %path.display(), error = %e, "spool segment unreadable (an I/O error): dropped");
+                    restored.corrupt += 1;
+                    restored.corrupt_bytes += len;
+                    continue;
+                }
                 Err(BadSegment::Corrupt(why)) => {
                     warn!(file = %path.display(), reason = %why, bytes = len, "spool segment unreadable: dropped");
                     restored.corrupt += 1;
@@ -523,8 +632,7 @@ impl Disk {
                         restored.samples.pop_front();
                     }
                 }
-            })
-            .map_err(io_err)?;
+            });
             if out_of_order > 0 {
                 warn!(file = %path.display(), records = out_of_order, "spool samples not above the sequence before them: dropped");
                 restored.corrupt += out_of_order;
@@ -580,12 +688,8 @@ impl Disk {
             Err(e) => {
                 // Read, but not writable (a full disk): the samples go on
                 // in memory, and the old files go, as on any failure.
-                let mut left = Vec::new();
-                for p in old {
-                    if let Err(e) = fs::remove_file(&p) {
-                        left.push((p, e));
-                    }
-                }
+                // (Deleting scans the directory: the old files go too.)
+                let left = disk.remove_all();
                 Ok((Opened::Failed(e, left), restored))
             }
         }
@@ -627,16 +731,21 @@ impl Disk {
             buf.extend_from_slice(&Record::Sample(s.clone()).encode());
             last_sample = s.seq;
         }
+        fault()?;
         let mut f = OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&tmp)?;
+        fault()?;
         f.write_all(&buf)?;
+        fault()?;
         f.sync_all()?;
         let path = self.path(index);
+        fault()?;
         fs::rename(&tmp, &path)?;
-        File::open(&self.dir)?.sync_all()?;
+        sync_dir(&self.dir)?;
+        fault()?;
         let active = OpenOptions::new().append(true).open(&path)?;
         Ok((
             active,
@@ -670,17 +779,21 @@ impl Disk {
             node: self.node.clone(),
         };
         let (file, segment) = self.create(index, &header, samples)?;
-        for p in old {
-            fs::remove_file(p)?;
-        }
-        let previous: Vec<u64> = self.segments.iter().map(|s| s.index).collect();
-        for i in previous {
-            fs::remove_file(self.path(i))?;
-        }
-        File::open(&self.dir)?.sync_all()?;
+        // Tracked before anything else can fail, so that giving the disk
+        // up deletes it too; the older segments stay tracked until deleted.
         self.active = Some(file);
-        self.segments = VecDeque::from([segment]);
+        self.segments.push_back(segment);
         self.epoch = epoch;
+        for p in old {
+            remove(p)?;
+        }
+        while self.segments.len() > 1 {
+            if let Some(s) = self.segments.front() {
+                remove(&self.path(s.index))?;
+            }
+            self.segments.pop_front();
+        }
+        sync_dir(&self.dir)?;
         self.unsynced = false;
         self.synced_at = Instant::now();
         Ok(())
@@ -729,10 +842,11 @@ impl Disk {
                 // Only the one being written: start another to drop it.
                 self.roll(last_seq, forgotten)?;
             }
-            let Some(oldest) = self.segments.pop_front() else {
+            let Some(oldest) = self.segments.front().cloned() else {
                 break;
             };
-            fs::remove_file(self.path(oldest.index))?;
+            remove(&self.path(oldest.index))?;
+            self.segments.pop_front();
             if oldest.last_sample > 0 {
                 let through = out.dropped_through.unwrap_or(0).max(oldest.last_sample);
                 out.dropped_through = Some(through);
@@ -762,9 +876,10 @@ impl Disk {
         }
         while self.segments.len() > 1 && self.segments.front().is_some_and(|s| s.last_sample <= seq)
         {
-            if let Some(s) = self.segments.pop_front() {
-                fs::remove_file(self.path(s.index))?;
+            if let Some(s) = self.segments.front() {
+                remove(&self.path(s.index))?;
             }
+            self.segments.pop_front();
         }
         Ok(())
     }
@@ -774,6 +889,7 @@ impl Disk {
         if self.unsynced
             && let Some(f) = &self.active
         {
+            fault()?;
             f.sync_data()?;
             self.unsynced = false;
         }
@@ -794,6 +910,11 @@ impl Disk {
             return Err(io::Error::other("the spool on disk was given up"));
         };
         self.unsynced = true;
+        if let Err(e) = fault() {
+            // A torn write: half of it reaches the file.
+            let _ = f.write_all(&bytes[..bytes.len() / 2]);
+            return Err(e);
+        }
         f.write_all(bytes)?;
         if let Some(active) = self.segments.back_mut() {
             active.bytes += bytes.len() as u64;
@@ -824,16 +945,62 @@ impl Disk {
     /// run number new samples with sequence numbers the collector holds.
     /// Returns the files that could not be deleted.
     pub fn remove_all(&mut self) -> Vec<(PathBuf, io::Error)> {
-        let mut failed = Vec::new();
         self.active = None;
-        for s in std::mem::take(&mut self.segments) {
-            let p = self.path(s.index);
-            if let Err(e) = fs::remove_file(&p) {
-                failed.push((p, e));
+        let tracked = std::mem::take(&mut self.segments)
+            .into_iter()
+            .map(|s| self.path(s.index));
+        remove_segments(&self.dir, tracked.collect())
+    }
+}
+
+/// Deletes every segment file in `dir` (those in `tracked`, and every
+/// other the directory lists: one renamed into place whose creation then
+/// failed, say) and every segment being created, then syncs the
+/// directory; returns what could not be deleted (and why).
+fn remove_segments(dir: &Path, mut paths: Vec<PathBuf>) -> Vec<(PathBuf, io::Error)> {
+    let mut failed = Vec::new();
+    match fault().and_then(|()| fs::read_dir(dir)) {
+        Ok(entries) => {
+            for entry in entries.flatten() {
+                let name = entry.file_name();
+                let Some(name) = name.to_str() else { continue };
+                let ours = segment_index(name).is_some()
+                    || name
+                        .strip_suffix(TMP_SUFFIX)
+                        .is_some_and(|n| segment_index(n).is_some());
+                if ours && entry.file_type().is_ok_and(|t| t.is_file()) {
+                    paths.push(entry.path());
+                }
             }
         }
-        failed
+        Err(e) => failed.push((dir.to_path_buf(), e)),
     }
+    paths.sort();
+    paths.dedup();
+    for p in paths {
+        match remove(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => failed.push((p, e)),
+        }
+    }
+    if let Err(e) = sync_dir(dir) {
+        failed.push((dir.to_path_buf(), e));
+    }
+    failed
+}
+
+/// Syncs directory `dir`, so that the files created, renamed or deleted
+/// there stay so.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    fault()?;
+    File::open(dir)?.sync_all()
+}
+
+/// Deletes file `path`.
+fn remove(path: &Path) -> io::Result<()> {
+    fault()?;
+    fs::remove_file(path)
 }
 
 /// Reads one segment file: its header and records, for tests and tools.
@@ -846,7 +1013,7 @@ pub fn read_segment(
     let mut r = BufReader::new(file);
     match read_header(&mut r) {
         Ok((h, header_len)) => {
-            let read = read_records(&mut r, header_len, len, &mut f)?;
+            let read = read_records(&mut r, header_len, len, &mut f);
             Ok((Some(h), read))
         }
         Err(BadSegment::Io(e)) => Err(e),
@@ -881,6 +1048,7 @@ mod tests {
             dir: dir.to_path_buf(),
             max_bytes,
             fsync_interval: Duration::ZERO,
+            lock_wait: Duration::ZERO,
         }
     }
 
@@ -1176,6 +1344,103 @@ mod tests {
         assert!(!name.exists(), "the old segment is deleted");
     }
 
+    /// Every file in `dir` named as a segment or one being created.
+    fn spool_files(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(SUFFIX) || n.ends_with(TMP_SUFFIX))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn giving_the_disk_up_deletes_every_segment_file_tracked_or_not() {
+        // Invariant: when the disk spool is given up, no segment file is
+        // left for a later run to read as its log, not even one this run
+        // does not track (renamed into place before a later step of its
+        // creation failed) or one half created.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        sp.push(sample(1, 1));
+        let seg = only_segment(dir.path());
+        fs::copy(&seg, dir.path().join(segment_name(0x40))).unwrap();
+        fs::write(
+            dir.path()
+                .join(format!("{}{TMP_SUFFIX}", segment_name(0x41))),
+            b"half",
+        )
+        .unwrap();
+        inject(Some(Fault::Once(0)));
+        sp.push(sample(2, 1));
+        inject(None);
+        assert_eq!(sp.depth().disk_errors, 1);
+        assert_eq!(spool_files(dir.path()), Vec::<String>::new());
+        assert_eq!(held(&sp), vec![(1, 1), (2, 2)], "memory goes on");
+    }
+
+    #[test]
+    fn a_disk_that_fails_at_start_leaves_the_spool_in_memory() {
+        // Invariant: a spool directory that cannot be made, locked, listed
+        // or read (a read-only or failing disk) never stops the agent: the
+        // spool goes on in memory, the failure counted (a segment that
+        // cannot be read is a corrupt drop); only a lock held by another
+        // process, another node's or another version's files are errors.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, b"").unwrap();
+        let mut sp = Spool::open(10, 3, Some(&cfg(&file.join("spool"), 1 << 20)), NODE).unwrap();
+        assert_eq!(
+            (sp.epoch(), sp.depth().disk_errors, sp.depth().disk_bytes),
+            (3, 1, None)
+        );
+        sp.push(sample(1, 1));
+        assert_eq!(held(&sp), vec![(1, 1)]);
+        // An I/O error at any one step of opening a spool with samples.
+        let mut k = 0;
+        loop {
+            let dir = tempfile::tempdir().unwrap();
+            let mut sp = open(dir.path(), 1 << 20, 7);
+            for t in 1..=3 {
+                sp.push(sample(t, 1));
+            }
+            drop(sp);
+            let start = inject(Some(Fault::Once(k)));
+            let r = Spool::open(10, 9, Some(&cfg(dir.path(), 1 << 20)), NODE);
+            let done = inject(None) - start;
+            let mut sp = r.unwrap_or_else(|e| panic!("an I/O error at step {k}: {e}"));
+            if done <= k {
+                // Opening is done before step k: no error met.
+                break;
+            }
+            let d = sp.depth();
+            assert!(d.disk_errors + d.corrupt == 1, "step {k}: {d:?}");
+            sp.push(sample(4, 1));
+            let got = held(&sp);
+            assert_eq!(got.last().map(|x| x.1), Some(4), "step {k}: {got:?}");
+            k += 1;
+        }
+        assert!(k > 5, "opening took {k} I/O operations");
+    }
+
+    #[test]
+    fn a_held_lock_is_waited_for() {
+        // Invariant: an agent started while the one it replaces still
+        // runs waits for its lock (up to lock_wait) rather than failing.
+        let dir = tempfile::tempdir().unwrap();
+        let first = open(dir.path(), 1 << 20, 7);
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let mut c = cfg(dir.path(), 1 << 20);
+        c.lock_wait = Duration::from_secs(30);
+        let sp = Spool::open(10, 1, Some(&c), NODE).unwrap();
+        assert_eq!(sp.epoch(), 7);
+        release.join().unwrap();
+    }
+
     #[test]
     fn one_directory_serves_one_agent_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
@@ -1346,6 +1611,108 @@ mod tests {
             disk.push(sample(0, 1));
             memory.push(sample(0, 1));
             prop_assert_eq!(held(&disk), held(&memory));
+        }
+
+        /// Invariant: a small spool (segments roll and the oldest are
+        /// dropped all the time) whose disk fails for good at any I/O
+        /// operation, or whose process is killed there (the files are left
+        /// as they were), reopens without reusing an (epoch, seq) it may
+        /// have sent for another sample, with every sample it may have sent
+        /// under that epoch and not acked or dropped but those the
+        /// interrupted operation was taking away (the oldest), and, when
+        /// nothing failed, exactly as it was.
+        #[test]
+        fn a_spool_interrupted_at_any_io_operation_reopens_consistent(
+            ops in proptest::collection::vec(op(), 1..80),
+            fail_at in proptest::option::of(0u64..600),
+        ) {
+            let max = 4096;
+            let dir = tempfile::tempdir().unwrap();
+            let c = cfg(dir.path(), max);
+            let open = || Spool::open(1000, 7, Some(&c), NODE).unwrap();
+            inject(None);
+            let mut sp = open();
+            inject(fail_at.map(Fault::From));
+            let mut released: std::collections::BTreeMap<(u64, u64), i64> = Default::default();
+            let mut last = (sp.epoch(), held(&sp));
+            let mut crashed = false;
+            // What the operation under way may take away: samples up to it
+            // (the oldest, with a push that drops for room).
+            let mut may_forget = 0;
+            let mut t = 0i64;
+            let mut epoch = 7u64;
+            for op in ops {
+                let at = |f: f64, sp: &Spool| (sp.last_seq as f64 * f) as u64;
+                may_forget = 0;
+                match op {
+                    Op::Push(gpus) => {
+                        t += 1;
+                        may_forget = u64::MAX;
+                        sp.push(sample(t, gpus));
+                    }
+                    Op::Ack(f) => {
+                        let seq = at(f, &sp);
+                        may_forget = seq;
+                        sp.ack(seq);
+                    }
+                    Op::Sent(f) => {
+                        let seq = at(f, &sp);
+                        sp.sent(seq);
+                    }
+                    Op::Settle(f) => {
+                        let seq = at(f, &sp);
+                        sp.settle(seq);
+                    }
+                    Op::Renumber => {
+                        epoch += 1;
+                        sp.renumber(epoch);
+                    }
+                    Op::Restart => {
+                        drop(sp);
+                        sp = open();
+                    }
+                }
+                if sp.depth().disk_errors > 0 {
+                    // The process dies in this operation: nothing it made
+                    // sendable went out.
+                    crashed = true;
+                    break;
+                }
+                for (seq, t) in held(&sp) {
+                    released.insert((sp.epoch(), seq), t);
+                }
+                let d = sp.depth();
+                prop_assert!(d.disk_bytes.unwrap() <= max + max / 4, "{:?}", d);
+                last = (sp.epoch(), held(&sp));
+            }
+            inject(None);
+            drop(sp);
+            let mut sp = open();
+            let got = held(&sp);
+            for (seq, t) in &got {
+                if let Some(was) = released.get(&(sp.epoch(), *seq)) {
+                    prop_assert_eq!(was, t, "seq {} reused", seq);
+                }
+            }
+            if sp.epoch() == last.0 {
+                let kept: Vec<&(u64, i64)> = last.1.iter().filter(|x| got.contains(x)).collect();
+                let lost = last.1.len() - kept.len();
+                prop_assert!(
+                    last.1[lost..].iter().collect::<Vec<_>>() == kept
+                        && last.1[..lost].iter().all(|x| x.0 <= may_forget),
+                    "only the oldest, up to {}, may go: had {:?}, got {:?}", may_forget, last.1, got
+                );
+                if !crashed {
+                    prop_assert_eq!(&got, &last.1);
+                }
+            } else {
+                prop_assert!(crashed, "epoch {} became {}", last.0, sp.epoch());
+            }
+            let epoch = sp.epoch();
+            sp.push(sample(0, 1));
+            let next = held(&sp).last().unwrap().0;
+            let top = released.range((epoch, 0)..=(epoch, u64::MAX)).next_back();
+            prop_assert!(top.is_none_or(|((_, s), _)| *s < next), "next {} after {:?}", next, top);
         }
 
         /// Invariant: a file cut anywhere after its header (a torn write)
