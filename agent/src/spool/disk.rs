@@ -59,6 +59,8 @@ pub const MAX_RECORD_BYTES: u32 = 4 << 20;
 const MAX_NODE_LEN: u16 = 1024;
 /// Header flag: the segment replaces every earlier one.
 const FLAG_REWRITE: u8 = 1;
+/// Header flag: a later segment of a rewrite.
+const FLAG_PART: u8 = 2;
 /// Header bytes before the node id.
 const HEADER_FIXED: usize = 39;
 const KIND_SAMPLE: u8 = 1;
@@ -228,6 +230,9 @@ impl Record {
 pub struct Header {
     /// Written whole from memory: replaces every earlier segment.
     pub rewrite: bool,
+    /// A later segment of such a rewrite: read only after the segment
+    /// before it of the same rewrite (or as the oldest of all).
+    pub part: bool,
     pub epoch: u64,
     pub last_seq: u64,
     pub forgotten: u64,
@@ -240,7 +245,9 @@ impl Header {
         let mut out = Vec::with_capacity(HEADER_FIXED + node.len() + 4);
         out.extend_from_slice(MAGIC);
         out.extend_from_slice(&VERSION.to_le_bytes());
-        out.push(if self.rewrite { FLAG_REWRITE } else { 0 });
+        out.push(
+            if self.rewrite { FLAG_REWRITE } else { 0 } | if self.part { FLAG_PART } else { 0 },
+        );
         out.extend_from_slice(&self.epoch.to_le_bytes());
         out.extend_from_slice(&self.last_seq.to_le_bytes());
         out.extend_from_slice(&self.forgotten.to_le_bytes());
@@ -332,13 +339,14 @@ fn read_header(r: &mut impl Read) -> Result<(Header, u64), BadSegment> {
     let node = String::from_utf8(node.to_vec())
         .map_err(|_| BadSegment::Corrupt("node id is not UTF-8".into()))?;
     let flags = fixed[12];
-    if flags & !FLAG_REWRITE != 0 {
+    if flags & !(FLAG_REWRITE | FLAG_PART) != 0 || flags == FLAG_REWRITE | FLAG_PART {
         return Err(BadSegment::Corrupt(format!(
             "unknown header flags {flags:#x}"
         )));
     }
     let header = Header {
         rewrite: flags & FLAG_REWRITE != 0,
+        part: flags & FLAG_PART != 0,
         epoch: le_u64(&fixed[13..21]),
         last_seq: le_u64(&fixed[21..29]),
         forgotten: le_u64(&fixed[29..37]),
@@ -484,13 +492,21 @@ fn segment_name(index: u64) -> String {
     format!("{index:016x}{SUFFIX}")
 }
 
+/// Segment indexes go up to [`MAX_INDEX`]: a name above it is none of this
+/// agent's (it would take 2^63 segments), so adding to an index never
+/// overflows.
 fn segment_index(name: &str) -> Option<u64> {
     let hex = name.strip_suffix(SUFFIX)?;
     if hex.len() != 16 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
-    u64::from_str_radix(hex, 16).ok()
+    u64::from_str_radix(hex, 16)
+        .ok()
+        .filter(|i| *i <= MAX_INDEX)
 }
+
+/// The highest segment index read.
+const MAX_INDEX: u64 = u64::MAX >> 1;
 
 impl Disk {
     /// Opens the spool in `cfg.dir` (created if missing) for node `node`:
@@ -557,8 +573,11 @@ impl Disk {
         let mut restored = Restored::default();
         let mut forgotten = 0u64;
         let mut next_index = 0u64;
+        // The segment listed before, and whether it was of a rewrite.
+        let mut before: Option<(u64, bool)> = None;
         for (index, path) in &found {
-            next_index = next_index.max(index.saturating_add(1));
+            next_index = next_index.max(index + 1);
+            let previous = before.replace((*index, false));
             let opened = fault()
                 .and_then(|()| File::open(path))
                 .and_then(|f| Ok((f.metadata()?.len(), f)));
@@ -599,6 +618,13 @@ impl Disk {
                     ours: node.to_string(),
                 });
             }
+            if header.part && previous.is_some_and(|p| p != (index - 1, true)) {
+                // A rewrite interrupted before its first segment was
+                // there: what it held is still in the older segments.
+                warn!(file = %path.display(), "spool segment of a rewrite that did not finish: ignored");
+                continue;
+            }
+            before = Some((*index, header.rewrite || header.part));
             restored.segments += 1;
             if header.rewrite || restored.epoch != Some(header.epoch) {
                 // A segment written whole from memory starts the log
@@ -716,11 +742,11 @@ impl Disk {
 
     /// Creates segment `index` whole: header and `samples`, written to a
     /// temporary file, synced, renamed, the directory synced.
-    fn create(
+    fn create<'a>(
         &self,
         index: u64,
         header: &Header,
-        samples: &VecDeque<NodeSample>,
+        samples: impl IntoIterator<Item = &'a NodeSample>,
     ) -> io::Result<(File, Segment)> {
         let tmp = self
             .dir
@@ -769,25 +795,56 @@ impl Disk {
         forgotten: u64,
         old: &[PathBuf],
     ) -> io::Result<()> {
-        let header = Header {
-            rewrite: true,
-            epoch,
-            last_seq: samples
-                .front()
-                .map_or(last_seq, |s| s.seq.saturating_sub(1)),
-            forgotten,
-            node: self.node.clone(),
-        };
-        let (file, segment) = self.create(index, &header, samples)?;
+        // Segments of the usual size, so that a full spool still drops an
+        // eighth at a time: the later ones (parts) are created first; the
+        // first, which supersedes every earlier segment, last: until it is
+        // there, the parts are read as the leftovers of a rewrite that did
+        // not finish.
+        let mut ranges = Vec::new();
+        let (mut start, mut bytes) = (0, 0u64);
+        for (i, s) in samples.iter().enumerate() {
+            let len = (RECORD_HEAD + 1 + s.encoded_len()) as u64;
+            if i > start && bytes + len > self.segment_bytes {
+                ranges.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+            bytes += len;
+        }
+        ranges.push(start..samples.len());
+        let mut made = Vec::with_capacity(ranges.len());
+        for (i, range) in ranges
+            .iter()
+            .enumerate()
+            .skip(1)
+            .chain(ranges.iter().enumerate().take(1))
+        {
+            let header = Header {
+                rewrite: i == 0,
+                part: i > 0,
+                epoch,
+                last_seq: match range.start {
+                    0 => samples
+                        .front()
+                        .map_or(last_seq, |s| s.seq.saturating_sub(1)),
+                    k => samples[k - 1].seq,
+                },
+                forgotten,
+                node: self.node.clone(),
+            };
+            made.push(self.create(index + i as u64, &header, samples.range(range.clone()))?);
+        }
+        made.rotate_right(1);
         // Tracked before anything else can fail, so that giving the disk
-        // up deletes it too; the older segments stay tracked until deleted.
-        self.active = Some(file);
-        self.segments.push_back(segment);
+        // up deletes them too; the older segments stay tracked until deleted.
+        for (file, segment) in made {
+            self.active = Some(file);
+            self.segments.push_back(segment);
+        }
         self.epoch = epoch;
         for p in old {
             remove(p)?;
         }
-        while self.segments.len() > 1 {
+        while self.segments.front().is_some_and(|s| s.index < index) {
             if let Some(s) = self.segments.front() {
                 remove(&self.path(s.index))?;
             }
@@ -929,12 +986,13 @@ impl Disk {
         let index = self.segments.back().map_or(0, |s| s.index + 1);
         let header = Header {
             rewrite: false,
+            part: false,
             epoch: self.epoch,
             last_seq,
             forgotten,
             node: self.node.clone(),
         };
-        let (file, segment) = self.create(index, &header, &VecDeque::new())?;
+        let (file, segment) = self.create(index, &header, std::iter::empty())?;
         self.active = Some(file);
         self.segments.push_back(segment);
         Ok(())
@@ -1281,6 +1339,42 @@ mod tests {
     }
 
     #[test]
+    fn a_reopened_backlog_is_dropped_an_eighth_at_a_time() {
+        // Invariant: a restart rewrites the backlog into segments of the
+        // usual size, so a full spool still drops about an eighth of its
+        // bytes at a time, not the whole backlog.
+        let dir = tempfile::tempdir().unwrap();
+        let max = 1 << 20;
+        let mut sp = open_unsynced(dir.path(), max, 7);
+        let one = Record::Sample(sample(1, 8)).encode().len() as u64;
+        let n = (max * 3 / 4) / one;
+        for t in 1..=n as i64 {
+            sp.push(sample(t, 8));
+        }
+        sp.sync();
+        drop(sp);
+        let mut sp = open_unsynced(dir.path(), max, 7);
+        assert!(sp.disk.as_ref().map(Disk::segments) >= Some(5));
+        let mut t = n as i64;
+        let first = loop {
+            t += 1;
+            let d = sp.push(sample(t, 8));
+            if d > 0 {
+                break d;
+            }
+        };
+        let eighth = max / SEGMENTS / one;
+        assert!(
+            first <= eighth + 1,
+            "dropped {first} at once, an eighth is {eighth}"
+        );
+        drop(sp);
+        let sp = open(dir.path(), max, 1);
+        let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+        assert_eq!(seqs, (first + 1..=t as u64).collect::<Vec<_>>());
+    }
+
+    #[test]
     fn under_an_fsync_interval_a_sample_is_sent_only_once_synced() {
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(dir.path(), 1 << 20);
@@ -1462,6 +1556,7 @@ mod tests {
         let header = |node: &str| {
             Header {
                 rewrite: false,
+                part: false,
                 epoch: 5,
                 last_seq: 0,
                 forgotten: 0,
@@ -1758,7 +1853,7 @@ mod tests {
         fn any_bytes_open_without_a_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400), keep_header in any::<bool>()) {
             let dir = tempfile::tempdir().unwrap();
             let mut content = if keep_header {
-                Header { rewrite: false, epoch: 3, last_seq: 0, forgotten: 0, node: NODE.into() }.encode()
+                Header { rewrite: false, part: false, epoch: 3, last_seq: 0, forgotten: 0, node: NODE.into() }.encode()
             } else {
                 Vec::new()
             };
