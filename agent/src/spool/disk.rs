@@ -201,9 +201,38 @@ pub enum Record {
     Forget(u64),
 }
 
+/// What a segment's record checksums start from: its header's checksum
+/// and its index, so that a record is valid in its own segment only (not
+/// when a stale block of another segment, or of a file since replaced,
+/// turns up in it).
+pub fn record_seed(header_crc: u32, index: u64) -> u32 {
+    let mut digest = CRC.digest();
+    digest.update(&header_crc.to_le_bytes());
+    digest.update(&index.to_le_bytes());
+    digest.finalize()
+}
+
+/// A record's checksum in a segment whose records start from `seed`.
+fn record_crc(seed: u32, payload: &[u8]) -> u32 {
+    let mut digest = CRC.digest();
+    digest.update(&seed.to_le_bytes());
+    digest.update(payload);
+    digest.finalize()
+}
+
 impl Record {
-    /// The record as written: length, checksum, payload.
-    pub fn encode(&self) -> Vec<u8> {
+    /// Bytes of the record as written.
+    pub fn encoded_len(&self) -> usize {
+        RECORD_HEAD
+            + match self {
+                Record::Sample(s) => 1 + s.encoded_len(),
+                Record::Forget(_) => 9,
+            }
+    }
+
+    /// The record as written in a segment whose checksums start from
+    /// `seed` ([`record_seed`]): length, checksum, payload.
+    pub fn encode(&self, seed: u32) -> Vec<u8> {
         let mut payload = Vec::new();
         match self {
             Record::Sample(s) => {
@@ -219,7 +248,7 @@ impl Record {
         }
         let mut out = Vec::with_capacity(RECORD_HEAD + payload.len());
         out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&CRC.checksum(&payload).to_le_bytes());
+        out.extend_from_slice(&record_crc(seed, &payload).to_le_bytes());
         out.extend_from_slice(&payload);
         out
     }
@@ -304,7 +333,7 @@ fn le_u32(b: &[u8]) -> u32 {
 }
 
 /// Reads a header from the start of `r`.
-fn read_header(r: &mut impl Read) -> Result<(Header, u64), BadSegment> {
+fn read_header(r: &mut impl Read) -> Result<(Header, u64, u32), BadSegment> {
     let mut fixed = [0u8; HEADER_FIXED];
     let n = read_exact_or_eof(r, &mut fixed).map_err(BadSegment::Io)?;
     if n < MAGIC.len() || &fixed[..8] != MAGIC {
@@ -352,7 +381,7 @@ fn read_header(r: &mut impl Read) -> Result<(Header, u64), BadSegment> {
         forgotten: le_u64(&fixed[29..37]),
         node,
     };
-    Ok((header, (fixed.len() + rest.len()) as u64))
+    Ok((header, (fixed.len() + rest.len()) as u64, le_u32(crc)))
 }
 
 /// Reads the records after a header from `r`, `len` bytes in all, handing
@@ -360,6 +389,7 @@ fn read_header(r: &mut impl Read) -> Result<(Header, u64), BadSegment> {
 /// read error).
 fn read_records(
     r: &mut impl Read,
+    seed: u32,
     mut offset: u64,
     len: u64,
     mut f: impl FnMut(Record),
@@ -402,7 +432,7 @@ fn read_records(
             Ok(_) => {}
             Err(e) => return stop(offset, format!("read error: {e}")),
         }
-        if CRC.checksum(&payload) != le_u32(&head[4..]) {
+        if record_crc(seed, &payload) != le_u32(&head[4..]) {
             return stop(offset, "record checksum mismatch".into());
         }
         let record = match payload[0] {
@@ -427,6 +457,8 @@ fn read_records(
 #[derive(Debug, Clone)]
 struct Segment {
     index: u64,
+    /// What its record checksums start from.
+    seed: u32,
     bytes: u64,
     /// The sequence number of its last sample; 0: none.
     last_sample: u64,
@@ -590,7 +622,7 @@ impl Disk {
                 }
             };
             let mut r = BufReader::new(file);
-            let (header, header_len) = match read_header(&mut r) {
+            let (header, header_len, header_crc) = match read_header(&mut r) {
                 Ok(h) => h,
                 Err(BadSegment::Version(found)) => {
                     return Err(SpoolError::Version {
@@ -639,7 +671,8 @@ impl Disk {
             restored.last_seq = restored.last_seq.max(header.last_seq);
             forgotten = forgotten.max(header.forgotten);
             let mut out_of_order = 0u64;
-            let read = read_records(&mut r, header_len, len, |rec| match rec {
+            let seed = record_seed(header_crc, *index);
+            let read = read_records(&mut r, seed, header_len, len, |rec| match rec {
                 Record::Sample(s) => {
                     if s.seq <= restored.last_seq {
                         out_of_order += 1;
@@ -752,9 +785,10 @@ impl Disk {
             .dir
             .join(format!("{}{TMP_SUFFIX}", segment_name(index)));
         let mut buf = header.encode();
+        let seed = record_seed(le_u32(&buf[buf.len() - 4..]), index);
         let mut last_sample = 0;
         for s in samples {
-            buf.extend_from_slice(&Record::Sample(s.clone()).encode());
+            buf.extend_from_slice(&Record::Sample(s.clone()).encode(seed));
             last_sample = s.seq;
         }
         fault()?;
@@ -777,6 +811,7 @@ impl Disk {
             active,
             Segment {
                 index,
+                seed,
                 bytes: buf.len() as u64,
                 last_sample,
             },
@@ -879,7 +914,7 @@ impl Disk {
         last_seq: u64,
         forgotten: u64,
     ) -> io::Result<Appended> {
-        let record = Record::Sample(sample.clone()).encode();
+        let record = Record::Sample(sample.clone());
         let mut out = Appended::default();
         let active_full = self
             .segments
@@ -888,7 +923,7 @@ impl Disk {
         if active_full {
             self.roll(last_seq, forgotten)?;
         }
-        while self.bytes() + record.len() as u64 > self.max_bytes {
+        while self.bytes() + record.encoded_len() as u64 > self.max_bytes {
             if self.segments.len() < 2 {
                 if self.segments.back().is_none_or(|s| s.last_sample == 0) {
                     // No sample left to drop: the record goes in even
@@ -920,7 +955,7 @@ impl Disk {
     /// Records that every sample up to `seq` is acked or dropped, and
     /// deletes the segments holding nothing else.
     pub fn forget(&mut self, seq: u64) -> io::Result<()> {
-        self.write(&Record::Forget(seq).encode())?;
+        self.write(&Record::Forget(seq))?;
         // Everything in the last segment acked too (every sample ever
         // appended is at or below `seq`): once it has grown, a fresh one
         // takes over and it goes with the rest.
@@ -962,10 +997,12 @@ impl Disk {
         Ok(false)
     }
 
-    fn write(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let Some(f) = self.active.as_mut() else {
+    fn write(&mut self, record: &Record) -> io::Result<()> {
+        let (Some(f), Some(seed)) = (self.active.as_mut(), self.segments.back().map(|s| s.seed))
+        else {
             return Err(io::Error::other("the spool on disk was given up"));
         };
+        let bytes = &record.encode(seed);
         self.unsynced = true;
         if let Err(e) = fault() {
             // A torn write: half of it reaches the file.
@@ -1070,8 +1107,13 @@ pub fn read_segment(
     let len = file.metadata()?.len();
     let mut r = BufReader::new(file);
     match read_header(&mut r) {
-        Ok((h, header_len)) => {
-            let read = read_records(&mut r, header_len, len, &mut f);
+        Ok((h, header_len, crc)) => {
+            let index = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(segment_index)
+                .unwrap_or(0);
+            let read = read_records(&mut r, record_seed(crc, index), header_len, len, &mut f);
             Ok((Some(h), read))
         }
         Err(BadSegment::Io(e)) => Err(e),
@@ -1263,7 +1305,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let max = 1 << 20;
         let mut sp = open_unsynced(dir.path(), max, 7);
-        let n = (max * 3 / 4) / Record::Sample(sample(1, 8)).encode().len() as u64;
+        let n = (max * 3 / 4) / Record::Sample(sample(1, 8)).encoded_len() as u64;
         for t in 1..=n as i64 {
             sp.push(sample(t, 8));
         }
@@ -1314,7 +1356,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let max = 1 << 20;
         let mut sp = open_unsynced(dir.path(), max, 7);
-        let one = Record::Sample(sample(1, 8)).encode().len() as u64;
+        let one = Record::Sample(sample(1, 8)).encoded_len() as u64;
         let n = 2 * max / one;
         let mut dropped = 0;
         for t in 1..=n as i64 {
@@ -1346,7 +1388,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let max = 1 << 20;
         let mut sp = open_unsynced(dir.path(), max, 7);
-        let one = Record::Sample(sample(1, 8)).encode().len() as u64;
+        let one = Record::Sample(sample(1, 8)).encoded_len() as u64;
         let n = (max * 3 / 4) / one;
         for t in 1..=n as i64 {
             sp.push(sample(t, 8));
@@ -1399,7 +1441,7 @@ mod tests {
         // The directory becomes a file: the next new segment cannot be made.
         fs::remove_dir_all(&spool_dir).unwrap();
         fs::write(&spool_dir, b"not a directory").unwrap();
-        let n = 2 * max / Record::Sample(sample(1, 8)).encode().len() as u64;
+        let n = 2 * max / Record::Sample(sample(1, 8)).encoded_len() as u64;
         for t in 2..=n as i64 {
             sp.push(sample(t, 8));
         }
@@ -1547,6 +1589,33 @@ mod tests {
     }
 
     #[test]
+    fn a_record_is_valid_only_in_its_own_segment() {
+        // Invariant: a whole, valid record of another segment found in a
+        // segment (a stale block of a file since deleted, a file restored
+        // over another) is caught as corrupt: an old "forget" of the epoch
+        // before a renumbering cannot drop the renumbered unacked samples.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        for t in 1..=6 {
+            sp.push(sample(t, 1));
+        }
+        sp.ack(3);
+        let seg = only_segment(dir.path());
+        let bytes = fs::read(&seg).unwrap();
+        let forget = bytes[bytes.len() - Record::Forget(3).encoded_len()..].to_vec();
+        sp.renumber(8);
+        assert_eq!(held(&sp), vec![(1, 4), (2, 5), (3, 6)]);
+        drop(sp);
+        let seg = only_segment(dir.path());
+        let mut bytes = fs::read(&seg).unwrap();
+        bytes.extend_from_slice(&forget);
+        fs::write(&seg, &bytes).unwrap();
+        let sp = open(dir.path(), 1 << 20, 7);
+        assert_eq!(held(&sp), vec![(1, 4), (2, 5), (3, 6)]);
+        assert_eq!(sp.depth().corrupt, 1);
+    }
+
+    #[test]
     fn hostile_files_give_a_clear_error_or_a_counted_drop() {
         let write = |name: &str, bytes: &[u8]| {
             let dir = tempfile::tempdir().unwrap();
@@ -1617,7 +1686,7 @@ mod tests {
             .map(|t| {
                 let mut s = sample(t, 3);
                 s.seq = t as u64;
-                end += Record::Sample(s).encode().len() as u64;
+                end += Record::Sample(s).encoded_len() as u64;
                 end
             })
             .collect();
