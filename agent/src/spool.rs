@@ -312,6 +312,8 @@ impl Spool {
                 }
                 if appended.synced {
                     self.durable = self.last_seq;
+                } else if appended.synced_before {
+                    self.durable = self.durable.max(before);
                 }
             }
             Some(Err(e)) => self.disk_failed("append", &e),

@@ -518,6 +518,9 @@ pub struct Appended {
     pub dropped_through: Option<u64>,
     /// Everything appended so far is synced.
     pub synced: bool,
+    /// Everything appended before this sample is synced (a new segment
+    /// was started).
+    pub synced_before: bool,
 }
 
 fn segment_name(index: u64) -> String {
@@ -922,6 +925,7 @@ impl Disk {
             .is_some_and(|s| s.bytes >= self.segment_bytes);
         if active_full {
             self.roll(last_seq, forgotten)?;
+            out.synced_before = true;
         }
         while self.bytes() + record.encoded_len() as u64 > self.max_bytes {
             if self.segments.len() < 2 {
@@ -933,6 +937,7 @@ impl Disk {
                 }
                 // Only the one being written: start another to drop it.
                 self.roll(last_seq, forgotten)?;
+                out.synced_before = true;
             }
             let Some(oldest) = self.segments.front().cloned() else {
                 break;
@@ -1427,6 +1432,23 @@ mod tests {
         assert!(held(&sp).is_empty(), "not synced yet");
         sp.sync();
         assert_eq!(held(&sp), vec![(1, 1), (2, 2)]);
+    }
+
+    #[test]
+    fn a_new_segment_makes_the_samples_before_it_sendable() {
+        // Invariant: starting a segment syncs the last one, so what it
+        // holds may be sent at once, not an fsync interval later.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), 4096);
+        c.fsync_interval = Duration::from_secs(3600);
+        let mut sp = Spool::open(1000, 7, Some(&c), NODE).unwrap();
+        let mut t = 0;
+        while sp.disk.as_ref().map(Disk::segments) == Some(1) {
+            t += 1;
+            sp.push(sample(t, 1));
+        }
+        let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+        assert_eq!(seqs, (1..t as u64).collect::<Vec<_>>());
     }
 
     #[test]
