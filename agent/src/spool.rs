@@ -25,7 +25,9 @@
 //! disk (written, and synced under the fsync policy), so a sequence number
 //! the collector may hold is never assigned again after a restart. When
 //! the disk fails, its files are deleted (a log behind memory would break
-//! that) and the spool goes on in memory, counted and logged.
+//! that) and the spool goes on in memory, counted and logged. Should a log
+//! fall behind all the same (files that could not be deleted, a restored
+//! backup), the collector's Welcome says so: see [`Spool::welcomed`].
 
 pub mod disk;
 

@@ -11,14 +11,21 @@
 //! ```
 //!
 //! (integers little-endian; flag 1: the segment was written whole from the
-//! samples in memory and supersedes every earlier one; `last_seq` is the
+//! samples in memory and supersedes every earlier one; flag 2: a later
+//! segment of such a rewrite, read only right after the segment before it
+//! of the same rewrite, or as the oldest segment of all, since the first
+//! segment of a rewrite is created after the others; `last_seq` is the
 //! sequence number assigned last before the segment's first record,
 //! `forgotten` the highest one acked or dropped by then), and goes on with
 //! records:
 //!
 //! ```text
-//! length u32 | CRC-32C u32 of the payload | payload: kind u8, body
+//! length u32 | CRC-32C u32 | payload: kind u8, body
 //! ```
+//!
+//! (the CRC of a seed and the payload, the seed the CRC-32C of the header's
+//! CRC and the segment's index, so that a record is valid only in its own
+//! segment)
 //!
 //! where kind 1 is a sample (its protobuf encoding, seq included) and
 //! kind 2 says every sample up to a sequence number (u64) is gone, acked or
@@ -152,7 +159,8 @@ pub enum SpoolError {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskConfig {
     pub dir: PathBuf,
-    /// Most bytes of segment files (plus at most one record).
+    /// Most bytes of segment files (plus one record, and the ack records
+    /// and segment headers written since the last sample).
     pub max_bytes: u64,
     /// How often appended samples are synced; zero: each one as it is
     /// appended.
