@@ -1619,6 +1619,28 @@ mod tests {
     }
 
     #[test]
+    fn a_segment_name_at_the_top_of_the_index_range_is_none_of_ours() {
+        // Invariant: a file named with an index this agent never reaches
+        // cannot make the next segment's index overflow or be renamed onto
+        // it: it is left alone and the log goes on.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        for t in 1..=3 {
+            sp.push(sample(t, 1));
+        }
+        drop(sp);
+        let top = dir.path().join(segment_name(u64::MAX));
+        fs::write(&top, b"stray").unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        assert_eq!(sp.depth().corrupt, 0);
+        sp.push(sample(4, 1));
+        drop(sp);
+        let sp = open(dir.path(), 1 << 20, 7);
+        assert_eq!(held(&sp), vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+        assert_eq!(fs::read(&top).unwrap(), b"stray");
+    }
+
+    #[test]
     fn a_record_is_valid_only_in_its_own_segment() {
         // Invariant: a whole, valid record of another segment found in a
         // segment (a stale block of a file since deleted, a file restored
