@@ -122,6 +122,37 @@ enum Command {
         #[arg(long)]
         since_revision: Option<String>,
     },
+    /// Copy the SQLite ledger (--ledger) to a new file, safe while a
+    /// collector writes it (SQLite's online backup API): one
+    /// self-contained file, checked whole, written beside TO and renamed
+    /// into place. An existing TO is refused.
+    Backup {
+        /// The backup file to write.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Put a backup in place of the SQLite ledger (--ledger), atomically.
+    /// Refused while a collector holds that ledger. The restored ledger
+    /// gets a new ledger_id: it lacks every commit after the backup.
+    Restore {
+        /// The backup file to restore.
+        #[arg(long)]
+        from: PathBuf,
+        /// Replace an existing ledger (or what is left of one) at --ledger;
+        /// its commits since the backup are lost.
+        #[arg(long)]
+        replace: bool,
+    },
+    /// Recompute every hourly and daily rollup and every tenant total of
+    /// the SQLite ledger (--ledger) from its minutes, rollups and
+    /// adjustments, as far as retention allows, and report each
+    /// difference. Safe while a collector runs. Exit status 2 when the
+    /// ledger differs.
+    Verify {
+        /// Output: table or json.
+        #[arg(long, default_value = "table")]
+        format: String,
+    },
     /// Print the facility meters' reconciliation from the ledger (per
     /// meter and row: metered, measured, ratio, loss and each tenant's
     /// allocated kWh; final minutes only), or ask a running collector's
@@ -303,6 +334,118 @@ fn usage_command(cfg: &Config, tenants: Arc<Tenants>, cmd: &Command) -> anyhow::
     Ok(())
 }
 
+/// `backup`, `restore` and `verify`: the SQLite ledger file, with no
+/// collector needed (one may run).
+fn ledger_file_command(cfg: &Config, cmd: &Command) -> anyhow::Result<()> {
+    use capwatch_collector::ledger;
+    let LedgerChoice::Sqlite(path) = cfg.ledger() else {
+        anyhow::bail!(
+            "backup, restore and verify are for a SQLite ledger (--ledger); back a PostgreSQL ledger up with pg_dump or PostgreSQL's point-in-time recovery"
+        );
+    };
+    match cmd {
+        Command::Backup { to } => {
+            let done = ledger::backup(&path, to)?;
+            println!(
+                "backed up ledger {} (ledger_id {}, revision {}, schema {}, {} pages) to {}",
+                path.display(),
+                done.ledger_id,
+                done.revision,
+                done.schema,
+                done.pages,
+                to.display()
+            );
+        }
+        Command::Restore { from, replace } => {
+            let done = ledger::restore(from, &path, *replace).map_err(|e| match e {
+                ledger::LedgerError::Exists { .. } | ledger::LedgerError::Traces { .. } => {
+                    anyhow::anyhow!(
+                        "{e}; pass --replace to replace it (its commits since the backup are lost)"
+                    )
+                }
+                e => e.into(),
+            })?;
+            println!(
+                "restored ledger {} from {} (backup of ledger_id {} at revision {}); new ledger_id {}",
+                path.display(),
+                from.display(),
+                done.from_ledger_id,
+                done.revision,
+                done.ledger_id
+            );
+        }
+        Command::Verify { format } => {
+            if format != "table" && format != "json" {
+                anyhow::bail!("--format {format:?}: expected table or json");
+            }
+            let reader = ledger::Reader::open(&path)?;
+            let history = capwatch_collector::tenant_history_of(
+                &ledger::LedgerReader::tenant_versions(&reader)?,
+            )?;
+            drop(reader);
+            let found = ledger::verify(&path, history.as_ref())?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&found)?);
+            } else {
+                print!("{}", verify_table(&found));
+            }
+            if !found.differences.is_empty() {
+                eprintln!(
+                    "Error: ledger {} differs from what it is made of in {} places",
+                    path.display(),
+                    found.differences.len()
+                );
+                std::process::exit(2);
+            }
+        }
+        _ => anyhow::bail!("not a ledger file command"),
+    }
+    Ok(())
+}
+
+/// `verify`'s report as text.
+fn verify_table(v: &capwatch_collector::ledger::Verification) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "ledger_id {} revision {}: {} hourly and {} daily rollup rows, {} tenant totals checked; {} differences",
+        v.ledger_id,
+        v.revision,
+        v.hour_rows_checked,
+        v.day_rows_checked,
+        v.tenants_checked,
+        v.differences.len()
+    );
+    for n in &v.not_checked {
+        let _ = writeln!(out, "not checked: {n}");
+    }
+    if !v.differences.is_empty() {
+        let _ = writeln!(
+            out,
+            "{:<14} {:>6} {:<20} {:<16} {:<16} {:<18} {:>20} {:>20}",
+            "table", "period", "start", "tenant", "node", "column", "recorded", "recomputed"
+        );
+    }
+    let opt = |x: Option<i64>| x.map_or("(none)".to_string(), |x| x.to_string());
+    for d in &v.differences {
+        let _ = writeln!(
+            out,
+            "{:<14} {:>6} {:<20} {:<16} {:<16} {:<18} {:>20} {:>20}",
+            d.table,
+            d.period.map_or("-".to_string(), |p| p.to_string()),
+            d.start
+                .map_or("-".to_string(), capwatch_collector::usage::rfc3339),
+            d.tenant,
+            d.node.as_deref().unwrap_or("-"),
+            d.column,
+            opt(d.recorded),
+            opt(d.recomputed)
+        );
+    }
+    out
+}
+
 impl Args {
     fn config(&self) -> anyhow::Result<Config> {
         let mut cfg = Config::load(self.config.as_deref(), |var| std::env::var_os(var))?;
@@ -347,6 +490,11 @@ fn main() -> anyhow::Result<()> {
     if args.print_config {
         print!("{}", cfg.to_toml()?);
         return Ok(());
+    }
+    if let Some(cmd @ (Command::Backup { .. } | Command::Restore { .. } | Command::Verify { .. })) =
+        &args.command
+    {
+        return ledger_file_command(&cfg, cmd);
     }
     let tenants = capwatch_collector::load_tenants(&cfg).context("tenant file")?;
     let auth = capwatch_collector::load_auth(&cfg).context("auth file")?;

@@ -34,6 +34,7 @@ pub mod sqlite;
 pub(crate) mod conformance;
 
 pub use postgres::{PgLedger, PgPoolStats, PgReader, PgSettings};
+pub use sqlite::{Copied, Difference, Verification, backup, restore, verify};
 pub use sqlite::{Ledger, Reader};
 
 use std::collections::HashMap;
@@ -106,6 +107,8 @@ pub enum LedgerError {
         "ledger {path} is empty (0 bytes): its data is lost, it is not a new ledger. Restore it from a backup, or remove it and run `capwatch-collector init-ledger` to start a new one"
     )]
     Empty { path: PathBuf },
+    #[error("ledger {path} is damaged: SQLite's integrity check says {problem}")]
+    Corrupt { path: PathBuf, problem: String },
     #[error("ledger {path} is not a capwatch ledger (schema version 0)")]
     NotALedger { path: PathBuf },
     #[error("ledger {path} cannot be written: {error}")]

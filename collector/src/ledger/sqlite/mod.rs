@@ -5,19 +5,23 @@
 //! node claims and the compaction lease, `marker` the `.last-commit`
 //! file.
 
+mod backup;
 mod claim;
 mod compact;
 mod marker;
 mod meter;
 mod read;
 mod schema;
+mod verify;
 mod write;
 
 #[cfg(test)]
 mod tests;
 
+pub use backup::{Copied, backup, restore};
 pub use read::Reader;
 pub(in crate::ledger) use schema::StoredGpus;
+pub use verify::{Difference, Verification, verify};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
