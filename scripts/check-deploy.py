@@ -293,6 +293,42 @@ def check_ha(base, ha, ledger_init):
           "PodDisruptionBudget, headless Service, init Job on the same ledger")
 
 
+def check_ledger_backup(base, backup):
+    """The backup CronJob reads the collector's ledger claim, on the
+    collector's node (the claim is ReadWriteOnce)."""
+    where = "ledger-backup"
+    dep = index(base).get("Deployment", {}).get("capwatch-collector")
+    job = index(backup).get("CronJob", {}).get("capwatch-ledger-backup")
+    if not dep or not job:
+        fail(f"{where}: no Deployment/capwatch-collector or CronJob/capwatch-ledger-backup")
+        return
+    claim = next(v["persistentVolumeClaim"]["claimName"]
+                 for v in dep["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v)
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    spec = job["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
+              for v in spec["volumes"] if "persistentVolumeClaim" in v}
+    terms = spec.get("affinity", {}).get("podAffinity", {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", [])
+    if not any(t.get("topologyKey") == "kubernetes.io/hostname"
+               and all(pod_labels.get(k) == v for k, v in t["labelSelector"]["matchLabels"].items())
+               for t in terms):
+        fail(f"{where}: no required pod affinity putting the backup on the collector's node")
+    if job["spec"].get("concurrencyPolicy") != "Forbid":
+        fail(f"{where}: two backups may run at once (concurrencyPolicy is not Forbid)")
+    steps = spec.get("initContainers", []) + spec["containers"]
+    ledger = None
+    for c in steps:
+        mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
+        ledger = next((a.split("=", 1)[1] for a in c["args"] if a.startswith("--ledger=")), None)
+        if not any(claims.get(n) == claim and ledger and ledger.startswith(m + "/")
+                   for n, m in mounts.items()):
+            fail(f"{where}: {c['name']} does not read {ledger} from the claim {claim}")
+    if [c["args"][1] for c in steps] != ["backup", "verify"]:
+        fail(f"{where}: not a backup, then a verify")
+    print(f"{where}: hourly backup and verify of {ledger} on the collector's node")
+
+
 def check_kubernetes():
     import kubernetes_validate
     from kubernetes_validate.utils import ValidationError
@@ -301,6 +337,7 @@ def check_kubernetes():
         "base": render(K8S),
         "prometheus-operator": render(os.path.join(K8S, "prometheus-operator")),
         "ledger-init": render(os.path.join(K8S, "ledger-init")),
+        "ledger-backup": render(os.path.join(K8S, "ledger-backup")),
         "ha": render(os.path.join(K8S, "ha")),
         "ha/ledger-init": render(os.path.join(K8S, "ha", "ledger-init")),
     }
@@ -321,6 +358,7 @@ def check_kubernetes():
         if any(o["apiVersion"].startswith(CRD_GROUPS) for o in layouts[where]):
             fail(f"{where} holds Prometheus Operator objects: it would not apply without the CRDs")
 
+    check_ledger_backup(layouts["base"], layouts["ledger-backup"])
     operator = layouts["prometheus-operator"]
     single = check_workloads("base", layouts["base"] + layouts["ledger-init"])
     for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PersistentVolumeClaim"):

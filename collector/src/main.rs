@@ -124,12 +124,17 @@ enum Command {
     },
     /// Copy the SQLite ledger (--ledger) to a new file, safe while a
     /// collector writes it (SQLite's online backup API): one
-    /// self-contained file, checked whole, written beside TO and renamed
-    /// into place. An existing TO is refused.
+    /// self-contained file, checked whole, written beside its final name
+    /// and renamed into place. An existing file is refused.
     Backup {
-        /// The backup file to write.
+        /// The backup file to write, or a directory to write
+        /// <ledger file name>-YYYYMMDDTHHMMSSZ.backup (UTC) into.
         #[arg(long)]
         to: PathBuf,
+        /// With a directory --to: keep only the newest N backups of that
+        /// name there (the new one always among them).
+        #[arg(long)]
+        keep: Option<usize>,
     },
     /// Put a backup in place of the SQLite ledger (--ledger), atomically.
     /// Refused while a collector holds that ledger. The restored ledger
@@ -344,8 +349,25 @@ fn ledger_file_command(cfg: &Config, cmd: &Command) -> anyhow::Result<()> {
         );
     };
     match cmd {
-        Command::Backup { to } => {
-            let done = ledger::backup(&path, to)?;
+        Command::Backup { to, keep } => {
+            let (to, done) = if to.is_dir() {
+                let (to, done, removed) = ledger::backup_into(
+                    &path,
+                    to,
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64),
+                    *keep,
+                )?;
+                for old in removed {
+                    println!("removed older backup {}", old.display());
+                }
+                (to, done)
+            } else if keep.is_some() {
+                anyhow::bail!("--keep needs --to to be a directory");
+            } else {
+                (to.clone(), ledger::backup(&path, to)?)
+            };
             println!(
                 "backed up ledger {} (ledger_id {}, revision {}, schema {}, {} pages) to {}",
                 path.display(),

@@ -34,7 +34,7 @@ pub mod sqlite;
 pub(crate) mod conformance;
 
 pub use postgres::{PgLedger, PgPoolStats, PgReader, PgSettings};
-pub use sqlite::{Copied, Difference, Verification, backup, restore, verify};
+pub use sqlite::{Copied, Difference, Verification, backup, backup_into, restore, verify};
 pub use sqlite::{Ledger, Reader};
 
 use std::collections::HashMap;

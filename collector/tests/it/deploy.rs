@@ -815,3 +815,51 @@ fn prometheus_scrapes_the_collector_and_every_rule_and_panel_has_data() {
         prom.has_data(name, expr);
     }
 }
+
+/// The ledger backup's service and timer verify (the service with both
+/// its ExecStart lines naming this build's binary), and the service,
+/// which needs no network, is as hardened as the collector.
+#[test]
+fn systemd_backup_units_verify_and_are_hardened() {
+    let Some(analyze) = tool("systemd-analyze") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let units = repo().join("deploy/systemd");
+    let service = std::fs::read_to_string(units.join("capwatch-ledger-backup.service")).unwrap();
+    let ours = format!("ExecStart={} ", bin("capwatch-collector").display());
+    assert_eq!(
+        service
+            .matches("ExecStart=/usr/local/bin/capwatch-collector ")
+            .count(),
+        2
+    );
+    let service = service.replace("ExecStart=/usr/local/bin/capwatch-collector ", &ours);
+    for want in [
+        "User=capwatch",
+        "Type=oneshot",
+        "backup --to /var/backups/capwatch --keep",
+        "capwatch-collector verify\n",
+        "PrivateNetwork=yes",
+        "ProtectSystem=strict",
+    ] {
+        assert!(service.contains(want), "the backup service lacks {want}");
+    }
+    let copy = dir.path().join("capwatch-ledger-backup.service");
+    std::fs::write(&copy, service).unwrap();
+    let timer = dir.path().join("capwatch-ledger-backup.timer");
+    std::fs::copy(units.join("capwatch-ledger-backup.timer"), &timer).unwrap();
+    let out = Command::new(&analyze)
+        .arg("verify")
+        .args([&copy, &timer])
+        .env("SYSTEMD_LOG_COLOR", "0")
+        .output()
+        .unwrap();
+    let text = output_text(&out);
+    assert!(out.status.success() && text.trim().is_empty(), "{text}");
+    run_ok(
+        Command::new(&analyze)
+            .args(["security", "--offline=true", "--threshold=30", "--no-pager"])
+            .arg(&copy),
+    );
+}

@@ -14,6 +14,7 @@
 
 mod support;
 
+mod backup;
 mod cli;
 mod demo;
 mod deploy;

@@ -216,7 +216,8 @@ pub fn backup(ledger: &Path, to: &Path) -> Result<Copied, LedgerError> {
 /// The restored ledger gets a new ledger id and a `.last-commit` marker
 /// for its own revision: it holds none of the commits made after the
 /// backup, and must not pass for the ledger that did
-/// (`CapwatchLedgerChanged` fires, billing sees the id change). It is
+/// (`CapwatchLedgerChanged` fires, billing sees the id change). The
+/// compaction lease it was copied with is dropped. It is
 /// migrated to this collector's schema, as a start would.
 pub fn restore(from: &Path, ledger: &Path, replace: bool) -> Result<Copied, LedgerError> {
     let (src, _) = open_source(from)?;
@@ -287,6 +288,20 @@ pub fn restore(from: &Path, ledger: &Path, replace: bool) -> Result<Copied, Ledg
         )
         .map_err(tmp_err)?;
     }
+    // The compaction lease of the collector the backup was taken from
+    // would keep the restored ledger's own collector from compacting
+    // until it expired.
+    let has_lease: bool = dst
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'compaction_lease')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(tmp_err)?;
+    if has_lease {
+        dst.execute("DELETE FROM compaction_lease", [])
+            .map_err(tmp_err)?;
+    }
     integrity(&dst, &tmp)?;
     dst.close().map_err(|(_, e)| tmp_err(e))?;
     std::fs::File::open(&tmp)
@@ -315,4 +330,139 @@ pub fn restore(from: &Path, ledger: &Path, replace: bool) -> Result<Copied, Ledg
         schema,
         pages,
     })
+}
+
+/// A backup into the directory `dir`, named by the ledger's file name and
+/// the UTC time `now` (Unix seconds), `<name>-YYYYMMDDTHHMMSSZ.backup`, so
+/// that the names sort by age. With `keep`, the backups of that name in
+/// `dir` beyond the newest `keep` are removed once the new one is in
+/// place. Returns the new backup's path, what it copied, and what was
+/// removed.
+pub fn backup_into(
+    ledger: &Path,
+    dir: &Path,
+    now: i64,
+    keep: Option<usize>,
+) -> Result<(PathBuf, Copied, Vec<PathBuf>), LedgerError> {
+    let prefix = format!(
+        "{}-",
+        ledger
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "ledger".to_string())
+    );
+    const SUFFIX: &str = ".backup";
+    let stamp = jiff::Timestamp::from_second(now)
+        .map_err(|_| LedgerError::Range {
+            path: ledger.to_owned(),
+            what: "backup time",
+        })?
+        .strftime("%Y%m%dT%H%M%SZ")
+        .to_string();
+    let to = dir.join(format!("{prefix}{stamp}{SUFFIX}"));
+    let copied = backup(ledger, &to)?;
+    let mut removed = Vec::new();
+    if let Some(keep) = keep {
+        let mut ours: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(io_err(dir))?
+            .filter_map(Result::ok)
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                // Exactly the names this function makes: nothing else in
+                // the directory is touched.
+                name.strip_prefix(&prefix)
+                    .and_then(|n| n.strip_suffix(SUFFIX))
+                    .is_some_and(|t| {
+                        t.len() == 16
+                            && t.bytes().enumerate().all(|(i, b)| match i {
+                                8 => b == b'T',
+                                15 => b == b'Z',
+                                _ => b.is_ascii_digit(),
+                            })
+                    })
+                    && e.file_type().is_ok_and(|t| t.is_file())
+                    && e.path() != to
+            })
+            .map(|e| e.path())
+            .collect();
+        // The new one is kept whatever its name sorts as (a clock set
+        // back), with the newest `keep - 1` of the others.
+        ours.sort();
+        let excess = ours.len().saturating_sub(keep.max(1) - 1);
+        for old in ours.into_iter().take(excess) {
+            std::fs::remove_file(&old).map_err(io_err(&old))?;
+            removed.push(old);
+        }
+    }
+    Ok((to, copied, removed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backups_into_a_directory_keep_the_newest_and_touch_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger.db");
+        drop(Ledger::create(&ledger).unwrap());
+        let backups = dir.path().join("backups");
+        std::fs::create_dir(&backups).unwrap();
+        std::fs::write(backups.join("notes.txt"), "mine").unwrap();
+        std::fs::write(backups.join("ledger.db-latest.backup"), "mine").unwrap();
+        const T: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+        for i in 0..4 {
+            backup_into(&ledger, &backups, T + i * 3600, Some(2)).unwrap();
+        }
+        // A clock set back: the new backup stays, the oldest goes.
+        let (new, copied, removed) = backup_into(&ledger, &backups, T - 3600, Some(2)).unwrap();
+        assert_eq!(copied.revision, 0);
+        assert_eq!(
+            removed,
+            vec![backups.join("ledger.db-20270101T020000Z.backup")]
+        );
+        let mut names: Vec<String> = std::fs::read_dir(&backups)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                "ledger.db-20261231T230000Z.backup",
+                "ledger.db-20270101T030000Z.backup",
+                "ledger.db-latest.backup",
+                "notes.txt",
+            ]
+        );
+        assert_eq!(new, backups.join(&names[0]));
+        // The same second again: refused, nothing overwritten.
+        let again = backup_into(&ledger, &backups, T - 3600, Some(2)).unwrap_err();
+        assert!(matches!(again, LedgerError::Exists { .. }), "{again:?}");
+    }
+
+    #[test]
+    fn a_restore_is_refused_over_a_held_ledger_and_over_one_not_to_be_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger.db");
+        let held = Ledger::create(&ledger).unwrap();
+        let copy = dir.path().join("copy.backup");
+        backup(&ledger, &copy).unwrap();
+        let e = restore(&copy, &ledger, true).unwrap_err();
+        assert!(matches!(e, LedgerError::InUse { .. }), "{e:?}");
+        drop(held);
+        let e = restore(&copy, &ledger, false).unwrap_err();
+        assert!(matches!(e, LedgerError::Exists { .. }), "{e:?}");
+        let done = restore(&copy, &ledger, true).unwrap();
+        assert_ne!(done.ledger_id, done.from_ledger_id);
+        // Not a ledger: refused, nothing replaced.
+        let junk = dir.path().join("junk");
+        std::fs::write(&junk, "not a database at all, not even close to one").unwrap();
+        assert!(restore(&junk, &ledger, true).is_err());
+        assert_eq!(
+            Ledger::open(&ledger).unwrap().identity().ledger_id,
+            done.ledger_id
+        );
+    }
 }

@@ -18,7 +18,7 @@ mod write;
 #[cfg(test)]
 mod tests;
 
-pub use backup::{Copied, backup, restore};
+pub use backup::{Copied, backup, backup_into, restore};
 pub use read::Reader;
 pub(in crate::ledger) use schema::StoredGpus;
 pub use verify::{Difference, Verification, verify};
