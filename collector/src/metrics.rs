@@ -133,7 +133,12 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_tenant_power_watts",
-        "Sum of the power of the tenant's fresh GPUs.",
+        "Sum of the power of the tenant's fresh GPUs; absent while none is fresh (capwatch_tenant_reporting 0): no data, not 0 W.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_tenant_reporting",
+        "1 while at least one of the tenant's GPUs is fresh, else 0 (all stale, or none known): its live power is then absent, not 0.",
         Kind::Gauge,
     ),
     (
@@ -672,11 +677,20 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     for (t, l) in tenants.all().iter().zip(&live) {
         let labels = [("tenant", &*t.id)];
         let tot = totals.get(&t.id).cloned().unwrap_or_default();
+        // No fresh GPU: no data, which 0 W would pass for an idle tenant.
+        let reporting = l.reporting > 0;
         f.push(
-            "capwatch_tenant_power_watts",
+            "capwatch_tenant_reporting",
             &labels,
-            watts(l.power_milliwatts),
+            f64::from(u8::from(reporting)),
         );
+        if reporting {
+            f.push(
+                "capwatch_tenant_power_watts",
+                &labels,
+                watts(l.power_milliwatts),
+            );
+        }
         f.push(
             "capwatch_tenant_energy_joules_total",
             &labels,
@@ -696,7 +710,10 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             f.push("capwatch_tenant_facility_power_watts", &labels, watts(mw));
         }
         // On the contract's basis; absent where that power is unknown.
-        let basis_mw = contract.basis_power(l.power_milliwatts, node_mw, l.metered());
+        let gpu_mw = reporting.then_some(l.power_milliwatts);
+        let basis_mw = contract
+            .basis_power(l.power_milliwatts, node_mw, l.metered())
+            .filter(|_| gpu_mw.is_some() || contract.basis.label() != "gpu");
         if let Some(mw) = basis_mw {
             f.push(
                 "capwatch_tenant_basis_power_watts",

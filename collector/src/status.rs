@@ -106,7 +106,7 @@ th,td{padding:.4em .8em;text-align:left;border-bottom:1px solid #ddd}\
 td.num{text-align:right;white-space:nowrap;font-variant-numeric:tabular-nums}\
 .bar{width:16em;height:1em;background:#e4e4e4;border:1px solid #bbb}\
 .fill{height:100%}.ok{background:#3a8f3a}.near{background:#d99a00}.over{background:#c62828}\
-.muted{color:#777}";
+.muted{color:#777}.nodata{color:#8a5a00}";
 
 /// The page. Only `escape`d strings and numbers are interpolated.
 fn render(
@@ -137,7 +137,16 @@ fn render(
          <th>GPUs reporting</th><th>GPUs stale</th></tr></thead><tbody>"
     );
     for r in rows {
+        // No fresh GPU: no data, never 0 W with the whole contract free.
+        let no_data = r.reporting == 0;
         let (bar, ratio, contract, headroom) = match (r.contracted_watts, r.basis_power_watts) {
+            _ if no_data => (
+                "<strong class=\"nodata\">NO DATA</strong>".to_string(),
+                String::new(),
+                r.contracted_watts
+                    .map_or_else(|| "—".to_string(), |c| format!("{} ({})", kw(c), r.basis)),
+                "—".to_string(),
+            ),
             (Some(c), None) => (
                 format!("<span class=\"muted\">no {} power reading</span>", r.basis),
                 String::new(),
@@ -187,7 +196,11 @@ fn render(
              <td class=\"num\">{reporting}</td><td class=\"num\">{stale}</td></tr>",
             id = escape(&r.id),
             name = escape(&r.name),
-            power = kw(r.power_watts),
+            power = if no_data {
+                "NO DATA".to_string()
+            } else {
+                kw(r.power_watts)
+            },
             node_power = r.node_power_watts.map_or_else(|| "—".to_string(), kw),
             reporting = r.reporting,
             stale = r.stale,
@@ -286,6 +299,32 @@ mod tests {
         assert!(html.contains("<meta http-equiv=\"refresh\""));
         assert!(html.contains("/v1/usage?from=1970-01-01T00:00:00Z&amp;to=1970-01-02T00:00:00Z"));
         assert!(!html.contains("<script"), "no JavaScript");
+    }
+
+    #[test]
+    fn a_tenant_with_no_fresh_gpu_shows_no_data_not_zero_watts() {
+        let row = |reporting: u64| TenantRow {
+            id: "lab-s".into(),
+            name: "lab-s".into(),
+            contracted_watts: Some(3000.0),
+            power_watts: 0.0,
+            basis: "gpu",
+            basis_power_watts: Some(0.0),
+            node_power_watts: None,
+            reporting,
+            stale: 8,
+            energy_today_mj: Some(0),
+        };
+        let html = render(&[row(0)], &[], 0, None);
+        assert_eq!(html.matches("NO DATA").count(), 2, "{html}");
+        assert!(!html.contains("0.00 kW"), "{html}");
+        assert!(!html.contains("3.00 kW</td>"), "no headroom: {html}");
+        assert!(!html.contains("fill "), "{html}");
+        assert!(html.contains("3.00 kW (gpu)"), "{html}");
+        // One fresh GPU: a reading, however small.
+        let html = render(&[row(1)], &[], 0, None);
+        assert!(!html.contains("NO DATA"), "{html}");
+        assert!(html.contains("fill ok"), "{html}");
     }
 
     #[test]

@@ -940,8 +940,13 @@ async fn over_contract_is_the_same_live_or_replayed_late_and_late_power_is_not_l
     assert_eq!(tenant("late"), (0.0, 0, 1));
     assert_eq!(tenant("live"), (600.0, 1, 0));
     let m = collector.metrics();
+    // No fresh GPU: no data, not 0 W.
+    assert!(
+        m.select("capwatch_tenant_power_watts", &[("tenant", "late")])
+            .is_empty()
+    );
     assert_eq!(
-        m.one("capwatch_tenant_power_watts", &[("tenant", "late")]),
+        m.one("capwatch_tenant_reporting", &[("tenant", "late")]),
         0.0
     );
     assert_eq!(m.one("capwatch_gpu_up", &[("node", "late-1")]), 0.0);
