@@ -99,6 +99,7 @@ pub fn router(state: HttpState) -> Router {
         .route("/v1/tenants/{id}/usage", get(tenant_usage))
         .route("/v1/usage", get(all_usage))
         .route("/v1/meters", get(meters_view))
+        .route("/v1/nodes/{node}/retire", axum::routing::post(retire_node))
         .route("/v2/usage", get(usage_pages))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -728,6 +729,34 @@ struct MeterParams {
     /// json (default) or csv; without it, `Accept: text/csv` asks CSV.
     #[param(value_type = Option<FormatName>)]
     format: Option<String>,
+}
+
+/// `POST /v1/nodes/{node}/retire` (admin): forgets a node that is gone
+/// for good, so that its series and `CapwatchAgentDown` stop; its history
+/// stays in the ledger, and a Hello brings it back. 404 for a node this
+/// collector does not know, 409 for one streaming now.
+async fn retire_node(
+    Extract(s): Extract<HttpState>,
+    headers: HeaderMap,
+    Path(node): Path<String>,
+) -> Result<Response, ApiError> {
+    if scope(&s, &headers)? != Scope::Admin {
+        return Err(forbidden(&s, "retiring a node"));
+    }
+    match s.state.retire_node(&node) {
+        Ok(()) => {
+            tracing::info!(%node, "node retired: it leaves the series until it says Hello again");
+            let body = serde_json::json!({ "node": node, "retired": true }).to_string();
+            Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+        }
+        Err(e) => {
+            let status = match e {
+                crate::fleet::RetireError::Unknown => StatusCode::NOT_FOUND,
+                crate::fleet::RetireError::Streaming => StatusCode::CONFLICT,
+            };
+            Err(ApiError(status, format!("node {node:?}: {e}")))
+        }
+    }
 }
 
 /// The facility meters' reconciliation: admin tokens only (it names every

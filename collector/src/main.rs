@@ -158,6 +158,20 @@ enum Command {
         #[arg(long, default_value = "table")]
         format: String,
     },
+    /// Forget a node that is gone for good, on a running collector
+    /// (POST /v1/nodes/NODE/retire, an admin token): its series and
+    /// CapwatchAgentDown stop; its history stays in the ledger, and a
+    /// Hello from it brings it back. Refused for a node streaming now.
+    RetireNode {
+        /// The node id, as its agent names it.
+        node: String,
+        /// The collector's base URL (http://host:9470).
+        #[arg(long)]
+        url: String,
+        /// File holding an admin API token (or set CAPWATCH_TOKEN).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Print the facility meters' reconciliation from the ledger (per
     /// meter and row: metered, measured, ratio, loss and each tenant's
     /// allocated kWh; final minutes only), or ask a running collector's
@@ -425,6 +439,51 @@ fn ledger_file_command(cfg: &Config, cmd: &Command) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `retire-node`: asks the collector at `base` to forget `node`.
+fn retire_node(node: &str, base: &str, token: Option<&str>) -> anyhow::Result<()> {
+    let path: String = node
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            b => format!("%{b:02X}"),
+        })
+        .collect();
+    let url = format!("{}/v1/nodes/{path}/retire", base.trim_end_matches('/'));
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(std::time::Duration::from_secs(30)))
+        .build()
+        .into();
+    let mut request = agent.post(&url);
+    if let Some(t) = token {
+        request = request.header("Authorization", format!("Bearer {t}"));
+    }
+    let mut response = request
+        .send_empty()
+        .with_context(|| format!("POST {url}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("POST {url}"))?;
+    if status >= 400 {
+        let message = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v["error"]
+                    .as_str()
+                    .or_else(|| v["detail"].as_str())
+                    .map(str::to_string)
+            })
+            .unwrap_or(body);
+        anyhow::bail!("POST {url}: {status}: {}", message.trim_end());
+    }
+    println!("retired node {node} on {base}");
+    Ok(())
+}
+
 /// `verify`'s report as text.
 fn verify_table(v: &capwatch_collector::ledger::Verification) -> String {
     use std::fmt::Write;
@@ -512,6 +571,14 @@ fn main() -> anyhow::Result<()> {
     if args.print_config {
         print!("{}", cfg.to_toml()?);
         return Ok(());
+    }
+    if let Some(Command::RetireNode {
+        node,
+        url,
+        token_file,
+    }) = &args.command
+    {
+        return retire_node(node, url, api_token(token_file.as_deref())?.as_deref());
     }
     if let Some(cmd @ (Command::Backup { .. } | Command::Restore { .. } | Command::Verify { .. })) =
         &args.command

@@ -417,6 +417,11 @@ impl State {
         self.billing.drop_node(&Arc::from(node));
     }
 
+    /// Forgets a node that is gone for good (`Fleet::retire`).
+    pub fn retire_node(&self, node: &str) -> Result<(), crate::fleet::RetireError> {
+        self.fleet.retire(node)
+    }
+
     /// Nodes whose streams to this collector ended, with their stream
     /// generations (`Fleet::ended_streams`).
     pub fn ended_streams(&self) -> Vec<(Arc<str>, u64)> {

@@ -214,6 +214,24 @@ impl Fleet {
         true
     }
 
+    /// Forgets node `id` as an operator asked (`POST
+    /// /v1/nodes/{id}/retire`): it leaves this collector's series, the
+    /// status page and its tenant's live figures, as a node that moved to
+    /// another collector does, until it says Hello again. Its history
+    /// stays in the ledger. Refused for a node this collector does not
+    /// know, and for one that is streaming now.
+    pub fn retire(&self, id: &str) -> Result<(), RetireError> {
+        let Some(node) = lock(&self.nodes).get(id).cloned() else {
+            return Err(RetireError::Unknown);
+        };
+        let mut n = lock(&node);
+        if n.connected {
+            return Err(RetireError::Streaming);
+        }
+        n.moved_away = true;
+        Ok(())
+    }
+
     /// Takes the node from the streams admitted under the lost claim,
     /// under its lock: a batch of theirs that passed the `claim_lost`
     /// check before the claim was lost is refused as superseded here,
@@ -227,4 +245,13 @@ impl Fleet {
             self.connected.fetch_sub(1, Ordering::Relaxed);
         }
     }
+}
+
+/// Why a node could not be retired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RetireError {
+    #[error("no such node: this collector has never heard of it")]
+    Unknown,
+    #[error("the node is streaming to this collector now: stop its agent first")]
+    Streaming,
 }

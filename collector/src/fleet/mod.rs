@@ -37,6 +37,7 @@ use crate::tenants::{Tenants, UNASSIGNED};
 use power::PowerSource;
 
 pub use batch::{BatchOutcome, Superseded};
+pub use claim::RetireError;
 pub use node::TenantLive;
 pub(crate) use node::{Gpu, Node};
 pub use view::{GpuView, NodeView, PowerSourceView};

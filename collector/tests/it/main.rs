@@ -32,6 +32,7 @@ mod node_power;
 mod nvml_e2e;
 mod openapi;
 mod postgres;
+mod retire;
 mod security;
 mod status_page;
 mod streams;
