@@ -442,6 +442,60 @@ mod tests {
         assert!(matches!(again, LedgerError::Exists { .. }), "{again:?}");
     }
 
+    /// Invariant: a backup of a ledger another connection commits to all
+    /// the while ends, and is of one moment: a copy in several steps that
+    /// SQLite started over at each commit would never end here.
+    #[test]
+    fn a_backup_in_many_steps_ends_while_another_connection_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("ledger.db");
+        let mut l = Ledger::create(&ledger).unwrap();
+        // About 24 MiB: several steps.
+        let file = "x".repeat(1 << 20);
+        for i in 0..24 {
+            l.add_tenant_version(&crate::ledger::TenantVersion {
+                effective_from_ns: i,
+                loaded_at_ns: i,
+                file: file.clone(),
+            })
+            .unwrap();
+        }
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    l.commit(&crate::ledger::Commit::default()).unwrap();
+                    n += 1;
+                }
+                n
+            })
+        };
+        let to = dir.path().join("copy.backup");
+        let (done, got) = std::sync::mpsc::channel();
+        {
+            let (ledger, to) = (ledger.clone(), to.clone());
+            std::thread::spawn(move || done.send(backup(&ledger, &to)).unwrap());
+        }
+        let copied = got
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the backup never ended")
+            .unwrap();
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let commits = writer.join().unwrap();
+        assert!(copied.pages > 3 * PAGES_PER_STEP, "{copied:?}");
+        assert!(commits > copied.revision, "commits went on during the copy");
+        // The copy holds the revision it reported, and every page of it.
+        let c = Connection::open(&to).unwrap();
+        integrity(&c, &to).unwrap();
+        assert_eq!(identity_of(&c, &to).unwrap().1, copied.revision);
+        let versions: i64 = c
+            .query_row("SELECT COUNT(*) FROM tenant_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(versions, 24);
+    }
+
     #[test]
     fn a_restore_is_refused_over_a_held_ledger_and_over_one_not_to_be_replaced() {
         let dir = tempfile::tempdir().unwrap();
