@@ -735,6 +735,14 @@ struct MeterParams {
 /// for good, so that its series and `CapwatchAgentDown` stop; its history
 /// stays in the ledger, and a Hello brings it back. 404 for a node this
 /// collector does not know, 409 for one streaming now.
+#[utoipa::path(post, path = "/v1/nodes/{node}/retire", tag = "operations",
+    params(("node" = String, Path, description = "The node's id")),
+    responses(
+        (status = 200, description = "The node is retired", body = Retired),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs an admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No node of that id is known to this collector", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The node is streaming now", body = Problem, content_type = "application/problem+json")))]
 async fn retire_node(
     Extract(s): Extract<HttpState>,
     headers: HeaderMap,
@@ -746,7 +754,11 @@ async fn retire_node(
     match s.state.retire_node(&node) {
         Ok(()) => {
             tracing::info!(%node, "node retired: it leaves the series until it says Hello again");
-            let body = serde_json::json!({ "node": node, "retired": true }).to_string();
+            let body = serde_json::to_string(&Retired {
+                node,
+                retired: true,
+            })
+            .unwrap_or_default();
             Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
         }
         Err(e) => {
@@ -754,9 +766,18 @@ async fn retire_node(
                 crate::fleet::RetireError::Unknown => StatusCode::NOT_FOUND,
                 crate::fleet::RetireError::Streaming => StatusCode::CONFLICT,
             };
-            Err(ApiError(status, format!("node {node:?}: {e}")))
+            Err(ApiError::new(status, format!("node {node:?}: {e}")))
         }
     }
+}
+
+/// The answer to a retirement.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Retired {
+    /// The node retired.
+    pub node: String,
+    /// Always true.
+    pub retired: bool,
 }
 
 /// The facility meters' reconciliation: admin tokens only (it names every
@@ -977,10 +998,10 @@ async fn usage_pages(
         description = "Usage for billing jobs, and the collector's operations endpoints. Errors are RFC 9457 problem documents."
     ),
     paths(
-        usage_pages, all_usage, tenant_usage, tenants, meters_view, status_page, metrics,
-        healthz, readyz, openapi_json
+        usage_pages, all_usage, tenant_usage, tenants, meters_view, retire_node, status_page,
+        metrics, healthz, readyz, openapi_json
     ),
-    components(schemas(Problem, Page, Report, StepName, FormatName)),
+    components(schemas(Problem, Page, Report, Retired, StepName, FormatName)),
     tags(
         (name = "usage", description = "Usage for billing jobs"),
         (name = "operations", description = "Probes, metrics and the status page")
