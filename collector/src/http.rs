@@ -875,7 +875,7 @@ async fn usage_response(
     })?
     .map_err(ApiError::from)?;
     Ok(match format {
-        Format::Csv => ([(header::CONTENT_TYPE, CSV)], usage::csv(&report)).into_response(),
+        Format::Csv => csv_response(usage::csv(&report))?,
         _ => json(&report),
     })
 }
@@ -948,6 +948,8 @@ async fn usage_pages(
             req.tenants.push(own);
         }
     }
+    // Checked before the ledger is taken: a bad request holds no one up.
+    let query = usage::PageQuery::parse(&req)?;
     let tenants = s.state.tenants();
     let meters: Vec<crate::meters::MeterSpec> = s
         .state
@@ -961,7 +963,7 @@ async fn usage_pages(
         let history = recorded
             .get(reader, || state.tenant_history())
             .map_err(QueryError::Ledger)?;
-        usage::page(reader, &tenants, &history, &meters, &req)
+        usage::page(reader, &tenants, &history, &meters, &query)
     })
     .await
     .map_err(|e| {
@@ -972,7 +974,7 @@ async fn usage_pages(
     })?
     .map_err(ApiError::from)?;
     let mut r = match format {
-        Format::Csv => ([(header::CONTENT_TYPE, CSV)], usage::page_csv(&page)).into_response(),
+        Format::Csv => csv_response(usage::page_csv(&page))?,
         _ => json(&page),
     };
     let h = r.headers_mut();
@@ -1020,6 +1022,20 @@ pub fn openapi_text() -> String {
     responses((status = 200, description = "The OpenAPI 3 document", body = Object, content_type = "application/json")))]
 async fn openapi_json() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], openapi_text()).into_response()
+}
+
+/// A CSV body, or a 500 naming why it could not be written.
+fn csv_response(body: Result<String, csv::Error>) -> Result<Response, ApiError> {
+    match body {
+        Ok(body) => Ok(([(header::CONTENT_TYPE, CSV)], body).into_response()),
+        Err(e) => {
+            error!(error = %e, "writing CSV failed");
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("writing CSV failed: {e}"),
+            ))
+        }
+    }
 }
 
 fn json<T: Serialize>(v: &T) -> Response {
@@ -1124,6 +1140,73 @@ mod tests {
     }
     use crate::ledger::{Ledger, Reader, TenantVersion};
     use crate::tenants::Tenants;
+
+    /// A collector over an empty ledger, with no API tokens.
+    fn state_over(path: &std::path::Path) -> HttpState {
+        let reader: AnyReader = Box::new(Reader::open(path).unwrap());
+        let state = State::new(
+            crate::state::StateConfig {
+                stale_after: None,
+                max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(7 * 86_400),
+            },
+            Tenants::empty(),
+        );
+        HttpState {
+            per_gpu_metrics: false,
+            per_node_metrics: false,
+            state: Arc::new(state),
+            ledger: Arc::new(Mutex::new(reader)),
+            metrics_auth: false,
+            request_timeout: Duration::from_secs(30),
+            renders: Default::default(),
+            ledger_history: Default::default(),
+        }
+    }
+
+    /// A bad page request is refused without waiting for the ledger: its
+    /// parameters are checked before the ledger is taken, so a client
+    /// sending bad requests holds no one else's up.
+    #[tokio::test]
+    async fn a_bad_page_request_is_refused_while_the_ledger_is_busy() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let _ledger = Ledger::create(&path).unwrap();
+        let s = state_over(&path);
+        let app = router(s.clone());
+        // Another request holds the ledger until told to let go.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let ledger = s.ledger.clone();
+        let holder = std::thread::spawn(move || {
+            let _guard = lock(&ledger);
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        held_rx.recv().unwrap();
+        let mut answers = Vec::new();
+        for query in [
+            "from=2027-01-01T00:30:00Z&to=2027-01-01T02:00:00Z",
+            "from=2027-01-01T00:00:00Z&to=2047-01-01T00:00:00Z&step=1d",
+            "from=2027-01-01T00:00:00Z&to=2027-01-02T00:00:00Z&page_token=garbled",
+        ] {
+            let request = axum::http::Request::get(format!("/v2/usage?{query}"))
+                .body(axum::body::Body::empty())
+                .unwrap();
+            // A bound on failure, not a synchronisation: the answer needs
+            // no ledger, and without the check it never comes.
+            let r =
+                tokio::time::timeout(Duration::from_secs(20), app.clone().oneshot(request)).await;
+            answers.push((query, r.map(|r| r.unwrap().status())));
+        }
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+        for (query, status) in answers {
+            assert_eq!(status, Ok(StatusCode::BAD_REQUEST), "{query}");
+        }
+    }
 
     #[test]
     fn usage_contracts_come_from_every_version_the_ledger_recorded() {

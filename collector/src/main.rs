@@ -347,7 +347,7 @@ fn usage_command(cfg: &Config, tenants: Arc<Tenants>, cmd: &Command) -> anyhow::
     )?;
     match format {
         Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-        Format::Csv => print!("{}", usage::csv(&report)),
+        Format::Csv => print!("{}", usage::csv(&report)?),
         Format::Table => print!("{}", usage::table(&report)),
     }
     Ok(())

@@ -1269,7 +1269,7 @@ pub(crate) fn usage_pages_give_every_row_once_and_each_adjustment_once<
 >(
     mut f: Fresh<W, R>,
 ) {
-    use crate::usage::{PageRequest, page, run};
+    use crate::usage::{PageQuery, PageRequest, page, run};
     let w = &mut f.writer;
     w.claim("a", "n1").unwrap();
     let mut c = Commit::default();
@@ -1323,7 +1323,14 @@ pub(crate) fn usage_pages_give_every_row_once_and_each_adjustment_once<
         let mut rows = Vec::new();
         let mut revisions = Vec::new();
         loop {
-            let p = page(&f.reader, &tenants, &history, &[], &req).unwrap();
+            let p = page(
+                &f.reader,
+                &tenants,
+                &history,
+                &[],
+                &PageQuery::parse(&req).unwrap(),
+            )
+            .unwrap();
             rows.extend(p.rows.into_iter().map(|r| r.usage));
             revisions.push(p.revision);
             let Some(t) = p.next_page_token else { break };
@@ -1345,7 +1352,14 @@ pub(crate) fn usage_pages_give_every_row_once_and_each_adjustment_once<
     let mut req = request(2, Some(1));
     let mut energy = 0;
     loop {
-        let p = page(&f.reader, &tenants, &history, &[], &req).unwrap();
+        let p = page(
+            &f.reader,
+            &tenants,
+            &history,
+            &[],
+            &PageQuery::parse(&req).unwrap(),
+        )
+        .unwrap();
         energy += p
             .adjustments
             .iter()

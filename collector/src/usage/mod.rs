@@ -33,7 +33,7 @@ use crate::meters::MeterSpec;
 use crate::tenants::{TenantHistory, Tenants, UNASSIGNED};
 
 pub use facility::{Facility, FacilityMinute};
-pub use paged::{Page, PageRequest, PagedRow, page};
+pub use paged::{Page, PageQuery, PageRequest, PagedRow, page};
 pub use periods::{Query, Step, Zone, rfc3339};
 pub use render::{Format, PAGE_COLUMNS, csv, page_csv, table};
 pub use report::{AdjustmentRow, Report, Row, report};

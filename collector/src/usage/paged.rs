@@ -2,25 +2,31 @@
 //! several or every tenant, walked in key order (tenant, start) a page at
 //! a time with an opaque page token.
 //!
-//! Each row carries its identity (tenant, start, step) and a revision: for
-//! a row that is final, the revision of the last adjustment booked to it
-//! (0 for none), so a billing job that kept a row sees it was restated
-//! when the revision differs; for a row that may still change (partial, or
-//! facility energy still pending), the ledger's revision when it was read.
+//! Each row carries its identity (`id`: tenant, start and end instants)
+//! and a revision: for a row that is final, the revision of the last
+//! adjustment booked to it (0 for none), so a billing job that kept a row
+//! sees it was restated when the revision differs; none (null) for a row
+//! that may still change (partial, or facility energy still pending), so
+//! that a number kept always stands for figures that no longer change.
 //!
 //! Every page of one walk lists the adjustments booked after
 //! `since_revision` and up to the revision of the walk's first page (kept
 //! in the token): asking `since_revision` that revision next time gets the
-//! adjustments booked since, each exactly once.
+//! adjustments booked since, each exactly once. A page lists at most
+//! `MAX_ADJUSTMENTS`: it ends before the row that would pass them.
+//!
+//! A page costs its own rows: the request is checked before the ledger is
+//! taken (`PageQuery::parse`), and only the page's row boundaries are
+//! computed and read, however long the walk (at most ten years).
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::cursor::{Cursor, fingerprint};
-use super::periods::parse_time;
+use super::periods::{Grid, parse_time};
 use super::{
-    AdjustmentRow, QueryError, Row, Step, Terms, UsageError, Zone, facility_of, known_terms,
-    parse_revision, report,
+    AdjustmentRow, MAX_ROWS, QueryError, Row, Step, Terms, UsageError, Zone, facility_of,
+    known_terms, parse_revision, report,
 };
 use crate::accounting::Contract;
 use crate::ledger::{Adjustment, LedgerReader};
@@ -31,9 +37,13 @@ use crate::tenants::{TenantHistory, Tenants};
 pub const DEFAULT_LIMIT: usize = 1000;
 /// Most rows per page.
 pub const MAX_LIMIT: usize = 10_000;
-/// Most rows of one tenant a walk may cover (their boundaries are held in
-/// memory): ten years of minutes.
+/// Most rows of one tenant a walk may cover: ten years of minutes.
 pub const MAX_WALK_ROWS: i64 = 5_300_000;
+/// The longest period a walk may cover, whatever its step: ten years.
+pub const MAX_WALK_SECONDS: i64 = MAX_WALK_ROWS * 60;
+/// Most adjustments one page lists (as many as a v1 answer): a page ends
+/// early rather than list more.
+pub const MAX_ADJUSTMENTS: usize = MAX_ROWS as usize;
 
 /// The parameters of a request for a page, as the client sent them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -53,13 +63,18 @@ pub struct PageRequest {
 /// One row of a page: a usage row with its identity and revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PagedRow {
-    /// With `tenant` and `start`, the row's identity.
+    /// The row's identity: `<start>-<end>-<tenant>`, start and end in
+    /// Unix seconds. Rows of the same id cover the same minutes, whatever
+    /// the step, time zone or anchor that cut them, and have the same
+    /// figures at the same revision.
+    pub id: String,
+    /// The step of the query that cut the row.
     pub step: String,
-    /// For a final row, the revision of the last adjustment booked to it
-    /// (0: none); for one that may still change (`partial`, or
-    /// `facility_energy_pending`), the ledger's revision when read. A row
-    /// whose revision differs from the one kept was restated.
-    pub revision: u64,
+    /// For a final row (neither `partial` nor `facility_energy_pending`),
+    /// the revision of the last adjustment booked to it (0: none), up to
+    /// the page's `revision`; null for one that may still change. A final
+    /// row whose revision differs from the one kept was restated.
+    pub revision: Option<u64>,
     #[serde(flatten)]
     pub usage: Row,
 }
@@ -116,31 +131,118 @@ fn row_revisions(bounds: &[i64], adjustments: &[Adjustment]) -> Vec<u64> {
     out
 }
 
+/// A row's identity: its tenant and the instants it starts and ends at
+/// (Unix seconds), whatever the step, time zone or anchor that cut it.
+fn row_id(tenant: &str, start: i64, end: i64) -> String {
+    format!("{start}-{end}-{tenant}")
+}
+
+/// A page request checked: everything that needs no ledger, done before
+/// the ledger is taken (a bad request costs no one else anything).
+#[derive(Debug, Clone)]
+pub struct PageQuery {
+    since: u64,
+    limit: usize,
+    step: Step,
+    zone: Zone,
+    anchor: Option<i64>,
+    grid: Grid,
+    /// The tenants asked, sorted, without repeats; none: every tenant.
+    asked: Vec<String>,
+    query: [u8; 32],
+    /// Where the walk goes on: the cursor and the index of its row.
+    cursor: Option<(Cursor, i64)>,
+}
+
+impl PageQuery {
+    pub fn parse(req: &PageRequest) -> Result<Self, UsageError> {
+        let since = parse_revision(req.since_revision.as_deref())?;
+        let limit = parse_limit(req.limit.as_deref())?;
+        let zone = Zone::parse(req.tz.as_deref())?;
+        let step = Step::parse(req.step.as_deref().unwrap_or("1h"))?;
+        let from = parse_time("from", req.from.as_deref())?;
+        let to = parse_time("to", req.to.as_deref())?;
+        let anchor = match req.anchor.as_deref() {
+            Some(a) => Some(parse_time("anchor", Some(a))?),
+            None => None,
+        };
+        let grid = Grid::build(from, to, step, &zone, anchor, MAX_WALK_ROWS)?;
+        // Every step: a walk covers at most ten years.
+        if to - from > MAX_WALK_SECONDS {
+            return Err(UsageError::TooManyRows {
+                rows: grid.rows(),
+                max: grid.rows() * MAX_WALK_SECONDS / (to - from),
+            });
+        }
+        let mut asked: Vec<String> = req.tenants.clone();
+        asked.sort_unstable();
+        asked.dedup();
+        let anchor_text = anchor.map(|a| a.to_string()).unwrap_or_default();
+        let query = fingerprint(&[
+            &asked.join("\n"),
+            &from.to_string(),
+            &to.to_string(),
+            step.label(),
+            &zone.name,
+            &anchor_text,
+            &since.to_string(),
+        ]);
+        // An empty token is the first page (as clients send it there).
+        let cursor = match req.page_token.as_deref().filter(|t| !t.trim().is_empty()) {
+            Some(t) => {
+                let c = Cursor::decode(t, &query)?;
+                let row = grid.row_starting_at(c.start).ok_or(UsageError::PageToken(
+                    "does not point at a row of this query",
+                ))?;
+                Some((c, row))
+            }
+            None => None,
+        };
+        Ok(Self {
+            since,
+            limit,
+            step,
+            zone,
+            anchor,
+            grid,
+            asked,
+            query,
+            cursor,
+        })
+    }
+}
+
 /// Answers one page from the ledger, as `super::run` answers a whole
-/// report (the same rows, the same contracts and facility energy).
+/// report (the same rows, the same contracts and facility energy). Reads
+/// and computes only the page's rows, however long the walk.
 pub fn page(
     reader: &dyn LedgerReader,
     tenants: &Tenants,
     history: &TenantHistory,
     meters: &[MeterSpec],
-    req: &PageRequest,
+    pq: &PageQuery,
 ) -> Result<Page, QueryError> {
-    let since = parse_revision(req.since_revision.as_deref())?;
-    let limit = parse_limit(req.limit.as_deref())?;
-    let zone = Zone::parse(req.tz.as_deref())?;
-    let step = Step::parse(req.step.as_deref().unwrap_or("1h"))?;
-    let from = parse_time("from", req.from.as_deref())?;
-    let to = parse_time("to", req.to.as_deref())?;
-    let anchor = match req.anchor.as_deref() {
-        Some(a) => Some(parse_time("anchor", Some(a))?),
-        None => None,
+    let (grid, since, limit) = (&pq.grid, pq.since, pq.limit);
+    let (from, to) = (
+        grid.bounds(0, 0)?[0],
+        grid.bounds(grid.rows(), grid.rows())?[0],
+    );
+    let sub_query = |lo: i64, hi: i64| -> Result<super::Query, UsageError> {
+        let bounds = grid.bounds(lo, hi)?;
+        Ok(super::Query {
+            from: bounds[0],
+            to: bounds[bounds.len() - 1],
+            step: pq.step,
+            zone: pq.zone.clone(),
+            anchor: pq.anchor,
+            bounds,
+        })
     };
-    let q = super::Query::build(from, to, step, zone, anchor, MAX_WALK_ROWS)?;
 
     // The revision first, then the tenants: every tenant with energy at
     // or before the revision is listed.
     let probe = reader.usage_since(None, from, from, u64::MAX)?;
-    q.check_detail(&probe)?;
+    grid.check_detail(&probe)?;
     if since > probe.revision {
         return Err(UsageError::RevisionAhead {
             since,
@@ -149,17 +251,14 @@ pub fn page(
         .into());
     }
     let known = known_terms(reader, tenants)?;
-    let mut selected: Vec<Terms> = if req.tenants.is_empty() {
+    let mut selected: Vec<Terms> = if pq.asked.is_empty() {
         known
     } else {
-        let mut wanted: Vec<&str> = req.tenants.iter().map(String::as_str).collect();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let mut out = Vec::with_capacity(wanted.len());
-        for id in wanted {
+        let mut out = Vec::with_capacity(pq.asked.len());
+        for id in &pq.asked {
             let t = known
                 .iter()
-                .find(|t| t.tenant == id)
+                .find(|t| t.tenant == *id)
                 .ok_or_else(|| UsageError::UnknownTenant(id.to_string()))?;
             out.push(t.clone());
         }
@@ -167,40 +266,19 @@ pub fn page(
     };
     selected.sort_by(|a, b| a.tenant.cmp(&b.tenant));
 
-    let mut asked: Vec<&str> = req.tenants.iter().map(String::as_str).collect();
-    asked.sort_unstable();
-    asked.dedup();
-    let asked = asked.join("\n");
-    let anchor_text = anchor.map(|a| a.to_string()).unwrap_or_default();
-    let query = fingerprint(&[
-        &asked,
-        &from.to_string(),
-        &to.to_string(),
-        step.label(),
-        &q.zone.name,
-        &anchor_text,
-        &since.to_string(),
-    ]);
-    let cursor = match req.page_token.as_deref() {
-        Some(t) => Some(Cursor::decode(t, &query)?),
-        None => None,
-    };
-    let pinned = cursor.as_ref().map_or(probe.revision, |c| c.revision);
+    let pinned = pq.cursor.as_ref().map_or(probe.revision, |c| c.0.revision);
     if pinned > probe.revision {
         return Err(
             UsageError::PageToken("is ahead of this ledger: it comes from another one").into(),
         );
     }
 
-    let per_tenant = q.bounds.len() - 1;
-    let (mut ti, mut bi) = match &cursor {
+    let per_tenant = grid.rows();
+    let (mut ti, mut bi) = match &pq.cursor {
         None => (0, 0),
-        Some(c) => {
+        Some((c, row)) => {
             let ti = selected.partition_point(|t| t.tenant.as_str() < c.tenant.as_str());
             if selected.get(ti).is_some_and(|t| t.tenant == c.tenant) {
-                let row = q.bounds[..per_tenant]
-                    .binary_search(&c.start)
-                    .map_err(|_| UsageError::PageToken("does not point at a row of this query"))?;
                 (ti, row + 1)
             } else {
                 // Its tenant is gone from the list: on from the next one.
@@ -214,23 +292,18 @@ pub fn page(
     let mut adjustments = Vec::new();
     let mut finalized = probe.finalized_through;
     let mut last: Option<(String, i64)> = None;
-    while rows.len() < limit && ti < selected.len() {
+    'page: while rows.len() < limit && ti < selected.len() {
         if bi >= per_tenant {
             (ti, bi) = (ti + 1, 0);
             continue;
         }
-        let take = (limit - rows.len()).min(per_tenant - bi);
+        let take = ((limit - rows.len()) as i64).min(per_tenant - bi);
         let mut terms = selected[ti].clone();
         terms.contracts = contracts
             .get(terms.tenant.as_str())
             .cloned()
             .unwrap_or_else(|| vec![(i64::MIN, Contract::default())]);
-        let sub = super::Query {
-            from: q.bounds[bi],
-            to: q.bounds[bi + take],
-            bounds: q.bounds[bi..=bi + take].to_vec(),
-            ..q.clone()
-        };
+        let sub = sub_query(bi, bi + take)?;
         let (lo, hi) = sub.read_range();
         let mut usage = reader.usage_since(Some(&terms.tenant), lo, hi, 0)?;
         sub.check_detail(&usage)?;
@@ -240,17 +313,57 @@ pub fn page(
         usage.adjustments.retain(|a| a.revision > since);
         let facility = facility_of(reader, meters, Some(&terms.tenant), &usage, lo, hi)?;
         let r = report(&sub, std::slice::from_ref(&terms), &usage, &facility);
-        for (row, revision) in r.rows.into_iter().zip(revisions) {
+        // The adjustments of each row (they come in row order within a
+        // revision, so count them per row first).
+        let mut per_row = vec![0usize; r.rows.len()];
+        let mut row_of = std::collections::HashMap::new();
+        for (i, row) in r.rows.iter().enumerate() {
+            row_of.insert(row.start.as_str(), i);
+        }
+        for a in &r.adjustments {
+            if let Some(i) = row_of.get(a.start.as_str()) {
+                per_row[*i] += 1;
+            }
+        }
+        let mut kept = 0;
+        for (i, (row, revision)) in r.rows.iter().zip(revisions).enumerate() {
+            // A page holds at most MAX_ADJUSTMENTS adjustments: the page
+            // ends before a row that would pass it; a row that passes it
+            // alone cannot be answered.
+            if adjustments.len() + per_row[i] > MAX_ADJUSTMENTS {
+                if rows.is_empty() {
+                    return Err(UsageError::TooManyAdjustments {
+                        count: per_row[i],
+                        since,
+                        max: MAX_ADJUSTMENTS as i64,
+                    }
+                    .into());
+                }
+                break;
+            }
+            adjustments.extend(
+                r.adjustments
+                    .iter()
+                    .filter(|a| a.start == row.start)
+                    .cloned(),
+            );
+            let (start, end) = (sub.bounds[i], sub.bounds[i + 1]);
             let unsettled = row.partial || row.facility_energy_pending;
             rows.push(PagedRow {
-                step: step.label().to_string(),
-                revision: if unsettled { usage.revision } else { revision },
-                usage: row,
+                id: row_id(&terms.tenant, start, end),
+                step: pq.step.label().to_string(),
+                revision: (!unsettled).then_some(revision),
+                usage: row.clone(),
             });
+            kept += 1;
         }
-        adjustments.extend(r.adjustments);
-        last = Some((terms.tenant.clone(), q.bounds[bi + take - 1]));
-        bi += take;
+        if kept > 0 {
+            last = Some((terms.tenant.clone(), sub.bounds[kept - 1]));
+        }
+        bi += kept as i64;
+        if kept < r.rows.len() {
+            break 'page;
+        }
     }
     let more = (ti < selected.len() && bi < per_tenant) || ti + 1 < selected.len();
     let next_page_token = last.filter(|_| more).map(|(tenant, start)| {
@@ -259,16 +372,16 @@ pub fn page(
             start,
             revision: pinned,
         }
-        .encode(&query)
+        .encode(&pq.query)
     });
     Ok(Page {
-        from: q.zone.format(q.from),
-        to: q.zone.format(q.to),
-        step: step.label().to_string(),
-        time_zone: q.zone.name.clone(),
-        anchor: anchor.map(|a| q.zone.format(a)),
+        from: pq.zone.format(from),
+        to: pq.zone.format(to),
+        step: pq.step.label().to_string(),
+        time_zone: pq.zone.name.clone(),
+        anchor: pq.anchor.map(|a| pq.zone.format(a)),
         tenants: selected.into_iter().map(|t| t.tenant).collect(),
-        finalized_through: q.zone.format(finalized),
+        finalized_through: pq.zone.format(finalized),
         revision: pinned,
         rows,
         adjustments,
@@ -355,7 +468,13 @@ mod tests {
 
     fn page_of(f: &Fixture, req: &PageRequest) -> Result<Page, QueryError> {
         let history = TenantHistory::new(f.tenants.clone());
-        page(&f.reader, &f.tenants, &history, &[], req)
+        page(
+            &f.reader,
+            &f.tenants,
+            &history,
+            &[],
+            &PageQuery::parse(req)?,
+        )
     }
 
     /// Every page of a walk, following `next_page_token`; `between` runs
@@ -480,10 +599,10 @@ mod tests {
         let revision_now = later[0].revision;
         assert!(revision_now > pinned);
         let late_in_first_quarter = (1..=booked).filter(|i| 60 * i < 900).count() as u64;
-        assert_eq!(rows[0].revision, pinned + late_in_first_quarter);
-        assert_eq!(rows[7].revision, 0, "{:?}", rows[7]);
+        assert_eq!(rows[0].revision, Some(pinned + late_in_first_quarter));
+        assert_eq!(rows[7].revision, Some(0), "{:?}", rows[7]);
         assert!(rows[8].usage.partial);
-        assert_eq!(rows[8].revision, revision_now);
+        assert_eq!(rows[8].revision, None);
     }
 
     /// A token from another query, or garbled, is refused by name; so are
@@ -530,5 +649,233 @@ mod tests {
         assert_eq!(total.rows[0].usage.energy_millijoules, minutes);
         assert_eq!(total.rows[0].step, "total");
         assert!(total.rows[0].usage.partial);
+    }
+
+    fn json_of(row: &PagedRow) -> serde_json::Value {
+        serde_json::to_value(row).unwrap()
+    }
+
+    /// A page with a row a late minute restates, read before and after the
+    /// row turned final: a row's revision, where it has one, moves whenever
+    /// its figures do.
+    #[test]
+    fn a_rows_revision_moves_whenever_its_figures_do() {
+        let f = fixture();
+        let mut f = f;
+        let total = request(&["a"], "total", 10);
+        let mut seen = Vec::new();
+        let mut read = |f: &Fixture| {
+            let p = page_of(f, &total).unwrap();
+            let row = json_of(&p.rows[0]);
+            seen.push((row["revision"].clone(), row["energy_millijoules"].clone()));
+        };
+        // A late minute for a final minute of the row (an adjustment),
+        // read while the row is partial.
+        f.ledger
+            .commit_at(&minutes(&["a"], T + 60, 1), T + 7400, T + 7200)
+            .unwrap();
+        read(&f);
+        // New energy in the row's last hour, and the watermark past its end:
+        // the row is final, with more energy than it had.
+        let mut c = minutes(&["a"], T + 7260, 1);
+        c.buckets = c
+            .buckets
+            .into_iter()
+            .map(|((t, _, at), d)| ((t, Arc::from("n2"), at), d))
+            .collect();
+        f.ledger.commit_at(&c, T + 11_000, T + 3 * 3600).unwrap();
+        read(&f);
+        // Another late minute: an adjustment to the final row.
+        f.ledger
+            .commit_at(&minutes(&["a"], T + 120, 1), T + 11_100, T + 3 * 3600)
+            .unwrap();
+        read(&f);
+        assert_ne!(seen[0].1, seen[1].1, "the row gained energy");
+        for (i, a) in seen.iter().enumerate() {
+            for b in &seen[i + 1..] {
+                if !a.0.is_null() && a.0 == b.0 {
+                    assert_eq!(a.1, b.1, "the same revision, other figures: {seen:?}");
+                }
+            }
+        }
+        assert!(
+            seen[0].0.is_null(),
+            "a partial row has no revision yet: {seen:?}"
+        );
+        assert!(seen[1].0.is_u64() && seen[2].0.is_u64(), "{seen:?}");
+    }
+
+    /// Rows of the same identity cover the same minutes and have the same
+    /// figures; rows of different periods from the same start do not share
+    /// one.
+    #[test]
+    fn a_rows_identity_names_its_period() {
+        let f = fixture();
+        let mut short = request(&["a"], "total", 10);
+        short.to = Some(super::super::rfc3339(T + 3600));
+        let long = page_of(&f, &request(&["a"], "total", 10)).unwrap();
+        let short = page_of(&f, &short).unwrap();
+        let hours = page_of(&f, &request(&["a"], "1h", 10)).unwrap();
+        let id = |r: &PagedRow| json_of(r)["id"].clone();
+        assert!(
+            id(&short.rows[0]).is_string(),
+            "{:?}",
+            json_of(&short.rows[0])
+        );
+        assert_ne!(id(&long.rows[0]), id(&short.rows[0]));
+        assert_eq!(id(&hours.rows[0]), id(&short.rows[0]));
+        assert_eq!(hours.rows[0].usage, short.rows[0].usage);
+        let ids: BTreeSet<String> = hours
+            .rows
+            .iter()
+            .map(|r| id(r).as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids.len(), 3);
+    }
+
+    /// A page lists at most as many adjustments as a v1 answer: the page
+    /// ends early, and a row with more alone is refused.
+    #[test]
+    fn a_page_holds_at_most_ten_thousand_adjustments() {
+        let mut f = fixture();
+        // Late minutes of a on 6,000 nodes in each of its first two hours,
+        // an hour a commit: 6,000 adjustments to each hourly row, 12,000
+        // (two revisions) to the whole period's.
+        for hour in 0..2 {
+            let mut c = Commit::default();
+            for node in 0..6_000 {
+                let at = T + hour * 3600;
+                c.buckets
+                    .insert((Arc::from("a"), Arc::from(format!("late{node}")), at), d(1));
+                *c.tenant_energy.entry(Arc::from("a")).or_default() += 1;
+            }
+            f.ledger.commit_at(&c, T + 7400 + hour, T + 7200).unwrap();
+        }
+        let pages = walk(&mut f, &request(&["a"], "1h", 10), |_| {});
+        let max = super::super::MAX_ROWS as usize;
+        assert!(pages.iter().all(|p| p.adjustments.len() <= max));
+        let starts: Vec<&str> = pages
+            .iter()
+            .flat_map(|p| p.rows.iter().map(|r| r.usage.start.as_str()))
+            .collect();
+        let want: Vec<String> = (0..3)
+            .map(|h| super::super::rfc3339(T + h * 3600))
+            .collect();
+        assert_eq!(starts, want);
+        let listed: usize = pages.iter().map(|p| p.adjustments.len()).sum();
+        assert_eq!(listed, 12_000);
+        // Each adjustment on the page of its row.
+        for p in &pages {
+            for a in &p.adjustments {
+                assert!(p.rows.iter().any(|r| r.usage.start == a.start));
+            }
+        }
+        match page_of(&f, &request(&["a"], "total", 1)) {
+            Err(QueryError::Usage(e)) => assert_eq!(e.kind(), "too-many-rows", "{e}"),
+            other => panic!("{:?}", other.map(|p| p.adjustments.len())),
+        }
+    }
+
+    /// A walk covers at most ten years, whatever its step; up to that, a
+    /// walk of days pages through every day once.
+    #[test]
+    fn a_walk_covers_at_most_ten_years_whatever_its_step() {
+        let mut f = fixture();
+        let years = |n: i16| {
+            let to = jiff::civil::date(2027 + n, 1, 1).to_zoned_datetime(jiff::tz::TimeZone::UTC);
+            super::super::rfc3339(to.unwrap().timestamp().as_second())
+        };
+        for step in ["1d", "month", "total"] {
+            let mut req = request(&["a"], step, 10);
+            req.to = Some(years(11));
+            match page_of(&f, &req) {
+                Err(QueryError::Usage(e)) => {
+                    assert_eq!(
+                        (e.param(), e.kind()),
+                        (Some("step"), "too-many-rows"),
+                        "{e}"
+                    )
+                }
+                other => panic!("{step}: {other:?}"),
+            }
+        }
+        let mut req = request(&["a", "b"], "1d", 1000);
+        req.to = Some(years(10));
+        let pages = walk(&mut f, &req, |_| {});
+        let rows: Vec<&PagedRow> = pages.iter().flat_map(|p| &p.rows).collect();
+        assert_eq!(rows.len(), 2 * 3653);
+        for w in rows.windows(2) {
+            if w[0].usage.tenant == w[1].usage.tenant {
+                assert_eq!(w[0].usage.end, w[1].usage.start);
+            }
+        }
+        assert_eq!(rows[3652].usage.end, years(10));
+        assert_eq!(rows[3653].usage.start, super::super::rfc3339(T));
+    }
+
+    /// The time zone is answered, and bound to the token, by its own name,
+    /// however the client spelled it.
+    #[test]
+    fn a_time_zone_has_one_name() {
+        let f = fixture();
+        let mut req = request(&["a"], "1h", 1);
+        req.tz = Some("europe/berlin".into());
+        let first = page_of(&f, &req).unwrap();
+        assert_eq!(first.time_zone, "Europe/Berlin");
+        req.tz = Some("Europe/Berlin".into());
+        req.page_token = first.next_page_token.clone();
+        let second = page_of(&f, &req).unwrap();
+        assert_ne!(second.rows[0].usage.start, first.rows[0].usage.start);
+    }
+
+    /// An empty page token is the first page, as clients send it there.
+    #[test]
+    fn an_empty_page_token_is_the_first_page() {
+        let f = fixture();
+        let first = page_of(&f, &request(&["a"], "15m", 5)).unwrap();
+        for empty in ["", " "] {
+            let mut req = request(&["a"], "15m", 5);
+            req.page_token = Some(empty.into());
+            let p = page_of(&f, &req).unwrap();
+            assert_eq!(p.rows, first.rows);
+            assert_eq!(p.next_page_token, first.next_page_token);
+        }
+    }
+
+    /// A CSV cell a spreadsheet would read as a formula (a node id from an
+    /// agent, a tenant id) starts with a quote; JSON keeps it as it is.
+    #[test]
+    fn a_csv_cell_that_looks_like_a_formula_is_quoted() {
+        let mut f = fixture();
+        let mut c = Commit::default();
+        for (i, node) in ["=HYPERLINK(1)", "+1", "-1+x", "@SUM(1)", "\tx", "\rx"]
+            .iter()
+            .enumerate()
+        {
+            c.buckets
+                .insert((Arc::from("b"), Arc::from(*node), T + 60 * i as i64), d(1));
+        }
+        f.ledger.commit_at(&c, T + 7400, T + 7200).unwrap();
+        let p = page_of(&f, &request(&["b"], "1h", 10)).unwrap();
+        assert_eq!(p.adjustments.len(), 6);
+        assert!(p.adjustments.iter().any(|a| a.node == "=HYPERLINK(1)"));
+        let text = super::super::page_csv(&p).unwrap();
+        let mut r = csv::Reader::from_reader(text.as_bytes());
+        let node = r
+            .headers()
+            .unwrap()
+            .iter()
+            .position(|h| h == "node")
+            .unwrap();
+        let mut nodes: Vec<String> = r
+            .records()
+            .map(|rec| rec.unwrap()[node].to_string())
+            .filter(|n| !n.is_empty())
+            .collect();
+        nodes.sort();
+        assert_eq!(
+            nodes,
+            ["'\tx", "'\rx", "'+1", "'-1+x", "'=HYPERLINK(1)", "'@SUM(1)"]
+        );
     }
 }

@@ -81,9 +81,11 @@ impl Zone {
             {
                 Ok(Self::utc())
             }
+            // The database's own name (it is looked up ignoring case): a
+            // zone has one name in answers and page tokens.
             Some(n) => TimeZone::get(n)
                 .map(|tz| Self {
-                    name: n.to_string(),
+                    name: tz.iana_name().unwrap_or(n).to_string(),
                     tz,
                 })
                 .map_err(|_| UsageError::TimeZone(n.to_string())),
@@ -176,80 +178,8 @@ impl Query {
         anchor: Option<i64>,
         max_rows: i64,
     ) -> Result<Self, UsageError> {
-        let misaligned = |param| UsageError::Misaligned {
-            param,
-            step: step.label(),
-            tz: zone.name.clone(),
-        };
-        let too_many = |rows: i64| UsageError::TooManyRows {
-            rows,
-            max: max_rows,
-        };
-        if anchor.is_some() && !matches!(step, Step::Day | Step::Month) {
-            return Err(UsageError::AnchorStep(step.label()));
-        }
-        let bounds = match step.fixed_seconds() {
-            Some(len) => {
-                for (param, t) in [("from", from), ("to", to)] {
-                    if (t + zone.offset(t)).rem_euclid(len) != 0 {
-                        return Err(misaligned(param));
-                    }
-                }
-                if from >= to {
-                    return Err(UsageError::Empty);
-                }
-                if (to - from) % len != 0 {
-                    return Err(UsageError::Indivisible {
-                        step: step.label(),
-                        tz: zone.name.clone(),
-                    });
-                }
-                let rows = (to - from) / len;
-                if rows > max_rows {
-                    return Err(too_many(rows));
-                }
-                (0..=rows).map(|i| from + i * len).collect()
-            }
-            // The whole period, on minute boundaries (the ledger's buckets).
-            None if step == Step::Total => {
-                for (param, t) in [("from", from), ("to", to)] {
-                    if t.rem_euclid(60) != 0 {
-                        return Err(misaligned(param));
-                    }
-                }
-                if from >= to {
-                    return Err(UsageError::Empty);
-                }
-                // Held to the minutes of the longest walk (its p95 windows
-                // are held in memory).
-                let minutes = (to - from) / 60;
-                if minutes > super::paged::MAX_WALK_ROWS {
-                    return Err(UsageError::TooManyRows {
-                        rows: minutes,
-                        max: super::paged::MAX_WALK_ROWS,
-                    });
-                }
-                vec![from, to]
-            }
-            None => {
-                let calendar =
-                    Calendar::new(&zone, step, anchor).ok_or_else(|| misaligned("anchor"))?;
-                let first = calendar.index_of(from).ok_or_else(|| misaligned("from"))?;
-                let last = calendar.index_of(to).ok_or_else(|| misaligned("to"))?;
-                if from >= to {
-                    return Err(UsageError::Empty);
-                }
-                let rows = last - first;
-                if rows > max_rows {
-                    return Err(too_many(rows));
-                }
-                let mut bounds = Vec::with_capacity(rows as usize + 1);
-                for i in first..=last {
-                    bounds.push(calendar.bound(i).ok_or_else(|| misaligned("to"))?);
-                }
-                bounds
-            }
-        };
+        let grid = Grid::build(from, to, step, &zone, anchor, max_rows)?;
+        let bounds = grid.bounds(0, grid.rows())?;
         Ok(Self {
             from,
             to,
@@ -281,22 +211,200 @@ impl Query {
             });
         }
         for &b in &self.bounds {
-            if b < hours_from && b.rem_euclid(DAY) != 0 {
-                return Err(UsageError::Compacted {
-                    before: rfc3339(hours_from),
-                    granularity: "daily",
-                    unit: "UTC days",
-                });
+            check_bound(b, minutes_from, hours_from)?;
+        }
+        Ok(())
+    }
+}
+
+/// A row boundary `b` must fit the rollups that hold the time at it.
+fn check_bound(b: i64, minutes_from: i64, hours_from: i64) -> Result<(), UsageError> {
+    if b < hours_from && b.rem_euclid(DAY) != 0 {
+        return Err(UsageError::Compacted {
+            before: rfc3339(hours_from),
+            granularity: "daily",
+            unit: "UTC days",
+        });
+    }
+    if b < minutes_from && b.rem_euclid(HOUR) != 0 {
+        return Err(UsageError::Compacted {
+            before: rfc3339(minutes_from),
+            granularity: "hourly",
+            unit: "hours",
+        });
+    }
+    Ok(())
+}
+
+/// The row boundaries of a period, computed on demand: boundary `i` of
+/// `rows() + 1`, so that a page of a long walk costs its own rows only
+/// (index arithmetic for fixed steps, one calendar step from the anchor
+/// for days and months).
+#[derive(Debug, Clone)]
+pub struct Grid {
+    from: i64,
+    to: i64,
+    rows: i64,
+    kind: GridKind,
+    step: Step,
+    tz: String,
+}
+
+#[derive(Debug, Clone)]
+enum GridKind {
+    Fixed(i64),
+    Total,
+    Calendar { calendar: Calendar, first: i64 },
+}
+
+impl Grid {
+    /// Checks the period as `Query::build` does and counts its rows (at
+    /// most `max_rows`) without listing them.
+    pub fn build(
+        from: i64,
+        to: i64,
+        step: Step,
+        zone: &Zone,
+        anchor: Option<i64>,
+        max_rows: i64,
+    ) -> Result<Self, UsageError> {
+        let misaligned = |param| UsageError::Misaligned {
+            param,
+            step: step.label(),
+            tz: zone.name.clone(),
+        };
+        let too_many = |rows: i64| UsageError::TooManyRows {
+            rows,
+            max: max_rows,
+        };
+        if anchor.is_some() && !matches!(step, Step::Day | Step::Month) {
+            return Err(UsageError::AnchorStep(step.label()));
+        }
+        let (rows, kind) = match step.fixed_seconds() {
+            Some(len) => {
+                for (param, t) in [("from", from), ("to", to)] {
+                    if (t + zone.offset(t)).rem_euclid(len) != 0 {
+                        return Err(misaligned(param));
+                    }
+                }
+                if from >= to {
+                    return Err(UsageError::Empty);
+                }
+                if (to - from) % len != 0 {
+                    return Err(UsageError::Indivisible {
+                        step: step.label(),
+                        tz: zone.name.clone(),
+                    });
+                }
+                ((to - from) / len, GridKind::Fixed(len))
             }
-            if b < minutes_from && b.rem_euclid(HOUR) != 0 {
-                return Err(UsageError::Compacted {
-                    before: rfc3339(minutes_from),
-                    granularity: "hourly",
-                    unit: "hours",
-                });
+            // The whole period, on minute boundaries (the ledger's buckets).
+            None if step == Step::Total => {
+                for (param, t) in [("from", from), ("to", to)] {
+                    if t.rem_euclid(60) != 0 {
+                        return Err(misaligned(param));
+                    }
+                }
+                if from >= to {
+                    return Err(UsageError::Empty);
+                }
+                // Held to the minutes of the longest walk (its p95 windows
+                // are held in memory).
+                let minutes = (to - from) / 60;
+                if minutes > super::paged::MAX_WALK_ROWS {
+                    return Err(UsageError::TooManyRows {
+                        rows: minutes,
+                        max: super::paged::MAX_WALK_ROWS,
+                    });
+                }
+                (1, GridKind::Total)
+            }
+            None => {
+                let calendar =
+                    Calendar::new(zone, step, anchor).ok_or_else(|| misaligned("anchor"))?;
+                let first = calendar.index_of(from).ok_or_else(|| misaligned("from"))?;
+                let last = calendar.index_of(to).ok_or_else(|| misaligned("to"))?;
+                if from >= to {
+                    return Err(UsageError::Empty);
+                }
+                (last - first, GridKind::Calendar { calendar, first })
+            }
+        };
+        if rows > max_rows {
+            return Err(too_many(rows));
+        }
+        Ok(Self {
+            from,
+            to,
+            rows,
+            kind,
+            step,
+            tz: zone.name.clone(),
+        })
+    }
+
+    /// How many rows the period holds.
+    pub fn rows(&self) -> i64 {
+        self.rows
+    }
+
+    /// Boundary `i`, from 0 (`from`) to `rows()` (`to`).
+    fn bound(&self, i: i64) -> Option<i64> {
+        if !(0..=self.rows).contains(&i) {
+            return None;
+        }
+        match &self.kind {
+            _ if i == 0 => Some(self.from),
+            _ if i == self.rows => Some(self.to),
+            GridKind::Fixed(len) => Some(self.from + i * len),
+            GridKind::Total => None,
+            GridKind::Calendar { calendar, first } => calendar.bound(first + i),
+        }
+    }
+
+    /// Boundaries `lo..=hi`: the rows `lo..hi`.
+    pub fn bounds(&self, lo: i64, hi: i64) -> Result<Vec<i64>, UsageError> {
+        (lo..=hi)
+            .map(|i| {
+                self.bound(i).ok_or_else(|| UsageError::Misaligned {
+                    param: "to",
+                    step: self.step.label(),
+                    tz: self.tz.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// `Query::check_detail` for the whole period, visiting only the
+    /// boundaries before the minutes kept (at most ten years of hours).
+    pub fn check_detail(&self, usage: &Usage) -> Result<(), UsageError> {
+        if self.from < usage.days_from {
+            return Err(UsageError::Expired {
+                before: rfc3339(usage.days_from),
+            });
+        }
+        for i in 0..=self.rows {
+            match self.bound(i) {
+                Some(b) if b < usage.minutes_from => {
+                    check_bound(b, usage.minutes_from, usage.hours_from)?
+                }
+                _ => break,
             }
         }
         Ok(())
+    }
+
+    /// The index of the row starting at `unix`, if one does.
+    pub fn row_starting_at(&self, unix: i64) -> Option<i64> {
+        let i = match &self.kind {
+            GridKind::Fixed(len) => {
+                let off = unix.checked_sub(self.from)?;
+                (off.rem_euclid(*len) == 0).then_some(off.div_euclid(*len))?
+            }
+            GridKind::Total => 0,
+            GridKind::Calendar { calendar, first } => calendar.index_of(unix)? - first,
+        };
+        ((0..self.rows).contains(&i) && self.bound(i) == Some(unix)).then_some(i)
     }
 }
 
@@ -305,6 +413,7 @@ impl Query {
 /// daylight-saving change; a month anchored on the 29th to 31st starts on
 /// the last day of a shorter month, and on the anchor's day again after).
 /// A wall-clock time a change skips is the first instant after it.
+#[derive(Debug, Clone)]
 struct Calendar {
     start: jiff::ZonedDateTime,
     months: bool,

@@ -29,18 +29,31 @@ fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
 }
 
-/// Records written through the `csv` crate (RFC 4180 quoting where a field
-/// holds a comma, a quote or a line break: node ids are the agent's to
-/// choose), `\n` line ends.
-fn write_csv(header: &[&str], records: impl Iterator<Item = Vec<String>>) -> String {
-    let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
-    // Writing to memory cannot fail; the fields are strings.
-    let _ = w.write_record(header);
-    for r in records {
-        let _ = w.write_record(&r);
+/// A field a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, a
+/// tab or a carriage return first: node ids are the agent's to choose,
+/// tenant ids the tenant file's) gets a `'` in front, as OWASP advises for
+/// CSV. No figure of ours starts so: amounts and times are never negative.
+fn defused(field: &str) -> std::borrow::Cow<'_, str> {
+    match field.as_bytes().first() {
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => format!("'{field}").into(),
+        _ => field.into(),
     }
-    let bytes = w.into_inner().unwrap_or_default();
-    String::from_utf8(bytes).unwrap_or_default()
+}
+
+/// Records written through the `csv` crate (RFC 4180 quoting where a field
+/// holds a comma, a quote or a line break), `\n` line ends, formulas
+/// defused.
+fn write_csv(
+    header: &[&str],
+    records: impl Iterator<Item = Vec<String>>,
+) -> Result<String, csv::Error> {
+    let mut w = csv::WriterBuilder::new().from_writer(Vec::new());
+    w.write_record(header)?;
+    for r in records {
+        w.write_record(r.iter().map(|f| defused(f).into_owned()))?;
+    }
+    let bytes = w.into_inner().map_err(|e| e.into_error())?;
+    String::from_utf8(bytes).map_err(|e| csv::Error::from(std::io::Error::other(e)))
 }
 
 /// The report as CSV, one row per line after a header: the rows
@@ -48,7 +61,7 @@ fn write_csv(header: &[&str], records: impl Iterator<Item = Vec<String>>) -> Str
 /// their node, revision and booking time, their facility columns the
 /// change to facility energy a meter's allocation made, and blank where a
 /// figure of a row does not add up, such as peak demand or coverage).
-pub fn csv(r: &Report) -> String {
+pub fn csv(r: &Report) -> Result<String, csv::Error> {
     let header: Vec<&str> = CSV_HEADER.split(',').collect();
     let rows = r.rows.iter().map(|row| {
         vec![
@@ -143,6 +156,7 @@ pub fn csv(r: &Report) -> String {
 /// have is blank.
 pub const PAGE_COLUMNS: &[&str] = &[
     "record",
+    "id",
     "tenant",
     "start",
     "end",
@@ -194,7 +208,7 @@ fn cell(v: Option<&serde_json::Value>) -> String {
 /// A page as CSV: its rows (`record` `usage`), then its adjustments
 /// (`record` `adjustment`), each field from the record's own JSON, so that
 /// CSV and JSON say the same.
-pub fn page_csv(p: &Page) -> String {
+pub fn page_csv(p: &Page) -> Result<String, csv::Error> {
     let record = |kind: &str, v: serde_json::Value| -> Vec<String> {
         PAGE_COLUMNS
             .iter()

@@ -307,7 +307,7 @@ fn golden_json_and_csv() {
     // Exact bytes of both formats; `UPDATE_EXPECT=1 cargo test` rewrites
     // the files after a change meant to alter them.
     expect_test::expect_file!["snapshots/report.json"].assert_eq(&json);
-    expect_test::expect_file!["snapshots/report.csv"].assert_eq(&csv(&r));
+    expect_test::expect_file!["snapshots/report.csv"].assert_eq(&csv(&r).unwrap());
 }
 
 #[test]
@@ -435,7 +435,7 @@ fn adjustments_are_summed_per_revision_tenant_node_and_row() {
         )
         .rows
     );
-    let csv = csv(&r);
+    let csv = csv(&r).unwrap();
     let lines: Vec<&str> = csv.lines().filter(|l| l.contains(",adjustment,")).collect();
     assert_eq!(
         lines,
@@ -829,7 +829,7 @@ fn an_adjustment_from_a_node_with_a_comma_stays_in_its_columns() {
         out
     };
     let header = fields(CSV_HEADER);
-    let text = csv(&r);
+    let text = csv(&r).unwrap();
     let line = text
         .lines()
         .find(|l| l.contains(",adjustment,"))

@@ -466,7 +466,7 @@ fn three_hours(api: &Api, t0: i64) -> u64 {
 
 /// Invariant: `/v2/usage` pages through any number of rows, several
 /// tenants at once, in key order, every row once with its identity
-/// (tenant, start, step) and revision, the energy of all pages adding up
+/// (`id`) and revision (null while it may change), the energy of all pages adding up
 /// to what was committed; JSON and CSV (asked by `Accept`) say the same,
 /// CSV with every JSON field as a column.
 #[tokio::test]
@@ -521,7 +521,17 @@ async fn v2_pages_through_every_row_of_several_tenants_in_json_and_csv() {
         })
         .sum();
     assert_eq!(energy, total);
-    assert!(rows.iter().all(|r| r["revision"].is_u64()));
+    // A revision for each final row, none for one that may still change.
+    for r in &rows {
+        let settled = r["partial"] == false && r["facility_energy_pending"] == false;
+        assert_eq!(r["revision"].is_u64(), settled, "{r}");
+        assert_eq!(r["revision"].is_null(), !settled, "{r}");
+    }
+    assert!(rows.iter().any(|r| r["revision"].is_u64()));
+    assert!(rows.iter().any(|r| r["revision"].is_null()));
+    let ids: std::collections::BTreeSet<&str> =
+        rows.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    assert_eq!(ids.len(), rows.len(), "every row its own id");
 
     // The whole period as one row per tenant, in CSV by Accept.
     let totals = "/v2/usage?from=2027-01-01T00:00:00Z&to=2027-01-01T03:00:00Z&step=total&tenant=lab-a&tenant=lab-b";
@@ -572,6 +582,54 @@ async fn v2_pages_through_every_row_of_several_tenants_in_json_and_csv() {
         })
         .sum();
     assert_eq!(sum, total);
+}
+
+/// A tenant token on `/v2/usage`: its own rows by default, 403 for any
+/// other tenant named (alone or beside its own), and a page token from an
+/// admin's walk of every tenant is no way into the others' rows.
+#[tokio::test]
+async fn v2_answers_a_tenant_token_its_own_rows_only() {
+    const T0: i64 = 1_798_761_600; // 2027-01-01T00:00:00Z
+    let api = Api::new(TENANTS, Some(&auth()), false);
+    three_hours(&api, T0);
+    let q = "from=2027-01-01T00:00:00Z&to=2027-01-01T03:00:00Z&step=1h&limit=2";
+    let own = api.get(&format!("/v2/usage?{q}"), Some(LAB_A)).await;
+    assert_eq!(own.status, 200, "{}", own.body);
+    let p = own.json();
+    assert_eq!(p["tenants"], serde_json::json!(["lab-a"]));
+    assert!(
+        p["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["tenant"] == "lab-a")
+    );
+    let named = api
+        .get(&format!("/v2/usage?{q}&tenant=lab-a"), Some(LAB_A))
+        .await;
+    assert_eq!(named.json()["rows"], p["rows"]);
+    for tenants in [
+        "tenant=lab-b",
+        "tenant=lab-a&tenant=lab-b",
+        "tenant=unassigned",
+    ] {
+        let r = api
+            .get(&format!("/v2/usage?{q}&{tenants}"), Some(LAB_A))
+            .await;
+        assert_eq!(r.status, 403, "{tenants}: {}", r.body);
+        assert_eq!(r.json()["status"], 403);
+    }
+    assert_eq!(api.get(&format!("/v2/usage?{q}"), None).await.status, 401);
+    // An admin's walk of every tenant: its next page token, replayed with
+    // lab-a's token and the same parameters, is refused by name.
+    let admin = api.get(&format!("/v2/usage?{q}"), Some(ADMIN)).await.json();
+    assert!(admin["tenants"].as_array().unwrap().len() > 1, "{admin}");
+    let token = admin["next_page_token"].as_str().unwrap();
+    let r = api
+        .get(&format!("/v2/usage?{q}&page_token={token}"), Some(LAB_A))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert_eq!(r.json()["parameter"], "page_token");
 }
 
 /// The OpenAPI document the collector serves is the one checked in.
