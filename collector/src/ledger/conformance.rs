@@ -1317,11 +1317,17 @@ pub(crate) fn usage_pages_give_every_row_once_and_each_adjustment_once<
         .collect();
     want.sort_by(|x, y| (&x.tenant, &x.start).cmp(&(&y.tenant, &y.start)));
     assert_eq!(want.len(), 8);
+    // Late energy goes to lab-b's second quarter-hour (final), which every
+    // walk but the one of 8-row pages reaches on a later page.
+    let late_row = (String::from("lab-b"), String::from("2027-01-15T08:15:00Z"));
     let mut late = 0u64;
     for limit in [1, 3, 8] {
         let mut req = request(limit, None);
         let mut rows = Vec::new();
         let mut revisions = Vec::new();
+        let mut listed = 0;
+        let late_before = late;
+        let mut paged_rows = Vec::new();
         loop {
             let p = page(
                 &f.reader,
@@ -1331,13 +1337,25 @@ pub(crate) fn usage_pages_give_every_row_once_and_each_adjustment_once<
                 &PageQuery::parse(&req).unwrap(),
             )
             .unwrap();
-            rows.extend(p.rows.into_iter().map(|r| r.usage));
+            listed += p
+                .adjustments
+                .iter()
+                .map(|a| a.energy_millijoules)
+                .sum::<u64>();
+            rows.extend(p.rows.iter().map(|r| r.usage.clone()));
+            paged_rows.extend(p.rows);
             revisions.push(p.revision);
             let Some(t) = p.next_page_token else { break };
             req.page_token = Some(t);
-            // Late energy for a final minute of lab-a between pages.
+            // Late energy for a final minute of lab-b between pages.
             late += 1;
-            let booked = booking("n1", cursor(1, 10 + late, 5_000), "lab-a", MINUTE, 7);
+            let booked = booking(
+                "n1",
+                cursor(1, 10 + late, 5_000),
+                "lab-b",
+                MINUTE + 1_200,
+                7,
+            );
             f.writer
                 .commit_as("a", &booked, MINUTE + 3_700 + late as i64, MINUTE + 1_800)
                 .unwrap();
@@ -1347,6 +1365,24 @@ pub(crate) fn usage_pages_give_every_row_once_and_each_adjustment_once<
             revisions.iter().all(|r| *r == revisions[0]),
             "{revisions:?}"
         );
+        // Every page lists the adjustments up to the first page's revision:
+        // those booked before the walk, not those booked during it.
+        assert_eq!(listed, 7 * late_before, "limit {limit}");
+        // Row revisions: the late row's is the last booked by the walk's
+        // revision (each booking is a commit); untouched final rows 0;
+        // partial rows none.
+        for r in &paged_rows {
+            let key = (r.usage.tenant.clone(), r.usage.start.clone());
+            let want = if r.usage.partial {
+                None
+            } else if key == late_row && late_before > 0 {
+                Some(revisions[0])
+            } else {
+                Some(0)
+            };
+            assert_eq!(r.revision, want, "limit {limit}: {key:?}");
+        }
+        assert!(paged_rows.iter().any(|r| r.revision.is_none()));
     }
     // Since the first walk's revision: all the late energy, once.
     let mut req = request(2, Some(1));
