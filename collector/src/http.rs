@@ -697,6 +697,7 @@ async fn tenant_usage(
             (Report = "application/json"), (String = "text/csv"))),
         (status = 400, description = "A parameter is wrong", body = Problem, content_type = "application/problem+json"),
         (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "A tenant token's tenant is not known", body = Problem, content_type = "application/problem+json"),
         (status = 500, description = "The ledger could not be read", body = Problem, content_type = "application/problem+json")))]
 async fn all_usage(
     Extract(s): Extract<HttpState>,
@@ -1004,12 +1005,39 @@ async fn usage_pages(
         metrics, healthz, readyz, openapi_json
     ),
     components(schemas(Problem, Page, Report, Retired, StepName, FormatName)),
+    modifiers(&TimedOut),
     tags(
         (name = "usage", description = "Usage for billing jobs"),
         (name = "operations", description = "Probes, metrics and the status page")
     )
 )]
 pub struct ApiDoc;
+
+/// Every route may answer 408 (`http_request_timeout`), with a problem
+/// document: said once for all operations.
+struct TimedOut;
+
+impl utoipa::Modify for TimedOut {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let timed_out = ResponseBuilder::new()
+            .description("The request took longer than `http_request_timeout`")
+            .content(
+                PROBLEM_JSON,
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Problem")))
+                    .build(),
+            )
+            .build();
+        for item in doc.paths.paths.values_mut() {
+            if let Some(op) = item.get.as_mut() {
+                op.responses
+                    .responses
+                    .insert("408".into(), timed_out.clone().into());
+            }
+        }
+    }
+}
 
 /// The document as served and checked in.
 pub fn openapi_text() -> String {

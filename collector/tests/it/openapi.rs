@@ -118,12 +118,35 @@ fn schemathesis_finds_every_answer_as_documented() {
         );
         l.commit_at(&late, T0 + 7400, T0 + 7200).unwrap();
     }
-    let collector = Collector::start(dir.path(), TWO_LABS, 0, &[]);
-    let url = format!("http://{}/openapi.json", collector.http);
-    let out = run_ok(
-        Command::new(schemathesis)
-            // Hypothesis keeps its database in the working directory.
-            .current_dir(dir.path())
+    // Without API tokens; then with them, as a tenant (403 for other
+    // tenants and admin pages, 404 for no tenant) and with a token that is
+    // not one (401 with `WWW-Authenticate`).
+    const LAB_A: &str = "lab-a-api-token-00000000001";
+    let auth = crate::support::secret(
+        dir.path(),
+        "auth.toml",
+        &format!(
+            "[[api]]\nname = \"billing\"\ntoken = \"admin-api-token-000000000001\"\n\n\
+             [[api]]\nname = \"lab-a\"\ntoken = \"{LAB_A}\"\ntenant = \"lab-a\"\n"
+        ),
+    );
+    let auth = auth.to_str().unwrap();
+    for (extra, header) in [
+        (&[][..], None),
+        (
+            &["--auth-file", auth][..],
+            Some(format!("Authorization: Bearer {LAB_A}")),
+        ),
+        (
+            &["--auth-file", auth][..],
+            Some("Authorization: Bearer not-a-token-of-this-collector".to_string()),
+        ),
+    ] {
+        let collector = Collector::start(dir.path(), TWO_LABS, 0, extra);
+        let url = format!("http://{}/openapi.json", collector.http);
+        let mut cmd = Command::new(&schemathesis);
+        // Hypothesis keeps its database in the working directory.
+        cmd.current_dir(dir.path())
             .args(["--no-color", "run", &url])
             .args([
                 "--checks",
@@ -135,23 +158,27 @@ fn schemathesis_finds_every_answer_as_documented() {
                 "20261201",
                 "--request-timeout",
                 "30",
-            ]),
-    );
-    // Every documented operation was exercised, but the one serving the
-    // document itself, which schemathesis leaves out.
-    let operations = std::fs::read_to_string(repo().join("collector/openapi.json"))
-        .unwrap()
-        .matches("\"operationId\"")
-        .count()
-        - 1;
-    for line in [
-        format!("Selected: {operations}/{operations}"),
-        format!("Tested: {operations}"),
-    ] {
-        assert!(
-            out.contains(&line),
-            "not all {operations} operations tested:\n{out}"
-        );
+            ]);
+        if let Some(h) = &header {
+            cmd.args(["--header", h]);
+        }
+        let out = run_ok(&mut cmd);
+        // Every documented operation was exercised, but the one serving the
+        // document itself, which schemathesis leaves out.
+        let operations = std::fs::read_to_string(repo().join("collector/openapi.json"))
+            .unwrap()
+            .matches("\"operationId\"")
+            .count()
+            - 1;
+        for line in [
+            format!("Selected: {operations}/{operations}"),
+            format!("Tested: {operations}"),
+        ] {
+            assert!(
+                out.contains(&line),
+                "{header:?}: not all {operations} operations tested:\n{out}"
+            );
+        }
+        collector.stop();
     }
-    collector.stop();
 }
