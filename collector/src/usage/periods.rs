@@ -412,11 +412,16 @@ impl Grid {
 /// time plus whole days or months (a day is 23 or 25 hours across a
 /// daylight-saving change; a month anchored on the 29th to 31st starts on
 /// the last day of a shorter month, and on the anchor's day again after).
-/// A wall-clock time a change skips is the first instant after it.
+/// A wall-clock time a change skips moves on by the change (02:30 on a
+/// day that goes from 02:00 to 03:00 is 03:30); one a change repeats is
+/// its first occurrence, except the anchor itself, which is the instant
+/// given.
 #[derive(Debug, Clone)]
 struct Calendar {
     start: jiff::ZonedDateTime,
     months: bool,
+    /// The anchor's instant: boundary 0, whatever its wall-clock time.
+    anchor: Option<i64>,
 }
 
 impl Calendar {
@@ -433,11 +438,15 @@ impl Calendar {
         Some(Self {
             start,
             months: step == Step::Month,
+            anchor,
         })
     }
 
     /// Boundary `i` (negative: before the anchor), Unix seconds.
     fn bound(&self, i: i64) -> Option<i64> {
+        if let (0, Some(a)) = (i, self.anchor) {
+            return Some(a);
+        }
         let span = if self.months {
             jiff::Span::new().try_months(i).ok()?
         } else {

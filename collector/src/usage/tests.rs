@@ -1244,3 +1244,42 @@ fn anchored_days_totals_and_misplaced_anchors() {
         Err(Some("from".into()))
     );
 }
+
+/// An anchor at the second occurrence of a repeated hour is its own rows'
+/// first start (a day later, the same wall-clock time is unambiguous); a
+/// wall-clock time a change skips moves on by the change.
+#[test]
+fn an_anchor_in_a_repeated_or_skipped_hour_starts_its_rows() {
+    // 02:30 happens twice in Berlin on 2026-10-25: +02:00, then +01:00.
+    let second = "2026-10-25T02:30:00+01:00";
+    assert_eq!(
+        anchored(
+            second,
+            "2026-10-27T02:30:00+01:00",
+            "1d",
+            "Europe/Berlin",
+            Some(second)
+        ),
+        Ok(vec![
+            "2026-10-25T02:30:00+01:00".to_string(),
+            "2026-10-26T02:30:00+01:00".to_string(),
+            "2026-10-27T02:30:00+01:00".to_string(),
+        ])
+    );
+    // 02:30 does not happen on 2027-03-28: that day's row starts at 03:30.
+    let anchor = "2027-03-27T02:30:00+01:00";
+    assert_eq!(
+        anchored(
+            anchor,
+            "2027-03-29T02:30:00+02:00",
+            "1d",
+            "Europe/Berlin",
+            Some(anchor)
+        ),
+        Ok(vec![
+            "2027-03-27T02:30:00+01:00".to_string(),
+            "2027-03-28T03:30:00+02:00".to_string(),
+            "2027-03-29T02:30:00+02:00".to_string(),
+        ])
+    );
+}
