@@ -475,34 +475,52 @@ async fn method_not_allowed(method: axum::http::Method) -> ApiError {
     )
 }
 
-/// Whether the client's `Accept` prefers CSV to JSON (by q-value; a tie,
-/// `*/*` or no header is JSON).
+/// Whether the client's `Accept` prefers CSV to JSON. Each type takes the
+/// q-value of the most specific range that matches it (RFC 9110: a type
+/// refused with `q=0` stays refused under `*/*`); the higher q wins, then
+/// the type named over one matched by a wildcard; a tie, or no header, is
+/// JSON.
 fn accepts_csv(headers: &HeaderMap) -> bool {
     let Some(accept) = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let (mut json, mut csv) = (0.0f32, 0.0f32);
+    // (specificity, q) of the most specific range matching each type.
+    type Match = Option<(u8, f32)>;
+    let (mut json, mut csv): (Match, Match) = (None, None);
+    let take = |slot: &mut Match, specificity: u8, q: f32| {
+        if slot.is_none_or(|(s, _)| specificity > s) {
+            *slot = Some((specificity, q));
+        }
+    };
     for range in accept.split(',') {
         let mut parts = range.split(';').map(str::trim);
         let media = parts.next().unwrap_or("").to_ascii_lowercase();
         let q = parts
-            .filter_map(|p| p.strip_prefix("q="))
+            .filter_map(|p| {
+                let (name, value) = p.split_once('=')?;
+                name.trim().eq_ignore_ascii_case("q").then(|| value.trim())
+            })
             .find_map(|q| q.parse::<f32>().ok())
-            .unwrap_or(1.0);
+            .unwrap_or(1.0)
+            .clamp(0.0, 1.0);
         match media.as_str() {
-            // A named type before a wildcard; JSON before CSV on `*/*`.
-            "application/json" => json = json.max(q),
-            "text/csv" => csv = csv.max(q),
-            "application/*" => json = json.max(q * 0.99),
-            "text/*" => csv = csv.max(q * 0.99),
+            "application/json" => take(&mut json, 3, q),
+            "text/csv" => take(&mut csv, 3, q),
+            "application/*" => take(&mut json, 2, q),
+            "text/*" => take(&mut csv, 2, q),
             "*/*" => {
-                json = json.max(q * 0.99);
-                csv = csv.max(q * 0.98);
+                take(&mut json, 1, q);
+                take(&mut csv, 1, q);
             }
             _ => {}
         }
     }
-    csv > json
+    match (csv, json) {
+        (Some((_, c)), _) if c <= 0.0 => false,
+        (Some(_), None) => true,
+        (Some((cs, c)), Some((js, j))) => c > j || (c == j && cs > js),
+        (None, _) => false,
+    }
 }
 
 /// The format asked: `format` where given, else by `Accept`.
@@ -1158,6 +1176,12 @@ mod tests {
             (Some("application/json, text/csv"), false),
             (Some("text/*"), true),
             (Some("image/png"), false),
+            // A type the client refuses stays refused under a wildcard;
+            // parameter names are not case-sensitive.
+            (Some("application/json;q=0, */*"), true),
+            (Some("text/csv;q=0, */*"), false),
+            (Some("application/json;Q=0.1, text/csv"), true),
+            (Some("text/csv;Q=0.1, application/json;q=0.5"), false),
         ] {
             let mut h = HeaderMap::new();
             if let Some(a) = accept {
