@@ -848,7 +848,7 @@ mod tests {
     fn a_csv_cell_that_looks_like_a_formula_is_quoted() {
         let mut f = fixture();
         let mut c = Commit::default();
-        for (i, node) in ["=HYPERLINK(1)", "+1", "-1+x", "@SUM(1)", "\tx", "\rx"]
+        for (i, node) in ["=HYPERLINK(1)", "+1+x", "-1+x", "@SUM(1)", "\tx", "\rx"]
             .iter()
             .enumerate()
         {
@@ -875,7 +875,14 @@ mod tests {
         nodes.sort();
         assert_eq!(
             nodes,
-            ["'\tx", "'\rx", "'+1", "'-1+x", "'=HYPERLINK(1)", "'@SUM(1)"]
+            [
+                "'\tx",
+                "'\rx",
+                "'+1+x",
+                "'-1+x",
+                "'=HYPERLINK(1)",
+                "'@SUM(1)"
+            ]
         );
     }
 }

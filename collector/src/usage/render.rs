@@ -32,10 +32,13 @@ fn opt(v: Option<f64>) -> String {
 /// A field a spreadsheet would run as a formula (`=`, `+`, `-`, `@`, a
 /// tab or a carriage return first: node ids are the agent's to choose,
 /// tenant ids the tenant file's) gets a `'` in front, as OWASP advises for
-/// CSV. No figure of ours starts so: amounts and times are never negative.
+/// CSV. A field that is a number is left as it is: a restatement's change
+/// to facility energy can be negative, and must stay a figure.
 fn defused(field: &str) -> std::borrow::Cow<'_, str> {
     match field.as_bytes().first() {
-        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') => format!("'{field}").into(),
+        Some(b'=' | b'+' | b'-' | b'@' | b'\t' | b'\r') if field.parse::<f64>().is_err() => {
+            format!("'{field}").into()
+        }
         _ => field.into(),
     }
 }
@@ -269,4 +272,24 @@ pub fn table(r: &Report) -> String {
         r.finalized_through, r.revision
     );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::defused;
+
+    /// A restatement can lower facility energy, so a figure may be
+    /// negative: it stays a number a spreadsheet sums, while text that
+    /// would run as a formula is still quoted.
+    #[test]
+    fn a_negative_figure_stays_a_number_and_a_formula_is_quoted() {
+        assert_eq!(defused("-1200"), "-1200");
+        assert_eq!(defused("-0.25"), "-0.25");
+        assert_eq!(defused("+3"), "+3");
+        assert_eq!(defused("-1+1"), "'-1+1");
+        assert_eq!(defused("=HYPERLINK(\"x\")"), "'=HYPERLINK(\"x\")");
+        assert_eq!(defused("@SUM(A1)"), "'@SUM(A1)");
+        assert_eq!(defused("\tnode"), "'\tnode");
+        assert_eq!(defused("node-1"), "node-1");
+    }
 }
