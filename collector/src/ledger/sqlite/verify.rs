@@ -32,6 +32,11 @@ use crate::accounting::{Metered, over_contract};
 use crate::ledger::{DAY, HOUR, LedgerError, MINUTE};
 use crate::tenants::TenantHistory;
 
+/// (hour, tenant) to that hour's minutes as `roll_minutes` takes them:
+/// (tenant, minute, and two energies: measured GPU and node energy, or
+/// allocated energy and the node energy it replaced).
+type ByHour = BTreeMap<(i64, String), Vec<(String, i64, u64, u64)>>;
+
 /// One figure the ledger records that is not what it is made of.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Difference {
@@ -294,8 +299,7 @@ pub fn verify(path: &Path, contracts: Option<&TenantHistory>) -> Result<Verifica
     // What the meters allocated of each tenant-minute (summed over
     // meters) and the node energy that replaced: a rollup evaluates its
     // minutes with it, as compaction does (`roll_minutes`).
-    let mut tenant_allocations: BTreeMap<(i64, String), Vec<(String, i64, u64, u64)>> =
-        BTreeMap::new();
+    let mut tenant_allocations: ByHour = BTreeMap::new();
     {
         let mut q = conn
             .prepare(
@@ -341,7 +345,7 @@ pub fn verify(path: &Path, contracts: Option<&TenantHistory>) -> Result<Verifica
         // (hour, tenant) to each quarter's (energy, node energy) and the
         // hour's evaluation.
         let mut quarters: BTreeMap<(i64, String), BTreeMap<i64, (u64, u64)>> = BTreeMap::new();
-        let mut minutes_of: BTreeMap<(i64, String), Vec<(String, i64, u64, u64)>> = BTreeMap::new();
+        let mut minutes_of: ByHour = BTreeMap::new();
         for (tenant, minute, e, n) in &tenant_minutes {
             if *minute < minutes_from {
                 continue;
