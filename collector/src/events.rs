@@ -2,8 +2,11 @@
 //! `emit` both counts it (in [`Counters`], which `/metrics` renders) and
 //! logs it. Counters are indexed by the reason enums, not by bare numbers.
 
+use std::collections::BTreeMap;
 use std::fmt::Display;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
 
 use tracing::{debug, error, warn};
 
@@ -36,6 +39,20 @@ impl Surface {
         match self {
             Surface::Grpc => "grpc",
             Surface::Http => "http",
+        }
+    }
+
+    /// The reasons a request on this surface can be refused for: HTTP has
+    /// no node and no client certificate to check, gRPC no scopes. The
+    /// others' series could never move, so `/metrics` leaves them out.
+    pub fn reasons(self) -> &'static [AuthReason] {
+        match self {
+            Surface::Grpc => &[
+                AuthReason::Unauthenticated,
+                AuthReason::NodeNotAllowed,
+                AuthReason::Certificate,
+            ],
+            Surface::Http => &[AuthReason::Unauthenticated, AuthReason::Forbidden],
         }
     }
 }
@@ -168,6 +185,13 @@ pub struct Counters {
     pub node_power_duplicate: AtomicU64,
     /// Node power readings dropped, by [`NodePowerReject::ALL`].
     node_power_rejected: [AtomicU64; NodePowerReject::ALL.len()],
+    /// How long successful ledger commits took.
+    pub commit_seconds: Histogram,
+    /// The ledger's watermark (`finalized_through`, Unix seconds) as last
+    /// read; 0 until it is.
+    pub finalized_through: AtomicI64,
+    /// HTTP requests by route.
+    pub http_requests: HttpRequests,
 }
 
 impl Counters {
@@ -362,5 +386,131 @@ impl ReloadFailed<'_> {
                 error!(task = "reloader", error = %e, "auth file reload failed; keeping the previous tokens")
             }
         }
+    }
+}
+
+/// Upper bounds (seconds) of the duration histograms' buckets: a
+/// millisecond to ten seconds, the range of a ledger commit and of an HTTP
+/// request under a request timeout.
+pub const DURATION_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A histogram of durations over [`DURATION_BUCKETS`], lock-free.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative), the last one above every
+    /// bound.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+    count: AtomicU64,
+}
+
+/// A histogram as read at one moment: cumulative counts per bound.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramView {
+    /// (upper bound, observations at or below it), without `+Inf`.
+    pub buckets: Vec<(f64, u64)>,
+    pub sum: f64,
+    pub count: u64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        let i = DURATION_BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        let nanos = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The cumulative view `/metrics` renders. Read without a lock, so a
+    /// scrape racing an observation may see it in the count and not yet
+    /// in a bucket; the total is the buckets' sum, so the `+Inf` bucket
+    /// and `_count` always agree.
+    pub fn view(&self) -> HistogramView {
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(DURATION_BUCKETS.len());
+        for (bound, n) in DURATION_BUCKETS.iter().zip(&self.buckets) {
+            total += n.load(Ordering::Relaxed);
+            buckets.push((*bound, total));
+        }
+        total += self.buckets[DURATION_BUCKETS.len()].load(Ordering::Relaxed);
+        HistogramView {
+            buckets,
+            sum: self.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9,
+            count: total,
+        }
+    }
+}
+
+/// The HTTP methods counted by name; any other is `other` (a method is
+/// whatever token a client sends, and would otherwise be a label value
+/// without bound).
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
+];
+
+/// A route label for requests that matched no route (one value for every
+/// unknown path, never the path itself).
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+
+/// HTTP requests counted by (route template, method, status code), and
+/// their durations by route. Routes are the router's templates
+/// (`/v1/tenants/{id}/usage`), so the label values are bounded by the code.
+#[derive(Debug, Default)]
+pub struct HttpRequests(Mutex<BTreeMap<String, RouteRequests>>);
+
+#[derive(Debug, Default)]
+struct RouteRequests {
+    /// By (method, status code).
+    counts: BTreeMap<(&'static str, u16), u64>,
+    duration: Histogram,
+}
+
+/// One route's figures as read at one moment.
+#[derive(Debug)]
+pub struct RouteView {
+    pub route: String,
+    /// (method, status code, requests).
+    pub counts: Vec<(&'static str, u16, u64)>,
+    pub duration: HistogramView,
+}
+
+impl HttpRequests {
+    /// Counts one request, answered with `status` after `took`. `route`
+    /// is a template the router declared or [`UNMATCHED_ROUTE`], never a
+    /// request's path.
+    pub fn observe(&self, route: &str, method: &str, status: u16, took: Duration) {
+        let method = METHODS
+            .iter()
+            .find(|m| **m == method)
+            .copied()
+            .unwrap_or("other");
+        let mut routes = crate::sync::lock(&self.0);
+        if !routes.contains_key(route) {
+            routes.insert(route.to_owned(), RouteRequests::default());
+        }
+        let r = routes
+            .get_mut(route)
+            .expect("inserted just before, under the same lock");
+        *r.counts.entry((method, status)).or_default() += 1;
+        r.duration.observe(took);
+    }
+
+    /// Every route seen so far, in route order.
+    pub fn view(&self) -> Vec<RouteView> {
+        crate::sync::lock(&self.0)
+            .iter()
+            .map(|(route, r)| RouteView {
+                route: route.clone(),
+                counts: r.counts.iter().map(|((m, s), n)| (*m, *s, *n)).collect(),
+                duration: r.duration.view(),
+            })
+            .collect()
     }
 }

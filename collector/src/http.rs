@@ -86,6 +86,7 @@ impl LedgerHistory {
 
 pub fn router(state: HttpState) -> Router {
     let timeout = state.request_timeout;
+    let counted = state.state.clone();
     Router::new()
         .route("/", get(status_page))
         .route("/metrics", get(metrics))
@@ -110,6 +111,12 @@ pub fn router(state: HttpState) -> Router {
         ))
         // Outside the timeout, so that its 408 gets a body too.
         .layer(axum::middleware::map_response(problem_for_bare_errors))
+        .layer(axum::middleware::from_fn_with_state(
+            counted,
+            crate::metrics::track_requests,
+        ))
+        // gzip for clients that ask for it (a scraper of a large /metrics).
+        .layer(tower_http::compression::CompressionLayer::new())
 }
 
 /// An error answered without a body of its own (the timeout's 408) gets a
@@ -303,7 +310,7 @@ async fn metrics(Extract(s): Extract<HttpState>, headers: HeaderMap) -> Result<R
     };
     match s
         .renders
-        .get(move || crate::metrics::render_text(&state, detail))
+        .get(move || crate::metrics::render_scrape(&state, detail))
         .await
     {
         Ok(body) => {

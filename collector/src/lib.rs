@@ -45,3 +45,7 @@ pub use app::{CollectorError, load_auth, load_tenants, run};
 pub use persist::committer::tenant_history_of;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// The source revision the binary was built from (`build.rs`: the build's
+/// `CAPWATCH_REVISION`, else `git rev-parse HEAD`, else "unknown").
+pub const REVISION: &str = env!("CAPWATCH_REVISION");

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use crate::events::{AuthReason, ClaimReason, NodePowerReject, Reject, Surface};
+use crate::events::{ClaimReason, HistogramView, NodePowerReject, Reject, Surface};
 use crate::state::State;
 
 /// The exposition's content type.
@@ -22,6 +22,7 @@ pub const TEXT_FORMAT: &str = "text/plain; version=0.0.4";
 pub enum Kind {
     Counter,
     Gauge,
+    Histogram,
 }
 
 /// Every family this collector exports: (name, help, type).
@@ -252,6 +253,16 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_ledger_commit_duration_seconds",
+        "How long each successful ledger commit took.",
+        Kind::Histogram,
+    ),
+    (
+        "capwatch_collector_ledger_finalized_lag_seconds",
+        "How far the ledger's watermark (finalized_through: minutes up to it are final) trails the wall clock; finalize_grace plus up to a quarter-hour while it moves. Absent until the watermark is read.",
+        Kind::Gauge,
+    ),
+    (
         "capwatch_collector_ledger_pool_connections",
         "Connections of the PostgreSQL ledger's pool, by state (idle, busy); absent on SQLite.",
         Kind::Gauge,
@@ -292,8 +303,18 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_http_requests_total",
+        "HTTP requests answered, by route (the route's template, or unmatched), method and status code.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_collector_http_request_duration_seconds",
+        "How long HTTP requests took to answer (to the response's head), by route.",
+        Kind::Histogram,
+    ),
+    (
         "capwatch_collector_build_info",
-        "Always 1; labels carry the version.",
+        "Always 1; labels carry the version and the source revision it was built from (unknown when built outside git).",
         Kind::Gauge,
     ),
     (
@@ -385,6 +406,9 @@ impl Detail {
 pub trait Sink {
     /// One series of family `fam` (an index into `FAMILIES`).
     fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64);
+
+    /// One histogram of family `fam` (a `Kind::Histogram`).
+    fn histogram(&mut self, fam: usize, labels: &[(&str, &str)], h: &HistogramView);
 }
 
 /// The index of family `name` in `FAMILIES`.
@@ -421,6 +445,10 @@ impl Families<'_> {
         }
     }
 
+    fn histogram(&mut self, name: &str, labels: &[(&str, &str)], h: &HistogramView) {
+        self.0.histogram(family(name), labels, h);
+    }
+
     /// As `push`, with the family's index looked up beforehand (hot loops).
     fn push_at(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
         self.0.series(fam, labels, value);
@@ -443,10 +471,10 @@ impl TextSink {
             if body.is_empty() {
                 continue;
             }
-            let kind = if *kind == Kind::Counter {
-                "counter"
-            } else {
-                "gauge"
+            let kind = match kind {
+                Kind::Counter => "counter",
+                Kind::Gauge => "gauge",
+                Kind::Histogram => "histogram",
             };
             out.push_str("# HELP ");
             out.push_str(name);
@@ -499,25 +527,50 @@ fn push_value(out: &mut String, v: f64) {
     }
 }
 
+/// Appends one sample line: `name` + `suffix`, the labels (then `le`),
+/// the value.
+fn push_sample(
+    out: &mut String,
+    name: &str,
+    suffix: &str,
+    labels: &[(&str, &str)],
+    le: Option<&str>,
+    value: f64,
+) {
+    out.push_str(name);
+    out.push_str(suffix);
+    if !labels.is_empty() || le.is_some() {
+        let mut sep = '{';
+        for (k, v) in labels.iter().chain(le.map(|le| ("le", le)).iter()) {
+            out.push(sep);
+            out.push_str(k);
+            out.push_str("=\"");
+            push_escaped(out, v, true);
+            out.push('"');
+            sep = ',';
+        }
+        out.push('}');
+    }
+    out.push(' ');
+    push_value(out, value);
+    out.push('\n');
+}
+
 impl Sink for TextSink {
     fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
+        push_sample(&mut self.0[fam], FAMILIES[fam].0, "", labels, None, value);
+    }
+
+    fn histogram(&mut self, fam: usize, labels: &[(&str, &str)], h: &HistogramView) {
         let out = &mut self.0[fam];
-        out.push_str(FAMILIES[fam].0);
-        if !labels.is_empty() {
-            let mut sep = '{';
-            for (k, v) in labels {
-                out.push(sep);
-                out.push_str(k);
-                out.push_str("=\"");
-                push_escaped(out, v, true);
-                out.push('"');
-                sep = ',';
-            }
-            out.push('}');
+        let name = FAMILIES[fam].0;
+        for (bound, n) in &h.buckets {
+            let le = bound.to_string();
+            push_sample(out, name, "_bucket", labels, Some(&le), *n as f64);
         }
-        out.push(' ');
-        push_value(out, value);
-        out.push('\n');
+        push_sample(out, name, "_bucket", labels, Some("+Inf"), h.count as f64);
+        push_sample(out, name, "_sum", labels, None, h.sum);
+        push_sample(out, name, "_count", labels, None, h.count as f64);
     }
 }
 
@@ -531,6 +584,62 @@ pub fn render_text(state: &State, detail: Detail) -> String {
     let mut sink = TextSink::new();
     collect_fleet(state, detail, &mut Families(&mut sink));
     sink.finish()
+}
+
+/// What `/metrics` serves: the fleet's exposition, then on Linux the
+/// process's standard `process_*` series (CPU seconds, resident and
+/// virtual memory, open and most descriptors, threads, start time), from
+/// the `prometheus` crate's process collector.
+pub fn render_scrape(state: &State, detail: Detail) -> String {
+    #[allow(unused_mut)] // appended to on Linux only
+    let mut text = render_text(state, detail);
+    #[cfg(target_os = "linux")]
+    process::append(&mut text);
+    text
+}
+
+#[cfg(target_os = "linux")]
+mod process {
+    use std::sync::OnceLock;
+
+    use prometheus::core::Collector;
+    use prometheus::process_collector::ProcessCollector;
+
+    /// Appends the process's series to `out`. One collector for the
+    /// process's life: it keeps the CPU time it last reported, for its
+    /// counter. A figure `/proc` does not give has no series.
+    pub(super) fn append(out: &mut String) {
+        static PROCESS: OnceLock<ProcessCollector> = OnceLock::new();
+        let families = PROCESS.get_or_init(ProcessCollector::for_self).collect();
+        if let Err(e) = prometheus::TextEncoder::new().encode_utf8(&families, out) {
+            tracing::warn!(error = %e, "rendering the process metrics failed; /metrics goes without them");
+        }
+    }
+}
+
+/// Counts and times every HTTP request by its route's template (axum's
+/// `MatchedPath`, `unmatched` for none: never the request's path, so
+/// the label's values are bounded by the router), method and status.
+/// The outermost layer of the router, so that timeouts are counted too.
+pub async fn track_requests(
+    axum::extract::State(state): axum::extract::State<std::sync::Arc<State>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let method = req.method().clone();
+    let started = Instant::now();
+    let response = next.run(req).await;
+    state.counters.http_requests.observe(
+        route.as_deref().unwrap_or(crate::events::UNMATCHED_ROUTE),
+        method.as_str(),
+        response.status().as_u16(),
+        started.elapsed(),
+    );
+    response
 }
 
 /// Every series of the fleet, from `state`, into `sink`, family by family
@@ -838,6 +947,19 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         &[],
         c.commit_micros.load(Ordering::Relaxed) as f64 / 1e6,
     );
+    f.histogram(
+        "capwatch_collector_ledger_commit_duration_seconds",
+        &[],
+        &c.commit_seconds.view(),
+    );
+    let watermark = c.finalized_through.load(Ordering::Relaxed);
+    if watermark > 0 {
+        f.push(
+            "capwatch_collector_ledger_finalized_lag_seconds",
+            &[],
+            (crate::sync::now_unix() - watermark) as f64,
+        );
+    }
     if let Some(pool) = state.ledger_pool() {
         let (idle, busy) = pool.connections();
         for (label, n) in [("idle", idle), ("busy", busy)] {
@@ -854,12 +976,17 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
         );
     }
     for surface in Surface::ALL {
-        for reason in AuthReason::ALL {
-            f.push(
-                "capwatch_collector_auth_refused_total",
-                &[("surface", surface.label()), ("reason", reason.label())],
-                c.auth_refused(surface, reason) as f64,
-            );
+        for reason in crate::events::AuthReason::ALL {
+            let n = c.auth_refused(surface, reason);
+            // A reason the surface never refuses for has no series (it
+            // could never move), unless it moved all the same.
+            if surface.reasons().contains(&reason) || n > 0 {
+                f.push(
+                    "capwatch_collector_auth_refused_total",
+                    &[("surface", surface.label()), ("reason", reason.label())],
+                    n as f64,
+                );
+            }
         }
     }
     for reason in ClaimReason::ALL {
@@ -893,9 +1020,24 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             n.load(Ordering::Relaxed) as f64,
         );
     }
+    for route in c.http_requests.view() {
+        for (method, status, n) in &route.counts {
+            let code = status.to_string();
+            f.push(
+                "capwatch_collector_http_requests_total",
+                &[("route", &route.route), ("method", method), ("code", &code)],
+                *n as f64,
+            );
+        }
+        f.histogram(
+            "capwatch_collector_http_request_duration_seconds",
+            &[("route", &route.route)],
+            &route.duration,
+        );
+    }
     f.push(
         "capwatch_collector_build_info",
-        &[("version", crate::VERSION)],
+        &[("version", crate::VERSION), ("revision", crate::REVISION)],
         1.0,
     );
     if let Some(info) = state.collector_info() {
@@ -1100,6 +1242,21 @@ mod tests {
                 .collect();
             state.ingest(&h, samples, Vec::new()).unwrap();
         }
+        let c = &state.counters;
+        c.commit_seconds.observe(Duration::from_millis(3));
+        c.commit_seconds.observe(Duration::from_secs(30));
+        c.http_requests.observe(
+            "/v1/tenants/{id}/usage",
+            "GET",
+            200,
+            Duration::from_micros(700),
+        );
+        c.http_requests.observe(
+            crate::events::UNMATCHED_ROUTE,
+            "BREW",
+            404,
+            Duration::from_millis(2),
+        );
         state
     }
 
@@ -1118,6 +1275,102 @@ mod tests {
         }
         families.sort();
         families
+    }
+
+    /// The series of `name` in `text`, without their values.
+    fn series_of<'a>(text: &'a str, name: &str) -> Vec<&'a str> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .map(|l| l.rsplit_once(' ').unwrap().0)
+            .collect()
+    }
+
+    #[test]
+    fn auth_refusals_have_series_only_for_what_a_surface_can_refuse() {
+        // HTTP checks no node and no client certificate; gRPC has no
+        // scopes: those series could never move.
+        let state = fleet();
+        let text = render_text(&state, Detail::ALL);
+        let family = "capwatch_collector_auth_refused_total";
+        assert_eq!(
+            series_of(&text, family),
+            [
+                r#"capwatch_collector_auth_refused_total{surface="grpc",reason="unauthenticated"}"#,
+                r#"capwatch_collector_auth_refused_total{surface="grpc",reason="node_not_allowed"}"#,
+                r#"capwatch_collector_auth_refused_total{surface="grpc",reason="certificate"}"#,
+                r#"capwatch_collector_auth_refused_total{surface="http",reason="unauthenticated"}"#,
+                r#"capwatch_collector_auth_refused_total{surface="http",reason="forbidden"}"#,
+            ]
+        );
+        // Were one counted all the same, it is shown, not hidden.
+        crate::events::AuthRefused {
+            surface: Surface::Http,
+            reason: crate::events::AuthReason::Certificate,
+            node: None,
+        }
+        .emit(&state.counters);
+        let text = render_text(&state, Detail::ALL);
+        assert!(
+            text.contains(
+                "capwatch_collector_auth_refused_total{surface=\"http\",reason=\"certificate\"} 1\n"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn http_requests_are_labelled_by_route_method_and_code() {
+        let state = fleet();
+        let text = render_text(&state, Detail::ALL);
+        assert_eq!(
+            series_of(&text, "capwatch_collector_http_requests_total"),
+            [
+                r#"capwatch_collector_http_requests_total{route="/v1/tenants/{id}/usage",method="GET",code="200"}"#,
+                // A method the collector does not know is `other`.
+                r#"capwatch_collector_http_requests_total{route="unmatched",method="other",code="404"}"#,
+            ]
+        );
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                l.starts_with("capwatch_collector_http_request_duration_seconds")
+                    && l.contains("route=\"unmatched\"")
+            })
+            .collect();
+        expect_test::expect![[r#"
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.001"} 0
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.0025"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.005"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.01"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.025"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.05"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.1"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.25"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="0.5"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="1"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="2.5"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="5"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="10"} 1
+            capwatch_collector_http_request_duration_seconds_bucket{route="unmatched",le="+Inf"} 1
+            capwatch_collector_http_request_duration_seconds_sum{route="unmatched"} 0.002
+            capwatch_collector_http_request_duration_seconds_count{route="unmatched"} 1
+        "#]]
+        .assert_eq(&(lines.join("\n") + "\n"));
+    }
+
+    #[test]
+    fn a_histogram_counts_each_duration_in_the_first_bucket_that_holds_it() {
+        let h = crate::events::Histogram::default();
+        // On a bound: in that bucket (`le` is "at most"); past the last
+        // bound: only in +Inf.
+        for ms in [1, 3, 20_000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let v = h.view();
+        let at = |bound: f64| v.buckets.iter().find(|(b, _)| *b == bound).unwrap().1;
+        assert_eq!((at(0.001), at(0.0025), at(0.005), at(10.0)), (1, 1, 2, 2));
+        assert_eq!(v.count, 3);
+        assert!((v.sum - 20.004).abs() < 1e-9, "{}", v.sum);
     }
 
     #[test]

@@ -7,9 +7,12 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use prometheus::core::{Collector, Desc};
-use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricType};
+use prometheus::proto::{
+    Bucket, Counter, Gauge, Histogram, LabelPair, Metric, MetricFamily, MetricType,
+};
 use prometheus::{Encoder, Registry, TextEncoder};
 
+use capwatch_collector::events::HistogramView;
 use capwatch_collector::metrics::{Detail, FAMILIES, Kind, Sink, collect_into};
 use capwatch_collector::state::State;
 
@@ -57,6 +60,7 @@ impl ProtoSink {
                 f.set_field_type(match kind {
                     Kind::Counter => MetricType::COUNTER,
                     Kind::Gauge => MetricType::GAUGE,
+                    Kind::Histogram => MetricType::HISTOGRAM,
                 });
                 f.set_metric(metrics);
                 f
@@ -65,20 +69,46 @@ impl ProtoSink {
     }
 }
 
+/// A metric with `labels` and no value yet.
+fn labelled(labels: &[(&str, &str)]) -> Metric {
+    let mut m = Metric::default();
+    m.set_label(
+        labels
+            .iter()
+            .map(|(k, v)| {
+                let mut l = LabelPair::default();
+                l.set_name((*k).to_string());
+                l.set_value((*v).to_string());
+                l
+            })
+            .collect(),
+    );
+    m
+}
+
 impl Sink for ProtoSink {
-    fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
-        let mut m = Metric::default();
-        m.set_label(
-            labels
+    fn histogram(&mut self, fam: usize, labels: &[(&str, &str)], view: &HistogramView) {
+        let mut m = labelled(labels);
+        let mut h = Histogram::default();
+        h.set_sample_count(view.count);
+        h.set_sample_sum(view.sum);
+        h.set_bucket(
+            view.buckets
                 .iter()
-                .map(|(k, v)| {
-                    let mut l = LabelPair::default();
-                    l.set_name((*k).to_string());
-                    l.set_value((*v).to_string());
-                    l
+                .map(|(bound, n)| {
+                    let mut b = Bucket::default();
+                    b.set_upper_bound(*bound);
+                    b.set_cumulative_count(*n);
+                    b
                 })
                 .collect(),
         );
+        m.set_histogram(h);
+        self.0[fam].push(m);
+    }
+
+    fn series(&mut self, fam: usize, labels: &[(&str, &str)], value: f64) {
+        let mut m = labelled(labels);
         if FAMILIES[fam].2 == Kind::Counter {
             let mut c = Counter::default();
             c.set_value(value);

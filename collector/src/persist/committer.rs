@@ -286,10 +286,12 @@ pub fn commit_once<W: LedgerWriter>(
             state.add_over_contract(&done.over_contract_ns);
             state.counters.commits_ok.fetch_add(1, Ordering::Relaxed);
             state.readiness.commit_succeeded();
+            let took = started.elapsed();
             state
                 .counters
                 .commit_micros
-                .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+                .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+            state.counters.commit_seconds.observe(took);
             committed.send_replace(id);
             None
         }
@@ -312,6 +314,14 @@ fn read_totals<W: LedgerWriter + ?Sized>(state: &State, ledger: &W) {
         Ok(t) => state.set_ledger_totals(&t),
         Err(e) => {
             tracing::warn!(task = "committer", error = %e, "reading the tenants' totals from the ledger failed; /metrics keeps the last ones")
+        }
+    }
+    // For the watermark's lag on /metrics (another collector may have
+    // moved it further than this one asked).
+    match ledger.finalized_through() {
+        Ok(w) => state.counters.finalized_through.store(w, Ordering::Relaxed),
+        Err(e) => {
+            tracing::warn!(task = "committer", error = %e, "reading the ledger's watermark failed; /metrics keeps the last one")
         }
     }
 }

@@ -34,5 +34,6 @@ mod openapi;
 mod postgres;
 mod retire;
 mod security;
+mod self_metrics;
 mod status_page;
 mod streams;
