@@ -35,7 +35,7 @@ pub struct Config {
     /// an error).
     pub ledger_url: Option<String>,
     /// A file holding the PostgreSQL password, so that it is not in the
-    /// URL or the config.
+    /// URL or the config (a password in `ledger_url` is refused).
     pub ledger_password_file: Option<PathBuf>,
     /// Most connections to PostgreSQL open at once.
     pub ledger_pool_size: usize,
@@ -310,11 +310,22 @@ impl Config {
                     "ledger_url (PostgreSQL) and ledger_path (SQLite) are both set: choose one",
                 );
             }
-            if let Err(e) = url.parse::<tokio_postgres::Config>() {
-                return Err(ConfigError::invalid(
-                    "ledger_url",
-                    format!("not a PostgreSQL URL: {e}"),
-                ));
+            match url.parse::<tokio_postgres::Config>() {
+                Err(e) => {
+                    return Err(ConfigError::invalid(
+                        "ledger_url",
+                        format!("not a PostgreSQL URL: {e}"),
+                    ));
+                }
+                // A secret in a setting shows wherever settings do
+                // (`--print-config`, process listings, unit files).
+                Ok(cfg) if cfg.get_password().is_some() => {
+                    return bad(
+                        "ledger_url",
+                        "must not carry a password: put it in a file named by ledger_password_file",
+                    );
+                }
+                Ok(_) => {}
             }
         }
         if self.ledger_password_file.is_some() && self.ledger_url.is_none() {

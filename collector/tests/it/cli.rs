@@ -811,6 +811,40 @@ fn every_setting_has_an_environment_variable() {
     assert_readme_documents(&vars);
 }
 
+/// A password in `ledger_url` is refused wherever the URL comes from
+/// (file, variable, flag), naming `ledger_password_file`, and neither the
+/// error nor `--print-config` shows it: the effective config is printed
+/// without secrets (the ones it holds are file paths).
+#[test]
+fn a_password_in_the_ledger_url_is_refused_and_never_printed() {
+    const URL: &str = "postgres://capwatch:hunter2-secret@db.example:5432/capwatch";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("collector.toml");
+    std::fs::write(&file, format!("ledger_url = \"{URL}\"\n")).unwrap();
+    let file = file.to_str().unwrap();
+    // (arguments, environment)
+    type Way<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let ways: [Way; 3] = [
+        (&["--config", file], &[]),
+        (&[], &[("CAPWATCH_LEDGER_URL", URL)]),
+        (&["--ledger-url", URL], &[]),
+    ];
+    for (args, env) in ways {
+        let out = collector(&[args, &["--print-config"]].concat(), env);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "{args:?} {env:?}: {text}");
+        assert!(!text.contains("hunter2"), "{args:?} {env:?}: {text}");
+        assert!(
+            text.contains("ledger_url") && text.contains("ledger_password_file"),
+            "{args:?} {env:?}: {text}"
+        );
+    }
+}
+
 /// `usage` takes `--ledger`, `--tenants` and `--config` after the
 /// subcommand as well as before it.
 #[test]
