@@ -34,6 +34,13 @@ CRD_GROUPS = ("monitoring.coreos.com/",)
 
 failures = []
 
+# Kubernetes' recommended labels every capwatch object of these kinds
+# carries (the others: part-of and managed-by, from the kustomizations).
+RECOMMENDED_LABELS = ("app.kubernetes.io/name", "app.kubernetes.io/component",
+                      "app.kubernetes.io/part-of", "app.kubernetes.io/managed-by")
+COMPONENT_KINDS = ("DaemonSet", "Deployment", "Job", "Service", "PersistentVolumeClaim",
+                   "PodDisruptionBudget", "NetworkPolicy", "ServiceMonitor", "PrometheusRule")
+
 
 def fail(msg):
     failures.append(msg)
@@ -135,6 +142,22 @@ def check_workloads(where, objs):
         if spec.get("nodeSelector", {}).get("nvidia.com/gpu.present") != "true":
             fail(f"{where}: agent DaemonSet: not restricted to GPU nodes (nodeSelector nvidia.com/gpu.present)")
 
+    # The recommended labels (app.kubernetes.io/*), on the objects and on
+    # the pods they make: what `kubectl get -l`, dashboards and policies
+    # select on.
+    for o in objs:
+        labels = o["metadata"].get("labels", {})
+        want = RECOMMENDED_LABELS if o["kind"] in COMPONENT_KINDS else ("app.kubernetes.io/part-of",
+                                                                          "app.kubernetes.io/managed-by")
+        for label in want:
+            if not labels.get(label):
+                fail(f'{where}: {o["kind"]}/{o["metadata"]["name"]} has no label {label}')
+        template = o.get("spec", {}).get("template", {}).get("metadata", {}).get("labels")
+        if template is not None:
+            for label in ("app.kubernetes.io/name", "app.kubernetes.io/part-of", "app.kubernetes.io/component"):
+                if not template.get(label):
+                    fail(f'{where}: {o["kind"]}/{o["metadata"]["name"]}: its pods have no label {label}')
+
     # Services select pods that exist.
     pods = [o["spec"]["template"]["metadata"]["labels"] for k in ("DaemonSet", "Deployment")
             for o in by_kind.get(k, {}).values()]
@@ -143,6 +166,42 @@ def check_workloads(where, objs):
         if not any(all(p.get(k) == v for k, v in sel.items()) for p in pods):
             fail(f"{where}: Service/{name} selects no pod template")
     return by_kind
+
+
+def check_collector_service(where, by_kind, config):
+    """The collector Service's appProtocol says what its ports speak (gRPC
+    with TLS when collector.toml sets tls_cert, HTTP in the clear), and a
+    NetworkPolicy lets only the agents reach the gRPC port."""
+    cfg = read_toml(config)
+    svc = by_kind.get("Service", {}).get("capwatch-collector")
+    if not svc:
+        fail(f"{where}: no Service/capwatch-collector")
+        return
+    ports = {p["name"]: p for p in svc["spec"]["ports"]}
+    grpc = "https" if cfg.get("tls_cert") else "kubernetes.io/h2c"
+    for name, proto in (("grpc", grpc), ("http", "http")):
+        got = ports.get(name, {}).get("appProtocol")
+        if got != proto:
+            fail(f"{where}: Service/capwatch-collector port {name}: appProtocol {got}, not {proto} "
+                 f"(tls_cert {'set' if cfg.get('tls_cert') else 'unset'})")
+    collector_pods = by_kind.get("Deployment", {}).get("capwatch-collector", {}).get(
+        "spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+    agent_pods = by_kind.get("DaemonSet", {}).get("capwatch-agent", {}).get(
+        "spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+    policies = [p for p in by_kind.get("NetworkPolicy", {}).values()
+                if all(collector_pods.get(k) == v
+                       for k, v in p["spec"]["podSelector"].get("matchLabels", {}).items())]
+    if len(policies) != 1:
+        fail(f"{where}: {len(policies)} NetworkPolicies select the collector pods, not one")
+        return
+    for rule in policies[0]["spec"].get("ingress", []):
+        if any(p.get("port") == "grpc" for p in rule.get("ports", [])):
+            sources = rule.get("from", [])
+            if not sources or not all(
+                    all(agent_pods.get(k) == v for k, v in f.get("podSelector", {}).get("matchLabels", {}).items())
+                    and "podSelector" in f and "namespaceSelector" not in f and "ipBlock" not in f
+                    for f in sources):
+                fail(f"{where}: the collector's NetworkPolicy lets more than the agent pods reach gRPC")
 
 
 def check_service_monitor(where, operator, by_kind):
@@ -154,6 +213,10 @@ def check_service_monitor(where, operator, by_kind):
         if len(svcs) != 1:
             fail(f"{where}: ServiceMonitor/{name} selects {len(svcs)} Services, not one "
                  "(two would scrape every collector twice)")
+        for svc in svcs:
+            if "prometheus.io/scrape" in svc["metadata"].get("annotations", {}):
+                fail(f'{where}: Service/{svc["metadata"]["name"]} has prometheus.io/scrape as well as '
+                     f"ServiceMonitor/{name}: a Prometheus that honours both scrapes it twice")
         for ep in sm["spec"]["endpoints"]:
             if not any(ep["port"] in [p["name"] for p in s["spec"]["ports"]] for s in svcs):
                 fail(f'{where}: ServiceMonitor/{name}: no Service port named {ep["port"]}')
@@ -209,7 +272,7 @@ def check_ha(base, ha, ledger_init):
     for kind, name in (("Namespace", "capwatch"), ("DaemonSet", "capwatch-agent")):
         if without_generated_names(h.get(kind, {}).get(name)) != without_generated_names(b.get(kind, {}).get(name)):
             fail(f"{where}: {kind}/{name} differs from deploy/kubernetes (copy it over)")
-    for f in ("namespace.yaml", "agent-daemonset.yaml", "config/tenants.toml"):
+    for f in ("namespace.yaml", "agent-daemonset.yaml", "collector-networkpolicy.yaml", "config/tenants.toml"):
         with open(os.path.join(K8S, f)) as one, open(os.path.join(K8S, "ha", f)) as other:
             if one.read() != other.read():
                 fail(f"{where}: {f} differs from deploy/kubernetes/{f}")
@@ -370,12 +433,14 @@ def check_kubernetes():
     check_workloads("prometheus-operator", operator)
     check_service_monitor("base", operator, single)
     check_agent_port("base", operator, single, os.path.join(K8S, "config", "agent.toml"))
+    check_collector_service("base", single, os.path.join(K8S, "config", "collector.toml"))
     several = check_workloads("ha", layouts["ha"] + layouts["ha/ledger-init"])
     for kind in ("Namespace", "DaemonSet", "Deployment", "Service", "PodDisruptionBudget", "Job"):
         if kind not in several:
             fail(f"ha: no {kind} rendered")
     check_service_monitor("ha", operator, several)
     check_agent_port("ha", operator, several, os.path.join(K8S, "ha", "config", "agent.toml"))
+    check_collector_service("ha", several, os.path.join(K8S, "ha", "config", "collector.toml"))
     check_ha(layouts["base"], layouts["ha"], layouts["ha/ledger-init"])
     print(f"{validated} objects valid against the Kubernetes schemas")
     if validated < 16:

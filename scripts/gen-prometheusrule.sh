@@ -20,6 +20,7 @@ metadata:
   name: capwatch
   labels:
     app.kubernetes.io/name: capwatch-collector
+    app.kubernetes.io/component: monitoring
     app.kubernetes.io/part-of: capwatch
 spec:
 HEAD
