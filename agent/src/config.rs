@@ -299,6 +299,19 @@ fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<S
     }))
 }
 
+/// `url` with the user name and password of its authority (before the
+/// last `@` ahead of the path) replaced by `…`, for error messages.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}://…{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
 /// Why `url` is not a collector endpoint, if it is not one.
 fn endpoint_problem(url: &str) -> Option<String> {
     let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
@@ -393,10 +406,12 @@ impl Config {
             ));
         }
         for (i, url) in endpoints.iter().enumerate() {
+            // Named without any credentials it carries: errors go to logs.
+            let shown = without_userinfo(url);
             let which = if setting == "collectors" {
-                format!("endpoint {} ({url:?})", i + 1)
+                format!("endpoint {} ({shown:?})", i + 1)
             } else {
-                format!("{url:?}")
+                format!("{shown:?}")
             };
             if let Some(problem) = endpoint_problem(url) {
                 return Err(ConfigError::invalid(setting, format!("{which} {problem}")));

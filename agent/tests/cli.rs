@@ -428,6 +428,32 @@ fn every_setting_has_an_environment_variable() {
     assert_readme_documents(&vars);
 }
 
+/// A collector URL carrying credentials is refused, and the error (which
+/// goes to the journal) names the endpoint without them.
+#[test]
+fn a_collector_url_with_a_password_is_refused_without_showing_it() {
+    // (arguments, environment)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+    let cases: [Case; 2] = [
+        (&["--collector", "https://capwatch:hunter2@c1:7070"], &[]),
+        (
+            &[],
+            &[(
+                "CAPWATCH_COLLECTORS",
+                "https://c0:7070,https://capwatch:hunter2@c1:7070",
+            )],
+        ),
+    ];
+    for (args, env) in cases {
+        let out = agent(&[args, &["--print-config"]].concat(), env);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{args:?} {env:?}");
+        assert!(err.contains("user name or password"), "{err}");
+        assert!(err.contains("c1:7070"), "the endpoint is not named: {err}");
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}
+
 /// Plain logs to a pipe (journald, a file, a log shipper) carry no ANSI
 /// colour codes.
 #[test]
