@@ -452,6 +452,9 @@ fn grafana_dashboard_covers_what_an_sre_needs() {
         "Nodes without whole-node power",
         "Meters up",
         "Meter drift",
+        "Ledger commit latency",
+        "HTTP requests by route",
+        "Collector process",
     ] {
         assert!(titles.iter().any(|t| t == want), "no panel {want:?}");
     }
