@@ -1109,6 +1109,37 @@ mod tests {
         expect_test::expect_file!["../openapi.json"].assert_eq(&openapi_text());
     }
 
+    /// Every exact amount (`*_millijoules`) is documented as a decimal
+    /// string, as it is served: a schema that says integer makes a
+    /// generated client reject the answer, or read it as a double.
+    #[test]
+    fn every_millijoule_amount_is_documented_as_a_decimal_string() {
+        let doc: serde_json::Value = serde_json::from_str(&openapi_text()).unwrap();
+        let mut amounts = 0;
+        for (schema, body) in doc["components"]["schemas"].as_object().unwrap() {
+            let Some(props) = body["properties"].as_object() else {
+                continue;
+            };
+            for (name, prop) in props {
+                if !name.ends_with("_millijoules") {
+                    continue;
+                }
+                amounts += 1;
+                let types = match &prop["type"] {
+                    serde_json::Value::Array(t) => t.clone(),
+                    t => vec![t.clone()],
+                };
+                assert!(
+                    types.contains(&"string".into())
+                        && types.iter().all(|t| t == "string" || t == "null"),
+                    "{schema}.{name}: {prop}"
+                );
+                assert!(prop["pattern"].is_string(), "{schema}.{name}: {prop}");
+            }
+        }
+        assert!(amounts >= 8, "{amounts} amounts found");
+    }
+
     /// The CSV of a page has a column for every field a row or an
     /// adjustment has in JSON (as the OpenAPI document lists them, the
     /// optional ones too), and no other: a field added to the rows must

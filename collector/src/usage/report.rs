@@ -45,6 +45,28 @@ mod decimal {
             Ok(Option::<Amount>::deserialize(d)?.map(|a| a.0))
         }
     }
+
+    /// A signed amount that may be absent (a restatement lowers a figure
+    /// as often as it raises it).
+    pub mod signed_opt {
+        use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+        pub fn serialize<S: Serializer>(v: &Option<i64>, s: S) -> Result<S::Ok, S::Error> {
+            match v {
+                Some(v) => s.collect_str(v),
+                None => s.serialize_none(),
+            }
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+            Option::<std::borrow::Cow<'de, str>>::deserialize(d)?
+                .map(|text| {
+                    text.parse()
+                        .map_err(|_| D::Error::custom(format!("{text:?} is not a decimal amount")))
+                })
+                .transpose()
+        }
+    }
 }
 
 /// One row of usage.
@@ -192,17 +214,22 @@ pub struct AdjustmentRow {
     /// the tenant in the row (0 in other adjustments). Exact: a decimal
     /// string in JSON.
     #[serde(with = "decimal")]
+    #[schema(value_type = String, pattern = "^[0-9]+$")]
     pub facility_allocated_millijoules: u64,
     /// The node energy that allocation replaces (whose facility energy
     /// was its PUE estimate until then). Exact: a decimal string in JSON.
     #[serde(with = "decimal")]
+    #[schema(value_type = String, pattern = "^[0-9]+$")]
     pub facility_replaced_node_millijoules: u64,
     /// The change this revision made to the row's facility energy: the
     /// allocation minus the PUE estimate of the node energy it replaces
     /// (each minute on its contract's PUE), negative where the meter read
     /// less; absent where the tenant has no PUE, so there was no estimate
     /// (its facility energy is then the allocation itself), and 0 in
-    /// adjustments that restate no facility energy.
+    /// adjustments that restate no facility energy. Exact: a decimal
+    /// string in JSON.
+    #[serde(with = "decimal::signed_opt")]
+    #[schema(value_type = Option<String>, pattern = "^-?[0-9]+$")]
     pub facility_energy_restated_millijoules: Option<i64>,
 }
 

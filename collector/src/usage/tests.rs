@@ -783,6 +783,67 @@ fn a_revision_beyond_any_ledger_is_ahead_of_the_ledger() {
 /// Node ids are the agent's to choose and may hold commas and quotes:
 /// an adjustment's line must still have the header's columns, with
 /// the node read back as sent (RFC 4180 quoting).
+/// Every exact amount of a report, in its rows and its adjustments, the
+/// signed restatement of facility energy too, is a decimal string in JSON.
+#[test]
+fn every_millijoule_amount_of_rows_and_adjustments_is_a_decimal_string() {
+    use crate::ledger::Adjustment;
+    let usage = Usage {
+        finalized_through: T + 3600,
+        revision: 2,
+        adjustments: vec![Adjustment {
+            revision: 2,
+            booked_at: T + 7200,
+            tenant: "a".to_string(),
+            node: "n".to_string(),
+            minute_start: T,
+            delta: d(1_000, 60, 60, 60),
+            metered: crate::accounting::Metered::NONE,
+        }],
+        ..minutes()
+    };
+    let q = Query::parse(
+        Some("2027-01-01T00:00:00Z"),
+        Some("2027-01-01T00:15:00Z"),
+        Some("15m"),
+        None,
+        1,
+    )
+    .unwrap();
+    let mut r = report(
+        &q,
+        &[Terms::new("a", None, Some(1.2))],
+        &usage,
+        &Facility::NONE,
+    );
+    assert_eq!(r.adjustments.len(), 1);
+    r.adjustments[0].facility_energy_restated_millijoules = Some(-(1i64 << 60));
+    let v = serde_json::to_value(&r).unwrap();
+    let mut seen = 0;
+    for record in v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(v["adjustments"].as_array().unwrap())
+    {
+        for (name, value) in record.as_object().unwrap() {
+            if name.ends_with("_millijoules") && !value.is_null() {
+                seen += 1;
+                assert!(value.is_string(), "{name}: {value}");
+            }
+        }
+    }
+    assert!(seen >= 6, "{seen}");
+    let restated = &v["adjustments"][0]["facility_energy_restated_millijoules"];
+    assert_eq!(restated, &serde_json::json!((-(1i64 << 60)).to_string()));
+    // And back through the API's own types.
+    let back: Report = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        back.adjustments[0].facility_energy_restated_millijoules,
+        Some(-(1i64 << 60))
+    );
+}
+
 #[test]
 fn an_adjustment_from_a_node_with_a_comma_stays_in_its_columns() {
     use crate::ledger::Adjustment;
