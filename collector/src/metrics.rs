@@ -378,6 +378,16 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Gauge,
     ),
     (
+        "capwatch_meter_allocated_through_timestamp_seconds",
+        "The end of the last minute the meter's energy is allocated to tenants for, as the ledger keeps it (Unix time): behind the watermark while a node under it may still book energy into later minutes.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_meter_allocation_holding_nodes",
+        "Nodes under the meter whose power readings may still book energy into minutes the watermark has passed (a coarse whole-node counter not yet stepped): the meter's allocation waits for them.",
+        Kind::Gauge,
+    ),
+    (
         "capwatch_meter_nodes_overlapping",
         "Nodes with measured minutes in the last allocation round that this meter and another one both cover: billed once per meter; make the meters' node lists disjoint.",
         Kind::Gauge,
@@ -1114,6 +1124,18 @@ fn collect_meters(board: &crate::meters::Board, f: &mut Families<'_>) {
             "capwatch_meter_nodes_overlapping",
             &meter,
             live.nodes_overlapping as f64,
+        );
+        if let Some(t) = live.allocated_through {
+            f.push(
+                "capwatch_meter_allocated_through_timestamp_seconds",
+                &meter,
+                t as f64,
+            );
+        }
+        f.push(
+            "capwatch_meter_allocation_holding_nodes",
+            &meter,
+            live.holding_nodes as f64,
         );
         for (bound, v) in [("min", m.spec.min_ratio), ("max", m.spec.max_ratio)] {
             f.push(

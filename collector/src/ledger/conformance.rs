@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use super::{
     BucketDelta, Commit, Compaction, CompactionLease, GpuCursor, LedgerError, LedgerReader,
-    LedgerWriter, MeterMinute, MeterShare, MeterState, NodeCursor, NodeMinute, TenantVersion,
+    LedgerWriter, MeterMinute, MeterShare, MeterState, NodeCursor, NodeMinute, PlacingHold,
+    TenantVersion,
 };
 use crate::accounting::{Run, StretchWeight};
 use crate::tenants::{TenantHistory, Tenants};
@@ -42,6 +43,7 @@ macro_rules! conformance_tests {
             over_contract_is_measured_on_each_tenants_basis,
             meter_minutes_are_allocated_once_and_read_back,
             node_minutes_measure_node_energy_else_gpu_energy,
+            each_nodes_placing_hold_is_kept_with_its_cursor,
             facility_usage_is_the_allocation_plus_pue_times_unmetered_node_energy,
             usage_pages_give_every_row_once_and_each_adjustment_once,
             allocated_facility_energy_survives_compaction,
@@ -907,6 +909,82 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
             ("row-a".to_string(), minutes[0].clone()),
             ("row-b".to_string(), other)
         ]
+    );
+}
+
+/// Each committed cursor keeps where its node's power readings may still
+/// book energy (`NodeCursor::placing`): the earliest source's last change,
+/// the newest reading; a node without power readings holds nothing, and a
+/// later commit of the node replaces its hold, on a fresh claim too.
+pub(crate) fn each_nodes_placing_hold_is_kept_with_its_cursor<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let s = 1_000_000_000i64;
+    let source = |changed: Option<i64>, at: i64| GpuCursor {
+        last_counter_mj: Some(5),
+        last_timestamp_ns: Some(at),
+        remainder_mw_ns: 0,
+        energy_mj: 5,
+        counter_resets: 0,
+        changed_ns: changed,
+    };
+    let w = &mut f.writer;
+    assert_eq!(f.reader.placing_holds().unwrap(), vec![]);
+    w.claim("a", "n1").unwrap();
+    w.claim("a", "n2").unwrap();
+    let mut c = Commit::default();
+    let mut n1 = cursor(1, 10, 5_000);
+    n1.power = vec![
+        // A coarse counter unchanged since 08:05:30, read at 08:20:10.
+        (
+            Arc::from("redfish/bmc"),
+            source(Some((MINUTE + 330) * s), (MINUTE + 1210) * s),
+        ),
+        // A fine one (RAPL) read at 08:20:40.
+        (
+            Arc::from("rapl/package-0"),
+            source(Some((MINUTE + 1240) * s), (MINUTE + 1240) * s),
+        ),
+    ];
+    c.nodes.insert(Arc::from("n1"), n1.clone());
+    // GPUs only: no power readings, no hold.
+    let n2 = NodeCursor {
+        power: Vec::new(),
+        ..cursor(1, 10, 5_000)
+    };
+    c.nodes.insert(Arc::from("n2"), n2);
+    w.commit_as("a", &c, MINUTE + 1300, i64::MIN).unwrap();
+    let hold = PlacingHold {
+        node: "n1".into(),
+        from_minute: MINUTE + 300,
+        seen: MINUTE + 1240,
+    };
+    assert_eq!(f.reader.placing_holds().unwrap(), vec![hold.clone()]);
+    // The counter steps at 08:21:10: the hold moves on.
+    n1.power[0].1 = source(Some((MINUTE + 1270) * s), (MINUTE + 1270) * s);
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n1"), n1.clone());
+    w.commit_as("a", &c, MINUTE + 1300, i64::MIN).unwrap();
+    let moved = PlacingHold {
+        from_minute: MINUTE + 1200,
+        seen: MINUTE + 1270,
+        ..hold
+    };
+    assert_eq!(f.reader.placing_holds().unwrap(), vec![moved.clone()]);
+    // Another holder takes the node over and commits: its row, its hold.
+    w.claim("b", "n1").unwrap();
+    let mut c = Commit::default();
+    n1.power.truncate(1);
+    n1.power[0].1 = source(None, (MINUTE + 1330) * s);
+    c.nodes.insert(Arc::from("n1"), n1);
+    w.commit_as("b", &c, MINUTE + 1400, i64::MIN).unwrap();
+    assert_eq!(
+        f.reader.placing_holds().unwrap(),
+        vec![PlacingHold {
+            from_minute: MINUTE + 1320,
+            seen: MINUTE + 1330,
+            ..moved
+        }]
     );
 }
 

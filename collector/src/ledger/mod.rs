@@ -366,6 +366,49 @@ pub struct NodeCursor {
     pub stretch: Vec<(Arc<str>, crate::accounting::StretchWeight)>,
 }
 
+impl NodeCursor {
+    /// The earliest minute (Unix seconds) this node's power readings may
+    /// still book whole-node energy into, and when the newest of them was
+    /// taken (Unix seconds): a coarse counter's next step is spread back
+    /// to its last change (`accounting::NodeStretch`), any other reading
+    /// books from the one before it; never further back than a step is
+    /// spread (`edge::MAX_SPREAD`). `None` for a node without power
+    /// source readings. What the meters' allocation waits for
+    /// (`LedgerReader::placing_holds`).
+    pub fn placing(&self) -> Option<(i64, i64)> {
+        let mut out: Option<(i64, i64)> = None;
+        for (_, c) in &self.power {
+            let Some(at) = c.last_timestamp_ns else {
+                continue;
+            };
+            // No further back than a step is ever spread.
+            let cap = at.saturating_sub(crate::edge::MAX_SPREAD.as_nanos() as i64);
+            let from = c.changed_ns.unwrap_or(at).min(at).max(cap);
+            let minute = from.div_euclid(60 * NANOS) * 60;
+            let seen = at.div_euclid(NANOS);
+            out = Some(match out {
+                Some((m, s)) => (m.min(minute), s.max(seen)),
+                None => (minute, seen),
+            });
+        }
+        out
+    }
+}
+
+/// Nanoseconds in a second.
+const NANOS: i64 = 1_000_000_000;
+
+/// Where a node's power readings may still book energy
+/// (`NodeCursor::placing`), as the ledger keeps it beside the cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlacingHold {
+    pub node: String,
+    /// The earliest minute (Unix seconds) it may still book into.
+    pub from_minute: i64,
+    /// When its newest power reading was taken (Unix seconds).
+    pub seen: i64,
+}
+
 /// Everything one transaction writes.
 #[derive(Debug, Default)]
 pub struct Commit {
@@ -951,6 +994,10 @@ pub trait LedgerReader {
         from: i64,
         to: i64,
     ) -> Result<Vec<NodeMinute>, LedgerError>;
+    /// Every node whose power readings may still book energy into a
+    /// minute (`NodeCursor::placing`, as last committed): a meter's minute
+    /// is not allocated while a node under it may still add to it.
+    fn placing_holds(&self) -> Result<Vec<PlacingHold>, LedgerError>;
 }
 
 /// A writer of either backend, chosen by configuration.
@@ -1098,5 +1145,8 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         to: i64,
     ) -> Result<Vec<NodeMinute>, LedgerError> {
         (**self).tenant_node_minutes(tenant, from, to)
+    }
+    fn placing_holds(&self) -> Result<Vec<PlacingHold>, LedgerError> {
+        (**self).placing_holds()
     }
 }

@@ -1,7 +1,10 @@
 //! Allocating each final meter-minute to the tenants under the meter.
 //!
-//! A minute is final once it ends at or before the ledger's watermark: its
-//! buckets (what the meter's nodes measured) no longer change. The
+//! A minute is final once it ends at or before the ledger's watermark and
+//! no node under the meter that is still reading may book energy into it
+//! (a coarse whole-node counter spreads its next step back to its last
+//! change: `held_to`): its buckets (what the meter's nodes measured) no
+//! longer change. The
 //! meter's energy in it is the difference of its cumulative energy,
 //! interpolated at the minute's two boundaries (`accounting::facility`),
 //! counted from the reading the ledger's state row names, so whichever
@@ -24,7 +27,7 @@ use tracing::{debug, warn};
 use crate::accounting::facility::{Reading, Step, allocate, energy_at};
 use crate::ledger::{
     AnyReader, AnyWriter, LedgerError, LedgerReader, LedgerWriter, MeterMinute, MeterShare,
-    MeterState, NodeMinute,
+    MeterState, NodeMinute, PlacingHold,
 };
 use crate::sync::lock;
 
@@ -33,6 +36,32 @@ use super::{Board, Meter};
 
 const MINUTE: i64 = 60;
 const NS: i64 = 1_000_000_000;
+
+/// How recent a node's newest power reading must be, before the
+/// watermark, for the node to hold its meter's allocation: a node whose
+/// readings stopped longer ago holds nothing (its meter is not left
+/// waiting on a node that may never read again), and energy it books
+/// later into allocated minutes is late energy (their facility energy
+/// stays the allocation; see the README).
+pub const HOLD_WHILE_SEEN_WITHIN: i64 = 15 * MINUTE;
+
+/// The first minute of `[from, to)` a node under `spec` may still add
+/// energy to (`LedgerReader::placing_holds`), `to` where none may: the
+/// minutes a round allocates end there. A coarse whole-node counter's
+/// step is spread back over the minutes since it last changed; until it
+/// steps, those minutes' node energy is not all in the ledger, and a
+/// split made then would give the meter's energy to the other tenants.
+/// Also returns how many such nodes hold minutes before `to`.
+pub fn held_to(spec: &MeterSpec, holds: &[PlacingHold], watermark: i64, to: i64) -> (i64, u64) {
+    holds
+        .iter()
+        .filter(|h| {
+            h.seen >= watermark - HOLD_WHILE_SEEN_WITHIN
+                && h.from_minute < to
+                && spec.covers(&h.node)
+        })
+        .fold((to, 0), |(to, n), h| (to.min(h.from_minute), n + 1))
+}
 
 /// Most minutes one round allocates per meter (an hour): a meter catching
 /// up after a long outage does so an hour per round, so no round holds
@@ -212,13 +241,26 @@ pub fn round_all<R: LedgerReader>(
         let watermark = w
             .finalized_through()
             .map_err(|e| ("every meter".to_string(), e))?;
+        let holds = w
+            .placing_holds()
+            .map_err(|e| ("every meter".to_string(), e))?;
         let (mut lo, mut hi) = (i64::MAX, i64::MIN);
         for m in meters {
             let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
             let state = w
                 .meter_state(&m.spec.id)
                 .map_err(|e| (m.spec.id.clone(), e))?;
-            let range = window(state.as_ref(), &raw, watermark);
+            let mut holding = 0;
+            let range = window(state.as_ref(), &raw, watermark).map(|(from, to)| {
+                let (to, n) = held_to(&m.spec, &holds, watermark, to);
+                holding = n;
+                (from, to)
+            });
+            {
+                let mut live = lock(&m.live);
+                live.holding_nodes = holding;
+                live.allocated_through = state.as_ref().map(|s| s.allocated_through);
+            }
             if let Some((from, to)) = range
                 && to >= from + MINUTE
             {
@@ -255,6 +297,7 @@ pub fn round_all<R: LedgerReader>(
             continue;
         }
         let mut live = lock(&m.live);
+        live.allocated_through = Some(plan.next.allocated_through);
         for mm in &plan.minutes {
             live.allocated_mj = live.allocated_mj.saturating_add(mm.metered_mj);
             live.measured_mj = live.measured_mj.saturating_add(mm.measured_mj);

@@ -148,6 +148,13 @@ pub struct Live {
     /// Nodes with measured minutes in the last allocation round that this
     /// meter and another one both cover (billed twice: a config to fix).
     pub nodes_overlapping: u64,
+    /// Where the meter's allocation stood after the last round: the end of
+    /// its last allocated minute (Unix seconds), as the ledger keeps it.
+    pub allocated_through: Option<i64>,
+    /// Nodes under the meter, still reading, whose power readings may yet
+    /// book energy into minutes the watermark has passed, in the last
+    /// round (`allocate::held_to`): what holds its allocation back.
+    pub holding_nodes: u64,
     /// The last outcome, to log changes once.
     last_outcome: Option<Outcome>,
 }

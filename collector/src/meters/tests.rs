@@ -592,6 +592,8 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         capwatch_meter_ratio_bound{meter="b",bound="max"} 1.25
         capwatch_meter_nodes_connected{meter="a"} 3
         capwatch_meter_nodes_connected{meter="b"} 0
+        capwatch_meter_allocation_holding_nodes{meter="a"} 0
+        capwatch_meter_allocation_holding_nodes{meter="b"} 0
         capwatch_meter_nodes_overlapping{meter="a"} 0
         capwatch_meter_nodes_overlapping{meter="b"} 0
     "#]]
@@ -921,6 +923,83 @@ mod allocation {
         poll_all(&alone, &polls);
         round(&alone, &ledger).unwrap();
         assert_eq!(lock(&alone.live).nodes_overlapping, 0);
+    }
+
+    /// Commits `node`'s cursor with one whole-node source whose counter
+    /// last changed at `changed` and was read at `seen` (Unix seconds).
+    fn read_power(l: &Ledgers, node: &str, changed: i64, seen: i64) {
+        let mut c = Commit::default();
+        let cursor = NodeCursor {
+            power: vec![(
+                Arc::from("redfish/bmc"),
+                crate::ledger::GpuCursor {
+                    last_counter_mj: Some(3_600_000),
+                    last_timestamp_ns: Some(seen * NS),
+                    remainder_mw_ns: 0,
+                    energy_mj: 3_600_000,
+                    counter_resets: 0,
+                    changed_ns: Some(changed * NS),
+                },
+            )],
+            ..NodeCursor::default()
+        };
+        c.nodes.insert(Arc::from(node), cursor);
+        lock(&l.writer)
+            .commit_as(
+                crate::ledger::sqlite::LOCAL_HOLDER,
+                &c,
+                M + 86_400,
+                M + 86_400,
+            )
+            .unwrap();
+    }
+
+    /// A node under the meter whose coarse whole-node counter has stood
+    /// still since 08:05:30 will spread its next step back over the
+    /// minutes from then: they wait for it, while the minutes before are
+    /// allocated; once the counter steps, the rest go. A node that stopped
+    /// reading long before the watermark, or one under no meter, holds
+    /// nothing.
+    #[test]
+    fn minutes_a_nodes_open_stretch_may_still_fill_wait_for_it() {
+        let (ledger, _reader, _dir) = ledger(10);
+        let m = modbus("");
+        let polls = readings(0, &[10; 45], u64::MAX);
+        poll_all(&m, &polls);
+        let watermark = M + 86_400;
+        read_power(&ledger, "n-1", M + 330, watermark - 20);
+        // Stopped reading an hour before the watermark.
+        read_power(&ledger, "n-2", M + 60, watermark - 3_600);
+        // Not under the meter.
+        read_power(&ledger, "n-3", M, watermark - 20);
+        let written = round(&m, &ledger).unwrap();
+        assert_eq!(
+            written.iter().map(|w| w.minute).collect::<Vec<_>>(),
+            (0..5).map(|k| M + 60 * k).collect::<Vec<_>>()
+        );
+        assert!(round(&m, &ledger).unwrap().is_empty(), "still held");
+        {
+            let live = lock(&m.live);
+            assert_eq!(
+                (live.allocated_through, live.holding_nodes),
+                (Some(M + 300), 1)
+            );
+        }
+        // The counter steps at 08:08:10 (its energy booked back to
+        // 08:05:30): the minutes up to 08:08 go.
+        read_power(&ledger, "n-1", M + 490, watermark - 10);
+        let written = round(&m, &ledger).unwrap();
+        assert_eq!(
+            written.iter().map(|w| w.minute).collect::<Vec<_>>(),
+            (5..8).map(|k| M + 60 * k).collect::<Vec<_>>()
+        );
+        // And every minute once it has been read since the last one.
+        read_power(&ledger, "n-1", M + 86_000, watermark - 5);
+        let written = round(&m, &ledger).unwrap();
+        assert_eq!(written.len(), 2, "{written:?}");
+        assert_eq!(lock(&m.live).holding_nodes, 0);
+        let total: u64 = lock(&m.live).allocated_mj;
+        assert_eq!(total, truth_at(&polls, M + 600) - truth_at(&polls, M));
     }
 
     /// Nothing measured under the meter: its energy is kept as unallocated,

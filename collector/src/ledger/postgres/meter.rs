@@ -54,6 +54,34 @@ pub(super) fn node_minutes(
     node_minutes_of(shared, None, from, to)
 }
 
+/// Every node whose power readings may still book energy into a minute.
+pub(super) fn placing_holds(
+    shared: &Arc<Shared>,
+) -> Result<Vec<crate::ledger::PlacingHold>, LedgerError> {
+    shared.call(move |client| async move {
+        let r = async {
+            let rows = client
+                .query(
+                    "SELECT node, placing_from, placing_seen FROM node_claim
+                     WHERE placing_from IS NOT NULL AND placing_seen IS NOT NULL",
+                    &[],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push(crate::ledger::PlacingHold {
+                    node: row.try_get(0)?,
+                    from_minute: row.try_get(1)?,
+                    seen: row.try_get(2)?,
+                });
+            }
+            Ok(out)
+        }
+        .await;
+        (client, r)
+    })
+}
+
 /// `node_minutes` of `tenant` alone (`None`: every tenant).
 pub(super) fn node_minutes_of(
     shared: &Arc<Shared>,

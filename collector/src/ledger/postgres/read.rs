@@ -261,6 +261,10 @@ impl LedgerReader for PgReader {
         super::meter::node_minutes_of(&self.shared, tenant, from, to)
     }
 
+    fn placing_holds(&self) -> Result<Vec<crate::ledger::PlacingHold>, LedgerError> {
+        super::meter::placing_holds(&self.shared)
+    }
+
     fn meter_minutes(
         &self,
         meter: Option<&str>,

@@ -202,6 +202,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
      ALTER TABLE adjustment
         ADD COLUMN facility_allocated_mj BIGINT NOT NULL DEFAULT 0,
         ADD COLUMN facility_node_mj BIGINT NOT NULL DEFAULT 0;",
+    // 4: where each node's power readings may still book energy, beside
+    // its cursor, as the SQLite ledger's version 15: the meters'
+    // allocation waits for it.
+    "ALTER TABLE node_claim
+        ADD COLUMN placing_from BIGINT,
+        ADD COLUMN placing_seen BIGINT;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

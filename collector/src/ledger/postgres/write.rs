@@ -53,6 +53,10 @@ struct Columns {
     epochs: Vec<i64>,
     seqs: Vec<i64>,
     gpus: Vec<Vec<u8>>,
+    /// `NodeCursor::placing`, by node: the earliest minute and when the
+    /// newest reading was taken (NULL without power readings).
+    placing_from: Vec<Option<i64>>,
+    placing_seen: Vec<Option<i64>>,
     buckets: Vec<Bucket>,
     tenants: Vec<String>,
     energies: Vec<i64>,
@@ -108,6 +112,8 @@ pub(super) fn commit(
         epochs: Vec::with_capacity(c.nodes.len()),
         seqs: Vec::with_capacity(c.nodes.len()),
         gpus: Vec::with_capacity(c.nodes.len()),
+        placing_from: Vec::with_capacity(c.nodes.len()),
+        placing_seen: Vec::with_capacity(c.nodes.len()),
         buckets: Vec::with_capacity(c.buckets.len()),
         tenants: Vec::new(),
         energies: Vec::new(),
@@ -133,6 +139,9 @@ pub(super) fn commit(
         cols.epochs.push(i64_of(shared, n.epoch, "epoch")?);
         cols.seqs.push(i64_of(shared, n.last_seq, "last_seq")?);
         cols.gpus.push(encode_gpus(n));
+        let placing = n.placing();
+        cols.placing_from.push(placing.map(|p| p.0));
+        cols.placing_seen.push(placing.map(|p| p.1));
     }
     for ((tenant, node, minute), d) in &c.buckets {
         let mut v = [0i64; BUCKET_FIELDS];
@@ -241,12 +250,22 @@ async fn write(
         let written = tx
             .execute(
                 &tx.prepare_cached(
-                    "UPDATE node_claim c SET epoch = u.e, last_seq = u.s, gpus = u.g
-                     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[]) AS u(n, e, s, g)
+                    "UPDATE node_claim c SET epoch = u.e, last_seq = u.s, gpus = u.g,
+                        placing_from = u.pf, placing_seen = u.ps
+                     FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $6::int8[], $7::int8[])
+                        AS u(n, e, s, g, pf, ps)
                      WHERE c.node = u.n AND c.holder = $5",
                 )
                 .await?,
-                &[&c.nodes, &c.epochs, &c.seqs, &c.gpus, &c.holder],
+                &[
+                    &c.nodes,
+                    &c.epochs,
+                    &c.seqs,
+                    &c.gpus,
+                    &c.holder,
+                    &c.placing_from,
+                    &c.placing_seen,
+                ],
             )
             .await?;
         if written != c.nodes.len() as u64 {
@@ -501,13 +520,25 @@ async fn claim_or_fence(
     let epochs: Vec<i64> = new.iter().map(|i| c.epochs[*i]).collect();
     let seqs: Vec<i64> = new.iter().map(|i| c.seqs[*i]).collect();
     let gpus: Vec<&[u8]> = new.iter().map(|i| c.gpus[*i].as_slice()).collect();
+    let placing_from: Vec<Option<i64>> = new.iter().map(|i| c.placing_from[*i]).collect();
+    let placing_seen: Vec<Option<i64>> = new.iter().map(|i| c.placing_seen[*i]).collect();
     let taken: HashSet<String> = tx
         .query(
-            "INSERT INTO node_claim (node, holder, generation, epoch, last_seq, gpus)
-             SELECT n, $5, 1, e, s, g
-             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[]) AS u(n, e, s, g)
+            "INSERT INTO node_claim
+                (node, holder, generation, epoch, last_seq, gpus, placing_from, placing_seen)
+             SELECT n, $5, 1, e, s, g, pf, ps
+             FROM unnest($1::text[], $2::int8[], $3::int8[], $4::bytea[], $6::int8[], $7::int8[])
+                AS u(n, e, s, g, pf, ps)
              ON CONFLICT (node) DO NOTHING RETURNING node",
-            &[&nodes, &epochs, &seqs, &gpus, &c.holder],
+            &[
+                &nodes,
+                &epochs,
+                &seqs,
+                &gpus,
+                &c.holder,
+                &placing_from,
+                &placing_seen,
+            ],
         )
         .await?
         .iter()

@@ -61,6 +61,30 @@ pub(super) fn node_minutes(
     node_minutes_of(conn, path, None, from, to)
 }
 
+/// Every node whose power readings may still book energy into a minute.
+pub(super) fn placing_holds(
+    conn: &Connection,
+    path: &Path,
+) -> Result<Vec<crate::ledger::PlacingHold>, LedgerError> {
+    let err = sqlite_err(path);
+    let mut q = conn
+        .prepare_cached(
+            "SELECT node, placing_from, placing_seen FROM node_cursor
+             WHERE placing_from IS NOT NULL AND placing_seen IS NOT NULL",
+        )
+        .map_err(err)?;
+    let rows = q
+        .query_map([], |r| {
+            Ok(crate::ledger::PlacingHold {
+                node: r.get(0)?,
+                from_minute: r.get(1)?,
+                seen: r.get(2)?,
+            })
+        })
+        .map_err(err)?;
+    rows.collect::<Result<_, _>>().map_err(err)
+}
+
 /// `node_minutes` of `tenant` alone (`None`: every tenant).
 pub(super) fn node_minutes_of(
     conn: &Connection,

@@ -371,6 +371,10 @@ impl LedgerReader for Reader {
         super::meter::node_minutes_of(&self.conn, &self.path, tenant, from, to)
     }
 
+    fn placing_holds(&self) -> Result<Vec<crate::ledger::PlacingHold>, LedgerError> {
+        super::meter::placing_holds(&self.conn, &self.path)
+    }
+
     fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {
         Reader::usage(self, tenant, from, to)
     }

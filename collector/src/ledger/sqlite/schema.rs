@@ -302,6 +302,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
      ALTER TABLE adjustment ADD COLUMN facility_allocated_mj INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE adjustment ADD COLUMN facility_node_mj INTEGER NOT NULL DEFAULT 0;",
     ),
+    // 15: where each node's power readings may still book energy (the
+    // earliest minute, and when the newest reading was taken), beside its
+    // cursor: the meters' allocation waits for it. NULL for a node
+    // without power readings and in rows written before.
+    Migration::Sql(
+        "ALTER TABLE node_cursor ADD COLUMN placing_from INTEGER;
+     ALTER TABLE node_cursor ADD COLUMN placing_seen INTEGER;",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.

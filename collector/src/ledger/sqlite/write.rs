@@ -146,8 +146,10 @@ impl Ledger {
         let committed = {
             let mut node = tx
                 .prepare_cached(
-                    "INSERT INTO node_cursor (node, epoch, last_seq, gpus) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (node) DO UPDATE SET epoch = ?2, last_seq = ?3, gpus = ?4",
+                    "INSERT INTO node_cursor (node, epoch, last_seq, gpus, placing_from, placing_seen)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (node) DO UPDATE SET epoch = ?2, last_seq = ?3, gpus = ?4,
+                        placing_from = ?5, placing_seen = ?6",
                 )
                 .map_err(err)?;
             let mut blob = Vec::new();
@@ -157,11 +159,14 @@ impl Ledger {
                 stored
                     .encode(&mut blob)
                     .expect("a Vec grows to fit any message");
+                let placing = n.placing();
                 node.execute(params![
                     &**id,
                     i64_of(n.epoch, &p, "epoch")?,
                     i64_of(n.last_seq, &p, "last_seq")?,
-                    &blob
+                    &blob,
+                    placing.map(|p| p.0),
+                    placing.map(|p| p.1)
                 ])
                 .map_err(err)?;
             }
