@@ -20,6 +20,7 @@ mod facility;
 pub mod meters;
 pub mod paged;
 mod periods;
+pub mod recent;
 mod render;
 mod report;
 #[cfg(test)]

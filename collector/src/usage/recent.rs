@@ -1,0 +1,270 @@
+//! Each tenant's last day, for the status page: average power in bins of
+//! a few minutes on the basis its contract is sold on, the contract over
+//! the same bins, and today's (UTC) energy and time over contract.
+//!
+//! Read from the ledger's minute buckets, like the usage rows, so that it
+//! survives restarts and, with several collectors on one database, shows
+//! every node of a tenant, not only those streaming to this collector.
+//! Reading ([`read`]) is one range query of minute rows and one of the
+//! meters' allocated minutes; the arithmetic ([`recent`]) runs on what was
+//! read, after the reader is free again.
+//!
+//! A bin's power is the average over its minutes that hold a reading on
+//! the contract's basis: a bin with none is a gap (`None`), never 0 W; the
+//! minute still open is left out (its energy is still arriving). Over
+//! contract is counted per minute as the usage rows count it
+//! (`accounting::over_contract` of the minute's basis energy against the
+//! contract of its time), open minute included.
+
+use std::collections::BTreeMap;
+
+use crate::accounting::{Basis, Metered, over_contract};
+use crate::ledger::{BucketDelta, DAY, LedgerError, LedgerReader, MeterMinute};
+use crate::tenants::TenantHistory;
+
+use super::facility::Facility;
+
+const MINUTE: i64 = 60;
+
+/// The day a chart covers: `bins` bins of `bin` seconds, ending with the
+/// bin that holds `now`, and the UTC day `now` is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Window {
+    /// Start of the first bin (Unix seconds).
+    pub from: i64,
+    /// Bin length, seconds (a whole number of minutes dividing a day).
+    pub bin: i64,
+    pub bins: usize,
+    /// Start of the open minute: minutes from here on are still filling.
+    pub open_minute: i64,
+    /// Start of today (UTC).
+    pub today: i64,
+}
+
+impl Window {
+    /// The last day before `now` (Unix seconds) in bins of `bin` seconds
+    /// (rounded to whole minutes dividing a day; at least one minute).
+    pub fn last_day(now: i64, bin: i64) -> Self {
+        let mut bin = (bin / MINUTE).max(1) * MINUTE;
+        while DAY % bin != 0 {
+            bin -= MINUTE;
+        }
+        let open_minute = now.div_euclid(MINUTE) * MINUTE;
+        let to = (open_minute.div_euclid(bin) + 1) * bin;
+        Self {
+            from: to - DAY,
+            bin,
+            bins: (DAY / bin) as usize,
+            open_minute,
+            today: now.div_euclid(DAY) * DAY,
+        }
+    }
+
+    /// What the reads cover: the first bin to the end of the open minute
+    /// (today starts inside it: a bin length divides a day).
+    fn read_range(&self) -> (i64, i64) {
+        (self.from, self.open_minute + MINUTE)
+    }
+}
+
+/// What [`read`] took from the ledger.
+#[derive(Debug, Clone, Default)]
+pub struct Rows {
+    /// (tenant, minute start, sums over nodes), as `LedgerReader::minutes`.
+    pub minutes: Vec<(String, i64, BucketDelta)>,
+    /// The meters' allocated minutes, as `LedgerReader::meter_minutes`.
+    pub allocated: Vec<(String, MeterMinute)>,
+}
+
+/// Reads `tenant`'s (`None`: every tenant's) minutes of `w`.
+pub fn read(
+    reader: &dyn LedgerReader,
+    tenant: Option<&str>,
+    w: &Window,
+) -> Result<Rows, LedgerError> {
+    let (from, to) = w.read_range();
+    Ok(Rows {
+        minutes: reader.minutes(tenant, from, to)?,
+        allocated: reader.meter_minutes(None, from, to)?,
+    })
+}
+
+/// One tenant's day.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TenantRecent {
+    /// Average power (W) on the contract's basis, per bin; `None`: no
+    /// reading on that basis in the bin.
+    pub watts: Vec<Option<f64>>,
+    /// The contract (W) in force at each bin's start; `None`: none.
+    pub contract_watts: Vec<Option<f64>>,
+    /// Time over contract today (UTC), seconds: whole minutes.
+    pub over_contract_today_s: u64,
+    /// GPU energy committed today (mJ).
+    pub energy_today_mj: u64,
+}
+
+/// The day of each of `tenants` (ids), from `rows`, each minute measured
+/// against the contract `history` gives it at its start.
+pub fn recent(
+    rows: &Rows,
+    w: &Window,
+    tenants: &[&str],
+    history: &TenantHistory,
+) -> BTreeMap<String, TenantRecent> {
+    let facility = Facility::of(&[], &rows.allocated, &[]);
+    let mut by_tenant: BTreeMap<&str, Vec<(i64, &BucketDelta)>> = BTreeMap::new();
+    for (t, minute, d) in &rows.minutes {
+        by_tenant.entry(t.as_str()).or_default().push((*minute, d));
+    }
+    let mut out = BTreeMap::new();
+    for &tenant in tenants {
+        let contract_watts = (0..w.bins)
+            .map(|i| {
+                let c = history.contract_at(tenant, w.from + i as i64 * w.bin);
+                (c.milliwatts > 0).then(|| c.milliwatts as f64 / 1000.0)
+            })
+            .collect();
+        // Per bin: basis energy (mJ) and minutes with a reading.
+        let mut sums = vec![(0u64, 0u32); w.bins];
+        let (mut over_ns, mut energy_today) = (0u64, 0u64);
+        let facility = facility.of_tenant(tenant);
+        for (minute, d) in by_tenant.get(tenant).map_or(&[][..], Vec::as_slice) {
+            let contract = history.contract_at(tenant, *minute);
+            let metered = facility.at(*minute).metered;
+            let basis_mj = contract.basis_energy(d.energy_mj, d.node_energy_mj, metered);
+            if *minute >= w.today {
+                energy_today = energy_today.saturating_add(d.energy_mj);
+                over_ns = over_ns.saturating_add(over_contract(basis_mj, contract.milliwatts).0);
+            }
+            let read = match contract.basis {
+                Basis::Gpu => d.gpu_ns > 0 || d.samples > 0,
+                Basis::Node => d.node_ns > 0,
+                Basis::Facility => {
+                    (d.node_ns > 0 || metered != Metered::NONE)
+                        && contract
+                            .facility_energy(d.node_energy_mj, metered)
+                            .is_some()
+                }
+            };
+            if !read || *minute >= w.open_minute || *minute < w.from {
+                continue;
+            }
+            let i = ((minute - w.from) / w.bin) as usize;
+            if let Some(s) = sums.get_mut(i) {
+                s.0 = s.0.saturating_add(basis_mj);
+                s.1 += 1;
+            }
+        }
+        let watts = sums
+            .iter()
+            // mJ / s = mW.
+            .map(|&(mj, n)| (n > 0).then(|| mj as f64 / (f64::from(n) * MINUTE as f64) / 1000.0))
+            .collect();
+        out.insert(
+            tenant.to_string(),
+            TenantRecent {
+                watts,
+                contract_watts,
+                over_contract_today_s: over_ns / 1_000_000_000,
+                energy_today_mj: energy_today,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tenants::Tenants;
+
+    fn history(file: &str) -> TenantHistory {
+        TenantHistory::new(std::sync::Arc::new(Tenants::from_toml(file).unwrap()))
+    }
+
+    fn minute(tenant: &str, start: i64, watts: u64) -> (String, i64, BucketDelta) {
+        (
+            tenant.to_string(),
+            start,
+            BucketDelta {
+                energy_mj: watts * 60 * 1000,
+                gpu_ns: 60_000_000_000,
+                samples: 60,
+                ..BucketDelta::default()
+            },
+        )
+    }
+
+    #[test]
+    fn the_window_ends_with_the_bin_of_the_open_minute_and_divides_the_day() {
+        let now = 10 * DAY + 3600 + 7 * 60 + 5;
+        let w = Window::last_day(now, 900);
+        assert_eq!(w.open_minute, 10 * DAY + 3600 + 420);
+        assert_eq!(w.from + DAY, 10 * DAY + 3600 + 900);
+        assert_eq!((w.bin, w.bins, w.today), (900, 96, 10 * DAY));
+        // 7 minutes do not divide a day: 6 do.
+        assert_eq!(Window::last_day(now, 420).bin, 360);
+        assert_eq!(Window::last_day(now, 5).bin, 60);
+    }
+
+    #[test]
+    fn bins_average_the_minutes_with_readings_and_leave_gaps_empty() {
+        let h = history("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\n");
+        let now = 5 * DAY + 1800 + 30;
+        let w = Window::last_day(now, 900);
+        let today = w.today;
+        let rows = Rows {
+            minutes: vec![
+                // Bin 0 of today: 1200 W and 600 W, one minute each, no
+                // minute in between: the average of the two, not of 15.
+                minute("a", today, 1200),
+                minute("a", today + 600, 600),
+                // The bin before today: 500 W.
+                minute("a", today - 900, 500),
+                // The open minute: over contract, counted, not charted.
+                minute("a", w.open_minute, 5000),
+            ],
+            allocated: vec![],
+        };
+        let r = &recent(&rows, &w, &["a", "b"], &h);
+        let a = &r["a"];
+        let bin = |t: i64| ((t - w.from) / 900) as usize;
+        assert_eq!(a.watts.len(), 96);
+        assert_eq!(a.watts[bin(today)], Some(900.0));
+        assert_eq!(a.watts[bin(today - 900)], Some(500.0));
+        // The bin holding the open minute has nothing else: a gap.
+        assert_eq!(a.watts[bin(w.open_minute)], None);
+        assert_eq!(a.watts.iter().flatten().count(), 2);
+        assert!(a.contract_watts.iter().all(|c| *c == Some(1000.0)));
+        // 1200 W and 5000 W minutes are over 1 kW; yesterday's is not today.
+        assert_eq!(a.over_contract_today_s, 120);
+        assert_eq!(a.energy_today_mj, (1200 + 600 + 5000) * 60_000);
+        // A tenant with no rows: all gaps, and no contract line.
+        let b = &r["b"];
+        assert!(b.watts.iter().all(Option::is_none));
+        assert!(b.contract_watts.iter().all(Option::is_none));
+        assert_eq!(b.over_contract_today_s, 0);
+    }
+
+    #[test]
+    fn a_node_contract_charts_node_energy_and_gaps_without_node_readings() {
+        let h = history("[[tenant]]\nid = \"n\"\ncontracted_kw = 1\nbasis = \"node\"\n");
+        let now = 3 * DAY + 600;
+        let w = Window::last_day(now, 300);
+        let mut gpu_only = minute("n", w.today, 2000);
+        let mut with_node = minute("n", w.today + 300, 100);
+        with_node.2.node_energy_mj = 1500 * 60_000;
+        with_node.2.node_ns = 60_000_000_000;
+        gpu_only.2.node_energy_mj = 0;
+        let rows = Rows {
+            minutes: vec![gpu_only, with_node],
+            allocated: vec![],
+        };
+        let n = &recent(&rows, &w, &["n"], &h)["n"];
+        let bin = |t: i64| ((t - w.from) / 300) as usize;
+        assert_eq!(n.watts[bin(w.today)], None, "GPU power is no node reading");
+        assert_eq!(n.watts[bin(w.today + 300)], Some(1500.0));
+        // Only the node minute is over 1 kW on the node basis.
+        assert_eq!(n.over_contract_today_s, 60);
+    }
+}
