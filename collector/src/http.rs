@@ -7,7 +7,7 @@
 //! with an RFC 9457 problem document naming the problem (and the
 //! parameter), here and nowhere else.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,11 +24,14 @@ use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{self, Scope};
 use crate::events::{AuthReason, AuthRefused, Surface};
-use crate::ledger::{AnyReader, DAY, LedgerError, LedgerReader};
+use crate::ledger::{AnyReader, LedgerError, LedgerReader};
 use crate::state::State;
-use crate::status::{StaleNode, StatusView, TenantRow};
+use crate::status::{
+    GpuRow, Health, NodeRow, Series, StaleNode, StatusView, TenantPage, TenantRow,
+};
 use crate::sync::lock;
 use crate::tenants::TenantHistory;
+use crate::usage::recent::{self, TenantRecent, Window};
 use crate::usage::{self, Format, Page, PageRequest, QueryError, Report, UsageError};
 
 #[derive(Clone)]
@@ -47,6 +50,9 @@ pub struct HttpState {
     pub renders: Arc<crate::scrape::Renders>,
     /// The tenant file's history as the ledger recorded it, for usage.
     pub ledger_history: Arc<LedgerHistory>,
+    /// How far the watermark trails by design (`finalize_grace`), for the
+    /// status page's health.
+    pub finalize_grace: Duration,
 }
 
 /// The tenant file's whole history as the ledger recorded it, for the
@@ -89,6 +95,7 @@ pub fn router(state: HttpState) -> Router {
     let counted = state.state.clone();
     Router::new()
         .route("/", get(status_page))
+        .route("/status/tenant/{id}", get(tenant_status_page))
         .route("/metrics", get(metrics))
         // Always open: it says "ok" and nothing else, for probes.
         .route("/healthz", get(healthz))
@@ -187,12 +194,102 @@ async fn status_page(
     Ok(crate::status::page(&status_view(&s).await))
 }
 
-/// What the status page shows now: each tenant's live power against its
-/// contract, its energy of today (UTC) from the ledger, and the stale nodes.
-async fn status_view(s: &HttpState) -> StatusView {
-    let now = Instant::now();
+/// Bins of the overview's charts, and of a tenant page's.
+const OVERVIEW_BIN_SECONDS: i64 = 900;
+const TENANT_BIN_SECONDS: i64 = 300;
+
+/// A tenant's page: its row of the overview, its nodes and GPUs, and its
+/// last day in finer bins. The same rule as the overview: with API tokens
+/// configured, an admin token (the page is the operator's, and names
+/// nodes and the collector's state).
+#[utoipa::path(get, path = "/status/tenant/{id}", tag = "operations",
+    params(("id" = String, Path, description = "Tenant id")),
+    responses(
+        (status = 200, description = "The tenant's status page", body = String, content_type = "text/html"),
+        (status = 400, description = "The tenant id is not valid UTF-8", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "No valid API token", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Needs an admin token", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such tenant in the tenant file", body = Problem, content_type = "application/problem+json")))]
+async fn tenant_status_page(
+    Extract(s): Extract<HttpState>,
+    headers: HeaderMap,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    if scope(&s, &headers)? != Scope::Admin {
+        return Err(forbidden(&s, "the status page"));
+    }
+    let Path(id) = id.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let tenants = s.state.tenants();
-    let live = s.state.tenant_power(&tenants, now);
+    if !tenants.all().iter().any(|t| *t.id == *id) {
+        return Err(UsageError::UnknownTenant(id).into());
+    }
+    let day = ledger_day(&s, Some(id.clone()), TENANT_BIN_SECONDS).await;
+    let now = Instant::now();
+    let Some(row) = tenant_rows(&s, &day, now).into_iter().find(|r| r.id == id) else {
+        return Err(UsageError::UnknownTenant(id).into());
+    };
+    let (mut nodes, mut gpus) = (Vec::new(), Vec::new());
+    let (mut more_nodes, mut more_gpus) = (0, 0);
+    s.state.for_each_node(|n| {
+        let mut node = NodeRow {
+            id: n.id().to_string(),
+            up: n.up(now),
+            silent_seconds: n.silent_for(now).map(|d| d.as_secs()),
+            node_power_watts: n.node_power_milliwatts(now).map(|mw| mw as f64 / 1000.0),
+            gpus: 0,
+            stale_gpus: 0,
+        };
+        for (index, g) in n.gpus().enumerate().filter(|(_, g)| g.tenant() == id) {
+            let fresh = g.fresh(now);
+            node.gpus += 1;
+            node.stale_gpus += u64::from(!fresh);
+            if gpus.len() >= crate::status::MAX_GPUS {
+                more_gpus += 1;
+                continue;
+            }
+            gpus.push(GpuRow {
+                node: n.id().to_string(),
+                index,
+                uuid: g.uuid().to_string(),
+                model: g.model().to_string(),
+                power_watts: g
+                    .last()
+                    .filter(|_| fresh)
+                    .and_then(|r| r.power_milliwatts)
+                    .map(|mw| mw as f64 / 1000.0),
+                age_seconds: g.sampled_for(now).map(|d| d.as_secs()),
+                fresh,
+            });
+        }
+        if node.gpus == 0 {
+            return;
+        }
+        if nodes.len() >= crate::status::MAX_NODES {
+            more_nodes += 1;
+        } else {
+            nodes.push(node);
+        }
+    });
+    nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    gpus.sort_by(|a, b| (&a.node, a.index).cmp(&(&b.node, b.index)));
+    Ok(crate::status::tenant_page(&TenantPage {
+        row,
+        today: day.window.today,
+        as_of: day.as_of,
+        ledger_error: day.read.as_ref().err().cloned(),
+        nodes,
+        more_nodes,
+        gpus,
+        more_gpus,
+    }))
+}
+
+/// What the status page shows now: each tenant's live power against its
+/// contract, its day from the ledger, the stale nodes and the collector's
+/// health.
+async fn status_view(s: &HttpState) -> StatusView {
+    let day = ledger_day(s, None, OVERVIEW_BIN_SECONDS).await;
+    let now = Instant::now();
     let mut stale_nodes: Vec<StaleNode> = Vec::new();
     s.state.for_each_node(|n| {
         if !n.up(now) {
@@ -204,11 +301,81 @@ async fn status_view(s: &HttpState) -> StatusView {
         }
     });
     stale_nodes.sort_by(|a, b| a.id.cmp(&b.id));
+    let c = &s.state.counters;
+    let health = Health {
+        commits_ok: c.commits_ok.load(std::sync::atomic::Ordering::Relaxed),
+        commits_failed: c.commits_failed.load(std::sync::atomic::Ordering::Relaxed),
+        not_ready: s.state.readiness.not_ready(),
+        finalized_through: day.read.as_ref().ok().map(|(_, f)| *f),
+        finalize_grace_s: s.finalize_grace.as_secs(),
+    };
+    StatusView {
+        tenants: tenant_rows(s, &day, now),
+        stale_nodes,
+        today: day.window.today,
+        as_of: day.as_of,
+        ledger_error: day.read.as_ref().err().cloned(),
+        health,
+    }
+}
 
-    let today = crate::sync::now_unix().div_euclid(DAY) * DAY;
-    let (energy_today, ledger_error) = energy_between(s, today, today + DAY).await;
+/// What the status pages read of the ledger: each tenant's last day and
+/// the watermark, or why they could not be read.
+struct LedgerDay {
+    as_of: i64,
+    window: Window,
+    read: Result<(BTreeMap<String, TenantRecent>, i64), String>,
+}
 
-    let rows: Vec<TenantRow> = tenants
+/// Reads the last day of `tenant` (`None`: every tenant of the tenant
+/// file) in bins of `bin` seconds. The shared reader is held only for
+/// the reads (minute rows, allocated meter-minutes, the watermark and the
+/// recorded tenant history); the bins are summed after it is free.
+async fn ledger_day(s: &HttpState, tenant: Option<String>, bin: i64) -> LedgerDay {
+    let as_of = crate::sync::now_unix();
+    let window = Window::last_day(as_of, bin);
+    let tenants = s.state.tenants();
+    let (state, ledger, recorded) = (s.state.clone(), s.ledger.clone(), s.ledger_history.clone());
+    let read = tokio::task::spawn_blocking(move || {
+        let (rows, finalized, history) = {
+            let guard = lock(&ledger);
+            let reader: &dyn LedgerReader = &**guard;
+            let history = recorded.get(reader, || state.tenant_history())?;
+            let rows = recent::read(reader, tenant.as_deref(), &window)?;
+            (rows, reader.finalized_through()?, history)
+        };
+        let ids: Vec<&str> = match &tenant {
+            Some(t) => vec![t.as_str()],
+            None => tenants.all().iter().map(|t| &*t.id).collect(),
+        };
+        Ok::<_, LedgerError>((recent::recent(&rows, &window, &ids, &history), finalized))
+    })
+    .await;
+    let read = match read {
+        Ok(Ok(day)) => Ok(day),
+        Ok(Err(e)) => {
+            error!(error = %e, "status page: reading the ledger failed");
+            Err(e.to_string())
+        }
+        Err(e) => {
+            error!(error = %e, "status page: reading the ledger panicked");
+            Err("reading the ledger failed".into())
+        }
+    };
+    LedgerDay {
+        as_of,
+        window,
+        read,
+    }
+}
+
+/// Each tenant's row: live power from the collector's state, the day
+/// from `day`.
+fn tenant_rows(s: &HttpState, day: &LedgerDay, now: Instant) -> Vec<TenantRow> {
+    let tenants = s.state.tenants();
+    let live = s.state.tenant_power(&tenants, now);
+    let recent = day.read.as_ref().ok().map(|(r, _)| r);
+    tenants
         .all()
         .iter()
         .zip(&live)
@@ -216,59 +383,31 @@ async fn status_view(s: &HttpState) -> StatusView {
             let contract = t.contract();
             let node_mw = (l.node_reporting > 0).then_some(l.node_power_milliwatts);
             let basis_mw = contract.basis_power(l.power_milliwatts, node_mw, l.metered());
-            (t, l, contract, node_mw, basis_mw)
-        })
-        .map(|(t, l, contract, node_mw, basis_mw)| TenantRow {
-            id: t.id.to_string(),
-            name: t.name.clone(),
-            contracted_watts: (t.contracted_milliwatts > 0)
-                .then(|| t.contracted_milliwatts as f64 / 1000.0),
-            power_watts: l.power_milliwatts as f64 / 1000.0,
-            basis: contract.basis.label(),
-            basis_power_watts: basis_mw.map(|mw| mw as f64 / 1000.0),
-            node_power_watts: node_mw.map(|mw| mw as f64 / 1000.0),
-            reporting: l.reporting,
-            stale: l.stale,
-            energy_today_mj: energy_today
-                .as_ref()
-                .map(|e| e.get(&*t.id).copied().unwrap_or(0)),
-        })
-        .collect();
-    StatusView {
-        tenants: rows,
-        stale_nodes,
-        today,
-        ledger_error,
-    }
-}
-
-/// Energy per tenant committed to the ledger in `[from, to)` (Unix
-/// seconds), or the reason it could not be read.
-async fn energy_between(
-    s: &HttpState,
-    from: i64,
-    to: i64,
-) -> (Option<HashMap<String, u64>>, Option<String>) {
-    let ledger = s.ledger.clone();
-    let read = tokio::task::spawn_blocking(move || lock(&ledger).usage(None, from, to)).await;
-    match read {
-        Ok(Ok(usage)) => {
-            let mut by_tenant: HashMap<String, u64> = HashMap::new();
-            for (tenant, span) in usage.spans {
-                let e = by_tenant.entry(tenant).or_default();
-                *e = e.saturating_add(span.delta.energy_mj);
+            let mine = recent.and_then(|r| r.get(&*t.id));
+            TenantRow {
+                id: t.id.to_string(),
+                name: t.name.clone(),
+                contracted_watts: (t.contracted_milliwatts > 0)
+                    .then(|| t.contracted_milliwatts as f64 / 1000.0),
+                power_watts: l.power_milliwatts as f64 / 1000.0,
+                basis: contract.basis.label(),
+                basis_power_watts: basis_mw.map(|mw| mw as f64 / 1000.0),
+                node_power_watts: node_mw.map(|mw| mw as f64 / 1000.0),
+                reporting: l.reporting,
+                stale: l.stale,
+                // A tenant the day was not read for (another tenant's
+                // page) has none; one read with no rows has zeros.
+                energy_today_mj: recent.map(|_| mine.map_or(0, |m| m.energy_today_mj)),
+                over_contract_today_s: recent.map(|_| mine.map_or(0, |m| m.over_contract_today_s)),
+                chart: mine.map(|m| Series {
+                    from: day.window.from,
+                    bin_seconds: day.window.bin,
+                    watts: m.watts.clone(),
+                    contract_watts: m.contract_watts.clone(),
+                }),
             }
-            (Some(by_tenant), None)
-        }
-        Ok(Err(e)) => {
-            error!(error = %e, "status page: reading the ledger failed");
-            (None, Some(e.to_string()))
-        }
-        Err(e) => {
-            error!(error = %e, "status page: reading the ledger panicked");
-            (None, Some("reading the ledger failed".into()))
-        }
-    }
+        })
+        .collect()
 }
 
 /// Liveness: `ok`.
@@ -1027,6 +1166,7 @@ async fn usage_pages(
     ),
     paths(
         usage_pages, all_usage, tenant_usage, tenants, meters_view, retire_node, status_page,
+        tenant_status_page,
         metrics, healthz, readyz, openapi_json
     ),
     components(schemas(Problem, Page, Report, Retired, StepName, FormatName)),

@@ -326,6 +326,7 @@ impl App {
                 request_timeout: cfg.http_request_timeout,
                 renders: Default::default(),
                 ledger_history: Default::default(),
+                finalize_grace: cfg.finalize_grace,
             }),
             http_limits,
             state.clone(),

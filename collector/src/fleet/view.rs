@@ -158,6 +158,15 @@ impl<'a> GpuView<'a> {
         self.gpu.last.as_ref()
     }
 
+    /// How long before `now` its last reading was sampled; `None` before
+    /// the first (or when it was too old for the clock to hold).
+    #[inline]
+    pub fn sampled_for(&self, now: Instant) -> Option<Duration> {
+        self.gpu
+            .sampled_at
+            .map(|t| now.saturating_duration_since(t))
+    }
+
     /// Whether its last reading is live at `now` (`capwatch_gpu_up`).
     #[inline]
     pub fn fresh(&self, now: Instant) -> bool {

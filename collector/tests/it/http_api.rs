@@ -153,14 +153,28 @@ async fn api_tokens_decide_who_may_read() {
         "{:?}",
         r.headers
     );
-    // /metrics (metrics_auth) and the status page: admin only.
-    for path in ["/metrics", "/"] {
+    // /metrics (metrics_auth) and the status pages: admin only (a tenant
+    // token sees not even its own tenant's page: it names the nodes and
+    // the collector's health).
+    for path in [
+        "/metrics",
+        "/",
+        "/status/tenant/lab-a",
+        "/status/tenant/lab-b",
+    ] {
         assert_eq!(api.get(path, None).await.status, 401, "{path}");
         assert_eq!(api.get(path, Some(LAB_A)).await.status, 403, "{path}");
         assert_eq!(api.get(path, Some(ADMIN)).await.status, 200, "{path}");
     }
     let page = api.get("/", Some(ADMIN)).await;
     assert!(page.body.contains("lab-b"), "{}", page.body);
+    // An unknown tenant's page is 404, after the token is checked.
+    let r = api.get("/status/tenant/nobody", Some(ADMIN)).await;
+    assert_eq!(r.status, 404, "{}", r.body);
+    assert_eq!(
+        api.get("/status/tenant/nobody", Some(LAB_A)).await.status,
+        403
+    );
     // /healthz stays open for probes.
     let r = api.get("/healthz", None).await;
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
@@ -173,10 +187,10 @@ async fn api_tokens_decide_who_may_read() {
             &[("surface", "http"), ("reason", reason)],
         )
     };
-    // 401: two usage cases, the bare /v1/usage, /metrics and /.
-    assert_eq!(refused("unauthenticated"), 5.0);
-    // 403: lab-a reading lab-b, /metrics and /.
-    assert_eq!(refused("forbidden"), 3.0);
+    // 401: two usage cases, the bare /v1/usage, /metrics, / and two tenant pages.
+    assert_eq!(refused("unauthenticated"), 7.0);
+    // 403: lab-a reading lab-b, /metrics, /, two tenant pages and nobody's.
+    assert_eq!(refused("forbidden"), 6.0);
 }
 
 /// The metric families a collector with tenants and no agents exports,

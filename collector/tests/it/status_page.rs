@@ -1,7 +1,9 @@
 //! The status page at `/`, against a running collector with mock agents:
 //! over plain HTTP (every tenant named, hostile names escaped) and in
-//! headless Chromium, which renders it and takes a screenshot
-//! (`target/status-page.png`).
+//! headless Chromium, which renders it and takes screenshots
+//! (`target/status-page.png`, `target/status-tenant-page.png`); with the
+//! charts drawn from the ledger once a minute has closed, and a tenant's
+//! page with its nodes and GPUs.
 //!
 //! `scripts/install-test-tools.sh` installs Chromium and `scripts/test.sh`
 //! sets `CAPWATCH_REQUIRE_TOOLS=1`, so in the suite a missing browser fails
@@ -80,7 +82,81 @@ fn status_page_names_every_tenant_and_escapes_their_names() {
     assert!(page.contains("fill over"), "lab-a over contract");
     assert!(page.contains(" kWh"), "energy today from the ledger");
     assert!(!page.contains("unavailable"), "ledger read");
+    // The collector's own health and the time of the page.
+    assert!(page.contains("As of <time datetime=\""), "as of");
+    assert!(page.contains("<table id=\"health\">"), "health");
+    assert!(page.contains("<th>finalized through</th>"), "watermark");
+    assert!(page.contains(" ok, 0 failed"), "commits");
+    assert!(
+        page.contains("href=\"/status/tenant/lab-a\""),
+        "tenant link"
+    );
+
+    // Once a minute has closed, each reporting tenant's chart draws it.
+    let page = charted(&collector);
+    assert_eq!(page.matches("<svg class=\"chart\"").count(), 3, "{page}");
+    assert!(page.contains("<path class=\"contract\""), "contract line");
+    let row = |page: &str, id: &str| -> String {
+        page.split(&format!("id=\"tenant-{id}\""))
+            .nth(1)
+            .and_then(|r| r.split("</tr>").next())
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        row(&page, "lab-a").contains("<path class=\"power\""),
+        "{page}"
+    );
+    // lab-a draws more than its contract: once a whole minute of it is in
+    // the ledger (the first may be cut short by the agents' start), it has
+    // time over contract today, in whole minutes; lab-b never does.
+    eventually(Duration::from_secs(150), "lab-a over contract", || {
+        row(&http_get(collector.http, "/"), "lab-a").contains("<span class=\"over\">")
+    });
+    let page = http_get(collector.http, "/");
+    assert!(row(&page, "lab-a").contains(" min</span>"), "{page}");
+    assert!(
+        row(&page, "lab-b").contains("<td class=\"num\">0 min</td>"),
+        "{page}"
+    );
+
+    // A tenant's page: its nodes and GPUs, and its chart.
+    let page = http_get(collector.http, "/status/tenant/lab-a");
+    assert!(page.contains(NAMES_ESCAPED[0]), "{page}");
+    assert!(!page.contains("<script"), "unescaped markup:\n{page}");
+    assert!(page.contains("<td>sp-a-1</td><td>up</td>"), "{page}");
+    assert!(!page.contains("sp-b-1"), "another tenant's node: {page}");
+    assert_eq!(
+        page.matches("<td>fresh</td>").count(),
+        8,
+        "8 mock GPUs: {page}"
+    );
+    assert!(
+        page.contains("<svg class=\"chart\" xmlns=\"http://www.w3.org/2000/svg\" width=\"720\""),
+        "{page}"
+    );
+    assert!(page.contains("<path class=\"power\""), "{page}");
+    // The stopped node is marked stale on its tenant's page.
+    let page = http_get(collector.http, "/status/tenant/unassigned");
+    assert!(
+        page.contains("<td>sp-gone-1</td><td><strong class=\"nodata\">STALE</strong></td>"),
+        "{page}"
+    );
+    assert!(page.contains("<td>sp-spare-1</td><td>up</td>"), "{page}");
+    let (status, _) = http_get_status(collector.http, "/status/tenant/nobody");
+    assert_eq!(status, 404);
     collector.stop();
+}
+
+/// The overview once every reporting tenant's chart has a point: the
+/// first minute the ledger holds has closed.
+fn charted(collector: &Collector) -> String {
+    let mut page = String::new();
+    eventually(Duration::from_secs(100), "a closed minute charted", || {
+        page = http_get(collector.http, "/");
+        page.matches("<path class=\"power\"").count() == 3
+    });
+    page
 }
 
 /// Chromium, in its own process group so that its helpers die with it.
@@ -173,12 +249,45 @@ fn status_page_renders_in_headless_chromium() {
     assert!(!dom.contains("<script"), "{dom}");
     assert!(dom.contains("capwatch status"));
 
-    let png = target_dir().join("status-page.png");
+    // The charts, as the browser parsed them: SVG elements with the
+    // power line, the contract line and the gap bands.
+    charted(&collector);
+    let dom = chromium(&bin, &profile, &["--dump-dom".into(), url.clone()]);
+    assert_eq!(dom.matches("<svg class=\"chart\"").count(), 3, "{dom}");
+    for part in [
+        "<path class=\"power\"",
+        "<path class=\"contract\"",
+        "<rect class=\"gap\"",
+    ] {
+        assert!(
+            dom.contains(part),
+            "{part} not in the rendered page:\n{dom}"
+        );
+    }
+    let tenant_url = format!("http://{}/status/tenant/lab-a", collector.http);
+    let dom = chromium(&bin, &profile, &["--dump-dom".into(), tenant_url.clone()]);
+    assert!(
+        dom.contains("&lt;script&gt;alert('owned')&lt;/script&gt;"),
+        "{dom}"
+    );
+    assert!(!dom.contains("<script"), "{dom}");
+    assert!(dom.contains("<td>sp-a-1</td>"), "{dom}");
+    assert!(dom.contains("<svg class=\"chart\""), "{dom}");
+    screenshot(&bin, &profile, "status-tenant-page.png", tenant_url);
+
+    screenshot(&bin, &profile, "status-page.png", url);
+    collector.stop();
+}
+
+/// A screenshot of `url` as `target/<name>`, checked to be a full,
+/// non-blank 1280x720 PNG.
+fn screenshot(bin: &Path, profile: &Path, name: &str, url: String) {
+    let png = target_dir().join(name);
     let _ = std::fs::remove_file(&png);
     let started = Instant::now();
     chromium(
-        &bin,
-        &profile,
+        bin,
+        profile,
         &[format!("--screenshot={}", png.display()), url],
     );
     eprintln!("screenshot {} in {:?}", png.display(), started.elapsed());
@@ -190,5 +299,4 @@ fn status_page_renders_in_headless_chromium() {
     assert_eq!((width, height), (1280, 720));
     // A blank 1280x720 page compresses to a few hundred bytes.
     assert!(bytes.len() > 10_000, "{} bytes", bytes.len());
-    collector.stop();
 }

@@ -74,6 +74,7 @@ impl Api {
             request_timeout: cfg.http_request_timeout,
             renders: Default::default(),
             ledger_history: Default::default(),
+            finalize_grace: cfg.finalize_grace,
         });
         Self {
             router,
