@@ -1390,6 +1390,7 @@ mod tests {
             ledger: Arc::new(Mutex::new(reader)),
             metrics_auth: false,
             request_timeout: Duration::from_secs(30),
+            finalize_grace: Duration::from_secs(600),
             renders: Default::default(),
             ledger_history: Default::default(),
         }
