@@ -2,7 +2,7 @@
 
 use capwatch_proto::v1 as pb;
 
-use crate::source::{GpuInfo, GpuReading};
+use crate::source::{GpuHealth, GpuInfo, GpuReading};
 
 pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
     pb::GpuInfo {
@@ -12,6 +12,9 @@ pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
         power_limit_milliwatts: g.power_limit_milliwatts,
         memory_total_bytes: g.memory_total_bytes,
         energy_counter_supported: g.energy_counter_supported,
+        pci_bus_id: g.pci_bus_id.clone(),
+        serial: g.serial.clone(),
+        driver_version: g.driver_version.clone(),
     }
 }
 
@@ -27,5 +30,35 @@ pub fn gpu_sample(r: GpuReading) -> pb::GpuSample {
         sm_clock_mhz: r.sm_clock_mhz,
         power_limit_milliwatts: r.power_limit_milliwatts,
         lost: r.lost,
+        health: (!r.health.is_empty()).then(|| gpu_health(r.health)),
+    }
+}
+
+fn gpu_health(h: GpuHealth) -> pb::GpuHealth {
+    pb::GpuHealth {
+        clock_event_reasons: h.clock_event_reasons,
+        power_violation_nanoseconds: h.power_violation_nanoseconds,
+        thermal_violation_nanoseconds: h.thermal_violation_nanoseconds,
+        ecc_volatile_corrected: h.ecc_volatile_corrected,
+        ecc_volatile_uncorrected: h.ecc_volatile_uncorrected,
+        ecc_aggregate_corrected: h.ecc_aggregate_corrected,
+        ecc_aggregate_uncorrected: h.ecc_aggregate_uncorrected,
+        retired_pages_single_bit: h.retired_pages_single_bit,
+        retired_pages_double_bit: h.retired_pages_double_bit,
+        retired_pages_pending: h.retired_pages_pending,
+        remapped_rows_correctable: h.remapped_rows_correctable,
+        remapped_rows_uncorrectable: h.remapped_rows_uncorrectable,
+        remapped_rows_pending: h.remapped_rows_pending,
+        remapped_rows_failed: h.remapped_rows_failed,
+        memory_temperature_celsius: h.memory_temperature_celsius,
+        memory_clock_mhz: h.memory_clock_mhz,
+        encoder_utilization_percent: h.encoder_utilization_percent,
+        decoder_utilization_percent: h.decoder_utilization_percent,
+        pcie_replays: h.pcie_replays,
+        pcie_tx_kilobytes_per_second: h.pcie_tx_kilobytes_per_second,
+        pcie_rx_kilobytes_per_second: h.pcie_rx_kilobytes_per_second,
+        fan_speed_percent: h.fan_speed_percent,
+        power_instant_milliwatts: h.power_instant_milliwatts,
+        power_average_milliwatts: h.power_average_milliwatts,
     }
 }

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use capwatch_agent::source::nvml::NvmlSource;
-use capwatch_agent::source::{GpuInfo, GpuReading, GpuSource, SourceError};
+use capwatch_agent::source::{GpuHealth, GpuInfo, GpuReading, GpuSource, SourceError};
 use nvml_wrapper::error::NvmlError;
 use tempfile::TempDir;
 
@@ -30,7 +30,11 @@ struct FakeGpu {
     temperature_c: i32,
     sm_clock_mhz: u32,
     power_limit_mw: u64,
+    pci_bus_id: &'static str,
+    serial: &'static str,
 }
+
+const DRIVER_VERSION: &str = "550.54.15";
 
 /// The fake node, as `fake_nvml.c` describes it.
 const FAKE_GPUS: [FakeGpu; 2] = [
@@ -47,6 +51,8 @@ const FAKE_GPUS: [FakeGpu; 2] = [
         temperature_c: 61,
         sm_clock_mhz: 1980,
         power_limit_mw: 700_000,
+        pci_bus_id: "00000000:18:00.0",
+        serial: "1654321098765",
     },
     FakeGpu {
         uuid: "GPU-55555555-6666-7777-8888-999999999999",
@@ -61,8 +67,72 @@ const FAKE_GPUS: [FakeGpu; 2] = [
         temperature_c: 47,
         sm_clock_mhz: 1410,
         power_limit_mw: 400_000,
+        pci_bus_id: "00000000:2A:00.0",
+        serial: "1320921012345",
     },
 ];
+
+/// The health readings of fake GPU `index`, in NVML units, as the C file
+/// documents them.
+fn fake_health(index: u32) -> GpuHealth {
+    if index == 0 {
+        GpuHealth {
+            clock_event_reasons: Some(0x44),
+            power_violation_nanoseconds: Some(123_456_789_012),
+            thermal_violation_nanoseconds: Some(987_654_321),
+            ecc_volatile_corrected: Some(17),
+            ecc_volatile_uncorrected: Some(2),
+            ecc_aggregate_corrected: Some(1234),
+            ecc_aggregate_uncorrected: Some(5),
+            retired_pages_single_bit: Some(3),
+            retired_pages_double_bit: Some(1),
+            retired_pages_pending: Some(true),
+            remapped_rows_correctable: Some(4),
+            remapped_rows_uncorrectable: Some(1),
+            remapped_rows_pending: Some(true),
+            remapped_rows_failed: Some(false),
+            memory_temperature_celsius: Some(78),
+            // The memory clock, not another one (see `clock_of`).
+            memory_clock_mhz: Some(2619),
+            encoder_utilization_percent: Some(11),
+            decoder_utilization_percent: Some(23),
+            pcie_replays: Some(42),
+            pcie_tx_kilobytes_per_second: Some(123_456),
+            pcie_rx_kilobytes_per_second: Some(654_321),
+            // An SXM board: no fan of its own.
+            fan_speed_percent: None,
+            power_instant_milliwatts: Some(345_678),
+            power_average_milliwatts: Some(311_111),
+        }
+    } else {
+        GpuHealth {
+            clock_event_reasons: Some(0x1),
+            power_violation_nanoseconds: Some(0),
+            thermal_violation_nanoseconds: Some(5),
+            ecc_volatile_corrected: Some(1),
+            ecc_volatile_uncorrected: Some(0),
+            ecc_aggregate_corrected: Some(3),
+            ecc_aggregate_uncorrected: Some(0),
+            retired_pages_single_bit: Some(0),
+            retired_pages_double_bit: Some(0),
+            retired_pages_pending: Some(false),
+            remapped_rows_correctable: Some(0),
+            remapped_rows_uncorrectable: Some(0),
+            remapped_rows_pending: Some(false),
+            remapped_rows_failed: Some(true),
+            memory_temperature_celsius: Some(55),
+            memory_clock_mhz: Some(1215),
+            encoder_utilization_percent: Some(0),
+            decoder_utilization_percent: Some(4),
+            pcie_replays: Some(7),
+            pcie_tx_kilobytes_per_second: Some(2000),
+            pcie_rx_kilobytes_per_second: Some(3000),
+            fan_speed_percent: Some(67),
+            power_instant_milliwatts: Some(101_010),
+            power_average_milliwatts: Some(98_000),
+        }
+    }
+}
 
 /// A compiled copy of the fake; the directory lives as long as this does.
 struct FakeNvml {
@@ -132,6 +202,9 @@ fn expected_info(index: u32, energy_counter_supported: bool) -> GpuInfo {
         power_limit_milliwatts: Some(gpu.power_limit_mw),
         memory_total_bytes: Some(gpu.memory_total),
         energy_counter_supported,
+        pci_bus_id: Some(gpu.pci_bus_id.into()),
+        serial: Some(gpu.serial.into()),
+        driver_version: Some(DRIVER_VERSION.into()),
     }
 }
 
@@ -150,6 +223,7 @@ fn expected_reading(index: u32, sample: u64) -> GpuReading {
         temperature_celsius: Some(gpu.temperature_c),
         sm_clock_mhz: Some(gpu.sm_clock_mhz),
         power_limit_milliwatts: Some(gpu.power_limit_mw),
+        health: fake_health(index),
         lost: false,
     }
 }
@@ -255,6 +329,106 @@ fn unsupported_fields_are_absent_not_zero() {
     }
 }
 
+/// Invariant: a health reading the GPU does not support, or whose
+/// function an older driver lacks, is absent alone: the other readings
+/// of the GPU are there, the GPU is not lost, and it is no error.
+#[test]
+fn each_unsupported_or_missing_health_reading_is_absent_alone() {
+    type Clear = fn(&mut GpuHealth);
+    // (unsupported on GPU 1, or left out of the library, what is absent)
+    let cases: &[(&str, Clear)] = &[
+        ("nvmlDeviceGetCurrentClocksThrottleReasons", |h| {
+            h.clock_event_reasons = None
+        }),
+        ("nvmlDeviceGetViolationStatus", |h| {
+            h.power_violation_nanoseconds = None;
+            h.thermal_violation_nanoseconds = None;
+        }),
+        ("nvmlDeviceGetTotalEccErrors", |h| {
+            h.ecc_volatile_corrected = None;
+            h.ecc_volatile_uncorrected = None;
+            h.ecc_aggregate_corrected = None;
+            h.ecc_aggregate_uncorrected = None;
+        }),
+        ("nvmlDeviceGetEncoderUtilization", |h| {
+            h.encoder_utilization_percent = None
+        }),
+        ("nvmlDeviceGetDecoderUtilization", |h| {
+            h.decoder_utilization_percent = None
+        }),
+        ("nvmlDeviceGetPcieReplayCounter", |h| h.pcie_replays = None),
+        ("nvmlDeviceGetPcieThroughput", |h| {
+            h.pcie_tx_kilobytes_per_second = None;
+            h.pcie_rx_kilobytes_per_second = None;
+        }),
+        ("nvmlDeviceGetFanSpeed_v2", |h| h.fan_speed_percent = None),
+        ("nvmlDeviceGetFieldValues", |h| {
+            h.memory_temperature_celsius = None;
+            h.power_instant_milliwatts = None;
+            h.power_average_milliwatts = None;
+            h.retired_pages_single_bit = None;
+            h.retired_pages_double_bit = None;
+            h.retired_pages_pending = None;
+            h.remapped_rows_correctable = None;
+            h.remapped_rows_uncorrectable = None;
+            h.remapped_rows_pending = None;
+            h.remapped_rows_failed = None;
+        }),
+    ];
+    // One field value unsupported leaves the others of the same call.
+    let fields: &[(&str, Clear)] = &[
+        ("NVML_FI_DEV_MEMORY_TEMP", |h| {
+            h.memory_temperature_celsius = None
+        }),
+        ("NVML_FI_DEV_POWER_INSTANT", |h| {
+            h.power_instant_milliwatts = None
+        }),
+        ("NVML_FI_DEV_POWER_AVERAGE", |h| {
+            h.power_average_milliwatts = None
+        }),
+        ("NVML_FI_DEV_RETIRED_PENDING", |h| {
+            h.retired_pages_pending = None
+        }),
+        ("NVML_FI_DEV_REMAPPED_FAILURE", |h| {
+            h.remapped_rows_failed = None
+        }),
+    ];
+    let check = |defines: &[&str], clear0: Option<Clear>, clear1: Clear| {
+        let fake = build_fake(defines);
+        let mut source = open(&fake);
+        for sample in 1..=2 {
+            let mut want = [expected_reading(0, sample), expected_reading(1, sample)];
+            if let Some(clear) = clear0 {
+                clear(&mut want[0].health);
+            }
+            clear1(&mut want[1].health);
+            assert_eq!(source.sample(0), want, "sample {sample} with {defines:?}");
+        }
+        let errors = source.errors().expect("NVML counts its errors").by_field();
+        assert_eq!(errors, [], "not errors, with {defines:?}");
+    };
+    for (function, clear) in cases.iter().chain(fields) {
+        check(
+            &[&format!("-DFAKE_GPU1_UNSUPPORTED=\"{function}\"")],
+            None,
+            *clear,
+        );
+    }
+    for (function, clear) in cases {
+        check(&[&format!("-DFAKE_OMIT_{function}")], Some(*clear), *clear);
+    }
+}
+
+/// Clock-event reasons are NVML's bits, several at once.
+#[test]
+fn clock_event_reasons_are_nvmls_bits() {
+    // Power brake | sync boost | HW slowdown.
+    let fake = build_fake(&["-DFAKE_GPU0_CLOCK_EVENT_REASONS=0x98"]);
+    let mut source = open(&fake);
+    let r = source.sample(0);
+    assert_eq!(r[0].health.clock_event_reasons, Some(0x98));
+}
+
 #[test]
 fn lost_gpu_is_reported_lost_and_the_others_keep_reporting() {
     // GPU 1 answers `lost_after` power reads, then falls off the bus: first
@@ -274,15 +448,8 @@ fn lost_gpu_is_reported_lost_and_the_others_keep_reporting() {
             } else {
                 GpuReading {
                     index: 1,
-                    power_milliwatts: None,
-                    energy_millijoules: None,
-                    utilization_percent: None,
-                    memory_utilization_percent: None,
-                    memory_used_bytes: None,
-                    temperature_celsius: None,
-                    sm_clock_mhz: None,
-                    power_limit_milliwatts: None,
                     lost: true,
+                    ..GpuReading::default()
                 }
             };
             assert_eq!(

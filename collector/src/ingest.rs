@@ -909,6 +909,7 @@ mod tests {
                     power_limit_milliwatts: Some(700_000),
                     memory_total_bytes: None,
                     energy_counter_supported: true,
+                    ..Default::default()
                 }],
                 host: None,
             })),

@@ -8,10 +8,17 @@
 //! what a real counter shows too). The integral is kept in milliwatt
 //! nanoseconds and the counter is its floor in millijoules, so no rounding
 //! error accumulates.
+//!
+//! Health readings follow the load: a GPU drawing within 5 % of its limit
+//! reports the SW power cap clock-event reason and its power violation
+//! time grows by the interval, an idle one reports the idle reason; a few
+//! GPUs carry corrected ECC errors that grow slowly. SXM boards have no
+//! fan of their own and H100/H200 remap rows rather than retire pages, so
+//! fan speed and retired pages are absent, as NVML reports them there.
 
 use serde::{Deserialize, Serialize};
 
-use super::{GpuInfo, GpuReading, GpuSource};
+use super::{GpuHealth, GpuInfo, GpuReading, GpuSource};
 
 /// A workload shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -59,7 +66,21 @@ impl Model {
             Model::H200 => 141 * GIB,
         }
     }
+    fn memory_clock_mhz(self) -> u32 {
+        match self {
+            Model::H100 => 2619,
+            Model::H200 => 3201,
+        }
+    }
 }
+
+/// The driver version the mock reports.
+pub const DRIVER_VERSION: &str = "550.54.15";
+/// Clock-event reason bits (NVML's `nvmlClocksEventReason*`).
+pub const REASON_GPU_IDLE: u64 = 0x1;
+pub const REASON_SW_POWER_CAP: u64 = 0x4;
+/// Power at or above this is held at the cap (95 % of the limit).
+const POWER_CAP_MILLIWATTS: u64 = POWER_LIMIT_MILLIWATTS / 100 * 95;
 
 const GIB: u64 = 1 << 30;
 /// Board power limit (TDP) of both SXM models.
@@ -95,6 +116,8 @@ struct MockGpu {
     counter_base_millijoules: u64,
     /// Exact integral of reported power, in milliwatt-nanoseconds.
     integral_milliwatt_nanos: u128,
+    /// Time spent at the power cap, as NVML's violation counter.
+    power_violation_nanos: u64,
 }
 
 /// The simulated node.
@@ -128,6 +151,12 @@ impl MockSource {
                 power_limit_milliwatts: Some(POWER_LIMIT_MILLIWATTS),
                 memory_total_bytes: Some(cfg.model.memory_total_bytes()),
                 energy_counter_supported: cfg.energy_counter,
+                pci_bus_id: Some(format!("00000000:{:02X}:00.0", 0x18 + index * 0x10)),
+                serial: Some(format!(
+                    "{:013}",
+                    splitmix64(key ^ 0x5E71A1) % 10_000_000_000_000
+                )),
+                driver_version: Some(DRIVER_VERSION.to_string()),
             });
             gpus.push(MockGpu {
                 profile,
@@ -135,6 +164,7 @@ impl MockSource {
                 // Up to ~11 days at full power since the driver loaded.
                 counter_base_millijoules: splitmix64(key ^ 0xC0FFEE) % 700_000_000_000,
                 integral_milliwatt_nanos: 0,
+                power_violation_nanos: 0,
             });
         }
         if let Some(saved) = cfg.counter_file.as_deref().and_then(read_counters) {
@@ -193,6 +223,7 @@ impl GpuSource for MockSource {
         );
         let memory_total = self.cfg.model.memory_total_bytes();
         let energy_counter = self.cfg.energy_counter;
+        let model = self.cfg.model;
         let readings = self
             .gpus
             .iter_mut()
@@ -200,6 +231,16 @@ impl GpuSource for MockSource {
             .map(|(index, gpu)| {
                 let load = load_at(gpu.profile, gpu.key, tick);
                 gpu.integral_milliwatt_nanos += u128::from(load.power_milliwatts) * dt_nanos;
+                // As for energy, the interval is taken in the state reported
+                // at its end.
+                let capped = load.power_milliwatts >= POWER_CAP_MILLIWATTS;
+                if capped {
+                    gpu.power_violation_nanos = gpu
+                        .power_violation_nanos
+                        .saturating_add(u64::try_from(dt_nanos).unwrap_or(u64::MAX));
+                }
+                let temperature = 30 + (load.power_milliwatts * 50 / POWER_LIMIT_MILLIWATTS) as i32;
+                let health = health(gpu, &load, capped, tick, model, temperature);
                 GpuReading {
                     index: index as u32,
                     power_milliwatts: Some(load.power_milliwatts),
@@ -207,21 +248,76 @@ impl GpuSource for MockSource {
                     utilization_percent: Some(load.utilization_percent),
                     memory_utilization_percent: Some(load.utilization_percent * 3 / 5),
                     memory_used_bytes: Some(memory_total / 100 * u64::from(load.memory_percent)),
-                    temperature_celsius: Some(
-                        30 + (load.power_milliwatts * 50 / POWER_LIMIT_MILLIWATTS) as i32,
-                    ),
+                    temperature_celsius: Some(temperature),
                     sm_clock_mhz: Some(if load.utilization_percent > 5 {
                         1980
                     } else {
                         345
                     }),
                     power_limit_milliwatts: Some(POWER_LIMIT_MILLIWATTS),
+                    health,
                     lost: false,
                 }
             })
             .collect::<Vec<_>>();
         self.save_counters();
         readings
+    }
+}
+
+/// The health readings of one GPU on tick `tick`, from its load.
+fn health(
+    gpu: &MockGpu,
+    load: &Load,
+    capped: bool,
+    tick: u64,
+    model: Model,
+    temperature: i32,
+) -> GpuHealth {
+    let mut reasons = 0;
+    if capped {
+        reasons |= REASON_SW_POWER_CAP;
+    }
+    if load.utilization_percent == 0 {
+        reasons |= REASON_GPU_IDLE;
+    }
+    // One GPU in eight sees a corrected error every ten minutes or so.
+    let corrected = if gpu.key.is_multiple_of(8) {
+        tick / 600
+    } else {
+        0
+    };
+    let noise = splitmix64(gpu.key ^ tick.wrapping_mul(0xA076_1D64_78BD_642F));
+    // Instant power swings ±3 % around the one-second average.
+    let swing = load.power_milliwatts / 100 * 3;
+    let instant = load.power_milliwatts - swing + noise % (2 * swing + 1);
+    let util = u64::from(load.utilization_percent);
+    GpuHealth {
+        clock_event_reasons: Some(reasons),
+        power_violation_nanoseconds: Some(gpu.power_violation_nanos),
+        thermal_violation_nanoseconds: Some(0),
+        ecc_volatile_corrected: Some(corrected),
+        ecc_volatile_uncorrected: Some(0),
+        ecc_aggregate_corrected: Some(corrected + gpu.key % 5),
+        ecc_aggregate_uncorrected: Some(0),
+        remapped_rows_correctable: Some(gpu.key % 3),
+        remapped_rows_uncorrectable: Some(0),
+        remapped_rows_pending: Some(false),
+        remapped_rows_failed: Some(false),
+        memory_temperature_celsius: Some(temperature + 8),
+        memory_clock_mhz: Some(model.memory_clock_mhz()),
+        encoder_utilization_percent: Some(0),
+        decoder_utilization_percent: Some(if gpu.profile == Profile::Inference {
+            load.utilization_percent / 4
+        } else {
+            0
+        }),
+        pcie_replays: Some(0),
+        pcie_tx_kilobytes_per_second: u32::try_from(500 + util * 1_500).ok(),
+        pcie_rx_kilobytes_per_second: u32::try_from(1_000 + util * 4_000).ok(),
+        power_instant_milliwatts: Some(instant),
+        power_average_milliwatts: Some(load.power_milliwatts),
+        ..GpuHealth::default()
     }
 }
 
@@ -411,6 +507,41 @@ mod tests {
         let mut m = MockSource::new(c);
         assert!(!m.inventory()[0].energy_counter_supported);
         assert_eq!(m.sample(0)[0].energy_millijoules, None);
+    }
+
+    #[test]
+    fn near_the_limit_the_power_cap_holds_clocks_and_its_time_is_counted() {
+        let mut m = MockSource::new(cfg(Profile::Training));
+        let second = 1_000_000_000;
+        let mut capped = 0u64;
+        let mut last = Vec::new();
+        for k in 0..600 {
+            let r = m.sample(k * second as i64);
+            for g in &r {
+                let reasons = g.health.clock_event_reasons.unwrap();
+                let p = g.power_milliwatts.unwrap();
+                assert_eq!(reasons & REASON_SW_POWER_CAP != 0, p >= 665_000, "{p} mW");
+                // The first sample has no interval before it.
+                if k > 0 && p >= 665_000 {
+                    capped += second;
+                }
+                let instant = g.health.power_instant_milliwatts.unwrap();
+                assert!(instant.abs_diff(p) <= p * 3 / 100, "{instant} vs {p}");
+                assert_eq!(g.health.power_average_milliwatts, Some(p));
+                assert_eq!(g.health.fan_speed_percent, None);
+            }
+            last = r;
+        }
+        let counted: u64 = last
+            .iter()
+            .map(|g| g.health.power_violation_nanoseconds.unwrap())
+            .sum();
+        assert_eq!(counted, capped);
+        assert!(capped > 0, "training reaches the cap");
+        // An idle GPU is idle, not capped.
+        let mut idle = MockSource::new(cfg(Profile::Idle));
+        let r = idle.sample(0);
+        assert_eq!(r[0].health.clock_event_reasons, Some(REASON_GPU_IDLE));
     }
 
     #[test]

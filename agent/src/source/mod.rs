@@ -20,6 +20,71 @@ pub struct GpuInfo {
     pub power_limit_milliwatts: Option<u64>,
     pub memory_total_bytes: Option<u64>,
     pub energy_counter_supported: bool,
+    /// What users join on besides the UUID, each absent where NVML does
+    /// not give it: the PCI bus id (`nvmlDeviceGetPciInfo`), the board's
+    /// serial number and the driver version (the node's, the same on
+    /// every GPU).
+    pub pci_bus_id: Option<String>,
+    pub serial: Option<String>,
+    pub driver_version: Option<String>,
+}
+
+/// One GPU's health readings on one tick, in NVML's units. `None` means
+/// "not supported or not readable", never zero.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuHealth {
+    /// The clock-event (throttle) reasons active now, NVML's bitmask as
+    /// nvml-wrapper knows its bits (`nvmlDeviceGetCurrentClocksThrottleReasons`).
+    pub clock_event_reasons: Option<u64>,
+    /// Cumulative time clocks were held back by the power cap and by
+    /// thermal limits since the driver loaded (`nvmlDeviceGetViolationStatus`).
+    pub power_violation_nanoseconds: Option<u64>,
+    pub thermal_violation_nanoseconds: Option<u64>,
+    /// ECC error counts (`nvmlDeviceGetTotalEccErrors`): volatile since
+    /// the driver loaded, aggregate over the board's life.
+    pub ecc_volatile_corrected: Option<u64>,
+    pub ecc_volatile_uncorrected: Option<u64>,
+    pub ecc_aggregate_corrected: Option<u64>,
+    pub ecc_aggregate_uncorrected: Option<u64>,
+    /// Pages retired for single- and double-bit errors, and whether a
+    /// retirement waits for the next driver reload (field values
+    /// `RETIRED_SBE`, `RETIRED_DBE`, `RETIRED_PENDING`; pre-Ampere boards).
+    pub retired_pages_single_bit: Option<u64>,
+    pub retired_pages_double_bit: Option<u64>,
+    pub retired_pages_pending: Option<bool>,
+    /// Rows remapped for correctable and uncorrectable errors, a remap
+    /// waiting for a GPU reset, a remap that failed (field values
+    /// `REMAPPED_COR`, `REMAPPED_UNC`, `REMAPPED_PENDING`,
+    /// `REMAPPED_FAILURE`; Ampere and later).
+    pub remapped_rows_correctable: Option<u64>,
+    pub remapped_rows_uncorrectable: Option<u64>,
+    pub remapped_rows_pending: Option<bool>,
+    pub remapped_rows_failed: Option<bool>,
+    /// HBM temperature (field value `MEMORY_TEMP`).
+    pub memory_temperature_celsius: Option<i32>,
+    pub memory_clock_mhz: Option<u32>,
+    pub encoder_utilization_percent: Option<u32>,
+    pub decoder_utilization_percent: Option<u32>,
+    /// PCIe replays since the driver loaded.
+    pub pcie_replays: Option<u64>,
+    /// PCIe throughput over NVML's last 20 ms window, in NVML's KB/s
+    /// (1024 bytes).
+    pub pcie_tx_kilobytes_per_second: Option<u32>,
+    pub pcie_rx_kilobytes_per_second: Option<u32>,
+    /// Fan 0's speed, percent of its maximum (may exceed 100); absent on
+    /// boards without a fan of their own (SXM).
+    pub fan_speed_percent: Option<u32>,
+    /// Field values `POWER_INSTANT` and `POWER_AVERAGE` (the one-second
+    /// average `power_milliwatts` also reports on most boards).
+    pub power_instant_milliwatts: Option<u64>,
+    pub power_average_milliwatts: Option<u64>,
+}
+
+impl GpuHealth {
+    /// Whether no reading is present (then nothing is sent).
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// One GPU's readings on one tick. `None` means "not supported or not
@@ -36,6 +101,8 @@ pub struct GpuReading {
     pub temperature_celsius: Option<i32>,
     pub sm_clock_mhz: Option<u32>,
     pub power_limit_milliwatts: Option<u64>,
+    /// Why clocks are held back, errors, and the other diagnostic readings.
+    pub health: GpuHealth,
     /// The GPU stopped answering (NVML `GpuLost`); all readings are `None`.
     pub lost: bool,
 }

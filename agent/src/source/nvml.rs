@@ -4,18 +4,58 @@
 //! support (`NotSupported`) or cannot read is reported absent and logged
 //! once per GPU and field, not on every tick; a GPU that falls off the bus
 //! (`GpuLost`) is reported as lost, and the other GPUs keep reporting.
+//! A function an older driver lacks (nvml-wrapper's `FailedToLoadSymbol`)
+//! is taken as not supported: absent, logged once, not an error.
+//!
+//! The health readings ([`GpuHealth`]) all go through nvml-wrapper's own
+//! API, no unsafe code here: the functions it wraps directly, and one
+//! `nvmlDeviceGetFieldValues` call per GPU and tick (`field_values_for`,
+//! with the field ids it re-exports from its `-sys` crate) for those NVML
+//! only gives as field values (memory temperature, instant and average
+//! power, retired pages, remapped rows).
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
 
-use nvml_wrapper::Nvml;
-use nvml_wrapper::enum_wrappers::device::{Clock, TemperatureSensor};
+use nvml_wrapper::enum_wrappers::device::{
+    Clock, EccCounter, MemoryError, PcieUtilCounter, PerformancePolicy, TemperatureSensor,
+};
+use nvml_wrapper::enums::device::SampleValue;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper::sys_exports::field_id as fi;
+use nvml_wrapper::{Device, Nvml};
 use tracing::{error, info, warn};
 
-use super::{GpuInfo, GpuReading, GpuSource, ReadErrors, SourceError};
+use super::{GpuHealth, GpuInfo, GpuReading, GpuSource, ReadErrors, SourceError};
+
+/// The field values read in one `nvmlDeviceGetFieldValues` call, with the
+/// name each is logged and counted under.
+const FIELD_VALUES: [(u32, &str); 10] = [
+    (fi::NVML_FI_DEV_MEMORY_TEMP, "memory_temperature"),
+    (fi::NVML_FI_DEV_POWER_INSTANT, "power_instant"),
+    (fi::NVML_FI_DEV_POWER_AVERAGE, "power_average"),
+    (fi::NVML_FI_DEV_RETIRED_SBE, "retired_pages_single_bit"),
+    (fi::NVML_FI_DEV_RETIRED_DBE, "retired_pages_double_bit"),
+    (fi::NVML_FI_DEV_RETIRED_PENDING, "retired_pages_pending"),
+    (fi::NVML_FI_DEV_REMAPPED_COR, "remapped_rows_correctable"),
+    (fi::NVML_FI_DEV_REMAPPED_UNC, "remapped_rows_uncorrectable"),
+    (fi::NVML_FI_DEV_REMAPPED_PENDING, "remapped_rows_pending"),
+    (fi::NVML_FI_DEV_REMAPPED_FAILURE, "remapped_rows_failed"),
+];
+
+/// A field value as an unsigned integer; a negative or fractional one is
+/// not a count (`Unknown`: counted as a failed read).
+fn unsigned(v: SampleValue) -> Result<u64, NvmlError> {
+    match v {
+        SampleValue::U32(v) => Ok(u64::from(v)),
+        SampleValue::U64(v) => Ok(v),
+        SampleValue::I64(v) => u64::try_from(v).map_err(|_| NvmlError::Unknown),
+        SampleValue::F64(_) => Err(NvmlError::Unknown),
+    }
+}
 
 /// The library name NVML is looked up by when no path is configured.
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
@@ -48,6 +88,13 @@ impl NvmlSource {
             what: "the device count".into(),
             error,
         })?;
+        let driver_version = match nvml.sys_driver_version() {
+            Ok(v) => Some(v),
+            Err(e) => {
+                info!(error = %e, "driver version not available; left out of capwatch_gpu_info");
+                None
+            }
+        };
         let mut inventory = Vec::with_capacity(count as usize);
         let mut nvml_index = Vec::with_capacity(count as usize);
         for index in 0..count {
@@ -65,6 +112,17 @@ impl NvmlSource {
                 }
             };
             let model = device.name().unwrap_or_else(|_| "unknown".into());
+            // Identity is optional: absent (and logged) when NVML cannot
+            // give it, never a reason to leave the GPU out.
+            let identity = |what: &str, answer: Result<String, NvmlError>| match answer {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    info!(gpu = index, field = what, error = %e, "not available; left out of capwatch_gpu_info");
+                    None
+                }
+            };
+            let pci_bus_id = identity("pci_bus_id", device.pci_info().map(|p| p.bus_id));
+            let serial = identity("serial", device.serial());
             // Only a definite NotSupported means "no counter"; a passing error
             // at start-up must not switch energy accounting to integration.
             let energy_counter_supported = !matches!(
@@ -78,6 +136,9 @@ impl NvmlSource {
                 power_limit_milliwatts: device.enforced_power_limit().ok().map(u64::from),
                 memory_total_bytes: device.memory_info().ok().map(|m| m.total),
                 energy_counter_supported,
+                pci_bus_id,
+                serial,
+                driver_version: driver_version.clone(),
             });
             nvml_index.push(index);
         }
@@ -122,6 +183,13 @@ impl NvmlSource {
                 }
                 Ok(None)
             }
+            // An older driver without the function: as not supported.
+            Err(NvmlError::FailedToLoadSymbol(symbol)) => {
+                if reported.insert((index, field)) {
+                    info!(gpu = index, field, symbol = %symbol, "this driver lacks the NVML function; reported absent");
+                }
+                Ok(None)
+            }
             Err(e) => {
                 errors.add(field);
                 if reported.insert((index, field)) {
@@ -149,6 +217,7 @@ impl NvmlSource {
         };
         let r = &mut self.reported;
         let e = &*self.errors;
+        let health = Self::health(r, e, index, &device)?;
         let utilization = Self::field(r, e, index, "utilization", device.utilization_rates())?;
         let memory = Self::field(r, e, index, "memory", device.memory_info())?;
         Ok(GpuReading {
@@ -182,8 +251,103 @@ impl NvmlSource {
                 device.enforced_power_limit(),
             )?
             .map(u64::from),
+            health,
             lost: false,
         })
+    }
+
+    /// The health readings of one GPU, each absent when it cannot be read.
+    fn health(
+        r: &mut HashSet<(u32, &'static str)>,
+        e: &ReadErrors,
+        index: u32,
+        device: &Device<'_>,
+    ) -> Result<GpuHealth, Lost> {
+        // `?` on each: a lost GPU ends the whole reading.
+        macro_rules! read {
+            ($field:expr, $answer:expr $(,)?) => {
+                Self::field(r, e, index, $field, $answer)
+            };
+        }
+        let violation = |policy| device.violation_status(policy).map(|v| v.violation_time);
+        let ecc = |error, counter| device.total_ecc_errors(error, counter);
+        let mut h = GpuHealth {
+            clock_event_reasons: read!(
+                "clock_event_reasons",
+                device.current_throttle_reasons().map(|r| r.bits()),
+            )?,
+            power_violation_nanoseconds: read!(
+                "power_violation",
+                violation(PerformancePolicy::Power),
+            )?,
+            thermal_violation_nanoseconds: read!(
+                "thermal_violation",
+                violation(PerformancePolicy::Thermal),
+            )?,
+            ecc_volatile_corrected: read!(
+                "ecc_volatile_corrected",
+                ecc(MemoryError::Corrected, EccCounter::Volatile),
+            )?,
+            ecc_volatile_uncorrected: read!(
+                "ecc_volatile_uncorrected",
+                ecc(MemoryError::Uncorrected, EccCounter::Volatile),
+            )?,
+            ecc_aggregate_corrected: read!(
+                "ecc_aggregate_corrected",
+                ecc(MemoryError::Corrected, EccCounter::Aggregate),
+            )?,
+            ecc_aggregate_uncorrected: read!(
+                "ecc_aggregate_uncorrected",
+                ecc(MemoryError::Uncorrected, EccCounter::Aggregate),
+            )?,
+            memory_clock_mhz: read!("memory_clock", device.clock_info(Clock::Memory))?,
+            encoder_utilization_percent: read!(
+                "encoder_utilization",
+                device.encoder_utilization().map(|u| u.utilization),
+            )?,
+            decoder_utilization_percent: read!(
+                "decoder_utilization",
+                device.decoder_utilization().map(|u| u.utilization),
+            )?,
+            pcie_replays: read!("pcie_replays", device.pcie_replay_counter().map(u64::from),)?,
+            fan_speed_percent: read!("fan_speed", device.fan_speed(0))?,
+            ..GpuHealth::default()
+        };
+        let pcie = |counter| device.pcie_throughput(counter);
+        h.pcie_tx_kilobytes_per_second = read!("pcie_tx", pcie(PcieUtilCounter::Send))?;
+        h.pcie_rx_kilobytes_per_second = read!("pcie_rx", pcie(PcieUtilCounter::Receive))?;
+
+        let ids = FIELD_VALUES.map(|(id, _)| FieldId(id));
+        let mut values = [None; FIELD_VALUES.len()];
+        if let Some(answers) = read!("field_values", device.field_values_for(&ids))? {
+            for ((slot, (_, field)), answer) in values.iter_mut().zip(FIELD_VALUES).zip(answers) {
+                let value = answer.and_then(|s| s.value).and_then(unsigned);
+                *slot = read!(field, value)?;
+            }
+        }
+        let [
+            memory_temperature,
+            power_instant,
+            power_average,
+            retired_single,
+            retired_double,
+            retired_pending,
+            remapped_correctable,
+            remapped_uncorrectable,
+            remapped_pending,
+            remapped_failed,
+        ] = values;
+        h.memory_temperature_celsius = memory_temperature.and_then(|t| i32::try_from(t).ok());
+        h.power_instant_milliwatts = power_instant;
+        h.power_average_milliwatts = power_average;
+        h.retired_pages_single_bit = retired_single;
+        h.retired_pages_double_bit = retired_double;
+        h.retired_pages_pending = retired_pending.map(|v| v != 0);
+        h.remapped_rows_correctable = remapped_correctable;
+        h.remapped_rows_uncorrectable = remapped_uncorrectable;
+        h.remapped_rows_pending = remapped_pending.map(|v| v != 0);
+        h.remapped_rows_failed = remapped_failed.map(|v| v != 0);
+        Ok(h)
     }
 }
 

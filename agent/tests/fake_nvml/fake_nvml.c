@@ -35,6 +35,30 @@
  *                        asks for the wrong clock reads a wrong number
  *   enforced power limit 700000 mW / 400000 mW
  *   driver version       "550.54.15"
+ *   PCI bus id           "00000000:18:00.0" / "00000000:2A:00.0"
+ *   serial               "1654321098765" / "1320921012345"
+ *
+ * Health readings (GPU 0 / GPU 1), chosen so that a wrong unit or a
+ * swapped argument reads a wrong number:
+ *
+ *   clock-event reasons  0x44 (SW power cap | HW thermal slowdown) / 0x1
+ *                        (GPU idle); FAKE_GPU0_CLOCK_EVENT_REASONS=N sets
+ *                        GPU 0's
+ *   violation time (ns)  power 123456789012, thermal 987654321 /
+ *                        power 0, thermal 5
+ *   total ECC errors     volatile corrected 17, uncorrected 2; aggregate
+ *                        corrected 1234, uncorrected 5 / 1, 0, 3, 0
+ *   encoder, decoder     11 %, 23 % / 0 %, 4 %
+ *   PCIe replay counter  42 / 7
+ *   PCIe throughput      tx 123456 KB/s, rx 654321 KB/s / tx 2000, rx 3000
+ *   fan speed (fan 0)    NOT_SUPPORTED (an SXM board) / 67 %
+ *   field values         MEMORY_TEMP 78 / 55 C; POWER_INSTANT 345678 /
+ *                        101010 mW; POWER_AVERAGE 311111 / 98000 mW;
+ *                        RETIRED_SBE 3 / 0, RETIRED_DBE 1 / 0,
+ *                        RETIRED_PENDING 1 / 0; REMAPPED_COR 4 / 0,
+ *                        REMAPPED_UNC 1 / 0, REMAPPED_PENDING 1 / 0,
+ *                        REMAPPED_FAILURE 0 / 1; any other field id is
+ *                        NOT_SUPPORTED
  *
  * Compile-time switches (-D):
  *
@@ -50,6 +74,14 @@
  *                           next one returns NVML_ERROR_GPU_IS_LOST and from
  *                           then on every call about GPU 1, handle lookup by
  *                           index included, returns NVML_ERROR_GPU_IS_LOST.
+ *   FAKE_GPU1_UNSUPPORTED="NAMES"
+ *                           (a C string literal) a comma-separated list of
+ *                           entry points (e.g. nvmlDeviceGetViolationStatus)
+ *                           and field ids (e.g. NVML_FI_DEV_MEMORY_TEMP)
+ *                           that answer NVML_ERROR_NOT_SUPPORTED for GPU 1.
+ *   FAKE_OMIT_<entry point> leaves that health entry point out of the
+ *                           library (e.g. -DFAKE_OMIT_nvmlDeviceGetFanSpeed_v2),
+ *                           as an older driver lacks it.
  *   FAKE_BLOCK_FILE="PATH"  (a C string literal, quotes included)
  *                           a control file that makes calls block, for
  *                           tests of an agent whose driver hangs. While
@@ -113,6 +145,81 @@ typedef struct nvmlMemory_v2_st {
 /* NVML_STRUCT_VERSION(Memory, 2) */
 #define NVML_MEMORY_V2 ((unsigned int)(sizeof(nvmlMemory_v2_t) | (2u << 24)))
 
+typedef enum nvmlPerfPolicyType_enum {
+    NVML_PERF_POLICY_POWER = 0,
+    NVML_PERF_POLICY_THERMAL = 1
+} nvmlPerfPolicyType_t;
+
+typedef struct nvmlViolationTime_st {
+    unsigned long long referenceTime; /* CPU timestamp, us */
+    unsigned long long violationTime; /* ns */
+} nvmlViolationTime_t;
+
+typedef enum nvmlMemoryErrorType_enum {
+    NVML_MEMORY_ERROR_TYPE_CORRECTED = 0,
+    NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+} nvmlMemoryErrorType_t;
+
+typedef enum nvmlEccCounterType_enum {
+    NVML_VOLATILE_ECC = 0,
+    NVML_AGGREGATE_ECC = 1
+} nvmlEccCounterType_t;
+
+typedef enum nvmlPcieUtilCounter_enum {
+    NVML_PCIE_UTIL_TX_BYTES = 0,
+    NVML_PCIE_UTIL_RX_BYTES = 1
+} nvmlPcieUtilCounter_t;
+
+typedef enum nvmlValueType_enum {
+    NVML_VALUE_TYPE_DOUBLE = 0,
+    NVML_VALUE_TYPE_UNSIGNED_INT = 1,
+    NVML_VALUE_TYPE_UNSIGNED_LONG = 2,
+    NVML_VALUE_TYPE_UNSIGNED_LONG_LONG = 3,
+    NVML_VALUE_TYPE_SIGNED_LONG_LONG = 4
+} nvmlValueType_t;
+
+typedef union nvmlValue_st {
+    double dVal;
+    int siVal;
+    unsigned int uiVal;
+    unsigned long ulVal;
+    unsigned long long ullVal;
+    signed long long sllVal;
+    unsigned short usVal;
+} nvmlValue_t;
+
+typedef struct nvmlFieldValue_st {
+    unsigned int fieldId;
+    unsigned int scopeId;
+    long long timestamp;
+    long long latencyUsec;
+    nvmlValueType_t valueType;
+    nvmlReturn_t nvmlReturn;
+    nvmlValue_t value;
+} nvmlFieldValue_t;
+
+/* The field ids of nvml.h the fake answers. */
+#define NVML_FI_DEV_RETIRED_SBE 29
+#define NVML_FI_DEV_RETIRED_DBE 30
+#define NVML_FI_DEV_RETIRED_PENDING 31
+#define NVML_FI_DEV_MEMORY_TEMP 82
+#define NVML_FI_DEV_REMAPPED_COR 142
+#define NVML_FI_DEV_REMAPPED_UNC 143
+#define NVML_FI_DEV_REMAPPED_PENDING 144
+#define NVML_FI_DEV_REMAPPED_FAILURE 145
+#define NVML_FI_DEV_POWER_AVERAGE 185
+#define NVML_FI_DEV_POWER_INSTANT 186
+
+typedef struct nvmlPciInfo_st {
+    char busIdLegacy[16];
+    unsigned int domain;
+    unsigned int bus;
+    unsigned int device;
+    unsigned int pciDeviceId;
+    unsigned int pciSubSystemId;
+    char busId[32];
+} nvmlPciInfo_t;
+
 /* The handle type is opaque to callers; here it points at a struct fake_gpu. */
 typedef struct fake_gpu *nvmlDevice_t;
 
@@ -131,6 +238,18 @@ struct fake_gpu {
     unsigned int temperature_c;
     unsigned int clock_graphics, clock_sm, clock_mem, clock_video; /* MHz */
     unsigned int power_limit_mw;
+    const char *pci_bus_id, *serial;
+    unsigned long long clock_event_reasons;
+    unsigned long long power_violation_ns, thermal_violation_ns;
+    unsigned long long ecc[2][2]; /* [error type][counter type] */
+    unsigned int encoder_util, decoder_util;
+    unsigned int pcie_replays, pcie_tx_kbps, pcie_rx_kbps;
+    int fan_speed; /* percent; < 0: no fan (NOT_SUPPORTED) */
+    unsigned int memory_temp_c, power_instant_mw, power_average_mw;
+    unsigned long long retired_sbe, retired_dbe;
+    unsigned int retired_pending;
+    unsigned int remapped_cor, remapped_unc, remapped_pending, remapped_failure;
+    const char *unsupported; /* entry points and field ids: NOT_SUPPORTED */
     int no_energy, no_temperature; /* report NOT_SUPPORTED */
     long lost_after;               /* < 0: never lost */
     long power_reads;              /* successful power reads so far */
@@ -147,6 +266,18 @@ struct fake_gpu {
 #define GPU1_NO_TEMPERATURE 1
 #else
 #define GPU1_NO_TEMPERATURE 0
+#endif
+
+#ifdef FAKE_GPU0_CLOCK_EVENT_REASONS
+#define GPU0_CLOCK_EVENT_REASONS ((unsigned long long)(FAKE_GPU0_CLOCK_EVENT_REASONS))
+#else
+#define GPU0_CLOCK_EVENT_REASONS 0x44ULL
+#endif
+
+#ifdef FAKE_GPU1_UNSUPPORTED
+#define GPU1_UNSUPPORTED FAKE_GPU1_UNSUPPORTED
+#else
+#define GPU1_UNSUPPORTED ""
 #endif
 
 #ifdef FAKE_GPU1_LOST_AFTER
@@ -173,6 +304,29 @@ static struct fake_gpu gpus[FAKE_GPU_COUNT] = {
         .clock_mem = 2619,
         .clock_video = 1635,
         .power_limit_mw = 700000,
+        .pci_bus_id = "00000000:18:00.0",
+        .serial = "1654321098765",
+        .clock_event_reasons = GPU0_CLOCK_EVENT_REASONS,
+        .power_violation_ns = 123456789012ULL,
+        .thermal_violation_ns = 987654321ULL,
+        .ecc = {{17, 1234}, {2, 5}},
+        .encoder_util = 11,
+        .decoder_util = 23,
+        .pcie_replays = 42,
+        .pcie_tx_kbps = 123456,
+        .pcie_rx_kbps = 654321,
+        .fan_speed = -1,
+        .memory_temp_c = 78,
+        .power_instant_mw = 345678,
+        .power_average_mw = 311111,
+        .retired_sbe = 3,
+        .retired_dbe = 1,
+        .retired_pending = 1,
+        .remapped_cor = 4,
+        .remapped_unc = 1,
+        .remapped_pending = 1,
+        .remapped_failure = 0,
+        .unsupported = "",
         .no_energy = 0,
         .no_temperature = 0,
         .lost_after = -1,
@@ -194,6 +348,29 @@ static struct fake_gpu gpus[FAKE_GPU_COUNT] = {
         .clock_mem = 1215,
         .clock_video = 1275,
         .power_limit_mw = 400000,
+        .pci_bus_id = "00000000:2A:00.0",
+        .serial = "1320921012345",
+        .clock_event_reasons = 0x1ULL,
+        .power_violation_ns = 0,
+        .thermal_violation_ns = 5,
+        .ecc = {{1, 3}, {0, 0}},
+        .encoder_util = 0,
+        .decoder_util = 4,
+        .pcie_replays = 7,
+        .pcie_tx_kbps = 2000,
+        .pcie_rx_kbps = 3000,
+        .fan_speed = 67,
+        .memory_temp_c = 55,
+        .power_instant_mw = 101010,
+        .power_average_mw = 98000,
+        .retired_sbe = 0,
+        .retired_dbe = 0,
+        .retired_pending = 0,
+        .remapped_cor = 0,
+        .remapped_unc = 0,
+        .remapped_pending = 0,
+        .remapped_failure = 1,
+        .unsupported = GPU1_UNSUPPORTED,
         .no_energy = GPU1_NO_ENERGY,
         .no_temperature = GPU1_NO_TEMPERATURE,
         .lost_after = GPU1_LOST_AFTER,
@@ -476,3 +653,217 @@ nvmlReturn_t nvmlDeviceGetEnforcedPowerLimit(nvmlDevice_t device, unsigned int *
     *limit = device->power_limit_mw;
     return NVML_SUCCESS;
 }
+
+/* ---- health readings ------------------------------------------------------ */
+
+/* Whether `name` is one of the comma-separated names in `list`. */
+static int listed(const char *list, const char *name)
+{
+    size_t n = strlen(name);
+    const char *p = list;
+    while (p != NULL && *p != '\0') {
+        const char *end = strchr(p, ',');
+        size_t len = end != NULL ? (size_t)(end - p) : strlen(p);
+        if (len == n && strncmp(p, name, n) == 0)
+            return 1;
+        p = end != NULL ? end + 1 : NULL;
+    }
+    return 0;
+}
+
+/* check_device, then NOT_SUPPORTED where the GPU's list names `function`. */
+static nvmlReturn_t check_health(nvmlDevice_t device, const char *function, const void *out)
+{
+    nvmlReturn_t rc = check_device(device);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (listed(device->unsupported, function))
+        return NVML_ERROR_NOT_SUPPORTED;
+    if (out == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    return NVML_SUCCESS;
+}
+
+#define CHECK_HEALTH(out)                                                   \
+    do {                                                                    \
+        nvmlReturn_t rc_ = check_health(device, __func__, (out));           \
+        if (rc_ != NVML_SUCCESS)                                            \
+            return rc_;                                                     \
+    } while (0)
+
+nvmlReturn_t nvmlDeviceGetPciInfo_v3(nvmlDevice_t device, nvmlPciInfo_t *pci)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(pci);
+    memset(pci, 0, sizeof *pci);
+    strncpy(pci->busId, device->pci_bus_id, sizeof pci->busId - 1);
+    strncpy(pci->busIdLegacy, device->pci_bus_id + 4, sizeof pci->busIdLegacy - 1);
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSerial(nvmlDevice_t device, char *serial, unsigned int length)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(serial);
+    return copy_string(device->serial, serial, length);
+}
+
+#ifndef FAKE_OMIT_nvmlDeviceGetCurrentClocksThrottleReasons
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t device,
+                                                       unsigned long long *reasons)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(reasons);
+    *reasons = device->clock_event_reasons;
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetViolationStatus
+nvmlReturn_t nvmlDeviceGetViolationStatus(nvmlDevice_t device, nvmlPerfPolicyType_t policy,
+                                          nvmlViolationTime_t *violation)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(violation);
+    switch (policy) {
+    case NVML_PERF_POLICY_POWER: violation->violationTime = device->power_violation_ns; break;
+    case NVML_PERF_POLICY_THERMAL: violation->violationTime = device->thermal_violation_ns; break;
+    default: return NVML_ERROR_INVALID_ARGUMENT;
+    }
+    violation->referenceTime = 1700000000000000ULL;
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetTotalEccErrors
+nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t device, nvmlMemoryErrorType_t type,
+                                         nvmlEccCounterType_t counter, unsigned long long *count)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(count);
+    if ((unsigned)type > 1 || (unsigned)counter > 1)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *count = device->ecc[type][counter];
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetEncoderUtilization
+nvmlReturn_t nvmlDeviceGetEncoderUtilization(nvmlDevice_t device, unsigned int *utilization,
+                                             unsigned int *sampling_period_us)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(utilization);
+    if (sampling_period_us == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *utilization = device->encoder_util;
+    *sampling_period_us = 167000;
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetDecoderUtilization
+nvmlReturn_t nvmlDeviceGetDecoderUtilization(nvmlDevice_t device, unsigned int *utilization,
+                                             unsigned int *sampling_period_us)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(utilization);
+    if (sampling_period_us == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *utilization = device->decoder_util;
+    *sampling_period_us = 167000;
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetPcieReplayCounter
+nvmlReturn_t nvmlDeviceGetPcieReplayCounter(nvmlDevice_t device, unsigned int *value)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(value);
+    *value = device->pcie_replays;
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetPcieThroughput
+nvmlReturn_t nvmlDeviceGetPcieThroughput(nvmlDevice_t device, nvmlPcieUtilCounter_t counter,
+                                         unsigned int *value)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(value);
+    switch (counter) {
+    case NVML_PCIE_UTIL_TX_BYTES: *value = device->pcie_tx_kbps; return NVML_SUCCESS;
+    case NVML_PCIE_UTIL_RX_BYTES: *value = device->pcie_rx_kbps; return NVML_SUCCESS;
+    default: return NVML_ERROR_INVALID_ARGUMENT;
+    }
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetFanSpeed_v2
+nvmlReturn_t nvmlDeviceGetFanSpeed_v2(nvmlDevice_t device, unsigned int fan, unsigned int *speed)
+{
+    BLOCK_POINT();
+    CHECK_HEALTH(speed);
+    if (device->fan_speed < 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    if (fan != 0)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *speed = (unsigned int)device->fan_speed;
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetFieldValues
+/* One field value: its name (for FAKE_GPU1_UNSUPPORTED), type and value. */
+static int field_of(const struct fake_gpu *gpu, unsigned int id, const char **name,
+                    nvmlValueType_t *type, nvmlValue_t *value)
+{
+    *type = NVML_VALUE_TYPE_UNSIGNED_INT;
+    switch (id) {
+    case NVML_FI_DEV_MEMORY_TEMP: *name = "NVML_FI_DEV_MEMORY_TEMP"; value->uiVal = gpu->memory_temp_c; return 1;
+    case NVML_FI_DEV_POWER_INSTANT: *name = "NVML_FI_DEV_POWER_INSTANT"; value->uiVal = gpu->power_instant_mw; return 1;
+    case NVML_FI_DEV_POWER_AVERAGE: *name = "NVML_FI_DEV_POWER_AVERAGE"; value->uiVal = gpu->power_average_mw; return 1;
+    case NVML_FI_DEV_RETIRED_PENDING: *name = "NVML_FI_DEV_RETIRED_PENDING"; value->uiVal = gpu->retired_pending; return 1;
+    case NVML_FI_DEV_REMAPPED_COR: *name = "NVML_FI_DEV_REMAPPED_COR"; value->uiVal = gpu->remapped_cor; return 1;
+    case NVML_FI_DEV_REMAPPED_UNC: *name = "NVML_FI_DEV_REMAPPED_UNC"; value->uiVal = gpu->remapped_unc; return 1;
+    case NVML_FI_DEV_REMAPPED_PENDING: *name = "NVML_FI_DEV_REMAPPED_PENDING"; value->uiVal = gpu->remapped_pending; return 1;
+    case NVML_FI_DEV_REMAPPED_FAILURE: *name = "NVML_FI_DEV_REMAPPED_FAILURE"; value->uiVal = gpu->remapped_failure; return 1;
+    case NVML_FI_DEV_RETIRED_SBE:
+        *name = "NVML_FI_DEV_RETIRED_SBE";
+        *type = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+        value->ullVal = gpu->retired_sbe;
+        return 1;
+    case NVML_FI_DEV_RETIRED_DBE:
+        *name = "NVML_FI_DEV_RETIRED_DBE";
+        *type = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+        value->ullVal = gpu->retired_dbe;
+        return 1;
+    default: return 0;
+    }
+}
+
+/* Like the real library: the call succeeds and each value carries its own
+ * return code. */
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int count, nvmlFieldValue_t *values)
+{
+    int i;
+    BLOCK_POINT();
+    CHECK_HEALTH(values);
+    if (count <= 0)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    for (i = 0; i < count; i++) {
+        const char *name = "";
+        nvmlFieldValue_t *v = &values[i];
+        memset(&v->value, 0, sizeof v->value);
+        v->timestamp = 1700000000000000LL;
+        v->latencyUsec = 0;
+        if (!field_of(device, v->fieldId, &name, &v->valueType, &v->value)
+            || listed(device->unsupported, name))
+            v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+        else
+            v->nvmlReturn = NVML_SUCCESS;
+    }
+    return NVML_SUCCESS;
+}
+#endif

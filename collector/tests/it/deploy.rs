@@ -582,6 +582,7 @@ fn send_rejected_sample(endpoint: &str) {
                     power_limit_milliwatts: Some(700_000),
                     memory_total_bytes: None,
                     energy_counter_supported: true,
+                    ..Default::default()
                 }],
                 host: None,
             })),

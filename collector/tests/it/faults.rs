@@ -62,6 +62,7 @@ fn hello(node: &str, epoch: u64) -> pb::AgentMessage {
         power_limit_milliwatts: Some(700_000),
         memory_total_bytes: None,
         energy_counter_supported: counter,
+        ..Default::default()
     };
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {
@@ -848,6 +849,7 @@ fn one_gpu_hello(node: &str) -> pb::AgentMessage {
                 power_limit_milliwatts: Some(700_000),
                 memory_total_bytes: None,
                 energy_counter_supported: true,
+                ..Default::default()
             }],
             host: None,
         })),

@@ -84,6 +84,7 @@ fn gpu_info() -> impl Strategy<Value = pb::GpuInfo> {
             power_limit_milliwatts: limit,
             memory_total_bytes: None,
             energy_counter_supported: counter,
+            ..Default::default()
         })
 }
 

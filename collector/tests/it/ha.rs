@@ -218,6 +218,7 @@ fn hello(node: &str) -> pb::AgentMessage {
         power_limit_milliwatts: Some(700_000),
         memory_total_bytes: None,
         energy_counter_supported: counter,
+        ..Default::default()
     };
     pb::AgentMessage {
         body: Some(pb::agent_message::Body::Hello(pb::Hello {

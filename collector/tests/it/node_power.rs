@@ -75,6 +75,7 @@ fn hello(node: &str) -> pb::AgentMessage {
                     power_limit_milliwatts: Some(700_000),
                     memory_total_bytes: None,
                     energy_counter_supported: true,
+                    ..Default::default()
                 })
                 .collect(),
             host: None,

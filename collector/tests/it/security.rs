@@ -517,6 +517,7 @@ fn hello_as(
                     power_limit_milliwatts: Some(700_000),
                     memory_total_bytes: None,
                     energy_counter_supported: true,
+                    ..Default::default()
                 })
                 .collect(),
             host: None,
