@@ -241,6 +241,7 @@ impl Agent {
                 power_limit_milliwatts: Some(POWER_LIMIT_MW),
                 memory_total_bytes: Some(80 << 30),
                 energy_counter_supported: true,
+                identity: Default::default(),
             })
             .collect();
         let (handle, _acked) = state
@@ -285,6 +286,7 @@ impl Agent {
                     temperature_celsius: Some(rng.range(45, 80) as i32),
                     sm_clock_mhz: Some(rng.range(1_500, 1_980) as u32),
                     power_limit_milliwatts: Some(POWER_LIMIT_MW),
+                    health: None,
                     lost: false,
                 }
             })

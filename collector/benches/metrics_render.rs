@@ -58,6 +58,7 @@ fn fleet(gpus: usize) -> Arc<State> {
                         power_limit_milliwatts: Some(POWER_LIMIT_MW),
                         memory_total_bytes: Some(80 << 30),
                         energy_counter_supported: true,
+                        identity: Default::default(),
                     })
                     .collect(),
             })
@@ -78,6 +79,7 @@ fn fleet(gpus: usize) -> Arc<State> {
                         temperature_celsius: Some(70),
                         sm_clock_mhz: Some(1_980),
                         power_limit_milliwatts: Some(POWER_LIMIT_MW),
+                        health: None,
                         lost: false,
                     })
                     .collect(),

@@ -80,6 +80,17 @@ pub struct GpuInfo {
     pub power_limit_milliwatts: Option<u64>,
     pub memory_total_bytes: Option<u64>,
     pub energy_counter_supported: bool,
+    /// What users join on (`capwatch_gpu_info`), each checked as a label.
+    pub identity: GpuIdentity,
+}
+
+/// The PCI bus id, serial number and driver version of a GPU, from the
+/// Hello: absent where the agent did not get them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuIdentity {
+    pub pci_bus_id: Option<String>,
+    pub serial: Option<String>,
+    pub driver_version: Option<String>,
 }
 
 /// A node power source, from the Hello; readings name it by position.
@@ -221,6 +232,22 @@ pub fn check_hello(hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, HelloE
                 index,
                 reason: "power limit must be between 1 mW and 10 kW",
             });
+        }
+        let id = &g.identity;
+        for (value, reason) in [
+            (
+                &id.pci_bus_id,
+                "PCI bus id must be 1-128 printable characters",
+            ),
+            (&id.serial, "serial must be 1-128 printable characters"),
+            (
+                &id.driver_version,
+                "driver version must be 1-128 printable characters",
+            ),
+        ] {
+            if value.as_deref().is_some_and(|v| !label_ok(v, 1)) {
+                return Err(HelloError::Gpu { index, reason });
+            }
         }
         if hello.gpus[..index].iter().any(|o| o.uuid == g.uuid) {
             return Err(HelloError::Gpu {
@@ -371,13 +398,18 @@ pub fn check_sample(
             (Some(l), _) if l == 0 || l > MAX_POWER_LIMIT_MILLIWATTS => return Err(Reject::Power),
             (a, b) => a.max(b),
         };
-        if let Some(p) = r.power_milliwatts {
-            // Three times the board limit (the larger of the announced and
-            // the current one: limits change at run time), or 3 kW when
-            // the limit is unknown.
-            if p > limit.map_or(3_000_000, |l| l * 3) {
-                return Err(Reject::Power);
-            }
+        // Three times the board limit (the larger of the announced and
+        // the current one: limits change at run time), or 3 kW when the
+        // limit is unknown; the same for the instant and average readings.
+        let max = limit.map_or(3_000_000, |l| l * 3);
+        let health = r.health.as_deref();
+        let powers = [
+            r.power_milliwatts,
+            health.and_then(|h| h.power_instant_milliwatts),
+            health.and_then(|h| h.power_average_milliwatts),
+        ];
+        if powers.into_iter().flatten().any(|p| p > max) {
+            return Err(Reject::Power);
         }
     }
     Ok(())
@@ -398,6 +430,8 @@ pub enum Reject {
     Sequence = 4,
     /// A field that cannot be read (e.g. a non-finite host figure).
     Malformed = 5,
+    /// A health reading out of range ([`check_health`]).
+    Health = 6,
 }
 
 impl Reject {
@@ -409,6 +443,7 @@ impl Reject {
             Reject::Timestamp => "timestamp",
             Reject::Sequence => "sequence",
             Reject::Malformed => "malformed",
+            Reject::Health => "health",
         }
     }
 }
@@ -424,7 +459,95 @@ pub struct GpuReading {
     pub temperature_celsius: Option<i32>,
     pub sm_clock_mhz: Option<u32>,
     pub power_limit_milliwatts: Option<u64>,
+    /// Boxed: most of a reading's path (accounting, the ledger) never
+    /// looks at it, and a GPU without any keeps one pointer.
+    pub health: Option<Box<GpuHealth>>,
     pub lost: bool,
+}
+
+/// A GPU's health readings, in NVML's units (`pb::GpuHealth` documents
+/// each); checked by [`check_health`], the power readings by
+/// [`check_sample`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuHealth {
+    pub clock_event_reasons: Option<u64>,
+    pub power_violation_nanoseconds: Option<u64>,
+    pub thermal_violation_nanoseconds: Option<u64>,
+    pub ecc_volatile_corrected: Option<u64>,
+    pub ecc_volatile_uncorrected: Option<u64>,
+    pub ecc_aggregate_corrected: Option<u64>,
+    pub ecc_aggregate_uncorrected: Option<u64>,
+    pub retired_pages_single_bit: Option<u64>,
+    pub retired_pages_double_bit: Option<u64>,
+    pub retired_pages_pending: Option<bool>,
+    pub remapped_rows_correctable: Option<u64>,
+    pub remapped_rows_uncorrectable: Option<u64>,
+    pub remapped_rows_pending: Option<bool>,
+    pub remapped_rows_failed: Option<bool>,
+    pub memory_temperature_celsius: Option<i32>,
+    pub memory_clock_mhz: Option<u32>,
+    pub encoder_utilization_percent: Option<u32>,
+    pub decoder_utilization_percent: Option<u32>,
+    pub pcie_replays: Option<u64>,
+    pub pcie_tx_kilobytes_per_second: Option<u32>,
+    pub pcie_rx_kilobytes_per_second: Option<u32>,
+    pub fan_speed_percent: Option<u32>,
+    pub power_instant_milliwatts: Option<u64>,
+    pub power_average_milliwatts: Option<u64>,
+}
+
+/// Highest memory clock accepted: 100 GHz, far above any HBM or GDDR.
+pub const MAX_MEMORY_CLOCK_MHZ: u32 = 100_000;
+/// Memory temperatures accepted (NVML reports 0 while the sensor warms up).
+pub const MEMORY_TEMPERATURE_CELSIUS: std::ops::RangeInclusive<i32> = -50..=200;
+/// Highest fan speed accepted: NVML may report above 100 %.
+pub const MAX_FAN_SPEED_PERCENT: u32 = 200;
+
+/// Checks the health readings that have a range: encoder and decoder
+/// utilization 0-100 %, fan speed at most 200 %, memory temperature
+/// -50 to 200 C, memory clock at most 100 GHz. Counters and the clock
+/// event bitmask are taken as NVML gives them.
+pub fn check_health(h: &GpuHealth) -> Result<(), Reject> {
+    let pct_ok = |v: Option<u32>| v.is_none_or(|v| v <= 100);
+    let ok = pct_ok(h.encoder_utilization_percent)
+        && pct_ok(h.decoder_utilization_percent)
+        && h.fan_speed_percent
+            .is_none_or(|v| v <= MAX_FAN_SPEED_PERCENT)
+        && h.memory_temperature_celsius
+            .is_none_or(|t| MEMORY_TEMPERATURE_CELSIUS.contains(&t))
+        && h.memory_clock_mhz.is_none_or(|c| c <= MAX_MEMORY_CLOCK_MHZ);
+    if ok { Ok(()) } else { Err(Reject::Health) }
+}
+
+impl From<pb::GpuHealth> for GpuHealth {
+    fn from(h: pb::GpuHealth) -> Self {
+        Self {
+            clock_event_reasons: h.clock_event_reasons,
+            power_violation_nanoseconds: h.power_violation_nanoseconds,
+            thermal_violation_nanoseconds: h.thermal_violation_nanoseconds,
+            ecc_volatile_corrected: h.ecc_volatile_corrected,
+            ecc_volatile_uncorrected: h.ecc_volatile_uncorrected,
+            ecc_aggregate_corrected: h.ecc_aggregate_corrected,
+            ecc_aggregate_uncorrected: h.ecc_aggregate_uncorrected,
+            retired_pages_single_bit: h.retired_pages_single_bit,
+            retired_pages_double_bit: h.retired_pages_double_bit,
+            retired_pages_pending: h.retired_pages_pending,
+            remapped_rows_correctable: h.remapped_rows_correctable,
+            remapped_rows_uncorrectable: h.remapped_rows_uncorrectable,
+            remapped_rows_pending: h.remapped_rows_pending,
+            remapped_rows_failed: h.remapped_rows_failed,
+            memory_temperature_celsius: h.memory_temperature_celsius,
+            memory_clock_mhz: h.memory_clock_mhz,
+            encoder_utilization_percent: h.encoder_utilization_percent,
+            decoder_utilization_percent: h.decoder_utilization_percent,
+            pcie_replays: h.pcie_replays,
+            pcie_tx_kilobytes_per_second: h.pcie_tx_kilobytes_per_second,
+            pcie_rx_kilobytes_per_second: h.pcie_rx_kilobytes_per_second,
+            fan_speed_percent: h.fan_speed_percent,
+            power_instant_milliwatts: h.power_instant_milliwatts,
+            power_average_milliwatts: h.power_average_milliwatts,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -500,6 +623,11 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
                 power_limit_milliwatts: g.power_limit_milliwatts,
                 memory_total_bytes: g.memory_total_bytes,
                 energy_counter_supported: g.energy_counter_supported,
+                identity: GpuIdentity {
+                    pci_bus_id: g.pci_bus_id,
+                    serial: g.serial,
+                    driver_version: g.driver_version,
+                },
             })
             .collect(),
         node_power_sources: h
@@ -534,6 +662,14 @@ pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
         if !pct_ok(g.utilization_percent) || !pct_ok(g.memory_utilization_percent) {
             return Err((seq, Reject::Utilization));
         }
+        let health = match g.health {
+            Some(h) if !g.lost => {
+                let h = GpuHealth::from(h);
+                check_health(&h).map_err(|r| (seq, r))?;
+                Some(Box::new(h))
+            }
+            _ => None,
+        };
         let reading = if g.lost {
             GpuReading {
                 index: g.index,
@@ -551,6 +687,7 @@ pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
                 temperature_celsius: g.temperature_celsius,
                 sm_clock_mhz: g.sm_clock_mhz,
                 power_limit_milliwatts: g.power_limit_milliwatts,
+                health,
                 lost: false,
             }
         };
@@ -639,6 +776,109 @@ mod tests {
             host: None,
         };
         assert!(sample(ok).is_ok());
+    }
+
+    /// Invariant: a health reading out of range rejects its sample (reason
+    /// `health`, or `power` for the instant and average power, bounded as
+    /// board power is); one at its bound, and a lost GPU's, pass.
+    #[test]
+    fn health_readings_out_of_range_reject_their_sample() {
+        type Set = fn(&mut pb::GpuHealth);
+        // (reading, accepted)
+        let cases: [(Set, Option<Reject>); 12] = [
+            (|h| h.encoder_utilization_percent = Some(100), None),
+            (
+                |h| h.encoder_utilization_percent = Some(101),
+                Some(Reject::Health),
+            ),
+            (
+                |h| h.decoder_utilization_percent = Some(101),
+                Some(Reject::Health),
+            ),
+            (|h| h.fan_speed_percent = Some(200), None),
+            (|h| h.fan_speed_percent = Some(201), Some(Reject::Health)),
+            (
+                |h| h.memory_temperature_celsius = Some(-51),
+                Some(Reject::Health),
+            ),
+            (
+                |h| h.memory_temperature_celsius = Some(201),
+                Some(Reject::Health),
+            ),
+            (|h| h.memory_clock_mhz = Some(100_001), Some(Reject::Health)),
+            // Counters and the bitmask as NVML gives them.
+            (
+                |h| {
+                    h.clock_event_reasons = Some(u64::MAX);
+                    h.ecc_aggregate_uncorrected = Some(u64::MAX);
+                    h.power_violation_nanoseconds = Some(u64::MAX);
+                },
+                None,
+            ),
+            // Three times the 700 W limit.
+            (|h| h.power_instant_milliwatts = Some(2_100_000), None),
+            (
+                |h| h.power_instant_milliwatts = Some(2_100_001),
+                Some(Reject::Power),
+            ),
+            (
+                |h| h.power_average_milliwatts = Some(2_100_001),
+                Some(Reject::Power),
+            ),
+        ];
+        for (i, (set, want)) in cases.into_iter().enumerate() {
+            for lost in [false, true] {
+                let mut health = pb::GpuHealth::default();
+                set(&mut health);
+                let s = pb::NodeSample {
+                    seq: 1,
+                    timestamp_unix_nanos: 1_000,
+                    gpus: vec![pb::GpuSample {
+                        power_limit_milliwatts: Some(700_000),
+                        health: Some(health),
+                        lost,
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                };
+                let got = sample(s)
+                    .map_err(|(_, r)| r)
+                    .and_then(|s| check_sample(&s, 1, |_| None, 2_000, 0));
+                let want = if lost { None } else { want };
+                assert_eq!(got.err(), want, "case {i}, lost {lost}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_gpus_identity_is_checked_as_a_label_and_the_field_named() {
+        let gpu = |bus: &str, serial: &str, driver: &str| pb::GpuInfo {
+            uuid: "GPU-1".into(),
+            pci_bus_id: Some(bus.into()),
+            serial: Some(serial.into()),
+            driver_version: Some(driver.into()),
+            ..Default::default()
+        };
+        let check = |g: pb::GpuInfo| {
+            let h = pb::Hello {
+                node_id: "n1".into(),
+                gpus: vec![g],
+                ..Default::default()
+            };
+            hello(h)
+                .and_then(|h| check_hello(h, 8))
+                .map(|h| h.gpus[0].identity.clone())
+        };
+        let ok = check(gpu("00000000:18:00.0", "1654321098765", "550.54.15")).unwrap();
+        assert_eq!(ok.pci_bus_id.as_deref(), Some("00000000:18:00.0"));
+        for (g, want) in [
+            (gpu("", "1", "1"), "GPU 0: PCI bus id"),
+            (gpu("1", "a\nb", "1"), "GPU 0: serial"),
+            (gpu("1", "1", &"9".repeat(129)), "GPU 0: driver version"),
+        ] {
+            let err = check(g).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(err.contains(want), "{err:?} should say {want:?}");
+        }
     }
 
     fn power_source(index: u32, kind: &str, domain: &str, name: &str) -> pb::NodePowerSource {

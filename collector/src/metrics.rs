@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use crate::edge::GpuHealth;
 use crate::events::{ClaimReason, HistogramView, NodePowerReject, Reject, Surface};
 use crate::state::State;
 
@@ -75,6 +76,106 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     (
         "capwatch_gpu_up",
         "1 while the GPU reports fresh readings, 0 when stale or lost.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_info",
+        "Always 1, for every GPU whose agent named any of them; labels carry what to join on besides the UUID: PCI bus id, board serial and driver version (empty when not given).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_clock_event_reasons",
+        "The GPU's clock-event (throttle) reasons as NVML's bitmask, bits the collector does not name included.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_clock_event_active",
+        "1 while the reason holds the GPU's clocks (power cap, thermal slowdown, power brake, ...), else 0.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_power_violation_seconds_total",
+        "Time the power cap held the GPU's clocks back since its driver loaded (NVML's violation counter).",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_gpu_thermal_violation_seconds_total",
+        "Time thermal limits held the GPU's clocks back since its driver loaded (NVML's violation counter).",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_gpu_ecc_errors_total",
+        "ECC errors by error (corrected, uncorrected) and counter (volatile: since the driver loaded; aggregate: over the board's life).",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_gpu_retired_pages",
+        "Memory pages retired, by cause (single_bit, double_bit ECC errors).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_retired_pages_pending",
+        "1 while a page retirement waits for the next driver reload.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_remapped_rows",
+        "Memory rows remapped, by error (correctable, uncorrectable).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_remapped_rows_pending",
+        "1 while a row remap waits for a GPU reset.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_remapped_rows_failed",
+        "1 when a row remap failed (the GPU needs service).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_memory_temperature_celsius",
+        "Device memory (HBM) temperature.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_memory_clock_hertz",
+        "Device memory clock.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_encoder_utilization_ratio",
+        "Share of time the video encoder was busy (0-1).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_decoder_utilization_ratio",
+        "Share of time the video decoder was busy (0-1).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_pcie_replays_total",
+        "PCIe replays since the driver loaded.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_gpu_pcie_throughput_bytes_per_second",
+        "PCIe throughput over NVML's last 20 ms, by direction (tx, rx).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_fan_speed_ratio",
+        "Fan 0's speed as a share of its maximum (may exceed 1); absent on boards without a fan.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_power_instant_watts",
+        "Board power at this instant (NVML field POWER_INSTANT); not what energy is billed from.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_power_average_watts",
+        "Board power averaged over the last second (NVML field POWER_AVERAGE); not what energy is billed from.",
         Kind::Gauge,
     ),
     (
@@ -588,6 +689,160 @@ fn watts(mw: u64) -> f64 {
     mw as f64 / 1000.0
 }
 
+/// NVML's clock-event reason bits and their `reason` label.
+pub const CLOCK_EVENT_REASONS: [(u64, &str); 9] = [
+    (0x1, "gpu_idle"),
+    (0x2, "applications_clocks_setting"),
+    (0x4, "sw_power_cap"),
+    (0x8, "hw_slowdown"),
+    (0x10, "sync_boost"),
+    (0x20, "sw_thermal_slowdown"),
+    (0x40, "hw_thermal_slowdown"),
+    (0x80, "hw_power_brake_slowdown"),
+    (0x100, "display_clock_setting"),
+];
+
+/// A GPU's labels with one more.
+fn and<'a>(
+    labels: &[(&'static str, &'a str); 5],
+    extra: (&'static str, &'a str),
+) -> [(&'static str, &'a str); 6] {
+    let [a, b, c, d, e] = *labels;
+    [a, b, c, d, e, extra]
+}
+
+/// The health series of one fresh GPU reading: each reading present has
+/// its series, an absent one none.
+fn push_health(f: &mut Families<'_>, labels: &[(&'static str, &str); 5], h: &GpuHealth) {
+    let flag = |b: bool| f64::from(u8::from(b));
+    if let Some(mask) = h.clock_event_reasons {
+        f.push("capwatch_gpu_clock_event_reasons", labels, mask as f64);
+        for (bit, reason) in CLOCK_EVENT_REASONS {
+            f.push(
+                "capwatch_gpu_clock_event_active",
+                &and(labels, ("reason", reason)),
+                flag(mask & bit != 0),
+            );
+        }
+    }
+    let seconds = |ns: u64| ns as f64 / 1e9;
+    if let Some(ns) = h.power_violation_nanoseconds {
+        f.push(
+            "capwatch_gpu_power_violation_seconds_total",
+            labels,
+            seconds(ns),
+        );
+    }
+    if let Some(ns) = h.thermal_violation_nanoseconds {
+        f.push(
+            "capwatch_gpu_thermal_violation_seconds_total",
+            labels,
+            seconds(ns),
+        );
+    }
+    for (n, error, counter) in [
+        (h.ecc_volatile_corrected, "corrected", "volatile"),
+        (h.ecc_volatile_uncorrected, "uncorrected", "volatile"),
+        (h.ecc_aggregate_corrected, "corrected", "aggregate"),
+        (h.ecc_aggregate_uncorrected, "uncorrected", "aggregate"),
+    ] {
+        if let Some(n) = n {
+            let [a, b, c, d, e] = *labels;
+            f.push(
+                "capwatch_gpu_ecc_errors_total",
+                &[a, b, c, d, e, ("error", error), ("counter", counter)],
+                n as f64,
+            );
+        }
+    }
+    for (n, cause) in [
+        (h.retired_pages_single_bit, "single_bit"),
+        (h.retired_pages_double_bit, "double_bit"),
+    ] {
+        if let Some(n) = n {
+            f.push(
+                "capwatch_gpu_retired_pages",
+                &and(labels, ("cause", cause)),
+                n as f64,
+            );
+        }
+    }
+    if let Some(p) = h.retired_pages_pending {
+        f.push("capwatch_gpu_retired_pages_pending", labels, flag(p));
+    }
+    for (n, error) in [
+        (h.remapped_rows_correctable, "correctable"),
+        (h.remapped_rows_uncorrectable, "uncorrectable"),
+    ] {
+        if let Some(n) = n {
+            f.push(
+                "capwatch_gpu_remapped_rows",
+                &and(labels, ("error", error)),
+                n as f64,
+            );
+        }
+    }
+    if let Some(p) = h.remapped_rows_pending {
+        f.push("capwatch_gpu_remapped_rows_pending", labels, flag(p));
+    }
+    if let Some(p) = h.remapped_rows_failed {
+        f.push("capwatch_gpu_remapped_rows_failed", labels, flag(p));
+    }
+    if let Some(t) = h.memory_temperature_celsius {
+        f.push(
+            "capwatch_gpu_memory_temperature_celsius",
+            labels,
+            f64::from(t),
+        );
+    }
+    if let Some(c) = h.memory_clock_mhz {
+        f.push(
+            "capwatch_gpu_memory_clock_hertz",
+            labels,
+            f64::from(c) * 1e6,
+        );
+    }
+    if let Some(u) = h.encoder_utilization_percent {
+        f.push(
+            "capwatch_gpu_encoder_utilization_ratio",
+            labels,
+            f64::from(u) / 100.0,
+        );
+    }
+    if let Some(u) = h.decoder_utilization_percent {
+        f.push(
+            "capwatch_gpu_decoder_utilization_ratio",
+            labels,
+            f64::from(u) / 100.0,
+        );
+    }
+    if let Some(n) = h.pcie_replays {
+        f.push("capwatch_gpu_pcie_replays_total", labels, n as f64);
+    }
+    // NVML's KB/s are KiB/s.
+    for (kb, direction) in [
+        (h.pcie_tx_kilobytes_per_second, "tx"),
+        (h.pcie_rx_kilobytes_per_second, "rx"),
+    ] {
+        if let Some(kb) = kb {
+            f.push(
+                "capwatch_gpu_pcie_throughput_bytes_per_second",
+                &and(labels, ("direction", direction)),
+                f64::from(kb) * 1024.0,
+            );
+        }
+    }
+    if let Some(p) = h.fan_speed_percent {
+        f.push("capwatch_gpu_fan_speed_ratio", labels, f64::from(p) / 100.0);
+    }
+    if let Some(mw) = h.power_instant_milliwatts {
+        f.push("capwatch_gpu_power_instant_watts", labels, watts(mw));
+    }
+    if let Some(mw) = h.power_average_milliwatts {
+        f.push("capwatch_gpu_power_average_watts", labels, watts(mw));
+    }
+}
+
 /// The text exposition of the fleet, written directly (what `/metrics`
 /// serves).
 pub fn render_text(state: &State, detail: Detail) -> String {
@@ -674,6 +929,7 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     let gpu_temp = family("capwatch_gpu_temperature_celsius");
     let gpu_clock = family("capwatch_gpu_sm_clock_hertz");
     let gpu_limit = family("capwatch_gpu_power_limit_watts");
+    let gpu_info = family("capwatch_gpu_info");
     // Tenant level only: nothing to say per node.
     if detail.nodes || per_gpu {
         state.for_each_node(|n| {
@@ -764,7 +1020,27 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                 if let Some(t) = g.memory_total_bytes() {
                     f.push_at(gpu_mem_total, &labels, t as f64);
                 }
+                if let Some(id) = g.identity() {
+                    let [a, b, c, d, e] = labels;
+                    f.push_at(
+                        gpu_info,
+                        &[
+                            a,
+                            b,
+                            c,
+                            d,
+                            e,
+                            ("pci_bus_id", id.pci_bus_id.as_deref().unwrap_or("")),
+                            ("serial", id.serial.as_deref().unwrap_or("")),
+                            ("driver_version", id.driver_version.as_deref().unwrap_or("")),
+                        ],
+                        1.0,
+                    );
+                }
                 let Some(r) = reading else { continue };
+                if let Some(h) = r.health.as_deref() {
+                    push_health(f, &labels, h);
+                }
                 let limit = r.power_limit_milliwatts.or(g.power_limit_milliwatts());
                 if let Some(p) = r.power_milliwatts {
                     f.push_at(gpu_power, &labels, watts(p));
@@ -1154,7 +1430,7 @@ mod reference;
 mod tests {
     use super::reference::{registry, render};
     use super::*;
-    use crate::edge::{GpuReading, NodePowerReading, NodePowerSource, NodeSample};
+    use crate::edge::{GpuIdentity, GpuReading, NodePowerReading, NodePowerSource, NodeSample};
     use crate::state::{GpuInfo, Hello, StateConfig};
     use crate::tenants::Tenants;
     use std::sync::Arc;
@@ -1162,6 +1438,36 @@ mod tests {
 
     /// A fleet with tenants, a node whose id needs escaping, GPUs with and
     /// without every reading, and a stale node.
+    /// Every health reading, in NVML units, on sample `seq`.
+    fn full_health(seq: u64) -> GpuHealth {
+        GpuHealth {
+            clock_event_reasons: Some(0x44 | 0x1000),
+            power_violation_nanoseconds: Some(123_456_789_012 * seq),
+            thermal_violation_nanoseconds: Some(987_654_321),
+            ecc_volatile_corrected: Some(17),
+            ecc_volatile_uncorrected: Some(2),
+            ecc_aggregate_corrected: Some(1234),
+            ecc_aggregate_uncorrected: Some(5),
+            retired_pages_single_bit: Some(3),
+            retired_pages_double_bit: Some(1),
+            retired_pages_pending: Some(true),
+            remapped_rows_correctable: Some(4),
+            remapped_rows_uncorrectable: Some(0),
+            remapped_rows_pending: Some(false),
+            remapped_rows_failed: Some(true),
+            memory_temperature_celsius: Some(78),
+            memory_clock_mhz: Some(2619),
+            encoder_utilization_percent: Some(11),
+            decoder_utilization_percent: Some(23),
+            pcie_replays: Some(42),
+            pcie_tx_kilobytes_per_second: Some(123_456),
+            pcie_rx_kilobytes_per_second: Some(654_321),
+            fan_speed_percent: Some(67),
+            power_instant_milliwatts: Some(345_678),
+            power_average_milliwatts: Some(311_111),
+        }
+    }
+
     fn fleet() -> Arc<State> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tenants.toml");
@@ -1218,6 +1524,12 @@ mod tests {
                             power_limit_milliwatts: Some(700_000),
                             memory_total_bytes: full.then_some(80 << 30),
                             energy_counter_supported: true,
+                            // a-1's GPU 0 names all three, GPU 1 only its bus.
+                            identity: GpuIdentity {
+                                pci_bus_id: full.then(|| format!("00000000:{:02X}:00.0", 0x18 + g)),
+                                serial: (full && g == 0).then(|| "1654321098765".into()),
+                                driver_version: (full && g == 0).then(|| "550.54.15".into()),
+                            },
                         })
                         .collect(),
                 })
@@ -1256,6 +1568,8 @@ mod tests {
                             temperature_celsius: Some(-5),
                             sm_clock_mhz: Some(1_980),
                             power_limit_milliwatts: None,
+                            // a-1's GPU 0 reports every health reading.
+                            health: (full && g == 0).then(|| Box::new(full_health(seq))),
                             lost: false,
                         })
                         .collect(),
@@ -1495,6 +1809,80 @@ mod tests {
         // Down: the ratio is not live any more.
         set(false, Some(1_400_000));
         assert_eq!(lines(&state), ["1250", "1250", "0.8333333333333334"]);
+    }
+
+    /// Invariant: health readings reach `/metrics` in base units (ns to
+    /// seconds, MHz to hertz, KiB/s to bytes/s, % to ratios, mW to watts),
+    /// each reading its own series, an absent one none; the identity is
+    /// one info series, not labels on the others.
+    #[test]
+    fn health_readings_and_identity_are_exported_in_base_units() {
+        let state = fleet();
+        let text = render_text(&state, Detail::ALL);
+        let gpu0 = r#"tenant="lab-a",node="a-1",gpu="0","#;
+        let health: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(gpu0))
+            .filter(|l| {
+                FAMILIES[family("capwatch_gpu_info")..=family("capwatch_gpu_power_average_watts")]
+                    .iter()
+                    .any(|(name, _, _)| l.starts_with(&format!("{name}{{")))
+            })
+            .collect();
+        expect_test::expect![[r#"
+            capwatch_gpu_info{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",pci_bus_id="00000000:18:00.0",serial="1654321098765",driver_version="550.54.15"} 1
+            capwatch_gpu_clock_event_reasons{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 4164
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="gpu_idle"} 0
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="applications_clocks_setting"} 0
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="sw_power_cap"} 1
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="hw_slowdown"} 0
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="sync_boost"} 0
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="sw_thermal_slowdown"} 0
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="hw_thermal_slowdown"} 1
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="hw_power_brake_slowdown"} 0
+            capwatch_gpu_clock_event_active{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",reason="display_clock_setting"} 0
+            capwatch_gpu_power_violation_seconds_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 246.913578024
+            capwatch_gpu_thermal_violation_seconds_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 0.987654321
+            capwatch_gpu_ecc_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",error="corrected",counter="volatile"} 17
+            capwatch_gpu_ecc_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",error="uncorrected",counter="volatile"} 2
+            capwatch_gpu_ecc_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",error="corrected",counter="aggregate"} 1234
+            capwatch_gpu_ecc_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",error="uncorrected",counter="aggregate"} 5
+            capwatch_gpu_retired_pages{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",cause="single_bit"} 3
+            capwatch_gpu_retired_pages{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",cause="double_bit"} 1
+            capwatch_gpu_retired_pages_pending{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 1
+            capwatch_gpu_remapped_rows{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",error="correctable"} 4
+            capwatch_gpu_remapped_rows{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",error="uncorrectable"} 0
+            capwatch_gpu_remapped_rows_pending{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 0
+            capwatch_gpu_remapped_rows_failed{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 1
+            capwatch_gpu_memory_temperature_celsius{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 78
+            capwatch_gpu_memory_clock_hertz{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 2619000000
+            capwatch_gpu_encoder_utilization_ratio{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 0.11
+            capwatch_gpu_decoder_utilization_ratio{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 0.23
+            capwatch_gpu_pcie_replays_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 42
+            capwatch_gpu_pcie_throughput_bytes_per_second{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",direction="tx"} 126418944
+            capwatch_gpu_pcie_throughput_bytes_per_second{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",direction="rx"} 670024704
+            capwatch_gpu_fan_speed_ratio{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 0.67
+            capwatch_gpu_power_instant_watts{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 345.678
+            capwatch_gpu_power_average_watts{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 311.111
+        "#]]
+        .assert_eq(&(health.join("\n") + "\n"));
+        // GPU 1 names its bus only and reports no health: no health series.
+        assert!(text.contains(r#"capwatch_gpu_info{tenant="lab-a",node="a-1",gpu="1",uuid="GPU-a-1-1",model="H100 \"SXM\" \\ 80GB",pci_bus_id="00000000:19:00.0",serial="",driver_version=""} 1"#), "{text}");
+        assert!(
+            !text.contains(r#"capwatch_gpu_clock_event_reasons{tenant="lab-a",node="a-1",gpu="1""#)
+        );
+        // The other node's GPUs name nothing: no info series.
+        assert!(!text.contains(r#"capwatch_gpu_info{tenant="unassigned""#));
+        // Per-GPU series off: none of them.
+        let text = render_text(
+            &state,
+            Detail {
+                gpus: false,
+                nodes: true,
+            },
+        );
+        assert!(!text.contains("capwatch_gpu_info"));
+        assert!(!text.contains("capwatch_gpu_ecc_errors_total"));
     }
 
     #[test]

@@ -323,6 +323,7 @@ impl Fleet {
                         g.power_limit_milliwatts = info.power_limit_milliwatts;
                         g.memory_total_bytes = info.memory_total_bytes;
                         g.energy_counter_supported = info.energy_counter_supported;
+                        g.identity = Gpu::identity_of(info.identity);
                         // The new run's clock may have been stepped: its
                         // first timestamp becomes the reference even if it
                         // is behind the old run's.

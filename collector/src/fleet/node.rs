@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::accounting::{Applied, Meter, MeterCursor, NodeStretch, Party, Tick, split_node_energy};
-use crate::edge::{GpuInfo, GpuReading, HostReading};
+use crate::edge::{GpuIdentity, GpuInfo, GpuReading, HostReading};
 use crate::ledger::{GpuCursor, NodeCursor};
 use crate::tenants::{Tenants, UNASSIGNED};
 
@@ -19,6 +19,8 @@ pub struct Gpu {
     pub(super) power_limit_milliwatts: Option<u64>,
     pub(super) memory_total_bytes: Option<u64>,
     pub(super) energy_counter_supported: bool,
+    /// From the Hello; `None` when it named none of them.
+    pub(super) identity: Option<Box<GpuIdentity>>,
     pub(super) tenant: Arc<str>,
     pub(super) last: Option<GpuReading>,
     /// The counter arithmetic and power integration of its readings.
@@ -37,11 +39,16 @@ impl Gpu {
             power_limit_milliwatts: info.power_limit_milliwatts,
             memory_total_bytes: info.memory_total_bytes,
             energy_counter_supported: info.energy_counter_supported,
+            identity: Self::identity_of(info.identity),
             tenant,
             last: None,
             meter: Meter::default(),
             sampled_at: None,
         }
+    }
+
+    pub(super) fn identity_of(id: GpuIdentity) -> Option<Box<GpuIdentity>> {
+        (id != GpuIdentity::default()).then(|| Box::new(id))
     }
 
     /// Folds one accepted reading in; returns the energy it adds (mJ) and
@@ -122,6 +129,7 @@ impl Gpu {
                 power_limit_milliwatts: None,
                 memory_total_bytes: None,
                 energy_counter_supported: c.last_counter_mj.is_some(),
+                identity: GpuIdentity::default(),
             },
             Arc::from(""),
             Arc::from(UNASSIGNED),

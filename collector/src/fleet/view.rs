@@ -152,6 +152,12 @@ impl<'a> GpuView<'a> {
         self.gpu.power_limit_milliwatts
     }
 
+    /// PCI bus id, serial and driver version, from the Hello.
+    #[inline]
+    pub fn identity(&self) -> Option<&'a crate::edge::GpuIdentity> {
+        self.gpu.identity.as_deref()
+    }
+
     /// Its last kept reading, fresh or not.
     #[inline]
     pub fn last(&self) -> Option<&'a GpuReading> {

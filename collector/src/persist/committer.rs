@@ -453,6 +453,7 @@ mod tests {
                     power_limit_milliwatts: Some(700_000),
                     memory_total_bytes: None,
                     energy_counter_supported: true,
+                    identity: Default::default(),
                 }],
             })
             .unwrap();

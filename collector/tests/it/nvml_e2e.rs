@@ -31,13 +31,21 @@ fn build_fake(dir: &Path, defines: &[&str]) -> PathBuf {
     lib
 }
 
-/// Invariant: NVML's units (mW, mJ, %, MHz, bytes) reach /metrics in base
-/// units unchanged in value; a GPU without an energy counter is accounted
-/// by the exact integral of its power.
+/// Invariant: NVML's units (mW, mJ, ns, %, MHz, KB/s, bytes) reach
+/// /metrics in base units unchanged in value; a GPU without an energy
+/// counter is accounted by the exact integral of its power; a health
+/// reading the GPU does not support has no series; the identity is one
+/// info series.
 #[test]
 fn nvml_readings_reach_metrics_in_base_units() {
     let dir = tempfile::tempdir().unwrap();
-    let lib = build_fake(dir.path(), &["-DFAKE_GPU1_NO_ENERGY"]);
+    let lib = build_fake(
+        dir.path(),
+        &[
+            "-DFAKE_GPU1_NO_ENERGY",
+            "-DFAKE_GPU1_UNSUPPORTED=\"nvmlDeviceGetViolationStatus,NVML_FI_DEV_POWER_INSTANT\"",
+        ],
+    );
     let collector = Collector::start(
         dir.path(),
         "[[tenant]]\nid = \"lab\"\ncontracted_kw = 0.4\nnodes = [\"gpu-node-*\"]\n",
@@ -82,11 +90,120 @@ fn nvml_readings_reach_metrics_in_base_units() {
         ("capwatch_gpu_power_limit_watts", 700.0),
         // Five samples, the counter rising 1000 mJ per read.
         ("capwatch_gpu_energy_joules_total", 4.0),
+        // The health readings, from the fake's documented figures.
+        ("capwatch_gpu_clock_event_reasons", 68.0),
+        (
+            "capwatch_gpu_power_violation_seconds_total",
+            123.456_789_012,
+        ),
+        (
+            "capwatch_gpu_thermal_violation_seconds_total",
+            0.987_654_321,
+        ),
+        ("capwatch_gpu_retired_pages_pending", 1.0),
+        ("capwatch_gpu_remapped_rows_pending", 1.0),
+        ("capwatch_gpu_remapped_rows_failed", 0.0),
+        ("capwatch_gpu_memory_temperature_celsius", 78.0),
+        ("capwatch_gpu_memory_clock_hertz", 2.619e9),
+        ("capwatch_gpu_encoder_utilization_ratio", 0.11),
+        ("capwatch_gpu_decoder_utilization_ratio", 0.23),
+        ("capwatch_gpu_pcie_replays_total", 42.0),
+        ("capwatch_gpu_power_instant_watts", 345.678),
+        ("capwatch_gpu_power_average_watts", 311.111),
     ];
     for (name, want) in cases {
         let got = m.one(name, &g0);
         assert!((got - want).abs() < 1e-9, "{name}: {got} != {want}");
     }
+    // (metric, extra label, expected value) for GPU 0.
+    let labelled = [
+        (
+            "capwatch_gpu_clock_event_active",
+            ("reason", "sw_power_cap"),
+            1.0,
+        ),
+        (
+            "capwatch_gpu_clock_event_active",
+            ("reason", "hw_thermal_slowdown"),
+            1.0,
+        ),
+        (
+            "capwatch_gpu_clock_event_active",
+            ("reason", "gpu_idle"),
+            0.0,
+        ),
+        (
+            "capwatch_gpu_clock_event_active",
+            ("reason", "hw_power_brake_slowdown"),
+            0.0,
+        ),
+        ("capwatch_gpu_retired_pages", ("cause", "single_bit"), 3.0),
+        ("capwatch_gpu_retired_pages", ("cause", "double_bit"), 1.0),
+        ("capwatch_gpu_remapped_rows", ("error", "correctable"), 4.0),
+        (
+            "capwatch_gpu_remapped_rows",
+            ("error", "uncorrectable"),
+            1.0,
+        ),
+        (
+            "capwatch_gpu_pcie_throughput_bytes_per_second",
+            ("direction", "tx"),
+            123_456.0 * 1024.0,
+        ),
+        (
+            "capwatch_gpu_pcie_throughput_bytes_per_second",
+            ("direction", "rx"),
+            654_321.0 * 1024.0,
+        ),
+    ];
+    for (name, label, want) in labelled {
+        let mut labels = g0.to_vec();
+        labels.push(label);
+        let got = m.one(name, &labels);
+        assert!(
+            (got - want).abs() < 1e-9,
+            "{name} {label:?}: {got} != {want}"
+        );
+    }
+    for (error, counter, want) in [
+        ("corrected", "volatile", 17.0),
+        ("uncorrected", "volatile", 2.0),
+        ("corrected", "aggregate", 1234.0),
+        ("uncorrected", "aggregate", 5.0),
+    ] {
+        let mut labels = g0.to_vec();
+        labels.extend([("error", error), ("counter", counter)]);
+        assert_eq!(
+            m.one("capwatch_gpu_ecc_errors_total", &labels),
+            want,
+            "{error} {counter}"
+        );
+    }
+    // GPU 0 is an SXM board without a fan; GPU 1 has one, and neither
+    // violation counter nor instant power (not supported there).
+    let g1 = [("node", "gpu-node-1"), ("gpu", "1")];
+    assert!(m.select("capwatch_gpu_fan_speed_ratio", &g0).is_empty());
+    assert_eq!(m.one("capwatch_gpu_fan_speed_ratio", &g1), 0.67);
+    for name in [
+        "capwatch_gpu_power_violation_seconds_total",
+        "capwatch_gpu_thermal_violation_seconds_total",
+        "capwatch_gpu_power_instant_watts",
+    ] {
+        assert!(m.select(name, &g1).is_empty(), "{name} on GPU 1");
+    }
+    assert_eq!(m.one("capwatch_gpu_power_average_watts", &g1), 98.0);
+    // The identity: one info series per GPU, not labels on the others.
+    let info = m.select("capwatch_gpu_info", &g0);
+    assert_eq!(info.len(), 1);
+    assert_eq!(info[0].1, 1.0);
+    assert_eq!(info[0].0["pci_bus_id"], "00000000:18:00.0");
+    assert_eq!(info[0].0["serial"], "1654321098765");
+    assert_eq!(info[0].0["driver_version"], "550.54.15");
+    assert!(
+        !m.select("capwatch_gpu_power_watts", &g0)[0]
+            .0
+            .contains_key("serial")
+    );
     let uuid = &m.select("capwatch_gpu_power_watts", &g0)[0].0["uuid"];
     assert_eq!(uuid, "GPU-00000000-1111-2222-3333-444444444444");
 

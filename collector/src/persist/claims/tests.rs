@@ -710,6 +710,7 @@ fn one_gpu_hello(node: &str) -> Hello {
             power_limit_milliwatts: Some(700_000),
             memory_total_bytes: None,
             energy_counter_supported: true,
+            identity: Default::default(),
         }],
     }
 }

@@ -70,6 +70,7 @@ fn hello(node: &str, epoch: u64, n: usize) -> Hello {
                 power_limit_milliwatts: Some(LIMIT_MW),
                 memory_total_bytes: Some(1 << 30),
                 energy_counter_supported: true,
+                identity: Default::default(),
             })
             .collect(),
     }
