@@ -10,6 +10,8 @@ cargo build --release --locked --bins -q
 bin=target/release
 tck=$(getconf CLK_TCK)
 for run in $(seq "$runs"); do
+    # The collector makes a ledger only when told to.
+    "$bin/capwatch-collector" --ledger "${TMPDIR:-/tmp}/capwatch-measure-ledger-$$.db" init-ledger >/dev/null
     "$bin/capwatch-collector" --grpc-listen 127.0.0.1:0 --http-listen 127.0.0.1:0 \
         --ledger "${TMPDIR:-/tmp}/capwatch-measure-ledger-$$.db" \
         --log-format json 2>"${TMPDIR:-/tmp}/capwatch-measure-collector.log" &
