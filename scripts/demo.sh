@@ -102,9 +102,13 @@ fi
 
 # Each simulated node keeps its energy counters across demo runs, as a
 # loaded driver does, so a restart is not taken for a driver reload.
+# The collector's settings above are exported for it; both binaries read
+# CAPWATCH_* and share setting names (http_listen), so the agents start
+# without them, or each would try the collector's HTTP port and exit.
 agent() {
     printf '[mock]\ncounter_file = "%s/%s.counters"\n' "$demo_dir" "$1" > "$demo_dir/$1.toml"
-    "$bin/capwatch-agent" --config "$demo_dir/$1.toml" --source mock \
+    env -u CAPWATCH_GRPC_LISTEN -u CAPWATCH_HTTP_LISTEN -u CAPWATCH_LEDGER \
+        "$bin/capwatch-agent" --config "$demo_dir/$1.toml" --source mock \
         --collector "http://$CAPWATCH_GRPC_LISTEN" \
         --node-id "$1" --mock-profile "$2" --mock-seed "$3" &
     pids+=($!)
@@ -114,6 +118,15 @@ agent lab-a-node-2 training 2
 agent lab-b-node-1 inference 3
 agent lab-c-node-1 inference 5
 agent spare-node-1 mixed 4
+# An agent that could not start (a bad setting, its port taken) says why
+# above and exits at once: the demo fails rather than run without it.
+sleep 1
+for pid in "${pids[@]:1}"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        echo "demo: an agent exited at start; its error is above" >&2
+        exit 1
+    fi
+done
 
 cat <<MSG
 

@@ -35,9 +35,21 @@ impl Drop for Group {
 
 /// Starts the demo on `grpc` and `http` for `seconds`, its output captured.
 fn demo(dir: &Path, grpc: u16, http: u16, seconds: u64) -> (Child, Log, Group) {
+    demo_with(dir, grpc, http, seconds, &[])
+}
+
+/// `demo`, with `env` set for it (and so for the processes it starts).
+fn demo_with(
+    dir: &Path,
+    grpc: u16,
+    http: u16,
+    seconds: u64,
+    env: &[(&str, &str)],
+) -> (Child, Log, Group) {
     let bin_dir = bin("capwatch-collector");
     let mut child = capwatch_testkit::clean_command("bash")
         .arg(SCRIPT)
+        .envs(env.iter().copied())
         .env("DEMO_BIN_DIR", bin_dir.parent().unwrap())
         .env("DEMO_DIR", dir.join("nodes"))
         .env("DEMO_SECONDS", seconds.to_string())
@@ -118,6 +130,28 @@ fn running(pid: u32) -> bool {
         .is_some_and(|state| state != "Z" && state != "X")
 }
 
+/// An agent that cannot start (here a bad agent setting in the demo's
+/// environment) makes the demo fail, instead of claiming to run without it.
+#[test]
+fn demo_fails_when_an_agent_cannot_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut child, log, _group) = demo_with(
+        dir.path(),
+        free_port(),
+        free_port(),
+        30,
+        &[("CAPWATCH_SPOOL_CAPACITY", "bogus")],
+    );
+    let status = wait_timeout(&mut child, Duration::from_secs(60));
+    let out = log.lines().join("\n");
+    assert!(
+        !status.success(),
+        "an agent could not start, yet: {status}\n{out}"
+    );
+    assert!(out.contains("an agent exited at start"), "{out}");
+    assert!(!out.contains("capwatch demo running"), "{out}");
+}
+
 /// SIGTERM while the demo sleeps stops it within a couple of seconds, with
 /// the collector and every agent stopped.
 #[test]
@@ -128,6 +162,15 @@ fn demo_stops_promptly_on_sigterm() {
     log.wait_for("capwatch demo running", Duration::from_secs(60));
     let addr = format!("127.0.0.1:{http}").parse().unwrap();
     assert_eq!(http_get_status(addr, "/healthz").0, 200);
+    // Every agent streams: none took a setting meant for the collector
+    // from the demo's environment (its HTTP port, say) and died.
+    eventually(Duration::from_secs(30), "five agents connected", || {
+        let (status, body) = http_get_status(addr, "/metrics");
+        status == 200
+            && body
+                .lines()
+                .any(|l| l.starts_with("capwatch_collector_agents_connected") && l.ends_with(" 5"))
+    });
     // The collector, five agents, the meter and the sleep.
     let mut kids = Vec::new();
     eventually(Duration::from_secs(10), "the demo's eight children", || {
