@@ -400,15 +400,10 @@ pub fn check_sample(
         };
         // Three times the board limit (the larger of the announced and
         // the current one: limits change at run time), or 3 kW when the
-        // limit is unknown; the same for the instant and average readings.
+        // limit is unknown. The instant and average readings are health
+        // readings, bounded by `check_health`.
         let max = limit.map_or(3_000_000, |l| l * 3);
-        let health = r.health.as_deref();
-        let powers = [
-            r.power_milliwatts,
-            health.and_then(|h| h.power_instant_milliwatts),
-            health.and_then(|h| h.power_average_milliwatts),
-        ];
-        if powers.into_iter().flatten().any(|p| p > max) {
+        if r.power_milliwatts.is_some_and(|p| p > max) {
             return Err(Reject::Power);
         }
     }
@@ -430,8 +425,6 @@ pub enum Reject {
     Sequence = 4,
     /// A field that cannot be read (e.g. a non-finite host figure).
     Malformed = 5,
-    /// A health reading out of range ([`check_health`]).
-    Health = 6,
 }
 
 impl Reject {
@@ -443,7 +436,6 @@ impl Reject {
             Reject::Timestamp => "timestamp",
             Reject::Sequence => "sequence",
             Reject::Malformed => "malformed",
-            Reject::Health => "health",
         }
     }
 }
@@ -496,6 +488,11 @@ pub struct GpuHealth {
     pub power_average_milliwatts: Option<u64>,
 }
 
+/// Highest instant or average power accepted as a health reading: three
+/// times the highest board limit accepted (a transient above the limit is
+/// what the instant reading is for; an absurd one is a broken reading).
+pub const MAX_HEALTH_POWER_MILLIWATTS: u64 = 3 * MAX_POWER_LIMIT_MILLIWATTS;
+
 /// Highest memory clock accepted: 100 GHz, far above any HBM or GDDR.
 pub const MAX_MEMORY_CLOCK_MHZ: u32 = 100_000;
 /// Memory temperatures accepted (NVML reports 0 while the sensor warms up).
@@ -507,7 +504,7 @@ pub const MAX_FAN_SPEED_PERCENT: u32 = 200;
 /// utilization 0-100 %, fan speed at most 200 %, memory temperature
 /// -50 to 200 C, memory clock at most 100 GHz. Counters and the clock
 /// event bitmask are taken as NVML gives them.
-pub fn check_health(h: &GpuHealth) -> Result<(), Reject> {
+pub fn check_health(h: &GpuHealth) -> bool {
     let pct_ok = |v: Option<u32>| v.is_none_or(|v| v <= 100);
     let ok = pct_ok(h.encoder_utilization_percent)
         && pct_ok(h.decoder_utilization_percent)
@@ -515,8 +512,12 @@ pub fn check_health(h: &GpuHealth) -> Result<(), Reject> {
             .is_none_or(|v| v <= MAX_FAN_SPEED_PERCENT)
         && h.memory_temperature_celsius
             .is_none_or(|t| MEMORY_TEMPERATURE_CELSIUS.contains(&t))
-        && h.memory_clock_mhz.is_none_or(|c| c <= MAX_MEMORY_CLOCK_MHZ);
-    if ok { Ok(()) } else { Err(Reject::Health) }
+        && h.memory_clock_mhz.is_none_or(|c| c <= MAX_MEMORY_CLOCK_MHZ)
+        && [h.power_instant_milliwatts, h.power_average_milliwatts]
+            .into_iter()
+            .flatten()
+            .all(|p| p <= MAX_HEALTH_POWER_MILLIWATTS);
+    ok
 }
 
 impl From<pb::GpuHealth> for GpuHealth {
@@ -645,9 +646,19 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
 }
 
 /// Converts and checks one sample on its own; the checks that need the
-/// node's inventory are [`check_sample`].
+/// node's inventory are [`check_sample`]. A GPU's health readings out of
+/// range are dropped alone (see [`sample_counted`]).
 pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
+    sample_counted(s).map(|(s, _)| s)
+}
+
+/// [`sample`], with the number of GPUs whose health readings were out of
+/// range and dropped: they are diagnostics, so a bad one (a failing fan
+/// sensor) drops that GPU's health block only, never its power, energy
+/// or the rest of the node's sample.
+pub fn sample_counted(s: pb::NodeSample) -> Result<(NodeSample, u32), (u64, Reject)> {
     let seq = s.seq;
+    let mut health_dropped = 0u32;
     // The ledger stores integers as SQLite's i64: larger values are
     // refused here rather than failing a commit for the whole fleet.
     if seq == 0 || seq > MAX_STORED {
@@ -665,8 +676,12 @@ pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
         let health = match g.health {
             Some(h) if !g.lost => {
                 let h = GpuHealth::from(h);
-                check_health(&h).map_err(|r| (seq, r))?;
-                Some(Box::new(h))
+                if check_health(&h) {
+                    Some(Box::new(h))
+                } else {
+                    health_dropped += 1;
+                    None
+                }
             }
             _ => None,
         };
@@ -721,13 +736,16 @@ pub fn sample(s: pb::NodeSample) -> Result<NodeSample, (u64, Reject)> {
             energy_millijoules: r.energy_millijoules,
         })
         .collect();
-    Ok(NodeSample {
-        seq,
-        timestamp_unix_nanos: s.timestamp_unix_nanos,
-        gpus,
-        host,
-        node_power,
-    })
+    Ok((
+        NodeSample {
+            seq,
+            timestamp_unix_nanos: s.timestamp_unix_nanos,
+            gpus,
+            host,
+            node_power,
+        },
+        health_dropped,
+    ))
 }
 
 #[cfg(test)]
@@ -778,34 +796,22 @@ mod tests {
         assert!(sample(ok).is_ok());
     }
 
-    /// Invariant: a health reading out of range rejects its sample (reason
-    /// `health`, or `power` for the instant and average power, bounded as
-    /// board power is); one at its bound, and a lost GPU's, pass.
+    /// Invariant: a health reading out of range drops that GPU's health
+    /// readings alone: the sample, the GPU's power and energy and the
+    /// other GPUs' readings stay; one at its bound, and a lost GPU's, pass.
     #[test]
-    fn health_readings_out_of_range_reject_their_sample() {
+    fn a_health_reading_out_of_range_drops_its_gpus_health_alone() {
         type Set = fn(&mut pb::GpuHealth);
-        // (reading, accepted)
-        let cases: [(Set, Option<Reject>); 12] = [
-            (|h| h.encoder_utilization_percent = Some(100), None),
-            (
-                |h| h.encoder_utilization_percent = Some(101),
-                Some(Reject::Health),
-            ),
-            (
-                |h| h.decoder_utilization_percent = Some(101),
-                Some(Reject::Health),
-            ),
-            (|h| h.fan_speed_percent = Some(200), None),
-            (|h| h.fan_speed_percent = Some(201), Some(Reject::Health)),
-            (
-                |h| h.memory_temperature_celsius = Some(-51),
-                Some(Reject::Health),
-            ),
-            (
-                |h| h.memory_temperature_celsius = Some(201),
-                Some(Reject::Health),
-            ),
-            (|h| h.memory_clock_mhz = Some(100_001), Some(Reject::Health)),
+        // (reading, dropped)
+        let cases: [(Set, bool); 12] = [
+            (|h| h.encoder_utilization_percent = Some(100), false),
+            (|h| h.encoder_utilization_percent = Some(101), true),
+            (|h| h.decoder_utilization_percent = Some(101), true),
+            (|h| h.fan_speed_percent = Some(200), false),
+            (|h| h.fan_speed_percent = Some(201), true),
+            (|h| h.memory_temperature_celsius = Some(-51), true),
+            (|h| h.memory_temperature_celsius = Some(201), true),
+            (|h| h.memory_clock_mhz = Some(100_001), true),
             // Counters and the bitmask as NVML gives them.
             (
                 |h| {
@@ -813,39 +819,47 @@ mod tests {
                     h.ecc_aggregate_uncorrected = Some(u64::MAX);
                     h.power_violation_nanoseconds = Some(u64::MAX);
                 },
-                None,
+                false,
             ),
-            // Three times the 700 W limit.
-            (|h| h.power_instant_milliwatts = Some(2_100_000), None),
-            (
-                |h| h.power_instant_milliwatts = Some(2_100_001),
-                Some(Reject::Power),
-            ),
-            (
-                |h| h.power_average_milliwatts = Some(2_100_001),
-                Some(Reject::Power),
-            ),
+            // A transient far above the 700 W limit is what the instant
+            // reading shows; beyond any board, it is broken.
+            (|h| h.power_instant_milliwatts = Some(30_000_000), false),
+            (|h| h.power_instant_milliwatts = Some(30_000_001), true),
+            (|h| h.power_average_milliwatts = Some(30_000_001), true),
         ];
-        for (i, (set, want)) in cases.into_iter().enumerate() {
+        for (i, (set, dropped)) in cases.into_iter().enumerate() {
             for lost in [false, true] {
                 let mut health = pb::GpuHealth::default();
                 set(&mut health);
+                let gpu = |index: u32, health: Option<pb::GpuHealth>| pb::GpuSample {
+                    index,
+                    power_milliwatts: Some(500_000),
+                    energy_millijoules: Some(9_000),
+                    power_limit_milliwatts: Some(700_000),
+                    health,
+                    lost,
+                    ..Default::default()
+                };
                 let s = pb::NodeSample {
                     seq: 1,
                     timestamp_unix_nanos: 1_000,
-                    gpus: vec![pb::GpuSample {
-                        power_limit_milliwatts: Some(700_000),
-                        health: Some(health),
-                        lost,
-                        ..Default::default()
-                    }],
+                    gpus: vec![gpu(0, Some(health)), gpu(1, Some(pb::GpuHealth::default()))],
                     ..Default::default()
                 };
-                let got = sample(s)
-                    .map_err(|(_, r)| r)
-                    .and_then(|s| check_sample(&s, 1, |_| None, 2_000, 0));
-                let want = if lost { None } else { want };
-                assert_eq!(got.err(), want, "case {i}, lost {lost}");
+                let (got, n) = sample_counted(s).unwrap_or_else(|e| panic!("case {i}: {e:?}"));
+                assert_eq!(
+                    check_sample(&got, 2, |_| None, 2_000, 0),
+                    Ok(()),
+                    "case {i}"
+                );
+                let dropped = dropped && !lost;
+                assert_eq!(n, u32::from(dropped), "case {i}, lost {lost}");
+                assert_eq!(got.gpus[0].health.is_none(), dropped || lost, "case {i}");
+                assert_eq!(got.gpus[1].health.is_none(), lost, "case {i}");
+                if !lost {
+                    assert_eq!(got.gpus[0].power_milliwatts, Some(500_000));
+                    assert_eq!(got.gpus[0].energy_millijoules, Some(9_000));
+                }
             }
         }
     }

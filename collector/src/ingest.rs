@@ -583,11 +583,22 @@ async fn serve_stream(
         };
         let mut samples = Vec::with_capacity(batch.samples.len());
         let mut rejected = Vec::new();
+        let mut health_dropped = 0u64;
         for s in batch.samples {
-            match edge::sample(s) {
-                Ok(s) => samples.push(s),
+            match edge::sample_counted(s) {
+                Ok((s, dropped)) => {
+                    health_dropped += u64::from(dropped);
+                    samples.push(s);
+                }
                 Err(r) => rejected.push(r),
             }
+        }
+        if health_dropped > 0 {
+            state
+                .counters
+                .gpu_health_dropped
+                .fetch_add(health_dropped, Ordering::Relaxed);
+            warn!(node = %handle.node_id, gpus = health_dropped, "GPU health readings out of range dropped (their samples are kept)");
         }
         admitted.check(state, &handle.node_id)?;
         if handle.claim_lost() {

@@ -319,6 +319,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_gpu_health_dropped_total",
+        "GPUs whose health readings (clock events, ECC, fan, memory temperature, instant power, ...) were out of range in a sample: dropped, the sample and the GPU's power and energy kept.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_collector_node_power_readings_total",
         "Node power readings received in accepted samples, by outcome (and reason, when rejected: the reading is dropped, its sample kept).",
         Kind::Counter,
@@ -1203,6 +1208,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             c.node_power_rejected(reason) as f64,
         );
     }
+    f.push(
+        "capwatch_collector_gpu_health_dropped_total",
+        &[],
+        c.gpu_health_dropped.load(Ordering::Relaxed) as f64,
+    );
     f.push(
         "capwatch_collector_streams_refused_total",
         &[],
