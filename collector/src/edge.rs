@@ -502,11 +502,12 @@ pub const MAX_FAN_SPEED_PERCENT: u32 = 200;
 
 /// Checks the health readings that have a range: encoder and decoder
 /// utilization 0-100 %, fan speed at most 200 %, memory temperature
-/// -50 to 200 C, memory clock at most 100 GHz. Counters and the clock
-/// event bitmask are taken as NVML gives them.
+/// -50 to 200 C, memory clock at most 100 GHz, instant and average power
+/// at most `MAX_HEALTH_POWER_MILLIWATTS`. Counters and the clock event
+/// bitmask are taken as NVML gives them. False: drop them.
 pub fn check_health(h: &GpuHealth) -> bool {
     let pct_ok = |v: Option<u32>| v.is_none_or(|v| v <= 100);
-    let ok = pct_ok(h.encoder_utilization_percent)
+    pct_ok(h.encoder_utilization_percent)
         && pct_ok(h.decoder_utilization_percent)
         && h.fan_speed_percent
             .is_none_or(|v| v <= MAX_FAN_SPEED_PERCENT)
@@ -516,8 +517,7 @@ pub fn check_health(h: &GpuHealth) -> bool {
         && [h.power_instant_milliwatts, h.power_average_milliwatts]
             .into_iter()
             .flatten()
-            .all(|p| p <= MAX_HEALTH_POWER_MILLIWATTS);
-    ok
+            .all(|p| p <= MAX_HEALTH_POWER_MILLIWATTS)
 }
 
 impl From<pb::GpuHealth> for GpuHealth {
