@@ -195,7 +195,7 @@ pub enum HelloError {
 
 /// Checks a Hello against the limits: node id, inventory size
 /// (`max_gpus`), labels, epoch, power limits and unique UUIDs.
-pub fn check_hello(hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, HelloError> {
+pub fn check_hello(mut hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, HelloError> {
     if !node_id_ok(&hello.node_id) {
         return Err(HelloError::NodeId);
     }
@@ -233,27 +233,27 @@ pub fn check_hello(hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, HelloE
                 reason: "power limit must be between 1 mW and 10 kW",
             });
         }
-        let id = &g.identity;
-        for (value, reason) in [
-            (
-                &id.pci_bus_id,
-                "PCI bus id must be 1-128 printable characters",
-            ),
-            (&id.serial, "serial must be 1-128 printable characters"),
-            (
-                &id.driver_version,
-                "driver version must be 1-128 printable characters",
-            ),
-        ] {
-            if value.as_deref().is_some_and(|v| !label_ok(v, 1)) {
-                return Err(HelloError::Gpu { index, reason });
-            }
-        }
         if hello.gpus[..index].iter().any(|o| o.uuid == g.uuid) {
             return Err(HelloError::Gpu {
                 index,
                 reason: "UUID appears twice in the inventory",
             });
+        }
+    }
+    // Identity is for joins only: a value that cannot be a label (empty,
+    // too long, control characters) is dropped, logged, and the GPU
+    // admitted; it never costs the node its metering.
+    for (index, g) in hello.gpus.iter_mut().enumerate() {
+        let id = &mut g.identity;
+        for (value, field) in [
+            (&mut id.pci_bus_id, "pci_bus_id"),
+            (&mut id.serial, "serial"),
+            (&mut id.driver_version, "driver_version"),
+        ] {
+            if value.as_deref().is_some_and(|v| !label_ok(v, 1)) {
+                tracing::warn!(node = %hello.node_id, gpu = index, field, "GPU identity field is not 1-128 printable characters: dropped");
+                *value = None;
+            }
         }
     }
     Ok(Checked(hello))
@@ -865,7 +865,7 @@ mod tests {
     }
 
     #[test]
-    fn a_gpus_identity_is_checked_as_a_label_and_the_field_named() {
+    fn a_gpus_identity_that_cannot_be_a_label_is_dropped_alone() {
         let gpu = |bus: &str, serial: &str, driver: &str| pb::GpuInfo {
             uuid: "GPU-1".into(),
             pci_bus_id: Some(bus.into()),
@@ -885,14 +885,20 @@ mod tests {
         };
         let ok = check(gpu("00000000:18:00.0", "1654321098765", "550.54.15")).unwrap();
         assert_eq!(ok.pci_bus_id.as_deref(), Some("00000000:18:00.0"));
-        for (g, want) in [
-            (gpu("", "1", "1"), "GPU 0: PCI bus id"),
-            (gpu("1", "a\nb", "1"), "GPU 0: serial"),
-            (gpu("1", "1", &"9".repeat(129)), "GPU 0: driver version"),
-        ] {
-            let err = check(g).err().map(|e| e.to_string()).unwrap_or_default();
-            assert!(err.contains(want), "{err:?} should say {want:?}");
-        }
+        assert_eq!(ok.serial.as_deref(), Some("1654321098765"));
+        // A value that cannot be a label is dropped alone; the GPU is
+        // admitted with the rest of its identity.
+        let got = |g| {
+            let id = check(g).unwrap();
+            (id.pci_bus_id, id.serial, id.driver_version)
+        };
+        let some = |v: &str| Some(v.to_string());
+        assert_eq!(got(gpu("", "1", "2")), (None, some("1"), some("2")));
+        assert_eq!(got(gpu("1", "a\nb", "2")), (some("1"), None, some("2")));
+        assert_eq!(
+            got(gpu("1", "2", &"9".repeat(129))),
+            (some("1"), some("2"), None)
+        );
     }
 
     fn power_source(index: u32, kind: &str, domain: &str, name: &str) -> pb::NodePowerSource {
