@@ -955,6 +955,25 @@ pub trait LedgerReader {
     /// Every tenant that has buckets.
     fn tenants(&self) -> Result<Vec<String>, LedgerError>;
 
+    /// The nodes `tenant` has minute buckets or hourly or daily rollups on
+    /// in `[from, to)`, sorted: the nodes a usage walk grouped by node
+    /// lists for it.
+    fn usage_nodes(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, LedgerError>;
+
+    /// As `usage_since` of `tenant`, for its minute buckets, rollups and
+    /// adjustments on `node` alone (spans keyed by the tenant, as there).
+    /// What a rollup keeps only per tenant (its peak quarter-hours, its
+    /// minutes' evaluation against the contract, the meters' allocation)
+    /// is zero in these spans: it cannot be split by node.
+    fn node_usage_since(
+        &self,
+        tenant: &str,
+        node: &str,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError>;
+
     /// The allocated minutes of `meter` (`None`: every meter) in
     /// `[from, to)`: (meter, minute), by meter then time.
     fn meter_minutes(
@@ -1112,6 +1131,19 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
     }
     fn tenants(&self) -> Result<Vec<String>, LedgerError> {
         (**self).tenants()
+    }
+    fn usage_nodes(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, LedgerError> {
+        (**self).usage_nodes(tenant, from, to)
+    }
+    fn node_usage_since(
+        &self,
+        tenant: &str,
+        node: &str,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        (**self).node_usage_since(tenant, node, from, to, since_revision)
     }
     fn meter_minutes(
         &self,

@@ -63,6 +63,7 @@ async fn minutes(
     s: &Shared,
     client: &tokio_postgres::Transaction<'_>,
     tenant: Option<&str>,
+    node: Option<&str>,
     from: i64,
     to: i64,
 ) -> Result<Vec<(String, i64, BucketDelta)>, Fail> {
@@ -72,11 +73,11 @@ async fn minutes(
                 "SELECT tenant, minute_start, {}
                  FROM usage_minute
                  WHERE ($1::text IS NULL OR tenant = $1) AND minute_start >= $2
-                    AND minute_start < $3
+                    AND minute_start < $3 AND ($4::text IS NULL OR node = $4)
                  GROUP BY tenant, minute_start ORDER BY tenant, minute_start",
                 bucket_sums("")
             ),
-            &[&tenant, &from, &to],
+            &[&tenant, &from, &to, &node],
         )
         .await?;
     rows.iter()
@@ -88,11 +89,13 @@ async fn usage_since(
     s: &Shared,
     client: &mut deadpool_postgres::Object,
     tenant: Option<String>,
+    node: Option<String>,
     from: i64,
     to: i64,
     since_revision: u64,
 ) -> Result<Usage, Fail> {
     let tenant = tenant.as_deref();
+    let node = node.as_deref();
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -117,10 +120,11 @@ async fn usage_since(
                  FROM adjustment
                  WHERE ($1::text IS NULL OR tenant = $1) AND minute_start >= $2
                     AND minute_start < $3 AND revision > $4
+                    AND ($5::text IS NULL OR node = $5)
                  ORDER BY revision, tenant, node, minute_start",
                 BUCKET_COLUMNS.join(", ")
             ),
-            &[&tenant, &from, &to, &since],
+            &[&tenant, &from, &to, &since, &node],
         )
         .await?
     {
@@ -145,7 +149,7 @@ async fn usage_since(
     let hours_from = kept_from(&tx, HOUR).await?.min(minutes_from);
     let days_from = kept_from(&tx, DAY).await?.min(hours_from);
     let mut spans: Vec<(String, Span)> = Vec::new();
-    for (t, start, delta) in minutes(s, &tx, tenant, from.max(minutes_from), to).await? {
+    for (t, start, delta) in minutes(s, &tx, tenant, node, from.max(minutes_from), to).await? {
         spans.push((
             t,
             Span {
@@ -170,7 +174,7 @@ async fn usage_since(
              FROM usage_rollup r LEFT JOIN demand_rollup d
                 ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
              WHERE r.period = $1 AND ($2::text IS NULL OR r.tenant = $2)
-                AND r.start >= $3 AND r.start < $4
+                AND r.start >= $3 AND r.start < $4 AND ($5::text IS NULL OR r.node = $5)
              GROUP BY r.tenant, r.start",
             bucket_sums("r.")
         ))
@@ -182,35 +186,41 @@ async fn usage_since(
         if lo >= hi {
             continue;
         }
-        for r in tx.query(&rollups, &[&period, &tenant, &lo, &hi]).await? {
+        for r in tx
+            .query(&rollups, &[&period, &tenant, &lo, &hi, &node])
+            .await?
+        {
             let n = BUCKET_COLUMNS.len();
             let delta = BucketDelta {
                 over_contract_ns: u64_of(s, r.try_get(3 + n)?, "over_contract_ns")?,
                 overage_mj: u64_of(s, r.try_get(4 + n)?, "overage_mj")?,
                 ..bucket_from_row(s, &r, 2)?
             };
-            spans.push((
-                r.try_get(0)?,
-                Span {
-                    start: r.try_get(1)?,
-                    seconds: period,
-                    delta,
-                    peak_quarter_mj: Some(u64_of(s, r.try_get(2 + n)?, "peak_quarter_mj")?),
-                    node_peak_quarter_mj: Some(u64_of(
-                        s,
-                        r.try_get(5 + n)?,
-                        "node_peak_quarter_mj",
-                    )?),
-                    metered: Metered {
-                        allocated_mj: u64_of(s, r.try_get(6 + n)?, "allocated_mj")?,
-                        node_mj: u64_of(s, r.try_get(7 + n)?, "allocated_node_mj")?,
-                    },
-                    facility_peak_quarter_mj: r
-                        .try_get::<_, Option<i64>>(8 + n)?
-                        .map(|v| u64_of(s, v, "facility_peak_quarter_mj"))
-                        .transpose()?,
+            let mut span = Span {
+                start: r.try_get(1)?,
+                seconds: period,
+                delta,
+                peak_quarter_mj: Some(u64_of(s, r.try_get(2 + n)?, "peak_quarter_mj")?),
+                node_peak_quarter_mj: Some(u64_of(s, r.try_get(5 + n)?, "node_peak_quarter_mj")?),
+                metered: Metered {
+                    allocated_mj: u64_of(s, r.try_get(6 + n)?, "allocated_mj")?,
+                    node_mj: u64_of(s, r.try_get(7 + n)?, "allocated_node_mj")?,
                 },
-            ));
+                facility_peak_quarter_mj: r
+                    .try_get::<_, Option<i64>>(8 + n)?
+                    .map(|v| u64_of(s, v, "facility_peak_quarter_mj"))
+                    .transpose()?,
+            };
+            if node.is_some() {
+                // Kept per tenant only: nothing of it is one node's.
+                span.delta.over_contract_ns = 0;
+                span.delta.overage_mj = 0;
+                span.peak_quarter_mj = Some(0);
+                span.node_peak_quarter_mj = Some(0);
+                span.metered = Metered::NONE;
+                span.facility_peak_quarter_mj = None;
+            }
+            spans.push((r.try_get(0)?, span));
         }
     }
     tx.commit().await?;
@@ -313,7 +323,7 @@ impl LedgerReader for PgReader {
         self.shared.call(move |mut client| async move {
             let r = async {
                 let tx = client.build_transaction().read_only(true).start().await?;
-                let rows = minutes(&s, &tx, tenant.as_deref(), from, to).await?;
+                let rows = minutes(&s, &tx, tenant.as_deref(), None, from, to).await?;
                 tx.commit().await?;
                 Ok(rows)
             }
@@ -332,7 +342,47 @@ impl LedgerReader for PgReader {
         let s = self.shared.clone();
         let tenant = tenant.map(str::to_string);
         self.shared.call(move |mut client| async move {
-            let r = usage_since(&s, &mut client, tenant, from, to, since_revision).await;
+            let r = usage_since(&s, &mut client, tenant, None, from, to, since_revision).await;
+            (client, r)
+        })
+    }
+
+    fn usage_nodes(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, LedgerError> {
+        let tenant = tenant.to_string();
+        self.shared.call(move |client| async move {
+            let r = async {
+                Ok(client
+                    .query(
+                        "SELECT node FROM usage_minute
+                            WHERE tenant = $1 AND minute_start >= $2 AND minute_start < $3
+                         UNION
+                         SELECT node FROM usage_rollup
+                            WHERE tenant = $1 AND start >= $2 AND start < $3
+                         ORDER BY node",
+                        &[&tenant, &from, &to],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.try_get(0))
+                    .collect::<Result<_, _>>()?)
+            }
+            .await;
+            (client, r)
+        })
+    }
+
+    fn node_usage_since(
+        &self,
+        tenant: &str,
+        node: &str,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        let s = self.shared.clone();
+        let (tenant, node) = (Some(tenant.to_string()), Some(node.to_string()));
+        self.shared.call(move |mut client| async move {
+            let r = usage_since(&s, &mut client, tenant, node, from, to, since_revision).await;
             (client, r)
         })
     }

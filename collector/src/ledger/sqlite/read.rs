@@ -83,6 +83,17 @@ impl Reader {
         from: i64,
         to: i64,
     ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
+        self.minutes_on(tenant, None, from, to)
+    }
+
+    /// As `minutes`, of the buckets on `node` alone where one is named.
+    fn minutes_on(
+        &self,
+        tenant: Option<&str>,
+        node: Option<&str>,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, i64, BucketDelta)>, LedgerError> {
         let p = &self.path;
         let err = sqlite_err(p);
         let mut q = self
@@ -91,12 +102,13 @@ impl Reader {
                 "SELECT tenant, minute_start, {}
                  FROM usage_minute
                  WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
+                    AND (?4 IS NULL OR node = ?4)
                  GROUP BY tenant, minute_start ORDER BY tenant, minute_start",
                 bucket_sums()
             ))
             .map_err(err)?;
         let rows = q
-            .query_map(params![tenant, from, to], |r| {
+            .query_map(params![tenant, from, to, node], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
@@ -130,6 +142,19 @@ impl Reader {
         to: i64,
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
+        self.usage_on(tenant, None, from, to, since_revision)
+    }
+
+    /// As `usage_since`, of `node` alone where one is named (see
+    /// `LedgerReader::node_usage_since`).
+    fn usage_on(
+        &self,
+        tenant: Option<&str>,
+        node: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
         let p = &self.path;
         let err = sqlite_err(p);
         let tx = self.conn.unchecked_transaction().map_err(err)?;
@@ -142,7 +167,7 @@ impl Reader {
                         facility_allocated_mj, facility_node_mj
                      FROM adjustment
                      WHERE (?1 IS NULL OR tenant = ?1) AND minute_start >= ?2 AND minute_start < ?3
-                        AND revision > ?4
+                        AND revision > ?4 AND (?5 IS NULL OR node = ?5)
                      ORDER BY revision, tenant, node, minute_start",
                     BUCKET_COLUMNS.join(", ")
                 ))
@@ -154,7 +179,8 @@ impl Reader {
                         from,
                         to,
                         // Past any revision stored: nothing is after it.
-                        i64::try_from(since_revision).unwrap_or(i64::MAX)
+                        i64::try_from(since_revision).unwrap_or(i64::MAX),
+                        node
                     ],
                     |r| {
                         Ok((
@@ -191,7 +217,7 @@ impl Reader {
         let hours_from = kept_from(&tx, HOUR, p)?.min(minutes_from);
         let days_from = kept_from(&tx, DAY, p)?.min(hours_from);
         let mut spans: Vec<(String, Span)> = Vec::new();
-        for (t, start, delta) in self.minutes(tenant, from.max(minutes_from), to)? {
+        for (t, start, delta) in self.minutes_on(tenant, node, from.max(minutes_from), to)? {
             spans.push((
                 t,
                 Span {
@@ -214,7 +240,7 @@ impl Reader {
                  FROM usage_rollup r LEFT JOIN demand_rollup d
                     ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
                  WHERE r.period = ?1 AND (?2 IS NULL OR r.tenant = ?2)
-                    AND r.start >= ?3 AND r.start < ?4
+                    AND r.start >= ?3 AND r.start < ?4 AND (?5 IS NULL OR r.node = ?5)
                  GROUP BY r.tenant, r.start",
                 BUCKET_COLUMNS
                     .iter()
@@ -231,7 +257,7 @@ impl Reader {
                 continue;
             }
             let rows = q
-                .query_map(params![period, tenant, lo, hi], |r| {
+                .query_map(params![period, tenant, lo, hi, node], |r| {
                     Ok((
                         r.get::<_, String>(0)?,
                         r.get::<_, i64>(1)?,
@@ -260,6 +286,11 @@ impl Reader {
                     [alloc, alloc_node],
                     fpeak,
                 ) = row.map_err(err)?;
+                // Kept per tenant only: nothing of it is one node's.
+                let (peak, over_ns, over_mj, node_peak, alloc, alloc_node, fpeak) = match node {
+                    Some(_) => (0, 0, 0, 0, 0, 0, None),
+                    None => (peak, over_ns, over_mj, node_peak, alloc, alloc_node, fpeak),
+                };
                 // The rollup's own evaluation of its minutes.
                 let delta = BucketDelta {
                     over_contract_ns: u64_of(over_ns, p, "over_contract_ns")?,
@@ -295,6 +326,32 @@ impl Reader {
             finalized_through,
             adjustments,
         })
+    }
+
+    /// The nodes `tenant` has minute buckets or rollups on in
+    /// `[from, to)`, sorted.
+    pub fn usage_nodes(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<String>, LedgerError> {
+        let err = sqlite_err(&self.path);
+        let mut q = self
+            .conn
+            .prepare_cached(
+                "SELECT node FROM usage_minute
+                    WHERE tenant = ?1 AND minute_start >= ?2 AND minute_start < ?3
+                 UNION
+                 SELECT node FROM usage_rollup
+                    WHERE tenant = ?1 AND start >= ?2 AND start < ?3
+                 ORDER BY node",
+            )
+            .map_err(err)?;
+        let rows = q
+            .query_map(params![tenant, from, to], |r| r.get::<_, String>(0))
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
     }
 
     /// Every tenant that has buckets.
@@ -391,5 +448,20 @@ impl LedgerReader for Reader {
 
     fn tenants(&self) -> Result<Vec<String>, LedgerError> {
         Reader::tenants(self)
+    }
+
+    fn usage_nodes(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, LedgerError> {
+        Reader::usage_nodes(self, tenant, from, to)
+    }
+
+    fn node_usage_since(
+        &self,
+        tenant: &str,
+        node: &str,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        self.usage_on(Some(tenant), Some(node), from, to, since_revision)
     }
 }
