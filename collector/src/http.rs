@@ -785,6 +785,16 @@ enum FormatName {
     Csv,
 }
 
+/// What `/v2/usage` rows are per.
+#[derive(Debug, Deserialize, ToSchema)]
+#[allow(dead_code)] // named for the OpenAPI document; parsed as text
+enum GroupByName {
+    #[serde(rename = "tenant")]
+    Tenant,
+    #[serde(rename = "node")]
+    Node,
+}
+
 /// The parameters of `/v2/usage` (parsed from the query string by
 /// `page_request`, where `tenant` may repeat; this is their description).
 #[derive(Debug, IntoParams)]
@@ -818,6 +828,13 @@ struct PageParams {
     /// `next_page_token` of the previous page, with the same other
     /// parameters.
     page_token: Option<String>,
+    /// Rows per tenant (default) or per tenant and node: a node row has
+    /// the tenant's figures on that node alone, without what the
+    /// tenant's contract or meters decide as a whole (contracted power,
+    /// capacity utilization, peak demand, p95, time over contract,
+    /// overage, facility energy). `gpu` is refused with a problem: the
+    /// ledger keeps minutes per node, not per GPU.
+    group_by: Option<GroupByName>,
     /// json (default) or csv; without it, `Accept: text/csv` asks CSV.
     format: Option<FormatName>,
 }
@@ -1064,6 +1081,7 @@ fn page_request(raw: Option<&str>) -> Result<(PageRequest, Option<String>), Usag
             "since_revision" => &mut req.since_revision,
             "limit" => &mut req.limit,
             "page_token" => &mut req.page_token,
+            "group_by" => &mut req.group_by,
             "format" => &mut format,
             _ => {
                 return Err(UsageError::Parameter {
@@ -1169,7 +1187,7 @@ async fn usage_pages(
         tenant_status_page,
         metrics, healthz, readyz, openapi_json
     ),
-    components(schemas(Problem, Page, Report, Retired, StepName, FormatName)),
+    components(schemas(Problem, Page, Report, Retired, StepName, FormatName, GroupByName)),
     modifiers(&TimedOut),
     tags(
         (name = "usage", description = "Usage for billing jobs"),

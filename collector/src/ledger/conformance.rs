@@ -46,6 +46,7 @@ macro_rules! conformance_tests {
             each_nodes_placing_hold_is_kept_with_its_cursor,
             facility_usage_is_the_allocation_plus_pue_times_unmetered_node_energy,
             usage_pages_give_every_row_once_and_each_adjustment_once,
+            usage_rows_per_node_sum_to_the_tenants_rows,
             allocated_facility_energy_survives_compaction,
             meter_reports_read_the_same_after_compaction,
         );
@@ -1166,8 +1167,8 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
                 r.facility_energy_millijoules,
                 r.facility_energy_estimated,
                 r.facility_energy_pending,
-                r.seconds_over_contract,
-                (r.overage_kwh * 3.6e9).round() as u64,
+                r.seconds_over_contract.unwrap(),
+                (r.overage_kwh.unwrap() * 3.6e9).round() as u64,
                 (r.average_power_watts * 60_000.0).round() as u64,
             )
         })
@@ -1592,9 +1593,9 @@ fn facility_rows<R: LedgerReader>(
             r.facility_energy_millijoules,
             r.facility_energy_estimated,
             r.facility_energy_pending,
-            r.seconds_over_contract.round() as u64,
-            (r.overage_kwh * 3.6e9).round() as u64,
-            (r.peak_demand_watts * 1000.0).round() as u64,
+            r.seconds_over_contract.unwrap().round() as u64,
+            (r.overage_kwh.unwrap() * 3.6e9).round() as u64,
+            (r.peak_demand_watts.unwrap() * 1000.0).round() as u64,
             (r.average_power_watts * 1000.0).round() as u64,
         )
     })
@@ -1771,4 +1772,202 @@ pub(crate) fn meter_reports_read_the_same_after_compaction<W: LedgerWriter, R: L
     assert_eq!(report(&f.reader, "1d").unwrap(), daily);
     let cut = report(&f.reader, "15m").unwrap_err().to_string();
     assert!(cut.contains("hourly"), "{cut}");
+}
+
+/// Invariant: rows grouped by node sum to the tenant's rows, to the
+/// millijoule, for every figure the ledger keeps per node: in rolled-up
+/// hours (before the minutes' retention) and in minutes, with a late
+/// adjustment on one node; each node row and adjustment carries its node,
+/// and the figures a contract decides for the whole tenant are absent.
+pub(crate) fn usage_rows_per_node_sum_to_the_tenants_rows<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    use crate::usage::{PageQuery, PageRequest, page};
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    w.claim("a", "n2").unwrap();
+    // Two hours of lab-a on n1 and n2 (n2 only in the second), lab-b on n1.
+    let mut c = Commit::default();
+    c.nodes.insert(Arc::from("n1"), cursor(1, 10, 5_000));
+    c.nodes.insert(Arc::from("n2"), cursor(1, 10, 5_000));
+    for m in 0..120 {
+        let at = MINUTE + m * 60;
+        let mut put = |t: &str, n: &str, e: u64| {
+            c.buckets
+                .insert((Arc::from(t), Arc::from(n), at), delta(e, 1 + m as u64 % 3));
+            *c.tenant_energy.entry(Arc::from(t)).or_default() += e;
+        };
+        put("lab-a", "n1", 1_000 + m as u64);
+        if m >= 60 {
+            put("lab-a", "n2", 7_000 + 3 * m as u64);
+        }
+        put("lab-b", "n1", 500 + m as u64);
+    }
+    w.commit_as("a", &c, MINUTE + 7_300, MINUTE + 7_200)
+        .unwrap();
+    // The first hour rolled up (its minutes dropped), per node.
+    let lease = w
+        .acquire_compaction("a", 1_000, Duration::from_secs(60))
+        .unwrap();
+    let policy = Compaction {
+        closed_before: MINUTE + 3600,
+        minutes_from: MINUTE + 3600,
+        hours_from: 0,
+        days_from: None,
+        allocating_from: None,
+    };
+    let done = w
+        .compact_under(&lease, 1_001, &policy, &no_contracts())
+        .unwrap();
+    assert!(done.hours_rolled_up >= 1, "{done:?}");
+    // A late minute on n2 of a final minute: an adjustment by node.
+    let late = booking("n2", cursor(1, 11, 5_000), "lab-a", MINUTE + 3_660, 77);
+    w.commit_as("a", &late, MINUTE + 7_400, MINUTE + 7_200)
+        .unwrap();
+    let tenants =
+        Tenants::from_toml("[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 0.001\n").unwrap();
+    let history = TenantHistory::new(Arc::new(
+        Tenants::from_toml("[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 0.001\n").unwrap(),
+    ));
+    let walk = |group_by: &str| {
+        let mut req = PageRequest {
+            tenants: vec!["lab-a".into(), "lab-b".into()],
+            from: Some("2027-01-15T08:00:00Z".into()),
+            to: Some("2027-01-15T10:00:00Z".into()),
+            step: Some("1h".into()),
+            limit: Some("1".into()),
+            group_by: Some(group_by.into()),
+            ..PageRequest::default()
+        };
+        let mut pages = Vec::new();
+        loop {
+            let p = page(
+                &f.reader,
+                &tenants,
+                &history,
+                &[],
+                &PageQuery::parse(&req).unwrap(),
+            )
+            .unwrap();
+            let next = p.next_page_token.clone();
+            pages.push(p);
+            match next {
+                Some(t) => req.page_token = Some(t),
+                None => return pages,
+            }
+        }
+    };
+    let by_tenant = walk("tenant");
+    let by_node = walk("node");
+    let node_rows: Vec<_> = by_node.iter().flat_map(|p| &p.rows).collect();
+    // lab-a on n1 and n2, lab-b on n1: two hours each, in key order; n2
+    // has no data in the first hour and shows zeros there.
+    let keys: Vec<(&str, &str, &str)> = node_rows
+        .iter()
+        .map(|r| {
+            (
+                r.usage.tenant.as_str(),
+                r.node.as_deref().unwrap(),
+                r.usage.start.as_str(),
+            )
+        })
+        .collect();
+    let (h8, h9) = ("2027-01-15T08:00:00Z", "2027-01-15T09:00:00Z");
+    assert_eq!(
+        keys,
+        [
+            ("lab-a", "n1", h8),
+            ("lab-a", "n1", h9),
+            ("lab-a", "n2", h8),
+            ("lab-a", "n2", h9),
+            ("lab-b", "n1", h8),
+            ("lab-b", "n1", h9)
+        ]
+    );
+    assert_eq!(node_rows[2].usage.energy_millijoules, 0);
+    assert!(node_rows.iter().all(|r| r.id.ends_with(&format!(
+        "-{}/{}",
+        r.usage.tenant,
+        r.node.as_deref().unwrap()
+    ))));
+    type Sums = (u64, u64, u64, u64, u64, bool);
+    let sums = |rows: &mut dyn Iterator<Item = &crate::usage::PagedRow>| {
+        let mut out: std::collections::BTreeMap<(String, String), Sums> = Default::default();
+        for r in rows {
+            let u = &r.usage;
+            let e = out.entry((u.tenant.clone(), u.start.clone())).or_default();
+            e.0 += u.energy_millijoules;
+            e.1 += u.node_energy_millijoules;
+            e.2 += u.readings;
+            e.3 += (u.gpu_hours * 3.6e12).round() as u64;
+            e.4 += (u.busy_gpu_hours * 3.6e12).round() as u64;
+            e.5 |= u.estimated || u.node_energy_estimated;
+        }
+        out
+    };
+    let want = sums(&mut by_tenant.iter().flat_map(|p| &p.rows));
+    assert_eq!(sums(&mut node_rows.iter().copied()), want);
+    assert_eq!(
+        want[&("lab-a".to_string(), h9.to_string())].0,
+        (60..120).map(|m| 1_000 + m + 7_000 + 3 * m).sum::<u64>()
+    );
+    assert_eq!(
+        want[&("lab-a".to_string(), h8.to_string())].0,
+        (0..60).map(|m| 1_000 + m).sum::<u64>()
+    );
+    // Per tenant only: absent from node rows, present in tenant rows.
+    for r in &node_rows {
+        let j = serde_json::to_value(r).unwrap();
+        for k in [
+            "contracted_power_watts",
+            "capacity_utilization",
+            "peak_demand_watts",
+            "p95_power_watts",
+            "seconds_over_contract",
+            "overage_kwh",
+            "facility_energy_millijoules",
+        ] {
+            assert!(j.get(k).is_none(), "{k} in {j}");
+        }
+    }
+    let tenant_row = serde_json::to_value(&by_tenant[0].rows[0]).unwrap();
+    assert!(tenant_row.get("node").is_none());
+    assert!(tenant_row["peak_demand_watts"].is_number());
+    // The adjustment is on n2's page, with its node.
+    let adjustments: Vec<(String, String, u64)> = by_node
+        .iter()
+        .flat_map(|p| {
+            let row_node = p.rows[0].node.clone().unwrap();
+            p.adjustments
+                .iter()
+                .map(move |a| (a.node.clone(), row_node.clone(), a.energy_millijoules))
+        })
+        .collect();
+    assert_eq!(adjustments, [("n2".into(), "n2".into(), 77)]);
+    // Per GPU is refused by name, not answered per node.
+    let req = PageRequest {
+        from: Some("2027-01-15T08:00:00Z".into()),
+        to: Some("2027-01-15T10:00:00Z".into()),
+        group_by: Some("gpu".into()),
+        ..PageRequest::default()
+    };
+    let e = PageQuery::parse(&req).unwrap_err();
+    assert_eq!(e.param(), Some("group_by"), "{e}");
+    // A token of one grouping is refused by the other.
+    let mut req = PageRequest {
+        tenants: vec!["lab-a".into()],
+        from: Some("2027-01-15T08:00:00Z".into()),
+        to: Some("2027-01-15T10:00:00Z".into()),
+        limit: Some("1".into()),
+        page_token: by_node[0].next_page_token.clone(),
+        ..PageRequest::default()
+    };
+    req.group_by = Some("node".into());
+    req.tenants.push("lab-b".into());
+    assert!(PageQuery::parse(&req).is_ok());
+    req.group_by = None;
+    assert_eq!(
+        PageQuery::parse(&req).unwrap_err().param(),
+        Some("page_token")
+    );
 }

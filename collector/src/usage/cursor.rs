@@ -1,7 +1,8 @@
 //! Page tokens: where the next page of usage rows starts, opaque to the
 //! client and checked when it comes back.
 //!
-//! A token names the last row answered by its key (tenant, start) and the
+//! A token names the last row answered by its key (tenant, node, start:
+//! the node is empty in rows per tenant) and the
 //! ledger revision the first page was answered at, so that every page of
 //! one walk lists the adjustments up to the same revision. It is keyset
 //! pagination: rows of minutes appended meanwhile neither shift nor repeat
@@ -20,14 +21,16 @@ use sha2::{Digest, Sha256};
 
 use super::UsageError;
 
-const VERSION: &str = "p1";
+const VERSION: &str = "p2";
 const TAG: usize = 12;
 
-/// Where the next page starts: after the row of `tenant` starting at
-/// `start` (Unix seconds); adjustments up to `revision`.
+/// Where the next page starts: after the row of `tenant` (on `node`,
+/// grouped by node; empty otherwise) starting at `start` (Unix seconds);
+/// adjustments up to `revision`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Cursor {
     pub tenant: String,
+    pub node: String,
     pub start: i64,
     pub revision: u64,
 }
@@ -56,9 +59,14 @@ fn tag(query: &[u8; 32], payload: &[u8]) -> [u8; TAG] {
 
 impl Cursor {
     pub fn encode(&self, query: &[u8; 32]) -> String {
+        // The node is length-prefixed: node ids are the agents' to choose.
         let payload = format!(
-            "{VERSION}\n{}\n{}\n{}",
-            self.revision, self.start, self.tenant
+            "{VERSION}\n{}\n{}\n{}\n{}{}",
+            self.revision,
+            self.start,
+            self.node.len(),
+            self.node,
+            self.tenant
         );
         let mut bytes = tag(query, payload.as_bytes()).to_vec();
         bytes.extend_from_slice(payload.as_bytes());
@@ -82,14 +90,23 @@ impl Cursor {
         }
         // The digest matched: the payload is one this code wrote.
         let text = std::str::from_utf8(payload).map_err(|_| garbled.clone())?;
-        let mut parts = text.splitn(4, '\n');
-        let (Some(VERSION), Some(revision), Some(start), Some(tenant)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
+        let mut parts = text.splitn(5, '\n');
+        let (Some(VERSION), Some(revision), Some(start), Some(node_len), Some(rest)) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(garbled);
+        };
+        let node_len: usize = node_len.parse().map_err(|_| garbled.clone())?;
+        let (Some(node), Some(tenant)) = (rest.get(..node_len), rest.get(node_len..)) else {
             return Err(garbled);
         };
         Ok(Self {
             tenant: tenant.to_string(),
+            node: node.to_string(),
             start: start.parse().map_err(|_| garbled.clone())?,
             revision: revision.parse().map_err(|_| garbled.clone())?,
         })
@@ -109,6 +126,7 @@ mod tests {
         for tenant in ["lab-a", "", "with\nnewline", "ünï,cödé"] {
             let c = Cursor {
                 tenant: tenant.into(),
+                node: format!("n\n{tenant}"),
                 start: 1_798_761_600,
                 revision: u64::MAX,
             };
@@ -126,6 +144,7 @@ mod tests {
     fn a_garbled_altered_or_foreign_token_is_refused() {
         let c = Cursor {
             tenant: "lab-a".into(),
+            node: String::new(),
             start: 1_798_761_600,
             revision: 7,
         };

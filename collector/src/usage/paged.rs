@@ -1,6 +1,8 @@
 //! Usage in pages (the `/v2/usage` API): any number of rows, for one,
 //! several or every tenant, walked in key order (tenant, start) a page at
-//! a time with an opaque page token.
+//! a time with an opaque page token; with `group_by=node`, a row per
+//! tenant, node and step, walked in key order (tenant, node, start), the
+//! nodes of a tenant those with minutes or rollups in the walk's period.
 //!
 //! Each row carries its identity (`id`: tenant, start and end instants)
 //! and a revision: for a row that is final, the revision of the last
@@ -17,7 +19,9 @@
 //!
 //! A page costs its own rows: the request is checked before the ledger is
 //! taken (`PageQuery::parse`), and only the page's row boundaries are
-//! computed and read, however long the walk (at most ten years).
+//! computed and read, however long the walk (at most ten years). Grouped
+//! by node, a page also lists the nodes of each tenant it reaches over the
+//! walk's period (one indexed query per tenant).
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
@@ -58,16 +62,59 @@ pub struct PageRequest {
     pub since_revision: Option<String>,
     pub limit: Option<String>,
     pub page_token: Option<String>,
+    /// `tenant` (the default) or `node`.
+    pub group_by: Option<String>,
+}
+
+/// What a row is per: a tenant (the default), or one of its nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupBy {
+    Tenant,
+    Node,
+}
+
+impl GroupBy {
+    pub fn parse(v: Option<&str>) -> Result<Self, UsageError> {
+        match v {
+            None | Some("tenant") => Ok(Self::Tenant),
+            Some("node") => Ok(Self::Node),
+            // Refused, not answered per node: a job that asked per GPU
+            // must not bill per-node rows as if they were.
+            Some("gpu") => Err(UsageError::Parameter {
+                param: "group_by".into(),
+                why: "gpu is not offered: the ledger keeps minutes per tenant and node, not per GPU (ask group_by=node)",
+            }),
+            Some(_) => Err(UsageError::Parameter {
+                param: "group_by".into(),
+                why: "must be tenant or node",
+            }),
+        }
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Tenant => "tenant",
+            Self::Node => "node",
+        }
+    }
 }
 
 /// One row of a page: a usage row with its identity and revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PagedRow {
     /// The row's identity: `<start>-<end>-<tenant>`, start and end in
-    /// Unix seconds. Rows of the same id cover the same minutes, whatever
-    /// the step, time zone or anchor that cut them, and have the same
-    /// figures at the same revision.
+    /// Unix seconds, and `/<node>` after it in rows grouped by node
+    /// (tenant ids hold no `/`). Rows of the same id cover the same
+    /// minutes, whatever the step, time zone or anchor that cut them, and
+    /// have the same figures at the same revision.
     pub id: String,
+    /// The node, in rows grouped by node (absent in rows per tenant).
+    /// Such a row holds the tenant's figures on that node alone; what a
+    /// contract or a meter decides for the whole tenant is absent from
+    /// it: contracted power, capacity utilization, peak demand, p95,
+    /// time over contract, overage and facility energy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The step of the query that cut the row.
     pub step: String,
     /// For a final row (neither `partial` nor `facility_energy_pending`),
@@ -97,7 +144,9 @@ pub struct Page {
     /// The revision of the walk's first page: adjustments are listed up to
     /// it on every page. Ask `since_revision` this next time.
     pub revision: u64,
-    /// Ordered by tenant, then start.
+    /// What each row is per: `tenant` or `node`.
+    pub group_by: String,
+    /// Ordered by tenant, then (grouped by node) node, then start.
     pub rows: Vec<PagedRow>,
     /// Late deltas to the page's rows that were already final, booked
     /// after `since_revision` and up to `revision`.
@@ -131,10 +180,29 @@ fn row_revisions(bounds: &[i64], adjustments: &[Adjustment]) -> Vec<u64> {
     out
 }
 
-/// A row's identity: its tenant and the instants it starts and ends at
-/// (Unix seconds), whatever the step, time zone or anchor that cut it.
-fn row_id(tenant: &str, start: i64, end: i64) -> String {
-    format!("{start}-{end}-{tenant}")
+/// A row's identity: its tenant (and node, grouped by node) and the
+/// instants it starts and ends at (Unix seconds), whatever the step,
+/// time zone or anchor that cut it.
+fn row_id(tenant: &str, node: Option<&str>, start: i64, end: i64) -> String {
+    match node {
+        None => format!("{start}-{end}-{tenant}"),
+        Some(node) => format!("{start}-{end}-{tenant}/{node}"),
+    }
+}
+
+/// A node row: the figures that are the tenant's as a whole taken out.
+fn node_row(mut row: Row) -> Row {
+    row.contracted_power_watts = None;
+    row.capacity_utilization = None;
+    row.peak_demand_watts = None;
+    row.p95_power_watts = None;
+    row.seconds_over_contract = None;
+    row.overage_kwh = None;
+    row.facility_energy_millijoules = None;
+    row.facility_energy_kwh = None;
+    row.facility_energy_estimated = false;
+    row.facility_energy_pending = false;
+    row
 }
 
 /// A page request checked: everything that needs no ledger, done before
@@ -147,6 +215,7 @@ pub struct PageQuery {
     zone: Zone,
     anchor: Option<i64>,
     grid: Grid,
+    group_by: GroupBy,
     /// The tenants asked, sorted, without repeats; none: every tenant.
     asked: Vec<String>,
     query: [u8; 32],
@@ -158,6 +227,7 @@ impl PageQuery {
     pub fn parse(req: &PageRequest) -> Result<Self, UsageError> {
         let since = parse_revision(req.since_revision.as_deref())?;
         let limit = parse_limit(req.limit.as_deref())?;
+        let group_by = GroupBy::parse(req.group_by.as_deref())?;
         let zone = Zone::parse(req.tz.as_deref())?;
         let step = Step::parse(req.step.as_deref().unwrap_or("1h"))?;
         let from = parse_time("from", req.from.as_deref())?;
@@ -186,6 +256,7 @@ impl PageQuery {
             &zone.name,
             &anchor_text,
             &since.to_string(),
+            group_by.label(),
         ]);
         // An empty token is the first page (as clients send it there).
         let cursor = match req.page_token.as_deref().filter(|t| !t.trim().is_empty()) {
@@ -205,6 +276,7 @@ impl PageQuery {
             zone,
             anchor,
             grid,
+            group_by,
             asked,
             query,
             cursor,
@@ -274,15 +346,37 @@ pub fn page(
     }
 
     let per_tenant = grid.rows();
-    let (mut ti, mut bi) = match &pq.cursor {
-        None => (0, 0),
+    // What a tenant's rows are per: the tenant itself, or each node it
+    // has minutes or rollups on in the walk's period, in node order.
+    let units_of = |tenant: &str| -> Result<Vec<Option<String>>, QueryError> {
+        Ok(match pq.group_by {
+            GroupBy::Tenant => vec![None],
+            GroupBy::Node => reader
+                .usage_nodes(tenant, from, to)?
+                .into_iter()
+                .map(Some)
+                .collect(),
+        })
+    };
+    // Where the walk is: tenant, unit of the tenant (its units once
+    // read), row of the unit.
+    let (mut ti, mut ui, mut bi, mut units) = match &pq.cursor {
+        None => (0, 0, 0, None),
         Some((c, row)) => {
             let ti = selected.partition_point(|t| t.tenant.as_str() < c.tenant.as_str());
             if selected.get(ti).is_some_and(|t| t.tenant == c.tenant) {
-                (ti, row + 1)
+                let units = units_of(&c.tenant)?;
+                let key = (pq.group_by == GroupBy::Node).then(|| c.node.clone());
+                let ui = units.partition_point(|u| *u < key);
+                if units.get(ui) == Some(&key) {
+                    (ti, ui, row + 1, Some(units))
+                } else {
+                    // Its node is gone from the list: on from the next one.
+                    (ti, ui, 0, Some(units))
+                }
             } else {
                 // Its tenant is gone from the list: on from the next one.
-                (ti, 0)
+                (ti, 0, 0, None)
             }
         }
     };
@@ -291,10 +385,17 @@ pub fn page(
     let mut rows = Vec::new();
     let mut adjustments = Vec::new();
     let mut finalized = probe.finalized_through;
-    let mut last: Option<(String, i64)> = None;
+    let mut last: Option<(String, Option<String>, i64)> = None;
     'page: while rows.len() < limit && ti < selected.len() {
+        if units.is_none() {
+            units = Some(units_of(&selected[ti].tenant)?);
+        }
+        let Some(node) = units.as_ref().and_then(|u| u.get(ui)).cloned() else {
+            (ti, ui, bi, units) = (ti + 1, 0, 0, None);
+            continue;
+        };
         if bi >= per_tenant {
-            (ti, bi) = (ti + 1, 0);
+            (ui, bi) = (ui + 1, 0);
             continue;
         }
         let take = ((limit - rows.len()) as i64).min(per_tenant - bi);
@@ -305,13 +406,20 @@ pub fn page(
             .unwrap_or_else(|| vec![(i64::MIN, Contract::default())]);
         let sub = sub_query(bi, bi + take)?;
         let (lo, hi) = sub.read_range();
-        let mut usage = reader.usage_since(Some(&terms.tenant), lo, hi, 0)?;
+        let mut usage = match &node {
+            None => reader.usage_since(Some(&terms.tenant), lo, hi, 0)?,
+            Some(n) => reader.node_usage_since(&terms.tenant, n, lo, hi, 0)?,
+        };
         sub.check_detail(&usage)?;
         finalized = finalized.min(usage.finalized_through);
         usage.adjustments.retain(|a| a.revision <= pinned);
         let revisions = row_revisions(&sub.bounds, &usage.adjustments);
         usage.adjustments.retain(|a| a.revision > since);
-        let facility = facility_of(reader, meters, Some(&terms.tenant), &usage, lo, hi)?;
+        // The meters' allocation is the tenant's: node rows have none.
+        let facility = match node {
+            None => facility_of(reader, meters, Some(&terms.tenant), &usage, lo, hi)?,
+            Some(_) => super::Facility::NONE,
+        };
         let r = report(&sub, std::slice::from_ref(&terms), &usage, &facility);
         // The adjustments of each row (they come in row order within a
         // revision, so count them per row first).
@@ -350,25 +458,34 @@ pub fn page(
             let (start, end) = (sub.bounds[i], sub.bounds[i + 1]);
             let unsettled = row.partial || row.facility_energy_pending;
             rows.push(PagedRow {
-                id: row_id(&terms.tenant, start, end),
+                id: row_id(&terms.tenant, node.as_deref(), start, end),
+                node: node.clone(),
                 step: pq.step.label().to_string(),
                 revision: (!unsettled).then_some(revision),
-                usage: row.clone(),
+                usage: match node {
+                    None => row.clone(),
+                    Some(_) => node_row(row.clone()),
+                },
             });
             kept += 1;
         }
         if kept > 0 {
-            last = Some((terms.tenant.clone(), sub.bounds[kept - 1]));
+            last = Some((terms.tenant.clone(), node.clone(), sub.bounds[kept - 1]));
         }
         bi += kept as i64;
         if kept < r.rows.len() {
             break 'page;
         }
     }
-    let more = (ti < selected.len() && bi < per_tenant) || ti + 1 < selected.len();
-    let next_page_token = last.filter(|_| more).map(|(tenant, start)| {
+    // Units not read yet may hold rows: a later page finds out.
+    let more = ti < selected.len()
+        && (bi < per_tenant
+            || units.as_ref().is_none_or(|u| ui + 1 < u.len())
+            || ti + 1 < selected.len());
+    let next_page_token = last.filter(|_| more).map(|(tenant, node, start)| {
         Cursor {
             tenant,
+            node: node.unwrap_or_default(),
             start,
             revision: pinned,
         }
@@ -383,6 +500,7 @@ pub fn page(
         tenants: selected.into_iter().map(|t| t.tenant).collect(),
         finalized_through: pq.zone.format(finalized),
         revision: pinned,
+        group_by: pq.group_by.label().to_string(),
         rows,
         adjustments,
         next_page_token,

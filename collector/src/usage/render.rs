@@ -76,12 +76,12 @@ pub fn csv(r: &Report) -> Result<String, csv::Error> {
             row.gpu_hours.to_string(),
             row.busy_gpu_hours.to_string(),
             row.average_power_watts.to_string(),
-            row.peak_demand_watts.to_string(),
+            opt(row.peak_demand_watts),
             opt(row.p95_power_watts),
             opt(row.contracted_power_watts),
             opt(row.capacity_utilization),
-            row.seconds_over_contract.to_string(),
-            row.overage_kwh.to_string(),
+            opt(row.seconds_over_contract),
+            opt(row.overage_kwh),
             opt(row.coverage),
             row.estimated.to_string(),
             opt(row.facility_energy_kwh_estimated),
@@ -248,7 +248,7 @@ pub fn table(r: &Report) -> String {
             row.energy_kwh,
             row.gpu_hours,
             row.average_power_watts,
-            row.peak_demand_watts,
+            row.peak_demand_watts.unwrap_or(f64::NAN),
             row.partial
         );
     }

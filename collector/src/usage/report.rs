@@ -84,7 +84,10 @@ pub struct Row {
     pub gpu_hours: f64,
     pub busy_gpu_hours: f64,
     pub average_power_watts: f64,
-    pub peak_demand_watts: f64,
+    /// The highest 15-minute average power in the row. Absent in rows
+    /// grouped by node: rollups keep it per tenant only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peak_demand_watts: Option<f64>,
     /// The contract in force at the row's last minute (a row the contract
     /// changed in is judged minute by minute, each by its own).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -96,11 +99,15 @@ pub struct Row {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub p95_power_watts: Option<f64>,
     /// Time in minutes whose average power was above the contract: 60 s
-    /// per such minute, by the samples' own time.
-    pub seconds_over_contract: f64,
+    /// per such minute, by the samples' own time. Absent in rows grouped
+    /// by node: a contract is the tenant's, not a node's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds_over_contract: Option<f64>,
     /// Energy above the contract in those minutes (minute energy −
     /// contract × 60 s): what committed-plus-overage contracts bill.
-    pub overage_kwh: f64,
+    /// Absent in rows grouped by node, as `seconds_over_contract`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overage_kwh: Option<f64>,
     /// Share of the GPU time between readings that readings back.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub coverage: Option<f64>,
@@ -394,12 +401,12 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
                 gpu_hours: d.gpu_ns as f64 / 3.6e12,
                 busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
                 average_power_watts: average_w,
-                peak_demand_watts: peak_mj as f64 / 1000.0 / QUARTER as f64,
+                peak_demand_watts: Some(peak_mj as f64 / 1000.0 / QUARTER as f64),
                 contracted_power_watts: contracted_w,
                 capacity_utilization: contracted_w.filter(|c| *c > 0.0).map(|c| average_w / c),
                 p95_power_watts: p95,
-                seconds_over_contract: over_ns as f64 / 1e9,
-                overage_kwh: overage_mj as f64 / 3.6e9,
+                seconds_over_contract: Some(over_ns as f64 / 1e9),
+                overage_kwh: Some(overage_mj as f64 / 3.6e9),
                 coverage: (d.expected_gpu_ns > 0)
                     .then(|| d.gpu_ns as f64 / d.expected_gpu_ns as f64),
                 estimated: d.estimated_mj > 0,

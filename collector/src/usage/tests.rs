@@ -172,12 +172,12 @@ fn peak_demand_is_the_highest_quarter_hour_average() {
     assert_eq!(r.rows.len(), 2);
     let a = &r.rows[0];
     assert_eq!(a.energy_millijoules, 15 * 36_000_000 + 15 * 3_600_000);
-    assert_eq!(a.peak_demand_watts, 600.0);
+    assert_eq!(a.peak_demand_watts.unwrap(), 600.0);
     assert!((a.average_power_watts - 165.0).abs() < 1e-9);
     assert_eq!(a.capacity_utilization, Some(0.165));
     // b: 90 kJ in one minute is 1500 W for that minute but only 100 W
     // over its quarter-hour, which is what demand is billed on.
-    assert_eq!(r.rows[1].peak_demand_watts, 100.0);
+    assert_eq!(r.rows[1].peak_demand_watts.unwrap(), 100.0);
     // p95 of the twelve 5-minute averages: a has three at 600 W.
     assert_eq!(a.p95_power_watts, Some(600.0));
     assert_eq!(r.rows[1].p95_power_watts, Some(300.0));
@@ -208,7 +208,7 @@ fn every_minute_row_of_a_quarter_has_the_quarters_demand() {
     let peaks: Vec<(String, f64)> = r
         .rows
         .iter()
-        .map(|r| (r.start.clone(), r.peak_demand_watts))
+        .map(|r| (r.start.clone(), r.peak_demand_watts.unwrap()))
         .collect();
     let want: Vec<(String, f64)> = (0..45)
         .map(|i| {
@@ -236,8 +236,8 @@ fn over_contract_is_each_minutes_average_against_the_contract() {
             .iter()
             .map(|r| {
                 (
-                    r.seconds_over_contract,
-                    (r.overage_kwh * 3.6e9).round() as u64,
+                    r.seconds_over_contract.unwrap(),
+                    (r.overage_kwh.unwrap() * 3.6e9).round() as u64,
                 )
             })
             .collect::<Vec<_>>()
@@ -610,7 +610,7 @@ fn local_days_conserve_energy() {
     );
     let energy: Vec<u64> = r.rows.iter().map(|r| r.energy_millijoules).collect();
     assert_eq!(energy, vec![594_000_000, 0]);
-    assert_eq!(r.rows[0].peak_demand_watts, 600.0);
+    assert_eq!(r.rows[0].peak_demand_watts.unwrap(), 600.0);
     assert_eq!(r.rows[0].start, "2026-12-31T00:00:00-05:00");
 }
 
@@ -653,7 +653,13 @@ fn rows_before_the_kept_minutes_come_from_rollups() {
     let a: Vec<(u64, f64, Option<f64>)> = r
         .rows
         .iter()
-        .map(|r| (r.energy_millijoules, r.peak_demand_watts, r.p95_power_watts))
+        .map(|r| {
+            (
+                r.energy_millijoules,
+                r.peak_demand_watts.unwrap(),
+                r.p95_power_watts,
+            )
+        })
         .collect();
     assert_eq!(
         a,
@@ -678,7 +684,7 @@ fn rows_before_the_kept_minutes_come_from_rollups() {
         &Facility::NONE,
     );
     assert_eq!(r.rows[0].energy_millijoules, 2_394_000_000);
-    assert_eq!(r.rows[0].peak_demand_watts, 1000.0);
+    assert_eq!(r.rows[0].peak_demand_watts.unwrap(), 1000.0);
     assert_eq!(r.rows[0].p95_power_watts, None);
     // Quarter-hour rows cannot be cut from an hourly rollup.
     let quarters = Query::parse(
@@ -1005,13 +1011,13 @@ fn power_contract_and_overage_follow_the_basis_and_energy_stays_gpu_energy() {
         assert_eq!(row.node_energy_millijoules, 15 * 36_000_000);
         assert_eq!(row.node_coverage, Some(0.5));
         assert_eq!(row.average_power_watts, watts, "{basis:?}");
-        assert_eq!(row.peak_demand_watts, watts, "{basis:?}");
+        assert_eq!(row.peak_demand_watts.unwrap(), watts, "{basis:?}");
         assert_eq!(row.p95_power_watts, Some(watts), "{basis:?}");
         assert_eq!(row.capacity_utilization, Some(watts / 500.0), "{basis:?}");
         let over = if overage_mj > 0 { 900.0 } else { 0.0 };
-        assert_eq!(row.seconds_over_contract, over, "{basis:?}");
+        assert_eq!(row.seconds_over_contract.unwrap(), over, "{basis:?}");
         assert_eq!(
-            (row.overage_kwh * 3.6e9).round() as u64,
+            (row.overage_kwh.unwrap() * 3.6e9).round() as u64,
             15 * overage_mj,
             "{basis:?}"
         );
@@ -1065,10 +1071,10 @@ fn a_rollups_peak_and_over_contract_follow_the_basis() {
     for (basis, peak, average) in [(Basis::Gpu, 1000.0, 1000.0), (Basis::Node, 2000.0, 2000.0)] {
         let terms = [Terms::new("a", Some(500_000), None).on(basis)];
         let row = &report(&q, &terms, &usage, &Facility::NONE).rows[0];
-        assert_eq!(row.peak_demand_watts, peak, "{basis:?}");
+        assert_eq!(row.peak_demand_watts.unwrap(), peak, "{basis:?}");
         assert_eq!(row.average_power_watts, average, "{basis:?}");
         // What the rollup stored when it was rolled up.
-        assert_eq!(row.seconds_over_contract, 5e-9);
+        assert_eq!(row.seconds_over_contract.unwrap(), 5e-9);
     }
 }
 
@@ -1130,12 +1136,15 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
     assert_eq!(row.facility_energy_millijoules, Some(mj));
     assert!(row.facility_energy_estimated && row.facility_energy_pending);
     assert_eq!(row.average_power_watts, mj as f64 / 1000.0 / 900.0);
-    assert_eq!(row.peak_demand_watts, mj as f64 / 1000.0 / 900.0);
+    assert_eq!(row.peak_demand_watts.unwrap(), mj as f64 / 1000.0 / 900.0);
     // The 5-minute windows: 900 W (allocated), 750 W twice; nearest rank 95.
     assert_eq!(row.p95_power_watts, Some(900.0));
     // 54 kJ over 48 kJ (800 W × 60 s) in the 5 allocated minutes only.
-    assert_eq!(row.seconds_over_contract, 300.0);
-    assert_eq!((row.overage_kwh * 3.6e9).round() as u64, 5 * 6_000_000);
+    assert_eq!(row.seconds_over_contract.unwrap(), 300.0);
+    assert_eq!(
+        (row.overage_kwh.unwrap() * 3.6e9).round() as u64,
+        5 * 6_000_000
+    );
     // A meter no longer configured: the minutes it allocated stand; the
     // nodes are under no meter, so the others are the estimate, no longer
     // pending.

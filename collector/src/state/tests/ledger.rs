@@ -77,7 +77,12 @@ fn over_contract_in_ledger(
     let rows = report
         .rows
         .iter()
-        .map(|r| (r.seconds_over_contract, (r.overage_kwh * 3.6e9).round()))
+        .map(|r| {
+            (
+                r.seconds_over_contract.unwrap(),
+                (r.overage_kwh.unwrap() * 3.6e9).round(),
+            )
+        })
         .collect();
     // After a restart: what the counter resumes from.
     let snap = crate::ledger::Ledger::open(&path).unwrap().load().unwrap();
