@@ -85,7 +85,7 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_gpu_clock_event_reasons",
-        "The GPU's clock-event (throttle) reasons as NVML's bitmask, bits the collector does not name included.",
+        "The GPU's clock-event (throttle) reasons as NVML's bitmask, as the agent sent it (the capwatch agent reads the bits up to 0x100, display clock setting).",
         Kind::Gauge,
     ),
     (
