@@ -10,10 +10,13 @@
 //! [`Reject`] reason that labels
 //! `capwatch_collector_samples_total{outcome="rejected"}`; the checks that
 //! need the node's inventory are [`check_sample`], called by the fleet
-//! with what it knows of the node. A node power reading that fails a check
-//! is the exception: it is dropped alone ([`check_node_power`]), counted
-//! in `capwatch_collector_node_power_readings_total{outcome="rejected"}`,
-//! and its sample's GPU data is kept.
+//! with what it knows of the node. Two exceptions are dropped alone, their
+//! sample kept: a node power reading that fails a check
+//! ([`check_node_power`], counted in
+//! `capwatch_collector_node_power_readings_total{outcome="rejected"}`), and
+//! a GPU's health readings out of range ([`check_health`], counted in
+//! `capwatch_collector_gpu_health_dropped_total`); both are diagnostics or
+//! have a source of their own, never what a GPU's energy is billed from.
 
 use std::sync::Arc;
 use std::time::Duration;
