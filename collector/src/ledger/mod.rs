@@ -384,7 +384,7 @@ impl NodeCursor {
             // No further back than a step is ever spread.
             let cap = at.saturating_sub(crate::edge::MAX_SPREAD.as_nanos() as i64);
             let from = c.changed_ns.unwrap_or(at).min(at).max(cap);
-            let minute = from.div_euclid(60 * NANOS) * 60;
+            let minute = from.div_euclid(MINUTE * NANOS) * MINUTE;
             let seen = at.div_euclid(NANOS);
             out = Some(match out {
                 Some((m, s)) => (m.min(minute), s.max(seen)),
