@@ -477,11 +477,25 @@ pub fn page(
             break 'page;
         }
     }
-    // Units not read yet may hold rows: a later page finds out.
-    let more = ti < selected.len()
-        && (bi < per_tenant
-            || units.as_ref().is_none_or(|u| ui + 1 < u.len())
-            || ti + 1 < selected.len());
+    // Whether a row is left: on past the units this page used up and the
+    // tenants with no unit in the period (a tenant with nothing booked
+    // on any node), so that no walk ends on an empty page.
+    let more = loop {
+        if ti >= selected.len() || per_tenant == 0 {
+            break false;
+        }
+        if units.is_none() {
+            units = Some(units_of(&selected[ti].tenant)?);
+        }
+        let n = units.as_ref().map_or(0, Vec::len);
+        if ui >= n {
+            (ti, ui, bi, units) = (ti + 1, 0, 0, None);
+        } else if bi >= per_tenant {
+            (ui, bi) = (ui + 1, 0);
+        } else {
+            break true;
+        }
+    };
     let next_page_token = last.filter(|_| more).map(|(tenant, node, start)| {
         Cursor {
             tenant,
@@ -610,6 +624,29 @@ mod tests {
             }
             between(&mut f.ledger);
             assert!(pages.len() < 1000, "the walk does not end");
+        }
+    }
+
+    /// A walk by node ends on its last row: a tenant with no node in the
+    /// period (configured, nothing booked) after the last page's rows
+    /// makes no empty page after it.
+    #[test]
+    fn a_walk_by_node_makes_no_empty_last_page() {
+        let mut f = fixture();
+        f.tenants = Arc::new(
+            Tenants::from_toml(
+                "[[tenant]]\nid = \"a\"\ncontracted_kw = 1\n\n[[tenant]]\nid = \"b\"\ncontracted_kw = 2\n\n[[tenant]]\nid = \"z\"\ncontracted_kw = 2\n",
+            )
+            .unwrap(),
+        );
+        for limit in [1, 3, 4, 9, 10] {
+            let mut req = request(&[], "1h", limit);
+            req.group_by = Some("node".into());
+            let pages = walk(&mut f, &req, |_| {});
+            let rows: usize = pages.iter().map(|p| p.rows.len()).sum();
+            assert_eq!(rows, 9, "a, b and c on n1, three hours; limit {limit}");
+            assert_eq!(pages.len(), 9usize.div_ceil(limit), "limit {limit}");
+            assert!(pages.iter().all(|p| !p.rows.is_empty()), "limit {limit}");
         }
     }
 
