@@ -463,13 +463,24 @@ impl Meter {
     }
 }
 
+/// The grids of coarse counters read as mJ, coarsest first: whole, tenth
+/// and hundredth kWh, whole Wh.
+const GRIDS: [u64; 4] = [3_600_000_000, 360_000_000, 36_000_000, 3_600_000];
+
+/// Whether a counter standing at `counter_mj` may be a coarse one, whose
+/// next step [`resolution`] would spread back over the time it stood
+/// still: it is on the finest coarse grid (0 is on every one). A fine
+/// counter off every grid books its next step from its last reading only.
+pub fn may_be_coarse(counter_mj: u64) -> bool {
+    counter_mj.is_multiple_of(GRIDS[GRIDS.len() - 1])
+}
+
 /// The coarsest step a counter going from `prev` to `now` (mJ) can have:
 /// a whole-kWh, tenth-kWh, ... down to whole-Wh counter read as mJ has
 /// both values on its grid; a fine counter (a GPU's mJ, RAPL's µJ) lands
 /// on those by chance only, and then gets that much slack once. At least
 /// a joule, for counter and clock granularity.
 fn resolution(prev: u64, now: u64) -> u64 {
-    const GRIDS: [u64; 4] = [3_600_000_000, 360_000_000, 36_000_000, 3_600_000];
     GRIDS
         .into_iter()
         .find(|g| prev.is_multiple_of(*g) && now.is_multiple_of(*g) && (prev != 0 || now != 0))

@@ -914,21 +914,26 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
 }
 
 /// Each committed cursor keeps where its node's power readings may still
-/// book energy (`NodeCursor::placing`): the earliest source's last change,
-/// the newest reading; a node without power readings holds nothing, and a
-/// later commit of the node replaces its hold, on a fresh claim too.
+/// book energy (`NodeCursor::placing`): the earliest coarse source's last
+/// change, else its newest reading (a fine counter that stands still
+/// books from its last reading, not back to its last change), the newest
+/// reading; a node without power readings holds nothing, and a later
+/// commit of the node replaces its hold, on a fresh claim too.
 pub(crate) fn each_nodes_placing_hold_is_kept_with_its_cursor<W: LedgerWriter, R: LedgerReader>(
     mut f: Fresh<W, R>,
 ) {
     let s = 1_000_000_000i64;
-    let source = |changed: Option<i64>, at: i64| GpuCursor {
-        last_counter_mj: Some(5),
+    // A whole-kWh counter's value.
+    let coarse = 7 * 3_600_000_000;
+    let counter = |mj: u64, changed: Option<i64>, at: i64| GpuCursor {
+        last_counter_mj: Some(mj),
         last_timestamp_ns: Some(at),
         remainder_mw_ns: 0,
         energy_mj: 5,
         counter_resets: 0,
         changed_ns: changed,
     };
+    let source = |changed: Option<i64>, at: i64| counter(coarse, changed, at);
     let w = &mut f.writer;
     assert_eq!(f.reader.placing_holds().unwrap(), vec![]);
     w.claim("a", "n1").unwrap();
@@ -944,10 +949,20 @@ pub(crate) fn each_nodes_placing_hold_is_kept_with_its_cursor<W: LedgerWriter, R
         // A fine one (RAPL) read at 08:20:40.
         (
             Arc::from("rapl/package-0"),
-            source(Some((MINUTE + 1240) * s), (MINUTE + 1240) * s),
+            counter(123_456_789, Some((MINUTE + 1240) * s), (MINUTE + 1240) * s),
         ),
     ];
     c.nodes.insert(Arc::from("n1"), n1.clone());
+    // A fine counter that froze at 08:01 (a BMC answering a stale value),
+    // read at 08:20:30: its next reading books from this one, so it holds
+    // only from 08:20.
+    let mut n3 = cursor(1, 10, 5_000);
+    n3.power = vec![(
+        Arc::from("redfish/bmc"),
+        counter(123_456_789, Some((MINUTE + 60) * s), (MINUTE + 1230) * s),
+    )];
+    w.claim("a", "n3").unwrap();
+    c.nodes.insert(Arc::from("n3"), n3);
     // GPUs only: no power readings, no hold.
     let n2 = NodeCursor {
         power: Vec::new(),
@@ -960,7 +975,21 @@ pub(crate) fn each_nodes_placing_hold_is_kept_with_its_cursor<W: LedgerWriter, R
         from_minute: MINUTE + 300,
         seen: MINUTE + 1240,
     };
-    assert_eq!(f.reader.placing_holds().unwrap(), vec![hold.clone()]);
+    let frozen = PlacingHold {
+        node: "n3".into(),
+        from_minute: MINUTE + 1200,
+        seen: MINUTE + 1230,
+    };
+    let mut holds = f.reader.placing_holds().unwrap();
+    holds.sort_by(|a, b| a.node.cmp(&b.node));
+    assert_eq!(holds, vec![hold.clone(), frozen.clone()]);
+    let holds_of_n1 = |r: &R| {
+        r.placing_holds()
+            .unwrap()
+            .into_iter()
+            .filter(|h| h.node == "n1")
+            .collect::<Vec<_>>()
+    };
     // The counter steps at 08:21:10: the hold moves on.
     n1.power[0].1 = source(Some((MINUTE + 1270) * s), (MINUTE + 1270) * s);
     let mut c = Commit::default();
@@ -971,7 +1000,7 @@ pub(crate) fn each_nodes_placing_hold_is_kept_with_its_cursor<W: LedgerWriter, R
         seen: MINUTE + 1270,
         ..hold
     };
-    assert_eq!(f.reader.placing_holds().unwrap(), vec![moved.clone()]);
+    assert_eq!(holds_of_n1(&f.reader), vec![moved.clone()]);
     // Another holder takes the node over and commits: its row, its hold.
     w.claim("b", "n1").unwrap();
     let mut c = Commit::default();
@@ -980,7 +1009,7 @@ pub(crate) fn each_nodes_placing_hold_is_kept_with_its_cursor<W: LedgerWriter, R
     c.nodes.insert(Arc::from("n1"), n1);
     w.commit_as("b", &c, MINUTE + 1400, i64::MIN).unwrap();
     assert_eq!(
-        f.reader.placing_holds().unwrap(),
+        holds_of_n1(&f.reader),
         vec![PlacingHold {
             from_minute: MINUTE + 1320,
             seen: MINUTE + 1330,

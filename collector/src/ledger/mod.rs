@@ -371,9 +371,10 @@ impl NodeCursor {
     /// still book whole-node energy into, and when the newest of them was
     /// taken (Unix seconds): a coarse counter's next step is spread back
     /// to its last change (`accounting::NodeStretch`), any other reading
-    /// books from the one before it; never further back than a step is
-    /// spread (`edge::MAX_SPREAD`). `None` for a node without power
-    /// source readings. What the meters' allocation waits for
+    /// (a fine counter, one standing still too, or power alone) books from
+    /// the one before it; never further back than a step is spread
+    /// (`edge::MAX_SPREAD`). `None` for a node without power source
+    /// readings. What the meters' allocation waits for
     /// (`LedgerReader::placing_holds`).
     pub fn placing(&self) -> Option<(i64, i64)> {
         let mut out: Option<(i64, i64)> = None;
@@ -383,7 +384,11 @@ impl NodeCursor {
             };
             // No further back than a step is ever spread.
             let cap = at.saturating_sub(crate::edge::MAX_SPREAD.as_nanos() as i64);
-            let from = c.changed_ns.unwrap_or(at).min(at).max(cap);
+            let changed = c.changed_ns.filter(|_| {
+                c.last_counter_mj
+                    .is_some_and(crate::accounting::may_be_coarse)
+            });
+            let from = changed.unwrap_or(at).min(at).max(cap);
             let minute = from.div_euclid(MINUTE * NANOS) * MINUTE;
             let seen = at.div_euclid(NANOS);
             out = Some(match out {
