@@ -22,6 +22,10 @@ use sha2::{Digest, Sha256};
 use super::UsageError;
 
 const VERSION: &str = "p2";
+/// Tokens of walks begun before rows per node (tenant, start and revision
+/// only, bound to the query without its `group_by`): still taken, so a
+/// walk begun before an upgrade goes on after it.
+const VERSION_1: &str = "p1";
 const TAG: usize = 12;
 
 /// Where the next page starts: after the row of `tenant` (on `node`,
@@ -73,7 +77,15 @@ impl Cursor {
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
-    pub fn decode(token: &str, query: &[u8; 32]) -> Result<Self, UsageError> {
+    /// The cursor `token` holds, if it was made for `query`, or (a token
+    /// of the first version) for `query_v1`, the same query as that
+    /// version bound it (none where it cannot have made one: rows per
+    /// node).
+    pub fn decode(
+        token: &str,
+        query: &[u8; 32],
+        query_v1: Option<&[u8; 32]>,
+    ) -> Result<Self, UsageError> {
         let garbled =
             UsageError::PageToken("not a page token from this API (garbled or cut short)");
         let bytes = URL_SAFE_NO_PAD
@@ -84,8 +96,13 @@ impl Cursor {
         }
         let (t, payload) = bytes.split_at(TAG);
         if t != tag(query, payload) {
+            if let Some(v1) = query_v1
+                && t == tag(v1, payload)
+            {
+                return Self::decode_v1(payload).ok_or(garbled);
+            }
             return Err(UsageError::PageToken(
-                "does not belong to this query (the tenants, period, step, tz, anchor and since_revision must stay as on the first page), or was altered",
+                "does not belong to this query (the tenants, period, step, tz, anchor, since_revision and group_by must stay as on the first page), or was altered",
             ));
         }
         // The digest matched: the payload is one this code wrote.
@@ -109,6 +126,35 @@ impl Cursor {
             node: node.to_string(),
             start: start.parse().map_err(|_| garbled.clone())?,
             revision: revision.parse().map_err(|_| garbled.clone())?,
+        })
+    }
+
+    /// The token the first version made of this cursor (its node aside).
+    #[cfg(test)]
+    pub fn encode_v1(&self, query_v1: &[u8; 32]) -> String {
+        let payload = format!(
+            "{VERSION_1}\n{}\n{}\n{}",
+            self.revision, self.start, self.tenant
+        );
+        let mut bytes = tag(query_v1, payload.as_bytes()).to_vec();
+        bytes.extend_from_slice(payload.as_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// A first-version payload: "p1", revision, start, tenant.
+    fn decode_v1(payload: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut parts = text.splitn(4, '\n');
+        let (Some(VERSION_1), Some(revision), Some(start), Some(tenant)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return None;
+        };
+        Some(Self {
+            tenant: tenant.to_string(),
+            node: String::new(),
+            start: start.parse().ok()?,
+            revision: revision.parse().ok()?,
         })
     }
 }
@@ -136,7 +182,7 @@ mod tests {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
             );
-            assert_eq!(Cursor::decode(&token, &query()), Ok(c));
+            assert_eq!(Cursor::decode(&token, &query(), None), Ok(c));
         }
     }
 
@@ -162,13 +208,47 @@ mod tests {
             &flipped,
             &format!("{token}AA"),
         ] {
-            let e = Cursor::decode(bad, &query()).unwrap_err();
+            let e = Cursor::decode(bad, &query(), None).unwrap_err();
             assert!(matches!(e, UsageError::PageToken(_)), "{bad:?}: {e:?}");
             assert_eq!(e.param(), Some("page_token"));
         }
         assert!(matches!(
-            Cursor::decode(&token, &other),
+            Cursor::decode(&token, &other, None),
             Err(UsageError::PageToken(_))
         ));
+    }
+
+    /// A token as the first version wrote it ("p1", revision, start,
+    /// tenant, bound to the query of that version): taken where that
+    /// query is given, with no node; refused where it is not.
+    #[test]
+    fn a_first_version_token_is_taken_for_its_own_query() {
+        let v1 = fingerprint(&["lab-a", "2027-01-01T00:00:00Z"]);
+        let payload = "p1\n7\n1798761600\nlab-a";
+        let mut bytes = tag(&v1, payload.as_bytes()).to_vec();
+        bytes.extend_from_slice(payload.as_bytes());
+        let token = URL_SAFE_NO_PAD.encode(bytes);
+        let c = Cursor {
+            tenant: "lab-a".into(),
+            node: String::new(),
+            start: 1_798_761_600,
+            revision: 7,
+        };
+        assert_eq!(c.encode_v1(&v1), token);
+        assert_eq!(
+            Cursor::decode(&token, &query(), Some(&v1)),
+            Ok(Cursor {
+                tenant: "lab-a".into(),
+                node: String::new(),
+                start: 1_798_761_600,
+                revision: 7,
+            })
+        );
+        for legacy in [None, Some(&query())] {
+            assert!(matches!(
+                Cursor::decode(&token, &query(), legacy),
+                Err(UsageError::PageToken(_))
+            ));
+        }
     }
 }

@@ -248,20 +248,27 @@ impl PageQuery {
         asked.sort_unstable();
         asked.dedup();
         let anchor_text = anchor.map(|a| a.to_string()).unwrap_or_default();
-        let query = fingerprint(&[
-            &asked.join("\n"),
-            &from.to_string(),
-            &to.to_string(),
+        let asked_text = asked.join("\n");
+        let (from_text, to_text, since_text) =
+            (from.to_string(), to.to_string(), since.to_string());
+        let parts = [
+            asked_text.as_str(),
+            &from_text,
+            &to_text,
             step.label(),
             &zone.name,
             &anchor_text,
-            &since.to_string(),
+            &since_text,
             group_by.label(),
-        ]);
+        ];
+        let query = fingerprint(&parts);
+        // A walk begun before rows per node (its tokens bound no
+        // group_by) goes on, rows per tenant.
+        let query_v1 = (group_by == GroupBy::Tenant).then(|| fingerprint(&parts[..7]));
         // An empty token is the first page (as clients send it there).
         let cursor = match req.page_token.as_deref().filter(|t| !t.trim().is_empty()) {
             Some(t) => {
-                let c = Cursor::decode(t, &query)?;
+                let c = Cursor::decode(t, &query, query_v1.as_ref())?;
                 let row = grid.row_starting_at(c.start).ok_or(UsageError::PageToken(
                     "does not point at a row of this query",
                 ))?;
@@ -625,6 +632,38 @@ mod tests {
             between(&mut f.ledger);
             assert!(pages.len() < 1000, "the walk does not end");
         }
+    }
+
+    /// A walk begun before rows per node (its token as that version made
+    /// it, bound to the query without `group_by`) goes on after an
+    /// upgrade with the pages it would have had; grouped by node, such a
+    /// token is refused.
+    #[test]
+    fn a_token_from_before_rows_per_node_goes_on() {
+        let f = fixture();
+        let req = request(&["a", "b"], "15m", 5);
+        let first = page_of(&f, &req).unwrap();
+        let q = PageQuery::parse(&req).unwrap();
+        let token = first.next_page_token.as_deref().unwrap();
+        let c = Cursor::decode(token, &q.query, None).unwrap();
+        let v1 = fingerprint(&[
+            "a\nb",
+            &T.to_string(),
+            &(T + 3 * 3600).to_string(),
+            "15m",
+            "UTC",
+            "",
+            "0",
+        ]);
+        let mut next = req.clone();
+        next.page_token = first.next_page_token.clone();
+        let want = page_of(&f, &next).unwrap();
+        next.page_token = Some(c.encode_v1(&v1));
+        let json = |p: &Page| serde_json::to_value(p).unwrap();
+        assert_eq!(json(&page_of(&f, &next).unwrap()), json(&want));
+        next.group_by = Some("node".into());
+        let e = page_of(&f, &next).unwrap_err();
+        assert!(format!("{e:?}").contains("PageToken"), "{e:?}");
     }
 
     /// A walk by node ends on its last row: a tenant with no node in the
