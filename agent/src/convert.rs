@@ -60,5 +60,12 @@ fn gpu_health(h: GpuHealth) -> pb::GpuHealth {
         fan_speed_percent: h.fan_speed_percent,
         power_instant_milliwatts: h.power_instant_milliwatts,
         power_average_milliwatts: h.power_average_milliwatts,
+        xid_errors: h
+            .xid_errors
+            .into_iter()
+            .map(|(code, count)| pb::XidCount { code, count })
+            .collect(),
+        last_xid: h.last_xid.map(|(code, _)| code),
+        last_xid_unix_nanos: h.last_xid.map(|(_, at)| at),
     }
 }

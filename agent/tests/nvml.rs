@@ -7,6 +7,7 @@
 //! tree. The fake's values are documented at the top of the C file and
 //! mirrored in [`FAKE_GPUS`].
 
+use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -103,6 +104,9 @@ fn fake_health(index: u32) -> GpuHealth {
             fan_speed_percent: None,
             power_instant_milliwatts: Some(345_678),
             power_average_milliwatts: Some(311_111),
+            // No XID event injected.
+            xid_errors: BTreeMap::new(),
+            last_xid: None,
         }
     } else {
         GpuHealth {
@@ -130,6 +134,8 @@ fn fake_health(index: u32) -> GpuHealth {
             fan_speed_percent: Some(67),
             power_instant_milliwatts: Some(101_010),
             power_average_milliwatts: Some(98_000),
+            xid_errors: BTreeMap::new(),
+            last_xid: None,
         }
     }
 }
@@ -599,4 +605,180 @@ async fn a_hung_nvml_call_is_a_counted_stall_and_the_counter_carries_the_gap() {
     assert_eq!(stats.late_answers.load(Ordering::Relaxed), 1);
     assert_eq!(stats.stalls.load(Ordering::Relaxed), 1);
     assert!(!stats.stalled.load(Ordering::Relaxed));
+}
+
+/// A fake whose XID events come from the control file `xid`, with
+/// `defines` besides; the file lives as long as the returned directory.
+fn build_fake_with_xids(defines: &[&str]) -> (FakeNvml, TempDir, PathBuf) {
+    let control = tempfile::tempdir().expect("a temporary directory");
+    let xid = control.path().join("xid");
+    let define = format!("-DFAKE_XID_FILE=\"{}\"", xid.display());
+    let mut all = vec![define.as_str()];
+    all.extend_from_slice(defines);
+    (build_fake(&all), control, xid)
+}
+
+/// Appends XID events ("GPU XID" lines) to the fake's control file.
+fn inject(xid: &Path, events: &[(u32, u32)]) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(xid)
+        .expect("the XID control file");
+    let text: String = events.iter().map(|(g, x)| format!("{g} {x}\n")).collect();
+    f.write_all(text.as_bytes()).expect("writing XID events");
+}
+
+/// The XID readings of each GPU, sampled until `done` holds for them (or
+/// ten seconds pass: then the test fails naming what it saw).
+fn xids_until(
+    source: &mut NvmlSource,
+    done: impl Fn(&[(BTreeMap<u32, u64>, Option<u32>)]) -> bool,
+) -> Vec<GpuReading> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let readings = source.sample(0);
+        let seen: Vec<_> = readings
+            .iter()
+            .map(|r| {
+                (
+                    r.health.xid_errors.clone(),
+                    r.health.last_xid.map(|(c, _)| c),
+                )
+            })
+            .collect();
+        if done(&seen) {
+            return readings;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "XID readings: {seen:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Invariant: every injected XID event is counted once, under its GPU and
+/// code, and becomes that GPU's last XID with the time it arrived; the
+/// other readings are untouched.
+#[test]
+fn xid_events_are_counted_once_each_by_gpu_and_code() {
+    let (fake, _control, xid) = build_fake_with_xids(&[]);
+    let mut source = open(&fake);
+    let before = unix_nanos_now();
+    inject(&xid, &[(0, 79), (0, 79), (1, 48)]);
+    let counts = |pairs: &[(u32, u64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
+    let want = [
+        (counts(&[(79, 2)]), Some(79)),
+        (counts(&[(48, 1)]), Some(48)),
+    ];
+    let readings = xids_until(&mut source, |seen| seen == want);
+    let after = unix_nanos_now();
+    for r in &readings {
+        let (_, at) = r.health.last_xid.expect("a last XID");
+        assert!((before..=after).contains(&at), "{at} in {before}..={after}");
+    }
+    // Everything else as without events.
+    let mut gpu0 = readings[0].clone();
+    gpu0.health.xid_errors.clear();
+    gpu0.health.last_xid = None;
+    gpu0.energy_millijoules = None;
+    let mut plain = expected_reading(0, 1);
+    plain.energy_millijoules = None;
+    assert_eq!(gpu0, plain);
+    // Counted once: later samples (well past a wait's timeout) repeat the
+    // counts, not add to them.
+    std::thread::sleep(capwatch_agent::source::xid::WAIT * 2);
+    xids_until(&mut source, |seen| seen == want);
+    // A new code on GPU 0 joins the old one and is the last.
+    inject(&xid, &[(0, 31)]);
+    xids_until(&mut source, |seen| {
+        seen[0] == (counts(&[(31, 1), (79, 2)]), Some(31)) && seen[1] == want[1]
+    });
+}
+
+fn unix_nanos_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos() as i64
+}
+
+/// Invariant: a GPU or driver without XID events has no XID readings, and
+/// its sample is otherwise complete (no error, the GPU not lost).
+#[test]
+fn without_xid_events_the_readings_are_absent_and_the_sample_intact() {
+    // (defines, GPUs whose events still arrive)
+    let cases: [(&[&str], &[usize]); 3] = [
+        (&["-DFAKE_NO_EVENTS"], &[]),
+        (&["-DFAKE_OMIT_nvmlEventSetCreate"], &[]),
+        (
+            &["-DFAKE_GPU1_UNSUPPORTED=\"nvmlDeviceRegisterEvents\""],
+            &[0],
+        ),
+    ];
+    for (defines, delivered) in cases {
+        let (fake, _control, xid) = build_fake_with_xids(defines);
+        let mut source = open(&fake);
+        let errors = source.errors().expect("the NVML source counts errors");
+        inject(&xid, &[(0, 79), (1, 48)]);
+        let mut readings = if delivered.is_empty() {
+            std::thread::sleep(capwatch_agent::source::xid::WAIT * 3);
+            source.sample(0)
+        } else {
+            xids_until(&mut source, |seen| !seen[0].0.is_empty())
+        };
+        for (i, r) in readings.iter_mut().enumerate() {
+            assert_eq!(
+                r.health.xid_errors.is_empty(),
+                !delivered.contains(&i),
+                "GPU {i} with {defines:?}"
+            );
+            r.health.xid_errors.clear();
+            r.health.last_xid = None;
+            r.energy_millijoules = None;
+        }
+        let plain = |i| GpuReading {
+            energy_millijoules: None,
+            ..expected_reading(i, 0)
+        };
+        assert_eq!(readings, [plain(0), plain(1)], "{defines:?}");
+        assert_eq!(errors.by_field(), [], "{defines:?}");
+    }
+}
+
+/// Invariant: a wait that hangs in the driver holds nothing up: readings
+/// go on, dropping the source (the agent stopping) waits for the XID
+/// thread about one wait timeout at most, and events are counted again
+/// once the wait returns.
+#[test]
+fn a_hung_xid_wait_holds_up_neither_readings_nor_shutdown() {
+    let control = tempfile::tempdir().expect("a temporary directory");
+    let block = control.path().join("block");
+    std::fs::write(&block, "nvmlEventSetWait_v2 600000").expect("the block file");
+    let define = format!("-DFAKE_BLOCK_FILE=\"{}\"", block.display());
+    let (fake, _xids, xid) = build_fake_with_xids(&[&define]);
+    let mut source = open(&fake);
+    inject(&xid, &[(0, 94)]);
+    std::thread::sleep(capwatch_agent::source::xid::WAIT * 2);
+    let readings = source.sample(0);
+    assert!(
+        readings
+            .iter()
+            .all(|r| r.health.xid_errors.is_empty() && !r.lost)
+    );
+    assert!(readings[0].power_milliwatts.is_some());
+    std::fs::remove_file(&block).expect("ending the hang");
+    xids_until(&mut source, |seen| seen[0].1 == Some(94));
+
+    std::fs::write(&block, "nvmlEventSetWait_v2 600000").expect("the block file");
+    std::thread::sleep(capwatch_agent::source::xid::WAIT * 2);
+    let asked = std::time::Instant::now();
+    drop(source);
+    let took = asked.elapsed();
+    assert!(
+        took < capwatch_agent::source::xid::WAIT * 4,
+        "dropping took {took:?}"
+    );
 }

@@ -50,3 +50,13 @@ where
         ProstDecoder::new(BufferSettings::new(BUFFER_BYTES, YIELD_THRESHOLD))
     }
 }
+
+/// Bounds both ends agree on: the agent keeps within them, the collector
+/// rejects a sample outside them.
+pub mod limits {
+    /// Distinct XID codes one GPU may report (`GpuHealth.xid_errors`).
+    pub const MAX_XID_CODES: usize = 64;
+    /// The XID codes accepted: NVIDIA's XIDs are small positive numbers,
+    /// and 999 is NVML's "unknown XID".
+    pub const XID_CODES: std::ops::RangeInclusive<u32> = 1..=999;
+}

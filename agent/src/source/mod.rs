@@ -7,6 +7,7 @@
 pub mod mock;
 pub mod nvml;
 pub mod worker;
+pub mod xid;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -78,6 +79,12 @@ pub struct GpuHealth {
     /// average `power_milliwatts` also reports on most boards).
     pub power_instant_milliwatts: Option<u64>,
     pub power_average_milliwatts: Option<u64>,
+    /// XID critical errors since the agent started, by XID code (NVML's
+    /// event API, see [`xid`]); empty when the GPU delivers no XID events
+    /// or none has arrived.
+    pub xid_errors: BTreeMap<u32, u64>,
+    /// The most recent XID code and when it arrived (Unix nanoseconds).
+    pub last_xid: Option<(u32, i64)>,
 }
 
 impl GpuHealth {

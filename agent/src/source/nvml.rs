@@ -13,6 +13,9 @@
 //! with the field ids it re-exports from its `-sys` crate) for those NVML
 //! only gives as field values (memory temperature, instant and average
 //! power, retired pages, remapped rows).
+//!
+//! XID errors come from NVML's event API, waited on by a thread of its own
+//! ([`super::xid`]); each reading takes the counts it has gathered so far.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
@@ -29,6 +32,7 @@ use nvml_wrapper::sys_exports::field_id as fi;
 use nvml_wrapper::{Device, Nvml};
 use tracing::{error, info, warn};
 
+use super::xid::XidWatch;
 use super::{GpuHealth, GpuInfo, GpuReading, GpuSource, ReadErrors, SourceError};
 
 /// The field values read in one `nvmlDeviceGetFieldValues` call, with the
@@ -61,7 +65,10 @@ fn unsigned(v: SampleValue) -> Result<u64, NvmlError> {
 pub const DEFAULT_LIBRARY: &str = "libnvidia-ml.so.1";
 
 pub struct NvmlSource {
-    nvml: Nvml,
+    /// Shared with the XID thread; the source is dropped first (its field
+    /// order), so the thread is told to stop before NVML shuts down.
+    xid: Option<XidWatch>,
+    nvml: Arc<Nvml>,
     inventory: Vec<GpuInfo>,
     /// (GPU index, field) pairs already reported as unreadable.
     reported: HashSet<(u32, &'static str)>,
@@ -149,13 +156,25 @@ impl NvmlSource {
             });
         }
         info!(gpus = count, library = %lib.to_string_lossy(), "NVML initialised");
+        let nvml = Arc::new(nvml);
+        let errors = Arc::<ReadErrors>::default();
+        let xid = XidWatch::start(
+            nvml.clone(),
+            nvml_index
+                .iter()
+                .zip(&inventory)
+                .map(|(&i, g)| (i, g.uuid.clone()))
+                .collect(),
+            errors.clone(),
+        );
         Ok(Self {
+            xid,
             nvml,
             lost: vec![false; inventory.len()],
             inventory,
             reported: HashSet::new(),
             nvml_index,
-            errors: Arc::default(),
+            errors,
         })
     }
 
@@ -371,6 +390,10 @@ impl GpuSource for NvmlSource {
             .map(|index| match self.read(self.nvml_index[index as usize]) {
                 Ok(mut reading) => {
                     reading.index = index;
+                    if let Some(x) = self.xid.as_ref().and_then(|x| x.of(index as usize)) {
+                        reading.health.xid_errors = x.counts;
+                        reading.health.last_xid = x.last;
+                    }
                     if std::mem::take(&mut self.lost[index as usize]) {
                         info!(gpu = index, "GPU answers again");
                     }

@@ -94,6 +94,24 @@
  *                           each call, so a test can start and end a hang
  *                           at any moment of a run.
  *
+ *   FAKE_XID_FILE="PATH"    (a C string literal, quotes included)
+ *                           a control file that injects XID critical error
+ *                           events. Each line "GPU XID" (e.g. "0 79") is one
+ *                           event, delivered once, in order, by
+ *                           nvmlEventSetWait_v2 to a set GPU GPU is
+ *                           registered in; a test appends lines to inject
+ *                           more. Without it no event ever arrives (every
+ *                           wait times out).
+ *   FAKE_NO_EVENTS          no GPU supports events: nvmlDeviceGetSupportedEventTypes
+ *                           answers 0 and nvmlDeviceRegisterEvents
+ *                           NVML_ERROR_NOT_SUPPORTED (as on a GPU or
+ *                           driver without them); listing
+ *                           nvmlDeviceRegisterEvents in FAKE_GPU1_UNSUPPORTED
+ *                           does the same for GPU 1 only.
+ *
+ * Events: every GPU supports the XID critical error event type (0x8) and
+ * nothing else; nvmlEventSetWait_v2 is a BLOCK_POINT like the readings.
+ *
  * Calls made before nvmlInit_v2 (or after the last nvmlShutdown) return
  * NVML_ERROR_UNINITIALIZED, like the real library.
  */
@@ -113,6 +131,7 @@ typedef enum nvmlReturn_enum {
     NVML_ERROR_NOT_SUPPORTED = 3,
     NVML_ERROR_INSUFFICIENT_SIZE = 7,
     NVML_ERROR_DRIVER_NOT_LOADED = 9,
+    NVML_ERROR_TIMEOUT = 10,
     NVML_ERROR_GPU_IS_LOST = 15,
     NVML_ERROR_ARGUMENT_VERSION_MISMATCH = 25,
     NVML_ERROR_UNKNOWN = 999
@@ -480,6 +499,7 @@ const char *nvmlErrorString(nvmlReturn_t result)
     case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
     case NVML_ERROR_INSUFFICIENT_SIZE: return "Insufficient Size";
     case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+    case NVML_ERROR_TIMEOUT: return "Timeout";
     case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
     case NVML_ERROR_ARGUMENT_VERSION_MISMATCH: return "Argument version mismatch";
     default: return "Unknown Error";
@@ -867,3 +887,150 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int count, nvmlFieldV
     return NVML_SUCCESS;
 }
 #endif
+
+/* ---- events (XID critical errors) -------------------------------------- */
+
+#define NVML_EVENT_TYPE_XID_CRITICAL_ERROR 0x8ULL
+
+/* The handle type is opaque to callers; here it points at a fake_event_set. */
+struct fake_event_set {
+    int registered[FAKE_GPU_COUNT];
+};
+typedef struct fake_event_set *nvmlEventSet_t;
+
+typedef struct nvmlEventData_st {
+    nvmlDevice_t device;
+    unsigned long long eventType;
+    unsigned long long eventData;
+    unsigned int gpuInstanceId;
+    unsigned int computeInstanceId;
+} nvmlEventData_t;
+
+/* One set at a time is enough for the agent; a second create fails. */
+static struct fake_event_set the_set;
+static int set_in_use;
+
+static int events_supported(nvmlDevice_t device)
+{
+#ifdef FAKE_NO_EVENTS
+    (void)device;
+    return 0;
+#else
+    return !listed(device->unsupported, "nvmlDeviceRegisterEvents");
+#endif
+}
+
+#ifndef FAKE_OMIT_nvmlEventSetCreate
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
+{
+    if (init_count <= 0)
+        return NVML_ERROR_UNINITIALIZED;
+    if (set == NULL || set_in_use)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    memset(&the_set, 0, sizeof the_set);
+    set_in_use = 1;
+    *set = &the_set;
+    return NVML_SUCCESS;
+}
+#endif
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
+{
+    if (init_count <= 0)
+        return NVML_ERROR_UNINITIALIZED;
+    if (set != &the_set || !set_in_use)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    set_in_use = 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t device, unsigned long long *types)
+{
+    nvmlReturn_t rc = check_device(device);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (types == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    *types = events_supported(device) ? NVML_EVENT_TYPE_XID_CRITICAL_ERROR : 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long types,
+                                      nvmlEventSet_t set)
+{
+    nvmlReturn_t rc = check_device(device);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (set != &the_set || !set_in_use)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (!events_supported(device) || (types & ~NVML_EVENT_TYPE_XID_CRITICAL_ERROR) != 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    the_set.registered[device == &gpus[0] ? 0 : 1] = 1;
+    return NVML_SUCCESS;
+}
+
+#ifdef FAKE_XID_FILE
+/* Lines of FAKE_XID_FILE already delivered (or skipped). */
+static long xid_lines_done;
+
+/* The next undelivered event of the control file for a registered GPU:
+ * 1 and `data` filled, or 0 when there is none yet. */
+static int next_xid(nvmlEventData_t *data)
+{
+    char line[128];
+    long n = 0;
+    int found = 0;
+    FILE *f = fopen(FAKE_XID_FILE, "r");
+    if (f == NULL)
+        return 0;
+    while (!found && fgets(line, sizeof line, f) != NULL) {
+        unsigned int gpu;
+        unsigned long long xid;
+        if (n++ < xid_lines_done)
+            continue;
+        /* A line cut short (still being written) is read again next time. */
+        if (strchr(line, '\n') == NULL)
+            break;
+        xid_lines_done = n;
+        if (sscanf(line, "%u %llu", &gpu, &xid) != 2 || gpu >= FAKE_GPU_COUNT
+            || !the_set.registered[gpu])
+            continue;
+        data->device = &gpus[gpu];
+        data->eventType = NVML_EVENT_TYPE_XID_CRITICAL_ERROR;
+        data->eventData = xid;
+        data->gpuInstanceId = 0xFFFFFFFFu;
+        data->computeInstanceId = 0xFFFFFFFFu;
+        found = 1;
+    }
+    fclose(f);
+    return found;
+}
+#else
+static int next_xid(nvmlEventData_t *data)
+{
+    (void)data;
+    return 0;
+}
+#endif
+
+/* Delivers the next injected event, or waits for one up to `timeout_ms`. */
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms)
+{
+    struct timespec start, now, step = {0, 10 * 1000 * 1000};
+    BLOCK_POINT();
+    if (init_count <= 0)
+        return NVML_ERROR_UNINITIALIZED;
+    if (set != &the_set || !set_in_use || data == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long waited;
+        if (next_xid(data))
+            return NVML_SUCCESS;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        waited = (now.tv_sec - start.tv_sec) * 1000L + (now.tv_nsec - start.tv_nsec) / 1000000L;
+        if (waited >= (long)timeout_ms)
+            return NVML_ERROR_TIMEOUT;
+        nanosleep(&step, NULL);
+    }
+}
