@@ -21,6 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use capwatch_proto::limits::{MAX_XID_CODES, XID_CODES};
 use capwatch_proto::v1 as pb;
 
 /// Largest step between sequence numbers: more than any spool holds.
@@ -428,6 +429,9 @@ pub enum Reject {
     Sequence = 4,
     /// A field that cannot be read (e.g. a non-finite host figure).
     Malformed = 5,
+    /// XID counts malformed: too many codes, a code out of range or
+    /// repeated, a last XID without its time ([`check_xid`]).
+    Xid = 6,
 }
 
 impl Reject {
@@ -439,6 +443,7 @@ impl Reject {
             Reject::Timestamp => "timestamp",
             Reject::Sequence => "sequence",
             Reject::Malformed => "malformed",
+            Reject::Xid => "xid",
         }
     }
 }
@@ -489,6 +494,11 @@ pub struct GpuHealth {
     pub fan_speed_percent: Option<u32>,
     pub power_instant_milliwatts: Option<u64>,
     pub power_average_milliwatts: Option<u64>,
+    /// XID errors since the agent started, (code, count) by code, each
+    /// code once, at most [`MAX_XID_CODES`].
+    pub xid_errors: Vec<(u32, u64)>,
+    /// The most recent XID: code and Unix nanoseconds.
+    pub last_xid: Option<(u32, i64)>,
 }
 
 /// Highest instant or average power accepted as a health reading: three
@@ -523,6 +533,18 @@ pub fn check_health(h: &GpuHealth) -> bool {
             .all(|p| p <= MAX_HEALTH_POWER_MILLIWATTS)
 }
 
+/// Checks the XID counts: codes in [`XID_CODES`], each once and in order,
+/// at most [`MAX_XID_CODES`]; the last XID present with its time only
+/// (reason `xid`).
+pub fn check_xid(h: &GpuHealth) -> Result<(), Reject> {
+    let xid_ok = h.xid_errors.len() <= MAX_XID_CODES
+        && h.xid_errors.iter().all(|(c, _)| XID_CODES.contains(c))
+        && h.xid_errors.windows(2).all(|w| w[0].0 < w[1].0)
+        && h.last_xid
+            .is_none_or(|(c, at)| XID_CODES.contains(&c) && at > 0);
+    if xid_ok { Ok(()) } else { Err(Reject::Xid) }
+}
+
 impl From<pb::GpuHealth> for GpuHealth {
     fn from(h: pb::GpuHealth) -> Self {
         Self {
@@ -550,6 +572,15 @@ impl From<pb::GpuHealth> for GpuHealth {
             fan_speed_percent: h.fan_speed_percent,
             power_instant_milliwatts: h.power_instant_milliwatts,
             power_average_milliwatts: h.power_average_milliwatts,
+            // Sorted by `check_health`'s rule; unsorted input is refused
+            // there, not silently reordered.
+            xid_errors: h.xid_errors.iter().map(|x| (x.code, x.count)).collect(),
+            // A code without its time (or the reverse) is kept as given
+            // for `check_health` to refuse.
+            last_xid: match (h.last_xid, h.last_xid_unix_nanos) {
+                (None, None) => None,
+                (c, at) => Some((c.unwrap_or(0), at.unwrap_or(0))),
+            },
         }
     }
 }
@@ -679,6 +710,7 @@ pub fn sample_counted(s: pb::NodeSample) -> Result<(NodeSample, u32), (u64, Reje
         let health = match g.health {
             Some(h) if !g.lost => {
                 let h = GpuHealth::from(h);
+                check_xid(&h).map_err(|r| (seq, r))?;
                 if check_health(&h) {
                     Some(Box::new(h))
                 } else {
@@ -865,6 +897,90 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Invariant: XID counts are bounded (at most 64 codes, each in
+    /// 1-999, each once, in order; a last XID with its time): anything
+    /// else rejects the sample with reason `xid`.
+    #[test]
+    fn malformed_xid_counts_reject_their_sample() {
+        let xid = |code, count| pb::XidCount { code, count };
+        let last = |h: &mut pb::GpuHealth, code, at| {
+            h.last_xid = code;
+            h.last_xid_unix_nanos = at;
+        };
+        type Set = Box<dyn Fn(&mut pb::GpuHealth)>;
+        let cases: Vec<(&str, Set, Option<Reject>)> = vec![
+            ("none", Box::new(|_| {}), None),
+            (
+                "two codes and the last",
+                Box::new(move |h| {
+                    h.xid_errors = vec![xid(1, 3), xid(999, u64::MAX)];
+                    last(h, Some(999), Some(1));
+                }),
+                None,
+            ),
+            (
+                "64 codes",
+                Box::new(move |h| h.xid_errors = (1..=64).map(|c| xid(c, 1)).collect()),
+                None,
+            ),
+            (
+                "65 codes",
+                Box::new(move |h| h.xid_errors = (1..=65).map(|c| xid(c, 1)).collect()),
+                Some(Reject::Xid),
+            ),
+            (
+                "code 0",
+                Box::new(move |h| h.xid_errors = vec![xid(0, 1)]),
+                Some(Reject::Xid),
+            ),
+            (
+                "code 1000",
+                Box::new(move |h| h.xid_errors = vec![xid(1000, 1)]),
+                Some(Reject::Xid),
+            ),
+            (
+                "a code twice",
+                Box::new(move |h| h.xid_errors = vec![xid(79, 1), xid(79, 1)]),
+                Some(Reject::Xid),
+            ),
+            (
+                "out of order",
+                Box::new(move |h| h.xid_errors = vec![xid(79, 1), xid(48, 1)]),
+                Some(Reject::Xid),
+            ),
+            (
+                "last code out of range",
+                Box::new(move |h| last(h, Some(1000), Some(1))),
+                Some(Reject::Xid),
+            ),
+            (
+                "last code without its time",
+                Box::new(move |h| last(h, Some(79), None)),
+                Some(Reject::Xid),
+            ),
+            (
+                "a time without the code",
+                Box::new(move |h| last(h, None, Some(1))),
+                Some(Reject::Xid),
+            ),
+        ];
+        for (name, set, want) in cases {
+            let mut health = pb::GpuHealth::default();
+            set(&mut health);
+            let s = pb::NodeSample {
+                seq: 1,
+                timestamp_unix_nanos: 1_000,
+                gpus: vec![pb::GpuSample {
+                    health: Some(health),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            assert_eq!(sample(s).err().map(|(_, r)| r), want, "{name}");
+        }
+        assert_eq!(Reject::Xid.label(), "xid");
     }
 
     #[test]

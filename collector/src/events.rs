@@ -15,13 +15,14 @@ pub use crate::edge::{NodePowerReject, Reject};
 impl Reject {
     /// Every reason, in the order of `capwatch_collector_samples_total`'s
     /// `reason` label (and of the counters).
-    pub const ALL: [Reject; 6] = [
+    pub const ALL: [Reject; 7] = [
         Reject::GpuIndex,
         Reject::Utilization,
         Reject::Power,
         Reject::Timestamp,
         Reject::Sequence,
         Reject::Malformed,
+        Reject::Xid,
     ];
 }
 

@@ -179,6 +179,21 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Gauge,
     ),
     (
+        "capwatch_gpu_xid_errors_total",
+        "XID critical errors by XID code, counted by the agent since it started (NVML events); absent where the GPU or driver delivers none.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_gpu_last_xid",
+        "The code of the most recent XID error since the agent started.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_last_xid_timestamp_seconds",
+        "When the agent received the most recent XID error (Unix time).",
+        Kind::Gauge,
+    ),
+    (
         "capwatch_gpu_energy_resets_total",
         "Times the GPU's energy counter went backwards (driver reload: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
         Kind::Counter,
@@ -846,6 +861,22 @@ fn push_health(f: &mut Families<'_>, labels: &[(&'static str, &str); 5], h: &Gpu
     if let Some(mw) = h.power_average_milliwatts {
         f.push("capwatch_gpu_power_average_watts", labels, watts(mw));
     }
+    for (code, n) in &h.xid_errors {
+        let code = code.to_string();
+        f.push(
+            "capwatch_gpu_xid_errors_total",
+            &and(labels, ("xid", &code)),
+            *n as f64,
+        );
+    }
+    if let Some((code, at)) = h.last_xid {
+        f.push("capwatch_gpu_last_xid", labels, f64::from(code));
+        f.push(
+            "capwatch_gpu_last_xid_timestamp_seconds",
+            labels,
+            at as f64 / 1e9,
+        );
+    }
 }
 
 /// The text exposition of the fleet, written directly (what `/metrics`
@@ -1475,6 +1506,8 @@ mod tests {
             fan_speed_percent: Some(67),
             power_instant_milliwatts: Some(345_678),
             power_average_milliwatts: Some(311_111),
+            xid_errors: vec![(48, 1), (79, 2)],
+            last_xid: Some((79, 1_700_000_000_500_000_000)),
         }
     }
 
@@ -1834,7 +1867,8 @@ mod tests {
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(gpu0))
             .filter(|l| {
-                FAMILIES[family("capwatch_gpu_info")..=family("capwatch_gpu_power_average_watts")]
+                FAMILIES[family("capwatch_gpu_info")
+                    ..=family("capwatch_gpu_last_xid_timestamp_seconds")]
                     .iter()
                     .any(|(name, _, _)| l.starts_with(&format!("{name}{{")))
             })
@@ -1874,6 +1908,10 @@ mod tests {
             capwatch_gpu_fan_speed_ratio{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 0.67
             capwatch_gpu_power_instant_watts{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 345.678
             capwatch_gpu_power_average_watts{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 311.111
+            capwatch_gpu_xid_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",xid="48"} 1
+            capwatch_gpu_xid_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",xid="79"} 2
+            capwatch_gpu_last_xid{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 79
+            capwatch_gpu_last_xid_timestamp_seconds{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 1700000000.5
         "#]]
         .assert_eq(&(health.join("\n") + "\n"));
         // GPU 1 names its bus only and reports no health: no health series.
