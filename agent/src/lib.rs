@@ -528,14 +528,16 @@ pub async fn run(
     {
         warn!(error = %e, "stream task ended abnormally");
     }
-    // Let the workers drop what they read (the mock saves its counters),
-    // but wait for one hung in the driver no longer than the drain
-    // deadline (100 ms at least), and a second at most.
+    // Let the workers drop what they read (the mock saves its counters,
+    // NVML's XID thread finishes its wait), but wait for one hung in the
+    // driver no longer than the drain deadline (at least what stopping the
+    // XID thread may take, so a healthy worker is not reported hung), and
+    // a second at most.
     let gpu_stats = gpu_reader.stats();
     let now = tokio::time::Instant::now();
     let until = drain_end
         .min(now + std::time::Duration::from_secs(1))
-        .max(now + std::time::Duration::from_millis(100));
+        .max(now + source::xid::STOP_WITHIN + std::time::Duration::from_millis(100));
     let (gpu_stopped, _) = tokio::join!(gpu_reader.stop(until), host_reader.stop(until));
     if !gpu_stopped {
         warn!("the GPU worker is still in a read at exit; it is left behind");

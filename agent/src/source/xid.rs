@@ -39,6 +39,10 @@ use super::ReadErrors;
 /// agent stopping.
 pub const WAIT: Duration = Duration::from_millis(250);
 
+/// The longest dropping an [`XidWatch`] waits for its thread: a wait's
+/// timeout and a little more.
+pub const STOP_WITHIN: Duration = Duration::from_millis(400);
+
 /// NVML's code for an XID it cannot name.
 const UNKNOWN_XID: u32 = 999;
 
@@ -103,9 +107,7 @@ impl Drop for XidWatch {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         // A closed channel (the thread ended early) returns at once.
-        if let Err(mpsc::RecvTimeoutError::Timeout) =
-            self.done.recv_timeout(WAIT + Duration::from_millis(250))
-        {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = self.done.recv_timeout(STOP_WITHIN) {
             warn!("the XID event thread is still in an NVML wait at exit; it is left behind");
         }
     }

@@ -350,3 +350,86 @@ fn a_hung_nvml_call_stalls_neither_acks_nor_shutdown() {
     }
     collector.stop();
 }
+
+/// Invariant: an XID error the driver reports reaches the collector's
+/// /metrics under its GPU and code, counted once per event however many
+/// samples carry it, with the last XID and its time.
+#[test]
+fn an_xid_error_reaches_metrics_counted_once_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let xid = dir.path().join("nvml-xid");
+    let lib = build_fake(
+        dir.path(),
+        &[&format!("-DFAKE_XID_FILE=\"{}\"", xid.display())],
+    );
+    let collector = Collector::start(
+        dir.path(),
+        "[[tenant]]\nid = \"lab\"\ncontracted_kw = 0.4\nnodes = [\"gpu-node-*\"]\n",
+        0,
+        &["--stale-after", "5m"],
+    );
+    let mut agent = Command::new(bin("capwatch-agent"))
+        .args(["--source", "nvml", "--node-id", "gpu-node-xid"])
+        .args(["--interval", "100ms", "--collector", &collector.endpoint()])
+        .arg("--nvml-library")
+        .arg(&lib)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(20), "first samples accepted", || {
+        accepted(&collector) >= 3.0
+    });
+    let g0 = [("node", "gpu-node-xid"), ("gpu", "0")];
+    let g1 = [("node", "gpu-node-xid"), ("gpu", "1")];
+    assert!(
+        collector
+            .metrics()
+            .select("capwatch_gpu_xid_errors_total", &[])
+            .is_empty()
+    );
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    std::fs::write(&xid, "0 79\n0 79\n1 48\n").unwrap();
+    let xid_count = |gpu: &[(&str, &str)], code: &str| {
+        let mut labels = gpu.to_vec();
+        labels.push(("xid", code));
+        collector
+            .metrics()
+            .select("capwatch_gpu_xid_errors_total", &labels)
+            .first()
+            .map(|(_, v)| *v)
+    };
+    eventually(Duration::from_secs(20), "the XIDs in /metrics", || {
+        xid_count(&g0, "79") == Some(2.0) && xid_count(&g1, "48") == Some(1.0)
+    });
+    // Many samples later, still counted once.
+    let seen = accepted(&collector);
+    eventually(Duration::from_secs(20), "more samples", || {
+        accepted(&collector) >= seen + 10.0
+    });
+    let m = collector.metrics();
+    assert_eq!(xid_count(&g0, "79"), Some(2.0));
+    assert_eq!(xid_count(&g1, "48"), Some(1.0));
+    assert_eq!(m.select("capwatch_gpu_xid_errors_total", &g0).len(), 1);
+    assert_eq!(m.one("capwatch_gpu_last_xid", &g0), 79.0);
+    assert_eq!(m.one("capwatch_gpu_last_xid", &g1), 48.0);
+    let at = m.one("capwatch_gpu_last_xid_timestamp_seconds", &g0);
+    assert!(
+        at >= before.floor() && at < before + 60.0,
+        "{at} vs {before}"
+    );
+    assert_eq!(
+        m.one(
+            "capwatch_gpu_xid_errors_total",
+            &[("node", "gpu-node-xid"), ("gpu", "0"), ("tenant", "lab")]
+        ),
+        2.0
+    );
+    terminate(&agent);
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "agent: {status}");
+    collector.stop();
+}
