@@ -429,9 +429,6 @@ pub enum Reject {
     Sequence = 4,
     /// A field that cannot be read (e.g. a non-finite host figure).
     Malformed = 5,
-    /// XID counts malformed: too many codes, a code out of range or
-    /// repeated, a last XID without its time ([`check_xid`]).
-    Xid = 6,
 }
 
 impl Reject {
@@ -443,7 +440,6 @@ impl Reject {
             Reject::Timestamp => "timestamp",
             Reject::Sequence => "sequence",
             Reject::Malformed => "malformed",
-            Reject::Xid => "xid",
         }
     }
 }
@@ -516,8 +512,9 @@ pub const MAX_FAN_SPEED_PERCENT: u32 = 200;
 /// Checks the health readings that have a range: encoder and decoder
 /// utilization 0-100 %, fan speed at most 200 %, memory temperature
 /// -50 to 200 C, memory clock at most 100 GHz, instant and average power
-/// at most `MAX_HEALTH_POWER_MILLIWATTS`. Counters and the clock event
-/// bitmask are taken as NVML gives them. False: drop them.
+/// at most `MAX_HEALTH_POWER_MILLIWATTS`, XID counts that hold together
+/// (`xid_ok`). Counters and the clock event bitmask are taken as NVML
+/// gives them. False: drop them.
 pub fn check_health(h: &GpuHealth) -> bool {
     let pct_ok = |v: Option<u32>| v.is_none_or(|v| v <= 100);
     pct_ok(h.encoder_utilization_percent)
@@ -531,18 +528,20 @@ pub fn check_health(h: &GpuHealth) -> bool {
             .into_iter()
             .flatten()
             .all(|p| p <= MAX_HEALTH_POWER_MILLIWATTS)
+        && xid_ok(h)
 }
 
-/// Checks the XID counts: codes in [`XID_CODES`], each once and in order,
-/// at most [`MAX_XID_CODES`]; the last XID present with its time only
-/// (reason `xid`).
-pub fn check_xid(h: &GpuHealth) -> Result<(), Reject> {
-    let xid_ok = h.xid_errors.len() <= MAX_XID_CODES
-        && h.xid_errors.iter().all(|(c, _)| XID_CODES.contains(c))
+/// XID counts hold together: at most [`MAX_XID_CODES`] codes, each in
+/// [`XID_CODES`], once and in order, each counted at least once; the last
+/// XID's code in range and its time after 1970.
+fn xid_ok(h: &GpuHealth) -> bool {
+    h.xid_errors.len() <= MAX_XID_CODES
+        && h.xid_errors
+            .iter()
+            .all(|&(c, n)| XID_CODES.contains(&c) && n > 0)
         && h.xid_errors.windows(2).all(|w| w[0].0 < w[1].0)
         && h.last_xid
-            .is_none_or(|(c, at)| XID_CODES.contains(&c) && at > 0);
-    if xid_ok { Ok(()) } else { Err(Reject::Xid) }
+            .is_none_or(|(c, at)| XID_CODES.contains(&c) && at > 0)
 }
 
 impl From<pb::GpuHealth> for GpuHealth {
@@ -572,11 +571,11 @@ impl From<pb::GpuHealth> for GpuHealth {
             fan_speed_percent: h.fan_speed_percent,
             power_instant_milliwatts: h.power_instant_milliwatts,
             power_average_milliwatts: h.power_average_milliwatts,
-            // Sorted by `check_health`'s rule; unsorted input is refused
-            // there, not silently reordered.
+            // Sorted by `check_health`'s rule; unsorted input drops the
+            // GPU's health there, never silently reordered.
             xid_errors: h.xid_errors.iter().map(|x| (x.code, x.count)).collect(),
             // A code without its time (or the reverse) is kept as given
-            // for `check_health` to refuse.
+            // for `check_health` to drop.
             last_xid: match (h.last_xid, h.last_xid_unix_nanos) {
                 (None, None) => None,
                 (c, at) => Some((c.unwrap_or(0), at.unwrap_or(0))),
@@ -710,7 +709,6 @@ pub fn sample_counted(s: pb::NodeSample) -> Result<(NodeSample, u32), (u64, Reje
         let health = match g.health {
             Some(h) if !g.lost => {
                 let h = GpuHealth::from(h);
-                check_xid(&h).map_err(|r| (seq, r))?;
                 if check_health(&h) {
                     Some(Box::new(h))
                 } else {
@@ -900,87 +898,131 @@ mod tests {
     }
 
     /// Invariant: XID counts are bounded (at most 64 codes, each in
-    /// 1-999, each once, in order; a last XID with its time): anything
-    /// else rejects the sample with reason `xid`.
+    /// 1-999, each once, in order, each counted; a last XID with its
+    /// time): anything else drops that GPU's health readings alone, as
+    /// any health reading out of range does; the sample, the GPU's power
+    /// and energy and the other GPU's health stay.
     #[test]
-    fn malformed_xid_counts_reject_their_sample() {
+    fn malformed_xid_counts_drop_their_gpus_health_alone() {
         let xid = |code, count| pb::XidCount { code, count };
         let last = |h: &mut pb::GpuHealth, code, at| {
             h.last_xid = code;
             h.last_xid_unix_nanos = at;
         };
         type Set = Box<dyn Fn(&mut pb::GpuHealth)>;
-        let cases: Vec<(&str, Set, Option<Reject>)> = vec![
-            ("none", Box::new(|_| {}), None),
+        // (case, XID readings, dropped)
+        let cases: Vec<(&str, Set, bool)> = vec![
+            ("none", Box::new(|_| {}), false),
             (
                 "two codes and the last",
                 Box::new(move |h| {
                     h.xid_errors = vec![xid(1, 3), xid(999, u64::MAX)];
                     last(h, Some(999), Some(1));
                 }),
-                None,
+                false,
             ),
             (
                 "64 codes",
                 Box::new(move |h| h.xid_errors = (1..=64).map(|c| xid(c, 1)).collect()),
-                None,
+                false,
             ),
             (
                 "65 codes",
                 Box::new(move |h| h.xid_errors = (1..=65).map(|c| xid(c, 1)).collect()),
-                Some(Reject::Xid),
+                true,
             ),
             (
                 "code 0",
                 Box::new(move |h| h.xid_errors = vec![xid(0, 1)]),
-                Some(Reject::Xid),
+                true,
             ),
             (
                 "code 1000",
                 Box::new(move |h| h.xid_errors = vec![xid(1000, 1)]),
-                Some(Reject::Xid),
+                true,
+            ),
+            (
+                "a code counted 0 times",
+                Box::new(move |h| h.xid_errors = vec![xid(48, 1), xid(79, 0)]),
+                true,
             ),
             (
                 "a code twice",
                 Box::new(move |h| h.xid_errors = vec![xid(79, 1), xid(79, 1)]),
-                Some(Reject::Xid),
+                true,
             ),
             (
                 "out of order",
                 Box::new(move |h| h.xid_errors = vec![xid(79, 1), xid(48, 1)]),
-                Some(Reject::Xid),
+                true,
             ),
             (
                 "last code out of range",
                 Box::new(move |h| last(h, Some(1000), Some(1))),
-                Some(Reject::Xid),
+                true,
+            ),
+            (
+                "last XID at 1970",
+                Box::new(move |h| last(h, Some(79), Some(0))),
+                true,
             ),
             (
                 "last code without its time",
                 Box::new(move |h| last(h, Some(79), None)),
-                Some(Reject::Xid),
+                true,
             ),
             (
                 "a time without the code",
                 Box::new(move |h| last(h, None, Some(1))),
-                Some(Reject::Xid),
+                true,
             ),
         ];
-        for (name, set, want) in cases {
-            let mut health = pb::GpuHealth::default();
+        for (name, set, dropped) in cases {
+            let mut health = pb::GpuHealth {
+                fan_speed_percent: Some(40),
+                ..Default::default()
+            };
             set(&mut health);
+            let gpu = |index: u32, health: pb::GpuHealth| pb::GpuSample {
+                index,
+                power_milliwatts: Some(500_000),
+                energy_millijoules: Some(9_000 + u64::from(index)),
+                health: Some(health),
+                ..Default::default()
+            };
             let s = pb::NodeSample {
                 seq: 1,
                 timestamp_unix_nanos: 1_000,
-                gpus: vec![pb::GpuSample {
-                    health: Some(health),
-                    ..Default::default()
-                }],
+                gpus: vec![
+                    gpu(
+                        0,
+                        pb::GpuHealth {
+                            xid_errors: vec![xid(13, 2)],
+                            ..Default::default()
+                        },
+                    ),
+                    gpu(1, health),
+                ],
                 ..Default::default()
             };
-            assert_eq!(sample(s).err().map(|(_, r)| r), want, "{name}");
+            let (got, n) = sample_counted(s).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+            assert_eq!(n, u32::from(dropped), "{name}");
+            let health = got.gpus[1].health.as_deref();
+            assert_eq!(health.is_none(), dropped, "{name}");
+            assert_eq!(
+                health.and_then(|h| h.fan_speed_percent),
+                (!dropped).then_some(40)
+            );
+            assert_eq!(
+                got.gpus[0].health.as_deref().map(|h| h.xid_errors.clone()),
+                Some(vec![(13, 2)]),
+                "{name}"
+            );
+            for (i, g) in got.gpus.iter().enumerate() {
+                assert_eq!(g.power_milliwatts, Some(500_000), "{name}");
+                assert_eq!(g.energy_millijoules, Some(9_000 + i as u64), "{name}");
+            }
         }
-        assert_eq!(Reject::Xid.label(), "xid");
     }
 
     #[test]

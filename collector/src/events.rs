@@ -15,14 +15,13 @@ pub use crate::edge::{NodePowerReject, Reject};
 impl Reject {
     /// Every reason, in the order of `capwatch_collector_samples_total`'s
     /// `reason` label (and of the counters).
-    pub const ALL: [Reject; 7] = [
+    pub const ALL: [Reject; 6] = [
         Reject::GpuIndex,
         Reject::Utilization,
         Reject::Power,
         Reject::Timestamp,
         Reject::Sequence,
         Reject::Malformed,
-        Reject::Xid,
     ];
 }
 
@@ -184,8 +183,8 @@ pub struct Counters {
     pub node_power_accepted: AtomicU64,
     /// Node power readings not after their source's previous one.
     pub node_power_duplicate: AtomicU64,
-    /// GPUs whose health readings were out of range and dropped (their
-    /// samples kept: `edge::sample_counted`).
+    /// GPUs whose health readings were out of range or malformed and
+    /// dropped (their samples kept: `edge::sample_counted`).
     pub gpu_health_dropped: AtomicU64,
     /// Node power readings dropped, by [`NodePowerReject::ALL`].
     node_power_rejected: [AtomicU64; NodePowerReject::ALL.len()],

@@ -598,7 +598,7 @@ async fn serve_stream(
                 .counters
                 .gpu_health_dropped
                 .fetch_add(health_dropped, Ordering::Relaxed);
-            warn!(node = %handle.node_id, gpus = health_dropped, "GPU health readings out of range dropped (their samples are kept)");
+            warn!(node = %handle.node_id, gpus = health_dropped, "GPU health readings out of range or malformed dropped (their samples are kept)");
         }
         admitted.check(state, &handle.node_id)?;
         if handle.claim_lost() {
@@ -1066,6 +1066,173 @@ mod tests {
         );
         assert_eq!(w.inner.bucket_totals("unassigned").unwrap().samples, 15);
         drop(w);
+        server.abort();
+    }
+
+    /// Invariant: one GPU's malformed XID counts (a code twice) drop that
+    /// GPU's health block alone, counted in `gpu_health_dropped`: the
+    /// sample is accepted and acked with no rejection, every GPU's energy
+    /// (that GPU's included) is booked, and the other GPUs keep their
+    /// health and XID readings.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_xid_counts_drop_one_gpus_health_and_book_every_gpus_energy() {
+        let state = Arc::new(State::new(
+            StateConfig {
+                stale_after: None,
+                max_gpus_per_node: 8,
+                max_clock_skew: Duration::from_secs(600),
+                max_sample_age: Duration::from_secs(86_400),
+            },
+            crate::tenants::Tenants::empty(),
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let writer = Arc::new(Mutex::new(
+            crate::ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
+        ));
+        let claims = crate::persist::claims::ClaimQueue::start(
+            crate::persist::claims::HolderClaims {
+                writer,
+                holder: Arc::from("collector-a/1"),
+            },
+            state.clone(),
+        )
+        .unwrap();
+        // Everything counts as committed, told again and again so that
+        // each batch's ack follows (an ack waits for a commit to be told).
+        let (committed_tx, committed) = watch::channel(u64::MAX);
+        let committing = tokio::spawn(async move {
+            loop {
+                committed_tx.send_replace(u64::MAX);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        let Served {
+            mut client,
+            server,
+            _stop,
+        } = serve(
+            &state,
+            Arc::new(claims),
+            Duration::from_secs(5),
+            committed,
+            100,
+        )
+        .await;
+        let gpus = (0..3)
+            .map(|index| pb::GpuInfo {
+                index,
+                uuid: format!("GPU-x{index}"),
+                model: "H200".into(),
+                power_limit_milliwatts: Some(700_000),
+                energy_counter_supported: true,
+                ..Default::default()
+            })
+            .collect();
+        let hello = pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Hello(pb::Hello {
+                node_id: "x1".into(),
+                agent_version: "test".into(),
+                stream_epoch: 1,
+                interval_millis: 1000,
+                gpus,
+                ..Default::default()
+            })),
+        };
+        let t0 = crate::sync::now_unix() - 300;
+        let xid = |code, count| pb::XidCount { code, count };
+        // GPU 0's XID readings are sound; GPU 1's list code 79 twice; GPU 2
+        // has a fan reading only. Each GPU draws (index + 1) x 100 mJ a second.
+        let health = |index: u32| {
+            let mut h = pb::GpuHealth {
+                fan_speed_percent: Some(40),
+                ..Default::default()
+            };
+            match index {
+                0 => {
+                    h.xid_errors = vec![xid(48, 1), xid(79, 2)];
+                    h.last_xid = Some(79);
+                    h.last_xid_unix_nanos = Some(t0 * 1_000_000_000);
+                }
+                1 => {
+                    h.xid_errors = vec![xid(79, 1), xid(79, 1)];
+                    h.last_xid = Some(79);
+                    h.last_xid_unix_nanos = Some(t0 * 1_000_000_000);
+                }
+                _ => {}
+            }
+            h
+        };
+        let batch = pb::AgentMessage {
+            body: Some(pb::agent_message::Body::Batch(pb::SampleBatch {
+                samples: (1..=2u64)
+                    .map(|seq| pb::NodeSample {
+                        seq,
+                        timestamp_unix_nanos: (t0 + seq as i64) * 1_000_000_000,
+                        gpus: (0..3u32)
+                            .map(|index| pb::GpuSample {
+                                index,
+                                power_milliwatts: Some(100_000),
+                                energy_millijoules: Some(
+                                    1_000_000 + u64::from(index + 1) * 100 * seq,
+                                ),
+                                health: Some(health(index)),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            })),
+        };
+        let (tx, rx) = futures::channel::mpsc::unbounded::<pb::AgentMessage>();
+        tx.unbounded_send(hello).unwrap();
+        let mut answers = client.stream(rx).await.unwrap().into_inner();
+        let welcome = answers.message().await.unwrap().unwrap();
+        assert!(
+            matches!(welcome.body, Some(pb::collector_message::Body::Welcome(_))),
+            "{welcome:?}"
+        );
+        tx.unbounded_send(batch).unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), answers.message())
+            .await
+            .expect("the batch is acked");
+        let ack = match answer.unwrap().and_then(|m| m.body) {
+            Some(pb::collector_message::Body::Ack(a)) => a,
+            other => panic!("expected an Ack, got {other:?}"),
+        };
+        assert_eq!(ack.acked_seq, 2);
+        assert!(ack.rejected.is_empty(), "{:?}", ack.rejected);
+        assert_eq!(state.counters.accepted.load(Ordering::Relaxed), 2);
+        for r in Reject::ALL {
+            assert_eq!(state.counters.rejected(r), 0, "{r:?}");
+        }
+        // GPU 1's health block in both samples.
+        assert_eq!(state.counters.gpu_health_dropped.load(Ordering::Relaxed), 2);
+        let mut seen = Vec::new();
+        state.for_each_node(|n| {
+            for g in n.gpus() {
+                let h = g.last().and_then(|r| r.health.as_deref());
+                seen.push((
+                    g.energy_millijoules(),
+                    h.map(|h| (h.fan_speed_percent, h.xid_errors.clone(), h.last_xid)),
+                ));
+            }
+        });
+        let t = t0 * 1_000_000_000;
+        assert_eq!(
+            seen,
+            vec![
+                (100, Some((Some(40), vec![(48, 1), (79, 2)], Some((79, t))))),
+                (200, None),
+                (300, Some((Some(40), vec![], None))),
+            ]
+        );
+        // The tenant's total holds every GPU's energy.
+        assert_eq!(
+            state.totals()[crate::tenants::UNASSIGNED].energy_millijoules,
+            600
+        );
+        committing.abort();
         server.abort();
     }
 

@@ -335,7 +335,7 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_collector_gpu_health_dropped_total",
-        "GPUs whose health readings (clock events, ECC, fan, memory temperature, instant power, ...) were out of range in a sample: dropped, the sample and the GPU's power and energy kept.",
+        "GPUs whose health readings (clock events, ECC, fan, memory temperature, instant power, XID counts, ...) were out of range or malformed in a sample: dropped, the sample and the GPU's power and energy kept.",
         Kind::Counter,
     ),
     (

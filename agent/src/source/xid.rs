@@ -12,8 +12,8 @@
 //! driver lacking the functions) has no XID readings, logged once, not an
 //! error loop. A code outside [`XID_CODES`], or a new code beyond
 //! [`MAX_XID_CODES`] on one GPU, is logged and counted as a failed read
-//! (`xid_code`), never sent: the collector would reject every later
-//! sample of that GPU.
+//! (`xid_code`), never sent: the collector would drop that GPU's health
+//! readings from every later sample.
 //!
 //! *Invariant:* the thread stops when the source is dropped (the agent
 //! stops): dropping waits for it no longer than one wait timeout and a
