@@ -209,6 +209,10 @@ pub struct NvmlConfig {
     /// Path of libnvidia-ml. Unset: `libnvidia-ml.so.1` from the system's
     /// library path.
     pub library: Option<PathBuf>,
+    /// File keeping the XID counts across agent restarts, as the driver
+    /// keeps its ECC and PCIe counters. Unset: they start from 0 with
+    /// each agent start.
+    pub xid_counts_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

@@ -163,7 +163,10 @@ struct Opened {
 /// Opens the configured GPU source.
 pub fn open_source(cfg: &Config, node_id: &str) -> Result<Box<dyn GpuSource>, SourceError> {
     Ok(match cfg.source {
-        SourceKind::Nvml => Box::new(NvmlSource::open(cfg.nvml.library.as_deref())?),
+        SourceKind::Nvml => Box::new(NvmlSource::open_with(
+            cfg.nvml.library.as_deref(),
+            cfg.nvml.xid_counts_file.as_deref(),
+        )?),
         SourceKind::Mock => Box::new(MockSource::new(MockConfig {
             node_id: node_id.to_string(),
             gpus: cfg.mock.gpus,

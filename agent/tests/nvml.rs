@@ -782,3 +782,92 @@ fn a_hung_xid_wait_holds_up_neither_readings_nor_shutdown() {
         "dropping took {took:?}"
     );
 }
+
+/// Opens the NVML source on `fake`, keeping XID counts in `counts`.
+fn open_keeping(fake: &FakeNvml, counts: &Path) -> NvmlSource {
+    match NvmlSource::open_with(Some(&fake.lib), Some(counts)) {
+        Ok(source) => source,
+        Err(e) => panic!("opening NVML from {}: {e}", fake.lib.display()),
+    }
+}
+
+/// Invariant: with a counts file, a restarted agent's XID counts (and
+/// last XID) go on from where the last run left them, by GPU UUID, so the
+/// counter never goes back; without one they start from 0.
+#[test]
+fn xid_counts_kept_in_their_file_go_on_across_a_restart() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let counts_file = dir.path().join("xid-counts");
+    let counts = |pairs: &[(u32, u64)]| pairs.iter().copied().collect::<BTreeMap<_, _>>();
+    // Each run is its own stand-in library (its own events to deliver),
+    // reporting the same GPUs.
+    let (first, _c1, xid1) = build_fake_with_xids(&[]);
+    let mut source = open_keeping(&first, &counts_file);
+    inject(&xid1, &[(0, 79), (0, 79), (1, 48)]);
+    let want = [
+        (counts(&[(79, 2)]), Some(79)),
+        (counts(&[(48, 1)]), Some(48)),
+    ];
+    let before = xids_until(&mut source, |seen| seen == want);
+    drop(source);
+
+    let (second, _c2, xid2) = build_fake_with_xids(&[]);
+    let mut source = open_keeping(&second, &counts_file);
+    let after = xids_until(&mut source, |seen| seen == want);
+    for (b, a) in before.iter().zip(&after) {
+        assert_eq!(
+            a.health.last_xid, b.health.last_xid,
+            "the last XID and its time"
+        );
+    }
+    inject(&xid2, &[(0, 79), (1, 94)]);
+    xids_until(&mut source, |seen| {
+        seen[0] == (counts(&[(79, 3)]), Some(79))
+            && seen[1] == (counts(&[(48, 1), (94, 1)]), Some(94))
+    });
+    assert_eq!(
+        source.errors().expect("NVML counts its errors").by_field(),
+        []
+    );
+    drop(source);
+
+    // The same run without the file starts from 0.
+    let (third, _c3, _xid3) = build_fake_with_xids(&[]);
+    let mut source = open(&third);
+    std::thread::sleep(capwatch_agent::source::xid::WAIT * 2);
+    let none = (BTreeMap::new(), None);
+    xids_until(&mut source, |seen| seen == [none.clone(), none.clone()]);
+}
+
+/// Invariant: a counts file that cannot be used is logged and counted
+/// (`xid_counts_file`), the counts start from 0 and the readings are
+/// otherwise whole; the next XID writes a sound file over it.
+#[test]
+fn a_damaged_xid_counts_file_is_counted_and_counting_starts_afresh() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let counts_file = dir.path().join("xid-counts");
+    std::fs::write(&counts_file, "capwatch-xid-counts 1\nGPU-x count 79 zero\n").unwrap();
+    let (fake, _control, xid) = build_fake_with_xids(&[]);
+    let mut source = open_keeping(&fake, &counts_file);
+    let readings = xids_until(&mut source, |seen| {
+        seen == [(BTreeMap::new(), None), (BTreeMap::new(), None)]
+    });
+    assert!(
+        readings
+            .iter()
+            .all(|r| !r.lost && r.power_milliwatts.is_some())
+    );
+    // The XID thread reads the file: counted once it has.
+    let errors = source.errors().expect("NVML counts its errors");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while errors.by_field().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(errors.by_field(), [("xid_counts_file", 1)]);
+    inject(&xid, &[(1, 63)]);
+    xids_until(&mut source, |seen| seen[1].1 == Some(63));
+    let text = std::fs::read_to_string(&counts_file).unwrap();
+    let kept = capwatch_agent::source::xid::parse_counts(&text).expect("a sound file");
+    let uuid = &source.inventory()[1].uuid;
+    assert_eq!(kept[uuid].counts, BTreeMap::from([(63, 1)]));
+}

@@ -490,8 +490,9 @@ pub struct GpuHealth {
     pub fan_speed_percent: Option<u32>,
     pub power_instant_milliwatts: Option<u64>,
     pub power_average_milliwatts: Option<u64>,
-    /// XID errors since the agent started, (code, count) by code, each
-    /// code once, at most [`MAX_XID_CODES`].
+    /// XID errors counted by the agent (since it started, or across its
+    /// restarts), (code, count) by code, each code once, at most
+    /// [`MAX_XID_CODES`].
     pub xid_errors: Vec<(u32, u64)>,
     /// The most recent XID: code and Unix nanoseconds.
     pub last_xid: Option<(u32, i64)>,

@@ -180,12 +180,12 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_gpu_xid_errors_total",
-        "XID critical errors by XID code, counted by the agent since it started (NVML events); absent where the GPU or driver delivers none.",
+        "XID critical errors by XID code, counted by the agent (NVML events), across its restarts when it keeps a counts file; absent where the GPU or driver delivers none.",
         Kind::Counter,
     ),
     (
         "capwatch_gpu_last_xid",
-        "The code of the most recent XID error since the agent started.",
+        "The code of the most recent XID error the agent counted.",
         Kind::Gauge,
     ),
     (

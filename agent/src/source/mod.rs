@@ -79,7 +79,8 @@ pub struct GpuHealth {
     /// average `power_milliwatts` also reports on most boards).
     pub power_instant_milliwatts: Option<u64>,
     pub power_average_milliwatts: Option<u64>,
-    /// XID critical errors since the agent started, by XID code (NVML's
+    /// XID critical errors since the agent started (or since its counts
+    /// file was first written), by XID code (NVML's
     /// event API, see [`xid`]); empty when the GPU delivers no XID events
     /// or none has arrived.
     pub xid_errors: BTreeMap<u32, u64>,

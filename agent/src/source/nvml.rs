@@ -81,8 +81,18 @@ pub struct NvmlSource {
 
 impl NvmlSource {
     /// Loads NVML from `library` (a path or a name the dynamic loader
-    /// resolves) and takes the inventory of every GPU it lists.
+    /// resolves) and takes the inventory of every GPU it lists; XID counts
+    /// start from 0.
     pub fn open(library: Option<&Path>) -> Result<Self, SourceError> {
+        Self::open_with(library, None)
+    }
+
+    /// [`NvmlSource::open`], keeping the XID counts in `xid_counts_file`
+    /// across agent restarts when one is given (see [`super::xid`]).
+    pub fn open_with(
+        library: Option<&Path>,
+        xid_counts_file: Option<&Path>,
+    ) -> Result<Self, SourceError> {
         let lib = library.map_or_else(|| OsStr::new(DEFAULT_LIBRARY), Path::as_os_str);
         let nvml = Nvml::builder()
             .lib_path(lib)
@@ -166,6 +176,7 @@ impl NvmlSource {
                 .map(|(&i, g)| (i, g.uuid.clone()))
                 .collect(),
             errors.clone(),
+            xid_counts_file.map(Path::to_path_buf),
         );
         Ok(Self {
             xid,

@@ -19,8 +19,27 @@
 //! stops): dropping waits for it no longer than one wait timeout and a
 //! little more, so a hung wait delays shutdown by that at most and is
 //! left behind.
+//!
+//! *Invariant:* with a counts file (`nvml.xid_counts_file`), a GPU's
+//! counts never go back across agent restarts, as the driver's own
+//! counters (ECC, PCIe replays) do not: the file is read before any GPU
+//! is registered and rewritten whole (a temporary file synced and renamed
+//! over it) after every event counted, so a kill leaves the counts before
+//! or after that event. They are kept by GPU UUID, those of GPUs missing
+//! from this start's inventory too.
+//!
+//! *Boundary:* the counts file. It is read once, at most
+//! [`MAX_COUNTS_FILE_BYTES`]; a file that does not parse (its version
+//! line, a field, a code out of [`XID_CODES`], a count of 0, a code twice,
+//! more than [`MAX_XID_CODES`] codes on a GPU, more than
+//! [`MAX_COUNTS_FILE_GPUS`] GPUs, a last XID whose code is not counted) is
+//! not used: logged with what is wrong, counted (`xid_counts_file`), and
+//! the counts start afresh; so is a file that cannot be read or written.
+//! XID readings are diagnostics: a bad file never stops the agent.
 
 use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -46,7 +65,18 @@ pub const STOP_WITHIN: Duration = Duration::from_millis(400);
 /// NVML's code for an XID it cannot name.
 const UNKNOWN_XID: u32 = 999;
 
-/// One GPU's XID events since the agent started.
+/// The largest counts file read: far above 64 codes on each of
+/// [`MAX_COUNTS_FILE_GPUS`] GPUs.
+pub const MAX_COUNTS_FILE_BYTES: u64 = 4 << 20;
+
+/// The most GPUs a counts file holds.
+pub const MAX_COUNTS_FILE_GPUS: usize = 1024;
+
+/// The counts file's first line: its format and version.
+const COUNTS_FILE_HEADER: &str = "capwatch-xid-counts 1";
+
+/// One GPU's XID events since the agent started, or since its counts
+/// file was first written.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct XidState {
     /// Events by XID code.
@@ -67,13 +97,15 @@ pub struct XidWatch {
 }
 
 impl XidWatch {
-    /// Starts `capwatch-xid` for the GPUs `uuids` (by inventory index,
-    /// each with its NVML index). Returns `None` when the thread cannot
-    /// start (logged; XID readings are then absent).
+    /// Starts `capwatch-xid` for the GPUs `gpus` (by inventory index,
+    /// each with its NVML index and UUID), keeping the counts in
+    /// `counts_file` if one is given. Returns `None` when the thread
+    /// cannot start (logged; XID readings are then absent).
     pub fn start(
         nvml: Arc<Nvml>,
         gpus: Vec<(u32, String)>,
         errors: Arc<ReadErrors>,
+        counts_file: Option<PathBuf>,
     ) -> Option<Self> {
         let state: Shared = Arc::new(Mutex::new(vec![None; gpus.len()]));
         let stop = Arc::new(AtomicBool::new(false));
@@ -82,7 +114,8 @@ impl XidWatch {
         let spawned = std::thread::Builder::new()
             .name("capwatch-xid".into())
             .spawn(move || {
-                watch(&nvml, &gpus, &s, &st, &errors);
+                let file = counts_file.map(|path| CountsFile::open(path, &errors));
+                watch(&nvml, &gpus, &s, &st, &errors, file);
                 // NVML shuts down here if this thread is the last to hold it.
                 drop(nvml);
                 let _ = done_tx.send(());
@@ -125,6 +158,7 @@ fn watch(
     state: &Shared,
     stop: &AtomicBool,
     errors: &ReadErrors,
+    mut file: Option<CountsFile>,
 ) {
     let Some((set, registered)) = register(nvml, gpus) else {
         return;
@@ -132,7 +166,8 @@ fn watch(
     {
         let mut s = lock(state);
         for &i in &registered {
-            s[i] = Some(XidState::default());
+            let kept = file.as_ref().and_then(|f| f.counts.get(&gpus[i].1));
+            s[i] = Some(kept.cloned().unwrap_or_default());
         }
     }
     info!(gpus = registered.len(), "waiting for XID events");
@@ -201,8 +236,171 @@ fn watch(
         }
         *gpu.counts.entry(code).or_default() += 1;
         gpu.last = Some((code, at));
+        let counted = gpu.clone();
+        drop(s);
         warn!(gpu = index, uuid = %gpus[index].1, xid = code, "XID error");
+        if let Some(f) = file.as_mut() {
+            f.counts.insert(gpus[index].1.clone(), counted);
+            f.save(errors);
+        }
     }
+}
+
+/// The XID counts kept across agent restarts, by GPU UUID.
+struct CountsFile {
+    path: PathBuf,
+    counts: BTreeMap<String, XidState>,
+    /// A write failed last time (logged once per run of failures).
+    failing: bool,
+}
+
+impl CountsFile {
+    /// Reads the counts kept at `path`; none when there is no file yet, or
+    /// when it cannot be read or used (logged and counted).
+    fn open(path: PathBuf, errors: &ReadErrors) -> Self {
+        let counts = match read_counts(&path) {
+            Ok(Some(counts)) => {
+                info!(path = %path.display(), gpus = counts.len(), "XID counts read");
+                counts
+            }
+            Ok(None) => {
+                info!(path = %path.display(), "no XID counts file yet; counting from 0");
+                BTreeMap::new()
+            }
+            Err(e) => {
+                errors.add("xid_counts_file");
+                warn!(path = %path.display(), error = %e, "XID counts file not used; counting from 0");
+                BTreeMap::new()
+            }
+        };
+        Self {
+            path,
+            counts,
+            failing: false,
+        }
+    }
+
+    /// Writes every GPU's counts: a temporary file beside it, synced, then
+    /// renamed over it.
+    fn save(&mut self, errors: &ReadErrors) {
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let written = std::fs::File::create(&tmp)
+            .and_then(|mut f| {
+                f.write_all(format_counts(&self.counts).as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|()| std::fs::rename(&tmp, &self.path));
+        match written {
+            Ok(()) => {
+                if std::mem::take(&mut self.failing) {
+                    info!(path = %self.path.display(), "XID counts file written again");
+                }
+            }
+            Err(e) => {
+                errors.add("xid_counts_file");
+                if !std::mem::replace(&mut self.failing, true) {
+                    warn!(path = %self.path.display(), error = %e, "XID counts file cannot be written; counts go on in memory");
+                }
+            }
+        }
+    }
+}
+
+/// The counts in the file at `path`; `None` when there is none.
+fn read_counts(path: &Path) -> Result<Option<BTreeMap<String, XidState>>, String> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e.to_string()),
+    };
+    let mut text = String::new();
+    file.take(MAX_COUNTS_FILE_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| e.to_string())?;
+    if text.len() as u64 > MAX_COUNTS_FILE_BYTES {
+        return Err(format!("larger than {MAX_COUNTS_FILE_BYTES} bytes"));
+    }
+    parse_counts(&text).map(Some)
+}
+
+/// The counts file's text: its version line, then per GPU (by UUID) a
+/// line `UUID count CODE N` for each code and `UUID last CODE UNIX_NANOS`.
+pub fn format_counts(counts: &BTreeMap<String, XidState>) -> String {
+    let mut text = format!("{COUNTS_FILE_HEADER}\n");
+    for (uuid, state) in counts {
+        for (code, n) in &state.counts {
+            text.push_str(&format!("{uuid} count {code} {n}\n"));
+        }
+        if let Some((code, at)) = state.last {
+            text.push_str(&format!("{uuid} last {code} {at}\n"));
+        }
+    }
+    text
+}
+
+/// Parses [`format_counts`]' text, checking what the collector checks;
+/// the error names the line and what is wrong.
+pub fn parse_counts(text: &str) -> Result<BTreeMap<String, XidState>, String> {
+    let mut lines = text.lines().enumerate();
+    match lines.next() {
+        Some((_, COUNTS_FILE_HEADER)) => {}
+        Some((_, other)) => {
+            return Err(format!(
+                "line 1 is {other:?}, not {COUNTS_FILE_HEADER:?} (another format or version)"
+            ));
+        }
+        None => return Err("empty".into()),
+    }
+    let mut counts: BTreeMap<String, XidState> = BTreeMap::new();
+    for (i, line) in lines {
+        let bad = |what: &str| Err(format!("line {}: {what}: {line:?}", i + 1));
+        let fields: Vec<&str> = line.split_ascii_whitespace().collect();
+        let [uuid, kind, code, value] = fields[..] else {
+            return bad("not four fields");
+        };
+        if uuid.len() > 128 || !uuid.chars().all(|c| c.is_ascii_graphic()) {
+            return bad("not a GPU UUID");
+        }
+        let Some(code) = code.parse().ok().filter(|c| XID_CODES.contains(c)) else {
+            return bad("an XID code outside 1-999");
+        };
+        if !counts.contains_key(uuid) && counts.len() >= MAX_COUNTS_FILE_GPUS {
+            return bad(&format!("more than {MAX_COUNTS_FILE_GPUS} GPUs"));
+        }
+        let state = counts.entry(uuid.to_string()).or_default();
+        match kind {
+            "count" => {
+                let Some(n) = value.parse::<u64>().ok().filter(|&n| n > 0) else {
+                    return bad("a count that is not a number above 0");
+                };
+                if state.counts.contains_key(&code) {
+                    return bad("a code counted twice");
+                }
+                if state.counts.len() >= MAX_XID_CODES {
+                    return bad(&format!("more than {MAX_XID_CODES} codes on one GPU"));
+                }
+                state.counts.insert(code, n);
+            }
+            "last" => {
+                let Some(at) = value.parse::<i64>().ok().filter(|&at| at > 0) else {
+                    return bad("a time that is not Unix nanoseconds after 1970");
+                };
+                if state.last.replace((code, at)).is_some() {
+                    return bad("a second last XID");
+                }
+            }
+            _ => return bad("neither count nor last"),
+        }
+    }
+    if let Some((uuid, _)) = counts
+        .iter()
+        .find(|(_, s)| s.last.is_some_and(|(c, _)| !s.counts.contains_key(&c)))
+    {
+        return Err(format!("{uuid}: the last XID's code is not counted"));
+    }
+    Ok(counts)
 }
 
 /// One event set with every GPU that supports XID events; `None` when
@@ -259,4 +457,135 @@ fn register<'n>(nvml: &'n Nvml, gpus: &[(u32, String)]) -> Option<(EventSet<'n>,
         return None;
     }
     Some((set, registered))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Invariant: the counts file reads back what was written, and a file
+    /// the collector would not take (or that is not this format) is
+    /// refused naming its line and what is wrong.
+    #[test]
+    fn the_counts_file_reads_back_and_refuses_what_does_not_hold_together() {
+        let state = |counts: &[(u32, u64)], last| XidState {
+            counts: counts.iter().copied().collect(),
+            last,
+        };
+        let counts = BTreeMap::from([
+            (
+                "GPU-a".to_string(),
+                state(
+                    &[(48, 1), (79, u64::MAX)],
+                    Some((79, 1_700_000_000_000_000_000)),
+                ),
+            ),
+            ("MIG-b".to_string(), state(&[(999, 3)], None)),
+        ]);
+        let text = format_counts(&counts);
+        assert_eq!(
+            text,
+            "capwatch-xid-counts 1\n\
+             GPU-a count 48 1\n\
+             GPU-a count 79 18446744073709551615\n\
+             GPU-a last 79 1700000000000000000\n\
+             MIG-b count 999 3\n"
+        );
+        assert_eq!(parse_counts(&text), Ok(counts));
+        assert_eq!(parse_counts("capwatch-xid-counts 1\n"), Ok(BTreeMap::new()));
+
+        let h = "capwatch-xid-counts 1\n";
+        let many_codes: String = (1..=65).map(|c| format!("GPU-a count {c} 1\n")).collect();
+        let many_gpus: String = (0..=MAX_COUNTS_FILE_GPUS)
+            .map(|g| format!("GPU-{g} count 79 1\n"))
+            .collect();
+        for (text, want) in [
+            (String::new(), "empty"),
+            (
+                "capwatch-xid-counts 2\n".into(),
+                "another format or version",
+            ),
+            (format!("{h}GPU-a count 79\n"), "line 2: not four fields"),
+            (
+                format!("{h}GPU-a count 0 1\n"),
+                "line 2: an XID code outside 1-999",
+            ),
+            (
+                format!("{h}GPU-a count 1000 1\n"),
+                "an XID code outside 1-999",
+            ),
+            (
+                format!("{h}GPU-a count 79 0\n"),
+                "a count that is not a number above 0",
+            ),
+            (
+                format!("{h}GPU-a count 79 -1\n"),
+                "a count that is not a number above 0",
+            ),
+            (
+                format!("{h}GPU-a count 79 1\nGPU-a count 79 2\n"),
+                "line 3: a code counted twice",
+            ),
+            (
+                format!("{h}{many_codes}"),
+                "line 66: more than 64 codes on one GPU",
+            ),
+            (format!("{h}{many_gpus}"), "more than 1024 GPUs"),
+            (
+                format!("{h}GPU-a last 79 0\n"),
+                "a time that is not Unix nanoseconds after 1970",
+            ),
+            (
+                format!("{h}GPU-a count 79 1\nGPU-a last 79 5\nGPU-a last 79 6\n"),
+                "a second last XID",
+            ),
+            (
+                format!("{h}GPU-a count 48 1\nGPU-a last 79 5\n"),
+                "GPU-a: the last XID's code is not counted",
+            ),
+            (format!("{h}GPU-a total 79 1\n"), "neither count nor last"),
+            (format!("{h}GPU-\u{7f}a count 79 1\n"), "not a GPU UUID"),
+        ] {
+            let err = parse_counts(&text).expect_err(want);
+            assert!(err.contains(want), "{err:?} should say {want:?}");
+        }
+    }
+
+    /// Invariant: a counts file is written whole over the old one and read
+    /// back; a missing file is no error, an unreadable or oversized one
+    /// is.
+    #[test]
+    fn the_counts_file_is_replaced_whole_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("xid-counts");
+        assert_eq!(read_counts(&path), Ok(None));
+        let errors = ReadErrors::default();
+        let mut file = CountsFile::open(path.clone(), &errors);
+        file.counts.insert(
+            "GPU-a".into(),
+            XidState {
+                counts: BTreeMap::from([(79, 2)]),
+                last: Some((79, 5)),
+            },
+        );
+        file.save(&errors);
+        assert_eq!(read_counts(&path), Ok(Some(file.counts.clone())));
+        assert!(!dir.path().join("xid-counts.tmp").exists());
+        assert_eq!(errors.by_field(), []);
+        assert_eq!(CountsFile::open(path.clone(), &errors).counts, file.counts);
+
+        std::fs::write(&path, "x".repeat(MAX_COUNTS_FILE_BYTES as usize + 1)).unwrap();
+        assert!(read_counts(&path).unwrap_err().contains("larger than"));
+        assert!(CountsFile::open(path.clone(), &errors).counts.is_empty());
+        assert_eq!(errors.by_field(), [("xid_counts_file", 1)]);
+
+        // A directory where the file should be: not written, counted once
+        // a write, the counts kept in memory.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir_all(blocked.join("xid-counts.tmp")).unwrap();
+        let mut file = CountsFile::open(blocked.join("xid-counts"), &errors);
+        file.save(&errors);
+        file.save(&errors);
+        assert_eq!(errors.by_field(), [("xid_counts_file", 3)]);
+    }
 }
