@@ -353,9 +353,10 @@ fn a_hung_nvml_call_stalls_neither_acks_nor_shutdown() {
 
 /// Invariant: an XID error the driver reports reaches the collector's
 /// /metrics under its GPU and code, counted once per event however many
-/// samples carry it, with the last XID and its time.
+/// samples carry it, with the last XID and its time; with a counts file,
+/// the counter goes on across an agent restart, never below what it was.
 #[test]
-fn an_xid_error_reaches_metrics_counted_once_per_event() {
+fn an_xid_error_reaches_metrics_counted_once_and_goes_on_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let xid = dir.path().join("nvml-xid");
     let lib = build_fake(
@@ -368,15 +369,20 @@ fn an_xid_error_reaches_metrics_counted_once_per_event() {
         0,
         &["--stale-after", "5m"],
     );
-    let mut agent = Command::new(bin("capwatch-agent"))
-        .args(["--source", "nvml", "--node-id", "gpu-node-xid"])
-        .args(["--interval", "100ms", "--collector", &collector.endpoint()])
-        .arg("--nvml-library")
-        .arg(&lib)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let counts_file = dir.path().join("xid-counts");
+    let start_agent = || {
+        Command::new(bin("capwatch-agent"))
+            .args(["--source", "nvml", "--node-id", "gpu-node-xid"])
+            .args(["--interval", "100ms", "--collector", &collector.endpoint()])
+            .arg("--nvml-library")
+            .arg(&lib)
+            .env("CAPWATCH_NVML_XID_COUNTS_FILE", &counts_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut agent = start_agent();
     eventually(Duration::from_secs(20), "first samples accepted", || {
         accepted(&collector) >= 3.0
     });
@@ -428,6 +434,36 @@ fn an_xid_error_reaches_metrics_counted_once_per_event() {
         ),
         2.0
     );
+    terminate(&agent);
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "agent: {status}");
+
+    // The agent restarts (its stand-in NVML delivering the control file
+    // afresh, so it is emptied first): the counts go on from the file.
+    std::fs::write(&xid, "").unwrap();
+    let seen = accepted(&collector);
+    let mut agent = start_agent();
+    let at_least = |gpu: &[(&str, &str)], code: &str, floor: f64| {
+        let v = xid_count(gpu, code);
+        assert!(v.is_none_or(|v| v >= floor), "{code}: {v:?} below {floor}");
+        v
+    };
+    eventually(
+        Duration::from_secs(20),
+        "the restarted agent's samples",
+        || {
+            at_least(&g0, "79", 2.0);
+            accepted(&collector) >= seen + 10.0
+        },
+    );
+    eventually(Duration::from_secs(20), "the kept counts", || {
+        at_least(&g0, "79", 2.0) == Some(2.0) && at_least(&g1, "48", 1.0) == Some(1.0)
+    });
+    std::fs::write(&xid, "0 79\n").unwrap();
+    eventually(Duration::from_secs(20), "the next XID counted on", || {
+        at_least(&g0, "79", 2.0) == Some(3.0)
+    });
+    assert_eq!(xid_count(&g1, "48"), Some(1.0));
     terminate(&agent);
     let status = wait_timeout(&mut agent, Duration::from_secs(30));
     assert!(status.success(), "agent: {status}");
