@@ -5,9 +5,11 @@
 //! Read from the ledger's minute buckets, like the usage rows, so that it
 //! survives restarts and, with several collectors on one database, shows
 //! every node of a tenant, not only those streaming to this collector.
-//! Reading ([`read`]) is one range query of minute rows and one of the
-//! meters' allocated minutes; the arithmetic ([`recent`]) runs on what was
-//! read, after the reader is free again.
+//! Reading ([`read`]) is one snapshot of the minute rows with the energy
+//! that reached them after they were final (their adjustments, added to
+//! their minute, as the over-contract counter counts them) and one query
+//! of the meters' allocated minutes; the arithmetic ([`recent`]) runs on
+//! what was read, after the reader is free again.
 //!
 //! A bin's power is the average over its minutes that hold a reading on
 //! the contract's basis: a bin with none is a gap (`None`), never 0 W; the
@@ -70,7 +72,8 @@ impl Window {
 /// What [`read`] took from the ledger.
 #[derive(Debug, Clone, Default)]
 pub struct Rows {
-    /// (tenant, minute start, sums over nodes), as `LedgerReader::minutes`.
+    /// (tenant, minute start, sums over nodes), as `LedgerReader::minutes`,
+    /// with each minute's adjustments added.
     pub minutes: Vec<(String, i64, BucketDelta)>,
     /// The meters' allocated minutes, as `LedgerReader::meter_minutes`.
     pub allocated: Vec<(String, MeterMinute)>,
@@ -83,8 +86,23 @@ pub fn read(
     w: &Window,
 ) -> Result<Rows, LedgerError> {
     let (from, to) = w.read_range();
+    let usage = reader.usage(tenant, from, to)?;
+    let mut minutes: BTreeMap<(String, i64), BucketDelta> = BTreeMap::new();
+    // A day is inside the minute retention: every span is a minute.
+    for (t, span) in usage.spans.iter().filter(|(_, s)| s.seconds == MINUTE) {
+        minutes
+            .entry((t.clone(), span.start))
+            .or_default()
+            .add(&span.delta);
+    }
+    for a in &usage.adjustments {
+        minutes
+            .entry((a.tenant.clone(), a.minute_start))
+            .or_default()
+            .add(&a.delta);
+    }
     Ok(Rows {
-        minutes: reader.minutes(tenant, from, to)?,
+        minutes: minutes.into_iter().map(|((t, m), d)| (t, m, d)).collect(),
         allocated: reader.meter_minutes(None, from, to)?,
     })
 }
@@ -266,5 +284,50 @@ mod tests {
         assert_eq!(n.watts[bin(w.today + 300)], Some(1500.0));
         // Only the node minute is over 1 kW on the node basis.
         assert_eq!(n.over_contract_today_s, 60);
+    }
+
+    /// Energy that reached a minute after it was final (an adjustment) is
+    /// that minute's for the status page too: its power and today's time
+    /// over contract count it, as the over-contract counter does.
+    #[test]
+    fn late_energy_counts_in_its_minute() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut ledger = crate::ledger::Ledger::create(&path).unwrap();
+        let now = 10 * DAY + 3600;
+        let w = Window::last_day(now, 300);
+        let minute_at = now - 1800;
+        let bucket = |mj: u64| BucketDelta {
+            energy_mj: mj,
+            gpu_ns: 60_000_000_000,
+            samples: 60,
+            ..BucketDelta::default()
+        };
+        let mut c = crate::ledger::Commit::default();
+        c.nodes
+            .insert(Arc::from("n1"), crate::ledger::NodeCursor::default());
+        // 500 W for the minute, final at once.
+        c.buckets.insert(
+            (Arc::from("a"), Arc::from("n1"), minute_at),
+            bucket(30_000_000),
+        );
+        ledger.commit_at(&c, now, now - 60).unwrap();
+        // 1 kW more of it, late: an adjustment.
+        c.buckets.insert(
+            (Arc::from("a"), Arc::from("n1"), minute_at),
+            bucket(60_000_000),
+        );
+        ledger.commit_at(&c, now, now - 60).unwrap();
+        let reader = crate::ledger::Reader::open(&path).unwrap();
+        let rows = read(&reader, None, &w).unwrap();
+        assert_eq!(rows.minutes.len(), 1);
+        assert_eq!(rows.minutes[0].2.energy_mj, 90_000_000);
+        let h = history("[[tenant]]\nid = \"a\"\ncontracted_kw = 1\n");
+        let r = &recent(&rows, &w, &["a"], &h)["a"];
+        assert_eq!(r.over_contract_today_s, 60);
+        assert_eq!(r.energy_today_mj, 90_000_000);
+        let bin = ((minute_at - w.from) / w.bin) as usize;
+        assert_eq!(r.watts[bin], Some(1500.0));
     }
 }
