@@ -203,7 +203,7 @@ impl Default for RaplSettings {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NvmlConfig {
     /// Path of libnvidia-ml. Unset: `libnvidia-ml.so.1` from the system's
@@ -213,6 +213,21 @@ pub struct NvmlConfig {
     /// keeps its ECC and PCIe counters. Unset: they start from 0 with
     /// each agent start.
     pub xid_counts_file: Option<PathBuf>,
+    /// How often each board's MIG layout (MIG mode and instances) is read
+    /// again; a change makes the agent say Hello again with the new
+    /// inventory.
+    #[serde(with = "capwatch_common::duration")]
+    pub mig_check_interval: Duration,
+}
+
+impl Default for NvmlConfig {
+    fn default() -> Self {
+        Self {
+            library: None,
+            xid_counts_file: None,
+            mig_check_interval: crate::source::nvml::MIG_CHECK_EVERY,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]

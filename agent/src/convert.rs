@@ -15,6 +15,18 @@ pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
         pci_bus_id: g.pci_bus_id.clone(),
         serial: g.serial.clone(),
         driver_version: g.driver_version.clone(),
+        multiprocessor_count: g.multiprocessor_count,
+        mig_instances: g
+            .mig
+            .iter()
+            .map(|m| pb::MigInstance {
+                uuid: m.uuid.clone(),
+                gpu_instance_id: m.gpu_instance_id,
+                compute_instance_id: m.compute_instance_id,
+                multiprocessor_count: m.multiprocessor_count,
+                profile: m.profile.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -184,6 +184,7 @@ pub async fn run(
                 tls_domain: None,
                 failback_after: cfg.failback_after,
                 hello,
+                layout: None,
                 batch_max: cfg.batch_max,
                 reconnect_initial: Duration::from_millis(250),
                 reconnect_max: Duration::from_secs(5),

@@ -156,6 +156,8 @@ pub struct Summary {
 /// What the GPU worker reports once its source is open.
 struct Opened {
     inventory: Vec<GpuInfo>,
+    /// The inventory as the MIG layout changes, for the Hello.
+    layout: Option<watch::Receiver<Vec<GpuInfo>>>,
     name: &'static str,
     errors: Option<Arc<ReadErrors>>,
 }
@@ -163,10 +165,13 @@ struct Opened {
 /// Opens the configured GPU source.
 pub fn open_source(cfg: &Config, node_id: &str) -> Result<Box<dyn GpuSource>, SourceError> {
     Ok(match cfg.source {
-        SourceKind::Nvml => Box::new(NvmlSource::open_with(
-            cfg.nvml.library.as_deref(),
-            cfg.nvml.xid_counts_file.as_deref(),
-        )?),
+        SourceKind::Nvml => Box::new(
+            NvmlSource::open_with(
+                cfg.nvml.library.as_deref(),
+                cfg.nvml.xid_counts_file.as_deref(),
+            )?
+            .with_mig_check_every(cfg.nvml.mig_check_interval),
+        ),
         SourceKind::Mock => Box::new(MockSource::new(MockConfig {
             node_id: node_id.to_string(),
             gpus: cfg.mock.gpus,
@@ -269,6 +274,7 @@ pub async fn run(
             let mut source = open_source(&cfg, &node_id)?;
             let opened = Opened {
                 inventory: source.inventory().to_vec(),
+                layout: source.layout(),
                 name: source.name(),
                 errors: source.errors(),
             };
@@ -389,6 +395,7 @@ pub async fn run(
             host: Some(host_info),
             node_power_sources: Vec::new(),
         },
+        layout: opened.layout.clone(),
         batch_max: cfg.batch_max,
         reconnect_initial: cfg.reconnect_initial,
         reconnect_max: cfg.reconnect_max,

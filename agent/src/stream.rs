@@ -229,6 +229,10 @@ pub struct StreamConfig {
     pub failback_after: Duration,
     /// The Hello; its epoch is the spool's at each connect.
     pub hello: pb::Hello,
+    /// The GPU inventory as a board's MIG layout changes: each Hello lists
+    /// its latest value, and a change ends the stream for a new Hello.
+    /// `None`: `hello.gpus` as it is.
+    pub layout: Option<watch::Receiver<Vec<crate::source::GpuInfo>>>,
     pub batch_max: usize,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
@@ -248,6 +252,9 @@ enum Ended {
     StaleEpoch { current: u64, message: String },
     /// Gave up delivering at the drain deadline.
     DeadlinePassed,
+    /// The GPU inventory changed (a MIG layout): say Hello again to the
+    /// same collector at once.
+    Relayout,
     /// The most preferred collector welcomed the node while it streamed to
     /// another, which has acked what it was sent (or ended, or ran out of
     /// time): go on there.
@@ -261,6 +268,9 @@ pub struct Open {
     epoch: u64,
     tx: mpsc::Sender<pb::AgentMessage>,
     inbound: tonic::Streaming<pb::CollectorMessage>,
+    /// The inventory this stream's Hello listed, marked seen: it changes
+    /// when the layout does.
+    layout: Option<watch::Receiver<Vec<crate::source::GpuInfo>>>,
 }
 
 /// Failures since the last stream that got an ack, for the round over
@@ -356,6 +366,11 @@ pub async fn run(cfg: StreamConfig, shared: Arc<Shared>, mut sampling_done: watc
                     "drain deadline passed; samples not delivered"
                 );
                 return;
+            }
+            Ended::Relayout => {
+                serving.why = format!("{url}: GPU inventory changed");
+                at = target;
+                continue;
             }
             Ended::FailBack(open) => {
                 serving.why = format!(
@@ -500,6 +515,14 @@ async fn preamble(cfg: &StreamConfig, target: usize, shared: &Shared) -> Result<
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(4);
         let mut hello = cfg.hello.clone();
         hello.stream_epoch = epoch;
+        let mut layout = cfg.layout.clone();
+        if let Some(l) = layout.as_mut() {
+            hello.gpus = l
+                .borrow_and_update()
+                .iter()
+                .map(crate::convert::gpu_info)
+                .collect();
+        }
         let hello = pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(hello)),
         };
@@ -535,6 +558,7 @@ async fn preamble(cfg: &StreamConfig, target: usize, shared: &Shared) -> Result<
             epoch,
             tx,
             inbound,
+            layout,
         })
     });
     match preamble.await {
@@ -567,6 +591,7 @@ async fn stream_on(
         epoch,
         tx,
         mut inbound,
+        mut layout,
     } = open;
     let url = &cfg.targets[target].url;
     if let Some(from) = serving.target.filter(|t| *t != target) {
@@ -694,11 +719,26 @@ async fn stream_on(
                 probe = Some(Box::pin(preamble(cfg, 0, shared)));
             }
             _ = sleep_until_opt(handover_until) => {}
+            _ = layout_changed(layout.as_mut()), if handing_over.is_none() => {
+                info!(node = %cfg.hello.node_id, collector = %url, "GPU inventory changed (MIG layout); saying Hello again");
+                return Ended::Relayout;
+            }
             _ = shared.new_sample.notified(), if last.is_none() => {}
             _ = sampling_done.changed(), if drain_at.is_none() && last.is_none() => {}
             _ = sleep_until_opt(drain_at) => return Ended::DeadlinePassed,
         }
     }
+}
+
+/// Resolves once the inventory changes after the stream's Hello; never
+/// without a layout to watch (or once its source is gone).
+async fn layout_changed(layout: Option<&mut watch::Receiver<Vec<crate::source::GpuInfo>>>) {
+    if let Some(l) = layout
+        && l.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending().await
 }
 
 /// The probe's result once it has one; never without a probe.
@@ -856,6 +896,7 @@ mod tests {
             tls_domain: None,
             failback_after: Duration::ZERO,
             hello: pb::Hello::default(),
+            layout: None,
             batch_max: 1,
             reconnect_initial: Duration::from_millis(1),
             reconnect_max: Duration::from_millis(1),

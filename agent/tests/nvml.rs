@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use capwatch_agent::source::nvml::NvmlSource;
-use capwatch_agent::source::{GpuHealth, GpuInfo, GpuReading, GpuSource, SourceError};
+use capwatch_agent::source::{GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, SourceError};
 use nvml_wrapper::error::NvmlError;
 use tempfile::TempDir;
 
@@ -211,6 +211,8 @@ fn expected_info(index: u32, energy_counter_supported: bool) -> GpuInfo {
         pci_bus_id: Some(gpu.pci_bus_id.into()),
         serial: Some(gpu.serial.into()),
         driver_version: Some(DRIVER_VERSION.into()),
+        multiprocessor_count: Some([98, 108][index as usize]),
+        mig: Vec::new(),
     }
 }
 
@@ -870,4 +872,92 @@ fn a_damaged_xid_counts_file_is_counted_and_counting_starts_afresh() {
     let kept = capwatch_agent::source::xid::parse_counts(&text).expect("a sound file");
     let uuid = &source.inventory()[1].uuid;
     assert_eq!(kept[uuid].counts, BTreeMap::from([(63, 1)]));
+}
+
+// ---- MIG ----
+
+/// A MIG device as `fake_nvml.c` describes it.
+fn mig(uuid: &str, gpu_instance_id: u32, multiprocessor_count: u32, profile: &str) -> MigInstance {
+    MigInstance {
+        uuid: uuid.into(),
+        gpu_instance_id,
+        compute_instance_id: 0,
+        multiprocessor_count,
+        profile: profile.into(),
+    }
+}
+
+/// The fake's layout 1 on GPU 0: 3g + 2g + 1g, 84 of its 98 SMs.
+fn layout_1() -> Vec<MigInstance> {
+    vec![
+        mig("MIG-11111111-0000-0000-0000-000000000001", 1, 42, "3g.40gb"),
+        mig("MIG-11111111-0000-0000-0000-000000000002", 5, 28, "2g.20gb"),
+        // Its name is not given: the profile comes from its one slice.
+        mig("MIG-11111111-0000-0000-0000-000000000003", 13, 14, "1g"),
+    ]
+}
+
+#[test]
+fn a_board_in_mig_mode_lists_its_instances_and_is_still_read_whole() {
+    let fake = build_fake(&["-DFAKE_MIG_LAYOUT=1"]);
+    let mut source = open(&fake);
+    let mut board = expected_info(0, true);
+    board.mig = layout_1();
+    assert_eq!(source.inventory(), [board, expected_info(1, true)]);
+    // Samples stay per board: the board's counter once, no reading per
+    // instance.
+    let readings = source.sample(0);
+    assert_eq!(readings, [expected_reading(0, 1), expected_reading(1, 1)]);
+}
+
+#[test]
+fn a_changed_mig_layout_is_read_again_and_published() {
+    let dir = TempDir::new().expect("a temporary directory");
+    let control = dir.path().join("mig-layout");
+    std::fs::write(&control, "1").expect("writing the layout file");
+    let define = format!("-DFAKE_MIG_FILE=\"{}\"", control.display());
+    let fake = build_fake(&[&define]);
+    let mut source = open(&fake).with_mig_check_every(std::time::Duration::ZERO);
+    let mut layout = source.layout().expect("NVML publishes its layout");
+    assert_eq!(source.inventory()[0].mig, layout_1());
+
+    // Unchanged: nothing is published.
+    source.sample(0);
+    assert!(!layout.has_changed().expect("the source is alive"));
+
+    // 4g + 3g, the second in slot 3 (slots 1 and 2 empty).
+    std::fs::write(&control, "2").expect("writing the layout file");
+    source.sample(0);
+    assert!(layout.has_changed().expect("the source is alive"));
+    let published = layout.borrow_and_update().clone();
+    assert_eq!(
+        published[0].mig,
+        [
+            mig("MIG-22222222-0000-0000-0000-000000000001", 2, 56, "4g.40gb"),
+            mig("MIG-22222222-0000-0000-0000-000000000002", 1, 42, "3g.40gb"),
+        ]
+    );
+    assert_eq!(published, source.inventory());
+    assert!(published[1].mig.is_empty());
+
+    // MIG mode off: the board is whole again.
+    std::fs::write(&control, "0").expect("writing the layout file");
+    source.sample(0);
+    assert!(layout.has_changed().expect("the source is alive"));
+    assert!(layout.borrow_and_update()[0].mig.is_empty());
+}
+
+#[test]
+fn the_layout_is_read_again_only_at_its_interval() {
+    let dir = TempDir::new().expect("a temporary directory");
+    let control = dir.path().join("mig-layout");
+    std::fs::write(&control, "1").expect("writing the layout file");
+    let define = format!("-DFAKE_MIG_FILE=\"{}\"", control.display());
+    let fake = build_fake(&[&define]);
+    let mut source = open(&fake).with_mig_check_every(std::time::Duration::from_secs(3600));
+    let layout = source.layout().expect("NVML publishes its layout");
+    std::fs::write(&control, "2").expect("writing the layout file");
+    source.sample(0);
+    assert!(!layout.has_changed().expect("the source is alive"));
+    assert_eq!(source.inventory()[0].mig, layout_1());
 }

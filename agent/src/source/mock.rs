@@ -157,6 +157,8 @@ impl MockSource {
                     splitmix64(key ^ 0x5E71A1) % 10_000_000_000_000
                 )),
                 driver_version: Some(DRIVER_VERSION.to_string()),
+                multiprocessor_count: None,
+                mig: Vec::new(),
             });
             gpus.push(MockGpu {
                 profile,

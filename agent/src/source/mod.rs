@@ -6,6 +6,7 @@
 
 pub mod mock;
 pub mod nvml;
+mod nvml_ffi;
 pub mod worker;
 pub mod xid;
 
@@ -28,6 +29,25 @@ pub struct GpuInfo {
     pub pci_bus_id: Option<String>,
     pub serial: Option<String>,
     pub driver_version: Option<String>,
+    // ---- MIG ----
+    /// The board's SM count (`nvmlDeviceGetAttributes_v2`), where given.
+    pub multiprocessor_count: Option<u32>,
+    /// The board's MIG devices while it is in MIG mode, else empty.
+    pub mig: Vec<MigInstance>,
+}
+
+/// One MIG device of a board: what a tenant leases by its UUID. NVML has
+/// no power or energy reading of its own for it; the collector apportions
+/// the board's by SM share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigInstance {
+    /// `MIG-...`.
+    pub uuid: String,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    pub multiprocessor_count: u32,
+    /// `3g.40gb` from the device name, else `<slices>g`.
+    pub profile: String,
 }
 
 /// One GPU's health readings on one tick, in NVML's units. `None` means
@@ -142,6 +162,13 @@ pub trait GpuSource: Send {
     /// The source's failed reads, shared with `/metrics`; `None` for a
     /// source that cannot fail.
     fn errors(&self) -> Option<Arc<ReadErrors>> {
+        None
+    }
+
+    /// The inventory as it changes (a board's MIG layout): a new value
+    /// makes the agent say Hello again; `None` for a source whose
+    /// inventory is fixed.
+    fn layout(&self) -> Option<tokio::sync::watch::Receiver<Vec<GpuInfo>>> {
         None
     }
 }

@@ -21,6 +21,7 @@ use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, PcieUtilCounter, PerformancePolicy, TemperatureSensor,
@@ -32,8 +33,9 @@ use nvml_wrapper::sys_exports::field_id as fi;
 use nvml_wrapper::{Device, Nvml};
 use tracing::{error, info, warn};
 
+use super::nvml_ffi::{InstanceId, instance_id};
 use super::xid::XidWatch;
-use super::{GpuHealth, GpuInfo, GpuReading, GpuSource, ReadErrors, SourceError};
+use super::{GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, ReadErrors, SourceError};
 
 /// The field values read in one `nvmlDeviceGetFieldValues` call, with the
 /// name each is logged and counted under.
@@ -77,6 +79,64 @@ pub struct NvmlSource {
     /// not be identified at start-up and was left out).
     nvml_index: Vec<u32>,
     errors: Arc<ReadErrors>,
+    // ---- MIG ----
+    /// The inventory as the MIG layout re-reads leave it.
+    layout: tokio::sync::watch::Sender<Vec<GpuInfo>>,
+    /// How often the layout is read again, and when it last was.
+    mig_every: Duration,
+    mig_checked: Instant,
+}
+
+/// How often a board's MIG layout is read again by default.
+pub const MIG_CHECK_EVERY: Duration = Duration::from_secs(10);
+
+/// NVML's `NVML_DEVICE_MIG_ENABLE`.
+const MIG_ENABLED: u32 = 1;
+
+/// A board's SM count and its MIG devices (empty unless it is in MIG
+/// mode). A board without MIG support, or a driver without the MIG
+/// functions, has no MIG devices; any other failure is an error, and the
+/// caller keeps the layout it knew.
+fn mig_layout(
+    nvml: &Nvml,
+    device: &Device<'_>,
+) -> Result<(Option<u32>, Vec<MigInstance>), NvmlError> {
+    let board_sm = device.attributes().ok().map(|a| a.multiprocessor_count);
+    let mode = match device.mig_mode() {
+        Ok(m) => m.current,
+        Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => {
+            return Ok((board_sm, Vec::new()));
+        }
+        Err(e) => return Err(e),
+    };
+    if mode != MIG_ENABLED {
+        return Ok((board_sm, Vec::new()));
+    }
+    let mut instances = Vec::new();
+    for slot in 0..device.mig_device_count()? {
+        let mig = match device.mig_device_by_index(slot) {
+            Ok(m) => m,
+            // An empty slot.
+            Err(NvmlError::NotFound | NvmlError::InvalidArg) => continue,
+            Err(e) => return Err(e),
+        };
+        let attributes = mig.attributes()?;
+        // The driver names a MIG device "<board> MIG 3g.40gb".
+        let profile = match mig.name() {
+            Ok(name) => name.rsplit_once("MIG ").map(|(_, p)| p.trim().to_string()),
+            Err(_) => None,
+        }
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| format!("{}g", attributes.gpu_instance_slice_count));
+        instances.push(MigInstance {
+            uuid: mig.uuid()?,
+            gpu_instance_id: instance_id(nvml, &mig, InstanceId::Gpu)?,
+            compute_instance_id: instance_id(nvml, &mig, InstanceId::Compute)?,
+            multiprocessor_count: attributes.multiprocessor_count,
+            profile,
+        });
+    }
+    Ok((board_sm, instances))
 }
 
 impl NvmlSource {
@@ -146,6 +206,16 @@ impl NvmlSource {
                 device.total_energy_consumption(),
                 Err(NvmlError::NotSupported)
             );
+            let (multiprocessor_count, mig) = match mig_layout(&nvml, &device) {
+                Ok(layout) => layout,
+                Err(e) => {
+                    warn!(gpu = index, error = %e, "MIG layout cannot be read; the board is metered whole until it can");
+                    (None, Vec::new())
+                }
+            };
+            if !mig.is_empty() {
+                info!(gpu = index, instances = mig.len(), "board in MIG mode");
+            }
             inventory.push(GpuInfo {
                 index: inventory.len() as u32,
                 uuid,
@@ -156,6 +226,8 @@ impl NvmlSource {
                 pci_bus_id,
                 serial,
                 driver_version: driver_version.clone(),
+                multiprocessor_count,
+                mig,
             });
             nvml_index.push(index);
         }
@@ -182,11 +254,57 @@ impl NvmlSource {
             xid,
             nvml,
             lost: vec![false; inventory.len()],
+            layout: tokio::sync::watch::Sender::new(inventory.clone()),
             inventory,
             reported: HashSet::new(),
             nvml_index,
             errors,
+            mig_every: MIG_CHECK_EVERY,
+            mig_checked: Instant::now(),
         })
+    }
+
+    /// Reads the MIG layouts again every `every` instead of
+    /// [`MIG_CHECK_EVERY`].
+    pub fn with_mig_check_every(mut self, every: Duration) -> Self {
+        self.mig_every = every;
+        self
+    }
+
+    /// Reads every board's MIG layout again once `mig_every` has passed
+    /// since the last time, and publishes the inventory when one changed.
+    /// A board whose layout cannot be read keeps the one it had.
+    fn check_mig(&mut self) {
+        if self.mig_checked.elapsed() < self.mig_every {
+            return;
+        }
+        self.mig_checked = Instant::now();
+        let mut changed = false;
+        for (i, info) in self.inventory.iter_mut().enumerate() {
+            let Ok(device) = self.nvml.device_by_index(self.nvml_index[i]) else {
+                continue;
+            };
+            match mig_layout(&self.nvml, &device) {
+                Ok((sm, mig)) => {
+                    self.reported.remove(&(i as u32, "mig_layout"));
+                    if sm != info.multiprocessor_count || mig != info.mig {
+                        info!(gpu = i, uuid = %info.uuid, instances = mig.len(), "MIG layout changed; saying Hello again");
+                        info.multiprocessor_count = sm;
+                        info.mig = mig;
+                        changed = true;
+                    }
+                }
+                Err(e) => {
+                    self.errors.add("mig_layout");
+                    if self.reported.insert((i as u32, "mig_layout")) {
+                        warn!(gpu = i, error = %e, "MIG layout cannot be read again; keeping the one known");
+                    }
+                }
+            }
+        }
+        if changed {
+            self.layout.send_replace(self.inventory.clone());
+        }
     }
 
     /// Turns one NVML answer into an optional reading, logging the first
@@ -396,7 +514,12 @@ impl GpuSource for NvmlSource {
         Some(self.errors.clone())
     }
 
+    fn layout(&self) -> Option<tokio::sync::watch::Receiver<Vec<GpuInfo>>> {
+        Some(self.layout.subscribe())
+    }
+
     fn sample(&mut self, _at_unix_nanos: i64) -> Vec<GpuReading> {
+        self.check_mig();
         (0..self.inventory.len() as u32)
             .map(|index| match self.read(self.nvml_index[index as usize]) {
                 Ok(mut reading) => {

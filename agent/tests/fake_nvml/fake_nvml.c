@@ -467,6 +467,13 @@ static void maybe_block(const char *function)
 #define BLOCK_POINT() ((void)0)
 #endif
 
+/* ---- MIG hooks (the MIG section at the end) --------------------------- */
+
+/* Answers nvmlDeviceGetUUID / nvmlDeviceGetName for a MIG device handle;
+ * returns 0 when `device` is not one (the board's answer follows). */
+static int mig_uuid(nvmlDevice_t device, char *buf, unsigned int length, nvmlReturn_t *rc);
+static int mig_name(nvmlDevice_t device, char *buf, unsigned int length, nvmlReturn_t *rc);
+
 /* ---- exported NVML entry points ---------------------------------------- */
 
 nvmlReturn_t nvmlInit_v2(void)
@@ -540,7 +547,10 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned int index, nvmlDevice_t *dev
 nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int length)
 {
     BLOCK_POINT();
-    nvmlReturn_t rc = check_device(device);
+    nvmlReturn_t rc;
+    if (mig_uuid(device, uuid, length, &rc))
+        return rc;
+    rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
 #ifdef FAKE_NO_UUID_GPU
@@ -553,7 +563,10 @@ nvmlReturn_t nvmlDeviceGetUUID(nvmlDevice_t device, char *uuid, unsigned int len
 nvmlReturn_t nvmlDeviceGetName(nvmlDevice_t device, char *name, unsigned int length)
 {
     BLOCK_POINT();
-    nvmlReturn_t rc = check_device(device);
+    nvmlReturn_t rc;
+    if (mig_name(device, name, length, &rc))
+        return rc;
+    rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
     return copy_string(device->name, name, length);
@@ -1034,3 +1047,218 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         nanosleep(&step, NULL);
     }
 }
+
+/* ---- MIG ----------------------------------------------------------------
+ *
+ * GPU 0 (98 SMs, 7 GPU-instance slices: numbers of the fake's own) can be
+ * put in MIG mode with one of these layouts; GPU 1 does not support MIG
+ * (nvmlDeviceGetMigMode answers NOT_SUPPORTED) and has 108 SMs.
+ *
+ *   layout 0   MIG mode off
+ *   layout 1   slot 0: MIG-11111111-0000-0000-0000-000000000001
+ *                      "NVIDIA H100 80GB HBM3 MIG 3g.40gb", GI 1, CI 0, 42 SMs
+ *              slot 1: MIG-11111111-0000-0000-0000-000000000002
+ *                      "NVIDIA H100 80GB HBM3 MIG 2g.20gb", GI 5, CI 0, 28 SMs
+ *              slot 2: MIG-11111111-0000-0000-0000-000000000003
+ *                      name NOT_SUPPORTED (the profile comes from its
+ *                      1 slice: "1g"), GI 13, CI 0, 14 SMs
+ *              (14 of the board's SMs in no instance)
+ *   layout 2   slot 0: MIG-22222222-0000-0000-0000-000000000001
+ *                      "NVIDIA H100 80GB HBM3 MIG 4g.40gb", GI 2, CI 0, 56 SMs
+ *              slot 3: MIG-22222222-0000-0000-0000-000000000002
+ *                      "NVIDIA H100 80GB HBM3 MIG 3g.40gb", GI 1, CI 0, 42 SMs
+ *              (slots 1, 2, 4-6 empty: NOT_FOUND)
+ *
+ * Compile-time switches (-D):
+ *
+ *   FAKE_MIG_LAYOUT=N   GPU 0's layout (default 0).
+ *   FAKE_MIG_FILE="PATH"
+ *                       (a C string literal) a control file read at each
+ *                       MIG call: while it holds a layout number, that
+ *                       layout is in force, so a test can change the
+ *                       layout during a run.
+ */
+
+#define NVML_ERROR_NOT_FOUND 6
+#define FAKE_MIG_SLOTS 7u
+
+typedef struct nvmlDeviceAttributes_st {
+    unsigned int multiprocessorCount;
+    unsigned int sharedCopyEngineCount;
+    unsigned int sharedDecoderCount;
+    unsigned int sharedEncoderCount;
+    unsigned int sharedJpegCount;
+    unsigned int sharedOfaCount;
+    unsigned int gpuInstanceSliceCount;
+    unsigned int computeInstanceSliceCount;
+    unsigned long long memorySizeMB;
+} nvmlDeviceAttributes_t;
+
+struct fake_mig {
+    const char *uuid; /* NULL: an empty slot */
+    const char *name; /* NULL: nvmlDeviceGetName answers NOT_SUPPORTED */
+    unsigned int gpu_instance, compute_instance, sms, slices;
+    unsigned long long memory_mb;
+};
+
+static struct fake_mig mig_layouts[3][FAKE_MIG_SLOTS] = {
+    {{0}},
+    {
+        {"MIG-11111111-0000-0000-0000-000000000001", "NVIDIA H100 80GB HBM3 MIG 3g.40gb", 1, 0, 42, 3, 40192},
+        {"MIG-11111111-0000-0000-0000-000000000002", "NVIDIA H100 80GB HBM3 MIG 2g.20gb", 5, 0, 28, 2, 19968},
+        {"MIG-11111111-0000-0000-0000-000000000003", NULL, 13, 0, 14, 1, 9856},
+    },
+    {
+        {"MIG-22222222-0000-0000-0000-000000000001", "NVIDIA H100 80GB HBM3 MIG 4g.40gb", 2, 0, 56, 4, 40192},
+        {0},
+        {0},
+        {"MIG-22222222-0000-0000-0000-000000000002", "NVIDIA H100 80GB HBM3 MIG 3g.40gb", 1, 0, 42, 3, 40192},
+    },
+};
+
+#ifdef FAKE_MIG_LAYOUT
+#define MIG_LAYOUT ((int)(FAKE_MIG_LAYOUT))
+#else
+#define MIG_LAYOUT 0
+#endif
+
+/* The layout in force: the control file's number, else the built-in one. */
+static int mig_layout(void)
+{
+    int layout = MIG_LAYOUT;
+#ifdef FAKE_MIG_FILE
+    FILE *f = fopen(FAKE_MIG_FILE, "r");
+    if (f != NULL) {
+        int n;
+        if (fscanf(f, "%d", &n) == 1)
+            layout = n;
+        fclose(f);
+    }
+#endif
+    return layout >= 0 && layout < 3 ? layout : 0;
+}
+
+/* The MIG device `device` points at, or NULL when it is no MIG handle. */
+static struct fake_mig *as_mig(nvmlDevice_t device)
+{
+    const struct fake_mig *first = &mig_layouts[0][0];
+    const struct fake_mig *end = first + 3 * FAKE_MIG_SLOTS;
+    const struct fake_mig *m = (const struct fake_mig *)(const void *)device;
+    if (m < first || m >= end || m->uuid == NULL)
+        return NULL;
+    return (struct fake_mig *)m;
+}
+
+static int mig_uuid(nvmlDevice_t device, char *buf, unsigned int length, nvmlReturn_t *rc)
+{
+    struct fake_mig *m = as_mig(device);
+    if (m == NULL)
+        return 0;
+    *rc = init_count <= 0 ? NVML_ERROR_UNINITIALIZED : copy_string(m->uuid, buf, length);
+    return 1;
+}
+
+static int mig_name(nvmlDevice_t device, char *buf, unsigned int length, nvmlReturn_t *rc)
+{
+    struct fake_mig *m = as_mig(device);
+    if (m == NULL)
+        return 0;
+    if (init_count <= 0)
+        *rc = NVML_ERROR_UNINITIALIZED;
+    else if (m->name == NULL)
+        *rc = NVML_ERROR_NOT_SUPPORTED;
+    else
+        *rc = copy_string(m->name, buf, length);
+    return 1;
+}
+
+nvmlReturn_t nvmlDeviceGetMigMode(nvmlDevice_t device, unsigned int *current, unsigned int *pending)
+{
+    nvmlReturn_t rc = check_device(device);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (current == NULL || pending == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (device != &gpus[0])
+        return NVML_ERROR_NOT_SUPPORTED;
+    *current = *pending = mig_layout() != 0;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxMigDeviceCount(nvmlDevice_t device, unsigned int *count)
+{
+    nvmlReturn_t rc = check_device(device);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (count == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (device != &gpus[0])
+        return NVML_ERROR_NOT_SUPPORTED;
+    *count = FAKE_MIG_SLOTS;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetMigDeviceHandleByIndex(nvmlDevice_t device, unsigned int index, nvmlDevice_t *mig)
+{
+    nvmlReturn_t rc = check_device(device);
+    int layout = mig_layout();
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (mig == NULL || index >= FAKE_MIG_SLOTS)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (device != &gpus[0] || layout == 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    if (mig_layouts[layout][index].uuid == NULL)
+        return NVML_ERROR_NOT_FOUND;
+    *mig = (nvmlDevice_t)(void *)&mig_layouts[layout][index];
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttributes_t *attributes)
+{
+    struct fake_mig *m = as_mig(device);
+    if (attributes == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    memset(attributes, 0, sizeof *attributes);
+    if (m != NULL) {
+        if (init_count <= 0)
+            return NVML_ERROR_UNINITIALIZED;
+        attributes->multiprocessorCount = m->sms;
+        attributes->gpuInstanceSliceCount = m->slices;
+        attributes->computeInstanceSliceCount = m->slices;
+        attributes->memorySizeMB = m->memory_mb;
+        return NVML_SUCCESS;
+    }
+    nvmlReturn_t rc = check_device(device);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    attributes->multiprocessorCount = device == &gpus[0] ? 98 : 108;
+    attributes->gpuInstanceSliceCount = device == &gpus[0] ? 7 : 0;
+    attributes->memorySizeMB = device->mem_total / (1024 * 1024);
+    return NVML_SUCCESS;
+}
+
+static nvmlReturn_t mig_id(nvmlDevice_t device, unsigned int *id, int compute)
+{
+    struct fake_mig *m = as_mig(device);
+    if (init_count <= 0)
+        return NVML_ERROR_UNINITIALIZED;
+    if (id == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    /* A board handle: not a MIG device. */
+    if (m == NULL)
+        return check_device(device) == NVML_SUCCESS ? NVML_ERROR_NOT_SUPPORTED : NVML_ERROR_INVALID_ARGUMENT;
+    *id = compute ? m->compute_instance : m->gpu_instance;
+    return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetGpuInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    return mig_id(device, id, 0);
+}
+
+nvmlReturn_t nvmlDeviceGetComputeInstanceId(nvmlDevice_t device, unsigned int *id)
+{
+    return mig_id(device, id, 1);
+}
+/* ---- end MIG ------------------------------------------------------------ */
