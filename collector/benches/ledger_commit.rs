@@ -242,6 +242,7 @@ impl Agent {
                 memory_total_bytes: Some(80 << 30),
                 energy_counter_supported: true,
                 identity: Default::default(),
+                mig: Default::default(),
             })
             .collect();
         let (handle, _acked) = state

@@ -59,6 +59,7 @@ fn fleet(gpus: usize) -> Arc<State> {
                         memory_total_bytes: Some(80 << 30),
                         energy_counter_supported: true,
                         identity: Default::default(),
+                        mig: Default::default(),
                     })
                     .collect(),
             })

@@ -86,7 +86,159 @@ pub struct GpuInfo {
     pub energy_counter_supported: bool,
     /// What users join on (`capwatch_gpu_info`), each checked as a label.
     pub identity: GpuIdentity,
+    /// The board's MIG layout, if any.
+    pub mig: Mig,
 }
+
+// ---- MIG ----
+
+impl GpuInfo {
+    /// The UUIDs a tenant may lease of this GPU: the board's, and each
+    /// of its MIG instances' (of a layout the edge accepted).
+    pub fn leasable_uuids(&self) -> impl Iterator<Item = &str> {
+        let instances = match &self.mig {
+            Mig::Split { instances, .. } => instances.as_slice(),
+            _ => &[],
+        };
+        std::iter::once(self.uuid.as_str()).chain(instances.iter().map(|m| m.uuid.as_str()))
+    }
+}
+
+/// At most this many MIG devices per board (NVIDIA's boards have 7 GPU
+/// instance slices; compute instances may split them further).
+pub const MAX_MIG_INSTANCES: usize = 64;
+
+/// One MIG device of a board, from the Hello.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigInstance {
+    /// `MIG-...`, what a tenant leases.
+    pub uuid: String,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+    /// At least 1 (checked).
+    pub multiprocessor_count: u32,
+    pub profile: String,
+}
+
+/// A board's MIG layout, as the Hello gave it and `check_hello` left it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Mig {
+    /// Not in MIG mode (or an agent that predates MIG): metered whole.
+    #[default]
+    Whole,
+    /// In MIG mode: the board's SM count and its instances, whose SM
+    /// counts sum to at most the board's (checked). The board's energy is
+    /// split among them by SM share; SMs in no instance stay the board's.
+    Split {
+        board_sm: u32,
+        instances: Vec<MigInstance>,
+    },
+    /// A layout the collector cannot apportion by: the board is metered
+    /// whole, to its own UUID (nothing lost, nothing doubled).
+    Refused(MigRefusal),
+}
+
+/// Why a board's MIG layout was refused
+/// (`capwatch_collector_mig_layouts_refused_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigRefusal {
+    /// Instances without the board's SM count to share them out of.
+    BoardSmCount = 0,
+    /// An instance with no SMs.
+    InstanceSmCount = 1,
+    /// The instances' SMs sum beyond the board's.
+    SmsBeyondBoard = 2,
+    /// An instance UUID that is another instance's or a board's in the
+    /// same Hello.
+    DuplicateUuid = 3,
+    /// An instance UUID or profile that is no label (empty, too long,
+    /// control characters).
+    Label = 4,
+    /// More than [`MAX_MIG_INSTANCES`] instances.
+    TooMany = 5,
+}
+
+impl MigRefusal {
+    pub const ALL: [MigRefusal; 6] = [
+        MigRefusal::BoardSmCount,
+        MigRefusal::InstanceSmCount,
+        MigRefusal::SmsBeyondBoard,
+        MigRefusal::DuplicateUuid,
+        MigRefusal::Label,
+        MigRefusal::TooMany,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            MigRefusal::BoardSmCount => "board_sm_count",
+            MigRefusal::InstanceSmCount => "instance_sm_count",
+            MigRefusal::SmsBeyondBoard => "sms_beyond_board",
+            MigRefusal::DuplicateUuid => "duplicate_uuid",
+            MigRefusal::Label => "label",
+            MigRefusal::TooMany => "too_many",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            MigRefusal::BoardSmCount => {
+                "MIG instances listed without the board's multiprocessor_count"
+            }
+            MigRefusal::InstanceSmCount => "a MIG instance has multiprocessor_count 0",
+            MigRefusal::SmsBeyondBoard => {
+                "the MIG instances' multiprocessor counts sum beyond the board's"
+            }
+            MigRefusal::DuplicateUuid => {
+                "a MIG instance UUID appears twice in the Hello (or is a board's)"
+            }
+            MigRefusal::Label => {
+                "a MIG instance UUID (1-128) or profile (0-128) is not printable characters"
+            }
+            MigRefusal::TooMany => "more MIG instances than the limit of 64",
+        }
+    }
+}
+
+/// Checks one board's MIG layout; `taken` holds the board UUIDs of the
+/// Hello and the instance UUIDs of the boards checked before.
+fn check_mig(
+    board_sm: u32,
+    instances: &[MigInstance],
+    taken: &mut std::collections::HashSet<String>,
+) -> Result<(), MigRefusal> {
+    if instances.len() > MAX_MIG_INSTANCES {
+        return Err(MigRefusal::TooMany);
+    }
+    if instances
+        .iter()
+        .any(|m| !label_ok(&m.uuid, 1) || !label_ok(&m.profile, 0))
+    {
+        return Err(MigRefusal::Label);
+    }
+    if board_sm == 0 {
+        return Err(MigRefusal::BoardSmCount);
+    }
+    if instances.iter().any(|m| m.multiprocessor_count == 0) {
+        return Err(MigRefusal::InstanceSmCount);
+    }
+    let sum: u64 = instances
+        .iter()
+        .map(|m| u64::from(m.multiprocessor_count))
+        .sum();
+    if sum > u64::from(board_sm) {
+        return Err(MigRefusal::SmsBeyondBoard);
+    }
+    let mut own = std::collections::HashSet::new();
+    if instances
+        .iter()
+        .any(|m| taken.contains(&m.uuid) || !own.insert(m.uuid.as_str()))
+    {
+        return Err(MigRefusal::DuplicateUuid);
+    }
+    taken.extend(instances.iter().map(|m| m.uuid.clone()));
+    Ok(())
+}
+// ---- end MIG ----
 
 /// The PCI bus id, serial number and driver version of a GPU, from the
 /// Hello: absent where the agent did not get them.
@@ -242,6 +394,22 @@ pub fn check_hello(mut hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, He
                 index,
                 reason: "UUID appears twice in the inventory",
             });
+        }
+    }
+    // A MIG layout the collector cannot apportion by is dropped alone (the
+    // board metered whole, to its UUID), never the node's Hello: counted
+    // by `State::hello_checked`.
+    let mut taken: std::collections::HashSet<String> =
+        hello.gpus.iter().map(|g| g.uuid.clone()).collect();
+    for (index, g) in hello.gpus.iter_mut().enumerate() {
+        if let Mig::Split {
+            board_sm,
+            instances,
+        } = &g.mig
+            && let Err(reason) = check_mig(*board_sm, instances, &mut taken)
+        {
+            tracing::warn!(node = %hello.node_id, gpu = index, uuid = %g.uuid, reason = reason.label(), "MIG layout refused: {}; the board's energy goes to the board's UUID", reason.message());
+            g.mig = Mig::Refused(reason);
         }
     }
     // Identity is for joins only: a value that cannot be a label (empty,
@@ -662,6 +830,24 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
                     pci_bus_id: g.pci_bus_id,
                     serial: g.serial,
                     driver_version: g.driver_version,
+                },
+                mig: if g.mig_instances.is_empty() {
+                    Mig::Whole
+                } else {
+                    Mig::Split {
+                        board_sm: g.multiprocessor_count.unwrap_or(0),
+                        instances: g
+                            .mig_instances
+                            .into_iter()
+                            .map(|m| MigInstance {
+                                uuid: m.uuid,
+                                gpu_instance_id: m.gpu_instance_id,
+                                compute_instance_id: m.compute_instance_id,
+                                multiprocessor_count: m.multiprocessor_count,
+                                profile: m.profile,
+                            })
+                            .collect(),
+                    }
                 },
             })
             .collect(),

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tracing::{debug, error, warn};
 
-pub use crate::edge::{NodePowerReject, Reject};
+pub use crate::edge::{MigRefusal, NodePowerReject, Reject};
 
 impl Reject {
     /// Every reason, in the order of `capwatch_collector_samples_total`'s
@@ -188,6 +188,9 @@ pub struct Counters {
     pub gpu_health_dropped: AtomicU64,
     /// Node power readings dropped, by [`NodePowerReject::ALL`].
     node_power_rejected: [AtomicU64; NodePowerReject::ALL.len()],
+    /// Boards whose MIG layout a Hello listed and the edge refused (the
+    /// board metered whole), by [`MigRefusal::ALL`].
+    mig_layouts_refused: [AtomicU64; MigRefusal::ALL.len()],
     /// How long successful ledger commits took.
     pub commit_seconds: Histogram,
     /// The ledger's watermark (`finalized_through`, Unix seconds) as last
@@ -226,6 +229,11 @@ impl Counters {
                 warn!(node = %node, reason = reason.label(), readings = n, "node power readings dropped (their samples are kept)");
             }
         }
+    }
+
+    /// Boards' MIG layouts refused for `reason`.
+    pub fn mig_layouts_refused(&self, reason: MigRefusal) -> u64 {
+        self.mig_layouts_refused[reason as usize].load(Ordering::Relaxed)
     }
 
     /// Hellos refused for a GPU claim, for `reason`.
@@ -301,6 +309,24 @@ impl GpuClaimRefused<'_> {
     pub fn emit(&self, c: &Counters) {
         c.gpu_claims_refused[self.reason as usize].fetch_add(1, Ordering::Relaxed);
         debug!(reason = self.reason.label(), node = ?self.node, gpu = ?self.uuid, "GPU claim refused");
+    }
+}
+
+/// A board's MIG layout refused at a Hello (the Hello admitted, the
+/// board metered whole to its own UUID). `check_hello` logged it with the
+/// node and GPU index; this counts it and logs the board once more at
+/// debug.
+#[derive(Debug, Clone, Copy)]
+pub struct MigLayoutRefused<'a> {
+    pub reason: MigRefusal,
+    pub node: &'a str,
+    pub uuid: &'a str,
+}
+
+impl MigLayoutRefused<'_> {
+    pub fn emit(&self, c: &Counters) {
+        c.mig_layouts_refused[self.reason as usize].fetch_add(1, Ordering::Relaxed);
+        debug!(reason = self.reason.label(), node = ?self.node, gpu = ?self.uuid, "MIG layout refused");
     }
 }
 

@@ -83,6 +83,18 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         "Always 1, for every GPU whose agent named any of them; labels carry what to join on besides the UUID: PCI bus id, board serial and driver version (empty when not given).",
         Kind::Gauge,
     ),
+    // ---- MIG ----
+    (
+        "capwatch_gpu_mig_instance_info",
+        "Always 1, for every MIG instance of a board in MIG mode (the board's own series stay per board); uuid is the instance's (MIG-...), parent_uuid the board's, gpu its board's position; tenant is the instance's lessee, else the board's.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_mig_energy_joules_total",
+        "Energy of a MIG board apportioned to each part since this collector first heard it: each board delta split by SM share, exactly (the parts sum to the board's delta); uuid is the instance's, or the board's own for its SMs in no instance.",
+        Kind::Counter,
+    ),
+    // ---- end MIG ----
     (
         "capwatch_gpu_clock_event_reasons",
         "The GPU's clock-event (throttle) reasons as NVML's bitmask, as the agent sent it (the capwatch agent reads the bits up to 0x100, display clock setting).",
@@ -401,6 +413,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     (
         "capwatch_collector_gpu_claims_refused_total",
         "Agent Hellos refused for a leased GPU the node may not report, by reason (lease_node, held_by_other_node).",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_collector_mig_layouts_refused_total",
+        "Boards whose MIG layout a Hello listed and the collector refused (the board metered whole, to its own UUID), by reason (board_sm_count, instance_sm_count, sms_beyond_board, duplicate_uuid, label, too_many); counted at each Hello.",
         Kind::Counter,
     ),
     (
@@ -966,6 +983,8 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
     let gpu_clock = family("capwatch_gpu_sm_clock_hertz");
     let gpu_limit = family("capwatch_gpu_power_limit_watts");
     let gpu_info = family("capwatch_gpu_info");
+    let mig_info = family("capwatch_gpu_mig_instance_info");
+    let mig_energy = family("capwatch_gpu_mig_energy_joules_total");
     // Tenant level only: nothing to say per node.
     if detail.nodes || per_gpu {
         state.for_each_node(|n| {
@@ -1072,6 +1091,40 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
                         ],
                         1.0,
                     );
+                }
+                for part in g.mig_parts() {
+                    let parent = [("parent_uuid", g.uuid())];
+                    let base = [
+                        ("tenant", part.tenant()),
+                        ("node", n.id()),
+                        ("gpu", index.as_str()),
+                        ("uuid", part.uuid()),
+                    ];
+                    f.push_at(
+                        mig_energy,
+                        &[base[0], base[1], base[2], base[3], parent[0]],
+                        part.energy_millijoules() as f64 / 1000.0,
+                    );
+                    if let Some(m) = part.instance() {
+                        let (gi, ci) = (
+                            m.gpu_instance_id.to_string(),
+                            m.compute_instance_id.to_string(),
+                        );
+                        f.push_at(
+                            mig_info,
+                            &[
+                                base[0],
+                                base[1],
+                                base[2],
+                                base[3],
+                                parent[0],
+                                ("gpu_instance_id", gi.as_str()),
+                                ("compute_instance_id", ci.as_str()),
+                                ("profile", m.profile.as_str()),
+                            ],
+                            1.0,
+                        );
+                    }
                 }
                 let Some(r) = reading else { continue };
                 if let Some(h) = r.health.as_deref() {
@@ -1321,6 +1374,13 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             "capwatch_collector_gpu_claims_refused_total",
             &[("reason", reason.label())],
             c.gpu_claims_refused(reason) as f64,
+        );
+    }
+    for reason in crate::events::MigRefusal::ALL {
+        f.push(
+            "capwatch_collector_mig_layouts_refused_total",
+            &[("reason", reason.label())],
+            c.mig_layouts_refused(reason) as f64,
         );
     }
     f.results(
@@ -1573,6 +1633,7 @@ mod tests {
                                 serial: (full && g == 0).then(|| "1654321098765".into()),
                                 driver_version: (full && g == 0).then(|| "550.54.15".into()),
                             },
+                            mig: Default::default(),
                         })
                         .collect(),
                 })

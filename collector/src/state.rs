@@ -349,7 +349,25 @@ impl State {
     pub fn hello_checked(&self, hello: Checked<Hello>) -> Result<(StreamHandle, u64), HelloError> {
         let (tenants, span) = self.in_force();
         let node = hello.node_id.clone();
+        let refused: Vec<(crate::edge::MigRefusal, String)> = hello
+            .gpus
+            .iter()
+            .filter_map(|g| match &g.mig {
+                crate::edge::Mig::Refused(r) => Some((*r, g.uuid.clone())),
+                _ => None,
+            })
+            .collect();
         let admitted = self.fleet.hello(hello, &tenants, span);
+        if admitted.is_ok() {
+            for (reason, uuid) in &refused {
+                crate::events::MigLayoutRefused {
+                    reason: *reason,
+                    node: &node,
+                    uuid,
+                }
+                .emit(&self.counters);
+            }
+        }
         if let Err(e) = &admitted {
             self.count_gpu_claim_refusal(&node, e);
         }

@@ -356,6 +356,15 @@ impl Tenants {
         }
     }
 
+    /// The tenant of MIG instance `instance` of board `board` on node
+    /// `node`: its lessee by UUID, else the board's tenant.
+    pub fn attribute_instance(&self, node: &str, instance: &str, board: &str) -> usize {
+        match self.by_uuid.get(instance) {
+            Some(lease) if lease.allows(node) => lease.tenant,
+            _ => self.attribute(node, board),
+        }
+    }
+
     /// The tenant leasing GPU `uuid` by UUID, if any.
     pub fn uuid_lessee(&self, uuid: &str) -> Option<&Arc<str>> {
         self.by_uuid.get(uuid).map(|l| &self.tenants[l.tenant].id)

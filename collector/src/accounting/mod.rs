@@ -509,6 +509,34 @@ pub trait Book<T: ?Sized> {
     fn add(&mut self, tenant: &T, minute: i64, f: &MinuteFigures);
 }
 
+/// The figures one reading books over its interval.
+#[derive(Debug, Clone, Copy)]
+struct Amounts {
+    energy_mj: u64,
+    estimated_mj: u64,
+    covered: u64,
+    busy: u64,
+    span: u64,
+}
+
+// ---- MIG ----
+
+/// A function that splits an amount among parts of the given weights,
+/// exactly (the parts sum to the amount) and in proportion, by the
+/// largest-remainder split of facility meters (`facility::allocate`);
+/// every part gets 0 when all weights are 0.
+pub fn split_by_weight(weights: impl IntoIterator<Item = u64>) -> impl Fn(u64) -> Vec<u64> {
+    let weights: Vec<(usize, u64)> = weights.into_iter().enumerate().collect();
+    move |amount| {
+        let mut out = vec![0; weights.len()];
+        for (k, share) in facility::allocate(amount, &weights).shares {
+            out[k] = share;
+        }
+        out
+    }
+}
+// ---- end MIG ----
+
 /// What [`Applied::interval`] gives: the interval `[from, to_ns)` of
 /// `span` ns the reading's energy is booked over, and `covered` ns of it,
 /// from `backed_from`, that the reading backs.
@@ -551,13 +579,15 @@ impl Applied {
     /// gap carries energy but is not coverage), an estimate from power the
     /// stretch it stands for, which also holds its energy.
     pub fn book<T: ?Sized>(&self, b: &mut impl Book<T>, tenant: &T, window: Duration) {
-        let to_ns = self.to_ns;
-        let Interval {
-            from,
-            span,
-            backed_from,
-            covered,
-        } = self.interval(window);
+        let (iv, amounts) = self.amounts(window);
+        self.book_amounts(b, tenant, &iv, amounts);
+    }
+
+    /// What [`Applied::book`] adds up: the interval and the figures
+    /// booked over it.
+    fn amounts(&self, window: Duration) -> (Interval, Amounts) {
+        let iv = self.interval(window);
+        let covered = iv.covered;
         let util = u64::from(self.utilization_percent.unwrap_or(0).min(100));
         let busy = covered / 100 * util + covered % 100 * util / 100;
         let estimated_mj = if self.estimated_ns.is_some() {
@@ -565,12 +595,72 @@ impl Applied {
         } else {
             0
         };
+        let amounts = Amounts {
+            energy_mj: self.energy_mj,
+            estimated_mj,
+            covered,
+            busy,
+            span: iv.span,
+        };
+        (iv, amounts)
+    }
+
+    // ---- MIG ----
+
+    /// Books this reading of a MIG board split among its `parts`
+    /// (tenant, SM count): the energy, the estimated part of it, the GPU
+    /// time, busy time and expected time are each split in proportion to
+    /// the SM counts by the exact largest-remainder split
+    /// (`facility::allocate`), so each figure's parts sum to the board's
+    /// exactly; each part counts as one sample. Returns each part's
+    /// energy, in the order of `parts`. A part of weight 0 gets nothing.
+    pub fn book_parts<T: ?Sized>(
+        &self,
+        b: &mut impl Book<T>,
+        parts: &[(&T, u64)],
+        window: Duration,
+    ) -> Vec<u64> {
+        let (iv, whole) = self.amounts(window);
+        let split = split_by_weight(parts.iter().map(|(_, w)| *w));
+        let energy = split(whole.energy_mj);
+        let estimated = split(whole.estimated_mj);
+        let covered = split(whole.covered);
+        let busy = split(whole.busy);
+        let span = split(whole.span);
+        for (k, (tenant, weight)) in parts.iter().enumerate() {
+            if *weight == 0 {
+                continue;
+            }
+            let amounts = Amounts {
+                energy_mj: energy[k],
+                estimated_mj: estimated[k],
+                covered: covered[k],
+                busy: busy[k],
+                span: span[k],
+            };
+            self.book_amounts(b, *tenant, &iv, amounts);
+        }
+        energy
+    }
+    // ---- end MIG ----
+
+    /// Books `a` to `tenant`'s minute buckets over the interval `iv`.
+    fn book_amounts<T: ?Sized>(&self, b: &mut impl Book<T>, tenant: &T, iv: &Interval, a: Amounts) {
+        let to_ns = self.to_ns;
+        let (from, backed_from) = (iv.from, iv.backed_from);
+        let Amounts {
+            energy_mj,
+            estimated_mj,
+            covered,
+            busy,
+            span,
+        } = a;
         let minute = to_ns.div_euclid(MINUTE_NS) * MINUTE;
         // The common case, an interval inside one minute: one bucket
         // update instead of one per figure.
         if from.div_euclid(MINUTE_NS) * MINUTE == minute {
             let f = MinuteFigures {
-                energy_mj: self.energy_mj,
+                energy_mj,
                 estimated_mj,
                 gpu_ns: covered,
                 busy_gpu_ns: busy,
@@ -591,7 +681,7 @@ impl Applied {
                 b.add(tenant, minute, &f);
             }
         };
-        add(self.energy_mj, backed_from, |d| &mut d.energy_mj);
+        add(energy_mj, backed_from, |d| &mut d.energy_mj);
         add(estimated_mj, backed_from, |d| &mut d.estimated_mj);
         add(covered, backed_from, |d| &mut d.gpu_ns);
         add(busy, backed_from, |d| &mut d.busy_gpu_ns);

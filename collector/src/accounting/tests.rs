@@ -381,3 +381,90 @@ fn a_fine_counter_frozen_for_an_hour_does_not_vouch_for_a_jump() {
     assert_eq!(a.energy_mj, 300_000, "300 W for one second");
     assert_eq!(m.counter_resets(), 1);
 }
+
+// ---- MIG ----
+
+/// Minute buckets per tenant.
+#[derive(Default)]
+struct ByTenant(BTreeMap<(String, i64), MinuteFigures>);
+
+impl Book<str> for ByTenant {
+    fn add(&mut self, tenant: &str, minute: i64, f: &MinuteFigures) {
+        let d = self.0.entry((tenant.to_string(), minute)).or_default();
+        d.energy_mj += f.energy_mj;
+        d.estimated_mj += f.estimated_mj;
+        d.gpu_ns += f.gpu_ns;
+        d.busy_gpu_ns += f.busy_gpu_ns;
+        d.expected_gpu_ns += f.expected_gpu_ns;
+        d.samples += f.samples;
+    }
+}
+
+#[test]
+fn a_mig_boards_delta_is_split_by_sm_share_with_the_largest_remainder() {
+    // 1000 mJ over 42/28/14 SMs of 98, the board's 14 others as a fourth
+    // part: 428.57, 285.71, 142.86, 142.86 -> the two largest remainders
+    // (ties to the earlier part) and the next get the 3 mJ left.
+    let split = split_by_weight([42, 28, 14, 14]);
+    assert_eq!(split(1000), [428, 286, 143, 143]);
+    assert_eq!(split(0), [0, 0, 0, 0]);
+    assert_eq!(split(1), [1, 0, 0, 0]);
+    assert_eq!(split(98), [42, 28, 14, 14]);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// Invariant: a MIG board's reading split among its parts books, for
+    /// each figure (energy, estimated energy, GPU time, busy time,
+    /// expected time, minute by minute summed), exactly what the whole
+    /// reading would book to one tenant; each part's energy is within
+    /// 1 mJ of its SM share and the parts sum to the board's.
+    #[test]
+    fn mig_parts_sum_to_the_whole_board_figure_by_figure(
+        energy in 0u64..10_000_000,
+        from in 0i64..120 * SEC,
+        len in 1i64..90 * SEC,
+        util in 0u32..=100,
+        estimated in any::<bool>(),
+        weights in proptest::collection::vec(1u64..60, 1..8),
+    ) {
+        let applied = Applied {
+            energy_mj: energy,
+            estimated_ns: estimated.then_some(len as u64),
+            from_ns: Some(T0 + from),
+            to_ns: T0 + from + len,
+            utilization_percent: Some(util),
+            kept: true,
+            drawn_from_ns: None,
+            open: false,
+        };
+        let window = Duration::from_secs(600);
+        let mut whole = Buckets::default();
+        applied.book(&mut whole, "", window);
+        let names: Vec<String> = (0..weights.len()).map(|k| format!("t{k}")).collect();
+        let parts: Vec<(&str, u64)> = names.iter().map(String::as_str).zip(weights.iter().copied()).collect();
+        let mut split = ByTenant::default();
+        let shares = applied.book_parts(&mut split, &parts, window);
+        prop_assert_eq!(shares.iter().sum::<u64>(), energy);
+        let total: u64 = weights.iter().sum();
+        for (share, w) in shares.iter().zip(&weights) {
+            let exact = u128::from(energy) * u128::from(*w);
+            prop_assert!(u128::from(*share) * u128::from(total) + u128::from(total) > exact);
+            prop_assert!(u128::from(*share) * u128::from(total) < exact + u128::from(total));
+        }
+        let sum = |f: fn(&MinuteFigures) -> u64| split.0.values().map(f).sum::<u64>();
+        let want = |f: fn(&MinuteFigures) -> u64| whole.0.values().map(f).sum::<u64>();
+        prop_assert_eq!(sum(|f| f.energy_mj), want(|f| f.energy_mj));
+        prop_assert_eq!(sum(|f| f.estimated_mj), want(|f| f.estimated_mj));
+        prop_assert_eq!(sum(|f| f.gpu_ns), want(|f| f.gpu_ns));
+        prop_assert_eq!(sum(|f| f.busy_gpu_ns), want(|f| f.busy_gpu_ns));
+        prop_assert_eq!(sum(|f| f.expected_gpu_ns), want(|f| f.expected_gpu_ns));
+        // Each part is one sample of its own.
+        prop_assert_eq!(sum(|f| f.samples), weights.len() as u64);
+        // Each tenant's energy is its share.
+        for (k, name) in names.iter().enumerate() {
+            let got: u64 = split.0.iter().filter(|((t, _), _)| t == name).map(|(_, f)| f.energy_mj).sum();
+            prop_assert_eq!(got, shares[k]);
+        }
+    }
+}

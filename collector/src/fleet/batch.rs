@@ -68,6 +68,9 @@ impl Fleet {
         // The tenant of each GPU under the last older version a sample of
         // this batch needed: (version, tenant per GPU).
         let mut past: Option<(usize, Vec<Arc<str>>)> = None;
+        // And of each MIG board's parts under that version (empty for a
+        // whole board).
+        let mut past_parts: Vec<Vec<Arc<str>>> = Vec::new();
         {
             let mut guard = lock(&h.node);
             // One borrow per field: the GPUs, the power sources and the
@@ -144,6 +147,22 @@ impl Fleet {
                             .map(|g| t.all()[t.attribute(&node_id, &g.uuid)].id.clone())
                             .collect();
                         past = Some((v, tenants));
+                        past_parts = n
+                            .gpus
+                            .iter()
+                            .map(|g| {
+                                g.mig.as_deref().map_or_else(Vec::new, |m| {
+                                    m.parts
+                                        .iter()
+                                        .map(|p| {
+                                            let at =
+                                                t.attribute_instance(&node_id, &p.uuid, &g.uuid);
+                                            t.all()[at].id.clone()
+                                        })
+                                        .collect()
+                                })
+                            })
+                            .collect();
                     }
                 });
                 for r in s.gpus {
@@ -155,15 +174,44 @@ impl Fleet {
                         (Some(()), Some((_, tenants))) => &tenants[i],
                         _ => &gpu.tenant,
                     };
-                    applied.book(&mut booked, tenant, window);
-                    let added = applied.energy_mj;
-                    if added > 0 {
-                        match energy.iter_mut().find(|(t, _)| t == tenant) {
-                            Some((_, e)) => *e = e.saturating_add(added),
-                            None => energy.push((tenant.clone(), added)),
+                    let mut add = |tenant: &Arc<str>, added: u64| {
+                        if added > 0 {
+                            match energy.iter_mut().find(|(t, _)| t == tenant) {
+                                Some((_, e)) => *e = e.saturating_add(added),
+                                None => energy.push((tenant.clone(), added)),
+                            }
+                            if whole_node {
+                                n.stretch.add_gpu_energy(tenant, added);
+                            }
                         }
-                        if whole_node {
-                            n.stretch.add_gpu_energy(tenant, added);
+                    };
+                    match gpu.mig.as_deref_mut() {
+                        None => {
+                            applied.book(&mut booked, tenant, window);
+                            add(tenant, applied.energy_mj);
+                        }
+                        // A MIG board: its reading (the board's counter,
+                        // once) split among its parts by SM share.
+                        Some(mig) => {
+                            let parts: Vec<(&Arc<str>, u64)> = mig
+                                .parts
+                                .iter()
+                                .enumerate()
+                                .map(|(k, p)| {
+                                    let tenant = match (&version, past_parts.get(i)) {
+                                        (Some(()), Some(t)) if t.len() == mig.parts.len() => &t[k],
+                                        _ => &p.tenant,
+                                    };
+                                    (tenant, p.sms)
+                                })
+                                .collect();
+                            let shares = applied.book_parts(&mut booked, &parts, window);
+                            for ((tenant, _), share) in parts.iter().zip(&shares) {
+                                add(tenant, *share);
+                            }
+                            for (p, share) in mig.parts.iter_mut().zip(shares) {
+                                p.energy_mj = p.energy_mj.saturating_add(share);
+                            }
                         }
                     }
                 }

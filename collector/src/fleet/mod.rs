@@ -324,6 +324,8 @@ impl Fleet {
                         g.memory_total_bytes = info.memory_total_bytes;
                         g.energy_counter_supported = info.energy_counter_supported;
                         g.identity = Gpu::identity_of(info.identity);
+                        // A new MIG layout from now on (attributed below).
+                        g.mig = node::MigParts::of(&g.uuid, info.mig, &g.tenant, g.mig.as_deref());
                         // The new run's clock may have been stepped: its
                         // first timestamp becomes the reference even if it
                         // is behind the old run's.
@@ -364,17 +366,23 @@ impl Fleet {
                 at.insert(g.uuid.clone(), n.id.clone());
             }
             drop(at);
-            for g in n.departed.iter().chain(&forgotten) {
-                if held.get(&g.uuid).is_some_and(|(o, _)| **o == *id) {
-                    held.remove(&g.uuid);
+            for uuid in n
+                .departed
+                .iter()
+                .chain(&forgotten)
+                .flat_map(Gpu::leasable_uuids)
+            {
+                if held.get(uuid).is_some_and(|(o, _)| **o == *id) {
+                    held.remove(uuid);
                 }
             }
-            for g in n
+            for uuid in n
                 .gpus
                 .iter()
-                .filter(|g| tenants.uuid_lessee(&g.uuid).is_some())
+                .flat_map(Gpu::leasable_uuids)
+                .filter(|u| tenants.uuid_lessee(u).is_some())
             {
-                held.insert(g.uuid.clone(), (n.id.clone(), generation));
+                held.insert(uuid.clone(), (n.id.clone(), generation));
             }
             // Power sources as GPUs: the same source (by kind and name)
             // keeps its meter.
@@ -447,7 +455,12 @@ impl Fleet {
         if n.generation == h.generation && n.connected {
             n.connected = false;
             self.connected.fetch_sub(1, Ordering::Relaxed);
-            let uuids: Vec<Arc<str>> = n.gpus.iter().map(|g| g.uuid.clone()).collect();
+            let uuids: Vec<Arc<str>> = n
+                .gpus
+                .iter()
+                .flat_map(Gpu::leasable_uuids)
+                .cloned()
+                .collect();
             // One lock at a time: `hello` takes `held` before a node.
             drop(n);
             let mut held = lock(&self.held);
@@ -469,19 +482,20 @@ impl Fleet {
         held: &HeldGpus,
     ) -> Result<(), HelloError> {
         let node = hello.node_id.as_str();
-        for g in &hello.gpus {
-            let Some(tenant) = tenants.uuid_lessee(&g.uuid) else {
+        // A board, and each MIG instance of it (leased by its own UUID).
+        for uuid in hello.gpus.iter().flat_map(|g| g.leasable_uuids()) {
+            let Some(tenant) = tenants.uuid_lessee(uuid) else {
                 continue;
             };
-            if let Err(e) = tenants.check_gpu(node, &g.uuid) {
+            if let Err(e) = tenants.check_gpu(node, uuid) {
                 return Err(HelloError::GpuLeasedElsewhere {
-                    uuid: g.uuid.clone(),
+                    uuid: uuid.to_string(),
                     tenant: e.tenant,
                     allowed: e.node,
                     node: node.to_string(),
                 });
             }
-            let Some((holder, generation)) = held.get(g.uuid.as_str()) else {
+            let Some((holder, generation)) = held.get(uuid) else {
                 continue;
             };
             if **holder == *node {
@@ -494,7 +508,7 @@ impl Fleet {
             });
             if still_held {
                 return Err(HelloError::GpuHeldElsewhere {
-                    uuid: g.uuid.clone(),
+                    uuid: uuid.to_string(),
                     tenant: tenant.clone(),
                     holder: holder.clone(),
                     node: node.to_string(),

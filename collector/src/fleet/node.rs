@@ -6,7 +6,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use crate::accounting::{Applied, Meter, MeterCursor, NodeStretch, Party, Tick, split_node_energy};
-use crate::edge::{GpuIdentity, GpuInfo, GpuReading, HostReading};
+use crate::edge::{GpuIdentity, GpuInfo, GpuReading, HostReading, Mig, MigInstance};
 use crate::ledger::{GpuCursor, NodeCursor};
 use crate::tenants::{Tenants, UNASSIGNED};
 
@@ -29,12 +29,93 @@ pub struct Gpu {
     /// monotonic clock: its receipt less its age then (never after the
     /// receipt). `None` when it was too old for the clock to hold.
     pub(super) sampled_at: Option<Instant>,
+    /// A board in MIG mode: the parts its energy is split among.
+    pub(crate) mig: Option<Box<MigParts>>,
 }
+
+// ---- MIG ----
+
+/// What a MIG board's energy is split among: its instances, in the
+/// Hello's order, then the board's SMs in no instance (if any), as a part
+/// of the board's own UUID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigParts {
+    pub(crate) board_sm: u32,
+    pub(crate) parts: Vec<MigPart>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MigPart {
+    /// The instance's UUID; the board's for the rest.
+    pub(crate) uuid: Arc<str>,
+    /// The instance's ids and profile; `None` for the board's rest.
+    pub(crate) instance: Option<MigInstance>,
+    /// SMs: the weight of the part in the split.
+    pub(crate) sms: u64,
+    /// The lessee of the instance's UUID, else the board's tenant.
+    pub(crate) tenant: Arc<str>,
+    /// Energy booked to this part since this collector first heard it
+    /// (kept across a Hello that lists the part again).
+    pub(crate) energy_mj: u64,
+}
+
+impl MigParts {
+    /// The parts of a checked layout; `None` unless it is `Mig::Split`
+    /// (a refused layout meters the board whole). Parts listed again keep
+    /// the energy `old` counted for them.
+    pub(super) fn of(
+        board: &Arc<str>,
+        mig: Mig,
+        tenant: &Arc<str>,
+        old: Option<&MigParts>,
+    ) -> Option<Box<Self>> {
+        let Mig::Split {
+            board_sm,
+            instances,
+        } = mig
+        else {
+            return None;
+        };
+        let used: u64 = instances
+            .iter()
+            .map(|m| u64::from(m.multiprocessor_count))
+            .sum();
+        let kept = |uuid: &str| {
+            old.and_then(|o| o.parts.iter().find(|p| &*p.uuid == uuid))
+                .map_or(0, |p| p.energy_mj)
+        };
+        let mut parts: Vec<MigPart> = instances
+            .into_iter()
+            .map(|m| MigPart {
+                uuid: Arc::from(m.uuid.as_str()),
+                energy_mj: kept(&m.uuid),
+                sms: u64::from(m.multiprocessor_count),
+                instance: Some(m),
+                tenant: tenant.clone(),
+            })
+            .collect();
+        // Checked by the edge: the instances use at most the board's SMs.
+        let rest = u64::from(board_sm).saturating_sub(used);
+        if rest > 0 {
+            parts.push(MigPart {
+                uuid: board.clone(),
+                instance: None,
+                sms: rest,
+                tenant: tenant.clone(),
+                energy_mj: kept(board),
+            });
+        }
+        Some(Box::new(Self { board_sm, parts }))
+    }
+}
+// ---- end MIG ----
 
 impl Gpu {
     pub(super) fn new(info: GpuInfo, model: Arc<str>, tenant: Arc<str>) -> Self {
+        let uuid: Arc<str> = Arc::from(info.uuid);
         Self {
-            uuid: Arc::from(info.uuid),
+            mig: MigParts::of(&uuid, info.mig, &tenant, None),
+            uuid,
             model,
             power_limit_milliwatts: info.power_limit_milliwatts,
             memory_total_bytes: info.memory_total_bytes,
@@ -45,6 +126,18 @@ impl Gpu {
             meter: Meter::default(),
             sampled_at: None,
         }
+    }
+
+    /// The UUIDs a tenant may lease of this GPU: the board's, and each of
+    /// its MIG instances'.
+    pub(super) fn leasable_uuids(&self) -> impl Iterator<Item = &Arc<str>> {
+        let instances = self.mig.as_deref().into_iter().flat_map(|m| {
+            m.parts
+                .iter()
+                .filter(|p| p.instance.is_some())
+                .map(|p| &p.uuid)
+        });
+        std::iter::once(&self.uuid).chain(instances)
     }
 
     pub(super) fn identity_of(id: GpuIdentity) -> Option<Box<GpuIdentity>> {
@@ -130,6 +223,7 @@ impl Gpu {
                 memory_total_bytes: None,
                 energy_counter_supported: c.last_counter_mj.is_some(),
                 identity: GpuIdentity::default(),
+                mig: Mig::Whole,
             },
             Arc::from(""),
             Arc::from(UNASSIGNED),
@@ -360,6 +454,13 @@ impl Node {
         let all = tenants.all();
         for g in &mut self.gpus {
             g.tenant = all[tenants.attribute(&self.id, &g.uuid)].id.clone();
+            if let Some(mig) = g.mig.as_deref_mut() {
+                for p in &mut mig.parts {
+                    p.tenant = all[tenants.attribute_instance(&self.id, &p.uuid, &g.uuid)]
+                        .id
+                        .clone();
+                }
+            }
         }
         self.tenant = match self.gpus.first() {
             Some(first) if self.gpus.iter().all(|g| g.tenant == first.tenant) => {

@@ -130,6 +130,19 @@ impl<'a> GpuView<'a> {
         &self.gpu.tenant
     }
 
+    // ---- MIG ----
+
+    /// The parts a MIG board's energy is split among (its instances, then
+    /// its SMs in no instance); none for a whole board.
+    pub fn mig_parts(&self) -> impl Iterator<Item = MigPartView<'a>> + use<'a> {
+        self.gpu
+            .mig
+            .as_deref()
+            .into_iter()
+            .flat_map(|m| m.parts.iter().map(|part| MigPartView { part }))
+    }
+    // ---- end MIG ----
+
     #[inline]
     pub fn uuid(&self) -> &'a str {
         &self.gpu.uuid
@@ -254,3 +267,39 @@ impl Fleet {
         }
     }
 }
+
+// ---- MIG ----
+
+/// One part of a MIG board, as a [`GpuView`] lists it.
+#[derive(Clone, Copy)]
+pub struct MigPartView<'a> {
+    part: &'a super::node::MigPart,
+}
+
+impl<'a> MigPartView<'a> {
+    /// The instance's UUID, or the board's for its SMs in no instance.
+    pub fn uuid(&self) -> &'a str {
+        &self.part.uuid
+    }
+
+    /// The lessee of the instance, else the board's tenant.
+    pub fn tenant(&self) -> &'a str {
+        &self.part.tenant
+    }
+
+    /// The instance's ids and profile; `None` for the board's rest.
+    pub fn instance(&self) -> Option<&'a crate::edge::MigInstance> {
+        self.part.instance.as_ref()
+    }
+
+    /// SMs, the part's weight in the split.
+    pub fn sms(&self) -> u64 {
+        self.part.sms
+    }
+
+    /// Energy booked to the part since this collector first heard it.
+    pub fn energy_millijoules(&self) -> u64 {
+        self.part.energy_mj
+    }
+}
+// ---- end MIG ----

@@ -454,6 +454,7 @@ mod tests {
                     memory_total_bytes: None,
                     energy_counter_supported: true,
                     identity: Default::default(),
+                    mig: Default::default(),
                 }],
             })
             .unwrap();

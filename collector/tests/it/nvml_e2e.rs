@@ -469,3 +469,234 @@ fn an_xid_error_reaches_metrics_counted_once_and_goes_on_across_a_restart() {
     assert!(status.success(), "agent: {status}");
     collector.stop();
 }
+
+// ---- MIG ----
+
+/// The fake's layout 1 on GPU 0 (3g 42 SMs, 2g 28, 1g 14 of 98) and its
+/// layout 2 (4g 56, 3g 42).
+const MIG_1: [&str; 3] = [
+    "MIG-11111111-0000-0000-0000-000000000001",
+    "MIG-11111111-0000-0000-0000-000000000002",
+    "MIG-11111111-0000-0000-0000-000000000003",
+];
+const MIG_2: [&str; 2] = [
+    "MIG-22222222-0000-0000-0000-000000000001",
+    "MIG-22222222-0000-0000-0000-000000000002",
+];
+const BOARD: &str = "GPU-00000000-1111-2222-3333-444444444444";
+
+/// lab-a leases the 3g instance of layout 1 and the 4g of layout 2,
+/// lab-b the 2g and the 3g; lab-c leases the node, so the 1g instance
+/// (leased by no one), the board's SMs in no instance and GPU 1 are its.
+fn mig_tenants() -> String {
+    format!(
+        "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 1\ngpus = [\"{}\", \"{}\"]\n\n\
+         [[tenant]]\nid = \"lab-b\"\ncontracted_kw = 1\ngpus = [\"{}\", \"{}\"]\n\n\
+         [[tenant]]\nid = \"lab-c\"\ncontracted_kw = 1\nnodes = [\"gpu-node-*\"]\n",
+        MIG_1[0], MIG_2[0], MIG_1[1], MIG_2[1]
+    )
+}
+
+/// `tenant`'s energy in the ledger (the usage API's day rows around
+/// now), to the millijoule.
+fn ledger_energy(collector: &Collector, tenant: &str) -> u64 {
+    let day = now_secs().div_euclid(86_400) * 86_400;
+    let rfc = capwatch_collector::usage::rfc3339;
+    let path = format!(
+        "/v1/tenants/{tenant}/usage?from={}&to={}&step=1d",
+        rfc(day - 86_400),
+        rfc(day + 2 * 86_400)
+    );
+    let v: serde_json::Value = serde_json::from_str(&http_get(collector.http, &path)).unwrap();
+    energy_mj(v["rows"].as_array().unwrap())
+}
+
+/// The MIG instances /metrics lists for the node's board 0, by UUID.
+fn mig_instances(m: &Metrics) -> Vec<std::collections::BTreeMap<String, String>> {
+    let mut out: Vec<_> = m
+        .select(
+            "capwatch_gpu_mig_instance_info",
+            &[("node", "gpu-node-mig"), ("gpu", "0")],
+        )
+        .into_iter()
+        .map(|(labels, _)| labels.clone())
+        .collect();
+    out.sort_by(|a, b| a["uuid"].cmp(&b["uuid"]));
+    out
+}
+
+fn mig_agent(lib: &Path, collector: &Collector, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(bin("capwatch-agent"));
+    cmd.args(["--source", "nvml", "--node-id", "gpu-node-mig"])
+        .args(["--interval", "100ms", "--collector", &collector.endpoint()])
+        .args(extra)
+        .arg("--nvml-library")
+        .arg(lib);
+    cmd
+}
+
+/// Invariant: a board in MIG mode is sampled once, per board; each of its
+/// counter's deltas is split among its instances by SM share with an
+/// exact integer split, so each tenant's ledger energy is exactly its
+/// share and the parts sum to the board counter's delta to the
+/// millijoule; the board's energy is never repeated per instance.
+#[test]
+fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake(dir.path(), &["-DFAKE_MIG_LAYOUT=1"]);
+    let collector = Collector::start(dir.path(), &mig_tenants(), 0, &["--stale-after", "5m"]);
+    let mut agent = mig_agent(&lib, &collector, &["--max-samples", "6"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "agent: {status}");
+
+    // Six samples: five deltas of the board's counter, 1000 mJ each, split
+    // 428 / 286 / 143 and 143 for the 14 SMs in no instance.
+    const DELTAS: u64 = 5;
+    let m = collector.metrics();
+    let board = [("node", "gpu-node-mig"), ("gpu", "0")];
+    assert_eq!(
+        milli(m.one("capwatch_gpu_energy_joules_total", &board)),
+        1000 * DELTAS
+    );
+    let instances = mig_instances(&m);
+    let listed: Vec<[&str; 6]> = instances
+        .iter()
+        .map(|l| {
+            [
+                l["uuid"].as_str(),
+                l["parent_uuid"].as_str(),
+                l["gpu_instance_id"].as_str(),
+                l["compute_instance_id"].as_str(),
+                l["profile"].as_str(),
+                l["tenant"].as_str(),
+            ]
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            [MIG_1[0], BOARD, "1", "0", "3g.40gb", "lab-a"],
+            [MIG_1[1], BOARD, "5", "0", "2g.20gb", "lab-b"],
+            [MIG_1[2], BOARD, "13", "0", "1g", "lab-c"],
+        ]
+    );
+    let part = |uuid: &str| {
+        let mut labels = board.to_vec();
+        labels.push(("uuid", uuid));
+        milli(m.one("capwatch_gpu_mig_energy_joules_total", &labels))
+    };
+    let parts = [part(MIG_1[0]), part(MIG_1[1]), part(MIG_1[2]), part(BOARD)];
+    assert_eq!(parts, [428, 286, 143, 143].map(|e| e * DELTAS));
+    assert_eq!(parts.iter().sum::<u64>(), 1000 * DELTAS);
+    // The board's own series stay one per board.
+    assert_eq!(m.select("capwatch_gpu_power_watts", &board).len(), 1);
+
+    // The ledger: each tenant its exact share (lab-c also GPU 1's 250 mJ
+    // per delta), the board's energy counted once.
+    let want = [
+        ("lab-a", 428 * DELTAS),
+        ("lab-b", 286 * DELTAS),
+        ("lab-c", (143 + 143 + 250) * DELTAS),
+    ];
+    eventually(Duration::from_secs(10), "the ledger holds the run", || {
+        want.iter()
+            .map(|(t, _)| ledger_energy(&collector, t))
+            .sum::<u64>()
+            == 1250 * DELTAS
+    });
+    for (tenant, energy) in want {
+        assert_eq!(ledger_energy(&collector, tenant), energy, "{tenant}");
+    }
+    assert_eq!(ledger_energy(&collector, "unassigned"), 0);
+    collector.stop();
+}
+
+/// Invariant: a MIG layout changed while the agent runs is read again
+/// within the check interval and said in a new Hello; every delta of the
+/// board's counter is split, exactly, by the layout the collector holds
+/// when it applies it (the old one until the new Hello), so the ledger
+/// still sums to the board's counter to the millijoule and each tenant's
+/// energy is its share of k1 deltas under the first layout and k2 under
+/// the second.
+#[test]
+fn a_mig_layout_changed_mid_run_is_read_again_and_apportioned_from_then_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("mig-layout");
+    std::fs::write(&control, "1").unwrap();
+    let lib = build_fake(
+        dir.path(),
+        &[&format!("-DFAKE_MIG_FILE=\"{}\"", control.display())],
+    );
+    let collector = Collector::start(dir.path(), &mig_tenants(), 0, &["--stale-after", "5m"]);
+    let mut agent = mig_agent(&lib, &collector, &["--log-format", "json"])
+        .env("CAPWATCH_NVML_MIG_CHECK_INTERVAL", "200ms")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    log.capture(agent.stderr.take().unwrap(), "agent".into());
+    eventually(Duration::from_secs(20), "layout 1 and samples", || {
+        mig_instances(&collector.metrics()).len() == 3 && accepted(&collector) >= 5.0
+    });
+
+    std::fs::write(&control, "2").unwrap();
+    eventually(Duration::from_secs(20), "layout 2 listed", || {
+        let listed = mig_instances(&collector.metrics());
+        listed.len() == 2 && listed[0]["uuid"] == MIG_2[0] && listed[1]["uuid"] == MIG_2[1]
+    });
+    log.wait_for("MIG layout changed", Duration::from_secs(1));
+    let before = accepted(&collector);
+    eventually(Duration::from_secs(20), "samples under layout 2", || {
+        accepted(&collector) >= before + 5.0
+    });
+    terminate(&agent);
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "agent: {status}");
+    let summary = log.wait_for("agent stopped", Duration::from_secs(5));
+    assert_eq!(json_number(&summary, "undelivered"), 0, "{summary}");
+
+    let m = collector.metrics();
+    let board = milli(m.one(
+        "capwatch_gpu_energy_joules_total",
+        &[("node", "gpu-node-mig"), ("gpu", "0")],
+    ));
+    assert_eq!(board % 1000, 0, "{board}");
+    let deltas = board / 1000;
+    let gpu1 = milli(m.one(
+        "capwatch_gpu_energy_joules_total",
+        &[("node", "gpu-node-mig"), ("gpu", "1")],
+    ));
+    assert_eq!(gpu1, 250 * deltas);
+    eventually(Duration::from_secs(10), "the ledger holds the run", || {
+        ["lab-a", "lab-b", "lab-c"]
+            .iter()
+            .map(|t| ledger_energy(&collector, t))
+            .sum::<u64>()
+            == board + gpu1
+    });
+    let (a, b, c) = (
+        ledger_energy(&collector, "lab-a"),
+        ledger_energy(&collector, "lab-b"),
+        ledger_energy(&collector, "lab-c") - gpu1,
+    );
+    // Layout 1: 428 / 286 / 143 + 143 (lab-c's two parts); layout 2: 571
+    // / 429, nothing in no instance.
+    assert_eq!(c % 286, 0, "lab-c's board energy {c}");
+    let k1 = c / 286;
+    let k2 = deltas - k1;
+    assert!(
+        k1 >= 4 && k2 >= 4,
+        "{k1} deltas under layout 1, {k2} under 2"
+    );
+    assert_eq!(a, 428 * k1 + 571 * k2, "lab-a");
+    assert_eq!(b, 286 * k1 + 429 * k2, "lab-b");
+    assert_eq!(a + b + c, board);
+    assert_eq!(ledger_energy(&collector, "unassigned"), 0);
+    collector.stop();
+}

@@ -711,6 +711,7 @@ fn one_gpu_hello(node: &str) -> Hello {
             memory_total_bytes: None,
             energy_counter_supported: true,
             identity: Default::default(),
+            mig: Default::default(),
         }],
     }
 }

@@ -20,6 +20,7 @@ mod counting;
 mod edge;
 mod ledger;
 mod live;
+mod mig;
 mod node_power;
 mod streams;
 
@@ -71,6 +72,7 @@ fn hello(node: &str, epoch: u64, n: usize) -> Hello {
                 memory_total_bytes: Some(1 << 30),
                 energy_counter_supported: true,
                 identity: Default::default(),
+                mig: Default::default(),
             })
             .collect(),
     }

@@ -1,0 +1,313 @@
+//! MIG boards: the board's energy, counted once, split among its
+//! instances by SM share; layouts the collector cannot use.
+
+use super::ledger::booked;
+use super::*;
+use crate::edge::{Mig, MigInstance, MigRefusal};
+
+/// lab-a leases the 3g instance, lab-b the 2g one; lab-c leases node m-1
+/// (so the 1g instance, leased by no one, and the board's SMs in no
+/// instance are lab-c's).
+const MIG_TENANTS: &str = r#"
+    [[tenant]]
+    id = "lab-a"
+    contracted_kw = 1
+    gpus = ["MIG-3g"]
+
+    [[tenant]]
+    id = "lab-b"
+    contracted_kw = 1
+    gpus = ["MIG-2g"]
+
+    [[tenant]]
+    id = "lab-c"
+    contracted_kw = 1
+    nodes = ["m-1"]
+"#;
+
+fn instance(uuid: &str, gi: u32, sms: u32) -> MigInstance {
+    MigInstance {
+        uuid: uuid.into(),
+        gpu_instance_id: gi,
+        compute_instance_id: 0,
+        multiprocessor_count: sms,
+        profile: format!("{}g", sms / 14),
+    }
+}
+
+/// 3g + 2g + 1g of a 98-SM board (14 SMs in no instance).
+fn three_instances() -> Mig {
+    Mig::Split {
+        board_sm: 98,
+        instances: vec![
+            instance("MIG-3g", 1, 42),
+            instance("MIG-2g", 5, 28),
+            instance("MIG-1g", 13, 14),
+        ],
+    }
+}
+
+fn mig_hello(epoch: u64, mig: Mig) -> Hello {
+    let mut h = hello("m-1", epoch, 2);
+    h.gpus[0].mig = mig;
+    h
+}
+
+/// Each tenant's energy in the pending commit's buckets on m-1.
+fn booked_energy(c: &crate::ledger::Commit, tenant: &str) -> u64 {
+    booked(c, tenant, "m-1").energy_mj
+}
+
+#[test]
+fn a_mig_boards_energy_is_split_by_sm_share_and_sums_to_the_board_exactly() {
+    // Invariant: the board's counter delta is counted once and split
+    // among its instances (and its SMs in no instance) by SM share,
+    // exactly: the parts sum to the delta to the millijoule.
+    let state = new_state(MIG_TENANTS, None);
+    let (h, _) = state.hello(mig_hello(1, three_instances())).unwrap();
+    // Board 0: 1000 mJ then 1 mJ; GPU 1 (whole): 500 mJ.
+    ingest(
+        &state,
+        &h,
+        vec![
+            sample(1, T0, &[(1, Some(10_000)), (1, Some(0))]),
+            sample(2, T0 + SEC, &[(1, Some(11_000)), (1, Some(500))]),
+            sample(3, T0 + 2 * SEC, &[(1, Some(11_001)), (1, Some(500))]),
+        ],
+    );
+    let (_, c) = state.take_pending();
+    // 1000 mJ: 428.57 / 285.71 / 142.86 (+ 142.86 for the rest) -> 428,
+    // 286, 143 + 143; then 1 mJ to the largest share (lab-a).
+    assert_eq!(booked_energy(&c, "lab-a"), 429);
+    assert_eq!(booked_energy(&c, "lab-b"), 286);
+    assert_eq!(booked_energy(&c, "lab-c"), 286 + 500);
+    assert_eq!(booked_energy(&c, UNASSIGNED), 0);
+    assert_eq!(tenant_energy(&state, "lab-a"), 429);
+    assert_eq!(tenant_energy(&state, "lab-b"), 286);
+    assert_eq!(tenant_energy(&state, "lab-c"), 786);
+    // The board's own meter counts its energy once.
+    assert_eq!(gpu_energy(&h), [1001, 500]);
+    // GPU time of the board (2 s) apportioned alike; each part is a
+    // sample of its own.
+    let gpu_ns = |t| booked(&c, t, "m-1").gpu_ns;
+    assert_eq!(
+        gpu_ns("lab-a") + gpu_ns("lab-b") + gpu_ns("lab-c"),
+        4 * SEC as u64
+    );
+    // Split second by second: within one nanosecond a second of 42/98.
+    assert!(gpu_ns("lab-a").abs_diff(2 * SEC as u64 * 42 / 98) <= 2);
+    // The parts as /metrics shows them.
+    let n = lock(h.node());
+    let parts: Vec<(String, String, u64, u64)> = n.gpus()[0]
+        .mig
+        .as_deref()
+        .unwrap()
+        .parts
+        .iter()
+        .map(|p| (p.uuid.to_string(), p.tenant.to_string(), p.sms, p.energy_mj))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            ("MIG-3g".into(), "lab-a".into(), 42, 429),
+            ("MIG-2g".into(), "lab-b".into(), 28, 286),
+            ("MIG-1g".into(), "lab-c".into(), 14, 143),
+            ("m-1-gpu0".into(), "lab-c".into(), 14, 143),
+        ]
+    );
+}
+
+#[test]
+fn a_mig_layout_the_collector_cannot_use_meters_the_board_whole_and_is_counted() {
+    // Invariant: a bad layout never loses or doubles energy: the Hello is
+    // admitted, the board's energy goes whole to the board's UUID (its
+    // lessee, lab-c), and the refusal is counted by reason.
+    let bad = |board_sm: u32, instances: Vec<MigInstance>| Mig::Split {
+        board_sm,
+        instances,
+    };
+    let cases: Vec<(&str, Mig, MigRefusal)> = vec![
+        (
+            "SMs beyond the board's",
+            bad(
+                98,
+                vec![instance("MIG-3g", 1, 56), instance("MIG-2g", 5, 56)],
+            ),
+            MigRefusal::SmsBeyondBoard,
+        ),
+        (
+            "an instance UUID twice",
+            bad(
+                98,
+                vec![instance("MIG-3g", 1, 42), instance("MIG-3g", 2, 42)],
+            ),
+            MigRefusal::DuplicateUuid,
+        ),
+        (
+            "an instance UUID that is a board's",
+            bad(98, vec![instance("m-1-gpu1", 1, 42)]),
+            MigRefusal::DuplicateUuid,
+        ),
+        (
+            "no board SM count",
+            bad(0, vec![instance("MIG-3g", 1, 42)]),
+            MigRefusal::BoardSmCount,
+        ),
+        (
+            "an instance without SMs",
+            bad(98, vec![instance("MIG-3g", 1, 0)]),
+            MigRefusal::InstanceSmCount,
+        ),
+        (
+            "an empty instance UUID",
+            bad(98, vec![instance("", 1, 42)]),
+            MigRefusal::Label,
+        ),
+        (
+            "too many instances",
+            bad(
+                98 * 100,
+                (0..65)
+                    .map(|i| instance(&format!("MIG-{i}"), i, 1))
+                    .collect(),
+            ),
+            MigRefusal::TooMany,
+        ),
+    ];
+    for (what, mig, reason) in cases {
+        let state = new_state(MIG_TENANTS, None);
+        let (h, _) = state
+            .hello(mig_hello(1, mig))
+            .unwrap_or_else(|e| panic!("{what}: the Hello must be admitted: {e}"));
+        assert_eq!(state.counters.mig_layouts_refused(reason), 1, "{what}");
+        for other in MigRefusal::ALL.into_iter().filter(|r| *r != reason) {
+            assert_eq!(state.counters.mig_layouts_refused(other), 0, "{what}");
+        }
+        assert!(lock(h.node()).gpus()[0].mig.is_none(), "{what}");
+        ingest(
+            &state,
+            &h,
+            vec![
+                sample(1, T0, &[(1, Some(10_000)), (1, Some(0))]),
+                sample(2, T0 + SEC, &[(1, Some(11_000)), (1, Some(0))]),
+            ],
+        );
+        let (_, c) = state.take_pending();
+        assert_eq!(booked_energy(&c, "lab-c"), 1000, "{what}");
+        assert_eq!(booked_energy(&c, "lab-a"), 0, "{what}");
+        assert_eq!(booked_energy(&c, "lab-b"), 0, "{what}");
+    }
+}
+
+#[test]
+fn a_new_layout_said_at_a_hello_splits_the_energy_from_then_on() {
+    // Invariant: across a Hello with a new layout (the agent's re-read),
+    // the board's meter goes on (nothing lost at the change) and each
+    // delta is split by the layout in force when it is applied.
+    let state = new_state(MIG_TENANTS, None);
+    let (h, _) = state.hello(mig_hello(1, three_instances())).unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![
+            sample(1, T0, &[(1, Some(0)), (1, Some(0))]),
+            sample(2, T0 + SEC, &[(1, Some(980)), (1, Some(0))]),
+        ],
+    );
+    // The same epoch, a new layout: lab-b's 2g gone, the 3g instance
+    // grown to all 98 SMs.
+    let grown = Mig::Split {
+        board_sm: 98,
+        instances: vec![instance("MIG-3g", 1, 98)],
+    };
+    let (h, acked) = state.hello(mig_hello(1, grown)).unwrap();
+    assert_eq!(acked, 2);
+    ingest(
+        &state,
+        &h,
+        vec![sample(3, T0 + 2 * SEC, &[(1, Some(1_980)), (1, Some(0))])],
+    );
+    // 980 mJ by 42/28/14/14, then 1000 mJ to the 3g instance alone.
+    assert_eq!(tenant_energy(&state, "lab-a"), 420 + 1000);
+    assert_eq!(tenant_energy(&state, "lab-b"), 280);
+    assert_eq!(tenant_energy(&state, "lab-c"), 140 + 140);
+    assert_eq!(gpu_energy(&h), [1980, 0]);
+    // And MIG mode off: the board whole, to its lessee.
+    let (h, _) = state.hello(mig_hello(1, Mig::Whole)).unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![sample(4, T0 + 3 * SEC, &[(1, Some(2_000)), (1, Some(0))])],
+    );
+    assert_eq!(tenant_energy(&state, "lab-c"), 280 + 20);
+    assert!(lock(h.node()).gpus()[0].mig.is_none());
+}
+
+#[test]
+fn an_instance_leased_by_uuid_follows_a_tenant_reload() {
+    let state = new_state(MIG_TENANTS, None);
+    let (h, _) = state.hello(mig_hello(1, three_instances())).unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![sample(1, T0, &[(1, Some(0)), (1, Some(0))])],
+    );
+    // The 1g instance leased to lab-b from now on.
+    // In force from before the next sample (booked through the version in
+    // force at its time).
+    state.reload_tenants_from(
+        Tenants::from_toml(&MIG_TENANTS.replace(r#"["MIG-2g"]"#, r#"["MIG-2g", "MIG-1g"]"#))
+            .unwrap(),
+        T0 + SEC / 2,
+    );
+    ingest(
+        &state,
+        &h,
+        vec![sample(2, T0 + SEC, &[(1, Some(98)), (1, Some(0))])],
+    );
+    assert_eq!(tenant_energy(&state, "lab-a"), 42);
+    assert_eq!(tenant_energy(&state, "lab-b"), 28 + 14);
+    assert_eq!(tenant_energy(&state, "lab-c"), 14);
+}
+
+#[test]
+fn a_mig_instance_leased_by_uuid_is_reported_by_one_node_allowed_to_hold_it() {
+    // Invariant: an instance UUID is leased as a board UUID is: a lease
+    // naming its node counts only there, and a plain lease is held by one
+    // connected node at a time.
+    let tenants = r#"
+        [[tenant]]
+        id = "lab-a"
+        contracted_kw = 1
+        gpus = [{ uuid = "MIG-3g", node = "m-1" }, "MIG-2g"]
+    "#;
+    let state = new_state(tenants, None);
+    let on = |node: &str, epoch: u64| {
+        let mut h = mig_hello(epoch, three_instances());
+        h.node_id = node.into();
+        for (i, g) in h.gpus.iter_mut().enumerate() {
+            g.uuid = format!("{node}-gpu{i}");
+        }
+        h
+    };
+    let (h1, _) = state.hello(on("m-1", 1)).unwrap();
+    // m-2 lists MIG-3g, leased on m-1 only.
+    let e = state.hello(on("m-2", 1)).unwrap_err();
+    assert!(
+        matches!(&e, HelloError::GpuLeasedElsewhere { uuid, .. } if uuid == "MIG-3g"),
+        "{e}"
+    );
+    // Without MIG-3g, m-2 still lists MIG-2g, which m-1 holds.
+    let mut without = on("m-2", 1);
+    if let Mig::Split { instances, .. } = &mut without.gpus[0].mig {
+        instances.remove(0);
+    }
+    let e = state.hello(without.clone()).unwrap_err();
+    assert!(
+        matches!(&e, HelloError::GpuHeldElsewhere { uuid, .. } if uuid == "MIG-2g"),
+        "{e}"
+    );
+    // Once m-1's stream ends, m-2 may hold it.
+    state.disconnect(&h1);
+    state.hello(without).unwrap();
+}
