@@ -247,9 +247,27 @@ impl Fleet {
                             (Some(()), Some((_, tenants))) => &tenants[i],
                             _ => &g.tenant,
                         };
-                        match holders.iter_mut().find(|(t, _)| t == tenant) {
-                            Some((_, gpus)) => *gpus += 1,
-                            None => holders.push((tenant.clone(), 1)),
+                        // A MIG board: one GPU of each tenant of its parts.
+                        let mut of_gpu: Vec<&Arc<str>> = Vec::new();
+                        match g.mig.as_deref() {
+                            None => of_gpu.push(tenant),
+                            Some(mig) => {
+                                for (k, p) in mig.parts.iter().enumerate() {
+                                    let t = match (&version, past_parts.get(i)) {
+                                        (Some(()), Some(t)) if t.len() == mig.parts.len() => &t[k],
+                                        _ => &p.tenant,
+                                    };
+                                    if !of_gpu.contains(&t) {
+                                        of_gpu.push(t);
+                                    }
+                                }
+                            }
+                        }
+                        for tenant in of_gpu {
+                            match holders.iter_mut().find(|(t, _)| t == tenant) {
+                                Some((_, gpus)) => *gpus += 1,
+                                None => holders.push((tenant.clone(), 1)),
+                            }
                         }
                     }
                     if holders.is_empty() {

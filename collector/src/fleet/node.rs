@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use crate::accounting::{Applied, Meter, MeterCursor, NodeStretch, Party, Tick, split_node_energy};
+use crate::accounting::{
+    Applied, Meter, MeterCursor, NodeStretch, Party, Tick, split_by_weight, split_node_energy,
+};
 use crate::edge::{GpuIdentity, GpuInfo, GpuReading, HostReading, Mig, MigInstance};
 use crate::ledger::{GpuCursor, NodeCursor};
 use crate::tenants::{Tenants, UNASSIGNED};
@@ -138,6 +140,35 @@ impl Gpu {
                 .map(|p| &p.uuid)
         });
         std::iter::once(&self.uuid).chain(instances)
+    }
+
+    /// Calls `add` with each tenant's part of this GPU's live figures
+    /// `one`: all of them its tenant's, or for a MIG board each tenant of
+    /// its parts once, with the SM share of the power of the parts it
+    /// holds (the exact split of the energy, so the shares sum to the
+    /// board's power) and the board's other figures (the board counts as
+    /// one reporting or stale GPU of each of them).
+    pub(super) fn live_parts(&self, one: &TenantLive, mut add: impl FnMut(&Arc<str>, &TenantLive)) {
+        let Some(m) = self.mig.as_deref() else {
+            return add(&self.tenant, one);
+        };
+        let power = split_by_weight(m.parts.iter().map(|p| p.sms))(one.power_milliwatts);
+        let mut per: Vec<(&Arc<str>, TenantLive)> = Vec::with_capacity(m.parts.len());
+        for (p, mw) in m.parts.iter().zip(power) {
+            match per.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &p.tenant)) {
+                Some((_, l)) => l.power_milliwatts = l.power_milliwatts.saturating_add(mw),
+                None => per.push((
+                    &p.tenant,
+                    TenantLive {
+                        power_milliwatts: mw,
+                        ..*one
+                    },
+                )),
+            }
+        }
+        for (t, l) in &per {
+            add(t, l);
+        }
     }
 
     pub(super) fn identity_of(id: GpuIdentity) -> Option<Box<GpuIdentity>> {
@@ -498,18 +529,15 @@ impl Node {
                     ..TenantLive::default()
                 },
             };
-            match &mut self.live_first {
-                Some((t, p)) if Arc::ptr_eq(t, &g.tenant) => p.add(&one),
-                None => self.live_first = Some((g.tenant.clone(), one)),
-                Some(_) => match self
-                    .live_rest
-                    .iter_mut()
-                    .find(|(t, _)| Arc::ptr_eq(t, &g.tenant))
-                {
-                    Some((_, p)) => p.add(&one),
-                    None => self.live_rest.push((g.tenant.clone(), one)),
+            let (first, rest) = (&mut self.live_first, &mut self.live_rest);
+            g.live_parts(&one, |tenant, one| match first {
+                Some((t, p)) if Arc::ptr_eq(t, tenant) => p.add(one),
+                None => *first = Some((tenant.clone(), *one)),
+                Some(_) => match rest.iter_mut().find(|(t, _)| Arc::ptr_eq(t, tenant)) {
+                    Some((_, p)) => p.add(one),
+                    None => rest.push((tenant.clone(), *one)),
                 },
-            }
+            });
         }
         self.live_valid = true;
     }
@@ -541,20 +569,24 @@ impl Node {
                 Some(r) if g.fresh(now, window) => r.power_milliwatts.unwrap_or(0),
                 _ => 0,
             };
-            match parties
-                .iter_mut()
-                .find(|p| Arc::ptr_eq(&p.tenant, &g.tenant))
-            {
-                Some(p) => {
-                    p.gpus += 1;
-                    p.gpu_energy_mj = p.gpu_energy_mj.saturating_add(power);
+            let one = TenantLive {
+                power_milliwatts: power,
+                ..TenantLive::default()
+            };
+            g.live_parts(&one, |tenant, part| {
+                let power = part.power_milliwatts;
+                match parties.iter_mut().find(|p| Arc::ptr_eq(&p.tenant, tenant)) {
+                    Some(p) => {
+                        p.gpus += 1;
+                        p.gpu_energy_mj = p.gpu_energy_mj.saturating_add(power);
+                    }
+                    None => parties.push(Party {
+                        tenant: tenant.clone(),
+                        gpu_energy_mj: power,
+                        gpus: 1,
+                    }),
                 }
-                None => parties.push(Party {
-                    tenant: g.tenant.clone(),
-                    gpu_energy_mj: power,
-                    gpus: 1,
-                }),
-            }
+            });
         }
         if parties.is_empty() {
             add(&self.tenant, mw);
@@ -608,7 +640,7 @@ impl Node {
                     ..TenantLive::default()
                 },
             };
-            add(&g.tenant, &one);
+            g.live_parts(&one, &mut add);
         }
     }
 }

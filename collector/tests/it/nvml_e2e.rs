@@ -594,6 +594,17 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
     assert_eq!(parts.iter().sum::<u64>(), 1000 * DELTAS);
     // The board's own series stay one per board.
     assert_eq!(m.select("capwatch_gpu_power_watts", &board).len(), 1);
+    // Live power split alike: the board's 312,345 mW by SM share (lab-c
+    // also has GPU 1's 98,765 mW), summing to the node's.
+    let power = |t: &str| milli(m.one("capwatch_tenant_power_watts", &[("tenant", t)]));
+    assert_eq!(
+        [power("lab-a"), power("lab-b"), power("lab-c")],
+        [133_862, 89_241, 44_621 + 44_621 + 98_765]
+    );
+    assert_eq!(
+        power("lab-a") + power("lab-b") + power("lab-c"),
+        312_345 + 98_765
+    );
 
     // The ledger: each tenant its exact share (lab-c also GPU 1's 250 mJ
     // per delta), the board's energy counted once.

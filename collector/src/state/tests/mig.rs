@@ -311,3 +311,80 @@ fn a_mig_instance_leased_by_uuid_is_reported_by_one_node_allowed_to_hold_it() {
     state.disconnect(&h1);
     state.hello(without).unwrap();
 }
+
+#[test]
+fn live_power_of_a_mig_board_is_split_by_sm_share_among_its_tenants() {
+    // Invariant: the tenants' live power sums to the board's, each its SM
+    // share (the split of energy); the board counts as one GPU of each
+    // tenant holding a part of it; the node's summary equals walking it.
+    let state = new_state(MIG_TENANTS, None);
+    let (h, _) = state.hello(mig_hello(1, three_instances())).unwrap();
+    let now_ns = unix_nanos_now();
+    ingest(
+        &state,
+        &h,
+        vec![sample(1, now_ns, &[(98_001, Some(0)), (500, Some(0))])],
+    );
+    let l = live(&state, Instant::now());
+    let power = |t: &str| l.get(t).map_or(0, |x| x.power_milliwatts);
+    // 98,001 mW by 42/28/14/14: 42,000.43, 28,000.29, 14,000.14 twice.
+    assert_eq!(power("lab-a"), 42_001);
+    assert_eq!(power("lab-b"), 28_000);
+    assert_eq!(power("lab-c"), 28_000 + 500);
+    assert_eq!(
+        power("lab-a") + power("lab-b") + power("lab-c"),
+        98_001 + 500
+    );
+    assert_eq!(l["lab-a"].reporting, 1);
+    assert_eq!(l["lab-c"].reporting, 2);
+    let n = lock(h.node());
+    let window = n.stale_window(None);
+    let now = Instant::now();
+    assert_eq!(
+        parts(|add| n.live(now, window, add)),
+        parts(|add| n.walk_live(now, window, add))
+    );
+}
+
+#[test]
+fn whole_node_energy_is_split_with_each_instance_tenants_share_of_the_board() {
+    // Invariant: a MIG board's tenants take part in the split of the
+    // node's whole-node energy with their share of its GPU energy, the
+    // board counting as one GPU of each of them; the parts sum to the
+    // node's energy.
+    use crate::edge::{NodePowerReading, NodePowerSource};
+    let m0 = T0 - T0.rem_euclid(60 * SEC) + 10 * SEC;
+    let state = new_state(MIG_TENANTS, None);
+    let mut hl = mig_hello(1, three_instances());
+    hl.node_power_sources = vec![NodePowerSource {
+        kind: "redfish".into(),
+        domain: "node".into(),
+        name: "1".into(),
+        energy_counter_supported: true,
+        interval: Duration::from_secs(1),
+    }];
+    let (h, _) = state.hello(hl).unwrap();
+    let bmc = |ts: i64, mj: u64| NodePowerReading {
+        source: 0,
+        timestamp_unix_nanos: ts,
+        power_milliwatts: Some(1_000_000),
+        energy_millijoules: Some(mj),
+    };
+    let mut first = sample(1, m0, &[(0, Some(0)), (0, Some(0))]);
+    first.node_power = vec![bmc(m0, 5_000_000)];
+    // The board drew 980 J (420 / 280 / 140 + 140 by SM share), GPU 1
+    // nothing, the node 1000 J.
+    let mut next = sample(2, m0 + SEC, &[(0, Some(980_000)), (0, Some(0))]);
+    next.node_power = vec![bmc(m0 + SEC, 6_000_000)];
+    ingest(&state, &h, vec![first, next]);
+    let (_, c) = state.take_pending();
+    let node = |t| {
+        let b = booked(&c, t, "m-1");
+        (b.node_energy_mj, b.node_ns)
+    };
+    // Own GPU energy, then the 20 J left by GPUs: lab-c has the board and
+    // GPU 1.
+    assert_eq!(node("lab-a"), (420_000 + 5_000, SEC as u64));
+    assert_eq!(node("lab-b"), (280_000 + 5_000, SEC as u64));
+    assert_eq!(node("lab-c"), (280_000 + 10_000, 2 * SEC as u64));
+}
