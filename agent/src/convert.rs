@@ -2,7 +2,7 @@
 
 use capwatch_proto::v1 as pb;
 
-use crate::source::{GpuHealth, GpuInfo, GpuReading};
+use crate::source::{GpuHealth, GpuInfo, GpuReading, NvLinkErrors};
 
 pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
     pb::GpuInfo {
@@ -79,5 +79,18 @@ fn gpu_health(h: GpuHealth) -> pb::GpuHealth {
             .collect(),
         last_xid: h.last_xid.map(|(code, _)| code),
         last_xid_unix_nanos: h.last_xid.map(|(_, at)| at),
+        // ---- NVLink ----
+        nvlink_active_links: h.nvlink_active_links,
+        nvlinks: h.nvlinks.into_iter().map(nvlink_errors).collect(),
+    }
+}
+
+fn nvlink_errors(l: NvLinkErrors) -> pb::NvLinkErrors {
+    pb::NvLinkErrors {
+        link: l.link,
+        replay: l.replay,
+        recovery: l.recovery,
+        crc_flit: l.crc_flit,
+        crc_data: l.crc_data,
     }
 }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use capwatch_agent::source::nvml::NvmlSource;
-use capwatch_agent::source::{GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, SourceError};
+use capwatch_agent::source::{
+    GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, NvLinkErrors, SourceError,
+};
 use nvml_wrapper::error::NvmlError;
 use tempfile::TempDir;
 
@@ -107,6 +109,9 @@ fn fake_health(index: u32) -> GpuHealth {
             // No XID event injected.
             xid_errors: BTreeMap::new(),
             last_xid: None,
+            // No NVLink unless the fake is built with FAKE_GPU0_NVLINKS.
+            nvlink_active_links: None,
+            nvlinks: Vec::new(),
         }
     } else {
         GpuHealth {
@@ -136,6 +141,9 @@ fn fake_health(index: u32) -> GpuHealth {
             power_average_milliwatts: Some(98_000),
             xid_errors: BTreeMap::new(),
             last_xid: None,
+            // No NVLink unless the fake is built with FAKE_GPU0_NVLINKS.
+            nvlink_active_links: None,
+            nvlinks: Vec::new(),
         }
     }
 }
@@ -424,6 +432,85 @@ fn each_unsupported_or_missing_health_reading_is_absent_alone() {
     }
     for (function, clear) in cases {
         check(&[&format!("-DFAKE_OMIT_{function}")], Some(*clear), *clear);
+    }
+}
+
+// ---- NVLink ----
+
+/// The error counters of GPU 0's links `links`, as the fake counts them.
+fn fake_nvlinks(links: impl IntoIterator<Item = u32>) -> Vec<NvLinkErrors> {
+    links
+        .into_iter()
+        .map(|link| {
+            let base = 1000 * u64::from(link);
+            NvLinkErrors {
+                link,
+                replay: Some(base + 1),
+                recovery: Some(base + 2),
+                crc_flit: Some((1 << 40) + base + 3),
+                crc_data: Some(base + 4),
+            }
+        })
+        .collect()
+}
+
+/// Invariant: a GPU with NVLink reports how many of its links are active
+/// and the four data-link error counters of each active link, as NVML
+/// counts them (64-bit, by link); a GPU without NVLink (GPU 1, as a PCIe
+/// board) reports none; a driver that lacks a function leaves its
+/// readings absent alone: no error, the rest of the sample whole.
+#[test]
+fn nvlink_reports_its_active_links_and_their_error_counters() {
+    // (defines, GPU 0's active links, its error counters)
+    let cases: Vec<(&[&str], Option<u32>, Vec<NvLinkErrors>)> = vec![
+        (&[], None, Vec::new()),
+        // An 18-link board with 2 links up: links 4 and 17.
+        (
+            &[
+                "-DFAKE_GPU0_NVLINKS=18",
+                "-DFAKE_GPU0_NVLINK_ACTIVE=0x20010",
+            ],
+            Some(2),
+            fake_nvlinks([4, 17]),
+        ),
+        // 12 links (A100), all up: links 12-17 do not exist.
+        (&["-DFAKE_GPU0_NVLINKS=12"], Some(12), fake_nvlinks(0..12)),
+        (
+            &["-DFAKE_GPU0_NVLINKS=18", "-DFAKE_GPU0_NVLINK_ACTIVE=0"],
+            Some(0),
+            Vec::new(),
+        ),
+        // An older driver without the error counters: the count stays.
+        (
+            &[
+                "-DFAKE_GPU0_NVLINKS=18",
+                "-DFAKE_GPU0_NVLINK_ACTIVE=0x3",
+                "-DFAKE_OMIT_nvmlDeviceGetNvLinkErrorCounter",
+            ],
+            Some(2),
+            Vec::new(),
+        ),
+        // Without the link state nothing says which links exist.
+        (
+            &[
+                "-DFAKE_GPU0_NVLINKS=18",
+                "-DFAKE_OMIT_nvmlDeviceGetNvLinkState",
+            ],
+            None,
+            Vec::new(),
+        ),
+    ];
+    for (defines, active, links) in cases {
+        let fake = build_fake(defines);
+        let mut source = open(&fake);
+        for sample in 1..=2 {
+            let mut want = [expected_reading(0, sample), expected_reading(1, sample)];
+            want[0].health.nvlink_active_links = active;
+            want[0].health.nvlinks = links.clone();
+            assert_eq!(source.sample(0), want, "sample {sample} with {defines:?}");
+        }
+        let errors = source.errors().expect("NVML counts its errors").by_field();
+        assert_eq!(errors, [], "not errors, with {defines:?}");
     }
 }
 

@@ -59,4 +59,9 @@ pub mod limits {
     /// The XID codes accepted: NVIDIA's XIDs are small positive numbers,
     /// and 999 is NVML's "unknown XID".
     pub const XID_CODES: std::ops::RangeInclusive<u32> = 1..=999;
+
+    // ---- NVLink ----
+    /// NVLink links one GPU may have (`GpuHealth.nvlinks` indexes are
+    /// below it): NVML's `NVML_NVLINK_MAX_LINKS`, 18 on Hopper.
+    pub const MAX_NVLINKS: u32 = 18;
 }

@@ -106,6 +106,25 @@ pub struct GpuHealth {
     pub xid_errors: BTreeMap<u32, u64>,
     /// The most recent XID code and when it arrived (Unix nanoseconds).
     pub last_xid: Option<(u32, i64)>,
+
+    // ---- NVLink ----
+    /// Links in the active state among those the GPU has; `None` on a GPU
+    /// without NVLink (see [`nvml`]'s `nvlink` module).
+    pub nvlink_active_links: Option<u32>,
+    /// The error counters of each active link, by link index.
+    pub nvlinks: Vec<NvLinkErrors>,
+}
+
+/// One active NVLink link's data-link error counters
+/// (`nvmlDeviceGetNvLinkErrorCounter`), cumulative since the driver loaded
+/// or the counters were reset; each `None` where it cannot be read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NvLinkErrors {
+    pub link: u32,
+    pub replay: Option<u64>,
+    pub recovery: Option<u64>,
+    pub crc_flit: Option<u64>,
+    pub crc_data: Option<u64>,
 }
 
 impl GpuHealth {

@@ -14,6 +14,8 @@
 //! only gives as field values (memory temperature, instant and average
 //! power, retired pages, remapped rows).
 //!
+//! NVLink state and error counters are read per link ([`nvlink`]).
+//!
 //! XID errors come from NVML's event API, waited on by a thread of its own
 //! ([`super::xid`]); each reading takes the counts it has gathered so far.
 
@@ -34,6 +36,8 @@ use nvml_wrapper::{Device, Nvml};
 use tracing::{error, info, warn};
 
 use super::nvml_ffi::{InstanceId, instance_id};
+mod nvlink;
+
 use super::xid::XidWatch;
 use super::{GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, ReadErrors, SourceError};
 
@@ -73,7 +77,7 @@ pub struct NvmlSource {
     nvml: Arc<Nvml>,
     inventory: Vec<GpuInfo>,
     /// (GPU index, field) pairs already reported as unreadable.
-    reported: HashSet<(u32, &'static str)>,
+    reported: Reported,
     lost: Vec<bool>,
     /// NVML's index of each inventory entry (they differ when a GPU could
     /// not be identified at start-up and was left out).
@@ -85,6 +89,9 @@ pub struct NvmlSource {
     /// How often the layout is read again, and when it last was.
     mig_every: Duration,
     mig_checked: Instant,
+    // ---- NVLink ----
+    /// The NVLink links of each GPU, by NVML index (`nvlink::probe`).
+    nvlinks: Vec<Vec<u32>>,
 }
 
 /// How often a board's MIG layout is read again by default.
@@ -139,6 +146,9 @@ fn mig_layout(
     Ok((board_sm, instances))
 }
 
+/// (GPU index, field) pairs already reported as unreadable.
+type Reported = HashSet<(u32, &'static str)>;
+
 impl NvmlSource {
     /// Loads NVML from `library` (a path or a name the dynamic loader
     /// resolves) and takes the inventory of every GPU it lists; XID counts
@@ -174,6 +184,7 @@ impl NvmlSource {
         };
         let mut inventory = Vec::with_capacity(count as usize);
         let mut nvml_index = Vec::with_capacity(count as usize);
+        let mut nvlinks = vec![Vec::new(); count as usize];
         for index in 0..count {
             // A GPU that cannot be identified is left out (and logged), so
             // one broken board does not stop the node's other GPUs from
@@ -230,6 +241,7 @@ impl NvmlSource {
                 mig,
             });
             nvml_index.push(index);
+            nvlinks[index as usize] = nvlink::probe(&device, index);
         }
         if count > 0 && inventory.is_empty() {
             return Err(SourceError::Nvml {
@@ -261,6 +273,7 @@ impl NvmlSource {
             errors,
             mig_every: MIG_CHECK_EVERY,
             mig_checked: Instant::now(),
+            nvlinks,
         })
     }
 
@@ -310,7 +323,7 @@ impl NvmlSource {
     /// Turns one NVML answer into an optional reading, logging the first
     /// failure of each (GPU, field). Returns `Err(())` when the GPU is lost.
     fn field<T>(
-        reported: &mut HashSet<(u32, &'static str)>,
+        reported: &mut Reported,
         errors: &ReadErrors,
         index: u32,
         field: &'static str,
@@ -365,7 +378,13 @@ impl NvmlSource {
         };
         let r = &mut self.reported;
         let e = &*self.errors;
-        let health = Self::health(r, e, index, &device)?;
+        let mut health = Self::health(r, e, index, &device)?;
+        // ---- NVLink ----
+        let links = self
+            .nvlinks
+            .get(index as usize)
+            .map_or(&[][..], Vec::as_slice);
+        (health.nvlink_active_links, health.nvlinks) = nvlink::read(r, e, index, &device, links)?;
         let utilization = Self::field(r, e, index, "utilization", device.utilization_rates())?;
         let memory = Self::field(r, e, index, "memory", device.memory_info())?;
         Ok(GpuReading {
@@ -406,7 +425,7 @@ impl NvmlSource {
 
     /// The health readings of one GPU, each absent when it cannot be read.
     fn health(
-        r: &mut HashSet<(u32, &'static str)>,
+        r: &mut Reported,
         e: &ReadErrors,
         index: u32,
         device: &Device<'_>,

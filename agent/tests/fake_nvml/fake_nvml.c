@@ -109,6 +109,24 @@
  *                           nvmlDeviceRegisterEvents in FAKE_GPU1_UNSUPPORTED
  *                           does the same for GPU 1 only.
  *
+ * NVLink (section "NVLink" below): no GPU has NVLink unless
+ *
+ *   FAKE_GPU0_NVLINKS=N     GPU 0 has links 0..N-1 (N at most 18, NVML's
+ *                           NVML_NVLINK_MAX_LINKS); nvmlDeviceGetNvLinkState
+ *                           answers NVML_ERROR_INVALID_ARGUMENT for a link
+ *                           at or above N, and NVML_ERROR_NOT_SUPPORTED on
+ *                           a GPU without NVLink (GPU 1, a PCIe board).
+ *   FAKE_GPU0_NVLINK_ACTIVE=MASK
+ *                           the links of GPU 0 that are active, a bit per
+ *                           link (default: all of them); the others are
+ *                           inactive.
+ *
+ * Each link L of GPU 0 counts (nvmlDeviceGetNvLinkErrorCounter) replay
+ * 1000 L + 1, recovery 1000 L + 2, CRC flit 2^40 + 1000 L + 3 (beyond 32
+ * bits) and CRC data 1000 L + 4. FAKE_OMIT_nvmlDeviceGetNvLinkState and
+ * FAKE_OMIT_nvmlDeviceGetNvLinkErrorCounter leave those out (an older
+ * driver).
+ *
  * Events: every GPU supports the XID critical error event type (0x8) and
  * nothing else; nvmlEventSetWait_v2 is a BLOCK_POINT like the readings.
  *
@@ -898,6 +916,83 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int count, nvmlFieldV
             v->nvmlReturn = NVML_SUCCESS;
     }
     return NVML_SUCCESS;
+}
+#endif
+
+/* ---- NVLink -------------------------------------------------------------- */
+
+typedef enum nvmlEnableState_enum {
+    NVML_FEATURE_DISABLED = 0,
+    NVML_FEATURE_ENABLED = 1
+} nvmlEnableState_t;
+
+typedef enum nvmlNvLinkErrorCounter_enum {
+    NVML_NVLINK_ERROR_DL_REPLAY = 0,
+    NVML_NVLINK_ERROR_DL_RECOVERY = 1,
+    NVML_NVLINK_ERROR_DL_CRC_FLIT = 2,
+    NVML_NVLINK_ERROR_DL_CRC_DATA = 3
+} nvmlNvLinkErrorCounter_t;
+
+#define NVML_NVLINK_MAX_LINKS 18u
+
+#ifdef FAKE_GPU0_NVLINKS
+#define GPU0_NVLINKS ((unsigned int)(FAKE_GPU0_NVLINKS))
+#else
+#define GPU0_NVLINKS 0u
+#endif
+
+#ifdef FAKE_GPU0_NVLINK_ACTIVE
+#define GPU0_NVLINK_ACTIVE ((unsigned long)(FAKE_GPU0_NVLINK_ACTIVE))
+#else
+#define GPU0_NVLINK_ACTIVE 0x3FFFFul
+#endif
+
+/* check_health, then whether `link` is one of the GPU's links:
+ * NOT_SUPPORTED without NVLink, INVALID_ARGUMENT beyond its links. */
+static nvmlReturn_t check_link(nvmlDevice_t device, const char *function, unsigned int link,
+                               const void *out)
+{
+    nvmlReturn_t rc = check_health(device, function, out);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    if (device != &gpus[0] || GPU0_NVLINKS == 0)
+        return NVML_ERROR_NOT_SUPPORTED;
+    if (link >= GPU0_NVLINKS || link >= NVML_NVLINK_MAX_LINKS)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    return NVML_SUCCESS;
+}
+
+#ifndef FAKE_OMIT_nvmlDeviceGetNvLinkState
+nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link,
+                                      nvmlEnableState_t *isActive)
+{
+    BLOCK_POINT();
+    nvmlReturn_t rc = check_link(device, __func__, link, isActive);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    *isActive = (GPU0_NVLINK_ACTIVE >> link) & 1ul ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
+    return NVML_SUCCESS;
+}
+#endif
+
+#ifndef FAKE_OMIT_nvmlDeviceGetNvLinkErrorCounter
+nvmlReturn_t nvmlDeviceGetNvLinkErrorCounter(nvmlDevice_t device, unsigned int link,
+                                             nvmlNvLinkErrorCounter_t counter,
+                                             unsigned long long *counterValue)
+{
+    BLOCK_POINT();
+    nvmlReturn_t rc = check_link(device, __func__, link, counterValue);
+    if (rc != NVML_SUCCESS)
+        return rc;
+    switch (counter) {
+    case NVML_NVLINK_ERROR_DL_REPLAY: *counterValue = 1000ULL * link + 1; return NVML_SUCCESS;
+    case NVML_NVLINK_ERROR_DL_RECOVERY: *counterValue = 1000ULL * link + 2; return NVML_SUCCESS;
+    case NVML_NVLINK_ERROR_DL_CRC_FLIT:
+        *counterValue = (1ULL << 40) + 1000ULL * link + 3;
+        return NVML_SUCCESS;
+    case NVML_NVLINK_ERROR_DL_CRC_DATA: *counterValue = 1000ULL * link + 4; return NVML_SUCCESS;
+    default: return NVML_ERROR_INVALID_ARGUMENT;
+    }
 }
 #endif
 

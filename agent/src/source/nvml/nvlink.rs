@@ -1,0 +1,100 @@
+//! NVLink readings: which links are active, and each active link's
+//! data-link error counters.
+//!
+//! The links a GPU has are found once, when the source opens
+//! ([`probe`]): every link index below `NVML_NVLINK_MAX_LINKS` whose state
+//! NVML answers. A GPU that answers for none (a PCIe board, a driver
+//! without `nvmlDeviceGetNvLinkState`) has no NVLink and costs nothing on
+//! later ticks. On each tick ([`read`]) the agent asks each of the GPU's
+//! links for its state and each active one for its four error counters:
+//! at most 18 × 5 calls per GPU, each a driver query like the other
+//! health readings (NVML keeps these counters; nothing is computed here).
+//!
+//! Throughput (`NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX` / `_RX`, KiB) is
+//! not read: NVML selects the link of those field values by the
+//! `scopeId` of `nvmlFieldValue_t`, which nvml-wrapper 0.13's
+//! `field_values_for` always leaves at 0 (link 0 alone), and the
+//! workspace forbids the unsafe code a call of our own would need.
+
+use nvml_wrapper::Device;
+use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+use tracing::info;
+
+use super::{Lost, NvmlSource, Reported};
+use crate::source::{NvLinkErrors, ReadErrors};
+
+/// NVML's `NVML_NVLINK_MAX_LINKS`; the collector's bound too.
+pub const MAX_LINKS: u32 = capwatch_proto::limits::MAX_NVLINKS;
+
+/// The links of `device` (NVML index `index`) whose state NVML answers, in
+/// ascending order; empty on a GPU without NVLink. Logged once.
+pub(super) fn probe(device: &Device<'_>, index: u32) -> Vec<u32> {
+    let mut links = Vec::new();
+    let mut first_error = None;
+    for link in 0..MAX_LINKS {
+        match device.link_wrapper_for(link).is_active() {
+            Ok(_) => links.push(link),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match (links.len(), first_error) {
+        (0, Some(e)) => {
+            info!(gpu = index, reason = %e, "no NVLink: no NVLink series for this GPU");
+        }
+        (n, _) => info!(gpu = index, links = n, "NVLink links found"),
+    }
+    links
+}
+
+/// The active-link count and the active links' error counters, each
+/// absent where it cannot be read; `None` without NVLink. `Err(Lost)`
+/// when the GPU is lost.
+pub(super) fn read(
+    r: &mut Reported,
+    e: &ReadErrors,
+    index: u32,
+    device: &Device<'_>,
+    links: &[u32],
+) -> Result<(Option<u32>, Vec<NvLinkErrors>), Lost> {
+    if links.is_empty() {
+        return Ok((None, Vec::new()));
+    }
+    let mut answered = false;
+    let mut active = 0u32;
+    let mut counters = Vec::new();
+    for &link in links {
+        let nvlink = device.link_wrapper_for(link);
+        match NvmlSource::field(r, e, index, "nvlink_state", nvlink.is_active())? {
+            Some(true) => {}
+            Some(false) => {
+                answered = true;
+                continue;
+            }
+            None => continue,
+        }
+        answered = true;
+        active += 1;
+        let mut count =
+            |field, counter| NvmlSource::field(r, e, index, field, nvlink.error_counter(counter));
+        let errors = NvLinkErrors {
+            link,
+            replay: count("nvlink_replay_errors", ErrorCounter::DlReplay)?,
+            recovery: count("nvlink_recovery_errors", ErrorCounter::DlRecovery)?,
+            crc_flit: count("nvlink_crc_flit_errors", ErrorCounter::DlCrcFlit)?,
+            crc_data: count("nvlink_crc_data_errors", ErrorCounter::DlCrcData)?,
+        };
+        // A link none of whose counters could be read sends no entry.
+        if errors
+            != (NvLinkErrors {
+                link,
+                ..NvLinkErrors::default()
+            })
+        {
+            counters.push(errors);
+        }
+    }
+    // A GPU whose every state read failed says nothing about its links.
+    Ok((answered.then_some(active), counters))
+}
