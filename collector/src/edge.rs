@@ -21,7 +21,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use capwatch_proto::limits::{MAX_XID_CODES, XID_CODES};
+use capwatch_proto::limits::{MAX_NVLINKS, MAX_XID_CODES, XID_CODES};
 use capwatch_proto::v1 as pb;
 
 /// Largest step between sequence numbers: more than any spool holds.
@@ -664,6 +664,22 @@ pub struct GpuHealth {
     pub xid_errors: Vec<(u32, u64)>,
     /// The most recent XID: code and Unix nanoseconds.
     pub last_xid: Option<(u32, i64)>,
+    // ---- NVLink ----
+    /// Active NVLink links; `None` on a GPU without NVLink.
+    pub nvlink_active_links: Option<u32>,
+    /// Each active link's error counters, by link, each link once, at
+    /// most [`MAX_NVLINKS`] and at most `nvlink_active_links` of them.
+    pub nvlinks: Vec<NvLinkErrors>,
+}
+
+/// One NVLink link's data-link error counters (`pb::NvLinkErrors`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NvLinkErrors {
+    pub link: u32,
+    pub replay: Option<u64>,
+    pub recovery: Option<u64>,
+    pub crc_flit: Option<u64>,
+    pub crc_data: Option<u64>,
 }
 
 /// Highest instant or average power accepted as a health reading: three
@@ -682,8 +698,9 @@ pub const MAX_FAN_SPEED_PERCENT: u32 = 200;
 /// utilization 0-100 %, fan speed at most 200 %, memory temperature
 /// -50 to 200 C, memory clock at most 100 GHz, instant and average power
 /// at most `MAX_HEALTH_POWER_MILLIWATTS`, XID counts that hold together
-/// (`xid_ok`). Counters and the clock event bitmask are taken as NVML
-/// gives them. False: drop them.
+/// (`xid_ok`), NVLink links that hold together (`nvlink_ok`). Counters
+/// and the clock event bitmask are taken as NVML gives them. False: drop
+/// them.
 pub fn check_health(h: &GpuHealth) -> bool {
     let pct_ok = |v: Option<u32>| v.is_none_or(|v| v <= 100);
     pct_ok(h.encoder_utilization_percent)
@@ -698,6 +715,20 @@ pub fn check_health(h: &GpuHealth) -> bool {
             .flatten()
             .all(|p| p <= MAX_HEALTH_POWER_MILLIWATTS)
         && xid_ok(h)
+        && nvlink_ok(h)
+}
+
+/// NVLink readings hold together: at most [`MAX_NVLINKS`] links active,
+/// entries for no more links than that count (none without it), each
+/// link below [`MAX_NVLINKS`], once and in order. A counter lower than
+/// the last sample's is a reset (driver reload, `nvidia-smi nvlink -re`),
+/// exported as is: Prometheus takes a drop as a counter reset.
+fn nvlink_ok(h: &GpuHealth) -> bool {
+    let entries = h.nvlinks.len();
+    h.nvlink_active_links
+        .map_or(entries == 0, |n| n <= MAX_NVLINKS && entries <= n as usize)
+        && h.nvlinks.iter().all(|l| l.link < MAX_NVLINKS)
+        && h.nvlinks.windows(2).all(|w| w[0].link < w[1].link)
 }
 
 /// XID counts hold together: at most [`MAX_XID_CODES`] codes, each in
@@ -749,6 +780,21 @@ impl From<pb::GpuHealth> for GpuHealth {
                 (None, None) => None,
                 (c, at) => Some((c.unwrap_or(0), at.unwrap_or(0))),
             },
+            // ---- NVLink ----
+            // Kept as given (bounded by the message size) for
+            // `check_health` to drop.
+            nvlink_active_links: h.nvlink_active_links,
+            nvlinks: h
+                .nvlinks
+                .iter()
+                .map(|l| NvLinkErrors {
+                    link: l.link,
+                    replay: l.replay,
+                    recovery: l.recovery,
+                    crc_flit: l.crc_flit,
+                    crc_data: l.crc_data,
+                })
+                .collect(),
         }
     }
 }
@@ -1208,6 +1254,133 @@ mod tests {
             for (i, g) in got.gpus.iter().enumerate() {
                 assert_eq!(g.power_milliwatts, Some(500_000), "{name}");
                 assert_eq!(g.energy_millijoules, Some(9_000 + i as u64), "{name}");
+            }
+        }
+    }
+
+    // ---- NVLink ----
+
+    /// Invariant: NVLink readings hold together (at most 18 links
+    /// active, an entry for no more links than are active, each link
+    /// below 18, once, in order): anything else drops that GPU's health
+    /// readings alone; the sample, its power and energy and the other
+    /// GPU's health stay. A counter below the last sample's is a reset,
+    /// not malformed: it is kept.
+    #[test]
+    fn malformed_nvlink_readings_drop_their_gpus_health_alone() {
+        let link = |link, replay| pb::NvLinkErrors {
+            link,
+            replay: Some(replay),
+            crc_flit: Some(u64::MAX),
+            ..Default::default()
+        };
+        let nv = |active: Option<u32>, links: Vec<pb::NvLinkErrors>| pb::GpuHealth {
+            fan_speed_percent: Some(40),
+            nvlink_active_links: active,
+            nvlinks: links,
+            ..Default::default()
+        };
+        // (case, GPU 1's health on samples 1 and 2, dropped on sample 2)
+        let cases: Vec<(&str, pb::GpuHealth, pb::GpuHealth, bool)> = vec![
+            (
+                "2 of 18 links",
+                nv(Some(2), vec![link(0, 5)]),
+                nv(Some(2), vec![link(3, 1), link(17, 9)]),
+                false,
+            ),
+            ("18 active", nv(None, vec![]), nv(Some(18), vec![]), false),
+            (
+                "a counter going down is a reset",
+                nv(Some(1), vec![link(3, 500)]),
+                nv(Some(1), vec![link(3, 2)]),
+                false,
+            ),
+            ("19 active", nv(None, vec![]), nv(Some(19), vec![]), true),
+            (
+                "link 18",
+                nv(None, vec![]),
+                nv(Some(1), vec![link(18, 1)]),
+                true,
+            ),
+            (
+                "more links than active",
+                nv(None, vec![]),
+                nv(Some(1), vec![link(0, 1), link(1, 1)]),
+                true,
+            ),
+            (
+                "links without the count",
+                nv(None, vec![]),
+                nv(None, vec![link(0, 1)]),
+                true,
+            ),
+            (
+                "a link twice",
+                nv(None, vec![]),
+                nv(Some(2), vec![link(4, 1), link(4, 1)]),
+                true,
+            ),
+            (
+                "out of order",
+                nv(None, vec![]),
+                nv(Some(2), vec![link(4, 1), link(2, 1)]),
+                true,
+            ),
+        ];
+        for (name, first, second, dropped) in cases {
+            let mut got_links = Vec::new();
+            for (seq, health) in [(1, first), (2, second)] {
+                let gpu = |index: u32, health: pb::GpuHealth| pb::GpuSample {
+                    index,
+                    power_milliwatts: Some(500_000),
+                    energy_millijoules: Some(9_000 + u64::from(index)),
+                    health: Some(health),
+                    ..Default::default()
+                };
+                let s = pb::NodeSample {
+                    seq,
+                    timestamp_unix_nanos: 1_000,
+                    gpus: vec![gpu(0, nv(Some(1), vec![link(7, 3)])), gpu(1, health)],
+                    ..Default::default()
+                };
+                let (got, n) = sample_counted(s).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+                let dropped = dropped && seq == 2;
+                assert_eq!(n, u32::from(dropped), "{name}, sample {seq}");
+                let health = got.gpus[1].health.as_deref();
+                assert_eq!(health.is_none(), dropped, "{name}, sample {seq}");
+                assert_eq!(
+                    health.and_then(|h| h.fan_speed_percent),
+                    (!dropped).then_some(40),
+                    "{name}"
+                );
+                got_links.push(health.map(|h| {
+                    h.nvlinks
+                        .iter()
+                        .map(|l| (l.link, l.replay))
+                        .collect::<Vec<_>>()
+                }));
+                let other = got.gpus[0].health.as_deref().expect("GPU 0's health");
+                assert_eq!(other.nvlink_active_links, Some(1), "{name}");
+                assert_eq!(
+                    other.nvlinks,
+                    [NvLinkErrors {
+                        link: 7,
+                        replay: Some(3),
+                        crc_flit: Some(u64::MAX),
+                        ..Default::default()
+                    }],
+                    "{name}"
+                );
+                for (i, g) in got.gpus.iter().enumerate() {
+                    assert_eq!(g.power_milliwatts, Some(500_000), "{name}");
+                    assert_eq!(g.energy_millijoules, Some(9_000 + i as u64), "{name}");
+                }
+            }
+            if name == "a counter going down is a reset" {
+                assert_eq!(
+                    got_links,
+                    [Some(vec![(3, Some(500))]), Some(vec![(3, Some(2))])]
+                );
             }
         }
     }

@@ -205,6 +205,17 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         "When the agent received the most recent XID error (Unix time).",
         Kind::Gauge,
     ),
+    // ---- NVLink ----
+    (
+        "capwatch_gpu_nvlink_active_links",
+        "NVLink links in the active state; absent on GPUs without NVLink.",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_gpu_nvlink_errors_total",
+        "NVLink data-link errors of each active link by type (replay, recovery, crc_flit, crc_data), as NVML counts them since the driver loaded or the counters were reset.",
+        Kind::Counter,
+    ),
     (
         "capwatch_gpu_energy_resets_total",
         "Times the GPU's energy counter went backwards (driver reload: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
@@ -347,7 +358,7 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_collector_gpu_health_dropped_total",
-        "GPUs whose health readings (clock events, ECC, fan, memory temperature, instant power, XID counts, ...) were out of range or malformed in a sample: dropped, the sample and the GPU's power and energy kept.",
+        "GPUs whose health readings (clock events, ECC, fan, memory temperature, instant power, XID counts, NVLink links, ...) were out of range or malformed in a sample: dropped, the sample and the GPU's power and energy kept.",
         Kind::Counter,
     ),
     (
@@ -893,6 +904,28 @@ fn push_health(f: &mut Families<'_>, labels: &[(&'static str, &str); 5], h: &Gpu
             labels,
             at as f64 / 1e9,
         );
+    }
+    // ---- NVLink ----
+    if let Some(n) = h.nvlink_active_links {
+        f.push("capwatch_gpu_nvlink_active_links", labels, f64::from(n));
+    }
+    for l in &h.nvlinks {
+        let link = l.link.to_string();
+        for (n, kind) in [
+            (l.replay, "replay"),
+            (l.recovery, "recovery"),
+            (l.crc_flit, "crc_flit"),
+            (l.crc_data, "crc_data"),
+        ] {
+            if let Some(n) = n {
+                let [a, b, c, d, e] = *labels;
+                f.push(
+                    "capwatch_gpu_nvlink_errors_total",
+                    &[a, b, c, d, e, ("link", &link), ("type", kind)],
+                    n as f64,
+                );
+            }
+        }
     }
 }
 
@@ -1531,7 +1564,9 @@ mod reference;
 mod tests {
     use super::reference::{registry, render};
     use super::*;
-    use crate::edge::{GpuIdentity, GpuReading, NodePowerReading, NodePowerSource, NodeSample};
+    use crate::edge::{
+        GpuIdentity, GpuReading, NodePowerReading, NodePowerSource, NodeSample, NvLinkErrors,
+    };
     use crate::state::{GpuInfo, Hello, StateConfig};
     use crate::tenants::Tenants;
     use std::sync::Arc;
@@ -1568,6 +1603,23 @@ mod tests {
             power_average_milliwatts: Some(311_111),
             xid_errors: vec![(48, 1), (79, 2)],
             last_xid: Some((79, 1_700_000_000_500_000_000)),
+            // 2 of 18 links active; a count beyond 32 bits stays exact.
+            nvlink_active_links: Some(2),
+            nvlinks: vec![
+                NvLinkErrors {
+                    link: 3,
+                    replay: Some(7),
+                    recovery: Some(0),
+                    crc_flit: Some((1 << 40) + 3),
+                    crc_data: Some(4),
+                },
+                NvLinkErrors {
+                    link: 17,
+                    replay: Some(17_001),
+                    crc_data: None,
+                    ..NvLinkErrors::default()
+                },
+            ],
         }
     }
 
@@ -1928,8 +1980,7 @@ mod tests {
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(gpu0))
             .filter(|l| {
-                FAMILIES[family("capwatch_gpu_info")
-                    ..=family("capwatch_gpu_last_xid_timestamp_seconds")]
+                FAMILIES[family("capwatch_gpu_info")..=family("capwatch_gpu_nvlink_errors_total")]
                     .iter()
                     .any(|(name, _, _)| l.starts_with(&format!("{name}{{")))
             })
@@ -1973,6 +2024,12 @@ mod tests {
             capwatch_gpu_xid_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",xid="79"} 2
             capwatch_gpu_last_xid{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 79
             capwatch_gpu_last_xid_timestamp_seconds{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 1700000000.5
+            capwatch_gpu_nvlink_active_links{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB"} 2
+            capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3",type="replay"} 7
+            capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3",type="recovery"} 0
+            capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3",type="crc_flit"} 1099511627779
+            capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3",type="crc_data"} 4
+            capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="17",type="replay"} 17001
         "#]]
         .assert_eq(&(health.join("\n") + "\n"));
         // GPU 1 names its bus only and reports no health: no health series.
