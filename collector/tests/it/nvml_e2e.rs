@@ -34,8 +34,8 @@ fn build_fake(dir: &Path, defines: &[&str]) -> PathBuf {
 /// Invariant: NVML's units (mW, mJ, ns, %, MHz, KB/s, bytes) reach
 /// /metrics in base units unchanged in value; a GPU without an energy
 /// counter is accounted by the exact integral of its power; a health
-/// reading the GPU does not support has no series; the identity is one
-/// info series.
+/// reading the GPU does not support has no series (a GPU without NVLink
+/// has no NVLink series); the identity is one info series.
 #[test]
 fn nvml_readings_reach_metrics_in_base_units() {
     let dir = tempfile::tempdir().unwrap();
@@ -44,6 +44,9 @@ fn nvml_readings_reach_metrics_in_base_units() {
         &[
             "-DFAKE_GPU1_NO_ENERGY",
             "-DFAKE_GPU1_UNSUPPORTED=\"nvmlDeviceGetViolationStatus,NVML_FI_DEV_POWER_INSTANT\"",
+            // GPU 0: 18 NVLink links, 4 and 17 up; GPU 1 has none.
+            "-DFAKE_GPU0_NVLINKS=18",
+            "-DFAKE_GPU0_NVLINK_ACTIVE=0x20010",
         ],
     );
     let collector = Collector::start(
@@ -192,6 +195,37 @@ fn nvml_readings_reach_metrics_in_base_units() {
         assert!(m.select(name, &g1).is_empty(), "{name} on GPU 1");
     }
     assert_eq!(m.one("capwatch_gpu_power_average_watts", &g1), 98.0);
+    // ---- NVLink ----
+    // The active links of 18, each active link's four counters as NVML
+    // counts them (a count past 32 bits exact), none for the links that
+    // are down and none at all for a GPU without NVLink.
+    assert_eq!(m.one("capwatch_gpu_nvlink_active_links", &g0), 2.0);
+    let nvlink = m.select("capwatch_gpu_nvlink_errors_total", &g0);
+    let mut got: Vec<(String, String, f64)> = nvlink
+        .iter()
+        .map(|(l, v)| (l["link"].clone(), l["type"].clone(), *v))
+        .collect();
+    got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let mut want = Vec::new();
+    for link in [4u64, 17] {
+        let base = 1000 * link;
+        for (kind, n) in [
+            ("crc_data", base + 4),
+            ("crc_flit", (1 << 40) + base + 3),
+            ("recovery", base + 2),
+            ("replay", base + 1),
+        ] {
+            want.push((link.to_string(), kind.to_string(), n as f64));
+        }
+    }
+    want.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    assert_eq!(got, want);
+    for name in [
+        "capwatch_gpu_nvlink_active_links",
+        "capwatch_gpu_nvlink_errors_total",
+    ] {
+        assert!(m.select(name, &g1).is_empty(), "{name} on GPU 1");
+    }
     // The identity: one info series per GPU, not labels on the others.
     let info = m.select("capwatch_gpu_info", &g0);
     assert_eq!(info.len(), 1);
