@@ -514,6 +514,26 @@ fn nvlink_reports_its_active_links_and_their_error_counters() {
     }
 }
 
+/// Invariant: a link whose state cannot be read (an NVML error, not "no
+/// such link") makes the GPU's NVLink readings absent on that tick, never
+/// a count that leaves it out; the failure is counted on every tick, the
+/// GPU is not lost and its other readings are whole.
+#[test]
+fn a_link_state_that_cannot_be_read_leaves_nvlink_absent_and_counts_it() {
+    let fake = build_fake(&[
+        "-DFAKE_GPU0_NVLINKS=18",
+        "-DFAKE_GPU0_NVLINK_ACTIVE=0x3",
+        "-DFAKE_GPU0_NVLINK_STATE_FAILS=1",
+    ]);
+    let mut source = open(&fake);
+    for sample in 1..=2 {
+        let want = [expected_reading(0, sample), expected_reading(1, sample)];
+        assert_eq!(source.sample(0), want, "sample {sample}");
+    }
+    let errors = source.errors().expect("NVML counts its errors").by_field();
+    assert_eq!(errors, [("nvlink_state", 2)]);
+}
+
 /// Clock-event reasons are NVML's bits, several at once.
 #[test]
 fn clock_event_reasons_are_nvmls_bits() {

@@ -120,6 +120,10 @@
  *                           the links of GPU 0 that are active, a bit per
  *                           link (default: all of them); the others are
  *                           inactive.
+ *   FAKE_GPU0_NVLINK_STATE_FAILS=L
+ *                           nvmlDeviceGetNvLinkState answers
+ *                           NVML_ERROR_UNKNOWN for GPU 0's link L, at
+ *                           start and on every tick.
  *
  * Each link L of GPU 0 counts (nvmlDeviceGetNvLinkErrorCounter) replay
  * 1000 L + 1, recovery 1000 L + 2, CRC flit 2^40 + 1000 L + 3 (beyond 32
@@ -970,6 +974,10 @@ nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link,
     nvmlReturn_t rc = check_link(device, __func__, link, isActive);
     if (rc != NVML_SUCCESS)
         return rc;
+#ifdef FAKE_GPU0_NVLINK_STATE_FAILS
+    if (link == (unsigned int)(FAKE_GPU0_NVLINK_STATE_FAILS))
+        return NVML_ERROR_UNKNOWN;
+#endif
     *isActive = (GPU0_NVLINK_ACTIVE >> link) & 1ul ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
     return NVML_SUCCESS;
 }

@@ -18,6 +18,7 @@
 
 use nvml_wrapper::Device;
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
+use nvml_wrapper::error::NvmlError;
 use tracing::info;
 
 use super::{Lost, NvmlSource, Reported};
@@ -26,20 +27,28 @@ use crate::source::{NvLinkErrors, ReadErrors};
 /// NVML's `NVML_NVLINK_MAX_LINKS`; the collector's bound too.
 pub const MAX_LINKS: u32 = capwatch_proto::limits::MAX_NVLINKS;
 
-/// The links of `device` (NVML index `index`) whose state NVML answers, in
-/// ascending order; empty on a GPU without NVLink. Logged once.
+/// The links of `device` (NVML index `index`), in ascending order: every
+/// link index below [`MAX_LINKS`] whose state NVML answers, or fails to
+/// answer for another reason than that the link does not exist (an
+/// unknown error at start must not hide a link for the agent's life).
+/// Empty on a GPU without NVLink. Logged once.
 pub(super) fn probe(device: &Device<'_>, index: u32) -> Vec<u32> {
     let mut links = Vec::new();
-    let mut first_error = None;
+    let mut no_link = None;
     for link in 0..MAX_LINKS {
         match device.link_wrapper_for(link).is_active() {
-            Ok(_) => links.push(link),
-            Err(e) => {
-                first_error.get_or_insert(e);
+            Err(e @ (NvmlError::NotSupported | NvmlError::InvalidArg)) => {
+                no_link.get_or_insert(e);
             }
+            // An older driver without the function: as not supported.
+            Err(e @ NvmlError::FailedToLoadSymbol(_)) => {
+                no_link.get_or_insert(e);
+                break;
+            }
+            _ => links.push(link),
         }
     }
-    match (links.len(), first_error) {
+    match (links.len(), no_link) {
         (0, Some(e)) => {
             info!(gpu = index, reason = %e, "no NVLink: no NVLink series for this GPU");
         }
@@ -49,8 +58,10 @@ pub(super) fn probe(device: &Device<'_>, index: u32) -> Vec<u32> {
 }
 
 /// The active-link count and the active links' error counters, each
-/// absent where it cannot be read; `None` without NVLink. `Err(Lost)`
-/// when the GPU is lost.
+/// counter absent where it cannot be read; nothing without NVLink, and
+/// nothing on a tick where a link's state cannot be read (a count that
+/// left a link out would read as a link down). `Err(Lost)` when the GPU
+/// is lost.
 pub(super) fn read(
     r: &mut Reported,
     e: &ReadErrors,
@@ -61,21 +72,15 @@ pub(super) fn read(
     if links.is_empty() {
         return Ok((None, Vec::new()));
     }
-    let mut answered = false;
     let mut active = 0u32;
     let mut counters = Vec::new();
     for &link in links {
         let nvlink = device.link_wrapper_for(link);
         match NvmlSource::field(r, e, index, "nvlink_state", nvlink.is_active())? {
-            Some(true) => {}
-            Some(false) => {
-                answered = true;
-                continue;
-            }
-            None => continue,
+            Some(true) => active += 1,
+            Some(false) => continue,
+            None => return Ok((None, Vec::new())),
         }
-        answered = true;
-        active += 1;
         let mut count =
             |field, counter| NvmlSource::field(r, e, index, field, nvlink.error_counter(counter));
         let errors = NvLinkErrors {
@@ -86,15 +91,13 @@ pub(super) fn read(
             crc_data: count("nvlink_crc_data_errors", ErrorCounter::DlCrcData)?,
         };
         // A link none of whose counters could be read sends no entry.
-        if errors
-            != (NvLinkErrors {
-                link,
-                ..NvLinkErrors::default()
-            })
-        {
+        let unread = NvLinkErrors {
+            link,
+            ..NvLinkErrors::default()
+        };
+        if errors != unread {
             counters.push(errors);
         }
     }
-    // A GPU whose every state read failed says nothing about its links.
-    Ok((answered.then_some(active), counters))
+    Ok((Some(active), counters))
 }
