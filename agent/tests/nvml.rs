@@ -480,6 +480,16 @@ fn nvlink_reports_its_active_links_and_their_error_counters() {
             Some(0),
             Vec::new(),
         ),
+        // Links 2 and 5 asleep (low power): up, not active, no error.
+        (
+            &[
+                "-DFAKE_GPU0_NVLINKS=18",
+                "-DFAKE_GPU0_NVLINK_ACTIVE=0x3",
+                "-DFAKE_GPU0_NVLINK_SLEEP=0x24",
+            ],
+            Some(2),
+            fake_nvlinks([0, 1]),
+        ),
         // An older driver without the error counters: the count stays.
         (
             &[

@@ -120,6 +120,10 @@
  *                           the links of GPU 0 that are active, a bit per
  *                           link (default: all of them); the others are
  *                           inactive.
+ *   FAKE_GPU0_NVLINK_SLEEP=MASK
+ *                           links of GPU 0 whose state is
+ *                           NVML_NVLINK_STATE_SLEEP (2, newer drivers'
+ *                           low-power state), whatever the active mask.
  *   FAKE_GPU0_NVLINK_STATE_FAILS=L
  *                           nvmlDeviceGetNvLinkState answers
  *                           NVML_ERROR_UNKNOWN for GPU 0's link L, at
@@ -979,6 +983,10 @@ nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t device, unsigned int link,
         return NVML_ERROR_UNKNOWN;
 #endif
     *isActive = (GPU0_NVLINK_ACTIVE >> link) & 1ul ? NVML_FEATURE_ENABLED : NVML_FEATURE_DISABLED;
+#ifdef FAKE_GPU0_NVLINK_SLEEP
+    if (((unsigned long)(FAKE_GPU0_NVLINK_SLEEP) >> link) & 1ul)
+        *isActive = (nvmlEnableState_t)2; /* NVML_NVLINK_STATE_SLEEP */
+#endif
     return NVML_SUCCESS;
 }
 #endif

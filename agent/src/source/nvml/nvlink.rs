@@ -27,6 +27,9 @@ use crate::source::{NvLinkErrors, ReadErrors};
 /// NVML's `NVML_NVLINK_MAX_LINKS`; the collector's bound too.
 pub const MAX_LINKS: u32 = capwatch_proto::limits::MAX_NVLINKS;
 
+/// `NVML_NVLINK_STATE_SLEEP`: a link in a low-power state.
+const STATE_SLEEP: u32 = 2;
+
 /// The links of `device` (NVML index `index`), in ascending order: every
 /// link index below [`MAX_LINKS`] whose state NVML answers, or fails to
 /// answer for another reason than that the link does not exist (an
@@ -76,7 +79,13 @@ pub(super) fn read(
     let mut counters = Vec::new();
     for &link in links {
         let nvlink = device.link_wrapper_for(link);
-        match NvmlSource::field(r, e, index, "nvlink_state", nvlink.is_active())? {
+        let state = match nvlink.is_active() {
+            // NVML_NVLINK_STATE_SLEEP (newer drivers), which nvml-wrapper
+            // does not know: up but idle in low power, not active.
+            Err(NvmlError::UnexpectedVariant(STATE_SLEEP)) => Ok(false),
+            state => state,
+        };
+        match NvmlSource::field(r, e, index, "nvlink_state", state)? {
             Some(true) => active += 1,
             Some(false) => continue,
             None => return Ok((None, Vec::new())),
