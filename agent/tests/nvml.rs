@@ -544,6 +544,34 @@ fn a_link_state_that_cannot_be_read_leaves_nvlink_absent_and_counts_it() {
     assert_eq!(errors, [("nvlink_state", 2)]);
 }
 
+/// Invariant: a GPU without NVLink costs no NVLink call after the agent
+/// opens NVML: with every NVLink function hanging, a sample of a node of
+/// PCIe boards returns at once and whole.
+#[test]
+fn a_gpu_without_nvlink_is_not_asked_about_links_after_start() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let block = dir.path().join("nvml-block");
+    let fake = build_fake(&[&format!("-DFAKE_BLOCK_FILE=\"{}\"", block.display())]);
+    let mut source = open(&fake);
+    for function in [
+        "nvmlDeviceGetNvLinkState",
+        "nvmlDeviceGetNvLinkErrorCounter",
+    ] {
+        std::fs::write(&block, format!("{function} 20000")).expect("writing the control file");
+        let started = std::time::Instant::now();
+        let got = source.sample(0);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{function} was called: {:?}",
+            started.elapsed()
+        );
+        assert!(
+            got.iter()
+                .all(|r| !r.lost && r.health.nvlink_active_links.is_none())
+        );
+    }
+}
+
 /// Clock-event reasons are NVML's bits, several at once.
 #[test]
 fn clock_event_reasons_are_nvmls_bits() {
