@@ -16,16 +16,17 @@
 //! readings from every later sample.
 //!
 //! *Invariant:* the thread stops when the source is dropped (the agent
-//! stops): dropping waits for it no longer than one wait timeout and a
-//! little more, so a hung wait delays shutdown by that at most and is
-//! left behind.
+//! stops): dropping waits for it no longer than [`STOP_WITHIN`] (one wait
+//! timeout and a little more), so a hung wait (or a slow write of the
+//! counts file) delays shutdown by that at most and is left behind.
 //!
 //! *Invariant:* with a counts file (`nvml.xid_counts_file`), a GPU's
 //! counts never go back across agent restarts, as the driver's own
 //! counters (ECC, PCIe replays) do not: the file is read before any GPU
 //! is registered and rewritten whole (a temporary file synced and renamed
-//! over it) after every event counted, so a kill leaves the counts before
-//! or after that event. They are kept by GPU UUID, those of GPUs missing
+//! over it) after every event counted, before the new count reaches any
+//! reading, so a kill leaves the counts before or after that event and no
+//! sample ever carried one the file lacks. They are kept by GPU UUID, those of GPUs missing
 //! from this start's inventory too.
 //!
 //! *Boundary:* the counts file. It is read once, at most
@@ -221,11 +222,13 @@ fn watch(
             );
             continue;
         }
-        let mut s = lock(state);
-        let Some(gpu) = s[index].as_mut() else {
+        // This thread alone writes the counts: the next state is made on
+        // a copy, kept in the file, and only then published, so no
+        // sample carries a count a kill could take back.
+        let Some(mut counted) = lock(state)[index].clone() else {
             continue;
         };
-        if !gpu.counts.contains_key(&code) && gpu.counts.len() >= MAX_XID_CODES {
+        if !counted.counts.contains_key(&code) && counted.counts.len() >= MAX_XID_CODES {
             errors.add("xid_code");
             warn!(
                 gpu = index,
@@ -234,15 +237,15 @@ fn watch(
             );
             continue;
         }
-        *gpu.counts.entry(code).or_default() += 1;
-        gpu.last = Some((code, at));
-        let counted = gpu.clone();
-        drop(s);
+        let n = counted.counts.entry(code).or_default();
+        *n = n.saturating_add(1);
+        counted.last = Some((code, at));
         warn!(gpu = index, uuid = %gpus[index].1, xid = code, "XID error");
         if let Some(f) = file.as_mut() {
-            f.counts.insert(gpus[index].1.clone(), counted);
+            f.counts.insert(gpus[index].1.clone(), counted.clone());
             f.save(errors);
         }
+        lock(state)[index] = Some(counted);
     }
 }
 
@@ -281,7 +284,8 @@ impl CountsFile {
     }
 
     /// Writes every GPU's counts: a temporary file beside it, synced, then
-    /// renamed over it.
+    /// renamed over it, and the directory synced (the rename survives a
+    /// power loss).
     fn save(&mut self, errors: &ReadErrors) {
         let mut tmp = self.path.clone().into_os_string();
         tmp.push(".tmp");
@@ -291,7 +295,11 @@ impl CountsFile {
                 f.write_all(format_counts(&self.counts).as_bytes())?;
                 f.sync_all()
             })
-            .and_then(|()| std::fs::rename(&tmp, &self.path));
+            .and_then(|()| std::fs::rename(&tmp, &self.path))
+            .and_then(|()| match self.path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+                _ => Ok(()),
+            });
         match written {
             Ok(()) => {
                 if std::mem::take(&mut self.failing) {
