@@ -92,5 +92,7 @@ fn nvlink_errors(l: NvLinkErrors) -> pb::NvLinkErrors {
         recovery: l.recovery,
         crc_flit: l.crc_flit,
         crc_data: l.crc_data,
+        transmit_bytes: l.transmit_bytes,
+        receive_bytes: l.receive_bytes,
     }
 }

@@ -449,14 +449,17 @@ fn fake_nvlinks(links: impl IntoIterator<Item = u32>) -> Vec<NvLinkErrors> {
                 recovery: Some(base + 2),
                 crc_flit: Some((1 << 40) + base + 3),
                 crc_data: Some(base + 4),
+                transmit_bytes: Some(((1 << 33) + 7000 * u64::from(link)) * 1024),
+                receive_bytes: Some((9000 * u64::from(link) + 5) * 1024),
             }
         })
         .collect()
 }
 
 /// Invariant: a GPU with NVLink reports how many of its links are active
-/// and the four data-link error counters of each active link, as NVML
-/// counts them (64-bit, by link); a GPU without NVLink (GPU 1, as a PCIe
+/// and the four data-link error counters and the data sent and received
+/// (NVML's KiB as bytes) of each active link, as NVML counts them (64-bit,
+/// by link: the throughput fields asked with each link as their scope); a GPU without NVLink (GPU 1, as a PCIe
 /// board) reports none; a driver that lacks a function leaves its
 /// readings absent alone: no error, the rest of the sample whole.
 #[test]
@@ -490,7 +493,8 @@ fn nvlink_reports_its_active_links_and_their_error_counters() {
             Some(2),
             fake_nvlinks([0, 1]),
         ),
-        // An older driver without the error counters: the count stays.
+        // An older driver without the error counters: the count and the
+        // throughput stay.
         (
             &[
                 "-DFAKE_GPU0_NVLINKS=18",
@@ -498,7 +502,33 @@ fn nvlink_reports_its_active_links_and_their_error_counters() {
                 "-DFAKE_OMIT_nvmlDeviceGetNvLinkErrorCounter",
             ],
             Some(2),
-            Vec::new(),
+            fake_nvlinks([0, 1])
+                .into_iter()
+                .map(|l| NvLinkErrors {
+                    replay: None,
+                    recovery: None,
+                    crc_flit: None,
+                    crc_data: None,
+                    ..l
+                })
+                .collect(),
+        ),
+        // A driver without the throughput fields: the error counters stay.
+        (
+            &[
+                "-DFAKE_GPU0_NVLINKS=18",
+                "-DFAKE_GPU0_NVLINK_ACTIVE=0x3",
+                "-DFAKE_NO_NVLINK_THROUGHPUT",
+            ],
+            Some(2),
+            fake_nvlinks([0, 1])
+                .into_iter()
+                .map(|l| NvLinkErrors {
+                    transmit_bytes: None,
+                    receive_bytes: None,
+                    ..l
+                })
+                .collect(),
         ),
         // Without the link state nothing says which links exist.
         (

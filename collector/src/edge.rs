@@ -680,6 +680,9 @@ pub struct NvLinkErrors {
     pub recovery: Option<u64>,
     pub crc_flit: Option<u64>,
     pub crc_data: Option<u64>,
+    /// Data sent and received over the link (bytes, cumulative).
+    pub transmit_bytes: Option<u64>,
+    pub receive_bytes: Option<u64>,
 }
 
 /// Highest instant or average power accepted as a health reading: three
@@ -793,6 +796,8 @@ impl From<pb::GpuHealth> for GpuHealth {
                     recovery: l.recovery,
                     crc_flit: l.crc_flit,
                     crc_data: l.crc_data,
+                    transmit_bytes: l.transmit_bytes,
+                    receive_bytes: l.receive_bytes,
                 })
                 .collect(),
         }

@@ -217,6 +217,16 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_gpu_nvlink_transmit_bytes_total",
+        "Data each active NVLink link sent (NVML's data throughput counter, KiB, times 1024), since the driver loaded or the counters were reset.",
+        Kind::Counter,
+    ),
+    (
+        "capwatch_gpu_nvlink_receive_bytes_total",
+        "Data each active NVLink link received (NVML's data throughput counter, KiB, times 1024), since the driver loaded or the counters were reset.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_gpu_energy_resets_total",
         "Times the GPU's energy counter went backwards (driver reload: the new value is counted) or jumped implausibly far (that interval is counted from power); kept across collector restarts.",
         Kind::Counter,
@@ -926,6 +936,15 @@ fn push_health(f: &mut Families<'_>, labels: &[(&'static str, &str); 5], h: &Gpu
                 );
             }
         }
+        for (bytes, family) in [
+            (l.transmit_bytes, "capwatch_gpu_nvlink_transmit_bytes_total"),
+            (l.receive_bytes, "capwatch_gpu_nvlink_receive_bytes_total"),
+        ] {
+            if let Some(n) = bytes {
+                let [a, b, c, d, e] = *labels;
+                f.push(family, &[a, b, c, d, e, ("link", &link)], n as f64);
+            }
+        }
     }
 }
 
@@ -1612,6 +1631,8 @@ mod tests {
                     recovery: Some(0),
                     crc_flit: Some((1 << 40) + 3),
                     crc_data: Some(4),
+                    transmit_bytes: Some(1 << 53),
+                    receive_bytes: Some(5_120),
                 },
                 NvLinkErrors {
                     link: 17,
@@ -1980,7 +2001,8 @@ mod tests {
             .lines()
             .filter(|l| !l.starts_with('#') && l.contains(gpu0))
             .filter(|l| {
-                FAMILIES[family("capwatch_gpu_info")..=family("capwatch_gpu_nvlink_errors_total")]
+                FAMILIES[family("capwatch_gpu_info")
+                    ..=family("capwatch_gpu_nvlink_receive_bytes_total")]
                     .iter()
                     .any(|(name, _, _)| l.starts_with(&format!("{name}{{")))
             })
@@ -2030,6 +2052,8 @@ mod tests {
             capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3",type="crc_flit"} 1099511627779
             capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3",type="crc_data"} 4
             capwatch_gpu_nvlink_errors_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="17",type="replay"} 17001
+            capwatch_gpu_nvlink_transmit_bytes_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3"} 9007199254740992
+            capwatch_gpu_nvlink_receive_bytes_total{tenant="lab-a",node="a-1",gpu="0",uuid="GPU-a-1-0",model="H100 \"SXM\" \\ 80GB",link="3"} 5120
         "#]]
         .assert_eq(&(health.join("\n") + "\n"));
         // GPU 1 names its bus only and reports no health: no health series.

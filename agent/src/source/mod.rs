@@ -125,6 +125,9 @@ pub struct NvLinkErrors {
     pub recovery: Option<u64>,
     pub crc_flit: Option<u64>,
     pub crc_data: Option<u64>,
+    /// Data sent and received over the link (bytes, cumulative).
+    pub transmit_bytes: Option<u64>,
+    pub receive_bytes: Option<u64>,
 }
 
 impl GpuHealth {

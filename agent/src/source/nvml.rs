@@ -384,7 +384,8 @@ impl NvmlSource {
             .nvlinks
             .get(index as usize)
             .map_or(&[][..], Vec::as_slice);
-        (health.nvlink_active_links, health.nvlinks) = nvlink::read(r, e, index, &device, links)?;
+        (health.nvlink_active_links, health.nvlinks) =
+            nvlink::read(r, e, index, &self.nvml, &device, links)?;
         let utilization = Self::field(r, e, index, "utilization", device.utilization_rates())?;
         let memory = Self::field(r, e, index, "memory", device.memory_info())?;
         Ok(GpuReading {

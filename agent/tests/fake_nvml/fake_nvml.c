@@ -128,6 +128,13 @@
  *                           nvmlDeviceGetNvLinkState answers
  *                           NVML_ERROR_UNKNOWN for GPU 0's link L, at
  *                           start and on every tick.
+ *   FAKE_NO_NVLINK_THROUGHPUT
+ *                           the throughput field values (below) are not
+ *                           supported, as on a driver without them.
+ *
+ * Each link L of GPU 0 sent (2^33 + 7000 L) KiB and received
+ * (9000 L + 5) KiB: NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX / _RX with L as
+ * the value's scopeId.
  *
  * Each link L of GPU 0 counts (nvmlDeviceGetNvLinkErrorCounter) replay
  * 1000 L + 1, recovery 1000 L + 2, CRC flit 2^40 + 1000 L + 3 (beyond 32
@@ -902,6 +909,32 @@ static int field_of(const struct fake_gpu *gpu, unsigned int id, const char **na
     }
 }
 
+/* NVLink data throughput (KiB, cumulative) of GPU 0's link `link` (the
+ * value's scopeId): TX (1 << 33) + 7000 × link, RX 9000 × link + 5; not
+ * supported on a GPU without NVLink or beyond its links, nor anywhere with
+ * FAKE_NO_NVLINK_THROUGHPUT (a driver without these fields). */
+#define NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX 138
+#define NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX 139
+static nvmlReturn_t nvlink_throughput(nvmlDevice_t device, unsigned int id, unsigned int link,
+                                      nvmlValueType_t *type, nvmlValue_t *value)
+{
+#if defined(FAKE_GPU0_NVLINKS) && !defined(FAKE_NO_NVLINK_THROUGHPUT)
+    if (device == &gpus[0] && link < (unsigned int)(FAKE_GPU0_NVLINKS)) {
+        *type = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
+        value->ullVal = id == NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX
+                            ? (1ULL << 33) + 7000ULL * link
+                            : 9000ULL * link + 5;
+        return NVML_SUCCESS;
+    }
+#endif
+    (void)device;
+    (void)id;
+    (void)link;
+    (void)type;
+    (void)value;
+    return NVML_ERROR_NOT_SUPPORTED;
+}
+
 /* Like the real library: the call succeeds and each value carries its own
  * return code. */
 nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int count, nvmlFieldValue_t *values)
@@ -917,6 +950,11 @@ nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t device, int count, nvmlFieldV
         memset(&v->value, 0, sizeof v->value);
         v->timestamp = 1700000000000000LL;
         v->latencyUsec = 0;
+        if (v->fieldId == NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX
+            || v->fieldId == NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX) {
+            v->nvmlReturn = nvlink_throughput(device, v->fieldId, v->scopeId, &v->valueType, &v->value);
+            continue;
+        }
         if (!field_of(device, v->fieldId, &name, &v->valueType, &v->value)
             || listed(device->unsupported, name))
             v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;

@@ -220,9 +220,32 @@ fn nvml_readings_reach_metrics_in_base_units() {
     }
     want.sort_by(|a, b| a.partial_cmp(b).unwrap());
     assert_eq!(got, want);
+    // And each active link's data sent and received, NVML's KiB as bytes
+    // (past 2^43: exact in a float).
+    for (family, kib) in [
+        (
+            "capwatch_gpu_nvlink_transmit_bytes_total",
+            (|l: u64| (1u64 << 33) + 7000 * l) as fn(u64) -> u64,
+        ),
+        ("capwatch_gpu_nvlink_receive_bytes_total", |l| 9000 * l + 5),
+    ] {
+        let mut got: Vec<(String, f64)> = m
+            .select(family, &g0)
+            .iter()
+            .map(|(l, v)| (l["link"].clone(), *v))
+            .collect();
+        got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let want: Vec<(String, f64)> = [17u64, 4]
+            .iter()
+            .map(|&l| (l.to_string(), (kib(l) * 1024) as f64))
+            .collect();
+        assert_eq!(got, want, "{family}");
+    }
     for name in [
         "capwatch_gpu_nvlink_active_links",
         "capwatch_gpu_nvlink_errors_total",
+        "capwatch_gpu_nvlink_transmit_bytes_total",
+        "capwatch_gpu_nvlink_receive_bytes_total",
     ] {
         assert!(m.select(name, &g1).is_empty(), "{name} on GPU 1");
     }

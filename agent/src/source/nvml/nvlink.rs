@@ -10,18 +10,23 @@
 //! at most 18 × 5 calls per GPU, each a driver query like the other
 //! health readings (NVML keeps these counters; nothing is computed here).
 //!
-//! Throughput (`NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX` / `_RX`, KiB) is
-//! not read: NVML selects the link of those field values by the
-//! `scopeId` of `nvmlFieldValue_t`, which nvml-wrapper 0.13's
-//! `field_values_for` always leaves at 0 (link 0 alone), and the
-//! workspace forbids the unsafe code a call of our own would need.
+//! Throughput: each active link's data sent and received
+//! (`NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX` / `_RX`, cumulative KiB, sent
+//! as bytes), one `nvmlDeviceGetFieldValues` call per link. NVML selects
+//! the link by each value's `scopeId`, which nvml-wrapper 0.13's
+//! `field_values_for` leaves at 0 (link 0 alone), so the call is the
+//! agent's own (`nvml_ffi::link_field_values`).
 
-use nvml_wrapper::Device;
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
 use nvml_wrapper::error::NvmlError;
+use nvml_wrapper::sys_exports::field_id::{
+    NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX, NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+};
+use nvml_wrapper::{Device, Nvml};
 use tracing::info;
 
 use super::{Lost, NvmlSource, Reported};
+use crate::source::nvml_ffi::link_field_values;
 use crate::source::{NvLinkErrors, ReadErrors};
 
 /// NVML's `NVML_NVLINK_MAX_LINKS`; the collector's bound too.
@@ -69,6 +74,7 @@ pub(super) fn read(
     r: &mut Reported,
     e: &ReadErrors,
     index: u32,
+    nvml: &Nvml,
     device: &Device<'_>,
     links: &[u32],
 ) -> Result<(Option<u32>, Vec<NvLinkErrors>), Lost> {
@@ -92,13 +98,32 @@ pub(super) fn read(
         }
         let mut count =
             |field, counter| NvmlSource::field(r, e, index, field, nvlink.error_counter(counter));
-        let errors = NvLinkErrors {
+        let mut errors = NvLinkErrors {
             link,
             replay: count("nvlink_replay_errors", ErrorCounter::DlReplay)?,
             recovery: count("nvlink_recovery_errors", ErrorCounter::DlRecovery)?,
             crc_flit: count("nvlink_crc_flit_errors", ErrorCounter::DlCrcFlit)?,
             crc_data: count("nvlink_crc_data_errors", ErrorCounter::DlCrcData)?,
+            ..NvLinkErrors::default()
         };
+        let ids = [
+            NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+            NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+        ];
+        let values = NvmlSource::field(
+            r,
+            e,
+            index,
+            "nvlink_throughput",
+            link_field_values(nvml, device, link, &ids),
+        )?
+        .unwrap_or_default();
+        let mut bytes = values.into_iter().map(|v| {
+            let kib = NvmlSource::field(r, e, index, "nvlink_throughput", v)?;
+            Ok(kib.map(|k: u64| k.saturating_mul(1024)))
+        });
+        errors.transmit_bytes = bytes.next().transpose()?.flatten();
+        errors.receive_bytes = bytes.next().transpose()?.flatten();
         // A link none of whose counters could be read sends no entry.
         let unread = NvLinkErrors {
             link,
