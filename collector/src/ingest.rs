@@ -730,12 +730,9 @@ mod tests {
         }
     }
 
-    /// Invariant: a Hello whose node cannot be claimed in the ledger is
-    /// refused with UNAVAILABLE naming the ledger, counted as a refused
-    /// stream, and the node is not admitted.
-    #[tokio::test]
-    async fn a_hello_whose_claim_fails_is_refused_unavailable_naming_the_ledger() {
-        let state = Arc::new(State::new(
+    /// A collector's state with no tenant file, as these tests start it.
+    fn test_state() -> Arc<State> {
+        Arc::new(State::new(
             StateConfig {
                 stale_after: None,
                 max_gpus_per_node: 8,
@@ -743,7 +740,15 @@ mod tests {
                 max_sample_age: Duration::from_secs(86_400),
             },
             crate::tenants::Tenants::empty(),
-        ));
+        ))
+    }
+
+    /// Invariant: a Hello whose node cannot be claimed in the ledger is
+    /// refused with UNAVAILABLE naming the ledger, counted as a refused
+    /// stream, and the node is not admitted.
+    #[tokio::test]
+    async fn a_hello_whose_claim_fails_is_refused_unavailable_naming_the_ledger() {
+        let state = test_state();
         let (_committed_tx, committed) = watch::channel(0);
         let Served {
             mut client,
@@ -793,15 +798,7 @@ mod tests {
     /// the node is not admitted; once the writer is free, a Hello is.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hello_whose_claim_does_not_come_in_time_is_refused_unavailable() {
-        let state = Arc::new(State::new(
-            StateConfig {
-                stale_after: None,
-                max_gpus_per_node: 8,
-                max_clock_skew: Duration::from_secs(600),
-                max_sample_age: Duration::from_secs(86_400),
-            },
-            crate::tenants::Tenants::empty(),
-        ));
+        let state = test_state();
         let dir = tempfile::tempdir().unwrap();
         let writer = Arc::new(Mutex::new(
             crate::ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
@@ -934,15 +931,7 @@ mod tests {
     /// writer interface).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn failing_commits_stop_acks_shed_streams_and_refuse_hellos_until_one_succeeds() {
-        let state = Arc::new(State::new(
-            StateConfig {
-                stale_after: None,
-                max_gpus_per_node: 8,
-                max_clock_skew: Duration::from_secs(600),
-                max_sample_age: Duration::from_secs(86_400),
-            },
-            crate::tenants::Tenants::empty(),
-        ));
+        let state = test_state();
         let shed_after = Duration::from_millis(400);
         state.readiness.set_shed_after(shed_after);
         let dir = tempfile::tempdir().unwrap();
@@ -1076,15 +1065,7 @@ mod tests {
     /// health and XID readings.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn malformed_xid_counts_drop_one_gpus_health_and_book_every_gpus_energy() {
-        let state = Arc::new(State::new(
-            StateConfig {
-                stale_after: None,
-                max_gpus_per_node: 8,
-                max_clock_skew: Duration::from_secs(600),
-                max_sample_age: Duration::from_secs(86_400),
-            },
-            crate::tenants::Tenants::empty(),
-        ));
+        let state = test_state();
         let dir = tempfile::tempdir().unwrap();
         let writer = Arc::new(Mutex::new(
             crate::ledger::Ledger::create(&dir.path().join("ledger.db")).unwrap(),
