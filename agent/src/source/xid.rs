@@ -451,10 +451,17 @@ fn register<'n>(nvml: &'n Nvml, gpus: &[(u32, String)]) -> Option<(EventSet<'n>,
                 // NVML freed the set: a new one, with the GPUs before.
                 let mut fresh = create()?;
                 for &j in &registered {
-                    let device = nvml.device_by_index(gpus[j].0).ok()?;
-                    fresh = device
-                        .register_events(EventTypes::CRITICAL_XID_ERROR, fresh)
-                        .ok()?;
+                    let again = nvml.device_by_index(gpus[j].0).and_then(|d| {
+                        d.register_events(EventTypes::CRITICAL_XID_ERROR, fresh)
+                            .map_err(|e| e.error)
+                    });
+                    fresh = match again {
+                        Ok(set) => set,
+                        Err(e) => {
+                            warn!(gpu = j, error = %e, "XID events cannot be registered again after another GPU's failed; XID readings absent for every GPU");
+                            return None;
+                        }
+                    };
                 }
                 fresh
             }
