@@ -219,7 +219,7 @@ fn expected_info(index: u32, energy_counter_supported: bool) -> GpuInfo {
         pci_bus_id: Some(gpu.pci_bus_id.into()),
         serial: Some(gpu.serial.into()),
         driver_version: Some(DRIVER_VERSION.into()),
-        multiprocessor_count: Some([98, 108][index as usize]),
+        multiprocessor_count: None,
         mig: Vec::new(),
     }
 }
@@ -1077,6 +1077,9 @@ fn a_board_in_mig_mode_lists_its_instances_and_is_still_read_whole() {
     let fake = build_fake(&["-DFAKE_MIG_LAYOUT=1"]);
     let mut source = open(&fake);
     let mut board = expected_info(0, true);
+    // The board's SM count from its full GPU-instance profile: NVML
+    // answers nvmlDeviceGetAttributes_v2 for MIG device handles only.
+    board.multiprocessor_count = Some(98);
     board.mig = layout_1();
     assert_eq!(source.inventory(), [board, expected_info(1, true)]);
     // Samples stay per board: the board's counter once, no reading per
@@ -1113,6 +1116,7 @@ fn a_changed_mig_layout_is_read_again_and_published() {
         ]
     );
     assert_eq!(published, source.inventory());
+    assert_eq!(published[0].multiprocessor_count, Some(98));
     assert!(published[1].mig.is_empty());
 
     // MIG mode off: the board is whole again.

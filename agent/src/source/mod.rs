@@ -30,7 +30,8 @@ pub struct GpuInfo {
     pub serial: Option<String>,
     pub driver_version: Option<String>,
     // ---- MIG ----
-    /// The board's SM count (`nvmlDeviceGetAttributes_v2`), where given.
+    /// The board's SM count in MIG mode (its largest full GPU-instance
+    /// profile's), where given.
     pub multiprocessor_count: Option<u32>,
     /// The board's MIG devices while it is in MIG mode, else empty.
     pub mig: Vec<MigInstance>,

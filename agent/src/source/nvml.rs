@@ -100,25 +100,42 @@ pub const MIG_CHECK_EVERY: Duration = Duration::from_secs(10);
 /// NVML's `NVML_DEVICE_MIG_ENABLE`.
 const MIG_ENABLED: u32 = 1;
 
-/// A board's SM count and its MIG devices (empty unless it is in MIG
-/// mode). A board without MIG support, or a driver without the MIG
-/// functions, has no MIG devices; any other failure is an error, and the
-/// caller keeps the layout it knew.
+/// NVML's full-board GPU-instance profiles (`NVML_GPU_INSTANCE_PROFILE_8_SLICE`,
+/// `_7_SLICE`, `_6_SLICE`): the board's slices and SMs are those of the
+/// largest one it answers.
+const FULL_PROFILES: [u32; 3] = [5, 4, 6];
+
+/// The board's SM count as its largest full GPU-instance profile gives it
+/// (`nvmlDeviceGetGpuInstanceProfileInfo`, answered in MIG mode):
+/// `nvmlDeviceGetAttributes_v2` answers MIG device handles only, not the
+/// board's.
+fn board_profile_sm(device: &Device<'_>) -> Option<u32> {
+    FULL_PROFILES
+        .iter()
+        .filter_map(|&p| device.profile_info(p).ok())
+        .max_by_key(|i| i.slice_count)
+        .map(|i| i.multiprocessor_count)
+}
+
+/// A board's SM count (in MIG mode only) and its MIG devices (empty
+/// unless it is in MIG mode). A board without MIG support, or a driver
+/// without the MIG functions, has no MIG devices; any other failure is an
+/// error, and the caller keeps the layout it knew.
 fn mig_layout(
     nvml: &Nvml,
     device: &Device<'_>,
 ) -> Result<(Option<u32>, Vec<MigInstance>), NvmlError> {
-    let board_sm = device.attributes().ok().map(|a| a.multiprocessor_count);
     let mode = match device.mig_mode() {
         Ok(m) => m.current,
         Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => {
-            return Ok((board_sm, Vec::new()));
+            return Ok((None, Vec::new()));
         }
         Err(e) => return Err(e),
     };
     if mode != MIG_ENABLED {
-        return Ok((board_sm, Vec::new()));
+        return Ok((None, Vec::new()));
     }
+    let board_sm = board_profile_sm(device);
     let mut instances = Vec::new();
     for slot in 0..device.mig_device_count()? {
         let mig = match device.mig_device_by_index(slot) {

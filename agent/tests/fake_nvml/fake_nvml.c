@@ -1199,9 +1199,11 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
 
 /* ---- MIG ----------------------------------------------------------------
  *
- * GPU 0 (98 SMs, 7 GPU-instance slices: numbers of the fake's own) can be
+ * GPU 0 (98 SMs, 7 GPU-instance slices: numbers of the fake's own, given
+ * in MIG mode by its full 7-slice profile, nvmlDeviceGetGpuInstanceProfileInfo;
+ * nvmlDeviceGetAttributes_v2 answers MIG device handles only) can be
  * put in MIG mode with one of these layouts; GPU 1 does not support MIG
- * (nvmlDeviceGetMigMode answers NOT_SUPPORTED) and has 108 SMs.
+ * (nvmlDeviceGetMigMode answers NOT_SUPPORTED).
  *
  *   layout 0   MIG mode off
  *   layout 1   slot 0: MIG-11111111-0000-0000-0000-000000000001
@@ -1378,12 +1380,45 @@ nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttribute
         attributes->memorySizeMB = m->memory_mb;
         return NVML_SUCCESS;
     }
+    /* A board handle: the driver answers for MIG device handles only. */
+    nvmlReturn_t rc = check_device(device);
+    return rc != NVML_SUCCESS ? rc : NVML_ERROR_NOT_SUPPORTED;
+}
+
+typedef struct nvmlGpuInstanceProfileInfo_st {
+    unsigned int id;
+    unsigned int isP2pSupported;
+    unsigned int sliceCount;
+    unsigned int instanceCount;
+    unsigned int multiprocessorCount;
+    unsigned int copyEngineCount;
+    unsigned int decoderCount;
+    unsigned int encoderCount;
+    unsigned int jpegCount;
+    unsigned int ofaCount;
+    unsigned long long memorySizeMB;
+} nvmlGpuInstanceProfileInfo_t;
+
+#define NVML_GPU_INSTANCE_PROFILE_7_SLICE 4u
+
+/* GPU 0 in MIG mode answers its full 7-slice profile (98 SMs) only; the
+ * driver answers NOT_SUPPORTED with MIG mode off. */
+nvmlReturn_t nvmlDeviceGetGpuInstanceProfileInfo(nvmlDevice_t device, unsigned int profile,
+                                                 nvmlGpuInstanceProfileInfo_t *info)
+{
     nvmlReturn_t rc = check_device(device);
     if (rc != NVML_SUCCESS)
         return rc;
-    attributes->multiprocessorCount = device == &gpus[0] ? 98 : 108;
-    attributes->gpuInstanceSliceCount = device == &gpus[0] ? 7 : 0;
-    attributes->memorySizeMB = device->mem_total / (1024 * 1024);
+    if (info == NULL)
+        return NVML_ERROR_INVALID_ARGUMENT;
+    if (device != &gpus[0] || mig_layout() == 0 || profile != NVML_GPU_INSTANCE_PROFILE_7_SLICE)
+        return NVML_ERROR_NOT_SUPPORTED;
+    memset(info, 0, sizeof *info);
+    info->id = profile;
+    info->sliceCount = 7;
+    info->instanceCount = 1;
+    info->multiprocessorCount = 98;
+    info->memorySizeMB = device->mem_total / (1024 * 1024);
     return NVML_SUCCESS;
 }
 
