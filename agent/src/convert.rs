@@ -16,6 +16,7 @@ pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
         serial: g.serial.clone(),
         driver_version: g.driver_version.clone(),
         multiprocessor_count: g.multiprocessor_count,
+        gpu_instance_slice_count: g.gpu_instance_slice_count,
         mig_instances: g
             .mig
             .iter()
@@ -24,6 +25,8 @@ pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
                 gpu_instance_id: m.gpu_instance_id,
                 compute_instance_id: m.compute_instance_id,
                 multiprocessor_count: m.multiprocessor_count,
+                gpu_instance_slice_count: m.gpu_instance_slice_count,
+                compute_instance_slice_count: m.compute_instance_slice_count,
                 profile: m.profile.clone(),
             })
             .collect(),

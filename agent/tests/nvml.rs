@@ -220,6 +220,7 @@ fn expected_info(index: u32, energy_counter_supported: bool) -> GpuInfo {
         serial: Some(gpu.serial.into()),
         driver_version: Some(DRIVER_VERSION.into()),
         multiprocessor_count: None,
+        gpu_instance_slice_count: None,
         mig: Vec::new(),
     }
 }
@@ -1052,12 +1053,21 @@ fn a_damaged_xid_counts_file_is_counted_and_counting_starts_afresh() {
 // ---- MIG ----
 
 /// A MIG device as `fake_nvml.c` describes it.
-fn mig(uuid: &str, gpu_instance_id: u32, multiprocessor_count: u32, profile: &str) -> MigInstance {
+fn mig(
+    uuid: &str,
+    gpu_instance_id: u32,
+    multiprocessor_count: u32,
+    slices: u32,
+    profile: &str,
+) -> MigInstance {
     MigInstance {
         uuid: uuid.into(),
         gpu_instance_id,
         compute_instance_id: 0,
         multiprocessor_count,
+        // One compute instance taking its whole GPU instance.
+        gpu_instance_slice_count: slices,
+        compute_instance_slice_count: slices,
         profile: profile.into(),
     }
 }
@@ -1065,10 +1075,22 @@ fn mig(uuid: &str, gpu_instance_id: u32, multiprocessor_count: u32, profile: &st
 /// The fake's layout 1 on GPU 0: 3g + 2g + 1g, 84 of its 98 SMs.
 fn layout_1() -> Vec<MigInstance> {
     vec![
-        mig("MIG-11111111-0000-0000-0000-000000000001", 1, 42, "3g.40gb"),
-        mig("MIG-11111111-0000-0000-0000-000000000002", 5, 28, "2g.20gb"),
+        mig(
+            "MIG-11111111-0000-0000-0000-000000000001",
+            1,
+            42,
+            3,
+            "3g.40gb",
+        ),
+        mig(
+            "MIG-11111111-0000-0000-0000-000000000002",
+            5,
+            28,
+            2,
+            "2g.20gb",
+        ),
         // Its name is not given: the profile comes from its one slice.
-        mig("MIG-11111111-0000-0000-0000-000000000003", 13, 14, "1g"),
+        mig("MIG-11111111-0000-0000-0000-000000000003", 13, 14, 1, "1g"),
     ]
 }
 
@@ -1080,6 +1102,7 @@ fn a_board_in_mig_mode_lists_its_instances_and_is_still_read_whole() {
     // The board's SM count from its full GPU-instance profile: NVML
     // answers nvmlDeviceGetAttributes_v2 for MIG device handles only.
     board.multiprocessor_count = Some(98);
+    board.gpu_instance_slice_count = Some(7);
     board.mig = layout_1();
     assert_eq!(source.inventory(), [board, expected_info(1, true)]);
     // Samples stay per board: the board's counter once, no reading per
@@ -1111,12 +1134,25 @@ fn a_changed_mig_layout_is_read_again_and_published() {
     assert_eq!(
         published[0].mig,
         [
-            mig("MIG-22222222-0000-0000-0000-000000000001", 2, 56, "4g.40gb"),
-            mig("MIG-22222222-0000-0000-0000-000000000002", 1, 42, "3g.40gb"),
+            mig(
+                "MIG-22222222-0000-0000-0000-000000000001",
+                2,
+                56,
+                4,
+                "4g.40gb"
+            ),
+            mig(
+                "MIG-22222222-0000-0000-0000-000000000002",
+                1,
+                42,
+                3,
+                "3g.40gb"
+            ),
         ]
     );
     assert_eq!(published, source.inventory());
     assert_eq!(published[0].multiprocessor_count, Some(98));
+    assert_eq!(published[0].gpu_instance_slice_count, Some(7));
     assert!(published[1].mig.is_empty());
 
     // MIG mode off: the board is whole again.

@@ -117,6 +117,13 @@ pub struct MigInstance {
     pub compute_instance_id: u32,
     /// At least 1 (checked).
     pub multiprocessor_count: u32,
+    /// Its GPU instance's slices, at least 1, the same for every compute
+    /// instance of one GPU instance (checked).
+    pub gpu_instance_slice_count: u32,
+    /// Its compute instance's slices within the GPU instance, 1 to the GPU
+    /// instance's; those of one GPU instance sum to at most its slices
+    /// (checked).
+    pub compute_instance_slice_count: u32,
     pub profile: String,
 }
 
@@ -126,11 +133,14 @@ pub enum Mig {
     /// Not in MIG mode (or an agent that predates MIG): metered whole.
     #[default]
     Whole,
-    /// In MIG mode: the board's SM count and its instances, whose SM
-    /// counts sum to at most the board's (checked). The board's energy is
-    /// split among them by SM share; SMs in no instance stay the board's.
+    /// In MIG mode: the board's SM and GPU-instance slice counts and its
+    /// instances, whose GPU instances' slices sum to at most the board's
+    /// (checked). The board's energy is split among its GPU instances by
+    /// slice share, and within a GPU instance among its compute instances
+    /// by compute slice share; slices in no instance stay the board's.
     Split {
         board_sm: u32,
+        board_slices: u32,
         instances: Vec<MigInstance>,
     },
     /// A layout the collector cannot apportion by: the board is metered
@@ -142,7 +152,8 @@ pub enum Mig {
 /// (`capwatch_collector_mig_layouts_refused_total{reason}`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MigRefusal {
-    /// Instances without the board's SM count to share them out of.
+    /// Instances without the board's SM count, or one beyond
+    /// [`MAX_BOARD_SMS`].
     BoardSmCount = 0,
     /// An instance with no SMs.
     InstanceSmCount = 1,
@@ -156,16 +167,33 @@ pub enum MigRefusal {
     Label = 4,
     /// More than [`MAX_MIG_INSTANCES`] instances.
     TooMany = 5,
+    /// Instances without the board's slice count (an agent that sends SM
+    /// counts only), or a board slice count beyond [`MAX_BOARD_SLICES`].
+    BoardSliceCount = 6,
+    /// An instance with no GPU-instance or compute-instance slices, more
+    /// compute slices than its GPU instance's, compute instances of one GPU
+    /// instance that disagree on its slices or sum beyond them.
+    InstanceSliceCount = 7,
+    /// The GPU instances' slices sum beyond the board's.
+    SlicesBeyondBoard = 8,
 }
 
+/// At most this many GPU-instance slices per board (7 on A100/H100/H200).
+pub const MAX_BOARD_SLICES: u32 = 64;
+/// At most this many SMs per board (132 on H100).
+pub const MAX_BOARD_SMS: u32 = 1024;
+
 impl MigRefusal {
-    pub const ALL: [MigRefusal; 6] = [
+    pub const ALL: [MigRefusal; 9] = [
         MigRefusal::BoardSmCount,
         MigRefusal::InstanceSmCount,
         MigRefusal::SmsBeyondBoard,
         MigRefusal::DuplicateUuid,
         MigRefusal::Label,
         MigRefusal::TooMany,
+        MigRefusal::BoardSliceCount,
+        MigRefusal::InstanceSliceCount,
+        MigRefusal::SlicesBeyondBoard,
     ];
 
     pub fn label(self) -> &'static str {
@@ -176,13 +204,16 @@ impl MigRefusal {
             MigRefusal::DuplicateUuid => "duplicate_uuid",
             MigRefusal::Label => "label",
             MigRefusal::TooMany => "too_many",
+            MigRefusal::BoardSliceCount => "board_slice_count",
+            MigRefusal::InstanceSliceCount => "instance_slice_count",
+            MigRefusal::SlicesBeyondBoard => "slices_beyond_board",
         }
     }
 
     pub fn message(self) -> &'static str {
         match self {
             MigRefusal::BoardSmCount => {
-                "MIG instances listed without the board's multiprocessor_count"
+                "MIG instances listed without the board's multiprocessor_count, or with one beyond 1024"
             }
             MigRefusal::InstanceSmCount => "a MIG instance has multiprocessor_count 0",
             MigRefusal::SmsBeyondBoard => {
@@ -195,6 +226,13 @@ impl MigRefusal {
                 "a MIG instance UUID (1-128) or profile (0-128) is not printable characters"
             }
             MigRefusal::TooMany => "more MIG instances than the limit of 64",
+            MigRefusal::BoardSliceCount => {
+                "MIG instances listed without the board's gpu_instance_slice_count (1-64)"
+            }
+            MigRefusal::InstanceSliceCount => {
+                "a MIG instance's gpu_instance_slice_count or compute_instance_slice_count is 0 or inconsistent with its GPU instance"
+            }
+            MigRefusal::SlicesBeyondBoard => "the MIG GPU instances' slices sum beyond the board's",
         }
     }
 }
@@ -203,6 +241,7 @@ impl MigRefusal {
 /// Hello and the instance UUIDs of the boards checked before.
 fn check_mig(
     board_sm: u32,
+    board_slices: u32,
     instances: &[MigInstance],
     taken: &mut std::collections::HashSet<String>,
 ) -> Result<(), MigRefusal> {
@@ -215,8 +254,11 @@ fn check_mig(
     {
         return Err(MigRefusal::Label);
     }
-    if board_sm == 0 {
+    if board_sm == 0 || board_sm > MAX_BOARD_SMS {
         return Err(MigRefusal::BoardSmCount);
+    }
+    if board_slices == 0 || board_slices > MAX_BOARD_SLICES {
+        return Err(MigRefusal::BoardSliceCount);
     }
     if instances.iter().any(|m| m.multiprocessor_count == 0) {
         return Err(MigRefusal::InstanceSmCount);
@@ -227,6 +269,26 @@ fn check_mig(
         .sum();
     if sum > u64::from(board_sm) {
         return Err(MigRefusal::SmsBeyondBoard);
+    }
+    // Each GPU instance: its slices (the same from each of its compute
+    // instances) and the compute slices used in it.
+    let mut gis: Vec<(u32, u32, u64)> = Vec::new();
+    for m in instances {
+        let (g, c) = (m.gpu_instance_slice_count, m.compute_instance_slice_count);
+        if g == 0 || c == 0 || c > g {
+            return Err(MigRefusal::InstanceSliceCount);
+        }
+        match gis.iter_mut().find(|(id, _, _)| *id == m.gpu_instance_id) {
+            Some((_, slices, _)) if *slices != g => return Err(MigRefusal::InstanceSliceCount),
+            Some((_, _, used)) => *used += u64::from(c),
+            None => gis.push((m.gpu_instance_id, g, u64::from(c))),
+        }
+    }
+    if gis.iter().any(|(_, g, used)| *used > u64::from(*g)) {
+        return Err(MigRefusal::InstanceSliceCount);
+    }
+    if gis.iter().map(|(_, g, _)| u64::from(*g)).sum::<u64>() > u64::from(board_slices) {
+        return Err(MigRefusal::SlicesBeyondBoard);
     }
     let mut own = std::collections::HashSet::new();
     if instances
@@ -404,9 +466,10 @@ pub fn check_hello(mut hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, He
     for (index, g) in hello.gpus.iter_mut().enumerate() {
         if let Mig::Split {
             board_sm,
+            board_slices,
             instances,
         } = &g.mig
-            && let Err(reason) = check_mig(*board_sm, instances, &mut taken)
+            && let Err(reason) = check_mig(*board_sm, *board_slices, instances, &mut taken)
         {
             tracing::warn!(node = %hello.node_id, gpu = index, uuid = %g.uuid, reason = reason.label(), "MIG layout refused: {}; the board's energy goes to the board's UUID", reason.message());
             g.mig = Mig::Refused(reason);
@@ -887,6 +950,7 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
                 } else {
                     Mig::Split {
                         board_sm: g.multiprocessor_count.unwrap_or(0),
+                        board_slices: g.gpu_instance_slice_count.unwrap_or(0),
                         instances: g
                             .mig_instances
                             .into_iter()
@@ -895,6 +959,8 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
                                 gpu_instance_id: m.gpu_instance_id,
                                 compute_instance_id: m.compute_instance_id,
                                 multiprocessor_count: m.multiprocessor_count,
+                                gpu_instance_slice_count: m.gpu_instance_slice_count,
+                                compute_instance_slice_count: m.compute_instance_slice_count,
                                 profile: m.profile,
                             })
                             .collect(),

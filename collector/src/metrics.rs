@@ -91,7 +91,7 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_gpu_mig_energy_joules_total",
-        "Energy of a MIG board apportioned to each part since this collector first heard it: each board delta split by SM share, exactly (the parts sum to the board's delta); uuid is the instance's, or the board's own for its SMs in no instance.",
+        "Energy of a MIG board apportioned to each part since this collector first heard it: each board delta split by GPU-instance slice share, exactly (the parts sum to the board's delta); uuid is the instance's, or the board's own for its slices in no instance.",
         Kind::Counter,
     ),
     // ---- end MIG ----
@@ -438,7 +438,7 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_collector_mig_layouts_refused_total",
-        "Boards whose MIG layout a Hello listed and the collector refused (the board metered whole, to its own UUID), by reason (board_sm_count, instance_sm_count, sms_beyond_board, duplicate_uuid, label, too_many); counted at each Hello.",
+        "Boards whose MIG layout a Hello listed and the collector refused (the board metered whole, to its own UUID), by reason (board_sm_count, instance_sm_count, sms_beyond_board, duplicate_uuid, label, too_many, board_slice_count, instance_slice_count, slices_beyond_board); counted at each Hello.",
         Kind::Counter,
     ),
     (

@@ -158,6 +158,7 @@ impl MockSource {
                 )),
                 driver_version: Some(DRIVER_VERSION.to_string()),
                 multiprocessor_count: None,
+                gpu_instance_slice_count: None,
                 mig: Vec::new(),
             });
             gpus.push(MockGpu {

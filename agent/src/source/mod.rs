@@ -33,13 +33,17 @@ pub struct GpuInfo {
     /// The board's SM count in MIG mode (its largest full GPU-instance
     /// profile's), where given.
     pub multiprocessor_count: Option<u32>,
+    /// The board's GPU-instance slices in MIG mode (its largest full
+    /// GPU-instance profile's), where given: what the collector shares the
+    /// board out of.
+    pub gpu_instance_slice_count: Option<u32>,
     /// The board's MIG devices while it is in MIG mode, else empty.
     pub mig: Vec<MigInstance>,
 }
 
 /// One MIG device of a board: what a tenant leases by its UUID. NVML has
 /// no power or energy reading of its own for it; the collector apportions
-/// the board's by SM share.
+/// the board's by GPU-instance slice share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigInstance {
     /// `MIG-...`.
@@ -47,6 +51,12 @@ pub struct MigInstance {
     pub gpu_instance_id: u32,
     pub compute_instance_id: u32,
     pub multiprocessor_count: u32,
+    /// The slices of its GPU instance (its attributes'
+    /// `gpuInstanceSliceCount`).
+    pub gpu_instance_slice_count: u32,
+    /// The slices of its compute instance within the GPU instance
+    /// (`computeInstanceSliceCount`).
+    pub compute_instance_slice_count: u32,
     /// `3g.40gb` from the device name, else `<slices>g`.
     pub profile: String,
 }

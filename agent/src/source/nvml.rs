@@ -105,37 +105,46 @@ const MIG_ENABLED: u32 = 1;
 /// largest one it answers.
 const FULL_PROFILES: [u32; 3] = [5, 4, 6];
 
-/// The board's SM count as its largest full GPU-instance profile gives it
-/// (`nvmlDeviceGetGpuInstanceProfileInfo`, answered in MIG mode):
-/// `nvmlDeviceGetAttributes_v2` answers MIG device handles only, not the
-/// board's.
-fn board_profile_sm(device: &Device<'_>) -> Option<u32> {
+/// The board's SM count and GPU-instance slice count as its largest full
+/// GPU-instance profile gives them (`nvmlDeviceGetGpuInstanceProfileInfo`,
+/// answered in MIG mode): `nvmlDeviceGetAttributes_v2` answers MIG device
+/// handles only, not the board's.
+fn board_profile(device: &Device<'_>) -> (Option<u32>, Option<u32>) {
     FULL_PROFILES
         .iter()
         .filter_map(|&p| device.profile_info(p).ok())
         .max_by_key(|i| i.slice_count)
-        .map(|i| i.multiprocessor_count)
+        .map_or((None, None), |i| {
+            (Some(i.multiprocessor_count), Some(i.slice_count))
+        })
 }
 
-/// A board's SM count (in MIG mode only) and its MIG devices (empty
-/// unless it is in MIG mode). A board without MIG support, or a driver
-/// without the MIG functions, has no MIG devices; any other failure is an
-/// error, and the caller keeps the layout it knew.
-fn mig_layout(
-    nvml: &Nvml,
-    device: &Device<'_>,
-) -> Result<(Option<u32>, Vec<MigInstance>), NvmlError> {
+/// A board's MIG layout as the inventory lists it.
+#[derive(Debug, Default)]
+struct Layout {
+    /// The board's SM count, in MIG mode only.
+    sm: Option<u32>,
+    /// The board's GPU-instance slices, in MIG mode only.
+    slices: Option<u32>,
+    mig: Vec<MigInstance>,
+}
+
+/// A board's SM and slice counts (in MIG mode only) and its MIG devices
+/// (empty unless it is in MIG mode). A board without MIG support, or a
+/// driver without the MIG functions, has no MIG devices; any other
+/// failure is an error, and the caller keeps the layout it knew.
+fn mig_layout(nvml: &Nvml, device: &Device<'_>) -> Result<Layout, NvmlError> {
     let mode = match device.mig_mode() {
         Ok(m) => m.current,
         Err(NvmlError::NotSupported | NvmlError::FailedToLoadSymbol(_)) => {
-            return Ok((None, Vec::new()));
+            return Ok(Layout::default());
         }
         Err(e) => return Err(e),
     };
     if mode != MIG_ENABLED {
-        return Ok((None, Vec::new()));
+        return Ok(Layout::default());
     }
-    let board_sm = board_profile_sm(device);
+    let (sm, slices) = board_profile(device);
     let mut instances = Vec::new();
     for slot in 0..device.mig_device_count()? {
         let mig = match device.mig_device_by_index(slot) {
@@ -157,10 +166,16 @@ fn mig_layout(
             gpu_instance_id: instance_id(nvml, &mig, InstanceId::Gpu)?,
             compute_instance_id: instance_id(nvml, &mig, InstanceId::Compute)?,
             multiprocessor_count: attributes.multiprocessor_count,
+            gpu_instance_slice_count: attributes.gpu_instance_slice_count,
+            compute_instance_slice_count: attributes.compute_instance_slice_count,
             profile,
         });
     }
-    Ok((board_sm, instances))
+    Ok(Layout {
+        sm,
+        slices,
+        mig: instances,
+    })
 }
 
 /// (GPU index, field) pairs already reported as unreadable.
@@ -234,11 +249,11 @@ impl NvmlSource {
                 device.total_energy_consumption(),
                 Err(NvmlError::NotSupported)
             );
-            let (multiprocessor_count, mig) = match mig_layout(&nvml, &device) {
+            let Layout { sm, slices, mig } = match mig_layout(&nvml, &device) {
                 Ok(layout) => layout,
                 Err(e) => {
                     warn!(gpu = index, error = %e, "MIG layout cannot be read; the board is metered whole until it can");
-                    (None, Vec::new())
+                    Layout::default()
                 }
             };
             if !mig.is_empty() {
@@ -254,7 +269,8 @@ impl NvmlSource {
                 pci_bus_id,
                 serial,
                 driver_version: driver_version.clone(),
-                multiprocessor_count,
+                multiprocessor_count: sm,
+                gpu_instance_slice_count: slices,
                 mig,
             });
             nvml_index.push(index);
@@ -315,11 +331,15 @@ impl NvmlSource {
                 continue;
             };
             match mig_layout(&self.nvml, &device) {
-                Ok((sm, mig)) => {
+                Ok(Layout { sm, slices, mig }) => {
                     self.reported.remove(&(i as u32, "mig_layout"));
-                    if sm != info.multiprocessor_count || mig != info.mig {
+                    if sm != info.multiprocessor_count
+                        || slices != info.gpu_instance_slice_count
+                        || mig != info.mig
+                    {
                         info!(gpu = i, uuid = %info.uuid, instances = mig.len(), "MIG layout changed; saying Hello again");
                         info.multiprocessor_count = sm;
+                        info.gpu_instance_slice_count = slices;
                         info.mig = mig;
                         changed = true;
                     }

@@ -608,9 +608,9 @@ impl Applied {
     // ---- MIG ----
 
     /// Books this reading of a MIG board split among its `parts`
-    /// (tenant, SM count): the energy, the estimated part of it, the GPU
+    /// (tenant, weight): the energy, the estimated part of it, the GPU
     /// time, busy time and expected time are each split in proportion to
-    /// the SM counts by the exact largest-remainder split
+    /// the weights by the exact largest-remainder split
     /// (`facility::allocate`), so each figure's parts sum to the board's
     /// exactly; each part counts as one sample. Returns each part's
     /// energy, in the order of `parts`. A part of weight 0 gets nothing.

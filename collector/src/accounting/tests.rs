@@ -418,7 +418,7 @@ proptest! {
     /// each figure (energy, estimated energy, GPU time, busy time,
     /// expected time, minute by minute summed), exactly what the whole
     /// reading would book to one tenant; each part's energy is within
-    /// 1 mJ of its SM share and the parts sum to the board's.
+    /// 1 mJ of its slice share and the parts sum to the board's.
     #[test]
     fn mig_parts_sum_to_the_whole_board_figure_by_figure(
         energy in 0u64..10_000_000,

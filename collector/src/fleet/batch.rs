@@ -191,7 +191,7 @@ impl Fleet {
                             add(tenant, applied.energy_mj);
                         }
                         // A MIG board: its reading (the board's counter,
-                        // once) split among its parts by SM share.
+                        // once) split among its parts by slice share.
                         Some(mig) => {
                             let parts: Vec<(&Arc<str>, u64)> = mig
                                 .parts
@@ -202,7 +202,7 @@ impl Fleet {
                                         (Some(()), Some(t)) if t.len() == mig.parts.len() => &t[k],
                                         _ => &p.tenant,
                                     };
-                                    (tenant, p.sms)
+                                    (tenant, p.weight)
                                 })
                                 .collect();
                             let shares = applied.book_parts(&mut booked, &parts, window);

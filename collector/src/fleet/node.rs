@@ -38,8 +38,8 @@ pub struct Gpu {
 // ---- MIG ----
 
 /// What a MIG board's energy is split among: its instances, in the
-/// Hello's order, then the board's SMs in no instance (if any), as a part
-/// of the board's own UUID.
+/// Hello's order, then the board's slices in no instance (if any), as a
+/// part of the board's own UUID.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MigParts {
     pub(crate) board_sm: u32,
@@ -52,8 +52,9 @@ pub struct MigPart {
     pub(crate) uuid: Arc<str>,
     /// The instance's ids and profile; `None` for the board's rest.
     pub(crate) instance: Option<MigInstance>,
-    /// SMs: the weight of the part in the split.
-    pub(crate) sms: u64,
+    /// The part's weight in the split: its share of the board's slices,
+    /// scaled to an integer (see [`MigParts::of`]).
+    pub(crate) weight: u64,
     /// The lessee of the instance's UUID, else the board's tenant.
     pub(crate) tenant: Arc<str>,
     /// Energy booked to this part since this collector first heard it
@@ -61,10 +62,22 @@ pub struct MigPart {
     pub(crate) energy_mj: u64,
 }
 
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 impl MigParts {
     /// The parts of a checked layout; `None` unless it is `Mig::Split`
     /// (a refused layout meters the board whole). Parts listed again keep
     /// the energy `old` counted for them.
+    ///
+    /// Each GPU instance of `g` slices takes `g` of the board's slices,
+    /// shared among its compute instances by their compute slices `c`
+    /// (out of `s`, the compute slices used in it): an instance weighs
+    /// `g * c * (l / s)`, `l` the least common multiple of the GPU
+    /// instances' `s`, and the board's slices in no GPU instance weigh
+    /// `rest * l`. The edge bounds the board to 64 slices, so `l` (at most
+    /// Landau's function of 64, 2,042,040) and the weights fit.
     pub(super) fn of(
         board: &Arc<str>,
         mig: Mig,
@@ -73,36 +86,55 @@ impl MigParts {
     ) -> Option<Box<Self>> {
         let Mig::Split {
             board_sm,
+            board_slices,
             instances,
         } = mig
         else {
             return None;
         };
-        let used: u64 = instances
-            .iter()
-            .map(|m| u64::from(m.multiprocessor_count))
-            .sum();
+        // Each GPU instance: (id, slices, compute slices used in it).
+        let mut gis: Vec<(u32, u64, u64)> = Vec::new();
+        for m in &instances {
+            let c = u64::from(m.compute_instance_slice_count);
+            match gis.iter_mut().find(|(id, _, _)| *id == m.gpu_instance_id) {
+                Some((_, _, used)) => *used += c,
+                None => gis.push((m.gpu_instance_id, u64::from(m.gpu_instance_slice_count), c)),
+            }
+        }
+        let l = gis.iter().fold(
+            1u64,
+            |l, (_, _, s)| if *s == 0 { l } else { l / gcd(l, *s) * s },
+        );
+        let used: u64 = gis.iter().map(|(_, g, _)| g).sum();
         let kept = |uuid: &str| {
             old.and_then(|o| o.parts.iter().find(|p| &*p.uuid == uuid))
                 .map_or(0, |p| p.energy_mj)
         };
         let mut parts: Vec<MigPart> = instances
             .into_iter()
-            .map(|m| MigPart {
-                uuid: Arc::from(m.uuid.as_str()),
-                energy_mj: kept(&m.uuid),
-                sms: u64::from(m.multiprocessor_count),
-                instance: Some(m),
-                tenant: tenant.clone(),
+            .map(|m| {
+                let (g, s) = gis
+                    .iter()
+                    .find(|(id, _, _)| *id == m.gpu_instance_id)
+                    .map_or((0, 1), |(_, g, s)| (*g, (*s).max(1)));
+                let c = u64::from(m.compute_instance_slice_count);
+                MigPart {
+                    uuid: Arc::from(m.uuid.as_str()),
+                    energy_mj: kept(&m.uuid),
+                    weight: g.saturating_mul(c).saturating_mul(l / s),
+                    instance: Some(m),
+                    tenant: tenant.clone(),
+                }
             })
             .collect();
-        // Checked by the edge: the instances use at most the board's SMs.
-        let rest = u64::from(board_sm).saturating_sub(used);
+        // Checked by the edge: the GPU instances use at most the board's
+        // slices.
+        let rest = u64::from(board_slices).saturating_sub(used);
         if rest > 0 {
             parts.push(MigPart {
                 uuid: board.clone(),
                 instance: None,
-                sms: rest,
+                weight: rest.saturating_mul(l),
                 tenant: tenant.clone(),
                 energy_mj: kept(board),
             });
@@ -144,7 +176,7 @@ impl Gpu {
 
     /// Calls `add` with each tenant's part of this GPU's live figures
     /// `one`: all of them its tenant's, or for a MIG board each tenant of
-    /// its parts once, with the SM share of the power of the parts it
+    /// its parts once, with the slice share of the power of the parts it
     /// holds (the exact split of the energy, so the shares sum to the
     /// board's power) and the board's other figures (the board counts as
     /// one reporting or stale GPU of each of them).
@@ -152,7 +184,7 @@ impl Gpu {
         let Some(m) = self.mig.as_deref() else {
             return add(&self.tenant, one);
         };
-        let power = split_by_weight(m.parts.iter().map(|p| p.sms))(one.power_milliwatts);
+        let power = split_by_weight(m.parts.iter().map(|p| p.weight))(one.power_milliwatts);
         let mut per: Vec<(&Arc<str>, TenantLive)> = Vec::with_capacity(m.parts.len());
         for (p, mw) in m.parts.iter().zip(power) {
             match per.iter_mut().find(|(t, _)| Arc::ptr_eq(t, &p.tenant)) {

@@ -133,7 +133,7 @@ impl<'a> GpuView<'a> {
     // ---- MIG ----
 
     /// The parts a MIG board's energy is split among (its instances, then
-    /// its SMs in no instance); none for a whole board.
+    /// its slices in no instance); none for a whole board.
     pub fn mig_parts(&self) -> impl Iterator<Item = MigPartView<'a>> + use<'a> {
         self.gpu
             .mig
@@ -277,7 +277,7 @@ pub struct MigPartView<'a> {
 }
 
 impl<'a> MigPartView<'a> {
-    /// The instance's UUID, or the board's for its SMs in no instance.
+    /// The instance's UUID, or the board's for its slices in no instance.
     pub fn uuid(&self) -> &'a str {
         &self.part.uuid
     }
@@ -292,9 +292,9 @@ impl<'a> MigPartView<'a> {
         self.part.instance.as_ref()
     }
 
-    /// SMs, the part's weight in the split.
-    pub fn sms(&self) -> u64 {
-        self.part.sms
+    /// The part's weight in the split (its scaled slice share).
+    pub fn weight(&self) -> u64 {
+        self.part.weight
     }
 
     /// Energy booked to the part since this collector first heard it.

@@ -544,7 +544,7 @@ const BOARD: &str = "GPU-00000000-1111-2222-3333-444444444444";
 
 /// lab-a leases the 3g instance of layout 1 and the 4g of layout 2,
 /// lab-b the 2g and the 3g; lab-c leases the node, so the 1g instance
-/// (leased by no one), the board's SMs in no instance and GPU 1 are its.
+/// (leased by no one), the board's slice in no instance and GPU 1 are its.
 fn mig_tenants() -> String {
     format!(
         "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 1\ngpus = [\"{}\", \"{}\"]\n\n\
@@ -593,7 +593,7 @@ fn mig_agent(lib: &Path, collector: &Collector, extra: &[&str]) -> Command {
 }
 
 /// Invariant: a board in MIG mode is sampled once, per board; each of its
-/// counter's deltas is split among its instances by SM share with an
+/// counter's deltas is split among its instances by slice share with an
 /// exact integer split, so each tenant's ledger energy is exactly its
 /// share and the parts sum to the board counter's delta to the
 /// millijoule; the board's energy is never repeated per instance.
@@ -611,7 +611,7 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
     assert!(status.success(), "agent: {status}");
 
     // Six samples: five deltas of the board's counter, 1000 mJ each, split
-    // 428 / 286 / 143 and 143 for the 14 SMs in no instance.
+    // 428 / 286 / 143 and 143 for the slice in no instance (3, 2, 1, 1 of 7).
     const DELTAS: u64 = 5;
     let m = collector.metrics();
     let board = [("node", "gpu-node-mig"), ("gpu", "0")];
@@ -651,7 +651,7 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
     assert_eq!(parts.iter().sum::<u64>(), 1000 * DELTAS);
     // The board's own series stay one per board.
     assert_eq!(m.select("capwatch_gpu_power_watts", &board).len(), 1);
-    // Live power split alike: the board's 312,345 mW by SM share (lab-c
+    // Live power split alike: the board's 312,345 mW by slice share (lab-c
     // also has GPU 1's 98,765 mW), summing to the node's.
     let power = |t: &str| milli(m.one("capwatch_tenant_power_watts", &[("tenant", t)]));
     assert_eq!(

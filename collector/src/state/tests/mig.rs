@@ -1,5 +1,6 @@
 //! MIG boards: the board's energy, counted once, split among its
-//! instances by SM share; layouts the collector cannot use.
+//! instances by GPU-instance slice share; layouts the collector cannot
+//! use.
 
 use super::ledger::booked;
 use super::*;
@@ -25,20 +26,25 @@ const MIG_TENANTS: &str = r#"
     nodes = ["m-1"]
 "#;
 
+/// A compute instance taking its whole GPU instance, on a board of 14
+/// SMs a slice.
 fn instance(uuid: &str, gi: u32, sms: u32) -> MigInstance {
     MigInstance {
         uuid: uuid.into(),
         gpu_instance_id: gi,
         compute_instance_id: 0,
         multiprocessor_count: sms,
+        gpu_instance_slice_count: sms / 14,
+        compute_instance_slice_count: sms / 14,
         profile: format!("{}g", sms / 14),
     }
 }
 
-/// 3g + 2g + 1g of a 98-SM board (14 SMs in no instance).
+/// 3g + 2g + 1g of a 98-SM, 7-slice board (one slice in no instance).
 fn three_instances() -> Mig {
     Mig::Split {
         board_sm: 98,
+        board_slices: 7,
         instances: vec![
             instance("MIG-3g", 1, 42),
             instance("MIG-2g", 5, 28),
@@ -104,15 +110,23 @@ fn a_mig_boards_energy_is_split_by_sm_share_and_sums_to_the_board_exactly() {
         .unwrap()
         .parts
         .iter()
-        .map(|p| (p.uuid.to_string(), p.tenant.to_string(), p.sms, p.energy_mj))
+        .map(|p| {
+            (
+                p.uuid.to_string(),
+                p.tenant.to_string(),
+                p.weight,
+                p.energy_mj,
+            )
+        })
         .collect();
+    // Slices 3, 2, 1 and 1 of 7, scaled by the compute slices' lcm (6).
     assert_eq!(
         parts,
         [
-            ("MIG-3g".into(), "lab-a".into(), 42, 429),
-            ("MIG-2g".into(), "lab-b".into(), 28, 286),
-            ("MIG-1g".into(), "lab-c".into(), 14, 143),
-            ("m-1-gpu0".into(), "lab-c".into(), 14, 143),
+            ("MIG-3g".into(), "lab-a".into(), 18, 429),
+            ("MIG-2g".into(), "lab-b".into(), 12, 286),
+            ("MIG-1g".into(), "lab-c".into(), 6, 143),
+            ("m-1-gpu0".into(), "lab-c".into(), 6, 143),
         ]
     );
 }
@@ -124,7 +138,18 @@ fn a_mig_layout_the_collector_cannot_use_meters_the_board_whole_and_is_counted()
     // lessee, lab-c), and the refusal is counted by reason.
     let bad = |board_sm: u32, instances: Vec<MigInstance>| Mig::Split {
         board_sm,
+        board_slices: 7,
         instances,
+    };
+    let sliced = |board_slices: u32, instances: Vec<MigInstance>| Mig::Split {
+        board_sm: 98,
+        board_slices,
+        instances,
+    };
+    let ci = |uuid: &str, gi: u32, g: u32, c: u32| MigInstance {
+        gpu_instance_slice_count: g,
+        compute_instance_slice_count: c,
+        ..instance(uuid, gi, 14)
     };
     let cases: Vec<(&str, Mig, MigRefusal)> = vec![
         (
@@ -173,6 +198,46 @@ fn a_mig_layout_the_collector_cannot_use_meters_the_board_whole_and_is_counted()
             ),
             MigRefusal::TooMany,
         ),
+        (
+            "an absurd board SM count",
+            bad(1025, vec![instance("MIG-3g", 1, 42)]),
+            MigRefusal::BoardSmCount,
+        ),
+        (
+            "no board slice count (an agent sending SM counts only)",
+            sliced(0, vec![instance("MIG-3g", 1, 42)]),
+            MigRefusal::BoardSliceCount,
+        ),
+        (
+            "an absurd board slice count",
+            sliced(65, vec![instance("MIG-3g", 1, 42)]),
+            MigRefusal::BoardSliceCount,
+        ),
+        (
+            "an instance without slices",
+            sliced(7, vec![ci("MIG-3g", 1, 0, 0)]),
+            MigRefusal::InstanceSliceCount,
+        ),
+        (
+            "more compute slices than the GPU instance's",
+            sliced(7, vec![ci("MIG-3g", 1, 2, 3)]),
+            MigRefusal::InstanceSliceCount,
+        ),
+        (
+            "compute instances of one GPU instance disagreeing on its slices",
+            sliced(7, vec![ci("MIG-a", 1, 3, 1), ci("MIG-b", 1, 2, 1)]),
+            MigRefusal::InstanceSliceCount,
+        ),
+        (
+            "compute slices beyond their GPU instance's",
+            sliced(7, vec![ci("MIG-a", 1, 3, 2), ci("MIG-b", 1, 3, 2)]),
+            MigRefusal::InstanceSliceCount,
+        ),
+        (
+            "GPU instances' slices beyond the board's",
+            sliced(7, vec![ci("MIG-a", 1, 4, 4), ci("MIG-b", 2, 4, 4)]),
+            MigRefusal::SlicesBeyondBoard,
+        ),
     ];
     for (what, mig, reason) in cases {
         let state = new_state(MIG_TENANTS, None);
@@ -218,6 +283,7 @@ fn a_new_layout_said_at_a_hello_splits_the_energy_from_then_on() {
     // grown to all 98 SMs.
     let grown = Mig::Split {
         board_sm: 98,
+        board_slices: 7,
         instances: vec![instance("MIG-3g", 1, 98)],
     };
     let (h, acked) = state.hello(mig_hello(1, grown)).unwrap();
@@ -387,4 +453,117 @@ fn whole_node_energy_is_split_with_each_instance_tenants_share_of_the_board() {
     assert_eq!(node("lab-a"), (420_000 + 5_000, SEC as u64));
     assert_eq!(node("lab-b"), (280_000 + 5_000, SEC as u64));
     assert_eq!(node("lab-c"), (280_000 + 10_000, 2 * SEC as u64));
+}
+
+/// An H100's 1g instance: 16 SMs, one slice.
+fn one_g(uuid: &str, gi: u32) -> MigInstance {
+    MigInstance {
+        gpu_instance_slice_count: 1,
+        compute_instance_slice_count: 1,
+        ..instance(uuid, gi, 16)
+    }
+}
+
+/// An H100: 132 SMs, 7 slices.
+fn h100(instances: Vec<MigInstance>) -> Mig {
+    Mig::Split {
+        board_sm: 132,
+        board_slices: 7,
+        instances,
+    }
+}
+
+/// lab-a leases six of an H100's seven 1g instances (16 of its 132 SMs
+/// each), lab-b the seventh: the board is fully partitioned and leased.
+const H100_TENANTS: &str = r#"
+    [[tenant]]
+    id = "lab-a"
+    contracted_kw = 1
+    gpus = ["MIG-a1", "MIG-a2", "MIG-a3", "MIG-a4", "MIG-a5", "MIG-a6"]
+
+    [[tenant]]
+    id = "lab-b"
+    contracted_kw = 1
+    gpus = ["MIG-b1"]
+
+    [[tenant]]
+    id = "lab-c"
+    contracted_kw = 1
+    nodes = ["m-1"]
+"#;
+
+#[test]
+fn a_fully_partitioned_board_bills_none_of_its_energy_to_the_board() {
+    // Invariant: MIG profiles never use all a board's SMs (7 x 1g uses
+    // 112 of an H100's 132), so the split goes by GPU-instance slices:
+    // a board whose slices are all in instances bills nothing to its own
+    // UUID.
+    let state = new_state(H100_TENANTS, None);
+    let instances = [
+        "MIG-a1", "MIG-a2", "MIG-a3", "MIG-a4", "MIG-a5", "MIG-a6", "MIG-b1",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, u)| one_g(u, i as u32 + 7))
+    .collect();
+    let (h, _) = state.hello(mig_hello(1, h100(instances))).unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![
+            sample(1, T0, &[(1, Some(0)), (1, Some(0))]),
+            sample(2, T0 + SEC, &[(1, Some(7_000)), (1, Some(0))]),
+        ],
+    );
+    assert_eq!(tenant_energy(&state, "lab-a"), 6_000);
+    assert_eq!(tenant_energy(&state, "lab-b"), 1_000);
+    assert_eq!(tenant_energy(&state, "lab-c"), 0);
+}
+
+#[test]
+fn a_gpu_instance_shared_by_compute_instances_is_split_by_compute_slices() {
+    // Invariant: a 4g GPU instance holding a 1c and a 3c compute instance
+    // takes 4 of the board's 7 slices, shared 1:3 between them; the 3g
+    // GPU instance, its 3.
+    let tenants = r#"
+        [[tenant]]
+        id = "lab-a"
+        contracted_kw = 1
+        gpus = ["MIG-1c"]
+
+        [[tenant]]
+        id = "lab-b"
+        contracted_kw = 1
+        gpus = ["MIG-3c"]
+
+        [[tenant]]
+        id = "lab-c"
+        contracted_kw = 1
+        gpus = ["MIG-3g"]
+    "#;
+    let state = new_state(tenants, None);
+    let ci = |uuid: &str, gi: u32, g: u32, c: u32| MigInstance {
+        gpu_instance_slice_count: g,
+        compute_instance_slice_count: c,
+        ..one_g(uuid, gi)
+    };
+    let layout = h100(vec![
+        ci("MIG-1c", 1, 4, 1),
+        ci("MIG-3c", 1, 4, 3),
+        ci("MIG-3g", 2, 3, 3),
+    ]);
+    let (h, _) = state.hello(mig_hello(1, layout)).unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![
+            sample(1, T0, &[(1, Some(0)), (1, Some(0))]),
+            sample(2, T0 + SEC, &[(1, Some(28_000)), (1, Some(0))]),
+        ],
+    );
+    // 28 J: 4/7 (16 J) shared 1:3, 3/7 (12 J).
+    assert_eq!(tenant_energy(&state, "lab-a"), 4_000);
+    assert_eq!(tenant_energy(&state, "lab-b"), 12_000);
+    assert_eq!(tenant_energy(&state, "lab-c"), 12_000);
+    assert_eq!(tenant_energy(&state, UNASSIGNED), 0);
 }
