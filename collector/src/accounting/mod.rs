@@ -698,16 +698,18 @@ impl Applied {
     /// Books `share_mj` of this whole-node reading's energy (the tenant's
     /// share, `split_node_energy`) to `tenant`'s minute buckets over the
     /// interval the reading covers, as `book` does GPU energy (an estimate
-    /// over the stretch it stands for), and as node time the covered part
-    /// of the interval times `gpus`, the tenant's GPUs on the node (1 for
-    /// a node without GPUs): comparable with its expected GPU time, so
-    /// that node coverage is the share of GPU time with node energy.
+    /// over the stretch it stands for), and as node time `held` of the
+    /// covered part of the interval: the tenant's GPU time over that much
+    /// node time (times its GPUs on the node, 1 for a node without GPUs,
+    /// and its exact share of a MIG board it holds parts of), comparable
+    /// with its expected GPU time, so that node coverage is the share of
+    /// GPU time with node energy.
     pub fn book_node<T: ?Sized>(
         &self,
         b: &mut impl Book<T>,
         tenant: &T,
         share_mj: u64,
-        gpus: u64,
+        held: impl Fn(u64) -> u64,
         window: Duration,
     ) {
         let to_ns = self.to_ns;
@@ -716,7 +718,7 @@ impl Applied {
             covered,
             ..
         } = self.interval(window);
-        let node_ns = covered.saturating_mul(gpus);
+        let node_ns = held(covered);
         self.book_node_energy(b, tenant, share_mj, (backed_from, to_ns));
         if node_ns > 0 {
             for (minute, part) in split_by_minute(node_ns, backed_from, to_ns) {

@@ -173,17 +173,24 @@ impl<T: Clone + Ord> NodeStretch<T> {
         w.gpu_energy_mj = w.gpu_energy_mj.saturating_add(mj);
     }
 
-    /// Adds `gpus` GPUs of `tenant` at whole-node reading `r`, over the
+    /// Adds `tenant`'s GPU time at whole-node reading `r`, `held` of the
     /// time it covers within `window` (the source's staleness window, as
-    /// `Applied::book_node` counts node time); then ages out what lies
-    /// further back than the spread cap from `r`.
-    pub fn add_reading(&mut self, tenant: &T, gpus: u64, r: &Applied, window: Duration) {
+    /// `Applied::book_node` counts node time; `held(1)` for a reading that
+    /// covers none); then ages out what lies further back than the spread
+    /// cap from `r`.
+    pub fn add_reading(
+        &mut self,
+        tenant: &T,
+        held: impl Fn(u64) -> u64,
+        r: &Applied,
+        window: Duration,
+    ) {
         let iv = r.interval(window);
         let w = self.part(tenant);
         if iv.covered == 0 {
-            w.gpu_ns = w.gpu_ns.saturating_add(gpus);
+            w.gpu_ns = w.gpu_ns.saturating_add(held(1));
         } else {
-            let ns = iv.covered.saturating_mul(gpus);
+            let ns = held(iv.covered);
             w.gpu_ns = w.gpu_ns.saturating_add(ns);
             w.push_run(Run {
                 from_ns: iv.backed_from,
@@ -441,7 +448,12 @@ mod tests {
                     open: true,
                 };
                 stretch.add_gpu_energy(&tenant, *gpu_mj);
-                stretch.add_reading(&tenant, *gpus, &r, Duration::from_secs(30));
+                stretch.add_reading(
+                    &tenant,
+                    |ns| ns.saturating_mul(*gpus),
+                    &r,
+                    Duration::from_secs(30),
+                );
                 let minutes = held.entry(tenant).or_default();
                 if *gap != 0 {
                     minutes.extend([minute(from), minute(to - 1)]);

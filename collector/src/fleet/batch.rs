@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::accounting::{Book, Tick};
+use crate::accounting::{Book, Tick, split_by_weight};
 use crate::edge::{
     MAX_SEQ_JUMP, NodePowerReject, NodeSample, Reject, check_node_power, check_sample,
 };
@@ -240,33 +240,32 @@ impl Fleet {
                     }
                     let source_window = source.window(window);
                     // The tenants of the node's GPUs at the reading, with
-                    // how many each has.
-                    let mut holders: Vec<(Arc<str>, u64)> = Vec::new();
+                    // what each holds: its whole GPUs, and of a MIG board
+                    // the parts it holds (the board's part weights, its
+                    // parts' indexes), so that its GPU time over `ns` of
+                    // node time is its exact share (`held`).
+                    let mut holders: Vec<(Arc<str>, Holding)> = Vec::new();
                     for (i, g) in n.gpus.iter().enumerate() {
                         let tenant = match (&version, &past) {
                             (Some(()), Some((_, tenants))) => &tenants[i],
                             _ => &g.tenant,
                         };
-                        // A MIG board: one GPU of each tenant of its parts.
-                        let mut of_gpu: Vec<&Arc<str>> = Vec::new();
                         match g.mig.as_deref() {
-                            None => of_gpu.push(tenant),
+                            None => Holding::of(&mut holders, tenant).whole += 1,
                             Some(mig) => {
+                                let weights: Arc<[u64]> =
+                                    mig.parts.iter().map(|p| p.weight).collect();
                                 for (k, p) in mig.parts.iter().enumerate() {
                                     let t = match (&version, past_parts.get(i)) {
                                         (Some(()), Some(t)) if t.len() == mig.parts.len() => &t[k],
                                         _ => &p.tenant,
                                     };
-                                    if !of_gpu.contains(&t) {
-                                        of_gpu.push(t);
+                                    let h = Holding::of(&mut holders, t);
+                                    match h.boards.last_mut() {
+                                        Some((w, ks)) if Arc::ptr_eq(w, &weights) => ks.push(k),
+                                        _ => h.boards.push((weights.clone(), vec![k])),
                                     }
                                 }
-                            }
-                        }
-                        for tenant in of_gpu {
-                            match holders.iter_mut().find(|(t, _)| t == tenant) {
-                                Some((_, gpus)) => *gpus += 1,
-                                None => holders.push((tenant.clone(), 1)),
                             }
                         }
                     }
@@ -280,17 +279,23 @@ impl Fleet {
                             }
                             _ => n.tenant.clone(),
                         };
-                        holders.push((tenant, 1));
+                        holders.push((
+                            tenant,
+                            Holding {
+                                whole: 1,
+                                ..Holding::default()
+                            },
+                        ));
                     }
                     // Node time for every reading; the energy once the
                     // counter books it, split over the stretch since it
                     // last did (`NodeStretch`: a coarse counter's step
                     // over the readings it stood still at, by each
                     // tenant's GPU energy and GPU time in them).
-                    for (tenant, gpus) in &holders {
-                        applied.book_node(&mut booked, tenant, 0, *gpus, source_window);
-                        n.stretch
-                            .add_reading(tenant, *gpus, &applied, source_window);
+                    for (tenant, holding) in &holders {
+                        let held = |ns| holding.held(ns);
+                        applied.book_node(&mut booked, tenant, 0, held, source_window);
+                        n.stretch.add_reading(tenant, held, &applied, source_window);
                     }
                     if !applied.open {
                         n.stretch.close(&applied, &mut booked, source_window);
@@ -323,5 +328,43 @@ impl Fleet {
         }
         out.rejected = rejected;
         Ok(out)
+    }
+}
+
+/// What one tenant holds of a node's GPUs at a whole-node reading: its
+/// whole GPUs, and for each MIG board it holds parts of, the board's part
+/// weights and the indexes of its parts.
+#[derive(Debug, Default)]
+struct Holding {
+    whole: u64,
+    boards: Vec<(Arc<[u64]>, Vec<usize>)>,
+}
+
+impl Holding {
+    /// `tenant`'s holding in `holders`, added empty if it has none yet.
+    fn of<'a>(holders: &'a mut Vec<(Arc<str>, Holding)>, tenant: &Arc<str>) -> &'a mut Holding {
+        let at = match holders.iter().position(|(h, _)| h == tenant) {
+            Some(at) => at,
+            None => {
+                holders.push((tenant.clone(), Holding::default()));
+                holders.len() - 1
+            }
+        };
+        &mut holders[at].1
+    }
+
+    /// The tenant's GPU time over `ns` of node time: `ns` for each whole
+    /// GPU, and of a MIG board its parts of the exact split of `ns` by the
+    /// board's weights (the split of GPU time in `Applied::book_parts`),
+    /// so the tenants of a board hold `ns` between them.
+    fn held(&self, ns: u64) -> u64 {
+        let mut held = ns.saturating_mul(self.whole);
+        for (weights, ks) in &self.boards {
+            let split = split_by_weight(weights.iter().copied())(ns);
+            for &k in ks {
+                held = held.saturating_add(split[k]);
+            }
+        }
+        held
     }
 }

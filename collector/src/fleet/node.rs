@@ -142,6 +142,11 @@ impl MigParts {
         Some(Box::new(Self { board_sm, parts }))
     }
 }
+/// One GPU in the live whole-node split's GPU counts, of which a MIG
+/// board's tenants hold their exact split: divisible by every number up
+/// to 16, so the shares of common layouts (7 or 8 slices) are exact
+/// fractions too.
+pub(super) const LIVE_GPU: u64 = 720_720;
 // ---- end MIG ----
 
 impl Gpu {
@@ -584,7 +589,8 @@ impl Node {
 
     /// Calls `add` with each tenant's share of the node's live whole-node
     /// power at `now`, split by the rule of node energy with the live
-    /// power of its fresh GPUs (`split_node_energy`); nothing where the
+    /// power of its fresh GPUs (`split_node_energy`), each tenant holding
+    /// its share of a MIG board as GPUs ([`LIVE_GPU`]); nothing where the
     /// node has no fresh whole-node reading.
     pub(crate) fn node_power_split(
         &self,
@@ -601,24 +607,33 @@ impl Node {
                 Some(r) if g.fresh(now, window) => r.power_milliwatts.unwrap_or(0),
                 _ => 0,
             };
-            let one = TenantLive {
-                power_milliwatts: power,
-                ..TenantLive::default()
-            };
-            g.live_parts(&one, |tenant, part| {
-                let power = part.power_milliwatts;
-                match parties.iter_mut().find(|p| Arc::ptr_eq(&p.tenant, tenant)) {
-                    Some(p) => {
-                        p.gpus += 1;
-                        p.gpu_energy_mj = p.gpu_energy_mj.saturating_add(power);
-                    }
-                    None => parties.push(Party {
-                        tenant: tenant.clone(),
-                        gpu_energy_mj: power,
-                        gpus: 1,
-                    }),
+            let mut add_party = |tenant: &Arc<str>, power: u64, held: u64| match parties
+                .iter_mut()
+                .find(|p| Arc::ptr_eq(&p.tenant, tenant))
+            {
+                Some(p) => {
+                    p.gpus = p.gpus.saturating_add(held);
+                    p.gpu_energy_mj = p.gpu_energy_mj.saturating_add(power);
                 }
-            });
+                None => parties.push(Party {
+                    tenant: tenant.clone(),
+                    gpu_energy_mj: power,
+                    gpus: held,
+                }),
+            };
+            match g.mig.as_deref() {
+                None => add_party(&g.tenant, power, LIVE_GPU),
+                // A MIG board: each part's share of its power and of one
+                // GPU, by the weights of the energy split.
+                Some(m) => {
+                    let weights = || m.parts.iter().map(|p| p.weight);
+                    let power = split_by_weight(weights())(power);
+                    let held = split_by_weight(weights())(LIVE_GPU);
+                    for ((p, mw), h) in m.parts.iter().zip(power).zip(held) {
+                        add_party(&p.tenant, mw, h);
+                    }
+                }
+            }
         }
         if parties.is_empty() {
             add(&self.tenant, mw);

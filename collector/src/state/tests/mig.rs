@@ -415,9 +415,11 @@ fn live_power_of_a_mig_board_is_split_by_sm_share_among_its_tenants() {
 #[test]
 fn whole_node_energy_is_split_with_each_instance_tenants_share_of_the_board() {
     // Invariant: a MIG board's tenants take part in the split of the
-    // node's whole-node energy with their share of its GPU energy, the
-    // board counting as one GPU of each of them; the parts sum to the
-    // node's energy.
+    // node's whole-node energy with their share of its GPU energy and
+    // their share of the board as GPUs (the weights of the energy
+    // split), never the board as one GPU of each; the parts sum to the
+    // node's energy, and each tenant's node time is its expected GPU
+    // time (node coverage 1).
     use crate::edge::{NodePowerReading, NodePowerSource};
     let m0 = T0 - T0.rem_euclid(60 * SEC) + 10 * SEC;
     let state = new_state(MIG_TENANTS, None);
@@ -438,7 +440,7 @@ fn whole_node_energy_is_split_with_each_instance_tenants_share_of_the_board() {
     };
     let mut first = sample(1, m0, &[(0, Some(0)), (0, Some(0))]);
     first.node_power = vec![bmc(m0, 5_000_000)];
-    // The board drew 980 J (420 / 280 / 140 + 140 by SM share), GPU 1
+    // The board drew 980 J (420 / 280 / 140 + 140 by slice share), GPU 1
     // nothing, the node 1000 J.
     let mut next = sample(2, m0 + SEC, &[(0, Some(980_000)), (0, Some(0))]);
     next.node_power = vec![bmc(m0 + SEC, 6_000_000)];
@@ -446,13 +448,16 @@ fn whole_node_energy_is_split_with_each_instance_tenants_share_of_the_board() {
     let (_, c) = state.take_pending();
     let node = |t| {
         let b = booked(&c, t, "m-1");
+        assert_eq!(b.node_ns, b.expected_gpu_ns, "{t}: node coverage 1");
         (b.node_energy_mj, b.node_ns)
     };
-    // Own GPU energy, then the 20 J left by GPUs: lab-c has the board and
-    // GPU 1.
-    assert_eq!(node("lab-a"), (420_000 + 5_000, SEC as u64));
-    assert_eq!(node("lab-b"), (280_000 + 5_000, SEC as u64));
-    assert_eq!(node("lab-c"), (280_000 + 10_000, 2 * SEC as u64));
+    // Own GPU energy, then the 20 J left by GPUs by the GPU time each
+    // holds: lab-a 3/7 of the board, lab-b 2/7, lab-c 2/7 and GPU 1 (the
+    // second of the board split exactly: 428,571,428 / 285,714,286 /
+    // 142,857,143 twice).
+    assert_eq!(node("lab-a"), (420_000 + 4_286, 428_571_428));
+    assert_eq!(node("lab-b"), (280_000 + 2_857, 285_714_286));
+    assert_eq!(node("lab-c"), (280_000 + 12_857, 285_714_286 + SEC as u64));
 }
 
 /// An H100's 1g instance: 16 SMs, one slice.
@@ -566,4 +571,38 @@ fn a_gpu_instance_shared_by_compute_instances_is_split_by_compute_slices() {
     assert_eq!(tenant_energy(&state, "lab-b"), 12_000);
     assert_eq!(tenant_energy(&state, "lab-c"), 12_000);
     assert_eq!(tenant_energy(&state, UNASSIGNED), 0);
+}
+
+#[test]
+fn live_node_power_is_split_with_each_tenants_share_of_a_mig_board() {
+    // Invariant: in the live whole-node split a MIG board's tenants hold
+    // their share of the board as GPUs, not the board as one GPU each.
+    use crate::edge::{NodePowerReading, NodePowerSource};
+    let state = new_state(MIG_TENANTS, None);
+    let mut hl = mig_hello(1, three_instances());
+    hl.node_power_sources = vec![NodePowerSource {
+        kind: "redfish".into(),
+        domain: "node".into(),
+        name: "1".into(),
+        energy_counter_supported: false,
+        interval: Duration::from_secs(1),
+    }];
+    let (h, _) = state.hello(hl).unwrap();
+    let now_ns = unix_nanos_now();
+    let mut s = sample(1, now_ns, &[(98_000, Some(0)), (0, Some(0))]);
+    s.node_power = vec![NodePowerReading {
+        source: 0,
+        timestamp_unix_nanos: now_ns,
+        power_milliwatts: Some(1_098_000),
+        energy_millijoules: None,
+    }];
+    ingest(&state, &h, vec![s]);
+    let l = live(&state, Instant::now());
+    let node = |t: &str| l.get(t).map_or(0, |x| x.node_power_milliwatts);
+    // The board's 98 W by slice share (42 / 28 / 14 + 14 W), GPU 1 idle;
+    // the 1000 W left by GPUs by GPUs held: lab-a 3/14 of the node's
+    // two, lab-b 2/14, lab-c 9/14 (2/7 of the board and GPU 1).
+    assert_eq!(node("lab-a"), 42_000 + 214_286);
+    assert_eq!(node("lab-b"), 28_000 + 142_857);
+    assert_eq!(node("lab-c"), 28_000 + 642_857);
 }
