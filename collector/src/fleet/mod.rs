@@ -203,20 +203,22 @@ impl Fleet {
     }
 
     /// Attributes every node's GPUs by `tenants`, the version in force over
-    /// `span`; GPUs newly leased by UUID on connected nodes are held from
-    /// now.
+    /// `span`; GPUs and MIG instances newly leased by UUID on connected
+    /// nodes are held from now.
     pub fn attribute(&self, tenants: &Tenants, span: (i64, i64)) {
         let mut leased: Vec<(Arc<str>, Arc<str>, u64)> = Vec::new();
         for node in self.nodes() {
             let mut n = lock(&node);
             n.attribute(tenants, span);
             if n.connected {
-                for g in n
+                // Boards and their MIG instances alike.
+                for uuid in n
                     .gpus
                     .iter()
-                    .filter(|g| tenants.uuid_lessee(&g.uuid).is_some())
+                    .flat_map(|g| g.leasable_uuids())
+                    .filter(|u| tenants.uuid_lessee(u).is_some())
                 {
-                    leased.push((g.uuid.clone(), n.id.clone(), n.generation));
+                    leased.push((uuid.clone(), n.id.clone(), n.generation));
                 }
             }
         }

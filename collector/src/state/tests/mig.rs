@@ -606,3 +606,34 @@ fn live_node_power_is_split_with_each_tenants_share_of_a_mig_board() {
     assert_eq!(node("lab-b"), 28_000 + 142_857);
     assert_eq!(node("lab-c"), 28_000 + 642_857);
 }
+
+#[test]
+fn an_instance_leased_by_a_reload_is_held_by_the_node_that_lists_it() {
+    // Invariant: a lease added by a tenant reload on an instance UUID a
+    // connected node lists holds it to that node, as for a board's UUID.
+    let state = new_state(MIG_TENANTS, None);
+    let on = |node: &str| {
+        let mut h = mig_hello(1, three_instances());
+        h.node_id = node.into();
+        for (i, g) in h.gpus.iter_mut().enumerate() {
+            g.uuid = format!("{node}-gpu{i}");
+        }
+        h
+    };
+    state.hello(on("m-1")).unwrap();
+    // MIG-1g, leased by no one so far, leased to lab-b without a node.
+    state.reload_tenants_from(
+        Tenants::from_toml(&MIG_TENANTS.replace(r#"["MIG-2g"]"#, r#"["MIG-2g", "MIG-1g"]"#))
+            .unwrap(),
+        T0,
+    );
+    let mut other = on("m-2");
+    if let Mig::Split { instances, .. } = &mut other.gpus[0].mig {
+        instances.retain(|m| m.uuid == "MIG-1g");
+    }
+    let e = state.hello(other).unwrap_err();
+    assert!(
+        matches!(&e, HelloError::GpuHeldElsewhere { uuid, .. } if uuid == "MIG-1g"),
+        "{e}"
+    );
+}
