@@ -176,6 +176,9 @@ pub enum MigRefusal {
     InstanceSliceCount = 7,
     /// The GPU instances' slices sum beyond the board's.
     SlicesBeyondBoard = 8,
+    /// An instance UUID that does not start with `MIG-` (a board's, this
+    /// node's or another's, listed as an instance).
+    UuidPrefix = 9,
 }
 
 /// At most this many GPU-instance slices per board (7 on A100/H100/H200).
@@ -184,7 +187,7 @@ pub const MAX_BOARD_SLICES: u32 = 64;
 pub const MAX_BOARD_SMS: u32 = 1024;
 
 impl MigRefusal {
-    pub const ALL: [MigRefusal; 9] = [
+    pub const ALL: [MigRefusal; 10] = [
         MigRefusal::BoardSmCount,
         MigRefusal::InstanceSmCount,
         MigRefusal::SmsBeyondBoard,
@@ -194,6 +197,7 @@ impl MigRefusal {
         MigRefusal::BoardSliceCount,
         MigRefusal::InstanceSliceCount,
         MigRefusal::SlicesBeyondBoard,
+        MigRefusal::UuidPrefix,
     ];
 
     pub fn label(self) -> &'static str {
@@ -207,6 +211,7 @@ impl MigRefusal {
             MigRefusal::BoardSliceCount => "board_slice_count",
             MigRefusal::InstanceSliceCount => "instance_slice_count",
             MigRefusal::SlicesBeyondBoard => "slices_beyond_board",
+            MigRefusal::UuidPrefix => "uuid_prefix",
         }
     }
 
@@ -233,6 +238,7 @@ impl MigRefusal {
                 "a MIG instance's gpu_instance_slice_count or compute_instance_slice_count is 0 or inconsistent with its GPU instance"
             }
             MigRefusal::SlicesBeyondBoard => "the MIG GPU instances' slices sum beyond the board's",
+            MigRefusal::UuidPrefix => "a MIG instance UUID does not start with \"MIG-\"",
         }
     }
 }
@@ -253,6 +259,11 @@ fn check_mig(
         .any(|m| !label_ok(&m.uuid, 1) || !label_ok(&m.profile, 0))
     {
         return Err(MigRefusal::Label);
+    }
+    // NVML names every MIG device `MIG-...`; anything else is a board's
+    // UUID, which a node must not claim as an instance.
+    if instances.iter().any(|m| !m.uuid.starts_with("MIG-")) {
+        return Err(MigRefusal::UuidPrefix);
     }
     if board_sm == 0 || board_sm > MAX_BOARD_SMS {
         return Err(MigRefusal::BoardSmCount);

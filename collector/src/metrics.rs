@@ -438,7 +438,7 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_collector_mig_layouts_refused_total",
-        "Boards whose MIG layout a Hello listed and the collector refused (the board metered whole, to its own UUID), by reason (board_sm_count, instance_sm_count, sms_beyond_board, duplicate_uuid, label, too_many, board_slice_count, instance_slice_count, slices_beyond_board); counted at each Hello.",
+        "Boards whose MIG layout a Hello listed and the collector refused (the board metered whole, to its own UUID), by reason (board_sm_count, instance_sm_count, sms_beyond_board, duplicate_uuid, label, too_many, board_slice_count, instance_slice_count, slices_beyond_board, uuid_prefix); counted at each Hello.",
         Kind::Counter,
     ),
     (

@@ -169,9 +169,17 @@ fn a_mig_layout_the_collector_cannot_use_meters_the_board_whole_and_is_counted()
             MigRefusal::DuplicateUuid,
         ),
         (
-            "an instance UUID that is a board's",
+            "an instance UUID that is this Hello's board's",
             bad(98, vec![instance("m-1-gpu1", 1, 42)]),
-            MigRefusal::DuplicateUuid,
+            MigRefusal::UuidPrefix,
+        ),
+        (
+            "another node's board UUID as an instance",
+            bad(
+                98,
+                vec![instance("GPU-00000000-0000-0000-0000-000000000009", 1, 42)],
+            ),
+            MigRefusal::UuidPrefix,
         ),
         (
             "no board SM count",
