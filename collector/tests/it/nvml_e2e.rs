@@ -36,6 +36,17 @@ fn build_fake(dir: &Path, defines: &[&str]) -> PathBuf {
 /// counter is accounted by the exact integral of its power; a health
 /// reading the GPU does not support has no series (a GPU without NVLink
 /// has no NVLink series); the identity is one info series.
+/// A collector whose one tenant, "lab" (0.4 kW), leases every
+/// `gpu-node-*` node, with GPUs stale only after 5 minutes.
+fn lab_collector(dir: &std::path::Path) -> Collector {
+    Collector::start(
+        dir,
+        "[[tenant]]\nid = \"lab\"\ncontracted_kw = 0.4\nnodes = [\"gpu-node-*\"]\n",
+        0,
+        &["--stale-after", "5m"],
+    )
+}
+
 #[test]
 fn nvml_readings_reach_metrics_in_base_units() {
     let dir = tempfile::tempdir().unwrap();
@@ -49,12 +60,7 @@ fn nvml_readings_reach_metrics_in_base_units() {
             "-DFAKE_GPU0_NVLINK_ACTIVE=0x20010",
         ],
     );
-    let collector = Collector::start(
-        dir.path(),
-        "[[tenant]]\nid = \"lab\"\ncontracted_kw = 0.4\nnodes = [\"gpu-node-*\"]\n",
-        0,
-        &["--stale-after", "5m"],
-    );
+    let collector = lab_collector(dir.path());
     let mut agent = Command::new(bin("capwatch-agent"))
         .args([
             "--source",
@@ -310,12 +316,7 @@ fn a_hung_nvml_call_stalls_neither_acks_nor_shutdown() {
         dir.path(),
         &[&format!("-DFAKE_BLOCK_FILE=\"{}\"", block.display())],
     );
-    let collector = Collector::start(
-        dir.path(),
-        "[[tenant]]\nid = \"lab\"\ncontracted_kw = 0.4\nnodes = [\"gpu-node-*\"]\n",
-        0,
-        &["--stale-after", "5m"],
-    );
+    let collector = lab_collector(dir.path());
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, "drain_timeout = \"2s\"\n").unwrap();
     let mut agent = Command::new(bin("capwatch-agent"))
@@ -420,12 +421,7 @@ fn an_xid_error_reaches_metrics_counted_once_and_goes_on_across_a_restart() {
         dir.path(),
         &[&format!("-DFAKE_XID_FILE=\"{}\"", xid.display())],
     );
-    let collector = Collector::start(
-        dir.path(),
-        "[[tenant]]\nid = \"lab\"\ncontracted_kw = 0.4\nnodes = [\"gpu-node-*\"]\n",
-        0,
-        &["--stale-after", "5m"],
-    );
+    let collector = lab_collector(dir.path());
     let counts_file = dir.path().join("xid-counts");
     let start_agent = || {
         Command::new(bin("capwatch-agent"))
