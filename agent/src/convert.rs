@@ -2,7 +2,7 @@
 
 use capwatch_proto::v1 as pb;
 
-use crate::source::{GpuHealth, GpuInfo, GpuReading, NvLinkErrors};
+use crate::source::{GpuHealth, GpuInfo, GpuReading, MigInstance, NvLinkErrors};
 
 pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
     pb::GpuInfo {
@@ -17,20 +17,33 @@ pub fn gpu_info(g: &GpuInfo) -> pb::GpuInfo {
         driver_version: g.driver_version.clone(),
         multiprocessor_count: g.multiprocessor_count,
         gpu_instance_slice_count: g.gpu_instance_slice_count,
-        mig_instances: g
-            .mig
+        mig_layout_id: g.mig_layout,
+        mig_instances: mig_instances(&g.mig),
+        earlier_mig_layouts: g
+            .earlier_mig
             .iter()
-            .map(|m| pb::MigInstance {
-                uuid: m.uuid.clone(),
-                gpu_instance_id: m.gpu_instance_id,
-                compute_instance_id: m.compute_instance_id,
-                multiprocessor_count: m.multiprocessor_count,
-                gpu_instance_slice_count: m.gpu_instance_slice_count,
-                compute_instance_slice_count: m.compute_instance_slice_count,
-                profile: m.profile.clone(),
+            .map(|e| pb::MigLayout {
+                id: e.id,
+                multiprocessor_count: e.multiprocessor_count,
+                gpu_instance_slice_count: e.gpu_instance_slice_count,
+                mig_instances: mig_instances(&e.mig),
             })
             .collect(),
     }
+}
+
+fn mig_instances(mig: &[MigInstance]) -> Vec<pb::MigInstance> {
+    mig.iter()
+        .map(|m| pb::MigInstance {
+            uuid: m.uuid.clone(),
+            gpu_instance_id: m.gpu_instance_id,
+            compute_instance_id: m.compute_instance_id,
+            multiprocessor_count: m.multiprocessor_count,
+            gpu_instance_slice_count: m.gpu_instance_slice_count,
+            compute_instance_slice_count: m.compute_instance_slice_count,
+            profile: m.profile.clone(),
+        })
+        .collect()
 }
 
 pub fn gpu_sample(r: GpuReading) -> pb::GpuSample {
@@ -46,6 +59,7 @@ pub fn gpu_sample(r: GpuReading) -> pb::GpuSample {
         power_limit_milliwatts: r.power_limit_milliwatts,
         lost: r.lost,
         health: (!r.health.is_empty()).then(|| gpu_health(r.health)),
+        mig_layout_id: r.mig_layout,
     }
 }
 

@@ -271,6 +271,29 @@ pub struct Open {
     /// The inventory this stream's Hello listed, marked seen: it changes
     /// when the layout does.
     layout: Option<watch::Receiver<Vec<crate::source::GpuInfo>>>,
+    /// The MIG layout id the Hello announced for each GPU, by index.
+    announced: Vec<Option<u64>>,
+}
+
+/// Whether `s` holds a reading taken under a MIG layout newer than the
+/// stream's Hello: stamped with the inventory's current layout of its
+/// board (`current`), which the Hello did not announce. Such a sample
+/// waits for the Hello that announces it (the inventory changed, so the
+/// stream ends for one); a reading stamped with a layout older than the
+/// Hello (a spool kept through the change) goes out, for the collector to
+/// split by the layout it announced before.
+fn taken_after_hello(
+    s: &pb::NodeSample,
+    announced: &[Option<u64>],
+    current: &[crate::source::GpuInfo],
+) -> bool {
+    s.gpus.iter().any(|g| {
+        let i = g.index as usize;
+        g.mig_layout_id.is_some_and(|id| {
+            announced.get(i).copied().flatten() != Some(id)
+                && current.get(i).and_then(|c| c.mig_layout) == Some(id)
+        })
+    })
 }
 
 /// Failures since the last stream that got an ack, for the round over
@@ -523,6 +546,7 @@ async fn preamble(cfg: &StreamConfig, target: usize, shared: &Shared) -> Result<
                 .map(crate::convert::gpu_info)
                 .collect();
         }
+        let announced = hello.gpus.iter().map(|g| g.mig_layout_id).collect();
         let hello = pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(hello)),
         };
@@ -559,6 +583,7 @@ async fn preamble(cfg: &StreamConfig, target: usize, shared: &Shared) -> Result<
             tx,
             inbound,
             layout,
+            announced,
         })
     });
     match preamble.await {
@@ -592,6 +617,7 @@ async fn stream_on(
         tx,
         mut inbound,
         mut layout,
+        announced,
     } = open;
     let url = &cfg.targets[target].url;
     if let Some(from) = serving.target.filter(|t| *t != target) {
@@ -622,11 +648,21 @@ async fn stream_on(
             }
             handing_over = Some((open, until));
         }
-        let batch = if handing_over.is_none() {
+        let mut batch = if handing_over.is_none() {
             shared.spool().after(sent, cfg.batch_max, MAX_BATCH_BYTES)
         } else {
             Vec::new()
         };
+        if let Some(l) = layout.as_ref() {
+            // Not marked seen: the change still ends the stream below.
+            let current = l.borrow();
+            if let Some(cut) = batch
+                .iter()
+                .position(|s| taken_after_hello(s, &announced, &current))
+            {
+                batch.truncate(cut);
+            }
+        }
         let last = batch.last().map(|s| s.seq);
         if last.is_none() {
             if deadline.is_none() && *sampling_done.borrow() {
@@ -881,6 +917,71 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sample_of_a_layout_newer_than_the_hello_waits_for_its_hello() {
+        let info = |layout: Option<u64>| crate::source::GpuInfo {
+            index: 0,
+            uuid: "GPU-0".into(),
+            model: "m".into(),
+            power_limit_milliwatts: None,
+            memory_total_bytes: None,
+            energy_counter_supported: true,
+            pci_bus_id: None,
+            serial: None,
+            driver_version: None,
+            multiprocessor_count: None,
+            gpu_instance_slice_count: None,
+            mig: Vec::new(),
+            mig_layout: layout,
+            earlier_mig: Vec::new(),
+        };
+        let sample = |stamps: &[Option<u64>]| pb::NodeSample {
+            gpus: stamps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| pb::GpuSample {
+                    index: i as u32,
+                    mig_layout_id: *s,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // The Hello announced layout 1 on board 0; board 1 cannot do MIG.
+        let announced = [Some(1), None];
+        // Unchanged since the Hello: everything goes.
+        let current = [info(Some(1)), info(None)];
+        assert!(!taken_after_hello(
+            &sample(&[Some(1), None]),
+            &announced,
+            &current
+        ));
+        // Changed to 2: a sample of layout 2 waits; one of layout 1 (or of
+        // an older layout 7, from a spool) goes out.
+        let current = [info(Some(2)), info(None)];
+        assert!(taken_after_hello(
+            &sample(&[Some(2), None]),
+            &announced,
+            &current
+        ));
+        assert!(!taken_after_hello(
+            &sample(&[Some(1), None]),
+            &announced,
+            &current
+        ));
+        assert!(!taken_after_hello(
+            &sample(&[Some(7), None]),
+            &announced,
+            &current
+        ));
+        // Unstamped readings (an older source) never wait.
+        assert!(!taken_after_hello(
+            &sample(&[None, None]),
+            &announced,
+            &current
+        ));
+    }
 
     fn config(targets: &[&str]) -> StreamConfig {
         StreamConfig {

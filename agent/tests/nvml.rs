@@ -14,7 +14,8 @@ use std::process::Command;
 
 use capwatch_agent::source::nvml::NvmlSource;
 use capwatch_agent::source::{
-    GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, NvLinkErrors, SourceError,
+    EarlierLayout, GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, NvLinkErrors,
+    SourceError, layout_id,
 };
 use nvml_wrapper::error::NvmlError;
 use tempfile::TempDir;
@@ -222,7 +223,15 @@ fn expected_info(index: u32, energy_counter_supported: bool) -> GpuInfo {
         multiprocessor_count: None,
         gpu_instance_slice_count: None,
         mig: Vec::new(),
+        mig_layout: mig_off(index),
+        earlier_mig: Vec::new(),
     }
+}
+
+/// The layout id of GPU `index` with MIG mode off: GPU 0 can be put in
+/// MIG mode, the others cannot (no id).
+fn mig_off(index: u32) -> Option<u64> {
+    (index == 0).then(|| layout_id(None, None, &[]))
 }
 
 /// The full reading of GPU `index` on the `sample`-th call to `sample()`
@@ -242,6 +251,7 @@ fn expected_reading(index: u32, sample: u64) -> GpuReading {
         power_limit_milliwatts: Some(gpu.power_limit_mw),
         health: fake_health(index),
         lost: false,
+        mig_layout: mig_off(index),
     }
 }
 
@@ -254,6 +264,49 @@ fn inventory_lists_both_gpus_in_nvml_units() {
         source.inventory(),
         [expected_info(0, true), expected_info(1, true)]
     );
+}
+
+/// The node-scale stand-in (`FAKE_EXTRA_GPUS`, what the agent's cost is
+/// measured on): GPUs 2.. are GPU 0's copies under identities of their
+/// own, each read as its own board, with GPU 0's NVLinks.
+#[test]
+fn extra_gpus_are_boards_of_their_own_reading_as_gpu_0() {
+    let fake = build_fake(&["-DFAKE_EXTRA_GPUS=6", "-DFAKE_GPU0_NVLINKS=18"]);
+    let mut source = open(&fake);
+    let inventory = source.inventory().to_vec();
+    assert_eq!(inventory.len(), 8);
+    assert_eq!(
+        inventory[..2],
+        [expected_info(0, true), expected_info(1, true)]
+    );
+    for (i, info) in inventory.iter().enumerate().skip(2) {
+        let want = GpuInfo {
+            index: i as u32,
+            uuid: format!("GPU-00000000-1111-2222-3333-{i:012}"),
+            pci_bus_id: Some(format!("00000000:{:02X}:00.0", 0x40 + i)),
+            serial: Some(format!("16543210{i:05}")),
+            // MIG stays GPU 0's.
+            mig_layout: None,
+            ..expected_info(0, true)
+        };
+        assert_eq!(*info, want);
+    }
+    let readings = source.sample(0);
+    assert_eq!(readings.len(), 8);
+    for r in &readings[2..] {
+        let want = GpuReading {
+            index: r.index,
+            health: GpuHealth {
+                nvlink_active_links: Some(18),
+                nvlinks: fake_nvlinks(0..18),
+                ..fake_health(0)
+            },
+            mig_layout: None,
+            ..expected_reading(0, 1)
+        };
+        assert_eq!(*r, want, "GPU {}", r.index);
+    }
+    assert_eq!(readings[1].health.nvlink_active_links, None);
 }
 
 #[test]
@@ -1104,11 +1157,16 @@ fn a_board_in_mig_mode_lists_its_instances_and_is_still_read_whole() {
     board.multiprocessor_count = Some(98);
     board.gpu_instance_slice_count = Some(7);
     board.mig = layout_1();
-    assert_eq!(source.inventory(), [board, expected_info(1, true)]);
+    board.mig_layout = Some(layout_id(Some(98), Some(7), &layout_1()));
+    assert_eq!(source.inventory(), [board.clone(), expected_info(1, true)]);
     // Samples stay per board: the board's counter once, no reading per
-    // instance.
+    // instance, stamped with the layout.
     let readings = source.sample(0);
-    assert_eq!(readings, [expected_reading(0, 1), expected_reading(1, 1)]);
+    let whole = GpuReading {
+        mig_layout: board.mig_layout,
+        ..expected_reading(0, 1)
+    };
+    assert_eq!(readings, [whole, expected_reading(1, 1)]);
 }
 
 #[test]
@@ -1121,16 +1179,33 @@ fn a_changed_mig_layout_is_read_again_and_published() {
     let mut source = open(&fake).with_mig_check_every(std::time::Duration::ZERO);
     let mut layout = source.layout().expect("NVML publishes its layout");
     assert_eq!(source.inventory()[0].mig, layout_1());
+    let id_1 = layout_id(Some(98), Some(7), &layout_1());
+    assert_eq!(source.inventory()[0].mig_layout, Some(id_1));
 
-    // Unchanged: nothing is published.
-    source.sample(0);
+    // Unchanged: nothing is published; readings carry the layout's id.
+    let stamps = |r: Vec<GpuReading>| r.iter().map(|r| r.mig_layout).collect::<Vec<_>>();
+    assert_eq!(stamps(source.sample(0)), [Some(id_1), None]);
     assert!(!layout.has_changed().expect("the source is alive"));
 
-    // 4g + 3g, the second in slot 3 (slots 1 and 2 empty).
+    // 4g + 3g, the second in slot 3 (slots 1 and 2 empty): the readings
+    // taken after the change are stamped with the new layout.
     std::fs::write(&control, "2").expect("writing the layout file");
-    source.sample(0);
+    let after = stamps(source.sample(0));
     assert!(layout.has_changed().expect("the source is alive"));
     let published = layout.borrow_and_update().clone();
+    let id_2 = layout_id(Some(98), Some(7), &published[0].mig);
+    assert_ne!(id_2, id_1);
+    assert_eq!(published[0].mig_layout, Some(id_2));
+    assert_eq!(after, [Some(id_2), None]);
+    // Layout 1 is listed as an earlier one, for a collector that never
+    // heard it.
+    let earlier_1 = EarlierLayout {
+        id: id_1,
+        multiprocessor_count: Some(98),
+        gpu_instance_slice_count: Some(7),
+        mig: layout_1(),
+    };
+    assert_eq!(published[0].earlier_mig, std::slice::from_ref(&earlier_1));
     assert_eq!(
         published[0].mig,
         [
@@ -1155,11 +1230,21 @@ fn a_changed_mig_layout_is_read_again_and_published() {
     assert_eq!(published[0].gpu_instance_slice_count, Some(7));
     assert!(published[1].mig.is_empty());
 
-    // MIG mode off: the board is whole again.
+    // MIG mode off: the board is whole again, under a layout id of its
+    // own (its samples must not be split by a layout announced later).
     std::fs::write(&control, "0").expect("writing the layout file");
-    source.sample(0);
+    assert_eq!(stamps(source.sample(0)), [mig_off(0), None]);
     assert!(layout.has_changed().expect("the source is alive"));
     assert!(layout.borrow_and_update()[0].mig.is_empty());
+    assert_eq!(source.inventory()[0].mig_layout, mig_off(0));
+    assert_ne!(mig_off(0), Some(id_1));
+    let earlier: Vec<u64> = source.inventory()[0]
+        .earlier_mig
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(earlier, [id_1, id_2]);
+    assert_eq!(source.inventory()[0].earlier_mig[0], earlier_1);
 }
 
 #[test]

@@ -243,6 +243,8 @@ impl Agent {
                 energy_counter_supported: true,
                 identity: Default::default(),
                 mig: Default::default(),
+                mig_layout: None,
+                earlier_mig: Vec::new(),
             })
             .collect();
         let (handle, _acked) = state
@@ -289,6 +291,7 @@ impl Agent {
                     power_limit_milliwatts: Some(POWER_LIMIT_MW),
                     health: None,
                     lost: false,
+                    mig_layout: None,
                 }
             })
             .collect();

@@ -60,6 +60,8 @@ fn fleet(gpus: usize) -> Arc<State> {
                         energy_counter_supported: true,
                         identity: Default::default(),
                         mig: Default::default(),
+                        mig_layout: None,
+                        earlier_mig: Vec::new(),
                     })
                     .collect(),
             })
@@ -82,6 +84,7 @@ fn fleet(gpus: usize) -> Arc<State> {
                         power_limit_milliwatts: Some(POWER_LIMIT_MW),
                         health: None,
                         lost: false,
+                        mig_layout: None,
                     })
                     .collect(),
                 host: None,

@@ -88,6 +88,12 @@ pub struct GpuInfo {
     pub identity: GpuIdentity,
     /// The board's MIG layout, if any.
     pub mig: Mig,
+    /// The layout's id (`pb::GpuInfo::mig_layout_id`): on a board that can
+    /// be put in MIG mode, what its readings are stamped with.
+    pub mig_layout: Option<u64>,
+    /// The layouts the board had earlier in the agent's run, by id, newest
+    /// last, at most [`MAX_EARLIER_LAYOUTS`], each checked as `mig` is.
+    pub earlier_mig: Vec<(u64, Mig)>,
 }
 
 // ---- MIG ----
@@ -95,14 +101,29 @@ pub struct GpuInfo {
 impl GpuInfo {
     /// The UUIDs a tenant may lease of this GPU: the board's, and each
     /// of its MIG instances' (of a layout the edge accepted).
+    /// Those of its earlier layouts too: the node may still deliver
+    /// energy split to them.
     pub fn leasable_uuids(&self) -> impl Iterator<Item = &str> {
-        let instances = match &self.mig {
-            Mig::Split { instances, .. } => instances.as_slice(),
-            _ => &[],
-        };
-        std::iter::once(self.uuid.as_str()).chain(instances.iter().map(|m| m.uuid.as_str()))
+        fn instances(mig: &Mig) -> &[MigInstance] {
+            match mig {
+                Mig::Split { instances, .. } => instances,
+                _ => &[],
+            }
+        }
+        let earlier = self.earlier_mig.iter().flat_map(|(_, m)| instances(m));
+        std::iter::once(self.uuid.as_str()).chain(
+            instances(&self.mig)
+                .iter()
+                .chain(earlier)
+                .map(|m| m.uuid.as_str()),
+        )
     }
 }
+
+/// Earlier layouts kept per board (`GpuInfo::earlier_mig`): a board's
+/// layout changes rarely (its GPU must be idle), so a spool delivered
+/// late spans a few at most.
+pub const MAX_EARLIER_LAYOUTS: usize = 4;
 
 /// At most this many MIG devices per board (NVIDIA's boards have 7 GPU
 /// instance slices; compute instances may split them further).
@@ -240,6 +261,33 @@ impl MigRefusal {
             MigRefusal::SlicesBeyondBoard => "the MIG GPU instances' slices sum beyond the board's",
             MigRefusal::UuidPrefix => "a MIG instance UUID does not start with \"MIG-\"",
         }
+    }
+}
+
+/// A layout as the Hello gives it, before `check_mig`.
+fn mig_of(
+    board_sm: Option<u32>,
+    board_slices: Option<u32>,
+    instances: Vec<pb::MigInstance>,
+) -> Mig {
+    if instances.is_empty() {
+        return Mig::Whole;
+    }
+    Mig::Split {
+        board_sm: board_sm.unwrap_or(0),
+        board_slices: board_slices.unwrap_or(0),
+        instances: instances
+            .into_iter()
+            .map(|m| MigInstance {
+                uuid: m.uuid,
+                gpu_instance_id: m.gpu_instance_id,
+                compute_instance_id: m.compute_instance_id,
+                multiprocessor_count: m.multiprocessor_count,
+                gpu_instance_slice_count: m.gpu_instance_slice_count,
+                compute_instance_slice_count: m.compute_instance_slice_count,
+                profile: m.profile,
+            })
+            .collect(),
     }
 }
 
@@ -486,6 +534,30 @@ pub fn check_hello(mut hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, He
             g.mig = Mig::Refused(reason);
         }
     }
+    // Each earlier layout alike, on its own (its instances may be the
+    // current layout's, never another board's UUID).
+    let boards: std::collections::HashSet<String> =
+        hello.gpus.iter().map(|g| g.uuid.clone()).collect();
+    for (index, g) in hello.gpus.iter_mut().enumerate() {
+        if g.earlier_mig.len() > MAX_EARLIER_LAYOUTS {
+            tracing::warn!(node = %hello.node_id, gpu = index, layouts = g.earlier_mig.len(), max = MAX_EARLIER_LAYOUTS, "more earlier MIG layouts than kept: the oldest are dropped (samples stamped with one go whole to the board)");
+            let extra = g.earlier_mig.len() - MAX_EARLIER_LAYOUTS;
+            g.earlier_mig.drain(..extra);
+        }
+        for (id, mig) in &mut g.earlier_mig {
+            if let Mig::Split {
+                board_sm,
+                board_slices,
+                instances,
+            } = &*mig
+                && let Err(reason) =
+                    check_mig(*board_sm, *board_slices, instances, &mut boards.clone())
+            {
+                tracing::warn!(node = %hello.node_id, gpu = index, uuid = %g.uuid, layout = *id, reason = reason.label(), "earlier MIG layout refused: {}; its samples' board energy goes to the board's UUID", reason.message());
+                *mig = Mig::Refused(reason);
+            }
+        }
+    }
     // Identity is for joins only: a value that cannot be a label (empty,
     // too long, control characters) is dropped, logged, and the GPU
     // admitted; it never costs the node its metering.
@@ -701,6 +773,9 @@ pub struct GpuReading {
     /// looks at it, and a GPU without any keeps one pointer.
     pub health: Option<Box<GpuHealth>>,
     pub lost: bool,
+    /// The MIG layout the reading was taken under
+    /// (`pb::GpuSample::mig_layout_id`); `None`: the Hello's.
+    pub mig_layout: Option<u64>,
 }
 
 /// A GPU's health readings, in NVML's units (`pb::GpuHealth` documents
@@ -956,27 +1031,24 @@ pub fn hello(h: pb::Hello) -> Result<Hello, HelloError> {
                     serial: g.serial,
                     driver_version: g.driver_version,
                 },
-                mig: if g.mig_instances.is_empty() {
-                    Mig::Whole
-                } else {
-                    Mig::Split {
-                        board_sm: g.multiprocessor_count.unwrap_or(0),
-                        board_slices: g.gpu_instance_slice_count.unwrap_or(0),
-                        instances: g
-                            .mig_instances
-                            .into_iter()
-                            .map(|m| MigInstance {
-                                uuid: m.uuid,
-                                gpu_instance_id: m.gpu_instance_id,
-                                compute_instance_id: m.compute_instance_id,
-                                multiprocessor_count: m.multiprocessor_count,
-                                gpu_instance_slice_count: m.gpu_instance_slice_count,
-                                compute_instance_slice_count: m.compute_instance_slice_count,
-                                profile: m.profile,
-                            })
-                            .collect(),
-                    }
-                },
+                mig_layout: g.mig_layout_id,
+                mig: mig_of(
+                    g.multiprocessor_count,
+                    g.gpu_instance_slice_count,
+                    g.mig_instances,
+                ),
+                earlier_mig: g
+                    .earlier_mig_layouts
+                    .into_iter()
+                    .map(|l| {
+                        let mig = mig_of(
+                            l.multiprocessor_count,
+                            l.gpu_instance_slice_count,
+                            l.mig_instances,
+                        );
+                        (l.id, mig)
+                    })
+                    .collect(),
             })
             .collect(),
         node_power_sources: h
@@ -1052,6 +1124,7 @@ pub fn sample_counted(s: pb::NodeSample) -> Result<(NodeSample, u32), (u64, Reje
                 power_limit_milliwatts: g.power_limit_milliwatts,
                 health,
                 lost: false,
+                mig_layout: g.mig_layout_id,
             }
         };
         gpus.push(reading);

@@ -191,6 +191,9 @@ pub struct Counters {
     /// Boards whose MIG layout a Hello listed and the edge refused (the
     /// board metered whole), by [`MigRefusal::ALL`].
     mig_layouts_refused: [AtomicU64; MigRefusal::ALL.len()],
+    /// Board readings stamped with a MIG layout this collector does not
+    /// know for the board (metered whole to its UUID).
+    pub mig_readings_unsplit: AtomicU64,
     /// How long successful ledger commits took.
     pub commit_seconds: Histogram,
     /// The ledger's watermark (`finalized_through`, Unix seconds) as last

@@ -442,6 +442,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Counter,
     ),
     (
+        "capwatch_collector_mig_readings_unsplit_total",
+        "Readings of a MIG board stamped with a layout this collector never heard the board announce (taken before a layout change and delivered after this collector's restart or the node's move to it): the board's energy in them metered whole to its own UUID.",
+        Kind::Counter,
+    ),
+    (
         "capwatch_collector_ledger_compactions_total",
         "Ledger compactions (rollups and retention), by result.",
         Kind::Counter,
@@ -1435,6 +1440,11 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             c.mig_layouts_refused(reason) as f64,
         );
     }
+    f.push(
+        "capwatch_collector_mig_readings_unsplit_total",
+        &[],
+        c.mig_readings_unsplit.load(Ordering::Relaxed) as f64,
+    );
     f.results(
         "capwatch_collector_ledger_compactions_total",
         &c.compactions_ok,
@@ -1707,6 +1717,8 @@ mod tests {
                                 driver_version: (full && g == 0).then(|| "550.54.15".into()),
                             },
                             mig: Default::default(),
+                            mig_layout: None,
+                            earlier_mig: Vec::new(),
                         })
                         .collect(),
                 })
@@ -1748,6 +1760,7 @@ mod tests {
                             // a-1's GPU 0 reports every health reading.
                             health: (full && g == 0).then(|| Box::new(full_health(seq))),
                             lost: false,
+                            mig_layout: None,
                         })
                         .collect(),
                     host: None,

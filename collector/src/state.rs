@@ -352,9 +352,14 @@ impl State {
         let refused: Vec<(crate::edge::MigRefusal, String)> = hello
             .gpus
             .iter()
-            .filter_map(|g| match &g.mig {
-                crate::edge::Mig::Refused(r) => Some((*r, g.uuid.clone())),
-                _ => None,
+            .flat_map(|g| {
+                let earlier = g.earlier_mig.iter().map(|(_, m)| m);
+                std::iter::once(&g.mig)
+                    .chain(earlier)
+                    .filter_map(|m| match m {
+                        crate::edge::Mig::Refused(r) => Some((*r, g.uuid.clone())),
+                        _ => None,
+                    })
             })
             .collect();
         let admitted = self.fleet.hello(hello, &tenants, span);
@@ -523,6 +528,11 @@ impl State {
             .fetch_add(out.duplicate, std::sync::atomic::Ordering::Relaxed);
         let np = &out.node_power;
         c.count_node_power(&h.node_id, np.accepted, np.duplicate, &np.rejected);
+        if out.mig_layout_unknown > 0 {
+            c.mig_readings_unsplit
+                .fetch_add(out.mig_layout_unknown, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(node = %h.node_id, readings = out.mig_layout_unknown, "MIG board readings taken under a layout this collector never heard the node announce (a layout change before its restart): the board's energy in them goes whole to the board's UUID");
+        }
         for &(seq, reason) in &out.rejected {
             SampleRejected {
                 node: &h.node_id,

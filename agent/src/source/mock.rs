@@ -160,6 +160,8 @@ impl MockSource {
                 multiprocessor_count: None,
                 gpu_instance_slice_count: None,
                 mig: Vec::new(),
+                mig_layout: None,
+                earlier_mig: Vec::new(),
             });
             gpus.push(MockGpu {
                 profile,
@@ -260,6 +262,7 @@ impl GpuSource for MockSource {
                     power_limit_milliwatts: Some(POWER_LIMIT_MILLIWATTS),
                     health,
                     lost: false,
+                    mig_layout: None,
                 }
             })
             .collect::<Vec<_>>();

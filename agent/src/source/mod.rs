@@ -39,6 +39,96 @@ pub struct GpuInfo {
     pub gpu_instance_slice_count: Option<u32>,
     /// The board's MIG devices while it is in MIG mode, else empty.
     pub mig: Vec<MigInstance>,
+    /// The identity of the layout above ([`layout_id`]) on a board that can
+    /// be put in MIG mode (in it or not); `None` on one that cannot.
+    pub mig_layout: Option<u64>,
+    /// The layouts the board had before in this run, newest last, at most
+    /// [`MAX_EARLIER_LAYOUTS`]: each Hello lists them, so that a collector
+    /// that never heard them still splits the samples stamped with them.
+    pub earlier_mig: Vec<EarlierLayout>,
+}
+
+/// Layouts kept per board besides its current one.
+pub const MAX_EARLIER_LAYOUTS: usize = 4;
+
+/// A MIG layout a board had before its current one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EarlierLayout {
+    pub id: u64,
+    pub multiprocessor_count: Option<u32>,
+    pub gpu_instance_slice_count: Option<u32>,
+    pub mig: Vec<MigInstance>,
+}
+
+impl GpuInfo {
+    /// Takes a newly read layout (`mig_layout` its id), keeping the one it
+    /// replaces among the earlier layouts.
+    pub fn relayout(
+        &mut self,
+        multiprocessor_count: Option<u32>,
+        gpu_instance_slice_count: Option<u32>,
+        mig: Vec<MigInstance>,
+        mig_layout: Option<u64>,
+    ) {
+        let replaced = EarlierLayout {
+            id: self.mig_layout.unwrap_or_default(),
+            multiprocessor_count: std::mem::replace(
+                &mut self.multiprocessor_count,
+                multiprocessor_count,
+            ),
+            gpu_instance_slice_count: std::mem::replace(
+                &mut self.gpu_instance_slice_count,
+                gpu_instance_slice_count,
+            ),
+            mig: std::mem::replace(&mut self.mig, mig),
+        };
+        let old = std::mem::replace(&mut self.mig_layout, mig_layout);
+        self.earlier_mig
+            .retain(|e| Some(e.id) != mig_layout && Some(e.id) != old);
+        if old.is_some() && old != mig_layout {
+            self.earlier_mig.push(replaced);
+        }
+        if self.earlier_mig.len() > MAX_EARLIER_LAYOUTS {
+            self.earlier_mig.remove(0);
+        }
+    }
+}
+
+/// The identity of a board's MIG layout (its SM and slice counts and its
+/// instances, in order; MIG mode off is the empty layout): FNV-1a (64 bit)
+/// over a fixed encoding of them, so that the same layout has the same id
+/// in every run of the agent (a disk spool's samples keep theirs across a
+/// restart). What each reading of the board is stamped with
+/// ([`GpuReading::mig_layout`]).
+pub fn layout_id(sm: Option<u32>, slices: Option<u32>, mig: &[MigInstance]) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+    fn feed(h: u64, bytes: &[u8]) -> u64 {
+        bytes
+            .iter()
+            .fold(h, |h, b| (h ^ u64::from(*b)).wrapping_mul(PRIME))
+    }
+    let count = |h: u64, v: Option<u32>| match v {
+        None => feed(h, &[0]),
+        Some(v) => feed(feed(h, &[1]), &v.to_le_bytes()),
+    };
+    let mut h = count(count(OFFSET, sm), slices);
+    for m in mig {
+        // Each string ends with its length, so no two layouts encode alike.
+        for s in [&m.uuid, &m.profile] {
+            h = feed(feed(h, s.as_bytes()), &(s.len() as u64).to_le_bytes());
+        }
+        for v in [
+            m.gpu_instance_id,
+            m.compute_instance_id,
+            m.multiprocessor_count,
+            m.gpu_instance_slice_count,
+            m.compute_instance_slice_count,
+        ] {
+            h = feed(h, &v.to_le_bytes());
+        }
+    }
+    h
 }
 
 /// One MIG device of a board: what a tenant leases by its UUID. NVML has
@@ -166,6 +256,9 @@ pub struct GpuReading {
     pub health: GpuHealth,
     /// The GPU stopped answering (NVML `GpuLost`); all readings are `None`.
     pub lost: bool,
+    /// The MIG layout the reading was taken under (`GpuInfo::mig_layout`),
+    /// on a board that can be put in MIG mode.
+    pub mig_layout: Option<u64>,
 }
 
 impl GpuReading {

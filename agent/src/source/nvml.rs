@@ -39,7 +39,9 @@ use super::nvml_ffi::{InstanceId, instance_id};
 mod nvlink;
 
 use super::xid::XidWatch;
-use super::{GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, ReadErrors, SourceError};
+use super::{
+    GpuHealth, GpuInfo, GpuReading, GpuSource, MigInstance, ReadErrors, SourceError, layout_id,
+};
 
 /// The field values read in one `nvmlDeviceGetFieldValues` call, with the
 /// name each is logged and counted under.
@@ -122,6 +124,8 @@ fn board_profile(device: &Device<'_>) -> (Option<u32>, Option<u32>) {
 /// A board's MIG layout as the inventory lists it.
 #[derive(Debug, Default)]
 struct Layout {
+    /// The board can be put in MIG mode (in it or not).
+    capable: bool,
     /// The board's SM count, in MIG mode only.
     sm: Option<u32>,
     /// The board's GPU-instance slices, in MIG mode only.
@@ -142,7 +146,10 @@ fn mig_layout(nvml: &Nvml, device: &Device<'_>) -> Result<Layout, NvmlError> {
         Err(e) => return Err(e),
     };
     if mode != MIG_ENABLED {
-        return Ok(Layout::default());
+        return Ok(Layout {
+            capable: true,
+            ..Layout::default()
+        });
     }
     let (sm, slices) = board_profile(device);
     let mut instances = Vec::new();
@@ -172,6 +179,7 @@ fn mig_layout(nvml: &Nvml, device: &Device<'_>) -> Result<Layout, NvmlError> {
         });
     }
     Ok(Layout {
+        capable: true,
         sm,
         slices,
         mig: instances,
@@ -249,7 +257,12 @@ impl NvmlSource {
                 device.total_energy_consumption(),
                 Err(NvmlError::NotSupported)
             );
-            let Layout { sm, slices, mig } = match mig_layout(&nvml, &device) {
+            let Layout {
+                capable,
+                sm,
+                slices,
+                mig,
+            } = match mig_layout(&nvml, &device) {
                 Ok(layout) => layout,
                 Err(e) => {
                     warn!(gpu = index, error = %e, "MIG layout cannot be read; the board is metered whole until it can");
@@ -271,7 +284,9 @@ impl NvmlSource {
                 driver_version: driver_version.clone(),
                 multiprocessor_count: sm,
                 gpu_instance_slice_count: slices,
+                mig_layout: capable.then(|| layout_id(sm, slices, &mig)),
                 mig,
+                earlier_mig: Vec::new(),
             });
             nvml_index.push(index);
             nvlinks[index as usize] = nvlink::probe(&device, index);
@@ -331,16 +346,21 @@ impl NvmlSource {
                 continue;
             };
             match mig_layout(&self.nvml, &device) {
-                Ok(Layout { sm, slices, mig }) => {
+                Ok(Layout {
+                    capable,
+                    sm,
+                    slices,
+                    mig,
+                }) => {
                     self.reported.remove(&(i as u32, "mig_layout"));
+                    let id = capable.then(|| layout_id(sm, slices, &mig));
                     if sm != info.multiprocessor_count
                         || slices != info.gpu_instance_slice_count
                         || mig != info.mig
+                        || id != info.mig_layout
                     {
                         info!(gpu = i, uuid = %info.uuid, instances = mig.len(), "MIG layout changed; saying Hello again");
-                        info.multiprocessor_count = sm;
-                        info.gpu_instance_slice_count = slices;
-                        info.mig = mig;
+                        info.relayout(sm, slices, mig, id);
                         changed = true;
                     }
                 }
@@ -458,6 +478,8 @@ impl NvmlSource {
             .map(u64::from),
             health,
             lost: false,
+            // Stamped by `sample`, which knows the layout.
+            mig_layout: None,
         })
     }
 
@@ -581,6 +603,8 @@ impl GpuSource for NvmlSource {
             .map(|index| match self.read(self.nvml_index[index as usize]) {
                 Ok(mut reading) => {
                     reading.index = index;
+                    // Stamped with the layout just read (`check_mig`).
+                    reading.mig_layout = self.inventory[index as usize].mig_layout;
                     if let Some(x) = self.xid.as_ref().and_then(|x| x.of(index as usize)) {
                         reading.health.xid_errors = x.counts;
                         reading.health.last_xid = x.last;

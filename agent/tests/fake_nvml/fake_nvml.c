@@ -62,6 +62,14 @@
  *
  * Compile-time switches (-D):
  *
+ *   FAKE_EXTRA_GPUS=N       N more GPUs (2..N+1) after the two above, each a
+ *                           copy of GPU 0 (an H100 node of 2+N boards, for
+ *                           measuring the agent at node scale) with a UUID
+ *                           "GPU-00000000-1111-2222-3333-<12-digit index>",
+ *                           bus id "00000000:<0x40+index>:00.0" and serial
+ *                           of its own. They have GPU 0's NVLinks
+ *                           (FAKE_GPU0_NVLINK*); MIG and the other
+ *                           FAKE_GPU0_* switches stay GPU 0's alone.
  *   FAKE_INIT_FAILS         nvmlInit_v2 returns NVML_ERROR_DRIVER_NOT_LOADED.
  *   FAKE_GPU1_NO_ENERGY     nvmlDeviceGetTotalEnergyConsumption returns
  *                           NVML_ERROR_NOT_SUPPORTED for GPU 1.
@@ -277,7 +285,12 @@ typedef struct fake_gpu *nvmlDevice_t;
 
 /* ---- the fake node ----------------------------------------------------- */
 
-#define FAKE_GPU_COUNT 2u
+#ifdef FAKE_EXTRA_GPUS
+#define EXTRA_GPUS ((unsigned int)(FAKE_EXTRA_GPUS))
+#else
+#define EXTRA_GPUS 0u
+#endif
+#define FAKE_GPU_COUNT (2u + EXTRA_GPUS)
 
 struct fake_gpu {
     const char *uuid;
@@ -429,6 +442,31 @@ static struct fake_gpu gpus[FAKE_GPU_COUNT] = {
     },
 };
 
+/* GPUs 2.. (FAKE_EXTRA_GPUS): copies of GPU 0 under an identity of their
+ * own, filled in when the library is loaded. */
+#define EXTRA_ID_LEN 48
+static char extra_ids[EXTRA_GPUS + 1][3][EXTRA_ID_LEN];
+
+__attribute__((constructor)) static void fill_extra_gpus(void)
+{
+    for (unsigned int i = 2; i < FAKE_GPU_COUNT; i++) {
+        char *uuid = extra_ids[i - 2][0], *bus = extra_ids[i - 2][1], *serial = extra_ids[i - 2][2];
+        snprintf(uuid, EXTRA_ID_LEN, "GPU-00000000-1111-2222-3333-%012u", i);
+        snprintf(bus, EXTRA_ID_LEN, "00000000:%02X:00.0", 0x40u + i);
+        snprintf(serial, EXTRA_ID_LEN, "16543210%05u", i);
+        gpus[i] = gpus[0];
+        gpus[i].uuid = uuid;
+        gpus[i].pci_bus_id = bus;
+        gpus[i].serial = serial;
+    }
+}
+
+/* Whether `device` is one of the fake's GPU handles. */
+static int is_gpu(nvmlDevice_t device)
+{
+    return device >= &gpus[0] && device < &gpus[FAKE_GPU_COUNT];
+}
+
 static const char driver_version[] = "550.54.15";
 
 /* nvmlInit_v2 / nvmlShutdown are reference counted in the real library. */
@@ -439,7 +477,7 @@ static nvmlReturn_t check_device(nvmlDevice_t device)
 {
     if (init_count <= 0)
         return NVML_ERROR_UNINITIALIZED;
-    if (device != &gpus[0] && device != &gpus[1])
+    if (!is_gpu(device))
         return NVML_ERROR_INVALID_ARGUMENT;
     if (device->lost)
         return NVML_ERROR_GPU_IS_LOST;
@@ -919,7 +957,7 @@ static nvmlReturn_t nvlink_throughput(nvmlDevice_t device, unsigned int id, unsi
                                       nvmlValueType_t *type, nvmlValue_t *value)
 {
 #if defined(FAKE_GPU0_NVLINKS) && !defined(FAKE_NO_NVLINK_THROUGHPUT)
-    if (device == &gpus[0] && link < (unsigned int)(FAKE_GPU0_NVLINKS)) {
+    if (device != &gpus[1] && link < (unsigned int)(FAKE_GPU0_NVLINKS)) {
         *type = NVML_VALUE_TYPE_UNSIGNED_LONG_LONG;
         value->ullVal = id == NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX
                             ? (1ULL << 33) + 7000ULL * link
@@ -1001,7 +1039,7 @@ static nvmlReturn_t check_link(nvmlDevice_t device, const char *function, unsign
     nvmlReturn_t rc = check_health(device, function, out);
     if (rc != NVML_SUCCESS)
         return rc;
-    if (device != &gpus[0] || GPU0_NVLINKS == 0)
+    if (device == &gpus[1] || GPU0_NVLINKS == 0)
         return NVML_ERROR_NOT_SUPPORTED;
     if (link >= GPU0_NVLINKS || link >= NVML_NVLINK_MAX_LINKS)
         return NVML_ERROR_INVALID_ARGUMENT;
@@ -1127,7 +1165,7 @@ nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t device, unsigned long long ty
         return NVML_ERROR_INVALID_ARGUMENT;
     if (!events_supported(device) || (types & ~NVML_EVENT_TYPE_XID_CRITICAL_ERROR) != 0)
         return NVML_ERROR_NOT_SUPPORTED;
-    the_set.registered[device == &gpus[0] ? 0 : 1] = 1;
+    the_set.registered[device - gpus] = 1;
     return NVML_SUCCESS;
 }
 

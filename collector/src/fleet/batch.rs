@@ -14,7 +14,7 @@ use crate::ledger::NodeCursor;
 use crate::sync::lock;
 use crate::tenants::TenantHistory;
 
-use super::node::sampled_at;
+use super::node::{LayoutPick, sampled_at};
 use super::{Fleet, StreamHandle};
 
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +32,10 @@ pub struct BatchOutcome {
     pub rejected: Vec<(u64, Reject)>,
     /// What became of the node power readings of the accepted samples.
     pub node_power: NodePowerOutcome,
+    /// Board readings stamped with a MIG layout this collector does not
+    /// know for the board, metered whole to its UUID
+    /// (`capwatch_collector_mig_readings_unsplit_total`).
+    pub mig_layout_unknown: u64,
 }
 
 /// Node power readings of one batch
@@ -165,9 +169,17 @@ impl Fleet {
                             .collect();
                     }
                 });
+                // The layout each board's reading was taken under (the
+                // current one for a GPU the sample leaves out).
+                let mut picks = vec![LayoutPick::Current; n.gpus.len()];
                 for r in s.gpus {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
+                    let pick = gpu.layout_of(r.mig_layout);
+                    picks[i] = pick;
+                    if pick == LayoutPick::Unknown && !r.lost {
+                        out.mig_layout_unknown += 1;
+                    }
                     let applied = gpu.apply(r, &tick);
                     gpu.sampled_at = sampled;
                     let tenant = match (&version, &past) {
@@ -185,21 +197,37 @@ impl Fleet {
                             }
                         }
                     };
-                    match gpu.mig.as_deref_mut() {
+                    let mig = match pick {
+                        LayoutPick::Current => gpu.mig.as_deref_mut(),
+                        LayoutPick::Earlier(k) => gpu.earlier_layouts[k].1.as_deref_mut(),
+                        LayoutPick::Unknown => None,
+                    };
+                    match mig {
                         None => {
                             applied.book(&mut booked, tenant, window);
                             add(tenant, applied.energy_mj);
                         }
                         // A MIG board: its reading (the board's counter,
-                        // once) split among its parts by slice share.
+                        // once) split among its parts by slice share, of
+                        // the layout it was taken under.
                         Some(mig) => {
+                            // A reading from before a lease change: its
+                            // parts' tenants of the version in force then
+                            // (kept per batch for the current layout).
+                            let then: Vec<Arc<str>> = match (&version, &past) {
+                                (Some(()), Some((v, _))) if pick != LayoutPick::Current => {
+                                    parts_then(history.version(*v), &node_id, &gpu.uuid, mig)
+                                }
+                                (Some(()), _) => past_parts.get(i).cloned().unwrap_or_default(),
+                                _ => Vec::new(),
+                            };
                             let parts: Vec<(&Arc<str>, u64)> = mig
                                 .parts
                                 .iter()
                                 .enumerate()
                                 .map(|(k, p)| {
-                                    let tenant = match (&version, past_parts.get(i)) {
-                                        (Some(()), Some(t)) if t.len() == mig.parts.len() => &t[k],
+                                    let tenant = match then.get(k) {
+                                        Some(t) if then.len() == mig.parts.len() => t,
                                         _ => &p.tenant,
                                     };
                                     (tenant, p.weight)
@@ -250,14 +278,28 @@ impl Fleet {
                             (Some(()), Some((_, tenants))) => &tenants[i],
                             _ => &g.tenant,
                         };
-                        match g.mig.as_deref() {
+                        // The layout of the sample's reading of the board.
+                        match g.parts_of(picks[i]) {
                             None => Holding::of(&mut holders, tenant).whole += 1,
                             Some(mig) => {
                                 let weights: Arc<[u64]> =
                                     mig.parts.iter().map(|p| p.weight).collect();
+                                let earlier_then = match (&version, &past) {
+                                    (Some(()), Some((v, _))) if picks[i] != LayoutPick::Current => {
+                                        parts_then(history.version(*v), &node_id, &g.uuid, mig)
+                                    }
+                                    _ => Vec::new(),
+                                };
+                                let then = match (&version, past_parts.get(i)) {
+                                    _ if !earlier_then.is_empty() => Some(&earlier_then),
+                                    (Some(()), Some(t)) if picks[i] == LayoutPick::Current => {
+                                        Some(t)
+                                    }
+                                    _ => None,
+                                };
                                 for (k, p) in mig.parts.iter().enumerate() {
-                                    let t = match (&version, past_parts.get(i)) {
-                                        (Some(()), Some(t)) if t.len() == mig.parts.len() => &t[k],
+                                    let t = match then {
+                                        Some(t) if t.len() == mig.parts.len() => &t[k],
                                         _ => &p.tenant,
                                     };
                                     let h = Holding::of(&mut holders, t);
@@ -367,4 +409,23 @@ impl Holding {
         }
         held
     }
+}
+
+/// The tenants of a MIG layout's parts under the tenant file version `t`
+/// (a reading from before a lease change, split by a layout the board had
+/// before its current one).
+fn parts_then(
+    t: &crate::tenants::Tenants,
+    node: &str,
+    board: &str,
+    mig: &super::node::MigParts,
+) -> Vec<Arc<str>> {
+    mig.parts
+        .iter()
+        .map(|p| {
+            t.all()[t.attribute_instance(node, &p.uuid, board)]
+                .id
+                .clone()
+        })
+        .collect()
 }

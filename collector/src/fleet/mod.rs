@@ -327,7 +327,7 @@ impl Fleet {
                         g.energy_counter_supported = info.energy_counter_supported;
                         g.identity = Gpu::identity_of(info.identity);
                         // A new MIG layout from now on (attributed below).
-                        g.mig = node::MigParts::of(&g.uuid, info.mig, &g.tenant, g.mig.as_deref());
+                        g.relayout(info.mig, info.mig_layout, info.earlier_mig);
                         // The new run's clock may have been stepped: its
                         // first timestamp becomes the reference even if it
                         // is behind the old run's.

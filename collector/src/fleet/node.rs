@@ -33,6 +33,32 @@ pub struct Gpu {
     pub(super) sampled_at: Option<Instant>,
     /// A board in MIG mode: the parts its energy is split among.
     pub(crate) mig: Option<Box<MigParts>>,
+    /// The id of that layout (`edge::GpuInfo::mig_layout`).
+    pub(crate) mig_layout: Option<u64>,
+    /// The layouts this board had before, as this collector heard them
+    /// (id, parts; no parts: metered whole), newest last, at most
+    /// [`MAX_EARLIER_LAYOUTS`]: a reading stamped with one of them (taken
+    /// before the layout changed, delivered after) is split by it.
+    pub(crate) earlier_layouts: Vec<(u64, Option<Box<MigParts>>)>,
+}
+
+/// Layouts kept per board besides its current one: a board's layout
+/// changes rarely (its GPU must be idle), so a spool delivered late spans
+/// a few at most.
+pub const MAX_EARLIER_LAYOUTS: usize = 4;
+
+/// Which of a board's layouts a reading was taken under
+/// ([`Gpu::layout_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LayoutPick {
+    /// The current one (or the reading has no stamp: an older agent).
+    Current,
+    /// `earlier_layouts[k]`.
+    Earlier(usize),
+    /// One this collector never heard of for the board (its restart, or
+    /// the node's move to it, came between): the board is metered whole,
+    /// to its own UUID.
+    Unknown,
 }
 
 // ---- MIG ----
@@ -152,8 +178,16 @@ pub(super) const LIVE_GPU: u64 = 720_720;
 impl Gpu {
     pub(super) fn new(info: GpuInfo, model: Arc<str>, tenant: Arc<str>) -> Self {
         let uuid: Arc<str> = Arc::from(info.uuid);
+        let earlier_layouts = info
+            .earlier_mig
+            .into_iter()
+            .filter(|(id, _)| Some(*id) != info.mig_layout)
+            .map(|(id, mig)| (id, MigParts::of(&uuid, mig, &tenant, None)))
+            .collect();
         Self {
             mig: MigParts::of(&uuid, info.mig, &tenant, None),
+            mig_layout: info.mig_layout,
+            earlier_layouts,
             uuid,
             model,
             power_limit_milliwatts: info.power_limit_milliwatts,
@@ -167,15 +201,97 @@ impl Gpu {
         }
     }
 
-    /// The UUIDs a tenant may lease of this GPU: the board's, and each of
-    /// its MIG instances'.
-    pub(super) fn leasable_uuids(&self) -> impl Iterator<Item = &Arc<str>> {
-        let instances = self.mig.as_deref().into_iter().flat_map(|m| {
-            m.parts
+    /// Takes the layouts a Hello announces: the current one (`mig`,
+    /// checked, under id `layout`) and those the board had before
+    /// (`earlier`). The one it replaces is kept among the earlier layouts,
+    /// for readings still stamped with it; a layout heard before comes
+    /// back with the energy its parts counted. Parts listed again keep
+    /// their energy.
+    pub(super) fn relayout(&mut self, mig: Mig, layout: Option<u64>, earlier: Vec<(u64, Mig)>) {
+        self.take_layout(mig, layout);
+        // The earlier layouts the agent lists (a collector that started
+        // after they changed never heard them): those heard here keep
+        // what they counted; the oldest go first beyond the bound.
+        for (id, mig) in earlier {
+            if Some(id) == self.mig_layout {
+                continue;
+            }
+            let kept = match self.earlier_layouts.iter().position(|(e, _)| *e == id) {
+                Some(k) => self.earlier_layouts.remove(k).1,
+                None => MigParts::of(&self.uuid, mig, &self.tenant, None),
+            };
+            self.earlier_layouts.push((id, kept));
+        }
+        while self.earlier_layouts.len() > MAX_EARLIER_LAYOUTS {
+            self.earlier_layouts.remove(0);
+        }
+    }
+
+    /// `relayout`'s current layout.
+    fn take_layout(&mut self, mig: Mig, layout: Option<u64>) {
+        if layout.is_none() || layout == self.mig_layout {
+            self.mig = MigParts::of(&self.uuid, mig, &self.tenant, self.mig.as_deref());
+            self.mig_layout = layout;
+            return;
+        }
+        let back = self
+            .earlier_layouts
+            .iter()
+            .position(|(e, _)| Some(*e) == layout)
+            .map(|k| self.earlier_layouts.remove(k).1);
+        let replaced = self.mig.take();
+        let counted = match &back {
+            Some(parts) => parts.as_deref(),
+            None => replaced.as_deref(),
+        };
+        self.mig = MigParts::of(&self.uuid, mig, &self.tenant, counted);
+        if let Some(id) = self.mig_layout {
+            self.earlier_layouts.push((id, replaced));
+        }
+        self.mig_layout = layout;
+    }
+
+    /// Which of its layouts a reading stamped `stamp` was taken under.
+    pub(crate) fn layout_of(&self, stamp: Option<u64>) -> LayoutPick {
+        match stamp {
+            None => LayoutPick::Current,
+            Some(id) if Some(id) == self.mig_layout => LayoutPick::Current,
+            Some(id) => self
+                .earlier_layouts
                 .iter()
-                .filter(|p| p.instance.is_some())
-                .map(|p| &p.uuid)
-        });
+                .position(|(e, _)| *e == id)
+                .map_or(LayoutPick::Unknown, LayoutPick::Earlier),
+        }
+    }
+
+    /// The parts of the layout `pick` (none: metered whole).
+    pub(crate) fn parts_of(&self, pick: LayoutPick) -> Option<&MigParts> {
+        match pick {
+            LayoutPick::Current => self.mig.as_deref(),
+            LayoutPick::Earlier(k) => self.earlier_layouts[k].1.as_deref(),
+            LayoutPick::Unknown => None,
+        }
+    }
+
+    /// The UUIDs a tenant may lease of this GPU: the board's, and each of
+    /// its MIG instances', of its current and earlier layouts (the node
+    /// may still deliver energy split to them).
+    pub(super) fn leasable_uuids(&self) -> impl Iterator<Item = &Arc<str>> {
+        let earlier = self
+            .earlier_layouts
+            .iter()
+            .filter_map(|(_, m)| m.as_deref());
+        let instances = self
+            .mig
+            .as_deref()
+            .into_iter()
+            .chain(earlier)
+            .flat_map(|m| {
+                m.parts
+                    .iter()
+                    .filter(|p| p.instance.is_some())
+                    .map(|p| &p.uuid)
+            });
         std::iter::once(&self.uuid).chain(instances)
     }
 
@@ -292,6 +408,8 @@ impl Gpu {
                 energy_counter_supported: c.last_counter_mj.is_some(),
                 identity: GpuIdentity::default(),
                 mig: Mig::Whole,
+                mig_layout: None,
+                earlier_mig: Vec::new(),
             },
             Arc::from(""),
             Arc::from(UNASSIGNED),
@@ -522,7 +640,11 @@ impl Node {
         let all = tenants.all();
         for g in &mut self.gpus {
             g.tenant = all[tenants.attribute(&self.id, &g.uuid)].id.clone();
-            if let Some(mig) = g.mig.as_deref_mut() {
+            let earlier = g
+                .earlier_layouts
+                .iter_mut()
+                .filter_map(|(_, m)| m.as_deref_mut());
+            for mig in g.mig.as_deref_mut().into_iter().chain(earlier) {
                 for p in &mut mig.parts {
                     p.tenant = all[tenants.attribute_instance(&self.id, &p.uuid, &g.uuid)]
                         .id

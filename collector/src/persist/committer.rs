@@ -455,6 +455,8 @@ mod tests {
                     energy_counter_supported: true,
                     identity: Default::default(),
                     mig: Default::default(),
+                    mig_layout: None,
+                    earlier_mig: Vec::new(),
                 }],
             })
             .unwrap();

@@ -681,8 +681,9 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
 
 /// Invariant: a MIG layout changed while the agent runs is read again
 /// within the check interval and said in a new Hello; every delta of the
-/// board's counter is split, exactly, by the layout the collector holds
-/// when it applies it (the old one until the new Hello), so the ledger
+/// board's counter is split, exactly, by the layout it was read under
+/// (stamped on the reading; none of the new layout is sent before the
+/// Hello that announces it), so the ledger
 /// still sums to the board's counter to the millijoule and each tenant's
 /// energy is its share of k1 deltas under the first layout and k2 under
 /// the second.
@@ -761,6 +762,105 @@ fn a_mig_layout_changed_mid_run_is_read_again_and_apportioned_from_then_on() {
     assert_eq!(a, 428 * k1 + 571 * k2, "lab-a");
     assert_eq!(b, 286 * k1 + 429 * k2, "lab-b");
     assert_eq!(a + b + c, board);
+    assert_eq!(ledger_energy(&collector, "unassigned"), 0);
+    collector.stop();
+}
+
+/// Invariant: samples taken under one MIG layout and delivered after the
+/// layout changed and the collector restarted (it never heard the old
+/// layout) are split by the layout they were taken under: the agent
+/// stamps each reading with its layout and lists the earlier layouts in
+/// its Hello. Every delta of the board's counter lands on the tenants of
+/// its own layout, and the ledger sums to the counter to the millijoule.
+#[test]
+fn a_spool_kept_through_a_layout_change_and_a_collector_restart_is_split_by_its_own_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("mig-layout");
+    std::fs::write(&control, "1").unwrap();
+    let lib = build_fake(
+        dir.path(),
+        &[&format!("-DFAKE_MIG_FILE=\"{}\"", control.display())],
+    );
+    let collector = Collector::start(dir.path(), &mig_tenants(), 0, &["--stale-after", "5m"]);
+    let port = collector.grpc.port();
+    let mut agent = mig_agent(&lib, &collector, &["--log-format", "json"])
+        .env("CAPWATCH_NVML_MIG_CHECK_INTERVAL", "200ms")
+        .env("CAPWATCH_RECONNECT_MAX", "300ms")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    log.capture(agent.stderr.take().unwrap(), "agent".into());
+    eventually(Duration::from_secs(20), "layout 1 and samples", || {
+        mig_instances(&collector.metrics()).len() == 3 && accepted(&collector) >= 5.0
+    });
+    collector.stop();
+    let before = ["lab-a", "lab-b", "lab-c"].map(|t| t.to_string());
+    // The collector is down: the agent spools samples of layout 1, then
+    // of layout 2.
+    std::thread::sleep(Duration::from_millis(1500));
+    std::fs::write(&control, "2").unwrap();
+    log.wait_for("MIG layout changed", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(1500));
+    let collector = Collector::start(dir.path(), &mig_tenants(), port, &["--stale-after", "5m"]);
+    eventually(Duration::from_secs(20), "layout 2 listed", || {
+        let listed = mig_instances(&collector.metrics());
+        listed.len() == 2 && listed[0]["uuid"] == MIG_2[0] && listed[1]["uuid"] == MIG_2[1]
+    });
+    let now = accepted(&collector);
+    eventually(
+        Duration::from_secs(20),
+        "more samples under layout 2",
+        || accepted(&collector) >= now + 5.0,
+    );
+    terminate(&agent);
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "agent: {status}");
+    let summary = log.wait_for("agent stopped", Duration::from_secs(5));
+    assert_eq!(json_number(&summary, "undelivered"), 0, "{summary}");
+
+    // The whole run in the ledger: 1000 mJ of the board and 250 mJ of
+    // GPU 1 per delta.
+    let total = || {
+        before
+            .iter()
+            .map(|t| ledger_energy(&collector, t))
+            .sum::<u64>()
+    };
+    let mut deltas = 0;
+    eventually(Duration::from_secs(10), "the ledger holds the run", || {
+        let t = total();
+        deltas = t / 1250;
+        t % 1250 == 0 && t > 0 && ledger_energy(&collector, "lab-c") >= 250 * deltas
+    });
+    let (a, b, c) = (
+        ledger_energy(&collector, "lab-a"),
+        ledger_energy(&collector, "lab-b"),
+        ledger_energy(&collector, "lab-c") - 250 * deltas,
+    );
+    // Layout 1: 428 / 286 / 143 + 143 (lab-c's two parts); layout 2: 571
+    // / 429, nothing in no instance. Never the board whole to lab-c.
+    assert_eq!(c % 286, 0, "lab-c's board energy {c}");
+    let k1 = c / 286;
+    let k2 = deltas - k1;
+    assert_eq!(
+        a,
+        428 * k1 + 571 * k2,
+        "lab-a ({k1} deltas of layout 1, {k2} of 2)"
+    );
+    assert_eq!(b, 286 * k1 + 429 * k2, "lab-b");
+    assert_eq!(a + b + c, 1000 * deltas);
+    // The 1.5 s spooled under layout 1 (about 15 samples at 100 ms) were
+    // split by it, beyond the 5 acked before the collector stopped.
+    assert!(k1 >= 12, "{k1} deltas under layout 1, {k2} under 2");
+    assert!(k2 >= 12, "{k1} deltas under layout 1, {k2} under 2");
+    let m = collector.metrics();
+    assert_eq!(
+        m.one("capwatch_collector_mig_readings_unsplit_total", &[]),
+        0.0
+    );
     assert_eq!(ledger_energy(&collector, "unassigned"), 0);
     collector.stop();
 }

@@ -712,6 +712,8 @@ fn one_gpu_hello(node: &str) -> Hello {
             energy_counter_supported: true,
             identity: Default::default(),
             mig: Default::default(),
+            mig_layout: None,
+            earlier_mig: Vec::new(),
         }],
     }
 }

@@ -317,6 +317,218 @@ fn a_new_layout_said_at_a_hello_splits_the_energy_from_then_on() {
     assert!(lock(h.node()).gpus()[0].mig.is_none());
 }
 
+/// `mig_hello` announcing the layout under id `layout`.
+fn stamped_hello(epoch: u64, mig: Mig, layout: u64) -> Hello {
+    let mut h = mig_hello(epoch, mig);
+    h.gpus[0].mig_layout = Some(layout);
+    h
+}
+
+/// `sample`, board 0's reading stamped with `layout`.
+fn stamped(seq: u64, ts: i64, gpus: &[(u64, Option<u64>)], layout: u64) -> NodeSample {
+    let mut s = sample(seq, ts, gpus);
+    s.gpus[0].mig_layout = Some(layout);
+    s
+}
+
+#[test]
+fn readings_are_split_by_the_layout_they_were_taken_under() {
+    // Invariant: a reading stamped with an earlier layout of its board
+    // (taken before the layout changed, delivered after the Hello that
+    // announced the new one: a spool kept through an outage) is split by
+    // that layout, not by the one in force when it arrives; a layout the
+    // collector never heard of meters the board whole to its UUID, and is
+    // counted. The parts always sum to the board's delta.
+    let state = new_state(MIG_TENANTS, None);
+    let (h, _) = state
+        .hello(stamped_hello(1, three_instances(), 11))
+        .unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![stamped(1, T0, &[(1, Some(0)), (1, Some(0))], 11)],
+    );
+    // The layout changes while the collector hears nothing: the agent's
+    // spool holds 980 mJ taken under layout 11 when it says Hello with
+    // layout 22 (the 3g instance grown to the whole board).
+    let grown = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![instance("MIG-3g", 1, 98)],
+    };
+    let (h, _) = state.hello(stamped_hello(1, grown, 22)).unwrap();
+    let out = ingest(
+        &state,
+        &h,
+        vec![
+            stamped(2, T0 + SEC, &[(1, Some(980)), (1, Some(0))], 11),
+            stamped(3, T0 + 2 * SEC, &[(1, Some(1_980)), (1, Some(0))], 22),
+        ],
+    );
+    assert_eq!(out.mig_layout_unknown, 0);
+    // 980 mJ by 3/2/1/1 of layout 11, then 1000 mJ to the 3g alone.
+    assert_eq!(tenant_energy(&state, "lab-a"), 420 + 1000);
+    assert_eq!(tenant_energy(&state, "lab-b"), 280);
+    assert_eq!(tenant_energy(&state, "lab-c"), 140 + 140);
+    // A reading stamped with a layout never announced here (its Hello
+    // went to a collector before this one's restart): whole, to the
+    // board's lessee, and counted.
+    let out = ingest(
+        &state,
+        &h,
+        vec![stamped(
+            4,
+            T0 + 3 * SEC,
+            &[(1, Some(2_000)), (1, Some(0))],
+            33,
+        )],
+    );
+    assert_eq!(out.mig_layout_unknown, 1);
+    assert_eq!(
+        state.counters.mig_readings_unsplit.load(Ordering::Relaxed),
+        1
+    );
+    assert_eq!(tenant_energy(&state, "lab-c"), 280 + 20);
+    assert_eq!(tenant_energy(&state, "lab-a"), 1420);
+    // Back to layout 11: its parts come back with the energy they
+    // counted (what /metrics shows for them goes on).
+    let (h, _) = state
+        .hello(stamped_hello(1, three_instances(), 11))
+        .unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![stamped(
+            5,
+            T0 + 4 * SEC,
+            &[(1, Some(2_700)), (1, Some(0))],
+            11,
+        )],
+    );
+    assert_eq!(tenant_energy(&state, "lab-a"), 1420 + 300);
+    assert_eq!(gpu_energy(&h), [2700, 0]);
+    let n = lock(h.node());
+    let g = &n.gpus()[0];
+    let parts: Vec<(&str, u64)> = g
+        .mig
+        .as_deref()
+        .unwrap()
+        .parts
+        .iter()
+        .map(|p| (&*p.uuid, p.energy_mj))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            ("MIG-3g", 420 + 300),
+            ("MIG-2g", 280 + 200),
+            ("MIG-1g", 140 + 100),
+            ("m-1-gpu0", 140 + 100)
+        ]
+    );
+    // Layout 22 is kept as an earlier one now.
+    assert_eq!(
+        g.earlier_layouts
+            .iter()
+            .map(|(id, _)| *id)
+            .collect::<Vec<_>>(),
+        [22]
+    );
+}
+
+#[test]
+fn a_collector_that_never_heard_a_layout_splits_by_the_one_the_hello_lists_as_earlier() {
+    // Invariant: after the layout changed while this collector was down
+    // (it never heard layout 11), the agent's Hello lists layout 11 as an
+    // earlier one of the board, and the spool's readings stamped with it
+    // are split by it; an earlier layout the edge refuses is counted, and
+    // its readings go whole to the board's UUID.
+    let state = new_state(MIG_TENANTS, None);
+    let grown = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![instance("MIG-3g", 1, 98)],
+    };
+    let bad = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        // A board's UUID passed off as an instance.
+        instances: vec![instance("m-1-gpu1", 1, 42)],
+    };
+    let mut hl = stamped_hello(1, grown, 22);
+    hl.gpus[0].earlier_mig = vec![(11, three_instances()), (44, bad)];
+    let (h, _) = state.hello(hl).unwrap();
+    assert_eq!(
+        state.counters.mig_layouts_refused(MigRefusal::UuidPrefix),
+        1
+    );
+    let out = ingest(
+        &state,
+        &h,
+        vec![
+            stamped(1, T0, &[(1, Some(0)), (1, Some(0))], 11),
+            stamped(2, T0 + SEC, &[(1, Some(980)), (1, Some(0))], 11),
+            stamped(3, T0 + 2 * SEC, &[(1, Some(1_980)), (1, Some(0))], 22),
+            stamped(4, T0 + 3 * SEC, &[(1, Some(2_050)), (1, Some(0))], 44),
+        ],
+    );
+    assert_eq!(out.mig_layout_unknown, 0);
+    assert_eq!(tenant_energy(&state, "lab-a"), 420 + 1000);
+    assert_eq!(tenant_energy(&state, "lab-b"), 280);
+    assert_eq!(tenant_energy(&state, "lab-c"), 140 + 140 + 70);
+}
+
+#[test]
+fn a_node_power_reading_is_split_by_the_layout_of_its_sample() {
+    // Invariant: the whole-node energy of a late sample is shared by the
+    // holdings of the layout its GPU readings were taken under.
+    use crate::edge::{NodePowerReading, NodePowerSource};
+    let m0 = T0 - T0.rem_euclid(60 * SEC) + 10 * SEC;
+    let state = new_state(MIG_TENANTS, None);
+    let mut hl = stamped_hello(1, three_instances(), 11);
+    hl.node_power_sources = vec![NodePowerSource {
+        kind: "redfish".into(),
+        domain: "node".into(),
+        name: "1".into(),
+        energy_counter_supported: true,
+        interval: Duration::from_secs(1),
+    }];
+    let (h, _) = state.hello(hl.clone()).unwrap();
+    let bmc = |ts: i64, mj: u64| NodePowerReading {
+        source: 0,
+        timestamp_unix_nanos: ts,
+        power_milliwatts: Some(1_000_000),
+        energy_millijoules: Some(mj),
+    };
+    let mut first = stamped(1, m0, &[(0, Some(0)), (0, Some(0))], 11);
+    first.node_power = vec![bmc(m0, 5_000_000)];
+    ingest(&state, &h, vec![first]);
+    // Layout 22: the 3g instance takes the whole board.
+    hl.gpus[0].mig = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![instance("MIG-3g", 1, 98)],
+    };
+    hl.gpus[0].mig_layout = Some(22);
+    let (h, _) = state.hello(hl).unwrap();
+    // A late sample of layout 11: the board drew 980 J, GPU 1 nothing,
+    // the node 1000 J.
+    let mut next = stamped(2, m0 + SEC, &[(0, Some(980_000)), (0, Some(0))], 11);
+    next.node_power = vec![bmc(m0 + SEC, 6_000_000)];
+    ingest(&state, &h, vec![next]);
+    let (_, c) = state.take_pending();
+    let node = |t| {
+        let b = booked(&c, t, "m-1");
+        assert_eq!(b.node_ns, b.expected_gpu_ns, "{t}: node coverage 1");
+        (b.node_energy_mj, b.node_ns)
+    };
+    // As in a board that never changed layout: lab-b holds 2 of layout
+    // 11's 7 slices (none of layout 22's).
+    assert_eq!(node("lab-a"), (420_000 + 4_286, 428_571_428));
+    assert_eq!(node("lab-b"), (280_000 + 2_857, 285_714_286));
+    assert_eq!(node("lab-c"), (280_000 + 12_857, 285_714_286 + SEC as u64));
+}
+
 #[test]
 fn an_instance_leased_by_uuid_follows_a_tenant_reload() {
     let state = new_state(MIG_TENANTS, None);

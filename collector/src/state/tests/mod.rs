@@ -73,6 +73,8 @@ fn hello(node: &str, epoch: u64, n: usize) -> Hello {
                 energy_counter_supported: true,
                 identity: Default::default(),
                 mig: Default::default(),
+                mig_layout: None,
+                earlier_mig: Vec::new(),
             })
             .collect(),
     }
