@@ -109,7 +109,11 @@
  *                           nvmlEventSetWait_v2 to a set GPU GPU is
  *                           registered in; a test appends lines to inject
  *                           more. Without it no event ever arrives (every
- *                           wait times out).
+ *                           wait sleeps its whole timeout).
+ *   FAKE_XID_POLL_MS=N      with FAKE_XID_FILE, how often a wait reads the
+ *                           control file again (default 10 ms): a larger N
+ *                           wakes less, as the driver's wait (blocked in
+ *                           the kernel) would, for measuring the agent.
  *   FAKE_NO_EVENTS          no GPU supports events: nvmlDeviceGetSupportedEventTypes
  *                           answers 0 and nvmlDeviceRegisterEvents
  *                           NVML_ERROR_NOT_SUPPORTED (as on a GPU or
@@ -1214,9 +1218,21 @@ static int next_xid(nvmlEventData_t *data)
 #endif
 
 /* Delivers the next injected event, or waits for one up to `timeout_ms`. */
+/* How often a wait looks at the control file again, in ms: every 10 ms by
+ * default; FAKE_XID_POLL_MS=N for fewer wakeups (a measurement of the
+ * agent's own cost, where the driver's wait would block in the kernel).
+ * Without a control file a wait sleeps its whole timeout at once. */
+#if !defined(FAKE_XID_FILE)
+#define XID_POLL_MS 0x7fffffffL
+#elif defined(FAKE_XID_POLL_MS)
+#define XID_POLL_MS ((long)(FAKE_XID_POLL_MS))
+#else
+#define XID_POLL_MS 10L
+#endif
+
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeout_ms)
 {
-    struct timespec start, now, step = {0, 10 * 1000 * 1000};
+    struct timespec start, now, step;
     BLOCK_POINT();
     if (init_count <= 0)
         return NVML_ERROR_UNINITIALIZED;
@@ -1231,6 +1247,13 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
         waited = (now.tv_sec - start.tv_sec) * 1000L + (now.tv_nsec - start.tv_nsec) / 1000000L;
         if (waited >= (long)timeout_ms)
             return NVML_ERROR_TIMEOUT;
+        {
+            long ms = (long)timeout_ms - waited;
+            if (ms > XID_POLL_MS)
+                ms = XID_POLL_MS;
+            step.tv_sec = ms / 1000;
+            step.tv_nsec = (ms % 1000) * 1000000L;
+        }
         nanosleep(&step, NULL);
     }
 }
