@@ -12,7 +12,12 @@
 //! Health readings follow the load: a GPU drawing within 5 % of its limit
 //! reports the SW power cap clock-event reason and its power violation
 //! time grows by the interval, an idle one reports the idle reason; a few
-//! GPUs carry corrected ECC errors that grow slowly. SXM boards have no
+//! GPUs carry corrected ECC errors that grow slowly, and one GPU of each
+//! node an application XID 13 (a graphics engine exception: a faulting
+//! kernel, not a board fault) at its first sample and every 1800 samples
+//! after, the
+//! time of the last being the one thing a reading keeps from the samples
+//! before it. SXM boards have no
 //! fan of their own and H100/H200 remap rows rather than retire pages, so
 //! fan speed and retired pages are absent, as NVML reports them there.
 
@@ -118,7 +123,16 @@ struct MockGpu {
     integral_milliwatt_nanos: u128,
     /// Time spent at the power cap, as NVML's violation counter.
     power_violation_nanos: u64,
+    /// Whether it sees the mock's application XIDs.
+    app_xids: bool,
+    /// The XIDs counted so far and when the last one came (Unix ns).
+    xids: Option<(u64, i64)>,
 }
+
+/// The application XID the mock simulates (a graphics engine exception).
+const MOCK_XID: u32 = 13;
+/// Samples between two of a GPU's XIDs.
+const MOCK_XID_EVERY: u64 = 1800;
 
 /// The simulated node.
 pub struct MockSource {
@@ -170,6 +184,8 @@ impl MockSource {
                 counter_base_millijoules: splitmix64(key ^ 0xC0FFEE) % 700_000_000_000,
                 integral_milliwatt_nanos: 0,
                 power_violation_nanos: 0,
+                app_xids: u64::from(index) == node_key % u64::from(cfg.gpus),
+                xids: None,
             });
         }
         if let Some(saved) = cfg.counter_file.as_deref().and_then(read_counters) {
@@ -245,7 +261,17 @@ impl GpuSource for MockSource {
                         .saturating_add(u64::try_from(dt_nanos).unwrap_or(u64::MAX));
                 }
                 let temperature = 30 + (load.power_milliwatts * 50 / POWER_LIMIT_MILLIWATTS) as i32;
-                let health = health(gpu, &load, capped, tick, model, temperature);
+                if gpu.app_xids {
+                    let count = 1 + (tick - 1) / MOCK_XID_EVERY;
+                    if gpu.xids.is_none_or(|(n, _)| n != count) {
+                        gpu.xids = Some((count, at_unix_nanos));
+                    }
+                }
+                let mut health = health(gpu, &load, capped, tick, model, temperature);
+                if let Some((count, at)) = gpu.xids {
+                    health.xid_errors.insert(MOCK_XID, count);
+                    health.last_xid = Some((MOCK_XID, at));
+                }
                 GpuReading {
                     index: index as u32,
                     power_milliwatts: Some(load.power_milliwatts),
@@ -444,6 +470,31 @@ mod tests {
             energy_counter: true,
             counter_file: None,
         }
+    }
+
+    #[test]
+    fn one_gpu_of_the_node_counts_an_application_xid_every_1800_samples() {
+        let mut m = MockSource::new(cfg(Profile::Mixed));
+        let xid = |r: &GpuReading| r.health.xid_errors.get(&MOCK_XID).copied();
+        let first = m.sample(5);
+        let with: Vec<usize> = first
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| xid(r).is_some())
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(with.len(), 1);
+        let g = with[0];
+        assert_eq!(xid(&first[g]), Some(1));
+        assert_eq!(first[g].health.last_xid, Some((MOCK_XID, 5)));
+        for k in 2..=MOCK_XID_EVERY {
+            let r = m.sample(5 + k as i64);
+            assert_eq!(xid(&r[g]), Some(1));
+            assert_eq!(r[g].health.last_xid, Some((MOCK_XID, 5)), "kept at {k}");
+        }
+        let r = m.sample(9_999);
+        assert_eq!(xid(&r[g]), Some(2));
+        assert_eq!(r[g].health.last_xid, Some((MOCK_XID, 9_999)));
     }
 
     #[test]

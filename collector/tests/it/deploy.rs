@@ -455,6 +455,11 @@ fn grafana_dashboard_covers_what_an_sre_needs() {
         "Ledger commit latency",
         "HTTP requests by route",
         "Collector process",
+        "Time held back by the power cap",
+        "XID errors in the last hour",
+        "ECC errors in the last hour",
+        "GPUs waiting for a reset or service",
+        "Hottest GPU and memory temperatures",
     ] {
         assert!(titles.iter().any(|t| t == want), "no panel {want:?}");
     }
