@@ -7,7 +7,7 @@
 //! with an RFC 9457 problem document naming the problem (and the
 //! parameter), here and nowhere else.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,36 @@ pub struct HttpState {
     /// How far the watermark trails by design (`finalize_grace`), for the
     /// status page's health.
     pub finalize_grace: Duration,
+    /// The final minutes the status pages read, per page (`None`: the
+    /// overview, else the tenant's page), so a reload reads only what may
+    /// have changed since (`recent::read_kept`).
+    pub status_kept: Arc<StatusKept>,
+}
+
+/// The status pages' kept minutes, at most [`STATUS_KEPT_PAGES`] pages'.
+#[derive(Debug, Default)]
+pub struct StatusKept(Mutex<HashMap<Option<String>, recent::Kept>>);
+
+/// Pages whose minutes are kept at once: the overview and the tenant pages
+/// looked at; beyond it (a client walking made-up tenant ids) the kept
+/// pages are dropped and read whole again.
+pub const STATUS_KEPT_PAGES: usize = 64;
+
+impl StatusKept {
+    /// Takes `page`'s kept minutes out (the read puts them back).
+    fn take(&self, page: &Option<String>) -> Option<recent::Kept> {
+        lock(&self.0).remove(page)
+    }
+
+    fn put(&self, page: Option<String>, kept: Option<recent::Kept>) {
+        let mut pages = lock(&self.0);
+        if pages.len() >= STATUS_KEPT_PAGES {
+            pages.clear();
+        }
+        if let Some(k) = kept {
+            pages.insert(page, k);
+        }
+    }
 }
 
 /// The tenant file's whole history as the ledger recorded it, for the
@@ -336,12 +366,16 @@ async fn ledger_day(s: &HttpState, tenant: Option<String>, bin: i64) -> LedgerDa
     let window = Window::last_day(as_of, bin);
     let tenants = s.state.tenants();
     let (state, ledger, recorded) = (s.state.clone(), s.ledger.clone(), s.ledger_history.clone());
+    let status_kept = s.status_kept.clone();
     let read = tokio::task::spawn_blocking(move || {
         let (rows, finalized, history) = {
             let guard = lock(&ledger);
             let reader: &dyn LedgerReader = &**guard;
             let history = recorded.get(reader, || state.tenant_history())?;
-            let rows = recent::read(reader, tenant.as_deref(), &window)?;
+            // Taken out while it is read: a read that fails drops it.
+            let mut kept = status_kept.take(&tenant);
+            let rows = recent::read_kept(reader, tenant.as_deref(), &window, &mut kept)?;
+            status_kept.put(tenant.clone(), kept);
             (rows, reader.finalized_through()?, history)
         };
         let ids: Vec<&str> = match &tenant {
@@ -1411,6 +1445,7 @@ mod tests {
             finalize_grace: Duration::from_secs(600),
             renders: Default::default(),
             ledger_history: Default::default(),
+            status_kept: Default::default(),
         }
     }
 

@@ -327,6 +327,7 @@ impl App {
                 renders: Default::default(),
                 ledger_history: Default::default(),
                 finalize_grace: cfg.finalize_grace,
+                status_kept: Default::default(),
             }),
             http_limits,
             state.clone(),

@@ -560,6 +560,28 @@ pub(crate) fn late_deltas_after_the_watermark_are_adjustments<W: LedgerWriter, R
             .len(),
         1
     );
+    // The adjustments alone: the same, with the snapshot's revision and
+    // watermark, and no span.
+    let alone = r.adjustments_since(None, MINUTE, MINUTE + 3600, 0).unwrap();
+    assert!(alone.spans.is_empty());
+    assert_eq!(alone.adjustments, usage.adjustments);
+    assert_eq!(
+        (alone.revision, alone.finalized_through),
+        (usage.revision, usage.finalized_through)
+    );
+    for (tenant, from, since) in [
+        (Some("lab-b"), MINUTE, 0),
+        (None, MINUTE + 60, 0),
+        (None, MINUTE, 2),
+    ] {
+        assert!(
+            r.adjustments_since(tenant, from, MINUTE + 3600, since)
+                .unwrap()
+                .adjustments
+                .is_empty(),
+            "{tenant:?} from {from} since {since}"
+        );
+    }
     let snap = w.restore().unwrap();
     assert_eq!(snap.tenant_energy, vec![("lab-a".to_string(), 1_250)]);
     // An adjustment's node energy counts in the total as a minute's does.

@@ -957,6 +957,19 @@ pub trait LedgerReader {
         since_revision: u64,
     ) -> Result<Usage, LedgerError>;
 
+    /// As `usage_since`, without the spans: the adjustments booked after
+    /// `since_revision` to minutes of `[from, to)`, with the revision and
+    /// the watermark of the same snapshot. What a reader that keeps the
+    /// final minutes it read (the status page) asks to bring them up to
+    /// date.
+    fn adjustments_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError>;
+
     /// Every tenant that has buckets.
     fn tenants(&self) -> Result<Vec<String>, LedgerError>;
 
@@ -1133,6 +1146,15 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
         (**self).usage_since(tenant, from, to, since_revision)
+    }
+    fn adjustments_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        (**self).adjustments_since(tenant, from, to, since_revision)
     }
     fn tenants(&self) -> Result<Vec<String>, LedgerError> {
         (**self).tenants()

@@ -11,6 +11,12 @@
 //! of the meters' allocated minutes; the arithmetic ([`recent`]) runs on
 //! what was read, after the reader is free again.
 //!
+//! A reload reads only what may have changed ([`read_kept`]): the final
+//! minutes read before are kept ([`Kept`]) with the revision they are up
+//! to date through, and each reload reads the minutes from the watermark
+//! on and the adjustments booked since that revision, so a day of minute
+//! rows is read once, not at every reload.
+//!
 //! A bin's power is the average over its minutes that hold a reading on
 //! the contract's basis: a bin with none is a gap (`None`), never 0 W; the
 //! minute still open is left out (its energy is still arriving). Over
@@ -101,6 +107,96 @@ pub fn read(
             .or_default()
             .add(&a.delta);
     }
+    Ok(Rows {
+        minutes: minutes.into_iter().map(|((t, m), d)| (t, m, d)).collect(),
+        allocated: reader.meter_minutes(None, from, to)?,
+    })
+}
+
+/// The final minutes [`read_kept`] read before, summed over nodes, up to
+/// date through a revision.
+#[derive(Debug, Clone, Default)]
+pub struct Kept {
+    /// The first minute kept.
+    from: i64,
+    /// Every minute before this (and from `from` on) is kept: they are
+    /// final, so only adjustments can change them.
+    through: i64,
+    /// The revision the kept minutes are up to date through.
+    revision: u64,
+    minutes: BTreeMap<(String, i64), BucketDelta>,
+}
+
+/// As [`read`], with the final minutes of earlier reads kept in `kept`
+/// (per `tenant`: the caller keeps one per page). Reads the minutes from
+/// the last kept one on (spans and every adjustment of them) and the
+/// adjustments of the kept minutes booked after the revision they are up
+/// to date through; of those, only the ones no later than the first
+/// read's revision are taken, so the kept minutes are up to date through
+/// that revision exactly, whatever was committed between the two reads.
+/// A ledger whose revision went back (restored from a backup) is read
+/// whole again.
+pub fn read_kept(
+    reader: &dyn LedgerReader,
+    tenant: Option<&str>,
+    w: &Window,
+    kept: &mut Option<Kept>,
+) -> Result<Rows, LedgerError> {
+    let (from, to) = w.read_range();
+    let empty = || Kept {
+        from,
+        through: from,
+        ..Kept::default()
+    };
+    let mut k = match kept.take() {
+        Some(k) if k.from <= from && k.through <= to => k,
+        _ => empty(),
+    };
+    let mut fresh = reader.usage(tenant, k.through.max(from), to)?;
+    if fresh.revision < k.revision {
+        k = empty();
+        fresh = reader.usage(tenant, from, to)?;
+    }
+    if k.through > from {
+        let late = reader.adjustments_since(tenant, from, k.through, k.revision)?;
+        for a in late
+            .adjustments
+            .iter()
+            .filter(|a| a.revision <= fresh.revision)
+        {
+            k.minutes
+                .entry((a.tenant.clone(), a.minute_start))
+                .or_default()
+                .add(&a.delta);
+        }
+    }
+    k.minutes.retain(|(_, m), _| *m >= from);
+    k.from = from;
+    // Minutes ending at or before the watermark are final: kept.
+    let final_through = fresh.finalized_through.div_euclid(MINUTE) * MINUTE;
+    let mut open: BTreeMap<(String, i64), BucketDelta> = BTreeMap::new();
+    let mut add = |t: &str, minute: i64, d: &BucketDelta| {
+        let into = if minute + MINUTE <= final_through {
+            &mut k.minutes
+        } else {
+            &mut open
+        };
+        into.entry((t.to_string(), minute)).or_default().add(d);
+    };
+    // A day is inside the minute retention: every span is a minute.
+    for (t, span) in fresh.spans.iter().filter(|(_, s)| s.seconds == MINUTE) {
+        add(t, span.start, &span.delta);
+    }
+    for a in &fresh.adjustments {
+        add(&a.tenant, a.minute_start, &a.delta);
+    }
+    k.through = k.through.max(final_through).min(to);
+    k.revision = fresh.revision;
+    let mut minutes = k.minutes.clone();
+    for (key, d) in open {
+        minutes.entry(key).or_default().add(&d);
+    }
+    *kept = Some(k);
     Ok(Rows {
         minutes: minutes.into_iter().map(|((t, m), d)| (t, m, d)).collect(),
         allocated: reader.meter_minutes(None, from, to)?,
@@ -329,5 +425,121 @@ mod tests {
         assert_eq!(r.energy_today_mj, 90_000_000);
         let bin = ((minute_at - w.from) / w.bin) as usize;
         assert_eq!(r.watts[bin], Some(1500.0));
+    }
+
+    /// Invariant: a reload that reads only what may have changed (the
+    /// minutes from the watermark on, the adjustments booked since) gives
+    /// the rows a whole read gives, across commits of open minutes, late
+    /// energy to final ones, a moving watermark and window, and a ledger
+    /// whose revision went back.
+    #[test]
+    fn a_reload_from_kept_minutes_reads_what_a_whole_read_does() {
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        let mut ledger = crate::ledger::Ledger::create(&path).unwrap();
+        let now = 10 * DAY + 3600;
+        let bucket = |mj: u64| BucketDelta {
+            energy_mj: mj,
+            gpu_ns: 60_000_000_000,
+            samples: 60,
+            ..BucketDelta::default()
+        };
+        let commit = |minutes: &[(&str, &str, i64, u64)]| {
+            let mut c = crate::ledger::Commit::default();
+            for (t, n, m, mj) in minutes {
+                c.nodes
+                    .insert(Arc::from(*n), crate::ledger::NodeCursor::default());
+                c.buckets
+                    .insert((Arc::from(*t), Arc::from(*n), *m), bucket(*mj));
+            }
+            c
+        };
+        let minute = |k: i64| now - 3600 + k * MINUTE;
+        // An hour of two tenants on two nodes, final up to 20 minutes ago.
+        let mut first = Vec::new();
+        for k in 0..60 {
+            first.push(("a", "n1", minute(k), 1_000 + k as u64));
+            first.push(("b", "n2", minute(k), 2_000 + k as u64));
+        }
+        ledger
+            .commit_at(&commit(&first), now, now - 20 * MINUTE)
+            .unwrap();
+        let reader = crate::ledger::Reader::open(&path).unwrap();
+        let w = Window::last_day(now, 300);
+        let mut kept = None;
+        for tenant in [None, Some("a")] {
+            let mut k = None;
+            assert_eq!(
+                read_kept(&reader, tenant, &w, &mut k).unwrap().minutes,
+                read(&reader, tenant, &w).unwrap().minutes
+            );
+        }
+        assert_eq!(
+            read_kept(&reader, None, &w, &mut kept).unwrap().minutes,
+            read(&reader, None, &w).unwrap().minutes
+        );
+        assert_eq!(kept.as_ref().unwrap().through, now - 20 * MINUTE);
+
+        // Late energy to a kept minute (an adjustment), more energy to an
+        // open one, the watermark on by 5 minutes, a new minute.
+        ledger
+            .commit_at(
+                &commit(&[
+                    ("a", "n1", minute(10), 7),
+                    ("b", "n2", minute(50), 9),
+                    ("a", "n1", minute(60), 11),
+                ]),
+                now + 60,
+                now - 15 * MINUTE,
+            )
+            .unwrap();
+        let w = Window::last_day(now + 60, 300);
+        let whole = read(&reader, None, &w).unwrap().minutes;
+        assert_eq!(
+            read_kept(&reader, None, &w, &mut kept).unwrap().minutes,
+            whole
+        );
+        assert_eq!(kept.as_ref().unwrap().through, now - 15 * MINUTE);
+        let late = whole
+            .iter()
+            .find(|(t, m, _)| t == "a" && *m == minute(10))
+            .unwrap();
+        assert_eq!(late.2.energy_mj, 1_010 + 7);
+        // Read again with nothing new: the same.
+        assert_eq!(
+            read_kept(&reader, None, &w, &mut kept).unwrap().minutes,
+            whole
+        );
+
+        // A day later the window has moved past every minute.
+        let w = Window::last_day(now + DAY + 3600, 300);
+        assert_eq!(
+            read_kept(&reader, None, &w, &mut kept).unwrap().minutes,
+            read(&reader, None, &w).unwrap().minutes
+        );
+
+        // A ledger that went back (another one read in its place, one
+        // commit): read whole again, nothing of the old one kept.
+        let path = dir.path().join("other.db");
+        let mut ledger = crate::ledger::Ledger::create(&path).unwrap();
+        ledger
+            .commit_at(
+                &commit(&[("a", "n1", minute(30), 5)]),
+                now,
+                now - 20 * MINUTE,
+            )
+            .unwrap();
+        let reader = crate::ledger::Reader::open(&path).unwrap();
+        let w = Window::last_day(now, 300);
+        let mut kept = Some(Kept {
+            from: w.from,
+            through: now - 10 * MINUTE,
+            revision: 99,
+            minutes: [(("a".to_string(), minute(40)), bucket(1))].into(),
+        });
+        let got = read_kept(&reader, None, &w, &mut kept).unwrap().minutes;
+        assert_eq!(got, read(&reader, None, &w).unwrap().minutes);
+        assert_eq!(got.len(), 1);
     }
 }

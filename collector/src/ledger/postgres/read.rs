@@ -85,6 +85,8 @@ async fn minutes(
         .collect()
 }
 
+/// Without `with_spans`, the adjustments alone (`adjustments_since`).
+#[allow(clippy::too_many_arguments)]
 async fn usage_since(
     s: &Shared,
     client: &mut deadpool_postgres::Object,
@@ -93,6 +95,7 @@ async fn usage_since(
     from: i64,
     to: i64,
     since_revision: u64,
+    with_spans: bool,
 ) -> Result<Usage, Fail> {
     let tenant = tenant.as_deref();
     let node = node.as_deref();
@@ -149,6 +152,18 @@ async fn usage_since(
     let hours_from = kept_from(&tx, HOUR).await?.min(minutes_from);
     let days_from = kept_from(&tx, DAY).await?.min(hours_from);
     let mut spans: Vec<(String, Span)> = Vec::new();
+    if !with_spans {
+        tx.commit().await?;
+        return Ok(Usage {
+            spans,
+            minutes_from,
+            hours_from,
+            days_from,
+            revision,
+            finalized_through,
+            adjustments,
+        });
+    }
     for (t, start, delta) in minutes(s, &tx, tenant, node, from.max(minutes_from), to).await? {
         spans.push((
             t,
@@ -342,7 +357,42 @@ impl LedgerReader for PgReader {
         let s = self.shared.clone();
         let tenant = tenant.map(str::to_string);
         self.shared.call(move |mut client| async move {
-            let r = usage_since(&s, &mut client, tenant, None, from, to, since_revision).await;
+            let r = usage_since(
+                &s,
+                &mut client,
+                tenant,
+                None,
+                from,
+                to,
+                since_revision,
+                true,
+            )
+            .await;
+            (client, r)
+        })
+    }
+
+    fn adjustments_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        let s = self.shared.clone();
+        let tenant = tenant.map(str::to_string);
+        self.shared.call(move |mut client| async move {
+            let r = usage_since(
+                &s,
+                &mut client,
+                tenant,
+                None,
+                from,
+                to,
+                since_revision,
+                false,
+            )
+            .await;
             (client, r)
         })
     }
@@ -382,7 +432,17 @@ impl LedgerReader for PgReader {
         let s = self.shared.clone();
         let (tenant, node) = (Some(tenant.to_string()), Some(node.to_string()));
         self.shared.call(move |mut client| async move {
-            let r = usage_since(&s, &mut client, tenant, node, from, to, since_revision).await;
+            let r = usage_since(
+                &s,
+                &mut client,
+                tenant,
+                node,
+                from,
+                to,
+                since_revision,
+                true,
+            )
+            .await;
             (client, r)
         })
     }

@@ -142,11 +142,12 @@ impl Reader {
         to: i64,
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
-        self.usage_on(tenant, None, from, to, since_revision)
+        self.usage_on(tenant, None, from, to, since_revision, true)
     }
 
     /// As `usage_since`, of `node` alone where one is named (see
     /// `LedgerReader::node_usage_since`).
+    /// Without `spans`, the adjustments alone (`adjustments_since`).
     fn usage_on(
         &self,
         tenant: Option<&str>,
@@ -154,6 +155,7 @@ impl Reader {
         from: i64,
         to: i64,
         since_revision: u64,
+        spans: bool,
     ) -> Result<Usage, LedgerError> {
         let p = &self.path;
         let err = sqlite_err(p);
@@ -216,7 +218,19 @@ impl Reader {
         let minutes_from = kept_from(&tx, MINUTE, p)?;
         let hours_from = kept_from(&tx, HOUR, p)?.min(minutes_from);
         let days_from = kept_from(&tx, DAY, p)?.min(hours_from);
+        let with_spans = spans;
         let mut spans: Vec<(String, Span)> = Vec::new();
+        if !with_spans {
+            return Ok(Usage {
+                spans,
+                minutes_from,
+                hours_from,
+                days_from,
+                revision,
+                finalized_through,
+                adjustments,
+            });
+        }
         for (t, start, delta) in self.minutes_on(tenant, node, from.max(minutes_from), to)? {
             spans.push((
                 t,
@@ -462,6 +476,16 @@ impl LedgerReader for Reader {
         to: i64,
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
-        self.usage_on(Some(tenant), Some(node), from, to, since_revision)
+        self.usage_on(Some(tenant), Some(node), from, to, since_revision, true)
+    }
+
+    fn adjustments_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+    ) -> Result<Usage, LedgerError> {
+        self.usage_on(tenant, None, from, to, since_revision, false)
     }
 }

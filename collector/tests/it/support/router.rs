@@ -75,6 +75,7 @@ impl Api {
             renders: Default::default(),
             ledger_history: Default::default(),
             finalize_grace: cfg.finalize_grace,
+            status_kept: Default::default(),
         });
         Self {
             router,
