@@ -271,27 +271,39 @@ pub struct Open {
     /// The inventory this stream's Hello listed, marked seen: it changes
     /// when the layout does.
     layout: Option<watch::Receiver<Vec<crate::source::GpuInfo>>>,
-    /// The MIG layout id the Hello announced for each GPU, by index.
-    announced: Vec<Option<u64>>,
+    /// The MIG layout ids the Hello announced for each GPU, by index: its
+    /// current layout's and its earlier ones'.
+    announced: Vec<Vec<u64>>,
+}
+
+/// The layout ids `g` lists: its current layout's and its earlier ones'.
+fn layout_ids(g: &pb::GpuInfo) -> Vec<u64> {
+    let earlier = g.earlier_mig_layouts.iter().map(|l| l.id);
+    g.mig_layout_id.into_iter().chain(earlier).collect()
 }
 
 /// Whether `s` holds a reading taken under a MIG layout newer than the
-/// stream's Hello: stamped with the inventory's current layout of its
-/// board (`current`), which the Hello did not announce. Such a sample
-/// waits for the Hello that announces it (the inventory changed, so the
-/// stream ends for one); a reading stamped with a layout older than the
-/// Hello (a spool kept through the change) goes out, for the collector to
-/// split by the layout it announced before.
+/// stream's Hello: stamped with a layout the inventory lists now
+/// (`current`: its current or an earlier layout of the board) that the
+/// Hello did not announce, so one that came after it (the layout may have
+/// changed more than once before the stream noticed). Such a sample waits
+/// for the Hello that announces it (the inventory changed, so the stream
+/// ends for one); a reading stamped with a layout the Hello announced, or
+/// one older than any the inventory keeps (a disk spool from an earlier
+/// run), goes out, for the collector to split by the layout it knows or
+/// meter whole.
 fn taken_after_hello(
     s: &pb::NodeSample,
-    announced: &[Option<u64>],
+    announced: &[Vec<u64>],
     current: &[crate::source::GpuInfo],
 ) -> bool {
     s.gpus.iter().any(|g| {
         let i = g.index as usize;
         g.mig_layout_id.is_some_and(|id| {
-            announced.get(i).copied().flatten() != Some(id)
-                && current.get(i).and_then(|c| c.mig_layout) == Some(id)
+            let listed_now = current.get(i).is_some_and(|c| {
+                c.mig_layout == Some(id) || c.earlier_mig.iter().any(|e| e.id == id)
+            });
+            listed_now && !announced.get(i).is_some_and(|a| a.contains(&id))
         })
     })
 }
@@ -546,7 +558,7 @@ async fn preamble(cfg: &StreamConfig, target: usize, shared: &Shared) -> Result<
                 .map(crate::convert::gpu_info)
                 .collect();
         }
-        let announced = hello.gpus.iter().map(|g| g.mig_layout_id).collect();
+        let announced = hello.gpus.iter().map(layout_ids).collect();
         let hello = pb::AgentMessage {
             body: Some(pb::agent_message::Body::Hello(hello)),
         };
@@ -920,7 +932,7 @@ mod tests {
 
     #[test]
     fn a_sample_of_a_layout_newer_than_the_hello_waits_for_its_hello() {
-        let info = |layout: Option<u64>| crate::source::GpuInfo {
+        let info = |layout: Option<u64>, earlier: &[u64]| crate::source::GpuInfo {
             index: 0,
             uuid: "GPU-0".into(),
             model: "m".into(),
@@ -934,7 +946,15 @@ mod tests {
             gpu_instance_slice_count: None,
             mig: Vec::new(),
             mig_layout: layout,
-            earlier_mig: Vec::new(),
+            earlier_mig: earlier
+                .iter()
+                .map(|&id| crate::source::EarlierLayout {
+                    id,
+                    multiprocessor_count: None,
+                    gpu_instance_slice_count: None,
+                    mig: Vec::new(),
+                })
+                .collect(),
         };
         let sample = |stamps: &[Option<u64>]| pb::NodeSample {
             gpus: stamps
@@ -948,39 +968,30 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        // The Hello announced layout 1 on board 0; board 1 cannot do MIG.
-        let announced = [Some(1), None];
+        // The Hello announced layout 1 on board 0 (and 5 before it);
+        // board 1 cannot do MIG.
+        let announced = [vec![1, 5], vec![]];
+        let held = |stamps: &[Option<u64>], current: &[crate::source::GpuInfo]| {
+            taken_after_hello(&sample(stamps), &announced, current)
+        };
         // Unchanged since the Hello: everything goes.
-        let current = [info(Some(1)), info(None)];
-        assert!(!taken_after_hello(
-            &sample(&[Some(1), None]),
-            &announced,
-            &current
-        ));
-        // Changed to 2: a sample of layout 2 waits; one of layout 1 (or of
-        // an older layout 7, from a spool) goes out.
-        let current = [info(Some(2)), info(None)];
-        assert!(taken_after_hello(
-            &sample(&[Some(2), None]),
-            &announced,
-            &current
-        ));
-        assert!(!taken_after_hello(
-            &sample(&[Some(1), None]),
-            &announced,
-            &current
-        ));
-        assert!(!taken_after_hello(
-            &sample(&[Some(7), None]),
-            &announced,
-            &current
-        ));
+        let current = [info(Some(1), &[5]), info(None, &[])];
+        assert!(!held(&[Some(1), None], &current));
+        assert!(!held(&[Some(5), None], &current));
+        // Changed to 2: a sample of layout 2 waits; one of layout 1 or 5,
+        // or of an older layout 7 (from a spool), goes out.
+        let current = [info(Some(2), &[5, 1]), info(None, &[])];
+        assert!(held(&[Some(2), None], &current));
+        assert!(!held(&[Some(1), None], &current));
+        assert!(!held(&[Some(5), None], &current));
+        assert!(!held(&[Some(7), None], &current));
+        // Changed twice, 1 -> 2 -> 3, before the stream noticed: a sample
+        // of layout 2 waits too (no Hello announced it yet).
+        let current = [info(Some(3), &[5, 1, 2]), info(None, &[])];
+        assert!(held(&[Some(2), None], &current));
+        assert!(held(&[Some(3), None], &current));
         // Unstamped readings (an older source) never wait.
-        assert!(!taken_after_hello(
-            &sample(&[None, None]),
-            &announced,
-            &current
-        ));
+        assert!(!held(&[None, None], &current));
     }
 
     fn config(targets: &[&str]) -> StreamConfig {

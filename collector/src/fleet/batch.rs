@@ -197,6 +197,8 @@ impl Fleet {
                             }
                         }
                     };
+                    // Each part's share, for its energy counter.
+                    let mut counted: Vec<(Arc<str>, u64)> = Vec::new();
                     let mig = match pick {
                         LayoutPick::Current => gpu.mig.as_deref_mut(),
                         LayoutPick::Earlier(k) => gpu.earlier_layouts[k].1.as_deref_mut(),
@@ -237,11 +239,15 @@ impl Fleet {
                             for ((tenant, _), share) in parts.iter().zip(&shares) {
                                 add(tenant, *share);
                             }
-                            for (p, share) in mig.parts.iter_mut().zip(shares) {
-                                p.energy_mj = p.energy_mj.saturating_add(share);
-                            }
+                            counted = mig
+                                .parts
+                                .iter()
+                                .map(|p| p.uuid.clone())
+                                .zip(shares)
+                                .collect();
                         }
                     }
+                    gpu.count_part_energy(&counted);
                 }
                 // Node power: a bad reading is dropped alone, the sample
                 // (its GPU data) stays accepted.

@@ -218,7 +218,8 @@ impl Gpu {
             }
             let kept = match self.earlier_layouts.iter().position(|(e, _)| *e == id) {
                 Some(k) => self.earlier_layouts.remove(k).1,
-                None => MigParts::of(&self.uuid, mig, &self.tenant, None),
+                // Its parts listed in the current layout count on from there.
+                None => MigParts::of(&self.uuid, mig, &self.tenant, self.mig.as_deref()),
             };
             self.earlier_layouts.push((id, kept));
         }
@@ -229,7 +230,7 @@ impl Gpu {
 
     /// `relayout`'s current layout.
     fn take_layout(&mut self, mig: Mig, layout: Option<u64>) {
-        if layout.is_none() || layout == self.mig_layout {
+        if layout == self.mig_layout {
             self.mig = MigParts::of(&self.uuid, mig, &self.tenant, self.mig.as_deref());
             self.mig_layout = layout;
             return;
@@ -249,6 +250,27 @@ impl Gpu {
             self.earlier_layouts.push((id, replaced));
         }
         self.mig_layout = layout;
+    }
+
+    /// Adds each part's share of a reading (by UUID) to its energy counter
+    /// in every layout that lists the part, so that the counter goes on
+    /// whichever layout a reading was split by, and when an earlier layout
+    /// comes back (`capwatch_gpu_mig_energy_joules_total` never goes back).
+    pub(super) fn count_part_energy(&mut self, shares: &[(Arc<str>, u64)]) {
+        if shares.is_empty() {
+            return;
+        }
+        let earlier = self
+            .earlier_layouts
+            .iter_mut()
+            .filter_map(|(_, m)| m.as_deref_mut());
+        for m in self.mig.as_deref_mut().into_iter().chain(earlier) {
+            for p in &mut m.parts {
+                if let Some((_, e)) = shares.iter().find(|(u, _)| *u == p.uuid) {
+                    p.energy_mj = p.energy_mj.saturating_add(*e);
+                }
+            }
+        }
     }
 
     /// Which of its layouts a reading stamped `stamp` was taken under.

@@ -390,8 +390,9 @@ fn readings_are_split_by_the_layout_they_were_taken_under() {
     );
     assert_eq!(tenant_energy(&state, "lab-c"), 280 + 20);
     assert_eq!(tenant_energy(&state, "lab-a"), 1420);
-    // Back to layout 11: its parts come back with the energy they
-    // counted (what /metrics shows for them goes on).
+    // Back to layout 11: its parts come back with the energy each UUID
+    // counted under any layout (what /metrics shows for them goes on:
+    // the 3g instance's 1000 mJ of layout 22 included).
     let (h, _) = state
         .hello(stamped_hello(1, three_instances(), 11))
         .unwrap();
@@ -420,7 +421,7 @@ fn readings_are_split_by_the_layout_they_were_taken_under() {
     assert_eq!(
         parts,
         [
-            ("MIG-3g", 420 + 300),
+            ("MIG-3g", 420 + 1000 + 300),
             ("MIG-2g", 280 + 200),
             ("MIG-1g", 140 + 100),
             ("m-1-gpu0", 140 + 100)
@@ -476,6 +477,66 @@ fn a_collector_that_never_heard_a_layout_splits_by_the_one_the_hello_lists_as_ea
     assert_eq!(tenant_energy(&state, "lab-a"), 420 + 1000);
     assert_eq!(tenant_energy(&state, "lab-b"), 280);
     assert_eq!(tenant_energy(&state, "lab-c"), 140 + 140 + 70);
+}
+
+#[test]
+fn a_hello_without_a_layout_id_keeps_the_last_one_for_late_readings() {
+    // Invariant: a board whose Hello comes without a layout id after one
+    // with (an agent that could not read the layout at start, or an older
+    // agent) keeps the layout it had among the earlier ones: readings of
+    // it delivered later are still split by it.
+    let state = new_state(MIG_TENANTS, None);
+    let (h, _) = state
+        .hello(stamped_hello(1, three_instances(), 11))
+        .unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![stamped(1, T0, &[(1, Some(0)), (1, Some(0))], 11)],
+    );
+    let (h, _) = state.hello(mig_hello(1, Mig::Whole)).unwrap();
+    let out = ingest(
+        &state,
+        &h,
+        vec![stamped(2, T0 + SEC, &[(1, Some(980)), (1, Some(0))], 11)],
+    );
+    assert_eq!(out.mig_layout_unknown, 0);
+    assert_eq!(tenant_energy(&state, "lab-a"), 420);
+    assert_eq!(tenant_energy(&state, "lab-b"), 280);
+    assert_eq!(tenant_energy(&state, "lab-c"), 280);
+}
+
+#[test]
+fn an_earlier_layout_may_not_list_another_boards_instance() {
+    // Invariant: an earlier layout is checked as a current one is: an
+    // instance of another board (current or earlier) in it refuses that
+    // layout alone, counted, and its readings go whole to the board.
+    let state = new_state(MIG_TENANTS, None);
+    let mut hl = stamped_hello(1, three_instances(), 22);
+    hl.gpus[1].mig = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![instance("MIG-other", 1, 42)],
+    };
+    let theirs = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![instance("MIG-other", 1, 42)],
+    };
+    hl.gpus[0].earlier_mig = vec![(11, theirs)];
+    let (h, _) = state.hello(hl).unwrap();
+    assert_eq!(state.counters.mig_layouts_refused(MigRefusal::DuplicateUuid), 1);
+    ingest(
+        &state,
+        &h,
+        vec![
+            stamped(1, T0, &[(1, Some(0)), (1, Some(0))], 11),
+            stamped(2, T0 + SEC, &[(1, Some(980)), (1, Some(0))], 11),
+        ],
+    );
+    // Whole to the board's lessee (lab-c leases the node).
+    assert_eq!(tenant_energy(&state, "lab-c"), 980);
+    assert_eq!(tenant_energy(&state, "lab-a"), 0);
 }
 
 #[test]
