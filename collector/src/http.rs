@@ -59,29 +59,41 @@ pub struct HttpState {
     pub status_kept: Arc<StatusKept>,
 }
 
-/// The status pages' kept minutes, at most [`STATUS_KEPT_PAGES`] pages'.
+/// The status pages' kept minutes, at most [`STATUS_KEPT_PAGES`] pages',
+/// each with when it was last read.
 #[derive(Debug, Default)]
-pub struct StatusKept(Mutex<HashMap<Option<String>, recent::Kept>>);
+pub struct StatusKept(Mutex<HashMap<Option<String>, (recent::Kept, Instant)>>);
 
 /// Pages whose minutes are kept at once: the overview and the tenant pages
-/// looked at; beyond it (a client walking made-up tenant ids) the kept
-/// pages are dropped and read whole again.
+/// looked at; beyond it the page read longest ago is dropped.
 pub const STATUS_KEPT_PAGES: usize = 64;
+
+/// A page not read for this long is read whole again (and its minutes
+/// freed): no one is looking at it.
+pub const STATUS_KEPT_FOR: Duration = Duration::from_secs(300);
 
 impl StatusKept {
     /// Takes `page`'s kept minutes out (the read puts them back).
     fn take(&self, page: &Option<String>) -> Option<recent::Kept> {
-        lock(&self.0).remove(page)
+        let mut pages = lock(&self.0);
+        pages.retain(|_, (_, at)| at.elapsed() < STATUS_KEPT_FOR);
+        pages.remove(page).map(|(k, _)| k)
     }
 
     fn put(&self, page: Option<String>, kept: Option<recent::Kept>) {
+        let Some(k) = kept else {
+            return;
+        };
         let mut pages = lock(&self.0);
-        if pages.len() >= STATUS_KEPT_PAGES {
-            pages.clear();
+        if pages.len() >= STATUS_KEPT_PAGES
+            && let Some(oldest) = pages
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(p, _)| p.clone())
+        {
+            pages.remove(&oldest);
         }
-        if let Some(k) = kept {
-            pages.insert(page, k);
-        }
+        pages.insert(page, (k, Instant::now()));
     }
 }
 
@@ -1293,6 +1305,27 @@ fn json<T: Serialize>(v: &T) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Beyond its bound the status pages' kept minutes drop the page read
+    /// longest ago, not every page: the pages read most keep theirs.
+    #[test]
+    fn status_kept_drops_the_page_read_longest_ago() {
+        let kept = StatusKept::default();
+        let page = |i: usize| (i > 0).then(|| format!("t{i}"));
+        for i in 0..STATUS_KEPT_PAGES {
+            kept.put(page(i), Some(recent::Kept::default()));
+        }
+        // The overview read again: now the newest.
+        let overview = kept.take(&None);
+        assert!(overview.is_some());
+        kept.put(None, overview);
+        kept.put(page(STATUS_KEPT_PAGES), Some(recent::Kept::default()));
+        let pages = lock(&kept.0);
+        assert_eq!(pages.len(), STATUS_KEPT_PAGES);
+        assert!(pages.contains_key(&None));
+        assert!(!pages.contains_key(&page(1)), "t1 was read longest ago");
+        assert!(pages.contains_key(&page(STATUS_KEPT_PAGES)));
+    }
 
     /// The OpenAPI document checked in is the one the types make
     /// (`UPDATE_EXPECT=1` rewrites it after a change to the API).

@@ -134,8 +134,10 @@ pub struct Kept {
 /// to date through; of those, only the ones no later than the first
 /// read's revision are taken, so the kept minutes are up to date through
 /// that revision exactly, whatever was committed between the two reads.
-/// A ledger whose revision went back (restored from a backup) is read
-/// whole again.
+/// A ledger whose revision or watermark went back (restored from a
+/// backup) is read whole again; the caller drops kept minutes not read
+/// for a while, so a ledger restored and then committed past the kept
+/// revision is not read by them for long.
 pub fn read_kept(
     reader: &dyn LedgerReader,
     tenant: Option<&str>,
@@ -153,7 +155,8 @@ pub fn read_kept(
         _ => empty(),
     };
     let mut fresh = reader.usage(tenant, k.through.max(from), to)?;
-    if fresh.revision < k.revision {
+    // Revision and watermark never go back in one ledger.
+    if fresh.revision < k.revision || fresh.finalized_through < k.through {
         k = empty();
         fresh = reader.usage(tenant, from, to)?;
     }
@@ -536,6 +539,17 @@ mod tests {
             from: w.from,
             through: now - 10 * MINUTE,
             revision: 99,
+            minutes: [(("a".to_string(), minute(40)), bucket(1))].into(),
+        });
+        let got = read_kept(&reader, None, &w, &mut kept).unwrap().minutes;
+        assert_eq!(got, read(&reader, None, &w).unwrap().minutes);
+        assert_eq!(got.len(), 1);
+        // One restored and committed past the kept revision: its watermark
+        // is behind the kept minutes, so it is read whole too.
+        let mut kept = Some(Kept {
+            from: w.from,
+            through: now - 10 * MINUTE,
+            revision: 1,
             minutes: [(("a".to_string(), minute(40)), bucket(1))].into(),
         });
         let got = read_kept(&reader, None, &w, &mut kept).unwrap().minutes;
