@@ -151,21 +151,21 @@ async fn usage_since(
     let minutes_from = kept_from(&tx, MINUTE).await?;
     let hours_from = kept_from(&tx, HOUR).await?.min(minutes_from);
     let days_from = kept_from(&tx, DAY).await?.min(hours_from);
-    let mut spans: Vec<(String, Span)> = Vec::new();
+    let mut usage = Usage {
+        spans: Vec::new(),
+        minutes_from,
+        hours_from,
+        days_from,
+        revision,
+        finalized_through,
+        adjustments,
+    };
     if !with_spans {
         tx.commit().await?;
-        return Ok(Usage {
-            spans,
-            minutes_from,
-            hours_from,
-            days_from,
-            revision,
-            finalized_through,
-            adjustments,
-        });
+        return Ok(usage);
     }
     for (t, start, delta) in minutes(s, &tx, tenant, node, from.max(minutes_from), to).await? {
-        spans.push((
+        usage.spans.push((
             t,
             Span {
                 start,
@@ -235,20 +235,14 @@ async fn usage_since(
                 span.metered = Metered::NONE;
                 span.facility_peak_quarter_mj = None;
             }
-            spans.push((r.try_get(0)?, span));
+            usage.spans.push((r.try_get(0)?, span));
         }
     }
     tx.commit().await?;
-    spans.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
-    Ok(Usage {
-        spans,
-        minutes_from,
-        hours_from,
-        days_from,
-        revision,
-        finalized_through,
-        adjustments,
-    })
+    usage
+        .spans
+        .sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
+    Ok(usage)
 }
 
 impl LedgerReader for PgReader {

@@ -218,21 +218,20 @@ impl Reader {
         let minutes_from = kept_from(&tx, MINUTE, p)?;
         let hours_from = kept_from(&tx, HOUR, p)?.min(minutes_from);
         let days_from = kept_from(&tx, DAY, p)?.min(hours_from);
-        let with_spans = spans;
-        let mut spans: Vec<(String, Span)> = Vec::new();
-        if !with_spans {
-            return Ok(Usage {
-                spans,
-                minutes_from,
-                hours_from,
-                days_from,
-                revision,
-                finalized_through,
-                adjustments,
-            });
+        let mut usage = Usage {
+            spans: Vec::new(),
+            minutes_from,
+            hours_from,
+            days_from,
+            revision,
+            finalized_through,
+            adjustments,
+        };
+        if !spans {
+            return Ok(usage);
         }
         for (t, start, delta) in self.minutes_on(tenant, node, from.max(minutes_from), to)? {
-            spans.push((
+            usage.spans.push((
                 t,
                 Span {
                     start,
@@ -311,7 +310,7 @@ impl Reader {
                     overage_mj: u64_of(over_mj, p, "overage_mj")?,
                     ..delta?
                 };
-                spans.push((
+                usage.spans.push((
                     t,
                     Span {
                         start,
@@ -330,16 +329,10 @@ impl Reader {
                 ));
             }
         }
-        spans.sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
-        Ok(Usage {
-            spans,
-            minutes_from,
-            hours_from,
-            days_from,
-            revision,
-            finalized_through,
-            adjustments,
-        })
+        usage
+            .spans
+            .sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
+        Ok(usage)
     }
 
     /// The nodes `tenant` has minute buckets or rollups on in
