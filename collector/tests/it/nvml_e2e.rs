@@ -679,6 +679,37 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
     collector.stop();
 }
 
+/// The lab collector and an agent on the stand-in whose MIG layout
+/// follows a control file (returned, holding layout 1), reading it again
+/// every 200 ms, with `env` besides, its log captured; returns once the
+/// collector lists layout 1 and holds five samples.
+fn layout_1_running(
+    dir: &Path,
+    env: &[(&str, &str)],
+) -> (std::path::PathBuf, Collector, std::process::Child, Log) {
+    let control = dir.join("mig-layout");
+    std::fs::write(&control, "1").unwrap();
+    let lib = build_fake(
+        dir,
+        &[&format!("-DFAKE_MIG_FILE=\"{}\"", control.display())],
+    );
+    let collector = Collector::start(dir, &mig_tenants(), 0, &["--stale-after", "5m"]);
+    let mut agent = mig_agent(&lib, &collector, &["--log-format", "json"])
+        .env("CAPWATCH_NVML_MIG_CHECK_INTERVAL", "200ms")
+        .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    log.capture(agent.stderr.take().unwrap(), "agent".into());
+    eventually(Duration::from_secs(20), "layout 1 and samples", || {
+        mig_instances(&collector.metrics()).len() == 3 && accepted(&collector) >= 5.0
+    });
+    (control, collector, agent, log)
+}
+
 /// Invariant: a MIG layout changed while the agent runs is read again
 /// within the check interval and said in a new Hello; every delta of the
 /// board's counter is split, exactly, by the layout it was read under
@@ -690,25 +721,7 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
 #[test]
 fn a_mig_layout_changed_mid_run_is_read_again_and_apportioned_from_then_on() {
     let dir = tempfile::tempdir().unwrap();
-    let control = dir.path().join("mig-layout");
-    std::fs::write(&control, "1").unwrap();
-    let lib = build_fake(
-        dir.path(),
-        &[&format!("-DFAKE_MIG_FILE=\"{}\"", control.display())],
-    );
-    let collector = Collector::start(dir.path(), &mig_tenants(), 0, &["--stale-after", "5m"]);
-    let mut agent = mig_agent(&lib, &collector, &["--log-format", "json"])
-        .env("CAPWATCH_NVML_MIG_CHECK_INTERVAL", "200ms")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Log::default();
-    log.capture(agent.stderr.take().unwrap(), "agent".into());
-    eventually(Duration::from_secs(20), "layout 1 and samples", || {
-        mig_instances(&collector.metrics()).len() == 3 && accepted(&collector) >= 5.0
-    });
+    let (control, collector, mut agent, log) = layout_1_running(dir.path(), &[]);
 
     std::fs::write(&control, "2").unwrap();
     eventually(Duration::from_secs(20), "layout 2 listed", || {
@@ -775,27 +788,9 @@ fn a_mig_layout_changed_mid_run_is_read_again_and_apportioned_from_then_on() {
 #[test]
 fn a_spool_kept_through_a_layout_change_and_a_collector_restart_is_split_by_its_own_layout() {
     let dir = tempfile::tempdir().unwrap();
-    let control = dir.path().join("mig-layout");
-    std::fs::write(&control, "1").unwrap();
-    let lib = build_fake(
-        dir.path(),
-        &[&format!("-DFAKE_MIG_FILE=\"{}\"", control.display())],
-    );
-    let collector = Collector::start(dir.path(), &mig_tenants(), 0, &["--stale-after", "5m"]);
+    let (control, collector, mut agent, log) =
+        layout_1_running(dir.path(), &[("CAPWATCH_RECONNECT_MAX", "300ms")]);
     let port = collector.grpc.port();
-    let mut agent = mig_agent(&lib, &collector, &["--log-format", "json"])
-        .env("CAPWATCH_NVML_MIG_CHECK_INTERVAL", "200ms")
-        .env("CAPWATCH_RECONNECT_MAX", "300ms")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let log = Log::default();
-    log.capture(agent.stderr.take().unwrap(), "agent".into());
-    eventually(Duration::from_secs(20), "layout 1 and samples", || {
-        mig_instances(&collector.metrics()).len() == 3 && accepted(&collector) >= 5.0
-    });
     collector.stop();
     let before = ["lab-a", "lab-b", "lab-c"].map(|t| t.to_string());
     // The collector is down: the agent spools samples of layout 1, then
