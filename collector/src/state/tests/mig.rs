@@ -525,7 +525,12 @@ fn an_earlier_layout_may_not_list_another_boards_instance() {
     };
     hl.gpus[0].earlier_mig = vec![(11, theirs)];
     let (h, _) = state.hello(hl).unwrap();
-    assert_eq!(state.counters.mig_layouts_refused(MigRefusal::DuplicateUuid), 1);
+    assert_eq!(
+        state
+            .counters
+            .mig_layouts_refused(MigRefusal::DuplicateUuid),
+        1
+    );
     ingest(
         &state,
         &h,
