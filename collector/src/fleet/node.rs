@@ -250,6 +250,22 @@ impl Gpu {
             self.earlier_layouts.push((id, replaced));
         }
         self.mig_layout = layout;
+        // A part listed in a kept layout, but not in the one replaced,
+        // counts on from there too (every copy of a part holds its total:
+        // `count_part_energy`).
+        if let Some(m) = self.mig.as_deref_mut() {
+            for p in &mut m.parts {
+                let kept = self
+                    .earlier_layouts
+                    .iter()
+                    .filter_map(|(_, e)| e.as_deref())
+                    .flat_map(|e| &e.parts)
+                    .filter(|e| e.uuid == p.uuid)
+                    .map(|e| e.energy_mj)
+                    .max();
+                p.energy_mj = p.energy_mj.max(kept.unwrap_or(0));
+            }
+        }
     }
 
     /// Adds each part's share of a reading (by UUID) to its energy counter

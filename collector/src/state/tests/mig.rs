@@ -480,6 +480,49 @@ fn a_collector_that_never_heard_a_layout_splits_by_the_one_the_hello_lists_as_ea
 }
 
 #[test]
+fn a_part_back_in_a_new_layout_counts_on_from_its_earlier_one() {
+    // Invariant: a part's energy counter (capwatch_gpu_mig_energy_joules_total)
+    // never goes back while the board keeps a layout that lists it: the
+    // 2g instance of layout 11, gone in 22, back in the new layout 33,
+    // counts on from what it counted in 11.
+    let state = new_state(MIG_TENANTS, None);
+    let (h, _) = state
+        .hello(stamped_hello(1, three_instances(), 11))
+        .unwrap();
+    ingest(
+        &state,
+        &h,
+        vec![
+            stamped(1, T0, &[(1, Some(0)), (1, Some(0))], 11),
+            stamped(2, T0 + SEC, &[(1, Some(980)), (1, Some(0))], 11),
+        ],
+    );
+    let grown = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![instance("MIG-3g", 1, 98)],
+    };
+    state.hello(stamped_hello(1, grown, 22)).unwrap();
+    let two_g = Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![instance("MIG-2g", 5, 28)],
+    };
+    let (h, _) = state.hello(stamped_hello(1, two_g, 33)).unwrap();
+    let n = lock(h.node());
+    let parts: Vec<(&str, u64)> = n.gpus()[0]
+        .mig
+        .as_deref()
+        .unwrap()
+        .parts
+        .iter()
+        .map(|p| (&*p.uuid, p.energy_mj))
+        .collect();
+    // 280 mJ of layout 11's 980; the board's rest counted 140 there.
+    assert_eq!(parts, [("MIG-2g", 280), ("m-1-gpu0", 140)]);
+}
+
+#[test]
 fn a_hello_without_a_layout_id_keeps_the_last_one_for_late_readings() {
     // Invariant: a board whose Hello comes without a layout id after one
     // with (an agent that could not read the layout at start, or an older
