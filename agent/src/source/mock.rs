@@ -15,11 +15,10 @@
 //! GPUs carry corrected ECC errors that grow slowly, and one GPU of each
 //! node an application XID 13 (a graphics engine exception: a faulting
 //! kernel, not a board fault) at its first sample and every 1800 samples
-//! after, the
-//! time of the last being the one thing a reading keeps from the samples
-//! before it. SXM boards have no
-//! fan of their own and H100/H200 remap rows rather than retire pages, so
-//! fan speed and retired pages are absent, as NVML reports them there.
+//! after (the time of the last is the one thing a reading keeps from the
+//! samples before it). SXM boards have no fan of their own and H100/H200
+//! remap rows rather than retire pages, so fan speed and retired pages are
+//! absent, as NVML reports them there.
 
 use serde::{Deserialize, Serialize};
 

@@ -169,14 +169,22 @@ impl Fleet {
                             .collect();
                     }
                 });
-                // The layout each board's reading was taken under (the
-                // current one for a GPU the sample leaves out).
-                let mut picks = vec![LayoutPick::Current; n.gpus.len()];
+                // The layout each board's reading was taken under, where
+                // one is not its current layout (empty, the common case:
+                // every board's current one, a GPU the sample leaves out's
+                // too).
+                let mut picks: Vec<LayoutPick> = Vec::new();
+                let n_gpus = n.gpus.len();
                 for r in s.gpus {
                     let i = r.index as usize;
                     let gpu = &mut n.gpus[i];
                     let pick = gpu.layout_of(r.mig_layout);
-                    picks[i] = pick;
+                    if pick != LayoutPick::Current {
+                        if picks.is_empty() {
+                            picks = vec![LayoutPick::Current; n_gpus];
+                        }
+                        picks[i] = pick;
+                    }
                     if pick == LayoutPick::Unknown && !r.lost {
                         out.mig_layout_unknown += 1;
                     }
@@ -285,22 +293,21 @@ impl Fleet {
                             _ => &g.tenant,
                         };
                         // The layout of the sample's reading of the board.
-                        match g.parts_of(picks[i]) {
+                        let pick = picks.get(i).copied().unwrap_or(LayoutPick::Current);
+                        match g.parts_of(pick) {
                             None => Holding::of(&mut holders, tenant).whole += 1,
                             Some(mig) => {
                                 let weights: Arc<[u64]> =
                                     mig.parts.iter().map(|p| p.weight).collect();
                                 let earlier_then = match (&version, &past) {
-                                    (Some(()), Some((v, _))) if picks[i] != LayoutPick::Current => {
+                                    (Some(()), Some((v, _))) if pick != LayoutPick::Current => {
                                         parts_then(history.version(*v), &node_id, &g.uuid, mig)
                                     }
                                     _ => Vec::new(),
                                 };
                                 let then = match (&version, past_parts.get(i)) {
                                     _ if !earlier_then.is_empty() => Some(&earlier_then),
-                                    (Some(()), Some(t)) if picks[i] == LayoutPick::Current => {
-                                        Some(t)
-                                    }
+                                    (Some(()), Some(t)) if pick == LayoutPick::Current => Some(t),
                                     _ => None,
                                 };
                                 for (k, p) in mig.parts.iter().enumerate() {
