@@ -218,13 +218,51 @@ impl Gpu {
             }
             let kept = match self.earlier_layouts.iter().position(|(e, _)| *e == id) {
                 Some(k) => self.earlier_layouts.remove(k).1,
-                // Its parts listed in the current layout count on from there.
-                None => MigParts::of(&self.uuid, mig, &self.tenant, self.mig.as_deref()),
+                None => MigParts::of(&self.uuid, mig, &self.tenant, None),
             };
             self.earlier_layouts.push((id, kept));
         }
         while self.earlier_layouts.len() > MAX_EARLIER_LAYOUTS {
             self.earlier_layouts.remove(0);
+        }
+        self.carry_part_counts();
+    }
+
+    /// The board's layouts with parts: the current one, then the earlier
+    /// ones.
+    fn layouts(&self) -> impl Iterator<Item = &MigParts> {
+        let earlier = self
+            .earlier_layouts
+            .iter()
+            .filter_map(|(_, m)| m.as_deref());
+        self.mig.as_deref().into_iter().chain(earlier)
+    }
+
+    fn layouts_mut(&mut self) -> impl Iterator<Item = &mut MigParts> {
+        let earlier = self
+            .earlier_layouts
+            .iter_mut()
+            .filter_map(|(_, m)| m.as_deref_mut());
+        self.mig.as_deref_mut().into_iter().chain(earlier)
+    }
+
+    /// Gives every copy of a part (by UUID) in the board's layouts the
+    /// highest count any copy holds: a layout new to this collector (or
+    /// one whose parts the replaced layout did not list) counts on from
+    /// the part's kept copies, so its counter never goes back. Copies
+    /// counted here stay equal after (`count_part_energy`).
+    fn carry_part_counts(&mut self) {
+        let mut counts: Vec<(Arc<str>, u64)> = Vec::new();
+        for p in self.layouts().flat_map(|m| &m.parts) {
+            match counts.iter_mut().find(|(u, _)| *u == p.uuid) {
+                Some((_, e)) => *e = (*e).max(p.energy_mj),
+                None => counts.push((p.uuid.clone(), p.energy_mj)),
+            }
+        }
+        for p in self.layouts_mut().flat_map(|m| &mut m.parts) {
+            if let Some((_, e)) = counts.iter().find(|(u, _)| *u == p.uuid) {
+                p.energy_mj = *e;
+            }
         }
     }
 
@@ -250,22 +288,6 @@ impl Gpu {
             self.earlier_layouts.push((id, replaced));
         }
         self.mig_layout = layout;
-        // A part listed in a kept layout, but not in the one replaced,
-        // counts on from there too (every copy of a part holds its total:
-        // `count_part_energy`).
-        if let Some(m) = self.mig.as_deref_mut() {
-            for p in &mut m.parts {
-                let kept = self
-                    .earlier_layouts
-                    .iter()
-                    .filter_map(|(_, e)| e.as_deref())
-                    .flat_map(|e| &e.parts)
-                    .filter(|e| e.uuid == p.uuid)
-                    .map(|e| e.energy_mj)
-                    .max();
-                p.energy_mj = p.energy_mj.max(kept.unwrap_or(0));
-            }
-        }
     }
 
     /// Adds each part's share of a reading (by UUID) to its energy counter
@@ -276,15 +298,9 @@ impl Gpu {
         if shares.is_empty() {
             return;
         }
-        let earlier = self
-            .earlier_layouts
-            .iter_mut()
-            .filter_map(|(_, m)| m.as_deref_mut());
-        for m in self.mig.as_deref_mut().into_iter().chain(earlier) {
-            for p in &mut m.parts {
-                if let Some((_, e)) = shares.iter().find(|(u, _)| *u == p.uuid) {
-                    p.energy_mj = p.energy_mj.saturating_add(*e);
-                }
+        for p in self.layouts_mut().flat_map(|m| &mut m.parts) {
+            if let Some((_, e)) = shares.iter().find(|(u, _)| *u == p.uuid) {
+                p.energy_mj = p.energy_mj.saturating_add(*e);
             }
         }
     }
@@ -315,21 +331,12 @@ impl Gpu {
     /// its MIG instances', of its current and earlier layouts (the node
     /// may still deliver energy split to them).
     pub(super) fn leasable_uuids(&self) -> impl Iterator<Item = &Arc<str>> {
-        let earlier = self
-            .earlier_layouts
-            .iter()
-            .filter_map(|(_, m)| m.as_deref());
-        let instances = self
-            .mig
-            .as_deref()
-            .into_iter()
-            .chain(earlier)
-            .flat_map(|m| {
-                m.parts
-                    .iter()
-                    .filter(|p| p.instance.is_some())
-                    .map(|p| &p.uuid)
-            });
+        let instances = self.layouts().flat_map(|m| {
+            m.parts
+                .iter()
+                .filter(|p| p.instance.is_some())
+                .map(|p| &p.uuid)
+        });
         std::iter::once(&self.uuid).chain(instances)
     }
 
@@ -678,16 +685,11 @@ impl Node {
         let all = tenants.all();
         for g in &mut self.gpus {
             g.tenant = all[tenants.attribute(&self.id, &g.uuid)].id.clone();
-            let earlier = g
-                .earlier_layouts
-                .iter_mut()
-                .filter_map(|(_, m)| m.as_deref_mut());
-            for mig in g.mig.as_deref_mut().into_iter().chain(earlier) {
-                for p in &mut mig.parts {
-                    p.tenant = all[tenants.attribute_instance(&self.id, &p.uuid, &g.uuid)]
-                        .id
-                        .clone();
-                }
+            let board = g.uuid.clone();
+            for p in g.layouts_mut().flat_map(|m| &mut m.parts) {
+                p.tenant = all[tenants.attribute_instance(&self.id, &p.uuid, &board)]
+                    .id
+                    .clone();
             }
         }
         self.tenant = match self.gpus.first() {
