@@ -85,20 +85,32 @@ async fn minutes(
         .collect()
 }
 
-/// Without `with_spans`, the adjustments alone (`adjustments_since`).
-#[allow(clippy::too_many_arguments)]
-async fn usage_since(
-    s: &Shared,
-    client: &mut deadpool_postgres::Object,
+/// What one usage read asks for (`LedgerReader::usage_since`,
+/// `node_usage_since`, `adjustments_since`).
+struct UsageQuery {
     tenant: Option<String>,
     node: Option<String>,
     from: i64,
     to: i64,
     since_revision: u64,
+    /// Without spans: the adjustments alone (`adjustments_since`).
     with_spans: bool,
+}
+
+async fn usage_since(
+    s: &Shared,
+    client: &mut deadpool_postgres::Object,
+    q: UsageQuery,
 ) -> Result<Usage, Fail> {
-    let tenant = tenant.as_deref();
-    let node = node.as_deref();
+    let UsageQuery {
+        from,
+        to,
+        since_revision,
+        with_spans,
+        ..
+    } = q;
+    let tenant = q.tenant.as_deref();
+    let node = q.node.as_deref();
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -245,6 +257,17 @@ async fn usage_since(
     Ok(usage)
 }
 
+impl PgReader {
+    /// Runs `q` on a pooled connection.
+    fn read_usage(&self, q: UsageQuery) -> Result<Usage, LedgerError> {
+        let s = self.shared.clone();
+        self.shared.call(move |mut client| async move {
+            let r = usage_since(&s, &mut client, q).await;
+            (client, r)
+        })
+    }
+}
+
 impl LedgerReader for PgReader {
     fn finalized_through(&self) -> Result<i64, LedgerError> {
         self.shared.call(move |client| async move {
@@ -348,21 +371,13 @@ impl LedgerReader for PgReader {
         to: i64,
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
-        let s = self.shared.clone();
-        let tenant = tenant.map(str::to_string);
-        self.shared.call(move |mut client| async move {
-            let r = usage_since(
-                &s,
-                &mut client,
-                tenant,
-                None,
-                from,
-                to,
-                since_revision,
-                true,
-            )
-            .await;
-            (client, r)
+        self.read_usage(UsageQuery {
+            tenant: tenant.map(str::to_string),
+            node: None,
+            from,
+            to,
+            since_revision,
+            with_spans: true,
         })
     }
 
@@ -373,21 +388,13 @@ impl LedgerReader for PgReader {
         to: i64,
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
-        let s = self.shared.clone();
-        let tenant = tenant.map(str::to_string);
-        self.shared.call(move |mut client| async move {
-            let r = usage_since(
-                &s,
-                &mut client,
-                tenant,
-                None,
-                from,
-                to,
-                since_revision,
-                false,
-            )
-            .await;
-            (client, r)
+        self.read_usage(UsageQuery {
+            tenant: tenant.map(str::to_string),
+            node: None,
+            from,
+            to,
+            since_revision,
+            with_spans: false,
         })
     }
 
@@ -423,21 +430,13 @@ impl LedgerReader for PgReader {
         to: i64,
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
-        let s = self.shared.clone();
-        let (tenant, node) = (Some(tenant.to_string()), Some(node.to_string()));
-        self.shared.call(move |mut client| async move {
-            let r = usage_since(
-                &s,
-                &mut client,
-                tenant,
-                node,
-                from,
-                to,
-                since_revision,
-                true,
-            )
-            .await;
-            (client, r)
+        self.read_usage(UsageQuery {
+            tenant: Some(tenant.to_string()),
+            node: Some(node.to_string()),
+            from,
+            to,
+            since_revision,
+            with_spans: true,
         })
     }
 
