@@ -535,25 +535,23 @@ mod tests {
             .unwrap();
         let reader = crate::ledger::Reader::open(&path).unwrap();
         let w = Window::last_day(now, 300);
-        let mut kept = Some(Kept {
-            from: w.from,
-            through: now - 10 * MINUTE,
-            revision: 99,
-            minutes: [(("a".to_string(), minute(40)), bucket(1))].into(),
-        });
-        let got = read_kept(&reader, None, &w, &mut kept).unwrap().minutes;
-        assert_eq!(got, read(&reader, None, &w).unwrap().minutes);
-        assert_eq!(got.len(), 1);
+        // Minutes kept from another ledger, up to date through `revision`,
+        // read against this one: read whole, nothing of them kept.
+        let from_another = |revision: u64| {
+            let mut kept = Some(Kept {
+                from: w.from,
+                through: now - 10 * MINUTE,
+                revision,
+                minutes: [(("a".to_string(), minute(40)), bucket(1))].into(),
+            });
+            let got = read_kept(&reader, None, &w, &mut kept).unwrap().minutes;
+            assert_eq!(got, read(&reader, None, &w).unwrap().minutes);
+            assert_eq!(got.len(), 1);
+        };
+        // Its revision went back.
+        from_another(99);
         // One restored and committed past the kept revision: its watermark
         // is behind the kept minutes, so it is read whole too.
-        let mut kept = Some(Kept {
-            from: w.from,
-            through: now - 10 * MINUTE,
-            revision: 1,
-            minutes: [(("a".to_string(), minute(40)), bucket(1))].into(),
-        });
-        let got = read_kept(&reader, None, &w, &mut kept).unwrap().minutes;
-        assert_eq!(got, read(&reader, None, &w).unwrap().minutes);
-        assert_eq!(got.len(), 1);
+        from_another(1);
     }
 }

@@ -53,6 +53,28 @@ fn three_instances() -> Mig {
     }
 }
 
+/// A layout of `m` alone on the 98-SM, 7-slice board.
+fn only(m: MigInstance) -> Mig {
+    Mig::Split {
+        board_sm: 98,
+        board_slices: 7,
+        instances: vec![m],
+    }
+}
+
+/// Board 0's parts on m-1 and what each counted, as /metrics shows them.
+fn part_energies(h: &StreamHandle) -> Vec<(String, u64)> {
+    let n = lock(h.node());
+    n.gpus()[0]
+        .mig
+        .as_deref()
+        .unwrap()
+        .parts
+        .iter()
+        .map(|p| (p.uuid.to_string(), p.energy_mj))
+        .collect()
+}
+
 fn mig_hello(epoch: u64, mig: Mig) -> Hello {
     let mut h = hello("m-1", epoch, 2);
     h.gpus[0].mig = mig;
@@ -289,11 +311,7 @@ fn a_new_layout_said_at_a_hello_splits_the_energy_from_then_on() {
     );
     // The same epoch, a new layout: lab-b's 2g gone, the 3g instance
     // grown to all 98 SMs.
-    let grown = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-3g", 1, 98)],
-    };
+    let grown = only(instance("MIG-3g", 1, 98));
     let (h, acked) = state.hello(mig_hello(1, grown)).unwrap();
     assert_eq!(acked, 2);
     ingest(
@@ -351,11 +369,7 @@ fn readings_are_split_by_the_layout_they_were_taken_under() {
     // The layout changes while the collector hears nothing: the agent's
     // spool holds 980 mJ taken under layout 11 when it says Hello with
     // layout 22 (the 3g instance grown to the whole board).
-    let grown = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-3g", 1, 98)],
-    };
+    let grown = only(instance("MIG-3g", 1, 98));
     let (h, _) = state.hello(stamped_hello(1, grown, 22)).unwrap();
     let out = ingest(
         &state,
@@ -408,25 +422,17 @@ fn readings_are_split_by_the_layout_they_were_taken_under() {
     );
     assert_eq!(tenant_energy(&state, "lab-a"), 1420 + 300);
     assert_eq!(gpu_energy(&h), [2700, 0]);
-    let n = lock(h.node());
-    let g = &n.gpus()[0];
-    let parts: Vec<(&str, u64)> = g
-        .mig
-        .as_deref()
-        .unwrap()
-        .parts
-        .iter()
-        .map(|p| (&*p.uuid, p.energy_mj))
-        .collect();
     assert_eq!(
-        parts,
+        part_energies(&h),
         [
-            ("MIG-3g", 420 + 1000 + 300),
-            ("MIG-2g", 280 + 200),
-            ("MIG-1g", 140 + 100),
-            ("m-1-gpu0", 140 + 100)
+            ("MIG-3g".into(), 420 + 1000 + 300),
+            ("MIG-2g".into(), 280 + 200),
+            ("MIG-1g".into(), 140 + 100),
+            ("m-1-gpu0".into(), 140 + 100)
         ]
     );
+    let n = lock(h.node());
+    let g = &n.gpus()[0];
     // Layout 22 is kept as an earlier one now.
     assert_eq!(
         g.earlier_layouts
@@ -445,11 +451,7 @@ fn a_collector_that_never_heard_a_layout_splits_by_the_one_the_hello_lists_as_ea
     // are split by it; an earlier layout the edge refuses is counted, and
     // its readings go whole to the board's UUID.
     let state = new_state(MIG_TENANTS, None);
-    let grown = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-3g", 1, 98)],
-    };
+    let grown = only(instance("MIG-3g", 1, 98));
     let bad = Mig::Split {
         board_sm: 98,
         board_slices: 7,
@@ -497,29 +499,15 @@ fn a_part_back_in_a_new_layout_counts_on_from_its_earlier_one() {
             stamped(2, T0 + SEC, &[(1, Some(980)), (1, Some(0))], 11),
         ],
     );
-    let grown = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-3g", 1, 98)],
-    };
+    let grown = only(instance("MIG-3g", 1, 98));
     state.hello(stamped_hello(1, grown, 22)).unwrap();
-    let two_g = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-2g", 5, 28)],
-    };
+    let two_g = only(instance("MIG-2g", 5, 28));
     let (h, _) = state.hello(stamped_hello(1, two_g, 33)).unwrap();
-    let n = lock(h.node());
-    let parts: Vec<(&str, u64)> = n.gpus()[0]
-        .mig
-        .as_deref()
-        .unwrap()
-        .parts
-        .iter()
-        .map(|p| (&*p.uuid, p.energy_mj))
-        .collect();
     // 280 mJ of layout 11's 980; the board's rest counted 140 there.
-    assert_eq!(parts, [("MIG-2g", 280), ("m-1-gpu0", 140)]);
+    assert_eq!(
+        part_energies(&h),
+        [("MIG-2g".into(), 280), ("m-1-gpu0".into(), 140)]
+    );
 }
 
 #[test]
@@ -556,16 +544,8 @@ fn an_earlier_layout_may_not_list_another_boards_instance() {
     // layout alone, counted, and its readings go whole to the board.
     let state = new_state(MIG_TENANTS, None);
     let mut hl = stamped_hello(1, three_instances(), 22);
-    hl.gpus[1].mig = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-other", 1, 42)],
-    };
-    let theirs = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-other", 1, 42)],
-    };
+    hl.gpus[1].mig = only(instance("MIG-other", 1, 42));
+    let theirs = only(instance("MIG-other", 1, 42));
     hl.gpus[0].earlier_mig = vec![(11, theirs)];
     let (h, _) = state.hello(hl).unwrap();
     assert_eq!(
@@ -613,11 +593,7 @@ fn a_node_power_reading_is_split_by_the_layout_of_its_sample() {
     first.node_power = vec![bmc(m0, 5_000_000)];
     ingest(&state, &h, vec![first]);
     // Layout 22: the 3g instance takes the whole board.
-    hl.gpus[0].mig = Mig::Split {
-        board_sm: 98,
-        board_slices: 7,
-        instances: vec![instance("MIG-3g", 1, 98)],
-    };
+    hl.gpus[0].mig = only(instance("MIG-3g", 1, 98));
     hl.gpus[0].mig_layout = Some(22);
     let (h, _) = state.hello(hl).unwrap();
     // A late sample of layout 11: the board drew 980 J, GPU 1 nothing,
