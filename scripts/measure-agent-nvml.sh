@@ -19,24 +19,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${SECONDS_PER_RUN:-60}"
 runs="${RUNS:-3}"
-cargo build --release --locked -q -p capwatch-agent --bin capwatch-agent
-cargo build --locked -q -p capwatch-agent --example standins
-target="${CARGO_TARGET_DIR:-target}"
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+source scripts/agent-cost.sh
+start_standins
 "${CC:-cc}" -shared -fPIC -O1 -o "$work/libnvidia-ml.so.1" \
     -DFAKE_EXTRA_GPUS=6 -DFAKE_GPU0_NVLINKS=18 -DFAKE_MIG_LAYOUT=1 \
     "-DFAKE_XID_FILE=\"$work/xid\"" -DFAKE_XID_POLL_MS=250 agent/tests/fake_nvml/fake_nvml.c
 : >"$work/xid"
-"$target/debug/examples/standins" "$work" >"$work/standins.out" &
-for _ in $(seq 100); do
-    [[ -s "$work/standins.out" ]] && break
-    sleep 0.1
-done
-grpc=$(grep -o 'grpc=[^ ]*' "$work/standins.out" | cut -d= -f2)
-bmc=$(grep -o 'bmc=[^ ]*' "$work/standins.out" | cut -d= -f2)
-# CPU time of every thread of a process so far, ns.
-cpu_ns() { cat /proc/"$1"/task/*/schedstat | awk '{ s += $1 } END { printf "%d", s }'; }
 declare -A pids
 for run in $(seq "$runs"); do
     CAPWATCH_MOCK_NODE_POWER=false \
@@ -70,23 +58,7 @@ done
         curl -sf "http://${ports[$run]}/healthz" >/dev/null || true
     done
 done) &
-declare -A t0
-for k in "${!pids[@]}"; do t0[$k]=$(cpu_ns "${pids[$k]}"); done
-sleep "$seconds"
-for k in $(printf '%s\n' "${!pids[@]}" | sort); do
-    p=${pids[$k]}
-    t1=$(cpu_ns "$p")
-    rss=$(awk '/VmRSS/ {print $2}' "/proc/$p/status")
-    threads=$(awk '/Threads/ {print $2}' "/proc/$p/status")
-    awk -v k="$k" -v d=$((t1 - t0[$k])) -v s="$seconds" -v rss="$rss" -v th="$threads" \
-        'BEGIN { printf "%s cpu_percent %.4f cpu_ms %.1f rss_mib %.1f threads %d\n", k, d / 1e9 / s * 100, d / 1e6, rss / 1024, th }'
-done | tee "$work/results"
-median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
-for kind in mock nvml; do
-    cpu=$(awk -v kind="$kind" '$1 ~ "^"kind"-" { print $3 }' "$work/results" | median)
-    rss=$(awk -v kind="$kind" '$1 ~ "^"kind"-" { print $7 }' "$work/results" | median)
-    echo "$kind median: cpu $cpu % of one core, rss $rss MiB"
-done
+measure_agents mock nvml
 # What the first NVML agent read, from its own /metrics.
 curl -sf "http://${ports[1]}/metrics" | grep -E '^capwatch_agent_(samples|spool|nvml_errors|gpu_read_stalls|node_power)' || true
 grep -o '"message":"[^"]*XID[^"]*"' "$work/nvml-1.log" | sort | uniq -c || true
