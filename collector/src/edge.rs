@@ -264,6 +264,59 @@ impl MigRefusal {
     }
 }
 
+/// Checks each board's earlier MIG layouts as `check_mig` checks the
+/// current ones, each on its own: its instances may be its board's
+/// current ones, never a board's UUID or another board's instance
+/// (current or earlier). A layout refused is kept as `Mig::Refused` (its
+/// readings metered whole); beyond [`MAX_EARLIER_LAYOUTS`] the oldest are
+/// dropped.
+fn check_earlier_layouts(hello: &mut Hello) {
+    if hello.gpus.iter().all(|g| g.earlier_mig.is_empty()) {
+        return;
+    }
+    let boards: std::collections::HashSet<String> =
+        hello.gpus.iter().map(|g| g.uuid.clone()).collect();
+    let instances_of = |g: &GpuInfo| -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for m in std::iter::once(&g.mig).chain(g.earlier_mig.iter().map(|(_, m)| m)) {
+            if let Mig::Split { instances, .. } = m {
+                out.extend(instances.iter().map(|i| i.uuid.clone()));
+            }
+        }
+        out
+    };
+    let per_board: Vec<Vec<String>> = hello.gpus.iter().map(instances_of).collect();
+    for (index, g) in hello.gpus.iter_mut().enumerate() {
+        if g.earlier_mig.is_empty() {
+            continue;
+        }
+        let mut others = boards.clone();
+        for (j, uuids) in per_board.iter().enumerate() {
+            if j != index {
+                others.extend(uuids.iter().cloned());
+            }
+        }
+        if g.earlier_mig.len() > MAX_EARLIER_LAYOUTS {
+            tracing::warn!(node = %hello.node_id, gpu = index, layouts = g.earlier_mig.len(), max = MAX_EARLIER_LAYOUTS, "more earlier MIG layouts than kept: the oldest are dropped (samples stamped with one go whole to the board)");
+            let extra = g.earlier_mig.len() - MAX_EARLIER_LAYOUTS;
+            g.earlier_mig.drain(..extra);
+        }
+        for (id, mig) in &mut g.earlier_mig {
+            if let Mig::Split {
+                board_sm,
+                board_slices,
+                instances,
+            } = &*mig
+                && let Err(reason) =
+                    check_mig(*board_sm, *board_slices, instances, &mut others.clone())
+            {
+                tracing::warn!(node = %hello.node_id, gpu = index, uuid = %g.uuid, layout = *id, reason = reason.label(), "earlier MIG layout refused: {}; its samples' board energy goes to the board's UUID", reason.message());
+                *mig = Mig::Refused(reason);
+            }
+        }
+    }
+}
+
 /// A layout as the Hello gives it, before `check_mig`.
 fn mig_of(
     board_sm: Option<u32>,
@@ -534,47 +587,7 @@ pub fn check_hello(mut hello: Hello, max_gpus: u32) -> Result<Checked<Hello>, He
             g.mig = Mig::Refused(reason);
         }
     }
-    // Each earlier layout alike, on its own: its instances may be its
-    // board's current ones, never a board's UUID or another board's
-    // instance (current or earlier).
-    let boards: std::collections::HashSet<String> =
-        hello.gpus.iter().map(|g| g.uuid.clone()).collect();
-    let instances_of = |g: &GpuInfo| -> Vec<String> {
-        let mut out: Vec<String> = Vec::new();
-        for m in std::iter::once(&g.mig).chain(g.earlier_mig.iter().map(|(_, m)| m)) {
-            if let Mig::Split { instances, .. } = m {
-                out.extend(instances.iter().map(|i| i.uuid.clone()));
-            }
-        }
-        out
-    };
-    let per_board: Vec<Vec<String>> = hello.gpus.iter().map(instances_of).collect();
-    for (index, g) in hello.gpus.iter_mut().enumerate() {
-        let mut others = boards.clone();
-        for (j, uuids) in per_board.iter().enumerate() {
-            if j != index {
-                others.extend(uuids.iter().cloned());
-            }
-        }
-        if g.earlier_mig.len() > MAX_EARLIER_LAYOUTS {
-            tracing::warn!(node = %hello.node_id, gpu = index, layouts = g.earlier_mig.len(), max = MAX_EARLIER_LAYOUTS, "more earlier MIG layouts than kept: the oldest are dropped (samples stamped with one go whole to the board)");
-            let extra = g.earlier_mig.len() - MAX_EARLIER_LAYOUTS;
-            g.earlier_mig.drain(..extra);
-        }
-        for (id, mig) in &mut g.earlier_mig {
-            if let Mig::Split {
-                board_sm,
-                board_slices,
-                instances,
-            } = &*mig
-                && let Err(reason) =
-                    check_mig(*board_sm, *board_slices, instances, &mut others.clone())
-            {
-                tracing::warn!(node = %hello.node_id, gpu = index, uuid = %g.uuid, layout = *id, reason = reason.label(), "earlier MIG layout refused: {}; its samples' board energy goes to the board's UUID", reason.message());
-                *mig = Mig::Refused(reason);
-            }
-        }
-    }
+    check_earlier_layouts(&mut hello);
     // Identity is for joins only: a value that cannot be a label (empty,
     // too long, control characters) is dropped, logged, and the GPU
     // admitted; it never costs the node its metering.
