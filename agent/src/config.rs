@@ -249,6 +249,9 @@ pub struct MockSettings {
     /// Simulate the whole node's power (GPUs plus CPUs, fans and PSU
     /// losses) as a node power source of kind "mock".
     pub node_power: bool,
+    /// Simulate SXM boards, each with 18 NVLink links (traffic, a few
+    /// replays); off: PCIe boards without NVLink readings.
+    pub nvlink: bool,
 }
 
 impl Default for Config {
@@ -296,6 +299,7 @@ impl Default for MockSettings {
             energy_counter: true,
             counter_file: None,
             node_power: true,
+            nvlink: true,
         }
     }
 }

@@ -149,6 +149,7 @@ pub async fn run(
             seed: cfg.seed,
             energy_counter: true,
             counter_file: None,
+            nvlink: false,
         });
         let shared = Arc::new(Shared {
             spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),

@@ -180,6 +180,7 @@ pub fn open_source(cfg: &Config, node_id: &str) -> Result<Box<dyn GpuSource>, So
             seed: cfg.mock.seed,
             energy_counter: cfg.mock.energy_counter,
             counter_file: cfg.mock.counter_file.clone(),
+            nvlink: cfg.mock.nvlink,
         })),
     })
 }

@@ -253,6 +253,7 @@ fn counters(node: &str, samples: u64) -> Vec<Vec<u64>> {
         seed: SEED,
         energy_counter: true,
         counter_file: None,
+        nvlink: true,
     });
     let step = (INTERVAL_MS * 1_000_000) as i64;
     (1..=samples as i64)

@@ -225,6 +225,7 @@ fn first_counters(node: &str) -> Vec<(String, u64)> {
         seed: SEED,
         energy_counter: true,
         counter_file: None,
+        nvlink: true,
     });
     let uuids: Vec<String> = m.inventory().iter().map(|g| g.uuid.clone()).collect();
     let first = m.sample(1_700_000_000_000_000_000);
@@ -276,8 +277,9 @@ fn unacked_samples_survive_agent_kills_during_a_collector_outage() {
     collector.kill();
     run1.log
         .wait_for("stream to collector failed", Duration::from_secs(20));
-    // About 25 samples of the mock's GPUs with their health readings.
-    spool_grows(dir.path(), spool_bytes(dir.path()), 20 << 10);
+    // About 25 samples of the mock's GPUs with their health readings and
+    // NVLinks (some 4 KiB each).
+    spool_grows(dir.path(), spool_bytes(dir.path()), 110 << 10);
     run1.sigkill();
 
     // Run 2: finds the spool, keeps its epoch, samples on, is killed too.
@@ -287,7 +289,7 @@ fn unacked_samples_survive_agent_kills_during_a_collector_outage() {
     assert_eq!(json_number(&opened2, "epoch"), epoch, "{opened2}");
     let restored2 = json_number(&opened2, "samples");
     assert!(restored2 > 20, "{opened2}");
-    spool_grows(dir.path(), json_number(&opened2, "disk_bytes"), 20 << 10);
+    spool_grows(dir.path(), json_number(&opened2, "disk_bytes"), 110 << 10);
     run2.sigkill();
 
     // Run 3: finds more, and delivers everything once the collector is

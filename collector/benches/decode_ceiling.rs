@@ -32,6 +32,7 @@ fn messages(nodes: usize, ticks: i64, per_message: usize) -> Vec<Vec<u8>> {
             seed: 0,
             energy_counter: true,
             counter_file: None,
+            nvlink: false,
         });
         let samples: Vec<pb::NodeSample> = (1..=ticks)
             .map(|t| {

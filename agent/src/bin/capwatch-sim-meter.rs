@@ -72,6 +72,7 @@ fn node(spec: &str, gpus: u32) -> anyhow::Result<MockSource> {
         seed,
         energy_counter: true,
         counter_file: None,
+        nvlink: false,
     }))
 }
 

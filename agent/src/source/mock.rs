@@ -22,7 +22,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{GpuHealth, GpuInfo, GpuReading, GpuSource};
+use super::{GpuHealth, GpuInfo, GpuReading, GpuSource, NvLinkErrors};
 
 /// A workload shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, clap::ValueEnum)]
@@ -109,7 +109,21 @@ pub struct MockConfig {
     /// sample, before the sample is returned, so they carry on through a
     /// SIGKILL too.
     pub counter_file: Option<std::path::PathBuf>,
+    /// Whether the simulated boards are SXM boards with [`MOCK_NVLINKS`]
+    /// NVLink links each (traffic while they work, a few retried
+    /// replays); without, they read as PCIe boards: no NVLink readings.
+    pub nvlink: bool,
 }
+
+/// NVLink links of an H100 or H200 SXM board.
+pub const MOCK_NVLINKS: u32 = 18;
+/// Bytes one link carries each way per second of a training GPU at 100 %
+/// utilization: a fifth of NVLink 4's 25 GB/s, as all-reduce traffic
+/// comes in bursts.
+const NVLINK_BYTES_PER_SECOND: u128 = 5_000_000_000;
+/// Samples between two replays on the one link of a GPU that sees them
+/// (a retried flit: no data lost, no alert).
+const NVLINK_REPLAY_EVERY: u64 = 600;
 
 struct MockGpu {
     profile: Profile,
@@ -126,6 +140,9 @@ struct MockGpu {
     app_xids: bool,
     /// The XIDs counted so far and when the last one came (Unix ns).
     xids: Option<(u64, i64)>,
+    /// Bytes each NVLink link sent since the driver loaded, in
+    /// byte-nanoseconds per second (received: three quarters of it).
+    nvlink_byte_nanos: u128,
 }
 
 /// The application XID the mock simulates (a graphics engine exception).
@@ -185,6 +202,7 @@ impl MockSource {
                 power_violation_nanos: 0,
                 app_xids: u64::from(index) == node_key % u64::from(cfg.gpus),
                 xids: None,
+                nvlink_byte_nanos: 0,
             });
         }
         if let Some(saved) = cfg.counter_file.as_deref().and_then(read_counters) {
@@ -244,6 +262,7 @@ impl GpuSource for MockSource {
         let memory_total = self.cfg.model.memory_total_bytes();
         let energy_counter = self.cfg.energy_counter;
         let model = self.cfg.model;
+        let nvlink = self.cfg.nvlink;
         let readings = self
             .gpus
             .iter_mut()
@@ -267,6 +286,10 @@ impl GpuSource for MockSource {
                     }
                 }
                 let mut health = health(gpu, &load, capped, tick, model, temperature);
+                if nvlink {
+                    gpu.nvlink_byte_nanos += nvlink_rate(gpu.profile, &load) * dt_nanos;
+                    nvlinks(gpu, tick, &mut health);
+                }
                 if let Some((count, at)) = gpu.xids {
                     health.xid_errors.insert(MOCK_XID, count);
                     health.last_xid = Some((MOCK_XID, at));
@@ -350,6 +373,43 @@ fn health(
         power_average_milliwatts: Some(load.power_milliwatts),
         ..GpuHealth::default()
     }
+}
+
+/// Bytes per second each NVLink link of a GPU sends under `load`: a
+/// training job's all-reduce traffic, a fifth of it for inference
+/// (tensor-parallel serving), none when idle.
+fn nvlink_rate(profile: Profile, load: &Load) -> u128 {
+    let busy = u128::from(load.utilization_percent);
+    match profile {
+        Profile::Training | Profile::Mixed => NVLINK_BYTES_PER_SECOND * busy / 100,
+        Profile::Inference => NVLINK_BYTES_PER_SECOND * busy / 500,
+        Profile::Idle => 0,
+    }
+}
+
+/// The NVLink readings of an SXM board: every link active, each with its
+/// cumulative traffic (received is three quarters of sent); one GPU in
+/// eight sees a replay on link 0 every [`NVLINK_REPLAY_EVERY`] samples.
+/// Recoveries and CRC errors, which the alert watches, stay at 0.
+fn nvlinks(gpu: &MockGpu, tick: u64, health: &mut GpuHealth) {
+    let sent = u64::try_from(gpu.nvlink_byte_nanos / NANOS_PER_SECOND).unwrap_or(u64::MAX / 2);
+    let replays = if gpu.key % 8 == 3 {
+        tick / NVLINK_REPLAY_EVERY
+    } else {
+        0
+    };
+    health.nvlink_active_links = Some(MOCK_NVLINKS);
+    health.nvlinks = (0..MOCK_NVLINKS)
+        .map(|link| NvLinkErrors {
+            link,
+            replay: Some(if link == 0 { replays } else { 0 }),
+            recovery: Some(0),
+            crc_flit: Some(0),
+            crc_data: Some(0),
+            transmit_bytes: Some(sent),
+            receive_bytes: Some(sent / 4 * 3),
+        })
+        .collect();
 }
 
 struct Load {
@@ -468,6 +528,54 @@ mod tests {
             seed: 7,
             energy_counter: true,
             counter_file: None,
+            nvlink: true,
+        }
+    }
+
+    #[test]
+    fn sxm_boards_report_every_nvlink_with_traffic_that_follows_the_load() {
+        let mut m = MockSource::new(cfg(Profile::Mixed));
+        let second = 1_000_000_000;
+        let mut last = m.sample(second);
+        for t in 2..=700 {
+            let now = m.sample(t * second);
+            for (a, b) in last.iter().zip(&now) {
+                let h = &b.health;
+                assert_eq!(h.nvlink_active_links, Some(MOCK_NVLINKS));
+                assert_eq!(h.nvlinks.len(), MOCK_NVLINKS as usize);
+                for (x, y) in a.health.nvlinks.iter().zip(&h.nvlinks) {
+                    // Counters never go back.
+                    assert!(y.transmit_bytes >= x.transmit_bytes);
+                    assert!(y.receive_bytes >= x.receive_bytes);
+                    assert!(y.replay >= x.replay);
+                    assert_eq!((y.recovery, y.crc_data), (Some(0), Some(0)));
+                }
+            }
+            last = now;
+        }
+        let sent = |r: &GpuReading| r.health.nvlinks[0].transmit_bytes.unwrap();
+        // Mixed: GPUs 0 and 1 train, 2 serves, 3 idles.
+        assert!(sent(&last[0]) > 2_000_000_000_000, "{}", sent(&last[0]));
+        assert!(sent(&last[2]) > 0 && sent(&last[2]) < sent(&last[0]) / 3);
+        assert_eq!(sent(&last[3]), 0, "an idle GPU sends nothing");
+        let replays: u64 = last
+            .iter()
+            .map(|r| r.health.nvlinks[0].replay.unwrap())
+            .sum();
+        let seeing = m.gpus.iter().filter(|g| g.key % 8 == 3).count() as u64;
+        assert!(seeing > 0, "no GPU of this node sees replays");
+        assert_eq!(replays, seeing, "one replay per 600 samples where seen");
+    }
+
+    #[test]
+    fn pcie_boards_have_no_nvlink_readings() {
+        let mut m = MockSource::new(MockConfig {
+            nvlink: false,
+            ..cfg(Profile::Training)
+        });
+        for r in m.sample(1_000_000_000) {
+            assert_eq!(r.health.nvlink_active_links, None);
+            assert!(r.health.nvlinks.is_empty());
         }
     }
 

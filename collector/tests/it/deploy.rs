@@ -460,6 +460,8 @@ fn grafana_dashboard_covers_what_an_sre_needs() {
         "ECC errors in the last hour",
         "GPUs waiting for a reset or service",
         "Hottest GPU and memory temperatures",
+        "NVLink traffic",
+        "NVLink errors in the last hour",
     ] {
         assert!(titles.iter().any(|t| t == want), "no panel {want:?}");
     }

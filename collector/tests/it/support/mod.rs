@@ -375,6 +375,7 @@ impl Truth {
             seed: SEED,
             energy_counter: true,
             counter_file: None,
+            nvlink: true,
         });
         let uuids = m.inventory().iter().map(|g| g.uuid.clone()).collect();
         let step = (INTERVAL_MS * 1_000_000) as i64;
