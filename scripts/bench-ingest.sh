@@ -45,7 +45,7 @@ spool="${BENCH_SPOOL:-120}"
 per_conn_above="${BENCH_SHARE_ABOVE:-5000}"
 
 cargo build --release --locked --bins -q
-bin=target/release
+bin="${CARGO_TARGET_DIR:-target}/release"
 tck=$(getconf CLK_TCK)
 work=$(mktemp -d "${TMPDIR:-/tmp}/capwatch-bench.XXXXXX")
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT

@@ -26,7 +26,7 @@ if [[ -n "${DEMO_BIN_DIR:-}" ]]; then
     bin=$DEMO_BIN_DIR
 else
     cargo build --release --locked --bins
-    bin=target/release
+    bin="${CARGO_TARGET_DIR:-target}/release"
 fi
 demo_dir="${DEMO_DIR:-target/demo}"
 export CAPWATCH_GRPC_LISTEN="${CAPWATCH_GRPC_LISTEN:-127.0.0.1:7070}"

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 seconds="${SECONDS_PER_RUN:-60}"
 runs="${RUNS:-3}"
 cargo build --release --locked --bins -q
-bin=target/release
+bin="${CARGO_TARGET_DIR:-target}/release"
 tck=$(getconf CLK_TCK)
 for run in $(seq "$runs"); do
     # The collector makes a ledger only when told to.

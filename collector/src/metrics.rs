@@ -562,7 +562,8 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
 /// collector's own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Detail {
-    /// `capwatch_gpu_*`: about ten series per GPU.
+    /// `capwatch_gpu_*`: about 40 series per GPU, and 109 more for the
+    /// NVLinks of an SXM board.
     pub gpus: bool,
     /// `capwatch_node_*`: a few series per node.
     pub nodes: bool,
