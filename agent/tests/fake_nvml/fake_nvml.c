@@ -1280,6 +1280,17 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
  *              slot 3: MIG-22222222-0000-0000-0000-000000000002
  *                      "NVIDIA H100 80GB HBM3 MIG 3g.40gb", GI 1, CI 0, 42 SMs
  *              (slots 1, 2, 4-6 empty: NOT_FOUND)
+ *   layout 3   one GPU instance shared by two compute instances:
+ *              slot 0: MIG-33333333-0000-0000-0000-000000000001
+ *                      "NVIDIA H100 80GB HBM3 MIG 2c.3g.40gb", GI 1, CI 0,
+ *                      28 SMs, 3 GPU-instance slices, 2 compute slices
+ *              slot 1: MIG-33333333-0000-0000-0000-000000000002
+ *                      "NVIDIA H100 80GB HBM3 MIG 1c.3g.40gb", GI 1, CI 1,
+ *                      14 SMs, 3 GPU-instance slices, 1 compute slice
+ *              slot 2: MIG-33333333-0000-0000-0000-000000000003
+ *                      "NVIDIA H100 80GB HBM3 MIG 4g.40gb", GI 2, CI 0,
+ *                      56 SMs, 4 slices
+ *              (every slice in an instance)
  *
  * Compile-time switches (-D):
  *
@@ -1311,9 +1322,13 @@ struct fake_mig {
     const char *name; /* NULL: nvmlDeviceGetName answers NOT_SUPPORTED */
     unsigned int gpu_instance, compute_instance, sms, slices;
     unsigned long long memory_mb;
+    /* The compute instance's slices; 0: all of its GPU instance's. */
+    unsigned int compute_slices;
 };
 
-static struct fake_mig mig_layouts[3][FAKE_MIG_SLOTS] = {
+#define FAKE_MIG_LAYOUTS 4
+
+static struct fake_mig mig_layouts[FAKE_MIG_LAYOUTS][FAKE_MIG_SLOTS] = {
     {{0}},
     {
         {"MIG-11111111-0000-0000-0000-000000000001", "NVIDIA H100 80GB HBM3 MIG 3g.40gb", 1, 0, 42, 3, 40192},
@@ -1325,6 +1340,11 @@ static struct fake_mig mig_layouts[3][FAKE_MIG_SLOTS] = {
         {0},
         {0},
         {"MIG-22222222-0000-0000-0000-000000000002", "NVIDIA H100 80GB HBM3 MIG 3g.40gb", 1, 0, 42, 3, 40192},
+    },
+    {
+        {"MIG-33333333-0000-0000-0000-000000000001", "NVIDIA H100 80GB HBM3 MIG 2c.3g.40gb", 1, 0, 28, 3, 40192, 2},
+        {"MIG-33333333-0000-0000-0000-000000000002", "NVIDIA H100 80GB HBM3 MIG 1c.3g.40gb", 1, 1, 14, 3, 40192, 1},
+        {"MIG-33333333-0000-0000-0000-000000000003", "NVIDIA H100 80GB HBM3 MIG 4g.40gb", 2, 0, 56, 4, 40192},
     },
 };
 
@@ -1347,14 +1367,14 @@ static int mig_layout(void)
         fclose(f);
     }
 #endif
-    return layout >= 0 && layout < 3 ? layout : 0;
+    return layout >= 0 && layout < FAKE_MIG_LAYOUTS ? layout : 0;
 }
 
 /* The MIG device `device` points at, or NULL when it is no MIG handle. */
 static struct fake_mig *as_mig(nvmlDevice_t device)
 {
     const struct fake_mig *first = &mig_layouts[0][0];
-    const struct fake_mig *end = first + 3 * FAKE_MIG_SLOTS;
+    const struct fake_mig *end = first + FAKE_MIG_LAYOUTS * FAKE_MIG_SLOTS;
     const struct fake_mig *m = (const struct fake_mig *)(const void *)device;
     if (m < first || m >= end || m->uuid == NULL)
         return NULL;
@@ -1437,7 +1457,7 @@ nvmlReturn_t nvmlDeviceGetAttributes_v2(nvmlDevice_t device, nvmlDeviceAttribute
             return NVML_ERROR_UNINITIALIZED;
         attributes->multiprocessorCount = m->sms;
         attributes->gpuInstanceSliceCount = m->slices;
-        attributes->computeInstanceSliceCount = m->slices;
+        attributes->computeInstanceSliceCount = m->compute_slices ? m->compute_slices : m->slices;
         attributes->memorySizeMB = m->memory_mb;
         return NVML_SUCCESS;
     }

@@ -679,6 +679,92 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
     collector.stop();
 }
 
+const MIG_3: [&str; 3] = [
+    "MIG-33333333-0000-0000-0000-000000000001",
+    "MIG-33333333-0000-0000-0000-000000000002",
+    "MIG-33333333-0000-0000-0000-000000000003",
+];
+
+/// Invariant: compute instances that share a GPU instance share its slice
+/// share of the board by their compute slices. Layout 3 of the stand-in:
+/// GPU instance 1 (3 of 7 slices) holds a 2-slice and a 1-slice compute
+/// instance, GPU instance 2 takes the other 4 slices whole, so the
+/// weights are 2 : 1 : 4 of 7 and nothing is left to the board.
+#[test]
+fn compute_instances_sharing_a_gpu_instance_split_its_share_by_compute_slices() {
+    let dir = tempfile::tempdir().unwrap();
+    let lib = build_fake(dir.path(), &["-DFAKE_MIG_LAYOUT=3"]);
+    // lab-a leases the 2-slice compute instance, lab-b the 1-slice one;
+    // lab-c leases the node: the 4g instance and GPU 1.
+    let tenants = format!(
+        "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 1\ngpus = [\"{}\"]\n\n\
+         [[tenant]]\nid = \"lab-b\"\ncontracted_kw = 1\ngpus = [\"{}\"]\n\n\
+         [[tenant]]\nid = \"lab-c\"\ncontracted_kw = 1\nnodes = [\"gpu-node-*\"]\n",
+        MIG_3[0], MIG_3[1]
+    );
+    let collector = Collector::start(dir.path(), &tenants, 0, &["--stale-after", "5m"]);
+    let mut agent = mig_agent(&lib, &collector, &["--max-samples", "6"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "agent: {status}");
+
+    // Five deltas of 1000 mJ, each split 2 : 1 : 4 of 7 exactly:
+    // 285.7, 142.9 and 571.4 round by largest remainder to 286, 143, 571.
+    const DELTAS: u64 = 5;
+    let m = collector.metrics();
+    let board = [("node", "gpu-node-mig"), ("gpu", "0")];
+    let listed: Vec<[String; 4]> = mig_instances(&m)
+        .iter()
+        .map(|l| {
+            ["uuid", "gpu_instance_id", "compute_instance_id", "profile"].map(|k| l[k].clone())
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            [MIG_3[0], "1", "0", "2c.3g.40gb"],
+            [MIG_3[1], "1", "1", "1c.3g.40gb"],
+            [MIG_3[2], "2", "0", "4g.40gb"],
+        ]
+        .map(|r| r.map(String::from))
+    );
+    let part = |uuid: &str| {
+        let mut labels = board.to_vec();
+        labels.push(("uuid", uuid));
+        m.select("capwatch_gpu_mig_energy_joules_total", &labels)
+            .first()
+            .map(|(_, v)| milli(*v))
+    };
+    assert_eq!(
+        [part(MIG_3[0]), part(MIG_3[1]), part(MIG_3[2]), part(BOARD)],
+        [
+            Some(286 * DELTAS),
+            Some(143 * DELTAS),
+            Some(571 * DELTAS),
+            None
+        ],
+        "no slice of the board is in no instance"
+    );
+    let want = [
+        ("lab-a", 286 * DELTAS),
+        ("lab-b", 143 * DELTAS),
+        ("lab-c", (571 + 250) * DELTAS),
+    ];
+    eventually(Duration::from_secs(10), "the ledger holds the run", || {
+        want.iter()
+            .map(|(t, _)| ledger_energy(&collector, t))
+            .sum::<u64>()
+            == 1250 * DELTAS
+    });
+    for (tenant, energy) in want {
+        assert_eq!(ledger_energy(&collector, tenant), energy, "{tenant}");
+    }
+    collector.stop();
+}
+
 /// The lab collector and an agent on the stand-in whose MIG layout
 /// follows a control file (returned, holding layout 1), reading it again
 /// every 200 ms, with `env` besides, its log captured; returns once the
