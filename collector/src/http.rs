@@ -839,6 +839,8 @@ enum GroupByName {
     Tenant,
     #[serde(rename = "node")]
     Node,
+    #[serde(rename = "gpu")]
+    Gpu,
 }
 
 /// The parameters of `/v2/usage` (parsed from the query string by
@@ -874,12 +876,15 @@ struct PageParams {
     /// `next_page_token` of the previous page, with the same other
     /// parameters.
     page_token: Option<String>,
-    /// Rows per tenant (default) or per tenant and node: a node row has
-    /// the tenant's figures on that node alone, without what the
-    /// tenant's contract or meters decide as a whole (contracted power,
-    /// capacity utilization, peak demand, p95, time over contract,
-    /// overage, facility energy). `gpu` is refused with a problem: the
-    /// ledger keeps minutes per node, not per GPU.
+    /// Rows per tenant (default), per tenant and node, or per tenant,
+    /// node and GPU: a node row has the tenant's figures on that node
+    /// alone, without what the tenant's contract or meters decide as a
+    /// whole (contracted power, capacity utilization, peak demand, p95,
+    /// time over contract, overage, facility energy); a GPU row has the
+    /// GPU's figures alone (no whole-node energy either), from the
+    /// ledger's per-GPU hours: its steps must be whole hours (1h, 1d,
+    /// month, total; `step` is refused otherwise), and a period from
+    /// before the ledger kept every GPU's hours is refused (`from`).
     group_by: Option<GroupByName>,
     /// json (default) or csv; without it, `Accept: text/csv` asks CSV.
     format: Option<FormatName>,

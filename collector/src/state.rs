@@ -118,6 +118,12 @@ impl State {
         }
     }
 
+    /// Whether commits keep per-GPU hours (`usage_gpu_rows`); set before
+    /// any batch is booked.
+    pub fn keep_gpu_rows(&self, keep: bool) {
+        self.billing.keep_gpu_rows(keep);
+    }
+
     /// Records which ledger this collector writes (once).
     pub fn set_ledger_identity(&self, id: crate::ledger::Identity) {
         let _ = self.ledger_identity.set(id);

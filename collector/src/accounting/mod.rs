@@ -509,6 +509,16 @@ pub trait Book<T: ?Sized> {
     fn add(&mut self, tenant: &T, minute: i64, f: &MinuteFigures);
 }
 
+/// A tenant's bookings of one GPU (a board, or a MIG board's part, by the
+/// key it is metered under): what a [`Book`] that keeps per-GPU figures as
+/// well as the tenant's books a GPU reading under, the same figures to
+/// both.
+#[derive(Debug, Clone, Copy)]
+pub struct OnGpu<'a, T: ?Sized> {
+    pub tenant: &'a T,
+    pub gpu: &'a T,
+}
+
 /// The figures one reading books over its interval.
 #[derive(Debug, Clone, Copy)]
 struct Amounts {

@@ -136,6 +136,7 @@ impl App {
             },
             tenants,
         ));
+        state.keep_gpu_rows(cfg.usage_gpu_rows);
         state.set_auth(load_auth(&cfg)?);
         state.set_meters(board);
         state.readiness.set_shed_after(cfg.shed_streams_after);

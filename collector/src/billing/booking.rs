@@ -1,10 +1,10 @@
-//! The minute buckets of one batch of one node.
+//! The minute buckets and per-GPU hours of one batch of one node.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::accounting::{Book, MinuteFigures};
-use crate::ledger::{BucketDelta, Commit};
+use crate::accounting::{Book, MinuteFigures, OnGpu};
+use crate::ledger::{BucketDelta, Commit, GpuDelta, HOUR};
 
 /// The minute buckets one batch of one node adds to, per (tenant,
 /// minute), before they go into the pending commit.
@@ -13,10 +13,18 @@ use crate::ledger::{BucketDelta, Commit};
 /// first ones are found by comparing pointers instead of hashing two
 /// strings per GPU reading; a batch that spreads a long gap over many
 /// minutes goes on in a map.
+///
+/// A GPU reading booked through [`OnGpu`] adds the same figures to the
+/// (tenant, GPU, hour) it belongs to as well, so that the per-GPU hours
+/// sum to the tenant's GPU figures exactly: found by comparing pointers
+/// too (the GPU's key is the node's own `Arc`), a batch holding a few
+/// rows per GPU of the node.
 #[derive(Debug, Default)]
 pub struct Booking {
     few: Vec<(Arc<str>, i64, BucketDelta)>,
     many: HashMap<(Arc<str>, i64), BucketDelta>,
+    gpus: Vec<(Arc<str>, Arc<str>, i64, GpuDelta)>,
+    more_gpus: HashMap<(Arc<str>, Arc<str>, i64), GpuDelta>,
 }
 
 impl Booking {
@@ -38,8 +46,45 @@ impl Booking {
         }
     }
 
-    /// Adds everything booked to `c`'s buckets of `node`.
-    pub fn into_commit(self, c: &mut Commit, node: &Arc<str>) {
+    /// Most per-GPU rows found by pointers: every part of eight boards
+    /// of seven MIG instances each, over a change of hour.
+    const FEW_GPUS: usize = 128;
+
+    fn gpu_hour(&mut self, tenant: &Arc<str>, gpu: &Arc<str>, hour: i64) -> &mut GpuDelta {
+        let found = self
+            .gpus
+            .iter()
+            .position(|(t, g, h, _)| *h == hour && Arc::ptr_eq(g, gpu) && Arc::ptr_eq(t, tenant));
+        match found {
+            Some(i) => &mut self.gpus[i].3,
+            None if self.gpus.len() < Self::FEW_GPUS => {
+                self.gpus
+                    .push((tenant.clone(), gpu.clone(), hour, GpuDelta::default()));
+                &mut self.gpus.last_mut().expect("just pushed").3
+            }
+            None => self
+                .more_gpus
+                .entry((tenant.clone(), gpu.clone(), hour))
+                .or_default(),
+        }
+    }
+
+    /// Adds everything booked to `c`'s buckets of `node`, and with
+    /// `gpu_rows` to its per-GPU hours.
+    pub fn into_commit(self, c: &mut Commit, node: &Arc<str>, gpu_rows: bool) {
+        if gpu_rows {
+            let all = self.gpus.into_iter().chain(
+                self.more_gpus
+                    .into_iter()
+                    .map(|((t, g, h), d)| (t, g, h, d)),
+            );
+            for (tenant, gpu, hour, d) in all {
+                c.gpu_hours
+                    .entry((tenant, node.clone(), gpu, hour))
+                    .or_default()
+                    .add(&d);
+            }
+        }
         let all = self
             .few
             .into_iter()
@@ -66,5 +111,21 @@ impl Book<Arc<str>> for Booking {
         d.node_energy_mj += f.node_energy_mj;
         d.node_estimated_mj += f.node_estimated_mj;
         d.node_ns += f.node_ns;
+    }
+}
+
+impl Book<OnGpu<'_, Arc<str>>> for Booking {
+    #[inline]
+    fn add(&mut self, on: &OnGpu<'_, Arc<str>>, minute: i64, f: &MinuteFigures) {
+        Book::<Arc<str>>::add(self, on.tenant, minute, f);
+        let g = self.gpu_hour(on.tenant, on.gpu, minute.div_euclid(HOUR) * HOUR);
+        let d = &mut g.delta;
+        d.energy_mj += f.energy_mj;
+        d.estimated_mj += f.estimated_mj;
+        d.gpu_ns += f.gpu_ns;
+        d.busy_gpu_ns += f.busy_gpu_ns;
+        d.expected_gpu_ns += f.expected_gpu_ns;
+        d.samples += f.samples;
+        g.first_minute = g.first_minute.min(minute);
     }
 }

@@ -2,10 +2,11 @@
 //! outlive nodes and reloads.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::billing::Booking;
-use crate::ledger::{Commit, NodeCursor, Snapshot};
+use crate::ledger::{Commit, GpuRows, NodeCursor, Snapshot};
 use crate::sync::lock;
 use crate::tenants::TenantHistory;
 
@@ -36,6 +37,8 @@ struct Pending {
 pub struct Billing {
     pending: Mutex<Pending>,
     totals: Mutex<HashMap<Arc<str>, TenantTotals>>,
+    /// Whether commits keep per-GPU hours (`usage_gpu_rows`).
+    gpu_rows: AtomicBool,
 }
 
 impl Default for Billing {
@@ -47,11 +50,18 @@ impl Default for Billing {
                 stale: Vec::new(),
             }),
             totals: Mutex::new(HashMap::new()),
+            gpu_rows: AtomicBool::new(true),
         }
     }
 }
 
 impl Billing {
+    /// Whether commits from now on keep per-GPU hours (each commit says
+    /// so to the ledger, which records from when they are complete).
+    pub fn keep_gpu_rows(&self, keep: bool) {
+        self.gpu_rows.store(keep, Ordering::Relaxed);
+    }
+
     /// Takes what the next commit must write, with its number and
     /// `contracts` (each minute is measured against the contract of its
     /// own time); batches booked from now on go to the commit after it.
@@ -62,6 +72,12 @@ impl Billing {
         let mut c = std::mem::take(&mut p.commit);
         c.contracts = Some(contracts);
         c.id = Some(id);
+        // The setting is the process's, set before any batch is booked.
+        c.gpu_rows = if self.gpu_rows.load(Ordering::Relaxed) {
+            GpuRows::Kept
+        } else {
+            GpuRows::NotKept
+        };
         (id, c)
     }
 
@@ -81,7 +97,7 @@ impl Billing {
     ) -> u64 {
         let mut pending = lock(&self.pending);
         let c = &mut pending.commit;
-        booked.into_commit(c, node);
+        booked.into_commit(c, node, self.gpu_rows.load(Ordering::Relaxed));
         c.nodes.insert(node.clone(), cursor);
         for (tenant, mj) in energy {
             *c.tenant_energy.entry(tenant.clone()).or_default() += mj;
@@ -176,6 +192,7 @@ impl Billing {
 /// buckets: only on the rare path of a lost claim.
 pub fn remove_node(c: &mut Commit, node: &str) -> Vec<(Arc<str>, u64)> {
     c.nodes.remove(node);
+    c.gpu_hours.retain(|(_, n, _, _), _| &**n != node);
     let mut removed: Vec<(Arc<str>, u64)> = Vec::new();
     c.buckets.retain(|(tenant, n, _), d| {
         if &**n != node {

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::accounting::{Book, Tick, split_by_weight};
+use crate::accounting::{Book, OnGpu, Tick, split_by_weight};
 use crate::edge::{
     MAX_SEQ_JUMP, NodePowerReject, NodeSample, Reject, check_node_power, check_sample,
 };
@@ -57,7 +57,7 @@ impl Fleet {
     /// and the tenants' energy into the next commit, still under it, and
     /// returns that commit's number (and adds the energy to the tenants'
     /// totals). Returns the outcome.
-    pub fn ingest<B: Book<Arc<str>> + Default>(
+    pub fn ingest<B>(
         &self,
         h: &StreamHandle,
         samples: Vec<NodeSample>,
@@ -65,7 +65,10 @@ impl Fleet {
         (now, now_ns): (Instant, i64),
         history: impl FnOnce() -> Arc<TenantHistory>,
         book: impl FnOnce(B, &Arc<str>, NodeCursor, &[(Arc<str>, u64)]) -> u64,
-    ) -> Result<BatchOutcome, Superseded> {
+    ) -> Result<BatchOutcome, Superseded>
+    where
+        B: Book<Arc<str>> + for<'a> Book<OnGpu<'a, Arc<str>>> + Default,
+    {
         let mut out = BatchOutcome::default();
         let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
         let mut booked = B::default();
@@ -214,7 +217,11 @@ impl Fleet {
                     };
                     match mig {
                         None => {
-                            applied.book(&mut booked, tenant, window);
+                            let on = OnGpu {
+                                tenant,
+                                gpu: &gpu.uuid,
+                            };
+                            applied.book(&mut booked, &on, window);
                             add(tenant, applied.energy_mj);
                         }
                         // A MIG board: its reading (the board's counter,
@@ -231,7 +238,8 @@ impl Fleet {
                                 (Some(()), _) => past_parts.get(i).cloned().unwrap_or_default(),
                                 _ => Vec::new(),
                             };
-                            let parts: Vec<(&Arc<str>, u64)> = mig
+                            // Each part booked per GPU under its own key.
+                            let on: Vec<OnGpu<'_, Arc<str>>> = mig
                                 .parts
                                 .iter()
                                 .enumerate()
@@ -240,12 +248,20 @@ impl Fleet {
                                         Some(t) if then.len() == mig.parts.len() => t,
                                         _ => &p.tenant,
                                     };
-                                    (tenant, p.weight)
+                                    OnGpu {
+                                        tenant,
+                                        gpu: &p.uuid,
+                                    }
                                 })
                                 .collect();
+                            let parts: Vec<(&OnGpu<'_, Arc<str>>, u64)> = on
+                                .iter()
+                                .zip(&mig.parts)
+                                .map(|(o, p)| (o, p.weight))
+                                .collect();
                             let shares = applied.book_parts(&mut booked, &parts, window);
-                            for ((tenant, _), share) in parts.iter().zip(&shares) {
-                                add(tenant, *share);
+                            for ((o, _), share) in parts.iter().zip(&shares) {
+                                add(o.tenant, *share);
                             }
                             counted = mig
                                 .parts

@@ -47,6 +47,8 @@ macro_rules! conformance_tests {
             facility_usage_is_the_allocation_plus_pue_times_unmetered_node_energy,
             usage_pages_give_every_row_once_and_each_adjustment_once,
             usage_rows_per_node_sum_to_the_tenants_rows,
+            usage_rows_per_gpu_sum_to_the_tenants_and_nodes_rows,
+            gpu_hours_are_kept_for_the_hour_retention,
             allocated_facility_energy_survives_compaction,
             meter_reports_read_the_same_after_compaction,
         );
@@ -1995,15 +1997,6 @@ pub(crate) fn usage_rows_per_node_sum_to_the_tenants_rows<W: LedgerWriter, R: Le
         })
         .collect();
     assert_eq!(adjustments, [("n2".into(), "n2".into(), 77)]);
-    // Per GPU is refused by name, not answered per node.
-    let req = PageRequest {
-        from: Some("2027-01-15T08:00:00Z".into()),
-        to: Some("2027-01-15T10:00:00Z".into()),
-        group_by: Some("gpu".into()),
-        ..PageRequest::default()
-    };
-    let e = PageQuery::parse(&req).unwrap_err();
-    assert_eq!(e.param(), Some("group_by"), "{e}");
     // A token of one grouping is refused by the other.
     let mut req = PageRequest {
         tenants: vec!["lab-a".into()],
@@ -2021,4 +2014,382 @@ pub(crate) fn usage_rows_per_node_sum_to_the_tenants_rows<W: LedgerWriter, R: Le
         PageQuery::parse(&req).unwrap_err().param(),
         Some("page_token")
     );
+}
+
+/// GPU readings booked as the collector books them (`billing::Booking`
+/// through `OnGpu`): each (tenant, node, GPU, minute, energy) into its
+/// tenant's minute bucket and its GPU's hour alike, and whole-node energy
+/// into the minute buckets alone (it is not per GPU).
+fn gpu_commit(readings: &[(&str, &str, &str, i64, u64)]) -> Commit {
+    use crate::accounting::{Book, MinuteFigures, OnGpu};
+    let mut c = Commit::default();
+    let mut by_node: std::collections::BTreeMap<&str, crate::billing::Booking> = Default::default();
+    for &(tenant, node, gpu, minute, energy_mj) in readings {
+        let b = by_node.entry(node).or_default();
+        let (tenant, gpu): (Arc<str>, Arc<str>) = (Arc::from(tenant), Arc::from(gpu));
+        let f = MinuteFigures {
+            energy_mj,
+            estimated_mj: energy_mj % 7,
+            gpu_ns: 60_000_000_000,
+            busy_gpu_ns: 30_000_000_000 + energy_mj,
+            expected_gpu_ns: 61_000_000_000,
+            samples: 60,
+            ..MinuteFigures::default()
+        };
+        b.add(
+            &OnGpu {
+                tenant: &tenant,
+                gpu: &gpu,
+            },
+            minute,
+            &f,
+        );
+        let whole_node = MinuteFigures {
+            node_energy_mj: 3 * energy_mj,
+            node_ns: 60_000_000_000,
+            ..MinuteFigures::default()
+        };
+        Book::<Arc<str>>::add(b, &tenant, minute, &whole_node);
+        *c.tenant_energy.entry(tenant).or_default() += energy_mj;
+    }
+    for (node, b) in by_node {
+        let node: Arc<str> = Arc::from(node);
+        b.into_commit(&mut c, &node, true);
+        c.nodes.insert(node, cursor(1, 10, 5_000));
+    }
+    c
+}
+
+/// Every page of a walk of `req` (its tokens followed to the end).
+fn walk_pages(
+    reader: &dyn LedgerReader,
+    tenants: &str,
+    mut req: crate::usage::PageRequest,
+) -> Vec<crate::usage::Page> {
+    use crate::usage::{PageQuery, page};
+    let history = TenantHistory::new(Arc::new(Tenants::from_toml(tenants).unwrap()));
+    let tenants = &Tenants::from_toml(tenants).unwrap();
+    let mut pages = Vec::new();
+    loop {
+        let p = page(
+            reader,
+            tenants,
+            &history,
+            &[],
+            &PageQuery::parse(&req).unwrap(),
+        )
+        .unwrap();
+        let next = p.next_page_token.clone();
+        pages.push(p);
+        match next {
+            Some(t) => req.page_token = Some(t),
+            None => return pages,
+        }
+    }
+}
+
+/// *Invariant:* rows grouped by GPU sum exactly (in millijoules, GPU time
+/// and readings) to the tenant's rows and to its node rows, hour by hour,
+/// a MIG instance a GPU of its own; late energy for a final minute is
+/// added to its GPU's hour, whose revision becomes the commit's; steps
+/// that cut hours and periods from before the ledger kept every GPU's
+/// hours are refused by name.
+pub(crate) fn usage_rows_per_gpu_sum_to_the_tenants_and_nodes_rows<
+    W: LedgerWriter,
+    R: LedgerReader,
+>(
+    mut f: Fresh<W, R>,
+) {
+    use crate::usage::{PageQuery, PageRequest, PagedRow, page};
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    w.claim("a", "n2").unwrap();
+    // lab-a: two boards on n1, one on n2 (the second hour only), and a
+    // MIG instance of n1's MIG board; lab-b: a board and the other
+    // instance on n1.
+    let mut readings = Vec::new();
+    for m in 0..120 {
+        let at = MINUTE + m * 60;
+        let e = m as u64;
+        readings.push(("lab-a", "n1", "GPU-a1", at, 1_000 + e));
+        readings.push(("lab-a", "n1", "GPU-a2", at, 2_000 + 3 * e));
+        readings.push(("lab-a", "n1", "MIG-m1", at, 300 + e % 7));
+        readings.push(("lab-b", "n1", "GPU-b1", at, 4_000 + e));
+        readings.push(("lab-b", "n1", "MIG-m2", at, 500 + e % 5));
+        if m >= 60 {
+            readings.push(("lab-a", "n2", "GPU-a3", at, 7_000 + 2 * e));
+        }
+    }
+    let mut c = gpu_commit(&readings);
+    c.gpu_rows = super::GpuRows::Kept;
+    w.commit_as("a", &c, MINUTE + 7_300, MINUTE + 7_200)
+        .unwrap();
+    let tenants = "[[tenant]]\nid = \"lab-a\"\ncontracted_kw = 0.001\n[[tenant]]\nid = \"lab-b\"\ncontracted_kw = 50\n";
+    let request = |group_by: &str, limit: &str| PageRequest {
+        tenants: vec!["lab-a".into(), "lab-b".into()],
+        from: Some("2027-01-15T08:00:00Z".into()),
+        to: Some("2027-01-15T10:00:00Z".into()),
+        step: Some("1h".into()),
+        limit: Some(limit.into()),
+        group_by: Some(group_by.into()),
+        ..PageRequest::default()
+    };
+    let rows_of = |pages: &[crate::usage::Page]| -> Vec<PagedRow> {
+        pages.iter().flat_map(|p| p.rows.clone()).collect()
+    };
+    let by_tenant = rows_of(&walk_pages(&f.reader, tenants, request("tenant", "100")));
+    let by_node = rows_of(&walk_pages(&f.reader, tenants, request("node", "100")));
+    let (h8, h9) = ("2027-01-15T08:00:00Z", "2027-01-15T09:00:00Z");
+    let mut want_keys = Vec::new();
+    for (t, n, g) in [
+        ("lab-a", "n1", "GPU-a1"),
+        ("lab-a", "n1", "GPU-a2"),
+        ("lab-a", "n1", "MIG-m1"),
+        ("lab-a", "n2", "GPU-a3"),
+        ("lab-b", "n1", "GPU-b1"),
+        ("lab-b", "n1", "MIG-m2"),
+    ] {
+        for h in [h8, h9] {
+            want_keys.push((t.to_string(), n.to_string(), g.to_string(), h.to_string()));
+        }
+    }
+    // Pages of any size: every GPU row once, in key order, the last page
+    // not empty.
+    let mut by_gpu = Vec::new();
+    for limit in ["1", "3", "5", "1000"] {
+        let pages = walk_pages(&f.reader, tenants, request("gpu", limit));
+        assert!(!pages.last().unwrap().rows.is_empty(), "limit {limit}");
+        assert!(
+            pages
+                .iter()
+                .all(|p| p.group_by == "gpu" && p.adjustments.is_empty())
+        );
+        let rows = rows_of(&pages);
+        let keys: Vec<(String, String, String, String)> = rows
+            .iter()
+            .map(|r| {
+                (
+                    r.usage.tenant.clone(),
+                    r.node.clone().unwrap(),
+                    r.gpu.clone().unwrap(),
+                    r.usage.start.clone(),
+                )
+            })
+            .collect();
+        assert_eq!(keys, want_keys, "limit {limit}");
+        by_gpu = rows;
+    }
+    // The sums: per tenant and hour, and per tenant, node and hour.
+    type Sums = (u64, u64, u64, u64, u64);
+    let sums = |rows: &[PagedRow], per_node: bool| {
+        let mut out: std::collections::BTreeMap<(String, String, String), Sums> =
+            Default::default();
+        for r in rows {
+            let u = &r.usage;
+            let node = if per_node {
+                r.node.clone().unwrap()
+            } else {
+                String::new()
+            };
+            let e = out
+                .entry((u.tenant.clone(), node, u.start.clone()))
+                .or_default();
+            e.0 += u.energy_millijoules;
+            e.1 += u.readings;
+            e.2 += (u.gpu_hours * 3.6e12).round() as u64;
+            e.3 += (u.busy_gpu_hours * 3.6e12).round() as u64;
+            e.4 |= u64::from(u.estimated);
+        }
+        out
+    };
+    let want = sums(&by_tenant, false);
+    assert_eq!(sums(&by_gpu, false), want);
+    // Node rows list lab-a's n2 in both hours (zeros in the first).
+    assert_eq!(sums(&by_gpu, true), sums(&by_node, true));
+    assert_eq!(
+        want[&("lab-a".to_string(), String::new(), h9.to_string())].0,
+        (60..120u64)
+            .map(|m| 1_000 + m + 2_000 + 3 * m + 300 + m % 7 + 7_000 + 2 * m)
+            .sum::<u64>()
+    );
+    // GPU figures only: no whole-node energy, no tenant-wide figures.
+    assert!(
+        by_tenant
+            .iter()
+            .all(|r| r.usage.node_energy_millijoules > 0)
+    );
+    for r in &by_gpu {
+        assert_eq!(r.usage.node_energy_millijoules, 0);
+        assert_eq!(r.usage.basis, "gpu");
+        assert_eq!(r.revision, Some(0), "{r:?}");
+        let (node, gpu) = (r.node.as_deref().unwrap(), r.gpu.as_deref().unwrap());
+        assert!(
+            r.id.ends_with(&format!("-{}/{node}/{gpu}", r.usage.tenant)),
+            "{}",
+            r.id
+        );
+        let j = serde_json::to_value(r).unwrap();
+        for k in [
+            "contracted_power_watts",
+            "capacity_utilization",
+            "peak_demand_watts",
+            "p95_power_watts",
+            "seconds_over_contract",
+            "overage_kwh",
+            "facility_energy_millijoules",
+            "node_coverage",
+        ] {
+            assert!(j.get(k).is_none(), "{k} in {j}");
+        }
+        assert_eq!(j["gpu"], gpu);
+    }
+    // Late energy for a final minute of GPU-a2's second hour: added to
+    // that hour, which takes the commit's revision; the tenant row lists
+    // it as an adjustment of the same revision.
+    let late = gpu_commit(&[("lab-a", "n1", "GPU-a2", MINUTE + 3_660, 77)]);
+    let rev = w
+        .commit_as("a", &late, MINUTE + 7_400, MINUTE + 7_200)
+        .unwrap()
+        .revision;
+    let after = rows_of(&walk_pages(&f.reader, tenants, request("gpu", "2")));
+    let tenant_after = walk_pages(&f.reader, tenants, request("tenant", "100"));
+    for (before, now) in by_gpu.iter().zip(&after) {
+        if now.gpu.as_deref() == Some("GPU-a2") && now.usage.start == h9 {
+            assert_eq!(now.revision, Some(rev));
+            assert_eq!(
+                now.usage.energy_millijoules,
+                before.usage.energy_millijoules + 77
+            );
+        } else {
+            assert_eq!(now, before);
+        }
+    }
+    let a9 = tenant_after[0]
+        .rows
+        .iter()
+        .find(|r| r.usage.tenant == "lab-a" && r.usage.start == h9)
+        .unwrap();
+    assert_eq!(a9.revision, Some(rev));
+    let adjusted: u64 = tenant_after[0]
+        .adjustments
+        .iter()
+        .filter(|a| a.tenant == "lab-a" && a.start == h9)
+        .map(|a| a.energy_millijoules)
+        .sum();
+    let gpu_a9: u64 = after
+        .iter()
+        .filter(|r| r.usage.tenant == "lab-a" && r.usage.start == h9)
+        .map(|r| r.usage.energy_millijoules)
+        .sum();
+    assert_eq!(gpu_a9, a9.usage.energy_millijoules + adjusted);
+    assert_eq!(adjusted, 77);
+    let refused = |req: &PageRequest| -> String {
+        let history = TenantHistory::new(Arc::new(Tenants::from_toml(tenants).unwrap()));
+        let t = Tenants::from_toml(tenants).unwrap();
+        let e = match PageQuery::parse(req) {
+            Err(e) => e,
+            Ok(q) => match page(&f.reader, &t, &history, &[], &q) {
+                Err(crate::usage::QueryError::Usage(e)) => e,
+                other => panic!("{req:?}: {:?}", other.map(|p| p.rows.len())),
+            },
+        };
+        format!("{}: {e}", e.param().unwrap_or("-"))
+    };
+    // Steps that cut hours: refused, naming step.
+    for (step, tz) in [("1m", None), ("15m", None), ("1d", Some("Asia/Kolkata"))] {
+        let mut req = request("gpu", "10");
+        req.step = Some(step.into());
+        if let Some(tz) = tz {
+            req.tz = Some(tz.into());
+            req.from = Some("2027-01-15T00:00:00+05:30".into());
+            req.to = Some("2027-01-16T00:00:00+05:30".into());
+        }
+        let e = refused(&req);
+        assert!(e.starts_with("step: "), "{step}: {e}");
+    }
+    // A writer that keeps no per-GPU rows commits: they are refused (from),
+    // then, kept again, refused before the next whole hour after.
+    let mut off = booking("n1", cursor(1, 12, 5_000), "lab-a", MINUTE + 7_200, 5);
+    off.gpu_rows = super::GpuRows::NotKept;
+    w.commit_as("a", &off, MINUTE + 7_500, MINUTE + 7_200)
+        .unwrap();
+    assert_eq!(f.reader.gpu_rows_from().unwrap(), None);
+    let e = refused(&request("gpu", "10"));
+    assert!(e.starts_with("from: ") && e.contains("not complete"), "{e}");
+    let mut on = gpu_commit(&[("lab-a", "n1", "GPU-a1", MINUTE + 7_260, 9)]);
+    on.gpu_rows = super::GpuRows::Kept;
+    w.commit_as("a", &on, MINUTE + 7_600, MINUTE + 7_200)
+        .unwrap();
+    assert_eq!(f.reader.gpu_rows_from().unwrap(), Some(MINUTE + 3 * 3600));
+    let e = refused(&request("gpu", "10"));
+    assert!(
+        e.starts_with("from: ") && e.contains("2027-01-15T11:00:00Z"),
+        "{e}"
+    );
+    let mut later = request("gpu", "10");
+    later.from = Some("2027-01-15T11:00:00Z".into());
+    later.to = Some("2027-01-15T12:00:00Z".into());
+    let pages = walk_pages(&f.reader, tenants, later);
+    assert!(pages.iter().all(|p| p.rows.is_empty()));
+}
+
+/// Per-GPU hours are dropped with the hourly rollups, past the hour
+/// retention, and rows per GPU are refused before it.
+pub(crate) fn gpu_hours_are_kept_for_the_hour_retention<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let day = MINUTE - 8 * 3600; // 2027-01-15T00:00:00Z
+    let w = &mut f.writer;
+    w.claim("a", "n1").unwrap();
+    let c = gpu_commit(&[
+        ("lab-a", "n1", "GPU-1", day - 86_400 + 3_600, 11),
+        ("lab-a", "n1", "GPU-1", day + 3_600, 13),
+        ("lab-a", "n1", "MIG-2", day + 3_600, 17),
+    ]);
+    w.commit_as("a", &c, day + 7_300, day + 7_200).unwrap();
+    assert_eq!(f.reader.gpu_rows_from().unwrap(), Some(0));
+    let hours = |r: &R| -> Vec<(String, i64, u64)> {
+        let mut out = Vec::new();
+        for (node, gpu) in r.usage_gpus("lab-a", 0, i64::MAX).unwrap() {
+            assert_eq!(node, "n1");
+            for h in r
+                .gpu_usage("lab-a", &node, &gpu, 0, i64::MAX)
+                .unwrap()
+                .hours
+            {
+                out.push((gpu.clone(), h.start, h.delta.energy_mj));
+            }
+        }
+        out
+    };
+    assert_eq!(
+        hours(&f.reader),
+        [
+            ("GPU-1".to_string(), day - 86_400 + 3_600, 11),
+            ("GPU-1".to_string(), day + 3_600, 13),
+            ("MIG-2".to_string(), day + 3_600, 17)
+        ]
+    );
+    let lease = w
+        .acquire_compaction("a", 1_000, Duration::from_secs(60))
+        .unwrap();
+    let policy = Compaction {
+        closed_before: day + 7_200,
+        minutes_from: day,
+        hours_from: day,
+        days_from: None,
+        allocating_from: None,
+    };
+    let done = w
+        .compact_under(&lease, 1_001, &policy, &no_contracts())
+        .unwrap();
+    assert_eq!(done.gpu_hour_rows_dropped, 1, "{done:?}");
+    assert_eq!(
+        hours(&f.reader),
+        [
+            ("GPU-1".to_string(), day + 3_600, 13),
+            ("MIG-2".to_string(), day + 3_600, 17)
+        ]
+    );
+    assert_eq!(f.reader.gpu_rows_from().unwrap(), Some(day));
 }

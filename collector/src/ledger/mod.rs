@@ -347,6 +347,134 @@ impl BucketDelta {
 /// Bucket key: (tenant, node, minute start in Unix seconds).
 pub type BucketKey = (Arc<str>, Arc<str>, i64);
 
+/// Per-GPU row key: (tenant, node, GPU, hour start in Unix seconds). The
+/// GPU is the unit a tenant leases and energy is attributed to: a board's
+/// UUID, or for a MIG board's part the MIG instance's UUID (or the key of
+/// its slices in no instance).
+pub type GpuHourKey = (Arc<str>, Arc<str>, Arc<str>, i64);
+
+/// Additions to one per-GPU hour (`GpuHourKey`): the GPU figures of
+/// `BucketDelta` (energy, its estimated part, GPU time, busy GPU time,
+/// expected GPU time, readings; the tenant-wide and whole-node figures
+/// stay 0), and the earliest minute they were booked to, which tells a
+/// commit whether any of it is late (for a minute already final).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuDelta {
+    pub delta: BucketDelta,
+    /// The earliest minute start (Unix seconds) booked into it.
+    pub first_minute: i64,
+}
+
+impl Default for GpuDelta {
+    fn default() -> Self {
+        Self {
+            delta: BucketDelta::default(),
+            first_minute: i64::MAX,
+        }
+    }
+}
+
+impl GpuDelta {
+    /// Adds `other`: its figures, and its earliest minute if earlier.
+    pub fn add(&mut self, other: &GpuDelta) {
+        self.delta.add(&other.delta);
+        self.first_minute = self.first_minute.min(other.first_minute);
+    }
+
+    /// The figures a per-GPU row keeps, in `GPU_COLUMNS` order.
+    pub(crate) fn values(&self) -> [u64; GPU_FIELDS] {
+        let d = &self.delta;
+        [
+            d.energy_mj,
+            d.gpu_ns,
+            d.busy_gpu_ns,
+            d.samples,
+            d.expected_gpu_ns,
+            d.estimated_mj,
+        ]
+    }
+
+    /// A bucket delta of the figures a per-GPU row keeps.
+    pub(crate) fn bucket(v: [u64; GPU_FIELDS]) -> BucketDelta {
+        let [
+            energy_mj,
+            gpu_ns,
+            busy_gpu_ns,
+            samples,
+            expected_gpu_ns,
+            estimated_mj,
+        ] = v;
+        BucketDelta {
+            energy_mj,
+            gpu_ns,
+            busy_gpu_ns,
+            samples,
+            expected_gpu_ns,
+            estimated_mj,
+            ..BucketDelta::default()
+        }
+    }
+}
+
+/// How many figures a per-GPU row keeps.
+pub(crate) const GPU_FIELDS: usize = 6;
+
+/// The columns of the per-GPU hours (`gpu_hour`), in `GpuDelta::values`
+/// order, on both backends.
+pub(crate) const GPU_COLUMNS: [&str; GPU_FIELDS] = [
+    "energy_mj",
+    "gpu_ns",
+    "busy_gpu_ns",
+    "samples",
+    "expected_gpu_ns",
+    "estimated_mj",
+];
+
+/// Whether the writer of a commit keeps per-GPU rows
+/// (`usage_gpu_rows`), which the commit records for the ledger: a
+/// ledger's per-GPU rows are complete only from the hour after the last
+/// commit of a writer that does not keep them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum GpuRows {
+    /// Not said (tools and tests): the ledger's record is left as it is.
+    #[default]
+    Unsaid,
+    /// The commit holds every GPU's figures per hour.
+    Kept,
+    /// It holds none: per-GPU rows stop being complete.
+    NotKept,
+}
+
+/// One hour of one GPU as the ledger keeps it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuHour {
+    pub start: i64,
+    /// The GPU figures (see `GpuDelta`); the others are 0.
+    pub delta: BucketDelta,
+    /// The revision of the last commit that added to it late (energy for
+    /// a minute already final), 0 for none.
+    pub revision: u64,
+}
+
+/// One GPU's hours in a period, read in one snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GpuUsage {
+    /// By start.
+    pub hours: Vec<GpuHour>,
+    /// The revision of the last commit.
+    pub revision: u64,
+    /// Minutes ending at or before this (Unix seconds) never change.
+    pub finalized_through: i64,
+}
+
+/// The first hour (Unix seconds) per-GPU rows hold every GPU's figures
+/// from, given when the ledger records them complete from (`since`,
+/// `None`: not now) and from when its hourly figures are kept (the hour
+/// retention): the later of the two.
+pub fn gpu_rows_from(since: Option<i64>, hours_kept_from: i64) -> Option<i64> {
+    since.map(|s| s.max(hours_kept_from))
+}
+
 /// What the ledger keeps per node: the highest (epoch, seq) accepted, the
 /// counting state of each of its GPUs (by UUID), those it announced last
 /// and those that left it, and of each of its power sources.
@@ -420,6 +548,11 @@ pub struct Commit {
     /// Each node's latest cursor, complete: a later one replaces it.
     pub nodes: HashMap<Arc<str>, NodeCursor>,
     pub buckets: HashMap<BucketKey, BucketDelta>,
+    /// The same deltas per GPU and hour (the GPU figures alone), added to
+    /// the per-GPU rows in the same transaction.
+    pub gpu_hours: HashMap<GpuHourKey, GpuDelta>,
+    /// Whether the writer keeps per-GPU rows.
+    pub gpu_rows: GpuRows,
     pub tenant_energy: HashMap<Arc<str>, u64>,
     /// The tenant file's history, whose version in force at each minute
     /// gives the contract the minute is measured against, for each
@@ -468,6 +601,12 @@ impl Commit {
         self.nodes.extend(later.nodes);
         for (k, d) in later.buckets {
             self.buckets.entry(k).or_default().add(&d);
+        }
+        for (k, d) in later.gpu_hours {
+            self.gpu_hours.entry(k).or_default().add(&d);
+        }
+        if later.gpu_rows != GpuRows::Unsaid {
+            self.gpu_rows = later.gpu_rows;
         }
         for (t, e) in later.tenant_energy {
             *self.tenant_energy.entry(t).or_default() += e;
@@ -537,6 +676,8 @@ pub struct Compacted {
     pub days_rolled_up: usize,
     pub minute_rows_dropped: usize,
     pub hour_rows_dropped: usize,
+    /// Per-GPU hours dropped with the hourly rollups.
+    pub gpu_hour_rows_dropped: usize,
     pub day_rows_dropped: usize,
     pub adjustment_rows_dropped: usize,
     /// Meter-minutes folded into the meters' hourly sums.
@@ -992,6 +1133,33 @@ pub trait LedgerReader {
         since_revision: u64,
     ) -> Result<Usage, LedgerError>;
 
+    /// The first hour (Unix seconds) from which the per-GPU rows hold
+    /// every GPU's figures: the later of when the ledger records them
+    /// complete from and of the hour retention (`gpu_rows_from`); `None`
+    /// where they are not complete now (a writer that does not keep them
+    /// committed last).
+    fn gpu_rows_from(&self) -> Result<Option<i64>, LedgerError>;
+
+    /// The GPUs `tenant` has per-GPU hours of in `[from, to)`, as (node,
+    /// GPU), sorted: the GPUs a usage walk grouped by GPU lists for it.
+    fn usage_gpus(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String)>, LedgerError>;
+
+    /// The hours of `tenant` on `gpu` of `node` starting in `[from, to)`,
+    /// with the revision and watermark of the same snapshot.
+    fn gpu_usage(
+        &self,
+        tenant: &str,
+        node: &str,
+        gpu: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<GpuUsage, LedgerError>;
+
     /// The allocated minutes of `meter` (`None`: every meter) in
     /// `[from, to)`: (meter, minute), by meter then time.
     fn meter_minutes(
@@ -1171,6 +1339,27 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
         (**self).node_usage_since(tenant, node, from, to, since_revision)
+    }
+    fn gpu_rows_from(&self) -> Result<Option<i64>, LedgerError> {
+        (**self).gpu_rows_from()
+    }
+    fn usage_gpus(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        (**self).usage_gpus(tenant, from, to)
+    }
+    fn gpu_usage(
+        &self,
+        tenant: &str,
+        node: &str,
+        gpu: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<GpuUsage, LedgerError> {
+        (**self).gpu_usage(tenant, node, gpu, from, to)
     }
     fn meter_minutes(
         &self,

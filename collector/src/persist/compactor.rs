@@ -113,6 +113,7 @@ pub async fn compact_loop<W: LedgerWriter + 'static>(
                         days = done.days_rolled_up,
                         minute_rows_dropped = done.minute_rows_dropped,
                         hour_rows_dropped = done.hour_rows_dropped,
+                        gpu_hour_rows_dropped = done.gpu_hour_rows_dropped,
                         day_rows_dropped = done.day_rows_dropped,
                         adjustment_rows_dropped = done.adjustment_rows_dropped,
                         meter_rows_rolled_up = done.meter_rows_rolled_up,

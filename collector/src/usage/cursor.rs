@@ -22,6 +22,9 @@ use sha2::{Digest, Sha256};
 use super::UsageError;
 
 const VERSION: &str = "p2";
+/// Tokens of walks grouped by GPU: the GPU after the node, both
+/// length-prefixed.
+const VERSION_GPU: &str = "p3";
 /// Tokens of walks begun before rows per node (tenant, start and revision
 /// only, bound to the query without its `group_by`): still taken, so a
 /// walk begun before an upgrade goes on after it.
@@ -35,6 +38,8 @@ const TAG: usize = 12;
 pub struct Cursor {
     pub tenant: String,
     pub node: String,
+    /// The GPU, grouped by GPU; empty otherwise.
+    pub gpu: String,
     pub start: i64,
     pub revision: u64,
 }
@@ -63,15 +68,29 @@ fn tag(query: &[u8; 32], payload: &[u8]) -> [u8; TAG] {
 
 impl Cursor {
     pub fn encode(&self, query: &[u8; 32]) -> String {
-        // The node is length-prefixed: node ids are the agents' to choose.
-        let payload = format!(
-            "{VERSION}\n{}\n{}\n{}\n{}{}",
-            self.revision,
-            self.start,
-            self.node.len(),
-            self.node,
-            self.tenant
-        );
+        // The node is length-prefixed: node ids are the agents' to choose
+        // (and so are GPU UUIDs).
+        let payload = if self.gpu.is_empty() {
+            format!(
+                "{VERSION}\n{}\n{}\n{}\n{}{}",
+                self.revision,
+                self.start,
+                self.node.len(),
+                self.node,
+                self.tenant
+            )
+        } else {
+            format!(
+                "{VERSION_GPU}\n{}\n{}\n{}\n{}\n{}{}{}",
+                self.revision,
+                self.start,
+                self.node.len(),
+                self.gpu.len(),
+                self.node,
+                self.gpu,
+                self.tenant
+            )
+        };
         let mut bytes = tag(query, payload.as_bytes()).to_vec();
         bytes.extend_from_slice(payload.as_bytes());
         URL_SAFE_NO_PAD.encode(bytes)
@@ -107,6 +126,38 @@ impl Cursor {
         }
         // The digest matched: the payload is one this code wrote.
         let text = std::str::from_utf8(payload).map_err(|_| garbled.clone())?;
+        if let Some(rest) = text
+            .strip_prefix(VERSION_GPU)
+            .and_then(|t| t.strip_prefix('\n'))
+        {
+            let mut parts = rest.splitn(5, '\n');
+            let (Some(revision), Some(start), Some(node_len), Some(gpu_len), Some(rest)) = (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            ) else {
+                return Err(garbled);
+            };
+            let node_len: usize = node_len.parse().map_err(|_| garbled.clone())?;
+            let gpu_len: usize = gpu_len.parse().map_err(|_| garbled.clone())?;
+            let gpu_end = node_len.checked_add(gpu_len).ok_or(garbled.clone())?;
+            let (Some(node), Some(gpu), Some(tenant)) = (
+                rest.get(..node_len),
+                rest.get(node_len..gpu_end),
+                rest.get(gpu_end..),
+            ) else {
+                return Err(garbled);
+            };
+            return Ok(Self {
+                tenant: tenant.to_string(),
+                node: node.to_string(),
+                gpu: gpu.to_string(),
+                start: start.parse().map_err(|_| garbled.clone())?,
+                revision: revision.parse().map_err(|_| garbled.clone())?,
+            });
+        }
         let mut parts = text.splitn(5, '\n');
         let (Some(VERSION), Some(revision), Some(start), Some(node_len), Some(rest)) = (
             parts.next(),
@@ -124,6 +175,7 @@ impl Cursor {
         Ok(Self {
             tenant: tenant.to_string(),
             node: node.to_string(),
+            gpu: String::new(),
             start: start.parse().map_err(|_| garbled.clone())?,
             revision: revision.parse().map_err(|_| garbled.clone())?,
         })
@@ -153,6 +205,7 @@ impl Cursor {
         Some(Self {
             tenant: tenant.to_string(),
             node: String::new(),
+            gpu: String::new(),
             start: start.parse().ok()?,
             revision: revision.parse().ok()?,
         })
@@ -169,10 +222,19 @@ mod tests {
 
     #[test]
     fn a_token_round_trips_with_any_tenant_id() {
-        for tenant in ["lab-a", "", "with\nnewline", "ünï,cödé"] {
+        for (tenant, gpu) in [
+            ("lab-a", ""),
+            ("", ""),
+            ("with\nnewline", ""),
+            ("ünï,cödé", ""),
+            ("lab-a", "GPU-1"),
+            ("with\nnewline", "MIG-\n2"),
+            ("", "x"),
+        ] {
             let c = Cursor {
                 tenant: tenant.into(),
                 node: format!("n\n{tenant}"),
+                gpu: gpu.into(),
                 start: 1_798_761_600,
                 revision: u64::MAX,
             };
@@ -191,6 +253,7 @@ mod tests {
         let c = Cursor {
             tenant: "lab-a".into(),
             node: String::new(),
+            gpu: String::new(),
             start: 1_798_761_600,
             revision: 7,
         };
@@ -231,6 +294,7 @@ mod tests {
         let c = Cursor {
             tenant: "lab-a".into(),
             node: String::new(),
+            gpu: String::new(),
             start: 1_798_761_600,
             revision: 7,
         };
@@ -240,6 +304,7 @@ mod tests {
             Ok(Cursor {
                 tenant: "lab-a".into(),
                 node: String::new(),
+                gpu: String::new(),
                 start: 1_798_761_600,
                 revision: 7,
             })

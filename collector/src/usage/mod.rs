@@ -91,6 +91,14 @@ pub enum UsageError {
     #[error("unknown tenant {0:?}")]
     UnknownTenant(String),
     #[error(
+        "`from`: rows per GPU hold every GPU's figures from {since} on (when the ledger began keeping them, or its hour_retention); ask a period from then"
+    )]
+    GpuRowsSince { since: String },
+    #[error(
+        "`from`: rows per GPU are not complete now: a collector that does not keep them (usage_gpu_rows = false) committed last; they are complete again from the first whole hour after every collector keeps them"
+    )]
+    GpuRowsOff,
+    #[error(
         "`since_revision`: {0:?} is not a revision (a whole number from an earlier answer's `revision`)"
     )]
     Revision(String),
@@ -114,7 +122,7 @@ impl UsageError {
             Empty => "to",
             Format(_) => "format",
             TimeZone(_) => "tz",
-            Compacted { .. } | Expired { .. } => "from",
+            Compacted { .. } | Expired { .. } | GpuRowsSince { .. } | GpuRowsOff => "from",
             UnknownTenant(_) => "tenant",
             Revision(_) | RevisionAhead { .. } => "since_revision",
             Limit(_) => "limit",

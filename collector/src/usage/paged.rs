@@ -2,7 +2,18 @@
 //! several or every tenant, walked in key order (tenant, start) a page at
 //! a time with an opaque page token; with `group_by=node`, a row per
 //! tenant, node and step, walked in key order (tenant, node, start), the
-//! nodes of a tenant those with minutes or rollups in the walk's period.
+//! nodes of a tenant those with minutes or rollups in the walk's period;
+//! with `group_by=gpu`, a row per tenant, node, GPU and step from the
+//! ledger's per-GPU hours, walked in key order (tenant, node, GPU, start),
+//! the GPUs of a tenant those with hours in the walk's period.
+//!
+//! Rows per GPU are whole hours (steps 1h, 1d, month and total, cut on
+//! whole UTC hours), and only from when the ledger holds every GPU's
+//! figures (`LedgerReader::gpu_rows_from`): a period before is refused,
+//! never answered with rows that miss energy. A GPU row holds the GPU's
+//! figures; energy booked late for a minute already final is added to it
+//! (GPU walks list no adjustments), and its revision is that of the last
+//! commit that did so.
 //!
 //! Each row carries its identity (`id`: tenant, start and end instants)
 //! and a revision: for a row that is final, the revision of the last
@@ -32,8 +43,8 @@ use super::{
     AdjustmentRow, MAX_ROWS, QueryError, Row, Step, Terms, UsageError, Zone, facility_of,
     known_terms, parse_revision, report,
 };
-use crate::accounting::Contract;
-use crate::ledger::{Adjustment, LedgerReader};
+use crate::accounting::{Contract, Metered};
+use crate::ledger::{Adjustment, HOUR, LedgerReader, Span, Usage};
 use crate::meters::MeterSpec;
 use crate::tenants::{TenantHistory, Tenants};
 
@@ -62,15 +73,17 @@ pub struct PageRequest {
     pub since_revision: Option<String>,
     pub limit: Option<String>,
     pub page_token: Option<String>,
-    /// `tenant` (the default) or `node`.
+    /// `tenant` (the default), `node` or `gpu`.
     pub group_by: Option<String>,
 }
 
-/// What a row is per: a tenant (the default), or one of its nodes.
+/// What a row is per: a tenant (the default), one of its nodes, or one
+/// of its GPUs on a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GroupBy {
     Tenant,
     Node,
+    Gpu,
 }
 
 impl GroupBy {
@@ -78,15 +91,10 @@ impl GroupBy {
         match v {
             None | Some("tenant") => Ok(Self::Tenant),
             Some("node") => Ok(Self::Node),
-            // Refused, not answered per node: a job that asked per GPU
-            // must not bill per-node rows as if they were.
-            Some("gpu") => Err(UsageError::Parameter {
-                param: "group_by".into(),
-                why: "gpu is not offered: the ledger keeps minutes per tenant and node, not per GPU (ask group_by=node)",
-            }),
+            Some("gpu") => Ok(Self::Gpu),
             Some(_) => Err(UsageError::Parameter {
                 param: "group_by".into(),
-                why: "must be tenant or node",
+                why: "must be tenant, node or gpu",
             }),
         }
     }
@@ -95,26 +103,50 @@ impl GroupBy {
         match self {
             Self::Tenant => "tenant",
             Self::Node => "node",
+            Self::Gpu => "gpu",
         }
     }
+}
+
+/// Refuses rows per GPU that do not start and end on whole UTC hours
+/// (the ledger keeps each GPU's figures per hour).
+fn check_gpu_bounds(bounds: &[i64], step: Step) -> Result<(), UsageError> {
+    let why = "rows per GPU are whole hours: ask 1h, 1d, month or total, with a time zone, anchor, from and to that start and end rows on whole UTC hours";
+    if matches!(step, Step::Minute | Step::Quarter) || bounds.iter().any(|b| b % HOUR != 0) {
+        return Err(UsageError::Parameter {
+            param: "step".into(),
+            why,
+        });
+    }
+    Ok(())
 }
 
 /// One row of a page: a usage row with its identity and revision.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct PagedRow {
     /// The row's identity: `<start>-<end>-<tenant>`, start and end in
-    /// Unix seconds, and `/<node>` after it in rows grouped by node
-    /// (tenant ids hold no `/`). Rows of the same id cover the same
+    /// Unix seconds, and `/<node>` after it in rows grouped by node,
+    /// `/<node>/<gpu>` in rows grouped by GPU (tenant ids hold no `/`). Rows of the same id cover the same
     /// minutes, whatever the step, time zone or anchor that cut them, and
     /// have the same figures at the same revision.
     pub id: String,
-    /// The node, in rows grouped by node (absent in rows per tenant).
-    /// Such a row holds the tenant's figures on that node alone; what a
-    /// contract or a meter decides for the whole tenant is absent from
-    /// it: contracted power, capacity utilization, peak demand, p95,
-    /// time over contract, overage and facility energy.
+    /// The node, in rows grouped by node or GPU (absent in rows per
+    /// tenant). Such a row holds the tenant's figures on that node (or
+    /// GPU) alone; what a contract or a meter decides for the whole
+    /// tenant is absent from it: contracted power, capacity utilization,
+    /// peak demand, p95, time over contract, overage and facility energy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The GPU, in rows grouped by GPU: the board's UUID, or for a part of
+    /// a MIG board the MIG instance's UUID (its slices in no instance: the
+    /// board's UUID). Such a row holds GPU figures only: whole-node energy
+    /// is not per GPU, so `node_energy_*` are 0 and `node_coverage` is
+    /// absent, besides what node rows leave out; `basis` is `gpu` (its
+    /// power is GPU power). Its figures include energy booked late for
+    /// minutes already final (no adjustments are listed for it), and its
+    /// `revision` is that of the last commit that booked such energy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<String>,
     /// The step of the query that cut the row.
     pub step: String,
     /// For a final row (neither `partial` nor `facility_energy_pending`),
@@ -144,9 +176,10 @@ pub struct Page {
     /// The revision of the walk's first page: adjustments are listed up to
     /// it on every page. Ask `since_revision` this next time.
     pub revision: u64,
-    /// What each row is per: `tenant` or `node`.
+    /// What each row is per: `tenant`, `node` or `gpu`.
     pub group_by: String,
-    /// Ordered by tenant, then (grouped by node) node, then start.
+    /// Ordered by tenant, then (grouped by node or GPU) node, then
+    /// (grouped by GPU) GPU, then start.
     pub rows: Vec<PagedRow>,
     /// Late deltas to the page's rows that were already final, booked
     /// after `since_revision` and up to `revision`.
@@ -183,10 +216,11 @@ fn row_revisions(bounds: &[i64], adjustments: &[Adjustment]) -> Vec<u64> {
 /// A row's identity: its tenant (and node, grouped by node) and the
 /// instants it starts and ends at (Unix seconds), whatever the step,
 /// time zone or anchor that cut it.
-fn row_id(tenant: &str, node: Option<&str>, start: i64, end: i64) -> String {
-    match node {
-        None => format!("{start}-{end}-{tenant}"),
-        Some(node) => format!("{start}-{end}-{tenant}/{node}"),
+fn row_id(tenant: &str, node: Option<&str>, gpu: Option<&str>, start: i64, end: i64) -> String {
+    match (node, gpu) {
+        (None, _) => format!("{start}-{end}-{tenant}"),
+        (Some(node), None) => format!("{start}-{end}-{tenant}/{node}"),
+        (Some(node), Some(gpu)) => format!("{start}-{end}-{tenant}/{node}/{gpu}"),
     }
 }
 
@@ -203,6 +237,57 @@ fn node_row(mut row: Row) -> Row {
     row.facility_energy_estimated = false;
     row.facility_energy_pending = false;
     row
+}
+
+/// A GPU row: a node row without the whole-node figures either.
+fn gpu_row(row: Row) -> Row {
+    let mut row = node_row(row);
+    row.node_energy_millijoules = 0;
+    row.node_energy_kwh = 0.0;
+    row.node_energy_estimated = false;
+    row.node_coverage = None;
+    row
+}
+
+/// One GPU's hours as a usage the report reads: each hour a span taken
+/// as a rollup (no quarter-hours inside it), with the revision of each
+/// row of `bounds` (the highest of its hours').
+fn gpu_spans(tenant: &str, g: &crate::ledger::GpuUsage, bounds: &[i64]) -> (Usage, Vec<u64>) {
+    let mut revisions = vec![0; bounds.len().saturating_sub(1)];
+    let spans = g
+        .hours
+        .iter()
+        .map(|h| {
+            if let Some(first) = bounds.first()
+                && h.start >= *first
+            {
+                let row = bounds.partition_point(|b| *b <= h.start) - 1;
+                if let Some(r) = revisions.get_mut(row) {
+                    *r = (*r).max(h.revision);
+                }
+            }
+            let span = Span {
+                start: h.start,
+                seconds: HOUR,
+                delta: h.delta,
+                peak_quarter_mj: Some(0),
+                node_peak_quarter_mj: Some(0),
+                metered: Metered::NONE,
+                facility_peak_quarter_mj: None,
+            };
+            (tenant.to_string(), span)
+        })
+        .collect();
+    let usage = Usage {
+        spans,
+        minutes_from: i64::MAX,
+        hours_from: i64::MIN,
+        days_from: i64::MIN,
+        revision: g.revision,
+        finalized_through: g.finalized_through,
+        adjustments: Vec::new(),
+    };
+    (usage, revisions)
 }
 
 /// A page request checked: everything that needs no ledger, done before
@@ -237,6 +322,10 @@ impl PageQuery {
             None => None,
         };
         let grid = Grid::build(from, to, step, &zone, anchor, MAX_WALK_ROWS)?;
+        if group_by == GroupBy::Gpu {
+            // The period's ends here; each page's rows where it is read.
+            check_gpu_bounds(&[from, to], step)?;
+        }
         // Every step: a walk covers at most ten years.
         if to - from > MAX_WALK_SECONDS {
             return Err(UsageError::TooManyRows {
@@ -329,6 +418,18 @@ pub fn page(
         }
         .into());
     }
+    if pq.group_by == GroupBy::Gpu {
+        match reader.gpu_rows_from()? {
+            None => return Err(UsageError::GpuRowsOff.into()),
+            Some(since) if from < since => {
+                return Err(UsageError::GpuRowsSince {
+                    since: super::rfc3339(since),
+                }
+                .into());
+            }
+            Some(_) => {}
+        }
+    }
     let known = known_terms(reader, tenants)?;
     let mut selected: Vec<Terms> = if pq.asked.is_empty() {
         known
@@ -353,15 +454,22 @@ pub fn page(
     }
 
     let per_tenant = grid.rows();
-    // What a tenant's rows are per: the tenant itself, or each node it
-    // has minutes or rollups on in the walk's period, in node order.
-    let units_of = |tenant: &str| -> Result<Vec<Option<String>>, QueryError> {
+    // What a tenant's rows are per: the tenant itself, each node it has
+    // minutes or rollups on in the walk's period, in node order, or each
+    // GPU it has hours of then, in (node, GPU) order.
+    type Unit = (Option<String>, Option<String>);
+    let units_of = |tenant: &str| -> Result<Vec<Unit>, QueryError> {
         Ok(match pq.group_by {
-            GroupBy::Tenant => vec![None],
+            GroupBy::Tenant => vec![(None, None)],
             GroupBy::Node => reader
                 .usage_nodes(tenant, from, to)?
                 .into_iter()
-                .map(Some)
+                .map(|n| (Some(n), None))
+                .collect(),
+            GroupBy::Gpu => reader
+                .usage_gpus(tenant, from, to)?
+                .into_iter()
+                .map(|(n, g)| (Some(n), Some(g)))
                 .collect(),
         })
     };
@@ -373,7 +481,11 @@ pub fn page(
             let ti = selected.partition_point(|t| t.tenant.as_str() < c.tenant.as_str());
             if selected.get(ti).is_some_and(|t| t.tenant == c.tenant) {
                 let units = units_of(&c.tenant)?;
-                let key = (pq.group_by == GroupBy::Node).then(|| c.node.clone());
+                let key = match pq.group_by {
+                    GroupBy::Tenant => (None, None),
+                    GroupBy::Node => (Some(c.node.clone()), None),
+                    GroupBy::Gpu => (Some(c.node.clone()), Some(c.gpu.clone())),
+                };
                 let ui = units.partition_point(|u| *u < key);
                 if units.get(ui) == Some(&key) {
                     (ti, ui, row + 1, Some(units))
@@ -392,12 +504,12 @@ pub fn page(
     let mut rows = Vec::new();
     let mut adjustments = Vec::new();
     let mut finalized = probe.finalized_through;
-    let mut last: Option<(String, Option<String>, i64)> = None;
+    let mut last: Option<(String, Unit, i64)> = None;
     'page: while rows.len() < limit && ti < selected.len() {
         if units.is_none() {
             units = Some(units_of(&selected[ti].tenant)?);
         }
-        let Some(node) = units.as_ref().and_then(|u| u.get(ui)).cloned() else {
+        let Some(unit) = units.as_ref().and_then(|u| u.get(ui)).cloned() else {
             (ti, ui, bi, units) = (ti + 1, 0, 0, None);
             continue;
         };
@@ -413,15 +525,29 @@ pub fn page(
             .unwrap_or_else(|| vec![(i64::MIN, Contract::default())]);
         let sub = sub_query(bi, bi + take)?;
         let (lo, hi) = sub.read_range();
-        let mut usage = match &node {
-            None => reader.usage_since(Some(&terms.tenant), lo, hi, 0)?,
-            Some(n) => reader.node_usage_since(&terms.tenant, n, lo, hi, 0)?,
+        let (node, gpu) = (unit.0.clone(), unit.1.clone());
+        let (usage, revisions) = match (&node, &gpu) {
+            (Some(n), Some(g)) => {
+                check_gpu_bounds(&sub.bounds, pq.step)?;
+                let (first, end) = (sub.bounds[0], sub.bounds[sub.bounds.len() - 1]);
+                let hours = reader.gpu_usage(&terms.tenant, n, g, first, end)?;
+                // On GPU energy: GPU rows' power is GPU power.
+                terms.contracts = vec![(i64::MIN, Contract::gpu(0))];
+                gpu_spans(&terms.tenant, &hours, &sub.bounds)
+            }
+            _ => {
+                let mut usage = match &node {
+                    None => reader.usage_since(Some(&terms.tenant), lo, hi, 0)?,
+                    Some(n) => reader.node_usage_since(&terms.tenant, n, lo, hi, 0)?,
+                };
+                sub.check_detail(&usage)?;
+                usage.adjustments.retain(|a| a.revision <= pinned);
+                let revisions = row_revisions(&sub.bounds, &usage.adjustments);
+                usage.adjustments.retain(|a| a.revision > since);
+                (usage, revisions)
+            }
         };
-        sub.check_detail(&usage)?;
         finalized = finalized.min(usage.finalized_through);
-        usage.adjustments.retain(|a| a.revision <= pinned);
-        let revisions = row_revisions(&sub.bounds, &usage.adjustments);
-        usage.adjustments.retain(|a| a.revision > since);
         // The meters' allocation is the tenant's: node rows have none.
         let facility = match node {
             None => facility_of(reader, meters, Some(&terms.tenant), &usage, lo, hi)?,
@@ -465,19 +591,21 @@ pub fn page(
             let (start, end) = (sub.bounds[i], sub.bounds[i + 1]);
             let unsettled = row.partial || row.facility_energy_pending;
             rows.push(PagedRow {
-                id: row_id(&terms.tenant, node.as_deref(), start, end),
+                id: row_id(&terms.tenant, node.as_deref(), gpu.as_deref(), start, end),
                 node: node.clone(),
+                gpu: gpu.clone(),
                 step: pq.step.label().to_string(),
                 revision: (!unsettled).then_some(revision),
-                usage: match node {
-                    None => row.clone(),
-                    Some(_) => node_row(row.clone()),
+                usage: match (&node, &gpu) {
+                    (None, _) => row.clone(),
+                    (Some(_), None) => node_row(row.clone()),
+                    (Some(_), Some(_)) => gpu_row(row.clone()),
                 },
             });
             kept += 1;
         }
         if kept > 0 {
-            last = Some((terms.tenant.clone(), node.clone(), sub.bounds[kept - 1]));
+            last = Some((terms.tenant.clone(), unit.clone(), sub.bounds[kept - 1]));
         }
         bi += kept as i64;
         if kept < r.rows.len() {
@@ -503,10 +631,11 @@ pub fn page(
             break true;
         }
     };
-    let next_page_token = last.filter(|_| more).map(|(tenant, node, start)| {
+    let next_page_token = last.filter(|_| more).map(|(tenant, (node, gpu), start)| {
         Cursor {
             tenant,
             node: node.unwrap_or_default(),
+            gpu: gpu.unwrap_or_default(),
             start,
             revision: pinned,
         }

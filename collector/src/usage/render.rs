@@ -197,6 +197,8 @@ pub const PAGE_COLUMNS: &[&str] = &[
     "facility_allocated_millijoules",
     "facility_replaced_node_millijoules",
     "facility_energy_restated_millijoules",
+    // Appended, so every earlier column keeps its position.
+    "gpu",
 ];
 
 /// A JSON value as a CSV field: strings as they are, null blank.

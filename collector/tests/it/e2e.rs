@@ -297,6 +297,91 @@ fn two_agents_tenant_power_and_gpu_energy_match_the_mock() {
     assert_eq!(rows[0]["contracted_power_watts"], 3000.0);
 }
 
+/// Invariant: rows per GPU from `/v2/usage?group_by=gpu&step=1h` sum, per
+/// tenant and hour, exactly to the tenant's rows, and each GPU's to its
+/// mock counter delta over the samples the collector saw.
+#[test]
+fn usage_rows_per_gpu_sum_to_the_tenants_and_match_the_mock() {
+    let dir = tempfile::tempdir().unwrap();
+    let truth = [
+        ("a-1", Truth::of("a-1", SAMPLES)),
+        ("b-1", Truth::of("b-1", SAMPLES)),
+    ];
+    let collector = Collector::start(
+        dir.path(),
+        &tenants(&truth[1].1),
+        0,
+        &["--stale-after", "5m"],
+    );
+    let start = now_secs();
+    let agents: Vec<Agent> = truth
+        .iter()
+        .map(|(node, _)| Agent::start(dir.path(), &collector.endpoint(), node, SAMPLES, ""))
+        .collect();
+    for a in agents {
+        let log = a.finish(Duration::from_secs(30));
+        log.wait_for("\"undelivered\":0", Duration::from_secs(1));
+    }
+    // Every hour of the run, a whole hour either side.
+    let (from, to) = (
+        start / 3600 * 3600 - 3600,
+        (now_secs() / 3600 + 2) * 3600,
+    );
+    let rows = |group_by: &str| -> Vec<serde_json::Value> {
+        let path = format!(
+            "/v2/usage?from={}&to={}&step=1h&group_by={group_by}&limit=10000",
+            capwatch_collector::usage::rfc3339(from),
+            capwatch_collector::usage::rfc3339(to)
+        );
+        let v: serde_json::Value = serde_json::from_str(&http_get(collector.http, &path)).unwrap();
+        assert!(v["next_page_token"].is_null(), "{v}");
+        v["rows"].as_array().unwrap().clone()
+    };
+    let (by_tenant, by_gpu) = (rows("tenant"), rows("gpu"));
+    let mj = |r: &serde_json::Value| -> u64 {
+        r["energy_millijoules"].as_str().unwrap().parse().unwrap()
+    };
+    let mut want = std::collections::BTreeMap::<(String, String), u64>::new();
+    for r in &by_tenant {
+        let key = (
+            r["tenant"].as_str().unwrap().to_string(),
+            r["start"].as_str().unwrap().to_string(),
+        );
+        *want.entry(key).or_default() += mj(r);
+    }
+    let mut got = std::collections::BTreeMap::<(String, String), u64>::new();
+    let mut per_gpu = std::collections::BTreeMap::<(String, String, String), u64>::new();
+    for r in &by_gpu {
+        let (tenant, node, gpu) = (
+            r["tenant"].as_str().unwrap().to_string(),
+            r["node"].as_str().unwrap().to_string(),
+            r["gpu"].as_str().unwrap().to_string(),
+        );
+        *got.entry((tenant.clone(), r["start"].as_str().unwrap().to_string()))
+            .or_default() += mj(r);
+        *per_gpu.entry((tenant, node, gpu)).or_default() += mj(r);
+    }
+    want.retain(|_, e| *e > 0);
+    got.retain(|_, e| *e > 0);
+    assert!(!got.is_empty());
+    assert_eq!(got, want, "GPU rows vs tenant rows, per tenant and hour");
+    let mut truth_per_gpu = std::collections::BTreeMap::new();
+    for (node, t) in &truth {
+        for (gpu, uuid) in t.uuids.iter().enumerate() {
+            truth_per_gpu.insert(
+                (
+                    expected_tenant(node, gpu).to_string(),
+                    node.to_string(),
+                    uuid.clone(),
+                ),
+                t.energy(gpu, 1, SAMPLES),
+            );
+        }
+    }
+    assert_eq!(per_gpu, truth_per_gpu, "GPU rows vs the mock's counters");
+    collector.stop();
+}
+
 /// Invariant: after the collector is stopped and started again while the
 /// agents run, the agents reconnect by themselves and the ledger carries
 /// every GPU's count across the restart: each GPU's energy equals its mock

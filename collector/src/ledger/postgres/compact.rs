@@ -337,6 +337,10 @@ async fn run(
         tx.execute(&keep, &[&period, &from]).await?;
     }
     done.hour_rows_dropped = dropped[0];
+    // Per-GPU hours are kept as long as the hourly rollups.
+    done.gpu_hour_rows_dropped = tx
+        .execute("DELETE FROM gpu_hour WHERE hour_start < $1", &[&hours_from])
+        .await? as usize;
     if let Some(from) = days_from {
         done.day_rows_dropped = dropped[1];
         done.adjustment_rows_dropped = tx

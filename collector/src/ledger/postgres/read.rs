@@ -11,8 +11,8 @@ use super::{
 };
 use crate::accounting::Metered;
 use crate::ledger::{
-    Adjustment, BucketDelta, DAY, HOUR, LedgerError, LedgerReader, MINUTE, Span, TenantVersion,
-    Usage,
+    Adjustment, BucketDelta, DAY, GPU_COLUMNS, GPU_FIELDS, GpuDelta, GpuHour, GpuUsage, HOUR,
+    LedgerError, LedgerReader, MINUTE, Span, TenantVersion, Usage,
 };
 
 /// A reader of the PostgreSQL ledger. Never writes.
@@ -416,6 +416,116 @@ impl LedgerReader for PgReader {
                     .iter()
                     .map(|r| r.try_get(0))
                     .collect::<Result<_, _>>()?)
+            }
+            .await;
+            (client, r)
+        })
+    }
+
+    fn gpu_rows_from(&self) -> Result<Option<i64>, LedgerError> {
+        self.shared.call(move |mut client| async move {
+            let r = async {
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                let since: Option<i64> = tx
+                    .query_one("SELECT since FROM gpu_rows WHERE only_row = 1", &[])
+                    .await?
+                    .try_get(0)?;
+                let hours = kept_from(&tx, HOUR).await?;
+                tx.commit().await?;
+                Ok(crate::ledger::gpu_rows_from(since, hours))
+            }
+            .await;
+            (client, r)
+        })
+    }
+
+    fn usage_gpus(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        let tenant = tenant.to_string();
+        self.shared.call(move |client| async move {
+            let r = async {
+                let rows = client
+                    .query(
+                        "SELECT DISTINCT node, gpu FROM gpu_hour
+                            WHERE tenant = $1 AND hour_start >= $2 AND hour_start < $3
+                         ORDER BY node, gpu",
+                        &[&tenant, &from, &to],
+                    )
+                    .await?;
+                rows.iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+                    .collect::<Result<_, Fail>>()
+            }
+            .await;
+            (client, r)
+        })
+    }
+
+    fn gpu_usage(
+        &self,
+        tenant: &str,
+        node: &str,
+        gpu: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<GpuUsage, LedgerError> {
+        let (tenant, node, gpu) = (tenant.to_string(), node.to_string(), gpu.to_string());
+        let s = self.shared.clone();
+        self.shared.call(move |mut client| async move {
+            let r = async {
+                let tx = client
+                    .build_transaction()
+                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .await?;
+                let row = tx
+                    .query_one(
+                        "SELECT revision, finalized_through FROM watermark WHERE id = 1",
+                        &[],
+                    )
+                    .await?;
+                let revision = u64_of(&s, row.try_get(0)?, "revision")?;
+                let finalized_through: i64 = row.try_get(1)?;
+                let rows = tx
+                    .query(
+                        &format!(
+                            "SELECT hour_start, revision, {} FROM gpu_hour
+                             WHERE tenant = $1 AND node = $2 AND gpu = $3 AND hour_start >= $4
+                                AND hour_start < $5
+                             ORDER BY hour_start",
+                            GPU_COLUMNS.join(", ")
+                        ),
+                        &[&tenant, &node, &gpu, &from, &to],
+                    )
+                    .await?;
+                let mut hours = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    let mut v = [0u64; GPU_FIELDS];
+                    for (i, slot) in v.iter_mut().enumerate() {
+                        *slot = u64_of(&s, r.try_get(2 + i)?, GPU_COLUMNS[i])?;
+                    }
+                    hours.push(GpuHour {
+                        start: r.try_get(0)?,
+                        revision: u64_of(&s, r.try_get(1)?, "revision")?,
+                        delta: GpuDelta::bucket(v),
+                    });
+                }
+                tx.commit().await?;
+                Ok(GpuUsage {
+                    hours,
+                    revision,
+                    finalized_through,
+                })
             }
             .await;
             (client, r)

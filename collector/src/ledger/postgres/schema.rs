@@ -208,6 +208,32 @@ pub(super) const MIGRATIONS: &[&str] = &[
     "ALTER TABLE node_claim
         ADD COLUMN placing_from BIGINT,
         ADD COLUMN placing_seen BIGINT;",
+    // 5: per-GPU hours, as the SQLite ledger's version 16, and from when
+    // they hold every GPU's figures (NULL: not complete now; 0 for a
+    // ledger without commits, else the first whole hour after this
+    // migration by the database's clock).
+    "CREATE TABLE gpu_hour (
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        gpu TEXT NOT NULL,
+        hour_start BIGINT NOT NULL,
+        energy_mj BIGINT NOT NULL,
+        gpu_ns BIGINT NOT NULL,
+        busy_gpu_ns BIGINT NOT NULL,
+        samples BIGINT NOT NULL,
+        expected_gpu_ns BIGINT NOT NULL,
+        estimated_mj BIGINT NOT NULL,
+        revision BIGINT NOT NULL DEFAULT 0,
+        -- A GPU's hours together: a walk reads one GPU's period at a
+        -- time, and lists a tenant's GPUs.
+        PRIMARY KEY (tenant, node, gpu, hour_start)
+     ) WITH (fillfactor = 70); -- each row is updated every second of its hour
+     CREATE TABLE gpu_rows (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        since BIGINT
+     );
+     INSERT INTO gpu_rows SELECT 1, CASE WHEN revision = 0 THEN 0
+        ELSE (ledger_now() / 3600 + 1) * 3600 END FROM watermark WHERE id = 1;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

@@ -18,11 +18,17 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
 use crate::accounting::{Contract, Metered, over_contract};
-use crate::ledger::{BUCKET_FIELDS, Commit, Committed, HOUR, LedgerError, MINUTE};
+use crate::ledger::{
+    BUCKET_FIELDS, Commit, Committed, GPU_COLUMNS, GPU_FIELDS, GpuRows, HOUR, LedgerError, MINUTE,
+};
 use tokio_postgres::types::ToSql;
 
 /// One bucket: (tenant, node, minute, the bucket values).
 type Bucket = (Arc<str>, Arc<str>, i64, [i64; BUCKET_FIELDS]);
+
+/// One per-GPU hour: (tenant, node, GPU, hour, the values in
+/// `GPU_COLUMNS` order, the earliest minute booked).
+type GpuHourRow = (Arc<str>, Arc<str>, Arc<str>, i64, [i64; GPU_FIELDS], i64);
 
 /// Bucket rows as column arrays: tenants, nodes, minutes, the bucket values.
 type BucketColumns<'a> = (
@@ -66,6 +72,10 @@ struct Columns {
     /// (tenant, minute, GPU energy added, node energy added, contract),
     /// contracts of more than 0 mW only.
     added: Vec<(String, i64, u64, u64, Contract)>,
+    /// Per-GPU hours, sorted by key: (tenant, node, GPU, hour, the
+    /// values in `GPU_COLUMNS` order, the earliest minute booked).
+    gpu_hours: Vec<GpuHourRow>,
+    gpu_rows: GpuRows,
     booked_at: i64,
     finalize_through: i64,
     /// The commit's id, and the holder's last commit id this writer saw
@@ -120,6 +130,8 @@ pub(super) fn commit(
         node_tenants: Vec::new(),
         node_energies: Vec::new(),
         added: Vec::new(),
+        gpu_hours: Vec::with_capacity(c.gpu_hours.len()),
+        gpu_rows: c.gpu_rows,
         booked_at,
         finalize_through,
         id: match c.id {
@@ -151,6 +163,23 @@ pub(super) fn commit(
         cols.buckets
             .push((tenant.clone(), node.clone(), *minute, v));
     }
+    for ((tenant, node, gpu, hour), g) in &c.gpu_hours {
+        let mut v = [0i64; GPU_FIELDS];
+        for ((slot, x), name) in v.iter_mut().zip(g.values()).zip(GPU_COLUMNS) {
+            *slot = i64_of(shared, x, name)?;
+        }
+        cols.gpu_hours.push((
+            tenant.clone(),
+            node.clone(),
+            gpu.clone(),
+            *hour,
+            v,
+            g.first_minute,
+        ));
+    }
+    // In key order: two commits that share a row lock it in one order.
+    cols.gpu_hours
+        .sort_unstable_by(|a, b| (&a.0, &a.1, &a.2, a.3).cmp(&(&b.0, &b.1, &b.2, b.3)));
     for (t, e) in &c.tenant_energy {
         cols.tenants.push(t.to_string());
         cols.energies.push(i64_of(shared, *e, "energy")?);
@@ -358,6 +387,71 @@ async fn write(
     if !late.0.is_empty() {
         tx.execute(&adjust, &bucket_params(&[&rev, &c.booked_at], &late))
             .await?;
+    }
+    if !c.gpu_hours.is_empty() {
+        // The same deltas per GPU and hour, added to the row in one
+        // statement; one booked late (to a minute already final) marks
+        // the row with this revision.
+        let n = c.gpu_hours.len();
+        let (mut tenants, mut nodes, mut gpus, mut hours, mut lates) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let mut values: [Vec<i64>; GPU_FIELDS] = Default::default();
+        for (tenant, node, gpu, hour, v, first_minute) in &c.gpu_hours {
+            tenants.push(&**tenant);
+            nodes.push(&**node);
+            gpus.push(&**gpu);
+            hours.push(*hour);
+            lates.push(if is_final(*first_minute) { rev } else { 0 });
+            for (col, x) in values.iter_mut().zip(v) {
+                col.push(*x);
+            }
+        }
+        let names = GPU_COLUMNS.join(", ");
+        let upsert = tx
+            .prepare_cached(&format!(
+                "INSERT INTO gpu_hour (tenant, node, gpu, hour_start, {names}, revision)
+                 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], {},
+                    $11::int8[])
+                 ON CONFLICT (tenant, node, gpu, hour_start) DO UPDATE SET {},
+                    revision = GREATEST(gpu_hour.revision, excluded.revision)",
+                (5..5 + GPU_FIELDS)
+                    .map(|i| format!("${i}::int8[]"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                GPU_COLUMNS
+                    .iter()
+                    .map(|c| format!("{c} = gpu_hour.{c} + excluded.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            ))
+            .await?;
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![&tenants, &nodes, &gpus, &hours];
+        params.extend(values.iter().map(|c| c as &(dyn ToSql + Sync)));
+        params.push(&lates);
+        tx.execute(&upsert, &params).await?;
+    }
+    // Whether the per-GPU rows stay complete (as the SQLite ledger).
+    match c.gpu_rows {
+        GpuRows::Unsaid => {}
+        GpuRows::Kept => {
+            tx.execute(
+                "UPDATE gpu_rows SET since = ($1::int8 / 3600 + 1) * 3600 WHERE since IS NULL",
+                &[&c.booked_at],
+            )
+            .await?;
+        }
+        GpuRows::NotKept => {
+            tx.execute(
+                "UPDATE gpu_rows SET since = NULL WHERE since IS NOT NULL",
+                &[],
+            )
+            .await?;
+        }
     }
     if !c.tenants.is_empty() {
         tx.execute(

@@ -354,6 +354,10 @@ impl Ledger {
             // hours are.
             let hours_from = policy.hours_from.min(minutes_from).div_euclid(DAY) * DAY;
             done.hour_rows_dropped = drop(HOUR, hours_from)?;
+            // Per-GPU hours are kept as long as the hourly rollups.
+            done.gpu_hour_rows_dropped = tx
+                .execute("DELETE FROM gpu_hour WHERE hour_start < ?1", [hours_from])
+                .map_err(err)?;
             if let Some(days_from) = policy.days_from {
                 let days_from = days_from.min(hours_from).div_euclid(DAY) * DAY;
                 done.day_rows_dropped = drop(DAY, days_from)?;

@@ -11,8 +11,8 @@ use super::{
 };
 use crate::accounting::Metered;
 use crate::ledger::{
-    Adjustment, BucketDelta, DAY, HOUR, LedgerError, LedgerReader, MINUTE, Span, TenantVersion,
-    Usage,
+    Adjustment, BucketDelta, DAY, GPU_COLUMNS, GPU_FIELDS, GpuDelta, GpuHour, GpuUsage, HOUR,
+    LedgerError, LedgerReader, MINUTE, Span, TenantVersion, Usage,
 };
 /// A read-only view of the ledger, for the usage API and the `usage`
 /// command. WAL lets it read while the collector commits.
@@ -361,6 +361,87 @@ impl Reader {
         rows.collect::<Result<_, _>>().map_err(err)
     }
 
+    /// `LedgerReader::gpu_rows_from`.
+    pub fn gpu_rows_from(&self) -> Result<Option<i64>, LedgerError> {
+        let p = &self.path;
+        let tx = self.conn.unchecked_transaction().map_err(sqlite_err(p))?;
+        let since: Option<i64> = tx
+            .query_row("SELECT since FROM gpu_rows WHERE only_row = 1", [], |r| {
+                r.get(0)
+            })
+            .map_err(sqlite_err(p))?;
+        Ok(crate::ledger::gpu_rows_from(
+            since,
+            kept_from(&tx, HOUR, p)?,
+        ))
+    }
+
+    /// `LedgerReader::usage_gpus`.
+    pub fn usage_gpus(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        let err = sqlite_err(&self.path);
+        let mut q = self
+            .conn
+            .prepare_cached(
+                "SELECT DISTINCT node, gpu FROM gpu_hour
+                    WHERE tenant = ?1 AND hour_start >= ?2 AND hour_start < ?3
+                 ORDER BY node, gpu",
+            )
+            .map_err(err)?;
+        let rows = q
+            .query_map(params![tenant, from, to], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+            })
+            .map_err(err)?;
+        rows.collect::<Result<_, _>>().map_err(err)
+    }
+
+    /// `LedgerReader::gpu_usage`.
+    pub fn gpu_usage(
+        &self,
+        tenant: &str,
+        node: &str,
+        gpu: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<GpuUsage, LedgerError> {
+        let p = &self.path;
+        let err = sqlite_err(p);
+        let tx = self.conn.unchecked_transaction().map_err(err)?;
+        let (revision, finalized_through) = watermark(&tx, p)?;
+        let mut q = tx
+            .prepare_cached(&format!(
+                "SELECT hour_start, revision, {} FROM gpu_hour
+                 WHERE tenant = ?1 AND node = ?2 AND gpu = ?3 AND hour_start >= ?4
+                    AND hour_start < ?5
+                 ORDER BY hour_start",
+                GPU_COLUMNS.join(", ")
+            ))
+            .map_err(err)?;
+        let mut rows = q.query(params![tenant, node, gpu, from, to]).map_err(err)?;
+        let mut hours = Vec::new();
+        while let Some(r) = rows.next().map_err(err)? {
+            let mut v = [0u64; GPU_FIELDS];
+            for (i, slot) in v.iter_mut().enumerate() {
+                *slot = u64_of(r.get(2 + i).map_err(err)?, p, GPU_COLUMNS[i])?;
+            }
+            hours.push(GpuHour {
+                start: r.get(0).map_err(err)?,
+                revision: u64_of(r.get(1).map_err(err)?, p, "revision")?,
+                delta: GpuDelta::bucket(v),
+            });
+        }
+        Ok(GpuUsage {
+            hours,
+            revision,
+            finalized_through,
+        })
+    }
+
     /// Every tenant that has buckets.
     pub fn tenants(&self) -> Result<Vec<String>, LedgerError> {
         let p = &self.path;
@@ -459,6 +540,30 @@ impl LedgerReader for Reader {
 
     fn usage_nodes(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, LedgerError> {
         Reader::usage_nodes(self, tenant, from, to)
+    }
+
+    fn gpu_rows_from(&self) -> Result<Option<i64>, LedgerError> {
+        Reader::gpu_rows_from(self)
+    }
+
+    fn usage_gpus(
+        &self,
+        tenant: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<(String, String)>, LedgerError> {
+        Reader::usage_gpus(self, tenant, from, to)
+    }
+
+    fn gpu_usage(
+        &self,
+        tenant: &str,
+        node: &str,
+        gpu: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<GpuUsage, LedgerError> {
+        Reader::gpu_usage(self, tenant, node, gpu, from, to)
     }
 
     fn node_usage_since(

@@ -310,6 +310,35 @@ pub(super) const MIGRATIONS: &[Migration] = &[
         "ALTER TABLE node_cursor ADD COLUMN placing_from INTEGER;
      ALTER TABLE node_cursor ADD COLUMN placing_seen INTEGER;",
     ),
+    // 16: per-GPU hours: each GPU's figures (the unit a tenant leases: a
+    // board, or a MIG board's part) per tenant, node and hour, added to in
+    // the commit's transaction, with the revision of the last commit that
+    // added to it late; and from when they hold every GPU's figures
+    // (`gpu_rows.since`, NULL: not complete now). A ledger without
+    // commits holds them all (0); an older one from the first whole hour
+    // after this migration.
+    Migration::Sql(
+        "CREATE TABLE gpu_hour (
+        tenant TEXT NOT NULL,
+        node TEXT NOT NULL,
+        gpu TEXT NOT NULL,
+        hour_start INTEGER NOT NULL,
+        energy_mj INTEGER NOT NULL,
+        gpu_ns INTEGER NOT NULL,
+        busy_gpu_ns INTEGER NOT NULL,
+        samples INTEGER NOT NULL,
+        expected_gpu_ns INTEGER NOT NULL,
+        estimated_mj INTEGER NOT NULL,
+        revision INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (tenant, node, gpu, hour_start)
+     ) WITHOUT ROWID;
+     CREATE TABLE gpu_rows (
+        only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+        since INTEGER
+     );
+     INSERT INTO gpu_rows SELECT 1, CASE WHEN revision = 0 THEN 0
+        ELSE (unixepoch() / 3600 + 1) * 3600 END FROM watermark WHERE id = 1;",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.

@@ -12,7 +12,9 @@ use super::{
     watermark,
 };
 use crate::accounting::{Contract, Metered, over_contract};
-use crate::ledger::{BucketDelta, Commit, Committed, HOUR, LedgerError, MINUTE};
+use crate::ledger::{
+    BucketDelta, Commit, Committed, GPU_COLUMNS, GpuRows, HOUR, LedgerError, MINUTE,
+};
 
 impl Ledger {
     /// Writes `c` in one transaction, booked now, leaving the watermark
@@ -230,6 +232,58 @@ impl Ledger {
                 bucket
                     .execute(params_from_iter(key.into_iter().chain(values)))
                     .map_err(err)?;
+            }
+            // The same deltas per GPU and hour, always added to the row;
+            // one booked late (to a minute already final) marks the row
+            // with this revision.
+            if !c.gpu_hours.is_empty() {
+                let gcols = GPU_COLUMNS.join(", ");
+                let gupdates = GPU_COLUMNS
+                    .iter()
+                    .map(|c| format!("{c} = {c} + excluded.{c}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let mut gpu = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO gpu_hour (tenant, node, gpu, hour_start, {gcols}, revision)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         ON CONFLICT (tenant, node, gpu, hour_start) DO UPDATE SET {gupdates},
+                            revision = MAX(revision, excluded.revision)"
+                    ))
+                    .map_err(err)?;
+                let rev = i64_of(revision, &p, "revision")?;
+                for ((tenant, node, id, hour), g) in &c.gpu_hours {
+                    let mut v = [0i64; GPU_COLUMNS.len()];
+                    for ((slot, x), name) in v.iter_mut().zip(g.values()).zip(GPU_COLUMNS) {
+                        *slot = i64_of(x, &p, name)?;
+                    }
+                    let late = if is_final(g.first_minute) { rev } else { 0 };
+                    let key: [&dyn ToSql; 4] = [tenant as &dyn ToSql, node, id, hour];
+                    let values = v.iter().map(|x| x as &dyn ToSql);
+                    let tail: [&dyn ToSql; 1] = [&late];
+                    gpu.execute(params_from_iter(key.into_iter().chain(values).chain(tail)))
+                        .map_err(err)?;
+                }
+            }
+            // Whether the per-GPU rows stay complete: a writer that keeps
+            // none ends them; one that keeps them, where they ended, has
+            // them complete again from the next whole hour.
+            match c.gpu_rows {
+                GpuRows::Unsaid => {}
+                GpuRows::Kept => {
+                    tx.prepare_cached(
+                        "UPDATE gpu_rows SET since = (?1 / 3600 + 1) * 3600 WHERE since IS NULL",
+                    )
+                    .map_err(err)?
+                    .execute([booked_at])
+                    .map_err(err)?;
+                }
+                GpuRows::NotKept => {
+                    tx.prepare_cached("UPDATE gpu_rows SET since = NULL WHERE since IS NOT NULL")
+                        .map_err(err)?
+                        .execute([])
+                        .map_err(err)?;
+                }
             }
             let mut total = tx
                 .prepare_cached(
