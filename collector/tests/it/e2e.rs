@@ -307,12 +307,15 @@ fn usage_rows_per_gpu_sum_to_the_tenants_and_match_the_mock() {
         ("a-1", Truth::of("a-1", SAMPLES)),
         ("b-1", Truth::of("b-1", SAMPLES)),
     ];
-    let collector = Collector::start(
+    init_ledger(dir.path());
+    let mut cmd = Collector::command(
         dir.path(),
         &tenants(&truth[1].1),
         0,
         &["--stale-after", "5m"],
     );
+    cmd.env("CAPWATCH_USAGE_GPU_ROWS", "true");
+    let collector = Collector::spawn(cmd);
     let start = now_secs();
     let agents: Vec<Agent> = truth
         .iter()
@@ -323,10 +326,7 @@ fn usage_rows_per_gpu_sum_to_the_tenants_and_match_the_mock() {
         log.wait_for("\"undelivered\":0", Duration::from_secs(1));
     }
     // Every hour of the run, a whole hour either side.
-    let (from, to) = (
-        start / 3600 * 3600 - 3600,
-        (now_secs() / 3600 + 2) * 3600,
-    );
+    let (from, to) = (start / 3600 * 3600 - 3600, (now_secs() / 3600 + 2) * 3600);
     let rows = |group_by: &str| -> Vec<serde_json::Value> {
         let path = format!(
             "/v2/usage?from={}&to={}&step=1h&group_by={group_by}&limit=10000",

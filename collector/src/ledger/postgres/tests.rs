@@ -910,6 +910,7 @@ fn a_version_1_ledger_migrates_with_no_node_energy_in_its_rows() {
         db,
         &format!(
             "UPDATE ledger_schema SET version = 1;
+             UPDATE watermark SET revision = 1;
              INSERT INTO usage_minute VALUES ('a', 'n1', {MINUTE}, 100, 5, 4, 1, 6, 7, 0, 0);
              INSERT INTO tenant_total VALUES ('a', 100, 0);"
         ),
@@ -923,6 +924,12 @@ fn a_version_1_ledger_migrates_with_no_node_energy_in_its_rows() {
     assert_eq!(snap.tenant_energy, vec![("a".to_string(), 100)]);
     assert_eq!(snap.tenant_node_energy, vec![("a".to_string(), 0)]);
     let reader = PgReader::open(&settings(&url)).unwrap();
+    // A ledger with commits keeps every GPU's hours from the first whole
+    // hour after its migration, by the database's clock.
+    let now = crate::sync::now_unix();
+    let since = reader.gpu_rows_from().unwrap().unwrap();
+    assert_eq!(since % 3600, 0);
+    assert!(since > now - 60 && since <= now + 3660, "{since} at {now}");
     let minutes = reader.minutes(Some("a"), MINUTE, MINUTE + 60).unwrap();
     assert_eq!(
         minutes,

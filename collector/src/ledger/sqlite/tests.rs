@@ -498,6 +498,17 @@ fn a_version_12_ledger_migrates_with_no_node_energy_in_its_rows() {
         vec![(T0, 50, 0, 0, 0, Some(0)), (T0 + DAY, 100, 0, 0, 0, None)]
     );
     assert_eq!(u.adjustments.len(), 1);
+    // A ledger with commits keeps every GPU's hours from the first whole
+    // hour after its migration.
+    let now = crate::sync::now_unix();
+    let since: i64 = l
+        .conn
+        .query_row("SELECT since FROM gpu_rows", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(since % HOUR, 0);
+    assert!(since > now && since <= now + HOUR, "{since} at {now}");
+    // Read from the later of that and the hour retention.
+    assert_eq!(reader.gpu_rows_from().unwrap(), Some(since.max(T0)));
     assert_eq!(
         u.adjustments[0].delta,
         BucketDelta {

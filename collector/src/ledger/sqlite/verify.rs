@@ -276,6 +276,68 @@ pub fn verify(path: &Path, contracts: Option<&TenantHistory>) -> Result<Verifica
         &mut differences,
     );
 
+    // Per-GPU hours against the minutes and adjustments of their tenant
+    // and node (GPU rows include late energy), where they are complete and
+    // the minutes are kept.
+    let gpu_since: Option<i64> = conn
+        .query_row("SELECT since FROM gpu_rows WHERE only_row = 1", [], |r| {
+            r.get(0)
+        })
+        .map_err(err)?;
+    match gpu_since {
+        None => not_checked
+            .push("per-GPU hours: a collector without usage_gpu_rows committed last".into()),
+        Some(since) => {
+            let from = since.max(minutes_from);
+            let gcols = crate::ledger::GPU_COLUMNS;
+            let gsums = |t: &str| {
+                gcols
+                    .iter()
+                    .map(|c| format!("SUM({t}{c})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let recorded = rows(
+                &conn,
+                path,
+                &format!(
+                    "SELECT hour_start, tenant, node, {} FROM gpu_hour
+                     WHERE hour_start >= ?1 GROUP BY hour_start, tenant, node",
+                    gsums("")
+                ),
+                &[from],
+                gcols.len(),
+            )?;
+            let recomputed = rows(
+                &conn,
+                path,
+                &format!(
+                    "SELECT h, tenant, node, {} FROM (
+                        SELECT minute_start / 3600 * 3600 AS h, tenant, node, {cols}
+                            FROM usage_minute WHERE minute_start >= ?1
+                        UNION ALL
+                        SELECT minute_start / 3600 * 3600 AS h, tenant, node, {cols}
+                            FROM adjustment WHERE minute_start >= ?1 AND node != '') AS m
+                     GROUP BY h, tenant, node
+                     HAVING SUM(m.samples) > 0 OR SUM(m.energy_mj) > 0",
+                    gsums("m.")
+                ),
+                &[from],
+                gcols.len(),
+            )?;
+            hour_rows += compare(
+                "gpu_hour",
+                HOUR,
+                &gcols,
+                true,
+                &recorded,
+                &recomputed,
+                &|_| false,
+                &mut differences,
+            );
+        }
+    }
+
     // Each tenant-minute's energy over all nodes: the hourly demand
     // rollups' peaks and evaluations, and the totals' over-contract time.
     let mut tenant_minutes: Vec<(String, i64, u64, u64)> = Vec::new();
@@ -629,6 +691,24 @@ mod tests {
                     ..BucketDelta::default()
                 });
             *c.tenant_energy.entry(Arc::from(t)).or_default() += e;
+            // One GPU per node, its hours from the same figures.
+            c.gpu_hours
+                .entry((
+                    Arc::from(t),
+                    Arc::from(n),
+                    Arc::from("GPU-1"),
+                    m / HOUR * HOUR,
+                ))
+                .or_default()
+                .add(&crate::ledger::GpuDelta {
+                    delta: BucketDelta {
+                        energy_mj: e,
+                        gpu_ns: 60_000_000_000,
+                        samples: 60,
+                        ..BucketDelta::default()
+                    },
+                    first_minute: m,
+                });
         }
         c.contracts = Some(contracts());
         c
@@ -709,6 +789,7 @@ mod tests {
             });
         }
         *c.tenant_energy.entry(Arc::from("f")).or_default() += 60 * 20_000;
+        c.gpu_rows = crate::ledger::GpuRows::NotKept;
         c.contracts = Some(history.clone());
         l.commit(&c).unwrap();
         let state = MeterState {
@@ -792,6 +873,13 @@ mod tests {
             &path,
             "UPDATE tenant_total SET node_energy_mj = node_energy_mj - 1 WHERE tenant = 'a'",
         );
+        raw(
+            &path,
+            &format!(
+                "UPDATE gpu_hour SET energy_mj = energy_mj - 2 WHERE hour_start = {} AND tenant = 'b'",
+                T0 + DAY
+            ),
+        );
         let bad = verify(&path, Some(&contracts())).unwrap();
         let found: Vec<_> = bad
             .differences
@@ -813,6 +901,15 @@ mod tests {
                 // The hour, and the day made of it.
                 (
                     "usage_rollup",
+                    Some(HOUR),
+                    Some(T0 + DAY),
+                    "b",
+                    Some("n3"),
+                    "energy_mj"
+                ),
+                // The GPU's hour against the minutes of its node.
+                (
+                    "gpu_hour",
                     Some(HOUR),
                     Some(T0 + DAY),
                     "b",
