@@ -33,6 +33,8 @@
 //!   state and ledger; with more than one, the medians are printed last (1);
 //! * `--verbose`: also print every simulated second's ingest and commit
 //!   times and rows written;
+//! * `--gpu-rows`: keep per-GPU hours, as the collector does with
+//!   `usage_gpu_rows = true` (off by default, as there);
 //! * `--postgres`: a PostgreSQL cluster of the benchmark's own (`initdb` in
 //!   a temporary directory, as `nobody` when run as root, on a free port,
 //!   with [`PG_SETTINGS`]);
@@ -104,7 +106,7 @@ fn main() {
 }
 
 const USAGE: &str = "usage: ledger_commit [--seconds N] [--gpus N] [--gpus-per-node N] [--runs N] [--verbose] \
-     [--postgres | --ledger-url URL]";
+     [--gpu-rows] [--postgres | --ledger-url URL]";
 
 #[derive(Debug, Clone)]
 struct Options {
@@ -114,6 +116,8 @@ struct Options {
     runs: usize,
     /// Print every second's figures as well.
     verbose: bool,
+    /// Keep per-GPU hours, as `usage_gpu_rows = true` does.
+    gpu_rows: bool,
     /// A PostgreSQL cluster of the benchmark's own.
     postgres: bool,
     /// An existing PostgreSQL server's database.
@@ -136,6 +140,7 @@ impl Options {
             gpus_per_node: env("LEDGER_BENCH_GPUS_PER_NODE", 8)?,
             runs: env("LEDGER_BENCH_RUNS", 1)?,
             verbose: false,
+            gpu_rows: false,
             postgres: false,
             ledger_url: std::env::var("LEDGER_BENCH_URL").ok(),
         };
@@ -155,6 +160,10 @@ impl Options {
             }
             if flag == "--postgres" {
                 o.postgres = true;
+                continue;
+            }
+            if flag == "--gpu-rows" {
+                o.gpu_rows = true;
                 continue;
             }
             if flag == "--ledger-url" {
@@ -553,6 +562,7 @@ fn run_once(opts: &Options, url: Option<&str>, run: usize) -> Report {
         },
         tenants,
     );
+    state.keep_gpu_rows(opts.gpu_rows);
 
     let mut rng = Rng(0x00c0_ffee);
     let nodes = opts.nodes();

@@ -524,6 +524,7 @@ impl State {
             samples,
             rejected,
             clock,
+            self.billing.booking(),
             || self.tenant_history(),
             |booked: Booking, node, cursor, energy| self.billing.book(booked, node, cursor, energy),
         )?;

@@ -18,9 +18,12 @@ use crate::ledger::{BucketDelta, Commit, GpuDelta, HOUR};
 /// (tenant, GPU, hour) it belongs to as well, so that the per-GPU hours
 /// sum to the tenant's GPU figures exactly: found by comparing pointers
 /// too (the GPU's key is the node's own `Arc`), a batch holding a few
-/// rows per GPU of the node.
+/// rows per GPU of the node. Only in a booking made to keep them
+/// ([`Booking::new`]): without per-GPU rows, a reading costs what it did
+/// before they existed.
 #[derive(Debug, Default)]
 pub struct Booking {
+    keep_gpus: bool,
     few: Vec<(Arc<str>, i64, BucketDelta)>,
     many: HashMap<(Arc<str>, i64), BucketDelta>,
     gpus: Vec<(Arc<str>, Arc<str>, i64, GpuDelta)>,
@@ -29,6 +32,14 @@ pub struct Booking {
 
 impl Booking {
     const FEW: usize = 8;
+
+    /// An empty booking; with `keep_gpus`, one that keeps per-GPU hours.
+    pub fn new(keep_gpus: bool) -> Self {
+        Self {
+            keep_gpus,
+            ..Self::default()
+        }
+    }
 
     fn bucket(&mut self, tenant: &Arc<str>, minute: i64) -> &mut BucketDelta {
         let found = self
@@ -72,7 +83,7 @@ impl Booking {
     /// Adds everything booked to `c`'s buckets of `node`, and with
     /// `gpu_rows` to its per-GPU hours.
     pub fn into_commit(self, c: &mut Commit, node: &Arc<str>, gpu_rows: bool) {
-        if gpu_rows {
+        if gpu_rows && self.keep_gpus {
             let all = self.gpus.into_iter().chain(
                 self.more_gpus
                     .into_iter()
@@ -118,6 +129,9 @@ impl Book<OnGpu<'_, Arc<str>>> for Booking {
     #[inline]
     fn add(&mut self, on: &OnGpu<'_, Arc<str>>, minute: i64, f: &MinuteFigures) {
         Book::<Arc<str>>::add(self, on.tenant, minute, f);
+        if !self.keep_gpus {
+            return;
+        }
         let g = self.gpu_hour(on.tenant, on.gpu, minute.div_euclid(HOUR) * HOUR);
         let d = &mut g.delta;
         d.energy_mj += f.energy_mj;
@@ -127,5 +141,41 @@ impl Book<OnGpu<'_, Arc<str>>> for Booking {
         d.expected_gpu_ns += f.expected_gpu_ns;
         d.samples += f.samples;
         g.first_minute = g.first_minute.min(minute);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(b: &mut Booking, tenant: &Arc<str>, gpu: &Arc<str>, minute: i64) {
+        let f = MinuteFigures {
+            energy_mj: 1_000,
+            gpu_ns: 1_000_000_000,
+            samples: 1,
+            ..MinuteFigures::default()
+        };
+        b.add(&OnGpu { tenant, gpu }, minute, &f);
+    }
+
+    /// Invariant: a booking made without per-GPU rows books each reading's
+    /// minute bucket and keeps nothing per GPU; one made with them keeps
+    /// the same figures per (tenant, GPU, hour).
+    #[test]
+    fn per_gpu_hours_are_booked_only_when_kept() {
+        let (tenant, gpu, node): (Arc<str>, Arc<str>, Arc<str>) =
+            (Arc::from("lab-a"), Arc::from("GPU-1"), Arc::from("n1"));
+        for keep in [false, true] {
+            let mut b = Booking::new(keep);
+            reading(&mut b, &tenant, &gpu, 3_600);
+            reading(&mut b, &tenant, &gpu, 3_660);
+            assert_eq!(b.gpus.len(), usize::from(keep));
+            let mut c = Commit::default();
+            b.into_commit(&mut c, &node, true);
+            let minutes: u64 = c.buckets.values().map(|d| d.energy_mj).sum();
+            assert_eq!(minutes, 2_000, "keep {keep}");
+            let hours: Vec<u64> = c.gpu_hours.values().map(|g| g.delta.energy_mj).collect();
+            assert_eq!(hours, if keep { vec![2_000] } else { vec![] });
+        }
     }
 }

@@ -62,6 +62,12 @@ impl Billing {
         self.gpu_rows.store(keep, Ordering::Relaxed);
     }
 
+    /// An empty booking for one batch, keeping per-GPU hours when commits
+    /// do.
+    pub fn booking(&self) -> Booking {
+        Booking::new(self.gpu_rows.load(Ordering::Relaxed))
+    }
+
     /// Takes what the next commit must write, with its number and
     /// `contracts` (each minute is measured against the contract of its
     /// own time); batches booked from now on go to the commit after it.

@@ -56,22 +56,24 @@ impl Fleet {
     /// under the node's lock; `book` puts the node's buckets, its cursor
     /// and the tenants' energy into the next commit, still under it, and
     /// returns that commit's number (and adds the energy to the tenants'
-    /// totals). Returns the outcome.
+    /// totals); `booked` is where the batch books, empty. Returns the
+    /// outcome.
+    #[allow(clippy::too_many_arguments)]
     pub fn ingest<B>(
         &self,
         h: &StreamHandle,
         samples: Vec<NodeSample>,
         mut rejected: Vec<(u64, Reject)>,
         (now, now_ns): (Instant, i64),
+        mut booked: B,
         history: impl FnOnce() -> Arc<TenantHistory>,
         book: impl FnOnce(B, &Arc<str>, NodeCursor, &[(Arc<str>, u64)]) -> u64,
     ) -> Result<BatchOutcome, Superseded>
     where
-        B: Book<Arc<str>> + for<'a> Book<OnGpu<'a, Arc<str>>> + Default,
+        B: Book<Arc<str>> + for<'a> Book<OnGpu<'a, Arc<str>>>,
     {
         let mut out = BatchOutcome::default();
         let mut energy: Vec<(Arc<str>, u64)> = Vec::new();
-        let mut booked = B::default();
         // The tenant of each GPU under the last older version a sample of
         // this batch needed: (version, tenant per GPU).
         let mut past: Option<(usize, Vec<Arc<str>>)> = None;

@@ -2025,7 +2025,9 @@ fn gpu_commit(readings: &[(&str, &str, &str, i64, u64)]) -> Commit {
     let mut c = Commit::default();
     let mut by_node: std::collections::BTreeMap<&str, crate::billing::Booking> = Default::default();
     for &(tenant, node, gpu, minute, energy_mj) in readings {
-        let b = by_node.entry(node).or_default();
+        let b = by_node
+            .entry(node)
+            .or_insert_with(|| crate::billing::Booking::new(true));
         let (tenant, gpu): (Arc<str>, Arc<str>) = (Arc::from(tenant), Arc::from(gpu));
         let f = MinuteFigures {
             energy_mj,
