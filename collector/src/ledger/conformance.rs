@@ -2318,19 +2318,28 @@ pub(crate) fn usage_rows_per_gpu_sum_to_the_tenants_and_nodes_rows<
     assert_eq!(f.reader.gpu_rows_from().unwrap(), None);
     let e = refused(&request("gpu", "10"));
     assert!(e.starts_with("from: ") && e.contains("not complete"), "{e}");
+    // It also booked a minute of the next hour, 11:02, from an agent
+    // whose clock is ahead (within the collector's max_clock_skew): that
+    // hour misses energy too.
+    let mut ahead = booking("n1", cursor(1, 13, 5_000), "lab-a", MINUTE + 10_920, 5);
+    ahead.gpu_rows = super::GpuRows::NotKept;
+    w.commit_as("a", &ahead, MINUTE + 7_530, MINUTE + 7_200)
+        .unwrap();
     let mut on = gpu_commit(&[("lab-a", "n1", "GPU-a1", MINUTE + 7_260, 9)]);
     on.gpu_rows = super::GpuRows::Kept;
     w.commit_as("a", &on, MINUTE + 7_600, MINUTE + 7_200)
         .unwrap();
-    assert_eq!(f.reader.gpu_rows_from().unwrap(), Some(MINUTE + 3 * 3600));
+    // Complete from the whole hour after both the commit and every minute
+    // a writer that kept none booked: 12:00, not 11:00.
+    assert_eq!(f.reader.gpu_rows_from().unwrap(), Some(MINUTE + 4 * 3600));
     let e = refused(&request("gpu", "10"));
     assert!(
-        e.starts_with("from: ") && e.contains("2027-01-15T11:00:00Z"),
+        e.starts_with("from: ") && e.contains("2027-01-15T12:00:00Z"),
         "{e}"
     );
     let mut later = request("gpu", "10");
-    later.from = Some("2027-01-15T11:00:00Z".into());
-    later.to = Some("2027-01-15T12:00:00Z".into());
+    later.from = Some("2027-01-15T12:00:00Z".into());
+    later.to = Some("2027-01-15T13:00:00Z".into());
     let pages = walk_pages(&f.reader, tenants, later);
     assert!(pages.iter().all(|p| p.rows.is_empty()));
 }

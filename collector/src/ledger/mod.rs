@@ -591,6 +591,19 @@ impl Commit {
         v
     }
 
+    /// The latest minute the commit books into (its buckets'), or
+    /// `at`'s minute when it books none: what a writer that keeps no
+    /// per-GPU rows leaves them incomplete through. An agent whose clock
+    /// is ahead (within `max_clock_skew`) may book minutes after `at`.
+    pub fn last_minute_booked(&self, at: i64) -> i64 {
+        self.buckets
+            .keys()
+            .map(|(_, _, minute)| *minute)
+            .max()
+            .unwrap_or(at.div_euclid(MINUTE) * MINUTE)
+            .max(at.div_euclid(MINUTE) * MINUTE)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty() && self.buckets.is_empty()
     }

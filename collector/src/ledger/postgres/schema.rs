@@ -230,10 +230,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
      ) WITH (fillfactor = 70); -- each row is updated every second of its hour
      CREATE TABLE gpu_rows (
         only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
-        since BIGINT
+        since BIGINT,
+        -- The last minute a writer that kept no per-GPU rows booked.
+        incomplete_through BIGINT
      );
      INSERT INTO gpu_rows SELECT 1, CASE WHEN revision = 0 THEN 0
-        ELSE (ledger_now() / 3600 + 1) * 3600 END FROM watermark WHERE id = 1;",
+        ELSE (ledger_now() / 3600 + 1) * 3600 END, NULL FROM watermark WHERE id = 1;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

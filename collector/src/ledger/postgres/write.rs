@@ -76,6 +76,8 @@ struct Columns {
     /// values in `GPU_COLUMNS` order, the earliest minute booked).
     gpu_hours: Vec<GpuHourRow>,
     gpu_rows: GpuRows,
+    /// The latest minute the commit books into (`Commit::last_minute_booked`).
+    last_minute: i64,
     booked_at: i64,
     finalize_through: i64,
     /// The commit's id, and the holder's last commit id this writer saw
@@ -132,6 +134,7 @@ pub(super) fn commit(
         added: Vec::new(),
         gpu_hours: Vec::with_capacity(c.gpu_hours.len()),
         gpu_rows: c.gpu_rows,
+        last_minute: c.last_minute_booked(booked_at),
         booked_at,
         finalize_through,
         id: match c.id {
@@ -440,15 +443,23 @@ async fn write(
         GpuRows::Unsaid => {}
         GpuRows::Kept => {
             tx.execute(
-                "UPDATE gpu_rows SET since = ($1::int8 / 3600 + 1) * 3600 WHERE since IS NULL",
+                "UPDATE gpu_rows
+                 SET since = (GREATEST($1::int8, COALESCE(incomplete_through + 60, $1::int8))
+                    / 3600 + 1) * 3600
+                 WHERE since IS NULL",
                 &[&c.booked_at],
             )
             .await?;
         }
         GpuRows::NotKept => {
+            // Written only when it changes (once per minute), so commits
+            // of several collectors seldom wait on the row's lock.
             tx.execute(
-                "UPDATE gpu_rows SET since = NULL WHERE since IS NOT NULL",
-                &[],
+                "UPDATE gpu_rows SET since = NULL,
+                    incomplete_through = GREATEST(COALESCE(incomplete_through, $1::int8), $1::int8)
+                 WHERE since IS NOT NULL OR incomplete_through IS NULL
+                    OR incomplete_through < $1::int8",
+                &[&c.last_minute],
             )
             .await?;
         }

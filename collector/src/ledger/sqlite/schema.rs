@@ -314,9 +314,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
     // board, or a MIG board's part) per tenant, node and hour, added to in
     // the commit's transaction, with the revision of the last commit that
     // added to it late; and from when they hold every GPU's figures
-    // (`gpu_rows.since`, NULL: not complete now). A ledger without
-    // commits holds them all (0); an older one from the first whole hour
-    // after this migration.
+    // (`gpu_rows.since`, NULL: not complete now), and the last minute a
+    // writer that kept none booked (`incomplete_through`: they are
+    // complete again only after it). A ledger without commits holds them
+    // all (0); an older one from the first whole hour after this
+    // migration.
     Migration::Sql(
         "CREATE TABLE gpu_hour (
         tenant TEXT NOT NULL,
@@ -334,10 +336,11 @@ pub(super) const MIGRATIONS: &[Migration] = &[
      ) WITHOUT ROWID;
      CREATE TABLE gpu_rows (
         only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
-        since INTEGER
+        since INTEGER,
+        incomplete_through INTEGER
      );
      INSERT INTO gpu_rows SELECT 1, CASE WHEN revision = 0 THEN 0
-        ELSE (unixepoch() / 3600 + 1) * 3600 END FROM watermark WHERE id = 1;",
+        ELSE (unixepoch() / 3600 + 1) * 3600 END, NULL FROM watermark WHERE id = 1;",
     ),
 ];
 

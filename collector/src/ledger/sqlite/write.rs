@@ -266,23 +266,32 @@ impl Ledger {
                 }
             }
             // Whether the per-GPU rows stay complete: a writer that keeps
-            // none ends them; one that keeps them, where they ended, has
-            // them complete again from the next whole hour.
+            // none ends them, through the last minute it booked; one that
+            // keeps them, where they ended, has them complete again from
+            // the next whole hour after both its commit and that minute.
             match c.gpu_rows {
                 GpuRows::Unsaid => {}
                 GpuRows::Kept => {
                     tx.prepare_cached(
-                        "UPDATE gpu_rows SET since = (?1 / 3600 + 1) * 3600 WHERE since IS NULL",
+                        "UPDATE gpu_rows
+                         SET since = (MAX(?1, COALESCE(incomplete_through + 60, ?1)) / 3600 + 1) * 3600
+                         WHERE since IS NULL",
                     )
                     .map_err(err)?
                     .execute([booked_at])
                     .map_err(err)?;
                 }
                 GpuRows::NotKept => {
-                    tx.prepare_cached("UPDATE gpu_rows SET since = NULL WHERE since IS NOT NULL")
-                        .map_err(err)?
-                        .execute([])
-                        .map_err(err)?;
+                    // Written only when it changes: once per minute.
+                    tx.prepare_cached(
+                        "UPDATE gpu_rows SET since = NULL,
+                            incomplete_through = MAX(COALESCE(incomplete_through, ?1), ?1)
+                         WHERE since IS NOT NULL OR incomplete_through IS NULL
+                            OR incomplete_through < ?1",
+                    )
+                    .map_err(err)?
+                    .execute([c.last_minute_booked(booked_at)])
+                    .map_err(err)?;
                 }
             }
             let mut total = tx
