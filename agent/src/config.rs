@@ -466,6 +466,7 @@ impl Config {
             max_bytes: self.spool_max_bytes,
             fsync_interval: self.spool_fsync_interval,
             lock_wait: crate::spool::disk::LOCK_WAIT,
+            stall_after: crate::spool::disk::STALL_AFTER,
         })
     }
 

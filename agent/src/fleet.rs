@@ -153,7 +153,7 @@ pub async fn run(
         });
         let shared = Arc::new(Shared {
             spool: std::sync::Mutex::new(Spool::new(cfg.spool_capacity, epoch)),
-            new_sample: Notify::new(),
+            new_sample: Arc::new(Notify::new()),
             stats: stream::Stats::default(),
         });
         let hello = pb::Hello {

@@ -609,7 +609,7 @@ mod tests {
     fn observed(max_undelivered: Duration) -> Observed {
         let shared = Arc::new(Shared {
             spool: Mutex::new(Spool::new(10, 1)),
-            new_sample: tokio::sync::Notify::new(),
+            new_sample: Default::default(),
             stats: Stats::default(),
         });
         Observed::new(

@@ -304,14 +304,19 @@ pub async fn run(
     // (above the collector's, should it hold a newer one for this node),
     // unless a disk spool carries an earlier run's on.
     let epoch = unix_nanos(start_wall) as u64;
+    let new_sample = Arc::new(Notify::new());
+    let mut spool = Spool::open(
+        cfg.spool_capacity,
+        epoch,
+        cfg.spool_disk().as_ref(),
+        &node_id,
+    )?;
+    // The stream task waits for samples to become sendable: once their
+    // disk has them.
+    spool.wake_on_progress(new_sample.clone());
     let shared = Arc::new(Shared {
-        spool: std::sync::Mutex::new(Spool::open(
-            cfg.spool_capacity,
-            epoch,
-            cfg.spool_disk().as_ref(),
-            &node_id,
-        )?),
-        new_sample: Notify::new(),
+        spool: std::sync::Mutex::new(spool),
+        new_sample,
         stats: stream::Stats::default(),
     });
     let observed = Arc::new(http::Observed::new(
@@ -538,6 +543,25 @@ pub async fn run(
         && let Err(e) = task.await
     {
         warn!(error = %e, "stream task ended abnormally");
+    }
+    // What was spooled before the stop reaches the disk (its last acks
+    // too), so a restart finds it; waited for until the drain deadline at
+    // most, off the spool's lock (the disk's writer wakes `new_sample`
+    // after each operation).
+    let flushed = async {
+        loop {
+            let woken = shared.new_sample.notified();
+            if shared.spool().disk_idle() {
+                return;
+            }
+            woken.await;
+        }
+    };
+    if tokio::time::timeout_at(drain_end, flushed).await.is_err() {
+        warn!(
+            "the spool's disk writer is still in a disk operation at exit; it is left behind (a restart finds what reached the disk)"
+        );
+        shared.spool().leave_writer_behind();
     }
     // Let the workers drop what they read (the mock saves its counters,
     // NVML's XID thread finishes its wait), but wait for one hung in the

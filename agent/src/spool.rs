@@ -27,17 +27,44 @@
 //! the disk fails, its files are deleted (a log behind memory would break
 //! that) and the spool goes on in memory, counted and logged. Should a log
 //! fall behind all the same (files that could not be deleted, a restored
-//! backup), the collector's Welcome says so: see [`Spool::welcomed`].
+//! backup, a hung disk that never answered again), the collector's Welcome
+//! says so: see [`Spool::welcomed`].
+//!
+//! *Invariant:* nothing here waits on the disk. Its writes, syncs, new
+//! segments and deletes run on the spool's writer thread
+//! (`spool::writer`), in the order the spool asks for them; the spool
+//! keeps every sample and number in memory and takes in what the writer
+//! has done ([`Spool::absorb`], at each call that changes the spool and
+//! whenever `Shared::spool` locks it): the samples it reports durable
+//! become sendable, those the disk's bound dropped are dropped (counted),
+//! and a failure gives the disk up as above. A disk operation under way
+//! longer than `stall_after` ([`disk::STALL_AFTER`]), or more operations
+//! queued than twice the capacity (and [`QUEUE_SLACK`]), gives the disk up
+//! too, counted as a stall: the spool goes on in memory and the writer
+//! deletes the files once its call returns. Only opening the spool at
+//! start (reading what an earlier run left) runs on the caller's thread,
+//! before any sample is taken or sent.
 
 pub mod disk;
+mod writer;
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
 
 use capwatch_proto::v1::NodeSample;
 use prost::Message;
+use tokio::sync::Notify;
 use tracing::{error, info, warn};
 
 pub use disk::{DiskConfig, SpoolError};
+use writer::{Command, Seen, Writer};
+
+/// Disk operations queued beyond the spool's capacity (twice over) and
+/// this many more: the disk keeps up with neither sampling nor acks, and
+/// is given up as stalled rather than let the queue's copies of the
+/// samples grow without a bound.
+const QUEUE_SLACK: u64 = 64;
 
 #[derive(Debug)]
 pub struct Spool {
@@ -56,9 +83,18 @@ pub struct Spool {
     durable: u64,
     /// Encoded bytes of the samples held.
     bytes: u64,
-    disk: Option<disk::Disk>,
-    /// The disk spool failed since start (and was given up).
+    /// The writer thread of the spool on disk.
+    disk: Option<Writer>,
+    /// How long one disk operation may take before the disk is given up.
+    stall_after: Duration,
+    /// A writer given up as stalled, left to finish alone.
+    left_behind: Option<Writer>,
+    /// The disk spool failed (or stalled) since start, and was given up;
+    /// stalls alone.
     disk_errors: u64,
+    disk_stalls: u64,
+    /// Samples the disk's bound dropped that `push` has not reported yet.
+    unreported_drops: u64,
     /// Samples found on disk at start, and torn or corrupt records dropped
     /// there.
     restored: u64,
@@ -83,8 +119,12 @@ pub struct Depth {
     pub disk_bytes: Option<u64>,
     /// Samples dropped for lack of room since start.
     pub dropped: u64,
-    /// Write errors that made the agent give up its disk spool.
+    /// Write errors (and stalls) that made the agent give up its disk
+    /// spool.
     pub disk_errors: u64,
+    /// Of those, disk operations that did not return within
+    /// `stall_after` (or a queue the disk could not catch up with).
+    pub disk_stalls: u64,
     /// Samples found on disk at start; torn or corrupt records dropped
     /// there.
     pub restored: u64,
@@ -141,7 +181,11 @@ impl Spool {
             durable: 0,
             bytes: 0,
             disk: None,
+            stall_after: disk::STALL_AFTER,
+            left_behind: None,
             disk_errors: 0,
+            disk_stalls: 0,
+            unreported_drops: 0,
             restored: 0,
             corrupt: 0,
             forgotten: 0,
@@ -206,6 +250,7 @@ impl Spool {
             disk_bytes = disk.bytes(),
             "spool on disk opened"
         );
+        spool.stall_after = cfg.stall_after;
         if restored.corrupt > 0 {
             warn!(
                 corrupt_dropped = restored.corrupt,
@@ -213,8 +258,121 @@ impl Spool {
                 "the spool on disk held torn or corrupt records (a crash while writing, or damage): dropped; the energy they carried is kept by the next counter delta"
             );
         }
-        spool.disk = Some(disk);
+        match Writer::spawn(disk, spool.last_seq) {
+            Ok(w) => spool.disk = Some(w),
+            Err(f) => {
+                spool.disk_errors += 1;
+                report_disk_failure(f.what, &f.error, spool.disk_errors, f.left);
+            }
+        }
         Ok(spool)
+    }
+
+    /// Wakes `notify` whenever the disk has done an operation: samples may
+    /// have become sendable (or the disk is idle).
+    pub fn wake_on_progress(&mut self, notify: Arc<Notify>) {
+        if let Some(w) = &self.disk {
+            w.wake(notify);
+        }
+    }
+
+    /// Takes in what the disk has done: samples it has written (and
+    /// synced) become sendable, those its bound dropped are dropped; a
+    /// disk that failed, or stalled, is given up. Never waits on the disk.
+    pub fn absorb(&mut self) {
+        let Some(w) = self.disk.as_mut() else {
+            return;
+        };
+        let (generation, durable, dropped_through) = match w.read() {
+            Seen::Failed(f) => {
+                // The writer deleted the files and closed them: what is
+                // left of it returns at once.
+                self.disk = None;
+                self.disk_errors += 1;
+                report_disk_failure(f.what, &f.error, self.disk_errors, f.left);
+                self.durable = self.last_seq;
+                return;
+            }
+            Seen::Going {
+                busy_for: Some(busy),
+                ..
+            } if busy >= self.stall_after => {
+                let why = format!("a disk operation has not returned for {}s", busy.as_secs());
+                self.stalled(&why);
+                return;
+            }
+            Seen::Going { queued, .. } if queued > 2 * self.capacity as u64 + QUEUE_SLACK => {
+                let why = format!("{queued} disk operations queued");
+                self.stalled(&why);
+                return;
+            }
+            Seen::Going {
+                generation,
+                durable,
+                dropped_through,
+                ..
+            } => (generation, durable, dropped_through),
+        };
+        // What the writer says of an earlier numbering (before a rewrite
+        // it has not done yet) says nothing of this one.
+        if generation != w.generation {
+            return;
+        }
+        let mut dropped = 0;
+        while self
+            .samples
+            .front()
+            .is_some_and(|s| s.seq <= dropped_through)
+        {
+            self.pop_front();
+            dropped += 1;
+        }
+        self.forgotten = self.forgotten.max(dropped_through);
+        self.dropped += dropped;
+        self.unreported_drops += dropped;
+        self.durable = self.durable.max(durable.min(self.last_seq));
+    }
+
+    /// Gives a hung disk up: the spool goes on in memory; the writer
+    /// deletes the files once its call returns.
+    fn stalled(&mut self, why: &str) {
+        let Some(mut w) = self.disk.take() else {
+            return;
+        };
+        w.give_up();
+        self.left_behind = Some(w);
+        self.disk_errors += 1;
+        self.disk_stalls += 1;
+        error!(
+            reason = why,
+            stall_after_s = self.stall_after.as_secs_f64(),
+            disk_errors_total = self.disk_errors,
+            disk_stalls_total = self.disk_stalls,
+            "spool on disk does not answer (a hung or congested disk?): given up; the agent goes on with the spool in memory, which a restart loses, and the files are deleted once the disk answers"
+        );
+        self.durable = self.last_seq;
+    }
+
+    /// Whether the disk has done all it was asked (or there is none).
+    pub fn disk_idle(&self) -> bool {
+        self.disk.as_ref().is_none_or(Writer::idle)
+    }
+
+    /// Waits until the disk has done all it was asked, at most `timeout`,
+    /// and takes it in; whether it had. Blocks the caller: for tools and
+    /// tests, never the agent's runtime thread.
+    pub fn wait_idle(&mut self, timeout: Duration) -> bool {
+        let idle = self.disk.as_ref().is_none_or(|w| w.wait_idle(timeout));
+        self.absorb();
+        idle
+    }
+
+    /// Lets the writer finish alone: dropping the spool will not wait for
+    /// it (at exit, when it did not finish by the drain deadline).
+    pub fn leave_writer_behind(&mut self) {
+        if let Some(w) = self.disk.as_mut() {
+            w.leave_behind();
+        }
     }
 
     /// The spool's size and what became of its disk.
@@ -222,38 +380,25 @@ impl Spool {
         Depth {
             samples: self.samples.len() as u64,
             bytes: self.bytes,
-            disk_bytes: self.disk.as_ref().map(disk::Disk::bytes),
+            disk_bytes: self.disk.as_ref().map(|w| w.bytes),
             dropped: self.dropped,
             disk_errors: self.disk_errors,
+            disk_stalls: self.disk_stalls,
             restored: self.restored,
             corrupt: self.corrupt,
             collector_ahead: self.collector_ahead,
         }
     }
 
-    /// Syncs what is on disk, so all of it may be sent (before the drain
-    /// at shutdown, under an fsync interval).
+    /// Asks for what is on disk to be synced, so all of it may be sent
+    /// (before the drain at shutdown, under an fsync interval): it is, once
+    /// the disk has done it.
     pub fn sync(&mut self) {
-        if let Some(d) = self.disk.as_mut()
-            && let Err(e) = d.sync()
-        {
-            self.disk_failed("sync", &e);
-            return;
+        self.absorb();
+        match self.disk.as_mut() {
+            Some(w) => w.send(Command::Sync),
+            None => self.durable = self.last_seq,
         }
-        self.durable = self.last_seq;
-    }
-
-    /// Gives the disk spool up after `e`, deleting its files: the spool
-    /// goes on in memory.
-    fn disk_failed(&mut self, what: &str, e: &std::io::Error) {
-        self.disk_errors += 1;
-        let left = self
-            .disk
-            .take()
-            .map(|mut d| d.remove_all())
-            .unwrap_or_default();
-        report_disk_failure(what, e, self.disk_errors, left);
-        self.durable = self.last_seq;
     }
 
     fn pop_front(&mut self) -> Option<NodeSample> {
@@ -272,10 +417,8 @@ impl Spool {
             return;
         }
         self.forgotten = through;
-        if let Some(d) = self.disk.as_mut()
-            && let Err(e) = d.forget(through)
-        {
-            self.disk_failed("ack", &e);
+        if let Some(w) = self.disk.as_mut() {
+            w.send(Command::Forget(through));
         }
     }
 
@@ -285,8 +428,10 @@ impl Spool {
     }
 
     /// Appends a sample, numbering it next in the epoch; returns how many
-    /// old samples were dropped to make room (0 or 1).
+    /// old samples were dropped to make room since the last push (in
+    /// memory, or by the disk's bound).
     pub fn push(&mut self, mut sample: NodeSample) -> u64 {
+        self.absorb();
         let mut dropped = 0;
         while self.samples.len() >= self.capacity {
             self.pop_front();
@@ -298,32 +443,18 @@ impl Spool {
         let before = self.last_seq;
         self.last_seq += 1;
         sample.seq = self.last_seq;
-        match self
-            .disk
-            .as_mut()
-            .map(|d| d.append(&sample, before, self.forgotten))
-        {
+        match self.disk.as_mut() {
             None => self.durable = self.last_seq,
-            Some(Ok(appended)) => {
-                if let Some(through) = appended.dropped_through {
-                    while self.samples.front().is_some_and(|s| s.seq <= through) {
-                        self.pop_front();
-                        dropped += 1;
-                    }
-                    self.forgotten = self.forgotten.max(through);
-                }
-                if appended.synced {
-                    self.durable = self.last_seq;
-                } else if appended.synced_before {
-                    self.durable = self.durable.max(before);
-                }
-            }
-            Some(Err(e)) => self.disk_failed("append", &e),
+            Some(w) => w.send(Command::Append {
+                sample: sample.clone(),
+                before,
+                forgotten: self.forgotten,
+            }),
         }
         self.dropped += dropped;
         self.bytes += sample.encoded_len() as u64;
         self.samples.push_back(sample);
-        dropped
+        dropped + std::mem::take(&mut self.unreported_drops)
     }
 
     /// Records that every sample up to `seq` went out on a stream of this
@@ -345,6 +476,7 @@ impl Spool {
     /// them under the old epoch) are given up, the rest are numbered from
     /// 1 in the new epoch, in order.
     pub fn renumber(&mut self, epoch: u64) -> Renumbered {
+        self.absorb();
         let before = self.samples.len();
         let sent = self.sent;
         self.samples.retain(|s| s.seq > sent);
@@ -377,6 +509,7 @@ impl Spool {
     /// on from there (on disk too). The samples that were sent are at or
     /// below `acked`: the collector holds them.
     pub fn welcomed(&mut self, acked: u64) -> Welcomed {
+        self.absorb();
         if acked <= self.sent_ever {
             return Welcomed {
                 acked: self.ack(acked) as u64,
@@ -412,20 +545,30 @@ impl Spool {
         }
     }
 
-    /// Replaces what is on disk with the samples in memory.
-    fn rewrite_disk(&mut self, what: &str) {
-        if let Some(d) = self.disk.as_mut() {
-            match d.rewrite(self.epoch, &self.samples, self.last_seq) {
-                Ok(()) => self.durable = self.last_seq,
-                Err(e) => self.disk_failed(what, &e),
+    /// Replaces what is on disk with the samples in memory, under their
+    /// new numbers: none is sendable until the disk has done it (a sample
+    /// sent under its new number while the disk holds it under the old
+    /// one would be found, and sent, again after a restart).
+    fn rewrite_disk(&mut self, what: &'static str) {
+        match self.disk.as_mut() {
+            Some(w) => {
+                w.generation += 1;
+                self.durable = 0;
+                w.send(Command::Rewrite {
+                    generation: w.generation,
+                    epoch: self.epoch,
+                    samples: self.samples.clone(),
+                    last_seq: self.last_seq,
+                    what,
+                });
             }
-        } else {
-            self.durable = self.last_seq;
+            None => self.durable = self.last_seq,
         }
     }
 
     /// Forgets every sample at or below `seq`; returns how many.
     pub fn ack(&mut self, seq: u64) -> usize {
+        self.absorb();
         let before = self.samples.len();
         while self.samples.front().is_some_and(|s| s.seq <= seq) {
             self.pop_front();
@@ -476,6 +619,20 @@ impl Spool {
     /// Samples dropped for lack of room since start.
     pub fn dropped(&self) -> u64 {
         self.dropped
+    }
+
+    /// Segment files on disk, as the writer last said; `None`: no disk.
+    #[cfg(test)]
+    pub(crate) fn disk_segments(&self) -> Option<usize> {
+        self.disk.as_ref().map(|w| w.segments)
+    }
+
+    /// Waits until a writer given up as stalled is done with the disk.
+    #[cfg(test)]
+    pub(crate) fn wait_left_behind(&self) -> bool {
+        self.left_behind
+            .as_ref()
+            .is_some_and(|w| w.wait_exited(Duration::from_secs(60)))
     }
 }
 

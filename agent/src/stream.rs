@@ -58,8 +58,9 @@ const MAX_EPOCH: u64 = i64::MAX as u64;
 /// What the stream task shares with the sampler.
 pub struct Shared {
     pub spool: Mutex<Spool>,
-    /// Woken whenever the sampler adds a sample.
-    pub new_sample: Notify,
+    /// Woken whenever the sampler adds a sample, and whenever the spool's
+    /// disk has done an operation (samples may have become sendable).
+    pub new_sample: Arc<Notify>,
     pub stats: Stats,
 }
 
@@ -196,10 +197,14 @@ impl Stats {
 }
 
 impl Shared {
+    /// The spool, locked, with what its disk has done taken in (never
+    /// waiting on the disk).
     pub fn spool(&self) -> std::sync::MutexGuard<'_, Spool> {
         // A poisoned lock means a panic elsewhere already; the spool's
         // contents are still consistent (every method leaves them so).
-        self.spool.lock().unwrap_or_else(|p| p.into_inner())
+        let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
+        spool.absorb();
+        spool
     }
 }
 

@@ -335,11 +335,16 @@ fn unacked_samples_survive_agent_kills_during_a_collector_outage() {
         max_bytes: 64 << 20,
         fsync_interval: Duration::ZERO,
         lock_wait: Duration::ZERO,
+        stall_after: capwatch_agent::spool::disk::STALL_AFTER,
     };
     let mut spool = capwatch_agent::spool::Spool::open(10, 1, Some(&disk), NODE).unwrap();
     assert!(spool.is_empty());
     assert_eq!(spool.epoch(), epoch);
     spool.push(Default::default());
+    assert!(
+        spool.wait_idle(Duration::from_secs(60)),
+        "the spool's writer"
+    );
     let next: Vec<u64> = spool
         .after(0, 10, usize::MAX)
         .iter()

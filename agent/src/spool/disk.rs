@@ -39,6 +39,9 @@
 //! or corrupt record ends its segment: it and what follows are dropped and
 //! counted. A file of another format version or another node is an error
 //! naming the file, never read as this node's samples.
+//!
+//! [`Disk::open`] runs on the thread that opens the spool, at start;
+//! everything after it, on the spool's writer thread (`spool::writer`).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -89,37 +92,149 @@ pub(crate) enum Fault {
     From(u64),
 }
 
+/// What a test does to the I/O operations on the spool's files: the
+/// faults it injects, the operations counted, and one it holds up.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Plan {
+    fault: Option<Fault>,
+    /// I/O operations done under this plan.
+    ops: u64,
+    /// The next operation waits at this gate until the test opens it.
+    hold: Option<std::sync::Arc<Gate>>,
+}
+
+/// Where a held I/O operation waits: a disk that does not answer until
+/// the test says so.
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct Gate {
+    /// (an operation waits here, the gate was opened)
+    state: std::sync::Mutex<(bool, bool)>,
+    changed: std::sync::Condvar,
+}
+
+#[cfg(test)]
+impl Gate {
+    fn wait(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.0 = true;
+        self.changed.notify_all();
+        while !s.1 {
+            s = self.changed.wait(s).unwrap();
+        }
+    }
+
+    /// Waits (a minute at most) until an I/O operation waits at the gate.
+    pub(crate) fn wait_entered(&self) {
+        let s = self.state.lock().unwrap();
+        let (s, _) = self
+            .changed
+            .wait_timeout_while(s, Duration::from_secs(60), |s| !s.0)
+            .unwrap();
+        assert!(s.0, "no I/O operation reached the gate");
+    }
+
+    /// Lets the held operation (and any later one) through.
+    pub(crate) fn release(&self) {
+        self.state.lock().unwrap().1 = true;
+        self.changed.notify_all();
+    }
+}
+
 #[cfg(test)]
 thread_local! {
-    static FAULT: std::cell::Cell<Option<Fault>> = const { std::cell::Cell::new(None) };
-    /// I/O operations done on this thread.
-    static OPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    /// The plan of the I/O operations done on this thread.
+    static PLAN: std::cell::RefCell<std::sync::Arc<std::sync::Mutex<Plan>>> =
+        std::cell::RefCell::new(Default::default());
+}
+
+#[cfg(test)]
+fn with_plan<T>(f: impl FnOnce(&mut Plan) -> T) -> T {
+    PLAN.with(|p| f(&mut p.borrow().lock().unwrap_or_else(|e| e.into_inner())))
 }
 
 /// Sets the I/O operations that fail on this thread (`None`: none), and
 /// returns how many were done so far.
 #[cfg(test)]
 pub(crate) fn inject(fault: Option<Fault>) -> u64 {
-    FAULT.set(fault);
-    OPS.get()
+    with_plan(|p| {
+        p.fault = fault;
+        p.ops
+    })
 }
 
-/// Called before each I/O operation on the spool's files: fails it (EIO)
-/// where a test says so; does nothing outside tests.
+/// Makes the next I/O operation on this thread's spool wait until the
+/// gate returned is released (or dropped: a failed test never leaves the
+/// writer waiting, and its spool's drop waiting for the writer).
+#[cfg(test)]
+pub(crate) fn hold() -> Held {
+    let gate = std::sync::Arc::new(Gate::default());
+    with_plan(|p| p.hold = Some(gate.clone()));
+    Held(gate)
+}
+
+/// A gate that opens when dropped.
+#[cfg(test)]
+pub(crate) struct Held(pub(crate) std::sync::Arc<Gate>);
+
+#[cfg(test)]
+impl std::ops::Deref for Held {
+    type Target = Gate;
+    fn deref(&self) -> &Gate {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// What a thread the spool starts (its writer) takes from the thread that
+/// opened it: in tests, the plan of its I/O operations; nothing otherwise.
+pub(super) fn inherit() -> impl FnOnce() + Send + 'static {
+    #[cfg(test)]
+    let plan = PLAN.with(|p| p.borrow().clone());
+    move || {
+        #[cfg(test)]
+        PLAN.with(|p| *p.borrow_mut() = plan);
+    }
+}
+
+/// Called before each I/O operation on the spool's files: waits where a
+/// test holds it, fails it (EIO) where a test says so; does nothing
+/// outside tests.
 fn fault() -> io::Result<()> {
     #[cfg(test)]
     {
-        OPS.set(OPS.get() + 1);
-        let eio = || Err(io::Error::from_raw_os_error(5));
-        match FAULT.get() {
-            None => {}
-            Some(Fault::Once(0)) => {
-                FAULT.set(None);
-                return eio();
-            }
-            Some(Fault::From(0)) => return eio(),
-            Some(Fault::Once(k)) => FAULT.set(Some(Fault::Once(k - 1))),
-            Some(Fault::From(k)) => FAULT.set(Some(Fault::From(k - 1))),
+        let (hold, fail) = with_plan(|p| {
+            p.ops += 1;
+            let fail = match p.fault {
+                None => false,
+                Some(Fault::Once(0)) => {
+                    p.fault = None;
+                    true
+                }
+                Some(Fault::From(0)) => true,
+                Some(Fault::Once(k)) => {
+                    p.fault = Some(Fault::Once(k - 1));
+                    false
+                }
+                Some(Fault::From(k)) => {
+                    p.fault = Some(Fault::From(k - 1));
+                    false
+                }
+            };
+            (p.hold.take(), fail)
+        });
+        if let Some(gate) = hold {
+            gate.wait();
+        }
+        if fail {
+            return Err(io::Error::from_raw_os_error(5));
         }
     }
     Ok(())
@@ -168,7 +283,17 @@ pub struct DiskConfig {
     /// How long to wait for another process to let the directory's lock
     /// go (an agent being replaced) before giving up.
     pub lock_wait: Duration,
+    /// How long one disk operation may take before the spool gives the
+    /// disk up as hung and goes on in memory ([`STALL_AFTER`]).
+    pub stall_after: Duration,
 }
+
+/// How long one disk operation (a write, an fsync, a new segment, a
+/// rewrite) may take before the spool gives the disk up as hung: far
+/// longer than a healthy disk takes, even a congested one or a network
+/// filesystem riding out a short server failover; short enough that an
+/// agent on a dead disk is delivering again within half a minute.
+pub const STALL_AFTER: Duration = Duration::from_secs(30);
 
 /// How long the agent waits for the spool directory's lock by default.
 pub const LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -770,6 +895,16 @@ impl Disk {
         self.epoch
     }
 
+    /// The spool's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Whether everything written is synced.
+    pub fn is_synced(&self) -> bool {
+        !self.unsynced
+    }
+
     /// Bytes of segment files.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.bytes).sum()
@@ -1065,7 +1200,7 @@ impl Disk {
 /// other the directory lists: one renamed into place whose creation then
 /// failed, say) and every segment being created, then syncs the
 /// directory; returns what could not be deleted (and why).
-fn remove_segments(dir: &Path, mut paths: Vec<PathBuf>) -> Vec<(PathBuf, io::Error)> {
+pub(super) fn remove_segments(dir: &Path, mut paths: Vec<PathBuf>) -> Vec<(PathBuf, io::Error)> {
     let mut failed = Vec::new();
     match fault().and_then(|()| fs::read_dir(dir)) {
         Ok(entries) => {
@@ -1162,6 +1297,7 @@ mod tests {
             max_bytes,
             fsync_interval: Duration::ZERO,
             lock_wait: Duration::ZERO,
+            stall_after: STALL_AFTER,
         }
     }
 
@@ -1193,12 +1329,30 @@ mod tests {
         Spool::open(1_000_000, epoch, Some(&c), NODE).unwrap()
     }
 
-    /// (seq, timestamp) of every unacked sample.
-    fn held(sp: &Spool) -> Vec<(u64, i64)> {
+    /// Waits until the disk has done what the spool asked of it.
+    fn settle(sp: &mut Spool) {
+        assert!(sp.wait_idle(Duration::from_secs(60)), "the spool's writer");
+    }
+
+    /// (seq, timestamp) of every unacked sample that may be sent now.
+    fn sendable(sp: &Spool) -> Vec<(u64, i64)> {
         sp.after(0, usize::MAX, usize::MAX)
             .iter()
             .map(|s| (s.seq, s.timestamp_unix_nanos))
             .collect()
+    }
+
+    /// (seq, timestamp) of every unacked sample, once the disk has done
+    /// what it was asked.
+    fn held(sp: &mut Spool) -> Vec<(u64, i64)> {
+        settle(sp);
+        sendable(sp)
+    }
+
+    /// The spool's depth, once the disk has done what it was asked.
+    fn depth(sp: &mut Spool) -> crate::spool::Depth {
+        settle(sp);
+        sp.depth()
     }
 
     /// The one segment file in `dir`.
@@ -1227,10 +1381,10 @@ mod tests {
         drop(sp);
         let mut sp = open(dir.path(), 1 << 20, 99);
         assert_eq!(sp.epoch(), 7);
-        assert_eq!(held(&sp), vec![(3, 3), (4, 4), (5, 5)]);
-        assert_eq!(sp.depth().restored, 3);
+        assert_eq!(held(&mut sp), vec![(3, 3), (4, 4), (5, 5)]);
+        assert_eq!(depth(&mut sp).restored, 3);
         sp.push(sample(6, 2));
-        assert_eq!(held(&sp).last(), Some(&(6, 6)));
+        assert_eq!(held(&mut sp).last(), Some(&(6, 6)));
         // Everything acked: a restart still continues the numbering.
         sp.ack(6);
         drop(sp);
@@ -1238,10 +1392,140 @@ mod tests {
         assert!(sp.is_empty());
         assert_eq!(sp.epoch(), 7);
         sp.push(sample(7, 2));
-        assert_eq!(held(&sp), vec![(7, 7)]);
+        assert_eq!(held(&mut sp), vec![(7, 7)]);
         // A new directory is a new spool, under the epoch given.
         let other = tempfile::tempdir().unwrap();
         assert_eq!(open(other.path(), 1 << 20, 42).epoch(), 42);
+    }
+
+    #[test]
+    fn a_blocked_disk_holds_up_neither_the_spool_nor_its_callers() {
+        // Invariant: a disk operation that does not return (a hung or
+        // congested disk) holds up no call on the spool: samples are still
+        // taken, acked and counted; but nothing is sendable until it is on
+        // disk, and once the disk answers all of it is, in order, and
+        // survives a restart.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        sp.push(sample(1, 1));
+        sp.push(sample(2, 1));
+        assert_eq!(held(&mut sp), vec![(1, 1), (2, 2)]);
+        let gate = hold();
+        let (done, finished) = std::sync::mpsc::channel::<()>();
+        // Opens the gate once the calls below are done, or after long
+        // enough that they can only have waited on it.
+        let watchdog = {
+            let gate = gate.0.clone();
+            std::thread::spawn(move || {
+                let returned = finished.recv_timeout(Duration::from_secs(10)).is_ok();
+                gate.release();
+                returned
+            })
+        };
+        sp.push(sample(3, 1));
+        gate.wait_entered();
+        sp.absorb();
+        let before_ack = sendable(&sp);
+        sp.ack(1);
+        sp.push(sample(4, 1));
+        sp.absorb();
+        let after_ack = sendable(&sp);
+        let d = sp.depth();
+        let _ = done.send(());
+        assert!(
+            watchdog.join().unwrap(),
+            "a call on the spool waited for the blocked disk"
+        );
+        assert_eq!(before_ack, vec![(1, 1), (2, 2)], "3 is not on disk yet");
+        assert_eq!(after_ack, vec![(2, 2)], "nor 4");
+        assert_eq!((d.samples, d.disk_errors), (3, 0));
+        assert_eq!(held(&mut sp), vec![(2, 2), (3, 3), (4, 4)]);
+        drop(sp);
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        assert_eq!(held(&mut sp), vec![(2, 2), (3, 3), (4, 4)]);
+    }
+
+    #[test]
+    fn a_disk_hung_past_the_bound_is_given_up_and_its_files_go_once_it_answers() {
+        // Invariant: a disk operation that does not return within
+        // stall_after gives the disk up: counted as an error and a stall,
+        // the spool goes on in memory (everything in it may be sent), and
+        // once the operation returns the writer deletes the spool's files.
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = cfg(dir.path(), 1 << 20);
+        c.stall_after = Duration::from_secs(1);
+        let mut sp = Spool::open(100, 7, Some(&c), NODE).unwrap();
+        sp.push(sample(1, 1));
+        assert_eq!(held(&mut sp), vec![(1, 1)]);
+        let gate = hold();
+        sp.push(sample(2, 1));
+        gate.wait_entered();
+        sp.absorb();
+        assert_eq!(sendable(&sp), vec![(1, 1)], "within the bound 2 waits");
+        assert_eq!(sp.depth().disk_stalls, 0);
+        // The gate holds the operation past the bound.
+        std::thread::sleep(c.stall_after);
+        sp.push(sample(3, 1));
+        let d = sp.depth();
+        assert_eq!((d.disk_errors, d.disk_stalls, d.disk_bytes), (1, 1, None));
+        assert_eq!(sendable(&sp), vec![(1, 1), (2, 2), (3, 3)]);
+        assert!(
+            !spool_files(dir.path()).is_empty(),
+            "the call has not returned"
+        );
+        gate.release();
+        assert!(
+            sp.wait_left_behind(),
+            "the writer exits once its call returns"
+        );
+        assert_eq!(spool_files(dir.path()), Vec::<String>::new());
+        sp.push(sample(4, 1));
+        assert_eq!(sendable(&sp).last(), Some(&(4, 4)));
+    }
+
+    #[test]
+    fn a_renumbered_sample_is_sent_only_once_on_disk_under_its_new_number() {
+        // Invariant: what the disk reported of the numbering before a
+        // renumbering never makes a sample sendable under its new number:
+        // only the rewrite under the new one does (sent before it, a
+        // restart would find it, and send it again, under the old one).
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        for t in 1..=4 {
+            sp.push(sample(t, 1));
+        }
+        assert_eq!(held(&mut sp).len(), 4);
+        sp.sent(2);
+        let gate = hold();
+        sp.renumber(50);
+        gate.wait_entered();
+        sp.absorb();
+        assert_eq!(sendable(&sp), Vec::<(u64, i64)>::new(), "not rewritten yet");
+        gate.release();
+        assert_eq!(held(&mut sp), vec![(1, 3), (2, 4)]);
+    }
+
+    #[test]
+    fn a_disk_that_falls_ever_further_behind_is_given_up() {
+        // Invariant: the operations queued for a disk that does not keep
+        // up are bounded (twice the spool's capacity and a little more):
+        // beyond it the disk is given up as stalled, so the copies of the
+        // samples queued for it cannot grow without a bound.
+        let dir = tempfile::tempdir().unwrap();
+        let mut sp = Spool::open(4, 7, Some(&cfg(dir.path(), 1 << 20)), NODE).unwrap();
+        let gate = hold();
+        let mut t = 0;
+        while sp.depth().disk_stalls == 0 {
+            t += 1;
+            assert!(t <= 100, "{:?}", sp.depth());
+            sp.push(sample(t, 1));
+        }
+        assert!(t > 2 * 4, "given up after {t} samples");
+        assert_eq!(sp.depth().disk_bytes, None);
+        assert_eq!(sendable(&sp).len(), 4, "the spool goes on in memory");
+        gate.release();
+        assert!(sp.wait_left_behind());
+        assert_eq!(spool_files(dir.path()), Vec::<String>::new());
     }
 
     #[test]
@@ -1269,12 +1553,12 @@ mod tests {
             }
         );
         assert_eq!(sp.epoch(), 7);
-        assert_eq!(held(&sp), vec![(7, 10), (8, 11)]);
-        assert_eq!(sp.depth().collector_ahead, 1);
+        assert_eq!(held(&mut sp), vec![(7, 10), (8, 11)]);
+        assert_eq!(depth(&mut sp).collector_ahead, 1);
         sp.push(sample(12, 1));
         drop(sp);
         let mut sp = open(dir.path(), 1 << 20, 99);
-        assert_eq!(held(&sp), vec![(7, 10), (8, 11), (9, 12)]);
+        assert_eq!(held(&mut sp), vec![(7, 10), (8, 11), (9, 12)]);
         // A Welcome the spool is not behind changes nothing but acks.
         assert_eq!(
             sp.welcomed(7),
@@ -1288,12 +1572,12 @@ mod tests {
         sp.ack(9);
         sp.welcomed(20);
         sp.push(sample(13, 1));
-        assert_eq!(held(&sp), vec![(21, 13)]);
+        assert_eq!(held(&mut sp), vec![(21, 13)]);
         sp.ack(21);
         drop(sp);
         let mut sp = open(dir.path(), 1 << 20, 99);
         sp.push(sample(14, 1));
-        assert_eq!(held(&sp), vec![(22, 14)]);
+        assert_eq!(held(&mut sp), vec![(22, 14)]);
     }
 
     #[test]
@@ -1306,9 +1590,9 @@ mod tests {
         sp.sent(2);
         sp.renumber(50);
         drop(sp);
-        let sp = open(dir.path(), 1 << 20, 1);
+        let mut sp = open(dir.path(), 1 << 20, 1);
         assert_eq!(sp.epoch(), 50);
-        assert_eq!(held(&sp), vec![(1, 3), (2, 4)]);
+        assert_eq!(held(&mut sp), vec![(1, 3), (2, 4)]);
     }
 
     #[test]
@@ -1323,17 +1607,17 @@ mod tests {
             sp.push(sample(t, 8));
         }
         sp.sync();
-        let depth = sp.depth();
-        assert!(depth.disk_bytes.unwrap() > max / 2, "{depth:?}");
-        assert_eq!(depth.dropped, 0);
+        let d = depth(&mut sp);
+        assert!(d.disk_bytes.unwrap() > max / 2, "{d:?}");
+        assert_eq!(d.dropped, 0);
         sp.ack(n - 10);
-        let depth = sp.depth();
-        assert_eq!(depth.samples, 10);
-        assert!(depth.disk_bytes.unwrap() < max / SEGMENTS * 2, "{depth:?}");
-        assert!(sp.disk.as_ref().map(Disk::segments) <= Some(2));
+        let d = depth(&mut sp);
+        assert_eq!(d.samples, 10);
+        assert!(d.disk_bytes.unwrap() < max / SEGMENTS * 2, "{d:?}");
+        assert!(sp.disk_segments() <= Some(2));
         drop(sp);
-        let sp = open(dir.path(), max, 1);
-        assert_eq!(held(&sp).len(), 10);
+        let mut sp = open(dir.path(), max, 1);
+        assert_eq!(held(&mut sp).len(), 10);
         // Reopening rewrites them into one.
         only_segment(dir.path());
     }
@@ -1350,15 +1634,19 @@ mod tests {
             sp.push(sample(t, 8));
             sp.sync();
             sp.ack(t as u64);
-            let d = sp.depth();
+            let d = depth(&mut sp);
             assert!(d.disk_bytes.unwrap() < max / SEGMENTS / 8 + 1024, "{d:?}");
         }
         assert!(sp.is_empty());
         drop(sp);
         let mut sp = open(dir.path(), max, 1);
-        assert_eq!(sp.depth().disk_bytes, Some(header));
+        assert_eq!(depth(&mut sp).disk_bytes, Some(header));
         sp.push(sample(401, 1));
-        assert_eq!(held(&sp), vec![(401, 401)], "numbered on after the acked");
+        assert_eq!(
+            held(&mut sp),
+            vec![(401, 401)],
+            "numbered on after the acked"
+        );
     }
 
     #[test]
@@ -1374,20 +1662,20 @@ mod tests {
         let mut dropped = 0;
         for t in 1..=n as i64 {
             dropped += sp.push(sample(t, 8));
-            let d = sp.depth();
+            let d = depth(&mut sp);
             assert!(d.disk_bytes.unwrap() <= max + one, "{d:?}");
         }
         sp.sync();
-        let d = sp.depth();
+        let d = depth(&mut sp);
         assert_eq!(d.dropped, dropped);
         assert!(dropped >= n / 2, "{d:?}");
-        let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+        let seqs: Vec<u64> = held(&mut sp).iter().map(|x| x.0).collect();
         assert_eq!(seqs.len() as u64 + dropped, n);
         assert_eq!(seqs, (dropped + 1..=n).collect::<Vec<_>>());
         drop(sp);
-        let sp = open(dir.path(), max, 1);
+        let mut sp = open(dir.path(), max, 1);
         assert_eq!(
-            held(&sp).iter().map(|x| x.0).collect::<Vec<_>>(),
+            held(&mut sp).iter().map(|x| x.0).collect::<Vec<_>>(),
             seqs,
             "what is on disk is what was held"
         );
@@ -1409,10 +1697,12 @@ mod tests {
         sp.sync();
         drop(sp);
         let mut sp = open_unsynced(dir.path(), max, 7);
-        assert!(sp.disk.as_ref().map(Disk::segments) >= Some(5));
+        assert!(sp.disk_segments() >= Some(5));
         let mut t = n as i64;
         let first = loop {
             t += 1;
+            // What the disk's bound dropped is reported by the next push.
+            settle(&mut sp);
             let d = sp.push(sample(t, 8));
             if d > 0 {
                 break d;
@@ -1424,8 +1714,8 @@ mod tests {
             "dropped {first} at once, an eighth is {eighth}"
         );
         drop(sp);
-        let sp = open(dir.path(), max, 1);
-        let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+        let mut sp = open(dir.path(), max, 1);
+        let seqs: Vec<u64> = held(&mut sp).iter().map(|x| x.0).collect();
         assert_eq!(seqs, (first + 1..=t as u64).collect::<Vec<_>>());
     }
 
@@ -1437,9 +1727,9 @@ mod tests {
         let mut sp = Spool::open(100, 7, Some(&c), NODE).unwrap();
         sp.push(sample(1, 1));
         sp.push(sample(2, 1));
-        assert!(held(&sp).is_empty(), "not synced yet");
+        assert!(held(&mut sp).is_empty(), "not synced yet");
         sp.sync();
-        assert_eq!(held(&sp), vec![(1, 1), (2, 2)]);
+        assert_eq!(held(&mut sp), vec![(1, 1), (2, 2)]);
     }
 
     #[test]
@@ -1451,11 +1741,14 @@ mod tests {
         c.fsync_interval = Duration::from_secs(3600);
         let mut sp = Spool::open(1000, 7, Some(&c), NODE).unwrap();
         let mut t = 0;
-        while sp.disk.as_ref().map(Disk::segments) == Some(1) {
+        while {
+            settle(&mut sp);
+            sp.disk_segments() == Some(1)
+        } {
             t += 1;
             sp.push(sample(t, 1));
         }
-        let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+        let seqs: Vec<u64> = held(&mut sp).iter().map(|x| x.0).collect();
         assert_eq!(seqs, (1..t as u64).collect::<Vec<_>>());
     }
 
@@ -1475,12 +1768,12 @@ mod tests {
         for t in 2..=n as i64 {
             sp.push(sample(t, 8));
         }
-        let d = sp.depth();
+        let d = depth(&mut sp);
         assert_eq!(d.disk_errors, 1, "{d:?}");
         assert_eq!(d.disk_bytes, None);
         assert_eq!(d.samples, n, "nothing dropped: memory holds them all");
         sp.sync();
-        assert_eq!(held(&sp).len() as u64, n, "and all may be sent");
+        assert_eq!(held(&mut sp).len() as u64, n, "and all may be sent");
     }
 
     #[test]
@@ -1502,11 +1795,11 @@ mod tests {
             .join(format!("{}{TMP_SUFFIX}", segment_name(index + 1)));
         fs::create_dir(&blocker).unwrap();
         let mut sp = open(dir.path(), 1 << 20, 99);
-        let d = sp.depth();
+        let d = depth(&mut sp);
         assert_eq!((d.disk_errors, d.disk_bytes), (1, None), "{d:?}");
         assert_eq!(sp.epoch(), 7);
         sp.push(sample(4, 2));
-        assert_eq!(held(&sp), vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+        assert_eq!(held(&mut sp), vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
         assert!(!name.exists(), "the old segment is deleted");
     }
 
@@ -1540,10 +1833,11 @@ mod tests {
         .unwrap();
         inject(Some(Fault::Once(0)));
         sp.push(sample(2, 1));
+        settle(&mut sp);
         inject(None);
-        assert_eq!(sp.depth().disk_errors, 1);
+        assert_eq!(depth(&mut sp).disk_errors, 1);
         assert_eq!(spool_files(dir.path()), Vec::<String>::new());
-        assert_eq!(held(&sp), vec![(1, 1), (2, 2)], "memory goes on");
+        assert_eq!(held(&mut sp), vec![(1, 1), (2, 2)], "memory goes on");
     }
 
     #[test]
@@ -1558,11 +1852,15 @@ mod tests {
         fs::write(&file, b"").unwrap();
         let mut sp = Spool::open(10, 3, Some(&cfg(&file.join("spool"), 1 << 20)), NODE).unwrap();
         assert_eq!(
-            (sp.epoch(), sp.depth().disk_errors, sp.depth().disk_bytes),
+            (
+                sp.epoch(),
+                depth(&mut sp).disk_errors,
+                depth(&mut sp).disk_bytes
+            ),
             (3, 1, None)
         );
         sp.push(sample(1, 1));
-        assert_eq!(held(&sp), vec![(1, 1)]);
+        assert_eq!(held(&mut sp), vec![(1, 1)]);
         // An I/O error at any one step of opening a spool with samples.
         let mut k = 0;
         loop {
@@ -1580,10 +1878,10 @@ mod tests {
                 // Opening is done before step k: no error met.
                 break;
             }
-            let d = sp.depth();
+            let d = depth(&mut sp);
             assert!(d.disk_errors + d.corrupt == 1, "step {k}: {d:?}");
             sp.push(sample(4, 1));
-            let got = held(&sp);
+            let got = held(&mut sp);
             assert_eq!(got.last().map(|x| x.1), Some(4), "step {k}: {got:?}");
             k += 1;
         }
@@ -1632,11 +1930,11 @@ mod tests {
         let top = dir.path().join(segment_name(u64::MAX));
         fs::write(&top, b"stray").unwrap();
         let mut sp = open(dir.path(), 1 << 20, 7);
-        assert_eq!(sp.depth().corrupt, 0);
+        assert_eq!(depth(&mut sp).corrupt, 0);
         sp.push(sample(4, 1));
         drop(sp);
-        let sp = open(dir.path(), 1 << 20, 7);
-        assert_eq!(held(&sp), vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        assert_eq!(held(&mut sp), vec![(1, 1), (2, 2), (3, 3), (4, 4)]);
         assert_eq!(fs::read(&top).unwrap(), b"stray");
     }
 
@@ -1656,15 +1954,15 @@ mod tests {
         let bytes = fs::read(&seg).unwrap();
         let forget = bytes[bytes.len() - Record::Forget(3).encoded_len()..].to_vec();
         sp.renumber(8);
-        assert_eq!(held(&sp), vec![(1, 4), (2, 5), (3, 6)]);
+        assert_eq!(held(&mut sp), vec![(1, 4), (2, 5), (3, 6)]);
         drop(sp);
         let seg = only_segment(dir.path());
         let mut bytes = fs::read(&seg).unwrap();
         bytes.extend_from_slice(&forget);
         fs::write(&seg, &bytes).unwrap();
-        let sp = open(dir.path(), 1 << 20, 7);
-        assert_eq!(held(&sp), vec![(1, 4), (2, 5), (3, 6)]);
-        assert_eq!(sp.depth().corrupt, 1);
+        let mut sp = open(dir.path(), 1 << 20, 7);
+        assert_eq!(held(&mut sp), vec![(1, 4), (2, 5), (3, 6)]);
+        assert_eq!(depth(&mut sp).corrupt, 1);
     }
 
     #[test]
@@ -1688,8 +1986,8 @@ mod tests {
         // Garbage, and a header cut short: dropped, counted.
         for bytes in [&b"\x00garbage"[..], &header(NODE)[..20]] {
             let dir = write("0000000000000000.spool", bytes);
-            let sp = open(dir.path(), 1 << 20, 9);
-            assert_eq!((sp.epoch(), sp.depth().corrupt), (9, 1));
+            let mut sp = open(dir.path(), 1 << 20, 9);
+            assert_eq!((sp.epoch(), depth(&mut sp).corrupt), (9, 1));
             assert!(sp.is_empty());
         }
         // A huge length field: the segment ends there; no allocation of it.
@@ -1697,8 +1995,8 @@ mod tests {
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         huge.extend_from_slice(&[0; 4]);
         let dir = write("0000000000000000.spool", &huge);
-        let sp = open(dir.path(), 1 << 20, 9);
-        assert_eq!((sp.epoch(), sp.depth().corrupt), (5, 1));
+        let mut sp = open(dir.path(), 1 << 20, 9);
+        assert_eq!((sp.epoch(), depth(&mut sp).corrupt), (5, 1));
         // Another node's, and another version's: refused, naming the file.
         let dir = write("0000000000000001.spool", &header("node-2"));
         let e = Spool::open(10, 1, Some(&cfg(dir.path(), 1 << 20)), NODE).unwrap_err();
@@ -1717,8 +2015,8 @@ mod tests {
         let dir = write("notes.txt", b"hello");
         let not_a_file = dir.path().join("0000000000000003.spool");
         fs::create_dir(&not_a_file).unwrap();
-        let sp = open(dir.path(), 1 << 20, 3);
-        assert_eq!((sp.epoch(), sp.depth().corrupt), (3, 0));
+        let mut sp = open(dir.path(), 1 << 20, 3);
+        assert_eq!((sp.epoch(), depth(&mut sp).corrupt), (3, 0));
         assert!(dir.path().join("notes.txt").exists() && not_a_file.is_dir());
     }
 
@@ -1819,14 +2117,14 @@ mod tests {
                     }
                 }
                 prop_assert_eq!(disk.epoch(), memory.epoch());
-                prop_assert_eq!(held(&disk), held(&memory));
-                prop_assert_eq!(disk.depth().disk_errors, 0);
+                prop_assert_eq!(held(&mut disk), held(&mut memory));
+                prop_assert_eq!(depth(&mut disk).disk_errors, 0);
             }
             drop(disk);
             let mut disk = open();
             disk.push(sample(0, 1));
             memory.push(sample(0, 1));
-            prop_assert_eq!(held(&disk), held(&memory));
+            prop_assert_eq!(held(&mut disk), held(&mut memory));
         }
 
         /// Invariant: a small spool (segments roll and the oldest are
@@ -1850,7 +2148,7 @@ mod tests {
             let mut sp = open();
             inject(fail_at.map(Fault::From));
             let mut released: std::collections::BTreeMap<(u64, u64), i64> = Default::default();
-            let mut last = (sp.epoch(), held(&sp));
+            let mut last = (sp.epoch(), held(&mut sp));
             let mut crashed = false;
             // What the operation under way may take away: samples up to it
             // (the oldest, with a push that drops for room).
@@ -1888,23 +2186,23 @@ mod tests {
                         sp = open();
                     }
                 }
-                if sp.depth().disk_errors > 0 {
+                if depth(&mut sp).disk_errors > 0 {
                     // The process dies in this operation: nothing it made
                     // sendable went out.
                     crashed = true;
                     break;
                 }
-                for (seq, t) in held(&sp) {
+                for (seq, t) in held(&mut sp) {
                     released.insert((sp.epoch(), seq), t);
                 }
-                let d = sp.depth();
+                let d = depth(&mut sp);
                 prop_assert!(d.disk_bytes.unwrap() <= max + max / 4, "{:?}", d);
-                last = (sp.epoch(), held(&sp));
+                last = (sp.epoch(), held(&mut sp));
             }
             inject(None);
             drop(sp);
             let mut sp = open();
-            let got = held(&sp);
+            let got = held(&mut sp);
             for (seq, t) in &got {
                 if let Some(was) = released.get(&(sp.epoch(), *seq)) {
                     prop_assert_eq!(was, t, "seq {} reused", seq);
@@ -1926,7 +2224,7 @@ mod tests {
             }
             let epoch = sp.epoch();
             sp.push(sample(0, 1));
-            let next = held(&sp).last().unwrap().0;
+            let next = held(&mut sp).last().unwrap().0;
             let top = released.range((epoch, 0)..=(epoch, u64::MAX)).next_back();
             prop_assert!(top.is_none_or(|((_, s), _)| *s < next), "next {} after {:?}", next, top);
         }
@@ -1941,11 +2239,11 @@ mod tests {
             let at = header + ((len - header) as f64 * cut) as u64;
             fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(at).unwrap();
             let whole = ends.iter().filter(|e| **e <= at).count() as u64;
-            let sp = open(dir.path(), 1 << 20, 1);
-            let seqs: Vec<u64> = held(&sp).iter().map(|x| x.0).collect();
+            let mut sp = open(dir.path(), 1 << 20, 1);
+            let seqs: Vec<u64> = held(&mut sp).iter().map(|x| x.0).collect();
             prop_assert_eq!(seqs, (1..=whole).collect::<Vec<_>>());
             let torn = at > header && !ends.contains(&at);
-            prop_assert_eq!(sp.depth().corrupt, u64::from(torn));
+            prop_assert_eq!(depth(&mut sp).corrupt, u64::from(torn));
             prop_assert_eq!(sp.epoch(), 7);
         }
 
@@ -1960,12 +2258,12 @@ mod tests {
             let i = header + ((len - header) as f64 * at) as u64;
             bytes[i as usize] ^= 1 << bit;
             fs::write(&path, &bytes).unwrap();
-            let sp = open(dir.path(), 1 << 20, 1);
+            let mut sp = open(dir.path(), 1 << 20, 1);
             let before = ends.iter().filter(|e| **e <= i).count() as u64;
-            let got = held(&sp);
+            let got = held(&mut sp);
             let want: Vec<(u64, i64)> = (1..=before).map(|k| (k, k as i64)).collect();
             prop_assert_eq!(got, want);
-            prop_assert_eq!(sp.depth().corrupt, 1);
+            prop_assert_eq!(depth(&mut sp).corrupt, 1);
         }
 
         /// Invariant: whatever bytes a segment file holds, opening the
