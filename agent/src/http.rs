@@ -235,9 +235,9 @@ impl Observed {
         for (name, help, value) in counters.into_iter().chain([http_refused]) {
             f.one(name, help, MetricType::COUNTER, &[], load(value));
         }
-        let (depth, bytes) = {
+        let (depth, bytes, spool) = {
             let spool = self.shared.spool();
-            (spool.len(), spool.bytes())
+            (spool.len(), spool.bytes(), spool.depth())
         };
         f.one(
             "capwatch_agent_spool_samples",
@@ -253,6 +253,57 @@ impl Observed {
             &[],
             bytes as f64,
         );
+        // The disk spool's, with `spool_dir` only (series that can never
+        // move are not served).
+        if spool.disk_configured {
+            f.one(
+                "capwatch_agent_spool_on_disk",
+                "1 while the spool is kept on disk (spool_dir); 0 once the agent gave its disk up after a write error or a hung disk: unacked samples no longer survive a restart.",
+                MetricType::GAUGE,
+                &[],
+                f64::from(u8::from(spool.disk_bytes.is_some())),
+            );
+            if let Some(b) = spool.disk_bytes {
+                f.one(
+                    "capwatch_agent_spool_disk_bytes",
+                    "Bytes of the spool's files on disk.",
+                    MetricType::GAUGE,
+                    &[],
+                    b as f64,
+                );
+            }
+            let errors = spool.disk_errors.saturating_sub(spool.disk_stalls);
+            f.many(
+                "capwatch_agent_spool_disk_failures_total",
+                "Times the agent gave its disk spool up, by reason: error (a write, sync or new segment failed; a directory that could not be opened at start) or stall (a disk operation that did not return in time, or a disk ever further behind).",
+                MetricType::COUNTER,
+                vec![
+                    (vec![("reason", "error".to_string())], errors as f64),
+                    (vec![("reason", "stall".to_string())], spool.disk_stalls as f64),
+                ],
+            );
+            f.one(
+                "capwatch_agent_spool_restored_samples",
+                "Unacked samples an earlier run left on disk, found at start.",
+                MetricType::GAUGE,
+                &[],
+                spool.restored as f64,
+            );
+            f.one(
+                "capwatch_agent_spool_corrupt_records",
+                "Torn or corrupt records dropped from the spool's files at start (a crash while writing, or damage).",
+                MetricType::GAUGE,
+                &[],
+                spool.corrupt as f64,
+            );
+            f.one(
+                "capwatch_agent_spool_collector_ahead_total",
+                "Welcomes that said the collector holds sequence numbers of this epoch the spool never sent (its files fell behind an earlier run): the samples never sent were renumbered after them.",
+                MetricType::COUNTER,
+                &[],
+                spool.collector_ahead as f64,
+            );
+        }
         f.one(
             "capwatch_agent_undelivered_seconds",
             "How long samples have waited for an ack (since the last ack, or the start); 0 with none waiting.",
@@ -619,6 +670,64 @@ mod tests {
             Duration::from_secs(1),
             max_undelivered,
         )
+    }
+
+    /// Invariant: with `spool_dir`, `/metrics` says whether the spool is
+    /// still kept on disk and why it was given up; without, it serves
+    /// none of those series.
+    #[test]
+    fn the_disk_spool_is_on_metrics_until_its_disk_is_given_up() {
+        let text = |o: &Arc<Observed>| render(&registry(o.clone())).unwrap();
+        let memory = Arc::new(observed(Duration::from_secs(60)));
+        assert!(!text(&memory).contains("capwatch_agent_spool_on_disk"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::spool::DiskConfig {
+            dir: dir.path().join("spool"),
+            max_bytes: 1 << 20,
+            fsync_interval: Duration::ZERO,
+            lock_wait: Duration::ZERO,
+            stall_after: crate::spool::disk::STALL_AFTER,
+        };
+        let spool = Spool::open(10, 1, Some(&cfg), "n1").unwrap();
+        let o = Arc::new(Observed::new(
+            Arc::new(Shared {
+                spool: Mutex::new(spool),
+                new_sample: Default::default(),
+                stats: Stats::default(),
+            }),
+            Arc::default(),
+            Arc::default(),
+            Duration::from_secs(1),
+            Duration::from_secs(60),
+        ));
+        let has = |t: &str, line: &str| t.lines().any(|l| l == line);
+        let on = text(&o);
+        for line in [
+            "capwatch_agent_spool_on_disk 1",
+            "capwatch_agent_spool_disk_failures_total{reason=\"error\"} 0",
+            "capwatch_agent_spool_disk_failures_total{reason=\"stall\"} 0",
+            "capwatch_agent_spool_restored_samples 0",
+            "capwatch_agent_spool_corrupt_records 0",
+            "capwatch_agent_spool_collector_ahead_total 0",
+        ] {
+            assert!(has(&on, line), "{line} not in\n{on}");
+        }
+        assert!(on.contains("capwatch_agent_spool_disk_bytes "), "{on}");
+        // Every disk operation from now on fails (EIO): the disk is given up.
+        crate::spool::disk::inject(Some(crate::spool::disk::Fault::From(0)));
+        o.shared.spool().push(NodeSample::default());
+        assert!(o.shared.spool().wait_idle(Duration::from_secs(60)));
+        crate::spool::disk::inject(None);
+        let off = text(&o);
+        for line in [
+            "capwatch_agent_spool_on_disk 0",
+            "capwatch_agent_spool_disk_failures_total{reason=\"error\"} 1",
+            "capwatch_agent_spool_disk_failures_total{reason=\"stall\"} 0",
+        ] {
+            assert!(has(&off, line), "{line} not in\n{off}");
+        }
+        assert!(!off.contains("capwatch_agent_spool_disk_bytes "), "{off}");
     }
 
     #[test]

@@ -551,10 +551,21 @@ pub async fn run(
     let flushed = async {
         loop {
             let woken = shared.new_sample.notified();
-            if shared.spool().disk_idle() {
-                return;
+            let stall_check = {
+                let spool = shared.spool();
+                if spool.disk_idle() {
+                    return;
+                }
+                spool.stall_check_in()
+            };
+            // Looked at again when the operation under way would pass the
+            // stall bound: a disk hung here is given up then.
+            match stall_check {
+                Some(d) => {
+                    let _ = tokio::time::timeout(d, woken).await;
+                }
+                None => woken.await,
             }
-            woken.await;
         }
     };
     if tokio::time::timeout_at(drain_end, flushed).await.is_err() {

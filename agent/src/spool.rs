@@ -93,7 +93,8 @@ pub struct Spool {
     /// stalls alone.
     disk_errors: u64,
     disk_stalls: u64,
-    /// Samples the disk's bound dropped that `push` has not reported yet.
+    /// Samples the disk's bound dropped that the agent's counter has not
+    /// taken yet (`take_unreported_drops`).
     unreported_drops: u64,
     /// Samples found on disk at start, and torn or corrupt records dropped
     /// there.
@@ -105,6 +106,8 @@ pub struct Spool {
     /// it was before any settle).
     sent_ever: u64,
     collector_ahead: u64,
+    /// Whether the spool was opened to be kept on disk (`spool_dir`).
+    disk_configured: bool,
 }
 
 /// The spool's size and what became of its disk, for the agent's metrics.
@@ -133,6 +136,9 @@ pub struct Depth {
     /// epoch the spool never sent (its disk fell behind): the samples never
     /// sent were renumbered after them.
     pub collector_ahead: u64,
+    /// Whether the spool is configured to be kept on disk (whether or not
+    /// it still is).
+    pub disk_configured: bool,
 }
 
 /// Logs that the disk spool was given up after `e`, and the files that
@@ -191,6 +197,7 @@ impl Spool {
             forgotten: 0,
             sent_ever: 0,
             collector_ahead: 0,
+            disk_configured: false,
         }
     }
 
@@ -207,6 +214,7 @@ impl Spool {
         let Some(cfg) = disk else {
             return Ok(spool);
         };
+        spool.disk_configured = true;
         let (opened, restored) = disk::Disk::open(cfg, node, epoch, spool.capacity)?;
         spool.epoch = restored.epoch.unwrap_or(epoch);
         spool.last_seq = restored.last_seq;
@@ -387,6 +395,7 @@ impl Spool {
             restored: self.restored,
             corrupt: self.corrupt,
             collector_ahead: self.collector_ahead,
+            disk_configured: self.disk_configured,
         }
     }
 
@@ -454,7 +463,22 @@ impl Spool {
         self.dropped += dropped;
         self.bytes += sample.encoded_len() as u64;
         self.samples.push_back(sample);
-        dropped + std::mem::take(&mut self.unreported_drops)
+        dropped
+    }
+
+    /// Samples the disk's bound dropped that were not yet reported (the
+    /// agent's counter takes them).
+    pub fn take_unreported_drops(&mut self) -> u64 {
+        std::mem::take(&mut self.unreported_drops)
+    }
+
+    /// How long until the disk operation under way passes the stall
+    /// bound (`None`: none is under way, or there is no disk): whoever
+    /// waits on the disk looks at the spool again then, so a hung disk is
+    /// given up on time even when nothing else locks the spool.
+    pub fn stall_check_in(&self) -> Option<Duration> {
+        let busy = self.disk.as_ref()?.busy_for()?;
+        Some(self.stall_after.saturating_sub(busy) + Duration::from_millis(10))
     }
 
     /// Records that every sample up to `seq` went out on a stream of this

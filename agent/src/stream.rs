@@ -204,6 +204,18 @@ impl Shared {
         // contents are still consistent (every method leaves them so).
         let mut spool = self.spool.lock().unwrap_or_else(|p| p.into_inner());
         spool.absorb();
+        // Samples the disk's bound dropped count at once, not at the next
+        // push (there may be none: the drain at stop).
+        let dropped = spool.take_unreported_drops();
+        if dropped > 0 {
+            let total = self.stats.dropped.fetch_add(dropped, Ordering::Relaxed) + dropped;
+            // Its oldest segment at a time: seldom.
+            warn!(
+                dropped,
+                dropped_total = total,
+                "spool on disk full (spool_max_bytes): its oldest samples dropped (energy is kept by the next counter delta)"
+            );
+        }
         spool
     }
 }
@@ -695,6 +707,7 @@ async fn stream_on(
             })),
         };
         let drain_at = *deadline;
+        let stall_check = shared.spool().stall_check_in().map(|d| Instant::now() + d);
         let handover_until = handing_over.as_ref().map(|(_, until)| *until);
         // Acks first: a node that samples faster than its link carries
         // its samples would otherwise always find another batch to send
@@ -777,6 +790,10 @@ async fn stream_on(
                 return Ended::Relayout;
             }
             _ = shared.new_sample.notified(), if last.is_none() => {}
+            // A disk operation under way that passes the spool's stall
+            // bound is noticed then, whatever else happens (the spool is
+            // looked at again at the top of the loop).
+            _ = sleep_until_opt(stall_check), if last.is_none() => {}
             _ = sampling_done.changed(), if drain_at.is_none() && last.is_none() => {}
             _ = sleep_until_opt(drain_at) => return Ended::DeadlinePassed,
         }

@@ -352,3 +352,48 @@ fn unacked_samples_survive_agent_kills_during_a_collector_outage() {
         .collect();
     assert_eq!(next, vec![last + 1]);
 }
+
+/// Invariant: under an fsync interval nothing is sendable until the sync
+/// asked for at stop; once the disk has done it, the stream is woken and
+/// delivers every sample before the drain deadline, without a new sample
+/// or an ack to wake it.
+#[test]
+fn samples_made_sendable_by_the_last_sync_are_delivered_at_stop() {
+    const NODE: &str = "s-2";
+    let dir = tempfile::tempdir().unwrap();
+    let collector = Collector::start(dir.path(), 0);
+    let endpoint = format!("http://{}", collector.grpc);
+    let cfg = dir.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "drain_timeout = \"30s\"\nspool_fsync_interval = \"60s\"\nspool_dir = {:?}\n",
+            dir.path().join("spool")
+        ),
+    )
+    .unwrap();
+    let mut child = clean_command(AGENT)
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--source", "mock", "--log-format", "json"])
+        .args(["--node-id", NODE, "--collector", &endpoint])
+        .args(["--interval", "100ms", "--max-samples", "5"])
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let log = Log::default();
+    log.capture(child.stderr.take().unwrap(), "agent".into());
+    let started = std::time::Instant::now();
+    let status = wait_timeout(&mut child, Duration::from_secs(90));
+    assert!(status.success(), "{status}");
+    let stopped = log.wait_for("agent stopped", Duration::from_secs(5));
+    assert_eq!(json_number(&stopped, "undelivered"), 0, "{stopped}");
+    // Well before the 30 s drain deadline it would otherwise wait out.
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "{:?}",
+        started.elapsed()
+    );
+}

@@ -1453,16 +1453,26 @@ mod tests {
         // once the operation returns the writer deletes the spool's files.
         let dir = tempfile::tempdir().unwrap();
         let mut c = cfg(dir.path(), 1 << 20);
-        c.stall_after = Duration::from_secs(1);
+        // Long enough that a loaded machine does not pass it between two
+        // statements below.
+        c.stall_after = Duration::from_secs(5);
         let mut sp = Spool::open(100, 7, Some(&c), NODE).unwrap();
         sp.push(sample(1, 1));
         assert_eq!(held(&mut sp), vec![(1, 1)]);
+        assert_eq!(sp.stall_check_in(), None, "no operation under way");
         let gate = hold();
         sp.push(sample(2, 1));
         gate.wait_entered();
         sp.absorb();
         assert_eq!(sendable(&sp), vec![(1, 1)], "within the bound 2 waits");
         assert_eq!(sp.depth().disk_stalls, 0);
+        // Whoever waits on the disk is told when to look again: when the
+        // operation under way passes the bound.
+        let check = sp.stall_check_in().expect("an operation under way");
+        assert!(
+            check <= c.stall_after + Duration::from_millis(10),
+            "{check:?}"
+        );
         // The gate holds the operation past the bound.
         std::thread::sleep(c.stall_after);
         sp.push(sample(3, 1));
@@ -1663,10 +1673,13 @@ mod tests {
         for t in 1..=n as i64 {
             dropped += sp.push(sample(t, 8));
             let d = depth(&mut sp);
+            // What the disk's bound dropped, reported once taken in.
+            dropped += sp.take_unreported_drops();
             assert!(d.disk_bytes.unwrap() <= max + one, "{d:?}");
         }
         sp.sync();
         let d = depth(&mut sp);
+        dropped += sp.take_unreported_drops();
         assert_eq!(d.dropped, dropped);
         assert!(dropped >= n / 2, "{d:?}");
         let seqs: Vec<u64> = held(&mut sp).iter().map(|x| x.0).collect();
@@ -1701,9 +1714,10 @@ mod tests {
         let mut t = n as i64;
         let first = loop {
             t += 1;
-            // What the disk's bound dropped is reported by the next push.
-            settle(&mut sp);
             let d = sp.push(sample(t, 8));
+            // What the disk's bound dropped, reported once taken in.
+            settle(&mut sp);
+            let d = d + sp.take_unreported_drops();
             if d > 0 {
                 break d;
             }

@@ -221,6 +221,11 @@ impl Writer {
         }
     }
 
+    /// How long the operation under way has taken (`None`: none is).
+    pub fn busy_for(&self) -> Option<Duration> {
+        self.state.lock().busy_since.map(|at| at.elapsed())
+    }
+
     /// Whether the writer has done everything sent (or is gone).
     pub fn idle(&self) -> bool {
         let p = self.state.lock();
@@ -265,13 +270,24 @@ impl Writer {
     }
 }
 
+/// The longest dropping a writer waits for it to finish: closing a file
+/// on a network filesystem that hangs must not hold the agent's exit.
+const DROP_WAIT: Duration = Duration::from_secs(5);
+
 impl Drop for Writer {
     /// The writer finishes what it was sent, closes the files and exits;
-    /// this waits for it, unless it was left behind.
+    /// this waits for it, [`DROP_WAIT`] at most, unless it was left
+    /// behind.
     fn drop(&mut self) {
         self.tx = None;
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            if self.state.wait(DROP_WAIT, |p| p.exited) {
+                let _ = thread.join();
+            } else {
+                warn!(
+                    "the spool's disk writer did not finish closing its files; it is left behind"
+                );
+            }
         }
     }
 }
@@ -335,6 +351,14 @@ fn run(mut disk: Disk, last_seq: u64, rx: &mpsc::Receiver<Command>, state: &Stat
             // from memory while a log behind it is still there.
             let left = disk.remove_all();
             drop(disk);
+            if state.lock().given_up {
+                // The spool gave this disk up already and reads no more
+                // failures: said here, or never.
+                warn!(operation = what, error = %error, files_left = left.len(), "the disk under the spool failed after the spool gave it up: its files are deleted");
+                for (path, e) in &left {
+                    error!(file = %path.display(), error = %e, "could not delete a spool file: a later run may find samples older than this one's");
+                }
+            }
             let wake = {
                 let mut p = state.lock();
                 p.busy_since = None;
