@@ -578,6 +578,32 @@ fn mig_instances(m: &Metrics) -> Vec<std::collections::BTreeMap<String, String>>
     out
 }
 
+/// Runs the MIG node's agent for `samples` samples, to its end.
+fn run_mig_agent(lib: &Path, collector: &Collector, samples: u32) {
+    let mut agent = mig_agent(lib, collector, &["--max-samples", &samples.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let status = wait_timeout(&mut agent, Duration::from_secs(30));
+    assert!(status.success(), "agent: {status}");
+}
+
+/// Waits until the ledger holds all of `want` (tenant, energy mJ), then
+/// checks each tenant's energy exactly.
+fn ledger_holds(collector: &Collector, want: &[(&str, u64)]) {
+    let total: u64 = want.iter().map(|(_, e)| e).sum();
+    eventually(Duration::from_secs(10), "the ledger holds the run", || {
+        want.iter()
+            .map(|(t, _)| ledger_energy(collector, t))
+            .sum::<u64>()
+            == total
+    });
+    for (tenant, energy) in want {
+        assert_eq!(ledger_energy(collector, tenant), *energy, "{tenant}");
+    }
+}
+
 fn mig_agent(lib: &Path, collector: &Collector, extra: &[&str]) -> Command {
     let mut cmd = Command::new(bin("capwatch-agent"));
     cmd.args(["--source", "nvml", "--node-id", "gpu-node-mig"])
@@ -598,13 +624,7 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
     let dir = tempfile::tempdir().unwrap();
     let lib = build_fake(dir.path(), &["-DFAKE_MIG_LAYOUT=1"]);
     let collector = Collector::start(dir.path(), &mig_tenants(), 0, &["--stale-after", "5m"]);
-    let mut agent = mig_agent(&lib, &collector, &["--max-samples", "6"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let status = wait_timeout(&mut agent, Duration::from_secs(30));
-    assert!(status.success(), "agent: {status}");
+    run_mig_agent(&lib, &collector, 6);
 
     // Six samples: five deltas of the board's counter, 1000 mJ each, split
     // 428 / 286 / 143 and 143 for the slice in no instance (3, 2, 1, 1 of 7).
@@ -666,15 +686,7 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
         ("lab-b", 286 * DELTAS),
         ("lab-c", (143 + 143 + 250) * DELTAS),
     ];
-    eventually(Duration::from_secs(10), "the ledger holds the run", || {
-        want.iter()
-            .map(|(t, _)| ledger_energy(&collector, t))
-            .sum::<u64>()
-            == 1250 * DELTAS
-    });
-    for (tenant, energy) in want {
-        assert_eq!(ledger_energy(&collector, tenant), energy, "{tenant}");
-    }
+    ledger_holds(&collector, &want);
     assert_eq!(ledger_energy(&collector, "unassigned"), 0);
     collector.stop();
 }
@@ -703,13 +715,7 @@ fn compute_instances_sharing_a_gpu_instance_split_its_share_by_compute_slices() 
         MIG_3[0], MIG_3[1]
     );
     let collector = Collector::start(dir.path(), &tenants, 0, &["--stale-after", "5m"]);
-    let mut agent = mig_agent(&lib, &collector, &["--max-samples", "6"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let status = wait_timeout(&mut agent, Duration::from_secs(30));
-    assert!(status.success(), "agent: {status}");
+    run_mig_agent(&lib, &collector, 6);
 
     // Five deltas of 1000 mJ, each split 2 : 1 : 4 of 7 exactly:
     // 285.7, 142.9 and 571.4 round by largest remainder to 286, 143, 571.
@@ -753,15 +759,7 @@ fn compute_instances_sharing_a_gpu_instance_split_its_share_by_compute_slices() 
         ("lab-b", 143 * DELTAS),
         ("lab-c", (571 + 250) * DELTAS),
     ];
-    eventually(Duration::from_secs(10), "the ledger holds the run", || {
-        want.iter()
-            .map(|(t, _)| ledger_energy(&collector, t))
-            .sum::<u64>()
-            == 1250 * DELTAS
-    });
-    for (tenant, energy) in want {
-        assert_eq!(ledger_energy(&collector, tenant), energy, "{tenant}");
-    }
+    ledger_holds(&collector, &want);
     collector.stop();
 }
 

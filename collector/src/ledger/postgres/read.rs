@@ -97,20 +97,12 @@ struct UsageQuery {
     with_spans: bool,
 }
 
-async fn usage_since(
+/// A read-only snapshot of the ledger (one repeatable-read transaction),
+/// with its revision and `finalized_through` as of it.
+async fn snapshot<'a>(
     s: &Shared,
-    client: &mut deadpool_postgres::Object,
-    q: UsageQuery,
-) -> Result<Usage, Fail> {
-    let UsageQuery {
-        from,
-        to,
-        since_revision,
-        with_spans,
-        ..
-    } = q;
-    let tenant = q.tenant.as_deref();
-    let node = q.node.as_deref();
+    client: &'a mut deadpool_postgres::Object,
+) -> Result<(deadpool_postgres::Transaction<'a>, u64, i64), Fail> {
     let tx = client
         .build_transaction()
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
@@ -125,6 +117,24 @@ async fn usage_since(
         .await?;
     let revision = u64_of(s, row.try_get(0)?, "revision")?;
     let finalized_through: i64 = row.try_get(1)?;
+    Ok((tx, revision, finalized_through))
+}
+
+async fn usage_since(
+    s: &Shared,
+    client: &mut deadpool_postgres::Object,
+    q: UsageQuery,
+) -> Result<Usage, Fail> {
+    let UsageQuery {
+        from,
+        to,
+        since_revision,
+        with_spans,
+        ..
+    } = q;
+    let tenant = q.tenant.as_deref();
+    let node = q.node.as_deref();
+    let (tx, revision, finalized_through) = snapshot(s, client).await?;
     let since = i64::try_from(since_revision).unwrap_or(i64::MAX);
     let mut adjustments = Vec::new();
     for r in tx
@@ -482,20 +492,7 @@ impl LedgerReader for PgReader {
         let s = self.shared.clone();
         self.shared.call(move |mut client| async move {
             let r = async {
-                let tx = client
-                    .build_transaction()
-                    .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                    .read_only(true)
-                    .start()
-                    .await?;
-                let row = tx
-                    .query_one(
-                        "SELECT revision, finalized_through FROM watermark WHERE id = 1",
-                        &[],
-                    )
-                    .await?;
-                let revision = u64_of(&s, row.try_get(0)?, "revision")?;
-                let finalized_through: i64 = row.try_get(1)?;
+                let (tx, revision, finalized_through) = snapshot(&s, &mut client).await?;
                 let rows = tx
                     .query(
                         &format!(
