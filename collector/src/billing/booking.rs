@@ -178,4 +178,22 @@ mod tests {
             assert_eq!(hours, if keep { vec![2_000] } else { vec![] });
         }
     }
+
+    /// Invariant: a node taken out of a commit (its claim lost) takes its
+    /// per-GPU hours with its buckets; the other nodes' stay.
+    #[test]
+    fn a_node_taken_out_of_a_commit_takes_its_gpu_hours() {
+        let tenant: Arc<str> = Arc::from("lab-a");
+        let mut c = Commit::default();
+        for (node, gpu) in [("n1", "GPU-1"), ("n2", "GPU-2")] {
+            let mut b = Booking::new(true);
+            reading(&mut b, &tenant, &Arc::from(gpu), 3_600);
+            b.into_commit(&mut c, &Arc::from(node), true);
+        }
+        assert_eq!(c.gpu_hours.len(), 2);
+        super::super::pending::remove_node(&mut c, "n1");
+        let left: Vec<&str> = c.gpu_hours.keys().map(|(_, n, _, _)| &**n).collect();
+        assert_eq!(left, ["n2"]);
+        assert!(c.buckets.keys().all(|(_, n, _)| &**n == "n2"));
+    }
 }

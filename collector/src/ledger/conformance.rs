@@ -2309,6 +2309,12 @@ pub(crate) fn usage_rows_per_gpu_sum_to_the_tenants_and_nodes_rows<
         let e = refused(&req);
         assert!(e.starts_with("step: "), "{step}: {e}");
     }
+    // GPU walks list no adjustments: since_revision is refused, not
+    // taken and ignored.
+    let mut req = request("gpu", "10");
+    req.since_revision = Some("0".into());
+    let e = refused(&req);
+    assert!(e.starts_with("since_revision: "), "{e}");
     // A writer that keeps no per-GPU rows commits: they are refused (from),
     // then, kept again, refused before the next whole hour after.
     let mut off = booking("n1", cursor(1, 12, 5_000), "lab-a", MINUTE + 7_200, 5);

@@ -465,6 +465,11 @@ pub struct GpuUsage {
     pub revision: u64,
     /// Minutes ending at or before this (Unix seconds) never change.
     pub finalized_through: i64,
+    /// `LedgerReader::gpu_rows_from` as of the same read: the hours read
+    /// hold every GPU's figures only from this hour on (`None`: not now).
+    /// A compaction or a writer without per-GPU rows between the check
+    /// before a walk and this read shows here.
+    pub complete_from: Option<i64>,
 }
 
 /// The first hour (Unix seconds) per-GPU rows hold every GPU's figures

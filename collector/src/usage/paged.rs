@@ -325,6 +325,13 @@ impl PageQuery {
         if group_by == GroupBy::Gpu {
             // The period's ends here; each page's rows where it is read.
             check_gpu_bounds(&[from, to], step)?;
+            // Refused rather than taken and ignored.
+            if req.since_revision.is_some() {
+                return Err(UsageError::Parameter {
+                    param: "since_revision".into(),
+                    why: "rows per GPU list no adjustments (energy booked late is in the rows): compare each row's revision with the one kept instead",
+                });
+            }
         }
         // Every step: a walk covers at most ten years.
         if to - from > MAX_WALK_SECONDS {
@@ -458,8 +465,10 @@ pub fn page(
     // minutes or rollups on in the walk's period, in node order, or each
     // GPU it has hours of then, in (node, GPU) order.
     type Unit = (Option<String>, Option<String>);
+    // Sorted here, in the byte order the page token's key is compared
+    // in, whatever the database's collation sorted them by.
     let units_of = |tenant: &str| -> Result<Vec<Unit>, QueryError> {
-        Ok(match pq.group_by {
+        let mut units: Vec<Unit> = match pq.group_by {
             GroupBy::Tenant => vec![(None, None)],
             GroupBy::Node => reader
                 .usage_nodes(tenant, from, to)?
@@ -471,7 +480,10 @@ pub fn page(
                 .into_iter()
                 .map(|(n, g)| (Some(n), Some(g)))
                 .collect(),
-        })
+        };
+        units.sort_unstable();
+        units.dedup();
+        Ok(units)
     };
     // Where the walk is: tenant, unit of the tenant (its units once
     // read), row of the unit.
@@ -531,6 +543,19 @@ pub fn page(
                 check_gpu_bounds(&sub.bounds, pq.step)?;
                 let (first, end) = (sub.bounds[0], sub.bounds[sub.bounds.len() - 1]);
                 let hours = reader.gpu_usage(&terms.tenant, n, g, first, end)?;
+                // Checked again in the read itself: a compaction or a
+                // writer without per-GPU rows since the check above must
+                // not make hours it emptied read as final zeros.
+                match hours.complete_from {
+                    None => return Err(UsageError::GpuRowsOff.into()),
+                    Some(since) if first < since => {
+                        return Err(UsageError::GpuRowsSince {
+                            since: super::rfc3339(since),
+                        }
+                        .into());
+                    }
+                    Some(_) => {}
+                }
                 // On GPU energy: GPU rows' power is GPU power.
                 terms.contracts = vec![(i64::MIN, Contract::gpu(0))];
                 gpu_spans(&terms.tenant, &hours, &sub.bounds)

@@ -97,6 +97,16 @@ struct UsageQuery {
     with_spans: bool,
 }
 
+/// `LedgerReader::gpu_rows_from` within the read `tx`.
+async fn gpu_rows_from_in(tx: &deadpool_postgres::Transaction<'_>) -> Result<Option<i64>, Fail> {
+    let since: Option<i64> = tx
+        .query_one("SELECT since FROM gpu_rows WHERE only_row = 1", &[])
+        .await?
+        .try_get(0)?;
+    let hours = kept_from(tx, HOUR).await?;
+    Ok(crate::ledger::gpu_rows_from(since, hours))
+}
+
 /// A read-only snapshot of the ledger (one repeatable-read transaction),
 /// with its revision and `finalized_through` as of it.
 async fn snapshot<'a>(
@@ -441,13 +451,9 @@ impl LedgerReader for PgReader {
                     .read_only(true)
                     .start()
                     .await?;
-                let since: Option<i64> = tx
-                    .query_one("SELECT since FROM gpu_rows WHERE only_row = 1", &[])
-                    .await?
-                    .try_get(0)?;
-                let hours = kept_from(&tx, HOUR).await?;
+                let from = gpu_rows_from_in(&tx).await?;
                 tx.commit().await?;
-                Ok(crate::ledger::gpu_rows_from(since, hours))
+                Ok(from)
             }
             .await;
             (client, r)
@@ -493,6 +499,7 @@ impl LedgerReader for PgReader {
         self.shared.call(move |mut client| async move {
             let r = async {
                 let (tx, revision, finalized_through) = snapshot(&s, &mut client).await?;
+                let complete_from = gpu_rows_from_in(&tx).await?;
                 let rows = tx
                     .query(
                         &format!(
@@ -522,6 +529,7 @@ impl LedgerReader for PgReader {
                     hours,
                     revision,
                     finalized_through,
+                    complete_from,
                 })
             }
             .await;

@@ -134,7 +134,12 @@ pub(super) fn commit(
         added: Vec::new(),
         gpu_hours: Vec::with_capacity(c.gpu_hours.len()),
         gpu_rows: c.gpu_rows,
-        last_minute: c.last_minute_booked(booked_at),
+        // Only a commit without per-GPU hours needs it.
+        last_minute: if c.gpu_rows == GpuRows::NotKept {
+            c.last_minute_booked(booked_at)
+        } else {
+            0
+        },
         booked_at,
         finalize_through,
         id: match c.id {

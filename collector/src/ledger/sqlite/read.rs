@@ -365,15 +365,7 @@ impl Reader {
     pub fn gpu_rows_from(&self) -> Result<Option<i64>, LedgerError> {
         let p = &self.path;
         let tx = self.conn.unchecked_transaction().map_err(sqlite_err(p))?;
-        let since: Option<i64> = tx
-            .query_row("SELECT since FROM gpu_rows WHERE only_row = 1", [], |r| {
-                r.get(0)
-            })
-            .map_err(sqlite_err(p))?;
-        Ok(crate::ledger::gpu_rows_from(
-            since,
-            kept_from(&tx, HOUR, p)?,
-        ))
+        gpu_rows_from_in(&tx, p)
     }
 
     /// `LedgerReader::usage_gpus`.
@@ -413,6 +405,7 @@ impl Reader {
         let err = sqlite_err(p);
         let tx = self.conn.unchecked_transaction().map_err(err)?;
         let (revision, finalized_through) = watermark(&tx, p)?;
+        let complete_from = gpu_rows_from_in(&tx, p)?;
         let mut q = tx
             .prepare_cached(&format!(
                 "SELECT hour_start, revision, {} FROM gpu_hour
@@ -439,6 +432,7 @@ impl Reader {
             hours,
             revision,
             finalized_through,
+            complete_from,
         })
     }
 
@@ -453,6 +447,19 @@ impl Reader {
         let rows = q.query_map([], |r| r.get::<_, String>(0)).map_err(err)?;
         rows.collect::<Result<_, _>>().map_err(err)
     }
+}
+
+/// `LedgerReader::gpu_rows_from` within the read `tx`.
+fn gpu_rows_from_in(
+    tx: &rusqlite::Transaction<'_>,
+    p: &std::path::Path,
+) -> Result<Option<i64>, LedgerError> {
+    let since: Option<i64> = tx
+        .query_row("SELECT since FROM gpu_rows WHERE only_row = 1", [], |r| {
+            r.get(0)
+        })
+        .map_err(sqlite_err(p))?;
+    Ok(crate::ledger::gpu_rows_from(since, kept_from(tx, HOUR, p)?))
 }
 
 impl LedgerReader for Reader {
