@@ -109,16 +109,23 @@ impl Booking {
     }
 }
 
+/// Adds a reading's GPU figures to `d`: the same to a minute bucket and
+/// to a per-GPU hour, so that the hours sum to the buckets exactly.
+#[inline]
+fn add_gpu_figures(d: &mut BucketDelta, f: &MinuteFigures) {
+    d.energy_mj += f.energy_mj;
+    d.estimated_mj += f.estimated_mj;
+    d.gpu_ns += f.gpu_ns;
+    d.busy_gpu_ns += f.busy_gpu_ns;
+    d.expected_gpu_ns += f.expected_gpu_ns;
+    d.samples += f.samples;
+}
+
 impl Book<Arc<str>> for Booking {
     #[inline]
     fn add(&mut self, tenant: &Arc<str>, minute: i64, f: &MinuteFigures) {
         let d = self.bucket(tenant, minute);
-        d.energy_mj += f.energy_mj;
-        d.estimated_mj += f.estimated_mj;
-        d.gpu_ns += f.gpu_ns;
-        d.busy_gpu_ns += f.busy_gpu_ns;
-        d.expected_gpu_ns += f.expected_gpu_ns;
-        d.samples += f.samples;
+        add_gpu_figures(d, f);
         d.node_energy_mj += f.node_energy_mj;
         d.node_estimated_mj += f.node_estimated_mj;
         d.node_ns += f.node_ns;
@@ -133,13 +140,7 @@ impl Book<OnGpu<'_, Arc<str>>> for Booking {
             return;
         }
         let g = self.gpu_hour(on.tenant, on.gpu, minute.div_euclid(HOUR) * HOUR);
-        let d = &mut g.delta;
-        d.energy_mj += f.energy_mj;
-        d.estimated_mj += f.estimated_mj;
-        d.gpu_ns += f.gpu_ns;
-        d.busy_gpu_ns += f.busy_gpu_ns;
-        d.expected_gpu_ns += f.expected_gpu_ns;
-        d.samples += f.samples;
+        add_gpu_figures(&mut g.delta, f);
         g.first_minute = g.first_minute.min(minute);
     }
 }

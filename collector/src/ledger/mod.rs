@@ -604,9 +604,7 @@ impl Commit {
         self.buckets
             .keys()
             .map(|(_, _, minute)| *minute)
-            .max()
-            .unwrap_or(at.div_euclid(MINUTE) * MINUTE)
-            .max(at.div_euclid(MINUTE) * MINUTE)
+            .fold(at.div_euclid(MINUTE) * MINUTE, i64::max)
     }
 
     pub fn is_empty(&self) -> bool {
