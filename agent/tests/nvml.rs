@@ -1160,10 +1160,13 @@ fn a_board_in_mig_mode_lists_its_instances_and_is_still_read_whole() {
     board.mig_layout = Some(layout_id(Some(98), Some(7), &layout_1()));
     assert_eq!(source.inventory(), [board.clone(), expected_info(1, true)]);
     // Samples stay per board: the board's counter once, no reading per
-    // instance, stamped with the layout.
+    // instance, stamped with the layout; without utilization, which NVML
+    // does not give for a board in MIG mode (absent, never 0 %).
     let readings = source.sample(0);
     let whole = GpuReading {
         mig_layout: board.mig_layout,
+        utilization_percent: None,
+        memory_utilization_percent: None,
         ..expected_reading(0, 1)
     };
     assert_eq!(readings, [whole, expected_reading(1, 1)]);

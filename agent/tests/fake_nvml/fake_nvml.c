@@ -682,6 +682,11 @@ nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t device, unsigned l
     return NVML_SUCCESS;
 }
 
+static int mig_layout(void);
+
+/* Like the real library, which does not give utilization rates for a
+ * board in MIG mode (nvmlDeviceGetUtilizationRates: "On MIG-enabled
+ * GPUs, querying device utilization rates is not currently supported"). */
 nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_t *utilization)
 {
     BLOCK_POINT();
@@ -690,6 +695,8 @@ nvmlReturn_t nvmlDeviceGetUtilizationRates(nvmlDevice_t device, nvmlUtilization_
         return rc;
     if (utilization == NULL)
         return NVML_ERROR_INVALID_ARGUMENT;
+    if (device == &gpus[0] && mig_layout() != 0)
+        return NVML_ERROR_NOT_SUPPORTED;
     utilization->gpu = device->util_gpu;
     utilization->memory = device->util_memory;
     return NVML_SUCCESS;
