@@ -495,6 +495,9 @@ pub struct MinuteFigures {
     pub estimated_mj: u64,
     pub gpu_ns: u64,
     pub busy_gpu_ns: u64,
+    /// GPU time of a reading without a utilization (see
+    /// `BucketDelta::busy_unknown_gpu_ns`).
+    pub busy_unknown_gpu_ns: u64,
     pub expected_gpu_ns: u64,
     pub samples: u64,
     /// A share of whole-node energy (`Applied::book_node`).
@@ -526,6 +529,8 @@ struct Amounts {
     estimated_mj: u64,
     covered: u64,
     busy: u64,
+    /// The covered time of a reading without a utilization.
+    unknown: u64,
     span: u64,
 }
 
@@ -598,8 +603,15 @@ impl Applied {
     fn amounts(&self, window: Duration) -> (Interval, Amounts) {
         let iv = self.interval(window);
         let covered = iv.covered;
-        let util = u64::from(self.utilization_percent.unwrap_or(0).min(100));
-        let busy = covered / 100 * util + covered % 100 * util / 100;
+        // A reading without a utilization is neither busy nor idle: its
+        // time is kept apart, never counted as 0 % busy.
+        let (busy, unknown) = match self.utilization_percent {
+            Some(u) => {
+                let util = u64::from(u.min(100));
+                (covered / 100 * util + covered % 100 * util / 100, 0)
+            }
+            None => (0, covered),
+        };
         let estimated_mj = if self.estimated_ns.is_some() {
             self.energy_mj
         } else {
@@ -610,6 +622,7 @@ impl Applied {
             estimated_mj,
             covered,
             busy,
+            unknown,
             span: iv.span,
         };
         (iv, amounts)
@@ -619,8 +632,9 @@ impl Applied {
 
     /// Books this reading of a MIG board split among its `parts`
     /// (tenant, weight): the energy, the estimated part of it, the GPU
-    /// time, busy time and expected time are each split in proportion to
-    /// the weights by the exact largest-remainder split
+    /// time, busy time, time of unknown utilization and expected time are
+    /// each split in proportion to the weights by the exact
+    /// largest-remainder split
     /// (`facility::allocate`), so each figure's parts sum to the board's
     /// exactly; each part counts as one sample. Returns each part's
     /// energy, in the order of `parts`. A part of weight 0 gets nothing.
@@ -636,6 +650,7 @@ impl Applied {
         let estimated = split(whole.estimated_mj);
         let covered = split(whole.covered);
         let busy = split(whole.busy);
+        let unknown = split(whole.unknown);
         let span = split(whole.span);
         for (k, (tenant, weight)) in parts.iter().enumerate() {
             if *weight == 0 {
@@ -646,6 +661,7 @@ impl Applied {
                 estimated_mj: estimated[k],
                 covered: covered[k],
                 busy: busy[k],
+                unknown: unknown[k],
                 span: span[k],
             };
             self.book_amounts(b, *tenant, &iv, amounts);
@@ -663,6 +679,7 @@ impl Applied {
             estimated_mj,
             covered,
             busy,
+            unknown,
             span,
         } = a;
         let minute = to_ns.div_euclid(MINUTE_NS) * MINUTE;
@@ -674,6 +691,7 @@ impl Applied {
                 estimated_mj,
                 gpu_ns: covered,
                 busy_gpu_ns: busy,
+                busy_unknown_gpu_ns: unknown,
                 expected_gpu_ns: span,
                 samples: 1,
                 ..MinuteFigures::default()
@@ -695,6 +713,7 @@ impl Applied {
         add(estimated_mj, backed_from, |d| &mut d.estimated_mj);
         add(covered, backed_from, |d| &mut d.gpu_ns);
         add(busy, backed_from, |d| &mut d.busy_gpu_ns);
+        add(unknown, backed_from, |d| &mut d.busy_unknown_gpu_ns);
         add(span, from, |d| &mut d.expected_gpu_ns);
         let one = MinuteFigures {
             samples: 1,

@@ -45,6 +45,7 @@ impl Book<str> for Buckets {
         d.estimated_mj += f.estimated_mj;
         d.gpu_ns += f.gpu_ns;
         d.busy_gpu_ns += f.busy_gpu_ns;
+        d.busy_unknown_gpu_ns += f.busy_unknown_gpu_ns;
         d.expected_gpu_ns += f.expected_gpu_ns;
         d.samples += f.samples;
         d.node_energy_mj += f.node_energy_mj;
@@ -279,6 +280,18 @@ proptest! {
         prop_assert_eq!(sum(|f| f.samples), 1);
         prop_assert!(sum(|f| f.busy_gpu_ns) <= sum(|f| f.gpu_ns));
         prop_assert!(sum(|f| f.gpu_ns) <= len as u64);
+        // Time of a reading without a utilization is all of it unknown,
+        // none of it busy; with one, none of it unknown.
+        match util {
+            None => {
+                prop_assert_eq!(sum(|f| f.busy_unknown_gpu_ns), sum(|f| f.gpu_ns));
+                prop_assert_eq!(sum(|f| f.busy_gpu_ns), 0);
+            }
+            Some(_) => prop_assert_eq!(sum(|f| f.busy_unknown_gpu_ns), 0),
+        }
+        for f in b.0.values() {
+            prop_assert!(f.busy_gpu_ns + f.busy_unknown_gpu_ns <= f.gpu_ns);
+        }
         let first = from.div_euclid(MINUTE_NS) * MINUTE;
         let last = (from + len).div_euclid(MINUTE_NS) * MINUTE;
         for m in b.0.keys() {
@@ -395,6 +408,7 @@ impl Book<str> for ByTenant {
         d.estimated_mj += f.estimated_mj;
         d.gpu_ns += f.gpu_ns;
         d.busy_gpu_ns += f.busy_gpu_ns;
+        d.busy_unknown_gpu_ns += f.busy_unknown_gpu_ns;
         d.expected_gpu_ns += f.expected_gpu_ns;
         d.samples += f.samples;
     }
@@ -415,8 +429,8 @@ fn a_mig_boards_delta_is_split_by_sm_share_with_the_largest_remainder() {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     /// Invariant: a MIG board's reading split among its parts books, for
-    /// each figure (energy, estimated energy, GPU time, busy time,
-    /// expected time, minute by minute summed), exactly what the whole
+    /// each figure (energy, estimated energy, GPU time, busy time, time of
+    /// unknown utilization, expected time, minute by minute summed), exactly what the whole
     /// reading would book to one tenant; each part's energy is within
     /// 1 mJ of its slice share and the parts sum to the board's.
     #[test]
@@ -424,7 +438,7 @@ proptest! {
         energy in 0u64..10_000_000,
         from in 0i64..120 * SEC,
         len in 1i64..90 * SEC,
-        util in 0u32..=100,
+        util in prop::option::of(0u32..=100),
         estimated in any::<bool>(),
         weights in proptest::collection::vec(1u64..60, 1..8),
     ) {
@@ -433,7 +447,7 @@ proptest! {
             estimated_ns: estimated.then_some(len as u64),
             from_ns: Some(T0 + from),
             to_ns: T0 + from + len,
-            utilization_percent: Some(util),
+            utilization_percent: util,
             kept: true,
             drawn_from_ns: None,
             open: false,
@@ -458,6 +472,7 @@ proptest! {
         prop_assert_eq!(sum(|f| f.estimated_mj), want(|f| f.estimated_mj));
         prop_assert_eq!(sum(|f| f.gpu_ns), want(|f| f.gpu_ns));
         prop_assert_eq!(sum(|f| f.busy_gpu_ns), want(|f| f.busy_gpu_ns));
+        prop_assert_eq!(sum(|f| f.busy_unknown_gpu_ns), want(|f| f.busy_unknown_gpu_ns));
         prop_assert_eq!(sum(|f| f.expected_gpu_ns), want(|f| f.expected_gpu_ns));
         // Each part is one sample of its own.
         prop_assert_eq!(sum(|f| f.samples), weights.len() as u64);

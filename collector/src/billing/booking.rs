@@ -117,6 +117,7 @@ fn add_gpu_figures(d: &mut BucketDelta, f: &MinuteFigures) {
     d.estimated_mj += f.estimated_mj;
     d.gpu_ns += f.gpu_ns;
     d.busy_gpu_ns += f.busy_gpu_ns;
+    d.busy_unknown_gpu_ns += f.busy_unknown_gpu_ns;
     d.expected_gpu_ns += f.expected_gpu_ns;
     d.samples += f.samples;
 }

@@ -78,6 +78,7 @@ fn delta(energy_mj: u64, samples: u64) -> BucketDelta {
         node_energy_mj: energy_mj * 2,
         node_estimated_mj: energy_mj,
         node_ns: samples * 2_000_000_000,
+        busy_unknown_gpu_ns: samples * 250_000_000,
         ..BucketDelta::default()
     }
 }
@@ -2033,7 +2034,8 @@ fn gpu_commit(readings: &[(&str, &str, &str, i64, u64)]) -> Commit {
             energy_mj,
             estimated_mj: energy_mj % 7,
             gpu_ns: 60_000_000_000,
-            busy_gpu_ns: 30_000_000_000 + energy_mj,
+            busy_gpu_ns: 20_000_000_000 + energy_mj,
+            busy_unknown_gpu_ns: 15_000_000_000 + energy_mj % 11,
             expected_gpu_ns: 61_000_000_000,
             samples: 60,
             ..MinuteFigures::default()

@@ -254,7 +254,8 @@ pub struct BucketDelta {
     pub energy_mj: u64,
     /// GPU time backed by samples (intervals within the staleness window).
     pub gpu_ns: u64,
-    /// GPU time weighted by utilization.
+    /// GPU time weighted by utilization, of the GPU time whose
+    /// utilization was read (`gpu_ns` less `busy_unknown_gpu_ns`).
     pub busy_gpu_ns: u64,
     /// GPU readings.
     pub samples: u64,
@@ -281,11 +282,17 @@ pub struct BucketDelta {
     /// Time covered by whole-node readings within their source's staleness
     /// bound, as the tenant's share of it was booked (node coverage).
     pub node_ns: u64,
+    /// The part of `gpu_ns` whose readings carried no utilization (a MIG
+    /// board on a real driver, a GPU whose utilization call fails): not
+    /// busy, not idle, unknown, so `busy_gpu_ns` is a share of the rest.
+    /// Stored as the unknown part so that rows from before it was kept
+    /// read as they were (0: every reading's utilization counted).
+    pub busy_unknown_gpu_ns: u64,
 }
 
 /// How many summable fields a `BucketDelta` has (`BUCKET_COLUMNS` of
 /// both backends).
-pub(crate) const BUCKET_FIELDS: usize = 11;
+pub(crate) const BUCKET_FIELDS: usize = 12;
 
 impl BucketDelta {
     /// The fields in `BUCKET_COLUMNS` order.
@@ -302,6 +309,7 @@ impl BucketDelta {
             self.node_energy_mj,
             self.node_estimated_mj,
             self.node_ns,
+            self.busy_unknown_gpu_ns,
         ]
     }
 
@@ -318,6 +326,7 @@ impl BucketDelta {
             node_energy_mj,
             node_estimated_mj,
             node_ns,
+            busy_unknown_gpu_ns,
         ] = v;
         Self {
             energy_mj,
@@ -331,6 +340,7 @@ impl BucketDelta {
             node_energy_mj,
             node_estimated_mj,
             node_ns,
+            busy_unknown_gpu_ns,
         }
     }
 
@@ -391,6 +401,7 @@ impl GpuDelta {
             d.samples,
             d.expected_gpu_ns,
             d.estimated_mj,
+            d.busy_unknown_gpu_ns,
         ]
     }
 
@@ -403,6 +414,7 @@ impl GpuDelta {
             samples,
             expected_gpu_ns,
             estimated_mj,
+            busy_unknown_gpu_ns,
         ] = v;
         BucketDelta {
             energy_mj,
@@ -411,13 +423,14 @@ impl GpuDelta {
             samples,
             expected_gpu_ns,
             estimated_mj,
+            busy_unknown_gpu_ns,
             ..BucketDelta::default()
         }
     }
 }
 
 /// How many figures a per-GPU row keeps.
-pub(crate) const GPU_FIELDS: usize = 6;
+pub(crate) const GPU_FIELDS: usize = 7;
 
 /// The columns of the per-GPU hours (`gpu_hour`), in `GpuDelta::values`
 /// order, on both backends.
@@ -428,6 +441,7 @@ pub(crate) const GPU_COLUMNS: [&str; GPU_FIELDS] = [
     "samples",
     "expected_gpu_ns",
     "estimated_mj",
+    "busy_unknown_gpu_ns",
 ];
 
 /// Whether the writer of a commit keeps per-GPU rows

@@ -23,7 +23,7 @@ impl Format {
     }
 }
 
-pub(super) const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours,basis,node_energy_millijoules,node_energy_kwh,node_coverage,node_energy_estimated,facility_energy_kwh,facility_energy_estimated,facility_energy_millijoules,facility_energy_pending";
+pub(super) const CSV_HEADER: &str = "tenant,start,end,energy_millijoules,energy_kwh,gpu_hours,busy_gpu_hours,average_power_watts,peak_demand_watts,p95_power_watts,contracted_power_watts,capacity_utilization,seconds_over_contract,overage_kwh,coverage,estimated,facility_energy_kwh_estimated,readings,partial,record,node,revision,booked_at,expected_gpu_hours,basis,node_energy_millijoules,node_energy_kwh,node_coverage,node_energy_estimated,facility_energy_kwh,facility_energy_estimated,facility_energy_millijoules,facility_energy_pending,busy_unknown_gpu_hours";
 
 fn opt(v: Option<f64>) -> String {
     v.map(|v| v.to_string()).unwrap_or_default()
@@ -103,6 +103,7 @@ pub fn csv(r: &Report) -> Result<String, csv::Error> {
                 .map(|v| v.to_string())
                 .unwrap_or_default(),
             row.facility_energy_pending.to_string(),
+            row.busy_unknown_gpu_hours.to_string(),
         ]
     });
     let adjustments = r.adjustments.iter().map(|a| {
@@ -147,6 +148,7 @@ pub fn csv(r: &Report) -> Result<String, csv::Error> {
             blank(),
             restated.map(|v| v.to_string()).unwrap_or_default(),
             blank(),
+            a.busy_unknown_gpu_hours.to_string(),
         ]
     });
     write_csv(&header, rows.chain(adjustments))
@@ -199,6 +201,7 @@ pub const PAGE_COLUMNS: &[&str] = &[
     "facility_energy_restated_millijoules",
     // Appended, so every earlier column keeps its position.
     "gpu",
+    "busy_unknown_gpu_hours",
 ];
 
 /// A JSON value as a CSV field: strings as they are, null blank.

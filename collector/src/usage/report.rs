@@ -82,7 +82,15 @@ pub struct Row {
     pub energy_joules: f64,
     pub energy_kwh: f64,
     pub gpu_hours: f64,
+    /// GPU time weighted by utilization, of the GPU time whose readings
+    /// carried one (`gpu_hours` less `busy_unknown_gpu_hours`).
     pub busy_gpu_hours: f64,
+    /// GPU time whose readings carried no utilization (every MIG board on
+    /// a real driver, a GPU whose utilization call fails): neither busy
+    /// nor idle. 0 in rows booked before it was kept, whose busy time is a
+    /// share of all their GPU time.
+    #[serde(default)]
+    pub busy_unknown_gpu_hours: f64,
     pub average_power_watts: f64,
     /// The highest 15-minute average power in the row. Absent in rows
     /// grouped by node: rollups keep it per tenant only.
@@ -201,6 +209,9 @@ pub struct AdjustmentRow {
     pub energy_kwh: f64,
     pub gpu_hours: f64,
     pub busy_gpu_hours: f64,
+    /// As a row's `busy_unknown_gpu_hours`.
+    #[serde(default)]
+    pub busy_unknown_gpu_hours: f64,
     /// GPU time between readings, gaps included (what coverage is
     /// measured against).
     pub expected_gpu_hours: f64,
@@ -400,6 +411,7 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
                 energy_kwh,
                 gpu_hours: d.gpu_ns as f64 / 3.6e12,
                 busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
+                busy_unknown_gpu_hours: d.busy_unknown_gpu_ns as f64 / 3.6e12,
                 average_power_watts: average_w,
                 peak_demand_watts: Some(peak_mj as f64 / 1000.0 / QUARTER as f64),
                 contracted_power_watts: contracted_w,
@@ -485,6 +497,7 @@ fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<Adjustmen
                     energy_kwh: d.energy_mj as f64 / 3.6e9,
                     gpu_hours: d.gpu_ns as f64 / 3.6e12,
                     busy_gpu_hours: d.busy_gpu_ns as f64 / 3.6e12,
+                    busy_unknown_gpu_hours: d.busy_unknown_gpu_ns as f64 / 3.6e12,
                     expected_gpu_hours: d.expected_gpu_ns as f64 / 3.6e12,
                     average_power_watts: d.energy_mj as f64 / 1000.0 / (end - start) as f64,
                     seconds_over_contract: d.over_contract_ns as f64 / 1e9,

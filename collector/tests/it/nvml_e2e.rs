@@ -564,6 +564,32 @@ fn ledger_energy(collector: &Collector, tenant: &str) -> u64 {
     energy_mj(v["rows"].as_array().unwrap())
 }
 
+/// `tenant`'s GPU hours, busy GPU hours and GPU hours of unknown
+/// utilization in the ledger (the usage API's day rows around now).
+fn ledger_gpu_time(collector: &Collector, tenant: &str) -> (f64, f64, f64) {
+    let day = now_secs().div_euclid(86_400) * 86_400;
+    let rfc = capwatch_collector::usage::rfc3339;
+    let path = format!(
+        "/v1/tenants/{tenant}/usage?from={}&to={}&step=1d",
+        rfc(day - 86_400),
+        rfc(day + 2 * 86_400)
+    );
+    let v: serde_json::Value = serde_json::from_str(&http_get(collector.http, &path)).unwrap();
+    let sum = |field: &str| {
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r[field].as_f64().unwrap())
+            .sum::<f64>()
+    };
+    (
+        sum("gpu_hours"),
+        sum("busy_gpu_hours"),
+        sum("busy_unknown_gpu_hours"),
+    )
+}
+
 /// The MIG instances /metrics lists for the node's board 0, by UUID.
 fn mig_instances(m: &Metrics) -> Vec<std::collections::BTreeMap<String, String>> {
     let mut out: Vec<_> = m
@@ -688,6 +714,19 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
     ];
     ledger_holds(&collector, &want);
     assert_eq!(ledger_energy(&collector, "unassigned"), 0);
+
+    // NVML gives no utilization for a board in MIG mode (the stand-in
+    // neither): its instances' GPU time is of unknown utilization, never
+    // 0 % busy; lab-c's GPU 1, out of MIG mode, is measured.
+    let (gpu, busy, unknown) = ledger_gpu_time(&collector, "lab-a");
+    assert!(gpu > 0.0, "lab-a has GPU time");
+    assert_eq!((busy, unknown), (0.0, gpu), "lab-a's 3g instance");
+    let (gpu, busy, unknown) = ledger_gpu_time(&collector, "lab-c");
+    assert!(busy > 0.0, "GPU 1's utilization is read: {busy}");
+    assert!(
+        unknown > 0.0 && unknown < gpu,
+        "the 1g instance and the board's slice: {unknown} of {gpu}"
+    );
     collector.stop();
 }
 

@@ -68,6 +68,7 @@ const BUCKET_COLUMNS: [&str; BUCKET_FIELDS] = [
     "node_energy_mj",
     "node_estimated_mj",
     "node_ns",
+    "busy_unknown_gpu_ns",
 ];
 
 /// `COALESCE(SUM(col), 0)::int8` for every bucket column, comma-separated.

@@ -236,6 +236,12 @@ pub(super) const MIGRATIONS: &[&str] = &[
      );
      INSERT INTO gpu_rows SELECT 1, CASE WHEN revision = 0 THEN 0
         ELSE (ledger_now() / 3600 + 1) * 3600 END, NULL FROM watermark WHERE id = 1;",
+    // 6: the GPU time whose readings carried no utilization, as the SQLite
+    // ledger's version 17 (a constant default: no table is rewritten).
+    "ALTER TABLE usage_minute ADD COLUMN busy_unknown_gpu_ns BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE usage_rollup ADD COLUMN busy_unknown_gpu_ns BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE adjustment ADD COLUMN busy_unknown_gpu_ns BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE gpu_hour ADD COLUMN busy_unknown_gpu_ns BIGINT NOT NULL DEFAULT 0;",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

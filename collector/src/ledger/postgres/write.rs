@@ -424,13 +424,14 @@ async fn write(
             .prepare_cached(&format!(
                 "INSERT INTO gpu_hour (tenant, node, gpu, hour_start, {names}, revision)
                  SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int8[], {},
-                    $11::int8[])
+                    ${}::int8[])
                  ON CONFLICT (tenant, node, gpu, hour_start) DO UPDATE SET {},
                     revision = GREATEST(gpu_hour.revision, excluded.revision)",
                 (5..5 + GPU_FIELDS)
                     .map(|i| format!("${i}::int8[]"))
                     .collect::<Vec<_>>()
                     .join(", "),
+                5 + GPU_FIELDS,
                 GPU_COLUMNS
                     .iter()
                     .map(|c| format!("{c} = gpu_hour.{c} + excluded.{c}"))
@@ -536,21 +537,19 @@ async fn write(
                 tenant_wide.0.push(tenant);
                 tenant_wide.1.push("");
                 tenant_wide.2.push(*minute);
-                let v = [
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    i64_of(s, grew, "over-contract time")?,
-                    i64_of(s, overage, "overage")?,
-                    0,
-                    0,
-                    0,
-                ];
-                for (col, x) in tenant_wide.3.iter_mut().zip(v) {
-                    col.push(x);
+                // Tenant-wide: the evaluation's change, no energy.
+                let change = crate::ledger::BucketDelta {
+                    over_contract_ns: grew,
+                    overage_mj: overage,
+                    ..crate::ledger::BucketDelta::default()
+                };
+                for ((col, x), name) in tenant_wide
+                    .3
+                    .iter_mut()
+                    .zip(change.values())
+                    .zip(BUCKET_COLUMNS)
+                {
+                    col.push(i64_of(s, x, name)?);
                 }
             }
         }

@@ -58,6 +58,7 @@ const BUCKET_COLUMNS: [&str; BUCKET_FIELDS] = [
     "node_energy_mj",
     "node_estimated_mj",
     "node_ns",
+    "busy_unknown_gpu_ns",
 ];
 
 /// `SUM(col)` for every bucket column, comma-separated.

@@ -342,6 +342,16 @@ pub(super) const MIGRATIONS: &[Migration] = &[
      INSERT INTO gpu_rows SELECT 1, CASE WHEN revision = 0 THEN 0
         ELSE (unixepoch() / 3600 + 1) * 3600 END, NULL FROM watermark WHERE id = 1;",
     ),
+    // 17: the GPU time whose readings carried no utilization, told apart
+    // from idle time (it counted as 0 % busy before), in every bucket,
+    // rollup, adjustment and per-GPU hour; rows from before hold 0, as
+    // they were read.
+    Migration::Sql(
+        "ALTER TABLE usage_minute ADD COLUMN busy_unknown_gpu_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE usage_rollup ADD COLUMN busy_unknown_gpu_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE adjustment ADD COLUMN busy_unknown_gpu_ns INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE gpu_hour ADD COLUMN busy_unknown_gpu_ns INTEGER NOT NULL DEFAULT 0;",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.

@@ -65,6 +65,7 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
             node_energy_mj: 10,
             node_estimated_mj: 11,
             node_ns: 12,
+            busy_unknown_gpu_ns: 1,
         },
     );
     c.tenant_energy.insert(Arc::from("t"), 100);
@@ -89,7 +90,10 @@ fn commit_then_load_round_trips_and_buckets_accumulate() {
         vec![("t".to_string(), 60_000_000_000)]
     );
     let sums = l.bucket_totals("t").unwrap();
-    assert_eq!(sums.values(), [200, 10, 8, 2, 12, 14, 16, 18, 20, 22, 24]);
+    assert_eq!(
+        sums.values(),
+        [200, 10, 8, 2, 12, 14, 16, 18, 20, 22, 24, 2]
+    );
     assert_eq!(
         (sums.energy_mj, sums.gpu_ns, sums.busy_gpu_ns, sums.samples),
         (200, 10, 8, 2)

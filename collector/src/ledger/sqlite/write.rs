@@ -243,10 +243,14 @@ impl Ledger {
                     .map(|c| format!("{c} = {c} + excluded.{c}"))
                     .collect::<Vec<_>>()
                     .join(", ");
+                let gparams = (1..=GPU_COLUMNS.len() + 5)
+                    .map(|i| format!("?{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let mut gpu = tx
                     .prepare_cached(&format!(
                         "INSERT INTO gpu_hour (tenant, node, gpu, hour_start, {gcols}, revision)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                         VALUES ({gparams})
                          ON CONFLICT (tenant, node, gpu, hour_start) DO UPDATE SET {gupdates},
                             revision = MAX(revision, excluded.revision)"
                     ))
@@ -377,25 +381,23 @@ impl Ledger {
                 }
                 let overage = mj_after.saturating_sub(mj_before);
                 if is_final(minute) && (grew > 0 || overage > 0) {
+                    // Tenant-wide: the evaluation's change, no energy.
+                    let change = BucketDelta {
+                        over_contract_ns: grew,
+                        overage_mj: overage,
+                        ..BucketDelta::default()
+                    };
+                    let mut v = [0i64; BUCKET_COLUMNS.len()];
+                    for ((slot, x), name) in v.iter_mut().zip(change.values()).zip(BUCKET_COLUMNS) {
+                        *slot = i64_of(x, &p, name)?;
+                    }
+                    let rev = i64_of(revision, &p, "revision")?;
+                    let key: [&dyn ToSql; 5] =
+                        [&rev, &booked_at, tenant as &dyn ToSql, &"", &minute];
                     adjust
-                        .execute(params![
-                            i64_of(revision, &p, "revision")?,
-                            booked_at,
-                            &**tenant,
-                            "",
-                            minute,
-                            0,
-                            0,
-                            0,
-                            0,
-                            0,
-                            0,
-                            i64_of(grew, &p, "over-contract time")?,
-                            i64_of(overage, &p, "overage")?,
-                            0,
-                            0,
-                            0
-                        ])
+                        .execute(params_from_iter(
+                            key.into_iter().chain(v.iter().map(|x| x as &dyn ToSql)),
+                        ))
                         .map_err(err)?;
                 }
             }
