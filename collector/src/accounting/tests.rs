@@ -430,9 +430,10 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(256))]
     /// Invariant: a MIG board's reading split among its parts books, for
     /// each figure (energy, estimated energy, GPU time, busy time, time of
-    /// unknown utilization, expected time, minute by minute summed), exactly what the whole
-    /// reading would book to one tenant; each part's energy is within
-    /// 1 mJ of its slice share and the parts sum to the board's.
+    /// unknown utilization, expected time, minute by minute summed),
+    /// exactly what the whole reading would book to one tenant; each
+    /// part's energy is within 1 mJ of its slice share and the parts sum
+    /// to the board's.
     #[test]
     fn mig_parts_sum_to_the_whole_board_figure_by_figure(
         energy in 0u64..10_000_000,
