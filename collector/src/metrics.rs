@@ -343,7 +343,12 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
     ),
     (
         "capwatch_tenant_gpu_utilization_ratio",
-        "Mean utilization of the tenant's fresh GPUs (0-1).",
+        "Mean utilization of the tenant's fresh GPUs whose readings carry one (0-1).",
+        Kind::Gauge,
+    ),
+    (
+        "capwatch_tenant_gpus_with_utilization",
+        "The tenant's fresh GPUs whose readings carry a utilization (a board in MIG mode has none): what capwatch_tenant_gpu_utilization_ratio averages over.",
         Kind::Gauge,
     ),
     (
@@ -1272,6 +1277,13 @@ fn collect_fleet(state: &State, detail: Detail, f: &mut Families<'_>) {
             "capwatch_tenant_gpus",
             &[("tenant", &*t.id), ("state", "stale")],
             l.stale as f64,
+        );
+        // The weight of the mean over collectors: GPUs without a
+        // utilization (MIG) are in `reporting` but not in the mean.
+        f.push(
+            "capwatch_tenant_gpus_with_utilization",
+            &labels,
+            l.utilization_n as f64,
         );
         if l.utilization_n > 0 {
             f.push(

@@ -365,9 +365,10 @@ pub type GpuHourKey = (Arc<str>, Arc<str>, Arc<str>, i64);
 
 /// Additions to one per-GPU hour (`GpuHourKey`): the GPU figures of
 /// `BucketDelta` (energy, its estimated part, GPU time, busy GPU time,
-/// expected GPU time, readings; the tenant-wide and whole-node figures
-/// stay 0), and the earliest minute they were booked to, which tells a
-/// commit whether any of it is late (for a minute already final).
+/// GPU time of unknown utilization, expected GPU time, readings; the
+/// tenant-wide and whole-node figures stay 0), and the earliest minute
+/// they were booked to, which tells a commit whether any of it is late
+/// (for a minute already final).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GpuDelta {
     pub delta: BucketDelta,

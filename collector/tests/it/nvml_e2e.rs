@@ -704,6 +704,18 @@ fn a_mig_boards_energy_is_apportioned_exactly_to_the_tenants_of_its_instances() 
         power("lab-a") + power("lab-b") + power("lab-c"),
         312_345 + 98_765
     );
+    // Live utilization is a mean over the GPUs that have one: none of
+    // lab-a's (its MIG instance), GPU 1 alone of lab-c's.
+    let with_util = |t: &str| m.one("capwatch_tenant_gpus_with_utilization", &[("tenant", t)]);
+    assert_eq!((with_util("lab-a"), with_util("lab-c")), (0.0, 1.0));
+    assert!(
+        m.select(
+            "capwatch_tenant_gpu_utilization_ratio",
+            &[("tenant", "lab-a")]
+        )
+        .is_empty(),
+        "no mean of nothing"
+    );
 
     // The ledger: each tenant its exact share (lab-c also GPU 1's 250 mJ
     // per delta), the board's energy counted once.
