@@ -90,6 +90,7 @@ pub struct Row {
     /// nor idle. 0 in rows booked before it was kept, whose busy time is a
     /// share of all their GPU time.
     #[serde(default)]
+    #[schema(required = true)]
     pub busy_unknown_gpu_hours: f64,
     pub average_power_watts: f64,
     /// The highest 15-minute average power in the row. Absent in rows
@@ -211,6 +212,7 @@ pub struct AdjustmentRow {
     pub busy_gpu_hours: f64,
     /// As a row's `busy_unknown_gpu_hours`.
     #[serde(default)]
+    #[schema(required = true)]
     pub busy_unknown_gpu_hours: f64,
     /// GPU time between readings, gaps included (what coverage is
     /// measured against).
