@@ -36,6 +36,8 @@ meter_listen="${DEMO_METER_LISTEN:-127.0.0.1:7502}"
 # collector never creates one itself: the first run does, on purpose.
 export CAPWATCH_LEDGER="${CAPWATCH_LEDGER:-target/demo-ledger.db}"
 if [[ ! -e "$CAPWATCH_LEDGER" ]]; then
+    # target/ is not there when the build went to CARGO_TARGET_DIR.
+    mkdir -p "$(dirname "$CAPWATCH_LEDGER")"
     "$bin/capwatch-collector" init-ledger
 fi
 
