@@ -550,9 +550,8 @@ fn mig_tenants() -> String {
     )
 }
 
-/// `tenant`'s energy in the ledger (the usage API's day rows around
-/// now), to the millijoule.
-fn ledger_energy(collector: &Collector, tenant: &str) -> u64 {
+/// `tenant`'s rows in the ledger: the usage API's day rows around now.
+fn ledger_day_rows(collector: &Collector, tenant: &str) -> Vec<serde_json::Value> {
     let day = now_secs().div_euclid(86_400) * 86_400;
     let rfc = capwatch_collector::usage::rfc3339;
     let path = format!(
@@ -560,29 +559,20 @@ fn ledger_energy(collector: &Collector, tenant: &str) -> u64 {
         rfc(day - 86_400),
         rfc(day + 2 * 86_400)
     );
-    let v: serde_json::Value = serde_json::from_str(&http_get(collector.http, &path)).unwrap();
-    energy_mj(v["rows"].as_array().unwrap())
+    let mut v: serde_json::Value = serde_json::from_str(&http_get(collector.http, &path)).unwrap();
+    v["rows"].as_array_mut().unwrap().drain(..).collect()
+}
+
+/// `tenant`'s energy in the ledger, to the millijoule.
+fn ledger_energy(collector: &Collector, tenant: &str) -> u64 {
+    energy_mj(&ledger_day_rows(collector, tenant))
 }
 
 /// `tenant`'s GPU hours, busy GPU hours and GPU hours of unknown
-/// utilization in the ledger (the usage API's day rows around now).
+/// utilization in the ledger.
 fn ledger_gpu_time(collector: &Collector, tenant: &str) -> (f64, f64, f64) {
-    let day = now_secs().div_euclid(86_400) * 86_400;
-    let rfc = capwatch_collector::usage::rfc3339;
-    let path = format!(
-        "/v1/tenants/{tenant}/usage?from={}&to={}&step=1d",
-        rfc(day - 86_400),
-        rfc(day + 2 * 86_400)
-    );
-    let v: serde_json::Value = serde_json::from_str(&http_get(collector.http, &path)).unwrap();
-    let sum = |field: &str| {
-        v["rows"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| r[field].as_f64().unwrap())
-            .sum::<f64>()
-    };
+    let rows = ledger_day_rows(collector, tenant);
+    let sum = |field: &str| rows.iter().map(|r| r[field].as_f64().unwrap()).sum::<f64>();
     (
         sum("gpu_hours"),
         sum("busy_gpu_hours"),
