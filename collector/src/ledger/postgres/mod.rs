@@ -417,6 +417,20 @@ fn i64_of(shared: &Shared, v: u64, what: &'static str) -> Result<i64, LedgerErro
     i64::try_from(v).map_err(|_| shared.range(what))
 }
 
+/// `values` as the BIGINT columns `names` store them, each checked to
+/// fit (`i64_of`, naming its column).
+fn i64s_of<const N: usize>(
+    shared: &Shared,
+    values: [u64; N],
+    names: [&'static str; N],
+) -> Result<[i64; N], LedgerError> {
+    let mut out = [0i64; N];
+    for ((slot, v), name) in out.iter_mut().zip(values).zip(names) {
+        *slot = i64_of(shared, v, name)?;
+    }
+    Ok(out)
+}
+
 fn u64_of(shared: &Shared, v: i64, what: &'static str) -> Result<u64, LedgerError> {
     u64::try_from(v).map_err(|_| shared.range(what))
 }

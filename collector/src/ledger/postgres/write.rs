@@ -16,7 +16,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, u64_of};
+use super::{BUCKET_COLUMNS, Fail, Shared, encode_gpus, i64_of, i64s_of, u64_of};
 use crate::accounting::{Contract, Metered, over_contract};
 use crate::ledger::{
     BUCKET_FIELDS, Commit, Committed, GPU_COLUMNS, GPU_FIELDS, GpuRows, HOUR, LedgerError, MINUTE,
@@ -164,18 +164,12 @@ pub(super) fn commit(
         cols.placing_seen.push(placing.map(|p| p.1));
     }
     for ((tenant, node, minute), d) in &c.buckets {
-        let mut v = [0i64; BUCKET_FIELDS];
-        for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
-            *slot = i64_of(shared, x, name)?;
-        }
+        let v = i64s_of(shared, d.values(), BUCKET_COLUMNS)?;
         cols.buckets
             .push((tenant.clone(), node.clone(), *minute, v));
     }
     for ((tenant, node, gpu, hour), g) in &c.gpu_hours {
-        let mut v = [0i64; GPU_FIELDS];
-        for ((slot, x), name) in v.iter_mut().zip(g.values()).zip(GPU_COLUMNS) {
-            *slot = i64_of(shared, x, name)?;
-        }
+        let v = i64s_of(shared, g.values(), GPU_COLUMNS)?;
         cols.gpu_hours.push((
             tenant.clone(),
             node.clone(),
@@ -543,13 +537,9 @@ async fn write(
                     overage_mj: overage,
                     ..crate::ledger::BucketDelta::default()
                 };
-                for ((col, x), name) in tenant_wide
-                    .3
-                    .iter_mut()
-                    .zip(change.values())
-                    .zip(BUCKET_COLUMNS)
-                {
-                    col.push(i64_of(s, x, name)?);
+                let v = i64s_of(s, change.values(), BUCKET_COLUMNS)?;
+                for (col, x) in tenant_wide.3.iter_mut().zip(v) {
+                    col.push(x);
                 }
             }
         }

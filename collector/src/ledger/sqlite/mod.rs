@@ -145,6 +145,20 @@ fn i64_of(v: u64, path: &Path, what: &'static str) -> Result<i64, LedgerError> {
     })
 }
 
+/// `values` as the INTEGER columns `names` store them, each checked to
+/// fit (`i64_of`, naming its column).
+fn i64s_of<const N: usize>(
+    values: [u64; N],
+    names: [&'static str; N],
+    path: &Path,
+) -> Result<[i64; N], LedgerError> {
+    let mut out = [0i64; N];
+    for ((slot, v), name) in out.iter_mut().zip(values).zip(names) {
+        *slot = i64_of(v, path, name)?;
+    }
+    Ok(out)
+}
+
 fn u64_of(v: i64, path: &Path, what: &'static str) -> Result<u64, LedgerError> {
     u64::try_from(v).map_err(|_| LedgerError::Range {
         path: path.to_owned(),

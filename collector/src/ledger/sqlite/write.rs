@@ -8,8 +8,8 @@ use rusqlite::{ToSql, params, params_from_iter};
 
 use super::schema::StoredGpus;
 use super::{
-    BUCKET_COLUMNS, LOCAL_HOLDER, Ledger, bucket_from_row, bucket_sums, i64_of, sqlite_err, u64_of,
-    watermark,
+    BUCKET_COLUMNS, LOCAL_HOLDER, Ledger, bucket_from_row, bucket_sums, i64_of, i64s_of,
+    sqlite_err, u64_of, watermark,
 };
 use crate::accounting::{Contract, Metered, over_contract};
 use crate::ledger::{
@@ -215,10 +215,7 @@ impl Ledger {
                 pending.execute([h]).map_err(err)?;
             }
             for ((tenant, node, minute), d) in &c.buckets {
-                let mut v = [0i64; BUCKET_COLUMNS.len()];
-                for ((slot, x), name) in v.iter_mut().zip(d.values()).zip(BUCKET_COLUMNS) {
-                    *slot = i64_of(x, &p, name)?;
-                }
+                let v = i64s_of(d.values(), BUCKET_COLUMNS, &p)?;
                 let key: [&dyn ToSql; 3] = [tenant as &dyn ToSql, node, minute];
                 let values = v.iter().map(|x| x as &dyn ToSql);
                 if is_final(*minute) {
@@ -257,10 +254,7 @@ impl Ledger {
                     .map_err(err)?;
                 let rev = i64_of(revision, &p, "revision")?;
                 for ((tenant, node, id, hour), g) in &c.gpu_hours {
-                    let mut v = [0i64; GPU_COLUMNS.len()];
-                    for ((slot, x), name) in v.iter_mut().zip(g.values()).zip(GPU_COLUMNS) {
-                        *slot = i64_of(x, &p, name)?;
-                    }
+                    let v = i64s_of(g.values(), GPU_COLUMNS, &p)?;
                     let late = if is_final(g.first_minute) { rev } else { 0 };
                     let key: [&dyn ToSql; 4] = [tenant as &dyn ToSql, node, id, hour];
                     let values = v.iter().map(|x| x as &dyn ToSql);
@@ -387,10 +381,7 @@ impl Ledger {
                         overage_mj: overage,
                         ..BucketDelta::default()
                     };
-                    let mut v = [0i64; BUCKET_COLUMNS.len()];
-                    for ((slot, x), name) in v.iter_mut().zip(change.values()).zip(BUCKET_COLUMNS) {
-                        *slot = i64_of(x, &p, name)?;
-                    }
+                    let v = i64s_of(change.values(), BUCKET_COLUMNS, &p)?;
                     let rev = i64_of(revision, &p, "revision")?;
                     let key: [&dyn ToSql; 5] =
                         [&rev, &booked_at, tenant as &dyn ToSql, &"", &minute];
