@@ -1047,6 +1047,7 @@ pub(crate) fn each_nodes_placing_hold_is_kept_with_its_cursor<W: LedgerWriter, R
 /// source (node time or node energy above 0), else its GPU energy. Node
 /// energy booked without node time (a reading interval longer than the
 /// staleness window carries energy but no coverage) is still node energy.
+/// Energy booked late for a final minute counts as well.
 pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, R: LedgerReader>(
     mut f: Fresh<W, R>,
 ) {
@@ -1127,6 +1128,50 @@ pub(crate) fn node_minutes_measure_node_energy_else_gpu_energy<W: LedgerWriter, 
     assert_eq!(
         f.reader.finalized_through().unwrap(),
         f.writer.finalized_through().unwrap()
+    );
+    // The minute becomes final, then energy for it arrives late: its
+    // adjustments are measured energy too (a tenant only they name
+    // included), while the node energy a meter's allocation replaces
+    // stays the bucket's.
+    let w = &mut f.writer;
+    w.commit_as("a", &Commit::default(), MINUTE + 180, MINUTE + 60)
+        .unwrap();
+    let mut late = booking("n1", cursor(1, 11, 5_300), "lab-a", MINUTE, 0);
+    late.buckets
+        .insert((Arc::from("lab-a"), Arc::from("n1"), MINUTE), delta(300, 1));
+    late.nodes.insert(Arc::from("n2"), cursor(1, 11, 5_050));
+    late.buckets.insert(
+        (Arc::from("lab-d"), Arc::from("n2"), MINUTE),
+        BucketDelta {
+            energy_mj: 50,
+            samples: 1,
+            ..BucketDelta::default()
+        },
+    );
+    let done = w.commit_as("a", &late, MINUTE + 240, MINUTE + 60).unwrap();
+    let usage = f.reader.usage_since(None, MINUTE, MINUTE + 60, 0).unwrap();
+    assert_eq!(
+        usage.adjustments.len(),
+        2,
+        "the late energy is no adjustment"
+    );
+    assert!(done.revision > 0);
+    let mut want = got.clone();
+    want[0].measured_mj += 600;
+    want.push(NodeMinute {
+        tenant: "lab-d".into(),
+        node: "n2".into(),
+        minute: MINUTE,
+        measured_mj: 50,
+        node_energy_mj: 0,
+    });
+    assert_eq!(w.node_minutes(MINUTE, MINUTE + 60).unwrap(), want);
+    assert_eq!(f.reader.node_minutes(MINUTE, MINUTE + 60).unwrap(), want);
+    assert_eq!(
+        f.reader
+            .tenant_node_minutes(Some("lab-d"), MINUTE, MINUTE + 60)
+            .unwrap(),
+        vec![want[3].clone()]
     );
 }
 

@@ -950,10 +950,15 @@ impl MeterShare {
     }
 }
 
-/// What one node measured for one tenant in one minute: its node energy
-/// where it has a whole-node source (`node_ns` > 0), else its GPU energy;
-/// and its node energy alone (`BucketDelta::node_energy_mj`), which a
-/// meter's allocation replaces on the facility basis.
+/// What one node measured for one tenant in one minute, its bucket and
+/// every adjustment booked for it so far together (energy booked once the
+/// minute was final is measured energy all the same, and the split of the
+/// minute's meter energy must weigh it): its node energy where it has a
+/// whole-node source (node time or node energy above 0), else its GPU
+/// energy; and the node energy of the bucket alone
+/// (`BucketDelta::node_energy_mj` of the usage row, which excludes its
+/// adjustments), whose PUE estimate in the row a meter's allocation
+/// replaces on the facility basis.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeMinute {
     pub tenant: String,
@@ -1075,7 +1080,8 @@ pub trait LedgerWriter: Send {
     fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError>;
 
     /// What every node measured in each minute of `[from, to)` (Unix
-    /// seconds, minute-aligned), from the minute buckets.
+    /// seconds, minute-aligned), from the minute buckets and the
+    /// adjustments booked for them (`NodeMinute`), read in one statement.
     fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError>;
 
     /// Writes `minutes` of `meter` and moves its state from `from` to
@@ -1218,7 +1224,8 @@ pub trait LedgerReader {
     fn finalized_through(&self) -> Result<i64, LedgerError>;
     fn meter_state(&self, meter: &str) -> Result<Option<MeterState>, LedgerError>;
     /// What every node measured in each minute of `[from, to)`, per
-    /// tenant, from the minute buckets (as `LedgerWriter::node_minutes`):
+    /// tenant, from the minute buckets and their adjustments (as
+    /// `LedgerWriter::node_minutes`):
     /// what the allocation splits a meter-minute by, and what the usage
     /// rows of a facility-basis tenant set beside its meters' allocation.
     fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError>;

@@ -148,7 +148,8 @@ pub fn plan(
         }
     };
     // Measured and node energy per minute and tenant, over the meter's
-    // nodes.
+    // nodes (measured: the buckets and the adjustments booked for them so
+    // far; node: the buckets', which the rows estimate from).
     let mut by_minute: BTreeMap<i64, BTreeMap<&str, (u64, u64)>> = BTreeMap::new();
     for row in measured.iter().filter(|r| spec.covers(&r.node)) {
         let e = by_minute

@@ -1002,6 +1002,144 @@ mod allocation {
         assert_eq!(total, truth_at(&polls, M + 600) - truth_at(&polls, M));
     }
 
+    /// Books `node_mj` of node energy for `tenant` on `node` in `minute`,
+    /// a final minute: an adjustment, as a node's coarse counter stepping
+    /// late, or a spool delivered late, books it.
+    fn book_late(l: &Ledgers, tenant: &str, node: &str, minute: i64, node_mj: u64) {
+        let mut c = Commit::default();
+        c.nodes.insert(Arc::from(node), NodeCursor::default());
+        c.buckets.insert(
+            (Arc::from(tenant), Arc::from(node), minute),
+            BucketDelta {
+                node_energy_mj: node_mj,
+                node_ns: NS as u64,
+                ..Default::default()
+            },
+        );
+        lock(&l.writer)
+            .commit_as(
+                crate::ledger::sqlite::LOCAL_HOLDER,
+                &c,
+                M + 86_400,
+                M + 86_400,
+            )
+            .unwrap();
+    }
+
+    /// Energy booked for a final minute before its meter allocates it (what
+    /// the placing hold waits for: a coarse counter's step spread back) is
+    /// an adjustment, and the split weighs it like the minute's bucket: the
+    /// late tenant gets its part of the meter. Each part keeps the node
+    /// energy of the bucket alone, which is what the row's estimate is of.
+    #[test]
+    fn energy_booked_late_before_the_allocation_is_in_the_split() {
+        let (ledger, reader, _dir) = ledger(2);
+        let m = modbus("");
+        let polls = readings(0, &[10; 20], u64::MAX);
+        poll_all(&m, &polls);
+        // lab-a's n-1 in 08:01, and lab-d, which has no bucket there, on
+        // n-2 beside lab-b.
+        book_late(&ledger, "lab-a", "n-1", M + 60, 9_000);
+        book_late(&ledger, "lab-d", "n-2", M + 60, 4_000);
+        let written = round(&m, &ledger).unwrap();
+        assert_eq!(written.len(), 4, "{written:?}");
+        let late = &written[1];
+        assert_eq!(late.minute, M + 60);
+        let parts: Vec<(&str, u64, u64)> = late
+            .tenants
+            .iter()
+            .map(|t| (t.tenant.as_str(), t.measured_mj, t.node_mj))
+            .collect();
+        assert_eq!(
+            parts,
+            vec![
+                ("lab-a", 3_001 + 9_000, 3_001),
+                ("lab-b", 1_007, 0),
+                ("lab-d", 4_000, 0),
+            ]
+        );
+        assert_eq!(late.measured_mj, 3_001 + 9_000 + 1_007 + 4_000);
+        let given: u64 = late.tenants.iter().map(|t| t.allocated_mj).sum();
+        assert_eq!(given, late.metered_mj);
+        let exact_a = u128::from(late.metered_mj) * 12_001 / u128::from(late.measured_mj);
+        assert!(u128::from(late.tenants[0].allocated_mj).abs_diff(exact_a) <= 1);
+        // The minute before has no late energy: split as before.
+        assert_eq!(written[0].measured_mj, 3_000 + 1_000);
+        // Each tenant's facility energy of the minute is its part, lab-d's
+        // too, though it has no bucket there (the late energy itself is in
+        // the adjustments, with no facility energy of its own: the part
+        // holds it).
+        let tenants = Arc::new(
+            crate::tenants::Tenants::from_toml(
+                "[[tenant]]\nid = \"lab-a\"\nnodes = [\"n-1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n\
+                 [[tenant]]\nid = \"lab-d\"\nnodes = []\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
+            )
+            .unwrap(),
+        );
+        let history = crate::tenants::TenantHistory::new(tenants.clone());
+        let report = crate::usage::run(
+            &reader,
+            &tenants,
+            &history,
+            std::slice::from_ref(&m.spec),
+            None,
+            Some("2027-01-15T08:01:00Z"),
+            Some("2027-01-15T08:02:00Z"),
+            Some("1m"),
+            None,
+            None,
+        )
+        .unwrap();
+        let facility: Vec<(&str, Option<u64>, bool)> = report
+            .rows
+            .iter()
+            .filter(|r| ["lab-a", "lab-d"].contains(&r.tenant.as_str()))
+            .map(|r| {
+                (
+                    r.tenant.as_str(),
+                    r.facility_energy_millijoules,
+                    r.facility_energy_pending,
+                )
+            })
+            .collect();
+        assert_eq!(
+            facility,
+            vec![
+                ("lab-a", Some(late.tenants[0].allocated_mj), false),
+                ("lab-d", Some(late.tenants[2].allocated_mj), false),
+            ]
+        );
+        let restated: Vec<(&str, &str, Option<i64>)> = report
+            .adjustments
+            .iter()
+            .filter(|a| ["lab-a", "lab-d"].contains(&a.tenant.as_str()))
+            .map(|a| {
+                (
+                    a.tenant.as_str(),
+                    a.node.as_str(),
+                    a.facility_energy_restated_millijoules,
+                )
+            })
+            .collect();
+        let signed = |v: u64| i64::try_from(v).unwrap();
+        assert_eq!(
+            restated,
+            vec![
+                ("lab-a", "n-1", Some(0)),
+                ("lab-d", "n-2", Some(0)),
+                // The allocation's: lab-a's part less 1.5 × its bucket's
+                // node energy (4,501.5, rounded half up), lab-d's part less
+                // nothing.
+                (
+                    "lab-a",
+                    "",
+                    Some(signed(late.tenants[0].allocated_mj) - 4_502)
+                ),
+                ("lab-d", "", Some(signed(late.tenants[2].allocated_mj))),
+            ]
+        );
+    }
+
     /// Nothing measured under the meter: its energy is kept as unallocated,
     /// no tenant billed for it.
     #[test]

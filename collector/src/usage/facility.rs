@@ -68,6 +68,18 @@ impl Facility {
         Self { tenants }
     }
 
+    /// Every tenant-minute the meters allocated something of (a tenant
+    /// whose energy in that minute was all booked late has a part but no
+    /// minute bucket).
+    pub fn allocated(&self) -> impl Iterator<Item = (&str, i64)> {
+        self.tenants.iter().flat_map(|(tenant, minutes)| {
+            minutes
+                .iter()
+                .filter(|(_, m)| m.metered != Metered::NONE)
+                .map(move |(minute, _)| (tenant.as_str(), *minute))
+        })
+    }
+
     /// One tenant's minutes.
     pub fn of_tenant(&self, tenant: &str) -> TenantFacility<'_> {
         TenantFacility(self.tenants.get(tenant))

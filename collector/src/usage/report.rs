@@ -269,6 +269,24 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
             .or_default()
             .insert(span.start, *span);
     }
+    // A minute the meters gave a tenant part of without a bucket of its
+    // own (all its energy there was booked late, before the allocation)
+    // is a minute of no energy: its part counts like any other.
+    for (tenant, minute) in facility.allocated() {
+        by_tenant
+            .entry(tenant)
+            .or_default()
+            .entry(minute)
+            .or_insert(Span {
+                start: minute,
+                seconds: 60,
+                delta: BucketDelta::default(),
+                peak_quarter_mj: None,
+                node_peak_quarter_mj: None,
+                metered: Metered::NONE,
+                facility_peak_quarter_mj: None,
+            });
+    }
     let finalized = usage.finalized_through;
     let empty = BTreeMap::new();
     let mut rows = Vec::new();

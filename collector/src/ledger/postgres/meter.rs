@@ -96,11 +96,22 @@ pub(super) fn node_minutes_of(
             let rows = client
                 .query(
                     "SELECT tenant, node, minute_start,
-                            CASE WHEN node_ns > 0 OR node_energy_mj > 0 THEN node_energy_mj ELSE energy_mj END,
-                            node_energy_mj
-                     FROM usage_minute
-                     WHERE minute_start >= $1 AND minute_start < $2
-                        AND ($3::text IS NULL OR tenant = $3)
+                            (CASE WHEN SUM(node_ns) > 0 OR SUM(node_energy_mj) > 0
+                                THEN SUM(node_energy_mj) ELSE SUM(energy_mj) END)::bigint,
+                            SUM(row_node_mj)::bigint
+                     FROM (
+                        SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj,
+                            node_energy_mj AS row_node_mj
+                        FROM usage_minute
+                        WHERE minute_start >= $1 AND minute_start < $2
+                            AND ($3::text IS NULL OR tenant = $3)
+                        UNION ALL
+                        SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj, 0
+                        FROM adjustment
+                        WHERE node <> '' AND minute_start >= $1 AND minute_start < $2
+                            AND ($3::text IS NULL OR tenant = $3)
+                     ) AS m
+                     GROUP BY minute_start, node, tenant
                      ORDER BY minute_start, node, tenant",
                     &[&from, &to, &tenant],
                 )

@@ -97,10 +97,21 @@ pub(super) fn node_minutes_of(
     let mut q = conn
         .prepare_cached(
             "SELECT tenant, node, minute_start,
-                    CASE WHEN node_ns > 0 OR node_energy_mj > 0 THEN node_energy_mj ELSE energy_mj END,
-                    node_energy_mj
-             FROM usage_minute
-             WHERE minute_start >= ?1 AND minute_start < ?2 AND (?3 IS NULL OR tenant = ?3)
+                    CASE WHEN SUM(node_ns) > 0 OR SUM(node_energy_mj) > 0
+                        THEN SUM(node_energy_mj) ELSE SUM(energy_mj) END,
+                    SUM(row_node_mj)
+             FROM (
+                SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj,
+                    node_energy_mj AS row_node_mj
+                FROM usage_minute
+                WHERE minute_start >= ?1 AND minute_start < ?2 AND (?3 IS NULL OR tenant = ?3)
+                UNION ALL
+                SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj, 0
+                FROM adjustment
+                WHERE node <> '' AND minute_start >= ?1 AND minute_start < ?2
+                    AND (?3 IS NULL OR tenant = ?3)
+             )
+             GROUP BY minute_start, node, tenant
              ORDER BY minute_start, node, tenant",
         )
         .map_err(err)?;
