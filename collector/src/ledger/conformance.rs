@@ -50,6 +50,7 @@ macro_rules! conformance_tests {
             usage_rows_per_gpu_sum_to_the_tenants_and_nodes_rows,
             gpu_hours_are_kept_for_the_hour_retention,
             allocated_facility_energy_survives_compaction,
+            a_part_without_a_bucket_survives_compaction,
             meter_reports_read_the_same_after_compaction,
         );
     };
@@ -1781,6 +1782,70 @@ pub(crate) fn allocated_facility_energy_survives_compaction<W: LedgerWriter, R: 
     assert!(done.minute_rows_dropped > 0);
     let after = f.reader.usage(None, MINUTE, MINUTE + 3_600).unwrap();
     assert!(after.spans.iter().all(|(_, s)| s.seconds == 3_600));
+    assert_eq!(facility_rows(&f.reader, &site, "1h"), before);
+}
+
+/// A tenant whose energy in a minute was all booked late, before the
+/// meter allocated it, has a part of the minute but no bucket: its rows
+/// read that part, before and after the hour is rolled up.
+pub(crate) fn a_part_without_a_bucket_survives_compaction<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let (_, _, meters) = facility_site();
+    let tenants = Arc::new(
+        Tenants::from_toml(
+            "[[tenant]]\nid = \"f\"\nnodes = [\"m1\"]\ncontracted_kw = 0.0025\nbasis = \"facility\"\npue = 1.5\n
+             [[tenant]]\nid = \"g\"\nnodes = [\"m2\", \"u1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n
+             [[tenant]]\nid = \"h\"\nnodes = [\"m3\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
+        )
+        .unwrap(),
+    );
+    let site = (
+        tenants.clone(),
+        Arc::new(TenantHistory::new(tenants)),
+        meters,
+    );
+    let mut minutes = facility_hour(&mut f.writer, &site.1);
+    let late = &mut minutes[7];
+    late.tenants.push(MeterShare::new("h", 5_000, 7_000, 0));
+    late.metered_mj += 7_000;
+    late.measured_mj += 5_000;
+    let through = MeterState {
+        allocated_through: MINUTE + 3_600,
+        reading_at_ns: (MINUTE + 3_600) * 1_000_000_000,
+        reading_raw: 0,
+        carry_mj: 0,
+    };
+    assert!(
+        f.writer
+            .allocate_meter("row-a", None, &through, &minutes)
+            .unwrap()
+    );
+    let of_h = |rows: Vec<FacilityRow>| {
+        rows.into_iter()
+            .filter(|r| r.0 == "h")
+            .map(|r| (r.1, r.2, r.3))
+            .collect::<Vec<_>>()
+    };
+    let before = facility_rows(&f.reader, &site, "1h");
+    assert_eq!(of_h(before.clone()), vec![(Some(7_000), false, false)]);
+    let lease = f
+        .writer
+        .acquire_compaction("a", 1_000, Duration::from_secs(60))
+        .unwrap();
+    let policy = Compaction {
+        closed_before: MINUTE + 3_600,
+        minutes_from: MINUTE + 3_600,
+        hours_from: 0,
+        days_from: None,
+        allocating_from: Some(MINUTE + 3_600),
+    };
+    let done = f
+        .writer
+        .compact_under(&lease, 1_001, &policy, &site.1)
+        .unwrap();
+    assert_eq!(done.hours_rolled_up, 1);
+    assert!(done.minute_rows_dropped > 0);
     assert_eq!(facility_rows(&f.reader, &site, "1h"), before);
 }
 

@@ -170,22 +170,39 @@ async fn run(
              GROUP BY tenant, minute_start",
         )
         .await?;
+    // A tenant the meters gave a part of a minute it has no bucket in
+    // (its energy there all booked late) gets a row of its own.
     let set_over = tx
         .prepare(
-            "UPDATE demand_rollup SET over_contract_ns = $4, overage_mj = $5,
-                allocated_mj = $6, allocated_node_mj = $7, facility_peak_quarter_mj = $8
-             WHERE period = $1 AND start = $2 AND tenant = $3",
+            "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj,
+                node_peak_quarter_mj, over_contract_ns, overage_mj, allocated_mj,
+                allocated_node_mj, facility_peak_quarter_mj)
+             VALUES ($1, $2, $3, 0, 0, $4, $5, $6, $7, $8)
+             ON CONFLICT (period, start, tenant) DO UPDATE
+                SET over_contract_ns = excluded.over_contract_ns,
+                    overage_mj = excluded.overage_mj,
+                    allocated_mj = excluded.allocated_mj,
+                    allocated_node_mj = excluded.allocated_node_mj,
+                    facility_peak_quarter_mj = excluded.facility_peak_quarter_mj",
         )
         .await?;
     // A rollup without a facility peak (from before) keeps none.
     let add_over = tx
         .prepare(
-            "UPDATE demand_rollup SET over_contract_ns = over_contract_ns + $4,
-                overage_mj = overage_mj + $5, allocated_mj = allocated_mj + $6,
-                allocated_node_mj = allocated_node_mj + $7,
-                facility_peak_quarter_mj = CASE WHEN facility_peak_quarter_mj IS NULL THEN NULL
-                    ELSE GREATEST(facility_peak_quarter_mj, $8) END
-             WHERE period = $1 AND start = $2 AND tenant = $3",
+            "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj,
+                node_peak_quarter_mj, over_contract_ns, overage_mj, allocated_mj,
+                allocated_node_mj, facility_peak_quarter_mj)
+             VALUES ($1, $2, $3, 0, 0, $4, $5, $6, $7, $8)
+             ON CONFLICT (period, start, tenant) DO UPDATE
+                SET over_contract_ns = demand_rollup.over_contract_ns + excluded.over_contract_ns,
+                    overage_mj = demand_rollup.overage_mj + excluded.overage_mj,
+                    allocated_mj = demand_rollup.allocated_mj + excluded.allocated_mj,
+                    allocated_node_mj =
+                        demand_rollup.allocated_node_mj + excluded.allocated_node_mj,
+                    facility_peak_quarter_mj =
+                        CASE WHEN demand_rollup.facility_peak_quarter_mj IS NULL THEN NULL
+                        ELSE GREATEST(demand_rollup.facility_peak_quarter_mj,
+                            excluded.facility_peak_quarter_mj) END",
         )
         .await?;
     let (old_minutes_from, old_hours_from) =

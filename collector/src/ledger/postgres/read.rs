@@ -222,8 +222,21 @@ async fn usage_since(
                 ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
              WHERE r.period = $1 AND ($2::text IS NULL OR r.tenant = $2)
                 AND r.start >= $3 AND r.start < $4 AND ($5::text IS NULL OR r.node = $5)
-             GROUP BY r.tenant, r.start",
-            bucket_sums("r.")
+             GROUP BY r.tenant, r.start
+             UNION ALL
+             SELECT d.tenant, d.start, {}, d.peak_quarter_mj, d.over_contract_ns,
+                d.overage_mj, d.node_peak_quarter_mj, d.allocated_mj, d.allocated_node_mj,
+                d.facility_peak_quarter_mj
+             FROM demand_rollup d
+             WHERE d.period = $1 AND ($2::text IS NULL OR d.tenant = $2)
+                AND d.start >= $3 AND d.start < $4 AND $5::text IS NULL
+                AND NOT EXISTS (SELECT 1 FROM usage_rollup r
+                    WHERE r.period = d.period AND r.start = d.start AND r.tenant = d.tenant)
+             ORDER BY 1, 2",
+            bucket_sums("r."),
+            // A tenant's part of minutes it has no bucket in (all its
+            // energy there booked late): no energy of its own.
+            vec!["0::int8"; BUCKET_COLUMNS.len()].join(", ")
         ))
         .await?;
     for (period, lo, hi) in [

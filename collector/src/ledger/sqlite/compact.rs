@@ -214,21 +214,36 @@ impl Ledger {
             };
             // Into the rollup's row written just before: set for a rollup
             // rebuilt from its minutes, added for late minutes added to it
-            // (its facility peak, if it has one, the higher of the two).
+            // (its facility peak, if it has one, the higher of the two). A
+            // tenant the meters gave a part of a minute it has no bucket
+            // in (its energy there all booked late) gets a row of its own.
             let mut set_over = tx
                 .prepare_cached(
-                    "UPDATE demand_rollup SET over_contract_ns = ?4, overage_mj = ?5,
-                        allocated_mj = ?6, allocated_node_mj = ?7, facility_peak_quarter_mj = ?8
-                     WHERE period = ?1 AND start = ?2 AND tenant = ?3",
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj,
+                        node_peak_quarter_mj, over_contract_ns, overage_mj, allocated_mj,
+                        allocated_node_mj, facility_peak_quarter_mj)
+                     VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (period, start, tenant) DO UPDATE
+                        SET over_contract_ns = excluded.over_contract_ns,
+                            overage_mj = excluded.overage_mj,
+                            allocated_mj = excluded.allocated_mj,
+                            allocated_node_mj = excluded.allocated_node_mj,
+                            facility_peak_quarter_mj = excluded.facility_peak_quarter_mj",
                 )
                 .map_err(err)?;
             let mut add_over = tx
                 .prepare_cached(
-                    "UPDATE demand_rollup SET over_contract_ns = over_contract_ns + ?4,
-                        overage_mj = overage_mj + ?5, allocated_mj = allocated_mj + ?6,
-                        allocated_node_mj = allocated_node_mj + ?7,
-                        facility_peak_quarter_mj = MAX(facility_peak_quarter_mj, ?8)
-                     WHERE period = ?1 AND start = ?2 AND tenant = ?3",
+                    "INSERT INTO demand_rollup (period, start, tenant, peak_quarter_mj,
+                        node_peak_quarter_mj, over_contract_ns, overage_mj, allocated_mj,
+                        allocated_node_mj, facility_peak_quarter_mj)
+                     VALUES (?1, ?2, ?3, 0, 0, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (period, start, tenant) DO UPDATE
+                        SET over_contract_ns = over_contract_ns + excluded.over_contract_ns,
+                            overage_mj = overage_mj + excluded.overage_mj,
+                            allocated_mj = allocated_mj + excluded.allocated_mj,
+                            allocated_node_mj = allocated_node_mj + excluded.allocated_node_mj,
+                            facility_peak_quarter_mj =
+                                MAX(facility_peak_quarter_mj, excluded.facility_peak_quarter_mj)",
                 )
                 .map_err(err)?;
             let (old_minutes_from, old_hours_from) =

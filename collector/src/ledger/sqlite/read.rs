@@ -254,12 +254,25 @@ impl Reader {
                     ON d.period = r.period AND d.start = r.start AND d.tenant = r.tenant
                  WHERE r.period = ?1 AND (?2 IS NULL OR r.tenant = ?2)
                     AND r.start >= ?3 AND r.start < ?4 AND (?5 IS NULL OR r.node = ?5)
-                 GROUP BY r.tenant, r.start",
+                 GROUP BY r.tenant, r.start
+                 UNION ALL
+                 SELECT d.tenant, d.start, {}, d.peak_quarter_mj, d.over_contract_ns,
+                    d.overage_mj, d.node_peak_quarter_mj, d.allocated_mj, d.allocated_node_mj,
+                    d.facility_peak_quarter_mj
+                 FROM demand_rollup d
+                 WHERE d.period = ?1 AND (?2 IS NULL OR d.tenant = ?2)
+                    AND d.start >= ?3 AND d.start < ?4 AND ?5 IS NULL
+                    AND NOT EXISTS (SELECT 1 FROM usage_rollup r
+                        WHERE r.period = d.period AND r.start = d.start AND r.tenant = d.tenant)
+                 ORDER BY 1, 2",
                 BUCKET_COLUMNS
                     .iter()
                     .map(|c| format!("SUM(r.{c})"))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                // A tenant's part of minutes it has no bucket in (all its
+                // energy there booked late): no energy of its own.
+                vec!["0"; BUCKET_COLUMNS.len()].join(", ")
             ))
             .map_err(err)?;
         for (period, lo, hi) in [

@@ -425,6 +425,13 @@ pub fn verify(path: &Path, contracts: Option<&TenantHistory>) -> Result<Verifica
                 .or_default()
                 .push((tenant.clone(), *minute, *e, *n));
         }
+        // A tenant the meters gave a part of minutes it has no bucket in
+        // (its energy there all booked late) has a demand row of its own.
+        for key in tenant_allocations.keys() {
+            if key.0 >= minutes_from {
+                quarters.entry(key.clone()).or_default();
+            }
+        }
         let mut out = Rows::new();
         for ((h, tenant), qs) in quarters {
             let peak = qs.values().map(|q| q.0).max().unwrap_or(0);
@@ -762,7 +769,8 @@ mod tests {
         let mut l = Ledger::create(&path).unwrap();
         let history = Arc::new(TenantHistory::new(Arc::new(
             Tenants::from_toml(
-                "[[tenant]]\nid = \"f\"\nnodes = [\"m1\"]\ncontracted_kw = 0.0025\nbasis = \"facility\"\npue = 1.5\n",
+                "[[tenant]]\nid = \"f\"\nnodes = [\"m1\"]\ncontracted_kw = 0.0025\nbasis = \"facility\"\npue = 1.5\n
+                 [[tenant]]\nid = \"h\"\nnodes = []\ncontracted_kw = 0.0025\nbasis = \"facility\"\npue = 1.5\n",
             )
             .unwrap(),
         )));
@@ -788,6 +796,12 @@ mod tests {
                 tenants: vec![MeterShare::new("f", 60_000, 160_000, 60_000)],
             });
         }
+        // "h" has a part of a minute it has no bucket in (its energy there
+        // all booked late), over its contract.
+        let late = &mut minutes[7];
+        late.tenants.push(MeterShare::new("h", 5_000, 200_000, 0));
+        late.metered_mj += 200_000;
+        late.measured_mj += 5_000;
         *c.tenant_energy.entry(Arc::from("f")).or_default() += 60 * 20_000;
         c.gpu_rows = crate::ledger::GpuRows::NotKept;
         c.contracts = Some(history.clone());
@@ -816,7 +830,7 @@ mod tests {
         raw(
             &path,
             &format!(
-                "UPDATE demand_rollup SET allocated_mj = 1 WHERE period = 3600 AND start = {T0}"
+                "UPDATE demand_rollup SET allocated_mj = 1 WHERE period = 3600 AND start = {T0} AND tenant = 'f'"
             ),
         );
         let v = verify(&path, Some(&history)).unwrap();
