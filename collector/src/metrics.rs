@@ -557,6 +557,11 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Gauge,
     ),
     (
+        "capwatch_meter_minutes_split_again_total",
+        "Allocated minutes of the meter this collector split among its tenants again, because energy was booked for them after their split (a node's spool delivered late, a node back after a long gap).",
+        Kind::Counter,
+    ),
+    (
         "capwatch_meter_nodes_overlapping",
         "Nodes with measured minutes in the last allocation round that this meter and another one both cover: billed once per meter; make the meters' node lists disjoint.",
         Kind::Gauge,
@@ -1588,6 +1593,11 @@ fn collect_meters(board: &crate::meters::Board, f: &mut Families<'_>) {
             "capwatch_meter_allocation_holding_nodes",
             &meter,
             live.holding_nodes as f64,
+        );
+        f.push(
+            "capwatch_meter_minutes_split_again_total",
+            &meter,
+            live.minutes_split_again as f64,
         );
         for (bound, v) in [("min", m.spec.min_ratio), ("max", m.spec.max_ratio)] {
             f.push(

@@ -942,6 +942,29 @@ impl Metered {
     }
 }
 
+/// A change to what facility meters allocated of one tenant-minute, as an
+/// adjustment books it: an allocation (both amounts its own, never
+/// negative), or a split made again for energy booked after it (each
+/// amount the new less the old, negative where the tenant's part shrank).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MeteredChange {
+    pub allocated_mj: i64,
+    pub node_mj: i64,
+}
+
+impl MeteredChange {
+    /// No change: every adjustment but a meter's.
+    pub const NONE: MeteredChange = MeteredChange {
+        allocated_mj: 0,
+        node_mj: 0,
+    };
+
+    pub fn add(&mut self, other: MeteredChange) {
+        self.allocated_mj = self.allocated_mj.saturating_add(other.allocated_mj);
+        self.node_mj = self.node_mj.saturating_add(other.node_mj);
+    }
+}
+
 impl Contract {
     /// Live power (mW) on this contract's basis, from the GPUs' power,
     /// the node power (`None`: no fresh whole-node reading) and its

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use super::{
     BucketDelta, Commit, Compaction, CompactionLease, GpuCursor, LedgerError, LedgerReader,
-    LedgerWriter, MeterMinute, MeterShare, MeterState, NodeCursor, NodeMinute, PlacingHold,
-    TenantVersion,
+    LedgerWriter, MeterMinute, MeterResplit, MeterShare, MeterState, NodeCursor, NodeMinute,
+    PlacingHold, TenantVersion,
 };
 use crate::accounting::{Run, StretchWeight};
 use crate::tenants::{TenantHistory, Tenants};
@@ -51,6 +51,7 @@ macro_rules! conformance_tests {
             gpu_hours_are_kept_for_the_hour_retention,
             allocated_facility_energy_survives_compaction,
             a_part_without_a_bucket_survives_compaction,
+            a_minute_split_again_replaces_its_parts_once,
             meter_reports_read_the_same_after_compaction,
         );
     };
@@ -865,6 +866,7 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
         reading_at_ns: MINUTE * 1_000_000_000 - 7,
         reading_raw: u64::MAX - 3,
         carry_mj: 12,
+        revision: 0,
     };
     assert!(w.allocate_meter("row-a", None, &first, &[]).unwrap());
     // Another collector that also saw no state: refused.
@@ -894,6 +896,7 @@ pub(crate) fn meter_minutes_are_allocated_once_and_read_back<W: LedgerWriter, R:
         reading_at_ns: (MINUTE + 110) * 1_000_000_000,
         reading_raw: 5,
         carry_mj: 3,
+        revision: 0,
     };
     assert!(
         w.allocate_meter("row-a", Some(&first), &next, &minutes)
@@ -1316,6 +1319,7 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
         reading_at_ns: (MINUTE + 60) * 1_000_000_000,
         reading_raw: 0,
         carry_mj: 0,
+        revision: 0,
     };
     assert!(
         f.writer
@@ -1342,7 +1346,7 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
             )
         })
         .collect();
-    let part = |allocated_mj, node_mj| crate::accounting::Metered {
+    let part = |allocated_mj, node_mj| crate::accounting::MeteredChange {
         allocated_mj,
         node_mj,
     };
@@ -1434,6 +1438,71 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
             row("f", m1, Some(150_000), true, true, 0.0, 0, 150_000),
             row("x", m0, Some(44_999), false, false, 0.0, 0, 5_000),
             row("x", m1, None, false, false, 0.0, 0, 5_000),
+        ]
+    );
+    // Energy booked late, for final minutes: on u1, under no meter, its
+    // facility energy is its PUE estimate, as a row's is; on a metered
+    // node it is none of its own (the meter's energy for the minute is all
+    // given, and a split made later weighs it).
+    let mut late = Commit::default();
+    for (t, node, minute, gpu, node_mj) in [
+        ("f", "u1", MINUTE, 1_000, 10_000),
+        ("f", "m1", MINUTE + 60, 2_000, 20_000),
+        ("x", "m2", MINUTE, 500, 2_000),
+    ] {
+        late.nodes.insert(Arc::from(node), cursor(1, 2, 11));
+        late.buckets.insert(
+            (Arc::from(t), Arc::from(node), minute),
+            node_energy(gpu, node_mj),
+        );
+    }
+    late.contracts = Some(history.clone());
+    let booked = f
+        .writer
+        .commit_as("a", &late, MINUTE + 1_000, MINUTE + 900)
+        .unwrap();
+    let reader: &dyn LedgerReader = &f.reader;
+    let late_rows: Vec<_> = crate::usage::run(
+        reader,
+        &tenants,
+        &history,
+        &meters,
+        None,
+        Some("2027-01-15T08:00:00Z"),
+        Some("2027-01-15T08:02:00Z"),
+        Some("1m"),
+        None,
+        Some(&(booked.revision - 1).to_string()),
+    )
+    .unwrap()
+    .adjustments
+    .into_iter()
+    .filter(|a| !a.node.is_empty())
+    .map(|a| {
+        (
+            a.tenant,
+            a.node,
+            a.start,
+            a.node_energy_millijoules,
+            a.facility_energy_restated_millijoules,
+        )
+    })
+    .collect();
+    let late_row = |t: &str, node: &str, at: &str, node_mj: u64, facility: Option<i64>| {
+        (
+            t.to_string(),
+            node.to_string(),
+            at.to_string(),
+            node_mj,
+            facility,
+        )
+    };
+    assert_eq!(
+        late_rows,
+        vec![
+            late_row("f", "m1", m1, 20_000, Some(0)),
+            late_row("f", "u1", m0, 10_000, Some(15_000)),
+            late_row("x", "m2", m0, 2_000, Some(0)),
         ]
     );
 }
@@ -1721,6 +1790,7 @@ pub(crate) fn allocated_facility_energy_survives_compaction<W: LedgerWriter, R: 
         reading_at_ns: through * 1_000_000_000,
         reading_raw: 0,
         carry_mj: 0,
+        revision: 0,
     };
     let half = state(MINUTE + 1_800);
     assert!(
@@ -1785,6 +1855,137 @@ pub(crate) fn allocated_facility_energy_survives_compaction<W: LedgerWriter, R: 
     assert_eq!(facility_rows(&f.reader, &site, "1h"), before);
 }
 
+/// An allocated minute split again (energy booked for it after its split)
+/// has its parts replaced and each tenant's change booked, signed, as an
+/// adjustment of the allocation's revision, in the transaction that moves
+/// the meter's state; from a state that moved meanwhile (its minutes or
+/// its revision), or for a minute no longer kept, nothing is written.
+pub(crate) fn a_minute_split_again_replaces_its_parts_once<W: LedgerWriter, R: LedgerReader>(
+    mut f: Fresh<W, R>,
+) {
+    let site = facility_site();
+    let minutes = facility_hour(&mut f.writer, &site.1);
+    let committed = f.reader.revision().unwrap();
+    let state = |through: i64, revision: u64| MeterState {
+        allocated_through: through,
+        reading_at_ns: through * 1_000_000_000,
+        reading_raw: 0,
+        carry_mj: 0,
+        revision,
+    };
+    let first = state(MINUTE + 120, committed);
+    assert!(
+        f.writer
+            .allocate_meter("row-a", None, &first, &minutes[..2])
+            .unwrap()
+    );
+    assert_eq!(f.writer.meter_state("row-a").unwrap(), Some(first));
+    let allocated = f.reader.revision().unwrap();
+    // Minute 1 again: "f" measured 500 mJ more, so takes 10 mJ of "g"'s.
+    let mut again = minutes[1].clone();
+    again.measured_mj += 500;
+    again.tenants[0].measured_mj += 500;
+    again.tenants[0].allocated_mj += 10;
+    again.tenants[1].allocated_mj -= 10;
+    let resplit = MeterResplit {
+        minute: again.clone(),
+        changes: vec![("f".into(), 10, 0), ("g".into(), -10, 0)],
+    };
+    let later = state(MINUTE + 120, allocated + 7);
+    // From a state whose revision moved meanwhile: refused.
+    assert!(
+        !f.writer
+            .allocate_meter_again(
+                "row-a",
+                Some(&state(MINUTE + 120, committed + 1)),
+                &later,
+                &[],
+                std::slice::from_ref(&resplit),
+            )
+            .unwrap()
+    );
+    // A minute that is not kept (never allocated): refused, whole.
+    let mut missing = resplit.clone();
+    missing.minute.minute = MINUTE + 600;
+    assert!(
+        !f.writer
+            .allocate_meter_again(
+                "row-a",
+                Some(&first),
+                &later,
+                &[],
+                &[resplit.clone(), missing]
+            )
+            .unwrap()
+    );
+    assert_eq!(f.reader.revision().unwrap(), allocated);
+    assert_eq!(f.writer.meter_state("row-a").unwrap(), Some(first));
+    assert!(
+        f.writer
+            .allocate_meter_again(
+                "row-a",
+                Some(&first),
+                &later,
+                &[],
+                std::slice::from_ref(&resplit),
+            )
+            .unwrap()
+    );
+    // Once: the same write from the same state books nothing.
+    assert!(
+        !f.writer
+            .allocate_meter_again(
+                "row-a",
+                Some(&first),
+                &later,
+                &[],
+                std::slice::from_ref(&resplit),
+            )
+            .unwrap()
+    );
+    assert_eq!(f.writer.meter_state("row-a").unwrap(), Some(later));
+    let read = f
+        .reader
+        .meter_minutes(Some("row-a"), MINUTE, MINUTE + 120)
+        .unwrap();
+    assert_eq!(
+        read,
+        vec![
+            ("row-a".to_string(), minutes[0].clone()),
+            ("row-a".to_string(), again)
+        ]
+    );
+    let usage = f
+        .reader
+        .usage_since(None, MINUTE, MINUTE + 3_600, allocated)
+        .unwrap();
+    assert_eq!(usage.revision, allocated + 1);
+    let booked: Vec<_> = usage
+        .adjustments
+        .iter()
+        .map(|a| {
+            (
+                a.revision,
+                a.tenant.as_str(),
+                a.node.as_str(),
+                a.minute_start,
+                a.metered,
+            )
+        })
+        .collect();
+    let change = |allocated_mj, node_mj| crate::accounting::MeteredChange {
+        allocated_mj,
+        node_mj,
+    };
+    assert_eq!(
+        booked,
+        vec![
+            (allocated + 1, "f", "", MINUTE + 60, change(10, 0)),
+            (allocated + 1, "g", "", MINUTE + 60, change(-10, 0)),
+        ]
+    );
+}
+
 /// A tenant whose energy in a minute was all booked late, before the
 /// meter allocated it, has a part of the minute but no bucket: its rows
 /// read that part, before and after the hour is rolled up.
@@ -1815,6 +2016,7 @@ pub(crate) fn a_part_without_a_bucket_survives_compaction<W: LedgerWriter, R: Le
         reading_at_ns: (MINUTE + 3_600) * 1_000_000_000,
         reading_raw: 0,
         carry_mj: 0,
+        revision: 0,
     };
     assert!(
         f.writer
@@ -1864,6 +2066,7 @@ pub(crate) fn meter_reports_read_the_same_after_compaction<W: LedgerWriter, R: L
         reading_at_ns: through * 1_000_000_000,
         reading_raw: 0,
         carry_mj: 0,
+        revision: 0,
     };
     let w = &mut f.writer;
     assert!(

@@ -42,7 +42,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::accounting::{Contract, Metered};
+use crate::accounting::{Contract, Metered, MeteredChange};
 use crate::tenants::TenantHistory;
 
 /// A version of the tenant file as the ledger keeps it.
@@ -873,8 +873,10 @@ pub struct Adjustment {
     /// and the node energy that replaces (node `""`, a revision of the
     /// allocation's own, nothing in `delta`): the minute's facility energy
     /// is restated from the PUE estimate of that node energy to the
-    /// allocation. `Metered::NONE` in every other adjustment.
-    pub metered: Metered,
+    /// allocation. Where the meter split an allocated minute again, for
+    /// energy booked for it after its split, the change of both (signed).
+    /// `MeteredChange::NONE` in every other adjustment.
+    pub metered: MeteredChange,
 }
 
 /// What a claim found: the node's fencing generation and its cursor as
@@ -904,12 +906,31 @@ pub struct CompactionLease {
 /// `reading_at_ns`, is what the next minutes' energy is counted from,
 /// whichever collector counts it; `carry_mj` is the part of the energy
 /// since that reading already allocated (it lies before the boundary).
+///
+/// `revision`: every minute allocated before `allocated_through` is split
+/// by what its nodes measured in the ledger as of this revision (its
+/// buckets and the adjustments booked for it by then); energy booked for
+/// those minutes after it is split into them by the next allocation
+/// (`MeterResplit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MeterState {
     pub allocated_through: i64,
     pub reading_at_ns: i64,
     pub reading_raw: u64,
     pub carry_mj: u64,
+    pub revision: u64,
+}
+
+/// An allocated meter-minute split again because energy was booked for
+/// it after its split: what its nodes measured now, its parts (the same
+/// metered energy, split by that), and each tenant's change, booked as
+/// an adjustment (`MeteredChange`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterResplit {
+    pub minute: MeterMinute,
+    /// (tenant, change of its part, change of the node energy that part
+    /// replaces), only where one is not 0.
+    pub changes: Vec<(String, i64, i64)>,
 }
 
 /// One meter-minute, allocated: the meter's energy, what its nodes
@@ -1096,6 +1117,22 @@ pub trait LedgerWriter: Send {
         from: Option<&MeterState>,
         to: &MeterState,
         minutes: &[MeterMinute],
+    ) -> Result<bool, LedgerError> {
+        self.allocate_meter_again(meter, from, to, minutes, &[])
+    }
+
+    /// As `allocate_meter`, and in the same transaction replaces the
+    /// split of minutes allocated before with `again` (each minute still
+    /// kept: one folded into hourly sums meanwhile refuses the whole write,
+    /// and the next round leaves it out), booking each tenant's change as
+    /// an adjustment of the allocation's revision.
+    fn allocate_meter_again(
+        &mut self,
+        meter: &str,
+        from: Option<&MeterState>,
+        to: &MeterState,
+        minutes: &[MeterMinute],
+        again: &[MeterResplit],
     ) -> Result<bool, LedgerError>;
 }
 
@@ -1241,6 +1278,27 @@ pub trait LedgerReader {
     /// minute (`NodeCursor::placing`, as last committed): a meter's minute
     /// is not allocated while a node under it may still add to it.
     fn placing_holds(&self) -> Result<Vec<PlacingHold>, LedgerError>;
+    /// The revision of the last commit or allocation.
+    fn revision(&self) -> Result<u64, LedgerError>;
+    /// `node_minutes` as the ledger held them at `revision`: the buckets
+    /// (final: allocated minutes' buckets no longer change) and the
+    /// adjustments booked by that revision.
+    fn node_minutes_as_of(
+        &self,
+        from: i64,
+        to: i64,
+        revision: u64,
+    ) -> Result<Vec<NodeMinute>, LedgerError>;
+    /// Where energy was booked late into minutes `meter` allocated and
+    /// still keeps minute by minute, by adjustments of revisions in
+    /// `(after, through]`: (revision, minute, node), each once, by
+    /// revision, minute, node.
+    fn late_in_meter_minutes(
+        &self,
+        meter: &str,
+        after: u64,
+        through: u64,
+    ) -> Result<Vec<(u64, i64, String)>, LedgerError>;
 }
 
 /// A writer of either backend, chosen by configuration.
@@ -1283,14 +1341,15 @@ impl<W: LedgerWriter + ?Sized> LedgerWriter for Box<W> {
     fn node_minutes(&self, from: i64, to: i64) -> Result<Vec<NodeMinute>, LedgerError> {
         (**self).node_minutes(from, to)
     }
-    fn allocate_meter(
+    fn allocate_meter_again(
         &mut self,
         meter: &str,
         from: Option<&MeterState>,
         to: &MeterState,
         minutes: &[MeterMinute],
+        again: &[MeterResplit],
     ) -> Result<bool, LedgerError> {
-        (**self).allocate_meter(meter, from, to, minutes)
+        (**self).allocate_meter_again(meter, from, to, minutes, again)
     }
     fn tenant_totals(&self) -> Result<LedgerTotals, LedgerError> {
         (**self).tenant_totals()
@@ -1434,5 +1493,24 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
     }
     fn placing_holds(&self) -> Result<Vec<PlacingHold>, LedgerError> {
         (**self).placing_holds()
+    }
+    fn revision(&self) -> Result<u64, LedgerError> {
+        (**self).revision()
+    }
+    fn node_minutes_as_of(
+        &self,
+        from: i64,
+        to: i64,
+        revision: u64,
+    ) -> Result<Vec<NodeMinute>, LedgerError> {
+        (**self).node_minutes_as_of(from, to, revision)
+    }
+    fn late_in_meter_minutes(
+        &self,
+        meter: &str,
+        after: u64,
+        through: u64,
+    ) -> Result<Vec<(u64, i64, String)>, LedgerError> {
+        (**self).late_in_meter_minutes(meter, after, through)
     }
 }

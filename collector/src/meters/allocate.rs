@@ -13,9 +13,16 @@
 //! (`accounting::facility::allocate`), and written with the state row
 //! moved in one transaction (`LedgerWriter::allocate_meter`).
 //!
+//! Energy booked for an allocated minute after its split (a spool delivered
+//! late) is split into it again by a later round: each meter's state keeps
+//! the ledger revision its minutes are split as of, and a round replaces
+//! the parts of the minutes that adjustments booked since then change
+//! (`late_minutes`, `split_again`), booking each tenant's change.
+//!
 //! *Invariant:* the minutes a meter allocated add up to its energy between
 //! the first boundary and the last, exactly; each minute's parts add up to
-//! its metered energy; a minute is allocated once.
+//! its metered energy; a minute is allocated once, and split again once for
+//! each revision's late energy.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -26,8 +33,8 @@ use tracing::{debug, warn};
 
 use crate::accounting::facility::{Reading, Step, allocate, energy_at};
 use crate::ledger::{
-    AnyReader, AnyWriter, LedgerError, LedgerReader, LedgerWriter, MeterMinute, MeterShare,
-    MeterState, NodeMinute, PlacingHold,
+    AnyReader, AnyWriter, LedgerError, LedgerReader, LedgerWriter, MeterMinute, MeterResplit,
+    MeterShare, MeterState, NodeMinute, PlacingHold,
 };
 use crate::sync::lock;
 
@@ -41,8 +48,8 @@ const NS: i64 = 1_000_000_000;
 /// watermark, for the node to hold its meter's allocation: a node whose
 /// readings stopped longer ago holds nothing (its meter is not left
 /// waiting on a node that may never read again), and energy it books
-/// later into allocated minutes is late energy (their facility energy
-/// stays the allocation; see the README).
+/// later into allocated minutes is split into them again by a later round
+/// (`split_again`).
 pub const HOLD_WHILE_SEEN_WITHIN: i64 = 15 * MINUTE;
 
 /// The first minute of `[from, to)` a node under `spec` may still add
@@ -112,13 +119,15 @@ fn first_boundary(at_ns: i64) -> i64 {
 /// The next step of a meter's allocation from `state` (none: its first),
 /// with its raw readings `raw` (time order, (Unix ns, raw value)), every
 /// minute ending at or before `through` (a minute boundary), and
-/// `measured` (every node's rows of the minutes in the window).
+/// `measured` (every node's rows of the minutes in the window, as the
+/// ledger held them at `revision`, which the next state keeps).
 pub fn plan(
     spec: &MeterSpec,
     state: Option<&MeterState>,
     raw: &[(i64, u64)],
     through: i64,
     measured: &[NodeMinute],
+    revision: u64,
 ) -> Option<Plan> {
     // The cumulative energy from the base reading (0 there) on.
     let (base_at, base_raw) = match state {
@@ -204,11 +213,165 @@ pub fn plan(
         reading_at_ns: series[i].at_ns,
         reading_raw: raws[i],
         carry_mj: at_start.saturating_sub(series[i].energy_mj),
+        revision,
     };
     if state.is_some() && minutes.is_empty() {
         return None;
     }
     Some(Plan { next, minutes })
+}
+
+/// Most allocated minutes one round splits again per meter: a node's
+/// spool of days delivered at once is split in over several rounds.
+pub const MAX_MINUTES_SPLIT_AGAIN_PER_ROUND: usize = 240;
+
+/// Which of the minutes energy was booked for late to split again this
+/// round, and as of which revision: `late` is (revision, minute, node) of
+/// each adjustment after the meter's revision, by revision; only nodes
+/// `spec` covers count. Whole revisions are taken in order until
+/// [`MAX_MINUTES_SPLIT_AGAIN_PER_ROUND`] minutes are reached (one alone
+/// may go past it), and the round's revision is the last one taken:
+/// everything the round writes is as of it, so a revision is never split
+/// into some minutes and not yet into others. Returns the minutes, by
+/// time, and that revision (`through` where all are taken).
+pub fn late_minutes(
+    spec: &MeterSpec,
+    late: &[(u64, i64, String)],
+    through: u64,
+) -> (Vec<i64>, u64) {
+    let mut minutes = std::collections::BTreeSet::new();
+    let mut i = 0;
+    while i < late.len() {
+        let revision = late[i].0;
+        let end = i + late[i..].partition_point(|l| l.0 == revision);
+        let mut taken = minutes.clone();
+        taken.extend(
+            late[i..end]
+                .iter()
+                .filter(|l| spec.covers(&l.2))
+                .map(|l| l.1),
+        );
+        if taken.len() > MAX_MINUTES_SPLIT_AGAIN_PER_ROUND && !minutes.is_empty() {
+            return (minutes.into_iter().collect(), late[i - 1].0);
+        }
+        minutes = taken;
+        i = end;
+    }
+    (minutes.into_iter().collect(), through)
+}
+
+/// `stored`, an allocated minute of the meter `spec`, split again by what
+/// its nodes measured `now` (as of the round's revision) rather than
+/// `then` (as of the meter's revision, when its split was last made):
+/// each tenant's measured energy changes by the energy booked for it
+/// between the two on the nodes `spec` covers, and the same metered
+/// energy is split by that (`accounting::facility::allocate`). A part
+/// keeps the node energy it replaced; a tenant new to the minute
+/// replaces its bucket's (none: all its energy there came late). `None`
+/// where no tenant's measured energy changed.
+pub fn split_again(
+    spec: &MeterSpec,
+    stored: &MeterMinute,
+    now: &[NodeMinute],
+    then: &[NodeMinute],
+) -> Option<MeterResplit> {
+    let mut change: BTreeMap<&str, (i128, u64)> = BTreeMap::new();
+    for (rows, sign) in [(now, 1i128), (then, -1i128)] {
+        for r in rows
+            .iter()
+            .filter(|r| r.minute == stored.minute && spec.covers(&r.node))
+        {
+            let e = change.entry(r.tenant.as_str()).or_default();
+            e.0 += sign * i128::from(r.measured_mj);
+            if sign > 0 {
+                e.1 = e.1.saturating_add(r.node_energy_mj);
+            }
+        }
+    }
+    if change.values().all(|c| c.0 == 0) {
+        return None;
+    }
+    let old: BTreeMap<&str, &MeterShare> = stored
+        .tenants
+        .iter()
+        .map(|t| (t.tenant.as_str(), t))
+        .collect();
+    let mut measured: BTreeMap<&str, (u64, u64)> = old
+        .iter()
+        .map(|(t, s)| (*t, (s.measured_mj, s.node_mj)))
+        .collect();
+    for (tenant, (delta, node)) in &change {
+        let e = measured.entry(tenant).or_insert((0, *node));
+        let m = (i128::from(e.0) + delta).clamp(0, i128::from(u64::MAX));
+        e.0 = u64::try_from(m).unwrap_or(u64::MAX);
+    }
+    let weights: Vec<(String, u64)> = measured
+        .iter()
+        .map(|(t, (m, _))| (t.to_string(), *m))
+        .collect();
+    let split = allocate(stored.metered_mj, &weights);
+    let parts: BTreeMap<&str, u64> = split.shares.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+    let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    let mut changes = Vec::new();
+    let mut tenants = Vec::new();
+    for (t, (m, node)) in &measured {
+        let part = parts.get(t).copied().unwrap_or(0);
+        let (was_part, was_node) = old.get(t).map_or((0, 0), |s| (s.allocated_mj, s.node_mj));
+        let (d_part, d_node) = (
+            signed(part) - signed(was_part),
+            signed(*node) - signed(was_node),
+        );
+        if d_part != 0 || d_node != 0 {
+            changes.push((t.to_string(), d_part, d_node));
+        }
+        tenants.push(MeterShare::new(t, *m, part, *node));
+    }
+    Some(MeterResplit {
+        minute: MeterMinute {
+            minute: stored.minute,
+            metered_mj: stored.metered_mj,
+            measured_mj: tenants.iter().map(|t| t.measured_mj).sum(),
+            unallocated_mj: split.unallocated,
+            tenants,
+        },
+        changes,
+    })
+}
+
+/// The allocated minutes of `spec` whose split the energy booked for them
+/// after the meter's revision `state.revision`, through `through`,
+/// changes (`late`: where it was booked, as
+/// `LedgerReader::late_in_meter_minutes` reads it), read on `r` and
+/// split again (`split_again`).
+fn splits_again<R: LedgerReader + ?Sized>(
+    r: &R,
+    spec: &MeterSpec,
+    state: &MeterState,
+    late: &[(u64, i64, String)],
+    through: u64,
+) -> Result<Vec<MeterResplit>, LedgerError> {
+    let upto = late.partition_point(|l| l.0 <= through);
+    let (minutes, _) = late_minutes(spec, &late[..upto], through);
+    let mut again = Vec::new();
+    // Runs of consecutive minutes, read a run at a time.
+    let mut i = 0;
+    while i < minutes.len() {
+        let mut j = i + 1;
+        while j < minutes.len() && minutes[j] == minutes[j - 1] + MINUTE {
+            j += 1;
+        }
+        let (lo, hi) = (minutes[i], minutes[j - 1] + MINUTE);
+        let stored = r.meter_minutes(Some(&spec.id), lo, hi)?;
+        let now = r.node_minutes_as_of(lo, hi, through)?;
+        let then = r.node_minutes_as_of(lo, hi, state.revision)?;
+        for (_, mm) in &stored {
+            if let Some(a) = split_again(spec, mm, &now, &then) {
+                again.push(a);
+            }
+        }
+        i = j;
+    }
+    Ok(again)
 }
 
 /// One round for `meter` alone (see [`round_all`]).
@@ -236,21 +399,37 @@ pub fn round_all<R: LedgerReader>(
     reader: &Mutex<R>,
     ledger: &Mutex<AnyWriter>,
 ) -> Result<Vec<Vec<MeterMinute>>, (String, LedgerError)> {
+    let every = |e| ("every meter".to_string(), e);
     let mut work = Vec::with_capacity(meters.len());
-    let measured = {
+    // What the meters' nodes measured as of each revision some meter's
+    // round is as of (all of them, nearly always), from one query each.
+    let mut measured: BTreeMap<u64, Vec<NodeMinute>> = BTreeMap::new();
+    let mut agains: Vec<Vec<MeterResplit>> = Vec::with_capacity(meters.len());
+    {
         let w = lock(reader);
-        let watermark = w
-            .finalized_through()
-            .map_err(|e| ("every meter".to_string(), e))?;
-        let holds = w
-            .placing_holds()
-            .map_err(|e| ("every meter".to_string(), e))?;
-        let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        // Read first: every adjustment up to it is committed, and each
+        // meter's round is as of it or of an earlier one.
+        let revision = w.revision().map_err(every)?;
+        let watermark = w.finalized_through().map_err(every)?;
+        let holds = w.placing_holds().map_err(every)?;
+        let mut ranges: BTreeMap<u64, (i64, i64)> = BTreeMap::new();
         for m in meters {
+            let id = || m.spec.id.clone();
             let raw: Vec<(i64, u64)> = lock(&m.live).raw.iter().copied().collect();
-            let state = w
-                .meter_state(&m.spec.id)
-                .map_err(|e| (m.spec.id.clone(), e))?;
+            let state = w.meter_state(&m.spec.id).map_err(|e| (id(), e))?;
+            // A state newer than the revision read: another collector
+            // allocated meanwhile; this round's reads are behind it.
+            if state.is_some_and(|s| s.revision > revision) {
+                work.push((raw, state, None, Vec::new(), revision));
+                continue;
+            }
+            let late = match &state {
+                Some(s) if s.revision < revision => w
+                    .late_in_meter_minutes(&m.spec.id, s.revision, revision)
+                    .map_err(|e| (id(), e))?,
+                _ => Vec::new(),
+            };
+            let (_, as_of) = late_minutes(&m.spec, &late, revision);
             let mut holding = 0;
             let range = window(state.as_ref(), &raw, watermark).map(|(from, to)| {
                 let (to, n) = held_to(&m.spec, &holds, watermark, to);
@@ -265,32 +444,49 @@ pub fn round_all<R: LedgerReader>(
             if let Some((from, to)) = range
                 && to >= from + MINUTE
             {
-                lo = lo.min(from);
-                hi = hi.max(to);
+                let r = ranges.entry(as_of).or_insert((from, to));
+                *r = (r.0.min(from), r.1.max(to));
             }
-            work.push((raw, state, range));
+            work.push((raw, state, range, late, as_of));
         }
-        if hi > lo {
-            w.node_minutes(lo, hi)
-                .map_err(|e| ("every meter".to_string(), e))?
-        } else {
-            Vec::new()
+        for (as_of, (lo, hi)) in ranges {
+            let rows = w.node_minutes_as_of(lo, hi, as_of).map_err(every)?;
+            measured.insert(as_of, metered_rows(meters, rows));
         }
-    };
-    let measured = metered_rows(meters, measured);
+        // The minutes split again, on the same read connection.
+        for (m, (_, state, _, late, as_of)) in meters.iter().zip(work.iter_mut()) {
+            let again = match state {
+                Some(s) if s.revision < *as_of => splits_again(&*w, &m.spec, s, late, *as_of)
+                    .map_err(|e| (m.spec.id.clone(), e))?,
+                _ => Vec::new(),
+            };
+            agains.push(again);
+        }
+    }
     let mut written = Vec::with_capacity(meters.len());
-    for (m, (raw, state, range)) in meters.iter().zip(work) {
-        let Some((_, to)) = range else {
-            written.push(Vec::new());
-            continue;
-        };
-        let Some(plan) = plan(&m.spec, state.as_ref(), &raw, to, &measured) else {
-            written.push(Vec::new());
-            continue;
+    for ((m, (raw, state, range, _, as_of)), again) in meters.iter().zip(work).zip(agains) {
+        let rows = measured.get(&as_of).map_or(&[][..], Vec::as_slice);
+        let planned =
+            range.and_then(|(_, to)| plan(&m.spec, state.as_ref(), &raw, to, rows, as_of));
+        let plan = match (planned, state) {
+            (Some(p), _) => p,
+            // Nothing new to allocate, but minutes to split again: the
+            // state moves to the revision alone.
+            (None, Some(s)) if !again.is_empty() => Plan {
+                next: MeterState {
+                    revision: as_of,
+                    ..s
+                },
+                minutes: Vec::new(),
+            },
+            (None, _) => {
+                written.push(Vec::new());
+                continue;
+            }
         };
         let id = &m.spec.id;
         let moved = lock(ledger)
-            .allocate_meter(id, state.as_ref(), &plan.next, &plan.minutes)
+            .allocate_meter_again(id, state.as_ref(), &plan.next, &plan.minutes, &again)
             .map_err(|e| (id.clone(), e))?;
         if !moved {
             debug!(meter = %id, "another collector allocated these minutes first");
@@ -299,6 +495,7 @@ pub fn round_all<R: LedgerReader>(
         }
         let mut live = lock(&m.live);
         live.allocated_through = Some(plan.next.allocated_through);
+        live.minutes_split_again = live.minutes_split_again.saturating_add(again.len() as u64);
         for mm in &plan.minutes {
             live.allocated_mj = live.allocated_mj.saturating_add(mm.metered_mj);
             live.measured_mj = live.measured_mj.saturating_add(mm.measured_mj);

@@ -155,6 +155,9 @@ pub struct Live {
     /// book energy into minutes the watermark has passed, in the last
     /// round (`allocate::held_to`): what holds its allocation back.
     pub holding_nodes: u64,
+    /// Allocated minutes this collector split again, since it started,
+    /// because energy was booked for them after their split.
+    pub minutes_split_again: u64,
     /// The last outcome, to log changes once.
     last_outcome: Option<Outcome>,
 }

@@ -594,6 +594,8 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         capwatch_meter_nodes_connected{meter="b"} 0
         capwatch_meter_allocation_holding_nodes{meter="a"} 0
         capwatch_meter_allocation_holding_nodes{meter="b"} 0
+        capwatch_meter_minutes_split_again_total{meter="a"} 0
+        capwatch_meter_minutes_split_again_total{meter="b"} 0
         capwatch_meter_nodes_overlapping{meter="a"} 0
         capwatch_meter_nodes_overlapping{meter="b"} 0
     "#]]
@@ -607,7 +609,8 @@ mod allocation {
 
     use super::super::*;
     use crate::ledger::{
-        AnyWriter, BucketDelta, Commit, Ledger, MeterMinute, MeterShare, NodeCursor, Reader,
+        AnyWriter, BucketDelta, Commit, Ledger, MeterMinute, MeterShare, NodeCursor, NodeMinute,
+        Reader,
     };
 
     /// The ledger as the allocation sees it: the writer, and a read
@@ -1137,6 +1140,255 @@ mod allocation {
                 ),
                 ("lab-d", "", Some(signed(late.tenants[2].allocated_mj))),
             ]
+        );
+    }
+
+    /// Energy booked for a minute after its meter allocated it (a node's
+    /// spool delivered late) is split into it by the next round: the same
+    /// metered energy, split by what the nodes measured now, with each
+    /// tenant's change booked as an adjustment, summing to 0. The minute
+    /// then reads as if the energy had come before its split, and the
+    /// round after books nothing.
+    #[test]
+    fn energy_booked_after_the_allocation_is_split_into_it_again() {
+        let (ledger, reader, _dir) = ledger(2);
+        let m = modbus("");
+        let polls = readings(0, &[10; 20], u64::MAX);
+        poll_all(&m, &polls);
+        let first = round(&m, &ledger).unwrap();
+        assert_eq!(first.len(), 4, "{first:?}");
+        let revision = crate::ledger::LedgerReader::revision(&*lock(&ledger.reader)).unwrap();
+        let stored = |minute: i64| {
+            lock(&ledger.reader)
+                .meter_minutes(Some("row-a"), minute, minute + 60)
+                .unwrap()
+                .remove(0)
+                .1
+        };
+        assert_eq!(stored(M + 60), first[1]);
+        book_late(&ledger, "lab-a", "n-1", M + 60, 9_000);
+        book_late(&ledger, "lab-d", "n-2", M + 60, 4_000);
+        // On a node under no meter: nothing to split.
+        book_late(&ledger, "lab-c", "n-3", M + 60, 5_000);
+        assert_eq!(round(&m, &ledger).unwrap(), Vec::<MeterMinute>::new());
+        assert_eq!(lock(&m.live).minutes_split_again, 1);
+        let again = stored(M + 60);
+        let parts: Vec<(&str, u64, u64)> = again
+            .tenants
+            .iter()
+            .map(|t| (t.tenant.as_str(), t.measured_mj, t.node_mj))
+            .collect();
+        assert_eq!(
+            parts,
+            vec![
+                ("lab-a", 3_001 + 9_000, 3_001),
+                ("lab-b", 1_007, 0),
+                ("lab-d", 4_000, 0),
+            ]
+        );
+        assert_eq!(again.metered_mj, first[1].metered_mj);
+        assert_eq!(again.measured_mj, 3_001 + 9_000 + 1_007 + 4_000);
+        let given: u64 = again.tenants.iter().map(|t| t.allocated_mj).sum();
+        assert_eq!(given + again.unallocated_mj, again.metered_mj);
+        // As the split made after the late energy would be.
+        let split = crate::accounting::facility::allocate(
+            again.metered_mj,
+            &[
+                ("lab-a".to_string(), 12_001),
+                ("lab-b".to_string(), 1_007),
+                ("lab-d".to_string(), 4_000),
+            ],
+        );
+        let want: Vec<u64> = split.shares.iter().map(|s| s.1).collect();
+        let got: Vec<u64> = again.tenants.iter().map(|t| t.allocated_mj).collect();
+        assert_eq!(got, want);
+        // The other minutes are as they were.
+        assert_eq!(stored(M), first[0]);
+        // The changes, as adjustments of a revision of their own.
+        let usage = lock(&ledger.reader)
+            .usage_since(None, M, M + 120, revision)
+            .unwrap();
+        let changes: Vec<(&str, &str, i64, i64)> = usage
+            .adjustments
+            .iter()
+            .filter(|a| a.revision == usage.revision)
+            .map(|a| {
+                (
+                    a.tenant.as_str(),
+                    a.node.as_str(),
+                    a.metered.allocated_mj,
+                    a.metered.node_mj,
+                )
+            })
+            .collect();
+        let signed = |v: u64| i64::try_from(v).unwrap();
+        let was = |t: usize| signed(first[1].tenants[t].allocated_mj);
+        assert_eq!(
+            changes,
+            vec![
+                ("lab-a", "", signed(got[0]) - was(0), 0),
+                ("lab-b", "", signed(got[1]) - was(1), 0),
+                ("lab-d", "", signed(got[2]), 0),
+            ]
+        );
+        assert!(changes[1].2 < 0, "lab-b's part shrinks");
+        assert_eq!(changes.iter().map(|c| c.2).sum::<i64>(), 0);
+        // Each facility tenant's rows are its new part; the adjustments a
+        // billing job reads since the first split restate them to it.
+        let tenants = Arc::new(
+            crate::tenants::Tenants::from_toml(
+                "[[tenant]]\nid = \"lab-a\"\nnodes = [\"n-1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n\
+                 [[tenant]]\nid = \"lab-b\"\nnodes = [\"n-2\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n\
+                 [[tenant]]\nid = \"lab-d\"\nnodes = []\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
+            )
+            .unwrap(),
+        );
+        let history = crate::tenants::TenantHistory::new(tenants.clone());
+        let report = |since: Option<&str>| {
+            crate::usage::run(
+                &reader,
+                &tenants,
+                &history,
+                std::slice::from_ref(&m.spec),
+                None,
+                Some("2027-01-15T08:01:00Z"),
+                Some("2027-01-15T08:02:00Z"),
+                Some("1m"),
+                None,
+                since,
+            )
+            .unwrap()
+        };
+        let now = report(None);
+        let facility: Vec<(&str, Option<u64>)> = now
+            .rows
+            .iter()
+            .filter(|r| r.tenant.starts_with("lab-") && r.tenant != "lab-c")
+            .map(|r| (r.tenant.as_str(), r.facility_energy_millijoules))
+            .collect();
+        assert_eq!(
+            facility,
+            vec![
+                ("lab-a", Some(got[0])),
+                ("lab-b", Some(got[1])),
+                ("lab-d", Some(got[2])),
+            ]
+        );
+        let since = report(Some(&revision.to_string()));
+        let restated: Vec<(&str, &str, Option<i64>)> = since
+            .adjustments
+            .iter()
+            .filter(|a| a.tenant != "lab-c")
+            .map(|a| {
+                (
+                    a.tenant.as_str(),
+                    a.node.as_str(),
+                    a.facility_energy_restated_millijoules,
+                )
+            })
+            .collect();
+        assert_eq!(
+            restated,
+            vec![
+                ("lab-a", "n-1", Some(0)),
+                ("lab-d", "n-2", Some(0)),
+                ("lab-a", "", Some(changes[0].2)),
+                ("lab-b", "", Some(changes[1].2)),
+                ("lab-d", "", Some(changes[2].2)),
+            ]
+        );
+        // Once: the next round finds nothing left to split.
+        let before = crate::ledger::LedgerReader::revision(&*lock(&ledger.reader)).unwrap();
+        assert_eq!(round(&m, &ledger).unwrap(), Vec::<MeterMinute>::new());
+        assert_eq!(
+            crate::ledger::LedgerReader::revision(&*lock(&ledger.reader)).unwrap(),
+            before
+        );
+        assert_eq!(lock(&m.live).minutes_split_again, 1);
+    }
+
+    /// A round splits whole revisions' late minutes again, in order, up to
+    /// its bound (a revision alone may pass it), on the meter's nodes only,
+    /// and is as of the last revision it took.
+    #[test]
+    fn late_minutes_are_taken_a_whole_revision_at_a_time() {
+        use super::super::allocate::{MAX_MINUTES_SPLIT_AGAIN_PER_ROUND as CAP, late_minutes};
+        let spec = modbus("").spec;
+        let at =
+            |revision: u64, k: usize, node: &str| (revision, M + 60 * k as i64, node.to_string());
+        // Revision 5 on n-3 (no meter's) and on n-1; 6 on n-2, twice the
+        // same minute.
+        let late = vec![
+            at(5, 0, "n-1"),
+            at(5, 1, "n-3"),
+            at(6, 2, "n-2"),
+            at(6, 2, "n-1"),
+        ];
+        assert_eq!(late_minutes(&spec, &late, 9), (vec![M, M + 120], 9));
+        assert_eq!(late_minutes(&spec, &[], 9), (vec![], 9));
+        // Past the bound: the revisions before the one that passes it.
+        let mut many: Vec<_> = (0..CAP - 1).map(|k| at(3, k, "n-1")).collect();
+        many.extend((CAP - 1..CAP + 2).map(|k| at(4, k, "n-2")));
+        let (minutes, as_of) = late_minutes(&spec, &many, 9);
+        assert_eq!((minutes.len(), as_of), (CAP - 1, 3));
+        // A first revision past the bound alone is taken whole.
+        let alone: Vec<_> = (0..CAP + 5).map(|k| at(3, k, "n-1")).collect();
+        let (minutes, as_of) = late_minutes(&spec, &alone, 9);
+        assert_eq!((minutes.len(), as_of), (CAP + 5, 9));
+    }
+
+    /// A minute split again keeps its metered energy and each part's node
+    /// energy; a minute whose measured energy did not change (late energy
+    /// on a node of another meter) is not split again.
+    #[test]
+    fn split_again_moves_parts_by_the_energy_booked_meanwhile() {
+        use super::super::allocate::split_again;
+        let spec = modbus("").spec;
+        let stored = MeterMinute {
+            minute: M,
+            metered_mj: 10_000,
+            measured_mj: 4_000,
+            unallocated_mj: 0,
+            tenants: vec![
+                MeterShare::new("lab-a", 3_000, 7_500, 3_000),
+                MeterShare::new("lab-b", 1_000, 2_500, 0),
+            ],
+        };
+        let row = |tenant: &str, node: &str, measured_mj, node_energy_mj| NodeMinute {
+            tenant: tenant.into(),
+            node: node.into(),
+            minute: M,
+            measured_mj,
+            node_energy_mj,
+        };
+        let then = vec![
+            row("lab-a", "n-1", 3_000, 3_000),
+            row("lab-b", "n-2", 1_000, 0),
+        ];
+        let mut elsewhere = then.clone();
+        elsewhere.push(row("lab-c", "n-3", 50_000, 0));
+        assert_eq!(split_again(&spec, &stored, &elsewhere, &then), None);
+        let now = vec![
+            row("lab-a", "n-1", 3_000, 3_000),
+            row("lab-b", "n-2", 6_000, 0),
+        ];
+        let again = split_again(&spec, &stored, &now, &then).unwrap();
+        assert_eq!(
+            again.minute,
+            MeterMinute {
+                minute: M,
+                metered_mj: 10_000,
+                measured_mj: 9_000,
+                unallocated_mj: 0,
+                tenants: vec![
+                    MeterShare::new("lab-a", 3_000, 3_333, 3_000),
+                    MeterShare::new("lab-b", 6_000, 6_667, 0),
+                ],
+            }
+        );
+        assert_eq!(
+            again.changes,
+            vec![("lab-a".into(), -4_167, 0), ("lab-b".into(), 4_167, 0)]
         );
     }
 

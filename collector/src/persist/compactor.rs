@@ -151,6 +151,7 @@ mod tests {
             reading_at_ns: through * 1_000_000_000,
             reading_raw: 0,
             carry_mj: 0,
+            revision: 0,
         };
         let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(allocating_from(&l, &ids(&["a", "b"])).unwrap(), None);

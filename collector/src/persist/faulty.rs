@@ -145,14 +145,15 @@ impl<W: LedgerWriter> LedgerWriter for Faulty<W> {
     ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
         self.inner.node_minutes(from, to)
     }
-    fn allocate_meter(
+    fn allocate_meter_again(
         &mut self,
         m: &str,
         from: Option<&crate::ledger::MeterState>,
         to: &crate::ledger::MeterState,
         minutes: &[crate::ledger::MeterMinute],
+        again: &[crate::ledger::MeterResplit],
     ) -> Result<bool, LedgerError> {
-        self.inner.allocate_meter(m, from, to, minutes)
+        self.inner.allocate_meter_again(m, from, to, minutes, again)
     }
 }
 

@@ -20,17 +20,35 @@ pub struct FacilityMinute {
     pub pending: bool,
 }
 
-/// The meters' allocation by tenant, then minute start.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The meters' allocation by tenant, then minute start, and the
+/// configured meters (which nodes are metered today).
+#[derive(Debug, Clone, Default)]
 pub struct Facility {
     tenants: ByTenant,
+    meters: Vec<MeterSpec>,
 }
 
 impl Facility {
     /// No meter: facility energy is node energy times the PUE throughout.
     pub const NONE: Facility = Facility {
         tenants: BTreeMap::new(),
+        meters: Vec::new(),
     };
+
+    /// Nothing allocated in the period read, under the configured
+    /// `meters`.
+    pub fn under(meters: &[MeterSpec]) -> Self {
+        Self {
+            tenants: BTreeMap::new(),
+            meters: meters.to_vec(),
+        }
+    }
+
+    /// Whether a configured meter covers `node`: energy booked late on it
+    /// is the meter's to split, not a PUE estimate.
+    pub fn metered(&self, node: &str) -> bool {
+        self.meters.iter().any(|m| m.covers(node))
+    }
 
     /// From the meters' allocated minutes (each tenant's part keeps the
     /// node energy it replaced, whatever the meters' node lists say
@@ -65,7 +83,10 @@ impl Facility {
                 slot(&mut tenants, &n.tenant, n.minute).pending = true;
             }
         }
-        Self { tenants }
+        Self {
+            tenants,
+            meters: meters.to_vec(),
+        }
     }
 
     /// Every tenant-minute the meters allocated something of (a tenant

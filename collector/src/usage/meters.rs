@@ -292,6 +292,7 @@ mod tests {
             reading_at_ns: 0,
             reading_raw: 0,
             carry_mj: 0,
+            revision: 0,
         };
         assert!(w.allocate_meter("row-a", None, &state, &minutes).unwrap());
         let reader = Reader::open(&path).unwrap();

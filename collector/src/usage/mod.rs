@@ -323,7 +323,7 @@ fn facility_of(
 ) -> Result<Facility, LedgerError> {
     let from = lo.max(usage.minutes_from);
     if from >= hi {
-        return Ok(Facility::NONE);
+        return Ok(Facility::under(meters));
     }
     let allocated = reader.meter_minutes(None, from, hi)?;
     if meters.is_empty() && allocated.is_empty() {

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::{FIVE_MINUTES, Facility, QUARTER, Query, Terms};
-use crate::accounting::Metered;
+use crate::accounting::{Metered, MeteredChange};
 use crate::ledger::{BucketDelta, Span, Usage};
 
 /// Exact integer amounts in JSON are decimal strings, as payment APIs send
@@ -43,6 +43,22 @@ mod decimal {
             #[derive(Deserialize)]
             struct Amount(#[serde(with = "super")] u64);
             Ok(Option::<Amount>::deserialize(d)?.map(|a| a.0))
+        }
+    }
+
+    /// A signed amount (a split made again lowers a tenant's part as
+    /// often as it raises one).
+    pub mod signed {
+        use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+        pub fn serialize<S: Serializer>(v: &i64, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_str(v)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+            let text = std::borrow::Cow::<str>::deserialize(d)?;
+            text.parse()
+                .map_err(|_| D::Error::custom(format!("{text:?} is not a decimal amount")))
         }
     }
 
@@ -231,23 +247,28 @@ pub struct AdjustmentRow {
     /// Some of the node energy was integrated from power.
     pub node_energy_estimated: bool,
     /// What a facility meter's allocation booked by this revision gave
-    /// the tenant in the row (0 in other adjustments). Exact: a decimal
-    /// string in JSON.
-    #[serde(with = "decimal")]
-    #[schema(value_type = String, pattern = "^[0-9]+$")]
-    pub facility_allocated_millijoules: u64,
+    /// the tenant in the row; where the meter split allocated minutes
+    /// again for energy booked after their split, the change of the
+    /// tenant's part, negative where it shrank (0 in other adjustments).
+    /// Exact: a decimal string in JSON.
+    #[serde(with = "decimal::signed")]
+    #[schema(value_type = String, pattern = "^-?[0-9]+$")]
+    pub facility_allocated_millijoules: i64,
     /// The node energy that allocation replaces (whose facility energy
-    /// was its PUE estimate until then). Exact: a decimal string in JSON.
-    #[serde(with = "decimal")]
-    #[schema(value_type = String, pattern = "^[0-9]+$")]
-    pub facility_replaced_node_millijoules: u64,
+    /// was its PUE estimate until then), or its change where the minutes
+    /// were split again. Exact: a decimal string in JSON.
+    #[serde(with = "decimal::signed")]
+    #[schema(value_type = String, pattern = "^-?[0-9]+$")]
+    pub facility_replaced_node_millijoules: i64,
     /// The change this revision made to the row's facility energy: the
-    /// allocation minus the PUE estimate of the node energy it replaces
+    /// allocation (or the change of the tenant's part, where minutes were
+    /// split again) minus the PUE estimate of the node energy it replaces
     /// (each minute on its contract's PUE), negative where the meter read
-    /// less; absent where the tenant has no PUE, so there was no estimate
-    /// (its facility energy is then the allocation itself), and 0 in
-    /// adjustments that restate no facility energy. Exact: a decimal
-    /// string in JSON.
+    /// less; for energy booked late, the PUE estimate of its node energy
+    /// on a node no configured meter covers, 0 on a metered node (the
+    /// meter's split holds it). Absent where a PUE estimate is needed and
+    /// the tenant has no PUE (its facility energy is then the allocation
+    /// itself). Exact: a decimal string in JSON.
     #[serde(with = "decimal::signed_opt")]
     #[schema(value_type = Option<String>, pattern = "^-?[0-9]+$")]
     pub facility_energy_restated_millijoules: Option<i64>,
@@ -466,15 +487,25 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
         finalized_through: q.zone.format(finalized),
         revision: usage.revision,
         rows,
-        adjustments: adjustment_rows(q, tenants, usage),
+        adjustments: adjustment_rows(q, tenants, usage, facility),
     }
 }
 
 /// The usage's adjustments within the period, summed per revision,
-/// tenant, node and row of `q`.
-fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<AdjustmentRow> {
+/// tenant, node and row of `q`. The facility energy each changes: an
+/// allocation's, its part less the estimate it replaces; energy booked
+/// late on a node no configured meter covers, its PUE estimate (as a
+/// row's); energy booked late on a metered node, none of its own (the
+/// meter's energy of the minute is split among the tenants, late energy
+/// weighed where it came before the split).
+fn adjustment_rows(
+    q: &Query,
+    tenants: &[Terms],
+    usage: &Usage,
+    facility: &Facility,
+) -> Vec<AdjustmentRow> {
     let (first, last) = (q.bounds[0], q.bounds[q.bounds.len() - 1]);
-    type Sums = (i64, BucketDelta, Metered, Option<i64>);
+    type Sums = (i64, BucketDelta, MeteredChange, Option<i64>);
     let mut sums: BTreeMap<(u64, &str, &str, usize), Sums> = BTreeMap::new();
     for a in &usage.adjustments {
         let Some(terms) = tenants.iter().find(|t| t.tenant == a.tenant) else {
@@ -486,19 +517,35 @@ fn adjustment_rows(q: &Query, tenants: &[Terms], usage: &Usage) -> Vec<Adjustmen
         let row = q.bounds.partition_point(|b| *b <= a.minute_start) - 1;
         let e = sums
             .entry((a.revision, &a.tenant, &a.node, row))
-            .or_insert((a.booked_at, BucketDelta::default(), Metered::NONE, Some(0)));
+            .or_insert((
+                a.booked_at,
+                BucketDelta::default(),
+                MeteredChange::NONE,
+                Some(0),
+            ));
         e.1.add(&a.delta);
         e.2.add(a.metered);
-        // The allocation less the estimate it replaces, on the minute's
-        // PUE (unknown without one).
-        let change = if a.metered == Metered::NONE {
-            Some(0)
+        // The allocation (or its change) less the estimate of the node
+        // energy it replaces (or of its change), on the minute's PUE; late
+        // node energy off the meters, its estimate (unknown without a PUE,
+        // unless there is no node energy to estimate).
+        let contract = terms.contract_at(a.minute_start);
+        let estimate = |node_mj: i64| -> Option<i64> {
+            let est = contract.facility_energy(node_mj.unsigned_abs(), Metered::NONE);
+            match node_mj {
+                0 => Some(0),
+                n if n < 0 => est.map(|e| -i64::try_from(e).unwrap_or(i64::MAX)),
+                _ => est.map(|e| i64::try_from(e).unwrap_or(i64::MAX)),
+            }
+        };
+        let change = if a.metered == MeteredChange::NONE {
+            if a.delta.node_energy_mj == 0 || a.node.is_empty() || facility.metered(&a.node) {
+                Some(0)
+            } else {
+                estimate(i64::try_from(a.delta.node_energy_mj).unwrap_or(i64::MAX))
+            }
         } else {
-            let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-            terms
-                .contract_at(a.minute_start)
-                .facility_energy(a.metered.node_mj, Metered::NONE)
-                .map(|est| signed(a.metered.allocated_mj).saturating_sub(signed(est)))
+            estimate(a.metered.node_mj).map(|est| a.metered.allocated_mj.saturating_sub(est))
         };
         e.3 = e.3.zip(change).map(|(sum, c)| sum.saturating_add(c));
     }

@@ -355,7 +355,7 @@ fn adjustments_are_summed_per_revision_tenant_node_and_row() {
         node: node.to_string(),
         minute_start: T + minute * 60,
         delta: d(e, 30, 15, 30),
-        metered: crate::accounting::Metered::NONE,
+        metered: crate::accounting::MeteredChange::NONE,
     };
     let usage = Usage {
         finalized_through: T + 3600,
@@ -804,7 +804,7 @@ fn every_millijoule_amount_of_rows_and_adjustments_is_a_decimal_string() {
             node: "n".to_string(),
             minute_start: T,
             delta: d(1_000, 60, 60, 60),
-            metered: crate::accounting::Metered::NONE,
+            metered: crate::accounting::MeteredChange::NONE,
         }],
         ..minutes()
     };
@@ -864,7 +864,7 @@ fn an_adjustment_from_a_node_with_a_comma_stays_in_its_columns() {
             node: node.to_string(),
             minute_start: T,
             delta: d(1_000, 60, 60, 60),
-            metered: crate::accounting::Metered::NONE,
+            metered: crate::accounting::MeteredChange::NONE,
         }],
         ..minutes()
     };

@@ -1082,6 +1082,7 @@ fn usage_of_a_facility_tenant_takes_its_meters_allocation() {
             reading_at_ns: (T0 + 60) * 1_000_000_000,
             reading_raw: 0,
             carry_mj: 0,
+            revision: 0,
         };
         assert!(l.allocate_meter("row-a", None, &state, &[minute]).unwrap());
     }

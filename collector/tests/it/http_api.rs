@@ -273,6 +273,7 @@ async fn facility_usage_takes_the_configured_meters_allocation() {
             reading_at_ns: (T0 + 60) * 1_000_000_000,
             reading_raw: 0,
             carry_mj: 0,
+            revision: 0,
         };
         assert!(l.allocate_meter("row-a", None, &state, &[minute]).unwrap());
     }

@@ -44,6 +44,14 @@ async fn run(
             holder: lease.holder.clone(),
         }));
     }
+    // A meter's allocation splits its minutes again only while they are
+    // kept minute by minute; its state rows, locked here first, keep it
+    // from writing while this folds them (it then finds them gone).
+    tx.execute(
+        "SELECT meter FROM meter_state ORDER BY meter FOR UPDATE",
+        &[],
+    )
+    .await?;
     // Only hours the ledger's watermark has passed: a commit books a
     // minute before the watermark as a live row (not an adjustment), and
     // the compactor's clock is not the committers'. An hour rolled up

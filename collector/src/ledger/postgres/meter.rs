@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{Shared, i64_of, u64_of};
-use crate::ledger::{LedgerError, MeterMinute, MeterShare, MeterState, NodeMinute};
+use crate::ledger::{LedgerError, MeterMinute, MeterResplit, MeterShare, MeterState, NodeMinute};
 
 /// A register's raw value in a BIGINT: its 64 bits as they are.
 fn raw_in(v: u64) -> i64 {
@@ -26,7 +26,7 @@ pub(super) fn meter_state(
         let r = async {
             let row = client
                 .query_opt(
-                    "SELECT allocated_through, reading_at_ns, reading_raw, carry_mj
+                    "SELECT allocated_through, reading_at_ns, reading_raw, carry_mj, revision
                      FROM meter_state WHERE meter = $1",
                     &[&meter],
                 )
@@ -38,8 +38,47 @@ pub(super) fn meter_state(
                     reading_at_ns: row.try_get(1)?,
                     reading_raw: raw_out(row.try_get(2)?),
                     carry_mj: u64_of(&s, row.try_get(3)?, "carry_mj")?,
+                    revision: u64_of(&s, row.try_get(4)?, "meter revision")?,
                 }),
             })
+        }
+        .await;
+        (client, r)
+    })
+}
+
+/// `LedgerReader::late_in_meter_minutes`.
+pub(super) fn late_in_meter_minutes(
+    shared: &Arc<Shared>,
+    meter: &str,
+    after: u64,
+    through: u64,
+) -> Result<Vec<(u64, i64, String)>, LedgerError> {
+    let meter = meter.to_string();
+    let after = i64_of(shared, after, "revision")?;
+    let through = i64_of(shared, through, "revision")?;
+    let s = shared.clone();
+    shared.call(move |client| async move {
+        let r = async {
+            let rows = client
+                .query(
+                    "SELECT DISTINCT a.revision, a.minute_start, a.node FROM adjustment a
+                     WHERE a.revision > $2 AND a.revision <= $3 AND a.node <> ''
+                        AND EXISTS (SELECT 1 FROM meter_minute m
+                            WHERE m.meter = $1 AND m.minute_start = a.minute_start)
+                     ORDER BY a.revision, a.minute_start, a.node",
+                    &[&meter, &after, &through],
+                )
+                .await?;
+            let mut out = Vec::with_capacity(rows.len());
+            for row in rows {
+                out.push((
+                    u64_of(&s, row.try_get(0)?, "revision")?,
+                    row.try_get(1)?,
+                    row.try_get(2)?,
+                ));
+            }
+            Ok(out)
         }
         .await;
         (client, r)
@@ -89,6 +128,21 @@ pub(super) fn node_minutes_of(
     from: i64,
     to: i64,
 ) -> Result<Vec<NodeMinute>, LedgerError> {
+    node_minutes_as_of(shared, tenant, from, to, None)
+}
+
+/// `node_minutes_of` with the adjustments booked by `revision` alone
+/// (`None`: every one).
+pub(super) fn node_minutes_as_of(
+    shared: &Arc<Shared>,
+    tenant: Option<&str>,
+    from: i64,
+    to: i64,
+    revision: Option<u64>,
+) -> Result<Vec<NodeMinute>, LedgerError> {
+    let revision = revision
+        .map(|r| i64_of(shared, r, "revision"))
+        .transpose()?;
     let tenant = tenant.map(str::to_string);
     let s = shared.clone();
     shared.call(move |client| async move {
@@ -110,10 +164,11 @@ pub(super) fn node_minutes_of(
                         FROM adjustment
                         WHERE node <> '' AND minute_start >= $1 AND minute_start < $2
                             AND ($3::text IS NULL OR tenant = $3)
+                            AND ($4::bigint IS NULL OR revision <= $4)
                      ) AS m
                      GROUP BY minute_start, node, tenant
                      ORDER BY minute_start, node, tenant",
-                    &[&from, &to, &tenant],
+                    &[&from, &to, &tenant, &revision],
                 )
                 .await?;
             let mut out = Vec::with_capacity(rows.len());
@@ -139,6 +194,7 @@ pub(super) fn allocate_meter(
     from: Option<&MeterState>,
     to: &MeterState,
     minutes: &[MeterMinute],
+    again: &[MeterResplit],
 ) -> Result<bool, LedgerError> {
     let meter = meter.to_string();
     let from = from.copied();
@@ -171,7 +227,36 @@ pub(super) fn allocate_meter(
             }
         }
     }
+    // The minutes split again: their new figures, their parts (with the
+    // others'), their changes (with the allocation's adjustments).
+    let mut g_minute = Vec::new();
+    let mut g_cols: [Vec<i64>; 3] = Default::default();
+    for a in again {
+        let m = &a.minute;
+        g_minute.push(m.minute);
+        g_cols[0].push(i64_of(shared, m.measured_mj, "measured_mj")?);
+        g_cols[1].push(i64_of(shared, m.unallocated_mj, "unallocated_mj")?);
+        g_cols[2].push(i64_of(shared, m.metered_mj, "metered_mj")?);
+        for t in &m.tenants {
+            t_tenant.push(t.tenant.clone());
+            t_minute.push(m.minute);
+            t_cols[0].push(i64_of(shared, t.measured_mj, "measured_mj")?);
+            t_cols[1].push(i64_of(shared, t.allocated_mj, "allocated_mj")?);
+            t_cols[2].push(i64_of(shared, t.node_mj, "node_mj")?);
+        }
+        for (tenant, allocated, node) in &a.changes {
+            a_tenant.push(tenant.clone());
+            a_minute.push(m.minute);
+            a_cols[0].push(*allocated);
+            a_cols[1].push(*node);
+        }
+    }
+    let pending: Vec<i64> = m_minute.iter().chain(&g_minute).copied().collect();
     let carry = i64_of(shared, to.carry_mj, "carry_mj")?;
+    let to_revision = i64_of(shared, to.revision, "meter revision")?;
+    let from_revision = from
+        .map(|f| i64_of(shared, f.revision, "meter revision"))
+        .transpose()?;
     shared.call(move |mut client| async move {
         let r = async {
             let tx = client.transaction().await?;
@@ -179,14 +264,16 @@ pub(super) fn allocate_meter(
                 None => {
                     tx.execute(
                         "INSERT INTO meter_state
-                            (meter, allocated_through, reading_at_ns, reading_raw, carry_mj)
-                         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (meter) DO NOTHING",
+                            (meter, allocated_through, reading_at_ns, reading_raw, carry_mj,
+                                revision)
+                         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (meter) DO NOTHING",
                         &[
                             &meter,
                             &to.allocated_through,
                             &to.reading_at_ns,
                             &raw_in(to.reading_raw),
                             &carry,
+                            &to_revision,
                         ],
                     )
                     .await?
@@ -194,15 +281,17 @@ pub(super) fn allocate_meter(
                 Some(f) => {
                     tx.execute(
                         "UPDATE meter_state SET allocated_through = $2, reading_at_ns = $3,
-                            reading_raw = $4, carry_mj = $5
-                         WHERE meter = $1 AND allocated_through = $6",
+                            reading_raw = $4, carry_mj = $5, revision = $6
+                         WHERE meter = $1 AND allocated_through = $7 AND revision = $8",
                         &[
                             &meter,
                             &to.allocated_through,
                             &to.reading_at_ns,
                             &raw_in(to.reading_raw),
                             &carry,
+                            &to_revision,
                             &f.allocated_through,
+                            &from_revision,
                         ],
                     )
                     .await?
@@ -211,6 +300,29 @@ pub(super) fn allocate_meter(
             if moved == 0 {
                 // Dropped: rolls back.
                 return Ok(false);
+            }
+            if !g_minute.is_empty() {
+                // Each minute split again is still kept minute by minute
+                // (compaction locks the meters' state rows before it folds
+                // minutes, so it folded none since this read them), else
+                // nothing is written.
+                let kept = tx
+                    .execute(
+                        "UPDATE meter_minute m SET measured_mj = x.me, unallocated_mj = x.un
+                         FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+                            AS x (mi, me, un, mt)
+                         WHERE m.meter = $1 AND m.minute_start = x.mi AND m.metered_mj = x.mt",
+                        &[&meter, &g_minute, &g_cols[0], &g_cols[1], &g_cols[2]],
+                    )
+                    .await?;
+                if kept != g_minute.len() as u64 {
+                    return Ok(false);
+                }
+                tx.execute(
+                    "DELETE FROM meter_allocation WHERE meter = $1 AND minute_start = ANY($2)",
+                    &[&meter, &g_minute],
+                )
+                .await?;
             }
             // The allocation restates the minutes' facility energy: booked
             // as adjustments of a revision of its own (as the SQLite
@@ -262,7 +374,7 @@ pub(super) fn allocate_meter(
                 "INSERT INTO rollup_pending (hour_start)
                  SELECT DISTINCT m - m % 3600 FROM unnest($1::bigint[]) AS m
                  ON CONFLICT DO NOTHING",
-                &[&m_minute],
+                &[&pending],
             )
             .await?;
             tx.commit().await?;

@@ -80,6 +80,22 @@ fn bucket_sums(prefix: &str) -> String {
         .join(", ")
 }
 
+/// The ledger's revision: that of the last commit or allocation.
+fn revision_of(shared: &Arc<Shared>) -> Result<u64, LedgerError> {
+    let s = shared.clone();
+    shared.call(move |client| async move {
+        let r = async {
+            let v: i64 = client
+                .query_one("SELECT revision FROM watermark WHERE id = 1", &[])
+                .await?
+                .try_get(0)?;
+            Ok(u64_of(&s, v, "revision")?)
+        }
+        .await;
+        (client, r)
+    })
+}
+
 /// How to reach the database and how the pool behaves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgSettings {
@@ -919,13 +935,14 @@ impl LedgerWriter for PgLedger {
         meter::node_minutes(&self.shared, from, to)
     }
 
-    fn allocate_meter(
+    fn allocate_meter_again(
         &mut self,
         m: &str,
         from: Option<&crate::ledger::MeterState>,
         to: &crate::ledger::MeterState,
         minutes: &[crate::ledger::MeterMinute],
+        again: &[crate::ledger::MeterResplit],
     ) -> Result<bool, LedgerError> {
-        meter::allocate_meter(&self.shared, m, from, to, minutes)
+        meter::allocate_meter(&self.shared, m, from, to, minutes, again)
     }
 }

@@ -170,13 +170,9 @@ async fn usage_since(
             node: r.try_get(3)?,
             minute_start: r.try_get(4)?,
             delta: bucket_from_row(s, &r, 5)?,
-            metered: Metered {
-                allocated_mj: u64_of(
-                    s,
-                    r.try_get(5 + BUCKET_COLUMNS.len())?,
-                    "facility_allocated_mj",
-                )?,
-                node_mj: u64_of(s, r.try_get(6 + BUCKET_COLUMNS.len())?, "facility_node_mj")?,
+            metered: crate::accounting::MeteredChange {
+                allocated_mj: r.try_get(5 + BUCKET_COLUMNS.len())?,
+                node_mj: r.try_get(6 + BUCKET_COLUMNS.len())?,
             },
         });
     }
@@ -338,6 +334,28 @@ impl LedgerReader for PgReader {
 
     fn placing_holds(&self) -> Result<Vec<crate::ledger::PlacingHold>, LedgerError> {
         super::meter::placing_holds(&self.shared)
+    }
+
+    fn revision(&self) -> Result<u64, LedgerError> {
+        super::revision_of(&self.shared)
+    }
+
+    fn node_minutes_as_of(
+        &self,
+        from: i64,
+        to: i64,
+        revision: u64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        super::meter::node_minutes_as_of(&self.shared, None, from, to, Some(revision))
+    }
+
+    fn late_in_meter_minutes(
+        &self,
+        meter: &str,
+        after: u64,
+        through: u64,
+    ) -> Result<Vec<(u64, i64, String)>, LedgerError> {
+        super::meter::late_in_meter_minutes(&self.shared, meter, after, through)
     }
 
     fn meter_minutes(

@@ -242,6 +242,10 @@ pub(super) const MIGRATIONS: &[&str] = &[
      ALTER TABLE usage_rollup ADD COLUMN busy_unknown_gpu_ns BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE adjustment ADD COLUMN busy_unknown_gpu_ns BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE gpu_hour ADD COLUMN busy_unknown_gpu_ns BIGINT NOT NULL DEFAULT 0;",
+    // 7: the revision each meter's minutes were split as of, as the SQLite
+    // ledger's version 18 (a meter allocated before starts from now).
+    "ALTER TABLE meter_state ADD COLUMN revision BIGINT NOT NULL DEFAULT 0;
+     UPDATE meter_state SET revision = (SELECT revision FROM watermark WHERE id = 1);",
 ];
 
 /// What `init-ledger` runs before the migrations: the version table

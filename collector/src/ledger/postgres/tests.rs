@@ -137,14 +137,16 @@ impl LedgerWriter for Clocked {
     ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
         self.ledger.node_minutes(from, to)
     }
-    fn allocate_meter(
+    fn allocate_meter_again(
         &mut self,
         m: &str,
         from: Option<&crate::ledger::MeterState>,
         to: &crate::ledger::MeterState,
         minutes: &[crate::ledger::MeterMinute],
+        again: &[crate::ledger::MeterResplit],
     ) -> Result<bool, LedgerError> {
-        self.ledger.allocate_meter(m, from, to, minutes)
+        self.ledger
+            .allocate_meter_again(m, from, to, minutes, again)
     }
 }
 

@@ -7,7 +7,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{Ledger, Reader, i64_of, sqlite_err, u64_of};
-use crate::ledger::{LedgerError, MeterMinute, MeterShare, MeterState, NodeMinute};
+use crate::ledger::{LedgerError, MeterMinute, MeterResplit, MeterShare, MeterState, NodeMinute};
 
 /// A register's raw value in an INTEGER column: its 64 bits as they are
 /// (values past 2^63 read back as themselves).
@@ -27,7 +27,7 @@ pub(super) fn meter_state(
     let err = sqlite_err(path);
     let row = conn
         .query_row(
-            "SELECT allocated_through, reading_at_ns, reading_raw, carry_mj
+            "SELECT allocated_through, reading_at_ns, reading_raw, carry_mj, revision
              FROM meter_state WHERE meter = ?1",
             params![meter],
             |r| {
@@ -36,20 +36,64 @@ pub(super) fn meter_state(
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
                     r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
                 ))
             },
         )
         .optional()
         .map_err(err)?;
-    row.map(|(a, at, raw, carry)| {
+    row.map(|(a, at, raw, carry, revision)| {
         Ok(MeterState {
             allocated_through: a,
             reading_at_ns: at,
             reading_raw: raw_out(raw),
             carry_mj: u64_of(carry, path, "carry_mj")?,
+            revision: u64_of(revision, path, "meter revision")?,
         })
     })
     .transpose()
+}
+
+/// `LedgerReader::late_in_meter_minutes`.
+pub(super) fn late_in_meter_minutes(
+    conn: &Connection,
+    path: &Path,
+    meter: &str,
+    after: u64,
+    through: u64,
+) -> Result<Vec<(u64, i64, String)>, LedgerError> {
+    let err = sqlite_err(path);
+    let mut q = conn
+        .prepare_cached(
+            "SELECT DISTINCT a.revision, a.minute_start, a.node FROM adjustment a
+             WHERE a.revision > ?2 AND a.revision <= ?3 AND a.node <> ''
+                AND EXISTS (SELECT 1 FROM meter_minute m
+                    WHERE m.meter = ?1 AND m.minute_start = a.minute_start)
+             ORDER BY a.revision, a.minute_start, a.node",
+        )
+        .map_err(err)?;
+    let rows = q
+        .query_map(
+            params![
+                meter,
+                i64_of(after, path, "revision")?,
+                i64_of(through, path, "revision")?
+            ],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            },
+        )
+        .map_err(err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (revision, minute, node) = row.map_err(err)?;
+        out.push((u64_of(revision, path, "revision")?, minute, node));
+    }
+    Ok(out)
 }
 
 pub(super) fn node_minutes(
@@ -93,7 +137,21 @@ pub(super) fn node_minutes_of(
     from: i64,
     to: i64,
 ) -> Result<Vec<NodeMinute>, LedgerError> {
+    node_minutes_as_of(conn, path, tenant, from, to, None)
+}
+
+/// `node_minutes_of` with the adjustments booked by `revision` alone
+/// (`None`: every one).
+pub(super) fn node_minutes_as_of(
+    conn: &Connection,
+    path: &Path,
+    tenant: Option<&str>,
+    from: i64,
+    to: i64,
+    revision: Option<u64>,
+) -> Result<Vec<NodeMinute>, LedgerError> {
     let err = sqlite_err(path);
+    let revision = revision.map(|r| i64_of(r, path, "revision")).transpose()?;
     let mut q = conn
         .prepare_cached(
             "SELECT tenant, node, minute_start,
@@ -109,14 +167,14 @@ pub(super) fn node_minutes_of(
                 SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj, 0
                 FROM adjustment
                 WHERE node <> '' AND minute_start >= ?1 AND minute_start < ?2
-                    AND (?3 IS NULL OR tenant = ?3)
+                    AND (?3 IS NULL OR tenant = ?3) AND (?4 IS NULL OR revision <= ?4)
              )
              GROUP BY minute_start, node, tenant
              ORDER BY minute_start, node, tenant",
         )
         .map_err(err)?;
     let rows = q
-        .query_map(params![from, to, tenant], |r| {
+        .query_map(params![from, to, tenant, revision], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,
@@ -149,10 +207,7 @@ impl Ledger {
         node_minutes(&self.conn, &self.path, from, to)
     }
 
-    /// `LedgerWriter::allocate_meter`: the state row is inserted (none
-    /// yet) or moved by a conditional UPDATE on the `allocated_through`
-    /// the writer saw; either touching no row means another writer
-    /// allocated first, and the transaction is dropped unwritten.
+    /// `LedgerWriter::allocate_meter`.
     pub fn allocate_meter(
         &mut self,
         meter: &str,
@@ -160,31 +215,58 @@ impl Ledger {
         to: &MeterState,
         minutes: &[MeterMinute],
     ) -> Result<bool, LedgerError> {
+        self.allocate_meter_again(meter, from, to, minutes, &[])
+    }
+
+    /// `LedgerWriter::allocate_meter_again`: the state row is inserted
+    /// (none yet) or moved by a conditional UPDATE on the state the writer
+    /// saw; either touching no row means another writer allocated first,
+    /// and the transaction is dropped unwritten, as it is where a minute
+    /// to split again is no longer kept.
+    pub fn allocate_meter_again(
+        &mut self,
+        meter: &str,
+        from: Option<&MeterState>,
+        to: &MeterState,
+        minutes: &[MeterMinute],
+        again: &[MeterResplit],
+    ) -> Result<bool, LedgerError> {
         let path = self.path.clone();
         let p = path.as_path();
         let err = sqlite_err(p);
         let tx = self.conn.transaction().map_err(err)?;
         let carry = i64_of(to.carry_mj, p, "carry_mj")?;
+        let to_revision = i64_of(to.revision, p, "meter revision")?;
         let moved = match from {
             None => tx
                 .execute(
-                    "INSERT INTO meter_state (meter, allocated_through, reading_at_ns, reading_raw, carry_mj)
-                     VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (meter) DO NOTHING",
-                    params![meter, to.allocated_through, to.reading_at_ns, raw_in(to.reading_raw), carry],
-                )
-                .map_err(err)?,
-            Some(f) => tx
-                .execute(
-                    "UPDATE meter_state SET allocated_through = ?2, reading_at_ns = ?3,
-                        reading_raw = ?4, carry_mj = ?5
-                     WHERE meter = ?1 AND allocated_through = ?6",
+                    "INSERT INTO meter_state
+                        (meter, allocated_through, reading_at_ns, reading_raw, carry_mj, revision)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (meter) DO NOTHING",
                     params![
                         meter,
                         to.allocated_through,
                         to.reading_at_ns,
                         raw_in(to.reading_raw),
                         carry,
-                        f.allocated_through
+                        to_revision
+                    ],
+                )
+                .map_err(err)?,
+            Some(f) => tx
+                .execute(
+                    "UPDATE meter_state SET allocated_through = ?2, reading_at_ns = ?3,
+                        reading_raw = ?4, carry_mj = ?5, revision = ?6
+                     WHERE meter = ?1 AND allocated_through = ?7 AND revision = ?8",
+                    params![
+                        meter,
+                        to.allocated_through,
+                        to.reading_at_ns,
+                        raw_in(to.reading_raw),
+                        carry,
+                        to_revision,
+                        f.allocated_through,
+                        i64_of(f.revision, p, "meter revision")?
                     ],
                 )
                 .map_err(err)?,
@@ -194,12 +276,13 @@ impl Ledger {
         }
         // The allocation restates the minutes' facility energy: booked as
         // adjustments of a revision of its own, in this transaction, so
-        // once with the minutes (none where no tenant got a part).
+        // once with the minutes (none where no tenant got a part, or no
+        // part changed).
         let booked = minutes.iter().any(|m| {
             m.tenants
                 .iter()
                 .any(|t| t.allocated_mj > 0 || t.node_mj > 0)
-        });
+        }) || again.iter().any(|a| !a.changes.is_empty());
         let revision = if booked {
             let (last, _) = super::watermark(&tx, p)?;
             let revision = last + 1;
@@ -239,12 +322,29 @@ impl Ledger {
                     .map_err(err)?;
                 }
             }
+            for a in again {
+                for (tenant, allocated, node) in &a.changes {
+                    adj.execute(params![rev, tenant, a.minute.minute, allocated, node])
+                        .map_err(err)?;
+                }
+            }
         }
         {
             let mut minute_q = tx
                 .prepare_cached(
                     "INSERT INTO meter_minute (meter, minute_start, metered_mj, measured_mj, unallocated_mj)
                      VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(err)?;
+            let mut again_q = tx
+                .prepare_cached(
+                    "UPDATE meter_minute SET measured_mj = ?3, unallocated_mj = ?4
+                     WHERE meter = ?1 AND minute_start = ?2 AND metered_mj = ?5",
+                )
+                .map_err(err)?;
+            let mut clear_q = tx
+                .prepare_cached(
+                    "DELETE FROM meter_allocation WHERE meter = ?1 AND minute_start = ?2",
                 )
                 .map_err(err)?;
             let mut tenant_q = tx
@@ -260,8 +360,6 @@ impl Ledger {
                 .prepare_cached("INSERT OR IGNORE INTO rollup_pending (hour_start) VALUES (?1)")
                 .map_err(err)?;
             for m in minutes {
-                pend.execute([m.minute.div_euclid(3600) * 3600])
-                    .map_err(err)?;
                 minute_q
                     .execute(params![
                         meter,
@@ -270,6 +368,27 @@ impl Ledger {
                         i64_of(m.measured_mj, p, "measured_mj")?,
                         i64_of(m.unallocated_mj, p, "unallocated_mj")?
                     ])
+                    .map_err(err)?;
+            }
+            for a in again {
+                let m = &a.minute;
+                let kept = again_q
+                    .execute(params![
+                        meter,
+                        m.minute,
+                        i64_of(m.measured_mj, p, "measured_mj")?,
+                        i64_of(m.unallocated_mj, p, "unallocated_mj")?,
+                        i64_of(m.metered_mj, p, "metered_mj")?
+                    ])
+                    .map_err(err)?;
+                if kept == 0 {
+                    // Folded into hourly sums meanwhile: nothing written.
+                    return Ok(false);
+                }
+                clear_q.execute(params![meter, m.minute]).map_err(err)?;
+            }
+            for m in minutes.iter().chain(again.iter().map(|a| &a.minute)) {
+                pend.execute([m.minute.div_euclid(3600) * 3600])
                     .map_err(err)?;
                 for t in &m.tenants {
                     tenant_q

@@ -623,13 +623,14 @@ impl LedgerWriter for Ledger {
         Ledger::node_minutes(self, from, to)
     }
 
-    fn allocate_meter(
+    fn allocate_meter_again(
         &mut self,
         meter: &str,
         from: Option<&crate::ledger::MeterState>,
         to: &crate::ledger::MeterState,
         minutes: &[crate::ledger::MeterMinute],
+        again: &[crate::ledger::MeterResplit],
     ) -> Result<bool, LedgerError> {
-        Ledger::allocate_meter(self, meter, from, to, minutes)
+        Ledger::allocate_meter_again(self, meter, from, to, minutes, again)
     }
 }

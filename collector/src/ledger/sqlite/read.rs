@@ -208,9 +208,9 @@ impl Reader {
                     node,
                     minute_start,
                     delta: delta?,
-                    metered: Metered {
-                        allocated_mj: u64_of(alloc, p, "facility_allocated_mj")?,
-                        node_mj: u64_of(alloc_node, p, "facility_node_mj")?,
+                    metered: crate::accounting::MeteredChange {
+                        allocated_mj: alloc,
+                        node_mj: alloc_node,
                     },
                 });
             }
@@ -538,6 +538,28 @@ impl LedgerReader for Reader {
 
     fn placing_holds(&self) -> Result<Vec<crate::ledger::PlacingHold>, LedgerError> {
         super::meter::placing_holds(&self.conn, &self.path)
+    }
+
+    fn revision(&self) -> Result<u64, LedgerError> {
+        Ok(super::watermark(&self.conn, &self.path)?.0)
+    }
+
+    fn node_minutes_as_of(
+        &self,
+        from: i64,
+        to: i64,
+        revision: u64,
+    ) -> Result<Vec<crate::ledger::NodeMinute>, LedgerError> {
+        super::meter::node_minutes_as_of(&self.conn, &self.path, None, from, to, Some(revision))
+    }
+
+    fn late_in_meter_minutes(
+        &self,
+        meter: &str,
+        after: u64,
+        through: u64,
+    ) -> Result<Vec<(u64, i64, String)>, LedgerError> {
+        super::meter::late_in_meter_minutes(&self.conn, &self.path, meter, after, through)
     }
 
     fn usage(&self, tenant: Option<&str>, from: i64, to: i64) -> Result<Usage, LedgerError> {

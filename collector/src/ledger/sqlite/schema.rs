@@ -352,6 +352,14 @@ pub(super) const MIGRATIONS: &[Migration] = &[
      ALTER TABLE adjustment ADD COLUMN busy_unknown_gpu_ns INTEGER NOT NULL DEFAULT 0;
      ALTER TABLE gpu_hour ADD COLUMN busy_unknown_gpu_ns INTEGER NOT NULL DEFAULT 0;",
     ),
+    // 18: energy booked for a meter's allocated minutes after their split
+    // is split into them again: each meter's state keeps the revision its
+    // minutes were split as of. A meter allocated before starts from the
+    // ledger's revision now (what it split earlier stands as it was).
+    Migration::Sql(
+        "ALTER TABLE meter_state ADD COLUMN revision INTEGER NOT NULL DEFAULT 0;
+     UPDATE meter_state SET revision = (SELECT revision FROM watermark WHERE id = 1);",
+    ),
 ];
 
 /// Migration 6: `gpu_cursor` rows become each node's `node_cursor.gpus`.

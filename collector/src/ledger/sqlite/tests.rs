@@ -520,7 +520,10 @@ fn a_version_12_ledger_migrates_with_no_node_energy_in_its_rows() {
             ..BucketDelta::default()
         }
     );
-    assert_eq!(u.adjustments[0].metered, crate::accounting::Metered::NONE);
+    assert_eq!(
+        u.adjustments[0].metered,
+        crate::accounting::MeteredChange::NONE
+    );
     // The migrated ledger takes node energy and power cursors.
     let mut c = Commit::default();
     let cursor = NodeCursor {

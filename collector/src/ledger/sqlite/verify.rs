@@ -811,6 +811,7 @@ mod tests {
             reading_at_ns: (T0 + HOUR) * 1_000_000_000,
             reading_raw: 0,
             carry_mj: 0,
+            revision: 0,
         };
         assert!(l.allocate_meter("row-a", None, &state, &minutes).unwrap());
         let policy = Compaction {
