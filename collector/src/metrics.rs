@@ -557,7 +557,7 @@ pub const FAMILIES: &[(&str, &str, Kind)] = &[
         Kind::Gauge,
     ),
     (
-        "capwatch_meter_minutes_split_again_total",
+        "capwatch_meter_resplits_total",
         "Allocated minutes of the meter this collector split among its tenants again, because energy was booked for them after their split (a node's spool delivered late, a node back after a long gap).",
         Kind::Counter,
     ),
@@ -1595,7 +1595,7 @@ fn collect_meters(board: &crate::meters::Board, f: &mut Families<'_>) {
             live.holding_nodes as f64,
         );
         f.push(
-            "capwatch_meter_minutes_split_again_total",
+            "capwatch_meter_resplits_total",
             &meter,
             live.minutes_split_again as f64,
         );

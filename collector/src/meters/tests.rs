@@ -594,8 +594,8 @@ fn metrics_show_each_meters_figures_and_nothing_it_has_not_given() {
         capwatch_meter_nodes_connected{meter="b"} 0
         capwatch_meter_allocation_holding_nodes{meter="a"} 0
         capwatch_meter_allocation_holding_nodes{meter="b"} 0
-        capwatch_meter_minutes_split_again_total{meter="a"} 0
-        capwatch_meter_minutes_split_again_total{meter="b"} 0
+        capwatch_meter_resplits_total{meter="a"} 0
+        capwatch_meter_resplits_total{meter="b"} 0
         capwatch_meter_nodes_overlapping{meter="a"} 0
         capwatch_meter_nodes_overlapping{meter="b"} 0
     "#]]
