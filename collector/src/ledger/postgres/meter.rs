@@ -214,11 +214,6 @@ pub(super) fn allocate_meter(
         m_cols[1].push(i64_of(shared, m.measured_mj, "measured_mj")?);
         m_cols[2].push(i64_of(shared, m.unallocated_mj, "unallocated_mj")?);
         for t in &m.tenants {
-            t_tenant.push(t.tenant.clone());
-            t_minute.push(m.minute);
-            t_cols[0].push(i64_of(shared, t.measured_mj, "measured_mj")?);
-            t_cols[1].push(i64_of(shared, t.allocated_mj, "allocated_mj")?);
-            t_cols[2].push(i64_of(shared, t.node_mj, "node_mj")?);
             if t.allocated_mj > 0 || t.node_mj > 0 {
                 a_tenant.push(t.tenant.clone());
                 a_minute.push(m.minute);
@@ -227,8 +222,8 @@ pub(super) fn allocate_meter(
             }
         }
     }
-    // The minutes split again: their new figures, their parts (with the
-    // others'), their changes (with the allocation's adjustments).
+    // The minutes split again: their new figures, their changes (with the
+    // allocation's adjustments).
     let mut g_minute = Vec::new();
     let mut g_cols: [Vec<i64>; 3] = Default::default();
     for a in again {
@@ -237,18 +232,21 @@ pub(super) fn allocate_meter(
         g_cols[0].push(i64_of(shared, m.measured_mj, "measured_mj")?);
         g_cols[1].push(i64_of(shared, m.unallocated_mj, "unallocated_mj")?);
         g_cols[2].push(i64_of(shared, m.metered_mj, "metered_mj")?);
+        for (tenant, allocated, node) in &a.changes {
+            a_tenant.push(tenant.clone());
+            a_minute.push(m.minute);
+            a_cols[0].push(*allocated);
+            a_cols[1].push(*node);
+        }
+    }
+    // Every part written: the new minutes' and those split again.
+    for m in minutes.iter().chain(again.iter().map(|a| &a.minute)) {
         for t in &m.tenants {
             t_tenant.push(t.tenant.clone());
             t_minute.push(m.minute);
             t_cols[0].push(i64_of(shared, t.measured_mj, "measured_mj")?);
             t_cols[1].push(i64_of(shared, t.allocated_mj, "allocated_mj")?);
             t_cols[2].push(i64_of(shared, t.node_mj, "node_mj")?);
-        }
-        for (tenant, allocated, node) in &a.changes {
-            a_tenant.push(tenant.clone());
-            a_minute.push(m.minute);
-            a_cols[0].push(*allocated);
-            a_cols[1].push(*node);
         }
     }
     let pending: Vec<i64> = m_minute.iter().chain(&g_minute).copied().collect();
