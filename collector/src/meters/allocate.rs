@@ -266,29 +266,38 @@ pub fn late_minutes(
 /// each tenant's measured energy changes by the energy booked for it
 /// between the two on the nodes `spec` covers, and the same metered
 /// energy is split by that (`accounting::facility::allocate`). A part
-/// keeps the node energy it replaced; a tenant new to the minute
-/// replaces its bucket's (none: all its energy there came late). `None`
-/// where no tenant's measured energy changed.
+/// keeps the node energy it replaced; a tenant new to the minute joins
+/// only where energy was booked for it, and replaces none (all its
+/// energy in the split came late: a bucket of it there is on a node the
+/// meter did not cover when the minute was split, and keeps its estimate).
+/// `None` where no tenant's measured energy changed.
 pub fn split_again(
     spec: &MeterSpec,
     stored: &MeterMinute,
     now: &[NodeMinute],
     then: &[NodeMinute],
 ) -> Option<MeterResplit> {
-    let mut change: BTreeMap<&str, (i128, u64)> = BTreeMap::new();
+    // The change per (tenant, node).
+    let mut by_node: BTreeMap<(&str, &str), i128> = BTreeMap::new();
     for (rows, sign) in [(now, 1i128), (then, -1i128)] {
         for r in rows
             .iter()
             .filter(|r| r.minute == stored.minute && spec.covers(&r.node))
         {
-            let e = change.entry(r.tenant.as_str()).or_default();
-            e.0 += sign * i128::from(r.measured_mj);
-            if sign > 0 {
-                e.1 = e.1.saturating_add(r.node_energy_mj);
-            }
+            *by_node
+                .entry((r.tenant.as_str(), r.node.as_str()))
+                .or_default() += sign * i128::from(r.measured_mj);
         }
     }
-    if change.values().all(|c| c.0 == 0) {
+    // Per tenant, over the nodes whose energy changed only: a node the
+    // meter covers now but did not when the minute was split (its node
+    // list grew) brings no tenant into the split unless energy was
+    // booked for it there since.
+    let mut change: BTreeMap<&str, i128> = BTreeMap::new();
+    for ((tenant, _), delta) in by_node.into_iter().filter(|(_, d)| *d != 0) {
+        *change.entry(tenant).or_default() += delta;
+    }
+    if change.values().all(|d| *d == 0) {
         return None;
     }
     let old: BTreeMap<&str, &MeterShare> = stored
@@ -300,8 +309,8 @@ pub fn split_again(
         .iter()
         .map(|(t, s)| (*t, (s.measured_mj, s.node_mj)))
         .collect();
-    for (tenant, (delta, node)) in &change {
-        let e = measured.entry(tenant).or_insert((0, *node));
+    for (tenant, delta) in &change {
+        let e = measured.entry(tenant).or_insert((0, 0));
         let m = (i128::from(e.0) + delta).clamp(0, i128::from(u64::MAX));
         e.0 = u64::try_from(m).unwrap_or(u64::MAX);
     }

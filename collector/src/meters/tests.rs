@@ -1392,6 +1392,72 @@ mod allocation {
         );
     }
 
+    /// A meter whose node list grew after a minute was split: a tenant on
+    /// a node it covers only now, with nothing booked late, stays out of
+    /// the minute split again for another tenant's late energy (it was
+    /// never in that split; adding it with part 0 would take its PUE
+    /// estimate off its row). One with energy booked late there joins by
+    /// that energy alone, replacing no node energy: its bucket on the node
+    /// was never in the split and keeps its estimate.
+    #[test]
+    fn split_again_leaves_out_a_tenant_on_a_node_covered_only_later() {
+        use super::super::allocate::split_again;
+        let cfg: MeterConfig = toml::from_str(
+            "id = \"row-a\"\nkind = \"modbus\"\nnodes = [\"n-1\", \"n-2\", \"n-3\", \"n-4\"]\naddress = \"127.0.0.1:1\"\nwh_per_count = 0.001\n",
+        )
+        .unwrap();
+        let spec = check(&[cfg]).unwrap().remove(0);
+        // Split when the meter covered n-1 and n-2 only.
+        let stored = MeterMinute {
+            minute: M,
+            metered_mj: 10_000,
+            measured_mj: 4_000,
+            unallocated_mj: 0,
+            tenants: vec![
+                MeterShare::new("lab-a", 3_000, 7_500, 3_000),
+                MeterShare::new("lab-b", 1_000, 2_500, 0),
+            ],
+        };
+        let row = |tenant: &str, node: &str, measured_mj, node_energy_mj| NodeMinute {
+            tenant: tenant.into(),
+            node: node.into(),
+            minute: M,
+            measured_mj,
+            node_energy_mj,
+        };
+        let then = vec![
+            row("lab-a", "n-1", 3_000, 3_000),
+            row("lab-b", "n-2", 1_000, 0),
+            row("lab-c", "n-3", 2_000, 2_000),
+            row("lab-d", "n-4", 500, 500),
+        ];
+        let mut now = then.clone();
+        now[1] = row("lab-b", "n-2", 6_000, 0);
+        // lab-d: energy booked late on n-4, beside its bucket there.
+        now[3] = row("lab-d", "n-4", 1_500, 500);
+        let again = split_again(&spec, &stored, &now, &then).unwrap();
+        let tenants: Vec<&str> = again
+            .minute
+            .tenants
+            .iter()
+            .map(|t| t.tenant.as_str())
+            .collect();
+        assert_eq!(tenants, ["lab-a", "lab-b", "lab-d"]);
+        assert_eq!(again.minute.measured_mj, 3_000 + 6_000 + 1_000);
+        let d = &again.minute.tenants[2];
+        assert_eq!(
+            (d.measured_mj, d.allocated_mj, d.node_mj),
+            (1_000, 1_000, 0)
+        );
+        assert!(again.changes.iter().all(|c| c.0 != "lab-c"));
+        assert_eq!(
+            again.changes.iter().map(|c| c.1).sum::<i64>(),
+            0,
+            "the metered energy is only moved between tenants"
+        );
+        assert!(again.changes.iter().all(|c| c.2 == 0));
+    }
+
     /// Nothing measured under the meter: its energy is kept as unallocated,
     /// no tenant billed for it.
     #[test]
