@@ -1984,6 +1984,37 @@ pub(crate) fn a_minute_split_again_replaces_its_parts_once<W: LedgerWriter, R: L
             (allocated + 1, "g", "", MINUTE + 60, change(-10, 0)),
         ]
     );
+    // The usage with the allocation of its minutes, in one snapshot: the
+    // same as the separate reads when nothing is committed between.
+    let (with, allocation) = f
+        .reader
+        .usage_allocated_since(None, MINUTE, MINUTE + 3_600, allocated, true)
+        .unwrap();
+    assert_eq!(with, usage);
+    assert_eq!(
+        allocation.minutes,
+        f.reader
+            .meter_minutes(None, MINUTE, MINUTE + 3_600)
+            .unwrap()
+    );
+    let nodes = f
+        .reader
+        .tenant_node_minutes(None, MINUTE, MINUTE + 3_600)
+        .unwrap();
+    assert!(!nodes.is_empty());
+    assert_eq!(allocation.nodes, nodes);
+    let (_, of_f) = f
+        .reader
+        .usage_allocated_since(Some("f"), MINUTE, MINUTE + 3_600, 0, false)
+        .unwrap();
+    assert_eq!(of_f.minutes, allocation.minutes, "every tenant's parts");
+    assert!(of_f.nodes.is_empty(), "node minutes only where asked");
+    // From where minutes are kept only: none before.
+    let (_, none) = f
+        .reader
+        .usage_allocated_since(None, 0, MINUTE, 0, true)
+        .unwrap();
+    assert_eq!(none, crate::ledger::UsageAllocation::default());
 }
 
 /// A tenant whose energy in a minute was all booked late, before the

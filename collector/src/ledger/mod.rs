@@ -859,6 +859,16 @@ pub struct Usage {
     pub adjustments: Vec<Adjustment>,
 }
 
+/// What the meters allocated of the minutes a usage read keeps minute by
+/// minute, read in its snapshot (`LedgerReader::usage_allocated_since`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageAllocation {
+    /// (meter, minute), as `LedgerReader::meter_minutes` of every meter.
+    pub minutes: Vec<(String, MeterMinute)>,
+    /// As `LedgerReader::tenant_node_minutes`, where asked for.
+    pub nodes: Vec<NodeMinute>,
+}
+
 /// A late delta to a final minute of one tenant on one node, booked by
 /// revision `revision` at `booked_at` (Unix seconds).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1172,6 +1182,21 @@ pub trait LedgerReader {
         since_revision: u64,
     ) -> Result<Usage, LedgerError>;
 
+    /// As `usage_since`, with what the meters allocated of the minutes it
+    /// keeps minute by minute (`[max(from, minutes_from), to)`: every
+    /// meter's `meter_minutes`, and `tenant_node_minutes` of `tenant`
+    /// where `with_nodes`), all in the one snapshot: an allocation, or a
+    /// minute split again, is in the answer exactly when the adjustments
+    /// that book it are within the answer's revision.
+    fn usage_allocated_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+        with_nodes: bool,
+    ) -> Result<(Usage, UsageAllocation), LedgerError>;
+
     /// As `usage_since`, without the spans: the adjustments booked after
     /// `since_revision` to minutes of `[from, to)`, with the revision and
     /// the watermark of the same snapshot. What a reader that keeps the
@@ -1411,6 +1436,16 @@ impl<R: LedgerReader + ?Sized> LedgerReader for Box<R> {
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
         (**self).usage_since(tenant, from, to, since_revision)
+    }
+    fn usage_allocated_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+        with_nodes: bool,
+    ) -> Result<(Usage, UsageAllocation), LedgerError> {
+        (**self).usage_allocated_since(tenant, from, to, since_revision, with_nodes)
     }
     fn adjustments_since(
         &self,

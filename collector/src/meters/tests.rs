@@ -1307,6 +1307,90 @@ mod allocation {
         assert_eq!(lock(&m.live).minutes_split_again, 1);
     }
 
+    /// A walk of usage pages is as of its first page's revision, facility
+    /// energy included: a minute split again between two of its pages
+    /// shows on neither, and a walk since that revision restates each row
+    /// to the new parts exactly once.
+    #[test]
+    fn a_walk_keeps_its_revisions_split_of_a_minute_split_again_meanwhile() {
+        use crate::usage::paged::{PageQuery, PageRequest, page};
+        let (ledger, reader, _dir) = ledger(2);
+        let m = modbus("");
+        poll_all(&m, &readings(0, &[10; 20], u64::MAX));
+        assert_eq!(round(&m, &ledger).unwrap().len(), 4);
+        book_late(&ledger, "lab-a", "n-1", M + 60, 9_000);
+        let tenants = Arc::new(
+            crate::tenants::Tenants::from_toml(
+                "[[tenant]]\nid = \"lab-a\"\nnodes = [\"n-1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n\
+                 [[tenant]]\nid = \"lab-b\"\nnodes = [\"n-2\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
+            )
+            .unwrap(),
+        );
+        let history = crate::tenants::TenantHistory::new(tenants.clone());
+        let ask = |req: &PageRequest| {
+            page(
+                &reader,
+                &tenants,
+                &history,
+                std::slice::from_ref(&m.spec),
+                &PageQuery::parse(req).unwrap(),
+            )
+            .unwrap()
+        };
+        let req = PageRequest {
+            tenants: vec!["lab-a".into(), "lab-b".into()],
+            from: Some("2027-01-15T08:01:00Z".into()),
+            to: Some("2027-01-15T08:02:00Z".into()),
+            step: Some("1m".into()),
+            limit: Some("1".into()),
+            ..PageRequest::default()
+        };
+        let first = ask(&req);
+        // Between the pages, the meter splits the minute again.
+        assert_eq!(round(&m, &ledger).unwrap(), Vec::<MeterMinute>::new());
+        assert_eq!(lock(&m.live).minutes_split_again, 1);
+        let second = ask(&PageRequest {
+            page_token: first.next_page_token.clone(),
+            ..req.clone()
+        });
+        assert_eq!(second.revision, first.revision);
+        assert_eq!(second.next_page_token, None);
+        let facility = |pages: &[&crate::usage::paged::Page]| -> Vec<(String, u64)> {
+            pages
+                .iter()
+                .flat_map(|p| &p.rows)
+                .map(|r| {
+                    (
+                        r.usage.tenant.clone(),
+                        r.usage.facility_energy_millijoules.unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let walked = facility(&[&first, &second]);
+        let since = ask(&PageRequest {
+            since_revision: Some(first.revision.to_string()),
+            limit: Some("10".into()),
+            ..req.clone()
+        });
+        let now = facility(&[&since]);
+        assert_eq!(now.len(), 2);
+        assert_ne!(walked, now, "the split again moved energy between them");
+        for ((tenant, was), (_, is)) in walked.iter().zip(&now) {
+            let restated: i64 = since
+                .adjustments
+                .iter()
+                .filter(|a| a.tenant == *tenant)
+                .map(|a| a.facility_energy_restated_millijoules.unwrap())
+                .sum();
+            assert_eq!(
+                i64::try_from(*was).unwrap() + restated,
+                i64::try_from(*is).unwrap(),
+                "{tenant}: the walk's row plus what was booked since"
+            );
+        }
+    }
+
     /// A round splits whole revisions' late minutes again, in order, up to
     /// its bound (a revision alone may pass it), on the meter's nodes only,
     /// and is as of the last revision it took.

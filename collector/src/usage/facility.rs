@@ -8,8 +8,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::accounting::Metered;
-use crate::ledger::{MeterMinute, NodeMinute};
+use crate::accounting::{Metered, MeteredChange};
+use crate::ledger::{Adjustment, MeterMinute, NodeMinute};
 use crate::meters::MeterSpec;
 
 /// One tenant-minute: what its meters allocated of it, and whether some of
@@ -86,6 +86,37 @@ impl Facility {
         Self {
             tenants,
             meters: meters.to_vec(),
+        }
+    }
+
+    /// As it stood at `revision`, from an allocation read with
+    /// `adjustments` in one snapshot (all those of the period booked
+    /// since, at least): takes back what the allocations and the minutes
+    /// split again booked after `revision` (their `metered` changes). A
+    /// tenant-minute first allocated after it was not allocated then: its
+    /// estimate stands, pending.
+    pub fn as_of(&mut self, adjustments: &[Adjustment], revision: u64) {
+        let back = |v: u64, change: i64| {
+            let v = i128::from(v) - i128::from(change);
+            u64::try_from(v.max(0)).unwrap_or(u64::MAX)
+        };
+        for a in adjustments
+            .iter()
+            .filter(|a| a.revision > revision && a.metered != MeteredChange::NONE)
+        {
+            let Some(m) =
+                (self.tenants.get_mut(&a.tenant)).and_then(|t| t.get_mut(&a.minute_start))
+            else {
+                continue;
+            };
+            let was = m.metered;
+            m.metered = Metered {
+                allocated_mj: back(was.allocated_mj, a.metered.allocated_mj),
+                node_mj: back(was.node_mj, a.metered.node_mj),
+            };
+            if was != Metered::NONE && m.metered == Metered::NONE {
+                m.pending = true;
+            }
         }
     }
 

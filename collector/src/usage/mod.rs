@@ -239,7 +239,9 @@ pub fn run(
     };
     let q = Query::parse(from, to, step, tz, selected.len())?;
     let (lo, hi) = q.read_range();
-    let usage = reader.usage_since(tenant, lo, hi, since)?;
+    // The meters' allocation in the usage's snapshot: as of its revision.
+    let (usage, allocation) =
+        reader.usage_allocated_since(tenant, lo, hi, since, !meters.is_empty())?;
     if since > usage.revision {
         return Err(UsageError::RevisionAhead {
             since,
@@ -270,7 +272,7 @@ pub fn run(
             .cloned()
             .unwrap_or_else(|| vec![(i64::MIN, Contract::default())]);
     }
-    let facility = facility_of(reader, meters, tenant, &usage, lo, hi)?;
+    let facility = Facility::of(meters, &allocation.minutes, &allocation.nodes);
     let r = report(&q, &selected, &usage, &facility);
     if r.adjustments.len() > MAX_ROWS as usize {
         return Err(UsageError::TooManyAdjustments {
@@ -306,35 +308,6 @@ fn known_terms(reader: &dyn LedgerReader, tenants: &Tenants) -> Result<Vec<Terms
         }
     }
     Ok(known)
-}
-
-/// What the meters allocated of the minutes kept in `[lo, hi)` (those no
-/// longer configured too: an allocation stands), and which minutes of the
-/// nodes the configured `meters` feed are not allocated yet. Read after
-/// the usage: a minute allocated is final, so its buckets are the ones
-/// the usage read.
-fn facility_of(
-    reader: &dyn LedgerReader,
-    meters: &[MeterSpec],
-    tenant: Option<&str>,
-    usage: &crate::ledger::Usage,
-    lo: i64,
-    hi: i64,
-) -> Result<Facility, LedgerError> {
-    let from = lo.max(usage.minutes_from);
-    if from >= hi {
-        return Ok(Facility::under(meters));
-    }
-    let allocated = reader.meter_minutes(None, from, hi)?;
-    if meters.is_empty() && allocated.is_empty() {
-        return Ok(Facility::NONE);
-    }
-    let nodes = if meters.is_empty() {
-        Vec::new()
-    } else {
-        reader.tenant_node_minutes(tenant, from, hi)?
-    };
-    Ok(Facility::of(meters, &allocated, &nodes))
 }
 
 /// `since_revision`: a revision from an earlier answer; none is 0, every

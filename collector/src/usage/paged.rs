@@ -40,8 +40,8 @@ use utoipa::ToSchema;
 use super::cursor::{Cursor, fingerprint};
 use super::periods::{Grid, parse_time};
 use super::{
-    AdjustmentRow, MAX_ROWS, QueryError, Row, Step, Terms, UsageError, Zone, facility_of,
-    known_terms, parse_revision, report,
+    AdjustmentRow, Facility, MAX_ROWS, QueryError, Row, Step, Terms, UsageError, Zone, known_terms,
+    parse_revision, report,
 };
 use crate::accounting::{Contract, Metered};
 use crate::ledger::{Adjustment, HOUR, LedgerReader, Span, Usage};
@@ -538,7 +538,9 @@ pub fn page(
         let sub = sub_query(bi, bi + take)?;
         let (lo, hi) = sub.read_range();
         let (node, gpu) = (unit.0.clone(), unit.1.clone());
-        let (usage, revisions) = match (&node, &gpu) {
+        // The meters' allocation is the tenant's: node and GPU rows have
+        // none.
+        let (usage, revisions, facility) = match (&node, &gpu) {
             (Some(n), Some(g)) => {
                 check_gpu_bounds(&sub.bounds, pq.step)?;
                 let (first, end) = (sub.bounds[0], sub.bounds[sub.bounds.len() - 1]);
@@ -558,26 +560,38 @@ pub fn page(
                 }
                 // On GPU energy: GPU rows' power is GPU power.
                 terms.contracts = vec![(i64::MIN, Contract::gpu(0))];
-                gpu_spans(&terms.tenant, &hours, &sub.bounds)
+                let (usage, revisions) = gpu_spans(&terms.tenant, &hours, &sub.bounds);
+                (usage, revisions, Facility::NONE)
             }
             _ => {
-                let mut usage = match &node {
-                    None => reader.usage_since(Some(&terms.tenant), lo, hi, 0)?,
-                    Some(n) => reader.node_usage_since(&terms.tenant, n, lo, hi, 0)?,
+                let (mut usage, facility) = match &node {
+                    None => {
+                        let (usage, allocation) = reader.usage_allocated_since(
+                            Some(&terms.tenant),
+                            lo,
+                            hi,
+                            0,
+                            !meters.is_empty(),
+                        )?;
+                        // As of the walk's revision, like its adjustments:
+                        // an allocation booked since is the next walk's.
+                        let mut f = Facility::of(meters, &allocation.minutes, &allocation.nodes);
+                        f.as_of(&usage.adjustments, pinned);
+                        (usage, f)
+                    }
+                    Some(n) => (
+                        reader.node_usage_since(&terms.tenant, n, lo, hi, 0)?,
+                        Facility::NONE,
+                    ),
                 };
                 sub.check_detail(&usage)?;
                 usage.adjustments.retain(|a| a.revision <= pinned);
                 let revisions = row_revisions(&sub.bounds, &usage.adjustments);
                 usage.adjustments.retain(|a| a.revision > since);
-                (usage, revisions)
+                (usage, revisions, facility)
             }
         };
         finalized = finalized.min(usage.finalized_through);
-        // The meters' allocation is the tenant's: node rows have none.
-        let facility = match node {
-            None => facility_of(reader, meters, Some(&terms.tenant), &usage, lo, hi)?,
-            Some(_) => super::Facility::NONE,
-        };
         let r = report(&sub, std::slice::from_ref(&terms), &usage, &facility);
         // The adjustments of each row (they come in row order within a
         // revision, so count them per row first).

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{Shared, i64_of, u64_of};
+use super::{Fail, Shared, i64_of, u64_of};
 use crate::ledger::{LedgerError, MeterMinute, MeterResplit, MeterShare, MeterState, NodeMinute};
 
 /// A register's raw value in a BIGINT: its 64 bits as they are.
@@ -140,52 +140,59 @@ pub(super) fn node_minutes_as_of(
     to: i64,
     revision: Option<u64>,
 ) -> Result<Vec<NodeMinute>, LedgerError> {
-    let revision = revision
-        .map(|r| i64_of(shared, r, "revision"))
-        .transpose()?;
     let tenant = tenant.map(str::to_string);
     let s = shared.clone();
     shared.call(move |client| async move {
-        let r = async {
-            let rows = client
-                .query(
-                    "SELECT tenant, node, minute_start,
-                            (CASE WHEN SUM(node_ns) > 0 OR SUM(node_energy_mj) > 0
-                                THEN SUM(node_energy_mj) ELSE SUM(energy_mj) END)::bigint,
-                            SUM(row_node_mj)::bigint
-                     FROM (
-                        SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj,
-                            node_energy_mj AS row_node_mj
-                        FROM usage_minute
-                        WHERE minute_start >= $1 AND minute_start < $2
-                            AND ($3::text IS NULL OR tenant = $3)
-                        UNION ALL
-                        SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj, 0
-                        FROM adjustment
-                        WHERE node <> '' AND minute_start >= $1 AND minute_start < $2
-                            AND ($3::text IS NULL OR tenant = $3)
-                            AND ($4::bigint IS NULL OR revision <= $4)
-                     ) AS m
-                     GROUP BY minute_start, node, tenant
-                     ORDER BY minute_start, node, tenant",
-                    &[&from, &to, &tenant, &revision],
-                )
-                .await?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in rows {
-                out.push(NodeMinute {
-                    tenant: row.try_get(0)?,
-                    node: row.try_get(1)?,
-                    minute: row.try_get(2)?,
-                    measured_mj: u64_of(&s, row.try_get(3)?, "measured energy")?,
-                    node_energy_mj: u64_of(&s, row.try_get(4)?, "node energy")?,
-                });
-            }
-            Ok(out)
-        }
-        .await;
+        let r = node_minutes_in(&s, &client, tenant.as_deref(), from, to, revision).await;
         (client, r)
     })
+}
+
+/// `node_minutes_as_of` on `client` (a transaction: in its snapshot).
+pub(super) async fn node_minutes_in(
+    s: &Shared,
+    client: &impl deadpool_postgres::GenericClient,
+    tenant: Option<&str>,
+    from: i64,
+    to: i64,
+    revision: Option<u64>,
+) -> Result<Vec<NodeMinute>, Fail> {
+    let revision = revision.map(|r| i64_of(s, r, "revision")).transpose()?;
+    let rows = client
+        .query(
+            "SELECT tenant, node, minute_start,
+                (CASE WHEN SUM(node_ns) > 0 OR SUM(node_energy_mj) > 0
+                    THEN SUM(node_energy_mj) ELSE SUM(energy_mj) END)::bigint,
+                SUM(row_node_mj)::bigint
+             FROM (
+                SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj,
+                    node_energy_mj AS row_node_mj
+                FROM usage_minute
+                WHERE minute_start >= $1 AND minute_start < $2
+                    AND ($3::text IS NULL OR tenant = $3)
+                UNION ALL
+                SELECT tenant, node, minute_start, node_ns, node_energy_mj, energy_mj, 0
+                FROM adjustment
+                WHERE node <> '' AND minute_start >= $1 AND minute_start < $2
+                    AND ($3::text IS NULL OR tenant = $3)
+                    AND ($4::bigint IS NULL OR revision <= $4)
+             ) AS m
+             GROUP BY minute_start, node, tenant
+             ORDER BY minute_start, node, tenant",
+            &[&from, &to, &tenant, &revision],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push(NodeMinute {
+            tenant: row.try_get(0)?,
+            node: row.try_get(1)?,
+            minute: row.try_get(2)?,
+            measured_mj: u64_of(s, row.try_get(3)?, "measured energy")?,
+            node_energy_mj: u64_of(s, row.try_get(4)?, "node energy")?,
+        });
+    }
+    Ok(out)
 }
 
 pub(super) fn allocate_meter(
@@ -392,58 +399,66 @@ pub(super) fn meter_minutes(
     let meter = meter.map(str::to_string);
     let s = shared.clone();
     shared.call(move |client| async move {
-        let r = async {
-            let rows = client
-                .query(
-                    "SELECT m.meter, m.minute_start, m.metered_mj, m.measured_mj, m.unallocated_mj,
-                            a.tenant, a.measured_mj, a.allocated_mj, a.node_mj
-                     FROM meter_minute m
-                     LEFT JOIN meter_allocation a
-                        ON a.meter = m.meter AND a.minute_start = m.minute_start
-                     WHERE ($1::text IS NULL OR m.meter = $1)
-                       AND m.minute_start >= $2 AND m.minute_start < $3
-                     ORDER BY m.meter, m.minute_start, a.tenant",
-                    &[&meter, &from, &to],
-                )
-                .await?;
-            let mut out: Vec<(String, MeterMinute)> = Vec::new();
-            for row in rows {
-                let meter: String = row.try_get(0)?;
-                let minute: i64 = row.try_get(1)?;
-                let same = out
-                    .last()
-                    .is_some_and(|(m, mm)| *m == meter && mm.minute == minute);
-                if !same {
-                    out.push((
-                        meter,
-                        MeterMinute {
-                            minute,
-                            metered_mj: u64_of(&s, row.try_get(2)?, "metered_mj")?,
-                            measured_mj: u64_of(&s, row.try_get(3)?, "measured_mj")?,
-                            unallocated_mj: u64_of(&s, row.try_get(4)?, "unallocated_mj")?,
-                            tenants: Vec::new(),
-                        },
-                    ));
-                }
-                if let Some(tenant) = row.try_get::<_, Option<String>>(5)?
-                    && let Some((_, mm)) = out.last_mut()
-                {
-                    let measured: i64 = row.try_get(6)?;
-                    let allocated: i64 = row.try_get(7)?;
-                    let node: i64 = row.try_get(8)?;
-                    mm.tenants.push(MeterShare {
-                        tenant,
-                        measured_mj: u64_of(&s, measured, "measured_mj")?,
-                        allocated_mj: u64_of(&s, allocated, "allocated_mj")?,
-                        node_mj: u64_of(&s, node, "node_mj")?,
-                    });
-                }
-            }
-            Ok(out)
-        }
-        .await;
+        let r = meter_minutes_in(&s, &client, meter.as_deref(), from, to).await;
         (client, r)
     })
+}
+
+/// `meter_minutes` on `client` (a transaction: in its snapshot).
+pub(super) async fn meter_minutes_in(
+    s: &Shared,
+    client: &impl deadpool_postgres::GenericClient,
+    meter: Option<&str>,
+    from: i64,
+    to: i64,
+) -> Result<Vec<(String, MeterMinute)>, Fail> {
+    let rows = client
+        .query(
+            "SELECT m.meter, m.minute_start, m.metered_mj, m.measured_mj, m.unallocated_mj,
+                    a.tenant, a.measured_mj, a.allocated_mj, a.node_mj
+             FROM meter_minute m
+             LEFT JOIN meter_allocation a
+                ON a.meter = m.meter AND a.minute_start = m.minute_start
+             WHERE ($1::text IS NULL OR m.meter = $1)
+               AND m.minute_start >= $2 AND m.minute_start < $3
+             ORDER BY m.meter, m.minute_start, a.tenant",
+            &[&meter, &from, &to],
+        )
+        .await?;
+    let mut out: Vec<(String, MeterMinute)> = Vec::new();
+    for row in rows {
+        let meter: String = row.try_get(0)?;
+        let minute: i64 = row.try_get(1)?;
+        let same = out
+            .last()
+            .is_some_and(|(m, mm)| *m == meter && mm.minute == minute);
+        if !same {
+            out.push((
+                meter,
+                MeterMinute {
+                    minute,
+                    metered_mj: u64_of(s, row.try_get(2)?, "metered_mj")?,
+                    measured_mj: u64_of(s, row.try_get(3)?, "measured_mj")?,
+                    unallocated_mj: u64_of(s, row.try_get(4)?, "unallocated_mj")?,
+                    tenants: Vec::new(),
+                },
+            ));
+        }
+        if let Some(tenant) = row.try_get::<_, Option<String>>(5)?
+            && let Some((_, mm)) = out.last_mut()
+        {
+            let measured: i64 = row.try_get(6)?;
+            let allocated: i64 = row.try_get(7)?;
+            let node: i64 = row.try_get(8)?;
+            mm.tenants.push(MeterShare {
+                tenant,
+                measured_mj: u64_of(s, measured, "measured_mj")?,
+                allocated_mj: u64_of(s, allocated, "allocated_mj")?,
+                node_mj: u64_of(s, node, "node_mj")?,
+            });
+        }
+    }
+    Ok(out)
 }
 
 /// Folds the meter-minutes and tenants' parts before `before` (an hour

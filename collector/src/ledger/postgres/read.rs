@@ -12,7 +12,7 @@ use super::{
 use crate::accounting::Metered;
 use crate::ledger::{
     Adjustment, BucketDelta, DAY, GPU_COLUMNS, GPU_FIELDS, GpuDelta, GpuHour, GpuUsage, HOUR,
-    LedgerError, LedgerReader, MINUTE, Span, TenantVersion, Usage,
+    LedgerError, LedgerReader, MINUTE, Span, TenantVersion, Usage, UsageAllocation,
 };
 
 /// A reader of the PostgreSQL ledger. Never writes.
@@ -95,6 +95,9 @@ struct UsageQuery {
     since_revision: u64,
     /// Without spans: the adjustments alone (`adjustments_since`).
     with_spans: bool,
+    /// The meters' allocation of the minutes kept too, in the snapshot
+    /// (`usage_allocated_since`), with the node minutes where `Some(true)`.
+    allocation: Option<bool>,
 }
 
 /// `LedgerReader::gpu_rows_from` within the read `tx`.
@@ -134,12 +137,13 @@ async fn usage_since(
     s: &Shared,
     client: &mut deadpool_postgres::Object,
     q: UsageQuery,
-) -> Result<Usage, Fail> {
+) -> Result<(Usage, UsageAllocation), Fail> {
     let UsageQuery {
         from,
         to,
         since_revision,
         with_spans,
+        allocation: with_allocation,
         ..
     } = q;
     let tenant = q.tenant.as_deref();
@@ -190,7 +194,7 @@ async fn usage_since(
     };
     if !with_spans {
         tx.commit().await?;
-        return Ok(usage);
+        return Ok((usage, UsageAllocation::default()));
     }
     for (t, start, delta) in minutes(s, &tx, tenant, node, from.max(minutes_from), to).await? {
         usage.spans.push((
@@ -279,16 +283,26 @@ async fn usage_since(
             usage.spans.push((r.try_get(0)?, span));
         }
     }
+    let mut allocation = UsageAllocation::default();
+    let lo = from.max(minutes_from);
+    if let Some(with_nodes) = with_allocation
+        && lo < to
+    {
+        allocation.minutes = super::meter::meter_minutes_in(s, &tx, None, lo, to).await?;
+        if with_nodes {
+            allocation.nodes = super::meter::node_minutes_in(s, &tx, tenant, lo, to, None).await?;
+        }
+    }
     tx.commit().await?;
     usage
         .spans
         .sort_by(|a, b| a.0.cmp(&b.0).then(a.1.start.cmp(&b.1.start)));
-    Ok(usage)
+    Ok((usage, allocation))
 }
 
 impl PgReader {
     /// Runs `q` on a pooled connection.
-    fn read_usage(&self, q: UsageQuery) -> Result<Usage, LedgerError> {
+    fn read_usage(&self, q: UsageQuery) -> Result<(Usage, UsageAllocation), LedgerError> {
         let s = self.shared.clone();
         self.shared.call(move |mut client| async move {
             let r = usage_since(&s, &mut client, q).await;
@@ -429,6 +443,27 @@ impl LedgerReader for PgReader {
             to,
             since_revision,
             with_spans: true,
+            allocation: None,
+        })
+        .map(|(u, _)| u)
+    }
+
+    fn usage_allocated_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+        with_nodes: bool,
+    ) -> Result<(Usage, UsageAllocation), LedgerError> {
+        self.read_usage(UsageQuery {
+            tenant: tenant.map(str::to_string),
+            node: None,
+            from,
+            to,
+            since_revision,
+            with_spans: true,
+            allocation: Some(with_nodes),
         })
     }
 
@@ -446,7 +481,9 @@ impl LedgerReader for PgReader {
             to,
             since_revision,
             with_spans: false,
+            allocation: None,
         })
+        .map(|(u, _)| u)
     }
 
     fn usage_nodes(&self, tenant: &str, from: i64, to: i64) -> Result<Vec<String>, LedgerError> {
@@ -583,7 +620,9 @@ impl LedgerReader for PgReader {
             to,
             since_revision,
             with_spans: true,
+            allocation: None,
         })
+        .map(|(u, _)| u)
     }
 
     fn tenants(&self) -> Result<Vec<String>, LedgerError> {

@@ -12,7 +12,7 @@ use super::{
 use crate::accounting::Metered;
 use crate::ledger::{
     Adjustment, BucketDelta, DAY, GPU_COLUMNS, GPU_FIELDS, GpuDelta, GpuHour, GpuUsage, HOUR,
-    LedgerError, LedgerReader, MINUTE, Span, TenantVersion, Usage,
+    LedgerError, LedgerReader, MINUTE, Span, TenantVersion, Usage, UsageAllocation,
 };
 /// A read-only view of the ledger, for the usage API and the `usage`
 /// command. WAL lets it read while the collector commits.
@@ -145,6 +145,32 @@ impl Reader {
         self.usage_on(tenant, None, from, to, since_revision, true)
     }
 
+    /// As `usage_since`, with the meters' allocation of the minutes kept
+    /// read in the same snapshot (`LedgerReader::usage_allocated_since`).
+    pub fn usage_allocated_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+        with_nodes: bool,
+    ) -> Result<(Usage, UsageAllocation), LedgerError> {
+        let tx = self
+            .conn
+            .unchecked_transaction()
+            .map_err(sqlite_err(&self.path))?;
+        let usage = self.usage_on(tenant, None, from, to, since_revision, true)?;
+        let lo = from.max(usage.minutes_from);
+        let mut allocation = UsageAllocation::default();
+        if lo < to {
+            allocation.minutes = super::meter::meter_minutes(&tx, &self.path, None, lo, to)?;
+            if with_nodes {
+                allocation.nodes = super::meter::node_minutes_of(&tx, &self.path, tenant, lo, to)?;
+            }
+        }
+        Ok((usage, allocation))
+    }
+
     /// As `usage_since`, of `node` alone where one is named (see
     /// `LedgerReader::node_usage_since`).
     /// Without `spans`, the adjustments alone (`adjustments_since`).
@@ -159,8 +185,15 @@ impl Reader {
     ) -> Result<Usage, LedgerError> {
         let p = &self.path;
         let err = sqlite_err(p);
-        let tx = self.conn.unchecked_transaction().map_err(err)?;
-        let (revision, finalized_through) = watermark(&tx, p)?;
+        // One snapshot: a read transaction of its own, unless the caller
+        // holds one (`usage_allocated_since`).
+        let _own = if self.conn.is_autocommit() {
+            Some(self.conn.unchecked_transaction().map_err(err)?)
+        } else {
+            None
+        };
+        let tx: &Connection = &self.conn;
+        let (revision, finalized_through) = watermark(tx, p)?;
         let mut adjustments = Vec::new();
         {
             let mut q = tx
@@ -215,9 +248,9 @@ impl Reader {
                 });
             }
         }
-        let minutes_from = kept_from(&tx, MINUTE, p)?;
-        let hours_from = kept_from(&tx, HOUR, p)?.min(minutes_from);
-        let days_from = kept_from(&tx, DAY, p)?.min(hours_from);
+        let minutes_from = kept_from(tx, MINUTE, p)?;
+        let hours_from = kept_from(tx, HOUR, p)?.min(minutes_from);
+        let days_from = kept_from(tx, DAY, p)?.min(hours_from);
         let mut usage = Usage {
             spans: Vec::new(),
             minutes_from,
@@ -574,6 +607,17 @@ impl LedgerReader for Reader {
         since_revision: u64,
     ) -> Result<Usage, LedgerError> {
         Reader::usage_since(self, tenant, from, to, since_revision)
+    }
+
+    fn usage_allocated_since(
+        &self,
+        tenant: Option<&str>,
+        from: i64,
+        to: i64,
+        since_revision: u64,
+        with_nodes: bool,
+    ) -> Result<(Usage, UsageAllocation), LedgerError> {
+        Reader::usage_allocated_since(self, tenant, from, to, since_revision, with_nodes)
     }
 
     fn tenants(&self) -> Result<Vec<String>, LedgerError> {
