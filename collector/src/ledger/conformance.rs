@@ -2014,7 +2014,30 @@ pub(crate) fn a_minute_split_again_replaces_its_parts_once<W: LedgerWriter, R: L
         .reader
         .usage_allocated_since(None, 0, MINUTE, 0, true)
         .unwrap();
-    assert_eq!(none, crate::ledger::UsageAllocation::default());
+    assert_eq!(
+        (none.minutes, none.nodes),
+        (vec![], vec![]),
+        "the minutes' allocation of kept minutes only"
+    );
+    // Where each meter started: its first minute, whatever it allocated
+    // since; a meter with a state and no minute yet at its state's.
+    assert_eq!(none.started, vec![("row-a".to_string(), MINUTE)]);
+    assert!(
+        f.writer
+            .allocate_meter("row-b", None, &state(MINUTE + 600, allocated), &[])
+            .unwrap()
+    );
+    let (_, started) = f
+        .reader
+        .usage_allocated_since(None, 0, MINUTE, 0, false)
+        .unwrap();
+    assert_eq!(
+        started.started,
+        vec![
+            ("row-a".to_string(), MINUTE),
+            ("row-b".to_string(), MINUTE + 600)
+        ]
+    );
 }
 
 /// A tenant whose energy in a minute was all booked late, before the
@@ -2168,6 +2191,16 @@ pub(crate) fn meter_reports_read_the_same_after_compaction<W: LedgerWriter, R: L
     );
     assert_eq!(report(&f.reader, "1h").unwrap(), hourly);
     assert_eq!(report(&f.reader, "1d").unwrap(), daily);
+    // Where each meter started, from its hourly sums once its minutes
+    // are folded: the hour's start (the sums keep no minute).
+    let (_, allocation) = f
+        .reader
+        .usage_allocated_since(None, MINUTE, MINUTE + 3_600, 0, false)
+        .unwrap();
+    assert_eq!(
+        allocation.started,
+        vec![("row-a".to_string(), MINUTE), ("row-b".to_string(), MINUTE)]
+    );
     let cut = report(&f.reader, "15m").unwrap_err().to_string();
     assert!(cut.contains("hourly"), "{cut}");
 }

@@ -867,6 +867,10 @@ pub struct UsageAllocation {
     pub minutes: Vec<(String, MeterMinute)>,
     /// As `LedgerReader::tenant_node_minutes`, where asked for.
     pub nodes: Vec<NodeMinute>,
+    /// Each meter the ledger has a state of and the first minute it
+    /// allocated (its state's next minute where it allocated none yet),
+    /// by meter: no minute before is ever split by it.
+    pub started: Vec<(String, i64)>,
 }
 
 /// A late delta to a final minute of one tenant on one node, booked by
@@ -1185,7 +1189,8 @@ pub trait LedgerReader {
     /// As `usage_since`, with what the meters allocated of the minutes it
     /// keeps minute by minute (`[max(from, minutes_from), to)`: every
     /// meter's `meter_minutes`, and `tenant_node_minutes` of `tenant`
-    /// where `with_nodes`), all in the one snapshot: an allocation, or a
+    /// where `with_nodes`) and where each meter's allocation started, all
+    /// in the one snapshot: an allocation, or a
     /// minute split again, is in the answer exactly when the adjustments
     /// that book it are within the answer's revision.
     fn usage_allocated_since(

@@ -1307,6 +1307,72 @@ mod allocation {
         assert_eq!(lock(&m.live).minutes_split_again, 1);
     }
 
+    /// Energy booked late for a minute before the meter's first (a meter
+    /// added to a running site, or down since it was configured) is in no
+    /// split, now or later: it carries its PUE estimate, and the minute is
+    /// not pending. In a minute the meter allocated it is split in again
+    /// and carries nothing of its own.
+    #[test]
+    fn late_energy_before_a_meters_first_minute_carries_its_estimate() {
+        let (ledger, reader, _dir) = ledger(4);
+        let m = modbus("");
+        let polls = readings(0, &[10; 20], u64::MAX);
+        // The first reading at 08:01:30: the first minute is 08:02.
+        poll_all(&m, &polls[8..]);
+        let first = round(&m, &ledger).unwrap();
+        assert_eq!(first[0].minute, M + 120, "{first:?}");
+        let revision = crate::ledger::LedgerReader::revision(&*lock(&ledger.reader)).unwrap();
+        book_late(&ledger, "lab-a", "n-1", M, 9_000);
+        book_late(&ledger, "lab-a", "n-1", M + 120, 1_000);
+        assert_eq!(round(&m, &ledger).unwrap(), Vec::<MeterMinute>::new());
+        assert_eq!(lock(&m.live).minutes_split_again, 1);
+        let tenants = Arc::new(
+            crate::tenants::Tenants::from_toml(
+                "[[tenant]]\nid = \"lab-a\"\nnodes = [\"n-1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
+            )
+            .unwrap(),
+        );
+        let history = crate::tenants::TenantHistory::new(tenants.clone());
+        let report = crate::usage::run(
+            &reader,
+            &tenants,
+            &history,
+            std::slice::from_ref(&m.spec),
+            Some("lab-a"),
+            Some("2027-01-15T08:00:00Z"),
+            Some("2027-01-15T08:03:00Z"),
+            Some("1m"),
+            None,
+            Some(&revision.to_string()),
+        )
+        .unwrap();
+        let late: Vec<(&str, &str, Option<i64>)> = report
+            .adjustments
+            .iter()
+            .filter(|a| !a.node.is_empty())
+            .map(|a| {
+                (
+                    a.start.as_str(),
+                    a.node.as_str(),
+                    a.facility_energy_restated_millijoules,
+                )
+            })
+            .collect();
+        assert_eq!(
+            late,
+            vec![
+                ("2027-01-15T08:00:00Z", "n-1", Some(13_500)),
+                ("2027-01-15T08:02:00Z", "n-1", Some(0)),
+            ]
+        );
+        let pending: Vec<bool> = report
+            .rows
+            .iter()
+            .map(|r| r.facility_energy_pending)
+            .collect();
+        assert_eq!(pending, [false, false, false]);
+    }
+
     /// A walk of usage pages is as of its first page's revision, facility
     /// energy included: a minute split again between two of its pages
     /// shows on neither, and a walk since that revision restates each row

@@ -9,7 +9,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::accounting::{Metered, MeteredChange};
-use crate::ledger::{Adjustment, MeterMinute, NodeMinute};
+use crate::ledger::{Adjustment, UsageAllocation};
 use crate::meters::MeterSpec;
 
 /// One tenant-minute: what its meters allocated of it, and whether some of
@@ -21,11 +21,12 @@ pub struct FacilityMinute {
 }
 
 /// The meters' allocation by tenant, then minute start, and the
-/// configured meters (which nodes are metered today).
+/// configured meters (which nodes are metered today) with the first
+/// minute each allocated.
 #[derive(Debug, Clone, Default)]
 pub struct Facility {
     tenants: ByTenant,
-    meters: Vec<MeterSpec>,
+    meters: Vec<(MeterSpec, i64)>,
 }
 
 impl Facility {
@@ -35,32 +36,37 @@ impl Facility {
         meters: Vec::new(),
     };
 
-    /// Nothing allocated in the period read, under the configured
-    /// `meters`.
-    pub fn under(meters: &[MeterSpec]) -> Self {
-        Self {
-            tenants: BTreeMap::new(),
-            meters: meters.to_vec(),
-        }
-    }
-
-    /// Whether a configured meter covers `node`: energy booked late on it
-    /// is the meter's to split, not a PUE estimate.
-    pub fn metered(&self, node: &str) -> bool {
-        self.meters.iter().any(|m| m.covers(node))
+    /// Whether a configured meter splits `node`'s energy in the minute
+    /// starting at `minute`: it covers the node and had started
+    /// allocating by then. Energy booked late there is the meter's to
+    /// split (before it allocates the minute, or again after), not a PUE
+    /// estimate; a minute before a meter's first is never split by it.
+    pub fn metered(&self, node: &str, minute: i64) -> bool {
+        self.meters
+            .iter()
+            .any(|(m, from)| minute >= *from && m.covers(node))
     }
 
     /// From the meters' allocated minutes (each tenant's part keeps the
     /// node energy it replaced, whatever the meters' node lists say
     /// today) and the configured `meters`, whose node lists say only
-    /// which minutes of `nodes` still wait for an allocation (pending).
-    /// A meter no longer configured still counts for the minutes it
-    /// allocated.
-    pub fn of(
-        meters: &[MeterSpec],
-        allocated: &[(String, MeterMinute)],
-        nodes: &[NodeMinute],
-    ) -> Self {
+    /// which minutes of `allocation.nodes` still wait for an allocation
+    /// (pending: from the meter's first minute on, `allocation.started`;
+    /// every minute of a meter that has no state yet, whose first minute
+    /// is not known until it answers). A meter no longer configured still
+    /// counts for the minutes it allocated.
+    pub fn of(meters: &[MeterSpec], allocation: &UsageAllocation) -> Self {
+        let allocated = &allocation.minutes;
+        let started: BTreeMap<&str, i64> = (allocation.started.iter())
+            .map(|(m, from)| (m.as_str(), *from))
+            .collect();
+        let meters: Vec<(MeterSpec, i64)> = meters
+            .iter()
+            .map(|m| {
+                let from = started.get(m.id.as_str()).copied();
+                (m.clone(), from.unwrap_or(i64::MIN))
+            })
+            .collect();
         let mut tenants = ByTenant::new();
         let mut done: BTreeSet<(&str, i64)> = BTreeSet::new();
         for (meter, mm) in allocated {
@@ -74,19 +80,19 @@ impl Facility {
                     });
             }
         }
-        for n in nodes {
-            let mut under = meters.iter().filter(|m| m.covers(&n.node)).peekable();
+        for n in &allocation.nodes {
+            let mut under = meters
+                .iter()
+                .filter(|(m, from)| n.minute >= *from && m.covers(&n.node))
+                .peekable();
             if under.peek().is_none() {
                 continue;
             }
-            if !under.any(|m| done.contains(&(m.id.as_str(), n.minute))) {
+            if !under.any(|(m, _)| done.contains(&(m.id.as_str(), n.minute))) {
                 slot(&mut tenants, &n.tenant, n.minute).pending = true;
             }
         }
-        Self {
-            tenants,
-            meters: meters.to_vec(),
-        }
+        Self { tenants, meters }
     }
 
     /// As it stood at `revision`, from an allocation read with

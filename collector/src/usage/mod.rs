@@ -272,7 +272,7 @@ pub fn run(
             .cloned()
             .unwrap_or_else(|| vec![(i64::MIN, Contract::default())]);
     }
-    let facility = Facility::of(meters, &allocation.minutes, &allocation.nodes);
+    let facility = Facility::of(meters, &allocation);
     let r = report(&q, &selected, &usage, &facility);
     if r.adjustments.len() > MAX_ROWS as usize {
         return Err(UsageError::TooManyAdjustments {

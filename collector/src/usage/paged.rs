@@ -575,7 +575,7 @@ pub fn page(
                         )?;
                         // As of the walk's revision, like its adjustments:
                         // an allocation booked since is the next walk's.
-                        let mut f = Facility::of(meters, &allocation.minutes, &allocation.nodes);
+                        let mut f = Facility::of(meters, &allocation);
                         f.as_of(&usage.adjustments, pinned);
                         (usage, f)
                     }

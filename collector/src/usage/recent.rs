@@ -27,7 +27,7 @@
 use std::collections::BTreeMap;
 
 use crate::accounting::{Basis, Metered, over_contract};
-use crate::ledger::{BucketDelta, DAY, LedgerError, LedgerReader, MeterMinute};
+use crate::ledger::{BucketDelta, DAY, LedgerError, LedgerReader, UsageAllocation};
 use crate::tenants::TenantHistory;
 
 use super::facility::Facility;
@@ -81,8 +81,9 @@ pub struct Rows {
     /// (tenant, minute start, sums over nodes), as `LedgerReader::minutes`,
     /// with each minute's adjustments added.
     pub minutes: Vec<(String, i64, BucketDelta)>,
-    /// The meters' allocated minutes, as `LedgerReader::meter_minutes`.
-    pub allocated: Vec<(String, MeterMinute)>,
+    /// The meters' allocated minutes, as `LedgerReader::meter_minutes`
+    /// (nothing else of the allocation: the day's power is the parts).
+    pub allocated: UsageAllocation,
 }
 
 /// Reads `tenant`'s (`None`: every tenant's) minutes of `w`.
@@ -109,7 +110,10 @@ pub fn read(
     }
     Ok(Rows {
         minutes: minutes.into_iter().map(|((t, m), d)| (t, m, d)).collect(),
-        allocated: reader.meter_minutes(None, from, to)?,
+        allocated: UsageAllocation {
+            minutes: reader.meter_minutes(None, from, to)?,
+            ..UsageAllocation::default()
+        },
     })
 }
 
@@ -202,7 +206,10 @@ pub fn read_kept(
     *kept = Some(k);
     Ok(Rows {
         minutes: minutes.into_iter().map(|((t, m), d)| (t, m, d)).collect(),
-        allocated: reader.meter_minutes(None, from, to)?,
+        allocated: UsageAllocation {
+            minutes: reader.meter_minutes(None, from, to)?,
+            ..UsageAllocation::default()
+        },
     })
 }
 
@@ -228,7 +235,7 @@ pub fn recent(
     tenants: &[&str],
     history: &TenantHistory,
 ) -> BTreeMap<String, TenantRecent> {
-    let facility = Facility::of(&[], &rows.allocated, &[]);
+    let facility = Facility::of(&[], &rows.allocated);
     let mut by_tenant: BTreeMap<&str, Vec<(i64, &BucketDelta)>> = BTreeMap::new();
     for (t, minute, d) in &rows.minutes {
         by_tenant.entry(t.as_str()).or_default().push((*minute, d));
@@ -341,7 +348,7 @@ mod tests {
                 // The open minute: over contract, counted, not charted.
                 minute("a", w.open_minute, 5000),
             ],
-            allocated: vec![],
+            allocated: UsageAllocation::default(),
         };
         let r = &recent(&rows, &w, &["a", "b"], &h);
         let a = &r["a"];
@@ -375,7 +382,7 @@ mod tests {
         gpu_only.2.node_energy_mj = 0;
         let rows = Rows {
             minutes: vec![gpu_only, with_node],
-            allocated: vec![],
+            allocated: UsageAllocation::default(),
         };
         let n = &recent(&rows, &w, &["n"], &h)["n"];
         let bin = |t: i64| ((t - w.from) / 300) as usize;

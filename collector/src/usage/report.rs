@@ -265,8 +265,9 @@ pub struct AdjustmentRow {
     /// split again) minus the PUE estimate of the node energy it replaces
     /// (each minute on its contract's PUE), negative where the meter read
     /// less; for energy booked late, the PUE estimate of its node energy
-    /// on a node no configured meter covers, 0 on a metered node (the
-    /// meter's split holds it). Absent where a PUE estimate is needed and
+    /// on a node no configured meter covers (or in a minute before the
+    /// first its meter allocated), 0 on a metered node (the meter's split
+    /// holds it). Absent where a PUE estimate is needed and
     /// the tenant has no PUE (its facility energy is then the allocation
     /// itself). Exact: a decimal string in JSON.
     #[serde(with = "decimal::signed_opt")]
@@ -494,8 +495,9 @@ pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) 
 /// The usage's adjustments within the period, summed per revision,
 /// tenant, node and row of `q`. The facility energy each changes: an
 /// allocation's, its part less the estimate it replaces; energy booked
-/// late on a node no configured meter covers, its PUE estimate (as a
-/// row's); energy booked late on a metered node, none of its own (the
+/// late on a node no configured meter covers, or before the meter's first
+/// minute, its PUE estimate (as a row's); energy booked late on a metered
+/// node, none of its own (the
 /// meter's energy of the minute is split among the tenants, late energy
 /// weighed where it came before the split).
 fn adjustment_rows(
@@ -539,7 +541,10 @@ fn adjustment_rows(
             }
         };
         let change = if a.metered == MeteredChange::NONE {
-            if a.delta.node_energy_mj == 0 || a.node.is_empty() || facility.metered(&a.node) {
+            if a.delta.node_energy_mj == 0
+                || a.node.is_empty()
+                || facility.metered(&a.node, a.minute_start)
+            {
                 Some(0)
             } else {
                 estimate(i64::try_from(a.delta.node_energy_mj).unwrap_or(i64::MAX))

@@ -1129,7 +1129,12 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
             )
         })
         .collect();
-    let facility = Facility::of(&meters, &allocated, &nodes);
+    let allocation = crate::ledger::UsageAllocation {
+        minutes: allocated,
+        nodes,
+        started: vec![("row-a".into(), T)],
+    };
+    let facility = Facility::of(&meters, &allocation);
     let terms = [Terms::new("a", Some(800_000), Some(1.25)).on(Basis::Facility)];
     let row = &report(&q, &terms, &usage, &facility).rows[0];
     let mj = 5 * 54_000_000 + 10 * 45_000_000;
@@ -1148,7 +1153,7 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
     // A meter no longer configured: the minutes it allocated stand; the
     // nodes are under no meter, so the others are the estimate, no longer
     // pending.
-    let gone = Facility::of(&[], &allocated, &nodes);
+    let gone = Facility::of(&[], &allocation);
     let row = &report(&q, &terms, &usage, &gone).rows[0];
     assert_eq!(row.facility_energy_millijoules, Some(mj));
     assert!(row.facility_energy_estimated && !row.facility_energy_pending);
@@ -1208,7 +1213,12 @@ fn the_facility_as_of_a_revision_takes_back_what_was_booked_after_it() {
         booked(T + 180, 1_000, 0),
         booked(T + 240, 54_000_000, 36_000_000),
     ];
-    let now = Facility::of(&meters, &allocated, &nodes);
+    let allocation = crate::ledger::UsageAllocation {
+        minutes: allocated,
+        nodes,
+        started: vec![("row-a".into(), T)],
+    };
+    let now = Facility::of(&meters, &allocation);
     let mut at_9 = now.clone();
     at_9.as_of(&adjustments, 9);
     let mut at_8 = now.clone();

@@ -404,6 +404,29 @@ pub(super) fn meter_minutes(
     })
 }
 
+/// Where each meter's allocation started (`UsageAllocation::started`),
+/// on `client` (a transaction: in its snapshot).
+pub(super) async fn meters_started_in(
+    client: &impl deadpool_postgres::GenericClient,
+) -> Result<Vec<(String, i64)>, Fail> {
+    let rows = client
+        .query(
+            "SELECT meter, MIN(m) FROM (
+                SELECT meter, allocated_through AS m FROM meter_state
+                UNION ALL SELECT meter, MIN(minute_start) FROM meter_minute GROUP BY meter
+                UNION ALL SELECT meter, MIN(start) FROM meter_rollup GROUP BY meter
+             ) AS s
+             GROUP BY meter ORDER BY meter",
+            &[],
+        )
+        .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in rows {
+        out.push((row.try_get(0)?, row.try_get(1)?));
+    }
+    Ok(out)
+}
+
 /// `meter_minutes` on `client` (a transaction: in its snapshot).
 pub(super) async fn meter_minutes_in(
     s: &Shared,

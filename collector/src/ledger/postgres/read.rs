@@ -285,12 +285,14 @@ async fn usage_since(
     }
     let mut allocation = UsageAllocation::default();
     let lo = from.max(minutes_from);
-    if let Some(with_nodes) = with_allocation
-        && lo < to
-    {
-        allocation.minutes = super::meter::meter_minutes_in(s, &tx, None, lo, to).await?;
-        if with_nodes {
-            allocation.nodes = super::meter::node_minutes_in(s, &tx, tenant, lo, to, None).await?;
+    if let Some(with_nodes) = with_allocation {
+        allocation.started = super::meter::meters_started_in(&tx).await?;
+        if lo < to {
+            allocation.minutes = super::meter::meter_minutes_in(s, &tx, None, lo, to).await?;
+            if with_nodes {
+                allocation.nodes =
+                    super::meter::node_minutes_in(s, &tx, tenant, lo, to, None).await?;
+            }
         }
     }
     tx.commit().await?;

@@ -413,6 +413,28 @@ impl Ledger {
     }
 }
 
+/// Where each meter's allocation started (`UsageAllocation::started`).
+pub(super) fn meters_started(
+    conn: &Connection,
+    path: &Path,
+) -> Result<Vec<(String, i64)>, LedgerError> {
+    let err = sqlite_err(path);
+    let mut q = conn
+        .prepare_cached(
+            "SELECT meter, MIN(m) FROM (
+                SELECT meter, allocated_through AS m FROM meter_state
+                UNION ALL SELECT meter, MIN(minute_start) FROM meter_minute GROUP BY meter
+                UNION ALL SELECT meter, MIN(start) FROM meter_rollup GROUP BY meter
+             ) AS s
+             GROUP BY meter ORDER BY meter",
+        )
+        .map_err(err)?;
+    let rows = q
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+        .map_err(err)?;
+    rows.collect::<Result<_, _>>().map_err(err)
+}
+
 pub(super) fn meter_minutes(
     conn: &Connection,
     path: &Path,

@@ -161,7 +161,10 @@ impl Reader {
             .map_err(sqlite_err(&self.path))?;
         let usage = self.usage_on(tenant, None, from, to, since_revision, true)?;
         let lo = from.max(usage.minutes_from);
-        let mut allocation = UsageAllocation::default();
+        let mut allocation = UsageAllocation {
+            started: super::meter::meters_started(&tx, &self.path)?,
+            ..UsageAllocation::default()
+        };
         if lo < to {
             allocation.minutes = super::meter::meter_minutes(&tx, &self.path, None, lo, to)?;
             if with_nodes {
