@@ -473,15 +473,17 @@ pub fn round_all<R: LedgerReader>(
         }
     }
     let mut written = Vec::with_capacity(meters.len());
-    for ((m, (raw, state, range, _, as_of)), again) in meters.iter().zip(work).zip(agains) {
+    for ((m, (raw, state, range, late, as_of)), again) in meters.iter().zip(work).zip(agains) {
         let rows = measured.get(&as_of).map_or(&[][..], Vec::as_slice);
         let planned =
             range.and_then(|(_, to)| plan(&m.spec, state.as_ref(), &raw, to, rows, as_of));
         let plan = match (planned, state) {
             (Some(p), _) => p,
-            // Nothing new to allocate, but minutes to split again: the
-            // state moves to the revision alone.
-            (None, Some(s)) if !again.is_empty() => Plan {
+            // Nothing new to allocate, but minutes to split again, or late
+            // energy in its minutes that changed no split (none of its
+            // nodes', or no measured energy): the state moves to the
+            // revision alone, so no round reads that energy again.
+            (None, Some(s)) if !again.is_empty() || late.iter().any(|l| l.0 <= as_of) => Plan {
                 next: MeterState {
                     revision: as_of,
                     ..s

@@ -1307,6 +1307,34 @@ mod allocation {
         assert_eq!(lock(&m.live).minutes_split_again, 1);
     }
 
+    /// Late energy that changes no split (a late delta with no energy on a
+    /// node the meter covers) moves the meter's state to the revision it
+    /// was read as of, with nothing booked, even while the meter has no
+    /// new minute: later rounds do not read it again, nor stay behind it.
+    #[test]
+    fn late_energy_that_changes_no_split_is_passed_once() {
+        use crate::ledger::LedgerReader;
+        let (ledger, _reader, _dir) = ledger(2);
+        let m = modbus("");
+        poll_all(&m, &readings(0, &[10; 20], u64::MAX));
+        assert_eq!(round(&m, &ledger).unwrap().len(), 4);
+        book_late(&ledger, "lab-a", "n-1", M + 60, 0);
+        let r = || lock(&ledger.reader);
+        let revision = crate::ledger::LedgerReader::revision(&*r()).unwrap();
+        assert!(r().meter_state("row-a").unwrap().unwrap().revision < revision);
+        assert_eq!(round(&m, &ledger).unwrap(), Vec::<MeterMinute>::new());
+        assert_eq!(lock(&m.live).minutes_split_again, 0);
+        assert_eq!(
+            r().meter_state("row-a").unwrap().unwrap().revision,
+            revision
+        );
+        assert_eq!(
+            crate::ledger::LedgerReader::revision(&*r()).unwrap(),
+            revision,
+            "nothing booked"
+        );
+    }
+
     /// Energy booked late for a minute before the meter's first (a meter
     /// added to a running site, or down since it was configured) is in no
     /// split, now or later: it carries its PUE estimate, and the minute is
