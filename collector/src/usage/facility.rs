@@ -24,14 +24,14 @@ pub struct FacilityMinute {
 /// configured meters (which nodes are metered today) with the first
 /// minute each allocated.
 #[derive(Debug, Clone, Default)]
-pub struct Facility {
+pub struct Facility<'m> {
     tenants: ByTenant,
-    meters: Vec<(MeterSpec, i64)>,
+    meters: Vec<(&'m MeterSpec, i64)>,
 }
 
-impl Facility {
+impl<'m> Facility<'m> {
     /// No meter: facility energy is node energy times the PUE throughout.
-    pub const NONE: Facility = Facility {
+    pub const NONE: Facility<'m> = Facility {
         tenants: BTreeMap::new(),
         meters: Vec::new(),
     };
@@ -55,16 +55,16 @@ impl Facility {
     /// every minute of a meter that has no state yet, whose first minute
     /// is not known until it answers). A meter no longer configured still
     /// counts for the minutes it allocated.
-    pub fn of(meters: &[MeterSpec], allocation: &UsageAllocation) -> Self {
+    pub fn of(meters: &'m [MeterSpec], allocation: &UsageAllocation) -> Self {
         let allocated = &allocation.minutes;
         let started: BTreeMap<&str, i64> = (allocation.started.iter())
             .map(|(m, from)| (m.as_str(), *from))
             .collect();
-        let meters: Vec<(MeterSpec, i64)> = meters
+        let meters: Vec<(&MeterSpec, i64)> = meters
             .iter()
             .map(|m| {
                 let from = started.get(m.id.as_str()).copied();
-                (m.clone(), from.unwrap_or(i64::MIN))
+                (m, from.unwrap_or(i64::MIN))
             })
             .collect();
         let mut tenants = ByTenant::new();

@@ -283,7 +283,7 @@ pub struct AdjustmentRow {
 /// `facility` is what the meters allocated of the tenants' minutes: on
 /// the facility basis, each minute's energy is
 /// `Contract::basis_energy` with it.
-pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility) -> Report {
+pub fn report(q: &Query, tenants: &[Terms], usage: &Usage, facility: &Facility<'_>) -> Report {
     let mut by_tenant: BTreeMap<&str, BTreeMap<i64, Span>> = BTreeMap::new();
     for (t, span) in &usage.spans {
         by_tenant
@@ -504,7 +504,7 @@ fn adjustment_rows(
     q: &Query,
     tenants: &[Terms],
     usage: &Usage,
-    facility: &Facility,
+    facility: &Facility<'_>,
 ) -> Vec<AdjustmentRow> {
     let (first, last) = (q.bounds[0], q.bounds[q.bounds.len() - 1]);
     type Sums = (i64, BucketDelta, MeteredChange, Option<i64>);
