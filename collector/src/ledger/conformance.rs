@@ -1291,6 +1291,19 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
             basis_mj,
         )
     };
+    // A meter that never answered has no first minute: none of these is
+    // its to allocate, so the estimate stands, not pending.
+    let estimate = rows(&f.reader);
+    assert!(estimate.iter().all(|r| !r.4), "{estimate:?}");
+    // Its first round, from 08:00: its state, no minute yet.
+    let start = MeterState {
+        allocated_through: MINUTE,
+        reading_at_ns: MINUTE * 1_000_000_000,
+        reading_raw: 0,
+        carry_mj: 0,
+        revision: 0,
+    };
+    assert!(f.writer.allocate_meter("row-a", None, &start, &[]).unwrap());
     // Before any allocation: the estimate, 150,000 mJ, flagged; "x" has no
     // PUE and so no facility energy yet. ("x" is on GPU energy.)
     assert_eq!(
@@ -1323,7 +1336,12 @@ pub(crate) fn facility_usage_is_the_allocation_plus_pue_times_unmetered_node_ene
     };
     assert!(
         f.writer
-            .allocate_meter("row-a", None, &state, std::slice::from_ref(&allocated))
+            .allocate_meter(
+                "row-a",
+                Some(&start),
+                &state,
+                std::slice::from_ref(&allocated)
+            )
             .unwrap()
     );
     // The allocation is booked as adjustments of a revision of its own:

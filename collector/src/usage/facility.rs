@@ -52,9 +52,10 @@ impl<'m> Facility<'m> {
     /// today) and the configured `meters`, whose node lists say only
     /// which minutes of `allocation.nodes` still wait for an allocation
     /// (pending: from the meter's first minute on, `allocation.started`;
-    /// every minute of a meter that has no state yet, whose first minute
-    /// is not known until it answers). A meter no longer configured still
-    /// counts for the minutes it allocated.
+    /// none of a meter with no state yet: it allocates from its first
+    /// reading on, so no minute final before it has one is ever its). A
+    /// meter no longer configured still counts for the minutes it
+    /// allocated.
     pub fn of(meters: &'m [MeterSpec], allocation: &UsageAllocation) -> Self {
         let allocated = &allocation.minutes;
         let started: BTreeMap<&str, i64> = (allocation.started.iter())
@@ -62,10 +63,7 @@ impl<'m> Facility<'m> {
             .collect();
         let meters: Vec<(&MeterSpec, i64)> = meters
             .iter()
-            .map(|m| {
-                let from = started.get(m.id.as_str()).copied();
-                (m, from.unwrap_or(i64::MIN))
-            })
+            .filter_map(|m| Some((m, *started.get(m.id.as_str())?)))
             .collect();
         let mut tenants = ByTenant::new();
         let mut done: BTreeSet<(&str, i64)> = BTreeSet::new();
@@ -99,8 +97,9 @@ impl<'m> Facility<'m> {
     /// `adjustments` in one snapshot (all those of the period booked
     /// since, at least): takes back what the allocations and the minutes
     /// split again booked after `revision` (their `metered` changes). A
-    /// tenant-minute first allocated after it was not allocated then: its
-    /// estimate stands, pending.
+    /// tenant-minute something was taken back of was still to change at
+    /// `revision`: pending (a minute first allocated since is the
+    /// estimate again).
     pub fn as_of(&mut self, adjustments: &[Adjustment], revision: u64) {
         let back = |v: u64, change: i64| {
             let v = i128::from(v) - i128::from(change);
@@ -115,14 +114,11 @@ impl<'m> Facility<'m> {
             else {
                 continue;
             };
-            let was = m.metered;
             m.metered = Metered {
-                allocated_mj: back(was.allocated_mj, a.metered.allocated_mj),
-                node_mj: back(was.node_mj, a.metered.node_mj),
+                allocated_mj: back(m.metered.allocated_mj, a.metered.allocated_mj),
+                node_mj: back(m.metered.node_mj, a.metered.node_mj),
             };
-            if was != Metered::NONE && m.metered == Metered::NONE {
-                m.pending = true;
-            }
+            m.pending = true;
         }
     }
 
