@@ -1350,10 +1350,6 @@ mod allocation {
         let first = round(&m, &ledger).unwrap();
         assert_eq!(first[0].minute, M + 120, "{first:?}");
         let revision = crate::ledger::LedgerReader::revision(&*lock(&ledger.reader)).unwrap();
-        book_late(&ledger, "lab-a", "n-1", M, 9_000);
-        book_late(&ledger, "lab-a", "n-1", M + 120, 1_000);
-        assert_eq!(round(&m, &ledger).unwrap(), Vec::<MeterMinute>::new());
-        assert_eq!(lock(&m.live).minutes_split_again, 1);
         let tenants = Arc::new(
             crate::tenants::Tenants::from_toml(
                 "[[tenant]]\nid = \"lab-a\"\nnodes = [\"n-1\"]\ncontracted_kw = 1\nbasis = \"facility\"\npue = 1.5\n",
@@ -1361,20 +1357,28 @@ mod allocation {
             .unwrap(),
         );
         let history = crate::tenants::TenantHistory::new(tenants.clone());
-        let report = crate::usage::run(
-            &reader,
-            &tenants,
-            &history,
-            std::slice::from_ref(&m.spec),
-            Some("lab-a"),
-            Some("2027-01-15T08:00:00Z"),
-            Some("2027-01-15T08:03:00Z"),
-            Some("1m"),
-            None,
-            Some(&revision.to_string()),
-        )
-        .unwrap();
-        let late: Vec<(&str, &str, Option<i64>)> = report
+        let report = |since: Option<&str>| {
+            crate::usage::run(
+                &reader,
+                &tenants,
+                &history,
+                std::slice::from_ref(&m.spec),
+                Some("lab-a"),
+                Some("2027-01-15T08:00:00Z"),
+                Some("2027-01-15T08:03:00Z"),
+                Some("1m"),
+                None,
+                since,
+            )
+            .unwrap()
+        };
+        let before = report(None);
+        book_late(&ledger, "lab-a", "n-1", M, 9_000);
+        book_late(&ledger, "lab-a", "n-1", M + 120, 1_000);
+        assert_eq!(round(&m, &ledger).unwrap(), Vec::<MeterMinute>::new());
+        assert_eq!(lock(&m.live).minutes_split_again, 1);
+        let report_since = report(Some(&revision.to_string()));
+        let late: Vec<(&str, &str, Option<i64>)> = report_since
             .adjustments
             .iter()
             .filter(|a| !a.node.is_empty())
@@ -1393,12 +1397,36 @@ mod allocation {
                 ("2027-01-15T08:02:00Z", "n-1", Some(0)),
             ]
         );
-        let pending: Vec<bool> = report
+        let pending: Vec<bool> = report_since
             .rows
             .iter()
             .map(|r| r.facility_energy_pending)
             .collect();
         assert_eq!(pending, [false, false, false]);
+        // A job that read the rows before adds every change since; one
+        // that reads afresh takes the rows and the late energy's changes
+        // (the meters' are in the rows): the same facility energy.
+        let facility = |r: &crate::usage::Report| -> i64 {
+            r.rows
+                .iter()
+                .map(|r| i64::try_from(r.facility_energy_millijoules.unwrap()).unwrap())
+                .sum()
+        };
+        let changes = |r: &crate::usage::Report, late_only: bool| -> i64 {
+            r.adjustments
+                .iter()
+                .filter(|a| !late_only || !a.node.is_empty())
+                .map(|a| a.facility_energy_restated_millijoules.unwrap())
+                .sum()
+        };
+        let incremental = facility(&before) + changes(&report_since, false);
+        let fresh = report(None);
+        assert_eq!(facility(&fresh) + changes(&fresh, true), incremental);
+        assert_ne!(
+            changes(&report_since, false),
+            13_500,
+            "the split again moved some"
+        );
     }
 
     /// A walk of usage pages is as of its first page's revision, facility
