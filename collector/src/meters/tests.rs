@@ -1543,14 +1543,10 @@ mod allocation {
         assert_eq!((minutes.len(), as_of), (CAP + 5, 9));
     }
 
-    /// A minute split again keeps its metered energy and each part's node
-    /// energy; a minute whose measured energy did not change (late energy
-    /// on a node of another meter) is not split again.
-    #[test]
-    fn split_again_moves_parts_by_the_energy_booked_meanwhile() {
-        use super::super::allocate::split_again;
-        let spec = modbus("").spec;
-        let stored = MeterMinute {
+    /// Minute M of a meter split 3:1 between lab-a (on n-1, with node
+    /// energy) and lab-b (on n-2, GPU energy only).
+    fn split_of_lab_a_and_b() -> MeterMinute {
+        MeterMinute {
             minute: M,
             metered_mj: 10_000,
             measured_mj: 4_000,
@@ -1559,14 +1555,28 @@ mod allocation {
                 MeterShare::new("lab-a", 3_000, 7_500, 3_000),
                 MeterShare::new("lab-b", 1_000, 2_500, 0),
             ],
-        };
-        let row = |tenant: &str, node: &str, measured_mj, node_energy_mj| NodeMinute {
+        }
+    }
+
+    /// What `tenant` measured on `node` in minute M.
+    fn row(tenant: &str, node: &str, measured_mj: u64, node_energy_mj: u64) -> NodeMinute {
+        NodeMinute {
             tenant: tenant.into(),
             node: node.into(),
             minute: M,
             measured_mj,
             node_energy_mj,
-        };
+        }
+    }
+
+    /// A minute split again keeps its metered energy and each part's node
+    /// energy; a minute whose measured energy did not change (late energy
+    /// on a node of another meter) is not split again.
+    #[test]
+    fn split_again_moves_parts_by_the_energy_booked_meanwhile() {
+        use super::super::allocate::split_again;
+        let spec = modbus("").spec;
+        let stored = split_of_lab_a_and_b();
         let then = vec![
             row("lab-a", "n-1", 3_000, 3_000),
             row("lab-b", "n-2", 1_000, 0),
@@ -1614,23 +1624,7 @@ mod allocation {
         .unwrap();
         let spec = check(&[cfg]).unwrap().remove(0);
         // Split when the meter covered n-1 and n-2 only.
-        let stored = MeterMinute {
-            minute: M,
-            metered_mj: 10_000,
-            measured_mj: 4_000,
-            unallocated_mj: 0,
-            tenants: vec![
-                MeterShare::new("lab-a", 3_000, 7_500, 3_000),
-                MeterShare::new("lab-b", 1_000, 2_500, 0),
-            ],
-        };
-        let row = |tenant: &str, node: &str, measured_mj, node_energy_mj| NodeMinute {
-            tenant: tenant.into(),
-            node: node.into(),
-            minute: M,
-            measured_mj,
-            node_energy_mj,
-        };
+        let stored = split_of_lab_a_and_b();
         let then = vec![
             row("lab-a", "n-1", 3_000, 3_000),
             row("lab-b", "n-2", 1_000, 0),

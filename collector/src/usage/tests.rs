@@ -1087,19 +1087,10 @@ fn meters_of(toml: &str) -> Vec<crate::meters::MeterSpec> {
     crate::meters::check(&toml::from_str::<File>(toml).unwrap().meter).unwrap()
 }
 
-#[test]
-fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
-    let q = Query::parse(
-        Some("2027-01-01T00:00:00Z"),
-        Some("2027-01-01T00:15:00Z"),
-        Some("15m"),
-        None,
-        1,
-    )
-    .unwrap();
-    // 36 kJ of node energy a minute on node "m1", under meter "row-a".
-    let usage = with_node_energy();
-    let nodes: Vec<crate::ledger::NodeMinute> = (0..15)
+/// Tenant a's first `minutes` minutes from T on node m1: 36 kJ of node
+/// energy each.
+fn node_minutes_on_m1(minutes: i64) -> Vec<crate::ledger::NodeMinute> {
+    (0..minutes)
         .map(|i| crate::ledger::NodeMinute {
             tenant: "a".into(),
             node: "m1".into(),
@@ -1107,13 +1098,20 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
             measured_mj: 36_000_000,
             node_energy_mj: 36_000_000,
         })
-        .collect();
-    let meters = meters_of(
+        .collect()
+}
+
+/// Meter row-a, over the nodes m*.
+fn row_a_over_m() -> Vec<crate::meters::MeterSpec> {
+    meters_of(
         "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"m*\"]\naddress = \"127.0.0.1:502\"\n",
-    );
-    // The meter allocated the first 5 minutes, 54 kJ each (1.5 × node);
-    // the other 10 are the estimate, 36 kJ × 1.25 = 45 kJ.
-    let allocated: Vec<(String, crate::ledger::MeterMinute)> = (0..5)
+    )
+}
+
+/// Row-a's allocation of the first 5 minutes from T: 54 kJ each to a,
+/// replacing its 36 kJ of node energy.
+fn row_a_allocates_the_first_five_minutes() -> Vec<(String, crate::ledger::MeterMinute)> {
+    (0..5)
         .map(|i| {
             (
                 "row-a".to_string(),
@@ -1128,7 +1126,26 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
                 },
             )
         })
-        .collect();
+        .collect()
+}
+
+#[test]
+fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
+    let q = Query::parse(
+        Some("2027-01-01T00:00:00Z"),
+        Some("2027-01-01T00:15:00Z"),
+        Some("15m"),
+        None,
+        1,
+    )
+    .unwrap();
+    // 36 kJ of node energy a minute on node "m1", under meter "row-a".
+    let usage = with_node_energy();
+    let nodes = node_minutes_on_m1(15);
+    let meters = row_a_over_m();
+    // The meter allocated the first 5 minutes, 54 kJ each (1.5 × node);
+    // the other 10 are the estimate, 36 kJ × 1.25 = 45 kJ.
+    let allocated = row_a_allocates_the_first_five_minutes();
     let allocation = crate::ledger::UsageAllocation {
         minutes: allocated,
         nodes,
@@ -1168,34 +1185,9 @@ fn peak_and_p95_of_a_facility_tenant_follow_its_allocated_minutes() {
 fn the_facility_as_of_a_revision_takes_back_what_was_booked_after_it() {
     use crate::accounting::MeteredChange;
     use crate::ledger::Adjustment;
-    let nodes: Vec<crate::ledger::NodeMinute> = (0..5)
-        .map(|i| crate::ledger::NodeMinute {
-            tenant: "a".into(),
-            node: "m1".into(),
-            minute: T + i * 60,
-            measured_mj: 36_000_000,
-            node_energy_mj: 36_000_000,
-        })
-        .collect();
-    let meters = meters_of(
-        "[[meter]]\nid = \"row-a\"\nkind = \"modbus\"\nnodes = [\"m*\"]\naddress = \"127.0.0.1:502\"\n",
-    );
-    let allocated: Vec<(String, crate::ledger::MeterMinute)> = (0..5)
-        .map(|i| {
-            (
-                "row-a".to_string(),
-                crate::ledger::MeterMinute {
-                    minute: T + i * 60,
-                    metered_mj: 54_000_000,
-                    measured_mj: 36_000_000,
-                    unallocated_mj: 0,
-                    tenants: vec![crate::ledger::MeterShare::new(
-                        "a", 36_000_000, 54_000_000, 36_000_000,
-                    )],
-                },
-            )
-        })
-        .collect();
+    let nodes = node_minutes_on_m1(5);
+    let meters = row_a_over_m();
+    let allocated = row_a_allocates_the_first_five_minutes();
     let booked = |minute: i64, allocated_mj: i64, node_mj: i64| Adjustment {
         revision: 9,
         booked_at: T + 3_600,
