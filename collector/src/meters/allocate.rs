@@ -305,35 +305,28 @@ pub fn split_again(
         .iter()
         .map(|t| (t.tenant.as_str(), t))
         .collect();
-    let mut measured: BTreeMap<&str, (u64, u64)> = old
-        .iter()
-        .map(|(t, s)| (*t, (s.measured_mj, s.node_mj)))
-        .collect();
+    let mut measured: BTreeMap<&str, u64> = old.iter().map(|(t, s)| (*t, s.measured_mj)).collect();
     for (tenant, delta) in &change {
-        let e = measured.entry(tenant).or_insert((0, 0));
-        let m = (i128::from(e.0) + delta).clamp(0, i128::from(u64::MAX));
-        e.0 = u64::try_from(m).unwrap_or(u64::MAX);
+        let e = measured.entry(tenant).or_insert(0);
+        let m = (i128::from(*e) + delta).clamp(0, i128::from(u64::MAX));
+        *e = u64::try_from(m).unwrap_or(u64::MAX);
     }
-    let weights: Vec<(String, u64)> = measured
-        .iter()
-        .map(|(t, (m, _))| (t.to_string(), *m))
-        .collect();
+    let weights: Vec<(String, u64)> = measured.iter().map(|(t, m)| (t.to_string(), *m)).collect();
     let split = allocate(stored.metered_mj, &weights);
     let parts: BTreeMap<&str, u64> = split.shares.iter().map(|(t, v)| (t.as_str(), *v)).collect();
     let signed = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let mut changes = Vec::new();
     let mut tenants = Vec::new();
-    for (t, (m, node)) in &measured {
+    for (t, m) in &measured {
         let part = parts.get(t).copied().unwrap_or(0);
-        let (was_part, was_node) = old.get(t).map_or((0, 0), |s| (s.allocated_mj, s.node_mj));
-        let (d_part, d_node) = (
-            signed(part) - signed(was_part),
-            signed(*node) - signed(was_node),
-        );
-        if d_part != 0 || d_node != 0 {
-            changes.push((t.to_string(), d_part, d_node));
+        // The node energy a part replaces does not change (a tenant new
+        // to the minute replaces none): only the part does.
+        let (was_part, node) = old.get(t).map_or((0, 0), |s| (s.allocated_mj, s.node_mj));
+        let d_part = signed(part) - signed(was_part);
+        if d_part != 0 {
+            changes.push((t.to_string(), d_part, 0));
         }
-        tenants.push(MeterShare::new(t, *m, part, *node));
+        tenants.push(MeterShare::new(t, *m, part, node));
     }
     Some(MeterResplit {
         minute: MeterMinute {
